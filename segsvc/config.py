@@ -1,0 +1,128 @@
+"""Configuration objects: frozen dataclasses, built once, each component gets its own slice.
+
+``ModelSpec`` is embedded in every model artifact so the server can rebuild a
+model from the artifact alone. ``InputSpec`` says how raw pixels become the
+network's input; training and serving both read it from the artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from segsvc.errors import ModelConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: a registered architecture name plus its parameters.
+
+    Args:
+        arch: a name from ``segsvc.models.registry.MODELS`` (``fcn8s``, ``unet``,
+            ``segnet``, ``smp/Unet``, ...).
+        num_classes: number of output channels ``K`` of the logits.
+        in_channels: number of input channels ``C`` (3 for RGB, 1 for grayscale).
+        params: keyword arguments of the architecture (widths, depth, encoder...).
+
+    Example:
+        >>> ModelSpec("unet", num_classes=2, in_channels=1, params={"base_channels": 16})
+        ModelSpec(arch='unet', num_classes=2, in_channels=1, params={'base_channels': 16})
+    """
+
+    arch: str
+    num_classes: int
+    in_channels: int = 3
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ModelConfigError(f"model arch must be a non-empty string, got {self.arch!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ModelConfigError(f"num_classes must be a positive integer, got {self.num_classes!r}")
+        if not isinstance(self.in_channels, int) or self.in_channels < 1:
+            raise ModelConfigError(f"in_channels must be a positive integer, got {self.in_channels!r}")
+        if not isinstance(self.params, Mapping):
+            raise ModelConfigError(f"model params must be a mapping, got {type(self.params).__name__}")
+        object.__setattr__(self, "params", _frozen_mapping(self.params))
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelSpec(arch={self.arch!r}, num_classes={self.num_classes}, "
+            f"in_channels={self.in_channels}, params={dict(self.params)!r})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "params": dict(self.params),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
+        if not isinstance(data, Mapping):
+            raise ModelConfigError(f"model spec must be a mapping, got {type(data).__name__}")
+        unknown = set(data) - {"arch", "num_classes", "in_channels", "params"}
+        if unknown:
+            raise ModelConfigError(f"model spec has unknown keys {sorted(unknown)}")
+        if "arch" not in data or "num_classes" not in data:
+            raise ModelConfigError("model spec needs 'arch' and 'num_classes'")
+        return cls(
+            arch=data["arch"],
+            num_classes=data["num_classes"],
+            in_channels=data.get("in_channels", 3),
+            params=data.get("params") or {},
+        )
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How an image becomes the network's input: ``(pixel/255 - mean) / std`` per channel.
+
+    Images are RGB (or single-channel grayscale) uint8, height x width x channels.
+    """
+
+    channels: int = 3
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        mean, std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        if self.channels < 1:
+            raise ModelConfigError(f"input channels must be positive, got {self.channels}")
+        if len(mean) != self.channels or len(std) != self.channels:
+            raise ModelConfigError(
+                f"input mean/std need {self.channels} values each, got {len(mean)} and {len(std)}"
+            )
+        if any(s <= 0 for s in std):
+            raise ModelConfigError(f"input std values must be positive, got {std}")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    @classmethod
+    def default_for(cls, channels: int) -> "InputSpec":
+        """ImageNet statistics for RGB; mid-grey statistics otherwise."""
+        if channels == 3:
+            return cls(3, IMAGENET_MEAN, IMAGENET_STD)
+        return cls(channels, (0.5,) * channels, (0.25,) * channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "InputSpec":
+        try:
+            return cls(int(data["channels"]), tuple(data["mean"]), tuple(data["std"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelConfigError(f"input spec must have channels, mean and std: {exc}") from None

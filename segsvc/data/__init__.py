@@ -1,0 +1,1 @@
+"""Datasets, image I/O, augmentation pipelines and the shared inference preprocessing."""

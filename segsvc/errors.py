@@ -1,0 +1,80 @@
+"""Domain errors.
+
+Lower layers raise these; the gRPC boundary (``segsvc/server/errors.py``) maps
+them to status codes in one table and the client maps status codes back. Every
+message names the problem and, where it can, how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class SegsvcError(Exception):
+    """Base class of every error segsvc raises on purpose."""
+
+
+# -- the caller asked for something malformed (INVALID_ARGUMENT) -------------
+class InvalidArgument(SegsvcError):
+    """A request, option, spec or file given by the caller is malformed."""
+
+
+class InvalidImage(InvalidArgument):
+    """Image bytes or a raw tensor could not be turned into an image."""
+
+
+class ImageTooLarge(InvalidImage):
+    """An image exceeds the configured pixel or byte limit (checked before decoding)."""
+
+
+class ModelConfigError(InvalidArgument):
+    """A model spec names unknown parameters, bad values or unavailable weights."""
+
+
+class PathOutsideRoot(InvalidArgument):
+    """A path named by a request escapes its configured root directory."""
+
+
+class DatasetError(InvalidArgument):
+    """A dataset is missing, malformed or inconsistent."""
+
+
+# -- the thing asked for does not exist (NOT_FOUND) ---------------------------
+class NotFound(SegsvcError):
+    """A named model, version, job or file does not exist."""
+
+
+class UnknownModel(NotFound):
+    """No model of that name is registered or in the repository."""
+
+
+class UnknownVersion(NotFound):
+    """The model exists but not in that version."""
+
+
+# -- stored state is broken (FAILED_PRECONDITION / DATA_LOSS) ----------------
+class ArtifactError(SegsvcError):
+    """A model artifact is corrupt or does not match its manifest."""
+
+
+class AlreadyExists(SegsvcError):
+    """Something that is never overwritten (a model version, a job id) already exists."""
+
+
+# -- operational conditions ---------------------------------------------------
+class Overloaded(SegsvcError):
+    """A bounded queue is full; the caller should back off and retry (RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceeded(SegsvcError):
+    """The caller's deadline passed before the work finished."""
+
+
+class Cancelled(SegsvcError):
+    """The caller cancelled the request."""
+
+
+class Unavailable(SegsvcError):
+    """The service is starting, draining or shutting down (UNAVAILABLE)."""
+
+
+class Unauthenticated(SegsvcError):
+    """A required bearer token is missing or wrong."""
