@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 proto: $(GEN_STAMP)
 $(GEN_STAMP): $(STAMP) $(PROTOS)
 	mkdir -p segsvc/v1
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	$(if $(PROTOS),$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS))
 	touch segsvc/v1/__init__.py $@
 
 demo: install

@@ -1,0 +1,224 @@
+"""Which files make up a split: image/mask pairs for every on-disk format.
+
+The file formats differ only in where their files sit and how a split is
+listed (see ``spec._split_defaults``): the generic folder (``images/`` +
+``masks/`` matched by stem), CamVid (``train.txt`` with ``image mask`` pairs
+whose absolute paths come from another machine), ISBI membrane (numbered
+slices, splits by id) and Pascal VOC (``ImageSets/Segmentation/*.txt`` stems).
+So one indexer serves them all and records every pairing problem instead of
+stopping at the first, for ``check`` to report and for readers to refuse.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from segsvc.data.io import IMAGE_SUFFIXES
+from segsvc.data.spec import DatasetSpec, SplitSpec
+from segsvc.errors import DatasetError
+
+
+class Fault(str, Enum):
+    """The kinds of problem ``check`` reports."""
+
+    IMAGE_WITHOUT_MASK = "image without mask"
+    MASK_WITHOUT_IMAGE = "mask without image"
+    MISSING_SAMPLE = "listed sample missing"
+    SIZE_MISMATCH = "image/mask size mismatch"
+    BAD_LABELS = "labels outside the classes"
+    UNREADABLE = "unreadable file"
+    LAYOUT = "layout"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset, naming the file (or folder) concerned."""
+
+    fault: Fault
+    path: Path
+    detail: str
+
+    def __str__(self) -> str:
+        return f"[{self.fault.value}] {self.path}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample: its id (the image stem) and files; ``mask`` is None in unlabelled splits."""
+
+    name: str
+    image: Path
+    mask: Path | None
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """The complete samples of a split, and what kept others from being complete."""
+
+    split: str
+    labelled: bool
+    samples: tuple[Sample, ...]
+    problems: tuple[Problem, ...]
+
+
+def natural_key(text: str) -> list[int | str]:
+    """Sort ``2.png`` before ``10.png`` (ISBI slices are numbered without padding)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _strip_image_suffix(token: str) -> str:
+    name = Path(token).name
+    return Path(name).stem if Path(name).suffix.lower() in IMAGE_SUFFIXES else name
+
+
+@dataclass
+class _Folder:
+    """Files of one folder by stem; stems with two files (``a.png``, ``a.jpg``) are ambiguous."""
+
+    path: Path
+    by_stem: dict[str, Path]
+    ambiguous: dict[str, list[Path]]
+
+    @classmethod
+    def scan(cls, path: Path, strip_suffix: str = "") -> "_Folder":
+        by_stem: dict[str, Path] = {}
+        ambiguous: dict[str, list[Path]] = {}
+        if path.is_dir():
+            for f in sorted(path.iterdir()):
+                if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                stem = f.stem[: -len(strip_suffix)] if strip_suffix and f.stem.endswith(strip_suffix) else f.stem
+                if stem in by_stem:
+                    ambiguous.setdefault(stem, [by_stem[stem]]).append(f)
+                else:
+                    by_stem[stem] = f
+        return cls(path, by_stem, ambiguous)
+
+
+class FolderCache:
+    """Folder listings of one spec, shared by ``index_split`` and ``orphan_problems`` calls."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.spec = spec
+        self.mask_suffix = str(spec.options.get("mask_suffix", ""))
+        self._folders: dict[tuple[Path, str], _Folder] = {}
+
+    def folder(self, rel: str, is_mask: bool) -> _Folder:
+        key = (self.spec.root / rel, self.mask_suffix if is_mask else "")
+        if key not in self._folders:
+            self._folders[key] = _Folder.scan(*key)
+        return self._folders[key]
+
+
+def _read_list(path: Path) -> list[list[str]]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read split list ({exc.strerror or exc})") from None
+    return [line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _layout_problems(spec: DatasetSpec, name: str, split: SplitSpec) -> list[Problem]:
+    problems = []
+    if split.images is None:
+        problems.append(Problem(Fault.LAYOUT, spec.root, f"split {name!r} names no images folder"))
+    for rel in (split.images, split.masks):
+        if rel is not None and not (spec.root / rel).is_dir():
+            problems.append(Problem(Fault.LAYOUT, spec.root / rel, f"split {name!r}: folder does not exist"))
+    if split.list is not None and not (spec.root / split.list).is_file():
+        problems.append(Problem(Fault.LAYOUT, spec.root / split.list, f"split {name!r}: list file does not exist"))
+    return problems
+
+
+def _entries(spec: DatasetSpec, split: SplitSpec, images: _Folder, masks: _Folder | None) -> list[list[str]]:
+    """The split's entries: ``[stem]`` or ``[image, mask]`` token lists."""
+    if split.list is not None:
+        return _read_list(spec.root / split.list)
+    if split.ids is not None:
+        return [[i] for i in split.ids]
+    stems = set(images.by_stem) | (set(masks.by_stem) if masks else set())
+    return [[s] for s in sorted(stems, key=natural_key)]
+
+
+def index_split(spec: DatasetSpec, name: str, folders: FolderCache | None = None) -> SplitIndex:
+    """Pair the images and masks of one split of a file-based dataset.
+
+    Raises:
+        DatasetError: the split does not exist, or the dataset is synthetic.
+    """
+    if spec.format == "synthetic":
+        raise DatasetError(f"dataset {spec.name!r} is synthetic: it has no files to index")
+    split = spec.split(name)
+    problems = _layout_problems(spec, name, split)
+    if any(p.fault is Fault.LAYOUT for p in problems):
+        return SplitIndex(name, split.labelled, (), tuple(problems))
+    folders = folders or FolderCache(spec)
+    images = folders.folder(split.images, is_mask=False)
+    masks = folders.folder(split.masks, is_mask=True) if split.masks is not None else None
+    samples: list[Sample] = []
+    for tokens in _entries(spec, split, images, masks):
+        sample, problem = _pair(spec, split, tokens, images, masks)
+        if problem is not None:
+            problems.append(problem)
+        if sample is not None:
+            samples.append(sample)
+    for folder in (images, masks):
+        for stem, paths in (folder.ambiguous if folder else {}).items():
+            names = ", ".join(p.name for p in paths)
+            problems.append(Problem(Fault.LAYOUT, folder.path, f"stem {stem!r} matches several files ({names})"))
+    return SplitIndex(name, split.labelled, tuple(samples), tuple(problems))
+
+
+def _pair(
+    spec: DatasetSpec, split: SplitSpec, tokens: list[str], images: _Folder, masks: _Folder | None
+) -> tuple[Sample | None, Problem | None]:
+    """One list entry -> a complete sample, or the problem that stops it."""
+    if len(tokens) == 2:
+        image = images.path / Path(tokens[0]).name
+        mask = masks.path / Path(tokens[1]).name if masks else None
+        stem = Path(tokens[0]).stem
+        image_ok, mask_ok = image.is_file(), mask is None or mask.is_file()
+    elif len(tokens) == 1:
+        stem = _strip_image_suffix(tokens[0])
+        image, mask = images.by_stem.get(stem), masks.by_stem.get(stem) if masks else None
+        image_ok, mask_ok = image is not None, masks is None or mask is not None
+        image = image or images.path / f"{stem}.*"
+        mask = mask or (masks.path / f"{stem}{spec.options.get('mask_suffix', '')}.*" if masks else None)
+    else:
+        where = spec.root / (split.list or "")
+        return None, Problem(Fault.LAYOUT, where, f"bad list line {' '.join(tokens)!r}: want 'stem' or 'image mask'")
+    if image_ok and mask_ok:
+        return Sample(stem, image, mask), None
+    if image_ok:
+        return None, Problem(Fault.IMAGE_WITHOUT_MASK, image, f"no mask {mask}")
+    if mask_ok and mask is not None:
+        return None, Problem(Fault.MASK_WITHOUT_IMAGE, mask, f"no image {image}")
+    return None, Problem(Fault.MISSING_SAMPLE, image, f"sample {stem!r} is listed but its image is missing")
+
+
+def orphan_problems(spec: DatasetSpec, folders: FolderCache | None = None) -> list[Problem]:
+    """Files in a split's image/mask folders whose partner is missing, whether listed or not.
+
+    List-based splits only look at the files they list; this finds the rest
+    (a stray ``trainannot/x.png`` with no image). Datasets whose image folder
+    legitimately holds unlabelled images (VOC's ``JPEGImages``) set the option
+    ``images_without_masks: allowed``.
+    """
+    folders = folders or FolderCache(spec)
+    allow_unlabelled = spec.options.get("images_without_masks") == "allowed"
+    pairs = {(s.images, s.masks) for s in spec.splits.values() if s.images and s.masks}
+    problems = []
+    for images_rel, masks_rel in sorted(pairs):
+        images, masks = folders.folder(images_rel, False), folders.folder(masks_rel, True)
+        if not images.path.is_dir() or not masks.path.is_dir():
+            continue
+        if not allow_unlabelled:
+            for stem in sorted(set(images.by_stem) - set(masks.by_stem), key=natural_key):
+                problems.append(Problem(Fault.IMAGE_WITHOUT_MASK, images.by_stem[stem], f"no mask in {masks.path}"))
+        for stem in sorted(set(masks.by_stem) - set(images.by_stem), key=natural_key):
+            problems.append(Problem(Fault.MASK_WITHOUT_IMAGE, masks.by_stem[stem], f"no image in {images.path}"))
+    return problems
+

@@ -1,0 +1,403 @@
+"""Dataset descriptions: one YAML file says where a dataset lives and what its labels mean.
+
+A ``DatasetSpec`` is built once (from a YAML file, a built-in name or a bare
+folder) and handed to the readers, the checker and the trainer; nothing
+downstream re-reads the YAML or the environment.
+
+YAML schema (every key but ``format`` and ``root`` is optional)::
+
+    name: camvid
+    format: camvid            # folder | camvid | membrane | voc | synthetic
+    root: ${datasets}/camvid  # ${datasets} = $SEGSVC_DATASETS or <repo>/../shared/datasets;
+                              # other relative paths are relative to this YAML file's folder
+    channels: 3               # 3 = RGB, 1 = grey
+    classes: [Sky, Building]  # class id i is classes[i]
+    palette: [[128, 128, 128], [128, 0, 0]]   # RGB per class: display and RGB-mask decoding
+    ignore_index: 255         # label ignored by loss and metrics; padding uses it too
+    ignore_color: [0, 0, 0]   # RGB masks: this colour means ignore_index
+    label_map: {11: 255}      # raw mask value -> class id (or ignore_index), via a lookup table
+    unknown_labels: error     # error | ignore: what reading does with values outside the classes
+    mean: [0.485, 0.456, 0.406]   # normalisation (default: ImageNet for RGB, 0.5/0.25 for grey)
+    std: [0.229, 0.224, 0.225]
+    splits:                   # per split; keys left out take the format's defaults
+      train: {images: train, masks: trainannot, list: train.txt}
+      val: {images: images, masks: masks, ids: [a, b, c]}
+      test: {images: test, masks: null}      # masks: null = unlabelled split
+    options: {}               # format-specific (folder: mask_suffix; synthetic: size, shapes...)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import yaml
+
+from segsvc.config import InputSpec
+from segsvc.errors import DatasetError, NotFound
+
+FORMATS = ("folder", "camvid", "membrane", "voc", "synthetic")
+UNKNOWN_LABEL_POLICIES = ("error", "ignore")
+DATASETS_ENV = "SEGSVC_DATASETS"
+SPECS_DIR = Path(__file__).resolve().parent / "specs"
+FOLDER_SPEC_NAMES = ("dataset.yaml", "dataset.yml")
+_DATASETS_TOKEN = "${datasets}"
+_SPEC_KEYS = {
+    "name", "format", "root", "channels", "classes", "palette", "ignore_index", "ignore_color",
+    "label_map", "unknown_labels", "mean", "std", "splits", "options",
+}  # fmt: skip
+
+
+def repo_root() -> Path:
+    """The checkout this package lives in (``segsvc/`` sits directly under it)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def datasets_dir() -> Path:
+    """Where the shared datasets live: ``$SEGSVC_DATASETS`` or ``<repo>/../shared/datasets``."""
+    env = os.environ.get(DATASETS_ENV)
+    return Path(env).expanduser() if env else (repo_root().parent / "shared" / "datasets").resolve()
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """Which files make up one split. Paths are relative to the dataset root.
+
+    Args:
+        images: folder of the images.
+        masks: folder of the masks; ``None`` for an unlabelled split.
+        list: a text file naming the samples, one per line: a stem, or an
+            ``image mask`` pair of paths (only the file names are used, so lists
+            written on another machine still work).
+        ids: the sample stems, when listed in the YAML itself.
+        count, seed: synthetic datasets: how many samples, and the split's seed.
+    """
+
+    images: str | None = None
+    masks: str | None = None
+    list: str | None = None
+    ids: tuple[str, ...] | None = None
+    count: int | None = None
+    seed: int | None = None
+
+    @property
+    def labelled(self) -> bool:
+        return self.masks is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"images": self.images, "masks": self.masks}
+        for key in ("list", "count", "seed"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.ids is not None:
+            out["ids"] = list(self.ids)
+        return out
+
+
+def _split_defaults(fmt: str, split: str, index: int) -> dict[str, Any]:
+    """The layout each format has on disk, so a YAML only spells out what differs."""
+    if fmt == "camvid":
+        return {"images": split, "masks": f"{split}annot", "list": f"{split}.txt"}
+    if fmt == "membrane":
+        return {"images": "train/image", "masks": "train/label"}
+    if fmt == "voc":
+        return {"images": "JPEGImages", "masks": "SegmentationClass", "list": f"ImageSets/Segmentation/{split}.txt"}
+    if fmt == "synthetic":
+        return {"count": 256, "seed": index}
+    return {"images": "images", "masks": "masks"}
+
+
+def _parse_split(fmt: str, name: str, index: int, data: Any, where: str) -> SplitSpec:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise DatasetError(f"{where}: split {name!r} must be a mapping, got {type(data).__name__}")
+    unknown = set(data) - {"images", "masks", "list", "ids", "count", "seed"}
+    if unknown:
+        raise DatasetError(f"{where}: split {name!r} has unknown keys {sorted(unknown)}")
+    merged = {**_split_defaults(fmt, name, index), **data}
+    ids = merged.get("ids")
+    if ids is not None and (isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple))):
+        raise DatasetError(f"{where}: split {name!r} ids must be a list, got {ids!r}")
+    for key in ("count", "seed"):
+        if merged.get(key) is not None and not isinstance(merged[key], int):
+            raise DatasetError(f"{where}: split {name!r} {key} must be an integer, got {merged[key]!r}")
+    return SplitSpec(
+        images=merged.get("images"),
+        masks=merged.get("masks"),
+        list=merged.get("list"),
+        ids=tuple(str(i) for i in ids) if ids is not None else None,
+        count=merged.get("count"),
+        seed=merged.get("seed"),
+    )
+
+
+def default_palette(n: int) -> tuple[tuple[int, int, int], ...]:
+    """The Pascal VOC colour map: distinct, stable colours for ``n`` classes (n <= 256)."""
+    colours = []
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
+def _colour(value: Any, where: str) -> tuple[int, int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(isinstance(v, int) for v in value):
+        raise DatasetError(f"{where}: colours are [r, g, b] integer triples, got {value!r}")
+    if not all(0 <= v <= 255 for v in value):
+        raise DatasetError(f"{where}: colour values must be in 0..255, got {value!r}")
+    return (value[0], value[1], value[2])
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the readers need to know about one dataset; see the module docstring for YAML.
+
+    Args:
+        name: a short name for messages and model manifests.
+        format: one of ``FORMATS``; it picks the reader and the default layout.
+        root: the dataset's folder (unused by ``synthetic``).
+        class_names: class id ``i`` is ``class_names[i]``. Empty only for a bare
+            folder without ``dataset.yaml`` (which can be checked but not trained on).
+        palette: one RGB colour per class.
+        ignore_index: label excluded from loss and metrics, and used for padding.
+        label_map: raw mask value -> class id or ``ignore_index``.
+        unknown_labels: ``"error"`` stops reading at a value outside the classes;
+            ``"ignore"`` turns it into ``ignore_index`` (``check`` reports it either way).
+        splits: split name -> ``SplitSpec``.
+        channels: 3 (RGB) or 1 (grey); images are converted on reading.
+
+    Example:
+        >>> spec = load_dataset_spec("membrane")
+        >>> spec.num_classes, spec.channels, dict(spec.label_map)
+        (2, 1, {255: 1})
+    """
+
+    name: str
+    format: str
+    root: Path
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...] = ()
+    ignore_index: int | None = 255
+    ignore_color: tuple[int, int, int] | None = None
+    label_map: Mapping[int, int] = field(default_factory=dict)
+    unknown_labels: str = "error"
+    splits: Mapping[str, SplitSpec] = field(default_factory=dict)
+    channels: int = 3
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    source: Path | None = None
+
+    def __post_init__(self) -> None:
+        where = str(self.source or self.name)
+        if self.format not in FORMATS:
+            raise DatasetError(f"{where}: unknown dataset format {self.format!r}; valid: {', '.join(FORMATS)}")
+        if self.channels not in (1, 3):
+            raise DatasetError(f"{where}: channels must be 1 or 3, got {self.channels!r}")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise DatasetError(f"{where}: class names must be unique, got {list(self.class_names)}")
+        palette = self.palette or default_palette(len(self.class_names))
+        if len(palette) != len(self.class_names):
+            raise DatasetError(f"{where}: palette has {len(palette)} colours for {len(self.class_names)} classes")
+        ignore = self.ignore_index
+        if ignore is not None and (not isinstance(ignore, int) or ignore < len(self.class_names)):
+            raise DatasetError(f"{where}: ignore_index must be a non-negative int outside the class ids, got {ignore!r}")
+        valid_targets = set(range(len(self.class_names))) | ({ignore} if ignore is not None else set())
+        for raw, target in self.label_map.items():
+            if not isinstance(raw, int) or not isinstance(target, int) or raw < 0:
+                raise DatasetError(f"{where}: label_map entries must be int: int, got {raw!r}: {target!r}")
+            if self.class_names and target not in valid_targets:
+                raise DatasetError(f"{where}: label_map sends {raw} to {target}, which is neither a class nor ignore_index")
+        if self.unknown_labels not in UNKNOWN_LABEL_POLICIES:
+            raise DatasetError(f"{where}: unknown_labels must be 'error' or 'ignore', got {self.unknown_labels!r}")
+        if not self.splits:
+            raise DatasetError(f"{where}: the dataset defines no splits")
+        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "palette", tuple(tuple(c) for c in palette))
+        object.__setattr__(self, "label_map", MappingProxyType(dict(self.label_map)))
+        object.__setattr__(self, "splits", MappingProxyType(dict(self.splits)))
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def input_spec(self) -> InputSpec:
+        """Normalisation for ``preprocess``: the YAML's mean/std or the channel default."""
+        if self.mean is None or self.std is None:
+            return InputSpec.default_for(self.channels)
+        return InputSpec(self.channels, self.mean, self.std)
+
+    def split(self, name: str) -> SplitSpec:
+        """The named split, or a ``DatasetError`` listing the splits there are."""
+        try:
+            return self.splits[name]
+        except KeyError:
+            raise DatasetError(
+                f"dataset {self.name!r} has no split {name!r}; splits: {', '.join(self.splits)}"
+            ) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form (root as given; write it next to the data with ``root: .``)."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "format": self.format,
+            "root": str(self.root),
+            "channels": self.channels,
+            "classes": list(self.class_names),
+            "palette": [list(c) for c in self.palette],
+            "ignore_index": self.ignore_index,
+            "label_map": dict(self.label_map),
+            "unknown_labels": self.unknown_labels,
+            "splits": {name: s.to_dict() for name, s in self.splits.items()},
+            "options": dict(self.options),
+        }
+        if self.ignore_color is not None:
+            out["ignore_color"] = list(self.ignore_color)
+        if self.mean is not None and self.std is not None:
+            out["mean"], out["std"] = list(self.mean), list(self.std)
+        return out
+
+
+def resolve_root(root: str, base: Path) -> Path:
+    """Expand ``${datasets}`` and ``~``; relative paths are relative to ``base`` (the YAML's folder)."""
+    if root.startswith(_DATASETS_TOKEN):
+        return datasets_dir() / root[len(_DATASETS_TOKEN) :].lstrip("/")
+    path = Path(root).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def spec_from_dict(data: Mapping[str, Any], base: Path, source: Path | None = None) -> DatasetSpec:
+    """Build a spec from parsed YAML; relative paths resolve against ``base``."""
+    where = str(source or "dataset spec")
+    if not isinstance(data, Mapping):
+        raise DatasetError(f"{where}: a dataset spec must be a mapping, got {type(data).__name__}")
+    unknown = set(data) - _SPEC_KEYS
+    if unknown:
+        raise DatasetError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(_SPEC_KEYS)}")
+    fmt = data.get("format", "folder")
+    if fmt not in FORMATS:
+        raise DatasetError(f"{where}: unknown dataset format {fmt!r}; valid: {', '.join(FORMATS)}")
+    if "root" not in data and fmt != "synthetic":
+        raise DatasetError(f"{where}: 'root' (the dataset folder) is required")
+    raw_splits = data.get("splits") or {"train": None}
+    if not isinstance(raw_splits, Mapping):
+        raise DatasetError(f"{where}: splits must be a mapping of split name -> layout")
+    label_map = data.get("label_map") or {}
+    if not isinstance(label_map, Mapping):
+        raise DatasetError(f"{where}: label_map must be a mapping raw -> class id")
+    classes = data.get("classes") or []
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DatasetError(f"{where}: classes must be a list of names")
+    ignore_color = data.get("ignore_color")
+    return DatasetSpec(
+        name=str(data.get("name") or (source.stem if source else "dataset")),
+        format=fmt,
+        root=resolve_root(str(data.get("root", ".")), base),
+        class_names=tuple(classes),
+        palette=tuple(_colour(c, where) for c in data.get("palette") or ()),
+        ignore_index=data.get("ignore_index", 255),
+        ignore_color=_colour(ignore_color, where) if ignore_color is not None else None,
+        label_map={_int_key(k, where): v for k, v in label_map.items()},
+        unknown_labels=data.get("unknown_labels", "error"),
+        splits={
+            str(name): _parse_split(fmt, str(name), i, s, where) for i, (name, s) in enumerate(raw_splits.items())
+        },
+        channels=data.get("channels", 3),
+        mean=tuple(data["mean"]) if data.get("mean") is not None else None,
+        std=tuple(data["std"]) if data.get("std") is not None else None,
+        options=data.get("options") or {},
+        source=source,
+    )
+
+
+def _int_key(key: Any, where: str) -> int:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: label_map keys must be integers, got {key!r}") from None
+
+
+def builtin_specs() -> list[str]:
+    """Names accepted by ``load_dataset_spec`` besides paths."""
+    return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> DatasetSpec:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read dataset spec ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{path}: invalid YAML: {exc}") from None
+    return spec_from_dict(data, base=path.parent, source=path)
+
+
+def spec_from_folder(folder: Path, num_classes: int | None = None) -> DatasetSpec:
+    """Describe a folder in the generic layout: ``images/`` + ``masks/`` matched by file stem.
+
+    A ``dataset.yaml`` inside the folder wins. Otherwise splits come from
+    subfolders (``images/train``, ``masks/train``), from ``splits/*.txt`` stem
+    lists, or the whole folder is one split named ``all``. Without a YAML the
+    class names are unknown: ``num_classes`` names them ``class_0...``, or the
+    spec has none (enough to check pairing and readability, not to train).
+    """
+    for name in FOLDER_SPEC_NAMES:
+        if (folder / name).is_file():
+            return _load_yaml(folder / name)
+    images, masks = folder / "images", folder / "masks"
+    if not images.is_dir() or not masks.is_dir():
+        raise DatasetError(
+            f"{folder}: not a dataset folder: it needs {FOLDER_SPEC_NAMES[0]} or images/ and masks/ subfolders"
+        )
+    subdirs = sorted(p.name for p in images.iterdir() if p.is_dir())
+    lists = sorted((folder / "splits").glob("*.txt")) if (folder / "splits").is_dir() else []
+    if subdirs:
+        splits = {s: SplitSpec(images=f"images/{s}", masks=f"masks/{s}") for s in subdirs}
+    elif lists:
+        splits = {p.stem: SplitSpec(images="images", masks="masks", list=f"splits/{p.name}") for p in lists}
+    else:
+        splits = {"all": SplitSpec(images="images", masks="masks")}
+    classes = tuple(f"class_{i}" for i in range(num_classes)) if num_classes else ()
+    return DatasetSpec(name=folder.name, format="folder", root=folder, class_names=classes, splits=splits)
+
+
+def load_dataset_spec(path_or_name: str | Path, num_classes: int | None = None) -> DatasetSpec:
+    """Load a dataset description from a YAML file, a built-in name or a generic-layout folder.
+
+    Args:
+        path_or_name: ``camvid``/``membrane``/``synthetic``/... (see ``builtin_specs()``),
+            a ``.yaml`` file, or a folder (its ``dataset.yaml``, else the generic layout).
+        num_classes: only for a bare folder without ``dataset.yaml``.
+
+    Raises:
+        NotFound: neither an existing path nor a built-in name.
+        DatasetError: the description is malformed.
+    """
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        return spec_from_folder(path, num_classes)
+    if path.is_file():
+        return _load_yaml(path)
+    name = str(path_or_name)
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", name) and (SPECS_DIR / f"{name}.yaml").is_file():
+        return _load_yaml(SPECS_DIR / f"{name}.yaml")
+    raise NotFound(
+        f"no dataset spec {name!r}: not a file or folder, and not a built-in ({', '.join(builtin_specs())})"
+    )
+
+
+def with_root(spec: DatasetSpec, root: str | Path) -> DatasetSpec:
+    """The same description pointing at another copy of the data."""
+    return replace(spec, root=Path(root))

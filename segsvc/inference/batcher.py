@@ -1,0 +1,316 @@
+"""Dynamic batching: one small asyncio class between many callers and one predict function.
+
+Callers ``submit`` items and await the returned future; a single worker task
+collects items into batches that flush at ``max_batch_size`` items or when the
+oldest item has waited ``max_delay_s``, runs ``predict`` on a worker thread (so
+the event loop keeps decoding, encoding and talking to clients), and delivers
+one result, or the batch's exception, to every future. Items are grouped by a
+key (for images: the padded size and the options), so a batch never mixes
+inputs that cannot be stacked. The queue is bounded: a full queue refuses new
+items with ``Overloaded`` instead of letting latency grow without limit.
+Cancelled items and items whose deadline passed are dropped before they run.
+
+Example:
+    >>> import asyncio
+    >>> async def demo():
+    ...     b = DynamicBatcher(lambda xs: [x * 2 for x in xs], BatchingConfig(max_batch_size=4))
+    ...     b.start()
+    ...     results = await asyncio.gather(*(b.submit(i) for i in range(6)))
+    ...     await b.stop()
+    ...     return [r.value for r in results]
+    >>> asyncio.run(demo())
+    [0, 2, 4, 6, 8, 10]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Generic, Hashable, Sequence, TypeVar
+
+from segsvc.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How a model's requests are batched.
+
+    Args:
+        max_batch_size: most items per batch; 1 turns batching off.
+        max_delay_s: longest time the oldest item waits for the batch to fill.
+        max_queue_size: most items waiting (not yet running); more are refused
+            with ``Overloaded`` (gRPC RESOURCE_EXHAUSTED).
+
+    Example:
+        >>> BatchingConfig(max_batch_size=8, max_delay_s=0.005, max_queue_size=256).max_batch_size
+        8
+    """
+
+    max_batch_size: int = 8
+    max_delay_s: float = 0.005
+    max_queue_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise InvalidArgument(f"max_batch_size must be a positive integer, got {self.max_batch_size!r}")
+        if not self.max_delay_s >= 0:
+            raise InvalidArgument(f"max_delay_s must be >= 0, got {self.max_delay_s!r}")
+        if not isinstance(self.max_queue_size, int) or self.max_queue_size < 1:
+            raise InvalidArgument(f"max_queue_size must be a positive integer, got {self.max_queue_size!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_batch_size > 1
+
+
+@dataclass(frozen=True)
+class Batched(Generic[R]):
+    """One item's result with where its time went."""
+
+    value: R
+    queue_s: float
+    run_s: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class _Pending(Generic[T]):
+    item: T
+    key: Hashable
+    future: asyncio.Future
+    enqueued_at: float
+    deadline: float | None
+    queued: bool = True
+
+
+@dataclass
+class _Stats:
+    batches: int = 0
+    items: int = 0
+    dropped: int = 0
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Bounded queue + one worker that runs ``predict`` on batches of same-key items.
+
+    Args:
+        predict: maps a list of items to a list of results of the same length.
+            A result may be an ``Exception`` instance to fail that item alone;
+            raising fails every item of the batch. Runs on ``executor``.
+        config: batch size, delay and queue bound.
+        key: items with different keys never share a batch (default: all equal).
+        executor: where ``predict`` runs; default one dedicated thread, so one
+            batch of this model runs at a time.
+        name: used in error messages and logs (e.g. ``"model unet:3"``).
+        on_batch: called on the event loop after each batch with
+            ``(batch_size, run_s)``; for metrics.
+
+    The owner calls ``start()`` inside a running event loop and ``await stop()``.
+    """
+
+    def __init__(
+        self,
+        predict: Callable[[list[T]], Sequence[R]],
+        config: BatchingConfig,
+        *,
+        key: Callable[[T], Hashable] | None = None,
+        executor: Executor | None = None,
+        name: str = "batcher",
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if not callable(predict):
+            raise InvalidArgument(f"predict must be callable, got {type(predict).__name__}")
+        if not isinstance(config, BatchingConfig):
+            raise InvalidArgument(f"config must be a BatchingConfig, got {type(config).__name__}")
+        self._predict = predict
+        self.config = config
+        self._key = key or (lambda _item: None)
+        self._own_executor = executor is None
+        self._executor = executor
+        self.name = name
+        self._on_batch = on_batch
+        self._groups: dict[Hashable, deque[_Pending[T]]] = {}
+        self._size = 0
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._accepting = False
+        self.stats = _Stats()
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker task on the running event loop."""
+        if self._worker is not None:
+            raise RuntimeError(f"{self.name} is already started")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{self.name}")
+        self._wakeup = asyncio.Event()
+        self._accepting = True
+        self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def stop(self, drain: bool = True) -> None:
+        """Refuse new items; finish the queued ones (``drain``) or fail them with ``Unavailable``."""
+        self._accepting = False
+        if self._worker is None:
+            return
+        if not drain:
+            self._fail_all(Unavailable(f"{self.name} stopped before the request ran"))
+        self._wakeup.set()
+        try:
+            await self._worker
+        finally:
+            self._worker = None
+            if self._own_executor and self._executor is not None:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+
+    @property
+    def running(self) -> bool:
+        return self._accepting
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting to run (not counting the batch in progress)."""
+        return self._size
+
+    # -- callers ---------------------------------------------------------------
+    def submit(self, item: T, *, deadline: float | None = None) -> asyncio.Future:
+        """Queue ``item``; the future resolves to ``Batched[R]``.
+
+        ``deadline`` is an event-loop time (``loop.time()``); an item still
+        queued after it fails with ``DeadlineExceeded`` and never runs.
+        Cancelling the future removes the item from the queue.
+
+        Raises:
+            Unavailable: the batcher is not started or is stopping.
+            Overloaded: ``max_queue_size`` items are already waiting.
+        """
+        if not self._accepting:
+            raise Unavailable(f"{self.name} is not accepting requests (stopped or unloading)")
+        if self._size >= self.config.max_queue_size:
+            raise Overloaded(
+                f"{self.name} queue is full ({self.config.max_queue_size} requests waiting); retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        pending = _Pending(item, self._key(item), loop.create_future(), loop.time(), deadline)
+        self._groups.setdefault(pending.key, deque()).append(pending)
+        self._size += 1
+        pending.future.add_done_callback(lambda _f, p=pending: self._discard(p))
+        self._wakeup.set()
+        return pending.future
+
+    # -- worker ----------------------------------------------------------------
+    def _discard(self, pending: _Pending[T]) -> None:
+        """A queued item's future finished early (cancelled/deadline): drop it from the queue."""
+        if not pending.queued:
+            return
+        pending.queued = False
+        group = self._groups.get(pending.key)
+        if group is not None:
+            try:
+                group.remove(pending)
+            except ValueError:
+                pass
+            else:
+                self._size -= 1
+                self.stats.dropped += 1
+            if not group:
+                del self._groups[pending.key]
+
+    def _oldest_key(self) -> Hashable:
+        return min(self._groups, key=lambda k: self._groups[k][0].enqueued_at)
+
+    def _take(self, key: Hashable) -> list[_Pending[T]]:
+        group = self._groups.get(key)
+        batch: list[_Pending[T]] = []
+        now = asyncio.get_running_loop().time()
+        while group and len(batch) < self.config.max_batch_size:
+            pending = group.popleft()
+            self._size -= 1
+            pending.queued = False
+            if pending.future.done():
+                continue
+            if pending.deadline is not None and now >= pending.deadline:
+                self.stats.dropped += 1
+                pending.future.set_exception(
+                    DeadlineExceeded(f"deadline passed after {now - pending.enqueued_at:.3f} s in the {self.name} queue")
+                )
+                continue
+            batch.append(pending)
+        if group is not None and not group:
+            del self._groups[key]
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._size == 0:
+                if not self._accepting:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            key = self._oldest_key()
+            flush_at = self._groups[key][0].enqueued_at + self.config.max_delay_s
+            # Wait for the group to fill, the oldest item's delay to pass, or a stop.
+            while (
+                self._accepting
+                and key in self._groups
+                and len(self._groups[key]) < self.config.max_batch_size
+                and loop.time() < flush_at
+            ):
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), flush_at - loop.time())
+                except TimeoutError:
+                    break
+            if key not in self._groups:  # every item of the group was cancelled meanwhile
+                continue
+            batch = self._take(key)
+            if batch:
+                await self._execute(batch)
+
+    async def _execute(self, batch: list[_Pending[T]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            results = await loop.run_in_executor(self._executor, self._predict, [p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name}: predict returned {len(results)} results for a batch of {len(batch)}")
+        except Exception as exc:  # delivered to every caller of the batch
+            run_s = loop.time() - started
+            log.debug("%s: batch of %d failed: %r", self.name, len(batch), exc)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+        else:
+            run_s = loop.time() - started
+            for p, value in zip(batch, results):
+                if p.future.done():
+                    continue
+                if isinstance(value, BaseException):
+                    p.future.set_exception(value)
+                else:
+                    p.future.set_result(Batched(value, started - p.enqueued_at, run_s, len(batch)))
+        self.stats.batches += 1
+        self.stats.items += len(batch)
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(batch), run_s)
+            except Exception:  # a metrics hook must never break serving
+                log.exception("%s: on_batch hook failed", self.name)
+
+    def _fail_all(self, exc: Exception) -> None:
+        groups, self._groups, self._size = self._groups, {}, 0
+        for group in groups.values():
+            for p in group:
+                p.queued = False
+                if not p.future.done():
+                    p.future.set_exception(exc)

@@ -1,0 +1,241 @@
+"""Batched, device-aware inference for one loaded model version (what the server's batcher runs).
+
+``Predictor`` is the reference: one image in, its label map out. ``Engine``
+computes the same thing for batches of requests: ``prepare`` (on an I/O thread)
+turns an image into the shared preprocessing's tensor plus a batching key, and
+``run`` (on the batch thread) stacks same-key tensors, runs one forward pass
+and returns each request's label map, optional confidence and class counts.
+Plain requests are grouped by their *padded* size: each image is padded exactly
+as ``Predictor.logits`` pads it, so a label map from a batch equals the label
+map ``Predictor.predict`` gives for that image alone. Tiled and flip-TTA
+requests are grouped by their exact size and options.
+
+On CUDA the forward pass uses autocast (bf16 or fp16), channels-last memory,
+pinned host memory with non-blocking copies, and a warm-up pass at load. On CPU
+it runs in float32 and the thread count is set once by the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Hashable
+
+import numpy as np
+import torch
+
+from segsvc.errors import InvalidArgument
+from segsvc.inference.predictor import Predictor, labels_dtype, pad_to_multiple, padded_size
+from segsvc.inference.tiling import make_logits_fn
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MIN_TILE_SIZE = 16
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InvalidArgument(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument("device 'cuda' requested but no CUDA device is available; use --device cpu or auto")
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"device {device!r} is not supported; use auto, cpu or cuda")
+    return dev
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How a model runs.
+
+    Args:
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto`` (bf16 on GPUs that support it, else fp16; fp32 on
+            CPU), ``fp32``, ``bf16`` or ``fp16`` (autocast dtype of the forward pass).
+        channels_last: use channels-last memory format on CUDA.
+        warmup: run forward passes at load so the first request is not slow.
+        warmup_size: side of the square warm-up image in pixels.
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    warmup: bool = True
+    warmup_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InvalidArgument(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.warmup_size < 1:
+            raise InvalidArgument(f"warmup_size must be positive, got {self.warmup_size}")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """Per-request inference options.
+
+    Args:
+        tile_size: side of sliding-window tiles in pixels; 0 disables tiling.
+        tile_overlap: fraction of a tile shared with its neighbour, in [0, 1).
+        flip_tta: average with the horizontally mirrored image's logits.
+        confidence: also return the max softmax probability as uint8 (round(255 p)).
+        class_counts: also return the number of pixels per class.
+    """
+
+    tile_size: int = 0
+    tile_overlap: float = 0.25
+    flip_tta: bool = False
+    confidence: bool = False
+    class_counts: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tile_size != 0 and self.tile_size < MIN_TILE_SIZE:
+            raise InvalidArgument(f"tile_size must be 0 (no tiling) or at least {MIN_TILE_SIZE}, got {self.tile_size}")
+        if not 0.0 <= self.tile_overlap < 1.0:
+            raise InvalidArgument(f"tile_overlap must be a fraction in [0, 1), got {self.tile_overlap}")
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """One prepared request: the normalised ``C x H x W`` tensor, its options and batching key."""
+
+    tensor: torch.Tensor
+    options: InferenceOptions
+    key: Hashable
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.tensor.shape[-2]), int(self.tensor.shape[-1])
+
+
+@dataclass(frozen=True, eq=False)
+class Output:
+    """One request's result: labels ``H x W`` (uint8, or uint16 above 256 classes)."""
+
+    labels: np.ndarray
+    confidence: np.ndarray | None = None
+    class_counts: np.ndarray | None = None
+
+
+class Engine:
+    """Runs batches of ``Job`` for one model version on one device.
+
+    Args:
+        predictor: the loaded model, its manifest and device (the reference path).
+        config: precision, memory format and warm-up settings.
+
+    Example:
+        >>> engine = Engine(Predictor(model, manifest), EngineConfig(device="cpu"))  # doctest: +SKIP
+        >>> [out] = engine.run([engine.prepare(image, InferenceOptions())])  # doctest: +SKIP
+        >>> (out.labels == Predictor(model, manifest).predict(image)).all()  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, predictor: Predictor, config: EngineConfig) -> None:
+        self.predictor = predictor
+        self.config = config
+        self.device = predictor.device
+        self.num_classes = predictor.num_classes
+        self.labels_dtype = labels_dtype(self.num_classes)
+        self.amp_dtype = self._amp_dtype(config.precision)
+        self.channels_last = config.channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            predictor.model.to(memory_format=torch.channels_last)
+
+    def _amp_dtype(self, precision: str) -> torch.dtype | None:
+        if precision == "fp32" or (precision == "auto" and self.device.type != "cuda"):
+            return None
+        if precision == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+
+    # -- I/O thread --------------------------------------------------------------
+    def prepare(self, image: np.ndarray, options: InferenceOptions) -> Job:
+        """Preprocess one uint8 image (the shared ``preprocess``) and compute its batching key."""
+        tensor = self.predictor.input_tensor(image)
+        h, w = tensor.shape[-2:]
+        if options.tile_size or options.flip_tta:
+            key: Hashable = ("exact", h, w, options.tile_size, options.tile_overlap, options.flip_tta)
+        else:
+            key = ("padded", *padded_size(h, w, self.predictor.stride, self.predictor.min_size))
+        return Job(tensor, options, key)
+
+    # -- batch thread ------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[N, K, H, W]`` of a normalised CPU batch of any H, W (padded and cropped back)."""
+        padded, (h, w) = pad_to_multiple(batch, self.predictor.stride, self.predictor.min_size)
+        if self.device.type == "cuda":
+            padded = padded.pin_memory().to(self.device, non_blocking=True)
+            if self.channels_last:
+                padded = padded.contiguous(memory_format=torch.channels_last)
+        else:
+            padded = padded.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            logits = self.predictor.model(padded)
+        return logits[:, :, :h, :w].float()
+
+    @torch.inference_mode()
+    def run(self, jobs: list[Job]) -> list[Output]:
+        """Label maps (and extras) for jobs that share one key (the batcher guarantees it)."""
+        if not jobs:
+            return []
+        keys = {job.key for job in jobs}
+        if len(keys) != 1:
+            raise InvalidArgument(f"a batch must share one key, got {len(keys)} different keys")
+        first = jobs[0]
+        if first.key[0] == "padded":
+            ph, pw = first.key[1], first.key[2]
+            stride, min_size = self.predictor.stride, self.predictor.min_size
+            stacked = torch.stack([pad_to_multiple(j.tensor[None], stride, min_size)[0][0] for j in jobs])
+            if tuple(stacked.shape[-2:]) != (ph, pw):  # the key promised this size
+                raise RuntimeError(f"padded batch is {tuple(stacked.shape[-2:])}, key says {(ph, pw)}")
+            logits = self.forward(stacked)
+            crops = [logits[i : i + 1, :, : j.size[0], : j.size[1]] for i, j in enumerate(jobs)]
+        else:
+            opts = first.options
+            fn = make_logits_fn(
+                self.forward,
+                tile=(opts.tile_size, opts.tile_size) if opts.tile_size else None,
+                overlap=opts.tile_overlap,
+                hflip=opts.flip_tta,
+            )
+            logits = fn(torch.stack([j.tensor for j in jobs]))
+            crops = [logits[i : i + 1] for i in range(len(jobs))]
+        return [self._output(c, j.options) for c, j in zip(crops, jobs)]
+
+    def _output(self, logits: torch.Tensor, options: InferenceOptions) -> Output:
+        """Arg-max (and softmax/counts when asked) on the device; only small arrays come back."""
+        labels_t = logits.argmax(1)[0]
+        if self.labels_dtype == np.uint8:
+            labels = labels_t.to(torch.uint8).cpu().numpy()
+        else:
+            labels = labels_t.to(torch.int32).cpu().numpy().astype(self.labels_dtype)
+        confidence = counts = None
+        if options.confidence:
+            p = torch.softmax(logits, dim=1).amax(1)[0]
+            confidence = torch.round(p * 255.0).clamp_(0, 255).to(torch.uint8).cpu().numpy()
+        if options.class_counts:
+            counts = torch.bincount(labels_t.flatten(), minlength=self.num_classes).cpu().numpy().astype(np.int64)
+        return Output(labels, confidence, counts)
+
+    def warmup(self) -> None:
+        """Run forward passes on a dummy image so kernels, allocators and autotuners are ready."""
+        if not self.config.warmup:
+            return
+        c = self.predictor.manifest.input.channels
+        size = max(self.config.warmup_size, self.predictor.min_size)
+        x = torch.zeros((1, c, size, size), dtype=torch.float32)
+        for _ in range(2 if self.device.type == "cuda" else 1):
+            self.forward(x)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -1,0 +1,271 @@
+"""The model artifact: ``<root>/<name>/<version>/{weights.safetensors, manifest.json}``.
+
+Weights are safetensors, so loading a model never executes code. The manifest
+carries everything needed to rebuild and use the model from the artifact alone:
+the architecture spec, classes, palette, ignore index, input normalisation,
+training summary and metrics. Versions are written to a temporary directory and
+renamed into place, and an existing version is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import segsvc
+from segsvc.config import InputSpec, ModelSpec
+from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument, SegsvcError
+from segsvc.models.registry import build_model
+
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 1 << 20
+
+Color = tuple[int, int, int]
+
+
+def default_palette(num_classes: int) -> list[Color]:
+    """Distinct colours (the Pascal VOC bit-interleaving scheme) for classes without a palette."""
+    palette = []
+    for i in range(num_classes):
+        r = g = b = 0
+        c = i + 1
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.append((r, g, b))
+    return palette
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a model version is: ``manifest.json`` as a typed object."""
+
+    name: str
+    version: int
+    spec: ModelSpec
+    input: InputSpec
+    class_names: tuple[str, ...]
+    palette: tuple[Color, ...]
+    ignore_index: int | None = None
+    training: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    segsvc_version: str = segsvc.__version__
+    weights_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        k = self.spec.num_classes
+        if len(self.class_names) != k:
+            raise ArtifactError(f"manifest lists {len(self.class_names)} class names for {k} classes")
+        if len(self.palette) != k:
+            raise ArtifactError(f"manifest lists {len(self.palette)} palette colours for {k} classes")
+        if self.input.channels != self.spec.in_channels:
+            raise ArtifactError(
+                f"manifest input has {self.input.channels} channels but the model takes {self.spec.in_channels}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "model": self.spec.to_dict(),
+            "input": self.input.to_dict(),
+            "class_names": list(self.class_names),
+            "palette": [list(c) for c in self.palette],
+            "ignore_index": self.ignore_index,
+            "training": dict(self.training),
+            "metrics": dict(self.metrics),
+            "created_at": self.created_at,
+            "segsvc_version": self.segsvc_version,
+            "weights_sha256": self.weights_sha256,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
+        if not isinstance(data, Mapping):
+            raise ArtifactError("manifest must be a JSON object")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"manifest format_version {data.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+            )
+        missing = [k for k in ("name", "version", "model", "input", "class_names", "palette") if k not in data]
+        if missing:
+            raise ArtifactError(f"manifest lacks required fields {missing}")
+        try:
+            palette = tuple(_color(c) for c in data["palette"])
+            return cls(
+                name=str(data["name"]),
+                version=int(data["version"]),
+                spec=ModelSpec.from_dict(data["model"]),
+                input=InputSpec.from_dict(data["input"]),
+                class_names=tuple(str(n) for n in data["class_names"]),
+                palette=palette,
+                ignore_index=None if data.get("ignore_index") is None else int(data["ignore_index"]),
+                training=dict(data.get("training") or {}),
+                metrics=dict(data.get("metrics") or {}),
+                created_at=str(data.get("created_at", "")),
+                segsvc_version=str(data.get("segsvc_version", "")),
+                weights_sha256=str(data.get("weights_sha256", "")),
+            )
+        except ArtifactError:
+            raise
+        except (SegsvcError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"manifest is invalid: {exc}") from None
+
+
+def _color(value: Any) -> Color:
+    if not isinstance(value, Sequence) or len(value) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in value):
+        raise ArtifactError(f"palette colours must be [r, g, b] with 0..255 integers, got {value!r}")
+    return (value[0], value[1], value[2])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_name(name: str) -> str:
+    """Model names become directory names: letters, digits, '-', '_' and '.' only."""
+    if not name or len(name) > 128 or name.startswith(".") or not all(c.isalnum() or c in "-_." for c in name):
+        raise InvalidArgument(
+            f"invalid model name {name!r}: use 1-128 letters, digits, '-', '_' or '.', not starting with '.'"
+        )
+    return name
+
+
+def next_version(model_dir: Path) -> int:
+    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def save_artifact(
+    model: nn.Module,
+    root: str | os.PathLike[str],
+    name: str,
+    *,
+    spec: ModelSpec,
+    input_spec: InputSpec | None = None,
+    class_names: Sequence[str] | None = None,
+    palette: Sequence[Color] | None = None,
+    ignore_index: int | None = None,
+    training: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    version: int | None = None,
+) -> Path:
+    """Write a new model version atomically and return its directory.
+
+    Example:
+        >>> spec = ModelSpec("unet", num_classes=2, in_channels=1, params={"base_channels": 4, "depth": 2})
+        >>> path = save_artifact(build_model(spec), tmp, "membrane", spec=spec)  # doctest: +SKIP
+    """
+    check_name(name)
+    model_dir = Path(root) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = next_version(model_dir) if version is None else int(version)
+    if version < 1:
+        raise InvalidArgument(f"model versions are positive integers, got {version}")
+    final = model_dir / str(version)
+    if final.exists():
+        raise AlreadyExists(f"model {name} version {version} already exists at {final}; versions are never overwritten")
+    k = spec.num_classes
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
+    try:
+        state = {key: t.detach().cpu().contiguous() for key, t in model.state_dict().items()}
+        save_file(state, os.fspath(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        manifest = Manifest(
+            name=name,
+            version=version,
+            spec=spec,
+            input=input_spec or InputSpec.default_for(spec.in_channels),
+            class_names=tuple(class_names) if class_names is not None else tuple(f"class_{i}" for i in range(k)),
+            palette=tuple(tuple(c) for c in palette) if palette is not None else tuple(default_palette(k)),  # type: ignore[misc]
+            ignore_index=ignore_index,
+            training=dict(training or {}),
+            metrics=dict(metrics or {}),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            weights_sha256=_sha256(tmp / WEIGHTS_FILE),
+        )
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        os.rename(tmp, final)  # atomic on one filesystem; fails if another writer won the race
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final.exists():
+            raise AlreadyExists(f"model {name} version {version} already exists at {final}") from None
+        raise ArtifactError(f"cannot write model {name} version {version}: {exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_manifest(version_dir: str | os.PathLike[str]) -> Manifest:
+    """Parse and validate ``manifest.json`` (does not touch the weights)."""
+    path = Path(version_dir) / MANIFEST_FILE
+    try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} does not exist: not a model version directory") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from None
+    return Manifest.from_dict(data)
+
+
+def _check_state(path: Path, expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], arch: str) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{path} does not hold the weights of a {arch!r} model as the manifest describes it: "
+            f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+    wrong = [
+        f"{k}: file {tuple(found[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if tuple(found[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        raise ArtifactError(f"{path} has {len(wrong)} tensors of the wrong shape, e.g. {wrong[:3]}")
+
+
+def load_artifact(version_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
+    """Rebuild the model from its manifest and load its weights; the model is returned in eval mode."""
+    version_dir = Path(version_dir)
+    manifest = read_manifest(version_dir)
+    weights = version_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ArtifactError(f"{weights} does not exist")
+    if manifest.weights_sha256 and _sha256(weights) != manifest.weights_sha256:
+        raise ArtifactError(f"{weights} is corrupt: its SHA-256 does not match the manifest")
+    try:
+        state = load_file(os.fspath(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{weights} is not a readable safetensors file: {exc}") from None
+    try:
+        model = build_model(manifest.spec)
+    except SegsvcError as exc:
+        raise ArtifactError(f"{version_dir}: cannot build the model its manifest describes: {exc}") from None
+    _check_state(weights, model.state_dict(), state, manifest.spec.arch)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), manifest

@@ -1,0 +1,63 @@
+"""The one model contract: ``[N, C, H, W]`` images in, ``[N, K, H, W]`` logits out.
+
+Every network has an ``output_stride``: H and W must be divisible by it. A
+wrong size raises an error that says how to pad; ``inference.predictor`` pads
+and crops for callers, so users never see that error.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from segsvc.errors import InvalidArgument
+
+
+class InputShapeError(InvalidArgument):
+    """An input tensor does not fit the model (channels or divisibility)."""
+
+
+def check_input_shape(x: torch.Tensor, in_channels: int, output_stride: int) -> None:
+    """Raise ``InputShapeError`` naming the fix when ``x`` does not fit the model."""
+    if x.ndim != 4:
+        raise InputShapeError(f"expected a 4-D [N,C,H,W] tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise InputShapeError(f"model expects {in_channels} input channels, got {x.shape[1]}")
+    h, w = x.shape[-2:]
+    if h % output_stride or w % output_stride:
+        ph = -(-h // output_stride) * output_stride
+        pw = -(-w // output_stride) * output_stride
+        raise InputShapeError(
+            f"input height {h} and width {w} must be divisible by {output_stride}; pad to "
+            f"({ph}, {pw}) or use segsvc.inference.predictor.pad_to_multiple"
+        )
+
+
+def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int = 3, batch_norm: bool = True) -> list[nn.Module]:
+    """A same-padding convolution, optional BatchNorm, ReLU (bias only without BatchNorm)."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=not batch_norm)
+    ]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(out_ch))
+    layers.append(nn.ReLU(inplace=True))
+    return layers
+
+
+class SegmentationModel(nn.Module):
+    """Base class of the seed networks: stores the contract's numbers and checks inputs."""
+
+    output_stride: int = 1
+    min_input_size: int = 1
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_shape(x, self.in_channels, self.output_stride)
+        return self.forward_features(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError

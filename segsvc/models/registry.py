@@ -1,0 +1,71 @@
+"""One registry of architectures; ``build_model(spec)`` is the only way models are made.
+
+A plain dict: go-to-definition works, and an unknown name raises an error that
+lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from typing import Any, Callable
+
+from torch import nn
+
+from segsvc.config import ModelSpec
+from segsvc.errors import ModelConfigError
+from segsvc.models.fcn import FCN8s, FCN16s, FCN32s
+from segsvc.models.segnet import SegNet
+from segsvc.models.smp import ARCHITECTURES as SMP_ARCHITECTURES
+from segsvc.models.smp import SmpModel
+from segsvc.models.unet import UNet
+
+ModelFactory = Callable[..., nn.Module]
+
+MODELS: dict[str, ModelFactory] = {
+    "fcn32s": FCN32s,
+    "fcn16s": FCN16s,
+    "fcn8s": FCN8s,
+    "unet": UNet,
+    "segnet": SegNet,
+    **{f"smp/{name}": partial(SmpModel, name) for name in SMP_ARCHITECTURES},
+}
+
+
+def available_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def _check_params(arch: str, factory: ModelFactory, params: dict[str, Any]) -> None:
+    """Reject unknown parameter names up front, naming the accepted ones."""
+    target = factory.func if isinstance(factory, partial) else factory
+    sig = inspect.signature(target)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return  # smp passes extra keywords through; smp itself reports bad ones
+    accepted = set(sig.parameters) - {"self", "num_classes", "in_channels"}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ModelConfigError(
+            f"model {arch!r} got unknown parameters {unknown}; accepted: {sorted(accepted)}"
+        )
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Build an untrained model (weights from their initialisers) from its spec.
+
+    Example:
+        >>> build_model(ModelSpec("segnet", num_classes=11, params={"variant": "basic"})).output_stride
+        16
+    """
+    try:
+        factory = MODELS[spec.arch]
+    except KeyError:
+        raise ModelConfigError(
+            f"unknown model architecture {spec.arch!r}; valid names: {', '.join(available_models())}"
+        ) from None
+    params = dict(spec.params)
+    _check_params(spec.arch, factory, params)
+    try:
+        return factory(num_classes=spec.num_classes, in_channels=spec.in_channels, **params)
+    except TypeError as exc:
+        raise ModelConfigError(f"cannot build {spec.arch!r} with params {params}: {exc}") from None

@@ -1,0 +1,127 @@
+"""Every segmentation-models-pytorch architecture x encoder, behind the segsvc contract.
+
+Iakubovskii, "Segmentation Models Pytorch", GitHub 2019 (each architecture's
+own paper is cited in smp's docs: Unet, Unet++, MAnet, Linknet, FPN, PSPNet,
+DeepLabV3, DeepLabV3+, PAN, UPerNet, Segformer, DPT).
+
+Encoders start from ``encoder_weights=None``: nothing is downloaded at run
+time. A local safetensors file can initialise the encoder instead
+(``encoder_weights_path``); asking for hub weights fails at once with a
+message saying how to supply such a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+from segsvc.errors import ModelConfigError
+from segsvc.models.base import check_input_shape
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls
+    for cls in (
+        smp.Unet, smp.UnetPlusPlus, smp.MAnet, smp.Linknet, smp.FPN, smp.PSPNet,
+        smp.DeepLabV3, smp.DeepLabV3Plus, smp.PAN, smp.UPerNet, smp.Segformer, smp.DPT,
+    )
+}
+
+
+class SmpModel(nn.Module):
+    """An smp model with the segsvc contract (``output_stride``, a helpful shape error).
+
+    Args:
+        architecture: an smp class name, e.g. ``"Unet"``, ``"FPN"``, ``"DeepLabV3Plus"``.
+        num_classes: number of classes K.
+        in_channels: image channels C.
+        encoder_name: an smp encoder name (``"resnet34"``, ``"mit_b0"``, ``"tu-..."``).
+        encoder_weights: must stay ``None``: segsvc never downloads weights.
+        encoder_weights_path: optional local ``.safetensors`` state dict for the encoder.
+        **kwargs: passed to the smp class (``encoder_depth``, ``decoder_channels``, ...).
+
+    Example:
+        >>> m = SmpModel("Unet", num_classes=3, encoder_name="resnet18")
+        >>> m(torch.zeros(1, 3, 64, 64)).shape
+        torch.Size([1, 3, 64, 64])
+    """
+
+    def __init__(
+        self,
+        architecture: str,
+        num_classes: int,
+        in_channels: int = 3,
+        encoder_name: str = "resnet34",
+        encoder_weights: str | None = None,
+        encoder_weights_path: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ModelConfigError(
+                f"unknown smp architecture {architecture!r}; valid: {', '.join(sorted(ARCHITECTURES))}"
+            )
+        if encoder_weights is not None:
+            raise ModelConfigError(
+                f"encoder_weights={encoder_weights!r} would download weights, which segsvc never does "
+                "at run time. Save the encoder's state dict as safetensors on a machine that has it "
+                "(safetensors.torch.save_file(model.encoder.state_dict(), 'enc.safetensors')) and pass "
+                "params.encoder_weights_path='enc.safetensors'."
+            )
+        if architecture == "DPT":  # ViT encoders: accept any size that is a multiple of the patch
+            kwargs.setdefault("dynamic_img_size", True)
+        try:
+            self.net = ARCHITECTURES[architecture](
+                encoder_name=encoder_name,
+                encoder_weights=None,
+                in_channels=in_channels,
+                classes=num_classes,
+                **kwargs,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelConfigError(f"cannot build smp {architecture} with encoder {encoder_name!r}: {exc}") from None
+        if encoder_weights_path is not None:
+            load_encoder_weights(self.net.encoder, Path(encoder_weights_path))
+        self.architecture = architecture
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.output_stride = int(getattr(self.net.encoder, "output_stride", 32))
+        if architecture == "DPT":  # its reassemble stage also builds a 2x-coarser map from the patch grid
+            self.output_stride *= 2
+        # PAN's feature pyramid attention pools its deepest map three more times.
+        self.min_input_size = self.output_stride * (8 if architecture == "PAN" else 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_shape(x, self.in_channels, self.output_stride)
+        return self.net(x)
+
+
+def load_encoder_weights(encoder: nn.Module, path: Path) -> None:
+    """Initialise ``encoder`` from a local safetensors file (never a pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors":
+        raise ModelConfigError(f"encoder weights must be a .safetensors file (no pickles), got {path}")
+    if not path.is_file():
+        raise ModelConfigError(f"encoder weights file {path} does not exist")
+    try:
+        state = load_file(os.fspath(path))
+    except (SafetensorError, OSError) as exc:
+        raise ModelConfigError(f"cannot read encoder weights {path}: {exc}") from None
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ModelConfigError(
+            f"encoder weights {path} lack {len(missing)} tensors "
+            f"(e.g. {missing[:3]}); is it the state dict of this encoder?"
+        )
+    wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise ModelConfigError(f"encoder weights {path} have wrong shapes for {wrong[:3]}")
+    # smp encoders drop classifier keys (fc.*) themselves; anything else unexpected is ignored
+    encoder.load_state_dict({k: state[k] for k in expected})

@@ -1,0 +1,35 @@
+import pytest
+
+from segsvc.config import ModelSpec
+from segsvc.errors import ModelConfigError
+from segsvc.models import available_models, build_model
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(ModelConfigError) as err:
+        build_model(ModelSpec("fcn4s", 3))
+    for name in ("fcn8s", "unet", "segnet", "smp/Unet"):
+        assert name in str(err.value)
+
+
+def test_unknown_parameter_names_the_accepted_ones() -> None:
+    with pytest.raises(ModelConfigError, match="base_channels"):
+        build_model(ModelSpec("unet", 3, params={"widht": 8}))
+
+
+def test_bad_values_are_config_errors() -> None:
+    with pytest.raises(ModelConfigError, match="variant"):
+        build_model(ModelSpec("segnet", 3, params={"variant": "huge"}))
+    with pytest.raises(ModelConfigError, match="depth"):
+        build_model(ModelSpec("unet", 3, params={"depth": 0}))
+    with pytest.raises(ModelConfigError, match="num_classes"):
+        ModelSpec("unet", 0)
+
+
+def test_seed_models_are_registered() -> None:
+    assert {"fcn32s", "fcn16s", "fcn8s", "unet", "segnet"} <= set(available_models())
+
+
+def test_spec_round_trips_through_dict() -> None:
+    spec = ModelSpec("unet", 4, 1, {"base_channels": 8})
+    assert ModelSpec.from_dict(spec.to_dict()) == spec

@@ -1,0 +1,60 @@
+"""Every smp architecture through the shared tester, plus weights handling."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from segsvc.config import ModelSpec
+from segsvc.errors import ModelConfigError
+from segsvc.models import build_model
+from segsvc.models.smp import ARCHITECTURES
+from tests.models.base import ModelTester
+
+ENCODER = {"encoder_name": "resnet18"}
+PER_ARCH = {"DPT": {"encoder_name": "tu-vit_tiny_patch16_224"}}
+
+
+def _tester(arch: str) -> type:
+    attrs = {"arch": f"smp/{arch}", "params": PER_ARCH.get(arch, ENCODER)}
+    if arch == "PAN":  # its pyramid attention needs at least 8x its stride
+        attrs["sizes"] = [(129, 130)]
+    return type(f"TestSmp{arch}", (ModelTester,), attrs)
+
+
+for _arch in ARCHITECTURES:
+    globals()[f"TestSmp{_arch}"] = _tester(_arch)
+
+
+def test_every_smp_architecture_is_registered() -> None:
+    from segsvc.models import available_models
+
+    assert {f"smp/{a}" for a in ARCHITECTURES} <= set(available_models())
+    assert len(ARCHITECTURES) == 12
+
+
+def test_hub_weights_fail_fast_with_instructions() -> None:
+    with pytest.raises(ModelConfigError, match="encoder_weights_path"):
+        build_model(ModelSpec("smp/Unet", 2, params={"encoder_name": "resnet18", "encoder_weights": "imagenet"}))
+
+
+def test_local_encoder_weights_initialise_the_encoder(tmp_path) -> None:
+    donor = build_model(ModelSpec("smp/Unet", 2, params=ENCODER))
+    path = tmp_path / "enc.safetensors"
+    save_file({k: v.contiguous() for k, v in donor.net.encoder.state_dict().items()}, str(path))
+    model = build_model(ModelSpec("smp/Unet", 2, params={**ENCODER, "encoder_weights_path": str(path)}))
+    for key, value in donor.net.encoder.state_dict().items():
+        assert torch.equal(model.net.encoder.state_dict()[key], value), key
+
+
+def test_local_encoder_weights_must_be_safetensors(tmp_path) -> None:
+    path = tmp_path / "enc.pth"
+    path.write_bytes(b"not a pickle we would ever load")
+    with pytest.raises(ModelConfigError, match="safetensors"):
+        build_model(ModelSpec("smp/Unet", 2, params={**ENCODER, "encoder_weights_path": str(path)}))
+
+
+def test_wrong_encoder_weights_are_reported(tmp_path) -> None:
+    path = tmp_path / "enc.safetensors"
+    save_file({"foo": torch.zeros(3)}, str(path))
+    with pytest.raises(ModelConfigError, match="lack"):
+        build_model(ModelSpec("smp/Unet", 2, params={**ENCODER, "encoder_weights_path": str(path)}))

@@ -1,0 +1,129 @@
+"""Training and validation samples for the trainer.
+
+Training items are augmented from a dataset's raw ``read(i)`` with a seed
+derived from ``(seed, epoch, index)``: the augmentation of a sample depends on
+nothing else (not the worker that loads it, not an interruption), which is what
+lets ``--resume`` continue exactly. Both splits end in the shared
+``segsvc.data.transforms.preprocess``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from segsvc.config import InputSpec
+from segsvc.data.transforms import preprocess
+
+
+def sample_seed(*parts: int) -> int:
+    """A 32-bit seed that is a pure function of ``parts`` (e.g. seed, epoch, index)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def select_indices(length: int, span: tuple[int, int] | None, limit: int | None) -> list[int]:
+    """Positions ``[start, stop)`` of a split (all by default), then at most ``limit`` of them."""
+    start, stop = span if span is not None else (0, length)
+    if not 0 <= start < stop <= length:
+        raise ValueError(f"index range [{start}, {stop}) does not fit a split of {length} samples")
+    indices = list(range(start, stop))
+    return indices[:limit] if limit is not None else indices
+
+
+def rescale_transform(scale: tuple[float, float]) -> A.BasicTransform | None:
+    """Random isotropic rescaling by a factor in ``[lo, hi]`` (None when it is the identity)."""
+    lo, hi = scale
+    if not 0 < lo <= hi:
+        raise ValueError(f"data.scale must be 0 < lo <= hi, got {scale}")
+    if lo == hi == 1.0:
+        return None
+    return A.RandomScale(
+        scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR,
+        mask_interpolation=cv2.INTER_NEAREST, area_for_downscale="image", p=1.0,
+    )
+
+
+class TrainSamples(Dataset):
+    """Augmented ``(image CxHxW float, mask HxW long)`` items from ``base.read``.
+
+    Args:
+        base: a segsvc dataset (``read(i) -> (uint8 image, int mask)``).
+        indices: positions of ``base`` to use.
+        transform: an albumentations ``Compose`` (or None for no augmentation).
+        input_spec: normalisation for ``preprocess``.
+        seed: the run's seed; call ``set_epoch`` before each epoch.
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        indices: Sequence[int],
+        transform: A.Compose | None,
+        input_spec: InputSpec,
+        seed: int,
+    ) -> None:
+        self.base = base
+        self.indices = list(indices)
+        self.transform = transform
+        self.input_spec = input_spec
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.indices[i]
+        image, mask = self.base.read(index)
+        if self.transform is not None:
+            self.transform.set_random_seed(sample_seed(self.seed, self.epoch, index))
+            out = self.transform(image=image, mask=np.asarray(mask))
+            image, mask = out["image"], out["mask"]
+        return preprocess(image, self.input_spec), torch.from_numpy(np.asarray(mask, dtype=np.int64))
+
+
+class EvalSamples(Dataset):
+    """Un-augmented items for validation: the image (optionally resized) and the full-size mask.
+
+    With ``scale != 1`` the network sees a resized image; the evaluation loop
+    resizes the logits back, so metrics are always computed on the original labels.
+    """
+
+    def __init__(self, base: Any, indices: Sequence[int], input_spec: InputSpec, scale: float = 1.0) -> None:
+        if scale <= 0:
+            raise ValueError(f"evaluation scale must be positive, got {scale}")
+        self.base = base
+        self.indices = list(indices)
+        self.input_spec = input_spec
+        self.scale = scale
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.base.read(self.indices[i])
+        if self.scale != 1.0:
+            h, w = image.shape[:2]
+            size = (max(1, round(w * self.scale)), max(1, round(h * self.scale)))
+            interp = cv2.INTER_AREA if self.scale < 1 else cv2.INTER_LINEAR
+            image = cv2.resize(image, size, interpolation=interp)
+        return preprocess(image, self.input_spec), torch.from_numpy(np.asarray(mask, dtype=np.int64))
+
+
+def stack_batch(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate equal-size items; a clear error when sizes differ (use batch size 1 then)."""
+    shapes = {tuple(x.shape) for x, _ in items} | set()
+    if len(shapes) > 1 or len({tuple(y.shape) for _, y in items}) > 1:
+        raise ValueError(
+            f"cannot batch images of different sizes {sorted(shapes)}: set a crop "
+            "(data.crop) for training or train.val_batch_size=1 for evaluation"
+        )
+    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])

@@ -1,0 +1,161 @@
+"""Segmentation metrics from one confusion matrix.
+
+Every figure the trainer and ``segsvc eval`` report comes from the same
+``ConfusionMatrix`` (torchvision ``references/segmentation/utils.py``): pixels
+whose target is the ignore index are dropped before counting, and classes that
+never occur in the targets nor the predictions are left out of the means (NaN
+per class) instead of counting as 0 or 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class SegmentationMetrics:
+    """Summary of a confusion matrix; per-class lists hold NaN for absent classes.
+
+    ``pixel_accuracy`` is the global accuracy (correct / counted pixels);
+    ``mean_class_accuracy`` the mean per-class recall; ``miou`` the mean
+    intersection-over-union; ``mean_dice`` the mean per-class F1.
+    """
+
+    pixel_accuracy: float
+    mean_class_accuracy: float
+    miou: float
+    mean_dice: float
+    iou: list[float]
+    class_accuracy: list[float]
+    dice: list[float]
+    pixels: int
+
+    def to_dict(self, class_names: list[str] | None = None) -> dict[str, object]:
+        """JSON-friendly dict; NaN becomes ``None`` and per-class values are keyed by name."""
+        names = class_names or [str(i) for i in range(len(self.iou))]
+
+        def clean(x: float) -> float | None:
+            return None if math.isnan(x) else round(float(x), 6)
+
+        return {
+            "pixel_accuracy": clean(self.pixel_accuracy),
+            "mean_class_accuracy": clean(self.mean_class_accuracy),
+            "miou": clean(self.miou),
+            "mean_dice": clean(self.mean_dice),
+            "per_class_iou": {n: clean(v) for n, v in zip(names, self.iou)},
+            "per_class_accuracy": {n: clean(v) for n, v in zip(names, self.class_accuracy)},
+            "per_class_dice": {n: clean(v) for n, v in zip(names, self.dice)},
+            "pixels": self.pixels,
+        }
+
+
+class ConfusionMatrix:
+    """Accumulates a ``K x K`` confusion matrix (rows: target, columns: prediction).
+
+    Args:
+        num_classes: number of classes ``K``.
+        ignore_index: target value that marks void/padding pixels; they are not counted.
+
+    Example:
+        >>> cm = ConfusionMatrix(2, ignore_index=255)
+        >>> cm.update(torch.tensor([[0, 1, 255]]), torch.tensor([[0, 0, 1]]))
+        >>> cm.mat.tolist()
+        [[1, 0], [1, 0]]
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int | None = 255) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+
+    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        """Count one batch of integer label maps of equal shape."""
+        if target.shape != pred.shape:
+            raise ValueError(f"target shape {tuple(target.shape)} != prediction shape {tuple(pred.shape)}")
+        n = self.num_classes
+        target = target.reshape(-1).to(torch.int64)
+        pred = pred.reshape(-1).to(torch.int64)
+        keep = (target >= 0) & (target < n)
+        if self.ignore_index is not None:
+            keep &= target != self.ignore_index
+        bad = pred[keep]
+        if bad.numel() and (bad.min() < 0 or bad.max() >= n):
+            raise ValueError(f"predictions must lie in [0, {n}), got values up to {int(bad.max())}")
+        counts = torch.bincount(n * target[keep] + pred[keep], minlength=n * n)
+        self.mat += counts.reshape(n, n).to(self.mat.device)
+
+    def reset(self) -> None:
+        self.mat.zero_()
+
+    def all_reduce(self) -> None:
+        """Sum the matrix over all ranks of the default process group (no-op when not distributed)."""
+        if dist.is_available() and dist.is_initialized():
+            backend = dist.get_backend()
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            mat = self.mat.to(device)
+            dist.all_reduce(mat)
+            self.mat = mat.cpu()
+
+    def compute(self) -> SegmentationMetrics:
+        return metrics_from_confusion(self.mat)
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    valid = ~torch.isnan(x)
+    return float(x[valid].mean()) if bool(valid.any()) else float("nan")
+
+
+def metrics_from_confusion(mat: torch.Tensor) -> SegmentationMetrics:
+    """Compute every reported metric from a confusion matrix (rows: target, columns: prediction).
+
+    A class with no target pixels has undefined accuracy (NaN); a class that is
+    neither in the targets nor the predictions has undefined IoU and Dice (NaN).
+    A class predicted but absent from the targets gets IoU 0: those pixels are
+    real mistakes.
+    """
+    m = mat.to(torch.float64)
+    tp = torch.diag(m)
+    target_sum = m.sum(dim=1)
+    pred_sum = m.sum(dim=0)
+    union = target_sum + pred_sum - tp
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    total = m.sum()
+    class_acc = torch.where(target_sum > 0, tp / target_sum.clamp(min=1), nan)
+    iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
+    denom = target_sum + pred_sum
+    dice = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), nan)
+    return SegmentationMetrics(
+        pixel_accuracy=float(tp.sum() / total) if total > 0 else float("nan"),
+        mean_class_accuracy=_nanmean(class_acc),
+        miou=_nanmean(iou),
+        mean_dice=_nanmean(dice),
+        iou=iou.tolist(),
+        class_accuracy=class_acc.tolist(),
+        dice=dice.tolist(),
+        pixels=int(total),
+    )
+
+
+def format_table(metrics: SegmentationMetrics, class_names: list[str]) -> str:
+    """A plain-text table: one row per class, then the summary figures."""
+
+    def pct(x: float) -> str:
+        return "   -  " if math.isnan(x) else f"{100 * x:6.2f}"
+
+    width = max([len("class")] + [len(n) for n in class_names])
+    lines = [f"{'class':<{width}}    IoU    Acc   Dice"]
+    for name, iou, acc, dice in zip(class_names, metrics.iou, metrics.class_accuracy, metrics.dice):
+        lines.append(f"{name:<{width}} {pct(iou)} {pct(acc)} {pct(dice)}")
+    lines.append("-" * len(lines[0]))
+    lines.append(f"{'global pixel accuracy':<28} {pct(metrics.pixel_accuracy)}")
+    lines.append(f"{'mean class accuracy':<28} {pct(metrics.mean_class_accuracy)}")
+    lines.append(f"{'mIoU':<28} {pct(metrics.miou)}")
+    lines.append(f"{'mean Dice':<28} {pct(metrics.mean_dice)}")
+    lines.append(f"{'pixels counted':<28} {metrics.pixels}")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Pictures of a run: the training curve and the evaluation report (matplotlib, Agg backend).
+
+Rendering happens after the numbers are saved, so a plotting problem can never
+lose a metric.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_training_curve(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Train loss (left) and validation mIoU / pixel accuracy (right) against epochs."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], marker="o", ms=3, label="train loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    val = [h for h in history if h.get("val_miou") is not None]
+    if val:
+        ax_val.plot([h["epoch"] for h in val], [h["val_miou"] for h in val], marker="o", ms=3, label="val mIoU")
+        ax_val.plot(
+            [h["epoch"] for h in val], [h["val_pixel_accuracy"] for h in val], marker="s", ms=3, label="val pixel acc"
+        )
+        ax_val.set_ylim(0, 1)
+        ax_val.legend()
+    ax_val.set_xlabel("epoch")
+    ax_val.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int | None) -> np.ndarray:
+    """An RGB picture of a label map; ignored pixels are black."""
+    lut = np.zeros((max(256, len(palette)), 3), dtype=np.uint8)
+    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    safe = np.where((labels >= 0) & (labels < len(lut)), labels, 0)
+    rgb = lut[safe]
+    if ignore_index is not None:
+        rgb[labels == ignore_index] = 0
+    return rgb
+
+
+def overlay(image: np.ndarray, labels_rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a colourised label map over an RGB (or grey) image."""
+    rgb = np.repeat(image, 3, axis=2) if image.ndim == 3 and image.shape[2] == 1 else image
+    rgb = np.stack([rgb] * 3, axis=-1) if rgb.ndim == 2 else rgb
+    return (rgb.astype(np.float32) * (1 - alpha) + labels_rgb.astype(np.float32) * alpha).astype(np.uint8)
+
+
+def plot_eval_report(
+    path: Path,
+    *,
+    title: str,
+    class_names: Sequence[str],
+    iou: Sequence[float],
+    samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    palette: Sequence[Sequence[int]],
+    ignore_index: int | None,
+) -> Path:
+    """Per-class IoU bars on top, then one row per sample: image | ground truth | prediction overlay."""
+    rows = 1 + len(samples)
+    fig = plt.figure(figsize=(12, 3.2 * rows))
+    grid = fig.add_gridspec(rows, 3)
+    ax = fig.add_subplot(grid[0, :])
+    values = [0.0 if math.isnan(v) else v for v in iou]
+    colors = [np.asarray(c) / 255.0 for c in palette]
+    bars = ax.bar(range(len(values)), values, color=colors, edgecolor="black")
+    for bar, v in zip(bars, iou):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01,
+                "n/a" if math.isnan(v) else f"{100 * v:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(range(len(values)), list(class_names), rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("IoU")
+    ax.set_title(title)
+    for r, (image, target, pred) in enumerate(samples, start=1):
+        shown = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        cmap = "gray" if shown.ndim == 2 else None
+        panels = [
+            (shown, "image"),
+            (overlay(image, colorize(target, palette, ignore_index)), "ground truth"),
+            (overlay(image, colorize(pred, palette, None)), "prediction"),
+        ]
+        for c, (picture, name) in enumerate(panels):
+            a = fig.add_subplot(grid[r, c])
+            a.imshow(picture, cmap=cmap)
+            a.set_title(name, fontsize=9)
+            a.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
