@@ -133,33 +133,47 @@ def _read_palette_indices(path: Path, data: bytes) -> np.ndarray:
         raise DatasetError(f"{path}: cannot decode palette PNG ({exc})") from None
 
 
-def read_label_file(path: str | Path) -> np.ndarray:
+MASK_ENCODINGS = ("auto", "ids", "rgb")
+
+
+def read_label_file(path: str | Path, encoding: str = "auto") -> np.ndarray:
     """Read a mask file as stored: ``H x W`` ids (uint8/uint16) or ``H x W x 3`` RGB colours.
 
-    Palette-index PNGs return their indices. A colour file whose three channels
-    are equal (a grey id map saved as RGB) returns one channel. Readers that
-    know the dataset's palette map RGB colours with ``colors_to_ids``.
+    Palette-index PNGs return their indices. Readers that know the dataset's
+    palette map RGB colours with ``colors_to_ids``.
+
+    Args:
+        encoding: ``"auto"`` treats a colour file whose three channels are equal
+            as a grey id map saved as RGB; ``"rgb"`` keeps every colour file as
+            colours (for palettes with grey colours, such as CamVid's Sky);
+            ``"ids"`` insists on single-channel ids.
 
     Raises:
         NotFound: the file does not exist.
-        DatasetError: the file is empty, truncated or not an image.
+        DatasetError: the file is empty, truncated, not an image, or not in ``encoding``.
     """
+    if encoding not in MASK_ENCODINGS:
+        raise DatasetError(f"mask encoding must be one of {MASK_ENCODINGS}, got {encoding!r}")
     path = Path(path)
     try:
         data = read_bytes(path)
     except InvalidImage as exc:
         raise DatasetError(str(exc)) from None
-    if _is_palette_png(data) and truncation_problem(data) is None:
+    if encoding != "rgb" and _is_palette_png(data) and truncation_problem(data) is None:
         return _read_palette_indices(path, data)
     raw = _decode(path, data, cv2.IMREAD_UNCHANGED, DatasetError)
     if raw.ndim == 3 and raw.shape[2] == 4:
         raw = raw[:, :, :3]
-    if raw.ndim == 3 and raw.shape[2] == 3:
-        if np.array_equal(raw[:, :, 0], raw[:, :, 1]) and np.array_equal(raw[:, :, 0], raw[:, :, 2]):
-            return raw[:, :, 0].copy()
+    if raw.ndim == 3 and raw.shape[2] == 1:
+        raw = raw[:, :, 0]
+    grey = raw.ndim == 2 or (np.array_equal(raw[..., 0], raw[..., 1]) and np.array_equal(raw[..., 0], raw[..., 2]))
+    if encoding == "rgb":
+        return cv2.cvtColor(raw, cv2.COLOR_GRAY2RGB if raw.ndim == 2 else cv2.COLOR_BGR2RGB)
+    if raw.ndim == 3 and not grey:
+        if encoding == "ids":
+            raise DatasetError(f"{path}: mask is a colour image but the dataset's masks are single-channel ids")
         return cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
-    if raw.ndim == 3:
-        return raw[:, :, 0].copy()
+    raw = raw[:, :, 0].copy() if raw.ndim == 3 else raw
     if raw.dtype not in (np.uint8, np.uint16):
         raise DatasetError(f"{path}: mask pixels must be 8- or 16-bit integers, got {raw.dtype}")
     return raw

@@ -167,8 +167,8 @@ def index_split(spec: DatasetSpec, name: str, folders: FolderCache | None = None
             samples.append(sample)
     for folder in (images, masks):
         for stem, paths in (folder.ambiguous if folder else {}).items():
-            names = ", ".join(p.name for p in paths)
-            problems.append(Problem(Fault.LAYOUT, folder.path, f"stem {stem!r} matches several files ({names})"))
+            others = ", ".join(p.name for p in paths[1:])
+            problems.append(Problem(Fault.LAYOUT, paths[0], f"sample {stem!r} also has {others}; which is meant?"))
     return SplitIndex(name, split.labelled, tuple(samples), tuple(problems))
 
 

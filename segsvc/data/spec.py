@@ -23,7 +23,10 @@ YAML schema (every key but ``format`` and ``root`` is optional)::
       train: {images: train, masks: trainannot, list: train.txt}
       val: {images: images, masks: masks, ids: [a, b, c]}
       test: {images: test, masks: null}      # masks: null = unlabelled split
-    options: {}               # format-specific (folder: mask_suffix; synthetic: size, shapes...)
+    options: {}               # mask_encoding: auto | ids | rgb (colour masks; see io.read_label_file);
+                              # mask_suffix (masks named <stem><suffix>.png);
+                              # images_without_masks: allowed (VOC); synthetic: size [h, w],
+                              # min_shapes, max_shapes, pixel_noise, shape_texture
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any, Mapping
 import yaml
 
 from segsvc.config import InputSpec
+from segsvc.data.io import MASK_ENCODINGS
 from segsvc.errors import DatasetError, NotFound
 
 FORMATS = ("folder", "camvid", "membrane", "voc", "synthetic")
@@ -212,17 +216,19 @@ class DatasetSpec:
             raise DatasetError(f"{where}: palette has {len(palette)} colours for {len(self.class_names)} classes")
         ignore = self.ignore_index
         if ignore is not None and (not isinstance(ignore, int) or ignore < len(self.class_names)):
-            raise DatasetError(f"{where}: ignore_index must be a non-negative int outside the class ids, got {ignore!r}")
+            raise DatasetError(f"{where}: ignore_index must be an int outside the class ids, got {ignore!r}")
         valid_targets = set(range(len(self.class_names))) | ({ignore} if ignore is not None else set())
         for raw, target in self.label_map.items():
             if not isinstance(raw, int) or not isinstance(target, int) or raw < 0:
                 raise DatasetError(f"{where}: label_map entries must be int: int, got {raw!r}: {target!r}")
             if self.class_names and target not in valid_targets:
-                raise DatasetError(f"{where}: label_map sends {raw} to {target}, which is neither a class nor ignore_index")
+                raise DatasetError(f"{where}: label_map sends {raw} to {target}: neither a class nor ignore_index")
         if self.unknown_labels not in UNKNOWN_LABEL_POLICIES:
             raise DatasetError(f"{where}: unknown_labels must be 'error' or 'ignore', got {self.unknown_labels!r}")
         if not self.splits:
             raise DatasetError(f"{where}: the dataset defines no splits")
+        if self.options.get("mask_encoding", "auto") not in MASK_ENCODINGS:
+            raise DatasetError(f"{where}: options.mask_encoding must be one of {', '.join(MASK_ENCODINGS)}")
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "palette", tuple(tuple(c) for c in palette))
         object.__setattr__(self, "label_map", MappingProxyType(dict(self.label_map)))
@@ -232,6 +238,11 @@ class DatasetSpec:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def mask_encoding(self) -> str:
+        """How mask files store labels: ``auto``, ``ids`` or ``rgb`` (see ``io.read_label_file``)."""
+        return str(self.options.get("mask_encoding", "auto"))
 
     def input_spec(self) -> InputSpec:
         """Normalisation for ``preprocess``: the YAML's mean/std or the channel default."""

@@ -1,17 +1,28 @@
-"""Image preprocessing shared by training, evaluation and serving.
+"""Image preprocessing shared by training, evaluation and serving, and training augmentation.
 
 ``preprocess`` is the one evaluation/inference preprocessing function: the
 evaluation loop, the predictor and the gRPC server all call it, so a model sees
-exactly the same input at serving time as when it was measured.
+exactly the same input at serving time as when it was measured. Evaluation
+applies no augmentation, only ``preprocess``.
+
+``train_transform`` builds the named augmentation presets (albumentations 2.x):
+image and mask go through the same geometric transform, masks are resampled
+with nearest-neighbour interpolation (labels are never blended) and padding of
+the mask is filled with the ignore index, so padded pixels count in neither
+loss nor metrics.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+import albumentations as A
+import cv2
 import numpy as np
 import torch
 
 from segsvc.config import InputSpec
-from segsvc.errors import InvalidImage
+from segsvc.errors import InvalidArgument, InvalidImage
 
 
 def as_hwc(image: np.ndarray, channels: int) -> np.ndarray:
@@ -48,3 +59,113 @@ def preprocess(image: np.ndarray, spec: InputSpec) -> torch.Tensor:
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
     return x.sub_(mean).div_(std)
+
+
+# -- training augmentation presets ---------------------------------------------------------
+def _pad_and_crop(crop_hw: tuple[int, int] | None, ignore_index: int) -> list[A.BasicTransform]:
+    """Pad to at least the crop (mask padding = ignore), then take a random crop."""
+    if crop_hw is None:
+        return []
+    h, w = crop_hw
+    return [
+        A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index),
+        A.RandomCrop(height=h, width=w),
+    ]
+
+
+def _street(crop_hw: tuple[int, int] | None, ignore_index: int) -> list[A.BasicTransform]:
+    """Street scenes (CamVid): scale jitter 0.5-2x, pad + random crop, horizontal flip, colour jitter."""
+    if crop_hw is None:
+        raise InvalidArgument("the 'street' preset changes the image size: give crop_hw=(height, width)")
+    return [
+        A.RandomScale(scale_limit=(-0.5, 1.0), interpolation=cv2.INTER_LINEAR,
+                      mask_interpolation=cv2.INTER_NEAREST, p=1.0),
+        *_pad_and_crop(crop_hw, ignore_index),
+        A.HorizontalFlip(p=0.5),
+        A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=0.8),
+    ]  # fmt: skip
+
+
+def _em(crop_hw: tuple[int, int] | None, ignore_index: int) -> list[A.BasicTransform]:
+    """Electron microscopy (ISBI): no preferred orientation, so flips and 90-degree turns;
+    elastic deformation as in the U-Net paper; brightness/contrast for section-to-section variation.
+
+    The crop comes last: a 90-degree turn swaps height and width, and padding
+    added after the deformation stays exactly the ignore index.
+    """
+    return [
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomRotate90(p=1.0),
+        # about 2 px mean displacement, local stretch at most ~2x (no folds);
+        # reflection at the border keeps image and mask aligned
+        A.ElasticTransform(alpha=300, sigma=10, interpolation=cv2.INTER_LINEAR,
+                           mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.8),
+        *_pad_and_crop(crop_hw, ignore_index),
+    ]  # fmt: skip
+
+
+def _synthetic(crop_hw: tuple[int, int] | None, ignore_index: int) -> list[A.BasicTransform]:
+    """The synthetic shapes: flips plus light colour jitter (the generator already varies a lot)."""
+    return [
+        *_pad_and_crop(crop_hw, ignore_index),
+        A.HorizontalFlip(p=0.5),
+        A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.02, p=0.5),
+    ]
+
+
+def _none(crop_hw: tuple[int, int] | None, ignore_index: int) -> list[A.BasicTransform]:
+    """No augmentation; with ``crop_hw``, only pad + random crop so mixed sizes can be batched."""
+    return _pad_and_crop(crop_hw, ignore_index)
+
+
+PRESETS: dict[str, Callable[[tuple[int, int] | None, int], list[A.BasicTransform]]] = {
+    "street": _street,
+    "em": _em,
+    "synthetic": _synthetic,
+    "none": _none,
+}
+
+
+def train_transform(
+    preset: str,
+    crop_hw: tuple[int, int] | None = None,
+    ignore_index: int | None = 255,
+    seed: int | None = None,
+    *,
+    crop: tuple[int, int] | None = None,
+) -> A.Compose:
+    """The named training augmentation, applied as ``t(image=uint8, mask=labels)``.
+
+    Args:
+        preset: one of ``PRESETS`` (``street``, ``em``, ``synthetic``, ``none``).
+        crop_hw: training crop (height, width); required by ``street``. Smaller
+            images are padded first, the mask with ``ignore_index``.
+        ignore_index: the mask value of padded pixels (required when cropping).
+        seed: fixes the augmentation stream (``None``: fresh entropy). The
+            datasets reseed it per DataLoader worker, so workers do not repeat
+            each other.
+        crop: the same as ``crop_hw`` (the name the internal contract uses).
+
+    Example:
+        >>> t = train_transform("street", crop_hw=(64, 64), seed=0)
+        >>> out = t(image=np.zeros((40, 50, 3), np.uint8), mask=np.zeros((40, 50), np.uint8))
+        >>> out["image"].shape, out["mask"].shape
+        ((64, 64, 3), (64, 64))
+    """
+    try:
+        build = PRESETS[preset]
+    except KeyError:
+        raise InvalidArgument(f"unknown augmentation preset {preset!r}; valid: {', '.join(PRESETS)}") from None
+    if crop is not None and crop_hw is not None and tuple(crop) != tuple(crop_hw):
+        raise InvalidArgument(f"give the crop once: crop_hw={crop_hw!r} and crop={crop!r} differ")
+    crop_hw = crop_hw if crop_hw is not None else crop
+    if crop_hw is not None and (len(crop_hw) != 2 or min(crop_hw) < 1):
+        raise InvalidArgument(f"crop_hw must be (height, width) with positive sizes, got {crop_hw!r}")
+    if crop_hw is not None and ignore_index is None:
+        raise InvalidArgument("cropping pads masks with the ignore index, but the dataset has none")
+    if ignore_index is not None and not 0 <= ignore_index <= 65535:
+        raise InvalidArgument(f"ignore_index must fit a mask pixel (0..65535), got {ignore_index}")
+    size = (int(crop_hw[0]), int(crop_hw[1])) if crop_hw is not None else None
+    return A.Compose(build(size, ignore_index if ignore_index is not None else 0), seed=seed)

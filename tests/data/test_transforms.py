@@ -1,0 +1,133 @@
+"""Augmentation presets: image and mask stay aligned, masks are never blended, padding is ignored."""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+
+from segsvc.data.transforms import PRESETS, train_transform
+from segsvc.errors import InvalidArgument
+
+COLOURS = np.array([[230, 30, 30], [30, 230, 30], [30, 30, 230]], np.uint8)
+
+
+def block_labels(seed: int, h: int = 64, w: int = 80, block: int = 8) -> np.ndarray:
+    """Random 3-class labels in 8x8 blocks: asymmetric, so a flip or turn of one side only shows."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 3, (h // block, w // block), dtype=np.uint8)
+    return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_NEAREST)
+
+
+def assert_aligned(image: np.ndarray, mask: np.ndarray) -> None:
+    """Every mask region is one flat colour, distinct per label.
+
+    Regions are first shrunk by 3 px (also from the image edge): linear
+    interpolation blends the image across a boundary, and an elastic
+    deformation may stretch that blend over a couple of pixels.
+    """
+    colours = {}
+    kernel = np.ones((7, 7), np.uint8)
+    for label in np.unique(mask):
+        region = (mask == label).astype(np.uint8)
+        inner = cv2.erode(region, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+        if inner.sum() < 10:
+            continue
+        pixels = image[inner].reshape(-1, image.shape[2] if image.ndim == 3 else 1).astype(int)
+        spread = pixels.max(axis=0) - pixels.min(axis=0)
+        assert spread.max() <= 3, f"label {label} covers several image colours: misaligned"
+        colours[int(label)] = tuple(np.median(pixels, axis=0))
+    assert len(set(colours.values())) == len(colours), "two labels map to one colour: misaligned"
+
+
+@pytest.mark.parametrize("preset", ["street", "em", "synthetic", "none"])
+def test_presets_keep_image_and_mask_aligned(preset: str) -> None:
+    transform = train_transform(preset, crop_hw=(48, 64), ignore_index=255, seed=0)
+    for seed in range(8):
+        labels = block_labels(seed)
+        out = transform(image=COLOURS[labels], mask=labels)
+        assert out["image"].shape == (48, 64, 3) and out["mask"].shape == (48, 64)
+        assert out["image"].dtype == np.uint8 and out["mask"].dtype == np.uint8
+        assert_aligned(out["image"], out["mask"])
+
+
+def test_em_preset_on_grey_images() -> None:
+    transform = train_transform("em", crop_hw=(64, 64), seed=1)
+    for seed in range(4):
+        labels = block_labels(seed, 64, 64)
+        grey = np.array([40, 130, 220], np.uint8)[labels]
+        out = transform(image=grey, mask=labels)
+        assert out["image"].shape == (64, 64)
+        assert_aligned(out["image"][:, :, None], out["mask"])
+
+
+@pytest.mark.parametrize("preset", ["street", "em", "synthetic", "none"])
+def test_masks_use_nearest_interpolation(preset: str) -> None:
+    """Labels 0/100/200 never produce in-between values such as 50 or 150."""
+    transform = train_transform(preset, crop_hw=(48, 64), seed=2)
+    for seed in range(6):
+        labels = block_labels(seed) * 100
+        out = transform(image=COLOURS[labels // 100], mask=labels)
+        assert set(np.unique(out["mask"]).tolist()) <= {0, 100, 200, 255}
+
+
+@pytest.mark.parametrize("preset", ["em", "synthetic", "none"])
+def test_padding_is_ignore_index_exactly(preset: str) -> None:
+    transform = train_transform(preset, crop_hw=(64, 64), ignore_index=254, seed=3)
+    out = transform(image=np.zeros((20, 30, 3), np.uint8), mask=np.zeros((20, 30), np.uint8))
+    assert int((out["mask"] == 254).sum()) == 64 * 64 - 20 * 30
+
+
+def test_street_pads_small_images_with_ignore() -> None:
+    transform = train_transform("street", crop_hw=(128, 128), ignore_index=255, seed=4)
+    out = transform(image=np.zeros((30, 40, 3), np.uint8), mask=np.ones((30, 40), np.uint8))
+    # even at the top scale (2x) a 30x40 image cannot fill the 128x128 crop
+    assert 0 < int((out["mask"] == 1).sum()) <= 60 * 80 + 2 * (60 + 80)
+    assert set(np.unique(out["mask"]).tolist()) == {1, 255}
+
+
+def test_street_scale_jitter_spans_half_to_double() -> None:
+    street = train_transform("street", crop_hw=(8, 8), seed=0)
+    scale = A.Compose([t for t in street.transforms if isinstance(t, A.RandomScale)], seed=0)
+    heights = [scale(image=np.zeros((100, 100), np.uint8))["image"].shape[0] for _ in range(40)]
+    assert 50 <= min(heights) < 70 and 170 < max(heights) <= 200
+
+
+def test_seed_makes_the_stream_reproducible() -> None:
+    labels = block_labels(5)
+    a = train_transform("street", crop_hw=(48, 64), seed=7)(image=COLOURS[labels], mask=labels)
+    b = train_transform("street", crop_hw=(48, 64), seed=7)(image=COLOURS[labels], mask=labels)
+    assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["mask"], b["mask"])
+
+
+def test_bad_arguments_are_explained() -> None:
+    with pytest.raises(InvalidArgument, match="valid: street, em, synthetic, none"):
+        train_transform("city")
+    with pytest.raises(InvalidArgument, match="give crop_hw"):
+        train_transform("street")
+    with pytest.raises(InvalidArgument, match="crop_hw must be"):
+        train_transform("em", crop_hw=(0, 10))
+    with pytest.raises(InvalidArgument, match="has none"):
+        train_transform("em", crop_hw=(10, 10), ignore_index=None)
+    with pytest.raises(InvalidArgument, match="differ"):
+        train_transform("em", crop_hw=(10, 10), crop=(12, 12))
+
+
+def test_contract_name_crop_is_accepted() -> None:
+    out = train_transform("none", crop=(16, 16))(image=np.zeros((8, 8, 3), np.uint8), mask=np.zeros((8, 8), np.uint8))
+    assert out["mask"].shape == (16, 16)
+
+
+def test_without_crop_sizes_are_kept() -> None:
+    assert set(PRESETS) == {"street", "em", "synthetic", "none"}
+    out = train_transform("synthetic", seed=0)(image=COLOURS[block_labels(0)], mask=block_labels(0))
+    assert out["image"].shape == (64, 80, 3)
+
+
+def test_alignment_check_catches_a_one_sided_transform() -> None:
+    """The check above is not vacuous: flipping or shifting only the image fails it."""
+    labels = block_labels(0)
+    for moved in (COLOURS[labels][:, ::-1], np.roll(COLOURS[labels], 4, axis=1)):
+        with pytest.raises(AssertionError, match="misaligned"):
+            assert_aligned(moved, labels)
