@@ -64,7 +64,279 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     ps.set_defaults(func=_models_show)
 
 
-_ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models]
+# -- train / eval: the training package, imported only when these commands run -----
+def _train(args: argparse.Namespace) -> int:
+    from training.train import run
+
+    return run(args)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    # the same flags as `python -m training` (training/train.py::get_args_parser)
+    p = sub.add_parser("train", help="train a model from a recipe and publish it to a model repository")
+    p.add_argument("--config", required=True, help="recipe YAML, e.g. training/recipes/synthetic-quick.yaml")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe value by its dotted key (repeatable), e.g. --set train.epochs=3",
+    )
+    p.add_argument("--profile", default=None, help="apply a named profile of the recipe first, e.g. gpu")
+    p.add_argument("--resume", default=None, help="a run directory or checkpoint file to continue exactly")
+    p.set_defaults(func=_train)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from training.evaluate import run
+
+    return run(args)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model artifact on a labelled dataset split")
+    p.add_argument("--model", required=True,
+                   help="a model version directory <repo>/<name>/<version> (or <repo>/<name> for the latest)")
+    p.add_argument("--data", required=True, help="dataset spec: built-in name (camvid, membrane, synthetic) or YAML")
+    p.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/eval/<model>-v<version>-<split>)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="resize images by this factor for inference; metrics still use the full-size labels")
+    p.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="sliding-window inference with tiles of H x W pixels")
+    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction (default 0.25)")
+    p.add_argument("--hflip", action="store_true", help="horizontal-flip test-time augmentation")
+    p.add_argument("--indices", type=int, nargs=2, metavar=("START", "STOP"), default=None,
+                   help="evaluate only samples START..STOP-1 of the split")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most this many samples")
+    p.add_argument("--samples", type=int, default=3, help="sample rows in the report picture (default 3)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_eval)
+
+
+# -- data: check a dataset, generate the synthetic one ----------------------------
+def _parse_hw(text: str) -> tuple[int, int]:
+    """``96x128`` (height x width) or ``96`` (square)."""
+    parts = text.lower().split("x")
+    try:
+        hw = tuple(int(p) for p in parts)
+    except ValueError:
+        hw = ()
+    if len(hw) == 1:
+        hw = (hw[0], hw[0])
+    if len(hw) != 2 or min(hw) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 96x96, got {text!r}")
+    return hw[0], hw[1]
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from segsvc.data.check import check_dataset
+    from segsvc.data.spec import load_dataset_spec
+
+    spec = load_dataset_spec(args.path, num_classes=args.num_classes)
+
+    def bar(items, total):  # type: ignore[no-untyped-def]
+        return tqdm(items, total=total, desc=f"checking {spec.name}", unit="sample", disable=not args.progress)
+
+    report = check_dataset(spec, progress=bar)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from segsvc.data.synthetic import SyntheticConfig, write_synthetic_dataset
+
+    config = SyntheticConfig(size_hw=args.size)
+    yaml_path = write_synthetic_dataset(
+        args.out_dir, args.count, config, seed=args.seed, val_fraction=args.val_fraction,
+        progress=lambda r: tqdm(r, desc="writing", unit="sample", disable=not args.progress),
+    )  # fmt: skip
+    print(f"wrote {args.count} samples ({config.size_hw[0]}x{config.size_hw[1]}) to {args.out_dir}")
+    print(f"dataset description: {yaml_path}")
+    return 0
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="check a dataset or generate the synthetic one")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    pc = dsub.add_parser("check", help="list every problem of a dataset; exit 1 if there is any")
+    pc.add_argument("path", help="dataset YAML, built-in name (camvid, membrane, voc, synthetic) or a folder "
+                                 "with images/ and masks/ (and optionally dataset.yaml)")  # fmt: skip
+    pc.add_argument("--num-classes", type=int, default=None,
+                    help="for a folder without dataset.yaml: check labels against 0..N-1")  # fmt: skip
+    pc.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    pc.set_defaults(func=_data_check)
+    ps = dsub.add_parser("synth", help="write a synthetic shapes dataset (folder layout + dataset.yaml)")
+    ps.add_argument("out_dir", help="new (or empty) output folder")
+    ps.add_argument("--count", type=int, default=200, help="number of samples (default 200)")
+    ps.add_argument("--size", type=_parse_hw, default=(96, 96), help="HEIGHTxWIDTH (default 96x96)")
+    ps.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    ps.add_argument("--val-fraction", type=float, default=0.2, help="share of samples in val (default 0.2)")
+    ps.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    ps.set_defaults(func=_data_synth)
+
+
+# -- serve / segment: the gRPC server and its client ---------------------------------
+def _read_token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --token-file, else the SEGSVC_AUTH_TOKEN environment variable."""
+    import os
+    from pathlib import Path
+
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise SegsvcError(f"cannot read the token file: {exc}") from None
+        if not token:
+            raise SegsvcError(f"token file {args.token_file} is empty")
+        return token
+    return os.environ.get("SEGSVC_AUTH_TOKEN") or None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from segsvc.inference.batcher import BatchingConfig
+    from segsvc.inference.engine import EngineConfig
+    from segsvc.inference.manager import ManagerConfig
+    from segsvc.server.app import run
+    from segsvc.server.config import MIB, LimitsConfig, ServerConfig, TLSConfig
+    from segsvc.server.logs import configure_logging
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SegsvcError("TLS needs both --tls-cert and --tls-key")
+    configure_logging(args.log_level, json_lines=args.log_format == "json")
+    config = ServerConfig(
+        model_repo=args.model_repo,
+        host=args.host,
+        port=args.port,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        manager=ManagerConfig(
+            engine=EngineConfig(device=args.device, precision=args.precision, warmup=args.warmup),
+            batching=BatchingConfig(
+                max_batch_size=1 if args.no_batching else args.max_batch_size,
+                max_delay_s=args.max_delay_ms / 1e3,
+                max_queue_size=args.max_queue,
+            ),
+            poll_interval_s=args.poll_interval_s,
+            models=tuple(args.models or ()),
+        ),
+        limits=LimitsConfig(
+            max_message_bytes=int(args.max_message_mb * MIB),
+            max_pixels=args.max_pixels,
+            max_stream_in_flight=args.max_stream_in_flight,
+        ),
+        auth_token=_read_token(args),
+        tls=TLSConfig(args.tls_cert, args.tls_key) if args.tls_cert else None,
+        grace_s=args.grace_s,
+        io_threads=args.io_threads,
+        torch_threads=args.torch_threads,
+    )
+    run(config)
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model repository over gRPC (Segment, SegmentStream, models, health)")
+    p.add_argument("--model-repo", required=True, help="repository root: <root>/<model>/<version>/")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port; -1 disables (default 9090)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast dtype on CUDA (auto: bf16 where supported, else fp16; CPU runs fp32)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up pass at load")
+    p.add_argument("--models", nargs="+", default=None, metavar="NAME", help="serve only these models")
+    p.add_argument("--max-batch-size", type=int, default=8, help="images per batch (default 8)")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting per model version before RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--no-batching", action="store_true", help="one image per forward pass")
+    p.add_argument("--poll-interval-s", type=float, default=5.0,
+                   help="seconds between repository scans for new versions; 0 disables (default 5)")
+    p.add_argument("--max-message-mb", type=float, default=64, help="largest gRPC message each way (default 64)")
+    p.add_argument("--max-pixels", type=int, default=64_000_000,
+                   help="largest image in pixels, checked from the header before decoding (default 64 MP)")
+    p.add_argument("--max-stream-in-flight", type=int, default=32,
+                   help="images of one SegmentStream processed at once (default 32)")
+    p.add_argument("--grace-s", type=float, default=25.0,
+                   help="on SIGTERM, seconds for requests in flight (default 25; below k8s' 30)")
+    p.add_argument("--token-file", default=None,
+                   help="require 'authorization: Bearer <token>' (token read from this file, else from "
+                        "$SEGSVC_AUTH_TOKEN); health checks stay open")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
+    p.add_argument("--tls-key", default=None, help="PEM private key")
+    p.add_argument("--io-threads", type=int, default=0, help="decode/encode threads (default: one per CPU)")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (default: one per CPU)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+    p.add_argument("--log-format", default="json", choices=("json", "text"), help="log lines (default json)")
+    p.set_defaults(func=_serve)
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from segsvc.client import SegmentationClient, image_files
+    from segsvc.inference.codec import encode_png
+    from segsvc.inference.repository import parse_model_ref
+
+    model, version = parse_model_ref(args.model) if args.model else (None, None)
+    files = image_files(args.inputs)
+    if not files:
+        raise SegsvcError(f"no images found in {args.inputs}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    root_certs = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    with SegmentationClient(args.server, token=_read_token(args), root_certificates=root_certs,
+                            tls=args.tls, timeout_s=args.timeout_s) as client:
+        results = client.segment_many(
+            files, model=model, version=version, tile_size=args.tile_size, flip_tta=args.flip_tta,
+            progress=args.progress, return_exceptions=True,
+        )
+    failed = 0
+    used: set[str] = set()
+    for path, result in zip(files, results):
+        stem = path.stem
+        while stem in used:
+            stem += "_"
+        used.add(stem)
+        if isinstance(result, Exception):
+            failed += 1
+            print(f"{path}: error: {result}", file=sys.stderr)
+            continue
+        (out / f"{stem}_mask.png").write_bytes(encode_png(result.mask))
+        (out / f"{stem}_color.png").write_bytes(encode_png(result.colorize()))
+        if args.overlay:
+            (out / f"{stem}_overlay.png").write_bytes(encode_png(result.overlay(path, args.alpha)))
+        present = [result.class_names[c] for c in sorted(set(result.mask.flat)) if c < len(result.class_names)]
+        print(f"{path} -> {out / (stem + '_mask.png')} ({result.model}:{result.version}; "
+              f"{result.timings.total_ms:.0f} ms; classes: {', '.join(present)})")
+    print(f"segmented {len(files) - failed}/{len(files)} images into {out}")
+    return 1 if failed else 0
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("segment", help="segment images through a running server; writes PNG masks (+ overlays)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    p.add_argument("--server", default="localhost:50051", help="HOST:PORT (default localhost:50051)")
+    p.add_argument("--out", required=True, help="output folder for <name>_mask.png, _color.png, _overlay.png")
+    p.add_argument("--overlay", action="store_true", help="also write the colours blended over the image")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+    p.add_argument("--model", default=None, help="NAME or NAME:VERSION (default: the server's only model)")
+    p.add_argument("--tile-size", type=int, default=0, help="sliding-window tile side in pixels (default off)")
+    p.add_argument("--flip-tta", action="store_true", help="horizontal-flip test-time augmentation")
+    p.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the whole run (default 300)")
+    p.add_argument("--token-file", default=None, help="bearer token file (else $SEGSVC_AUTH_TOKEN)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    p.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_segment)
+
+
+_ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_models, _add_train, _add_eval, _add_data, _add_serve, _add_segment,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -221,7 +221,7 @@ def raw_image(data: bytes, shape: Sequence[int], max_pixels: int = DEFAULT_MAX_P
         raise InvalidImage(
             f"raw image data has {len(data)} bytes but shape {list(shape)} needs {expected} (uint8, row-major)"
         )
-    image = np.frombuffer(data, dtype=np.uint8).reshape(shape)
+    image = np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()  # writable, owns its memory
     if image.ndim == 3 and shape[2] == 1:
         image = image[:, :, 0]
     elif image.ndim == 3 and shape[2] == 4:

@@ -1,0 +1,339 @@
+"""Python client of the segsvc gRPC server.
+
+``SegmentationClient.segment`` sends one image (a path, encoded bytes or a
+uint8 array) and returns a ``LabelMap``; ``segment_many`` sends many over one
+``SegmentStream`` with a progress bar and returns the results in input order.
+Failures come back as the server's domain errors (``InvalidImage``,
+``ImageTooLarge``, ``UnknownModel``, ``Overloaded``, ...), not as ``RpcError``.
+
+Example:
+    >>> with SegmentationClient("localhost:50051") as client:  # doctest: +SKIP
+    ...     result = client.segment("street.png", model="camvid-unet")
+    ...     cv2.imwrite("mask.png", result.mask)
+    ...     rgb = result.overlay("street.png")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence, Union
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from segsvc.errors import InvalidArgument, InvalidImage, SegsvcError, Unavailable
+from segsvc.inference.codec import colorize, decode_image, overlay
+from segsvc.server.convert import labels_from_proto
+from segsvc.server.errors import ERROR_KIND_KEY, error_from_status
+from segsvc.v1 import segmentation_pb2 as pb
+from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
+
+ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
+
+ENCODINGS = {"raw": pb.OUTPUT_ENCODING_UNSPECIFIED, "png": pb.OUTPUT_ENCODING_PNG}
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Server-side timings of one request, in milliseconds."""
+
+    queue_ms: float
+    inference_ms: float
+    total_ms: float
+    batch_size: int
+
+
+@dataclass(frozen=True, eq=False)
+class LabelMap:
+    """The segmentation of one image.
+
+    Attributes:
+        mask: ``H x W`` class ids (uint8, or uint16 for more than 256 classes).
+        class_names: names indexed by class id.
+        palette: ``K x 3`` uint8 RGB colours indexed by class id.
+        model, version: what produced it.
+        request_id: the request's id.
+        timings: where the server spent the time.
+        confidence: ``H x W`` uint8 max-softmax (round(255 p)) when asked for.
+        class_counts: pixels per class name when asked for.
+    """
+
+    mask: np.ndarray
+    class_names: tuple[str, ...]
+    palette: np.ndarray
+    model: str
+    version: int
+    request_id: str
+    timings: Timings
+    confidence: np.ndarray | None = None
+    class_counts: dict[str, int] | None = None
+
+    def colorize(self) -> np.ndarray:
+        """RGB ``H x W x 3`` image of the mask in the model's palette."""
+        return colorize(self.mask, self.palette)
+
+    def overlay(self, image: ImageInput, alpha: float = 0.5) -> np.ndarray:
+        """RGB image: ``image`` (array, bytes or path) with the class colours blended over it."""
+        return overlay(_as_array(image), self.mask, self.palette, alpha)
+
+
+def _as_array(image: ImageInput) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        return image
+    data = _read(image) if isinstance(image, (str, os.PathLike)) else image
+    return decode_image(data, max_pixels=1 << 40)
+
+
+def _read(path: str | os.PathLike) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read image {os.fspath(path)!r}: {exc.strerror or exc}") from None
+
+
+def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand directories to the image files they hold (sorted); keep files as given."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
+        elif p.exists():
+            out.append(p)
+        else:
+            raise InvalidArgument(f"{p} does not exist")
+    return out
+
+
+def _raise_rpc_error(exc: grpc.RpcError) -> SegsvcError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    kind = ""
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == ERROR_KIND_KEY:
+            kind = str(value)
+    return error_from_status(code, details, kind)
+
+
+class SegmentationClient:
+    """A connection to a segsvc server.
+
+    Args:
+        address: ``host:port``.
+        token: bearer token, sent as ``authorization: Bearer <token>``.
+        root_certificates: PEM CA bundle for TLS; with ``tls=True`` and no bundle
+            the system roots are used. Without either, the channel is plaintext.
+        tls: use TLS.
+        timeout_s: default deadline of each call (None: no deadline).
+        max_message_bytes: largest message sent or received.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        *,
+        root_certificates: bytes | None = None,
+        tls: bool = False,
+        timeout_s: float | None = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls or root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self.address = address
+        self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._stub = pb_grpc.SegmentationServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "SegmentationClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _call(self, method, request, timeout_s: float | None = None, **kwargs):
+        try:
+            return method(request, timeout=timeout_s if timeout_s is not None else self.timeout_s,
+                          metadata=self._metadata, **kwargs)
+        except grpc.RpcError as exc:
+            raise _raise_rpc_error(exc) from None
+
+    # -- segmentation -------------------------------------------------------------------
+    @staticmethod
+    def build_request(
+        image: ImageInput,
+        *,
+        model: str | None = None,
+        version: int | None = None,
+        encoding: str = "raw",
+        confidence: bool = False,
+        class_counts: bool = False,
+        tile_size: int = 0,
+        tile_overlap: float | None = None,
+        flip_tta: bool = False,
+        request_id: str = "",
+    ) -> pb.SegmentRequest:
+        """The ``SegmentRequest`` for an image path, encoded bytes or uint8 array."""
+        if encoding not in ENCODINGS:
+            raise InvalidArgument(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
+        options = pb.SegmentOptions(
+            encoding=ENCODINGS[encoding], return_confidence=confidence,
+            return_class_counts=class_counts, flip_tta=flip_tta,
+        )
+        if tile_size:
+            options.tiling.tile_size = tile_size
+            if tile_overlap is not None:
+                options.tiling.overlap = tile_overlap
+        request = pb.SegmentRequest(request_id=request_id, model=model or "", version=version or 0, options=options)
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                raise InvalidImage(f"arrays must be uint8, got {image.dtype}")
+            request.raw.data = np.ascontiguousarray(image).tobytes()
+            request.raw.shape.extend(image.shape)
+        elif isinstance(image, (bytes, bytearray, memoryview)):
+            request.image = bytes(image)
+        elif isinstance(image, (str, os.PathLike)):
+            request.image = _read(image)
+        else:
+            raise InvalidArgument(f"images are paths, encoded bytes or uint8 arrays, got {type(image).__name__}")
+        return request
+
+    @staticmethod
+    def _label_map(response: pb.SegmentResponse) -> LabelMap:
+        if response.HasField("error"):
+            raise error_from_status(response.error.code, response.error.message, response.error.kind)
+        mask = labels_from_proto(response.labels)
+        h, w = mask.shape
+        names = tuple(response.class_names)
+        confidence = None
+        if response.confidence:
+            confidence = np.frombuffer(response.confidence, np.uint8).reshape(h, w)
+        counts = None
+        if len(response.class_pixel_counts):
+            counts = {name: int(c) for name, c in zip(names, response.class_pixel_counts)}
+        t = response.timings
+        return LabelMap(
+            mask=mask,
+            class_names=names,
+            palette=np.frombuffer(response.palette, np.uint8).reshape(-1, 3),
+            model=response.model,
+            version=int(response.model_version),
+            request_id=response.request_id,
+            timings=Timings(t.queue_ms, t.inference_ms, t.total_ms, int(t.batch_size)),
+            confidence=confidence,
+            class_counts=counts,
+        )
+
+    def segment(self, image: ImageInput, *, timeout_s: float | None = None, **options: Any) -> LabelMap:
+        """Segment one image (path, encoded bytes, or uint8 ``HxW``/``HxWxC`` array).
+
+        Options: ``model``, ``version``, ``encoding`` ("raw" or "png" on the wire),
+        ``confidence``, ``class_counts``, ``tile_size``, ``tile_overlap``,
+        ``flip_tta``, ``request_id``.
+        """
+        request = self.build_request(image, **options)
+        return self._label_map(self._call(self._stub.Segment, request, timeout_s))
+
+    def segment_many(
+        self,
+        images: Sequence[ImageInput] | Iterable[ImageInput],
+        *,
+        progress: bool = True,
+        return_exceptions: bool = False,
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> list[LabelMap | SegsvcError]:
+        """Segment many images over one stream; results in input order.
+
+        With ``return_exceptions`` a failed image's entry is its error; otherwise
+        the first failure (in input order) is raised after the stream ends.
+        """
+        from tqdm import tqdm
+
+        items = list(images)
+        results: list[LabelMap | SegsvcError | None] = [None] * len(items)
+
+        def requests() -> Iterator[pb.SegmentRequest]:
+            for i, image in enumerate(items):
+                yield self.build_request(image, request_id=str(i), **options)
+
+        bar = tqdm(total=len(items), unit="img", disable=not progress, desc="segment")
+        try:
+            stream = self._stub.SegmentStream(
+                requests(), timeout=timeout_s if timeout_s is not None else self.timeout_s, metadata=self._metadata
+            )
+            for response in stream:
+                index = int(response.request_id)
+                try:
+                    results[index] = self._label_map(response)
+                except SegsvcError as exc:
+                    results[index] = exc
+                bar.update(1)
+        except grpc.RpcError as exc:
+            raise _raise_rpc_error(exc) from None
+        finally:
+            bar.close()
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise SegsvcError(f"the stream ended without results for {len(missing)} images (first: #{missing[0]})")
+        if not return_exceptions:
+            for r in results:
+                if isinstance(r, SegsvcError):
+                    raise r
+        return results  # type: ignore[return-value]
+
+    # -- models and health --------------------------------------------------------------
+    def list_models(self) -> list[pb.ModelInfo]:
+        return list(self._call(self._stub.ListModels, pb.ListModelsRequest()).models)
+
+    def get_model(self, model: str, version: int | None = None) -> pb.ModelInfo:
+        return self._call(self._stub.GetModel, pb.GetModelRequest(model=model, version=version or 0))
+
+    def load_model(self, model: str, version: int | None = None, timeout_s: float | None = None) -> pb.ModelInfo:
+        return self._call(self._stub.LoadModel, pb.LoadModelRequest(model=model, version=version or 0), timeout_s)
+
+    def unload_model(self, model: str, version: int | None = None) -> list[int]:
+        response = self._call(self._stub.UnloadModel, pb.UnloadModelRequest(model=model, version=version or 0))
+        return list(response.unloaded_versions)
+
+    def set_default_version(self, model: str, version: int | None) -> pb.ModelInfo:
+        return self._call(self._stub.SetDefaultVersion, pb.SetDefaultVersionRequest(model=model, version=version or 0))
+
+    def health(self, service: str = "", timeout_s: float = 5.0) -> str:
+        """``"SERVING"``, ``"NOT_SERVING"``, ... for the server (or one service)."""
+        try:
+            response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise _raise_rpc_error(exc) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, timeout_s: float = 60.0, poll_s: float = 0.2) -> None:
+        """Block until health says SERVING; raises ``Unavailable`` after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                last = self.health(timeout_s=max(0.1, min(2.0, deadline - time.monotonic())))
+                if last == "SERVING":
+                    return
+            except SegsvcError as exc:
+                last = str(exc)
+            time.sleep(poll_s)
+        raise Unavailable(f"{self.address} is not SERVING after {timeout_s:.0f} s (last: {last})")

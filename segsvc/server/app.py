@@ -1,0 +1,227 @@
+"""Assembling and running the server: ``segsvc serve``.
+
+Start-up order: bind the port with health NOT_SERVING, start the metrics
+endpoint, load the models, then report SERVING. Shutdown (SIGTERM/SIGINT):
+health NOT_SERVING at once, refuse new RPCs, give the requests in flight
+``grace_s`` seconds, drain the batchers, stop. Keep ``grace_s`` below the
+Kubernetes ``terminationGracePeriodSeconds`` (deploy/k8s uses 25 s and 30 s).
+
+Example:
+    >>> server = SegmentationServer(ServerConfig(model_repo="repo", port=0, metrics_port=None))  # doctest: +SKIP
+    >>> await server.start(); print(server.port)  # doctest: +SKIP
+    >>> await server.stop()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from segsvc.errors import InvalidArgument
+from segsvc.inference.manager import ModelManager
+from segsvc.inference.repository import ModelRepository
+from segsvc.server.auth import BearerTokenInterceptor
+from segsvc.server.config import ServerConfig
+from segsvc.server.metrics import ServerMetrics
+from segsvc.server.servicer import SegmentationServicer
+from segsvc.v1 import segmentation_pb2 as pb
+from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
+
+log = logging.getLogger("segsvc.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def configure_allocator() -> bool:
+    """Keep freed activation buffers for reuse instead of unmapping them (glibc only).
+
+    glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh
+    ``mmap`` pages and returns them on free, so every forward pass over a large
+    image or batch page-faults and zeroes its activations again; on a CPU host
+    that costs more than the convolutions of a small model. Raising the mmap and
+    trim thresholds makes the heap keep and reuse those blocks (the resident
+    size stays at its peak, as for any long-running server).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):  # not glibc (musl, macOS): keep the allocator's defaults
+        return False
+    return ok
+
+
+def configure_threads(config: ServerConfig) -> int:
+    """Torch intra-op threads = CPUs (or the flag), one inter-op thread, OpenCV single-threaded.
+
+    Parallelism across requests comes from the I/O pool and the batcher; letting
+    OpenCV and torch each spawn a thread per core on top would oversubscribe the CPUs.
+    """
+    threads = config.torch_threads or cpu_count()
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (e.g. a second server in one process)
+        pass
+    cv2.setNumThreads(1)
+    return threads
+
+
+class SegmentationServer:
+    """The gRPC server, its models, health, reflection and metrics.
+
+    Args:
+        config: the whole server configuration.
+        metrics: the metrics object (a fresh one with its own registry by default).
+    """
+
+    def __init__(self, config: ServerConfig, metrics: ServerMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or ServerMetrics()
+        self.manager = ModelManager(
+            ModelRepository(config.model_repo),
+            config.manager,
+            on_batch=self.metrics.observe_batch,
+            on_change=self._models_changed,
+        )
+        self.metrics.watch_models(self.manager.snapshot)
+        self.health = health.aio.HealthServicer()
+        self._io = ThreadPoolExecutor(max(2, config.io_threads or cpu_count()), thread_name_prefix="segsvc-io")
+        self.servicer = SegmentationServicer(self.manager, config.limits, self.metrics, self._io)
+        self._server: grpc.aio.Server | None = None
+        self._health_tasks: set[asyncio.Task] = set()
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self.port = 0
+        self.metrics_port: int | None = None
+
+    # -- health ---------------------------------------------------------------------
+    async def _set_health(self, status: int) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    def _models_changed(self) -> None:
+        """Models were loaded or unloaded: SERVING exactly when some model is ready."""
+        if self._stopping or not self.servicer.accepting:
+            return
+        task = asyncio.get_running_loop().create_task(self._set_health(SERVING if self.manager.ready else NOT_SERVING))
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind, start serving health/metrics, load the models, then report SERVING."""
+        cfg = self.config
+        threads = configure_threads(cfg)
+        allocator = configure_allocator()
+        await self._set_health(NOT_SERVING)
+        limit = cfg.limits.max_message_bytes
+        self._server = grpc.aio.server(
+            interceptors=[BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else None,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent second listener
+            ],
+        )
+        pb_grpc.add_SegmentationServiceServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        address = f"{cfg.host}:{cfg.port}"
+        try:
+            if cfg.tls is not None:
+                creds = grpc.ssl_server_credentials([cfg.tls.read()])
+                self.port = self._server.add_secure_port(address, creds)
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise InvalidArgument(f"cannot listen on {address}: {exc}") from None
+        if not self.port:
+            raise InvalidArgument(f"cannot listen on {address} (in use or not a local address)")
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http(cfg.host, cfg.metrics_port)
+        await self._server.start()
+        log.info("listening on %s:%d (%s), metrics on %s, torch threads %d, allocator tuned: %s",
+                 cfg.host, self.port, "TLS" if cfg.tls else "plaintext",
+                 self.metrics_port if self.metrics_port is not None else "off", threads, allocator)
+        try:
+            await self.manager.start()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+        self.servicer.accepting = True
+        if self.manager.ready:
+            await self._set_health(SERVING)
+        else:
+            log.warning("no model loaded from %s: health stays NOT_SERVING until one is (LoadModel or polling)",
+                        cfg.model_repo)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish for ``grace_s``, drain, stop."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.config.grace_s if grace_s is None else grace_s
+        log.info("draining: health NOT_SERVING, %.1f s grace for requests in flight", grace)
+        self.servicer.accepting = False  # new segmentation work now gets UNAVAILABLE
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            # Requests in flight get up to `grace` seconds; then the transport stops (open health
+            # watches and anything still running are cancelled).
+            try:
+                if self.servicer.in_flight:
+                    await asyncio.wait_for(self.servicer.wait_idle(), grace)
+            except TimeoutError:
+                log.warning("%d requests still in flight after %.1f s of grace; cancelling them",
+                            self.servicer.in_flight, grace)
+            await self._server.stop(0)
+        await self.manager.stop()
+        self.metrics.stop_http()
+        self._io.shutdown(wait=False)
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop gracefully."""
+    server = SegmentationServer(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"segsvc: serving on {config.host}:{server.port}"
+          + (f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""), flush=True)
+    await stop.wait()
+    log.info("shutdown signal received")
+    await server.stop()
+
+
+def run(config: ServerConfig) -> None:
+    asyncio.run(serve(config))
+

@@ -1,0 +1,102 @@
+"""The server's configuration: frozen dataclasses built once from the command line.
+
+Each component gets its own slice: the model manager gets ``ManagerConfig``
+(which holds ``EngineConfig`` and ``BatchingConfig``), the servicer gets
+``LimitsConfig``, the app wires ``TLSConfig`` and the token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segsvc.errors import InvalidArgument
+from segsvc.inference.codec import DEFAULT_MAX_PIXELS
+from segsvc.inference.manager import ManagerConfig
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Request limits.
+
+    Args:
+        max_message_bytes: largest gRPC message accepted or sent (each way).
+        max_pixels: largest image (height x width), checked from the header before decoding.
+        max_stream_in_flight: images of one ``SegmentStream`` processed at the same time;
+            the stream stops reading while this many are pending (back-pressure).
+    """
+
+    max_message_bytes: int = 64 * MIB
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_stream_in_flight: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_bytes", "max_pixels", "max_stream_in_flight"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server certificate chain and private key (PEM files)."""
+
+    cert_file: Path
+    key_file: Path
+
+    def read(self) -> tuple[bytes, bytes]:
+        try:
+            return Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes()
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read the TLS certificate or key: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``segsvc serve`` needs.
+
+    Args:
+        model_repo: repository root (``<root>/<model>/<version>/``).
+        host: address to bind ("0.0.0.0" for every interface, "127.0.0.1" for local only).
+        port: gRPC port; 0 picks a free one (``SegmentationServer.port`` tells which).
+        metrics_port: Prometheus port; 0 picks a free one, ``None`` disables the endpoint.
+        manager: models, device, precision, batching, polling.
+        limits: message, pixel and stream limits.
+        auth_token: bearer token required in the ``authorization`` metadata (health stays open);
+            ``None`` disables authentication.
+        tls: certificate and key; ``None`` serves plaintext.
+        grace_s: on SIGTERM, how long requests in flight may take before they are cancelled
+            (keep it below Kubernetes' terminationGracePeriodSeconds).
+        io_threads: threads for decoding and encoding images (0: one per CPU, at least 2).
+        torch_threads: intra-op threads of the forward pass on CPU (0: one per CPU).
+
+    Example:
+        >>> ServerConfig(model_repo=Path("model_repository"), port=0).grace_s
+        25.0
+    """
+
+    model_repo: Path
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int | None = 9090
+    manager: ManagerConfig = field(default_factory=ManagerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    auth_token: str | None = field(default=None, repr=False)
+    tls: TLSConfig | None = None
+    grace_s: float = 25.0
+    io_threads: int = 0
+    torch_threads: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_repo", Path(self.model_repo))
+        if not 0 <= self.port <= 65535:
+            raise InvalidArgument(f"port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise InvalidArgument(f"metrics port must be in 0..65535, got {self.metrics_port}")
+        if self.grace_s < 0:
+            raise InvalidArgument(f"grace_s must be >= 0, got {self.grace_s}")
+        if self.auth_token is not None and (not self.auth_token or any(c.isspace() for c in self.auth_token)):
+            raise InvalidArgument("the auth token must be non-empty and contain no whitespace")
+        if self.io_threads < 0 or self.torch_threads < 0:
+            raise InvalidArgument("io_threads and torch_threads must be >= 0")

@@ -1,0 +1,95 @@
+"""Prometheus metrics of one server, in its own registry (so several servers can share a process).
+
+Exposed on ``--metrics-port`` at ``/metrics``:
+
+- ``segsvc_requests_total{method, model, code}`` requests by status code;
+- ``segsvc_request_seconds{method, model}`` total server-side latency;
+- ``segsvc_queue_seconds{model}`` time waiting in the batch queue;
+- ``segsvc_inference_seconds{model}`` time of the batch that held the request;
+- ``segsvc_batch_size{model}`` images per batch;
+- ``segsvc_queue_depth{model, version}`` requests waiting now;
+- ``segsvc_loaded_models`` loaded model versions, and ``segsvc_model_loaded{model, version, default}``.
+
+The ``model`` label is a loaded model's name (``"-"`` before a model is
+resolved), never raw request text, so label cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+Snapshot = Callable[[], list[tuple[str, int, int, bool]]]
+
+
+class _ModelsCollector(Collector):
+    """Reads queue depths and loaded versions at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        rows = self._snapshot()
+        depth = GaugeMetricFamily("segsvc_queue_depth", "Requests waiting in a model's batch queue",
+                                  labels=["model", "version"])
+        loaded = GaugeMetricFamily("segsvc_model_loaded", "1 per loaded model version",
+                                   labels=["model", "version", "default"])
+        for name, version, queued, is_default in rows:
+            depth.add_metric([name, str(version)], queued)
+            loaded.add_metric([name, str(version), "true" if is_default else "false"], 1)
+        yield depth
+        yield loaded
+        yield GaugeMetricFamily("segsvc_loaded_models", "Number of loaded model versions", value=len(rows))
+
+
+class ServerMetrics:
+    """The server's metrics and their HTTP endpoint."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("segsvc_requests", "RPCs by method, model and status code",
+                                ["method", "model", "code"], registry=r)
+        self.request_seconds = Histogram("segsvc_request_seconds", "Server-side latency of an RPC (per image)",
+                                         ["method", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("segsvc_queue_seconds", "Time an image waited in the batch queue",
+                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("segsvc_inference_seconds", "Run time of the batch that held an image",
+                                           ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("segsvc_batch_size", "Images per batch", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self._http = None
+        self._thread = None
+
+    def watch_models(self, snapshot: Snapshot) -> None:
+        """Report queue depths and loaded versions from ``snapshot()`` at every scrape."""
+        self.registry.register(_ModelsCollector(snapshot))
+
+    def observe_batch(self, model: str, version: int, size: int, run_s: float) -> None:
+        self.batch_size.labels(model).observe(size)
+
+    def observe_request(self, method: str, model: str, code: str, total_s: float,
+                        queue_s: float | None = None, run_s: float | None = None) -> None:
+        self.requests.labels(method, model, code).inc()
+        self.request_seconds.labels(method, model).observe(total_s)
+        if queue_s is not None:
+            self.queue_seconds.labels(model).observe(queue_s)
+        if run_s is not None:
+            self.inference_seconds.labels(model).observe(run_s)
+
+    def start_http(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` (0: any free port) from a daemon thread; returns the port."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

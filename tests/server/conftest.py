@@ -1,0 +1,226 @@
+"""A real server on 127.0.0.1:0, in-process, with tiny models saved into tmp_path.
+
+The server runs its own asyncio loop on a background thread; tests talk to it
+with the real synchronous client, exactly like a remote caller would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from segsvc.client import SegmentationClient
+from segsvc.config import ModelSpec
+from segsvc.inference.batcher import BatchingConfig
+from segsvc.inference.engine import Engine, EngineConfig
+from segsvc.inference.manager import ManagerConfig
+from segsvc.inference.predictor import Predictor
+from segsvc.models.artifact import load_artifact, save_artifact
+from segsvc.models.registry import build_model
+from segsvc.server.app import SegmentationServer
+from segsvc.server.config import LimitsConfig, ServerConfig
+
+TINY = {"base_channels": 4, "depth": 2}
+
+
+def tiny_model(seed: int, num_classes: int = 3, in_channels: int = 3) -> tuple[ModelSpec, torch.nn.Module]:
+    """A tiny U-Net whose BatchNorm statistics are calibrated on noise, so its label maps vary.
+
+    (Freshly initialised BatchNorm makes every pixel the same class, which would make
+    "equals the in-process prediction" true for the wrong reason.)
+    """
+    spec = ModelSpec("unet", num_classes, in_channels, params=TINY)
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, in_channels, 64, 64, generator=g))
+    return spec, model.eval()
+
+
+def publish(root: Path, name: str, seed: int, num_classes: int = 3, in_channels: int = 3,
+            version: int | None = None) -> Path:
+    spec, model = tiny_model(seed, num_classes, in_channels)
+    return save_artifact(model, root, name, spec=spec, version=version,
+                         class_names=[f"c{i}" for i in range(num_classes)])
+
+
+def reference(version_dir: Path) -> Predictor:
+    model, manifest = load_artifact(version_dir)
+    return Predictor(model, manifest)
+
+
+def make_image(h: int, w: int, seed: int = 0, channels: int = 3) -> np.ndarray:
+    """Smooth random shapes (so JPEG and PNG behave like on photos), uint8 RGB or grey."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(2, h // 8), max(2, w // 8), channels), dtype=np.uint8)
+    image = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    image = image.reshape(h, w, channels)
+    return image[:, :, 0] if channels == 1 else image
+
+
+def encode(image: np.ndarray, ext: str = ".png") -> bytes:
+    bgr = image if image.ndim == 2 else image[:, :, ::-1]
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(bgr))
+    assert ok
+    return buf.tobytes()
+
+
+def assert_labels_match(labels: np.ndarray, predictor: Predictor, image: np.ndarray, logits_fn=None) -> None:
+    """Server labels == in-process labels. Batched and single forward passes may differ in the last
+    float bit, so only pixels whose top-2 logits are numerically tied (gap < 1e-4) may differ."""
+    x = predictor.input_tensor(image)[None]
+    with torch.inference_mode():
+        logits = (logits_fn or predictor.logits)(x)[0].float()
+    expected = logits.argmax(0).numpy()
+    assert labels.shape == expected.shape
+    diff = labels.astype(np.int64) != expected
+    if diff.any():
+        top2 = logits.topk(2, dim=0).values
+        gap = (top2[0] - top2[1]).numpy()
+        assert (gap[diff] < 1e-4).all(), f"{int(diff.sum())} pixels differ from the in-process prediction"
+        assert diff.mean() < 1e-3
+
+
+class RunningServer:
+    """A SegmentationServer on its own event-loop thread."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
+        self.thread.start()
+        self.server: SegmentationServer = self.call(self._create(config))
+        try:
+            self.call(self.server.start())
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    async def _create(config: ServerConfig) -> SegmentationServer:
+        return SegmentationServer(config)
+
+    def call(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def manager(self):
+        return self.server.manager
+
+    def client(self, **kwargs) -> SegmentationClient:
+        return SegmentationClient(self.address, **kwargs)
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        if not self.loop.is_closed():
+            self.call(self.server.stop(grace_s))
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self.stop()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+def server_config(repo: Path, **overrides) -> ServerConfig:
+    """Test defaults: local only, any free ports, no warm-up, short batching delay, 1 torch thread."""
+    manager = ManagerConfig(
+        engine=EngineConfig(device="cpu", warmup=False),
+        batching=BatchingConfig(max_batch_size=8, max_delay_s=0.005, max_queue_size=64),
+    )
+    base = ServerConfig(model_repo=repo, host="127.0.0.1", port=0, metrics_port=0, manager=manager,
+                        limits=LimitsConfig(), grace_s=0.0, io_threads=2, torch_threads=1)
+    manager_fields = {k: overrides.pop(k) for k in list(overrides) if k in ("batching", "engine", "poll_interval_s", "models")}
+    if manager_fields:
+        base = replace(base, manager=replace(manager, **manager_fields))
+    return replace(base, **overrides)
+
+
+@pytest.fixture
+def start_server():
+    """Factory: ``start_server(repo, **config overrides)``; every server is stopped at the end."""
+    servers: list[RunningServer] = []
+
+    def start(repo: Path, **overrides) -> RunningServer:
+        server = RunningServer(server_config(repo, **overrides))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def shared_repo(tmp_path_factory) -> Path:
+    """``tiny`` (RGB, 3 classes, versions 1 and 2), ``grey`` (1 channel, 2 classes), ``wide`` (300 classes)."""
+    root = tmp_path_factory.mktemp("repo")
+    publish(root, "tiny", seed=1)
+    publish(root, "tiny", seed=2)
+    publish(root, "grey", seed=3, num_classes=2, in_channels=1)
+    publish(root, "wide", seed=4, num_classes=300)
+    return root
+
+
+@pytest.fixture(scope="module")
+def shared_server(shared_repo):
+    """One server for the read-only tests of a module (max message 4 MiB to test the limit cheaply)."""
+    server = RunningServer(server_config(shared_repo, limits=LimitsConfig(max_message_bytes=4 << 20)))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def client(shared_server):
+    with shared_server.client(timeout_s=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(shared_repo) -> Predictor:
+    """The in-process predictor of tiny's default (newest) version."""
+    return reference(shared_repo / "tiny" / "2")
+
+
+@pytest.fixture
+def gated(monkeypatch):
+    """Engine.run waits for ``gate`` and records the image sizes of every batch it runs."""
+    state = SimpleNamespace(gate=threading.Event(), ran=[])
+    original = Engine.run
+
+    def run(self, jobs):
+        state.ran.append([j.size for j in jobs])
+        state.gate.wait(20)
+        return original(self, jobs)
+
+    monkeypatch.setattr(Engine, "run", run)
+    yield state
+    state.gate.set()
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)

@@ -1,0 +1,54 @@
+"""`segsvc serve` as a real process: start, serve with a token, log JSON with request ids, stop on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segsvc import errors
+from segsvc.client import SegmentationClient
+from tests.server.conftest import make_image, publish, reference
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_serve_command_end_to_end(tmp_path):
+    v1 = publish(tmp_path / "repo", "m", seed=31)
+    token_file = tmp_path / "token"
+    token_file.write_text("cli-token\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "segsvc", "serve", "--model-repo", str(tmp_path / "repo"), "--host", "127.0.0.1",
+         "--port", "0", "--metrics-port", "-1", "--torch-threads", "1", "--io-threads", "2", "--no-warmup",
+         "--grace-s", "5", "--token-file", str(token_file)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = proc.stdout.readline()  # "segsvc: serving on 127.0.0.1:PORT"
+        assert "serving on" in line, line + proc.stderr.read()
+        address = line.split("serving on ")[1].split(",")[0].strip()
+        image = make_image(36, 44, seed=5)
+        with SegmentationClient(address, token="cli-token") as c:
+            assert c.health() == "SERVING"
+            result = c.segment(image, request_id="cli-req-1")
+            assert np.array_equal(result.mask, reference(v1).predict(image))
+        with SegmentationClient(address) as anonymous, pytest.raises(errors.Unauthenticated):
+            anonymous.segment(image)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    logs = [json.loads(x) for x in proc.stderr.read().splitlines() if x.startswith("{")]
+    done = [e for e in logs if e.get("request_id") == "cli-req-1"]
+    assert done and done[0]["method"] == "Segment" and done[0]["code"] == "OK" and done[0]["model"] == "m"
+    assert any("draining" in e["msg"] for e in logs) and logs[-1]["msg"] == "stopped"

@@ -1,0 +1,159 @@
+"""Health transitions, graceful drain, auth, TLS, reflection and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import threading
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from segsvc import errors
+from segsvc.client import SegmentationClient
+from segsvc.server.config import TLSConfig
+from tests.server.conftest import wait_for, make_image, publish, reference
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_health_is_not_serving_until_a_model_is_loaded(start_server, tmp_path):
+    server = start_server(tmp_path)  # empty repository
+    with server.client() as c:
+        assert c.health() == "NOT_SERVING"
+        assert c.health("segsvc.v1.SegmentationService") == "NOT_SERVING"
+        assert c.list_models() == []
+        publish(tmp_path, "late", seed=1)
+        info = c.load_model("late")
+        assert info.ready and info.version == 1
+        wait_for(lambda: c.health() == "SERVING")
+        assert c.health("segsvc.v1.SegmentationService") == "SERVING"
+        assert c.unload_model("late") == [1]
+        wait_for(lambda: c.health() == "NOT_SERVING")
+        with pytest.raises(errors.UnknownModel):
+            c.segment(make_image(8, 8), model="late")
+
+
+def test_sigterm_drain_flips_health_and_finishes_requests_in_flight(start_server, tmp_path, gated):
+    publish(tmp_path, "m", seed=2)
+    server = start_server(tmp_path, grace_s=10.0)
+    with grpc.insecure_channel(server.address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        assert next(watch).status == SERVING
+        outcome = {}
+
+        def in_flight():
+            with server.client() as c:
+                outcome["result"] = c.segment(make_image(24, 24), model="m")
+
+        t = threading.Thread(target=in_flight)
+        t.start()
+        wait_for(lambda: len(gated.ran) == 1)
+        stopping = asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop)  # what SIGTERM runs
+        assert next(watch).status == NOT_SERVING
+        with server.client() as c, pytest.raises(errors.Unavailable):
+            c.segment(make_image(8, 8), model="m", timeout_s=5)  # new work is refused while draining
+        gated.gate.set()
+        t.join(20)
+        stopping.result(20)
+    assert outcome["result"].mask.shape == (24, 24)  # the request in flight finished
+
+
+def test_bearer_token_auth(start_server, tmp_path):
+    publish(tmp_path, "m", seed=3)
+    server = start_server(tmp_path, auth_token="s3cret-token")
+    image = make_image(16, 16)
+    with server.client() as anonymous:
+        assert anonymous.health() == "SERVING"  # health stays open
+        with pytest.raises(errors.Unauthenticated, match="missing bearer token"):
+            anonymous.segment(image, model="m")
+        with pytest.raises(errors.Unauthenticated):
+            anonymous.segment_many([image], model="m", progress=False)
+        with pytest.raises(errors.Unauthenticated):
+            anonymous.list_models()
+    with server.client(token="wrong") as wrong, pytest.raises(errors.Unauthenticated, match="wrong bearer token"):
+        wrong.segment(image, model="m")
+    with server.client(token="s3cret-token") as ok:
+        assert ok.segment(image, model="m").mask.shape == (16, 16)
+        assert [r.mask.shape for r in ok.segment_many([image, image], model="m", progress=False)] == [(16, 16)] * 2
+        assert [m.name for m in ok.list_models()] == ["m"]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl absent: cannot make a test certificate")
+def test_tls(start_server, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    repo = tmp_path / "repo"
+    v1 = publish(repo, "m", seed=4)
+    server = start_server(repo, tls=TLSConfig(cert, key), auth_token="tok")
+    image = make_image(20, 28)
+    with SegmentationClient(server.address, token="tok", root_certificates=cert.read_bytes()) as c:
+        assert np.array_equal(c.segment(image).mask, reference(v1).predict(image))
+    with SegmentationClient(server.address, token="tok", timeout_s=3) as plaintext, pytest.raises(errors.SegsvcError):
+        plaintext.segment(image)
+
+
+def test_reflection_lists_the_services(shared_server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(shared_server.address) as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"segsvc.v1.SegmentationService", "grpc.health.v1.Health"} <= services
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name}{labels} in the metrics")
+
+
+def test_metrics_endpoint_serves_the_counters(shared_server, client):
+    client.segment(make_image(16, 16), model="tiny")
+    client.segment(make_image(16, 16), model="tiny")
+    with pytest.raises(errors.InvalidImage):
+        client.segment(b"not an image", model="tiny")
+    url = f"http://127.0.0.1:{shared_server.server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert _metric(text, "segsvc_requests_total", method="Segment", model="tiny", code="OK") >= 2
+    assert _metric(text, "segsvc_requests_total", method="Segment", model="tiny", code="INVALID_ARGUMENT") >= 1
+    assert _metric(text, "segsvc_request_seconds_count", method="Segment", model="tiny") >= 3
+    assert _metric(text, "segsvc_queue_seconds_count", model="tiny") >= 2
+    assert _metric(text, "segsvc_inference_seconds_count", model="tiny") >= 2
+    assert _metric(text, "segsvc_batch_size_count", model="tiny") >= 1
+    assert _metric(text, "segsvc_queue_depth", model="tiny", version="2") == 0
+    assert _metric(text, "segsvc_model_loaded", model="tiny", version="2", default="true") == 1
+    assert _metric(text, "segsvc_loaded_models") == 3
+
+
+def test_default_version_pinning_and_explicit_loads(start_server, tmp_path):
+    v1 = publish(tmp_path, "m", seed=5)
+    v2 = publish(tmp_path, "m", seed=6)
+    server = start_server(tmp_path)
+    image = make_image(40, 40, seed=1)
+    with server.client() as c:
+        assert c.segment(image, model="m").version == 2
+        info = c.load_model("m", 1)  # by number: kept next to the automatic version 2
+        assert list(info.loaded_versions) == [1, 2] and info.default_version == 2
+        pinned = c.set_default_version("m", 1)
+        assert pinned.default_version == 1 and pinned.default_pinned
+        r = c.segment(image, model="m")
+        assert r.version == 1 and np.array_equal(r.mask, reference(v1).predict(image))
+        assert c.segment(image, model="m", version=2).version == 2
+        assert c.set_default_version("m", 0).default_version == 2  # unpinned: newest again
+        assert np.array_equal(c.segment(image, model="m").mask, reference(v2).predict(image))
+        assert c.unload_model("m", 1) == [1]
+        assert list(c.get_model("m").loaded_versions) == [2]

@@ -1,0 +1,217 @@
+"""Segment round trips against a real server: label maps equal the in-process prediction."""
+
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+import pytest
+
+from segsvc.inference.codec import decode_image, overlay
+from segsvc.inference.tiling import make_logits_fn
+from segsvc.v1 import segmentation_pb2 as pb
+from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
+from tests.server.conftest import assert_labels_match, encode, make_image, reference
+
+import grpc
+
+
+def test_png_round_trip_equals_in_process_prediction(client, tiny_ref):
+    image = make_image(61, 83, seed=1)
+    result = client.segment(encode(image, ".png"), model="tiny")
+    assert result.mask.dtype == np.uint8 and result.mask.shape == (61, 83)
+    assert np.array_equal(result.mask, tiny_ref.predict(image))
+    assert len(np.unique(result.mask)) > 1  # a meaningful comparison, not all one class
+    assert result.model == "tiny" and result.version == 2
+    assert result.class_names == ("c0", "c1", "c2")
+    assert result.palette.shape == (3, 3)
+    t = result.timings
+    assert t.total_ms >= t.inference_ms > 0 and t.queue_ms >= 0 and t.batch_size >= 1
+
+
+def test_jpeg_round_trip_equals_prediction_on_the_decoded_jpeg(client, tiny_ref):
+    data = encode(make_image(64, 96, seed=2), ".jpg")
+    decoded = decode_image(data)  # the server decodes with the same OpenCV
+    result = client.segment(data, model="tiny")
+    assert np.array_equal(result.mask, tiny_ref.predict(decoded))
+
+
+@pytest.mark.parametrize("ext", [".tif", ".bmp", ".webp"])
+def test_other_formats_decode(client, tiny_ref, ext):
+    image = make_image(40, 56, seed=3)
+    data = encode(image, ext)
+    result = client.segment(data, model="tiny")
+    assert np.array_equal(result.mask, tiny_ref.predict(decode_image(data)))
+
+
+def test_raw_rgb_and_grey_tensors(client, tiny_ref):
+    rgb = make_image(50, 70, seed=4)
+    assert np.array_equal(client.segment(rgb, model="tiny").mask, tiny_ref.predict(rgb))
+    grey = make_image(50, 70, seed=5, channels=1)  # HxW to an RGB model: repeated to 3 channels
+    assert np.array_equal(client.segment(grey, model="tiny").mask, tiny_ref.predict(grey))
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])  # alpha is dropped
+    assert np.array_equal(client.segment(rgba, model="tiny").mask, tiny_ref.predict(rgb))
+
+
+def test_grey_model_accepts_rgb_png(client, shared_repo):
+    ref = reference(shared_repo / "grey" / "1")
+    image = make_image(48, 48, seed=6)
+    result = client.segment(encode(image), model="grey")
+    assert np.array_equal(result.mask, ref.predict(image))
+    assert result.class_names == ("c0", "c1")
+
+
+def test_png_label_map_encoding(client, tiny_ref):
+    image = make_image(45, 33, seed=7)
+    result = client.segment(image, model="tiny", encoding="png")
+    assert np.array_equal(result.mask, tiny_ref.predict(image))
+
+
+def test_more_than_256_classes_come_back_as_uint16(client, shared_repo):
+    ref = reference(shared_repo / "wide" / "1")
+    image = make_image(32, 40, seed=8)
+    raw = client.segment(image, model="wide")
+    assert raw.mask.dtype == np.uint16
+    assert np.array_equal(raw.mask, ref.predict(image))
+    png = client.segment(image, model="wide", encoding="png")  # 16-bit PNG
+    assert png.mask.dtype == np.uint16 and np.array_equal(png.mask, raw.mask)
+
+
+def test_overlay_png_is_the_palette_blended_over_the_image(shared_server, tiny_ref):
+    image = make_image(30, 50, seed=9)
+    with grpc.insecure_channel(shared_server.address) as channel:
+        stub = pb_grpc.SegmentationServiceStub(channel)
+        request = pb.SegmentRequest(model="tiny", image=encode(image),
+                                    options=pb.SegmentOptions(encoding=pb.OUTPUT_ENCODING_OVERLAY_PNG,
+                                                              overlay_alpha=0.4))
+        response = stub.Segment(request, timeout=30)
+    assert response.labels.encoding == pb.OUTPUT_ENCODING_OVERLAY_PNG
+    got = decode_image(response.labels.data)
+    expected = overlay(image, tiny_ref.predict(image), tiny_ref.manifest.palette, 0.4)
+    assert got.shape == (30, 50, 3) and np.array_equal(got, expected)
+
+
+def test_raw_uint16_encoding_on_request(shared_server, tiny_ref):
+    image = make_image(20, 24, seed=10)
+    with grpc.insecure_channel(shared_server.address) as channel:
+        stub = pb_grpc.SegmentationServiceStub(channel)
+        response = stub.Segment(pb.SegmentRequest(
+            model="tiny", image=encode(image),
+            options=pb.SegmentOptions(encoding=pb.OUTPUT_ENCODING_RAW_UINT16)), timeout=30)
+    labels = np.frombuffer(response.labels.data, "<u2").reshape(20, 24)
+    assert np.array_equal(labels, tiny_ref.predict(image))
+
+
+def test_confidence_and_class_counts(client, tiny_ref):
+    import torch
+
+    image = make_image(37, 41, seed=11)
+    result = client.segment(image, model="tiny", confidence=True, class_counts=True)
+    counts = np.bincount(result.mask.ravel(), minlength=3)
+    assert result.class_counts == {"c0": counts[0], "c1": counts[1], "c2": counts[2]}
+    assert sum(result.class_counts.values()) == 37 * 41
+    with torch.inference_mode():
+        p = torch.softmax(tiny_ref.logits(tiny_ref.input_tensor(image)[None]), 1).amax(1)[0]
+    expected = torch.round(p * 255).to(torch.uint8).numpy()
+    assert result.confidence.shape == (37, 41)
+    assert np.abs(result.confidence.astype(int) - expected).max() <= 1
+    assert result.confidence.min() >= 255 // 3  # a max over 3 classes is at least 1/3
+
+
+def test_tiling_and_flip_tta_equal_the_shared_tiling_helpers(client, tiny_ref):
+    image = make_image(70, 90, seed=12)
+    tiled = client.segment(image, model="tiny", tile_size=32, tile_overlap=0.5)
+    fn = make_logits_fn(tiny_ref.logits, tile=(32, 32), overlap=0.5)
+    assert_labels_match(tiled.mask, tiny_ref, image, fn)
+    flipped = client.segment(image, model="tiny", flip_tta=True)
+    assert_labels_match(flipped.mask, tiny_ref, image, make_logits_fn(tiny_ref.logits, hflip=True))
+    both = client.segment(image, model="tiny", flip_tta=True, tile_size=48)
+    fn = make_logits_fn(tiny_ref.logits, tile=(48, 48), overlap=0.25, hflip=True)
+    assert_labels_match(both.mask, tiny_ref, image, fn)
+
+
+def test_request_id_is_echoed(client):
+    result = client.segment(make_image(16, 16), model="tiny", request_id="my-id-42")
+    assert result.request_id == "my-id-42"
+
+
+def test_explicit_version_and_single_model_default(start_server, tmp_path):
+    from tests.server.conftest import publish
+
+    v1 = publish(tmp_path, "solo", seed=21)
+    server = start_server(tmp_path)
+    image = make_image(32, 32, seed=13)
+    with server.client() as c:
+        # the request names no model: the only loaded model serves it
+        result = c.segment(image)
+        assert result.model == "solo" and result.version == 1
+        assert np.array_equal(result.mask, reference(v1).predict(image))
+        assert c.segment(image, model="solo", version=1).version == 1
+
+
+def test_concurrent_clients_with_different_sizes_get_their_own_results(shared_server, shared_repo):
+    tiny = reference(shared_repo / "tiny" / "2")
+    grey = reference(shared_repo / "grey" / "1")
+    # sizes that share a padded size (stride 4) and sizes that do not, two models
+    sizes = [(60, 80), (61, 79), (62, 78), (64, 64), (33, 95), (60, 80), (17, 23), (100, 40)]
+    jobs = [(f"c{i}-{k}", "tiny" if (i + k) % 3 else "grey", make_image(*sizes[(i + k) % len(sizes)], seed=100 * i + k))
+            for i in range(6) for k in range(4)]
+    failures: list[str] = []
+    results: dict[str, np.ndarray] = {}
+    batch_sizes: list[int] = []
+
+    def worker(mine):
+        with shared_server.client(timeout_s=60) as c:
+            for rid, model, image in mine:
+                try:
+                    r = c.segment(encode(image), model=model, request_id=rid)
+                    assert r.request_id == rid
+                    results[rid] = r.mask
+                    batch_sizes.append(r.timings.batch_size)
+                except Exception as exc:  # collected, asserted below
+                    failures.append(f"{rid}: {exc!r}")
+
+    threads = [threading.Thread(target=worker, args=(jobs[i::6],)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures
+    assert len(results) == len(jobs)
+    for rid, model, image in jobs:
+        assert_labels_match(results[rid], tiny if model == "tiny" else grey, image)
+    assert max(batch_sizes) >= 1
+
+
+def test_model_info_rpcs(client):
+    models = {m.name: m for m in client.list_models()}
+    assert set(models) == {"tiny", "grey", "wide"}
+    tiny = client.get_model("tiny")
+    assert tiny.versions == [1, 2] and tiny.loaded_versions == [2] and tiny.default_version == 2
+    assert tiny.ready and tiny.arch == "unet" and tiny.num_classes == 3 and tiny.output_stride == 4
+    assert list(tiny.class_names) == ["c0", "c1", "c2"] and len(tiny.palette) == 3
+    assert tiny.input.channels == 3 and len(tiny.input.mean) == 3 and tiny.device == "cpu"
+    v1 = client.get_model("tiny", 1)  # on disk, not loaded
+    assert v1.version == 1 and not v1.ready
+
+
+def test_cli_segment_writes_masks_and_overlays(shared_server, tiny_ref, tmp_path):
+    from segsvc.cli import main
+
+    images = tmp_path / "in"
+    images.mkdir()
+    originals = {}
+    for i, (h, w) in enumerate([(40, 60), (52, 52)]):
+        originals[f"img{i}"] = make_image(h, w, seed=200 + i)
+        (images / f"img{i}.png").write_bytes(encode(originals[f"img{i}"]))
+    out = tmp_path / "out"
+    rc = main(["segment", str(images), "--server", shared_server.address, "--out", str(out),
+               "--overlay", "--model", "tiny", "--no-progress"])
+    assert rc == 0
+    for name, image in originals.items():
+        mask = cv2.imread(str(out / f"{name}_mask.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(mask, tiny_ref.predict(image))
+        over = decode_image((out / f"{name}_overlay.png").read_bytes())
+        assert np.array_equal(over, overlay(image, mask, tiny_ref.manifest.palette, 0.5))
+        assert (out / f"{name}_color.png").is_file()
