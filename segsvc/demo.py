@@ -173,8 +173,9 @@ def architectures() -> list[str]:
     from segsvc.config import InputSpec
     from segsvc.inference.predictor import Predictor
     from segsvc.models import build_model
-    from segsvc.models.artifact import Manifest, default_palette
+    from segsvc.models.artifact import Manifest
     from segsvc.models.zoo import paper_specs
+    from segsvc.palette import default_palette
 
     torch.manual_seed(0)
     image = generate_sample(SYNTHETIC_SEED, 0, SyntheticConfig(size_hw=(96, 128)))[0]

@@ -42,6 +42,7 @@ import yaml
 
 from segsvc.config import InputSpec
 from segsvc.data.io import MASK_ENCODINGS
+from segsvc.palette import default_palette
 from segsvc.errors import DatasetError, NotFound
 
 FORMATS = ("folder", "camvid", "membrane", "voc", "synthetic")
@@ -138,21 +139,6 @@ def _parse_split(fmt: str, name: str, index: int, data: Any, where: str) -> Spli
         count=merged.get("count"),
         seed=merged.get("seed"),
     )
-
-
-def default_palette(n: int) -> tuple[tuple[int, int, int], ...]:
-    """The Pascal VOC colour map: distinct, stable colours for ``n`` classes (n <= 256)."""
-    colours = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        colours.append((r, g, b))
-    return tuple(colours)
 
 
 def _colour(value: Any, where: str) -> tuple[int, int, int]:

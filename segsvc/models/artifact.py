@@ -28,28 +28,13 @@ import segsvc
 from segsvc.config import InputSpec, ModelSpec
 from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument, SegsvcError
 from segsvc.models.registry import build_model
+from segsvc.palette import Color, default_palette
 
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 20
 
-Color = tuple[int, int, int]
-
-
-def default_palette(num_classes: int) -> list[Color]:
-    """Distinct colours (the Pascal VOC bit-interleaving scheme) for classes without a palette."""
-    palette = []
-    for i in range(num_classes):
-        r = g = b = 0
-        c = i + 1
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette.append((r, g, b))
-    return palette
 
 
 @dataclass(frozen=True)
