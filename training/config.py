@@ -10,6 +10,7 @@ sets of such overrides, applied before the command line's.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import types
 import typing
@@ -46,7 +47,8 @@ class DataConfig:
     resizes validation images (e.g. 0.5 for a half-resolution CPU budget);
     metrics are still computed on the full-resolution labels.
     ``train_indices``/``val_indices`` select samples by position
-    (``[start, stop]`` ranges); ``train_limit``/``val_limit`` keep the first N.
+    (``[start, stop]`` ranges); ``train_limit``/``val_limit`` keep the first N;
+    ``repeat`` lists the training samples that many times per epoch (small data sets).
     """
 
     spec: str
@@ -60,6 +62,7 @@ class DataConfig:
     val_indices: tuple[int, int] | None = None
     train_limit: int | None = None
     val_limit: int | None = None
+    repeat: int = 1
     workers: int = 0
 
 
@@ -96,9 +99,18 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Learning-rate schedule per optimiser step: linear warm-up, then poly or cosine decay."""
+    """Learning-rate schedule per optimiser step: linear warm-up, then poly or cosine decay.
+
+    ``horizon: epochs`` decays over ``train.epochs``. ``horizon: time`` is for
+    runs with a wall-clock budget (``train.max_time_min``): before every epoch
+    the trainer re-estimates how many epochs fit the budget from the epochs
+    timed so far (at most ``train.epochs``) and decays over that many, so the
+    run ends with a fully decayed LR however fast or busy the machine is. Its
+    epoch count depends on the machine, so it is not bit-reproducible.
+    """
 
     name: Literal["poly", "cosine", "constant"] = "poly"
+    horizon: Literal["epochs", "time"] = "epochs"
     warmup_epochs: float = 0.0
     warmup_factor: float = 0.001
     power: float = 0.9
@@ -210,7 +222,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {list(value)!r}")
         return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin in (Mapping, dict) or tp is dict:
+    if origin in (Mapping, dict, collections.abc.Mapping) or tp is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _frozen_mapping(value)

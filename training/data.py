@@ -84,7 +84,8 @@ class TrainSamples(Dataset):
         index = self.indices[i]
         image, mask = self.base.read(index)
         if self.transform is not None:
-            self.transform.set_random_seed(sample_seed(self.seed, self.epoch, index))
+            # by position, so a sample listed twice (data.repeat) gets two different augmentations
+            self.transform.set_random_seed(sample_seed(self.seed, self.epoch, i))
             out = self.transform(image=image, mask=np.asarray(mask))
             image, mask = out["image"], out["mask"]
         return preprocess(image, self.input_spec), torch.from_numpy(np.asarray(mask, dtype=np.int64))
@@ -120,7 +121,7 @@ class EvalSamples(Dataset):
 
 def stack_batch(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Collate equal-size items; a clear error when sizes differ (use batch size 1 then)."""
-    shapes = {tuple(x.shape) for x, _ in items} | set()
+    shapes = {tuple(x.shape) for x, _ in items}
     if len(shapes) > 1 or len({tuple(y.shape) for _, y in items}) > 1:
         raise ValueError(
             f"cannot batch images of different sizes {sorted(shapes)}: set a crop "

@@ -1,6 +1,7 @@
 """Training losses: cross-entropy, Dice, Focal and Lovasz, and weighted sums of them.
 
-Dice, Focal and Lovasz come from ``segmentation_models_pytorch.losses``. Every
+Dice, Focal and Lovasz come from ``segmentation_models_pytorch.losses`` (its
+focal loss is one-vs-rest: a sigmoid focal term per class channel). Every
 term skips pixels labelled with the ignore index, and every term is computed in
 float32 even when the forward pass ran under autocast.
 """

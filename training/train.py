@@ -14,15 +14,11 @@ on CPU); only rank 0 writes files.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
@@ -43,19 +38,16 @@ from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.data.transforms import train_transform
 from segsvc.errors import InvalidArgument
 from segsvc.inference.predictor import pad_to_multiple
-from segsvc.models.artifact import save_artifact
 from segsvc.models.registry import build_model
-from training.checkpoint import (
-    load_checkpoint, restore_rng_state, restore_training_state, save_checkpoint, unwrap,
-)
-from training.config import LoopConfig, OptimConfig, ScheduleConfig, TrainConfig, load_config
+from training.checkpoint import restore_training_state, save_checkpoint, unwrap
+from training.config import LoopConfig, TrainConfig, load_config
 from training.data import EvalSamples, TrainSamples, rescale_transform, sample_seed, select_indices, stack_batch
+from training.distributed import DistEnv, log, setup_distributed
 from training.losses import build_loss, class_pixel_counts, median_frequency_weights
 from training.metrics import ConfusionMatrix, SegmentationMetrics
 from training.report import plot_training_curve
-
-CHECKPOINT = "checkpoints/last.pt"
-BEST_WEIGHTS = "checkpoints/best.pt"
+from training.rundir import CHECKPOINT, append_metrics, prepare_run, publish, save_best, write_metrics_file
+from training.schedule import Horizon, build_optimizer, build_scheduler, planned_epochs
 
 
 def get_args_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -80,7 +72,7 @@ def main(cfg: TrainConfig, resume: str | None = None) -> Path | None:
             dist.destroy_process_group()
 
 
-def _main(cfg: TrainConfig, resume: str | None, env: "DistEnv") -> Path | None:
+def _main(cfg: TrainConfig, resume: str | None, env: DistEnv) -> Path | None:
     loop = cfg.train
     setup_determinism(loop, env)
     data = load_dataset_spec(cfg.data.spec)
@@ -102,7 +94,8 @@ def _main(cfg: TrainConfig, resume: str | None, env: "DistEnv") -> Path | None:
     criterion = build_loss(cfg.loss, data.num_classes, data.ignore_index, class_weights).to(env.device)
     optimizer = build_optimizer(cfg.optim, unwrap(model))
     steps_per_epoch = math.ceil(len(train_loader) / loop.accumulate_steps)
-    scheduler = build_scheduler(cfg.schedule, optimizer, steps_per_epoch, loop.epochs)
+    horizon = Horizon(total_steps=steps_per_epoch * loop.epochs)
+    scheduler = build_scheduler(cfg.schedule, optimizer, steps_per_epoch, horizon)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(loop.amp) if use_cuda else None
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype is torch.float16)
 
@@ -118,6 +111,11 @@ def _main(cfg: TrainConfig, resume: str | None, env: "DistEnv") -> Path | None:
     log(env, describe_run(cfg, model, data, train_set, val_set, env, run_dir, amp_dtype, memory_format))
 
     for epoch in range(start_epoch, loop.epochs):
+        planned = planned_epochs(cfg, history, elapsed_s, env)
+        if epoch >= planned:
+            log(env, f"stopping before epoch {epoch + 1}: the time budget fits {planned} epochs")
+            break
+        horizon.set(planned * steps_per_epoch, scheduler)
         t0 = time.perf_counter()
         torch.manual_seed(sample_seed(loop.seed, epoch, env.rank, 1))  # dropout etc.: exact on resume
         train_set.set_epoch(epoch)
@@ -129,9 +127,13 @@ def _main(cfg: TrainConfig, resume: str | None, env: "DistEnv") -> Path | None:
             model, criterion, optimizer, scheduler, scaler, train_loader, env, epoch, loop, amp_dtype, memory_format
         )
         row: dict[str, Any] = {"epoch": epoch + 1, **stats}
-        validate_now = (epoch + 1) % loop.val_every_epochs == 0 or epoch + 1 == loop.epochs
+        validate_now = (epoch + 1) % loop.val_every_epochs == 0 or epoch + 1 == planned
+        if not validate_now and cfg.schedule.horizon == "time":  # will the budget end the run after this epoch?
+            so_far = elapsed_s + time.perf_counter() - t0
+            validate_now = epoch + 1 >= planned_epochs(cfg, [*history, row], so_far, env)
         if validate_now:
-            metrics = evaluate(unwrap(model), val_loader, env, data.num_classes, data.ignore_index, stride, amp_dtype)
+            metrics = evaluate(unwrap(model), val_loader, env, data.num_classes, data.ignore_index, stride,
+                               amp_dtype, loop.progress)
             row.update(val_miou=metrics.miou, val_pixel_accuracy=metrics.pixel_accuracy,
                        val_mean_class_accuracy=metrics.mean_class_accuracy, val_mean_dice=metrics.mean_dice,
                        val_iou=metrics.iou)
@@ -148,9 +150,11 @@ def _main(cfg: TrainConfig, resume: str | None, env: "DistEnv") -> Path | None:
                             history=history, config=cfg.to_dict(), elapsed_s=elapsed_s)
             append_metrics(run_dir, row)
             plot_training_curve(history, run_dir / "training_curve.png", title=cfg.name)
-        log(env, epoch_line(row, loop.epochs))
+        log(env, epoch_line(row, planned))
         if stop_reason := should_stop(loop, since_best, elapsed_s, env):
             log(env, f"stopping after epoch {epoch + 1}: {stop_reason}")
+            break
+        if epoch + 1 >= planned:  # the LR has decayed to its end: a later, longer estimate must not restart it
             break
 
     if not env.is_main:
@@ -166,7 +170,7 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
     loader: DataLoader,
-    env: "DistEnv",
+    env: DistEnv,
     epoch: int,
     loop: LoopConfig,
     amp_dtype: torch.dtype | None,
@@ -206,7 +210,7 @@ def train_one_epoch(
         for name, value in getattr(criterion, "last_terms", {}).items():
             term_sums[name] = term_sums.get(name, 0.0) + value
         images_seen += images.shape[0]
-        if bar.disable is False and (i % 10 == 0 or i + 1 == n_batches):
+        if not bar.disable and (i % 10 == 0 or i + 1 == n_batches):
             mean_loss = (loss_sum / (i + 1)).item()
             check_finite(mean_loss, epoch, i)
             rate = images_seen * env.world_size / max(time.perf_counter() - t0, 1e-9)
@@ -235,11 +239,12 @@ def train_one_epoch(
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
-    env: "DistEnv",
+    env: DistEnv,
     num_classes: int,
     ignore_index: int | None,
     stride: int,
     amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
 ) -> SegmentationMetrics:
     """Confusion-matrix metrics on the validation shard of this rank, summed over all ranks.
 
@@ -250,7 +255,7 @@ def evaluate(
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index)
     for images, masks in tqdm(loader, desc="validate", unit="batch", leave=False,
-                              disable=not env.is_main or len(loader) < 4):
+                              disable=not (env.is_main and progress) or len(loader) < 4):
         images = images.to(env.device, non_blocking=True)
         padded, (h, w) = pad_to_multiple(images, stride)
         with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -263,40 +268,6 @@ def evaluate(
 
 
 # -- building blocks ----------------------------------------------------------------
-@dataclass(frozen=True)
-class DistEnv:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> DistEnv:
-    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1) and pick the device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise InvalidArgument(f"train.device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgument("train.device=cuda but no CUDA device is available; use train.device=cpu")
-    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
-    if device == "cuda":
-        torch.cuda.set_device(dev)
-    if world_size > 1:
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    return DistEnv(rank, world_size, dev)
 
 
 def setup_determinism(loop: LoopConfig, env: DistEnv) -> None:
@@ -326,7 +297,9 @@ def build_datasets(cfg: TrainConfig, data: DatasetSpec, stride: int) -> tuple[Tr
     transform = A.Compose([*steps, preset]) if steps else preset
     base_train = build_dataset(data, cfg.data.train_split)
     base_val = build_dataset(data, cfg.data.val_split)
-    train_idx = select_indices(len(base_train), cfg.data.train_indices, cfg.data.train_limit)
+    if cfg.data.repeat < 1:
+        raise InvalidArgument(f"data.repeat must be at least 1, got {cfg.data.repeat}")
+    train_idx = select_indices(len(base_train), cfg.data.train_indices, cfg.data.train_limit) * cfg.data.repeat
     val_idx = select_indices(len(base_val), cfg.data.val_indices, cfg.data.val_limit)
     return (
         TrainSamples(base_train, train_idx, transform, data.input_spec(), cfg.train.seed),
@@ -378,79 +351,7 @@ def resolve_class_weights(
     return torch.tensor(option, dtype=torch.float32)
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD; no weight decay on biases and normalisation parameters."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-
-
-def lr_factor(step: int, total: int, warmup: int, cfg: ScheduleConfig) -> float:
-    """Multiplier of the base LR at optimiser step ``step``: linear warm-up, then poly/cosine/constant."""
-    if step < warmup:
-        alpha = step / warmup
-        return cfg.warmup_factor * (1 - alpha) + alpha
-    if cfg.name == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / (total - warmup))
-    if cfg.name == "poly":
-        decay = (1 - progress) ** cfg.power
-    else:
-        decay = 0.5 * (1 + math.cos(math.pi * progress))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
-
-
-def build_scheduler(
-    cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    total = steps_per_epoch * epochs
-    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, cfg))
-
-
-# -- run directory, logging, stopping, publishing -------------------------------------
-def prepare_run(cfg: TrainConfig, resume: str | None, env: DistEnv) -> tuple[Path, dict[str, Any] | None]:
-    """The run directory (new, or the resumed one) and the checkpoint state to resume from."""
-    state = None
-    if resume is not None:
-        path = Path(resume)
-        ckpt = path / CHECKPOINT if path.is_dir() else path
-        state = load_checkpoint(ckpt)
-        run_dir = ckpt.parent.parent
-        warn_config_changes(state.get("config", {}), cfg.to_dict(), env)
-    else:
-        name = cfg.output.run_name or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        if env.distributed:  # every rank must agree on rank 0's timestamp
-            holder = [name]
-            dist.broadcast_object_list(holder, src=0)
-            name = holder[0]
-        run_dir = Path(cfg.output.runs_dir) / cfg.name / name
-        if env.is_main:
-            if (run_dir / CHECKPOINT).exists():
-                raise InvalidArgument(
-                    f"run directory {run_dir} already holds a checkpoint: pass --resume {run_dir} "
-                    "to continue it, or choose another output.run_name"
-                )
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return run_dir, state
-
-
-def warn_config_changes(old: dict[str, Any], new: dict[str, Any], env: DistEnv, prefix: str = "") -> None:
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            warn_config_changes(a, b, env, f"{prefix}{key}.")
-        elif a != b:
-            log(env, f"warning: resuming with {prefix}{key}={b!r} (the checkpoint was trained with {a!r})")
-
-
-def log(env: DistEnv, message: str) -> None:
-    if env.is_main:
-        tqdm.write(message, file=sys.stderr)
+# -- logging and stopping -------------------------------------------------------------
 
 
 def describe_run(
@@ -494,66 +395,6 @@ def should_stop(loop: LoopConfig, since_best: int, elapsed_s: float, env: DistEn
         dist.broadcast_object_list(holder, src=0)
         reason = holder[0]
     return reason or None
-
-
-def write_metrics_file(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """(Re)write ``metrics.jsonl`` from the history, so a resumed run has no duplicated epochs."""
-    with open(run_dir / "metrics.jsonl", "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
-
-
-def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def save_best(run_dir: Path, model: nn.Module, epoch: int, metrics: SegmentationMetrics, names: Sequence[str]) -> None:
-    path = run_dir / BEST_WEIGHTS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "epoch": epoch, "metrics": metrics.to_dict(list(names))}, tmp)
-    os.replace(tmp, path)
-
-
-def publish(
-    cfg: TrainConfig,
-    spec: ModelSpec,
-    data: DatasetSpec,
-    run_dir: Path,
-    model: nn.Module,
-    history: list[dict[str, Any]],
-    elapsed_s: float,
-) -> Path:
-    """Write the best validated weights as a model artifact carrying their metrics and class names."""
-    best_path = run_dir / BEST_WEIGHTS
-    if best_path.exists():
-        best = torch.load(best_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(best["model"])
-        metrics, best_epoch = dict(best["metrics"]), int(best["epoch"])
-    else:  # validation never ran: publish the last weights without metrics
-        metrics, best_epoch = {}, len(history)
-    model = model.to("cpu", memory_format=torch.contiguous_format)
-    metrics.update(split=cfg.data.val_split, epoch=best_epoch, val_scale=cfg.data.val_scale)
-    training = {
-        "recipe": cfg.name,
-        "dataset": data.name,
-        "epochs_run": len(history),
-        "best_epoch": best_epoch,
-        "train_time_s": round(elapsed_s, 1),
-        "run_dir": str(run_dir),
-        "host": f"{platform.node()} ({platform.processor() or platform.machine()}), torch {torch.__version__}",
-        "config": cfg.to_dict(),
-    }
-    artifact = save_artifact(
-        model, cfg.output.repo, cfg.model_name, spec=spec, input_spec=data.input_spec(),
-        class_names=list(data.class_names), palette=[tuple(c) for c in data.palette],
-        ignore_index=data.ignore_index, training=training, metrics=metrics,
-    )
-    (run_dir / "artifact.txt").write_text(f"{artifact}\n")
-    print(f"best epoch {best_epoch}: val mIoU {metrics.get('miou')}, pixel accuracy "
-          f"{metrics.get('pixel_accuracy')}\nartifact: {artifact}")
-    return artifact
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,211 @@
+"""End-to-end training runs on tiny synthetic data: run files, artifact, resume, schedules, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segsvc.cli import main as segsvc_main
+from segsvc.errors import InvalidArgument
+from segsvc.inference.predictor import Predictor
+from segsvc.models.artifact import load_artifact, read_manifest
+from training.config import ScheduleConfig, load_config
+from training.distributed import DistEnv
+from training.rundir import CHECKPOINT
+from training.schedule import Horizon, build_scheduler, lr_factor, planned_epochs
+from training.train import main
+
+
+def run_dir_of(artifact: Path) -> Path:
+    return Path(read_manifest(artifact).training["run_dir"])
+
+
+def test_one_epoch_smoke_run_writes_run_files_and_a_servable_artifact(tiny_recipe):
+    artifact = main(load_config(tiny_recipe, ["output.run_name=smoke"]))
+    run_dir = run_dir_of(artifact)
+    assert run_dir.name == "smoke" and run_dir.parent.name == "tiny"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["epoch"] == 1
+    for key in ("train_loss", "train_ce", "train_dice", "lr", "images_per_s", "val_miou", "val_pixel_accuracy"):
+        assert math.isfinite(rows[0][key]), key
+    for name in ("training_curve.png", "config.yaml", CHECKPOINT, "checkpoints/best.pt"):
+        assert (run_dir / name).stat().st_size > 0, name
+
+    model, manifest = load_artifact(artifact)
+    assert manifest.class_names == ("background", "circle", "rectangle")
+    assert manifest.metrics["miou"] == pytest.approx(rows[0]["val_miou"], abs=1e-6)
+    assert manifest.metrics["split"] == "val" and manifest.training["recipe"] == "tiny"
+    assert manifest.ignore_index == 255 and manifest.spec.arch == "unet"
+    labels = Predictor(model, manifest).predict(np.zeros((37, 45, 3), np.uint8))
+    assert labels.shape == (37, 45)
+
+
+def test_loss_falls_on_the_synthetic_set(tiny_recipe):
+    artifact = main(load_config(tiny_recipe, ["train.epochs=6", "data.train_limit=16"]))
+    rows = [json.loads(x) for x in (run_dir_of(artifact) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in rows]
+    assert len(losses) == 6
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_interrupt_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_recipe, monkeypatch):
+    overrides = ["train.epochs=3", "data.train_limit=12"]
+    main(load_config(tiny_recipe, [*overrides, "output.run_name=straight"]))
+
+    import training.train as train_module
+
+    real = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def crash_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        stats = real(*args, **kwargs)  # epoch 2 trains (and changes the weights) ...
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # ... but the process dies before its checkpoint
+        return stats
+
+    monkeypatch.setattr(train_module, "train_one_epoch", crash_in_epoch_two)
+    cfg = load_config(tiny_recipe, [*overrides, "output.run_name=interrupted"])
+    with pytest.raises(KeyboardInterrupt):
+        main(cfg)
+    monkeypatch.setattr(train_module, "train_one_epoch", real)
+    runs = tiny_recipe.parent / "runs" / "tiny"
+    assert torch.load(runs / "interrupted" / CHECKPOINT, weights_only=True)["epoch"] == 1
+    main(cfg, resume=str(runs / "interrupted"))
+
+    a = torch.load(runs / "straight" / CHECKPOINT, weights_only=True)
+    b = torch.load(runs / "interrupted" / CHECKPOINT, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+    lines = (runs / "interrupted" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]  # no duplicated epoch after the resume
+
+
+def test_gradient_accumulation_steps_the_optimizer_once_per_group(tiny_recipe):
+    # 12 samples, batch 4 -> 3 batches per epoch; accumulating 2 gives 2 optimiser steps per epoch
+    artifact = main(load_config(tiny_recipe, ["train.epochs=2", "data.train_limit=12", "train.accumulate_steps=2"]))
+    state = torch.load(run_dir_of(artifact) / CHECKPOINT, weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 4
+    assert state["optimizer"]["state"][0]["step"].item() == 4
+
+
+def test_early_stopping_and_time_budget_end_the_run(tiny_recipe):
+    artifact = main(load_config(tiny_recipe, ["train.epochs=5", "data.train_limit=8", "train.max_time_min=0.0001"]))
+    assert read_manifest(artifact).training["epochs_run"] == 1
+    artifact = main(load_config(tiny_recipe, ["train.epochs=5", "data.train_limit=8", "optim.lr=0.0",
+                                              "train.early_stopping_patience=1"]))
+    assert read_manifest(artifact).training["epochs_run"] == 2  # lr 0: epoch 2 cannot improve on epoch 1
+
+
+def test_sgd_cosine_median_frequency_and_every_loss_term_train(tiny_recipe):
+    overrides = ["optim.name=sgd", "optim.lr=0.05", "schedule.name=cosine", "loss.class_weights=median_frequency",
+                 "loss.terms=[{name: ce}, {name: dice, weight: 0.3}, {name: focal, weight: 0.3}, {name: lovasz, weight: 0.3}]",
+                 "data.train_limit=8"]
+    artifact = main(load_config(tiny_recipe, overrides))
+    row = json.loads((run_dir_of(artifact) / "metrics.jsonl").read_text().splitlines()[0])
+    assert all(math.isfinite(row[f"train_{t}"]) for t in ("ce", "dice", "focal", "lovasz"))
+
+
+@pytest.mark.parametrize("name", ["poly", "cosine", "constant"])
+def test_lr_schedules_warm_up_linearly_then_decay(name):
+    cfg = ScheduleConfig(name=name, warmup_factor=0.1, power=1.0, min_lr_ratio=0.0)
+    f = [lr_factor(step, total=20, warmup=10, cfg=cfg) for step in range(21)]
+    assert f[0] == pytest.approx(0.1) and f[5] == pytest.approx(0.55) and f[10] == pytest.approx(1.0)
+    expected_end = 1.0 if name == "constant" else 0.0
+    assert f[20] == pytest.approx(expected_end)
+    if name == "poly":
+        assert f[15] == pytest.approx(0.5)
+    if name == "cosine":
+        assert f[15] == pytest.approx(0.5)
+
+
+def test_a_crop_that_does_not_fit_the_stride_names_the_fix(tiny_recipe):
+    with pytest.raises(InvalidArgument, match=r"data.crop=\[32,32\]"):
+        main(load_config(tiny_recipe, ["data.crop=[34, 34]"]))  # the stride is 4
+
+
+def test_resuming_a_finished_name_is_refused_without_resume(tiny_recipe):
+    main(load_config(tiny_recipe, ["output.run_name=same", "data.train_limit=4"]))
+    with pytest.raises(InvalidArgument, match="--resume"):
+        main(load_config(tiny_recipe, ["output.run_name=same", "data.train_limit=4"]))
+
+
+def test_segsvc_train_cli_reports_config_errors_with_exit_code_2(tiny_recipe, capsys):
+    assert segsvc_main(["train", "--config", str(tiny_recipe), "--set", "train.epochz=2"]) == 2
+    assert "unknown config key 'train.epochz'" in capsys.readouterr().err
+    assert segsvc_main(["train", "--config", str(tiny_recipe), "--set", "data.train_limit=4"]) == 0
+
+
+def test_time_horizon_fits_the_epochs_to_the_budget(tiny_recipe):
+    env = DistEnv(rank=0, world_size=1, device=torch.device("cpu"))
+    cfg = load_config(tiny_recipe, ["schedule.horizon=time", "train.max_time_min=1", "train.epochs=50"])
+    assert planned_epochs(cfg, [], 0.0, env) == 50  # nothing timed yet
+    assert planned_epochs(cfg, [{}, {}], 20.0, env) == 6  # 10 s per epoch, 60 s budget
+    assert planned_epochs(cfg, [{}, {}, {}], 150.0, env) == 3  # over budget: never below the epochs done
+    epochs_only = load_config(tiny_recipe, ["train.max_time_min=1", "train.epochs=50"])
+    assert planned_epochs(epochs_only, [{}, {}], 20.0, env) == 50
+
+
+def test_moving_the_horizon_recomputes_the_current_lr():
+    from training.config import ScheduleConfig
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    horizon = Horizon(total_steps=100)
+    scheduler = build_scheduler(ScheduleConfig(name="poly", power=1.0), optimizer, 10, horizon)
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5)
+    horizon.set(60, scheduler)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1 - 50 / 60)
+
+
+def test_time_horizon_run_ends_with_a_validated_fully_decayed_epoch(tiny_recipe):
+    artifact = main(load_config(tiny_recipe, ["schedule.horizon=time", "train.max_time_min=0.0001", "train.epochs=9",
+                                              "train.val_every_epochs=5", "data.train_limit=8"]))
+    rows = [json.loads(x) for x in (run_dir_of(artifact) / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and "val_miou" in rows[0]  # the budget fits one epoch: it is validated
+
+
+def test_a_finished_time_horizon_is_not_extended_by_a_later_estimate(tiny_recipe, monkeypatch):
+    import training.train as train_module
+
+    estimates = {0: 9, 1: 2, 2: 5}  # the machine got faster after epoch 2: too late, the LR is already 0
+    monkeypatch.setattr(train_module, "planned_epochs", lambda cfg, history, *_: estimates[len(history)])
+    artifact = main(load_config(tiny_recipe, ["schedule.horizon=time", "train.max_time_min=5", "train.epochs=9",
+                                              "data.train_limit=8"]))
+    rows = [json.loads(x) for x in (run_dir_of(artifact) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["lr"] == 0.0
+
+
+@pytest.mark.dataset
+def test_camvid_smoke_epoch_on_a_few_images(datasets_root, tmp_path):
+    recipe = Path(__file__).resolve().parents[2] / "training" / "recipes" / "camvid-unet.yaml"
+    cfg = load_config(recipe, [
+        "model.params.base_channels=4", "model.params.depth=2", "data.scale=[0.25, 0.25]", "data.crop=[64, 96]",
+        "data.val_scale=0.25", "data.train_limit=4", "data.val_limit=2", "train.epochs=1", "train.progress=false",
+        "loss.class_weights=null", f"output.runs_dir={tmp_path}/runs", f"output.repo={tmp_path}/repo",
+    ])
+    manifest = read_manifest(main(cfg))
+    assert manifest.class_names[0] == "Sky" and len(manifest.class_names) == 11
+    assert manifest.metrics["pixels"] > 0.8 * 2 * 360 * 480  # full-size labels, void excluded
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_amp_and_channels_last(tiny_recipe, amp):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    artifact = main(load_config(tiny_recipe, ["train.device=cuda", f"train.amp={amp}", "train.channels_last=true",
+                                              "train.deterministic=false", "train.epochs=2"]))
+    rows = [json.loads(x) for x in (run_dir_of(artifact) / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["train_loss"]) for r in rows) and rows[-1]["val_miou"] > 0

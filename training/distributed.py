@@ -1,0 +1,60 @@
+"""Where this process stands in a run: rank, world size and device (torchrun sets the environment).
+
+Started by ``torchrun --nproc_per_node=N``, the trainer joins a process group
+(NCCL on GPU, gloo on CPU); started plainly it is rank 0 of a world of one.
+Only rank 0 logs and writes files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from segsvc.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> DistEnv:
+    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1) and pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise InvalidArgument(f"train.device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument("train.device=cuda but no CUDA device is available; use train.device=cpu")
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    if device == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return DistEnv(rank, world_size, dev)
+
+
+def log(env: DistEnv, message: str) -> None:
+    if env.is_main:
+        tqdm.write(message, file=sys.stderr)
+

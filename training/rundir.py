@@ -1,0 +1,141 @@
+"""A run's files: ``runs/<recipe>/<run>/`` and the published model artifact.
+
+The run directory holds ``config.yaml``, ``metrics.jsonl`` (one line per
+epoch), ``training_curve.png``, ``checkpoints/last.pt`` (everything needed to
+resume, rewritten every epoch) and ``checkpoints/best.pt`` (the weights with the
+best validation mIoU). At the end those best weights are published as a
+safetensors artifact carrying their validation metrics and class names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+
+from segsvc.config import ModelSpec
+from segsvc.data.spec import DatasetSpec
+from segsvc.errors import InvalidArgument
+from segsvc.models.artifact import save_artifact
+from training.checkpoint import load_checkpoint
+from training.config import TrainConfig
+from training.distributed import DistEnv, log
+from training.metrics import SegmentationMetrics
+
+CHECKPOINT = "checkpoints/last.pt"
+BEST_WEIGHTS = "checkpoints/best.pt"
+
+
+def prepare_run(cfg: TrainConfig, resume: str | None, env: DistEnv) -> tuple[Path, dict[str, Any] | None]:
+    """The run directory (new, or the resumed one) and the checkpoint state to resume from."""
+    state = None
+    if resume is not None:
+        path = Path(resume)
+        ckpt = path / CHECKPOINT if path.is_dir() else path
+        state = load_checkpoint(ckpt)
+        run_dir = ckpt.parent.parent
+        warn_config_changes(state.get("config", {}), cfg.to_dict(), env)
+    else:
+        name = cfg.output.run_name or fresh_run_name(Path(cfg.output.runs_dir) / cfg.name)
+        if env.distributed:  # every rank must agree on rank 0's timestamp
+            holder = [name]
+            dist.broadcast_object_list(holder, src=0)
+            name = holder[0]
+        run_dir = Path(cfg.output.runs_dir) / cfg.name / name
+        if env.is_main:
+            if (run_dir / CHECKPOINT).exists():
+                raise InvalidArgument(
+                    f"run directory {run_dir} already holds a checkpoint: pass --resume {run_dir} "
+                    "to continue it, or choose another output.run_name"
+                )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return run_dir, state
+
+
+def fresh_run_name(parent: Path) -> str:
+    """A UTC timestamp, with a suffix when a run of that second already exists."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name, n = stamp, 1
+    while (parent / name).exists():
+        n += 1
+        name = f"{stamp}-{n}"
+    return name
+
+
+def warn_config_changes(old: dict[str, Any], new: dict[str, Any], env: DistEnv, prefix: str = "") -> None:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            warn_config_changes(a, b, env, f"{prefix}{key}.")
+        elif a != b:
+            log(env, f"warning: resuming with {prefix}{key}={b!r} (the checkpoint was trained with {a!r})")
+
+
+def write_metrics_file(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """(Re)write ``metrics.jsonl`` from the history, so a resumed run has no duplicated epochs."""
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for row in history:
+            f.write(json.dumps(row) + "\n")
+
+
+def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def save_best(run_dir: Path, model: nn.Module, epoch: int, metrics: SegmentationMetrics, names: Sequence[str]) -> None:
+    path = run_dir / BEST_WEIGHTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "epoch": epoch, "metrics": metrics.to_dict(list(names))}, tmp)
+    os.replace(tmp, path)
+
+
+def publish(
+    cfg: TrainConfig,
+    spec: ModelSpec,
+    data: DatasetSpec,
+    run_dir: Path,
+    model: nn.Module,
+    history: list[dict[str, Any]],
+    elapsed_s: float,
+) -> Path:
+    """Write the best validated weights as a model artifact carrying their metrics and class names."""
+    best_path = run_dir / BEST_WEIGHTS
+    if best_path.exists():
+        best = torch.load(best_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(best["model"])
+        metrics, best_epoch = dict(best["metrics"]), int(best["epoch"])
+    else:  # validation never ran: publish the last weights without metrics
+        metrics, best_epoch = {}, len(history)
+    model = model.to("cpu", memory_format=torch.contiguous_format)
+    metrics.update(split=cfg.data.val_split, epoch=best_epoch, val_scale=cfg.data.val_scale)
+    training = {
+        "recipe": cfg.name,
+        "dataset": data.name,
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        "train_time_s": round(elapsed_s, 1),
+        "run_dir": str(run_dir),
+        "host": f"{platform.node()} ({platform.processor() or platform.machine()}), torch {torch.__version__}",
+        "config": cfg.to_dict(),
+    }
+    artifact = save_artifact(
+        model, cfg.output.repo, cfg.model_name, spec=spec, input_spec=data.input_spec(),
+        class_names=list(data.class_names), palette=[tuple(c) for c in data.palette],
+        ignore_index=data.ignore_index, training=training, metrics=metrics,
+    )
+    (run_dir / "artifact.txt").write_text(f"{artifact}\n")
+    print(f"best epoch {best_epoch}: val mIoU {metrics.get('miou')}, pixel accuracy "
+          f"{metrics.get('pixel_accuracy')}\nartifact: {artifact}")
+    return artifact
+

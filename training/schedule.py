@@ -1,0 +1,87 @@
+"""Optimisers and learning-rate schedules: AdamW or SGD; linear warm-up, then poly, cosine or constant.
+
+The schedule runs per optimiser step over a ``Horizon`` of steps: ``train.epochs``
+worth, or with ``schedule.horizon: time`` the epochs that fit the run's time
+budget, re-estimated before every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from training.config import OptimConfig, ScheduleConfig, TrainConfig
+from training.distributed import DistEnv
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW or SGD; no weight decay on biases and normalisation parameters."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def lr_factor(step: int, total: int, warmup: int, cfg: ScheduleConfig) -> float:
+    """Multiplier of the base LR at optimiser step ``step``: linear warm-up, then poly/cosine/constant."""
+    if step < warmup:
+        alpha = step / warmup
+        return cfg.warmup_factor * (1 - alpha) + alpha
+    if cfg.name == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    if cfg.name == "poly":
+        decay = (1 - progress) ** cfg.power
+    else:
+        decay = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+class Horizon:
+    """The number of optimiser steps the LR decays over; the time horizon moves it between epochs."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+
+    def set(self, total_steps: int, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+        """Change the horizon and recompute the current LR with it."""
+        if total_steps == self.total_steps:
+            return
+        self.total_steps = total_steps
+        step = scheduler.last_epoch
+        for group, base_lr, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * fn(step)
+
+
+def build_scheduler(
+    cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int, horizon: Horizon
+) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, horizon.total_steps, min(warmup, horizon.total_steps), cfg)
+    )
+
+
+def planned_epochs(cfg: TrainConfig, history: list[dict[str, Any]], elapsed_s: float, env: DistEnv) -> int:
+    """``train.epochs``, or with ``schedule.horizon: time`` the epochs that fit the time budget.
+
+    The estimate uses the mean time of the epochs so far (validation included);
+    before the first epoch it is ``train.epochs``. Rank 0 decides for all ranks.
+    """
+    loop = cfg.train
+    if cfg.schedule.horizon != "time" or loop.max_time_min is None or not history:
+        return loop.epochs
+    per_epoch_s = elapsed_s / len(history)
+    planned = min(loop.epochs, max(len(history), int(60 * loop.max_time_min / per_epoch_s)))
+    if env.distributed:
+        holder = [planned]
+        dist.broadcast_object_list(holder, src=0)
+        planned = holder[0]
+    return planned
+
