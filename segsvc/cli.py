@@ -72,15 +72,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    # the same flags as `python -m training` (training/train.py::get_args_parser)
+    from training.args import add_train_arguments  # argparse only: no torch import
+
     p = sub.add_parser("train", help="train a model from a recipe and publish it to a model repository")
-    p.add_argument("--config", required=True, help="recipe YAML, e.g. training/recipes/synthetic-quick.yaml")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a recipe value by its dotted key (repeatable), e.g. --set train.epochs=3",
-    )
-    p.add_argument("--profile", default=None, help="apply a named profile of the recipe first, e.g. gpu")
-    p.add_argument("--resume", default=None, help="a run directory or checkpoint file to continue exactly")
+    add_train_arguments(p)
     p.set_defaults(func=_train)
 
 

@@ -47,19 +47,13 @@ from training.losses import build_loss, class_pixel_counts, median_frequency_wei
 from training.metrics import ConfusionMatrix, SegmentationMetrics
 from training.report import plot_training_curve
 from training.rundir import CHECKPOINT, append_metrics, prepare_run, publish, save_best, write_metrics_file
+from training.args import add_train_arguments
 from training.schedule import Horizon, build_optimizer, build_scheduler, planned_epochs
 
 
 def get_args_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="recipe YAML, e.g. training/recipes/camvid-unet.yaml")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a recipe value by its dotted key (repeatable), e.g. --set train.epochs=3",
-    )
-    parser.add_argument("--profile", default=None, help="apply a named profile of the recipe first, e.g. gpu")
-    parser.add_argument("--resume", default=None, help="a run directory or checkpoint file to continue exactly")
-    return parser
+    return add_train_arguments(parser)
 
 
 def main(cfg: TrainConfig, resume: str | None = None) -> Path | None:
