@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Callable, Sequence
 
-from segsvc.errors import SegsvcError
+from segsvc.errors import InvalidArgument, SegsvcError
 
 
 # -- models --------------------------------------------------------------------
@@ -193,7 +193,7 @@ def _read_token(args: argparse.Namespace) -> str | None:
 
 def _serve(args: argparse.Namespace) -> int:
     from segsvc.inference.batcher import BatchingConfig
-    from segsvc.inference.engine import EngineConfig
+    from segsvc.inference.engine import EngineConfig, resolve_device
     from segsvc.inference.manager import ManagerConfig
     from segsvc.server.app import run
     from segsvc.server.config import MIB, LimitsConfig, ServerConfig, TLSConfig
@@ -213,6 +213,7 @@ def _serve(args: argparse.Namespace) -> int:
                 max_batch_size=1 if args.no_batching else args.max_batch_size,
                 max_delay_s=args.max_delay_ms / 1e3,
                 max_queue_size=args.max_queue,
+                max_batch_pixels=_batch_pixels(args.max_batch_pixels, resolve_device(args.device).type),
             ),
             poll_interval_s=args.poll_interval_s,
             models=tuple(args.models or ()),
@@ -232,6 +233,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+CPU_BATCH_PIXELS = 1 << 19  # two 512x512 images
+CUDA_BATCH_PIXELS = 64 << 20
+
+
+def _batch_pixels(value: str, device_type: str) -> int | None:
+    """``--max-batch-pixels``: ``auto`` by device, ``0`` for no limit, else a positive integer."""
+    if value == "auto":
+        return CUDA_BATCH_PIXELS if device_type == "cuda" else CPU_BATCH_PIXELS
+    try:
+        pixels = int(value)
+    except ValueError:
+        raise InvalidArgument(f"--max-batch-pixels must be 'auto' or an integer, got {value!r}") from None
+    if pixels < 0:
+        raise InvalidArgument(f"--max-batch-pixels must be >= 0, got {pixels}")
+    return pixels or None
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model repository over gRPC (Segment, SegmentStream, models, health)")
     p.add_argument("--model-repo", required=True, help="repository root: <root>/<model>/<version>/")
@@ -247,6 +265,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting per model version before RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--max-batch-pixels", default="auto",
+                   help="most input pixels in one batch, bounding a forward pass's memory; 0: no limit; "
+                        "auto (default): 0.5 MP on CPU, where bigger batches of large images only thrash "
+                        "the caches (bench/bench_server.py), 64 MP on CUDA")
     p.add_argument("--no-batching", action="store_true", help="one image per forward pass")
     p.add_argument("--poll-interval-s", type=float, default=5.0,
                    help="seconds between repository scans for new versions; 0 disables (default 5)")

@@ -48,6 +48,9 @@ class BatchingConfig:
         max_delay_s: longest time the oldest item waits for the batch to fill.
         max_queue_size: most items waiting (not yet running); more are refused
             with ``Overloaded`` (gRPC RESOURCE_EXHAUSTED).
+        max_batch_pixels: most input pixels in one batch (``None``: no limit), so
+            a batch of large images cannot exhaust memory; an image over the budget
+            still runs, alone. Needs the batcher's ``pixels`` function.
 
     Example:
         >>> BatchingConfig(max_batch_size=8, max_delay_s=0.005, max_queue_size=256).max_batch_size
@@ -57,6 +60,7 @@ class BatchingConfig:
     max_batch_size: int = 8
     max_delay_s: float = 0.005
     max_queue_size: int = 256
+    max_batch_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
@@ -65,6 +69,10 @@ class BatchingConfig:
             raise InvalidArgument(f"max_delay_s must be >= 0, got {self.max_delay_s!r}")
         if not isinstance(self.max_queue_size, int) or self.max_queue_size < 1:
             raise InvalidArgument(f"max_queue_size must be a positive integer, got {self.max_queue_size!r}")
+        if self.max_batch_pixels is not None and (
+            not isinstance(self.max_batch_pixels, int) or self.max_batch_pixels < 1
+        ):
+            raise InvalidArgument(f"max_batch_pixels must be a positive integer or None, got {self.max_batch_pixels!r}")
 
     @property
     def enabled(self) -> bool:
@@ -107,6 +115,7 @@ class DynamicBatcher(Generic[T, R]):
             raising fails every item of the batch. Runs on ``executor``.
         config: batch size, delay and queue bound.
         key: items with different keys never share a batch (default: all equal).
+        pixels: an item's pixel count, for ``config.max_batch_pixels``.
         executor: where ``predict`` runs; default one dedicated thread, so one
             batch of this model runs at a time.
         name: used in error messages and logs (e.g. ``"model unet:3"``).
@@ -122,6 +131,7 @@ class DynamicBatcher(Generic[T, R]):
         config: BatchingConfig,
         *,
         key: Callable[[T], Hashable] | None = None,
+        pixels: Callable[[T], int] | None = None,
         executor: Executor | None = None,
         name: str = "batcher",
         on_batch: Callable[[int, float], None] | None = None,
@@ -133,6 +143,9 @@ class DynamicBatcher(Generic[T, R]):
         self._predict = predict
         self.config = config
         self._key = key or (lambda _item: None)
+        if config.max_batch_pixels is not None and pixels is None:
+            raise InvalidArgument("config.max_batch_pixels needs a pixels function")
+        self._pixels = pixels or (lambda _item: 0)
         self._own_executor = executor is None
         self._executor = executor
         self.name = name
@@ -224,6 +237,13 @@ class DynamicBatcher(Generic[T, R]):
             if not group:
                 del self._groups[pending.key]
 
+    def _full(self, group: deque[_Pending[T]]) -> bool:
+        """Whether a group holds a whole batch (by count or by pixel budget)."""
+        if len(group) >= self.config.max_batch_size:
+            return True
+        budget = self.config.max_batch_pixels
+        return budget is not None and sum(self._pixels(p.item) for p in group) >= budget
+
     def _oldest_key(self) -> Hashable:
         return min(self._groups, key=lambda k: self._groups[k][0].enqueued_at)
 
@@ -231,7 +251,12 @@ class DynamicBatcher(Generic[T, R]):
         group = self._groups.get(key)
         batch: list[_Pending[T]] = []
         now = asyncio.get_running_loop().time()
+        budget = self.config.max_batch_pixels
+        total = 0
         while group and len(batch) < self.config.max_batch_size:
+            cost = self._pixels(group[0].item)
+            if budget is not None and batch and total + cost > budget:
+                break
             pending = group.popleft()
             self._size -= 1
             pending.queued = False
@@ -244,6 +269,7 @@ class DynamicBatcher(Generic[T, R]):
                 )
                 continue
             batch.append(pending)
+            total += cost
         if group is not None and not group:
             del self._groups[key]
         return batch
@@ -263,7 +289,7 @@ class DynamicBatcher(Generic[T, R]):
             while (
                 self._accepting
                 and key in self._groups
-                and len(self._groups[key]) < self.config.max_batch_size
+                and not self._full(self._groups[key])
                 and loop.time() < flush_at
             ):
                 self._wakeup.clear()

@@ -112,6 +112,14 @@ class Job:
     def size(self) -> tuple[int, int]:
         return int(self.tensor.shape[-2]), int(self.tensor.shape[-1])
 
+    @property
+    def pixels(self) -> int:
+        """Pixels the forward pass sees: the padded size when batched by padded size."""
+        if self.key[0] == "padded":
+            return int(self.key[1]) * int(self.key[2])
+        h, w = self.size
+        return h * w
+
 
 @dataclass(frozen=True, eq=False)
 class Output:

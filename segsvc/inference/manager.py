@@ -237,6 +237,7 @@ class ModelManager:
                     engine.run,
                     self.config.batching,
                     key=lambda job: job.key,
+                    pixels=lambda job: job.pixels,
                     name=f"{name}:{v}",
                     on_batch=self._batch_hook(name, v),
                 )

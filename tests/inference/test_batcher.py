@@ -285,3 +285,45 @@ def test_submit_before_start_is_refused():
     b = DynamicBatcher(lambda xs: xs, BatchingConfig())
     with pytest.raises(Unavailable):
         b.submit(1)
+
+
+def test_pixel_budget_checks_arguments():
+    with pytest.raises(InvalidArgument, match="max_batch_pixels"):
+        BatchingConfig(max_batch_pixels=0)
+    with pytest.raises(InvalidArgument, match="pixels function"):
+        DynamicBatcher(Recorder(), BatchingConfig(max_batch_pixels=100))
+
+
+def test_pixel_budget_splits_batches_and_flushes_without_waiting():
+    """Items are their own pixel counts: a 100-pixel budget fits 60+40, then 70+30, then 50+50."""
+
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=5.0, max_batch_pixels=100),
+                           pixels=lambda item: item)
+        b.start()
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(b.submit(i) for i in (60, 40, 70, 30, 50, 50)))
+        elapsed = time.perf_counter() - t0
+        await b.stop()
+        return rec, results, elapsed
+
+    rec, results, elapsed = run(main())
+    assert [r.value for r in results] == [120, 80, 140, 60, 100, 100]
+    assert rec.batches == [[60, 40], [70, 30], [50, 50]]
+    assert elapsed < 2.0  # a full budget flushes at once, never waiting for the 5 s delay
+
+
+def test_an_item_over_the_pixel_budget_runs_alone():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=0.01, max_batch_pixels=100),
+                           pixels=lambda item: item)
+        b.start()
+        results = await asyncio.gather(*(b.submit(i) for i in (500, 10, 20)))
+        await b.stop()
+        return rec, results
+
+    rec, results = run(main())
+    assert [r.value for r in results] == [1000, 20, 40]
+    assert rec.batches == [[500], [10, 20]]

@@ -52,3 +52,17 @@ def test_serve_command_end_to_end(tmp_path):
     done = [e for e in logs if e.get("request_id") == "cli-req-1"]
     assert done and done[0]["method"] == "Segment" and done[0]["code"] == "OK" and done[0]["model"] == "m"
     assert any("draining" in e["msg"] for e in logs) and logs[-1]["msg"] == "stopped"
+
+
+def test_max_batch_pixels_flag() -> None:
+    from segsvc.cli import CPU_BATCH_PIXELS, CUDA_BATCH_PIXELS, _batch_pixels
+    from segsvc.errors import InvalidArgument
+
+    assert _batch_pixels("auto", "cpu") == CPU_BATCH_PIXELS
+    assert _batch_pixels("auto", "cuda") == CUDA_BATCH_PIXELS
+    assert _batch_pixels("0", "cpu") is None
+    assert _batch_pixels("1000000", "cuda") == 1_000_000
+    with pytest.raises(InvalidArgument, match="max-batch-pixels"):
+        _batch_pixels("lots", "cpu")
+    with pytest.raises(InvalidArgument, match=">= 0"):
+        _batch_pixels("-5", "cpu")
