@@ -26,11 +26,10 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from segsvc.errors import InvalidArgument, InvalidImage, SegsvcError, Unavailable
-from segsvc.inference.codec import colorize, decode_image, overlay
-from segsvc.server.convert import labels_from_proto
-from segsvc.server.errors import ERROR_KIND_KEY, error_from_status
+from segsvc.palette import colorize, overlay
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
+from segsvc.wire import error_from_rpc, error_from_status, labels_from_proto
 
 ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
 
@@ -86,6 +85,8 @@ class LabelMap:
 def _as_array(image: ImageInput) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return image
+    from segsvc.inference.codec import decode_image  # OpenCV, only when an overlay needs the image
+
     data = _read(image) if isinstance(image, (str, os.PathLike)) else image
     return decode_image(data, max_pixels=1 << 40)
 
@@ -108,17 +109,6 @@ def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
         else:
             raise InvalidArgument(f"{p} does not exist")
     return out
-
-
-def _raise_rpc_error(exc: grpc.RpcError) -> SegsvcError:
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
-    kind = ""
-    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    for key, value in trailing or ():
-        if key == ERROR_KIND_KEY:
-            kind = str(value)
-    return error_from_status(code, details, kind)
 
 
 class SegmentationClient:
@@ -173,7 +163,7 @@ class SegmentationClient:
             return method(request, timeout=timeout_s if timeout_s is not None else self.timeout_s,
                           metadata=self._metadata, **kwargs)
         except grpc.RpcError as exc:
-            raise _raise_rpc_error(exc) from None
+            raise error_from_rpc(exc) from None
 
     # -- segmentation -------------------------------------------------------------------
     @staticmethod
@@ -287,7 +277,7 @@ class SegmentationClient:
                     results[index] = exc
                 bar.update(1)
         except grpc.RpcError as exc:
-            raise _raise_rpc_error(exc) from None
+            raise error_from_rpc(exc) from None
         finally:
             bar.close()
         missing = [i for i, r in enumerate(results) if r is None]
@@ -321,7 +311,7 @@ class SegmentationClient:
         try:
             response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         except grpc.RpcError as exc:
-            raise _raise_rpc_error(exc) from None
+            raise error_from_rpc(exc) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def wait_until_serving(self, timeout_s: float = 60.0, poll_s: float = 0.2) -> None:

@@ -1,6 +1,8 @@
 """Dependencies point one way (STYLE.md): a test that parses every import."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +34,7 @@ def test_only_server_and_client_touch_grpc() -> None:
     offenders = []
     for p in _modules("segsvc"):
         rel = p.relative_to(ROOT / "segsvc")
-        if rel.parts[0] in ("server", "v1") or rel.name in ("client.py", "cli.py", "demo.py"):
+        if rel.parts[0] in ("server", "v1") or rel.name in ("client.py", "wire.py", "cli.py", "demo.py"):
             continue
         if any(n.startswith("grpc") or "_pb2" in n or n.startswith("segsvc.v1") for n in _imports(p)):
             offenders.append(str(rel))
@@ -50,3 +52,20 @@ def test_lower_layers_do_not_import_upper_layers() -> None:
             if bad:
                 offenders.append(f"{p.relative_to(ROOT)} imports {bad}")
     assert not offenders, offenders
+
+
+def test_the_client_loads_no_torch_opencv_or_albumentations() -> None:
+    """``import segsvc.client`` is what a remote caller pays: grpc, NumPy and the messages only."""
+    heavy = ("torch", "cv2", "albumentations", "matplotlib", "segsvc.inference", "segsvc.server")
+    code = f"import sys, segsvc.client; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", f"import segsvc.client loaded {out.stdout.strip()}"
+
+
+def test_protocol_free_core_has_no_protocol_code() -> None:
+    """The inference service and the job runner are shared by every front end: no grpc, no messages."""
+    core = [ROOT / "segsvc" / "inference" / "service.py", *sorted((ROOT / "segsvc" / "jobs").glob("*.py"))]
+    offenders = {str(p.relative_to(ROOT)): sorted(n for n in _imports(p) if n.startswith(("grpc", "segsvc.v1",
+                                                                                          "segsvc.server", "google")))
+                 for p in core}
+    assert not {k: v for k, v in offenders.items() if v}, offenders

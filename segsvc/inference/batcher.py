@@ -10,6 +10,14 @@ inputs that cannot be stacked. The queue is bounded: a full queue refuses new
 items with ``Overloaded`` instead of letting latency grow without limit.
 Cancelled items and items whose deadline passed are dropped before they run.
 
+Two lanes share the worker: interactive calls (``Priority.INTERACTIVE``) and
+batch-job items (``Priority.BATCH``). A batch-lane batch starts only when no
+interactive item waits and no interactive batch ended within
+``batch_holdoff_s``, so a client sending one request after another is not
+queued behind a job; a batch item that has waited ``batch_max_wait_s`` runs
+anyway, so a job still advances under saturating interactive load. Each lane
+has its own ``max_queue_size`` bound: a job can never fill the interactive queue.
+
 Example:
     >>> import asyncio
     >>> async def demo():
@@ -25,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -39,6 +48,13 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 
+class Priority(enum.IntEnum):
+    """Scheduling lane of an item; the lower value runs first."""
+
+    INTERACTIVE = 0
+    BATCH = 1
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
     """How a model's requests are batched.
@@ -51,6 +67,11 @@ class BatchingConfig:
         max_batch_pixels: most input pixels in one batch (``None``: no limit), so
             a batch of large images cannot exhaust memory; an image over the budget
             still runs, alone. Needs the batcher's ``pixels`` function.
+        batch_holdoff_s: a batch-lane batch waits this long after the last
+            interactive batch ended (the gap in which a sequential client sends
+            its next request).
+        batch_max_wait_s: a batch-lane item that has waited this long runs even
+            while interactive traffic continues (jobs never starve).
 
     Example:
         >>> BatchingConfig(max_batch_size=8, max_delay_s=0.005, max_queue_size=256).max_batch_size
@@ -61,6 +82,8 @@ class BatchingConfig:
     max_delay_s: float = 0.005
     max_queue_size: int = 256
     max_batch_pixels: int | None = None
+    batch_holdoff_s: float = 0.02
+    batch_max_wait_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
@@ -73,6 +96,9 @@ class BatchingConfig:
             not isinstance(self.max_batch_pixels, int) or self.max_batch_pixels < 1
         ):
             raise InvalidArgument(f"max_batch_pixels must be a positive integer or None, got {self.max_batch_pixels!r}")
+        for name in ("batch_holdoff_s", "batch_max_wait_s"):
+            if not getattr(self, name) >= 0:
+                raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
     @property
     def enabled(self) -> bool:
@@ -96,6 +122,7 @@ class _Pending(Generic[T]):
     future: asyncio.Future
     enqueued_at: float
     deadline: float | None
+    priority: Priority = Priority.INTERACTIVE
     queued: bool = True
 
 
@@ -104,6 +131,7 @@ class _Stats:
     batches: int = 0
     items: int = 0
     dropped: int = 0
+    batch_lane_items: int = 0
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -150,8 +178,11 @@ class DynamicBatcher(Generic[T, R]):
         self._executor = executor
         self.name = name
         self._on_batch = on_batch
-        self._groups: dict[Hashable, deque[_Pending[T]]] = {}
+        # (priority, key) -> items in arrival order; the lane is part of the group key.
+        self._groups: dict[tuple[Priority, Hashable], deque[_Pending[T]]] = {}
         self._size = 0
+        self._lane_size = {lane: 0 for lane in Priority}
+        self._last_interactive_end = float("-inf")
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._accepting = False
@@ -194,8 +225,9 @@ class DynamicBatcher(Generic[T, R]):
         return self._size
 
     # -- callers ---------------------------------------------------------------
-    def submit(self, item: T, *, deadline: float | None = None) -> asyncio.Future:
-        """Queue ``item``; the future resolves to ``Batched[R]``.
+    def submit(self, item: T, *, deadline: float | None = None,
+               priority: Priority = Priority.INTERACTIVE) -> asyncio.Future:
+        """Queue ``item`` in the ``priority`` lane; the future resolves to ``Batched[R]``.
 
         ``deadline`` is an event-loop time (``loop.time()``); an item still
         queued after it fails with ``DeadlineExceeded`` and never runs.
@@ -203,18 +235,20 @@ class DynamicBatcher(Generic[T, R]):
 
         Raises:
             Unavailable: the batcher is not started or is stopping.
-            Overloaded: ``max_queue_size`` items are already waiting.
+            Overloaded: ``max_queue_size`` items of that lane are already waiting.
         """
         if not self._accepting:
             raise Unavailable(f"{self.name} is not accepting requests (stopped or unloading)")
-        if self._size >= self.config.max_queue_size:
+        priority = Priority(priority)
+        if self._lane_size[priority] >= self.config.max_queue_size:
             raise Overloaded(
                 f"{self.name} queue is full ({self.config.max_queue_size} requests waiting); retry with backoff"
             )
         loop = asyncio.get_running_loop()
-        pending = _Pending(item, self._key(item), loop.create_future(), loop.time(), deadline)
+        pending = _Pending(item, (priority, self._key(item)), loop.create_future(), loop.time(), deadline, priority)
         self._groups.setdefault(pending.key, deque()).append(pending)
         self._size += 1
+        self._lane_size[priority] += 1
         pending.future.add_done_callback(lambda _f, p=pending: self._discard(p))
         self._wakeup.set()
         return pending.future
@@ -233,6 +267,7 @@ class DynamicBatcher(Generic[T, R]):
                 pass
             else:
                 self._size -= 1
+                self._lane_size[pending.priority] -= 1
                 self.stats.dropped += 1
             if not group:
                 del self._groups[pending.key]
@@ -244,8 +279,24 @@ class DynamicBatcher(Generic[T, R]):
         budget = self.config.max_batch_pixels
         return budget is not None and sum(self._pixels(p.item) for p in group) >= budget
 
-    def _oldest_key(self) -> Hashable:
-        return min(self._groups, key=lambda k: self._groups[k][0].enqueued_at)
+    def _next_key(self, now: float) -> tuple[Hashable | None, float]:
+        """The group to batch next, or ``(None, t)``: nothing may start before loop time ``t``.
+
+        Interactive groups come first, oldest first. A batch-lane group waits out
+        the hold-off after the last interactive batch unless its oldest item has
+        waited ``batch_max_wait_s``.
+        """
+        def oldest(lane: Priority) -> Hashable | None:
+            keys = [k for k in self._groups if k[0] == lane]
+            return min(keys, key=lambda k: self._groups[k][0].enqueued_at) if keys else None
+
+        key = oldest(Priority.INTERACTIVE)
+        if key is not None:
+            return key, now
+        key = oldest(Priority.BATCH)
+        starved_at = self._groups[key][0].enqueued_at + self.config.batch_max_wait_s
+        allowed_at = min(self._last_interactive_end + self.config.batch_holdoff_s, starved_at)
+        return (key, now) if now >= allowed_at else (None, allowed_at)
 
     def _take(self, key: Hashable) -> list[_Pending[T]]:
         group = self._groups.get(key)
@@ -259,6 +310,7 @@ class DynamicBatcher(Generic[T, R]):
                 break
             pending = group.popleft()
             self._size -= 1
+            self._lane_size[pending.priority] -= 1
             pending.queued = False
             if pending.future.done():
                 continue
@@ -283,7 +335,10 @@ class DynamicBatcher(Generic[T, R]):
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            key = self._oldest_key()
+            key, not_before = self._next_key(loop.time())
+            if key is None:  # only batch-lane work, inside the interactive hold-off
+                await self._sleep_until(not_before)
+                continue
             flush_at = self._groups[key][0].enqueued_at + self.config.max_delay_s
             # Wait for the group to fill, the oldest item's delay to pass, or a stop.
             while (
@@ -292,16 +347,24 @@ class DynamicBatcher(Generic[T, R]):
                 and not self._full(self._groups[key])
                 and loop.time() < flush_at
             ):
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), flush_at - loop.time())
-                except TimeoutError:
-                    break
+                await self._sleep_until(flush_at)
+                if key[0] == Priority.BATCH and self._lane_size[Priority.INTERACTIVE]:
+                    break  # an interactive item arrived: it goes first
             if key not in self._groups:  # every item of the group was cancelled meanwhile
+                continue
+            if key[0] == Priority.BATCH and self._lane_size[Priority.INTERACTIVE]:
                 continue
             batch = self._take(key)
             if batch:
                 await self._execute(batch)
+
+    async def _sleep_until(self, when: float) -> None:
+        """Wait for a new item, a stop, or loop time ``when``, whichever comes first."""
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), max(0.0, when - asyncio.get_running_loop().time()))
+        except TimeoutError:
+            pass
 
     async def _execute(self, batch: list[_Pending[T]]) -> None:
         loop = asyncio.get_running_loop()
@@ -327,6 +390,10 @@ class DynamicBatcher(Generic[T, R]):
                     p.future.set_result(Batched(value, started - p.enqueued_at, run_s, len(batch)))
         self.stats.batches += 1
         self.stats.items += len(batch)
+        if batch[0].priority == Priority.INTERACTIVE:
+            self._last_interactive_end = loop.time()
+        else:
+            self.stats.batch_lane_items += len(batch)
         if self._on_batch is not None:
             try:
                 self._on_batch(len(batch), run_s)
@@ -335,6 +402,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def _fail_all(self, exc: Exception) -> None:
         groups, self._groups, self._size = self._groups, {}, 0
+        self._lane_size = {lane: 0 for lane in Priority}
         for group in groups.values():
             for p in group:
                 p.queued = False

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from segsvc.errors import ImageTooLarge, InvalidArgument, InvalidImage
+from segsvc.palette import colorize, overlay  # noqa: F401  (numpy-only; re-exported for callers of codec)
 
 DEFAULT_MAX_PIXELS = 64_000_000
 
@@ -242,26 +243,3 @@ def encode_png(image: np.ndarray) -> bytes:
     if not ok:
         raise InvalidArgument(f"could not PNG-encode an array of shape {image.shape}")
     return buf.tobytes()
-
-
-def colorize(labels: np.ndarray, palette: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
-    """RGB ``HxWx3`` uint8 image with each class painted in its palette colour.
-
-    Labels outside the palette (e.g. an ignore index) are painted black.
-    """
-    pal = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
-    lut = np.zeros((max(65536 if labels.dtype == np.uint16 else 256, len(pal)), 3), np.uint8)
-    lut[: len(pal)] = pal
-    return lut[labels]
-
-
-def overlay(image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:
-    """Blend the palette colours of ``labels`` over ``image`` (RGB or grey) with opacity ``alpha``."""
-    if not 0.0 <= alpha <= 1.0:
-        raise InvalidArgument(f"overlay alpha must be in [0, 1], got {alpha}")
-    rgb = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
-    rgb = rgb[:, :, :3]
-    if rgb.shape[:2] != labels.shape:
-        raise InvalidArgument(f"overlay image is {rgb.shape[:2]} but the label map is {labels.shape}")
-    colors = colorize(labels, palette)
-    return cv2.addWeighted(np.ascontiguousarray(rgb), 1.0 - alpha, colors, alpha, 0.0)

@@ -101,8 +101,8 @@ class InferenceOptions:
 
 
 @dataclass(frozen=True, eq=False)
-class Job:
-    """One prepared request: the normalised ``C x H x W`` tensor, its options and batching key."""
+class Prepared:
+    """One prepared image: the normalised ``C x H x W`` tensor, its options and batching key."""
 
     tensor: torch.Tensor
     options: InferenceOptions
@@ -131,7 +131,7 @@ class Output:
 
 
 class Engine:
-    """Runs batches of ``Job`` for one model version on one device.
+    """Runs batches of ``Prepared`` images for one model version on one device.
 
     Args:
         predictor: the loaded model, its manifest and device (the reference path).
@@ -167,7 +167,7 @@ class Engine:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
 
     # -- I/O thread --------------------------------------------------------------
-    def prepare(self, image: np.ndarray, options: InferenceOptions) -> Job:
+    def prepare(self, image: np.ndarray, options: InferenceOptions) -> Prepared:
         """Preprocess one uint8 image (the shared ``preprocess``) and compute its batching key."""
         tensor = self.predictor.input_tensor(image)
         h, w = tensor.shape[-2:]
@@ -175,7 +175,7 @@ class Engine:
             key: Hashable = ("exact", h, w, options.tile_size, options.tile_overlap, options.flip_tta)
         else:
             key = ("padded", *padded_size(h, w, self.predictor.stride, self.predictor.min_size))
-        return Job(tensor, options, key)
+        return Prepared(tensor, options, key)
 
     # -- batch thread ------------------------------------------------------------
     @torch.inference_mode()
@@ -193,7 +193,7 @@ class Engine:
         return logits[:, :, :h, :w].float()
 
     @torch.inference_mode()
-    def run(self, jobs: list[Job]) -> list[Output]:
+    def run(self, jobs: list[Prepared]) -> list[Output]:
         """Label maps (and extras) for jobs that share one key (the batcher guarantees it)."""
         if not jobs:
             return []

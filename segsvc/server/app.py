@@ -30,8 +30,10 @@ from grpc_reflection.v1alpha import reflection
 from segsvc.errors import InvalidArgument
 from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import ModelRepository
+from segsvc.inference.service import InferenceService
 from segsvc.server.auth import BearerTokenInterceptor
 from segsvc.server.config import ServerConfig
+from segsvc.server.gate import DrainGate
 from segsvc.server.metrics import ServerMetrics
 from segsvc.server.servicer import SegmentationServicer
 from segsvc.v1 import segmentation_pb2 as pb
@@ -108,7 +110,9 @@ class SegmentationServer:
         self.metrics.watch_models(self.manager.snapshot)
         self.health = health.aio.HealthServicer()
         self._io = ThreadPoolExecutor(max(2, config.io_threads or cpu_count()), thread_name_prefix="segsvc-io")
-        self.servicer = SegmentationServicer(self.manager, config.limits, self.metrics, self._io)
+        self.gate = DrainGate()
+        self.service = InferenceService(self.manager, self._io, config.limits.max_pixels)
+        self.servicer = SegmentationServicer(self.service, config.limits, self.metrics)
         self._server: grpc.aio.Server | None = None
         self._health_tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
@@ -123,7 +127,7 @@ class SegmentationServer:
 
     def _models_changed(self) -> None:
         """Models were loaded or unloaded: SERVING exactly when some model is ready."""
-        if self._stopping or not self.servicer.accepting:
+        if self._stopping or not self.gate.accepting:
             return
         task = asyncio.get_running_loop().create_task(self._set_health(SERVING if self.manager.ready else NOT_SERVING))
         self._health_tasks.add(task)
@@ -137,8 +141,9 @@ class SegmentationServer:
         allocator = configure_allocator()
         await self._set_health(NOT_SERVING)
         limit = cfg.limits.max_message_bytes
+        interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
         self._server = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else None,
+            interceptors=[*interceptors, self.gate],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -170,7 +175,7 @@ class SegmentationServer:
         except BaseException:
             await self.stop(grace_s=0)
             raise
-        self.servicer.accepting = True
+        self.gate.accepting = True
         if self.manager.ready:
             await self._set_health(SERVING)
         else:
@@ -185,17 +190,17 @@ class SegmentationServer:
         self._stopping = True
         grace = self.config.grace_s if grace_s is None else grace_s
         log.info("draining: health NOT_SERVING, %.1f s grace for requests in flight", grace)
-        self.servicer.accepting = False  # new segmentation work now gets UNAVAILABLE
+        self.gate.accepting = False  # new calls now get UNAVAILABLE
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             # Requests in flight get up to `grace` seconds; then the transport stops (open health
             # watches and anything still running are cancelled).
             try:
-                if self.servicer.in_flight:
-                    await asyncio.wait_for(self.servicer.wait_idle(), grace)
+                if self.gate.in_flight:
+                    await asyncio.wait_for(self.gate.wait_idle(), grace)
             except TimeoutError:
                 log.warning("%d requests still in flight after %.1f s of grace; cancelling them",
-                            self.servicer.in_flight, grace)
+                            self.gate.in_flight, grace)
             await self._server.stop(0)
         await self.manager.stop()
         self.metrics.stop_http()

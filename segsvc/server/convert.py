@@ -9,14 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from segsvc.errors import InvalidArgument, InvalidImage
-from segsvc.inference.batcher import Batched
-from segsvc.inference.codec import decode_image, encode_png, overlay, raw_image
+from segsvc.inference.codec import encode_png, overlay
 from segsvc.inference.engine import InferenceOptions, Output
 from segsvc.inference.manager import ModelStatus
+from segsvc.inference.service import EncodedImage, ImageSource, RawPixels, Segmentation
 from segsvc.models.artifact import Manifest
 from segsvc.v1 import segmentation_pb2 as pb
 
@@ -74,13 +73,13 @@ def options_from_proto(msg: pb.SegmentOptions) -> tuple[InferenceOptions, Output
     return options, OutputFormat(int(msg.encoding), alpha)
 
 
-def image_from_request(request: pb.SegmentRequest, max_pixels: int) -> np.ndarray:
-    """Decode ``image`` bytes or view ``raw`` pixels (size checked before decoding)."""
+def image_source(request: pb.SegmentRequest) -> ImageSource:
+    """The request's ``image`` bytes or ``raw`` pixels (decoded later, on an I/O thread)."""
     which = request.WhichOneof("input")
     if which == "image":
-        return decode_image(request.image, max_pixels)
+        return EncodedImage(request.image)
     if which == "raw":
-        return raw_image(request.raw.data, request.raw.shape, max_pixels)
+        return RawPixels(request.raw.data, tuple(request.raw.shape))
     raise InvalidImage("the request has no image: set `image` (encoded bytes) or `raw` (uint8 pixels and shape)")
 
 
@@ -101,25 +100,17 @@ def _label_map(image: np.ndarray, output: Output, fmt: OutputFormat, manifest: M
     return pb.LabelMap(encoding=enc, data=data, height=h, width=w)
 
 
-def segment_response(
-    request_id: str,
-    manifest: Manifest,
-    image: np.ndarray,
-    result: Batched[Output],
-    fmt: OutputFormat,
-) -> pb.SegmentResponse:
+def segment_response(request_id: str, seg: Segmentation, fmt: OutputFormat) -> pb.SegmentResponse:
     """Build the response of one image (encodes PNGs when asked; run it off the event loop)."""
-    output = result.value
+    output, manifest = seg.output, seg.manifest
     response = pb.SegmentResponse(
         request_id=request_id,
-        labels=_label_map(image, output, fmt, manifest),
+        labels=_label_map(seg.image, output, fmt, manifest),
         class_names=list(manifest.class_names),
         palette=bytes(c for rgb in manifest.palette for c in rgb),
-        model=manifest.name,
-        model_version=manifest.version,
-        timings=pb.Timings(
-            queue_ms=result.queue_s * 1e3, inference_ms=result.run_s * 1e3, batch_size=result.batch_size
-        ),
+        model=seg.model,
+        model_version=seg.version,
+        timings=pb.Timings(queue_ms=seg.queue_s * 1e3, inference_ms=seg.run_s * 1e3, batch_size=seg.batch_size),
     )
     if output.confidence is not None:
         response.confidence = np.ascontiguousarray(output.confidence).tobytes()
@@ -155,27 +146,3 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
         output_stride=status.output_stride,
         device=status.device,
     )
-
-
-def labels_from_proto(msg: pb.LabelMap) -> np.ndarray:
-    """The ``H x W`` label array of a raw or PNG ``LabelMap`` (used by the client)."""
-    h, w = int(msg.height), int(msg.width)
-    if msg.encoding == pb.OUTPUT_ENCODING_RAW_UINT8:
-        return np.frombuffer(msg.data, np.uint8).reshape(h, w)
-    if msg.encoding == pb.OUTPUT_ENCODING_RAW_UINT16:
-        return np.frombuffer(msg.data, "<u2").reshape(h, w).astype(np.uint16)
-    if msg.encoding == pb.OUTPUT_ENCODING_PNG:
-        labels = decode_png_labels(msg.data)
-        if labels.shape != (h, w):
-            raise InvalidImage(f"PNG label map is {labels.shape}, the response says {(h, w)}")
-        return labels
-    raise InvalidArgument(f"a LabelMap with encoding {ENCODINGS.get(msg.encoding, msg.encoding)} holds no labels")
-
-
-def decode_png_labels(data: bytes) -> np.ndarray:
-    """Decode an 8- or 16-bit single-channel PNG label map, keeping its exact values."""
-    labels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if labels is None or labels.ndim != 2:
-        raise InvalidImage("PNG label map could not be decoded as a single-channel image")
-    return labels
-

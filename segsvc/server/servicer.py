@@ -1,33 +1,27 @@
-"""The ``segsvc.v1.SegmentationService`` implementation on ``grpc.aio``.
+"""The ``segsvc.v1.SegmentationService`` implementation on ``grpc.aio``: a thin adapter.
 
-A ``Segment`` call: validate the options, take a lease on the model version
-(so a hot swap cannot retire it mid-request), decode and preprocess the image
-on an I/O thread, queue it in the version's batcher with the call's deadline,
-await the batch, and encode the response on an I/O thread. The event loop only
-moves bytes and futures. ``SegmentStream`` runs the same path for many
-requests of one stream at once (bounded by ``max_stream_in_flight``), answering
-in completion order with each response's ``request_id``. Every failure goes
-through ``server.errors``.
+A ``Segment`` call turns the request into arguments (``convert``), calls the
+protocol-free ``InferenceService.segment`` (lease, prepare on an I/O thread,
+batch, await), and encodes the response on an I/O thread. ``SegmentStream``
+runs the same call for many requests of one stream at once (bounded by
+``max_stream_in_flight``), answering in completion order with each response's
+``request_id``. Admission and drain are the app's ``DrainGate``; every failure
+goes through ``server.errors``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Iterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
-import numpy as np
 
-from segsvc.errors import DeadlineExceeded, Unavailable
-from segsvc.inference.batcher import Batched
-from segsvc.inference.engine import Engine, InferenceOptions, Job, Output
 from segsvc.inference.manager import ModelManager
+from segsvc.inference.service import InferenceService
 from segsvc.server import convert
 from segsvc.server.config import LimitsConfig
 from segsvc.server.errors import REQUEST_ID_KEY, abort, log_unexpected, status_of
@@ -52,50 +46,19 @@ class _Call:
 
 
 class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
-    """Serves segmentation and model management from a ``ModelManager``.
+    """Serves segmentation through an ``InferenceService`` and model management from its manager.
 
     Args:
-        manager: the loaded models.
-        limits: message, pixel and stream limits.
+        service: the protocol-free inference core.
+        limits: stream limits.
         metrics: where request metrics go.
-        io_executor: threads for decoding, preprocessing and encoding.
-
-    ``accepting`` is False until the app has loaded the models and again while
-    it drains; requests then get UNAVAILABLE.
     """
 
-    def __init__(self, manager: ModelManager, limits: LimitsConfig, metrics: ServerMetrics,
-                 io_executor: Executor) -> None:
-        self._manager = manager
+    def __init__(self, service: InferenceService, limits: LimitsConfig, metrics: ServerMetrics) -> None:
+        self._service = service
+        self._manager: ModelManager = service.manager
         self._limits = limits
         self._metrics = metrics
-        self._io = io_executor
-        self.accepting = False
-        self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    # -- drain ---------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _track(self) -> Iterator[None]:
-        """Count an RPC of this service as in flight (health watches are not counted)."""
-        self._active += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
-
-    @property
-    def in_flight(self) -> int:
-        """RPCs of this service running now."""
-        return self._active
-
-    async def wait_idle(self) -> None:
-        """Return once no RPC of this service is in flight."""
-        await self._idle.wait()
 
     # -- bookkeeping -------------------------------------------------------------
     @staticmethod
@@ -120,15 +83,14 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                       work: Callable[[_Call], Awaitable]):
         """Run ``work``; map its failure to a status (the one place unary RPCs fail)."""
         call = _Call(method, request_id, time.perf_counter())
-        with self._track():
-            try:
-                response = await work(call)
-            except asyncio.CancelledError:
-                self._finish(call, "CANCELLED")
-                raise
-            except Exception as exc:
-                self._finish(call, status_of(exc)[0].name)
-                await abort(context, exc, call.request_id, method, log)
+        try:
+            response = await work(call)
+        except asyncio.CancelledError:
+            self._finish(call, "CANCELLED")
+            raise
+        except Exception as exc:
+            self._finish(call, status_of(exc)[0].name)
+            await abort(context, exc, call.request_id, method, log)
         self._finish(call, "OK")
         return response
 
@@ -148,38 +110,21 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             return None
         return asyncio.get_running_loop().time() + remaining
 
-    def _decode_and_prepare(self, request: pb.SegmentRequest, engine: Engine,
-                            options: InferenceOptions) -> tuple[np.ndarray, Job]:
-        image = convert.image_from_request(request, self._limits.max_pixels)
-        return image, engine.prepare(image, options)
-
     async def _segment(self, request: pb.SegmentRequest, deadline: float | None, call: _Call) -> pb.SegmentResponse:
-        if not self.accepting:
-            raise Unavailable("the server is starting or draining; retry on another replica or later")
         options, fmt = convert.options_from_proto(request.options)
-        loop = asyncio.get_running_loop()
-        with self._manager.lease(request.model or None, request.version or None) as lm:
-            call.model, call.version = lm.name, lm.version
-            fmt.check(lm.manifest)
-            image, job = await loop.run_in_executor(self._io, self._decode_and_prepare, request, lm.engine, options)
-            result = await self._wait(lm.batcher.submit(job, deadline=deadline), deadline)
-            call.queue_s, call.run_s = result.queue_s, result.run_s
-            response = await loop.run_in_executor(
-                self._io, convert.segment_response, call.request_id, lm.manifest, image, result, fmt
-            )
+
+        def on_lease(name: str, version: int, manifest) -> None:  # type: ignore[no-untyped-def]
+            call.model, call.version = name, version
+            fmt.check(manifest)
+
+        seg = await self._service.segment(
+            convert.image_source(request), model=request.model or None, version=request.version or None,
+            options=options, deadline=deadline, on_lease=on_lease,
+        )
+        call.queue_s, call.run_s = seg.queue_s, seg.run_s
+        response = await self._service.run_io(convert.segment_response, call.request_id, seg, fmt)
         response.timings.total_ms = (time.perf_counter() - call.started) * 1e3
         return response
-
-    @staticmethod
-    async def _wait(future: asyncio.Future, deadline: float | None) -> Batched[Output]:
-        """Await the batch result; at the deadline the request leaves the queue (if it has not run)."""
-        if deadline is None:
-            return await future
-        remaining = deadline - asyncio.get_running_loop().time()
-        try:
-            return await asyncio.wait_for(future, max(remaining, 0.0))
-        except TimeoutError:
-            raise DeadlineExceeded("the deadline passed before the image was segmented") from None
 
     async def SegmentStream(self, request_iterator: AsyncIterator[pb.SegmentRequest],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SegmentResponse]:
@@ -219,21 +164,20 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             finally:
                 done.put_nowait(end)
 
-        with self._track():
-            reader = asyncio.get_running_loop().create_task(read_all())
-            try:
-                while (response := await done.get()) is not end:
-                    yield response
-                    slots.release()  # released once the client has taken the response
-                reader.result()  # surface a failure of the request stream itself
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                raise
-            except Exception as exc:
-                await abort(context, exc, self._request_id("", context), "SegmentStream", log)
-            finally:
-                reader.cancel()
-                for task in list(tasks):
-                    task.cancel()
+        reader = asyncio.get_running_loop().create_task(read_all())
+        try:
+            while (response := await done.get()) is not end:
+                yield response
+                slots.release()  # released once the client has taken the response
+            reader.result()  # surface a failure of the request stream itself
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await abort(context, exc, self._request_id("", context), "SegmentStream", log)
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
 
     # -- model management -------------------------------------------------------------
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from segsvc.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
-from segsvc.inference.batcher import Batched, BatchingConfig, DynamicBatcher
+from segsvc.inference.batcher import Batched, BatchingConfig, DynamicBatcher, Priority
 
 
 class Recorder:
@@ -327,3 +327,97 @@ def test_an_item_over_the_pixel_budget_runs_alone():
     rec, results = run(main())
     assert [r.value for r in results] == [1000, 20, 40]
     assert rec.batches == [[500], [10, 20]]
+
+
+# -- priority lanes ------------------------------------------------------------------
+def test_interactive_items_run_before_queued_batch_items():
+    async def main():
+        gate = threading.Event()
+        rec = Recorder(gate=gate)
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=2, max_delay_s=0, batch_holdoff_s=0))
+        b.start()
+        first = b.submit(1, priority=Priority.BATCH)
+        while not rec.threads:  # the first batch-lane batch is running (blocked on the gate)
+            await asyncio.sleep(0.001)
+        queued_jobs = [b.submit(i, priority=Priority.BATCH) for i in (10, 11, 12)]
+        interactive = b.submit(100)
+        gate.set()
+        await asyncio.gather(first, interactive, *queued_jobs)
+        await b.stop()
+        return rec, b.stats
+
+    rec, stats = run(main())
+    assert rec.batches[0] == [1]
+    assert rec.batches[1] == [100], rec.batches  # jumped ahead of three older batch-lane items
+    assert sorted(x for batch in rec.batches[2:] for x in batch) == [10, 11, 12]
+    assert stats.batch_lane_items == 4 and stats.items == 5
+
+
+def test_batch_items_wait_out_the_holdoff_after_an_interactive_batch():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=4, max_delay_s=0, batch_holdoff_s=0.3))
+        b.start()
+        await b.submit(1)
+        loop = asyncio.get_running_loop()
+        submitted = loop.time()
+        job = await b.submit(2, priority=Priority.BATCH)
+        waited = loop.time() - submitted
+        await b.stop()
+        return waited, job
+
+    waited, job = run(main())
+    assert waited >= 0.25, f"the batch-lane item ran {waited:.3f} s after an interactive batch"
+    assert job.value == 4 and job.queue_s >= 0.25
+
+
+def test_batch_items_run_after_max_wait_even_under_continuous_interactive_load():
+    async def main():
+        rec = Recorder(delay_s=0.01)
+        cfg = BatchingConfig(max_batch_size=1, max_delay_s=0, batch_holdoff_s=10.0, batch_max_wait_s=0.2)
+        b = DynamicBatcher(rec, cfg)
+        b.start()
+        stop = asyncio.Event()
+
+        async def interactive_client():
+            while not stop.is_set():
+                await b.submit(1)
+
+        client = asyncio.get_running_loop().create_task(interactive_client())
+        while not rec.batches:  # interactive traffic is flowing
+            await asyncio.sleep(0.001)
+        job = b.submit(7, priority=Priority.BATCH)
+        result = await asyncio.wait_for(job, 5)
+        stop.set()
+        await client
+        await b.stop()
+        return result
+
+    result = run(main())
+    assert result.value == 14
+    assert 0.15 <= result.queue_s < 2.0
+
+
+def test_each_lane_has_its_own_queue_bound():
+    async def main():
+        gate = threading.Event()
+        rec = Recorder(gate=gate)
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=1, max_delay_s=0, max_queue_size=2))
+        b.start()
+        running = b.submit(0)
+        while not rec.threads:
+            await asyncio.sleep(0.001)
+        jobs = [b.submit(i, priority=Priority.BATCH) for i in (1, 2)]
+        with pytest.raises(Overloaded):
+            b.submit(3, priority=Priority.BATCH)
+        interactive = [b.submit(i) for i in (4, 5)]  # the full batch lane does not block these
+        with pytest.raises(Overloaded):
+            b.submit(6)
+        assert b.queue_depth == 4
+        gate.set()
+        await asyncio.gather(running, *jobs, *interactive)
+        await b.stop()
+        return rec
+
+    rec = run(main())
+    assert [x for batch in rec.batches for x in batch] == [0, 4, 5, 1, 2]

@@ -1,0 +1,189 @@
+"""The protocol-free inference core that every front end calls.
+
+``InferenceService.segment`` is the one path from image to label map: take a
+lease on the model version (so a hot swap cannot retire it mid-request),
+decode and preprocess on an I/O thread, queue the image in that version's
+batcher (in the interactive or the batch lane) with the caller's deadline, and
+await the result. The ``segsvc.v1`` gRPC servicer, the Open Inference Protocol
+servicer and the batch-job runner are thin adapters over it: they turn their
+requests into arguments and the ``Segmentation`` into their responses, and
+never repeat this choreography (KServe's ``DataPlane`` under its servicer).
+
+Example:
+    >>> service = InferenceService(manager, io_executor, max_pixels=64_000_000)  # doctest: +SKIP
+    >>> seg = await service.segment(EncodedImage(png_bytes), model="membrane")  # doctest: +SKIP
+    >>> seg.output.labels.shape == seg.image.shape[:2]  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence, TypeVar
+
+import numpy as np
+
+from segsvc.errors import DeadlineExceeded, ImageTooLarge, InvalidImage
+from segsvc.inference.batcher import Batched, Priority
+from segsvc.inference.codec import decode_image, raw_image
+from segsvc.inference.engine import InferenceOptions, Output
+from segsvc.inference.manager import ModelManager
+from segsvc.models.artifact import Manifest
+
+R = TypeVar("R")
+
+
+class ImageSource(Protocol):
+    """Something that becomes a uint8 RGB/grey image, with its size checked before decoding."""
+
+    def load(self, max_pixels: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """PNG/JPEG/TIFF/BMP/WebP bytes."""
+
+    data: bytes
+
+    def load(self, max_pixels: int) -> np.ndarray:
+        return decode_image(self.data, max_pixels)
+
+
+@dataclass(frozen=True)
+class RawPixels:
+    """Row-major uint8 pixels and their ``[H, W]`` or ``[H, W, C]`` shape."""
+
+    data: bytes
+    shape: Sequence[int]
+
+    def load(self, max_pixels: int) -> np.ndarray:
+        return raw_image(self.data, self.shape, max_pixels)
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An image file on the server's disk (already confined to its root by the caller).
+
+    Args:
+        path: the file.
+        name: how errors name it (the caller's relative name, never a server path).
+        max_bytes: files larger than this are refused before they are read.
+    """
+
+    path: Path
+    name: str
+    max_bytes: int
+
+    def load(self, max_pixels: int) -> np.ndarray:
+        try:
+            size = os.stat(self.path).st_size
+            if size > self.max_bytes:
+                raise ImageTooLarge(f"{self.name} is {size} bytes, over the limit of {self.max_bytes} bytes")
+            data = Path(self.path).read_bytes()
+        except OSError as exc:
+            raise InvalidImage(f"{self.name} cannot be read: {exc.strerror or type(exc).__name__}") from None
+        try:
+            return decode_image(data, max_pixels)
+        except InvalidImage as exc:
+            raise type(exc)(f"{self.name}: {exc}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class Segmentation:
+    """One image's result and where it came from.
+
+    Attributes:
+        image: the decoded input (for overlays).
+        output: labels, and confidence and class counts when asked for.
+        manifest: the version's manifest (classes, palette).
+        model, version: the version that ran (the directory's number).
+        queue_s, run_s, batch_size: where the time went in the batcher.
+    """
+
+    image: np.ndarray
+    output: Output
+    manifest: Manifest
+    model: str
+    version: int
+    queue_s: float
+    run_s: float
+    batch_size: int
+
+
+class InferenceService:
+    """Segments images with the models a ``ModelManager`` serves.
+
+    Args:
+        manager: the loaded model versions and their batchers.
+        io_executor: threads that decode, preprocess and encode (off the event loop).
+        max_pixels: largest image accepted, checked from the header before decoding.
+    """
+
+    def __init__(self, manager: ModelManager, io_executor: Executor, max_pixels: int) -> None:
+        self.manager = manager
+        self._io = io_executor
+        self.max_pixels = max_pixels
+
+    async def run_io(self, fn: Callable[..., R], *args: object) -> R:
+        """Run ``fn(*args)`` on the I/O threads (encoding a response, writing a file)."""
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    def resolve(self, model: str | None, version: int | None) -> tuple[str, int, Manifest]:
+        """The ``(name, version, manifest)`` a request would use now; jobs pin this at submission."""
+        lm = self.manager.resolve(model, version)
+        return lm.name, lm.version, lm.manifest
+
+    async def segment(
+        self,
+        source: ImageSource,
+        *,
+        model: str | None = None,
+        version: int | None = None,
+        options: InferenceOptions = InferenceOptions(),
+        deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+        on_lease: Callable[[str, int, Manifest], None] | None = None,
+    ) -> Segmentation:
+        """Segment one image.
+
+        Args:
+            source: the image (bytes, raw pixels or a file).
+            model, version: which model; ``None`` for the only loaded model / the default version.
+            options: tiling, flip TTA, confidence, class counts.
+            deadline: event-loop time after which the caller no longer wants the result.
+            priority: the batcher lane (batch jobs run below interactive calls).
+            on_lease: called with the resolved ``(name, version, manifest)`` before any
+                work: to record what serves the call, or to refuse a request the
+                version cannot answer (by raising).
+
+        Raises:
+            InvalidImage, ImageTooLarge, UnknownModel, UnknownVersion, Overloaded,
+            DeadlineExceeded, Unavailable: the domain errors of each step.
+        """
+        with self.manager.lease(model, version) as lm:
+            if on_lease is not None:
+                on_lease(lm.name, lm.version, lm.manifest)
+            image, prepared = await self.run_io(self._prepare, source, lm.engine, options)
+            future = lm.batcher.submit(prepared, deadline=deadline, priority=priority)
+            result = await _wait(future, deadline)
+            return Segmentation(image, result.value, lm.manifest, lm.name, lm.version,
+                                result.queue_s, result.run_s, result.batch_size)
+
+    def _prepare(self, source: ImageSource, engine, options: InferenceOptions):  # type: ignore[no-untyped-def]
+        image = source.load(self.max_pixels)
+        return image, engine.prepare(image, options)
+
+
+async def _wait(future: asyncio.Future, deadline: float | None) -> Batched[Output]:
+    """Await the batch result; at the deadline the item leaves the queue (if it has not run)."""
+    if deadline is None:
+        return await future
+    remaining = deadline - asyncio.get_running_loop().time()
+    try:
+        return await asyncio.wait_for(future, max(remaining, 0.0))
+    except TimeoutError:
+        raise DeadlineExceeded("the deadline passed before the image was segmented") from None
