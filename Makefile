@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/segsvc/v1/*.proto)
 GEN_STAMP := segsvc/v1/.generated-stamp
+# Standard protos (google.longrunning, google.rpc, google.api) staged from googleapis-common-protos.
+STD_PROTOS := build/std-protos
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -20,9 +22,10 @@ $(STAMP): pyproject.toml
 
 # Generated protobuf/gRPC code is a build artefact (git-ignored), built from protos/.
 proto: $(GEN_STAMP)
-$(GEN_STAMP): $(STAMP) $(PROTOS)
+$(GEN_STAMP): $(STAMP) $(PROTOS) protos/stage_standard.py
 	mkdir -p segsvc/v1
-	$(if $(PROTOS),$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS))
+	$(BIN)/python protos/stage_standard.py $(STD_PROTOS)
+	$(if $(PROTOS),$(BIN)/python -m grpc_tools.protoc -Iprotos -I$(STD_PROTOS) --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS))
 	touch segsvc/v1/__init__.py $@
 
 demo: install

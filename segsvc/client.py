@@ -23,11 +23,15 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 
 import grpc
 import numpy as np
+from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from segsvc.errors import InvalidArgument, InvalidImage, SegsvcError, Unavailable
+from segsvc.jobclient import JobHandle, JobStatus, local_images, upload_files
 from segsvc.palette import colorize, overlay
 from segsvc.v1 import segmentation_pb2 as pb
+from segsvc.v1 import jobs_pb2 as jobs_pb
+from segsvc.v1 import jobs_pb2_grpc as jobs_grpc
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
 from segsvc.wire import error_from_rpc, error_from_status, labels_from_proto
 
@@ -147,6 +151,8 @@ class SegmentationClient:
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._stub = pb_grpc.SegmentationServiceStub(self._channel)
+        self._jobs = jobs_grpc.JobServiceStub(self._channel)
+        self._ops = operations_pb2_grpc.OperationsStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def close(self) -> None:
@@ -288,6 +294,80 @@ class SegmentationClient:
                 if isinstance(r, SegsvcError):
                     raise r
         return results  # type: ignore[return-value]
+
+    # -- batch jobs ---------------------------------------------------------------------
+    def _ops_call(self, method: str, request, timeout_s: float | None = None):
+        return self._call(getattr(self._ops, method), request, timeout_s)
+
+    def _job_call(self, method: str, request, timeout_s: float | None = None):
+        return self._call(getattr(self._jobs, method), request, timeout_s)
+
+    def _job_stream(self, method: str, request) -> Iterator:
+        return getattr(self._jobs, method)(request, metadata=self._metadata)
+
+    def upload_images(self, paths: Sequence[str | os.PathLike]) -> str:
+        """Upload image files (or one folder, keeping relative paths) for a job; returns the upload id."""
+        files, root = local_images(paths)
+        if not files:
+            raise InvalidArgument(f"no images found in {[os.fspath(p) for p in paths]}")
+        try:
+            response = self._jobs.UploadImages(upload_files(files, root), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return response.upload_id
+
+    def submit_job(
+        self,
+        inputs: Sequence[str] = (),
+        *,
+        upload: Sequence[str | os.PathLike] | None = None,
+        model: str | None = None,
+        version: int | None = None,
+        request_id: str = "",
+        color: bool = False,
+        overlay: bool = False,
+        overlay_alpha: float = 0.0,
+        confidence: bool = False,
+        tile_size: int = 0,
+        tile_overlap: float | None = None,
+        flip_tta: bool = False,
+    ) -> JobHandle:
+        """Start a batch job over server paths (``inputs``, relative to its data root) or local files (``upload``).
+
+        The model version is pinned at submission; ``request_id`` makes a retry
+        return the same job. Returns at once with a handle: ``.wait(progress=True)``,
+        ``.result()``, ``.cancel()``, ``.fetch(dest)``.
+        """
+        if bool(inputs) == bool(upload):
+            raise InvalidArgument("give server paths (inputs) or local files to upload (upload), not both")
+        options = self.build_request(b"", confidence=confidence, tile_size=tile_size, tile_overlap=tile_overlap,
+                                     flip_tta=flip_tta).options
+        request = jobs_pb.SubmitSegmentationJobRequest(
+            request_id=request_id, model=model or "", version=version or 0, options=options,
+            outputs=jobs_pb.JobOutputOptions(color=color, overlay=overlay, overlay_alpha=overlay_alpha),
+        )
+        if upload:
+            request.inputs.upload_id = self.upload_images(upload)
+        else:
+            request.inputs.paths.paths.extend(inputs)
+        return JobHandle(self, self._job_call("SubmitSegmentationJob", request))
+
+    def job(self, name: str) -> JobHandle:
+        """A handle on an existing job (``jobs/<id>`` or the id)."""
+        name = name if name.startswith("jobs/") else f"jobs/{name}"
+        return JobHandle(self, self._ops_call("GetOperation", operations_pb2.GetOperationRequest(name=name)))
+
+    def list_jobs(self, filter: str = "", page_size: int = 50) -> Iterator[JobStatus]:
+        """Every job (oldest first), fetched page by page; ``filter`` e.g. ``"state=RUNNING"``."""
+        token = ""
+        while True:
+            response = self._ops_call("ListOperations", operations_pb2.ListOperationsRequest(
+                name="jobs", filter=filter, page_size=page_size, page_token=token))
+            for op in response.operations:
+                yield JobHandle(self, op).status(refresh=False)
+            token = response.next_page_token
+            if not token:
+                return
 
     # -- models and health --------------------------------------------------------------
     def list_models(self) -> list[pb.ModelInfo]:

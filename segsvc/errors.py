@@ -37,6 +37,10 @@ class DatasetError(InvalidArgument):
     """A dataset is missing, malformed or inconsistent."""
 
 
+class UploadError(InvalidArgument):
+    """An uploaded chunk breaks a rule: unsafe name, wrong offset, hash mismatch or a size limit."""
+
+
 # -- the thing asked for does not exist (NOT_FOUND) ---------------------------
 class NotFound(SegsvcError):
     """A named model, version, job or file does not exist."""
@@ -50,9 +54,17 @@ class UnknownVersion(NotFound):
     """The model exists but not in that version."""
 
 
+class JobNotFound(NotFound):
+    """No long-running job (operation) has that id; it never existed or was deleted."""
+
+
 # -- stored state is broken (FAILED_PRECONDITION / DATA_LOSS) ----------------
 class ArtifactError(SegsvcError):
     """A model artifact is corrupt or does not match its manifest."""
+
+
+class FailedPrecondition(SegsvcError):
+    """The system is not in a state the request needs (e.g. deleting a job that still runs)."""
 
 
 class AlreadyExists(SegsvcError):

@@ -146,6 +146,7 @@ class ModelManager:
         self._pinned: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._failed: dict[tuple[str, int], str] = {}
+        self._holds: dict[tuple[str, int], int] = {}
         self._retiring: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
 
@@ -272,7 +273,7 @@ class ModelManager:
         table = self._models.get(name) or {}
         old = [
             lm for v, lm in table.items()
-            if lm.auto and v < newest and v != self._pinned.get(name)
+            if lm.auto and v < newest and v != self._pinned.get(name) and not self._holds.get((name, v))
         ]
         if not old:
             return
@@ -316,6 +317,35 @@ class ModelManager:
             self._changed()
             await asyncio.gather(*(self._retire(lm) for lm in gone))
             return sorted(lm.version for lm in gone)
+
+    async def retain(self, name: str, version: int) -> None:
+        """Keep ``name:version`` loaded until the matching ``release`` (a batch job's pinned version).
+
+        A held version is never replaced by a newer automatic one; one that was
+        not loaded is loaded as automatic, so it goes once released and outdated.
+        """
+        key = (name, version)
+        self._holds[key] = self._holds.get(key, 0) + 1
+        if version in (self._models.get(name) or {}):
+            return
+        try:
+            lm = await self.load(name, version)
+        except BaseException:
+            self.release(name, version)
+            raise
+        lm.auto = True
+
+    def release(self, name: str, version: int) -> None:
+        """End one ``retain``; an outdated automatic version with no holds left is retired."""
+        key = (name, version)
+        left = self._holds.get(key, 0) - 1
+        if left > 0:
+            self._holds[key] = left
+            return
+        self._holds.pop(key, None)
+        table = self._models.get(name) or {}
+        if table:
+            self._retire_older_auto(name, max(table))
 
     def set_default(self, name: str, version: int | None) -> None:
         """Pin the default version of ``name`` (a loaded version), or unpin it with ``None``/0."""

@@ -20,10 +20,12 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cv2
 import grpc
 import torch
+from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -31,17 +33,23 @@ from segsvc.errors import InvalidArgument
 from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import ModelRepository
 from segsvc.inference.service import InferenceService
+from segsvc.jobs.batch import JobRunner
+from segsvc.jobs.store import JobStore
 from segsvc.server.auth import BearerTokenInterceptor
 from segsvc.server.config import ServerConfig
 from segsvc.server.gate import DrainGate
+from segsvc.server.jobs import JobServicer, OperationsServicer
 from segsvc.server.metrics import ServerMetrics
 from segsvc.server.servicer import SegmentationServicer
+from segsvc.v1 import jobs_pb2, jobs_pb2_grpc
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("segsvc.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
+JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+OPERATIONS_SERVICE_NAME = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -113,6 +121,10 @@ class SegmentationServer:
         self.gate = DrainGate()
         self.service = InferenceService(self.manager, self._io, config.limits.max_pixels)
         self.servicer = SegmentationServicer(self.service, config.limits, self.metrics)
+        self.jobs: JobRunner | None = None
+        if config.jobs is not None:
+            store = JobStore(Path(config.jobs.state_dir) / "jobs.sqlite")
+            self.jobs = JobRunner(store, self.service, config.jobs)
         self._server: grpc.aio.Server | None = None
         self._health_tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
@@ -151,8 +163,13 @@ class SegmentationServer:
             ],
         )
         pb_grpc.add_SegmentationServiceServicer_to_server(self.servicer, self._server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs), self._server)
+        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.jobs), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, JOB_SERVICE_NAME, OPERATIONS_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._server,
+        )
         address = f"{cfg.host}:{cfg.port}"
         try:
             if cfg.tls is not None:
@@ -175,6 +192,8 @@ class SegmentationServer:
         except BaseException:
             await self.stop(grace_s=0)
             raise
+        if self.jobs is not None:
+            await self.jobs.start()  # resumes the jobs a crash or restart interrupted
         self.gate.accepting = True
         if self.manager.ready:
             await self._set_health(SERVING)
@@ -202,6 +221,9 @@ class SegmentationServer:
                 log.warning("%d requests still in flight after %.1f s of grace; cancelling them",
                             self.gate.in_flight, grace)
             await self._server.stop(0)
+        if self.jobs is not None:  # running jobs stop here and resume at the next start
+            await self.jobs.stop()
+            self.jobs.store.close()
         await self.manager.stop()
         self.metrics.stop_http()
         self._io.shutdown(wait=False)

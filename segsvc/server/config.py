@@ -13,6 +13,7 @@ from pathlib import Path
 from segsvc.errors import InvalidArgument
 from segsvc.inference.codec import DEFAULT_MAX_PIXELS
 from segsvc.inference.manager import ManagerConfig
+from segsvc.jobs.batch import JobsConfig
 
 MIB = 1 << 20
 
@@ -70,6 +71,7 @@ class ServerConfig:
             (keep it below Kubernetes' terminationGracePeriodSeconds).
         io_threads: threads for decoding and encoding images (0: one per CPU, at least 2).
         torch_threads: intra-op threads of the forward pass on CPU (0: one per CPU).
+        jobs: batch jobs (state, data and output roots); ``None`` turns them off.
 
     Example:
         >>> ServerConfig(model_repo=Path("model_repository"), port=0).grace_s
@@ -87,6 +89,7 @@ class ServerConfig:
     grace_s: float = 25.0
     io_threads: int = 0
     torch_threads: int = 0
+    jobs: JobsConfig | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repo", Path(self.model_repo))

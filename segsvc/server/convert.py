@@ -7,16 +7,25 @@ heavy ones (decoding, PNG encoding) on its I/O threads.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
+from google.longrunning import operations_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import status_pb2
 
 from segsvc.errors import InvalidArgument, InvalidImage
 from segsvc.inference.codec import encode_png, overlay
 from segsvc.inference.engine import InferenceOptions, Output
 from segsvc.inference.manager import ModelStatus
 from segsvc.inference.service import EncodedImage, ImageSource, RawPixels, Segmentation
+from segsvc.jobs.batch import JobRequest
+from segsvc.jobs.staging import UploadSummary
+from segsvc.jobs.store import Job
 from segsvc.models.artifact import Manifest
+from segsvc.v1 import jobs_pb2 as jobs_pb
 from segsvc.v1 import segmentation_pb2 as pb
 
 ENCODINGS = {
@@ -145,4 +154,95 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
         created_at=m.created_at,
         output_stride=status.output_stride,
         device=status.device,
+    )
+
+
+# -- jobs and long-running operations ------------------------------------------------
+JOB_NAME_PREFIX = "jobs/"
+MAX_FAILURES_IN_RESPONSE = 1000  # summary.json lists them all
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_JOB_STATES = {
+    "QUEUED": jobs_pb.JOB_STATE_QUEUED, "RUNNING": jobs_pb.JOB_STATE_RUNNING,
+    "SUCCEEDED": jobs_pb.JOB_STATE_SUCCEEDED, "FAILED": jobs_pb.JOB_STATE_FAILED,
+    "CANCELLED": jobs_pb.JOB_STATE_CANCELLED,
+}
+
+
+def job_id_of(name: str) -> str:
+    """``jobs/<id>`` or a bare id -> the id (INVALID_ARGUMENT for anything else)."""
+    job_id = name[len(JOB_NAME_PREFIX):] if name.startswith(JOB_NAME_PREFIX) else name
+    if not _JOB_ID.fullmatch(job_id):
+        raise InvalidArgument(f"operation name must be 'jobs/<job id>', got {name[:80]!r}")
+    return job_id
+
+
+def job_request_from_proto(msg: jobs_pb.SubmitSegmentationJobRequest) -> JobRequest:
+    options, fmt = options_from_proto(msg.options)
+    which = msg.inputs.WhichOneof("source")
+    alpha = float(msg.outputs.overlay_alpha) or fmt.overlay_alpha
+    if not math.isfinite(alpha):
+        raise InvalidArgument(f"outputs.overlay_alpha must be in (0, 1], got {alpha}")
+    return JobRequest(
+        model=msg.model, version=int(msg.version),
+        paths=tuple(msg.inputs.paths.paths) if which == "paths" else (),
+        upload_id=msg.inputs.upload_id if which == "upload_id" else "",
+        options=options, color=bool(msg.outputs.color),
+        overlay=bool(msg.outputs.overlay) or fmt.encoding == pb.OUTPUT_ENCODING_OVERLAY_PNG,
+        overlay_alpha=alpha,
+    )
+
+
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def job_metadata(job: Job) -> jobs_pb.JobMetadata:
+    progress = job.progress or {}
+    return jobs_pb.JobMetadata(
+        job_id=job.id, kind=job.kind, state=_JOB_STATES[job.state], total=job.total, done=job.done,
+        failed=job.failed, skipped=job.skipped, images_per_second=float(progress.get("images_per_s") or 0.0),
+        eta_seconds=float(progress.get("eta_s") or 0.0), model=str(job.spec.get("model", "")),
+        model_version=int(job.spec.get("version", 0)), create_time=_timestamp(job.created_at),
+        start_time=_timestamp(job.started_at), update_time=_timestamp(job.updated_at),
+        end_time=_timestamp(job.finished_at), request_id=job.request_id or "",
+        cancel_requested=job.cancel_requested,
+    )
+
+
+def job_result(result: dict) -> jobs_pb.SegmentationJobResult:
+    failures = result.get("failures") or []
+    return jobs_pb.SegmentationJobResult(
+        output_location=result["output_location"], total=result["total"], done=result["done"],
+        failed=result["failed"], skipped=result["skipped"],
+        class_pixel_totals={str(k): int(v) for k, v in result["class_pixel_totals"].items()},
+        failures=[jobs_pb.ItemFailure(input=f["input"], reason=f.get("reason") or "")
+                  for f in failures[:MAX_FAILURES_IN_RESPONSE]],
+        results_file=result["results_file"], summary_file=result["summary_file"],
+        elapsed_seconds=float(result["elapsed_seconds"]), images_per_second=float(result["images_per_second"]),
+    )
+
+
+def operation(job: Job) -> operations_pb2.Operation:
+    """A job as a ``google.longrunning.Operation`` (cancelled jobs carry CANCELLED, as the standard says)."""
+    op = operations_pb2.Operation(name=JOB_NAME_PREFIX + job.id, done=job.finished)
+    op.metadata.Pack(job_metadata(job))
+    if job.state == "SUCCEEDED":
+        op.response.Pack(job_result(job.result or {}))
+    elif job.state == "CANCELLED":
+        op.error.CopyFrom(status_pb2.Status(
+            code=grpc.StatusCode.CANCELLED.value[0],
+            message=f"cancelled after {job.done} of {job.total} images; their outputs are kept"))
+    elif job.state == "FAILED":
+        op.error.CopyFrom(status_pb2.Status(code=grpc.StatusCode.ABORTED.value[0], message=job.error or "failed"))
+    return op
+
+
+def upload_response(summary: UploadSummary) -> jobs_pb.UploadImagesResponse:
+    return jobs_pb.UploadImagesResponse(
+        upload_id=summary.upload_id, total_bytes=summary.total_bytes,
+        files=[jobs_pb.UploadedFile(name=f.name, size=f.size, sha256=f.sha256) for f in summary.files],
     )

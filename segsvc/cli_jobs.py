@@ -1,0 +1,158 @@
+"""``segsvc jobs``: batch segmentation jobs on a running server, from the command line.
+
+``submit`` starts a job over server paths (under the server's ``--data-root``)
+or, with ``--upload``, over local files; ``list``, ``status``, ``wait``,
+``cancel``, ``delete`` and ``fetch`` act on jobs by id. ``wait`` (and
+``submit --wait``) shows a tqdm bar fed by the operation's metadata. Only the
+light client is imported (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable
+
+from segsvc.errors import SegsvcError
+
+
+def _client(args: argparse.Namespace, read_token: Callable[[argparse.Namespace], str | None]):  # type: ignore[no-untyped-def]
+    from segsvc.client import SegmentationClient
+
+    root_certs = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    return SegmentationClient(args.server, token=read_token(args), root_certificates=root_certs, tls=args.tls,
+                              timeout_s=args.timeout_s)
+
+
+def _print_status(status) -> None:  # type: ignore[no-untyped-def]
+    eta = f", eta {status.eta_s:.0f} s" if status.eta_s and not status.done_flag else ""
+    print(f"{status.name}  {status.state:9}  {status.processed}/{status.total} "
+          f"(done {status.done}, failed {status.failed}, skipped {status.skipped})  "
+          f"{status.model}:{status.version}  {status.images_per_s:.1f} img/s{eta}")
+
+
+def _print_result(job) -> int:  # type: ignore[no-untyped-def]
+    result = job.result()
+    print(json.dumps({
+        "job": job.name, "output_location": result.output_location, "done": result.done, "failed": result.failed,
+        "skipped": result.skipped, "images_per_s": round(result.images_per_s, 2),
+        "class_pixel_totals": result.class_pixel_totals,
+        "failures": [{"input": i, "reason": r} for i, r in result.failures[:20]],
+    }, indent=2))
+    return 1 if result.failed else 0
+
+
+def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argparse.Namespace], str | None]) -> None:
+    """Add ``segsvc jobs ...``; ``read_token`` reads ``--token-file`` / ``$SEGSVC_AUTH_TOKEN``."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default="localhost:50051", help="HOST:PORT (default localhost:50051)")
+    common.add_argument("--token-file", default=None, help="bearer token file (else $SEGSVC_AUTH_TOKEN)")
+    common.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    common.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate")
+    common.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each call (default 60)")
+
+    p = sub.add_parser("jobs", help="batch segmentation jobs on a server: submit, list, status, wait, cancel, ...")
+    jsub = p.add_subparsers(dest="jobs_cmd", required=True)
+
+    def handler(fn):  # type: ignore[no-untyped-def]
+        def run(args: argparse.Namespace) -> int:
+            with _client(args, read_token) as client:
+                return fn(client, args)
+        return run
+
+    ps = jsub.add_parser("submit", parents=[common], help="start a job; prints its id (or waits with --wait)")
+    ps.add_argument("inputs", nargs="+", metavar="DIR_OR_FILES",
+                    help="paths under the server's --data-root (folders, globs, files), or local ones with --upload")
+    ps.add_argument("--upload", action="store_true", help="upload local files (one folder keeps relative paths)")
+    ps.add_argument("--model", default=None, help="NAME or NAME:VERSION (default: the server's only model)")
+    ps.add_argument("--request-id", default="", help="idempotency key: resubmitting returns the same job")
+    ps.add_argument("--overlay", action="store_true", help="also write overlays")
+    ps.add_argument("--color", action="store_true", help="also write colour masks")
+    ps.add_argument("--confidence", action="store_true", help="also write confidence PNGs")
+    ps.add_argument("--tile-size", type=int, default=0, help="sliding-window tile side (default off)")
+    ps.add_argument("--flip-tta", action="store_true", help="horizontal-flip test-time augmentation")
+    ps.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
+    ps.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    ps.set_defaults(func=handler(_submit))
+
+    pl = jsub.add_parser("list", parents=[common], help="list jobs, oldest first")
+    pl.add_argument("--filter", default="", help="e.g. 'state=RUNNING' or 'done=false'")
+    pl.set_defaults(func=handler(_list))
+
+    for name, fn, text in (("status", _status, "show a job's progress"),
+                           ("wait", _wait, "follow a job with a progress bar until it ends; print its result"),
+                           ("cancel", _cancel, "stop a job within one batch (finished outputs are kept)")):
+        pc = jsub.add_parser(name, parents=[common], help=text)
+        pc.add_argument("job", help="job id or jobs/<id>")
+        if name == "wait":
+            pc.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        pc.set_defaults(func=handler(fn))
+
+    pd = jsub.add_parser("delete", parents=[common], help="forget a finished job")
+    pd.add_argument("job", help="job id or jobs/<id>")
+    pd.add_argument("--outputs", action="store_true", help="also delete its output folder on the server")
+    pd.set_defaults(func=handler(_delete))
+
+    pf = jsub.add_parser("fetch", parents=[common], help="download a job's outputs")
+    pf.add_argument("job", help="job id or jobs/<id>")
+    pf.add_argument("--out", required=True, help="local folder for the files")
+    pf.set_defaults(func=handler(_fetch))
+
+
+def _submit(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from segsvc.inference.repository import parse_model_ref
+
+    model, version = parse_model_ref(args.model) if args.model else (None, None)
+    job = client.submit_job(
+        () if args.upload else args.inputs, upload=args.inputs if args.upload else None, model=model,
+        version=version, request_id=args.request_id, overlay=args.overlay, color=args.color,
+        confidence=args.confidence, tile_size=args.tile_size, flip_tta=args.flip_tta,
+    )
+    print(job.id, flush=True)
+    if not args.wait:
+        return 0
+    job.wait(progress=args.progress)
+    return _print_result(job)
+
+
+def _list(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    count = 0
+    for status in client.list_jobs(filter=args.filter):
+        _print_status(status)
+        count += 1
+    if not count:
+        print("no jobs")
+    return 0
+
+
+def _status(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    _print_status(client.job(args.job).status(refresh=False))
+    return 0
+
+
+def _wait(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    job = client.job(args.job)
+    job.wait(progress=args.progress)
+    return _print_result(job)
+
+
+def _cancel(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    job = client.job(args.job)
+    job.cancel()
+    _print_status(job.status(refresh=False))
+    return 0
+
+
+def _delete(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    removed = client.job(args.job).delete(outputs=args.outputs)
+    print(f"deleted {args.job}" + (f" and {removed} output files" if args.outputs else ""))
+    return 0
+
+
+def _fetch(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    files = client.job(args.job).fetch(args.out, progress=True)
+    if not files:
+        raise SegsvcError(f"job {args.job} has no output files yet")
+    print(f"fetched {len(files)} files into {args.out}")
+    return 0

@@ -1,0 +1,222 @@
+"""Client side of batch jobs: a handle on a long-running operation, uploads and output downloads.
+
+``SegmentationClient.submit_job`` returns a ``JobHandle``; ``wait(progress=True)``
+follows the operation with ``WaitOperation`` and shows a tqdm bar fed by the
+operation's ``JobMetadata``; ``result()`` returns the ``JobResult`` or raises
+the job's error as a domain error. Like ``segsvc.client`` this needs only grpc,
+NumPy and the generated messages.
+
+Example:
+    >>> with SegmentationClient("localhost:50051") as client:  # doctest: +SKIP
+    ...     job = client.submit_job(["scans/2026-11"], model="membrane", overlay=True)
+    ...     job.wait(progress=True)
+    ...     print(job.result().done, "images ->", job.result().output_location)
+    ...     job.fetch("out/scans")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+
+import grpc
+from google.longrunning import operations_pb2
+from google.protobuf import duration_pb2
+
+from segsvc.errors import Cancelled, InvalidArgument, SegsvcError
+from segsvc.v1 import jobs_pb2 as jobs_pb
+from segsvc.wire import error_from_rpc, error_from_status
+
+if TYPE_CHECKING:
+    from segsvc.client import SegmentationClient
+
+UPLOAD_CHUNK_BYTES = 1 << 20
+WAIT_STEP_S = 1.0  # each WaitOperation call returns at least this often, to refresh the progress bar
+STATES = {v: k.removeprefix("JOB_STATE_") for k, v in jobs_pb.JobState.items()}
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job's progress, from its operation's ``JobMetadata``."""
+
+    name: str
+    state: str
+    done_flag: bool
+    total: int
+    done: int
+    failed: int
+    skipped: int
+    images_per_s: float
+    eta_s: float
+    model: str
+    version: int
+    cancel_requested: bool
+
+    @property
+    def processed(self) -> int:
+        return self.done + self.failed + self.skipped
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A finished job's response: where the outputs are and what they hold."""
+
+    output_location: str
+    total: int
+    done: int
+    failed: int
+    skipped: int
+    class_pixel_totals: dict[str, int]
+    failures: tuple[tuple[str, str], ...]
+    elapsed_s: float
+    images_per_s: float
+
+
+def _status(op: operations_pb2.Operation) -> JobStatus:
+    meta = jobs_pb.JobMetadata()
+    op.metadata.Unpack(meta)
+    return JobStatus(op.name, STATES.get(meta.state, "UNSPECIFIED"), op.done, meta.total, meta.done, meta.failed,
+                     meta.skipped, meta.images_per_second, meta.eta_seconds, meta.model, meta.model_version,
+                     meta.cancel_requested)
+
+
+class JobHandle:
+    """A submitted job (``jobs/<id>``), followed through the standard Operations service."""
+
+    def __init__(self, client: "SegmentationClient", operation: operations_pb2.Operation) -> None:
+        self._client = client
+        self.name = operation.name
+        self.id = operation.name.removeprefix("jobs/")
+        self._op = operation
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.name!r}, state={self.status(refresh=False).state})"
+
+    def status(self, refresh: bool = True) -> JobStatus:
+        if refresh and not self._op.done:
+            self._op = self._client._ops_call("GetOperation", operations_pb2.GetOperationRequest(name=self.name))
+        return _status(self._op)
+
+    def wait(self, progress: bool = False, timeout_s: float | None = None) -> JobStatus:
+        """Block until the job is done (or ``timeout_s`` passes); a tqdm bar shows its metadata."""
+        from tqdm import tqdm
+
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        status = _status(self._op)
+        bar = tqdm(total=status.total, unit="img", desc=self.id[:8], disable=not progress)
+        try:
+            while True:
+                bar.total = status.total
+                bar.n = status.processed
+                bar.set_postfix(state=status.state.lower(), failed=status.failed,
+                                rate=f"{status.images_per_s:.1f}/s", refresh=False)
+                bar.refresh()
+                if self._op.done:
+                    return status
+                step = WAIT_STEP_S if deadline is None else min(WAIT_STEP_S, deadline - time.monotonic())
+                if step <= 0:
+                    return status
+                request = operations_pb2.WaitOperationRequest(name=self.name,
+                                                              timeout=duration_pb2.Duration(seconds=0,
+                                                                                            nanos=int(step * 1e9)))
+                self._op = self._client._ops_call("WaitOperation", request, timeout_s=step + 30)
+                status = _status(self._op)
+        finally:
+            bar.close()
+
+    def result(self, timeout_s: float | None = None) -> JobResult:
+        """Wait for the job and return its result; a failed or cancelled job raises its error."""
+        if not self._op.done:
+            self.wait(timeout_s=timeout_s)
+        op = self._op
+        if not op.done:
+            raise SegsvcError(f"job {self.id} is not done after {timeout_s} s")
+        if op.HasField("error"):
+            if op.error.code == grpc.StatusCode.CANCELLED.value[0]:
+                raise Cancelled(op.error.message)
+            raise error_from_status(op.error.code, op.error.message)
+        res = jobs_pb.SegmentationJobResult()
+        op.response.Unpack(res)
+        return JobResult(res.output_location, res.total, res.done, res.failed, res.skipped,
+                         dict(res.class_pixel_totals), tuple((f.input, f.reason) for f in res.failures),
+                         res.elapsed_seconds, res.images_per_second)
+
+    def cancel(self) -> None:
+        self._client._ops_call("CancelOperation", operations_pb2.CancelOperationRequest(name=self.name))
+        self.status()
+
+    def delete(self, outputs: bool = False) -> int:
+        """Forget the finished job (and delete its outputs on the server when asked); returns files removed."""
+        response = self._client._job_call("DeleteJob", jobs_pb.DeleteJobRequest(name=self.name, delete_outputs=outputs))
+        return int(response.deleted_files)
+
+    def fetch(self, dest: str | os.PathLike, progress: bool = False) -> list[Path]:
+        """Download every output file into ``dest`` (same relative layout); returns the paths written."""
+        from tqdm import tqdm
+
+        root = Path(dest).resolve()
+        written: list[Path] = []
+        current = None
+        stream = self._client._job_stream("FetchJobOutputs", jobs_pb.FetchJobOutputsRequest(name=self.name))
+        try:
+            for chunk in tqdm(stream, unit="chunk", desc="fetch", disable=not progress):
+                path = (root / chunk.path).resolve()
+                if not path.is_relative_to(root):
+                    raise InvalidArgument(f"the server sent a file outside the folder: {chunk.path!r}")
+                if chunk.offset == 0:
+                    if current is not None:
+                        current.close()
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    current = open(path, "wb")
+                    written.append(path)
+                current.write(chunk.data)
+                if chunk.last:
+                    current.close()
+                    current = None
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            if current is not None:
+                current.close()
+        return written
+
+
+def upload_files(files: Sequence[Path], root: Path | None) -> Iterator[jobs_pb.UploadImagesRequest]:
+    """Chunks of each file, named relative to ``root`` (or by file name), with the SHA-256 on the last one."""
+    for path in files:
+        name = path.relative_to(root).as_posix() if root is not None else path.name
+        digest = hashlib.sha256()
+        offset = 0
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(UPLOAD_CHUNK_BYTES)
+                digest.update(data)
+                last = len(data) < UPLOAD_CHUNK_BYTES
+                yield jobs_pb.UploadImagesRequest(name=name, offset=offset, data=data, last=last,
+                                                  sha256=digest.hexdigest() if last else "")
+                offset += len(data)
+                if last:
+                    break
+
+
+def local_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], Path | None]:
+    """Image files to upload and the folder their names are relative to (one folder: that folder)."""
+    from segsvc.client import image_files
+
+    given = [Path(p) for p in paths]
+    if len(given) == 1 and given[0].is_dir():
+        root = given[0]
+        files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in _SUFFIXES)
+        return files, root
+    files = image_files(given)
+    names = [f.name for f in files]
+    if len(set(names)) != len(names):
+        raise InvalidArgument("uploaded files need distinct names; upload one folder to keep relative paths")
+    return files, None
+
+
+_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")

@@ -1,0 +1,431 @@
+"""Batch segmentation jobs inside the server: durable, resumable, below interactive traffic.
+
+A job is a row in the ``JobStore`` with one item per input image. Submission
+resolves the inputs (confined to the data root or an upload), pins the model
+version and commits the job in one transaction. A scheduler runs at most
+``max_running_jobs`` jobs at a time, oldest first; each job keeps a window of
+items in flight through the protocol-free ``InferenceService`` in the batch
+lane, writes each item's files (temporary name, then rename) and only then
+marks the item DONE. A crash at any point therefore leaves every input either
+DONE with its files in place, or PENDING, to be redone on restart into the
+same file names: nothing lost, nothing written twice. Leftover temporaries
+are removed when a job (re)starts. Undecodable or oversized inputs are FAILED
+with their reason; the job still completes.
+
+Example:
+    >>> runner = JobRunner(JobStore(state / "jobs.sqlite"), service, JobsConfig(state, outputs))  # doctest: +SKIP
+    >>> await runner.start()  # doctest: +SKIP
+    >>> job = await runner.submit(JobRequest(model="membrane", paths=("test",)))  # doctest: +SKIP
+    >>> job = await runner.wait(job.id, timeout_s=600)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segsvc.errors import (
+    Cancelled, FailedPrecondition, InvalidArgument, Overloaded, SegsvcError, Unavailable,
+)
+from segsvc.inference.batcher import Priority
+from segsvc.inference.engine import InferenceOptions
+from segsvc.inference.service import ImageFile, InferenceService, Segmentation
+from segsvc.jobs.inputs import resolve_inputs
+from segsvc.jobs.outputs import JobOutputs, check_rel, clean_temporaries
+from segsvc.jobs.staging import StagingArea, UploadLimits
+from segsvc.jobs.store import Item, Job, JobStore
+
+log = logging.getLogger("segsvc.jobs")
+
+KIND = "segmentation"
+RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # back-off while the model's queue is full
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """Where jobs keep their state, read their inputs and write their outputs.
+
+    Args:
+        state_dir: the SQLite job database and the upload staging area.
+        output_root: outputs go to ``<output_root>/<job_id>/``.
+        data_root: server-side inputs must lie under it (``None``: uploads only).
+        max_running_jobs: jobs run at once; further jobs wait in submission order.
+        max_inputs: most images in one job (checked before the job is accepted).
+        max_file_bytes: an input file larger than this fails without being read.
+        window: images of one job in flight at once (a few batches' worth).
+        upload: limits of ``UploadImages``.
+        progress_interval_s: how often live progress is written to the store.
+    """
+
+    state_dir: Path
+    output_root: Path
+    data_root: Path | None = None
+    max_running_jobs: int = 1
+    max_inputs: int = 100_000
+    max_file_bytes: int = 64 << 20
+    window: int = 16
+    upload: UploadLimits = field(default_factory=UploadLimits)
+    progress_interval_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("max_running_jobs", "max_inputs", "max_file_bytes", "window"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"jobs: {name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What a client asks for (the idempotency comparison is over exactly this).
+
+    Args:
+        model, version: the model; version 0 means the default at submission.
+        paths: server-side inputs relative to the data root (folders, globs, files).
+        upload_id: or an upload committed by ``UploadImages``.
+        options: tiling, flip TTA, confidence (class counts are always computed).
+        color, overlay, overlay_alpha: extra pictures per image.
+    """
+
+    model: str = ""
+    version: int = 0
+    paths: tuple[str, ...] = ()
+    upload_id: str = ""
+    options: InferenceOptions = InferenceOptions()
+    color: bool = False
+    overlay: bool = False
+    overlay_alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if bool(self.paths) == bool(self.upload_id):
+            raise InvalidArgument("a job needs inputs: server paths (inputs.paths) or an upload (inputs.upload_id)")
+        if not 0.0 < self.overlay_alpha <= 1.0:
+            raise InvalidArgument(f"outputs.overlay_alpha must be in (0, 1], got {self.overlay_alpha}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["paths"] = list(self.paths)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobRequest":
+        return cls(**{**data, "paths": tuple(data["paths"]), "options": InferenceOptions(**data["options"])})
+
+
+@dataclass
+class _Run:
+    """One job running in this process: its cancel signal and live counters."""
+
+    job: Job
+    request: JobRequest
+    model: str
+    version: int
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    started: float = field(default_factory=time.monotonic)
+    processed: int = 0
+    published: float = 0.0
+
+
+class JobRunner:
+    """Accepts, schedules, runs, cancels and deletes segmentation jobs.
+
+    Args:
+        store: the durable job state.
+        service: the inference core (jobs use its batch lane).
+        config: roots and limits.
+    """
+
+    def __init__(self, store: JobStore, service: InferenceService, config: JobsConfig) -> None:
+        self.store = store
+        self.config = config
+        self._service = service
+        self.staging = StagingArea(Path(config.state_dir) / "uploads", config.upload)
+        self._runs: dict[str, _Run] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._finished: dict[str, asyncio.Event] = {}
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Clean half-finished uploads and start the scheduler (which resumes unfinished jobs)."""
+        await asyncio.to_thread(self.staging.clean_partial)
+        self._scheduler = asyncio.get_running_loop().create_task(self._schedule(), name="job-scheduler")
+
+    async def stop(self) -> None:
+        """Stop scheduling and abandon running jobs: their unfinished items resume at the next start."""
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+            self._scheduler = None
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- requests ---------------------------------------------------------------------
+    async def submit(self, request: JobRequest, request_id: str = "") -> Job:
+        """Validate, pin the model version and commit the job; an equal resubmission returns the first job."""
+        if request_id:
+            existing = await asyncio.to_thread(self.store.find, KIND, request_id)
+            if existing is not None:
+                if existing.spec.get("request") != request.to_dict():
+                    raise _already_exists(request_id)
+                return existing
+        name, version, _ = self._service.resolve(request.model or None, request.version or None)
+        root = self._input_root(request)
+        files = await asyncio.to_thread(
+            resolve_inputs, root, request.paths or ["."], max_files=self.config.max_inputs
+        )
+        spec = {"request": request.to_dict(), "model": name, "version": version}
+        job, created = await asyncio.to_thread(
+            self.store.submit, KIND, spec, [f.rel for f in files], request_id=request_id or None
+        )
+        if created:
+            log.info("job %s submitted: %d images, model %s:%d", job.id, job.total, name, version)
+            self._wake.set()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        return self.store.get(job_id)
+
+    async def cancel(self, job_id: str) -> Job:
+        """Stop a job within one batch; finished outputs are kept, the rest is SKIPPED."""
+        job = await asyncio.to_thread(self.store.request_cancel, job_id)
+        run = self._runs.get(job_id)
+        if run is not None:
+            run.cancel.set()
+        elif job.finished:
+            self._notify(job_id)
+        return job
+
+    async def wait(self, job_id: str, timeout_s: float) -> Job:
+        """The job once finished, or as it is after ``timeout_s``."""
+        event = self._finished.setdefault(job_id, asyncio.Event())
+        job = await asyncio.to_thread(self.store.get, job_id)
+        if not job.finished:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout_s)
+            job = await asyncio.to_thread(self.store.get, job_id)
+        if job.finished:
+            self._finished.pop(job_id, None)
+        return job
+
+    async def delete(self, job_id: str, delete_outputs: bool = False) -> int:
+        """Remove a finished job's state (and its output folder when asked); returns files removed."""
+        job = await asyncio.to_thread(self.store.get, job_id)
+        if not job.finished:
+            raise FailedPrecondition(f"job {job_id} is {job.state}; cancel it and wait until it stops first")
+        removed = 0
+        if delete_outputs:
+            removed = await asyncio.to_thread(_remove_tree, self.output_dir(job_id))
+        await asyncio.to_thread(self.store.delete, job_id)
+        return removed
+
+    def output_dir(self, job_id: str) -> Path:
+        return Path(self.config.output_root) / check_rel(job_id)
+
+    def output_files(self, job_id: str) -> list[tuple[str, Path]]:
+        """The job's output files as ``(relative path, path)``, symlinks and temporaries excluded."""
+        self.store.get(job_id)
+        root = self.output_dir(job_id)
+        if not root.is_dir():
+            return []
+        return [(p.relative_to(root).as_posix(), p) for p in sorted(root.rglob("*"))
+                if p.is_file() and not p.is_symlink() and ".tmp-" not in p.name]
+
+    # -- scheduling -------------------------------------------------------------------
+    def _input_root(self, request: JobRequest) -> Path:
+        if request.upload_id:
+            return self.staging.path(request.upload_id)
+        if self.config.data_root is None:
+            raise FailedPrecondition("this server has no --data-root: upload the images (UploadImages) instead")
+        return Path(self.config.data_root)
+
+    async def _schedule(self) -> None:
+        while True:
+            self._wake.clear()
+            while len(self._tasks) < self.config.max_running_jobs:
+                waiting = await asyncio.to_thread(self.store.unfinished, KIND)
+                job = next((j for j in waiting if j.id not in self._tasks), None)
+                if job is None:
+                    break
+                task = asyncio.get_running_loop().create_task(self._run_job(job), name=f"job-{job.id}")
+                self._tasks[job.id] = task
+                task.add_done_callback(lambda _t, jid=job.id: self._job_ended(jid))
+            await self._wake.wait()
+
+    def _job_ended(self, job_id: str) -> None:
+        self._tasks.pop(job_id, None)
+        self._runs.pop(job_id, None)
+        self._wake.set()
+
+    def _notify(self, job_id: str) -> None:
+        event = self._finished.get(job_id)
+        if event is not None:
+            event.set()
+
+    # -- running one job -------------------------------------------------------------------
+    async def _run_job(self, job: Job) -> None:
+        try:
+            job = await asyncio.to_thread(self.store.start, job.id)
+            request = JobRequest.from_dict(job.spec["request"])
+            run = _Run(job, request, job.spec["model"], int(job.spec["version"]))
+            self._runs[job.id] = run
+            if job.cancel_requested:
+                run.cancel.set()
+            outputs = JobOutputs(self.output_dir(job.id))
+            await asyncio.to_thread(clean_temporaries, outputs.root)
+            await self._service.manager.retain(run.model, run.version)  # no swap retires it mid-job
+            try:
+                await self._run_items(run, outputs, self._input_root(request))
+                await self._finalize(run, outputs)
+            finally:
+                self._service.manager.release(run.model, run.version)
+        except asyncio.CancelledError:  # server stopping: the job resumes at the next start
+            log.info("job %s interrupted; it resumes when the server starts again", job.id)
+            raise
+        except Unavailable as exc:
+            log.warning("job %s paused: %s", job.id, exc)
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, SegsvcError) else "internal error; see the server log"
+            log.error("job %s failed: %s", job.id, message, exc_info=not isinstance(exc, SegsvcError))
+            await asyncio.to_thread(self.store.finish, job.id, "FAILED", error=message)
+            self._notify(job.id)
+
+    async def _run_items(self, run: _Run, outputs: JobOutputs, root: Path) -> None:
+        pending = await asyncio.to_thread(self.store.pending_items, run.job.id)
+        slots = asyncio.Semaphore(self.config.window)
+        tasks: set[asyncio.Task] = set()
+        stop = asyncio.get_running_loop().create_task(run.cancel.wait())
+        try:
+            for item in pending:
+                acquire = asyncio.get_running_loop().create_task(slots.acquire())
+                await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if run.cancel.is_set():
+                    acquire.cancel()
+                    break
+                task = asyncio.get_running_loop().create_task(self._run_item(run, outputs, root, item))
+                tasks.add(task)
+                task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+            while tasks and not run.cancel.is_set():
+                await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            for task in list(tasks):  # cancel: queued images leave the batcher; written ones stay DONE
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result
+
+    async def _run_item(self, run: _Run, outputs: JobOutputs, root: Path, item: Item) -> None:
+        t0 = time.perf_counter()
+        source = ImageFile(_confined(root, item.input), item.input, self.config.max_file_bytes)
+        try:
+            seg = await self._segment(run, source)
+            record = await self._service.run_io(self._write, run, outputs, item.input, seg, t0)
+        except Unavailable:
+            raise
+        except (InvalidArgument, Cancelled) as exc:  # this input cannot be segmented: record why
+            await asyncio.to_thread(self.store.finish_item, run.job.id, item.index, "FAILED", reason=str(exc))
+        else:
+            await asyncio.to_thread(self.store.finish_item, run.job.id, item.index, "DONE", result=record)
+        run.processed += 1
+        await self._publish(run)
+
+    async def _segment(self, run: _Run, source: ImageFile) -> Segmentation:
+        options = dataclasses.replace(run.request.options, class_counts=True)
+        for delay in (*RETRY_S, None):
+            try:
+                return await self._service.segment(source, model=run.model, version=run.version,
+                                                   options=options, priority=Priority.BATCH)
+            except Overloaded:
+                if delay is None:
+                    raise Unavailable(f"model {run.model}:{run.version} stays overloaded") from None
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _write(run: _Run, outputs: JobOutputs, rel: str, seg: Segmentation, t0: float) -> dict[str, Any]:
+        """Write the image's files (atomically) and build its results record; runs on an I/O thread."""
+        req, out, manifest = run.request, seg.output, seg.manifest
+        outputs.write_item(rel, out.labels, palette=manifest.palette, image=seg.image if req.overlay else None,
+                           confidence=out.confidence, color=req.color, overlay=req.overlay,
+                           alpha=req.overlay_alpha)
+        return outputs.item_record(rel, out.labels, class_names=manifest.class_names, model=seg.model,
+                                   version=seg.version, ms=(time.perf_counter() - t0) * 1e3,
+                                   confidence=out.confidence, counts=out.class_counts)
+
+    async def _publish(self, run: _Run, force: bool = False) -> None:
+        """Write live progress (throughput, ETA) at most every ``progress_interval_s``."""
+        now = time.monotonic()
+        if not force and now - run.published < self.config.progress_interval_s:
+            return
+        run.published = now
+        job = await asyncio.to_thread(self.store.get, run.job.id)
+        rate = run.processed / max(now - run.started, 1e-9)
+        left = job.total - job.done - job.failed - job.skipped
+        progress = {"images_per_s": round(rate, 3), "eta_s": round(left / rate, 1) if rate > 0 else None,
+                    "elapsed_s": round(job.progress.get("elapsed_before_s", 0.0) + now - run.started, 3),
+                    "elapsed_before_s": job.progress.get("elapsed_before_s", 0.0)}
+        await asyncio.to_thread(self.store.set_progress, run.job.id, progress)
+
+    async def _finalize(self, run: _Run, outputs: JobOutputs) -> None:
+        job_id = run.job.id
+        cancelled = run.cancel.is_set()
+        if cancelled:
+            for item in await asyncio.to_thread(self.store.pending_items, job_id):
+                await asyncio.to_thread(self.store.finish_item, job_id, item.index, "SKIPPED", reason="cancelled")
+        await self._publish(run, force=True)
+        job = await asyncio.to_thread(self.store.get, job_id)
+        items = await asyncio.to_thread(self.store.items, job_id)
+        manifest = self._service.manager.resolve(run.model, run.version).manifest
+        elapsed = float(job.progress.get("elapsed_s") or 0.0)
+        summary = await self._service.run_io(
+            lambda: outputs.finalize(
+                [i.result for i in items if i.state == "DONE"],
+                [{"input": i.input, "reason": i.reason} for i in items if i.state == "FAILED"],
+                class_names=manifest.class_names, palette=manifest.palette,
+                summary_fields={"job_id": job_id, "model": run.model, "version": run.version,
+                                "total": job.total, "skipped": job.skipped, "elapsed_s": elapsed},
+            )
+        )
+        result = {"output_location": job_id, "total": job.total, "done": job.done, "failed": job.failed,
+                  "skipped": job.skipped, "class_pixel_totals": summary["class_pixels"],
+                  "failures": summary["failures"], "results_file": "results.jsonl",
+                  "summary_file": "summary.json", "elapsed_seconds": elapsed,
+                  "images_per_second": summary["images_per_s"] or 0.0}
+        state = "CANCELLED" if cancelled else "SUCCEEDED"
+        await asyncio.to_thread(self.store.finish, job_id, state, result=result)
+        log.info("job %s %s: %d done, %d failed, %d skipped", job_id, state.lower(), job.done, job.failed, job.skipped)
+        self._notify(job_id)
+
+
+def _confined(root: Path, rel: str) -> Path:
+    """``root/rel``, refusing (as a failed item) a path that a symlink swapped in since submission points out."""
+    real_root = root.resolve()
+    path = (real_root / check_rel(rel)).resolve()
+    if not path.is_relative_to(real_root):
+        raise InvalidArgument(f"{rel} now resolves outside its root; refused")
+    return path
+
+
+def _remove_tree(root: Path) -> int:
+    if not root.is_dir():
+        return 0
+    count = sum(1 for p in root.rglob("*") if p.is_file())
+    shutil.rmtree(root)
+    return count
+
+
+def _already_exists(request_id: str) -> SegsvcError:
+    from segsvc.errors import AlreadyExists
+
+    return AlreadyExists(f"request_id {request_id!r} was already used for a different job")

@@ -1,0 +1,195 @@
+"""``segsvc.v1.JobService`` and the standard ``google.longrunning.Operations``: thin adapters over ``JobRunner``.
+
+Each method turns its request into arguments (``convert``), calls the runner,
+and turns the job into an ``Operation`` or a response; every failure goes
+through ``server.errors``. ``ListOperations`` pages by submission order (the
+page token is opaque to clients) and filters with ``key=value`` terms joined by
+``AND`` over ``state``, ``kind`` and ``done``, e.g. ``state=RUNNING AND kind=segmentation``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
+
+import grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import empty_pb2
+
+from segsvc.errors import FailedPrecondition, InvalidArgument
+from segsvc.jobs.batch import JobRunner
+from segsvc.jobs.store import JOB_STATES
+from segsvc.server import convert
+from segsvc.server.errors import abort
+from segsvc.v1 import jobs_pb2 as jobs_pb
+from segsvc.v1 import jobs_pb2_grpc as jobs_grpc
+
+log = logging.getLogger("segsvc.server")
+
+T = TypeVar("T")
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+DEFAULT_WAIT_S = 60.0
+MAX_WAIT_S = 600.0
+CHUNK_BYTES = 1 << 20
+
+
+class _Adapter:
+    """Shared by both servicers: the runner (None when jobs are off) and the one failure path."""
+
+    def __init__(self, runner: JobRunner | None) -> None:
+        self._runner_or_none = runner
+
+    @property
+    def _runner(self) -> JobRunner:
+        if self._runner_or_none is None:
+            raise FailedPrecondition("batch jobs are not enabled on this server: start it with --state-dir")
+        return self._runner_or_none
+
+    async def _call(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await abort(context, exc, "", method, log)
+            raise  # unreachable: abort raises
+
+
+class JobServicer(_Adapter, jobs_grpc.JobServiceServicer):
+    """Submit jobs, upload their images, fetch and delete their outputs."""
+
+    async def SubmitSegmentationJob(self, request: jobs_pb.SubmitSegmentationJobRequest, context):
+        async def work() -> operations_pb2.Operation:
+            job = await self._runner.submit(convert.job_request_from_proto(request), request.request_id)
+            return convert.operation(job)
+
+        return await self._call("SubmitSegmentationJob", context, work)
+
+    async def UploadImages(self, request_iterator: AsyncIterator[jobs_pb.UploadImagesRequest], context):
+        async def work() -> jobs_pb.UploadImagesResponse:
+            upload = self._runner.staging.open()
+            try:
+                async for chunk in request_iterator:
+                    await asyncio.to_thread(upload.write, chunk.name, int(chunk.offset), chunk.data,
+                                            last=chunk.last, sha256=chunk.sha256)
+                summary = await asyncio.to_thread(upload.commit)
+            except BaseException:
+                await asyncio.to_thread(upload.abort)
+                raise
+            log.info("upload %s: %d files, %d bytes", summary.upload_id, len(summary.files), summary.total_bytes)
+            return convert.upload_response(summary)
+
+        return await self._call("UploadImages", context, work)
+
+    async def FetchJobOutputs(self, request: jobs_pb.FetchJobOutputsRequest, context):
+        try:
+            job_id = convert.job_id_of(request.name)
+            files = await asyncio.to_thread(self._runner.output_files, job_id)
+            for rel, path in files:
+                offset = 0
+                with await asyncio.to_thread(open, path, "rb") as f:
+                    while True:
+                        data = await asyncio.to_thread(f.read, CHUNK_BYTES)
+                        last = len(data) < CHUNK_BYTES
+                        yield jobs_pb.FileChunk(path=rel, offset=offset, data=data, last=last)
+                        offset += len(data)
+                        if last:
+                            break
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await abort(context, exc, "", "FetchJobOutputs", log)
+
+    async def DeleteJob(self, request: jobs_pb.DeleteJobRequest, context):
+        async def work() -> jobs_pb.DeleteJobResponse:
+            removed = await self._runner.delete(convert.job_id_of(request.name), request.delete_outputs)
+            return jobs_pb.DeleteJobResponse(deleted_files=removed)
+
+        return await self._call("DeleteJob", context, work)
+
+
+class OperationsServicer(_Adapter, operations_pb2_grpc.OperationsServicer):
+    """The standard long-running operations service over the job store."""
+
+    async def GetOperation(self, request: operations_pb2.GetOperationRequest, context):
+        async def work() -> operations_pb2.Operation:
+            return convert.operation(await asyncio.to_thread(self._runner.get, convert.job_id_of(request.name)))
+
+        return await self._call("GetOperation", context, work)
+
+    async def ListOperations(self, request: operations_pb2.ListOperationsRequest, context):
+        async def work() -> operations_pb2.ListOperationsResponse:
+            kind, states = parse_filter(request.filter)
+            size = request.page_size or DEFAULT_PAGE_SIZE
+            if not 0 < size <= MAX_PAGE_SIZE:
+                raise InvalidArgument(f"page_size must be in 1..{MAX_PAGE_SIZE}, got {request.page_size}")
+            after = _page_token(request.page_token)
+            jobs = await asyncio.to_thread(self._runner.store.list, kind=kind, states=states,
+                                           after_seq=after, limit=size + 1)
+            response = operations_pb2.ListOperationsResponse(operations=[convert.operation(j) for j in jobs[:size]])
+            if len(jobs) > size:
+                response.next_page_token = str(jobs[size - 1].seq)
+            return response
+
+        return await self._call("ListOperations", context, work)
+
+    async def CancelOperation(self, request: operations_pb2.CancelOperationRequest, context):
+        async def work() -> empty_pb2.Empty:
+            await self._runner.cancel(convert.job_id_of(request.name))
+            return empty_pb2.Empty()
+
+        return await self._call("CancelOperation", context, work)
+
+    async def DeleteOperation(self, request: operations_pb2.DeleteOperationRequest, context):
+        async def work() -> empty_pb2.Empty:
+            await self._runner.delete(convert.job_id_of(request.name), delete_outputs=False)
+            return empty_pb2.Empty()
+
+        return await self._call("DeleteOperation", context, work)
+
+    async def WaitOperation(self, request: operations_pb2.WaitOperationRequest, context):
+        async def work() -> operations_pb2.Operation:
+            timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else DEFAULT_WAIT_S
+            remaining = context.time_remaining()
+            if remaining is not None:  # answer before the caller's own deadline
+                timeout = min(timeout, max(remaining - 0.5, 0.0))
+            timeout = min(max(timeout, 0.0), MAX_WAIT_S)
+            return convert.operation(await self._runner.wait(convert.job_id_of(request.name), timeout))
+
+        return await self._call("WaitOperation", context, work)
+
+
+def parse_filter(text: str) -> tuple[str | None, list[str] | None]:
+    """``state=RUNNING AND kind=segmentation`` / ``done=true`` -> (kind, states)."""
+    kind: str | None = None
+    states: set[str] | None = None
+    for term in filter(None, (t.strip() for t in text.replace(" and ", " AND ").split(" AND "))):
+        key, sep, value = (p.strip() for p in term.partition("="))
+        value = value.strip('"')
+        if not sep or not value:
+            raise InvalidArgument(f"filter term {term[:80]!r} is not key=value (keys: state, kind, done)")
+        if key == "kind":
+            kind = value
+        elif key == "state":
+            state = value.upper().removeprefix("JOB_STATE_")
+            if state not in JOB_STATES:
+                raise InvalidArgument(f"filter state must be one of {', '.join(JOB_STATES)}, got {value[:40]!r}")
+            states = {state} if states is None else states & {state}
+        elif key == "done":
+            if value.lower() not in ("true", "false"):
+                raise InvalidArgument(f"filter done must be true or false, got {value[:40]!r}")
+            wanted = {"SUCCEEDED", "FAILED", "CANCELLED"} if value.lower() == "true" else {"QUEUED", "RUNNING"}
+            states = wanted if states is None else states & wanted
+        else:
+            raise InvalidArgument(f"unknown filter key {key[:40]!r}; use state, kind or done")
+    return kind, (sorted(states) if states is not None else None)
+
+
+def _page_token(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit() or len(token) > 18:
+        raise InvalidArgument("page_token is not one this server returned")
+    return int(token)

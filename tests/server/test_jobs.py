@@ -1,0 +1,237 @@
+"""Batch jobs against a real server: JobService, the standard Operations service, the job runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.longrunning import operations_pb2, operations_pb2_grpc
+
+from segsvc import errors
+from segsvc.inference.batcher import BatchingConfig
+from segsvc.jobs.batch import JobsConfig
+from segsvc.jobs.staging import UploadLimits
+from segsvc.wire import decode_png_labels
+from tests.server.conftest import encode, make_image, publish, wait_for
+
+
+def _image_tree(root: Path, count: int = 6) -> dict[str, np.ndarray]:
+    """``count`` PNGs under ``root/scans`` (some nested, sizes vary) -> {rel under root: image}."""
+    images = {}
+    for i in range(count):
+        rel = f"scans/{'a/' if i % 2 else ''}img{i}.png"
+        image = make_image(24 + 8 * (i % 3), 32 + 4 * i, seed=i)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(encode(image))
+        images[rel] = image
+    return images
+
+
+def _jobs(tmp_path: Path, **overrides) -> JobsConfig:
+    return JobsConfig(state_dir=tmp_path / "state", output_root=tmp_path / "out", data_root=tmp_path / "data",
+                      **overrides)
+
+
+def _label_png(tmp_path: Path, job_id: str, rel: str) -> np.ndarray:
+    return decode_png_labels((tmp_path / "out" / job_id / "labels" / f"{rel}.png").read_bytes())
+
+
+@pytest.fixture
+def job_server(start_server, tmp_path):
+    publish(tmp_path / "repo", "tiny", seed=11)
+    images = _image_tree(tmp_path / "data")
+    server = start_server(tmp_path / "repo", jobs=_jobs(tmp_path))
+    return server, images
+
+
+def test_submit_wait_every_output_equals_segment(job_server, tmp_path):
+    server, images = job_server
+    with server.client(timeout_s=60) as c:
+        job = c.submit_job(["scans"], model="tiny", overlay=True, confidence=True)
+        assert job.status(refresh=False).state in ("QUEUED", "RUNNING")
+        job.wait(timeout_s=60)
+        result = job.result()
+        assert (result.total, result.done, result.failed, result.skipped) == (6, 6, 0, 0)
+        assert result.output_location == job.id
+        pixels = 0
+        for rel, image in images.items():
+            expected = c.segment(image, model="tiny").mask
+            assert np.array_equal(_label_png(tmp_path, job.id, rel), expected), rel
+            assert (tmp_path / "out" / job.id / "overlay" / f"{rel}.png").is_file()
+            assert (tmp_path / "out" / job.id / "confidence" / f"{rel}.png").is_file()
+            pixels += expected.size
+        assert sum(result.class_pixel_totals.values()) == pixels
+        lines = [json.loads(x) for x in (tmp_path / "out" / job.id / "results.jsonl").read_text().splitlines()]
+        assert sorted(r["input"] for r in lines) == sorted(images)
+        assert all(r["version"] == 1 and r["model"] == "tiny" and 0 < r["mean_confidence"] <= 1 for r in lines)
+        summary = json.loads((tmp_path / "out" / job.id / "summary.json").read_text())
+        assert summary["counts"] == {"total": 6, "done": 6, "failed": 0, "skipped": 0}
+        fetched = job.fetch(tmp_path / "fetched")
+        assert {p.relative_to(tmp_path / "fetched").as_posix() for p in fetched} >= {
+            "results.jsonl", "summary.json", "class_shares.png", *(f"labels/{r}.png" for r in images)}
+
+
+def test_undecodable_inputs_fail_alone_and_the_job_succeeds(job_server, tmp_path):
+    server, images = job_server
+    (tmp_path / "data" / "scans" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with server.client() as c:
+        result = c.submit_job(["scans"], model="tiny").result(timeout_s=60)
+    assert (result.done, result.failed) == (len(images), 1)
+    assert result.failures[0][0] == "scans/broken.png" and "PNG" in result.failures[0][1]
+    assert str(tmp_path) not in result.failures[0][1]
+
+
+@pytest.mark.parametrize("path", ["../secret", "/etc", "scans/../../secret", "link_out"])
+def test_paths_that_escape_the_data_root_are_refused(job_server, tmp_path, path):
+    server, _ = job_server
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "x.png").write_bytes(encode(make_image(8, 8)))
+    os.symlink(tmp_path / "secret", tmp_path / "data" / "link_out")
+    with server.client() as c:
+        with pytest.raises(errors.InvalidArgument) as info:
+            c.submit_job([path], model="tiny")
+        assert str(tmp_path) not in str(info.value)
+        assert list(c.list_jobs()) == []  # nothing half-submitted
+
+
+def test_idempotent_resubmit_returns_the_same_operation(job_server):
+    server, _ = job_server
+    with server.client() as c:
+        first = c.submit_job(["scans"], model="tiny", request_id="nightly-42")
+        again = c.submit_job(["scans"], model="tiny", request_id="nightly-42")
+        assert again.name == first.name
+        with pytest.raises(errors.AlreadyExists, match="nightly-42"):
+            c.submit_job(["scans/a"], model="tiny", request_id="nightly-42")
+        first.wait(timeout_s=60)
+        assert len(list(c.list_jobs())) == 1
+
+
+def test_list_operations_pages_and_filters(start_server, tmp_path):
+    publish(tmp_path / "repo", "tiny", seed=11)
+    _image_tree(tmp_path / "data", count=1)
+    server = start_server(tmp_path / "repo", jobs=_jobs(tmp_path))
+    with server.client() as c:
+        names = [c.submit_job(["scans"], model="tiny").name for _ in range(5)]
+        for name in names:
+            c.job(name).wait(timeout_s=60)
+        with grpc.insecure_channel(server.address) as channel:
+            ops = operations_pb2_grpc.OperationsStub(channel)
+            page1 = ops.ListOperations(operations_pb2.ListOperationsRequest(name="jobs", page_size=2))
+            page2 = ops.ListOperations(operations_pb2.ListOperationsRequest(
+                name="jobs", page_size=2, page_token=page1.next_page_token))
+            page3 = ops.ListOperations(operations_pb2.ListOperationsRequest(
+                name="jobs", page_size=2, page_token=page2.next_page_token))
+            seen = [o.name for p in (page1, page2, page3) for o in p.operations]
+            assert seen == names and page3.next_page_token == ""
+            running = ops.ListOperations(operations_pb2.ListOperationsRequest(filter="state=RUNNING"))
+            assert list(running.operations) == []
+            done = ops.ListOperations(operations_pb2.ListOperationsRequest(filter="done=true AND kind=segmentation"))
+            assert len(done.operations) == 5 and all(o.done for o in done.operations)
+            with pytest.raises(grpc.RpcError) as info:
+                ops.ListOperations(operations_pb2.ListOperationsRequest(filter="colour=red"))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.RpcError) as info:
+                ops.GetOperation(operations_pb2.GetOperationRequest(name="jobs/nope"))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cancel_stops_the_job_keeps_finished_outputs_and_delete_removes_it(start_server, tmp_path, gated):
+    publish(tmp_path / "repo", "tiny", seed=11)
+    images = _image_tree(tmp_path / "data", count=12)
+    server = start_server(tmp_path / "repo", jobs=_jobs(tmp_path, window=2),
+                          batching=BatchingConfig(max_batch_size=1, max_delay_s=0))
+    with server.client() as c:
+        job = c.submit_job(["scans"], model="tiny")
+        wait_for(lambda: len(gated.ran) >= 1)  # the first image is in the model, held by the gate
+        with pytest.raises(errors.FailedPrecondition, match="cancel"):
+            job.delete()
+        job.cancel()
+        assert job.status().cancel_requested
+        gated.gate.set()
+        status = job.wait(timeout_s=30)
+        assert status.state == "CANCELLED"
+        with pytest.raises(errors.Cancelled):
+            job.result()
+        assert status.done + status.skipped == len(images) and status.skipped >= len(images) - 3
+        labels = list((tmp_path / "out" / job.id / "labels").rglob("*.png"))
+        assert len(labels) == status.done
+        assert json.loads((tmp_path / "out" / job.id / "summary.json").read_text())["counts"]["skipped"] == status.skipped
+        assert job.delete(outputs=True) >= status.done
+        assert not (tmp_path / "out" / job.id).exists()
+        with pytest.raises(errors.NotFound):
+            c.job(job.name)
+
+
+def test_uploads_run_as_jobs_and_their_limits_hold(start_server, tmp_path):
+    publish(tmp_path / "repo", "tiny", seed=11)
+    local = tmp_path / "local"
+    images = _image_tree(local, count=3)
+    limits = UploadLimits(max_file_bytes=1 << 20, max_total_bytes=1 << 20, max_files=3)
+    server = start_server(tmp_path / "repo", jobs=JobsConfig(state_dir=tmp_path / "state",
+                                                            output_root=tmp_path / "out", upload=limits))
+    with server.client() as c:
+        job = c.submit_job(upload=[local / "scans"], model="tiny")
+        result = job.result(timeout_s=60)
+        assert result.done == 3
+        for rel, image in images.items():
+            inner = rel.removeprefix("scans/")
+            assert np.array_equal(_label_png(tmp_path, job.id, inner), c.segment(image, model="tiny").mask)
+        with pytest.raises(errors.FailedPrecondition, match="data-root"):
+            c.submit_job(["scans"], model="tiny")
+        (local / "scans" / "one-too-many.png").write_bytes(encode(make_image(8, 8)))
+        with pytest.raises(errors.InvalidArgument, match="files"):
+            c.upload_images([local / "scans"])
+        big = tmp_path / "big"
+        big.mkdir()
+        (big / "huge.png").write_bytes(b"\x89PNG" + os.urandom((1 << 20) + 10))
+        with pytest.raises(errors.InvalidArgument, match="bytes"):
+            c.upload_images([big])
+    assert [p.name for p in (tmp_path / "state" / "uploads").iterdir()] == [job_id_dir(tmp_path)]
+
+
+def job_id_dir(tmp_path: Path) -> str:
+    """The one committed upload (the refused ones left nothing behind)."""
+    committed = [p.name for p in (tmp_path / "state" / "uploads").iterdir() if not p.name.endswith(".partial")]
+    assert len(committed) == 1
+    return committed[0]
+
+
+def test_interactive_segment_is_answered_while_a_job_runs(start_server, tmp_path):
+    publish(tmp_path / "repo", "tiny", seed=11)
+    _image_tree(tmp_path / "data", count=40)
+    server = start_server(tmp_path / "repo", jobs=_jobs(tmp_path, window=8))
+    image = make_image(40, 40, seed=99)
+    with server.client(timeout_s=30) as c:
+        job = c.submit_job(["scans"], model="tiny")
+        wait_for(lambda: job.status().done >= 1, timeout_s=30)
+        answered = []
+        while not job.status(refresh=False).done_flag and len(answered) < 5:
+            answered.append(c.segment(image, model="tiny"))
+            job.status()
+        assert answered and all(r.mask.shape == (40, 40) for r in answered)
+        assert job.result(timeout_s=60).done == 40
+
+
+def test_version_is_pinned_at_submission(start_server, tmp_path, gated):
+    publish(tmp_path / "repo", "tiny", seed=11)
+    images = _image_tree(tmp_path / "data", count=4)
+    server = start_server(tmp_path / "repo", jobs=_jobs(tmp_path, window=1),
+                          batching=BatchingConfig(max_batch_size=1, max_delay_s=0))
+    with server.client() as c:
+        job = c.submit_job(["scans"], model="tiny")
+        wait_for(lambda: len(gated.ran) >= 1)
+        publish(tmp_path / "repo", "tiny", seed=12)  # version 2 arrives mid-job and becomes the default
+        done = threading.Event()
+        threading.Thread(target=lambda: (c.load_model("tiny"), done.set()), daemon=True).start()
+        gated.gate.set()
+        assert done.wait(30)
+        result = job.result(timeout_s=60)
+        assert result.done == len(images)
+        lines = [json.loads(x) for x in (tmp_path / "out" / job.id / "results.jsonl").read_text().splitlines()]
+        assert {r["version"] for r in lines} == {1}
+        assert c.get_model("tiny").default_version == 2
