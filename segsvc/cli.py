@@ -228,9 +228,33 @@ def _serve(args: argparse.Namespace) -> int:
         grace_s=args.grace_s,
         io_threads=args.io_threads,
         torch_threads=args.torch_threads,
+        jobs=_jobs_config(args),
     )
     run(config)
     return 0
+
+
+def _jobs_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """Batch jobs are on when ``--state-dir`` is given; outputs default to ``<state-dir>/outputs``."""
+    from pathlib import Path
+
+    from segsvc.jobs.batch import JobsConfig
+    from segsvc.jobs.staging import UploadLimits
+
+    if args.state_dir is None:
+        if args.data_root or args.output_root:
+            raise InvalidArgument("--data-root and --output-root need --state-dir (where jobs keep their state)")
+        return None
+    state = Path(args.state_dir)
+    return JobsConfig(
+        state_dir=state,
+        output_root=Path(args.output_root) if args.output_root else state / "outputs",
+        data_root=Path(args.data_root) if args.data_root else None,
+        max_running_jobs=args.max_running_jobs,
+        max_inputs=args.max_job_images,
+        upload=UploadLimits(max_file_bytes=int(args.max_upload_file_mb * (1 << 20)),
+                            max_total_bytes=int(args.max_upload_mb * (1 << 20))),
+    )
 
 
 CPU_BATCH_PIXELS = 1 << 19  # two 512x512 images
@@ -288,6 +312,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (default: one per CPU)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
     p.add_argument("--log-format", default="json", choices=("json", "text"), help="log lines (default json)")
+    g = p.add_argument_group("batch jobs (on with --state-dir)")
+    g.add_argument("--state-dir", default=None, help="job database (SQLite) and upload staging; enables jobs")
+    g.add_argument("--data-root", default=None, help="server-side job inputs must lie under this folder")
+    g.add_argument("--output-root", default=None, help="job outputs go to <root>/<job-id>/ (default <state-dir>/outputs)")
+    g.add_argument("--max-running-jobs", type=int, default=1, help="jobs run at once; others wait in order (default 1)")
+    g.add_argument("--max-job-images", type=int, default=100_000, help="most images in one job (default 100000)")
+    g.add_argument("--max-upload-mb", type=float, default=2048, help="largest upload in MiB (default 2048)")
+    g.add_argument("--max-upload-file-mb", type=float, default=64, help="largest uploaded file in MiB (default 64)")
     p.set_defaults(func=_serve)
 
 
@@ -351,8 +383,61 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_segment)
 
 
+# -- batch: offline segmentation of many files, no server ------------------------------
+def _batch(args: argparse.Namespace) -> int:
+    from segsvc.jobs.offline import BatchOptions, run_batch
+
+    options = BatchOptions(tile_size=args.tile_size, flip_tta=args.flip_tta, color=args.color,
+                           overlay=args.overlay, confidence=args.confidence, alpha=args.alpha)
+    summary = run_batch(
+        args.inputs, model_repo=args.model_repo, model=args.model, out=args.out, engine=args.engine,
+        resume=args.resume, options=options, batch_size=args.batch_size, device=args.device,
+        io_threads=args.io_threads, actors=args.actors, progress=args.progress,
+    )  # fmt: skip
+    counts = summary["counts"]
+    for failure in summary["failures"]:
+        print(f"{failure['input']}: error: {failure['reason']}", file=sys.stderr)
+    rate = summary["images_per_s"]
+    print(f"segmented {counts['done']}/{counts['total']} images ({counts['failed']} failed) with "
+          f"{summary['model']}:{summary['version']} into {args.out}" + (f" at {rate:.1f} images/s" if rate else ""))
+    return 1 if counts["failed"] else 0
+
+
+def _add_batch(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("batch", help="segment files offline (no server) into labels/, results.jsonl, summary.json; "
+                                     "resumable")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image files, folders (walked recursively) or glob patterns; optional with --resume")
+    p.add_argument("--model-repo", required=True, help="repository root: <root>/<model>/<version>/")
+    p.add_argument("--model", default=None, help="NAME or NAME:VERSION (default latest; with --resume: the stored one)")
+    p.add_argument("--out", required=True, help="output folder (must be empty unless --resume)")
+    p.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local: one process, pipelined (default); ray: Ray Data actors (pip install 'segsvc[ray]')")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished batch in --out")
+    p.add_argument("--color", action="store_true", help="also write color/<input>.png (palette colours)")
+    p.add_argument("--overlay", action="store_true", help="also write overlay/<input>.png (colours over the image)")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+    p.add_argument("--confidence", action="store_true", help="also write confidence/<input>.png (uint8 max softmax)")
+    p.add_argument("--tile-size", type=int, default=0, help="sliding-window tile side in pixels (default off)")
+    p.add_argument("--flip-tta", action="store_true", help="horizontal-flip test-time augmentation")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--io-threads", type=int, default=0, help="local engine: decode and write threads each "
+                                                             "(default: up to 4)")
+    p.add_argument("--actors", type=int, default=1, help="ray engine: model-holding actors (default 1; one GPU each "
+                                                          "on CUDA)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=_batch)
+
+
+def _add_jobs(sub: argparse._SubParsersAction) -> None:
+    from segsvc.cli_jobs import add_jobs_parser
+
+    add_jobs_parser(sub, _read_token)
+
+
 _ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_train, _add_eval, _add_data, _add_serve, _add_segment,
+    _add_models, _add_train, _add_eval, _add_data, _add_serve, _add_segment, _add_batch, _add_jobs,
 ]
 
 

@@ -14,8 +14,8 @@ Two lanes share the worker: interactive calls (``Priority.INTERACTIVE``) and
 batch-job items (``Priority.BATCH``). A batch-lane batch starts only when no
 interactive item waits and no interactive batch ended within
 ``batch_holdoff_s``, so a client sending one request after another is not
-queued behind a job; a batch item that has waited ``batch_max_wait_s`` runs
-anyway, so a job still advances under saturating interactive load. Each lane
+queued behind a job; under saturating interactive load one batch-lane batch
+still runs every ``batch_max_wait_s``, so a job advances at a bounded cost. Each lane
 has its own ``max_queue_size`` bound: a job can never fill the interactive queue.
 
 Example:
@@ -70,8 +70,9 @@ class BatchingConfig:
         batch_holdoff_s: a batch-lane batch waits this long after the last
             interactive batch ended (the gap in which a sequential client sends
             its next request).
-        batch_max_wait_s: a batch-lane item that has waited this long runs even
-            while interactive traffic continues (jobs never starve).
+        batch_max_wait_s: while interactive traffic continues, one batch-lane
+            batch runs at most every this many seconds (jobs never starve, and
+            take a bounded share of the model).
 
     Example:
         >>> BatchingConfig(max_batch_size=8, max_delay_s=0.005, max_queue_size=256).max_batch_size
@@ -183,6 +184,7 @@ class DynamicBatcher(Generic[T, R]):
         self._size = 0
         self._lane_size = {lane: 0 for lane in Priority}
         self._last_interactive_end = float("-inf")
+        self._last_batch_lane_start = float("-inf")
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._accepting = False
@@ -283,8 +285,8 @@ class DynamicBatcher(Generic[T, R]):
         """The group to batch next, or ``(None, t)``: nothing may start before loop time ``t``.
 
         Interactive groups come first, oldest first. A batch-lane group waits out
-        the hold-off after the last interactive batch unless its oldest item has
-        waited ``batch_max_wait_s``.
+        the hold-off after the last interactive batch, unless no batch-lane batch
+        has started for ``batch_max_wait_s`` and its oldest item waited that long.
         """
         def oldest(lane: Priority) -> Hashable | None:
             keys = [k for k in self._groups if k[0] == lane]
@@ -294,7 +296,7 @@ class DynamicBatcher(Generic[T, R]):
         if key is not None:
             return key, now
         key = oldest(Priority.BATCH)
-        starved_at = self._groups[key][0].enqueued_at + self.config.batch_max_wait_s
+        starved_at = max(self._groups[key][0].enqueued_at, self._last_batch_lane_start) + self.config.batch_max_wait_s
         allowed_at = min(self._last_interactive_end + self.config.batch_holdoff_s, starved_at)
         return (key, now) if now >= allowed_at else (None, allowed_at)
 
@@ -369,6 +371,8 @@ class DynamicBatcher(Generic[T, R]):
     async def _execute(self, batch: list[_Pending[T]]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        if batch[0].priority == Priority.BATCH:
+            self._last_batch_lane_start = started
         try:
             results = await loop.run_in_executor(self._executor, self._predict, [p.item for p in batch])
             if len(results) != len(batch):

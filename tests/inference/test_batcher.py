@@ -421,3 +421,33 @@ def test_each_lane_has_its_own_queue_bound():
 
     rec = run(main())
     assert [x for batch in rec.batches for x in batch] == [0, 4, 5, 1, 2]
+
+
+def test_under_continuous_interactive_load_the_batch_lane_gets_one_batch_per_max_wait():
+    """Aging bounds the job's share: old batch items do not lift the hold-off for good."""
+    async def main():
+        rec = Recorder(delay_s=0.005)
+        cfg = BatchingConfig(max_batch_size=1, max_delay_s=0, batch_holdoff_s=10.0, batch_max_wait_s=0.2)
+        b = DynamicBatcher(rec, cfg)
+        b.start()
+        stop = asyncio.Event()
+
+        async def interactive_client():
+            while not stop.is_set():
+                await b.submit(1)
+
+        client = asyncio.get_running_loop().create_task(interactive_client())
+        while not rec.batches:
+            await asyncio.sleep(0.001)
+        jobs = [b.submit(100 + i, priority=Priority.BATCH) for i in range(20)]
+        await asyncio.sleep(0.9)
+        stop.set()
+        await client
+        ran = b.stats.batch_lane_items
+        for j in jobs:
+            j.cancel()
+        await b.stop(drain=False)
+        return ran
+
+    ran = run(main())
+    assert 2 <= ran <= 5, f"{ran} batch-lane batches ran in 0.9 s with batch_max_wait_s=0.2"

@@ -235,3 +235,29 @@ def test_version_is_pinned_at_submission(start_server, tmp_path, gated):
         lines = [json.loads(x) for x in (tmp_path / "out" / job.id / "results.jsonl").read_text().splitlines()]
         assert {r["version"] for r in lines} == {1}
         assert c.get_model("tiny").default_version == 2
+
+
+def test_jobs_cli_submit_wait_list_status_fetch_delete(job_server, tmp_path, capsys):
+    from segsvc.cli import main
+
+    server, images = job_server
+    common = ["--server", server.address]
+    assert main(["jobs", "submit", "scans", *common, "--color", "--wait", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    job_id = out.splitlines()[0].strip()
+    result = json.loads(out[out.index("{"):])
+    assert result["done"] == len(images) and result["output_location"] == job_id
+    assert main(["jobs", "list", *common]) == 0
+    listed = capsys.readouterr().out
+    assert f"jobs/{job_id}" in listed and "SUCCEEDED" in listed and f"{len(images)}/{len(images)}" in listed
+    assert main(["jobs", "status", job_id, *common]) == 0
+    assert "SUCCEEDED" in capsys.readouterr().out
+    assert main(["jobs", "fetch", job_id, *common, "--out", str(tmp_path / "fetched")]) == 0
+    assert sorted(p.name for p in (tmp_path / "fetched" / "color" / "scans").glob("*.png")) == sorted(
+        Path(r).name + ".png" for r in images if r.count("/") == 1)
+    assert main(["jobs", "delete", job_id, *common, "--outputs"]) == 0
+    assert not (tmp_path / "out" / job_id).exists()
+    assert main(["jobs", "status", job_id, *common]) == 2
+    assert f"no job with id {job_id!r}" in capsys.readouterr().err
+    assert main(["jobs", "submit", "../outside", *common]) == 2
+    assert "outside" in capsys.readouterr().err
