@@ -387,8 +387,10 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 def _batch(args: argparse.Namespace) -> int:
     from segsvc.jobs.offline import BatchOptions, run_batch
 
-    options = BatchOptions(tile_size=args.tile_size, flip_tta=args.flip_tta, color=args.color,
-                           overlay=args.overlay, confidence=args.confidence, alpha=args.alpha)
+    given = {k: getattr(args, k) for k in ("tile_size", "flip_tta", "color", "overlay", "confidence", "alpha")
+             if getattr(args, k) is not None}
+    # --resume without option flags keeps the stored options; with flags, they must match them.
+    options = BatchOptions(**given) if given or not args.resume else None
     summary = run_batch(
         args.inputs, model_repo=args.model_repo, model=args.model, out=args.out, engine=args.engine,
         resume=args.resume, options=options, batch_size=args.batch_size, device=args.device,
@@ -414,12 +416,15 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", default="local", choices=("local", "ray"),
                    help="local: one process, pipelined (default); ray: Ray Data actors (pip install 'segsvc[ray]')")
     p.add_argument("--resume", action="store_true", help="continue the unfinished batch in --out")
-    p.add_argument("--color", action="store_true", help="also write color/<input>.png (palette colours)")
-    p.add_argument("--overlay", action="store_true", help="also write overlay/<input>.png (colours over the image)")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
-    p.add_argument("--confidence", action="store_true", help="also write confidence/<input>.png (uint8 max softmax)")
-    p.add_argument("--tile-size", type=int, default=0, help="sliding-window tile side in pixels (default off)")
-    p.add_argument("--flip-tta", action="store_true", help="horizontal-flip test-time augmentation")
+    # Option flags default to None: with --resume, the ones not given keep the stored values.
+    p.add_argument("--color", action="store_true", default=None, help="also write color/<input>.png")
+    p.add_argument("--overlay", action="store_true", default=None,
+                   help="also write overlay/<input>.png (colours over the image)")
+    p.add_argument("--alpha", type=float, default=None, help="overlay opacity (default 0.5)")
+    p.add_argument("--confidence", action="store_true", default=None,
+                   help="also write confidence/<input>.png (uint8 max softmax)")
+    p.add_argument("--tile-size", type=int, default=None, help="sliding-window tile side in pixels (default off)")
+    p.add_argument("--flip-tta", action="store_true", default=None, help="horizontal-flip test-time augmentation")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--io-threads", type=int, default=0, help="local engine: decode and write threads each "

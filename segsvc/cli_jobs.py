@@ -127,7 +127,9 @@ def _list(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
 
 
 def _status(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    _print_status(client.job(args.job).status(refresh=False))
+    job = client.job(args.job)
+    job.wait(progress=True, timeout_s=0)  # one frame of the progress bar
+    _print_status(job.status(refresh=False))
     return 0
 
 

@@ -261,3 +261,25 @@ def test_jobs_cli_submit_wait_list_status_fetch_delete(job_server, tmp_path, cap
     assert f"no job with id {job_id!r}" in capsys.readouterr().err
     assert main(["jobs", "submit", "../outside", *common]) == 2
     assert "outside" in capsys.readouterr().err
+
+
+def test_max_running_jobs_makes_further_jobs_wait_in_order(start_server, tmp_path, gated):
+    publish(tmp_path / "repo", "tiny", seed=11)
+    _image_tree(tmp_path / "data", count=2)
+    server = start_server(tmp_path / "repo", jobs=_jobs(tmp_path, max_running_jobs=1),
+                          batching=BatchingConfig(max_batch_size=1, max_delay_s=0))
+    with server.client() as c:
+        jobs = [c.submit_job(["scans"], model="tiny") for _ in range(3)]
+        wait_for(lambda: len(gated.ran) >= 1)
+        assert [j.status().state for j in jobs] == ["RUNNING", "QUEUED", "QUEUED"]
+        gated.gate.set()
+        finished = [j.wait(timeout_s=60) for j in jobs]
+        assert all(s.state == "SUCCEEDED" for s in finished)
+        ends = [c.job(j.name)._op.metadata for j in jobs]
+        from segsvc.v1 import jobs_pb2
+        times = []
+        for any_meta in ends:
+            meta = jobs_pb2.JobMetadata()
+            any_meta.Unpack(meta)
+            times.append((meta.start_time.ToNanoseconds(), meta.end_time.ToNanoseconds()))
+        assert times[0][1] <= times[1][0] and times[1][1] <= times[2][0]  # one at a time, in submission order

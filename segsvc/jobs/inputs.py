@@ -1,0 +1,254 @@
+"""Which files a batch job reads: input specs resolved under the data root.
+
+A batch request names its inputs as folders, glob patterns or single files,
+relative to the server's configured data root. This module turns those specs
+into a sorted, de-duplicated list of files and is the one place that enforces
+the confinement rule for them: every file a job will read, and every folder it
+walks, resolves (symlinks included) to a path inside the root. A request that
+would leave the root is refused outright rather than silently trimmed, so a
+misplaced symlink is noticed instead of quietly leaking or dropping data.
+
+Costs are bounded while listing: the walk stops as soon as ``max_files`` is
+passed, so a spec like ``**`` over a huge tree fails fast instead of first
+building a million-entry list.
+
+Error messages name paths as the client wrote them or relative to the root,
+never the root's absolute location on the server.
+
+Example:
+    >>> files = resolve_inputs("/srv/data", ["scans/a", "extra/**/*.png"])  # doctest: +SKIP
+    >>> [f.rel for f in files]  # doctest: +SKIP
+    ['extra/x/1.png', 'scans/a/001.png']
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from segsvc.errors import InvalidArgument, NotFound, PathOutsideRoot
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file a job will read.
+
+    Args:
+        path: resolved absolute path, guaranteed to lie inside the data root.
+        rel: POSIX path relative to the root as the client named it (through a
+            symlink if the client went through one); outputs are named after it.
+    """
+
+    path: Path
+    rel: str
+
+
+def resolve_inputs(
+    root: str | os.PathLike[str], specs: Sequence[str], *, max_files: int = 100_000
+) -> list[InputFile]:
+    """Expand ``specs`` into the files under ``root`` they name, sorted by ``rel``.
+
+    Each spec is a folder (walked recursively, keeping files whose suffix is in
+    ``IMAGE_SUFFIXES``, case-insensitively), a glob pattern (contains ``*``,
+    ``?`` or ``[``; ``**`` spans folders; matched case-sensitively against
+    paths relative to the root) or a single file of any suffix (the decoder
+    judges it later). Absolute specs are accepted only inside the root.
+
+    Raises:
+        PathOutsideRoot: a spec, or a symlink it would read or walk through,
+            leads outside the root.
+        InvalidArgument: no specs, an empty or malformed spec, a spec that
+            matches nothing, or more than ``max_files`` files.
+        NotFound: the data root itself does not exist (a server misconfiguration).
+    """
+    if max_files < 1:
+        raise InvalidArgument(f"max_files must be at least 1, got {max_files}")
+    if not specs:
+        raise InvalidArgument("no inputs given: name at least one folder, glob pattern or file")
+    real_root = _real_root(root)
+    found: dict[str, InputFile] = {}  # keyed by resolved path: the first rel wins
+    for spec in specs:
+        rel, shown = _relative_spec(real_root, root, spec)
+        matched = False
+        for file in _expand(real_root, rel, shown):
+            matched = True
+            key = str(file.path)
+            if key in found:
+                continue
+            found[key] = file
+            if len(found) > max_files:
+                raise InvalidArgument(
+                    f"inputs name more than {max_files} files (counted {len(found)} "
+                    f"before stopping): split the job or narrow the inputs"
+                )
+        if not matched:
+            raise InvalidArgument(f"input {shown!r} matches no image under the data root")
+    return sorted(found.values(), key=lambda f: f.rel)
+
+
+def _real_root(root: str | os.PathLike[str]) -> Path:
+    """The root with every symlink resolved: the reference every check compares with."""
+    try:
+        real = Path(root).resolve(strict=True)
+    except (FileNotFoundError, RuntimeError):
+        raise NotFound("the data root does not exist (check the server configuration)") from None
+    if not real.is_dir():
+        raise NotFound("the data root is not a folder (check the server configuration)")
+    return real
+
+
+def _expand(real_root: Path, rel: str, shown: str) -> Iterator[InputFile]:
+    """Yield the files one spec names (possibly none); refuse escapes as they are met."""
+    if _GLOB_CHARS.intersection(rel):
+        yield from _expand_glob(real_root, rel, shown)
+        return
+    real = _confine(real_root, rel, shown, what="input")
+    if real.is_dir():
+        yield from _walk(real_root, real, rel, shown, _keep_images)
+    elif real.is_file():
+        yield InputFile(real, rel)
+    # anything else (missing, a FIFO, a device) matches nothing
+
+
+def _relative_spec(real_root: Path, root: str | os.PathLike[str], spec: str) -> tuple[str, str]:
+    """Return the spec as a normalised POSIX path relative to the root, and how to name it.
+
+    ``..`` is collapsed lexically and refused if it climbs above the root; what
+    the result resolves to is checked separately (symlinks can still escape).
+    An absolute spec inside the root is named relative to the root in messages,
+    so that an error never echoes the root's location.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidArgument(f"input {spec!r} is empty: name a folder, glob pattern or file")
+    if "\x00" in spec:
+        raise InvalidArgument(f"input {spec!r} contains a NUL character")
+    shown = spec
+    if posixpath.isabs(spec):
+        norm = posixpath.normpath(spec)
+        for base in (posixpath.normpath(os.path.abspath(root)), str(real_root)):
+            if norm == base or norm.startswith(base.rstrip("/") + "/"):
+                rel = posixpath.relpath(norm, base)
+                return rel, rel
+        raise PathOutsideRoot(f"input {spec!r} is outside the data root: give a path relative to it")
+    rel = posixpath.normpath(spec)
+    if rel == ".." or rel.startswith("../"):
+        raise PathOutsideRoot(f"input {shown!r} climbs out of the data root with '..'")
+    return rel, shown
+
+
+def _inside(real_root: Path, real: Path) -> bool:
+    return real == real_root or real.is_relative_to(real_root)
+
+
+def _confine(real_root: Path, path: str | Path, shown: str, *, what: str) -> Path:
+    """Resolve ``path`` (relative paths: below the root) through every symlink; refuse escapes."""
+    real = Path(os.path.realpath(real_root / path))
+    if not _inside(real_root, real):
+        raise PathOutsideRoot(f"{what} {shown!r} resolves outside the data root (a symlink leads out)")
+    return real
+
+
+def _keep_images(parts: tuple[str, ...], is_dir: bool) -> tuple[bool, bool]:
+    """Folder specs: descend into every folder, keep files with an image suffix."""
+    if is_dir:
+        return True, False
+    return False, parts[-1].lower().endswith(IMAGE_SUFFIXES)
+
+
+# (path parts below the walk's start, is a folder) -> (descend into it, keep it as a file)
+_Want = Callable[[tuple[str, ...], bool], tuple[bool, bool]]
+
+
+def _walk(real_root: Path, start: Path, start_rel: str, shown: str, want: _Want) -> Iterator[InputFile]:
+    """Walk ``start`` depth-first in name order, yielding the files ``want`` keeps.
+
+    Symlinks are never followed blindly: each one the walk would descend into
+    or keep is resolved and must stay inside the root, else the whole request
+    is refused. Symlinked folders inside the root are followed once each (a
+    link back to an ancestor cannot loop). Symlinks the walk would ignore
+    anyway, e.g. a ``notes.txt`` link in a folder spec, are not judged.
+    """
+    visited = {start}
+    stack: list[tuple[Path, tuple[str, ...]]] = [(start, ())]
+    while stack:
+        folder, parts = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue  # vanished or unreadable while walking: it simply contributes nothing
+        subfolders: list[tuple[Path, tuple[str, ...]]] = []
+        for entry in entries:
+            sub = (*parts, entry.name)
+            is_dir = entry.is_dir()  # follows symlinks: a link is judged as what it points to
+            descend, keep = want(sub, is_dir)
+            if not (descend or keep):
+                continue
+            rel = _join(start_rel, sub)
+            if entry.is_symlink():
+                real = _confine(real_root, entry.path, rel, what=f"input {shown!r} reaches symlink")
+            else:
+                real = Path(entry.path)
+            if descend and is_dir and real not in visited:
+                visited.add(real)
+                subfolders.append((real, sub))
+            elif keep and not is_dir and real.is_file():
+                yield InputFile(real, rel)
+        stack.extend(reversed(subfolders))  # pop in name order
+
+
+def _join(start_rel: str, parts: tuple[str, ...]) -> str:
+    return posixpath.join(*parts) if start_rel == "." else posixpath.join(start_rel, *parts)
+
+
+def _expand_glob(real_root: Path, pattern: str, shown: str) -> Iterator[InputFile]:
+    """Match a glob pattern by walking only the folders that could still match.
+
+    The literal leading folders (``scans/a`` in ``scans/a/*.png``) are resolved
+    and confined like any path; below them the walk is pruned by the pattern,
+    so ``scans/*/001.png`` never lists deeper than two levels. Hand-rolled
+    rather than ``glob``/``Path.glob`` because those follow symlinks out of the
+    root without telling us.
+    """
+    parts = tuple(pattern.split("/"))
+    n_literal = next(i for i, p in enumerate(parts) if _GLOB_CHARS.intersection(p))
+    base_rel = posixpath.join(*parts[:n_literal]) if n_literal else "."
+    pat = parts[n_literal:]
+    base = _confine(real_root, base_rel, shown, what="input")
+    if not base.is_dir():
+        return
+
+    @functools.cache
+    def full(pi: int, si: int, path: tuple[str, ...]) -> bool:
+        if pi == len(pat):
+            return si == len(path)
+        if pat[pi] == "**":
+            return full(pi + 1, si, path) or (si < len(path) and full(pi, si + 1, path))
+        return si < len(path) and fnmatchcase(path[si], pat[pi]) and full(pi + 1, si + 1, path)
+
+    @functools.cache
+    def prefix(pi: int, si: int, path: tuple[str, ...]) -> bool:
+        """Can ``path`` (a folder) be the start of a match, with pattern left for its contents?"""
+        if si == len(path):
+            return pi < len(pat)
+        if pi == len(pat):
+            return False
+        if pat[pi] == "**":
+            return prefix(pi + 1, si, path) or prefix(pi, si + 1, path)
+        return fnmatchcase(path[si], pat[pi]) and prefix(pi + 1, si + 1, path)
+
+    def want(sub: tuple[str, ...], is_dir: bool) -> tuple[bool, bool]:
+        if is_dir:
+            return prefix(0, 0, sub), False
+        return False, full(0, 0, sub)
+
+    yield from _walk(real_root, base, base_rel, shown, want)

@@ -1,0 +1,419 @@
+"""``segsvc batch``: segment a folder of images with no server, resumable after a crash.
+
+The job's state is a ``JobStore`` at ``<out>/.segsvc-batch.sqlite`` holding one
+job (kind ``batch``) with one item per input; the files follow the layout of
+``segsvc.jobs.outputs``. An item is marked DONE, with its ``results.jsonl``
+record, only after its files are renamed into place, so after ``kill -9`` a
+``--resume`` redoes at most the items that were in flight (rewriting the same
+names) and the finished folder holds exactly one output per input.
+
+Two engines compute the same files:
+
+* ``local``: one process, a pipeline of decode threads -> batched forward
+  passes on the calling thread (images grouped by the engine's batching key)
+  -> encode/write threads, with every stage bounded so memory stays flat
+  however many images there are.
+* ``ray``: Ray Data, ``map_batches`` over a pool of actors that each load the
+  model once and decode, predict and write their batch; the driver records the
+  outcomes in the store. Ray is an optional extra (``pip install 'segsvc[ray]'``)
+  imported only here, when asked for.
+
+Example:
+    >>> summary = run_batch(["photos/"], model_repo="runs/model_repository", model="camvid-unet",
+    ...                     out="runs/batch/photos")  # doctest: +SKIP
+    >>> summary["counts"]  # doctest: +SKIP
+    {'total': 120, 'done': 119, 'failed': 1, 'skipped': 0}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Hashable, Sequence
+
+import numpy as np
+
+from segsvc.errors import AlreadyExists, InvalidArgument, SegsvcError
+from segsvc.inference.codec import DEFAULT_MAX_PIXELS, decode_image
+from segsvc.inference.engine import Engine, EngineConfig, InferenceOptions, Output, resolve_device
+from segsvc.inference.predictor import Predictor
+from segsvc.inference.repository import ModelRepository, parse_model_ref
+from segsvc.jobs.inputs import resolve_inputs
+from segsvc.jobs.outputs import JobOutputs, clean_temporaries
+from segsvc.jobs.store import Item, Job, JobStore
+
+STATE_FILE = ".segsvc-batch.sqlite"
+JOB_KIND = "batch"
+ENGINES = ("local", "ray")
+PROGRESS_EVERY_S = 2.0
+
+# (item index, results.jsonl record or None, failure reason or None)
+Outcome = tuple[int, "dict[str, Any] | None", "str | None"]
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Everything the output files depend on; stored in the job so ``--resume`` cannot mix settings.
+
+    Args:
+        tile_size: sliding-window tile side in pixels; 0 runs whole images.
+        flip_tta: average with the horizontally mirrored image's logits.
+        color: also write ``color/<rel>.png``.
+        overlay: also write ``overlay/<rel>.png`` (colours blended over the image).
+        confidence: also write ``confidence/<rel>.png`` and each record's mean confidence.
+        alpha: overlay opacity.
+    """
+
+    tile_size: int = 0
+    flip_tta: bool = False
+    color: bool = False
+    overlay: bool = False
+    confidence: bool = False
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        InferenceOptions(tile_size=self.tile_size, flip_tta=self.flip_tta)  # same checks as the server
+        if not 0.0 <= self.alpha <= 1.0:
+            raise InvalidArgument(f"overlay alpha must be in [0, 1], got {self.alpha}")
+
+
+def input_root(specs: Sequence[str]) -> Path:
+    """The folder input names are relative to: the folder itself when one folder is given,
+    else the common parent of the inputs (a glob counts from its literal leading folders)."""
+    if not specs:
+        raise InvalidArgument("no inputs given: name image files, folders or glob patterns")
+    bases = []
+    for spec in specs:
+        parts = Path(spec).parts
+        literal = next((i for i, p in enumerate(parts) if set("*?[") & set(p)), len(parts))
+        bases.append(os.path.abspath(os.path.join(*parts[:literal]) if literal else "."))
+    root = Path(os.path.commonpath(bases))
+    return root if root.is_dir() else root.parent
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+class ItemWorker:
+    """One loaded model version and what each input goes through; shared by both engines.
+
+    ``load`` runs on I/O threads, ``predict`` on the one thread that owns the
+    model, ``write`` on I/O threads again; ``process`` chains them for a Ray actor.
+    """
+
+    def __init__(self, model_repo: str, model: str, version: int, out: str, options: BatchOptions,
+                 device: str = "cpu", precision: str = "auto", batch_size: int = 8) -> None:
+        config = EngineConfig(device=device, precision=precision, warmup=False)
+        net, manifest = ModelRepository(model_repo).load(model, version, device=resolve_device(device))
+        self.engine = Engine(Predictor(net, manifest, resolve_device(device)), config)
+        self.manifest = manifest
+        self.outputs = JobOutputs(out)
+        self.options = options
+        self.batch_size = batch_size
+        self.inference = InferenceOptions(tile_size=options.tile_size, flip_tta=options.flip_tta,
+                                          confidence=options.confidence, class_counts=True)
+
+    def load(self, path: str | Path) -> tuple[np.ndarray, Any, float]:
+        """Read, decode and preprocess one file: (image, prepared item, milliseconds)."""
+        t0 = time.perf_counter()
+        image = decode_image(Path(path).read_bytes(), DEFAULT_MAX_PIXELS)
+        prepared = self.engine.prepare(image, self.inference)
+        return image, prepared, (time.perf_counter() - t0) * 1e3
+
+    def predict(self, prepared: list[Any]) -> tuple[list[Output], float]:
+        """Outputs of same-key items, and the forward pass's milliseconds per item."""
+        t0 = time.perf_counter()
+        outputs = self.engine.run(prepared)
+        return outputs, (time.perf_counter() - t0) * 1e3 / max(1, len(prepared))
+
+    def write(self, index: int, rel: str, image: np.ndarray | None, output: Output, ms: float) -> Outcome:
+        """Write one item's files (renamed into place) and build its results record."""
+        t0 = time.perf_counter()
+        opts = self.options
+        self.outputs.write_item(rel, output.labels, palette=self.manifest.palette, image=image,
+                                confidence=output.confidence, color=opts.color, overlay=opts.overlay,
+                                alpha=opts.alpha)
+        record = JobOutputs.item_record(
+            rel, output.labels, class_names=self.manifest.class_names, model=self.manifest.name,
+            version=self.manifest.version, confidence=output.confidence, counts=output.class_counts,
+            ms=ms + (time.perf_counter() - t0) * 1e3,
+        )
+        return index, record, None
+
+    def process(self, rows: Sequence[tuple[int, str, str]]) -> list[Outcome]:
+        """(index, path, rel) rows -> outcomes, sequentially: one Ray actor's batch."""
+        outcomes: list[Outcome] = []
+        groups: dict[Hashable, list[tuple[int, str, np.ndarray, Any, float]]] = {}
+        for index, path, rel in rows:
+            try:
+                image, prepared, ms = self.load(path)
+            except (SegsvcError, OSError) as exc:
+                outcomes.append((index, None, _reason(exc)))
+                continue
+            groups.setdefault(prepared.key, []).append((index, rel, image, prepared, ms))
+        for group in groups.values():
+            for start in range(0, len(group), self.batch_size):
+                chunk = group[start : start + self.batch_size]
+                outputs, fwd_ms = self.predict([g[3] for g in chunk])
+                for (index, rel, image, _, ms), output in zip(chunk, outputs):
+                    outcomes.append(self.write(index, rel, image, output, ms + fwd_ms))
+        return outcomes
+
+
+def run_local(worker: ItemWorker, items: Sequence[Item], root: Path, on_outcome: Callable[[Outcome], None],
+              *, io_threads: int = 0) -> None:
+    """The ``local`` engine: decode threads -> batched forward here -> write threads.
+
+    Every stage is bounded (decodes in flight, images held for batching, writes
+    in flight), so memory does not grow with the number of inputs. Outcomes are
+    delivered on this thread, so the caller's store needs no locking discipline.
+    """
+    threads = io_threads or min(4, os.cpu_count() or 1)
+    batch_size = worker.batch_size
+    max_decoding, max_held, max_writing = 2 * batch_size + threads, 2 * batch_size, 2 * batch_size + threads
+    keep_image = worker.options.overlay
+    todo = iter(items)
+    decoding: deque[tuple[Item, Future]] = deque()
+    groups: dict[Hashable, list[tuple[Item, np.ndarray | None, Any, float]]] = {}
+    writing: set[Future] = set()
+
+    with ThreadPoolExecutor(threads, "segsvc-decode") as decoders, ThreadPoolExecutor(threads, "segsvc-write") as writers:
+
+        def refill() -> None:
+            while len(decoding) < max_decoding and (item := next(todo, None)) is not None:
+                decoding.append((item, decoders.submit(worker.load, root / item.input)))
+
+        def reap(limit: int) -> None:
+            while len(writing) > limit:
+                wait(writing, return_when=FIRST_COMPLETED)
+                for fut in [f for f in writing if f.done()]:
+                    writing.discard(fut)
+                    on_outcome(fut.result())  # a failed write (disk full) stops the run: --resume redoes it
+
+        def forward(key: Hashable) -> None:
+            group = groups.pop(key)
+            outputs, fwd_ms = worker.predict([g[2] for g in group])
+            for (item, image, _, ms), output in zip(group, outputs):
+                writing.add(writers.submit(worker.write, item.index, item.input, image, output, ms + fwd_ms))
+            reap(max_writing)
+
+        refill()
+        while decoding:
+            item, fut = decoding.popleft()
+            refill()
+            try:
+                image, prepared, ms = fut.result()
+            except (SegsvcError, OSError) as exc:
+                on_outcome((item.index, None, _reason(exc)))
+                continue
+            group = groups.setdefault(prepared.key, [])
+            group.append((item, image if keep_image else None, prepared, ms))
+            if len(group) >= batch_size:
+                forward(prepared.key)
+            elif sum(len(g) for g in groups.values()) > max_held:  # many sizes: run the biggest group now
+                forward(max(groups, key=lambda k: len(groups[k])))
+            reap(max_writing)
+        for key in list(groups):
+            forward(key)
+        reap(0)
+
+
+class RayItemWorker:
+    """A Ray Data actor: loads the model once, then ``ItemWorker.process`` for each batch of rows."""
+
+    def __init__(self, **worker_kwargs: Any) -> None:
+        self.worker = ItemWorker(**worker_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [(int(i), str(p), str(r)) for i, p, r in zip(batch["index"], batch["path"], batch["rel"])]
+        outcomes = self.worker.process(rows)
+        return {
+            "index": np.array([o[0] for o in outcomes], dtype=np.int64),
+            "record": np.array([json.dumps(o[1]) if o[1] is not None else "" for o in outcomes], dtype=object),
+            "reason": np.array([o[2] or "" for o in outcomes], dtype=object),
+        }
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise InvalidArgument(f"--engine ray needs Ray Data ({exc}); install it with: pip install 'segsvc[ray]'") from None
+    return ray
+
+
+def run_ray(worker_kwargs: dict[str, Any], items: Sequence[Item], root: Path, on_outcome: Callable[[Outcome], None],
+            *, actors: int = 1) -> None:
+    """The ``ray`` engine: ``map_batches`` over ``actors`` model-holding actors; outcomes come back here.
+
+    Uses the running Ray instance (``ray.init`` before calling to choose one), else starts a local one.
+    """
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        device = worker_kwargs["device"]
+        if device == "auto":
+            device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        kwargs = {**worker_kwargs, "device": device}
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        rows = [{"index": it.index, "path": str(root / it.input), "rel": it.input} for it in items]
+        ds = ray.data.from_items(rows).map_batches(
+            RayItemWorker, fn_constructor_kwargs=kwargs, batch_size=worker_kwargs["batch_size"],
+            compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` is deprecated since Ray 2.51
+            num_gpus=1 if device.startswith("cuda") else 0, batch_format="numpy",
+        )
+        for row in ds.iter_rows():
+            record = json.loads(row["record"]) if row["record"] else None
+            on_outcome((int(row["index"]), record, None if record is not None else str(row["reason"])))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _open_job(out: Path, resume: bool, inputs: Sequence[str] | None, model_repo: str, model: str | None,
+              options: BatchOptions | None) -> tuple[JobStore, Job, Path]:
+    """Create the job (fresh, empty ``out``) or reopen it (``resume``), refusing mismatched settings."""
+    state = out / STATE_FILE
+    specs = [os.path.abspath(s) for s in inputs or ()]
+    name, version = parse_model_ref(model) if model else (None, None)
+    if not resume:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise AlreadyExists(f"output folder {out} is not empty: pass --resume to continue the batch "
+                                "written there, or choose a new folder")
+        if name is None:
+            raise InvalidArgument("--model is required (NAME or NAME:VERSION)")
+        root = input_root(specs)
+        files = resolve_inputs(root, specs, max_files=10_000_000)
+        version = ModelRepository(model_repo).resolve_version(name, version)
+        spec = {"root": str(root), "inputs": specs, "model": name, "version": version,
+                "options": asdict(options or BatchOptions())}
+        store = JobStore(state)
+        job, _ = store.submit(JOB_KIND, spec, [f.rel for f in files])
+        return store, job, root
+    if not state.is_file():
+        raise InvalidArgument(f"--resume: {out} holds no batch state ({STATE_FILE}); run without --resume")
+    store = JobStore(state)
+    try:
+        jobs = store.list(kind=JOB_KIND)
+        if len(jobs) != 1:
+            raise InvalidArgument(f"--resume: {state} holds {len(jobs)} batch jobs, expected one (a run killed "
+                                  f"while creating it holds none): delete {out} and start again")
+        job, spec = jobs[0], jobs[0].spec
+        problems = []
+        if name is not None and name != spec["model"]:
+            problems.append(f"model {name!r} (stored: {spec['model']!r})")
+        if version is not None and version != spec["version"]:
+            problems.append(f"version {version} (stored: {spec['version']})")
+        if options is not None and asdict(options) != spec["options"]:
+            changed = {k: v for k, v in asdict(options).items() if spec["options"].get(k) != v}
+            problems.append(f"options {changed} (stored: {spec['options']})")
+        if specs and specs != spec["inputs"]:
+            problems.append(f"inputs {specs} (stored: {spec['inputs']})")
+        if problems:
+            raise InvalidArgument(f"--resume with different settings than the batch in {out}: "
+                                  f"{'; '.join(problems)}; resume with the same settings or use a new --out folder")
+    except BaseException:
+        store.close()
+        raise
+    clean_temporaries(out)
+    return store, job, Path(spec["root"])
+
+
+def run_batch(
+    inputs: Sequence[str] | None,
+    *,
+    model_repo: str | os.PathLike[str],
+    model: str | None,
+    out: str | os.PathLike[str],
+    engine: str = "local",
+    resume: bool = False,
+    options: BatchOptions | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    precision: str = "auto",
+    io_threads: int = 0,
+    actors: int = 1,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Segment ``inputs`` into ``out`` and return the summary (also written to ``out/summary.json``).
+
+    ``inputs``, ``model`` and ``options`` may be omitted with ``resume``: the stored ones are used
+    (``options=None`` on a new batch means the defaults).
+    A failed input (undecodable, unreadable) does not stop the run; it is listed
+    in the summary's ``failures``. Interrupt it at any point and call again with
+    ``resume=True`` to finish.
+    """
+    if engine not in ENGINES:
+        raise InvalidArgument(f"unknown engine {engine!r}; expected one of {ENGINES}")
+    if batch_size < 1 or actors < 1 or io_threads < 0:
+        raise InvalidArgument("batch_size and actors must be positive and io_threads >= 0")
+    if engine == "ray":
+        _import_ray()  # fail before creating anything
+    out_dir = Path(out)
+    store, job, root = _open_job(out_dir, resume, inputs, os.fspath(model_repo), model, options)
+    options = BatchOptions(**job.spec["options"])
+    try:
+        return _execute(store, job, root, out_dir, engine=engine, model_repo=os.fspath(model_repo), options=options,
+                        batch_size=batch_size, device=device, precision=precision, io_threads=io_threads,
+                        actors=actors, progress=progress)
+    finally:
+        store.close()
+
+
+def _execute(store: JobStore, job: Job, root: Path, out: Path, *, engine: str, model_repo: str,
+             options: BatchOptions, batch_size: int, device: str, precision: str, io_threads: int, actors: int,
+             progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    spec = job.spec
+    if not job.finished:
+        job = store.start(job.id)
+    items = store.pending_items(job.id)
+    prior_s = float(job.progress.get("elapsed_s", 0.0))
+    t0 = last = time.monotonic()
+    bar = tqdm(total=job.total, initial=job.done + job.failed + job.skipped, unit="img", desc="segmenting",
+               disable=not progress, smoothing=0.1)
+
+    def on_outcome(outcome: Outcome) -> None:
+        nonlocal last
+        index, record, reason = outcome
+        store.finish_item(job.id, index, "DONE" if record is not None else "FAILED", result=record, reason=reason)
+        bar.update(1)
+        if time.monotonic() - last >= PROGRESS_EVERY_S:
+            last = time.monotonic()
+            store.set_progress(job.id, {"elapsed_s": prior_s + last - t0, "images_per_s": bar.format_dict["rate"]})
+
+    worker_kwargs = dict(model_repo=model_repo, model=spec["model"], version=spec["version"], out=str(out),
+                         options=options, device=device, precision=precision, batch_size=batch_size)
+    try:
+        if items and engine == "local":
+            run_local(ItemWorker(**worker_kwargs), items, root, on_outcome, io_threads=io_threads)
+        elif items:
+            run_ray(worker_kwargs, items, root, on_outcome, actors=actors)
+    finally:
+        bar.close()
+    elapsed_s = prior_s + time.monotonic() - t0
+    store.set_progress(job.id, {"elapsed_s": elapsed_s})
+    job = store.get(job.id)
+    manifest = ModelRepository(model_repo).read_manifest(spec["model"], spec["version"])
+    records = [it.result for it in store.items(job.id, "DONE") if it.result is not None]
+    failures = [{"input": it.input, "reason": it.reason} for it in store.items(job.id, "FAILED")]
+    summary = JobOutputs(out).finalize(
+        records, failures, class_names=manifest.class_names, palette=manifest.palette,
+        summary_fields={"job_id": job.id, "model": spec["model"], "version": spec["version"], "total": job.total,
+                        "skipped": job.skipped, "elapsed_s": elapsed_s, "engine": engine, "options": spec["options"]},
+    )
+    if not job.finished:
+        all_failed = job.total > 0 and job.failed == job.total
+        store.finish(job.id, "FAILED" if all_failed else "SUCCEEDED", result={"counts": summary["counts"]},
+                     error=f"all {job.total} inputs failed" if all_failed else None)
+    return summary

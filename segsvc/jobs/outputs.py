@@ -1,0 +1,300 @@
+"""The output layout of a batch segmentation job, shared by the server's job runner and ``segsvc batch``.
+
+Under one output folder (``<output-root>/<job-id>/`` for the server, ``--out``
+for the offline runners)::
+
+    labels/<rel>.png        single-channel class ids (8-bit; 16-bit above 256 classes)
+    color/<rel>.png         optional: palette colours
+    overlay/<rel>.png       optional: palette colours blended over the image
+    confidence/<rel>.png    optional: max softmax probability as uint8 (round(255 p))
+    results.jsonl           one record per image, sorted by input
+    summary.json            counts, per-class pixel totals and shares, failures, throughput
+    class_shares.png        horizontal bar chart of the class pixel shares
+
+``<rel>`` is the input's path relative to the job's input root with ``.png``
+*appended* (``a/b/img.jpg`` -> ``labels/a/b/img.jpg.png``): nested folders are
+kept and ``x.png`` / ``x.jpg`` never collide.
+
+Every file is written under a temporary name in its own folder
+(``.<name>.tmp-<hex>``) and renamed into place with ``os.replace``, so a reader
+(or a resumed job after ``kill -9``) sees either no file or a complete one;
+``clean_temporaries`` removes what a killed writer left behind. Files are not
+fsynced: the guarantee is against crashed processes, not power loss.
+
+Example:
+    >>> import numpy as np, tempfile
+    >>> out = JobOutputs(tempfile.mkdtemp())
+    >>> out.write_item("a/x.jpg", np.zeros((4, 4), np.uint8), palette=[(0, 0, 0)])
+    {'labels': 'labels/a/x.jpg.png'}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import secrets
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from segsvc.errors import InvalidArgument
+from segsvc.inference.codec import colorize, encode_png
+from segsvc.inference.codec import overlay as blend
+
+KINDS = ("labels", "color", "overlay", "confidence")
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.json"
+CHART_FILE = "class_shares.png"
+CHART_MAX_CLASSES = 40  # more bars than this are unreadable; the rest are summed into one bar
+RECORD_KEYS = ("input", "output", "height", "width", "class_counts", "mean_confidence", "model", "version", "ms")
+_TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
+
+
+def check_rel(rel: str) -> str:
+    """``rel`` as a clean relative POSIX path, or ``InvalidArgument`` if it could escape the output folder."""
+    if not rel or "\x00" in rel or "\\" in rel:
+        raise InvalidArgument(f"output name {rel!r} must be a non-empty relative path with '/' separators")
+    path = PurePosixPath(rel)
+    if path.is_absolute():
+        raise InvalidArgument(f"output name {rel!r} must be relative, not absolute")
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise InvalidArgument(f"output name {rel!r} must not contain '..', '.' or empty components")
+    return rel
+
+
+def output_relpath(rel: str, kind: str = "labels") -> str:
+    """Where ``kind`` of input ``rel`` goes, relative to the output folder (``labels/a/x.jpg.png``)."""
+    if kind not in KINDS:
+        raise InvalidArgument(f"unknown output kind {kind!r}; expected one of {KINDS}")
+    return f"{kind}/{check_rel(rel)}.png"
+
+
+def temporary_name(path: Path) -> Path:
+    """A unique temporary sibling of ``path``: same folder, so ``os.replace`` is an atomic rename."""
+    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that no reader ever sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def clean_temporaries(root: str | os.PathLike[str]) -> int:
+    """Remove temporary files a killed writer left under ``root``; returns how many were removed."""
+    removed = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if _TMP_RE.match(name):
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+                except FileNotFoundError:  # another cleaner got there first
+                    pass
+    return removed
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Pixels per class id (length ``max(num_classes, max label + 1)``)."""
+    return np.bincount(labels.ravel(), minlength=num_classes).astype(np.int64)
+
+
+def _class_name(class_names: Sequence[str], index: int) -> str:
+    return class_names[index] if index < len(class_names) else str(index)
+
+
+class JobOutputs:
+    """Writes one job's files under ``root`` in the layout described in the module docstring.
+
+    Args:
+        root: the job's output folder; created on the first write.
+
+    Example:
+        >>> out = JobOutputs("runs/batch/out")  # doctest: +SKIP
+        >>> files = out.write_item("a/x.jpg", labels, palette=manifest.palette, color=True)  # doctest: +SKIP
+        >>> record = out.item_record("a/x.jpg", labels, class_names=manifest.class_names,
+        ...                          model="m", version=1, ms=12.5)  # doctest: +SKIP
+        >>> summary = out.finalize([record], [], class_names=manifest.class_names,
+        ...                        palette=manifest.palette, summary_fields={"model": "m", "version": 1})  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path(self, rel: str, kind: str = "labels") -> Path:
+        return self.root / output_relpath(rel, kind)
+
+    def write_item(
+        self,
+        rel: str,
+        labels: np.ndarray,
+        *,
+        palette: Sequence[Sequence[int]] | np.ndarray,
+        image: np.ndarray | None = None,
+        confidence: np.ndarray | None = None,
+        color: bool = False,
+        overlay: bool = False,
+        alpha: float = 0.5,
+    ) -> dict[str, str]:
+        """Write the label PNG of one input (and the extras asked for); returns kind -> path relative to root.
+
+        The label PNG is written last, so its presence implies the extras are complete too.
+        """
+        if labels.ndim != 2 or labels.dtype not in (np.uint8, np.uint16):
+            raise InvalidArgument(f"labels must be an HxW uint8 or uint16 array, got {labels.dtype} {labels.shape}")
+        if overlay and image is None:
+            raise InvalidArgument("an overlay needs the input image")
+        if confidence is not None and confidence.shape != labels.shape:
+            raise InvalidArgument(f"confidence is {confidence.shape} but the label map is {labels.shape}")
+        files: dict[str, str] = {}
+        extras: list[tuple[str, np.ndarray]] = []
+        if color:
+            extras.append(("color", colorize(labels, palette)))
+        if overlay:
+            assert image is not None
+            extras.append(("overlay", blend(image, labels, palette, alpha)))
+        if confidence is not None:
+            extras.append(("confidence", np.ascontiguousarray(confidence, dtype=np.uint8)))
+        for kind, array in [*extras, ("labels", labels)]:
+            files[kind] = output_relpath(rel, kind)
+            atomic_write(self.root / files[kind], encode_png(array))
+        return {k: files[k] for k in KINDS if k in files}
+
+    @staticmethod
+    def item_record(
+        rel: str,
+        labels: np.ndarray,
+        *,
+        class_names: Sequence[str],
+        model: str,
+        version: int,
+        ms: float,
+        confidence: np.ndarray | None = None,
+        counts: np.ndarray | None = None,
+    ) -> dict[str, Any]:
+        """The ``results.jsonl`` record of one image.
+
+        ``class_counts`` lists only the classes present, in class order, so records
+        stay small for models with hundreds of classes. ``counts`` may be given when
+        the engine already computed them on the device.
+        """
+        if counts is None:
+            counts = class_counts(labels, len(class_names))
+        present = {_class_name(class_names, int(i)): int(counts[i]) for i in np.flatnonzero(counts)}
+        mean_conf = None if confidence is None else round(float(confidence.mean()) / 255.0, 6)
+        return {
+            "input": check_rel(rel),
+            "output": output_relpath(rel),
+            "height": int(labels.shape[0]),
+            "width": int(labels.shape[1]),
+            "class_counts": present,
+            "mean_confidence": mean_conf,
+            "model": model,
+            "version": int(version),
+            "ms": round(float(ms), 3),
+        }
+
+    def finalize(
+        self,
+        records: Iterable[Mapping[str, Any]],
+        failures: Iterable[Mapping[str, Any]],
+        *,
+        class_names: Sequence[str],
+        palette: Sequence[Sequence[int]] | np.ndarray,
+        summary_fields: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Write ``results.jsonl``, ``summary.json`` and ``class_shares.png``; returns the summary.
+
+        ``summary_fields`` recognises ``job_id``, ``model``, ``version``, ``total``
+        (default: done + failed + skipped), ``skipped`` (default 0), ``elapsed_s``
+        and ``created`` (default: now, UTC); any other key is copied into the summary.
+        """
+        # Records may come back from a store with their keys re-ordered: restore the documented order.
+        rows = sorted(({**{k: r[k] for k in RECORD_KEYS if k in r}, **r} for r in records), key=lambda r: r["input"])
+        fails = sorted(({"input": f["input"], "reason": f.get("reason")} for f in failures), key=lambda f: f["input"])
+        fields = dict(summary_fields)
+        pixels = self._class_pixels(rows, class_names)
+        total_pixels = sum(pixels.values())
+        done, failed, skipped = len(rows), len(fails), int(fields.pop("skipped", 0) or 0)
+        elapsed_s = fields.pop("elapsed_s", None)
+        summary: dict[str, Any] = {
+            "job_id": fields.pop("job_id", None),
+            "model": fields.pop("model", None),
+            "version": fields.pop("version", None),
+            "counts": {"total": int(fields.pop("total", None) or done + failed + skipped),
+                       "done": done, "failed": failed, "skipped": skipped},
+            "class_pixels": pixels,
+            "class_shares": {k: (round(v / total_pixels, 6) if total_pixels else 0.0) for k, v in pixels.items()},
+            "failures": fails,
+            "elapsed_s": None if elapsed_s is None else round(float(elapsed_s), 3),
+            "images_per_s": round(done / elapsed_s, 3) if elapsed_s else None,
+            "created": fields.pop("created", None) or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **fields,
+        }
+        lines = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows)
+        atomic_write(self.root / RESULTS_FILE, lines.encode())
+        atomic_write(self.root / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+        atomic_write(self.root / CHART_FILE, class_shares_chart(pixels, class_names, palette))
+        return summary
+
+    @staticmethod
+    def _class_pixels(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, int]:
+        """Pixel totals of every class (zeros included), in class order, then any unknown names."""
+        pixels = {name: 0 for name in class_names}
+        for row in rows:
+            for name, n in row["class_counts"].items():
+                pixels[name] = pixels.get(name, 0) + int(n)
+        return pixels
+
+
+def class_shares_chart(
+    pixels: Mapping[str, int],
+    class_names: Sequence[str],
+    palette: Sequence[Sequence[int]] | np.ndarray,
+) -> bytes:
+    """PNG bytes of a horizontal bar chart of class pixel shares, bars in the palette colours.
+
+    matplotlib is imported here, not at module import, so the server never loads
+    it unless a job finishes; the Agg canvas is used directly so no global
+    backend is switched in the host process.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    total = sum(pixels.values())
+    colours = {name: tuple(np.asarray(palette[i], float) / 255.0) for i, name in enumerate(class_names)
+               if i < len(palette)}
+    ranked = sorted(pixels.items(), key=lambda kv: -kv[1])
+    shown, rest = ranked[:CHART_MAX_CLASSES], ranked[CHART_MAX_CLASSES:]
+    if rest:
+        shown.append((f"{len(rest)} other classes", sum(v for _, v in rest)))
+    shown.reverse()  # largest on top
+    names = [name for name, _ in shown]
+    shares = [100.0 * v / total if total else 0.0 for _, v in shown]
+    fig = Figure(figsize=(6.0, 1.0 + 0.28 * len(shown)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bars = ax.barh(range(len(shown)), shares, color=[colours.get(n, (0.6, 0.6, 0.6)) for n in names],
+                   edgecolor="black", linewidth=0.5)
+    for bar, share in zip(bars, shares):
+        ax.text(bar.get_width() + 0.5, bar.get_y() + bar.get_height() / 2, f"{share:.1f}%", va="center", fontsize=8)
+    ax.set_yticks(range(len(shown)), names, fontsize=8)
+    ax.set_xlim(0, max([*shares, 1.0]) * 1.15)
+    ax.set_xlabel("share of predicted pixels (%)")
+    ax.set_title(f"class shares over {total:,} pixels", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -1,0 +1,309 @@
+"""A staging area for images a client uploads before starting a batch job.
+
+A client streams chunks, each naming its file, offset and whether it is the
+last one; the server checks every chunk before writing it, so an upload can
+never exceed its limits, write outside its folder or leave a half-written file
+under a final name. The layout under the staging root::
+
+    <id>.partial/            an upload being received (removed on abort)
+        .incoming/<n>        a file still receiving chunks
+        scans/a/001.png      a file whose last chunk arrived (renamed from .incoming)
+    <id>/                    a committed upload: complete, never written again
+    <id>.deleting/           a committed upload being deleted
+
+Both renames (file into place, ``<id>.partial`` to ``<id>``) are atomic, so a
+reader sees either nothing or the whole thing; after a crash,
+``clean_partial`` removes whatever was left in between.
+
+Example:
+    >>> area = StagingArea("/srv/staging")  # doctest: +SKIP
+    >>> up = area.open()  # doctest: +SKIP
+    >>> up.write("scans/001.png", 0, png_bytes, last=True)  # doctest: +SKIP
+    >>> summary = up.commit()  # doctest: +SKIP
+    >>> area.path(summary.upload_id)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segsvc.errors import InvalidArgument, NotFound, UploadError
+
+_ID = re.compile(r"[0-9a-f]{32}")
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+# One path component: ASCII letters, digits and a few punctuation marks; no
+# leading dot (so no '.', '..' or hidden names, and no clash with '.incoming')
+# or dash, no trailing space. Anything else is refused rather than escaped.
+_COMPONENT = re.compile(r"[A-Za-z0-9_+@=,][A-Za-z0-9_+@=,. -]*(?<! )")
+_MAX_NAME_BYTES = 255
+_PARTIAL, _DELETING, _INCOMING = ".partial", ".deleting", ".incoming"
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Bounds on one upload, enforced chunk by chunk before any byte is written.
+
+    Args:
+        max_file_bytes: largest single file.
+        max_total_bytes: all files of the upload together.
+        max_files: number of distinct file names.
+    """
+
+    max_file_bytes: int = 64 << 20
+    max_total_bytes: int = 2 << 30
+    max_files: int = 10_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_bytes", "max_total_bytes", "max_files"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"UploadLimits.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class UploadedFile:
+    """One complete file of a committed upload; ``name`` is relative to the upload folder."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class UploadSummary:
+    """What a committed upload holds, files sorted by name."""
+
+    upload_id: str
+    files: tuple[UploadedFile, ...]
+    total_bytes: int
+
+
+class StagingArea:
+    """Owns the staging root: opens, finds, deletes and cleans uploads.
+
+    Safe to call from several threads without a lock: ids are random, and
+    every state change is a single ``mkdir`` or ``rename`` that the file
+    system performs atomically.
+
+    Args:
+        root: folder holding the uploads; created if missing.
+        limits: applied to every upload opened here.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], limits: UploadLimits = UploadLimits()) -> None:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        self.root = Path(root).resolve(strict=True)
+        self.limits = limits
+
+    def open(self) -> StagedUpload:
+        """Start a new upload in ``<root>/<id>.partial/``."""
+        upload_id = secrets.token_hex(16)
+        folder = self.root / (upload_id + _PARTIAL)
+        folder.mkdir()
+        (folder / _INCOMING).mkdir()
+        return StagedUpload(self, upload_id, folder)
+
+    def path(self, upload_id: str) -> Path:
+        """The folder of a committed upload; ``NotFound`` while it is partial or after delete."""
+        folder = self.root / _check_id(upload_id)
+        if not folder.is_dir():
+            raise NotFound(f"upload {upload_id!r} does not exist (never committed, or deleted)")
+        return folder
+
+    def delete(self, upload_id: str) -> None:
+        """Remove a committed upload: renamed away first, so ``path`` never sees it half-gone."""
+        folder = self.root / _check_id(upload_id)
+        doomed = self.root / (upload_id + _DELETING)
+        try:
+            folder.rename(doomed)
+        except FileNotFoundError:
+            raise NotFound(f"upload {upload_id!r} does not exist (never committed, or deleted)") from None
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def clean_partial(self) -> int:
+        """Remove uploads left unfinished by a crash; returns how many folders went.
+
+        Call at start-up, before any ``open``: it cannot tell a leftover from an
+        upload in progress.
+        """
+        removed = 0
+        for entry in self.root.iterdir():
+            if entry.name.endswith((_PARTIAL, _DELETING)) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+def _check_id(upload_id: str) -> str:
+    """Refuse anything but the ids ``open`` makes, so an id can never name another path."""
+    if not isinstance(upload_id, str) or not _ID.fullmatch(upload_id):
+        raise InvalidArgument(f"upload id {upload_id!r} is malformed: expected 32 lower-case hex digits")
+    return upload_id
+
+
+def check_upload_name(name: str) -> str:
+    """Return ``name`` if it is a safe relative POSIX path, else raise ``UploadError`` saying why."""
+    if not isinstance(name, str) or not name:
+        raise UploadError("upload file name is empty")
+    if len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES:
+        raise UploadError(f"upload file name {name[:40]!r}... is longer than {_MAX_NAME_BYTES} bytes")
+    if "\x00" in name:
+        raise UploadError(f"upload file name {name!r} contains a NUL character")
+    if "\\" in name:
+        raise UploadError(f"upload file name {name!r} contains a backslash: separate folders with '/'")
+    if name.startswith("/"):
+        raise UploadError(f"upload file name {name!r} is absolute: give a path relative to the upload")
+    for part in name.split("/"):
+        if part == "":
+            raise UploadError(f"upload file name {name!r} has an empty component ('//' or a trailing '/')")
+        if part in (".", ".."):
+            raise UploadError(f"upload file name {name!r} contains {part!r}")
+        if not _COMPONENT.fullmatch(part):
+            raise UploadError(
+                f"upload file name {name!r}: component {part!r} may use only letters, digits, "
+                f"space and _+@=,.- and may not start with '.', '-' or ' ' nor end with ' '"
+            )
+    return name
+
+
+@dataclass
+class _Incoming:
+    """Progress of one file: where its bytes go and what has arrived."""
+
+    tmp: Path
+    received: int = 0
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    done: bool = False
+
+
+class StagedUpload:
+    """One upload being received; used by one caller (not thread-safe).
+
+    Every refused chunk leaves the upload as it was, but the caller is
+    expected to ``abort`` on an error (a client that broke a limit is not
+    worth waiting for). ``commit`` succeeds only if every named file is
+    complete.
+    """
+
+    def __init__(self, area: StagingArea, upload_id: str, folder: Path) -> None:
+        self.upload_id = upload_id
+        self._area = area
+        self._limits = area.limits
+        self._folder = folder
+        self._files: dict[str, _Incoming] = {}
+        self._folders: set[str] = set()  # parent folders of the names, to refuse 'a' next to 'a/b'
+        self._total_bytes = 0
+        self._closed = ""  # "committed" or "aborted" once it is
+
+    def write(self, name: str, offset: int, data: bytes, *, last: bool, sha256: str = "") -> None:
+        """Append one chunk of ``name`` at ``offset``; with ``last`` the file is complete.
+
+        Raises:
+            UploadError: unsafe name, a name reused, a chunk out of order or
+                after the last one, a limit that this chunk would pass, a
+                malformed or mismatching ``sha256``; nothing is written then.
+        """
+        if self._closed:
+            raise UploadError(f"upload {self.upload_id} is already {self._closed}")
+        state = self._files.get(name)
+        if state is None:
+            state = self._register(name, offset)
+        if state.done:
+            raise UploadError(f"file {name!r} is already complete: a name cannot be written twice")
+        if offset != state.received:
+            raise UploadError(f"chunk for {name!r} at offset {offset}, expected {state.received}")
+        limits = self._limits
+        if state.received + len(data) > limits.max_file_bytes:
+            raise UploadError(f"file {name!r} exceeds the per-file limit of {limits.max_file_bytes} bytes")
+        if self._total_bytes + len(data) > limits.max_total_bytes:
+            raise UploadError(f"upload exceeds its total limit of {limits.max_total_bytes} bytes")
+        hasher = state.hasher.copy()
+        hasher.update(data)
+        if last and sha256:
+            if not _SHA256.fullmatch(sha256):
+                raise UploadError(f"sha256 for {name!r} is not 64 hex digits")
+            if hasher.hexdigest() != sha256.lower():
+                raise UploadError(f"hash mismatch for {name!r}: the received bytes differ from the client's")
+        _write_at(state.tmp, state.received, data, sync=last)
+        state.hasher = hasher
+        state.received += len(data)
+        self._total_bytes += len(data)
+        if last:
+            final = self._folder / name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(state.tmp, final)
+            state.done = True
+
+    def _register(self, name: str, offset: int) -> _Incoming:
+        """Admit a new file name: safe, unused, not clashing with a folder, within max_files."""
+        check_upload_name(name)
+        if name in self._folders:
+            raise UploadError(f"file name {name!r} is already a folder of another uploaded file")
+        parents = name.split("/")[:-1]
+        for i in range(1, len(parents) + 1):
+            if "/".join(parents[:i]) in self._files:
+                raise UploadError(f"file name {name!r} puts a folder where file {'/'.join(parents[:i])!r} is")
+        if offset != 0:
+            raise UploadError(f"chunk for {name!r} at offset {offset}, expected 0")
+        if len(self._files) + 1 > self._limits.max_files:
+            raise UploadError(f"upload exceeds its limit of {self._limits.max_files} files")
+        state = _Incoming(self._folder / _INCOMING / str(len(self._files)))
+        self._files[name] = state
+        self._folders.update("/".join(parents[:i]) for i in range(1, len(parents) + 1))
+        return state
+
+    def commit(self) -> UploadSummary:
+        """Seal the upload: every file must be complete; ``<id>.partial`` becomes ``<id>`` atomically."""
+        if self._closed:
+            raise UploadError(f"upload {self.upload_id} is already {self._closed}")
+        if not self._files:
+            raise UploadError(f"upload {self.upload_id} has no files")
+        incomplete = sorted(n for n, s in self._files.items() if not s.done)
+        if incomplete:
+            shown = ", ".join(repr(n) for n in incomplete[:5]) + (" ..." if len(incomplete) > 5 else "")
+            raise UploadError(f"cannot commit: {len(incomplete)} file(s) lack their last chunk: {shown}")
+        (self._folder / _INCOMING).rmdir()
+        os.rename(self._folder, self._area.root / self.upload_id)
+        _fsync_dir(self._area.root)
+        self._closed = "committed"
+        files = tuple(
+            UploadedFile(name, s.received, s.hasher.hexdigest())
+            for name, s in sorted(self._files.items())
+        )
+        return UploadSummary(self.upload_id, files, self._total_bytes)
+
+    def abort(self) -> None:
+        """Drop everything received; safe to call twice, and a no-op after ``commit``."""
+        if self._closed:
+            return
+        self._closed = "aborted"
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def _write_at(path: Path, offset: int, data: bytes, *, sync: bool) -> None:
+    """Write ``data`` at ``offset`` and cut the file there, so a failed earlier write leaves no tail."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+        os.ftruncate(fd, offset)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (POSIX needs the directory synced too)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
