@@ -18,13 +18,15 @@ it runs in float32 and the thread count is set once by the server.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Hashable
 
 import numpy as np
 import torch
 
 from segsvc.errors import InvalidArgument
+from segsvc.inference.admission import MAX_TILE_OVERLAP, TILE_BATCH, Cost, estimate
 from segsvc.inference.predictor import Predictor, labels_dtype, pad_to_multiple, padded_size
 from segsvc.inference.tiling import make_logits_fn
 
@@ -81,7 +83,8 @@ class InferenceOptions:
 
     Args:
         tile_size: side of sliding-window tiles in pixels; 0 disables tiling.
-        tile_overlap: fraction of a tile shared with its neighbour, in [0, 1).
+        tile_overlap: fraction of a tile shared with its neighbour, in [0, 0.75]
+            (the tile stride is at least a quarter tile, bounding passes per pixel).
         flip_tta: average with the horizontally mirrored image's logits.
         confidence: also return the max softmax probability as uint8 (round(255 p)).
         class_counts: also return the number of pixels per class.
@@ -96,17 +99,23 @@ class InferenceOptions:
     def __post_init__(self) -> None:
         if self.tile_size != 0 and self.tile_size < MIN_TILE_SIZE:
             raise InvalidArgument(f"tile_size must be 0 (no tiling) or at least {MIN_TILE_SIZE}, got {self.tile_size}")
-        if not 0.0 <= self.tile_overlap < 1.0:
-            raise InvalidArgument(f"tile_overlap must be a fraction in [0, 1), got {self.tile_overlap}")
+        if not 0.0 <= self.tile_overlap <= MAX_TILE_OVERLAP:
+            raise InvalidArgument(f"tile_overlap must be a fraction in [0, {MAX_TILE_OVERLAP}], got {self.tile_overlap}")
 
 
 @dataclass(frozen=True, eq=False)
 class Prepared:
-    """One prepared image: the normalised ``C x H x W`` tensor, its options and batching key."""
+    """One prepared image: the normalised ``C x H x W`` tensor, its options, batching key and cost.
+
+    ``abandon`` is set by the caller that gave up (deadline, cancel); a tiled or
+    flipped batch whose callers all gave up stops between its passes.
+    """
 
     tensor: torch.Tensor
     options: InferenceOptions
     key: Hashable
+    cost: Cost
+    abandon: threading.Event = field(default_factory=threading.Event)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -154,6 +163,52 @@ class Engine:
         self.channels_last = config.channels_last and self.device.type == "cuda"
         if self.channels_last:
             predictor.model.to(memory_format=torch.channels_last)
+        self.bytes_per_pixel = 0.0  # set by measure_memory() at load
+
+    def cost(self, height: int, width: int, options: InferenceOptions) -> Cost:
+        """What segmenting a ``height x width`` image with ``options`` costs on this model."""
+        p = self.predictor
+        return estimate(height, width, tile_size=options.tile_size, tile_overlap=options.tile_overlap,
+                        flip_tta=options.flip_tta, stride=p.stride, min_size=p.min_size,
+                        num_classes=self.num_classes, bytes_per_pixel=self.bytes_per_pixel,
+                        channels=p.manifest.input.channels)
+
+    @torch.inference_mode()
+    def measure_memory(self, size: int = 128) -> float:
+        """Bytes the forward pass allocates per input pixel (measured once at load).
+
+        On CUDA: the allocator's peak over one pass. On CPU, where allocations are
+        not counted, the sum of every layer's output over one pass: an upper
+        bound of the live activations, so estimates err on the safe side.
+        """
+        side = padded_size(max(size, self.predictor.min_size), max(size, self.predictor.min_size),
+                           self.predictor.stride)[0]
+        x = torch.zeros((1, self.predictor.manifest.input.channels, side, side))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            self.forward(x)
+            torch.cuda.synchronize(self.device)
+            used = torch.cuda.max_memory_allocated(self.device) - before
+        else:
+            used = 0
+
+            def count(_m: torch.nn.Module, _i: object, out: object) -> None:
+                nonlocal used
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        used += t.numel() * t.element_size()
+
+            leaves = [m for m in self.predictor.model.modules() if not any(True for _ in m.children())]
+            handles = [m.register_forward_hook(count) for m in leaves]
+            try:
+                self.forward(x)
+            finally:
+                for h in handles:
+                    h.remove()
+        self.bytes_per_pixel = max(float(used) / (side * side), 1.0)
+        return self.bytes_per_pixel
 
     def _amp_dtype(self, precision: str) -> torch.dtype | None:
         if precision == "fp32" or (precision == "auto" and self.device.type != "cuda"):
@@ -175,7 +230,7 @@ class Engine:
             key: Hashable = ("exact", h, w, options.tile_size, options.tile_overlap, options.flip_tta)
         else:
             key = ("padded", *padded_size(h, w, self.predictor.stride, self.predictor.min_size))
-        return Prepared(tensor, options, key)
+        return Prepared(tensor, options, key, self.cost(int(h), int(w), options))
 
     # -- batch thread ------------------------------------------------------------
     @torch.inference_mode()
@@ -216,6 +271,8 @@ class Engine:
                 tile=(opts.tile_size, opts.tile_size) if opts.tile_size else None,
                 overlap=opts.tile_overlap,
                 hflip=opts.flip_tta,
+                tile_batch=TILE_BATCH,
+                should_stop=lambda: all(j.abandon.is_set() for j in jobs),
             )
             logits = fn(torch.stack([j.tensor for j in jobs]))
             crops = [logits[i : i + 1] for i in range(len(jobs))]

@@ -4,7 +4,11 @@
 lease on the model version (so a hot swap cannot retire it mid-request),
 decode and preprocess on an I/O thread, queue the image in that version's
 batcher (in the interactive or the batch lane) with the caller's deadline, and
-await the result. The ``segsvc.v1`` gRPC servicer, the Open Inference Protocol
+await the result. Before any decoding, the request's cost (padded pixels, tiles, passes,
+estimated memory) is checked against the per-request limits, and while the
+image is served its estimated memory is held in one server-wide budget.
+A caller that gives up (deadline, cancel) marks its image abandoned, so a
+tiled batch stops between passes. The ``segsvc.v1`` gRPC servicer, the Open Inference Protocol
 servicer and the batch-job runner are thin adapters over it: they turn their
 requests into arguments and the ``Segmentation`` into their responses, and
 never repeat this choreography (KServe's ``DataPlane`` under its servicer).
@@ -28,8 +32,9 @@ from typing import Callable, Protocol, Sequence, TypeVar
 import numpy as np
 
 from segsvc.errors import DeadlineExceeded, ImageTooLarge, InvalidImage
+from segsvc.inference.admission import MIB, AdmissionConfig, MemoryBudget
 from segsvc.inference.batcher import Batched, Priority
-from segsvc.inference.codec import decode_image, raw_image
+from segsvc.inference.codec import check_pixels, decode_image, image_header, raw_image
 from segsvc.inference.engine import InferenceOptions, Output
 from segsvc.inference.manager import ModelManager
 from segsvc.models.artifact import Manifest
@@ -40,6 +45,9 @@ R = TypeVar("R")
 class ImageSource(Protocol):
     """Something that becomes a uint8 RGB/grey image, with its size checked before decoding."""
 
+    def peek(self) -> tuple[int, int] | None:
+        """``(height, width)`` without decoding (from a header or a shape), or None if unknown."""
+
     def load(self, max_pixels: int) -> np.ndarray: ...
 
 
@@ -48,6 +56,10 @@ class EncodedImage:
     """PNG/JPEG/TIFF/BMP/WebP bytes."""
 
     data: bytes
+
+    def peek(self) -> tuple[int, int] | None:
+        header = image_header(self.data)
+        return header.height, header.width
 
     def load(self, max_pixels: int) -> np.ndarray:
         return decode_image(self.data, max_pixels)
@@ -59,6 +71,9 @@ class RawPixels:
 
     data: bytes
     shape: Sequence[int]
+
+    def peek(self) -> tuple[int, int] | None:
+        return (int(self.shape[0]), int(self.shape[1])) if len(self.shape) in (2, 3) else None
 
     def load(self, max_pixels: int) -> np.ndarray:
         return raw_image(self.data, self.shape, max_pixels)
@@ -77,6 +92,9 @@ class ImageFile:
     path: Path
     name: str
     max_bytes: int
+
+    def peek(self) -> tuple[int, int] | None:
+        return None  # checked after decoding (on an I/O thread, not the event loop)
 
     def load(self, max_pixels: int) -> np.ndarray:
         try:
@@ -120,13 +138,15 @@ class InferenceService:
     Args:
         manager: the loaded model versions and their batchers.
         io_executor: threads that decode, preprocess and encode (off the event loop).
-        max_pixels: largest image accepted, checked from the header before decoding.
+        admission: per-request cost limits and the server-wide memory budget.
     """
 
-    def __init__(self, manager: ModelManager, io_executor: Executor, max_pixels: int) -> None:
+    def __init__(self, manager: ModelManager, io_executor: Executor, admission: AdmissionConfig) -> None:
         self.manager = manager
         self._io = io_executor
-        self.max_pixels = max_pixels
+        self.admission = admission
+        self.max_pixels = admission.max_pixels
+        self.budget = MemoryBudget(admission.max_inflight_mb * MIB)
 
     async def run_io(self, fn: Callable[..., R], *args: object) -> R:
         """Run ``fn(*args)`` on the I/O threads (encoding a response, writing a file)."""
@@ -167,15 +187,26 @@ class InferenceService:
         with self.manager.lease(model, version) as lm:
             if on_lease is not None:
                 on_lease(lm.name, lm.version, lm.manifest)
+            size = source.peek()
+            if size is not None:  # refuse before decoding
+                check_pixels(*size, self.max_pixels)
+                self.admission.check(lm.engine.cost(*size, options), *size)
             image, prepared = await self.run_io(self._prepare, source, lm.engine, options)
-            future = lm.batcher.submit(prepared, deadline=deadline, priority=priority)
-            result = await _wait(future, deadline)
+            async with self.budget.hold(prepared.cost.peak_bytes, deadline):
+                future = lm.batcher.submit(prepared, deadline=deadline, priority=priority)
+                try:
+                    result = await _wait(future, deadline)
+                except BaseException:
+                    prepared.abandon.set()  # a tiled batch of abandoned images stops between passes
+                    raise
             return Segmentation(image, result.value, lm.manifest, lm.name, lm.version,
                                 result.queue_s, result.run_s, result.batch_size)
 
     def _prepare(self, source: ImageSource, engine, options: InferenceOptions):  # type: ignore[no-untyped-def]
         image = source.load(self.max_pixels)
-        return image, engine.prepare(image, options)
+        prepared = engine.prepare(image, options)
+        self.admission.check(prepared.cost, *image.shape[:2])
+        return image, prepared
 
 
 async def _wait(future: asyncio.Future, deadline: float | None) -> Batched[Output]:

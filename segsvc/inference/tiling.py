@@ -14,9 +14,16 @@ from typing import Callable
 
 import torch
 
-from segsvc.errors import InvalidArgument
+from segsvc.errors import Cancelled, InvalidArgument
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+StopFn = Callable[[], bool]
+
+
+def _check(should_stop: StopFn | None) -> None:
+    """Stop between passes once every caller of the batch has gone (deadline or cancel)."""
+    if should_stop is not None and should_stop():
+        raise Cancelled("every request of the batch was abandoned; the remaining passes were skipped")
 
 
 def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
@@ -53,6 +60,7 @@ def sliding_window_logits(
     tile: tuple[int, int],
     overlap: float = 0.25,
     tile_batch: int = 4,
+    should_stop: StopFn | None = None,
 ) -> torch.Tensor:
     """Logits of ``images`` ``[N, C, H, W]`` computed tile by tile and blended.
 
@@ -62,6 +70,7 @@ def sliding_window_logits(
         tile: ``(height, width)`` of a tile; clipped to the image size.
         overlap: fraction of a tile shared with its neighbour, in ``[0, 1)``.
         tile_batch: tiles per call of ``logits_fn``.
+        should_stop: checked between tile batches; True raises ``Cancelled``.
     Returns:
         float32 logits ``[N, K, H, W]``: per pixel, the window-weighted mean of the tiles covering it.
     """
@@ -81,6 +90,7 @@ def sliding_window_logits(
         weight[..., y : y + th, x : x + tw] += window
     crops = [(i, y, x) for i in range(n) for y, x in boxes]
     for start in range(0, len(crops), tile_batch):
+        _check(should_stop)
         chunk = crops[start : start + tile_batch]
         batch = torch.stack([images[i, :, y : y + th, x : x + tw] for i, y, x in chunk])
         out = logits_fn(batch).float()
@@ -93,9 +103,10 @@ def sliding_window_logits(
     return total / weight
 
 
-def hflip_tta_logits(logits_fn: LogitsFn, images: torch.Tensor) -> torch.Tensor:
+def hflip_tta_logits(logits_fn: LogitsFn, images: torch.Tensor, should_stop: StopFn | None = None) -> torch.Tensor:
     """Mean of the logits of the images and of their mirror images (mirrored back)."""
     plain = logits_fn(images).float()
+    _check(should_stop)
     flipped = logits_fn(torch.flip(images, dims=[-1])).float()
     return (plain + torch.flip(flipped, dims=[-1])) / 2
 
@@ -106,6 +117,7 @@ def make_logits_fn(
     overlap: float = 0.25,
     hflip: bool = False,
     tile_batch: int = 4,
+    should_stop: StopFn | None = None,
 ) -> LogitsFn:
     """Compose flip TTA (outer) and sliding windows (inner) around ``logits_fn``.
 
@@ -117,7 +129,7 @@ def make_logits_fn(
     inner = logits_fn
     if tile is not None:
         def inner(x: torch.Tensor) -> torch.Tensor:
-            return sliding_window_logits(logits_fn, x, tile, overlap, tile_batch)
+            return sliding_window_logits(logits_fn, x, tile, overlap, tile_batch, should_stop)
     if not hflip:
         return inner
-    return lambda x: hflip_tta_logits(inner, x)
+    return lambda x: hflip_tta_logits(inner, x, should_stop)

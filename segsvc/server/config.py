@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segsvc.errors import InvalidArgument
+from segsvc.inference.admission import AdmissionConfig
 from segsvc.inference.codec import DEFAULT_MAX_PIXELS
 from segsvc.inference.manager import ManagerConfig
 from segsvc.jobs.batch import JobsConfig
@@ -27,16 +28,29 @@ class LimitsConfig:
         max_pixels: largest image (height x width), checked from the header before decoding.
         max_stream_in_flight: images of one ``SegmentStream`` processed at the same time;
             the stream stops reading while this many are pending (back-pressure).
+        max_inflight_mb: memory budget of the images being served (estimated per model
+            and image); a request over it alone is refused, others wait for room.
+        max_tiles: most sliding-window tiles of one request.
+        max_work_pixels: most pixels one request pushes through the network (tiles x flips).
     """
 
     max_message_bytes: int = 64 * MIB
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_stream_in_flight: int = 32
+    max_inflight_mb: int = 2048
+    max_tiles: int = 1024
+    max_work_pixels: int = 256_000_000
 
     def __post_init__(self) -> None:
-        for name in ("max_message_bytes", "max_pixels", "max_stream_in_flight"):
+        for name in ("max_message_bytes", "max_pixels", "max_stream_in_flight", "max_inflight_mb", "max_tiles",
+                     "max_work_pixels"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def admission(self) -> AdmissionConfig:
+        return AdmissionConfig(max_pixels=self.max_pixels, max_inflight_mb=self.max_inflight_mb,
+                               max_tiles=self.max_tiles, max_work_pixels=self.max_work_pixels)
 
 
 @dataclass(frozen=True)

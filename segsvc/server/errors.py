@@ -19,11 +19,24 @@ from segsvc.errors import SegsvcError
 from segsvc.wire import ERROR_CODES, ERROR_KIND_KEY, REQUEST_ID_KEY, code_of, error_from_status  # noqa: F401
 
 
+MAX_ID_CHARS = 128
+MAX_MESSAGE_CHARS = 1024  # trailers have a size limit; a client-sized message must not overflow it
+
+
+def clean_text(text: str, limit: int = MAX_ID_CHARS) -> str:
+    """Client text made safe for metadata and logs: printable ASCII, at most ``limit`` characters."""
+    head = "".join(c if " " <= c <= "~" else "?" for c in text[: limit + 1])
+    return head if len(text) <= limit else head[: limit - 3] + "..."
+
+
 def status_of(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str, str]:
     """``(code, message, kind)`` for an exception; unknown exceptions get a generic INTERNAL message."""
     for cls, code in ERROR_CODES:
         if isinstance(exc, cls):
-            return code, str(exc) or cls.__name__, type(exc).__name__
+            message = str(exc) or cls.__name__
+            if len(message) > MAX_MESSAGE_CHARS:
+                message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+            return code, message, type(exc).__name__
     where = f" (request id {request_id})" if request_id else ""
     return grpc.StatusCode.INTERNAL, f"internal server error{where}; see the server log", ""
 
@@ -41,5 +54,5 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_i
     """End the RPC with the status for ``exc`` (logging unexpected ones)."""
     code, message, kind = status_of(exc, request_id)
     log_unexpected(logger, exc, request_id, method)
-    context.set_trailing_metadata(((ERROR_KIND_KEY, kind), (REQUEST_ID_KEY, request_id)))
+    context.set_trailing_metadata(((ERROR_KIND_KEY, kind), (REQUEST_ID_KEY, clean_text(request_id))))
     await context.abort(code, message)

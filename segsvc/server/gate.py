@@ -5,6 +5,12 @@ bookkeeping: while the server is starting or draining, calls of the gated
 services get UNAVAILABLE before any handler runs; otherwise each call is counted
 until it returns, so a drain can wait for exactly the calls in flight. Health
 and reflection pass untouched (probes must work while draining).
+
+The gate also parses requests: bytes that are not a valid message answer
+INVALID_ARGUMENT with a short message (gRPC itself would answer UNKNOWN with
+the parser's exception text and log a traceback). In a request stream, a bad
+message ends the stream with INVALID_ARGUMENT once the messages before it
+are answered.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import contextlib
 from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
+
+from segsvc.errors import InvalidArgument
 
 GATED_PREFIXES = ("/segsvc.v1.", "/google.longrunning.Operations/", "/inference.GRPCInferenceService/")
 REFUSED = "the server is starting or draining; retry on another replica or later"
@@ -61,17 +69,27 @@ class DrainGate(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self._prefixes):
             return handler
-        return self._wrap(handler)
+        return self._wrap(handler, handler_call_details.method.rsplit("/", 1)[-1][:64])
 
-    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        kwargs = dict(request_deserializer=handler.request_deserializer,
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        kwargs = dict(request_deserializer=_safe(handler.request_deserializer),
                       response_serializer=handler.response_serializer)
+        streaming_in = handler.request_streaming
+
+        async def admit(request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+            if not self.accepting:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
+            if streaming_in:
+                return _checked(request, method)
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {method} message")
+            return request
+
         if handler.response_streaming:
             inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
             async def streaming(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
-                if not self.accepting:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
+                request = await admit(request, context)
                 with self._track():
                     async for response in inner(request, context):
                         yield response
@@ -82,11 +100,39 @@ class DrainGate(grpc.aio.ServerInterceptor):
         inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
         async def unary(request, context: grpc.aio.ServicerContext):
-            if not self.accepting:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
+            request = await admit(request, context)
             with self._track():
                 return await inner(request, context)
 
         make = grpc.stream_unary_rpc_method_handler if handler.request_streaming \
             else grpc.unary_unary_rpc_method_handler
         return make(unary, **kwargs)
+
+
+class _Malformed:
+    """Stands for request bytes that did not parse; the gate answers INVALID_ARGUMENT for it."""
+
+    __slots__ = ()
+
+
+def _safe(deserializer):  # type: ignore[no-untyped-def]
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):  # type: ignore[no-untyped-def]
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError and friends: the bytes are the client's problem
+            return _Malformed()
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator, method: str) -> AsyncIterator:
+    """The request stream, ending with InvalidArgument at the first message that did not parse."""
+    index = 0
+    async for request in requests:
+        if isinstance(request, _Malformed):
+            raise InvalidArgument(f"message {index} of the {method} stream is not a valid request message")
+        yield request
+        index += 1

@@ -24,7 +24,7 @@ from segsvc.inference.manager import ModelManager
 from segsvc.inference.service import InferenceService
 from segsvc.server import convert
 from segsvc.server.config import LimitsConfig
-from segsvc.server.errors import REQUEST_ID_KEY, abort, log_unexpected, status_of
+from segsvc.server.errors import REQUEST_ID_KEY, abort, clean_text, log_unexpected, status_of
 from segsvc.server.metrics import ServerMetrics
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
@@ -63,12 +63,19 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     # -- bookkeeping -------------------------------------------------------------
     @staticmethod
     def _request_id(given: str, context: grpc.aio.ServicerContext) -> str:
+        """The caller's id (cleaned: it goes into trailers and logs), else a new one."""
         if given:
-            return given
+            return clean_text(given)
         for key, value in context.invocation_metadata() or ():
             if key == REQUEST_ID_KEY and value:
-                return str(value)
+                return clean_text(str(value))
         return uuid.uuid4().hex[:16]
+
+    @staticmethod
+    def _gone(context: grpc.aio.ServicerContext) -> str:
+        """Why a call was cancelled under us: its deadline, or the client."""
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
     def _finish(self, call: _Call, code: str) -> None:
         total_s = time.perf_counter() - call.started
@@ -86,7 +93,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         try:
             response = await work(call)
         except asyncio.CancelledError:
-            self._finish(call, "CANCELLED")
+            self._finish(call, self._gone(context))
             raise
         except Exception as exc:
             self._finish(call, status_of(exc)[0].name)
@@ -135,11 +142,11 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         end = object()
 
         async def one(request: pb.SegmentRequest, index: int) -> None:
-            call = _Call("SegmentStream", request.request_id or str(index), time.perf_counter())
+            call = _Call("SegmentStream", clean_text(request.request_id) or str(index), time.perf_counter())
             try:
                 response = await self._segment(request, deadline, call)
             except asyncio.CancelledError:
-                self._finish(call, "CANCELLED")
+                self._finish(call, self._gone(context))
                 raise
             except Exception as exc:  # one bad image fails its response, not the stream
                 code, message, kind = status_of(exc, call.request_id)
@@ -159,10 +166,12 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     index += 1
-                while tasks:
-                    await asyncio.wait(set(tasks))
-            finally:
-                done.put_nowait(end)
+            finally:  # also when the request stream broke: answer the images in flight first
+                try:
+                    while tasks:
+                        await asyncio.wait(set(tasks))
+                finally:
+                    done.put_nowait(end)
 
         reader = asyncio.get_running_loop().create_task(read_all())
         try:

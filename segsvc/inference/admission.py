@@ -1,0 +1,177 @@
+"""Admission by cost: what a request will cost is known, and bounded, before work starts.
+
+A pixel limit alone does not bound cost: a 1 x 262144 image is padded to the
+model's stride before the forward pass, a 96x96 image with 16-pixel tiles at
+overlap 0.9999 runs thousands of passes, and memory grows with the padded
+pixels times what the model allocates per pixel. ``estimate`` turns an image
+size and its options into a ``Cost`` (padded pixels per pass, passes, tiles and
+an estimated peak memory from the model's measured bytes per pixel);
+``Admission.check`` refuses a request over the per-request limits before it is
+decoded, and ``MemoryBudget`` queues admitted requests against one server-wide
+memory budget, so concurrent large requests wait instead of exhausting memory.
+
+Example:
+    >>> cost = estimate(1, 262144, tile_size=0, tile_overlap=0.25, flip_tta=False, stride=32, min_size=1,
+    ...                 num_classes=3, bytes_per_pixel=1000)
+    >>> cost.pixels, cost.passes
+    (8388608, 1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from segsvc.errors import DeadlineExceeded, ImageTooLarge, InvalidArgument
+from segsvc.inference.predictor import padded_size
+from segsvc.inference.tiling import tile_starts
+
+MIB = 1 << 20
+TILE_BATCH = 4
+MAX_TILE_OVERLAP = 0.75  # tile stride >= a quarter tile: at most 16 passes per pixel
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one request will cost.
+
+    Attributes:
+        pixels: pixels of one forward pass (padded to the stride and minimum size).
+        passes: forward passes (tiles x flips).
+        tiles: sliding-window tiles (1 without tiling).
+        peak_bytes: estimated peak memory of the request.
+    """
+
+    pixels: int
+    passes: int
+    tiles: int
+    peak_bytes: int
+
+    @property
+    def work_pixels(self) -> int:
+        """Pixels pushed through the network in total: the time a request costs."""
+        return self.pixels * self.passes
+
+
+def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, flip_tta: bool, stride: int,
+             min_size: int, num_classes: int, bytes_per_pixel: float, channels: int = 3) -> Cost:
+    """The ``Cost`` of one ``height x width`` image with these options on this model."""
+    flips = 2 if flip_tta else 1
+    image_bytes = height * width * (channels * 4 + 1)  # float32 input tensor + uint8 labels
+    if tile_size:
+        th, tw = min(tile_size, height), min(tile_size, width)
+        tiles = len(tile_starts(height, th, tile_overlap)) * len(tile_starts(width, tw, tile_overlap))
+        ph, pw = padded_size(th, tw, stride, min_size)
+        in_flight = min(TILE_BATCH, tiles)
+        accumulators = height * width * 4 * (num_classes * (flips + 1) + 1)  # logits sums, weights
+        peak = bytes_per_pixel * ph * pw * in_flight + accumulators + image_bytes
+        return Cost(ph * pw, tiles * flips, tiles, int(peak))
+    ph, pw = padded_size(height, width, stride, min_size)
+    peak = bytes_per_pixel * ph * pw + ph * pw * 4 * num_classes * flips + image_bytes
+    return Cost(ph * pw, flips, 1, int(peak))
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Per-request and server-wide cost limits.
+
+    Args:
+        max_pixels: largest image (height x width), from its header, and largest
+            forward pass (padded height x width).
+        max_inflight_mb: server-wide memory budget of the requests being served;
+            a request whose estimate exceeds it alone is refused.
+        max_tiles: most sliding-window tiles of one request.
+        max_work_pixels: most pixels pushed through the network for one request
+            (tiles x flips x pixels per pass): bounds the time one request holds the model.
+    """
+
+    max_pixels: int = 64_000_000
+    max_inflight_mb: int = 2048
+    max_tiles: int = 1024
+    max_work_pixels: int = 256_000_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "max_inflight_mb", "max_tiles", "max_work_pixels"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
+
+    def check(self, cost: Cost, height: int, width: int) -> None:
+        """Refuse a request over a per-request limit, with what to change."""
+        if cost.tiles > self.max_tiles:
+            raise ImageTooLarge(f"tiling this {width}x{height} image needs {cost.tiles} tiles, over the limit of "
+                                f"{self.max_tiles}; use larger tiles or less overlap")
+        if cost.pixels > self.max_pixels:
+            raise ImageTooLarge(f"the {width}x{height} image is {cost.pixels} pixels once padded to the model's "
+                                f"stride, over the limit of {self.max_pixels}; downscale it or use tiling")
+        if cost.work_pixels > self.max_work_pixels:
+            raise ImageTooLarge(f"this request runs {cost.passes} passes of {cost.pixels} pixels, over the limit of "
+                                f"{self.max_work_pixels} pixels; use fewer tiles, no flip TTA or a smaller image")
+        if cost.peak_bytes > self.max_inflight_mb * MIB:
+            raise ImageTooLarge(f"the {width}x{height} image needs about {cost.peak_bytes / MIB:.0f} MiB, over the "
+                                f"server's budget of {self.max_inflight_mb} MiB; downscale it or use tiling")
+
+
+class MemoryBudget:
+    """Requests hold their estimated bytes while served; the rest wait in arrival order.
+
+    Args:
+        total_bytes: the budget; a request larger than this alone never fits (``Admission.check``
+            refuses it first).
+    """
+
+    def __init__(self, total_bytes: int) -> None:
+        if total_bytes < 1:
+            raise InvalidArgument(f"the memory budget must be positive, got {total_bytes}")
+        self.total_bytes = total_bytes
+        self.used_bytes = 0
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int, deadline: float | None = None) -> AsyncIterator[None]:
+        """Hold ``nbytes`` of the budget for the block; wait (until ``deadline``) while it is spent."""
+        nbytes = min(max(int(nbytes), 0), self.total_bytes)
+        await self._acquire(nbytes, deadline)
+        try:
+            yield
+        finally:
+            self.used_bytes -= nbytes
+            self._wake()
+
+    async def _acquire(self, nbytes: int, deadline: float | None) -> None:
+        if not self._waiters and self.used_bytes + nbytes <= self.total_bytes:
+            self.used_bytes += nbytes
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        entry = (nbytes, waiter)
+        self._waiters.append(entry)
+        try:
+            timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():  # granted meanwhile: give it back
+                self.used_bytes -= nbytes
+            else:
+                waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+            self._wake()
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceeded("the deadline passed while waiting for memory to serve the image") from None
+            raise
+
+    def _wake(self) -> None:
+        """Grant waiters in order while the head fits (FIFO: a large request is not starved)."""
+        while self._waiters:
+            nbytes, waiter = self._waiters[0]
+            if waiter.done():
+                self._waiters.popleft()
+                continue
+            if self.used_bytes + nbytes > self.total_bytes:
+                return
+            self._waiters.popleft()
+            self.used_bytes += nbytes
+            waiter.set_result(None)

@@ -1,0 +1,149 @@
+"""Admission by cost: estimates, per-request limits, the memory budget, abandoned work stopping."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from segsvc.errors import Cancelled, DeadlineExceeded, ImageTooLarge, InvalidArgument
+from segsvc.inference.admission import AdmissionConfig, MemoryBudget, estimate
+from segsvc.inference.engine import Engine, EngineConfig, InferenceOptions
+from segsvc.inference.predictor import Predictor
+from tests.server.conftest import publish, reference
+
+
+def _cost(h, w, **kw):
+    args = dict(tile_size=0, tile_overlap=0.25, flip_tta=False, stride=32, min_size=1, num_classes=3,
+                bytes_per_pixel=1000.0)
+    return estimate(h, w, **{**args, **kw})
+
+
+def test_padding_is_counted_so_a_one_pixel_high_strip_costs_more_than_a_square():
+    strip, square = _cost(1, 262144), _cost(512, 512)
+    assert strip.pixels == 32 * 262144 and square.pixels == 512 * 512
+    assert strip.peak_bytes > 20 * square.peak_bytes
+    assert (strip.passes, strip.tiles) == (1, 1)
+
+
+def test_tiles_and_flips_multiply_the_passes():
+    cost = _cost(96, 96, tile_size=32, tile_overlap=0.5, flip_tta=True)
+    assert cost.tiles == 25 and cost.passes == 50 and cost.pixels == 32 * 32
+    assert cost.work_pixels == 50 * 32 * 32
+
+
+def test_the_overlap_is_capped_so_tiles_cannot_degenerate_to_a_one_pixel_stride():
+    with pytest.raises(InvalidArgument, match=r"tile_overlap must be a fraction in \[0, 0.75\]"):
+        InferenceOptions(tile_size=16, tile_overlap=0.9999)
+    assert InferenceOptions(tile_size=16, tile_overlap=0.75).tile_overlap == 0.75
+
+
+@pytest.mark.parametrize("cost_kw, limits, words", [
+    (dict(h=2048, w=2048, tile_size=16, tile_overlap=0.75), dict(max_tiles=1024), "tiles, over the limit of 1024"),
+    (dict(h=1, w=262144), dict(max_pixels=4_000_000), "once padded to the model's stride"),
+    (dict(h=512, w=512, tile_size=64, tile_overlap=0.75, flip_tta=True), dict(max_work_pixels=1_000_000), "passes"),
+    (dict(h=1, w=262144), dict(max_inflight_mb=1024), "MiB, over the server's budget of 1024 MiB"),
+])
+def test_requests_over_a_per_request_limit_are_refused_by_name(cost_kw, limits, words):
+    h, w = cost_kw.pop("h"), cost_kw.pop("w")
+    config = AdmissionConfig(**limits)
+    with pytest.raises(ImageTooLarge, match=words):
+        config.check(_cost(h, w, **cost_kw), h, w)
+    config.check(_cost(512, 512), 512, 512)  # the same pixel count, square, passes
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def test_memory_budget_queues_in_order_and_releases():
+    async def main():
+        budget = MemoryBudget(100)
+        order = []
+
+        async def user(name, nbytes, hold_s):
+            async with budget.hold(nbytes):
+                order.append(name)
+                await asyncio.sleep(hold_s)
+
+        first = asyncio.create_task(user("a", 60, 0.05))
+        await asyncio.sleep(0)
+        big = asyncio.create_task(user("big", 80, 0))  # waits for a
+        await asyncio.sleep(0)
+        small = asyncio.create_task(user("small", 10, 0))  # fits now, but must not overtake big
+        await asyncio.gather(first, big, small)
+        return order, budget.used_bytes
+
+    order, used = run(main())
+    assert order == ["a", "big", "small"] and used == 0
+
+
+def test_memory_budget_wait_ends_at_the_deadline_and_gives_nothing_away():
+    async def main():
+        budget = MemoryBudget(100)
+        loop = asyncio.get_running_loop()
+        async with budget.hold(90):
+            with pytest.raises(DeadlineExceeded, match="waiting for memory"):
+                async with budget.hold(50, deadline=loop.time() + 0.05):
+                    pass
+            assert budget.used_bytes == 90
+        cancelled = asyncio.create_task(_hold_forever(budget))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        return budget.used_bytes
+
+    assert run(main()) == 0
+
+
+async def _hold_forever(budget: MemoryBudget) -> None:
+    async with budget.hold(100):
+        await asyncio.sleep(60)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Engine:
+    root = tmp_path_factory.mktemp("repo")
+    predictor: Predictor = reference(publish(root, "m", seed=3))
+    engine = Engine(predictor, EngineConfig(device="cpu", warmup=False))
+    engine.measure_memory()
+    return engine
+
+
+def test_bytes_per_pixel_is_measured_and_drives_the_estimate(engine):
+    assert engine.bytes_per_pixel > 12  # more than the float32 RGB input itself
+    small = engine.cost(64, 64, InferenceOptions())
+    large = engine.cost(256, 256, InferenceOptions())
+    assert 12 <= large.peak_bytes / small.peak_bytes <= 20  # ~16x the pixels
+
+
+def test_an_abandoned_tiled_batch_stops_between_passes(engine, monkeypatch):
+    image = np.zeros((256, 256, 3), np.uint8)
+    prepared = engine.prepare(image, InferenceOptions(tile_size=32, tile_overlap=0.5))
+    assert prepared.cost.tiles == 225
+    calls = []
+    original = engine.forward
+
+    def forward(batch):
+        calls.append(batch.shape[0])
+        if len(calls) == 2:
+            prepared.abandon.set()  # the caller's deadline passed during the second pass
+        return original(batch)
+
+    monkeypatch.setattr(engine, "forward", forward)
+    t0 = time.perf_counter()
+    with pytest.raises(Cancelled, match="abandoned"):
+        engine.run([prepared])
+    assert len(calls) == 2, f"{len(calls)} passes ran after the request was abandoned"
+    assert time.perf_counter() - t0 < 5
+
+
+def test_a_batch_with_one_caller_left_keeps_running(engine):
+    image = np.zeros((64, 64, 3), np.uint8)
+    a, b = (engine.prepare(image, InferenceOptions(tile_size=32, tile_overlap=0.5)) for _ in range(2))
+    a.abandon.set()
+    outputs = engine.run([a, b])
+    assert len(outputs) == 2 and outputs[1].labels.shape == (64, 64)
+

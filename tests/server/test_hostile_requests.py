@@ -1,0 +1,91 @@
+"""Malformed protobuf bytes, bad stream messages, client text in trailers, deadlines in the metrics."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+
+import grpc
+import pytest
+
+from segsvc import errors
+from segsvc.inference.batcher import BatchingConfig
+from segsvc.v1 import segmentation_pb2 as pb
+from tests.server.conftest import encode, make_image, publish, wait_for
+from tests.server.test_lifecycle import _metric
+
+SEGMENT = "/segsvc.v1.SegmentationService/Segment"
+STREAM = "/segsvc.v1.SegmentationService/SegmentStream"
+GARBAGE = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, length far past the end
+
+
+def _raw_unary(address: str, method: str, payload: bytes) -> grpc.RpcError:
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as info:
+            call(payload, timeout=10)
+    return info.value
+
+
+def test_malformed_protobuf_bytes_are_invalid_argument_without_internals(shared_server, caplog):
+    error = _raw_unary(shared_server.address, SEGMENT, GARBAGE)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "the request is not a valid Segment message"
+    assert "Error" not in error.details() and "Traceback" not in caplog.text
+    for method in ("/segsvc.v1.SegmentationService/GetModel", "/google.longrunning.Operations/GetOperation"):
+        assert _raw_unary(shared_server.address, method, GARBAGE).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_bad_message_in_a_stream_answers_the_images_before_it_then_invalid_argument(shared_server):
+    good = [pb.SegmentRequest(model="tiny", request_id=str(i), image=encode(make_image(24, 24, seed=i)))
+            for i in range(3)]
+    with grpc.insecure_channel(shared_server.address) as channel:
+        stream = channel.stream_stream(STREAM, request_serializer=None, response_deserializer=pb.SegmentResponse.FromString)
+        responses = stream(iter([g.SerializeToString() for g in good] + [GARBAGE]), timeout=30)
+        answered = []
+        with pytest.raises(grpc.RpcError) as info:
+            for response in responses:
+                answered.append(response)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "message 3 of the SegmentStream stream" in info.value.details()
+    assert sorted(r.request_id for r in answered) == ["0", "1", "2"]
+    assert all(not r.HasField("error") and r.labels.height == 24 for r in answered)
+
+
+@pytest.mark.parametrize("request_id, shown", [
+    ("caf\u00e9-\u2603", "caf?-?"),
+    ("x" * 20000, "x" * 125 + "..."),
+])
+def test_client_ids_are_cleaned_before_trailers_and_logs(shared_server, request_id, shown, caplog):
+    with grpc.insecure_channel(shared_server.address) as channel:
+        segment = channel.unary_unary(SEGMENT, request_serializer=pb.SegmentRequest.SerializeToString,
+                                      response_deserializer=pb.SegmentResponse.FromString)
+        with pytest.raises(grpc.RpcError) as info:
+            segment(pb.SegmentRequest(model="tiny", request_id=request_id, image=b"not an image"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # not INTERNAL "Invalid metadata"
+    assert dict(info.value.trailing_metadata())["x-request-id"] == shown
+    assert request_id not in caplog.text
+
+
+def test_a_huge_model_name_gets_its_own_error_not_resource_exhausted(client):
+    with pytest.raises(errors.NotFound) as info:
+        client.segment(make_image(8, 8), model="m" * 20000)
+    assert len(str(info.value)) <= 1024
+
+
+def test_an_expired_deadline_is_counted_as_deadline_exceeded(start_server, tmp_path, gated):
+    publish(tmp_path, "m", seed=7)
+    server = start_server(tmp_path, batching=BatchingConfig(max_batch_size=1, max_delay_s=0))
+    with server.client() as c:
+        busy = threading.Thread(target=lambda: c.segment(make_image(20, 20), model="m"))
+        busy.start()
+        wait_for(lambda: len(gated.ran) == 1)
+        with pytest.raises(errors.DeadlineExceeded):
+            c.segment(make_image(30, 30), model="m", timeout_s=0.2)
+        gated.gate.set()
+        busy.join(20)
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    assert _metric(text, "segsvc_requests_total", method="Segment", code="DEADLINE_EXCEEDED") == 1
+    with pytest.raises(AssertionError):
+        _metric(text, "segsvc_requests_total", method="Segment", code="CANCELLED")
