@@ -176,19 +176,33 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 # -- serve / segment: the gRPC server and its client ---------------------------------
 def _read_token(args: argparse.Namespace) -> str | None:
-    """The bearer token from --token-file, else the SEGSVC_AUTH_TOKEN environment variable."""
+    """A client's bearer token: the first word of --token-file, else $SEGSVC_AUTH_TOKEN."""
     import os
     from pathlib import Path
 
     if args.token_file:
         try:
-            token = Path(args.token_file).read_text().strip()
+            words = Path(args.token_file).read_text().split("#", 1)[0].split()
         except OSError as exc:
             raise SegsvcError(f"cannot read the token file: {exc}") from None
-        if not token:
+        if not words:
             raise SegsvcError(f"token file {args.token_file} is empty")
-        return token
+        return words[0]
     return os.environ.get("SEGSVC_AUTH_TOKEN") or None
+
+
+def _server_auth(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The server's tokens and scopes: --token-file, else $SEGSVC_AUTH_TOKEN (infer) / $SEGSVC_ADMIN_TOKEN (manage)."""
+    import os
+
+    from segsvc.server.auth import AuthConfig
+
+    if args.token_file:
+        return AuthConfig.from_file(args.token_file)
+    tokens = [(os.environ.get(var), scope) for var, scope in
+              (("SEGSVC_AUTH_TOKEN", "infer"), ("SEGSVC_ADMIN_TOKEN", "manage"))]
+    given = tuple((t, frozenset({scope})) for t, scope in tokens if t)
+    return AuthConfig(given) if given else None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -207,6 +221,8 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_host=args.metrics_host,
+        metrics_tls=args.metrics_tls,
         manager=ManagerConfig(
             engine=EngineConfig(device=args.device, precision=args.precision, warmup=args.warmup),
             batching=BatchingConfig(
@@ -222,8 +238,10 @@ def _serve(args: argparse.Namespace) -> int:
             max_message_bytes=int(args.max_message_mb * MIB),
             max_pixels=args.max_pixels,
             max_stream_in_flight=args.max_stream_in_flight,
+            max_inflight_mb=args.max_inflight_mb,
+            max_tiles=args.max_tiles,
         ),
-        auth_token=_read_token(args),
+        auth=_server_auth(args),
         tls=TLSConfig(args.tls_cert, args.tls_key) if args.tls_cert else None,
         grace_s=args.grace_s,
         io_threads=args.io_threads,
@@ -280,6 +298,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port; -1 disables (default 9090)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="metrics address (default 127.0.0.1: the endpoint has no auth; 0.0.0.0 to expose it)")
+    p.add_argument("--metrics-tls", action="store_true", help="serve the metrics over HTTPS with --tls-cert/--tls-key")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype on CUDA (auto: bf16 where supported, else fp16; CPU runs fp32)")
@@ -301,11 +322,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="largest image in pixels, checked from the header before decoding (default 64 MP)")
     p.add_argument("--max-stream-in-flight", type=int, default=32,
                    help="images of one SegmentStream processed at once (default 32)")
+    p.add_argument("--max-inflight-mb", type=int, default=2048,
+                   help="memory budget of the images being served, from each model's measured bytes per pixel; "
+                        "a request over it alone is refused, others wait (default 2048)")
+    p.add_argument("--max-tiles", type=int, default=1024, help="most sliding-window tiles of one request (default 1024)")
     p.add_argument("--grace-s", type=float, default=25.0,
                    help="on SIGTERM, seconds for requests in flight (default 25; below k8s' 30)")
     p.add_argument("--token-file", default=None,
-                   help="require 'authorization: Bearer <token>' (token read from this file, else from "
-                        "$SEGSVC_AUTH_TOKEN); health checks stay open")
+                   help="require 'authorization: Bearer <token>': one 'TOKEN [infer,jobs,manage]' per line "
+                        "(no scope: infer); else $SEGSVC_AUTH_TOKEN (infer) and $SEGSVC_ADMIN_TOKEN (manage); "
+                        "health checks stay open")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", default=None, help="PEM private key")
     p.add_argument("--io-threads", type=int, default=0, help="decode/encode threads (default: one per CPU)")

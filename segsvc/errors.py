@@ -88,5 +88,9 @@ class Unavailable(SegsvcError):
     """The service is starting, draining or shutting down (UNAVAILABLE)."""
 
 
+class PermissionDenied(SegsvcError):
+    """The caller's token is valid but lacks the scope the call needs (e.g. management)."""
+
+
 class Unauthenticated(SegsvcError):
     """A required bearer token is missing or wrong."""

@@ -14,6 +14,13 @@ Versions loaded "as the latest" (at start, by the directory poller, or by
 replaces them. Versions loaded by number stay until ``unload``. Requests
 without a version use the pinned default (``set_default``) or else the newest
 loaded version.
+
+"The latest" is the newest version that *loads*: a corrupt or half-copied
+newest version is recorded as failed (with its reason, reported by
+``describe``, ``failed_versions`` and ``model_health``) and the next older one
+is tried, so a bad upload never takes a model down at the next restart. A
+failed version is retried by the poller once its files change (size or mtime
+of its entries), so a copy that was not atomic loads when it is complete.
 """
 
 from __future__ import annotations
@@ -21,92 +28,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from segsvc.errors import InvalidArgument, SegsvcError, UnknownModel, UnknownVersion
-from segsvc.inference.batcher import BatchingConfig, DynamicBatcher
-from segsvc.inference.engine import Engine, EngineConfig, resolve_device
-from segsvc.inference.predictor import Predictor
-from segsvc.inference.repository import ModelRepository
-from segsvc.models.artifact import Manifest, check_name
+from segsvc.errors import ArtifactError, InvalidArgument, SegsvcError, UnknownModel, UnknownVersion
+from segsvc.inference.engine import resolve_device
+from segsvc.inference.loader import LoadedModel, ManagerConfig, VersionLoader
+from segsvc.inference.repository import ModelRepository, VersionEntry
+from segsvc.inference.status import ModelStatus, VersionState, VersionStatus, model_status, pick_version
+from segsvc.models.artifact import check_name
+
+__all__ = ["LoadedModel", "ManagerConfig", "ModelManager", "ModelStatus", "VersionState", "VersionStatus"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ManagerConfig:
-    """What the model manager loads and how.
-
-    Args:
-        engine: device, precision and warm-up of every loaded model.
-        batching: batch size, delay and queue bound of every model's batcher.
-        poll_interval_s: seconds between repository scans for new versions; 0 disables polling.
-        models: names to serve; empty serves every model in the repository.
-        drain_timeout_s: longest wait for a retired version's requests to finish.
-    """
-
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    batching: BatchingConfig = field(default_factory=BatchingConfig)
-    poll_interval_s: float = 0.0
-    models: tuple[str, ...] = ()
-    drain_timeout_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        if self.poll_interval_s < 0:
-            raise InvalidArgument(f"poll_interval_s must be >= 0, got {self.poll_interval_s}")
-        if self.drain_timeout_s <= 0:
-            raise InvalidArgument(f"drain_timeout_s must be positive, got {self.drain_timeout_s}")
-        for name in self.models:
-            check_name(name)
-
-
-class LoadedModel:
-    """One model version in memory: manifest, engine, batcher, and the leases held on it."""
-
-    def __init__(self, name: str, version: int, engine: Engine, batcher: DynamicBatcher, auto: bool) -> None:
-        self.name = name
-        self.version = version
-        self.engine = engine
-        self.manifest: Manifest = engine.predictor.manifest
-        self.batcher = batcher
-        self.auto = auto
-        self.loaded_at = time.time()
-        self.active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def __repr__(self) -> str:
-        return f"LoadedModel({self.name}:{self.version}, auto={self.auto}, active={self.active})"
-
-    def acquire(self) -> None:
-        self.active += 1
-        self._idle.clear()
-
-    def release(self) -> None:
-        self.active -= 1
-        if self.active == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    """A model version as the service reports it (``GetModel``/``ListModels``)."""
-
-    name: str
-    version: int
-    versions: tuple[int, ...]
-    loaded_versions: tuple[int, ...]
-    default_version: int
-    default_pinned: bool
-    ready: bool
-    manifest: Manifest
-    output_stride: int = 0
-    device: str = ""
 
 
 class ModelManager:
@@ -116,7 +49,7 @@ class ModelManager:
         repository: where versions come from.
         config: what to load and how (``ManagerConfig``).
         on_batch: called after every batch as ``(model, version, batch_size, run_s)``.
-        on_change: called after the set of loaded versions or a default changed.
+        on_change: called after the set of loaded versions or a default changed, or a load failed.
 
     Call ``await start()`` inside the serving event loop and ``await stop()`` at the end.
 
@@ -138,22 +71,22 @@ class ModelManager:
         self.repository = repository
         self.config = config
         self.device = resolve_device(config.engine.device)
-        self._on_batch = on_batch
+        self.loader = VersionLoader(repository, config.engine, config.batching, self.device, on_batch)
+        self.record = self.loader.record  # loading and failed versions, the models tried (health, metrics)
         self._on_change = on_change
         # name -> {version -> LoadedModel}; replaced, never mutated, so readers on other
         # threads (metrics) and the event loop always see a consistent table.
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._pinned: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._failed: dict[tuple[str, int], str] = {}
         self._holds: dict[tuple[str, int], int] = {}
         self._retiring: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
-        """Load the latest version of every configured model and start the poller."""
-        names = self.config.models or tuple(await asyncio.to_thread(lambda: list(self.repository.list_models())))
+        """Load the newest loadable version of every configured model and start the poller."""
+        names = self.config.models or tuple(await asyncio.to_thread(lambda: list(self.repository.scan_all())))
         for name in names:
             try:
                 await self.load(name)
@@ -225,49 +158,73 @@ class ModelManager:
 
     # -- management ----------------------------------------------------------------
     async def load(self, name: str, version: int | None = None) -> LoadedModel:
-        """Load ``name`` at ``version`` (None: the highest in the repository, as an automatic version)."""
+        """Load ``name`` at ``version``, or (None) its newest version that loads, as an automatic version.
+
+        Without a version, versions are tried newest first; each that fails is
+        recorded with its reason and the next older one is tried.
+
+        Raises:
+            UnknownModel, UnknownVersion: not in the repository.
+            ArtifactError, PathOutsideRoot: the numbered version does not load, or no version does
+                (the message then names each version and its reason).
+        """
         check_name(name)
-        auto = version is None
         async with self._locks.setdefault(name, asyncio.Lock()):
-            v = await asyncio.to_thread(self.repository.resolve_version, name, version)
-            lm = (self._models.get(name) or {}).get(v)
-            if lm is None:
-                started = time.perf_counter()
-                engine = await asyncio.to_thread(self._build_engine, name, v)
-                batcher = DynamicBatcher(
-                    engine.run,
-                    self.config.batching,
-                    key=lambda job: job.key,
-                    pixels=lambda job: job.pixels,
-                    name=f"{name}:{v}",
-                    on_batch=self._batch_hook(name, v),
-                )
-                lm = LoadedModel(name, v, engine, batcher, auto=auto)
-                batcher.start()
-                self._models = {**self._models, name: {**(self._models.get(name) or {}), v: lm}}
-                self._failed.pop((name, v), None)
-                log.info(
-                    "loaded model %s version %d on %s (%s) in %.2f s",
-                    name, v, engine.device, engine.precision, time.perf_counter() - started,
-                )
-            elif not auto:
+            try:
+                if version is None:
+                    return await self._load_newest(name, retry_unchanged=True)
+                lm = (self._models.get(name) or {}).get(version)
+                if lm is None:
+                    entries = await self.loader.scan(name)
+                    entry = next((e for e in entries if e.version == version), None)
+                    if entry is None:
+                        versions = [e.version for e in entries if not e.problem]
+                        raise UnknownVersion(f"model {name!r} has no version {version}; versions: {versions}")
+                    lm = await self._install(name, entry, auto=False)
                 lm.auto = False  # asked for by number: keep it until unloaded
-            if auto:
-                self._retire_older_auto(name, v)
-            self._changed()
-            return lm
+                return lm
+            finally:
+                self._changed()  # loaded, or a failure recorded: health and status follow
 
-    def _build_engine(self, name: str, version: int) -> Engine:
-        model, manifest = self.repository.load(name, version, device=self.device)
-        engine = Engine(Predictor(model, manifest, self.device), self.config.engine)
-        engine.warmup()
-        return engine
+    async def _load_newest(self, name: str, retry_unchanged: bool) -> LoadedModel:
+        """The newest version that loads (already loaded, or loaded now); call with the model's lock held.
 
-    def _batch_hook(self, name: str, version: int) -> Callable[[int, float], None] | None:
-        if self._on_batch is None:
-            return None
-        hook = self._on_batch
-        return lambda size, run_s: hook(name, version, size, run_s)
+        ``retry_unchanged=False`` skips versions that failed and whose files did not change since.
+        """
+        entries = await self.loader.scan(name)
+        table = self._models.get(name) or {}
+        failures: list[str] = []
+        chosen: LoadedModel | None = None
+        for entry in reversed(entries):
+            chosen = table.get(entry.version)
+            if chosen is not None:
+                break
+            if not retry_unchanged and self.record.unchanged(name, entry):
+                failures.append(f"version {entry.version}: {self.record.reason(name, entry.version)}")
+                continue
+            try:
+                chosen = await self._install(name, entry, auto=True)
+                break
+            except Exception as exc:  # recorded by _install; try the next older version
+                failures.append(f"version {entry.version}: {self.record.reason(name, entry.version)}")
+                if entries[0] is not entry:
+                    log.warning("model %s: version %d does not load; trying older versions", name, entry.version)
+                if not isinstance(exc, SegsvcError):
+                    log.error("model %s version %d failed unexpectedly", name, entry.version, exc_info=exc)
+        if chosen is None and table:  # nothing on disk loads, but versions already in memory do
+            chosen = table[max(table)]
+        if chosen is None:
+            if not entries:
+                raise UnknownModel(f"model {name!r} has no complete versions in the repository")
+            raise ArtifactError(f"no version of model {name!r} loads: " + "; ".join(failures))
+        self._retire_older_auto(name, chosen.version)
+        return chosen
+
+    async def _install(self, name: str, entry: VersionEntry, auto: bool) -> LoadedModel:
+        """Build one version and put it in the table (a failure is recorded by the loader and re-raised)."""
+        lm = await self.loader.build(name, entry, auto)
+        self._models = {**self._models, name: {**(self._models.get(name) or {}), entry.version: lm}}
+        return lm
 
     def _retire_older_auto(self, name: str, newest: int) -> None:
         table = self._models.get(name) or {}
@@ -285,15 +242,7 @@ class ModelManager:
             task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, lm: LoadedModel) -> None:
-        """Wait for the version's leases to end, drain its queue, stop its batcher."""
-        try:
-            await asyncio.wait_for(lm.wait_idle(), self.config.drain_timeout_s)
-            await lm.batcher.stop(drain=True)
-        except TimeoutError:
-            log.warning("model %s:%d still busy after %.0f s; failing its queued requests",
-                        lm.name, lm.version, self.config.drain_timeout_s)
-            await lm.batcher.stop(drain=False)
-        log.info("model %s version %d unloaded", lm.name, lm.version)
+        await lm.retire(self.config.drain_timeout_s)
 
     async def unload(self, name: str, version: int | None = None) -> list[int]:
         """Unload one version (or all of ``name``'s versions); returns the versions unloaded."""
@@ -372,23 +321,31 @@ class ModelManager:
                 log.exception("model repository scan failed")
 
     async def poll_once(self) -> list[tuple[str, int]]:
-        """Load versions newer than what is loaded (and new models); returns what was loaded."""
-        on_disk = await asyncio.to_thread(self.repository.list_models)
+        """Load new versions (and new models); returns the versions loaded.
+
+        A model is (re)considered when it has a version newer than its newest
+        loaded one that never failed, or whose files changed since it failed.
+        """
+        on_disk = await asyncio.to_thread(self.repository.scan_all)
+        self.record.keep_models(set(on_disk))
         loaded: list[tuple[str, int]] = []
-        for name, versions in on_disk.items():
+        for name, entries in on_disk.items():
             if self.config.models and name not in self.config.models:
                 continue
-            latest = versions[-1]
             table = self._models.get(name) or {}
-            if latest in table or (table and latest < max(table)) or (name, latest) in self._failed:
+            newest = max(table, default=0)
+            if all(e.version <= newest or self.record.unchanged(name, e) for e in entries):
                 continue
-            try:
-                lm = await self.load(name)
-            except SegsvcError as exc:
-                self._failed[(name, latest)] = str(exc)
-                log.error("model %s version %d could not be loaded (will not retry): %s", name, latest, exc)
-            else:
-                loaded.append((name, lm.version))
+            async with self._locks.setdefault(name, asyncio.Lock()):
+                try:
+                    lm = await self._load_newest(name, retry_unchanged=False)
+                except Exception as exc:  # each version's reason is recorded and logged
+                    log.error("model %s: no version loads: %s", name, exc)
+                else:
+                    if lm.version not in table:
+                        loaded.append((name, lm.version))
+                finally:
+                    self._changed()
         return loaded
 
     # -- reporting ---------------------------------------------------------------------
@@ -401,47 +358,45 @@ class ModelManager:
                 rows.append((name, v, lm.batcher.queue_depth, v == default))
         return rows
 
+    def failed_versions(self) -> list[tuple[str, int, str]]:
+        """``(model, version, reason)`` of every version whose last load failed; safe from any thread."""
+        return self.record.rows()
+
+    def model_health(self) -> dict[str, bool]:
+        """Every model a load was attempted for -> whether some version of it is loaded now.
+
+        A model whose every version failed (or that was unloaded) maps to False.
+        """
+        models = self._models
+        return {name: bool(models.get(name)) for name in sorted(self.record.known | set(models))}
+
     async def describe(self, name: str, version: int | None = None) -> ModelStatus:
-        """Status of one version (default: the default version, else the newest on disk)."""
+        """Status of one version (default: the default version, else the newest on disk), with every version's state."""
         check_name(name)
-        table = self._models.get(name) or {}
         try:
-            on_disk = tuple(await asyncio.to_thread(self.repository.versions, name))
+            entries = await asyncio.to_thread(self.repository.scan, name)
         except UnknownModel:
-            if not table:
+            if not self._models.get(name):
                 raise
-            on_disk = ()
-        v = version or self.default_version(name) or (on_disk[-1] if on_disk else 0)
-        lm = table.get(v)
-        if lm is not None:
-            manifest = lm.manifest
-        elif v in on_disk:
-            manifest = await asyncio.to_thread(self.repository.read_manifest, name, v)
-        elif not on_disk and not table:
-            raise UnknownModel(f"model {name!r} has no versions in {self.repository.root}")
-        else:
-            raise UnknownVersion(f"model {name!r} has no version {v}; versions: {sorted(set(on_disk) | set(table))}")
-        return ModelStatus(
-            name=name,
-            version=v,
-            versions=on_disk,
-            loaded_versions=tuple(sorted(table)),
-            default_version=self.default_version(name),
-            default_pinned=name in self._pinned,
-            ready=lm is not None and lm.batcher.running,
-            manifest=manifest,
-            output_stride=lm.engine.predictor.stride if lm else 0,
-            device=str(lm.engine.device) if lm else "",
-        )
+            entries = []
+        return await self._status(name, version, entries)
+
+    async def _status(self, name: str, version: int | None, entries: list[VersionEntry]) -> ModelStatus:
+        table = self._models.get(name) or {}
+        default = self.default_version(name)
+        v = pick_version(name, version or default, entries, table)
+        manifest = table[v].manifest if v in table else await self.loader.read_manifest(name, v)
+        return model_status(name, v, entries, table, default, name in self._pinned, self.record, manifest)
 
     async def describe_all(self) -> list[ModelStatus]:
-        """Status of every model on disk or loaded, sorted by name."""
-        names = set(await asyncio.to_thread(lambda: list(self.repository.list_models()))) | set(self._models)
+        """Status of every model on disk (even one whose versions all failed) or loaded, sorted by name."""
+        on_disk = await asyncio.to_thread(self.repository.scan_all)
+        names = set(on_disk) | set(self._models)
         out = []
         for name in sorted(names):
             try:
-                out.append(await self.describe(name))
-            except SegsvcError as exc:  # e.g. a broken manifest: skip it, say why
+                out.append(await self._status(name, None, on_disk.get(name, [])))
+            except SegsvcError as exc:  # e.g. a model directory removed since the scan: skip it, say why
                 log.warning("model %s cannot be described: %s", name, exc)
         return out
 

@@ -1,19 +1,46 @@
 """A model repository on disk, in Triton's layout: ``<root>/<model>/<version>/``.
 
 Every name a request gives is checked and resolved inside the root, so no
-request can read outside it.
+request can read outside it. The root is often a volume the server does not
+own (a Kubernetes PV with its ``lost+found``, a share others copy into), so a
+scan never fails because of one odd entry:
+
+- root entries that are not valid model names (``lost+found``), plain files
+  and broken symlinks are *skipped*; so are version entries whose name is not a
+  version number (``1``, ``2``, ... without leading zeros). Each is logged once
+  and listed in ``ModelRepository.skipped``. Hidden entries (``.tmp-*`` being
+  written by ``save_artifact``) and version directories without a
+  ``manifest.json`` yet are ignored silently: they are not versions yet.
+- a symlink (model directory, version directory, or a file inside a version)
+  is followed only when it stays inside the root. A version that leads
+  outside is *refused*: it is listed by ``scan`` with its ``problem`` and
+  never read.
+
+Messages name paths relative to the root (``m/3/weights.safetensors``), never
+the server's absolute paths, because they reach clients.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from segsvc.errors import InvalidArgument, PathOutsideRoot, UnknownModel, UnknownVersion
+from segsvc.errors import ArtifactError, InvalidArgument, PathOutsideRoot, SegsvcError, UnknownModel, UnknownVersion
 from segsvc.models.artifact import MANIFEST_FILE, Manifest, check_name, load_artifact, read_manifest
+
+log = logging.getLogger(__name__)
+
+_VERSION_NAME = re.compile(r"[1-9][0-9]{0,17}")  # the canonical spelling: "7", never "007" or "+7"
+
+# (entry name, size in bytes, mtime in ns) of every entry of a version directory.
+Fingerprint = tuple[tuple[str, int, int], ...]
 
 
 def parse_model_ref(ref: str) -> tuple[str, int | None]:
@@ -26,6 +53,36 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
     return check_name(name), int(version)
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A repository entry that is not a model or a version, and why it was left out.
+
+    Args:
+        path: relative to the repository root (``lost+found``, ``m/v2``).
+        reason: why it is not used.
+    """
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    """One ``<model>/<version>`` found on disk, before anything is loaded from it.
+
+    Args:
+        version: the directory's number; this, not the manifest's, is the version served.
+        problem: why the version is refused without reading it (a symlink out of
+            the root); empty when it looks complete.
+        fingerprint: size and mtime of each of its entries: a failed version is
+            worth retrying only once this changes (a copy that was not atomic).
+    """
+
+    version: int
+    problem: str = ""
+    fingerprint: Fingerprint = ()
+
+
 class ModelRepository:
     """Read access to the versions stored under one root directory.
 
@@ -35,52 +92,230 @@ class ModelRepository:
     Example:
         >>> repo = ModelRepository("runs/model_repository")  # doctest: +SKIP
         >>> model, manifest = repo.load("camvid-unet")  # latest version  # doctest: +SKIP
+        >>> repo.skipped  # e.g. (Skipped(path='lost+found', reason='not a valid model name ...'),)  # doctest: +SKIP
     """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
+        self._skipped: dict[str, str] = {}
+        self._skipped_lock = threading.Lock()
+
+    # -- paths ------------------------------------------------------------------------
+    def relative(self, path: Path) -> str:
+        """``path`` (built under the root) as the root-relative text that messages show."""
+        try:
+            return path.relative_to(self.root).as_posix() or "."
+        except ValueError:
+            return path.name
+
+    def redact(self, message: str) -> str:
+        """``message`` with the root's absolute path removed (artifact errors name full paths)."""
+        root = re.escape(str(self.root))
+        message = re.sub(root + re.escape(os.sep), "", message)
+        return re.sub(root + r"(?=$|[\s'\":;,)])", "<repository root>", message)
+
+    def _inside(self, path: Path) -> bool:
+        """True when ``path``, with every symlink resolved, stays inside the root (without reading it)."""
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: it leads nowhere usable
+            return False
+        return resolved != self.root and resolved.is_relative_to(self.root)
 
     def _model_dir(self, name: str) -> Path:
-        path = (self.root / check_name(name)).resolve()
-        if path.parent != self.root:
-            raise PathOutsideRoot(f"model name {name!r} resolves outside the repository root")
+        path = self.root / check_name(name)
+        if path.is_symlink() and not self._inside(path):
+            raise PathOutsideRoot(f"model {name!r} is a symlink that leads outside the repository root; refused")
         return path
 
-    def versions(self, name: str) -> list[int]:
+    # -- scanning ---------------------------------------------------------------------
+    @property
+    def skipped(self) -> tuple[Skipped, ...]:
+        """Entries the latest scans left out (root entries and version entries), sorted by path."""
+        with self._skipped_lock:
+            return tuple(Skipped(p, r) for p, r in sorted(self._skipped.items()))
+
+    def _note_skipped(self, found: dict[str, str], prefix: str | None) -> None:
+        """Replace the skipped entries under ``prefix`` (None: all of them), logging new ones once."""
+        with self._skipped_lock:
+            keep = {} if prefix is None else {p: r for p, r in self._skipped.items() if not p.startswith(prefix)}
+            for path, reason in sorted(found.items()):
+                if self._skipped.get(path) != reason:
+                    log.warning("model repository: skipping %s: %s", path, reason)
+            self._skipped = {**keep, **found}
+
+    def scan(self, name: str) -> list[VersionEntry]:
+        """Every version of ``name`` on disk (complete or refused), ascending.
+
+        Raises:
+            UnknownModel: no directory ``name`` in the root.
+            PathOutsideRoot: ``name`` is a symlink out of the root.
+        """
         model_dir = self._model_dir(name)
         if not model_dir.is_dir():
-            raise UnknownModel(f"no model named {name!r} in {self.root}; available: {sorted(self.list_models()) or 'none'}")
-        return sorted(
-            int(p.name) for p in model_dir.iterdir()
-            if p.name.isdigit() and (p / MANIFEST_FILE).is_file()
-        )
+            raise UnknownModel(
+                f"no model named {name!r} in the repository; available: {sorted(self.list_models()) or 'none'}"
+            )
+        found: dict[str, str] = {}
+        try:
+            entries = self._scan_model(model_dir, found)
+        except OSError as exc:  # unreadable (permissions), or removed while scanning
+            raise ArtifactError(f"model directory {name} cannot be read ({exc.strerror or type(exc).__name__})") from None
+        self._note_skipped(found, f"{name}/")
+        return entries
 
-    def list_models(self) -> dict[str, list[int]]:
+    def _scan_model(self, model_dir: Path, skipped: dict[str, str]) -> list[VersionEntry]:
+        entries = []
+        for p in sorted(model_dir.iterdir()):
+            if p.name.startswith("."):
+                continue  # a temporary directory save_artifact is writing
+            rel = self.relative(p)
+            if not _VERSION_NAME.fullmatch(p.name):
+                skipped[rel] = "not a version number (versions are directories named 1, 2, 3, ...)"
+                continue
+            try:
+                entry = self._version_entry(p)
+            except OSError as exc:
+                skipped[rel] = f"cannot be read ({exc.strerror or type(exc).__name__})"
+                continue
+            if isinstance(entry, str):
+                if entry:
+                    skipped[rel] = entry
+                continue
+            entries.append(entry)
+        return sorted(entries, key=lambda e: e.version)
+
+    def _version_entry(self, path: Path) -> VersionEntry | str:
+        """The entry of one version directory, or why it is not one ("" when it is still being written)."""
+        version = int(path.name)
+        rel = self.relative(path)
+        if path.is_symlink() and not self._inside(path):
+            return VersionEntry(version, f"{rel} is a symlink that leads outside the repository root; refused",
+                                ((f"-> {os.readlink(path)}", 0, 0),))
+        if not path.is_dir():
+            return "a broken symlink" if path.is_symlink() else "not a directory"
+        names = sorted(os.listdir(path))
+        if MANIFEST_FILE not in names:
+            return ""  # not a version yet (a copy in progress, weights first)
+        fingerprint = []
+        problem = ""
+        for entry_name in names:
+            entry = path / entry_name
+            inside = not entry.is_symlink() or self._inside(entry)
+            if not inside and not problem:
+                problem = f"{self.relative(entry)} is a symlink that leads outside the repository root; refused"
+            try:
+                st = entry.stat() if inside else entry.lstat()
+            except OSError:  # a dangling symlink inside the root, or deleted since listdir
+                fingerprint.append((entry_name, -1, 0))
+            else:
+                fingerprint.append((entry_name, st.st_size, st.st_mtime_ns))
+        return VersionEntry(version, problem, tuple(fingerprint))
+
+    def scan_all(self) -> dict[str, list[VersionEntry]]:
+        """Every model with at least one version on disk (complete or refused), by name; never raises on odd entries."""
         if not self.root.is_dir():
+            self._note_skipped({}, None)
             return {}
-        out = {}
+        out: dict[str, list[VersionEntry]] = {}
+        skipped: dict[str, str] = {}
         for p in sorted(self.root.iterdir()):
-            if p.is_dir() and not p.name.startswith("."):
-                versions = self.versions(p.name)
-                if versions:
-                    out[p.name] = versions
+            if p.name.startswith("."):
+                continue
+            rel = self.relative(p)
+            try:
+                check_name(p.name)
+            except InvalidArgument:
+                skipped[rel] = "not a valid model name (letters, digits, '-', '_' and '.' only)"
+                continue
+            try:
+                if p.is_symlink() and not self._inside(p):
+                    skipped[rel] = "a symlink that leads outside the repository root; refused"
+                elif not p.is_dir():
+                    skipped[rel] = "a broken symlink" if p.is_symlink() else "not a directory"
+                elif entries := self._scan_model(p, skipped):
+                    out[p.name] = entries
+            except OSError as exc:  # unreadable (permissions), or removed while scanning
+                skipped[rel] = f"cannot be read ({exc.strerror or type(exc).__name__})"
+        self._note_skipped(skipped, None)
         return out
 
+    def list_models(self) -> dict[str, list[int]]:
+        """Models with at least one complete version, and those versions ascending."""
+        out = {}
+        for name, entries in self.scan_all().items():
+            versions = [e.version for e in entries if not e.problem]
+            if versions:
+                out[name] = versions
+        return out
+
+    def versions(self, name: str) -> list[int]:
+        """The complete versions of ``name`` (refused ones left out), ascending."""
+        return [e.version for e in self.scan(name) if not e.problem]
+
     def resolve_version(self, name: str, version: int | None = None) -> int:
-        versions = self.versions(name)
-        if not versions:
-            raise UnknownModel(f"model {name!r} has no complete versions in {self.root}")
+        entries = self.scan(name)
+        versions = [e.version for e in entries if not e.problem]
         if version is None:
+            if not versions:
+                raise UnknownModel(f"model {name!r} has no complete versions in the repository")
             return versions[-1]
+        refused = next((e for e in entries if e.version == version and e.problem), None)
+        if refused is not None:
+            raise PathOutsideRoot(refused.problem)
         if version not in versions:
             raise UnknownVersion(f"model {name!r} has no version {version}; versions: {versions}")
         return version
 
     def version_dir(self, name: str, version: int | None = None) -> Path:
-        return self._model_dir(name) / str(self.resolve_version(name, version))
+        """The directory of a complete version, checked to lead nowhere outside the root."""
+        path = self._model_dir(name) / str(self.resolve_version(name, version))
+        if path.is_symlink() and not self._inside(path):  # changed since the scan
+            raise PathOutsideRoot(f"{self.relative(path)} is a symlink that leads outside the repository root; refused")
+        try:
+            entries = list(path.iterdir())
+        except OSError as exc:
+            raise ArtifactError(f"{self.relative(path)} cannot be read ({exc.strerror or type(exc).__name__})") from None
+        for entry in entries:
+            if entry.is_symlink() and not self._inside(entry):
+                raise PathOutsideRoot(
+                    f"{self.relative(entry)} is a symlink that leads outside the repository root; refused"
+                )
+        return path
 
+    # -- reading ----------------------------------------------------------------------
     def read_manifest(self, name: str, version: int | None = None) -> Manifest:
-        return read_manifest(self.version_dir(name, version))
+        path = self.version_dir(name, version)
+        try:
+            return read_manifest(path)
+        except SegsvcError as exc:
+            raise type(exc)(self.redact(str(exc))) from None
 
     def load(self, name: str, version: int | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
-        return load_artifact(self.version_dir(name, version), device=device)
+        """Load a version; its manifest must name this model and this version.
+
+        A directory renamed or copied to another number would otherwise serve
+        under one version while its manifest (and every log) says another.
+
+        Raises:
+            ArtifactError: corrupt or incomplete files, or a manifest that names another model or version.
+            PathOutsideRoot: a symlink out of the root.
+        """
+        path = self.version_dir(name, version)
+        v = int(path.name)
+        try:
+            model, manifest = load_artifact(path, device=device)
+        except SegsvcError as exc:
+            raise type(exc)(self.redact(str(exc))) from None
+        check_manifest(name, v, manifest)
+        return model, manifest
+
+
+def check_manifest(name: str, version: int, manifest: Manifest) -> None:
+    """Refuse a manifest whose name or version differs from the directory it was found in."""
+    if manifest.name != name or manifest.version != version:
+        raise ArtifactError(
+            f"{name}/{version}/{MANIFEST_FILE} describes model {manifest.name!r} version {manifest.version}, "
+            f"not {name!r} version {version}: the directory was renamed or copied; publish it as a new version "
+            "instead (segsvc writes the manifest to match)"
+        )

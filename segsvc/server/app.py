@@ -52,6 +52,7 @@ JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
 OPERATIONS_SERVICE_NAME = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+MODEL_HEALTH_PREFIX = "segsvc.model."  # + model name: that model's health (see the proto's header)
 
 
 def cpu_count() -> int:
@@ -115,11 +116,11 @@ class SegmentationServer:
             on_batch=self.metrics.observe_batch,
             on_change=self._models_changed,
         )
-        self.metrics.watch_models(self.manager.snapshot)
+        self.metrics.watch_models(self.manager.snapshot, failed=self.manager.failed_versions)
         self.health = health.aio.HealthServicer()
         self._io = ThreadPoolExecutor(max(2, config.io_threads or cpu_count()), thread_name_prefix="segsvc-io")
         self.gate = DrainGate()
-        self.service = InferenceService(self.manager, self._io, config.limits.max_pixels)
+        self.service = InferenceService(self.manager, self._io, config.limits.admission)
         self.servicer = SegmentationServicer(self.service, config.limits, self.metrics)
         self.jobs: JobRunner | None = None
         if config.jobs is not None:
@@ -137,11 +138,18 @@ class SegmentationServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
+    async def _publish_health(self) -> None:
+        """``segsvc.model.<name>`` per model tried (also while starting); the server once it accepts calls."""
+        for name, serving in self.manager.model_health().items():
+            await self.health.set(MODEL_HEALTH_PREFIX + name, SERVING if serving else NOT_SERVING)
+        if self.gate.accepting and not self._stopping:
+            await self._set_health(SERVING if self.manager.ready else NOT_SERVING)
+
     def _models_changed(self) -> None:
-        """Models were loaded or unloaded: SERVING exactly when some model is ready."""
-        if self._stopping or not self.gate.accepting:
+        """Models were loaded, unloaded or failed: SERVING exactly when some model (or that model) is ready."""
+        if self._stopping:
             return
-        task = asyncio.get_running_loop().create_task(self._set_health(SERVING if self.manager.ready else NOT_SERVING))
+        task = asyncio.get_running_loop().create_task(self._publish_health())
         self._health_tasks.add(task)
         task.add_done_callback(self._health_tasks.discard)
 
@@ -153,7 +161,7 @@ class SegmentationServer:
         allocator = configure_allocator()
         await self._set_health(NOT_SERVING)
         limit = cfg.limits.max_message_bytes
-        interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(cfg.auth_token)] if cfg.auth_token else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(cfg.auth)] if cfg.auth else []
         self._server = grpc.aio.server(
             interceptors=[*interceptors, self.gate],
             options=[
@@ -182,7 +190,8 @@ class SegmentationServer:
         if not self.port:
             raise InvalidArgument(f"cannot listen on {address} (in use or not a local address)")
         if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.start_http(cfg.host, cfg.metrics_port)
+            tls = (str(cfg.tls.cert_file), str(cfg.tls.key_file)) if cfg.metrics_tls and cfg.tls else (None, None)
+            self.metrics_port = self.metrics.start_http(cfg.metrics_host, cfg.metrics_port, *tls)
         await self._server.start()
         log.info("listening on %s:%d (%s), metrics on %s, torch threads %d, allocator tuned: %s",
                  cfg.host, self.port, "TLS" if cfg.tls else "plaintext",

@@ -1,18 +1,110 @@
-"""Optional bearer-token authentication: metadata ``authorization: Bearer <token>``.
+"""Bearer-token authentication with scopes: inference needs less privilege than management.
 
-Health checks stay open (load balancers and Kubernetes probes carry no token);
-every other method, reflection included, needs the token. The comparison takes
-constant time.
+Clients send ``authorization: Bearer <token>``. Each token has scopes:
+
+- ``infer``: Segment, SegmentStream, ListModels, GetModel, the Open Inference
+  Protocol's inference and metadata calls, server reflection;
+- ``jobs``: batch jobs (JobService and the long-running Operations service);
+- ``manage``: LoadModel, UnloadModel, SetDefaultVersion, repository control,
+  and everything above.
+
+A token file has one token per line, ``TOKEN [SCOPE,SCOPE...]`` (no scopes:
+``infer``); blank lines and ``#`` comments are skipped. Health checks stay open
+(load balancers and Kubernetes probes carry no token). Unknown methods need a
+valid token too, so UNIMPLEMENTED tells an anonymous caller nothing. Tokens
+are compared in constant time.
 """
 
 from __future__ import annotations
 
 import hmac
-from typing import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable, Iterable
 
 import grpc
 
+from segsvc.errors import InvalidArgument
+
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+SCOPES = ("infer", "jobs", "manage")
+# Most specific first; a method matching none needs "infer".
+METHOD_SCOPES: tuple[tuple[str, str], ...] = (
+    ("/segsvc.v1.SegmentationService/LoadModel", "manage"),
+    ("/segsvc.v1.SegmentationService/UnloadModel", "manage"),
+    ("/segsvc.v1.SegmentationService/SetDefaultVersion", "manage"),
+    ("/inference.GRPCInferenceService/RepositoryModelLoad", "manage"),
+    ("/inference.GRPCInferenceService/RepositoryModelUnload", "manage"),
+    ("/segsvc.v1.JobService/", "jobs"),
+    ("/google.longrunning.Operations/", "jobs"),
+    ("/segsvc.v1.DatasetService/", "manage"),
+    ("/segsvc.v1.TrainingService/", "manage"),
+)
+
+
+def required_scope(method: str) -> str:
+    for prefix, scope in METHOD_SCOPES:
+        if method.startswith(prefix):
+            return scope
+    return "infer"
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Tokens and their scopes.
+
+    Example:
+        >>> AuthConfig.parse("s3cret infer\\nadm1n manage\\n").scopes_of("adm1n")
+        frozenset({'manage'})
+    """
+
+    tokens: tuple[tuple[str, frozenset[str]], ...]
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            raise InvalidArgument("authentication needs at least one token")
+        for token, scopes in self.tokens:
+            if not token or any(c.isspace() for c in token):
+                raise InvalidArgument("a token must be non-empty and contain no whitespace")
+            unknown = sorted(set(scopes) - set(SCOPES))
+            if unknown or not scopes:
+                raise InvalidArgument(f"unknown token scope(s) {unknown}; use {', '.join(SCOPES)}")
+
+    @classmethod
+    def single(cls, token: str, scopes: Iterable[str] = ("infer",)) -> "AuthConfig":
+        return cls(((token, frozenset(scopes)),))
+
+    @classmethod
+    def parse(cls, text: str) -> "AuthConfig":
+        tokens = []
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            token, _, scopes = line.partition(" ")
+            names = frozenset(s.strip() for s in scopes.replace(" ", ",").split(",") if s.strip()) or {"infer"}
+            try:
+                tokens.append((token, frozenset(names)))
+                cls((tokens[-1],))
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"token file line {number}: {exc}") from None
+        return cls(tuple(tokens))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "AuthConfig":
+        try:
+            return cls.parse(Path(path).read_text())
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read the token file: {exc.strerror or exc}") from None
+
+    def scopes_of(self, token: str) -> frozenset[str] | None:
+        """The token's scopes, or None for an unknown token (every entry is compared: constant time)."""
+        found: frozenset[str] | None = None
+        given = token.encode()
+        for known, scopes in self.tokens:
+            if hmac.compare_digest(given, known.encode()):
+                found = scopes
+        return found
 
 
 def _token_of(metadata) -> str | None:
@@ -24,17 +116,15 @@ def _token_of(metadata) -> str | None:
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuse calls without the right bearer token with UNAUTHENTICATED.
+    """UNAUTHENTICATED without a known token, PERMISSION_DENIED without the method's scope.
 
     Args:
-        token: the shared secret clients send as ``authorization: Bearer <token>``.
+        auth: the tokens and their scopes.
         open_prefixes: method paths that need no token (health checks by default).
     """
 
-    def __init__(self, token: str, open_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES) -> None:
-        if not token:
-            raise ValueError("the bearer token must be non-empty")
-        self._token = token.encode()
+    def __init__(self, auth: AuthConfig, open_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES) -> None:
+        self._auth = auth
         self._open = open_prefixes
 
     async def intercept_service(
@@ -42,30 +132,35 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self._open):
-            return handler
+        method = handler_call_details.method
+        if method.startswith(self._open):
+            return await continuation(handler_call_details)
         token = _token_of(handler_call_details.invocation_metadata)
-        if token is not None and hmac.compare_digest(token.encode(), self._token):
-            return handler
-        reason = "missing" if token is None else "wrong"
-        return _deny(handler, f"{reason} bearer token: send metadata 'authorization: Bearer <token>'")
+        scopes = self._auth.scopes_of(token) if token is not None else None
+        handler = await continuation(handler_call_details)
+        if scopes is None:
+            reason = "missing" if token is None else "wrong"
+            return _deny(handler, grpc.StatusCode.UNAUTHENTICATED,
+                         f"{reason} bearer token: send metadata 'authorization: Bearer <token>'")
+        needed = required_scope(method)
+        if needed not in scopes and "manage" not in scopes:
+            return _deny(handler, grpc.StatusCode.PERMISSION_DENIED,
+                         f"this token lacks the '{needed}' scope that {method.rsplit('/', 1)[-1][:64]} needs")
+        return handler
 
 
-def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only aborts with UNAUTHENTICATED."""
+def _deny(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that only aborts; it never parses the request."""
 
     async def refuse(_request, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(code, message)
 
-    kwargs = dict(
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse, **kwargs)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(refuse, **kwargs)
+    streaming_in = handler is not None and handler.request_streaming
+    streaming_out = handler is not None and handler.response_streaming
+    if streaming_in and streaming_out:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if streaming_in:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if streaming_out:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)

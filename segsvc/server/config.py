@@ -15,6 +15,7 @@ from segsvc.inference.admission import AdmissionConfig
 from segsvc.inference.codec import DEFAULT_MAX_PIXELS
 from segsvc.inference.manager import ManagerConfig
 from segsvc.jobs.batch import JobsConfig
+from segsvc.server.auth import AuthConfig
 
 MIB = 1 << 20
 
@@ -76,10 +77,11 @@ class ServerConfig:
         host: address to bind ("0.0.0.0" for every interface, "127.0.0.1" for local only).
         port: gRPC port; 0 picks a free one (``SegmentationServer.port`` tells which).
         metrics_port: Prometheus port; 0 picks a free one, ``None`` disables the endpoint.
+        metrics_host: address of the metrics endpoint (local only by default: it is not authenticated).
+        metrics_tls: serve the metrics over TLS with ``tls``'s certificate.
         manager: models, device, precision, batching, polling.
         limits: message, pixel and stream limits.
-        auth_token: bearer token required in the ``authorization`` metadata (health stays open);
-            ``None`` disables authentication.
+        auth: bearer tokens and their scopes (health stays open); ``None`` disables authentication.
         tls: certificate and key; ``None`` serves plaintext.
         grace_s: on SIGTERM, how long requests in flight may take before they are cancelled
             (keep it below Kubernetes' terminationGracePeriodSeconds).
@@ -96,9 +98,11 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int | None = 9090
+    metrics_host: str = "127.0.0.1"
+    metrics_tls: bool = False
     manager: ManagerConfig = field(default_factory=ManagerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
-    auth_token: str | None = field(default=None, repr=False)
+    auth: AuthConfig | None = field(default=None, repr=False)
     tls: TLSConfig | None = None
     grace_s: float = 25.0
     io_threads: int = 0
@@ -113,7 +117,7 @@ class ServerConfig:
             raise InvalidArgument(f"metrics port must be in 0..65535, got {self.metrics_port}")
         if self.grace_s < 0:
             raise InvalidArgument(f"grace_s must be >= 0, got {self.grace_s}")
-        if self.auth_token is not None and (not self.auth_token or any(c.isspace() for c in self.auth_token)):
-            raise InvalidArgument("the auth token must be non-empty and contain no whitespace")
+        if self.metrics_tls and self.tls is None:
+            raise InvalidArgument("metrics over TLS need the server's certificate and key (--tls-cert, --tls-key)")
         if self.io_threads < 0 or self.torch_threads < 0:
             raise InvalidArgument("io_threads and torch_threads must be >= 0")

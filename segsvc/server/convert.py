@@ -134,9 +134,8 @@ def error_response(request_id: str, code: int, message: str, kind: str) -> pb.Se
 
 
 def model_info(status: ModelStatus) -> pb.ModelInfo:
-    m = status.manifest
-    metrics = {k: float(v) for k, v in m.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return pb.ModelInfo(
+    """``ModelInfo`` of a status; the manifest's fields stay empty when its manifest could not be read."""
+    info = pb.ModelInfo(
         name=status.name,
         version=status.version,
         versions=list(status.versions),
@@ -144,6 +143,19 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
         default_version=status.default_version,
         default_pinned=status.default_pinned,
         ready=status.ready,
+        output_stride=status.output_stride,
+        device=status.device,
+        version_status=[  # VersionState.FAILED -> VERSION_STATE_FAILED, ...
+            pb.VersionStatus(version=s.version, state=pb.VersionState.Value(f"VERSION_STATE_{s.state.value}"),
+                             reason=s.reason)
+            for s in status.version_status
+        ],
+    )
+    m = status.manifest
+    if m is None:
+        return info
+    metrics = {k: float(v) for k, v in m.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    info.MergeFrom(pb.ModelInfo(
         arch=m.spec.arch,
         num_classes=m.spec.num_classes,
         class_names=list(m.class_names),
@@ -152,9 +164,8 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
         ignore_index=-1 if m.ignore_index is None else m.ignore_index,
         metrics=metrics,
         created_at=m.created_at,
-        output_stride=status.output_stride,
-        device=status.device,
-    )
+    ))
+    return info
 
 
 # -- jobs and long-running operations ------------------------------------------------

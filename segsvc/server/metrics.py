@@ -8,7 +8,10 @@ Exposed on ``--metrics-port`` at ``/metrics``:
 - ``segsvc_inference_seconds{model}`` time of the batch that held the request;
 - ``segsvc_batch_size{model}`` images per batch;
 - ``segsvc_queue_depth{model, version}`` requests waiting now;
-- ``segsvc_loaded_models`` loaded model versions, and ``segsvc_model_loaded{model, version, default}``.
+- ``segsvc_loaded_models`` loaded model versions, and ``segsvc_model_loaded{model, version, default}``;
+- ``segsvc_model_version_failed{model, version}`` 1 per version whose last load failed (corrupt,
+  incomplete, mismatched manifest, symlink out of the repository); the reason is in
+  ``GetModel``'s ``version_status`` and the log, never in a label.
 
 The ``model`` label is a loaded model's name (``"-"`` before a model is
 resolved), never raw request text, so label cardinality stays bounded.
@@ -26,13 +29,15 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 Snapshot = Callable[[], list[tuple[str, int, int, bool]]]
+FailedSnapshot = Callable[[], list[tuple[str, int, str]]]  # (model, version, reason)
 
 
 class _ModelsCollector(Collector):
     """Reads queue depths and loaded versions at scrape time (no bookkeeping on the hot path)."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, failed: FailedSnapshot | None = None) -> None:
         self._snapshot = snapshot
+        self._failed = failed
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         rows = self._snapshot()
@@ -46,6 +51,13 @@ class _ModelsCollector(Collector):
         yield depth
         yield loaded
         yield GaugeMetricFamily("segsvc_loaded_models", "Number of loaded model versions", value=len(rows))
+        if self._failed is not None:
+            failed = GaugeMetricFamily("segsvc_model_version_failed",
+                                       "1 per model version whose last load failed (see GetModel for the reason)",
+                                       labels=["model", "version"])
+            for name, version, _reason in self._failed():
+                failed.add_metric([name, str(version)], 1)
+            yield failed
 
 
 class ServerMetrics:
@@ -67,9 +79,9 @@ class ServerMetrics:
         self._http = None
         self._thread = None
 
-    def watch_models(self, snapshot: Snapshot) -> None:
-        """Report queue depths and loaded versions from ``snapshot()`` at every scrape."""
-        self.registry.register(_ModelsCollector(snapshot))
+    def watch_models(self, snapshot: Snapshot, failed: FailedSnapshot | None = None) -> None:
+        """Report queue depths and loaded versions from ``snapshot()``, failed versions from ``failed()``, at every scrape."""
+        self.registry.register(_ModelsCollector(snapshot, failed))
 
     def observe_batch(self, model: str, version: int, size: int, run_s: float) -> None:
         self.batch_size.labels(model).observe(size)
@@ -83,9 +95,10 @@ class ServerMetrics:
         if run_s is not None:
             self.inference_seconds.labels(model).observe(run_s)
 
-    def start_http(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on ``host:port`` (0: any free port) from a daemon thread; returns the port."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+    def start_http(self, host: str, port: int, certfile: str | None = None, keyfile: str | None = None) -> int:
+        """Serve ``/metrics`` on ``host:port`` (0: any free port; HTTPS with a certificate) from a daemon thread."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry,
+                                                     certfile=certfile, keyfile=keyfile)
         return int(self._http.server_port)
 
     def stop_http(self) -> None:

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from segsvc import errors
 from segsvc.client import SegmentationClient
+from segsvc.server.auth import AuthConfig
 from segsvc.server.config import TLSConfig
 from tests.server.conftest import wait_for, make_image, publish, reference
 
@@ -67,7 +68,7 @@ def test_sigterm_drain_flips_health_and_finishes_requests_in_flight(start_server
 
 def test_bearer_token_auth(start_server, tmp_path):
     publish(tmp_path, "m", seed=3)
-    server = start_server(tmp_path, auth_token="s3cret-token")
+    server = start_server(tmp_path, auth=AuthConfig.single("s3cret-token"))
     image = make_image(16, 16)
     with server.client() as anonymous:
         assert anonymous.health() == "SERVING"  # health stays open
@@ -95,7 +96,7 @@ def test_tls(start_server, tmp_path):
     )
     repo = tmp_path / "repo"
     v1 = publish(repo, "m", seed=4)
-    server = start_server(repo, tls=TLSConfig(cert, key), auth_token="tok")
+    server = start_server(repo, tls=TLSConfig(cert, key), auth=AuthConfig.single("tok"))
     image = make_image(20, 28)
     with SegmentationClient(server.address, token="tok", root_certificates=cert.read_bytes()) as c:
         assert np.array_equal(c.segment(image).mask, reference(v1).predict(image))

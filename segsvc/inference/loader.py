@@ -1,0 +1,184 @@
+"""Turning a version on disk into a running ``LoadedModel``, and remembering the ones that fail.
+
+The manager decides *which* versions to load and swaps them in; this module
+does the loading itself (off the event loop), so every failure, whatever its
+cause, is recorded in one place with its reason and the version's file
+fingerprint (see ``status.LoadRecord``).
+
+``ManagerConfig`` (what is loaded and how) lives here too, next to the code it
+configures; ``segsvc.inference.manager`` re-exports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from segsvc.errors import InvalidArgument, PathOutsideRoot, SegsvcError
+from segsvc.inference.batcher import BatchingConfig, DynamicBatcher
+from segsvc.inference.engine import Engine, EngineConfig
+from segsvc.inference.predictor import Predictor
+from segsvc.inference.repository import ModelRepository, VersionEntry
+from segsvc.inference.status import LoadRecord
+from segsvc.models.artifact import Manifest, check_name
+
+log = logging.getLogger("segsvc.inference.manager")  # load/unload lines keep the logger they always had
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """What the model manager loads and how.
+
+    Args:
+        engine: device, precision and warm-up of every loaded model.
+        batching: batch size, delay and queue bound of every model's batcher.
+        poll_interval_s: seconds between repository scans for new versions; 0 disables polling.
+        models: names to serve; empty serves every model in the repository.
+        drain_timeout_s: longest wait for a retired version's requests to finish.
+    """
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    poll_interval_s: float = 0.0
+    models: tuple[str, ...] = ()
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.poll_interval_s < 0:
+            raise InvalidArgument(f"poll_interval_s must be >= 0, got {self.poll_interval_s}")
+        if self.drain_timeout_s <= 0:
+            raise InvalidArgument(f"drain_timeout_s must be positive, got {self.drain_timeout_s}")
+        for name in self.models:
+            check_name(name)
+
+
+class LoadedModel:
+    """One model version in memory: manifest, engine, batcher, and the leases held on it."""
+
+    def __init__(self, name: str, version: int, engine: Engine, batcher: DynamicBatcher, auto: bool) -> None:
+        self.name = name
+        self.version = version
+        self.engine = engine
+        self.manifest: Manifest = engine.predictor.manifest
+        self.batcher = batcher
+        self.auto = auto
+        self.loaded_at = time.time()
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.name}:{self.version}, auto={self.auto}, active={self.active})"
+
+    def acquire(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def retire(self, drain_timeout_s: float) -> None:
+        """Wait for the version's leases to end, drain its queue, stop its batcher."""
+        try:
+            await asyncio.wait_for(self.wait_idle(), drain_timeout_s)
+            await self.batcher.stop(drain=True)
+        except TimeoutError:
+            log.warning("model %s:%d still busy after %.0f s; failing its queued requests",
+                        self.name, self.version, drain_timeout_s)
+            await self.batcher.stop(drain=False)
+        log.info("model %s version %d unloaded", self.name, self.version)
+
+
+class VersionLoader:
+    """Builds, warms and starts one version at a time; records why a version failed.
+
+    Args:
+        repository: where versions come from.
+        engine: device, precision and warm-up of every loaded model.
+        batching: the batcher settings of every loaded model.
+        device: the resolved device.
+        on_batch: called after every batch as ``(model, version, batch_size, run_s)``.
+    """
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        engine: EngineConfig,
+        batching: BatchingConfig,
+        device: torch.device,
+        on_batch: Callable[[str, int, int, float], None] | None = None,
+    ) -> None:
+        self.repository = repository
+        self.engine_config = engine
+        self.batching = batching
+        self.device = device
+        self.record = LoadRecord()
+        self._on_batch = on_batch
+
+    async def scan(self, name: str) -> list[VersionEntry]:
+        """The model's versions on disk (failures of versions that are gone are forgotten)."""
+        entries = await asyncio.to_thread(self.repository.scan, name)
+        self.record.seen(name, entries)
+        return entries
+
+    async def build(self, name: str, entry: VersionEntry, auto: bool) -> LoadedModel:
+        """Load ``entry`` with its batcher started; on failure record the reason (relative paths) and re-raise."""
+        v = entry.version
+        started = time.perf_counter()
+        try:
+            if entry.problem:
+                raise PathOutsideRoot(entry.problem)
+            with self.record.loading(name, v):
+                engine = await asyncio.to_thread(self._build_engine, name, v)
+        except Exception as exc:
+            text = str(exc) if isinstance(exc, SegsvcError) else f"{type(exc).__name__}: {exc}"
+            reason = self.repository.redact(text)
+            if self.record.failed(name, entry, reason):
+                log.error("model %s version %d could not be loaded (retried when its files change): %s",
+                          name, v, reason)
+            raise
+        batcher = DynamicBatcher(
+            engine.run,
+            self.batching,
+            key=lambda job: job.key,
+            pixels=lambda job: job.pixels,
+            name=f"{name}:{v}",
+            on_batch=self._batch_hook(name, v),
+        )
+        lm = LoadedModel(name, v, engine, batcher, auto=auto)
+        batcher.start()
+        self.record.loaded(name, v)
+        log.info(
+            "loaded model %s version %d on %s (%s) in %.2f s",
+            name, v, engine.device, engine.precision, time.perf_counter() - started,
+        )
+        return lm
+
+    async def read_manifest(self, name: str, version: int) -> Manifest | None:
+        """The manifest of a version not in memory; None when it cannot be read (its status says why)."""
+        try:
+            return await asyncio.to_thread(self.repository.read_manifest, name, version)
+        except (SegsvcError, OSError):
+            return None
+
+    def _build_engine(self, name: str, version: int) -> Engine:
+        model, manifest = self.repository.load(name, version, device=self.device)
+        engine = Engine(Predictor(model, manifest, self.device), self.engine_config)
+        engine.warmup()
+        return engine
+
+    def _batch_hook(self, name: str, version: int) -> Callable[[int, float], None] | None:
+        if self._on_batch is None:
+            return None
+        hook = self._on_batch
+        return lambda size, run_s: hook(name, version, size, run_s)

@@ -1,0 +1,258 @@
+"""ModelRepository and ModelManager on a repository that is not tidy: odd root entries, symlinks,
+corrupt or half-copied versions, manifests that name another version."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from segsvc.errors import ArtifactError, PathOutsideRoot, UnknownModel, UnknownVersion
+from segsvc.inference.batcher import BatchingConfig
+from segsvc.inference.engine import EngineConfig
+from segsvc.inference.manager import ManagerConfig, ModelManager, VersionState
+from segsvc.inference.repository import ModelRepository, Skipped
+from segsvc.models.artifact import MANIFEST_FILE, WEIGHTS_FILE
+from tests.server.conftest import publish
+
+
+def no_abs_path(message: str, *roots: Path) -> bool:
+    return all(str(r) not in message and str(r.resolve()) not in message for r in roots)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    root = tmp_path / "repo"
+    publish(root, "good", seed=1)
+    return root
+
+
+def manager_for(root: Path) -> ModelManager:
+    config = ManagerConfig(engine=EngineConfig(device="cpu", warmup=False),
+                           batching=BatchingConfig(max_batch_size=2, max_delay_s=0.001))
+    return ModelManager(ModelRepository(root), config)
+
+
+def run_with(root: Path, body):
+    """Start a manager on ``root``, run ``await body(manager)``, stop it."""
+    async def main():
+        manager = manager_for(root)
+        await manager.start()
+        try:
+            return await body(manager)
+        finally:
+            await manager.stop()
+    return asyncio.run(main())
+
+
+# -- scanning -------------------------------------------------------------------------
+def test_odd_root_and_version_entries_are_skipped_listed_and_logged_once(repo, tmp_path, caplog):
+    (repo / "lost+found").mkdir()
+    (repo / "README.txt").write_text("not a model")
+    (repo / "dangling").symlink_to("missing")  # inside the root, to nothing
+    outside = tmp_path / "elsewhere"
+    publish(outside, "evil", seed=2)
+    (repo / "evil").symlink_to(outside / "evil")  # a model directory out of the root
+    (repo / ".hidden").mkdir()  # hidden: ignored silently
+    (repo / "good" / "007").mkdir()
+    (repo / "good" / "v2").mkdir()
+    (repo / "good" / ".tmp-2-abc").mkdir()  # a version being written: ignored silently
+    repository = ModelRepository(repo)
+    with caplog.at_level(logging.WARNING, logger="segsvc.inference.repository"):
+        assert repository.list_models() == {"good": [1]}
+        assert repository.list_models() == {"good": [1]}  # a second scan logs nothing new
+    skipped = {s.path: s.reason for s in repository.skipped}
+    assert set(skipped) == {"lost+found", "README.txt", "dangling", "evil", "good/007", "good/v2"}
+    assert "not a valid model name" in skipped["lost+found"]
+    assert skipped["README.txt"] == "not a directory"
+    assert skipped["dangling"] == "a broken symlink"
+    assert "outside the repository root" in skipped["evil"]
+    assert "not a version number" in skipped["good/007"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 6, warnings
+    assert all(no_abs_path(w, tmp_path) for w in warnings)
+    with pytest.raises(PathOutsideRoot, match="outside the repository root"):
+        repository.scan("evil")
+    # the root entry goes away -> so does its report
+    (repo / "README.txt").unlink()
+    repository.list_models()
+    assert Skipped("README.txt", "not a directory") not in repository.skipped
+
+
+def test_unknown_model_message_names_no_server_path(repo, tmp_path):
+    with pytest.raises(UnknownModel) as info:
+        ModelRepository(repo).versions("absent")
+    assert "good" in str(info.value) and no_abs_path(str(info.value), tmp_path)
+
+
+def test_a_version_symlinked_out_of_the_root_is_refused_by_relative_name(repo, tmp_path):
+    outside = publish(tmp_path / "outside", "good", seed=3, version=2)
+    (repo / "good" / "2").symlink_to(outside, target_is_directory=True)
+    repository = ModelRepository(repo)
+    [v1, v2] = repository.scan("good")
+    assert v1.problem == "" and v2.version == 2
+    assert v2.problem == "good/2 is a symlink that leads outside the repository root; refused"
+    assert repository.versions("good") == [1]
+    with pytest.raises(PathOutsideRoot, match="^good/2 is a symlink"):
+        repository.load("good", 2)
+
+
+def test_a_symlink_that_stays_inside_the_root_is_followed(repo):
+    store = publish(repo / ".store", "good", seed=4, version=2)  # hidden folder inside the root
+    (repo / "good" / "2").symlink_to(store, target_is_directory=True)
+    repository = ModelRepository(repo)
+    assert repository.versions("good") == [1, 2]
+    _, manifest = repository.load("good", 2)
+    assert manifest.version == 2
+
+
+def test_a_weights_file_symlinked_out_of_the_root_is_refused(repo, tmp_path):
+    v2 = publish(repo, "good", seed=5)
+    moved = tmp_path / "weights.safetensors"
+    shutil.move(v2 / WEIGHTS_FILE, moved)
+    (v2 / WEIGHTS_FILE).symlink_to(moved)
+    repository = ModelRepository(repo)
+    assert repository.scan("good")[1].problem.startswith("good/2/weights.safetensors is a symlink")
+    with pytest.raises(PathOutsideRoot, match="good/2/weights.safetensors"):
+        repository.load("good", 2)
+
+
+def test_a_manifest_naming_another_version_is_refused(repo, tmp_path):
+    shutil.copytree(repo / "good" / "1", repo / "good" / "2")  # copied without a new manifest
+    with pytest.raises(ArtifactError, match="describes model 'good' version 1, not 'good' version 2") as info:
+        ModelRepository(repo).load("good", 2)
+    assert no_abs_path(str(info.value), tmp_path)
+
+
+def test_artifact_errors_name_paths_relative_to_the_root(repo, tmp_path):
+    (repo / "good" / "1" / WEIGHTS_FILE).write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="^good/1/weights.safetensors is corrupt") as info:
+        ModelRepository(repo).load("good")
+    assert no_abs_path(str(info.value), tmp_path)
+
+
+def test_the_fingerprint_changes_when_a_file_arrives_or_grows(repo):
+    repository = ModelRepository(repo)
+    v1 = repo / "good" / "1"
+    before = repository.scan("good")[0].fingerprint
+    weights = (v1 / WEIGHTS_FILE).read_bytes()
+    (v1 / WEIGHTS_FILE).unlink()
+    without = repository.scan("good")[0].fingerprint
+    (v1 / WEIGHTS_FILE).write_bytes(weights[:10])
+    partial = repository.scan("good")[0].fingerprint
+    with open(v1 / WEIGHTS_FILE, "ab") as f:
+        f.write(weights[10:])
+    complete = repository.scan("good")[0].fingerprint
+    assert len({before, without, partial, complete}) == 4
+
+
+# -- the manager ------------------------------------------------------------------------
+def test_load_falls_back_to_the_newest_version_that_loads_and_records_why(repo, tmp_path):
+    publish(repo, "good", seed=6)
+    v3 = publish(repo, "good", seed=7)
+    (v3 / WEIGHTS_FILE).write_bytes(b"garbage")
+    (repo / "good" / "2" / MANIFEST_FILE).write_text("{not json")
+
+    async def body(manager: ModelManager):
+        lm = manager.resolve("good", None)
+        status = await manager.describe("good")
+        return lm.version, status, manager.failed_versions(), manager.model_health()
+
+    served, status, failed, health = run_with(repo, body)
+    assert served == 1
+    states = {s.version: s for s in status.version_status}
+    assert states[1].state == VersionState.READY
+    assert states[2].state == VersionState.FAILED and "good/2/manifest.json" in states[2].reason
+    assert states[3].state == VersionState.FAILED and states[3].reason.startswith("good/3/weights.safetensors is corrupt")
+    assert [(n, v) for n, v, _ in failed] == [("good", 2), ("good", 3)]
+    assert all(no_abs_path(s.reason, tmp_path) for s in status.version_status)
+    assert health == {"good": True}
+
+
+def test_a_model_with_no_loadable_version_is_reported_not_serving(repo):
+    bad = publish(repo, "bad", seed=8)
+    (bad / WEIGHTS_FILE).write_bytes(b"garbage")
+
+    async def body(manager: ModelManager):
+        with pytest.raises(ArtifactError, match="no version of model 'bad' loads: version 1: bad/1/weights"):
+            await manager.load("bad")
+        return manager.model_health(), [s.name for s in await manager.describe_all()]
+
+    health, listed = run_with(repo, body)
+    assert health == {"bad": False, "good": True}
+    assert listed == ["bad", "good"]
+
+
+def test_a_manifest_first_copy_loads_once_its_weights_arrive(repo, tmp_path):
+    staged = publish(tmp_path / "staging", "good", seed=9, version=2)
+    target = repo / "good" / "2"
+
+    async def body(manager: ModelManager):
+        target.mkdir()
+        shutil.copy(staged / MANIFEST_FILE, target / MANIFEST_FILE)  # manifest first: a non-atomic copy
+        assert await manager.poll_once() == []
+        first = manager.record.rows()
+        assert [(n, v) for n, v, _ in first] == [("good", 2)] and "does not exist" in first[0][2]
+        assert await manager.poll_once() == []  # files unchanged: not retried
+        assert manager.record.rows() == first
+        shutil.copy(staged / WEIGHTS_FILE, target / WEIGHTS_FILE)
+        assert await manager.poll_once() == [("good", 2)]
+        return manager.resolve("good", None).version, manager.failed_versions()
+
+    served, failed = run_with(repo, body)
+    assert served == 2 and failed == []
+
+
+def test_a_failed_version_is_not_reloaded_until_its_files_change(repo, monkeypatch):
+    v2 = publish(repo, "good", seed=10)
+    (v2 / WEIGHTS_FILE).write_bytes(b"garbage")
+    attempts: list[int] = []
+    original = ModelRepository.load
+
+    def counting(self, name, version=None, device="cpu"):
+        attempts.append(version)
+        return original(self, name, version, device)
+
+    monkeypatch.setattr(ModelRepository, "load", counting)
+
+    async def body(manager: ModelManager):
+        for _ in range(3):
+            await manager.poll_once()
+        return list(attempts)
+
+    assert run_with(repo, body) == [2, 1]  # start: 2 fails, 1 loads; the polls leave 2 alone
+
+
+def test_numbered_load_of_a_refused_or_absent_version(repo, tmp_path):
+    (repo / "good" / "2").symlink_to(tmp_path, target_is_directory=True)
+
+    async def body(manager: ModelManager):
+        with pytest.raises(PathOutsideRoot, match="^good/2 is a symlink"):
+            await manager.load("good", 2)
+        with pytest.raises(UnknownVersion):
+            await manager.load("good", 5)
+        return manager.failed_versions()
+
+    assert [(n, v) for n, v, _ in run_with(repo, body)] == [("good", 2)]
+
+
+def test_retain_and_release_still_pin_a_version(repo):
+    publish(repo, "good", seed=11)
+
+    async def body(manager: ModelManager):
+        await manager.retain("good", 1)
+        assert sorted(manager._models["good"]) == [1, 2]
+        manager.release("good", 1)
+        await asyncio.sleep(0)
+        return sorted(manager._models["good"])
+
+    assert run_with(repo, body) == [2]
+
+
+def test_broken_root_symlink_loop_does_not_crash(repo):
+    os.symlink("loop", repo / "loop")
+    assert ModelRepository(repo).list_models() == {"good": [1]}
