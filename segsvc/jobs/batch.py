@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from segsvc.errors import (
-    Cancelled, FailedPrecondition, InvalidArgument, Overloaded, SegsvcError, Unavailable,
+    AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, Overloaded, SegsvcError, Unavailable,
 )
 from segsvc.inference.batcher import Priority
 from segsvc.inference.engine import InferenceOptions
@@ -176,7 +176,7 @@ class JobRunner:
             existing = await asyncio.to_thread(self.store.find, KIND, request_id)
             if existing is not None:
                 if existing.spec.get("request") != request.to_dict():
-                    raise _already_exists(request_id)
+                    raise AlreadyExists(f"request_id {request_id!r} was already used for a different job")
                 return existing
         name, version, _ = self._service.resolve(request.model or None, request.version or None)
         root = self._input_root(request)
@@ -424,8 +424,3 @@ def _remove_tree(root: Path) -> int:
     shutil.rmtree(root)
     return count
 
-
-def _already_exists(request_id: str) -> SegsvcError:
-    from segsvc.errors import AlreadyExists
-
-    return AlreadyExists(f"request_id {request_id!r} was already used for a different job")

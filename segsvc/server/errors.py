@@ -16,7 +16,7 @@ from typing import NoReturn
 import grpc
 
 from segsvc.errors import SegsvcError
-from segsvc.wire import ERROR_CODES, ERROR_KIND_KEY, REQUEST_ID_KEY, code_of, error_from_status  # noqa: F401
+from segsvc.wire import ERROR_CODES, ERROR_KIND_KEY, REQUEST_ID_KEY
 
 
 MAX_ID_CHARS = 128
