@@ -81,9 +81,13 @@ def test_full_queue_answers_resource_exhausted(start_server, tmp_path, gated):
         gated.gate.clear()
         blockers = [threading.Thread(target=c.segment, args=(make_image(8, 8),), kwargs={"model": "m"})
                     for _ in range(3)]
-        for b in blockers:
+        # One at a time: started together, all three can reach the queue before the worker takes the
+        # first, and the third is then refused (the race that made this test flaky on a loaded machine).
+        blockers[0].start()
+        wait_for(lambda: len(gated.ran) == 4)  # the first is running, held by the gate
+        for b in blockers[1:]:
             b.start()
-        wait_for(lambda: len(gated.ran) == 4 and batcher.queue_depth == 2)
+        wait_for(lambda: batcher.queue_depth == 2)
         try:
             with pytest.raises(errors.Overloaded, match="queue is full"):
                 c.segment(make_image(8, 8), model="m")
