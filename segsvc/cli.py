@@ -247,6 +247,7 @@ def _serve(args: argparse.Namespace) -> int:
         io_threads=args.io_threads,
         torch_threads=args.torch_threads,
         jobs=_jobs_config(args),
+        max_connection_age_s=args.max_connection_age_s or None,
     )
     run(config)
     return 0
@@ -328,6 +329,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tiles", type=int, default=1024, help="most sliding-window tiles of one request (default 1024)")
     p.add_argument("--grace-s", type=float, default=25.0,
                    help="on SIGTERM, seconds for requests in flight (default 25; below k8s' 30)")
+    p.add_argument("--max-connection-age-s", type=float, default=0.0,
+                   help="close each client connection (GOAWAY) after about this many seconds so clients "
+                        "reconnect and spread over the replicas behind a load balancer; calls in flight get "
+                        "--grace-s to finish (default 0: never)")
     p.add_argument("--token-file", default=None,
                    help="require 'authorization: Bearer <token>': one 'TOKEN [infer,jobs,manage]' per line "
                         "(no scope: infer); else $SEGSVC_AUTH_TOKEN (infer) and $SEGSVC_ADMIN_TOKEN (manage); "
@@ -467,8 +472,14 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
     add_jobs_parser(sub, _read_token)
 
 
+def _add_health(sub: argparse._SubParsersAction) -> None:
+    from segsvc.health import add_health_parser  # grpc only when it runs: a health check stays cheap
+
+    add_health_parser(sub)
+
+
 _ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_train, _add_eval, _add_data, _add_serve, _add_segment, _add_batch, _add_jobs,
+    _add_models, _add_train, _add_eval, _add_data, _add_serve, _add_segment, _add_batch, _add_jobs, _add_health,
 ]
 
 

@@ -34,7 +34,7 @@ def test_only_server_and_client_touch_grpc() -> None:
     offenders = []
     for p in _modules("segsvc"):
         rel = p.relative_to(ROOT / "segsvc")
-        if rel.parts[0] in ("server", "v1") or rel.name in ("client.py", "jobclient.py", "wire.py", "cli.py", "demo.py"):
+        if rel.parts[0] in ("server", "v1") or rel.name in ("client.py", "jobclient.py", "wire.py", "cli.py", "demo.py", "health.py"):
             continue
         if any(n.startswith("grpc") or "_pb2" in n or n.startswith("segsvc.v1") for n in _imports(p)):
             offenders.append(str(rel))
@@ -69,3 +69,12 @@ def test_protocol_free_core_has_no_protocol_code() -> None:
                                                                                           "segsvc.server", "google")))
                  for p in core}
     assert not {k: v for k, v in offenders.items() if v}, offenders
+
+
+def test_serving_loads_neither_albumentations_nor_matplotlib() -> None:
+    """The server image ships without training packages (deploy/Dockerfile): serving must not import them."""
+    training_only = ("albumentations", "matplotlib", "training")
+    code = (f"import sys, segsvc.server.app, segsvc.cli, segsvc.health, segsvc.jobs.offline\n"
+            f"print([m for m in {training_only!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", f"serving loaded {out.stdout.strip()}"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segsvc.data.transforms import preprocess
+from segsvc.data.preprocess import preprocess
 from segsvc.models.artifact import Manifest
 
 

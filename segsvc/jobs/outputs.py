@@ -9,7 +9,7 @@ for the offline runners)::
     confidence/<rel>.png    optional: max softmax probability as uint8 (round(255 p))
     results.jsonl           one record per image, sorted by input
     summary.json            counts, per-class pixel totals and shares, failures, throughput
-    class_shares.png        horizontal bar chart of the class pixel shares
+    class_shares.png        horizontal bar chart of the class pixel shares (where matplotlib is installed)
 
 ``<rel>`` is the input's path relative to the job's input root with ``.png``
 *appended* (``a/b/img.jpg`` -> ``labels/a/b/img.jpg.png``): nested folders are
@@ -246,7 +246,12 @@ class JobOutputs:
         lines = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows)
         atomic_write(self.root / RESULTS_FILE, lines.encode())
         atomic_write(self.root / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
-        atomic_write(self.root / CHART_FILE, class_shares_chart(pixels, class_names, palette))
+        try:
+            chart = class_shares_chart(pixels, class_names, palette)
+        except ImportError:  # the serving image ships without matplotlib (deploy/Dockerfile): no chart there
+            chart = None
+        if chart is not None:
+            atomic_write(self.root / CHART_FILE, chart)
         return summary
 
     @staticmethod

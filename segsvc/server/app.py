@@ -99,6 +99,29 @@ def configure_threads(config: ServerConfig) -> int:
     return threads
 
 
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The gRPC core options of the server: message limits and, if set, the connection age.
+
+    ``grpc.max_connection_age_ms`` makes the server send GOAWAY to each connection
+    after that age (gRPC adds +-10% jitter so clients do not reconnect in step);
+    the client then reconnects and re-resolves, so behind a Kubernetes Service
+    long-lived HTTP/2 clients spread over new replicas instead of staying pinned.
+    RPCs in flight on the old connection get ``grace_s`` to finish.
+    """
+    limit = config.limits.max_message_bytes
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent second listener
+    ]
+    if config.max_connection_age_s is not None:
+        options += [
+            ("grpc.max_connection_age_ms", max(1, round(config.max_connection_age_s * 1000))),
+            ("grpc.max_connection_age_grace_ms", round(config.grace_s * 1000)),
+        ]
+    return options
+
+
 class SegmentationServer:
     """The gRPC server, its models, health, reflection and metrics.
 
@@ -160,16 +183,8 @@ class SegmentationServer:
         threads = configure_threads(cfg)
         allocator = configure_allocator()
         await self._set_health(NOT_SERVING)
-        limit = cfg.limits.max_message_bytes
         interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(cfg.auth)] if cfg.auth else []
-        self._server = grpc.aio.server(
-            interceptors=[*interceptors, self.gate],
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-                ("grpc.so_reuseport", 0),  # a port in use is an error, not a silent second listener
-            ],
-        )
+        self._server = grpc.aio.server(interceptors=[*interceptors, self.gate], options=grpc_options(cfg))
         pb_grpc.add_SegmentationServiceServicer_to_server(self.servicer, self._server)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs), self._server)
         operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.jobs), self._server)

@@ -88,6 +88,9 @@ class ServerConfig:
         io_threads: threads for decoding and encoding images (0: one per CPU, at least 2).
         torch_threads: intra-op threads of the forward pass on CPU (0: one per CPU).
         jobs: batch jobs (state, data and output roots); ``None`` turns them off.
+        max_connection_age_s: close each client connection (HTTP/2 GOAWAY) after about this
+            long, so long-lived clients reconnect, re-resolve the service name and spread over the
+            replicas behind it; its RPCs in flight get ``grace_s`` to finish. ``None``: never.
 
     Example:
         >>> ServerConfig(model_repo=Path("model_repository"), port=0).grace_s
@@ -108,6 +111,7 @@ class ServerConfig:
     io_threads: int = 0
     torch_threads: int = 0
     jobs: JobsConfig | None = None
+    max_connection_age_s: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repo", Path(self.model_repo))
@@ -121,3 +125,5 @@ class ServerConfig:
             raise InvalidArgument("metrics over TLS need the server's certificate and key (--tls-cert, --tls-key)")
         if self.io_threads < 0 or self.torch_threads < 0:
             raise InvalidArgument("io_threads and torch_threads must be >= 0")
+        if self.max_connection_age_s is not None and self.max_connection_age_s <= 0:
+            raise InvalidArgument(f"max_connection_age_s must be > 0 (None: never), got {self.max_connection_age_s}")

@@ -11,7 +11,11 @@ Exposed on ``--metrics-port`` at ``/metrics``:
 - ``segsvc_loaded_models`` loaded model versions, and ``segsvc_model_loaded{model, version, default}``;
 - ``segsvc_model_version_failed{model, version}`` 1 per version whose last load failed (corrupt,
   incomplete, mismatched manifest, symlink out of the repository); the reason is in
-  ``GetModel``'s ``version_status`` and the log, never in a label.
+  ``GetModel``'s ``version_status`` and the log, never in a label;
+- ``process_*`` (CPU seconds, resident memory, open file descriptors, start time) and ``python_info``;
+- on CUDA, per device the process computes on: ``segsvc_gpu_memory_allocated_bytes`` and
+  ``segsvc_gpu_memory_reserved_bytes`` (torch's caching allocator), ``segsvc_gpu_memory_used_bytes``
+  and ``segsvc_gpu_memory_total_bytes`` (the whole device), ``segsvc_gpu_utilization_ratio`` (NVML).
 
 The ``model`` label is a loaded model's name (``"-"`` before a model is
 resolved), never raw request text, so label cardinality stays bounded.
@@ -21,7 +25,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector,
+                               start_http_server)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -60,6 +65,53 @@ class _ModelsCollector(Collector):
             yield failed
 
 
+class _CudaCollector(Collector):
+    """GPU memory and utilisation of the CUDA devices this process computes on, read at scrape time.
+
+    Only once the process has initialised CUDA, and only devices where torch's
+    caching allocator holds memory: a CPU server on a GPU host never creates a
+    CUDA context for its metrics. Utilisation comes from NVML through
+    ``torch.cuda.utilization`` (package ``nvidia-ml-py``, in the CUDA image);
+    without NVML that gauge is left out.
+    """
+
+    def __init__(self) -> None:
+        self._nvml = True
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        import torch
+
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return
+        labels = ["device"]
+        allocated = GaugeMetricFamily("segsvc_gpu_memory_allocated_bytes",
+                                      "GPU memory held by tensors (torch caching allocator)", labels=labels)
+        reserved = GaugeMetricFamily("segsvc_gpu_memory_reserved_bytes",
+                                     "GPU memory reserved by torch's caching allocator", labels=labels)
+        used = GaugeMetricFamily("segsvc_gpu_memory_used_bytes", "GPU memory in use on the device (all processes)",
+                                 labels=labels)
+        total = GaugeMetricFamily("segsvc_gpu_memory_total_bytes", "GPU memory of the device", labels=labels)
+        utilization = GaugeMetricFamily("segsvc_gpu_utilization_ratio",
+                                        "Share of the last NVML sample period in which a kernel ran (0..1)",
+                                        labels=labels)
+        for index in range(torch.cuda.device_count()):
+            held = torch.cuda.memory_reserved(index)
+            if not held:
+                continue
+            device = [f"cuda:{index}"]
+            allocated.add_metric(device, torch.cuda.memory_allocated(index))
+            reserved.add_metric(device, held)
+            free, capacity = torch.cuda.mem_get_info(index)
+            used.add_metric(device, capacity - free)
+            total.add_metric(device, capacity)
+            if self._nvml:
+                try:
+                    utilization.add_metric(device, torch.cuda.utilization(index) / 100.0)
+                except Exception:  # no NVML library or bindings, or no permission: stop asking
+                    self._nvml = False
+        yield from (allocated, reserved, used, total, utilization)
+
+
 class ServerMetrics:
     """The server's metrics and their HTTP endpoint."""
 
@@ -76,6 +128,9 @@ class ServerMetrics:
                                            ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("segsvc_batch_size", "Images per batch", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(_CudaCollector())
         self._http = None
         self._thread = None
 
