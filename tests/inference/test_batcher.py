@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -32,7 +34,7 @@ class Recorder:
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 10))
+    return asyncio.run(asyncio.wait_for(coro, 5))  # every test takes well under 2 s
 
 
 def test_config_checks_arguments():
@@ -79,7 +81,7 @@ def test_flushes_a_partial_batch_after_max_delay():
     r, elapsed = run(main())
     assert r.value == 42 and r.batch_size == 1
     assert 0.04 <= elapsed < 1.0
-    assert r.queue_s >= 0.04 and r.run_s >= 0.0
+    assert 0.04 <= r.queue_s <= elapsed and 0.0 <= r.run_s <= elapsed - r.queue_s
 
 
 def test_items_with_different_keys_never_share_a_batch():
@@ -135,13 +137,13 @@ def test_an_exception_is_delivered_to_every_future_of_the_batch_and_the_worker_s
         b.start()
         futures = [b.submit(i) for i in range(3)]
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
-        after = await b.submit(7)
+        after = await asyncio.gather(*(b.submit(i) for i in (7, 8, 9)))  # a full batch: no 1 s delay
         await b.stop()
         return outcomes, after
 
     outcomes, after = run(main())
     assert all(isinstance(o, ValueError) and str(o) == "boom" for o in outcomes)
-    assert after.value == 7
+    assert [r.value for r in after] == [7, 8, 9]
 
 
 def test_an_exception_result_fails_only_its_item():
@@ -451,3 +453,348 @@ def test_under_continuous_interactive_load_the_batch_lane_gets_one_batch_per_max
 
     ran = run(main())
     assert 2 <= ran <= 5, f"{ran} batch-lane batches ran in 0.9 s with batch_max_wait_s=0.2"
+
+
+# -- what metrics, owners and callers rely on ------------------------------------------------
+class Held:
+    """A predict function that doubles its inputs, records each batch and its thread, and holds
+    every call until ``release`` is set; ``await held.entered()`` returns once a batch is inside
+    predict (event-driven: no polling)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+        self.threads: list[threading.Thread] = []
+        self.release = threading.Event()
+        self._entered = threading.Semaphore(0)
+
+    def __call__(self, items: list) -> list:
+        self.batches.append(list(items))
+        self.threads.append(threading.current_thread())
+        self._entered.release()
+        assert self.release.wait(5)
+        return [x * 2 for x in items]
+
+    async def entered(self) -> None:
+        assert await asyncio.to_thread(self._entered.acquire, True, 5), "no batch reached predict"
+
+
+def test_on_batch_stats_and_timings_describe_every_batch():
+    async def main():
+        calls = []
+        held = Held()
+        b = DynamicBatcher(held, BatchingConfig(max_batch_size=3, max_delay_s=0),
+                           on_batch=lambda size, run_s: calls.append((size, run_s)))
+        b.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        first = b.submit(0)
+        await held.entered()  # [0] runs alone and is held
+        queued = [b.submit(i) for i in range(1, 6)]  # then [1, 2, 3] (a full batch) and [4, 5]
+        await asyncio.sleep(0.01)
+        held.release.set()
+        results = await asyncio.gather(first, *queued)
+        elapsed = loop.time() - t0
+        await b.stop()
+        return held, calls, results, elapsed, b.stats
+
+    held, calls, results, elapsed, stats = run(main())
+    assert held.batches == [[0], [1, 2, 3], [4, 5]]
+    assert [r.value for r in results] == [0, 2, 4, 6, 8, 10]
+    assert [r.batch_size for r in results] == [1, 3, 3, 3, 2, 2]
+    # the hook sees each batch once, with the run time its callers see
+    assert calls == [(1, results[0].run_s), (3, results[1].run_s), (2, results[4].run_s)]
+    assert results[1].run_s == results[2].run_s == results[3].run_s
+    assert (stats.batches, stats.items, stats.dropped, stats.batch_lane_items) == (3, 6, 0, 0)
+    # [0] was held in predict >= 10 ms while [1..5] waited in the queue
+    assert 0.01 <= results[0].run_s <= elapsed
+    assert 0.0 <= results[0].queue_s <= elapsed - results[0].run_s
+    for r in results[1:]:
+        assert 0.01 <= r.queue_s <= elapsed and 0.0 <= r.run_s <= elapsed - r.queue_s
+
+
+def test_a_failed_batch_is_reported_to_on_batch_and_a_failing_hook_breaks_nothing():
+    calls = []
+
+    def hook(size, run_s):
+        calls.append((size, run_s))
+        raise RuntimeError("metrics backend down")
+
+    def predict(items):
+        if -1 in items:
+            raise ValueError("bad batch")
+        return [x * 2 for x in items]
+
+    async def main():
+        b = DynamicBatcher(predict, BatchingConfig(max_batch_size=2, max_delay_s=5.0), on_batch=hook)
+        b.start()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        failed = await asyncio.gather(b.submit(-1), b.submit(1), return_exceptions=True)
+        later = await asyncio.gather(b.submit(2), b.submit(3))
+        elapsed = loop.time() - t0
+        await b.stop()
+        return failed, later, elapsed, b.stats
+
+    failed, later, elapsed, stats = run(main())
+    assert all(isinstance(e, ValueError) and str(e) == "bad batch" for e in failed)
+    assert [r.value for r in later] == [4, 6]
+    assert [size for size, _ in calls] == [2, 2]
+    assert all(0.0 <= run_s <= elapsed for _, run_s in calls)
+    assert calls[1][1] == later[0].run_s
+    assert (stats.batches, stats.items) == (2, 4)  # a failed batch still counts
+
+
+def test_the_oldest_group_runs_first():
+    async def main():
+        held = Held()
+        b = DynamicBatcher(held, BatchingConfig(max_batch_size=4, max_delay_s=0), key=lambda s: s[0])
+        b.start()
+        first = b.submit("g0")
+        await held.entered()
+        # groups by first letter; arrival order z, a, m: neither alphabetical nor its reverse
+        queued = [b.submit(s) for s in ("z1", "a1", "z2", "m1", "a2")]
+        held.release.set()
+        await asyncio.gather(first, *queued)
+        await b.stop()
+        return held.batches
+
+    assert run(main()) == [["g0"], ["z1", "z2"], ["a1", "a2"], ["m1"]]
+
+
+def test_an_item_cancelled_while_its_batch_runs_leaves_the_others_their_results():
+    async def main():
+        calls = []
+        held = Held()
+        b = DynamicBatcher(held, BatchingConfig(max_batch_size=3, max_delay_s=5.0),
+                           on_batch=lambda size, run_s: calls.append(size))
+        b.start()
+        futures = [b.submit(i) for i in (1, 2, 3)]
+        await held.entered()
+        futures[1].cancel()  # the caller of the middle item went away
+        held.release.set()
+        done = await asyncio.wait_for(asyncio.gather(futures[0], futures[2]), 2)
+        later = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in (4, 5, 6))), 2)  # the worker lives on
+        await b.stop()
+        return held.batches, calls, done, later, b.stats
+
+    batches, calls, done, later, stats = run(main())
+    assert batches == [[1, 2, 3], [4, 5, 6]]
+    assert [(r.value, r.batch_size) for r in done] == [(2, 3), (6, 3)]
+    assert [r.value for r in later] == [8, 10, 12]
+    assert calls == [3, 3]
+    assert (stats.batches, stats.items, stats.dropped) == (2, 6, 0)  # it ran: not a drop
+
+
+def test_an_item_cancelled_in_the_middle_of_a_queued_group_is_dropped_and_frees_its_place():
+    async def main():
+        held = Held()
+        b = DynamicBatcher(held, BatchingConfig(max_batch_size=4, max_delay_s=0, max_queue_size=4))
+        b.start()
+        blocker = b.submit(0)
+        await held.entered()
+        queued = [b.submit(i) for i in (1, 2, 3, 4)]
+        queued[1].cancel()
+        queued[2].cancel()
+        await asyncio.sleep(0)  # the futures' done callbacks run
+        depth = b.queue_depth
+        dropped = b.stats.dropped
+        queued += [b.submit(5), b.submit(6)]  # the two cancelled items' places are free again...
+        with pytest.raises(Overloaded):
+            b.submit(7)  # ...and no more than those
+        held.release.set()
+        results = await asyncio.gather(blocker, queued[0], queued[3], queued[4], queued[5])
+        await b.stop()
+        return held.batches, depth, dropped, results, b.stats
+
+    batches, depth, dropped, results, stats = run(main())
+    assert (depth, dropped) == (2, 2)
+    assert batches == [[0], [1, 4, 5, 6]]
+    assert [(r.value, r.batch_size) for r in results] == [(0, 1), (2, 4), (8, 4), (10, 4), (12, 4)]
+    assert (stats.batches, stats.items, stats.dropped) == (2, 5, 2)
+
+
+def test_an_expired_item_is_counted_as_dropped_and_its_neighbours_run():
+    async def main():
+        held = Held()
+        b = DynamicBatcher(held, BatchingConfig(max_batch_size=3, max_delay_s=0))
+        b.start()
+        loop = asyncio.get_running_loop()
+        blocker = b.submit(0)
+        await held.entered()
+        queued = [b.submit(1), b.submit(2, deadline=loop.time()), b.submit(3, deadline=loop.time() + 30)]
+        held.release.set()
+        outcomes = await asyncio.gather(blocker, *queued, return_exceptions=True)
+        await b.stop()
+        return held.batches, outcomes, b.stats
+
+    batches, (blocker, one, expired, three), stats = run(main())
+    assert batches == [[0], [1, 3]]
+    assert isinstance(expired, DeadlineExceeded)
+    assert re.fullmatch(r"deadline passed after 0\.\d{3} s in the batcher queue", str(expired)), str(expired)
+    assert (one.value, one.batch_size, three.value) == (2, 2, 6)
+    assert (stats.batches, stats.items, stats.dropped) == (2, 3, 1)
+
+
+def test_the_own_executor_is_shut_down_on_stop_and_a_given_one_is_not():
+    async def main():
+        own = Held()
+        own.release.set()
+        b = DynamicBatcher(own, BatchingConfig(max_batch_size=1), name="m")
+        b.start()
+        await b.submit(1)
+        await b.stop()
+        own_thread = own.threads[0]
+        own_thread_ended = await asyncio.to_thread(lambda: (own_thread.join(2), not own_thread.is_alive())[1])
+
+        given_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="given")
+        given = Held()
+        given.release.set()
+        g = DynamicBatcher(given, BatchingConfig(max_batch_size=1), executor=given_executor)
+        g.start()
+        await g.submit(2)
+        await g.stop()
+        return b, own_thread, own_thread_ended, given_executor, given.threads
+
+    b, own_thread, own_thread_ended, given_executor, given_threads = run(main())
+    assert own_thread.name.startswith("batch-m")
+    assert own_thread_ended  # stop() shut the batcher's own executor down (b is still referenced)
+    assert [t.name.split("_")[0] for t in given_threads] == ["given"]
+    try:
+        assert given_executor.submit(lambda: 7).result(2) == 7  # the owner's executor still works
+    finally:
+        given_executor.shutdown()
+
+
+def test_a_stopped_batcher_starts_again_with_an_empty_queue_and_a_fresh_executor():
+    async def main():
+        held = Held()
+        b = DynamicBatcher(held, BatchingConfig(max_batch_size=1, max_delay_s=0, max_queue_size=1), name="m")
+        b.start()
+        running = b.submit(0)
+        await held.entered()
+        queued = b.submit(1)
+        stopping = asyncio.ensure_future(b.stop(drain=False))
+        await asyncio.sleep(0)  # stop fails the queued item at once, then waits for the running one
+        queued_error = queued.exception()
+        depth = b.queue_depth
+        held.release.set()
+        await stopping
+        b.start()
+        again = await asyncio.gather(b.submit(2))  # the lane's bound of 1 is free again
+        await b.stop()
+        return running.result(), queued_error, depth, again, held.threads
+
+    running, queued_error, depth, again, threads = run(main())
+    assert running.value == 0 and [r.value for r in again] == [4]
+    assert isinstance(queued_error, Unavailable) and str(queued_error) == "m stopped before the request ran"
+    assert depth == 0
+    assert threads[0] is not threads[1]  # the first executor was shut down; start() made a new one
+
+
+def test_lifecycle_errors_and_names():
+    async def main():
+        b = DynamicBatcher(lambda xs: xs, BatchingConfig())
+        with pytest.raises(Unavailable, match="batcher is not accepting requests"):
+            b.submit(1)
+        await b.stop()  # never started: nothing to do
+        assert not b.running
+        b.start()
+        assert b.running
+        with pytest.raises(RuntimeError, match="batcher is already started"):
+            b.start()
+        names = {t.get_name() for t in asyncio.all_tasks()}
+        value = (await b.submit(5)).value
+        await b.stop()
+        assert not b.running
+        return names, value
+
+    names, value = run(main())
+    assert "batcher-batcher" in names and value == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"max_batch_size": 2.5}, "max_batch_size must be a positive integer, got 2.5"),
+        ({"max_queue_size": 1.5}, "max_queue_size must be a positive integer, got 1.5"),
+        ({"max_batch_pixels": 1.5}, "max_batch_pixels must be a positive integer or None, got 1.5"),
+        ({"max_batch_pixels": -1}, "max_batch_pixels must be a positive integer or None, got -1"),
+        ({"batch_holdoff_s": -0.5}, "batch_holdoff_s must be >= 0, got -0.5"),
+        ({"batch_max_wait_s": -1.0}, "batch_max_wait_s must be >= 0, got -1.0"),
+        ({"max_delay_s": -0.001}, "max_delay_s must be >= 0, got -0.001"),
+    ],
+)
+def test_config_errors_name_the_field_and_value(kwargs, message):
+    with pytest.raises(InvalidArgument, match=re.escape(message)):
+        BatchingConfig(**kwargs)
+
+
+def test_config_bounds_are_accepted_and_arguments_checked():
+    cfg = BatchingConfig(max_batch_size=1, max_delay_s=0, max_queue_size=1, max_batch_pixels=1,
+                         batch_holdoff_s=0, batch_max_wait_s=0)
+    assert (cfg.max_batch_pixels, cfg.max_queue_size) == (1, 1)
+    assert BatchingConfig(max_batch_size=2).enabled
+    with pytest.raises(InvalidArgument, match="config must be a BatchingConfig, got dict"):
+        DynamicBatcher(lambda xs: xs, {"max_batch_size": 2})  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="predict must be callable, got NoneType"):
+        DynamicBatcher(None, BatchingConfig())  # type: ignore[arg-type]
+
+
+def test_stop_drains_by_default():
+    async def main():
+        b = DynamicBatcher(lambda xs: xs, BatchingConfig(max_batch_size=8, max_delay_s=5.0))
+        b.start()
+        futures = [b.submit(i) for i in range(3)]  # a partial batch, waiting for company
+        await b.stop()
+        return [f.result().value for f in futures]
+
+    assert run(main()) == [0, 1, 2]
+
+
+def test_a_partial_batch_keeps_waiting_for_its_key_while_other_keys_arrive():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=4, max_delay_s=0.2), key=lambda s: s[0])
+        b.start()
+        first = b.submit("a1")
+        await asyncio.sleep(0.005)  # the worker waits for a1's batch to fill
+        other = b.submit("b1")  # wakes the worker: not a reason to flush a1 early
+        await asyncio.sleep(0.005)
+        late = b.submit("a2")
+        await asyncio.gather(first, other, late)
+        await b.stop()
+        return rec.batches
+
+    assert run(main()) == [["a1", "a2"], ["b1"]]
+
+
+def test_an_interactive_item_does_not_wait_for_a_batch_lane_group_to_fill():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=2, max_delay_s=0.5, batch_holdoff_s=0))
+        b.start()
+        job = b.submit(1, priority=Priority.BATCH)
+        await asyncio.sleep(0.005)  # the batch-lane item waits up to 0.5 s for company
+        interactive = await asyncio.gather(b.submit(2), b.submit(3))
+        await job
+        await b.stop()
+        return rec.batches, interactive
+
+    batches, interactive = run(main())
+    assert batches == [[2, 3], [1]]
+    assert all(r.queue_s < 0.25 for r in interactive), [r.queue_s for r in interactive]
+
+
+def test_a_group_cancelled_while_it_waits_for_company_does_not_stop_the_worker():
+    async def main():
+        b = DynamicBatcher(lambda xs: xs, BatchingConfig(max_batch_size=2, max_delay_s=5.0))
+        b.start()
+        lonely = b.submit(1)
+        await asyncio.sleep(0.005)  # the worker waits for the group to fill
+        lonely.cancel()
+        await asyncio.sleep(0.005)
+        results = await asyncio.gather(b.submit(2), b.submit(3))
+        await b.stop()
+        return [r.value for r in results], b.stats.dropped
+
+    assert run(main()) == ([2, 3], 1)

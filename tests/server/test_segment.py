@@ -160,6 +160,9 @@ def test_concurrent_clients_with_different_sizes_get_their_own_results(shared_se
     failures: list[str] = []
     results: dict[str, np.ndarray] = {}
     batch_sizes: list[int] = []
+    batchers = [shared_server.manager.resolve(name, None).batcher for name in ("tiny", "grey")]
+    batches_before = sum(b.stats.batches for b in batchers)
+    items_before = sum(b.stats.items for b in batchers)
 
     def worker(mine):
         with shared_server.client(timeout_s=60) as c:
@@ -181,7 +184,12 @@ def test_concurrent_clients_with_different_sizes_get_their_own_results(shared_se
     assert len(results) == len(jobs)
     for rid, model, image in jobs:
         assert_labels_match(results[rid], tiny if model == "tiny" else grey, image)
-    assert max(batch_sizes) >= 1
+    # Every batch of n items answered n requests that each report batch_size n, so the reported
+    # sizes must add up to the batches the two batchers ran (one item per request, none dropped).
+    assert sum(b.stats.items for b in batchers) - items_before == len(jobs)
+    assert all(1 <= size <= 8 and batch_sizes.count(size) % size == 0 for size in batch_sizes), sorted(batch_sizes)
+    assert sum(1 / size for size in batch_sizes) == pytest.approx(
+        sum(b.stats.batches for b in batchers) - batches_before)
 
 
 def test_model_info_rpcs(client):
