@@ -59,6 +59,14 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def _float32(value: float) -> bytes:
+    """Little-endian float32 bytes; doubles beyond float32's range become a signed infinity, as a cast does."""
+    try:
+        return struct.pack("<f", value)
+    except OverflowError:
+        return struct.pack("<f", math.copysign(math.inf, value))
+
+
 @st.composite
 def _wire_options(draw: st.DrawFn) -> pb.SegmentOptions:
     """Messages parsed from random wire records: unknown fields, out-of-range enums, repeated and nested fields."""
@@ -71,7 +79,7 @@ def _wire_options(draw: st.DrawFn) -> pb.SegmentOptions:
             inner = draw(st.binary(max_size=12))
             if field == 4 and draw(st.booleans()):  # a TilingOptions: tile_size (varint), overlap (fixed32)
                 inner = (b"\x08" + _varint(draw(st.integers(0, 2**64 - 1)))
-                         + b"\x15" + struct.pack("<f", draw(FLOATS)))
+                         + b"\x15" + _float32(draw(FLOATS)))
             payload = _varint(len(inner)) + inner
         else:
             payload = draw(st.binary(min_size=4 if wire == 5 else 8, max_size=4 if wire == 5 else 8))
