@@ -48,7 +48,7 @@ bench: install
 # using an OpenMP pool there (a forked pool spins until the CPU limit, a false "timeout" kill).
 MUTMUT_VERSION    := 3.8.1
 MUTATION_DIR      := build/mutation
-MUTATION_MODULES  ?= segsvc.inference.batcher segsvc.inference.codec segsvc.models.artifact training.metrics
+MUTATION_MODULES  ?= segsvc.inference.batcher segsvc.inference.codec segsvc.inference.containers segsvc.models.artifact training.metrics
 MUTATION_CHILDREN ?= 1
 
 mutation: install

@@ -621,18 +621,19 @@ def test_an_expired_item_is_counted_as_dropped_and_its_neighbours_run():
         loop = asyncio.get_running_loop()
         blocker = b.submit(0)
         await held.entered()
-        queued = [b.submit(1), b.submit(2, deadline=loop.time()), b.submit(3, deadline=loop.time() + 30)]
+        queued = [b.submit(1), b.submit(2, deadline=loop.time()), b.submit(3, deadline=loop.time() + 30),
+                  b.submit(4, deadline=loop.time())]
         held.release.set()
         outcomes = await asyncio.gather(blocker, *queued, return_exceptions=True)
         await b.stop()
         return held.batches, outcomes, b.stats
 
-    batches, (blocker, one, expired, three), stats = run(main())
+    batches, (blocker, one, expired, three, also_expired), stats = run(main())
     assert batches == [[0], [1, 3]]
-    assert isinstance(expired, DeadlineExceeded)
+    assert isinstance(expired, DeadlineExceeded) and isinstance(also_expired, DeadlineExceeded)
     assert re.fullmatch(r"deadline passed after 0\.\d{3} s in the batcher queue", str(expired)), str(expired)
     assert (one.value, one.batch_size, three.value) == (2, 2, 6)
-    assert (stats.batches, stats.items, stats.dropped) == (2, 3, 1)
+    assert (stats.batches, stats.items, stats.dropped) == (2, 3, 2)
 
 
 def test_the_own_executor_is_shut_down_on_stop_and_a_given_one_is_not():
@@ -736,8 +737,11 @@ def test_config_bounds_are_accepted_and_arguments_checked():
     assert BatchingConfig(max_batch_size=2).enabled
     with pytest.raises(InvalidArgument, match="config must be a BatchingConfig, got dict"):
         DynamicBatcher(lambda xs: xs, {"max_batch_size": 2})  # type: ignore[arg-type]
-    with pytest.raises(InvalidArgument, match="predict must be callable, got NoneType"):
-        DynamicBatcher(None, BatchingConfig())  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="predict must be callable, got int"):
+        DynamicBatcher(42, BatchingConfig())  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument) as info:
+        DynamicBatcher(lambda xs: xs, BatchingConfig(max_batch_pixels=100))
+    assert str(info.value) == "config.max_batch_pixels needs a pixels function"
 
 
 def test_stop_drains_by_default():
@@ -787,14 +791,14 @@ def test_an_interactive_item_does_not_wait_for_a_batch_lane_group_to_fill():
 
 def test_a_group_cancelled_while_it_waits_for_company_does_not_stop_the_worker():
     async def main():
-        b = DynamicBatcher(lambda xs: xs, BatchingConfig(max_batch_size=2, max_delay_s=5.0))
+        b = DynamicBatcher(lambda xs: xs, BatchingConfig(max_batch_size=2, max_delay_s=5.0), key=lambda s: s[0])
         b.start()
-        lonely = b.submit(1)
-        await asyncio.sleep(0.005)  # the worker waits for the group to fill
+        lonely = b.submit("a1")
+        await asyncio.sleep(0.005)  # the worker waits for group "a" to fill
         lonely.cancel()
         await asyncio.sleep(0.005)
-        results = await asyncio.gather(b.submit(2), b.submit(3))
+        results = await asyncio.gather(b.submit("b1"), b.submit("b2"))  # another group wakes the worker
         await b.stop()
         return [r.value for r in results], b.stats.dropped
 
-    assert run(main()) == ([2, 3], 1)
+    assert run(main()) == (["b1", "b2"], 1)
