@@ -373,19 +373,24 @@ def test_batch_items_wait_out_the_holdoff_after_an_interactive_batch():
     assert job.value == 4 and job.queue_s >= 0.25
 
 
+async def _interactive_load(b: DynamicBatcher, rec: Recorder) -> tuple[asyncio.Event, asyncio.Task]:
+    """A client sending interactive items back to back until the returned event is set."""
+    stop = asyncio.Event()
+
+    async def interactive_client() -> None:
+        while not stop.is_set():
+            await b.submit(1)
+
+    return stop, asyncio.get_running_loop().create_task(interactive_client())
+
+
 def test_batch_items_run_after_max_wait_even_under_continuous_interactive_load():
     async def main():
         rec = Recorder(delay_s=0.01)
         cfg = BatchingConfig(max_batch_size=1, max_delay_s=0, batch_holdoff_s=10.0, batch_max_wait_s=0.2)
         b = DynamicBatcher(rec, cfg)
         b.start()
-        stop = asyncio.Event()
-
-        async def interactive_client():
-            while not stop.is_set():
-                await b.submit(1)
-
-        client = asyncio.get_running_loop().create_task(interactive_client())
+        stop, client = await _interactive_load(b, rec)
         while not rec.batches:  # interactive traffic is flowing
             await asyncio.sleep(0.001)
         job = b.submit(7, priority=Priority.BATCH)
@@ -432,13 +437,7 @@ def test_under_continuous_interactive_load_the_batch_lane_gets_one_batch_per_max
         cfg = BatchingConfig(max_batch_size=1, max_delay_s=0, batch_holdoff_s=10.0, batch_max_wait_s=0.2)
         b = DynamicBatcher(rec, cfg)
         b.start()
-        stop = asyncio.Event()
-
-        async def interactive_client():
-            while not stop.is_set():
-                await b.submit(1)
-
-        client = asyncio.get_running_loop().create_task(interactive_client())
+        stop, client = await _interactive_load(b, rec)
         while not rec.batches:
             await asyncio.sleep(0.001)
         jobs = [b.submit(100 + i, priority=Priority.BATCH) for i in range(20)]
