@@ -2,7 +2,9 @@
 
 ``ModelSpec`` is embedded in every model artifact so the server can rebuild a
 model from the artifact alone. ``InputSpec`` says how raw pixels become the
-network's input; training and serving both read it from the artifact.
+network's input and ``InferenceSpec`` how the network is run (scale, padding,
+default tiling and TTA); training writes both into the artifact and serving and
+evaluation read them from it.
 """
 
 from __future__ import annotations
@@ -126,3 +128,90 @@ class InputSpec:
             return cls(int(data["channels"]), tuple(data["mean"]), tuple(data["std"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelConfigError(f"input spec must have channels, mean and std: {exc}") from None
+
+
+# Limits shared by the manifest's inference defaults and per-request options.
+MIN_TILE_SIZE = 16
+MAX_TILE_OVERLAP = 0.75  # tile stride >= a quarter tile: at most 16 passes per pixel
+MAX_INFERENCE_SCALE = 8.0
+INTERPOLATIONS = ("auto", "area", "linear")
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """How a model must be run to reproduce what its evaluation measured (the manifest's ``inference``).
+
+    The image is resized by ``scale`` before normalisation, padded to ``stride``
+    (and ``min_input_size``) at the bottom/right, run, cropped, and its logits are
+    resized back to the original size with bilinear interpolation. Tiles are cut
+    from the rescaled image, so ``tile_size`` is in network-input pixels.
+
+    Args:
+        scale: resize factor of the image before the network (0.5: CamVid recipes).
+        interpolation: how the image is resized: ``auto`` (area when shrinking,
+            linear when enlarging), ``area`` or ``linear``.
+        stride: pad H and W to a multiple of this; ``None`` (old manifests): the model's own.
+        min_input_size: pad H and W to at least this; ``None``: the model's own.
+        tile_size: default sliding-window tile side; 0: whole images.
+        tile_overlap: default fraction of a tile shared with its neighbour.
+        flip_tta: default horizontal-flip test-time augmentation.
+
+    Example:
+        >>> InferenceSpec(scale=0.5, stride=8).to_dict()["scale"]
+        0.5
+    """
+
+    scale: float = 1.0
+    interpolation: str = "auto"
+    stride: int | None = None
+    min_input_size: int | None = None
+    tile_size: int = 0
+    tile_overlap: float = 0.25
+    flip_tta: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            scale, overlap = float(self.scale), float(self.tile_overlap)
+        except (TypeError, ValueError):
+            raise ModelConfigError(
+                f"inference scale and tile_overlap must be numbers, got {self.scale!r} and {self.tile_overlap!r}"
+            ) from None
+        if not 0.0 < scale <= MAX_INFERENCE_SCALE:  # also false for NaN
+            raise ModelConfigError(f"inference scale must be in (0, {MAX_INFERENCE_SCALE}], got {self.scale!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ModelConfigError(
+                f"inference interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
+            )
+        for name in ("stride", "min_input_size"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ModelConfigError(f"inference {name} must be a positive integer or null, got {value!r}")
+        if not _is_int(self.tile_size) or (self.tile_size != 0 and self.tile_size < MIN_TILE_SIZE):
+            raise ModelConfigError(
+                f"inference tile_size must be 0 (no tiling) or an integer of at least {MIN_TILE_SIZE}, "
+                f"got {self.tile_size!r}"
+            )
+        if not 0.0 <= overlap <= MAX_TILE_OVERLAP:
+            raise ModelConfigError(
+                f"inference tile_overlap must be in [0, {MAX_TILE_OVERLAP}], got {self.tile_overlap!r}"
+            )
+        if not isinstance(self.flip_tta, bool):
+            raise ModelConfigError(f"inference flip_tta must be true or false, got {self.flip_tta!r}")
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "tile_overlap", overlap)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "InferenceSpec":
+        if not isinstance(data, Mapping):
+            raise ModelConfigError(f"inference spec must be a mapping, got {type(data).__name__}")
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ModelConfigError(f"inference spec has unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

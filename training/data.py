@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from segsvc.config import InputSpec
 from segsvc.data.transforms import preprocess
+from segsvc.inference.contract import resize_image
 
 
 def sample_seed(*parts: int) -> int:
@@ -94,7 +95,8 @@ class TrainSamples(Dataset):
 class EvalSamples(Dataset):
     """Un-augmented items for validation: the image (optionally resized) and the full-size mask.
 
-    With ``scale != 1`` the network sees a resized image; the evaluation loop
+    With ``scale != 1`` the network sees a resized image (resized exactly as the
+    server resizes it for a model published with that scale); the evaluation loop
     resizes the logits back, so metrics are always computed on the original labels.
     """
 
@@ -111,11 +113,7 @@ class EvalSamples(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.base.read(self.indices[i])
-        if self.scale != 1.0:
-            h, w = image.shape[:2]
-            size = (max(1, round(w * self.scale)), max(1, round(h * self.scale)))
-            interp = cv2.INTER_AREA if self.scale < 1 else cv2.INTER_LINEAR
-            image = cv2.resize(image, size, interpolation=interp)
+        image = resize_image(image, self.scale)  # the serving contract's resize (segsvc.inference.contract)
         return preprocess(image, self.input_spec), torch.from_numpy(np.asarray(mask, dtype=np.int64))
 
 

@@ -1,13 +1,16 @@
 """``segsvc eval``: measure a model artifact on a labelled dataset split.
 
-    segsvc eval --model runs/model_repository/camvid-unet/1 --data camvid --split val [--tile 256 256 --hflip]
+    segsvc eval --model runs/model_repository/camvid-unet/1 --data camvid --split val [--scale 1.0] [--tile 256 256]
 
-Predicts every image exactly as the server would (the artifact's own
-preprocessing, padding to the stride), optionally with sliding windows and
-horizontal-flip test-time augmentation, and counts one confusion matrix over
-the split with void pixels ignored. Prints a table, writes ``metrics.json``
-and ``report.png`` (per-class IoU bars and sample rows image | ground truth |
-prediction overlay).
+Predicts every image exactly as the server does: the manifest's inference
+contract (``segsvc.inference.contract``: input scale, normalisation, padding
+to the stride, default sliding windows and flip TTA, logits resized back to
+the image) through the serving engine's forward pass (same precision rules),
+and counts one confusion matrix over the split with void pixels ignored.
+``--scale``, ``--tile``, ``--overlap`` and ``--hflip`` override the manifest's
+defaults; the report says which were used and where they came from. Prints a
+table, writes ``metrics.json`` and ``report.png`` (per-class IoU bars and
+sample rows image | ground truth | prediction overlay).
 """
 
 from __future__ import annotations
@@ -16,20 +19,21 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from segsvc.config import InferenceSpec
 from segsvc.data.datasets import build_dataset
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.errors import InvalidArgument, NotFound
+from segsvc.inference.argmax import class_argmax
+from segsvc.inference.contract import apply_contract
+from segsvc.inference.engine import Engine, EngineConfig
 from segsvc.inference.predictor import Predictor
-from segsvc.inference.tiling import LogitsFn, make_logits_fn
 from segsvc.models.artifact import Manifest, load_artifact
 from training.data import select_indices
 from training.metrics import ConfusionMatrix, SegmentationMetrics, format_table
@@ -38,14 +42,20 @@ from training.report import plot_eval_report
 
 @dataclass(frozen=True)
 class EvalOptions:
-    """How to predict: inference scale, sliding-window tiles, flip TTA, device, and which samples."""
+    """How to predict: inference scale, sliding-window tiles, flip TTA, device, and which samples.
+
+    ``scale``, ``tile``, ``overlap`` and ``hflip`` left ``None`` take the model
+    manifest's inference contract, as the server does; ``tile=(0, 0)`` turns
+    tiling off. Tiles are square, as the server's ``tile_size`` is.
+    """
 
     split: str = "val"
-    scale: float = 1.0
+    scale: float | None = None
     tile: tuple[int, int] | None = None
-    overlap: float = 0.25
-    hflip: bool = False
+    overlap: float | None = None
+    hflip: bool | None = None
     device: str = "cpu"
+    precision: str = "auto"
     indices: tuple[int, int] | None = None
     limit: int | None = None
     samples_in_report: int = 3
@@ -59,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     options = EvalOptions(
         split=args.split, scale=args.scale, tile=tuple(args.tile) if args.tile else None, overlap=args.overlap,
-        hflip=args.hflip, device=device, indices=tuple(args.indices) if args.indices else None, limit=args.limit,
+        hflip=args.hflip, device=device, precision=args.precision,
+        indices=tuple(args.indices) if args.indices else None, limit=args.limit,
         samples_in_report=args.samples, progress=args.progress,
     )
     version_dir = resolve_model_dir(Path(args.model))
@@ -69,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_artifact(Predictor(model, manifest, device), data, options)
     table = format_table(result.metrics, list(manifest.class_names))
     print(f"{manifest.name} v{manifest.version} on {data.name}/{args.split} ({result.images} images, "
-          f"{result.seconds:.1f} s){describe_options(options)}\n{table}")
+          f"{result.seconds:.1f} s) {describe_contract(result.contract, options)}\n{table}")
     write_outputs(out_dir, manifest, data, options, result)
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.png'}")
     return 0
@@ -92,46 +103,64 @@ class EvalResult:
     images: int
     seconds: float
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    contract: InferenceSpec = InferenceSpec()  # what the images were run with
+
+
+def eval_contract(manifest: Manifest, options: EvalOptions) -> InferenceSpec:
+    """The manifest's inference contract with the options given explicitly (``None`` keeps the manifest's)."""
+    changes: dict[str, object] = {}
+    if options.scale is not None:
+        changes["scale"] = options.scale
+    if options.tile is not None:
+        if options.tile[0] != options.tile[1]:
+            raise InvalidArgument(f"tiles are square, as the server's tile_size is: use --tile {options.tile[0]} "
+                                  f"{options.tile[0]}, not {options.tile[0]} {options.tile[1]}")
+        changes["tile_size"] = int(options.tile[0])
+    if options.overlap is not None:
+        changes["tile_overlap"] = options.overlap
+    if options.hflip is not None:
+        changes["flip_tta"] = options.hflip
+    return replace(manifest.inference, **changes)
 
 
 def evaluate_artifact(predictor: Predictor, data: DatasetSpec, options: EvalOptions) -> EvalResult:
-    """Predict every selected image of the split and accumulate one confusion matrix."""
+    """Predict every selected image of the split as the server would and accumulate one confusion matrix.
+
+    The forward pass is the serving ``Engine``'s (device, autocast, memory format),
+    and each image goes through ``apply_contract``, so the label maps equal the
+    ones a server returns for the same images with the same options.
+    """
     manifest = predictor.manifest
     check_compatible(manifest, data)
+    contract = eval_contract(manifest, options)
+    engine = Engine(predictor, EngineConfig(device=str(predictor.device), precision=options.precision, warmup=False))
     dataset = build_dataset(data, options.split)
     indices = select_indices(len(dataset), options.indices, options.limit)
     if not indices:
         raise InvalidArgument(f"split {options.split!r} of {data.name!r} has no samples to evaluate")
     wanted = set(np.linspace(0, len(indices) - 1, options.samples_in_report).round().astype(int).tolist()) \
         if options.samples_in_report > 0 else set()
-    logits_fn = make_logits_fn(predictor.logits, options.tile, options.overlap, options.hflip)
     cm = ConfusionMatrix(manifest.spec.num_classes, data.ignore_index)
     samples = []
     t0 = time.perf_counter()
     for n, i in enumerate(tqdm(indices, desc=f"eval {data.name}/{options.split}", disable=not options.progress)):
         image, mask = dataset.read(i)
         mask = torch.from_numpy(np.asarray(mask, dtype=np.int64))
-        pred = predict_labels(predictor, logits_fn, image, options.scale, tuple(mask.shape))
+        if tuple(mask.shape) != tuple(image.shape[:2]):
+            raise InvalidArgument(f"sample {i} of {data.name}/{options.split}: mask {tuple(mask.shape)} and image "
+                                  f"{tuple(image.shape[:2])} differ in size (segsvc data check lists such files)")
+        pred = predict_labels(engine, contract, image)
         cm.update(mask, pred)
         if n in wanted:
             samples.append((image, mask.numpy(), pred.numpy()))
-    return EvalResult(cm.compute(), cm.mat.tolist(), len(indices), time.perf_counter() - t0, samples)
+    return EvalResult(cm.compute(), cm.mat.tolist(), len(indices), time.perf_counter() - t0, samples, contract)
 
 
-def predict_labels(
-    predictor: Predictor, logits_fn: LogitsFn, image: np.ndarray, scale: float, size: tuple[int, int]
-) -> torch.Tensor:
-    """The label map of one image at ``size``; logits are resized when the input was rescaled."""
-    if scale != 1.0:
-        h, w = image.shape[:2]
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp)
-    x = predictor.input_tensor(image).unsqueeze(0)
-    with torch.inference_mode():
-        logits = logits_fn(x)
-        if tuple(logits.shape[-2:]) != size:
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return logits.argmax(1)[0].cpu()
+def predict_labels(engine: Engine, contract: InferenceSpec, image: np.ndarray) -> torch.Tensor:
+    """The label map of one image at its own size, run as ``contract`` with the serving forward pass."""
+    p = engine.predictor
+    logits = apply_contract(engine.forward, image, p.manifest.input, contract, p.geometry)
+    return class_argmax(logits)[0].cpu()
 
 
 def check_compatible(manifest: Manifest, data: DatasetSpec) -> None:
@@ -145,15 +174,20 @@ def check_compatible(manifest: Manifest, data: DatasetSpec) -> None:
               f"{list(data.class_names)}", file=sys.stderr)
 
 
-def describe_options(options: EvalOptions) -> str:
-    parts = []
-    if options.scale != 1.0:
-        parts.append(f"scale {options.scale}")
-    if options.tile:
-        parts.append(f"tiles {options.tile[0]}x{options.tile[1]} overlap {options.overlap}")
-    if options.hflip:
-        parts.append("hflip TTA")
-    return f" [{', '.join(parts)}]" if parts else ""
+def contract_sources(options: EvalOptions) -> dict[str, str]:
+    """Where each setting came from: ``flag`` (given explicitly) or ``manifest``."""
+    given = {"scale": options.scale, "tile_size": options.tile, "tile_overlap": options.overlap,
+             "flip_tta": options.hflip}
+    return {k: "manifest" if v is None else "flag" for k, v in given.items()}
+
+
+def describe_contract(contract: InferenceSpec, options: EvalOptions) -> str:
+    """One line: the scale, tiling and TTA used, and whether each came from the manifest or a flag."""
+    src = contract_sources(options)
+    tiles = (f"tiles {contract.tile_size} overlap {contract.tile_overlap} ({src['tile_size']})"
+             if contract.tile_size else f"no tiling ({src['tile_size']})")
+    return (f"[scale {contract.scale} ({src['scale']}), {tiles}, "
+            f"flip TTA {'on' if contract.flip_tta else 'off'} ({src['flip_tta']})]")
 
 
 def write_outputs(
@@ -168,15 +202,20 @@ def write_outputs(
         "split": options.split,
         "images": result.images,
         "seconds": round(result.seconds, 2),
-        "options": {"scale": options.scale, "tile": list(options.tile) if options.tile else None,
-                    "overlap": options.overlap, "hflip": options.hflip, "device": options.device},
+        "options": {"scale": result.contract.scale,
+                    "tile": [result.contract.tile_size] * 2 if result.contract.tile_size else None,
+                    "overlap": result.contract.tile_overlap, "hflip": result.contract.flip_tta,
+                    "device": options.device, "precision": options.precision},
+        "inference": result.contract.to_dict(),
+        "inference_source": contract_sources(options),
         "ignore_index": data.ignore_index,
         "metrics": result.metrics.to_dict(names),
         "confusion_matrix": {"rows": "ground truth", "columns": "prediction", "classes": names,
                              "counts": result.confusion},
     }
     (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
-    title = (f"{manifest.name} v{manifest.version} on {data.name}/{options.split}: mIoU "
+    title = (f"{manifest.name} v{manifest.version} on {data.name}/{options.split} "
+             f"at scale {result.contract.scale}: mIoU "
              f"{100 * result.metrics.miou:.2f}, pixel acc {100 * result.metrics.pixel_accuracy:.2f}")
     plot_eval_report(out_dir / "report.png", title=title, class_names=names, iou=result.metrics.iou,
                      samples=result.samples, palette=manifest.palette, ignore_index=data.ignore_index)

@@ -17,17 +17,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch import nn
 
 from segsvc.config import ModelSpec
 from segsvc.data.spec import DatasetSpec
 from segsvc.errors import InvalidArgument
-from segsvc.models.artifact import save_artifact
+from segsvc.models.artifact import model_inference_spec, save_artifact
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
-from training.distributed import DistEnv, log
+from training.distributed import DistEnv, broadcast_from_main, log
 from training.metrics import SegmentationMetrics
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -45,10 +44,7 @@ def prepare_run(cfg: TrainConfig, resume: str | None, env: DistEnv) -> tuple[Pat
         warn_config_changes(state.get("config", {}), cfg.to_dict(), env)
     else:
         name = cfg.output.run_name or fresh_run_name(Path(cfg.output.runs_dir) / cfg.name)
-        if env.distributed:  # every rank must agree on rank 0's timestamp
-            holder = [name]
-            dist.broadcast_object_list(holder, src=0)
-            name = holder[0]
+        name = broadcast_from_main(env, name)  # every rank must agree on rank 0's timestamp
         run_dir = Path(cfg.output.runs_dir) / cfg.name / name
         if env.is_main:
             if (run_dir / CHECKPOINT).exists():
@@ -109,7 +105,12 @@ def publish(
     history: list[dict[str, Any]],
     elapsed_s: float,
 ) -> Path:
-    """Write the best validated weights as a model artifact carrying their metrics and class names."""
+    """Write the best validated weights as a model artifact carrying their metrics and class names.
+
+    The artifact's inference contract is how those metrics were measured: the
+    recipe's ``data.val_scale``, the model's stride and minimum input size, no
+    tiling or flip TTA, so the server reproduces the validation numbers.
+    """
     best_path = run_dir / BEST_WEIGHTS
     if best_path.exists():
         best = torch.load(best_path, map_location="cpu", weights_only=True)
@@ -133,6 +134,7 @@ def publish(
         model, cfg.output.repo, cfg.model_name, spec=spec, input_spec=data.input_spec(),
         class_names=list(data.class_names), palette=[tuple(c) for c in data.palette],
         ignore_index=data.ignore_index, training=training, metrics=metrics,
+        inference=model_inference_spec(model, scale=cfg.data.val_scale),
     )
     (run_dir / "artifact.txt").write_text(f"{artifact}\n")
     print(f"best epoch {best_epoch}: val mIoU {metrics.get('miou')}, pixel accuracy "

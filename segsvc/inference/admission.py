@@ -25,13 +25,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from segsvc.config import MAX_TILE_OVERLAP  # noqa: F401  (re-exported: the per-request limit)
 from segsvc.errors import DeadlineExceeded, ImageTooLarge, InvalidArgument
-from segsvc.inference.predictor import padded_size
+from segsvc.inference.contract import TILE_BATCH, padded_size, scaled_size
 from segsvc.inference.tiling import tile_starts
 
 MIB = 1 << 20
-TILE_BATCH = 4
-MAX_TILE_OVERLAP = 0.75  # tile stride >= a quarter tile: at most 16 passes per pixel
 
 
 @dataclass(frozen=True)
@@ -57,10 +56,20 @@ class Cost:
 
 
 def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, flip_tta: bool, stride: int,
-             min_size: int, num_classes: int, bytes_per_pixel: float, channels: int = 3) -> Cost:
-    """The ``Cost`` of one ``height x width`` image with these options on this model."""
+             min_size: int, num_classes: int, bytes_per_pixel: float, channels: int = 3,
+             scale: float = 1.0) -> Cost:
+    """The ``Cost`` of one ``height x width`` image with these options on this model.
+
+    With ``scale != 1`` the network sees the image resized (``scaled_size``): a
+    model run at 0.5 costs about a quarter of the pixels, plus the logits resized
+    back to the original size and the decoded original image.
+    """
     flips = 2 if flip_tta else 1
+    out_h, out_w = height, width
+    height, width = scaled_size(height, width, scale)
     image_bytes = height * width * (channels * 4 + 1)  # float32 input tensor + uint8 labels
+    if (height, width) != (out_h, out_w):  # logits resized back, the original image and its labels
+        image_bytes += out_h * out_w * (num_classes * 4 + channels + 1)
     if tile_size:
         th, tw = min(tile_size, height), min(tile_size, width)
         tiles = len(tile_starts(height, th, tile_overlap)) * len(tile_starts(width, tw, tile_overlap))

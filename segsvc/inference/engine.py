@@ -1,14 +1,17 @@
 """Batched, device-aware inference for one loaded model version (what the server's batcher runs).
 
 ``Predictor`` is the reference: one image in, its label map out. ``Engine``
-computes the same thing for batches of requests: ``prepare`` (on an I/O thread)
-turns an image into the shared preprocessing's tensor plus a batching key, and
-``run`` (on the batch thread) stacks same-key tensors, runs one forward pass
-and returns each request's label map, optional confidence and class counts.
-Plain requests are grouped by their *padded* size: each image is padded exactly
-as ``Predictor.logits`` pads it, so a label map from a batch equals the label
-map ``Predictor.predict`` gives for that image alone. Tiled and flip-TTA
-requests are grouped by their exact size and options.
+computes the same thing for batches of requests, applying the manifest's
+inference contract (``contract.py``) in two halves: ``prepare`` (on an I/O
+thread) resizes the image by the contract's scale and normalises it
+(``network_input``) and computes a batching key; ``run`` (on the batch thread)
+runs ``contract_logits`` over same-key tensors (pad, one forward pass, crop,
+logits resized back to each original size) and returns each request's label
+map, optional confidence and class counts. A request's tiling and flip TTA
+default to the manifest's (``InferenceOptions`` fields left ``None``). Plain
+requests are grouped by their *padded* size, so a label map from a batch
+equals the label map ``Predictor.predict`` gives for that image alone. Tiled
+and flip-TTA requests are grouped by their exact size and options.
 
 On CUDA the forward pass uses autocast (bf16 or fp16), channels-last memory,
 pinned host memory with non-blocking copies, and a warm-up pass at load. On CPU
@@ -26,15 +29,16 @@ from typing import Callable, Hashable
 import numpy as np
 import torch
 
+from segsvc.config import MIN_TILE_SIZE, InferenceSpec
 from segsvc.errors import InvalidArgument
-from segsvc.inference.admission import MAX_TILE_OVERLAP, TILE_BATCH, Cost, estimate
+from segsvc.inference.admission import MAX_TILE_OVERLAP, Cost, estimate
+from segsvc.inference.argmax import class_argmax
+from segsvc.inference.contract import contract_logits, with_overrides
 from segsvc.inference.predictor import Predictor, labels_dtype, pad_to_multiple, padded_size
-from segsvc.inference.tiling import make_logits_fn
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MIN_TILE_SIZE = 16
 
 
 # On top of the layer outputs counted below: kernel buffers. With outputs counted per tensor (an
@@ -114,10 +118,11 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    """Per-request inference options.
+    """Per-request inference options; ``None`` (unset) means the model manifest's default.
 
     Args:
-        tile_size: side of sliding-window tiles in pixels; 0 disables tiling.
+        tile_size: side of sliding-window tiles in pixels of the network's input
+            (after the manifest's scale); 0 disables tiling.
         tile_overlap: fraction of a tile shared with its neighbour, in [0, 0.75]
             (the tile stride is at least a quarter tile, bounding passes per pixel).
         flip_tta: average with the horizontally mirrored image's logits.
@@ -125,36 +130,51 @@ class InferenceOptions:
         class_counts: also return the number of pixels per class.
     """
 
-    tile_size: int = 0
-    tile_overlap: float = 0.25
-    flip_tta: bool = False
+    tile_size: int | None = None
+    tile_overlap: float | None = None
+    flip_tta: bool | None = None
     confidence: bool = False
     class_counts: bool = False
 
     def __post_init__(self) -> None:
-        if self.tile_size != 0 and self.tile_size < MIN_TILE_SIZE:
+        if self.tile_size is not None and self.tile_size != 0 and self.tile_size < MIN_TILE_SIZE:
             raise InvalidArgument(f"tile_size must be 0 (no tiling) or at least {MIN_TILE_SIZE}, got {self.tile_size}")
-        if not 0.0 <= self.tile_overlap <= MAX_TILE_OVERLAP:
+        if self.tile_overlap is not None and not 0.0 <= self.tile_overlap <= MAX_TILE_OVERLAP:
             raise InvalidArgument(f"tile_overlap must be a fraction in [0, {MAX_TILE_OVERLAP}], got {self.tile_overlap}")
+
+    def resolve(self, defaults: InferenceSpec) -> InferenceSpec:
+        """The contract this request runs: the manifest's, with this request's explicit choices."""
+        return with_overrides(defaults, tile_size=self.tile_size, tile_overlap=self.tile_overlap,
+                              flip_tta=self.flip_tta)
 
 
 @dataclass(frozen=True, eq=False)
 class Prepared:
-    """One prepared image: the normalised ``C x H x W`` tensor, its options, batching key and cost.
+    """One prepared image: the network's input tensor, its options and resolved contract, key and cost.
 
-    ``abandon`` is set by the caller that gave up (deadline, cancel); a tiled or
-    flipped batch whose callers all gave up stops between its passes.
+    ``tensor`` is ``C x H' x W'`` at the contract's scale; ``image_size`` is the
+    original ``(H, W)`` the label map comes back at. ``abandon`` is set by the
+    caller that gave up (deadline, cancel); a tiled or flipped batch whose
+    callers all gave up stops between its passes.
     """
 
     tensor: torch.Tensor
     options: InferenceOptions
     key: Hashable
     cost: Cost
+    spec: InferenceSpec = InferenceSpec()
+    image_size: tuple[int, int] | None = None
     abandon: threading.Event = field(default_factory=threading.Event)
 
     @property
     def size(self) -> tuple[int, int]:
+        """The network input's ``(H', W')`` (before padding)."""
         return int(self.tensor.shape[-2]), int(self.tensor.shape[-1])
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The label map's ``(H, W)``: the original image's."""
+        return self.image_size if self.image_size is not None else self.size
 
     @property
     def pixels(self) -> int:
@@ -200,13 +220,17 @@ class Engine:
             predictor.model.to(memory_format=torch.channels_last)
         self.bytes_per_pixel = 0.0  # set by measure_memory() at load
 
+    def resolve(self, options: InferenceOptions) -> InferenceSpec:
+        """The contract a request runs: the manifest's, with the request's explicit tiling/TTA."""
+        return options.resolve(self.predictor.inference)
+
     def cost(self, height: int, width: int, options: InferenceOptions) -> Cost:
-        """What segmenting a ``height x width`` image with ``options`` costs on this model."""
-        p = self.predictor
-        return estimate(height, width, tile_size=options.tile_size, tile_overlap=options.tile_overlap,
-                        flip_tta=options.flip_tta, stride=p.stride, min_size=p.min_size,
+        """What segmenting a ``height x width`` image with ``options`` costs on this model (at its scale)."""
+        p, spec = self.predictor, self.resolve(options)
+        return estimate(height, width, tile_size=spec.tile_size, tile_overlap=spec.tile_overlap,
+                        flip_tta=spec.flip_tta, stride=p.stride, min_size=p.min_size,
                         num_classes=self.num_classes, bytes_per_pixel=self.bytes_per_pixel,
-                        channels=p.manifest.input.channels)
+                        channels=p.manifest.input.channels, scale=spec.scale)
 
     @torch.inference_mode()
     def measure_memory(self, size: int = 128) -> float:
@@ -245,14 +269,16 @@ class Engine:
 
     # -- I/O thread --------------------------------------------------------------
     def prepare(self, image: np.ndarray, options: InferenceOptions) -> Prepared:
-        """Preprocess one uint8 image (the shared ``preprocess``) and compute its batching key."""
+        """Resize and normalise one uint8 image as the contract says, and compute its batching key."""
+        spec = self.resolve(options)
         tensor = self.predictor.input_tensor(image)
-        h, w = tensor.shape[-2:]
-        if options.tile_size or options.flip_tta:
-            key: Hashable = ("exact", h, w, options.tile_size, options.tile_overlap, options.flip_tta)
+        h, w = int(tensor.shape[-2]), int(tensor.shape[-1])
+        if spec.tile_size or spec.flip_tta:
+            key: Hashable = ("exact", h, w, spec.tile_size, spec.tile_overlap, spec.flip_tta)
         else:
             key = ("padded", *padded_size(h, w, self.predictor.stride, self.predictor.min_size))
-        return Prepared(tensor, options, key, self.cost(int(h), int(w), options))
+        height, width = int(image.shape[0]), int(image.shape[1])
+        return Prepared(tensor, options, key, self.cost(height, width, options), spec, (height, width))
 
     # -- batch thread ------------------------------------------------------------
     @torch.inference_mode()
@@ -277,32 +303,15 @@ class Engine:
         keys = {job.key for job in jobs}
         if len(keys) != 1:
             raise InvalidArgument(f"a batch must share one key, got {len(keys)} different keys")
-        first = jobs[0]
-        if first.key[0] == "padded":
-            ph, pw = first.key[1], first.key[2]
-            stride, min_size = self.predictor.stride, self.predictor.min_size
-            stacked = torch.stack([pad_to_multiple(j.tensor[None], stride, min_size)[0][0] for j in jobs])
-            if tuple(stacked.shape[-2:]) != (ph, pw):  # the key promised this size
-                raise RuntimeError(f"padded batch is {tuple(stacked.shape[-2:])}, key says {(ph, pw)}")
-            logits = self.forward(stacked)
-            crops = [logits[i : i + 1, :, : j.size[0], : j.size[1]] for i, j in enumerate(jobs)]
-        else:
-            opts = first.options
-            fn = make_logits_fn(
-                self.forward,
-                tile=(opts.tile_size, opts.tile_size) if opts.tile_size else None,
-                overlap=opts.tile_overlap,
-                hflip=opts.flip_tta,
-                tile_batch=TILE_BATCH,
-                should_stop=lambda: all(j.abandon.is_set() for j in jobs),
-            )
-            logits = fn(torch.stack([j.tensor for j in jobs]))
-            crops = [logits[i : i + 1] for i in range(len(jobs))]
-        return [self._output(c, j.options) for c, j in zip(crops, jobs)]
+        logits = contract_logits(
+            self.forward, [j.tensor for j in jobs], [j.output_size for j in jobs], jobs[0].spec,
+            self.predictor.geometry, should_stop=lambda: all(j.abandon.is_set() for j in jobs),
+        )
+        return [self._output(c, j.options) for c, j in zip(logits, jobs)]
 
     def _output(self, logits: torch.Tensor, options: InferenceOptions) -> Output:
         """Arg-max (and softmax/counts when asked) on the device; only small arrays come back."""
-        labels_t = logits.argmax(1)[0]
+        labels_t = class_argmax(logits)[0]
         if self.labels_dtype == np.uint8:
             labels = labels_t.to(torch.uint8).cpu().numpy()
         else:

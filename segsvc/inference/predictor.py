@@ -1,40 +1,30 @@
 """In-process prediction: any image size in, a label map of the same size out.
 
-Models need H and W divisible by their output stride; ``pad_to_multiple`` pads
-the bottom and right edges and the predictor crops the logits back, so callers
-pass images of any size.
+The predictor applies the manifest's inference contract (``contract.py``):
+the image is resized by the contract's scale, normalised, padded at the
+bottom/right to the stride and minimum size, run, cropped, and its logits are
+resized back, so callers pass images of any size and get their evaluated
+quality.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from segsvc.data.preprocess import preprocess
+from segsvc.config import InferenceSpec
+from segsvc.inference.argmax import class_argmax
+from segsvc.inference.contract import (  # noqa: F401  (pad_to_multiple, padded_size: re-exported)
+    Geometry,
+    apply_contract,
+    contract_logits,
+    model_geometry,
+    network_input,
+    pad_to_multiple,
+    padded_size,
+)
 from segsvc.models.artifact import Manifest
-
-
-def padded_size(h: int, w: int, multiple: int, min_size: int = 1) -> tuple[int, int]:
-    """The smallest (H, W) >= max(size, min_size) divisible by ``multiple``."""
-    ph = -(-max(h, min_size) // multiple) * multiple
-    pw = -(-max(w, min_size) // multiple) * multiple
-    return ph, pw
-
-
-def pad_to_multiple(
-    x: torch.Tensor, multiple: int, min_size: int = 1, value: float = 0.0
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad ``[N, C, H, W]`` at the bottom/right to a multiple; returns the padded tensor and (H, W).
-
-    Padding is zero in normalised space, i.e. the dataset's mean colour.
-    """
-    h, w = x.shape[-2:]
-    ph, pw = padded_size(h, w, multiple, min_size)
-    if (ph, pw) != (h, w):
-        x = F.pad(x, (0, pw - w, 0, ph - h), value=value)
-    return x, (h, w)
 
 
 def labels_dtype(num_classes: int) -> np.dtype:
@@ -46,8 +36,11 @@ class Predictor:
 
     Args:
         model: a network following the segsvc contract (has ``output_stride``).
-        manifest: the artifact's manifest (input normalisation, classes).
+        manifest: the artifact's manifest (input normalisation, inference contract, classes).
         device: where to run.
+
+    Raises:
+        ArtifactError: the manifest's stride or minimum size does not fit the model.
 
     Example:
         >>> model, manifest = load_artifact("repo/membrane/1")  # doctest: +SKIP
@@ -58,35 +51,48 @@ class Predictor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.manifest = manifest
-        self.stride = int(getattr(model, "output_stride", 1))
-        self.min_size = int(getattr(model, "min_input_size", 1))
+        self.stride, self.min_size = model_geometry(model, manifest.inference)
+        self.geometry = Geometry(self.stride, self.min_size)
 
     @property
     def num_classes(self) -> int:
         return self.manifest.spec.num_classes
 
+    @property
+    def inference(self) -> InferenceSpec:
+        """The manifest's inference contract (scale, padding, default tiling and TTA)."""
+        return self.manifest.inference
+
     def input_tensor(self, image: np.ndarray) -> torch.Tensor:
-        """The normalised ``C x H x W`` tensor of a uint8 image (the shared preprocessing)."""
-        return preprocess(image, self.manifest.input)
+        """The normalised ``C x H' x W'`` network input of a uint8 image (resized by the contract's scale)."""
+        return network_input(image, self.manifest.input, self.inference)
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, K, H, W]`` for a normalised batch of any H, W."""
+        """Logits ``[N, K, H, W]`` for a normalised batch of any H, W (the network's own scale)."""
         padded, (h, w) = pad_to_multiple(batch.to(self.device), self.stride, self.min_size)
         return self.model(padded)[:, :, :h, :w].float()
+
+    @torch.inference_mode()
+    def image_logits(self, image: np.ndarray, spec: InferenceSpec | None = None) -> torch.Tensor:
+        """Logits ``[1, K, H, W]`` of one uint8 image at its own size, run as ``spec`` (default: the manifest's)."""
+        return apply_contract(self.logits, image, self.manifest.input, spec or self.inference, self.geometry)
 
     def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Label maps for images of possibly different sizes (same-size images share a forward pass)."""
         out: list[np.ndarray | None] = [None] * len(images)
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}
         tensors = [self.input_tensor(im) for im in images]
+        spec = self.inference
         for i, t in enumerate(tensors):
             groups.setdefault(tuple(t.shape[-2:]), []).append(i)
         dtype = labels_dtype(self.num_classes)
-        for indices in groups.values():
-            labels = self.logits(torch.stack([tensors[i] for i in indices])).argmax(1).cpu().numpy()
-            for i, lab in zip(indices, labels):
-                out[i] = lab.astype(dtype)
+        with torch.inference_mode():
+            for indices in groups.values():
+                logits = contract_logits(self.logits, [tensors[i] for i in indices],
+                                         [images[i].shape[:2] for i in indices], spec, self.geometry)
+                for i, lab in zip(indices, logits):
+                    out[i] = class_argmax(lab)[0].cpu().numpy().astype(dtype)
         return out  # type: ignore[return-value]
 
     def predict(self, image: np.ndarray) -> np.ndarray:

@@ -173,7 +173,9 @@ class InferenceService:
         Args:
             source: the image (bytes, raw pixels or a file).
             model, version: which model; ``None`` for the only loaded model / the default version.
-            options: tiling, flip TTA, confidence, class counts.
+            options: tiling, flip TTA, confidence, class counts; tiling and flip TTA left
+                unset (``None``) take the model version's defaults from its manifest, which
+                also fixes the input scale (``segsvc.inference.contract``).
             deadline: event-loop time after which the caller no longer wants the result.
             priority: the batcher lane (batch jobs run below interactive calls).
             on_lease: called with the resolved ``(name, version, manifest)`` before any

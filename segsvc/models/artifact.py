@@ -2,9 +2,11 @@
 
 Weights are safetensors, so loading a model never executes code. The manifest
 carries everything needed to rebuild and use the model from the artifact alone:
-the architecture spec, classes, palette, ignore index, input normalisation,
-training summary and metrics. Versions are written to a temporary directory and
-renamed into place, and an existing version is never overwritten.
+the architecture spec, classes, palette, ignore index, input normalisation, the
+inference contract (input scale, padding, default tiling and TTA: how the model
+was evaluated, so serving reproduces it), training summary, metrics and
+lineage. Versions are written to a temporary directory and renamed into place,
+and an existing version is never overwritten.
 """
 
 from __future__ import annotations
@@ -25,21 +27,27 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import segsvc
-from segsvc.config import InputSpec, ModelSpec
+from segsvc.config import InferenceSpec, InputSpec, ModelSpec
 from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument, SegsvcError
 from segsvc.models.registry import build_model
 from segsvc.palette import Color, default_palette
 
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added "inference" and "lineage"; a version-1 manifest reads with their defaults
+READABLE_FORMATS = (1, 2)
 MAX_MANIFEST_BYTES = 1 << 20
 
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a model version is: ``manifest.json`` as a typed object."""
+    """What a model version is: ``manifest.json`` as a typed object.
+
+    ``inference`` is the contract serving and ``segsvc eval`` both apply
+    (``segsvc.inference.contract``); ``lineage`` says where the weights came from
+    (dataset hash, parent version, recipe, metrics) for retrained versions.
+    """
 
     name: str
     version: int
@@ -53,6 +61,8 @@ class Manifest:
     created_at: str = ""
     segsvc_version: str = segsvc.__version__
     weights_sha256: str = ""
+    inference: InferenceSpec = InferenceSpec()
+    lineage: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         k = self.spec.num_classes
@@ -72,11 +82,13 @@ class Manifest:
             "version": self.version,
             "model": self.spec.to_dict(),
             "input": self.input.to_dict(),
+            "inference": self.inference.to_dict(),
             "class_names": list(self.class_names),
             "palette": [list(c) for c in self.palette],
             "ignore_index": self.ignore_index,
             "training": dict(self.training),
             "metrics": dict(self.metrics),
+            "lineage": dict(self.lineage),
             "created_at": self.created_at,
             "segsvc_version": self.segsvc_version,
             "weights_sha256": self.weights_sha256,
@@ -86,9 +98,10 @@ class Manifest:
     def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
         if not isinstance(data, Mapping):
             raise ArtifactError("manifest must be a JSON object")
-        if data.get("format_version") != FORMAT_VERSION:
+        if data.get("format_version") not in READABLE_FORMATS:
             raise ArtifactError(
-                f"manifest format_version {data.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+                f"manifest format_version {data.get('format_version')!r} is not supported "
+                f"(expected one of {list(READABLE_FORMATS)})"
             )
         missing = [k for k in ("name", "version", "model", "input", "class_names", "palette") if k not in data]
         if missing:
@@ -100,11 +113,13 @@ class Manifest:
                 version=int(data["version"]),
                 spec=ModelSpec.from_dict(data["model"]),
                 input=InputSpec.from_dict(data["input"]),
+                inference=InferenceSpec.from_dict(data.get("inference") or {}),
                 class_names=tuple(str(n) for n in data["class_names"]),
                 palette=palette,
                 ignore_index=None if data.get("ignore_index") is None else int(data["ignore_index"]),
                 training=dict(data.get("training") or {}),
                 metrics=dict(data.get("metrics") or {}),
+                lineage=dict(data.get("lineage") or {}),
                 created_at=str(data.get("created_at", "")),
                 segsvc_version=str(data.get("segsvc_version", "")),
                 weights_sha256=str(data.get("weights_sha256", "")),
@@ -113,6 +128,12 @@ class Manifest:
             raise
         except (SegsvcError, TypeError, ValueError) as exc:
             raise ArtifactError(f"manifest is invalid: {exc}") from None
+
+
+def model_inference_spec(model: nn.Module, **overrides: Any) -> InferenceSpec:
+    """An ``InferenceSpec`` with the model's own stride and minimum input size (plus ``overrides``)."""
+    return InferenceSpec(stride=int(getattr(model, "output_stride", 1)),
+                         min_input_size=int(getattr(model, "min_input_size", 1)), **overrides)
 
 
 def _color(value: Any) -> Color:
@@ -156,8 +177,14 @@ def save_artifact(
     training: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     version: int | None = None,
+    inference: InferenceSpec | None = None,
+    lineage: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a new model version atomically and return its directory.
+
+    ``inference`` is how the model was evaluated (scale, stride, tiling, TTA);
+    ``None`` records the defaults (full resolution, no tiling or TTA) with the
+    model's own stride and minimum input size.
 
     Example:
         >>> spec = ModelSpec("unet", num_classes=2, in_channels=1, params={"base_channels": 4, "depth": 2})
@@ -187,6 +214,8 @@ def save_artifact(
             ignore_index=ignore_index,
             training=dict(training or {}),
             metrics=dict(metrics or {}),
+            inference=inference or model_inference_spec(model),
+            lineage=dict(lineage or {}),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             weights_sha256=_sha256(tmp / WEIGHTS_FILE),
         )

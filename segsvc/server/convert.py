@@ -36,7 +36,6 @@ ENCODINGS = {
     pb.OUTPUT_ENCODING_OVERLAY_PNG: "overlay_png",
 }
 DEFAULT_OVERLAY_ALPHA = 0.5
-DEFAULT_TILE_OVERLAP = 0.25
 
 
 @dataclass(frozen=True)
@@ -62,18 +61,20 @@ def options_from_proto(msg: pb.SegmentOptions) -> tuple[InferenceOptions, Output
     alpha = float(msg.overlay_alpha) or DEFAULT_OVERLAY_ALPHA
     if not (math.isfinite(alpha) and 0.0 < alpha <= 1.0):
         raise InvalidArgument(f"options.overlay_alpha must be in (0, 1], got {msg.overlay_alpha}")
-    tile_size, overlap = 0, DEFAULT_TILE_OVERLAP
+    # unset tiling, overlap or flip_tta: None, i.e. the model manifest's default (InferenceOptions.resolve)
+    tile_size: int | None = None
+    overlap: float | None = None
     if msg.HasField("tiling"):
         tile_size = int(msg.tiling.tile_size)
         if msg.tiling.HasField("overlap"):
             overlap = float(msg.tiling.overlap)
-        if not math.isfinite(overlap):
-            raise InvalidArgument(f"options.tiling.overlap must be a fraction in [0, 1), got {overlap}")
+            if not math.isfinite(overlap):
+                raise InvalidArgument(f"options.tiling.overlap must be a fraction in [0, 1), got {overlap}")
     try:
         options = InferenceOptions(
             tile_size=tile_size,
             tile_overlap=overlap,
-            flip_tta=bool(msg.flip_tta),
+            flip_tta=bool(msg.flip_tta) if msg.HasField("flip_tta") else None,
             confidence=bool(msg.return_confidence),
             class_counts=bool(msg.return_class_counts),
         )

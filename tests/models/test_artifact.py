@@ -159,16 +159,19 @@ def test_manifest_file_holds_every_field(saved) -> None:
     created_at = data.pop("created_at")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", created_at)  # UTC, whole seconds
     assert data == {
-        "format_version": 1,
+        "format_version": 2,
         "name": "membrane",
         "version": 1,
         "model": {"arch": "unet", "num_classes": 3, "in_channels": 1, "params": {"base_channels": 4, "depth": 2}},
         "input": {"channels": 1, "mean": [0.5], "std": [0.2]},
+        "inference": {"scale": 1.0, "interpolation": "auto", "stride": 4, "min_input_size": 1,
+                      "tile_size": 0, "tile_overlap": 0.25, "flip_tta": False},  # the model's own stride
         "class_names": ["membrane", "cell", "other"],
         "palette": [[0, 0, 0], [128, 0, 0], [0, 128, 0]],  # the default (Pascal VOC) colours
         "ignore_index": 255,
         "training": {},
         "metrics": {"miou": 0.5},
+        "lineage": {},
         "segsvc_version": segsvc.__version__,
         "weights_sha256": hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest(),
     }
@@ -234,7 +237,7 @@ def test_each_required_manifest_field_is_named_when_missing(saved, field) -> Non
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda m: m.pop("format_version"), "manifest format_version None is not supported (expected 1)"),
+        (lambda m: m.pop("format_version"), "manifest format_version None is not supported (expected one of [1, 2])"),
         (lambda m: m["input"].update(channels=3, mean=[0.5] * 3, std=[0.2] * 3),
          "manifest input has 3 channels but the model takes 1"),
         (lambda m: m["input"].pop("std"), "manifest is invalid: input spec must have channels, mean and std"),
@@ -271,10 +274,10 @@ def test_manifest_that_is_not_an_object_is_reported(saved) -> None:
 
 def test_unsupported_format_version_is_named(saved) -> None:
     _, path = saved
-    _edit_manifest(path, lambda m: m.update(format_version=2))
+    _edit_manifest(path, lambda m: m.update(format_version=3))
     with pytest.raises(ArtifactError) as info:
         read_manifest(path)
-    assert str(info.value) == "manifest format_version 2 is not supported (expected 1)"
+    assert str(info.value) == "manifest format_version 3 is not supported (expected one of [1, 2])"
 
 
 def test_unreadable_missing_and_oversized_manifests_are_reported(saved, tmp_path) -> None:

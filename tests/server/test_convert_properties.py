@@ -102,13 +102,15 @@ def _check_options(msg: pb.SegmentOptions) -> None:
     assert fmt.encoding in convert.ENCODINGS and fmt.encoding == msg.encoding
     assert math.isfinite(fmt.overlay_alpha) and 0.0 < fmt.overlay_alpha <= 1.0
     assert fmt.overlay_alpha == (msg.overlay_alpha or convert.DEFAULT_OVERLAY_ALPHA)
-    assert options.tile_size == 0 or options.tile_size >= MIN_TILE_SIZE
-    assert options.tile_size == (msg.tiling.tile_size if msg.HasField("tiling") else 0)
-    assert math.isfinite(options.tile_overlap) and 0.0 <= options.tile_overlap <= MAX_TILE_OVERLAP
+    # unset tiling, overlap and flip_tta stay None: the model manifest's default
+    assert options.tile_size is None or options.tile_size == 0 or options.tile_size >= MIN_TILE_SIZE
+    assert options.tile_size == (msg.tiling.tile_size if msg.HasField("tiling") else None)
     overlap_set = msg.HasField("tiling") and msg.tiling.HasField("overlap")
-    assert options.tile_overlap == (msg.tiling.overlap if overlap_set else convert.DEFAULT_TILE_OVERLAP)
-    assert (options.flip_tta, options.confidence, options.class_counts) == (
-        msg.flip_tta, msg.return_confidence, msg.return_class_counts)
+    if overlap_set:
+        assert math.isfinite(options.tile_overlap) and 0.0 <= options.tile_overlap <= MAX_TILE_OVERLAP
+    assert options.tile_overlap == (msg.tiling.overlap if overlap_set else None)
+    assert options.flip_tta == (msg.flip_tta if msg.HasField("flip_tta") else None)
+    assert (options.confidence, options.class_counts) == (msg.return_confidence, msg.return_class_counts)
 
 
 @PROPERTY
@@ -126,7 +128,10 @@ def test_options_from_arbitrary_wire_bytes_are_valid_or_invalid_argument(msg):
 def test_options_edge_values():
     """The values the properties must meet at least once, pinned."""
     ok = convert.options_from_proto(pb.SegmentOptions(overlay_alpha=1.0, tiling=pb.TilingOptions(tile_size=16)))
-    assert ok[0].tile_size == 16 and ok[0].tile_overlap == convert.DEFAULT_TILE_OVERLAP and ok[1].overlay_alpha == 1.0
+    assert ok[0].tile_size == 16 and ok[0].tile_overlap is None and ok[1].overlay_alpha == 1.0  # the model's overlap
+    assert convert.options_from_proto(pb.SegmentOptions(flip_tta=False))[0].flip_tta is False  # explicit: overrides
+    off = convert.options_from_proto(pb.SegmentOptions(tiling=pb.TilingOptions(tile_size=0)))[0]
+    assert off.tile_size == 0 and off.flip_tta is None  # tiling explicitly off, TTA the model's default
     options, fmt = convert.options_from_proto(pb.SegmentOptions(tiling=pb.TilingOptions(tile_size=32, overlap=0.0)))
     assert options.tile_overlap == 0.0  # an explicit 0 is not "unset"
     assert fmt.overlay_alpha == convert.DEFAULT_OVERLAY_ALPHA  # 0 (unset) means the default opacity
@@ -194,3 +199,17 @@ def test_image_sources_load_an_image_or_invalid_image(request, max_pixels):
 def test_a_request_without_an_image_is_invalid():
     with pytest.raises(InvalidImage, match="the request has no image"):
         convert.image_source(pb.SegmentRequest(model="m"))
+
+
+def test_client_requests_leave_unset_options_to_the_model_and_send_explicit_ones():
+    """What the client sends is what the server resolves: unset -> the manifest's default, 0/False -> off."""
+    from segsvc.client import SegmentationClient
+
+    def options(**kwargs) -> InferenceOptions:
+        return convert.options_from_proto(SegmentationClient.build_request(b"png", **kwargs).options)[0]
+
+    assert options() == InferenceOptions()  # tiling, overlap and flip TTA: the model's defaults
+    off = options(tile_size=0, flip_tta=False)
+    assert (off.tile_size, off.tile_overlap, off.flip_tta) == (0, None, False)
+    on = options(tile_size=64, tile_overlap=0.5, flip_tta=True)
+    assert (on.tile_size, on.tile_overlap, on.flip_tta) == (64, 0.5, True)

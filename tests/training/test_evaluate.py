@@ -58,3 +58,25 @@ def test_eval_accepts_a_model_directory_and_rejects_a_wrong_dataset(artifact, ti
     assert segsvc_main(["eval", "--model", str(artifact), "--data", "synthetic", "--no-progress"]) == 2
     assert "predicts 3 classes" in capsys.readouterr().err
     assert segsvc_main(["eval", "--model", str(tmp_path), "--data", "synthetic"]) == 2
+
+
+def test_eval_scale_defaults_to_the_manifests_and_the_report_says_which_was_used(artifact, tiny_spec, tmp_path, capsys):
+    assert read_manifest(artifact).inference.scale == 1.0  # the recipe's data.val_scale
+    default = run_eval(artifact, tiny_spec, tmp_path / "default", "--limit", "2", "--samples", "0")
+    assert default["options"]["scale"] == 1.0 and default["inference"]["scale"] == 1.0
+    assert default["inference_source"] == {"scale": "manifest", "tile_size": "manifest", "tile_overlap": "manifest",
+                                           "flip_tta": "manifest"}
+    assert "[scale 1.0 (manifest), no tiling (manifest), flip TTA off (manifest)]" in capsys.readouterr().out
+    half = run_eval(artifact, tiny_spec, tmp_path / "flag", "--limit", "2", "--samples", "0", "--scale", "0.5",
+                    "--no-hflip")
+    assert half["options"]["scale"] == 0.5 and half["inference_source"]["scale"] == "flag"
+    assert "[scale 0.5 (flag), no tiling (manifest), flip TTA off (flag)]" in capsys.readouterr().out
+    assert half["metrics"]["pixels"] == 2 * 48 * 48
+
+
+def test_eval_refuses_tiles_the_server_cannot_run(artifact, tiny_spec, tmp_path, capsys):
+    args = ["eval", "--model", str(artifact), "--data", str(tiny_spec), "--no-progress", "--out", str(tmp_path)]
+    assert segsvc_main([*args, "--tile", "32", "48"]) == 2
+    assert "tiles are square, as the server's tile_size is: use --tile 32 32" in capsys.readouterr().err
+    assert segsvc_main([*args, "--tile", "32", "32", "--overlap", "0.9"]) == 2
+    assert "tile_overlap must be in [0, 0.75]" in capsys.readouterr().err
