@@ -1,17 +1,23 @@
 """Trainer checkpoints: everything needed to continue a run exactly where it stopped.
 
 A checkpoint holds the model, optimiser, LR scheduler and AMP scaler states,
-the epoch counter, the best validation score so far, the metrics history and
-the Python, NumPy and torch (CPU and CUDA) RNG states. Checkpoints are private
-to the trainer (``torch.save``); they are loaded with ``weights_only=True``, so
-every value in them is a tensor or a plain container. The *served* model is a
-separate safetensors artifact written by ``segsvc.models.artifact.save_artifact``.
+the loop's ``RunState`` (epochs done, best validation score, the metrics
+history, training time) and the Python, NumPy and torch (CPU and CUDA) RNG
+states. Checkpoints are private to the trainer (``torch.save``); they are
+loaded with ``weights_only=True``, so every value in them is a tensor or a
+plain container (``RunState`` is stored as its fields, never pickled as an
+object). A checkpoint is written to a temporary file and renamed over the old
+one, so a run killed at any moment (even ``kill -9``) resumes from the last
+complete checkpoint. The *served* model is a separate safetensors artifact
+written by ``segsvc.models.artifact.save_artifact``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,56 @@ from segsvc.errors import SegsvcError
 
 class CheckpointError(SegsvcError):
     """A checkpoint is missing, unreadable or does not match the run."""
+
+
+@dataclass
+class RunState:
+    """Where the training loop stands; what a checkpoint restores besides the tensors.
+
+    Args:
+        epoch: epochs finished (the next epoch to run, 0-based).
+        best_score: best validation mIoU so far (-1 before the first validation).
+        epochs_since_best: validations since the best one (early stopping).
+        history: one metrics row per finished epoch (``metrics.jsonl``).
+        elapsed_s: training and validation time so far, summed over resumptions.
+
+    Example:
+        >>> RunState.from_dict(RunState(epoch=2, best_score=0.5).to_dict()).epoch
+        2
+    """
+
+    epoch: int = 0
+    best_score: float = -1.0
+    epochs_since_best: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def best_miou(self) -> float | None:
+        return self.best_score if self.best_score >= 0 else None
+
+    def record_validation(self, miou: float) -> bool:
+        """Count a validation; True when it is the best so far."""
+        improved = miou > self.best_score
+        self.best_score, self.epochs_since_best = (miou, 0) if improved else (self.best_score, self.epochs_since_best + 1)
+        return improved
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> "RunState":
+        """The fields of a checkpoint (other keys, such as the tensors, are ignored)."""
+        try:
+            return cls(
+                epoch=int(state["epoch"]),
+                best_score=float(state["best_score"]),
+                epochs_since_best=int(state["epochs_since_best"]),
+                history=[dict(row) for row in state["history"]],
+                elapsed_s=float(state["elapsed_s"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint lacks a valid run state: {exc!r}") from None
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -61,31 +117,29 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
-    epoch: int,
-    best_score: float,
-    epochs_since_best: int,
-    history: list[dict[str, Any]],
+    run: RunState,
     config: dict[str, Any],
-    elapsed_s: float,
 ) -> None:
-    """Atomically write the state after ``epoch`` epochs (``epoch`` = number of finished epochs)."""
+    """Atomically write the state after ``run.epoch`` finished epochs: a temporary file, synced, renamed."""
     state = {
+        **run.to_dict(),
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "best_score": best_score,
-        "epochs_since_best": epochs_since_best,
-        "history": history,
         "config": config,
-        "elapsed_s": elapsed_s,
         "rng": capture_rng_state(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind when the write was interrupted
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -105,8 +159,9 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
-) -> None:
-    """Load a checkpoint's states into freshly built objects and restore the RNGs."""
+) -> RunState:
+    """Load a checkpoint's states into freshly built objects, restore the RNGs, return the loop's state."""
+    run = RunState.from_dict(state)
     try:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -115,3 +170,4 @@ def restore_training_state(
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     restore_rng_state(state["rng"])
+    return run

@@ -1,42 +1,80 @@
 """The trainer's configuration: frozen dataclasses filled once from a YAML recipe plus ``--set`` overrides.
 
-A recipe is a YAML mapping whose sections mirror the dataclasses below. Every
-key is checked: an unknown key is an error naming its dotted path, and a value
-of the wrong type is an error naming the key and the expected type. Overrides
-use dotted keys and YAML values (``--set train.epochs=3 --set
-model.params.base_channels=16``). Named ``profiles`` in a recipe (``gpu``) are
-sets of such overrides, applied before the command line's.
+A recipe is a YAML mapping whose sections mirror the dataclasses below. They
+are pydantic dataclasses, so every key is checked when a recipe is built: an
+unknown key is an error naming its dotted path (``train.epocs: unknown key``),
+and a value of the wrong type names the key and the expected type
+(``data.crop: expected 2 integers, got [64]``). Overrides use dotted keys and
+YAML values (``--set train.epochs=3 --set model.params.base_channels=16``).
+Named ``profiles`` in a recipe (``gpu``) are sets of such overrides, applied
+before the command line's.
 """
 
 from __future__ import annotations
 
-import collections.abc
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, Union
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
 import yaml
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, PlainSerializer, Strict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
-from segsvc.config import _frozen_mapping
 from segsvc.errors import InvalidArgument
+from segsvc.validation import explain, fixed_length, one_of
 
 
 class ConfigError(InvalidArgument):
     """A recipe or override is malformed; the message names the offending key."""
 
 
-@dataclass(frozen=True)
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string: accept numeric strings, refuse booleans."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+    return value
+
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_number)]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+FrozenMapping = Annotated[
+    Mapping[str, Any],
+    AfterValidator(lambda value: MappingProxyType(dict(value))),
+    PlainSerializer(lambda value: dict(value)),
+]
+_SECTION = ConfigDict(extra="forbid")
+
+
+IntPair = fixed_length(tuple[Int, Int], 2, "integers")
+FloatPair = fixed_length(tuple[Float, Float], 2, "numbers")
+ClassWeights = one_of(
+    Union[Literal["median_frequency"], tuple[Float, ...], None], "'median_frequency', null or a list of numbers"
+)
+
+
+@dataclass(frozen=True, config=_SECTION)
 class ModelConfig:
-    """Which architecture to train; classes and channels come from the dataset spec."""
+    """Which architecture to train; classes and channels come from the dataset spec.
 
-    arch: str
-    params: Mapping[str, Any] = field(default_factory=dict)
+    ``init_from`` fine-tunes: a model artifact version directory (``<repo>/<name>/<version>``)
+    of the same ``arch`` and ``params`` whose weights start the run; its classifier
+    head is kept only when the dataset has the artifact's classes (``training.finetune``).
+    """
+
+    arch: Str
+    params: FrozenMapping = field(default_factory=dict)
+    init_from: Str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class DataConfig:
     """Where the images come from and how training batches are augmented.
 
@@ -51,30 +89,30 @@ class DataConfig:
     ``repeat`` lists the training samples that many times per epoch (small data sets).
     """
 
-    spec: str
-    train_split: str = "train"
-    val_split: str = "val"
-    preset: str = "street"
-    crop: tuple[int, int] | None = None
-    scale: tuple[float, float] = (1.0, 1.0)
-    val_scale: float = 1.0
-    train_indices: tuple[int, int] | None = None
-    val_indices: tuple[int, int] | None = None
-    train_limit: int | None = None
-    val_limit: int | None = None
-    repeat: int = 1
-    workers: int = 0
+    spec: Str
+    train_split: Str = "train"
+    val_split: Str = "val"
+    preset: Str = "street"
+    crop: IntPair | None = None
+    scale: FloatPair = (1.0, 1.0)
+    val_scale: Float = 1.0
+    train_indices: IntPair | None = None
+    val_indices: IntPair | None = None
+    train_limit: Int | None = None
+    val_limit: Int | None = None
+    repeat: Int = 1
+    workers: Int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class LossTerm:
     """One weighted term of the loss: ``ce``, ``dice``, ``focal`` or ``lovasz``."""
 
     name: Literal["ce", "dice", "focal", "lovasz"]
-    weight: float = 1.0
+    weight: Float = 1.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class LossConfig:
     """A weighted sum of loss terms; class weights apply to cross-entropy (and focal).
 
@@ -83,21 +121,21 @@ class LossConfig:
     """
 
     terms: tuple[LossTerm, ...] = (LossTerm("ce"),)
-    class_weights: Union[Literal["median_frequency"], tuple[float, ...], None] = None
-    focal_gamma: float = 2.0
-    label_smoothing: float = 0.0
+    class_weights: ClassWeights = None
+    focal_gamma: Float = 2.0
+    label_smoothing: Float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class OptimConfig:
     name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    nesterov: bool = False
+    lr: Float = 1e-3
+    weight_decay: Float = 1e-4
+    momentum: Float = 0.9
+    nesterov: Bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class ScheduleConfig:
     """Learning-rate schedule per optimiser step: linear warm-up, then poly or cosine decay.
 
@@ -111,51 +149,51 @@ class ScheduleConfig:
 
     name: Literal["poly", "cosine", "constant"] = "poly"
     horizon: Literal["epochs", "time"] = "epochs"
-    warmup_epochs: float = 0.0
-    warmup_factor: float = 0.001
-    power: float = 0.9
-    min_lr_ratio: float = 0.0
+    warmup_epochs: Float = 0.0
+    warmup_factor: Float = 0.001
+    power: Float = 0.9
+    min_lr_ratio: Float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class LoopConfig:
     """The training loop. ``max_time_min`` is a wall-clock budget: training stops
     after the epoch that exceeds it (the schedule is not shortened).
     ``early_stopping_patience`` counts validations without a new best mIoU."""
 
-    epochs: int = 10
-    batch_size: int = 8
-    val_batch_size: int = 4
-    accumulate_steps: int = 1
-    seed: int = 0
-    max_time_min: float | None = None
+    epochs: Int = 10
+    batch_size: Int = 8
+    val_batch_size: Int = 4
+    accumulate_steps: Int = 1
+    seed: Int = 0
+    max_time_min: Float | None = None
     amp: Literal["none", "bf16", "fp16"] = "none"
-    channels_last: bool = False
-    early_stopping_patience: int | None = None
-    val_every_epochs: int = 1
-    deterministic: bool = False
-    threads: int | None = None
-    device: str = "auto"
-    grad_clip_norm: float | None = None
-    progress: bool = True
+    channels_last: Bool = False
+    early_stopping_patience: Int | None = None
+    val_every_epochs: Int = 1
+    deterministic: Bool = False
+    threads: Int | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    grad_clip_norm: Float | None = None
+    progress: Bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class OutputConfig:
     """Where a run writes: ``<runs_dir>/<recipe>/<run_name or timestamp>/`` and the artifact repository."""
 
-    runs_dir: str = "runs"
-    run_name: str | None = None
-    repo: str = "runs/model_repository"
-    model_name: str | None = None
-    samples_in_report: int = 3
+    runs_dir: Str = "runs"
+    run_name: Str | None = None
+    repo: Str = "runs/model_repository"
+    model_name: Str | None = None
+    samples_in_report: Int = 3
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_SECTION)
 class TrainConfig:
     """A whole recipe. ``name`` names the recipe and, unless overridden, the served model."""
 
-    name: str
+    name: Str
     model: ModelConfig
     data: DataConfig
     loss: LossConfig = LossConfig()
@@ -163,11 +201,11 @@ class TrainConfig:
     schedule: ScheduleConfig = ScheduleConfig()
     train: LoopConfig = LoopConfig()
     output: OutputConfig = OutputConfig()
-    profiles: Mapping[str, Any] = field(default_factory=dict)
+    profiles: FrozenMapping = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON data; ``build_dataclass(TrainConfig, cfg.to_dict())`` gives ``cfg`` back."""
-        return _plain(self)
+        return TypeAdapter(TrainConfig).dump_python(self, mode="json")
 
     @property
     def model_name(self) -> str:
@@ -175,100 +213,15 @@ class TrainConfig:
 
 
 # -- building dataclasses from plain data, checking every key ---------------------
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and return it in that type (tuples, mappings)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        for option in args:
-            try:
-                return _convert(value, option, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: {value!r} is not a valid {' | '.join(_type_name(a) for a in args)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return build_dataclass(tp, value, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {list(value)!r}")
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin in (Mapping, dict, collections.abc.Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _frozen_mapping(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this module
-
-
 def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build the frozen dataclass ``cls`` from a mapping, rejecting unknown and missing keys."""
-    where = prefix or "recipe"
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        name = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"unknown config key {name!r}; valid keys here: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required config key {key!r}")
-    return cls(**kwargs)
+    """Build the config dataclass ``cls`` from plain data; ``ConfigError`` names every bad key."""
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as exc:
+        lines = explain(exc, cls)
+        if prefix:
+            lines = [f"{prefix}.{line}" for line in lines]
+        raise ConfigError("; ".join(lines)) from None
 
 
 # -- overrides ---------------------------------------------------------------------

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from segsvc.errors import InvalidArgument
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,11 @@ def log(env: DistEnv, message: str) -> None:
     if env.is_main:
         tqdm.write(message, file=sys.stderr)
 
+
+def broadcast_from_main(env: DistEnv, value: T) -> T:
+    """Rank 0's ``value`` on every rank (decisions that depend on a clock or a timestamp are made once)."""
+    if not env.distributed:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -11,11 +11,10 @@ import math
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from training.config import OptimConfig, ScheduleConfig, TrainConfig
-from training.distributed import DistEnv
+from training.distributed import DistEnv, broadcast_from_main
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -79,9 +78,5 @@ def planned_epochs(cfg: TrainConfig, history: list[dict[str, Any]], elapsed_s: f
         return loop.epochs
     per_epoch_s = elapsed_s / len(history)
     planned = min(loop.epochs, max(len(history), int(60 * loop.max_time_min / per_epoch_s)))
-    if env.distributed:
-        holder = [planned]
-        dist.broadcast_object_list(holder, src=0)
-        planned = holder[0]
-    return planned
+    return broadcast_from_main(env, planned)
 

@@ -4,11 +4,13 @@
     torchrun --nproc_per_node=2 -m training --config training/recipes/synthetic-quick.yaml
 
 Reads top-down like torchvision's ``references/segmentation/train.py``: the
-argument parser, ``main(cfg)``, ``train_one_epoch`` and ``evaluate``. A run
-writes ``runs/<recipe>/<run>/`` (config, ``metrics.jsonl``, the training curve,
-checkpoints) and finally a safetensors artifact into the model repository.
-Under ``torchrun`` it trains with DistributedDataParallel (NCCL on GPU, gloo
-on CPU); only rank 0 writes files.
+argument parser, ``main(cfg)`` (build the objects, then the epoch loop),
+``train_one_epoch`` and ``evaluate``. A run writes ``runs/<recipe>/<run>/``
+(config, ``metrics.jsonl``, ``events.jsonl``, the training curve, checkpoints)
+and finally a safetensors artifact into the model repository. Under
+``torchrun`` it trains with DistributedDataParallel (NCCL on GPU, gloo on CPU);
+only rank 0 writes files. SIGTERM stops a run cleanly: the last checkpoint
+stays valid, ``events.jsonl`` ends with ``terminated`` and the exit status is 143.
 """
 
 from __future__ import annotations
@@ -26,29 +28,34 @@ import albumentations as A
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
-from segsvc.config import ModelSpec
+from segsvc.config import InferenceSpec, ModelSpec
 from segsvc.data.datasets import build_dataset
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.data.transforms import train_transform
 from segsvc.errors import InvalidArgument
-from segsvc.inference.predictor import pad_to_multiple
+from segsvc.inference.argmax import class_argmax
+from segsvc.inference.contract import Geometry, contract_logits
+from segsvc.models.artifact import read_manifest
 from segsvc.models.registry import build_model
-from training.checkpoint import restore_training_state, save_checkpoint, unwrap
+from training.args import add_train_arguments
+from training.checkpoint import RunState, restore_training_state, save_checkpoint, unwrap
 from training.config import LoopConfig, TrainConfig, load_config
 from training.data import EvalSamples, TrainSamples, rescale_transform, sample_seed, select_indices, stack_batch
-from training.distributed import DistEnv, log, setup_distributed
+from training.distributed import DistEnv, broadcast_from_main, log, setup_distributed
+from training.events import EVENTS_FILE, EventLog, Terminated, sigterm_raises
+from training.finetune import describe_init, init_from_artifact
 from training.losses import build_loss, class_pixel_counts, median_frequency_weights
 from training.metrics import ConfusionMatrix, SegmentationMetrics
 from training.report import plot_training_curve
 from training.rundir import CHECKPOINT, append_metrics, prepare_run, publish, save_best, write_metrics_file
-from training.args import add_train_arguments
 from training.schedule import Horizon, build_optimizer, build_scheduler, planned_epochs
+
+EXIT_TERMINATED = 128 + 15  # the shell's status for a process ended by SIGTERM
 
 
 def get_args_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -57,103 +64,106 @@ def get_args_parser(parser: argparse.ArgumentParser | None = None) -> argparse.A
 
 
 def main(cfg: TrainConfig, resume: str | None = None) -> Path | None:
-    """Train as the recipe says; returns the artifact directory on rank 0 (None on other ranks)."""
+    """Train as the recipe says; returns the artifact directory on rank 0 (None on other ranks).
+
+    Every way out of a started run ends ``events.jsonl`` with an ``end`` line.
+    """
     env = setup_distributed(cfg.train.device)
     try:
-        return _main(cfg, resume, env)
+        with sigterm_raises():
+            run_dir, checkpoint = prepare_run(cfg, resume, env)
+            with EventLog(run_dir / EVENTS_FILE if env.is_main else None) as events:
+                artifact, reason = _main(cfg, env, run_dir, checkpoint, events)
+                events.end("completed", reason)
+                return artifact
     finally:
         if env.distributed:
             dist.destroy_process_group()
 
 
-def _main(cfg: TrainConfig, resume: str | None, env: DistEnv) -> Path | None:
+def _main(
+    cfg: TrainConfig, env: DistEnv, run_dir: Path, checkpoint: dict[str, Any] | None, events: EventLog
+) -> tuple[Path | None, str]:
+    """Build the data, model and optimiser, run the epochs, publish; returns the artifact and why it stopped."""
     loop = cfg.train
     setup_determinism(loop, env)
-    data = load_dataset_spec(cfg.data.spec)
-    if not data.class_names:
-        raise InvalidArgument(f"dataset {data.name!r} names no classes: add a dataset.yaml with 'classes'")
+    data = load_training_data(cfg)
     spec = ModelSpec(cfg.model.arch, data.num_classes, data.channels, dict(cfg.model.params))
     model = build_model(spec)
+    init_report = initialise_weights(cfg, model, spec, data, resuming=checkpoint is not None, env=env)
     stride = int(getattr(model, "output_stride", 1))
     train_set, val_set = build_datasets(cfg, data, stride)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, env)
 
-    use_cuda = env.device.type == "cuda"
-    memory_format = torch.channels_last if (loop.channels_last and use_cuda) else torch.contiguous_format
-    model = model.to(env.device, memory_format=memory_format)
-    if env.distributed:
-        model = DistributedDataParallel(model, device_ids=[env.device.index] if use_cuda else None)
-
+    amp_dtype, memory_format = precision(loop, env)
+    model = place_model(model, env, memory_format)
     class_weights = resolve_class_weights(cfg, data, train_set, env)
     criterion = build_loss(cfg.loss, data.num_classes, data.ignore_index, class_weights).to(env.device)
     optimizer = build_optimizer(cfg.optim, unwrap(model))
     steps_per_epoch = math.ceil(len(train_loader) / loop.accumulate_steps)
     horizon = Horizon(total_steps=steps_per_epoch * loop.epochs)
     scheduler = build_scheduler(cfg.schedule, optimizer, steps_per_epoch, horizon)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(loop.amp) if use_cuda else None
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype is torch.float16)
 
-    run_dir, state = prepare_run(cfg, resume, env)
-    start_epoch, best_score, since_best, history, elapsed_s = 0, -1.0, 0, [], 0.0
-    if state is not None:
-        restore_training_state(state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        start_epoch, best_score, since_best = state["epoch"], state["best_score"], state["epochs_since_best"]
-        history, elapsed_s = list(state["history"]), float(state["elapsed_s"])
-        log(env, f"resumed from {run_dir / CHECKPOINT} after epoch {start_epoch}")
+    run = RunState()
+    if checkpoint is not None:
+        run = restore_training_state(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        log(env, f"resumed from {run_dir / CHECKPOINT} after epoch {run.epoch}")
     if env.is_main:
-        write_metrics_file(run_dir, history)
+        write_metrics_file(run_dir, run.history)
     log(env, describe_run(cfg, model, data, train_set, val_set, env, run_dir, amp_dtype, memory_format))
+    events.emit("start", run_dir=str(run_dir), epochs=loop.epochs, steps_per_epoch=steps_per_epoch,
+                train_samples=len(train_set), val_samples=len(val_set), start_epoch=run.epoch,
+                recipe=cfg.name, arch=cfg.model.arch, classes=list(data.class_names), device=str(env.device),
+                world_size=env.world_size, init_from=init_report)
 
-    for epoch in range(start_epoch, loop.epochs):
-        planned = planned_epochs(cfg, history, elapsed_s, env)
+    reason = ""
+    for epoch in range(run.epoch, loop.epochs):
+        planned = planned_epochs(cfg, run.history, run.elapsed_s, env)
         if epoch >= planned:
-            log(env, f"stopping before epoch {epoch + 1}: the time budget fits {planned} epochs")
+            reason = f"the time budget fits {planned} epochs"
+            log(env, f"stopping before epoch {epoch + 1}: {reason}")
             break
         horizon.set(planned * steps_per_epoch, scheduler)
         t0 = time.perf_counter()
-        torch.manual_seed(sample_seed(loop.seed, epoch, env.rank, 1))  # dropout etc.: exact on resume
-        train_set.set_epoch(epoch)
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        else:
-            train_loader.generator.manual_seed(sample_seed(loop.seed, epoch, 2))
-        stats = train_one_epoch(
-            model, criterion, optimizer, scheduler, scaler, train_loader, env, epoch, loop, amp_dtype, memory_format
-        )
+        seed_epoch(loop, epoch, env, train_set, train_loader)
+        stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, env, epoch, loop,
+                                amp_dtype, memory_format, events=events)
         row: dict[str, Any] = {"epoch": epoch + 1, **stats}
-        validate_now = (epoch + 1) % loop.val_every_epochs == 0 or epoch + 1 == planned
-        if not validate_now and cfg.schedule.horizon == "time":  # will the budget end the run after this epoch?
-            so_far = elapsed_s + time.perf_counter() - t0
-            validate_now = epoch + 1 >= planned_epochs(cfg, [*history, row], so_far, env)
-        if validate_now:
+        if should_validate(cfg, run, row, planned, time.perf_counter() - t0, env):
             metrics = evaluate(unwrap(model), val_loader, env, data.num_classes, data.ignore_index, stride,
                                amp_dtype, loop.progress)
-            row.update(val_miou=metrics.miou, val_pixel_accuracy=metrics.pixel_accuracy,
-                       val_mean_class_accuracy=metrics.mean_class_accuracy, val_mean_dice=metrics.mean_dice,
-                       val_iou=metrics.iou)
-            improved = metrics.miou > best_score
-            best_score, since_best = (metrics.miou, 0) if improved else (best_score, since_best + 1)
-            if improved and env.is_main:
+            row.update(validation_row(metrics))
+            if run.record_validation(metrics.miou) and env.is_main:
                 save_best(run_dir, unwrap(model), epoch + 1, metrics, data.class_names)
-        elapsed_s += time.perf_counter() - t0
-        row["elapsed_s"] = round(elapsed_s, 2)
-        history.append(row)
+        run.epoch = epoch + 1
+        run.elapsed_s += time.perf_counter() - t0
+        row["elapsed_s"] = round(run.elapsed_s, 2)
+        run.history.append(row)
+        events.emit("epoch", **epoch_event(row, planned, run))
         if env.is_main:
             save_checkpoint(run_dir / CHECKPOINT, model=model, optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, epoch=epoch + 1, best_score=best_score, epochs_since_best=since_best,
-                            history=history, config=cfg.to_dict(), elapsed_s=elapsed_s)
+                            scaler=scaler, run=run, config=cfg.to_dict())
+            events.emit("checkpoint", epoch=run.epoch, path=str(run_dir / CHECKPOINT))
             append_metrics(run_dir, row)
-            plot_training_curve(history, run_dir / "training_curve.png", title=cfg.name)
+            plot_training_curve(run.history, run_dir / "training_curve.png", title=cfg.name)
         log(env, epoch_line(row, planned))
-        if stop_reason := should_stop(loop, since_best, elapsed_s, env):
-            log(env, f"stopping after epoch {epoch + 1}: {stop_reason}")
+        if stop_reason := should_stop(loop, run.epochs_since_best, run.elapsed_s, env):
+            reason = stop_reason
+            log(env, f"stopping after epoch {epoch + 1}: {reason}")
             break
         if epoch + 1 >= planned:  # the LR has decayed to its end: a later, longer estimate must not restart it
+            reason = f"the time budget fits {planned} epochs" if planned < loop.epochs else ""
             break
+    reason = reason or f"trained {run.epoch} of {loop.epochs} epochs"
 
     if not env.is_main:
-        return None
-    return publish(cfg, spec, data, run_dir, unwrap(model), history, elapsed_s)
+        return None, reason
+    artifact = publish(cfg, spec, data, run_dir, unwrap(model), run.history, run.elapsed_s)
+    manifest = read_manifest(artifact)
+    events.emit("published", path=str(artifact), name=manifest.name, version=manifest.version,
+                metrics=dict(manifest.metrics))
+    return artifact, reason
 
 
 # -- one epoch ----------------------------------------------------------------------
@@ -169,10 +179,16 @@ def train_one_epoch(
     loop: LoopConfig,
     amp_dtype: torch.dtype | None,
     memory_format: torch.memory_format,
+    events: EventLog | None = None,
 ) -> dict[str, Any]:
-    """One pass over the training data with gradient accumulation; returns rank-averaged statistics."""
+    """One pass over the training data with gradient accumulation; returns rank-averaged statistics.
+
+    ``events`` gets a ``step`` line every few seconds and after the last step
+    (this rank's running loss; computed only when a line is due).
+    """
     model.train()
     n_batches, accumulate = len(loader), loop.accumulate_steps
+    steps_per_epoch = math.ceil(n_batches / accumulate)
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
     term_sums: dict[str, torch.Tensor] = {}
     images_seen = 0
@@ -204,6 +220,10 @@ def train_one_epoch(
         for name, value in getattr(criterion, "last_terms", {}).items():
             term_sums[name] = term_sums.get(name, 0.0) + value
         images_seen += images.shape[0]
+        if events is not None and step_now and (i + 1 == n_batches or events.step_due()):
+            events.step(epoch=epoch + 1, step=scheduler.last_epoch, steps_per_epoch=steps_per_epoch,
+                        loss=(loss_sum / (i + 1)).item(), lr=optimizer.param_groups[0]["lr"],
+                        images_per_s=images_seen * env.world_size / max(time.perf_counter() - t0, 1e-9))
         if not bar.disable and (i % 10 == 0 or i + 1 == n_batches):
             mean_loss = (loss_sum / (i + 1)).item()
             check_finite(mean_loss, epoch, i)
@@ -242,26 +262,67 @@ def evaluate(
 ) -> SegmentationMetrics:
     """Confusion-matrix metrics on the validation shard of this rank, summed over all ranks.
 
-    Images are padded to the model's stride and the logits cropped back; when
-    the loader resized the images, the logits are resized to the label size, so
-    metrics always count the original labels.
+    The loader already resized the images as the inference contract says
+    (``EvalSamples`` at ``data.val_scale``); ``contract_logits``, the function the
+    server and ``segsvc eval`` use, pads them, runs the model, crops and resizes
+    the logits to the label size, so metrics always count the original labels.
     """
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index)
+    geometry = Geometry(stride, int(getattr(model, "min_input_size", 1)))
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return model(batch)
+
     for images, masks in tqdm(loader, desc="validate", unit="batch", leave=False,
                               disable=not (env.is_main and progress) or len(loader) < 4):
         images = images.to(env.device, non_blocking=True)
-        padded, (h, w) = pad_to_multiple(images, stride)
-        with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(padded)[:, :, :h, :w].float()
-        if logits.shape[-2:] != masks.shape[-2:]:
-            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        cm.update(masks, logits.argmax(1).cpu())
+        sizes = [tuple(masks.shape[-2:])] * len(images)
+        logits = torch.cat(contract_logits(forward, list(images), sizes, InferenceSpec(), geometry))
+        cm.update(masks, class_argmax(logits).cpu())
     cm.all_reduce()
     return cm.compute()
 
 
 # -- building blocks ----------------------------------------------------------------
+
+
+def load_training_data(cfg: TrainConfig) -> DatasetSpec:
+    data = load_dataset_spec(cfg.data.spec)
+    if not data.class_names:
+        raise InvalidArgument(f"dataset {data.name!r} names no classes: add a dataset.yaml with 'classes'")
+    return data
+
+
+def initialise_weights(
+    cfg: TrainConfig, model: nn.Module, spec: ModelSpec, data: DatasetSpec, resuming: bool, env: DistEnv
+) -> dict[str, Any] | None:
+    """Fine-tuning: load ``model.init_from`` (not when resuming: the checkpoint has newer weights)."""
+    if cfg.model.init_from is None:
+        return None
+    if resuming:
+        log(env, f"resuming: the checkpoint's weights take the place of model.init_from={cfg.model.init_from}")
+        return None
+    report = init_from_artifact(model, spec, data.class_names, cfg.model.init_from)
+    log(env, describe_init(report))
+    return report
+
+
+def precision(loop: LoopConfig, env: DistEnv) -> tuple[torch.dtype | None, torch.memory_format]:
+    """The autocast dtype (None: full precision) and memory format; both only take effect on CUDA."""
+    use_cuda = env.device.type == "cuda"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(loop.amp) if use_cuda else None
+    memory_format = torch.channels_last if (loop.channels_last and use_cuda) else torch.contiguous_format
+    return amp_dtype, memory_format
+
+
+def place_model(model: nn.Module, env: DistEnv, memory_format: torch.memory_format) -> nn.Module:
+    """The model on this rank's device, wrapped in DistributedDataParallel under torchrun."""
+    model = model.to(env.device, memory_format=memory_format)
+    if env.distributed:
+        model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model
 
 
 def setup_determinism(loop: LoopConfig, env: DistEnv) -> None:
@@ -345,6 +406,49 @@ def resolve_class_weights(
     return torch.tensor(option, dtype=torch.float32)
 
 
+# -- per epoch --------------------------------------------------------------------------
+
+
+def seed_epoch(loop: LoopConfig, epoch: int, env: DistEnv, train_set: TrainSamples, loader: DataLoader) -> None:
+    """Seeds that depend only on (seed, epoch, rank), so a resumed run draws what an uninterrupted one would."""
+    torch.manual_seed(sample_seed(loop.seed, epoch, env.rank, 1))  # dropout etc.
+    train_set.set_epoch(epoch)
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.generator.manual_seed(sample_seed(loop.seed, epoch, 2))
+
+
+def should_validate(
+    cfg: TrainConfig, run: RunState, row: dict[str, Any], planned: int, epoch_s: float, env: DistEnv
+) -> bool:
+    """Every ``val_every_epochs``, and always after the run's last epoch (so the artifact has metrics)."""
+    done = row["epoch"]
+    if done % cfg.train.val_every_epochs == 0 or done == planned:
+        return True
+    if cfg.schedule.horizon != "time":
+        return False
+    # will the time budget end the run after this epoch?
+    return done >= planned_epochs(cfg, [*run.history, row], run.elapsed_s + epoch_s, env)
+
+
+def validation_row(metrics: SegmentationMetrics) -> dict[str, Any]:
+    return {"val_miou": metrics.miou, "val_pixel_accuracy": metrics.pixel_accuracy,
+            "val_mean_class_accuracy": metrics.mean_class_accuracy, "val_mean_dice": metrics.mean_dice,
+            "val_iou": metrics.iou}
+
+
+def epoch_event(row: dict[str, Any], planned: int, run: RunState) -> dict[str, Any]:
+    """The ``epoch`` line of ``events.jsonl``; the ETA assumes the remaining epochs take the mean time so far."""
+    per_epoch_s = run.elapsed_s / len(run.history)
+    return {
+        "epoch": row["epoch"], "epochs": planned, "train_loss": row["train_loss"], "lr": row["lr"],
+        "images_per_s": row["images_per_s"], "val_miou": row.get("val_miou"), "best_miou": run.best_miou,
+        "elapsed_s": round(run.elapsed_s, 2), "eta_s": round(max(0, planned - run.epoch) * per_epoch_s, 2),
+        "epoch_time_s": row["epoch_time_s"],
+    }
+
+
 # -- logging and stopping -------------------------------------------------------------
 
 
@@ -384,17 +488,17 @@ def should_stop(loop: LoopConfig, since_best: int, elapsed_s: float, env: DistEn
         reason = f"no better validation mIoU for {since_best} validations (early stopping)"
     elif loop.max_time_min is not None and elapsed_s >= 60 * loop.max_time_min:
         reason = f"time budget of {loop.max_time_min} min used ({elapsed_s / 60:.1f} min)"
-    if env.distributed:
-        holder = [reason]
-        dist.broadcast_object_list(holder, src=0)
-        reason = holder[0]
-    return reason or None
+    return broadcast_from_main(env, reason) or None
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point shared by ``segsvc train`` and ``python -m training``."""
     cfg = load_config(args.config, args.overrides, args.profile)
-    main(cfg, resume=args.resume)
+    try:
+        main(cfg, resume=args.resume)
+    except Terminated:
+        print("training: terminated by SIGTERM; continue with --resume RUN_DIR", file=sys.stderr)
+        return EXIT_TERMINATED
     return 0
 
 

@@ -36,14 +36,16 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Annotated, Any, Mapping, Optional
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError
 
 from segsvc.config import InputSpec
 from segsvc.data.io import MASK_ENCODINGS
 from segsvc.palette import default_palette
 from segsvc.errors import DatasetError, NotFound
+from segsvc.validation import explain, fixed_length
 
 FORMATS = ("folder", "camvid", "membrane", "voc", "synthetic")
 UNKNOWN_LABEL_POLICIES = ("error", "ignore")
@@ -51,10 +53,6 @@ DATASETS_ENV = "SEGSVC_DATASETS"
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 FOLDER_SPEC_NAMES = ("dataset.yaml", "dataset.yml")
 _DATASETS_TOKEN = "${datasets}"
-_SPEC_KEYS = {
-    "name", "format", "root", "channels", "classes", "palette", "ignore_index", "ignore_color",
-    "label_map", "unknown_labels", "mean", "std", "splits", "options",
-}  # fmt: skip
 
 
 def repo_root() -> Path:
@@ -114,39 +112,6 @@ def _split_defaults(fmt: str, split: str, index: int) -> dict[str, Any]:
     if fmt == "synthetic":
         return {"count": 256, "seed": index}
     return {"images": "images", "masks": "masks"}
-
-
-def _parse_split(fmt: str, name: str, index: int, data: Any, where: str) -> SplitSpec:
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise DatasetError(f"{where}: split {name!r} must be a mapping, got {type(data).__name__}")
-    unknown = set(data) - {"images", "masks", "list", "ids", "count", "seed"}
-    if unknown:
-        raise DatasetError(f"{where}: split {name!r} has unknown keys {sorted(unknown)}")
-    merged = {**_split_defaults(fmt, name, index), **data}
-    ids = merged.get("ids")
-    if ids is not None and (isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple))):
-        raise DatasetError(f"{where}: split {name!r} ids must be a list, got {ids!r}")
-    for key in ("count", "seed"):
-        if merged.get(key) is not None and not isinstance(merged[key], int):
-            raise DatasetError(f"{where}: split {name!r} {key} must be an integer, got {merged[key]!r}")
-    return SplitSpec(
-        images=merged.get("images"),
-        masks=merged.get("masks"),
-        list=merged.get("list"),
-        ids=tuple(str(i) for i in ids) if ids is not None else None,
-        count=merged.get("count"),
-        seed=merged.get("seed"),
-    )
-
-
-def _colour(value: Any, where: str) -> tuple[int, int, int]:
-    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(isinstance(v, int) for v in value):
-        raise DatasetError(f"{where}: colours are [r, g, b] integer triples, got {value!r}")
-    if not all(0 <= v <= 255 for v in value):
-        raise DatasetError(f"{where}: colour values must be in 0..255, got {value!r}")
-    return (value[0], value[1], value[2])
 
 
 @dataclass(frozen=True)
@@ -275,55 +240,97 @@ def resolve_root(root: str, base: Path) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
+# -- the YAML schema: structure and types here, meaning in DatasetSpec.__post_init__ --------
+def _int_or_str(value: Any) -> Any:
+    """Sample ids may be written as numbers (``ids: [0, 1]``); they are file stems."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _colour_range(value: Any) -> Any:
+    if isinstance(value, (list, tuple)) and not all(isinstance(v, int) and 0 <= v <= 255 for v in value):
+        raise ValueError(f"colours are [r, g, b] integers in 0..255, got {list(value)!r}")
+    return value
+
+
+_Int = Annotated[int, Strict()]
+_Str = Annotated[str, Strict()]
+_Colour = Annotated[fixed_length(tuple[_Int, _Int, _Int], 3, "integers (r, g, b)"), BeforeValidator(_colour_range)]
+_SampleId = Annotated[_Str, BeforeValidator(_int_or_str)]
+
+
+class _SplitFile(BaseModel):
+    """One entry of ``splits:``; keys left out take the format's defaults (``_split_defaults``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: Optional[_Str] = None
+    masks: Optional[_Str] = None
+    list: Optional[_Str] = None
+    ids: Optional[tuple[_SampleId, ...]] = None
+    count: Optional[_Int] = None
+    seed: Optional[_Int] = None
+
+    def resolve(self, fmt: str, split: str, index: int) -> SplitSpec:
+        given = self.model_dump(exclude_unset=True)
+        return SplitSpec(**{**_split_defaults(fmt, split, index), **given})
+
+
+class _SpecFile(BaseModel):
+    """A dataset YAML as written; ``null`` means "the default" wherever a key is optional."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Optional[_Str] = None
+    format: _Str = "folder"
+    root: Optional[_Str] = None
+    channels: _Int = 3
+    classes: Optional[tuple[_Str, ...]] = None
+    palette: Optional[tuple[_Colour, ...]] = None
+    ignore_index: Optional[_Int] = 255
+    ignore_color: Optional[_Colour] = None
+    label_map: Optional[dict[int, _Int]] = None
+    unknown_labels: _Str = "error"
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
+    splits: Optional[dict[str, Optional[_SplitFile]]] = None
+    options: Optional[dict[str, Any]] = None
+
+
 def spec_from_dict(data: Mapping[str, Any], base: Path, source: Path | None = None) -> DatasetSpec:
-    """Build a spec from parsed YAML; relative paths resolve against ``base``."""
+    """Build a spec from parsed YAML; relative paths resolve against ``base``.
+
+    Raises:
+        DatasetError: naming the file and every bad key, e.g. ``splits.train.imgs: unknown key``.
+    """
     where = str(source or "dataset spec")
     if not isinstance(data, Mapping):
         raise DatasetError(f"{where}: a dataset spec must be a mapping, got {type(data).__name__}")
-    unknown = set(data) - _SPEC_KEYS
-    if unknown:
-        raise DatasetError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(_SPEC_KEYS)}")
-    fmt = data.get("format", "folder")
-    if fmt not in FORMATS:
-        raise DatasetError(f"{where}: unknown dataset format {fmt!r}; valid: {', '.join(FORMATS)}")
-    if "root" not in data and fmt != "synthetic":
+    try:
+        raw = _SpecFile.model_validate(dict(data))
+    except ValidationError as exc:
+        raise DatasetError(f"{where}: " + "; ".join(explain(exc, _SpecFile))) from None
+    if raw.root is None and raw.format != "synthetic":
         raise DatasetError(f"{where}: 'root' (the dataset folder) is required")
-    raw_splits = data.get("splits") or {"train": None}
-    if not isinstance(raw_splits, Mapping):
-        raise DatasetError(f"{where}: splits must be a mapping of split name -> layout")
-    label_map = data.get("label_map") or {}
-    if not isinstance(label_map, Mapping):
-        raise DatasetError(f"{where}: label_map must be a mapping raw -> class id")
-    classes = data.get("classes") or []
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise DatasetError(f"{where}: classes must be a list of names")
-    ignore_color = data.get("ignore_color")
+    splits = raw.splits or {"train": None}
     return DatasetSpec(
-        name=str(data.get("name") or (source.stem if source else "dataset")),
-        format=fmt,
-        root=resolve_root(str(data.get("root", ".")), base),
-        class_names=tuple(classes),
-        palette=tuple(_colour(c, where) for c in data.get("palette") or ()),
-        ignore_index=data.get("ignore_index", 255),
-        ignore_color=_colour(ignore_color, where) if ignore_color is not None else None,
-        label_map={_int_key(k, where): v for k, v in label_map.items()},
-        unknown_labels=data.get("unknown_labels", "error"),
+        name=raw.name or (source.stem if source else "dataset"),
+        format=raw.format,
+        root=resolve_root(raw.root or ".", base),
+        class_names=raw.classes or (),
+        palette=raw.palette or (),
+        ignore_index=raw.ignore_index,
+        ignore_color=raw.ignore_color,
+        label_map=raw.label_map or {},
+        unknown_labels=raw.unknown_labels,
         splits={
-            str(name): _parse_split(fmt, str(name), i, s, where) for i, (name, s) in enumerate(raw_splits.items())
+            name: (split or _SplitFile()).resolve(raw.format, name, i) for i, (name, split) in enumerate(splits.items())
         },
-        channels=data.get("channels", 3),
-        mean=tuple(data["mean"]) if data.get("mean") is not None else None,
-        std=tuple(data["std"]) if data.get("std") is not None else None,
-        options=data.get("options") or {},
+        channels=raw.channels,
+        mean=raw.mean,
+        std=raw.std,
+        options=raw.options or {},
         source=source,
     )
-
-
-def _int_key(key: Any, where: str) -> int:
-    try:
-        return int(key)
-    except (TypeError, ValueError):
-        raise DatasetError(f"{where}: label_map keys must be integers, got {key!r}") from None
 
 
 def builtin_specs() -> list[str]:

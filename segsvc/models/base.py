@@ -2,7 +2,9 @@
 
 Every network has an ``output_stride``: H and W must be divisible by it. A
 wrong size raises an error that says how to pad; ``inference.predictor`` pads
-and crops for callers, so users never see that error.
+and crops for callers, so users never see that error. Every network also names
+its classifier head (``head_prefixes``): the layers whose shapes depend on the
+number of classes, which fine-tuning on another class list starts afresh.
 """
 
 from __future__ import annotations
@@ -44,11 +46,21 @@ def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int = 3, batch_norm: bool
     return layers
 
 
+def in_head(name: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether the parameter or buffer ``name`` belongs to a module named by one of ``prefixes``."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 class SegmentationModel(nn.Module):
     """Base class of the seed networks: stores the contract's numbers and checks inputs."""
 
     output_stride: int = 1
     min_input_size: int = 1
+
+    @property
+    def head_prefixes(self) -> tuple[str, ...]:
+        """Names of the modules that map features to the K class scores (their shapes depend on K)."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its classifier head")
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__()

@@ -106,6 +106,12 @@ class _FCN(SegmentationModel):
         final_factor = {0: 32, 1: 16, 2: 8}[self.skips]
         self.up_final = bilinear_upsampler(num_classes, final_factor)
 
+    @property
+    def head_prefixes(self) -> tuple[str, ...]:
+        """Every score layer and every class-wise upsampler: all of them are K-channel."""
+        skip_layers = (("score_pool4", "up2_fr"), ("score_pool3", "up2_pool4"))[: self.skips]
+        return ("score_fr", *[name for pair in skip_layers for name in pair], "up_final")
+
     @staticmethod
     def _zero_score(in_ch: int, num_classes: int) -> nn.Conv2d:
         conv = nn.Conv2d(in_ch, num_classes, 1)

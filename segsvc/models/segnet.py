@@ -85,6 +85,8 @@ class SegNet(SegmentationModel):
         self.classifier = nn.Conv2d(out_ch, num_classes, kernel_size=1)
         self.output_stride = 2 ** len(enc)
 
+    head_prefixes = ("classifier",)
+
     @staticmethod
     def _vgg16(in_ch: int, base: int) -> tuple[list[EncoderBlock], list[DecoderBlock], int]:
         enc: list[EncoderBlock] = []

@@ -95,6 +95,12 @@ class SmpModel(nn.Module):
         # PAN's feature pyramid attention pools its deepest map three more times.
         self.min_input_size = self.output_stride * (8 if architecture == "PAN" else 1)
 
+    @property
+    def head_prefixes(self) -> tuple[str, ...]:
+        """The last convolution of smp's ``segmentation_head`` (DPT's head has more layers before it)."""
+        convs = [name for name, m in self.net.segmentation_head.named_modules() if isinstance(m, nn.Conv2d)]
+        return (f"net.segmentation_head.{convs[-1]}",)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_shape(x, self.in_channels, self.output_stride)
         return self.net(x)

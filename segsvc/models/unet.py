@@ -83,6 +83,8 @@ class UNet(SegmentationModel):
         )
         self.classifier = nn.Conv2d(widths[0], num_classes, kernel_size=1)
 
+    head_prefixes = ("classifier",)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for block in self.down:

@@ -67,3 +67,14 @@ def make_recipe(tiny_spec):
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_spec) -> Path:
     return write_recipe(tmp_path, tiny_spec)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_determinism():
+    """An in-process run with ``train.deterministic`` switches deterministic algorithms on for the whole
+    process; later tests (SegNet's max-unpooling has no deterministic backward) must not inherit it."""
+    import torch
+
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)

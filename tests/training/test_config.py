@@ -40,16 +40,20 @@ def test_dotted_overrides_are_typed_and_nested(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.epochz=3", "unknown config key 'train.epochz'"),
-        ("bogus=1", "unknown config key 'bogus'"),
+        ("train.epochz=3", "train.epochz: unknown key (did you mean 'epochs'?)"),
+        ("bogus=1", "bogus: unknown key; valid keys here: name, model, data"),
         ("train.epochs=three", "train.epochs: expected an integer"),
         ("train.epochs=2.5", "train.epochs: expected an integer"),
         ("train.channels_last=maybe", "train.channels_last: expected true or false"),
         ("optim.name=adam", "optim.name: expected one of ['adamw', 'sgd']"),
-        ("data.crop=[64]", "data.crop"),
-        ("loss.terms=[{name: hinge}]", "loss.terms[0].name"),
+        ("data.crop=[64]", "data.crop: expected 2 integers, got [64]"),
+        ("loss.terms=[{name: hinge}]", "loss.terms[0].name: expected one of"),
         ("train.epochs", "must look like key.subkey=value"),
         ("train.epochs.x=1", "train.epochs: expected an integer"),
+        ("data.crop=[64, a]", "data.crop[1]: expected an integer, got 'a'"),
+        ("optim.lr=true", "optim.lr: expected a number"),
+        ("loss.class_weights=[a]", "loss.class_weights: expected 'median_frequency', null or a list of numbers"),
+        ("model.init_from=3", "model.init_from: expected a string"),
     ],
 )
 def test_bad_overrides_name_the_key(tmp_path, override, message):
@@ -58,13 +62,29 @@ def test_bad_overrides_name_the_key(tmp_path, override, message):
     assert message in str(err.value)
 
 
+def test_every_bad_key_is_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, MINIMAL), ["train.epochs=x", "optim.nam=sgd"])
+    assert "train.epochs: expected an integer" in str(err.value)
+    assert "optim.nam: unknown key (did you mean 'name'?)" in str(err.value)
+
+
+def test_yaml_1_1_exponent_strings_are_numbers_and_sections_are_frozen(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["optim.lr=3e-4", "model.params.depth=2"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    with pytest.raises(TypeError):
+        cfg.model.params["depth"] = 3  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        cfg.train.epochs = 2  # type: ignore[misc]
+
+
 def test_setting_below_a_scalar_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="'train.epochs' is not a mapping"):
         load_config(write(tmp_path, MINIMAL + "train: {epochs: 2}\n"), ["train.epochs.x=1"])
 
 
 def test_missing_section_and_missing_file_are_clear_errors(tmp_path):
-    with pytest.raises(ConfigError, match="missing required config key 'model'"):
+    with pytest.raises(ConfigError, match="model: missing required key"):
         load_config(write(tmp_path, "data: {spec: synthetic}\n"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from segsvc.models.artifact import read_manifest
+from training.events import EVENTS_FILE, read_events
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(300)  # about 15 s on two CPU cores: not marked slow
 def test_torchrun_two_cpu_processes_train_and_only_rank0_writes(tiny_recipe):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -35,3 +35,7 @@ def test_torchrun_two_cpu_processes_train_and_only_rank0_writes(tiny_recipe):
     # each rank validated 3 of the 6 images: the reduced confusion matrix counts all of them
     assert manifest.metrics["pixels"] == 6 * 48 * 48
     assert proc.stderr.count("epoch 2/2:") == 1  # only rank 0 logs
+    events, _ = read_events(root / "runs" / "tiny" / "ddp" / EVENTS_FILE)  # rank 0 only: one start, one end
+    kinds = [e["event"] for e in events]
+    assert kinds.count("start") == 1 and kinds.count("epoch") == 2 and kinds[-1] == "end"
+    assert events[0]["world_size"] == 2 and events[-1]["status"] == "completed"
