@@ -67,6 +67,19 @@ class FailedPrecondition(SegsvcError):
     """The system is not in a state the request needs (e.g. deleting a job that still runs)."""
 
 
+class DatasetInvalid(FailedPrecondition):
+    """A dataset failed its check (``segsvc data check``); ``problems`` lists every one.
+
+    Each problem is ``(kind, path, detail)``: the kind (``Fault`` value, e.g.
+    "labels outside the classes"), the file relative to the dataset, and what is
+    wrong. The server sends them as ``google.rpc.PreconditionFailure`` details.
+    """
+
+    def __init__(self, message: str, problems: tuple[tuple[str, str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.problems = tuple(problems)
+
+
 class AlreadyExists(SegsvcError):
     """Something that is never overwritten (a model version, a job id) already exists."""
 

@@ -14,13 +14,47 @@ import logging
 from typing import NoReturn
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
-from segsvc.errors import SegsvcError
+from segsvc.errors import DatasetInvalid, SegsvcError
 from segsvc.wire import ERROR_CODES, ERROR_KIND_KEY, REQUEST_ID_KEY
 
 
 MAX_ID_CHARS = 128
 MAX_MESSAGE_CHARS = 1024  # trailers have a size limit; a client-sized message must not overflow it
+DETAILS_KEY = "grpc-status-details-bin"  # a google.rpc.Status (grpc_status.rpc_status reads it)
+# Clients refuse trailers over 8 KiB by default: the details (base64 on the wire) stay well below.
+MAX_DETAILS_BYTES = 4096
+
+
+def _precondition_failure(exc: DatasetInvalid) -> error_details_pb2.PreconditionFailure:
+    """One violation per problem (kind, file, detail), as many as fit; then one saying how many are left."""
+    failure = error_details_pb2.PreconditionFailure()
+    for i, (kind, subject, description) in enumerate(exc.problems):
+        failure.violations.add(type=kind, subject=subject, description=description[:MAX_MESSAGE_CHARS])
+        if failure.ByteSize() > MAX_DETAILS_BYTES:
+            del failure.violations[-1]
+            left = len(exc.problems) - i
+            failure.violations.add(type="truncated", subject="",
+                                   description=f"{left} more problem(s) not shown; run `segsvc data check` on the "
+                                               f"dataset to see them all")
+            break
+    return failure
+
+
+# Domain errors that carry structured details: the class -> its google.rpc detail message.
+ERROR_DETAILS = ((DatasetInvalid, _precondition_failure),)
+
+
+def status_details(exc: BaseException, code: grpc.StatusCode, message: str) -> bytes | None:
+    """The serialized ``google.rpc.Status`` with the error's details, for errors that have any."""
+    for cls, build in ERROR_DETAILS:
+        if isinstance(exc, cls):
+            detail = any_pb2.Any()
+            detail.Pack(build(exc))
+            return status_pb2.Status(code=code.value[0], message=message, details=[detail]).SerializeToString()
+    return None
 
 
 def clean_text(text: str, limit: int = MAX_ID_CHARS) -> str:
@@ -54,5 +88,9 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_i
     """End the RPC with the status for ``exc`` (logging unexpected ones)."""
     code, message, kind = status_of(exc, request_id)
     log_unexpected(logger, exc, request_id, method)
-    context.set_trailing_metadata(((ERROR_KIND_KEY, kind), (REQUEST_ID_KEY, clean_text(request_id))))
+    trailers: tuple[tuple[str, str | bytes], ...] = ((ERROR_KIND_KEY, kind), (REQUEST_ID_KEY, clean_text(request_id)))
+    details = status_details(exc, code, message)
+    if details is not None:
+        trailers += ((DETAILS_KEY, details),)
+    context.set_trailing_metadata(trailers)
     await context.abort(code, message)

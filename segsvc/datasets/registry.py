@@ -1,0 +1,378 @@
+"""The dataset registry: validated datasets by content hash, with human names, in SQLite (WAL).
+
+Training jobs name a dataset and get its description back::
+
+    registry = DatasetRegistry(DatasetsConfig(state_dir))
+    dataset = registry.get("shapes")          # a name, the hash, or a unique hash prefix (>= 8 hex digits)
+    spec = load_dataset_spec(dataset.spec_path)   # == dataset.load_spec()
+    dataset.sha256                            # the content's identity: record it with the model
+
+``Dataset.spec_path`` and ``Dataset.sha256`` are the stable contract: the spec
+is a ``dataset.yaml`` that ``segsvc.data.spec.load_dataset_spec`` loads, with
+the deterministic train/val split written into it when the dataset came with
+one split only; the hash is ``content.content_hash`` of the files.
+
+On disk, under ``<state_dir>``::
+
+    datasets.sqlite                 one row per dataset (WAL; other processes may read it)
+    datasets/<sha256>/spec.yaml     the training spec (root: data/... or the registered folder)
+    datasets/<sha256>/data/         an uploaded dataset's files (a registered one stays in the data root)
+    datasets/.work-<hex>/           an upload or registration in progress
+
+A new dataset is prepared in a ``.work-`` folder, validated, renamed to its
+hash and only then given its row; on any failure the folder goes and no row is
+written. At start-up, work folders and hash folders without a row (a crash
+between rename and insert) are removed.
+
+Example:
+    >>> registry = DatasetRegistry(DatasetsConfig("state", data_root="data"))  # doctest: +SKIP
+    >>> registry.register("shapes", name="shapes").split_sizes  # doctest: +SKIP
+    {'train': 160, 'val': 40}
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import posixpath
+import re
+import secrets
+import shutil
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from segsvc.data.spec import DatasetSpec, load_dataset_spec
+from segsvc.datasets.archive import FORMATS, ExtractLimits
+from segsvc.datasets.ingest import (
+    SPEC_FILE, class_shares, fingerprint, load_confined, scrub_paths, validate, write_training_spec,
+)
+from segsvc.datasets.split import VAL_FRACTION
+from segsvc.datasets.upload import DatasetUpload
+from segsvc.errors import (
+    AlreadyExists, DatasetInvalid, FailedPrecondition, InvalidArgument, NotFound, PathOutsideRoot, SegsvcError,
+    Unavailable, UploadError,
+)
+from segsvc.jobs.inputs import resolve_inputs
+
+SOURCES = ("upload", "register")
+BUSY_TIMEOUT_S = 5.0
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HASH_PREFIX = re.compile(r"[0-9a-f]{8,64}")
+_WORK, _DELETING = ".work-", ".deleting-"
+_SCHEMA = (
+    f"""CREATE TABLE IF NOT EXISTS datasets (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, sha256 TEXT NOT NULL UNIQUE, name TEXT NOT NULL UNIQUE,
+        source TEXT NOT NULL CHECK (source IN {SOURCES!r}), source_path TEXT NOT NULL, format TEXT NOT NULL,
+        class_names TEXT NOT NULL, split_sizes TEXT NOT NULL, class_shares TEXT NOT NULL,
+        split_assigned INTEGER NOT NULL, files INTEGER NOT NULL, total_bytes INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    )""",
+)
+
+
+@dataclass(frozen=True)
+class DatasetsConfig:
+    """Where datasets live and what an upload may hold.
+
+    Args:
+        state_dir: holds ``datasets.sqlite`` and ``datasets/`` (the server's ``--state-dir``).
+        data_root: folders that ``register`` accepts must lie under it (``None``: uploads only).
+        limits: bytes, files and compression ratio of an upload (``--max-dataset-mb``,
+            ``--max-dataset-files``, ``--max-dataset-ratio``).
+        val_fraction: share of samples put in ``val`` when a dataset has one split only.
+    """
+
+    state_dir: Path
+    data_root: Path | None = None
+    limits: ExtractLimits = field(default_factory=ExtractLimits)
+    val_fraction: float = VAL_FRACTION
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise InvalidArgument(f"datasets: val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One registered dataset.
+
+    Attributes:
+        sha256: the content hash (``content.content_hash``): the dataset's identity.
+        name: its unique alias.
+        source: ``"upload"`` or ``"register"``; ``source_path`` the format uploaded
+            (tar, zip, pairs) or the folder relative to the data root.
+        spec_path: the training spec; ``load_dataset_spec(spec_path)`` loads it.
+        format: the layout (folder, camvid, membrane, voc).
+        class_names: class id i is ``class_names[i]``.
+        split_sizes: samples per split, in the spec's order.
+        class_shares: share of each class in the labelled pixels.
+        split_assigned: the train/val split was assigned by hash (``split.py``).
+        files, total_bytes: what was hashed.
+        created_at: registration time (Unix seconds).
+    """
+
+    sha256: str
+    name: str
+    source: str
+    source_path: str
+    spec_path: Path
+    format: str
+    class_names: tuple[str, ...]
+    split_sizes: dict[str, int]
+    class_shares: dict[str, float]
+    split_assigned: bool
+    files: int
+    total_bytes: int
+    created_at: float
+
+    def load_spec(self) -> DatasetSpec:
+        """The training spec (``load_dataset_spec(self.spec_path)``)."""
+        return load_dataset_spec(self.spec_path)
+
+
+def check_name(name: str) -> str:
+    """A dataset alias: letters, digits, ``_.-``, at most 64 characters, not a full hash."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidArgument(f"dataset name {name[:80]!r} must be 1-64 letters, digits or _.- "
+                              f"starting with a letter or digit")
+    if _SHA256.fullmatch(name.lower()):
+        raise InvalidArgument(f"dataset name {name!r} looks like a content hash; choose another")
+    return name
+
+
+class DatasetRegistry:
+    """Registered datasets: ``register``, ``open_upload``, ``get``, ``list``, ``delete``.
+
+    Thread-safe (one SQLite connection behind a lock; the expensive checks run
+    outside it, so uploads proceed in parallel).
+
+    Args:
+        config: state folder, data root and upload limits.
+    """
+
+    def __init__(self, config: DatasetsConfig) -> None:
+        self.config = config
+        state = Path(config.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+        self.root = state.resolve() / "datasets"
+        self.root.mkdir(exist_ok=True)
+        self.path = state.resolve() / "datasets.sqlite"
+        self._lock = threading.RLock()
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+            conn.close()
+            raise InvalidArgument(f"{self.path}: SQLite refused WAL mode; use a local filesystem")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        self._conn: sqlite3.Connection | None = conn
+        self._clean()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._conn is None:
+                raise Unavailable("the dataset registry is closed")
+            yield self._conn
+
+    def _clean(self) -> None:
+        """Remove what a crash left: work folders, half-deleted ones, hash folders without a row."""
+        with self._db() as c:
+            known = {row[0] for row in c.execute("SELECT sha256 FROM datasets")}
+        for entry in self.root.iterdir():
+            leftover = entry.name.startswith((_WORK, _DELETING)) or (
+                _SHA256.fullmatch(entry.name) is not None and entry.name not in known)
+            if leftover and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # -- reading ------------------------------------------------------------------------
+    def _dataset(self, row: sqlite3.Row) -> Dataset:
+        return Dataset(
+            sha256=row["sha256"], name=row["name"], source=row["source"], source_path=row["source_path"],
+            spec_path=self.root / row["sha256"] / SPEC_FILE, format=row["format"],
+            class_names=tuple(json.loads(row["class_names"])), split_sizes=json.loads(row["split_sizes"]),
+            class_shares=json.loads(row["class_shares"]), split_assigned=bool(row["split_assigned"]),
+            files=row["files"], total_bytes=row["total_bytes"], created_at=row["created_at"],
+        )
+
+    def get(self, name_or_hash: str) -> Dataset:
+        """A dataset by name, content hash, or a unique prefix of the hash (at least 8 hex digits).
+
+        Raises:
+            NotFound: no such dataset. InvalidArgument: an ambiguous hash prefix.
+        """
+        key = name_or_hash.strip() if isinstance(name_or_hash, str) else ""
+        if not key:
+            raise InvalidArgument("name a dataset: its name or content hash")
+        with self._db() as c:
+            row = c.execute("SELECT * FROM datasets WHERE name = ?", (key,)).fetchone()
+            if row is None and _HASH_PREFIX.fullmatch(key.lower()):
+                rows = c.execute("SELECT * FROM datasets WHERE substr(sha256, 1, ?) = ? LIMIT 2",
+                                 (len(key), key.lower())).fetchall()
+                if len(rows) > 1:
+                    raise InvalidArgument(f"hash prefix {key!r} matches several datasets; give more digits")
+                row = rows[0] if rows else None
+        if row is None:
+            raise NotFound(f"no dataset named {key[:80]!r} (nor with that hash)")
+        return self._dataset(row)
+
+    def list(self) -> list[Dataset]:
+        """Every dataset, oldest first."""
+        with self._db() as c:
+            return [self._dataset(row) for row in c.execute("SELECT * FROM datasets ORDER BY seq")]
+
+    # -- deleting -----------------------------------------------------------------------
+    def delete(self, name_or_hash: str) -> Dataset:
+        """Forget a dataset and remove its folder (a registered data-root folder is never touched).
+
+        The spec goes too: a training job still reading the dataset fails, so
+        delete only datasets no job uses.
+        """
+        with self._lock:
+            dataset = self.get(name_or_hash)
+            with self._db() as c:
+                c.execute("DELETE FROM datasets WHERE sha256 = ?", (dataset.sha256,))
+            doomed = self.root / f"{_DELETING}{secrets.token_hex(6)}"
+            try:
+                os.rename(self.root / dataset.sha256, doomed)
+            except FileNotFoundError:
+                return dataset
+        shutil.rmtree(doomed, ignore_errors=True)
+        return dataset
+
+    # -- adding -------------------------------------------------------------------------
+    def register(self, path: str, name: str = "") -> Dataset:
+        """Register a folder under the data root (relative to it); its files stay where they are.
+
+        Every file the dataset reads, through any symlink, must lie inside the
+        data root (``segsvc.jobs.inputs.resolve_inputs`` walks it).
+
+        Raises:
+            FailedPrecondition: no data root configured. PathOutsideRoot: the
+            folder, or a symlink in it, leads outside the data root.
+            DatasetInvalid: the dataset fails its check. AlreadyExists: name or content taken.
+        """
+        if self.config.data_root is None:
+            raise FailedPrecondition("registering server folders needs a data root (start the server with "
+                                     "--data-root)")
+        if not isinstance(path, str) or not path.strip():
+            raise InvalidArgument("name the dataset folder, relative to the data root")
+        if posixpath.isabs(path) or "\\" in path:
+            raise PathOutsideRoot(f"folder {path!r}: give a path relative to the data root")
+        if set("*?[").intersection(path):
+            raise InvalidArgument(f"folder {path!r}: name one folder, not a pattern")
+        folder = posixpath.normpath(path)
+        name = check_name(name or posixpath.basename(folder.rstrip("/")) or "dataset")
+        inputs = resolve_inputs(self.config.data_root, [posixpath.join(folder, "**")],
+                                max_files=self.config.limits.max_files)
+        real = Path(os.path.realpath(Path(self.config.data_root) / folder))
+        files = [(posixpath.relpath(f.rel, folder), f.path) for f in inputs]
+        work = self._new_work()
+        try:
+            return self._ingest(work, real, files, name=name, source="register", source_path=folder,
+                                absolute_root=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def open_upload(self, name: str, fmt: str, *, dataset_yaml: str = "", class_names: Sequence[str] = (),
+                    sha256: str = "") -> DatasetUpload:
+        """Start receiving an upload (``fmt``: tar, zip or pairs); see ``DatasetUpload``."""
+        check_name(name)
+        if fmt not in FORMATS:
+            raise InvalidArgument(f"upload format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if sha256 and not _SHA256.fullmatch(sha256.lower()):
+            raise InvalidArgument("the expected sha256 must be 64 hex digits")
+        if len(dataset_yaml) > 1 << 20:
+            raise InvalidArgument("dataset_yaml is longer than 1 MiB")
+        ingest = functools.partial(self._ingest, name=name, source="upload", source_path=fmt, absolute_root=False,
+                                   expected_sha256=sha256.lower())
+        return DatasetUpload(self._new_work(), name, fmt, self.config.limits, ingest, dataset_yaml=dataset_yaml,
+                             class_names=tuple(class_names))
+
+    def _new_work(self) -> Path:
+        work = self.root / f"{_WORK}{secrets.token_hex(8)}"
+        work.mkdir()
+        return work
+
+    def _ingest(self, work: Path, root: Path, files: list[tuple[str, Path]], *, name: str, source: str,
+                source_path: str, absolute_root: bool, expected_sha256: str = "") -> Dataset:
+        """Validate the dataset at ``root`` and commit ``work`` as its entry (see ``ingest``)."""
+        try:
+            spec = load_confined(root, name)
+            fp = fingerprint(files)
+            if expected_sha256 and fp.sha256 != expected_sha256:
+                raise UploadError(f"content hash mismatch: the files hash to {fp.sha256}, the client "
+                                  f"expected {expected_sha256}")
+            existing = self._existing(fp.sha256, name)
+            if existing is not None:
+                return existing
+            report = validate(spec, root)
+            training = write_training_spec(spec, work, self.config.val_fraction, absolute_root)
+        except DatasetInvalid:
+            raise
+        except SegsvcError as exc:  # never show the server's folders
+            raise type(exc)(scrub_paths(scrub_paths(str(exc), root), work)) from None
+        dataset = Dataset(
+            sha256=fp.sha256, name=name, source=source, source_path=source_path,
+            spec_path=self.root / fp.sha256 / SPEC_FILE, format=spec.format, class_names=spec.class_names,
+            split_sizes=training.split_sizes, class_shares=class_shares(report, spec),
+            split_assigned=training.split_assigned, files=fp.files, total_bytes=fp.total_bytes,
+            created_at=time.time(),
+        )
+        return self._commit(work, dataset)
+
+    def _existing(self, sha256: str, name: str) -> Dataset | None:
+        """The dataset to return for a repeat (same content, same name); ``AlreadyExists`` on a clash."""
+        with self._db() as c:
+            row = c.execute("SELECT * FROM datasets WHERE sha256 = ?", (sha256,)).fetchone()
+            other = c.execute("SELECT sha256 FROM datasets WHERE name = ?", (name,)).fetchone()
+        if row is not None:
+            if row["name"] == name:
+                return self._dataset(row)
+            raise AlreadyExists(f"the same content is registered as {row['name']!r} ({sha256[:12]}); "
+                                f"use that name, or delete it first")
+        if other is not None:
+            raise AlreadyExists(f"name {name!r} belongs to dataset {other[0][:12]} with other content; "
+                                f"choose another name, or delete that dataset first")
+        return None
+
+    def _commit(self, work: Path, dataset: Dataset) -> Dataset:
+        """Rename ``work`` to the hash folder, then write the row; a concurrent twin wins or is returned."""
+        with self._lock:
+            existing = self._existing(dataset.sha256, dataset.name)
+            if existing is not None:
+                return existing
+            final = self.root / dataset.sha256
+            if final.exists():  # left by a crash before its row was written
+                shutil.rmtree(final)
+            os.rename(work, final)
+            try:
+                with self._db() as c:
+                    c.execute(
+                        "INSERT INTO datasets (sha256, name, source, source_path, format, class_names, split_sizes,"
+                        " class_shares, split_assigned, files, total_bytes, created_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (dataset.sha256, dataset.name, dataset.source, dataset.source_path, dataset.format,
+                         json.dumps(list(dataset.class_names)), json.dumps(dataset.split_sizes),
+                         json.dumps(dataset.class_shares), int(dataset.split_assigned), dataset.files,
+                         dataset.total_bytes, dataset.created_at),
+                    )
+            except BaseException:
+                shutil.rmtree(final, ignore_errors=True)
+                raise
+        return dataset

@@ -1,0 +1,222 @@
+"""The registry: identity by content, validation with every problem, deterministic splits, confinement."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+
+from segsvc import errors
+from segsvc.data.io import write_png
+from segsvc.data.layouts import index_split
+from segsvc.data.spec import load_dataset_spec
+from segsvc.datasets.content import hash_folder, local_files, tar_stream
+from segsvc.datasets.registry import DatasetRegistry, DatasetsConfig
+from segsvc.datasets.split import split_fraction
+from tests.datasets.helpers import assert_nothing_left, broken, flat, synth, tar_of, zip_of
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def registry(tmp_path, data_root):
+    reg = DatasetRegistry(DatasetsConfig(tmp_path / "state", data_root=data_root))
+    yield reg
+    reg.close()
+
+
+def upload(registry, data: bytes, fmt: str, name: str, **meta):
+    up = registry.open_upload(name, fmt, **meta)
+    up.write(data)
+    return up.commit()
+
+
+def upload_pairs(registry, folder, name: str, **meta):
+    up = registry.open_upload(name, "pairs", **meta)
+    for rel, path in local_files(folder):
+        up.write(path.read_bytes(), rel, last=True)
+    return up.commit()
+
+
+def test_tar_zip_pairs_and_register_give_the_same_identity(registry, data_root):
+    shapes = synth(data_root / "shapes")
+    expected, files, size = hash_folder(shapes)
+    a = upload(registry, tar_of(shapes, prefix="shapes/"), "tar", "a")
+    assert (a.sha256, a.files, a.total_bytes) == (expected, files, size)
+    # The same content again under the same name is the same dataset, whatever the format.
+    assert upload(registry, zip_of(shapes), "zip", "a") == a
+    assert upload_pairs(registry, shapes, "a") == a
+    assert upload(registry, b"".join(tar_stream(local_files(shapes), chunk_bytes=1000)), "tar", "a") == a
+    with pytest.raises(errors.AlreadyExists, match="registered as 'a'"):
+        registry.register("shapes", name="b")
+    registry.delete("a")
+    assert registry.register("shapes").sha256 == expected
+    assert_nothing_left(registry)
+
+
+def test_a_dataset_records_what_training_needs(registry, data_root):
+    shapes = synth(data_root / "shapes")
+    d = upload(registry, tar_of(shapes), "tar", "shapes")
+    assert d.source == "upload" and d.source_path == "tar" and d.format == "folder"
+    assert d.class_names == ("background", "circle", "rectangle", "triangle", "ring")
+    assert d.split_sizes == {"train": 6, "val": 2} and not d.split_assigned
+    assert abs(sum(d.class_shares.values()) - 1.0) < 1e-9 and d.class_shares["background"] > 0.3
+    spec = load_dataset_spec(d.spec_path)  # the contract with training jobs
+    assert spec == d.load_spec() and spec.class_names == d.class_names and spec.name == "shapes"
+    assert spec.root == (registry.root / d.sha256 / "data").resolve()
+    assert [len(index_split(spec, s).samples) for s in ("train", "val")] == [6, 2]
+    assert registry.get("shapes") == registry.get(d.sha256) == registry.get(d.sha256[:8].upper()) == d
+
+
+def test_list_get_delete(registry, data_root):
+    one = upload_pairs(registry, synth(data_root / "one"), "one")
+    flat(data_root / "two", ["a", "b", "c"])
+    two = registry.register("two/", name="two")
+    assert [d.name for d in registry.list()] == ["one", "two"]
+    assert two.source == "register" and two.source_path == "two"
+    assert registry.delete(two.sha256[:10]) == two
+    assert (data_root / "two" / "images" / "a.png").is_file()  # a registered folder is never touched
+    assert registry.delete("one") == one and registry.list() == []
+    for missing in ("one", one.sha256, "0000000000"):
+        with pytest.raises(errors.NotFound):
+            registry.get(missing)
+    assert_nothing_left(registry)
+
+
+def test_names_are_checked_and_unique(registry, data_root):
+    synth(data_root / "s")
+    for bad in ("", "-x", "a/b", "x" * 65, "a" * 64):
+        with pytest.raises(errors.InvalidArgument):
+            registry.open_upload(bad, "tar")
+    registry.register("s", name="taken")
+    flat(data_root / "other", ["a", "b"])
+    with pytest.raises(errors.AlreadyExists, match="belongs to dataset"):
+        registry.register("other", name="taken")
+    assert_nothing_left(registry)
+
+
+def test_a_broken_dataset_is_refused_with_every_problem_and_leaves_nothing(registry, data_root, tmp_path):
+    folder = broken(data_root / "broken")
+    for attempt in (lambda: upload(registry, tar_of(folder), "tar", "broken"),
+                    lambda: upload_pairs(registry, folder, "broken"),
+                    lambda: registry.register("broken")):
+        with pytest.raises(errors.DatasetInvalid) as info:
+            attempt()
+        problems = sorted(info.value.problems)
+        assert [(kind, path) for kind, path, _ in problems] == [
+            ("image without mask", "images/lonely.png"),
+            ("labels outside the classes", "masks/b.png"),
+            ("mask without image", "masks/orphan.png"),
+        ]
+        assert "values 7 outside the classes" in problems[1][2]
+        assert str(tmp_path) not in str(info.value) + repr(problems)  # no server paths in messages
+        assert_nothing_left(registry)
+
+
+def test_the_split_of_a_single_split_dataset_is_deterministic_and_stable(tmp_path, data_root):
+    stems = [f"s{i:02d}" for i in range(30)]
+    flat(data_root / "flat", stems)
+    first = DatasetRegistry(DatasetsConfig(tmp_path / "one", data_root=data_root)).register("flat")
+    assert first.split_assigned and sum(first.split_sizes.values()) == 30
+    spec = first.load_spec()
+    val = set(spec.splits["val"].ids)
+    assert val == {s for s in stems if split_fraction(f"images/{s}.png") < 0.2}
+    assert set(spec.splits["train"].ids) == set(stems) - val and 0 < len(val) < 30
+    # Elsewhere, later, by upload: the same split.
+    second = DatasetRegistry(DatasetsConfig(tmp_path / "two")).open_upload("flat", "tar")
+    second.write(tar_of(data_root / "flat"))
+    assert set(second.commit().load_spec().splits["val"].ids) == val
+    # More samples: the old ones keep their split.
+    flat(data_root / "more", stems + [f"t{i:02d}" for i in range(30)])
+    more = DatasetRegistry(DatasetsConfig(tmp_path / "three", data_root=data_root)).register("more").load_spec()
+    assert set(more.splits["val"].ids) & set(stems) == val
+
+
+def test_a_tiny_dataset_still_gets_both_splits(registry, data_root):
+    flat(data_root / "tiny", ["a", "b"])
+    d = registry.register("tiny")
+    assert d.split_sizes == {"train": 1, "val": 1}
+
+
+def test_class_names_in_the_metadata_describe_a_bare_folder(registry, tmp_path):
+    folder = flat(tmp_path / "bare", ["a", "b", "c"], classes=("bg", "fg"), yaml_file=False)
+    with pytest.raises(errors.DatasetError, match="names no classes"):
+        upload(registry, tar_of(folder), "tar", "bare")
+    d = upload(registry, tar_of(folder), "tar", "bare", class_names=["bg", "fg"])
+    assert d.class_names == ("bg", "fg") and d.split_assigned
+    text = yaml.safe_dump({"format": "folder", "root": ".", "classes": ["bg", "fg"]})
+    assert upload(registry, tar_of(folder), "tar", "bare2", dataset_yaml=text).class_names == ("bg", "fg")
+    with pytest.raises(errors.InvalidArgument, match="holds its own dataset.yaml"):
+        upload(registry, tar_of(flat(tmp_path / "full", ["a", "b"])), "tar", "x", class_names=["a", "b"])
+    with pytest.raises(errors.UploadError, match="content hash mismatch"):
+        upload(registry, tar_of(folder), "tar", "bare3", class_names=["bg", "fg"], sha256="0" * 64)
+    assert_nothing_left(registry)
+
+
+def test_an_uploaded_yaml_cannot_point_at_server_files(registry, tmp_path):
+    folder = flat(tmp_path / "evil", ["a", "b"])
+    for evil in ({"root": str(tmp_path)}, {"root": "${datasets}/camvid"}, {"root": ".."},
+                 {"root": ".", "splits": {"train": {"images": "../../..", "masks": "masks"}}},
+                 {"root": ".", "splits": {"train": {"images": "images", "masks": "masks", "list": "../../../x.txt"}}}):
+        (folder / "dataset.yaml").write_text(yaml.safe_dump({"format": "folder", "classes": ["bg", "fg"], **evil}))
+        with pytest.raises(errors.PathOutsideRoot, match="leads outside the dataset"):
+            upload(registry, tar_of(folder), "tar", "evil")
+        assert_nothing_left(registry)
+
+
+def test_a_metadata_yaml_loses_its_root_so_a_builtin_spec_can_be_sent_as_is(registry, tmp_path):
+    """The description sent next to an upload says where the files were on the uploader's machine;
+    on the server the upload is the root, so its ``root`` (here one outside the dataset) becomes ``.``."""
+    folder = flat(tmp_path / "bare", ["a", "b", "c"], yaml_file=False)
+    text = yaml.safe_dump({"format": "folder", "root": str(tmp_path), "classes": ["bg", "fg"]})
+    d = upload(registry, tar_of(folder), "tar", "described", dataset_yaml=text)
+    assert d.class_names == ("bg", "fg") and sum(d.split_sizes.values()) == 3
+    assert d.load_spec().root.resolve().is_relative_to(d.spec_path.parent.resolve())
+
+
+def test_register_is_confined_to_the_data_root(registry, data_root, tmp_path):
+    outside = flat(tmp_path / "outside", ["a", "b"])
+    inside = flat(data_root / "inside", ["a", "b"])
+    os.symlink(outside, data_root / "link-out")
+    (data_root / "mixed").mkdir()
+    shutil.copytree(inside / "images", data_root / "mixed" / "images")
+    shutil.copy(inside / "dataset.yaml", data_root / "mixed" / "dataset.yaml")
+    os.symlink(outside / "masks", data_root / "mixed" / "masks")  # one folder leads out
+    os.symlink(outside / "images" / "a.png", inside / "images" / "c.png")  # one file leads out
+    for path, error in (("../outside", errors.PathOutsideRoot), (str(outside), errors.PathOutsideRoot),
+                        ("link-out", errors.PathOutsideRoot), ("mixed", errors.PathOutsideRoot),
+                        ("inside", errors.PathOutsideRoot), ("missing", errors.InvalidArgument),
+                        ("in*", errors.InvalidArgument)):
+        with pytest.raises(error):
+            registry.register(path, name="x")
+        assert_nothing_left(registry)
+    (inside / "images" / "c.png").unlink()
+    os.symlink(data_root / "inside" / "images" / "a.png", inside / "images" / "c.png")  # inside: fine
+    write_png(inside / "masks" / "c.png", np.zeros((8, 8), np.uint8))
+    assert registry.register("inside").split_sizes == {"train": 2, "val": 1}
+
+
+def test_register_needs_a_data_root(tmp_path):
+    registry = DatasetRegistry(DatasetsConfig(tmp_path / "state"))
+    with pytest.raises(errors.FailedPrecondition, match="--data-root"):
+        registry.register("x")
+
+
+def test_leftovers_of_a_crash_are_removed_at_start(tmp_path, data_root):
+    registry = DatasetRegistry(DatasetsConfig(tmp_path / "state", data_root=data_root))
+    synth(data_root / "s")
+    kept = registry.register("s")
+    registry.close()
+    for leftover in (".work-0123456789abcdef", ".deleting-abc", "f" * 64):
+        (registry.root / leftover / "data").mkdir(parents=True)
+    reopened = DatasetRegistry(DatasetsConfig(tmp_path / "state", data_root=data_root))
+    assert [d.sha256 for d in reopened.list()] == [kept.sha256]
+    assert_nothing_left(reopened)
