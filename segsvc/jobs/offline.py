@@ -51,6 +51,10 @@ STATE_FILE = ".segsvc-batch.sqlite"
 JOB_KIND = "batch"
 ENGINES = ("local", "ray")
 PROGRESS_EVERY_S = 2.0
+# Forward passes on CPU stop gaining from bigger batches once a batch outgrows the caches: on 2 cores,
+# 256x256 images ran fastest two at a time and slowest eight at a time (a sweep of batch 1/2/4/8 with
+# bench/bench_batch.py's model). So on CPU a batch also ends at this many input pixels; GPUs batch by count.
+CPU_BATCH_PIXELS = 1 << 17
 
 # (item index, results.jsonl record or None, failure reason or None)
 Outcome = tuple[int, "dict[str, Any] | None", "str | None"]
@@ -61,16 +65,16 @@ class BatchOptions:
     """Everything the output files depend on; stored in the job so ``--resume`` cannot mix settings.
 
     Args:
-        tile_size: sliding-window tile side in pixels; 0 runs whole images.
-        flip_tta: average with the horizontally mirrored image's logits.
+        tile_size: sliding-window tile side in pixels; 0 runs whole images; None: the model's default.
+        flip_tta: average with the horizontally mirrored image's logits; None: the model's default.
         color: also write ``color/<rel>.png``.
         overlay: also write ``overlay/<rel>.png`` (colours blended over the image).
         confidence: also write ``confidence/<rel>.png`` and each record's mean confidence.
         alpha: overlay opacity.
     """
 
-    tile_size: int = 0
-    flip_tta: bool = False
+    tile_size: int | None = None
+    flip_tta: bool | None = None
     color: bool = False
     overlay: bool = False
     confidence: bool = False
@@ -108,10 +112,15 @@ class ItemWorker:
     """
 
     def __init__(self, model_repo: str, model: str, version: int, out: str, options: BatchOptions,
-                 device: str = "cpu", precision: str = "auto", batch_size: int = 8) -> None:
+                 device: str = "cpu", precision: str = "auto", batch_size: int = 8,
+                 max_batch_pixels: int | None = -1) -> None:
         config = EngineConfig(device=device, precision=precision, warmup=False)
-        net, manifest = ModelRepository(model_repo).load(model, version, device=resolve_device(device))
-        self.engine = Engine(Predictor(net, manifest, resolve_device(device)), config)
+        torch_device = resolve_device(device)
+        net, manifest = ModelRepository(model_repo).load(model, version, device=torch_device)
+        self.engine = Engine(Predictor(net, manifest, torch_device), config)
+        if max_batch_pixels == -1:  # by device
+            max_batch_pixels = CPU_BATCH_PIXELS if torch_device.type == "cpu" else None
+        self.max_batch_pixels = max_batch_pixels
         self.manifest = manifest
         self.outputs = JobOutputs(out)
         self.options = options
@@ -146,6 +155,13 @@ class ItemWorker:
         )
         return index, record, None
 
+    def batch_full(self, prepared: Sequence[Any]) -> bool:
+        """Whether same-key items fill a batch: ``batch_size`` of them, or the pixel budget."""
+        if len(prepared) >= self.batch_size:
+            return True
+        budget = self.max_batch_pixels
+        return budget is not None and sum(p.pixels for p in prepared) >= budget
+
     def process(self, rows: Sequence[tuple[int, str, str]]) -> list[Outcome]:
         """(index, path, rel) rows -> outcomes, sequentially: one Ray actor's batch."""
         outcomes: list[Outcome] = []
@@ -158,11 +174,14 @@ class ItemWorker:
                 continue
             groups.setdefault(prepared.key, []).append((index, rel, image, prepared, ms))
         for group in groups.values():
-            for start in range(0, len(group), self.batch_size):
-                chunk = group[start : start + self.batch_size]
-                outputs, fwd_ms = self.predict([g[3] for g in chunk])
-                for (index, rel, image, _, ms), output in zip(chunk, outputs):
-                    outcomes.append(self.write(index, rel, image, output, ms + fwd_ms))
+            chunk: list[tuple[int, str, np.ndarray, Any, float]] = []
+            for entry in group:
+                chunk.append(entry)
+                if self.batch_full([g[3] for g in chunk]) or entry is group[-1]:
+                    outputs, fwd_ms = self.predict([g[3] for g in chunk])
+                    for (index, rel, image, _, ms), output in zip(chunk, outputs):
+                        outcomes.append(self.write(index, rel, image, output, ms + fwd_ms))
+                    chunk = []
         return outcomes
 
 
@@ -214,7 +233,7 @@ def run_local(worker: ItemWorker, items: Sequence[Item], root: Path, on_outcome:
                 continue
             group = groups.setdefault(prepared.key, [])
             group.append((item, image if keep_image else None, prepared, ms))
-            if len(group) >= batch_size:
+            if worker.batch_full([g[2] for g in group]):
                 forward(prepared.key)
             elif sum(len(g) for g in groups.values()) > max_held:  # many sizes: run the biggest group now
                 forward(max(groups, key=lambda k: len(groups[k])))
@@ -338,6 +357,7 @@ def run_batch(
     resume: bool = False,
     options: BatchOptions | None = None,
     batch_size: int = 8,
+    max_batch_pixels: int | None = -1,
     device: str = "auto",
     precision: str = "auto",
     io_threads: int = 0,
@@ -346,6 +366,9 @@ def run_batch(
 ) -> dict[str, Any]:
     """Segment ``inputs`` into ``out`` and return the summary (also written to ``out/summary.json``).
 
+    A forward pass takes up to ``batch_size`` images of one size and, when ``max_batch_pixels``
+    is set, ends once it holds that many input pixels (-1: ``CPU_BATCH_PIXELS`` on CPU, no
+    pixel limit on GPU; None: no pixel limit).
     ``inputs``, ``model`` and ``options`` may be omitted with ``resume``: the stored ones are used
     (``options=None`` on a new batch means the defaults).
     A failed input (undecodable, unreadable) does not stop the run; it is listed
@@ -356,6 +379,8 @@ def run_batch(
         raise InvalidArgument(f"unknown engine {engine!r}; expected one of {ENGINES}")
     if batch_size < 1 or actors < 1 or io_threads < 0:
         raise InvalidArgument("batch_size and actors must be positive and io_threads >= 0")
+    if max_batch_pixels is not None and max_batch_pixels != -1 and max_batch_pixels < 1:
+        raise InvalidArgument(f"max_batch_pixels must be positive, -1 (by device) or None, got {max_batch_pixels}")
     if engine == "ray":
         _import_ray()  # fail before creating anything
     out_dir = Path(out)
@@ -363,15 +388,15 @@ def run_batch(
     options = BatchOptions(**job.spec["options"])
     try:
         return _execute(store, job, root, out_dir, engine=engine, model_repo=os.fspath(model_repo), options=options,
-                        batch_size=batch_size, device=device, precision=precision, io_threads=io_threads,
-                        actors=actors, progress=progress)
+                        batch_size=batch_size, max_batch_pixels=max_batch_pixels, device=device,
+                        precision=precision, io_threads=io_threads, actors=actors, progress=progress)
     finally:
         store.close()
 
 
 def _execute(store: JobStore, job: Job, root: Path, out: Path, *, engine: str, model_repo: str,
-             options: BatchOptions, batch_size: int, device: str, precision: str, io_threads: int, actors: int,
-             progress: bool) -> dict[str, Any]:
+             options: BatchOptions, batch_size: int, max_batch_pixels: int | None, device: str, precision: str,
+             io_threads: int, actors: int, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
     spec = job.spec
@@ -393,7 +418,8 @@ def _execute(store: JobStore, job: Job, root: Path, out: Path, *, engine: str, m
             store.set_progress(job.id, {"elapsed_s": prior_s + last - t0, "images_per_s": bar.format_dict["rate"]})
 
     worker_kwargs = dict(model_repo=model_repo, model=spec["model"], version=spec["version"], out=str(out),
-                         options=options, device=device, precision=precision, batch_size=batch_size)
+                         options=options, device=device, precision=precision, batch_size=batch_size,
+                         max_batch_pixels=max_batch_pixels)
     try:
         if items and engine == "local":
             run_local(ItemWorker(**worker_kwargs), items, root, on_outcome, io_threads=io_threads)

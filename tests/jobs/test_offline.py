@@ -264,3 +264,30 @@ class _closing:
 
     def __exit__(self, *exc) -> None:
         self.store.close()
+
+
+@pytest.mark.parametrize(("pixels", "sizes"), [(-1, [3, 3]), (48 * 40 * 2, [2, 2, 2]), (None, [6])])
+def test_local_batches_end_at_the_pixel_budget(setup, tmp_path, monkeypatch, pixels, sizes) -> None:
+    """Six same-size images: batch_size 8 alone puts them in one pass; a budget of two images' pixels
+    makes passes of two; -1 on CPU means CPU_BATCH_PIXELS (set to three images' pixels here)."""
+    from segsvc.jobs import offline
+
+    monkeypatch.setattr(offline, "CPU_BATCH_PIXELS", 48 * 40 * 3)
+    folder = tmp_path / "same"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(encode(make_image(48, 40, seed=i)))
+    passes: list[int] = []
+    predict = offline.ItemWorker.predict
+    monkeypatch.setattr(offline.ItemWorker, "predict", lambda self, prepared: (passes.append(len(prepared)),
+                                                                               predict(self, prepared))[1])
+    summary = run_batch([str(folder)], model_repo=setup["repo"], model="tiny", out=tmp_path / "out", device="cpu",
+                        batch_size=8, max_batch_pixels=pixels)
+    assert summary["counts"]["done"] == 6
+    assert passes == sizes
+
+
+def test_max_batch_pixels_must_be_positive(setup, tmp_path) -> None:
+    with pytest.raises(InvalidArgument, match="max_batch_pixels"):
+        run_batch([str(setup["inputs"])], model_repo=setup["repo"], model="tiny", out=tmp_path / "o",
+                  max_batch_pixels=0)
