@@ -66,16 +66,25 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 # -- train / eval: the training package, imported only when these commands run -----
 def _train(args: argparse.Namespace) -> int:
+    if args.server:  # a training job on a server (segsvc/cli_train.py): no torch here
+        from segsvc.cli_train import submit_training
+
+        return submit_training(args, _read_token)
+    if not args.config:
+        raise InvalidArgument("segsvc train needs --config RECIPE (or --server HOST:PORT --dataset NAME)")
     from training.train import run
 
     return run(args)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
+    from segsvc.cli_train import add_server_train_arguments
     from training.args import add_train_arguments  # argparse only: no torch import
 
-    p = sub.add_parser("train", help="train a model from a recipe and publish it to a model repository")
+    p = sub.add_parser("train", help="train a model from a recipe and publish it to a model repository "
+                                     "(or, with --server, as a training job on a server)")
     add_train_arguments(p)
+    add_server_train_arguments(p)
     p.set_defaults(func=_train)
 
 
@@ -92,17 +101,22 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset spec: built-in name (camvid, membrane, synthetic) or YAML")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     p.add_argument("--out", default=None, help="output folder (default: runs/eval/<model>-v<version>-<split>)")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="resize images by this factor for inference; metrics still use the full-size labels")
+    p.add_argument("--scale", type=float, default=None,
+                   help="resize images by this factor for inference (default: the model's inference scale "
+                        "from its manifest); metrics still use the full-size labels")
     p.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="sliding-window inference with tiles of H x W pixels")
-    p.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap fraction (default 0.25)")
-    p.add_argument("--hflip", action="store_true", help="horizontal-flip test-time augmentation")
+                   help="sliding-window inference with tiles of H x W pixels; 0 0: off (default: the model's)")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap fraction (default: the model's, 0.25 unless its manifest says)")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="horizontal-flip test-time augmentation (default: the model's, usually off)")
     p.add_argument("--indices", type=int, nargs=2, metavar=("START", "STOP"), default=None,
                    help="evaluate only samples START..STOP-1 of the split")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many samples")
     p.add_argument("--samples", type=int, default=3, help="sample rows in the report picture (default 3)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="forward-pass precision, as segsvc serve's (default auto: fp32 on CPU, bf16/fp16 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_eval)
@@ -247,6 +261,8 @@ def _serve(args: argparse.Namespace) -> int:
         io_threads=args.io_threads,
         torch_threads=args.torch_threads,
         jobs=_jobs_config(args),
+        datasets=_datasets_server_config(args),
+        training=_training_config(args),
         max_connection_age_s=args.max_connection_age_s or None,
     )
     run(config)
@@ -274,6 +290,12 @@ def _jobs_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         upload=UploadLimits(max_file_bytes=int(args.max_upload_file_mb * (1 << 20)),
                             max_total_bytes=int(args.max_upload_mb * (1 << 20))),
     )
+
+
+def _training_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from segsvc.cli_train import training_config
+
+    return training_config(args)
 
 
 CPU_BATCH_PIXELS = 1 << 19  # two 512x512 images
@@ -344,20 +366,26 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
     p.add_argument("--log-format", default="json", choices=("json", "text"), help="log lines (default json)")
     g = p.add_argument_group("batch jobs (on with --state-dir)")
-    g.add_argument("--state-dir", default=None, help="job database (SQLite) and upload staging; enables jobs")
-    g.add_argument("--data-root", default=None, help="server-side job inputs must lie under this folder")
+    g.add_argument("--state-dir", default=None,
+                   help="job database (SQLite), upload staging and the dataset registry; enables jobs and datasets")
+    g.add_argument("--data-root", default=None,
+                   help="server-side job inputs and registered datasets must lie under this folder")
     g.add_argument("--output-root", default=None, help="job outputs go to <root>/<job-id>/ (default <state-dir>/outputs)")
     g.add_argument("--max-running-jobs", type=int, default=1, help="jobs run at once; others wait in order (default 1)")
+    g.add_argument("--max-training-jobs", type=int, default=1,
+                   help="training jobs run at once, each in its own process group (default 1; 0: training off)")
     g.add_argument("--max-job-images", type=int, default=100_000, help="most images in one job (default 100000)")
     g.add_argument("--max-upload-mb", type=float, default=2048, help="largest upload in MiB (default 2048)")
     g.add_argument("--max-upload-file-mb", type=float, default=64, help="largest uploaded file in MiB (default 64)")
+    _add_datasets_server_arguments(g)
     p.set_defaults(func=_serve)
 
 
 def _segment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from segsvc.client import SegmentationClient, image_files
+    from segsvc.cli_client import open_client
+    from segsvc.client import image_files
     from segsvc.inference.codec import encode_png
     from segsvc.inference.repository import parse_model_ref
 
@@ -367,9 +395,7 @@ def _segment(args: argparse.Namespace) -> int:
         raise SegsvcError(f"no images found in {args.inputs}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    root_certs = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    with SegmentationClient(args.server, token=_read_token(args), root_certificates=root_certs,
-                            tls=args.tls, timeout_s=args.timeout_s) as client:
+    with open_client(args, _read_token) as client:
         results = client.segment_many(
             files, model=model, version=version, tile_size=args.tile_size, flip_tta=args.flip_tta,
             progress=args.progress, return_exceptions=True,
@@ -404,8 +430,10 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlay", action="store_true", help="also write the colours blended over the image")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--model", default=None, help="NAME or NAME:VERSION (default: the server's only model)")
-    p.add_argument("--tile-size", type=int, default=0, help="sliding-window tile side in pixels (default off)")
-    p.add_argument("--flip-tta", action="store_true", help="horizontal-flip test-time augmentation")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="sliding-window tile side in pixels; 0: off (default: the model's, usually off)")
+    p.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="horizontal-flip test-time augmentation (default: the model's, usually off)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the whole run (default 300)")
     p.add_argument("--token-file", default=None, help="bearer token file (else $SEGSVC_AUTH_TOKEN)")
     p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
@@ -424,7 +452,9 @@ def _batch(args: argparse.Namespace) -> int:
     options = BatchOptions(**given) if given or not args.resume else None
     summary = run_batch(
         args.inputs, model_repo=args.model_repo, model=args.model, out=args.out, engine=args.engine,
-        resume=args.resume, options=options, batch_size=args.batch_size, device=args.device,
+        resume=args.resume, options=options, batch_size=args.batch_size,
+        max_batch_pixels=-1 if args.max_batch_pixels == "auto" else _batch_pixels(args.max_batch_pixels, "cpu"),
+        device=args.device,
         io_threads=args.io_threads, actors=args.actors, progress=args.progress,
     )  # fmt: skip
     counts = summary["counts"]
@@ -456,7 +486,10 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
                    help="also write confidence/<input>.png (uint8 max softmax)")
     p.add_argument("--tile-size", type=int, default=None, help="sliding-window tile side in pixels (default off)")
     p.add_argument("--flip-tta", action="store_true", default=None, help="horizontal-flip test-time augmentation")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="most images per forward pass (default 8)")
+    p.add_argument("--max-batch-pixels", default="auto",
+                   help="a forward pass also ends at this many input pixels: auto (131072 on CPU, no limit on "
+                        "GPU), 0 for no limit, or an integer")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--io-threads", type=int, default=0, help="local engine: decode and write threads each "
                                                              "(default: up to 4)")
@@ -472,6 +505,24 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
     add_jobs_parser(sub, _read_token)
 
 
+def _add_datasets(sub: argparse._SubParsersAction) -> None:
+    from segsvc.cli_datasets import add_datasets_parser
+
+    add_datasets_parser(sub, _read_token)
+
+
+def _add_datasets_server_arguments(group: argparse._ArgumentGroup) -> None:
+    from segsvc.cli_datasets import add_server_arguments
+
+    add_server_arguments(group)
+
+
+def _datasets_server_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from segsvc.cli_datasets import server_config
+
+    return server_config(args)
+
+
 def _add_health(sub: argparse._SubParsersAction) -> None:
     from segsvc.health import add_health_parser  # grpc only when it runs: a health check stays cheap
 
@@ -479,7 +530,8 @@ def _add_health(sub: argparse._SubParsersAction) -> None:
 
 
 _ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_train, _add_eval, _add_data, _add_serve, _add_segment, _add_batch, _add_jobs, _add_health,
+    _add_models, _add_train, _add_eval, _add_data, _add_serve, _add_segment, _add_batch, _add_jobs, _add_datasets,
+    _add_health,
 ]
 
 

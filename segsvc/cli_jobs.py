@@ -1,31 +1,36 @@
-"""``segsvc jobs``: batch segmentation jobs on a running server, from the command line.
+"""``segsvc jobs``: batch segmentation and training jobs on a running server, from the command line.
 
 ``submit`` starts a job over server paths (under the server's ``--data-root``)
 or, with ``--upload``, over local files; ``list``, ``status``, ``wait``,
-``cancel``, ``delete`` and ``fetch`` act on jobs by id. ``wait`` (and
-``submit --wait``) shows a tqdm bar fed by the operation's metadata. Only the
-light client is imported (no torch).
+``cancel``, ``delete`` and ``fetch`` act on jobs by id, training jobs
+(``segsvc train --server``) included. ``wait`` (and ``submit --wait``) shows a
+tqdm bar fed by the operation's metadata. Only the light client is imported
+(no torch).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Callable
 
 from segsvc.errors import SegsvcError
 
 
 def _client(args: argparse.Namespace, read_token: Callable[[argparse.Namespace], str | None]):  # type: ignore[no-untyped-def]
-    from segsvc.client import SegmentationClient
+    from segsvc.cli_client import open_client
 
-    root_certs = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    return SegmentationClient(args.server, token=read_token(args), root_certificates=root_certs, tls=args.tls,
-                              timeout_s=args.timeout_s)
+    return open_client(args, read_token)
 
 
 def _print_status(status) -> None:  # type: ignore[no-untyped-def]
+    if hasattr(status, "phase"):  # a training job
+        miou = f", val mIoU {status.val_miou:.4f} (best {status.best_miou:.4f})" if status.val_miou else ""
+        eta = f", eta {status.eta_s:.0f} s" if status.eta_s and not status.done_flag else ""
+        print(f"{status.name}  {status.state:9}  train {status.phase:10} epoch {status.epoch}/{status.epochs} "
+              f"step {status.step}/{status.steps_per_epoch}  loss {status.loss:.4f}{miou}  "
+              f"{status.recipe} on {status.dataset} -> {status.model}{eta}")
+        return
     eta = f", eta {status.eta_s:.0f} s" if status.eta_s and not status.done_flag else ""
     print(f"{status.name}  {status.state:9}  {status.processed}/{status.total} "
           f"(done {status.done}, failed {status.failed}, skipped {status.skipped})  "
@@ -33,6 +38,13 @@ def _print_status(status) -> None:  # type: ignore[no-untyped-def]
 
 
 def _print_result(job) -> int:  # type: ignore[no-untyped-def]
+    from segsvc.jobclient import TrainingJobHandle
+
+    if isinstance(job, TrainingJobHandle):
+        from segsvc.cli_train import print_training_result
+
+        print_training_result(job)
+        return 0
     result = job.result()
     print(json.dumps({
         "job": job.name, "output_location": result.output_location, "done": result.done, "failed": result.failed,
@@ -52,7 +64,8 @@ def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argpa
     common.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate")
     common.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each call (default 60)")
 
-    p = sub.add_parser("jobs", help="batch segmentation jobs on a server: submit, list, status, wait, cancel, ...")
+    p = sub.add_parser("jobs", help="batch segmentation and training jobs on a server: submit, list, status, wait, "
+                                    "cancel, ...")
     jsub = p.add_subparsers(dest="jobs_cmd", required=True)
 
     def handler(fn):  # type: ignore[no-untyped-def]
@@ -70,8 +83,10 @@ def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argpa
     ps.add_argument("--overlay", action="store_true", help="also write overlays")
     ps.add_argument("--color", action="store_true", help="also write colour masks")
     ps.add_argument("--confidence", action="store_true", help="also write confidence PNGs")
-    ps.add_argument("--tile-size", type=int, default=0, help="sliding-window tile side (default off)")
-    ps.add_argument("--flip-tta", action="store_true", help="horizontal-flip test-time augmentation")
+    ps.add_argument("--tile-size", type=int, default=None,
+                    help="sliding-window tile side; 0: off (default: the model's, usually off)")
+    ps.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
+                    help="horizontal-flip test-time augmentation (default: the model's, usually off)")
     ps.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
     ps.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     ps.set_defaults(func=handler(_submit))
@@ -94,7 +109,7 @@ def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argpa
     pd.add_argument("--outputs", action="store_true", help="also delete its output folder on the server")
     pd.set_defaults(func=handler(_delete))
 
-    pf = jsub.add_parser("fetch", parents=[common], help="download a job's outputs")
+    pf = jsub.add_parser("fetch", parents=[common], help="download a job's outputs (a training job's artifacts)")
     pf.add_argument("job", help="job id or jobs/<id>")
     pf.add_argument("--out", required=True, help="local folder for the files")
     pf.set_defaults(func=handler(_fetch))

@@ -26,13 +26,20 @@ import numpy as np
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from segsvc.errors import InvalidArgument, InvalidImage, SegsvcError, Unavailable
-from segsvc.jobclient import JobHandle, JobStatus, local_images, upload_files
+from segsvc.datasets.content import archive_format, file_chunks, local_files, tar_stream
+from segsvc.errors import DatasetInvalid, InvalidArgument, InvalidImage, SegsvcError, Unavailable
+from segsvc.jobclient import (
+    JobHandle, JobStatus, TrainingJobHandle, TrainingStatus, handle_for, local_images, upload_files,
+)
 from segsvc.palette import colorize, overlay
 from segsvc.v1 import segmentation_pb2 as pb
+from segsvc.v1 import datasets_pb2 as datasets_pb
+from segsvc.v1 import datasets_pb2_grpc as datasets_grpc
 from segsvc.v1 import jobs_pb2 as jobs_pb
 from segsvc.v1 import jobs_pb2_grpc as jobs_grpc
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
+from segsvc.v1 import training_pb2 as tpb
+from segsvc.v1 import training_pb2_grpc as training_grpc
 from segsvc.wire import error_from_rpc, error_from_status, labels_from_proto
 
 ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
@@ -115,6 +122,27 @@ def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return out
 
 
+UPLOAD_FORMATS = {"tar": datasets_pb.UPLOAD_FORMAT_TAR, "zip": datasets_pb.UPLOAD_FORMAT_ZIP,
+                  "pairs": datasets_pb.UPLOAD_FORMAT_PAIRS}
+DATASET_SOURCES = {datasets_pb.DATASET_SOURCE_REGISTERED: "register", datasets_pb.DATASET_SOURCE_UPLOADED: "upload"}
+def dataset_error(exc: grpc.RpcError) -> SegsvcError:
+    """``error_from_rpc``, plus the problem list a ``DatasetInvalid`` carries in its status details."""
+    error = error_from_rpc(exc)
+    if isinstance(error, DatasetInvalid):
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+
+        try:
+            status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+        except ValueError:  # details that do not match the call's status: keep the message only
+            status = None
+        failure = error_details_pb2.PreconditionFailure()
+        for detail in status.details if status is not None else ():
+            if detail.Unpack(failure):
+                error.problems += tuple((v.type, v.subject, v.description) for v in failure.violations)
+    return error
+
+
 class SegmentationClient:
     """A connection to a segsvc server.
 
@@ -153,10 +181,24 @@ class SegmentationClient:
         self._stub = pb_grpc.SegmentationServiceStub(self._channel)
         self._jobs = jobs_grpc.JobServiceStub(self._channel)
         self._ops = operations_pb2_grpc.OperationsStub(self._channel)
+        self._datasets = datasets_grpc.DatasetServiceStub(self._channel)
+        self._training = training_grpc.TrainingServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
+
+    def wait_for_server(self, timeout_s: float) -> None:
+        """Block until the channel connects (a server just started may not listen yet).
+
+        Raises:
+            Unavailable: nothing accepted a connection at ``address`` within ``timeout_s``.
+        """
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise Unavailable(f"no server answered at {self.address} within {timeout_s:g} s: "
+                              "is 'segsvc serve' running there?") from None
 
     def __enter__(self) -> "SegmentationClient":
         return self
@@ -181,19 +223,25 @@ class SegmentationClient:
         encoding: str = "raw",
         confidence: bool = False,
         class_counts: bool = False,
-        tile_size: int = 0,
+        tile_size: int | None = None,
         tile_overlap: float | None = None,
-        flip_tta: bool = False,
+        flip_tta: bool | None = None,
         request_id: str = "",
     ) -> pb.SegmentRequest:
-        """The ``SegmentRequest`` for an image path, encoded bytes or uint8 array."""
+        """The ``SegmentRequest`` for an image path, encoded bytes or uint8 array.
+
+        ``tile_size``, ``tile_overlap`` and ``flip_tta`` left ``None`` use the model's
+        defaults from its manifest; ``tile_size=0`` and ``flip_tta=False`` turn them off.
+        """
         if encoding not in ENCODINGS:
             raise InvalidArgument(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
         options = pb.SegmentOptions(
-            encoding=ENCODINGS[encoding], return_confidence=confidence,
-            return_class_counts=class_counts, flip_tta=flip_tta,
+            encoding=ENCODINGS[encoding], return_confidence=confidence, return_class_counts=class_counts,
         )
-        if tile_size:
+        if flip_tta is not None:
+            options.flip_tta = flip_tta
+        if tile_size is not None:
+            options.tiling.SetInParent()
             options.tiling.tile_size = tile_size
             if tile_overlap is not None:
                 options.tiling.overlap = tile_overlap
@@ -328,9 +376,9 @@ class SegmentationClient:
         overlay: bool = False,
         overlay_alpha: float = 0.0,
         confidence: bool = False,
-        tile_size: int = 0,
+        tile_size: int | None = None,
         tile_overlap: float | None = None,
-        flip_tta: bool = False,
+        flip_tta: bool | None = None,
     ) -> JobHandle:
         """Start a batch job over server paths (``inputs``, relative to its data root) or local files (``upload``).
 
@@ -353,21 +401,144 @@ class SegmentationClient:
         return JobHandle(self, self._job_call("SubmitSegmentationJob", request))
 
     def job(self, name: str) -> JobHandle:
-        """A handle on an existing job (``jobs/<id>`` or the id)."""
+        """A handle on an existing job (``jobs/<id>`` or the id): a ``TrainingJobHandle`` for training jobs."""
         name = name if name.startswith("jobs/") else f"jobs/{name}"
-        return JobHandle(self, self._ops_call("GetOperation", operations_pb2.GetOperationRequest(name=name)))
+        return handle_for(self, self._ops_call("GetOperation", operations_pb2.GetOperationRequest(name=name)))
 
-    def list_jobs(self, filter: str = "", page_size: int = 50) -> Iterator[JobStatus]:
+    # -- training jobs ------------------------------------------------------------------
+    def _training_stream(self, method: str, request) -> Iterator:
+        return getattr(self._training, method)(request, metadata=self._metadata)
+
+    def submit_training_job(
+        self,
+        dataset: str,
+        *,
+        recipe: str = "",
+        recipe_yaml: str = "",
+        overrides: Sequence[str] = (),
+        base_model: str = "",
+        model_name: str = "",
+        max_time_min: float | None = None,
+        epochs: int | None = None,
+        device: str = "auto",
+        nproc_per_node: int = 1,
+        promote: str = "gate",
+        gate_margin: float = 0.0,
+        request_id: str = "",
+    ) -> TrainingJobHandle:
+        """Train on a registered dataset on the server, evaluate, gate and publish (a long-running operation).
+
+        ``recipe`` names a recipe of the server's ``training/recipes`` (or give
+        ``recipe_yaml``); ``base_model`` ("NAME" or "NAME:VERSION") fine-tunes a
+        served model; ``promote`` is ``gate`` (default: the default only when it
+        beats the current one by ``gate_margin`` mIoU), ``always`` or ``never``.
+        Returns at once: ``.wait(progress=True)``, ``.result()`` (verdict and
+        comparison table), ``.cancel()``, ``.fetch(dest)``.
+        """
+        policies = {"gate": tpb.PROMOTE_POLICY_GATE, "always": tpb.PROMOTE_POLICY_ALWAYS,
+                    "never": tpb.PROMOTE_POLICY_NEVER}
+        if promote not in policies:
+            raise InvalidArgument(f"promote must be one of {sorted(policies)}, got {promote!r}")
+        if max_time_min is not None and epochs is not None:
+            raise InvalidArgument("give one budget: max_time_min or epochs")
+        request = tpb.SubmitTrainingJobRequest(
+            request_id=request_id, dataset=dataset, recipe=recipe, recipe_yaml=recipe_yaml, overrides=list(overrides),
+            base_model=base_model, model_name=model_name, device=device, nproc_per_node=nproc_per_node,
+            promote=policies[promote], gate_margin=gate_margin,
+        )
+        if max_time_min is not None:
+            request.max_time_min = max_time_min
+        elif epochs is not None:
+            request.epochs = epochs
+        return TrainingJobHandle(self, self._call(self._training.SubmitTrainingJob, request))
+
+    def list_jobs(self, filter: str = "", page_size: int = 50) -> Iterator[JobStatus | TrainingStatus]:
         """Every job (oldest first), fetched page by page; ``filter`` e.g. ``"state=RUNNING"``."""
         token = ""
         while True:
             response = self._ops_call("ListOperations", operations_pb2.ListOperationsRequest(
                 name="jobs", filter=filter, page_size=page_size, page_token=token))
             for op in response.operations:
-                yield JobHandle(self, op).status(refresh=False)
+                yield handle_for(self, op).status(refresh=False)
             token = response.next_page_token
             if not token:
                 return
+
+    # -- datasets -----------------------------------------------------------------------
+    def _dataset_call(self, method: str, request, timeout_s: float | None = None):
+        try:
+            return getattr(self._datasets, method)(request, timeout=timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise dataset_error(exc) from None
+
+    def upload_dataset(
+        self,
+        path: str | os.PathLike,
+        name: str,
+        *,
+        format: str | None = None,
+        dataset_yaml: str = "",
+        class_names: Sequence[str] = (),
+        sha256: str = "",
+        progress: bool = False,
+        timeout_s: float | None = None,
+    ) -> datasets_pb.Dataset:
+        """Upload a dataset: a local folder or a ``.tar[.gz|.bz2|.xz]``, ``.tgz`` or ``.zip`` archive.
+
+        A folder is packed as a tar stream on the fly (``format="tar"``, the
+        default) or sent file by file (``format="pairs"``); hidden files are left
+        out (``segsvc.datasets.content``). ``dataset_yaml`` (text) or ``class_names``
+        describe a folder that has no ``dataset.yaml``; ``sha256`` is the expected
+        content hash. No deadline unless ``timeout_s``: the server validates every
+        file before it answers. Raises ``DatasetInvalid`` (``.problems``: every
+        problem found) when the dataset fails its check.
+        """
+        from tqdm import tqdm
+
+        path = Path(path)
+        fmt = format or ("tar" if path.is_dir() else archive_format(path))
+        if fmt not in UPLOAD_FORMATS or (path.is_dir() and fmt == "zip") or (not path.is_dir() and fmt == "pairs"):
+            raise InvalidArgument(f"upload {os.fspath(path)!r} as {fmt!r}: folders go as tar or pairs, "
+                                  f"archive files as tar or zip")
+        files = local_files(path) if path.is_dir() else [("", path)]
+        bar = tqdm(total=sum(p.stat().st_size for _, p in files), unit="B", unit_scale=True, disable=not progress,
+                   desc=f"upload {name}")
+        metadata = datasets_pb.UploadDatasetMetadata(name=name, format=UPLOAD_FORMATS[fmt], dataset_yaml=dataset_yaml,
+                                                     class_names=list(class_names), sha256=sha256)
+
+        def messages() -> Iterator[datasets_pb.UploadDatasetRequest]:
+            yield datasets_pb.UploadDatasetRequest(metadata=metadata)
+            if path.is_dir() and fmt == "tar":
+                for data in tar_stream(files, on_bytes=bar.update):
+                    yield datasets_pb.UploadDatasetRequest(chunk=datasets_pb.DatasetChunk(data=data))
+                return
+            for rel, file in files:
+                for data, last in file_chunks(file):
+                    bar.update(len(data))
+                    yield datasets_pb.UploadDatasetRequest(chunk=datasets_pb.DatasetChunk(name=rel, data=data,
+                                                                                           last=last))
+
+        try:
+            return self._dataset_call("UploadDataset", messages(), timeout_s)
+        finally:
+            bar.close()
+
+    def register_dataset(self, path: str, name: str = "", timeout_s: float | None = None) -> datasets_pb.Dataset:
+        """Register a folder under the server's ``--data-root`` (relative to it) as a dataset."""
+        return self._dataset_call("RegisterDataset", datasets_pb.RegisterDatasetRequest(path=path, name=name),
+                                  timeout_s)
+
+    def list_datasets(self) -> list[datasets_pb.Dataset]:
+        return list(self._dataset_call("ListDatasets", datasets_pb.ListDatasetsRequest(), self.timeout_s).datasets)
+
+    def get_dataset(self, name: str) -> datasets_pb.Dataset:
+        """A dataset by name, content hash or a unique hash prefix."""
+        return self._dataset_call("GetDataset", datasets_pb.GetDatasetRequest(name=name), self.timeout_s)
+
+    def delete_dataset(self, name: str) -> datasets_pb.Dataset:
+        """Forget a dataset (its uploaded files go too); returns what it was."""
+        request = datasets_pb.DeleteDatasetRequest(name=name)
+        return self._dataset_call("DeleteDataset", request, self.timeout_s).dataset
 
     # -- models and health --------------------------------------------------------------
     def list_models(self) -> list[pb.ModelInfo]:

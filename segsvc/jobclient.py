@@ -1,10 +1,14 @@
-"""Client side of batch jobs: a handle on a long-running operation, uploads and output downloads.
+"""Client side of batch and training jobs: handles on long-running operations, uploads and downloads.
 
 ``SegmentationClient.submit_job`` returns a ``JobHandle``; ``wait(progress=True)``
 follows the operation with ``WaitOperation`` and shows a tqdm bar fed by the
 operation's ``JobMetadata``; ``result()`` returns the ``JobResult`` or raises
-the job's error as a domain error. Like ``segsvc.client`` this needs only grpc,
-NumPy and the generated messages.
+the job's error as a domain error. ``submit_training_job`` returns a
+``TrainingJobHandle``: the same calls, with a bar over epochs that shows the
+loss and validation mIoU, a ``TrainingResult`` (the gate's verdict and its
+comparison table) and ``fetch`` of the run's artifacts. ``handle_for`` picks
+the handle from the operation's metadata type. Like ``segsvc.client`` this
+needs only grpc, NumPy and the generated messages.
 
 Example:
     >>> with SegmentationClient("localhost:50051") as client:  # doctest: +SKIP
@@ -29,6 +33,7 @@ from google.protobuf import duration_pb2
 
 from segsvc.errors import Cancelled, InvalidArgument, SegsvcError
 from segsvc.v1 import jobs_pb2 as jobs_pb
+from segsvc.v1 import training_pb2 as tpb
 from segsvc.wire import error_from_rpc, error_from_status
 
 if TYPE_CHECKING:
@@ -101,6 +106,19 @@ class JobHandle:
             self._op = self._client._ops_call("GetOperation", operations_pb2.GetOperationRequest(name=self.name))
         return _status(self._op)
 
+    def _wait_step(self, step_s: float) -> None:
+        """One ``WaitOperation`` of at most ``step_s`` (returns earlier when the job ends)."""
+        request = operations_pb2.WaitOperationRequest(
+            name=self.name, timeout=duration_pb2.Duration(seconds=0, nanos=int(step_s * 1e9)))
+        self._op = self._client._ops_call("WaitOperation", request, timeout_s=step_s + 30)
+
+    def _error(self) -> None:
+        op = self._op
+        if op.HasField("error"):
+            if op.error.code == grpc.StatusCode.CANCELLED.value[0]:
+                raise Cancelled(op.error.message)
+            raise error_from_status(op.error.code, op.error.message)
+
     def wait(self, progress: bool = False, timeout_s: float | None = None) -> JobStatus:
         """Block until the job is done (or ``timeout_s`` passes); a tqdm bar shows its metadata."""
         from tqdm import tqdm
@@ -120,10 +138,7 @@ class JobHandle:
                 step = WAIT_STEP_S if deadline is None else min(WAIT_STEP_S, deadline - time.monotonic())
                 if step <= 0:
                     return status
-                request = operations_pb2.WaitOperationRequest(name=self.name,
-                                                              timeout=duration_pb2.Duration(seconds=0,
-                                                                                            nanos=int(step * 1e9)))
-                self._op = self._client._ops_call("WaitOperation", request, timeout_s=step + 30)
+                self._wait_step(step)
                 status = _status(self._op)
         finally:
             bar.close()
@@ -135,10 +150,7 @@ class JobHandle:
         op = self._op
         if not op.done:
             raise SegsvcError(f"job {self.id} is not done after {timeout_s} s")
-        if op.HasField("error"):
-            if op.error.code == grpc.StatusCode.CANCELLED.value[0]:
-                raise Cancelled(op.error.message)
-            raise error_from_status(op.error.code, op.error.message)
+        self._error()
         res = jobs_pb.SegmentationJobResult()
         op.response.Unpack(res)
         return JobResult(res.output_location, res.total, res.done, res.failed, res.skipped,
@@ -156,33 +168,38 @@ class JobHandle:
 
     def fetch(self, dest: str | os.PathLike, progress: bool = False) -> list[Path]:
         """Download every output file into ``dest`` (same relative layout); returns the paths written."""
-        from tqdm import tqdm
-
-        root = Path(dest).resolve()
-        written: list[Path] = []
-        current = None
         stream = self._client._job_stream("FetchJobOutputs", jobs_pb.FetchJobOutputsRequest(name=self.name))
-        try:
-            for chunk in tqdm(stream, unit="chunk", desc="fetch", disable=not progress):
-                path = (root / chunk.path).resolve()
-                if not path.is_relative_to(root):
-                    raise InvalidArgument(f"the server sent a file outside the folder: {chunk.path!r}")
-                if chunk.offset == 0:
-                    if current is not None:
-                        current.close()
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    current = open(path, "wb")
-                    written.append(path)
-                current.write(chunk.data)
-                if chunk.last:
+        return download(stream, dest, progress)
+
+
+def download(stream: Iterable[jobs_pb.FileChunk], dest: str | os.PathLike, progress: bool = False) -> list[Path]:
+    """Write a stream of ``FileChunk`` under ``dest``, refusing paths that lead outside it."""
+    from tqdm import tqdm
+
+    root = Path(dest).resolve()
+    written: list[Path] = []
+    current = None
+    try:
+        for chunk in tqdm(stream, unit="chunk", desc="fetch", disable=not progress):
+            path = (root / chunk.path).resolve()
+            if not path.is_relative_to(root):
+                raise InvalidArgument(f"the server sent a file outside the folder: {chunk.path!r}")
+            if chunk.offset == 0:
+                if current is not None:
                     current.close()
-                    current = None
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
-        finally:
-            if current is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                current = open(path, "wb")
+                written.append(path)
+            current.write(chunk.data)
+            if chunk.last:
                 current.close()
-        return written
+                current = None
+    except grpc.RpcError as exc:
+        raise error_from_rpc(exc) from None
+    finally:
+        if current is not None:
+            current.close()
+    return written
 
 
 def upload_files(files: Sequence[Path], root: Path | None) -> Iterator[jobs_pb.UploadImagesRequest]:
@@ -220,3 +237,155 @@ def local_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], Path |
 
 
 _SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+# -- training jobs ---------------------------------------------------------------------------
+PHASES = {v: k.removeprefix("TRAINING_PHASE_").lower() for k, v in tpb.TrainingPhase.items()}
+POLICY_NAMES = {v: k.removeprefix("PROMOTE_POLICY_").lower() for k, v in tpb.PromotePolicy.items()}
+
+
+@dataclass(frozen=True)
+class TrainingStatus:
+    """A training job's progress, from its operation's ``TrainingJobMetadata``."""
+
+    name: str
+    state: str
+    done_flag: bool
+    phase: str
+    epoch: int
+    epochs: int
+    step: int
+    steps_per_epoch: int
+    loss: float
+    lr: float
+    val_miou: float
+    best_miou: float
+    images_per_s: float
+    eta_s: float
+    elapsed_s: float
+    dataset: str
+    model: str
+    base_model: str
+    recipe: str
+    attempts: int
+    cancel_requested: bool
+
+    @property
+    def fraction(self) -> float:
+        """Share of the planned steps done (0..1)."""
+        if self.epochs <= 0:
+            return 0.0
+        within = self.step / self.steps_per_epoch if self.steps_per_epoch > 0 else 0.0
+        return min(1.0, (max(self.epoch - 1, 0) + within) / self.epochs)
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    split: str
+    metric: str
+    candidate: float
+    default: float | None
+    delta: float
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """A finished training job: the published version, whether it became the default, and why."""
+
+    model: str
+    version: int
+    promoted: bool
+    verdict: str
+    previous_default: int
+    promote: str
+    gate_margin: float
+    comparison: tuple[MetricRow, ...]
+    metrics: dict[str, float]
+    epochs: int
+    train_seconds: float
+    artifacts: tuple[str, ...]
+
+    def table(self) -> str:
+        """The comparison, candidate against default, per split and metric."""
+        lines = [f"{'split':8} {'metric':20} {'candidate':>10} {'default':>10} {'delta':>9}"]
+        for r in self.comparison:
+            default = "-" if r.default is None else f"{r.default:.4f}"
+            delta = "-" if r.default is None else f"{r.delta:+.4f}"
+            lines.append(f"{r.split:8} {r.metric:20} {r.candidate:>10.4f} {default:>10} {delta:>9}")
+        return "\n".join(lines)
+
+
+def _training_status(op: operations_pb2.Operation) -> TrainingStatus:
+    m = tpb.TrainingJobMetadata()
+    op.metadata.Unpack(m)
+    return TrainingStatus(op.name, STATES.get(m.state, "UNSPECIFIED"), op.done, PHASES.get(m.phase, "unspecified"),
+                          m.epoch, m.epochs, m.step, m.steps_per_epoch, m.loss, m.learning_rate, m.val_miou,
+                          m.best_miou, m.images_per_second, m.eta_seconds, m.elapsed_seconds, m.dataset, m.model,
+                          m.base_model, m.recipe, m.attempts, m.cancel_requested)
+
+
+class TrainingJobHandle(JobHandle):
+    """A submitted training job (``jobs/<id>``): progress over epochs, the gate's result, the run's artifacts."""
+
+    def status(self, refresh: bool = True) -> TrainingStatus:  # type: ignore[override]
+        if refresh and not self._op.done:
+            self._op = self._client._ops_call("GetOperation", operations_pb2.GetOperationRequest(name=self.name))
+        return _training_status(self._op)
+
+    def wait(self, progress: bool = False, timeout_s: float | None = None) -> TrainingStatus:  # type: ignore[override]
+        """Block until the job is done (or ``timeout_s`` passes); the bar shows epochs, loss and val mIoU."""
+        from tqdm import tqdm
+
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        status = _training_status(self._op)
+        bar = tqdm(total=1000, desc=self.id[:8], disable=not progress,
+                   bar_format="{l_bar}{bar}| {postfix}")
+        try:
+            while True:
+                bar.n = round(1000 * (1.0 if status.state == "SUCCEEDED" else status.fraction))
+                postfix = {"phase": status.phase, "epoch": f"{status.epoch}/{status.epochs}"}
+                if status.loss:
+                    postfix["loss"] = f"{status.loss:.4f}"
+                if status.val_miou:
+                    postfix["val_mIoU"] = f"{status.val_miou:.4f}"
+                if status.eta_s and not status.done_flag:
+                    postfix["eta"] = f"{status.eta_s:.0f}s"
+                bar.set_postfix(postfix, refresh=False)
+                bar.refresh()
+                if self._op.done:
+                    return status
+                step = WAIT_STEP_S if deadline is None else min(WAIT_STEP_S, deadline - time.monotonic())
+                if step <= 0:
+                    return status
+                self._wait_step(step)
+                status = _training_status(self._op)
+        finally:
+            bar.close()
+
+    def result(self, timeout_s: float | None = None) -> TrainingResult:  # type: ignore[override]
+        """Wait for the job and return the gate's result; a failed or cancelled job raises its error."""
+        if not self._op.done:
+            self.wait(timeout_s=timeout_s)
+        if not self._op.done:
+            raise SegsvcError(f"job {self.id} is not done after {timeout_s} s")
+        self._error()
+        r = tpb.TrainingJobResponse()
+        self._op.response.Unpack(r)
+        rows = tuple(MetricRow(c.split, c.metric, c.candidate, c.default if c.HasField("default") else None, c.delta)
+                     for c in r.comparison)
+        return TrainingResult(r.model, r.version, r.promoted, r.verdict, r.previous_default,
+                              POLICY_NAMES.get(r.promote, "gate"), r.gate_margin, rows, dict(r.metrics), r.epochs,
+                              r.train_seconds, tuple(r.artifacts))
+
+    def fetch(self, dest: str | os.PathLike, progress: bool = False) -> list[Path]:
+        """Download the training curve, metrics, events, log, evaluation reports and gate.json into ``dest``."""
+        stream = self._client._training_stream("FetchTrainingArtifacts",
+                                               tpb.FetchTrainingArtifactsRequest(name=self.name))
+        return download(stream, dest, progress)
+
+
+def handle_for(client: "SegmentationClient", op: operations_pb2.Operation) -> JobHandle:
+    """The handle that matches the operation's kind (training or batch)."""
+    if op.metadata.Is(tpb.TrainingJobMetadata.DESCRIPTOR):
+        return TrainingJobHandle(client, op)
+    return JobHandle(client, op)

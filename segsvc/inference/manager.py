@@ -12,8 +12,13 @@ fails because of the swap.
 Versions loaded "as the latest" (at start, by the directory poller, or by
 ``load(name)`` without a version) are *automatic*: a newer automatic version
 replaces them. Versions loaded by number stay until ``unload``. Requests
-without a version use the pinned default (``set_default``) or else the newest
-loaded version.
+without a version use the pinned default (``set_default``, in memory), else the
+repository's persistent default (``<model>/DEFAULT``, see ``ModelRepository``),
+else the newest loaded version. The persistent default is loaded next to the
+newest version and never retired by a newer one; when the pointer moves
+(``refresh_default``, or the poller seeing the file change) the new default is
+loaded and warmed first and then switched to in one assignment, so requests
+without a version move over with none failing.
 
 "The latest" is the newest version that *loads*: a corrupt or half-copied
 newest version is recorded as failed (with its reason, reported by
@@ -78,6 +83,7 @@ class ModelManager:
         # threads (metrics) and the event loop always see a consistent table.
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._pinned: dict[str, int] = {}
+        self._stored: dict[str, int] = {}  # the repository's DEFAULT pointer, once that version is loaded
         self._locks: dict[str, asyncio.Lock] = {}
         self._holds: dict[tuple[str, int], int] = {}
         self._retiring: set[asyncio.Task] = set()
@@ -104,7 +110,7 @@ class ModelManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
-        models, self._models, self._pinned = self._models, {}, {}
+        models, self._models, self._pinned, self._stored = self._models, {}, {}, {}
         await asyncio.gather(*(self._retire(lm) for table in models.values() for lm in table.values()))
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
@@ -117,11 +123,16 @@ class ModelManager:
 
     # -- serving -------------------------------------------------------------------
     def default_version(self, name: str) -> int:
+        """The version requests without one get: pinned, else the repository's DEFAULT, else the newest."""
         table = self._models.get(name) or {}
-        pinned = self._pinned.get(name)
-        if pinned in table:
-            return pinned  # type: ignore[return-value]
+        for chosen in (self._pinned.get(name), self._stored.get(name)):
+            if chosen in table:
+                return chosen  # type: ignore[return-value]
         return max(table) if table else 0
+
+    def _kept(self, name: str) -> set[int | None]:
+        """Versions that a newer automatic version never retires: the pinned and the stored default."""
+        return {self._pinned.get(name), self._stored.get(name)}
 
     def resolve(self, name: str | None, version: int | None) -> LoadedModel:
         """The loaded version serving ``name`` (any single loaded model when ``name`` is empty)."""
@@ -172,7 +183,9 @@ class ModelManager:
         async with self._locks.setdefault(name, asyncio.Lock()):
             try:
                 if version is None:
-                    return await self._load_newest(name, retry_unchanged=True)
+                    newest = await self._load_newest(name, retry_unchanged=True)
+                    await self._sync_default(name)
+                    return newest
                 lm = (self._models.get(name) or {}).get(version)
                 if lm is None:
                     entries = await self.loader.scan(name)
@@ -230,7 +243,7 @@ class ModelManager:
         table = self._models.get(name) or {}
         old = [
             lm for v, lm in table.items()
-            if lm.auto and v < newest and v != self._pinned.get(name) and not self._holds.get((name, v))
+            if lm.auto and v < newest and v not in self._kept(name) and not self._holds.get((name, v))
         ]
         if not old:
             return
@@ -311,6 +324,55 @@ class ModelManager:
             self._pinned[name] = version
         self._changed()
 
+    async def refresh_default(self, name: str) -> int:
+        """Follow ``<model>/DEFAULT`` now (after a promotion wrote it); returns the default version.
+
+        The version it names is loaded and warmed before requests switch to it;
+        a model not loaded yet is loaded first (its newest version).
+        """
+        check_name(name)
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            try:
+                if not self._models.get(name):
+                    await self._load_newest(name, retry_unchanged=True)
+                await self._sync_default(name)
+            finally:
+                self._changed()
+        return self.default_version(name)
+
+    async def _sync_default(self, name: str) -> None:
+        """Load the version the repository's DEFAULT names, then make it the stored default; call with the lock held.
+
+        A pointer to a version that is missing or does not load is logged and the
+        previous default stays in effect (requests never land on a broken version).
+        """
+        wanted = await asyncio.to_thread(self.repository.default_version, name)
+        current = self._stored.get(name)
+        if wanted == current:
+            return
+        table = self._models.get(name) or {}
+        if wanted is not None and wanted not in table:
+            entries = await self.loader.scan(name)
+            entry = next((e for e in entries if e.version == wanted), None)
+            if entry is None:
+                log.error("model %s: DEFAULT names version %d, which is not in the repository; keeping %s",
+                          name, wanted, current or "the newest version")
+                return
+            try:
+                await self._install(name, entry, auto=True)
+            except Exception as exc:  # recorded by the loader
+                log.error("model %s: the default version %d does not load (%s); keeping %s",
+                          name, wanted, exc, current or "the newest version")
+                return
+        if wanted is None:
+            self._stored.pop(name, None)
+        else:
+            self._stored[name] = wanted  # requests without a version switch here, atomically
+        log.info("model %s: default version is now %s", name, wanted or "the newest loaded")
+        table = self._models.get(name) or {}
+        if table:
+            self._retire_older_auto(name, max(table))
+
     # -- polling ---------------------------------------------------------------------
     async def _poll_loop(self) -> None:
         while True:
@@ -334,11 +396,19 @@ class ModelManager:
                 continue
             table = self._models.get(name) or {}
             newest = max(table, default=0)
-            if all(e.version <= newest or self.record.unchanged(name, e) for e in entries):
+            if table:
+                try:
+                    moved = await asyncio.to_thread(self.repository.default_version, name) != self._stored.get(name)
+                except SegsvcError:
+                    moved = False
+            else:
+                moved = False
+            if not moved and all(e.version <= newest or self.record.unchanged(name, e) for e in entries):
                 continue
             async with self._locks.setdefault(name, asyncio.Lock()):
                 try:
                     lm = await self._load_newest(name, retry_unchanged=False)
+                    await self._sync_default(name)
                 except Exception as exc:  # each version's reason is recorded and logged
                     log.error("model %s: no version loads: %s", name, exc)
                 else:

@@ -16,15 +16,23 @@ scan never fails because of one odd entry:
   outside is *refused*: it is listed by ``scan`` with its ``problem`` and
   never read.
 
+A model may name its default version in ``<root>/<model>/DEFAULT`` (the
+version number and a newline, written by ``set_default`` through a temporary
+file and a rename, so readers never see half a pointer). ``resolve_version``
+without a version, and the server, honour it; without the file the default is
+the newest complete version, as before.
+
 Messages name paths relative to the root (``m/3/weights.safetensors``), never
 the server's absolute paths, because they reach clients.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +46,7 @@ from segsvc.models.artifact import MANIFEST_FILE, Manifest, check_name, load_art
 log = logging.getLogger(__name__)
 
 _VERSION_NAME = re.compile(r"[1-9][0-9]{0,17}")  # the canonical spelling: "7", never "007" or "+7"
+DEFAULT_FILE = "DEFAULT"  # <model>/DEFAULT: the persistent default version
 
 # (entry name, size in bytes, mtime in ns) of every entry of a version directory.
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -167,8 +176,8 @@ class ModelRepository:
     def _scan_model(self, model_dir: Path, skipped: dict[str, str]) -> list[VersionEntry]:
         entries = []
         for p in sorted(model_dir.iterdir()):
-            if p.name.startswith("."):
-                continue  # a temporary directory save_artifact is writing
+            if p.name.startswith(".") or p.name == DEFAULT_FILE:
+                continue  # a temporary directory save_artifact is writing, or the default pointer
             rel = self.relative(p)
             if not _VERSION_NAME.fullmatch(p.name):
                 skipped[rel] = "not a version number (versions are directories named 1, 2, 3, ...)"
@@ -254,18 +263,64 @@ class ModelRepository:
         return [e.version for e in self.scan(name) if not e.problem]
 
     def resolve_version(self, name: str, version: int | None = None) -> int:
+        """``version`` checked to exist, or (None) the default: ``DEFAULT`` when it names a complete
+        version, else the newest complete version."""
         entries = self.scan(name)
         versions = [e.version for e in entries if not e.problem]
         if version is None:
             if not versions:
                 raise UnknownModel(f"model {name!r} has no complete versions in the repository")
-            return versions[-1]
+            pinned = self.default_version(name)
+            return pinned if pinned in versions else versions[-1]
         refused = next((e for e in entries if e.version == version and e.problem), None)
         if refused is not None:
             raise PathOutsideRoot(refused.problem)
         if version not in versions:
             raise UnknownVersion(f"model {name!r} has no version {version}; versions: {versions}")
         return version
+
+    # -- the persistent default ------------------------------------------------------------
+    def default_version(self, name: str) -> int | None:
+        """The version ``<model>/DEFAULT`` names, or None (no file, or one that is not a version number).
+
+        The version it names may be missing or incomplete: callers check it against the scan.
+        """
+        path = self._model_dir(name) / DEFAULT_FILE
+        try:
+            text = path.read_text(encoding="ascii").strip() if path.is_file() else ""
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("model repository: cannot read %s: %s", self.relative(path), exc)
+            return None
+        if not text:
+            return None
+        if not _VERSION_NAME.fullmatch(text):
+            log.warning("model repository: %s holds %r, not a version number; ignored", self.relative(path), text[:20])
+            return None
+        return int(text)
+
+    def set_default(self, name: str, version: int | None) -> None:
+        """Make ``version`` (a complete version) the persistent default of ``name``; None removes the pointer.
+
+        Written to a temporary file in the model directory and renamed over ``DEFAULT``,
+        so a reader sees the old or the new pointer, never a partial one.
+        """
+        model_dir = self._model_dir(name)
+        path = model_dir / DEFAULT_FILE
+        if version is None:
+            path.unlink(missing_ok=True)
+            return
+        self.resolve_version(name, version)  # must exist and be complete
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-default-", dir=model_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(f"{int(version)}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def version_dir(self, name: str, version: int | None = None) -> Path:
         """The directory of a complete version, checked to lead nowhere outside the root."""

@@ -22,10 +22,8 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from segsvc.inference.engine import InferenceOptions
 from segsvc.inference.service import ImageFile, InferenceService, Segmentation
 from segsvc.jobs.inputs import resolve_inputs
 from segsvc.jobs.outputs import JobOutputs, check_rel, clean_temporaries
+from segsvc.jobs.runner import StoreRunner
 from segsvc.jobs.staging import StagingArea, UploadLimits
 from segsvc.jobs.store import Item, Job, JobStore
 
@@ -131,7 +130,7 @@ class _Run:
     published: float = 0.0
 
 
-class JobRunner:
+class JobRunner(StoreRunner):
     """Accepts, schedules, runs, cancels and deletes segmentation jobs.
 
     Args:
@@ -141,33 +140,17 @@ class JobRunner:
     """
 
     def __init__(self, store: JobStore, service: InferenceService, config: JobsConfig) -> None:
-        self.store = store
+        super().__init__(store, KIND, config.max_running_jobs)
         self.config = config
         self._service = service
         self.staging = StagingArea(Path(config.state_dir) / "uploads", config.upload)
-        self._runs: dict[str, _Run] = {}
-        self._tasks: dict[str, asyncio.Task] = {}
-        self._finished: dict[str, asyncio.Event] = {}
-        self._wake = asyncio.Event()
-        self._scheduler: asyncio.Task | None = None
+        self._runs: dict[str, _Run] = {}  # type: ignore[assignment]
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         """Clean half-finished uploads and start the scheduler (which resumes unfinished jobs)."""
         await asyncio.to_thread(self.staging.clean_partial)
-        self._scheduler = asyncio.get_running_loop().create_task(self._schedule(), name="job-scheduler")
-
-    async def stop(self) -> None:
-        """Stop scheduling and abandon running jobs: their unfinished items resume at the next start."""
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler
-            self._scheduler = None
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await super().start()
 
     # -- requests ---------------------------------------------------------------------
     async def submit(self, request: JobRequest, request_id: str = "") -> Job:
@@ -192,44 +175,10 @@ class JobRunner:
             self._wake.set()
         return job
 
-    def get(self, job_id: str) -> Job:
-        return self.store.get(job_id)
-
-    async def cancel(self, job_id: str) -> Job:
-        """Stop a job within one batch; finished outputs are kept, the rest is SKIPPED."""
-        job = await asyncio.to_thread(self.store.request_cancel, job_id)
-        run = self._runs.get(job_id)
-        if run is not None:
-            run.cancel.set()
-        elif job.finished:
-            self._notify(job_id)
-        return job
-
-    async def wait(self, job_id: str, timeout_s: float) -> Job:
-        """The job once finished, or as it is after ``timeout_s``."""
-        event = self._finished.setdefault(job_id, asyncio.Event())
-        job = await asyncio.to_thread(self.store.get, job_id)
-        if not job.finished:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout_s)
-            job = await asyncio.to_thread(self.store.get, job_id)
-        if job.finished:
-            self._finished.pop(job_id, None)
-        return job
-
-    async def delete(self, job_id: str, delete_outputs: bool = False) -> int:
-        """Remove a finished job's state (and its output folder when asked); returns files removed."""
-        job = await asyncio.to_thread(self.store.get, job_id)
-        if not job.finished:
-            raise FailedPrecondition(f"job {job_id} is {job.state}; cancel it and wait until it stops first")
-        removed = 0
-        if delete_outputs:
-            removed = await asyncio.to_thread(_remove_tree, self.output_dir(job_id))
-        await asyncio.to_thread(self.store.delete, job_id)
-        return removed
-
     def output_dir(self, job_id: str) -> Path:
         return Path(self.config.output_root) / check_rel(job_id)
+
+    files_dir = output_dir
 
     def output_files(self, job_id: str) -> list[tuple[str, Path]]:
         """The job's output files as ``(relative path, path)``, symlinks and temporaries excluded."""
@@ -247,29 +196,6 @@ class JobRunner:
         if self.config.data_root is None:
             raise FailedPrecondition("this server has no --data-root: upload the images (UploadImages) instead")
         return Path(self.config.data_root)
-
-    async def _schedule(self) -> None:
-        while True:
-            self._wake.clear()
-            while len(self._tasks) < self.config.max_running_jobs:
-                waiting = await asyncio.to_thread(self.store.unfinished, KIND)
-                job = next((j for j in waiting if j.id not in self._tasks), None)
-                if job is None:
-                    break
-                task = asyncio.get_running_loop().create_task(self._run_job(job), name=f"job-{job.id}")
-                self._tasks[job.id] = task
-                task.add_done_callback(lambda _t, jid=job.id: self._job_ended(jid))
-            await self._wake.wait()
-
-    def _job_ended(self, job_id: str) -> None:
-        self._tasks.pop(job_id, None)
-        self._runs.pop(job_id, None)
-        self._wake.set()
-
-    def _notify(self, job_id: str) -> None:
-        event = self._finished.get(job_id)
-        if event is not None:
-            event.set()
 
     # -- running one job -------------------------------------------------------------------
     async def _run_job(self, job: Job) -> None:
@@ -415,12 +341,3 @@ def _confined(root: Path, rel: str) -> Path:
     if not path.is_relative_to(real_root):
         raise InvalidArgument(f"{rel} now resolves outside its root; refused")
     return path
-
-
-def _remove_tree(root: Path) -> int:
-    if not root.is_dir():
-        return 0
-    count = sum(1 for p in root.rglob("*") if p.is_file())
-    shutil.rmtree(root)
-    return count
-

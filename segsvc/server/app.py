@@ -33,22 +33,30 @@ from segsvc.errors import InvalidArgument
 from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import ModelRepository
 from segsvc.inference.service import InferenceService
+from segsvc.datasets.registry import DatasetRegistry
 from segsvc.jobs.batch import JobRunner
 from segsvc.jobs.store import JobStore
+from segsvc.jobs.training import TrainingRunner
 from segsvc.server.auth import BearerTokenInterceptor
 from segsvc.server.config import ServerConfig
+from segsvc.server.datasets import DatasetServicer
 from segsvc.server.gate import DrainGate
 from segsvc.server.jobs import JobServicer, OperationsServicer
 from segsvc.server.metrics import ServerMetrics
 from segsvc.server.servicer import SegmentationServicer
+from segsvc.server.training import TrainingServicer
+from segsvc.v1 import datasets_pb2, datasets_pb2_grpc
 from segsvc.v1 import jobs_pb2, jobs_pb2_grpc
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
+from segsvc.v1 import training_pb2, training_pb2_grpc
 
 log = logging.getLogger("segsvc.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
 JOB_SERVICE_NAME = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
+DATASET_SERVICE_NAME = datasets_pb2.DESCRIPTOR.services_by_name["DatasetService"].full_name
+TRAINING_SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 OPERATIONS_SERVICE_NAME = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -145,10 +153,14 @@ class SegmentationServer:
         self.gate = DrainGate()
         self.service = InferenceService(self.manager, self._io, config.limits.admission)
         self.servicer = SegmentationServicer(self.service, config.limits, self.metrics)
+        self.datasets = DatasetRegistry(config.datasets) if config.datasets is not None else None
         self.jobs: JobRunner | None = None
+        self.training: TrainingRunner | None = None
         if config.jobs is not None:
             store = JobStore(Path(config.jobs.state_dir) / "jobs.sqlite")
             self.jobs = JobRunner(store, self.service, config.jobs)
+            if config.training is not None:  # trains on the registered datasets
+                self.training = TrainingRunner(store, self.manager, self.datasets, config.training)
         self._server: grpc.aio.Server | None = None
         self._health_tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
@@ -186,11 +198,15 @@ class SegmentationServer:
         interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(cfg.auth)] if cfg.auth else []
         self._server = grpc.aio.server(interceptors=[*interceptors, self.gate], options=grpc_options(cfg))
         pb_grpc.add_SegmentationServiceServicer_to_server(self.servicer, self._server)
-        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs), self._server)
-        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.jobs), self._server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs, self.training), self._server)
+        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.jobs, self.training),
+                                                             self._server)
+        training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(self.training), self._server)
+        datasets_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, JOB_SERVICE_NAME, OPERATIONS_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            (SERVICE_NAME, JOB_SERVICE_NAME, TRAINING_SERVICE_NAME, OPERATIONS_SERVICE_NAME, DATASET_SERVICE_NAME,
+             health.SERVICE_NAME, reflection.SERVICE_NAME),
             self._server,
         )
         address = f"{cfg.host}:{cfg.port}"
@@ -218,6 +234,8 @@ class SegmentationServer:
             raise
         if self.jobs is not None:
             await self.jobs.start()  # resumes the jobs a crash or restart interrupted
+        if self.training is not None:
+            await self.training.start()  # resumes training jobs (a trainer left by a crash is stopped first)
         self.gate.accepting = True
         if self.manager.ready:
             await self._set_health(SERVING)
@@ -245,9 +263,13 @@ class SegmentationServer:
                 log.warning("%d requests still in flight after %.1f s of grace; cancelling them",
                             self.gate.in_flight, grace)
             await self._server.stop(0)
+        if self.training is not None:  # trainers get SIGTERM; their jobs resume at the next start
+            await self.training.stop()
         if self.jobs is not None:  # running jobs stop here and resume at the next start
             await self.jobs.stop()
             self.jobs.store.close()
+        if self.datasets is not None:
+            self.datasets.close()
         await self.manager.stop()
         self.metrics.stop_http()
         self._io.shutdown(wait=False)

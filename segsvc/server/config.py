@@ -14,7 +14,9 @@ from segsvc.errors import InvalidArgument
 from segsvc.inference.admission import AdmissionConfig
 from segsvc.inference.codec import DEFAULT_MAX_PIXELS
 from segsvc.inference.manager import ManagerConfig
+from segsvc.datasets.registry import DatasetsConfig
 from segsvc.jobs.batch import JobsConfig
+from segsvc.jobs.trainspec import TrainingConfig
 from segsvc.server.auth import AuthConfig
 
 MIB = 1 << 20
@@ -88,6 +90,9 @@ class ServerConfig:
         io_threads: threads for decoding and encoding images (0: one per CPU, at least 2).
         torch_threads: intra-op threads of the forward pass on CPU (0: one per CPU).
         jobs: batch jobs (state, data and output roots); ``None`` turns them off.
+        datasets: the dataset registry (``DatasetService``; state folder, data root, upload limits);
+            ``None`` turns it off.
+        training: training jobs (need ``jobs``: they share its job store); ``None`` turns them off.
         max_connection_age_s: close each client connection (HTTP/2 GOAWAY) after about this
             long, so long-lived clients reconnect, re-resolve the service name and spread over the
             replicas behind it; its RPCs in flight get ``grace_s`` to finish. ``None``: never.
@@ -111,6 +116,8 @@ class ServerConfig:
     io_threads: int = 0
     torch_threads: int = 0
     jobs: JobsConfig | None = None
+    datasets: DatasetsConfig | None = None
+    training: TrainingConfig | None = None
     max_connection_age_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -123,6 +130,8 @@ class ServerConfig:
             raise InvalidArgument(f"grace_s must be >= 0, got {self.grace_s}")
         if self.metrics_tls and self.tls is None:
             raise InvalidArgument("metrics over TLS need the server's certificate and key (--tls-cert, --tls-key)")
+        if self.training is not None and self.jobs is None:
+            raise InvalidArgument("training jobs need the job store: give --state-dir")
         if self.io_threads < 0 or self.torch_threads < 0:
             raise InvalidArgument("io_threads and torch_threads must be >= 0")
         if self.max_connection_age_s is not None and self.max_connection_age_s <= 0:

@@ -5,6 +5,9 @@ and turns the job into an ``Operation`` or a response; every failure goes
 through ``server.errors``. ``ListOperations`` pages by submission order (the
 page token is opaque to clients) and filters with ``key=value`` terms joined by
 ``AND`` over ``state``, ``kind`` and ``done``, e.g. ``state=RUNNING AND kind=segmentation``.
+Training jobs (kind ``train``, ``TrainingRunner``) live in the same store and
+are the same kind of operation: Get, List, Wait, Cancel and Delete dispatch
+on the job's kind, and ``server/training.py`` packs their metadata and response.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from google.protobuf import empty_pb2
 
 from segsvc.errors import FailedPrecondition, InvalidArgument
 from segsvc.jobs.batch import JobRunner
-from segsvc.jobs.store import JOB_STATES
+from segsvc.jobs.store import JOB_STATES, Job
+from segsvc.jobs.training import KIND as TRAIN_KIND
+from segsvc.jobs.training import TrainingRunner
 from segsvc.server import convert
 from segsvc.server.errors import abort
+from segsvc.server.training import training_operation
 from segsvc.v1 import jobs_pb2 as jobs_pb
 from segsvc.v1 import jobs_pb2_grpc as jobs_grpc
 
@@ -38,14 +44,28 @@ CHUNK_BYTES = 1 << 20
 class _Adapter:
     """Shared by both servicers: the runner (None when jobs are off) and the one failure path."""
 
-    def __init__(self, runner: JobRunner | None) -> None:
+    def __init__(self, runner: JobRunner | None, training: TrainingRunner | None = None) -> None:
         self._runner_or_none = runner
+        self._training_or_none = training
 
     @property
     def _runner(self) -> JobRunner:
         if self._runner_or_none is None:
             raise FailedPrecondition("batch jobs are not enabled on this server: start it with --state-dir")
         return self._runner_or_none
+
+    async def _runner_of(self, job_id: str) -> JobRunner | TrainingRunner:
+        """The runner that owns the job: training jobs go to the training runner."""
+        job = await asyncio.to_thread(self._runner.store.get, job_id)
+        if job.kind == TRAIN_KIND:
+            if self._training_or_none is None:
+                raise FailedPrecondition("training jobs are not enabled on this server")
+            return self._training_or_none
+        return self._runner
+
+    @staticmethod
+    def _operation(job: Job) -> operations_pb2.Operation:
+        return training_operation(job) if job.kind == TRAIN_KIND else convert.operation(job)
 
     async def _call(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -86,7 +106,9 @@ class JobServicer(_Adapter, jobs_grpc.JobServiceServicer):
     async def FetchJobOutputs(self, request: jobs_pb.FetchJobOutputsRequest, context):
         try:
             job_id = convert.job_id_of(request.name)
-            files = await asyncio.to_thread(self._runner.output_files, job_id)
+            runner = await self._runner_of(job_id)
+            lister = runner.artifact_files if isinstance(runner, TrainingRunner) else runner.output_files
+            files = await asyncio.to_thread(lister, job_id)
             for rel, path in files:
                 offset = 0
                 with await asyncio.to_thread(open, path, "rb") as f:
@@ -104,7 +126,8 @@ class JobServicer(_Adapter, jobs_grpc.JobServiceServicer):
 
     async def DeleteJob(self, request: jobs_pb.DeleteJobRequest, context):
         async def work() -> jobs_pb.DeleteJobResponse:
-            removed = await self._runner.delete(convert.job_id_of(request.name), request.delete_outputs)
+            job_id = convert.job_id_of(request.name)
+            removed = await (await self._runner_of(job_id)).delete(job_id, request.delete_outputs)
             return jobs_pb.DeleteJobResponse(deleted_files=removed)
 
         return await self._call("DeleteJob", context, work)
@@ -115,7 +138,7 @@ class OperationsServicer(_Adapter, operations_pb2_grpc.OperationsServicer):
 
     async def GetOperation(self, request: operations_pb2.GetOperationRequest, context):
         async def work() -> operations_pb2.Operation:
-            return convert.operation(await asyncio.to_thread(self._runner.get, convert.job_id_of(request.name)))
+            return self._operation(await asyncio.to_thread(self._runner.get, convert.job_id_of(request.name)))
 
         return await self._call("GetOperation", context, work)
 
@@ -128,7 +151,7 @@ class OperationsServicer(_Adapter, operations_pb2_grpc.OperationsServicer):
             after = _page_token(request.page_token)
             jobs = await asyncio.to_thread(self._runner.store.list, kind=kind, states=states,
                                            after_seq=after, limit=size + 1)
-            response = operations_pb2.ListOperationsResponse(operations=[convert.operation(j) for j in jobs[:size]])
+            response = operations_pb2.ListOperationsResponse(operations=[self._operation(j) for j in jobs[:size]])
             if len(jobs) > size:
                 response.next_page_token = str(jobs[size - 1].seq)
             return response
@@ -137,14 +160,16 @@ class OperationsServicer(_Adapter, operations_pb2_grpc.OperationsServicer):
 
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest, context):
         async def work() -> empty_pb2.Empty:
-            await self._runner.cancel(convert.job_id_of(request.name))
+            job_id = convert.job_id_of(request.name)
+            await (await self._runner_of(job_id)).cancel(job_id)
             return empty_pb2.Empty()
 
         return await self._call("CancelOperation", context, work)
 
     async def DeleteOperation(self, request: operations_pb2.DeleteOperationRequest, context):
         async def work() -> empty_pb2.Empty:
-            await self._runner.delete(convert.job_id_of(request.name), delete_outputs=False)
+            job_id = convert.job_id_of(request.name)
+            await (await self._runner_of(job_id)).delete(job_id, delete_outputs=False)
             return empty_pb2.Empty()
 
         return await self._call("DeleteOperation", context, work)
@@ -156,7 +181,8 @@ class OperationsServicer(_Adapter, operations_pb2_grpc.OperationsServicer):
             if remaining is not None:  # answer before the caller's own deadline
                 timeout = min(timeout, max(remaining - 0.5, 0.0))
             timeout = min(max(timeout, 0.0), MAX_WAIT_S)
-            return convert.operation(await self._runner.wait(convert.job_id_of(request.name), timeout))
+            job_id = convert.job_id_of(request.name)
+            return self._operation(await (await self._runner_of(job_id)).wait(job_id, timeout))
 
         return await self._call("WaitOperation", context, work)
 

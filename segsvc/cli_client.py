@@ -1,0 +1,36 @@
+"""The one way the command line opens a ``SegmentationClient`` from its common flags.
+
+``segsvc segment``, ``jobs``, ``datasets`` and ``train --server`` share the
+flags ``--server``, ``--token-file``, ``--tls``, ``--tls-ca`` and ``--timeout-s``.
+The client waits up to ``CONNECT_TIMEOUT_S`` for the server to accept a
+connection, so a command typed right after ``segsvc serve ... &`` works instead
+of failing with "connection refused". Only the light client is imported (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from segsvc.client import SegmentationClient
+
+TokenReader = Callable[[argparse.Namespace], "str | None"]
+CONNECT_TIMEOUT_S = float(os.environ.get("SEGSVC_CONNECT_TIMEOUT_S", "30"))
+
+
+def open_client(args: argparse.Namespace, read_token: TokenReader) -> "SegmentationClient":
+    """A connected client for ``args.server`` (raises ``Unavailable`` when nothing answers)."""
+    from segsvc.client import SegmentationClient
+
+    root_certs = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    client = SegmentationClient(args.server, token=read_token(args), root_certificates=root_certs, tls=args.tls,
+                                timeout_s=args.timeout_s)
+    try:
+        client.wait_for_server(CONNECT_TIMEOUT_S)
+    except BaseException:
+        client.close()
+        raise
+    return client

@@ -1,0 +1,95 @@
+"""``segsvc train --server``: a training job on a running server, from the command line.
+
+Without ``--server``, ``segsvc train --config RECIPE`` trains locally as
+before (``training/train.py``). With it, the job runs on the server: the
+dataset is one registered there (``segsvc datasets``), the recipe is one of the
+server's (``--recipe NAME``) or a local file sent inline (``--config FILE``),
+``--set`` overrides apply on top, ``--from MODEL[:VERSION]`` fine-tunes a
+served model. ``--wait`` follows it with a tqdm bar (epoch, loss, validation
+mIoU in the postfix) and prints the gate's verdict and comparison table. Only
+the light client is imported (no torch). ``training_config`` builds the
+server's side (``segsvc serve --max-training-jobs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from segsvc.errors import InvalidArgument
+
+
+def add_server_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``segsvc train --server ...`` (``--config`` becomes optional: a server job may name a recipe)."""
+    for action in parser._actions:
+        if action.dest == "config":
+            action.required = False
+            action.help = (f"{action.help}; with --server: a local recipe file sent to the server "
+                           "(or use --recipe NAME for one of the server's)")
+    g = parser.add_argument_group("a training job on a server (with --server)")
+    g.add_argument("--server", default=None, help="HOST:PORT of a segsvc server: train there as a job")
+    g.add_argument("--dataset", default=None, help="a dataset registered on the server (name or SHA-256)")
+    g.add_argument("--recipe", default="", help="a recipe of the server's training/recipes, e.g. synthetic-quick")
+    g.add_argument("--from", dest="base_model", default="", metavar="MODEL[:VERSION]",
+                   help="fine-tune a served model (default version unless given); classes may differ")
+    g.add_argument("--model-name", default="", help="model to publish into (default: base model or recipe's)")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--budget-min", type=float, default=None, help="wall-clock budget in minutes")
+    budget.add_argument("--epochs", type=int, default=None, help="train exactly this many epochs")
+    g.add_argument("--device", default="auto", help="auto (the server's GPU when it has one), cpu or cuda")
+    g.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs); >1 runs torchrun (default 1)")
+    g.add_argument("--promote", default="gate", choices=("gate", "always", "never"),
+                   help="make it the default: when it beats the current default (gate, default), always, never")
+    g.add_argument("--gate-margin", type=float, default=0.0, help="mIoU margin over the default (default 0)")
+    g.add_argument("--request-id", default="", help="idempotency key: resubmitting returns the same job")
+    g.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--token-file", default=None, help="bearer token file (else $SEGSVC_AUTH_TOKEN)")
+    g.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    g.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate")
+    g.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each call (default 60)")
+
+
+def submit_training(args: argparse.Namespace, read_token: Callable[[argparse.Namespace], str | None]) -> int:
+    from segsvc.cli_client import open_client
+
+    if args.resume or args.profile:
+        raise InvalidArgument("--resume and --profile are for local training; a server job resumes by itself")
+    if not args.dataset:
+        raise InvalidArgument("segsvc train --server needs --dataset NAME (a dataset registered on the server)")
+    if args.config and args.recipe:
+        raise InvalidArgument("give --recipe NAME (the server's) or --config FILE (sent inline), not both")
+    recipe_yaml = Path(args.config).read_text() if args.config else ""
+    with open_client(args, read_token) as client:
+        job = client.submit_training_job(
+            args.dataset, recipe=args.recipe, recipe_yaml=recipe_yaml, overrides=args.overrides,
+            base_model=args.base_model, model_name=args.model_name, max_time_min=args.budget_min,
+            epochs=args.epochs, device=args.device, nproc_per_node=args.nproc_per_node, promote=args.promote,
+            gate_margin=args.gate_margin, request_id=args.request_id,
+        )
+        print(job.id, flush=True)
+        if not args.wait:
+            return 0
+        job.wait(progress=args.progress)
+        print_training_result(job)
+    return 0
+
+
+def print_training_result(job) -> None:  # type: ignore[no-untyped-def]
+    """The gate's verdict and the comparison table of a finished training job."""
+    result = job.result()
+    default = f"v{result.previous_default}" if result.previous_default else "none"
+    print(f"{job.name}: published {result.model}:{result.version} after {result.epochs} epochs "
+          f"({result.train_seconds:.0f} s); previous default {default}")
+    print(result.verdict)
+    print(result.table())
+
+
+def training_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """``segsvc serve``: training jobs are on with --state-dir unless --max-training-jobs is 0."""
+    from segsvc.jobs.trainspec import TrainingConfig
+
+    if args.state_dir is None or args.max_training_jobs == 0:
+        return None
+    return TrainingConfig(state_dir=Path(args.state_dir), max_training_jobs=args.max_training_jobs)

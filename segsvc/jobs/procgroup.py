@@ -1,0 +1,175 @@
+"""Child processes in their own process group, and the trainer's event log read as it grows.
+
+A training job runs ``python -m training`` (or ``torchrun``, which starts one
+worker per GPU) in a new session, so that one signal to the group reaches every
+process of it and a crash of the server never leaves workers behind unnoticed:
+the group's id and its leader's start time are stored with the job, and the
+next server start kills a group that outlived the server which started it
+(``kill_stale_group``). The start time guards against a recycled process id:
+a group is only killed when its leader is gone (Linux never hands out the id of
+a live process group to a new process) or is the very process that was started.
+
+Example:
+    >>> proc = GroupProcess.spawn(["sleep", "60"], log_path=Path("/tmp/sleep.log"))  # doctest: +SKIP
+    >>> await proc.terminate(grace_s=10)  # SIGTERM to the group, SIGKILL after 10 s  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+log = logging.getLogger("segsvc.jobs")
+
+POLL_S = 0.05  # how often a terminating group is checked for exit
+
+
+def process_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = stat[stat.rfind(")") + 2:].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, but not ours: never signal it
+        return False
+    return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while group_alive(pgid):
+        if loop.time() >= end:
+            return False
+        await asyncio.sleep(POLL_S)
+    return True
+
+
+async def terminate_group(pgid: int, grace_s: float, leader: subprocess.Popen | None = None) -> None:
+    """SIGTERM to the group, then SIGKILL to whatever is left after ``grace_s``; returns once it is gone.
+
+    ``leader`` (our own child) is reaped on the way: a zombie leader keeps the group id alive.
+    """
+    def gone() -> bool:
+        if leader is not None and leader.poll() is None:
+            return False
+        return not group_alive(pgid)
+
+    if gone():
+        return
+    _signal_group(pgid, signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    end = loop.time() + grace_s
+    while not gone():
+        if loop.time() >= end:
+            log.warning("process group %d still running %.1f s after SIGTERM; sending SIGKILL", pgid, grace_s)
+            _signal_group(pgid, signal.SIGKILL)
+            if leader is not None:
+                await asyncio.to_thread(leader.wait)
+            await _wait_group_gone(pgid, 10.0)
+            return
+        await asyncio.sleep(POLL_S)
+
+
+async def kill_stale_group(pgid: int, start_time: int | None, grace_s: float) -> bool:
+    """Stop a process group that a previous server started (after a crash); True when one was found.
+
+    The leader's start time must match the recorded one; a leader that is gone
+    while the group lives on is ours too (its id cannot have been reused).
+    """
+    if not group_alive(pgid):
+        return False
+    now = process_start_time(pgid)
+    if now is not None and start_time is not None and now != start_time:
+        return False  # the id belongs to an unrelated process now
+    log.warning("process group %d of a previous server run is still alive; stopping it", pgid)
+    await terminate_group(pgid, grace_s)
+    return True
+
+
+@dataclass
+class GroupProcess:
+    """A child started in its own session (process group id = its pid), output to a log file."""
+
+    popen: subprocess.Popen
+    start_time: int | None
+
+    @property
+    def pgid(self) -> int:
+        return self.popen.pid
+
+    @classmethod
+    def spawn(cls, argv: Sequence[str], *, log_path: Path, cwd: Path | None = None,
+              env: Mapping[str, str] | None = None) -> "GroupProcess":
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     cwd=cwd, env=dict(env) if env is not None else None, start_new_session=True)
+        return cls(popen, process_start_time(popen.pid))
+
+    async def wait(self) -> int:
+        """The exit code (negative: killed by that signal), polled so the event loop stays free."""
+        while (code := self.popen.poll()) is None:
+            await asyncio.sleep(POLL_S * 4)
+        return code
+
+    async def terminate(self, grace_s: float) -> None:
+        await terminate_group(self.pgid, grace_s, self.popen)
+
+
+class EventTail:
+    """Reads the JSON lines a trainer appends to ``events.jsonl``, from where the last read stopped.
+
+    A line without its newline yet is left for the next read; lines that do not
+    parse (a torn write after a crash) are skipped.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        events = []
+        for line in data[:end].splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and isinstance(event.get("event"), str):
+                events.append(event)
+        return events

@@ -1,0 +1,141 @@
+"""What the batch and training runners share: scheduling jobs of one kind from the store, cancel, wait, delete.
+
+A subclass names its store ``kind``, how many of its jobs run at once
+(``max_running``), where a job's files live (``files_dir``) and how one job runs
+(``_run_job``, which records the outcome in the store and calls ``_notify``).
+Unfinished jobs, including those a crash interrupted, are picked up in
+submission order whenever a slot is free.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+from segsvc.errors import FailedPrecondition
+from segsvc.jobs.store import Job, JobStore
+
+
+class RunningJob(Protocol):
+    """A job running in this process: setting ``cancel`` asks it to stop."""
+
+    cancel: asyncio.Event
+
+
+class StoreRunner(abc.ABC):
+    """Schedules, cancels, awaits and deletes the store's jobs of ``kind``.
+
+    Args:
+        store: the durable job state.
+        kind: the store kind this runner owns.
+        max_running: jobs of this kind running at once.
+    """
+
+    def __init__(self, store: JobStore, kind: str, max_running: int) -> None:
+        self.store = store
+        self.kind = kind
+        self.max_running = max_running
+        self._runs: dict[str, RunningJob] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._finished: dict[str, asyncio.Event] = {}
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task | None = None
+
+    @abc.abstractmethod
+    def files_dir(self, job_id: str) -> Path:
+        """The folder holding the job's files (removed by ``delete(..., delete_outputs=True)``)."""
+
+    @abc.abstractmethod
+    async def _run_job(self, job: Job) -> None:
+        """Run one job to its end (or until cancelled), recording the outcome in the store."""
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the scheduler, which also resumes the jobs a crash or restart interrupted."""
+        self._scheduler = asyncio.get_running_loop().create_task(self._schedule(), name=f"{self.kind}-scheduler")
+
+    async def stop(self) -> None:
+        """Stop scheduling and abandon running jobs: they resume at the next start."""
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+            self._scheduler = None
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- requests ---------------------------------------------------------------------
+    def get(self, job_id: str) -> Job:
+        return self.store.get(job_id)
+
+    async def cancel(self, job_id: str) -> Job:
+        """Ask a job to stop; a queued job ends at once, a running one at its next check."""
+        job = await asyncio.to_thread(self.store.request_cancel, job_id)
+        run = self._runs.get(job_id)
+        if run is not None:
+            run.cancel.set()
+        elif job.finished:
+            self._notify(job_id)
+        return job
+
+    async def wait(self, job_id: str, timeout_s: float) -> Job:
+        """The job once finished, or as it is after ``timeout_s``."""
+        event = self._finished.setdefault(job_id, asyncio.Event())
+        job = await asyncio.to_thread(self.store.get, job_id)
+        if not job.finished:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout_s)
+            job = await asyncio.to_thread(self.store.get, job_id)
+        if job.finished:
+            self._finished.pop(job_id, None)
+        return job
+
+    async def delete(self, job_id: str, delete_outputs: bool = False) -> int:
+        """Forget a finished job (and its files when asked); returns the files removed."""
+        job = await asyncio.to_thread(self.store.get, job_id)
+        if not job.finished:
+            raise FailedPrecondition(f"job {job_id} is {job.state}; cancel it and wait until it stops first")
+        removed = 0
+        if delete_outputs:
+            removed = await asyncio.to_thread(remove_tree, self.files_dir(job_id))
+        await asyncio.to_thread(self.store.delete, job_id)
+        return removed
+
+    # -- scheduling -------------------------------------------------------------------
+    async def _schedule(self) -> None:
+        while True:
+            self._wake.clear()
+            while len(self._tasks) < self.max_running:
+                waiting = await asyncio.to_thread(self.store.unfinished, self.kind)
+                job = next((j for j in waiting if j.id not in self._tasks), None)
+                if job is None:
+                    break
+                task = asyncio.get_running_loop().create_task(self._run_job(job), name=f"{self.kind}-{job.id}")
+                self._tasks[job.id] = task
+                task.add_done_callback(lambda _t, jid=job.id: self._job_ended(jid))
+            await self._wake.wait()
+
+    def _job_ended(self, job_id: str) -> None:
+        self._tasks.pop(job_id, None)
+        self._runs.pop(job_id, None)
+        self._wake.set()
+
+    def _notify(self, job_id: str) -> None:
+        event = self._finished.get(job_id)
+        if event is not None:
+            event.set()
+
+
+def remove_tree(root: Path) -> int:
+    """Delete a folder; returns how many files it held (0 when it does not exist)."""
+    if not root.is_dir():
+        return 0
+    count = sum(1 for p in root.rglob("*") if p.is_file())
+    shutil.rmtree(root)
+    return count

@@ -1,0 +1,385 @@
+"""Training jobs inside the server: train in a child process, evaluate, gate, publish.
+
+A training job is a ``JobStore`` row of kind ``train`` (no items). The server
+never imports the trainer: the job runs ``python -m training`` (``torchrun``
+for several processes) in its own process group, with its run directory under
+``<state_dir>/training/<job_id>/`` and a private candidate repository there.
+Its live metadata (epoch, step, loss, learning rate, validation mIoU, ETA)
+comes from the trainer's ``events.jsonl``, not from its output, which goes to
+``train.log``. Then ``segsvc eval`` (the same code as the command) measures
+the candidate and the current default on the dataset's val split and, when one
+is registered as ``golden-<model>``, on that golden set; ``segsvc.jobs.gate``
+decides and publishes the candidate as a new version with its lineage; a
+promoted version becomes the repository's persistent default and the server
+swaps to it (``ModelManager.refresh_default``).
+
+Cancel sends SIGTERM to the process group and SIGKILL after ``kill_grace_s``.
+A server that stops (or crashes) leaves the job RUNNING: the next start kills
+a trainer group that outlived its server (its id and start time are stored)
+and restarts the trainer with ``--resume`` from its last checkpoint. Each phase
+is idempotent: a finished evaluation is not redone, and a version published
+just before a crash is found again by its lineage's job id.
+
+Example:
+    >>> runner = TrainingRunner(store, manager, datasets, TrainingConfig(state_dir))  # doctest: +SKIP
+    >>> await runner.start()  # doctest: +SKIP
+    >>> request = TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=2)
+    >>> job = await runner.submit(request)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import segsvc
+from segsvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SegsvcError
+from segsvc.inference.manager import ModelManager
+from segsvc.jobs import gate
+from segsvc.models.artifact import read_manifest
+from segsvc.jobs.procgroup import EventTail, GroupProcess, kill_stale_group
+from segsvc.jobs.runner import StoreRunner
+from segsvc.jobs.store import Job, JobStore
+from segsvc.jobs.trainspec import (
+    DatasetRegistry, TrainingConfig, TrainingRequest, eval_argv, resolve_submission, trainer_argv,
+)
+
+__all__ = ["KIND", "TrainingConfig", "TrainingRequest", "TrainingRunner"]
+
+log = logging.getLogger("segsvc.jobs")
+
+KIND = "train"
+ARTIFACT_NAMES = ("training_curve.png", "metrics.jsonl", "events.jsonl", "config.yaml")
+
+
+class _Stop(Exception):
+    """The job ends here with this state and message (cancelled, or the trainer failed)."""
+
+    def __init__(self, state: str, message: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
+@dataclass
+class _Run:
+    job: Job
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: dict[str, Any] = field(default_factory=dict)
+    published_at: float = 0.0
+
+
+class TrainingRunner(StoreRunner):
+    """Accepts, schedules, runs, cancels and deletes training jobs.
+
+    Args:
+        store: the durable job state (shared with batch jobs; kind ``train``).
+        manager: the served models: the repository to publish into and the default to follow.
+        datasets: resolves a dataset name or hash (``get``) to a record with ``spec_path`` and ``sha256``.
+        config: where runs live and how many run at once.
+    """
+
+    def __init__(self, store: JobStore, manager: ModelManager, datasets: DatasetRegistry | None,
+                 config: TrainingConfig) -> None:
+        super().__init__(store, KIND, config.max_training_jobs)
+        self.manager = manager
+        self.datasets = datasets
+        self.config = config
+        self._runs: dict[str, _Run] = {}  # type: ignore[assignment]
+
+    # -- requests ---------------------------------------------------------------------
+    async def submit(self, request: TrainingRequest, request_id: str = "") -> Job:
+        """Resolve the dataset, recipe and base model and commit the job; an equal resubmission returns it."""
+        if request_id:
+            existing = await asyncio.to_thread(self.store.find, KIND, request_id)
+            if existing is not None:
+                if existing.spec.get("request") != request.to_dict():
+                    raise AlreadyExists(f"request_id {request_id!r} was already used for a different training job")
+                return existing
+        if self.datasets is None:
+            raise FailedPrecondition("this server has no dataset registry: training jobs are not available")
+        spec = await asyncio.to_thread(resolve_submission, request, self.datasets, self.manager.repository,
+                                       self.config)
+        job_id = uuid.uuid4().hex
+        job, created = await asyncio.to_thread(self.store.submit, KIND, spec, [], request_id=request_id or None,
+                                               job_id=job_id)
+        if created:
+            await asyncio.to_thread(self.store.set_progress, job.id, {"phase": "queued"})
+            log.info("training job %s submitted: %s on %s -> %s", job.id, spec["recipe_name"],
+                     spec["dataset"]["name"], spec["model_name"])
+            self._wake.set()
+        return await asyncio.to_thread(self.store.get, job.id)
+
+    def job_dir(self, job_id: str) -> Path:
+        if not job_id.replace("-", "").replace("_", "").isalnum():
+            raise InvalidArgument(f"invalid job id {job_id[:80]!r}")
+        return Path(self.config.state_dir) / "training" / job_id
+
+    files_dir = job_dir
+
+    def artifact_files(self, job_id: str) -> list[tuple[str, Path]]:
+        """``(relative path, path)`` of the curve, metrics, events, log, evaluation reports and gate.json."""
+        job = self.store.get(job_id)
+        if job.kind != KIND:
+            raise InvalidArgument(f"job {job_id} is a {job.kind} job, not a training job")
+        root = self.job_dir(job_id)
+        run_dir = root / job.spec["run_dir"]
+        found = [(name, run_dir / name) for name in ARTIFACT_NAMES]
+        found += [("train.log", root / "train.log"), ("gate.json", root / "gate.json")]
+        eval_root = root / "eval"
+        if eval_root.is_dir():
+            found += [(p.relative_to(root).as_posix(), p) for p in sorted(eval_root.rglob("*"))
+                      if p.name in ("metrics.json", "report.png")]
+        return [(rel, p) for rel, p in found if p.is_file() and not p.is_symlink()]
+
+    # -- one job ---------------------------------------------------------------------------
+    async def _run_job(self, job: Job) -> None:
+        try:
+            job = await asyncio.to_thread(self.store.start, job.id)
+            run = _Run(job, progress=dict(job.progress))
+            self._runs[job.id] = run
+            if job.cancel_requested:
+                run.cancel.set()
+            pgid = run.progress.pop("pgid", None)
+            if pgid:  # a trainer started by a server that crashed may still be running: stop it first
+                await kill_stale_group(int(pgid), run.progress.pop("pgid_start", None), self.config.kill_grace_s)
+            candidate = await self._train(run)
+            evaluations = await self._evaluate(run, candidate)
+            result = await self._publish(run, candidate, evaluations)
+            await self._set_phase(run, "done")
+            await asyncio.to_thread(self.store.finish, job.id, "SUCCEEDED", result=result)
+            log.info("training job %s succeeded: %s", job.id, result["verdict"])
+        except asyncio.CancelledError:
+            log.info("training job %s interrupted; it resumes when the server starts again", job.id)
+            raise
+        except _Stop as stop:
+            await asyncio.to_thread(self.store.finish, job.id, stop.state, error=str(stop))
+            log.info("training job %s %s: %s", job.id, stop.state.lower(), stop)
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, SegsvcError) else "internal error; see the server log"
+            log.error("training job %s failed: %s", job.id, message, exc_info=not isinstance(exc, SegsvcError))
+            with contextlib.suppress(SegsvcError):
+                await asyncio.to_thread(self.store.finish, job.id, "FAILED", error=message)
+        self._notify(job.id)
+
+    async def _set_phase(self, run: _Run, phase: str, **extra: Any) -> None:
+        await self._save(run, phase=phase, **extra)
+
+    async def _child(self, run: _Run, argv: list[str], what: str) -> int:
+        """Run one child to its end, or stop it on cancel; its output goes to train.log."""
+        root = self.job_dir(run.job.id)
+        child = GroupProcess.spawn(argv, log_path=root / "train.log", cwd=self.config.workdir, env=self._env())
+        await self._save(run, pgid=child.pgid, pgid_start=child.start_time)
+        waiter = asyncio.ensure_future(child.wait())
+        cancel = asyncio.ensure_future(run.cancel.wait())
+        try:
+            while not waiter.done():
+                await asyncio.wait({waiter, cancel}, timeout=self.config.progress_interval_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if cancel.done() and not waiter.done():
+                    await child.terminate(self.config.kill_grace_s)
+                    raise _Stop("CANCELLED", f"cancelled while {what}")
+                await self._tick(run)
+            return waiter.result()
+        except BaseException:
+            await asyncio.shield(child.terminate(self.config.kill_grace_s))  # server stopping: no orphan
+            raise
+        finally:
+            cancel.cancel()
+            waiter.cancel()
+            run.progress.pop("pgid", None)
+            run.progress.pop("pgid_start", None)
+
+    def _env(self) -> dict[str, str]:
+        paths = [str(self.config.workdir), *filter(None, [os.environ.get("PYTHONPATH")])]
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "NO_ALBUMENTATIONS_UPDATE": "1",
+                "PYTHONUNBUFFERED": "1"}
+
+    async def _save(self, run: _Run, **fields: Any) -> None:
+        run.progress.update(fields)
+        await asyncio.to_thread(self.store.set_progress, run.job.id, _stored(run.progress))
+
+    async def _tick(self, run: _Run) -> None:
+        """Fold new trainer events into the job's metadata (written at most every progress interval)."""
+        tail: EventTail | None = run.progress.get("_tail")  # type: ignore[assignment]
+        if tail is None:
+            return
+        changed = False
+        for event in await asyncio.to_thread(tail.read):
+            changed = True
+            apply_event(run.progress, event)
+        now = time.monotonic()
+        if changed and now - run.published_at >= self.config.progress_interval_s:
+            run.published_at = now
+            await asyncio.to_thread(self.store.set_progress, run.job.id, _stored(run.progress))
+
+    # -- phases -------------------------------------------------------------------------
+    async def _train(self, run: _Run) -> Path:
+        spec = run.job.spec
+        root = self.job_dir(run.job.id)
+        candidate_repo = root / "candidate"
+        name = spec["model_name"]
+        if not _has_version(candidate_repo / name):
+            await asyncio.to_thread(_write_text, root / "recipe.yaml", spec["recipe_text"])
+            run_dir = root / spec["run_dir"]
+            resume = (run_dir / "checkpoints" / "last.pt").is_file()
+            argv = trainer_argv(spec, root, self.config, resume=resume)
+            tail = EventTail(run_dir / "events.jsonl")
+            run.progress["_tail"] = tail
+            attempts = int(run.progress.get("attempts", 0)) + 1
+            await self._set_phase(run, "training", attempts=attempts)
+            log.info("training job %s: starting the trainer (attempt %d%s)", run.job.id, attempts,
+                     ", resuming from its checkpoint" if resume else "")
+            try:
+                code = await self._child(run, argv, "training")
+                for event in await asyncio.to_thread(tail.read):
+                    apply_event(run.progress, event)
+            finally:
+                run.progress.pop("_tail", None)
+            await self._save(run)
+            if code != 0 or not _has_version(candidate_repo / name):
+                reason = run.progress.get("end_reason") or f"the trainer exited with code {code}"
+                raise _Stop("FAILED", f"training failed: {reason}")
+        return candidate_repo / name / str(max(_versions(candidate_repo / name)))
+
+    async def _evaluate(self, run: _Run, candidate: Path) -> dict[str, dict[str, dict[str, float]]]:
+        """``{"candidate": {split: metrics}, "default": {split: metrics}}`` via ``segsvc eval`` children."""
+        await self._set_phase(run, "evaluating")
+        spec = run.job.spec
+        root = self.job_dir(run.job.id)
+        if "default_version" not in run.progress:  # fixed once, so a resumed job compares the same two
+            await self._save(run, default_version=self._current_default(spec["model_name"]))
+        default_version = int(run.progress["default_version"] or 0)
+        default_dir = None
+        if default_version:
+            default_dir = self.manager.repository.version_dir(spec["model_name"], default_version)
+            mine, theirs = read_manifest(candidate), read_manifest(default_dir)
+            if tuple(mine.class_names) != tuple(theirs.class_names):
+                log.info("training job %s: default version %d has other classes; not compared", run.job.id,
+                         default_version)
+                default_dir = None
+        results: dict[str, dict[str, dict[str, float]]] = {"candidate": {}, "default": {}}
+        for split, dataset in spec["eval_sets"].items():
+            for who, model_dir in (("candidate", candidate), ("default", default_dir)):
+                if model_dir is None:
+                    continue
+                out = root / "eval" / f"{who}-{split}"
+                if not (out / "metrics.json").is_file():
+                    argv = eval_argv(self.config, model_dir, dataset["spec_path"], out, spec["request"]["device"])
+                    code = await self._child(run, argv, f"evaluating the {who}")
+                    if code != 0 or not (out / "metrics.json").is_file():
+                        raise _Stop("FAILED", f"evaluating the {who} on {split} failed (exit code {code}); "
+                                              "see train.log (FetchTrainingArtifacts)")
+                results[who][split] = gate.read_eval_metrics(out)
+        await self._save(run)
+        return results
+
+    def _current_default(self, name: str) -> int:
+        """The version served by default now (0: the model does not exist yet)."""
+        served = self.manager.default_version(name)
+        if served:
+            return served
+        try:
+            return self.manager.repository.resolve_version(name, None)
+        except NotFound:
+            return 0
+
+    async def _publish(self, run: _Run, candidate: Path, results: dict[str, dict[str, dict[str, float]]]
+                       ) -> dict[str, Any]:
+        await self._set_phase(run, "publishing")
+        spec, request = run.job.spec, run.job.spec["request"]
+        name, repo = spec["model_name"], self.manager.repository
+        default_version = int(run.progress.get("default_version") or 0)
+        rows = gate.compare(results["candidate"], results["default"] or None)
+        promoted, verdict = gate.decide(request["promote"], rows, float(request["gate_margin"]),
+                                        has_default=bool(results["default"]))
+        if run.cancel.is_set():
+            raise _Stop("CANCELLED", "cancelled before publishing")
+        lineage = {
+            "job_id": run.job.id, "dataset": {k: spec["dataset"][k] for k in ("name", "sha256")},
+            "parent": spec.get("base"), "recipe": spec["recipe_name"], "overrides": list(request["overrides"]),
+            "segsvc_version": segsvc.__version__, "metrics": results["candidate"], "gate": verdict,
+        }
+        version = await asyncio.to_thread(gate.find_published, repo, name, run.job.id)
+        if version is None:
+            if not promoted and default_version and repo.default_version(name) is None:
+                # Without a pointer the newest version is served: pin the current default first.
+                await asyncio.to_thread(repo.set_default, name, default_version)
+            path = await asyncio.to_thread(gate.publish_candidate, candidate, repo.root, name, lineage)
+            version = int(path.name)
+        if promoted:
+            await asyncio.to_thread(repo.set_default, name, version)
+            await self.manager.refresh_default(name)
+        result = {
+            "model": name, "version": version, "promoted": promoted, "verdict": verdict,
+            "previous_default": default_version, "promote": request["promote"],
+            "gate_margin": request["gate_margin"], "comparison": [r.to_dict() for r in rows],
+            "metrics": {k: float(v) for k, v in read_manifest(candidate).metrics.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            "epochs": int(run.progress.get("epoch") or 0), "train_seconds": float(run.progress.get("elapsed_s") or 0),
+        }
+        await asyncio.to_thread(_write_json, self.job_dir(run.job.id) / "gate.json",
+                                {**result, "table": gate.format_table(rows)})
+        result["artifacts"] = [rel for rel, _ in await asyncio.to_thread(self.artifact_files, run.job.id)]
+        log.info("training job %s: published %s:%d (%s)", run.job.id, name, version, verdict)
+        return result
+
+
+def apply_event(progress: dict[str, Any], event: dict[str, Any]) -> None:
+    """Fold one trainer event into the job's live metadata."""
+    kind = event.get("event")
+    pick = {
+        "start": ("epochs", "steps_per_epoch", ("start_epoch", "epoch")),
+        "step": ("epoch", "step", "steps_per_epoch", "loss", "lr", "images_per_s"),
+        "epoch": ("epoch", "epochs", ("train_loss", "loss"), "lr", "images_per_s", "val_miou", "best_miou",
+                  "elapsed_s", "eta_s"),
+    }.get(kind, ())
+    for key in pick:
+        src, dst = key if isinstance(key, tuple) else (key, key)
+        value = event.get(src)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            progress[dst] = value
+    if kind == "step":  # the event counts optimiser steps over the run; metadata shows the step in the epoch
+        per_epoch, epoch = int(progress.get("steps_per_epoch") or 0), int(progress.get("epoch") or 1)
+        if per_epoch > 0:
+            progress["step"] = max(0, min(per_epoch, int(progress.get("step") or 0) - (epoch - 1) * per_epoch))
+    elif kind == "epoch":
+        progress["step"] = progress.get("steps_per_epoch", progress.get("step", 0))
+    if kind == "start":
+        progress.pop("end_reason", None)
+    elif kind == "end" and event.get("status") != "completed":
+        progress["end_reason"] = str(event.get("reason") or "the trainer reported a failure")[:500]
+
+
+def _stored(progress: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in progress.items() if not k.startswith("_")}
+
+
+def _versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / "manifest.json").is_file()]
+
+
+def _has_version(model_dir: Path) -> bool:
+    return bool(_versions(model_dir))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(data, indent=2) + "\n")
+
+

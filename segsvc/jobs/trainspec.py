@@ -1,0 +1,273 @@
+"""What a training job is: the request, the server's training settings, and the command lines it runs.
+
+``resolve_submission`` turns a ``TrainingRequest`` into the job's stored spec
+once, at submission: the dataset's spec path and hash (from the dataset
+registry), the recipe text (a named recipe of ``training/recipes``, inline
+YAML, or the base model's recorded training configuration), the base version
+directory to fine-tune from, and the target model. ``trainer_argv`` and
+``eval_argv`` build the child command lines from that spec; the keys the
+service controls (``output.*``, ``data.spec``, ``model.init_from``) are set by
+the service last and refused in the client's overrides.
+
+Example:
+    >>> TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=2).budget_overrides()
+    ['train.epochs=2', 'train.max_time_min=null']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from segsvc.errors import InvalidArgument, NotFound, SegsvcError
+from segsvc.inference.repository import ModelRepository, parse_model_ref
+from segsvc.jobs.gate import POLICIES
+from segsvc.models.artifact import check_name
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+GOLDEN_PREFIX = "golden-"  # a dataset registered as golden-<model> is that model's frozen golden set
+PROTECTED_KEYS = ("output", "data.spec", "model.init_from", "name")
+MAX_RECIPE_BYTES = 64 << 10
+MAX_OVERRIDES = 100
+MAX_EPOCHS = 100_000  # also the cap a time budget sets, so that the time is the limit
+_RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
+
+
+class DatasetRecord(Protocol):
+    spec_path: Any
+    sha256: str
+
+
+class DatasetRegistry(Protocol):
+    def get(self, name_or_hash: str) -> DatasetRecord: ...
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """The server's training settings.
+
+    Args:
+        state_dir: runs live under ``<state_dir>/training/<job_id>/``.
+        max_training_jobs: trainers running at once; more jobs wait in submission order.
+        recipes_dir: where recipe names are looked up.
+        workdir: the trainer's working directory (the project root: ``python -m training`` runs there).
+        python: the interpreter of the trainer and evaluator.
+        kill_grace_s: after SIGTERM (cancel, server stop), how long before SIGKILL.
+        progress_interval_s: how often live metadata is written to the store.
+        eval_threads: torch threads of the evaluation children (None: torch's default).
+    """
+
+    state_dir: Path
+    max_training_jobs: int = 1
+    recipes_dir: Path = PROJECT_ROOT / "training" / "recipes"
+    workdir: Path = PROJECT_ROOT
+    python: str = sys.executable
+    kill_grace_s: float = 10.0
+    progress_interval_s: float = 0.5
+    eval_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_training_jobs < 1:
+            raise InvalidArgument(f"max_training_jobs must be positive, got {self.max_training_jobs}")
+        if self.kill_grace_s < 0 or self.progress_interval_s <= 0:
+            raise InvalidArgument("kill_grace_s must be >= 0 and progress_interval_s > 0")
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """What a client asks for (the idempotency comparison is over exactly this).
+
+    Args:
+        dataset: a registered dataset's name or SHA-256.
+        recipe, recipe_yaml: a recipe name, or a whole recipe as YAML (at most one).
+        overrides: ``a.b=value`` recipe overrides, in order.
+        base_model: ``NAME`` or ``NAME:VERSION`` to fine-tune from.
+        model_name: the model to publish into (default: base model, recipe's model name, recipe name).
+        max_time_min, epochs: the budget (at most one; none: the recipe's).
+        device: auto, cpu or cuda. nproc_per_node: >1 runs torchrun.
+        promote: gate, always or never. gate_margin: mIoU margin over the default.
+    """
+
+    dataset: str
+    recipe: str = ""
+    recipe_yaml: str = ""
+    overrides: tuple[str, ...] = ()
+    base_model: str = ""
+    model_name: str = ""
+    max_time_min: float | None = None
+    epochs: int | None = None
+    device: str = "auto"
+    nproc_per_node: int = 1
+    promote: str = "gate"
+    gate_margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        if not self.dataset:
+            raise InvalidArgument("a training job needs a dataset (a registered name or hash)")
+        if self.recipe and self.recipe_yaml:
+            raise InvalidArgument("give a recipe name or an inline recipe (recipe_yaml), not both")
+        if len(self.recipe_yaml.encode()) > MAX_RECIPE_BYTES:
+            raise InvalidArgument(f"the inline recipe is larger than {MAX_RECIPE_BYTES} bytes")
+        if not (self.recipe or self.recipe_yaml or self.base_model):
+            raise InvalidArgument("a training job needs a recipe (name or inline YAML) or a base model to fine-tune")
+        if len(self.overrides) > MAX_OVERRIDES:
+            raise InvalidArgument(f"at most {MAX_OVERRIDES} overrides")
+        for text in self.overrides:
+            key = check_override(text)
+            if any(key == p or key.startswith(p + ".") for p in PROTECTED_KEYS):
+                raise InvalidArgument(f"override {text[:80]!r}: the service sets {key} itself")
+        if self.max_time_min is not None and self.epochs is not None:
+            raise InvalidArgument("give one budget: max_time_min or epochs")
+        if self.max_time_min is not None and not (math.isfinite(self.max_time_min) and self.max_time_min > 0):
+            raise InvalidArgument(f"max_time_min must be a positive number, got {self.max_time_min}")
+        if self.epochs is not None and not 1 <= self.epochs <= MAX_EPOCHS:
+            raise InvalidArgument(f"epochs must be in 1..{MAX_EPOCHS}, got {self.epochs}")
+        if not _DEVICE.fullmatch(self.device):
+            raise InvalidArgument(f"device must be auto, cpu or cuda, got {self.device[:40]!r}")
+        if not 1 <= self.nproc_per_node <= 64:
+            raise InvalidArgument(f"nproc_per_node must be in 1..64, got {self.nproc_per_node}")
+        if self.promote not in POLICIES:
+            raise InvalidArgument(f"promote must be one of {', '.join(POLICIES)}, got {self.promote[:40]!r}")
+        if not (math.isfinite(self.gate_margin) and 0.0 <= self.gate_margin <= 1.0):
+            raise InvalidArgument(f"gate_margin must be in [0, 1] (mIoU), got {self.gate_margin}")
+
+    def budget_overrides(self) -> list[str]:
+        """The budget as ``--set`` overrides. A time budget is the limit: the recipe's epoch count
+        no longer caps it (unless the request's own overrides set ``train.epochs``)."""
+        if self.max_time_min is not None:
+            sets = [f"train.max_time_min={self.max_time_min:g}", "schedule.horizon=time"]
+            if not any(o.partition("=")[0].strip() == "train.epochs" for o in self.overrides):
+                sets.append(f"train.epochs={MAX_EPOCHS}")
+            return sets
+        if self.epochs is not None:
+            return [f"train.epochs={self.epochs}", "train.max_time_min=null"]
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["overrides"] = list(self.overrides)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainingRequest":
+        return cls(**{**data, "overrides": tuple(data["overrides"])})
+
+
+def check_override(text: str) -> str:
+    """``a.b=value`` -> ``a.b`` (the value is the trainer's to check)."""
+    key, sep, _ = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part or not part.replace("_", "").isalnum() for part in key.split(".")):
+        raise InvalidArgument(f"override {text[:80]!r} must look like key.subkey=value")
+    return key
+
+
+def _recipe(request: TrainingRequest, base_config: dict[str, Any] | None, config: TrainingConfig
+            ) -> tuple[str, dict[str, Any]]:
+    if request.recipe:
+        if not _RECIPE_NAME.fullmatch(request.recipe):
+            raise InvalidArgument(f"invalid recipe name {request.recipe[:80]!r}")
+        path = Path(config.recipes_dir) / f"{request.recipe}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in Path(config.recipes_dir).glob("*.yaml"))
+            raise NotFound(f"no recipe named {request.recipe!r}; recipes: {names}")
+        text, default_name = path.read_text(), request.recipe
+    elif request.recipe_yaml:
+        text, default_name = request.recipe_yaml, "inline"
+    else:
+        if not base_config:
+            raise InvalidArgument(f"base model {request.base_model} records no training configuration; give a recipe")
+        text, default_name = yaml.safe_dump(base_config), str(base_config.get("name") or "finetune")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidArgument(f"the recipe is not valid YAML: {str(exc)[:200]}") from None
+    if not isinstance(raw, dict):
+        raise InvalidArgument("the recipe must be a YAML mapping")
+    raw.setdefault("name", default_name)
+    name = str(raw["name"])
+    if not _RECIPE_NAME.fullmatch(name):
+        raise InvalidArgument(f"recipe name {name[:80]!r} must be letters, digits, '-', '_' or '.'")
+    return name, raw
+
+
+def _record(datasets: DatasetRegistry, query: str) -> dict[str, Any]:
+    record = datasets.get(query)
+    return {"name": str(getattr(record, "name", query)), "sha256": str(record.sha256),
+            "spec_path": str(Path(record.spec_path).resolve())}
+
+
+def resolve_submission(request: TrainingRequest, datasets: DatasetRegistry, repository: ModelRepository,
+                       config: TrainingConfig) -> dict[str, Any]:
+    """The job's stored spec: everything it needs, resolved now (later changes do not move it)."""
+    dataset = _record(datasets, request.dataset)
+    base = None
+    base_config = None
+    if request.base_model:
+        name, version = parse_model_ref(request.base_model)
+        version = repository.resolve_version(name, version)
+        base_dir = repository.version_dir(name, version)
+        base = {"model": name, "version": version, "dir": str(base_dir)}
+        base_config = dict(repository.read_manifest(name, version).training.get("config") or {}) or None
+    recipe_name, raw = _recipe(request, base_config, config)
+    model_name = check_name(request.model_name or (base or {}).get("model")
+                            or (raw.get("output") or {}).get("model_name") or recipe_name)
+    eval_sets = {"val": dataset}
+    try:
+        eval_sets["golden"] = _record(datasets, GOLDEN_PREFIX + model_name)
+    except SegsvcError:  # none registered (or not a valid dataset name): no golden split
+        pass
+    return {
+        "request": request.to_dict(), "dataset": dataset, "eval_sets": eval_sets, "base": base,
+        "recipe_name": recipe_name, "recipe_text": yaml.safe_dump(raw, sort_keys=False), "model_name": model_name,
+        "run_dir": f"{recipe_name}/run",
+    }
+
+
+def trainer_argv(spec: dict[str, Any], root: Path, config: TrainingConfig, resume: bool) -> list[str]:
+    """``python -m training`` (or torchrun) with the recipe, the client's overrides and then the service's."""
+    request = TrainingRequest.from_dict(spec["request"])
+    if request.nproc_per_node > 1:
+        argv = [config.python, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={request.nproc_per_node}", "-m", "training"]
+    else:
+        argv = [config.python, "-m", "training"]
+    argv += ["--config", str(root / "recipe.yaml")]
+    sets = [*request.overrides, *request.budget_overrides()]
+    if spec.get("base"):
+        sets.append(f"model.init_from={json.dumps(spec['base']['dir'])}")
+    sets += [
+        f"data.spec={json.dumps(spec['dataset']['spec_path'])}",
+        f"output.runs_dir={json.dumps(str(root))}",
+        "output.run_name=run",
+        f"output.repo={json.dumps(str(root / 'candidate'))}",
+        f"output.model_name={spec['model_name']}",
+        f"train.device={request.device}",
+        "train.progress=false",
+    ]
+    for text in sets:
+        argv += ["--set", text]
+    if resume:
+        argv += ["--resume", str(root / spec["run_dir"])]
+    return argv
+
+
+def eval_argv(config: TrainingConfig, model_dir: Path, spec_path: str, out: Path, device: str) -> list[str]:
+    """``segsvc eval`` of one model version on a dataset's val split, into ``out``."""
+    argv = [config.python, "-m", "segsvc", "eval", "--model", str(model_dir), "--data", str(spec_path),
+            "--split", "val", "--out", str(out), "--device", device,
+            "--no-progress"]
+    if config.eval_threads:
+        argv += ["--threads", str(config.eval_threads)]
+    return argv
+

@@ -1,0 +1,86 @@
+"""The persistent default: ``<model>/DEFAULT`` in the repository, honoured by resolve_version and the manager."""
+
+from __future__ import annotations
+
+import asyncio
+
+from segsvc.inference.batcher import BatchingConfig
+from segsvc.inference.engine import EngineConfig
+from segsvc.inference.manager import ManagerConfig, ModelManager
+from segsvc.inference.repository import DEFAULT_FILE, ModelRepository
+from tests.server.conftest import publish
+
+
+def test_default_file_moves_resolve_version_and_is_not_a_skipped_entry(tmp_path):
+    for seed in (1, 2, 3):
+        publish(tmp_path, "m", seed=seed)
+    repo = ModelRepository(tmp_path)
+    assert repo.resolve_version("m", None) == 3 and repo.default_version("m") is None
+    repo.set_default("m", 2)
+    assert (tmp_path / "m" / DEFAULT_FILE).read_text() == "2\n"
+    assert repo.resolve_version("m", None) == 2 and repo.versions("m") == [1, 2, 3]
+    assert repo.skipped == ()
+    assert [p.name for p in (tmp_path / "m").iterdir() if p.name.startswith(".")] == []  # no temporaries left
+    repo.set_default("m", None)
+    assert repo.resolve_version("m", None) == 3
+
+
+def test_a_pointer_to_a_missing_version_or_garbage_falls_back_to_the_newest(tmp_path):
+    publish(tmp_path, "m", seed=1)
+    repo = ModelRepository(tmp_path)
+    for text in ("7\n", "two\n", ""):
+        (tmp_path / "m" / DEFAULT_FILE).write_text(text)
+        assert repo.resolve_version("m", None) == 1
+
+
+def _manager(root) -> ModelManager:
+    config = ManagerConfig(engine=EngineConfig(device="cpu", warmup=False),
+                           batching=BatchingConfig(max_batch_size=2, max_delay_s=0.001), poll_interval_s=0)
+    return ModelManager(ModelRepository(root), config)
+
+
+def test_manager_serves_the_pointer_polls_new_versions_without_switching_and_follows_a_moved_pointer(tmp_path):
+    publish(tmp_path, "m", seed=1)
+    publish(tmp_path, "m", seed=2)
+    ModelRepository(tmp_path).set_default("m", 1)
+
+    async def main() -> None:
+        manager = _manager(tmp_path)
+        await manager.start()
+        try:
+            assert sorted(manager._models["m"]) == [1, 2] and manager.default_version("m") == 1
+            publish(tmp_path, "m", seed=3)
+            assert await manager.poll_once() == [("m", 3)]
+            assert manager.default_version("m") == 1  # loaded, not default
+            assert 1 in manager._models["m"]  # the pinned default is never retired by a newer version
+            ModelRepository(tmp_path).set_default("m", 3)
+            assert await manager.refresh_default("m") == 3
+            await asyncio.gather(*manager._retiring)
+            assert sorted(manager._models["m"]) == [3]  # old automatic versions go once not default
+            ModelRepository(tmp_path).set_default("m", 2)  # e.g. a rollback written by hand
+            publish(tmp_path, "m", seed=4)
+            await manager.poll_once()
+            assert manager.default_version("m") == 2 and 4 in manager._models["m"]
+            manager.set_default("m", 4)  # an in-memory pin still wins
+            assert manager.default_version("m") == 4
+        finally:
+            await manager.stop()
+
+    asyncio.run(main())
+
+
+def test_without_a_pointer_nothing_changes(tmp_path):
+    publish(tmp_path, "m", seed=1)
+
+    async def main() -> None:
+        manager = _manager(tmp_path)
+        await manager.start()
+        try:
+            publish(tmp_path, "m", seed=2)
+            await manager.poll_once()
+            await asyncio.gather(*manager._retiring)
+            assert manager.default_version("m") == 2 and sorted(manager._models["m"]) == [2]
+        finally:
+            await manager.stop()
+
+    asyncio.run(main())
