@@ -6,9 +6,12 @@ heavy ones (decoding, PNG encoding) on its I/O threads.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
 
 import grpc
 import numpy as np
@@ -258,3 +261,20 @@ def upload_response(summary: UploadSummary) -> jobs_pb.UploadImagesResponse:
         upload_id=summary.upload_id, total_bytes=summary.total_bytes,
         files=[jobs_pb.UploadedFile(name=f.name, size=f.size, sha256=f.sha256) for f in summary.files],
     )
+
+
+FILE_CHUNK_BYTES = 1 << 20
+
+
+async def file_chunks(files: list[tuple[str, Path]]) -> AsyncIterator[jobs_pb.FileChunk]:
+    """Stream ``(relative path, path)`` files as ``FileChunk``s of up to 1 MiB, reading on a thread."""
+    for rel, path in files:
+        offset = 0
+        with await asyncio.to_thread(open, path, "rb") as f:
+            while True:
+                data = await asyncio.to_thread(f.read, FILE_CHUNK_BYTES)
+                last = len(data) < FILE_CHUNK_BYTES
+                yield jobs_pb.FileChunk(path=rel, offset=offset, data=data, last=last)
+                offset += len(data)
+                if last:
+                    break

@@ -18,7 +18,7 @@ from google.protobuf import timestamp_pb2
 from segsvc.datasets.registry import Dataset, DatasetRegistry
 from segsvc.datasets.upload import DatasetUpload
 from segsvc.errors import FailedPrecondition, InvalidArgument, UploadError
-from segsvc.server.errors import abort
+from segsvc.server.errors import guarded
 from segsvc.v1 import datasets_pb2 as pb
 from segsvc.v1 import datasets_pb2_grpc as pb_grpc
 
@@ -61,13 +61,7 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
         return self._registry_or_none
 
     async def _call(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await work()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await abort(context, exc, "", method, log)
-            raise  # unreachable: abort raises
+        return await guarded(method, context, work, log)
 
     async def RegisterDataset(self, request: pb.RegisterDatasetRequest, context):
         async def work() -> pb.Dataset:

@@ -10,8 +10,9 @@ streams), so the client can raise the very same class (``wire.error_from_status`
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import NoReturn
+from typing import Awaitable, Callable, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -19,6 +20,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 from segsvc.errors import DatasetInvalid, SegsvcError
 from segsvc.wire import ERROR_CODES, ERROR_KIND_KEY, REQUEST_ID_KEY
+
+T = TypeVar("T")
 
 
 MAX_ID_CHARS = 128
@@ -94,3 +97,14 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_i
         trailers += ((DETAILS_KEY, details),)
     context.set_trailing_metadata(trailers)
     await context.abort(code, message)
+
+
+async def guarded(method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]],
+                  logger: logging.Logger) -> T:
+    """``await work()``; any error ends the RPC with its status (``abort``), cancellation passes through."""
+    try:
+        return await work()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        await abort(context, exc, "", method, logger)

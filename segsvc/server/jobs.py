@@ -26,7 +26,7 @@ from segsvc.jobs.store import JOB_STATES, Job
 from segsvc.jobs.training import KIND as TRAIN_KIND
 from segsvc.jobs.training import TrainingRunner
 from segsvc.server import convert
-from segsvc.server.errors import abort
+from segsvc.server.errors import abort, guarded
 from segsvc.server.training import training_operation
 from segsvc.v1 import jobs_pb2 as jobs_pb
 from segsvc.v1 import jobs_pb2_grpc as jobs_grpc
@@ -38,7 +38,6 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 DEFAULT_WAIT_S = 60.0
 MAX_WAIT_S = 600.0
-CHUNK_BYTES = 1 << 20
 
 
 class _Adapter:
@@ -68,13 +67,7 @@ class _Adapter:
         return training_operation(job) if job.kind == TRAIN_KIND else convert.operation(job)
 
     async def _call(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
-        try:
-            return await work()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await abort(context, exc, "", method, log)
-            raise  # unreachable: abort raises
+        return await guarded(method, context, work, log)
 
 
 class JobServicer(_Adapter, jobs_grpc.JobServiceServicer):
@@ -109,16 +102,8 @@ class JobServicer(_Adapter, jobs_grpc.JobServiceServicer):
             runner = await self._runner_of(job_id)
             lister = runner.artifact_files if isinstance(runner, TrainingRunner) else runner.output_files
             files = await asyncio.to_thread(lister, job_id)
-            for rel, path in files:
-                offset = 0
-                with await asyncio.to_thread(open, path, "rb") as f:
-                    while True:
-                        data = await asyncio.to_thread(f.read, CHUNK_BYTES)
-                        last = len(data) < CHUNK_BYTES
-                        yield jobs_pb.FileChunk(path=rel, offset=offset, data=data, last=last)
-                        offset += len(data)
-                        if last:
-                            break
+            async for chunk in convert.file_chunks(files):
+                yield chunk
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:

@@ -27,7 +27,6 @@ from segsvc.v1 import training_pb2_grpc as tgrpc
 
 log = logging.getLogger("segsvc.server")
 
-CHUNK_BYTES = 1 << 20
 POLICIES = {tpb.PROMOTE_POLICY_UNSPECIFIED: "gate", tpb.PROMOTE_POLICY_GATE: "gate",
             tpb.PROMOTE_POLICY_ALWAYS: "always", tpb.PROMOTE_POLICY_NEVER: "never"}
 POLICY_ENUMS = {"gate": tpb.PROMOTE_POLICY_GATE, "always": tpb.PROMOTE_POLICY_ALWAYS,
@@ -131,16 +130,8 @@ class TrainingServicer(tgrpc.TrainingServiceServicer):
         try:
             job_id = convert.job_id_of(request.name)
             files = await asyncio.to_thread(self._runner.artifact_files, job_id)
-            for rel, path in files:
-                offset = 0
-                with await asyncio.to_thread(open, path, "rb") as f:
-                    while True:
-                        data = await asyncio.to_thread(f.read, CHUNK_BYTES)
-                        last = len(data) < CHUNK_BYTES
-                        yield jobs_pb.FileChunk(path=rel, offset=offset, data=data, last=last)
-                        offset += len(data)
-                        if last:
-                            break
+            async for chunk in convert.file_chunks(files):
+                yield chunk
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
