@@ -343,7 +343,9 @@ class TrainingJobHandle(JobHandle):
         try:
             while True:
                 bar.n = round(1000 * (1.0 if status.state == "SUCCEEDED" else status.fraction))
-                postfix = {"phase": status.phase, "epoch": f"{status.epoch}/{status.epochs}"}
+                # before its first epoch a time-budgeted run cannot know how many epochs fit
+                planned = status.epochs if status.epoch else "?"
+                postfix = {"phase": status.phase, "epoch": f"{status.epoch}/{planned}"}
                 if status.loss:
                     postfix["loss"] = f"{status.loss:.4f}"
                 if status.val_miou:
