@@ -247,6 +247,10 @@ class TrainingRunner(StoreRunner):
             if code != 0 or not _has_version(candidate_repo / name):
                 reason = run.progress.get("end_reason") or f"the trainer exited with code {code}"
                 raise _Stop("FAILED", f"training failed: {reason}")
+        else:  # a trainer finished before a crash (or one the dead server left behind did): its events say how far
+            for event in await asyncio.to_thread(EventTail(root / spec["run_dir"] / "events.jsonl").read):
+                apply_event(run.progress, event)
+            await self._save(run)
         return candidate_repo / name / str(max(_versions(candidate_repo / name)))
 
     async def _evaluate(self, run: _Run, candidate: Path) -> dict[str, dict[str, dict[str, float]]]:

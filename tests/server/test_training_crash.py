@@ -68,6 +68,9 @@ def test_kill_9_during_training_then_restart_stops_the_orphan_and_resumes_to_com
     orphan = int(progress["pgid"])
     assert status.epoch < epochs - 5, "training finished before the kill; the test would prove nothing"
     assert group_alive(orphan), "the trainer should have outlived the killed server (its own process group)"
+    # Freeze the orphan: on a loaded machine it could otherwise finish all epochs (and publish) before the
+    # next server is up, and the job would complete without a resume. Stopped, it is still there to be killed.
+    os.killpg(orphan, signal.SIGSTOP)
 
     proc, address = _serve(tmp_path, "second.log")
     try:
