@@ -112,6 +112,16 @@ class JobHandle:
             name=self.name, timeout=duration_pb2.Duration(seconds=0, nanos=int(step_s * 1e9)))
         self._op = self._client._ops_call("WaitOperation", request, timeout_s=step_s + 30)
 
+    def _waited(self, deadline: float | None) -> bool:
+        """Wait one step for the job; False (without waiting) once it is done or ``deadline`` has passed."""
+        if self._op.done:
+            return False
+        step = WAIT_STEP_S if deadline is None else min(WAIT_STEP_S, deadline - time.monotonic())
+        if step <= 0:
+            return False
+        self._wait_step(step)
+        return True
+
     def _error(self) -> None:
         op = self._op
         if op.HasField("error"):
@@ -133,12 +143,8 @@ class JobHandle:
                 bar.set_postfix(state=status.state.lower(), failed=status.failed,
                                 rate=f"{status.images_per_s:.1f}/s", refresh=False)
                 bar.refresh()
-                if self._op.done:
+                if not self._waited(deadline):
                     return status
-                step = WAIT_STEP_S if deadline is None else min(WAIT_STEP_S, deadline - time.monotonic())
-                if step <= 0:
-                    return status
-                self._wait_step(step)
                 status = _status(self._op)
         finally:
             bar.close()
@@ -354,12 +360,8 @@ class TrainingJobHandle(JobHandle):
                     postfix["eta"] = f"{status.eta_s:.0f}s"
                 bar.set_postfix(postfix, refresh=False)
                 bar.refresh()
-                if self._op.done:
+                if not self._waited(deadline):
                     return status
-                step = WAIT_STEP_S if deadline is None else min(WAIT_STEP_S, deadline - time.monotonic())
-                if step <= 0:
-                    return status
-                self._wait_step(step)
                 status = _training_status(self._op)
         finally:
             bar.close()
