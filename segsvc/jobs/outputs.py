@@ -9,7 +9,7 @@ for the offline runners)::
     confidence/<rel>.png    optional: max softmax probability as uint8 (round(255 p))
     results.jsonl           one record per image, sorted by input
     summary.json            counts, per-class pixel totals and shares, failures, throughput
-    class_shares.png        horizontal bar chart of the class pixel shares (where matplotlib is installed)
+    class_shares.png        horizontal bar chart of the class pixel shares
 
 ``<rel>`` is the input's path relative to the job's input root with ``.png``
 *appended* (``a/b/img.jpg`` -> ``labels/a/b/img.jpg.png``): nested folders are
@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -39,6 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping, Sequence
 
+import cv2
 import numpy as np
 
 from segsvc.errors import InvalidArgument
@@ -246,12 +246,7 @@ class JobOutputs:
         lines = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows)
         atomic_write(self.root / RESULTS_FILE, lines.encode())
         atomic_write(self.root / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
-        try:
-            chart = class_shares_chart(pixels, class_names, palette)
-        except ImportError:  # the serving image ships without matplotlib (deploy/Dockerfile): no chart there
-            chart = None
-        if chart is not None:
-            atomic_write(self.root / CHART_FILE, chart)
+        atomic_write(self.root / CHART_FILE, class_shares_chart(pixels, class_names, palette))
         return summary
 
     @staticmethod
@@ -271,35 +266,40 @@ def class_shares_chart(
 ) -> bytes:
     """PNG bytes of a horizontal bar chart of class pixel shares, bars in the palette colours.
 
-    matplotlib is imported here, not at module import, so the server never loads
-    it unless a job finishes; the Agg canvas is used directly so no global
-    backend is switched in the host process.
+    Drawn with OpenCV, which every segsvc image has: the serving image (no
+    matplotlib) gets the chart too, and a batch run does not pay matplotlib's
+    import (~0.3 s, a tenth of a 200-image run on 2 cores).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     total = sum(pixels.values())
-    colours = {name: tuple(np.asarray(palette[i], float) / 255.0) for i, name in enumerate(class_names)
-               if i < len(palette)}
+    colours = {name: tuple(int(c) for c in palette[i]) for i, name in enumerate(class_names) if i < len(palette)}
     ranked = sorted(pixels.items(), key=lambda kv: -kv[1])
     shown, rest = ranked[:CHART_MAX_CLASSES], ranked[CHART_MAX_CLASSES:]
     if rest:
         shown.append((f"{len(rest)} other classes", sum(v for _, v in rest)))
-    shown.reverse()  # largest on top
-    names = [name for name, _ in shown]
     shares = [100.0 * v / total if total else 0.0 for _, v in shown]
-    fig = Figure(figsize=(6.0, 1.0 + 0.28 * len(shown)), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    bars = ax.barh(range(len(shown)), shares, color=[colours.get(n, (0.6, 0.6, 0.6)) for n in names],
-                   edgecolor="black", linewidth=0.5)
-    for bar, share in zip(bars, shares):
-        ax.text(bar.get_width() + 0.5, bar.get_y() + bar.get_height() / 2, f"{share:.1f}%", va="center", fontsize=8)
-    ax.set_yticks(range(len(shown)), names, fontsize=8)
-    ax.set_xlim(0, max([*shares, 1.0]) * 1.15)
-    ax.set_xlabel("share of predicted pixels (%)")
-    ax.set_title(f"class shares over {total:,} pixels", fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    font, scale, thick = cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1
+    names = [name if len(name) <= 24 else name[:23] + "~" for name, _ in shown]
+    label_w = max(cv2.getTextSize(n, font, scale, thick)[0][0] for n in names) + 16
+    bar_w, row_h, top, left = 360, 22, 36, label_w
+    width, height = left + bar_w + 70, top + row_h * len(shown) + 30
+    image = np.full((height, width, 3), 255, np.uint8)
+    title = f"class shares over {total:,} pixels"
+    cv2.putText(image, title, (8, 22), font, 0.55, (0, 0, 0), thick, cv2.LINE_AA)
+    longest = max([*shares, 1e-9])
+    for row, ((name, _), label, share) in enumerate(zip(shown, names, shares)):
+        y = top + row * row_h
+        (tw, th), _ = cv2.getTextSize(label, font, scale, thick)
+        cv2.putText(image, label, (left - 8 - tw, y + (row_h + th) // 2), font, scale, (0, 0, 0), thick, cv2.LINE_AA)
+        r, g, b = colours.get(name, (153, 153, 153))
+        x1 = left + max(1, round(bar_w * share / longest))
+        cv2.rectangle(image, (left, y + 3), (x1, y + row_h - 4), (b, g, r), cv2.FILLED)
+        cv2.rectangle(image, (left, y + 3), (x1, y + row_h - 4), (0, 0, 0), 1)
+        cv2.putText(image, f"{share:.1f}%", (x1 + 6, y + (row_h + th) // 2), font, scale, (0, 0, 0), thick,
+                    cv2.LINE_AA)
+    cv2.line(image, (left, top - 2), (left, top + row_h * len(shown)), (0, 0, 0), 1)
+    cv2.putText(image, "share of predicted pixels (%)", (left, height - 10), font, scale, (80, 80, 80), thick,
+                cv2.LINE_AA)
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise RuntimeError("OpenCV could not encode the class-share chart")
+    return buf.tobytes()
