@@ -4,7 +4,8 @@ The naive loop is what a user would write first: for each file, read, decode,
 ``Predictor.predict``, encode the label PNG, write it. The local engine does the
 same work (and more: the job store, results.jsonl, summary.json and chart)
 with decode and write threads around batched forward passes (at most ``--batch-size`` images, and on
-CPU at most ``CPU_BATCH_PIXELS`` input pixels, per pass). Both use the same
+CPU at most ``CPU_BATCH_PIXELS`` input pixels, per pass; on CPU one single-threaded pass per torch thread
+at once, ``forward_streams``). Both use the same
 synthetic images (shapes on textured backgrounds) and the same small U-Net
 (random weights, BatchNorm calibrated on noise so its label maps vary).
 Goal: ratio local / naive >= 1.0. The load average is printed because the

@@ -488,7 +488,7 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--flip-tta", action="store_true", default=None, help="horizontal-flip test-time augmentation")
     p.add_argument("--batch-size", type=int, default=8, help="most images per forward pass (default 8)")
     p.add_argument("--max-batch-pixels", default="auto",
-                   help="a forward pass also ends at this many input pixels: auto (131072 on CPU, no limit on "
+                   help="a forward pass also ends at this many input pixels: auto (65536 on CPU, no limit on "
                         "GPU), 0 for no limit, or an integer")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--io-threads", type=int, default=0, help="local engine: decode and write threads each "

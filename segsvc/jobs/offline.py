@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -34,9 +35,10 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from segsvc.errors import AlreadyExists, InvalidArgument, SegsvcError
 from segsvc.inference.codec import DEFAULT_MAX_PIXELS, decode_image
@@ -51,10 +53,11 @@ STATE_FILE = ".segsvc-batch.sqlite"
 JOB_KIND = "batch"
 ENGINES = ("local", "ray")
 PROGRESS_EVERY_S = 2.0
-# Forward passes on CPU stop gaining from bigger batches once a batch outgrows the caches: on 2 cores,
-# 256x256 images ran fastest two at a time and slowest eight at a time (a sweep of batch 1/2/4/8 with
-# bench/bench_batch.py's model). So on CPU a batch also ends at this many input pixels; GPUs batch by count.
-CPU_BATCH_PIXELS = 1 << 17
+# Forward passes on CPU stop gaining from bigger batches once a batch outgrows the caches. With one
+# single-threaded pass per core (forward_streams), bench/bench_batch.py's 256x256 images on 2 cores ran at
+# 88-90 images/s one per pass, 85-87 two per pass and 65-69 four per pass. So on CPU a batch also ends at
+# this many input pixels; GPUs batch by count.
+CPU_BATCH_PIXELS = 1 << 16
 
 # (item index, results.jsonl record or None, failure reason or None)
 Outcome = tuple[int, "dict[str, Any] | None", "str | None"]
@@ -185,14 +188,41 @@ class ItemWorker:
         return outcomes
 
 
+def forward_streams(device: torch.device) -> int:
+    """Concurrent forward passes for the local engine: one per torch CPU thread on CPU, one on a GPU.
+
+    On CPU, N passes with one thread each beat one pass with N threads: a small
+    model's convolutions do not split evenly over threads, and each split pass
+    waits for its slowest thread (bench/bench_batch.py, 2 cores: ~1.4x).
+    """
+    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+@contextlib.contextmanager
+def single_threaded_torch(enabled: bool) -> Iterator[None]:
+    """torch's intra-op pool at one thread for the duration (restored after), when ``enabled``."""
+    before = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_num_threads(before)
+
+
 def run_local(worker: ItemWorker, items: Sequence[Item], root: Path, on_outcome: Callable[[Outcome], None],
               *, io_threads: int = 0) -> None:
-    """The ``local`` engine: decode threads -> batched forward here -> write threads.
+    """The ``local`` engine: decode threads -> batched forward passes -> write threads.
 
-    Every stage is bounded (decodes in flight, images held for batching, writes
-    in flight), so memory does not grow with the number of inputs. Outcomes are
-    delivered on this thread, so the caller's store needs no locking discipline.
+    On CPU, ``forward_streams`` passes run at once, each on one torch thread
+    (torch's thread count is set to 1 for the run and restored after). Every
+    stage is bounded (decodes in flight, images held for batching, passes and
+    writes in flight), so memory does not grow with the number of inputs.
+    Outcomes are delivered on this thread, so the caller's store needs no
+    locking discipline.
     """
+    streams = forward_streams(worker.engine.device)
     threads = io_threads or min(4, os.cpu_count() or 1)
     batch_size = worker.batch_size
     max_decoding, max_held, max_writing = 2 * batch_size + threads, 2 * batch_size, 2 * batch_size + threads
@@ -200,27 +230,44 @@ def run_local(worker: ItemWorker, items: Sequence[Item], root: Path, on_outcome:
     todo = iter(items)
     decoding: deque[tuple[Item, Future]] = deque()
     groups: dict[Hashable, list[tuple[Item, np.ndarray | None, Any, float]]] = {}
+    forwarding: dict[Future, list[tuple[Item, np.ndarray | None, Any, float]]] = {}
     writing: set[Future] = set()
 
-    with ThreadPoolExecutor(threads, "segsvc-decode") as decoders, ThreadPoolExecutor(threads, "segsvc-write") as writers:
+    with (
+        single_threaded_torch(streams > 1),
+        ThreadPoolExecutor(threads, "segsvc-decode") as decoders,
+        ThreadPoolExecutor(streams, "segsvc-forward") as forwarders,
+        ThreadPoolExecutor(threads, "segsvc-write") as writers,
+    ):
 
         def refill() -> None:
             while len(decoding) < max_decoding and (item := next(todo, None)) is not None:
                 decoding.append((item, decoders.submit(worker.load, root / item.input)))
 
-        def reap(limit: int) -> None:
+        def reap_writes(limit: int) -> None:
             while len(writing) > limit:
                 wait(writing, return_when=FIRST_COMPLETED)
                 for fut in [f for f in writing if f.done()]:
                     writing.discard(fut)
                     on_outcome(fut.result())  # a failed write (disk full) stops the run: --resume redoes it
 
+        def reap_forwards(limit: int) -> None:
+            """Hand finished passes to the writers; block while more than ``limit`` are in flight."""
+            while True:
+                for fut in [f for f in forwarding if f.done()]:
+                    group = forwarding.pop(fut)
+                    outputs, fwd_ms = fut.result()  # a failed pass stops the run: --resume redoes it
+                    for (item, image, _, ms), output in zip(group, outputs):
+                        writing.add(writers.submit(worker.write, item.index, item.input, image, output, ms + fwd_ms))
+                if len(forwarding) <= limit:
+                    break
+                wait(forwarding, return_when=FIRST_COMPLETED)
+            reap_writes(max_writing)
+
         def forward(key: Hashable) -> None:
             group = groups.pop(key)
-            outputs, fwd_ms = worker.predict([g[2] for g in group])
-            for (item, image, _, ms), output in zip(group, outputs):
-                writing.add(writers.submit(worker.write, item.index, item.input, image, output, ms + fwd_ms))
-            reap(max_writing)
+            forwarding[forwarders.submit(worker.predict, [g[2] for g in group])] = group
+            reap_forwards(streams)  # one pass queued behind the running ones keeps every stream busy
 
         refill()
         while decoding:
@@ -237,10 +284,11 @@ def run_local(worker: ItemWorker, items: Sequence[Item], root: Path, on_outcome:
                 forward(prepared.key)
             elif sum(len(g) for g in groups.values()) > max_held:  # many sizes: run the biggest group now
                 forward(max(groups, key=lambda k: len(groups[k])))
-            reap(max_writing)
+            reap_forwards(streams)
         for key in list(groups):
             forward(key)
-        reap(0)
+        reap_forwards(0)
+        reap_writes(0)
 
 
 class RayItemWorker:

@@ -291,3 +291,38 @@ def test_max_batch_pixels_must_be_positive(setup, tmp_path) -> None:
     with pytest.raises(InvalidArgument, match="max_batch_pixels"):
         run_batch([str(setup["inputs"])], model_repo=setup["repo"], model="tiny", out=tmp_path / "o",
                   max_batch_pixels=0)
+
+
+def test_cpu_passes_run_concurrently_one_torch_thread_each(setup, tmp_path, monkeypatch) -> None:
+    """With torch at 2 threads, two single-threaded passes run at once (a barrier only two concurrent
+    passes can cross), and torch's thread count is restored after the run."""
+    import threading
+
+    import torch
+
+    from segsvc.jobs import offline
+
+    folder = tmp_path / "same"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.png").write_bytes(encode(make_image(48, 40, seed=i)))
+    barrier = threading.Barrier(2, timeout=120)
+    seen: list[int] = []
+    predict = offline.ItemWorker.predict
+
+    def predict_together(self, prepared):
+        seen.append(torch.get_num_threads())
+        if len(seen) <= 2:
+            barrier.wait()  # BrokenBarrierError unless a second pass runs meanwhile
+        return predict(self, prepared)
+
+    monkeypatch.setattr(offline.ItemWorker, "predict", predict_together)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        summary = run_batch([str(folder)], model_repo=setup["repo"], model="tiny", out=tmp_path / "out",
+                            device="cpu", batch_size=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert summary["counts"]["done"] == 6 and len(seen) == 6 and set(seen) == {1}
