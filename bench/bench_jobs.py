@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+CPUS = max(1, min(os.cpu_count() or 1, 8))
 
 from bench_batch import publish_model, write_images  # noqa: E402
 
@@ -39,7 +40,9 @@ def serve(work: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "segsvc", "serve", "--model-repo", str(work / "repo"), "--host", "127.0.0.1",
          "--port", "0", "--metrics-port", "-1", "--state-dir", str(work / "state"), "--data-root", str(work),
-         "--output-root", str(work / "out"), "--max-running-jobs", "1", "--log-level", "WARNING"],
+         "--output-root", str(work / "out"), "--max-running-jobs", "1", "--log-level", "WARNING",
+         # throughput mode, like the offline loop's forward_streams: one single-threaded pass per CPU
+         "--concurrent-batches", str(CPUS), "--torch-threads", "1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     line = proc.stdout.readline()
@@ -74,11 +77,13 @@ def main() -> None:
         paths = write_images(work / "images", args.count, args.size)
         image = paths[0].read_bytes()
 
-        t0 = time.perf_counter()
-        summary = run_batch([str(work / "images")], model_repo=work / "repo", model="bench", out=work / "offline",
-                            device="cpu")
-        t_offline = time.perf_counter() - t0
-        assert summary["counts"]["done"] == args.count, summary["counts"]
+        t_offline = float("inf")
+        for attempt in range(2):  # the first run also warms torch up: the best of two counts
+            t0 = time.perf_counter()
+            summary = run_batch([str(work / "images")], model_repo=work / "repo", model="bench",
+                                out=work / f"offline{attempt}", device="cpu")
+            t_offline = min(t_offline, time.perf_counter() - t0)
+            assert summary["counts"]["done"] == args.count, summary["counts"]
 
         proc, address = serve(work)
         try:

@@ -801,3 +801,44 @@ def test_a_group_cancelled_while_it_waits_for_company_does_not_stop_the_worker()
         return [r.value for r in results], b.stats.dropped
 
     assert run(main()) == (["b1", "b2"], 1)
+
+
+def test_concurrency_runs_batches_at_once_and_is_checked():
+    with pytest.raises(InvalidArgument, match="concurrency"):
+        BatchingConfig(concurrency=0)
+    barrier = threading.Barrier(2, timeout=30)
+
+    def predict(items: list) -> list:
+        barrier.wait()  # only two batches running at the same time get past this
+        return [x * 2 for x in items]
+
+    async def main():
+        b = DynamicBatcher(predict, BatchingConfig(max_batch_size=1, max_delay_s=0, concurrency=2))
+        b.start()
+        results = await asyncio.gather(b.submit(1), b.submit(2))
+        await b.stop()
+        return [r.value for r in results]
+
+    assert run(main()) == [2, 4]
+
+
+def test_a_starved_batch_item_runs_with_concurrent_batches_under_continuous_interactive_load():
+    """With two slots a freed slot always finds interactive items queued: starvation must outrank them."""
+    async def main():
+        rec = Recorder(delay_s=0.01)
+        cfg = BatchingConfig(max_batch_size=1, max_delay_s=0, batch_holdoff_s=10.0, batch_max_wait_s=0.2,
+                             concurrency=2)
+        b = DynamicBatcher(rec, cfg)
+        b.start()
+        loads = [await _interactive_load(b, rec) for _ in range(2)]
+        while not rec.batches:
+            await asyncio.sleep(0.001)
+        result = await asyncio.wait_for(b.submit(7, priority=Priority.BATCH), 5)
+        for stop, client in loads:
+            stop.set()
+            await client
+        await b.stop()
+        return result
+
+    result = run(main())
+    assert result.value == 14 and result.queue_s >= 0.15
