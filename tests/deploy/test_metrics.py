@@ -80,7 +80,7 @@ def test_gpu_memory_and_utilisation_of_the_devices_in_use(monkeypatch, nvml: boo
 
 
 def test_job_outputs_without_matplotlib(monkeypatch, tmp_path: Path) -> None:
-    """The serving image has no matplotlib: a job still writes its results, without the chart."""
+    """The serving image has no matplotlib: a job still writes its results and its chart (drawn with OpenCV)."""
     from segsvc.jobs.outputs import CHART_FILE, SUMMARY_FILE, JobOutputs
 
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
@@ -92,4 +92,5 @@ def test_job_outputs_without_matplotlib(monkeypatch, tmp_path: Path) -> None:
                            "class_counts": {"c0": 16}}], [], class_names=["c0"], palette=[(0, 0, 0)],
                          summary_fields={"job_id": "j"})
     assert summary["counts"]["done"] == 1
-    assert (tmp_path / SUMMARY_FILE).is_file() and not (tmp_path / CHART_FILE).exists()
+    assert (tmp_path / SUMMARY_FILE).is_file()
+    assert (tmp_path / CHART_FILE).read_bytes().startswith(b"\x89PNG")

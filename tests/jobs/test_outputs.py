@@ -150,14 +150,3 @@ def test_importing_outputs_does_not_load_matplotlib() -> None:
     code = "import sys, segsvc.jobs.outputs; assert 'matplotlib' not in sys.modules, 'matplotlib imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
 
-
-def test_the_chart_is_drawn_without_matplotlib(tmp_path) -> None:
-    """The serving image has no matplotlib; its jobs still get class_shares.png (drawn with OpenCV)."""
-    code = (
-        "import sys; sys.modules['matplotlib'] = None\n"  # any import of matplotlib now fails
-        "from segsvc.jobs.outputs import JobOutputs\n"
-        f"JobOutputs({str(tmp_path)!r}).finalize([], [], class_names=['a', 'b'], palette=[[255, 0, 0], [0, 0, 255]],"
-        " summary_fields={})\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert (tmp_path / "class_shares.png").read_bytes().startswith(b"\x89PNG")
