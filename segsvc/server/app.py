@@ -29,11 +29,11 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from segsvc.datasets.registry import DatasetRegistry
 from segsvc.errors import InvalidArgument
 from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import ModelRepository
 from segsvc.inference.service import InferenceService
-from segsvc.datasets.registry import DatasetRegistry
 from segsvc.jobs.batch import JobRunner
 from segsvc.jobs.store import JobStore
 from segsvc.jobs.training import TrainingRunner
