@@ -106,10 +106,28 @@ class DataConfig:
 
 @dataclass(frozen=True, config=_SECTION)
 class LossTerm:
-    """One weighted term of the loss: ``ce``, ``dice``, ``focal`` or ``lovasz``."""
+    """One weighted term of the loss: ``ce``, ``dice``, ``focal``, ``lovasz`` or ``weighted_ce``
+    (cross-entropy with the U-Net paper's border weights; needs ``loss.border_weight``)."""
 
-    name: Literal["ce", "dice", "focal", "lovasz"]
+    name: Literal["ce", "dice", "focal", "lovasz", "weighted_ce"]
     weight: Float = 1.0
+
+
+@dataclass(frozen=True, config=_SECTION)
+class BorderWeightConfig:
+    """The U-Net paper's border weights: ``w0 * exp(-(d1 + d2)**2 / (2 * sigma**2))`` on top of the class weights.
+
+    ``d1``/``d2`` are the distances (px) to the nearest and second-nearest cell,
+    a cell being a 4-connected component of ``cell_class`` in the augmented
+    training mask (``1`` for ``membrane``: the non-membrane regions). The paper
+    uses ``w0: 10`` and ``sigma: 5``. Masks with more than ``max_components``
+    cells keep the largest ones (``training.losses.border_weights`` says what it costs).
+    """
+
+    cell_class: Int
+    w0: Float = 10.0
+    sigma: Float = 5.0
+    max_components: Int = 1024
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -117,13 +135,25 @@ class LossConfig:
     """A weighted sum of loss terms; class weights apply to cross-entropy (and focal).
 
     ``class_weights`` is ``null``, ``median_frequency`` (Eigen & Fergus 2015,
-    as used by SegNet) or an explicit list with one weight per class.
+    as used by SegNet) or an explicit list with one weight per class; they are
+    also the ``w_c`` of the ``weighted_ce`` term (``null``: 1 for every class).
+    ``border_weight`` configures ``weighted_ce`` and is required by it.
     """
 
     terms: tuple[LossTerm, ...] = (LossTerm("ce"),)
     class_weights: ClassWeights = None
     focal_gamma: Float = 2.0
     label_smoothing: Float = 0.0
+    border_weight: BorderWeightConfig | None = None
+
+    def __post_init__(self) -> None:
+        uses_border, border = any(term.name == "weighted_ce" for term in self.terms), self.border_weight
+        if uses_border and border is None:
+            raise ValueError("the weighted_ce term needs border_weight (e.g. {cell_class: 1, w0: 10, sigma: 5})")
+        if border is not None and not uses_border:
+            raise ValueError("border_weight is only used by a weighted_ce term: add one to terms")
+        if border is not None and (border.sigma <= 0 or border.w0 < 0 or border.max_components < 2):
+            raise ValueError("border_weight needs sigma > 0, w0 >= 0 and max_components >= 2")
 
 
 @dataclass(frozen=True, config=_SECTION)

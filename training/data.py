@@ -4,12 +4,14 @@ Training items are augmented from a dataset's raw ``read(i)`` with a seed
 derived from ``(seed, epoch, index)``: the augmentation of a sample depends on
 nothing else (not the worker that loads it, not an interruption), which is what
 lets ``--resume`` continue exactly. Both splits end in the shared
-``segsvc.data.transforms.preprocess``.
+``segsvc.data.transforms.preprocess``. Per-pixel loss weights that depend on
+the mask (the U-Net border weights of ``loss: weighted_ce``) are computed here,
+from the augmented mask, so they follow every flip, crop and deformation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import albumentations as A
 import cv2
@@ -58,6 +60,9 @@ class TrainSamples(Dataset):
         transform: an albumentations ``Compose`` (or None for no augmentation).
         input_spec: normalisation for ``preprocess``.
         seed: the run's seed; call ``set_epoch`` before each epoch.
+        pixel_weights: maps the augmented mask to per-pixel loss weights (``HxW`` float);
+            when given, items are ``(image, mask, weights)``
+            (``training.losses.border_weight_function``).
     """
 
     def __init__(
@@ -67,12 +72,14 @@ class TrainSamples(Dataset):
         transform: A.Compose | None,
         input_spec: InputSpec,
         seed: int,
+        pixel_weights: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         self.base = base
         self.indices = list(indices)
         self.transform = transform
         self.input_spec = input_spec
         self.seed = seed
+        self.pixel_weights = pixel_weights
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -81,7 +88,7 @@ class TrainSamples(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         index = self.indices[i]
         image, mask = self.base.read(index)
         if self.transform is not None:
@@ -89,7 +96,10 @@ class TrainSamples(Dataset):
             self.transform.set_random_seed(sample_seed(self.seed, self.epoch, i))
             out = self.transform(image=image, mask=np.asarray(mask))
             image, mask = out["image"], out["mask"]
-        return preprocess(image, self.input_spec), torch.from_numpy(np.asarray(mask, dtype=np.int64))
+        item = (preprocess(image, self.input_spec), torch.from_numpy(np.asarray(mask, dtype=np.int64)))
+        if self.pixel_weights is None:
+            return item
+        return (*item, torch.from_numpy(np.asarray(self.pixel_weights(np.asarray(mask)), dtype=np.float32)))
 
 
 class EvalSamples(Dataset):
@@ -117,12 +127,13 @@ class EvalSamples(Dataset):
         return preprocess(image, self.input_spec), torch.from_numpy(np.asarray(mask, dtype=np.int64))
 
 
-def stack_batch(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collate equal-size items; a clear error when sizes differ (use batch size 1 then)."""
-    shapes = {tuple(x.shape) for x, _ in items}
-    if len(shapes) > 1 or len({tuple(y.shape) for _, y in items}) > 1:
+def stack_batch(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Collate equal-size ``(image, mask[, pixel weights])`` items; a clear error when sizes differ."""
+    fields = list(zip(*items))
+    shapes = {tuple(x.shape) for x in fields[0]}
+    if any(len({tuple(t.shape) for t in field}) > 1 for field in fields):
         raise ValueError(
             f"cannot batch images of different sizes {sorted(shapes)}: set a crop "
             "(data.crop) for training or train.val_batch_size=1 for evaluation"
         )
-    return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+    return tuple(torch.stack(field) for field in fields)

@@ -3,13 +3,19 @@
 Dice, Focal and Lovasz come from ``segmentation_models_pytorch.losses`` (its
 focal loss is one-vs-rest: a sigmoid focal term per class channel). Every
 term skips pixels labelled with the ignore index, and every term is computed in
-float32 even when the forward pass ran under autocast.
+float32 even when the forward pass ran under autocast. ``weighted_ce`` is the
+U-Net paper's weighted cross-entropy: its per-pixel border weights are computed
+from each augmented training mask by ``border_weights`` (in the data loader,
+``training.data.TrainSamples``) and passed to the loss with the batch.
 """
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Callable, Iterable
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,7 +23,7 @@ from segmentation_models_pytorch import losses as smp_losses
 from torch import nn
 from tqdm import tqdm
 
-from training.config import LossConfig
+from training.config import BorderWeightConfig, LossConfig
 
 
 class CrossEntropy(nn.Module):
@@ -50,8 +56,39 @@ class CrossEntropy(nn.Module):
         return per_pixel.sum() / denom.clamp(min=1e-12)
 
 
+class BorderWeightedCrossEntropy(nn.Module):
+    """Cross-entropy weighted per pixel by the U-Net paper's ``w(x) = w_c(x) + border(x)``.
+
+    ``w_c`` is the class weight of the pixel's label (1 without class weights)
+    and ``border`` the map ``border_weights`` computed from the training mask.
+    The value is ``sum(w * ce) / sum(w)`` over the counted pixels, so with
+    ``border = 0`` it equals ``CrossEntropy(ignore_index, weight)``. Label
+    smoothing, if any, smooths the unweighted per-pixel term before weighting.
+    """
+
+    def __init__(
+        self, ignore_index: int | None = 255, weight: torch.Tensor | None = None, label_smoothing: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.ignore_index = -100 if ignore_index is None else ignore_index
+        self.label_smoothing = label_smoothing
+        self.register_buffer("weight", weight.float() if weight is not None else None)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, border: torch.Tensor) -> torch.Tensor:
+        per_pixel = F.cross_entropy(
+            logits, target, ignore_index=self.ignore_index, reduction="none", label_smoothing=self.label_smoothing
+        )
+        valid = target != self.ignore_index
+        class_weight = 1.0 if self.weight is None else self.weight[target.clamp(0, len(self.weight) - 1)]
+        weight = (class_weight + border.float()) * valid
+        return (per_pixel * weight).sum() / weight.sum().clamp(min=1e-12)
+
+
 class WeightedSum(nn.Module):
-    """``sum_i weight_i * term_i(logits, target)``; ``last_terms`` keeps each term's value for logging."""
+    """``sum_i weight_i * term_i(logits, target)``; ``last_terms`` keeps each term's value for logging.
+
+    ``border`` (``[N, H, W]``, the batch's border weight maps) goes to the ``weighted_ce`` term.
+    """
 
     def __init__(self, terms: list[tuple[str, float, nn.Module]]) -> None:
         super().__init__()
@@ -62,12 +99,20 @@ class WeightedSum(nn.Module):
         self.terms = nn.ModuleList([module for _, _, module in terms])
         self.last_terms: dict[str, float] = {}
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, border: torch.Tensor | None = None) -> torch.Tensor:
         logits = logits.float()
         total = logits.new_zeros(())
         parts = {}
         for name, weight, term in zip(self.names, self.weights, self.terms):
-            value = term(logits, target)
+            if isinstance(term, BorderWeightedCrossEntropy):
+                if border is None:
+                    raise ValueError(
+                        "the weighted_ce term needs the border weight map of every training mask: "
+                        "build TrainSamples with pixel_weights=border_weight_function(loss config)"
+                    )
+                value = term(logits, target, border)
+            else:
+                value = term(logits, target)
             parts[name] = value.detach()
             total = total + weight * value
         self.last_terms = parts  # tensors; converted to floats only when logged
@@ -80,9 +125,12 @@ def build_loss(
     ignore_index: int | None,
     class_weights: torch.Tensor | None = None,
 ) -> WeightedSum:
-    """Build the configured weighted sum; ``class_weights`` (one per class) feed CE and Focal."""
+    """Build the configured weighted sum; ``class_weights`` (one per class) feed CE, weighted CE and Focal."""
     if class_weights is not None and class_weights.numel() != num_classes:
         raise ValueError(f"got {class_weights.numel()} class weights for {num_classes} classes")
+    if cfg.border_weight is not None and not 0 <= cfg.border_weight.cell_class < num_classes:
+        raise ValueError(f"loss.border_weight.cell_class {cfg.border_weight.cell_class} is not one of the "
+                         f"{num_classes} classes")
     weights_list = class_weights.tolist() if class_weights is not None else None
     factories: dict[str, Callable[[], nn.Module]] = {
         "ce": lambda: CrossEntropy(ignore_index, class_weights, cfg.label_smoothing),
@@ -91,6 +139,7 @@ def build_loss(
             "multiclass", gamma=cfg.focal_gamma, ignore_index=ignore_index, class_weights=weights_list
         ),
         "lovasz": lambda: smp_losses.LovaszLoss("multiclass", ignore_index=ignore_index),
+        "weighted_ce": lambda: BorderWeightedCrossEntropy(ignore_index, class_weights, cfg.label_smoothing),
     }
     return WeightedSum([(t.name, t.weight, factories[t.name]()) for t in cfg.terms])
 
@@ -126,3 +175,87 @@ def median_frequency_weights(class_pixels: np.ndarray, image_pixels: np.ndarray)
     weights = np.zeros_like(freq)
     weights[present] = median / freq[present]
     return torch.tensor(weights, dtype=torch.float32)
+
+
+# -- the U-Net paper's border weights -----------------------------------------------------
+def border_weights(
+    mask: np.ndarray,
+    cell_class: int,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+    max_components: int = 1024,
+    tol: float = 1e-3,
+) -> np.ndarray:
+    """The border term ``w0 * exp(-(d1 + d2)**2 / (2 * sigma**2))`` of the U-Net weight map (float32, mask's shape).
+
+    Ronneberger et al. 2015, eq. 2: ``d1``/``d2`` are the Euclidean distances
+    to the nearest and second-nearest cell, the cells being the 4-connected
+    components of ``cell_class`` (4-connected, so a one-pixel diagonal membrane
+    still separates two cells). Inside a cell ``d1 = 0``. With fewer than two
+    cells ``d2`` is infinite and the term is 0 everywhere.
+
+    Cost: one exact distance transform (``cv2.DIST_MASK_PRECISE``) per cell,
+    restricted to the cell's bounding box grown by ``R = sigma * sqrt(2 ln(w0 / tol))``
+    pixels (21.5 px for the paper's ``w0=10, sigma=5``): beyond ``R`` from its
+    second-nearest cell a pixel's term is below ``tol`` and is set to 0. The two
+    smallest distances are kept by a running minimum over the cells, so memory is
+    two float maps whatever the number of cells, and time is about
+    ``sum over cells of (box + 2R)**2`` pixel operations; at most
+    ``max_components`` cells count (the largest: specks of a noisy mask are dropped first).
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"border_weights expects a 2-D label mask, got shape {mask.shape}")
+    h, w = mask.shape
+    out = np.zeros((h, w), np.float32)
+    if w0 <= tol:
+        return out
+    radius = sigma * math.sqrt(2.0 * math.log(w0 / tol))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats((mask == cell_class).astype(np.uint8), connectivity=4)
+    cells = np.arange(1, n)  # label 0 is everything that is not a cell
+    if len(cells) < 2:
+        return out
+    if len(cells) > max_components:
+        cells = cells[np.argsort(-stats[cells, cv2.CC_STAT_AREA], kind="stable")[:max_components]]
+    d1 = np.full((h, w), np.inf, np.float32)
+    d2 = np.full((h, w), np.inf, np.float32)
+    grow = int(math.ceil(radius)) + 1
+    for k in cells:
+        x, y, bw, bh = stats[k, :4]
+        window = (slice(max(y - grow, 0), min(y + bh + grow, h)), slice(max(x - grow, 0), min(x + bw + grow, w)))
+        # distance of every window pixel to cell k (its zeros); exact, as cell k lies inside the window
+        d = cv2.distanceTransform((labels[window] != k).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        near, second = d1[window], d2[window]
+        np.minimum(second, np.maximum(near, d), out=second)
+        np.minimum(near, d, out=near)
+    total = d1 + d2
+    close = total <= radius  # far pixels stay 0 (their term is below tol)
+    out[close] = w0 * np.exp(-(total[close] ** 2) / (2.0 * sigma**2))
+    return out
+
+
+def unet_weight_map(
+    mask: np.ndarray, class_weights: np.ndarray | None, cell_class: int, w0: float = 10.0, sigma: float = 5.0,
+    max_components: int = 1024,
+) -> np.ndarray:
+    """The paper's full map ``w(x) = w_c(x) + border(x)``; ``weighted_ce`` computes this from the batch.
+
+    ``class_weights`` gives ``w_c`` per class (``None``: 1); labels outside it (void) get ``w_c = 0``.
+    """
+    mask = np.asarray(mask)
+    if class_weights is None:
+        wc = np.ones(mask.shape, np.float32)
+    else:
+        table = np.asarray(class_weights, np.float32)
+        valid = (mask >= 0) & (mask < len(table))
+        wc = np.where(valid, table[np.clip(mask, 0, len(table) - 1)], 0.0).astype(np.float32)
+    return wc + border_weights(mask, cell_class, w0, sigma, max_components)
+
+
+def border_weight_function(cfg: LossConfig) -> Callable[[np.ndarray], np.ndarray] | None:
+    """What ``TrainSamples`` applies to every augmented mask: the border term, or None without ``weighted_ce``."""
+    border: BorderWeightConfig | None = cfg.border_weight
+    if border is None:
+        return None
+    return partial(border_weights, cell_class=border.cell_class, w0=border.w0, sigma=border.sigma,
+                   max_components=border.max_components)

@@ -7,6 +7,8 @@ learned ``ConvTranspose2d`` upsampling initialised to bilinear interpolation.
 FCN-16s fuses a 2x-upsampled prediction with scores from pool4; FCN-8s also
 fuses pool3. Score layers on the skips start at zero, as in the paper, so a
 freshly built FCN-8s predicts exactly what its coarser core predicts.
+``upsample="bilinear"`` or ``"nearest"`` replaces every learned upsampling by
+fixed interpolation of the class scores (``segsvc.models.upsample``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import torch
 from torch import nn
 
 from segsvc.models.base import SegmentationModel, conv_bn_relu
+from segsvc.models.upsample import check_upsample, unpooling
 
 VGG16_BLOCKS = (2, 2, 3, 3, 3)
+# the score upsamplings that make sense without a following convolution (the scores are already K-channel)
+FCN_UPSAMPLE_MODES = ("transpose", "bilinear", "nearest")
 
 
 def bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
@@ -84,8 +89,10 @@ class _FCN(SegmentationModel):
         fc_kernel_size: int = 7,
         dropout: float = 0.5,
         batch_norm: bool = False,
+        upsample: str = "transpose",
     ) -> None:
         super().__init__(in_channels, num_classes)
+        self.upsample = check_upsample(upsample, FCN_UPSAMPLE_MODES, model="FCN")
         self.encoder = VGGEncoder(in_channels, base_channels, batch_norm)
         c3, c4, c5 = self.encoder.widths[2:]
         self.head = nn.Sequential(
@@ -99,12 +106,18 @@ class _FCN(SegmentationModel):
         self.score_fr = nn.Conv2d(fc_channels, num_classes, 1)
         if self.skips >= 1:
             self.score_pool4 = self._zero_score(c4, num_classes)
-            self.up2_fr = bilinear_upsampler(num_classes, 2)
+            self.up2_fr = self._upsampler(num_classes, 2)
         if self.skips >= 2:
             self.score_pool3 = self._zero_score(c3, num_classes)
-            self.up2_pool4 = bilinear_upsampler(num_classes, 2)
+            self.up2_pool4 = self._upsampler(num_classes, 2)
         final_factor = {0: 32, 1: 16, 2: 8}[self.skips]
-        self.up_final = bilinear_upsampler(num_classes, final_factor)
+        self.up_final = self._upsampler(num_classes, final_factor)
+
+    def _upsampler(self, num_classes: int, factor: int) -> nn.Module:
+        """The paper's learned, bilinear-initialised transpose convolution, or fixed interpolation."""
+        if self.upsample == "transpose":
+            return bilinear_upsampler(num_classes, factor)
+        return unpooling(self.upsample, factor)
 
     @property
     def head_prefixes(self) -> tuple[str, ...]:
@@ -140,6 +153,8 @@ class FCN32s(_FCN):
         fc_kernel_size: fc6 kernel (7 in the paper).
         dropout: dropout after fc6 and fc7.
         batch_norm: add BatchNorm to the encoder (not in the paper; helps training from scratch).
+        upsample: ``transpose`` (learned, initialised to bilinear: the paper, default),
+            ``bilinear`` or ``nearest`` (fixed interpolation of the scores, no weights).
 
     Example:
         >>> m = FCN32s(num_classes=5, base_channels=8, fc_channels=32)

@@ -7,7 +7,10 @@ convolutions and 2x2 max pooling, an expanding path of stride-2
 encoder level with the decoder level of the same size. Unlike the paper we use
 same-padding convolutions (output size equals input size, no cropping of the
 skips) and BatchNorm; dropout at the bottleneck follows the paper's
-"drop-out layers at the end of the contracting path".
+"drop-out layers at the end of the contracting path". ``upsample`` swaps the
+transpose convolution for another member of the classic upsampling family
+(``segsvc.models.upsample``); ``max_unpool`` makes the encoder's pooling
+return its indices and hands them to the decoder level of the same size.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 
 from segsvc.errors import ModelConfigError
 from segsvc.models.base import SegmentationModel, conv_bn_relu
+from segsvc.models.upsample import check_upsample, up_layer
 
 
 def double_conv(in_ch: int, out_ch: int, batch_norm: bool) -> nn.Sequential:
@@ -24,15 +28,19 @@ def double_conv(in_ch: int, out_ch: int, batch_norm: bool) -> nn.Sequential:
 
 
 class UpBlock(nn.Module):
-    """Transpose-convolution 2x upsampling, concatenation with the skip, double convolution."""
+    """2x upsampling to ``out_ch`` channels, concatenation with the skip, double convolution.
 
-    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, batch_norm: bool) -> None:
+    ``upsample="transpose"`` keeps the original layer (``up`` is a ``ConvTranspose2d``,
+    state-dict keys ``up.weight``/``up.bias``), so artifacts saved before the option load unchanged.
+    """
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, batch_norm: bool, upsample: str = "transpose") -> None:
         super().__init__()
-        self.up = nn.ConvTranspose2d(in_ch, out_ch, kernel_size=2, stride=2)
+        self.up = up_layer(upsample, in_ch, out_ch)
         self.conv = double_conv(out_ch + skip_ch, out_ch, batch_norm)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([skip, self.up(x)], dim=1))
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(torch.cat([skip, self.up(x, indices)], dim=1))
 
 
 class UNet(SegmentationModel):
@@ -45,6 +53,10 @@ class UNet(SegmentationModel):
         base_channels: width of the first level (64 in the paper), doubled at every level.
         batch_norm: BatchNorm after every convolution.
         dropout: dropout probability at the bottleneck (0 disables it).
+        upsample: the decoder's 2x upsampling: ``transpose`` (the paper's learned
+            up-convolution, default), or ``nearest``, ``bilinear``, ``bed_of_nails``,
+            ``max_unpool`` (by the encoder's pooling indices), each with a 3x3
+            convolution that reduces the channels as the transpose convolution does.
 
     Example:
         >>> m = UNet(num_classes=2, in_channels=1, depth=3, base_channels=8)
@@ -60,8 +72,10 @@ class UNet(SegmentationModel):
         base_channels: int = 64,
         batch_norm: bool = True,
         dropout: float = 0.0,
+        upsample: str = "transpose",
     ) -> None:
         super().__init__(in_channels, num_classes)
+        check_upsample(upsample, model="U-Net")
         if not 1 <= depth <= 6:
             raise ModelConfigError(f"U-Net depth must be between 1 and 6, got {depth}")
         if not 0.0 <= dropout < 1.0:
@@ -73,25 +87,28 @@ class UNet(SegmentationModel):
         for width in widths[:-1]:
             self.down.append(double_conv(ch, width, batch_norm))
             ch = width
-        self.pool = nn.MaxPool2d(2, 2)
+        self.upsample = upsample
+        self.pool = nn.MaxPool2d(2, 2, return_indices=upsample == "max_unpool")
         self.bottleneck = nn.Sequential(
             double_conv(widths[-2], widths[-1], batch_norm),
             nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
         )
         self.up = nn.ModuleList(
-            UpBlock(widths[i + 1], widths[i], widths[i], batch_norm) for i in reversed(range(depth))
+            UpBlock(widths[i + 1], widths[i], widths[i], batch_norm, upsample) for i in reversed(range(depth))
         )
         self.classifier = nn.Conv2d(widths[0], num_classes, kernel_size=1)
 
     head_prefixes = ("classifier",)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
+        skips, indices = [], []
         for block in self.down:
             x = block(x)
             skips.append(x)
-            x = self.pool(x)
+            pooled = self.pool(x)
+            x, level_indices = pooled if self.pool.return_indices else (pooled, None)
+            indices.append(level_indices)  # None unless the decoder max-unpools
         x = self.bottleneck(x)
-        for block, skip in zip(self.up, reversed(skips)):
-            x = block(x, skip)
+        for block, skip, level_indices in zip(self.up, reversed(skips), reversed(indices)):
+            x = block(x, skip, level_indices)
         return self.classifier(x)

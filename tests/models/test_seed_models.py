@@ -32,6 +32,23 @@ class TestUNetGray(ModelTester):
     params = {"base_channels": 4, "depth": 2}
 
 
+class TestUNetBedOfNails(ModelTester):
+    arch = "unet"
+    params = {"base_channels": 4, "depth": 3, "upsample": "bed_of_nails"}
+
+
+class TestUNetMaxUnpool(ModelTester):
+    arch = "unet"
+    in_channels = 1
+    num_classes = 2
+    params = {"base_channels": 4, "depth": 3, "upsample": "max_unpool"}
+
+
+class TestFCN8sBilinear(ModelTester):
+    arch = "fcn8s"
+    params = {**SMALL_FCN, "upsample": "bilinear"}
+
+
 class TestSegNetVGG16(ModelTester):
     arch = "segnet"
     params = {"variant": "vgg16", "base_channels": 4}
