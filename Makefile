@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PROTOS := $(wildcard protos/segsvc/v1/*.proto)
+# The Open Inference Protocol (Triton's published protos, unchanged) -> segsvc/server/oip_pb/.
+OIP_PROTOS := $(wildcard protos/oip/*.proto)
 GEN_STAMP := segsvc/v1/.generated-stamp
 # Standard protos (google.longrunning, google.rpc, google.api) staged from googleapis-common-protos.
 STD_PROTOS := build/std-protos
@@ -22,10 +24,11 @@ $(STAMP): pyproject.toml
 
 # Generated protobuf/gRPC code is a build artefact (git-ignored), built from protos/.
 proto: $(GEN_STAMP)
-$(GEN_STAMP): $(STAMP) $(PROTOS) protos/stage_standard.py
+$(GEN_STAMP): $(STAMP) $(PROTOS) protos/stage_standard.py $(OIP_PROTOS) protos/generate_oip.py
 	mkdir -p segsvc/v1
 	$(BIN)/python protos/stage_standard.py $(STD_PROTOS)
 	$(if $(PROTOS),$(BIN)/python -m grpc_tools.protoc -Iprotos -I$(STD_PROTOS) --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS))
+	$(BIN)/python protos/generate_oip.py .
 	touch segsvc/v1/__init__.py $@
 
 demo: install
@@ -38,6 +41,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
+	$(BIN)/pip install -q -e '.[test,bench]'
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 # Mutation score of the modules below (not part of `make test` or CI; minutes per module).
@@ -72,4 +76,4 @@ mutation: install
 	@echo "survivors: $(MUTATION_DIR)/results.txt; see one with: cd $(MUTATION_DIR) && $(abspath $(BIN))/mutmut show NAME"
 
 clean:
-	rm -rf $(VENV) segsvc/v1 out runs .pytest_cache
+	rm -rf $(VENV) segsvc/v1 segsvc/server/oip_pb out runs .pytest_cache

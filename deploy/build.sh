@@ -47,11 +47,12 @@ cmd_wheel() {
     # Sources only: generated code, caches and build leftovers of the tree stay behind.
     tar -cf - --exclude=__pycache__ --exclude='*.pyc' \
         pyproject.toml README.md protos segsvc training | tar -xf - -C "$work/src"
-    rm -rf "$work/src/segsvc/v1" && mkdir "$work/src/segsvc/v1"
+    rm -rf "$work/src/segsvc/v1" "$work/src/segsvc/server/oip_pb" && mkdir "$work/src/segsvc/v1"
     "$PYTHON" protos/stage_standard.py "$work/std-protos"
     (cd "$work/src" && "$PYTHON" -m grpc_tools.protoc -Iprotos -I"$work/std-protos" \
         --python_out=. --pyi_out=. --grpc_python_out=. protos/segsvc/v1/*.proto)
     touch "$work/src/segsvc/v1/__init__.py"
+    (cd "$work/src" && "$PYTHON" protos/generate_oip.py .)  # the Open Inference Protocol: segsvc/server/oip_pb
     "$PYTHON" -m pip wheel --no-deps --no-build-isolation --no-cache-dir --disable-pip-version-check \
         -q -w "$out" "$work/src"
     wheel=$(the_wheel "$out")
@@ -59,7 +60,8 @@ cmd_wheel() {
 import sys, zipfile
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 need = ["segsvc/v1/__init__.py", "segsvc/v1/segmentation_pb2.py", "segsvc/v1/segmentation_pb2_grpc.py",
-        "segsvc/v1/jobs_pb2.py", "segsvc/v1/jobs_pb2_grpc.py", "segsvc/server/app.py", "segsvc/health.py"]
+        "segsvc/v1/jobs_pb2.py", "segsvc/v1/jobs_pb2_grpc.py", "segsvc/server/app.py", "segsvc/health.py",
+        "segsvc/server/oip_pb/grpc_service_pb2.py", "segsvc/server/oip_pb/grpc_service_pb2_grpc.py"]
 missing = [n for n in need if n not in names]
 if missing:
     sys.exit(f"build.sh: {sys.argv[1]} lacks {missing}")

@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Callable, Sequence
 
+from segsvc.config import BACKENDS
 from segsvc.errors import InvalidArgument, SegsvcError
 
 
@@ -118,6 +119,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="forward-pass precision, as segsvc serve's (default auto: fp32 on CPU, bf16/fp16 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="what runs the network (default: the manifest's inference.backend, normally torch); "
+                        "onnxruntime needs `segsvc export --format onnx` first")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_eval)
 
@@ -238,7 +242,9 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         metrics_tls=args.metrics_tls,
         manager=ManagerConfig(
-            engine=EngineConfig(device=args.device, precision=args.precision, warmup=args.warmup),
+            engine=EngineConfig(device=args.device, precision=args.precision, warmup=args.warmup,
+                                compile=args.compile, threads=args.torch_threads,
+                                **_backend_choices(args.backend or ())),
             batching=BatchingConfig(
                 max_batch_size=1 if args.no_batching else args.max_batch_size,
                 max_delay_s=args.max_delay_ms / 1e3,
@@ -268,6 +274,21 @@ def _serve(args: argparse.Namespace) -> int:
     )
     run(config)
     return 0
+
+
+def _backend_choices(values: Sequence[str]) -> dict:  # type: ignore[type-arg]
+    """``--backend`` values -> ``EngineConfig``'s ``backend`` and ``model_backends``."""
+    everyone: str | None = None
+    per_model: dict[str, str] = {}
+    for value in values:
+        model, _, kind = value.rpartition("=")
+        if kind not in BACKENDS:
+            raise InvalidArgument(f"--backend {value!r}: the backend must be one of {', '.join(BACKENDS)}")
+        if model:
+            per_model[model] = kind
+        else:
+            everyone = kind
+    return {"backend": everyone, "model_backends": tuple(sorted(per_model.items()))}
 
 
 def _jobs_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -329,6 +350,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="autocast dtype on CUDA (auto: bf16 where supported, else fp16; CPU runs fp32)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up pass at load")
+    p.add_argument("--backend", action="append", default=None, metavar="[MODEL=]KIND",
+                   help=f"what runs the networks, one of {', '.join(BACKENDS)}: for every model, or MODEL=KIND for "
+                        "one (repeatable; default: each manifest's inference.backend, normally torch). onnxruntime "
+                        "serves the version's `segsvc export --format onnx` file")
+    p.add_argument("--compile", action="store_true", help="torch.compile the eager models (CUDA only)")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME", help="serve only these models")
     p.add_argument("--max-batch-size", type=int, default=8, help="images per batch (default 8)")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
@@ -459,7 +485,7 @@ def _batch(args: argparse.Namespace) -> int:
         args.inputs, model_repo=args.model_repo, model=args.model, out=args.out, engine=args.engine,
         resume=args.resume, options=options, batch_size=args.batch_size,
         max_batch_pixels=-1 if args.max_batch_pixels == "auto" else _batch_pixels(args.max_batch_pixels, "cpu"),
-        device=args.device,
+        device=args.device, backend=args.backend,
         io_threads=args.io_threads, actors=args.actors, progress=args.progress,
     )  # fmt: skip
     counts = summary["counts"]
@@ -496,6 +522,8 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
                    help="a forward pass also ends at this many input pixels: auto (65536 on CPU, no limit on "
                         "GPU), 0 for no limit, or an integer")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="what runs the network (default: the manifest's inference.backend, normally torch)")
     p.add_argument("--io-threads", type=int, default=0, help="local engine: decode and write threads each "
                                                              "(default: up to 4)")
     p.add_argument("--actors", type=int, default=1, help="ray engine: model-holding actors (default 1; one GPU each "
@@ -528,6 +556,12 @@ def _datasets_server_config(args: argparse.Namespace):  # type: ignore[no-untype
     return server_config(args)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from segsvc.cli_export import add_parser  # torch only when it runs
+
+    add_parser(sub)
+
+
 def _add_health(sub: argparse._SubParsersAction) -> None:
     from segsvc.health import add_health_parser  # grpc only when it runs: a health check stays cheap
 
@@ -536,7 +570,7 @@ def _add_health(sub: argparse._SubParsersAction) -> None:
 
 _ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models, _add_train, _add_eval, _add_data, _add_serve, _add_segment, _add_batch, _add_jobs, _add_datasets,
-    _add_health,
+    _add_health, _add_export,
 ]
 
 

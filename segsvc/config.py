@@ -137,6 +137,9 @@ MAX_INFERENCE_SCALE = 8.0
 INTERPOLATIONS = ("auto", "area", "linear")
 
 
+BACKENDS = ("torch", "onnxruntime")  # what runs a network (segsvc.inference.backends)
+
+
 @dataclass(frozen=True)
 class InferenceSpec:
     """How a model must be run to reproduce what its evaluation measured (the manifest's ``inference``).
@@ -155,6 +158,9 @@ class InferenceSpec:
         tile_size: default sliding-window tile side; 0: whole images.
         tile_overlap: default fraction of a tile shared with its neighbour.
         flip_tta: default horizontal-flip test-time augmentation.
+        backend: what runs the network by default: ``torch`` (eager) or
+            ``onnxruntime`` (the version's exported ``model.onnx``); a server's
+            ``--backend`` overrides it.
 
     Example:
         >>> InferenceSpec(scale=0.5, stride=8).to_dict()["scale"]
@@ -168,6 +174,7 @@ class InferenceSpec:
     tile_size: int = 0
     tile_overlap: float = 0.25
     flip_tta: bool = False
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
         try:
@@ -197,6 +204,8 @@ class InferenceSpec:
             )
         if not isinstance(self.flip_tta, bool):
             raise ModelConfigError(f"inference flip_tta must be true or false, got {self.flip_tta!r}")
+        if self.backend not in BACKENDS:
+            raise ModelConfigError(f"inference backend must be one of {BACKENDS}, got {self.backend!r}")
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "tile_overlap", overlap)
 

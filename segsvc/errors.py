@@ -80,6 +80,15 @@ class DatasetInvalid(FailedPrecondition):
         self.problems = tuple(problems)
 
 
+class ExportError(FailedPrecondition):
+    """A model version cannot be exported (``segsvc export``), or its export does not reproduce it.
+
+    The message names the reason: an operator the exporter cannot express with a
+    dynamic input size, or the validation numbers (max |logit difference| and
+    label agreement) of an export that was refused.
+    """
+
+
 class AlreadyExists(SegsvcError):
     """Something that is never overwritten (a model version, a job id) already exists."""
 

@@ -3,16 +3,26 @@
 The server maps domain errors to status codes with ``ERROR_CODES`` and names
 the error class in the ``segsvc-error`` trailing metadata; the client turns a
 status back into the same domain error with ``error_from_status``
-(tritonclient's ``get_error_grpc``). This module needs only grpc, NumPy and
-the generated messages, so ``import segsvc.client`` loads no torch and no OpenCV.
+(tritonclient's ``get_error_grpc``). Every error status also carries a standard
+``google.rpc.ErrorInfo`` detail (``grpc-status-details-bin``) so clients in any
+language can read the error kind: its ``domain`` is ``ERROR_DOMAIN`` and its
+``reason`` the class name in UPPER_SNAKE_CASE (``UnknownModel`` ->
+``UNKNOWN_MODEL``; AIP-193), ``INTERNAL`` for unexpected errors; ``metadata``
+holds the ``requestId`` when there is one. The client prefers that reason and
+falls back to the ``segsvc-error`` trailer (older servers). This module needs
+only grpc, NumPy and the generated messages, so ``import segsvc.client`` loads
+no torch and no OpenCV.
 """
 
 from __future__ import annotations
 
 import io
+import re
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 from segsvc import errors
 from segsvc.errors import InvalidArgument, InvalidImage, SegsvcError
@@ -20,6 +30,9 @@ from segsvc.v1 import segmentation_pb2 as pb
 
 ERROR_KIND_KEY = "segsvc-error"
 REQUEST_ID_KEY = "x-request-id"
+DETAILS_KEY = "grpc-status-details-bin"  # a serialized google.rpc.Status (grpc_status.rpc_status reads it)
+ERROR_DOMAIN = "segsvc.dev"  # google.rpc.ErrorInfo.domain of every segsvc error
+INTERNAL_REASON = "INTERNAL"  # google.rpc.ErrorInfo.reason of an unexpected (non-domain) error
 
 # Most specific first: the first matching row wins.
 ERROR_CODES: tuple[tuple[type[SegsvcError], grpc.StatusCode], ...] = (
@@ -27,6 +40,7 @@ ERROR_CODES: tuple[tuple[type[SegsvcError], grpc.StatusCode], ...] = (
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (errors.ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ExportError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -46,15 +60,33 @@ def code_of(value: int | grpc.StatusCode) -> grpc.StatusCode:
     return _CODE_BY_VALUE.get(int(value), grpc.StatusCode.UNKNOWN)
 
 
+def error_reason(kind: str) -> str:
+    """The ``ErrorInfo.reason`` of an error class name: ``ImageTooLarge`` -> ``IMAGE_TOO_LARGE``, "" -> INTERNAL."""
+    if not kind:
+        return INTERNAL_REASON
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", kind).upper()
+
+
+def _domain_classes() -> dict[str, type[SegsvcError]]:
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, SegsvcError)]
+    return {name: c for c in classes for name in (c.__name__, error_reason(c.__name__))}
+
+
+# Class names and reasons -> classes; a test checks that no two classes share a reason.
+_ERROR_CLASSES = _domain_classes()
+
+
 def error_from_status(code: int | grpc.StatusCode, message: str, kind: str = "") -> SegsvcError:
     """The domain error for a status: the named ``kind`` when it fits the code, else the code's class.
 
-    Codes without a domain class (INTERNAL, UNKNOWN, ...) become a plain ``SegsvcError``.
+    ``kind`` is a class name (``segsvc-error``, ``Error.kind``) or an ``ErrorInfo``
+    reason (``UNKNOWN_MODEL``). Codes without a domain class (INTERNAL, UNKNOWN,
+    ...) become a plain ``SegsvcError``.
     """
     status = code_of(code)
     base = _CODE_TO_ERROR.get(status)
-    cls = getattr(errors, kind, None) if kind else None
-    if not (isinstance(cls, type) and base is not None and issubclass(cls, base)):
+    cls = _ERROR_CLASSES.get(kind) if kind else None
+    if not (cls is not None and base is not None and issubclass(cls, base)):
         cls = base
     if cls is None:
         exc = SegsvcError(f"{status.name}: {message}")
@@ -64,8 +96,24 @@ def error_from_status(code: int | grpc.StatusCode, message: str, kind: str = "")
     return exc
 
 
+def error_info_of(trailing) -> error_details_pb2.ErrorInfo | None:  # type: ignore[no-untyped-def]
+    """The segsvc ``ErrorInfo`` in a call's ``grpc-status-details-bin`` trailer, if there is one."""
+    for key, value in trailing or ():
+        if key != DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return None
+        info = error_details_pb2.ErrorInfo()
+        for detail in status.details:
+            if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+                return info
+    return None
+
+
 def error_from_rpc(exc: grpc.RpcError) -> SegsvcError:
-    """The domain error a failed call stands for (reads the ``segsvc-error`` trailer)."""
+    """The domain error a failed call stands for: its ``ErrorInfo`` reason, else the ``segsvc-error`` trailer."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     kind = ""
@@ -73,6 +121,9 @@ def error_from_rpc(exc: grpc.RpcError) -> SegsvcError:
     for key, value in trailing or ():
         if key == ERROR_KIND_KEY:
             kind = str(value)
+    info = error_info_of(trailing)
+    if info is not None and info.reason in _ERROR_CLASSES:
+        kind = info.reason
     return error_from_status(code, details, kind)
 
 

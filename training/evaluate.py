@@ -31,10 +31,11 @@ from segsvc.data.datasets import build_dataset
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.errors import InvalidArgument, NotFound
 from segsvc.inference.argmax import class_argmax
+from segsvc.inference.backends import open_version_dir
 from segsvc.inference.contract import apply_contract
 from segsvc.inference.engine import Engine, EngineConfig
 from segsvc.inference.predictor import Predictor
-from segsvc.models.artifact import Manifest, load_artifact
+from segsvc.models.artifact import Manifest
 from training.data import select_indices
 from training.metrics import ConfusionMatrix, SegmentationMetrics, format_table
 from training.report import plot_eval_report
@@ -56,6 +57,7 @@ class EvalOptions:
     hflip: bool | None = None
     device: str = "cpu"
     precision: str = "auto"
+    backend: str | None = None
     indices: tuple[int, int] | None = None
     limit: int | None = None
     samples_in_report: int = 3
@@ -69,15 +71,16 @@ def run(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     options = EvalOptions(
         split=args.split, scale=args.scale, tile=tuple(args.tile) if args.tile else None, overlap=args.overlap,
-        hflip=args.hflip, device=device, precision=args.precision,
+        hflip=args.hflip, device=device, precision=args.precision, backend=args.backend,
         indices=tuple(args.indices) if args.indices else None, limit=args.limit,
         samples_in_report=args.samples, progress=args.progress,
     )
     version_dir = resolve_model_dir(Path(args.model))
     data = load_dataset_spec(args.data)
-    model, manifest = load_artifact(version_dir, device=device)
+    config = EngineConfig(device=device, precision=options.precision, backend=options.backend, warmup=False)
+    backend, manifest = open_version_dir(version_dir, torch.device(device), config)
     out_dir = Path(args.out) if args.out else Path("runs/eval") / f"{manifest.name}-v{manifest.version}-{args.split}"
-    result = evaluate_artifact(Predictor(model, manifest, device), data, options)
+    result = evaluate_artifact(Predictor(backend, manifest), data, options)
     table = format_table(result.metrics, list(manifest.class_names))
     print(f"{manifest.name} v{manifest.version} on {data.name}/{args.split} ({result.images} images, "
           f"{result.seconds:.1f} s) {describe_contract(result.contract, options)}\n{table}")
@@ -133,7 +136,7 @@ def evaluate_artifact(predictor: Predictor, data: DatasetSpec, options: EvalOpti
     manifest = predictor.manifest
     check_compatible(manifest, data)
     contract = eval_contract(manifest, options)
-    engine = Engine(predictor, EngineConfig(device=str(predictor.device), precision=options.precision, warmup=False))
+    engine = Engine(predictor, EngineConfig(device=str(predictor.device), warmup=False))
     dataset = build_dataset(data, options.split)
     indices = select_indices(len(dataset), options.indices, options.limit)
     if not indices:
@@ -205,7 +208,8 @@ def write_outputs(
         "options": {"scale": result.contract.scale,
                     "tile": [result.contract.tile_size] * 2 if result.contract.tile_size else None,
                     "overlap": result.contract.tile_overlap, "hflip": result.contract.flip_tta,
-                    "device": options.device, "precision": options.precision},
+                    "device": options.device, "precision": options.precision,
+                    "backend": options.backend or manifest.inference.backend},
         "inference": result.contract.to_dict(),
         "inference_source": contract_sources(options),
         "ignore_index": data.ignore_index,

@@ -39,8 +39,9 @@ from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.data.transforms import train_transform
 from segsvc.errors import InvalidArgument
 from segsvc.inference.argmax import class_argmax
-from segsvc.inference.contract import Geometry, contract_logits
-from segsvc.models.artifact import read_manifest
+from segsvc.inference.backends import Backend, TorchBackend, manifest_geometry
+from segsvc.inference.contract import contract_logits
+from segsvc.models.artifact import model_inference_spec, read_manifest
 from segsvc.models.registry import build_model
 from training.args import add_train_arguments
 from training.checkpoint import RunState, restore_training_state, save_checkpoint, unwrap
@@ -49,7 +50,7 @@ from training.data import EvalSamples, TrainSamples, rescale_transform, sample_s
 from training.distributed import DistEnv, broadcast_from_main, log, setup_distributed
 from training.events import EVENTS_FILE, EventLog, Terminated, sigterm_raises
 from training.finetune import describe_init, init_from_artifact
-from training.losses import build_loss, class_pixel_counts, median_frequency_weights
+from training.losses import border_weight_function, build_loss, class_pixel_counts, median_frequency_weights
 from training.metrics import ConfusionMatrix, SegmentationMetrics
 from training.report import plot_training_curve
 from training.rundir import CHECKPOINT, append_metrics, prepare_run, publish, save_best, write_metrics_file
@@ -91,7 +92,8 @@ def _main(
     spec = ModelSpec(cfg.model.arch, data.num_classes, data.channels, dict(cfg.model.params))
     model = build_model(spec)
     init_report = initialise_weights(cfg, model, spec, data, resuming=checkpoint is not None, env=env)
-    stride = int(getattr(model, "output_stride", 1))
+    geometry = manifest_geometry(model_inference_spec(model))  # what the published manifest will record
+    stride = geometry.stride
     train_set, val_set = build_datasets(cfg, data, stride)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, env)
 
@@ -131,8 +133,9 @@ def _main(
                                 amp_dtype, memory_format, events=events)
         row: dict[str, Any] = {"epoch": epoch + 1, **stats}
         if should_validate(cfg, run, row, planned, time.perf_counter() - t0, env):
-            metrics = evaluate(unwrap(model), val_loader, env, data.num_classes, data.ignore_index, stride,
-                               amp_dtype, loop.progress)
+            backend = TorchBackend(unwrap(model), geometry, env.device, data.channels, autocast=amp_dtype,
+                                   channels_last=memory_format == torch.channels_last)
+            metrics = evaluate(backend, val_loader, data.num_classes, data.ignore_index, loop.progress, env)
             row.update(validation_row(metrics))
             if run.record_validation(metrics.miou) and env.is_main:
                 save_best(run_dir, unwrap(model), epoch + 1, metrics, data.class_names)
@@ -196,9 +199,10 @@ def train_one_epoch(
                disable=not (env.is_main and loop.progress), mininterval=0.5 if sys.stderr.isatty() else 30.0)
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for i, (images, masks) in enumerate(bar):
+    for i, (images, masks, *border) in enumerate(bar):  # border: the weight maps of loss weighted_ce
         images = images.to(env.device, non_blocking=True, memory_format=memory_format)
         masks = masks.to(env.device, non_blocking=True)
+        border = [b.to(env.device, non_blocking=True) for b in border]
         group_start = (i // accumulate) * accumulate
         group_size = min(accumulate, n_batches - group_start)
         step_now = i + 1 == group_start + group_size
@@ -206,7 +210,7 @@ def train_one_epoch(
         with sync:
             with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(images)
-            loss = criterion(logits, masks)
+            loss = criterion(logits, masks, *border)
             scaler.scale(loss / group_size).backward()
         if step_now:
             if loop.grad_clip_norm is not None:
@@ -251,35 +255,29 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module,
+    backend: Backend,
     loader: DataLoader,
-    env: DistEnv,
     num_classes: int,
     ignore_index: int | None,
-    stride: int,
-    amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    env: DistEnv | None = None,
 ) -> SegmentationMetrics:
     """Confusion-matrix metrics on the validation shard of this rank, summed over all ranks.
 
     The loader already resized the images as the inference contract says
-    (``EvalSamples`` at ``data.val_scale``); ``contract_logits``, the function the
-    server and ``segsvc eval`` use, pads them, runs the model, crops and resizes
-    the logits to the label size, so metrics always count the original labels.
+    (``EvalSamples`` at ``data.val_scale``); ``contract_logits`` and the backend's
+    ``forward``, what the server and ``segsvc eval`` run, pad them to the
+    manifest's stride and minimum size, run the model, crop and resize the
+    logits to the label size, so metrics always count the original labels.
     """
-    model.eval()
+    if isinstance(backend, TorchBackend):
+        backend.model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index)
-    geometry = Geometry(stride, int(getattr(model, "min_input_size", 1)))
-
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            return model(batch)
-
+    is_main = env is None or env.is_main
     for images, masks in tqdm(loader, desc="validate", unit="batch", leave=False,
-                              disable=not (env.is_main and progress) or len(loader) < 4):
-        images = images.to(env.device, non_blocking=True)
+                              disable=not (is_main and progress) or len(loader) < 4):
         sizes = [tuple(masks.shape[-2:])] * len(images)
-        logits = torch.cat(contract_logits(forward, list(images), sizes, InferenceSpec(), geometry))
+        logits = torch.cat(contract_logits(backend.forward, list(images), sizes, InferenceSpec(), backend.geometry))
         cm.update(masks, class_argmax(logits).cpu())
     cm.all_reduce()
     return cm.compute()
@@ -357,7 +355,8 @@ def build_datasets(cfg: TrainConfig, data: DatasetSpec, stride: int) -> tuple[Tr
     train_idx = select_indices(len(base_train), cfg.data.train_indices, cfg.data.train_limit) * cfg.data.repeat
     val_idx = select_indices(len(base_val), cfg.data.val_indices, cfg.data.val_limit)
     return (
-        TrainSamples(base_train, train_idx, transform, data.input_spec(), cfg.train.seed),
+        TrainSamples(base_train, train_idx, transform, data.input_spec(), cfg.train.seed,
+                     pixel_weights=border_weight_function(cfg.loss)),
         EvalSamples(base_val, val_idx, data.input_spec(), cfg.data.val_scale),
     )
 

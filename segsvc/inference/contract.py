@@ -131,9 +131,8 @@ def contract_logits(
     """Step 2: float32 logits ``[1, K, H, W]`` at each original ``size`` for prepared ``tensors``.
 
     Args:
-        forward: the backend's ``[N, C, h, w] -> [N, K, h, w]`` for inputs already
-            padded to ``geometry`` (``Engine.forward``, ``Predictor.logits``); this
-            function pads and crops.
+        forward: the backend's ``[N, C, h, w] -> [N, K, h, w]`` for any h, w
+            (``Backend.forward`` pads to the geometry and crops back).
         tensors: ``network_input`` results. Without tiling or TTA they may differ in
             size as long as they pad to the same size (one forward pass); with
             tiling or TTA they must be the same size.
@@ -144,22 +143,19 @@ def contract_logits(
     if len(tensors) != len(sizes) or not tensors:
         raise InvalidArgument(f"contract_logits needs one size per tensor, got {len(tensors)} and {len(sizes)}")
 
-    def padded_forward(batch: torch.Tensor) -> torch.Tensor:
-        padded, (h, w) = pad_to_multiple(batch, geometry.stride, geometry.min_size)
-        return forward(padded)[:, :, :h, :w].float()
-
     if spec.tile_size or spec.flip_tta:
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) != 1:
             raise InvalidArgument(f"tiled or flipped images of one batch must share a size, got {sorted(shapes)}")
         fn = make_logits_fn(
-            padded_forward,
+            forward,
             tile=(spec.tile_size, spec.tile_size) if spec.tile_size else None,
             overlap=spec.tile_overlap, hflip=spec.flip_tta, tile_batch=geometry.tile_batch, should_stop=should_stop,
         )
         logits = fn(torch.stack(list(tensors)))
         crops = [logits[i : i + 1] for i in range(len(tensors))]
     else:
+        # Images of different sizes share a pass when they pad to the same size: stack them padded.
         padded = [pad_to_multiple(t[None], geometry.stride, geometry.min_size)[0][0] for t in tensors]
         if len({tuple(p.shape) for p in padded}) != 1:
             raise InvalidArgument("images of one forward pass must pad to the same size")

@@ -13,18 +13,17 @@ requests are grouped by their *padded* size, so a label map from a batch
 equals the label map ``Predictor.predict`` gives for that image alone. Tiled
 and flip-TTA requests are grouped by their exact size and options.
 
-On CUDA the forward pass uses autocast (bf16 or fp16), channels-last memory,
-pinned host memory with non-blocking copies, and a warm-up pass at load. On CPU
-it runs in float32 and the thread count is set once by the server.
+The forward pass itself (padding, device, autocast, the network, cropping) is
+the predictor's backend's (``segsvc.inference.backends``): eager PyTorch or
+ONNX Runtime, the same for the server, batch jobs and evaluation.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Hashable
 
 import numpy as np
 import torch
@@ -33,46 +32,13 @@ from segsvc.config import MIN_TILE_SIZE, InferenceSpec
 from segsvc.errors import InvalidArgument
 from segsvc.inference.admission import MAX_TILE_OVERLAP, Cost, estimate
 from segsvc.inference.argmax import class_argmax
+from segsvc.inference.backends import PRECISIONS, EngineConfig
 from segsvc.inference.contract import contract_logits, with_overrides
-from segsvc.inference.predictor import Predictor, labels_dtype, pad_to_multiple, padded_size
+from segsvc.inference.predictor import Predictor, labels_dtype, padded_size
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-# On top of the layer outputs counted below: kernel buffers. With outputs counted per tensor (an
-# in-place layer's output counts again), the estimate came within 0.97-1.09x of the measured peak
-# RSS on FCN-8s, U-Net, SegNet (both) and smp Unet/ResNet-34 (bench/bench_hardening.py); 1.1 for margin.
-CPU_WORKSPACE_FACTOR = 1.1
-
-
-def _peak_live_activations(model: torch.nn.Module, run: Callable[[], object]) -> int:
-    """The most bytes of layer outputs alive at the same time during ``run()`` (one forward pass).
-
-    Each output is counted when a layer returns it and released when the tensor is freed.
-    """
-    state = {"now": 0, "peak": 0}
-
-    def release(nbytes: int) -> None:
-        state["now"] -= nbytes
-
-    def count(_m: torch.nn.Module, _i: object, out: object) -> None:
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                nbytes = t.untyped_storage().nbytes()
-                state["now"] += nbytes
-                state["peak"] = max(state["peak"], state["now"])
-                weakref.finalize(t, release, nbytes)
-
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(count) for m in leaves]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return state["peak"]
+__all__ = ["PRECISIONS", "EngineConfig", "Engine", "InferenceOptions", "Output", "Prepared", "resolve_device"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -88,32 +54,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise InvalidArgument(f"device {device!r} is not supported; use auto, cpu or cuda")
     return dev
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How a model runs.
-
-    Args:
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto`` (bf16 on GPUs that support it, else fp16; fp32 on
-            CPU), ``fp32``, ``bf16`` or ``fp16`` (autocast dtype of the forward pass).
-        channels_last: use channels-last memory format on CUDA.
-        warmup: run forward passes at load so the first request is not slow.
-        warmup_size: side of the square warm-up image in pixels.
-    """
-
-    device: str = "auto"
-    precision: str = "auto"
-    channels_last: bool = True
-    warmup: bool = True
-    warmup_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise InvalidArgument(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.warmup_size < 1:
-            raise InvalidArgument(f"warmup_size must be positive, got {self.warmup_size}")
 
 
 @dataclass(frozen=True)
@@ -211,13 +151,10 @@ class Engine:
     def __init__(self, predictor: Predictor, config: EngineConfig) -> None:
         self.predictor = predictor
         self.config = config
+        self.backend = predictor.backend
         self.device = predictor.device
         self.num_classes = predictor.num_classes
         self.labels_dtype = labels_dtype(self.num_classes)
-        self.amp_dtype = self._amp_dtype(config.precision)
-        self.channels_last = config.channels_last and self.device.type == "cuda"
-        if self.channels_last:
-            predictor.model.to(memory_format=torch.channels_last)
         self.bytes_per_pixel = 0.0  # set by measure_memory() at load
 
     def resolve(self, options: InferenceOptions) -> InferenceSpec:
@@ -232,40 +169,14 @@ class Engine:
                         num_classes=self.num_classes, bytes_per_pixel=self.bytes_per_pixel,
                         channels=p.manifest.input.channels, scale=spec.scale)
 
-    @torch.inference_mode()
     def measure_memory(self, size: int = 128) -> float:
-        """Bytes the forward pass needs per input pixel at its peak (measured once at load).
-
-        On CUDA: the allocator's peak over one pass. On CPU, where allocations are
-        not counted: the high-water mark of the layer outputs alive at once, times
-        ``CPU_WORKSPACE_FACTOR`` for the kernels' own buffers. Checked against the
-        peak RSS of real passes by ``bench/bench_hardening.py``.
-        """
-        side = padded_size(max(size, self.predictor.min_size), max(size, self.predictor.min_size),
-                           self.predictor.stride)[0]
-        x = torch.zeros((1, self.predictor.manifest.input.channels, side, side))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            self.forward(x)
-            torch.cuda.synchronize(self.device)
-            used = float(torch.cuda.max_memory_allocated(self.device) - before)
-        else:
-            used = _peak_live_activations(self.predictor.model, lambda: self.forward(x)) * CPU_WORKSPACE_FACTOR
-        self.bytes_per_pixel = max(used / (side * side), 1.0)
+        """Bytes the forward pass needs per input pixel at its peak (measured once at load, by the backend)."""
+        self.bytes_per_pixel = self.backend.measure_memory(size)
         return self.bytes_per_pixel
-
-    def _amp_dtype(self, precision: str) -> torch.dtype | None:
-        if precision == "fp32" or (precision == "auto" and self.device.type != "cuda"):
-            return None
-        if precision == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if precision == "bf16" else torch.float16
 
     @property
     def precision(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype]
+        return self.backend.precision
 
     # -- I/O thread --------------------------------------------------------------
     def prepare(self, image: np.ndarray, options: InferenceOptions) -> Prepared:
@@ -281,19 +192,9 @@ class Engine:
         return Prepared(tensor, options, key, self.cost(height, width, options), spec, (height, width))
 
     # -- batch thread ------------------------------------------------------------
-    @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, K, H, W]`` of a normalised CPU batch of any H, W (padded and cropped back)."""
-        padded, (h, w) = pad_to_multiple(batch, self.predictor.stride, self.predictor.min_size)
-        if self.device.type == "cuda":
-            padded = padded.pin_memory().to(self.device, non_blocking=True)
-            if self.channels_last:
-                padded = padded.contiguous(memory_format=torch.channels_last)
-        else:
-            padded = padded.to(self.device)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            logits = self.predictor.model(padded)
-        return logits[:, :, :h, :w].float()
+        """Float32 logits ``[N, K, H, W]`` of a normalised CPU batch of any H, W (the backend's one path)."""
+        return self.backend.forward(batch)
 
     @torch.inference_mode()
     def run(self, jobs: list[Prepared]) -> list[Output]:
@@ -326,12 +227,5 @@ class Engine:
 
     def warmup(self) -> None:
         """Run forward passes on a dummy image so kernels, allocators and autotuners are ready."""
-        if not self.config.warmup:
-            return
-        c = self.predictor.manifest.input.channels
-        size = max(self.config.warmup_size, self.predictor.min_size)
-        x = torch.zeros((1, c, size, size), dtype=torch.float32)
-        for _ in range(2 if self.device.type == "cuda" else 1):
-            self.forward(x)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.config.warmup:
+            self.backend.warmup(self.config.warmup_size)

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from segsvc.errors import InvalidArgument, PathOutsideRoot, SegsvcError
+from segsvc.inference.backends import open_backend
 from segsvc.inference.batcher import BatchingConfig, DynamicBatcher
 from segsvc.inference.engine import Engine, EngineConfig
 from segsvc.inference.predictor import Predictor
@@ -159,8 +160,9 @@ class VersionLoader:
         batcher.start()
         self.record.loaded(name, v)
         log.info(
-            "loaded model %s version %d on %s (%s) in %.2f s",
-            name, v, engine.device, engine.precision, time.perf_counter() - started,
+            "loaded model %s version %d on %s (%s, %s) in %.2f s; about %.0f MiB per megapixel",
+            name, v, engine.device, engine.backend.name, engine.precision, time.perf_counter() - started,
+            engine.bytes_per_pixel * 1e6 / (1 << 20),
         )
         return lm
 
@@ -172,9 +174,10 @@ class VersionLoader:
             return None
 
     def _build_engine(self, name: str, version: int) -> Engine:
-        model, manifest = self.repository.load(name, version, device=self.device)
-        engine = Engine(Predictor(model, manifest, self.device), self.engine_config)
+        backend, manifest = open_backend(self.repository, name, version, self.device, self.engine_config)
+        engine = Engine(Predictor(backend, manifest), self.engine_config)
         engine.warmup()
+        engine.measure_memory()  # admission's memory estimate of this version's requests
         return engine
 
     def _batch_hook(self, name: str, version: int) -> Callable[[int, float], None] | None:

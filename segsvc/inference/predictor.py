@@ -1,8 +1,8 @@
 """In-process prediction: any image size in, a label map of the same size out.
 
 The predictor applies the manifest's inference contract (``contract.py``):
-the image is resized by the contract's scale, normalised, padded at the
-bottom/right to the stride and minimum size, run, cropped, and its logits are
+the image is resized by the contract's scale, normalised, run by the backend
+(which pads to the stride and minimum size and crops back), and its logits are
 resized back, so callers pass images of any size and get their evaluated
 quality.
 """
@@ -15,11 +15,11 @@ from torch import nn
 
 from segsvc.config import InferenceSpec
 from segsvc.inference.argmax import class_argmax
+from segsvc.inference.backends import Backend, TorchBackend
 from segsvc.inference.contract import (  # noqa: F401  (pad_to_multiple, padded_size: re-exported)
     Geometry,
     apply_contract,
     contract_logits,
-    model_geometry,
     network_input,
     pad_to_multiple,
     padded_size,
@@ -32,12 +32,13 @@ def labels_dtype(num_classes: int) -> np.dtype:
 
 
 class Predictor:
-    """Wraps a loaded model and its manifest for prediction on arbitrary image sizes.
+    """A backend and its manifest: prediction on arbitrary image sizes.
 
     Args:
-        model: a network following the segsvc contract (has ``output_stride``).
+        backend: what runs the network (``segsvc.inference.backends``); a plain
+            ``nn.Module`` is run eagerly in float32 (``TorchBackend``).
         manifest: the artifact's manifest (input normalisation, inference contract, classes).
-        device: where to run.
+        device: where a plain module runs (a backend knows its own).
 
     Raises:
         ArtifactError: the manifest's stride or minimum size does not fit the model.
@@ -47,12 +48,14 @@ class Predictor:
         >>> labels = Predictor(model, manifest).predict(image)  # HxW uint8  # doctest: +SKIP
     """
 
-    def __init__(self, model: nn.Module, manifest: Manifest, device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+    def __init__(self, backend: Backend | nn.Module, manifest: Manifest, device: str | torch.device = "cpu") -> None:
+        if isinstance(backend, nn.Module):
+            backend = TorchBackend.for_manifest(backend, manifest, torch.device(device))
+        self.backend = backend
+        self.device = backend.device
         self.manifest = manifest
-        self.stride, self.min_size = model_geometry(model, manifest.inference)
-        self.geometry = Geometry(self.stride, self.min_size)
+        self.geometry = backend.geometry
+        self.stride, self.min_size = self.geometry.stride, self.geometry.min_size
 
     @property
     def num_classes(self) -> int:
@@ -67,16 +70,14 @@ class Predictor:
         """The normalised ``C x H' x W'`` network input of a uint8 image (resized by the contract's scale)."""
         return network_input(image, self.manifest.input, self.inference)
 
-    @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, K, H, W]`` for a normalised batch of any H, W (the network's own scale)."""
-        padded, (h, w) = pad_to_multiple(batch.to(self.device), self.stride, self.min_size)
-        return self.model(padded)[:, :, :h, :w].float()
+        return self.backend.forward(batch)
 
     @torch.inference_mode()
     def image_logits(self, image: np.ndarray, spec: InferenceSpec | None = None) -> torch.Tensor:
         """Logits ``[1, K, H, W]`` of one uint8 image at its own size, run as ``spec`` (default: the manifest's)."""
-        return apply_contract(self.logits, image, self.manifest.input, spec or self.inference, self.geometry)
+        return apply_contract(self.backend.forward, image, self.manifest.input, spec or self.inference, self.geometry)
 
     def predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """Label maps for images of possibly different sizes (same-size images share a forward pass)."""
@@ -89,7 +90,7 @@ class Predictor:
         dtype = labels_dtype(self.num_classes)
         with torch.inference_mode():
             for indices in groups.values():
-                logits = contract_logits(self.logits, [tensors[i] for i in indices],
+                logits = contract_logits(self.backend.forward, [tensors[i] for i in indices],
                                          [images[i].shape[:2] for i in indices], spec, self.geometry)
                 for i, lab in zip(indices, logits):
                     out[i] = class_argmax(lab)[0].cpu().numpy().astype(dtype)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from segsvc.errors import AlreadyExists, InvalidArgument, SegsvcError
+from segsvc.inference.backends import Backend, TorchBackend, open_backend
 from segsvc.inference.codec import DEFAULT_MAX_PIXELS, decode_image
 from segsvc.inference.engine import Engine, EngineConfig, InferenceOptions, Output, resolve_device
 from segsvc.inference.predictor import Predictor
@@ -116,11 +117,11 @@ class ItemWorker:
 
     def __init__(self, model_repo: str, model: str, version: int, out: str, options: BatchOptions,
                  device: str = "cpu", precision: str = "auto", batch_size: int = 8,
-                 max_batch_pixels: int | None = -1) -> None:
-        config = EngineConfig(device=device, precision=precision, warmup=False)
+                 max_batch_pixels: int | None = -1, backend: str | None = None) -> None:
+        config = EngineConfig(device=device, precision=precision, warmup=False, backend=backend)
         torch_device = resolve_device(device)
-        net, manifest = ModelRepository(model_repo).load(model, version, device=torch_device)
-        self.engine = Engine(Predictor(net, manifest, torch_device), config)
+        net, manifest = open_backend(ModelRepository(model_repo), model, version, torch_device, config)
+        self.engine = Engine(Predictor(net, manifest), config)
         if max_batch_pixels == -1:  # by device
             max_batch_pixels = CPU_BATCH_PIXELS if torch_device.type == "cpu" else None
         self.max_batch_pixels = max_batch_pixels
@@ -188,14 +189,17 @@ class ItemWorker:
         return outcomes
 
 
-def forward_streams(device: torch.device) -> int:
-    """Concurrent forward passes for the local engine: one per torch CPU thread on CPU, one on a GPU.
+def forward_streams(backend: Backend) -> int:
+    """Concurrent forward passes for the local engine: one per torch CPU thread for eager PyTorch on CPU,
+    else one (a GPU, or ONNX Runtime, whose session has its own thread pool).
 
     On CPU, N passes with one thread each beat one pass with N threads: a small
     model's convolutions do not split evenly over threads, and each split pass
     waits for its slowest thread (bench/bench_batch.py, 2 cores: ~1.4x).
     """
-    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
+    if isinstance(backend, TorchBackend) and backend.device.type == "cpu":
+        return max(1, torch.get_num_threads())
+    return 1
 
 
 @contextlib.contextmanager
@@ -222,7 +226,7 @@ def run_local(worker: ItemWorker, items: Sequence[Item], root: Path, on_outcome:
     Outcomes are delivered on this thread, so the caller's store needs no
     locking discipline.
     """
-    streams = forward_streams(worker.engine.device)
+    streams = forward_streams(worker.engine.backend)
     threads = io_threads or min(4, os.cpu_count() or 1)
     batch_size = worker.batch_size
     max_decoding, max_held, max_writing = 2 * batch_size + threads, 2 * batch_size, 2 * batch_size + threads
@@ -408,6 +412,7 @@ def run_batch(
     max_batch_pixels: int | None = -1,
     device: str = "auto",
     precision: str = "auto",
+    backend: str | None = None,
     io_threads: int = 0,
     actors: int = 1,
     progress: bool = False,
@@ -416,7 +421,8 @@ def run_batch(
 
     A forward pass takes up to ``batch_size`` images of one size and, when ``max_batch_pixels``
     is set, ends once it holds that many input pixels (-1: ``CPU_BATCH_PIXELS`` on CPU, no
-    pixel limit on GPU; None: no pixel limit).
+    pixel limit on GPU; None: no pixel limit). ``backend`` picks what runs the network
+    (``torch``, ``onnxruntime``; default: the manifest's).
     ``inputs``, ``model`` and ``options`` may be omitted with ``resume``: the stored ones are used
     (``options=None`` on a new batch means the defaults).
     A failed input (undecodable, unreadable) does not stop the run; it is listed
@@ -437,14 +443,15 @@ def run_batch(
     try:
         return _execute(store, job, root, out_dir, engine=engine, model_repo=os.fspath(model_repo), options=options,
                         batch_size=batch_size, max_batch_pixels=max_batch_pixels, device=device,
-                        precision=precision, io_threads=io_threads, actors=actors, progress=progress)
+                        precision=precision, backend=backend, io_threads=io_threads, actors=actors,
+                        progress=progress)
     finally:
         store.close()
 
 
 def _execute(store: JobStore, job: Job, root: Path, out: Path, *, engine: str, model_repo: str,
              options: BatchOptions, batch_size: int, max_batch_pixels: int | None, device: str, precision: str,
-             io_threads: int, actors: int, progress: bool) -> dict[str, Any]:
+             backend: str | None, io_threads: int, actors: int, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
     spec = job.spec
@@ -467,7 +474,7 @@ def _execute(store: JobStore, job: Job, root: Path, out: Path, *, engine: str, m
 
     worker_kwargs = dict(model_repo=model_repo, model=spec["model"], version=spec["version"], out=str(out),
                          options=options, device=device, precision=precision, batch_size=batch_size,
-                         max_batch_pixels=max_batch_pixels)
+                         max_batch_pixels=max_batch_pixels, backend=backend)
     try:
         if items and engine == "local":
             run_local(ItemWorker(**worker_kwargs), items, root, on_outcome, io_threads=io_threads)

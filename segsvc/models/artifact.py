@@ -11,12 +11,13 @@ and an existing version is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -63,6 +64,8 @@ class Manifest:
     weights_sha256: str = ""
     inference: InferenceSpec = InferenceSpec()
     lineage: Mapping[str, Any] = field(default_factory=dict)
+    # Exported forms of the weights, by format: ``{"onnx": {"file": "model.onnx", "sha256": ..., ...}}``.
+    exports: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         k = self.spec.num_classes
@@ -89,6 +92,7 @@ class Manifest:
             "training": dict(self.training),
             "metrics": dict(self.metrics),
             "lineage": dict(self.lineage),
+            "exports": dict(self.exports),
             "created_at": self.created_at,
             "segsvc_version": self.segsvc_version,
             "weights_sha256": self.weights_sha256,
@@ -120,6 +124,7 @@ class Manifest:
                 training=dict(data.get("training") or {}),
                 metrics=dict(data.get("metrics") or {}),
                 lineage=dict(data.get("lineage") or {}),
+                exports=dict(data.get("exports") or {}),
                 created_at=str(data.get("created_at", "")),
                 segsvc_version=str(data.get("segsvc_version", "")),
                 weights_sha256=str(data.get("weights_sha256", "")),
@@ -128,6 +133,14 @@ class Manifest:
             raise
         except (SegsvcError, TypeError, ValueError) as exc:
             raise ArtifactError(f"manifest is invalid: {exc}") from None
+
+
+def with_model_geometry(spec: InferenceSpec, model: nn.Module) -> InferenceSpec:
+    """``spec`` with the stride and minimum input size it leaves unset taken from the model, so every
+    published manifest records the padding its backends need (an ONNX export has no module to ask)."""
+    own = model_inference_spec(model)
+    return replace(spec, stride=own.stride if spec.stride is None else spec.stride,
+                   min_input_size=own.min_input_size if spec.min_input_size is None else spec.min_input_size)
 
 
 def model_inference_spec(model: nn.Module, **overrides: Any) -> InferenceSpec:
@@ -183,8 +196,8 @@ def save_artifact(
     """Write a new model version atomically and return its directory.
 
     ``inference`` is how the model was evaluated (scale, stride, tiling, TTA);
-    ``None`` records the defaults (full resolution, no tiling or TTA) with the
-    model's own stride and minimum input size.
+    ``None`` records the defaults (full resolution, no tiling or TTA). A stride
+    or minimum input size it leaves unset is the model's own.
 
     Example:
         >>> spec = ModelSpec("unet", num_classes=2, in_channels=1, params={"base_channels": 4, "depth": 2})
@@ -214,7 +227,7 @@ def save_artifact(
             ignore_index=ignore_index,
             training=dict(training or {}),
             metrics=dict(metrics or {}),
-            inference=inference or model_inference_spec(model),
+            inference=with_model_geometry(inference or InferenceSpec(), model),
             lineage=dict(lineage or {}),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             weights_sha256=_sha256(tmp / WEIGHTS_FILE),
@@ -244,6 +257,36 @@ def read_manifest(version_dir: str | os.PathLike[str]) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"cannot read {path}: {exc}") from None
     return Manifest.from_dict(data)
+
+
+def write_manifest(version_dir: str | os.PathLike[str], manifest: Manifest) -> Path:
+    """Rewrite ``manifest.json`` of an existing version atomically (temporary file, fsync, rename).
+
+    Readers see the old or the new manifest, never a partial one. Only fields
+    derived from the weights (``exports``, ``metrics``) should change this way:
+    the weights themselves are never rewritten.
+
+    Args:
+        version_dir: ``<root>/<name>/<version>``; must exist.
+        manifest: the manifest to write (its name and version should match the directory).
+    """
+    version_dir = Path(version_dir)
+    path = version_dir / MANIFEST_FILE
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-manifest-", suffix=".json", dir=version_dir)
+    try:
+        # mkstemp makes the file 0600: keep the old manifest's mode so other readers still can
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest.to_dict(), indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def _check_state(path: Path, expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], arch: str) -> None:

@@ -37,6 +37,7 @@ from segsvc.inference.service import InferenceService
 from segsvc.jobs.batch import JobRunner
 from segsvc.jobs.store import JobStore
 from segsvc.jobs.training import TrainingRunner
+from segsvc.server import oip
 from segsvc.server.auth import BearerTokenInterceptor
 from segsvc.server.config import ServerConfig
 from segsvc.server.datasets import DatasetServicer
@@ -203,10 +204,11 @@ class SegmentationServer:
                                                              self._server)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(self.training), self._server)
         datasets_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), self._server)
+        oip.add_servicer(self.service, cfg.limits, self._server)  # inference.GRPCInferenceService (KServe v2)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, JOB_SERVICE_NAME, TRAINING_SERVICE_NAME, OPERATIONS_SERVICE_NAME, DATASET_SERVICE_NAME,
-             health.SERVICE_NAME, reflection.SERVICE_NAME),
+             oip.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self._server,
         )
         address = f"{cfg.host}:{cfg.port}"

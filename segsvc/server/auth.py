@@ -10,23 +10,30 @@ Clients send ``authorization: Bearer <token>``. Each token has scopes:
 
 A token file has one token per line, ``TOKEN [SCOPE,SCOPE...]`` (no scopes:
 ``infer``); blank lines and ``#`` comments are skipped. Health checks stay open
-(load balancers and Kubernetes probes carry no token). Unknown methods need a
-valid token too, so UNIMPLEMENTED tells an anonymous caller nothing. Tokens
-are compared in constant time.
+(load balancers and Kubernetes probes carry no token), and so do the Open
+Inference Protocol's ServerLive, ServerReady and ModelReady. Unknown methods
+need a valid token too, so UNIMPLEMENTED tells an anonymous caller nothing.
+Tokens are compared in constant time.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable
 
 import grpc
 
-from segsvc.errors import InvalidArgument
+from segsvc.errors import InvalidArgument, PermissionDenied, SegsvcError, Unauthenticated
+from segsvc.server.errors import abort
 
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
+log = logging.getLogger(__name__)
+
+# Health checks, and their Open Inference Protocol equivalents (KServe probes carry no token either).
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/inference.GRPCInferenceService/ServerLive",
+                        "/inference.GRPCInferenceService/ServerReady", "/inference.GRPCInferenceService/ModelReady")
 SCOPES = ("infer", "jobs", "manage")
 # Most specific first; a method matching none needs "infer".
 METHOD_SCOPES: tuple[tuple[str, str], ...] = (
@@ -140,20 +147,21 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if scopes is None:
             reason = "missing" if token is None else "wrong"
-            return _deny(handler, grpc.StatusCode.UNAUTHENTICATED,
-                         f"{reason} bearer token: send metadata 'authorization: Bearer <token>'")
+            return _deny(handler, Unauthenticated(f"{reason} bearer token: send metadata "
+                                                  f"'authorization: Bearer <token>'"))
         needed = required_scope(method)
         if needed not in scopes and "manage" not in scopes:
-            return _deny(handler, grpc.StatusCode.PERMISSION_DENIED,
-                         f"this token lacks the '{needed}' scope that {method.rsplit('/', 1)[-1][:64]} needs")
+            return _deny(handler, PermissionDenied(f"this token lacks the '{needed}' scope that "
+                                                   f"{method.rsplit('/', 1)[-1][:64]} needs"))
         return handler
 
 
-def _deny(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only aborts; it never parses the request."""
+def _deny(handler: grpc.RpcMethodHandler | None, error: SegsvcError) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that only aborts with ``error``'s status (and its
+    ``ErrorInfo`` and ``segsvc-error`` trailers, as every other error); it never parses the request."""
 
     async def refuse(_request, context: grpc.aio.ServicerContext):
-        await context.abort(code, message)
+        await abort(context, error, "", "auth", log)
 
     streaming_in = handler is not None and handler.request_streaming
     streaming_out = handler is not None and handler.response_streaming

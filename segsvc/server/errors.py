@@ -6,6 +6,16 @@ logged with its traceback and becomes INTERNAL with a generic message naming
 the request id (internals never leak to callers). The error's class name
 travels in the ``segsvc-error`` trailing metadata (and ``Error.kind`` in
 streams), so the client can raise the very same class (``wire.error_from_status``).
+
+Every status ``abort`` sends also carries a standard ``google.rpc.Status`` in the
+``grpc-status-details-bin`` trailer (``grpc_status.rpc_status.from_call``
+reads it in Python; every gRPC language has the same helper), so clients that
+are not ours read the kind too: first the error's own details where it has any
+(``PreconditionFailure`` for ``DatasetInvalid``), then an ``ErrorInfo`` with
+``domain="segsvc.dev"``, ``reason`` the class name in UPPER_SNAKE_CASE
+(``UNKNOWN_MODEL``, ``IMAGE_TOO_LARGE``; ``INTERNAL`` for unexpected errors)
+and ``metadata={"requestId": ...}`` when the call has an id. Nothing else of
+an unexpected error goes in. The whole Status stays under ``MAX_DETAILS_BYTES``.
 """
 
 from __future__ import annotations
@@ -19,45 +29,62 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from segsvc.errors import DatasetInvalid, SegsvcError
-from segsvc.wire import ERROR_CODES, ERROR_KIND_KEY, REQUEST_ID_KEY
+from segsvc.wire import DETAILS_KEY, ERROR_CODES, ERROR_DOMAIN, ERROR_KIND_KEY, REQUEST_ID_KEY, error_reason
 
 T = TypeVar("T")
 
 
 MAX_ID_CHARS = 128
 MAX_MESSAGE_CHARS = 1024  # trailers have a size limit; a client-sized message must not overflow it
-DETAILS_KEY = "grpc-status-details-bin"  # a google.rpc.Status (grpc_status.rpc_status reads it)
-# Clients refuse trailers over 8 KiB by default: the details (base64 on the wire) stay well below.
+# Clients refuse trailers over 8 KiB by default: the serialized Status (base64 on the wire) stays well below.
 MAX_DETAILS_BYTES = 4096
+_ANY_OVERHEAD_BYTES = 64  # at most what one detail's Any adds inside the Status (type URL, tags, lengths)
 
 
-def _precondition_failure(exc: DatasetInvalid) -> error_details_pb2.PreconditionFailure:
-    """One violation per problem (kind, file, detail), as many as fit; then one saying how many are left."""
+def _precondition_failure(exc: DatasetInvalid, budget: int) -> error_details_pb2.PreconditionFailure:
+    """One violation per problem (kind, file, detail) while they fit in ``budget`` bytes; then one saying how many
+    are left."""
     failure = error_details_pb2.PreconditionFailure()
-    for i, (kind, subject, description) in enumerate(exc.problems):
+    for kind, subject, description in exc.problems:
         failure.violations.add(type=kind, subject=subject, description=description[:MAX_MESSAGE_CHARS])
-        if failure.ByteSize() > MAX_DETAILS_BYTES:
-            del failure.violations[-1]
-            left = len(exc.problems) - i
-            failure.violations.add(type="truncated", subject="",
-                                   description=f"{left} more problem(s) not shown; run `segsvc data check` on the "
-                                               f"dataset to see them all")
+        if failure.ByteSize() > budget:
+            break
+    if failure.ByteSize() <= budget:
+        return failure
+    while failure.violations:
+        del failure.violations[-1]
+        left = len(exc.problems) - len(failure.violations)
+        note = error_details_pb2.PreconditionFailure.Violation(
+            type="truncated", subject="",
+            description=f"{left} more problem(s) not shown; run `segsvc data check` on the dataset to see them all")
+        if failure.ByteSize() + note.ByteSize() + 3 <= budget:  # + the field's tag and length
+            failure.violations.append(note)
             break
     return failure
 
 
-# Domain errors that carry structured details: the class -> its google.rpc detail message.
+# Domain errors that carry structured details: the class -> its google.rpc detail message within a byte budget.
 ERROR_DETAILS = ((DatasetInvalid, _precondition_failure),)
 
 
-def status_details(exc: BaseException, code: grpc.StatusCode, message: str) -> bytes | None:
-    """The serialized ``google.rpc.Status`` with the error's details, for errors that have any."""
+def error_info(kind: str, request_id: str = "") -> error_details_pb2.ErrorInfo:
+    """The ``ErrorInfo`` of an error class name ("" for an unexpected error): reason, domain, request id."""
+    metadata = {"requestId": clean_text(request_id)} if request_id else {}
+    return error_details_pb2.ErrorInfo(reason=error_reason(kind), domain=ERROR_DOMAIN, metadata=metadata)
+
+
+def status_details(exc: BaseException, code: grpc.StatusCode, message: str, request_id: str = "") -> bytes:
+    """The serialized ``google.rpc.Status``: the error's own details (if any), then its ``ErrorInfo``."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    info = any_pb2.Any()
+    info.Pack(error_info(status_of(exc)[2], request_id))
     for cls, build in ERROR_DETAILS:
         if isinstance(exc, cls):
-            detail = any_pb2.Any()
-            detail.Pack(build(exc))
-            return status_pb2.Status(code=code.value[0], message=message, details=[detail]).SerializeToString()
-    return None
+            budget = MAX_DETAILS_BYTES - status.ByteSize() - info.ByteSize() - 2 * _ANY_OVERHEAD_BYTES
+            status.details.add().Pack(build(exc, budget))
+            break
+    status.details.append(info)
+    return status.SerializeToString()
 
 
 def clean_text(text: str, limit: int = MAX_ID_CHARS) -> str:
@@ -91,11 +118,8 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_i
     """End the RPC with the status for ``exc`` (logging unexpected ones)."""
     code, message, kind = status_of(exc, request_id)
     log_unexpected(logger, exc, request_id, method)
-    trailers: tuple[tuple[str, str | bytes], ...] = ((ERROR_KIND_KEY, kind), (REQUEST_ID_KEY, clean_text(request_id)))
-    details = status_details(exc, code, message)
-    if details is not None:
-        trailers += ((DETAILS_KEY, details),)
-    context.set_trailing_metadata(trailers)
+    context.set_trailing_metadata(((ERROR_KIND_KEY, kind), (REQUEST_ID_KEY, clean_text(request_id)),
+                                   (DETAILS_KEY, status_details(exc, code, message, request_id))))
     await context.abort(code, message)
 
 

@@ -337,7 +337,10 @@ def test_kserve_targets_the_open_inference_protocol_over_grpc(objects: list[Obj]
     assert port["name"] == "h2c" and _flag(container["args"], "--port") == str(port["containerPort"])
     assert _flag(container["args"], "--model-repo") == "/mnt/models"
     text = (K8S / "kserve" / "inferenceservice.yaml").read_text()
-    assert "Open Inference Protocol" in text and "its own issue" in text
+    assert "Open Inference Protocol" in text and "inference.GRPCInferenceService" in text
+    from segsvc.server.oip_pb import grpc_service_pb2
+
+    assert "GRPCInferenceService" in grpc_service_pb2.DESCRIPTOR.services_by_name  # the endpoint it names exists
 
 
 def test_batch_job_resumes_on_retry(objects: list[Obj]) -> None:

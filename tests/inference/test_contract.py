@@ -91,7 +91,7 @@ def test_inference_spec_round_trips_and_rejects_unknown_keys():
                          tile_overlap=0.5, flip_tta=True)
     data = json.loads(json.dumps(spec.to_dict()))
     assert data == {"scale": 0.5, "interpolation": "area", "stride": 32, "min_input_size": 64, "tile_size": 256,
-                    "tile_overlap": 0.5, "flip_tta": True}
+                    "tile_overlap": 0.5, "flip_tta": True, "backend": "torch"}
     assert InferenceSpec.from_dict(data) == spec
     assert InferenceSpec.from_dict({}) == InferenceSpec()
     assert InferenceSpec(scale=1).scale == 1.0 and isinstance(InferenceSpec(scale=1).scale, float)
@@ -187,7 +187,7 @@ def test_a_half_scale_manifest_makes_the_engine_return_a_label_map_of_the_origin
     outputs = engine.run(prepared)
     for image, out in zip(images, outputs):
         assert out.labels.shape == image.shape[:2] and out.labels.dtype == np.uint8
-        expected = reference_labels(engine.predictor.model, image, 0.5, 4)
+        expected = reference_labels(engine.backend.model, image, 0.5, 4)
         assert np.array_equal(out.labels, expected)
         assert np.array_equal(engine.predictor.predict(image), expected)  # the in-process reference agrees
         assert len(np.unique(out.labels)) > 1  # a constant map would agree for the wrong reason
@@ -211,7 +211,7 @@ def test_request_options_override_the_manifest_defaults_and_unset_means_the_mani
     out_default, out_plain = engine.run([default])[0], engine.run([plain])[0]
     assert out_default.labels.shape == out_plain.labels.shape == (50, 70)
     assert not np.array_equal(out_default.labels, out_plain.labels)
-    assert np.array_equal(out_plain.labels, reference_labels(engine.predictor.model, image, 0.5, 4))
+    assert np.array_equal(out_plain.labels, reference_labels(engine.backend.model, image, 0.5, 4))
     assert default.cost.passes == 2 * default.cost.tiles and plain.cost.passes == 1
 
 

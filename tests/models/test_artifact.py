@@ -165,13 +165,14 @@ def test_manifest_file_holds_every_field(saved) -> None:
         "model": {"arch": "unet", "num_classes": 3, "in_channels": 1, "params": {"base_channels": 4, "depth": 2}},
         "input": {"channels": 1, "mean": [0.5], "std": [0.2]},
         "inference": {"scale": 1.0, "interpolation": "auto", "stride": 4, "min_input_size": 1,
-                      "tile_size": 0, "tile_overlap": 0.25, "flip_tta": False},  # the model's own stride
+                      "tile_size": 0, "tile_overlap": 0.25, "flip_tta": False, "backend": "torch"},  # own stride
         "class_names": ["membrane", "cell", "other"],
         "palette": [[0, 0, 0], [128, 0, 0], [0, 128, 0]],  # the default (Pascal VOC) colours
         "ignore_index": 255,
         "training": {},
         "metrics": {"miou": 0.5},
         "lineage": {},
+        "exports": {},
         "segsvc_version": segsvc.__version__,
         "weights_sha256": hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest(),
     }

@@ -84,7 +84,7 @@ def test_a_broken_dataset_is_failed_precondition_with_every_problem_in_the_detai
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         status = rpc_status.from_call(info.value)
         failure = error_details_pb2.PreconditionFailure()
-        assert len(status.details) == 1 and status.details[0].Unpack(failure)
+        assert len(status.details) == 2 and status.details[0].Unpack(failure)  # then the ErrorInfo
         assert sorted((v.type, v.subject) for v in failure.violations) == expected
         assert all(v.description for v in failure.violations)
     assert _leftovers(tmp_path) == set()

@@ -1,0 +1,96 @@
+"""ONNX Runtime against eager PyTorch on CPU: images/s of ``Backend.forward`` at batch 1 and 8.
+
+Run: .venv/bin/python bench/bench_backends.py [--height 180 --width 240] [--rounds 5] [--threads N]
+
+For each CamVid recipe's network (FCN-8s, U-Net, SegNet-Basic at the recipes'
+CPU widths, untrained: speed does not depend on the weights), one artifact is
+saved and exported with ``segsvc export`` (``segsvc.export.onnx``, which
+validates it against eager), then both backends run the same normalised
+batches through the one forward path the server uses (padding to the
+manifest's stride, the network, the crop). Each round times both backends back
+to back, alternating which goes first; the figure is the median of the
+per-round ratios (ORT images/s over eager images/s). The default size is what
+the CamVid recipes' network sees (360x480 images at scale 0.5). Goal: >= 1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from segsvc.config import InferenceSpec, ModelSpec
+from segsvc.export.onnx import export_onnx
+from segsvc.inference.backends import Backend, EngineConfig, open_version_dir
+from segsvc.models.artifact import save_artifact
+from segsvc.models.registry import build_model
+
+# The CamVid recipes' CPU models (training/recipes/camvid-*.yaml).
+MODELS = {
+    "FCN-8s": ModelSpec("fcn8s", 11, 3, {"base_channels": 16, "fc_channels": 512, "batch_norm": True}),
+    "U-Net": ModelSpec("unet", 11, 3, {"depth": 4, "base_channels": 16}),
+    "SegNet-Basic": ModelSpec("segnet", 11, 3, {"variant": "basic", "base_channels": 32}),
+}
+
+
+def images_per_s(backend: Backend, batch: torch.Tensor, seconds: float) -> float:
+    """Images per second of ``backend.forward`` on ``batch``, over at least ``seconds`` (one warm pass first)."""
+    backend.forward(batch)
+    n, t0 = 0, time.perf_counter()
+    while True:
+        backend.forward(batch)
+        n += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and n >= 2:
+            return n * batch.shape[0] / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--height", type=int, default=180)
+    parser.add_argument("--width", type=int, default=240)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=1.0, help="least time per measurement")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    print(f"CPU, {args.threads} threads, {args.height}x{args.width} network input, median of {args.rounds} rounds "
+          f"(load average at start {load:.2f})")
+    print(f"{'model':14} {'batch':>5} {'eager img/s':>12} {'ORT img/s':>10} {'ORT/eager':>10}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, spec in MODELS.items():
+            torch.manual_seed(0)
+            model = build_model(spec).eval()
+            version = save_artifact(model, tmp, spec.arch, spec=spec,
+                                    inference=InferenceSpec(stride=model.output_stride,
+                                                            min_input_size=getattr(model, "min_input_size", 1)))
+            export_onnx(version)
+            cpu = torch.device("cpu")
+            eager, _ = open_version_dir(Path(version), cpu, EngineConfig(device="cpu"))
+            ort, _ = open_version_dir(Path(version), cpu, EngineConfig(device="cpu", backend="onnxruntime",
+                                                                        threads=args.threads))
+            for n in args.batches:
+                x = torch.randn(n, 3, args.height, args.width)
+                pairs = []
+                for r in range(args.rounds):
+                    order = (eager, ort) if r % 2 == 0 else (ort, eager)
+                    rates = {b.name: images_per_s(b, x, args.seconds) for b in order}
+                    pairs.append((rates["torch"], rates["onnxruntime"]))
+                ratio = statistics.median(o / e for e, o in pairs)
+                e_med = statistics.median(e for e, _ in pairs)
+                o_med = statistics.median(o for _, o in pairs)
+                rows.append(ratio)
+                print(f"{label:14} {n:>5} {e_med:>12.1f} {o_med:>10.1f} {ratio:>9.2f}x", flush=True)
+    print(f"lowest ORT/eager ratio {min(rows):.2f}x (goal >= 1.5); load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

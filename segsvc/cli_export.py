@@ -1,0 +1,119 @@
+"""``segsvc export MODEL[:V] --repo R --format onnx|triton``: a model version for ONNX Runtime or Triton.
+
+``onnx`` writes ``<repo>/<model>/<version>/model.onnx`` and records it in the
+version's manifest, but only once ONNX Runtime reproduces eager PyTorch on
+``--checks`` random inputs (the max |Δlogit| and the label agreement are
+printed; an export that disagrees is refused and nothing is written).
+``triton`` writes a Triton model repository, ``--out`` (default
+``<repo>-triton``, beside the repository), from that export, exporting first
+when the version has none. Without ``:V`` the version is the model's default
+(its ``DEFAULT`` pointer, else the newest). torch is imported only when the
+command runs, so ``segsvc --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from segsvc.errors import InvalidArgument
+from segsvc.export import DEFAULT_CHECKS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_OPSET, DEFAULT_TOLERANCE, MIN_AGREEMENT
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``segsvc export``."""
+    p = sub.add_parser("export", help="export a model version to ONNX (validated against PyTorch) or to a "
+                                      "Triton model repository")
+    p.add_argument("ref", metavar="MODEL[:V]", help="model name, optionally with a version (default: the model's "
+                                                    "DEFAULT pointer, else its newest version)")
+    p.add_argument("--repo", required=True, help="model repository root (<root>/<model>/<version>/)")
+    p.add_argument("--format", choices=("onnx", "triton"), default="onnx",
+                   help="onnx: model.onnx beside the weights, recorded in the manifest (default); triton: a "
+                        "Triton model repository at --out")
+    p.add_argument("--out", default=None, help="triton: the Triton model repository to write <model>/ into "
+                                               "(default: <repo>-triton, beside --repo)")
+    p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                   help=f"triton: max_batch_size of config.pbtxt (default {DEFAULT_MAX_BATCH_SIZE})")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--checks", type=int, default=DEFAULT_CHECKS,
+                   help=f"random inputs ONNX Runtime and PyTorch are compared on (default {DEFAULT_CHECKS})")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="largest |logit difference| allowed, relative to max(1, max |logit|) "
+                        f"(default {DEFAULT_TOLERANCE:g})")
+    p.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT,
+                   help=f"share of pixels whose label must agree (default {MIN_AGREEMENT:g})")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.checks < 1:
+        raise InvalidArgument(f"--checks must be at least 1, got {args.checks}")
+    if not args.tolerance > 0:
+        raise InvalidArgument(f"--tolerance must be positive, got {args.tolerance}")
+    if not 0 < args.min_agreement <= 1:
+        raise InvalidArgument(f"--min-agreement must be in (0, 1], got {args.min_agreement}")
+    if args.max_batch_size < 1:
+        raise InvalidArgument(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    if args.out is not None and args.format != "triton":
+        raise InvalidArgument("--out is for --format triton; the ONNX export is written beside the weights")
+
+
+def _print_validation(validation: Any) -> None:
+    keys = ("max_abs_diff", "max_abs_logit", "agreement", "pixels")
+    if not isinstance(validation, dict) or not all(isinstance(validation.get(k), (int, float)) for k in keys):
+        print("  validation: not recorded in the manifest")
+        return
+    sizes = ", ".join("x".join(str(d) for d in s) for s in validation.get("sizes", []))
+    print(f"  validation ({validation.get('runtime', 'onnxruntime')} vs eager PyTorch, "
+          f"{validation.get('checks')} inputs N x H x W: {sizes}):")
+    print(f"    max |Δlogit| {validation['max_abs_diff']:.3g} (max |logit| {validation['max_abs_logit']:.3g}), "
+          f"labels agree on {validation['agreement']:.4%} of {validation['pixels']} pixels")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``segsvc export``; returns the exit status (errors raise ``SegsvcError``)."""
+    from tqdm import tqdm
+
+    from segsvc.export.onnx import export_onnx, export_steps
+    from segsvc.export.triton import default_out, export_triton
+    from segsvc.inference.repository import ModelRepository, check_manifest, parse_model_ref
+
+    _check_args(args)
+    name, version = parse_model_ref(args.ref)
+    repo = ModelRepository(args.repo)
+    version_dir = repo.version_dir(name, version)
+    version = int(version_dir.name)
+    check_manifest(name, version, repo.read_manifest(name, version))
+    bar = tqdm(total=export_steps(args.checks), desc=f"exporting {name}:{version}", unit="step",
+               disable=not args.progress, leave=False)
+
+    def progress(step: str) -> None:
+        bar.set_postfix_str(step, refresh=False)
+        bar.update()
+
+    options: dict[str, Any] = {"opset": args.opset, "checks": args.checks, "tolerance": args.tolerance,
+                               "min_agreement": args.min_agreement, "progress": progress}
+    try:
+        if args.format == "onnx":
+            result = export_onnx(version_dir, **options)
+        else:
+            out = args.out if args.out is not None else default_out(args.repo)
+            triton = export_triton(version_dir, out, max_batch_size=args.max_batch_size, **options)
+    finally:
+        bar.close()
+    if args.format == "onnx":
+        print(f"exported {name}:{version} ({result.manifest.spec.arch}) to ONNX opset {result.opset}")
+        _print_validation(result.validation.to_dict())
+        print(f"  wrote {result.path} (sha256 {result.sha256})")
+        print(f"  recorded it in {version_dir / 'manifest.json'} (exports.onnx)")
+        return 0
+    entry = repo.read_manifest(name, version).exports["onnx"]
+    how = "exported it now" if triton.exported else "used the recorded export, SHA-256 verified"
+    print(f"wrote a Triton model repository for {name}:{version} from {version_dir / entry['file']} ({how})")
+    _print_validation(entry.get("validation"))
+    for path in (triton.config, triton.labels, triton.onnx):
+        print(f"  wrote {path}")
+    print(f"  run: tritonserver --model-repository={triton.model_dir.parent}")
+    return 0
+

@@ -1,0 +1,298 @@
+"""ONNX export of a model version: ``<repo>/<model>/<version>/model.onnx``, published only once validated.
+
+The exporter is ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` +
+onnxscript), chosen over the TorchScript one (``dynamo=False``) because it is the
+only one that handles every seed model with dynamic batch, height and width:
+
+- SegNet's ``MaxUnpool2d`` takes the encoder's pre-pool size as ``output_size``;
+  the TorchScript tracer turns that size into a tensor and ``max_unpool2d``
+  refuses it ("cond must be a bool, but got a Tensor"), and it has no
+  ``max_unpool2d`` symbolic anyway. ``torch.export`` decomposes the unpooling
+  into ``ScatterND`` over symbolic sizes, which ONNX Runtime runs at any size.
+- The input-shape check of the models (``H % stride``) becomes a shape guard
+  that ``torch.export`` resolves symbolically, instead of a constant baked in
+  by tracing.
+
+Dynamic axes are given as names (``batch``, ``height``, ``width``), which the
+exporter turns into ``Dim.DYNAMIC`` and writes as the graph's ``dim_param``\\ s.
+Nothing is downloaded: the model is built from the artifact's own weights.
+
+The exporter can still specialise a size silently (it "refines" shapes it
+cannot keep symbolic, and ``AdaptiveAvgPool2d`` to k > 1 bins becomes an
+``AveragePool`` whose kernel is the sample's size / k). So before anything is
+written the export is checked: ``onnx.checker``, symbolic input/output axes,
+then ONNX Runtime against eager PyTorch on inputs of sizes other than the
+sample's (batch > 1, non-square). An export that does not agree is refused:
+nothing is written and the manifest is unchanged.
+
+Example:
+    >>> result = export_onnx("runs/model_repository/camvid-unet/3")  # doctest: +SKIP
+    >>> result.validation.agreement, result.path.name  # doctest: +SKIP
+    (1.0, 'model.onnx')
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+from torch import nn
+
+from segsvc.errors import ArtifactError, ExportError
+from segsvc.export import (
+    DEFAULT_CHECKS, DEFAULT_OPSET, DEFAULT_TOLERANCE, INPUT_NAME, MIN_AGREEMENT, ONNX_FILE, OUTPUT_NAME,
+)
+from segsvc.export.compare import Progress, Validation, one_line, sample_size, validate
+from segsvc.models.artifact import WEIGHTS_FILE, Manifest, load_artifact, read_manifest, write_manifest
+from segsvc.models.registry import build_model
+
+if TYPE_CHECKING:
+    import onnx
+
+DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
+
+_ADAPTIVE_POOL = (
+    "its pyramid pooling uses AdaptiveAvgPool2d to 2x2, 3x3 and 6x6 bins, which ONNX has no operator for: "
+    "the exporter computes the pooling windows (a fixed AveragePool kernel, or gather indices) from the "
+    "traced input's size, so the graph is wrong or fails at any other size (dynamic height and width are "
+    "impossible)"
+)
+# Architectures whose export cannot have dynamic height and width, with the reason (found by
+# tests/export/test_every_architecture.py, which also checks that each one here does fail):
+UNEXPORTABLE: dict[str, str] = {
+    "smp/PSPNet": _ADAPTIVE_POOL,
+    "smp/UPerNet": _ADAPTIVE_POOL,
+}
+
+# Loggers the exporter is noisy on (guard failures it recovers from, "attribute type is ambiguous").
+_NOISY_LOGGERS = ("torch._guards", "torch._dynamo", "torch.export", "torch.fx", "torch.onnx", "onnx_ir", "onnxscript")
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """A published export: the file, its SHA-256 (as in the manifest), its opset and validation."""
+
+    path: Path
+    sha256: str
+    opset: int
+    validation: Validation
+    manifest: Manifest
+
+
+def export_steps(checks: int) -> int:
+    """How many times ``export_onnx`` calls its ``progress`` callback (for a progress bar's total)."""
+    return 4 + checks
+
+
+def geometry(model: nn.Module, manifest: Manifest) -> tuple[int, int]:
+    """``(stride, min_size)`` the inputs are padded to: the manifest's contract, else the model's own."""
+    own = int(getattr(model, "output_stride", 1))
+    stride = manifest.inference.stride or own
+    if stride % own:
+        raise ArtifactError(f"the manifest's inference stride {stride} is not a multiple of the model's {own}")
+    return stride, max(manifest.inference.min_input_size or 1, int(getattr(model, "min_input_size", 1)))
+
+
+def geometry_of(manifest: Manifest) -> tuple[int, int]:
+    """``(stride, min_size)`` of a version without loading its weights: its ONNX export's record,
+    else its manifest's contract, else the model's own (built, not loaded)."""
+    entry = manifest.exports.get("onnx")
+    recorded = (entry.get("stride"), entry.get("min_input_size")) if isinstance(entry, dict) else (None, None)
+    if all(isinstance(v, int) and v >= 1 for v in recorded):
+        return recorded[0], recorded[1]  # type: ignore[return-value]
+    return geometry(build_model(manifest.spec), manifest)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's warnings and logs (it logs failures of strategies it then recovers from)."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def to_onnx(model: nn.Module, in_channels: int, stride: int, min_size: int,
+            opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Export ``model`` (eval mode, CPU) to an ``onnx.ModelProto`` with dynamic batch, height and width.
+
+    Args:
+        model: a segsvc model (``[N,C,H,W] -> [N,K,H,W]``).
+        in_channels: C.
+        stride: H and W of every input are multiples of this.
+        min_size: and at least this.
+        opset: the ONNX opset of the graph.
+
+    Raises:
+        ExportError: the exporter failed, fixed an axis, or could not reach ``opset``.
+    """
+    import onnx
+
+    n, h, w = sample_size(stride, min_size)
+    sample = torch.randn(n, in_channels, h, w, generator=torch.Generator().manual_seed(0))
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                model.eval(), (sample,), None, dynamo=True, opset_version=opset, verbose=False,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=(dict(DYNAMIC_AXES),),
+            )
+            proto = program.model_proto
+    except Exception as exc:  # the exporter raises many types; all mean "cannot export"
+        raise ExportError(f"torch.onnx.export failed: {one_line(exc)}") from None
+    reached = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if reached != opset:
+        raise ExportError(f"the exporter could not convert the graph to opset {opset} (it is at {reached}); "
+                          f"use --opset {DEFAULT_OPSET}")
+    for value, fixed in ((proto.graph.input, in_channels), (proto.graph.output, None)):
+        dims = [d.dim_param or d.dim_value for d in value[0].type.tensor_type.shape.dim] if len(value) == 1 else []
+        static = [i for i in DYNAMIC_AXES if i >= len(dims) or not isinstance(dims[i], str)]
+        if len(dims) != 4 or static or (fixed is not None and dims[1] != fixed):
+            raise ExportError(f"the exporter fixed the size of {value[0].name if value else '?'} to {dims}: the "
+                              "graph would only work at the traced size (batch, height, width must be dynamic)")
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"the exported graph is not valid ONNX: {one_line(exc)}") from None
+    return proto
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    """``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _metadata(manifest: Manifest, stride: int, min_size: int) -> dict[str, str]:
+    """``metadata_props`` of the graph, so the file alone says how to feed it."""
+    return {
+        "segsvc.model": manifest.name, "segsvc.version": str(manifest.version),
+        "segsvc.weights_sha256": manifest.weights_sha256, "segsvc.arch": manifest.spec.arch,
+        "segsvc.input": json.dumps(manifest.input.to_dict()), "segsvc.stride": str(stride),
+        "segsvc.min_input_size": str(min_size), "segsvc.class_names": json.dumps(list(manifest.class_names)),
+    }
+
+
+def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET, checks: int = DEFAULT_CHECKS,
+                tolerance: float = DEFAULT_TOLERANCE, min_agreement: float = MIN_AGREEMENT,
+                progress: Progress | None = None) -> OnnxExport:
+    """Export a version to ``model.onnx`` beside its weights, validate it, and record it in the manifest.
+
+    Writes ``model.onnx`` (temporary file + rename), then rewrites the manifest
+    (likewise) with ``exports["onnx"] = {"file", "sha256", "opset", "torch",
+    "validation", ...}``. A refused export writes nothing: an earlier
+    ``model.onnx`` and the manifest stay as they were.
+
+    Args:
+        version_dir: ``<repo>/<model>/<version>``.
+        opset: ONNX opset of the graph.
+        checks: validation inputs (see ``check_sizes``).
+        tolerance: allowed max |logit difference| relative to max(1, max |logit|).
+        min_agreement: share of pixels whose label must agree (0.999: 99.9%).
+        progress: called after each step (``export_steps(checks)`` calls in all).
+
+    Raises:
+        ExportError: the architecture cannot be exported, or the export does not reproduce the model.
+        ArtifactError: the version does not load, or its weights changed during the export.
+    """
+    import onnx
+
+    step = progress or (lambda _: None)
+    version_dir = Path(version_dir)
+    model, manifest = load_artifact(version_dir)
+    label = f"{manifest.name}:{manifest.version} ({manifest.spec.arch})"
+    if manifest.spec.arch in UNEXPORTABLE:
+        raise ExportError(f"{label} cannot be exported to ONNX: {UNEXPORTABLE[manifest.spec.arch]}")
+    stride, min_size = geometry(model, manifest)
+    step("loaded")
+    try:
+        proto = to_onnx(model, manifest.spec.in_channels, stride, min_size, opset)
+    except ExportError as exc:
+        raise ExportError(f"{label} cannot be exported to ONNX: {exc}") from None
+    onnx.helper.set_model_props(proto, _metadata(manifest, stride, min_size))
+    data = proto.SerializeToString()
+    step("exported")
+    result = validate(model, data, manifest.spec.in_channels, stride, min_size, checks, tolerance,
+                      min_agreement, progress=step)
+    if not result.passed:
+        raise ExportError(f"{label}: the ONNX export does not reproduce the model, so it was not written: "
+                          f"{result.describe()}")
+    step("validated")
+    current = read_manifest(version_dir)  # re-read: keep any change made meanwhile, except to the weights
+    if current.weights_sha256 != manifest.weights_sha256:
+        raise ArtifactError(f"{label}: its weights changed during the export; export again")
+    weights_mode = (version_dir / WEIGHTS_FILE).stat().st_mode & 0o777
+    path = version_dir / ONNX_FILE
+    _write_file(path, data, weights_mode)
+    sha = hashlib.sha256(data).hexdigest()
+    entry = {
+        "file": ONNX_FILE, "sha256": sha, "opset": opset, "torch": torch.__version__, "onnx": onnx.__version__,
+        "exporter": "torch.onnx.export(dynamo=True)", "input": INPUT_NAME, "output": OUTPUT_NAME,
+        "dynamic_axes": {str(k): v for k, v in DYNAMIC_AXES.items()}, "stride": stride, "min_input_size": min_size,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "validation": result.to_dict(),
+    }
+    updated = replace(current, exports={**current.exports, "onnx": entry})
+    try:
+        write_manifest(version_dir, updated)
+    except BaseException:
+        path.unlink(missing_ok=True)  # a file the manifest does not vouch for must not look published
+        raise
+    step("written")
+    return OnnxExport(path, sha, opset, result, updated)
+
+
+def published_onnx(version_dir: str | os.PathLike[str], manifest: Manifest | None = None) -> Path | None:
+    """The version's recorded ``model.onnx``, checked against the manifest's SHA-256; None when not exported.
+
+    Raises:
+        ArtifactError: the file is recorded but missing, or its SHA-256 differs from the manifest's.
+    """
+    version_dir = Path(version_dir)
+    manifest = manifest or read_manifest(version_dir)
+    entry = manifest.exports.get("onnx")
+    if not isinstance(entry, dict) or not entry.get("file"):
+        return None
+    name = str(entry["file"])
+    path = version_dir / name
+    hint = f"run `segsvc export {manifest.name}:{manifest.version} --format onnx` to export it again"
+    if Path(name).name != name or not path.is_file():
+        raise ArtifactError(f"{manifest.name}:{manifest.version}: the manifest records the ONNX export {name!r}, "
+                            f"which is not a file in the version directory; {hint}")
+    if file_sha256(path) != entry.get("sha256"):
+        raise ArtifactError(f"{manifest.name}:{manifest.version}: {name} does not match the SHA-256 its manifest "
+                            f"records (changed after the export?); {hint}")
+    return path

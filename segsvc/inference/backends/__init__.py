@@ -1,0 +1,47 @@
+"""Backends: what runs a model version's network (``torch`` eager, ``onnxruntime``) behind one ``forward``.
+
+``open_backend`` builds the one a version is served with: the server's
+per-model or global ``--backend``, else the manifest's ``inference.backend``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from segsvc.inference.backends.base import PRECISIONS, Backend, EngineConfig, amp_dtype, manifest_geometry
+from segsvc.inference.backends.eager import TorchBackend
+from segsvc.inference.backends.ort import OnnxRuntimeBackend
+from segsvc.inference.repository import ModelRepository, check_manifest
+from segsvc.models.artifact import Manifest, load_artifact, read_manifest
+
+__all__ = ["PRECISIONS", "Backend", "EngineConfig", "OnnxRuntimeBackend", "TorchBackend", "amp_dtype",
+           "manifest_geometry", "open_backend", "open_version_dir"]
+
+
+def open_backend(repository: ModelRepository, name: str, version: int, device: torch.device,
+                 config: EngineConfig) -> tuple[Backend, Manifest]:
+    """Load ``name:version`` from ``repository`` into the backend ``config`` chooses for it.
+
+    Raises:
+        ArtifactError: unreadable files, a manifest naming another version, or a
+            missing or stale ONNX export for the onnxruntime backend.
+        PathOutsideRoot: a symlink out of the repository root.
+    """
+    manifest = repository.read_manifest(name, version)
+    kind = config.backend_for(name, manifest.inference.backend)
+    if kind == OnnxRuntimeBackend.name:
+        check_manifest(name, version, manifest)
+        return OnnxRuntimeBackend.for_manifest(repository.version_dir(name, version), manifest, device, config), manifest
+    model, manifest = repository.load(name, version, device=device)
+    return TorchBackend.for_manifest(model, manifest, device, config), manifest
+
+
+def open_version_dir(version_dir: Path, device: torch.device, config: EngineConfig) -> tuple[Backend, Manifest]:
+    """Load a version directory given directly (``segsvc eval``, batch jobs) into its backend."""
+    manifest = read_manifest(version_dir)
+    if config.backend_for(manifest.name, manifest.inference.backend) == OnnxRuntimeBackend.name:
+        return OnnxRuntimeBackend.for_manifest(version_dir, manifest, device, config), manifest
+    model, manifest = load_artifact(version_dir, device=device)
+    return TorchBackend.for_manifest(model, manifest, device, config), manifest

@@ -1,0 +1,138 @@
+"""The ``torch`` backend: the eager PyTorch module (optionally ``torch.compile``d on CUDA).
+
+On CUDA the forward pass uses autocast (bf16 or fp16), channels-last memory and
+pinned host memory with non-blocking copies; on CPU it runs in float32 with the
+thread count the server set once.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Callable
+
+import torch
+from torch import nn
+
+from segsvc.errors import InvalidArgument
+from segsvc.inference.backends.base import Backend, EngineConfig, amp_dtype
+from segsvc.inference.contract import Geometry, model_geometry
+from segsvc.models.artifact import Manifest
+
+log = logging.getLogger(__name__)
+
+# On top of the layer outputs counted below: kernel buffers. With outputs counted per tensor (an
+# in-place layer's output counts again), the estimate came within 0.97-1.09x of the measured peak
+# RSS on FCN-8s, U-Net, SegNet (both) and smp Unet/ResNet-34 (bench/bench_hardening.py); 1.1 for margin.
+CPU_WORKSPACE_FACTOR = 1.1
+
+
+def peak_live_activations(model: nn.Module, run: Callable[[], object]) -> int:
+    """The most bytes of layer outputs alive at the same time during ``run()`` (one forward pass).
+
+    Each output is counted when a layer returns it and released when the tensor is freed.
+    """
+    state = {"now": 0, "peak": 0}
+
+    def release(nbytes: int) -> None:
+        state["now"] -= nbytes
+
+    def count(_m: nn.Module, _i: object, out: object) -> None:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                nbytes = t.untyped_storage().nbytes()
+                state["now"] += nbytes
+                state["peak"] = max(state["peak"], state["now"])
+                weakref.finalize(t, release, nbytes)
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return state["peak"]
+
+
+class TorchBackend(Backend):
+    """Eager PyTorch.
+
+    Args:
+        model: a network following the segsvc contract (``[N,C,H,W] -> [N,K,H,W]``).
+        geometry: padding (stride, minimum size), from the manifest.
+        device: where to run.
+        channels: input channels.
+        autocast: the autocast dtype (``None``: float32).
+        channels_last: channels-last memory format (CUDA).
+        compile: ``torch.compile`` the module with dynamic shapes (CUDA only).
+
+    Example:
+        >>> backend = TorchBackend.for_manifest(model, manifest, torch.device("cpu"))  # doctest: +SKIP
+        >>> backend.forward(torch.zeros(1, 3, 37, 45)).shape  # doctest: +SKIP
+        torch.Size([1, 11, 37, 45])
+    """
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, geometry: Geometry, device: torch.device, channels: int,
+                 autocast: torch.dtype | None = None, channels_last: bool = False, compile: bool = False) -> None:
+        super().__init__(geometry, device, channels)
+        self.model = model.to(device).eval()
+        self.autocast = autocast
+        self.channels_last = channels_last and device.type == "cuda"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if compile and device.type != "cuda":
+            raise InvalidArgument("torch.compile is used on CUDA only; drop --compile on a CPU server")
+        self.network: Callable[[torch.Tensor], torch.Tensor] = (
+            torch.compile(self.model, dynamic=True) if compile else self.model
+        )
+
+    @classmethod
+    def for_manifest(cls, model: nn.Module, manifest: Manifest, device: torch.device,
+                     config: EngineConfig | None = None) -> "TorchBackend":
+        """The backend of a loaded artifact; padding from the manifest (or, for an old one, the model's)."""
+        stride, min_size = model_geometry(model, manifest.inference)
+        config = config or EngineConfig(device=str(device), precision="fp32")
+        return cls(model, Geometry(stride, min_size), device, manifest.input.channels,
+                   autocast=amp_dtype(config.precision, device), channels_last=config.channels_last,
+                   compile=config.compile)
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast]
+
+    @torch.inference_mode()
+    def run(self, padded: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            padded = padded.pin_memory().to(self.device, non_blocking=True)
+            if self.channels_last:
+                padded = padded.contiguous(memory_format=torch.channels_last)
+        else:
+            padded = padded.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            return self.network(padded)
+
+    @torch.inference_mode()
+    def measure_memory(self, size: int = 128) -> float:
+        """On CUDA: the allocator's peak over one pass. On CPU, where allocations are not
+        counted: the high-water mark of the layer outputs alive at once, times
+        ``CPU_WORKSPACE_FACTOR`` for the kernels' own buffers (checked against the
+        peak RSS of real passes by ``bench/bench_hardening.py``)."""
+        x = self.probe_input(size)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            self.forward(x)
+            torch.cuda.synchronize(self.device)
+            used = float(torch.cuda.max_memory_allocated(self.device) - before)
+        else:
+            used = peak_live_activations(self.model, lambda: self.forward(x)) * CPU_WORKSPACE_FACTOR
+        return max(used / (x.shape[-2] * x.shape[-1]), 1.0)
+
+    def warmup(self, size: int, passes: int = 1) -> None:
+        super().warmup(size, passes + (1 if self.device.type == "cuda" else 0))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

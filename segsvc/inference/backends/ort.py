@@ -1,0 +1,162 @@
+"""The ``onnxruntime`` backend: the version's exported ``model.onnx`` (``segsvc export``) run by ONNX Runtime.
+
+The file is the one the manifest's ``exports.onnx`` names, and its SHA-256 must
+match the recorded one, so a stale or swapped export is refused at load rather
+than served. CPU runs the CPU execution provider with ``threads`` intra-op
+threads; CUDA needs the CUDA provider (the ``onnxruntime-gpu`` wheel).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from segsvc.errors import ArtifactError, InvalidArgument
+from segsvc.inference.backends.base import Backend, EngineConfig, manifest_geometry
+from segsvc.inference.contract import Geometry
+from segsvc.models.artifact import Manifest
+
+log = logging.getLogger(__name__)
+
+# Used when the peak resident memory cannot be read (no /proc): generous, so admission errs on the safe side.
+FALLBACK_BYTES_PER_PIXEL = 4096.0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def peak_rss_growth(run: Callable[[], object]) -> int | None:
+    """Bytes the process's peak resident set grew by during ``run()``; ``None`` where Linux's
+    ``/proc/self/clear_refs`` (which resets the peak) is not available."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _status_kib("VmRSS")
+        run()
+        return max(_status_kib("VmHWM") - before, 0) * 1024
+    except OSError:
+        return None
+
+
+def onnx_file(version_dir: Path, manifest: Manifest) -> Path:
+    """The version's exported ONNX file, checked against the manifest's SHA-256.
+
+    Raises:
+        ArtifactError: no export recorded, the file is missing, or its hash differs.
+    """
+    record: Any = manifest.exports.get("onnx")
+    if not isinstance(record, dict) or not record.get("file") or not record.get("sha256"):
+        raise ArtifactError(f"model {manifest.name} version {manifest.version} has no ONNX export; run "
+                            f"`segsvc export {manifest.name}:{manifest.version} --format onnx` first")
+    path = version_dir / str(record["file"])
+    if Path(str(record["file"])).name != str(record["file"]) or not path.is_file():
+        raise ArtifactError(f"the ONNX export {record['file']!r} of {manifest.name}:{manifest.version} is missing; "
+                            f"export it again")
+    if _sha256(path) != record["sha256"]:
+        raise ArtifactError(f"{record['file']} of {manifest.name}:{manifest.version} does not match the SHA-256 its "
+                            f"manifest records; export it again")
+    return path
+
+
+def export_geometry(manifest: Manifest) -> Geometry:
+    """The padding of an exported version: the contract's, else what the export recorded from the
+    module (manifests published before the contract recorded a stride)."""
+    spec, record = manifest.inference, manifest.exports.get("onnx") or {}
+    if spec.stride is None or spec.min_input_size is None:
+        spec = replace(spec, stride=spec.stride or record.get("stride"),
+                       min_input_size=spec.min_input_size or record.get("min_input_size"))
+    return manifest_geometry(spec)
+
+
+def providers_for(device: torch.device) -> list[str]:
+    """ONNX Runtime execution providers for ``device``.
+
+    Raises:
+        InvalidArgument: a CUDA device without ONNX Runtime's CUDA provider.
+    """
+    import onnxruntime as ort
+
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise InvalidArgument("the onnxruntime backend on CUDA needs ONNX Runtime's CUDA provider (the "
+                              "onnxruntime-gpu wheel); use --device cpu or the torch backend")
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime on an exported model.
+
+    Args:
+        source: the ``.onnx`` file, or its bytes (input ``[N, C, H, W]`` float32, output logits).
+        geometry: padding (stride, minimum size), from the manifest.
+        device: ``cpu``, or ``cuda`` with the CUDA provider.
+        channels: input channels.
+        threads: intra-op threads (0: torch's thread count, which the server sets).
+
+    Example:
+        >>> backend = OnnxRuntimeBackend.for_manifest(Path("repo/unet/1"), manifest, torch.device("cpu"))  # doctest: +SKIP
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, source: Path | bytes, geometry: Geometry, device: torch.device, channels: int,
+                 threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        super().__init__(geometry, device, channels)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # warnings about unused initialisers are noise to a server log
+        label = source.name if isinstance(source, Path) else "the exported graph"
+        try:
+            self.session = ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
+                                                providers=providers_for(device))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            if isinstance(source, Path):
+                reason = reason.replace(str(source), label)
+            raise ArtifactError(f"ONNX Runtime cannot load {label}: {reason[:300]}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.threads = options.intra_op_num_threads
+
+    @classmethod
+    def for_manifest(cls, version_dir: Path, manifest: Manifest, device: torch.device,
+                     config: EngineConfig | None = None) -> "OnnxRuntimeBackend":
+        """The backend of a version directory whose manifest records an ONNX export."""
+        return cls(onnx_file(version_dir, manifest), export_geometry(manifest), device,
+                   manifest.input.channels, threads=config.threads if config else 0)
+
+    def run(self, padded: torch.Tensor) -> torch.Tensor:
+        x = np.ascontiguousarray(padded.detach().cpu().numpy(), dtype=np.float32)
+        (logits,) = self.session.run([self.output_name], {self.input_name: x})
+        return torch.from_numpy(logits)
+
+    def measure_memory(self, size: int = 128) -> float:
+        """The growth of the process's peak resident memory over one pass, per input pixel
+        (ONNX Runtime's arena is outside torch's view); a generous constant where it cannot be read."""
+        x = self.probe_input(size)
+        grown = peak_rss_growth(lambda: self.forward(x))
+        if grown is None:
+            return FALLBACK_BYTES_PER_PIXEL
+        return max(grown / (x.shape[-2] * x.shape[-1]), 1.0)

@@ -1,0 +1,185 @@
+"""The Open Inference Protocol (KServe v2) over gRPC: ``inference.GRPCInferenceService``, a thin adapter.
+
+Served on the same port as ``segsvc.v1``, so tritonclient (and KServe's
+``grpc-v2`` protocol) works unchanged. Each method turns its request into
+arguments (``oip_convert``), calls the protocol-free core (``InferenceService``
+and its ``ModelManager``), and turns the result into a response (KServe's
+``InferenceServicer`` over its ``DataPlane``). Every failure goes through
+``server.errors.guarded``: domain errors map through the one table, anything
+else is logged and answered INTERNAL without internals. What the protocol
+offers beyond segmentation and the model repository (streaming, model config,
+statistics, shared memory, trace and log settings) answers UNIMPLEMENTED with
+a message saying what to use instead.
+
+Example (tritonclient, unchanged):
+    >>> client = tritonclient.grpc.InferenceServerClient("localhost:50051")  # doctest: +SKIP
+    >>> image = tritonclient.grpc.InferInput("image", [1], "BYTES")  # doctest: +SKIP
+    >>> image.set_data_from_numpy(np.array([png_bytes], dtype=object))  # doctest: +SKIP
+    >>> client.infer("membrane", [image]).as_numpy("labels").shape  # doctest: +SKIP
+    (1, 512, 512)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+import grpc
+
+import segsvc
+from segsvc.errors import NotFound
+from segsvc.inference.service import InferenceService
+from segsvc.server import oip_convert as convert
+from segsvc.server.config import LimitsConfig
+from segsvc.server.errors import guarded
+from segsvc.server.oip_pb import grpc_service_pb2 as pb
+from segsvc.server.oip_pb import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger("segsvc.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVED = ("ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, RepositoryIndex, "
+          "RepositoryModelLoad and RepositoryModelUnload")
+
+
+def _deadline(context: grpc.aio.ServicerContext, timeout_s: float | None = None) -> float | None:
+    """The earlier of the call's deadline and ``timeout_s`` from now, on the event loop's clock."""
+    now = asyncio.get_running_loop().time()
+    limits = [t for t in (context.time_remaining(), timeout_s) if t is not None]
+    return now + min(limits) if limits else None
+
+
+def _not_served(method: str, instead: str) -> str:
+    return f"segsvc does not implement {method}: {instead}; this endpoint serves {SERVED}"
+
+
+def _unimplemented(method: str, instead: str):  # type: ignore[no-untyped-def]
+    """A unary method that answers UNIMPLEMENTED, saying what to use instead."""
+    message = _not_served(method, instead)
+
+    async def refuse(self, _request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+
+    refuse.__name__ = method
+    return refuse
+
+
+class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Serves the Open Inference Protocol through an ``InferenceService`` and its model manager.
+
+    Args:
+        service: the protocol-free inference core.
+        limits: ``max_stream_in_flight`` bounds the images of one ``ModelInfer`` request.
+    """
+
+    def __init__(self, service: InferenceService, limits: LimitsConfig) -> None:
+        self._service = service
+        self._manager = service.manager
+        self._max_images = limits.max_stream_in_flight
+
+    # -- health and metadata --------------------------------------------------------
+    async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._manager.ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        async def work() -> pb.ModelReadyResponse:
+            try:
+                lm = self._manager.resolve(request.name, convert.version_of(request.version))
+            except NotFound:  # unknown or unloaded model or version: not ready (Triton answers the same)
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=lm.batcher.running)
+
+        return await guarded("ModelReady", context, work, log)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="segsvc", version=segsvc.__version__,
+                                         extensions=list(convert.EXTENSIONS))
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        async def work() -> pb.ModelMetadataResponse:
+            lm = self._manager.resolve(request.name, convert.version_of(request.version))
+            versions = sorted(v for name, v, _, _ in self._manager.snapshot() if name == lm.name)
+            return convert.model_metadata(lm.name, versions, lm.manifest)
+
+        return await guarded("ModelMetadata", context, work, log)
+
+    # -- inference ----------------------------------------------------------------------
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        async def work() -> pb.ModelInferResponse:
+            call = await self._service.run_io(convert.infer_call, request, self._max_images)
+            version = convert.version_of(request.model_version)
+            segs = await self._segment_all(call, request.model_name, version, _deadline(context, call.timeout_s))
+            return await self._service.run_io(convert.infer_response, request.id, segs, call.outputs)
+
+        return await guarded("ModelInfer", context, work, log)
+
+    async def _segment_all(self, call: convert.InferCall, model: str, version: int | None,
+                           deadline: float | None) -> list:
+        """Segment the request's images at once, all on one version (held, so no swap splits the batch)."""
+        name, version, _ = self._service.resolve(model or None, version)
+        await self._manager.retain(name, version)
+        try:
+            tasks = [asyncio.ensure_future(self._service.segment(source, model=name, version=version,
+                                                                 options=call.options, deadline=deadline))
+                     for source in call.sources]
+            try:
+                return await asyncio.gather(*tasks)
+            except BaseException:  # one image failed or the call was cancelled: the others stop too
+                for task in tasks:
+                    task.cancel()
+                raise
+        finally:
+            self._manager.release(name, version)
+
+    # -- model repository -----------------------------------------------------------------
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
+        async def work() -> pb.RepositoryIndexResponse:
+            convert.check_repository_request(request.repository_name, {})
+            return convert.repository_index(await self._manager.describe_all(), request.ready)
+
+        return await guarded("RepositoryIndex", context, work, log)
+
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+                                  context) -> pb.RepositoryModelLoadResponse:
+        async def work() -> pb.RepositoryModelLoadResponse:
+            convert.check_repository_request(request.repository_name, request.parameters)
+            await self._manager.load(request.model_name)  # its newest version that loads
+            return pb.RepositoryModelLoadResponse()
+
+        return await guarded("RepositoryModelLoad", context, work, log)
+
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+                                    context) -> pb.RepositoryModelUnloadResponse:
+        async def work() -> pb.RepositoryModelUnloadResponse:
+            # tritonclient always sends unload_dependents; segsvc models have no dependents
+            convert.check_repository_request(request.repository_name, request.parameters, ("unload_dependents",))
+            await self._manager.unload(request.model_name)  # every loaded version
+            return pb.RepositoryModelUnloadResponse()
+
+        return await guarded("RepositoryModelUnload", context, work, log)
+
+    # -- the rest of the protocol ----------------------------------------------------------
+    async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            _not_served("ModelStreamInfer", "use ModelInfer, or segsvc.v1 SegmentStream"))
+        yield pb.ModelStreamInferResponse()  # never reached; a streaming handler is an async generator
+
+    ModelConfig = _unimplemented("ModelConfig", "use ModelMetadata, or segsvc.v1 GetModel")
+    ModelStatistics = _unimplemented("ModelStatistics", "see the Prometheus metrics endpoint")
+    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus", "send tensors in the request")
+    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister", "send tensors in the request")
+    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister", "send tensors in the request")
+    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus", "send tensors in the request")
+    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister", "send tensors in the request")
+    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister", "send tensors in the request")
+    TraceSetting = _unimplemented("TraceSetting", "tracing is not available")
+    LogSettings = _unimplemented("LogSettings", "use segsvc serve --log-level")
+
+
+def add_servicer(service: InferenceService, limits: LimitsConfig, server: grpc.aio.Server) -> None:
+    """Serve ``inference.GRPCInferenceService`` on ``server``."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(service, limits), server)

@@ -1,0 +1,275 @@
+"""Open Inference Protocol messages <-> the inference core's arguments and numpy arrays.
+
+What segsvc serves over the protocol (``ModelMetadata`` says the same):
+
+- inputs, exactly one per request:
+  ``image``  BYTES ``[N]``: encoded PNG/JPEG/TIFF/BMP/WebP images, all of one size;
+  ``pixels`` UINT8 ``[N, H, W, C]`` (or ``[N, H, W]`` for grey): raw pixels, row-major.
+  Either in ``inputs[0].contents`` or in ``raw_input_contents`` (what tritonclient sends).
+- outputs: ``labels`` UINT8 ``[N, H, W]`` (UINT16 above 256 classes), the default;
+  ``confidence`` UINT8 ``[N, H, W]`` (round(255 x the top softmax probability)), only when
+  requested. Always in ``raw_output_contents``, which is what tritonclient reads.
+- request parameters (optional): ``tile_size`` (int), ``tile_overlap`` (double) and
+  ``flip_tta`` (bool) override the model's inference contract; ``timeout`` (int,
+  microseconds, as tritonclient sends it) bounds the call like a gRPC deadline.
+
+Like ``convert.py``, functions here are pure (no I/O, no event loop); every malformed
+tensor raises ``InvalidArgument`` naming the problem, before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from segsvc.errors import InvalidArgument, InvalidImage
+from segsvc.inference.engine import InferenceOptions
+from segsvc.inference.manager import ModelStatus, VersionState
+from segsvc.inference.predictor import labels_dtype
+from segsvc.inference.service import EncodedImage, ImageSource, RawPixels, Segmentation
+from segsvc.models.artifact import Manifest
+from segsvc.server.oip_pb import grpc_service_pb2 as pb
+
+IMAGE, PIXELS = "image", "pixels"
+LABELS, CONFIDENCE = "labels", "confidence"
+INPUTS_HELP = "'image' (BYTES [N], encoded images) or 'pixels' (UINT8 [N, H, W, C] or [N, H, W])"
+PLATFORM = "segsvc"
+EXTENSIONS = ("model_repository", "parameters")
+PARAMETERS_HELP = "tile_size (int), tile_overlap (double), flip_tta (bool), timeout (int, microseconds)"
+DATATYPES = {np.dtype(np.uint8): "UINT8", np.dtype(np.uint16): "UINT16"}
+_VERSION = re.compile(r"[1-9][0-9]{0,17}")
+LENGTH_PREFIX_BYTES = 4  # a raw BYTES element: its length as uint32 little-endian, then its bytes
+
+
+@dataclass(frozen=True, eq=False)
+class InferCall:
+    """What one ``ModelInfer`` request asks of the core: the images, the options, the outputs in order."""
+
+    sources: tuple[ImageSource, ...]
+    options: InferenceOptions
+    outputs: tuple[str, ...]
+    timeout_s: float | None = None
+
+
+def version_of(text: str) -> int | None:
+    """A protocol version string -> the model version (``""``: the default version)."""
+    if not text:
+        return None
+    if not _VERSION.fullmatch(text):
+        raise InvalidArgument(f"model version must be a positive integer or empty (the default), got {text[:32]!r}")
+    return int(text)
+
+
+def _value(param) -> object:  # type: ignore[no-untyped-def]
+    """The value an ``InferParameter`` or ``ModelRepositoryParameter`` holds (None when unset)."""
+    which = param.WhichOneof("parameter_choice")
+    return getattr(param, which) if which else None
+
+
+def _request_parameters(params: Mapping) -> tuple[dict, float | None]:
+    """``(InferenceOptions keyword arguments, timeout_s)`` of the request's parameters."""
+    kwargs: dict = {}
+    timeout_s = None
+    for key in params:
+        value = _value(params[key])
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if key == "tile_size" and is_int:
+            kwargs["tile_size"] = value
+        elif key == "tile_overlap" and (is_int or isinstance(value, float)):
+            kwargs["tile_overlap"] = float(value)  # type: ignore[arg-type]
+        elif key == "flip_tta" and isinstance(value, bool):
+            kwargs["flip_tta"] = value
+        elif key == "timeout" and is_int and value > 0:  # type: ignore[operator]
+            timeout_s = value / 1e6  # type: ignore[operator]
+        elif key in ("tile_size", "tile_overlap", "flip_tta", "timeout"):
+            raise InvalidArgument(f"request parameter {key!r} has the wrong type or value ({value!r}); "
+                                  f"expected {PARAMETERS_HELP}")
+        else:
+            raise InvalidArgument(f"request parameter {key[:64]!r} is not supported; supported: {PARAMETERS_HELP}")
+    return kwargs, timeout_s
+
+
+def _requested_outputs(outputs: Sequence) -> tuple[str, ...]:
+    names: list[str] = []
+    for out in outputs:
+        if out.name not in (LABELS, CONFIDENCE):
+            raise InvalidArgument(f"unknown output {out.name[:64]!r}; outputs: 'labels', 'confidence'")
+        if out.name in names:
+            raise InvalidArgument(f"output {out.name!r} is requested twice")
+        if out.parameters:
+            raise InvalidArgument(f"output {out.name!r}: parameters {sorted(out.parameters)[:4]} are not supported")
+        names.append(out.name)
+    return tuple(names) or (LABELS,)
+
+
+def infer_call(request: pb.ModelInferRequest, max_images: int) -> InferCall:
+    """Validate a ``ModelInferRequest`` and turn it into image sources and options (nothing decoded)."""
+    kwargs, timeout_s = _request_parameters(request.parameters)
+    outputs = _requested_outputs(request.outputs)
+    try:
+        options = InferenceOptions(confidence=CONFIDENCE in outputs, **kwargs)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"request parameters: {exc}") from None
+    if len(request.inputs) != 1:
+        names = [t.name[:64] for t in request.inputs][:4]
+        raise InvalidArgument(f"ModelInfer takes exactly one input, {INPUTS_HELP}; got {len(request.inputs)}: {names}")
+    tensor = request.inputs[0]
+    raw = None
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidArgument(f"raw_input_contents has {len(request.raw_input_contents)} entries for 1 input")
+        if tensor.contents.ListFields():
+            raise InvalidArgument(f"input {tensor.name[:64]!r} has data in both contents and raw_input_contents")
+        raw = request.raw_input_contents[0]
+    if tensor.parameters:
+        raise InvalidArgument(f"input {tensor.name[:64]!r}: parameters {sorted(tensor.parameters)[:4]} are not "
+                              "supported (shared memory is not available)")
+    if tensor.name == IMAGE:
+        sources = _encoded_images(tensor, raw, max_images)
+    elif tensor.name == PIXELS:
+        sources = _raw_pixels(tensor, raw, max_images)
+    else:
+        raise InvalidArgument(f"unknown input {tensor.name[:64]!r}; inputs: {INPUTS_HELP}")
+    return InferCall(sources, options, outputs, timeout_s)
+
+
+def _batch_size(tensor, ranks: tuple[int, ...], expected: str, max_images: int) -> int:  # type: ignore[no-untyped-def]
+    shape = list(tensor.shape)
+    if len(shape) not in ranks or any(d < 1 for d in shape):
+        raise InvalidArgument(f"input {tensor.name!r} must have shape {expected} with positive sizes, got {shape[:8]}")
+    if shape[0] > max_images:
+        raise InvalidArgument(f"input {tensor.name!r} holds {shape[0]} images; at most {max_images} per request "
+                              "(--max-stream-in-flight): split the batch")
+    return shape[0]
+
+
+def _only_field(tensor, field: str) -> None:  # type: ignore[no-untyped-def]
+    used = [f.name for f, _ in tensor.contents.ListFields() if f.name != field]
+    if used:
+        raise InvalidArgument(f"input {tensor.name!r} ({tensor.datatype}) carries its data in contents.{field} "
+                              f"or raw_input_contents, not in {used[0]}")
+
+
+def _encoded_images(tensor, raw: bytes | None, max_images: int) -> tuple[ImageSource, ...]:  # type: ignore[no-untyped-def]
+    if tensor.datatype != "BYTES":
+        raise InvalidArgument(f"input 'image' must be BYTES (encoded images), got {tensor.datatype[:16]!r}; "
+                              "send raw pixels as input 'pixels' (UINT8)")
+    n = _batch_size(tensor, (1,), "[N]", max_images)
+    if raw is None:
+        _only_field(tensor, "bytes_contents")
+        items = list(tensor.contents.bytes_contents)
+    else:
+        items = _split_bytes(raw, n)
+    if len(items) != n:
+        raise InvalidArgument(f"input 'image' has shape [{n}] but holds {len(items)} elements")
+    sources = tuple(EncodedImage(bytes(item)) for item in items)
+    sizes = []
+    for i, source in enumerate(sources):  # headers only: a bad or oversized image is refused before decoding
+        try:
+            sizes.append(source.peek())
+        except InvalidImage as exc:
+            raise type(exc)(f"input 'image' element {i}: {exc}") from None
+    if len(set(sizes)) > 1:
+        (h0, w0), (h1, w1) = sizes[0], next(s for s in sizes if s != sizes[0])
+        raise InvalidArgument(f"the images of input 'image' must share one size (outputs are [N, H, W] tensors), "
+                              f"got {w0}x{h0} and {w1}x{h1}: send them in separate requests")
+    return sources
+
+
+def _split_bytes(raw: bytes, n: int) -> list[memoryview]:
+    """The elements of a raw BYTES tensor (each a 4-byte little-endian length, then the bytes)."""
+    view, items, offset = memoryview(raw), [], 0
+    while offset < len(view):
+        if len(items) == n:
+            raise InvalidArgument(f"raw contents of input 'image' hold more than the {n} elements of its shape")
+        if offset + LENGTH_PREFIX_BYTES > len(view):
+            raise InvalidArgument(f"raw contents of input 'image' end inside the length of element {len(items)}")
+        size = int.from_bytes(view[offset:offset + LENGTH_PREFIX_BYTES], "little")
+        offset += LENGTH_PREFIX_BYTES
+        if offset + size > len(view):
+            raise InvalidArgument(f"raw contents of input 'image': element {len(items)} declares {size} bytes, "
+                                  f"{len(view) - offset} remain")
+        items.append(view[offset:offset + size])
+        offset += size
+    return items
+
+
+def _raw_pixels(tensor, raw: bytes | None, max_images: int) -> tuple[ImageSource, ...]:  # type: ignore[no-untyped-def]
+    if tensor.datatype != "UINT8":
+        raise InvalidArgument(f"input 'pixels' must be UINT8, got {tensor.datatype[:16]!r}; "
+                              "send encoded images as input 'image' (BYTES)")
+    n = _batch_size(tensor, (3, 4), "[N, H, W, C] or [N, H, W]", max_images)
+    shape = [int(d) for d in tensor.shape]
+    expected = math.prod(shape)  # Python ints: no overflow
+    if raw is None:
+        _only_field(tensor, "uint_contents")
+        values = tensor.contents.uint_contents
+        if len(values) != expected:
+            raise InvalidArgument(f"input 'pixels' of shape {shape} needs {expected} values, got {len(values)}")
+        array = np.fromiter(values, np.uint32, len(values))
+        if array.size and int(array.max()) > 255:
+            raise InvalidArgument("input 'pixels' is UINT8 but holds values above 255")
+        data = array.astype(np.uint8).tobytes()
+    else:
+        data = raw
+        if len(data) != expected:
+            raise InvalidArgument(f"input 'pixels' of shape {shape} needs {expected} bytes (UINT8, row-major), "
+                                  f"raw_input_contents holds {len(data)}")
+    step = expected // n
+    return tuple(RawPixels(data[i * step:(i + 1) * step], shape[1:]) for i in range(n))
+
+
+def infer_response(request_id: str, segs: Sequence[Segmentation], outputs: Sequence[str]) -> pb.ModelInferResponse:
+    """The outputs of one request's images, stacked to ``[N, H, W]``, in ``raw_output_contents``."""
+    first = segs[0]
+    response = pb.ModelInferResponse(model_name=first.model, model_version=str(first.version), id=request_id)
+    for name in outputs:
+        arrays = [s.output.labels if name == LABELS else s.output.confidence for s in segs]
+        stacked = np.stack(arrays)  # type: ignore[arg-type]
+        response.outputs.add(name=name, datatype=DATATYPES[stacked.dtype], shape=list(stacked.shape))
+        response.raw_output_contents.append(stacked.astype(stacked.dtype.newbyteorder("<"), copy=False).tobytes())
+    return response
+
+
+def model_metadata(name: str, versions: Sequence[int], manifest: Manifest) -> pb.ModelMetadataResponse:
+    """Inputs and outputs of a model version; -1 marks a size that each request chooses."""
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    labels = DATATYPES[labels_dtype(manifest.spec.num_classes)]
+    return pb.ModelMetadataResponse(
+        name=name, versions=[str(v) for v in versions], platform=PLATFORM,
+        inputs=[tensor(name=IMAGE, datatype="BYTES", shape=[-1]),
+                tensor(name=PIXELS, datatype="UINT8", shape=[-1, -1, -1, manifest.input.channels])],
+        outputs=[tensor(name=LABELS, datatype=labels, shape=[-1, -1, -1]),
+                 tensor(name=CONFIDENCE, datatype="UINT8", shape=[-1, -1, -1])],
+    )
+
+
+_INDEX_STATES = {VersionState.READY: "READY", VersionState.LOADING: "LOADING",
+                 VersionState.AVAILABLE: "UNAVAILABLE", VersionState.FAILED: "UNAVAILABLE"}
+
+
+def repository_index(statuses: Sequence[ModelStatus], ready_only: bool) -> pb.RepositoryIndexResponse:
+    """One entry per model version on disk or loaded, with Triton's state names (and why one is unavailable)."""
+    response = pb.RepositoryIndexResponse()
+    for status in statuses:
+        for v in status.version_status:
+            if ready_only and v.state != VersionState.READY:
+                continue
+            reason = v.reason or ("not loaded" if v.state == VersionState.AVAILABLE else "")
+            response.models.add(name=status.name, version=str(v.version), state=_INDEX_STATES[v.state], reason=reason)
+    return response
+
+
+def check_repository_request(repository_name: str, parameters: Mapping, allowed: tuple[str, ...] = ()) -> None:
+    """Refuse what segsvc's one repository cannot do: a named repository, config overrides, file uploads."""
+    if repository_name:
+        raise InvalidArgument(f"repository_name {repository_name[:64]!r}: segsvc serves one model repository; "
+                              "leave it empty")
+    unknown = sorted(k[:64] for k in parameters if k not in allowed)
+    if unknown:
+        raise InvalidArgument(f"parameters {unknown[:4]} are not supported: segsvc loads models as they are "
+                              "in its repository (no config override, no file upload)")

@@ -1,0 +1,192 @@
+"""The backend seam: one forward path (padding from the manifest, run, crop) for eager PyTorch and ONNX Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from segsvc.config import InferenceSpec
+from segsvc.errors import ArtifactError, InvalidArgument
+from segsvc.inference.backends import (
+    EngineConfig,
+    OnnxRuntimeBackend,
+    TorchBackend,
+    manifest_geometry,
+    open_backend,
+    open_version_dir,
+)
+from segsvc.inference.batcher import BatchingConfig
+from segsvc.inference.engine import Engine, InferenceOptions
+from segsvc.inference.loader import VersionLoader
+from segsvc.inference.predictor import Predictor
+from segsvc.inference.repository import ModelRepository
+from segsvc.models.artifact import MANIFEST_FILE, load_artifact, read_manifest, save_artifact
+from tests.inference.test_contract import TINY, calibrated_model, smooth_image
+
+CPU = torch.device("cpu")
+
+
+def export_onnx(version_dir) -> None:
+    """``segsvc export --format onnx`` with one check: model.onnx beside the weights, its SHA-256 in the manifest."""
+    from segsvc.export.onnx import export_onnx as export
+
+    export(version_dir, checks=1)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backends")
+    model = calibrated_model()
+    save_artifact(model, root, "plain", spec=TINY)
+    save_artifact(model, root, "wide", spec=TINY, inference=InferenceSpec(stride=16, min_input_size=32))
+    save_artifact(model, root, "tta", spec=TINY, inference=InferenceSpec(scale=0.5, tile_size=16, flip_tta=True))
+    for name in ("plain", "tta"):
+        export_onnx(root / name / "1")
+    return root
+
+
+def shapes_seen(backend: TorchBackend) -> list[tuple[int, ...]]:
+    seen: list[tuple[int, ...]] = []
+    backend.model.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    return seen
+
+
+def test_padding_comes_from_the_manifest_not_the_module(repo):
+    model, manifest = load_artifact(repo / "wide" / "1")
+    assert model.output_stride == 4  # the module alone would pad 37x45 to 40x48
+    backend = TorchBackend.for_manifest(model, manifest, CPU)
+    seen = shapes_seen(backend)
+    out = backend.forward(torch.zeros(1, 3, 37, 45))
+    assert seen == [(1, 3, 48, 48)]  # stride 16, at least 32: the manifest's
+    assert tuple(out.shape) == (1, 3, 37, 45) and out.dtype == torch.float32  # cropped back
+
+
+def test_a_published_manifest_always_records_the_padding(repo):
+    """Backends without a module (ONNX) read the stride from the manifest: an explicit contract that
+    leaves it unset gets the model's own at publication."""
+    tta = read_manifest(repo / "tta" / "1").inference
+    assert (tta.stride, tta.min_input_size, tta.scale) == (4, 1, 0.5)
+    assert read_manifest(repo / "wide" / "1").inference.stride == 16  # an explicit one is kept
+
+
+def test_manifest_geometry_needs_a_recorded_stride():
+    assert manifest_geometry(InferenceSpec(stride=8, min_input_size=16)).stride == 8
+    with pytest.raises(ArtifactError, match="no stride"):
+        manifest_geometry(InferenceSpec())
+
+
+@pytest.mark.parametrize("name", ["plain", "tta"])
+def test_onnxruntime_gives_the_label_maps_of_eager_pytorch(repo, name):
+    version = repo / name / "1"
+    torch_backend, manifest = open_version_dir(version, CPU, EngineConfig(device="cpu"))
+    ort_backend, _ = open_version_dir(version, CPU, EngineConfig(device="cpu", backend="onnxruntime"))
+    assert isinstance(torch_backend, TorchBackend) and isinstance(ort_backend, OnnxRuntimeBackend)
+    images = [smooth_image(61, 83, seed=1), smooth_image(62, 82, seed=2), smooth_image(40, 40, seed=3)]
+    eager, ort = Predictor(torch_backend, manifest), Predictor(ort_backend, manifest)
+    for image in images:
+        a, b = eager.image_logits(image), ort.image_logits(image)
+        assert torch.allclose(a, b, atol=1e-4)
+        assert np.array_equal(eager.predict(image), ort.predict(image))
+    # through the server's engine: batching by padded size, and the manifest's tiling + flip TTA
+    engines = [Engine(p, EngineConfig(device="cpu", warmup=False)) for p in (eager, ort)]
+    outs = [e.run([e.prepare(im, InferenceOptions()) for im in images[:2]]) if name == "plain"
+            else [e.run([e.prepare(im, InferenceOptions())])[0] for im in images] for e in engines]
+    for x, y in zip(*outs):
+        assert np.array_equal(x.labels, y.labels) and len(np.unique(x.labels)) > 1
+
+
+def test_an_onnx_file_that_does_not_match_its_manifest_is_refused(repo, tmp_path):
+    import shutil
+
+    version = tmp_path / "plain" / "1"
+    shutil.copytree(repo / "plain" / "1", version)
+    with (version / "model.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArtifactError, match="does not match the SHA-256"):
+        open_version_dir(version, CPU, EngineConfig(device="cpu", backend="onnxruntime"))
+    (version / "model.onnx").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        open_version_dir(version, CPU, EngineConfig(device="cpu", backend="onnxruntime"))
+
+
+def test_a_version_without_an_export_names_the_command_that_makes_one(repo):
+    with pytest.raises(ArtifactError, match="segsvc export wide:1 --format onnx"):
+        open_backend(ModelRepository(repo), "wide", 1, CPU, EngineConfig(device="cpu", backend="onnxruntime"))
+
+
+def test_the_backend_is_chosen_per_model_then_server_then_manifest(repo, tmp_path):
+    config = EngineConfig(device="cpu", backend="onnxruntime", model_backends=(("tta", "torch"),))
+    assert config.backend_for("plain", "torch") == "onnxruntime"
+    assert config.backend_for("tta", "onnxruntime") == "torch"
+    assert EngineConfig().backend_for("plain", "onnxruntime") == "onnxruntime"
+    with pytest.raises(InvalidArgument, match="backend must be one of"):
+        EngineConfig(backend="tensorrt")
+    # a manifest that asks for onnxruntime gets it without any server setting
+    manifest_path = repo / "plain" / "1" / MANIFEST_FILE
+    data = json.loads(manifest_path.read_text())
+    data["inference"]["backend"] = "onnxruntime"
+    own = tmp_path / "own" / "plain" / "1"
+    own.mkdir(parents=True)
+    for f in (repo / "plain" / "1").iterdir():
+        (own / f.name).write_bytes(f.read_bytes())
+    (own / MANIFEST_FILE).write_text(json.dumps(data))
+    backend, _ = open_backend(ModelRepository(own.parent.parent), "plain", 1, CPU, EngineConfig(device="cpu"))
+    assert isinstance(backend, OnnxRuntimeBackend)
+
+
+def test_compile_is_refused_on_cpu(repo):
+    model, manifest = load_artifact(repo / "plain" / "1")
+    with pytest.raises(InvalidArgument, match="CUDA only"):
+        TorchBackend.for_manifest(model, manifest, CPU, EngineConfig(device="cpu", compile=True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_a_loaded_version_has_its_memory_measured(repo, backend):
+    """Admission's memory budget needs each version's bytes per pixel; 0 would admit anything."""
+    loader = VersionLoader(ModelRepository(repo), EngineConfig(device="cpu", backend=backend, warmup=False),
+                           BatchingConfig(), CPU)
+
+    async def load():  # type: ignore[no-untyped-def]
+        [entry] = await loader.scan("plain")
+        lm = await loader.build("plain", entry, auto=True)
+        await lm.batcher.stop()
+        return lm
+
+    lm = asyncio.run(load())
+    assert lm.engine.backend.name == backend
+    assert lm.engine.bytes_per_pixel > 1.0  # measured (1.0 is the floor; 0 admitted any size before)
+
+
+def test_training_validation_runs_the_same_backend(repo):
+    """The trainer's evaluate() takes a backend: same padding and crop as serving."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from training.train import evaluate
+
+    model, manifest = load_artifact(repo / "wide" / "1")
+    backend = TorchBackend.for_manifest(model, manifest, CPU)
+    seen = shapes_seen(backend)
+    images = torch.randn(2, 3, 37, 45)
+    masks = torch.zeros(2, 37, 45, dtype=torch.int64)
+    metrics = evaluate(backend, DataLoader(TensorDataset(images, masks), batch_size=2), 3, None, progress=False)
+    assert seen == [(2, 3, 48, 48)]
+    expected = (Predictor(backend, replace(manifest, inference=manifest.inference)).logits(images)).argmax(1)
+    assert metrics.pixel_accuracy == pytest.approx(float((expected == 0).float().mean()))
+
+
+def test_an_export_of_an_old_manifest_pads_as_the_export_recorded(repo, tmp_path):
+    """Manifests published before the contract recorded a stride: the export's own record serves."""
+    import shutil
+
+    version = tmp_path / "old" / "1"
+    shutil.copytree(repo / "plain" / "1", version)
+    data = json.loads((version / MANIFEST_FILE).read_text())
+    data["inference"]["stride"] = data["inference"]["min_input_size"] = None
+    (version / MANIFEST_FILE).write_text(json.dumps(data))
+    backend, _ = open_version_dir(version, CPU, EngineConfig(device="cpu", backend="onnxruntime"))
+    assert (backend.geometry.stride, backend.geometry.min_size) == (4, 1)

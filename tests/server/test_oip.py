@@ -1,0 +1,238 @@
+"""The Open Inference Protocol endpoint, driven by the official tritonclient against the real server.
+
+Label maps must equal those of ``Segment`` (the segsvc client) for the same image.
+The read-only tests share the module's server; tests that load, unload or need
+tokens start their own.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from segsvc.server.auth import AuthConfig
+from segsvc.server.config import LimitsConfig
+from segsvc.server.oip import SERVICE_NAME
+from tests.server.conftest import assert_labels_match, encode, make_image, publish
+
+TOKENS = "infer-tok infer\nadmin-tok manage\n"
+INFER = {"authorization": "Bearer infer-tok"}
+ADMIN = {"authorization": "Bearer admin-tok"}
+
+# tritonclient calls have no deadline by default: only a hang trips this, never a slow, loaded machine.
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def triton_client(shared_server):
+    client = triton.InferenceServerClient(shared_server.address)
+    yield client
+    client.close()
+
+
+def _bytes_input(*images: bytes) -> triton.InferInput:
+    tensor = triton.InferInput("image", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
+    return tensor
+
+
+def _pixels_input(batch: np.ndarray) -> triton.InferInput:
+    tensor = triton.InferInput("pixels", list(batch.shape), "UINT8")
+    tensor.set_data_from_numpy(batch)
+    return tensor
+
+
+def _refused(code: str, match: str, call) -> InferenceServerException:  # type: ignore[no-untyped-def]
+    with pytest.raises(InferenceServerException, match=match) as info:
+        call()
+    assert info.value.status() == f"StatusCode.{code}", info.value.status()
+    return info.value
+
+
+# -- health and metadata ----------------------------------------------------------------
+def test_server_live_ready_and_metadata(triton_client):
+    assert triton_client.is_server_live() and triton_client.is_server_ready()
+    meta = triton_client.get_server_metadata()
+    assert meta.name == "segsvc" and meta.version and "model_repository" in meta.extensions
+
+
+def test_model_ready_by_name_and_version(triton_client):
+    assert triton_client.is_model_ready("tiny") and triton_client.is_model_ready("tiny", "2")
+    assert not triton_client.is_model_ready("tiny", "1")  # on disk, not loaded (the newest is served)
+    assert not triton_client.is_model_ready("nope")
+    _refused("INVALID_ARGUMENT", "positive integer", lambda: triton_client.is_model_ready("tiny", "two"))
+
+
+def test_model_metadata_lists_inputs_outputs_and_versions(triton_client):
+    meta = triton_client.get_model_metadata("tiny", as_json=True)
+    assert meta["name"] == "tiny" and meta["versions"] == ["2"] and meta["platform"] == "segsvc"
+    assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": ["-1"]},
+                              {"name": "pixels", "datatype": "UINT8", "shape": ["-1", "-1", "-1", "3"]}]
+    assert meta["outputs"] == [{"name": "labels", "datatype": "UINT8", "shape": ["-1", "-1", "-1"]},
+                               {"name": "confidence", "datatype": "UINT8", "shape": ["-1", "-1", "-1"]}]
+    assert triton_client.get_model_metadata("wide").outputs[0].datatype == "UINT16"
+    assert list(triton_client.get_model_metadata("grey").inputs[1].shape) == [-1, -1, -1, 1]
+    _refused("NOT_FOUND", "'nope'", lambda: triton_client.get_model_metadata("nope"))
+
+
+def test_reflection_lists_the_service(shared_server):
+    with grpc.insecure_channel(shared_server.address) as channel:
+        assert SERVICE_NAME in ProtoReflectionDescriptorDatabase(channel).get_services()
+
+
+# -- inference ------------------------------------------------------------------------------
+def test_png_bytes_give_segments_label_map(triton_client, client):
+    data = encode(make_image(48, 64, seed=11), ".png")
+    result = triton_client.infer("tiny", [_bytes_input(data)], request_id="r-1")
+    labels = result.as_numpy("labels")
+    assert labels.dtype == np.uint8 and labels.shape == (1, 48, 64)
+    assert np.array_equal(labels[0], client.segment(data, model="tiny").mask)
+    assert len(np.unique(labels)) > 1  # a meaningful comparison, not all one class
+    response = result.get_response()
+    assert response.model_name == "tiny" and response.model_version == "2" and response.id == "r-1"
+    assert result.as_numpy("confidence") is None  # only when requested
+
+
+def test_uint8_batch_with_confidence_matches_segment(triton_client, client, tiny_ref):
+    images = [make_image(40, 56, seed=s) for s in (12, 13)]
+    outputs = [triton.InferRequestedOutput("labels"), triton.InferRequestedOutput("confidence")]
+    result = triton_client.infer("tiny", [_pixels_input(np.stack(images))], model_version="2", outputs=outputs)
+    labels, confidence = result.as_numpy("labels"), result.as_numpy("confidence")
+    assert labels.shape == confidence.shape == (2, 40, 56) and confidence.dtype == np.uint8
+    for i, image in enumerate(images):
+        single = client.segment(image, model="tiny", confidence=True)
+        # Two images share one forward pass here: only numerically tied pixels may differ from a single pass.
+        assert_labels_match(labels[i], tiny_ref, image)
+        assert np.abs(confidence[i].astype(int) - single.confidence.astype(int)).max() <= 1
+    one = triton_client.infer("tiny", [_pixels_input(images[0][None])]).as_numpy("labels")
+    assert np.array_equal(one[0], client.segment(images[0], model="tiny").mask)
+
+
+def test_grey_pixels_and_many_classes(triton_client, client):
+    grey = make_image(32, 40, seed=14, channels=1)
+    labels = triton_client.infer("grey", [_pixels_input(grey[None])]).as_numpy("labels")
+    assert np.array_equal(labels[0], client.segment(grey, model="grey").mask)
+    image = make_image(32, 40, seed=15)
+    wide = triton_client.infer("wide", [_pixels_input(image[None])]).as_numpy("labels")
+    assert wide.dtype == np.uint16 and np.array_equal(wide[0], client.segment(image, model="wide").mask)
+
+
+def test_tensors_in_contents_instead_of_raw(shared_server, client):
+    """The protocol's typed ``contents`` fields (tritonclient always sends raw bytes)."""
+    image = make_image(24, 32, seed=16)
+    png = encode(image, ".png")
+    pixels = service_pb2.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 24, 32, 3])
+    pixels.contents.uint_contents.extend(image.ravel().tolist())
+    encoded = service_pb2.ModelInferRequest.InferInputTensor(name="image", datatype="BYTES", shape=[1])
+    encoded.contents.bytes_contents.append(png)
+    expected = client.segment(png, model="tiny").mask
+    with grpc.insecure_channel(shared_server.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for tensor in (pixels, encoded):
+            response = stub.ModelInfer(service_pb2.ModelInferRequest(model_name="tiny", inputs=[tensor]), timeout=60)
+            (out,) = response.outputs
+            assert (out.name, out.datatype, list(out.shape)) == ("labels", "UINT8", [1, 24, 32])
+            assert np.array_equal(np.frombuffer(response.raw_output_contents[0], np.uint8).reshape(24, 32), expected)
+
+
+def test_request_parameters_choose_tiling_and_flip(triton_client, client):
+    image = make_image(64, 64, seed=17)
+    options = {"tile_size": 32, "tile_overlap": 0.25, "flip_tta": True}
+    result = triton_client.infer("tiny", [_pixels_input(image[None])], parameters=options)
+    assert np.array_equal(result.as_numpy("labels")[0], client.segment(image, model="tiny", **options).mask)
+
+
+def test_invalid_requests_name_the_problem(triton_client, shared_server):
+    image = make_image(16, 16, seed=18)
+    pixels = _pixels_input(image[None])
+    _refused("NOT_FOUND", "'nope'", lambda: triton_client.infer("nope", [pixels]))
+    _refused("NOT_FOUND", "version 7", lambda: triton_client.infer("tiny", [pixels], model_version="7"))
+    floats = triton.InferInput("pixels", [1, 16, 16, 3], "FP32")
+    floats.set_data_from_numpy(image[None].astype(np.float32))
+    _refused("INVALID_ARGUMENT", "'pixels' must be UINT8, got 'FP32'", lambda: triton_client.infer("tiny", [floats]))
+    short = _pixels_input(image[None])
+    short.set_shape([1, 16, 17, 3])  # one column more than the bytes hold
+    _refused("INVALID_ARGUMENT", "needs 816 bytes", lambda: triton_client.infer("tiny", [short]))
+    _refused("INVALID_ARGUMENT", "shape", lambda: triton_client.infer("tiny", [_pixels_input(image[None, None])]))
+    mixed = _bytes_input(encode(image), encode(make_image(16, 20, seed=19)))
+    _refused("INVALID_ARGUMENT", "must share one size", lambda: triton_client.infer("tiny", [mixed]))
+    _refused("INVALID_ARGUMENT", "input 'image' element 0: ",
+             lambda: triton_client.infer("tiny", [_bytes_input(b"not an image")]))
+    limit = shared_server.server.config.limits.max_stream_in_flight
+    many = np.zeros((limit + 1, 4, 4, 3), np.uint8)
+    _refused("INVALID_ARGUMENT", f"at most {limit} per request",
+             lambda: triton_client.infer("tiny", [_pixels_input(many)]))
+    other = triton.InferInput("tensor", [1], "BYTES")
+    other.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+    _refused("INVALID_ARGUMENT", "unknown input 'tensor'", lambda: triton_client.infer("tiny", [other]))
+    _refused("INVALID_ARGUMENT", "unknown output 'logits'", lambda: triton_client.infer(
+        "tiny", [pixels], outputs=[triton.InferRequestedOutput("logits")]))
+    _refused("INVALID_ARGUMENT", "parameter 'speed' is not supported",
+             lambda: triton_client.infer("tiny", [pixels], parameters={"speed": 2}))
+    _refused("INVALID_ARGUMENT", "tile_size",
+             lambda: triton_client.infer("tiny", [pixels], parameters={"tile_size": 3}))
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(start_server, shared_repo):
+    server = start_server(shared_repo, limits=LimitsConfig(max_pixels=32 * 32), models=("tiny",))
+    client = triton.InferenceServerClient(server.address)
+    try:
+        big = encode(make_image(64, 64, seed=20))
+        _refused("INVALID_ARGUMENT", "over the limit of 1024 pixels", lambda: client.infer("tiny", [_bytes_input(big)]))
+    finally:
+        client.close()
+
+
+def test_the_rest_of_the_protocol_is_unimplemented_with_a_hint(triton_client, shared_server):
+    _refused("UNIMPLEMENTED", "use ModelMetadata", lambda: triton_client.get_model_config("tiny"))
+    _refused("UNIMPLEMENTED", "ModelStatistics", lambda: triton_client.get_inference_statistics("tiny"))
+    _refused("UNIMPLEMENTED", "send tensors in the request", lambda: triton_client.get_system_shared_memory_status())
+    with grpc.insecure_channel(shared_server.address) as channel:
+        stream = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(()), timeout=60)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "use ModelInfer" in info.value.details()
+
+
+# -- the model repository and scopes ----------------------------------------------------------
+def test_repository_index_load_and_unload_need_the_manage_scope(start_server, tmp_path):
+    repo = tmp_path / "repo"
+    publish(repo, "tiny", seed=1)
+    publish(repo, "tiny", seed=2)
+    publish(repo, "grey", seed=3, num_classes=2, in_channels=1)
+    server = start_server(repo, auth=AuthConfig.parse(TOKENS))
+    client = triton.InferenceServerClient(server.address)
+    try:
+        # probes are open, like gRPC health; everything else needs a token
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("grey")
+        _refused("UNAUTHENTICATED", "bearer token", lambda: client.get_model_metadata("grey"))
+        index = client.get_model_repository_index(headers=INFER, as_json=True)["models"]
+        assert {(m["name"], m["version"], m["state"], m.get("reason", "")) for m in index} == {
+            ("grey", "1", "READY", ""), ("tiny", "1", "UNAVAILABLE", "not loaded"), ("tiny", "2", "READY", "")}
+        with grpc.insecure_channel(server.address) as channel:  # tritonclient never asks for ready-only
+            ready = service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(
+                service_pb2.RepositoryIndexRequest(ready=True), metadata=tuple(INFER.items()), timeout=60).models
+        assert [(m.name, m.version, m.state) for m in ready] == [("grey", "1", "READY"), ("tiny", "2", "READY")]
+
+        _refused("PERMISSION_DENIED", "'manage' scope", lambda: client.unload_model("grey", headers=INFER))
+        _refused("PERMISSION_DENIED", "'manage' scope", lambda: client.load_model("grey", headers=INFER))
+        client.unload_model("grey", headers=ADMIN)
+        assert not client.is_model_ready("grey")
+        _refused("NOT_FOUND", "'grey'", lambda: client.infer(
+            "grey", [_pixels_input(np.zeros((1, 8, 8), np.uint8))], headers=INFER))
+        client.load_model("grey", headers=ADMIN)
+        assert client.is_model_ready("grey")
+        labels = client.infer("grey", [_pixels_input(make_image(16, 16, seed=21, channels=1)[None])],
+                              headers=INFER).as_numpy("labels")
+        assert labels.shape == (1, 16, 16)
+        _refused("NOT_FOUND", "'nope'", lambda: client.load_model("nope", headers=ADMIN))
+        _refused("INVALID_ARGUMENT", "no config override", lambda: client.load_model(
+            "grey", headers=ADMIN, config='{"max_batch_size": 8}'))
+    finally:
+        client.close()
+
