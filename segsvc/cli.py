@@ -126,6 +126,24 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_eval)
 
 
+def _curves(args: argparse.Namespace) -> int:
+    from training.curves import run
+
+    return run(args)
+
+
+def _add_curves(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("curves", help="plot validation mIoU against CPU-minutes for every training run under DIR "
+                                      "(PNG + CSV)")
+    p.add_argument("dir", metavar="DIR", help="a runs folder (runs/, runs/<recipe>) or one run directory")
+    p.add_argument("--out", default=None, help="the PNG to write (default: DIR/curves.png); the CSV goes beside it")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads to assume for old runs that recorded neither cpu_minutes nor train.threads "
+                        "(default: this machine's torch thread count; the legend says so)")
+    p.add_argument("--title", default=None, help="title of the picture")
+    p.set_defaults(func=_curves)
+
+
 # -- data: check a dataset, generate the synthetic one ----------------------------
 def _parse_hw(text: str) -> tuple[int, int]:
     """``96x128`` (height x width) or ``96`` (square)."""
@@ -569,8 +587,8 @@ def _add_health(sub: argparse._SubParsersAction) -> None:
 
 
 _ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_train, _add_eval, _add_data, _add_serve, _add_segment, _add_batch, _add_jobs, _add_datasets,
-    _add_health, _add_export,
+    _add_models, _add_train, _add_eval, _add_curves, _add_data, _add_serve, _add_segment, _add_batch, _add_jobs,
+    _add_datasets, _add_health, _add_export,
 ]
 
 

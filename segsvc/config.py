@@ -138,6 +138,7 @@ INTERPOLATIONS = ("auto", "area", "linear")
 
 
 BACKENDS = ("torch", "onnxruntime")  # what runs a network (segsvc.inference.backends)
+TILE_PADDINGS = ("zero", "reflect")  # what a network sees beyond the image border (segsvc.inference.tiling)
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,12 @@ class InferenceSpec:
         backend: what runs the network by default: ``torch`` (eager) or
             ``onnxruntime`` (the version's exported ``model.onnx``); a server's
             ``--backend`` overrides it.
+        tile_padding: what the network sees beyond the image border: ``zero``
+            (zeros in normalised space, the mean colour) or ``reflect`` (the
+            U-Net paper's overlap-tile strategy: the mirrored image; each tile
+            also sees ``tile_size * tile_overlap / 2`` pixels of context on every
+            side, whose logits are dropped). A property of the model, not a
+            request option; written to the manifest only when not ``zero``.
 
     Example:
         >>> InferenceSpec(scale=0.5, stride=8).to_dict()["scale"]
@@ -175,6 +182,7 @@ class InferenceSpec:
     tile_overlap: float = 0.25
     flip_tta: bool = False
     backend: str = "torch"
+    tile_padding: str = "zero"
 
     def __post_init__(self) -> None:
         try:
@@ -206,11 +214,19 @@ class InferenceSpec:
             raise ModelConfigError(f"inference flip_tta must be true or false, got {self.flip_tta!r}")
         if self.backend not in BACKENDS:
             raise ModelConfigError(f"inference backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.tile_padding not in TILE_PADDINGS:
+            raise ModelConfigError(
+                f"inference tile_padding must be one of {TILE_PADDINGS}, got {self.tile_padding!r}"
+            )
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "tile_overlap", overlap)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON data; ``tile_padding`` only when not ``zero`` (older segsvc reads such manifests)."""
+        data = asdict(self)
+        if data["tile_padding"] == "zero":
+            del data["tile_padding"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "InferenceSpec":

@@ -84,6 +84,11 @@ class DataConfig:
     ``scale`` the random rescaling range applied before cropping. ``val_scale``
     resizes validation images (e.g. 0.5 for a half-resolution CPU budget);
     metrics are still computed on the full-resolution labels.
+    ``val_tile_size`` (0: whole images), ``val_tile_overlap`` and
+    ``val_tile_padding`` (``zero``, or ``reflect``: the U-Net paper's overlap
+    tiles with mirrored borders) run validation with sliding windows; with
+    ``val_scale`` they are the published model's inference contract
+    (``training.rundir.val_contract``), so serving runs it as it was validated.
     ``train_indices``/``val_indices`` select samples by position
     (``[start, stop]`` ranges); ``train_limit``/``val_limit`` keep the first N;
     ``repeat`` lists the training samples that many times per epoch (small data sets).
@@ -96,6 +101,9 @@ class DataConfig:
     crop: IntPair | None = None
     scale: FloatPair = (1.0, 1.0)
     val_scale: Float = 1.0
+    val_tile_size: Int = 0
+    val_tile_overlap: Float = 0.25
+    val_tile_padding: Literal["zero", "reflect"] = "zero"
     train_indices: IntPair | None = None
     val_indices: IntPair | None = None
     train_limit: Int | None = None

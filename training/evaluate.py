@@ -8,9 +8,12 @@ to the stride, default sliding windows and flip TTA, logits resized back to
 the image) through the serving engine's forward pass (same precision rules),
 and counts one confusion matrix over the split with void pixels ignored.
 ``--scale``, ``--tile``, ``--overlap`` and ``--hflip`` override the manifest's
-defaults; the report says which were used and where they came from. Prints a
-table, writes ``metrics.json`` and ``report.png`` (per-class IoU bars and
-sample rows image | ground truth | prediction overlay).
+defaults; the report says which were used and where they came from (the
+manifest's ``tile_padding``, zero or reflect, always applies). Prints a table,
+writes ``metrics.json`` and ``report.png`` (per-class IoU bars and sample rows
+image | ground truth | prediction overlay). Besides the means, the table and
+``metrics.json`` give the ISBI 2012 figures: pixel error (1 - pixel accuracy
+over labelled pixels) and, when a class is named like membrane, its IoU.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from segsvc.inference.engine import Engine, EngineConfig
 from segsvc.inference.predictor import Predictor
 from segsvc.models.artifact import Manifest
 from training.data import select_indices
-from training.metrics import ConfusionMatrix, SegmentationMetrics, format_table
+from training.metrics import ConfusionMatrix, SegmentationMetrics, format_table, isbi_metrics
 from training.report import plot_eval_report
 
 
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     backend, manifest = open_version_dir(version_dir, torch.device(device), config)
     out_dir = Path(args.out) if args.out else Path("runs/eval") / f"{manifest.name}-v{manifest.version}-{args.split}"
     result = evaluate_artifact(Predictor(backend, manifest), data, options)
-    table = format_table(result.metrics, list(manifest.class_names))
+    table = format_table(result.metrics, list(manifest.class_names), isbi=True)
     print(f"{manifest.name} v{manifest.version} on {data.name}/{args.split} ({result.images} images, "
           f"{result.seconds:.1f} s) {describe_contract(result.contract, options)}\n{table}")
     write_outputs(out_dir, manifest, data, options, result)
@@ -189,7 +192,8 @@ def describe_contract(contract: InferenceSpec, options: EvalOptions) -> str:
     src = contract_sources(options)
     tiles = (f"tiles {contract.tile_size} overlap {contract.tile_overlap} ({src['tile_size']})"
              if contract.tile_size else f"no tiling ({src['tile_size']})")
-    return (f"[scale {contract.scale} ({src['scale']}), {tiles}, "
+    padding = ", mirrored borders (manifest)" if contract.tile_padding == "reflect" else ""
+    return (f"[scale {contract.scale} ({src['scale']}), {tiles}{padding}, "
             f"flip TTA {'on' if contract.flip_tta else 'off'} ({src['flip_tta']})]")
 
 
@@ -208,12 +212,13 @@ def write_outputs(
         "options": {"scale": result.contract.scale,
                     "tile": [result.contract.tile_size] * 2 if result.contract.tile_size else None,
                     "overlap": result.contract.tile_overlap, "hflip": result.contract.flip_tta,
+                    "tile_padding": result.contract.tile_padding,
                     "device": options.device, "precision": options.precision,
                     "backend": options.backend or manifest.inference.backend},
         "inference": result.contract.to_dict(),
         "inference_source": contract_sources(options),
         "ignore_index": data.ignore_index,
-        "metrics": result.metrics.to_dict(names),
+        "metrics": {**result.metrics.to_dict(names), **isbi_metrics(result.metrics, names)},
         "confusion_matrix": {"rows": "ground truth", "columns": "prediction", "classes": names,
                              "counts": result.confusion},
     }

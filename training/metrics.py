@@ -4,13 +4,15 @@ Every figure the trainer and ``segsvc eval`` report comes from the same
 ``ConfusionMatrix`` (torchvision ``references/segmentation/utils.py``): pixels
 whose target is the ignore index are dropped before counting, and classes that
 never occur in the targets nor the predictions are left out of the means (NaN
-per class) instead of counting as 0 or 1.
+per class) instead of counting as 0 or 1. ``isbi_metrics`` adds the ISBI 2012
+EM challenge's figures: pixel error and the membrane class's IoU.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,11 @@ class SegmentationMetrics:
     class_accuracy: list[float]
     dice: list[float]
     pixels: int
+
+    @property
+    def pixel_error(self) -> float:
+        """``1 - pixel_accuracy`` over the labelled pixels: the ISBI 2012 challenge's pixel error."""
+        return 1.0 - self.pixel_accuracy
 
     def to_dict(self, class_names: list[str] | None = None) -> dict[str, object]:
         """JSON-friendly dict; NaN becomes ``None`` and per-class values are keyed by name."""
@@ -142,8 +149,38 @@ def metrics_from_confusion(mat: torch.Tensor) -> SegmentationMetrics:
     )
 
 
-def format_table(metrics: SegmentationMetrics, class_names: list[str]) -> str:
-    """A plain-text table: one row per class, then the summary figures."""
+def membrane_class(class_names: Sequence[str]) -> int | None:
+    """The index of the one class named like membrane (``membrane``, ``Membranes``, ``cell_membrane``), else None."""
+    found = [i for i, name in enumerate(class_names) if "membrane" in name.lower()]
+    return found[0] if len(found) == 1 else None
+
+
+def isbi_metrics(metrics: SegmentationMetrics, class_names: Sequence[str]) -> dict[str, object]:
+    """``pixel_error``, and ``membrane_class`` with ``membrane_iou`` when a class is named like membrane.
+
+    JSON-friendly like ``to_dict`` (NaN becomes ``None``).
+
+    Example:
+        >>> m = metrics_from_confusion(torch.tensor([[3, 1], [0, 4]]))
+        >>> isbi_metrics(m, ["membrane", "cell"])
+        {'pixel_error': 0.125, 'membrane_class': 'membrane', 'membrane_iou': 0.75}
+    """
+    out: dict[str, object] = {"pixel_error": _clean(metrics.pixel_error)}
+    k = membrane_class(class_names)
+    if k is not None and k < len(metrics.iou):
+        out.update(membrane_class=class_names[k], membrane_iou=_clean(metrics.iou[k]))
+    return out
+
+
+def _clean(x: float) -> float | None:
+    return None if math.isnan(x) else round(float(x), 6)
+
+
+def format_table(metrics: SegmentationMetrics, class_names: list[str], isbi: bool = False) -> str:
+    """A plain-text table: one row per class, then the summary figures.
+
+    ``isbi`` adds the pixel error and, when a class is named like membrane, its IoU (``isbi_metrics``).
+    """
 
     def pct(x: float) -> str:
         return "   -  " if math.isnan(x) else f"{100 * x:6.2f}"
@@ -157,5 +194,10 @@ def format_table(metrics: SegmentationMetrics, class_names: list[str]) -> str:
     lines.append(f"{'mean class accuracy':<28} {pct(metrics.mean_class_accuracy)}")
     lines.append(f"{'mIoU':<28} {pct(metrics.miou)}")
     lines.append(f"{'mean Dice':<28} {pct(metrics.mean_dice)}")
+    if isbi:
+        lines.append(f"{'pixel error':<28} {pct(metrics.pixel_error)}")
+        k = membrane_class(class_names)
+        if k is not None and k < len(metrics.iou):
+            lines.append(f"{'membrane IoU (' + class_names[k] + ')':<28} {pct(metrics.iou[k])}")
     lines.append(f"{'pixels counted':<28} {metrics.pixels}")
     return "\n".join(lines)

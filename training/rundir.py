@@ -20,12 +20,12 @@ import torch
 import yaml
 from torch import nn
 
-from segsvc.config import ModelSpec
+from segsvc.config import InferenceSpec, ModelSpec
 from segsvc.data.spec import DatasetSpec
-from segsvc.errors import InvalidArgument
+from segsvc.errors import InvalidArgument, ModelConfigError
 from segsvc.models.artifact import model_inference_spec, save_artifact
 from training.checkpoint import load_checkpoint
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.distributed import DistEnv, broadcast_from_main, log
 from training.metrics import SegmentationMetrics
 
@@ -96,6 +96,20 @@ def save_best(run_dir: Path, model: nn.Module, epoch: int, metrics: Segmentation
     os.replace(tmp, path)
 
 
+def val_contract(cfg: TrainConfig, model: nn.Module) -> InferenceSpec:
+    """How validation runs the model, and so the artifact's inference contract.
+
+    The recipe's ``data.val_scale`` and ``data.val_tile_*`` with the model's
+    stride and minimum input size; no flip TTA.
+    """
+    d = cfg.data
+    try:
+        return model_inference_spec(model, scale=d.val_scale, tile_size=d.val_tile_size,
+                                    tile_overlap=d.val_tile_overlap, tile_padding=d.val_tile_padding)
+    except ModelConfigError as exc:
+        raise ConfigError(f"data.val_scale/val_tile_*: {exc}") from None
+
+
 def publish(
     cfg: TrainConfig,
     spec: ModelSpec,
@@ -107,9 +121,10 @@ def publish(
 ) -> Path:
     """Write the best validated weights as a model artifact carrying their metrics and class names.
 
-    The artifact's inference contract is how those metrics were measured: the
-    recipe's ``data.val_scale``, the model's stride and minimum input size, no
-    tiling or flip TTA, so the server reproduces the validation numbers.
+    The artifact's inference contract is how those metrics were measured
+    (``val_contract``: the recipe's ``data.val_scale`` and ``data.val_tile_*``,
+    the model's stride and minimum input size, no flip TTA), so the server
+    reproduces the validation numbers.
     """
     best_path = run_dir / BEST_WEIGHTS
     if best_path.exists():
@@ -134,7 +149,7 @@ def publish(
         model, cfg.output.repo, cfg.model_name, spec=spec, input_spec=data.input_spec(),
         class_names=list(data.class_names), palette=[tuple(c) for c in data.palette],
         ignore_index=data.ignore_index, training=training, metrics=metrics,
-        inference=model_inference_spec(model, scale=cfg.data.val_scale),
+        inference=val_contract(cfg, model),
     )
     (run_dir / "artifact.txt").write_text(f"{artifact}\n")
     print(f"best epoch {best_epoch}: val mIoU {metrics.get('miou')}, pixel accuracy "

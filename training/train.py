@@ -41,11 +41,12 @@ from segsvc.errors import InvalidArgument
 from segsvc.inference.argmax import class_argmax
 from segsvc.inference.backends import Backend, TorchBackend, manifest_geometry
 from segsvc.inference.contract import contract_logits
-from segsvc.models.artifact import model_inference_spec, read_manifest
+from segsvc.models.artifact import read_manifest
 from segsvc.models.registry import build_model
 from training.args import add_train_arguments
 from training.checkpoint import RunState, restore_training_state, save_checkpoint, unwrap
 from training.config import LoopConfig, TrainConfig, load_config
+from training.curves import cpu_time_row
 from training.data import EvalSamples, TrainSamples, rescale_transform, sample_seed, select_indices, stack_batch
 from training.distributed import DistEnv, broadcast_from_main, log, setup_distributed
 from training.events import EVENTS_FILE, EventLog, Terminated, sigterm_raises
@@ -53,7 +54,15 @@ from training.finetune import describe_init, init_from_artifact
 from training.losses import border_weight_function, build_loss, class_pixel_counts, median_frequency_weights
 from training.metrics import ConfusionMatrix, SegmentationMetrics
 from training.report import plot_training_curve
-from training.rundir import CHECKPOINT, append_metrics, prepare_run, publish, save_best, write_metrics_file
+from training.rundir import (
+    CHECKPOINT,
+    append_metrics,
+    prepare_run,
+    publish,
+    save_best,
+    val_contract,
+    write_metrics_file,
+)
 from training.schedule import Horizon, build_optimizer, build_scheduler, planned_epochs
 
 EXIT_TERMINATED = 128 + 15  # the shell's status for a process ended by SIGTERM
@@ -92,7 +101,8 @@ def _main(
     spec = ModelSpec(cfg.model.arch, data.num_classes, data.channels, dict(cfg.model.params))
     model = build_model(spec)
     init_report = initialise_weights(cfg, model, spec, data, resuming=checkpoint is not None, env=env)
-    geometry = manifest_geometry(model_inference_spec(model))  # what the published manifest will record
+    contract = val_contract(cfg, model)  # how validation runs the model: what the published manifest records
+    geometry = manifest_geometry(contract)
     stride = geometry.stride
     train_set, val_set = build_datasets(cfg, data, stride)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, env)
@@ -135,13 +145,16 @@ def _main(
         if should_validate(cfg, run, row, planned, time.perf_counter() - t0, env):
             backend = TorchBackend(unwrap(model), geometry, env.device, data.channels, autocast=amp_dtype,
                                    channels_last=memory_format == torch.channels_last)
-            metrics = evaluate(backend, val_loader, data.num_classes, data.ignore_index, loop.progress, env)
+            metrics = evaluate(backend, val_loader, data.num_classes, data.ignore_index, loop.progress, env,
+                               contract)
             row.update(validation_row(metrics))
             if run.record_validation(metrics.miou) and env.is_main:
                 save_best(run_dir, unwrap(model), epoch + 1, metrics, data.class_names)
         run.epoch = epoch + 1
-        run.elapsed_s += time.perf_counter() - t0
+        epoch_s = time.perf_counter() - t0
+        run.elapsed_s += epoch_s
         row["elapsed_s"] = round(run.elapsed_s, 2)
+        row.update(cpu_time_row(run.history, epoch_s, torch.get_num_threads() * env.world_size))  # segsvc curves
         run.history.append(row)
         events.emit("epoch", **epoch_event(row, planned, run))
         if env.is_main:
@@ -261,6 +274,7 @@ def evaluate(
     ignore_index: int | None,
     progress: bool = True,
     env: DistEnv | None = None,
+    contract: InferenceSpec = InferenceSpec(),
 ) -> SegmentationMetrics:
     """Confusion-matrix metrics on the validation shard of this rank, summed over all ranks.
 
@@ -269,6 +283,8 @@ def evaluate(
     ``forward``, what the server and ``segsvc eval`` run, pad them to the
     manifest's stride and minimum size, run the model, crop and resize the
     logits to the label size, so metrics always count the original labels.
+    ``contract``'s tiling and padding (``data.val_tile_*``) apply; its scale
+    already has (the loader's).
     """
     if isinstance(backend, TorchBackend):
         backend.model.eval()
@@ -277,7 +293,7 @@ def evaluate(
     for images, masks in tqdm(loader, desc="validate", unit="batch", leave=False,
                               disable=not (is_main and progress) or len(loader) < 4):
         sizes = [tuple(masks.shape[-2:])] * len(images)
-        logits = torch.cat(contract_logits(backend.forward, list(images), sizes, InferenceSpec(), backend.geometry))
+        logits = torch.cat(contract_logits(backend.forward, list(images), sizes, contract, backend.geometry))
         cm.update(masks, class_argmax(logits).cpu())
     cm.all_reduce()
     return cm.compute()

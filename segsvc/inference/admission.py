@@ -28,7 +28,7 @@ from typing import AsyncIterator
 from segsvc.config import MAX_TILE_OVERLAP  # noqa: F401  (re-exported: the per-request limit)
 from segsvc.errors import DeadlineExceeded, ImageTooLarge, InvalidArgument
 from segsvc.inference.contract import TILE_BATCH, padded_size, scaled_size
-from segsvc.inference.tiling import tile_starts
+from segsvc.inference.tiling import overlap_tile_layout, tile_starts
 
 MIB = 1 << 20
 
@@ -57,12 +57,15 @@ class Cost:
 
 def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, flip_tta: bool, stride: int,
              min_size: int, num_classes: int, bytes_per_pixel: float, channels: int = 3,
-             scale: float = 1.0) -> Cost:
+             scale: float = 1.0, tile_padding: str = "zero") -> Cost:
     """The ``Cost`` of one ``height x width`` image with these options on this model.
 
     With ``scale != 1`` the network sees the image resized (``scaled_size``): a
     model run at 0.5 costs about a quarter of the pixels, plus the logits resized
-    back to the original size and the decoded original image.
+    back to the original size and the decoded original image. With
+    ``tile_padding="reflect"`` tiles are overlap tiles (``overlap_tile_layout``):
+    their mirrored context counts in every pass's pixels, with the mirrored copy
+    of the image they are cut from.
     """
     flips = 2 if flip_tta else 1
     out_h, out_w = height, width
@@ -70,6 +73,14 @@ def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, fl
     image_bytes = height * width * (channels * 4 + 1)  # float32 input tensor + uint8 labels
     if (height, width) != (out_h, out_w):  # logits resized back, the original image and its labels
         image_bytes += out_h * out_w * (num_classes * 4 + channels + 1)
+    if tile_size and tile_padding == "reflect":
+        layout = overlap_tile_layout(height, width, (tile_size, tile_size), tile_overlap, stride, min_size)
+        ph, pw = layout.input_size
+        in_flight = min(TILE_BATCH, layout.tiles)
+        mirrored = (height + ph) * (width + pw) * channels * 4  # the image with its mirrored border
+        accumulators = height * width * 4 * (num_classes * (flips + 1) + 1)
+        peak = bytes_per_pixel * ph * pw * in_flight + accumulators + image_bytes + mirrored
+        return Cost(ph * pw, layout.tiles * flips, layout.tiles, int(peak))
     if tile_size:
         th, tw = min(tile_size, height), min(tile_size, width)
         tiles = len(tile_starts(height, th, tile_overlap)) * len(tile_starts(width, tw, tile_overlap))

@@ -9,7 +9,9 @@ manifest's ``InferenceSpec`` records that, and this module applies it:
    linear when enlarging) and normalise it (``InputSpec``);
 2. ``contract_logits``: pad to the stride and minimum size, forward, crop (or
    the sliding-window / flip-TTA composition of that), then resize the logits
-   back to the original image size with bilinear interpolation.
+   back to the original image size with bilinear interpolation. With
+   ``tile_padding: reflect`` the padding is the mirrored image and tiles are
+   overlap tiles with mirrored context (``tiling.overlap_tile_logits``).
 
 ``apply_contract`` is the two in a row for one image: what ``Predictor`` and
 ``segsvc eval`` call. ``Engine`` runs the same two functions on two threads
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from segsvc.config import InferenceSpec, InputSpec
 from segsvc.data.preprocess import preprocess
 from segsvc.errors import ArtifactError, InvalidArgument
-from segsvc.inference.tiling import LogitsFn, StopFn, make_logits_fn
+from segsvc.inference.tiling import LogitsFn, StopFn, make_logits_fn, reflect_to_multiple
 
 TILE_BATCH = 4  # tiles per forward pass of a sliding-window request
 
@@ -52,13 +54,16 @@ def padded_size(h: int, w: int, multiple: int, min_size: int = 1) -> tuple[int, 
 
 
 def pad_to_multiple(
-    x: torch.Tensor, multiple: int, min_size: int = 1, value: float = 0.0
+    x: torch.Tensor, multiple: int, min_size: int = 1, value: float = 0.0, mode: str = "zero"
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Pad ``[N, C, H, W]`` at the bottom/right to a multiple; returns the padded tensor and (H, W).
 
-    Padding is zero in normalised space, i.e. the dataset's mean colour.
+    ``zero`` padding is ``value`` (zero in normalised space, i.e. the dataset's
+    mean colour); ``reflect`` is the mirrored image (``tiling.mirror_pad``).
     """
     h, w = x.shape[-2:]
+    if mode == "reflect":
+        return reflect_to_multiple(x, multiple, min_size), (h, w)
     ph, pw = padded_size(h, w, multiple, min_size)
     if (ph, pw) != (h, w):
         x = F.pad(x, (0, pw - w, 0, ph - h), value=value)
@@ -134,7 +139,8 @@ def contract_logits(
         forward: the backend's ``[N, C, h, w] -> [N, K, h, w]`` for any h, w
             (``Backend.forward`` pads to the geometry and crops back).
         tensors: ``network_input`` results. Without tiling or TTA they may differ in
-            size as long as they pad to the same size (one forward pass); with
+            size as long as they pad to the same size (one forward pass; with
+            ``reflect`` padding each is mirrored from its own border); with
             tiling or TTA they must be the same size.
         sizes: the original image size of each tensor (logits are resized back to it).
         spec: the contract, with a request's tiling/TTA already resolved.
@@ -151,12 +157,14 @@ def contract_logits(
             forward,
             tile=(spec.tile_size, spec.tile_size) if spec.tile_size else None,
             overlap=spec.tile_overlap, hflip=spec.flip_tta, tile_batch=geometry.tile_batch, should_stop=should_stop,
+            padding=spec.tile_padding, stride=geometry.stride, min_size=geometry.min_size,
         )
         logits = fn(torch.stack(list(tensors)))
         crops = [logits[i : i + 1] for i in range(len(tensors))]
     else:
         # Images of different sizes share a pass when they pad to the same size: stack them padded.
-        padded = [pad_to_multiple(t[None], geometry.stride, geometry.min_size)[0][0] for t in tensors]
+        padded = [pad_to_multiple(t[None], geometry.stride, geometry.min_size, mode=spec.tile_padding)[0][0]
+                  for t in tensors]
         if len({tuple(p.shape) for p in padded}) != 1:
             raise InvalidArgument("images of one forward pass must pad to the same size")
         logits = forward(torch.stack(padded)).float()

@@ -167,7 +167,7 @@ class Engine:
         return estimate(height, width, tile_size=spec.tile_size, tile_overlap=spec.tile_overlap,
                         flip_tta=spec.flip_tta, stride=p.stride, min_size=p.min_size,
                         num_classes=self.num_classes, bytes_per_pixel=self.bytes_per_pixel,
-                        channels=p.manifest.input.channels, scale=spec.scale)
+                        channels=p.manifest.input.channels, scale=spec.scale, tile_padding=spec.tile_padding)
 
     def measure_memory(self, size: int = 128) -> float:
         """Bytes the forward pass needs per input pixel at its peak (measured once at load, by the backend)."""
@@ -188,6 +188,8 @@ class Engine:
             key: Hashable = ("exact", h, w, spec.tile_size, spec.tile_overlap, spec.flip_tta)
         else:
             key = ("padded", *padded_size(h, w, self.predictor.stride, self.predictor.min_size))
+        if spec.tile_padding != "zero":  # jobs of one batch run with one padding
+            key = (*key, spec.tile_padding)
         height, width = int(image.shape[0]), int(image.shape[1])
         return Prepared(tensor, options, key, self.cost(height, width, options), spec, (height, width))
 

@@ -5,11 +5,24 @@ Both wrap a ``logits(batch)`` callable (``Predictor.logits`` or a bare model):
 model trained on crops see large images at its training scale and bound the
 memory of one forward pass; overlapping tiles are blended with a smooth window
 so tile seams do not show in the prediction. Nothing here depends on training.
+
+Two paddings (``InferenceSpec.tile_padding``):
+
+- ``zero``: tiles lie inside the image; beyond its border the network sees
+  zeros (the bottom/right padding to the stride is the backend's).
+- ``reflect``: the U-Net paper's overlap-tile strategy. Each tile is a *core*
+  whose logits are kept, plus ``context`` pixels on every side whose logits
+  are dropped (``tile_size * tile_overlap / 2``: neighbouring tiles still share
+  ``tile_overlap`` of their input); cores cover the image. Beyond the image
+  border the context, and the padding to the stride and minimum size, is the
+  mirrored image (``mirror_pad``), so the backend's own zero padding is a no-op.
+  ``overlap_tile_layout`` is the geometry, shared with admission's cost estimate.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,6 +31,7 @@ from segsvc.errors import Cancelled, InvalidArgument
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 StopFn = Callable[[], bool]
+PADDINGS = ("zero", "reflect")  # segsvc.config.TILE_PADDINGS
 
 
 def _check(should_stop: StopFn | None) -> None:
@@ -43,6 +57,100 @@ def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
         return [0]
     # spread the tiles evenly between the first and the end-aligned last position
     return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+
+
+def round_up(size: int, multiple: int, min_size: int = 1) -> int:
+    """The smallest length >= max(size, min_size) divisible by ``multiple``."""
+    return -(-max(size, min_size) // multiple) * multiple
+
+
+def mirror_indices(size: int, before: int, after: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Source positions of ``[-before, size + after)`` mirrored into ``[0, size)``, edge not repeated.
+
+    numpy's ``reflect`` mode, for any pad width (a pad wider than the image
+    mirrors back and forth); a single row or column is repeated.
+
+    Example:
+        >>> mirror_indices(3, 2, 4).tolist()
+        [2, 1, 0, 1, 2, 1, 0, 1, 2]
+    """
+    index = torch.arange(-before, size + after, device=device)
+    if size == 1:
+        return torch.zeros_like(index)
+    period = 2 * (size - 1)
+    index = torch.remainder(index, period)
+    return torch.where(index >= size, period - index, index)
+
+
+def mirror_pad(x: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """``[..., H, W]`` extended by the mirrored image on each side (``mirror_indices``)."""
+    h, w = x.shape[-2:]
+    if top == bottom == left == right == 0:
+        return x
+    rows = mirror_indices(h, top, bottom, x.device)
+    cols = mirror_indices(w, left, right, x.device)
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def reflect_to_multiple(x: torch.Tensor, multiple: int, min_size: int = 1) -> torch.Tensor:
+    """``[..., H, W]`` mirrored at the bottom/right to the stride and minimum size (the backend pads nothing more)."""
+    h, w = x.shape[-2:]
+    return mirror_pad(x, 0, round_up(h, multiple, min_size) - h, 0, round_up(w, multiple, min_size) - w)
+
+
+@dataclass(frozen=True)
+class OverlapTileLayout:
+    """Where the tiles of a ``reflect`` (overlap-tile) pass lie, along both axes.
+
+    Attributes:
+        core: ``(h, w)`` of the part of a tile whose logits are kept.
+        context: ``(h, w)`` pixels of context above/left of a core (as many below/right,
+            plus ``extra``); their logits are dropped.
+        extra: ``(h, w)`` more pixels below/right so a tile is a multiple of the stride.
+        ys, xs: start rows / columns of the cores in the image.
+    """
+
+    core: tuple[int, int]
+    context: tuple[int, int]
+    extra: tuple[int, int]
+    ys: list[int]
+    xs: list[int]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """``(h, w)`` of one tile as the network sees it: core, context on both sides, stride padding."""
+        return (self.core[0] + 2 * self.context[0] + self.extra[0],
+                self.core[1] + 2 * self.context[1] + self.extra[1])
+
+    @property
+    def tiles(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+
+def context_size(tile: int, overlap: float) -> int:
+    """Context pixels on each side of an overlap tile of side ``tile``: half the overlap, leaving a core >= 1."""
+    return min(round(tile * overlap / 2), (tile - 1) // 2)
+
+
+def overlap_tile_layout(
+    height: int, width: int, tile: tuple[int, int], overlap: float, stride: int = 1, min_size: int = 1
+) -> OverlapTileLayout:
+    """The tiles of an ``height x width`` image for ``reflect`` padding (see the module docstring).
+
+    A tile of side ``tile`` is ``context`` + core + ``context``; cores are cut
+    with ``tile_starts`` (no overlap of their own) and clipped to the image, so
+    an image smaller than a core is one tile of its own size plus context.
+
+    Example:
+        >>> layout = overlap_tile_layout(100, 60, (32, 32), 0.5, stride=8)
+        >>> layout.core, layout.context, layout.extra, layout.input_size, layout.tiles
+        ((16, 16), (8, 8), (0, 0), (32, 32), 28)
+    """
+    ch, cw = context_size(tile[0], overlap), context_size(tile[1], overlap)
+    kh, kw = min(tile[0] - 2 * ch, height), min(tile[1] - 2 * cw, width)
+    eh = round_up(kh + 2 * ch, stride, min_size) - (kh + 2 * ch)
+    ew = round_up(kw + 2 * cw, stride, min_size) - (kw + 2 * cw)
+    return OverlapTileLayout((kh, kw), (ch, cw), (eh, ew), tile_starts(height, kh, 0.0), tile_starts(width, kw, 0.0))
 
 
 def blend_window(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -103,6 +211,64 @@ def sliding_window_logits(
     return total / weight
 
 
+def overlap_tile_logits(
+    logits_fn: LogitsFn,
+    images: torch.Tensor,
+    tile: tuple[int, int],
+    overlap: float = 0.25,
+    tile_batch: int = 4,
+    should_stop: StopFn | None = None,
+    stride: int = 1,
+    min_size: int = 1,
+) -> torch.Tensor:
+    """Logits of ``images`` ``[N, C, H, W]`` by overlap tiles with mirrored borders (``reflect`` padding).
+
+    Args:
+        logits_fn: maps ``[B, C, h, w]`` to ``[B, K, h, w]``; it gets tiles of
+            ``overlap_tile_layout(...).input_size``, already a multiple of ``stride``.
+        images: the full images.
+        tile: ``(height, width)`` of a tile as the network sees it, context included.
+        overlap: fraction of a tile shared with its neighbour, in ``[0, 1)``: the context
+            is half of it on each side.
+        tile_batch: tiles per call of ``logits_fn``.
+        should_stop: checked between tile batches; True raises ``Cancelled``.
+        stride, min_size: the network's padding geometry (mirrored, not zeros).
+    Returns:
+        float32 logits ``[N, K, H, W]``: per pixel, the window-weighted mean of the cores covering it.
+    """
+    if images.ndim != 4:
+        raise InvalidArgument(f"overlap-tile inference needs [N,C,H,W] images, got {tuple(images.shape)}")
+    if not 0.0 <= overlap < 1.0:
+        raise InvalidArgument(f"tile overlap must be in [0, 1), got {overlap}")
+    if tile[0] < 1 or tile[1] < 1 or tile_batch < 1 or stride < 1:
+        raise InvalidArgument(f"tile size, tile batch and stride must be positive, got tile={tile}, "
+                              f"batch={tile_batch}, stride={stride}")
+    n, _, h, w = images.shape
+    layout = overlap_tile_layout(h, w, tile, overlap, stride, min_size)
+    (kh, kw), (ch, cw), (eh, ew) = layout.core, layout.context, layout.extra
+    ih, iw = layout.input_size
+    padded = mirror_pad(images, ch, ch + eh, cw, cw + ew)  # image row r is padded row r + ch
+    window = blend_window(kh, kw, images.device)
+    weight = torch.zeros((1, 1, h, w), dtype=torch.float32, device=images.device)
+    for y in layout.ys:
+        for x in layout.xs:
+            weight[..., y : y + kh, x : x + kw] += window
+    total: torch.Tensor | None = None
+    crops = [(i, y, x) for i in range(n) for y in layout.ys for x in layout.xs]
+    for start in range(0, len(crops), tile_batch):
+        _check(should_stop)
+        chunk = crops[start : start + tile_batch]
+        batch = torch.stack([padded[i, :, y : y + ih, x : x + iw] for i, y, x in chunk])
+        out = logits_fn(batch).float()[:, :, ch : ch + kh, cw : cw + kw]
+        if total is None:
+            total = torch.zeros((n, out.shape[1], h, w), dtype=torch.float32, device=out.device)
+            window, weight = window.to(out.device), weight.to(out.device)
+        for (i, y, x), logits in zip(chunk, out):
+            total[i, :, y : y + kh, x : x + kw] += logits * window
+    assert total is not None  # at least one tile always exists
+    return total / weight
+
+
 def hflip_tta_logits(logits_fn: LogitsFn, images: torch.Tensor, should_stop: StopFn | None = None) -> torch.Tensor:
     """Mean of the logits of the images and of their mirror images (mirrored back)."""
     plain = logits_fn(images).float()
@@ -118,18 +284,36 @@ def make_logits_fn(
     hflip: bool = False,
     tile_batch: int = 4,
     should_stop: StopFn | None = None,
+    padding: str = "zero",
+    stride: int = 1,
+    min_size: int = 1,
 ) -> LogitsFn:
     """Compose flip TTA (outer) and sliding windows (inner) around ``logits_fn``.
+
+    ``padding="reflect"`` makes the windows overlap tiles with mirrored borders
+    (``overlap_tile_logits``) and, without tiles, mirrors the image at the
+    bottom/right to ``stride`` and ``min_size`` before ``logits_fn`` (cropped
+    back after); ``zero`` leaves that padding to ``logits_fn`` (the backend).
 
     Example:
         >>> fn = make_logits_fn(lambda x: x[:, :2], tile=(32, 32), overlap=0.5, hflip=True)
         >>> fn(torch.zeros(1, 3, 48, 80)).shape
         torch.Size([1, 2, 48, 80])
     """
-    inner = logits_fn
-    if tile is not None:
-        def inner(x: torch.Tensor) -> torch.Tensor:
-            return sliding_window_logits(logits_fn, x, tile, overlap, tile_batch, should_stop)
+    if padding not in PADDINGS:
+        raise InvalidArgument(f"tile padding must be one of {PADDINGS}, got {padding!r}")
+
+    def tiled(x: torch.Tensor) -> torch.Tensor:
+        assert tile is not None
+        if padding == "reflect":
+            return overlap_tile_logits(logits_fn, x, tile, overlap, tile_batch, should_stop, stride, min_size)
+        return sliding_window_logits(logits_fn, x, tile, overlap, tile_batch, should_stop)
+
+    def mirrored(x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        return logits_fn(reflect_to_multiple(x, stride, min_size))[..., :h, :w]
+
+    inner = tiled if tile is not None else mirrored if padding == "reflect" else logits_fn
     if not hflip:
         return inner
     return lambda x: hflip_tta_logits(inner, x, should_stop)

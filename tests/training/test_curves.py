@@ -1,0 +1,94 @@
+"""``segsvc curves``: validation mIoU against CPU-minutes for the runs under a folder (PNG + CSV)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segsvc.cli import main as segsvc_main
+from training.curves import DPI, FIGSIZE_IN, collect, cpu_time_row
+
+
+def write_run(run_dir: Path, rows: list[dict], threads: int | None = None, world_size: int | None = None,
+              tail: str = "") -> Path:
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": run_dir.parent.name, "train": {"threads": threads}}))
+    if world_size is not None:
+        (run_dir / "events.jsonl").write_text(json.dumps({"event": "start", "world_size": world_size}) + "\n")
+    return run_dir
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    # a new run: cpu_minutes recorded by the trainer (validated every other epoch)
+    write_run(root / "camvid-unet" / "new", [
+        {"epoch": 1, "elapsed_s": 60.0, "cpu_threads": 2, "cpu_minutes": 2.0},
+        {"epoch": 2, "elapsed_s": 120.0, "cpu_threads": 2, "cpu_minutes": 4.0, "val_miou": 0.25},
+        {"epoch": 3, "elapsed_s": 180.0, "cpu_threads": 2, "cpu_minutes": 6.0},
+        {"epoch": 4, "elapsed_s": 240.0, "cpu_threads": 2, "cpu_minutes": 8.0, "val_miou": 0.5},
+    ])
+    # an old run: wall time only, train.threads 3 in its config, 2 DDP ranks; its last line is being written
+    write_run(root / "camvid-segnet" / "old", [
+        {"epoch": 1, "elapsed_s": 30.0, "val_miou": 0.125},
+        {"epoch": 2, "elapsed_s": 90.0, "val_miou": 0.375},
+    ], threads=3, world_size=2, tail='{"epoch": 3, "elapsed')
+    return root
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cpu_minutes_accumulate_per_epoch_and_continue_an_old_run():
+    first = cpu_time_row([], 90.0, 2)
+    assert first == {"cpu_threads": 2, "cpu_minutes": 3.0}
+    assert cpu_time_row([{"elapsed_s": 90.0, **first}], 30.0, 4) == {"cpu_threads": 4, "cpu_minutes": 5.0}
+    assert cpu_time_row([{"elapsed_s": 120.0}], 60.0, 2)["cpu_minutes"] == 6.0  # resumed from an old checkpoint
+
+
+def test_curves_write_a_png_of_the_right_size_and_a_csv_with_every_runs_points(runs, tmp_path, capsys):
+    png = tmp_path / "out" / "curves.png"
+    assert segsvc_main(["curves", str(runs), "--out", str(png), "--title", "two runs"]) == 0
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(png).shape[:2]
+    assert (width, height) == (FIGSIZE_IN[0] * DPI, FIGSIZE_IN[1] * DPI) == (900, 550)
+    rows = read_csv(png.with_suffix(".csv"))
+    points = [(r["run"], r["recipe"], int(r["epoch"]), float(r["cpu_minutes"]), r["cpu_minutes_source"],
+               float(r["val_miou"])) for r in rows]
+    assert points == [
+        ("camvid-segnet/old", "camvid-segnet", 1, 0.5 * 3 * 2, "config threads", 0.125),
+        ("camvid-segnet/old", "camvid-segnet", 2, 1.5 * 3 * 2, "config threads", 0.375),
+        ("camvid-unet/new", "camvid-unet", 2, 4.0, "recorded", 0.25),
+        ("camvid-unet/new", "camvid-unet", 4, 8.0, "recorded", 0.5),
+    ]
+    assert [r["wall_minutes"] for r in rows] == ["0.500", "1.500", "2.000", "4.000"]
+    out = capsys.readouterr().out
+    assert "camvid-segnet/old (wall × 6 threads, from config.yaml): best val mIoU 37.50 at 9.0 CPU-min" in out
+    assert "camvid-unet/new: best val mIoU 50.00 at 8.0 CPU-min (epoch 4)" in out
+
+
+def test_runs_without_recorded_threads_assume_a_count_and_say_so(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root / "membrane-unet" / "gpu", [{"epoch": 1, "elapsed_s": 120.0, "val_miou": 0.75}])
+    write_run(root / "membrane-unet" / "no-val", [{"epoch": 1, "elapsed_s": 120.0}])  # never validated: left out
+    [curve] = collect(root, default_threads=4)
+    assert curve.points[0].cpu_minutes == 8.0 and curve.points[0].source == "assumed threads"
+    assert curve.label == "membrane-unet/gpu (wall × 4 threads, assumed: torch's default here)"
+    assert segsvc_main(["curves", str(root / "membrane-unet" / "gpu"), "--threads", "1"]) == 0  # one run dir
+    rows = read_csv(root / "membrane-unet" / "gpu" / "curves.csv")
+    assert [(r["run"], r["cpu_minutes"]) for r in rows] == [("gpu", "2.000")]
+    assert (root / "membrane-unet" / "gpu" / "curves.png").stat().st_size > 1000
+
+
+def test_a_folder_without_validated_runs_is_an_error(tmp_path, capsys):
+    assert segsvc_main(["curves", str(tmp_path)]) == 2
+    assert "no training run with a validated epoch under" in capsys.readouterr().err
+    assert segsvc_main(["curves", str(tmp_path / "missing")]) == 2

@@ -1,0 +1,154 @@
+"""The ISBI 2012 figures (pixel error, membrane IoU) and the membrane recipe's loss and overlap-tile contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from segsvc.cli import main as segsvc_main
+from segsvc.config import InputSpec, ModelSpec
+from segsvc.data.spec import load_dataset_spec
+from segsvc.models.artifact import read_manifest, save_artifact
+from segsvc.models.registry import build_model
+from training.config import ConfigError, load_config
+from training.metrics import ConfusionMatrix, format_table, isbi_metrics, membrane_class
+from training.train import main as train_main
+
+RECIPE = Path(__file__).resolve().parents[2] / "training" / "recipes" / "membrane-unet.yaml"
+
+# 2 x 5 labels, 255 = void: 8 labelled pixels, 2 of them wrong
+TARGET = torch.tensor([[0, 0, 0, 1, 255], [1, 1, 1, 0, 255]])
+PRED = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+
+
+def test_pixel_error_counts_only_labelled_pixels_and_membrane_iou_is_its_class_iou():
+    cm = ConfusionMatrix(2, ignore_index=255)
+    cm.update(TARGET, PRED)
+    m = cm.compute()
+    assert m.pixel_error == pytest.approx(2 / 8)
+    # membrane (0): 2 right, 2 target pixels missed, none wrongly predicted -> IoU 2 / 4
+    assert isbi_metrics(m, ["membrane", "cell"]) == {"pixel_error": 0.25, "membrane_class": "membrane",
+                                                     "membrane_iou": 0.5}
+    assert isbi_metrics(m, ["cell", "Membranes"])["membrane_iou"] == pytest.approx(4 / 6, abs=1e-6)
+    assert isbi_metrics(m, ["background", "cell"]) == {"pixel_error": 0.25}  # no membrane class: no IoU
+
+
+def test_a_class_named_like_membrane_is_found_once_or_not_at_all():
+    assert membrane_class(["membrane", "cell"]) == 0
+    assert membrane_class(["cell", "Cell_Membrane"]) == 1
+    assert membrane_class(["sky", "road"]) is None
+    assert membrane_class(["inner membrane", "outer membrane"]) is None  # ambiguous: report none
+    empty = ConfusionMatrix(2).compute()
+    assert isbi_metrics(empty, ["membrane", "cell"]) == {"pixel_error": None, "membrane_class": "membrane",
+                                                         "membrane_iou": None}
+
+
+def test_the_table_adds_pixel_error_and_membrane_iou_when_asked():
+    cm = ConfusionMatrix(2, ignore_index=255)
+    cm.update(TARGET, PRED)
+    lines = format_table(cm.compute(), ["membrane", "cell"], isbi=True).split("\n")
+    assert lines[-3:] == ["pixel error                   25.00",
+                          "membrane IoU (membrane)       50.00",
+                          "pixels counted               8"]
+    assert "pixel error" not in format_table(cm.compute(), ["membrane", "cell"])  # the default table is as it was
+    other = format_table(cm.compute(), ["a", "b"], isbi=True)
+    assert "pixel error" in other and "membrane IoU" not in other
+
+
+@pytest.fixture(scope="module")
+def membrane_like(tmp_path_factory) -> tuple[Path, Path]:
+    """A 4-image grey data set with classes [membrane, cell] (a few void pixels) and a tiny U-Net artifact."""
+    root = tmp_path_factory.mktemp("membrane-like")
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (root / "data" / folder).mkdir(parents=True)
+    for i in range(4):
+        mask = np.ones((40, 48), np.uint8)
+        mask[:, 10 + i : 13 + i] = 0  # a vertical membrane
+        mask[25:28, :] = 0  # a horizontal one
+        mask[:2, :4] = 255  # void
+        image = np.where(mask == 0, 40, 200).astype(np.int16) + rng.integers(-20, 20, mask.shape)
+        cv2.imwrite(str(root / "data" / "images" / f"{i}.png"), np.clip(image, 0, 255).astype(np.uint8))
+        cv2.imwrite(str(root / "data" / "masks" / f"{i}.png"), mask)
+    spec = root / "membrane-like.yaml"
+    spec.write_text(f"name: membrane-like\nformat: folder\nroot: {root / 'data'}\nchannels: 1\n"
+                    "classes: [membrane, cell]\npalette: [[0, 0, 0], [255, 255, 255]]\nignore_index: 255\n"
+                    "splits:\n  val: {images: images, masks: masks}\n")
+    model_spec = ModelSpec("unet", num_classes=2, in_channels=1, params={"base_channels": 4, "depth": 2})
+    torch.manual_seed(0)
+    artifact = save_artifact(build_model(model_spec).eval(), root / "repo", "membrane-like", spec=model_spec,
+                             input_spec=InputSpec.default_for(1), class_names=["membrane", "cell"],
+                             palette=[(0, 0, 0), (255, 255, 255)], ignore_index=255)
+    return artifact, spec
+
+
+def test_eval_reports_pixel_error_and_membrane_iou_in_the_table_and_metrics_json(membrane_like, tmp_path, capsys):
+    artifact, spec = membrane_like
+    out = tmp_path / "eval"
+    assert segsvc_main(["eval", "--model", str(artifact), "--data", str(spec), "--split", "val", "--out", str(out),
+                        "--no-progress", "--device", "cpu", "--samples", "0"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    metrics, counts = result["metrics"], np.array(result["confusion_matrix"]["counts"])
+    assert counts.sum() == metrics["pixels"] == 4 * (40 * 48 - 8)  # void pixels are not counted
+    assert metrics["pixel_error"] == pytest.approx(1 - np.trace(counts) / counts.sum(), abs=1e-6)
+    assert metrics["membrane_class"] == "membrane"
+    assert metrics["membrane_iou"] == metrics["per_class_iou"]["membrane"]
+    table = capsys.readouterr().out
+    lines = {line[:28].strip(): line[28:].strip() for line in table.splitlines()}
+    assert float(lines["pixel error"]) == pytest.approx(100 * metrics["pixel_error"], abs=0.006)
+    assert float(lines["membrane IoU (membrane)"]) == pytest.approx(100 * metrics["membrane_iou"], abs=0.006)
+
+
+# -- the recipe ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", [None, "gpu"])
+def test_the_membrane_recipe_has_the_border_weight_loss_and_the_overlap_tile_contract(profile):
+    from segsvc.models.registry import build_model as build
+    from training.rundir import val_contract
+
+    cfg = load_config(RECIPE, profile=profile)
+    data = load_dataset_spec(cfg.data.spec)
+    assert [t.name for t in cfg.loss.terms] == ["weighted_ce", "dice"]
+    assert cfg.loss.border_weight is not None and data.class_names[cfg.loss.border_weight.cell_class] == "cell"
+    model = build(ModelSpec(cfg.model.arch, data.num_classes, data.channels, dict(cfg.model.params)))
+    contract = val_contract(cfg, model)
+    assert (contract.tile_padding, contract.tile_size, contract.tile_overlap) == ("reflect", 256, 0.25)
+    assert contract.tile_size % contract.stride == 0 and all(c % model.output_stride == 0 for c in cfg.data.crop)
+    if profile == "gpu":
+        assert cfg.train.amp == "bf16" and cfg.model.params["base_channels"] == 64
+
+
+def test_a_bad_validation_tiling_fails_when_the_run_starts(tiny_recipe):
+    from training.rundir import val_contract
+
+    cfg = load_config(tiny_recipe, ["data.val_tile_size=8"])
+    with pytest.raises(ConfigError, match="data.val_scale/val_tile_.*tile_size must be 0"):
+        val_contract(cfg, build_model(ModelSpec("unet", 3, 3, {"depth": 2, "base_channels": 4})))
+    with pytest.raises(ConfigError, match="val_tile_padding"):
+        load_config(tiny_recipe, ["data.val_tile_padding=mirror"])
+
+
+def test_validation_with_reflect_tiles_is_published_and_eval_reproduces_it(tmp_path, make_recipe, tiny_spec, capsys):
+    """A 1-epoch run validated with overlap tiles: the manifest records them, `segsvc eval` measures the same."""
+    recipe = make_recipe(tmp_path)
+    artifact = train_main(load_config(recipe, ["data.train_limit=8", "data.val_tile_size=32",
+                                               "data.val_tile_overlap=0.25", "data.val_tile_padding=reflect"]))
+    manifest = read_manifest(artifact)
+    assert (manifest.inference.tile_size, manifest.inference.tile_padding) == (32, "reflect")
+    out = tmp_path / "eval"
+    assert segsvc_main(["eval", "--model", str(artifact), "--data", str(tiny_spec), "--out", str(out),
+                        "--no-progress", "--device", "cpu", "--samples", "0"]) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["options"]["tile_padding"] == "reflect"
+    assert "tiles 32 overlap 0.25 (manifest), mirrored borders (manifest)" in capsys.readouterr().out
+    for key in ("miou", "pixel_accuracy", "mean_dice"):
+        assert result["metrics"][key] == pytest.approx(manifest.metrics[key], abs=1e-6), key
+    run_dir = Path(manifest.training["run_dir"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["cpu_threads"] == 1 and rows[-1]["cpu_minutes"] > 0  # recipe threads: 1

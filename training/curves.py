@@ -1,0 +1,220 @@
+"""``segsvc curves DIR``: validation mIoU against CPU-minutes for every training run under ``DIR``.
+
+    segsvc curves runs/                       # every run under runs/ -> runs/curves.png + runs/curves.csv
+    segsvc curves runs/camvid-unet --out out/unet-curves.png   # CSV beside it: out/unet-curves.csv
+
+A run is a directory holding ``metrics.jsonl`` (``training.rundir``): one row
+per epoch, with ``val_miou`` on the epochs that validated. The x axis is
+CPU-minutes, wall minutes times the CPU threads working on the run, so runs
+on machines or budgets with different thread counts compare by the compute
+they used (on a GPU it is only the host's share). The trainer records
+``cpu_minutes`` (cumulative) and ``cpu_threads`` in every row
+(``cpu_time_row``). Older runs do not: their CPU-minutes are ``elapsed_s``
+times the recipe's ``train.threads`` (``config.yaml``) times the world size
+(``events.jsonl``), or, when the recipe left the threads to torch, times this
+machine's torch thread count, an assumption the legend and the CSV say.
+One line per run, labelled by its path under ``DIR`` and its recipe; the CSV
+beside the picture has every plotted point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+
+from segsvc.errors import NotFound
+
+METRICS_FILE = "metrics.jsonl"
+FIGSIZE_IN = (9.0, 5.5)
+DPI = 100  # the picture is FIGSIZE_IN * DPI pixels: 900 x 550
+CSV_COLUMNS = ("run", "recipe", "epoch", "wall_minutes", "cpu_threads", "cpu_minutes", "cpu_minutes_source",
+               "val_miou")
+
+
+def cpu_time_row(history: Sequence[dict[str, Any]], epoch_s: float, threads: int) -> dict[str, Any]:
+    """The ``cpu_threads`` and cumulative ``cpu_minutes`` entries of an epoch's metrics row.
+
+    ``history`` holds the rows before this epoch; a resumed run whose earlier rows
+    have no ``cpu_minutes`` continues from their ``elapsed_s`` times ``threads``.
+
+    Example:
+        >>> cpu_time_row([{"elapsed_s": 60.0}], 30.0, 4)
+        {'cpu_threads': 4, 'cpu_minutes': 6.0}
+    """
+    before = 0.0
+    if history and "cpu_minutes" in history[-1]:
+        before = float(history[-1]["cpu_minutes"])
+    elif history:
+        before = float(history[-1].get("elapsed_s", 0.0)) * threads / 60
+    return {"cpu_threads": int(threads), "cpu_minutes": round(before + epoch_s * threads / 60, 3)}
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    epoch: int
+    wall_minutes: float
+    cpu_threads: int
+    cpu_minutes: float
+    source: str  # "recorded", "config threads" or "assumed threads"
+    val_miou: float
+
+
+@dataclass(frozen=True)
+class RunCurve:
+    """The validated epochs of one run. ``name`` is its path under the folder searched."""
+
+    name: str
+    recipe: str
+    points: list[CurvePoint] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """The legend entry: name, recipe (unless the name shows it) and how CPU-minutes were derived."""
+        text = self.name if self.recipe in Path(self.name).parts else f"{self.name} [{self.recipe}]"
+        fallback = {p.source for p in self.points} - {"recorded"}
+        if fallback:
+            threads = sorted({p.cpu_threads for p in self.points if p.source != "recorded"})
+            how = "assumed: torch's default here" if "assumed threads" in fallback else "from config.yaml"
+            plural = "s" if threads != [1] else ""
+            text += f" (wall × {'/'.join(map(str, threads))} thread{plural}, {how})"
+        return text
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run directories (holding ``metrics.jsonl``) at or under ``root``, sorted."""
+    if not root.is_dir():
+        raise NotFound(f"{root} is not a directory")
+    return sorted(p.parent for p in root.rglob(METRICS_FILE) if p.is_file())
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a line being written (or damaged) is skipped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def _run_settings(run_dir: Path) -> tuple[str, int | None, int]:
+    """The recipe name, ``train.threads`` (None: torch's default) and world size of a run."""
+    recipe, threads = run_dir.parent.name, None
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        config = None
+    if isinstance(config, dict):
+        recipe = str(config.get("name") or recipe)
+        value = (config.get("train") or {}).get("threads")
+        threads = value if isinstance(value, int) and value > 0 else None
+    starts = [e for e in _read_jsonl(run_dir / "events.jsonl") if e.get("event") == "start"]
+    world = starts[-1].get("world_size") if starts else None
+    return recipe, threads, world if isinstance(world, int) and world > 0 else 1
+
+
+def read_run(run_dir: Path, root: Path, default_threads: int | None = None) -> RunCurve:
+    """The validated epochs of the run in ``run_dir`` with their CPU-minutes (see the module docstring)."""
+    recipe, config_threads, world = _run_settings(run_dir)
+    fallback_threads = (config_threads or default_threads or torch.get_num_threads()) * world
+    source = "config threads" if config_threads else "assumed threads"
+    name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
+    points = []
+    for row in _read_jsonl(run_dir / METRICS_FILE):
+        miou, elapsed_s = row.get("val_miou"), row.get("elapsed_s")
+        if not isinstance(miou, (int, float)) or math.isnan(miou):
+            continue
+        wall_min = float(elapsed_s) / 60 if isinstance(elapsed_s, (int, float)) else math.nan
+        if isinstance(row.get("cpu_minutes"), (int, float)):
+            point = CurvePoint(int(row.get("epoch", 0)), wall_min, int(row.get("cpu_threads") or 0),
+                               float(row["cpu_minutes"]), "recorded", float(miou))
+        elif not math.isnan(wall_min):
+            point = CurvePoint(int(row.get("epoch", 0)), wall_min, fallback_threads, wall_min * fallback_threads,
+                               source, float(miou))
+        else:
+            continue  # neither CPU nor wall time: nothing to place it at
+        points.append(point)
+    return RunCurve(name or run_dir.name, recipe, points)
+
+
+def collect(root: Path, default_threads: int | None = None) -> list[RunCurve]:
+    """Every run under ``root`` with at least one validated epoch."""
+    curves = [read_run(run_dir, root, default_threads) for run_dir in find_runs(root)]
+    return [c for c in curves if c.points]
+
+
+def write_csv(curves: Sequence[RunCurve], path: Path) -> Path:
+    """One row per plotted point (``CSV_COLUMNS``), written under a temporary name and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for curve in curves:
+            for p in curve.points:
+                writer.writerow([curve.name, curve.recipe, p.epoch, _num(p.wall_minutes), p.cpu_threads,
+                                 _num(p.cpu_minutes), p.source, round(p.val_miou, 6)])
+    tmp.replace(path)
+    return path
+
+
+def _num(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.3f}"
+
+
+def plot_curves(curves: Sequence[RunCurve], path: Path, title: str = "") -> Path:
+    """Validation mIoU against CPU-minutes, one line per run (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=FIGSIZE_IN)
+    for curve in curves:
+        ax.plot([p.cpu_minutes for p in curve.points], [p.val_miou for p in curve.points], marker="o", ms=3,
+                label=curve.label)
+    ax.set_xlabel("CPU-minutes (wall minutes × CPU threads)")
+    ax.set_ylabel("validation mIoU")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize="small", loc="best")
+    ax.set_title(title or "validation mIoU against compute")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=DPI)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``segsvc curves`` (flags defined in ``segsvc/cli.py::_add_curves``)."""
+    root = Path(args.dir)
+    curves = collect(root, args.threads)
+    if not curves:
+        raise NotFound(f"no training run with a validated epoch under {root} (looked for {METRICS_FILE} rows "
+                       "with val_miou)")
+    png = Path(args.out) if args.out else root / "curves.png"
+    csv_path = write_csv(curves, png.with_suffix(".csv"))
+    plot_curves(curves, png, args.title or "")
+    for curve in curves:
+        best = max(curve.points, key=lambda p: p.val_miou)
+        last = curve.points[-1]
+        print(f"{curve.label}: best val mIoU {100 * best.val_miou:.2f} at {best.cpu_minutes:.1f} CPU-min "
+              f"(epoch {best.epoch}); last validation at {last.cpu_minutes:.1f} CPU-min (epoch {last.epoch})")
+    print(f"wrote {png} and {csv_path}")
+    return 0
