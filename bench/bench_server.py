@@ -1,22 +1,42 @@
 """Server benchmarks: gRPC overhead and batching throughput, printed as ratios from one run.
 
-Same 512x512 PNG image and the same model everywhere:
+Two models, each with its own image, both served by real ``segsvc serve`` processes:
+``bench`` (U-Net base 4, depth 2, 512x512: so small that fixed costs dominate)
+and ``unet16`` (U-Net base 16, depth 4, 11 classes, 360x480: a realistic CamVid model).
 
 1. overhead: ``Segment`` latency over gRPC (PNG in, PNG label map out, concurrency 1)
-   divided by the in-process path doing the same work (decode + forward + encode
-   with ``Predictor``). Goal: at most 1.10.
+   divided by the in-process path doing the same work: decode the PNG, ``Engine.prepare``
+   (resize, normalise), ``Engine.run`` (forward pass + arg-max) on a thread of its own as in
+   the server, PNG-encode the label map (``InProcess``). The engine is built by
+   ``ModelManager`` exactly as the server builds it, so only the protocol, the event loop
+   and the batcher differ. Goal: at most 1.10 on both models. The same work on one thread
+   is printed too; it is not the reference because its forward pass, right after a decode
+   on the same thread, was bimodal on a shared 2-CPU machine (31 ms or 34-45 ms per call,
+   against a steady 31 ms on a thread of its own), which flatters the server. Latencies
+   come in alternating blocks; the median and the first quartile are both printed.
 2. throughput: images/s at concurrency 1, 4 and 16 with batching on and off,
-   with p50/p99 latency. Goal: batching on >= 1.3x batching off at concurrency 16.
+   with p50/p99 latency.
+3. stability: ``--runs`` separate measurements of batching on/off at concurrency 16
+   (each alternates on and off rounds). Goal: >= 1.3x in every run.
+4. ceiling: what batching can give at most, in-process: ``Engine.run`` time per image
+   for a batch of 1 against the batch the server forms (``--max-batch-size 8`` within
+   the CPU pixel budget of ``segsvc serve``), and against 8 images without that budget.
 
-The server runs as a separate ``segsvc serve`` process (its own GIL, like in
-production); the client threads run here. Not part of the test suite.
+The servers run as separate processes (their own GIL, like in production); the
+client threads run here. Like ``bench_batch.py``, OpenMP waits passively
+(``OMP_WAIT_POLICY=PASSIVE``, inherited by the servers) unless set: on a shared,
+oversubscribed machine spinning OpenMP threads make the figures measure the
+scheduler (``OMP_WAIT_POLICY=default`` measures libgomp's own default). The load
+average is printed with the figures: compare ratios within one run only.
+``request_stages.py`` breaks the overhead down per hop. Not part of the test suite.
 
-    python bench/bench_server.py [--iters 5] [--rounds 2] [--size 512] [--requests-per-client 2]
+    python bench/bench_server.py [--models bench unet16] [--iters 40] [--rounds 2] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import statistics
@@ -26,11 +46,16 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+if os.environ.get("OMP_WAIT_POLICY", "").lower() == "default":
+    del os.environ["OMP_WAIT_POLICY"]  # libgomp's own default (spin a while, then sleep), in the servers too
+else:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import cv2  # noqa: E402
 import grpc  # noqa: E402
@@ -39,29 +64,69 @@ import torch  # noqa: E402
 
 from segsvc.config import ModelSpec  # noqa: E402
 from segsvc.inference.codec import decode_image, encode_png  # noqa: E402
-from segsvc.inference.predictor import Predictor  # noqa: E402
-from segsvc.models.artifact import load_artifact, save_artifact  # noqa: E402
+from segsvc.inference.engine import InferenceOptions  # noqa: E402
+from segsvc.inference.manager import ManagerConfig, ModelManager  # noqa: E402
+from segsvc.inference.repository import ModelRepository  # noqa: E402
+from segsvc.cli import CPU_BATCH_PIXELS  # noqa: E402
+from segsvc.models.artifact import save_artifact  # noqa: E402
 from segsvc.models.registry import build_model  # noqa: E402
 from segsvc.server.app import configure_allocator  # noqa: E402
 from segsvc.v1 import segmentation_pb2 as pb  # noqa: E402
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc  # noqa: E402
 
-SPEC = ModelSpec("unet", 5, params={"base_channels": 4, "depth": 2})
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    spec: ModelSpec
+    size: tuple[int, int]  # image (height, width)
 
 
-def make_image(size: int) -> bytes:
+MODELS = {
+    "bench": BenchModel("bench", ModelSpec("unet", 5, params={"base_channels": 4, "depth": 2}), (512, 512)),
+    "unet16": BenchModel("unet16", ModelSpec("unet", 11, params={"base_channels": 16, "depth": 4}), (360, 480)),
+}
+CONCURRENCY = (1, 4, 16)
+
+
+def make_image(height: int, width: int) -> bytes:
+    """A smooth random RGB image as PNG (photo-like: it compresses about as well as a photo)."""
     rng = np.random.default_rng(0)
-    small = rng.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
-    image = cv2.resize(small, (size, size), interpolation=cv2.INTER_LINEAR)
+    small = rng.integers(0, 256, (max(1, height // 16), max(1, width // 16), 3), dtype=np.uint8)
+    image = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
     ok, buf = cv2.imencode(".png", image)
     assert ok
     return buf.tobytes()
 
 
-def start_server(repo: Path, threads: int, batching: bool) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "segsvc", "serve", "--model-repo", str(repo), "--host", "127.0.0.1",
+def save_model(model: BenchModel, repo: Path) -> None:
+    """Random weights, BatchNorm statistics calibrated on noise so the label maps vary like real ones."""
+    torch.manual_seed(0)
+    net = build_model(model.spec)
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(2, model.spec.in_channels, 64, 64))
+    net.eval()
+    save_artifact(net, repo, model.name, spec=model.spec)
+
+
+def configure_like_server(threads: int) -> None:
+    """The server's CPU settings (``configure_threads``, ``configure_allocator``) for the in-process path."""
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(1)
+    cv2.setNumThreads(1)
+    configure_allocator()
+
+
+def start_server(repo: Path, threads: int, batching: bool,
+                 launcher: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``segsvc serve`` on a free port (``launcher`` replaces ``python -m segsvc``); returns it and its address."""
+    cmd = [*(launcher or [sys.executable, "-m", "segsvc"]), "--model-repo", str(repo), "--host", "127.0.0.1",
            "--port", "0", "--metrics-port", "-1", "--torch-threads", str(threads), "--log-level", "WARNING",
            "--poll-interval-s", "0", "--max-batch-size", "8", "--max-delay-ms", "5"]
+    if launcher is None:
+        cmd.insert(3, "serve")
     if not batching:
         cmd.append("--no-batching")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -81,45 +146,110 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def request_for(image: bytes) -> pb.SegmentRequest:
-    return pb.SegmentRequest(model="bench", image=image, options=pb.SegmentOptions(encoding=pb.OUTPUT_ENCODING_PNG))
+def request_for(image: bytes, model: str) -> pb.SegmentRequest:
+    return pb.SegmentRequest(model=model, image=image, options=pb.SegmentOptions(encoding=pb.OUTPUT_ENCODING_PNG))
 
 
-def latencies(repo: Path, address: str, image: bytes, iters: int) -> tuple[float, float]:
-    """Median latency of the in-process path and of gRPC ``Segment``, measured alternately.
+class InProcess:
+    """The server's work for one request, without the server: decode, prepare, run, encode.
 
-    The in-process path does the work the server does for this request: decode the
-    PNG, predict, PNG-encode the label map, with the server's CPU settings.
-    Alternating the two cancels the drift of a shared machine's load.
+    ``split`` (the reference) lays the work out on threads as the server does, minus
+    the event loop, the batcher and the protocol: decode, prepare and encode on one
+    long-lived thread, the forward pass on another, each handing straight to the
+    next. ``split=False`` runs all four on one thread (see the module docstring for
+    why that is not the reference). The engine comes from a ``ModelManager`` (built,
+    warmed and measured as the server builds it).
     """
-    model, manifest = load_artifact(repo / "bench" / "1")
-    predictor = Predictor(model, manifest)
-    request = request_for(image)
-    worker = ThreadPoolExecutor(1)  # one long-lived worker thread, like the server's batch thread
 
-    def local_once() -> None:
-        encode_png(predictor.predict(decode_image(image)))
+    def __init__(self, repo: Path, name: str) -> None:
+        async def build():  # type: ignore[no-untyped-def]
+            manager = ModelManager(ModelRepository(repo), ManagerConfig(models=(name,)))
+            await manager.start()
+            try:
+                return manager.resolve(name, None).engine
+            finally:
+                await manager.stop()
 
-    local, remote = [], []
-    with grpc.insecure_channel(address) as channel, worker:
+        self.engine = asyncio.run(build())
+        self._worker = ThreadPoolExecutor(1)  # long-lived threads, like the server's I/O thread ...
+        self._forward = ThreadPoolExecutor(1)  # ... and its batch thread
+
+    def once(self, data: bytes, stages: bool = False, split: bool = True) -> dict[str, float]:
+        return self._worker.submit(self._once, data, stages, split).result()
+
+    def _once(self, data: bytes, stages: bool, split: bool) -> dict[str, float]:
+        t0 = time.perf_counter()
+        image = decode_image(data)
+        t1 = time.perf_counter()
+        prepared = self.engine.prepare(image, InferenceOptions())
+        t2 = time.perf_counter()
+        if split:
+            [output] = self._forward.submit(self.engine.run, [prepared]).result()
+        else:
+            [output] = self.engine.run([prepared])
+        t3 = time.perf_counter()
+        encode_png(output.labels)
+        t4 = time.perf_counter()
+        return {"decode": t1 - t0, "prepare": t2 - t1, "run": t3 - t2, "encode": t4 - t3} if stages else {}
+
+    def run_seconds_per_image(self, data: bytes, batch: int) -> float:
+        """``Engine.run`` time per image for a batch of ``batch`` copies of the image (one sample)."""
+        prepared = self.engine.prepare(decode_image(data), InferenceOptions())
+
+        def run() -> float:
+            t0 = time.perf_counter()
+            self.engine.run([prepared] * batch)
+            return (time.perf_counter() - t0) / batch
+        return self._forward.submit(run).result()
+
+    def close(self) -> None:
+        self._worker.shutdown()
+        self._forward.shutdown()
+
+
+def latencies(local: InProcess, address: str, image: bytes, model: str, iters: int,
+              block: int = 3) -> tuple[list[float], list[float], list[float]]:
+    """Latencies of the in-process path (split, one thread) and of gRPC ``Segment``, in alternating blocks.
+
+    Each block sends ``block + 1`` requests one after another and drops the first:
+    every sample is a request that follows one of its own kind (as a server sees
+    a sequential client), not one whose caches the other path just evicted.
+    Alternating the blocks cancels the drift of a shared machine's load.
+    """
+    request = request_for(image, model)
+    local_s: list[float] = []
+    single_s: list[float] = []
+    remote_s: list[float] = []
+
+    def timed(fn, out: list[float]) -> None:  # type: ignore[no-untyped-def]
+        for i in range(block + 1):
+            t0 = time.perf_counter()
+            fn()
+            if i:
+                out.append(time.perf_counter() - t0)
+
+    with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.SegmentationServiceStub(channel)
-        for _ in range(5):  # warm-up both paths (allocator, kernels, connection)
-            worker.submit(local_once).result()
+        for _ in range(3):  # warm-up both paths (allocator, kernels, connection)
+            local.once(image)
             stub.Segment(request, timeout=120)
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            worker.submit(local_once).result()
-            local.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            stub.Segment(request, timeout=120)
-            remote.append(time.perf_counter() - t0)
-    return statistics.median(local), statistics.median(remote)
+        while len(local_s) < iters:
+            timed(lambda: local.once(image), local_s)
+            timed(lambda: stub.Segment(request, timeout=120), remote_s)
+            timed(lambda: local.once(image, split=False), single_s)
+    return local_s, single_s, remote_s
 
 
-def throughput(address: str, image: bytes, concurrency: int, per_client: int) -> tuple[int, float, list[float]]:
-    """``concurrency`` clients send ``per_client`` images each: (images, seconds, latencies)."""
-    request = request_for(image)
-    latencies: list[float] = []
+def p25(values: list[float]) -> float:
+    """The first quartile: on a shared machine, the samples least disturbed by other processes."""
+    return statistics.quantiles(values, n=4)[0]
+
+
+def throughput(address: str, request: pb.SegmentRequest, concurrency: int,
+               per_client: int) -> tuple[int, float, list[float], list[int]]:
+    """``concurrency`` clients send ``per_client`` images each: (images, seconds, latencies, batch sizes)."""
+    lat: list[float] = []
+    sizes: list[int] = []
     lock = threading.Lock()
     start = threading.Barrier(concurrency + 1)
 
@@ -127,12 +257,14 @@ def throughput(address: str, image: bytes, concurrency: int, per_client: int) ->
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.SegmentationServiceStub(channel)
             grpc.channel_ready_future(channel).result(timeout=30)
+            stub.Segment(request, timeout=600)  # connection and server warm before the clock starts
             start.wait()
             for _ in range(per_client):
                 t0 = time.perf_counter()
-                stub.Segment(request, timeout=600)
+                response = stub.Segment(request, timeout=600)
                 with lock:
-                    latencies.append(time.perf_counter() - t0)
+                    lat.append(time.perf_counter() - t0)
+                    sizes.append(response.timings.batch_size)
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
@@ -141,67 +273,133 @@ def throughput(address: str, image: bytes, concurrency: int, per_client: int) ->
     t0 = time.perf_counter()
     for t in threads:
         t.join()
-    return len(latencies), time.perf_counter() - t0, latencies
+    return len(lat), time.perf_counter() - t0, lat, sizes
 
 
-def summarize(images: int, seconds: float, latencies: list[float]) -> tuple[float, float, float]:
-    """images/s, p50 and p99 latency in seconds."""
-    lat = sorted(latencies)
+def summarize(images: int, seconds: float, lat: list[float], sizes: list[int]) -> tuple[float, float, float, float]:
+    """images/s, p50 and p99 latency in seconds, mean batch size an image ran in."""
+    lat = sorted(lat)
     p99 = lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))]
-    return images / seconds, statistics.median(lat), p99
+    return images / seconds, statistics.median(lat), p99, statistics.fmean(sizes)
+
+
+def on_off(servers: dict[bool, str], request: pb.SegmentRequest, concurrency: int, per_client: int,
+           rounds: int) -> dict[bool, tuple[float, float, float, float]]:
+    """Alternating on/off rounds at one concurrency (both servers up, one working at a time)."""
+    totals = {b: [0, 0.0, [], []] for b in (True, False)}
+    for i in range(rounds):
+        for batching in ((True, False) if i % 2 == 0 else (False, True)):
+            n, elapsed, lat, sizes = throughput(servers[batching], request, concurrency, per_client)
+            t = totals[batching]
+            t[0], t[1] = t[0] + n, t[1] + elapsed
+            t[2].extend(lat)
+            t[3].extend(sizes)
+    return {b: summarize(*totals[b]) for b in (True, False)}
+
+
+def batching_ceiling(local: InProcess, image: bytes, samples: int) -> tuple[int, dict[int, float]]:
+    """The batch the server forms, and median ``Engine.run`` seconds per image by batch size (alternately)."""
+    pixels = local.engine.prepare(decode_image(image), InferenceOptions()).pixels  # padded, as the batcher counts
+    formed = max(1, min(8, CPU_BATCH_PIXELS // pixels))
+    sizes = sorted({1, formed, 8})
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for n in sizes:
+        local.run_seconds_per_image(image, n)  # warm-up (allocator, kernels for this batch shape)
+    for _ in range(samples):
+        for n in sizes:
+            times[n].append(local.run_seconds_per_image(image, n))
+    return formed, {n: statistics.median(v) for n, v in times.items()}
+
+
+def load() -> str:
+    return "load average %.2f %.2f %.2f" % os.getloadavg()
+
+
+def bench_model(model: BenchModel, args: argparse.Namespace, root: Path) -> dict:
+    image = make_image(*model.size)
+    repo = root / model.name
+    save_model(model, repo)
+    request = request_for(image, model.name)
+    local = InProcess(repo, model.name)
+    servers = {b: start_server(repo, args.threads, b) for b in (True, False)}
+    address = {b: s[1] for b, s in servers.items()}
+    out: dict = {"load_start": load()}
+    try:
+        out["base"], out["single"], out["rpc"] = latencies(local, address[True], image, model.name, args.iters)
+        out["base_off"], _, out["rpc_off"] = latencies(local, address[False], image, model.name,
+                                                       max(6, args.iters // 2))
+        out["ceiling"] = batching_ceiling(local, image, max(3, args.iters // 4))
+        out["table"] = {c: on_off(address, request, c, args.iters if c == 1 else args.requests_per_client,
+                                  args.rounds) for c in CONCURRENCY}
+        out["runs"] = []
+        for _ in range(args.runs):
+            r = on_off(address, request, 16, args.requests_per_client, args.rounds)
+            out["runs"].append((r[True][0] / r[False][0], r[True][3], load()))
+    finally:
+        for proc, _ in servers.values():
+            stop_server(proc)
+        local.close()
+    out["load_end"] = load()
+    return out
+
+
+def report(model: BenchModel, r: dict, args: argparse.Namespace) -> None:
+    h, w = model.size
+    print(f"\n== {model.name}: {model.spec.arch} {dict(model.spec.params)}, {model.spec.num_classes} classes, "
+          f"{h}x{w} PNG ({r['load_start']} at start, {r['load_end']} at end)")
+    print(f"overhead at concurrency 1 (median of {args.iters}, in alternating blocks of 3)")
+    med = statistics.median
+    print("                                               median      p25")
+    for label, key in (("in-process, server's thread layout", "base"), ("gRPC Segment, batching on", "rpc"),
+                       ("in-process, all on one thread", "single"),
+                       ("in-process (alternating with off)", "base_off"), ("gRPC Segment, batching off", "rpc_off")):
+        print(f"  {label:<42s} {med(r[key]) * 1e3:8.1f} {p25(r[key]) * 1e3:8.1f} ms")
+    print(f"  ratio gRPC (batching on) / in-process      {med(r['rpc']) / med(r['base']):8.3f} "
+          f"{p25(r['rpc']) / p25(r['base']):8.3f}   (goal <= 1.10)")
+    print(f"  ratio gRPC (batching on) / one thread      {med(r['rpc']) / med(r['single']):8.3f} "
+          f"{p25(r['rpc']) / p25(r['single']):8.3f}")
+    print(f"  ratio gRPC (batching off) / in-process     {med(r['rpc_off']) / med(r['base_off']):8.3f} "
+          f"{p25(r['rpc_off']) / p25(r['base_off']):8.3f}")
+    print("throughput            batching on                           batching off")
+    print("  concurrency   img/s   p50 ms   p99 ms  batch      img/s   p50 ms   p99 ms    on/off")
+    for c, res in r["table"].items():
+        on, off = res[True], res[False]
+        print(f"  {c:11d} {on[0]:7.2f} {on[1] * 1e3:8.0f} {on[2] * 1e3:8.0f} {on[3]:6.2f}    {off[0]:7.2f} "
+              f"{off[1] * 1e3:8.0f} {off[2] * 1e3:8.0f}    {on[0] / off[0]:6.2f}x")
+    print("  (batch: mean size of the batch an image ran in)")
+    formed, ceiling = r["ceiling"]
+    print(f"batching ceiling in-process: Engine.run per image by batch size (batch 1 / batch n = the most "
+          f"batching can give; the server's CPU pixel budget makes batches of {formed})")
+    print("  " + ",  ".join(f"batch {n}: {t * 1e3:.1f} ms ({ceiling[1] / t:.2f}x)" for n, t in ceiling.items()))
+    ratios = [x for x, _, _ in r["runs"]]
+    for i, (x, size, ld) in enumerate(r["runs"], 1):
+        print(f"  batching on/off at concurrency 16, run {i}: {x:.2f}x, mean batch {size:.2f}   ({ld})")
+    print(f"  min {min(ratios):.2f}x, max {max(ratios):.2f}x over {len(ratios)} runs (goal >= 1.3x in every run)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=5, help="latency samples for the overhead ratio")
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["bench", "unet16"])
+    parser.add_argument("--iters", type=int, default=40, help="latency samples for the overhead ratio")
     parser.add_argument("--requests-per-client", type=int, default=2, help="images per client in throughput runs")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating on/off rounds per concurrency")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating on/off rounds per measurement")
+    parser.add_argument("--runs", type=int, default=3, help="separate on/off measurements at concurrency 16")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     args = parser.parse_args()
-    # the in-process baseline gets the server's CPU settings: threads, OpenCV single-threaded, allocator
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
-    cv2.setNumThreads(1)
-    configure_allocator()
-    image = make_image(args.size)
+    configure_like_server(args.threads)  # the in-process path gets the server's CPU settings
+    print(f"{args.threads} torch threads, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}, {load()}")
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp)
-        torch.manual_seed(0)
-        save_artifact(build_model(SPEC), repo, "bench", spec=SPEC)
-        print(f"model {SPEC.arch} {dict(SPEC.params)}, image {args.size}x{args.size} PNG, "
-              f"{args.threads} torch threads, {os.cpu_count()} CPUs")
-
-        servers = {batching: start_server(repo, args.threads, batching) for batching in (True, False)}
-        try:
-            base, rpc = latencies(repo, servers[True][1], image, args.iters)
-            # throughput: alternate on/off rounds at each concurrency (both servers stay up, one works at a time)
-            totals = {b: {c: [0, 0.0, []] for c in (1, 4, 16)} for b in (True, False)}
-            for c in (1, 4, 16):
-                per_client = args.iters if c == 1 else args.requests_per_client
-                for _ in range(args.rounds):
-                    for batching in (True, False):
-                        n, elapsed, lat = throughput(servers[batching][1], image, c, per_client)
-                        t = totals[batching][c]
-                        t[0], t[1] = t[0] + n, t[1] + elapsed
-                        t[2].extend(lat)
-        finally:
-            for proc, _ in servers.values():
-                stop_server(proc)
-        results = {b: {c: summarize(*totals[b][c]) for c in (1, 4, 16)} for b in (True, False)}
-
-    print("\noverhead (concurrency 1, median of %d, measured alternately)" % args.iters)
-    print(f"  in-process decode+forward+encode  {base * 1e3:8.1f} ms")
-    print(f"  gRPC Segment (batching on)        {rpc * 1e3:8.1f} ms")
-    print(f"  ratio gRPC / in-process           {rpc / base:8.3f}   (goal <= 1.10)")
-    print("\nthroughput            batching on                      batching off")
-    print("  concurrency   img/s   p50 ms   p99 ms      img/s   p50 ms   p99 ms    on/off")
-    for c in (1, 4, 16):
-        on, off = results[True][c], results[False][c]
-        print(f"  {c:11d} {on[0]:7.2f} {on[1] * 1e3:8.0f} {on[2] * 1e3:8.0f}    {off[0]:7.2f} "
-              f"{off[1] * 1e3:8.0f} {off[2] * 1e3:8.0f}    {on[0] / off[0]:6.2f}x")
-    ratio16 = results[True][16][0] / results[False][16][0]
-    print(f"\nbatching speed-up at concurrency 16: {ratio16:.2f}x (goal >= 1.3x)")
+        results = {name: bench_model(MODELS[name], args, Path(tmp)) for name in args.models}
+    for name, r in results.items():
+        report(MODELS[name], r, args)
+    print("\nsummary (ratios)")
+    for name, r in results.items():
+        ratios = [x for x, _, _ in r["runs"]]
+        rpc = statistics.median(r["rpc"]) / statistics.median(r["base"])
+        print(f"  {name:8s} gRPC/in-process {rpc:.3f} (goal <= 1.10)   batching on/off at 16: "
+              + ", ".join(f"{x:.2f}x" for x in ratios) + " (goal >= 1.3x)")
+    print(f"  {load()} at the end")
 
 
 if __name__ == "__main__":

@@ -375,7 +375,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the eager models (CUDA only)")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME", help="serve only these models")
     p.add_argument("--max-batch-size", type=int, default=8, help="images per batch (default 8)")
-    p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill (default 5)")
+    p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill while other requests are still being decoded; a lone "
+                        "request never waits (default 5)")
     p.add_argument("--concurrent-batches", type=int, default=1,
                    help="batches of one model that run at once (default 1). For throughput on CPU (batch jobs), "
                         "N with --torch-threads = CPUs/N: small models run ~1.4x faster as single-threaded "

@@ -2,7 +2,12 @@
 
 Callers ``submit`` items and await the returned future; a single worker task
 collects items into batches that flush at ``max_batch_size`` items or when the
-oldest item has waited ``max_delay_s``, runs ``predict`` on a worker thread (so
+oldest item has waited ``max_delay_s``. A partial batch waits only while more
+items are on their way: callers announce an item they are still preparing with
+``incoming()``, and when none is announced the queue already holds every item
+that could join, so the batch goes at once (a lone request on an idle model
+does not pay ``max_delay_s``; under load items queue while a batch runs, so
+batches still fill). The worker runs ``predict`` on a worker thread (so
 the event loop keeps decoding, encoding and talking to clients), and delivers
 one result, or the batch's exception, to every future. Items are grouped by a
 key (for images: the padded size and the options), so a batch never mixes
@@ -33,12 +38,13 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Generic, Hashable, Sequence, TypeVar
+from typing import Callable, Generic, Hashable, Iterator, Sequence, TypeVar
 
 from segsvc.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
 
@@ -61,7 +67,9 @@ class BatchingConfig:
 
     Args:
         max_batch_size: most items per batch; 1 turns batching off.
-        max_delay_s: longest time the oldest item waits for the batch to fill.
+        max_delay_s: longest time the oldest item waits for the batch to fill, while
+            more items are announced (``DynamicBatcher.incoming``); with none on their
+            way a partial batch goes at once.
         max_queue_size: most items waiting (not yet running); more are refused
             with ``Overloaded`` (gRPC RESOURCE_EXHAUSTED).
         max_batch_pixels: most input pixels in one batch (``None``: no limit), so
@@ -190,6 +198,7 @@ class DynamicBatcher(Generic[T, R]):
         self._groups: dict[tuple[Priority, Hashable], deque[_Pending[T]]] = {}
         self._size = 0
         self._lane_size = {lane: 0 for lane in Priority}
+        self._incoming = {lane: 0 for lane in Priority}  # items announced, not yet submitted
         self._last_interactive_end = float("-inf")
         self._last_batch_lane_start = float("-inf")
         self._wakeup: asyncio.Event | None = None
@@ -264,6 +273,33 @@ class DynamicBatcher(Generic[T, R]):
         pending.future.add_done_callback(lambda _f, p=pending: self._discard(p))
         self._wakeup.set()
         return pending.future
+
+    @contextlib.contextmanager
+    def incoming(self, priority: Priority = Priority.INTERACTIVE) -> Iterator[None]:
+        """Announce an item that is on its way (being decoded) for the block's duration.
+
+        While items of a lane are announced, a partial batch of that lane waits for
+        them (up to ``max_delay_s``); with none announced it runs at once. Leave the
+        block just before ``submit`` (or on failure): leaving wakes the worker.
+
+        Example:
+            >>> with batcher.incoming():  # doctest: +SKIP
+            ...     item = await decode_on_a_thread(request)
+            >>> result = await batcher.submit(item)  # doctest: +SKIP
+        """
+        priority = Priority(priority)
+        self._incoming[priority] += 1
+        try:
+            yield
+        finally:
+            self._incoming[priority] -= 1
+            if self._wakeup is not None:
+                self._wakeup.set()  # a partial batch waiting for this item may go now
+
+    @property
+    def incoming_count(self) -> int:
+        """Items announced with ``incoming()`` and not yet submitted (both lanes)."""
+        return sum(self._incoming.values())
 
     # -- worker ----------------------------------------------------------------
     def _discard(self, pending: _Pending[T]) -> None:
@@ -376,10 +412,12 @@ class DynamicBatcher(Generic[T, R]):
                 await self._sleep_until(not_before)
                 continue
             flush_at = self._groups[key][0].enqueued_at + self.config.max_delay_s
-            # Wait for the group to fill, the oldest item's delay to pass, or a stop.
+            # Wait for the group to fill, the oldest item's delay to pass, or a stop, and only
+            # while more items of its lane are on their way: else nothing can join it.
             while (
                 self._accepting
                 and key in self._groups
+                and self._incoming[key[0]] > 0
                 and not self._full(self._groups[key])
                 and loop.time() < flush_at
             ):

@@ -2,13 +2,15 @@
 
 ``InferenceService.segment`` is the one path from image to label map: take a
 lease on the model version (so a hot swap cannot retire it mid-request),
-decode and preprocess on an I/O thread, queue the image in that version's
-batcher (in the interactive or the batch lane) with the caller's deadline, and
-await the result. Before any decoding, the request's cost (padded pixels, tiles, passes,
-estimated memory) is checked against the per-request limits, and while the
-image is served its estimated memory is held in one server-wide budget.
-A caller that gives up (deadline, cancel) marks its image abandoned, so a
-tiled batch stops between passes. The ``segsvc.v1`` gRPC servicer, the Open Inference Protocol
+decode and preprocess on an I/O thread (announced to the batcher meanwhile, so
+a partial batch waits for it, and a lone image on an idle model waits for
+nothing), queue the image in that version's batcher (in the interactive or the
+batch lane) with the caller's deadline, and await the result. Before any
+decoding, the request's cost (padded pixels, tiles, passes, estimated memory)
+is checked against the per-request limits, and while the image is served its
+estimated memory is held in one server-wide budget. A caller that gives up
+(deadline, cancel) marks its image abandoned, so a tiled batch stops between
+passes. The ``segsvc.v1`` gRPC servicer, the Open Inference Protocol
 servicer and the batch-job runner are thin adapters over it: they turn their
 requests into arguments and the ``Segmentation`` into their responses, and
 never repeat this choreography (KServe's ``DataPlane`` under its servicer).
@@ -193,7 +195,8 @@ class InferenceService:
             if size is not None:  # refuse before decoding
                 check_pixels(*size, self.max_pixels)
                 self.admission.check(lm.engine.cost(*size, options), *size)
-            image, prepared = await self.run_io(self._prepare, source, lm.engine, options)
+            with lm.batcher.incoming(priority):  # a partial batch waits for this image only while it is decoded
+                image, prepared = await self.run_io(self._prepare, source, lm.engine, options)
             async with self.budget.hold(prepared.cost.peak_bytes, deadline):
                 future = lm.batcher.submit(prepared, deadline=deadline, priority=priority)
                 try:

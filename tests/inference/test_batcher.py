@@ -73,7 +73,8 @@ def test_flushes_a_partial_batch_after_max_delay():
         b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=0.05))
         b.start()
         t0 = time.perf_counter()
-        r = await b.submit(21)
+        with b.incoming():  # another item is on its way (and never comes): the batch waits for it
+            r = await b.submit(21)
         elapsed = time.perf_counter() - t0
         await b.stop()
         return r, elapsed
@@ -82,6 +83,77 @@ def test_flushes_a_partial_batch_after_max_delay():
     assert r.value == 42 and r.batch_size == 1
     assert 0.04 <= elapsed < 1.0
     assert 0.04 <= r.queue_s <= elapsed and 0.0 <= r.run_s <= elapsed - r.queue_s
+
+
+def test_a_lone_item_runs_at_once_when_nothing_else_is_on_its_way():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=60.0))  # run() gives up after 5 s
+        b.start()
+        first = await b.submit(1)  # nothing announced: no other item could join, so no reason to wait
+        second = await b.submit(2)
+        await b.stop()
+        return rec.batches, first, second
+
+    batches, first, second = run(main())
+    assert batches == [[1], [2]]
+    assert (first.value, first.batch_size, second.value) == (2, 1, 4)
+
+
+def test_a_partial_batch_waits_for_announced_items_and_goes_when_the_last_one_is_in():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=60.0))
+        b.start()
+        with b.incoming():  # item 2 is being decoded
+            with b.incoming():  # so is item 3, whose decoding will fail
+                first = b.submit(1)
+                for _ in range(3):
+                    await asyncio.sleep(0)  # the worker sees item 1 with company announced: it waits
+            for _ in range(3):
+                await asyncio.sleep(0)  # item 3 withdrawn, item 2 still announced: it keeps waiting
+            assert not first.done() and rec.batches == []
+            second = b.submit(2)
+        # the last announced item is in: the batch goes now, not after 60 s
+        results = await asyncio.gather(first, second)
+        assert b.incoming_count == 0
+        await b.stop()
+        return rec.batches, results
+
+    batches, results = run(main())
+    assert batches == [[1, 2]]
+    assert [(r.value, r.batch_size) for r in results] == [(2, 2), (4, 2)]
+
+
+def test_a_withdrawn_announcement_releases_the_waiting_batch():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=60.0))
+        b.start()
+        with pytest.raises(ValueError):
+            with b.incoming():  # the announced item fails while it is prepared
+                first = b.submit(1)
+                await asyncio.sleep(0)
+                raise ValueError("undecodable image")
+        result = await first
+        await b.stop()
+        return rec.batches, result, b.incoming_count
+
+    batches, result, incoming = run(main())
+    assert batches == [[1]] and result.value == 2 and incoming == 0
+
+
+def test_an_item_announced_in_the_batch_lane_does_not_hold_back_an_interactive_one():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=60.0, batch_holdoff_s=0))
+        b.start()
+        with b.incoming(Priority.BATCH):  # a job's image is being decoded
+            result = await b.submit(1)  # interactive: only interactive items could join its batch
+        await b.stop()
+        return result
+
+    assert run(main()).value == 2
 
 
 def test_items_with_different_keys_never_share_a_batch():
@@ -227,8 +299,9 @@ def test_stop_drains_queued_items_and_then_refuses_new_ones():
         rec = Recorder(delay_s=0.02)
         b = DynamicBatcher(rec, BatchingConfig(max_batch_size=2, max_delay_s=1.0))
         b.start()
-        futures = [b.submit(i) for i in range(5)]
-        await b.stop(drain=True)  # must not wait the 1 s delay: stopping flushes at once
+        with b.incoming():  # more is announced: the last partial batch would wait for it
+            futures = [b.submit(i) for i in range(5)]
+            await b.stop(drain=True)  # must not wait the 1 s delay: stopping flushes at once
         results = [f.result().value for f in futures]
         with pytest.raises(Unavailable):
             b.submit(9)
@@ -747,8 +820,9 @@ def test_stop_drains_by_default():
     async def main():
         b = DynamicBatcher(lambda xs: xs, BatchingConfig(max_batch_size=8, max_delay_s=5.0))
         b.start()
-        futures = [b.submit(i) for i in range(3)]  # a partial batch, waiting for company
-        await b.stop()
+        with b.incoming():
+            futures = [b.submit(i) for i in range(3)]  # a partial batch, waiting for company
+            await b.stop()
         return [f.result().value for f in futures]
 
     assert run(main()) == [0, 1, 2]
@@ -759,11 +833,12 @@ def test_a_partial_batch_keeps_waiting_for_its_key_while_other_keys_arrive():
         rec = Recorder()
         b = DynamicBatcher(rec, BatchingConfig(max_batch_size=4, max_delay_s=0.2), key=lambda s: s[0])
         b.start()
-        first = b.submit("a1")
-        await asyncio.sleep(0.005)  # the worker waits for a1's batch to fill
-        other = b.submit("b1")  # wakes the worker: not a reason to flush a1 early
-        await asyncio.sleep(0.005)
-        late = b.submit("a2")
+        with b.incoming():  # a2 is on its way
+            first = b.submit("a1")
+            await asyncio.sleep(0.005)  # the worker waits for a1's batch to fill
+            other = b.submit("b1")  # wakes the worker: not a reason to flush a1 early
+            await asyncio.sleep(0.005)
+            late = b.submit("a2")
         await asyncio.gather(first, other, late)
         await b.stop()
         return rec.batches
@@ -776,9 +851,10 @@ def test_an_interactive_item_does_not_wait_for_a_batch_lane_group_to_fill():
         rec = Recorder()
         b = DynamicBatcher(rec, BatchingConfig(max_batch_size=2, max_delay_s=0.5, batch_holdoff_s=0))
         b.start()
-        job = b.submit(1, priority=Priority.BATCH)
-        await asyncio.sleep(0.005)  # the batch-lane item waits up to 0.5 s for company
-        interactive = await asyncio.gather(b.submit(2), b.submit(3))
+        with b.incoming(Priority.BATCH):  # another job item is on its way
+            job = b.submit(1, priority=Priority.BATCH)
+            await asyncio.sleep(0.005)  # the batch-lane item waits up to 0.5 s for company
+            interactive = await asyncio.gather(b.submit(2), b.submit(3))
         await job
         await b.stop()
         return rec.batches, interactive
@@ -792,11 +868,12 @@ def test_a_group_cancelled_while_it_waits_for_company_does_not_stop_the_worker()
     async def main():
         b = DynamicBatcher(lambda xs: xs, BatchingConfig(max_batch_size=2, max_delay_s=5.0), key=lambda s: s[0])
         b.start()
-        lonely = b.submit("a1")
-        await asyncio.sleep(0.005)  # the worker waits for group "a" to fill
-        lonely.cancel()
-        await asyncio.sleep(0.005)
-        results = await asyncio.gather(b.submit("b1"), b.submit("b2"))  # another group wakes the worker
+        with b.incoming():
+            lonely = b.submit("a1")
+            await asyncio.sleep(0.005)  # the worker waits for group "a" to fill
+            lonely.cancel()
+            await asyncio.sleep(0.005)
+            results = await asyncio.gather(b.submit("b1"), b.submit("b2"))  # another group wakes the worker
         await b.stop()
         return [r.value for r in results], b.stats.dropped
 
