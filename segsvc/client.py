@@ -42,6 +42,8 @@ from segsvc.v1 import training_pb2 as tpb
 from segsvc.v1 import training_pb2_grpc as training_grpc
 from segsvc.wire import error_from_rpc, error_from_status, labels_from_proto
 
+STARTING_POLL_S = 0.1  # how often wait_for_server asks a server that is still loading its models
+
 ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
 
 ENCODINGS = {"raw": pb.OUTPUT_ENCODING_UNSPECIFIED, "png": pb.OUTPUT_ENCODING_PNG}
@@ -189,16 +191,31 @@ class SegmentationClient:
         self._channel.close()
 
     def wait_for_server(self, timeout_s: float) -> None:
-        """Block until the channel connects (a server just started may not listen yet).
+        """Block until a server listens and takes calls (one just started may not listen yet, and
+        answers UNAVAILABLE while it loads its models).
 
         Raises:
-            Unavailable: nothing accepted a connection at ``address`` within ``timeout_s``.
+            Unavailable: nothing accepted a connection at ``address`` within ``timeout_s``, or
+                the server there was still starting (or draining) when it ran out.
         """
+        deadline = time.monotonic() + timeout_s
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
             raise Unavailable(f"no server answered at {self.address} within {timeout_s:g} s: "
                               "is 'segsvc serve' running there?") from None
+        while True:  # a cheap call tells "starting" (UNAVAILABLE from the server's gate) from "ready"
+            left = deadline - time.monotonic()
+            try:
+                self._stub.ListModels(pb.ListModelsRequest(), timeout=max(left, 0.5), metadata=self._metadata)
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    return  # it answers; the caller's own call gets its own error (a missing token, ...)
+                if left <= 0:
+                    raise Unavailable(f"the server at {self.address} was still starting after {timeout_s:g} s: "
+                                      f"{exc.details()}") from None
+            time.sleep(min(STARTING_POLL_S, max(left, 0.0)))
 
     def __enter__(self) -> "SegmentationClient":
         return self

@@ -41,6 +41,49 @@ def test_wait_for_server_returns_once_a_server_listens(start_server, shared_repo
     assert outcome == [None]
 
 
+def test_wait_for_server_waits_while_the_server_loads_its_models(start_server, shared_repo, monkeypatch) -> None:
+    """A server listens before its models load and refuses calls meanwhile (UNAVAILABLE): the client's wait
+    covers that window too, so `segsvc serve & segsvc segment ...` works (this raced before)."""
+    import segsvc.client
+    from segsvc.inference.loader import VersionLoader
+
+    loading, release, refused = threading.Event(), threading.Event(), threading.Event()
+    build = VersionLoader._build_engine
+
+    def slow_build(self, name, version):  # type: ignore[no-untyped-def]
+        loading.set()
+        assert release.wait(120), "the test never released the model load"
+        return build(self, name, version)
+
+    monkeypatch.setattr(VersionLoader, "_build_engine", slow_build)
+    real_sleep = segsvc.client.time.sleep
+    monkeypatch.setattr(segsvc.client.time, "sleep", lambda s: (refused.set(), real_sleep(s)))
+    port = free_port()
+    starter = threading.Thread(target=lambda: start_server(shared_repo, port=port))
+    starter.start()
+    assert loading.wait(60)  # listening, models loading
+    outcome: list[BaseException | None] = []
+
+    def wait() -> None:
+        with SegmentationClient(f"127.0.0.1:{port}") as client:
+            try:
+                client.wait_for_server(120)
+                outcome.append(None if client.list_models() else AssertionError("no models"))
+            except BaseException as exc:  # reported to the test thread
+                outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    try:
+        assert refused.wait(60)  # the client was told "starting" at least once and is polling
+        assert outcome == []
+    finally:
+        release.set()
+        waiter.join(150)
+        starter.join(150)
+    assert outcome == [None]
+
+
 def test_no_server_is_unavailable_with_the_address() -> None:
     port = free_port()
     with SegmentationClient(f"127.0.0.1:{port}") as client:
