@@ -38,7 +38,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -49,6 +48,7 @@ import torch
 from torch import nn
 
 from segsvc.errors import ArtifactError, ExportError
+from segsvc.files import write_atomic
 from segsvc.export import (
     DEFAULT_CHECKS, DEFAULT_OPSET, DEFAULT_TOLERANCE, INPUT_NAME, MIN_AGREEMENT, ONNX_FILE, OUTPUT_NAME,
 )
@@ -181,22 +181,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    """``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _metadata(manifest: Manifest, stride: int, min_size: int) -> dict[str, str]:
     """``metadata_props`` of the graph, so the file alone says how to feed it."""
     return {
@@ -257,7 +241,7 @@ def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPS
         raise ArtifactError(f"{label}: its weights changed during the export; export again")
     weights_mode = (version_dir / WEIGHTS_FILE).stat().st_mode & 0o777
     path = version_dir / ONNX_FILE
-    _write_file(path, data, weights_mode)
+    write_atomic(path, data, weights_mode)
     sha = hashlib.sha256(data).hexdigest()
     entry = {
         "file": ONNX_FILE, "sha256": sha, "opset": opset, "torch": torch.__version__, "onnx": onnx.__version__,

@@ -28,11 +28,9 @@ the server's absolute paths, because they reach clients.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ import torch
 from torch import nn
 
 from segsvc.errors import ArtifactError, InvalidArgument, PathOutsideRoot, SegsvcError, UnknownModel, UnknownVersion
+from segsvc.files import write_atomic
 from segsvc.models.artifact import MANIFEST_FILE, Manifest, check_name, load_artifact, read_manifest
 
 log = logging.getLogger(__name__)
@@ -310,17 +309,7 @@ class ModelRepository:
             path.unlink(missing_ok=True)
             return
         self.resolve_version(name, version)  # must exist and be complete
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-default-", dir=model_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(f"{int(version)}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, f"{int(version)}\n".encode("ascii"))
 
     def version_dir(self, name: str, version: int | None = None) -> Path:
         """The directory of a complete version, checked to lead nowhere outside the root."""

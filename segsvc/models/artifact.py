@@ -11,7 +11,6 @@ and an existing version is never overwritten.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +29,7 @@ from torch import nn
 import segsvc
 from segsvc.config import InferenceSpec, InputSpec, ModelSpec
 from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument, SegsvcError
+from segsvc.files import write_atomic
 from segsvc.models.registry import build_model
 from segsvc.palette import Color, default_palette
 
@@ -270,23 +270,8 @@ def write_manifest(version_dir: str | os.PathLike[str], manifest: Manifest) -> P
         version_dir: ``<root>/<name>/<version>``; must exist.
         manifest: the manifest to write (its name and version should match the directory).
     """
-    version_dir = Path(version_dir)
-    path = version_dir / MANIFEST_FILE
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-manifest-", suffix=".json", dir=version_dir)
-    try:
-        # mkstemp makes the file 0600: keep the old manifest's mode so other readers still can
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(manifest.to_dict(), indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    data = (json.dumps(manifest.to_dict(), indent=2) + "\n").encode("utf-8")
+    return write_atomic(Path(version_dir) / MANIFEST_FILE, data)
 
 
 def _check_state(path: Path, expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], arch: str) -> None:

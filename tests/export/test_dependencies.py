@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ALLOWED = ("segsvc.models", "segsvc.config", "segsvc.errors", "segsvc.export", "segsvc.palette",
-           "segsvc.inference.backends", "segsvc.inference.contract")
+           "segsvc.inference.backends", "segsvc.inference.contract", "segsvc.files")
 
 
 def test_export_imports_only_lower_layers() -> None:
