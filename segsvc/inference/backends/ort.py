@@ -127,6 +127,9 @@ class OnnxRuntimeBackend(Backend):
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # warnings about unused initialisers are noise to a server log
+        # Idle intra-op threads sleep instead of spinning: between runs the server's own torch work (padding,
+        # arg-max) would otherwise share the cores with ORT's spinning pool.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         label = source.name if isinstance(source, Path) else "the exported graph"
         try:
             self.session = ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
