@@ -59,6 +59,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
+from segsvc.cli import CPU_BATCH_PIXELS  # noqa: E402  (segsvc serve's --max-batch-pixels auto on CPU)
 from segsvc.config import InferenceSpec, ModelSpec  # noqa: E402
 from segsvc.inference.codec import decode_image, encode_png  # noqa: E402
 from segsvc.inference.predictor import Predictor  # noqa: E402
@@ -73,7 +74,6 @@ TRAINED_REPOS = (ROOT / "runs" / "model_repository", ROOT / "runs" / "remeasure"
 CAMVID_VAL = ROOT.parent / "shared" / "datasets" / "camvid" / "val"
 # The CPU recipe (training/recipes/camvid-fcn8s.yaml), untrained: what the trained model costs to run.
 FALLBACK_SPEC = ModelSpec("fcn8s", 11, params={"base_channels": 16, "fc_channels": 512, "batch_norm": True})
-CPU_BATCH_PIXELS = 1 << 19  # segsvc serve's --max-batch-pixels auto on CPU (segsvc/cli.py)
 RAY_APP = "segsvc_bench"
 RAY_SERVICER = "segsvc.v1.segmentation_pb2_grpc.add_SegmentationServiceServicer_to_server"
 CONCURRENCY = (1, 4, 16)
@@ -157,7 +157,7 @@ def batch_cap(version_dir: Path, image: bytes, max_batch_size: int) -> int:
     h, w = predictor.input_tensor(decode_image(image)).shape[-2:]
     stride = predictor.stride
     padded = (-(-h // stride) * stride) * (-(-w // stride) * stride)
-    return max(1, min(max_batch_size, -(-CPU_BATCH_PIXELS // padded)))
+    return max(1, min(max_batch_size, CPU_BATCH_PIXELS // padded))  # the batcher keeps a batch within it
 
 
 def free_port() -> int:

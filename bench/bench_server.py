@@ -1,8 +1,10 @@
 """Server benchmarks: gRPC overhead and batching throughput, printed as ratios from one run.
 
-Two models, each with its own image, both served by real ``segsvc serve`` processes:
-``bench`` (U-Net base 4, depth 2, 512x512: so small that fixed costs dominate)
-and ``unet16`` (U-Net base 16, depth 4, 11 classes, 360x480: a realistic CamVid model).
+Three models, each with its own image, all served by real ``segsvc serve`` processes:
+``bench`` (U-Net base 4, depth 2, 512x512: so small that fixed costs dominate),
+``unet16`` (U-Net base 16, depth 4, 11 classes, 360x480: a realistic CamVid model)
+and ``fcn8s`` (the CamVid FCN-8s CPU recipe, 360x480 served at its contract's scale
+0.5: the network sees 180x240, small enough that batches of 8 fit the CPU pixel budget).
 
 1. overhead: ``Segment`` latency over gRPC (PNG in, PNG label map out, concurrency 1)
    divided by the in-process path doing the same work: decode the PNG, ``Engine.prepare``
@@ -30,7 +32,7 @@ scheduler (``OMP_WAIT_POLICY=default`` measures libgomp's own default). The load
 average is printed with the figures: compare ratios within one run only.
 ``request_stages.py`` breaks the overhead down per hop. Not part of the test suite.
 
-    python bench/bench_server.py [--models bench unet16] [--iters 40] [--rounds 2] [--runs 3]
+    python bench/bench_server.py [--models bench unet16 fcn8s] [--iters 40] [--rounds 2] [--runs 3]
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from segsvc.config import ModelSpec  # noqa: E402
+from segsvc.config import InferenceSpec, ModelSpec  # noqa: E402
 from segsvc.inference.codec import decode_image, encode_png  # noqa: E402
 from segsvc.inference.engine import InferenceOptions  # noqa: E402
 from segsvc.inference.manager import ManagerConfig, ModelManager  # noqa: E402
@@ -80,11 +82,14 @@ class BenchModel:
     name: str
     spec: ModelSpec
     size: tuple[int, int]  # image (height, width)
+    scale: float = 1.0  # the inference contract's input scale
 
 
 MODELS = {
     "bench": BenchModel("bench", ModelSpec("unet", 5, params={"base_channels": 4, "depth": 2}), (512, 512)),
     "unet16": BenchModel("unet16", ModelSpec("unet", 11, params={"base_channels": 16, "depth": 4}), (360, 480)),
+    "fcn8s": BenchModel("fcn8s", ModelSpec("fcn8s", 11, params={"base_channels": 16, "fc_channels": 512,
+                                                                  "batch_norm": True}), (360, 480), scale=0.5),
 }
 CONCURRENCY = (1, 4, 16)
 
@@ -108,7 +113,7 @@ def save_model(model: BenchModel, repo: Path) -> None:
         for _ in range(3):
             net(torch.randn(2, model.spec.in_channels, 64, 64))
     net.eval()
-    save_artifact(net, repo, model.name, spec=model.spec)
+    save_artifact(net, repo, model.name, spec=model.spec, inference=InferenceSpec(scale=model.scale))
 
 
 def configure_like_server(threads: int) -> None:
@@ -379,7 +384,7 @@ def report(model: BenchModel, r: dict, args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["bench", "unet16"])
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["bench", "unet16", "fcn8s"])
     parser.add_argument("--iters", type=int, default=40, help="latency samples for the overhead ratio")
     parser.add_argument("--requests-per-client", type=int, default=2, help="images per client in throughput runs")
     parser.add_argument("--rounds", type=int, default=2, help="alternating on/off rounds per measurement")
