@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from segsvc.config import InferenceSpec, InputSpec, ModelSpec
+from segsvc.config import InferenceSpec, InputSpec
 from segsvc.data.preprocess import preprocess
 from segsvc.errors import ModelConfigError
 from segsvc.inference.admission import estimate
@@ -32,22 +32,7 @@ from segsvc.inference.tiling import (
     tile_starts,
 )
 from segsvc.models.artifact import MANIFEST_FILE, load_artifact, read_manifest, save_artifact
-from segsvc.models.registry import build_model
-
-TINY = ModelSpec("unet", num_classes=3, in_channels=3, params={"base_channels": 4, "depth": 2})
-
-
-def calibrated_model(seed: int = 0) -> torch.nn.Module:
-    """A tiny U-Net (stride 4) whose BatchNorm statistics come from noise, so its labels vary across an image."""
-    torch.manual_seed(seed)
-    model = build_model(TINY)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(seed)))
-    return model.eval()
+from tests.inference.test_contract import TINY, calibrated_model
 
 
 def local_model(seed: int = 0) -> torch.nn.Module:
