@@ -24,6 +24,9 @@ import grpc
 from segsvc.errors import InvalidArgument
 
 GATED_PREFIXES = ("/segsvc.v1.", "/google.longrunning.Operations/", "/inference.GRPCInferenceService/")
+# Readiness probes of the Open Inference Protocol pass like gRPC health: while starting or draining they
+# answer ready=false (as Triton does) instead of UNAVAILABLE.
+PROBE_METHODS = tuple(f"/inference.GRPCInferenceService/{m}" for m in ("ServerLive", "ServerReady", "ModelReady"))
 REFUSED = "the server is starting or draining; retry on another replica or later"
 
 
@@ -32,10 +35,12 @@ class DrainGate(grpc.aio.ServerInterceptor):
 
     Args:
         prefixes: method paths the gate applies to.
+        probes: methods among them that always pass (readiness probes answer for themselves).
     """
 
-    def __init__(self, prefixes: tuple[str, ...] = GATED_PREFIXES) -> None:
+    def __init__(self, prefixes: tuple[str, ...] = GATED_PREFIXES, probes: tuple[str, ...] = PROBE_METHODS) -> None:
         self._prefixes = prefixes
+        self._probes = probes
         self.accepting = False
         self._active = 0
         self._idle = asyncio.Event()
@@ -67,7 +72,8 @@ class DrainGate(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(self._prefixes):
+        method = handler_call_details.method
+        if handler is None or not method.startswith(self._prefixes) or method in self._probes:
             return handler
         return self._wrap(handler, handler_call_details.method.rsplit("/", 1)[-1][:64])
 

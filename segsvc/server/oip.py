@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 
@@ -73,8 +73,10 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         limits: ``max_stream_in_flight`` bounds the images of one ``ModelInfer`` request.
     """
 
-    def __init__(self, service: InferenceService, limits: LimitsConfig) -> None:
+    def __init__(self, service: InferenceService, limits: LimitsConfig,
+                 accepting: Callable[[], bool] = lambda: True) -> None:
         self._service = service
+        self._accepting = accepting
         self._manager = service.manager
         self._max_images = limits.max_stream_in_flight
 
@@ -83,7 +85,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._manager.ready)
+        return pb.ServerReadyResponse(ready=self._accepting() and self._manager.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
         async def work() -> pb.ModelReadyResponse:
@@ -91,7 +93,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 lm = self._manager.resolve(request.name, convert.version_of(request.version))
             except NotFound:  # unknown or unloaded model or version: not ready (Triton answers the same)
                 return pb.ModelReadyResponse(ready=False)
-            return pb.ModelReadyResponse(ready=lm.batcher.running)
+            return pb.ModelReadyResponse(ready=self._accepting() and lm.batcher.running)
 
         return await guarded("ModelReady", context, work, log)
 
@@ -180,6 +182,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     LogSettings = _unimplemented("LogSettings", "use segsvc serve --log-level")
 
 
-def add_servicer(service: InferenceService, limits: LimitsConfig, server: grpc.aio.Server) -> None:
-    """Serve ``inference.GRPCInferenceService`` on ``server``."""
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(service, limits), server)
+def add_servicer(service: InferenceService, limits: LimitsConfig, server: grpc.aio.Server,
+                 accepting: Callable[[], bool] = lambda: True) -> None:
+    """Serve ``inference.GRPCInferenceService`` on ``server``; ``accepting()`` is False while the server
+    starts or drains (its readiness probes then answer not ready)."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(service, limits, accepting), server)
