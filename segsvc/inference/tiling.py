@@ -188,25 +188,43 @@ def sliding_window_logits(
         raise InvalidArgument(f"tile overlap must be in [0, 1), got {overlap}")
     if tile[0] < 1 or tile[1] < 1 or tile_batch < 1:
         raise InvalidArgument(f"tile size and tile batch must be positive, got tile={tile}, batch={tile_batch}")
-    n, _, h, w = images.shape
+    h, w = images.shape[-2:]
     th, tw = min(tile[0], h), min(tile[1], w)
     boxes = [(y, x) for y in tile_starts(h, th, overlap) for x in tile_starts(w, tw, overlap)]
-    window = blend_window(th, tw, images.device)
-    total: torch.Tensor | None = None
-    weight = torch.zeros((1, 1, h, w), dtype=torch.float32, device=images.device)
+    return _blend_tiles(logits_fn, images, boxes, (th, tw), (0, 0), (th, tw), (h, w), tile_batch, should_stop)
+
+
+def _blend_tiles(
+    logits_fn: LogitsFn,
+    source: torch.Tensor,
+    boxes: list[tuple[int, int]],
+    tile: tuple[int, int],
+    core_offset: tuple[int, int],
+    core: tuple[int, int],
+    size: tuple[int, int],
+    tile_batch: int,
+    should_stop: StopFn | None,
+) -> torch.Tensor:
+    """Run ``tile``-sized crops of ``source`` at ``boxes``, keep each result's ``core`` (at ``core_offset``
+    in the tile), and blend the cores with the sine window into ``[N, K, *size]`` logits. A core's
+    top-left corner in the output is its box's ``(y, x)``."""
+    n, (h, w), (th, tw), (oy, ox), (kh, kw) = source.shape[0], size, tile, core_offset, core
+    window = blend_window(kh, kw, source.device)
+    weight = torch.zeros((1, 1, h, w), dtype=torch.float32, device=source.device)
     for y, x in boxes:
-        weight[..., y : y + th, x : x + tw] += window
+        weight[..., y : y + kh, x : x + kw] += window
+    total: torch.Tensor | None = None
     crops = [(i, y, x) for i in range(n) for y, x in boxes]
     for start in range(0, len(crops), tile_batch):
         _check(should_stop)
         chunk = crops[start : start + tile_batch]
-        batch = torch.stack([images[i, :, y : y + th, x : x + tw] for i, y, x in chunk])
-        out = logits_fn(batch).float()
+        batch = torch.stack([source[i, :, y : y + th, x : x + tw] for i, y, x in chunk])
+        out = logits_fn(batch).float()[:, :, oy : oy + kh, ox : ox + kw]
         if total is None:
             total = torch.zeros((n, out.shape[1], h, w), dtype=torch.float32, device=out.device)
             window, weight = window.to(out.device), weight.to(out.device)
         for (i, y, x), logits in zip(chunk, out):
-            total[i, :, y : y + th, x : x + tw] += logits * window
+            total[i, :, y : y + kh, x : x + kw] += logits * window
     assert total is not None  # at least one tile always exists
     return total / weight
 
@@ -243,30 +261,13 @@ def overlap_tile_logits(
     if tile[0] < 1 or tile[1] < 1 or tile_batch < 1 or stride < 1:
         raise InvalidArgument(f"tile size, tile batch and stride must be positive, got tile={tile}, "
                               f"batch={tile_batch}, stride={stride}")
-    n, _, h, w = images.shape
+    h, w = images.shape[-2:]
     layout = overlap_tile_layout(h, w, tile, overlap, stride, min_size)
     (kh, kw), (ch, cw), (eh, ew) = layout.core, layout.context, layout.extra
     ih, iw = layout.input_size
     padded = mirror_pad(images, ch, ch + eh, cw, cw + ew)  # image row r is padded row r + ch
-    window = blend_window(kh, kw, images.device)
-    weight = torch.zeros((1, 1, h, w), dtype=torch.float32, device=images.device)
-    for y in layout.ys:
-        for x in layout.xs:
-            weight[..., y : y + kh, x : x + kw] += window
-    total: torch.Tensor | None = None
-    crops = [(i, y, x) for i in range(n) for y in layout.ys for x in layout.xs]
-    for start in range(0, len(crops), tile_batch):
-        _check(should_stop)
-        chunk = crops[start : start + tile_batch]
-        batch = torch.stack([padded[i, :, y : y + ih, x : x + iw] for i, y, x in chunk])
-        out = logits_fn(batch).float()[:, :, ch : ch + kh, cw : cw + kw]
-        if total is None:
-            total = torch.zeros((n, out.shape[1], h, w), dtype=torch.float32, device=out.device)
-            window, weight = window.to(out.device), weight.to(out.device)
-        for (i, y, x), logits in zip(chunk, out):
-            total[i, :, y : y + kh, x : x + kw] += logits * window
-    assert total is not None  # at least one tile always exists
-    return total / weight
+    boxes = [(y, x) for y in layout.ys for x in layout.xs]
+    return _blend_tiles(logits_fn, padded, boxes, (ih, iw), (ch, cw), (kh, kw), (h, w), tile_batch, should_stop)
 
 
 def hflip_tta_logits(logits_fn: LogitsFn, images: torch.Tensor, should_stop: StopFn | None = None) -> torch.Tensor:
