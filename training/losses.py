@@ -56,7 +56,7 @@ class CrossEntropy(nn.Module):
         return per_pixel.sum() / denom.clamp(min=1e-12)
 
 
-class BorderWeightedCrossEntropy(nn.Module):
+class BorderWeightedCrossEntropy(CrossEntropy):
     """Cross-entropy weighted per pixel by the U-Net paper's ``w(x) = w_c(x) + border(x)``.
 
     ``w_c`` is the class weight of the pixel's label (1 without class weights)
@@ -64,17 +64,10 @@ class BorderWeightedCrossEntropy(nn.Module):
     The value is ``sum(w * ce) / sum(w)`` over the counted pixels, so with
     ``border = 0`` it equals ``CrossEntropy(ignore_index, weight)``. Label
     smoothing, if any, smooths the unweighted per-pixel term before weighting.
+    Its settings are ``CrossEntropy``'s.
     """
 
-    def __init__(
-        self, ignore_index: int | None = 255, weight: torch.Tensor | None = None, label_smoothing: float = 0.0
-    ) -> None:
-        super().__init__()
-        self.ignore_index = -100 if ignore_index is None else ignore_index
-        self.label_smoothing = label_smoothing
-        self.register_buffer("weight", weight.float() if weight is not None else None)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, border: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, border: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         per_pixel = F.cross_entropy(
             logits, target, ignore_index=self.ignore_index, reduction="none", label_smoothing=self.label_smoothing
         )
@@ -225,6 +218,9 @@ def border_weights(
         window = (slice(max(y - grow, 0), min(y + bh + grow, h)), slice(max(x - grow, 0), min(x + bw + grow, w)))
         # distance of every window pixel to cell k (its zeros); exact, as cell k lies inside the window
         d = cv2.distanceTransform((labels[window] != k).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        # OpenCV's "precise" result wobbles by ~4e-6 from call to call (5.0.0); the true distance is
+        # sqrt(integer), so snapping the square makes it exact and the map the same on every call.
+        d = np.sqrt(np.rint(d * d))
         near, second = d1[window], d2[window]
         np.minimum(second, np.maximum(near, d), out=second)
         np.minimum(near, d, out=near)
