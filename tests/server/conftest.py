@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -226,3 +227,47 @@ def wait_for(condition, timeout_s: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
+
+
+def free_port() -> int:
+    """A local TCP port nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def held_start(start_server, monkeypatch):
+    """Factory: ``held_start(repo) -> (port, release)`` starts a server on a thread and returns once it
+    listens with its first model load held (its gate refuses calls: "starting"); ``release()`` lets the
+    load finish and waits for the start to complete. Released at teardown in any case."""
+    from segsvc.inference.loader import VersionLoader
+
+    loading, go = threading.Event(), threading.Event()
+    build = VersionLoader._build_engine
+    starters: list[threading.Thread] = []
+
+    def slow_build(self, name, version):  # type: ignore[no-untyped-def]
+        loading.set()
+        assert go.wait(120), "the test never released the model load"
+        return build(self, name, version)
+
+    monkeypatch.setattr(VersionLoader, "_build_engine", slow_build)
+
+    def release() -> None:
+        go.set()
+        for thread in starters:
+            thread.join(150)
+
+    def start(repo: Path) -> tuple[int, Callable[[], None]]:
+        port = free_port()
+        starter = threading.Thread(target=lambda: start_server(repo, port=port))
+        starters.append(starter)
+        starter.start()
+        assert loading.wait(60), "the server never began loading its models"
+        return port, release
+
+    yield start
+    release()

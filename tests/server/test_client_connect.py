@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
@@ -10,12 +9,7 @@ import pytest
 from segsvc.cli import main
 from segsvc.client import SegmentationClient
 from segsvc.errors import Unavailable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.server.conftest import free_port
 
 
 def test_wait_for_server_returns_once_a_server_listens(start_server, shared_repo) -> None:
@@ -41,27 +35,15 @@ def test_wait_for_server_returns_once_a_server_listens(start_server, shared_repo
     assert outcome == [None]
 
 
-def test_wait_for_server_waits_while_the_server_loads_its_models(start_server, shared_repo, monkeypatch) -> None:
+def test_wait_for_server_waits_while_the_server_loads_its_models(held_start, shared_repo, monkeypatch) -> None:
     """A server listens before its models load and refuses calls meanwhile (UNAVAILABLE): the client's wait
     covers that window too, so `segsvc serve & segsvc segment ...` works (this raced before)."""
     import segsvc.client
-    from segsvc.inference.loader import VersionLoader
 
-    loading, release, refused = threading.Event(), threading.Event(), threading.Event()
-    build = VersionLoader._build_engine
-
-    def slow_build(self, name, version):  # type: ignore[no-untyped-def]
-        loading.set()
-        assert release.wait(120), "the test never released the model load"
-        return build(self, name, version)
-
-    monkeypatch.setattr(VersionLoader, "_build_engine", slow_build)
+    refused = threading.Event()
     real_sleep = segsvc.client.time.sleep
     monkeypatch.setattr(segsvc.client.time, "sleep", lambda s: (refused.set(), real_sleep(s)))
-    port = free_port()
-    starter = threading.Thread(target=lambda: start_server(shared_repo, port=port))
-    starter.start()
-    assert loading.wait(60)  # listening, models loading
+    port, release = held_start(shared_repo)
     outcome: list[BaseException | None] = []
 
     def wait() -> None:
@@ -78,9 +60,8 @@ def test_wait_for_server_waits_while_the_server_loads_its_models(start_server, s
         assert refused.wait(60)  # the client was told "starting" at least once and is polling
         assert outcome == []
     finally:
-        release.set()
+        release()
         waiter.join(150)
-        starter.join(150)
     assert outcome == [None]
 
 

@@ -238,33 +238,13 @@ def test_repository_index_load_and_unload_need_the_manage_scope(start_server, tm
 
 
 
-def test_probes_answer_not_ready_while_the_server_starts(start_server, tmp_path, monkeypatch):
+def test_probes_answer_not_ready_while_the_server_starts(held_start, tmp_path):
     """Readiness probes are not refused by the start/drain gate: live, not ready (as Triton), then ready."""
-    import socket
-    import threading
-
-    from segsvc.inference.loader import VersionLoader
-
     publish(tmp_path / "repo", "m", seed=2)
-    loading, release = threading.Event(), threading.Event()
-    build = VersionLoader._build_engine
-
-    def slow_build(self, name, version):  # type: ignore[no-untyped-def]
-        loading.set()
-        assert release.wait(120), "the test never released the model load"
-        return build(self, name, version)
-
-    monkeypatch.setattr(VersionLoader, "_build_engine", slow_build)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    starter = threading.Thread(target=lambda: start_server(tmp_path / "repo", port=port))
-    starter.start()
+    port, release = held_start(tmp_path / "repo")  # listening; the model loads and the gate refuses calls
+    client = triton.InferenceServerClient(f"127.0.0.1:{port}")
     try:
-        assert loading.wait(60)  # listening; the model is loading and the gate refuses other calls
-        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
         assert client.is_server_live() and not client.is_server_ready() and not client.is_model_ready("m")
     finally:
-        release.set()
-        starter.join(150)
+        release()
     assert client.is_server_ready() and client.is_model_ready("m")
