@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from segsvc.errors import SegsvcError
+from training.ema import WeightAverage
 
 
 class CheckpointError(SegsvcError):
@@ -119,6 +120,7 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler,
     run: RunState,
     config: dict[str, Any],
+    ema: WeightAverage | None = None,
 ) -> None:
     """Atomically write the state after ``run.epoch`` finished epochs: a temporary file, synced, renamed."""
     state = {
@@ -130,6 +132,8 @@ def save_checkpoint(
         "config": config,
         "rng": capture_rng_state(),
     }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -159,12 +163,18 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
+    ema: WeightAverage | None = None,
 ) -> RunState:
     """Load a checkpoint's states into freshly built objects, restore the RNGs, return the loop's state."""
     run = RunState.from_dict(state)
+    if (ema is not None) != ("ema" in state):
+        raise CheckpointError("the checkpoint and the recipe disagree on train.ema_decay (a weight average "
+                              f"{'is' if 'ema' in state else 'is not'} in the checkpoint)")
     try:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint does not match this model or optimiser: {exc}") from None
     scheduler.load_state_dict(state["scheduler"])

@@ -92,6 +92,9 @@ class DataConfig:
     ``train_indices``/``val_indices`` select samples by position
     (``[start, stop]`` ranges); ``train_limit``/``val_limit`` keep the first N;
     ``repeat`` lists the training samples that many times per epoch (small data sets).
+    ``class_uniform`` is the fraction of training crops taken around a pixel of a
+    class drawn uniformly from the classes of the image (class-uniform sampling,
+    ``segsvc.data.transforms.ClassUniformCrop``); 0 keeps uniform random crops.
     """
 
     spec: Str
@@ -110,14 +113,22 @@ class DataConfig:
     val_limit: Int | None = None
     repeat: Int = 1
     workers: Int = 0
+    class_uniform: Float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.class_uniform <= 1.0:
+            raise ValueError(f"data.class_uniform is a fraction of the crops in [0, 1], got {self.class_uniform}")
+        if self.class_uniform and self.crop is None:
+            raise ValueError("data.class_uniform needs data.crop (the crop size to sample)")
 
 
 @dataclass(frozen=True, config=_SECTION)
 class LossTerm:
-    """One weighted term of the loss: ``ce``, ``dice``, ``focal``, ``lovasz`` or ``weighted_ce``
-    (cross-entropy with the U-Net paper's border weights; needs ``loss.border_weight``)."""
+    """One weighted term of the loss: ``ce``, ``dice``, ``focal``, ``lovasz``, ``ohem`` (cross-entropy
+    over the hardest ``loss.ohem_keep`` of the pixels) or ``weighted_ce`` (cross-entropy with the
+    U-Net paper's border weights; needs ``loss.border_weight``)."""
 
-    name: Literal["ce", "dice", "focal", "lovasz", "weighted_ce"]
+    name: Literal["ce", "dice", "focal", "lovasz", "ohem", "weighted_ce"]
     weight: Float = 1.0
 
 
@@ -146,6 +157,7 @@ class LossConfig:
     as used by SegNet) or an explicit list with one weight per class; they are
     also the ``w_c`` of the ``weighted_ce`` term (``null``: 1 for every class).
     ``border_weight`` configures ``weighted_ce`` and is required by it.
+    ``ohem_keep`` is the fraction of a batch's pixels (the highest losses) the ``ohem`` term counts.
     """
 
     terms: tuple[LossTerm, ...] = (LossTerm("ce"),)
@@ -153,6 +165,7 @@ class LossConfig:
     focal_gamma: Float = 2.0
     label_smoothing: Float = 0.0
     border_weight: BorderWeightConfig | None = None
+    ohem_keep: Float = 0.25
 
     def __post_init__(self) -> None:
         uses_border, border = any(term.name == "weighted_ce" for term in self.terms), self.border_weight
@@ -162,6 +175,8 @@ class LossConfig:
             raise ValueError("border_weight is only used by a weighted_ce term: add one to terms")
         if border is not None and (border.sigma <= 0 or border.w0 < 0 or border.max_components < 2):
             raise ValueError("border_weight needs sigma > 0, w0 >= 0 and max_components >= 2")
+        if not 0.0 < self.ohem_keep <= 1.0:
+            raise ValueError(f"ohem_keep is a fraction of the pixels in (0, 1], got {self.ohem_keep}")
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -197,7 +212,10 @@ class ScheduleConfig:
 class LoopConfig:
     """The training loop. ``max_time_min`` is a wall-clock budget: training stops
     after the epoch that exceeds it (the schedule is not shortened).
-    ``early_stopping_patience`` counts validations without a new best mIoU."""
+    ``early_stopping_patience`` counts validations without a new best mIoU.
+    ``ema_decay`` (e.g. 0.999) keeps an exponential moving average of the weights,
+    updated after every optimiser step (``training.ema``); validation, the best
+    checkpoint and the published model then use the average."""
 
     epochs: Int = 10
     batch_size: Int = 8
@@ -213,7 +231,12 @@ class LoopConfig:
     threads: Int | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     grad_clip_norm: Float | None = None
+    ema_decay: Float | None = None
     progress: Bool = True
+
+    def __post_init__(self) -> None:
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must lie in (0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True, config=_SECTION)

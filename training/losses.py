@@ -56,6 +56,45 @@ class CrossEntropy(nn.Module):
         return per_pixel.sum() / denom.clamp(min=1e-12)
 
 
+class HardPixelCrossEntropy(CrossEntropy):
+    """Online hard example mining (Shrivastava et al., CVPR 2016, per pixel as in semantic segmentation):
+    cross-entropy over the ``keep`` fraction of a batch's counted pixels with the highest loss.
+
+    Easy pixels (most of the road and sky) stop contributing once learnt, so a short
+    budget is spent on the hard ones: thin classes and object borders. Class weights
+    and label smoothing apply as in ``CrossEntropy``; the value is the weighted mean
+    over the kept pixels. ``keep=1`` is plain ``CrossEntropy``.
+    """
+
+    def __init__(
+        self, ignore_index: int | None = 255, weight: torch.Tensor | None = None, label_smoothing: float = 0.0,
+        keep: float = 0.25,
+    ) -> None:
+        super().__init__(ignore_index, weight, label_smoothing)
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"the ohem term keeps a fraction of the pixels in (0, 1], got {keep}")
+        self.keep = keep
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_pixel = F.cross_entropy(
+            logits, target, weight=self.weight, ignore_index=self.ignore_index,
+            reduction="none", label_smoothing=self.label_smoothing,
+        ).flatten()
+        valid = (target != self.ignore_index).flatten()
+        counted = int(valid.sum())
+        if counted == 0:
+            return per_pixel.sum() * 0.0
+        k = max(1, math.ceil(self.keep * counted))
+        # ignored pixels have loss 0 and must never be picked before a counted one
+        ranked = torch.where(valid, per_pixel.detach(), torch.full_like(per_pixel, -1.0))
+        hard = ranked.topk(k, sorted=False).indices
+        if self.weight is None:
+            denom = torch.tensor(float(k), device=per_pixel.device)
+        else:
+            denom = self.weight[target.flatten()[hard].clamp(0, len(self.weight) - 1)].sum()
+        return per_pixel[hard].sum() / denom.clamp(min=1e-12)
+
+
 class BorderWeightedCrossEntropy(CrossEntropy):
     """Cross-entropy weighted per pixel by the U-Net paper's ``w(x) = w_c(x) + border(x)``.
 
@@ -132,6 +171,7 @@ def build_loss(
             "multiclass", gamma=cfg.focal_gamma, ignore_index=ignore_index, class_weights=weights_list
         ),
         "lovasz": lambda: smp_losses.LovaszLoss("multiclass", ignore_index=ignore_index),
+        "ohem": lambda: HardPixelCrossEntropy(ignore_index, class_weights, cfg.label_smoothing, cfg.ohem_keep),
         "weighted_ce": lambda: BorderWeightedCrossEntropy(ignore_index, class_weights, cfg.label_smoothing),
     }
     return WeightedSum([(t.name, t.weight, factories[t.name]()) for t in cfg.terms])

@@ -49,6 +49,7 @@ from training.config import LoopConfig, TrainConfig, load_config
 from training.curves import cpu_time_row
 from training.data import EvalSamples, TrainSamples, rescale_transform, sample_seed, select_indices, stack_batch
 from training.distributed import DistEnv, broadcast_from_main, log, setup_distributed
+from training.ema import WeightAverage
 from training.events import EVENTS_FILE, EventLog, Terminated, sigterm_raises
 from training.finetune import describe_init, init_from_artifact
 from training.losses import border_weight_function, build_loss, class_pixel_counts, median_frequency_weights
@@ -116,10 +117,13 @@ def _main(
     horizon = Horizon(total_steps=steps_per_epoch * loop.epochs)
     scheduler = build_scheduler(cfg.schedule, optimizer, steps_per_epoch, horizon)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype is torch.float16)
+    ema = WeightAverage(unwrap(model), loop.ema_decay) if loop.ema_decay is not None else None
+    scored = ema.module if ema is not None else unwrap(model)  # what validation measures and publish writes
 
     run = RunState()
     if checkpoint is not None:
-        run = restore_training_state(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        run = restore_training_state(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                     ema=ema)
         log(env, f"resumed from {run_dir / CHECKPOINT} after epoch {run.epoch}")
     if env.is_main:
         write_metrics_file(run_dir, run.history)
@@ -140,16 +144,16 @@ def _main(
         t0 = time.perf_counter()
         seed_epoch(loop, epoch, env, train_set, train_loader)
         stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, env, epoch, loop,
-                                amp_dtype, memory_format, events=events)
+                                amp_dtype, memory_format, events=events, ema=ema)
         row: dict[str, Any] = {"epoch": epoch + 1, **stats}
         if should_validate(cfg, run, row, planned, time.perf_counter() - t0, env):
-            backend = TorchBackend(unwrap(model), geometry, env.device, data.channels, autocast=amp_dtype,
+            backend = TorchBackend(scored, geometry, env.device, data.channels, autocast=amp_dtype,
                                    channels_last=memory_format == torch.channels_last)
             metrics = evaluate(backend, val_loader, data.num_classes, data.ignore_index, loop.progress, env,
                                contract)
             row.update(validation_row(metrics))
             if run.record_validation(metrics.miou) and env.is_main:
-                save_best(run_dir, unwrap(model), epoch + 1, metrics, data.class_names)
+                save_best(run_dir, scored, epoch + 1, metrics, data.class_names)
         run.epoch = epoch + 1
         epoch_s = time.perf_counter() - t0
         run.elapsed_s += epoch_s
@@ -159,7 +163,7 @@ def _main(
         events.emit("epoch", **epoch_event(row, planned, run))
         if env.is_main:
             save_checkpoint(run_dir / CHECKPOINT, model=model, optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, run=run, config=cfg.to_dict())
+                            scaler=scaler, run=run, config=cfg.to_dict(), ema=ema)
             events.emit("checkpoint", epoch=run.epoch, path=str(run_dir / CHECKPOINT))
             append_metrics(run_dir, row)
             plot_training_curve(run.history, run_dir / "training_curve.png", title=cfg.name)
@@ -175,7 +179,7 @@ def _main(
 
     if not env.is_main:
         return None, reason
-    artifact = publish(cfg, spec, data, run_dir, unwrap(model), run.history, run.elapsed_s)
+    artifact = publish(cfg, spec, data, run_dir, scored, run.history, run.elapsed_s)
     manifest = read_manifest(artifact)
     events.emit("published", path=str(artifact), name=manifest.name, version=manifest.version,
                 metrics=dict(manifest.metrics))
@@ -196,8 +200,11 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None,
     memory_format: torch.memory_format,
     events: EventLog | None = None,
+    ema: WeightAverage | None = None,
 ) -> dict[str, Any]:
     """One pass over the training data with gradient accumulation; returns rank-averaged statistics.
+
+    ``ema``, when given, is updated after every optimiser step.
 
     ``events`` gets a ``step`` line every few seconds and after the last step
     (this rank's running loss; computed only when a line is due).
@@ -233,6 +240,8 @@ def train_one_epoch(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if ema is not None:
+                ema.update(unwrap(model))
         loss_sum += loss.detach()
         for name, value in getattr(criterion, "last_terms", {}).items():
             term_sums[name] = term_sums.get(name, 0.0) + value
@@ -362,7 +371,8 @@ def build_datasets(cfg: TrainConfig, data: DatasetSpec, stride: int) -> tuple[Tr
             f"use --set data.crop=[{fix[0]},{fix[1]}]"
         )
     steps = [t for t in (rescale_transform(cfg.data.scale),) if t is not None]
-    preset = train_transform(cfg.data.preset, crop=crop, ignore_index=data.ignore_index)
+    preset = train_transform(cfg.data.preset, crop=crop, ignore_index=data.ignore_index,
+                             class_uniform=cfg.data.class_uniform)
     transform = A.Compose([*steps, preset]) if steps else preset
     base_train = build_dataset(data, cfg.data.train_split)
     base_val = build_dataset(data, cfg.data.val_split)

@@ -16,44 +16,88 @@ loss nor metrics.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import albumentations as A
 import cv2
 import numpy as np
+from albumentations.augmentations.crops.transforms import BaseCrop
 
 from segsvc.data.preprocess import as_hwc, preprocess
 from segsvc.errors import InvalidArgument
 
-__all__ = ["PRESETS", "as_hwc", "preprocess", "train_transform"]
+__all__ = ["PRESETS", "ClassUniformCrop", "as_hwc", "preprocess", "train_transform"]
 
 
 # -- training augmentation presets ---------------------------------------------------------
-def _pad_and_crop(crop_hw: tuple[int, int] | None, ignore_index: int) -> list[A.BasicTransform]:
-    """Pad to at least the crop (mask padding = ignore), then take a random crop."""
+class ClassUniformCrop(BaseCrop):
+    """A crop of ``height x width`` that, for a ``fraction`` of the samples, contains a pixel of a
+    class drawn uniformly from the classes present in the mask (class-uniform sampling, Zhu et al.,
+    CVPR 2019); the other crops are uniform random crops, as ``A.RandomCrop``'s.
+
+    Rare classes (poles, signs, pedestrians) are then seen in far more crops
+    than their pixel share gives them, without re-weighting the loss. The drawn
+    pixel lies at a uniformly random position inside the crop (clamped to the
+    image). The image must be at least the crop size (the presets pad first).
+
+    Example:
+        >>> mask = np.zeros((64, 64), np.uint8); mask[60, 2] = 1
+        >>> t = A.Compose([ClassUniformCrop(8, 8, fraction=1.0, ignore_index=255)], seed=0)
+        >>> hits = sum(1 in t(image=np.zeros((64, 64, 3), np.uint8), mask=mask)["mask"] for _ in range(20))
+        >>> hits > 5   # a uniform crop would contain the pixel about 1 time in 57
+        True
+    """
+
+    def __init__(self, height: int, width: int, fraction: float, ignore_index: int, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        if not 0.0 <= fraction <= 1.0:
+            raise InvalidArgument(f"the class-uniform fraction of crops must lie in [0, 1], got {fraction}")
+        self.height, self.width, self.fraction, self.ignore_index = height, width, fraction, ignore_index
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        if h < self.height or w < self.width:
+            raise InvalidArgument(f"ClassUniformCrop: the image ({h}x{w}) is smaller than the crop "
+                                  f"({self.height}x{self.width}); pad it first")
+        rng = self.random_generator
+        y0, x0 = int(rng.integers(h - self.height + 1)), int(rng.integers(w - self.width + 1))
+        mask = data.get("mask")
+        if mask is not None and rng.random() < self.fraction:
+            labels = np.asarray(mask).reshape(h, w)
+            counts = np.bincount(labels.ravel())
+            present = [c for c in np.flatnonzero(counts) if c != self.ignore_index]
+            if present:
+                ys, xs = np.nonzero(labels == present[int(rng.integers(len(present)))])
+                k = int(rng.integers(len(ys)))
+                y0 = min(max(int(ys[k]) - int(rng.integers(self.height)), 0), h - self.height)
+                x0 = min(max(int(xs[k]) - int(rng.integers(self.width)), 0), w - self.width)
+        return {"crop_coords": (x0, y0, x0 + self.width, y0 + self.height)}
+
+
+def _pad_and_crop(crop_hw: tuple[int, int] | None, ignore_index: int, class_uniform: float = 0.0) -> list[A.BasicTransform]:
+    """Pad to at least the crop (mask padding = ignore), then take a random (or class-uniform) crop."""
     if crop_hw is None:
         return []
     h, w = crop_hw
+    crop = ClassUniformCrop(h, w, class_uniform, ignore_index) if class_uniform > 0 else A.RandomCrop(height=h, width=w)
     return [
         A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=ignore_index),
-        A.RandomCrop(height=h, width=w),
+        crop,
     ]
 
 
-def _street(crop_hw: tuple[int, int] | None, ignore_index: int) -> list[A.BasicTransform]:
+def _street(crop: list[A.BasicTransform]) -> list[A.BasicTransform]:
     """Street scenes (CamVid): scale jitter 0.5-2x, pad + random crop, horizontal flip, colour jitter."""
-    if crop_hw is None:
-        raise InvalidArgument("the 'street' preset changes the image size: give crop_hw=(height, width)")
     return [
         A.RandomScale(scale_limit=(-0.5, 1.0), interpolation=cv2.INTER_LINEAR,
                       mask_interpolation=cv2.INTER_NEAREST, p=1.0),
-        *_pad_and_crop(crop_hw, ignore_index),
+        *crop,
         A.HorizontalFlip(p=0.5),
         A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=0.8),
     ]  # fmt: skip
 
 
-def _em(crop_hw: tuple[int, int] | None, ignore_index: int) -> list[A.BasicTransform]:
+def _em(crop: list[A.BasicTransform]) -> list[A.BasicTransform]:
     """Electron microscopy (ISBI): no preferred orientation, so flips and 90-degree turns;
     elastic deformation as in the U-Net paper; brightness/contrast for section-to-section variation.
 
@@ -69,30 +113,31 @@ def _em(crop_hw: tuple[int, int] | None, ignore_index: int) -> list[A.BasicTrans
         A.ElasticTransform(alpha=300, sigma=10, interpolation=cv2.INTER_LINEAR,
                            mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
         A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.8),
-        *_pad_and_crop(crop_hw, ignore_index),
+        *crop,
     ]  # fmt: skip
 
 
-def _synthetic(crop_hw: tuple[int, int] | None, ignore_index: int) -> list[A.BasicTransform]:
+def _synthetic(crop: list[A.BasicTransform]) -> list[A.BasicTransform]:
     """The synthetic shapes: flips plus light colour jitter (the generator already varies a lot)."""
     return [
-        *_pad_and_crop(crop_hw, ignore_index),
+        *crop,
         A.HorizontalFlip(p=0.5),
         A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.02, p=0.5),
     ]
 
 
-def _none(crop_hw: tuple[int, int] | None, ignore_index: int) -> list[A.BasicTransform]:
-    """No augmentation; with ``crop_hw``, only pad + random crop so mixed sizes can be batched."""
-    return _pad_and_crop(crop_hw, ignore_index)
+def _none(crop: list[A.BasicTransform]) -> list[A.BasicTransform]:
+    """No augmentation; with a crop size, only pad + random crop so mixed sizes can be batched."""
+    return crop
 
 
-PRESETS: dict[str, Callable[[tuple[int, int] | None, int], list[A.BasicTransform]]] = {
+PRESETS: dict[str, Callable[[list[A.BasicTransform]], list[A.BasicTransform]]] = {
     "street": _street,
     "em": _em,
     "synthetic": _synthetic,
     "none": _none,
 }
+NEEDS_CROP = frozenset({"street"})  # presets that change the image size, so batches need a crop
 
 
 def train_transform(
@@ -102,6 +147,7 @@ def train_transform(
     seed: int | None = None,
     *,
     crop: tuple[int, int] | None = None,
+    class_uniform: float = 0.0,
 ) -> A.Compose:
     """The named training augmentation, applied as ``t(image=uint8, mask=labels)``.
 
@@ -114,6 +160,8 @@ def train_transform(
             datasets reseed it per DataLoader worker, so workers do not repeat
             each other.
         crop: the same as ``crop_hw`` (the name the internal contract uses).
+        class_uniform: the fraction of crops drawn around a pixel of a class chosen
+            uniformly from the mask's classes (``ClassUniformCrop``); 0 is plain random crops.
 
     Example:
         >>> t = train_transform("street", crop_hw=(64, 64), seed=0)
@@ -134,5 +182,10 @@ def train_transform(
         raise InvalidArgument("cropping pads masks with the ignore index, but the dataset has none")
     if ignore_index is not None and not 0 <= ignore_index <= 65535:
         raise InvalidArgument(f"ignore_index must fit a mask pixel (0..65535), got {ignore_index}")
+    if preset in NEEDS_CROP and crop_hw is None:
+        raise InvalidArgument(f"the {preset!r} preset changes the image size: give crop_hw=(height, width)")
+    if class_uniform and crop_hw is None:
+        raise InvalidArgument("class-uniform crops need a crop size")
     size = (int(crop_hw[0]), int(crop_hw[1])) if crop_hw is not None else None
-    return A.Compose(build(size, ignore_index if ignore_index is not None else 0), seed=seed)
+    crop = _pad_and_crop(size, ignore_index if ignore_index is not None else 0, class_uniform)
+    return A.Compose(build(crop), seed=seed)

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from segsvc.data.transforms import PRESETS, train_transform
+from segsvc.data.transforms import PRESETS, ClassUniformCrop, train_transform
 from segsvc.errors import InvalidArgument
 
 COLOURS = np.array([[230, 30, 30], [30, 230, 30], [30, 30, 230]], np.uint8)
@@ -131,3 +131,44 @@ def test_alignment_check_catches_a_one_sided_transform() -> None:
     for moved in (COLOURS[labels][:, ::-1], np.roll(COLOURS[labels], 4, axis=1)):
         with pytest.raises(AssertionError, match="misaligned"):
             assert_aligned(moved, labels)
+
+
+def rare_pixel_crops(fraction: float, n: int = 200) -> float:
+    """Share of 8x8 crops of a 64x64 mask that contain its one pixel of class 1."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[60, 2] = 1
+    image = np.zeros((64, 64, 3), np.uint8)
+    t = A.Compose([ClassUniformCrop(8, 8, fraction, ignore_index=255)], seed=3)
+    return sum(bool((t(image=image, mask=mask)["mask"] == 1).any()) for _ in range(n)) / n
+
+
+def test_class_uniform_crops_find_a_rare_class_as_often_as_a_common_one() -> None:
+    # two classes present: class 1 is drawn half the time, and its one pixel is then always in the crop
+    assert 0.4 < rare_pixel_crops(1.0) < 0.6
+    assert rare_pixel_crops(0.0) < 0.05  # uniform crops: 1 in 57 on average
+    assert 0.15 < rare_pixel_crops(0.5) < 0.35
+
+
+def test_class_uniform_crops_never_draw_the_ignore_index_and_keep_image_and_mask_aligned() -> None:
+    mask = np.full((40, 50), 255, np.uint8)
+    mask[35:37, 44:46] = 2
+    image = np.dstack([np.arange(40 * 50).reshape(40, 50) % 251] * 3).astype(np.uint8)
+    t = A.Compose([ClassUniformCrop(8, 16, 1.0, ignore_index=255)], seed=0)
+    for _ in range(30):
+        out = t(image=image, mask=mask)
+        assert (out["mask"] == 2).any()  # the only class; void is never the drawn one
+        y, x = np.argwhere(out["mask"] == 2)[0]
+        ys, xs = np.argwhere((image[..., 0] == out["image"][y, x, 0]) & (mask == 2))[0]
+        assert (mask[ys - y: ys - y + 8, xs - x: xs - x + 16] == out["mask"]).all()
+
+
+def test_class_uniform_crops_in_a_preset_and_their_errors() -> None:
+    t = train_transform("street", crop_hw=(32, 48), class_uniform=1.0, seed=0)
+    out = t(image=np.zeros((20, 30, 3), np.uint8), mask=np.ones((20, 30), np.uint8))
+    assert out["image"].shape == (32, 48, 3) and out["mask"].shape == (32, 48)
+    with pytest.raises(InvalidArgument, match="fraction"):
+        ClassUniformCrop(8, 8, 1.5, ignore_index=255)
+    with pytest.raises(InvalidArgument, match="crop size"):
+        train_transform("none", class_uniform=0.5)
+    with pytest.raises(InvalidArgument, match="smaller than the crop"):
+        A.Compose([ClassUniformCrop(8, 8, 1.0, 255)])(image=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), np.uint8))

@@ -54,6 +54,9 @@ def test_dotted_overrides_are_typed_and_nested(tmp_path):
         ("optim.lr=true", "optim.lr: expected a number"),
         ("loss.class_weights=[a]", "loss.class_weights: expected 'median_frequency', null or a list of numbers"),
         ("model.init_from=3", "model.init_from: expected a string"),
+        ("data.class_uniform=1.5", "data.class_uniform is a fraction of the crops in [0, 1], got 1.5"),
+        ("train.ema_decay=1.0", "train.ema_decay must lie in (0, 1), got 1.0"),
+        ("loss.ohem_keep=0", "ohem_keep is a fraction of the pixels in (0, 1], got 0"),
     ],
 )
 def test_bad_overrides_name_the_key(tmp_path, override, message):

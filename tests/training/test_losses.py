@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from training.config import LossConfig, LossTerm
-from training.losses import CrossEntropy, build_loss, class_pixel_counts, median_frequency_weights
+from training.losses import CrossEntropy, HardPixelCrossEntropy, build_loss, class_pixel_counts, median_frequency_weights
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +34,7 @@ def test_cross_entropy_of_a_fully_void_batch_is_zero_not_nan():
     assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
 
 
-@pytest.mark.parametrize("name", ["ce", "dice", "focal", "lovasz"])
+@pytest.mark.parametrize("name", ["ce", "dice", "focal", "lovasz", "ohem"])
 def test_every_term_ignores_void_pixels(name):
     logits, target = batch()
     loss = build_loss(LossConfig(terms=(LossTerm(name),)), 3, 255)
@@ -43,6 +43,29 @@ def test_every_term_ignores_void_pixels(name):
     a, b = loss(logits, target), loss(changed, target)
     assert torch.isfinite(a)
     assert a.item() == pytest.approx(b.item(), rel=1e-5, abs=1e-6)
+
+
+def test_ohem_is_the_weighted_mean_over_the_hardest_counted_pixels():
+    logits, target = batch(3)
+    weight = torch.tensor([0.5, 1.0, 2.0])
+    per_pixel = nn.functional.cross_entropy(logits, target, weight=weight, ignore_index=255, reduction="none")
+    counted = (target != 255).flatten()
+    losses, labels = per_pixel.flatten()[counted], target.flatten()[counted]
+    k = -(-counted.sum().item() // 4)  # keep 0.25, rounded up
+    hard = losses.argsort(descending=True)[:k]
+    expected = losses[hard].sum() / weight[labels[hard]].sum()
+    assert HardPixelCrossEntropy(255, weight, keep=0.25)(logits, target).item() == pytest.approx(expected.item(), rel=1e-5)
+    # keeping every pixel is plain cross-entropy; a fully void batch is 0, not NaN
+    assert HardPixelCrossEntropy(255, weight, keep=1.0)(logits, target).item() == pytest.approx(
+        CrossEntropy(255, weight)(logits, target).item(), rel=1e-5)
+    assert HardPixelCrossEntropy(255)(logits, torch.full_like(target, 255)).item() == 0.0
+
+
+def test_ohem_keep_must_be_a_fraction():
+    with pytest.raises(ValueError, match="ohem_keep"):
+        LossConfig(terms=(LossTerm("ohem"),), ohem_keep=0.0)
+    with pytest.raises(ValueError, match="fraction"):
+        HardPixelCrossEntropy(255, keep=1.5)
 
 
 def test_weighted_sum_is_the_sum_of_weighted_terms():

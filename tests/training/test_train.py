@@ -107,11 +107,61 @@ def test_early_stopping_and_time_budget_end_the_run(tiny_recipe):
 
 def test_sgd_cosine_median_frequency_and_every_loss_term_train(tiny_recipe):
     overrides = ["optim.name=sgd", "optim.lr=0.05", "schedule.name=cosine", "loss.class_weights=median_frequency",
-                 "loss.terms=[{name: ce}, {name: dice, weight: 0.3}, {name: focal, weight: 0.3}, {name: lovasz, weight: 0.3}]",
+                 "loss.terms=[{name: ce}, {name: dice, weight: 0.3}, {name: focal, weight: 0.3}, {name: lovasz, weight: 0.3},"
+                 " {name: ohem, weight: 0.3}]",
                  "data.train_limit=8"]
     artifact = main(load_config(tiny_recipe, overrides))
     row = json.loads((run_dir_of(artifact) / "metrics.jsonl").read_text().splitlines()[0])
-    assert all(math.isfinite(row[f"train_{t}"]) for t in ("ce", "dice", "focal", "lovasz"))
+    assert all(math.isfinite(row[f"train_{t}"]) for t in ("ce", "dice", "focal", "lovasz", "ohem"))
+
+
+def test_ema_run_validates_and_publishes_the_averaged_weights_and_resumes_exactly(tiny_recipe, monkeypatch):
+    import training.train as train_module
+
+    overrides = ["train.epochs=3", "data.train_limit=12", "train.ema_decay=0.9", "train.val_every_epochs=3"]
+    validated = []
+    real_evaluate = train_module.evaluate
+
+    def recording_evaluate(backend, *args, **kwargs):
+        validated.append({k: v.clone() for k, v in backend.model.state_dict().items()})
+        return real_evaluate(backend, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", recording_evaluate)
+    artifact = main(load_config(tiny_recipe, [*overrides, "output.run_name=ema-straight"]))
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    runs = tiny_recipe.parent / "runs" / "tiny"
+    state = torch.load(runs / "ema-straight" / CHECKPOINT, weights_only=True)
+    averaged = {k.removeprefix("module."): v for k, v in state["ema"]["averaged"].items() if k.startswith("module.")}
+    assert state["ema"]["updates"] == 9  # 3 batches x 3 epochs
+    assert any(not torch.equal(v, averaged[k]) for k, v in state["model"].items() if v.is_floating_point())
+    best = torch.load(runs / "ema-straight" / "checkpoints" / "best.pt", weights_only=True)
+    model, manifest = load_artifact(artifact)
+    published = model.state_dict()
+    assert best["epoch"] == 3  # the only validation: the best and published weights are the final average
+    assert all(torch.equal(published[k], averaged[k]) for k in published)
+    assert all(torch.equal(published[k], best["model"][k]) for k in published)
+    # the validation that chose and scored them measured the average, not the trained weights
+    assert len(validated) == 1 and all(torch.equal(validated[0][k], averaged[k]) for k in published)
+    real = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def crash_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        stats = real(*args, **kwargs)
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return stats
+
+    monkeypatch.setattr(train_module, "train_one_epoch", crash_in_epoch_two)
+    cfg = load_config(tiny_recipe, [*overrides, "output.run_name=ema-interrupted"])
+    with pytest.raises(KeyboardInterrupt):
+        main(cfg)
+    monkeypatch.setattr(train_module, "train_one_epoch", real)
+    main(cfg, resume=str(runs / "ema-interrupted"))
+    resumed = torch.load(runs / "ema-interrupted" / CHECKPOINT, weights_only=True)
+    assert resumed["ema"]["updates"] == 9
+    for key, value in state["ema"]["averaged"].items():
+        assert torch.equal(value, resumed["ema"]["averaged"][key]), key
 
 
 @pytest.mark.parametrize("name", ["poly", "cosine", "constant"])
