@@ -25,6 +25,26 @@ def run_dir_of(artifact: Path) -> Path:
     return Path(read_manifest(artifact).training["run_dir"])
 
 
+def die_in_epoch_two(cfg, monkeypatch) -> None:
+    """Run ``cfg`` until epoch 2 has trained (and changed the weights) but the process dies before its checkpoint."""
+    import training.train as train_module
+
+    real = train_module.train_one_epoch
+    calls = {"n": 0}
+
+    def crash_in_epoch_two(*args, **kwargs):
+        calls["n"] += 1
+        stats = real(*args, **kwargs)
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return stats
+
+    monkeypatch.setattr(train_module, "train_one_epoch", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        main(cfg)
+    monkeypatch.setattr(train_module, "train_one_epoch", real)
+
+
 def test_one_epoch_smoke_run_writes_run_files_and_a_servable_artifact(tiny_recipe):
     artifact = main(load_config(tiny_recipe, ["output.run_name=smoke"]))
     run_dir = run_dir_of(artifact)
@@ -57,23 +77,8 @@ def test_interrupt_and_resume_gives_the_same_weights_as_an_uninterrupted_run(tin
     overrides = ["train.epochs=3", "data.train_limit=12"]
     main(load_config(tiny_recipe, [*overrides, "output.run_name=straight"]))
 
-    import training.train as train_module
-
-    real = train_module.train_one_epoch
-    calls = {"n": 0}
-
-    def crash_in_epoch_two(*args, **kwargs):
-        calls["n"] += 1
-        stats = real(*args, **kwargs)  # epoch 2 trains (and changes the weights) ...
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # ... but the process dies before its checkpoint
-        return stats
-
-    monkeypatch.setattr(train_module, "train_one_epoch", crash_in_epoch_two)
     cfg = load_config(tiny_recipe, [*overrides, "output.run_name=interrupted"])
-    with pytest.raises(KeyboardInterrupt):
-        main(cfg)
-    monkeypatch.setattr(train_module, "train_one_epoch", real)
+    die_in_epoch_two(cfg, monkeypatch)
     runs = tiny_recipe.parent / "runs" / "tiny"
     assert torch.load(runs / "interrupted" / CHECKPOINT, weights_only=True)["epoch"] == 1
     main(cfg, resume=str(runs / "interrupted"))
@@ -142,21 +147,8 @@ def test_ema_run_validates_and_publishes_the_averaged_weights_and_resumes_exactl
     assert all(torch.equal(published[k], best["model"][k]) for k in published)
     # the validation that chose and scored them measured the average, not the trained weights
     assert len(validated) == 1 and all(torch.equal(validated[0][k], averaged[k]) for k in published)
-    real = train_module.train_one_epoch
-    calls = {"n": 0}
-
-    def crash_in_epoch_two(*args, **kwargs):
-        calls["n"] += 1
-        stats = real(*args, **kwargs)
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return stats
-
-    monkeypatch.setattr(train_module, "train_one_epoch", crash_in_epoch_two)
     cfg = load_config(tiny_recipe, [*overrides, "output.run_name=ema-interrupted"])
-    with pytest.raises(KeyboardInterrupt):
-        main(cfg)
-    monkeypatch.setattr(train_module, "train_one_epoch", real)
+    die_in_epoch_two(cfg, monkeypatch)
     main(cfg, resume=str(runs / "ema-interrupted"))
     resumed = torch.load(runs / "ema-interrupted" / CHECKPOINT, weights_only=True)
     assert resumed["ema"]["updates"] == 9
