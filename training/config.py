@@ -89,6 +89,8 @@ class DataConfig:
     tiles with mirrored borders) run validation with sliding windows; with
     ``val_scale`` they are the published model's inference contract
     (``training.rundir.val_contract``), so serving runs it as it was validated.
+    ``val_flip`` adds horizontal-flip TTA to validation and so to that contract
+    (two forward passes per image, served too).
     ``train_indices``/``val_indices`` select samples by position
     (``[start, stop]`` ranges); ``train_limit``/``val_limit`` keep the first N;
     ``repeat`` lists the training samples that many times per epoch (small data sets).
@@ -107,6 +109,7 @@ class DataConfig:
     val_tile_size: Int = 0
     val_tile_overlap: Float = 0.25
     val_tile_padding: Literal["zero", "reflect"] = "zero"
+    val_flip: Bool = False
     train_indices: IntPair | None = None
     val_indices: IntPair | None = None
     train_limit: Int | None = None

@@ -100,12 +100,13 @@ def val_contract(cfg: TrainConfig, model: nn.Module) -> InferenceSpec:
     """How validation runs the model, and so the artifact's inference contract.
 
     The recipe's ``data.val_scale`` and ``data.val_tile_*`` with the model's
-    stride and minimum input size; no flip TTA.
+    stride and minimum input size; flip TTA with ``data.val_flip``.
     """
     d = cfg.data
     try:
         return model_inference_spec(model, scale=d.val_scale, tile_size=d.val_tile_size,
-                                    tile_overlap=d.val_tile_overlap, tile_padding=d.val_tile_padding)
+                                    tile_overlap=d.val_tile_overlap, tile_padding=d.val_tile_padding,
+                                    flip_tta=d.val_flip)
     except ModelConfigError as exc:
         raise ConfigError(f"data.val_scale/val_tile_*: {exc}") from None
 

@@ -134,19 +134,25 @@ def test_a_bad_validation_tiling_fails_when_the_run_starts(tiny_recipe):
         load_config(tiny_recipe, ["data.val_tile_padding=mirror"])
 
 
-def test_validation_with_reflect_tiles_is_published_and_eval_reproduces_it(tmp_path, make_recipe, tiny_spec, capsys):
-    """A 1-epoch run validated with overlap tiles: the manifest records them, `segsvc eval` measures the same."""
+@pytest.mark.parametrize("flip", [False, True])
+def test_validation_with_reflect_tiles_is_published_and_eval_reproduces_it(tmp_path, make_recipe, tiny_spec, capsys,
+                                                                           flip):
+    """A 1-epoch run validated with overlap tiles (and flip TTA): the manifest records them, `segsvc eval` measures
+    the same."""
     recipe = make_recipe(tmp_path)
     artifact = train_main(load_config(recipe, ["data.train_limit=8", "data.val_tile_size=32",
-                                               "data.val_tile_overlap=0.25", "data.val_tile_padding=reflect"]))
+                                               "data.val_tile_overlap=0.25", "data.val_tile_padding=reflect",
+                                               f"data.val_flip={str(flip).lower()}"]))
     manifest = read_manifest(artifact)
     assert (manifest.inference.tile_size, manifest.inference.tile_padding) == (32, "reflect")
+    assert manifest.inference.flip_tta is flip
     out = tmp_path / "eval"
     assert segsvc_main(["eval", "--model", str(artifact), "--data", str(tiny_spec), "--out", str(out),
                         "--no-progress", "--device", "cpu", "--samples", "0"]) == 0
     result = json.loads((out / "metrics.json").read_text())
-    assert result["options"]["tile_padding"] == "reflect"
-    assert "tiles 32 overlap 0.25 (manifest), mirrored borders (manifest)" in capsys.readouterr().out
+    assert result["options"]["tile_padding"] == "reflect" and result["options"]["hflip"] is flip
+    assert (f"tiles 32 overlap 0.25 (manifest), mirrored borders (manifest), flip TTA {'on' if flip else 'off'} "
+            "(manifest)") in capsys.readouterr().out
     for key in ("miou", "pixel_accuracy", "mean_dice"):
         assert result["metrics"][key] == pytest.approx(manifest.metrics[key], abs=1e-6), key
     run_dir = Path(manifest.training["run_dir"])
