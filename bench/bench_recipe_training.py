@@ -118,6 +118,7 @@ def main() -> None:
     header = f"{'recipe':26} {'batch':>5} {'crop':>9} {'data':>7} {'trainer':>8} " + " ".join(
         f"{v:>14}" for v in variants) + "  compile s"
     print(header + "\n" + "-" * len(header))
+    failures: list[str] = []
     for name in args.recipes.split(","):
         cfg = load_config(RECIPES / f"{name}.yaml", ["train.progress=false"])
         torch.manual_seed(0)
@@ -126,15 +127,24 @@ def main() -> None:
         for variant in variants:
             if variant == "compile" and name not in compiled:
                 continue
-            rates[variant], warm_s = step_rate(cfg, model, batches, variant, warmup=2)
+            try:
+                rates[variant], warm_s = step_rate(cfg, model, batches, variant, warmup=2)
+            except Exception as exc:  # torch.compile may fail on a model: report it, measure the rest
+                if variant != "compile":
+                    raise
+                failures.append(f"{name}: torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+                continue
             if variant == "compile":
                 compile_s = warm_s
         trainer = trainer_rate(cfg, model, loader)
         crop = "x".join(map(str, cfg.data.crop)) if cfg.data.crop else "full"
         cells = " ".join(f"{rates[v]:14.1f}" if v == "eager" else f"{rates[v]:6.1f} ({rates[v] / rates['eager']:.2f}x)"
-                         if v in rates else f"{'-':>14}" for v in variants)
+                         if v in rates else f"{'failed' if v == 'compile' and name in compiled else '-':>14}"
+                         for v in variants)
         print(f"{name:26} {cfg.train.batch_size:5d} {crop:>9} {data_rate:7.1f} {trainer:8.1f} {cells}  {compile_s:8.1f}",
               flush=True)
+    for line in failures:
+        print(line)
     print(f"images/s; 'data' = augmentation only, 'trainer' = train_one_epoch (eager, data included), the rest one "
           f"optimiser step on ready batches (ratio against eager). Load average at end {os.getloadavg()[0]:.2f}")
 
