@@ -95,6 +95,14 @@ def _eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    """``0.75,1,1.25`` as floats (the factors are checked by ``InferenceSpec``)."""
+    try:
+        return tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas such as 0.75,1,1.25, got {text!r}")
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model artifact on a labelled dataset split")
     p.add_argument("--model", required=True,
@@ -111,6 +119,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="sliding-window overlap fraction (default: the model's, 0.25 unless its manifest says)")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="horizontal-flip test-time augmentation (default: the model's, usually off)")
+    p.add_argument("--tta-scales", type=_float_list, default=None, metavar="F,F,...",
+                   help="multi-scale test-time augmentation: factors of the inference scale to average over, "
+                        "e.g. 0.75,1,1.25; 1: off (default: the model's, usually off)")
     p.add_argument("--indices", type=int, nargs=2, metavar=("START", "STOP"), default=None,
                    help="evaluate only samples START..STOP-1 of the split")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many samples")

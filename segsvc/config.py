@@ -134,6 +134,7 @@ class InputSpec:
 MIN_TILE_SIZE = 16
 MAX_TILE_OVERLAP = 0.75  # tile stride >= a quarter tile: at most 16 passes per pixel
 MAX_INFERENCE_SCALE = 8.0
+MAX_TTA_SCALES = 4  # multi-scale TTA: at most this many passes (each doubled by flip TTA)
 INTERPOLATIONS = ("auto", "area", "linear")
 
 
@@ -168,6 +169,10 @@ class InferenceSpec:
             also sees ``tile_size * tile_overlap / 2`` pixels of context on every
             side, whose logits are dropped). A property of the model, not a
             request option; written to the manifest only when not ``zero``.
+        tta_scales: multi-scale test-time augmentation: factors of ``scale`` the
+            network also runs at (e.g. ``[0.75, 1.0, 1.25]``); the logits of every
+            pass, resized back, are averaged. Empty (the default): ``scale`` only.
+            Written to the manifest only when set.
 
     Example:
         >>> InferenceSpec(scale=0.5, stride=8).to_dict()["scale"]
@@ -183,6 +188,7 @@ class InferenceSpec:
     flip_tta: bool = False
     backend: str = "torch"
     tile_padding: str = "zero"
+    tta_scales: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -220,12 +226,27 @@ class InferenceSpec:
             )
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "tile_overlap", overlap)
+        object.__setattr__(self, "tta_scales", _tta_scales(self.tta_scales, scale))
+
+    @property
+    def passes_per_tile(self) -> int:
+        """Forward passes per tile (or whole image) the TTA makes: scales x flips."""
+        return max(1, len(self.tta_scales)) * (2 if self.flip_tta else 1)
+
+    @property
+    def composed(self) -> bool:
+        """Whether the image runs through tiles or TTA (so the images of a batch must share a size)."""
+        return bool(self.tile_size or self.flip_tta or self.tta_scales)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data; ``tile_padding`` only when not ``zero`` (older segsvc reads such manifests)."""
+        """Plain JSON data; ``tile_padding`` and ``tta_scales`` only when set (older segsvc reads such manifests)."""
         data = asdict(self)
         if data["tile_padding"] == "zero":
             del data["tile_padding"]
+        if data["tta_scales"]:
+            data["tta_scales"] = list(data["tta_scales"])
+        else:
+            del data["tta_scales"]
         return data
 
     @classmethod
@@ -236,6 +257,25 @@ class InferenceSpec:
         if unknown:
             raise ModelConfigError(f"inference spec has unknown keys {sorted(unknown)}")
         return cls(**data)
+
+
+def _tta_scales(value: Any, scale: float) -> tuple[float, ...]:
+    """``tta_scales`` as a tuple of floats, each with ``scale`` in (0, MAX_INFERENCE_SCALE]; at most MAX_TTA_SCALES."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ModelConfigError(f"inference tta_scales must be a list of numbers, got {value!r}")
+    if len(value) > MAX_TTA_SCALES:
+        raise ModelConfigError(f"inference tta_scales has {len(value)} scales, over the limit of {MAX_TTA_SCALES}")
+    factors = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise ModelConfigError(f"inference tta_scales must be numbers, got {item!r}")
+        if not 0.0 < float(item) * scale <= MAX_INFERENCE_SCALE:  # also false for NaN
+            raise ModelConfigError(f"inference tta_scales factor {item!r} times scale {scale} must be in "
+                                   f"(0, {MAX_INFERENCE_SCALE}]")
+        factors.append(float(item))
+    if len(set(factors)) != len(factors):
+        raise ModelConfigError(f"inference tta_scales repeats a factor: {list(value)}")
+    return () if factors == [1.0] else tuple(factors)  # [1.0] is no TTA
 
 
 def _is_int(value: Any) -> bool:

@@ -90,7 +90,8 @@ class DataConfig:
     ``val_scale`` they are the published model's inference contract
     (``training.rundir.val_contract``), so serving runs it as it was validated.
     ``val_flip`` adds horizontal-flip TTA to validation and so to that contract
-    (two forward passes per image, served too).
+    (two forward passes per image, served too); ``val_tta_scales`` likewise adds
+    multi-scale TTA (factors of ``val_scale``, e.g. ``[0.75, 1.0, 1.25]``).
     ``train_indices``/``val_indices`` select samples by position
     (``[start, stop]`` ranges); ``train_limit``/``val_limit`` keep the first N;
     ``repeat`` lists the training samples that many times per epoch (small data sets).
@@ -110,6 +111,7 @@ class DataConfig:
     val_tile_overlap: Float = 0.25
     val_tile_padding: Literal["zero", "reflect"] = "zero"
     val_flip: Bool = False
+    val_tta_scales: tuple[Float, ...] = ()
     train_indices: IntPair | None = None
     val_indices: IntPair | None = None
     train_limit: Int | None = None

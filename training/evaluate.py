@@ -32,7 +32,7 @@ from tqdm import tqdm
 from segsvc.config import InferenceSpec
 from segsvc.data.datasets import build_dataset
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
-from segsvc.errors import InvalidArgument, NotFound
+from segsvc.errors import InvalidArgument, ModelConfigError, NotFound
 from segsvc.inference.argmax import class_argmax
 from segsvc.inference.backends import open_version_dir
 from segsvc.inference.contract import apply_contract
@@ -58,6 +58,7 @@ class EvalOptions:
     tile: tuple[int, int] | None = None
     overlap: float | None = None
     hflip: bool | None = None
+    tta_scales: tuple[float, ...] | None = None
     device: str = "cpu"
     precision: str = "auto"
     backend: str | None = None
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     options = EvalOptions(
         split=args.split, scale=args.scale, tile=tuple(args.tile) if args.tile else None, overlap=args.overlap,
-        hflip=args.hflip, device=device, precision=args.precision, backend=args.backend,
+        hflip=args.hflip, tta_scales=args.tta_scales, device=device, precision=args.precision, backend=args.backend,
         indices=tuple(args.indices) if args.indices else None, limit=args.limit,
         samples_in_report=args.samples, progress=args.progress,
     )
@@ -126,7 +127,12 @@ def eval_contract(manifest: Manifest, options: EvalOptions) -> InferenceSpec:
         changes["tile_overlap"] = options.overlap
     if options.hflip is not None:
         changes["flip_tta"] = options.hflip
-    return replace(manifest.inference, **changes)
+    if options.tta_scales is not None:
+        changes["tta_scales"] = options.tta_scales
+    try:
+        return replace(manifest.inference, **changes)
+    except ModelConfigError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def evaluate_artifact(predictor: Predictor, data: DatasetSpec, options: EvalOptions) -> EvalResult:
@@ -183,7 +189,7 @@ def check_compatible(manifest: Manifest, data: DatasetSpec) -> None:
 def contract_sources(options: EvalOptions) -> dict[str, str]:
     """Where each setting came from: ``flag`` (given explicitly) or ``manifest``."""
     given = {"scale": options.scale, "tile_size": options.tile, "tile_overlap": options.overlap,
-             "flip_tta": options.hflip}
+             "flip_tta": options.hflip, "tta_scales": options.tta_scales}
     return {k: "manifest" if v is None else "flag" for k, v in given.items()}
 
 
@@ -193,8 +199,10 @@ def describe_contract(contract: InferenceSpec, options: EvalOptions) -> str:
     tiles = (f"tiles {contract.tile_size} overlap {contract.tile_overlap} ({src['tile_size']})"
              if contract.tile_size else f"no tiling ({src['tile_size']})")
     padding = ", mirrored borders (manifest)" if contract.tile_padding == "reflect" else ""
+    scales = (f"scales {', '.join(f'{f:g}' for f in contract.tta_scales)}" if contract.tta_scales
+              else "no multi-scale TTA")
     return (f"[scale {contract.scale} ({src['scale']}), {tiles}{padding}, "
-            f"flip TTA {'on' if contract.flip_tta else 'off'} ({src['flip_tta']})]")
+            f"flip TTA {'on' if contract.flip_tta else 'off'} ({src['flip_tta']}), {scales} ({src['tta_scales']})]")
 
 
 def write_outputs(
@@ -212,6 +220,7 @@ def write_outputs(
         "options": {"scale": result.contract.scale,
                     "tile": [result.contract.tile_size] * 2 if result.contract.tile_size else None,
                     "overlap": result.contract.tile_overlap, "hflip": result.contract.flip_tta,
+                    "tta_scales": list(result.contract.tta_scales),
                     "tile_padding": result.contract.tile_padding,
                     "device": options.device, "precision": options.precision,
                     "backend": options.backend or manifest.inference.backend},

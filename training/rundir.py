@@ -100,15 +100,16 @@ def val_contract(cfg: TrainConfig, model: nn.Module) -> InferenceSpec:
     """How validation runs the model, and so the artifact's inference contract.
 
     The recipe's ``data.val_scale`` and ``data.val_tile_*`` with the model's
-    stride and minimum input size; flip TTA with ``data.val_flip``.
+    stride and minimum input size; flip TTA with ``data.val_flip``, multi-scale
+    TTA with ``data.val_tta_scales``.
     """
     d = cfg.data
     try:
         return model_inference_spec(model, scale=d.val_scale, tile_size=d.val_tile_size,
                                     tile_overlap=d.val_tile_overlap, tile_padding=d.val_tile_padding,
-                                    flip_tta=d.val_flip)
+                                    flip_tta=d.val_flip, tta_scales=tuple(d.val_tta_scales))
     except ModelConfigError as exc:
-        raise ConfigError(f"data.val_scale/val_tile_*: {exc}") from None
+        raise ConfigError(f"data.val_scale/val_tile_*/val_tta_scales: {exc}") from None
 
 
 def publish(

@@ -39,8 +39,8 @@ class Cost:
 
     Attributes:
         pixels: pixels of one forward pass (padded to the stride and minimum size).
-        passes: forward passes (tiles x flips).
-        tiles: sliding-window tiles (1 without tiling).
+        passes: forward passes (tiles x flips; with multi-scale TTA, the work in passes of the largest size).
+        tiles: sliding-window tiles (1 without tiling), summed over the TTA scales.
         peak_bytes: estimated peak memory of the request.
     """
 
@@ -57,7 +57,7 @@ class Cost:
 
 def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, flip_tta: bool, stride: int,
              min_size: int, num_classes: int, bytes_per_pixel: float, channels: int = 3,
-             scale: float = 1.0, tile_padding: str = "zero") -> Cost:
+             scale: float = 1.0, tile_padding: str = "zero", tta_scales: tuple[float, ...] = ()) -> Cost:
     """The ``Cost`` of one ``height x width`` image with these options on this model.
 
     With ``scale != 1`` the network sees the image resized (``scaled_size``): a
@@ -65,8 +65,19 @@ def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, fl
     back to the original size and the decoded original image. With
     ``tile_padding="reflect"`` tiles are overlap tiles (``overlap_tile_layout``):
     their mirrored context counts in every pass's pixels, with the mirrored copy
-    of the image they are cut from.
+    of the image they are cut from. With ``tta_scales`` every factor is one
+    such estimate at ``scale * factor``: their passes and tiles add up, the
+    largest pass and peak count, plus the running sum of the logits.
     """
+    if tta_scales:
+        costs = [estimate(height, width, tile_size=tile_size, tile_overlap=tile_overlap, flip_tta=flip_tta,
+                          stride=stride, min_size=min_size, num_classes=num_classes, bytes_per_pixel=bytes_per_pixel,
+                          channels=channels, scale=scale * f, tile_padding=tile_padding) for f in tta_scales]
+        pixels = max(c.pixels for c in costs)
+        work = sum(c.work_pixels for c in costs)
+        sh, sw = scaled_size(height, width, scale)
+        peak = max(c.peak_bytes for c in costs) + sh * sw * num_classes * 4 * 2  # the sum and one resized pass
+        return Cost(pixels, -(-work // pixels), sum(c.tiles for c in costs), int(peak))
     flips = 2 if flip_tta else 1
     out_h, out_w = height, width
     height, width = scaled_size(height, width, scale)

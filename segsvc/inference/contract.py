@@ -8,7 +8,7 @@ manifest's ``InferenceSpec`` records that, and this module applies it:
 1. ``network_input``: resize the image by ``scale`` (area when shrinking,
    linear when enlarging) and normalise it (``InputSpec``);
 2. ``contract_logits``: pad to the stride and minimum size, forward, crop (or
-   the sliding-window / flip-TTA composition of that), then resize the logits
+   the sliding-window / flip / multi-scale TTA composition of that), then resize the logits
    back to the original image size with bilinear interpolation. With
    ``tile_padding: reflect`` the padding is the mirrored image and tiles are
    overlap tiles with mirrored context (``tiling.overlap_tile_logits``).
@@ -149,15 +149,15 @@ def contract_logits(
     if len(tensors) != len(sizes) or not tensors:
         raise InvalidArgument(f"contract_logits needs one size per tensor, got {len(tensors)} and {len(sizes)}")
 
-    if spec.tile_size or spec.flip_tta:
+    if spec.composed:
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) != 1:
-            raise InvalidArgument(f"tiled or flipped images of one batch must share a size, got {sorted(shapes)}")
+            raise InvalidArgument(f"tiled or TTA images of one batch must share a size, got {sorted(shapes)}")
         fn = make_logits_fn(
             forward,
             tile=(spec.tile_size, spec.tile_size) if spec.tile_size else None,
             overlap=spec.tile_overlap, hflip=spec.flip_tta, tile_batch=geometry.tile_batch, should_stop=should_stop,
-            padding=spec.tile_padding, stride=geometry.stride, min_size=geometry.min_size,
+            padding=spec.tile_padding, stride=geometry.stride, min_size=geometry.min_size, scales=spec.tta_scales,
         )
         logits = fn(torch.stack(list(tensors)))
         crops = [logits[i : i + 1] for i in range(len(tensors))]

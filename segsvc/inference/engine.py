@@ -167,7 +167,8 @@ class Engine:
         return estimate(height, width, tile_size=spec.tile_size, tile_overlap=spec.tile_overlap,
                         flip_tta=spec.flip_tta, stride=p.stride, min_size=p.min_size,
                         num_classes=self.num_classes, bytes_per_pixel=self.bytes_per_pixel,
-                        channels=p.manifest.input.channels, scale=spec.scale, tile_padding=spec.tile_padding)
+                        channels=p.manifest.input.channels, scale=spec.scale, tile_padding=spec.tile_padding,
+                        tta_scales=spec.tta_scales)
 
     def measure_memory(self, size: int = 128) -> float:
         """Bytes the forward pass needs per input pixel at its peak (measured once at load, by the backend)."""
@@ -184,8 +185,8 @@ class Engine:
         spec = self.resolve(options)
         tensor = self.predictor.input_tensor(image)
         h, w = int(tensor.shape[-2]), int(tensor.shape[-1])
-        if spec.tile_size or spec.flip_tta:
-            key: Hashable = ("exact", h, w, spec.tile_size, spec.tile_overlap, spec.flip_tta)
+        if spec.composed:
+            key: Hashable = ("exact", h, w, spec.tile_size, spec.tile_overlap, spec.flip_tta, spec.tta_scales)
         else:
             key = ("padded", *padded_size(h, w, self.predictor.stride, self.predictor.min_size))
         if spec.tile_padding != "zero":  # jobs of one batch run with one padding

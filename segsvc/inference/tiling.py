@@ -1,4 +1,4 @@
-"""Sliding-window inference and horizontal-flip test-time augmentation.
+"""Sliding-window inference, horizontal-flip and multi-scale test-time augmentation.
 
 Both wrap a ``logits(batch)`` callable (``Predictor.logits`` or a bare model):
 ``[N, C, H, W]`` images in, ``[N, K, H, W]`` logits out. Sliding windows let a
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from segsvc.errors import Cancelled, InvalidArgument
 
@@ -278,6 +279,35 @@ def hflip_tta_logits(logits_fn: LogitsFn, images: torch.Tensor, should_stop: Sto
     return (plain + torch.flip(flipped, dims=[-1])) / 2
 
 
+def rescale(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[N, C, H, W]`` resized to ``size`` bilinearly (antialiased when shrinking); unchanged when it matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def multiscale_tta_logits(
+    logits_fn: LogitsFn, images: torch.Tensor, scales: tuple[float, ...], should_stop: StopFn | None = None
+) -> torch.Tensor:
+    """Mean of the logits of ``images`` resized by each factor in ``scales``, each resized back.
+
+    Example:
+        >>> multiscale_tta_logits(lambda x: x[:, :2], torch.ones(1, 3, 8, 10), (0.5, 1.0, 1.5)).shape
+        torch.Size([1, 2, 8, 10])
+    """
+    h, w = images.shape[-2:]
+    total: torch.Tensor | None = None
+    for i, s in enumerate(scales):
+        if i:
+            _check(should_stop)
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        logits = rescale(logits_fn(rescale(images, size)).float(), (h, w))
+        total = logits if total is None else total + logits
+    assert total is not None, "multi-scale TTA needs at least one scale"
+    return total / len(scales)
+
+
 def make_logits_fn(
     logits_fn: LogitsFn,
     tile: tuple[int, int] | None = None,
@@ -288,8 +318,12 @@ def make_logits_fn(
     padding: str = "zero",
     stride: int = 1,
     min_size: int = 1,
+    scales: tuple[float, ...] = (),
 ) -> LogitsFn:
-    """Compose flip TTA (outer) and sliding windows (inner) around ``logits_fn``.
+    """Compose multi-scale TTA (outer), flip TTA and sliding windows (inner) around ``logits_fn``.
+
+    ``scales`` are factors of the given images' size (``InferenceSpec.tta_scales``);
+    tiles are cut from each rescaled image, so a tile is always ``tile`` network pixels.
 
     ``padding="reflect"`` makes the windows overlap tiles with mirrored borders
     (``overlap_tile_logits``) and, without tiles, mirrors the image at the
@@ -315,6 +349,7 @@ def make_logits_fn(
         return logits_fn(reflect_to_multiple(x, stride, min_size))[..., :h, :w]
 
     inner = tiled if tile is not None else mirrored if padding == "reflect" else logits_fn
-    if not hflip:
-        return inner
-    return lambda x: hflip_tta_logits(inner, x, should_stop)
+    flipped = (lambda x: hflip_tta_logits(inner, x, should_stop)) if hflip else inner
+    if not scales:
+        return flipped
+    return lambda x: multiscale_tta_logits(flipped, x, scales, should_stop)

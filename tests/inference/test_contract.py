@@ -78,6 +78,13 @@ def engine_of(version_dir) -> Engine:
         ({"tile_overlap": 0.8}, "inference tile_overlap must be in [0, 0.75], got 0.8"),
         ({"tile_overlap": -0.1}, "inference tile_overlap must be in [0, 0.75], got -0.1"),
         ({"flip_tta": "yes"}, "inference flip_tta must be true or false, got 'yes'"),
+        ({"tta_scales": 1.25}, "inference tta_scales must be a list of numbers, got 1.25"),
+        ({"tta_scales": [0.5, "1"]}, "inference tta_scales must be numbers, got '1'"),
+        ({"tta_scales": [True]}, "inference tta_scales must be numbers, got True"),
+        ({"tta_scales": [0.0]}, "inference tta_scales factor 0.0 times scale 1.0 must be in (0, 8.0]"),
+        ({"scale": 4.0, "tta_scales": [1.0, 2.5]}, "inference tta_scales factor 2.5 times scale 4.0 must be in"),
+        ({"tta_scales": [0.5, 0.75, 1, 1.25, 1.5]}, "inference tta_scales has 5 scales, over the limit of 4"),
+        ({"tta_scales": [1, 1.0]}, "inference tta_scales repeats a factor: [1, 1.0]"),
     ],
 )
 def test_inference_spec_rejects_bad_values_with_a_domain_error(kwargs, message):
@@ -94,6 +101,12 @@ def test_inference_spec_round_trips_and_rejects_unknown_keys():
                     "tile_overlap": 0.5, "flip_tta": True, "backend": "torch"}
     assert InferenceSpec.from_dict(data) == spec
     assert InferenceSpec.from_dict({}) == InferenceSpec()
+    multi = InferenceSpec(scale=0.5, tta_scales=[0.75, 1, 1.25])
+    assert multi.tta_scales == (0.75, 1.0, 1.25) and multi.to_dict()["tta_scales"] == [0.75, 1.0, 1.25]
+    assert InferenceSpec.from_dict(json.loads(json.dumps(multi.to_dict()))) == multi
+    assert InferenceSpec(tta_scales=[1.0]) == InferenceSpec()  # one factor of 1 is no TTA
+    assert (multi.passes_per_tile, InferenceSpec(flip_tta=True, tta_scales=(1, 2)).passes_per_tile) == (3, 4)
+    assert multi.composed and not InferenceSpec(scale=0.5).composed
     assert InferenceSpec(scale=1).scale == 1.0 and isinstance(InferenceSpec(scale=1).scale, float)
     with pytest.raises(ModelConfigError, match=r"unknown keys \['resize'\]"):
         InferenceSpec.from_dict({"resize": "bicubic"})
@@ -203,11 +216,11 @@ def test_request_options_override_the_manifest_defaults_and_unset_means_the_mani
     image = smooth_image(50, 70, seed=3)
     default = engine.prepare(image, InferenceOptions())
     assert engine.resolve(InferenceOptions()) == engine.predictor.inference
-    assert default.key == ("exact", 25, 35, 16, 0.5, True)
+    assert default.key == ("exact", 25, 35, 16, 0.5, True, ())
     plain = engine.prepare(image, InferenceOptions(tile_size=0, flip_tta=False))
     assert plain.key == ("padded", 28, 36) and plain.spec.scale == 0.5  # the scale is not a request option
     overlap = engine.prepare(image, InferenceOptions(tile_overlap=0.25))
-    assert overlap.key == ("exact", 25, 35, 16, 0.25, True)
+    assert overlap.key == ("exact", 25, 35, 16, 0.25, True, ())
     out_default, out_plain = engine.run([default])[0], engine.run([plain])[0]
     assert out_default.labels.shape == out_plain.labels.shape == (50, 70)
     assert not np.array_equal(out_default.labels, out_plain.labels)
@@ -230,6 +243,32 @@ def test_admission_cost_counts_the_pixels_the_network_sees(repo):
                        num_classes=3, bytes_per_pixel=1000.0, channels=3)
     assert lone.pixels == at_half.pixels and lone.peak_bytes == at_half.peak_bytes + 512 * 768 * (3 * 4 + 3 + 1)
     assert scaled_size(45, 53, 0.5) == (22, 26) and scaled_size(1, 1, 0.1) == (1, 1)
+
+
+def test_a_multi_scale_manifest_averages_the_scales_and_batches_only_with_its_own_kind(repo, tmp_path):
+    """Multi-scale TTA from the manifest: the label map is the argmax of the mean of the per-scale logits, each
+    resized back to the network's input size; requests with it batch by exact size, and their cost adds the scales."""
+    from segsvc.inference.tiling import rescale
+
+    model = calibrated_model()
+    spec = InferenceSpec(scale=0.5, tta_scales=(0.5, 1.0, 1.5))
+    engine = engine_of(save_artifact(model, tmp_path, "multi", spec=TINY, inference=spec))
+    image = smooth_image(50, 70, seed=4)
+    prepared = engine.prepare(image, InferenceOptions())
+    assert prepared.key == ("exact", 25, 35, 0, 0.25, False, (0.5, 1.0, 1.5))
+    x = engine.predictor.input_tensor(image)[None]
+    with torch.no_grad():
+        mean = sum(rescale(engine.forward(rescale(x, (round(25 * f), round(35 * f)))), (25, 35))
+                   for f in spec.tta_scales) / 3
+    expected = F.interpolate(mean, size=(50, 70), mode="bilinear", align_corners=False).argmax(1)[0].numpy()
+    labels = engine.run([prepared])[0].labels
+    assert np.array_equal(labels, expected)
+    plain = engine_of(save_artifact(model, tmp_path, "plain", spec=TINY, inference=InferenceSpec(scale=0.5)))
+    assert not np.array_equal(plain.run([plain.prepare(image, InferenceOptions())])[0].labels, labels)
+    engine.bytes_per_pixel = plain.bytes_per_pixel = 1000.0
+    multi_cost, plain_cost = engine.cost(400, 600, InferenceOptions()), plain.cost(400, 600, InferenceOptions())
+    assert multi_cost.pixels > plain_cost.pixels and multi_cost.peak_bytes > plain_cost.peak_bytes  # the 1.5x pass
+    assert multi_cost.work_pixels >= (0.25 + 1 + 2.25) * plain_cost.work_pixels * 0.95
 
 
 def test_requests_for_tiles_and_flips_of_different_sizes_cannot_share_a_batch(repo):

@@ -236,8 +236,9 @@ def test_the_batching_key_includes_the_padding_and_a_shared_batch_mirrors_each_i
     together = reflect.run(prepared)
     assert all(np.array_equal(a, b.labels) for a, b in zip(alone, together))
     tiled = engine_of(repo["reflect-tiles"]).prepare(images[0], InferenceOptions())
-    assert tiled.key == ("exact", 61, 83, 32, 0.5, False, "reflect")
-    assert engine_of(repo["zero-tiles"]).prepare(images[0], InferenceOptions()).key == ("exact", 61, 83, 32, 0.5, False)
+    assert tiled.key == ("exact", 61, 83, 32, 0.5, False, (), "reflect")
+    zero = engine_of(repo["zero-tiles"]).prepare(images[0], InferenceOptions())
+    assert zero.key == ("exact", 61, 83, 32, 0.5, False, ())
 
 
 # -- admission -------------------------------------------------------------------------------

@@ -1,12 +1,19 @@
-"""Sliding-window logits and flip TTA on top of a logits(batch) callable."""
+"""Sliding-window logits, flip and multi-scale TTA on top of a logits(batch) callable."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from segsvc.errors import InvalidArgument
-from segsvc.inference.tiling import blend_window, hflip_tta_logits, make_logits_fn, sliding_window_logits, tile_starts
+from segsvc.errors import Cancelled, InvalidArgument
+from segsvc.inference.tiling import (
+    blend_window,
+    hflip_tta_logits,
+    make_logits_fn,
+    multiscale_tta_logits,
+    sliding_window_logits,
+    tile_starts,
+)
 
 
 def pointwise(x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +74,42 @@ def test_hflip_tta_is_the_mean_of_plain_and_mirrored_predictions():
     expected = (left_biased(x) + torch.flip(left_biased(torch.flip(x, [-1])), [-1])) / 2
     torch.testing.assert_close(hflip_tta_logits(left_biased, x), expected)
     torch.testing.assert_close(hflip_tta_logits(pointwise, x), pointwise(x), rtol=1e-5, atol=1e-5)
+
+
+def test_multiscale_tta_is_the_mean_of_the_passes_resized_back():
+    def width_of_input(batch: torch.Tensor) -> torch.Tensor:  # a 'model' that answers the width it was given
+        return torch.full((batch.shape[0], 2, *batch.shape[-2:]), float(batch.shape[-1]))
+
+    out = multiscale_tta_logits(width_of_input, torch.zeros(2, 3, 8, 12), (0.5, 1.0, 1.5))
+    assert out.shape == (2, 2, 8, 12)
+    torch.testing.assert_close(out, torch.full_like(out, (6 + 12 + 18) / 3))
+    x = torch.randn(1, 3, 16, 20)
+    torch.testing.assert_close(multiscale_tta_logits(pointwise, x, (1.0,)), pointwise(x))
+
+
+def test_multiscale_tta_stops_between_scales_once_every_caller_has_gone():
+    calls = []
+
+    def counted(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(batch.shape[-2:]))
+        return batch[:, :2]
+
+    with pytest.raises(Cancelled):
+        multiscale_tta_logits(counted, torch.zeros(1, 3, 8, 8), (0.5, 1.0, 2.0), should_stop=lambda: bool(calls))
+    assert calls == [(4, 4)]
+
+
+def test_scales_wrap_flips_which_wrap_tiles():
+    calls = []
+
+    def recorded(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(batch.shape[:1]) + tuple(batch.shape[-2:]))
+        return batch[:, :2]
+
+    fn = make_logits_fn(recorded, tile=(16, 16), overlap=0.0, hflip=True, scales=(0.5, 1.0))
+    assert fn(torch.zeros(1, 3, 32, 32)).shape == (1, 2, 32, 32)
+    # scale 0.5: one 16x16 tile, plain and mirrored; scale 1: four tiles (one batch), plain and mirrored
+    assert calls == [(1, 16, 16), (1, 16, 16), (4, 16, 16), (4, 16, 16)]
 
 
 def test_composition_with_a_real_model_keeps_the_shape():

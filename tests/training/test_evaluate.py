@@ -48,6 +48,18 @@ def test_eval_with_sliding_windows_and_flip_tta(artifact, tiny_spec, tmp_path):
     assert result["metrics"]["pixels"] == 6 * 48 * 48
 
 
+def test_eval_with_multiscale_tta_records_the_scales_and_refuses_bad_ones(artifact, tiny_spec, tmp_path, capsys):
+    plain = run_eval(artifact, tiny_spec, tmp_path / "plain", "--limit", "2", "--samples", "0")
+    multi = run_eval(artifact, tiny_spec, tmp_path / "multi", "--limit", "2", "--samples", "0", "--tta-scales", "0.5,1")
+    assert multi["options"]["tta_scales"] == [0.5, 1.0] and multi["inference"]["tta_scales"] == [0.5, 1.0]
+    assert multi["inference_source"]["tta_scales"] == "flag" and "tta_scales" not in plain["inference"]
+    assert "scales 0.5, 1 (flag)]" in capsys.readouterr().out
+    assert multi["metrics"]["pixels"] == plain["metrics"]["pixels"] == 2 * 48 * 48
+    args = ["eval", "--model", str(artifact), "--data", str(tiny_spec), "--no-progress", "--out", str(tmp_path)]
+    assert segsvc_main([*args, "--tta-scales", "0,1"]) == 2
+    assert "tta_scales factor 0.0 times scale 1.0 must be in (0, 8.0]" in capsys.readouterr().err
+
+
 def test_eval_at_reduced_scale_still_counts_full_size_labels(artifact, tiny_spec, tmp_path):
     result = run_eval(artifact, tiny_spec, tmp_path / "half", "--scale", "0.5", "--limit", "2", "--samples", "1")
     assert result["images"] == 2 and result["metrics"]["pixels"] == 2 * 48 * 48
@@ -65,12 +77,14 @@ def test_eval_scale_defaults_to_the_manifests_and_the_report_says_which_was_used
     default = run_eval(artifact, tiny_spec, tmp_path / "default", "--limit", "2", "--samples", "0")
     assert default["options"]["scale"] == 1.0 and default["inference"]["scale"] == 1.0
     assert default["inference_source"] == {"scale": "manifest", "tile_size": "manifest", "tile_overlap": "manifest",
-                                           "flip_tta": "manifest"}
-    assert "[scale 1.0 (manifest), no tiling (manifest), flip TTA off (manifest)]" in capsys.readouterr().out
+                                           "flip_tta": "manifest", "tta_scales": "manifest"}
+    assert ("[scale 1.0 (manifest), no tiling (manifest), flip TTA off (manifest), no multi-scale TTA (manifest)]"
+            in capsys.readouterr().out)
     half = run_eval(artifact, tiny_spec, tmp_path / "flag", "--limit", "2", "--samples", "0", "--scale", "0.5",
                     "--no-hflip")
     assert half["options"]["scale"] == 0.5 and half["inference_source"]["scale"] == "flag"
-    assert "[scale 0.5 (flag), no tiling (manifest), flip TTA off (flag)]" in capsys.readouterr().out
+    assert ("[scale 0.5 (flag), no tiling (manifest), flip TTA off (flag), no multi-scale TTA (manifest)]"
+            in capsys.readouterr().out)
     assert half["metrics"]["pixels"] == 2 * 48 * 48
 
 

@@ -134,18 +134,19 @@ def test_a_bad_validation_tiling_fails_when_the_run_starts(tiny_recipe):
         load_config(tiny_recipe, ["data.val_tile_padding=mirror"])
 
 
-@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("flip, scales", [(False, ()), (True, (0.75, 1.0))])
 def test_validation_with_reflect_tiles_is_published_and_eval_reproduces_it(tmp_path, make_recipe, tiny_spec, capsys,
-                                                                           flip):
-    """A 1-epoch run validated with overlap tiles (and flip TTA): the manifest records them, `segsvc eval` measures
-    the same."""
+                                                                           flip, scales):
+    """A 1-epoch run validated with overlap tiles (and flip and multi-scale TTA): the manifest records them,
+    `segsvc eval` measures the same."""
     recipe = make_recipe(tmp_path)
     artifact = train_main(load_config(recipe, ["data.train_limit=8", "data.val_tile_size=32",
                                                "data.val_tile_overlap=0.25", "data.val_tile_padding=reflect",
-                                               f"data.val_flip={str(flip).lower()}"]))
+                                               f"data.val_flip={str(flip).lower()}",
+                                               f"data.val_tta_scales={list(scales)}"]))
     manifest = read_manifest(artifact)
     assert (manifest.inference.tile_size, manifest.inference.tile_padding) == (32, "reflect")
-    assert manifest.inference.flip_tta is flip
+    assert manifest.inference.flip_tta is flip and manifest.inference.tta_scales == scales
     out = tmp_path / "eval"
     assert segsvc_main(["eval", "--model", str(artifact), "--data", str(tiny_spec), "--out", str(out),
                         "--no-progress", "--device", "cpu", "--samples", "0"]) == 0
