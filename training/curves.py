@@ -13,8 +13,10 @@ they used (on a GPU it is only the host's share). The trainer records
 times the recipe's ``train.threads`` (``config.yaml``) times the world size
 (``events.jsonl``), or, when the recipe left the threads to torch, times this
 machine's torch thread count, an assumption the legend and the CSV say.
-One line per run, labelled by its path under ``DIR`` and its recipe; the CSV
-beside the picture has every plotted point.
+One line per run, labelled by its path under ``DIR`` and its recipe, in one
+panel per dataset (``data.spec`` of the run's config: a membrane mIoU is not
+a CamVid mIoU); every line of a panel has its own colour and dash pattern.
+The CSV beside the picture has every plotted point.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from segsvc.errors import NotFound
 
 METRICS_FILE = "metrics.jsonl"
 FIGSIZE_IN = (9.0, 5.5)
-DPI = 100  # the picture is FIGSIZE_IN * DPI pixels: 900 x 550
-CSV_COLUMNS = ("run", "recipe", "epoch", "wall_minutes", "cpu_threads", "cpu_minutes", "cpu_minutes_source",
+DPI = 100  # the picture is FIGSIZE_IN * DPI pixels: 900 x 550 (taller with long legends)
+LEGEND_INSIDE = 6  # runs per panel whose legend fits inside it; more go under it, one row each
+LEGEND_ROW_IN = 0.16
+CSV_COLUMNS = ("run", "recipe", "dataset", "epoch", "wall_minutes", "cpu_threads", "cpu_minutes", "cpu_minutes_source",
                "val_miou")
 
 
@@ -74,6 +78,7 @@ class RunCurve:
     name: str
     recipe: str
     points: list[CurvePoint] = field(default_factory=list)
+    dataset: str = ""
 
     @property
     def label(self) -> str:
@@ -109,27 +114,40 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_settings(run_dir: Path) -> tuple[str, int | None, int]:
-    """The recipe name, ``train.threads`` (None: torch's default) and world size of a run."""
-    recipe, threads = run_dir.parent.name, None
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run's ``config.yaml`` and ``events.jsonl`` say about it."""
+
+    recipe: str
+    threads: int | None  # train.threads; None: torch's default
+    world: int
+    dataset: str  # data.spec as a name ("camvid"; a spec file's stem), "" when unknown
+
+
+def _run_settings(run_dir: Path) -> RunSettings:
+    """The recipe name, ``train.threads``, world size and dataset of a run."""
+    recipe, threads, dataset = run_dir.parent.name, None, ""
     try:
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         config = None
     if isinstance(config, dict):
         recipe = str(config.get("name") or recipe)
-        value = (config.get("train") or {}).get("threads")
+        train, data = config.get("train"), config.get("data")
+        value = train.get("threads") if isinstance(train, dict) else None
         threads = value if isinstance(value, int) and value > 0 else None
+        spec = data.get("spec") if isinstance(data, dict) else None
+        dataset = Path(spec).stem if isinstance(spec, str) else ""
     starts = [e for e in _read_jsonl(run_dir / "events.jsonl") if e.get("event") == "start"]
     world = starts[-1].get("world_size") if starts else None
-    return recipe, threads, world if isinstance(world, int) and world > 0 else 1
+    return RunSettings(recipe, threads, world if isinstance(world, int) and world > 0 else 1, dataset)
 
 
 def read_run(run_dir: Path, root: Path, default_threads: int | None = None) -> RunCurve:
     """The validated epochs of the run in ``run_dir`` with their CPU-minutes (see the module docstring)."""
-    recipe, config_threads, world = _run_settings(run_dir)
-    fallback_threads = (config_threads or default_threads or torch.get_num_threads()) * world
-    source = "config threads" if config_threads else "assumed threads"
+    settings = _run_settings(run_dir)
+    fallback_threads = (settings.threads or default_threads or torch.get_num_threads()) * settings.world
+    source = "config threads" if settings.threads else "assumed threads"
     name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
     points = []
     for row in _read_jsonl(run_dir / METRICS_FILE):
@@ -146,7 +164,7 @@ def read_run(run_dir: Path, root: Path, default_threads: int | None = None) -> R
         else:
             continue  # neither CPU nor wall time: nothing to place it at
         points.append(point)
-    return RunCurve(name or run_dir.name, recipe, points)
+    return RunCurve(name or run_dir.name, settings.recipe, points, settings.dataset)
 
 
 def collect(root: Path, default_threads: int | None = None) -> list[RunCurve]:
@@ -164,7 +182,7 @@ def write_csv(curves: Sequence[RunCurve], path: Path) -> Path:
         writer.writerow(CSV_COLUMNS)
         for curve in curves:
             for p in curve.points:
-                writer.writerow([curve.name, curve.recipe, p.epoch, _num(p.wall_minutes), p.cpu_threads,
+                writer.writerow([curve.name, curve.recipe, curve.dataset, p.epoch, _num(p.wall_minutes), p.cpu_threads,
                                  _num(p.cpu_minutes), p.source, round(p.val_miou, 6)])
     tmp.replace(path)
     return path
@@ -174,25 +192,56 @@ def _num(x: float) -> str:
     return "" if math.isnan(x) else f"{x:.3f}"
 
 
+def by_dataset(curves: Sequence[RunCurve]) -> dict[str, list[RunCurve]]:
+    """The runs grouped by dataset, in order of first appearance (one panel each)."""
+    panels: dict[str, list[RunCurve]] = {}
+    for curve in curves:
+        panels.setdefault(curve.dataset or "unknown dataset", []).append(curve)
+    return panels
+
+
+def line_styles(count: int) -> list[tuple[Any, str]]:
+    """``count`` distinct (colour, dash pattern) pairs: tab20's 20 colours, then the next dash pattern.
+
+    Example:
+        >>> len(set(line_styles(45))), line_styles(21)[20][1]
+        (45, '--')
+    """
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"].colors
+    dashes = ("-", "--", ":", "-.")
+    return [(colours[i % len(colours)], dashes[(i // len(colours)) % len(dashes)]) for i in range(count)]
+
+
 def plot_curves(curves: Sequence[RunCurve], path: Path, title: str = "") -> Path:
-    """Validation mIoU against CPU-minutes, one line per run (matplotlib, Agg backend)."""
+    """Validation mIoU against CPU-minutes, one panel per dataset, one line per run (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=FIGSIZE_IN)
-    for curve in curves:
-        ax.plot([p.cpu_minutes for p in curve.points], [p.val_miou for p in curve.points], marker="o", ms=3,
-                label=curve.label)
-    ax.set_xlabel("CPU-minutes (wall minutes × CPU threads)")
-    ax.set_ylabel("validation mIoU")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    if curves:
-        ax.legend(fontsize="small", loc="best")
-    ax.set_title(title or "validation mIoU against compute")
-    fig.tight_layout()
+    panels = by_dataset(curves) or {"": []}
+    longest = max(len(group) for group in panels.values())
+    # the legends go under the panels: the picture grows by one legend row per run beyond LEGEND_INSIDE
+    extra_in = LEGEND_ROW_IN * longest if longest > LEGEND_INSIDE else 0.0
+    fig, axes = plt.subplots(1, len(panels), figsize=(FIGSIZE_IN[0], FIGSIZE_IN[1] + extra_in), squeeze=False,
+                             layout="constrained")
+    for ax, (dataset, group) in zip(axes[0], panels.items()):
+        for curve, (colour, dash) in zip(group, line_styles(len(group))):
+            ax.plot([p.cpu_minutes for p in curve.points], [p.val_miou for p in curve.points], marker="o", ms=3,
+                    color=colour, linestyle=dash, label=curve.label)
+        ax.set_xlabel("CPU-minutes (wall minutes × CPU threads)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        if group and longest <= LEGEND_INSIDE:
+            ax.legend(fontsize="small", loc="lower right")
+        elif group:
+            ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
+        if len(panels) > 1:
+            ax.set_title(dataset, fontsize="medium")
+    axes[0][0].set_ylabel("validation mIoU")
+    fig.suptitle(title or "validation mIoU against compute")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=DPI)

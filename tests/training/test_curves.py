@@ -10,14 +10,17 @@ import pytest
 import yaml
 
 from segsvc.cli import main as segsvc_main
-from training.curves import DPI, FIGSIZE_IN, collect, cpu_time_row
+from training.curves import DPI, FIGSIZE_IN, by_dataset, collect, cpu_time_row, line_styles
 
 
 def write_run(run_dir: Path, rows: list[dict], threads: int | None = None, world_size: int | None = None,
-              tail: str = "") -> Path:
+              tail: str = "", dataset: str | None = None) -> Path:
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": run_dir.parent.name, "train": {"threads": threads}}))
+    config = {"name": run_dir.parent.name, "train": {"threads": threads}}
+    if dataset is not None:
+        config["data"] = {"spec": dataset}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     if world_size is not None:
         (run_dir / "events.jsonl").write_text(json.dumps({"event": "start", "world_size": world_size}) + "\n")
     return run_dir
@@ -86,6 +89,26 @@ def test_runs_without_recorded_threads_assume_a_count_and_say_so(tmp_path):
     rows = read_csv(root / "membrane-unet" / "gpu" / "curves.csv")
     assert [(r["run"], r["cpu_minutes"]) for r in rows] == [("gpu", "2.000")]
     assert (root / "membrane-unet" / "gpu" / "curves.png").stat().st_size > 1000
+
+
+def test_each_dataset_gets_its_own_panel_and_every_line_its_own_style(tmp_path):
+    root = tmp_path / "runs"
+    for i in range(22):  # more runs than tab20 has colours
+        write_run(root / "camvid-fpn" / f"r{i:02d}", [{"epoch": 1, "cpu_minutes": 1.0 + i, "cpu_threads": 2,
+                                                       "val_miou": 0.5}], dataset="camvid")
+    write_run(root / "membrane-unet" / "m", [{"epoch": 1, "cpu_minutes": 3.0, "cpu_threads": 2, "val_miou": 0.8}],
+              dataset="/data/specs/membrane.yaml")
+    panels = by_dataset(collect(root))
+    assert {k: len(v) for k, v in panels.items()} == {"camvid": 22, "membrane": 1}
+    styles = line_styles(22)
+    assert len(set(styles)) == 22 and styles[0][0] == styles[20][0] and styles[0][1] != styles[20][1]
+    png = tmp_path / "curves.png"
+    assert segsvc_main(["curves", str(root), "--out", str(png)]) == 0
+    rows = read_csv(png.with_suffix(".csv"))
+    assert {r["dataset"] for r in rows} == {"camvid", "membrane"} and len(rows) == 23
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[:2] == (550 + 16 * 22, 900)  # one legend row per run under the panels
 
 
 def test_a_folder_without_validated_runs_is_an_error(tmp_path, capsys):
