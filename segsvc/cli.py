@@ -124,6 +124,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                         "e.g. 0.75,1,1.25; 1: off (default: the model's, usually off)")
     p.add_argument("--indices", type=int, nargs=2, metavar=("START", "STOP"), default=None,
                    help="evaluate only samples START..STOP-1 of the split")
+    p.add_argument("--curves", default=None, metavar="DIR",
+                   help="also write curves.png (+ .csv) beside the report: val mIoU against CPU-minutes for every "
+                        "training run under DIR (e.g. runs/), to compare the model with the other recipes")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most this many samples")
     p.add_argument("--samples", type=int, default=3, help="sample rows in the report picture (default 3)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")

@@ -250,20 +250,30 @@ def plot_curves(curves: Sequence[RunCurve], path: Path, title: str = "") -> Path
     return path
 
 
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``segsvc curves`` (flags defined in ``segsvc/cli.py::_add_curves``)."""
-    root = Path(args.dir)
-    curves = collect(root, args.threads)
+def write_curves(root: Path, png: Path, title: str = "", default_threads: int | None = None) -> list[RunCurve]:
+    """Every validated run under ``root``: ``png`` and the CSV beside it (``png`` with ``.csv``).
+
+    Raises:
+        NotFound: ``root`` is not a directory or holds no validated run.
+    """
+    curves = collect(root, default_threads)
     if not curves:
         raise NotFound(f"no training run with a validated epoch under {root} (looked for {METRICS_FILE} rows "
                        "with val_miou)")
+    write_csv(curves, png.with_suffix(".csv"))
+    plot_curves(curves, png, title)
+    return curves
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``segsvc curves`` (flags defined in ``segsvc/cli.py::_add_curves``)."""
+    root = Path(args.dir)
     png = Path(args.out) if args.out else root / "curves.png"
-    csv_path = write_csv(curves, png.with_suffix(".csv"))
-    plot_curves(curves, png, args.title or "")
+    curves = write_curves(root, png, args.title or "", args.threads)
     for curve in curves:
         best = max(curve.points, key=lambda p: p.val_miou)
         last = curve.points[-1]
         print(f"{curve.label}: best val mIoU {100 * best.val_miou:.2f} at {best.cpu_minutes:.1f} CPU-min "
               f"(epoch {best.epoch}); last validation at {last.cpu_minutes:.1f} CPU-min (epoch {last.epoch})")
-    print(f"wrote {png} and {csv_path}")
+    print(f"wrote {png} and {png.with_suffix('.csv')}")
     return 0

@@ -14,6 +14,9 @@ writes ``metrics.json`` and ``report.png`` (per-class IoU bars and sample rows
 image | ground truth | prediction overlay). Besides the means, the table and
 ``metrics.json`` give the ISBI 2012 figures: pixel error (1 - pixel accuracy
 over labelled pixels) and, when a class is named like membrane, its IoU.
+``--tta-scales`` tries multi-scale TTA; ``--curves DIR`` also writes the
+learning curves of every training run under ``DIR`` (``training.curves``)
+beside the report, so the model is seen against the other recipes.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from segsvc.inference.contract import apply_contract
 from segsvc.inference.engine import Engine, EngineConfig
 from segsvc.inference.predictor import Predictor
 from segsvc.models.artifact import Manifest
+from training.curves import write_curves
 from training.data import select_indices
 from training.metrics import ConfusionMatrix, SegmentationMetrics, format_table, isbi_metrics
 from training.report import plot_eval_report
@@ -80,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         samples_in_report=args.samples, progress=args.progress,
     )
     version_dir = resolve_model_dir(Path(args.model))
+    if args.curves and not Path(args.curves).is_dir():  # before the evaluation, not after it
+        raise NotFound(f"--curves {args.curves} is not a directory of training runs")
     data = load_dataset_spec(args.data)
     config = EngineConfig(device=device, precision=options.precision, backend=options.backend, warmup=False)
     backend, manifest = open_version_dir(version_dir, torch.device(device), config)
@@ -90,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
           f"{result.seconds:.1f} s) {describe_contract(result.contract, options)}\n{table}")
     write_outputs(out_dir, manifest, data, options, result)
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.png'}")
+    if args.curves:
+        curves = write_curves(Path(args.curves), out_dir / "curves.png",
+                              f"validation mIoU of the runs under {args.curves}")
+        print(f"wrote {out_dir / 'curves.png'} ({len(curves)} runs)")
     return 0
 
 

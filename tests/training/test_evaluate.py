@@ -60,6 +60,18 @@ def test_eval_with_multiscale_tta_records_the_scales_and_refuses_bad_ones(artifa
     assert "tta_scales factor 0.0 times scale 1.0 must be in (0, 8.0]" in capsys.readouterr().err
 
 
+def test_eval_writes_the_learning_curves_of_the_runs_beside_its_report(artifact, tiny_spec, tmp_path, capsys):
+    run_dir = Path(read_manifest(artifact).training["run_dir"])
+    out = tmp_path / "with-curves"
+    run_eval(artifact, tiny_spec, out, "--limit", "1", "--samples", "0", "--curves", str(run_dir.parent))
+    assert (out / "curves.png").stat().st_size > 1000
+    assert "wrote " + str(out / "curves.png") + " (1 runs)" in capsys.readouterr().out
+    assert (out / "curves.csv").read_text().count("\n") == 1 + 2  # header + the run's two validated epochs
+    args = ["eval", "--model", str(artifact), "--data", str(tiny_spec), "--no-progress", "--out", str(tmp_path / "x")]
+    assert segsvc_main([*args, "--curves", str(tmp_path / "missing")]) == 2
+    assert "is not a directory of training runs" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_eval_at_reduced_scale_still_counts_full_size_labels(artifact, tiny_spec, tmp_path):
     result = run_eval(artifact, tiny_spec, tmp_path / "half", "--scale", "0.5", "--limit", "2", "--samples", "1")
     assert result["images"] == 2 and result["metrics"]["pixels"] == 2 * 48 * 48
