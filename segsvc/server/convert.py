@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 from google.longrunning import operations_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from segsvc.errors import InvalidArgument, InvalidImage
 from segsvc.inference.codec import encode_png, overlay
@@ -30,6 +30,7 @@ from segsvc.jobs.store import Job
 from segsvc.models.artifact import Manifest
 from segsvc.v1 import jobs_pb2 as jobs_pb
 from segsvc.v1 import segmentation_pb2 as pb
+from segsvc.wire import ERROR_DOMAIN
 
 ENCODINGS = {
     pb.OUTPUT_ENCODING_UNSPECIFIED: "raw",
@@ -132,9 +133,12 @@ def segment_response(request_id: str, seg: Segmentation, fmt: OutputFormat) -> p
     return response
 
 
-def error_response(request_id: str, code: int, message: str, kind: str) -> pb.SegmentResponse:
-    """A stream response that reports one request's failure."""
-    return pb.SegmentResponse(request_id=request_id, error=pb.Error(code=code, message=message, kind=kind))
+def error_response(request_id: str, code: int, message: str, kind: str, status: bytes = b"") -> pb.SegmentResponse:
+    """A stream response that reports one request's failure; ``status``: its serialized ``google.rpc.Status``."""
+    response = pb.SegmentResponse(request_id=request_id, error=pb.Error(code=code, message=message, kind=kind))
+    if status:
+        response.error.status.ParseFromString(status)
+    return response
 
 
 def model_info(status: ModelStatus) -> pb.ModelInfo:
@@ -241,6 +245,19 @@ def job_result(result: dict) -> jobs_pb.SegmentationJobResult:
     )
 
 
+def job_error(code: grpc.StatusCode, message: str, job: Job) -> status_pb2.Status:
+    """A finished job's ``Operation.error``: the code, the message and a ``google.rpc.ErrorInfo``.
+
+    The ``ErrorInfo`` (reason ``JOB_CANCELLED`` or ``JOB_FAILED``, domain ``segsvc.dev``,
+    metadata ``jobId``) lets clients in any language tell the two apart without parsing text.
+    """
+    status = status_pb2.Status(code=code.value[0], message=message)
+    reason = "JOB_CANCELLED" if code == grpc.StatusCode.CANCELLED else "JOB_FAILED"
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN,
+                                                          metadata={"jobId": job.id}))
+    return status
+
+
 def operation(job: Job) -> operations_pb2.Operation:
     """A job as a ``google.longrunning.Operation`` (cancelled jobs carry CANCELLED, as the standard says)."""
     op = operations_pb2.Operation(name=JOB_NAME_PREFIX + job.id, done=job.finished)
@@ -248,11 +265,10 @@ def operation(job: Job) -> operations_pb2.Operation:
     if job.state == "SUCCEEDED":
         op.response.Pack(job_result(job.result or {}))
     elif job.state == "CANCELLED":
-        op.error.CopyFrom(status_pb2.Status(
-            code=grpc.StatusCode.CANCELLED.value[0],
-            message=f"cancelled after {job.done} of {job.total} images; their outputs are kept"))
+        op.error.CopyFrom(job_error(grpc.StatusCode.CANCELLED,
+                                    f"cancelled after {job.done} of {job.total} images; their outputs are kept", job))
     elif job.state == "FAILED":
-        op.error.CopyFrom(status_pb2.Status(code=grpc.StatusCode.ABORTED.value[0], message=job.error or "failed"))
+        op.error.CopyFrom(job_error(grpc.StatusCode.ABORTED, job.error or "failed", job))
     return op
 
 

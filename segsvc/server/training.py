@@ -14,7 +14,6 @@ import logging
 
 import grpc
 from google.longrunning import operations_pb2
-from google.rpc import status_pb2
 
 from segsvc.errors import FailedPrecondition
 from segsvc.jobs.store import Job
@@ -98,10 +97,9 @@ def training_operation(job: Job) -> operations_pb2.Operation:
     if job.state == "SUCCEEDED":
         op.response.Pack(training_response(job.result or {}))
     elif job.state == "CANCELLED":
-        op.error.CopyFrom(status_pb2.Status(code=grpc.StatusCode.CANCELLED.value[0],
-                                            message=job.error or "cancelled"))
+        op.error.CopyFrom(convert.job_error(grpc.StatusCode.CANCELLED, job.error or "cancelled", job))
     elif job.state == "FAILED":
-        op.error.CopyFrom(status_pb2.Status(code=grpc.StatusCode.ABORTED.value[0], message=job.error or "failed"))
+        op.error.CopyFrom(convert.job_error(grpc.StatusCode.ABORTED, job.error or "failed", job))
     return op
 
 

@@ -82,6 +82,39 @@ def test_model_management_errors_name_a_generated_request_id(channel):
     assert info.metadata["requestId"] == dict(exc.trailing_metadata())["x-request-id"] != ""
 
 
+def test_a_failed_image_in_a_stream_carries_the_same_status_as_a_failed_unary_call(channel):
+    stub = pb_grpc.SegmentationServiceStub(channel)
+    bad = pb.SegmentRequest(request_id="rid-9", model="tiny", image=b"this is not an image")
+    good = pb.SegmentRequest(request_id="rid-10", model="tiny", image=encode(make_image(16, 16)))
+    responses = {r.request_id: r for r in stub.SegmentStream(iter([bad, good]), timeout=60)}
+    error = responses["rid-9"].error
+    assert error.status.code == error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert error.status.message == error.message and error.kind == "InvalidImage"
+    info = _error_info(error.status)
+    assert info.reason == "INVALID_IMAGE" and dict(info.metadata) == {"requestId": "rid-9"}
+    _, unary = _failed(stub.Segment, bad)
+    assert error.status == unary  # one status, however the image was sent
+    assert not responses["rid-10"].HasField("error") and responses["rid-10"].labels
+
+
+@pytest.mark.parametrize("state, code, reason", [("FAILED", grpc.StatusCode.ABORTED, "JOB_FAILED"),
+                                                  ("CANCELLED", grpc.StatusCode.CANCELLED, "JOB_CANCELLED")])
+@pytest.mark.parametrize("kind", ["segment", "train"])
+def test_a_finished_jobs_operation_error_carries_an_error_info(state, code, reason, kind):
+    from segsvc.jobs.store import Job
+    from segsvc.server.convert import operation
+    from segsvc.server.training import training_operation
+
+    spec = {"dataset": {"name": "scans", "sha256": "0" * 64}, "model_name": "m", "recipe_name": "r"}
+    job = Job(id="j-1", kind=kind, state=state, request_id=None, spec=spec if kind == "train" else {}, total=4, done=1, failed=0, skipped=3,
+              created_at=0.0, updated_at=0.0, started_at=0.0, finished_at=1.0, cancel_requested=state == "CANCELLED",
+              error="the model version was deleted" if state == "FAILED" else None, result=None, progress={}, seq=1)
+    op = (operation if kind == "segment" else training_operation)(job)
+    assert op.done and op.error.code == code.value[0] and op.error.message
+    info = _error_info(op.error)
+    assert info.reason == reason and dict(info.metadata) == {"jobId": "j-1"}
+
+
 def test_a_stream_that_fails_as_a_whole_carries_an_error_info(channel):
     segment_stream = channel.stream_stream("/segsvc.v1.SegmentationService/SegmentStream",
                                            request_serializer=lambda data: data,
