@@ -333,10 +333,14 @@ def initialise_weights(
 
 
 def precision(loop: LoopConfig, env: DistEnv) -> tuple[torch.dtype | None, torch.memory_format]:
-    """The autocast dtype (None: full precision) and memory format; both only take effect on CUDA."""
+    """The autocast dtype (None: full precision; mixed precision only on CUDA) and memory format.
+
+    ``channels_last`` applies on every device: on this project's 2-core CPU it speeds up a training step
+    by 1.18-1.36x (``bench/bench_recipe_training.py``).
+    """
     use_cuda = env.device.type == "cuda"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(loop.amp) if use_cuda else None
-    memory_format = torch.channels_last if (loop.channels_last and use_cuda) else torch.contiguous_format
+    memory_format = torch.channels_last if loop.channels_last else torch.contiguous_format
     return amp_dtype, memory_format
 
 

@@ -242,6 +242,21 @@ def test_camvid_smoke_epoch_on_a_few_images(datasets_root, tmp_path):
     assert manifest.metrics["pixels"] > 0.8 * 2 * 360 * 480  # full-size labels, void excluded
 
 
+def test_channels_last_trains_on_the_cpu_too_and_publishes_the_same_kind_of_artifact(tiny_recipe, capsys):
+    """``train.channels_last`` used to be ignored off CUDA, though it speeds up a CPU step by 1.2-1.4x."""
+    from training.distributed import DistEnv
+    from training.train import precision
+
+    loop = load_config(tiny_recipe, ["train.channels_last=true", "train.amp=bf16"]).train
+    amp, memory_format = precision(loop, DistEnv(0, 1, torch.device("cpu")))
+    assert memory_format is torch.channels_last and amp is None  # mixed precision stays CUDA-only
+    artifact = main(load_config(tiny_recipe, ["train.channels_last=true", "train.epochs=1", "train.device=cpu"]))
+    assert "channels_last True" in capsys.readouterr().err
+    model, manifest = load_artifact(artifact)
+    assert all(p.is_contiguous() for p in model.state_dict().values())  # published in the standard layout
+    assert manifest.metrics["miou"] > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_cuda_amp_and_channels_last(tiny_recipe, amp):
