@@ -229,11 +229,6 @@ class InferenceSpec:
         object.__setattr__(self, "tta_scales", _tta_scales(self.tta_scales, scale))
 
     @property
-    def passes_per_tile(self) -> int:
-        """Forward passes per tile (or whole image) the TTA makes: scales x flips."""
-        return max(1, len(self.tta_scales)) * (2 if self.flip_tta else 1)
-
-    @property
     def composed(self) -> bool:
         """Whether the image runs through tiles or TTA (so the images of a batch must share a size)."""
         return bool(self.tile_size or self.flip_tta or self.tta_scales)

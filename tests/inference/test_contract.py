@@ -105,7 +105,6 @@ def test_inference_spec_round_trips_and_rejects_unknown_keys():
     assert multi.tta_scales == (0.75, 1.0, 1.25) and multi.to_dict()["tta_scales"] == [0.75, 1.0, 1.25]
     assert InferenceSpec.from_dict(json.loads(json.dumps(multi.to_dict()))) == multi
     assert InferenceSpec(tta_scales=[1.0]) == InferenceSpec()  # one factor of 1 is no TTA
-    assert (multi.passes_per_tile, InferenceSpec(flip_tta=True, tta_scales=(1, 2)).passes_per_tile) == (3, 4)
     assert multi.composed and not InferenceSpec(scale=0.5).composed
     assert InferenceSpec(scale=1).scale == 1.0 and isinstance(InferenceSpec(scale=1).scale, float)
     with pytest.raises(ModelConfigError, match=r"unknown keys \['resize'\]"):
