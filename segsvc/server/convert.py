@@ -133,12 +133,10 @@ def segment_response(request_id: str, seg: Segmentation, fmt: OutputFormat) -> p
     return response
 
 
-def error_response(request_id: str, code: int, message: str, kind: str, status: bytes = b"") -> pb.SegmentResponse:
-    """A stream response that reports one request's failure; ``status``: its serialized ``google.rpc.Status``."""
-    response = pb.SegmentResponse(request_id=request_id, error=pb.Error(code=code, message=message, kind=kind))
-    if status:
-        response.error.status.ParseFromString(status)
-    return response
+def error_response(request_id: str, kind: str, status: status_pb2.Status) -> pb.SegmentResponse:
+    """A stream response that reports one request's failure: its ``google.rpc.Status`` and error class."""
+    error = pb.Error(code=status.code, message=status.message, kind=kind, status=status)
+    return pb.SegmentResponse(request_id=request_id, error=error)
 
 
 def model_info(status: ModelStatus) -> pb.ModelInfo:

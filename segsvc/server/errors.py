@@ -74,7 +74,12 @@ def error_info(kind: str, request_id: str = "") -> error_details_pb2.ErrorInfo:
 
 
 def status_details(exc: BaseException, code: grpc.StatusCode, message: str, request_id: str = "") -> bytes:
-    """The serialized ``google.rpc.Status``: the error's own details (if any), then its ``ErrorInfo``."""
+    """The serialized ``rpc_status`` (the ``grpc-status-details-bin`` trailer)."""
+    return rpc_status(exc, code, message, request_id).SerializeToString()
+
+
+def rpc_status(exc: BaseException, code: grpc.StatusCode, message: str, request_id: str = "") -> status_pb2.Status:
+    """The ``google.rpc.Status`` of an error: the error's own details (if any), then its ``ErrorInfo``."""
     status = status_pb2.Status(code=code.value[0], message=message)
     info = any_pb2.Any()
     info.Pack(error_info(status_of(exc)[2], request_id))
@@ -84,7 +89,7 @@ def status_details(exc: BaseException, code: grpc.StatusCode, message: str, requ
             status.details.add().Pack(build(exc, budget))
             break
     status.details.append(info)
-    return status.SerializeToString()
+    return status
 
 
 def clean_text(text: str, limit: int = MAX_ID_CHARS) -> str:

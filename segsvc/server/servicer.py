@@ -24,7 +24,7 @@ from segsvc.inference.manager import ModelManager
 from segsvc.inference.service import InferenceService
 from segsvc.server import convert
 from segsvc.server.config import LimitsConfig
-from segsvc.server.errors import REQUEST_ID_KEY, abort, clean_text, log_unexpected, status_details, status_of
+from segsvc.server.errors import REQUEST_ID_KEY, abort, clean_text, log_unexpected, rpc_status, status_of
 from segsvc.server.metrics import ServerMetrics
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
@@ -152,8 +152,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 code, message, kind = status_of(exc, call.request_id)
                 log_unexpected(log, exc, call.request_id, call.method)
                 self._finish(call, code.name)
-                response = convert.error_response(call.request_id, code.value[0], message, kind,
-                                                  status_details(exc, code, message, call.request_id))
+                response = convert.error_response(call.request_id, kind,
+                                                  rpc_status(exc, code, message, call.request_id))
             else:
                 self._finish(call, "OK")
             done.put_nowait(response)
