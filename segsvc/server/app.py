@@ -204,7 +204,7 @@ class SegmentationServer:
                                                              self._server)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(self.training), self._server)
         datasets_pb2_grpc.add_DatasetServiceServicer_to_server(DatasetServicer(self.datasets), self._server)
-        oip.add_servicer(self.service, cfg.limits, self._server,  # inference.GRPCInferenceService (KServe v2)
+        oip.add_servicer(self.service, cfg.limits, self._server, self.metrics,  # inference.GRPCInferenceService
                          accepting=lambda: self.gate.accepting)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

@@ -2,9 +2,10 @@
 
 Exposed on ``--metrics-port`` at ``/metrics``:
 
-- ``segsvc_requests_total{method, model, code}`` requests by status code;
+- ``segsvc_requests_total{method, model, code}`` requests by status code: the ``segsvc.v1`` methods
+  and the Open Inference Protocol's ``ModelInfer``;
 - ``segsvc_request_seconds{method, model}`` total server-side latency;
-- ``segsvc_queue_seconds{model}`` time waiting in the batch queue;
+- ``segsvc_queue_seconds{model}`` time waiting in the batch queue, per image;
 - ``segsvc_inference_seconds{model}`` time of the batch that held the request;
 - ``segsvc_batch_size{model}`` images per batch;
 - ``segsvc_queue_depth{model, version}`` requests waiting now;
@@ -145,6 +146,10 @@ class ServerMetrics:
                         queue_s: float | None = None, run_s: float | None = None) -> None:
         self.requests.labels(method, model, code).inc()
         self.request_seconds.labels(method, model).observe(total_s)
+        self.observe_stages(model, queue_s, run_s)
+
+    def observe_stages(self, model: str, queue_s: float | None, run_s: float | None) -> None:
+        """Where one image's time went in the batcher (a ``ModelInfer`` request observes each of its images)."""
         if queue_s is not None:
             self.queue_seconds.labels(model).observe(queue_s)
         if run_s is not None:

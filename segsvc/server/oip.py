@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator, Callable
 
 import grpc
@@ -32,7 +33,8 @@ from segsvc.errors import NotFound
 from segsvc.inference.service import InferenceService
 from segsvc.server import oip_convert as convert
 from segsvc.server.config import LimitsConfig
-from segsvc.server.errors import guarded
+from segsvc.server.errors import guarded, status_of
+from segsvc.server.metrics import ServerMetrics
 from segsvc.server.oip_pb import grpc_service_pb2 as pb
 from segsvc.server.oip_pb import grpc_service_pb2_grpc as pb_grpc
 
@@ -71,11 +73,14 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     Args:
         service: the protocol-free inference core.
         limits: ``max_stream_in_flight`` bounds the images of one ``ModelInfer`` request.
+        metrics: where ``ModelInfer`` requests are counted, as ``segsvc.v1`` calls are.
+        accepting: False while the server starts or drains.
     """
 
-    def __init__(self, service: InferenceService, limits: LimitsConfig,
+    def __init__(self, service: InferenceService, limits: LimitsConfig, metrics: ServerMetrics,
                  accepting: Callable[[], bool] = lambda: True) -> None:
         self._service = service
+        self._metrics = metrics
         self._accepting = accepting
         self._manager = service.manager
         self._max_images = limits.max_stream_in_flight
@@ -111,31 +116,49 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ----------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        started = time.perf_counter()
+        model = "-"  # the loaded model's name once resolved: a bounded metrics label, never request text
+        code = "OK"
+
         async def work() -> pb.ModelInferResponse:
-            call = await self._service.run_io(convert.infer_call, request, self._max_images)
-            version = convert.version_of(request.model_version)
-            segs = await self._segment_all(call, request.model_name, version, _deadline(context, call.timeout_s))
-            return await self._service.run_io(convert.infer_response, request.id, segs, call.outputs)
+            nonlocal model, code
+            try:
+                call = await self._service.run_io(convert.infer_call, request, self._max_images)
+                name, version, _ = self._service.resolve(request.model_name or None,
+                                                         convert.version_of(request.model_version))
+                model = name
+                segs = await self._segment_all(call, name, version, _deadline(context, call.timeout_s))
+                return await self._service.run_io(convert.infer_response, request.id, segs, call.outputs)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                code = status_of(exc)[0].name
+                raise
+            finally:
+                self._metrics.observe_request("ModelInfer", model, code, time.perf_counter() - started)
 
         return await guarded("ModelInfer", context, work, log)
 
-    async def _segment_all(self, call: convert.InferCall, model: str, version: int | None,
+    async def _segment_all(self, call: convert.InferCall, name: str, version: int,
                            deadline: float | None) -> list:
         """Segment the request's images at once, all on one version (held, so no swap splits the batch)."""
-        name, version, _ = self._service.resolve(model or None, version)
         await self._manager.retain(name, version)
         try:
             tasks = [asyncio.ensure_future(self._service.segment(source, model=name, version=version,
                                                                  options=call.options, deadline=deadline))
                      for source in call.sources]
             try:
-                return await asyncio.gather(*tasks)
+                segs = await asyncio.gather(*tasks)
             except BaseException:  # one image failed or the call was cancelled: the others stop too
                 for task in tasks:
                     task.cancel()
                 raise
         finally:
             self._manager.release(name, version)
+        for seg in segs:
+            self._metrics.observe_stages(name, seg.queue_s, seg.run_s)
+        return segs
 
     # -- model repository -----------------------------------------------------------------
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
@@ -182,8 +205,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     LogSettings = _unimplemented("LogSettings", "use segsvc serve --log-level")
 
 
-def add_servicer(service: InferenceService, limits: LimitsConfig, server: grpc.aio.Server,
+def add_servicer(service: InferenceService, limits: LimitsConfig, server: grpc.aio.Server, metrics: ServerMetrics,
                  accepting: Callable[[], bool] = lambda: True) -> None:
     """Serve ``inference.GRPCInferenceService`` on ``server``; ``accepting()`` is False while the server
     starts or drains (its readiness probes then answer not ready)."""
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(service, limits, accepting), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(service, limits, metrics, accepting),
+                                                       server)

@@ -7,6 +7,7 @@ with the real synchronous client, exactly like a remote caller would.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from dataclasses import replace
@@ -227,6 +228,19 @@ def wait_for(condition, timeout_s: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
+
+
+def metric(text: str, name: str, default: float | None = None, **labels: str) -> float:
+    """The sample ``name`` with ``labels`` in a Prometheus text page; ``default`` when there is none."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    if default is not None:
+        return default
+    raise AssertionError(f"no sample {name}{labels} in the metrics")
 
 
 def free_port() -> int:

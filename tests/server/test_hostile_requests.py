@@ -11,8 +11,7 @@ import pytest
 from segsvc import errors
 from segsvc.inference.batcher import BatchingConfig
 from segsvc.v1 import segmentation_pb2 as pb
-from tests.server.conftest import encode, make_image, publish, wait_for
-from tests.server.test_lifecycle import _metric
+from tests.server.conftest import encode, make_image, metric, publish, wait_for
 
 SEGMENT = "/segsvc.v1.SegmentationService/Segment"
 STREAM = "/segsvc.v1.SegmentationService/SegmentStream"
@@ -86,6 +85,6 @@ def test_an_expired_deadline_is_counted_as_deadline_exceeded(start_server, tmp_p
         busy.join(20)
     url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    assert _metric(text, "segsvc_requests_total", method="Segment", code="DEADLINE_EXCEEDED") == 1
+    assert metric(text, "segsvc_requests_total", method="Segment", code="DEADLINE_EXCEEDED") == 1
     with pytest.raises(AssertionError):
-        _metric(text, "segsvc_requests_total", method="Segment", code="CANCELLED")
+        metric(text, "segsvc_requests_total", method="Segment", code="CANCELLED")

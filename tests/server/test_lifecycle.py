@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import shutil
 import subprocess
 import threading
@@ -18,7 +17,7 @@ from segsvc import errors
 from segsvc.client import SegmentationClient
 from segsvc.server.auth import AuthConfig
 from segsvc.server.config import TLSConfig
-from tests.server.conftest import wait_for, make_image, publish, reference
+from tests.server.conftest import make_image, metric, publish, reference, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -112,16 +111,6 @@ def test_reflection_lists_the_services(shared_server):
     assert {"segsvc.v1.SegmentationService", "grpc.health.v1.Health"} <= services
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no sample {name}{labels} in the metrics")
-
-
 def test_metrics_endpoint_serves_the_counters(shared_server, client):
     client.segment(make_image(16, 16), model="tiny")
     client.segment(make_image(16, 16), model="tiny")
@@ -129,15 +118,15 @@ def test_metrics_endpoint_serves_the_counters(shared_server, client):
         client.segment(b"not an image", model="tiny")
     url = f"http://127.0.0.1:{shared_server.server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=10).read().decode()
-    assert _metric(text, "segsvc_requests_total", method="Segment", model="tiny", code="OK") >= 2
-    assert _metric(text, "segsvc_requests_total", method="Segment", model="tiny", code="INVALID_ARGUMENT") >= 1
-    assert _metric(text, "segsvc_request_seconds_count", method="Segment", model="tiny") >= 3
-    assert _metric(text, "segsvc_queue_seconds_count", model="tiny") >= 2
-    assert _metric(text, "segsvc_inference_seconds_count", model="tiny") >= 2
-    assert _metric(text, "segsvc_batch_size_count", model="tiny") >= 1
-    assert _metric(text, "segsvc_queue_depth", model="tiny", version="2") == 0
-    assert _metric(text, "segsvc_model_loaded", model="tiny", version="2", default="true") == 1
-    assert _metric(text, "segsvc_loaded_models") == 3
+    assert metric(text, "segsvc_requests_total", method="Segment", model="tiny", code="OK") >= 2
+    assert metric(text, "segsvc_requests_total", method="Segment", model="tiny", code="INVALID_ARGUMENT") >= 1
+    assert metric(text, "segsvc_request_seconds_count", method="Segment", model="tiny") >= 3
+    assert metric(text, "segsvc_queue_seconds_count", model="tiny") >= 2
+    assert metric(text, "segsvc_inference_seconds_count", model="tiny") >= 2
+    assert metric(text, "segsvc_batch_size_count", model="tiny") >= 1
+    assert metric(text, "segsvc_queue_depth", model="tiny", version="2") == 0
+    assert metric(text, "segsvc_model_loaded", model="tiny", version="2", default="true") == 1
+    assert metric(text, "segsvc_loaded_models") == 3
 
 
 def test_default_version_pinning_and_explicit_loads(start_server, tmp_path):

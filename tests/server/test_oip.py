@@ -7,6 +7,8 @@ tokens start their own.
 
 from __future__ import annotations
 
+import urllib.request
+
 import grpc
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 from segsvc.server.auth import AuthConfig
 from segsvc.server.config import LimitsConfig
 from segsvc.server.oip import SERVICE_NAME
-from tests.server.conftest import assert_labels_match, encode, make_image, publish
+from tests.server.conftest import assert_labels_match, encode, make_image, metric, publish
 
 TOKENS = "infer-tok infer\nadmin-tok manage\n"
 INFER = {"authorization": "Bearer infer-tok"}
@@ -176,6 +178,29 @@ def test_invalid_requests_name_the_problem(triton_client, shared_server):
              lambda: triton_client.infer("tiny", [pixels], parameters={"speed": 2}))
     _refused("INVALID_ARGUMENT", "tile_size",
              lambda: triton_client.infer("tiny", [pixels], parameters={"tile_size": 3}))
+
+
+def test_model_infer_is_counted_in_the_request_metrics(triton_client, shared_server):
+    url = f"http://127.0.0.1:{shared_server.server.metrics_port}/metrics"
+
+    def counts() -> tuple[float, ...]:
+        text = urllib.request.urlopen(url, timeout=30).read().decode()
+        return (metric(text, "segsvc_requests_total", 0.0, method="ModelInfer", model="tiny", code="OK"),
+                metric(text, "segsvc_requests_total", 0.0, method="ModelInfer", model="-", code="INVALID_ARGUMENT"),
+                metric(text, "segsvc_requests_total", 0.0, method="ModelInfer", model="-", code="NOT_FOUND"),
+                metric(text, "segsvc_request_seconds_count", 0.0, method="ModelInfer", model="tiny"),
+                metric(text, "segsvc_queue_seconds_count", 0.0, model="tiny"),
+                metric(text, "segsvc_inference_seconds_count", 0.0, model="tiny"))
+
+    before = counts()
+    images = np.stack([make_image(24, 24, seed=s) for s in (30, 31)])
+    triton_client.infer("tiny", [_pixels_input(images)])
+    _refused("INVALID_ARGUMENT", "element 0", lambda: triton_client.infer("tiny", [_bytes_input(b"not an image")]))
+    _refused("NOT_FOUND", "'nope'", lambda: triton_client.infer("nope", [_pixels_input(images)]))
+    after = counts()
+    # One request of two images (each waits in the queue and runs) is counted under its model. The request
+    # whose image does not decode, and the one naming an unknown model, fail before a model is resolved.
+    assert [a - b for a, b in zip(after, before)] == [1, 1, 1, 1, 2, 2]
 
 
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding(start_server, shared_repo):
