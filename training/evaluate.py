@@ -25,7 +25,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ from segsvc.inference.predictor import Predictor
 from segsvc.models.artifact import Manifest
 from training.curves import write_curves
 from training.data import select_indices
-from training.metrics import ConfusionMatrix, SegmentationMetrics, format_table, isbi_metrics
+from training.metrics import BoundaryErrors, ConfusionMatrix, SegmentationMetrics, format_table, isbi_metrics
 from training.report import plot_eval_report
 
 
@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_artifact(Predictor(backend, manifest), data, options)
     table = format_table(result.metrics, list(manifest.class_names), isbi=True)
     print(f"{manifest.name} v{manifest.version} on {data.name}/{args.split} ({result.images} images, "
-          f"{result.seconds:.1f} s) {describe_contract(result.contract, options)}\n{table}")
+          f"{result.seconds:.1f} s) {describe_contract(result.contract, options)}\n{table}\n"
+          f"{describe_boundary(result.boundary)}")
     write_outputs(out_dir, manifest, data, options, result)
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.png'}")
     if args.curves:
@@ -121,6 +122,7 @@ class EvalResult:
     seconds: float
     samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
     contract: InferenceSpec = InferenceSpec()  # what the images were run with
+    boundary: dict[str, object] = field(default_factory=dict)  # BoundaryErrors.to_dict()
 
 
 def eval_contract(manifest: Manifest, options: EvalOptions) -> InferenceSpec:
@@ -163,6 +165,7 @@ def evaluate_artifact(predictor: Predictor, data: DatasetSpec, options: EvalOpti
     wanted = set(np.linspace(0, len(indices) - 1, options.samples_in_report).round().astype(int).tolist()) \
         if options.samples_in_report > 0 else set()
     cm = ConfusionMatrix(manifest.spec.num_classes, data.ignore_index)
+    boundary = BoundaryErrors(manifest.spec.num_classes, data.ignore_index)
     samples = []
     t0 = time.perf_counter()
     for n, i in enumerate(tqdm(indices, desc=f"eval {data.name}/{options.split}", disable=not options.progress)):
@@ -173,9 +176,11 @@ def evaluate_artifact(predictor: Predictor, data: DatasetSpec, options: EvalOpti
                                   f"{tuple(image.shape[:2])} differ in size (segsvc data check lists such files)")
         pred = predict_labels(engine, contract, image)
         cm.update(mask, pred)
+        boundary.update(mask, pred)
         if n in wanted:
             samples.append((image, mask.numpy(), pred.numpy()))
-    return EvalResult(cm.compute(), cm.mat.tolist(), len(indices), time.perf_counter() - t0, samples, contract)
+    return EvalResult(cm.compute(), cm.mat.tolist(), len(indices), time.perf_counter() - t0, samples, contract,
+                      boundary.to_dict())
 
 
 def predict_labels(engine: Engine, contract: InferenceSpec, image: np.ndarray) -> torch.Tensor:
@@ -201,6 +206,16 @@ def contract_sources(options: EvalOptions) -> dict[str, str]:
     given = {"scale": options.scale, "tile_size": options.tile, "tile_overlap": options.overlap,
              "flip_tta": options.hflip, "tta_scales": options.tta_scales}
     return {k: "manifest" if v is None else "flag" for k, v in given.items()}
+
+
+def describe_boundary(boundary: dict[str, object]) -> str:
+    """One line: how many wrong pixels lie within ``band_px`` of a label boundary, and the error off that band."""
+    def pct(x: object) -> str:
+        return "-" if x is None else f"{100 * float(x):.2f}%"  # type: ignore[arg-type]
+
+    return (f"wrong pixels within {boundary['band_px']} px of a label boundary: {pct(boundary['errors_in_band'])} "
+            f"(the band holds {pct(boundary['band_pixels'])} of the pixels); "
+            f"pixel error off the band: {pct(boundary['pixel_error_off_band'])}")
 
 
 def describe_contract(contract: InferenceSpec, options: EvalOptions) -> str:
@@ -238,6 +253,7 @@ def write_outputs(
         "inference_source": contract_sources(options),
         "ignore_index": data.ignore_index,
         "metrics": {**result.metrics.to_dict(names), **isbi_metrics(result.metrics, names)},
+        "boundary_errors": result.boundary,
         "confusion_matrix": {"rows": "ground truth", "columns": "prediction", "classes": names,
                              "counts": result.confusion},
     }

@@ -5,7 +5,8 @@ Every figure the trainer and ``segsvc eval`` report comes from the same
 whose target is the ignore index are dropped before counting, and classes that
 never occur in the targets nor the predictions are left out of the means (NaN
 per class) instead of counting as 0 or 1. ``isbi_metrics`` adds the ISBI 2012
-EM challenge's figures: pixel error and the membrane class's IoU.
+EM challenge's figures: pixel error and the membrane class's IoU. ``BoundaryErrors``
+says how many of the wrong pixels lie on a label boundary's band.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,61 @@ def metrics_from_confusion(mat: torch.Tensor) -> SegmentationMetrics:
         dice=dice.tolist(),
         pixels=int(total),
     )
+
+
+class BoundaryErrors:
+    """Counts the wrong pixels on the band within ``band_px`` of a ground-truth label boundary, and off it.
+
+    A boundary pixel has a 4-neighbour with another target value (void included: the edge of a labelled
+    region is a boundary); the band holds every pixel within ``band_px`` of one (Chebyshev distance).
+    Pixels are counted as by ``ConfusionMatrix`` (void and out-of-range targets left out). Wrong pixels
+    in the band are boundary placement (a membrane a pixel wider or narrower than annotated); wrong
+    pixels off it are structure missed or invented.
+
+    Example:
+        >>> be = BoundaryErrors(num_classes=2, ignore_index=255)
+        >>> be.update(torch.tensor([[0, 0, 0, 1, 1, 1]]), torch.tensor([[0, 0, 1, 1, 1, 0]]))
+        >>> be.to_dict()
+        {'band_px': 1, 'band_pixels': 0.666667, 'errors_in_band': 0.5, 'pixel_error_off_band': 0.5}
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int | None = 255, band_px: int = 1) -> None:
+        if band_px < 0:
+            raise ValueError(f"band_px must be at least 0, got {band_px}")
+        self.num_classes, self.ignore_index, self.band_px = num_classes, ignore_index, band_px
+        self.pixels = self.band = self.wrong = self.wrong_in_band = 0
+
+    def update(self, target: torch.Tensor, pred: torch.Tensor) -> None:
+        """Count one ``H x W`` label map against its target."""
+        if target.dim() != 2 or target.shape != pred.shape:
+            raise ValueError(f"expected two H x W maps of one shape, got {tuple(target.shape)} and {tuple(pred.shape)}")
+        target = target.to(torch.int64)
+        edge = torch.zeros(target.shape, dtype=torch.bool)
+        rows, cols = target[1:] != target[:-1], target[:, 1:] != target[:, :-1]
+        edge[1:] |= rows
+        edge[:-1] |= rows
+        edge[:, 1:] |= cols
+        edge[:, :-1] |= cols
+        k = 2 * self.band_px + 1
+        band = F.max_pool2d(edge[None, None].float(), k, stride=1, padding=self.band_px)[0, 0] > 0
+        keep = (target >= 0) & (target < self.num_classes)
+        if self.ignore_index is not None:
+            keep &= target != self.ignore_index
+        wrong = keep & (pred.to(torch.int64) != target)
+        self.pixels += int(keep.sum())
+        self.band += int((keep & band).sum())
+        self.wrong += int(wrong.sum())
+        self.wrong_in_band += int((wrong & band).sum())
+
+    def to_dict(self) -> dict[str, object]:
+        """``band_pixels``: the band's share of the counted pixels; ``errors_in_band``: the share of the wrong
+        pixels that lie in it; ``pixel_error_off_band``: the pixel error of the pixels off it (NaN: None)."""
+        def ratio(a: int, b: int) -> float | None:
+            return round(a / b, 6) if b else None
+
+        return {"band_px": self.band_px, "band_pixels": ratio(self.band, self.pixels),
+                "errors_in_band": ratio(self.wrong_in_band, self.wrong),
+                "pixel_error_off_band": ratio(self.wrong - self.wrong_in_band, self.pixels - self.band)}
 
 
 def membrane_class(class_names: Sequence[str]) -> int | None:

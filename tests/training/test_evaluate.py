@@ -39,6 +39,13 @@ def test_eval_reproduces_the_trainers_validation_metrics(artifact, tiny_spec, tm
     assert (tmp_path / "plain" / "report.png").stat().st_size > 1000
     table = capsys.readouterr().out
     assert "mIoU" in table and "rectangle" in table and "mean Dice" in table
+    # the wrong pixels split into those near a label boundary and those off it, consistently with the accuracy
+    b, pixels = result["boundary_errors"], 6 * 48 * 48
+    wrong = (1 - result["metrics"]["pixel_accuracy"]) * pixels
+    assert b["band_px"] == 1 and 0 < b["band_pixels"] < 1 and wrong > 0
+    assert wrong * (1 - b["errors_in_band"]) == pytest.approx(b["pixel_error_off_band"] * (1 - b["band_pixels"]) * pixels,
+                                                             abs=0.01)
+    assert "wrong pixels within 1 px of a label boundary: " in table
 
 
 def test_eval_with_sliding_windows_and_flip_tta(artifact, tiny_spec, tmp_path):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.metrics import ConfusionMatrix, format_table, metrics_from_confusion
+from training.metrics import BoundaryErrors, ConfusionMatrix, format_table, metrics_from_confusion
 
 # 8 pixels, 3 classes; the 6th pixel is void (255) and must not count.
 TARGET = torch.tensor([[0, 0, 1, 1], [2, 255, 2, 0]])
@@ -220,3 +220,33 @@ def test_all_reduce_over_a_one_process_gloo_group_keeps_the_counts(tmp_path):
         dist.destroy_process_group()
     assert cm.mat.device.type == "cpu" and cm.mat.dtype == torch.int64
     assert cm.mat.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def test_boundary_errors_split_wrong_pixels_by_the_band_around_label_edges():
+    # A 6 x 6 map: class 1 fills the right half. Edge pixels are columns 2 and 3; the 1 px band is columns 1-4.
+    target = torch.zeros(6, 6, dtype=torch.int64)
+    target[:, 3:] = 1
+    target[5, 5] = 255  # void: never counted, but the edge of the labelled region around it is a boundary
+    pred = target.clone()
+    pred[0, 2] = 1  # boundary placement: in the band
+    pred[5, 0] = 1  # invented structure: off the band
+    pred[1, 5] = 0  # missed structure: off the band
+    be = BoundaryErrors(num_classes=2, ignore_index=255)
+    be.update(target, pred)
+    # counted: 35 pixels. Band: columns 1-4 (24 pixels), plus (3, 5) and (4, 5) next to the void pixel.
+    assert (be.pixels, be.band, be.wrong, be.wrong_in_band) == (35, 26, 3, 1)
+    assert be.to_dict() == {"band_px": 1, "band_pixels": round(26 / 35, 6), "errors_in_band": round(1 / 3, 6),
+                            "pixel_error_off_band": round(2 / 9, 6)}
+
+
+def test_boundary_errors_with_a_wider_band_and_without_errors():
+    target = torch.zeros(1, 9, dtype=torch.int64)
+    target[0, 4:] = 1
+    be = BoundaryErrors(num_classes=2, ignore_index=None, band_px=2)
+    be.update(target, target)
+    assert (be.band, be.wrong) == (6, 0)  # columns 1-6
+    assert be.to_dict()["errors_in_band"] is None and be.to_dict()["pixel_error_off_band"] == 0.0
+    with pytest.raises(ValueError, match="two H x W maps"):
+        be.update(target[None], target[None])
+    with pytest.raises(ValueError, match="band_px"):
+        BoundaryErrors(2, band_px=-1)
