@@ -10,6 +10,7 @@ import asyncio
 import re
 import threading
 import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -228,6 +229,12 @@ def wait_for(condition, timeout_s: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
+
+
+def metrics_text(server: RunningServer) -> str:
+    """The server's Prometheus metrics page."""
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    return urllib.request.urlopen(url, timeout=30).read().decode()
 
 
 def metric(text: str, name: str, default: float | None = None, **labels: str) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import urllib.request
 
 import grpc
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from segsvc import errors
 from segsvc.inference.batcher import BatchingConfig
 from segsvc.v1 import segmentation_pb2 as pb
-from tests.server.conftest import encode, make_image, metric, publish, wait_for
+from tests.server.conftest import encode, make_image, metric, metrics_text, publish, wait_for
 
 SEGMENT = "/segsvc.v1.SegmentationService/Segment"
 STREAM = "/segsvc.v1.SegmentationService/SegmentStream"
@@ -83,8 +82,7 @@ def test_an_expired_deadline_is_counted_as_deadline_exceeded(start_server, tmp_p
             c.segment(make_image(30, 30), model="m", timeout_s=0.2)
         gated.gate.set()
         busy.join(20)
-    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    text = metrics_text(server)
     assert metric(text, "segsvc_requests_total", method="Segment", code="DEADLINE_EXCEEDED") == 1
     with pytest.raises(AssertionError):
         metric(text, "segsvc_requests_total", method="Segment", code="CANCELLED")

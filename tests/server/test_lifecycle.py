@@ -6,7 +6,6 @@ import asyncio
 import shutil
 import subprocess
 import threading
-import urllib.request
 
 import grpc
 import numpy as np
@@ -17,7 +16,7 @@ from segsvc import errors
 from segsvc.client import SegmentationClient
 from segsvc.server.auth import AuthConfig
 from segsvc.server.config import TLSConfig
-from tests.server.conftest import make_image, metric, publish, reference, wait_for
+from tests.server.conftest import make_image, metric, metrics_text, publish, reference, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -116,8 +115,7 @@ def test_metrics_endpoint_serves_the_counters(shared_server, client):
     client.segment(make_image(16, 16), model="tiny")
     with pytest.raises(errors.InvalidImage):
         client.segment(b"not an image", model="tiny")
-    url = f"http://127.0.0.1:{shared_server.server.metrics_port}/metrics"
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    text = metrics_text(shared_server)
     assert metric(text, "segsvc_requests_total", method="Segment", model="tiny", code="OK") >= 2
     assert metric(text, "segsvc_requests_total", method="Segment", model="tiny", code="INVALID_ARGUMENT") >= 1
     assert metric(text, "segsvc_request_seconds_count", method="Segment", model="tiny") >= 3

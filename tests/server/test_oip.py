@@ -7,8 +7,6 @@ tokens start their own.
 
 from __future__ import annotations
 
-import urllib.request
-
 import grpc
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 from segsvc.server.auth import AuthConfig
 from segsvc.server.config import LimitsConfig
 from segsvc.server.oip import SERVICE_NAME
-from tests.server.conftest import assert_labels_match, encode, make_image, metric, publish
+from tests.server.conftest import assert_labels_match, encode, make_image, metric, metrics_text, publish
 
 TOKENS = "infer-tok infer\nadmin-tok manage\n"
 INFER = {"authorization": "Bearer infer-tok"}
@@ -181,10 +179,8 @@ def test_invalid_requests_name_the_problem(triton_client, shared_server):
 
 
 def test_model_infer_is_counted_in_the_request_metrics(triton_client, shared_server):
-    url = f"http://127.0.0.1:{shared_server.server.metrics_port}/metrics"
-
     def counts() -> tuple[float, ...]:
-        text = urllib.request.urlopen(url, timeout=30).read().decode()
+        text = metrics_text(shared_server)
         return (metric(text, "segsvc_requests_total", 0.0, method="ModelInfer", model="tiny", code="OK"),
                 metric(text, "segsvc_requests_total", 0.0, method="ModelInfer", model="-", code="INVALID_ARGUMENT"),
                 metric(text, "segsvc_requests_total", 0.0, method="ModelInfer", model="-", code="NOT_FOUND"),

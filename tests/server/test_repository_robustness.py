@@ -9,7 +9,6 @@ and a manifest that names another version; failures show in GetModel/ListModels,
 from __future__ import annotations
 
 import shutil
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,7 @@ import pytest
 from segsvc import errors
 from segsvc.models.artifact import MANIFEST_FILE, WEIGHTS_FILE
 from segsvc.v1 import segmentation_pb2 as pb
-from tests.server.conftest import make_image, publish, wait_for
-from tests.server.test_lifecycle import _metric
+from tests.server.conftest import make_image, metric, metrics_text, publish, wait_for
 
 READY, FAILED = pb.VERSION_STATE_READY, pb.VERSION_STATE_FAILED
 
@@ -29,11 +27,6 @@ def states(info: pb.ModelInfo) -> dict[int, tuple[int, str]]:
 
 def assert_no_server_path(text: str, tmp_path: Path) -> None:
     assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text, text
-
-
-def metrics_text(server) -> str:
-    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
-    return urllib.request.urlopen(url, timeout=10).read().decode()
 
 
 def test_lost_found_stray_symlink_and_files_in_the_root_do_not_stop_the_server(start_server, tmp_path):
@@ -75,9 +68,9 @@ def test_a_corrupt_newest_version_falls_back_at_restart_and_is_reported(start_se
         assert c.health() == "SERVING"
         wait_for(lambda: c.health("segsvc.model.m") == "SERVING")
     text = metrics_text(server)
-    assert _metric(text, "segsvc_model_version_failed", model="m", version="2") == 1
+    assert metric(text, "segsvc_model_version_failed", model="m", version="2") == 1
     with pytest.raises(AssertionError):
-        _metric(text, "segsvc_model_version_failed", model="m", version="1")
+        metric(text, "segsvc_model_version_failed", model="m", version="1")
 
 
 def test_a_model_with_no_version_that_loads_is_not_serving(start_server, tmp_path):
@@ -96,7 +89,7 @@ def test_a_model_with_no_version_that_loads_is_not_serving(start_server, tmp_pat
         assert [m.name for m in c.list_models()] == ["bad", "good"]
         with pytest.raises((errors.ArtifactError, errors.FailedPrecondition), match="no version of model 'bad' loads: version 1: bad/1/"):
             c.load_model("bad")
-    assert _metric(metrics_text(server), "segsvc_model_version_failed", model="bad", version="1") == 1
+    assert metric(metrics_text(server), "segsvc_model_version_failed", model="bad", version="1") == 1
 
 
 def test_a_version_copied_manifest_first_loads_once_its_weights_arrive(start_server, tmp_path):
@@ -117,7 +110,7 @@ def test_a_version_copied_manifest_first_loads_once_its_weights_arrive(start_ser
         assert c.segment(make_image(16, 16), model="m").version == 2
         assert states(c.get_model("m"))[2] == (READY, "")
     with pytest.raises(AssertionError):  # the failure is gone from the metrics too
-        _metric(metrics_text(server), "segsvc_model_version_failed", model="m", version="2")
+        metric(metrics_text(server), "segsvc_model_version_failed", model="m", version="2")
 
 
 def test_a_version_symlinked_out_of_the_root_is_refused(start_server, tmp_path):
