@@ -1,7 +1,5 @@
 import json
 
-import pytest
-
 from segsvc.cli import main
 from segsvc.config import ModelSpec
 from segsvc.models import build_model
