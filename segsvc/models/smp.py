@@ -16,20 +16,29 @@ import os
 from pathlib import Path
 from typing import Any
 
-import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
 from segsvc.errors import ModelConfigError
 from segsvc.models.base import check_input_shape
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    cls.__name__: cls
-    for cls in (
-        smp.Unet, smp.UnetPlusPlus, smp.MAnet, smp.Linknet, smp.FPN, smp.PSPNet,
-        smp.DeepLabV3, smp.DeepLabV3Plus, smp.PAN, smp.UPerNet, smp.Segformer, smp.DPT,
-    )
-}
+# smp's class names. smp itself (with timm and torchvision: about 1 s and 200 MiB at start-up here) is imported
+# only when one of them is built, so a server or job serving FCN, U-Net or SegNet models never loads it.
+ARCHITECTURES: tuple[str, ...] = (
+    "Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet",
+    "DeepLabV3", "DeepLabV3Plus", "PAN", "UPerNet", "Segformer", "DPT",
+)
+
+
+def smp_class(architecture: str) -> type[nn.Module]:
+    """The smp class named ``architecture``, importing smp on first use."""
+    if architecture not in ARCHITECTURES:
+        raise ModelConfigError(
+            f"unknown smp architecture {architecture!r}; valid: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    import segmentation_models_pytorch as smp
+
+    return getattr(smp, architecture)
 
 
 class SmpModel(nn.Module):
@@ -61,10 +70,7 @@ class SmpModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        if architecture not in ARCHITECTURES:
-            raise ModelConfigError(
-                f"unknown smp architecture {architecture!r}; valid: {', '.join(sorted(ARCHITECTURES))}"
-            )
+        net_class = smp_class(architecture)
         if encoder_weights is not None:
             raise ModelConfigError(
                 f"encoder_weights={encoder_weights!r} would download weights, which segsvc never does "
@@ -75,7 +81,7 @@ class SmpModel(nn.Module):
         if architecture == "DPT":  # ViT encoders: accept any size that is a multiple of the patch
             kwargs.setdefault("dynamic_img_size", True)
         try:
-            self.net = ARCHITECTURES[architecture](
+            self.net = net_class(
                 encoder_name=encoder_name,
                 encoder_weights=None,
                 in_channels=in_channels,

@@ -58,3 +58,30 @@ def test_wrong_encoder_weights_are_reported(tmp_path) -> None:
     save_file({"foo": torch.zeros(3)}, str(path))
     with pytest.raises(ModelConfigError, match="lack"):
         build_model(ModelSpec("smp/Unet", 2, params={**ENCODER, "encoder_weights_path": str(path)}))
+
+
+def test_smp_is_imported_only_when_an_smp_model_is_built() -> None:
+    """Serving FCN, U-Net or SegNet never pays smp's start-up (timm, torchvision: seconds and ~200 MiB)."""
+    import subprocess
+    import sys
+
+    heavy = ("segmentation_models_pytorch", "timm", "torchvision")
+    code = (
+        "import sys\n"
+        "import segsvc.cli, segsvc.server.app, segsvc.jobs.offline\n"
+        "from segsvc.config import ModelSpec\n"
+        "from segsvc.models import build_model\n"
+        "build_model(ModelSpec('fcn8s', 3, params={'base_channels': 4, 'fc_channels': 8}))\n"
+        f"print(*[m for m in {heavy!r} if m in sys.modules])\n"
+        "build_model(ModelSpec('smp/Unet', 3, params={'encoder_name': 'resnet18'}))\n"
+        "print('segmentation_models_pytorch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["", "True"]
+
+
+def test_an_unknown_smp_architecture_names_the_valid_ones() -> None:
+    from segsvc.models.smp import SmpModel
+
+    with pytest.raises(ModelConfigError, match="unknown smp architecture 'Unet3'; valid: DPT, DeepLabV3"):
+        SmpModel("Unet3", 2)
