@@ -1,5 +1,8 @@
 """Every smp architecture through the shared tester, plus weights handling."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -61,10 +64,7 @@ def test_wrong_encoder_weights_are_reported(tmp_path) -> None:
 
 
 def test_smp_is_imported_only_when_an_smp_model_is_built() -> None:
-    """Serving FCN, U-Net or SegNet never pays smp's start-up (timm, torchvision: seconds and ~200 MiB)."""
-    import subprocess
-    import sys
-
+    """Serving FCN, U-Net or SegNet never pays smp's start-up (timm, torchvision: about 1 s and 200 MiB)."""
     heavy = ("segmentation_models_pytorch", "timm", "torchvision")
     code = (
         "import sys\n"
