@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,12 +70,25 @@ def tiny_recipe(tmp_path, tiny_spec) -> Path:
     return write_recipe(tmp_path, tiny_spec)
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_determinism():
-    """An in-process run with ``train.deterministic`` switches deterministic algorithms on for the whole
-    process; later tests (SegNet's max-unpooling has no deterministic backward) must not inherit it."""
+@contextmanager
+def _torch_determinism_kept():
     import torch
 
     enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     yield
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_determinism():
+    """An in-process run with ``train.deterministic`` switches deterministic algorithms on for the whole
+    process; later tests (SegNet's max-unpooling has no deterministic forward on CPU) must not inherit it."""
+    with _torch_determinism_kept():
+        yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_determinism_after_module_fixtures():
+    """The same for runs in module-scoped fixtures (``test_evaluate.artifact``), which outlive every test's."""
+    with _torch_determinism_kept():
+        yield
