@@ -31,7 +31,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from segsvc.config import ModelSpec
-from segsvc.inference.backends import manifest_geometry
 from segsvc.models.registry import build_model
 from training.config import LoopConfig, ScheduleConfig, TrainConfig, load_config
 from training.data import stack_batch
@@ -50,8 +49,7 @@ def load_batches(cfg: TrainConfig, count: int) -> tuple[list[tuple[torch.Tensor,
     """``count`` augmented batches of the recipe, the loader's images/s, the loader, and a fresh model."""
     data = load_training_data(cfg)
     model = build_model(ModelSpec(cfg.model.arch, data.num_classes, data.channels, dict(cfg.model.params)))
-    stride = manifest_geometry(val_contract(cfg, model)).stride
-    train_set, _ = build_datasets(cfg, data, stride)
+    train_set, _ = build_datasets(cfg, data, val_contract(cfg, model))
     subset = Subset(train_set, range(min(len(train_set), count * cfg.train.batch_size)))
     loader = DataLoader(subset, batch_size=cfg.train.batch_size, shuffle=False, drop_last=True, collate_fn=stack_batch)
     t0 = time.perf_counter()

@@ -189,6 +189,37 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _data_offset(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from segsvc.data.datasets import build_dataset
+    from segsvc.data.registration import dataset_offsets, mean_offset
+    from segsvc.data.spec import load_dataset_spec
+
+    spec = load_dataset_spec(args.path)
+    if args.class_name not in spec.class_names:
+        raise SegsvcError(f"--class {args.class_name!r} is not a class of {spec.name}: {', '.join(spec.class_names)}")
+    base = build_dataset(spec, args.split)
+    names = getattr(base, "names", None) or [str(i) for i in range(len(base))]
+
+    def bar(items):  # type: ignore[no-untyped-def]
+        return tqdm(items, total=len(base), desc=f"measuring {spec.name}/{args.split}", unit="image",
+                    disable=not args.progress)
+
+    offsets = dataset_offsets(base.read, range(len(base)), spec.class_names.index(args.class_name), bar)
+    for name, (dy, dx) in zip(names, offsets):
+        print(f"{name:<24} dy {dy:+.2f}  dx {dx:+.2f}")
+    dy, dx = mean_offset(offsets)
+    print(f"mean ({dy:+.2f}, {dx:+.2f}) px over {len(offsets)} images (negative: the labels lie up/left of "
+          f"the image's {args.class_name})")
+    if max(abs(dy), abs(dx)) >= REGISTER_HINT_PX:
+        print(f"a constant offset: train with `--set data.register={args.class_name}` to remove it")
+    return 0
+
+
+REGISTER_HINT_PX = 0.2  # a mean label offset worth registering (the ISBI membranes: 0.6 px)
+
+
 def _data_synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -214,6 +245,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                     help="for a folder without dataset.yaml: check labels against 0..N-1")  # fmt: skip
     pc.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     pc.set_defaults(func=_data_check)
+    po = dsub.add_parser("offset", help="how far a class's labels are drawn from the image structure they mark "
+                                        "(sub-pixel, per image); see data.register")  # fmt: skip
+    po.add_argument("path", help="dataset YAML or built-in name (e.g. membrane)")
+    po.add_argument("--class", dest="class_name", required=True, help="the class to measure (e.g. membrane)")
+    po.add_argument("--split", default="train", help="split to measure (default train)")
+    po.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    po.set_defaults(func=_data_offset)
     ps = dsub.add_parser("synth", help="write a synthetic shapes dataset (folder layout + dataset.yaml)")
     ps.add_argument("out_dir", help="new (or empty) output folder")
     ps.add_argument("--count", type=int, default=200, help="number of samples (default 200)")

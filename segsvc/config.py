@@ -134,6 +134,7 @@ class InputSpec:
 MIN_TILE_SIZE = 16
 MAX_TILE_OVERLAP = 0.75  # tile stride >= a quarter tile: at most 16 passes per pixel
 MAX_INFERENCE_SCALE = 8.0
+MAX_INPUT_SHIFT = 2.0  # px: a larger label offset is a misregistered data set, not annotation style
 MAX_TTA_SCALES = 4  # multi-scale TTA: at most this many passes (each doubled by flip TTA)
 INTERPOLATIONS = ("auto", "area", "linear")
 
@@ -173,6 +174,12 @@ class InferenceSpec:
             network also runs at (e.g. ``[0.75, 1.0, 1.25]``); the logits of every
             pass, resized back, are averaged. Empty (the default): ``scale`` only.
             Written to the manifest only when set.
+        shift: ``(dy, dx)`` px by which the image is translated (bilinear,
+            mirrored border) before everything else: the sub-pixel offset of the
+            training labels from the structures they mark, which training
+            removed (``data.register``, ``segsvc.data.registration``), so the
+            label maps land where the annotators would draw them. Written to the
+            manifest only when not zero.
 
     Example:
         >>> InferenceSpec(scale=0.5, stride=8).to_dict()["scale"]
@@ -189,6 +196,7 @@ class InferenceSpec:
     backend: str = "torch"
     tile_padding: str = "zero"
     tta_scales: tuple[float, ...] = ()
+    shift: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         try:
@@ -227,6 +235,7 @@ class InferenceSpec:
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "tile_overlap", overlap)
         object.__setattr__(self, "tta_scales", _tta_scales(self.tta_scales, scale))
+        object.__setattr__(self, "shift", _shift(self.shift))
 
     @property
     def composed(self) -> bool:
@@ -234,8 +243,13 @@ class InferenceSpec:
         return bool(self.tile_size or self.flip_tta or self.tta_scales)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data; ``tile_padding`` and ``tta_scales`` only when set (older segsvc reads such manifests)."""
+        """Plain JSON data; ``tile_padding``, ``tta_scales`` and ``shift`` only when set (older segsvc reads
+        such manifests)."""
         data = asdict(self)
+        if data["shift"] == (0.0, 0.0):
+            del data["shift"]
+        else:
+            data["shift"] = list(data["shift"])
         if data["tile_padding"] == "zero":
             del data["tile_padding"]
         if data["tta_scales"]:
@@ -271,6 +285,17 @@ def _tta_scales(value: Any, scale: float) -> tuple[float, ...]:
     if len(set(factors)) != len(factors):
         raise ModelConfigError(f"inference tta_scales repeats a factor: {list(value)}")
     return () if factors == [1.0] else tuple(factors)  # [1.0] is no TTA
+
+
+def _shift(value: Any) -> tuple[float, float]:
+    """``shift`` as ``(dy, dx)`` floats, each within ``MAX_INPUT_SHIFT`` px."""
+    try:
+        dy, dx = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ModelConfigError(f"inference shift must be two numbers [dy, dx] in pixels, got {value!r}") from None
+    if not (abs(dy) <= MAX_INPUT_SHIFT and abs(dx) <= MAX_INPUT_SHIFT):  # also false for NaN
+        raise ModelConfigError(f"inference shift must lie within {MAX_INPUT_SHIFT} px on each axis, got {value!r}")
+    return dy + 0.0, dx + 0.0  # -0.0 -> 0.0
 
 
 def _is_int(value: Any) -> bool:

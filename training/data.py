@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from segsvc.config import InputSpec
+from segsvc.config import InferenceSpec, InputSpec
+from segsvc.data.registration import shift_image
 from segsvc.data.transforms import preprocess
-from segsvc.inference.contract import resize_image
+from segsvc.inference.contract import network_input
 
 
 def sample_seed(*parts: int) -> int:
@@ -63,6 +64,8 @@ class TrainSamples(Dataset):
         pixel_weights: maps the augmented mask to per-pixel loss weights (``HxW`` float);
             when given, items are ``(image, mask, weights)``
             (``training.losses.border_weight_function``).
+        shift: ``(dy, dx)`` px every image is translated by before augmentation, so
+            that it lies under its labels (``data.register``, ``segsvc.data.registration``).
     """
 
     def __init__(
@@ -73,11 +76,13 @@ class TrainSamples(Dataset):
         input_spec: InputSpec,
         seed: int,
         pixel_weights: Callable[[np.ndarray], np.ndarray] | None = None,
+        shift: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         self.base = base
         self.indices = list(indices)
         self.transform = transform
         self.input_spec = input_spec
+        self.shift = shift
         self.seed = seed
         self.pixel_weights = pixel_weights
         self.epoch = 0
@@ -91,6 +96,7 @@ class TrainSamples(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         index = self.indices[i]
         image, mask = self.base.read(index)
+        image = shift_image(image, self.shift)
         if self.transform is not None:
             # by position, so a sample listed twice (data.repeat) gets two different augmentations
             self.transform.set_random_seed(sample_seed(self.seed, self.epoch, i))
@@ -103,28 +109,27 @@ class TrainSamples(Dataset):
 
 
 class EvalSamples(Dataset):
-    """Un-augmented items for validation: the image (optionally resized) and the full-size mask.
+    """Un-augmented items for validation: the image as the contract prepares it, and the full-size mask.
 
-    With ``scale != 1`` the network sees a resized image (resized exactly as the
-    server resizes it for a model published with that scale); the evaluation loop
-    resizes the logits back, so metrics are always computed on the original labels.
+    ``network_input`` is the serving contract's first step (``segsvc.inference.contract``):
+    the image is shifted and resized (``data.val_scale``) exactly as the server does
+    for the published model; the evaluation loop resizes the logits back, so
+    metrics are always computed on the original labels.
     """
 
-    def __init__(self, base: Any, indices: Sequence[int], input_spec: InputSpec, scale: float = 1.0) -> None:
-        if scale <= 0:
-            raise ValueError(f"evaluation scale must be positive, got {scale}")
+    def __init__(self, base: Any, indices: Sequence[int], input_spec: InputSpec,
+                 contract: InferenceSpec = InferenceSpec()) -> None:
         self.base = base
         self.indices = list(indices)
         self.input_spec = input_spec
-        self.scale = scale
+        self.contract = contract
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.base.read(self.indices[i])
-        image = resize_image(image, self.scale)  # the serving contract's resize (segsvc.inference.contract)
-        return preprocess(image, self.input_spec), torch.from_numpy(np.asarray(mask, dtype=np.int64))
+        return network_input(image, self.input_spec, self.contract), torch.from_numpy(np.asarray(mask, dtype=np.int64))
 
 
 def stack_batch(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:

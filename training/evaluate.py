@@ -226,8 +226,11 @@ def describe_contract(contract: InferenceSpec, options: EvalOptions) -> str:
     padding = ", mirrored borders (manifest)" if contract.tile_padding == "reflect" else ""
     scales = (f"scales {', '.join(f'{f:g}' for f in contract.tta_scales)}" if contract.tta_scales
               else "no multi-scale TTA")
+    shift = (f", inputs shifted by ({contract.shift[0]:+.2f}, {contract.shift[1]:+.2f}) px (manifest)"
+             if any(contract.shift) else "")
     return (f"[scale {contract.scale} ({src['scale']}), {tiles}{padding}, "
-            f"flip TTA {'on' if contract.flip_tta else 'off'} ({src['flip_tta']}), {scales} ({src['tta_scales']})]")
+            f"flip TTA {'on' if contract.flip_tta else 'off'} ({src['flip_tta']}), {scales} ({src['tta_scales']})"
+            f"{shift}]")
 
 
 def write_outputs(

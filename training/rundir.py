@@ -96,18 +96,19 @@ def save_best(run_dir: Path, model: nn.Module, epoch: int, metrics: Segmentation
     os.replace(tmp, path)
 
 
-def val_contract(cfg: TrainConfig, model: nn.Module) -> InferenceSpec:
+def val_contract(cfg: TrainConfig, model: nn.Module, shift: tuple[float, float] = (0.0, 0.0)) -> InferenceSpec:
     """How validation runs the model, and so the artifact's inference contract.
 
     The recipe's ``data.val_scale`` and ``data.val_tile_*`` with the model's
     stride and minimum input size; flip TTA with ``data.val_flip``, multi-scale
-    TTA with ``data.val_tta_scales``.
+    TTA with ``data.val_tta_scales``; ``shift``, the label offset ``data.register``
+    measured on the training images.
     """
     d = cfg.data
     try:
         return model_inference_spec(model, scale=d.val_scale, tile_size=d.val_tile_size,
                                     tile_overlap=d.val_tile_overlap, tile_padding=d.val_tile_padding,
-                                    flip_tta=d.val_flip, tta_scales=tuple(d.val_tta_scales))
+                                    flip_tta=d.val_flip, tta_scales=tuple(d.val_tta_scales), shift=shift)
     except ModelConfigError as exc:
         raise ConfigError(f"data.val_scale/val_tile_*/val_tta_scales: {exc}") from None
 
@@ -120,13 +121,14 @@ def publish(
     model: nn.Module,
     history: list[dict[str, Any]],
     elapsed_s: float,
+    contract: InferenceSpec,
 ) -> Path:
     """Write the best validated weights as a model artifact carrying their metrics and class names.
 
-    The artifact's inference contract is how those metrics were measured
-    (``val_contract``: the recipe's ``data.val_scale`` and ``data.val_tile_*``,
-    the model's stride and minimum input size, no flip TTA), so the server
-    reproduces the validation numbers.
+    The artifact's inference ``contract`` is how those metrics were measured
+    (``val_contract``: the recipe's ``data.val_scale``, ``data.val_tile_*`` and TTA,
+    the model's stride and minimum input size, the registered label shift), so
+    the server reproduces the validation numbers.
     """
     best_path = run_dir / BEST_WEIGHTS
     if best_path.exists():
@@ -151,7 +153,7 @@ def publish(
         model, cfg.output.repo, cfg.model_name, spec=spec, input_spec=data.input_spec(),
         class_names=list(data.class_names), palette=[tuple(c) for c in data.palette],
         ignore_index=data.ignore_index, training=training, metrics=metrics,
-        inference=val_contract(cfg, model),
+        inference=contract,
     )
     (run_dir / "artifact.txt").write_text(f"{artifact}\n")
     print(f"best epoch {best_epoch}: val mIoU {metrics.get('miou')}, pixel accuracy "

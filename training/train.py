@@ -35,9 +35,10 @@ from tqdm import tqdm
 
 from segsvc.config import InferenceSpec, ModelSpec
 from segsvc.data.datasets import build_dataset
+from segsvc.data.registration import dataset_offsets, mean_offset
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.data.transforms import train_transform
-from segsvc.errors import InvalidArgument
+from segsvc.errors import DatasetError, InvalidArgument
 from segsvc.inference.argmax import class_argmax
 from segsvc.inference.backends import Backend, TorchBackend, manifest_geometry
 from segsvc.inference.contract import contract_logits
@@ -102,10 +103,10 @@ def _main(
     spec = ModelSpec(cfg.model.arch, data.num_classes, data.channels, dict(cfg.model.params))
     model = build_model(spec)
     init_report = initialise_weights(cfg, model, spec, data, resuming=checkpoint is not None, env=env)
-    contract = val_contract(cfg, model)  # how validation runs the model: what the published manifest records
+    shift = registered_shift(cfg, data, env)
+    contract = val_contract(cfg, model, shift)  # how validation runs the model: what the published manifest records
     geometry = manifest_geometry(contract)
-    stride = geometry.stride
-    train_set, val_set = build_datasets(cfg, data, stride)
+    train_set, val_set = build_datasets(cfg, data, contract)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, env)
 
     amp_dtype, memory_format = precision(loop, env)
@@ -179,7 +180,7 @@ def _main(
 
     if not env.is_main:
         return None, reason
-    artifact = publish(cfg, spec, data, run_dir, scored, run.history, run.elapsed_s)
+    artifact = publish(cfg, spec, data, run_dir, scored, run.history, run.elapsed_s, contract)
     manifest = read_manifest(artifact)
     events.emit("published", path=str(artifact), name=manifest.name, version=manifest.version,
                 metrics=dict(manifest.metrics))
@@ -287,8 +288,8 @@ def evaluate(
 ) -> SegmentationMetrics:
     """Confusion-matrix metrics on the validation shard of this rank, summed over all ranks.
 
-    The loader already resized the images as the inference contract says
-    (``EvalSamples`` at ``data.val_scale``); ``contract_logits`` and the backend's
+    The loader already shifted and resized the images as the inference contract says
+    (``EvalSamples``: ``network_input``); ``contract_logits`` and the backend's
     ``forward``, what the server and ``segsvc eval`` run, pad them to the
     manifest's stride and minimum size, run the model, crop and resize the
     logits to the label size, so metrics always count the original labels.
@@ -365,8 +366,31 @@ def setup_determinism(loop: LoopConfig, env: DistEnv) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def build_datasets(cfg: TrainConfig, data: DatasetSpec, stride: int) -> tuple[TrainSamples, EvalSamples]:
-    """The augmented training samples and the validation samples the recipe selects."""
+def registered_shift(cfg: TrainConfig, data: DatasetSpec, env: DistEnv) -> tuple[float, float]:
+    """``data.register``'s label offset, measured on the training split (``(0, 0)`` without it)."""
+    if cfg.data.register is None:
+        return 0.0, 0.0
+    if cfg.data.register not in data.class_names:
+        raise InvalidArgument(f"data.register names class {cfg.data.register!r}; "
+                              f"{data.name} has {', '.join(data.class_names)}")
+    base = build_dataset(data, cfg.data.train_split)
+    indices = select_indices(len(base), cfg.data.train_indices, cfg.data.train_limit)
+    try:
+        offsets = dataset_offsets(base.read, indices, data.class_names.index(cfg.data.register))
+        shift = mean_offset(offsets)
+    except DatasetError as exc:
+        raise DatasetError(f"data.register: {exc}") from None
+    log(env, f"data.register: the {cfg.data.register} labels are offset by ({shift[0]:+.2f}, {shift[1]:+.2f}) px "
+             f"(dy, dx; negative: up, left) from the image's {cfg.data.register}, on average over {len(offsets)} "
+             f"training images (dy {offsets[:, 0].min():+.2f}..{offsets[:, 0].max():+.2f}, "
+             f"dx {offsets[:, 1].min():+.2f}..{offsets[:, 1].max():+.2f}); training images and served inputs "
+             "are translated by that much")
+    return shift
+
+
+def build_datasets(cfg: TrainConfig, data: DatasetSpec, contract: InferenceSpec) -> tuple[TrainSamples, EvalSamples]:
+    """The augmented training samples and the validation samples the recipe selects, run as ``contract``."""
+    stride = manifest_geometry(contract).stride
     crop = cfg.data.crop
     if crop is not None and (crop[0] % stride or crop[1] % stride):
         fix = tuple(max(stride, c // stride * stride) for c in crop)
@@ -386,8 +410,8 @@ def build_datasets(cfg: TrainConfig, data: DatasetSpec, stride: int) -> tuple[Tr
     val_idx = select_indices(len(base_val), cfg.data.val_indices, cfg.data.val_limit)
     return (
         TrainSamples(base_train, train_idx, transform, data.input_spec(), cfg.train.seed,
-                     pixel_weights=border_weight_function(cfg.loss)),
-        EvalSamples(base_val, val_idx, data.input_spec(), cfg.data.val_scale),
+                     pixel_weights=border_weight_function(cfg.loss), shift=contract.shift),
+        EvalSamples(base_val, val_idx, data.input_spec(), contract),
     )
 
 

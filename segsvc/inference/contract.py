@@ -5,8 +5,9 @@ scale, padded to some stride, maybe with sliding windows or flip TTA; serving
 must run it the same way or served quality is not what was measured. The
 manifest's ``InferenceSpec`` records that, and this module applies it:
 
-1. ``network_input``: resize the image by ``scale`` (area when shrinking,
-   linear when enlarging) and normalise it (``InputSpec``);
+1. ``network_input``: translate the image by ``shift`` (a sub-pixel label
+   offset the training removed; usually none), resize it by ``scale`` (area
+   when shrinking, linear when enlarging) and normalise it (``InputSpec``);
 2. ``contract_logits``: pad to the stride and minimum size, forward, crop (or
    the sliding-window / flip / multi-scale TTA composition of that), then resize the logits
    back to the original image size with bilinear interpolation. With
@@ -39,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from segsvc.config import InferenceSpec, InputSpec
-from segsvc.data.preprocess import preprocess
+from segsvc.data.preprocess import as_hwc, preprocess
+from segsvc.data.registration import shift_image
 from segsvc.errors import ArtifactError, InvalidArgument
 from segsvc.inference.tiling import LogitsFn, StopFn, make_logits_fn, reflect_to_multiple
 
@@ -93,8 +95,9 @@ def resize_image(image: np.ndarray, scale: float, interpolation: str = "auto") -
 
 
 def network_input(image: np.ndarray, input_spec: InputSpec, spec: InferenceSpec) -> torch.Tensor:
-    """Step 1: the normalised ``C x H' x W'`` tensor of a uint8 image, resized by the contract's scale."""
-    return preprocess(resize_image(image, spec.scale, spec.interpolation), input_spec)
+    """Step 1: the normalised ``C x H' x W'`` tensor of a uint8 image, shifted and resized as the contract says."""
+    image = as_hwc(image, input_spec.channels)  # a clear InvalidImage before OpenCV sees it
+    return preprocess(resize_image(shift_image(image, spec.shift), spec.scale, spec.interpolation), input_spec)
 
 
 def model_geometry(model: torch.nn.Module, spec: InferenceSpec) -> tuple[int, int]:

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from segsvc.data.io import write_png
+from segsvc.data.registration import shift_image
 from segsvc.data.spec import DatasetSpec, load_dataset_spec, with_root
 
 FOLDER_YAML = """\
@@ -65,3 +66,21 @@ def make_voc_dataset(root: Path) -> DatasetSpec:
     (lists / "trainval.txt").write_text("".join(f"{s}\n" for stems in VOC_STEMS.values() for s in stems))
     cv2.imwrite(str(root / "JPEGImages" / "2008_000001.jpg"), random_image(rng, 20, 30))
     return spec
+
+
+def membranes(seed: int = 0, size: int = 128) -> np.ndarray:
+    """A mask of thin random lines in every direction, like cell membranes (1 = membrane)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((size, size), np.uint8)
+    for _ in range(size // 9):
+        p, q = rng.integers(0, size, 2), rng.integers(0, size, 2)
+        cv2.line(mask, (int(p[0]), int(p[1])), (int(q[0]), int(q[1])), 1, thickness=int(rng.integers(2, 5)))
+    return mask
+
+
+def image_of(mask: np.ndarray, offset: tuple[float, float], dark: bool = True, seed: int = 1) -> np.ndarray:
+    """A noisy grey image whose structures sit ``offset`` px from ``mask`` (the image is what moved)."""
+    moved = shift_image(cv2.GaussianBlur(mask.astype(np.float32), (0, 0), 0.8), offset)
+    grey = 200 - 150 * moved if dark else 50 + 150 * moved
+    noise = np.random.default_rng(seed).normal(0, 8, mask.shape)
+    return np.clip(grey + noise, 0, 255).astype(np.uint8)

@@ -85,6 +85,10 @@ def engine_of(version_dir) -> Engine:
         ({"scale": 4.0, "tta_scales": [1.0, 2.5]}, "inference tta_scales factor 2.5 times scale 4.0 must be in"),
         ({"tta_scales": [0.5, 0.75, 1, 1.25, 1.5]}, "inference tta_scales has 5 scales, over the limit of 4"),
         ({"tta_scales": [1, 1.0]}, "inference tta_scales repeats a factor: [1, 1.0]"),
+        ({"shift": [0.5]}, "inference shift must be two numbers [dy, dx] in pixels, got [0.5]"),
+        ({"shift": "up"}, "inference shift must be two numbers [dy, dx] in pixels, got 'up'"),
+        ({"shift": [2.5, 0]}, "inference shift must lie within 2.0 px on each axis, got [2.5, 0]"),
+        ({"shift": [0, math.nan]}, "inference shift must lie within 2.0 px on each axis, got [0, nan]"),
     ],
 )
 def test_inference_spec_rejects_bad_values_with_a_domain_error(kwargs, message):
@@ -107,6 +111,10 @@ def test_inference_spec_round_trips_and_rejects_unknown_keys():
     assert InferenceSpec(tta_scales=[1.0]) == InferenceSpec()  # one factor of 1 is no TTA
     assert multi.composed and not InferenceSpec(scale=0.5).composed
     assert InferenceSpec(scale=1).scale == 1.0 and isinstance(InferenceSpec(scale=1).scale, float)
+    shifted = InferenceSpec(shift=[-0.63, -0.15])
+    assert shifted.shift == (-0.63, -0.15) and shifted.to_dict()["shift"] == [-0.63, -0.15]
+    assert InferenceSpec.from_dict(json.loads(json.dumps(shifted.to_dict()))) == shifted
+    assert "shift" not in InferenceSpec(shift=(0, -0.0)).to_dict()  # older segsvc reads the manifest
     with pytest.raises(ModelConfigError, match=r"unknown keys \['resize'\]"):
         InferenceSpec.from_dict({"resize": "bicubic"})
     with pytest.raises(ModelConfigError, match="must be a mapping, got list"):
@@ -225,6 +233,23 @@ def test_request_options_override_the_manifest_defaults_and_unset_means_the_mani
     assert not np.array_equal(out_default.labels, out_plain.labels)
     assert np.array_equal(out_plain.labels, reference_labels(engine.backend.model, image, 0.5, 4))
     assert default.cost.passes == 2 * default.cost.tiles and plain.cost.passes == 1
+
+
+def test_a_registered_shift_translates_every_input_before_the_network_and_the_labels_follow(tmp_path):
+    """``InferenceSpec.shift`` (``data.register``): served label maps are those of the translated image."""
+    model = calibrated_model()
+    plain = engine_of(save_artifact(model, tmp_path, "plain", spec=TINY))
+    shifted = engine_of(save_artifact(model, tmp_path, "shifted", spec=TINY, inference=InferenceSpec(shift=(2, -1))))
+    image = smooth_image(128, 160, seed=4)
+    moved = np.roll(image, (2, -1), axis=(0, 1))  # whole pixels: the bilinear translation is exact inside
+    x_shifted, x_moved = shifted.predictor.input_tensor(image), plain.predictor.input_tensor(moved)
+    assert torch.equal(x_shifted[:, 3:-3, 3:-3], x_moved[:, 3:-3, 3:-3])
+    got = shifted.run([shifted.prepare(image, InferenceOptions())])[0].labels
+    want = plain.run([plain.prepare(moved, InferenceOptions())])[0].labels
+    inner = (slice(40, -40), slice(40, -40))  # beyond the border's reach, where mirroring and rolling differ
+    assert np.array_equal(got[inner], want[inner]) and len(np.unique(got[inner])) > 1
+    assert not np.array_equal(got, plain.run([plain.prepare(image, InferenceOptions())])[0].labels)
+    assert np.array_equal(shifted.predictor.predict(image), got)  # the in-process path applies it too
 
 
 def test_admission_cost_counts_the_pixels_the_network_sees(repo):

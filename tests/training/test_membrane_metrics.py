@@ -120,6 +120,7 @@ def test_the_membrane_recipe_has_the_border_weight_loss_and_the_overlap_tile_con
     contract = val_contract(cfg, model)
     assert (contract.tile_padding, contract.tile_size, contract.tile_overlap) == ("reflect", 256, 0.25)
     assert contract.flip_tta  # each tile also mirrored: 0.0717 against 0.0740 pixel error (training/RESULTS.md)
+    assert cfg.data.register == "membrane" and data.class_names.index(cfg.data.register) == 0  # the 0.6 px offset
     assert contract.tile_size % contract.stride == 0 and all(c % model.output_stride == 0 for c in cfg.data.crop)
     if profile == "gpu":
         assert cfg.train.amp == "bf16" and cfg.model.params["base_channels"] == 64
