@@ -189,6 +189,9 @@ def _data_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+REGISTER_HINT_PX = 0.2  # a mean label offset worth registering (the ISBI membranes: 0.6 px)
+
+
 def _data_offset(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -215,9 +218,6 @@ def _data_offset(args: argparse.Namespace) -> int:
     if max(abs(dy), abs(dx)) >= REGISTER_HINT_PX:
         print(f"a constant offset: train with `--set data.register={args.class_name}` to remove it")
     return 0
-
-
-REGISTER_HINT_PX = 0.2  # a mean label offset worth registering (the ISBI membranes: 0.6 px)
 
 
 def _data_synth(args: argparse.Namespace) -> int:

@@ -89,6 +89,7 @@ def label_offset(image: np.ndarray, mask: np.ndarray, radius: int = 2, passes: i
         image: ``H x W`` or ``H x W x C`` (channels are averaged).
         mask: ``H x W`` boolean (or 0/1) mask of one class.
         radius: the largest integer shift tried on each axis.
+        passes: measurements at most (the first, then re-measurements of the shifted image).
 
     Raises:
         DatasetError: sizes differ, the mask or image is constant, or the best shift is at the search border.
