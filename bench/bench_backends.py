@@ -1,4 +1,4 @@
-"""ONNX Runtime against eager PyTorch on CPU: images/s of ``Backend.forward`` at batch 1 and 8.
+"""ONNX Runtime against eager PyTorch on CPU, and eager channels-last against contiguous: images/s at batch 1 and 8.
 
 Run: .venv/bin/python bench/bench_backends.py [--height 180 --width 240] [--rounds 5] [--threads N]
 
@@ -7,10 +7,13 @@ CPU widths, untrained: speed does not depend on the weights), one artifact is
 saved and exported with ``segsvc export`` (``segsvc.export.onnx``, which
 validates it against eager), then both backends run the same normalised
 batches through the one forward path the server uses (padding to the
-manifest's stride, the network, the crop). Each round times both backends back
-to back, alternating which goes first; the figure is the median of the
-per-round ratios (ORT images/s over eager images/s). The default size is what
-the CamVid recipes' network sees (360x480 images at scale 0.5). Goal: >= 1.5.
+manifest's stride, the network, the crop). Eager runs twice: channels-last,
+as ``segsvc serve`` runs a convolutional network on CPU, and contiguous (the
+layout before, ``EngineConfig(channels_last=False)``). Each round times the
+three back to back, rotating which goes first; a figure is the median of the
+per-round ratios: ORT over the served eager (goal: >= 1.5), and channels-last
+over contiguous. The default size is what the CamVid recipes' network sees
+(360x480 images at scale 0.5).
 """
 
 from __future__ import annotations
@@ -67,8 +70,9 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(f"CPU, {args.threads} threads, {args.height}x{args.width} network input, median of {args.rounds} rounds "
           f"(allocator tuned: {tuned}; load average at start {load:.2f})")
-    print(f"{'model':14} {'batch':>5} {'eager img/s':>12} {'ORT img/s':>10} {'ORT/eager':>10}")
-    rows = []
+    print(f"{'model':14} {'batch':>5} {'contiguous':>11} {'eager img/s':>12} {'ORT img/s':>10} {'ORT/eager':>10} "
+          f"{'channels-last/contiguous':>25}")
+    rows, layouts = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for label, spec in MODELS.items():
             torch.manual_seed(0)
@@ -78,22 +82,29 @@ def main() -> None:
                                                             min_input_size=getattr(model, "min_input_size", 1)))
             export_onnx(version)
             cpu = torch.device("cpu")
-            eager, _ = open_version_dir(Path(version), cpu, EngineConfig(device="cpu"))
-            ort, _ = open_version_dir(Path(version), cpu, EngineConfig(device="cpu", backend="onnxruntime",
-                                                                        threads=args.threads))
+            backends = {
+                "contiguous": open_version_dir(Path(version), cpu, EngineConfig(device="cpu", channels_last=False))[0],
+                "eager": open_version_dir(Path(version), cpu, EngineConfig(device="cpu"))[0],
+                "ort": open_version_dir(Path(version), cpu, EngineConfig(device="cpu", backend="onnxruntime",
+                                                                         threads=args.threads))[0],
+            }
+            assert backends["eager"].channels_last and not backends["contiguous"].channels_last
             for n in args.batches:
                 x = torch.randn(n, 3, args.height, args.width)
-                pairs = []
+                rounds = []
                 for r in range(args.rounds):
-                    order = (eager, ort) if r % 2 == 0 else (ort, eager)
-                    rates = {b.name: images_per_s(b, x, args.seconds) for b in order}
-                    pairs.append((rates["torch"], rates["onnxruntime"]))
-                ratio = statistics.median(o / e for e, o in pairs)
-                e_med = statistics.median(e for e, _ in pairs)
-                o_med = statistics.median(o for _, o in pairs)
+                    order = list(backends)[r % 3:] + list(backends)[:r % 3]
+                    rounds.append({k: images_per_s(backends[k], x, args.seconds) for k in order})
+                med = {k: statistics.median(t[k] for t in rounds) for k in backends}
+                ratio = statistics.median(t["ort"] / t["eager"] for t in rounds)
+                layout = statistics.median(t["eager"] / t["contiguous"] for t in rounds)
                 rows.append(ratio)
-                print(f"{label:14} {n:>5} {e_med:>12.1f} {o_med:>10.1f} {ratio:>9.2f}x", flush=True)
-    print(f"lowest ORT/eager ratio {min(rows):.2f}x (goal >= 1.5); load average at end {os.getloadavg()[0]:.2f}")
+                layouts.append(layout)
+                print(f"{label:14} {n:>5} {med['contiguous']:>11.1f} {med['eager']:>12.1f} {med['ort']:>10.1f} "
+                      f"{ratio:>9.2f}x {layout:>24.2f}x", flush=True)
+    print("(img/s; eager: channels-last, as served; contiguous: the layout before)")
+    print(f"lowest ORT/eager ratio {min(rows):.2f}x (goal >= 1.5); channels-last/contiguous "
+          f"{min(layouts):.2f}-{max(layouts):.2f}x; load average at end {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -139,6 +139,39 @@ def test_the_backend_is_chosen_per_model_then_server_then_manifest(repo, tmp_pat
     assert isinstance(backend, OnnxRuntimeBackend)
 
 
+def channels_last(module: torch.nn.Module) -> bool:
+    """Whether every convolution's weight is in the channels-last layout (a 1x1 kernel's is both layouts at once)."""
+    weights = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.weight[0, 0].numel() > 1]
+    return bool(weights) and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                                 for w in weights)
+
+
+def test_a_convolutional_network_runs_channels_last_on_cpu(repo):
+    """oneDNN's convolutions are 1.1-1.75x faster channels-last on this project's CNNs (bench/bench_backends.py);
+    the labels are the contiguous network's."""
+    model, manifest = load_artifact(repo / "plain" / "1")
+    reference, _ = load_artifact(repo / "plain" / "1")
+    backend = TorchBackend.for_manifest(model, manifest, CPU)
+    inputs = []
+    backend.model.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+    x = torch.randn(2, 3, 37, 45)
+    out = backend.forward(x)
+    assert backend.channels_last and channels_last(backend.model)
+    assert inputs[0].is_contiguous(memory_format=torch.channels_last) and not inputs[0].is_contiguous()
+    plain = TorchBackend.for_manifest(reference, manifest, CPU, EngineConfig(device="cpu", channels_last=False))
+    assert not plain.channels_last and not channels_last(plain.model)
+    torch.testing.assert_close(out, plain.forward(x), rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.argmax(1), plain.forward(x).argmax(1))
+
+
+def test_a_network_with_linear_layers_stays_contiguous_on_cpu(repo):
+    """Token layers pay for the layout conversions: smp Segformer ran 0.88x channels-last."""
+    model, manifest = load_artifact(repo / "plain" / "1")
+    model.head = torch.nn.Linear(3, 3)  # present, unused: what counts is that the network has one
+    backend = TorchBackend.for_manifest(model, manifest, CPU)
+    assert not backend.channels_last and not channels_last(backend.model)
+
+
 def test_compile_is_refused_on_cpu(repo):
     model, manifest = load_artifact(repo / "plain" / "1")
     with pytest.raises(InvalidArgument, match="CUDA only"):

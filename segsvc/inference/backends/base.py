@@ -30,7 +30,7 @@ class EngineConfig:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto`` (bf16 on GPUs that support it, else fp16; fp32 on
             CPU), ``fp32``, ``bf16`` or ``fp16`` (autocast dtype of the forward pass).
-        channels_last: use channels-last memory format on CUDA.
+        channels_last: channels-last memory format, on CUDA and for convolution-only networks on CPU.
         warmup: run forward passes at load so the first request is not slow.
         warmup_size: side of the square warm-up image in pixels.
         backend: what runs every model (``torch``, ``onnxruntime``); ``None``:

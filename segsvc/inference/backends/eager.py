@@ -2,7 +2,11 @@
 
 On CUDA the forward pass uses autocast (bf16 or fp16), channels-last memory and
 pinned host memory with non-blocking copies; on CPU it runs in float32 with the
-thread count the server set once.
+thread count the server set once, channels-last for convolution-only networks:
+oneDNN's convolutions run 1.1-1.75x faster in that layout on this project's models
+(FCN, U-Net, SegNet, smp CNN encoders), while a network with attention or linear
+layers (smp Segformer) pays more in layout conversions than it gains
+(``bench/bench_backends.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ log = logging.getLogger(__name__)
 # in-place layer's output counts again), the estimate came within 0.97-1.09x of the measured peak
 # RSS on FCN-8s, U-Net, SegNet (both) and smp Unet/ResNet-34 (bench/bench_hardening.py); 1.1 for margin.
 CPU_WORKSPACE_FACTOR = 1.1
+
+
+def convolutional(model: nn.Module) -> bool:
+    """Whether ``model`` has no linear (token) layers: the networks that run faster channels-last on CPU."""
+    return not any(isinstance(m, (nn.Linear, nn.MultiheadAttention)) for m in model.modules())
 
 
 def peak_live_activations(model: nn.Module, run: Callable[[], object]) -> int:
@@ -64,7 +73,7 @@ class TorchBackend(Backend):
         device: where to run.
         channels: input channels.
         autocast: the autocast dtype (``None``: float32).
-        channels_last: channels-last memory format (CUDA).
+        channels_last: channels-last memory format: on CUDA, and on CPU for a ``convolutional`` model.
         compile: ``torch.compile`` the module with dynamic shapes (CUDA only).
 
     Example:
@@ -80,7 +89,7 @@ class TorchBackend(Backend):
         super().__init__(geometry, device, channels)
         self.model = model.to(device).eval()
         self.autocast = autocast
-        self.channels_last = channels_last and device.type == "cuda"
+        self.channels_last = channels_last and (device.type == "cuda" or convolutional(self.model))
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if compile and device.type != "cuda":
@@ -107,10 +116,10 @@ class TorchBackend(Backend):
     def run(self, padded: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             padded = padded.pin_memory().to(self.device, non_blocking=True)
-            if self.channels_last:
-                padded = padded.contiguous(memory_format=torch.channels_last)
         else:
             padded = padded.to(self.device)
+        if self.channels_last:
+            padded = padded.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             return self.network(padded)
 
