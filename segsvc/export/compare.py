@@ -23,7 +23,7 @@ from torch import nn
 
 from segsvc.errors import ArtifactError, ExportError
 from segsvc.export import DEFAULT_CHECKS, DEFAULT_TOLERANCE, MIN_AGREEMENT
-from segsvc.inference.backends import OnnxRuntimeBackend, TorchBackend
+from segsvc.inference.backends import EngineConfig, OnnxRuntimeBackend, TorchBackend
 from segsvc.inference.contract import Geometry
 
 _SAMPLE_STEPS = (4, 2)  # the traced sample is (4, 2) strides above the smallest size; no check is
@@ -142,7 +142,8 @@ def validate(model: nn.Module, onnx_bytes: bytes, in_channels: int, stride: int,
     sizes = tuple(check_sizes(stride, min_size, checks))
     empty = Validation(sizes, 0, float("inf"), 0.0, 0.0, tolerance, min_agreement)
     cpu, geometry = torch.device("cpu"), Geometry(stride, min_size)
-    eager = TorchBackend(model, geometry, cpu, in_channels)  # the serving forward path, both sides
+    # the serving forward path, both sides: eager as a CPU server runs it (channels-last for a CNN)
+    eager = TorchBackend(model, geometry, cpu, in_channels, channels_last=EngineConfig().channels_last)
     try:
         runtime = OnnxRuntimeBackend(onnx_bytes, geometry, cpu, in_channels)
     except ArtifactError as exc:

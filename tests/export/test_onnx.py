@@ -114,6 +114,23 @@ def test_a_refused_re_export_keeps_the_published_one(repo: Path, monkeypatch: py
     assert published_onnx(version_dir) == version_dir / ONNX_FILE
 
 
+def test_the_check_runs_eager_pytorch_as_a_cpu_server_does(repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU server runs a CNN channels-last: the export is checked against that path, not another layout."""
+    from segsvc.inference.backends import TorchBackend
+
+    layouts: list[bool] = []
+    run = TorchBackend.run
+
+    def spy(self: TorchBackend, padded: torch.Tensor) -> torch.Tensor:
+        out = run(self, padded)
+        layouts.append(self.channels_last)
+        return out
+
+    monkeypatch.setattr(TorchBackend, "run", spy)
+    export_onnx(publish(repo, "m", TINY["unet"]), checks=2)
+    assert layouts and all(layouts)
+
+
 def test_logits_beyond_the_tolerance_are_refused(repo: Path) -> None:
     """fp32 ONNX Runtime differs from PyTorch by ~1e-7: a tolerance below that must refuse."""
     version_dir = publish(repo, "m", TINY["segnet"])
