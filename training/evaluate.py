@@ -12,8 +12,10 @@ defaults; the report says which were used and where they came from (the
 manifest's ``tile_padding``, zero or reflect, always applies). Prints a table,
 writes ``metrics.json`` and ``report.png`` (per-class IoU bars and sample rows
 image | ground truth | prediction overlay). Besides the means, the table and
-``metrics.json`` give the ISBI 2012 figures: pixel error (1 - pixel accuracy
-over labelled pixels) and, when a class is named like membrane, its IoU.
+``metrics.json`` give the share of wrong pixels (``pixel_error``, 1 - pixel
+accuracy over labelled pixels) and, when a class is named like membrane, its
+IoU and, for two classes, the ISBI 2012 challenge's own pixel error
+(``isbi_pixel_error``: 1 - F-score of the non-membrane pixels).
 ``--tta-scales`` tries multi-scale TTA; ``--curves DIR`` also writes the
 learning curves of every training run under ``DIR`` (``training.curves``)
 beside the report, so the model is seen against the other recipes.

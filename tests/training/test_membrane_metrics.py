@@ -1,4 +1,4 @@
-"""The ISBI 2012 figures (pixel error, membrane IoU) and the membrane recipe's loss and overlap-tile contract."""
+"""The ISBI 2012 figures (wrong pixels, the challenge's pixel error, membrane IoU), the membrane recipe's loss and tiles."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from segsvc.data.spec import load_dataset_spec
 from segsvc.models.artifact import read_manifest, save_artifact
 from segsvc.models.registry import build_model
 from training.config import ConfigError, load_config
-from training.metrics import ConfusionMatrix, format_table, isbi_metrics, membrane_class
+from training.metrics import ConfusionMatrix, format_table, isbi_metrics, isbi_pixel_error, membrane_class
 from training.train import main as train_main
 
 RECIPE = Path(__file__).resolve().parents[2] / "training" / "recipes" / "membrane-unet.yaml"
@@ -32,8 +32,8 @@ def test_pixel_error_counts_only_labelled_pixels_and_membrane_iou_is_its_class_i
     m = cm.compute()
     assert m.pixel_error == pytest.approx(2 / 8)
     # membrane (0): 2 right, 2 target pixels missed, none wrongly predicted -> IoU 2 / 4
-    assert isbi_metrics(m, ["membrane", "cell"]) == {"pixel_error": 0.25, "membrane_class": "membrane",
-                                                     "membrane_iou": 0.5}
+    assert isbi_metrics(m, ["membrane", "cell"]) == {"pixel_error": 0.25, "isbi_pixel_error": 0.2,
+                                                     "membrane_class": "membrane", "membrane_iou": 0.5}
     assert isbi_metrics(m, ["cell", "Membranes"])["membrane_iou"] == pytest.approx(4 / 6, abs=1e-6)
     assert isbi_metrics(m, ["background", "cell"]) == {"pixel_error": 0.25}  # no membrane class: no IoU
 
@@ -44,20 +44,43 @@ def test_a_class_named_like_membrane_is_found_once_or_not_at_all():
     assert membrane_class(["sky", "road"]) is None
     assert membrane_class(["inner membrane", "outer membrane"]) is None  # ambiguous: report none
     empty = ConfusionMatrix(2).compute()
-    assert isbi_metrics(empty, ["membrane", "cell"]) == {"pixel_error": None, "membrane_class": "membrane",
-                                                         "membrane_iou": None}
+    assert isbi_metrics(empty, ["membrane", "cell"]) == {"pixel_error": None, "isbi_pixel_error": None,
+                                                         "membrane_class": "membrane", "membrane_iou": None}
+
+
+def test_the_challenge_pixel_error_is_one_minus_the_f_score_of_the_non_membrane_pixels():
+    # The ISBI 2012 script counts a pixel as positive where the label is non-zero (cell interior) and scores
+    # 1 - F = 1 - 2TP / (2TP + FP + FN); here TP 4, FP 2 (membrane taken for cell), FN 0.
+    cm = ConfusionMatrix(2, ignore_index=255)
+    cm.update(TARGET, PRED)
+    m = cm.compute()
+    cell = (TARGET != 255)
+    tp = int(((TARGET == 1) & (PRED == 1) & cell).sum())
+    fp = int(((TARGET == 0) & (PRED == 1) & cell).sum())
+    fn = int(((TARGET == 1) & (PRED == 0) & cell).sum())
+    assert (tp, fp, fn) == (4, 2, 0)
+    assert isbi_pixel_error(m, ["membrane", "cell"]) == pytest.approx(1 - 2 * tp / (2 * tp + fp + fn))
+    # the membrane class may come second: the positive class is still the other one
+    flipped = ConfusionMatrix(2, ignore_index=255)
+    flipped.update(torch.where(TARGET == 255, TARGET, 1 - TARGET), 1 - PRED)
+    assert isbi_pixel_error(flipped.compute(), ["cell", "membrane"]) == pytest.approx(0.2)
+    assert isbi_pixel_error(m, ["background", "cell"]) is None  # no membrane class
+    three = ConfusionMatrix(3).compute()
+    assert isbi_pixel_error(three, ["membrane", "cell", "mitochondria"]) is None  # the challenge is binary
+    assert "isbi_pixel_error" not in isbi_metrics(three, ["membrane", "cell", "mitochondria"])
 
 
 def test_the_table_adds_pixel_error_and_membrane_iou_when_asked():
     cm = ConfusionMatrix(2, ignore_index=255)
     cm.update(TARGET, PRED)
     lines = format_table(cm.compute(), ["membrane", "cell"], isbi=True).split("\n")
-    assert lines[-3:] == ["pixel error                   25.00",
+    assert lines[-4:] == ["pixel error (wrong pixels)    25.00",
+                          "ISBI pixel error (1 - F)      20.00",
                           "membrane IoU (membrane)       50.00",
                           "pixels counted               8"]
     assert "pixel error" not in format_table(cm.compute(), ["membrane", "cell"])  # the default table is as it was
     other = format_table(cm.compute(), ["a", "b"], isbi=True)
-    assert "pixel error" in other and "membrane IoU" not in other
+    assert "pixel error" in other and "membrane IoU" not in other and "ISBI" not in other
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +123,10 @@ def test_eval_reports_pixel_error_and_membrane_iou_in_the_table_and_metrics_json
     assert metrics["membrane_iou"] == metrics["per_class_iou"]["membrane"]
     table = capsys.readouterr().out
     lines = {line[:28].strip(): line[28:].strip() for line in table.splitlines()}
-    assert float(lines["pixel error"]) == pytest.approx(100 * metrics["pixel_error"], abs=0.006)
+    assert float(lines["pixel error (wrong pixels)"]) == pytest.approx(100 * metrics["pixel_error"], abs=0.006)
+    cell = counts[1, 1] / (counts[1, 1] + (counts[0, 1] + counts[1, 0]) / 2)  # F-score of the cell pixels
+    assert metrics["isbi_pixel_error"] == pytest.approx(1 - cell, abs=1e-6)
+    assert float(lines["ISBI pixel error (1 - F)"]) == pytest.approx(100 * metrics["isbi_pixel_error"], abs=0.006)
     assert float(lines["membrane IoU (membrane)"]) == pytest.approx(100 * metrics["membrane_iou"], abs=0.006)
 
 
