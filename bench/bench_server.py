@@ -21,8 +21,8 @@ and ``fcn8s`` (the CamVid FCN-8s CPU recipe, 360x480 served at its contract's sc
    finish within a steady window (``--window`` seconds, after every client's first
    answer) count. Counting whole bursts instead (2 images per client) took the
    ramp-up and the drain too, where fewer requests are in flight and batches are
-   smaller: FCN-8s batches averaged 7.0 instead of 7.8 and its on/off ratio read
-   about 0.1 lower.
+   smaller: FCN-8s batches averaged 7.0 instead of 8.0 and its on/off ratio read
+   about 0.1-0.2 lower.
 3. stability: ``--runs`` separate measurements of batching on/off at concurrency 16
    (each alternates on and off rounds). Goal: >= 1.3x in every run.
 4. ceiling: what batching can give at most, in-process: ``Engine.run`` time per image
@@ -301,6 +301,9 @@ def throughput(address: str, request: pb.SegmentRequest, concurrency: int,
     for t in threads:
         t.join()
     kept = [(lat, size) for t, lat, size in done if begin <= t < end]
+    if not kept:
+        raise SystemExit(f"no request finished within the {window_s} s window at concurrency {concurrency}: "
+                         "give a longer --window")
     return len(kept), window_s, [lat for lat, _ in kept], [size for _, size in kept]
 
 
