@@ -488,6 +488,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     from segsvc.cli_client import open_client
     from segsvc.client import image_files
+    from segsvc.files import write_atomic
     from segsvc.inference.codec import encode_png
     from segsvc.inference.repository import parse_model_ref
 
@@ -513,10 +514,10 @@ def _segment(args: argparse.Namespace) -> int:
             failed += 1
             print(f"{path}: error: {result}", file=sys.stderr)
             continue
-        (out / f"{stem}_mask.png").write_bytes(encode_png(result.mask))
-        (out / f"{stem}_color.png").write_bytes(encode_png(result.colorize()))
+        write_atomic(out / f"{stem}_mask.png", encode_png(result.mask))
+        write_atomic(out / f"{stem}_color.png", encode_png(result.colorize()))
         if args.overlay:
-            (out / f"{stem}_overlay.png").write_bytes(encode_png(result.overlay(path, args.alpha)))
+            write_atomic(out / f"{stem}_overlay.png", encode_png(result.overlay(path, args.alpha)))
         present = [result.class_names[c] for c in sorted(set(result.mask.flat)) if c < len(result.class_names)]
         print(f"{path} -> {out / (stem + '_mask.png')} ({result.model}:{result.version}; "
               f"{result.timings.total_ms:.0f} ms; classes: {', '.join(present)})")
