@@ -38,6 +38,7 @@ from segsvc.config import InferenceSpec
 from segsvc.data.datasets import build_dataset
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.errors import InvalidArgument, ModelConfigError, NotFound
+from segsvc.files import write_atomic
 from segsvc.inference.argmax import class_argmax
 from segsvc.inference.backends import open_version_dir
 from segsvc.inference.contract import apply_contract
@@ -262,7 +263,7 @@ def write_outputs(
         "confusion_matrix": {"rows": "ground truth", "columns": "prediction", "classes": names,
                              "counts": result.confusion},
     }
-    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_atomic(out_dir / "metrics.json", (json.dumps(payload, indent=2) + "\n").encode())
     title = (f"{manifest.name} v{manifest.version} on {data.name}/{options.split} "
              f"at scale {result.contract.scale}: mIoU "
              f"{100 * result.metrics.miou:.2f}, pixel acc {100 * result.metrics.pixel_accuracy:.2f}")

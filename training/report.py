@@ -1,11 +1,14 @@
 """Pictures of a run: the training curve and the evaluation report (matplotlib, Agg backend).
 
 Rendering happens after the numbers are saved, so a plotting problem can never
-lose a metric.
+lose a metric. Each picture is rendered in memory and replaces its file in one
+rename (``segsvc.files.write_atomic``): a run killed while it draws leaves the
+previous picture, never half of one.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from segsvc.files import write_atomic  # noqa: E402
 
 
 def plot_training_curve(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
@@ -39,10 +44,7 @@ def plot_training_curve(history: Sequence[dict[str, Any]], path: Path, title: st
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=100)
 
 
 def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int | None) -> np.ndarray:
@@ -102,7 +104,15 @@ def plot_eval_report(
             a.set_title(name, fontsize=9)
             a.axis("off")
     fig.tight_layout()
+    return _save(fig, path, dpi=80)
+
+
+def _save(fig: Any, path: Path, dpi: int) -> Path:
+    """Render ``fig`` as PNG and put it at ``path`` in one rename; the figure is closed either way."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return write_atomic(path, buffer.getvalue())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,24 @@ def test_eval_reproduces_the_trainers_validation_metrics(artifact, tiny_spec, tm
     assert wrong * (1 - b["errors_in_band"]) == pytest.approx(b["pixel_error_off_band"] * (1 - b["band_pixels"]) * pixels,
                                                              abs=0.01)
     assert "wrong pixels within 1 px of a label boundary: " in table
+
+
+def test_eval_renames_its_metrics_and_report_into_place(artifact, tiny_spec, tmp_path, monkeypatch):
+    """An evaluation killed while it writes leaves the previous metrics.json and report.png, never half of one:
+    both are written under a temporary name in their folder and renamed into place."""
+    renames: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+
+    def replace(src, dst):  # type: ignore[no-untyped-def]
+        renames.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "atomic"
+    run_eval(artifact, tiny_spec, out, "--limit", "2")
+    assert sorted(dst.name for _, dst in renames if dst.parent == out) == ["metrics.json", "report.png"]
+    assert all(src.parent == out and src.name.startswith(".tmp-") for src, dst in renames if dst.parent == out)
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.png"]  # no temporary file is left
 
 
 def test_eval_with_sliding_windows_and_flip_tta(artifact, tiny_spec, tmp_path):
