@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import threading
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -206,7 +204,7 @@ def test_model_info_rpcs(client):
     assert v1.version == 1 and not v1.ready
 
 
-def test_cli_segment_renames_each_output_into_place(shared_server, tmp_path, monkeypatch):
+def test_cli_segment_renames_each_output_into_place(shared_server, tmp_path, renames):
     """A mask that a killed client left half-written must not sit under its final name: each output file is
     written under a temporary name in its folder and renamed into place."""
     from segsvc.cli import main
@@ -216,14 +214,6 @@ def test_cli_segment_renames_each_output_into_place(shared_server, tmp_path, mon
     for i in range(2):
         (images / f"img{i}.png").write_bytes(encode(make_image(32, 40, seed=300 + i)))
     out = tmp_path / "out"
-    renames: list[tuple[Path, Path]] = []
-    real_replace = os.replace
-
-    def replace(src, dst):  # type: ignore[no-untyped-def]
-        renames.append((Path(src), Path(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
     assert main(["segment", str(images), "--server", shared_server.address, "--out", str(out),
                  "--overlay", "--model", "tiny", "--no-progress"]) == 0
     written = sorted(p.name for p in out.iterdir())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -49,17 +48,9 @@ def test_eval_reproduces_the_trainers_validation_metrics(artifact, tiny_spec, tm
     assert "wrong pixels within 1 px of a label boundary: " in table
 
 
-def test_eval_renames_its_metrics_and_report_into_place(artifact, tiny_spec, tmp_path, monkeypatch):
+def test_eval_renames_its_metrics_and_report_into_place(artifact, tiny_spec, tmp_path, renames):
     """An evaluation killed while it writes leaves the previous metrics.json and report.png, never half of one:
     both are written under a temporary name in their folder and renamed into place."""
-    renames: list[tuple[Path, Path]] = []
-    real_replace = os.replace
-
-    def replace(src, dst):  # type: ignore[no-untyped-def]
-        renames.append((Path(src), Path(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
     out = tmp_path / "atomic"
     run_eval(artifact, tiny_spec, out, "--limit", "2")
     assert sorted(dst.name for _, dst in renames if dst.parent == out) == ["metrics.json", "report.png"]
