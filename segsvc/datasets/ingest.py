@@ -35,6 +35,7 @@ from segsvc.data.spec import FOLDER_SPEC_NAMES, DatasetSpec, load_dataset_spec, 
 from segsvc.datasets.content import content_hash, file_digest, is_excluded
 from segsvc.datasets.split import VAL_FRACTION, assign_splits, needs_split
 from segsvc.errors import DatasetError, DatasetInvalid, InvalidArgument, PathOutsideRoot
+from segsvc.files import write_atomic
 
 SPEC_FILE = "spec.yaml"
 MAX_MESSAGE_PROBLEMS = 5  # shown in the error message; the status details carry the rest
@@ -184,9 +185,7 @@ def class_shares(report: CheckReport, spec: DatasetSpec) -> dict[str, float]:
 
 
 def _write_yaml(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
-    os.replace(tmp, path)
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None).encode())
 
 
 def write_training_spec(spec: DatasetSpec, entry: Path, val_fraction: float = VAL_FRACTION,

@@ -42,6 +42,7 @@ from typing import Any
 
 import segsvc
 from segsvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SegsvcError
+from segsvc.files import write_atomic
 from segsvc.inference.manager import ModelManager
 from segsvc.jobs import gate
 from segsvc.models.artifact import read_manifest
@@ -378,9 +379,7 @@ def _has_version(model_dir: Path) -> bool:
 
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
