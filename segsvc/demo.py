@@ -27,6 +27,7 @@ import numpy as np
 
 from segsvc.client import LabelMap, SegmentationClient
 from segsvc.data.synthetic import SyntheticConfig, generate_sample
+from segsvc.files import write_atomic
 from segsvc.inference.codec import decode_image, encode_png
 from segsvc.inference.repository import ModelRepository
 
@@ -102,9 +103,9 @@ def _iou_stats(pred: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, floa
 def _write(name: str, image: np.ndarray, result: LabelMap) -> dict:
     (OUT / "masks").mkdir(parents=True, exist_ok=True)
     (OUT / "overlays").mkdir(parents=True, exist_ok=True)
-    (OUT / "masks" / f"{name}.png").write_bytes(encode_png(result.mask))
-    (OUT / "masks" / f"{name}_color.png").write_bytes(encode_png(result.colorize()))
-    (OUT / "overlays" / f"{name}.png").write_bytes(encode_png(result.overlay(image)))
+    write_atomic(OUT / "masks" / f"{name}.png", encode_png(result.mask))
+    write_atomic(OUT / "masks" / f"{name}_color.png", encode_png(result.colorize()))
+    write_atomic(OUT / "overlays" / f"{name}.png", encode_png(result.overlay(image)))
     present = sorted({result.class_names[c] for c in np.unique(result.mask) if c < len(result.class_names)})
     return {"name": name, "size": list(result.mask.shape), "model": f"{result.model}:{result.version}",
             "classes": present, "server_ms": round(result.timings.total_ms, 1),
@@ -124,7 +125,7 @@ def segment_samples(client: SegmentationClient, metrics_port: int) -> dict:
     samples = [generate_sample(SYNTHETIC_SEED, i, cfg) for i, cfg in enumerate(configs)]
     (OUT / "inputs").mkdir(parents=True, exist_ok=True)
     for i, (image, _) in enumerate(samples):
-        (OUT / "inputs" / f"synthetic_{i:02d}.png").write_bytes(encode_png(image))
+        write_atomic(OUT / "inputs" / f"synthetic_{i:02d}.png", encode_png(image))
     t0 = time.perf_counter()
     results = client.segment_many([OUT / "inputs" / f"synthetic_{i:02d}.png" for i in range(len(samples))],
                                   model=model, progress=True)
@@ -138,7 +139,7 @@ def segment_samples(client: SegmentationClient, metrics_port: int) -> dict:
     image, truth = samples[-1]
     single = client.segment(image, model=model, confidence=True, class_counts=True, flip_tta=True,
                             tile_size=96, tile_overlap=0.25)
-    (OUT / "masks" / "synthetic_tta_tiled_confidence.png").write_bytes(encode_png(single.confidence))
+    write_atomic(OUT / "masks" / "synthetic_tta_tiled_confidence.png", encode_png(single.confidence))
     options_row = {"name": "synthetic_09 (flip TTA + 96 px tiles)", "class_counts": single.class_counts,
                    "mean_confidence": round(float(single.confidence.mean()) / 255, 3),
                    "pixel_acc": round(_iou_stats(single.mask, truth, info.num_classes)[0], 4),
@@ -196,7 +197,7 @@ def architectures() -> list[str]:
 
 
 def write_summary(summary: dict) -> None:
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(OUT / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     s = summary["stream"]
     lines = [
         "# segsvc demo", "",
@@ -216,7 +217,7 @@ def write_summary(summary: dict) -> None:
                      f"{r.get('pixel_acc', '-')} | {r.get('miou', '-')} | {r['server_ms']} | {r['batch_size']} |")
     lines += ["", "Masks: `masks/` (class ids and `_color`), overlays: `overlays/`, inputs: `inputs/`.", "",
               "## Architectures (untrained, 96x128 input)", "", "```", *summary["architectures"], "```", ""]
-    (OUT / "summary.md").write_text("\n".join(lines))
+    write_atomic(OUT / "summary.md", "\n".join(lines).encode())
 
 
 def main() -> None:
