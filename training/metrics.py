@@ -226,7 +226,8 @@ def isbi_pixel_error(metrics: SegmentationMetrics, class_names: Sequence[str]) -
     the ISBI labels is cell interior, thresholds a submitted probability map at 0.0, 0.1, ... 1.0 and keeps the
     best F-score. Label maps give one threshold, so this is the challenge's figure for the labels a client gets;
     a search over thresholds could only lower it. F-score of a class is its Dice, so this is
-    ``1 - dice[non-membrane]``. None unless there are two classes and one is named like membrane.
+    ``1 - dice[non-membrane]`` (NaN when no pixel was counted). None unless there are two classes and one is
+    named like membrane.
 
     Example (8 labelled pixels: 4 cell pixels found, 2 membrane pixels taken for cell, none missed):
         >>> m = metrics_from_confusion(torch.tensor([[2, 2], [0, 4]]))
@@ -236,8 +237,7 @@ def isbi_pixel_error(metrics: SegmentationMetrics, class_names: Sequence[str]) -
     k = membrane_class(class_names)
     if k is None or len(class_names) != 2 or len(metrics.dice) != 2:
         return None
-    f_score = metrics.dice[1 - k]
-    return None if math.isnan(f_score) else 1.0 - f_score
+    return 1.0 - metrics.dice[1 - k]
 
 
 def isbi_metrics(metrics: SegmentationMetrics, class_names: Sequence[str]) -> dict[str, object]:
@@ -252,11 +252,11 @@ def isbi_metrics(metrics: SegmentationMetrics, class_names: Sequence[str]) -> di
         {'pixel_error': 0.125, 'isbi_pixel_error': 0.111111, 'membrane_class': 'membrane', 'membrane_iou': 0.75}
     """
     out: dict[str, object] = {"pixel_error": _clean(metrics.pixel_error)}
+    challenge = isbi_pixel_error(metrics, class_names)
+    if challenge is not None:
+        out["isbi_pixel_error"] = _clean(challenge)
     k = membrane_class(class_names)
     if k is not None and k < len(metrics.iou):
-        if len(class_names) == 2:
-            challenge = isbi_pixel_error(metrics, class_names)
-            out["isbi_pixel_error"] = None if challenge is None else _clean(challenge)
         out.update(membrane_class=class_names[k], membrane_iou=_clean(metrics.iou[k]))
     return out
 
