@@ -7,8 +7,10 @@ only one that handles every seed model with dynamic batch, height and width:
 - SegNet's ``MaxUnpool2d`` takes the encoder's pre-pool size as ``output_size``;
   the TorchScript tracer turns that size into a tensor and ``max_unpool2d``
   refuses it ("cond must be a bool, but got a Tensor"), and it has no
-  ``max_unpool2d`` symbolic anyway. ``torch.export`` decomposes the unpooling
-  into ``ScatterND`` over symbolic sizes, which ONNX Runtime runs at any size.
+  ``max_unpool2d`` symbolic anyway. ``torch.export`` keeps the pooling and the
+  unpooling as ops over symbolic sizes, and ``segsvc.export.translations``
+  writes them as ONNX ``MaxPool`` and ``MaxUnpool``, which ONNX Runtime runs at
+  any size (and faster than torchlib's own translations).
 - The input-shape check of the models (``H % stride``) becomes a shape guard
   that ``torch.export`` resolves symbolically, instead of a constant baked in
   by tracing.
@@ -145,6 +147,8 @@ def to_onnx(model: nn.Module, in_channels: int, stride: int, min_size: int,
     """
     import onnx
 
+    from segsvc.export.translations import TRANSLATIONS  # onnxscript, like onnx, only when exporting
+
     n, h, w = sample_size(stride, min_size)
     sample = torch.randn(n, in_channels, h, w, generator=torch.Generator().manual_seed(0))
     try:
@@ -152,6 +156,7 @@ def to_onnx(model: nn.Module, in_channels: int, stride: int, min_size: int,
             program = torch.onnx.export(
                 model.eval(), (sample,), None, dynamo=True, opset_version=opset, verbose=False,
                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_shapes=(dict(DYNAMIC_AXES),),
+                custom_translation_table=TRANSLATIONS,
             )
             proto = program.model_proto
     except Exception as exc:  # the exporter raises many types; all mean "cannot export"
