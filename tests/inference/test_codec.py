@@ -243,9 +243,9 @@ def test_idat_length_bomb_is_refused_in_milliseconds():
     bomb = _idat_length_bomb()
     assert len(bomb) < 300
     remain = len(bomb) - (bomb.index(b"IDAT") + 4) - 4  # after the type field, less the CRC
-    start = time.process_time()  # CPU time: what a refusal costs the server, whatever the neighbours do
+    start = time.thread_time()  # this thread's CPU time: what the refusal costs, whatever other threads do
     _refused(bomb, f"PNG chunk IDAT declares 4294967295 bytes but only {remain} remain")
-    assert time.process_time() - start < 0.1
+    assert time.thread_time() - start < 0.1
 
 
 def _zlib_bomb_png(width: int, height: int, inflated_mib: int) -> bytes:
@@ -292,10 +292,13 @@ def _hostile_inputs() -> dict[str, tuple[bytes, str]]:
 @pytest.mark.parametrize("name", sorted(_hostile_inputs()))
 def test_hostile_containers_are_refused_in_milliseconds(name):
     data, message = _hostile_inputs()[name]
-    start = time.process_time()  # CPU time: what a refusal costs the server, whatever the neighbours do
+    # This thread's CPU time: what the refusal itself costs, whatever the neighbours (other processes, and
+    # threads other tests left in this one) do. Walking 65,536 chunk headers costs 40-80 ms on a slow 2-core
+    # machine; inflating the 1 GiB bomb or scanning the 8 MiB inputs in full would cost seconds.
+    start = time.thread_time()
     with pytest.raises(InvalidImage, match=f"^{re.escape(message)}"):
         decode_image(data)
-    assert time.process_time() - start < 0.1
+    assert time.thread_time() - start < 0.5
 
 
 REFUSE_IN_FRESH_PROCESS = """
@@ -374,9 +377,9 @@ def test_png_pixel_data_may_inflate_to_its_size_plus_slack_and_no_further(width,
 def test_zlib_bomb_png_is_refused_before_opencv_inflates_it():
     bomb = _zlib_bomb_png(24, 24, 4096)  # 4 MiB of IDAT that inflates to 4 GiB; OpenCV took ~8 s
     assert len(bomb) < 8 * MIB
-    start = time.process_time()  # CPU time: what a refusal costs the server, whatever the neighbours do
+    start = time.thread_time()  # this thread's CPU time: what the refusal costs, whatever other threads do
     _refused(bomb, "PNG pixel data inflates past the 600 bytes its header needs (a zlib bomb?)")
-    assert time.process_time() - start < 0.1
+    assert time.thread_time() - start < 0.1
 
 
 def test_corrupt_png_pixel_data_is_left_to_the_decoder():
