@@ -32,7 +32,7 @@ from segsvc.export.onnx import export_onnx
 from segsvc.inference.backends import Backend, EngineConfig, open_version_dir
 from segsvc.models.artifact import save_artifact
 from segsvc.models.registry import build_model
-from segsvc.server.app import configure_allocator
+from segsvc.inference.allocator import configure_allocator
 
 # The CamVid recipes' CPU models (training/recipes/camvid-*.yaml).
 MODELS = {

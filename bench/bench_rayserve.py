@@ -82,7 +82,7 @@ SIDES = ("segsvc", "ray")
 
 def set_cpu_threads(threads: int) -> None:
     """segsvc serve's CPU settings (``server.app``), given to the Ray replica too."""
-    from segsvc.server.app import configure_allocator
+    from segsvc.inference.allocator import configure_allocator
 
     torch.set_num_threads(threads)
     try:

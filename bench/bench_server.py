@@ -77,7 +77,7 @@ from segsvc.inference.repository import ModelRepository  # noqa: E402
 from segsvc.cli import CPU_BATCH_PIXELS  # noqa: E402
 from segsvc.models.artifact import save_artifact  # noqa: E402
 from segsvc.models.registry import build_model  # noqa: E402
-from segsvc.server.app import configure_allocator  # noqa: E402
+from segsvc.inference.allocator import configure_allocator  # noqa: E402
 from segsvc.v1 import segmentation_pb2 as pb  # noqa: E402
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -130,9 +130,10 @@ def configure_like_server(threads: int) -> None:
     configure_allocator()
 
 
-def start_server(repo: Path, threads: int, batching: bool,
-                 launcher: list[str] | None = None) -> tuple[subprocess.Popen, str]:
-    """``segsvc serve`` on a free port (``launcher`` replaces ``python -m segsvc``); returns it and its address."""
+def start_server(repo: Path, threads: int, batching: bool, launcher: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``segsvc serve`` on a free port (``launcher`` replaces ``python -m segsvc``, ``env`` this process's
+    environment); returns it and its address."""
     cmd = [*(launcher or [sys.executable, "-m", "segsvc"]), "--model-repo", str(repo), "--host", "127.0.0.1",
            "--port", "0", "--metrics-port", "-1", "--torch-threads", str(threads), "--log-level", "WARNING",
            "--poll-interval-s", "0", "--max-batch-size", "8", "--max-delay-ms", "5"]
@@ -140,8 +141,8 @@ def start_server(repo: Path, threads: int, batching: bool,
         cmd.insert(3, "serve")
     if not batching:
         cmd.append("--no-batching")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if "serving on" not in line:
         proc.kill()

@@ -547,7 +547,10 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 
 # -- batch: offline segmentation of many files, no server ------------------------------
 def _batch(args: argparse.Namespace) -> int:
+    from segsvc.inference.allocator import configure_allocator
     from segsvc.jobs.offline import BatchOptions, run_batch
+
+    configure_allocator()  # before the forward threads allocate, as segsvc serve does
 
     given = {k: getattr(args, k) for k in ("tile_size", "flip_tta", "color", "overlay", "confidence", "alpha")
              if getattr(args, k) is not None}

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from segsvc.datasets.registry import DatasetRegistry
 from segsvc.errors import InvalidArgument
+from segsvc.inference.allocator import configure_allocator
 from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import ModelRepository
 from segsvc.inference.service import InferenceService
@@ -69,27 +69,6 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def configure_allocator() -> bool:
-    """Keep freed activation buffers for reuse instead of unmapping them (glibc only).
-
-    glibc serves blocks above its mmap threshold (at most 32 MiB) with fresh
-    ``mmap`` pages and returns them on free, so every forward pass over a large
-    image or batch page-faults and zeroes its activations again; on a CPU host
-    that costs more than the convolutions of a small model. Raising the mmap and
-    trim thresholds makes the heap keep and reuse those blocks (the resident
-    size stays at its peak, as for any long-running server).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
-    except (OSError, AttributeError):  # not glibc (musl, macOS): keep the allocator's defaults
-        return False
-    return ok
 
 
 def configure_threads(config: ServerConfig) -> int:

@@ -255,6 +255,20 @@ def test_cli_resume_without_option_flags_keeps_the_stored_options(setup, tmp_pat
     assert "color" in capsys.readouterr().err
 
 
+def test_cli_tunes_the_allocator_before_the_forward_threads_start(setup, tmp_path, monkeypatch) -> None:
+    """``segsvc batch`` shares one malloc arena across its threads, as ``segsvc serve`` does."""
+    import segsvc.inference.allocator as allocator
+    import segsvc.jobs.offline as offline
+
+    calls: list[str] = []
+    monkeypatch.setattr(allocator, "configure_allocator", lambda: calls.append("allocator") or True)
+    real_run_batch = offline.run_batch
+    monkeypatch.setattr(offline, "run_batch", lambda *a, **k: calls.append("run_batch") or real_run_batch(*a, **k))
+    main(["batch", str(setup["inputs"]), "--model", "tiny", "--model-repo", str(setup["repo"]),
+          "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"])
+    assert calls == ["allocator", "run_batch"]
+
+
 class _closing:
     def __init__(self, out: Path) -> None:
         self.store = JobStore(out / STATE_FILE)
