@@ -2,6 +2,7 @@
 
     python bench/bench_recipe_training.py [--threads 2] [--steps 8] [--recipes camvid-fcn8s,membrane-unet]
                                           [--compile camvid-fcn8s,camvid-smp-fpn-r18 | --compile none]
+                                          [--allocator tuned|glibc]
 
 For every recipe, with its own model, loss, optimiser, crop and batch size:
 
@@ -31,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from segsvc.config import ModelSpec
+from segsvc.inference.allocator import configure_allocator
 from segsvc.models.registry import build_model
 from training.config import LoopConfig, ScheduleConfig, TrainConfig, load_config
 from training.data import stack_batch
@@ -107,12 +109,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="timed optimiser steps per variant (after 2 warm-up steps)")
     p.add_argument("--compile", default="camvid-fcn8s,camvid-smp-fpn-r18",
                    help="recipes that also run the torch.compile variant ('none': no recipe)")
+    p.add_argument("--allocator", choices=("tuned", "glibc"), default="tuned",
+                   help="tuned: configure_allocator, as segsvc train runs; glibc: the C allocator's defaults")
     args = p.parse_args()
+    tuned = args.allocator == "tuned" and configure_allocator()
     torch.set_num_threads(args.threads)
     compiled = set(args.compile.split(",")) - {"none"}
     variants = ["eager", "channels_last"] + (["compile"] if compiled else [])
-    print(f"threads {args.threads}, {args.steps} timed steps per variant, load average at start "
-          f"{os.getloadavg()[0]:.2f}")
+    print(f"threads {args.threads}, {args.steps} timed steps per variant, allocator tuned: {tuned}, "
+          f"load average at start {os.getloadavg()[0]:.2f}")
     header = f"{'recipe':26} {'batch':>5} {'crop':>9} {'data':>7} {'trainer':>8} " + " ".join(
         f"{v:>14}" for v in variants) + "  compile s"
     print(header + "\n" + "-" * len(header))

@@ -39,6 +39,7 @@ from segsvc.data.datasets import build_dataset
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.errors import InvalidArgument, ModelConfigError, NotFound
 from segsvc.files import write_atomic
+from segsvc.inference.allocator import configure_allocator
 from segsvc.inference.argmax import class_argmax
 from segsvc.inference.backends import open_version_dir
 from segsvc.inference.contract import apply_contract
@@ -77,6 +78,7 @@ class EvalOptions:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``segsvc eval`` (flags defined in ``segsvc/cli.py::_add_eval``)."""
+    configure_allocator()  # keep freed activation buffers, as segsvc serve does
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

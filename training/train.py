@@ -39,6 +39,7 @@ from segsvc.data.registration import dataset_offsets, mean_offset
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.data.transforms import train_transform
 from segsvc.errors import DatasetError, InvalidArgument
+from segsvc.inference.allocator import configure_allocator
 from segsvc.inference.argmax import class_argmax
 from segsvc.inference.backends import Backend, TorchBackend, manifest_geometry
 from segsvc.inference.contract import contract_logits
@@ -545,7 +546,14 @@ def should_stop(loop: LoopConfig, since_best: int, elapsed_s: float, env: DistEn
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point shared by ``segsvc train`` and ``python -m training``."""
+    """Entry point shared by ``segsvc train`` and ``python -m training``.
+
+    The process's allocator first keeps freed activation and gradient buffers
+    (``configure_allocator``): glibc's defaults re-faulted them on every step,
+    about 8x the page faults, and the trainer ran 1.1-1.5x slower
+    (``bench/bench_recipe_training.py``, membrane-unet and camvid-fcn8s).
+    """
+    configure_allocator()
     cfg = load_config(args.config, args.overrides, args.profile)
     try:
         main(cfg, resume=args.resume)

@@ -123,3 +123,17 @@ def test_eval_refuses_tiles_the_server_cannot_run(artifact, tiny_spec, tmp_path,
     assert "tiles are square, as the server's tile_size is: use --tile 32 32" in capsys.readouterr().err
     assert segsvc_main([*args, "--tile", "32", "32", "--overlap", "0.9"]) == 2
     assert "tile_overlap must be in [0, 0.75]" in capsys.readouterr().err
+
+
+def test_eval_tunes_the_allocator_before_anything_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.evaluate as evaluate_module
+
+    class Tuned(Exception):
+        pass
+
+    def stop() -> bool:
+        raise Tuned
+
+    monkeypatch.setattr(evaluate_module, "configure_allocator", stop)
+    with pytest.raises(Tuned):
+        segsvc_main(["eval", "--model", "no-such-model", "--data", "camvid"])

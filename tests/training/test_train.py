@@ -266,3 +266,20 @@ def test_cuda_amp_and_channels_last(tiny_recipe, amp):
                                               "train.deterministic=false", "train.epochs=2"]))
     rows = [json.loads(x) for x in (run_dir_of(artifact) / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["train_loss"]) for r in rows) and rows[-1]["val_miou"] > 0
+
+
+class _AllocatorTuned(Exception):
+    pass
+
+
+def _stop_at_allocator() -> bool:
+    raise _AllocatorTuned
+
+
+def test_training_tunes_the_allocator_before_anything_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``segsvc train`` / ``python -m training`` keep freed activation and gradient buffers from the start."""
+    import training.train as train_module
+
+    monkeypatch.setattr(train_module, "configure_allocator", _stop_at_allocator)
+    with pytest.raises(_AllocatorTuned):
+        train_module.cli(["--config", "no-such-recipe.yaml"])
