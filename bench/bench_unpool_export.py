@@ -17,16 +17,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from segsvc.config import ModelSpec
-from segsvc.export.onnx import to_onnx
-from segsvc.export.translations import TRANSLATIONS
-from segsvc.inference.backends.ort import OnnxRuntimeBackend
-from segsvc.inference.contract import Geometry
-from segsvc.models.registry import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_backends import images_per_s  # noqa: E402
+from segsvc.config import ModelSpec  # noqa: E402
+from segsvc.export.onnx import to_onnx  # noqa: E402
+from segsvc.export.translations import TRANSLATIONS  # noqa: E402
+from segsvc.inference.backends.ort import OnnxRuntimeBackend  # noqa: E402
+from segsvc.inference.contract import Geometry  # noqa: E402
+from segsvc.models.registry import build_model  # noqa: E402
 
 MODELS = {
     "SegNet-Basic": ModelSpec("segnet", 11, 3, {"variant": "basic", "base_channels": 32}),  # camvid-segnet's CPU width
@@ -40,23 +44,14 @@ def backend(model: torch.nn.Module, geometry: Geometry, threads: int) -> OnnxRun
     return OnnxRuntimeBackend(proto.SerializeToString(), geometry, torch.device("cpu"), 3, threads=threads)
 
 
-def images_per_s(run: OnnxRuntimeBackend, x: torch.Tensor, seconds: float) -> float:
-    run.run(x)
-    n, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds or n < 2:
-        run.run(x)
-        n += 1
-    return n * x.shape[0] / elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--height", type=int, default=180)
-    parser.add_argument("--width", type=int, default=240)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="least time per measurement")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--height", type=int, default=180)
+    parser.add_argument("--width", type=int, default=240)
     args = parser.parse_args()
     print(f"CPU, {args.threads} threads, {args.height}x{args.width}, median of {args.rounds} rounds "
           f"(load average at start {os.getloadavg()[0]:.2f})")
