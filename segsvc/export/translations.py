@@ -13,9 +13,9 @@ ONNX Runtime's CPU provider for the SegNet pair ``MaxPool2d(return_indices=True)
 
 Here the plane index is the ONNX index modulo ``H x W`` (one ``Mod`` on the
 quarter-size indices), and unpooling adds each plane's offset back and runs
-ONNX ``MaxUnpool`` with the output shape given. The values are the same; on a
-64-channel 180x240 pool -> conv -> unpool block ONNX Runtime went from 25.3 to
-15.5 ms on this CPU (``bench/bench_backends.py`` measures whole models).
+ONNX ``MaxUnpool`` with the output shape given. The logits are identical, and
+ONNX Runtime runs SegNet 1.12-1.22x faster on 2 CPU cores
+(``bench/bench_unpool_export.py``).
 
 ``MaxUnpool``'s ``kernel_shape`` and ``strides`` only size the output when no
 ``output_shape`` is given; ``aten.max_unpool2d`` always gives one (it carries no

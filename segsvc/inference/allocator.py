@@ -1,7 +1,7 @@
 """The C allocator of a process that runs models on CPU threads (glibc; elsewhere nothing changes).
 
 Call ``configure_allocator`` once at start-up, before the threads that run
-models allocate: ``segsvc serve`` and ``segsvc batch`` do.
+models allocate: ``segsvc serve``, ``batch``, ``train`` and ``eval`` do.
 """
 
 from __future__ import annotations
