@@ -268,18 +268,17 @@ def test_cuda_amp_and_channels_last(tiny_recipe, amp):
     assert all(math.isfinite(r["train_loss"]) for r in rows) and rows[-1]["val_miou"] > 0
 
 
-class _AllocatorTuned(Exception):
-    pass
-
-
-def _stop_at_allocator() -> bool:
-    raise _AllocatorTuned
-
 
 def test_training_tunes_the_allocator_before_anything_else(monkeypatch: pytest.MonkeyPatch) -> None:
     """``segsvc train`` / ``python -m training`` keep freed activation and gradient buffers from the start."""
     import training.train as train_module
 
-    monkeypatch.setattr(train_module, "configure_allocator", _stop_at_allocator)
-    with pytest.raises(_AllocatorTuned):
+    class Tuned(Exception):
+        pass
+
+    def stop() -> bool:
+        raise Tuned
+
+    monkeypatch.setattr(train_module, "configure_allocator", stop)
+    with pytest.raises(Tuned):
         train_module.cli(["--config", "no-such-recipe.yaml"])
