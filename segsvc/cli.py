@@ -487,15 +487,16 @@ def _segment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from segsvc.cli_client import open_client
-    from segsvc.client import image_files
+    from segsvc.client import named_image_files
     from segsvc.files import write_atomic
     from segsvc.inference.codec import encode_png
     from segsvc.inference.repository import parse_model_ref
 
     model, version = parse_model_ref(args.model) if args.model else (None, None)
-    files = image_files(args.inputs)
-    if not files:
+    named = named_image_files(args.inputs, skip=args.out)  # --out may lie inside an input folder
+    if not named:
         raise SegsvcError(f"no images found in {args.inputs}")
+    files = [path for path, _ in named]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open_client(args, _read_token) as client:
@@ -505,8 +506,8 @@ def _segment(args: argparse.Namespace) -> int:
         )
     failed = 0
     used: set[str] = set()
-    for path, result in zip(files, results):
-        stem = path.stem
+    for (path, name), result in zip(named, results):
+        stem = name.with_suffix("").as_posix()  # a folder's subfolders are kept under --out
         while stem in used:
             stem += "_"
         used.add(stem)
@@ -514,6 +515,7 @@ def _segment(args: argparse.Namespace) -> int:
             failed += 1
             print(f"{path}: error: {result}", file=sys.stderr)
             continue
+        (out / stem).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out / f"{stem}_mask.png", encode_png(result.mask))
         write_atomic(out / f"{stem}_color.png", encode_png(result.colorize()))
         if args.overlay:
@@ -527,9 +529,11 @@ def _segment(args: argparse.Namespace) -> int:
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("segment", help="segment images through a running server; writes PNG masks (+ overlays)")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
+                   help="image files or folders of images (walked recursively)")
     p.add_argument("--server", default="localhost:50051", help="HOST:PORT (default localhost:50051)")
-    p.add_argument("--out", required=True, help="output folder for <name>_mask.png, _color.png, _overlay.png")
+    p.add_argument("--out", required=True,
+                   help="output folder for <name>_mask.png, _color.png, _overlay.png (a folder's subfolders kept)")
     p.add_argument("--overlay", action="store_true", help="also write the colours blended over the image")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--model", default=None, help="NAME or NAME:VERSION (default: the server's only model)")

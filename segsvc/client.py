@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 import grpc
@@ -112,13 +112,31 @@ def _read(path: str | os.PathLike) -> bytes:
 
 
 def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand directories to the image files they hold (sorted); keep files as given."""
-    out: list[Path] = []
+    """Expand folders, recursively, to the image files they hold (sorted); keep files as given."""
+    return [path for path, _ in named_image_files(paths)]
+
+
+def named_image_files(paths: Iterable[str | os.PathLike],
+                      skip: str | os.PathLike | None = None) -> list[tuple[Path, PurePosixPath]]:
+    """``image_files`` with each file's name: its path under the folder named, or its own name.
+
+    Folders are walked recursively, as ``segsvc batch`` walks them, so that outputs named
+    after these paths keep the folders' layout and an image in a subfolder is never skipped.
+    A walk leaves out the folder ``skip`` (an output folder inside an input folder: its
+    masks are not inputs).
+
+    Raises:
+        InvalidArgument: a path that does not exist.
+    """
+    skipped = Path(skip).resolve() if skip is not None else None
+    out: list[tuple[Path, PurePosixPath]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()))
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                           and not (skipped and f.resolve().is_relative_to(skipped)))
+            out.extend((f, PurePosixPath(f.relative_to(p).as_posix())) for f in found)
         elif p.exists():
-            out.append(p)
+            out.append((p, PurePosixPath(p.name)))
         else:
             raise InvalidArgument(f"{p} does not exist")
     return out

@@ -231,18 +231,14 @@ def local_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], Path |
     from segsvc.client import image_files
 
     given = [Path(p) for p in paths]
-    if len(given) == 1 and given[0].is_dir():
-        root = given[0]
-        files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in _SUFFIXES)
-        return files, root
     files = image_files(given)
+    if len(given) == 1 and given[0].is_dir():
+        return files, given[0]
     names = [f.name for f in files]
     if len(set(names)) != len(names):
         raise InvalidArgument("uploaded files need distinct names; upload one folder to keep relative paths")
     return files, None
 
-
-_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
 # -- training jobs ---------------------------------------------------------------------------

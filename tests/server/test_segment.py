@@ -222,6 +222,29 @@ def test_cli_segment_renames_each_output_into_place(shared_server, tmp_path, ren
     assert all(src.parent == out and src.name.startswith(".tmp-") for src, dst in renames if dst.parent == out)
 
 
+def test_cli_segment_walks_subfolders_and_keeps_their_layout(shared_server, tiny_ref, tmp_path):
+    """Images in subfolders are segmented too (before, only the folder's own files were: the rest was skipped
+    without a word), their masks keep the folder layout under --out, and an --out inside the input folder is
+    not walked, so running the command again does not segment its own masks."""
+    from segsvc.cli import main
+
+    images = tmp_path / "in"
+    originals = {"a": make_image(36, 44, seed=400), "sub/b": make_image(40, 32, seed=401),
+                 "sub/deeper/c": make_image(28, 52, seed=402)}
+    for name, image in originals.items():
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        (images / f"{name}.png").write_bytes(encode(image))
+    out = images / "masks"
+    for _ in range(2):
+        assert main(["segment", str(images), "--server", shared_server.address, "--out", str(out),
+                     "--model", "tiny", "--no-progress"]) == 0
+        written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+        assert written == sorted(f"{name}_{kind}.png" for name in originals for kind in ("mask", "color"))
+    for name, image in originals.items():
+        mask = cv2.imread(str(out / f"{name}_mask.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(mask, tiny_ref.predict(image))
+
+
 def test_cli_segment_writes_masks_and_overlays(shared_server, tiny_ref, tmp_path):
     from segsvc.cli import main
 

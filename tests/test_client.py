@@ -1,0 +1,53 @@
+"""Which local files the client commands read (``segsvc segment``, ``segsvc jobs upload``): no server needed."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from segsvc.client import image_files, named_image_files
+from segsvc.errors import InvalidArgument
+from segsvc.jobclient import local_images
+
+
+def _tree(root: Path, names: list[str]) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
+def test_folders_are_walked_recursively_and_named_relative_to_themselves(tmp_path):
+    _tree(tmp_path, ["in/b.PNG", "in/a.jpg", "in/notes.txt", "in/sub/c.tif", "in/sub/deeper/d.webp", "e.png"])
+    named = named_image_files([tmp_path / "in", tmp_path / "e.png"])
+    assert [(p.relative_to(tmp_path).as_posix(), n) for p, n in named] == [
+        ("in/a.jpg", PurePosixPath("a.jpg")),
+        ("in/b.PNG", PurePosixPath("b.PNG")),
+        ("in/sub/c.tif", PurePosixPath("sub/c.tif")),
+        ("in/sub/deeper/d.webp", PurePosixPath("sub/deeper/d.webp")),
+        ("e.png", PurePosixPath("e.png")),
+    ]
+    assert image_files([tmp_path / "in", tmp_path / "e.png"]) == [p for p, _ in named]
+
+
+def test_the_skipped_folder_is_left_out_of_walks_but_not_a_file_named_in_it(tmp_path):
+    _tree(tmp_path, ["in/a.png", "in/out/a_mask.png", "in/out/deeper/b_mask.png", "in/outside.png"])
+    walked = named_image_files([tmp_path / "in"], skip=tmp_path / "in" / "out")
+    assert [n.as_posix() for _, n in walked] == ["a.png", "outside.png"]
+    named = named_image_files([tmp_path / "in" / "out" / "a_mask.png"], skip=tmp_path / "in" / "out")
+    assert [n.as_posix() for _, n in named] == ["a_mask.png"]
+
+
+def test_a_missing_path_is_refused_by_name(tmp_path):
+    with pytest.raises(InvalidArgument, match="nowhere.png does not exist"):
+        named_image_files([tmp_path / "nowhere.png"])
+
+
+def test_uploads_keep_one_folders_layout_and_need_distinct_names_otherwise(tmp_path):
+    _tree(tmp_path, ["scans/a.png", "scans/sub/b.png", "more/sub/a.png"])
+    files, root = local_images([tmp_path / "scans"])
+    assert root == tmp_path / "scans"
+    assert [f.relative_to(root).as_posix() for f in files] == ["a.png", "sub/b.png"]
+    # two folders: files are uploaded under their own names, and a/sub/a.png collide
+    with pytest.raises(InvalidArgument, match="distinct names"):
+        local_images([tmp_path / "scans", tmp_path / "more"])
