@@ -131,12 +131,12 @@ def configure_like_server(threads: int) -> None:
 
 
 def start_server(repo: Path, threads: int, batching: bool, launcher: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+                 env: dict[str, str] | None = None, flags: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """``segsvc serve`` on a free port (``launcher`` replaces ``python -m segsvc``, ``env`` this process's
-    environment); returns it and its address."""
+    environment, ``flags`` are added); returns it and its address."""
     cmd = [*(launcher or [sys.executable, "-m", "segsvc"]), "--model-repo", str(repo), "--host", "127.0.0.1",
            "--port", "0", "--metrics-port", "-1", "--torch-threads", str(threads), "--log-level", "WARNING",
-           "--poll-interval-s", "0", "--max-batch-size", "8", "--max-delay-ms", "5"]
+           "--poll-interval-s", "0", "--max-batch-size", "8", "--max-delay-ms", "5", *flags]
     if launcher is None:
         cmd.insert(3, "serve")
     if not batching:

@@ -1,0 +1,78 @@
+"""The CPU batch pixel budget: server throughput and latency with and without it, side by side in one run.
+
+On a CPU, ``segsvc serve --max-batch-pixels auto`` ends a batch at 0.5 megapixels, so the
+bench model's 512x512 images and U-Net 16's 360x480 ones run two to a batch while the
+FCN-8s (180x240 at its contract's scale) runs eight. This bench serves each model from
+three ``segsvc serve`` processes at once: batching with that budget, batching without a
+pixel budget (memory is still bounded by ``--max-inflight-mb``, which every request holds
+while it is queued and run), and not batching. It times them in rotating rounds at each
+concurrency, with the steady-window clients of ``bench_server.py``, and prints images/s,
+p50 and p99 latency and the mean batch size, with each server's ratio over the one that
+does not batch. The load average is printed with the figures.
+
+    python bench/bench_batch_budget.py [--models bench unet16 fcn8s] [--concurrency 4 16] [--window 3] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_server import (MODELS, load, make_image, request_for, save_model, start_server,  # noqa: E402
+                                stop_server, summarize, throughput)
+
+SERVERS = {  # label -> segsvc serve flags
+    "budget 0.5 MP": ("--max-batch-pixels", str(1 << 19)),
+    "no pixel budget": ("--max-batch-pixels", "0"),
+    "no batching": ("--no-batching",),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--window", type=float, default=3.0, help="seconds counted per round")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per server, in rotating order")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    print(f"{args.threads} torch threads per server, {args.rounds} rounds of {args.window} s each; {load()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            model = MODELS[name]
+            repo = Path(tmp) / name
+            save_model(model, repo)
+            request = request_for(make_image(*model.size), name)
+            servers = {label: start_server(repo, args.threads, True, flags=flags) for label, flags in SERVERS.items()}
+            try:
+                print(f"\n== {name}: {model.spec.arch} {dict(model.spec.params)}, {model.size[0]}x{model.size[1]} "
+                      f"at scale {model.scale} ({load()})")
+                print(f"{'concurrency':>11} {'server':>16} {'img/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'batch':>6} "
+                      f"{'/ no batching':>14}")
+                for concurrency in args.concurrency:
+                    totals: dict[str, list] = {label: [0, 0.0, [], []] for label in servers}
+                    labels = list(servers)
+                    for r in range(args.rounds):
+                        for label in labels[r % 3:] + labels[:r % 3]:
+                            n, seconds, lat, sizes = throughput(servers[label][1], request, concurrency, args.window)
+                            t = totals[label]
+                            t[0], t[1] = t[0] + n, t[1] + seconds
+                            t[2].extend(lat)
+                            t[3].extend(sizes)
+                    rows = {label: summarize(*t) for label, t in totals.items()}
+                    base = rows["no batching"][0]
+                    for label, (ips, p50, p99, batch) in rows.items():
+                        print(f"{concurrency:>11} {label:>16} {ips:>7.1f} {p50 * 1e3:>7.0f} {p99 * 1e3:>7.0f} "
+                              f"{batch:>6.2f} {ips / base:>13.2f}x", flush=True)
+                print(f"({load()})")
+            finally:
+                for proc, _ in servers.values():
+                    stop_server(proc)
+
+
+if __name__ == "__main__":
+    main()
