@@ -240,7 +240,6 @@ def local_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], Path |
     return files, None
 
 
-
 # -- training jobs ---------------------------------------------------------------------------
 PHASES = {v: k.removeprefix("TRAINING_PHASE_").lower() for k, v in tpb.TrainingPhase.items()}
 POLICY_NAMES = {v: k.removeprefix("PROMOTE_POLICY_").lower() for k, v in tpb.PromotePolicy.items()}
