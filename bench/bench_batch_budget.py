@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.bench_server import (MODELS, load, make_image, request_for, save_model, start_server,  # noqa: E402
-                                stop_server, summarize, throughput)
+from bench.bench_server import (MODELS, load, make_image, on_off, request_for, save_model,  # noqa: E402
+                                start_server, stop_server)
 
 SERVERS = {  # label -> segsvc serve flags
     "budget 0.5 MP": ("--max-batch-pixels", str(1 << 19)),
@@ -54,16 +54,8 @@ def main() -> None:
                 print(f"{'concurrency':>11} {'server':>16} {'img/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'batch':>6} "
                       f"{'/ no batching':>14}")
                 for concurrency in args.concurrency:
-                    totals: dict[str, list] = {label: [0, 0.0, [], []] for label in servers}
-                    labels = list(servers)
-                    for r in range(args.rounds):
-                        for label in labels[r % 3:] + labels[:r % 3]:
-                            n, seconds, lat, sizes = throughput(servers[label][1], request, concurrency, args.window)
-                            t = totals[label]
-                            t[0], t[1] = t[0] + n, t[1] + seconds
-                            t[2].extend(lat)
-                            t[3].extend(sizes)
-                    rows = {label: summarize(*t) for label, t in totals.items()}
+                    rows = on_off({label: address for label, (_, address) in servers.items()}, request,
+                                  concurrency, args.window, args.rounds)
                     base = rows["no batching"][0]
                     for label, (ips, p50, p99, batch) in rows.items():
                         print(f"{concurrency:>11} {label:>16} {ips:>7.1f} {p50 * 1e3:>7.0f} {p99 * 1e3:>7.0f} "

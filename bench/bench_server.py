@@ -55,6 +55,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -97,6 +98,7 @@ MODELS = {
                                                                   "batch_norm": True}), (360, 480), scale=0.5),
 }
 CONCURRENCY = (1, 4, 16)
+K = TypeVar("K")
 WARM_S = 0.5  # throughput rounds count from this long after the first answer (and after every client has one)
 
 
@@ -315,18 +317,20 @@ def summarize(images: int, seconds: float, lat: list[float], sizes: list[int]) -
     return images / seconds, statistics.median(lat), p99, statistics.fmean(sizes)
 
 
-def on_off(servers: dict[bool, str], request: pb.SegmentRequest, concurrency: int, window_s: float,
-           rounds: int) -> dict[bool, tuple[float, float, float, float]]:
-    """Alternating on/off rounds at one concurrency (both servers up, one working at a time)."""
-    totals = {b: [0, 0.0, [], []] for b in (True, False)}
+def on_off(servers: dict[K, str], request: pb.SegmentRequest, concurrency: int, window_s: float,
+           rounds: int) -> dict[K, tuple[float, float, float, float]]:
+    """Rounds at one concurrency, every server up, one working at a time, the order rotating each round
+    (for batching on and off: on, off, then off, on)."""
+    labels = list(servers)
+    totals = {label: [0, 0.0, [], []] for label in labels}
     for i in range(rounds):
-        for batching in ((True, False) if i % 2 == 0 else (False, True)):
-            n, elapsed, lat, sizes = throughput(servers[batching], request, concurrency, window_s)
-            t = totals[batching]
+        for label in labels[i % len(labels):] + labels[:i % len(labels)]:
+            n, elapsed, lat, sizes = throughput(servers[label], request, concurrency, window_s)
+            t = totals[label]
             t[0], t[1] = t[0] + n, t[1] + elapsed
             t[2].extend(lat)
             t[3].extend(sizes)
-    return {b: summarize(*totals[b]) for b in (True, False)}
+    return {label: summarize(*totals[label]) for label in labels}
 
 
 def batching_ceiling(local: InProcess, image: bytes, samples: int) -> tuple[int, dict[int, float]]:
