@@ -92,3 +92,22 @@ def _restore_torch_determinism_after_module_fixtures():
     """The same for runs in module-scoped fixtures (``test_evaluate.artifact``), which outlive every test's."""
     with _torch_determinism_kept():
         yield
+
+
+class AllocatorTuned(Exception):
+    """Raised by the patched ``configure_allocator`` of ``tune_first``: nothing ran before it."""
+
+
+@pytest.fixture
+def tune_first(monkeypatch: pytest.MonkeyPatch):
+    """Patch a module's ``configure_allocator`` to raise ``AllocatorTuned``, so a command that tunes the
+    allocator before anything else raises it even with arguments it would refuse."""
+
+    def patch(module) -> type[AllocatorTuned]:  # type: ignore[no-untyped-def]
+        def stop() -> bool:
+            raise AllocatorTuned
+
+        monkeypatch.setattr(module, "configure_allocator", stop)
+        return AllocatorTuned
+
+    return patch

@@ -125,15 +125,8 @@ def test_eval_refuses_tiles_the_server_cannot_run(artifact, tiny_spec, tmp_path,
     assert "tile_overlap must be in [0, 0.75]" in capsys.readouterr().err
 
 
-def test_eval_tunes_the_allocator_before_anything_else(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_tunes_the_allocator_before_anything_else(tune_first) -> None:
     import training.evaluate as evaluate_module
 
-    class Tuned(Exception):
-        pass
-
-    def stop() -> bool:
-        raise Tuned
-
-    monkeypatch.setattr(evaluate_module, "configure_allocator", stop)
-    with pytest.raises(Tuned):
+    with pytest.raises(tune_first(evaluate_module)):
         segsvc_main(["eval", "--model", "no-such-model", "--data", "camvid"])

@@ -268,17 +268,9 @@ def test_cuda_amp_and_channels_last(tiny_recipe, amp):
     assert all(math.isfinite(r["train_loss"]) for r in rows) and rows[-1]["val_miou"] > 0
 
 
-
-def test_training_tunes_the_allocator_before_anything_else(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_tunes_the_allocator_before_anything_else(tune_first) -> None:
     """``segsvc train`` / ``python -m training`` keep freed activation and gradient buffers from the start."""
     import training.train as train_module
 
-    class Tuned(Exception):
-        pass
-
-    def stop() -> bool:
-        raise Tuned
-
-    monkeypatch.setattr(train_module, "configure_allocator", stop)
-    with pytest.raises(Tuned):
+    with pytest.raises(tune_first(train_module)):
         train_module.cli(["--config", "no-such-recipe.yaml"])
