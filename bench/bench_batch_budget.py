@@ -1,14 +1,17 @@
-"""The CPU batch pixel budget: server throughput and latency with and without it, side by side in one run.
+"""CPU batch budgets: server throughput and latency under each, side by side in one run.
 
-On a CPU, ``segsvc serve --max-batch-pixels auto`` ends a batch at 0.5 megapixels, so the
-bench model's 512x512 images and U-Net 16's 360x480 ones run two to a batch while the
-FCN-8s (180x240 at its contract's scale) runs eight. This bench serves each model from
-three ``segsvc serve`` processes at once: batching with that budget, batching without a
-pixel budget (memory is still bounded by ``--max-inflight-mb``, which every request holds
-while it is queued and run), and not batching. It times them in rotating rounds at each
-concurrency, with the steady-window clients of ``bench_server.py``, and prints images/s,
-p50 and p99 latency and the mean batch size, with each server's ratio over the one that
-does not batch. The load average is printed with the figures.
+On a CPU, ``segsvc serve --max-batch-mb auto`` ends a batch at 256 MiB of estimated
+forward-pass memory, from the bytes per pixel each model measures at load: the bench
+model's 512x512 images (about 31 MiB each) run eight to a batch, U-Net 16's 360x480
+ones (about 96 MiB) two, and the FCN-8s (180x240 at its contract's scale) eight. Before,
+a budget of 0.5 megapixels ran the first two models two to a batch alike. This bench
+serves each model from four ``segsvc serve`` processes at once: the memory budget, the
+old pixel budget, no budget at all (memory is still bounded by ``--max-inflight-mb``,
+which every request holds while it is queued and run), and no batching. It times them in
+rotating rounds at each concurrency, with the steady-window clients of
+``bench_server.py``, and prints images/s, p50 and p99 latency and the mean batch size,
+with each server's ratio over the one that does not batch. The load average is printed
+with the figures.
 
     python bench/bench_batch_budget.py [--models bench unet16 fcn8s] [--concurrency 4 16] [--window 3] [--rounds 4]
 """
@@ -26,8 +29,9 @@ from bench.bench_server import (MODELS, load, make_image, on_off, request_for, s
                                 start_server, stop_server)
 
 SERVERS = {  # label -> segsvc serve flags
-    "budget 0.5 MP": ("--max-batch-pixels", str(1 << 19)),
-    "no pixel budget": ("--max-batch-pixels", "0"),
+    "256 MiB (auto)": (),
+    "0.5 MP": ("--max-batch-mb", "0", "--max-batch-pixels", str(1 << 19)),
+    "no budget": ("--max-batch-mb", "0", "--max-batch-pixels", "0"),
     "no batching": ("--no-batching",),
 }
 

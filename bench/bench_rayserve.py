@@ -12,7 +12,7 @@ client threads here, so the protocol cost is the same on both sides:
   argmax), decodes and PNG-encodes on worker threads (as segsvc does on its
   I/O threads), and batches forward passes with ``@serve.batch`` set to
   segsvc's batching: the same ``max_batch_size`` (capped, like segsvc's, by
-  the CPU pixel budget) and ``batch_wait_timeout_s`` = ``--max-delay-ms``,
+  the CPU memory budget) and ``batch_wait_timeout_s`` = ``--max-delay-ms``,
   one batch at a time. Ray's proxy is a separate process from the replica:
   that hop is part of what a Ray Serve deployment costs, so it is measured.
 
@@ -59,8 +59,9 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
-from segsvc.cli import CPU_BATCH_PIXELS  # noqa: E402  (segsvc serve's --max-batch-pixels auto on CPU)
+from segsvc.cli import CPU_BATCH_MB  # noqa: E402  (segsvc serve's --max-batch-mb auto on CPU)
 from segsvc.config import InferenceSpec, ModelSpec  # noqa: E402
+from segsvc.inference.batcher import BatchingConfig  # noqa: E402
 from segsvc.inference.codec import decode_image, encode_png  # noqa: E402
 from segsvc.inference.predictor import Predictor  # noqa: E402
 from segsvc.models.artifact import load_artifact, save_artifact  # noqa: E402
@@ -151,13 +152,14 @@ def load_image(args: argparse.Namespace) -> tuple[bytes, str]:
 
 
 def batch_cap(version_dir: Path, image: bytes, max_batch_size: int) -> int:
-    """segsvc's batch size for this image: ``max_batch_size`` or fewer, as the CPU pixel budget allows."""
+    """segsvc's batch size for this image: ``max_batch_size`` or fewer, as the CPU memory budget allows."""
     model, manifest = load_artifact(version_dir)
     predictor = Predictor(model, manifest)
     h, w = predictor.input_tensor(decode_image(image)).shape[-2:]
     stride = predictor.stride
     padded = (-(-h // stride) * stride) * (-(-w // stride) * stride)
-    return max(1, min(max_batch_size, CPU_BATCH_PIXELS // padded))  # the batcher keeps a batch within it
+    batching = BatchingConfig(max_batch_size=max_batch_size, max_batch_bytes=CPU_BATCH_MB << 20)
+    return batching.for_model(predictor.backend.measure_memory()).images_per_batch(padded)  # as the server's
 
 
 def free_port() -> int:
@@ -384,7 +386,7 @@ def main() -> None:
     print(f"CPU        {os.cpu_count()} CPUs, {args.threads} torch threads on both sides; "
           f"load average at start {load_start}, at end {load_average()}")
     print(f"batching   segsvc --max-batch-size {args.max_batch_size} --max-delay-ms {args.max_delay_ms:g} "
-          f"(pixel budget: batches of <= {batch}); Ray @serve.batch(max_batch_size={batch}, "
+          f"(memory budget: batches of <= {batch}); Ray @serve.batch(max_batch_size={batch}, "
           f"batch_wait_timeout_s={args.max_delay_ms / 1e3:g}), 1 replica, 1 batch at a time")
     print(f"Ray        {ray.__version__}, num_cpus=2, Serve gRPC proxy; label maps agree on {agree:.2%} of pixels")
     print(f"rounds     {args.rounds} alternating; {args.iters} requests per round at concurrency 1, "

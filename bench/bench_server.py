@@ -4,7 +4,7 @@ Three models, each with its own image, all served by real ``segsvc serve`` proce
 ``bench`` (U-Net base 4, depth 2, 512x512: so small that fixed costs dominate),
 ``unet16`` (U-Net base 16, depth 4, 11 classes, 360x480: a realistic CamVid model)
 and ``fcn8s`` (the CamVid FCN-8s CPU recipe, 360x480 served at its contract's scale
-0.5: the network sees 180x240, small enough that batches of 8 fit the CPU pixel budget).
+0.5: the network sees 180x240, small enough that batches of 8 fit the CPU memory budget).
 
 1. overhead: ``Segment`` latency over gRPC (PNG in, PNG label map out, concurrency 1)
    divided by the in-process path doing the same work: decode the PNG, ``Engine.prepare``
@@ -27,7 +27,7 @@ and ``fcn8s`` (the CamVid FCN-8s CPU recipe, 360x480 served at its contract's sc
    (each alternates on and off rounds). Goal: >= 1.3x in every run.
 4. ceiling: what batching can give at most, in-process: ``Engine.run`` time per image
    for a batch of 1 against the batch the server forms (``--max-batch-size 8`` within
-   the CPU pixel budget of ``segsvc serve``), and against 8 images without that budget.
+   the CPU memory budget of ``segsvc serve``, ``--max-batch-mb``), and against 8 images.
 
 The servers run as separate processes (their own GIL, like in production); the
 client threads run here. Like ``bench_batch.py``, OpenMP waits passively
@@ -72,10 +72,11 @@ import torch  # noqa: E402
 
 from segsvc.config import InferenceSpec, ModelSpec  # noqa: E402
 from segsvc.inference.codec import decode_image, encode_png  # noqa: E402
+from segsvc.inference.batcher import BatchingConfig  # noqa: E402
 from segsvc.inference.engine import InferenceOptions  # noqa: E402
 from segsvc.inference.manager import ManagerConfig, ModelManager  # noqa: E402
 from segsvc.inference.repository import ModelRepository  # noqa: E402
-from segsvc.cli import CPU_BATCH_PIXELS  # noqa: E402
+from segsvc.cli import CPU_BATCH_MB  # noqa: E402
 from segsvc.models.artifact import save_artifact  # noqa: E402
 from segsvc.models.registry import build_model  # noqa: E402
 from segsvc.inference.allocator import configure_allocator  # noqa: E402
@@ -98,6 +99,7 @@ MODELS = {
                                                                   "batch_norm": True}), (360, 480), scale=0.5),
 }
 CONCURRENCY = (1, 4, 16)
+SERVED_BATCHING = BatchingConfig(max_batch_size=8, max_batch_bytes=CPU_BATCH_MB << 20)  # start_server's, on CPU
 K = TypeVar("K")
 WARM_S = 0.5  # throughput rounds count from this long after the first answer (and after every client has one)
 
@@ -336,7 +338,7 @@ def on_off(servers: dict[K, str], request: pb.SegmentRequest, concurrency: int, 
 def batching_ceiling(local: InProcess, image: bytes, samples: int) -> tuple[int, dict[int, float]]:
     """The batch the server forms, and median ``Engine.run`` seconds per image by batch size (alternately)."""
     pixels = local.engine.prepare(decode_image(image), InferenceOptions()).pixels  # padded, as the batcher counts
-    formed = max(1, min(8, CPU_BATCH_PIXELS // pixels))
+    formed = SERVED_BATCHING.for_model(local.engine.bytes_per_pixel).images_per_batch(pixels)
     sizes = sorted({1, formed, 8})
     times: dict[int, list[float]] = {n: [] for n in sizes}
     for n in sizes:
@@ -404,7 +406,7 @@ def report(model: BenchModel, r: dict, args: argparse.Namespace) -> None:
     print("  (batch: mean size of the batch an image ran in)")
     formed, ceiling = r["ceiling"]
     print(f"batching ceiling in-process: Engine.run per image by batch size (batch 1 / batch n = the most "
-          f"batching can give; the server's CPU pixel budget makes batches of {formed})")
+          f"batching can give; the server's CPU memory budget makes batches of {formed})")
     print("  " + ",  ".join(f"batch {n}: {t * 1e3:.1f} ms ({ceiling[1] / t:.2f}x)" for n, t in ceiling.items()))
     ratios = [x for x, _, _ in r["runs"]]
     for i, (x, size, ld) in enumerate(r["runs"], 1):

@@ -304,6 +304,7 @@ def _serve(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SegsvcError("TLS needs both --tls-cert and --tls-key")
     configure_logging(args.log_level, json_lines=args.log_format == "json")
+    device_type = resolve_device(args.device).type
     config = ServerConfig(
         model_repo=args.model_repo,
         host=args.host,
@@ -319,7 +320,8 @@ def _serve(args: argparse.Namespace) -> int:
                 max_batch_size=1 if args.no_batching else args.max_batch_size,
                 max_delay_s=args.max_delay_ms / 1e3,
                 max_queue_size=args.max_queue,
-                max_batch_pixels=_batch_pixels(args.max_batch_pixels, resolve_device(args.device).type),
+                max_batch_pixels=_batch_pixels(args.max_batch_pixels, device_type),
+                max_batch_bytes=_batch_bytes(args.max_batch_mb, device_type),
                 concurrency=args.concurrent_batches,
             ),
             poll_interval_s=args.poll_interval_s,
@@ -390,21 +392,32 @@ def _training_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return training_config(args)
 
 
-CPU_BATCH_PIXELS = 1 << 19  # two 512x512 images
 CUDA_BATCH_PIXELS = 64 << 20
+CPU_BATCH_MB = 256  # 8 of the bench model's 512x512 images, 2 of U-Net 16's 360x480 (bench/bench_batch_budget.py)
+
+
+def _budget(value: str, flag: str, auto: int | None) -> int | None:
+    """A batch budget flag: ``auto`` gives ``auto``, ``0`` no limit, else a positive integer."""
+    if value == "auto":
+        return auto
+    try:
+        amount = int(value)
+    except ValueError:
+        raise InvalidArgument(f"{flag} must be 'auto' or an integer, got {value!r}") from None
+    if amount < 0:
+        raise InvalidArgument(f"{flag} must be >= 0, got {amount}")
+    return amount or None
 
 
 def _batch_pixels(value: str, device_type: str) -> int | None:
-    """``--max-batch-pixels``: ``auto`` by device, ``0`` for no limit, else a positive integer."""
-    if value == "auto":
-        return CUDA_BATCH_PIXELS if device_type == "cuda" else CPU_BATCH_PIXELS
-    try:
-        pixels = int(value)
-    except ValueError:
-        raise InvalidArgument(f"--max-batch-pixels must be 'auto' or an integer, got {value!r}") from None
-    if pixels < 0:
-        raise InvalidArgument(f"--max-batch-pixels must be >= 0, got {pixels}")
-    return pixels or None
+    """``--max-batch-pixels``: ``auto`` (64 MP on CUDA, no limit on CPU), ``0`` for no limit, else pixels."""
+    return _budget(value, "--max-batch-pixels", CUDA_BATCH_PIXELS if device_type == "cuda" else None)
+
+
+def _batch_bytes(value: str, device_type: str) -> int | None:
+    """``--max-batch-mb`` in bytes: ``auto`` (``CPU_BATCH_MB`` on CPU, no limit on CUDA), ``0`` for no limit."""
+    mb = _budget(value, "--max-batch-mb", None if device_type == "cuda" else CPU_BATCH_MB)
+    return None if mb is None else mb << 20
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -435,10 +448,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "passes side by side, each request a little slower")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting per model version before RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--max-batch-mb", default="auto",
+                   help="most forward-pass memory in one batch, from each model's bytes per pixel measured at "
+                        f"load, so small models batch more images than large ones; 0: no limit; auto (default): "
+                        f"{CPU_BATCH_MB} on CPU (bench/bench_batch_budget.py), no limit on CUDA")
     p.add_argument("--max-batch-pixels", default="auto",
-                   help="most input pixels in one batch, bounding a forward pass's memory; 0: no limit; "
-                        "auto (default): 0.5 MP on CPU, where bigger batches of 360x480 U-Net images gained "
-                        "nothing in the server (bench/bench_batch_budget.py), 64 MP on CUDA")
+                   help="most input pixels in one batch; 0: no limit; auto (default): 64 MP on CUDA, "
+                        "no limit on CPU (where --max-batch-mb bounds batches)")
     p.add_argument("--no-batching", action="store_true", help="one image per forward pass")
     p.add_argument("--poll-interval-s", type=float, default=5.0,
                    help="seconds between repository scans for new versions; 0 disables (default 5)")

@@ -43,7 +43,7 @@ import enum
 import logging
 from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Generic, Hashable, Iterator, Sequence, TypeVar
 
 from segsvc.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
@@ -75,6 +75,10 @@ class BatchingConfig:
         max_batch_pixels: most input pixels in one batch (``None``: no limit), so
             a batch of large images cannot exhaust memory; an image over the budget
             still runs, alone. Needs the batcher's ``pixels`` function.
+        max_batch_bytes: most estimated forward-pass memory in one batch (``None``:
+            no limit). A model's batcher gets it as a pixel budget, through
+            ``for_model`` with the bytes per pixel measured at load: small models
+            batch more images than large ones under the same budget.
         batch_holdoff_s: a batch-lane batch waits this long after the last
             interactive batch ended (the gap in which a sequential client sends
             its next request).
@@ -95,6 +99,7 @@ class BatchingConfig:
     max_delay_s: float = 0.005
     max_queue_size: int = 256
     max_batch_pixels: int | None = None
+    max_batch_bytes: int | None = None
     batch_holdoff_s: float = 0.02
     batch_max_wait_s: float = 1.0
     concurrency: int = 1
@@ -112,6 +117,10 @@ class BatchingConfig:
             not isinstance(self.max_batch_pixels, int) or self.max_batch_pixels < 1
         ):
             raise InvalidArgument(f"max_batch_pixels must be a positive integer or None, got {self.max_batch_pixels!r}")
+        if self.max_batch_bytes is not None and (
+            not isinstance(self.max_batch_bytes, int) or self.max_batch_bytes < 1
+        ):
+            raise InvalidArgument(f"max_batch_bytes must be a positive integer or None, got {self.max_batch_bytes!r}")
         for name in ("batch_holdoff_s", "batch_max_wait_s"):
             if not getattr(self, name) >= 0:
                 raise InvalidArgument(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -119,6 +128,38 @@ class BatchingConfig:
     @property
     def enabled(self) -> bool:
         return self.max_batch_size > 1
+
+    def for_model(self, bytes_per_pixel: float) -> BatchingConfig:
+        """This config for a model whose forward pass needs ``bytes_per_pixel`` per input pixel:
+        ``max_batch_bytes`` becomes pixels, and the tighter of the two pixel budgets stays.
+
+        Example:
+            >>> BatchingConfig(max_batch_bytes=1000, max_batch_pixels=50).for_model(4.0).max_batch_pixels
+            50
+            >>> BatchingConfig(max_batch_bytes=1000).for_model(4.0).max_batch_pixels
+            250
+        """
+        if self.max_batch_bytes is None:
+            return self
+        if not bytes_per_pixel > 0:
+            raise InvalidArgument(f"bytes_per_pixel must be > 0, got {bytes_per_pixel!r}")
+        pixels = max(int(self.max_batch_bytes // bytes_per_pixel), 1)
+        if self.max_batch_pixels is not None:
+            pixels = min(pixels, self.max_batch_pixels)
+        return replace(self, max_batch_pixels=pixels, max_batch_bytes=None)
+
+    def images_per_batch(self, pixels: int) -> int:
+        """How many items of ``pixels`` each a full batch holds (an item over the pixel budget runs alone).
+
+        Example:
+            >>> BatchingConfig(max_batch_size=8, max_batch_pixels=500).images_per_batch(200)
+            2
+        """
+        if self.max_batch_bytes is not None:
+            raise InvalidArgument("max_batch_bytes needs the model's bytes per pixel: call for_model(...) first")
+        if self.max_batch_pixels is None:
+            return self.max_batch_size
+        return max(1, min(self.max_batch_size, self.max_batch_pixels // pixels))
 
 
 @dataclass(frozen=True)
@@ -187,6 +228,8 @@ class DynamicBatcher(Generic[T, R]):
         self._predict = predict
         self.config = config
         self._key = key or (lambda _item: None)
+        if config.max_batch_bytes is not None:
+            raise InvalidArgument("config.max_batch_bytes needs the model's bytes per pixel: pass config.for_model(...)")
         if config.max_batch_pixels is not None and pixels is None:
             raise InvalidArgument("config.max_batch_pixels needs a pixels function")
         self._pixels = pixels or (lambda _item: 0)

@@ -148,9 +148,10 @@ class VersionLoader:
                 log.error("model %s version %d could not be loaded (retried when its files change): %s",
                           name, v, reason)
             raise
+        batching = self.batching.for_model(engine.bytes_per_pixel)
         batcher = DynamicBatcher(
             engine.run,
-            self.batching,
+            batching,
             key=lambda job: job.key,
             pixels=lambda job: job.pixels,
             name=f"{name}:{v}",
@@ -160,9 +161,11 @@ class VersionLoader:
         batcher.start()
         self.record.loaded(name, v)
         log.info(
-            "loaded model %s version %d on %s (%s, %s) in %.2f s; about %.0f MiB per megapixel",
+            "loaded model %s version %d on %s (%s, %s) in %.2f s; about %.0f MiB per megapixel; "
+            "batches of up to %d images, %s",
             name, v, engine.device, engine.backend.name, engine.precision, time.perf_counter() - started,
-            engine.bytes_per_pixel * 1e6 / (1 << 20),
+            engine.bytes_per_pixel * 1e6 / (1 << 20), batching.max_batch_size,
+            "no pixel budget" if batching.max_batch_pixels is None else f"{batching.max_batch_pixels} pixels",
         )
         return lm
 

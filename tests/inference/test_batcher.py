@@ -389,6 +389,50 @@ def test_pixel_budget_splits_batches_and_flushes_without_waiting():
     assert elapsed < 2.0  # a full budget flushes at once, never waiting for the 5 s delay
 
 
+def test_a_memory_budget_becomes_pixels_by_the_model_s_bytes_per_pixel():
+    config = BatchingConfig(max_batch_size=8, max_batch_bytes=1 << 20)
+    assert config.for_model(1024.0).max_batch_pixels == 1024
+    assert config.for_model(1024.0).max_batch_bytes is None
+    assert config.for_model(3.0).max_batch_pixels == (1 << 20) // 3
+    assert config.for_model(float(1 << 30)).max_batch_pixels == 1  # an image over the budget still runs, alone
+    assert BatchingConfig(max_batch_bytes=1 << 20, max_batch_pixels=10).for_model(1.0).max_batch_pixels == 10
+    assert BatchingConfig(max_batch_pixels=10).for_model(1.0).max_batch_pixels == 10
+    with pytest.raises(InvalidArgument, match="bytes_per_pixel must be > 0"):
+        config.for_model(0.0)
+
+
+def test_an_unresolved_memory_budget_is_refused_where_it_would_be_ignored():
+    config = BatchingConfig(max_batch_bytes=1 << 20)
+    with pytest.raises(InvalidArgument, match="for_model"):
+        DynamicBatcher(Recorder(), config, pixels=lambda item: item)
+    with pytest.raises(InvalidArgument, match="for_model"):
+        config.images_per_batch(100)
+
+
+@pytest.mark.parametrize("config,pixels,images", [
+    (BatchingConfig(max_batch_size=8), 10**9, 8),
+    (BatchingConfig(max_batch_size=8, max_batch_pixels=100), 30, 3),
+    (BatchingConfig(max_batch_size=2, max_batch_pixels=100), 30, 2),
+    (BatchingConfig(max_batch_size=8, max_batch_pixels=100), 500, 1),
+])
+def test_images_per_batch_follows_the_batcher_s_rule(config, pixels, images):
+    assert config.images_per_batch(pixels) == images
+
+
+def test_a_batch_holds_images_per_batch_items_of_one_size():
+    config = BatchingConfig(max_batch_size=8, max_delay_s=5.0, max_batch_pixels=100)
+
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, config, pixels=lambda item: item)
+        b.start()
+        await asyncio.gather(*(b.submit(30) for _ in range(7)))
+        await b.stop()
+        return rec
+
+    assert [len(batch) for batch in run(main()).batches] == [config.images_per_batch(30)] * 2 + [1]
+
+
 def test_an_item_over_the_pixel_budget_runs_alone():
     async def main():
         rec = Recorder()
@@ -792,6 +836,8 @@ def test_lifecycle_errors_and_names():
         ({"max_queue_size": 1.5}, "max_queue_size must be a positive integer, got 1.5"),
         ({"max_batch_pixels": 1.5}, "max_batch_pixels must be a positive integer or None, got 1.5"),
         ({"max_batch_pixels": -1}, "max_batch_pixels must be a positive integer or None, got -1"),
+        ({"max_batch_bytes": 0}, "max_batch_bytes must be a positive integer or None, got 0"),
+        ({"max_batch_bytes": 2.5}, "max_batch_bytes must be a positive integer or None, got 2.5"),
         ({"batch_holdoff_s": -0.5}, "batch_holdoff_s must be >= 0, got -0.5"),
         ({"batch_max_wait_s": -1.0}, "batch_max_wait_s must be >= 0, got -1.0"),
         ({"max_delay_s": -0.001}, "max_delay_s must be >= 0, got -0.001"),

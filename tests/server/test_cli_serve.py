@@ -55,10 +55,10 @@ def test_serve_command_end_to_end(tmp_path):
 
 
 def test_max_batch_pixels_flag() -> None:
-    from segsvc.cli import CPU_BATCH_PIXELS, CUDA_BATCH_PIXELS, _batch_pixels
+    from segsvc.cli import CUDA_BATCH_PIXELS, _batch_pixels
     from segsvc.errors import InvalidArgument
 
-    assert _batch_pixels("auto", "cpu") == CPU_BATCH_PIXELS
+    assert _batch_pixels("auto", "cpu") is None  # on CPU the memory budget bounds batches
     assert _batch_pixels("auto", "cuda") == CUDA_BATCH_PIXELS
     assert _batch_pixels("0", "cpu") is None
     assert _batch_pixels("1000000", "cuda") == 1_000_000
@@ -66,3 +66,17 @@ def test_max_batch_pixels_flag() -> None:
         _batch_pixels("lots", "cpu")
     with pytest.raises(InvalidArgument, match=">= 0"):
         _batch_pixels("-5", "cpu")
+
+
+def test_max_batch_mb_flag() -> None:
+    from segsvc.cli import CPU_BATCH_MB, _batch_bytes
+    from segsvc.errors import InvalidArgument
+
+    assert _batch_bytes("auto", "cpu") == CPU_BATCH_MB << 20
+    assert _batch_bytes("auto", "cuda") is None
+    assert _batch_bytes("0", "cpu") is None
+    assert _batch_bytes("64", "cuda") == 64 << 20
+    with pytest.raises(InvalidArgument, match="--max-batch-mb must be 'auto' or an integer, got '1.5'"):
+        _batch_bytes("1.5", "cpu")
+    with pytest.raises(InvalidArgument, match="--max-batch-mb must be >= 0, got -1"):
+        _batch_bytes("-1", "cpu")
