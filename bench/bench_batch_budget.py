@@ -3,8 +3,8 @@
 On a CPU, ``segsvc serve --max-batch-mb auto`` ends a batch at 256 MiB of estimated
 forward-pass memory, from the bytes per pixel each model measures at load: the bench
 model's 512x512 images (about 31 MiB each) run eight to a batch, U-Net 16's 360x480
-ones (about 96 MiB) two, and the FCN-8s (180x240 at its contract's scale) eight. Before,
-a budget of 0.5 megapixels ran the first two models two to a batch alike. This bench
+ones (about 92 MiB) two, and the FCN-8s's (180x240 at its contract's scale, 10 MiB)
+eight. Before, a budget of 0.5 megapixels ran the first two two to a batch alike. This bench
 serves each model from four ``segsvc serve`` processes at once: the memory budget, the
 old pixel budget, no budget at all (memory is still bounded by ``--max-inflight-mb``,
 which every request holds while it is queued and run), and no batching. It times them in
