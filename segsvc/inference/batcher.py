@@ -52,6 +52,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 log = logging.getLogger(__name__)
+UNCONVERTED_BYTES = "max_batch_bytes needs the model's bytes per pixel: convert it with BatchingConfig.for_model(...)"
 
 
 class Priority(enum.IntEnum):
@@ -156,7 +157,7 @@ class BatchingConfig:
             2
         """
         if self.max_batch_bytes is not None:
-            raise InvalidArgument("max_batch_bytes needs the model's bytes per pixel: call for_model(...) first")
+            raise InvalidArgument(UNCONVERTED_BYTES)
         if self.max_batch_pixels is None:
             return self.max_batch_size
         return max(1, min(self.max_batch_size, self.max_batch_pixels // pixels))
@@ -229,7 +230,7 @@ class DynamicBatcher(Generic[T, R]):
         self.config = config
         self._key = key or (lambda _item: None)
         if config.max_batch_bytes is not None:
-            raise InvalidArgument("config.max_batch_bytes needs the model's bytes per pixel: pass config.for_model(...)")
+            raise InvalidArgument(UNCONVERTED_BYTES)
         if config.max_batch_pixels is not None and pixels is None:
             raise InvalidArgument("config.max_batch_pixels needs a pixels function")
         self._pixels = pixels or (lambda _item: 0)
