@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from dataclasses import replace
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from segsvc.config import InferenceSpec
+from segsvc.config import InferenceSpec, ModelSpec
 from segsvc.errors import ArtifactError, InvalidArgument
 from segsvc.inference.backends import (
     EngineConfig,
@@ -20,12 +21,14 @@ from segsvc.inference.backends import (
     open_backend,
     open_version_dir,
 )
+from segsvc.inference.backends.eager import fold_into_convolutions
 from segsvc.inference.batcher import BatchingConfig
 from segsvc.inference.engine import Engine, InferenceOptions
 from segsvc.inference.loader import VersionLoader
 from segsvc.inference.predictor import Predictor
 from segsvc.inference.repository import ModelRepository
 from segsvc.models.artifact import MANIFEST_FILE, load_artifact, read_manifest, save_artifact
+from segsvc.models.registry import build_model
 from tests.inference.test_contract import TINY, calibrated_model, smooth_image
 
 CPU = torch.device("cpu")
@@ -170,6 +173,94 @@ def test_a_network_with_linear_layers_stays_contiguous_on_cpu(repo):
     model.head = torch.nn.Linear(3, 3)  # present, unused: what counts is that the network has one
     backend = TorchBackend.for_manifest(model, manifest, CPU)
     assert not backend.channels_last and not channels_last(backend.model)
+
+
+def batchnorms(module: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+
+
+def with_running_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``model`` in eval mode with BatchNorm statistics and affine terms far from the identity."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and m.track_running_stats:
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 3 + 0.1)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+@pytest.mark.parametrize("spec", [
+    TINY,
+    ModelSpec("fcn8s", 5, 3, {"base_channels": 4, "fc_channels": 16, "batch_norm": True}),
+    ModelSpec("segnet", 5, 3, {"variant": "basic", "base_channels": 4}),
+], ids=lambda s: s.arch)
+def test_folding_batchnorm_keeps_the_logits_of_every_seed_network(spec):
+    """Every BatchNorm of the seed networks follows a convolution in a Sequential: all are folded,
+    and the network computes what it did (to float rounding), labels included."""
+    torch.manual_seed(0)
+    model = with_running_statistics(build_model(spec))
+    reference = copy.deepcopy(model)
+    before = batchnorms(model)
+    assert before > 0
+    assert fold_into_convolutions(model) == before
+    assert batchnorms(model) == 0
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        out, expected = model(x), reference(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.argmax(1), expected.argmax(1))
+
+
+def test_folding_takes_a_transpose_convolution_and_leaves_what_it_cannot_fold():
+    nn = torch.nn
+
+    class OwnConv(nn.Conv2d):  # a subclass may compute something else with its weights
+        pass
+
+    model = with_running_statistics(nn.Sequential(
+        nn.ConvTranspose2d(3, 4, 2, stride=2), nn.BatchNorm2d(4),  # folded (transpose weights)
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4),  # not right after a convolution
+        OwnConv(4, 4, 1), nn.BatchNorm2d(4),  # not a plain convolution
+        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False),  # uses batch statistics
+    ))
+    reference = copy.deepcopy(model)
+    assert fold_into_convolutions(model) == 1
+    assert isinstance(model[1], nn.Identity) and batchnorms(model) == 3
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+def test_folding_refuses_a_model_in_training_mode():
+    model = build_model(TINY).train()
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_into_convolutions(model)
+    assert batchnorms(model) > 0
+
+
+def test_a_loaded_artifact_runs_with_its_batchnorm_folded(repo):
+    """The server and batch jobs load artifacts through open_version_dir / open_backend, which own the
+    module: its BatchNorm layers are folded (EngineConfig(fold_batchnorm=False) keeps them), with the same labels.
+    A caller's own module (Predictor(module, manifest)) is left as it was."""
+    cpu = EngineConfig(device="cpu")
+    folded, _ = open_version_dir(repo / "plain" / "1", CPU, cpu)
+    kept, _ = open_version_dir(repo / "plain" / "1", CPU, replace(cpu, fold_batchnorm=False))
+    served, _ = open_backend(ModelRepository(repo), "plain", 1, CPU, cpu)
+    assert folded.folded > 0 and batchnorms(folded.model) == 0 and served.folded == folded.folded
+    assert kept.folded == 0 and batchnorms(kept.model) == folded.folded
+    x = torch.randn(2, 3, 37, 45)
+    torch.testing.assert_close(folded.forward(x), kept.forward(x), rtol=1e-4, atol=1e-4)
+    assert torch.equal(folded.forward(x).argmax(1), kept.forward(x).argmax(1))
+    # the Identity left in a folded BatchNorm's place returns its input: not counted as a new output
+    assert folded.measure_memory() <= kept.measure_memory()
+
+    model, manifest = load_artifact(repo / "plain" / "1")
+    layers = batchnorms(model)
+    Predictor(model, manifest).predict(smooth_image(37, 45))
+    assert batchnorms(model) == layers
 
 
 def test_compile_is_refused_on_cpu(repo):

@@ -31,6 +31,8 @@ class EngineConfig:
         precision: ``auto`` (bf16 on GPUs that support it, else fp16; fp32 on
             CPU), ``fp32``, ``bf16`` or ``fp16`` (autocast dtype of the forward pass).
         channels_last: channels-last memory format, on CUDA and for convolution-only networks on CPU.
+        fold_batchnorm: fold each inference-mode BatchNorm into the convolution before it
+            (``backends.eager.fold_into_convolutions``) when a backend loads an artifact.
         warmup: run forward passes at load so the first request is not slow.
         warmup_size: side of the square warm-up image in pixels.
         backend: what runs every model (``torch``, ``onnxruntime``); ``None``:
@@ -47,6 +49,7 @@ class EngineConfig:
     device: str = "auto"
     precision: str = "auto"
     channels_last: bool = True
+    fold_batchnorm: bool = True
     warmup: bool = True
     warmup_size: int = 64
     backend: str | None = None

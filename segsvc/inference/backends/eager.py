@@ -6,7 +6,9 @@ thread count the server set once, channels-last for convolution-only networks:
 oneDNN's convolutions run 1.1-1.75x faster in that layout on this project's models
 (FCN, U-Net, SegNet, smp CNN encoders), while a network with attention or linear
 layers (smp Segformer) pays more in layout conversions than it gains
-(``bench/bench_backends.py``).
+(``bench/bench_backends.py``). A loaded artifact's BatchNorm layers are folded into the
+convolutions before them (``fold_into_convolutions``): in inference a BatchNorm is a per-channel
+affine map, and as a layer of its own it cost a fifth of the bench U-Net's CPU time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from segsvc.errors import InvalidArgument
 from segsvc.inference.backends.base import Backend, EngineConfig, amp_dtype
@@ -34,6 +37,41 @@ CPU_WORKSPACE_FACTOR = 1.1
 def convolutional(model: nn.Module) -> bool:
     """Whether ``model`` has no linear (token) layers: the networks that run faster channels-last on CPU."""
     return not any(isinstance(m, (nn.Linear, nn.MultiheadAttention)) for m in model.modules())
+
+
+FOLDABLE_CONVOLUTIONS = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def fold_into_convolutions(model: nn.Module) -> int:
+    """Fold every BatchNorm2d that directly follows a convolution in an ``nn.Sequential`` into it.
+
+    In eval mode such a BatchNorm is ``y = a * x + b`` per channel, so the convolution's
+    weights and bias can absorb it; the BatchNorm becomes ``nn.Identity`` (positions in the
+    Sequential stay as they were). Only exact ``Conv2d``/``ConvTranspose2d`` and
+    ``BatchNorm2d`` types with running statistics are folded: a Sequential runs its
+    layers in order, so the convolution's output feeds nothing else. ``model`` must be in
+    eval mode; it is changed in place.
+
+    Returns:
+        How many BatchNorm layers were folded.
+
+    Example:
+        >>> seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+        >>> fold_into_convolutions(seq), type(seq[1]).__name__
+        (1, 'Identity')
+    """
+    if model.training:
+        raise ValueError("fold_into_convolutions needs a model in eval mode (training BatchNorm uses batch statistics)")
+    folded = 0
+    for sequential in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(sequential) - 1):
+            conv, norm = sequential[i], sequential[i + 1]
+            if (type(conv) in FOLDABLE_CONVOLUTIONS and type(norm) is nn.BatchNorm2d
+                    and norm.running_mean is not None and norm.running_var is not None):
+                sequential[i] = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.ConvTranspose2d))
+                sequential[i + 1] = nn.Identity()
+                folded += 1
+    return folded
 
 
 def peak_live_activations(model: nn.Module, run: Callable[[], object]) -> int:
@@ -54,7 +92,8 @@ def peak_live_activations(model: nn.Module, run: Callable[[], object]) -> int:
                 state["peak"] = max(state["peak"], state["now"])
                 weakref.finalize(t, release, nbytes)
 
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    # nn.Identity (a folded BatchNorm's place) returns its input: no new output to count.
+    leaves = [m for m in model.modules() if not any(True for _ in m.children()) and not isinstance(m, nn.Identity)]
     handles = [m.register_forward_hook(count) for m in leaves]
     try:
         run()
@@ -75,6 +114,8 @@ class TorchBackend(Backend):
         autocast: the autocast dtype (``None``: float32).
         channels_last: channels-last memory format: on CUDA, and on CPU for a ``convolutional`` model.
         compile: ``torch.compile`` the module with dynamic shapes (CUDA only).
+        fold_batchnorm: fold BatchNorm layers into their convolutions (``fold_into_convolutions``); this
+            changes ``model``, so only for a model the backend owns (one loaded from an artifact).
 
     Example:
         >>> backend = TorchBackend.for_manifest(model, manifest, torch.device("cpu"))  # doctest: +SKIP
@@ -85,9 +126,11 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, model: nn.Module, geometry: Geometry, device: torch.device, channels: int,
-                 autocast: torch.dtype | None = None, channels_last: bool = False, compile: bool = False) -> None:
+                 autocast: torch.dtype | None = None, channels_last: bool = False, compile: bool = False,
+                 fold_batchnorm: bool = False) -> None:
         super().__init__(geometry, device, channels)
         self.model = model.to(device).eval()
+        self.folded = fold_into_convolutions(self.model) if fold_batchnorm else 0
         self.autocast = autocast
         self.channels_last = channels_last and (device.type == "cuda" or convolutional(self.model))
         if self.channels_last:
@@ -101,12 +144,16 @@ class TorchBackend(Backend):
     @classmethod
     def for_manifest(cls, model: nn.Module, manifest: Manifest, device: torch.device,
                      config: EngineConfig | None = None) -> "TorchBackend":
-        """The backend of a loaded artifact; padding from the manifest (or, for an old one, the model's)."""
+        """The backend of a loaded artifact; padding from the manifest (or, for an old one, the model's).
+
+        Without ``config`` (a caller's own module, ``Predictor(module, manifest)``), float32 and
+        no BatchNorm folding, so the caller's module keeps its layers.
+        """
         stride, min_size = model_geometry(model, manifest.inference)
-        config = config or EngineConfig(device=str(device), precision="fp32")
+        config = config or EngineConfig(device=str(device), precision="fp32", fold_batchnorm=False)
         return cls(model, Geometry(stride, min_size), device, manifest.input.channels,
                    autocast=amp_dtype(config.precision, device), channels_last=config.channels_last,
-                   compile=config.compile)
+                   compile=config.compile, fold_batchnorm=config.fold_batchnorm)
 
     @property
     def precision(self) -> str:
