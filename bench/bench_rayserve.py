@@ -8,9 +8,10 @@ client threads here, so the protocol cost is the same on both sides:
 - Ray Serve: one replica of ``RaySegmenter`` behind Ray Serve's gRPC proxy,
   which registers segsvc's generated servicer and routes by the
   ``application`` metadata. The replica loads the same artifact
-  (``load_artifact`` + ``Predictor``: the same contract, normalisation and
-  argmax), decodes and PNG-encodes on worker threads (as segsvc does on its
-  I/O threads), and batches forward passes with ``@serve.batch`` set to
+  into the backend segsvc serves it with (``open_version_dir`` +
+  ``Predictor``: the same network, BatchNorm folded and channels-last, and
+  the same contract, normalisation and argmax), decodes and PNG-encodes on
+  worker threads (as segsvc does on its I/O threads), and batches forward passes with ``@serve.batch`` set to
   segsvc's batching: the same ``max_batch_size`` (capped, like segsvc's, by
   the CPU memory budget) and ``batch_wait_timeout_s`` = ``--max-delay-ms``,
   one batch at a time. Ray's proxy is a separate process from the replica:
@@ -61,10 +62,11 @@ from ray import serve  # noqa: E402
 
 from segsvc.cli import CPU_BATCH_MB  # noqa: E402  (segsvc serve's --max-batch-mb auto on CPU)
 from segsvc.config import InferenceSpec, ModelSpec  # noqa: E402
+from segsvc.inference.backends import EngineConfig, open_version_dir  # noqa: E402
 from segsvc.inference.batcher import BatchingConfig  # noqa: E402
 from segsvc.inference.codec import decode_image, encode_png  # noqa: E402
 from segsvc.inference.predictor import Predictor  # noqa: E402
-from segsvc.models.artifact import load_artifact, save_artifact  # noqa: E402
+from segsvc.models.artifact import save_artifact  # noqa: E402
 from segsvc.models.registry import build_model  # noqa: E402
 from segsvc.v1 import segmentation_pb2 as pb  # noqa: E402
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc  # noqa: E402
@@ -100,8 +102,7 @@ class RaySegmenter:
 
     def __init__(self, version_dir: str, threads: int, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         set_cpu_threads(threads)
-        model, manifest = load_artifact(version_dir)
-        self.predictor = Predictor(model, manifest)
+        self.predictor = Predictor(*open_version_dir(Path(version_dir), torch.device("cpu"), EngineConfig(device="cpu")))
         self.forward.set_max_batch_size(max_batch_size)
         self.forward.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -153,8 +154,7 @@ def load_image(args: argparse.Namespace) -> tuple[bytes, str]:
 
 def batch_cap(version_dir: Path, image: bytes, max_batch_size: int) -> int:
     """segsvc's batch size for this image: ``max_batch_size`` or fewer, as the CPU memory budget allows."""
-    model, manifest = load_artifact(version_dir)
-    predictor = Predictor(model, manifest)
+    predictor = Predictor(*open_version_dir(version_dir, torch.device("cpu"), EngineConfig(device="cpu")))
     h, w = predictor.input_tensor(decode_image(image)).shape[-2:]
     stride = predictor.stride
     padded = (-(-h // stride) * stride) * (-(-w // stride) * stride)
