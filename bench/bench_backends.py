@@ -1,4 +1,4 @@
-"""ONNX Runtime against eager PyTorch on CPU; eager channels-last against contiguous, and with BatchNorm folded against kept.
+"""ONNX Runtime against eager PyTorch on CPU; eager channels-last against contiguous, BatchNorm folded against kept.
 
 Run: .venv/bin/python bench/bench_backends.py [--height 180 --width 240] [--rounds 5] [--threads N]
          [--models FCN-8s U-Net SegNet-Basic U-Net-demo U-Net-bench] [--allocator tuned|glibc]

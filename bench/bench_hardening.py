@@ -41,16 +41,16 @@ MODELS = {  # name -> (arch, params)
 MEASURE = r"""
 import json, sys, threading, time, torch
 from pathlib import Path
+from segsvc.inference.backends import open_version_dir
 from segsvc.inference.engine import Engine, EngineConfig
 from segsvc.inference.predictor import Predictor
-from segsvc.models.artifact import load_artifact
 def rss():
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
 torch.set_num_threads(2)
-model, manifest = load_artifact(sys.argv[1])
-engine = Engine(Predictor(model, manifest), EngineConfig(device="cpu", warmup=False))
+config = EngineConfig(device="cpu", warmup=False)
+engine = Engine(Predictor(*open_version_dir(Path(sys.argv[1]), torch.device("cpu"), config)), config)  # as served
 estimate = engine.measure_memory()
 engine.forward(torch.zeros(1, 3, 64, 64))  # kernels warm at a small size
 before, peak, done = rss(), [0], threading.Event()

@@ -102,7 +102,8 @@ class RaySegmenter:
 
     def __init__(self, version_dir: str, threads: int, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         set_cpu_threads(threads)
-        self.predictor = Predictor(*open_version_dir(Path(version_dir), torch.device("cpu"), EngineConfig(device="cpu")))
+        cpu = torch.device("cpu")
+        self.predictor = Predictor(*open_version_dir(Path(version_dir), cpu, EngineConfig(device="cpu")))
         self.forward.set_max_batch_size(max_batch_size)
         self.forward.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
