@@ -19,7 +19,8 @@ and ``fcn8s`` (the CamVid FCN-8s CPU recipe, 360x480 served at its contract's sc
 2. throughput: images/s at concurrency 1, 4 and 16 with batching on and off,
    with p50/p99 latency. Clients send back to back and only the requests that
    finish within a steady window (``--window`` seconds, after every client's first
-   answer) count. Counting whole bursts instead (2 images per client) took the
+   answer) count, over ``--rounds`` alternating rounds, or more for a slow model:
+   enough for ``--min-requests`` in-process latencies per server. Counting whole bursts instead (2 images per client) took the
    ramp-up and the drain too, where fewer requests are in flight and batches are
    smaller: FCN-8s batches averaged 7.0 instead of 8.0 and its on/off ratio read
    about 0.1-0.2 lower.
@@ -37,13 +38,15 @@ scheduler (``OMP_WAIT_POLICY=default`` measures libgomp's own default). The load
 average is printed with the figures: compare ratios within one run only.
 ``request_stages.py`` breaks the overhead down per hop. Not part of the test suite.
 
-    python bench/bench_server.py [--models bench unet16 fcn8s] [--iters 40] [--window 2] [--rounds 2] [--runs 3]
+    python bench/bench_server.py [--models bench unet16 fcn8s] [--iters 40] [--window 2] [--min-requests 40]
+        [--rounds 2] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import statistics
@@ -367,10 +370,16 @@ def bench_model(model: BenchModel, args: argparse.Namespace, root: Path) -> dict
         out["base_off"], _, out["rpc_off"] = latencies(local, address[False], image, model.name,
                                                        max(6, args.iters // 2))
         out["ceiling"] = batching_ceiling(local, image, max(3, args.iters // 4))
-        out["table"] = {c: on_off(address, request, c, args.window, args.rounds) for c in CONCURRENCY}
+        # Enough alternating rounds for --min-requests images per server at one image per in-process latency:
+        # U-Net 16 (150 ms an image) finishes 11 in a 2 s window, and one batch more or less moved a run's
+        # on/off ratio by up to 0.2. More rounds, not longer ones: a 6.4 s window let the host's drift in
+        # speed between an on and an off round show instead (0.90-1.49x where the ceiling is 1.02x).
+        per_round = args.window / statistics.median(out["base"])
+        out["rounds"] = rounds = max(args.rounds, math.ceil(args.min_requests / per_round))
+        out["table"] = {c: on_off(address, request, c, args.window, rounds) for c in CONCURRENCY}
         out["runs"] = []
         for _ in range(args.runs):
-            r = on_off(address, request, 16, args.window, args.rounds)
+            r = on_off(address, request, 16, args.window, rounds)
             out["runs"].append((r[True][0] / r[False][0], r[True][3], load()))
     finally:
         for proc, _ in servers.values():
@@ -397,7 +406,8 @@ def report(model: BenchModel, r: dict, args: argparse.Namespace) -> None:
           f"{p25(r['rpc']) / p25(r['single']):8.3f}")
     print(f"  ratio gRPC (batching off) / in-process     {med(r['rpc_off']) / med(r['base_off']):8.3f} "
           f"{p25(r['rpc_off']) / p25(r['base_off']):8.3f}")
-    print("throughput            batching on                           batching off")
+    print(f"throughput in steady windows of {args.window:.1f} s, {r['rounds']} alternating rounds per server")
+    print("                      batching on                           batching off")
     print("  concurrency   img/s   p50 ms   p99 ms  batch      img/s   p50 ms   p99 ms    on/off")
     for c, res in r["table"].items():
         on, off = res[True], res[False]
@@ -418,6 +428,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["bench", "unet16", "fcn8s"])
     parser.add_argument("--iters", type=int, default=40, help="latency samples for the overhead ratio")
+    parser.add_argument("--min-requests", type=int, default=40,
+                        help="more rounds for a slow model: this many in-process latencies per server")
     parser.add_argument("--window", type=float, default=2.0,
                         help="seconds of steady state counted per throughput round (after the first answers)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating on/off rounds per measurement")
