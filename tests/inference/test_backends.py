@@ -196,10 +196,12 @@ def with_running_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.M
     TINY,
     ModelSpec("fcn8s", 5, 3, {"base_channels": 4, "fc_channels": 16, "batch_norm": True}),
     ModelSpec("segnet", 5, 3, {"variant": "basic", "base_channels": 4}),
+    # smp: MobileNetV2's stages are slices of one Sequential of conv-BN blocks (get_stages)
+    ModelSpec("smp/FPN", 5, 3, {"encoder_name": "mobilenet_v2"}),
 ], ids=lambda s: s.arch)
-def test_folding_batchnorm_keeps_the_logits_of_every_seed_network(spec):
-    """Every BatchNorm of the seed networks follows a convolution in a Sequential: all are folded,
-    and the network computes what it did (to float rounding), labels included."""
+def test_folding_batchnorm_keeps_the_logits(spec):
+    """Every BatchNorm of the seed networks (and of this smp model) follows a convolution in a Sequential:
+    all are folded, and the network computes what it did (to float rounding), labels included."""
     torch.manual_seed(0)
     model = with_running_statistics(build_model(spec))
     reference = copy.deepcopy(model)
