@@ -6,16 +6,16 @@ client threads here, so the protocol cost is the same on both sides:
 
 - segsvc: a ``segsvc serve`` process (its own GIL, like in production).
 - Ray Serve: one replica of ``RaySegmenter`` behind Ray Serve's gRPC proxy,
-  which registers segsvc's generated servicer and routes by the
-  ``application`` metadata. The replica loads the same artifact
-  into the backend segsvc serves it with (``open_version_dir`` +
-  ``Predictor``: the same network, BatchNorm folded and channels-last, and
-  the same contract, normalisation and argmax), decodes and PNG-encodes on
-  worker threads (as segsvc does on its I/O threads), and batches forward passes with ``@serve.batch`` set to
-  segsvc's batching: the same ``max_batch_size`` (capped, like segsvc's, by
-  the CPU memory budget) and ``batch_wait_timeout_s`` = ``--max-delay-ms``,
-  one batch at a time. Ray's proxy is a separate process from the replica:
-  that hop is part of what a Ray Serve deployment costs, so it is measured.
+  which registers segsvc's generated servicer and routes by the ``application``
+  metadata. The replica loads the same artifact into the backend segsvc serves
+  it with (``open_version_dir`` + ``Predictor``: the same network, BatchNorm
+  folded and channels-last, and the same contract, normalisation and argmax),
+  decodes and PNG-encodes on worker threads (as segsvc does on its I/O threads),
+  and batches forward passes with ``@serve.batch`` set to segsvc's batching: the
+  same ``max_batch_size`` (capped, like segsvc's, by the CPU memory budget) and
+  ``batch_wait_timeout_s`` = ``--max-delay-ms``, one batch at a time. Ray's
+  proxy is a separate process from the replica: that hop is part of what a Ray
+  Serve deployment costs, so it is measured.
 
 Both sides get the same CPU settings (torch threads, one inter-op thread,
 OpenCV single-threaded, segsvc's allocator setting) and run alternately, one

@@ -18,12 +18,13 @@ and ``fcn8s`` (the CamVid FCN-8s CPU recipe, 360x480 served at its contract's sc
    come in alternating blocks; the median and the first quartile are both printed.
 2. throughput: images/s at concurrency 1, 4 and 16 with batching on and off,
    with p50/p99 latency. Clients send back to back and only the requests that
-   finish within a steady window (``--window`` seconds, after every client's first
-   answer) count, over ``--rounds`` alternating rounds, or more for a slow model:
-   enough for ``--min-requests`` in-process latencies per server. Counting whole bursts instead (2 images per client) took the
-   ramp-up and the drain too, where fewer requests are in flight and batches are
-   smaller: FCN-8s batches averaged 7.0 instead of 8.0 and its on/off ratio read
-   about 0.1-0.2 lower.
+   finish within a steady window (``--window`` seconds, after every client's
+   first answer) count, over ``--rounds`` alternating rounds, or more for a slow
+   model: enough for ``--min-requests`` in-process latencies per server.
+   Counting whole bursts instead (2 images per client) took the ramp-up and the
+   drain too, where fewer requests are in flight and batches are smaller: FCN-8s
+   batches averaged 7.0 instead of 8.0 and its on/off ratio read about 0.1-0.2
+   lower.
 3. stability: ``--runs`` separate measurements of batching on/off at concurrency 16
    (each alternates on and off rounds). Goal: >= 1.3x in every run.
 4. ceiling: what batching can give at most, in-process: ``Engine.run`` time per image
