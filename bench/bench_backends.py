@@ -1,27 +1,29 @@
 """ONNX Runtime against eager PyTorch on CPU; eager channels-last against contiguous, BatchNorm folded against kept.
 
 Run: .venv/bin/python bench/bench_backends.py [--height 180 --width 240] [--rounds 5] [--threads N]
-         [--models FCN-8s U-Net SegNet-Basic U-Net-demo U-Net-bench] [--allocator tuned|glibc]
+         [--models FCN-8s U-Net SegNet-Basic U-Net-demo U-Net-bench smp-Unet-R34] [--allocator tuned|glibc]
 
 For each CamVid recipe's network (FCN-8s, U-Net, SegNet-Basic at the recipes'
 CPU widths, untrained: speed does not depend on the weights), one artifact is
 saved and exported with ``segsvc export`` (``segsvc.export.onnx``, which
-validates it against eager), then the backends run the same normalised
-batches through the one forward path the server uses (padding to the
-manifest's stride, the network, the crop). Eager runs three ways: as
-``segsvc serve`` runs a convolutional network on CPU (channels-last, BatchNorm
-folded into the convolutions), with the BatchNorm layers kept
+validates it against eager), then the backends run the same normalised batches
+through the one forward path the server uses (padding to the manifest's stride,
+the network, the crop). Eager runs three ways: as ``segsvc serve`` runs a
+convolutional network on CPU (channels-last, BatchNorm folded into the
+convolutions), with the BatchNorm layers kept
 (``EngineConfig(fold_batchnorm=False)``), and as it ran before either change:
-contiguous, BatchNorm kept (``channels_last=False`` too). Each round times the four back to
-back, rotating which goes first; a figure is the median of the per-round
-ratios: ORT over the served eager (goal: >= 1.5), channels-last over
-contiguous (both with BatchNorm kept), and folded over kept (both channels-last). The default size is what the CamVid
-recipes' network sees (360x480 images at scale 0.5). ``U-Net-demo`` is the
-small U-Net that ``make demo`` trains (synthetic-quick: depth 3, base 16, 5
-classes; its images are 96x96), where the issue measured ONNX Runtime at about
-2x eager; ``U-Net-bench`` is ``bench_server.py``'s bench model (base 4, depth 2;
-its images are 512x512). ``--allocator glibc`` keeps the C allocator's
-defaults, as the issue's measurement did, instead of ``configure_allocator``.
+contiguous, BatchNorm kept (``channels_last=False`` too). Each round times the
+four back to back, rotating which goes first; a figure is the median of the
+per-round ratios: ORT over the served eager (goal: >= 1.5), channels-last over
+contiguous (both with BatchNorm kept), and folded over kept (both
+channels-last). The default size is what the CamVid recipes' network sees
+(360x480 images at scale 0.5). ``U-Net-demo`` is the small U-Net that
+``make demo`` trains (synthetic-quick: depth 3, base 16, 5 classes; its images are
+96x96), where the issue measured ONNX Runtime at about 2x eager; ``U-Net-bench``
+is ``bench_server.py``'s bench model (base 4, depth 2; its images are 512x512),
+``smp-Unet-R34`` smp's U-Net on a ResNet-34. ``--allocator glibc`` keeps the C
+allocator's defaults, as the issue's measurement did, instead of
+``configure_allocator``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ MODELS = {
     "U-Net-demo": ModelSpec("unet", 5, 3, {"depth": 3, "base_channels": 16}),
     # bench/bench_server.py's "bench" model
     "U-Net-bench": ModelSpec("unet", 5, 3, {"depth": 2, "base_channels": 4}),
+    # an smp model with torchvision's ResNet blocks (folded by name, NAMED_PAIRS)
+    "smp-Unet-R34": ModelSpec("smp/Unet", 11, 3, {"encoder_name": "resnet34"}),
 }
 CAMVID = ("FCN-8s", "U-Net", "SegNet-Basic")
 
@@ -94,7 +98,7 @@ def main() -> None:
             spec = MODELS[label]
             torch.manual_seed(0)
             model = build_model(spec).eval()
-            version = save_artifact(model, tmp, spec.arch, spec=spec,
+            version = save_artifact(model, tmp, spec.arch.replace("/", "-"), spec=spec,
                                     inference=InferenceSpec(stride=model.output_stride,
                                                             min_input_size=getattr(model, "min_input_size", 1)))
             export_onnx(version)

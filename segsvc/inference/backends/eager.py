@@ -14,8 +14,9 @@ affine map, and as a layer of its own it cost a fifth of the bench U-Net's CPU t
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -44,17 +45,43 @@ def convolutional(model: nn.Module) -> bool:
 
 
 FOLDABLE_CONVOLUTIONS = (nn.Conv2d, nn.ConvTranspose2d)
+# Blocks whose forward passes each named convolution's output to the named BatchNorm and nowhere else
+# (torchvision's ResNet blocks, the encoders of smp's resnet* models), by the module that defines them:
+# a model can only hold them once that module is imported.
+NAMED_PAIRS = {
+    "torchvision.models.resnet": {
+        "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
+        "Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+    },
+}
+
+
+def conv_bn_pairs(model: nn.Module) -> Iterator[tuple[nn.Module, str, str]]:
+    """``(parent, convolution's name, BatchNorm's name)`` for the layers in ``model`` that may run
+    as one: neighbours in an ``nn.Sequential`` (which runs its layers in order), and the pairs of the
+    blocks in ``NAMED_PAIRS``."""
+    named: dict[type, tuple[tuple[str, str], ...]] = {}
+    for module_name, classes in NAMED_PAIRS.items():
+        module = sys.modules.get(module_name)
+        for cls, pairs in classes.items() if module is not None else ():
+            if isinstance(getattr(module, cls, None), type):
+                named[getattr(module, cls)] = pairs
+    for parent in model.modules():
+        if isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            yield from ((parent, a, b) for a, b in zip(names, names[1:]))
+        yield from ((parent, a, b) for a, b in named.get(type(parent), ()))
 
 
 def fold_into_convolutions(model: nn.Module) -> int:
-    """Fold every BatchNorm2d that directly follows a convolution in an ``nn.Sequential`` into it.
+    """Fold every BatchNorm2d that directly follows a convolution (``conv_bn_pairs``) into it.
 
     In eval mode such a BatchNorm is ``y = a * x + b`` per channel, so the convolution's
-    weights and bias can absorb it; the BatchNorm becomes ``nn.Identity`` (positions in the
-    Sequential stay as they were). Only exact ``Conv2d``/``ConvTranspose2d`` and
-    ``BatchNorm2d`` types with running statistics are folded: a Sequential runs its
-    layers in order, so the convolution's output feeds nothing else. ``model`` must be in
-    eval mode; it is changed in place.
+    weights and bias can absorb it; the BatchNorm becomes ``nn.Identity`` (names and
+    positions stay as they were). Only exact ``Conv2d``/``ConvTranspose2d`` and
+    ``BatchNorm2d`` types with running statistics are folded, and only where the
+    convolution's output feeds nothing else. ``model`` must be in eval mode; it is
+    changed in place.
 
     Returns:
         How many BatchNorm layers were folded.
@@ -67,14 +94,13 @@ def fold_into_convolutions(model: nn.Module) -> int:
     if model.training:
         raise ValueError("fold_into_convolutions needs a model in eval mode (training BatchNorm uses batch statistics)")
     folded = 0
-    for sequential in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(sequential) - 1):
-            conv, norm = sequential[i], sequential[i + 1]
-            if (type(conv) in FOLDABLE_CONVOLUTIONS and type(norm) is nn.BatchNorm2d
-                    and norm.running_mean is not None and norm.running_var is not None):
-                sequential[i] = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.ConvTranspose2d))
-                sequential[i + 1] = nn.Identity()
-                folded += 1
+    for parent, conv_name, norm_name in list(conv_bn_pairs(model)):
+        conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
+        if (type(conv) in FOLDABLE_CONVOLUTIONS and type(norm) is nn.BatchNorm2d
+                and norm.running_mean is not None and norm.running_var is not None):
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.ConvTranspose2d)))
+            setattr(parent, norm_name, nn.Identity())
+            folded += 1
     return folded
 
 
