@@ -224,9 +224,11 @@ def test_folding_takes_a_transpose_convolution_and_leaves_what_it_cannot_fold():
     class OwnConv(nn.Conv2d):  # a subclass may compute something else with its weights
         pass
 
+    relu = nn.ReLU()
     model = with_running_statistics(nn.Sequential(
         nn.ConvTranspose2d(3, 4, 2, stride=2), nn.BatchNorm2d(4),  # folded (transpose weights)
-        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(4),  # not right after a convolution
+        relu, nn.Conv2d(4, 4, 3, padding=1), relu, nn.BatchNorm2d(4),  # not right after a convolution (the
+        # same ReLU twice: a listing without repeats would make the convolution and the BatchNorm neighbours)
         OwnConv(4, 4, 1), nn.BatchNorm2d(4),  # not a plain convolution
         nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, track_running_stats=False),  # uses batch statistics
     ))

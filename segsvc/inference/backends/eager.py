@@ -56,19 +56,25 @@ NAMED_PAIRS = {
 }
 
 
+def imported_named_pairs() -> dict[type, tuple[tuple[str, str], ...]]:
+    """``NAMED_PAIRS`` by class, for the classes whose modules are imported (no import here)."""
+    found: dict[type, tuple[tuple[str, str], ...]] = {}
+    for module_name, classes in NAMED_PAIRS.items():
+        for class_name, pairs in classes.items():
+            cls = getattr(sys.modules.get(module_name), class_name, None)
+            if isinstance(cls, type):
+                found[cls] = pairs
+    return found
+
+
 def conv_bn_pairs(model: nn.Module) -> Iterator[tuple[nn.Module, str, str]]:
     """``(parent, convolution's name, BatchNorm's name)`` for the layers in ``model`` that may run
     as one: neighbours in an ``nn.Sequential`` (which runs its layers in order), and the pairs of the
     blocks in ``NAMED_PAIRS``."""
-    named: dict[type, tuple[tuple[str, str], ...]] = {}
-    for module_name, classes in NAMED_PAIRS.items():
-        module = sys.modules.get(module_name)
-        for cls, pairs in classes.items() if module is not None else ():
-            if isinstance(getattr(module, cls, None), type):
-                named[getattr(module, cls)] = pairs
+    named = imported_named_pairs()
     for parent in model.modules():
         if isinstance(parent, nn.Sequential):
-            names = list(parent._modules)
+            names = list(parent._modules)  # every position: named_children() skips a module seen before
             yield from ((parent, a, b) for a, b in zip(names, names[1:]))
         yield from ((parent, a, b) for a, b in named.get(type(parent), ()))
 
