@@ -96,14 +96,18 @@ def set_cpu_threads(threads: int) -> None:
     configure_allocator()
 
 
+def served_predictor(version_dir: Path) -> Predictor:
+    """The artifact in the backend ``segsvc serve`` runs it with on CPU (BatchNorm folded, channels-last)."""
+    return Predictor(*open_version_dir(version_dir, torch.device("cpu"), EngineConfig(device="cpu")))
+
+
 @serve.deployment
 class RaySegmenter:
     """``Segment`` on Ray Serve: decode and encode on threads, forward passes batched by ``@serve.batch``."""
 
     def __init__(self, version_dir: str, threads: int, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         set_cpu_threads(threads)
-        cpu = torch.device("cpu")
-        self.predictor = Predictor(*open_version_dir(Path(version_dir), cpu, EngineConfig(device="cpu")))
+        self.predictor = served_predictor(Path(version_dir))
         self.forward.set_max_batch_size(max_batch_size)
         self.forward.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -155,7 +159,7 @@ def load_image(args: argparse.Namespace) -> tuple[bytes, str]:
 
 def batch_cap(version_dir: Path, image: bytes, max_batch_size: int) -> int:
     """segsvc's batch size for this image: ``max_batch_size`` or fewer, as the CPU memory budget allows."""
-    predictor = Predictor(*open_version_dir(version_dir, torch.device("cpu"), EngineConfig(device="cpu")))
+    predictor = served_predictor(version_dir)
     h, w = predictor.input_tensor(decode_image(image)).shape[-2:]
     stride = predictor.stride
     padded = (-(-h // stride) * stride) * (-(-w // stride) * stride)
