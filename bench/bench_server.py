@@ -18,15 +18,19 @@ and ``fcn8s`` (the CamVid FCN-8s CPU recipe, 360x480 served at its contract's sc
    come in alternating blocks; the median and the first quartile are both printed.
 2. throughput: images/s at concurrency 1, 4 and 16 with batching on and off,
    with p50/p99 latency. Clients send back to back and only the requests that
-   finish within a steady window (``--window`` seconds, after every client's
-   first answer) count, over ``--rounds`` alternating rounds, or more for a slow
-   model: enough for ``--min-requests`` in-process latencies per server.
-   Counting whole bursts instead (2 images per client) took the ramp-up and the
-   drain too, where fewer requests are in flight and batches are smaller: FCN-8s
-   batches averaged 7.0 instead of 8.0 and its on/off ratio read about 0.1-0.2
-   lower.
+   finish within a steady window (``--window`` seconds, from ``WARM_S`` after
+   every client's first answer, its ends aligned to answers: ``throughput``)
+   count, over ``--rounds`` alternating rounds, or more for a slow model: enough
+   for ``--min-requests`` in-process latencies per server. Counting whole bursts
+   instead (2 images per client) took the ramp-up and the drain too, where fewer
+   requests are in flight and batches are smaller: FCN-8s batches averaged 7.0
+   instead of 8.0 and its on/off ratio read about 0.1-0.2 lower.
 3. stability: ``--runs`` separate measurements of batching on/off at concurrency 16
-   (each alternates on and off rounds). Goal: >= 1.3x in every run.
+   (each alternates on and off rounds). Goal: >= 1.3x in every run. On this
+   shared host one on/off pair of rounds scatters by a standard deviation of
+   0.13 (1 s windows) to 0.16 (2 s) for the bench model, from the host's drift
+   in speed, so a run averages 6 pairs of 1 s (standard error about 0.05), not
+   2 of 2 s (about 0.11).
 4. ceiling: what batching can give at most, in-process: ``Engine.run`` time per image
    for a batch of 1 against the batch the server forms (``--max-batch-size 8`` within
    the CPU memory budget of ``segsvc serve``, ``--max-batch-mb``), and against 8 images.
@@ -39,8 +43,8 @@ scheduler (``OMP_WAIT_POLICY=default`` measures libgomp's own default). The load
 average is printed with the figures: compare ratios within one run only.
 ``request_stages.py`` breaks the overhead down per hop. Not part of the test suite.
 
-    python bench/bench_server.py [--models bench unet16 fcn8s] [--iters 40] [--window 2] [--min-requests 40]
-        [--rounds 2] [--runs 3]
+    python bench/bench_server.py [--models bench unet16 fcn8s] [--iters 40] [--window 1] [--min-requests 40]
+        [--rounds 6] [--runs 3]
 """
 
 from __future__ import annotations
@@ -269,15 +273,24 @@ def throughput(address: str, request: pb.SegmentRequest, concurrency: int,
                window_s: float) -> tuple[int, float, list[float], list[int]]:
     """``concurrency`` clients send images back to back; what completes in a steady window counts.
 
-    Returns (images, seconds, latencies, batch sizes) of the requests that finished within ``window_s``
-    seconds that begin once every client has had one answer after the start (``WARM_S`` at least), so
-    neither the ramp-up, when the first requests arrive together, nor the drain, when fewer than
-    ``concurrency`` are in flight, is counted: both form smaller batches than the steady state does.
+    Returns (images, seconds, latencies, batch sizes) of the requests counted. The window begins
+    ``WARM_S`` after every client has had one answer, so neither the ramp-up, when the first requests
+    arrive together, nor the drain, when fewer than ``concurrency`` are in flight, is counted: both form
+    smaller batches than the steady state does. No client waits for the others: clients held after their
+    first answer until all had one (as this function once did) emptied the server, and the window then
+    began on a second ramp-up, a gap of up to 0.18 s in 2 s that cost batching off more than on.
+
+    The window's ends are answers: it runs from the first answer at or after its start to the first
+    answer at or after ``window_s`` later, and counts the answers before its end. Batched answers come in
+    bursts (8 at a time, about 3 a second for the bench model), and a fixed window caught a whole burst
+    more or less by chance: one round's images/s moved by up to 1/6.
     """
     done: list[tuple[float, float, int]] = []  # (finished at, latency, batch size)
     lock = threading.Lock()
     start = threading.Barrier(concurrency + 1)
-    answered = threading.Barrier(concurrency + 1)
+    steady = threading.Event()  # every client has had an answer since the start
+    answered = [0]
+    window_end: list[float | None] = [None]
     stop = threading.Event()
 
     def client() -> None:
@@ -293,27 +306,35 @@ def throughput(address: str, request: pb.SegmentRequest, concurrency: int,
                 t1 = time.perf_counter()
                 with lock:
                     done.append((t1, t1 - t0, response.timings.batch_size))
-                if first:
-                    first = False
-                    answered.wait()
+                    if first:
+                        answered[0] += 1
+                        if answered[0] == concurrency:
+                            steady.set()
+                    if window_end[0] is not None and t1 >= window_end[0]:
+                        stop.set()  # this answer ends the window
+                first = False
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for t in threads:
         t.start()
     start.wait()
-    answered.wait()
-    begin = max(time.perf_counter(), min(t for t, _, _ in done) + WARM_S)
-    stop.wait(begin - time.perf_counter())
-    end = begin + window_s
-    stop.wait(end - time.perf_counter())
-    stop.set()
+    if not steady.wait(600):
+        raise SystemExit(f"a client had no answer for 600 s at concurrency {concurrency}")
+    begin = time.perf_counter() + WARM_S
+    with lock:
+        window_end[0] = begin + window_s
+    if not stop.wait(window_s + 600):
+        raise SystemExit(f"no answer for 600 s after the window at concurrency {concurrency}")
     for t in threads:
         t.join()
-    kept = [(lat, size) for t, lat, size in done if begin <= t < end]
+    times = sorted(t for t, _, _ in done)
+    first_in = next(t for t in times if t >= begin)
+    last_out = next(t for t in times if t >= begin + window_s)
+    kept = [(lat, size) for t, lat, size in done if first_in <= t < last_out]
     if not kept:
         raise SystemExit(f"no request finished within the {window_s} s window at concurrency {concurrency}: "
                          "give a longer --window")
-    return len(kept), window_s, [lat for lat, _ in kept], [size for _, size in kept]
+    return len(kept), last_out - first_in, [lat for lat, _ in kept], [size for _, size in kept]
 
 
 def summarize(images: int, seconds: float, lat: list[float], sizes: list[int]) -> tuple[float, float, float, float]:
@@ -431,9 +452,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=40, help="latency samples for the overhead ratio")
     parser.add_argument("--min-requests", type=int, default=40,
                         help="more rounds for a slow model: this many in-process latencies per server")
-    parser.add_argument("--window", type=float, default=2.0,
+    parser.add_argument("--window", type=float, default=1.0,
                         help="seconds of steady state counted per throughput round (after the first answers)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating on/off rounds per measurement")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating on/off rounds per measurement")
     parser.add_argument("--runs", type=int, default=3, help="separate on/off measurements at concurrency 16")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     args = parser.parse_args()
