@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -262,6 +263,22 @@ class SegmentationServer:
         await self._stopped.wait()
 
 
+def freeze_startup_heap() -> int:
+    """Collect the garbage, then keep every object alive now out of the collector's later passes.
+
+    What is alive once the server has started (the modules of torch, gRPC and NumPy, the
+    loaded models: about 210,000 objects) lives as long as the process, yet each full
+    collection walked all of it: about 110 ms on a 2-CPU host, during which no thread ran
+    Python, every few hundred requests under load. Frozen, a full pass walks only what was
+    made since (``bench/bench_gc.py``). Reference counting still frees frozen objects, so a
+    model loaded at start-up is freed when it is retired; only cycles among them stay.
+    Returns how many objects were frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain and stop gracefully."""
     server = SegmentationServer(config)
@@ -270,6 +287,7 @@ async def serve(config: ServerConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    log.info("%d objects alive after start-up kept out of garbage collection", freeze_startup_heap())
     print(f"segsvc: serving on {config.host}:{server.port}"
           + (f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""), flush=True)
     await stop.wait()

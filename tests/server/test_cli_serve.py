@@ -52,6 +52,7 @@ def test_serve_command_end_to_end(tmp_path):
     done = [e for e in logs if e.get("request_id") == "cli-req-1"]
     assert done and done[0]["method"] == "Segment" and done[0]["code"] == "OK" and done[0]["model"] == "m"
     assert any("draining" in e["msg"] for e in logs) and logs[-1]["msg"] == "stopped"
+    assert any("kept out of garbage collection" in e["msg"] for e in logs)  # freeze_startup_heap ran
 
 
 def test_max_batch_pixels_flag() -> None:
