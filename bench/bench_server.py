@@ -29,8 +29,9 @@ and ``fcn8s`` (the CamVid FCN-8s CPU recipe, 360x480 served at its contract's sc
    (each alternates on and off rounds). Goal: >= 1.3x in every run. On this
    shared host one on/off pair of rounds scatters by a standard deviation of
    0.13 (1 s windows) to 0.16 (2 s) for the bench model, from the host's drift
-   in speed, so a run averages 6 pairs of 1 s (standard error about 0.05), not
-   2 of 2 s (about 0.11).
+   in speed, so a run averages 6 pairs of 1 s (a standard error of about 0.05 if
+   the pairs were independent), not 2 of 2 s (about 0.11). Slower drift still
+   moves whole runs: 1.14, 1.23 and 1.37 in one invocation, 1.30-1.33 in another.
 4. ceiling: what batching can give at most, in-process: ``Engine.run`` time per image
    for a batch of 1 against the batch the server forms (``--max-batch-size 8`` within
    the CPU memory budget of ``segsvc serve``, ``--max-batch-mb``), and against 8 images.
