@@ -7,8 +7,8 @@ A ``SegmentationServer`` starts in this process as ``segsvc serve`` starts it
 ``Segment`` calls; then ``gc.collect()``, which is what an automatic full
 collection does, is timed ``--repeats`` times. Then ``freeze_startup_heap`` runs,
 as ``serve`` runs it after start-up, the server answers as many calls again, and
-the same is timed again. Printed: the objects the collector tracks,
-the median and worst pause of each, and their ratio. A full pass holds the GIL, so
+the same is timed again. Printed: the objects the collector walks, and the
+median and worst pause on each side. A full pass holds the GIL, so
 for its length no request is parsed, decoded, batched or answered. Not part of the
 test suite.
 """
