@@ -276,9 +276,10 @@ def _tiff_header(data: bytes) -> ImageHeader:
     entries = ifd + struct.calcsize(count_fmt)
     if not 1 <= count <= MAX_TIFF_ENTRIES:
         raise InvalidImage(f"TIFF directory declares {count} entries; expected 1 to {MAX_TIFF_ENTRIES}")
-    if count * entry_size > n - entries:
+    if count * entry_size + offset_size > n - entries:  # the entries, then the next directory's offset
         raise InvalidImage(
-            f"TIFF directory declares {count} entries ({count * entry_size} bytes) but only {n - entries} remain"
+            f"TIFF directory declares {count} entries ({count * entry_size} bytes, then the next directory's "
+            f"{offset_size}-byte offset) but only {n - entries} bytes remain"
         )
     tags: dict[int, np.ndarray] = {}
     for k in range(count):

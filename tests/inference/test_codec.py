@@ -538,8 +538,12 @@ TIFF_CASES = {
     "ifd-in-header": (_put(TIFF, 4, "<I", 4), f"TIFF directory offset 4 is outside the {N_TIFF} bytes of data"),
     "no-entries": (_put(TIFF, 1970, "<H", 0), "TIFF directory declares 0 entries; expected 1 to 4096"),
     "4097-entries": (_put(TIFF, 1970, "<H", 4097), "TIFF directory declares 4097 entries; expected 1 to 4096"),
-    "entries-overlong": (_put(TIFF, 1970, "<H", 11),
-                         "TIFF directory declares 11 entries (132 bytes) but only 124 remain"),
+    "entries-overlong": (_put(TIFF, 1970, "<H", 11), "TIFF directory declares 11 entries (132 bytes, then the "
+                         "next directory's 4-byte offset) but only 124 bytes remain"),
+    "no-next-directory-offset": (TIFF[:-4], "TIFF directory declares 10 entries (120 bytes, then the next "
+                                 "directory's 4-byte offset) but only 120 bytes remain"),
+    "cut-in-next-directory-offset": (TIFF[:-2], "TIFF directory declares 10 entries (120 bytes, then the next "
+                                     "directory's 4-byte offset) but only 122 bytes remain"),
     "header-cut": (TIFF[:6], "TIFF header is truncated (6 of 8 bytes)"),
     "float-width": (_tiff(GREY, replace={256: (11, [53.0])}),
                     "TIFF tag ImageWidth has type 11; expected BYTE, SHORT, LONG or LONG8"),
@@ -579,7 +583,8 @@ TIFF_CASES = {
     "ifd-at-2^32-1": (_put(TIFF, 4, "<I", 2**32 - 1),
                       f"TIFF directory offset 4294967295 is outside the {N_TIFF} bytes of data"),
     "header-only": (TIFF[:8], "TIFF directory offset 1970 is outside the 8 bytes of data"),
-    "cut-after-count": (TIFF[:1972], "TIFF directory declares 10 entries (120 bytes) but only 0 remain"),
+    "cut-after-count": (TIFF[:1972], "TIFF directory declares 10 entries (120 bytes, then the next directory's "
+                        "4-byte offset) but only 0 bytes remain"),
     "strip-offsets-2^32-1-values": (_put(TIFF, _tiff_entry(TIFF, 273) + 4, "<I", 2**32 - 1),
                                     "TIFF tag StripOffsets declares 4294967295 values at offset 8 "
                                     f"but only {N_TIFF - 8} bytes remain"),
@@ -592,6 +597,8 @@ TIFF_CASES = {
     "bigtiff-ifd-at-2^64-1": (_put(BIGTIFF, 8, "<Q", 2**64 - 1),
                               "TIFF directory offset 18446744073709551615 "
                               f"is outside the {len(BIGTIFF)} bytes of data"),
+    "bigtiff-cut-in-next-directory-offset": (BIGTIFF[:-4], "TIFF directory declares 10 entries (200 bytes, then "
+                                             "the next directory's 8-byte offset) but only 204 bytes remain"),
     "bigtiff-header-only": (BIGTIFF[:16],
                             f"TIFF directory offset {len(BIGTIFF) - 8 - 20 * 10 - 8} is outside the 16 bytes of data"),
     "bigtiff-2^64-1-values": (_put(BIGTIFF, _bigtiff_entry(BIGTIFF, 273) + 4, "<Q", 2**64 - 1),
@@ -631,7 +638,6 @@ def test_tiff_tile_size_limit(width, height, tile_w, tile_h, ok):
 
 
 def test_tiff_headers_that_are_accepted():
-    assert image_header(TIFF[:-4]).width == 53  # the directory ends exactly at the end (no next-directory field)
     assert image_header(_tiff(GREY, replace={277: (3, [4])})).width == 53  # four samples (RGBA)
     assert image_header(_tiff(GREY, replace={279: (4, [N_TIFF - 8])})).width == 53  # a strip up to the last byte
     n = len(TWO_STRIPS)
