@@ -43,6 +43,11 @@ from segsvc.inference.containers import (  # noqa: F401  (limits re-exported for
 from segsvc.palette import colorize, overlay  # noqa: F401  (numpy-only; re-exported for callers of codec)
 
 DEFAULT_MAX_PIXELS = 64_000_000
+# zlib level 1, every row filtered "Up" (minus the row above) instead of libpng's adaptive choice,
+# which tries all five filters on every row. On CamVid-sized label maps, colour maps, overlays,
+# confidence maps and photos: 1.5-3.3x faster, the files 7% smaller to 2% larger (bench/bench_png.py).
+PNG_ENCODING = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+
 
 def check_pixels(height: int, width: int, max_pixels: int) -> None:
     """Refuse empty images and images with more than ``max_pixels`` pixels."""
@@ -135,8 +140,7 @@ def encode_png(image: np.ndarray) -> bytes:
         if image.shape[2] != 3:
             raise InvalidArgument(f"PNG encoding needs HxW or HxWx3 arrays, got shape {image.shape}")
         image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    # Level 1: label maps compress well already; speed matters more than bytes.
-    ok, buf = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    ok, buf = cv2.imencode(".png", image, PNG_ENCODING)
     if not ok:
         raise InvalidArgument(f"could not PNG-encode an array of shape {image.shape}")
     return buf.tobytes()

@@ -851,3 +851,23 @@ def test_png_colorize_and_overlay():
         encode_png(np.zeros((2, 2, 4), np.uint8))
     with pytest.raises(InvalidArgument, match="uint8 or uint16"):
         encode_png(np.zeros((2, 2), np.float32))
+
+
+def test_png_rows_are_up_filtered_and_round_trip():
+    """``PNG_ENCODING``: every row Up-filtered, so libpng does not try five filters per row (1.5-3.3x
+    faster, about the same size: bench_png.py); uint8 and uint16 maps and RGB come back exactly."""
+    rng = np.random.default_rng(0)
+    labels = cv2.resize(rng.integers(0, 11, (24, 32)).astype(np.uint8), (48, 36), interpolation=cv2.INTER_NEAREST)
+    rgb = rng.integers(0, 256, (36, 48, 3), dtype=np.uint8)
+    for array, row_bytes in ((labels, 48), (labels.astype(np.uint16) * 300, 96), (rgb, 144)):
+        png = encode_png(array)
+        back = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(back if array.ndim == 2 else cv2.cvtColor(back, cv2.COLOR_BGR2RGB), array)
+        idat, pos = b"", 8
+        while pos < len(png):
+            (length,), kind = struct.unpack(">I", png[pos:pos + 4]), png[pos + 4:pos + 8]
+            idat += png[pos + 8:pos + 8 + length] if kind == b"IDAT" else b""
+            pos += 12 + length
+        raw = zlib.decompress(idat)
+        assert len(raw) == 36 * (1 + row_bytes)
+        assert {raw[row * (1 + row_bytes)] for row in range(36)} == {2}  # filter type 2: Up
