@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Hashable
 
 import numpy as np
@@ -127,11 +128,17 @@ class Prepared:
 
 @dataclass(frozen=True, eq=False)
 class Output:
-    """One request's result: labels ``H x W`` (uint8, or uint16 above 256 classes)."""
+    """One request's result: labels ``H x W`` (uint8, or uint16 above 256 classes).
+
+    ``infer_s`` and ``output_s`` are the seconds its batch spent in the forward passes
+    and in turning their logits into outputs (``segsvc.inference.statistics``).
+    """
 
     labels: np.ndarray
     confidence: np.ndarray | None = None
     class_counts: np.ndarray | None = None
+    infer_s: float = 0.0
+    output_s: float = 0.0
 
 
 class Engine:
@@ -207,11 +214,15 @@ class Engine:
         keys = {job.key for job in jobs}
         if len(keys) != 1:
             raise InvalidArgument(f"a batch must share one key, got {len(keys)} different keys")
+        started = time.perf_counter()
         logits = contract_logits(
             self.forward, [j.tensor for j in jobs], [j.output_size for j in jobs], jobs[0].spec,
             self.predictor.geometry, should_stop=lambda: all(j.abandon.is_set() for j in jobs),
         )
-        return [self._output(c, j.options) for c, j in zip(logits, jobs)]
+        inferred = time.perf_counter()
+        outputs = [self._output(c, j.options) for c, j in zip(logits, jobs)]
+        timing = {"infer_s": inferred - started, "output_s": time.perf_counter() - inferred}
+        return [replace(out, **timing) for out in outputs]
 
     def _output(self, logits: torch.Tensor, options: InferenceOptions) -> Output:
         """Arg-max (and softmax/counts when asked) on the device; only small arrays come back."""

@@ -25,6 +25,7 @@ from segsvc.inference.batcher import BatchingConfig, DynamicBatcher
 from segsvc.inference.engine import Engine, EngineConfig
 from segsvc.inference.predictor import Predictor
 from segsvc.inference.repository import ModelRepository, VersionEntry
+from segsvc.inference.statistics import VersionStatistics
 from segsvc.inference.status import LoadRecord
 from segsvc.models.artifact import Manifest, check_name
 
@@ -59,15 +60,17 @@ class ManagerConfig:
 
 
 class LoadedModel:
-    """One model version in memory: manifest, engine, batcher, and the leases held on it."""
+    """One model version in memory: manifest, engine, batcher, what it has served, and the leases held on it."""
 
-    def __init__(self, name: str, version: int, engine: Engine, batcher: DynamicBatcher, auto: bool) -> None:
+    def __init__(self, name: str, version: int, engine: Engine, batcher: DynamicBatcher, auto: bool,
+                 stats: VersionStatistics | None = None) -> None:
         self.name = name
         self.version = version
         self.engine = engine
         self.manifest: Manifest = engine.predictor.manifest
         self.batcher = batcher
         self.auto = auto
+        self.stats = stats or VersionStatistics()
         self.loaded_at = time.time()
         self.active = 0
         self._idle = asyncio.Event()
@@ -149,15 +152,16 @@ class VersionLoader:
                           name, v, reason)
             raise
         batching = self.batching.for_model(engine.bytes_per_pixel)
+        stats = VersionStatistics()
         batcher = DynamicBatcher(
-            engine.run,
+            _counted(engine, stats),
             batching,
             key=lambda job: job.key,
             pixels=lambda job: job.pixels,
             name=f"{name}:{v}",
             on_batch=self._batch_hook(name, v),
         )
-        lm = LoadedModel(name, v, engine, batcher, auto=auto)
+        lm = LoadedModel(name, v, engine, batcher, auto=auto, stats=stats)
         batcher.start()
         self.record.loaded(name, v)
         log.info(
@@ -188,3 +192,15 @@ class VersionLoader:
             return None
         hook = self._on_batch
         return lambda size, run_s: hook(name, version, size, run_s)
+
+
+def _counted(engine: Engine, stats: VersionStatistics) -> Callable[[list], list]:
+    """``engine.run`` that records each batch it finishes as one execution."""
+
+    def run(jobs: list) -> list:
+        outputs = engine.run(jobs)
+        if outputs:
+            stats.executed(batch_size=len(outputs), infer_s=outputs[0].infer_s, output_s=outputs[0].output_s)
+        return outputs
+
+    return run

@@ -157,6 +157,17 @@ class ModelManager:
             )
         return lm
 
+    def loaded(self, name: str = "") -> list[LoadedModel]:
+        """Every loaded version (of model ``name`` when given), by name then version.
+
+        Raises:
+            UnknownModel: ``name`` has no loaded version.
+        """
+        models = self._models
+        if name and not models.get(name):
+            self.resolve(name, None)  # raises UnknownModel, naming the loaded models
+        return [models[n][v] for n in sorted(models) if not name or n == name for v in sorted(models[n])]
+
     @contextlib.contextmanager
     def lease(self, name: str | None, version: int | None) -> Iterator[LoadedModel]:
         """Resolve and hold a version for one request; it is not retired while held."""

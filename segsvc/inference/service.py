@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from segsvc.inference.admission import MIB, AdmissionConfig, MemoryBudget
 from segsvc.inference.batcher import Batched, Priority
 from segsvc.inference.codec import check_pixels, decode_image, image_header, raw_image
 from segsvc.inference.engine import InferenceOptions, Output
-from segsvc.inference.manager import ModelManager
+from segsvc.inference.manager import LoadedModel, ModelManager
 from segsvc.models.artifact import Manifest
 
 R = TypeVar("R")
@@ -189,29 +190,45 @@ class InferenceService:
             DeadlineExceeded, Unavailable: the domain errors of each step.
         """
         with self.manager.lease(model, version) as lm:
-            if on_lease is not None:
-                on_lease(lm.name, lm.version, lm.manifest)
-            size = source.peek()
-            if size is not None:  # refuse before decoding
-                check_pixels(*size, self.max_pixels)
-                self.admission.check(lm.engine.cost(*size, options), *size)
-            with lm.batcher.incoming(priority):  # a partial batch waits for this image only while it is decoded
-                image, prepared = await self.run_io(self._prepare, source, lm.engine, options)
-            async with self.budget.hold(prepared.cost.peak_bytes, deadline):
-                future = lm.batcher.submit(prepared, deadline=deadline, priority=priority)
-                try:
-                    result = await _wait(future, deadline)
-                except BaseException:
-                    prepared.abandon.set()  # a tiled batch of abandoned images stops between passes
-                    raise
-            return Segmentation(image, result.value, lm.manifest, lm.name, lm.version,
-                                result.queue_s, result.run_s, result.batch_size)
+            started = time.perf_counter()
+            try:
+                seg, prepare_s = await self._segment(lm, source, options, deadline, priority, on_lease)
+            except BaseException:
+                lm.stats.failed(time.perf_counter() - started)
+                raise
+            lm.stats.succeeded(total_s=time.perf_counter() - started, prepare_s=prepare_s, queue_s=seg.queue_s,
+                               infer_s=seg.output.infer_s, output_s=seg.output.output_s)
+            return seg
+
+    async def _segment(self, lm: LoadedModel, source: ImageSource, options: InferenceOptions,
+                       deadline: float | None, priority: Priority,
+                       on_lease: Callable[[str, int, Manifest], None] | None) -> tuple[Segmentation, float]:
+        """``segment`` on a leased version; also returns the seconds spent decoding and preparing."""
+        if on_lease is not None:
+            on_lease(lm.name, lm.version, lm.manifest)
+        size = source.peek()
+        if size is not None:  # refuse before decoding
+            check_pixels(*size, self.max_pixels)
+            self.admission.check(lm.engine.cost(*size, options), *size)
+        with lm.batcher.incoming(priority):  # a partial batch waits for this image only while it is decoded
+            image, prepared, prepare_s = await self.run_io(self._prepare, source, lm.engine, options)
+        async with self.budget.hold(prepared.cost.peak_bytes, deadline):
+            future = lm.batcher.submit(prepared, deadline=deadline, priority=priority)
+            try:
+                result = await _wait(future, deadline)
+            except BaseException:
+                prepared.abandon.set()  # a tiled batch of abandoned images stops between passes
+                raise
+        seg = Segmentation(image, result.value, lm.manifest, lm.name, lm.version,
+                           result.queue_s, result.run_s, result.batch_size)
+        return seg, prepare_s
 
     def _prepare(self, source: ImageSource, engine, options: InferenceOptions):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
         image = source.load(self.max_pixels)
         prepared = engine.prepare(image, options)
         self.admission.check(prepared.cost, *image.shape[:2])
-        return image, prepared
+        return image, prepared, time.perf_counter() - started
 
 
 async def _wait(future: asyncio.Future, deadline: float | None) -> Batched[Output]:

@@ -7,9 +7,12 @@ and its ``ModelManager``), and turns the result into a response (KServe's
 ``InferenceServicer`` over its ``DataPlane``). Every failure goes through
 ``server.errors.guarded``: domain errors map through the one table, anything
 else is logged and answered INTERNAL without internals. What the protocol
-offers beyond segmentation and the model repository (streaming, model config,
-statistics, shared memory, trace and log settings) answers UNIMPLEMENTED with
-a message saying what to use instead.
+offers beyond segmentation, the model repository, model configuration and
+statistics (streaming, shared memory, trace and log settings) answers
+UNIMPLEMENTED with a message saying what to use instead. ``ModelConfig`` and
+``ModelStatistics`` give what perf_analyzer and model-analyzer read; the
+statistics are the core's (``segsvc.inference.statistics``), so they count
+every protocol and batch jobs too.
 
 Example (tritonclient, unchanged):
     >>> client = tritonclient.grpc.InferenceServerClient("localhost:50051")  # doctest: +SKIP
@@ -29,7 +32,7 @@ from typing import AsyncIterator, Callable
 import grpc
 
 import segsvc
-from segsvc.errors import NotFound
+from segsvc.errors import InvalidArgument, NotFound
 from segsvc.inference.service import InferenceService
 from segsvc.server import oip_convert as convert
 from segsvc.server.config import LimitsConfig
@@ -41,8 +44,8 @@ from segsvc.server.oip_pb import grpc_service_pb2_grpc as pb_grpc
 log = logging.getLogger("segsvc.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-SERVED = ("ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, RepositoryIndex, "
-          "RepositoryModelLoad and RepositoryModelUnload")
+SERVED = ("ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig, ModelStatistics, "
+          "ModelInfer, RepositoryIndex, RepositoryModelLoad and RepositoryModelUnload")
 
 
 def _deadline(context: grpc.aio.ServicerContext, timeout_s: float | None = None) -> float | None:
@@ -113,6 +116,30 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return convert.model_metadata(lm.name, versions, lm.manifest)
 
         return await guarded("ModelMetadata", context, work, log)
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
+        async def work() -> pb.ModelConfigResponse:
+            lm = self._manager.resolve(request.name, convert.version_of(request.version))
+            versions = [v.version for v in self._manager.loaded(lm.name)]
+            return pb.ModelConfigResponse(config=convert.model_config(
+                lm.name, versions, lm.manifest, backend=lm.engine.backend.name, device=str(lm.engine.device),
+                batching=lm.batcher.config, max_images=self._max_images))
+
+        return await guarded("ModelConfig", context, work, log)
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
+        async def work() -> pb.ModelStatisticsResponse:
+            version = convert.version_of(request.version)
+            if version is not None and not request.name:
+                raise InvalidArgument("a model version needs a model name; send neither for every model")
+            if version is None:
+                versions = self._manager.loaded(request.name)
+            else:
+                versions = [self._manager.resolve(request.name, version)]
+            return pb.ModelStatisticsResponse(model_stats=[
+                convert.model_statistics(lm.name, lm.version, lm.stats.snapshot()) for lm in versions])
+
+        return await guarded("ModelStatistics", context, work, log)
 
     # -- inference ----------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
@@ -193,8 +220,6 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                             _not_served("ModelStreamInfer", "use ModelInfer, or segsvc.v1 SegmentStream"))
         yield pb.ModelStreamInferResponse()  # never reached; a streaming handler is an async generator
 
-    ModelConfig = _unimplemented("ModelConfig", "use ModelMetadata, or segsvc.v1 GetModel")
-    ModelStatistics = _unimplemented("ModelStatistics", "see the Prometheus metrics endpoint")
     SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus", "send tensors in the request")
     SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister", "send tensors in the request")
     SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister", "send tensors in the request")

@@ -19,6 +19,7 @@ tensor raises ``InvalidArgument`` naming the problem, before anything is decoded
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -27,12 +28,15 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from segsvc.errors import InvalidArgument, InvalidImage
+from segsvc.inference.batcher import BatchingConfig
 from segsvc.inference.engine import InferenceOptions
 from segsvc.inference.manager import ModelStatus, VersionState
 from segsvc.inference.predictor import labels_dtype
 from segsvc.inference.service import EncodedImage, ImageSource, RawPixels, Segmentation
+from segsvc.inference.statistics import Duration, StatisticsSnapshot
 from segsvc.models.artifact import Manifest
 from segsvc.server.oip_pb import grpc_service_pb2 as pb
+from segsvc.server.oip_pb import model_config_pb2 as mc
 
 IMAGE, PIXELS = "image", "pixels"
 LABELS, CONFIDENCE = "labels", "confidence"
@@ -245,6 +249,60 @@ def model_metadata(name: str, versions: Sequence[int], manifest: Manifest) -> pb
                 tensor(name=PIXELS, datatype="UINT8", shape=[-1, -1, -1, manifest.input.channels])],
         outputs=[tensor(name=LABELS, datatype=labels, shape=[-1, -1, -1]),
                  tensor(name=CONFIDENCE, datatype="UINT8", shape=[-1, -1, -1])],
+    )
+
+
+def model_config(name: str, versions: Sequence[int], manifest: Manifest, *, backend: str, device: str,
+                 batching: BatchingConfig, max_images: int) -> mc.ModelConfig:
+    """The version's configuration in Triton's terms, as perf_analyzer and model-analyzer read it.
+
+    The first dimension of every tensor is the batch (``max_batch_size``: the images one
+    ``ModelInfer`` may carry), so ``dims`` leave it out, as in ``config.pbtxt``. Both inputs
+    are ``optional``: a request sends exactly one of them. The dynamic batcher is described
+    when batching is on: its batches fill to ``preferred_batch_size`` or flush after
+    ``max_queue_delay_microseconds``. ``parameters["classes"]`` holds the class names in
+    label order, as JSON.
+    """
+    labels = mc.DataType.Value("TYPE_" + DATATYPES[labels_dtype(manifest.spec.num_classes)])
+    kind, _, index = device.partition(":")
+    group = mc.ModelInstanceGroup
+    instances = (group(name=f"{name}_0", count=1, kind=group.KIND_GPU, gpus=[int(index or 0)]) if kind == "cuda"
+                 else group(name=f"{name}_0", count=1, kind=group.KIND_CPU))
+    config = mc.ModelConfig(
+        name=name, platform=PLATFORM, backend=backend, max_batch_size=max_images,
+        version_policy=mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=list(versions))),
+        input=[mc.ModelInput(name=IMAGE, data_type=mc.TYPE_STRING, dims=[], optional=True),
+               mc.ModelInput(name=PIXELS, data_type=mc.TYPE_UINT8, format=mc.ModelInput.FORMAT_NHWC,
+                             dims=[-1, -1, manifest.input.channels], optional=True)],
+        output=[mc.ModelOutput(name=LABELS, data_type=labels, dims=[-1, -1]),
+                mc.ModelOutput(name=CONFIDENCE, data_type=mc.TYPE_UINT8, dims=[-1, -1])],
+        instance_group=[instances],
+        parameters={"classes": mc.ModelParameter(string_value=json.dumps(list(manifest.class_names)))},
+    )
+    if batching.enabled:
+        config.dynamic_batching.CopyFrom(mc.ModelDynamicBatching(
+            preferred_batch_size=[batching.max_batch_size],
+            max_queue_delay_microseconds=round(batching.max_delay_s * 1e6),
+            default_queue_policy=mc.ModelQueuePolicy(max_queue_size=batching.max_queue_size)))
+    return config
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def model_statistics(name: str, version: int, stats: StatisticsSnapshot) -> pb.ModelStatistics:
+    """One loaded version's ``ModelStatistics`` (``segsvc.inference.statistics`` says what each figure counts)."""
+    return pb.ModelStatistics(
+        name=name, version=str(version), last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count, execution_count=stats.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(stats.success), fail=_duration(stats.fail), queue=_duration(stats.queue),
+            compute_input=_duration(stats.compute_input), compute_infer=_duration(stats.compute_infer),
+            compute_output=_duration(stats.compute_output)),
+        batch_stats=[pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(b.compute_infer),
+                                             compute_output=_duration(b.compute_output))
+                     for size, b in sorted(stats.batches.items())],
     )
 
 

@@ -7,14 +7,21 @@ tokens start their own.
 
 from __future__ import annotations
 
+import json
+import time
+
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from segsvc.config import InputSpec, ModelSpec
+from segsvc.inference.batcher import BatchingConfig
+from segsvc.models.artifact import Manifest
+from segsvc.server import oip_convert
 from segsvc.server.auth import AuthConfig
 from segsvc.server.config import LimitsConfig
 from segsvc.server.oip import SERVICE_NAME
@@ -78,6 +85,92 @@ def test_model_metadata_lists_inputs_outputs_and_versions(triton_client):
     assert triton_client.get_model_metadata("wide").outputs[0].datatype == "UINT16"
     assert list(triton_client.get_model_metadata("grey").inputs[1].shape) == [-1, -1, -1, 1]
     _refused("NOT_FOUND", "'nope'", lambda: triton_client.get_model_metadata("nope"))
+
+
+def test_model_config_matches_metadata_and_describes_batching(triton_client, shared_server):
+    limits, batching = shared_server.server.config.limits, shared_server.server.config.manager.batching
+    config = triton_client.get_model_config("tiny", as_json=True)["config"]
+    assert (config["name"], config["platform"], config["backend"]) == ("tiny", "segsvc", "torch")
+    assert int(config["max_batch_size"]) == limits.max_stream_in_flight
+    assert config["version_policy"] == {"specific": {"versions": ["2"]}}
+    assert [(t["name"], t["data_type"], t.get("optional")) for t in config["input"]] == [
+        ("image", "TYPE_STRING", True), ("pixels", "TYPE_UINT8", True)]
+    assert [(t["name"], t["data_type"]) for t in config["output"]] == [("labels", "TYPE_UINT8"),
+                                                                       ("confidence", "TYPE_UINT8")]
+    dynamic = config["dynamic_batching"]
+    assert dynamic["preferred_batch_size"] == [batching.max_batch_size]
+    assert int(dynamic["max_queue_delay_microseconds"]) == round(batching.max_delay_s * 1e6)
+    assert dynamic["default_queue_policy"]["max_queue_size"] == batching.max_queue_size
+    assert config["instance_group"] == [{"name": "tiny_0", "kind": "KIND_CPU", "count": 1}]
+    assert json.loads(config["parameters"]["classes"]["string_value"]) == ["c0", "c1", "c2"]
+    # perf_analyzer takes shapes from the metadata, dropping the batch dimension when max_batch_size > 0:
+    # the metadata's shape must be the batch dimension, then the configuration's dims.
+    for name in ("tiny", "grey", "wide"):
+        config = triton_client.get_model_config(name).config
+        meta = triton_client.get_model_metadata(name)
+        for tensors, described in ((config.input, meta.inputs), (config.output, meta.outputs)):
+            assert [(t.name, [-1, *t.dims]) for t in tensors] == [(t.name, list(t.shape)) for t in described]
+    assert triton_client.get_model_config("wide").config.output[0].data_type == model_config_pb2.TYPE_UINT16
+    _refused("NOT_FOUND", "'nope'", lambda: triton_client.get_model_config("nope"))
+    _refused("NOT_FOUND", "version 1", lambda: triton_client.get_model_config("tiny", "1"))
+
+
+def test_model_config_names_the_gpu_and_leaves_out_a_batcher_that_is_off():
+    manifest = Manifest("m", 3, ModelSpec("unet", 2, 1), InputSpec(1, (0.5,), (0.2,)), ("cell", "membrane"),
+                        ((0, 0, 0), (255, 255, 255)))
+    config = oip_convert.model_config("m", [3], manifest, backend="onnxruntime", device="cuda:1",
+                                      batching=BatchingConfig(max_batch_size=1), max_images=4)
+    assert [(g.kind, list(g.gpus)) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_GPU,
+                                                                         [1])]
+    assert not config.HasField("dynamic_batching") and config.max_batch_size == 4 and config.backend == "onnxruntime"
+    assert list(config.input[1].dims) == [-1, -1, 1] and json.loads(config.parameters["classes"].string_value) == [
+        "cell", "membrane"]
+
+
+def _statistics(client: triton.InferenceServerClient, name: str = "", version: str = "") -> dict:
+    reply = client.get_inference_statistics(name, version, as_json=True)
+    return {(s["name"], s["version"]): s for s in reply.get("model_stats", [])}
+
+
+def _stage(stats: dict, stage: str) -> tuple[int, int]:
+    duration = stats.get("inference_stats", {}).get(stage, {})
+    return int(duration.get("count", 0)), int(duration.get("ns", 0))
+
+
+def test_model_statistics_count_every_image_and_stage(triton_client, client):
+    before = _statistics(triton_client, "tiny")[("tiny", "2")]
+    images = np.stack([make_image(24, 24, seed=s) for s in (40, 41)])
+    triton_client.infer("tiny", [_pixels_input(images)])
+    client.segment(make_image(24, 24, seed=42), model="tiny")  # segsvc.v1 calls count too: the core keeps them
+    _refused("DEADLINE_EXCEEDED", "deadline", lambda: triton_client.infer(
+        "tiny", [_pixels_input(images[:1])], timeout=1))  # 1 us: reaches the model, then fails
+    after = _statistics(triton_client, "tiny", "2")[("tiny", "2")]
+
+    def delta(stage: str) -> tuple[int, int]:
+        return tuple(a - b for a, b in zip(_stage(after, stage), _stage(before, stage)))  # type: ignore[return-value]
+
+    stages = ("queue", "compute_input", "compute_infer", "compute_output")
+    assert delta("success")[0] == 3 and delta("fail")[0] == 1
+    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 3
+    # perf_analyzer refuses statistics whose three compute counts differ
+    assert [delta(stage)[0] for stage in stages] == [3, 3, 3, 3]
+    assert all(delta(stage)[1] > 0 for stage in ("success", "fail", "compute_input", "compute_infer"))
+    # each image's time in the core covers its stages, so perf_analyzer's "overhead" is not negative
+    assert delta("success")[1] >= sum(delta(stage)[1] for stage in stages)
+    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
+    assert 2 <= executions <= 4  # the two images may share a batch; the failed one may have run before its deadline
+    batches = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in after["batch_stats"]}
+    assert sum(batches.values()) == int(after["execution_count"])
+    assert int(after["last_inference"]) / 1000 == pytest.approx(time.time(), abs=120)
+
+
+def test_model_statistics_by_model_version_or_all(triton_client):
+    loaded = set(_statistics(triton_client))
+    assert {("tiny", "2"), ("grey", "1"), ("wide", "1")} <= loaded and ("tiny", "1") not in loaded
+    assert set(_statistics(triton_client, "grey")) == {("grey", "1")}
+    _refused("NOT_FOUND", "'nope'", lambda: triton_client.get_inference_statistics("nope"))
+    _refused("NOT_FOUND", "version 1", lambda: triton_client.get_inference_statistics("tiny", "1"))
+    _refused("INVALID_ARGUMENT", "needs a model name", lambda: triton_client.get_inference_statistics("", "2"))
 
 
 def test_reflection_lists_the_service(shared_server):
@@ -210,8 +303,6 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding(start_server, 
 
 
 def test_the_rest_of_the_protocol_is_unimplemented_with_a_hint(triton_client, shared_server):
-    _refused("UNIMPLEMENTED", "use ModelMetadata", lambda: triton_client.get_model_config("tiny"))
-    _refused("UNIMPLEMENTED", "ModelStatistics", lambda: triton_client.get_inference_statistics("tiny"))
     _refused("UNIMPLEMENTED", "send tensors in the request", lambda: triton_client.get_system_shared_memory_status())
     with grpc.insecure_channel(shared_server.address) as channel:
         stream = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(()), timeout=60)
