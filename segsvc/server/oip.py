@@ -112,7 +112,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
         async def work() -> pb.ModelMetadataResponse:
             lm = self._manager.resolve(request.name, convert.version_of(request.version))
-            versions = sorted(v for name, v, _, _ in self._manager.snapshot() if name == lm.name)
+            versions = [m.version for m in self._manager.loaded(lm.name)]
             return convert.model_metadata(lm.name, versions, lm.manifest)
 
         return await guarded("ModelMetadata", context, work, log)
@@ -120,7 +120,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
         async def work() -> pb.ModelConfigResponse:
             lm = self._manager.resolve(request.name, convert.version_of(request.version))
-            versions = [v.version for v in self._manager.loaded(lm.name)]
+            versions = [m.version for m in self._manager.loaded(lm.name)]
             return pb.ModelConfigResponse(config=convert.model_config(
                 lm.name, versions, lm.manifest, backend=lm.engine.backend.name, device=str(lm.engine.device),
                 batching=lm.batcher.config, max_images=self._max_images))
@@ -133,11 +133,11 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if version is not None and not request.name:
                 raise InvalidArgument("a model version needs a model name; send neither for every model")
             if version is None:
-                versions = self._manager.loaded(request.name)
+                loaded = self._manager.loaded(request.name)
             else:
-                versions = [self._manager.resolve(request.name, version)]
+                loaded = [self._manager.resolve(request.name, version)]
             return pb.ModelStatisticsResponse(model_stats=[
-                convert.model_statistics(lm.name, lm.version, lm.stats.snapshot()) for lm in versions])
+                convert.model_statistics(lm.name, lm.version, lm.stats.snapshot()) for lm in loaded])
 
         return await guarded("ModelStatistics", context, work, log)
 
