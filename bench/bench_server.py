@@ -35,6 +35,11 @@ and ``fcn8s`` (the CamVid FCN-8s CPU recipe, 360x480 served at its contract's sc
 4. ceiling: what batching can give at most, in-process: ``Engine.run`` time per image
    for a batch of 1 against the batch the server forms (``--max-batch-size 8`` within
    the CPU memory budget of ``segsvc serve``, ``--max-batch-mb``), and against 8 images.
+5. where the time went in the servers over the runs of 3, from their own statistics
+   (``ModelStatistics``, as perf_analyzer reads them): per image, decoding and
+   preparing, the queue, its batch's forward pass and label extraction, and the rest
+   of its time in the core; the batch's forward and extraction divided by its size
+   is what one image cost the model.
 
 The servers run as separate processes (their own GIL, like in production); the
 client threads run here. Like ``bench_batch.py``, OpenMP waits passively
@@ -89,6 +94,8 @@ from segsvc.cli import CPU_BATCH_MB  # noqa: E402
 from segsvc.models.artifact import save_artifact  # noqa: E402
 from segsvc.models.registry import build_model  # noqa: E402
 from segsvc.inference.allocator import configure_allocator  # noqa: E402
+from segsvc.server.oip_pb import grpc_service_pb2 as oip  # noqa: E402
+from segsvc.server.oip_pb import grpc_service_pb2_grpc as oip_grpc  # noqa: E402
 from segsvc.v1 import segmentation_pb2 as pb  # noqa: E402
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -375,6 +382,25 @@ def batching_ceiling(local: InProcess, image: bytes, samples: int) -> tuple[int,
     return formed, {n: statistics.median(v) for n, v in times.items()}
 
 
+STAGES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def server_statistics(address: str, model: str) -> oip.ModelStatistics:
+    """The served version's statistics (the Open Inference Protocol's ``ModelStatistics``)."""
+    with grpc.insecure_channel(address) as channel:
+        request = oip.ModelStatisticsRequest(name=model)
+        return oip_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(request, timeout=60).model_stats[0]
+
+
+def stage_means(before: oip.ModelStatistics, after: oip.ModelStatistics) -> dict[str, float]:
+    """Mean seconds per image of each stage between two snapshots, and ``images`` per ``execution``."""
+    images = after.inference_count - before.inference_count
+    out = {stage: (getattr(after.inference_stats, stage).ns - getattr(before.inference_stats, stage).ns) / 1e9
+           / images for stage in STAGES}
+    out["batch"] = images / (after.execution_count - before.execution_count)
+    return out
+
+
 def load() -> str:
     return "load average %.2f %.2f %.2f" % os.getloadavg()
 
@@ -401,9 +427,11 @@ def bench_model(model: BenchModel, args: argparse.Namespace, root: Path) -> dict
         out["rounds"] = rounds = max(args.rounds, math.ceil(args.min_requests / per_round))
         out["table"] = {c: on_off(address, request, c, args.window, rounds) for c in CONCURRENCY}
         out["runs"] = []
+        before = {b: server_statistics(a, model.name) for b, a in address.items()}
         for _ in range(args.runs):
             r = on_off(address, request, 16, args.window, rounds)
             out["runs"].append((r[True][0] / r[False][0], r[True][3], load()))
+        out["stages"] = {b: stage_means(before[b], server_statistics(a, model.name)) for b, a in address.items()}
     finally:
         for proc, _ in servers.values():
             stop_server(proc)
@@ -445,6 +473,15 @@ def report(model: BenchModel, r: dict, args: argparse.Namespace) -> None:
     for i, (x, size, ld) in enumerate(r["runs"], 1):
         print(f"  batching on/off at concurrency 16, run {i}: {x:.2f}x, mean batch {size:.2f}   ({ld})")
     print(f"  min {min(ratios):.2f}x, max {max(ratios):.2f}x over {len(ratios)} runs (goal >= 1.3x in every run)")
+    print("server side over those runs, ms per image (ModelStatistics): in the core = decode and prepare + queue "
+          "+ the batch's forward and label extraction + the rest (waiting for a thread or the event loop)")
+    print("               in core    prepare      queue  batch fwd  batch out   the rest   batch   fwd+out / batch")
+    for on, label in ((True, "batching on"), (False, "batching off")):
+        m = {k: v * 1e3 if k != "batch" else v for k, v in r["stages"][on].items()}
+        rest = m["success"] - m["compute_input"] - m["queue"] - m["compute_infer"] - m["compute_output"]
+        print(f"  {label:<12s} {m['success']:8.1f} {m['compute_input']:10.1f} {m['queue']:10.1f} "
+              f"{m['compute_infer']:10.1f} {m['compute_output']:10.1f} {rest:10.1f} {m['batch']:7.2f} "
+              f"{(m['compute_infer'] + m['compute_output']) / m['batch']:12.1f}")
 
 
 def main() -> None:
