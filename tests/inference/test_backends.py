@@ -95,7 +95,7 @@ def test_onnxruntime_gives_the_label_maps_of_eager_pytorch(repo, name):
     for image in images:
         a, b = eager.image_logits(image), ort.image_logits(image)
         assert torch.allclose(a, b, atol=1e-4)
-        assert np.array_equal(eager.predict(image), ort.predict(image))
+        assert_labels_agree(ort.predict(image), a[0], dim=0)  # eager's labels, up to float-rounding ties
     # through the server's engine: batching by padded size, and the manifest's tiling + flip TTA
     engines = [Engine(p, EngineConfig(device="cpu", warmup=False)) for p in (eager, ort)]
     outs = [e.run([e.prepare(im, InferenceOptions()) for im in images[:2]]) if name == "plain"

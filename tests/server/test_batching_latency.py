@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 from segsvc.errors import InvalidImage
 from segsvc.inference.batcher import BatchingConfig
-from tests.server.conftest import encode, make_image, publish, reference
+from tests.server.conftest import assert_labels_match, encode, make_image, publish, reference
 
 LONG_DELAY = BatchingConfig(max_batch_size=8, max_delay_s=60.0, max_queue_size=64)
 TIMEOUT_S = 20.0
@@ -40,7 +39,7 @@ def test_a_lone_request_does_not_wait_for_the_batching_delay(served):
     with server.client() as c:
         for _ in range(3):  # one after another: each is alone on an idle model
             result = c.segment(encode(image), model="m", timeout_s=TIMEOUT_S)
-            assert np.array_equal(result.mask, ref.predict(image))
+            assert_labels_match(result.mask, ref, image)
             assert result.timings.batch_size == 1 and result.timings.queue_ms < TIMEOUT_S * 1e3
 
 
@@ -53,7 +52,7 @@ def test_a_request_that_fails_to_decode_leaves_no_announced_image_behind(served)
             c.segment(corrupt_png(3), model="m", timeout_s=TIMEOUT_S)
         assert batcher.incoming_count == 0
         result = c.segment(encode(image), model="m", timeout_s=TIMEOUT_S)  # would wait 60 s for a ghost
-    assert np.array_equal(result.mask, ref.predict(image))
+    assert_labels_match(result.mask, ref, image)
 
 
 def test_requests_in_flight_together_finish_without_waiting_out_the_delay(served):
@@ -73,5 +72,5 @@ def test_requests_in_flight_together_finish_without_waiting_out_the_delay(served
     assert isinstance(results[3], InvalidImage)
     for i, (image, result) in enumerate(zip(images, results)):
         if i != 3:
-            assert np.array_equal(result.mask, ref.predict(image))
+            assert_labels_match(result.mask, ref, image)
     assert server.manager.resolve("m", None).batcher.incoming_count == 0

@@ -9,12 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from segsvc import errors
 from segsvc.client import SegmentationClient
-from tests.server.conftest import make_image, publish, reference
+from tests.server.conftest import assert_labels_match, make_image, publish, reference
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +38,7 @@ def test_serve_command_end_to_end(tmp_path):
         with SegmentationClient(address, token="cli-token") as c:
             assert c.health() == "SERVING"
             result = c.segment(image, request_id="cli-req-1")
-            assert np.array_equal(result.mask, reference(v1).predict(image))
+            assert_labels_match(result.mask, reference(v1), image)
         with SegmentationClient(address) as anonymous, pytest.raises(errors.Unauthenticated):
             anonymous.segment(image)
         proc.send_signal(signal.SIGTERM)
