@@ -1,4 +1,4 @@
-"""Training throughput of each shipped recipe on the CPU, and whether channels_last or torch.compile helps.
+"""Training throughput of each shipped recipe on the CPU, and whether channels_last, bf16 or torch.compile helps.
 
     python bench/bench_recipe_training.py [--threads 2] [--steps 8] [--recipes camvid-fcn8s,membrane-unet]
                                           [--compile camvid-fcn8s,camvid-smp-fpn-r18 | --compile none]
@@ -8,8 +8,10 @@ For every recipe, with its own model, loss, optimiser, crop and batch size:
 
 - ``data``: images/s of its augmentation pipeline (the loader, ``data.workers`` = 0, as the CPU recipes run);
 - ``step``: images/s of one optimiser step (forward, loss, backward, AdamW/SGD) on
-  batches the loader made beforehand, for three variants measured side by side
-  in this process: eager (contiguous), ``channels_last``, and ``torch.compile``
+  batches the loader made beforehand, for the variants measured side by side
+  in this process: eager (contiguous), ``channels_last``, ``bf16`` (channels_last under bf16
+  autocast, ``train.amp=bf16``; only on a CPU with native bf16, where ``segsvc train`` applies it),
+  and ``torch.compile``
   (inductor, for the recipes ``--compile`` names: compiling takes minutes on 2 cores;
   its time is reported, not counted);
 - ``trainer``: images/s of ``training.train.train_one_epoch`` on the loader, eager:
@@ -40,7 +42,7 @@ from training.distributed import DistEnv
 from training.losses import build_loss
 from training.rundir import val_contract
 from training.schedule import Horizon, build_optimizer, build_scheduler
-from training.train import build_datasets, load_training_data, train_one_epoch
+from training.train import build_datasets, cpu_computes_natively, load_training_data, train_one_epoch
 
 RECIPES = Path(__file__).resolve().parents[1] / "training" / "recipes"
 DEFAULT = ("camvid-fcn8s", "camvid-unet", "camvid-segnet", "camvid-smp-linknet-r18", "camvid-smp-fpn-r18",
@@ -64,7 +66,8 @@ def step_rate(cfg: TrainConfig, model: nn.Module, batches: list, variant: str, w
     """Images/s of optimiser steps over ``batches`` and the seconds the warm-up steps took (compile time)."""
     data = load_training_data(cfg)
     model = copy.deepcopy(model).train()
-    memory_format = torch.channels_last if variant == "channels_last" else torch.contiguous_format
+    memory_format = torch.channels_last if variant in ("channels_last", "bf16") else torch.contiguous_format
+    autocast = variant == "bf16"
     model = model.to(memory_format=memory_format)
     criterion = build_loss(cfg.loss, data.num_classes, data.ignore_index)
     optimizer = build_optimizer(cfg.optim, model)
@@ -72,7 +75,9 @@ def step_rate(cfg: TrainConfig, model: nn.Module, batches: list, variant: str, w
 
     def step(batch: tuple[torch.Tensor, ...]) -> None:
         images, masks, *border = batch
-        loss = criterion(forward(images.contiguous(memory_format=memory_format)), masks, *border)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = forward(images.contiguous(memory_format=memory_format))
+        loss = criterion(logits, masks, *border)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -115,8 +120,10 @@ def main() -> None:
     tuned = args.allocator == "tuned" and configure_allocator()
     torch.set_num_threads(args.threads)
     compiled = set(args.compile.split(",")) - {"none"}
-    variants = ["eager", "channels_last"] + (["compile"] if compiled else [])
+    native_bf16 = cpu_computes_natively(torch.bfloat16)
+    variants = ["eager", "channels_last"] + (["bf16"] if native_bf16 else []) + (["compile"] if compiled else [])
     print(f"threads {args.threads}, {args.steps} timed steps per variant, allocator tuned: {tuned}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16: {native_bf16}, "
           f"load average at start {os.getloadavg()[0]:.2f}")
     header = f"{'recipe':26} {'batch':>5} {'crop':>9} {'data':>7} {'trainer':>8} " + " ".join(
         f"{v:>14}" for v in variants) + "  compile s"

@@ -228,7 +228,9 @@ class LoopConfig:
     ``early_stopping_patience`` counts validations without a new best mIoU.
     ``ema_decay`` (e.g. 0.999) keeps an exponential moving average of the weights,
     updated after every optimiser step (``training.ema``); validation, the best
-    checkpoint and the published model then use the average."""
+    checkpoint and the published model then use the average.
+    ``amp`` is the autocast dtype of the training steps, on CUDA and on a CPU that
+    computes it natively (``training.train.precision``); validation runs as served."""
 
     epochs: Int = 10
     batch_size: Int = 8
