@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
 
 from segsvc.inference.batcher import BatchingConfig
+from segsvc.v1 import segmentation_pb2 as pb
 from tests.server.conftest import wait_for, assert_labels_match, encode, make_image, publish, reference
 
 
@@ -73,8 +73,10 @@ def test_a_broken_new_version_is_skipped_and_the_old_one_keeps_serving(start_ser
     server = start_server(tmp_path, poll_interval_s=0.05)
     broken = publish(tmp_path, "m", seed=14)
     (broken / "weights.safetensors").write_bytes(b"garbage")  # corrupt after the atomic publish
-    time.sleep(0.3)  # several poll rounds
     with server.client() as c:
+        # the poller tried version 2 and gave up on it (waited on, however slow the host)
+        wait_for(lambda: {s.version: s.state for s in c.get_model("m").version_status}.get(2)
+                 == pb.VERSION_STATE_FAILED, 60)
         r = c.segment(make_image(16, 16), model="m")
         assert r.version == 1
         info = c.get_model("m")
