@@ -230,7 +230,8 @@ class LoopConfig:
     updated after every optimiser step (``training.ema``); validation, the best
     checkpoint and the published model then use the average.
     ``amp`` is the autocast dtype of the training steps, on CUDA and on a CPU that
-    computes it natively (``training.train.precision``); validation runs as served."""
+    computes it natively (``training.train.precision``); validation runs as served, at the
+    server's default precision (``training.train.validation_autocast``)."""
 
     epochs: Int = 10
     batch_size: Int = 8

@@ -151,7 +151,7 @@ def _main(
         row: dict[str, Any] = {"epoch": epoch + 1, **stats}
         if should_validate(cfg, run, row, planned, time.perf_counter() - t0, env):
             backend = TorchBackend(scored, geometry, env.device, data.channels,
-                                   autocast=validation_autocast(amp_dtype, env),
+                                   autocast=validation_autocast(env),
                                    channels_last=memory_format == torch.channels_last)
             metrics = evaluate(backend, val_loader, data.num_classes, data.ignore_index, loop.progress, env,
                                contract)
@@ -369,10 +369,11 @@ def amp_note(loop: LoopConfig, amp_dtype: torch.dtype | None) -> str:
             f"float32 is faster here)")
 
 
-def validation_autocast(amp_dtype: torch.dtype | None, env: DistEnv) -> torch.dtype | None:
-    """The autocast of validation: the served path's. On the CPU that is float32 (precision ``auto``),
-    whatever the training steps used, so the best epoch is chosen on what clients will get."""
-    return amp_dtype if env.device.type == "cuda" else autocast_dtype("auto", env.device)
+def validation_autocast(env: DistEnv) -> torch.dtype | None:
+    """The autocast of validation: the served path's default (precision ``auto``), whatever the training steps
+    used, so the best epoch is chosen on what clients will get: float32 on the CPU, bf16 (fp16 where the GPU
+    lacks bf16) on CUDA."""
+    return autocast_dtype("auto", env.device)
 
 
 def place_model(model: nn.Module, env: DistEnv, memory_format: torch.memory_format) -> nn.Module:

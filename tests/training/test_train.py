@@ -273,6 +273,18 @@ def test_bf16_applies_on_a_cpu_that_computes_it_natively_and_float32_stays_elsew
     assert precision_of(load_config(tiny_recipe).train, env) is None  # amp none
 
 
+@pytest.mark.parametrize("bf16_gpu", [True, False])
+def test_validation_runs_at_the_served_default_precision_on_every_device(monkeypatch, bf16_gpu):
+    """Validation picks the published epoch, so it runs as the server does by default (precision ``auto``),
+    not in the training steps' dtype: on CUDA it used to follow ``train.amp``, so an fp32- or fp16-trained
+    model was chosen on logits that a bf16-serving GPU does not give. No GPU is needed: only the dtype is asked."""
+    from training.train import validation_autocast
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_gpu)
+    assert validation_autocast(DistEnv(0, 1, torch.device("cpu"))) is None
+    assert validation_autocast(DistEnv(0, 1, torch.device("cuda", 0))) is (torch.bfloat16 if bf16_gpu else torch.float16)
+
+
 def precision_of(loop, env) -> torch.dtype | None:
     from training.train import precision
 
