@@ -37,6 +37,12 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 5))  # every test takes well under 2 s
 
 
+async def running(rec: Recorder) -> None:
+    """Return once a batch is inside ``rec``: the worker has taken it off the queue."""
+    while not rec.threads:
+        await asyncio.sleep(0.001)
+
+
 def test_config_checks_arguments():
     with pytest.raises(InvalidArgument, match="max_batch_size"):
         BatchingConfig(max_batch_size=0)
@@ -180,7 +186,7 @@ def test_full_queue_is_refused_with_overloaded():
         b = DynamicBatcher(rec, BatchingConfig(max_batch_size=1, max_delay_s=0, max_queue_size=2))
         b.start()
         first = b.submit(0)
-        await asyncio.sleep(0.05)  # the worker takes it and blocks on the gate
+        await running(rec)  # the worker has taken it and blocks on the gate
         queued = [b.submit(1), b.submit(2)]
         with pytest.raises(Overloaded, match="queue is full"):
             b.submit(3)
@@ -253,7 +259,7 @@ def test_cancelled_requests_are_dropped_from_the_queue_and_never_run():
         b = DynamicBatcher(rec, BatchingConfig(max_batch_size=1, max_delay_s=0))
         b.start()
         first = b.submit(1)
-        await asyncio.sleep(0.05)
+        await running(rec)
         doomed = b.submit(2)
         kept = b.submit(3)
         assert b.queue_depth == 2
@@ -279,7 +285,7 @@ def test_requests_past_their_deadline_are_failed_and_never_run():
         b.start()
         loop = asyncio.get_running_loop()
         first = b.submit(1)
-        await asyncio.sleep(0.05)
+        await running(rec)
         late = b.submit(2, deadline=loop.time() + 0.05)
         on_time = b.submit(3, deadline=loop.time() + 30)
         await asyncio.sleep(0.1)  # the deadline of `late` passes while the worker is busy
@@ -318,14 +324,15 @@ def test_stop_without_drain_fails_queued_items_with_unavailable():
         rec = Recorder(gate=gate)
         b = DynamicBatcher(rec, BatchingConfig(max_batch_size=1, max_delay_s=0))
         b.start()
-        running = b.submit(1)
-        await asyncio.sleep(0.05)
+        first = b.submit(1)
+        await running(rec)
         queued = b.submit(2)
         stopping = asyncio.ensure_future(b.stop(drain=False))
-        await asyncio.sleep(0.05)
+        while not queued.done():  # stop fails the queued item at once, while the first is still held
+            await asyncio.sleep(0.001)
         gate.set()
         await stopping
-        return running.result().value, queued.exception()
+        return first.result().value, queued.exception()
 
     value, exc = run(main())
     assert value == 2
@@ -333,26 +340,25 @@ def test_stop_without_drain_fails_queued_items_with_unavailable():
 
 
 def test_predict_runs_off_the_event_loop():
+    threads = []
+
     async def main():
-        rec = Recorder(delay_s=0.3)
-        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=1, max_delay_s=0))
+        loop = asyncio.get_running_loop()
+
+        def predict(items):
+            # Asks the loop to run a callback and waits for it: on the loop's own thread it never runs.
+            threads.append(threading.current_thread().name)
+            answered = threading.Event()
+            loop.call_soon_threadsafe(answered.set)
+            return [answered.wait(5) for _ in items]
+
+        b = DynamicBatcher(predict, BatchingConfig(max_batch_size=1, max_delay_s=0))
         b.start()
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        t = asyncio.ensure_future(ticker())
-        await b.submit(1)
-        t.cancel()
+        result = await b.submit(1)
         await b.stop()
-        return ticks, rec.threads
+        return result.value
 
-    ticks, threads = run(main())
-    assert ticks >= 10  # the loop kept running while predict slept for 0.3 s
+    assert run(main()) is True  # the loop kept running while predict waited
     assert threads and all(name.startswith("batch-") for name in threads)
 
 
