@@ -36,8 +36,8 @@ def test_deadline_exceeded_and_the_expired_request_never_runs(start_server, tmp_
         wait_for(lambda: batcher.queue_depth == 0)
         gated.gate.set()
         first.join(20)
-        time.sleep(0.2)
-    assert gated.ran == [[(20, 20)]]  # the 30x30 request was dropped from the queue
+        c.segment(make_image(12, 12), model="m")  # one worker, first in first out: the dropped one would run first
+    assert gated.ran == [[(20, 20)], [(12, 12)]]  # the 30x30 request was dropped from the queue
     assert batcher.stats.dropped >= 1
 
 
@@ -54,8 +54,9 @@ def test_cancelled_requests_leave_the_queue(start_server, tmp_path, gated):
         wait_for(lambda: batcher.queue_depth == 0)
         gated.gate.set()
         assert busy.result(20).labels.height == 20
-    time.sleep(0.2)
-    assert gated.ran == [[(20, 20)]]
+        # one worker, first in first out: a cancelled request that still ran would run before this one
+        stub.Segment(pb.SegmentRequest(model="m", image=encode(make_image(12, 12))), timeout=30)
+    assert gated.ran == [[(20, 20)], [(12, 12)]]
 
 
 def test_full_queue_answers_resource_exhausted(start_server, tmp_path, gated):
