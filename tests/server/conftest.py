@@ -11,7 +11,6 @@ import re
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 
-from segsvc import errors
 from segsvc.client import SegmentationClient
 from segsvc.config import ModelSpec
 from segsvc.inference.batcher import BatchingConfig
@@ -227,22 +225,6 @@ def wait_for(condition, timeout_s: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
-
-
-QUEUED_DEADLINE_S = 5.0  # long enough to reach the queue on a loaded host; the test waits this long
-
-
-def expire_in_queue(client, batcher, image: np.ndarray, model: str = "m") -> None:
-    """Send ``image`` with a deadline of ``QUEUED_DEADLINE_S``, wait until it is queued behind a held batch, and
-    return once the call has failed with DEADLINE_EXCEEDED. A short deadline could pass before the request even
-    reaches the server on a loaded host, and the server would then never see it."""
-    depth = batcher.queue_depth
-    with ThreadPoolExecutor(1) as pool:
-        call = pool.submit(client.segment, image, model=model, timeout_s=QUEUED_DEADLINE_S)
-        wait_for(lambda: batcher.queue_depth == depth + 1 or call.done())
-        assert batcher.queue_depth == depth + 1, "the request did not reach the queue before its deadline"
-        with pytest.raises(errors.DeadlineExceeded):
-            call.result(60)
 
 
 def metrics_text(server: RunningServer) -> str:
