@@ -36,7 +36,7 @@ from segsvc.errors import InvalidArgument, NotFound
 from segsvc.inference.service import InferenceService
 from segsvc.server import oip_convert as convert
 from segsvc.server.config import LimitsConfig
-from segsvc.server.errors import guarded, status_of
+from segsvc.server.errors import cancellation_code, guarded, status_of
 from segsvc.server.metrics import ServerMetrics
 from segsvc.server.oip_pb import grpc_service_pb2 as pb
 from segsvc.server.oip_pb import grpc_service_pb2_grpc as pb_grpc
@@ -157,7 +157,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 segs = await self._segment_all(call, name, version, _deadline(context, call.timeout_s))
                 return await self._service.run_io(convert.infer_response, request.id, segs, call.outputs)
             except asyncio.CancelledError:
-                code = "CANCELLED"
+                code = cancellation_code(context.time_remaining()).name
                 raise
             except Exception as exc:
                 code = status_of(exc)[0].name

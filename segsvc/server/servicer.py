@@ -24,7 +24,8 @@ from segsvc.inference.manager import ModelManager
 from segsvc.inference.service import InferenceService
 from segsvc.server import convert
 from segsvc.server.config import LimitsConfig
-from segsvc.server.errors import REQUEST_ID_KEY, abort, clean_text, log_unexpected, rpc_status, status_of
+from segsvc.server.errors import (REQUEST_ID_KEY, abort, cancellation_code, clean_text, log_unexpected, rpc_status,
+                                  status_of)
 from segsvc.server.metrics import ServerMetrics
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
@@ -71,12 +72,6 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 return clean_text(str(value))
         return uuid.uuid4().hex[:16]
 
-    @staticmethod
-    def _gone(context: grpc.aio.ServicerContext) -> str:
-        """Why a call was cancelled under us: its deadline, or the client."""
-        remaining = context.time_remaining()
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
-
     def _finish(self, call: _Call, code: str) -> None:
         total_s = time.perf_counter() - call.started
         self._metrics.observe_request(call.method, call.model, code, total_s, call.queue_s, call.run_s)
@@ -93,7 +88,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         try:
             response = await work(call)
         except asyncio.CancelledError:
-            self._finish(call, self._gone(context))
+            self._finish(call, cancellation_code(context.time_remaining()).name)
             raise
         except Exception as exc:
             self._finish(call, status_of(exc)[0].name)
@@ -146,7 +141,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             try:
                 response = await self._segment(request, deadline, call)
             except asyncio.CancelledError:
-                self._finish(call, self._gone(context))
+                self._finish(call, cancellation_code(context.time_remaining()).name)
                 raise
             except Exception as exc:  # one bad image fails its response, not the stream
                 code, message, kind = status_of(exc, call.request_id)

@@ -11,6 +11,7 @@ import re
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -225,6 +226,23 @@ def wait_for(condition, timeout_s: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
+
+
+QUEUED_DEADLINE_S = 5.0  # long enough to reach the queue on a loaded host; a test waits this long
+
+
+def expire_in_queue(batcher, send: Callable[[float], object]) -> BaseException:  # type: ignore[no-untyped-def]
+    """Call ``send(QUEUED_DEADLINE_S)`` (a request with that deadline), wait until its request is queued behind the
+    held batch, and return what the call raised once its deadline passed. A deadline of a few tenths of a second
+    could pass before the request even reaches the server on a loaded host, and it would then never be queued."""
+    depth = batcher.queue_depth
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(send, QUEUED_DEADLINE_S)
+        wait_for(lambda: batcher.queue_depth == depth + 1 or call.done())
+        assert batcher.queue_depth == depth + 1, "the request did not reach the queue before its deadline"
+        error = call.exception(60)
+    assert error is not None, "the call succeeded"
+    return error
 
 
 def metrics_text(server: RunningServer) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from segsvc import errors
 from segsvc.inference.engine import Engine
+from segsvc.server.errors import DEADLINE_SLACK_S, cancellation_code
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
 from tests.server.conftest import assert_labels_match, encode, make_image, publish
@@ -158,3 +159,15 @@ def test_unexpected_errors_are_internal_with_a_generic_message(start_server, tmp
     assert "secret" not in str(info.value) and "rid-77" in str(info.value)
     logged = [r for r in caplog.records if getattr(r, "request_id", None) == "rid-77"]
     assert logged and logged[0].exc_info and "secret detail" in str(logged[0].exc_info[1])
+
+
+@pytest.mark.parametrize("remaining_s, code", [
+    (None, grpc.StatusCode.CANCELLED),  # no deadline: only the client can have hung up
+    (29.5, grpc.StatusCode.CANCELLED),  # most of the deadline left: the client hung up
+    (DEADLINE_SLACK_S + 0.01, grpc.StatusCode.CANCELLED),
+    (0.0065, grpc.StatusCode.DEADLINE_EXCEEDED),  # what loopback shows when the client's own deadline fires
+    (0.0, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (-0.2, grpc.StatusCode.DEADLINE_EXCEEDED),
+])
+def test_a_cancellation_near_the_deadline_is_the_deadline(remaining_s, code):
+    assert cancellation_code(remaining_s) == code

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -14,27 +13,13 @@ from segsvc.inference.batcher import BatchingConfig
 from segsvc.server.config import LimitsConfig
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
-from tests.server.conftest import assert_labels_match, encode, make_image, publish, reference, wait_for
-
-QUEUED_DEADLINE_S = 5.0  # long enough to reach the queue on a loaded host; the test waits this long
+from tests.server.conftest import (assert_labels_match, encode, expire_in_queue, make_image, metric, metrics_text,
+                                   publish, reference, wait_for)
 
 
 def _serial_server(start_server, tmp_path, **limits):
     publish(tmp_path, "m", seed=7)
     return start_server(tmp_path, batching=BatchingConfig(max_batch_size=1, max_delay_s=0, **limits))
-
-
-def _expire_in_queue(client, batcher, image: np.ndarray) -> None:
-    """Send ``image`` with a deadline of ``QUEUED_DEADLINE_S``, wait until it is queued behind the held batch, and
-    return once the call has failed with DEADLINE_EXCEEDED. A deadline of a few tenths of a second could pass before
-    the request even reaches the server on a loaded host, and it would then never be queued."""
-    depth = batcher.queue_depth
-    with ThreadPoolExecutor(1) as pool:
-        call = pool.submit(client.segment, image, model="m", timeout_s=QUEUED_DEADLINE_S)
-        wait_for(lambda: batcher.queue_depth == depth + 1 or call.done())
-        assert batcher.queue_depth == depth + 1, "the request did not reach the queue before its deadline"
-        with pytest.raises(errors.DeadlineExceeded):
-            call.result(60)
 
 
 def test_deadline_exceeded_and_the_expired_request_never_runs(start_server, tmp_path, gated):
@@ -44,7 +29,8 @@ def test_deadline_exceeded_and_the_expired_request_never_runs(start_server, tmp_
         first = threading.Thread(target=lambda: c.segment(make_image(20, 20), model="m"))
         first.start()
         wait_for(lambda: len(gated.ran) == 1)  # the worker is busy with the first image
-        _expire_in_queue(c, batcher, make_image(30, 30))  # while the worker is still held
+        late = expire_in_queue(batcher, lambda t: c.segment(make_image(30, 30), model="m", timeout_s=t))
+        assert isinstance(late, errors.DeadlineExceeded), late
         wait_for(lambda: batcher.queue_depth == 0)
         gated.gate.set()
         first.join(20)
@@ -69,6 +55,10 @@ def test_cancelled_requests_leave_the_queue(start_server, tmp_path, gated):
         # one worker, first in first out: a cancelled request that still ran would run before this one
         stub.Segment(pb.SegmentRequest(model="m", image=encode(make_image(12, 12))), timeout=30)
     assert gated.ran == [[(20, 20)], [(12, 12)]]
+    # a client that hangs up with most of its deadline left is counted as cancelled, not as a deadline
+    wait_for(lambda: metric(metrics_text(server), "segsvc_requests_total", 0.0, method="Segment",
+                            code="CANCELLED") == 1)
+    assert metric(metrics_text(server), "segsvc_requests_total", 0.0, method="Segment", code="DEADLINE_EXCEEDED") == 0
 
 
 def test_full_queue_answers_resource_exhausted(start_server, tmp_path, gated):

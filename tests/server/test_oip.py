@@ -8,6 +8,7 @@ tokens start their own.
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import grpc
@@ -25,7 +26,8 @@ from segsvc.server import oip_convert
 from segsvc.server.auth import AuthConfig
 from segsvc.server.config import LimitsConfig
 from segsvc.server.oip import SERVICE_NAME
-from tests.server.conftest import assert_labels_match, encode, make_image, metric, metrics_text, publish
+from tests.server.conftest import (assert_labels_match, encode, expire_in_queue, make_image, metric, metrics_text,
+                                   publish, wait_for)
 
 TOKENS = "infer-tok infer\nadmin-tok manage\n"
 INFER = {"authorization": "Bearer infer-tok"}
@@ -290,6 +292,27 @@ def test_model_infer_is_counted_in_the_request_metrics(triton_client, shared_ser
     # One request of two images (each waits in the queue and runs) is counted under its model. The request
     # whose image does not decode, and the one naming an unknown model, fail before a model is resolved.
     assert [a - b for a, b in zip(after, before)] == [1, 1, 1, 1, 2, 2]
+
+
+def test_an_expired_deadline_is_counted_as_deadline_exceeded(start_server, tmp_path, gated):
+    publish(tmp_path, "m", seed=7)
+    server = start_server(tmp_path, batching=BatchingConfig(max_batch_size=1, max_delay_s=0))
+    batcher = server.manager.resolve("m", None).batcher
+    client = triton.InferenceServerClient(server.address)
+    try:
+        busy = threading.Thread(target=lambda: client.infer("m", [_pixels_input(make_image(20, 20)[None])]))
+        busy.start()
+        wait_for(lambda: len(gated.ran) == 1)
+        late = expire_in_queue(batcher, lambda t: client.infer(
+            "m", [_pixels_input(make_image(30, 30)[None])], client_timeout=t))
+        assert isinstance(late, InferenceServerException) and late.status() == "StatusCode.DEADLINE_EXCEEDED", late
+        wait_for(lambda: metric(metrics_text(server), "segsvc_requests_total", 0.0, method="ModelInfer",
+                                code="DEADLINE_EXCEEDED") == 1)
+        gated.gate.set()
+        busy.join(60)
+    finally:
+        client.close()
+    assert metric(metrics_text(server), "segsvc_requests_total", 0.0, method="ModelInfer", code="CANCELLED") == 0
 
 
 def test_an_image_over_the_pixel_limit_is_refused_before_decoding(start_server, shared_repo):
