@@ -18,6 +18,7 @@ tests are out of its reach too (``-k "not test_ray_engine"``).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,7 +60,9 @@ def _load_python_children(site_dir: Path, switch_s: float) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     switch_s = float(os.environ.get("SEGSVC_LOADED_SWITCH_S", DEFAULT_SWITCH_S))
     load(switch_s)
-    _load_python_children(Path(tempfile.mkdtemp(prefix="segsvc-loaded-")), switch_s)
+    site_dir = Path(tempfile.mkdtemp(prefix="segsvc-loaded-"))
+    config.add_cleanup(lambda: shutil.rmtree(site_dir, ignore_errors=True))
+    _load_python_children(site_dir, switch_s)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
