@@ -194,9 +194,8 @@ class ModelManager:
         async with self._locks.setdefault(name, asyncio.Lock()):
             try:
                 if version is None:
-                    newest = await self._load_newest(name, retry_unchanged=True)
                     await self._sync_default(name)
-                    return newest
+                    return await self._load_newest(name, retry_unchanged=True)
                 lm = (self._models.get(name) or {}).get(version)
                 if lm is None:
                     entries = await self.loader.scan(name)
@@ -339,14 +338,17 @@ class ModelManager:
         """Follow ``<model>/DEFAULT`` now (after a promotion wrote it); returns the default version.
 
         The version it names is loaded and warmed before requests switch to it;
-        a model not loaded yet is loaded first (its newest version).
+        a model with no pointer and nothing loaded gets its newest version. The
+        pointer is read before any newer version loads (here, in ``load`` and in
+        ``poll_once``): a version published with a pointer to an older one is
+        never served by default, not even until the pointer is read.
         """
         check_name(name)
         async with self._locks.setdefault(name, asyncio.Lock()):
             try:
+                await self._sync_default(name)
                 if not self._models.get(name):
                     await self._load_newest(name, retry_unchanged=True)
-                await self._sync_default(name)
             finally:
                 self._changed()
         return self.default_version(name)
@@ -418,8 +420,8 @@ class ModelManager:
                 continue
             async with self._locks.setdefault(name, asyncio.Lock()):
                 try:
-                    lm = await self._load_newest(name, retry_unchanged=False)
                     await self._sync_default(name)
+                    lm = await self._load_newest(name, retry_unchanged=False)
                 except Exception as exc:  # each version's reason is recorded and logged
                     log.error("model %s: no version loads: %s", name, exc)
                 else:

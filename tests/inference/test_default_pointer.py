@@ -84,3 +84,41 @@ def test_without_a_pointer_nothing_changes(tmp_path):
             await manager.stop()
 
     asyncio.run(main())
+
+
+def _sample_default(manager: ModelManager, name: str, work) -> set[int]:
+    """Run ``work`` on the loop and record the default version between every one of its steps."""
+    async def sample() -> set[int]:
+        seen: set[int] = set()
+        task = asyncio.ensure_future(work)
+        while not task.done():
+            seen.add(manager.default_version(name))
+            await asyncio.sleep(0)
+        await task
+        return seen | {manager.default_version(name)}
+    return sample()
+
+
+def test_a_pointer_written_with_a_new_version_is_honoured_before_the_new_version_loads(tmp_path):
+    """A pointer pinning the old version, written together with a newer version (what a training job's gate does
+    with a rejected candidate when the model had no pointer yet): requests never reach the newer version, and the
+    pinned one is never retired. Loading the newest first served the rejected candidate until the pointer was read."""
+    publish(tmp_path, "m", seed=1)
+
+    async def main() -> None:
+        manager = _manager(tmp_path)
+        await manager.start()
+        try:
+            ModelRepository(tmp_path).set_default("m", 1)
+            publish(tmp_path, "m", seed=2)
+            assert await _sample_default(manager, "m", manager.poll_once()) == {1}
+            await asyncio.gather(*manager._retiring)
+            assert sorted(manager._models["m"]) == [1, 2]
+            publish(tmp_path, "m", seed=3)  # the same through an explicit load of the newest
+            ModelRepository(tmp_path).set_default("m", 2)
+            assert await _sample_default(manager, "m", manager.load("m")) == {1, 2}
+            assert manager.default_version("m") == 2 and 3 in manager._models["m"]
+        finally:
+            await manager.stop()
+
+    asyncio.run(main())
