@@ -67,5 +67,5 @@ def build_model(spec: ModelSpec) -> nn.Module:
     _check_params(spec.arch, factory, params)
     try:
         return factory(num_classes=spec.num_classes, in_channels=spec.in_channels, **params)
-    except TypeError as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a negative width reaching torch's initialisers
         raise ModelConfigError(f"cannot build {spec.arch!r} with params {params}: {exc}") from None

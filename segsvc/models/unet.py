@@ -78,6 +78,8 @@ class UNet(SegmentationModel):
         check_upsample(upsample, model="U-Net")
         if not 1 <= depth <= 6:
             raise ModelConfigError(f"U-Net depth must be between 1 and 6, got {depth}")
+        if isinstance(base_channels, bool) or not isinstance(base_channels, int) or base_channels < 1:
+            raise ModelConfigError(f"U-Net base_channels must be a positive integer, got {base_channels!r}")
         if not 0.0 <= dropout < 1.0:
             raise ModelConfigError(f"U-Net dropout must be in [0, 1), got {dropout}")
         self.output_stride = 2**depth

@@ -24,6 +24,17 @@ def test_bad_values_are_config_errors() -> None:
         build_model(ModelSpec("unet", 3, params={"depth": 0}))
     with pytest.raises(ModelConfigError, match="num_classes"):
         ModelSpec("unet", 0)
+    for width in (-1, 0, 2.5, True):
+        with pytest.raises(ModelConfigError, match="base_channels"):
+            build_model(ModelSpec("unet", 3, params={"base_channels": width}))
+
+
+def test_errors_raised_inside_a_factory_are_config_errors() -> None:
+    """torch's own errors from impossible values (here a negative width) are a ModelConfigError naming the params.
+
+    Before, a RuntimeError escaped: a manifest with such params was an internal error to LoadModel."""
+    with pytest.raises(ModelConfigError, match=r"cannot build 'fcn8s' with params \{'base_channels': -1\}"):
+        build_model(ModelSpec("fcn8s", 3, params={"base_channels": -1}))
 
 
 def test_seed_models_are_registered() -> None:

@@ -8,6 +8,7 @@ and a manifest that names another version; failures show in GetModel/ListModels,
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -150,3 +151,27 @@ def test_unknown_model_errors_name_no_server_path(start_server, tmp_path):
             with pytest.raises(errors.UnknownModel) as info:
                 call()
             assert_no_server_path(str(info.value), tmp_path)
+
+
+def test_a_manifest_whose_model_cannot_be_built_fails_the_same_way_on_every_path(start_server, tmp_path):
+    """Params the builder rejects inside torch (a negative width) are a broken artifact, whichever call loads it.
+
+    Before, torch's RuntimeError escaped the builder: LoadModel with the version number was INTERNAL, without it
+    FAILED_PRECONDITION with "RuntimeError: ..." as the version's reason."""
+    repo = tmp_path / "repo"
+    publish(repo, "good", seed=12)
+    bad = publish(repo, "bad", seed=13)
+    manifest = json.loads((bad / MANIFEST_FILE).read_text())
+    manifest["model"]["params"]["base_channels"] = -1
+    (bad / MANIFEST_FILE).write_text(json.dumps(manifest))
+    server = start_server(repo)
+    with server.client() as c:
+        for call in (lambda: c.load_model("bad", 1), lambda: c.load_model("bad")):
+            with pytest.raises((errors.ArtifactError, errors.FailedPrecondition),
+                               match="cannot build the model its manifest describes") as info:
+                call()
+            assert "RuntimeError" not in str(info.value)
+            assert_no_server_path(str(info.value), tmp_path)
+        state, reason = states(c.get_model("bad"))[1]
+        assert state == FAILED and "base_channels must be a positive integer" in reason
+        assert c.health() == "SERVING"
