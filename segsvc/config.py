@@ -86,6 +86,9 @@ class ModelSpec:
         )
 
 
+IMAGE_CHANNELS = (1, 3)  # what decoding gives: grey or RGB
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """How an image becomes the network's input: ``(pixel/255 - mean) / std`` per channel.
@@ -99,8 +102,11 @@ class InputSpec:
 
     def __post_init__(self) -> None:
         mean, std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
-        if self.channels < 1:
-            raise ModelConfigError(f"input channels must be positive, got {self.channels}")
+        if self.channels not in IMAGE_CHANNELS:
+            raise ModelConfigError(
+                f"input channels must be 1 (grey) or 3 (RGB), got {self.channels!r}: segsvc decodes every image "
+                "to one of those (a fourth, alpha channel is dropped)"
+            )
         if len(mean) != self.channels or len(std) != self.channels:
             raise ModelConfigError(
                 f"input mean/std need {self.channels} values each, got {len(mean)} and {len(std)}"

@@ -430,3 +430,12 @@ def test_an_interrupted_write_leaves_nothing_behind(tmp_path, monkeypatch) -> No
     with pytest.raises(KeyboardInterrupt):
         save_artifact(build_model(SPEC), tmp_path, "m", spec=SPEC)
     assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_a_manifest_for_input_segsvc_cannot_decode_fails_to_load(saved) -> None:
+    """A 4-channel model loaded before and advertised [N, H, W, 4] pixels, yet every image was refused (decoding
+    gives grey or RGB, a fourth channel is dropped): such a version now fails to load, saying why."""
+    _, path = saved
+    _edit_manifest(path, lambda m: m["input"].update(channels=4, mean=[0.5] * 4, std=[0.2] * 4))
+    with pytest.raises(ArtifactError, match=re.escape("input channels must be 1 (grey) or 3 (RGB), got 4")):
+        read_manifest(path)
