@@ -9,6 +9,15 @@ directory to fine-tune from, and the target model. ``trainer_argv`` and
 service controls (``output.*``, ``data.spec``, ``model.init_from``) are set by
 the service last and refused in the client's overrides.
 
+A client never names a file on the server: ``FILE_KEYS`` (``model.init_from``
+and every ``model.params.*_path``, e.g. smp's ``encoder_weights_path``) are
+checked on the configuration the client's part produces, its inline recipe with
+its overrides applied as the trainer applies them, so a whole-``model``
+override or an inline recipe cannot set them either. The service alone sets
+``model.init_from`` (to the base model's version directory). Values in the
+server's own recipes (``recipes_dir``) and in a base model's recorded
+configuration are the operator's and the service's, not the client's.
+
 Example:
     >>> TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=2).budget_overrides()
     ['train.epochs=2', 'train.max_time_min=null']
@@ -35,6 +44,9 @@ from segsvc.models.artifact import check_name
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 GOLDEN_PREFIX = "golden-"  # a dataset registered as golden-<model> is that model's frozen golden set
 PROTECTED_KEYS = ("output", "data.spec", "model.init_from", "name")
+# Keys whose value is a file the trainer reads: never from a client (model.params.* ending in _path too).
+FILE_KEYS = ("model.init_from",)
+_PATH_PARAM_SUFFIX = "_path"
 MAX_RECIPE_BYTES = 64 << 10
 MAX_OVERRIDES = 100
 MAX_EPOCHS = 100_000  # also the cap a time budget sets, so that the time is the limit
@@ -126,6 +138,7 @@ class TrainingRequest:
             key = check_override(text)
             if any(key == p or key.startswith(p + ".") for p in PROTECTED_KEYS):
                 raise InvalidArgument(f"override {text[:80]!r}: the service sets {key} itself")
+        check_client_config(self.recipe_yaml, self.overrides)
         if self.max_time_min is not None and self.epochs is not None:
             raise InvalidArgument("give one budget: max_time_min or epochs")
         if self.max_time_min is not None and not (math.isfinite(self.max_time_min) and self.max_time_min > 0):
@@ -170,6 +183,77 @@ def check_override(text: str) -> str:
     if not sep or not key or any(not part or not part.replace("_", "").isalnum() for part in key.split(".")):
         raise InvalidArgument(f"override {text[:80]!r} must look like key.subkey=value")
     return key
+
+
+def _client_part(recipe_yaml: str, overrides: tuple[str, ...]) -> dict[str, Any]:
+    """What the client's part of a recipe sets: its inline recipe (if any) with its overrides applied,
+    as ``training.config.load_config`` applies them (a dotted key, a YAML value, mappings made on the way)."""
+    data: Any = {}
+    if recipe_yaml:
+        try:
+            data = yaml.safe_load(recipe_yaml)
+        except yaml.YAMLError as exc:
+            raise InvalidArgument(f"the recipe is not valid YAML: {str(exc)[:200]}") from None
+        if not isinstance(data, dict):
+            raise InvalidArgument("the recipe must be a YAML mapping")
+    for text in overrides:
+        key, _, raw = text.partition("=")
+        parts = key.strip().split(".")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise InvalidArgument(f"override {text[:80]!r}: the value is not valid YAML: {str(exc)[:200]}") from None
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise InvalidArgument(f"override {text[:80]!r}: {'.'.join(parts[:i + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _file_keys(config: dict[str, Any]) -> list[str]:
+    """The dotted ``FILE_KEYS`` and ``model.params`` ``*_path`` keys that ``config`` sets (to anything but null)."""
+    found: list[str] = []
+    for key in FILE_KEYS:
+        node: Any = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            found.append(key)
+    model = config.get("model")
+    params = model.get("params") if isinstance(model, dict) else None
+    # Every mapping under model.params, each once (YAML aliases may share one), without recursion.
+    todo: list[tuple[str, Any]] = [("model.params", params)]
+    seen: set[int] = set()
+    while todo:
+        prefix, node = todo.pop()
+        if not isinstance(node, dict) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for name, value in node.items():
+            dotted = f"{prefix}.{name}"
+            if str(name).lower().endswith(_PATH_PARAM_SUFFIX) and value is not None:
+                found.append(dotted)
+            todo.append((dotted, value))
+    return found
+
+
+def check_client_config(recipe_yaml: str, overrides: tuple[str, ...]) -> None:
+    """Refuse a request whose own part (inline recipe, overrides) names a file on the server.
+
+    Raises:
+        InvalidArgument: naming the first such key (not its value).
+    """
+    keys = _file_keys(_client_part(recipe_yaml, overrides))
+    if keys:
+        key = keys[0]
+        hint = ("to fine-tune, give base_model: the service then sets it to that version"
+                if key == "model.init_from" else "only the server's own recipes may set it")
+        raise InvalidArgument(f"{key} names a file on the server, which a request may not set ({hint})")
 
 
 def _recipe(request: TrainingRequest, base_config: dict[str, Any] | None, config: TrainingConfig
