@@ -5,7 +5,14 @@ one ("pairs"). Everything here assumes the bytes are hostile:
 
 - Sizes are checked *before* writing: the spooled archive, each file of a pairs
   upload and the extracted total never pass ``max_bytes``, nor the file count
-  ``max_files``.
+  ``max_files``. Every entry of an archive counts against ``max_entries``
+  (``ENTRIES_PER_FILE`` per allowed file): files, folders and skipped names
+  alike. A zip's entries are counted from its end records and its central
+  directory's record headers *before* ``zipfile`` builds anything, so a
+  central directory of a million entries costs nothing to refuse.
+- A pairs upload keeps at most ``MAX_OPEN_FILES`` of its unfinished files open;
+  the others are reopened (append, no symlink, same inode and size) for their
+  next chunk, so a client cannot exhaust the server's file descriptors.
 - Names must be relative POSIX paths without ``..``, ``.``, empty components,
   backslashes or NUL, and not absolute (``/x``, ``C:x``); each component
   follows ``segsvc.jobs.staging.check_upload_name``. Two entries with the same
@@ -39,9 +46,11 @@ import lzma
 import os
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -54,6 +63,13 @@ FORMATS = ("tar", "zip", "pairs")
 # Below this many bytes no ratio is enforced: tiny archives of text compress well and harm nobody.
 RATIO_FLOOR_BYTES = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
+# Entries an archive may hold per allowed file: room for a folder entry and a skipped companion
+# (macOS's __MACOSX/._name) per file, while the entries zipfile builds stay bounded.
+ENTRIES_PER_FILE = 2
+# Unfinished files of a pairs upload that keep a descriptor. The client sends files one after another
+# (1 is enough); a sender that interleaves a few files fits; beyond, the least recently written is closed
+# and reopened for its next chunk.
+MAX_OPEN_FILES = 16
 
 
 @dataclass(frozen=True)
@@ -62,7 +78,8 @@ class ExtractLimits:
 
     Args:
         max_bytes: the archive as received, and the files it holds (each way).
-        max_files: files in the dataset.
+        max_files: files in the dataset; an archive may hold ``max_entries`` entries (``ENTRIES_PER_FILE``
+            times as many) of every kind: files, folders and skipped names.
         max_ratio: most bytes extracted per compressed byte, per zip entry and over
             the whole archive (beyond the first ``RATIO_FLOOR_BYTES``).
     """
@@ -75,6 +92,11 @@ class ExtractLimits:
         for name in ("max_bytes", "max_files", "max_ratio"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"dataset limits: {name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def max_entries(self) -> int:
+        """Entries an archive may hold, whatever they are."""
+        return ENTRIES_PER_FILE * self.max_files
 
     def expansion_cap(self, compressed: int) -> int:
         """Most bytes that ``compressed`` bytes may expand to."""
@@ -115,6 +137,11 @@ def entry_name(raw: str) -> str | None:
     return check_upload_name(name)
 
 
+def _too_many_entries(limits: ExtractLimits, what: str) -> str:
+    return (f"{what} more than {limits.max_entries} entries (the server's limit: {ENTRIES_PER_FILE} per file of "
+            f"at most {limits.max_files} files; folders and skipped names count too)")
+
+
 class _Tree:
     """The names admitted so far: no duplicates, no file where a folder is needed (or the reverse)."""
 
@@ -123,6 +150,13 @@ class _Tree:
         self.files: set[str] = set()
         self.folders: set[str] = set()
         self.total_bytes = 0
+        self.entries = 0
+
+    def add_entry(self) -> None:
+        """Count one entry of an archive, whatever it is (file, folder, skipped): before it is looked at."""
+        self.entries += 1
+        if self.entries > self.limits.max_entries:
+            raise UploadError(_too_many_entries(self.limits, "the archive has"))
 
     def add_folder(self, name: str) -> None:
         if name in self.files:
@@ -230,6 +264,7 @@ def _extract_tar(archive: Path, dest: Path, limits: ExtractLimits) -> _Tree:
         # Stream mode: one pass, each header judged as it is met, before its data is read.
         with tarfile.open(fileobj=bounded, mode="r|") as tar:
             for member in tar:
+                tree.add_entry()
                 name = entry_name(member.name)
                 refused = _tar_kind(member)
                 if refused:  # whatever its name: a hidden link is refused too
@@ -268,7 +303,87 @@ def _zip_kind(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
+# The records zipfile reads to find the central directory (APPNOTE 4.3.14-16), and a central directory
+# record's fixed part: signature, ..., name, extra and comment lengths at fields 12, 13 and 14.
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_CENTRAL = struct.Struct("<4s4B4HL2L5H2L")
+_MAX_COMMENT = (1 << 16) - 1
+
+
+def _zip_end(f: BinaryIO, size: int) -> tuple[int, int, int, bool] | None:
+    """Where ``zipfile`` will find the end of central directory record, as it does (``zipfile._EndRecData``):
+    ``(its offset, entries it declares, central directory bytes, zip64)``, or None if there is none."""
+    if size < _EOCD.size:
+        return None
+    f.seek(size - _EOCD.size)
+    data = f.read(_EOCD.size)
+    if data[:4] == zipfile.stringEndArchive and data[-2:] == b"\x00\x00":  # no archive comment
+        location = size - _EOCD.size
+    else:  # a comment follows the record: the last signature within its reach
+        first = max(size - _MAX_COMMENT - _EOCD.size, 0)
+        f.seek(first)
+        tail = f.read()
+        found = tail.rfind(zipfile.stringEndArchive)
+        if found < 0 or len(tail) - found < _EOCD.size:
+            return None
+        location, data = first + found, tail[found:found + _EOCD.size]
+    _, _, _, _, entries, cd_size, _, _ = _EOCD.unpack(data)
+    zip64 = False
+    if location >= _EOCD64_LOCATOR.size:
+        f.seek(location - _EOCD64_LOCATOR.size)
+        sig, disk, _, disks = _EOCD64_LOCATOR.unpack(f.read(_EOCD64_LOCATOR.size))
+        if sig == zipfile.stringEndArchive64Locator:
+            if disk != 0 or disks > 1:
+                raise UploadError("not a valid zip archive: it spans several disks")
+            start = location - _EOCD64_LOCATOR.size - _EOCD64.size
+            if start >= 0:
+                f.seek(start)
+                record = _EOCD64.unpack(f.read(_EOCD64.size))
+                if record[0] == zipfile.stringEndArchive64:
+                    entries, cd_size, zip64 = record[7], record[8], True
+    return location, entries, cd_size, zip64
+
+
+def _zip_entry_count(archive: Path, limits: ExtractLimits) -> int:
+    """The entries ``zipfile.ZipFile(archive)`` would build, counted without building them; ``UploadError``
+    as soon as they are known to pass ``limits.max_entries``.
+
+    The end record's count refuses a large directory at once. Since zipfile reads the directory by its
+    byte size and ignores that count, the records are then walked as zipfile walks them (headers only,
+    a constant amount of memory), stopping one past the limit, so a count that understates gains nothing.
+    """
+    with open(archive, "rb", buffering=1 << 20) as f:
+        end = _zip_end(f, f.seek(0, os.SEEK_END))
+        if end is None:
+            raise UploadError("not a valid zip archive: no end of central directory record")
+        location, declared, cd_size, zip64 = end
+        if declared > limits.max_entries:
+            raise UploadError(_too_many_entries(limits, f"the zip archive lists {declared} entries:"))
+        # zipfile's position of the directory: just before the end records, whatever their offset field says.
+        start = location - cd_size - ((_EOCD64.size + _EOCD64_LOCATOR.size) if zip64 else 0)
+        if start < 0:
+            raise UploadError("not a valid zip archive: bad offset of the central directory")
+        f.seek(start)
+        count = walked = 0
+        while walked < cd_size:
+            count += 1
+            if count > limits.max_entries:
+                raise UploadError(_too_many_entries(limits, "the zip archive lists"))
+            header = f.read(_CENTRAL.size)
+            short = len(header) != _CENTRAL.size or walked + _CENTRAL.size > cd_size
+            if short or header[:4] != zipfile.stringCentralDir:
+                raise UploadError("not a valid zip archive: truncated or corrupt central directory")
+            fields = _CENTRAL.unpack(header)
+            skip = fields[12] + fields[13] + fields[14]
+            f.seek(skip, os.SEEK_CUR)
+            walked += _CENTRAL.size + skip
+    return count
+
+
 def _extract_zip(archive: Path, dest: Path, limits: ExtractLimits) -> _Tree:
+    _zip_entry_count(archive, limits)  # before zipfile builds a ZipInfo per entry
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
         # Every header first: nothing is written unless the whole archive looks acceptable.
@@ -276,6 +391,7 @@ def _extract_zip(archive: Path, dest: Path, limits: ExtractLimits) -> _Tree:
         wanted: list[tuple[zipfile.ZipInfo, str]] = []
         declared = 0
         for info in infos:
+            headers.add_entry()
             name = entry_name(info.filename)
             refused = _zip_kind(info)
             if refused:
@@ -346,35 +462,71 @@ class Spool:
 
 
 class PairsWriter:
-    """A dataset sent file by file: each chunk names its file; limits are checked before writing."""
+    """A dataset sent file by file: each chunk names its file; limits are checked before writing.
+
+    Chunks of different files may interleave. At most ``MAX_OPEN_FILES`` unfinished files keep a
+    descriptor (the most recently written); another one's next chunk reopens it for appending, never
+    through a symlink, and only if it is still the file this writer created, at the size it left it.
+    """
 
     def __init__(self, dest: Path, limits: ExtractLimits) -> None:
         self.dest = dest
         self._tree = _Tree(limits)
-        self._open: dict[str, BinaryIO] = {}
+        self._open: OrderedDict[str, BinaryIO] = OrderedDict()  # least recently written first
+        self._unfinished: dict[str, tuple[int, int, int]] = {}  # name -> (st_dev, st_ino, bytes written)
         self._done: set[str] = set()
 
     def write(self, name: str, data: bytes, last: bool) -> None:
-        out = self._open.get(name)
-        if out is None:
+        if name not in self._unfinished:
             if name in self._done:
                 raise UploadError(f"file {name!r} was already complete: a name cannot be sent twice")
             safe = entry_name(name)
             if safe is None or safe != name:
                 raise UploadError(f"file name {name!r} is not a dataset file name (hidden, or not normalised)")
             self._tree.add_file(name)
+            self._make_room()
             out = self._open[name] = _create(self.dest, name)
+            st = os.fstat(out.fileno())
+            self._unfinished[name] = (st.st_dev, st.st_ino, 0)
+        else:
+            out = self._handle(name)
         self._tree.add_bytes(len(data), name)
         out.write(data)
+        dev, ino, written = self._unfinished[name]
+        self._unfinished[name] = (dev, ino, written + len(data))
         if last:
+            del self._open[name], self._unfinished[name]
             out.close()
-            del self._open[name]
             self._done.add(name)
 
+    def _make_room(self) -> None:
+        while len(self._open) >= MAX_OPEN_FILES:
+            _, out = self._open.popitem(last=False)
+            out.close()
+
+    def _handle(self, name: str) -> BinaryIO:
+        """The open file of an unfinished ``name``, reopened for appending if it was closed to make room."""
+        out = self._open.get(name)
+        if out is not None:
+            self._open.move_to_end(name)
+            return out
+        changed = UploadError(f"file {name!r} changed on the server while it was being received")
+        self._make_room()
+        try:
+            fd = os.open(self.dest / name, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        except OSError:
+            raise changed from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino, st.st_size) != self._unfinished[name]:
+            os.close(fd)
+            raise changed
+        out = self._open[name] = os.fdopen(fd, "ab")
+        return out
+
     def finish(self) -> ExtractSummary:
-        if self._open:
-            shown = ", ".join(repr(n) for n in sorted(self._open)[:5])
-            raise UploadError(f"{len(self._open)} file(s) lack their last chunk: {shown}")
+        if self._unfinished:
+            shown = ", ".join(repr(n) for n in sorted(self._unfinished)[:5])
+            raise UploadError(f"{len(self._unfinished)} file(s) lack their last chunk: {shown}")
         if not self._done:
             raise UploadError("the upload holds no files")
         return ExtractSummary(len(self._done), self._tree.total_bytes)
@@ -383,3 +535,4 @@ class PairsWriter:
         for out in self._open.values():
             out.close()
         self._open.clear()
+        self._unfinished.clear()
