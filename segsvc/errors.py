@@ -25,6 +25,16 @@ class ImageTooLarge(InvalidImage):
     """An image exceeds the configured pixel or byte limit (checked before decoding)."""
 
 
+class ResponseTooLarge(InvalidArgument):
+    """The response would exceed the server's gRPC message limit (``--max-message-mb``).
+
+    Refused before any work where its size follows from the request (raw label maps, confidence,
+    Open Inference Protocol outputs), else once encoded (PNG). The same request always fails, so
+    it is the caller's to change (drop confidence, PNG labels, a smaller image), not to retry:
+    INVALID_ARGUMENT, never RESOURCE_EXHAUSTED (``Overloaded``, "back off and retry").
+    """
+
+
 class ModelConfigError(InvalidArgument):
     """A model spec names unknown parameters, bad values or unavailable weights."""
 

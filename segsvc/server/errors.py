@@ -16,19 +16,23 @@ are not ours read the kind too: first the error's own details where it has any
 (``UNKNOWN_MODEL``, ``IMAGE_TOO_LARGE``; ``INTERNAL`` for unexpected errors)
 and ``metadata={"requestId": ...}`` when the call has an id. Nothing else of
 an unexpected error goes in. The whole Status stays under ``MAX_DETAILS_BYTES``.
+
+A response over the server's message limit is a domain error too (``ResponseTooLarge``, from
+``check_response_size``), raised by the adapters before gRPC would fail the call on its own with
+RESOURCE_EXHAUSTED and no details.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable, NoReturn, TypeVar
+from typing import Awaitable, Callable, NoReturn, Sequence, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from segsvc.errors import DatasetInvalid, SegsvcError
+from segsvc.errors import DatasetInvalid, ResponseTooLarge, SegsvcError
 from segsvc.wire import DETAILS_KEY, ERROR_CODES, ERROR_DOMAIN, ERROR_KIND_KEY, REQUEST_ID_KEY, error_reason
 
 T = TypeVar("T")
@@ -112,6 +116,23 @@ def status_of(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode
             return code, message, type(exc).__name__
     where = f" (request id {request_id})" if request_id else ""
     return grpc.StatusCode.INTERNAL, f"internal server error{where}; see the server log", ""
+
+
+def check_response_size(size: int, limit: int, remedies: Sequence[str], *, detail: str = "",
+                        at_least: bool = False) -> None:
+    """Refuse a response of ``size`` bytes over the server's message ``limit`` with ``ResponseTooLarge``.
+
+    Unchecked, gRPC fails such a call itself once the work is done: RESOURCE_EXHAUSTED ("Sent message larger
+    than max") without details, which clients read as "overloaded, retry", and it ends a whole stream.
+    ``at_least``: ``size`` is a bound known before the work (raw outputs), not the encoded message;
+    ``remedies``: what the caller can change, most effective first.
+    """
+    if size <= limit:
+        return
+    amount = f"would be at least {size} bytes" if at_least else f"is {size} bytes"
+    raise ResponseTooLarge(
+        f"the response {amount}{detail}, over the server's limit of {limit} bytes per message; to fit it, "
+        + "".join(f"{r}, " for r in remedies) + "or raise the server's limit (segsvc serve --max-message-mb)")
 
 
 def cancellation_code(remaining_s: float | None) -> grpc.StatusCode:

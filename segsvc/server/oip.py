@@ -33,6 +33,7 @@ import grpc
 
 import segsvc
 from segsvc.errors import InvalidArgument, NotFound
+from segsvc.inference.predictor import labels_dtype
 from segsvc.inference.service import InferenceService
 from segsvc.server import oip_convert as convert
 from segsvc.server.config import LimitsConfig
@@ -87,6 +88,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._accepting = accepting
         self._manager = service.manager
         self._max_images = limits.max_stream_in_flight
+        self._max_bytes = limits.max_message_bytes
 
     # -- health and metadata --------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
@@ -150,12 +152,16 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def work() -> pb.ModelInferResponse:
             nonlocal model, code
             try:
-                call = await self._service.run_io(convert.infer_call, request, self._max_images)
-                name, version, _ = self._service.resolve(request.model_name or None,
-                                                         convert.version_of(request.model_version))
+                call = await self._service.run_io(convert.infer_call, request, self._max_images,
+                                                  self._service.max_pixels)
+                name, version, manifest = self._service.resolve(request.model_name or None,
+                                                                convert.version_of(request.model_version))
                 model = name
+                # outputs over the message limit: refused before any image is decoded
+                convert.check_outputs_size(call, labels_dtype(manifest.spec.num_classes), self._max_bytes)
                 segs = await self._segment_all(call, name, version, _deadline(context, call.timeout_s))
-                return await self._service.run_io(convert.infer_response, request.id, segs, call.outputs)
+                return await self._service.run_io(convert.infer_response, request.id, segs, call.outputs,
+                                                  self._max_bytes)
             except asyncio.CancelledError:
                 code = cancellation_code(context.time_remaining()).name
                 raise

@@ -14,7 +14,10 @@ What segsvc serves over the protocol (``ModelMetadata`` says the same):
   microseconds, as tritonclient sends it) bounds the call like a gRPC deadline.
 
 Like ``convert.py``, functions here are pure (no I/O, no event loop); every malformed
-tensor raises ``InvalidArgument`` naming the problem, before anything is decoded.
+tensor raises ``InvalidArgument`` naming the problem, before anything is decoded. The
+declared sizes come first: images over the pixel limit are refused from their shape or
+header before any value is read, and outputs over the server's message limit
+(``check_outputs_size``, N x H x W bytes per output) before any image is decoded.
 """
 
 from __future__ import annotations
@@ -29,12 +32,14 @@ import numpy as np
 
 from segsvc.errors import InvalidArgument, InvalidImage
 from segsvc.inference.batcher import BatchingConfig
+from segsvc.inference.codec import check_pixels
 from segsvc.inference.engine import InferenceOptions
 from segsvc.inference.manager import ModelStatus, VersionState
 from segsvc.inference.predictor import labels_dtype
 from segsvc.inference.service import EncodedImage, ImageSource, RawPixels, Segmentation
 from segsvc.inference.statistics import Duration, StatisticsSnapshot
 from segsvc.models.artifact import Manifest
+from segsvc.server.errors import check_response_size
 from segsvc.server.oip_pb import grpc_service_pb2 as pb
 from segsvc.server.oip_pb import model_config_pb2 as mc
 
@@ -51,9 +56,11 @@ LENGTH_PREFIX_BYTES = 4  # a raw BYTES element: its length as uint32 little-endi
 
 @dataclass(frozen=True, eq=False)
 class InferCall:
-    """What one ``ModelInfer`` request asks of the core: the images, the options, the outputs in order."""
+    """What one ``ModelInfer`` request asks of the core: the images (all ``size``, height x width), the options,
+    the outputs in order."""
 
     sources: tuple[ImageSource, ...]
+    size: tuple[int, int]
     options: InferenceOptions
     outputs: tuple[str, ...]
     timeout_s: float | None = None
@@ -110,8 +117,11 @@ def _requested_outputs(outputs: Sequence) -> tuple[str, ...]:
     return tuple(names) or (LABELS,)
 
 
-def infer_call(request: pb.ModelInferRequest, max_images: int) -> InferCall:
-    """Validate a ``ModelInferRequest`` and turn it into image sources and options (nothing decoded)."""
+def infer_call(request: pb.ModelInferRequest, max_images: int, max_pixels: int) -> InferCall:
+    """Validate a ``ModelInferRequest`` and turn it into image sources and options (nothing decoded).
+
+    The images' count and size (``max_pixels`` each) are checked from the shape or the headers before any
+    pixel value is read or converted."""
     kwargs, timeout_s = _request_parameters(request.parameters)
     outputs = _requested_outputs(request.outputs)
     try:
@@ -133,12 +143,19 @@ def infer_call(request: pb.ModelInferRequest, max_images: int) -> InferCall:
         raise InvalidArgument(f"input {tensor.name[:64]!r}: parameters {sorted(tensor.parameters)[:4]} are not "
                               "supported (shared memory is not available)")
     if tensor.name == IMAGE:
-        sources = _encoded_images(tensor, raw, max_images)
+        sources, size = _encoded_images(tensor, raw, max_images, max_pixels)
     elif tensor.name == PIXELS:
-        sources = _raw_pixels(tensor, raw, max_images)
+        sources, size = _raw_pixels(tensor, raw, max_images, max_pixels)
     else:
         raise InvalidArgument(f"unknown input {tensor.name[:64]!r}; inputs: {INPUTS_HELP}")
-    return InferCall(sources, options, outputs, timeout_s)
+    return InferCall(sources, size, options, outputs, timeout_s)
+
+
+def _check_pixels(name: str, height: int, width: int, max_pixels: int) -> None:
+    try:
+        check_pixels(height, width, max_pixels)
+    except InvalidImage as exc:
+        raise type(exc)(f"input {name!r}: {exc}") from None
 
 
 def _batch_size(tensor, ranks: tuple[int, ...], expected: str, max_images: int) -> int:  # type: ignore[no-untyped-def]
@@ -158,7 +175,8 @@ def _only_field(tensor, field: str) -> None:  # type: ignore[no-untyped-def]
                               f"or raw_input_contents, not in {used[0]}")
 
 
-def _encoded_images(tensor, raw: bytes | None, max_images: int) -> tuple[ImageSource, ...]:  # type: ignore[no-untyped-def]
+def _encoded_images(tensor, raw: bytes | None, max_images: int,  # type: ignore[no-untyped-def]
+                    max_pixels: int) -> tuple[tuple[ImageSource, ...], tuple[int, int]]:
     if tensor.datatype != "BYTES":
         raise InvalidArgument(f"input 'image' must be BYTES (encoded images), got {tensor.datatype[:16]!r}; "
                               "send raw pixels as input 'pixels' (UINT8)")
@@ -181,7 +199,8 @@ def _encoded_images(tensor, raw: bytes | None, max_images: int) -> tuple[ImageSo
         (h0, w0), (h1, w1) = sizes[0], next(s for s in sizes if s != sizes[0])
         raise InvalidArgument(f"the images of input 'image' must share one size (outputs are [N, H, W] tensors), "
                               f"got {w0}x{h0} and {w1}x{h1}: send them in separate requests")
-    return sources
+    _check_pixels(IMAGE, *sizes[0], max_pixels)
+    return sources, sizes[0]
 
 
 def _split_bytes(raw: bytes, n: int) -> list[memoryview]:
@@ -202,12 +221,14 @@ def _split_bytes(raw: bytes, n: int) -> list[memoryview]:
     return items
 
 
-def _raw_pixels(tensor, raw: bytes | None, max_images: int) -> tuple[ImageSource, ...]:  # type: ignore[no-untyped-def]
+def _raw_pixels(tensor, raw: bytes | None, max_images: int,  # type: ignore[no-untyped-def]
+                max_pixels: int) -> tuple[tuple[ImageSource, ...], tuple[int, int]]:
     if tensor.datatype != "UINT8":
         raise InvalidArgument(f"input 'pixels' must be UINT8, got {tensor.datatype[:16]!r}; "
                               "send encoded images as input 'image' (BYTES)")
     n = _batch_size(tensor, (3, 4), "[N, H, W, C] or [N, H, W]", max_images)
     shape = [int(d) for d in tensor.shape]
+    _check_pixels(PIXELS, shape[1], shape[2], max_pixels)  # from the shape: before any value is read
     expected = math.prod(shape)  # Python ints: no overflow
     if raw is None:
         _only_field(tensor, "uint_contents")
@@ -224,11 +245,32 @@ def _raw_pixels(tensor, raw: bytes | None, max_images: int) -> tuple[ImageSource
             raise InvalidArgument(f"input 'pixels' of shape {shape} needs {expected} bytes (UINT8, row-major), "
                                   f"raw_input_contents holds {len(data)}")
     step = expected // n
-    return tuple(RawPixels(data[i * step:(i + 1) * step], shape[1:]) for i in range(n))
+    return tuple(RawPixels(data[i * step:(i + 1) * step], shape[1:]) for i in range(n)), (shape[1], shape[2])
 
 
-def infer_response(request_id: str, segs: Sequence[Segmentation], outputs: Sequence[str]) -> pb.ModelInferResponse:
-    """The outputs of one request's images, stacked to ``[N, H, W]``, in ``raw_output_contents``."""
+def _remedies(images: int, outputs: Sequence[str]) -> list[str]:
+    """What a caller can change so that the response fits, most effective first."""
+    remedies = ["drop the 'confidence' output"] if CONFIDENCE in outputs else []
+    if images > 1:
+        remedies.append("send fewer images per request")
+    return remedies + ["send smaller images (or tiles of them)"]
+
+
+def check_outputs_size(call: InferCall, labels: np.dtype, max_bytes: int) -> None:
+    """Refuse, before any work, a request whose raw outputs alone exceed the server's message limit.
+
+    Every output is an ``[N, H, W]`` tensor of ``labels`` (the model's label type) or UINT8 (confidence)."""
+    n, (height, width) = len(call.sources), call.size
+    dtypes = [np.dtype(labels) if name == LABELS else np.dtype(np.uint8) for name in call.outputs]
+    parts = [f"{name!r} {DATATYPES[dtype]} [{n}, {height}, {width}]" for name, dtype in zip(call.outputs, dtypes)]
+    check_response_size(sum(n * height * width * dtype.itemsize for dtype in dtypes), max_bytes,
+                        _remedies(n, call.outputs), detail=f" (outputs {', '.join(parts)})", at_least=True)
+
+
+def infer_response(request_id: str, segs: Sequence[Segmentation], outputs: Sequence[str],
+                   max_bytes: int) -> pb.ModelInferResponse:
+    """The outputs of one request's images, stacked to ``[N, H, W]``, in ``raw_output_contents``; a response over
+    ``max_bytes`` (the server's message limit) raises ``ResponseTooLarge``."""
     first = segs[0]
     response = pb.ModelInferResponse(model_name=first.model, model_version=str(first.version), id=request_id)
     for name in outputs:
@@ -236,6 +278,7 @@ def infer_response(request_id: str, segs: Sequence[Segmentation], outputs: Seque
         stacked = np.stack(arrays)  # type: ignore[arg-type]
         response.outputs.add(name=name, datatype=DATATYPES[stacked.dtype], shape=list(stacked.shape))
         response.raw_output_contents.append(stacked.astype(stacked.dtype.newbyteorder("<"), copy=False).tobytes())
+    check_response_size(response.ByteSize(), max_bytes, _remedies(len(segs), outputs))
     return response
 
 

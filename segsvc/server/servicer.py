@@ -6,7 +6,10 @@ batch, await), and encodes the response on an I/O thread. ``SegmentStream``
 runs the same call for many requests of one stream at once (bounded by
 ``max_stream_in_flight``), answering in completion order with each response's
 ``request_id``. Admission and drain are the app's ``DrainGate``; every failure
-goes through ``server.errors``.
+goes through ``server.errors``. No response exceeds the server's message limit:
+one whose raw label map and confidence alone would is refused before decoding,
+an encoded one (PNG) once it is built, with ``ResponseTooLarge`` (in a stream,
+that item's response carries it and the stream goes on).
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 
+from segsvc.inference.codec import check_pixels
+from segsvc.inference.engine import InferenceOptions
 from segsvc.inference.manager import ModelManager
-from segsvc.inference.service import InferenceService
+from segsvc.inference.predictor import labels_dtype
+from segsvc.inference.service import ImageSource, InferenceService
+from segsvc.models.artifact import Manifest
 from segsvc.server import convert
 from segsvc.server.config import LimitsConfig
-from segsvc.server.errors import (REQUEST_ID_KEY, abort, cancellation_code, clean_text, log_unexpected, rpc_status,
-                                  status_of)
+from segsvc.server.errors import (REQUEST_ID_KEY, abort, cancellation_code, check_response_size, clean_text,
+                                  log_unexpected, rpc_status, status_of)
 from segsvc.server.metrics import ServerMetrics
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
@@ -44,6 +51,43 @@ class _Call:
     version: int = 0
     queue_s: float | None = None
     run_s: float | None = None
+
+
+class _PeekedOnce:
+    """An image source whose header is read once: the response-size check and the core share the size."""
+
+    def __init__(self, source: ImageSource) -> None:
+        self._source = source
+        self._size: tuple[int, int] | None = None
+        self._peeked = False
+
+    def peek(self) -> tuple[int, int] | None:
+        if not self._peeked:
+            self._size, self._peeked = self._source.peek(), True
+        return self._size
+
+    def load(self, max_pixels: int):  # type: ignore[no-untyped-def]
+        return self._source.load(max_pixels)
+
+
+_RAW_ENCODINGS = (pb.OUTPUT_ENCODING_UNSPECIFIED, pb.OUTPUT_ENCODING_RAW_UINT8, pb.OUTPUT_ENCODING_RAW_UINT16)
+
+
+def _raw_label_bytes(fmt: convert.OutputFormat, manifest: Manifest) -> int:
+    """Bytes per pixel of the label map as sent (0 for a PNG, whose size is known only once encoded)."""
+    if fmt.encoding == pb.OUTPUT_ENCODING_UNSPECIFIED:
+        return labels_dtype(manifest.spec.num_classes).itemsize
+    return {pb.OUTPUT_ENCODING_RAW_UINT8: 1, pb.OUTPUT_ENCODING_RAW_UINT16: 2}.get(fmt.encoding, 0)
+
+
+def _remedies(fmt: convert.OutputFormat, options: InferenceOptions) -> list[str]:
+    """What a caller can change so that the response fits, most effective first."""
+    remedies = ["drop return_confidence"] if options.confidence else []
+    if fmt.encoding in _RAW_ENCODINGS:
+        remedies.append("ask for OUTPUT_ENCODING_PNG labels")
+    elif fmt.encoding == pb.OUTPUT_ENCODING_OVERLAY_PNG:
+        remedies.append("ask for OUTPUT_ENCODING_PNG labels instead of the overlay")
+    return remedies + ["send a smaller image (or tiles of it)"]
 
 
 class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
@@ -114,19 +158,37 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     async def _segment(self, request: pb.SegmentRequest, deadline: float | None, call: _Call) -> pb.SegmentResponse:
         options, fmt = convert.options_from_proto(request.options)
+        source = _PeekedOnce(convert.image_source(request))
 
-        def on_lease(name: str, version: int, manifest) -> None:  # type: ignore[no-untyped-def]
+        def on_lease(name: str, version: int, manifest: Manifest) -> None:
             call.model, call.version = name, version
             fmt.check(manifest)
+            self._check_raw_size(source, manifest, fmt, options)
 
         seg = await self._service.segment(
-            convert.image_source(request), model=request.model or None, version=request.version or None,
+            source, model=request.model or None, version=request.version or None,
             options=options, deadline=deadline, on_lease=on_lease,
         )
         call.queue_s, call.run_s = seg.queue_s, seg.run_s
         response = await self._service.run_io(convert.segment_response, call.request_id, seg, fmt)
         response.timings.total_ms = (time.perf_counter() - call.started) * 1e3
+        check_response_size(response.ByteSize(), self._limits.max_message_bytes, _remedies(fmt, options))
         return response
+
+    def _check_raw_size(self, source: _PeekedOnce, manifest: Manifest, fmt: convert.OutputFormat,
+                        options: InferenceOptions) -> None:
+        """Refuse, before any decoding, an image whose raw label map and confidence alone exceed the message limit."""
+        size = source.peek()
+        if size is None:
+            return
+        height, width = size
+        check_pixels(height, width, self._service.max_pixels)  # the core's first check: an oversized image says so
+        label_bytes = _raw_label_bytes(fmt, manifest)
+        parts = [f"raw {8 * label_bytes}-bit labels"] if label_bytes else []
+        parts += ["confidence"] if options.confidence else []
+        check_response_size(height * width * (label_bytes + options.confidence), self._limits.max_message_bytes,
+                            _remedies(fmt, options), detail=f" ({' and '.join(parts)} of a {width}x{height} image)",
+                            at_least=True)
 
     async def SegmentStream(self, request_iterator: AsyncIterator[pb.SegmentRequest],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SegmentResponse]:

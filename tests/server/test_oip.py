@@ -325,6 +325,25 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding(start_server, 
         client.close()
 
 
+def test_pixels_over_the_limit_are_refused_from_the_shape_before_any_value_is_read(start_server, shared_repo):
+    """The declared shape is checked first: pixels whose values are bad too (above 255, too few bytes) are
+    refused for their size, so no value was converted or counted before the refusal."""
+    server = start_server(shared_repo, limits=LimitsConfig(max_pixels=32 * 32), models=("tiny",))
+    typed = service_pb2.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[2, 64, 64, 3])
+    typed.contents.uint_contents.extend([256] * (2 * 64 * 64 * 3))  # converted, these would be refused as > 255
+    raw = service_pb2.ModelInferRequest(
+        model_name="tiny", raw_input_contents=[b"\0" * 100],  # far too few bytes for the shape
+        inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 64, 64])])
+    with grpc.insecure_channel(server.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for request in (service_pb2.ModelInferRequest(model_name="tiny", inputs=[typed]), raw):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request, timeout=60)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "input 'pixels': image is 64x64 = 4096 pixels, over the limit of 1024 pixels" in info.value.details()
+            assert dict(info.value.trailing_metadata())["segsvc-error"] == "ImageTooLarge"
+
+
 def test_the_rest_of_the_protocol_is_unimplemented_with_a_hint(triton_client, shared_server):
     _refused("UNIMPLEMENTED", "send tensors in the request", lambda: triton_client.get_system_shared_memory_status())
     with grpc.insecure_channel(shared_server.address) as channel:
