@@ -14,11 +14,19 @@ A token file has one token per line, ``TOKEN [SCOPE,SCOPE...]`` (no scopes:
 Inference Protocol's ServerLive, ServerReady and ModelReady. Unknown methods
 need a valid token too, so UNIMPLEMENTED tells an anonymous caller nothing.
 Tokens are compared in constant time.
+
+A method's scope is checked here, before its handler runs; a handler whose
+answer depends on *what* it acts on asks ``caller_may(scope)`` (the interceptor
+sets the caller's scopes around every handler): the Operations service and
+JobService also hold training jobs, which need ``manage`` (``server/jobs.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hmac
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +55,19 @@ METHOD_SCOPES: tuple[tuple[str, str], ...] = (
     ("/segsvc.v1.DatasetService/", "manage"),
     ("/segsvc.v1.TrainingService/", "manage"),
 )
+
+
+# The scopes of the current call's token, set by the interceptor around the call's handler. None: no token
+# check on this server (no --token-file), so every scope is granted.
+_CALLER_SCOPES: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar(
+    "segsvc_caller_scopes", default=None)
+
+
+def caller_may(scope: str) -> bool:
+    """Whether the token of the call being handled grants ``scope`` (``manage`` grants every scope); True on a
+    server without authentication."""
+    scopes = _CALLER_SCOPES.get()
+    return scopes is None or scope in scopes or "manage" in scopes
 
 
 def required_scope(method: str) -> str:
@@ -153,7 +174,49 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if needed not in scopes and "manage" not in scopes:
             return _deny(handler, PermissionDenied(f"this token lacks the '{needed}' scope that "
                                                    f"{method.rsplit('/', 1)[-1][:64]} needs"))
-        return handler
+        return _with_scopes(handler, scopes)
+
+
+def _with_scopes(handler: grpc.RpcMethodHandler | None, scopes: frozenset[str]) -> grpc.RpcMethodHandler | None:
+    """``handler`` run with ``scopes`` as the caller's (``caller_may``); same shape, serializers and behaviour."""
+    if handler is None:
+        return None
+    kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.response_streaming:
+        inner_stream = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        async def streaming(request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+            token = _CALLER_SCOPES.set(scopes)
+            try:
+                responses = inner_stream(request, context)
+                if inspect.isawaitable(responses):  # a handler that writes with context.write()
+                    await responses
+                    return
+                if hasattr(responses, "__aiter__"):
+                    async for response in responses:
+                        yield response
+                else:
+                    for response in responses:
+                        yield response
+            finally:
+                with contextlib.suppress(ValueError):  # a generator closed from another context: nothing to undo
+                    _CALLER_SCOPES.reset(token)
+
+        make = grpc.stream_stream_rpc_method_handler if handler.request_streaming \
+            else grpc.unary_stream_rpc_method_handler
+        return make(streaming, **kwargs)
+    inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+    async def unary(request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        token = _CALLER_SCOPES.set(scopes)
+        try:
+            response = inner(request, context)
+            return await response if inspect.isawaitable(response) else response
+        finally:
+            _CALLER_SCOPES.reset(token)
+
+    make = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
+    return make(unary, **kwargs)
 
 
 def _deny(handler: grpc.RpcMethodHandler | None, error: SegsvcError) -> grpc.RpcMethodHandler:

@@ -8,6 +8,10 @@ page token is opaque to clients) and filters with ``key=value`` terms joined by
 Training jobs (kind ``train``, ``TrainingRunner``) live in the same store and
 are the same kind of operation: Get, List, Wait, Cancel and Delete dispatch
 on the job's kind, and ``server/training.py`` packs their metadata and response.
+Training needs the ``manage`` scope (``server/auth.py``): a token with only
+``jobs`` gets PERMISSION_DENIED for any call naming a training job (its
+metadata names datasets and models, its outputs are the trainer's logs), and
+``ListOperations`` leaves training jobs out of its pages.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import empty_pb2
 
-from segsvc.errors import FailedPrecondition, InvalidArgument
+from segsvc.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from segsvc.jobs.batch import KIND as BATCH_KIND
 from segsvc.jobs.batch import JobRunner
 from segsvc.jobs.store import JOB_STATES, Job
 from segsvc.jobs.training import KIND as TRAIN_KIND
 from segsvc.jobs.training import TrainingRunner
 from segsvc.server import convert
+from segsvc.server.auth import caller_may
 from segsvc.server.errors import abort, guarded
 from segsvc.server.training import training_operation
 from segsvc.v1 import jobs_pb2 as jobs_pb
@@ -38,6 +44,8 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 DEFAULT_WAIT_S = 60.0
 MAX_WAIT_S = 600.0
+MAX_DURATION_S = 315_576_000_000  # google.protobuf.Duration's range: +-10,000 years
+TRAINING_SCOPE = "manage"
 
 
 class _Adapter:
@@ -53,9 +61,10 @@ class _Adapter:
             raise FailedPrecondition("batch jobs are not enabled on this server: start it with --state-dir")
         return self._runner_or_none
 
-    async def _runner_of(self, job_id: str) -> JobRunner | TrainingRunner:
-        """The runner that owns the job: training jobs go to the training runner."""
+    async def _runner_of(self, job_id: str, method: str) -> JobRunner | TrainingRunner:
+        """The runner that owns the job: training jobs go to the training runner (for a ``manage`` token)."""
         job = await asyncio.to_thread(self._runner.store.get, job_id)
+        check_access(job, method)
         if job.kind == TRAIN_KIND:
             if self._training_or_none is None:
                 raise FailedPrecondition("training jobs are not enabled on this server")
@@ -99,7 +108,7 @@ class JobServicer(_Adapter, jobs_grpc.JobServiceServicer):
     async def FetchJobOutputs(self, request: jobs_pb.FetchJobOutputsRequest, context):
         try:
             job_id = convert.job_id_of(request.name)
-            runner = await self._runner_of(job_id)
+            runner = await self._runner_of(job_id, "FetchJobOutputs")
             lister = runner.artifact_files if isinstance(runner, TrainingRunner) else runner.output_files
             files = await asyncio.to_thread(lister, job_id)
             async for chunk in convert.file_chunks(files):
@@ -112,7 +121,7 @@ class JobServicer(_Adapter, jobs_grpc.JobServiceServicer):
     async def DeleteJob(self, request: jobs_pb.DeleteJobRequest, context):
         async def work() -> jobs_pb.DeleteJobResponse:
             job_id = convert.job_id_of(request.name)
-            removed = await (await self._runner_of(job_id)).delete(job_id, request.delete_outputs)
+            removed = await (await self._runner_of(job_id, "DeleteJob")).delete(job_id, request.delete_outputs)
             return jobs_pb.DeleteJobResponse(deleted_files=removed)
 
         return await self._call("DeleteJob", context, work)
@@ -123,7 +132,9 @@ class OperationsServicer(_Adapter, operations_pb2_grpc.OperationsServicer):
 
     async def GetOperation(self, request: operations_pb2.GetOperationRequest, context):
         async def work() -> operations_pb2.Operation:
-            return self._operation(await asyncio.to_thread(self._runner.get, convert.job_id_of(request.name)))
+            job = await asyncio.to_thread(self._runner.get, convert.job_id_of(request.name))
+            check_access(job, "GetOperation")
+            return self._operation(job)
 
         return await self._call("GetOperation", context, work)
 
@@ -134,6 +145,12 @@ class OperationsServicer(_Adapter, operations_pb2_grpc.OperationsServicer):
             if not 0 < size <= MAX_PAGE_SIZE:
                 raise InvalidArgument(f"page_size must be in 1..{MAX_PAGE_SIZE}, got {request.page_size}")
             after = _page_token(request.page_token)
+            with_training = caller_may(TRAINING_SCOPE)
+            if kind == TRAIN_KIND and not with_training:
+                raise PermissionDenied(f"listing training jobs needs a token with the '{TRAINING_SCOPE}' scope; "
+                                       f"this token lists batch jobs only")
+            if kind is None and not with_training:  # the batch jobs, not the training ones
+                kind = BATCH_KIND
             jobs = await asyncio.to_thread(self._runner.store.list, kind=kind, states=states,
                                            after_seq=after, limit=size + 1)
             response = operations_pb2.ListOperationsResponse(operations=[self._operation(j) for j in jobs[:size]])
@@ -146,7 +163,7 @@ class OperationsServicer(_Adapter, operations_pb2_grpc.OperationsServicer):
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest, context):
         async def work() -> empty_pb2.Empty:
             job_id = convert.job_id_of(request.name)
-            await (await self._runner_of(job_id)).cancel(job_id)
+            await (await self._runner_of(job_id, "CancelOperation")).cancel(job_id)
             return empty_pb2.Empty()
 
         return await self._call("CancelOperation", context, work)
@@ -154,22 +171,29 @@ class OperationsServicer(_Adapter, operations_pb2_grpc.OperationsServicer):
     async def DeleteOperation(self, request: operations_pb2.DeleteOperationRequest, context):
         async def work() -> empty_pb2.Empty:
             job_id = convert.job_id_of(request.name)
-            await (await self._runner_of(job_id)).delete(job_id, delete_outputs=False)
+            await (await self._runner_of(job_id, "DeleteOperation")).delete(job_id, delete_outputs=False)
             return empty_pb2.Empty()
 
         return await self._call("DeleteOperation", context, work)
 
     async def WaitOperation(self, request: operations_pb2.WaitOperationRequest, context):
         async def work() -> operations_pb2.Operation:
-            timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else DEFAULT_WAIT_S
+            timeout = _wait_seconds(request.timeout) if request.HasField("timeout") else DEFAULT_WAIT_S
             remaining = context.time_remaining()
             if remaining is not None:  # answer before the caller's own deadline
                 timeout = min(timeout, max(remaining - 0.5, 0.0))
             timeout = min(max(timeout, 0.0), MAX_WAIT_S)
             job_id = convert.job_id_of(request.name)
-            return self._operation(await (await self._runner_of(job_id)).wait(job_id, timeout))
+            return self._operation(await (await self._runner_of(job_id, "WaitOperation")).wait(job_id, timeout))
 
         return await self._call("WaitOperation", context, work)
+
+
+def check_access(job: Job, method: str) -> None:
+    """PERMISSION_DENIED for a training job unless the caller's token has the ``manage`` scope."""
+    if job.kind == TRAIN_KIND and not caller_may(TRAINING_SCOPE):
+        raise PermissionDenied(f"job {job.id} is a training job: {method} on training jobs needs a token with "
+                               f"the '{TRAINING_SCOPE}' scope")
 
 
 def parse_filter(text: str) -> tuple[str | None, list[str] | None]:
@@ -201,6 +225,18 @@ def parse_filter(text: str) -> tuple[str | None, list[str] | None]:
 def _page_token(token: str) -> int:
     if not token:
         return 0
-    if not token.isdigit() or len(token) > 18:
+    if not (token.isascii() and token.isdigit()) or len(token) > 18:  # isdigit() alone accepts "²"
         raise InvalidArgument("page_token is not one this server returned")
     return int(token)
+
+
+def _wait_seconds(duration) -> float:  # type: ignore[no-untyped-def]
+    """A ``WaitOperation`` timeout in seconds; INVALID_ARGUMENT past what a ``Duration`` may hold.
+
+    Computed in floats, not ``ToTimedelta()`` (which overflows); nanos of a whole second or more, which our
+    own client sends, are accepted as what they add up to.
+    """
+    if abs(duration.seconds) > MAX_DURATION_S:
+        raise InvalidArgument(f"WaitOperation timeout of {duration.seconds} s is not a valid google.protobuf.Duration "
+                              f"(at most {MAX_DURATION_S} s); the server waits at most {MAX_WAIT_S:g} s anyway")
+    return duration.seconds + duration.nanos / 1e9

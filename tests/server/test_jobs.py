@@ -283,3 +283,30 @@ def test_max_running_jobs_makes_further_jobs_wait_in_order(start_server, tmp_pat
             any_meta.Unpack(meta)
             times.append((meta.start_time.ToNanoseconds(), meta.end_time.ToNanoseconds()))
         assert times[0][1] <= times[1][0] and times[1][1] <= times[2][0]  # one at a time, in submission order
+
+
+def test_malformed_operations_input_is_invalid_argument_not_internal(job_server, caplog):
+    """Page tokens of non-ASCII digits and timeouts no Duration can hold are the caller's mistake, said so."""
+    from google.protobuf.duration_pb2 import Duration
+
+    server, _ = job_server
+    with server.client() as c:
+        job = c.submit_job(["scans"], model="tiny")
+        job.wait(timeout_s=60)
+    with grpc.insecure_channel(server.address) as channel:
+        ops = operations_pb2_grpc.OperationsStub(channel)
+        for token in ("\u00b2", "\u0663", "x", "-1", "1" * 19):  # superscript two, Arabic-Indic three: isdigit()
+            with pytest.raises(grpc.RpcError) as info:
+                ops.ListOperations(operations_pb2.ListOperationsRequest(page_token=token), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, token
+            assert info.value.details() == "page_token is not one this server returned"
+        for timeout in (Duration(seconds=2**62), Duration(seconds=-(2**62)), Duration(seconds=315_576_000_001)):
+            with pytest.raises(grpc.RpcError) as info:
+                ops.WaitOperation(operations_pb2.WaitOperationRequest(name=job.name, timeout=timeout), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, timeout
+            assert "timeout" in info.value.details() and "Duration" in info.value.details()
+        # what the client sends (nanos up to a whole second) and long valid timeouts still wait, capped
+        for timeout in (Duration(nanos=1_000_000_000), Duration(seconds=315_576_000_000), Duration(seconds=1)):
+            assert ops.WaitOperation(operations_pb2.WaitOperationRequest(name=job.name, timeout=timeout),
+                                     timeout=30).done
+    assert "failed unexpectedly" not in caplog.text
