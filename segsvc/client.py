@@ -267,9 +267,16 @@ class SegmentationClient:
 
         ``tile_size``, ``tile_overlap`` and ``flip_tta`` left ``None`` use the model's
         defaults from its manifest; ``tile_size=0`` and ``flip_tta=False`` turn them off.
+        ``tile_overlap`` needs an explicit ``tile_size`` (segsvc.v1 sends the overlap
+        with the tile size: it cannot override only the manifest's overlap).
         """
         if encoding not in ENCODINGS:
             raise InvalidArgument(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
+        if tile_overlap is not None and tile_size is None:
+            raise InvalidArgument(
+                "tile_overlap needs tile_size: segsvc.v1 sends an overlap only with an explicit tile size; "
+                "pass tile_size too (the model's tile size is in its manifest), or leave both unset for the "
+                "model's defaults")
         options = pb.SegmentOptions(
             encoding=ENCODINGS[encoding], return_confidence=confidence, return_class_counts=class_counts,
         )
@@ -348,10 +355,13 @@ class SegmentationClient:
 
         items = list(images)
         results: list[LabelMap | SegsvcError | None] = [None] * len(items)
+        # the first request is built here: options are the same for every image, and an error raised in the
+        # request iterator (gRPC's thread) would only cancel the stream with "Exception iterating requests!"
+        first = self.build_request(items[0], request_id="0", **options) if items else None
 
         def requests() -> Iterator[pb.SegmentRequest]:
             for i, image in enumerate(items):
-                yield self.build_request(image, request_id=str(i), **options)
+                yield first if i == 0 else self.build_request(image, request_id=str(i), **options)
 
         bar = tqdm(total=len(items), unit="img", disable=not progress, desc="segment")
         try:

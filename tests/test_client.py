@@ -51,3 +51,32 @@ def test_uploads_keep_one_folders_layout_and_need_distinct_names_otherwise(tmp_p
     # two folders: files are uploaded under their own names, and a/sub/a.png collide
     with pytest.raises(InvalidArgument, match="distinct names"):
         local_images([tmp_path / "scans", tmp_path / "more"])
+
+
+def test_a_tile_overlap_without_a_tile_size_is_refused_not_dropped():
+    """segsvc.v1 carries an overlap only inside TilingOptions, whose tile_size 0 means "no tiling": the client
+    cannot send an overlap for the model's own tile size, so it says so instead of silently leaving it out."""
+    import numpy as np
+
+    from segsvc.client import SegmentationClient
+
+    with pytest.raises(InvalidArgument, match="tile_overlap needs tile_size"):
+        SegmentationClient.build_request(np.zeros((4, 4, 3), np.uint8), model="tiny", tile_overlap=0.5)
+    request = SegmentationClient.build_request(np.zeros((4, 4, 3), np.uint8), tile_size=64, tile_overlap=0.5)
+    assert (request.options.tiling.tile_size, request.options.tiling.overlap) == (64, 0.5)
+    assert not SegmentationClient.build_request(b"png").options.HasField("tiling")
+
+
+def test_segment_many_refuses_bad_options_before_streaming():
+    """Options are the same for every image: a bad one is raised as itself, not as the stream's UNKNOWN
+    "Exception iterating requests!" (the request iterator runs on gRPC's thread), and before any call."""
+    import numpy as np
+
+    from segsvc.client import SegmentationClient
+
+    with SegmentationClient("127.0.0.1:1", timeout_s=10) as c:  # nothing listens there: no call may be made
+        images = [np.zeros((4, 4, 3), np.uint8)] * 2
+        with pytest.raises(InvalidArgument, match="tile_overlap needs tile_size"):
+            c.segment_many(images, model="tiny", progress=False, tile_overlap=0.5)
+        with pytest.raises(InvalidArgument, match="encoding must be one of"):
+            c.segment_many(images, model="tiny", progress=False, encoding="bogus")

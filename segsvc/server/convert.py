@@ -19,6 +19,7 @@ from google.longrunning import operations_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
+from segsvc.config import MAX_TILE_OVERLAP
 from segsvc.errors import InvalidArgument, InvalidImage
 from segsvc.inference.codec import encode_png, overlay
 from segsvc.inference.engine import InferenceOptions, Output
@@ -73,7 +74,8 @@ def options_from_proto(msg: pb.SegmentOptions) -> tuple[InferenceOptions, Output
         if msg.tiling.HasField("overlap"):
             overlap = float(msg.tiling.overlap)
             if not math.isfinite(overlap):
-                raise InvalidArgument(f"options.tiling.overlap must be a fraction in [0, 1), got {overlap}")
+                raise InvalidArgument(
+                    f"options.tiling.overlap must be a fraction in [0, {MAX_TILE_OVERLAP}], got {overlap}")
     try:
         options = InferenceOptions(
             tile_size=tile_size,

@@ -10,18 +10,24 @@ The gate also parses requests: bytes that are not a valid message answer
 INVALID_ARGUMENT with a short message (gRPC itself would answer UNKNOWN with
 the parser's exception text and log a traceback). In a request stream, a bad
 message ends the stream with INVALID_ARGUMENT once the messages before it
-are answered.
+are answered. Both refusals go through ``server.errors.abort``, so they carry
+the same ``google.rpc.Status`` (with its ``ErrorInfo``) and ``segsvc-error``
+trailer as every other error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
 
-from segsvc.errors import InvalidArgument
+from segsvc.errors import InvalidArgument, Unavailable
+from segsvc.server.errors import abort
+
+log = logging.getLogger("segsvc.server")
 
 GATED_PREFIXES = ("/segsvc.v1.", "/google.longrunning.Operations/", "/inference.GRPCInferenceService/")
 # Readiness probes of the Open Inference Protocol pass like gRPC health: while starting or draining they
@@ -83,12 +89,13 @@ class DrainGate(grpc.aio.ServerInterceptor):
         streaming_in = handler.request_streaming
 
         async def admit(request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+            # through errors.abort like every other error: google.rpc.Status + ErrorInfo and segsvc-error trailers
             if not self.accepting:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, REFUSED)
+                await abort(context, Unavailable(REFUSED), "", method, log)
             if streaming_in:
                 return _checked(request, method)
             if isinstance(request, _Malformed):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {method} message")
+                await abort(context, InvalidArgument(f"the request is not a valid {method} message"), "", method, log)
             return request
 
         if handler.response_streaming:

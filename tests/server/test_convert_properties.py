@@ -10,6 +10,7 @@ another exception that the server would report as INTERNAL.
 from __future__ import annotations
 
 import math
+import re
 import struct
 import zlib
 from datetime import timedelta
@@ -213,3 +214,11 @@ def test_client_requests_leave_unset_options_to_the_model_and_send_explicit_ones
     assert (off.tile_size, off.tile_overlap, off.flip_tta) == (0, None, False)
     on = options(tile_size=64, tile_overlap=0.5, flip_tta=True)
     assert (on.tile_size, on.tile_overlap, on.flip_tta) == (64, 0.5, True)
+
+
+@pytest.mark.parametrize("overlap", [math.nan, math.inf, -math.inf, 0.9, -0.1])
+def test_a_refused_overlap_names_the_real_bound(overlap):
+    """NaN, infinite and out-of-range overlaps are all refused with the bound InferenceOptions enforces."""
+    with pytest.raises(InvalidArgument, match=re.escape(f"[0, {MAX_TILE_OVERLAP}]")) as info:
+        convert.options_from_proto(pb.SegmentOptions(tiling=pb.TilingOptions(tile_size=64, overlap=overlap)))
+    assert "options.tiling" in str(info.value) and "[0, 1)" not in str(info.value)

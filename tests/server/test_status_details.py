@@ -252,3 +252,30 @@ def test_auth_refusals_carry_an_error_info_too(start_server, tmp_path):
                               metadata=(("authorization", "Bearer infer-tok"),))
         assert exc.code() == grpc.StatusCode.PERMISSION_DENIED and "lacks the 'manage' scope" in exc.details()
         assert _error_info(status).reason == "PERMISSION_DENIED"
+
+
+@pytest.mark.parametrize("method", ["/segsvc.v1.SegmentationService/Segment",
+                                    "/inference.GRPCInferenceService/ModelInfer",
+                                    "/inference.GRPCInferenceService/ModelMetadata"])
+def test_undecodable_request_bytes_carry_an_error_info(channel, method):
+    """The gate's parse errors (both protocols) go through the same table as every other error."""
+    call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    exc, status = _failed(call, b"\x0a\xff\xff\xff\xff\x0f")
+    assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.details() == f"the request is not a valid {method.rsplit('/', 1)[-1]} message"
+    assert _error_info(status).reason == "INVALID_ARGUMENT" and _kind(exc) == "InvalidArgument"
+    assert error_from_rpc(exc).__class__ is errors.InvalidArgument
+
+
+def test_the_starting_gates_refusal_carries_an_error_info(held_start, tmp_path):
+    """UNAVAILABLE while the server starts (or drains) reads like every other error, for any client."""
+    publish(tmp_path / "repo", "m", seed=2)
+    port, release = held_start(tmp_path / "repo")  # listening, its model load held: the gate refuses calls
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            exc, status = _failed(pb_grpc.SegmentationServiceStub(ch).ListModels, pb.ListModelsRequest())
+    finally:
+        release()
+    assert exc.code() == grpc.StatusCode.UNAVAILABLE and "starting or draining" in exc.details()
+    assert _error_info(status).reason == "UNAVAILABLE" and _kind(exc) == "Unavailable"
+    assert error_from_rpc(exc).__class__ is errors.Unavailable
