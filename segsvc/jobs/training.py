@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,20 +96,40 @@ class TrainingRunner(StoreRunner):
 
     # -- requests ---------------------------------------------------------------------
     async def submit(self, request: TrainingRequest, request_id: str = "") -> Job:
-        """Resolve the dataset, recipe and base model and commit the job; an equal resubmission returns it."""
-        if request_id:
-            existing = await asyncio.to_thread(self.store.find, KIND, request_id)
-            if existing is not None:
-                if existing.spec.get("request") != request.to_dict():
-                    raise AlreadyExists(f"request_id {request_id!r} was already used for a different training job")
-                return existing
+        """Resolve the dataset, recipe and base model and commit the job; an equal resubmission returns it.
+
+        Equal means the same request under the same ``request_id``, also when the two
+        calls race (a client retrying while its first call is still in flight): the
+        first to commit wins and the other gets its job, even if its own resolution
+        differs (a default version moved in between). A different request under a
+        used ``request_id`` raises ``AlreadyExists``.
+        """
+
+        async def same_request() -> Job | None:
+            """The job already submitted under ``request_id`` for this request, if any; another request raises."""
+            if not request_id:
+                return None
+            found = await asyncio.to_thread(self.store.find, KIND, request_id)
+            if found is not None and found.spec.get("request") != request.to_dict():
+                raise AlreadyExists(f"request_id {request_id!r} was already used for a different training job "
+                                    f"({found.id}); use a new request_id to submit another one")
+            return found
+
+        existing = await same_request()
+        if existing is not None:
+            return existing
         if self.datasets is None:
             raise FailedPrecondition("this server has no dataset registry: training jobs are not available")
         spec = await asyncio.to_thread(resolve_submission, request, self.datasets, self.manager.repository,
                                        self.config)
-        job_id = uuid.uuid4().hex
-        job, created = await asyncio.to_thread(self.store.submit, KIND, spec, [], request_id=request_id or None,
-                                               job_id=job_id)
+        try:
+            job, created = await asyncio.to_thread(self.store.submit, KIND, spec, [],
+                                                   request_id=request_id or None)
+        except AlreadyExists:  # a concurrent submission with this request_id committed first
+            existing = await same_request()
+            if existing is None:
+                raise
+            return existing
         if created:
             await asyncio.to_thread(self.store.set_progress, job.id, {"phase": "queued"})
             log.info("training job %s submitted: %s on %s -> %s", job.id, spec["recipe_name"],
@@ -145,9 +164,7 @@ class TrainingRunner(StoreRunner):
         try:
             job = await asyncio.to_thread(self.store.start, job.id)
             run = _Run(job, progress=dict(job.progress))
-            self._runs[job.id] = run
-            if job.cancel_requested:
-                run.cancel.set()
+            await self._register(job.id, run)
             pgid = run.progress.pop("pgid", None)
             if pgid:  # a trainer started by a server that crashed may still be running: stop it first
                 await kill_stale_group(int(pgid), run.progress.pop("pgid_start", None), self.config.kill_grace_s)

@@ -1,0 +1,132 @@
+"""TrainingRunner's submission and start-up without a trainer: idempotent retries and a cancel landing at start."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from segsvc.errors import AlreadyExists, NotFound
+from segsvc.inference.repository import ModelRepository
+from segsvc.jobs import training
+from segsvc.jobs.store import Job, JobStore
+from segsvc.jobs.training import TrainingRunner
+from segsvc.jobs.trainspec import TrainingConfig, TrainingRequest
+
+REQUEST = TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=1)
+
+
+class _Datasets:
+    def get(self, name: str) -> SimpleNamespace:
+        if name != "shapes":
+            raise NotFound(f"no dataset named {name!r}")
+        return SimpleNamespace(name=name, sha256="f" * 64, spec_path="/d/shapes.yaml")
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = JobStore(tmp_path / "jobs.sqlite")
+    yield s
+    s.close()
+
+
+def _runner(tmp_path: Path, store: JobStore) -> TrainingRunner:
+    manager = SimpleNamespace(repository=ModelRepository(tmp_path / "repo"))
+    return TrainingRunner(store, manager, _Datasets(), TrainingConfig(state_dir=tmp_path / "state"))  # type: ignore[arg-type]
+
+
+def _both_miss_the_first_lookup(monkeypatch: pytest.MonkeyPatch, store: JobStore) -> None:
+    """Neither of two concurrent submissions finds the other's job: both go on to insert (a client retry)."""
+    barrier = threading.Barrier(2, timeout=60)
+    lookups = iter(range(2))  # the first lookup of each; any later one goes straight through
+    real_find = store.find
+
+    def find(kind: str, request_id: str) -> Job | None:
+        job = real_find(kind, request_id)
+        if next(lookups, None) is not None:
+            barrier.wait()
+        return job
+
+    monkeypatch.setattr(store, "find", find)
+
+
+def _submit_twice(runner: TrainingRunner, first: TrainingRequest, second: TrainingRequest) -> list:
+    async def main() -> list:
+        return await asyncio.gather(runner.submit(first, "retry-1"), runner.submit(second, "retry-1"),
+                                    return_exceptions=True)
+
+    return asyncio.run(main())
+
+
+def test_a_concurrent_identical_retry_gets_the_same_job(tmp_path, store, monkeypatch):
+    _both_miss_the_first_lookup(monkeypatch, store)
+    results = _submit_twice(_runner(tmp_path, store), REQUEST, REQUEST)
+    assert all(isinstance(r, Job) for r in results), results
+    assert results[0].id == results[1].id
+    assert [j.id for j in store.list()] == [results[0].id]
+    assert store.get(results[0].id).progress == {"phase": "queued"}
+
+
+def test_a_concurrent_different_request_with_the_same_id_is_refused(tmp_path, store, monkeypatch):
+    _both_miss_the_first_lookup(monkeypatch, store)
+    other = TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=2)
+    results = _submit_twice(_runner(tmp_path, store), REQUEST, other)
+    jobs = [r for r in results if isinstance(r, Job)]
+    refused = [r for r in results if isinstance(r, AlreadyExists)]
+    assert len(jobs) == 1 and len(refused) == 1, results
+    assert "retry-1" in str(refused[0])
+    assert [j.id for j in store.list()] == [jobs[0].id]
+
+
+def test_a_retry_whose_spec_resolved_differently_still_gets_the_first_job(tmp_path, store, monkeypatch):
+    """The same request resolved twice can differ (a base model's default moved in between): the first job wins."""
+    _both_miss_the_first_lookup(monkeypatch, store)
+    real_resolve = training.resolve_submission
+    calls = iter(range(2))
+
+    def resolve(*args):  # type: ignore[no-untyped-def]
+        return {**real_resolve(*args), "resolution": next(calls)}
+
+    monkeypatch.setattr(training, "resolve_submission", resolve)
+    results = _submit_twice(_runner(tmp_path, store), REQUEST, REQUEST)
+    assert all(isinstance(r, Job) for r in results), results
+    assert results[0].id == results[1].id and len(store.list()) == 1
+
+
+def test_a_cancel_landing_between_start_and_registration_stops_the_job(tmp_path, store, monkeypatch):
+    runner = _runner(tmp_path, store)
+    seen: list[bool] = []
+
+    async def train(run) -> Path:  # type: ignore[no-untyped-def]
+        seen.append(run.cancel.is_set())
+        if run.cancel.is_set():
+            raise training._Stop("CANCELLED", "cancelled before training")
+        raise training._Stop("FAILED", "training began although the cancel was acknowledged")
+
+    monkeypatch.setattr(runner, "_train", train)
+
+    async def main() -> tuple[Job, Job]:
+        loop = asyncio.get_running_loop()
+        acknowledged: list[Job] = []
+        real_start = store.start
+
+        def start_then_cancel(job_id: str) -> Job:
+            job = real_start(job_id)  # RUNNING is committed; the runner has not registered the job yet
+            acknowledged.append(asyncio.run_coroutine_threadsafe(runner.cancel(job_id), loop).result(60))
+            return job
+
+        monkeypatch.setattr(store, "start", start_then_cancel)
+        job = await runner.submit(REQUEST)
+        await runner.start()
+        try:
+            final = await runner.wait(job.id, timeout_s=60)
+        finally:
+            await runner.stop()
+        return acknowledged[0], final
+
+    acknowledged, final = asyncio.run(main())
+    assert acknowledged.cancel_requested and acknowledged.state == "RUNNING"
+    assert (final.state, final.error, seen) == ("CANCELLED", "cancelled before training", [True])
