@@ -381,6 +381,7 @@ def _jobs_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         data_root=Path(args.data_root) if args.data_root else None,
         max_running_jobs=args.max_running_jobs,
         max_inputs=args.max_job_images,
+        max_input_specs=args.max_job_paths,
         upload=UploadLimits(max_file_bytes=int(args.max_upload_file_mb * (1 << 20)),
                             max_total_bytes=int(args.max_upload_mb * (1 << 20))),
     )
@@ -493,6 +494,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-training-jobs", type=int, default=1,
                    help="training jobs run at once, each in its own process group (default 1; 0: training off)")
     g.add_argument("--max-job-images", type=int, default=100_000, help="most images in one job (default 100000)")
+    g.add_argument("--max-job-paths", type=int, default=1_000,
+                   help="most input paths (folders, globs, files) one job request names (default 1000)")
     g.add_argument("--max-upload-mb", type=float, default=2048, help="largest upload in MiB (default 2048)")
     g.add_argument("--max-upload-file-mb", type=float, default=64, help="largest uploaded file in MiB (default 64)")
     _add_datasets_server_arguments(g)

@@ -36,7 +36,7 @@ from segsvc.inference.batcher import Priority
 from segsvc.inference.engine import InferenceOptions
 from segsvc.inference.service import ImageFile, InferenceService, Segmentation
 from segsvc.jobs.inputs import resolve_inputs
-from segsvc.jobs.outputs import JobOutputs, check_rel, clean_temporaries
+from segsvc.jobs.outputs import JobOutputs, check_rel, clean_temporaries, is_temporary
 from segsvc.jobs.runner import StoreRunner
 from segsvc.jobs.staging import StagingArea, UploadLimits
 from segsvc.jobs.store import Item, Job, JobStore
@@ -57,6 +57,9 @@ class JobsConfig:
         data_root: server-side inputs must lie under it (``None``: uploads only).
         max_running_jobs: jobs run at once; further jobs wait in submission order.
         max_inputs: most images in one job (checked before the job is accepted).
+        max_input_specs: most input paths (folders, globs, files) one request may name,
+            checked before any is listed: each spec is walked, so this bounds a
+            request's cost where ``max_inputs`` (distinct files) cannot.
         max_file_bytes: an input file larger than this fails without being read.
         window: images of one job in flight at once (a few batches' worth).
         upload: limits of ``UploadImages``.
@@ -68,13 +71,14 @@ class JobsConfig:
     data_root: Path | None = None
     max_running_jobs: int = 1
     max_inputs: int = 100_000
+    max_input_specs: int = 1_000
     max_file_bytes: int = 64 << 20
     window: int = 16
     upload: UploadLimits = field(default_factory=UploadLimits)
     progress_interval_s: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("max_running_jobs", "max_inputs", "max_file_bytes", "window"):
+        for name in ("max_running_jobs", "max_inputs", "max_input_specs", "max_file_bytes", "window"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"jobs: {name} must be positive, got {getattr(self, name)}")
 
@@ -118,14 +122,19 @@ class JobRequest:
 
 @dataclass
 class _Run:
-    """One job running in this process: its cancel signal and live counters."""
+    """One job running in this process: its cancel signal and live counters.
+
+    ``elapsed_before`` is the job's running time in earlier runs (before a restart),
+    as the last of them recorded it; ``started`` is when this run began.
+    """
 
     job: Job
     request: JobRequest
     model: str
     version: int
+    elapsed_before: float = 0.0
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=lambda: time.monotonic())  # looked up per call: tests substitute it
     processed: int = 0
     published: float = 0.0
 
@@ -164,7 +173,8 @@ class JobRunner(StoreRunner):
         name, version, _ = self._service.resolve(request.model or None, request.version or None)
         root = self._input_root(request)
         files = await asyncio.to_thread(
-            resolve_inputs, root, request.paths or ["."], max_files=self.config.max_inputs
+            resolve_inputs, root, request.paths or ["."], max_files=self.config.max_inputs,
+            max_specs=self.config.max_input_specs,
         )
         spec = {"request": request.to_dict(), "model": name, "version": version}
         job, created = await asyncio.to_thread(
@@ -181,13 +191,17 @@ class JobRunner(StoreRunner):
     files_dir = output_dir
 
     def output_files(self, job_id: str) -> list[tuple[str, Path]]:
-        """The job's output files as ``(relative path, path)``, symlinks and temporaries excluded."""
+        """The job's output files as ``(relative path, path)``, symlinks and temporaries excluded.
+
+        A temporary is a name ``outputs`` gives a file being written (``.<name>.tmp-<12 hex>``);
+        an input whose own name merely contains ``.tmp-`` keeps its outputs listed.
+        """
         self.store.get(job_id)
         root = self.output_dir(job_id)
         if not root.is_dir():
             return []
         return [(p.relative_to(root).as_posix(), p) for p in sorted(root.rglob("*"))
-                if p.is_file() and not p.is_symlink() and ".tmp-" not in p.name]
+                if p.is_file() and not p.is_symlink() and not is_temporary(p.name)]
 
     # -- scheduling -------------------------------------------------------------------
     def _input_root(self, request: JobRequest) -> Path:
@@ -202,10 +216,9 @@ class JobRunner(StoreRunner):
         try:
             job = await asyncio.to_thread(self.store.start, job.id)
             request = JobRequest.from_dict(job.spec["request"])
-            run = _Run(job, request, job.spec["model"], int(job.spec["version"]))
-            self._runs[job.id] = run
-            if job.cancel_requested:
-                run.cancel.set()
+            run = _Run(job, request, job.spec["model"], int(job.spec["version"]),
+                       elapsed_before=float(job.progress.get("elapsed_s") or 0.0))
+            await self._register(job.id, run)
             outputs = JobOutputs(self.output_dir(job.id))
             await asyncio.to_thread(clean_temporaries, outputs.root)
             await self._service.manager.retain(run.model, run.version)  # no swap retires it mid-job
@@ -290,7 +303,15 @@ class JobRunner(StoreRunner):
                                    confidence=out.confidence, counts=out.class_counts)
 
     async def _publish(self, run: _Run, force: bool = False) -> None:
-        """Write live progress (throughput, ETA) at most every ``progress_interval_s``."""
+        """Write live progress (throughput, ETA) at most every ``progress_interval_s``.
+
+        ``elapsed_s`` is the job's running time over all its runs: a run starts from
+        the ``elapsed_s`` the previous run last wrote (``_Run.elapsed_before``) and adds
+        its own time, so the result's ``elapsed_seconds`` and ``images_per_second`` cover
+        every image done. A crash (``kill -9``) loses only the time since that run's
+        last write (about ``progress_interval_s`` plus one image); time the server was
+        down is not counted. ``images_per_s`` and ``eta_s`` are this run's live rate.
+        """
         now = time.monotonic()
         if not force and now - run.published < self.config.progress_interval_s:
             return
@@ -299,8 +320,7 @@ class JobRunner(StoreRunner):
         rate = run.processed / max(now - run.started, 1e-9)
         left = job.total - job.done - job.failed - job.skipped
         progress = {"images_per_s": round(rate, 3), "eta_s": round(left / rate, 1) if rate > 0 else None,
-                    "elapsed_s": round(job.progress.get("elapsed_before_s", 0.0) + now - run.started, 3),
-                    "elapsed_before_s": job.progress.get("elapsed_before_s", 0.0)}
+                    "elapsed_s": round(run.elapsed_before + now - run.started, 3)}
         await asyncio.to_thread(self.store.set_progress, run.job.id, progress)
 
     async def _finalize(self, run: _Run, outputs: JobOutputs) -> None:

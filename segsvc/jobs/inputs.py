@@ -10,7 +10,10 @@ misplaced symlink is noticed instead of quietly leaking or dropping data.
 
 Costs are bounded while listing: the walk stops as soon as ``max_files`` is
 passed, so a spec like ``**`` over a huge tree fails fast instead of first
-building a million-entry list.
+building a million-entry list. Each spec is a walk of its own, so the number of
+specs is bounded too (``max_specs``, checked before anything is listed), and a
+spec naming a path already expanded (``.``, ``./``, the root's absolute path)
+is not walked again.
 
 Error messages name paths as the client wrote them or relative to the root,
 never the root's absolute location on the server.
@@ -53,7 +56,7 @@ class InputFile:
 
 
 def resolve_inputs(
-    root: str | os.PathLike[str], specs: Sequence[str], *, max_files: int = 100_000
+    root: str | os.PathLike[str], specs: Sequence[str], *, max_files: int = 100_000, max_specs: int | None = None
 ) -> list[InputFile]:
     """Expand ``specs`` into the files under ``root`` they name, sorted by ``rel``.
 
@@ -66,18 +69,28 @@ def resolve_inputs(
     Raises:
         PathOutsideRoot: a spec, or a symlink it would read or walk through,
             leads outside the root.
-        InvalidArgument: no specs, an empty or malformed spec, a spec that
-            matches nothing, or more than ``max_files`` files.
+        InvalidArgument: no specs, more than ``max_specs`` specs (None: no
+            limit), an empty or malformed spec, a spec that matches nothing, or
+            more than ``max_files`` files.
         NotFound: the data root itself does not exist (a server misconfiguration).
     """
     if max_files < 1:
         raise InvalidArgument(f"max_files must be at least 1, got {max_files}")
+    if max_specs is not None and max_specs < 1:
+        raise InvalidArgument(f"max_specs must be at least 1 or None, got {max_specs}")
     if not specs:
         raise InvalidArgument("no inputs given: name at least one folder, glob pattern or file")
+    if max_specs is not None and len(specs) > max_specs:
+        raise InvalidArgument(f"{len(specs)} input paths given, over the limit of {max_specs}: name their folders "
+                              "or a glob pattern instead, or split the job")
     real_root = _real_root(root)
     found: dict[str, InputFile] = {}  # keyed by resolved path: the first rel wins
+    expanded: set[str] = set()  # normalised specs already walked
     for spec in specs:
         rel, shown = _relative_spec(real_root, root, spec)
+        if rel in expanded:  # the same path again: it names nothing new
+            continue
+        expanded.add(rel)
         matched = False
         for file in _expand(real_root, rel, shown):
             matched = True

@@ -54,6 +54,11 @@ RECORD_KEYS = ("input", "output", "height", "width", "class_counts", "mean_confi
 _TMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{12}$")
 
 
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a file being written here (``.<name>.tmp-<12 hex>``), not an output."""
+    return _TMP_RE.match(name) is not None
+
+
 def check_rel(rel: str) -> str:
     """``rel`` as a clean relative POSIX path, or ``InvalidArgument`` if it could escape the output folder."""
     if not rel or "\x00" in rel or "\\" in rel:
@@ -97,7 +102,7 @@ def clean_temporaries(root: str | os.PathLike[str]) -> int:
     removed = 0
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
-            if _TMP_RE.match(name):
+            if is_temporary(name):
                 try:
                     os.unlink(os.path.join(dirpath, name))
                     removed += 1

@@ -2,7 +2,8 @@
 
 A subclass names its store ``kind``, how many of its jobs run at once
 (``max_running``), where a job's files live (``files_dir``) and how one job runs
-(``_run_job``, which records the outcome in the store and calls ``_notify``).
+(``_run_job``, which registers its run with ``_register`` right after
+``store.start``, records the outcome in the store and calls ``_notify``).
 Unfinished jobs, including those a crash interrupted, are picked up in
 submission order whenever a slot is free.
 """
@@ -120,6 +121,19 @@ class StoreRunner(abc.ABC):
                 self._tasks[job.id] = task
                 task.add_done_callback(lambda _t, jid=job.id: self._job_ended(jid))
             await self._wake.wait()
+
+    async def _register(self, job_id: str, run: RunningJob) -> None:
+        """Make ``run`` the job's running instance, so ``cancel`` signals it, and pick up a cancel already asked for.
+
+        Call it right after ``store.start``. ``cancel`` commits the flag and then looks
+        for a registered run; one that committed after ``start`` but before this call
+        found none, so the flag is read again here, after registering. Both steps run
+        on the event loop, so every cancel is either signalled by ``cancel`` or seen here.
+        """
+        self._runs[job_id] = run
+        job = await asyncio.to_thread(self.store.get, job_id)
+        if job.cancel_requested:
+            run.cancel.set()
 
     def _job_ended(self, job_id: str) -> None:
         self._tasks.pop(job_id, None)

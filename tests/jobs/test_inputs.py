@@ -139,6 +139,41 @@ def test_max_files_does_not_list_the_whole_tree_first(tmp_path: Path, monkeypatc
     assert len(opened) <= 5  # the root and the first four folders, not all 31
 
 
+def _count_scandir(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    opened: list[str] = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
+        opened.append(str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    return opened
+
+
+def test_too_many_specs_are_refused_before_anything_is_walked(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "root"
+    _touch(root / "a.png")
+    opened = _count_scandir(monkeypatch)
+    with pytest.raises(InvalidArgument, match=r"1001 input paths given, over the limit of 1000"):
+        resolve_inputs(root, ["."] * 1001, max_specs=1000)
+    assert opened == []
+    assert _rels(resolve_inputs(root, ["."] * 1000, max_specs=1000)) == ["a.png"]
+    with pytest.raises(InvalidArgument, match="max_specs"):
+        resolve_inputs(root, ["."], max_specs=0)
+
+
+def test_specs_naming_the_same_path_are_walked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "root"
+    for i in range(3):
+        _touch(root / f"d{i}" / "img.png")
+    opened = _count_scandir(monkeypatch)
+    files = resolve_inputs(root, [".", "./", str(root), "d0/../."] * 50 + ["d1", "./d1/"] * 50)
+    assert _rels(files) == ["d0/img.png", "d1/img.png", "d2/img.png"]
+    assert len(opened) == 5  # the root and its three folders for ".", then d1 once more for "d1"
+
+
 # -- resolve_inputs: confinement -------------------------------------------------------------------
 def _refused(root: Path, spec: str) -> PathOutsideRoot:
     with pytest.raises(PathOutsideRoot) as info:

@@ -80,3 +80,15 @@ def test_max_batch_mb_flag() -> None:
         _batch_bytes("1.5", "cpu")
     with pytest.raises(InvalidArgument, match="--max-batch-mb must be >= 0, got -1"):
         _batch_bytes("-1", "cpu")
+
+
+def test_job_limits_flags(tmp_path) -> None:
+    from segsvc.cli import _jobs_config, build_parser
+
+    args = build_parser().parse_args(["serve", "--model-repo", str(tmp_path), "--state-dir", str(tmp_path / "s"),
+                                      "--max-job-images", "50", "--max-job-paths", "7"])
+    config = _jobs_config(args)
+    assert (config.max_inputs, config.max_input_specs) == (50, 7)
+    default = _jobs_config(build_parser().parse_args(["serve", "--model-repo", str(tmp_path),
+                                                      "--state-dir", str(tmp_path / "s")]))
+    assert default.max_input_specs == 1_000
