@@ -11,9 +11,10 @@ misplaced symlink is noticed instead of quietly leaking or dropping data.
 Costs are bounded while listing: the walk stops as soon as ``max_files`` is
 passed, so a spec like ``**`` over a huge tree fails fast instead of first
 building a million-entry list. Each spec is a walk of its own, so the number of
-specs is bounded too (``max_specs``, checked before anything is listed), and a
-spec naming a path already expanded (``.``, ``./``, the root's absolute path)
-is not walked again.
+specs is bounded too (``max_specs``, checked before anything is listed), a spec
+naming a path already expanded (``.``, ``./``, the root's absolute path) is not
+walked again, and all the walks of one request together list at most
+``ENTRIES_PER_FILE`` folder entries per file ``max_files`` allows.
 
 Error messages name paths as the client wrote them or relative to the root,
 never the root's absolute location on the server.
@@ -39,6 +40,9 @@ from segsvc.errors import InvalidArgument, NotFound, PathOutsideRoot
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 _GLOB_CHARS = frozenset("*?[")
+# Folder entries one request may list, over all its specs, per file it may name: room for labels, masks and
+# notes beside the images, while distinct specs cannot walk a large data root over and over.
+ENTRIES_PER_FILE = 20
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ def resolve_inputs(
         raise InvalidArgument(f"{len(specs)} input paths given, over the limit of {max_specs}: name their folders "
                               "or a glob pattern instead, or split the job")
     real_root = _real_root(root)
+    budget = _Budget(ENTRIES_PER_FILE * max_files)
     found: dict[str, InputFile] = {}  # keyed by resolved path: the first rel wins
     expanded: set[str] = set()  # normalised specs already walked
     for spec in specs:
@@ -92,7 +97,7 @@ def resolve_inputs(
             continue
         expanded.add(rel)
         matched = False
-        for file in _expand(real_root, rel, shown):
+        for file in _expand(real_root, rel, shown, budget):
             matched = True
             key = str(file.path)
             if key in found:
@@ -119,14 +124,29 @@ def _real_root(root: str | os.PathLike[str]) -> Path:
     return real
 
 
-def _expand(real_root: Path, rel: str, shown: str) -> Iterator[InputFile]:
+class _Budget:
+    """The folder entries a request may still list, over all its specs."""
+
+    def __init__(self, entries: int) -> None:
+        self.limit = self.left = entries
+
+    def spend(self, entries: int) -> None:
+        self.left -= entries
+        if self.left < 0:
+            raise InvalidArgument(
+                f"listing the inputs looked at more than {self.limit} entries under the data root "
+                f"({ENTRIES_PER_FILE} per allowed file): name narrower folders or patterns, or split the job"
+            )
+
+
+def _expand(real_root: Path, rel: str, shown: str, budget: _Budget) -> Iterator[InputFile]:
     """Yield the files one spec names (possibly none); refuse escapes as they are met."""
     if _GLOB_CHARS.intersection(rel):
-        yield from _expand_glob(real_root, rel, shown)
+        yield from _expand_glob(real_root, rel, shown, budget)
         return
     real = _confine(real_root, rel, shown, what="input")
     if real.is_dir():
-        yield from _walk(real_root, real, rel, shown, _keep_images)
+        yield from _walk(real_root, real, rel, shown, _keep_images, budget)
     elif real.is_file():
         yield InputFile(real, rel)
     # anything else (missing, a FIFO, a device) matches nothing
@@ -181,7 +201,8 @@ def _keep_images(parts: tuple[str, ...], is_dir: bool) -> tuple[bool, bool]:
 _Want = Callable[[tuple[str, ...], bool], tuple[bool, bool]]
 
 
-def _walk(real_root: Path, start: Path, start_rel: str, shown: str, want: _Want) -> Iterator[InputFile]:
+def _walk(real_root: Path, start: Path, start_rel: str, shown: str, want: _Want,
+          budget: _Budget) -> Iterator[InputFile]:
     """Walk ``start`` depth-first in name order, yielding the files ``want`` keeps.
 
     Symlinks are never followed blindly: each one the walk would descend into
@@ -199,6 +220,7 @@ def _walk(real_root: Path, start: Path, start_rel: str, shown: str, want: _Want)
                 entries = sorted(it, key=lambda e: e.name)
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             continue  # vanished or unreadable while walking: it simply contributes nothing
+        budget.spend(len(entries))
         subfolders: list[tuple[Path, tuple[str, ...]]] = []
         for entry in entries:
             sub = (*parts, entry.name)
@@ -223,7 +245,7 @@ def _join(start_rel: str, parts: tuple[str, ...]) -> str:
     return posixpath.join(*parts) if start_rel == "." else posixpath.join(start_rel, *parts)
 
 
-def _expand_glob(real_root: Path, pattern: str, shown: str) -> Iterator[InputFile]:
+def _expand_glob(real_root: Path, pattern: str, shown: str, budget: _Budget) -> Iterator[InputFile]:
     """Match a glob pattern by walking only the folders that could still match.
 
     The literal leading folders (``scans/a`` in ``scans/a/*.png``) are resolved
@@ -264,4 +286,4 @@ def _expand_glob(real_root: Path, pattern: str, shown: str) -> Iterator[InputFil
             return prefix(0, 0, sub), False
         return False, full(0, 0, sub)
 
-    yield from _walk(real_root, base, base_rel, shown, want)
+    yield from _walk(real_root, base, base_rel, shown, want, budget)

@@ -191,9 +191,9 @@ def test_too_many_input_specs_are_refused_by_the_configured_limit(tmp_path: Path
     walked: list[str] = []
     real_expand = inputs._expand
 
-    def counting_expand(real_root: Path, rel: str, shown: str):  # type: ignore[no-untyped-def]
+    def counting_expand(real_root: Path, rel: str, shown: str, budget):  # type: ignore[no-untyped-def]
         walked.append(rel)
-        return real_expand(real_root, rel, shown)
+        return real_expand(real_root, rel, shown, budget)
 
     monkeypatch.setattr(inputs, "_expand", counting_expand)
 

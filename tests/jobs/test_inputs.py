@@ -164,6 +164,23 @@ def test_too_many_specs_are_refused_before_anything_is_walked(tmp_path: Path,
         resolve_inputs(root, ["."], max_specs=0)
 
 
+def test_the_entries_listed_for_one_request_are_bounded(tmp_path: Path) -> None:
+    """Distinct specs are distinct walks; what all of them list together is bounded by ``max_files``.
+
+    Before, 1,000 distinct globs that match few files (``d0/**/*.png``, ``d1/**/*.png``, ...) each walked their
+    folder in full: a request of a few kilobytes listed the whole data root a thousand times."""
+    for d in range(4):
+        for i in range(30):
+            (tmp_path / f"d{d}").mkdir(exist_ok=True)
+            (tmp_path / f"d{d}" / f"notes{i}.txt").write_text("x")
+        (tmp_path / f"d{d}" / "a.png").write_bytes(b"")
+    specs = [f"d{d}/**/*.png" for d in range(4)]
+    assert len(resolve_inputs(tmp_path, specs, max_files=100)) == 4  # 124 entries listed: within 20 x 100
+    with pytest.raises(InvalidArgument, match=re.escape("listing the inputs looked at more than 100 entries "
+                                                        "under the data root (20 per allowed file)")):
+        resolve_inputs(tmp_path, specs, max_files=5)
+
+
 def test_specs_naming_the_same_path_are_walked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "root"
     for i in range(3):
