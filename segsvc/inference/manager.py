@@ -286,6 +286,8 @@ class ModelManager:
             self._models = models
             if self._pinned.get(name) not in rest:
                 self._pinned.pop(name, None)
+            if self._stored.get(name) not in rest:  # loading it again reads the pointer anew
+                self._stored.pop(name, None)
             self._changed()
             await asyncio.gather(*(self._retire(lm) for lm in gone))
             return sorted(lm.version for lm in gone)

@@ -122,3 +122,28 @@ def test_a_pointer_written_with_a_new_version_is_honoured_before_the_new_version
             await manager.stop()
 
     asyncio.run(main())
+
+
+def test_a_model_unloaded_and_loaded_again_follows_the_pointer(tmp_path):
+    """Unloading forgets the stored default with the version: loading again reads the pointer anew.
+
+    Before, the stale stored default (1) equalled the pointer, so the pointer was never followed again and
+    the newest version (2) served by default."""
+    publish(tmp_path, "m", seed=1)
+    publish(tmp_path, "m", seed=2)
+    ModelRepository(tmp_path).set_default("m", 1)
+
+    async def main() -> None:
+        manager = _manager(tmp_path)
+        await manager.start()
+        try:
+            assert manager.default_version("m") == 1
+            assert await manager.unload("m") == [1, 2]
+            await manager.load("m")
+            assert manager.default_version("m") == 1 and sorted(manager._models["m"]) == [1, 2]
+            assert await manager.unload("m", 1) == [1]
+            assert await manager.refresh_default("m") == 1 and 1 in manager._models["m"]
+        finally:
+            await manager.stop()
+
+    asyncio.run(main())
