@@ -22,6 +22,8 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, PlainSerialize
 from pydantic.dataclasses import dataclass
 
 from segsvc.errors import InvalidArgument
+from segsvc.overrides import apply_override as _apply_override
+from segsvc.overrides import parse_override as _parse_override
 from segsvc.validation import explain, fixed_length, one_of
 
 
@@ -304,29 +306,12 @@ def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
 # -- overrides ---------------------------------------------------------------------
 def parse_override(text: str) -> tuple[str, Any]:
     """``"a.b=value"`` -> ``("a.b", yaml-parsed value)``."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r} must look like key.subkey=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
-    return key, value
+    return _parse_override(text, ConfigError)
 
 
 def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
     """Set a dotted ``key`` inside nested dicts, creating intermediate mappings."""
-    node = data
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[: i + 1])!r} is not a mapping")
-        node = child
-    node[parts[-1]] = value
+    _apply_override(data, key, value, ConfigError)
 
 
 def load_config(

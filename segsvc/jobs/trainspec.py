@@ -40,6 +40,7 @@ from segsvc.errors import InvalidArgument, NotFound, SegsvcError
 from segsvc.inference.repository import ModelRepository, parse_model_ref
 from segsvc.jobs.gate import POLICIES
 from segsvc.models.artifact import check_name
+from segsvc.overrides import apply_override, parse_override
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 GOLDEN_PREFIX = "golden-"  # a dataset registered as golden-<model> is that model's frozen golden set
@@ -187,31 +188,21 @@ def check_override(text: str) -> str:
 
 def _client_part(recipe_yaml: str, overrides: tuple[str, ...]) -> dict[str, Any]:
     """What the client's part of a recipe sets: its inline recipe (if any) with its overrides applied,
-    as ``training.config.load_config`` applies them (a dotted key, a YAML value, mappings made on the way)."""
-    data: Any = {}
-    if recipe_yaml:
-        try:
-            data = yaml.safe_load(recipe_yaml)
-        except yaml.YAMLError as exc:
-            raise InvalidArgument(f"the recipe is not valid YAML: {str(exc)[:200]}") from None
-        if not isinstance(data, dict):
-            raise InvalidArgument("the recipe must be a YAML mapping")
+    as the trainer applies them (``segsvc.overrides``)."""
+    data = _yaml_mapping(recipe_yaml) if recipe_yaml else {}
     for text in overrides:
-        key, _, raw = text.partition("=")
-        parts = key.strip().split(".")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise InvalidArgument(f"override {text[:80]!r}: the value is not valid YAML: {str(exc)[:200]}") from None
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise InvalidArgument(f"override {text[:80]!r}: {'.'.join(parts[:i + 1])} is not a mapping")
-            node = child
-        node[parts[-1]] = value
+        apply_override(data, *parse_override(text))
+    return data
+
+
+def _yaml_mapping(text: str) -> dict[str, Any]:
+    """A recipe's text as a mapping; ``InvalidArgument`` if it is not YAML or not a mapping."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidArgument(f"the recipe is not valid YAML: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("the recipe must be a YAML mapping")
     return data
 
 
@@ -272,12 +263,7 @@ def _recipe(request: TrainingRequest, base_config: dict[str, Any] | None, config
         if not base_config:
             raise InvalidArgument(f"base model {request.base_model} records no training configuration; give a recipe")
         text, default_name = yaml.safe_dump(base_config), str(base_config.get("name") or "finetune")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InvalidArgument(f"the recipe is not valid YAML: {str(exc)[:200]}") from None
-    if not isinstance(raw, dict):
-        raise InvalidArgument("the recipe must be a YAML mapping")
+    raw = _yaml_mapping(text)
     raw.setdefault("name", default_name)
     name = str(raw["name"])
     if not _RECIPE_NAME.fullmatch(name):
