@@ -22,6 +22,7 @@ from segsvc.inference.service import ImageFile, Segmentation
 from segsvc.jobs import batch, inputs
 from segsvc.jobs.batch import JobRequest, JobRunner, JobsConfig
 from segsvc.jobs.store import Job, JobStore
+from tests.jobs.conftest import cancel_inside_start
 from tests.server.conftest import encode, make_image
 
 MANIFEST = SimpleNamespace(class_names=["bg", "fg"], palette=[(0, 0, 0), (255, 255, 255)])
@@ -157,22 +158,14 @@ def test_elapsed_time_accumulates_across_a_restart(tmp_path: Path, clock: _Clock
 
 
 # -- a cancel that lands while the job is starting is not lost -----------------------------------------
-def test_cancel_between_start_and_registration_stops_the_job(tmp_path: Path, clock: _Clock) -> None:
+def test_cancel_between_start_and_registration_stops_the_job(tmp_path: Path, clock: _Clock,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     _images(tmp_path / "data", [f"{i}.png" for i in range(4)])
     store = JobStore(tmp_path / "state" / "jobs.sqlite")
 
     async def main() -> tuple[Job, Job]:
         runner = JobRunner(store, _Service(clock), _config(tmp_path))  # type: ignore[arg-type]
-        loop = asyncio.get_running_loop()
-        acknowledged: list[Job] = []
-        real_start = store.start
-
-        def start_then_cancel(job_id: str) -> Job:
-            job = real_start(job_id)  # RUNNING is committed; the runner has not registered the job yet
-            acknowledged.append(asyncio.run_coroutine_threadsafe(runner.cancel(job_id), loop).result(60))
-            return job
-
-        store.start = start_then_cancel  # type: ignore[method-assign]
+        acknowledged = cancel_inside_start(monkeypatch, store, runner, asyncio.get_running_loop())
         job = await runner.submit(JobRequest(model="m", paths=(".",)))
         final = await _run_to_end(runner, job.id)
         return acknowledged[0], final

@@ -126,14 +126,7 @@ def test_max_files_does_not_list_the_whole_tree_first(tmp_path: Path, monkeypatc
     root = tmp_path / "root"
     for i in range(30):
         _touch(root / f"d{i:02}" / "img.png")
-    opened: list[str] = []
-    real_scandir = os.scandir
-
-    def counting_scandir(path: str | os.PathLike[str]):  # type: ignore[no-untyped-def]
-        opened.append(str(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", counting_scandir)
+    opened = _count_scandir(monkeypatch)
     with pytest.raises(InvalidArgument, match="more than 3 files"):
         resolve_inputs(root, ["."], max_files=3)
     assert len(opened) <= 5  # the root and the first four folders, not all 31

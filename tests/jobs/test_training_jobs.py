@@ -15,6 +15,7 @@ from segsvc.jobs import training
 from segsvc.jobs.store import Job, JobStore
 from segsvc.jobs.training import TrainingRunner
 from segsvc.jobs.trainspec import TrainingConfig, TrainingRequest
+from tests.jobs.conftest import cancel_inside_start
 
 REQUEST = TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=1)
 
@@ -109,16 +110,7 @@ def test_a_cancel_landing_between_start_and_registration_stops_the_job(tmp_path,
     monkeypatch.setattr(runner, "_train", train)
 
     async def main() -> tuple[Job, Job]:
-        loop = asyncio.get_running_loop()
-        acknowledged: list[Job] = []
-        real_start = store.start
-
-        def start_then_cancel(job_id: str) -> Job:
-            job = real_start(job_id)  # RUNNING is committed; the runner has not registered the job yet
-            acknowledged.append(asyncio.run_coroutine_threadsafe(runner.cancel(job_id), loop).result(60))
-            return job
-
-        monkeypatch.setattr(store, "start", start_then_cancel)
+        acknowledged = cancel_inside_start(monkeypatch, store, runner, asyncio.get_running_loop())
         job = await runner.submit(REQUEST)
         await runner.start()
         try:

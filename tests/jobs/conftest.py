@@ -1,0 +1,26 @@
+"""Helpers shared by the job runner tests."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from segsvc.jobs.runner import StoreRunner
+from segsvc.jobs.store import Job, JobStore
+
+
+def cancel_inside_start(monkeypatch: pytest.MonkeyPatch, store: JobStore, runner: StoreRunner,
+                        loop: asyncio.AbstractEventLoop) -> list[Job]:
+    """Make ``store.start`` land a ``CancelOperation`` right after it commits RUNNING, before the runner has
+    registered the job (the window a cancel used to be lost in); returns the jobs the cancels acknowledged."""
+    acknowledged: list[Job] = []
+    real_start = store.start
+
+    def start_then_cancel(job_id: str) -> Job:
+        job = real_start(job_id)  # RUNNING is committed; the runner has not registered the job yet
+        acknowledged.append(asyncio.run_coroutine_threadsafe(runner.cancel(job_id), loop).result(60))
+        return job
+
+    monkeypatch.setattr(store, "start", start_then_cancel)
+    return acknowledged
