@@ -92,7 +92,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
-        raise InvalidImage(f"{name} pixel type {image.dtype} is not supported; send 8-bit images")
+        raise InvalidImage(f"{name} pixel type {image.dtype} is not supported; send 8- or 16-bit images")
     if image.ndim == 3:
         c = image.shape[2]
         if c == 1:

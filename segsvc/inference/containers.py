@@ -3,7 +3,8 @@
 Decoders trust the sizes a file declares. ``inspect`` walks the container in a
 few milliseconds and without copying it (every PNG chunk, the JPEG segments up
 to the first scan, the TIFF directory with its strip and tile offsets, the BMP
-and WebP headers) and refuses a declared size the bytes cannot hold, naming it.
+and WebP headers) and refuses a declared size the bytes cannot hold, naming it,
+and TIFF samples the codec would refuse once decoded (over 16 bits, signed, float).
 ``check_png_inflate`` refuses PNG pixel data that inflates past what the
 declared size needs (a zlib bomb). NumPy and the standard library only: the
 decoding itself is ``codec.decode_image``'s.
@@ -249,8 +250,13 @@ _TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 16: "Q"}  # BYTE, SHORT, LONG, LONG8
 _TIFF_TAGS = {
     256: "ImageWidth", 257: "ImageLength", 258: "BitsPerSample", 273: "StripOffsets", 277: "SamplesPerPixel",
     279: "StripByteCounts", 322: "TileWidth", 323: "TileLength", 324: "TileOffsets", 325: "TileByteCounts",
+    339: "SampleFormat",
 }
-_TIFF_BITS = (1, 2, 4, 8, 16, 32, 64)
+# What decode_image keeps: unsigned samples of at most 16 bits. OpenCV decodes deeper, signed or float samples
+# into arrays of their own type (up to 32 bytes a pixel) that would only be refused after the allocation.
+_TIFF_BITS = (1, 2, 4, 8, 16)
+_TIFF_SAMPLE_FORMATS = {2: "signed integer", 3: "floating point", 4: "undefined"}  # 1, unsigned, is the default
+_TIFF_SEND = "send 8- or 16-bit images"
 
 
 def _tiff_header(data: bytes) -> ImageHeader:
@@ -297,10 +303,7 @@ def _tiff_header(data: bytes) -> ImageHeader:
         return int(values[0])
 
     width, height = first_value(256), first_value(257)
-    bits = tags.get(258)
-    bad_bits = [] if bits is None else sorted(set(int(b) for b in bits[:64]) - set(_TIFF_BITS))
-    if bad_bits:
-        raise InvalidImage(f"TIFF has {bad_bits[0]} bits per sample; expected one of {_TIFF_BITS}")
+    _tiff_check_samples(tags.get(258), tags.get(339))
     samples = first_value(277, 1)
     if not 1 <= samples <= 4:
         raise InvalidImage(f"TIFF has {samples} samples per pixel; expected 1 to 4")
@@ -313,6 +316,18 @@ def _tiff_header(data: bytes) -> ImageHeader:
     else:
         _tiff_check_blocks(n, "strip", tags.get(273), tags.get(279))
     return ImageHeader("tiff", width, height)
+
+
+def _tiff_check_samples(bits: np.ndarray | None, formats: np.ndarray | None) -> None:
+    """Refuse samples deeper than 16 bits, or not unsigned integers, before a decoder allocates them."""
+    bad_bits = [] if bits is None else sorted(set(int(b) for b in bits[:64]) - set(_TIFF_BITS))
+    if bad_bits:
+        raise InvalidImage(f"TIFF has {bad_bits[0]} bits per sample; expected one of {_TIFF_BITS}: {_TIFF_SEND}")
+    bad_formats = [] if formats is None else sorted(set(int(f) for f in formats[:64]) - {1})
+    if bad_formats:
+        code = bad_formats[0]
+        kind = _TIFF_SAMPLE_FORMATS.get(code, "unknown")
+        raise InvalidImage(f"TIFF samples are {kind} (SampleFormat {code}); {_TIFF_SEND} of unsigned integers")
 
 
 def _tiff_values(data: bytes, endian: str, at: int, kind: int, offset_size: int, name: str) -> np.ndarray:

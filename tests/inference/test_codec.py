@@ -261,6 +261,19 @@ def _zlib_bomb_png(width: int, height: int, inflated_mib: int) -> bytes:
     return PNG_SIGNATURE + _ihdr(width, height) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
+def _deep_tiff(width: int, height: int, bits: int, sample_format: int, samples: int = 4, rows: int = 64) -> bytes:
+    """A deflate TIFF whose strips all point at one compressed strip of zero samples: tiny bytes, large pixels."""
+    strip = zlib.compress(bytes(width * rows * samples * bits // 8), 9)
+    strips = -(-height // rows)
+    fake = np.frombuffer(strip, np.uint8)[None, :]  # _tiff writes these bytes as its one block, at offset 8
+    return _tiff(fake, replace={
+        256: (4, [width]), 257: (4, [height]), 258: (3, [bits] * samples), 259: (3, [8]),
+        262: (3, [2 if samples >= 3 else 1]), 273: (4, [8] * strips), 277: (3, [samples]), 278: (4, [rows]),
+        279: (4, [len(strip)] * strips), 338: (3, [2]) if samples == 4 else None, 339: (3, [sample_format] * samples),
+    })
+
+
+
 @functools.cache
 def _hostile_inputs() -> dict[str, tuple[bytes, str]]:
     """Inputs that make the container walk itself work hard, with the start of their refusal."""
@@ -284,6 +297,7 @@ def _hostile_inputs() -> dict[str, tuple[bytes, str]]:
         "tiff-4096-unknown-tags": (b"II*\x00" + struct.pack("<IH", 8, 4096) + ents + b"\0" * 4,
                                    "TIFF has no ImageWidth"),
         "tiff-1M-strips-last-past-end": (tiff_strips, "TIFF strip 999999 at offset 64 declares 1073741824 bytes"),
+        "tiff-13kB-float64-36MP": (_deep_tiff(6000, 6000, 64, 3), "TIFF has 64 bits per sample"),  # +2.2 GiB before
         "webp-70000-chunks": (b"RIFF" + struct.pack("<I", 4 + 8 * 70_000) + b"WEBP" + b"XXXX\0\0\0\0" * 70_000,
                               "WebP has more than 65536 chunks"),
     }
@@ -551,9 +565,9 @@ TIFF_CASES = {
     "no-height": (_tiff(GREY, replace={257: None}), "TIFF has no ImageLength tag"),
     "width-without-values": (_tiff(GREY, replace={256: (4, [])}), "TIFF has no ImageWidth tag"),
     "3-bit": (_tiff(GREY, replace={258: (3, [3])}),
-              "TIFF has 3 bits per sample; expected one of (1, 2, 4, 8, 16, 32, 64)"),
+              "TIFF has 3 bits per sample; expected one of (1, 2, 4, 8, 16): send 8- or 16-bit images"),
     "rgb-one-bad-bits": (_tiff(RGB, replace={258: (3, [8, 12, 8])}),
-                         "TIFF has 12 bits per sample; expected one of (1, 2, 4, 8, 16, 32, 64)"),
+                         "TIFF has 12 bits per sample; expected one of (1, 2, 4, 8, 16): send 8- or 16-bit images"),
     "5-samples": (_tiff(GREY, replace={277: (3, [5])}), "TIFF has 5 samples per pixel; expected 1 to 4"),
     "0-samples": (_tiff(GREY, replace={277: (3, [0])}), "TIFF has 0 samples per pixel; expected 1 to 4"),
     "strip-one-byte-too-long": (_tiff(GREY, replace={279: (4, [N_TIFF - 7])}),
@@ -802,7 +816,7 @@ def test_decoder_failures_become_invalid_images(monkeypatch):
              (np.zeros((37, 52, 3), np.uint8), "PNG header says 53x37 but it decodes to 52x37"),
              (np.zeros((36, 53, 3), np.uint8), "PNG header says 53x37 but it decodes to 53x36"),
              (np.zeros((37, 53, 2), np.uint8), "PNG has 2 channels; expected 1, 3 or 4"),
-             (np.zeros((37, 53), np.float32), "PNG pixel type float32 is not supported; send 8-bit images")]
+             (np.zeros((37, 53), np.float32), "PNG pixel type float32 is not supported; send 8- or 16-bit images")]
     for result, message in cases:
         monkeypatch.setattr(codec.cv2, "imdecode", fake(result))
         _refused(png, message)
