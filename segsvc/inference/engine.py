@@ -34,12 +34,13 @@ from segsvc.errors import InvalidArgument
 from segsvc.inference.admission import MAX_TILE_OVERLAP, Cost, estimate
 from segsvc.inference.argmax import class_argmax
 from segsvc.inference.backends import PRECISIONS, EngineConfig
-from segsvc.inference.contract import contract_logits, with_overrides
+from segsvc.inference.contract import Geometry, contract_logits, with_overrides
 from segsvc.inference.predictor import Predictor, labels_dtype, padded_size
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PRECISIONS", "EngineConfig", "Engine", "InferenceOptions", "Output", "Prepared", "resolve_device"]
+__all__ = ["PRECISIONS", "EngineConfig", "Engine", "InferenceOptions", "Output", "Prepared", "pass_pixels",
+           "resolve_device"]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -96,7 +97,8 @@ class Prepared:
     ``tensor`` is ``C x H' x W'`` at the contract's scale; ``image_size`` is the
     original ``(H, W)`` the label map comes back at. ``abandon`` is set by the
     caller that gave up (deadline, cancel); a tiled or flipped batch whose
-    callers all gave up stops between its passes.
+    callers all gave up stops between its passes. ``pass_pixels`` is what
+    ``Engine.prepare`` computed for ``pixels``.
     """
 
     tensor: torch.Tensor
@@ -106,6 +108,7 @@ class Prepared:
     spec: InferenceSpec = InferenceSpec()
     image_size: tuple[int, int] | None = None
     abandon: threading.Event = field(default_factory=threading.Event)
+    pass_pixels: int | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -119,7 +122,12 @@ class Prepared:
 
     @property
     def pixels(self) -> int:
-        """Pixels the forward pass sees: the padded size when batched by padded size."""
+        """What the batcher budgets this item by: the pixels it adds to its batch's largest forward pass.
+
+        ``pass_pixels`` (TTA scales, padding and tiles counted); without it, the padded size the batch shares.
+        """
+        if self.pass_pixels is not None:
+            return self.pass_pixels
         if self.key[0] == "padded":
             return int(self.key[1]) * int(self.key[2])
         h, w = self.size
@@ -139,6 +147,19 @@ class Output:
     class_counts: np.ndarray | None = None
     infer_s: float = 0.0
     output_s: float = 0.0
+
+
+def pass_pixels(height: int, width: int, spec: InferenceSpec, geometry: Geometry) -> int:
+    """Pixels a ``height x width`` network input adds to the largest forward pass of its batch.
+
+    Its largest TTA scale, padded to the stride and minimum size (``estimate``'s
+    ``pixels``); tiled, up to ``tile_batch`` such tiles share a pass. Flip TTA
+    runs the mirrored batch as a pass of its own, the same size.
+    """
+    cost = estimate(height, width, tile_size=spec.tile_size, tile_overlap=spec.tile_overlap, flip_tta=False,
+                    stride=geometry.stride, min_size=geometry.min_size, num_classes=1, bytes_per_pixel=0.0,
+                    tile_padding=spec.tile_padding, tta_scales=spec.tta_scales)
+    return cost.pixels * (min(geometry.tile_batch, cost.tiles) if spec.tile_size else 1)
 
 
 class Engine:
@@ -199,7 +220,8 @@ class Engine:
         if spec.tile_padding != "zero":  # jobs of one batch run with one padding
             key = (*key, spec.tile_padding)
         height, width = int(image.shape[0]), int(image.shape[1])
-        return Prepared(tensor, options, key, self.cost(height, width, options), spec, (height, width))
+        return Prepared(tensor, options, key, self.cost(height, width, options), spec, (height, width),
+                        pass_pixels=pass_pixels(h, w, spec, self.predictor.geometry))
 
     # -- batch thread ------------------------------------------------------------
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
