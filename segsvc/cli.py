@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from segsvc.config import BACKENDS
@@ -27,6 +28,11 @@ def _models_list(args: argparse.Namespace) -> int:
         for name in available_models():
             print(f"  {name}")
         return 0
+    from segsvc.errors import NotFound
+
+    if not Path(args.repo).is_dir():
+        raise NotFound(f"model repository {args.repo} does not exist" if not Path(args.repo).exists()
+                       else f"model repository {args.repo} is not a directory")
     repo = ModelRepository(args.repo)
     rows = repo.list_models()
     if not rows:
@@ -34,11 +40,23 @@ def _models_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'MODEL':24} {'VERSIONS':16} {'ARCH':20} {'CLASSES':>7}  mIoU")
     for name, versions in rows.items():
-        latest = repo.read_manifest(name, versions[-1])
-        miou = latest.metrics.get("miou")
-        miou_s = f"{miou:.4f}" if isinstance(miou, (int, float)) else "-"
+        # one unreadable manifest (a half-copied version) is marked, as the server skips it; the listing goes on
+        broken: dict[int, str] = {}
+        for version in versions:
+            try:
+                manifest = repo.read_manifest(name, version)
+            except (SegsvcError, OSError) as exc:
+                broken[version] = str(exc)
+        if versions[-1] in broken:  # the columns describe the latest version
+            arch, classes, miou_s = "-", "-", "-"
+        else:
+            miou = manifest.metrics.get("miou")
+            arch, classes = manifest.spec.arch, str(manifest.spec.num_classes)
+            miou_s = f"{miou:.4f}" if isinstance(miou, (int, float)) else "-"
         vs = ",".join(str(v) for v in versions)
-        print(f"{name:24} {vs:16} {latest.spec.arch:20} {latest.spec.num_classes:>7}  {miou_s}")
+        print(f"{name:24} {vs:16} {arch:20} {classes:>7}  {miou_s}")
+        for version, reason in broken.items():
+            print(f"  {name}:{version} is broken: {reason}")
     return 0
 
 
@@ -569,6 +587,21 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 
 
 # -- batch: offline segmentation of many files, no server ------------------------------
+def _stored_batch_options(out: Path) -> dict:  # type: ignore[type-arg]
+    """The options of the batch stored in ``out`` ({} when there is none: ``run_batch`` says why)."""
+    from segsvc.jobs.offline import JOB_KIND, STATE_FILE
+    from segsvc.jobs.store import JobStore
+
+    if not (out / STATE_FILE).is_file():
+        return {}
+    store = JobStore(out / STATE_FILE)
+    try:
+        jobs = store.list(kind=JOB_KIND)
+    finally:
+        store.close()
+    return dict(jobs[0].spec.get("options") or {}) if len(jobs) == 1 else {}
+
+
 def _batch(args: argparse.Namespace) -> int:
     from segsvc.inference.allocator import configure_allocator
     from segsvc.jobs.offline import BatchOptions, run_batch
@@ -577,7 +610,9 @@ def _batch(args: argparse.Namespace) -> int:
 
     given = {k: getattr(args, k) for k in ("tile_size", "flip_tta", "color", "overlay", "confidence", "alpha")
              if getattr(args, k) is not None}
-    # --resume without option flags keeps the stored options; with flags, they must match them.
+    # --resume keeps the stored options of the flags left out; the flags given must match the stored values.
+    if args.resume and given:
+        given = {**_stored_batch_options(Path(args.out)), **given}
     options = BatchOptions(**given) if given or not args.resume else None
     summary = run_batch(
         args.inputs, model_repo=args.model_repo, model=args.model, out=args.out, engine=args.engine,
@@ -680,12 +715,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error_text(exc: OSError) -> str:
+    """``PATH: reason`` as the OS words it (``/proc/ev: No such file or directory``), no traceback."""
+    if exc.filename is None:
+        return str(exc)
+    names = f"{exc.filename} -> {exc.filename2}" if exc.filename2 is not None else str(exc.filename)
+    return f"{names}: {exc.strerror or type(exc).__name__}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except SegsvcError as exc:
         print(f"segsvc: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder named on the command line cannot be read or written
+        print(f"segsvc: error: {_os_error_text(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("segsvc: interrupted", file=sys.stderr)

@@ -21,11 +21,34 @@ TokenReader = Callable[[argparse.Namespace], "str | None"]
 CONNECT_TIMEOUT_S = float(os.environ.get("SEGSVC_CONNECT_TIMEOUT_S", "30"))
 
 
+def read_file_arg(path: str, flag: str) -> bytes:
+    """The bytes of a file named by ``flag``; ``InvalidArgument`` naming the flag when it cannot be read.
+
+    Commands read their local files before connecting, so a typo fails at once.
+    """
+    from segsvc.errors import InvalidArgument
+
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {flag} {path}: {exc.strerror or type(exc).__name__}") from None
+
+
+def read_text_arg(path: str, flag: str) -> str:
+    """``read_file_arg`` as UTF-8 text (a recipe, a dataset.yaml)."""
+    from segsvc.errors import InvalidArgument
+
+    try:
+        return read_file_arg(path, flag).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"cannot read {flag} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def open_client(args: argparse.Namespace, read_token: TokenReader) -> "SegmentationClient":
     """A connected client for ``args.server`` (raises ``Unavailable`` when nothing answers)."""
     from segsvc.client import SegmentationClient
 
-    root_certs = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    root_certs = read_file_arg(args.tls_ca, "--tls-ca") if args.tls_ca else None
     client = SegmentationClient(args.server, token=read_token(args), root_certificates=root_certs, tls=args.tls,
                                 timeout_s=args.timeout_s)
     try:

@@ -69,8 +69,12 @@ def add_datasets_parser(sub: argparse._SubParsersAction, read_token: TokenReader
 
     def handler(fn):  # type: ignore[no-untyped-def]
         def run(args: argparse.Namespace) -> int:
+            from segsvc.cli_client import read_text_arg
             from segsvc.errors import DatasetInvalid
 
+            # local files are read before connecting: a missing one fails at once, not after the upload starts
+            dataset_yaml = getattr(args, "dataset_yaml", None)
+            args.dataset_yaml_text = read_text_arg(dataset_yaml, "--dataset-yaml") if dataset_yaml else ""
             with _client(args, read_token) as client:
                 try:
                     return fn(client, args)
@@ -145,9 +149,8 @@ def _print_problems(exc) -> None:  # type: ignore[no-untyped-def]
 
 
 def _upload(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    yaml_text = Path(args.dataset_yaml).read_text() if args.dataset_yaml else ""
     dataset = client.upload_dataset(args.path, args.name, format="pairs" if args.pairs else None,
-                                    dataset_yaml=yaml_text, class_names=args.classes, sha256=args.sha256,
+                                    dataset_yaml=args.dataset_yaml_text, class_names=args.classes, sha256=args.sha256,
                                     progress=args.progress)
     _print_dataset(dataset, args)
     return 0

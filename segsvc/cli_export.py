@@ -14,6 +14,7 @@ command runs, so ``segsvc --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from segsvc.errors import InvalidArgument
@@ -85,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
     version_dir = repo.version_dir(name, version)
     version = int(version_dir.name)
     check_manifest(name, version, repo.read_manifest(name, version))
+    out = args.out if args.out is not None else default_out(args.repo)
+    if args.format == "triton":
+        Path(out).mkdir(parents=True, exist_ok=True)  # an impossible --out fails now, not after the export
     bar = tqdm(total=export_steps(args.checks), desc=f"exporting {name}:{version}", unit="step",
                disable=not args.progress, leave=False)
 
@@ -98,7 +102,6 @@ def run(args: argparse.Namespace) -> int:
         if args.format == "onnx":
             result = export_onnx(version_dir, **options)
         else:
-            out = args.out if args.out is not None else default_out(args.repo)
             triton = export_triton(version_dir, out, max_batch_size=args.max_batch_size, **options)
     finally:
         bar.close()

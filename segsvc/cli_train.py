@@ -52,7 +52,7 @@ def add_server_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def submit_training(args: argparse.Namespace, read_token: Callable[[argparse.Namespace], str | None]) -> int:
-    from segsvc.cli_client import open_client
+    from segsvc.cli_client import open_client, read_text_arg
 
     if args.resume or args.profile:
         raise InvalidArgument("--resume and --profile are for local training; a server job resumes by itself")
@@ -60,7 +60,7 @@ def submit_training(args: argparse.Namespace, read_token: Callable[[argparse.Nam
         raise InvalidArgument("segsvc train --server needs --dataset NAME (a dataset registered on the server)")
     if args.config and args.recipe:
         raise InvalidArgument("give --recipe NAME (the server's) or --config FILE (sent inline), not both")
-    recipe_yaml = Path(args.config).read_text() if args.config else ""
+    recipe_yaml = read_text_arg(args.config, "--config") if args.config else ""
     with open_client(args, read_token) as client:
         job = client.submit_training_job(
             args.dataset, recipe=args.recipe, recipe_yaml=recipe_yaml, overrides=args.overrides,

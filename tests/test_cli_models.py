@@ -27,3 +27,24 @@ def test_models_list_and_show_read_a_repository(tmp_path, capsys) -> None:
 def test_models_show_unknown_model_is_a_clear_error(tmp_path, capsys) -> None:
     assert main(["models", "show", "nope", "--repo", str(tmp_path)]) == 2
     assert "no model named 'nope'" in capsys.readouterr().err
+
+
+def test_models_list_shows_every_model_and_marks_a_broken_version(tmp_path, capsys) -> None:
+    spec = ModelSpec("unet", 2, 1, {"base_channels": 4, "depth": 2})
+    for name in ("alpha", "alpha", "beta"):
+        save_artifact(build_model(spec), tmp_path, name, spec=spec, metrics={"miou": 0.5})
+    (tmp_path / "alpha" / "2" / "manifest.json").write_text("{half-copied")
+    assert main(["models", "list", "--repo", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "beta" in out  # the other models are still listed
+    alpha = next(line for line in out.splitlines() if line.startswith("alpha "))
+    assert "1,2" in alpha and "unet" not in alpha  # the latest version (2) is unreadable: nothing to show of it
+    assert "alpha:2 is broken: cannot read alpha/2/manifest.json" in out
+
+
+def test_models_list_of_a_missing_repository_is_an_error(tmp_path, capsys) -> None:
+    missing = tmp_path / "nonexistent"
+    assert main(["models", "list", "--repo", str(missing)]) == 2
+    assert f"model repository {missing} does not exist" in capsys.readouterr().err
+    assert main(["models", "list", "--repo", str(tmp_path)]) == 0  # an empty one is just empty
+    assert f"no models in {tmp_path}" in capsys.readouterr().out

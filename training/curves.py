@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from segsvc.errors import NotFound
+from segsvc.errors import InvalidArgument, NotFound
 
 METRICS_FILE = "metrics.jsonl"
 FIGSIZE_IN = (9.0, 5.5)
@@ -254,8 +254,12 @@ def write_curves(root: Path, png: Path, title: str = "", default_threads: int | 
     """Every validated run under ``root``: ``png`` and the CSV beside it (``png`` with ``.csv``).
 
     Raises:
+        InvalidArgument: ``png`` does not end in ``.png`` (checked before anything is read or written).
         NotFound: ``root`` is not a directory or holds no validated run.
     """
+    if png.suffix.lower() != ".png":  # else the CSV would be written and the picture refused, or take its name
+        raise InvalidArgument(f"{png}: the curves picture is a PNG, its name must end in .png "
+                              "(the CSV goes beside it)")
     curves = collect(root, default_threads)
     if not curves:
         raise NotFound(f"no training run with a validated epoch under {root} (looked for {METRICS_FILE} rows "

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from segsvc.config import InferenceSpec, InputSpec
 from segsvc.data.registration import shift_image
 from segsvc.data.transforms import preprocess
+from segsvc.errors import InvalidArgument
 from segsvc.inference.contract import network_input
 
 
@@ -31,10 +32,12 @@ def sample_seed(*parts: int) -> int:
 
 
 def select_indices(length: int, span: tuple[int, int] | None, limit: int | None) -> list[int]:
-    """Positions ``[start, stop)`` of a split (all by default), then at most ``limit`` of them."""
+    """Positions ``[start, stop)`` of a split (all by default), then at most ``limit`` (>= 1) of them."""
     start, stop = span if span is not None else (0, length)
     if not 0 <= start < stop <= length:
-        raise ValueError(f"index range [{start}, {stop}) does not fit a split of {length} samples")
+        raise InvalidArgument(f"index range [{start}, {stop}) does not fit a split of {length} samples")
+    if limit is not None and limit < 1:  # a negative one would slice from the end: [:-1] drops the last sample
+        raise InvalidArgument(f"a sample limit must be at least 1, got {limit}")
     indices = list(range(start, stop))
     return indices[:limit] if limit is not None else indices
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -43,7 +44,7 @@ from segsvc.inference.allocator import configure_allocator
 from segsvc.inference.argmax import class_argmax
 from segsvc.inference.backends import open_version_dir
 from segsvc.inference.contract import apply_contract
-from segsvc.inference.engine import Engine, EngineConfig
+from segsvc.inference.engine import Engine, EngineConfig, resolve_device
 from segsvc.inference.predictor import Predictor
 from segsvc.models.artifact import Manifest
 from training.curves import write_curves
@@ -79,9 +80,15 @@ class EvalOptions:
 def run(args: argparse.Namespace) -> int:
     """Handler of ``segsvc eval`` (flags defined in ``segsvc/cli.py::_add_eval``)."""
     configure_allocator()  # keep freed activation buffers, as segsvc serve does
+    if args.threads is not None and args.threads < 1:
+        raise InvalidArgument(f"--threads must be at least 1, got {args.threads}")
+    if args.indices and not 0 <= args.indices[0] < args.indices[1]:  # the split's length is checked once read
+        raise InvalidArgument(f"--indices START STOP needs 0 <= START < STOP, got {args.indices[0]} {args.indices[1]}")
+    if args.limit is not None and args.limit < 1:
+        raise InvalidArgument(f"--limit must be at least 1, got {args.limit}")
+    device = str(resolve_device(args.device))  # auto: cuda when available; a bad name is a clear error
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     options = EvalOptions(
         split=args.split, scale=args.scale, tile=tuple(args.tile) if args.tile else None, overlap=args.overlap,
         hflip=args.hflip, tta_scales=args.tta_scales, device=device, precision=args.precision, backend=args.backend,
@@ -95,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(device=device, precision=options.precision, backend=options.backend, warmup=False)
     backend, manifest = open_version_dir(version_dir, torch.device(device), config)
     out_dir = Path(args.out) if args.out else Path("runs/eval") / f"{manifest.name}-v{manifest.version}-{args.split}"
+    prepare_out_dir(out_dir)  # before the evaluation, not after it
     result = evaluate_artifact(Predictor(backend, manifest), data, options)
     table = format_table(result.metrics, list(manifest.class_names), isbi=True)
     print(f"{manifest.name} v{manifest.version} on {data.name}/{args.split} ({result.images} images, "
@@ -107,6 +115,17 @@ def run(args: argparse.Namespace) -> int:
                               f"validation mIoU of the runs under {args.curves}")
         print(f"wrote {out_dir / 'curves.png'} ({len(curves)} runs)")
     return 0
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create the output folder and check that it takes files (``InvalidArgument`` naming why not)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot create the output folder {out_dir}: {exc.strerror or type(exc).__name__}") \
+            from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise InvalidArgument(f"cannot write into the output folder {out_dir}: permission denied")
 
 
 def resolve_model_dir(path: Path) -> Path:

@@ -1,0 +1,103 @@
+"""Bad arguments, missing or unwritable files: one line on stderr, no traceback, exit status 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import segsvc.cli_client
+from segsvc.cli import main
+from segsvc.config import ModelSpec
+from segsvc.inference.codec import encode_png
+from segsvc.models import build_model
+from segsvc.models.artifact import save_artifact
+
+
+@pytest.fixture
+def not_a_folder(tmp_path) -> Path:
+    """A path no one can create: its parent is a file (NotADirectoryError, even for root)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    return blocker / "out"
+
+
+@pytest.fixture
+def no_server(monkeypatch) -> str:
+    """A server address where nothing answers; the client gives up after half a second."""
+    monkeypatch.setattr(segsvc.cli_client, "CONNECT_TIMEOUT_S", 0.5)
+    return "127.0.0.1:1"
+
+
+def one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("segsvc: error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_an_output_that_cannot_be_created_is_a_one_line_error(not_a_folder, images, capsys) -> None:
+    assert main(["data", "synth", str(not_a_folder), "--count", "2", "--no-progress"]) == 2
+    one_line_error(capsys, str(not_a_folder.parent), "Not a directory")
+    assert main(["segment", str(images), "--server", "127.0.0.1:1", "--out", str(not_a_folder)]) == 2
+    one_line_error(capsys, f"{not_a_folder}: Not a directory")  # before connecting
+
+
+def test_missing_input_files_are_named_before_connecting(tmp_path, no_server, capsys) -> None:
+    missing = str(tmp_path / "missing.yaml")
+    assert main(["train", "--server", no_server, "--dataset", "d", "--config", missing]) == 2
+    one_line_error(capsys, f"cannot read --config {missing}", "No such file or directory")
+    assert main(["jobs", "list", "--server", no_server, "--tls", "--tls-ca", missing]) == 2
+    one_line_error(capsys, f"cannot read --tls-ca {missing}")
+    assert main(["datasets", "upload", str(tmp_path), "--name", "d", "--server", no_server,
+                 "--dataset-yaml", missing]) == 2
+    one_line_error(capsys, f"cannot read --dataset-yaml {missing}")  # not "no server answers"
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    spec = ModelSpec("unet", 3, 3, {"base_channels": 4, "depth": 2})
+    save_artifact(build_model(spec), tmp_path / "repo", "tiny", spec=spec,
+                  class_names=["background", "circle", "rectangle"])
+    return tmp_path / "repo"
+
+
+def test_export_refuses_an_impossible_triton_folder_before_exporting(repo, not_a_folder, capsys) -> None:
+    assert main(["export", "tiny", "--repo", str(repo), "--format", "triton", "--out", str(not_a_folder),
+                 "--no-progress"]) == 2
+    one_line_error(capsys, "Not a directory")
+    assert not (repo / "tiny" / "1" / "model.onnx").exists()  # nothing exported for nothing
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        (folder / f"{i}.png").write_bytes(encode_png(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)))
+    return folder
+
+
+def test_batch_into_an_impossible_folder_is_a_one_line_error(repo, images, not_a_folder, capsys) -> None:
+    assert main(["batch", str(images), "--model-repo", str(repo), "--model", "tiny", "--out", str(not_a_folder),
+                 "--device", "cpu", "--no-progress"]) == 2
+    one_line_error(capsys, "Not a directory")
+
+
+def test_batch_resume_keeps_the_stored_options_of_flags_left_out(repo, images, tmp_path, capsys) -> None:
+    out = str(tmp_path / "batch")
+    common = ["--model-repo", str(repo), "--out", out, "--device", "cpu", "--no-progress"]
+    assert main(["batch", str(images), "--model", "tiny", "--overlay", "--color", "--confidence", *common]) == 0
+    capsys.readouterr()
+    # the README's promise: flags left out keep their stored values, flags given must match them
+    assert main(["batch", "--resume", "--overlay", *common]) == 0
+    assert main(["batch", "--resume", "--color", "--alpha", "0.5", *common]) == 0
+    assert main(["batch", "--resume", *common]) == 0
+    assert "error" not in capsys.readouterr().err
+    assert main(["batch", "--resume", "--overlay", "--alpha", "0.3", *common]) == 2
+    one_line_error(capsys, "--resume with different settings", "'alpha': 0.3")
+    assert main(["batch", "--resume", "--tile-size", "32", *common]) == 2
+    one_line_error(capsys, "'tile_size': 32")
