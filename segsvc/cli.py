@@ -466,7 +466,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "N with --torch-threads = CPUs/N: small models run ~1.4x faster as single-threaded "
                         "passes side by side, each request a little slower")
     p.add_argument("--max-queue", type=int, default=256,
-                   help="requests waiting per model version before RESOURCE_EXHAUSTED (default 256)")
+                   help="requests waiting per model version, and per lane for the memory budget, "
+                        "before RESOURCE_EXHAUSTED (default 256)")
     p.add_argument("--max-batch-mb", default="auto",
                    help="most forward-pass memory in one batch, from each model's bytes per pixel measured at "
                         f"load, so small models batch more images than large ones; 0: no limit; auto (default): "

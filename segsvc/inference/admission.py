@@ -8,7 +8,8 @@ size and its options into a ``Cost`` (padded pixels per pass, passes, tiles and
 an estimated peak memory from the model's measured bytes per pixel);
 ``Admission.check`` refuses a request over the per-request limits before it is
 decoded, and ``MemoryBudget`` queues admitted requests against one server-wide
-memory budget, so concurrent large requests wait instead of exhausting memory.
+memory budget, so concurrent large requests wait instead of exhausting memory
+(a bounded number of them: beyond it they are refused with ``Overloaded``).
 
 Example:
     >>> cost = estimate(1, 262144, tile_size=0, tile_overlap=0.25, flip_tta=False, stride=32, min_size=1,
@@ -21,12 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Hashable
 
 from segsvc.config import MAX_TILE_OVERLAP  # noqa: F401  (re-exported: the per-request limit)
-from segsvc.errors import DeadlineExceeded, ImageTooLarge, InvalidArgument
+from segsvc.errors import DeadlineExceeded, ImageTooLarge, InvalidArgument, Overloaded
 from segsvc.inference.contract import TILE_BATCH, padded_size, scaled_size
 from segsvc.inference.tiling import overlap_tile_layout, tile_starts
 
@@ -42,12 +43,14 @@ class Cost:
         passes: forward passes (tiles x flips; with multi-scale TTA, the work in passes of the largest size).
         tiles: sliding-window tiles (1 without tiling), summed over the TTA scales.
         peak_bytes: estimated peak memory of the request.
+        scale: how the largest pass resizes the image (the manifest's scale, times a TTA factor).
     """
 
     pixels: int
     passes: int
     tiles: int
     peak_bytes: int
+    scale: float = 1.0
 
     @property
     def work_pixels(self) -> int:
@@ -66,21 +69,32 @@ def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, fl
     ``tile_padding="reflect"`` tiles are overlap tiles (``overlap_tile_layout``):
     their mirrored context counts in every pass's pixels, with the mirrored copy
     of the image they are cut from. With ``tta_scales`` every factor is one
-    such estimate at ``scale * factor``: their passes and tiles add up, the
-    largest pass and peak count, plus the running sum of the logits.
+    such estimate at the size the engine runs it: the image resized by ``scale``,
+    then that size by the factor (each rounded, as the engine rounds them). Their
+    passes and tiles add up, the largest pass and peak count, plus the running
+    sum of the logits.
     """
-    if tta_scales:
-        costs = [estimate(height, width, tile_size=tile_size, tile_overlap=tile_overlap, flip_tta=flip_tta,
-                          stride=stride, min_size=min_size, num_classes=num_classes, bytes_per_pixel=bytes_per_pixel,
-                          channels=channels, scale=scale * f, tile_padding=tile_padding) for f in tta_scales]
-        pixels = max(c.pixels for c in costs)
-        work = sum(c.work_pixels for c in costs)
-        sh, sw = scaled_size(height, width, scale)
-        peak = max(c.peak_bytes for c in costs) + sh * sw * num_classes * 4 * 2  # the sum and one resized pass
-        return Cost(pixels, -(-work // pixels), sum(c.tiles for c in costs), int(peak))
+    def at(size: tuple[int, int], pass_scale: float) -> Cost:
+        return _one_size((height, width), size, pass_scale, tile_size=tile_size, tile_overlap=tile_overlap,
+                         flip_tta=flip_tta, stride=stride, min_size=min_size, num_classes=num_classes,
+                         bytes_per_pixel=bytes_per_pixel, channels=channels, tile_padding=tile_padding)
+
+    sh, sw = scaled_size(height, width, scale)
+    if not tta_scales:
+        return at((sh, sw), scale)
+    costs = [at(scaled_size(sh, sw, f), scale * f) for f in tta_scales]
+    largest = max(costs, key=lambda c: c.pixels)
+    work = sum(c.work_pixels for c in costs)
+    peak = max(c.peak_bytes for c in costs) + sh * sw * num_classes * 4 * 2  # the sum and one resized pass
+    return Cost(largest.pixels, -(-work // largest.pixels), sum(c.tiles for c in costs), int(peak), largest.scale)
+
+
+def _one_size(out: tuple[int, int], size: tuple[int, int], scale: float, *, tile_size: int, tile_overlap: float,
+              flip_tta: bool, stride: int, min_size: int, num_classes: int, bytes_per_pixel: float, channels: int,
+              tile_padding: str) -> Cost:
+    """The ``Cost`` of an ``out``-sized image run by the network at ``size`` (``scale`` times ``out``)."""
     flips = 2 if flip_tta else 1
-    out_h, out_w = height, width
-    height, width = scaled_size(height, width, scale)
+    (out_h, out_w), (height, width) = out, size
     image_bytes = height * width * (channels * 4 + 1)  # float32 input tensor + uint8 labels
     if (height, width) != (out_h, out_w):  # logits resized back, the original image and its labels
         image_bytes += out_h * out_w * (num_classes * 4 + channels + 1)
@@ -91,7 +105,7 @@ def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, fl
         mirrored = (height + ph) * (width + pw) * channels * 4  # the image with its mirrored border
         accumulators = height * width * 4 * (num_classes * (flips + 1) + 1)
         peak = bytes_per_pixel * ph * pw * in_flight + accumulators + image_bytes + mirrored
-        return Cost(ph * pw, layout.tiles * flips, layout.tiles, int(peak))
+        return Cost(ph * pw, layout.tiles * flips, layout.tiles, int(peak), scale)
     if tile_size:
         th, tw = min(tile_size, height), min(tile_size, width)
         tiles = len(tile_starts(height, th, tile_overlap)) * len(tile_starts(width, tw, tile_overlap))
@@ -99,10 +113,10 @@ def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, fl
         in_flight = min(TILE_BATCH, tiles)
         accumulators = height * width * 4 * (num_classes * (flips + 1) + 1)  # logits sums, weights
         peak = bytes_per_pixel * ph * pw * in_flight + accumulators + image_bytes
-        return Cost(ph * pw, tiles * flips, tiles, int(peak))
+        return Cost(ph * pw, tiles * flips, tiles, int(peak), scale)
     ph, pw = padded_size(height, width, stride, min_size)
     peak = bytes_per_pixel * ph * pw + ph * pw * 4 * num_classes * flips + image_bytes
-    return Cost(ph * pw, flips, 1, int(peak))
+    return Cost(ph * pw, flips, 1, int(peak), scale)
 
 
 @dataclass(frozen=True)
@@ -135,8 +149,10 @@ class AdmissionConfig:
             raise ImageTooLarge(f"tiling this {width}x{height} image needs {cost.tiles} tiles, over the limit of "
                                 f"{self.max_tiles}; use larger tiles or less overlap")
         if cost.pixels > self.max_pixels:
-            raise ImageTooLarge(f"the {width}x{height} image is {cost.pixels} pixels once padded to the model's "
-                                f"stride, over the limit of {self.max_pixels}; downscale it or use tiling")
+            how = "padded to the model's stride" if cost.scale == 1 else \
+                f"resized by {cost.scale:g} for the model and padded to its stride"
+            raise ImageTooLarge(f"the {width}x{height} image is {cost.pixels} pixels once {how}, over the limit of "
+                                f"{self.max_pixels}; downscale it or use tiling")
         if cost.work_pixels > self.max_work_pixels:
             raise ImageTooLarge(f"this request runs {cost.passes} passes of {cost.pixels} pixels, over the limit of "
                                 f"{self.max_work_pixels} pixels; use fewer tiles, no flip TTA or a smaller image")
@@ -145,36 +161,70 @@ class AdmissionConfig:
                                 f"server's budget of {self.max_inflight_mb} MiB; downscale it or use tiling")
 
 
+class Hold:
+    """Bytes of a ``MemoryBudget`` held until ``release()``; releasing again gives nothing back twice."""
+
+    def __init__(self, budget: MemoryBudget, nbytes: int) -> None:
+        self._budget: MemoryBudget | None = budget
+        self.nbytes = nbytes
+
+    def release(self) -> None:
+        budget, self._budget = self._budget, None
+        if budget is not None:
+            budget._give_back(self.nbytes)
+
+
 class MemoryBudget:
-    """Requests hold their estimated bytes while served; the rest wait in arrival order.
+    """Requests hold their estimated bytes while served; the rest wait in arrival order, a bounded number per lane.
 
     Args:
         total_bytes: the budget; a request larger than this alone never fits (``Admission.check``
             refuses it first).
+        max_waiting: most requests of one lane waiting for room; more are refused with ``Overloaded``.
     """
 
-    def __init__(self, total_bytes: int) -> None:
+    def __init__(self, total_bytes: int, max_waiting: int) -> None:
         if total_bytes < 1:
             raise InvalidArgument(f"the memory budget must be positive, got {total_bytes}")
+        if max_waiting < 1:
+            raise InvalidArgument(f"the memory budget's wait line must hold at least one request, got {max_waiting}")
         self.total_bytes = total_bytes
+        self.max_waiting = max_waiting
         self.used_bytes = 0
         self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+        self._waiting: Counter[Hashable] = Counter()
 
     @contextlib.asynccontextmanager
-    async def hold(self, nbytes: int, deadline: float | None = None) -> AsyncIterator[None]:
-        """Hold ``nbytes`` of the budget for the block; wait (until ``deadline``) while it is spent."""
-        nbytes = min(max(int(nbytes), 0), self.total_bytes)
-        await self._acquire(nbytes, deadline)
+    async def hold(self, nbytes: int, deadline: float | None = None, lane: Hashable = None) -> AsyncIterator[None]:
+        """Hold ``nbytes`` of the budget for the block (``acquire``, then ``release`` on leaving)."""
+        held = await self.acquire(nbytes, deadline, lane)
         try:
             yield
         finally:
-            self.used_bytes -= nbytes
-            self._wake()
+            held.release()
 
-    async def _acquire(self, nbytes: int, deadline: float | None) -> None:
+    async def acquire(self, nbytes: int, deadline: float | None = None, lane: Hashable = None) -> Hold:
+        """Take ``nbytes`` of the budget; wait (until ``deadline``) in arrival order while it is spent.
+
+        Raises:
+            Overloaded: ``max_waiting`` requests of ``lane`` already wait.
+            DeadlineExceeded: the deadline passed while waiting.
+        """
+        nbytes = min(max(int(nbytes), 0), self.total_bytes)
         if not self._waiters and self.used_bytes + nbytes <= self.total_bytes:
             self.used_bytes += nbytes
-            return
+            return Hold(self, nbytes)
+        if self._waiting[lane] >= self.max_waiting:
+            raise Overloaded(f"{self._waiting[lane]} requests are already waiting for the server's memory budget "
+                             f"({self.total_bytes / MIB:.0f} MiB), the limit; retry with backoff")
+        self._waiting[lane] += 1
+        try:
+            await self._wait(nbytes, deadline)
+        finally:
+            self._waiting[lane] -= 1
+        return Hold(self, nbytes)
+
+    async def _wait(self, nbytes: int, deadline: float | None) -> None:
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         entry = (nbytes, waiter)
@@ -193,6 +243,10 @@ class MemoryBudget:
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceeded("the deadline passed while waiting for memory to serve the image") from None
             raise
+
+    def _give_back(self, nbytes: int) -> None:
+        self.used_bytes -= nbytes
+        self._wake()
 
     def _wake(self) -> None:
         """Grant waiters in order while the head fits (FIFO: a large request is not starved)."""

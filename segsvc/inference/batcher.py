@@ -13,7 +13,10 @@ one result, or the batch's exception, to every future. Items are grouped by a
 key (for images: the padded size and the options), so a batch never mixes
 inputs that cannot be stacked. The queue is bounded: a full queue refuses new
 items with ``Overloaded`` instead of letting latency grow without limit.
-Cancelled items and items whose deadline passed are dropped before they run.
+Cancelled items and items whose deadline passed are dropped before they run; a
+batch already running is not interrupted, so ``submit`` takes an ``on_finish``
+hook called when an item's work has really ended (its batch ran, or it left the
+queue unrun): the caller's memory stays accounted for until then.
 
 Two lanes share the worker: interactive calls (``Priority.INTERACTIVE``) and
 batch-job items (``Priority.BATCH``). A batch-lane batch starts only when no
@@ -182,6 +185,7 @@ class _Pending(Generic[T]):
     deadline: float | None
     priority: Priority = Priority.INTERACTIVE
     queued: bool = True
+    on_finish: Callable[[], None] | None = None
 
 
 @dataclass
@@ -290,13 +294,16 @@ class DynamicBatcher(Generic[T, R]):
         return self._size
 
     # -- callers ---------------------------------------------------------------
-    def submit(self, item: T, *, deadline: float | None = None,
-               priority: Priority = Priority.INTERACTIVE) -> asyncio.Future:
+    def submit(self, item: T, *, deadline: float | None = None, priority: Priority = Priority.INTERACTIVE,
+               on_finish: Callable[[], None] | None = None) -> asyncio.Future:
         """Queue ``item`` in the ``priority`` lane; the future resolves to ``Batched[R]``.
 
         ``deadline`` is an event-loop time (``loop.time()``); an item still
         queued after it fails with ``DeadlineExceeded`` and never runs.
-        Cancelling the future removes the item from the queue.
+        Cancelling the future removes the item from the queue; it does not
+        stop a batch already running. ``on_finish`` is called once, on the
+        event loop, when the item's work has ended: its batch ran (whether or
+        not its future was still wanted), or it left the queue without running.
 
         Raises:
             Unavailable: the batcher is not started or is stopping.
@@ -310,7 +317,8 @@ class DynamicBatcher(Generic[T, R]):
                 f"{self.name} queue is full ({self.config.max_queue_size} requests waiting); retry with backoff"
             )
         loop = asyncio.get_running_loop()
-        pending = _Pending(item, (priority, self._key(item)), loop.create_future(), loop.time(), deadline, priority)
+        pending = _Pending(item, (priority, self._key(item)), loop.create_future(), loop.time(), deadline, priority,
+                           on_finish=on_finish)
         self._groups.setdefault(pending.key, deque()).append(pending)
         self._size += 1
         self._lane_size[priority] += 1
@@ -361,8 +369,19 @@ class DynamicBatcher(Generic[T, R]):
                 self._size -= 1
                 self._lane_size[pending.priority] -= 1
                 self.stats.dropped += 1
+                self._finished(pending)
             if not group:
                 del self._groups[pending.key]
+
+    def _finished(self, pending: _Pending[T]) -> None:
+        """The item's work has ended (ran, or left the queue unrun): call its ``on_finish`` once."""
+        on_finish, pending.on_finish = pending.on_finish, None
+        if on_finish is None:
+            return
+        try:
+            on_finish()
+        except Exception:  # a caller's hook must never break the worker
+            log.exception("%s: on_finish hook failed", self.name)
 
     def _full(self, group: deque[_Pending[T]]) -> bool:
         """Whether a group holds a whole batch (by count or by pixel budget)."""
@@ -424,12 +443,14 @@ class DynamicBatcher(Generic[T, R]):
             self._lane_size[pending.priority] -= 1
             pending.queued = False
             if pending.future.done():
+                self._finished(pending)
                 continue
             if pending.deadline is not None and now >= pending.deadline:
                 self.stats.dropped += 1
                 pending.future.set_exception(
                     DeadlineExceeded(f"deadline passed after {now - pending.enqueued_at:.3f} s in the {self.name} queue")
                 )
+                self._finished(pending)
                 continue
             batch.append(pending)
             total += cost
@@ -473,9 +494,12 @@ class DynamicBatcher(Generic[T, R]):
             if self._yields(key, loop.time()):
                 continue
             batch = self._take(key)
-            if batch and self.config.concurrency == 1:
+            if not batch:  # every item taken was cancelled or expired
+                continue
+            self._begin(batch)
+            if self.config.concurrency == 1:
                 await self._execute(batch)
-            elif batch:
+            else:
                 task = loop.create_task(self._execute(batch), name=f"batch-{self.name}")
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
@@ -488,14 +512,26 @@ class DynamicBatcher(Generic[T, R]):
         except TimeoutError:
             pass
 
+    def _begin(self, batch: list[_Pending[T]]) -> None:
+        """Count ``batch`` as running from the moment it is taken: with free slots the worker picks
+        the next batch before this one's task first runs, and the lanes' rules must already see it."""
+        if batch[0].priority == Priority.INTERACTIVE:
+            self._interactive_running += 1
+        else:
+            self._last_batch_lane_start = asyncio.get_running_loop().time()
+
     async def _execute(self, batch: list[_Pending[T]]) -> None:
+        """Run a batch counted by ``_begin``; deliver its results, then report every item finished."""
+        try:
+            await self._run_batch(batch)
+        finally:
+            for p in batch:
+                self._finished(p)
+
+    async def _run_batch(self, batch: list[_Pending[T]]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         interactive = batch[0].priority == Priority.INTERACTIVE
-        if interactive:
-            self._interactive_running += 1
-        else:
-            self._last_batch_lane_start = started
         try:
             results = await loop.run_in_executor(self._executor, self._predict, [p.item for p in batch])
             if len(results) != len(batch):
@@ -537,3 +573,4 @@ class DynamicBatcher(Generic[T, R]):
                 p.queued = False
                 if not p.future.done():
                     p.future.set_exception(exc)
+                self._finished(p)

@@ -2,15 +2,19 @@
 
 ``InferenceService.segment`` is the one path from image to label map: take a
 lease on the model version (so a hot swap cannot retire it mid-request),
+read the image's size from its header, check the request's cost (padded
+pixels, tiles, passes, estimated memory) against the per-request limits, take
+its estimated memory from one server-wide budget (waiting in a line bounded by
+the batchers' ``max_queue_size``, refused with ``Overloaded`` beyond it), then
 decode and preprocess on an I/O thread (announced to the batcher meanwhile, so
 a partial batch waits for it, and a lone image on an idle model waits for
 nothing), queue the image in that version's batcher (in the interactive or the
-batch lane) with the caller's deadline, and await the result. Before any
-decoding, the request's cost (padded pixels, tiles, passes, estimated memory)
-is checked against the per-request limits, and while the image is served its
-estimated memory is held in one server-wide budget. A caller that gives up
-(deadline, cancel) marks its image abandoned, so a tiled batch stops between
-passes. The ``segsvc.v1`` gRPC servicer, the Open Inference Protocol
+batch lane) with the caller's deadline, and await the result. A caller that
+gives up (deadline, cancel) marks its image abandoned, so a tiled batch stops
+between passes; its memory stays held until its work has really ended (the
+decoding thread or the forward pass finished, or it left the queue unrun), so
+a request waiting for the budget is never admitted into memory still in use.
+The ``segsvc.v1`` gRPC servicer, the Open Inference Protocol
 servicer and the batch-job runner are thin adapters over it: they turn their
 requests into arguments and the ``Segmentation`` into their responses, and
 never repeat this choreography (KServe's ``DataPlane`` under its servicer).
@@ -35,14 +39,15 @@ from typing import Callable, Protocol, Sequence, TypeVar
 import numpy as np
 
 from segsvc.errors import DeadlineExceeded, ImageTooLarge, InvalidImage
-from segsvc.inference.admission import MIB, AdmissionConfig, MemoryBudget
+from segsvc.inference.admission import MIB, AdmissionConfig, Hold, MemoryBudget
 from segsvc.inference.batcher import Batched, Priority
 from segsvc.inference.codec import check_pixels, decode_image, image_header, raw_image
-from segsvc.inference.engine import InferenceOptions, Output
+from segsvc.inference.engine import Engine, InferenceOptions, Output, Prepared
 from segsvc.inference.manager import LoadedModel, ModelManager
 from segsvc.models.artifact import Manifest
 
 R = TypeVar("R")
+PreparedImage = tuple[np.ndarray, Prepared, float]  # the decoded image, its network input, the seconds it took
 
 
 class ImageSource(Protocol):
@@ -97,18 +102,31 @@ class ImageFile:
     max_bytes: int
 
     def peek(self) -> tuple[int, int] | None:
-        return None  # checked after decoding (on an I/O thread, not the event loop)
+        """The size from the file's header; reads the file (at most ``max_bytes``): call it on an I/O thread."""
+        header = self._named(image_header, self._read())
+        return header.height, header.width
 
     def load(self, max_pixels: int) -> np.ndarray:
+        return self._named(decode_image, self._read(), max_pixels)
+
+    def _read(self) -> bytes:
+        """The file's bytes; one over ``max_bytes`` is refused before it is read."""
         try:
             size = os.stat(self.path).st_size
-            if size > self.max_bytes:
-                raise ImageTooLarge(f"{self.name} is {size} bytes, over the limit of {self.max_bytes} bytes")
-            data = Path(self.path).read_bytes()
+            if size <= self.max_bytes:
+                with open(self.path, "rb") as file:
+                    data = file.read(self.max_bytes + 1)
+                size = len(data)
         except OSError as exc:
             raise InvalidImage(f"{self.name} cannot be read: {exc.strerror or type(exc).__name__}") from None
+        if size > self.max_bytes:
+            raise ImageTooLarge(f"{self.name} is {size} bytes, over the limit of {self.max_bytes} bytes")
+        return data
+
+    def _named(self, fn: Callable[..., R], *args: object) -> R:
+        """``fn(*args)`` with the file's name in front of an ``InvalidImage`` message."""
         try:
-            return decode_image(data, max_pixels)
+            return fn(*args)
         except InvalidImage as exc:
             raise type(exc)(f"{self.name}: {exc}") from None
 
@@ -149,7 +167,8 @@ class InferenceService:
         self._io = io_executor
         self.admission = admission
         self.max_pixels = admission.max_pixels
-        self.budget = MemoryBudget(admission.max_inflight_mb * MIB)
+        # Waiting for memory is waiting in a queue: bounded per lane like every batcher's (--max-queue).
+        self.budget = MemoryBudget(admission.max_inflight_mb * MIB, manager.config.batching.max_queue_size)
 
     async def run_io(self, fn: Callable[..., R], *args: object) -> R:
         """Run ``fn(*args)`` on the I/O threads (encoding a response, writing a file)."""
@@ -206,29 +225,78 @@ class InferenceService:
         """``segment`` on a leased version; also returns the seconds spent decoding and preparing."""
         if on_lease is not None:
             on_lease(lm.name, lm.version, lm.manifest)
-        size = source.peek()
-        if size is not None:  # refuse before decoding
+        size = await self._size(source)
+        if size is None:  # a source that cannot tell its size: decoded first, then admitted
+            image, prepared, prepare_s = await self._prepare_announced(lm, source, options, priority, None)
+            held = await self.budget.acquire(prepared.cost.peak_bytes, deadline, priority)
+        else:  # refused before decoding, and decoded inside its share of the budget
             check_pixels(*size, self.max_pixels)
-            self.admission.check(lm.engine.cost(*size, options), *size)
-        with lm.batcher.incoming(priority):  # a partial batch waits for this image only while it is decoded
-            image, prepared, prepare_s = await self.run_io(self._prepare, source, lm.engine, options)
-        async with self.budget.hold(prepared.cost.peak_bytes, deadline):
-            future = lm.batcher.submit(prepared, deadline=deadline, priority=priority)
-            try:
-                result = await _wait(future, deadline)
-            except BaseException:
-                prepared.abandon.set()  # a tiled batch of abandoned images stops between passes
-                raise
+            cost = lm.engine.cost(*size, options)
+            self.admission.check(cost, *size)
+            held = await self.budget.acquire(cost.peak_bytes, deadline, priority)
+            image, prepared, prepare_s = await self._prepare_held(held, lm, source, options, priority, size)
+        result = await self._infer(held, lm, prepared, deadline, priority)
         seg = Segmentation(image, result.value, lm.manifest, lm.name, lm.version,
                            result.queue_s, result.run_s, result.batch_size)
         return seg, prepare_s
 
-    def _prepare(self, source: ImageSource, engine, options: InferenceOptions):  # type: ignore[no-untyped-def]
+    async def _size(self, source: ImageSource) -> tuple[int, int] | None:
+        """The source's ``(height, width)`` before decoding; a file's header is read on an I/O thread."""
+        if isinstance(source, ImageFile):
+            return await self.run_io(source.peek)
+        return source.peek()
+
+    async def _prepare_announced(self, lm: LoadedModel, source: ImageSource, options: InferenceOptions,
+                                 priority: Priority, size: tuple[int, int] | None) -> PreparedImage:
+        """Decode and prepare on an I/O thread, announced to the batcher (a partial batch waits for it)."""
+        with lm.batcher.incoming(priority):
+            return await self.run_io(self._prepare, source, lm.engine, options, size)
+
+    async def _prepare_held(self, held: Hold, lm: LoadedModel, source: ImageSource, options: InferenceOptions,
+                            priority: Priority, size: tuple[int, int]) -> PreparedImage:
+        """``_prepare_announced`` inside ``held``: if it fails or the caller gives up, the bytes go back
+        once the I/O thread is done with the image, not before (a running thread cannot be stopped)."""
+        with lm.batcher.incoming(priority):
+            work = asyncio.ensure_future(self.run_io(self._prepare, source, lm.engine, options, size))
+            try:
+                return await asyncio.shield(work)  # a caller that gives up leaves the I/O thread running
+            except BaseException:
+                work.add_done_callback(lambda done: _release_after(done, held))
+                raise
+
+    async def _infer(self, held: Hold, lm: LoadedModel, prepared: Prepared, deadline: float | None,
+                     priority: Priority) -> Batched[Output]:
+        """Queue the image and await its result; ``held`` goes back when its work ends (its batch ran,
+        or it left the queue unrun), which for a caller that gave up may be after this returns."""
+        try:
+            future = lm.batcher.submit(prepared, deadline=deadline, priority=priority, on_finish=held.release)
+        except BaseException:
+            held.release()
+            raise
+        try:
+            return await _wait(future, deadline)
+        except BaseException:
+            prepared.abandon.set()  # a tiled batch of abandoned images stops between passes
+            raise
+
+    def _prepare(self, source: ImageSource, engine: Engine, options: InferenceOptions,
+                 size: tuple[int, int] | None) -> PreparedImage:
+        """Decode (no larger than the header said) and prepare one image; runs on an I/O thread."""
         started = time.perf_counter()
-        image = source.load(self.max_pixels)
+        image = source.load(self.max_pixels if size is None else min(self.max_pixels, size[0] * size[1]))
+        if size is not None and tuple(image.shape[:2]) != size:
+            raise InvalidImage(f"the image decodes to {image.shape[1]}x{image.shape[0]}, not the "
+                               f"{size[1]}x{size[0]} it declared before decoding")
         prepared = engine.prepare(image, options)
         self.admission.check(prepared.cost, *image.shape[:2])
         return image, prepared, time.perf_counter() - started
+
+
+def _release_after(work: asyncio.Future, held: Hold) -> None:
+    """Give ``held`` back once ``work`` is done; its outcome was the caller's, who has gone (nothing to log)."""
+    if not work.cancelled():
+        work.exception()  # retrieved: no "exception was never retrieved" warning for a caller that left
+    held.release()
 
 
 async def _wait(future: asyncio.Future, deadline: float | None) -> Batched[Output]:

@@ -7,11 +7,14 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
-from segsvc.errors import Cancelled, DeadlineExceeded, ImageTooLarge, InvalidArgument
+from segsvc.errors import Cancelled, DeadlineExceeded, ImageTooLarge, InvalidArgument, Overloaded
 from segsvc.inference.admission import AdmissionConfig, MemoryBudget, estimate
+from segsvc.inference.contract import scaled_size
 from segsvc.inference.engine import Engine, EngineConfig, InferenceOptions
 from segsvc.inference.predictor import Predictor
+from segsvc.inference.tiling import make_logits_fn
 from tests.server.conftest import publish, reference
 
 
@@ -60,7 +63,7 @@ def run(coro):
 
 def test_memory_budget_queues_in_order_and_releases():
     async def main():
-        budget = MemoryBudget(100)
+        budget = MemoryBudget(100, max_waiting=8)
         order = []
 
         async def user(name, nbytes, hold_s):
@@ -82,7 +85,7 @@ def test_memory_budget_queues_in_order_and_releases():
 
 def test_memory_budget_wait_ends_at_the_deadline_and_gives_nothing_away():
     async def main():
-        budget = MemoryBudget(100)
+        budget = MemoryBudget(100, max_waiting=8)
         loop = asyncio.get_running_loop()
         async with budget.hold(90):
             with pytest.raises(DeadlineExceeded, match="waiting for memory"):
@@ -147,3 +150,49 @@ def test_a_batch_with_one_caller_left_keeps_running(engine):
     outputs = engine.run([a, b])
     assert len(outputs) == 2 and outputs[1].labels.shape == (64, 64)
 
+
+
+async def _hold_once(budget: MemoryBudget, nbytes: int, lane: object = None) -> None:
+    async with budget.hold(nbytes, lane=lane):
+        pass
+
+
+def test_memory_budget_wait_line_is_bounded_per_lane_and_refuses_with_overloaded():
+    async def main():
+        budget = MemoryBudget(100, max_waiting=2)
+        async with budget.hold(100):
+            waiting = [asyncio.create_task(_hold_once(budget, 10)) for _ in range(2)]
+            await asyncio.sleep(0)  # both are in the wait line
+            with pytest.raises(Overloaded, match="2 requests are already waiting"):
+                await budget.acquire(10)
+            other_lane = asyncio.create_task(_hold_once(budget, 10, lane="batch"))  # its own bound
+            await asyncio.sleep(0)
+            assert not other_lane.done()
+        await asyncio.gather(*waiting, other_lane)
+        granted = await budget.acquire(10)  # room again
+        granted.release()
+        granted.release()  # a second release gives nothing back twice
+        return budget.used_bytes
+
+    assert run(main()) == 0
+
+
+def test_multi_scale_tiles_are_counted_as_the_engine_rounds_each_size():
+    """The engine resizes the image by the manifest's scale, then that size by each TTA factor (rounding twice)."""
+    h, w, scale, factors = 89, 31, 0.5, (0.75, 1.3)
+    cost = _cost(h, w, tile_size=16, tile_overlap=0.75, stride=1, scale=scale, tta_scales=factors)
+    passes: list[torch.Size] = []
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        passes.append(x.shape)
+        return x[:, :3]
+
+    make_logits_fn(logits, tile=(16, 16), overlap=0.75, scales=factors)(torch.zeros(1, 3, *scaled_size(h, w, scale)))
+    assert cost.tiles == sum(p[0] for p in passes)
+    assert cost.work_pixels >= sum(p[0] * p[2] * p[3] for p in passes)
+
+
+def test_a_pass_over_the_pixel_limit_because_of_the_model_s_scale_says_so():
+    config = AdmissionConfig(max_pixels=64_000_000)
+    with pytest.raises(ImageTooLarge, match=r"2100x2100 image is 70560000 pixels once resized by 4 .*and padded"):
+        config.check(_cost(2100, 2100, stride=4, scale=4.0), 2100, 2100)

@@ -975,3 +975,67 @@ def test_a_starved_batch_item_runs_with_concurrent_batches_under_continuous_inte
 
     result = run(main())
     assert result.value == 14 and result.queue_s >= 0.15
+
+
+def _gated_predict() -> tuple[threading.Event, threading.Event, object]:
+    """A predict that signals ``entered`` and holds every batch until ``gate`` is set."""
+    entered, gate = threading.Event(), threading.Event()
+
+    def predict(items: list) -> list:
+        entered.set()
+        gate.wait(30)
+        return [x * 2 if isinstance(x, int) else x for x in items]
+
+    return entered, gate, predict
+
+
+def test_on_finish_runs_when_an_item_s_work_ends_not_when_its_caller_gives_up():
+    """Running: once its batch ends, even if its future was cancelled. Queued: when it leaves the queue unrun."""
+    entered, gate, predict = _gated_predict()
+
+    async def main():
+        b = DynamicBatcher(predict, BatchingConfig(max_batch_size=1, max_delay_s=0))
+        b.start()
+        loop = asyncio.get_running_loop()
+        finished: list[str] = []
+        running_item = b.submit("a", on_finish=lambda: finished.append("a"))
+        await asyncio.to_thread(entered.wait, 30)  # "a" is inside predict
+        cancelled = b.submit("b", on_finish=lambda: finished.append("b"))
+        expired = b.submit("c", deadline=loop.time(), on_finish=lambda: finished.append("c"))
+        running_item.cancel()
+        cancelled.cancel()
+        await asyncio.sleep(0)  # the cancelled futures' callbacks run: "b" leaves the queue
+        while_running = list(finished)
+        gate.set()
+        await b.stop()  # drains: "a" ends, then "c" is taken past its deadline and dropped
+        with pytest.raises(DeadlineExceeded):
+            expired.result()
+        return while_running, finished
+
+    while_running, finished = run(main())
+    assert while_running == ["b"], "a running item was reported finished while its batch still ran"
+    assert finished == ["b", "a", "c"]
+
+
+def test_an_interactive_batch_counts_as_running_from_the_moment_it_is_taken():
+    """With two slots the worker picks its next batch right after dispatching one; a batch-lane batch must not
+    start beside the interactive batch it just dispatched (nor skip the hold-off after it)."""
+    entered, gate, predict = _gated_predict()
+
+    async def main():
+        cfg = BatchingConfig(max_batch_size=1, max_delay_s=0, concurrency=2, batch_holdoff_s=0,
+                             batch_max_wait_s=DELAY_NEVER_WAITED_S)
+        b = DynamicBatcher(predict, cfg)
+        b.start()
+        interactive = b.submit(1)
+        job = b.submit(2, priority=Priority.BATCH)
+        await asyncio.to_thread(entered.wait, 30)  # the interactive batch is inside predict
+        queued_beside_it = b.queue_depth
+        gate.set()
+        results = await asyncio.gather(interactive, job)
+        await b.stop()
+        return queued_beside_it, [r.value for r in results]
+
+    queued_beside_it, values = run(main())
+    assert queued_beside_it == 1, "the batch-lane item was taken while the interactive batch ran"
+    assert values == [2, 4]
