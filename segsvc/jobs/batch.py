@@ -9,8 +9,9 @@ lane, writes each item's files (temporary name, then rename) and only then
 marks the item DONE. A crash at any point therefore leaves every input either
 DONE with its files in place, or PENDING, to be redone on restart into the
 same file names: nothing lost, nothing written twice. Leftover temporaries
-are removed when a job (re)starts. Undecodable or oversized inputs are FAILED
-with their reason; the job still completes.
+are removed when a job (re)starts. Undecodable or oversized inputs, and inputs
+no output can be named after (``outputs.input_name_problem``), are FAILED with
+their reason; the job still completes.
 
 Example:
     >>> runner = JobRunner(JobStore(state / "jobs.sqlite"), service, JobsConfig(state, outputs))  # doctest: +SKIP
@@ -36,7 +37,7 @@ from segsvc.inference.batcher import Priority
 from segsvc.inference.engine import InferenceOptions
 from segsvc.inference.service import ImageFile, InferenceService, Segmentation
 from segsvc.jobs.inputs import resolve_inputs
-from segsvc.jobs.outputs import JobOutputs, check_rel, clean_temporaries, is_temporary
+from segsvc.jobs.outputs import JobOutputs, check_rel, checked_inputs, clean_temporaries, is_temporary
 from segsvc.jobs.runner import StoreRunner
 from segsvc.jobs.staging import StagingArea, UploadLimits
 from segsvc.jobs.store import Item, Job, JobStore
@@ -177,8 +178,10 @@ class JobRunner(StoreRunner):
             max_specs=self.config.max_input_specs,
         )
         spec = {"request": request.to_dict(), "model": name, "version": version}
+        # Inputs no output can be named after (a backslash, not UTF-8, too long) are FAILED with their reason.
+        names, unusable = checked_inputs([f.rel for f in files])
         job, created = await asyncio.to_thread(
-            self.store.submit, KIND, spec, [f.rel for f in files], request_id=request_id or None
+            self.store.submit, KIND, spec, names, request_id=request_id or None, failed=unusable
         )
         if created:
             log.info("job %s submitted: %d images, model %s:%d", job.id, job.total, name, version)
@@ -242,32 +245,44 @@ class JobRunner(StoreRunner):
         pending = await asyncio.to_thread(self.store.pending_items, run.job.id)
         slots = asyncio.Semaphore(self.config.window)
         tasks: set[asyncio.Task] = set()
+        errors: list[BaseException] = []  # what items that ended raised (Unavailable, a failed write, a bug)
         stop = asyncio.get_running_loop().create_task(run.cancel.wait())
+
+        def ended(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            slots.release()
+            if not task.cancelled() and task.exception() is not None:
+                errors.append(task.exception())  # type: ignore[arg-type]
+                if not stop.done():
+                    stop.cancel()  # wakes the loops below, which then stop starting items
+
         try:
             for item in pending:
                 acquire = asyncio.get_running_loop().create_task(slots.acquire())
                 await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if run.cancel.is_set():
+                if run.cancel.is_set() or errors:
                     acquire.cancel()
                     break
                 task = asyncio.get_running_loop().create_task(self._run_item(run, outputs, root, item))
                 tasks.add(task)
-                task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
-            while tasks and not run.cancel.is_set():
+                task.add_done_callback(ended)
+            while tasks and not run.cancel.is_set() and not errors:
                 await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
             for task in list(tasks):  # cancel: queued images leave the batcher; written ones stay DONE
                 task.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
-        for result in results:
+        # An item that raised is still PENDING: raise, so the job is paused (Unavailable) or FAILED, never
+        # SUCCEEDED with that item neither done nor failed.
+        for result in [*errors, *results]:
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 raise result
 
     async def _run_item(self, run: _Run, outputs: JobOutputs, root: Path, item: Item) -> None:
         t0 = time.perf_counter()
-        source = ImageFile(_confined(root, item.input), item.input, self.config.max_file_bytes)
         try:
+            source = ImageFile(_confined(root, item.input), item.input, self.config.max_file_bytes)
             seg = await self._segment(run, source)
             record = await self._service.run_io(self._write, run, outputs, item.input, seg, t0)
         except Unavailable:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -47,7 +48,7 @@ from segsvc.inference.engine import Engine, EngineConfig, InferenceOptions, Outp
 from segsvc.inference.predictor import Predictor
 from segsvc.inference.repository import ModelRepository, parse_model_ref
 from segsvc.jobs.inputs import resolve_inputs
-from segsvc.jobs.outputs import JobOutputs, clean_temporaries
+from segsvc.jobs.outputs import JobOutputs, checked_inputs, clean_temporaries, input_name_problem
 from segsvc.jobs.store import Item, Job, JobStore
 
 STATE_FILE = ".segsvc-batch.sqlite"
@@ -320,6 +321,27 @@ def _import_ray() -> Any:
     return ray
 
 
+def ray_device(device: str, cluster_gpus: float, actors: int) -> str:
+    """The device the Ray actors use for ``--device``, on a Ray cluster with ``cluster_gpus`` GPUs.
+
+    With CUDA, each of the ``actors`` asks Ray for one GPU, and Ray waits, forever, for
+    GPUs the cluster does not have: so that is refused here, as the local engine refuses
+    ``cuda`` on a machine without one. ``auto`` is ``cuda`` when the cluster has a GPU.
+    """
+    if device == "auto":
+        device = "cuda" if cluster_gpus > 0 else "cpu"
+    if not device.startswith("cuda"):
+        resolve_device(device)  # cpu, or an unknown device: the same checks and messages as the local engine
+        return device
+    if cluster_gpus <= 0:
+        raise InvalidArgument(f"device {device!r} requested but no CUDA device is available (the Ray cluster "
+                              "has no GPU for --engine ray); use --device cpu or auto")
+    if cluster_gpus < actors:
+        raise InvalidArgument(f"--actors {actors} with device {device!r} needs one GPU per actor but the Ray "
+                              f"cluster has {cluster_gpus:g}: pass --actors {int(cluster_gpus)} or fewer")
+    return device
+
+
 def run_ray(worker_kwargs: dict[str, Any], items: Sequence[Item], root: Path, on_outcome: Callable[[Outcome], None],
             *, actors: int = 1) -> None:
     """The ``ray`` engine: ``map_batches`` over ``actors`` model-holding actors; outcomes come back here.
@@ -331,9 +353,7 @@ def run_ray(worker_kwargs: dict[str, Any], items: Sequence[Item], root: Path, on
     if started:
         ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        device = worker_kwargs["device"]
-        if device == "auto":
-            device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        device = ray_device(worker_kwargs["device"], ray.cluster_resources().get("GPU", 0), actors)
         kwargs = {**worker_kwargs, "device": device}
         ray.data.DataContext.get_current().enable_progress_bars = False
         rows = [{"index": it.index, "path": str(root / it.input), "rel": it.input} for it in items]
@@ -357,7 +377,7 @@ def _open_job(out: Path, resume: bool, inputs: Sequence[str] | None, model_repo:
     specs = [os.path.abspath(s) for s in inputs or ()]
     name, version = parse_model_ref(model) if model else (None, None)
     if not resume:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.exists() and (not out.is_dir() or not _holds_no_batch(out)):
             raise AlreadyExists(f"output folder {out} is not empty: pass --resume to continue the batch "
                                 "written there, or choose a new folder")
         if name is None:
@@ -367,8 +387,14 @@ def _open_job(out: Path, resume: bool, inputs: Sequence[str] | None, model_repo:
         version = ModelRepository(model_repo).resolve_version(name, version)
         spec = {"root": str(root), "inputs": specs, "model": name, "version": version,
                 "options": asdict(options or BatchOptions())}
+        # Inputs no output can be named after (a backslash, not UTF-8, too long) are FAILED with their reason.
+        names, unusable = checked_inputs([f.rel for f in files])
         store = JobStore(state)
-        job, _ = store.submit(JOB_KIND, spec, [f.rel for f in files])
+        try:
+            job, _ = store.submit(JOB_KIND, spec, names, failed=unusable)
+        except BaseException:  # the folder then holds a batch state without a job, which a new run reuses
+            store.close()
+            raise
         return store, job, root
     if not state.is_file():
         raise InvalidArgument(f"--resume: {out} holds no batch state ({STATE_FILE}); run without --resume")
@@ -376,8 +402,11 @@ def _open_job(out: Path, resume: bool, inputs: Sequence[str] | None, model_repo:
     try:
         jobs = store.list(kind=JOB_KIND)
         if len(jobs) != 1:
-            raise InvalidArgument(f"--resume: {state} holds {len(jobs)} batch jobs, expected one (a run killed "
-                                  f"while creating it holds none): delete {out} and start again")
+            if not jobs:
+                raise InvalidArgument(f"--resume: {state} holds no batch job (a run stopped while creating it): "
+                                      "run again without --resume")
+            raise InvalidArgument(f"--resume: {state} holds {len(jobs)} batch jobs, expected one: "
+                                  f"delete {out} and start again")
         job, spec = jobs[0], jobs[0].spec
         problems = []
         if name is not None and name != spec["model"]:
@@ -397,6 +426,24 @@ def _open_job(out: Path, resume: bool, inputs: Sequence[str] | None, model_repo:
         raise
     clean_temporaries(out)
     return store, job, Path(spec["root"])
+
+
+def _holds_no_batch(out: Path) -> bool:
+    """Whether folder ``out`` is empty, or holds only the batch state of a run stopped while creating its job
+    (a crash or ``kill -9`` before the job was committed): a new batch may then be written there."""
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return True
+    if STATE_FILE not in names or not names <= {STATE_FILE + suffix for suffix in ("", "-wal", "-shm", "-journal")}:
+        return False
+    try:
+        store = JobStore(out / STATE_FILE)
+    except (SegsvcError, sqlite3.Error):
+        return False
+    try:
+        return not store.list(kind=JOB_KIND, limit=1)
+    finally:
+        store.close()
 
 
 def run_batch(
@@ -425,7 +472,8 @@ def run_batch(
     (``torch``, ``onnxruntime``; default: the manifest's).
     ``inputs``, ``model`` and ``options`` may be omitted with ``resume``: the stored ones are used
     (``options=None`` on a new batch means the defaults).
-    A failed input (undecodable, unreadable) does not stop the run; it is listed
+    A failed input (undecodable, unreadable, or a file name no output can be named
+    after: see ``outputs.input_name_problem``) does not stop the run; it is listed
     in the summary's ``failures``. Interrupt it at any point and call again with
     ``resume=True`` to finish.
     """
@@ -435,8 +483,12 @@ def run_batch(
         raise InvalidArgument("batch_size and actors must be positive and io_threads >= 0")
     if max_batch_pixels is not None and max_batch_pixels != -1 and max_batch_pixels < 1:
         raise InvalidArgument(f"max_batch_pixels must be positive, -1 (by device) or None, got {max_batch_pixels}")
+    # Fail before creating anything: Ray missing, or a local device that is not there. Ray's GPUs are the
+    # cluster's, which may not be this machine's: run_ray checks them once connected (Ray would wait forever).
     if engine == "ray":
-        _import_ray()  # fail before creating anything
+        _import_ray()
+    else:
+        resolve_device(device)
     out_dir = Path(out)
     store, job, root = _open_job(out_dir, resume, inputs, os.fspath(model_repo), model, options)
     options = BatchOptions(**job.spec["options"])
@@ -472,6 +524,15 @@ def _execute(store: JobStore, job: Job, root: Path, out: Path, *, engine: str, m
             last = time.monotonic()
             store.set_progress(job.id, {"elapsed_s": prior_s + last - t0, "images_per_s": bar.format_dict["rate"]})
 
+    # Inputs no output can be named after fail here too: a job an older segsvc created holds them PENDING.
+    runnable = []
+    for item in items:
+        problem = input_name_problem(item.input)
+        if problem is None:
+            runnable.append(item)
+        else:
+            on_outcome((item.index, None, problem))
+    items = runnable
     worker_kwargs = dict(model_repo=model_repo, model=spec["model"], version=spec["version"], out=str(out),
                          options=options, device=device, precision=precision, batch_size=batch_size,
                          max_batch_pixels=max_batch_pixels, backend=backend)

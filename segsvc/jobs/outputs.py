@@ -13,7 +13,10 @@ for the offline runners)::
 
 ``<rel>`` is the input's path relative to the job's input root with ``.png``
 *appended* (``a/b/img.jpg`` -> ``labels/a/b/img.jpg.png``): nested folders are
-kept and ``x.png`` / ``x.jpg`` never collide.
+kept and ``x.png`` / ``x.jpg`` never collide. An input whose name cannot become
+an output name (a backslash, bytes that are not UTF-8, a name too long for its
+output's temporary) fails alone, with that reason, when its job is created
+(``checked_inputs``); the job's other inputs are segmented as usual.
 
 Every file is written under a temporary name in its own folder
 (``.<name>.tmp-<hex>``) and renamed into place with ``os.replace``, so a reader
@@ -70,6 +73,63 @@ def check_rel(rel: str) -> str:
     if any(p in ("", ".", "..") for p in parts):
         raise InvalidArgument(f"output name {rel!r} must not contain '..', '.' or empty components")
     return rel
+
+
+# Bytes in one file name on the usual filesystems (ext4, XFS, btrfs, APFS, NTFS in UTF-16 units).
+NAME_MAX = 255
+# What the name of an output's temporary adds to its input's file name: ".<name>.png.tmp-<12 hex>".
+_NAME_OVERHEAD = len(".") + len(".png") + len(".tmp-") + 12
+
+
+def storable_name(rel: str) -> str:
+    """``rel`` as valid Unicode text, to be stored, printed and written to JSON.
+
+    A file name whose bytes are not UTF-8 reaches Python with each bad byte as a
+    lone surrogate (``os.fsdecode``); those bytes are shown as ``\\xNN`` here
+    (``caf\\xe9.png``). Other names are returned unchanged.
+    """
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        pass
+    try:
+        return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file-name decoding makes
+        return rel.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def input_name_problem(rel: str) -> str | None:
+    """Why input ``rel`` (a path relative to the input root) cannot get output files, else None.
+
+    The reason is recorded as that input's failure, like an undecodable image's,
+    so the other inputs of the job are still segmented.
+    """
+    if storable_name(rel) != rel:
+        return ("its file name is not valid UTF-8, so no output can be named after it: rename the file "
+                "(e.g. convmv -f latin1 -t utf8)")
+    if "\\" in rel:
+        return "its file name contains a backslash, which output names may not hold: rename the file"
+    try:
+        check_rel(rel)
+    except InvalidArgument as exc:
+        return str(exc)
+    name_bytes = len(rel.rsplit("/", 1)[-1].encode())
+    if name_bytes + _NAME_OVERHEAD > NAME_MAX:
+        return (f"its file name is too long for its outputs ({name_bytes} bytes; outputs add "
+                f"{_NAME_OVERHEAD} to at most {NAME_MAX}): rename the file")
+    return None
+
+
+def checked_inputs(rels: Sequence[str]) -> tuple[list[str], dict[int, str]]:
+    """The names to store for inputs ``rels`` (``storable_name``), and by index why an input can get no outputs."""
+    names, problems = [], {}
+    for index, rel in enumerate(rels):
+        names.append(storable_name(rel))
+        problem = input_name_problem(rel)
+        if problem is not None:
+            problems[index] = problem
+    return names, problems
 
 
 def output_relpath(rel: str, kind: str = "labels") -> str:

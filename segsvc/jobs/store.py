@@ -36,7 +36,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from segsvc.errors import AlreadyExists, InvalidArgument, JobNotFound, NotFound, Unavailable
 
@@ -219,13 +219,16 @@ class JobStore:
 
     # -- jobs -------------------------------------------------------------------
     def submit(self, kind: str, spec: dict[str, Any], inputs: Sequence[str], *,
-               request_id: str | None = None, job_id: str | None = None) -> tuple[Job, bool]:
+               request_id: str | None = None, job_id: str | None = None,
+               failed: Mapping[int, str] | None = None) -> tuple[Job, bool]:
         """Create a QUEUED job with one PENDING item per input, or find the one already made.
 
         ``request_id`` makes a retried submission safe: the same (kind, request_id)
         with the same spec and inputs returns the existing job and ``False``; with a
         different spec or inputs it raises ``AlreadyExists``, because silently
         returning a different job than the caller described would lose work.
+        ``failed`` maps the index of an input known to be unusable to its reason:
+        that item is created FAILED (and counted), in the same transaction.
         """
         if not isinstance(kind, str) or not kind:
             raise InvalidArgument(f"job kind must be a non-empty string, got {kind!r}")
@@ -234,6 +237,16 @@ class JobStore:
         for i, value in enumerate(inputs):
             if not isinstance(value, str):
                 raise InvalidArgument(f"inputs[{i}] must be a string, got {type(value).__name__}")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a file name's undecodable bytes (os.fsdecode): SQLite cannot store it
+                raise InvalidArgument(f"inputs[{i}] {value!r} is not valid UTF-8 text (a file name with bytes "
+                                      "that are not UTF-8?): store a printable form of it") from None
+        failed = dict(failed or {})
+        for i, reason in failed.items():
+            if not isinstance(i, int) or not 0 <= i < len(inputs):
+                raise InvalidArgument(f"failed input index {i!r} is not one of 0..{len(inputs) - 1}")
+            _check_str(reason, f"the reason input {i} failed")
         _check_str(request_id, "request_id")
         _check_str(job_id, "job_id")
         spec_json = _dumps(spec, "job spec")
@@ -254,13 +267,14 @@ class JobStore:
             if c.execute("SELECT 1 FROM jobs WHERE id = ?", (new_id,)).fetchone() is not None:
                 raise AlreadyExists(f"a job with id {new_id!r} already exists")
             c.execute(
-                "INSERT INTO jobs (id, kind, state, request_id, spec, inputs_sha256, total, created_at, updated_at)"
-                " VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?)",
-                (new_id, kind, request_id, spec_json, inputs_sha256, len(inputs), now, now),
+                "INSERT INTO jobs (id, kind, state, request_id, spec, inputs_sha256, total, failed, created_at,"
+                " updated_at) VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?)",
+                (new_id, kind, request_id, spec_json, inputs_sha256, len(inputs), len(failed), now, now),
             )
             c.executemany(
-                "INSERT INTO items (job_id, idx, input, state) VALUES (?, ?, ?, 'PENDING')",
-                ((new_id, i, value) for i, value in enumerate(inputs)),
+                "INSERT INTO items (job_id, idx, input, state, reason) VALUES (?, ?, ?, ?, ?)",
+                ((new_id, i, value, "FAILED" if i in failed else "PENDING", failed.get(i))
+                 for i, value in enumerate(inputs)),
             )
             return _to_job(self._job_row(c, new_id)), True
 
