@@ -588,24 +588,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 
 
 # -- batch: offline segmentation of many files, no server ------------------------------
-def _stored_batch_options(out: Path) -> dict:  # type: ignore[type-arg]
-    """The options of the batch stored in ``out`` ({} when there is none: ``run_batch`` says why)."""
-    from segsvc.jobs.offline import JOB_KIND, STATE_FILE
-    from segsvc.jobs.store import JobStore
-
-    if not (out / STATE_FILE).is_file():
-        return {}
-    store = JobStore(out / STATE_FILE)
-    try:
-        jobs = store.list(kind=JOB_KIND)
-    finally:
-        store.close()
-    return dict(jobs[0].spec.get("options") or {}) if len(jobs) == 1 else {}
-
-
 def _batch(args: argparse.Namespace) -> int:
     from segsvc.inference.allocator import configure_allocator
-    from segsvc.jobs.offline import BatchOptions, run_batch
+    from segsvc.jobs.offline import BatchOptions, run_batch, stored_options
 
     configure_allocator()  # before the forward threads allocate, as segsvc serve does
 
@@ -613,7 +598,7 @@ def _batch(args: argparse.Namespace) -> int:
              if getattr(args, k) is not None}
     # --resume keeps the stored options of the flags left out; the flags given must match the stored values.
     if args.resume and given:
-        given = {**_stored_batch_options(Path(args.out)), **given}
+        given = {**stored_options(Path(args.out)), **given}
     options = BatchOptions(**given) if given or not args.resume else None
     summary = run_batch(
         args.inputs, model_repo=args.model_repo, model=args.model, out=args.out, engine=args.engine,

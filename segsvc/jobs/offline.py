@@ -428,6 +428,18 @@ def _open_job(out: Path, resume: bool, inputs: Sequence[str] | None, model_repo:
     return store, job, Path(spec["root"])
 
 
+def stored_options(out: Path) -> dict[str, Any]:
+    """The options of the batch written in folder ``out`` ({} when it holds none: ``run_batch`` says why)."""
+    if not (out / STATE_FILE).is_file():
+        return {}
+    store = JobStore(out / STATE_FILE)
+    try:
+        jobs = store.list(kind=JOB_KIND)
+    finally:
+        store.close()
+    return dict(jobs[0].spec.get("options") or {}) if len(jobs) == 1 else {}
+
+
 def _holds_no_batch(out: Path) -> bool:
     """Whether folder ``out`` is empty, or holds only the batch state of a run stopped while creating its job
     (a crash or ``kill -9`` before the job was committed): a new batch may then be written there."""
