@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,3 +25,19 @@ def cancel_inside_start(monkeypatch: pytest.MonkeyPatch, store: JobStore, runner
 
     monkeypatch.setattr(store, "start", start_then_cancel)
     return acknowledged
+
+
+MANIFEST = SimpleNamespace(class_names=["bg", "fg"], palette=[(0, 0, 0), (255, 255, 255)])
+
+
+class FakeManager:
+    """What ``JobRunner`` uses of the model manager: every version is there and stays."""
+
+    async def retain(self, name: str, version: int) -> None:
+        pass
+
+    def release(self, name: str, version: int) -> None:
+        pass
+
+    def resolve(self, name: str, version: int) -> SimpleNamespace:
+        return SimpleNamespace(manifest=MANIFEST)

@@ -22,10 +22,9 @@ from segsvc.inference.service import ImageFile, Segmentation
 from segsvc.jobs import batch, inputs
 from segsvc.jobs.batch import JobRequest, JobRunner, JobsConfig
 from segsvc.jobs.store import Job, JobStore
-from tests.jobs.conftest import cancel_inside_start
+from tests.jobs.conftest import MANIFEST, FakeManager, cancel_inside_start
 from tests.server.conftest import encode, make_image
 
-MANIFEST = SimpleNamespace(class_names=["bg", "fg"], palette=[(0, 0, 0), (255, 255, 255)])
 SECONDS_PER_IMAGE = 10.0
 
 
@@ -39,22 +38,11 @@ class _Clock:
         return self.now
 
 
-class _Manager:
-    async def retain(self, name: str, version: int) -> None:
-        pass
-
-    def release(self, name: str, version: int) -> None:
-        pass
-
-    def resolve(self, name: str, version: int) -> SimpleNamespace:
-        return SimpleNamespace(manifest=MANIFEST)
-
-
 class _Service:
     """What ``JobRunner`` uses of ``InferenceService``; each image advances ``clock`` by SECONDS_PER_IMAGE."""
 
     def __init__(self, clock: _Clock, hold: Callable[[ImageFile], Awaitable[None]] | None = None) -> None:
-        self.manager = _Manager()
+        self.manager = FakeManager()
         self.clock = clock
         self.hold = hold
 

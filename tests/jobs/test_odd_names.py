@@ -25,6 +25,7 @@ from segsvc.jobs import offline, outputs
 from segsvc.jobs.batch import JobRequest, JobRunner, JobsConfig
 from segsvc.jobs.offline import STATE_FILE, BatchOptions, run_batch
 from segsvc.jobs.store import JobStore
+from tests.jobs.conftest import MANIFEST, FakeManager
 from tests.server.conftest import encode, make_image, publish
 
 GOOD = ["000000.png", "000001.png", "000002.png"]
@@ -145,24 +146,12 @@ def test_an_empty_state_left_by_a_crash_says_to_run_again_without_resume(repo, t
 
 
 # -- server jobs: same rule ------------------------------------------------------------------------------
-MANIFEST = SimpleNamespace(class_names=["bg", "fg"], palette=[(0, 0, 0), (255, 255, 255)])
-
-
-class _Manager:
-    async def retain(self, name: str, version: int) -> None:
-        pass
-
-    def release(self, name: str, version: int) -> None:
-        pass
-
-    def resolve(self, name: str, version: int) -> SimpleNamespace:
-        return SimpleNamespace(manifest=MANIFEST)
 
 
 class _Service:
     """What ``JobRunner`` uses of ``InferenceService``: decodes the input, answers all background."""
 
-    manager = _Manager()
+    manager = FakeManager()
 
     def resolve(self, model, version):  # type: ignore[no-untyped-def]
         return "m", 1, MANIFEST
