@@ -12,7 +12,6 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
