@@ -7,10 +7,16 @@ whose absolute paths come from another machine), ISBI membrane (numbered
 slices, splits by id) and Pascal VOC (``ImageSets/Segmentation/*.txt`` stems).
 So one indexer serves them all and records every pairing problem instead of
 stopping at the first, for ``check`` to report and for readers to refuse.
+
+Names that are no part of a dataset's content (``segsvc.datasets.content.is_excluded``:
+hidden components such as ``.x.png`` or macOS ``._x.png``, ``__MACOSX/``) are left out
+here as the content hash and uploads leave them out, so a folder read in place holds
+the samples its upload would.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -18,6 +24,7 @@ from pathlib import Path
 
 from segsvc.data.io import IMAGE_SUFFIXES
 from segsvc.data.spec import DatasetSpec, SplitSpec
+from segsvc.datasets.content import is_excluded
 from segsvc.errors import DatasetError
 
 
@@ -74,28 +81,50 @@ def _strip_image_suffix(token: str) -> str:
     return Path(name).stem if Path(name).suffix.lower() in IMAGE_SUFFIXES else name
 
 
+def _dataset_rel(root: Path, path: Path) -> str:
+    """``path`` relative to the dataset ``root`` as the content hash names files (``""``: the root itself).
+
+    ``..`` components (a folder a spec places beside its root) are dropped, so what
+    remains is judged by the names below them.
+    """
+    rel = Path(os.path.relpath(path, root)).as_posix()
+    return "/".join(p for p in rel.split("/") if p not in (".", ".."))
+
+
+def _join(rel: str, name: str) -> str:
+    return f"{rel}/{name}" if rel else name
+
+
 @dataclass
 class _Folder:
-    """Files of one folder by stem; stems with two files (``a.png``, ``a.jpg``) are ambiguous."""
+    """Files of one folder by stem; stems with two files (``a.png``, ``a.jpg``) are ambiguous.
+
+    ``rel`` is the folder's ``_dataset_rel``: files whose names ``is_excluded`` drops are left out.
+    """
 
     path: Path
+    rel: str
     by_stem: dict[str, Path]
     ambiguous: dict[str, list[Path]]
 
+    def holds(self, name: str) -> bool:
+        """Whether the folder holds the dataset file ``name`` (an excluded name it never holds)."""
+        return not is_excluded(_join(self.rel, name)) and (self.path / name).is_file()
+
     @classmethod
-    def scan(cls, path: Path, strip_suffix: str = "") -> "_Folder":
+    def scan(cls, path: Path, rel: str, strip_suffix: str = "") -> "_Folder":
         by_stem: dict[str, Path] = {}
         ambiguous: dict[str, list[Path]] = {}
         if path.is_dir():
             for f in sorted(path.iterdir()):
-                if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
+                if f.suffix.lower() not in IMAGE_SUFFIXES or is_excluded(_join(rel, f.name)) or not f.is_file():
                     continue
                 stem = f.stem[: -len(strip_suffix)] if strip_suffix and f.stem.endswith(strip_suffix) else f.stem
                 if stem in by_stem:
                     ambiguous.setdefault(stem, [by_stem[stem]]).append(f)
                 else:
                     by_stem[stem] = f
-        return cls(path, by_stem, ambiguous)
+        return cls(path, rel, by_stem, ambiguous)
 
 
 class FolderCache:
@@ -107,10 +136,10 @@ class FolderCache:
         self._folders: dict[tuple[Path, str], _Folder] = {}
 
     def folder(self, rel: str, is_mask: bool) -> _Folder:
-        key = (self.spec.root / rel, self.mask_suffix if is_mask else "")
-        if key not in self._folders:
-            self._folders[key] = _Folder.scan(*key)
-        return self._folders[key]
+        path, suffix = self.spec.root / rel, self.mask_suffix if is_mask else ""
+        if (path, suffix) not in self._folders:
+            self._folders[path, suffix] = _Folder.scan(path, _dataset_rel(self.spec.root, path), suffix)
+        return self._folders[path, suffix]
 
 
 def _read_list(path: Path) -> list[list[str]]:
@@ -121,15 +150,23 @@ def _read_list(path: Path) -> list[list[str]]:
     return [line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+def _absent(spec: DatasetSpec, rel: str, folder: bool) -> str:
+    """Why the folder (or file) ``rel`` the spec names is no part of the dataset; ``""`` when it is."""
+    path = spec.root / rel
+    if is_excluded(_dataset_rel(spec.root, path)):
+        return "is hidden (hidden names are no part of a dataset)"
+    return "" if (path.is_dir() if folder else path.is_file()) else "does not exist"
+
+
 def _layout_problems(spec: DatasetSpec, name: str, split: SplitSpec) -> list[Problem]:
     problems = []
     if split.images is None:
         problems.append(Problem(Fault.LAYOUT, spec.root, f"split {name!r} names no images folder"))
     for rel in (split.images, split.masks):
-        if rel is not None and not (spec.root / rel).is_dir():
-            problems.append(Problem(Fault.LAYOUT, spec.root / rel, f"split {name!r}: folder does not exist"))
-    if split.list is not None and not (spec.root / split.list).is_file():
-        problems.append(Problem(Fault.LAYOUT, spec.root / split.list, f"split {name!r}: list file does not exist"))
+        if rel is not None and (why := _absent(spec, rel, folder=True)):
+            problems.append(Problem(Fault.LAYOUT, spec.root / rel, f"split {name!r}: folder {why}"))
+    if split.list is not None and (why := _absent(spec, split.list, folder=False)):
+        problems.append(Problem(Fault.LAYOUT, spec.root / split.list, f"split {name!r}: list file {why}"))
     return problems
 
 
@@ -180,7 +217,8 @@ def _pair(
         image = images.path / Path(tokens[0]).name
         mask = masks.path / Path(tokens[1]).name if masks else None
         stem = Path(tokens[0]).stem
-        image_ok, mask_ok = image.is_file(), mask is None or mask.is_file()
+        image_ok = images.holds(image.name)
+        mask_ok = mask is None or (masks is not None and masks.holds(mask.name))
     elif len(tokens) == 1:
         stem = _strip_image_suffix(tokens[0])
         image, mask = images.by_stem.get(stem), masks.by_stem.get(stem) if masks else None

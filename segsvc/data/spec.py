@@ -43,6 +43,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Strict, ValidationE
 
 from segsvc.config import InputSpec
 from segsvc.data.io import MASK_ENCODINGS
+from segsvc.datasets.content import is_excluded
 from segsvc.palette import default_palette
 from segsvc.errors import DatasetError, NotFound
 from segsvc.validation import explain, fixed_length
@@ -155,31 +156,10 @@ class DatasetSpec:
     source: Path | None = None
 
     def __post_init__(self) -> None:
-        where = str(self.source or self.name)
-        if self.format not in FORMATS:
-            raise DatasetError(f"{where}: unknown dataset format {self.format!r}; valid: {', '.join(FORMATS)}")
-        if self.channels not in (1, 3):
-            raise DatasetError(f"{where}: channels must be 1 or 3, got {self.channels!r}")
-        if len(set(self.class_names)) != len(self.class_names):
-            raise DatasetError(f"{where}: class names must be unique, got {list(self.class_names)}")
+        problems = _value_problems(vars(self))
+        if problems:
+            raise DatasetError(f"{self.source or self.name}: " + "; ".join(problems))
         palette = self.palette or default_palette(len(self.class_names))
-        if len(palette) != len(self.class_names):
-            raise DatasetError(f"{where}: palette has {len(palette)} colours for {len(self.class_names)} classes")
-        ignore = self.ignore_index
-        if ignore is not None and (not isinstance(ignore, int) or ignore < len(self.class_names)):
-            raise DatasetError(f"{where}: ignore_index must be an int outside the class ids, got {ignore!r}")
-        valid_targets = set(range(len(self.class_names))) | ({ignore} if ignore is not None else set())
-        for raw, target in self.label_map.items():
-            if not isinstance(raw, int) or not isinstance(target, int) or raw < 0:
-                raise DatasetError(f"{where}: label_map entries must be int: int, got {raw!r}: {target!r}")
-            if self.class_names and target not in valid_targets:
-                raise DatasetError(f"{where}: label_map sends {raw} to {target}: neither a class nor ignore_index")
-        if self.unknown_labels not in UNKNOWN_LABEL_POLICIES:
-            raise DatasetError(f"{where}: unknown_labels must be 'error' or 'ignore', got {self.unknown_labels!r}")
-        if not self.splits:
-            raise DatasetError(f"{where}: the dataset defines no splits")
-        if self.options.get("mask_encoding", "auto") not in MASK_ENCODINGS:
-            raise DatasetError(f"{where}: options.mask_encoding must be one of {', '.join(MASK_ENCODINGS)}")
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "palette", tuple(tuple(c) for c in palette))
         object.__setattr__(self, "label_map", MappingProxyType(dict(self.label_map)))
@@ -230,6 +210,36 @@ class DatasetSpec:
         if self.mean is not None and self.std is not None:
             out["mean"], out["std"] = list(self.mean), list(self.std)
         return out
+
+
+def _value_problems(fields: Mapping[str, Any]) -> list[str]:
+    """Every problem with the values of ``DatasetSpec`` fields (by name), in the order of the fields."""
+    names, ignore, label_map = tuple(fields["class_names"]), fields["ignore_index"], fields["label_map"]
+    problems = []
+    if fields["format"] not in FORMATS:
+        problems.append(f"unknown dataset format {fields['format']!r}; valid: {', '.join(FORMATS)}")
+    if fields["channels"] not in (1, 3):
+        problems.append(f"channels must be 1 or 3, got {fields['channels']!r}")
+    if len(set(names)) != len(names):
+        problems.append(f"class names must be unique, got {list(names)}")
+    palette = fields["palette"] or default_palette(len(names))
+    if len(palette) != len(names):
+        problems.append(f"palette has {len(palette)} colours for {len(names)} classes")
+    if ignore is not None and (not isinstance(ignore, int) or ignore < len(names)):
+        problems.append(f"ignore_index must be an int outside the class ids, got {ignore!r}")
+    valid_targets = set(range(len(names))) | ({ignore} if ignore is not None else set())
+    for raw, target in label_map.items():
+        if not isinstance(raw, int) or not isinstance(target, int) or raw < 0:
+            problems.append(f"label_map entries must be int: int, got {raw!r}: {target!r}")
+        elif names and target not in valid_targets:
+            problems.append(f"label_map sends {raw} to {target}: neither a class nor ignore_index")
+    if fields["unknown_labels"] not in UNKNOWN_LABEL_POLICIES:
+        problems.append(f"unknown_labels must be 'error' or 'ignore', got {fields['unknown_labels']!r}")
+    if not fields["splits"]:
+        problems.append("the dataset defines no splits")
+    if fields["options"].get("mask_encoding", "auto") not in MASK_ENCODINGS:
+        problems.append(f"options.mask_encoding must be one of {', '.join(MASK_ENCODINGS)}")
+    return problems
 
 
 def resolve_root(root: str, base: Path) -> Path:
@@ -309,10 +319,8 @@ def spec_from_dict(data: Mapping[str, Any], base: Path, source: Path | None = No
         raw = _SpecFile.model_validate(dict(data))
     except ValidationError as exc:
         raise DatasetError(f"{where}: " + "; ".join(explain(exc, _SpecFile))) from None
-    if raw.root is None and raw.format != "synthetic":
-        raise DatasetError(f"{where}: 'root' (the dataset folder) is required")
     splits = raw.splits or {"train": None}
-    return DatasetSpec(
+    fields: dict[str, Any] = dict(
         name=raw.name or (source.stem if source else "dataset"),
         format=raw.format,
         root=resolve_root(raw.root or ".", base),
@@ -331,6 +339,10 @@ def spec_from_dict(data: Mapping[str, Any], base: Path, source: Path | None = No
         options=raw.options or {},
         source=source,
     )
+    if raw.root is None and raw.format != "synthetic":  # listed with the value problems, if any
+        problems = ["'root' (the dataset folder) is required", *_value_problems(fields)]
+        raise DatasetError(f"{where}: " + "; ".join(problems))
+    return DatasetSpec(**fields)
 
 
 def builtin_specs() -> list[str]:
@@ -355,7 +367,9 @@ def spec_from_folder(folder: Path, num_classes: int | None = None) -> DatasetSpe
     subfolders (``images/train``, ``masks/train``), from ``splits/*.txt`` stem
     lists, or the whole folder is one split named ``all``. Without a YAML the
     class names are unknown: ``num_classes`` names them ``class_0...``, or the
-    spec has none (enough to check pairing and readability, not to train).
+    spec has none (enough to check pairing and readability, not to train). Hidden
+    subfolders and lists (``images/.ipynb_checkpoints``, ``splits/._train.txt``) are
+    no part of a dataset (``content.is_excluded``) and name no split.
     """
     for name in FOLDER_SPEC_NAMES:
         if (folder / name).is_file():
@@ -365,8 +379,8 @@ def spec_from_folder(folder: Path, num_classes: int | None = None) -> DatasetSpe
         raise DatasetError(
             f"{folder}: not a dataset folder: it needs {FOLDER_SPEC_NAMES[0]} or images/ and masks/ subfolders"
         )
-    subdirs = sorted(p.name for p in images.iterdir() if p.is_dir())
-    lists = sorted((folder / "splits").glob("*.txt")) if (folder / "splits").is_dir() else []
+    subdirs = sorted(p.name for p in images.iterdir() if not is_excluded(f"images/{p.name}") and p.is_dir())
+    lists = sorted(p for p in (folder / "splits").glob("*.txt") if not is_excluded(f"splits/{p.name}"))
     if subdirs:
         splits = {s: SplitSpec(images=f"images/{s}", masks=f"masks/{s}") for s in subdirs}
     elif lists:

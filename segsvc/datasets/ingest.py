@@ -13,8 +13,8 @@ registered, in this order (cheap refusals first):
 4. ``validate``: ``check_dataset``, every problem listed in ``DatasetInvalid``
    with paths relative to the dataset.
 5. ``write_training_spec``: the YAML training loads with
-   ``load_dataset_spec``, with the deterministic split when there was one
-   split only (``split.assign_splits``).
+   ``load_dataset_spec``, with the deterministic val split when there was
+   none (``split.assign_splits``).
 
 Messages never show the server's folders: paths are relative to the dataset.
 """
@@ -22,6 +22,7 @@ Messages never show the server's folders: paths are relative to the dataset.
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
@@ -32,9 +33,10 @@ from segsvc.data.check import CheckReport, check_dataset
 from segsvc.data.labels import LabelMapper
 from segsvc.data.layouts import index_split
 from segsvc.data.spec import FOLDER_SPEC_NAMES, DatasetSpec, load_dataset_spec, spec_from_folder
+from segsvc.datasets.archive import ExtractLimits
 from segsvc.datasets.content import content_hash, file_digest, is_excluded
 from segsvc.datasets.split import VAL_FRACTION, assign_splits, needs_split
-from segsvc.errors import DatasetError, DatasetInvalid, InvalidArgument, PathOutsideRoot
+from segsvc.errors import DatasetError, DatasetInvalid, InvalidArgument, NotFound, PathOutsideRoot
 from segsvc.files import write_atomic
 
 SPEC_FILE = "spec.yaml"
@@ -131,6 +133,93 @@ def load_confined(root: Path, name: str) -> DatasetSpec:
         raise DatasetError("the dataset names no classes: add a dataset.yaml with 'classes:' "
                            "(or send the class names with the upload)")
     return replace(spec, name=name)
+
+
+def registered_folder(data_root: Path, folder: str) -> Path:
+    """The real path of ``folder`` (a normalised path relative to the data root), confined to the root.
+
+    Raises:
+        NotFound: the data root is missing (a server misconfiguration).
+        PathOutsideRoot: the folder leads outside the data root ('..', a symlink).
+        DatasetError: there is no such folder.
+    """
+    real_root = data_root.resolve()
+    if not real_root.is_dir():
+        raise NotFound("the data root is not a folder (check the server configuration)")
+    real = Path(os.path.realpath(real_root / folder))
+    if not _inside(real_root, real):
+        raise PathOutsideRoot(f"folder {folder!r} leads outside the data root")
+    if not real.is_dir():
+        raise DatasetError(f"no folder {folder!r} under the data root")
+    return real
+
+
+def registered_files(folder: Path, data_root: Path, shown: str, limits: ExtractLimits) -> list[tuple[str, Path]]:
+    """The files of a folder registered in place, as ``(relative name, real path)``: what its upload holds.
+
+    Named as ``content.local_files`` names a folder for an upload: every file, each
+    symlink by its own name (two links to one file are two files, as the dataset
+    reads them), excluded names (``is_excluded``) left out unopened. The folder
+    is on the server, so every symlink must resolve inside ``data_root``, a folder
+    link into a folder it lies in (a loop) is refused, and the walk stops beyond
+    ``limits.max_files`` files or ``limits.max_entries`` folder entries. Messages
+    name paths relative to the data root (``shown`` is the folder's).
+
+    Raises:
+        PathOutsideRoot: a symlink leads outside the data root.
+        DatasetError: a folder link loops, or a folder cannot be read.
+        InvalidArgument: more files or entries than ``limits`` allow.
+    """
+    real_root = data_root.resolve()
+    files: list[tuple[str, Path]] = []
+    listed = 0
+    stack: list[tuple[Path, str, frozenset[Path]]] = [(folder, "", frozenset({folder}))]
+    while stack:
+        real_dir, rel_dir, ancestors = stack.pop()
+        entries = _listing(real_dir, _shown(shown, rel_dir.rstrip("/")))
+        listed += len(entries)
+        if listed > limits.max_entries:
+            raise InvalidArgument(f"folder {shown!r} holds more than {limits.max_entries} entries "
+                                  f"(the server's limit for a dataset of at most {limits.max_files} files)")
+        for entry in entries:
+            rel = rel_dir + entry.name
+            if is_excluded(rel):
+                continue
+            real = _confined(entry, real_root, _shown(shown, rel))
+            if real.is_dir():
+                if real in ancestors:
+                    raise DatasetError(f"folder link {_shown(shown, rel)!r} leads back into a folder it lies in "
+                                       f"(a loop): remove it")
+                stack.append((real, rel + "/", ancestors | {real}))
+            elif real.is_file():
+                files.append((rel, real))
+                if len(files) > limits.max_files:
+                    raise InvalidArgument(f"folder {shown!r} holds more than {limits.max_files} files "
+                                          f"(the server's limit)")
+    return sorted(files)
+
+
+def _shown(folder: str, rel: str) -> str:
+    """A name under a registered folder, relative to the data root."""
+    return posixpath.join(folder, rel) if folder != "." and rel else (rel or folder)
+
+
+def _listing(folder: Path, shown: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        raise DatasetError(f"cannot read folder {shown!r} ({exc.strerror or type(exc).__name__})") from None
+
+
+def _confined(entry: os.DirEntry[str], real_root: Path, shown: str) -> Path:
+    """The real path of a folder entry (in a real folder); a symlink must resolve inside ``real_root``."""
+    if not entry.is_symlink():
+        return Path(entry.path)
+    real = Path(os.path.realpath(entry.path))
+    if not _inside(real_root, real):
+        raise PathOutsideRoot(f"{shown!r} is a symlink leading outside the data root")
+    return real
 
 
 def fingerprint(files: Iterable[tuple[str, Path]]) -> Fingerprint:

@@ -45,12 +45,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.datasets.archive import FORMATS, ExtractLimits
 from segsvc.datasets.ingest import (
-    SPEC_FILE, class_shares, fingerprint, load_confined, scrub_paths, validate, write_training_spec,
+    SPEC_FILE, class_shares, fingerprint, load_confined, registered_files, registered_folder, scrub_paths, validate,
+    write_training_spec,
 )
 from segsvc.datasets.split import VAL_FRACTION
 from segsvc.datasets.upload import DatasetUpload
@@ -58,7 +59,6 @@ from segsvc.errors import (
     AlreadyExists, DatasetInvalid, FailedPrecondition, InvalidArgument, NotFound, PathOutsideRoot, SegsvcError,
     Unavailable, UploadError,
 )
-from segsvc.jobs.inputs import resolve_inputs
 
 SOURCES = ("upload", "register")
 BUSY_TIMEOUT_S = 5.0
@@ -66,6 +66,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HASH_PREFIX = re.compile(r"[0-9a-f]{8,64}")
 _WORK, _DELETING = ".work-", ".deleting-"
+_MAX_JOBS_SHOWN = 10  # job ids a refused delete names
 _SCHEMA = (
     f"""CREATE TABLE IF NOT EXISTS datasets (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, sha256 TEXT NOT NULL UNIQUE, name TEXT NOT NULL UNIQUE,
@@ -137,6 +138,10 @@ class Dataset:
         return load_dataset_spec(self.spec_path)
 
 
+# The ids of the unfinished jobs that use a dataset (``DatasetRegistry.guard_deletes``).
+DatasetUsers = Callable[[Dataset], Iterable[str]]
+
+
 def check_name(name: str) -> str:
     """A dataset alias: letters, digits, ``_.-``, at most 64 characters, not a full hash."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -145,6 +150,16 @@ def check_name(name: str) -> str:
     if _SHA256.fullmatch(name.lower()):
         raise InvalidArgument(f"dataset name {name!r} looks like a content hash; choose another")
     return name
+
+
+def _folder_name(folder: str) -> str:
+    """The name a registered folder gives its dataset when none is given: its own, if it is a valid name."""
+    if folder == ".":
+        raise InvalidArgument("registering the data root itself ('.'): give the dataset a name")
+    try:
+        return check_name(posixpath.basename(folder))
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"folder {folder!r} does not name a dataset ({exc}): give the dataset a name") from None
 
 
 class DatasetRegistry:
@@ -237,14 +252,36 @@ class DatasetRegistry:
             return [self._dataset(row) for row in c.execute("SELECT * FROM datasets ORDER BY seq")]
 
     # -- deleting -----------------------------------------------------------------------
+    _users: tuple[DatasetUsers, ...] = ()  # who may hold a dataset (``guard_deletes``); none by default
+
+    def guard_deletes(self, users: DatasetUsers) -> None:
+        """Refuse to delete a dataset while ``users(dataset)`` names unfinished jobs that use it.
+
+        The job layer plugs in here (``TrainingRunner`` does, for its QUEUED and
+        RUNNING jobs), so the registry needs to know nothing about jobs. ``users``
+        is called under the registry's lock, from the deleting thread.
+        """
+        with self._lock:
+            self._users = (*self._users, users)
+
     def delete(self, name_or_hash: str) -> Dataset:
         """Forget a dataset and remove its folder (a registered data-root folder is never touched).
 
-        The spec goes too: a training job still reading the dataset fails, so
-        delete only datasets no job uses.
+        Raises:
+            NotFound: no such dataset. FailedPrecondition: an unfinished job uses it
+            (see ``guard_deletes``); the message names the jobs.
         """
         with self._lock:
             dataset = self.get(name_or_hash)
+            # Under the lock: a job committed before this check is seen; one committed after it (its
+            # submission looked the dataset up just before) fails when it starts, naming the dataset.
+            jobs = sorted({job_id for users in self._users for job_id in users(dataset)})
+            if jobs:
+                shown = ", ".join(jobs[:_MAX_JOBS_SHOWN]) + (
+                    f" and {len(jobs) - _MAX_JOBS_SHOWN} more" if len(jobs) > _MAX_JOBS_SHOWN else "")
+                raise FailedPrecondition(
+                    f"dataset {dataset.name!r} ({dataset.sha256[:12]}) is in use by {len(jobs)} unfinished "
+                    f"job(s): {shown}; cancel them or wait for them to finish, then delete it")
             with self._db() as c:
                 c.execute("DELETE FROM datasets WHERE sha256 = ?", (dataset.sha256,))
             doomed = self.root / f"{_DELETING}{secrets.token_hex(6)}"
@@ -259,12 +296,17 @@ class DatasetRegistry:
     def register(self, path: str, name: str = "") -> Dataset:
         """Register a folder under the data root (relative to it); its files stay where they are.
 
-        Every file the dataset reads, through any symlink, must lie inside the
-        data root (``segsvc.jobs.inputs.resolve_inputs`` walks it).
+        The dataset is the files an upload of the folder would hold, hashed and
+        indexed the same way (``ingest.registered_files``: hidden names left out,
+        each symlink by its own name), so registering and uploading give one
+        identity. Every symlink in it must lie inside the data root. Without a
+        ``name`` the dataset is named after the folder; the data root itself
+        (``.``) has no name of its own to give, so it needs one.
 
         Raises:
             FailedPrecondition: no data root configured. PathOutsideRoot: the
             folder, or a symlink in it, leads outside the data root.
+            InvalidArgument: no such folder, a link loop, over the file limit, no name.
             DatasetInvalid: the dataset fails its check. AlreadyExists: name or content taken.
         """
         if self.config.data_root is None:
@@ -277,11 +319,10 @@ class DatasetRegistry:
         if set("*?[").intersection(path):
             raise InvalidArgument(f"folder {path!r}: name one folder, not a pattern")
         folder = posixpath.normpath(path)
-        name = check_name(name or posixpath.basename(folder.rstrip("/")) or "dataset")
-        inputs = resolve_inputs(self.config.data_root, [posixpath.join(folder, "**")],
-                                max_files=self.config.limits.max_files)
-        real = Path(os.path.realpath(Path(self.config.data_root) / folder))
-        files = [(posixpath.relpath(f.rel, folder), f.path) for f in inputs]
+        name = check_name(name) if name else _folder_name(folder)
+        data_root = Path(self.config.data_root)
+        real = registered_folder(data_root, folder)
+        files = registered_files(real, data_root, folder, self.config.limits)
         work = self._new_work()
         try:
             return self._ingest(work, real, files, name=name, source="register", source_path=folder,

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 import segsvc
 from segsvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, SegsvcError
 from segsvc.files import write_atomic
@@ -93,6 +95,13 @@ class TrainingRunner(StoreRunner):
         self.datasets = datasets
         self.config = config
         self._runs: dict[str, _Run] = {}  # type: ignore[assignment]
+        guard_deletes = getattr(datasets, "guard_deletes", None)
+        if guard_deletes is not None:  # a dataset a QUEUED or RUNNING job uses is not deleted
+            guard_deletes(self.jobs_using)
+
+    def jobs_using(self, dataset: Any) -> list[str]:
+        """The ids of the unfinished (QUEUED, RUNNING) training jobs that train or evaluate on ``dataset``."""
+        return [job.id for job in self.store.unfinished(KIND) if dataset.sha256 in _dataset_hashes(job.spec)]
 
     # -- requests ---------------------------------------------------------------------
     async def submit(self, request: TrainingRequest, request_id: str = "") -> Job:
@@ -178,14 +187,43 @@ class TrainingRunner(StoreRunner):
             log.info("training job %s interrupted; it resumes when the server starts again", job.id)
             raise
         except _Stop as stop:
-            await asyncio.to_thread(self.store.finish, job.id, stop.state, error=str(stop))
+            message = self._public(job, str(stop))
+            await asyncio.to_thread(self.store.finish, job.id, stop.state, error=message)
             log.info("training job %s %s: %s", job.id, stop.state.lower(), stop)
         except Exception as exc:
-            message = str(exc) if isinstance(exc, SegsvcError) else "internal error; see the server log"
+            message = (self._public(job, str(exc)) if isinstance(exc, SegsvcError)
+                       else "internal error; see the server log")
             log.error("training job %s failed: %s", job.id, message, exc_info=not isinstance(exc, SegsvcError))
             with contextlib.suppress(SegsvcError):
                 await asyncio.to_thread(self.store.finish, job.id, "FAILED", error=message)
         self._notify(job.id)
+
+    def _public(self, job: Job, message: str) -> str:
+        """``message`` as a client may see it: the job's datasets by name and hash, its folder as ``<job>``,
+        no other path of the server's state folder (the trainer reports its exceptions as they are)."""
+        names: dict[str, str] = {}
+        for dataset in _datasets_of(job.spec):
+            if not dataset.get("spec_path"):
+                continue
+            label = f"dataset {dataset.get('name')!r} ({str(dataset.get('sha256'))[:12]})"
+            spec_path = Path(dataset["spec_path"])
+            names[str(spec_path)] = label
+            names[str(spec_path.parent)] = f"<{label}>"
+            root = _spec_root(spec_path)
+            if root is not None:
+                names[str(root)] = f"<{label}>"
+        for folder, name in ((self.job_dir(job.id), "<job>"), (Path(self.config.state_dir), "<state>")):
+            names.setdefault(str(folder), name)
+            names.setdefault(str(folder.resolve()), name)
+        for path in sorted(names, key=len, reverse=True):
+            message = message.replace(path, names[path])
+        return message
+
+    def _check_dataset(self, dataset: dict[str, Any]) -> None:
+        """Fail the job, naming the dataset, when its spec is gone (deleted while no check held it)."""
+        if not Path(dataset["spec_path"]).is_file():
+            raise _Stop("FAILED", f"dataset {dataset['name']!r} ({dataset['sha256'][:12]}) is no longer registered "
+                                  "on this server; register it again and submit a new job")
 
     async def _set_phase(self, run: _Run, phase: str, **extra: Any) -> None:
         await self._save(run, phase=phase, **extra)
@@ -245,6 +283,7 @@ class TrainingRunner(StoreRunner):
         candidate_repo = root / "candidate"
         name = spec["model_name"]
         if not _has_version(candidate_repo / name):
+            await asyncio.to_thread(self._check_dataset, spec["dataset"])
             await asyncio.to_thread(_write_text, root / "recipe.yaml", spec["recipe_text"])
             run_dir = root / spec["run_dir"]
             resume = (run_dir / "checkpoints" / "last.pt").is_file()
@@ -294,6 +333,7 @@ class TrainingRunner(StoreRunner):
                     continue
                 out = root / "eval" / f"{who}-{split}"
                 if not (out / "metrics.json").is_file():
+                    await asyncio.to_thread(self._check_dataset, dataset)
                     argv = eval_argv(self.config, model_dir, dataset["spec_path"], out, spec["request"]["device"])
                     code = await self._child(run, argv, f"evaluating the {who}")
                     if code != 0 or not (out / "metrics.json").is_file():
@@ -378,6 +418,25 @@ def apply_event(progress: dict[str, Any], event: dict[str, Any]) -> None:
         progress.pop("end_reason", None)
     elif kind == "end" and event.get("status") != "completed":
         progress["end_reason"] = str(event.get("reason") or "the trainer reported a failure")[:500]
+
+
+def _datasets_of(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The datasets a job's spec trains and evaluates on (``name``, ``sha256``, ``spec_path``)."""
+    found = [spec.get("dataset"), *(spec.get("eval_sets") or {}).values()]
+    return [dataset for dataset in found if isinstance(dataset, dict)]
+
+
+def _dataset_hashes(spec: dict[str, Any]) -> set[str]:
+    return {str(dataset.get("sha256")) for dataset in _datasets_of(spec)}
+
+
+def _spec_root(spec_path: Path) -> Path | None:
+    """The absolute data folder a dataset spec names (a registered dataset's), if it can be read."""
+    try:
+        root = (yaml.safe_load(spec_path.read_text()) or {}).get("root")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return Path(root) if isinstance(root, str) and Path(root).is_absolute() else None
 
 
 def _stored(progress: dict[str, Any]) -> dict[str, Any]:

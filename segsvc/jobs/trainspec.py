@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -69,7 +70,8 @@ class TrainingConfig:
     """The server's training settings.
 
     Args:
-        state_dir: runs live under ``<state_dir>/training/<job_id>/``.
+        state_dir: runs live under ``<state_dir>/training/<job_id>/`` (a relative path, like
+            ``recipes_dir`` and ``workdir``, is made absolute here, against the current directory).
         max_training_jobs: trainers running at once; more jobs wait in submission order.
         recipes_dir: where recipe names are looked up.
         workdir: the trainer's working directory (the project root: ``python -m training`` runs there).
@@ -89,6 +91,12 @@ class TrainingConfig:
     eval_threads: int | None = None
 
     def __post_init__(self) -> None:
+        # The children run in ``workdir``, not where the server started: every folder they are told about
+        # (``state_dir`` gives the recipe, run, candidate and evaluation paths) must be absolute.
+        for name in ("state_dir", "recipes_dir", "workdir"):
+            object.__setattr__(self, name, Path(os.path.abspath(getattr(self, name))))
+        if os.sep in self.python and not os.path.isabs(self.python):  # ./venv/bin/python, not a bare name
+            object.__setattr__(self, "python", os.path.abspath(self.python))
         if self.max_training_jobs < 1:
             raise InvalidArgument(f"max_training_jobs must be positive, got {self.max_training_jobs}")
         if self.kill_grace_s < 0 or self.progress_interval_s <= 0:

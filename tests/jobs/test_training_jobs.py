@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -122,3 +123,56 @@ def test_a_cancel_landing_between_start_and_registration_stops_the_job(tmp_path,
     acknowledged, final = asyncio.run(main())
     assert acknowledged.cancel_requested and acknowledged.state == "RUNNING"
     assert (final.state, final.error, seen) == ("CANCELLED", "cancelled before training", [True])
+
+
+def test_a_relative_state_dir_reaches_the_trainer_as_absolute_paths(tmp_path, monkeypatch):
+    """``segsvc serve --state-dir out/state`` started anywhere: the trainer runs in the project root, so every
+    path on its command line must be absolute (it read ``out/state/training/<id>/recipe.yaml`` there)."""
+    import argparse
+
+    from segsvc.cli_train import training_config
+    from segsvc.errors import SegsvcError
+    from segsvc.jobs.trainspec import eval_argv
+
+    spec_file = tmp_path / "shapes.yaml"
+    spec_file.write_text("name: shapes\n")
+    datasets = SimpleNamespace(get=lambda name: SimpleNamespace(name=name, sha256="f" * 64, spec_path=spec_file))
+    monkeypatch.chdir(tmp_path)
+    config = training_config(argparse.Namespace(state_dir="out/state", max_training_jobs=1))
+    spawned: list[tuple[list[str], Path]] = []
+
+    def spawn(argv, *, log_path, cwd=None, env=None):  # type: ignore[no-untyped-def]
+        spawned.append((list(argv), Path(cwd)))
+        raise SegsvcError("the test stops here")
+
+    monkeypatch.setattr(training.GroupProcess, "spawn", spawn)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    manager = SimpleNamespace(repository=ModelRepository(tmp_path / "repo"))
+    runner = TrainingRunner(store, manager, datasets, config)  # type: ignore[arg-type]
+
+    async def main() -> Job:
+        job = await runner.submit(REQUEST)
+        await runner.start()
+        try:
+            return await runner.wait(job.id, timeout_s=60)
+        finally:
+            await runner.stop()
+
+    try:
+        final = asyncio.run(main())
+    finally:
+        store.close()
+    assert final.state == "FAILED" and final.error == "the test stops here"
+    [(argv, cwd)] = spawned
+    assert cwd != tmp_path  # the trainer does not run where the server was started ...
+    recipe = cwd / argv[argv.index("--config") + 1]
+    assert recipe.is_file(), f"the trainer would look for {recipe}"  # ... yet finds its recipe
+    sets = dict(argv[i + 1].split("=", 1) for i, arg in enumerate(argv) if arg == "--set")
+    for key in ("data.spec", "output.runs_dir", "output.repo"):
+        assert Path(json.loads(sets[key])).is_absolute(), (key, sets[key])
+    assert config.state_dir == tmp_path / "out" / "state"  # resolved against where the server started
+    root = runner.job_dir(final.id)
+    evaluation = eval_argv(config, root / "candidate" / "m" / "1", str(spec_file), root / "eval" / "candidate-val",
+                           "cpu")
+    for flag in ("--model", "--data", "--out"):
+        assert Path(evaluation[evaluation.index(flag) + 1]).is_absolute(), (flag, evaluation)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import threading
 
 import grpc
 import pytest
@@ -188,3 +189,48 @@ def test_the_cli(dataset_server, tmp_path, capsys):
     assert cli_main(["datasets", "upload", str(tmp_path / "broken"), "--name", "b", "--no-progress", *server]) == 2
     err = capsys.readouterr().err
     assert "3 problem(s)" in err and "[mask without image] masks/orphan.png" in err
+
+
+def test_a_dataset_a_training_job_uses_is_not_deleted_until_the_job_ends(start_server, tmp_path, monkeypatch,
+                                                                          capsys):
+    """One job RUNNING on 'other' (a stand-in trainer that waits for its cancel), one QUEUED behind it on 'shapes'."""
+    from segsvc.jobs import training
+    from segsvc.jobs.batch import JobsConfig
+    from segsvc.jobs.trainspec import TrainingConfig
+
+    started = threading.Event()
+
+    async def train(self, run):  # type: ignore[no-untyped-def]
+        started.set()
+        await run.cancel.wait()
+        raise training._Stop("CANCELLED", "cancelled while training")
+
+    monkeypatch.setattr(training.TrainingRunner, "_train", train)
+    (tmp_path / "data").mkdir()
+    state = tmp_path / "state"
+    server = start_server(tmp_path / "repo", datasets=_config(tmp_path),
+                          jobs=JobsConfig(state_dir=state, output_root=state / "outputs"),
+                          training=TrainingConfig(state_dir=state, max_training_jobs=1))
+    cli = ["--server", server.address]
+    with server.client(timeout_s=60) as c:
+        shapes = c.upload_dataset(synth(tmp_path / "local" / "shapes"), "shapes")
+        c.upload_dataset(flat(tmp_path / "local" / "other", ["a", "b", "c", "d"]), "other")
+        running = c.submit_training_job("other", recipe="synthetic-quick", epochs=1, device="cpu")
+        assert started.wait(60), "the stand-in trainer never started"
+        queued = c.submit_training_job("shapes", recipe="synthetic-quick", epochs=1, device="cpu")
+        for name, job in (("other", running), ("shapes", queued)):
+            with pytest.raises(errors.FailedPrecondition) as info:
+                c.delete_dataset(name)
+            message = str(info.value)
+            assert job.id in message and "cancel them or wait" in message and str(tmp_path) not in message
+        assert cli_main(["datasets", "delete", "shapes", *cli]) != 0
+        err = capsys.readouterr().err
+        assert queued.id in err and "deleted" not in err
+        assert c.get_dataset("shapes") == shapes
+        running.cancel()
+        queued.cancel()
+        assert running.wait(timeout_s=60).state == "CANCELLED" and queued.wait(timeout_s=60).state == "CANCELLED"
+        assert cli_main(["datasets", "delete", "shapes", *cli]) == 0
+        assert c.delete_dataset("other").name == "other"
+        assert c.list_datasets() == []
+    assert _leftovers(tmp_path) == set()

@@ -1,0 +1,134 @@
+"""A dataset an unfinished training job uses cannot be deleted, and a job whose dataset is gone says which one.
+
+These run the ``TrainingRunner`` against a real ``DatasetRegistry`` without a real
+training run: the jobs stay QUEUED (the runner is not started), or the trainer is
+a stand-in script, or the dataset is already gone so nothing trains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from segsvc.datasets.registry import DatasetRegistry, DatasetsConfig
+from segsvc.errors import FailedPrecondition
+from segsvc.inference.repository import ModelRepository
+from segsvc.jobs.store import Job, JobStore
+from segsvc.jobs.training import TrainingRunner
+from segsvc.jobs.trainspec import TrainingConfig, TrainingRequest
+from tests.datasets.helpers import flat, synth
+
+REQUEST = TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=1)
+
+# Stands in for ``python -m training``: ends its run as the trainer does when its data spec is bad,
+# with the spec's path and its run folder in the reason (the trainer reports the exception as it is).
+FAKE_TRAINER = """\
+import json, os, sys
+sets = dict(a.split("=", 1) for a in sys.argv if "=" in a)
+spec, runs = json.loads(sets["data.spec"]), json.loads(sets["output.runs_dir"])
+events = os.path.join(runs, os.environ["FAKE_RUN_DIR"], "events.jsonl")
+os.makedirs(os.path.dirname(events), exist_ok=True)
+with open(events, "w") as f:
+    f.write(json.dumps({"event": "start", "epochs": 1}) + "\\n")
+    f.write(json.dumps({"event": "end", "status": "failed",
+                        "reason": f"DatasetError: {spec}: split 'val' is empty (run folder {runs})"}) + "\\n")
+sys.exit(1)
+"""
+
+
+@pytest.fixture
+def registry(tmp_path: Path):
+    data = tmp_path / "data"
+    synth(data / "shapes")
+    flat(data / "other", ["a", "b", "c", "d"])
+    reg = DatasetRegistry(DatasetsConfig(tmp_path / "state", data_root=data))
+    reg.register("shapes", name="shapes")
+    reg.register("other", name="other")
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = JobStore(tmp_path / "state" / "jobs.sqlite")
+    yield s
+    s.close()
+
+
+def _runner(tmp_path: Path, store: JobStore, registry: DatasetRegistry, **config) -> TrainingRunner:
+    manager = SimpleNamespace(repository=ModelRepository(tmp_path / "repo"))
+    return TrainingRunner(store, manager, registry,  # type: ignore[arg-type]
+                          TrainingConfig(state_dir=tmp_path / "state", kill_grace_s=1.0, **config))
+
+
+def _run_one(runner: TrainingRunner, job: Job) -> Job:
+    async def main() -> Job:
+        await runner.start()
+        try:
+            return await runner.wait(job.id, timeout_s=120)
+        finally:
+            await runner.stop()
+
+    return asyncio.run(main())
+
+
+def test_a_dataset_a_queued_or_running_training_job_uses_is_not_deleted(tmp_path, store, registry):
+    runner = _runner(tmp_path, store, registry)  # not started: its jobs stay where the test puts them
+    queued = asyncio.run(runner.submit(REQUEST))
+    running = asyncio.run(runner.submit(TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=2)))
+    store.start(running.id)
+    shapes = registry.get("shapes")
+    with pytest.raises(FailedPrecondition) as info:
+        registry.delete("shapes")
+    message = str(info.value)
+    assert queued.id in message and running.id in message and "cancel them or wait" in message
+    assert "shapes" in message and str(tmp_path) not in message
+    assert registry.get("shapes") == shapes and shapes.spec_path.is_file()  # nothing was removed
+    assert registry.delete("other").name == "other"  # a dataset no job uses goes as before
+    store.request_cancel(queued.id)  # QUEUED: cancelled at once
+    store.finish(running.id, "FAILED", error="stopped by the test")
+    assert registry.delete(shapes.sha256[:12]) == shapes  # finished jobs do not hold it
+    assert not shapes.spec_path.exists()
+
+
+def test_a_golden_set_a_queued_job_evaluates_on_is_not_deleted(tmp_path, store, registry):
+    flat(tmp_path / "data" / "golden", ["g1", "g2", "g3", "g4", "g5"])
+    registry.register("golden", name="golden-synthetic-quick")
+    job = asyncio.run(_runner(tmp_path, store, registry).submit(REQUEST))
+    assert "golden" in job.spec["eval_sets"]
+    with pytest.raises(FailedPrecondition, match=job.id):
+        registry.delete("golden-synthetic-quick")
+
+
+def test_a_job_whose_dataset_vanished_fails_naming_the_dataset_not_the_server_path(tmp_path, store, registry):
+    runner = _runner(tmp_path, store, registry)
+    job = asyncio.run(runner.submit(REQUEST))
+    shapes = registry.get("shapes")
+    # Gone behind the runner's back (a server without this check sharing the state folder, an operator).
+    other = DatasetRegistry(DatasetsConfig(tmp_path / "state"))
+    other.delete("shapes")
+    other.close()
+    final = _run_one(runner, job)
+    assert final.state == "FAILED"
+    assert "'shapes'" in final.error and shapes.sha256[:12] in final.error, final.error
+    assert str(tmp_path) not in final.error and "spec.yaml" not in final.error, final.error
+
+
+def test_a_trainer_failure_naming_server_paths_reaches_the_job_without_them(tmp_path, store, registry, monkeypatch):
+    script = tmp_path / "fake-python"
+    script.write_text(f"#!{sys.executable}\n{FAKE_TRAINER}")
+    script.chmod(0o755)
+    runner = _runner(tmp_path, store, registry, python=str(script))
+    job = asyncio.run(runner.submit(REQUEST))
+    monkeypatch.setenv("FAKE_RUN_DIR", job.spec["run_dir"])
+    final = _run_one(runner, job)
+    shapes = registry.get("shapes")
+    assert final.state == "FAILED" and final.error.startswith("training failed: DatasetError:"), final.error
+    assert "split 'val' is empty" in final.error
+    assert f"dataset 'shapes' ({shapes.sha256[:12]})" in final.error, final.error
+    assert str(tmp_path) not in final.error and os.sep + "state" + os.sep not in final.error, final.error
