@@ -9,8 +9,8 @@ Training jobs name a dataset and get its description back::
 
 ``Dataset.spec_path`` and ``Dataset.sha256`` are the stable contract: the spec
 is a ``dataset.yaml`` that ``segsvc.data.spec.load_dataset_spec`` loads, with
-the deterministic train/val split written into it when the dataset came with
-one split only; the hash is ``content.content_hash`` of the files.
+the deterministic val split written into it when the dataset came without one
+(``split.source_split``); the hash is ``content.content_hash`` of the files.
 
 On disk, under ``<state_dir>``::
 
@@ -87,7 +87,7 @@ class DatasetsConfig:
         data_root: folders that ``register`` accepts must lie under it (``None``: uploads only).
         limits: bytes, files and compression ratio of an upload (``--max-dataset-mb``,
             ``--max-dataset-files``, ``--max-dataset-ratio``).
-        val_fraction: share of samples put in ``val`` when a dataset has one split only.
+        val_fraction: share of samples put in ``val`` when a dataset has no val split.
     """
 
     state_dir: Path
