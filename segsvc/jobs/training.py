@@ -199,8 +199,9 @@ class TrainingRunner(StoreRunner):
         self._notify(job.id)
 
     def _public(self, job: Job, message: str) -> str:
-        """``message`` as a client may see it: the job's datasets by name and hash, its folder as ``<job>``,
-        no other path of the server's state folder (the trainer reports its exceptions as they are)."""
+        """``message`` as a client may see it: the job's datasets by name and hash, its base model by name and
+        version, its folder as ``<job>``, no other path of the server's state folder or model repository (the
+        trainer and the evaluator report their exceptions as they are)."""
         names: dict[str, str] = {}
         for dataset in _datasets_of(job.spec):
             if not dataset.get("spec_path"):
@@ -212,7 +213,11 @@ class TrainingRunner(StoreRunner):
             root = _spec_root(spec_path)
             if root is not None:
                 names[str(root)] = f"<{label}>"
-        for folder, name in ((self.job_dir(job.id), "<job>"), (Path(self.config.state_dir), "<state>")):
+        base = job.spec.get("base") or {}
+        if base.get("dir"):  # the version fine-tuned from, as the trainer names it (model.init_from)
+            names[str(Path(base["dir"]))] = f"<model {base.get('model')}:{base.get('version')}>"
+        for folder, name in ((self.job_dir(job.id), "<job>"), (Path(self.config.state_dir), "<state>"),
+                             (Path(self.manager.repository.root), "<model repository>")):
             names.setdefault(str(folder), name)
             names.setdefault(str(folder.resolve()), name)
         for path in sorted(names, key=len, reverse=True):

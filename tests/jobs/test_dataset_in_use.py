@@ -8,6 +8,7 @@ a stand-in script, or the dataset is already gone so nothing trains.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -132,3 +133,16 @@ def test_a_trainer_failure_naming_server_paths_reaches_the_job_without_them(tmp_
     assert "split 'val' is empty" in final.error
     assert f"dataset 'shapes' ({shapes.sha256[:12]})" in final.error, final.error
     assert str(tmp_path) not in final.error and os.sep + "state" + os.sep not in final.error, final.error
+
+
+def test_a_failure_naming_the_base_model_or_the_repository_reaches_the_job_without_them(tmp_path, store, registry):
+    """A fine-tune whose recipe does not fit its base model: the trainer names model.init_from, a folder of the
+    model repository (the path reached the client before)."""
+    runner = _runner(tmp_path, store, registry)
+    job = asyncio.run(runner.submit(REQUEST))
+    repo = tmp_path / "repo"
+    job = dataclasses.replace(job, spec={**job.spec, "base": {"model": "m", "version": 1, "dir": str(repo / "m" / "1")}})
+    text = runner._public(job, f"IncompatibleInit: model.init_from '{repo / 'm' / '1'}' was built with other params; "
+                               f"{repo / 'other' / '2' / 'manifest.json'} does not exist")
+    assert str(tmp_path) not in text, text
+    assert "model.init_from '<model m:1>'" in text and "<model repository>/other/2/manifest.json" in text, text
