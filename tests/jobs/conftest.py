@@ -41,3 +41,14 @@ class FakeManager:
 
     def resolve(self, name: str, version: int) -> SimpleNamespace:
         return SimpleNamespace(manifest=MANIFEST)
+
+
+async def run_to_end(runner: StoreRunner, job_id: str) -> Job:
+    """Start ``runner``, wait for job ``job_id`` to finish (60 s at most), stop the runner; the job."""
+    await runner.start()
+    try:
+        job = await runner.wait(job_id, timeout_s=60)
+    finally:
+        await runner.stop()
+    assert job.finished, f"job still {job.state} after 60 s"
+    return job

@@ -22,7 +22,7 @@ from segsvc.inference.service import ImageFile, Segmentation
 from segsvc.jobs import batch, inputs
 from segsvc.jobs.batch import JobRequest, JobRunner, JobsConfig
 from segsvc.jobs.store import Job, JobStore
-from tests.jobs.conftest import MANIFEST, FakeManager, cancel_inside_start
+from tests.jobs.conftest import MANIFEST, FakeManager, cancel_inside_start, run_to_end
 from tests.server.conftest import encode, make_image
 
 SECONDS_PER_IMAGE = 10.0
@@ -81,16 +81,6 @@ def _config(tmp_path: Path, **overrides: object) -> JobsConfig:
                       **overrides)  # type: ignore[arg-type]
 
 
-async def _run_to_end(runner: JobRunner, job_id: str) -> Job:
-    await runner.start()
-    try:
-        job = await runner.wait(job_id, timeout_s=60)
-    finally:
-        await runner.stop()
-    assert job.finished, f"job still {job.state} after 60 s"
-    return job
-
-
 # -- FetchJobOutputs lists every output, only real temporaries are left out ---------------------------
 def test_output_files_keep_inputs_whose_name_contains_tmp(tmp_path: Path, clock: _Clock) -> None:
     _images(tmp_path / "data", ["scan.tmp-1.png", "plain.png"])
@@ -99,7 +89,7 @@ def test_output_files_keep_inputs_whose_name_contains_tmp(tmp_path: Path, clock:
     async def main() -> list[str]:
         runner = JobRunner(store, _Service(clock), _config(tmp_path))  # type: ignore[arg-type]
         job = await runner.submit(JobRequest(model="m", paths=(".",)))
-        assert (await _run_to_end(runner, job.id)).state == "SUCCEEDED"
+        assert (await run_to_end(runner, job.id)).state == "SUCCEEDED"
         leftover = runner.output_dir(job.id) / "labels" / ".plain.png.png.tmp-0123456789ab"
         leftover.write_bytes(b"half")  # what a killed writer leaves behind
         return [rel for rel, _ in runner.output_files(job.id)]
@@ -135,7 +125,7 @@ def test_elapsed_time_accumulates_across_a_restart(tmp_path: Path, clock: _Clock
         assert interrupted.progress["elapsed_s"] == 2 * SECONDS_PER_IMAGE
         clock.now += 3600.0  # the server is down for an hour: not part of the job's time
         second = JobRunner(store, _Service(clock), config)  # type: ignore[arg-type]
-        return await _run_to_end(second, job.id)
+        return await run_to_end(second, job.id)
 
     job = asyncio.run(main())
     store.close()
@@ -155,7 +145,7 @@ def test_cancel_between_start_and_registration_stops_the_job(tmp_path: Path, clo
         runner = JobRunner(store, _Service(clock), _config(tmp_path))  # type: ignore[arg-type]
         acknowledged = cancel_inside_start(monkeypatch, store, runner, asyncio.get_running_loop())
         job = await runner.submit(JobRequest(model="m", paths=(".",)))
-        final = await _run_to_end(runner, job.id)
+        final = await run_to_end(runner, job.id)
         return acknowledged[0], final
 
     acknowledged, final = asyncio.run(main())

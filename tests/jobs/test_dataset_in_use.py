@@ -23,6 +23,7 @@ from segsvc.jobs.store import Job, JobStore
 from segsvc.jobs.training import TrainingRunner
 from segsvc.jobs.trainspec import TrainingConfig, TrainingRequest
 from tests.datasets.helpers import flat, synth
+from tests.jobs.conftest import run_to_end
 
 REQUEST = TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=1)
 
@@ -68,14 +69,7 @@ def _runner(tmp_path: Path, store: JobStore, registry: DatasetRegistry, **config
 
 
 def _run_one(runner: TrainingRunner, job: Job) -> Job:
-    async def main() -> Job:
-        await runner.start()
-        try:
-            return await runner.wait(job.id, timeout_s=120)
-        finally:
-            await runner.stop()
-
-    return asyncio.run(main())
+    return asyncio.run(run_to_end(runner, job.id))
 
 
 def test_a_dataset_a_queued_or_running_training_job_uses_is_not_deleted(tmp_path, store, registry):

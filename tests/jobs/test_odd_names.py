@@ -24,7 +24,7 @@ from segsvc.jobs import offline, outputs
 from segsvc.jobs.batch import JobRequest, JobRunner, JobsConfig
 from segsvc.jobs.offline import STATE_FILE, BatchOptions, run_batch
 from segsvc.jobs.store import JobStore
-from tests.jobs.conftest import MANIFEST, FakeManager
+from tests.jobs.conftest import MANIFEST, FakeManager, run_to_end
 from tests.server.conftest import encode, make_image, publish
 
 GOOD = ["000000.png", "000001.png", "000002.png"]
@@ -177,11 +177,7 @@ def test_server_job_fails_only_the_input_with_an_odd_name(tmp_path, odd, shown, 
     async def run() -> tuple:
         runner = JobRunner(store, _Service(), config)  # type: ignore[arg-type]
         job = await runner.submit(JobRequest(model="m", paths=(".",)))
-        await runner.start()
-        try:
-            job = await runner.wait(job.id, timeout_s=60)
-        finally:
-            await runner.stop()
+        job = await run_to_end(runner, job.id)
         return job, runner.output_dir(job.id)
 
     try:
@@ -213,11 +209,7 @@ def test_server_job_with_an_item_that_raised_is_not_reported_succeeded(tmp_path)
     async def run():  # type: ignore[no-untyped-def]
         runner = JobRunner(store, _FailingService(), config)  # type: ignore[arg-type]
         job = await runner.submit(JobRequest(model="m", paths=(".",)))
-        await runner.start()
-        try:
-            return await runner.wait(job.id, timeout_s=60)
-        finally:
-            await runner.stop()
+        return await run_to_end(runner, job.id)
 
     try:
         job = asyncio.run(run())

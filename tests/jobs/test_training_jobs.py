@@ -16,7 +16,7 @@ from segsvc.jobs import training
 from segsvc.jobs.store import Job, JobStore
 from segsvc.jobs.training import TrainingRunner
 from segsvc.jobs.trainspec import TrainingConfig, TrainingRequest
-from tests.jobs.conftest import cancel_inside_start
+from tests.jobs.conftest import cancel_inside_start, run_to_end
 
 REQUEST = TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=1)
 
@@ -113,11 +113,7 @@ def test_a_cancel_landing_between_start_and_registration_stops_the_job(tmp_path,
     async def main() -> tuple[Job, Job]:
         acknowledged = cancel_inside_start(monkeypatch, store, runner, asyncio.get_running_loop())
         job = await runner.submit(REQUEST)
-        await runner.start()
-        try:
-            final = await runner.wait(job.id, timeout_s=60)
-        finally:
-            await runner.stop()
+        final = await run_to_end(runner, job.id)
         return acknowledged[0], final
 
     acknowledged, final = asyncio.run(main())
@@ -152,11 +148,7 @@ def test_a_relative_state_dir_reaches_the_trainer_as_absolute_paths(tmp_path, mo
 
     async def main() -> Job:
         job = await runner.submit(REQUEST)
-        await runner.start()
-        try:
-            return await runner.wait(job.id, timeout_s=60)
-        finally:
-            await runner.stop()
+        return await run_to_end(runner, job.id)
 
     try:
         final = asyncio.run(main())
