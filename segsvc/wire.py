@@ -76,6 +76,11 @@ def _domain_classes() -> dict[str, type[SegsvcError]]:
 _ERROR_CLASSES = _domain_classes()
 
 
+def _code_of_class(cls: type[SegsvcError]) -> grpc.StatusCode | None:
+    """The code a server sends for ``cls``: its first row in ``ERROR_CODES`` (as ``server.errors`` maps it)."""
+    return next((code for row, code in ERROR_CODES if issubclass(cls, row)), None)
+
+
 def error_from_status(code: int | grpc.StatusCode, message: str, kind: str = "") -> SegsvcError:
     """The domain error for a status: the named ``kind`` when it fits the code, else the code's class.
 
@@ -84,10 +89,9 @@ def error_from_status(code: int | grpc.StatusCode, message: str, kind: str = "")
     ...) become a plain ``SegsvcError``.
     """
     status = code_of(code)
-    base = _CODE_TO_ERROR.get(status)
     cls = _ERROR_CLASSES.get(kind) if kind else None
-    if not (cls is not None and base is not None and issubclass(cls, base)):
-        cls = base
+    if cls is None or _code_of_class(cls) != status:  # a kind that does not fit the code is not trusted
+        cls = _CODE_TO_ERROR.get(status)
     if cls is None:
         exc = SegsvcError(f"{status.name}: {message}")
     else:

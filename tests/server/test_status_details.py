@@ -20,7 +20,7 @@ from segsvc.v1 import datasets_pb2 as dpb
 from segsvc.v1 import datasets_pb2_grpc as dpb_grpc
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
-from segsvc.wire import DETAILS_KEY, ERROR_DOMAIN, error_from_rpc, error_reason
+from segsvc.wire import DETAILS_KEY, ERROR_CODES, ERROR_DOMAIN, error_from_rpc, error_from_status, error_reason
 from tests.datasets.helpers import broken, member, tar_with
 from tests.server.conftest import encode, make_image, publish
 
@@ -279,3 +279,13 @@ def test_the_starting_gates_refusal_carries_an_error_info(held_start, tmp_path):
     assert exc.code() == grpc.StatusCode.UNAVAILABLE and "starting or draining" in exc.details()
     assert _error_info(status).reason == "UNAVAILABLE" and _kind(exc) == "Unavailable"
     assert error_from_rpc(exc).__class__ is errors.Unavailable
+
+
+@pytest.mark.parametrize("cls", [c for c, _ in ERROR_CODES])
+def test_every_kind_in_the_table_comes_back_as_itself(cls):
+    """Each domain class a server sends is rebuilt as that class. ArtifactError and ExportError share
+    FAILED_PRECONDITION with FailedPrecondition but do not derive from it: clients got FailedPrecondition."""
+    code = dict(ERROR_CODES)[cls]
+    exc = error_from_status(code, "what went wrong", cls.__name__)
+    assert type(exc) is cls and exc.code == code
+    assert type(error_from_status(code, "what went wrong", error_reason(cls.__name__))) is cls
