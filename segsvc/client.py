@@ -104,6 +104,21 @@ def _as_array(image: ImageInput) -> np.ndarray:
     return decode_image(data, max_pixels=1 << 40)
 
 
+def _attach_image(request: pb.SegmentRequest, image: ImageInput) -> None:
+    """Put an image path, encoded bytes or uint8 array into ``request``."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise InvalidImage(f"arrays must be uint8, got {image.dtype}")
+        request.raw.data = np.ascontiguousarray(image).tobytes()
+        request.raw.shape.extend(image.shape)
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        request.image = bytes(image)
+    elif isinstance(image, (str, os.PathLike)):
+        request.image = _read(image)
+    else:
+        raise InvalidArgument(f"images are paths, encoded bytes or uint8 arrays, got {type(image).__name__}")
+
+
 def _read(path: str | os.PathLike) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -250,8 +265,14 @@ class SegmentationClient:
 
     # -- segmentation -------------------------------------------------------------------
     @staticmethod
-    def build_request(
-        image: ImageInput,
+    def build_request(image: ImageInput, **options: Any) -> pb.SegmentRequest:
+        """The ``SegmentRequest`` for an image path, encoded bytes or uint8 array (options: ``request_template``)."""
+        request = SegmentationClient.request_template(**options)
+        _attach_image(request, image)
+        return request
+
+    @staticmethod
+    def request_template(
         *,
         model: str | None = None,
         version: int | None = None,
@@ -263,7 +284,7 @@ class SegmentationClient:
         flip_tta: bool | None = None,
         request_id: str = "",
     ) -> pb.SegmentRequest:
-        """The ``SegmentRequest`` for an image path, encoded bytes or uint8 array.
+        """A ``SegmentRequest`` with these options and no image yet (their errors come before any image's).
 
         ``tile_size``, ``tile_overlap`` and ``flip_tta`` left ``None`` use the model's
         defaults from its manifest; ``tile_size=0`` and ``flip_tta=False`` turn them off.
@@ -287,19 +308,7 @@ class SegmentationClient:
             options.tiling.tile_size = tile_size
             if tile_overlap is not None:
                 options.tiling.overlap = tile_overlap
-        request = pb.SegmentRequest(request_id=request_id, model=model or "", version=version or 0, options=options)
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8:
-                raise InvalidImage(f"arrays must be uint8, got {image.dtype}")
-            request.raw.data = np.ascontiguousarray(image).tobytes()
-            request.raw.shape.extend(image.shape)
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            request.image = bytes(image)
-        elif isinstance(image, (str, os.PathLike)):
-            request.image = _read(image)
-        else:
-            raise InvalidArgument(f"images are paths, encoded bytes or uint8 arrays, got {type(image).__name__}")
-        return request
+        return pb.SegmentRequest(request_id=request_id, model=model or "", version=version or 0, options=options)
 
     @staticmethod
     def _label_map(response: pb.SegmentResponse) -> LabelMap:
@@ -353,17 +362,29 @@ class SegmentationClient:
         """
         from tqdm import tqdm
 
+        if "request_id" in options:
+            raise InvalidArgument("segment_many numbers its requests itself (their request_id is the image's "
+                                  "index): request_id is not one of its options")
+        template = self.request_template(**options)  # a bad option fails here, before any call
         items = list(images)
         results: list[LabelMap | SegsvcError | None] = [None] * len(items)
-        # the first request is built here: options are the same for every image, and an error raised in the
-        # request iterator (gRPC's thread) would only cancel the stream with "Exception iterating requests!"
-        first = self.build_request(items[0], request_id="0", **options) if items else None
+        bar = tqdm(total=len(items), unit="img", disable=not progress, desc="segment")
 
         def requests() -> Iterator[pb.SegmentRequest]:
             for i, image in enumerate(items):
-                yield first if i == 0 else self.build_request(image, request_id=str(i), **options)
+                # an image that cannot be sent is its own error: raised here, in gRPC's request thread, it
+                # would cancel the whole stream with "Exception iterating requests!"
+                request = pb.SegmentRequest()
+                request.CopyFrom(template)
+                request.request_id = str(i)
+                try:
+                    _attach_image(request, image)
+                except SegsvcError as exc:
+                    results[i] = exc
+                    bar.update(1)
+                    continue
+                yield request
 
-        bar = tqdm(total=len(items), unit="img", disable=not progress, desc="segment")
         try:
             stream = self._stub.SegmentStream(
                 requests(), timeout=timeout_s if timeout_s is not None else self.timeout_s, metadata=self._metadata

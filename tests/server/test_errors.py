@@ -145,6 +145,21 @@ def test_stream_reports_per_request_errors_and_goes_on(client, tiny_ref):
         client.segment_many([good, b"junk"], model="tiny", progress=False)
 
 
+def test_an_image_the_client_cannot_send_is_its_own_error_in_a_stream(client, tiny_ref):
+    """A float array after a good image: before, building its request in gRPC's request thread cancelled the
+    whole stream ("Exception iterating requests!") and every result was lost."""
+    import numpy as np
+
+    good = make_image(24, 24, seed=3)
+    results = client.segment_many([good, np.zeros((8, 8, 3), np.float32), good], model="tiny", progress=False,
+                                  return_exceptions=True)
+    assert isinstance(results[1], errors.InvalidImage) and "arrays must be uint8" in str(results[1])
+    assert_labels_match(results[0].mask, tiny_ref, good)
+    assert_labels_match(results[2].mask, tiny_ref, good)
+    with pytest.raises(errors.InvalidArgument, match="request_id is not one of its options"):
+        client.segment_many([good], model="tiny", progress=False, request_id="mine")
+
+
 def test_unexpected_errors_are_internal_with_a_generic_message(start_server, tmp_path, monkeypatch, caplog):
     def broken(self, jobs):
         raise RuntimeError("secret detail of the failure")
