@@ -179,33 +179,70 @@ class JobHandle:
 
 
 def download(stream: Iterable[jobs_pb.FileChunk], dest: str | os.PathLike, progress: bool = False) -> list[Path]:
-    """Write a stream of ``FileChunk`` under ``dest``, refusing paths that lead outside it."""
+    """Write a stream of ``FileChunk`` under ``dest``; returns the paths written.
+
+    Each file is written under a temporary name beside it and renamed once its
+    last chunk arrived, so an interrupted download leaves no half file under a
+    final name (its temporary is removed). The server's names and offsets are
+    checked: a path outside ``dest`` (or ``dest`` itself), a chunk of another
+    file before the current one ended, or an offset other than the bytes
+    received so far is refused with ``InvalidArgument``.
+    """
     from tqdm import tqdm
 
     root = Path(dest).resolve()
     written: list[Path] = []
-    current = None
+    current: _Incoming | None = None
     try:
         for chunk in tqdm(stream, unit="chunk", desc="fetch", disable=not progress):
-            path = (root / chunk.path).resolve()
-            if not path.is_relative_to(root):
-                raise InvalidArgument(f"the server sent a file outside the folder: {chunk.path!r}")
-            if chunk.offset == 0:
-                if current is not None:
-                    current.close()
-                path.parent.mkdir(parents=True, exist_ok=True)
-                current = open(path, "wb")
-                written.append(path)
-            current.write(chunk.data)
+            if current is None:
+                current = _Incoming(_local_path(root, chunk.path), chunk.path)
+            current.write(chunk)
             if chunk.last:
-                current.close()
+                written.append(current.finish())
                 current = None
+        if current is not None:
+            raise InvalidArgument(f"the stream ended in the middle of {current.name!r}")
     except grpc.RpcError as exc:
         raise error_from_rpc(exc) from None
     finally:
         if current is not None:
-            current.close()
+            current.discard()
     return written
+
+
+def _local_path(root: Path, name: str) -> Path:
+    """Where a file the server names goes under ``root``: inside it, never ``root`` itself."""
+    path = (root / name).resolve()
+    if path == root or not path.is_relative_to(root):
+        raise InvalidArgument(f"the server sent a file outside the folder: {name!r}")
+    return path
+
+
+class _Incoming:
+    """One file being downloaded: its chunks in order, into a temporary renamed at the end."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path, self.name, self.size = path, name, 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.temp = path.with_name(f".{path.name}.part-{os.urandom(6).hex()}")
+        self.file = open(self.temp, "xb")
+
+    def write(self, chunk: jobs_pb.FileChunk) -> None:
+        if chunk.path != self.name or chunk.offset != self.size:
+            raise InvalidArgument(f"the server sent {chunk.path!r} at offset {chunk.offset} while {self.name!r} "
+                                  f"was at {self.size} bytes")
+        self.file.write(chunk.data)
+        self.size += len(chunk.data)
+
+    def finish(self) -> Path:
+        self.file.close()
+        os.replace(self.temp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        self.file.close()
+        self.temp.unlink(missing_ok=True)
 
 
 def upload_files(files: Sequence[Path], root: Path | None) -> Iterator[jobs_pb.UploadImagesRequest]:
