@@ -151,6 +151,23 @@ class WeightedSum(nn.Module):
         return total
 
 
+class CountedPixelsOnly(nn.Module):
+    """A term that is 0 (a scalar, with zero gradients) on a batch whose pixels are all ``ignore_index``.
+
+    smp's terms do not guard that case: FocalLoss averages over no pixel (NaN, which ``check_finite`` then
+    turns into a failed run) and LovaszLoss returns an empty ``(0, C)`` tensor; one all-void crop is enough.
+    """
+
+    def __init__(self, term: nn.Module, ignore_index: int | None) -> None:
+        super().__init__()
+        self.term, self.ignore_index = term, ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.ignore_index is not None and not bool((target != self.ignore_index).any()):
+            return logits.sum() * 0.0
+        return self.term(logits, target)
+
+
 def build_loss(
     cfg: LossConfig,
     num_classes: int,
@@ -166,11 +183,12 @@ def build_loss(
     weights_list = class_weights.tolist() if class_weights is not None else None
     factories: dict[str, Callable[[], nn.Module]] = {
         "ce": lambda: CrossEntropy(ignore_index, class_weights, cfg.label_smoothing),
-        "dice": lambda: smp_losses.DiceLoss("multiclass", ignore_index=ignore_index),
-        "focal": lambda: smp_losses.FocalLoss(
+        "dice": lambda: CountedPixelsOnly(smp_losses.DiceLoss("multiclass", ignore_index=ignore_index), ignore_index),
+        "focal": lambda: CountedPixelsOnly(smp_losses.FocalLoss(
             "multiclass", gamma=cfg.focal_gamma, ignore_index=ignore_index, class_weights=weights_list
-        ),
-        "lovasz": lambda: smp_losses.LovaszLoss("multiclass", ignore_index=ignore_index),
+        ), ignore_index),
+        "lovasz": lambda: CountedPixelsOnly(smp_losses.LovaszLoss("multiclass", ignore_index=ignore_index),
+                                            ignore_index),
         "ohem": lambda: HardPixelCrossEntropy(ignore_index, class_weights, cfg.label_smoothing, cfg.ohem_keep),
         "weighted_ce": lambda: BorderWeightedCrossEntropy(ignore_index, class_weights, cfg.label_smoothing),
     }

@@ -35,6 +35,16 @@ def test_cross_entropy_of_a_fully_void_batch_is_zero_not_nan():
 
 
 @pytest.mark.parametrize("name", ["ce", "dice", "focal", "lovasz", "ohem"])
+def test_every_term_of_a_fully_void_batch_is_a_zero_scalar(name):
+    """One all-void crop must not end a run: focal gave NaN (check_finite then raised) and lovasz an empty
+    (0, C) tensor that backward() refused, even beside ce."""
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss = build_loss(LossConfig(terms=(LossTerm("ce"), LossTerm(name))), 3, 255)(logits, torch.full((2, 8, 8), 255))
+    loss.backward()
+    assert loss.shape == () and loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("name", ["ce", "dice", "focal", "lovasz", "ohem"])
 def test_every_term_ignores_void_pixels(name):
     logits, target = batch()
     loss = build_loss(LossConfig(terms=(LossTerm(name),)), 3, 255)
