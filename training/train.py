@@ -136,8 +136,11 @@ def _main(
                 recipe=cfg.name, arch=cfg.model.arch, classes=list(data.class_names), device=str(env.device),
                 world_size=env.world_size, init_from=init_report)
 
-    reason = ""
-    for epoch in range(run.epoch, loop.epochs):
+    # A checkpoint written after the run's stop (then killed while publishing) trains no further when resumed.
+    reason = (should_stop(loop, run.epochs_since_best, run.elapsed_s, env) or "") if run.epoch else ""
+    if reason:
+        log(env, f"resumed after the run had stopped ({reason}): publishing what it trained")
+    for epoch in range(run.epoch, run.epoch if reason else loop.epochs):
         planned = planned_epochs(cfg, run.history, run.elapsed_s, env)
         if epoch >= planned:
             reason = f"the time budget fits {planned} epochs"
@@ -510,8 +513,8 @@ def should_validate(
     done = row["epoch"]
     if done % cfg.train.val_every_epochs == 0 or done == planned:
         return True
-    if cfg.schedule.horizon != "time":
-        return False
+    if cfg.schedule.horizon != "time":  # will the time budget stop the run after this epoch (should_stop)?
+        return bool(broadcast_from_main(env, time_budget_spent(cfg.train, run.elapsed_s + epoch_s)))
     # will the time budget end the run after this epoch?
     return done >= planned_epochs(cfg, [*run.history, row], run.elapsed_s + epoch_s, env)
 
@@ -570,9 +573,16 @@ def should_stop(loop: LoopConfig, since_best: int, elapsed_s: float, env: DistEn
     reason = ""
     if loop.early_stopping_patience is not None and since_best >= loop.early_stopping_patience:
         reason = f"no better validation mIoU for {since_best} validations (early stopping)"
-    elif loop.max_time_min is not None and elapsed_s >= 60 * loop.max_time_min:
-        reason = f"time budget of {loop.max_time_min} min used ({elapsed_s / 60:.1f} min)"
+    else:
+        reason = time_budget_spent(loop, elapsed_s)
     return broadcast_from_main(env, reason) or None
+
+
+def time_budget_spent(loop: LoopConfig, elapsed_s: float) -> str:
+    """Why the time budget ends the run after ``elapsed_s`` of training ("" while it does not)."""
+    if loop.max_time_min is not None and elapsed_s >= 60 * loop.max_time_min:
+        return f"time budget of {loop.max_time_min} min used ({elapsed_s / 60:.1f} min)"
+    return ""
 
 
 def run(args: argparse.Namespace) -> int:

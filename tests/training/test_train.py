@@ -110,6 +110,19 @@ def test_early_stopping_and_time_budget_end_the_run(tiny_recipe):
     assert read_manifest(artifact).training["epochs_run"] == 2  # lr 0: epoch 2 cannot improve on epoch 1
 
 
+def test_a_run_the_time_budget_ends_is_validated_and_a_resume_does_not_train_past_the_stop(tiny_recipe):
+    """With validation every 2 epochs the budget ended the run after epoch 1 unvalidated, and the artifact had
+    no mIoU; a --resume from its checkpoint (a kill -9 while publishing) trained epochs the run never had."""
+    cfg = load_config(tiny_recipe, ["train.epochs=5", "data.train_limit=8", "train.max_time_min=0.0001",
+                                    "train.val_every_epochs=2", "output.run_name=budget"])
+    artifact = main(cfg)
+    manifest = read_manifest(artifact)
+    assert manifest.training["epochs_run"] == 1 and "miou" in manifest.metrics, manifest.metrics
+    resumed = main(cfg, resume=str(run_dir_of(artifact)))
+    assert read_manifest(resumed).training["epochs_run"] == 1
+    assert torch.load(run_dir_of(artifact) / CHECKPOINT, weights_only=True)["epoch"] == 1
+
+
 def test_sgd_cosine_median_frequency_and_every_loss_term_train(tiny_recipe):
     overrides = ["optim.name=sgd", "optim.lr=0.05", "schedule.name=cosine", "loss.class_weights=median_frequency",
                  "loss.terms=[{name: ce}, {name: dice, weight: 0.3}, {name: focal, weight: 0.3}, {name: lovasz, weight: 0.3},"
