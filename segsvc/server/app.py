@@ -62,6 +62,8 @@ TRAINING_SERVICE_NAME = training_pb2.DESCRIPTOR.services_by_name["TrainingServic
 OPERATIONS_SERVICE_NAME = operations_pb2.DESCRIPTOR.services_by_name["Operations"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Out of the drain's grace: how long the transport may still send responses whose handlers have returned.
+SEND_GRACE_S = 1.0
 MODEL_HEALTH_PREFIX = "segsvc.model."  # + model name: that model's health (see the proto's header)
 
 
@@ -238,14 +240,17 @@ class SegmentationServer:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             # Requests in flight get up to `grace` seconds; then the transport stops (open health
-            # watches and anything still running are cancelled).
+            # watches and anything still running are cancelled). A handler that has returned may still
+            # be sending its response: the transport gets SEND_GRACE_S more (out of the grace) for that.
+            deadline = asyncio.get_running_loop().time() + grace
             try:
                 if self.gate.in_flight:
                     await asyncio.wait_for(self.gate.wait_idle(), grace)
             except TimeoutError:
                 log.warning("%d requests still in flight after %.1f s of grace; cancelling them",
                             self.gate.in_flight, grace)
-            await self._server.stop(0)
+            left = deadline - asyncio.get_running_loop().time()
+            await self._server.stop(min(SEND_GRACE_S, max(left, 0.0)))
         if self.training is not None:  # trainers get SIGTERM; their jobs resume at the next start
             await self.training.stop()
         if self.jobs is not None:  # running jobs stop here and resume at the next start

@@ -9,7 +9,8 @@ Clients send ``authorization: Bearer <token>``. Each token has scopes:
   and everything above.
 
 A token file has one token per line, ``TOKEN [SCOPE,SCOPE...]`` (no scopes:
-``infer``); blank lines and ``#`` comments are skipped. Health checks stay open
+``infer``); blank lines and comments (a ``#`` at the start of a line or after a
+blank; inside a token it is part of the token) are skipped. Health checks stay open
 (load balancers and Kubernetes probes carry no token), and so do the Open
 Inference Protocol's ServerLive, ServerReady and ModelReady. Unknown methods
 need a valid token too, so UNIMPLEMENTED tells an anonymous caller nothing.
@@ -28,6 +29,7 @@ import contextvars
 import hmac
 import inspect
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable
@@ -56,6 +58,8 @@ METHOD_SCOPES: tuple[tuple[str, str], ...] = (
     ("/segsvc.v1.TrainingService/", "manage"),
 )
 
+
+_COMMENT = re.compile(r"(?:^|\s)#")
 
 # The scopes of the current call's token, set by the interceptor around the call's handler. None: no token
 # check on this server (no --token-file), so every scope is granted.
@@ -106,7 +110,7 @@ class AuthConfig:
     def parse(cls, text: str) -> "AuthConfig":
         tokens = []
         for number, line in enumerate(text.splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
+            line = _COMMENT.split(line, 1)[0].strip()  # '#' at the start or after a blank: part of no token
             if not line:
                 continue
             token, _, scopes = line.partition(" ")

@@ -7,6 +7,8 @@ Each component gets its own slice: the model manager gets ``ManagerConfig``
 
 from __future__ import annotations
 
+import ssl
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,10 +66,16 @@ class TLSConfig:
     key_file: Path
 
     def read(self) -> tuple[bytes, bytes]:
+        """``(key, certificate chain)`` PEM bytes, checked to be a matching pair (gRPC would only fail to bind)."""
         try:
-            return Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes()
+            key, cert = Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes()
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.cert_file, self.key_file)
+        except ssl.SSLError as exc:
+            raise InvalidArgument(f"--tls-cert {self.cert_file} and --tls-key {self.key_file} are not a PEM "
+                                  f"certificate chain and its private key ({exc.reason or exc})") from None
         except OSError as exc:
             raise InvalidArgument(f"cannot read the TLS certificate or key: {exc}") from None
+        return key, cert
 
 
 @dataclass(frozen=True)

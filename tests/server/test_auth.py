@@ -28,6 +28,9 @@ def test_token_file_parsing_and_errors(tmp_path):
         AuthConfig.parse("a infer\nb root\n")
     with pytest.raises(errors.InvalidArgument, match="at least one token"):
         AuthConfig.parse("# nothing\n")
+    # a '#' inside a token is part of it (it cut the token to a 3-character prefix, which was then accepted)
+    auth = AuthConfig.parse("Xk9#pQ2vL7zR infer  # the CI robot\n  # indented comment\n")
+    assert auth.scopes_of("Xk9#pQ2vL7zR") == {"infer"} and auth.scopes_of("Xk9") is None
     assert required_scope("/segsvc.v1.SegmentationService/Segment") == "infer"
     assert required_scope("/segsvc.v1.SegmentationService/UnloadModel") == "manage"
     assert required_scope("/google.longrunning.Operations/CancelOperation") == "jobs"

@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from segsvc import errors
 from segsvc.client import SegmentationClient
+from segsvc.server.app import SEND_GRACE_S
 from segsvc.server.auth import AuthConfig
 from segsvc.server.config import TLSConfig
 from tests.server.conftest import assert_labels_match, make_image, metric, metrics_text, publish, reference, wait_for
@@ -99,6 +101,40 @@ def test_tls(start_server, tmp_path):
         assert_labels_match(c.segment(image).mask, reference(v1), image)
     with SegmentationClient(server.address, token="tok", timeout_s=3) as plaintext, pytest.raises(errors.SegsvcError):
         plaintext.segment(image)
+
+
+def test_tls_files_that_are_no_certificate_and_key_pair_are_named(tmp_path):
+    """They were reported as 'cannot listen on ...: Failed to bind', which sends operators to the port."""
+    def pair(name: str) -> tuple[Path, Path]:
+        key, cert = tmp_path / f"{name}-key.pem", tmp_path / f"{name}-cert.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True)
+        return key, cert
+
+    (key_a, cert_a), (key_b, _) = pair("a"), pair("b")
+    assert TLSConfig(cert_a, key_a).read() == (key_a.read_bytes(), cert_a.read_bytes())
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    for cert, key in ((cert_a, key_b), (garbage, key_a)):
+        with pytest.raises(errors.InvalidArgument, match="are not a PEM certificate chain and its private key"):
+            TLSConfig(cert, key).read()
+
+
+def test_the_transport_may_still_send_responses_when_the_drain_stops_it(start_server, tmp_path, monkeypatch):
+    """A handler that has returned may still be sending its response: stop(0) cancelled such sends (a large
+    label map in flight at SIGTERM came back UNAVAILABLE, though counted OK)."""
+    publish(tmp_path, "m", seed=3)
+    server = start_server(tmp_path, grace_s=10.0)
+    graces = []
+    real_stop = server.server._server.stop
+
+    async def stop(grace):
+        graces.append(grace)
+        return await real_stop(grace)
+
+    monkeypatch.setattr(server.server._server, "stop", stop)
+    asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop).result(30)
+    assert len(graces) == 1 and 0 < graces[0] <= SEND_GRACE_S
 
 
 def test_reflection_lists_the_services(shared_server):
