@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from segsvc.errors import ArtifactError, InvalidArgument, SegsvcError, UnknownModel, UnknownVersion
 from segsvc.inference.engine import resolve_device
@@ -84,7 +84,8 @@ class ModelManager:
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._pinned: dict[str, int] = {}
         self._stored: dict[str, int] = {}  # the repository's DEFAULT pointer, once that version is loaded
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, asyncio.Lock] = {}  # per model name, while used or loaded (_model_lock)
+        self._lock_users: dict[str, int] = {}
         self._holds: dict[tuple[str, int], int] = {}
         self._retiring: set[asyncio.Task] = set()
         self._poller: asyncio.Task | None = None
@@ -129,6 +130,22 @@ class ModelManager:
             if chosen in table:
                 return chosen  # type: ignore[return-value]
         return max(table) if table else 0
+
+    @contextlib.asynccontextmanager
+    async def _model_lock(self, name: str) -> AsyncIterator[None]:
+        """Hold ``name``'s lock; it is forgotten when its last user leaves and the model is not loaded,
+        so names that never load (a typo, random names sent to LoadModel) leave nothing behind."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        self._lock_users[name] = self._lock_users.get(name, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._lock_users[name] -= 1
+            if not self._lock_users[name]:
+                del self._lock_users[name]
+                if not self._models.get(name):
+                    self._locks.pop(name, None)
 
     def _kept(self, name: str) -> set[int | None]:
         """Versions that a newer automatic version never retires: the pinned and the stored default."""
@@ -191,7 +208,7 @@ class ModelManager:
                 (the message then names each version and its reason).
         """
         check_name(name)
-        async with self._locks.setdefault(name, asyncio.Lock()):
+        async with self._model_lock(name):
             try:
                 if version is None:
                     await self._sync_default(name)
@@ -270,7 +287,7 @@ class ModelManager:
     async def unload(self, name: str, version: int | None = None) -> list[int]:
         """Unload one version (or all of ``name``'s versions); returns the versions unloaded."""
         check_name(name)
-        async with self._locks.setdefault(name, asyncio.Lock()):
+        async with self._model_lock(name):
             table = self._models.get(name) or {}
             if not table:
                 raise UnknownModel(f"model {name!r} is not loaded")
@@ -346,7 +363,7 @@ class ModelManager:
         never served by default, not even until the pointer is read.
         """
         check_name(name)
-        async with self._locks.setdefault(name, asyncio.Lock()):
+        async with self._model_lock(name):
             try:
                 await self._sync_default(name)
                 if not self._models.get(name):
@@ -420,7 +437,7 @@ class ModelManager:
                 moved = False
             if not moved and all(e.version <= newest or self.record.unchanged(name, e) for e in entries):
                 continue
-            async with self._locks.setdefault(name, asyncio.Lock()):
+            async with self._model_lock(name):
                 try:
                     await self._sync_default(name)
                     lm = await self._load_newest(name, retry_unchanged=False)

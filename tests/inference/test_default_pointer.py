@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from segsvc.errors import UnknownModel
 from segsvc.inference.batcher import BatchingConfig
 from segsvc.inference.engine import EngineConfig
 from segsvc.inference.manager import ManagerConfig, ModelManager
@@ -143,6 +146,25 @@ def test_a_model_unloaded_and_loaded_again_follows_the_pointer(tmp_path):
             assert manager.default_version("m") == 1 and sorted(manager._models["m"]) == [1, 2]
             assert await manager.unload("m", 1) == [1]
             assert await manager.refresh_default("m") == 1 and 1 in manager._models["m"]
+        finally:
+            await manager.stop()
+
+    asyncio.run(main())
+
+
+def test_names_that_never_load_leave_no_lock_behind(tmp_path):
+    """Every LoadModel of an unknown name kept a lock in the manager for good (2001 after 2000 random names)."""
+    publish(tmp_path, "m", seed=1)
+
+    async def main() -> None:
+        manager = _manager(tmp_path)
+        await manager.start()
+        try:
+            for i in range(50):
+                with pytest.raises(UnknownModel):
+                    await manager.load(f"nothing-{i}")
+            await manager.refresh_default("m")
+            assert set(manager._locks) <= {"m"}
         finally:
             await manager.stop()
 
