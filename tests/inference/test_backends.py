@@ -241,6 +241,27 @@ def test_folding_takes_a_transpose_convolution_and_leaves_what_it_cannot_fold():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
+def test_folding_leaves_grouped_transpose_convolutions_and_sequentials_with_their_own_forward():
+    """Both were folded: torch cannot fuse a grouped transpose convolution (the model then failed to load or
+    run), and a Sequential subclass may use a convolution's output twice (its output changed by up to 0.9)."""
+    nn = torch.nn
+
+    class Residual(nn.Sequential):
+        def forward(self, x):  # type: ignore[override]
+            y = self[0](x)
+            return self[1](y) + y
+
+    model = with_running_statistics(nn.Sequential(
+        nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2), nn.BatchNorm2d(4),
+        Residual(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)),
+    ))
+    reference = copy.deepcopy(model)
+    assert fold_into_convolutions(model) == 0 and batchnorms(model) == 2
+    x = torch.randn(2, 4, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference(x))
+
+
 def test_folding_refuses_a_model_in_training_mode():
     model = build_model(TINY).train()
     with pytest.raises(ValueError, match="eval mode"):

@@ -69,11 +69,11 @@ def imported_named_pairs() -> dict[type, tuple[tuple[str, str], ...]]:
 
 def conv_bn_pairs(model: nn.Module) -> Iterator[tuple[nn.Module, str, str]]:
     """``(parent, convolution's name, BatchNorm's name)`` for the layers in ``model`` that may run
-    as one: neighbours in an ``nn.Sequential`` (which runs its layers in order), and the pairs of the
-    blocks in ``NAMED_PAIRS``."""
+    as one: neighbours in an ``nn.Sequential`` that runs its layers in order (not a subclass with a
+    ``forward`` of its own, which may reuse an output), and the pairs of the blocks in ``NAMED_PAIRS``."""
     named = imported_named_pairs()
     for parent in model.modules():
-        if isinstance(parent, nn.Sequential):
+        if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
             names = list(parent._modules)  # every position: named_children() skips a module seen before
             yield from ((parent, a, b) for a, b in zip(names, names[1:]))
         yield from ((parent, a, b) for a, b in named.get(type(parent), ()))
@@ -103,7 +103,8 @@ def fold_into_convolutions(model: nn.Module) -> int:
     for parent, conv_name, norm_name in list(conv_bn_pairs(model)):
         conv, norm = getattr(parent, conv_name), getattr(parent, norm_name)
         if (type(conv) in FOLDABLE_CONVOLUTIONS and type(norm) is nn.BatchNorm2d
-                and norm.running_mean is not None and norm.running_var is not None):
+                and norm.running_mean is not None and norm.running_var is not None
+                and not (isinstance(conv, nn.ConvTranspose2d) and conv.groups != 1)):  # torch cannot fuse those
             setattr(parent, conv_name, fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.ConvTranspose2d)))
             setattr(parent, norm_name, nn.Identity())
             folded += 1
