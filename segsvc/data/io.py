@@ -106,7 +106,7 @@ def read_image(path: str | Path, channels: int | None = None) -> np.ndarray:
     if channels not in (None, 1, 3):
         raise InvalidImage(f"read_image: channels must be None, 1 or 3, got {channels!r}")
     path = Path(path)
-    image = _to_rgb_or_grey(_decode(path, read_bytes(path), cv2.IMREAD_ANYCOLOR, InvalidImage))
+    image = _to_rgb_or_grey(_decode(path, read_bytes(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION, InvalidImage))
     if channels == 3 and image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if channels == 1 and image.ndim == 3:
@@ -129,6 +129,8 @@ def _read_palette_indices(path: Path, data: bytes) -> np.ndarray:
             if im.mode != "P":
                 raise DatasetError(f"{path}: palette PNG decoded as mode {im.mode}, expected P")
             return np.array(im, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DatasetError(f"{path}: palette mask is larger than Pillow's decoding limit ({exc})") from None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot decode palette PNG ({exc})") from None
 
@@ -180,8 +182,9 @@ def read_label_file(path: str | Path, encoding: str = "auto") -> np.ndarray:
 
 
 def _color_keys(rgb: np.ndarray) -> np.ndarray:
+    # 16 bits per channel, so 8- and 16-bit colours share one key space without collisions
     rgb = rgb.astype(np.int64, copy=False)
-    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    return (rgb[..., 0] << 32) | (rgb[..., 1] << 16) | rgb[..., 2]
 
 
 def colors_to_ids(rgb: np.ndarray, palette: Palette) -> tuple[np.ndarray, np.ndarray]:
@@ -209,7 +212,7 @@ def colors_to_ids(rgb: np.ndarray, palette: Palette) -> tuple[np.ndarray, np.nda
 def unique_colors(pixels: np.ndarray) -> list[RGB]:
     """The distinct RGB colours among ``pixels`` (any shape ending in 3), sorted."""
     keys = np.unique(_color_keys(pixels.reshape(-1, 3)))
-    return [(int(k >> 16) & 255, int(k >> 8) & 255, int(k) & 255) for k in keys]
+    return [(int(k >> 32) & 0xFFFF, int(k >> 16) & 0xFFFF, int(k) & 0xFFFF) for k in keys]
 
 
 def read_mask(path: str | Path, palette: Palette | None = None) -> np.ndarray:

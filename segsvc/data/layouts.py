@@ -147,6 +147,8 @@ def _read_list(path: Path) -> list[list[str]]:
         lines = path.read_text().splitlines()
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read split list ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: split list is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     return [line.split() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 

@@ -355,6 +355,8 @@ def _load_yaml(path: Path) -> DatasetSpec:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read dataset spec ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: dataset spec is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
         raise DatasetError(f"{path}: invalid YAML: {exc}") from None
     return spec_from_dict(data, base=path.parent, source=path)
