@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Awaitable, Callable
 
 import pytest
 
@@ -42,51 +43,54 @@ def _manager(root) -> ModelManager:
     return ModelManager(ModelRepository(root), config)
 
 
+def _with_manager(root, check: Callable[[ModelManager], Awaitable[None]]) -> None:
+    """Run ``check`` against a started manager of the repository at ``root``; the manager is stopped after."""
+    async def main() -> None:
+        manager = _manager(root)
+        await manager.start()
+        try:
+            await check(manager)
+        finally:
+            await manager.stop()
+
+    asyncio.run(main())
+
+
 def test_manager_serves_the_pointer_polls_new_versions_without_switching_and_follows_a_moved_pointer(tmp_path):
     publish(tmp_path, "m", seed=1)
     publish(tmp_path, "m", seed=2)
     ModelRepository(tmp_path).set_default("m", 1)
 
-    async def main() -> None:
-        manager = _manager(tmp_path)
-        await manager.start()
-        try:
-            assert sorted(manager._models["m"]) == [1, 2] and manager.default_version("m") == 1
-            publish(tmp_path, "m", seed=3)
-            assert await manager.poll_once() == [("m", 3)]
-            assert manager.default_version("m") == 1  # loaded, not default
-            assert 1 in manager._models["m"]  # the pinned default is never retired by a newer version
-            ModelRepository(tmp_path).set_default("m", 3)
-            assert await manager.refresh_default("m") == 3
-            await asyncio.gather(*manager._retiring)
-            assert sorted(manager._models["m"]) == [3]  # old automatic versions go once not default
-            ModelRepository(tmp_path).set_default("m", 2)  # e.g. a rollback written by hand
-            publish(tmp_path, "m", seed=4)
-            await manager.poll_once()
-            assert manager.default_version("m") == 2 and 4 in manager._models["m"]
-            manager.set_default("m", 4)  # an in-memory pin still wins
-            assert manager.default_version("m") == 4
-        finally:
-            await manager.stop()
+    async def check(manager: ModelManager) -> None:
+        assert sorted(manager._models["m"]) == [1, 2] and manager.default_version("m") == 1
+        publish(tmp_path, "m", seed=3)
+        assert await manager.poll_once() == [("m", 3)]
+        assert manager.default_version("m") == 1  # loaded, not default
+        assert 1 in manager._models["m"]  # the pinned default is never retired by a newer version
+        ModelRepository(tmp_path).set_default("m", 3)
+        assert await manager.refresh_default("m") == 3
+        await asyncio.gather(*manager._retiring)
+        assert sorted(manager._models["m"]) == [3]  # old automatic versions go once not default
+        ModelRepository(tmp_path).set_default("m", 2)  # e.g. a rollback written by hand
+        publish(tmp_path, "m", seed=4)
+        await manager.poll_once()
+        assert manager.default_version("m") == 2 and 4 in manager._models["m"]
+        manager.set_default("m", 4)  # an in-memory pin still wins
+        assert manager.default_version("m") == 4
 
-    asyncio.run(main())
+    _with_manager(tmp_path, check)
 
 
 def test_without_a_pointer_nothing_changes(tmp_path):
     publish(tmp_path, "m", seed=1)
 
-    async def main() -> None:
-        manager = _manager(tmp_path)
-        await manager.start()
-        try:
-            publish(tmp_path, "m", seed=2)
-            await manager.poll_once()
-            await asyncio.gather(*manager._retiring)
-            assert manager.default_version("m") == 2 and sorted(manager._models["m"]) == [2]
-        finally:
-            await manager.stop()
+    async def check(manager: ModelManager) -> None:
+        publish(tmp_path, "m", seed=2)
+        await manager.poll_once()
+        await asyncio.gather(*manager._retiring)
+        assert manager.default_version("m") == 2 and sorted(manager._models["m"]) == [2]
 
-    asyncio.run(main())
+    _with_manager(tmp_path, check)
 
 
 def _sample_default(manager: ModelManager, name: str, work) -> set[int]:
@@ -108,23 +112,18 @@ def test_a_pointer_written_with_a_new_version_is_honoured_before_the_new_version
     pinned one is never retired. Loading the newest first served the rejected candidate until the pointer was read."""
     publish(tmp_path, "m", seed=1)
 
-    async def main() -> None:
-        manager = _manager(tmp_path)
-        await manager.start()
-        try:
-            ModelRepository(tmp_path).set_default("m", 1)
-            publish(tmp_path, "m", seed=2)
-            assert await _sample_default(manager, "m", manager.poll_once()) == {1}
-            await asyncio.gather(*manager._retiring)
-            assert sorted(manager._models["m"]) == [1, 2]
-            publish(tmp_path, "m", seed=3)  # the same through an explicit load of the newest
-            ModelRepository(tmp_path).set_default("m", 2)
-            assert await _sample_default(manager, "m", manager.load("m")) == {1, 2}
-            assert manager.default_version("m") == 2 and 3 in manager._models["m"]
-        finally:
-            await manager.stop()
+    async def check(manager: ModelManager) -> None:
+        ModelRepository(tmp_path).set_default("m", 1)
+        publish(tmp_path, "m", seed=2)
+        assert await _sample_default(manager, "m", manager.poll_once()) == {1}
+        await asyncio.gather(*manager._retiring)
+        assert sorted(manager._models["m"]) == [1, 2]
+        publish(tmp_path, "m", seed=3)  # the same through an explicit load of the newest
+        ModelRepository(tmp_path).set_default("m", 2)
+        assert await _sample_default(manager, "m", manager.load("m")) == {1, 2}
+        assert manager.default_version("m") == 2 and 3 in manager._models["m"]
 
-    asyncio.run(main())
+    _with_manager(tmp_path, check)
 
 
 def test_a_model_unloaded_and_loaded_again_follows_the_pointer(tmp_path):
@@ -136,36 +135,26 @@ def test_a_model_unloaded_and_loaded_again_follows_the_pointer(tmp_path):
     publish(tmp_path, "m", seed=2)
     ModelRepository(tmp_path).set_default("m", 1)
 
-    async def main() -> None:
-        manager = _manager(tmp_path)
-        await manager.start()
-        try:
-            assert manager.default_version("m") == 1
-            assert await manager.unload("m") == [1, 2]
-            await manager.load("m")
-            assert manager.default_version("m") == 1 and sorted(manager._models["m"]) == [1, 2]
-            assert await manager.unload("m", 1) == [1]
-            assert await manager.refresh_default("m") == 1 and 1 in manager._models["m"]
-        finally:
-            await manager.stop()
+    async def check(manager: ModelManager) -> None:
+        assert manager.default_version("m") == 1
+        assert await manager.unload("m") == [1, 2]
+        await manager.load("m")
+        assert manager.default_version("m") == 1 and sorted(manager._models["m"]) == [1, 2]
+        assert await manager.unload("m", 1) == [1]
+        assert await manager.refresh_default("m") == 1 and 1 in manager._models["m"]
 
-    asyncio.run(main())
+    _with_manager(tmp_path, check)
 
 
 def test_names_that_never_load_leave_no_lock_behind(tmp_path):
     """Every LoadModel of an unknown name kept a lock in the manager for good (2001 after 2000 random names)."""
     publish(tmp_path, "m", seed=1)
 
-    async def main() -> None:
-        manager = _manager(tmp_path)
-        await manager.start()
-        try:
-            for i in range(50):
-                with pytest.raises(UnknownModel):
-                    await manager.load(f"nothing-{i}")
-            await manager.refresh_default("m")
-            assert set(manager._locks) <= {"m"}
-        finally:
-            await manager.stop()
+    async def check(manager: ModelManager) -> None:
+        for i in range(50):
+            with pytest.raises(UnknownModel):
+                await manager.load(f"nothing-{i}")
+        await manager.refresh_default("m")
+        assert set(manager._locks) <= {"m"}
 
-    asyncio.run(main())
+    _with_manager(tmp_path, check)
