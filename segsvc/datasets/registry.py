@@ -180,6 +180,7 @@ class DatasetRegistry:
         self.root.mkdir(exist_ok=True)
         self.path = state.resolve() / "datasets.sqlite"
         self._lock = threading.RLock()
+        self._users: tuple[DatasetUsers, ...] = ()  # who may hold a dataset (``guard_deletes``)
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
@@ -252,8 +253,6 @@ class DatasetRegistry:
             return [self._dataset(row) for row in c.execute("SELECT * FROM datasets ORDER BY seq")]
 
     # -- deleting -----------------------------------------------------------------------
-    _users: tuple[DatasetUsers, ...] = ()  # who may hold a dataset (``guard_deletes``); none by default
-
     def guard_deletes(self, users: DatasetUsers) -> None:
         """Refuse to delete a dataset while ``users(dataset)`` names unfinished jobs that use it.
 

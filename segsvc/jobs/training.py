@@ -95,9 +95,8 @@ class TrainingRunner(StoreRunner):
         self.datasets = datasets
         self.config = config
         self._runs: dict[str, _Run] = {}  # type: ignore[assignment]
-        guard_deletes = getattr(datasets, "guard_deletes", None)
-        if guard_deletes is not None:  # a dataset a QUEUED or RUNNING job uses is not deleted
-            guard_deletes(self.jobs_using)
+        if datasets is not None:  # a dataset a QUEUED or RUNNING job uses is not deleted
+            datasets.guard_deletes(self.jobs_using)
 
     def jobs_using(self, dataset: Any) -> list[str]:
         """The ids of the unfinished (QUEUED, RUNNING) training jobs that train or evaluate on ``dataset``."""

@@ -27,6 +27,9 @@ class _Datasets:
             raise NotFound(f"no dataset named {name!r}")
         return SimpleNamespace(name=name, sha256="f" * 64, spec_path="/d/shapes.yaml")
 
+    def guard_deletes(self, users) -> None:  # type: ignore[no-untyped-def]
+        pass
+
 
 @pytest.fixture
 def store(tmp_path: Path):
@@ -132,7 +135,8 @@ def test_a_relative_state_dir_reaches_the_trainer_as_absolute_paths(tmp_path, mo
 
     spec_file = tmp_path / "shapes.yaml"
     spec_file.write_text("name: shapes\n")
-    datasets = SimpleNamespace(get=lambda name: SimpleNamespace(name=name, sha256="f" * 64, spec_path=spec_file))
+    datasets = SimpleNamespace(get=lambda name: SimpleNamespace(name=name, sha256="f" * 64, spec_path=spec_file),
+                               guard_deletes=lambda users: None)
     monkeypatch.chdir(tmp_path)
     config = training_config(argparse.Namespace(state_dir="out/state", max_training_jobs=1))
     spawned: list[tuple[list[str], Path]] = []
