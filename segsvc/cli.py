@@ -282,18 +282,25 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 # -- serve / segment: the gRPC server and its client ---------------------------------
 def _read_token(args: argparse.Namespace) -> str | None:
-    """A client's bearer token: the first word of --token-file, else $SEGSVC_AUTH_TOKEN."""
+    """A client's bearer token: the first token of --token-file, else $SEGSVC_AUTH_TOKEN.
+
+    The file is read as the server reads it (``token_entries``), so one
+    tokens file serves both.
+    """
     import os
     from pathlib import Path
 
+    from segsvc.server.auth import token_entries
+
     if args.token_file:
         try:
-            words = Path(args.token_file).read_text().split("#", 1)[0].split()
+            text = Path(args.token_file).read_text()
         except OSError as exc:
             raise SegsvcError(f"cannot read the token file: {exc}") from None
-        if not words:
-            raise SegsvcError(f"token file {args.token_file} is empty")
-        return words[0]
+        entries = token_entries(text)
+        if not entries:
+            raise SegsvcError(f"token file {args.token_file} holds no token")
+        return entries[0][0]
     return os.environ.get("SEGSVC_AUTH_TOKEN") or None
 
 

@@ -108,19 +108,7 @@ class AuthConfig:
 
     @classmethod
     def parse(cls, text: str) -> "AuthConfig":
-        tokens = []
-        for number, line in enumerate(text.splitlines(), 1):
-            line = _COMMENT.split(line, 1)[0].strip()  # '#' at the start or after a blank: part of no token
-            if not line:
-                continue
-            token, _, scopes = line.partition(" ")
-            names = frozenset(s.strip() for s in scopes.replace(" ", ",").split(",") if s.strip()) or {"infer"}
-            try:
-                tokens.append((token, frozenset(names)))
-                cls((tokens[-1],))
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"token file line {number}: {exc}") from None
-        return cls(tuple(tokens))
+        return cls(token_entries(text))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "AuthConfig":
@@ -137,6 +125,26 @@ class AuthConfig:
             if hmac.compare_digest(given, known.encode()):
                 found = scopes
         return found
+
+
+def token_entries(text: str) -> tuple[tuple[str, frozenset[str]], ...]:
+    """The ``(token, scopes)`` lines of a tokens file, in order; each is checked, none may be missing.
+
+    The one reading of the format, for the server and for clients given the same file.
+    """
+    tokens: list[tuple[str, frozenset[str]]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = _COMMENT.split(line, 1)[0].strip()  # '#' at the start or after a blank: part of no token
+        if not line:
+            continue
+        token, _, scopes = line.partition(" ")
+        names = frozenset(s.strip() for s in scopes.replace(" ", ",").split(",") if s.strip()) or {"infer"}
+        try:
+            AuthConfig(((token, names),))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"token file line {number}: {exc}") from None
+        tokens.append((token, names))
+    return tuple(tokens)
 
 
 def _token_of(metadata) -> str | None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import urllib.request
 
 import grpc
 import pytest
 
 from segsvc import errors
+from segsvc.cli import _read_token
 from segsvc.server.auth import AuthConfig, required_scope
 from segsvc.server.config import ServerConfig
 from tests.server.conftest import encode, make_image, publish
@@ -193,3 +195,23 @@ def test_streams_pass_the_scope_carrying_interceptor_unchanged(start_server, tmp
                                    metadata=(("authorization", "Bearer infer-tok"),)):
                 answered.append(response.request_id)
     assert sorted(answered) == ["0", "1", "2"] and info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("text, first", [
+    ("# segsvc tokens\nadm1n manage\n", "adm1n"),  # the client found the file empty (it cut at the first '#')
+    ("ab#cd manage  # the admin\n", "ab#cd"),  # the client sent 'ab'
+    ("\n  tok-1 infer\ntok-2 manage\n", "tok-1"),
+])
+def test_the_cli_sends_the_first_token_the_server_reads_from_the_same_file(tmp_path, text, first):
+    """deploy/README.md gives client and server one tokens.txt: both must read it the same way."""
+    path = tmp_path / "tokens.txt"
+    path.write_text(text)
+    assert AuthConfig.from_file(path).tokens[0][0] == first
+    assert _read_token(argparse.Namespace(token_file=str(path))) == first
+
+
+def test_the_cli_names_a_token_file_without_tokens(tmp_path):
+    path = tmp_path / "tokens.txt"
+    path.write_text("# no tokens yet\n")
+    with pytest.raises(errors.SegsvcError, match=r"token file .*tokens.txt holds no token"):
+        _read_token(argparse.Namespace(token_file=str(path)))
