@@ -409,6 +409,7 @@ def _jobs_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         max_input_specs=args.max_job_paths,
         upload=UploadLimits(max_file_bytes=int(args.max_upload_file_mb * (1 << 20)),
                             max_total_bytes=int(args.max_upload_mb * (1 << 20))),
+        upload_ttl_s=args.upload_ttl_hours * 3600.0,
     )
 
 
@@ -524,6 +525,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="most input paths (folders, globs, files) one job request names (default 1000)")
     g.add_argument("--max-upload-mb", type=float, default=2048, help="largest upload in MiB (default 2048)")
     g.add_argument("--max-upload-file-mb", type=float, default=64, help="largest uploaded file in MiB (default 64)")
+    g.add_argument("--upload-ttl-hours", type=float, default=24,
+                   help="delete an upload that no job uses this many hours after it was committed (default 24); "
+                        "deleting a job deletes its upload as soon as no other job uses it")
     _add_datasets_server_arguments(g)
     p.set_defaults(func=_serve)
 

@@ -13,6 +13,13 @@ are removed when a job (re)starts. Undecodable or oversized inputs, and inputs
 no output can be named after (``outputs.input_name_problem``), are FAILED with
 their reason; the job still completes.
 
+An upload (``UploadImages``) lives as long as a job references it: deleting the
+last such job deletes it, and one that no job references is swept once older
+than ``upload_ttl_s`` (a client that died before submitting), at start-up and
+every ``SWEEP_EVERY_S``. Checking references and renaming the upload away is
+one store transaction, and submission re-checks the upload inside its own, so
+an upload is never deleted under a job.
+
 Example:
     >>> runner = JobRunner(JobStore(state / "jobs.sqlite"), service, JobsConfig(state, outputs))  # doctest: +SKIP
     >>> await runner.start()  # doctest: +SKIP
@@ -31,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from segsvc.errors import (
-    AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, Overloaded, SegsvcError, Unavailable,
+    AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Overloaded, SegsvcError, Unavailable,
 )
 from segsvc.inference.batcher import Priority
 from segsvc.inference.engine import InferenceOptions
@@ -46,6 +53,8 @@ log = logging.getLogger("segsvc.jobs")
 
 KIND = "segmentation"
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # back-off while the model's queue is full
+SWEEP_EVERY_S = 3600.0  # how often unreferenced uploads are looked for (more often when upload_ttl_s is shorter)
+UPLOAD_REF = "$.request.upload_id"  # where a job's spec names its upload (a JSON path for the store)
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,7 @@ class JobsConfig:
         window: images of one job in flight at once (a few batches' worth).
         upload: limits of ``UploadImages``.
         progress_interval_s: how often live progress is written to the store.
+        upload_ttl_s: an upload no job references is deleted this long after its commit.
     """
 
     state_dir: Path
@@ -77,11 +87,14 @@ class JobsConfig:
     window: int = 16
     upload: UploadLimits = field(default_factory=UploadLimits)
     progress_interval_s: float = 0.5
+    upload_ttl_s: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
         for name in ("max_running_jobs", "max_inputs", "max_input_specs", "max_file_bytes", "window"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"jobs: {name} must be positive, got {getattr(self, name)}")
+        if not self.upload_ttl_s > 0:  # also refuses NaN
+            raise InvalidArgument(f"jobs: upload_ttl_s must be positive, got {self.upload_ttl_s}")
 
 
 @dataclass(frozen=True)
@@ -155,12 +168,59 @@ class JobRunner(StoreRunner):
         self._service = service
         self.staging = StagingArea(Path(config.state_dir) / "uploads", config.upload)
         self._runs: dict[str, _Run] = {}  # type: ignore[assignment]
+        self._sweeper: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        """Clean half-finished uploads and start the scheduler (which resumes unfinished jobs)."""
+        """Clean half-finished uploads, sweep stale ones and start the scheduler (which resumes unfinished jobs)."""
         await asyncio.to_thread(self.staging.clean_partial)
+        await asyncio.to_thread(self.sweep_uploads)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_periodically(), name="upload-sweeper")
         await super().start()
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        await super().stop()
+
+    async def delete(self, job_id: str, delete_outputs: bool = False) -> int:
+        """Forget a finished job (and its outputs when asked), and its upload if no other job uses it."""
+        job = await asyncio.to_thread(self.store.get, job_id)
+        removed = await super().delete(job_id, delete_outputs)
+        upload_id = job.spec.get("request", {}).get("upload_id")
+        if upload_id:  # a crash before this leaves the upload unreferenced: the sweep takes it
+            await asyncio.to_thread(self._release_upload, upload_id)
+        return removed
+
+    # -- uploads -----------------------------------------------------------------------
+    def sweep_uploads(self) -> list[str]:
+        """Delete the uploads that no job references and that were committed over ``upload_ttl_s`` ago."""
+        cutoff = time.time() - self.config.upload_ttl_s
+        swept = [upload_id for upload_id in self.staging.committed_before(cutoff) if self._release_upload(upload_id)]
+        if swept:
+            log.info("deleted %d upload(s) no job used for %.0f s", len(swept), self.config.upload_ttl_s)
+        return swept
+
+    def _release_upload(self, upload_id: str) -> bool:
+        """Delete the upload unless a job (any state) references it; whether it went."""
+        try:
+            released = self.store.release_unreferenced(UPLOAD_REF, upload_id,
+                                                       lambda: self.staging.detach(upload_id))
+        except NotFound:  # already deleted
+            return False
+        if released:
+            self.staging.purge(upload_id)
+        return released
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(min(SWEEP_EVERY_S, self.config.upload_ttl_s))
+            try:
+                await asyncio.to_thread(self.sweep_uploads)
+            except (SegsvcError, OSError) as exc:  # e.g. the store closing: try again next time
+                log.warning("sweeping uploads failed: %s", exc)
 
     # -- requests ---------------------------------------------------------------------
     async def submit(self, request: JobRequest, request_id: str = "") -> Job:
@@ -180,8 +240,11 @@ class JobRunner(StoreRunner):
         spec = {"request": request.to_dict(), "model": name, "version": version}
         # Inputs no output can be named after (a backslash, not UTF-8, too long) are FAILED with their reason.
         names, unusable = checked_inputs([f.rel for f in files])
+        # Checked again inside the store transaction: a sweep may have deleted the upload since.
+        still_there = (lambda: self.staging.path(request.upload_id)) if request.upload_id else None
         job, created = await asyncio.to_thread(
-            self.store.submit, KIND, spec, names, request_id=request_id or None, failed=unusable
+            self.store.submit, KIND, spec, names, request_id=request_id or None, failed=unusable,
+            precondition=still_there,
         )
         if created:
             log.info("job %s submitted: %d images, model %s:%d", job.id, job.total, name, version)

@@ -8,12 +8,15 @@ under a final name. The layout under the staging root::
     <id>.partial/            an upload being received (removed on abort)
         .incoming/<n>        a file still receiving chunks
         scans/a/001.png      a file whose last chunk arrived (renamed from .incoming)
-    <id>/                    a committed upload: complete, never written again
+    <id>/                    a committed upload: complete, never written again;
+                             its mtime is the commit time (``committed_before``)
     <id>.deleting/           a committed upload being deleted
 
 Both renames (file into place, ``<id>.partial`` to ``<id>``) are atomic, so a
-reader sees either nothing or the whole thing; after a crash,
-``clean_partial`` removes whatever was left in between.
+reader sees either nothing or the whole thing; so is deleting (``<id>`` to
+``<id>.deleting``, then the files). After a crash, ``clean_partial`` removes
+whatever was left in between. Who deletes a committed upload, and when, is the
+owner's business (the batch runner: when no job references it any more).
 
 Example:
     >>> area = StagingArea("/srv/staging")  # doctest: +SKIP
@@ -30,6 +33,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,13 +121,43 @@ class StagingArea:
 
     def delete(self, upload_id: str) -> None:
         """Remove a committed upload: renamed away first, so ``path`` never sees it half-gone."""
+        self.detach(upload_id)
+        self.purge(upload_id)
+
+    def detach(self, upload_id: str) -> None:
+        """The first, atomic half of ``delete``: rename ``<id>`` to ``<id>.deleting``.
+
+        From then on ``path`` raises ``NotFound``; ``purge`` (or, after a crash,
+        ``clean_partial``) removes the files. Quick, so it can run inside a store
+        transaction. Raises ``NotFound`` when the upload is not committed.
+        """
         folder = self.root / _check_id(upload_id)
-        doomed = self.root / (upload_id + _DELETING)
         try:
-            folder.rename(doomed)
+            folder.rename(self.root / (upload_id + _DELETING))
         except FileNotFoundError:
             raise NotFound(f"upload {upload_id!r} does not exist (never committed, or deleted)") from None
-        shutil.rmtree(doomed, ignore_errors=True)
+
+    def purge(self, upload_id: str) -> None:
+        """The second half of ``delete``: remove the files of a detached upload (none left: nothing to do)."""
+        shutil.rmtree(self.root / (_check_id(upload_id) + _DELETING), ignore_errors=True)
+
+    def committed_before(self, cutoff: float) -> list[str]:
+        """Ids of the committed uploads whose commit time (the folder's mtime) is before ``cutoff``.
+
+        ``commit`` removes ``.incoming`` just before its rename, and nothing is
+        written into a committed upload, so its mtime is when it was committed.
+        """
+        found = []
+        for entry in self.root.iterdir():
+            if not _ID.fullmatch(entry.name):
+                continue
+            try:
+                info = entry.lstat()
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+            if stat.S_ISDIR(info.st_mode) and info.st_mtime < cutoff:
+                found.append(entry.name)
+        return sorted(found)
 
     def clean_partial(self) -> int:
         """Remove uploads left unfinished by a crash; returns how many folders went.
@@ -267,7 +301,7 @@ class StagedUpload:
         if incomplete:
             shown = ", ".join(repr(n) for n in incomplete[:5]) + (" ..." if len(incomplete) > 5 else "")
             raise UploadError(f"cannot commit: {len(incomplete)} file(s) lack their last chunk: {shown}")
-        (self._folder / _INCOMING).rmdir()
+        (self._folder / _INCOMING).rmdir()  # also stamps the folder's mtime: the commit time
         os.rename(self._folder, self._area.root / self.upload_id)
         _fsync_dir(self._area.root)
         self._closed = "committed"

@@ -36,7 +36,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from segsvc.errors import AlreadyExists, InvalidArgument, JobNotFound, NotFound, Unavailable
 
@@ -220,7 +220,8 @@ class JobStore:
     # -- jobs -------------------------------------------------------------------
     def submit(self, kind: str, spec: dict[str, Any], inputs: Sequence[str], *,
                request_id: str | None = None, job_id: str | None = None,
-               failed: Mapping[int, str] | None = None) -> tuple[Job, bool]:
+               failed: Mapping[int, str] | None = None,
+               precondition: Callable[[], object] | None = None) -> tuple[Job, bool]:
         """Create a QUEUED job with one PENDING item per input, or find the one already made.
 
         ``request_id`` makes a retried submission safe: the same (kind, request_id)
@@ -229,6 +230,10 @@ class JobStore:
         returning a different job than the caller described would lose work.
         ``failed`` maps the index of an input known to be unusable to its reason:
         that item is created FAILED (and counted), in the same transaction.
+        ``precondition`` runs inside that transaction just before a new job is
+        inserted; whatever it raises cancels the submission. It holds the write
+        lock, so it cannot interleave with ``release_unreferenced``: a resource
+        it checks is either still there with the job inserted, or already gone.
         """
         if not isinstance(kind, str) or not kind:
             raise InvalidArgument(f"job kind must be a non-empty string, got {kind!r}")
@@ -266,6 +271,8 @@ class JobStore:
                     return _to_job(row), False
             if c.execute("SELECT 1 FROM jobs WHERE id = ?", (new_id,)).fetchone() is not None:
                 raise AlreadyExists(f"a job with id {new_id!r} already exists")
+            if precondition is not None:
+                precondition()
             c.execute(
                 "INSERT INTO jobs (id, kind, state, request_id, spec, inputs_sha256, total, failed, created_at,"
                 " updated_at) VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?)",
@@ -374,6 +381,27 @@ class JobStore:
         with self._tx() as c:
             if c.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount == 0:
                 raise JobNotFound(f"no job with id {job_id!r}")
+
+    def release_unreferenced(self, spec_path: str, value: str, release: Callable[[], object]) -> bool:
+        """Call ``release`` unless a job (any kind, any state) has ``value`` at ``spec_path`` in its spec.
+
+        ``spec_path`` is an SQLite JSON path such as ``'$.request.upload_id'``. The
+        check and ``release`` run in one write transaction, so a ``submit`` whose
+        ``precondition`` checks the same resource either committed first (and
+        ``release`` is not called) or runs after ``release`` (and is refused).
+        ``release`` should be quick (a rename): it holds every writer up.
+        Returns whether it was called.
+        """
+        if not isinstance(spec_path, str) or not spec_path.startswith("$"):
+            raise InvalidArgument(f"spec_path must be a JSON path starting with '$', got {spec_path!r}")
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(f"value must be a non-empty string, got {value!r}")
+        with self._tx() as c:
+            if c.execute("SELECT 1 FROM jobs WHERE json_extract(spec, ?) = ? LIMIT 1",
+                         (spec_path, value)).fetchone() is not None:
+                return False
+            release()
+            return True
 
     # -- items ------------------------------------------------------------------
     def pending_items(self, job_id: str, limit: int | None = None) -> builtins.list[Item]:

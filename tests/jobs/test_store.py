@@ -419,3 +419,29 @@ def test_find_by_request_id(tmp_path):
     assert store.find("segmentation", "r-1").id == job.id
     assert store.find("training", "r-1").id != job.id
     assert store.find("segmentation", "r-2") is None
+
+
+# -- a resource named in specs is released only while no job references it ----------------------------
+def test_release_unreferenced_checks_every_job_in_the_same_transaction(store: JobStore) -> None:
+    released: list[str] = []
+    job, _ = store.submit("segmentation", {"request": {"upload_id": "u1"}}, ["a.png"])
+    store.submit("training", {"request": "not an object"}, [])  # other spec shapes simply do not match
+    assert not store.release_unreferenced("$.request.upload_id", "u1", lambda: released.append("u1"))
+    store.finish(job.id, "SUCCEEDED")  # any state references it
+    assert not store.release_unreferenced("$.request.upload_id", "u1", lambda: released.append("u1"))
+    store.delete(job.id)
+    assert store.release_unreferenced("$.request.upload_id", "u1", lambda: released.append("u1"))
+    assert released == ["u1"]
+    with pytest.raises(InvalidArgument, match="JSON path"):
+        store.release_unreferenced("request.upload_id", "u1", lambda: None)
+
+
+def test_a_failing_precondition_refuses_the_submission(store: JobStore) -> None:
+    def gone() -> None:
+        raise NotFound("upload gone")
+
+    with pytest.raises(NotFound, match="upload gone"):
+        store.submit("segmentation", SPEC, ["a.png"], precondition=gone)
+    assert store.list() == []
+    job, created = store.submit("segmentation", SPEC, ["a.png"], precondition=lambda: None)
+    assert created and store.get(job.id).total == 1
