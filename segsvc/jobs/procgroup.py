@@ -9,6 +9,12 @@ next server start kills a group that outlived the server which started it
 a group is only killed when its leader is gone (Linux never hands out the id of
 a live process group to a new process) or is the very process that was started.
 
+Members whose parent dies are re-parented to the nearest child subreaper: the
+server itself when it runs as PID 1 of a container without an init. Their
+zombies keep the group id alive until someone reaps them, so whatever waits for
+a group to end reaps the group's exited members that are our children
+(``reap_group``), under any init.
+
 Example:
     >>> proc = GroupProcess.spawn(["sleep", "60"], log_path=Path("/tmp/sleep.log"))  # doctest: +SKIP
     >>> await proc.terminate(grace_s=10)  # SIGTERM to the group, SIGKILL after 10 s  # doctest: +SKIP
@@ -55,6 +61,21 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+def reap_group(pgid: int) -> None:
+    """Reap every exited member of group ``pgid`` that is our child (none: nothing to do).
+
+    Call it only once the group's leader, when it is our ``Popen``, has been reaped
+    (``poll()`` returned its code): else this could take the leader's exit status from it.
+    """
+    while True:
+        try:
+            pid, _ = os.waitpid(-pgid, os.WNOHANG)
+        except ChildProcessError:  # no child of ours is in the group
+            return
+        if pid == 0:  # children of ours are in it, all still running
+            return
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -63,23 +84,28 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 async def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
+    """Wait until no process of the group is left, reaping its zombies that are ours; False on timeout."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
-    while group_alive(pgid):
+    while True:
+        reap_group(pgid)
+        if not group_alive(pgid):
+            return True
         if loop.time() >= end:
             return False
         await asyncio.sleep(POLL_S)
-    return True
 
 
 async def terminate_group(pgid: int, grace_s: float, leader: subprocess.Popen | None = None) -> None:
     """SIGTERM to the group, then SIGKILL to whatever is left after ``grace_s``; returns once it is gone.
 
-    ``leader`` (our own child) is reaped on the way: a zombie leader keeps the group id alive.
+    ``leader`` (our own child) is reaped on the way, and then the members that were re-parented to us
+    (``reap_group``): zombies keep the group id alive.
     """
     def gone() -> bool:
         if leader is not None and leader.poll() is None:
             return False
+        reap_group(pgid)
         return not group_alive(pgid)
 
     if gone():
@@ -135,9 +161,13 @@ class GroupProcess:
         return cls(popen, process_start_time(popen.pid))
 
     async def wait(self) -> int:
-        """The exit code (negative: killed by that signal), polled so the event loop stays free."""
+        """The exit code (negative: killed by that signal), polled so the event loop stays free.
+
+        The members of the group that ended before the leader and were re-parented to us are reaped too.
+        """
         while (code := self.popen.poll()) is None:
             await asyncio.sleep(POLL_S * 4)
+        reap_group(self.pgid)
         return code
 
     async def terminate(self, grace_s: float) -> None:

@@ -51,7 +51,7 @@ from segsvc.jobs.procgroup import EventTail, GroupProcess, kill_stale_group
 from segsvc.jobs.runner import StoreRunner
 from segsvc.jobs.store import Job, JobStore
 from segsvc.jobs.trainspec import (
-    DatasetRegistry, TrainingConfig, TrainingRequest, eval_argv, resolve_submission, trainer_argv,
+    DatasetRegistry, TrainingConfig, TrainingRequest, check_can_train, eval_argv, resolve_submission, trainer_argv,
 )
 
 __all__ = ["KIND", "TrainingConfig", "TrainingRequest", "TrainingRunner"]
@@ -110,7 +110,8 @@ class TrainingRunner(StoreRunner):
         calls race (a client retrying while its first call is still in flight): the
         first to commit wins and the other gets its job, even if its own resolution
         differs (a default version moved in between). A different request under a
-        used ``request_id`` raises ``AlreadyExists``.
+        used ``request_id`` raises ``AlreadyExists``; a server whose environment lacks
+        the trainer's packages raises ``FailedPrecondition`` (``check_can_train``).
         """
 
         async def same_request() -> Job | None:
@@ -128,6 +129,7 @@ class TrainingRunner(StoreRunner):
             return existing
         if self.datasets is None:
             raise FailedPrecondition("this server has no dataset registry: training jobs are not available")
+        check_can_train(self.config)  # else the job would be accepted and its trainer die on import
         spec = await asyncio.to_thread(resolve_submission, request, self.datasets, self.manager.repository,
                                        self.config)
         try:

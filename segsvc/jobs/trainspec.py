@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from segsvc.errors import InvalidArgument, NotFound, SegsvcError
+from segsvc.errors import FailedPrecondition, InvalidArgument, NotFound, SegsvcError
 from segsvc.inference.repository import ModelRepository, parse_model_ref
 from segsvc.jobs.gate import POLICIES
 from segsvc.models.artifact import check_name
@@ -54,6 +55,8 @@ MAX_OVERRIDES = 100
 MAX_EPOCHS = 100_000  # also the cap a time budget sets, so that the time is the limit
 _RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
+# What `python -m training` imports that the server's own packages (deploy/requirements/serve.txt) lack.
+TRAINER_DEPENDENCIES = ("albumentations",)
 
 
 class DatasetRecord(Protocol):
@@ -283,6 +286,20 @@ def _record(datasets: DatasetRegistry, query: str) -> dict[str, Any]:
     record = datasets.get(query)
     return {"name": str(getattr(record, "name", query)), "sha256": str(record.sha256),
             "spec_path": str(Path(record.spec_path).resolve())}
+
+
+def check_can_train(config: TrainingConfig) -> None:
+    """Refuse training when the trainer would die on import here (a server image without its packages).
+
+    The packages are looked up (``importlib.util.find_spec``), never imported: the service does not import
+    the trainer. Only a trainer that runs with this interpreter (the default ``python``) can be checked.
+    """
+    if config.python != sys.executable:
+        return
+    for name in TRAINER_DEPENDENCIES:
+        if importlib.util.find_spec(name) is None:
+            raise FailedPrecondition(f"this server cannot train: the trainer's dependency {name} is not installed; "
+                                     "run training in the trainer image")
 
 
 def resolve_submission(request: TrainingRequest, datasets: DatasetRegistry, repository: ModelRepository,

@@ -70,6 +70,23 @@ def test_server_is_healthchecked_restarted_and_drained(compose: dict, name: str)
 
 
 @pytest.mark.parametrize("name", ["segsvc", "segsvc-cpu"])
+def test_server_runs_under_an_init_that_reaps_orphans(compose: dict, name: str) -> None:
+    """Without one the server is PID 1, and the orphaned workers of the job processes it stops are its zombies."""
+    assert compose["services"][name].get("init") is True
+
+
+@pytest.mark.parametrize("name", ["segsvc", "segsvc-cpu"])
+def test_server_image_does_not_take_training_jobs(compose: dict, name: str) -> None:
+    """--state-dir turns jobs on, training ones included (--max-training-jobs defaults to 1); the server
+    images install serve.txt only, which lacks the trainer's albumentations, so training must be off."""
+    server = compose["services"][name]
+    assert server["build"]["target"] in ("server", "cpu")
+    lines = (DEPLOY / "requirements" / "serve.txt").read_text().splitlines()
+    assert "albumentations" not in {line.split("==")[0].strip() for line in lines if not line.startswith("#")}
+    assert "--state-dir" in server["command"] and _flag(server["command"], "--max-training-jobs") == "0"
+
+
+@pytest.mark.parametrize("name", ["segsvc", "segsvc-cpu"])
 def test_model_repository_and_job_state_on_named_volumes(compose: dict, name: str) -> None:
     server = compose["services"][name]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in server["volumes"]}

@@ -167,6 +167,17 @@ def test_token_comes_from_a_mounted_secret_file(objects: list[Obj]) -> None:
     assert not volume["secret"].get("optional"), "no token Secret must mean no pod, not an open server"
 
 
+def test_server_pods_take_no_training_jobs(objects: list[Obj]) -> None:
+    """The server image lacks the trainer's packages (serve.txt): a `serve` with --state-dir (jobs on, training
+    too unless --max-training-jobs 0) would accept training jobs whose trainer dies on import."""
+    for obj in objects:
+        for where, pod in pod_specs(obj.doc):
+            for c in containers(pod):
+                args = c.get("args", [])
+                if args[:1] == ["serve"] and _flag(args, "--state-dir") is not None:
+                    assert _flag(args, "--max-training-jobs") == "0", f"{obj} {where}: {c['name']} would train"
+
+
 def test_metrics_are_reachable_for_scraping(objects: list[Obj]) -> None:
     deployment, _, container = _server(objects)
     assert _flag(container["args"], "--metrics-host") == "0.0.0.0"

@@ -172,3 +172,26 @@ def test_a_relative_state_dir_reaches_the_trainer_as_absolute_paths(tmp_path, mo
                            "cpu")
     for flag in ("--model", "--data", "--out"):
         assert Path(evaluation[evaluation.index(flag) + 1]).is_absolute(), (flag, evaluation)
+
+
+def test_a_server_without_the_trainer_s_dependencies_refuses_training_up_front(tmp_path, store, monkeypatch):
+    """The server images lack albumentations: a job it accepted would die on import in `python -m training`.
+    Looked up, never imported (the service does not import the trainer)."""
+    import importlib.util
+
+    from segsvc.errors import FailedPrecondition
+
+    real_find_spec = importlib.util.find_spec
+    looked_up: list[str] = []
+
+    def find_spec(name: str, *args, **kwargs):  # type: ignore[no-untyped-def]
+        looked_up.append(name)
+        return None if name == "albumentations" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    runner = _runner(tmp_path, store)
+    with pytest.raises(FailedPrecondition, match="this server cannot train: the trainer's dependency albumentations "
+                                                 "is not installed; run training in the trainer image"):
+        asyncio.run(runner.submit(REQUEST, "no-trainer"))
+    assert "albumentations" in looked_up
+    assert store.list() == []

@@ -1,0 +1,136 @@
+"""Process groups when the server is a child subreaper, as it is as PID 1 of a container without an init.
+
+A trainer's workers outlive it for a moment when the group is signalled; orphaned, they are re-parented
+to the nearest subreaper, i.e. the server, and stay zombies of the group until the server reaps them.
+``terminate_group`` must reap them rather than wait its 10 s group timeout (and leave them behind).
+The tests make this process a subreaper (``PR_SET_CHILD_SUBREAPER``) for their duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from segsvc.jobs.procgroup import GroupProcess, group_alive
+
+PR_SET_CHILD_SUBREAPER = 36
+PROMPT_S = 5.0  # a stop that reaps its zombies takes the grace (<= 0.5 s here) and a few polls; else >= 10 s
+
+# The trainer starts a worker (same group), writes the worker's pid, then sleeps; the worker is never reaped
+# by it. `stubborn` ignores SIGTERM (the runner SIGKILLs it after the grace), `plain` dies of it.
+TRAINER = ("import os, signal, subprocess, sys, time\n"
+           "if sys.argv[2] == 'stubborn': signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+           "worker = subprocess.Popen(['sleep', '600'])\n"
+           "with open(sys.argv[1] + '.tmp', 'w') as f: f.write(str(worker.pid))\n"
+           "os.replace(sys.argv[1] + '.tmp', sys.argv[1])\n"
+           "time.sleep(600)\n")
+
+
+@pytest.fixture
+def subreaper() -> Iterator[None]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        pytest.skip(f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}")
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+@pytest.fixture
+def spawned() -> Iterator[list[GroupProcess]]:
+    """The groups a test starts; whatever is left of them is killed and reaped afterwards."""
+    groups: list[GroupProcess] = []
+    yield groups
+    for proc in groups:
+        try:
+            os.killpg(proc.pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.popen.wait()
+        while True:
+            try:
+                os.waitpid(-proc.pgid, 0)
+            except ChildProcessError:
+                break
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter of ``pid`` (Z: zombie), None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:].split()[0]
+
+
+async def _until(condition, what: str, timeout_s: float = 60.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, f"{what}: not within {timeout_s} s"
+        await asyncio.sleep(0.02)
+
+
+async def _start(tmp_path: Path, mode: str, spawned: list[GroupProcess]) -> tuple[GroupProcess, int]:
+    pid_file = tmp_path / "worker.pid"
+    proc = GroupProcess.spawn([sys.executable, "-c", TRAINER, str(pid_file), mode], log_path=tmp_path / "log")
+    spawned.append(proc)
+    await _until(pid_file.exists, f"the trainer starting its worker (log: {tmp_path / 'log'})")
+    return proc, int(pid_file.read_text())
+
+
+def _no_child_left_in(pgid: int) -> bool:
+    try:
+        os.waitpid(-pgid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("mode, grace_s", [("stubborn", 0.5), ("plain", 30.0)],
+                         ids=["sigkill-after-the-grace", "exits-on-sigterm"])
+def test_terminate_reaps_the_orphaned_workers_a_subreaper_inherits(tmp_path, subreaper, spawned, mode, grace_s):
+    async def main() -> None:
+        proc, worker = await _start(tmp_path, mode, spawned)
+        started = time.monotonic()
+        await proc.terminate(grace_s=grace_s)
+        took = time.monotonic() - started
+        limit = (grace_s if mode == "stubborn" else 0) + PROMPT_S
+        assert took < limit, f"terminate took {took:.1f} s (limit {limit} s): it waited on zombies of the group"
+        assert not group_alive(proc.pgid)
+        assert _state(worker) is None, f"worker {worker} left behind in state {_state(worker)}"
+        assert _no_child_left_in(proc.pgid)
+        expected = -signal.SIGKILL if mode == "stubborn" else -signal.SIGTERM
+        assert proc.popen.returncode == expected  # the leader's own status, not stolen by the reaping
+
+    asyncio.run(main())
+
+
+def test_a_trainer_that_exits_leaves_no_zombie_worker(tmp_path, subreaper, spawned):
+    """Its worker dead but never reaped, the trainer exits: wait() returns its code and reaps the orphan."""
+    code = ("import os, subprocess, sys, time\n"
+            "worker = subprocess.Popen(['true'])\n"
+            "def state():\n"
+            "    stat = open(f'/proc/{worker.pid}/stat').read()\n"
+            "    return stat[stat.rfind(')') + 2:].split()[0]\n"
+            "while state() != 'Z': time.sleep(0.01)\n"
+            "print(worker.pid, flush=True)\n"
+            "os._exit(3)\n")
+
+    async def main() -> None:
+        proc = GroupProcess.spawn([sys.executable, "-c", code], log_path=tmp_path / "log")
+        spawned.append(proc)
+        assert await asyncio.wait_for(proc.wait(), 60) == 3
+        worker = int((tmp_path / "log").read_text())
+        assert _state(worker) is None, f"worker {worker} left behind in state {_state(worker)}"
+        assert not group_alive(proc.pgid) and _no_child_left_in(proc.pgid)
+
+    asyncio.run(main())
