@@ -19,6 +19,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+MAX_NUM_CLASSES = 65_536  # label maps are uint16 (segsvc.inference.predictor.labels_dtype): classes 0..65535
+
+
 def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(value or {}))
 
@@ -30,7 +33,7 @@ class ModelSpec:
     Args:
         arch: a name from ``segsvc.models.registry.MODELS`` (``fcn8s``, ``unet``,
             ``segnet``, ``smp/Unet``, ...).
-        num_classes: number of output channels ``K`` of the logits.
+        num_classes: number of output channels ``K`` of the logits, at most ``MAX_NUM_CLASSES``.
         in_channels: number of input channels ``C`` (3 for RGB, 1 for grayscale).
         params: keyword arguments of the architecture (widths, depth, encoder...).
 
@@ -49,6 +52,10 @@ class ModelSpec:
             raise ModelConfigError(f"model arch must be a non-empty string, got {self.arch!r}")
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise ModelConfigError(f"num_classes must be a positive integer, got {self.num_classes!r}")
+        if self.num_classes > MAX_NUM_CLASSES:
+            raise ModelConfigError(
+                f"num_classes must be at most {MAX_NUM_CLASSES} (labels are uint16), got {self.num_classes}"
+            )
         if not isinstance(self.in_channels, int) or self.in_channels < 1:
             raise ModelConfigError(f"in_channels must be a positive integer, got {self.in_channels!r}")
         if not isinstance(self.params, Mapping):
@@ -138,6 +145,13 @@ class InputSpec:
 
 # Limits shared by the manifest's inference defaults and per-request options.
 MIN_TILE_SIZE = 16
+# The manifest's geometry is checked before a model loads: warm-up and the memory probe run a pass padded to
+# min_input_size and stride, so an unbounded value would allocate without limit. The largest real values are far
+# below these (output stride 32, PAN's minimum of 256); a pass padded to MAX_MIN_INPUT_SIZE (16.8M px) stays under the
+# default largest image and forward pass (segsvc.inference.codec.DEFAULT_MAX_PIXELS, 64M px).
+MAX_INPUT_STRIDE = 1024
+MAX_MIN_INPUT_SIZE = 4096
+MAX_TILE_SIZE = 16384  # a tile is clipped to the image, so this only rejects values no model means
 MAX_TILE_OVERLAP = 0.75  # tile stride >= a quarter tile: at most 16 passes per pixel
 MAX_INFERENCE_SCALE = 8.0
 MAX_INPUT_SHIFT = 2.0  # px: a larger label offset is a misregistered data set, not annotation style
@@ -162,9 +176,10 @@ class InferenceSpec:
         scale: resize factor of the image before the network (0.5: CamVid recipes).
         interpolation: how the image is resized: ``auto`` (area when shrinking,
             linear when enlarging), ``area`` or ``linear``.
-        stride: pad H and W to a multiple of this; ``None`` (old manifests): the model's own.
-        min_input_size: pad H and W to at least this; ``None``: the model's own.
-        tile_size: default sliding-window tile side; 0: whole images.
+        stride: pad H and W to a multiple of this (at most ``MAX_INPUT_STRIDE``); ``None`` (old
+            manifests): the model's own.
+        min_input_size: pad H and W to at least this (at most ``MAX_MIN_INPUT_SIZE``); ``None``: the model's own.
+        tile_size: default sliding-window tile side (at most ``MAX_TILE_SIZE``); 0: whole images.
         tile_overlap: default fraction of a tile shared with its neighbour.
         flip_tta: default horizontal-flip test-time augmentation.
         backend: what runs the network by default: ``torch`` (eager) or
@@ -217,15 +232,19 @@ class InferenceSpec:
             raise ModelConfigError(
                 f"inference interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
             )
-        for name in ("stride", "min_input_size"):
+        for name, limit in (("stride", MAX_INPUT_STRIDE), ("min_input_size", MAX_MIN_INPUT_SIZE)):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise ModelConfigError(f"inference {name} must be a positive integer or null, got {value!r}")
+            if value is not None and value > limit:
+                raise ModelConfigError(f"inference {name} must be at most {limit}, got {value!r}")
         if not _is_int(self.tile_size) or (self.tile_size != 0 and self.tile_size < MIN_TILE_SIZE):
             raise ModelConfigError(
                 f"inference tile_size must be 0 (no tiling) or an integer of at least {MIN_TILE_SIZE}, "
                 f"got {self.tile_size!r}"
             )
+        if self.tile_size > MAX_TILE_SIZE:
+            raise ModelConfigError(f"inference tile_size must be at most {MAX_TILE_SIZE}, got {self.tile_size!r}")
         if not 0.0 <= overlap <= MAX_TILE_OVERLAP:
             raise ModelConfigError(
                 f"inference tile_overlap must be in [0, {MAX_TILE_OVERLAP}], got {self.tile_overlap!r}"

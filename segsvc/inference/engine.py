@@ -29,7 +29,7 @@ from typing import Hashable
 import numpy as np
 import torch
 
-from segsvc.config import MIN_TILE_SIZE, InferenceSpec
+from segsvc.config import MAX_TILE_SIZE, MIN_TILE_SIZE, InferenceSpec
 from segsvc.errors import InvalidArgument
 from segsvc.inference.admission import MAX_TILE_OVERLAP, Cost, estimate
 from segsvc.inference.argmax import class_argmax
@@ -64,7 +64,7 @@ class InferenceOptions:
 
     Args:
         tile_size: side of sliding-window tiles in pixels of the network's input
-            (after the manifest's scale); 0 disables tiling.
+            (after the manifest's scale), 16 to 16384; 0 disables tiling.
         tile_overlap: fraction of a tile shared with its neighbour, in [0, 0.75]
             (the tile stride is at least a quarter tile, bounding passes per pixel).
         flip_tta: average with the horizontally mirrored image's logits.
@@ -79,8 +79,9 @@ class InferenceOptions:
     class_counts: bool = False
 
     def __post_init__(self) -> None:
-        if self.tile_size is not None and self.tile_size != 0 and self.tile_size < MIN_TILE_SIZE:
-            raise InvalidArgument(f"tile_size must be 0 (no tiling) or at least {MIN_TILE_SIZE}, got {self.tile_size}")
+        if self.tile_size is not None and self.tile_size != 0 and not MIN_TILE_SIZE <= self.tile_size <= MAX_TILE_SIZE:
+            raise InvalidArgument(f"tile_size must be 0 (no tiling) or from {MIN_TILE_SIZE} to {MAX_TILE_SIZE}, "
+                                  f"got {self.tile_size}")
         if self.tile_overlap is not None and not 0.0 <= self.tile_overlap <= MAX_TILE_OVERLAP:
             raise InvalidArgument(f"tile_overlap must be a fraction in [0, {MAX_TILE_OVERLAP}], got {self.tile_overlap}")
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,13 +53,28 @@ Fingerprint = tuple[tuple[str, int, int], ...]
 
 
 def parse_model_ref(ref: str) -> tuple[str, int | None]:
-    """``"name"`` -> (name, None); ``"name:3"`` -> (name, 3)."""
+    """``"name"`` -> (name, None); ``"name:3"`` -> (name, 3). The version is spelt as version directories are:
+    ASCII digits without leading zeros (``str.isdigit`` would take ``"²"`` and ``"٣"``)."""
     name, sep, version = ref.partition(":")
     if not sep:
         return check_name(name), None
-    if not version.isdigit() or int(version) < 1:
+    if not _VERSION_NAME.fullmatch(version):
         raise InvalidArgument(f"model reference {ref!r}: the version after ':' must be a positive integer")
     return check_name(name), int(version)
+
+
+def _odd_entry(name: str, mode: int) -> str:
+    """Why a version whose entry ``name`` (of ``st_mode`` ``mode``) is no version, or "" when the entry is fine.
+
+    The manifest must be a regular file; no entry may be a FIFO, socket or device, whose reading blocks or
+    never ends (``stat`` of a FIFO says 0 bytes, so a size check does not catch it).
+    """
+    if stat.S_ISREG(mode) or (stat.S_ISDIR(mode) and name != MANIFEST_FILE):
+        return ""
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "not a regular file")
+    return f"{name} is {kind}, not a regular file"
 
 
 @dataclass(frozen=True)
@@ -216,8 +232,10 @@ class ModelRepository:
                 st = entry.stat() if inside else entry.lstat()
             except OSError:  # a dangling symlink inside the root, or deleted since listdir
                 fingerprint.append((entry_name, -1, 0))
-            else:
-                fingerprint.append((entry_name, st.st_size, st.st_mtime_ns))
+                continue
+            if inside and (odd := _odd_entry(entry_name, st.st_mode)):
+                return odd  # never counted: reading it would block (a FIFO) or fail
+            fingerprint.append((entry_name, st.st_size, st.st_mtime_ns))
         return VersionEntry(version, problem, tuple(fingerprint))
 
     def scan_all(self) -> dict[str, list[VersionEntry]]:

@@ -280,11 +280,29 @@ def hflip_tta_logits(logits_fn: LogitsFn, images: torch.Tensor, should_stop: Sto
 
 
 def rescale(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``[N, C, H, W]`` resized to ``size`` bilinearly (antialiased when shrinking); unchanged when it matches."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    """``[N, C, H, W]`` resized to ``size`` bilinearly (antialiased when shrinking); unchanged when it matches.
+
+    torch's antialiased kernel is wrong when a side of the output is 1 (it averages a 64x1 column into one
+    value), so a side that is 1 before and after is widened to 2 for the resize (2 -> 2 is the identity) and
+    any other side of 1 is resized without the antialias. Images with no side of 1 take the plain path.
+
+    Example:
+        >>> column = torch.arange(8.0).view(1, 1, 8, 1)
+        >>> torch.equal(rescale(column, (4, 1)), rescale(column.expand(1, 1, 8, 2), (4, 2))[..., :1])
+        True
+    """
+    in_size, out_size = tuple(x.shape[-2:]), tuple(size)
+    if in_size == out_size:
         return x
-    shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
+    shrink = out_size[0] < in_size[0] or out_size[1] < in_size[1]
+    if not shrink or min(*in_size, *out_size) > 1:
+        return F.interpolate(x, size=out_size, mode="bilinear", align_corners=False, antialias=shrink)
+    keep = tuple(n == 1 and m == 1 for n, m in zip(in_size, out_size))
+    wide = x.expand(*x.shape[:-2], *(2 if k else n for k, n in zip(keep, in_size)))
+    target = tuple(2 if k else m for k, m in zip(keep, out_size))
+    antialias = min(*wide.shape[-2:], *target) > 1
+    out = F.interpolate(wide, size=target, mode="bilinear", align_corners=False, antialias=antialias)
+    return out[..., : out_size[0], : out_size[1]].contiguous()
 
 
 def multiscale_tta_logits(

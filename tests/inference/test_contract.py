@@ -75,6 +75,9 @@ def engine_of(version_dir) -> Engine:
         ({"min_input_size": 2.5}, "inference min_input_size must be a positive integer or null, got 2.5"),
         ({"tile_size": 8}, "inference tile_size must be 0 (no tiling) or an integer of at least 16, got 8"),
         ({"tile_size": 32.0}, "inference tile_size must be 0 (no tiling) or an integer of at least 16, got 32.0"),
+        ({"stride": 100_000}, "inference stride must be at most 1024, got 100000"),
+        ({"min_input_size": 100_000}, "inference min_input_size must be at most 4096, got 100000"),
+        ({"tile_size": 10**9}, "inference tile_size must be at most 16384, got 1000000000"),
         ({"tile_overlap": 0.8}, "inference tile_overlap must be in [0, 0.75], got 0.8"),
         ({"tile_overlap": -0.1}, "inference tile_overlap must be in [0, 0.75], got -0.1"),
         ({"flip_tta": "yes"}, "inference flip_tta must be true or false, got 'yes'"),
@@ -179,6 +182,23 @@ def test_a_manifest_with_a_bad_contract_is_an_artifact_error(repo, tmp_path):
         else:
             with pytest.raises(ArtifactError, match=message):
                 Predictor(model, m)
+
+
+def test_a_manifest_whose_geometry_would_allocate_without_bound_is_refused_when_read(repo, tmp_path):
+    """Warm-up and the memory probe run a pass padded to min_input_size: 100000 would be 112 GiB at load."""
+    _, full, _ = repo
+    assert InferenceSpec(stride=1024, min_input_size=4096, tile_size=16384).min_input_size == 4096  # the limits
+    for field, value, limit in (("stride", 4096, 1024), ("min_input_size", 100_000, 4096),
+                                ("tile_size", 10**9, 16384)):
+        bad = tmp_path / field / "1"
+        bad.mkdir(parents=True)
+        for name in ("weights.safetensors", MANIFEST_FILE):
+            (bad / name).write_bytes((full / name).read_bytes())
+        data = json.loads((bad / MANIFEST_FILE).read_text())
+        data.update(name=field.replace("_", "-"), inference={**data["inference"], field: value})
+        (bad / MANIFEST_FILE).write_text(json.dumps(data))
+        with pytest.raises(ArtifactError, match=f"inference {field} must be at most {limit}, got {value}"):
+            read_manifest(bad)
 
 
 # -- applying it -------------------------------------------------------------------------

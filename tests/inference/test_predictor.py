@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from segsvc.config import ModelSpec
-from segsvc.errors import InvalidImage
-from segsvc.inference.predictor import Predictor, pad_to_multiple, padded_size
+from segsvc.errors import InvalidImage, ModelConfigError
+from segsvc.inference.predictor import Predictor, labels_dtype, pad_to_multiple, padded_size
 from segsvc.models import build_model
 from segsvc.models.artifact import load_artifact, save_artifact
 
@@ -20,6 +20,18 @@ def test_pad_to_multiple_keeps_content_and_reports_size() -> None:
     assert padded.shape == (2, 3, 48, 64) and size == (37, 51)
     assert torch.equal(padded[:, :, :37, :51], x)
     assert padded[:, :, 37:].abs().sum() == 0
+
+
+def test_a_model_spec_has_at_most_as_many_classes_as_uint16_labels_hold() -> None:
+    """Class 65536 of a 70000-class model would be written as label 0: such a spec is refused when it is built."""
+    assert ModelSpec("unet", 65_536).num_classes == 65_536 and labels_dtype(65_536) == np.uint16
+    assert labels_dtype(256) == np.uint8 and labels_dtype(257) == np.uint16
+    with pytest.raises(ModelConfigError, match=r"num_classes must be at most 65536 \(labels are uint16\), got 70000"):
+        ModelSpec("unet", 70_000)
+    with pytest.raises(ModelConfigError, match="num_classes must be at most 65536"):
+        ModelSpec.from_dict({"arch": "unet", "num_classes": 65_537})
+    with pytest.raises(ModelConfigError, match="num_classes must be at most 65536"):
+        labels_dtype(65_537)
 
 
 @pytest.fixture

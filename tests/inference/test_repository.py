@@ -7,15 +7,17 @@ import asyncio
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
-from segsvc.errors import ArtifactError, PathOutsideRoot, UnknownModel, UnknownVersion
+from segsvc.errors import ArtifactError, InvalidArgument, PathOutsideRoot, UnknownModel, UnknownVersion
 from segsvc.inference.batcher import BatchingConfig
 from segsvc.inference.engine import EngineConfig
 from segsvc.inference.manager import ManagerConfig, ModelManager, VersionState
-from segsvc.inference.repository import ModelRepository, Skipped
+from segsvc.inference.repository import ModelRepository, Skipped, parse_model_ref
 from segsvc.models.artifact import MANIFEST_FILE, WEIGHTS_FILE
 from tests.server.conftest import publish
 
@@ -47,6 +49,20 @@ def run_with(root: Path, body):
         finally:
             await manager.stop()
     return asyncio.run(main())
+
+
+# -- model references -------------------------------------------------------------------
+@pytest.mark.parametrize("ref", ["m:\u00b2", "m:\u0663", "m:\uff13", "m:0", "m:07", "m:+7", "m: 7", "m:", "m:7x",
+                                 "m:1234567890123456789"])
+def test_a_version_that_is_not_ascii_digits_is_an_invalid_argument(ref):
+    """str.isdigit takes "²" (int() then raises ValueError: INTERNAL over gRPC) and "٣" (read as version 3)."""
+    with pytest.raises(InvalidArgument, match="the version after ':' must be a positive integer"):
+        parse_model_ref(ref)
+
+
+def test_a_model_reference_with_or_without_a_version():
+    assert parse_model_ref("m") == ("m", None)
+    assert parse_model_ref("m:3") == ("m", 3) and parse_model_ref("m:10") == ("m", 10)
 
 
 # -- scanning -------------------------------------------------------------------------
@@ -148,6 +164,79 @@ def test_the_fingerprint_changes_when_a_file_arrives_or_grows(repo):
         f.write(weights[10:])
     complete = repository.scan("good")[0].fingerprint
     assert len({before, without, partial, complete}) == 4
+
+
+def finishes(fn: Callable[[], Any], fifos: tuple[Path, ...], timeout: float = 60.0) -> Any:
+    """``fn()`` on a thread: still blocked after ``timeout`` (reading a FIFO), the test fails rather than hangs."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001  (re-raised on the test's thread)
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        for fifo in fifos:  # a writer that goes away at once: the blocked reader sees end of file
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+        thread.join(10)
+        pytest.fail(f"still blocked after {timeout:.0f} s: a FIFO in a version directory was read")
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def test_a_version_whose_manifest_or_weights_is_a_fifo_is_skipped_without_reading_it(repo, tmp_path):
+    """Reading a FIFO blocks until something writes to it (its st_size is 0): such a version is no version."""
+    fifos = []
+    for version, name in ((2, MANIFEST_FILE), (4, WEIGHTS_FILE)):
+        v = repo / "good" / str(version)
+        v.mkdir()
+        os.mkfifo(v / name)
+        fifos.append(v / name)
+    staged = publish(tmp_path / "staging", "good", seed=12, version=4)
+    shutil.copy(staged / MANIFEST_FILE, repo / "good" / "4" / MANIFEST_FILE)
+    os.mkfifo(repo / ".pipe")  # version 3's manifest: a symlink inside the root, to a FIFO
+    fifos.append(repo / ".pipe")
+    (repo / "good" / "3").mkdir()
+    (repo / "good" / "3" / MANIFEST_FILE).symlink_to(repo / ".pipe")
+    repository = ModelRepository(repo)
+
+    def scan_and_load():
+        return (repository.list_models(), repository.resolve_version("good"), repository.load("good")[1].version,
+                {s.path: s.reason for s in repository.skipped})
+
+    models, default, loaded, skipped = finishes(scan_and_load, tuple(fifos))
+    assert models == {"good": [1]} and default == 1 and loaded == 1
+    assert skipped == {"good/2": "manifest.json is a FIFO, not a regular file",
+                       "good/3": "manifest.json is a FIFO, not a regular file",
+                       "good/4": "weights.safetensors is a FIFO, not a regular file"}
+    with pytest.raises(UnknownVersion, match=r"has no version 2; versions: \[1\]"):
+        finishes(lambda: repository.read_manifest("good", 2), tuple(fifos))
+
+
+def test_a_manifest_that_is_a_directory_is_skipped(repo):
+    (repo / "good" / "2" / MANIFEST_FILE).mkdir(parents=True)
+    repository = ModelRepository(repo)
+    assert repository.versions("good") == [1]
+    assert Skipped("good/2", "manifest.json is a directory, not a regular file") in repository.skipped
+
+
+def test_the_manager_starts_and_serves_beside_a_version_whose_manifest_is_a_fifo(repo):
+    (repo / "good" / "2").mkdir()
+    os.mkfifo(repo / "good" / "2" / MANIFEST_FILE)
+
+    async def body(manager: ModelManager):
+        return manager.ready, manager.resolve("good", None).version, manager.failed_versions()
+
+    ready, served, failed = finishes(lambda: run_with(repo, body), (repo / "good" / "2" / MANIFEST_FILE,))
+    assert ready and served == 1 and failed == []
 
 
 # -- the manager ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from segsvc.inference.tiling import (
     hflip_tta_logits,
     make_logits_fn,
     multiscale_tta_logits,
+    rescale,
     sliding_window_logits,
     tile_starts,
 )
@@ -85,6 +86,34 @@ def test_multiscale_tta_is_the_mean_of_the_passes_resized_back():
     torch.testing.assert_close(out, torch.full_like(out, (6 + 12 + 18) / 3))
     x = torch.randn(1, 3, 16, 20)
     torch.testing.assert_close(multiscale_tta_logits(pointwise, x, (1.0,)), pointwise(x))
+
+
+@pytest.mark.parametrize("shape", [(64, 1), (1, 64)])
+def test_multiscale_tta_keeps_the_edge_of_an_image_one_pixel_thin(shape):
+    """torch's antialiased shrink averages a 64x1 column into one value; TTA must not turn the step into one class."""
+    step = torch.zeros(1, 1, 64).index_fill_(-1, torch.arange(20, 64), 1.0).view(1, 1, *shape) * 2 - 1
+
+    def bright_is_class_0(batch: torch.Tensor) -> torch.Tensor:
+        return torch.cat([batch, -batch], 1)
+
+    labels = multiscale_tta_logits(bright_is_class_0, step, (0.5, 1.0, 1.5)).argmax(1).flatten()
+    assert labels.tolist() == [1] * 20 + [0] * 44
+
+
+@pytest.mark.parametrize("size, to", [((64, 1), (32, 1)), ((1, 64), (1, 21)), ((96, 2), (64, 1)), ((2, 96), (1, 64))])
+def test_rescale_of_a_thin_image_only_spreads_a_pixel_to_its_neighbours(size, to):
+    x = torch.zeros(2, 3, *size)
+    x[..., 0, 0] = 1.0  # one bright pixel at the start of the long side
+    out = rescale(x, to).flatten(-2)
+    assert out.shape == (2, 3, max(to)) and out[..., 0].gt(0).all()
+    assert out[..., 3:].eq(0).all()
+
+
+def test_rescale_keeps_the_antialiased_path_for_ordinary_images():
+    x = torch.rand(1, 3, 40, 30, generator=torch.Generator().manual_seed(1))
+    expected = torch.nn.functional.interpolate(x, size=(20, 15), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.equal(rescale(x, (20, 15)), expected)
+    assert rescale(x, (40, 30)) is x
 
 
 def test_multiscale_tta_stops_between_scales_once_every_caller_has_gone():

@@ -65,7 +65,9 @@ def test_bad_images_are_invalid_argument(stub, request_kwargs, kind, words):
 @pytest.mark.parametrize(
     "options, words",
     [
-        (pb.SegmentOptions(tiling=pb.TilingOptions(tile_size=5)), "tile_size must be 0 (no tiling) or at least 16"),
+        (pb.SegmentOptions(tiling=pb.TilingOptions(tile_size=5)), "tile_size must be 0 (no tiling) or from 16 to 16384"),
+        # the manifest's bound, worded for the request (it read "inference tile_size must be at most 16384")
+        (pb.SegmentOptions(tiling=pb.TilingOptions(tile_size=20_000)), "tile_size must be 0 (no tiling) or from 16"),
         (pb.SegmentOptions(tiling=pb.TilingOptions(tile_size=32, overlap=1.5)), "overlap must be a fraction"),
         (pb.SegmentOptions(encoding=99), "options.encoding 99"),
         (pb.SegmentOptions(overlay_alpha=2.0), "overlay_alpha must be in (0, 1]"),
