@@ -15,5 +15,5 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="override a recipe value by its dotted key (repeatable), e.g. --set train.epochs=3",
     )
     parser.add_argument("--profile", default=None, help="apply a named profile of the recipe first, e.g. gpu")
-    parser.add_argument("--resume", default=None, help="a run directory or checkpoint file to continue exactly")
+    parser.add_argument("--resume", default=None, help="a run directory (or <run>/checkpoints/<name>.pt) to continue exactly")
     return parser

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ class RunState:
         epochs_since_best: validations since the best one (early stopping).
         history: one metrics row per finished epoch (``metrics.jsonl``).
         elapsed_s: training and validation time so far, summed over resumptions.
+        run_id: identifies the run across resumptions (a new one per fresh run); the published
+            manifest records it, so a resume can tell whether it already published (``training.rundir``).
 
     Example:
         >>> RunState.from_dict(RunState(epoch=2, best_score=0.5).to_dict()).epoch
@@ -54,6 +57,7 @@ class RunState:
     epochs_since_best: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def best_miou(self) -> float | None:
@@ -72,12 +76,14 @@ class RunState:
     def from_dict(cls, state: dict[str, Any]) -> "RunState":
         """The fields of a checkpoint (other keys, such as the tensors, are ignored)."""
         try:
+            history = [dict(row) for row in state["history"]]
             return cls(
                 epoch=int(state["epoch"]),
                 best_score=float(state["best_score"]),
                 epochs_since_best=int(state["epochs_since_best"]),
-                history=[dict(row) for row in state["history"]],
+                history=history,
                 elapsed_s=float(state["elapsed_s"]),
+                run_id=str(state.get("run_id") or uuid.uuid4().hex),  # older checkpoints: one from now on
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint lacks a valid run state: {exc!r}") from None

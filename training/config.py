@@ -4,14 +4,17 @@ A recipe is a YAML mapping whose sections mirror the dataclasses below. They
 are pydantic dataclasses, so every key is checked when a recipe is built: an
 unknown key is an error naming its dotted path (``train.epocs: unknown key``),
 and a value of the wrong type names the key and the expected type
-(``data.crop: expected 2 integers, got [64]``). Overrides use dotted keys and
-YAML values (``--set train.epochs=3 --set model.params.base_channels=16``).
+(``data.crop: expected 2 integers, got [64]``); a value out of its range names
+the key and the range (``train.accumulate_steps must be >= 1, got 0``).
+Overrides use dotted keys and YAML values
+(``--set train.epochs=3 --set model.params.base_channels=16``).
 Named ``profiles`` in a recipe (``gpu``) are sets of such overrides, applied
 before the command line's.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import field
 from pathlib import Path
 from types import MappingProxyType
@@ -53,6 +56,18 @@ FrozenMapping = Annotated[
     PlainSerializer(lambda value: dict(value)),
 ]
 _SECTION = ConfigDict(extra="forbid")
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    """Refuse a value out of range: ``train.epochs must be >= 1, got 0`` (``build_dataclass`` keeps the key once)."""
+    if not ok:
+        shown = [float(v) for v in value] if isinstance(value, tuple) else value
+        raise ValueError(f"{key} must be {rule}, got {shown}")
+
+
+def _at_least(section: str, minimum: float, **values: Any) -> None:
+    for name, value in values.items():
+        _require(value >= minimum, f"{section}.{name}", f">= {minimum}", value)
 
 
 IntPair = fixed_length(tuple[Int, Int], 2, "integers")
@@ -131,6 +146,10 @@ class DataConfig:
     register: Str | None = None
 
     def __post_init__(self) -> None:
+        lo, hi = self.scale
+        _require(0.0 < lo <= hi and math.isfinite(hi), "data.scale", "[lo, hi] with 0 < lo <= hi", self.scale)
+        _at_least("data", 0, workers=self.workers)
+        _at_least("data", 1, repeat=self.repeat)
         if not 0.0 <= self.class_uniform <= 1.0:
             raise ValueError(f"data.class_uniform is a fraction of the crops in [0, 1], got {self.class_uniform}")
         if self.class_uniform and self.crop is None:
@@ -183,6 +202,10 @@ class LossConfig:
     ohem_keep: Float = 0.25
 
     def __post_init__(self) -> None:
+        if not self.terms:
+            raise ValueError("loss.terms must list at least one term, e.g. [{name: ce}]")
+        _require(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing", "in [0, 1)", self.label_smoothing)
+        _at_least("loss", 0, focal_gamma=self.focal_gamma)
         uses_border, border = any(term.name == "weighted_ce" for term in self.terms), self.border_weight
         if uses_border and border is None:
             raise ValueError("the weighted_ce term needs border_weight (e.g. {cell_class: 1, w0: 10, sigma: 5})")
@@ -201,6 +224,11 @@ class OptimConfig:
     weight_decay: Float = 1e-4
     momentum: Float = 0.9
     nesterov: Bool = False
+
+    def __post_init__(self) -> None:
+        # lr 0 stays allowed: a control run whose weights never move (a deliberately bad candidate)
+        _require(0.0 <= self.lr < math.inf, "optim.lr", ">= 0", self.lr)
+        _at_least("optim", 0, weight_decay=self.weight_decay, momentum=self.momentum)
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -221,6 +249,12 @@ class ScheduleConfig:
     warmup_factor: Float = 0.001
     power: Float = 0.9
     min_lr_ratio: Float = 0.0
+
+    def __post_init__(self) -> None:
+        _at_least("schedule", 0, warmup_epochs=self.warmup_epochs)
+        _require(0.0 < self.warmup_factor <= 1.0, "schedule.warmup_factor", "in (0, 1]", self.warmup_factor)
+        _require(self.power > 0.0, "schedule.power", "> 0", self.power)
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -253,6 +287,16 @@ class LoopConfig:
     progress: Bool = True
 
     def __post_init__(self) -> None:
+        _at_least("train", 1, epochs=self.epochs, batch_size=self.batch_size, val_batch_size=self.val_batch_size,
+                  accumulate_steps=self.accumulate_steps, val_every_epochs=self.val_every_epochs)
+        _at_least("train", 0, seed=self.seed)
+        _require(self.threads is None or self.threads >= 1, "train.threads", ">= 1 or null", self.threads)
+        t = self.max_time_min
+        _require(t is None or 0.0 < t < math.inf, "train.max_time_min", "> 0 or null", t)
+        p = self.early_stopping_patience
+        _require(p is None or p >= 0, "train.early_stopping_patience", ">= 0 or null", p)
+        c = self.grad_clip_norm
+        _require(c is None or 0.0 < c < math.inf, "train.grad_clip_norm", "> 0 or null", c)
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must lie in (0, 1), got {self.ema_decay}")
 
@@ -266,6 +310,9 @@ class OutputConfig:
     repo: Str = "runs/model_repository"
     model_name: Str | None = None
     samples_in_report: Int = 3
+
+    def __post_init__(self) -> None:
+        _at_least("output", 0, samples_in_report=self.samples_in_report)
 
 
 @dataclass(frozen=True, config=_SECTION)
@@ -297,10 +344,16 @@ def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
     try:
         return TypeAdapter(cls).validate_python(data)
     except ValidationError as exc:
-        lines = explain(exc, cls)
+        lines = [_drop_repeated_key(line) for line in explain(exc, cls)]
         if prefix:
             lines = [f"{prefix}.{line}" for line in lines]
         raise ConfigError("; ".join(lines)) from None
+
+
+def _drop_repeated_key(line: str) -> str:
+    """``train: train.epochs must be >= 1`` -> ``train.epochs must be >= 1`` (a section's check names its key)."""
+    key, sep, problem = line.partition(": ")
+    return problem if sep and problem.startswith(f"{key}.") else line
 
 
 # -- overrides ---------------------------------------------------------------------
@@ -322,21 +375,38 @@ def load_config(
     """Read a recipe, apply a profile's and then the command line's overrides, and check it all."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"recipe {str(path)!r} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:  # a directory, no permission, an I/O error
+        raise ConfigError(f"recipe {str(path)!r} cannot be read: {exc.strerror or type(exc).__name__}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping")
     raw.setdefault("name", path.stem)
+    profiles = raw.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"profiles must be a mapping of profile names to overrides, got {profiles!r:.80}")
     pairs: list[tuple[str, Any]] = []
     if profile is not None:
-        profiles = raw.get("profiles") or {}
         if profile not in profiles:
-            raise ConfigError(f"recipe {path.stem!r} has no profile {profile!r}; it has: {sorted(profiles)}")
-        pairs += list(profiles[profile].items())
+            raise ConfigError(f"recipe {path.stem!r} has no profile {profile!r}; it has: {sorted(map(str, profiles))}")
+        pairs += _profile_overrides(profile, profiles[profile])
     pairs += [parse_override(text) for text in overrides]
     for key, value in pairs:
         apply_override(raw, key, value)
     return build_dataclass(TrainConfig, raw)
+
+
+def _profile_overrides(name: str, overrides: Any) -> list[tuple[str, Any]]:
+    """A profile's ``{dotted.key: value}`` pairs, each key checked as a command-line override's would be."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"profiles.{name} must be a mapping of dotted keys to values (e.g. {{train.epochs: 1}}), "
+                          f"got {overrides!r:.80}")
+    for key in overrides:
+        if not isinstance(key, str) or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"profiles.{name}: key {key!r:.80} is not a dotted key such as train.epochs")
+    return list(overrides.items())

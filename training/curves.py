@@ -11,8 +11,9 @@ they used (on a GPU it is only the host's share). The trainer records
 ``cpu_minutes`` (cumulative) and ``cpu_threads`` in every row
 (``cpu_time_row``). Older runs do not: their CPU-minutes are ``elapsed_s``
 times the recipe's ``train.threads`` (``config.yaml``) times the world size
-(``events.jsonl``), or, when the recipe left the threads to torch, times this
-machine's torch thread count, an assumption the legend and the CSV say.
+(``events.jsonl``), or, when the recipe left the threads to torch, times
+``--threads`` (at least 1) or else this machine's torch thread count, an
+assumption the legend (which of the two) and the CSV say.
 One line per run, labelled by its path under ``DIR`` and its recipe, in one
 panel per dataset (``data.spec`` of the run's config: a membrane mIoU is not
 a CamVid mIoU); every line of a panel has its own colour and dash pattern.
@@ -79,6 +80,7 @@ class RunCurve:
     recipe: str
     points: list[CurvePoint] = field(default_factory=list)
     dataset: str = ""
+    threads_given: bool = False  # the assumed count came from ``--threads`` (not this machine's torch default)
 
     @property
     def label(self) -> str:
@@ -87,7 +89,12 @@ class RunCurve:
         fallback = {p.source for p in self.points} - {"recorded"}
         if fallback:
             threads = sorted({p.cpu_threads for p in self.points if p.source != "recorded"})
-            how = "assumed: torch's default here" if "assumed threads" in fallback else "from config.yaml"
+            if "assumed threads" not in fallback:
+                how = "from config.yaml"
+            elif self.threads_given:
+                how = f"assumed: --threads {'/'.join(map(str, threads))}"
+            else:
+                how = "assumed: torch's default here"
             plural = "s" if threads != [1] else ""
             text += f" (wall × {'/'.join(map(str, threads))} thread{plural}, {how})"
         return text
@@ -164,7 +171,8 @@ def read_run(run_dir: Path, root: Path, default_threads: int | None = None) -> R
         else:
             continue  # neither CPU nor wall time: nothing to place it at
         points.append(point)
-    return RunCurve(name or run_dir.name, settings.recipe, points, settings.dataset)
+    given = default_threads is not None and not settings.threads
+    return RunCurve(name or run_dir.name, settings.recipe, points, settings.dataset, given)
 
 
 def collect(root: Path, default_threads: int | None = None) -> list[RunCurve]:
@@ -254,9 +262,12 @@ def write_curves(root: Path, png: Path, title: str = "", default_threads: int | 
     """Every validated run under ``root``: ``png`` and the CSV beside it (``png`` with ``.csv``).
 
     Raises:
-        InvalidArgument: ``png`` does not end in ``.png`` (checked before anything is read or written).
+        InvalidArgument: ``png`` does not end in ``.png``, or ``default_threads`` is below 1 (checked
+            before anything is read or written).
         NotFound: ``root`` is not a directory or holds no validated run.
     """
+    if default_threads is not None and default_threads < 1:  # would plot negative CPU-minutes
+        raise InvalidArgument(f"--threads must be at least 1, got {default_threads}")
     if png.suffix.lower() != ".png":  # else the CSV would be written and the picture refused, or take its name
         raise InvalidArgument(f"{png}: the curves picture is a PNG, its name must end in .png "
                               "(the CSV goes beside it)")

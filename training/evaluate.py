@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--indices START STOP needs 0 <= START < STOP, got {args.indices[0]} {args.indices[1]}")
     if args.limit is not None and args.limit < 1:
         raise InvalidArgument(f"--limit must be at least 1, got {args.limit}")
+    if args.samples < 0:
+        raise InvalidArgument(f"--samples must be at least 0, got {args.samples}")
     device = str(resolve_device(args.device))  # auto: cuda when available; a bad name is a clear error
     if args.threads is not None:
         torch.set_num_threads(args.threads)

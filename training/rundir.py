@@ -4,7 +4,11 @@ The run directory holds ``config.yaml``, ``metrics.jsonl`` (one line per
 epoch), ``training_curve.png``, ``checkpoints/last.pt`` (everything needed to
 resume, rewritten every epoch) and ``checkpoints/best.pt`` (the weights with the
 best validation mIoU). At the end those best weights are published as a
-safetensors artifact carrying their validation metrics and class names.
+safetensors artifact carrying their validation metrics and class names, and
+``artifact.txt`` names it. The artifact's ``training.run_id`` (kept in the
+checkpoint) identifies the run, so a resume after a kill between publishing and
+recording it finds that version instead of publishing the same model again
+(``find_published``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,30 +27,34 @@ from torch import nn
 
 from segsvc.config import InferenceSpec, ModelSpec
 from segsvc.data.spec import DatasetSpec
-from segsvc.errors import InvalidArgument, ModelConfigError
-from segsvc.models.artifact import model_inference_spec, save_artifact
-from training.checkpoint import load_checkpoint
+from segsvc.errors import InvalidArgument, ModelConfigError, SegsvcError
+from segsvc.files import write_atomic
+from segsvc.models.artifact import model_inference_spec, read_manifest, save_artifact
+from training.checkpoint import CheckpointError, RunState, load_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.distributed import DistEnv, broadcast_from_main, log
 from training.metrics import SegmentationMetrics
 
 CHECKPOINT = "checkpoints/last.pt"
 BEST_WEIGHTS = "checkpoints/best.pt"
+CONFIG_FILE = "config.yaml"  # every run directory has one, written when it is created
+ARTIFACT_RECORD = "artifact.txt"
+_VERSION = re.compile(r"[1-9][0-9]*")  # a version directory's name
 
 
 def prepare_run(cfg: TrainConfig, resume: str | None, env: DistEnv) -> tuple[Path, dict[str, Any] | None]:
     """The run directory (new, or the resumed one) and the checkpoint state to resume from."""
     state = None
     if resume is not None:
-        path = Path(resume)
-        ckpt = path / CHECKPOINT if path.is_dir() else path
+        run_dir, ckpt = resume_paths(Path(resume))
         state = load_checkpoint(ckpt)
-        run_dir = ckpt.parent.parent
         warn_config_changes(state.get("config", {}), cfg.to_dict(), env)
     else:
-        name = cfg.output.run_name or fresh_run_name(Path(cfg.output.runs_dir) / cfg.name)
-        name = broadcast_from_main(env, name)  # every rank must agree on rank 0's timestamp
-        run_dir = Path(cfg.output.runs_dir) / cfg.name / name
+        parent = Path(cfg.output.runs_dir) / cfg.name
+        # rank 0 claims the name (creating the directory); every rank must agree on its timestamp
+        name = cfg.output.run_name or (fresh_run_name(parent) if env.is_main else None)
+        name = broadcast_from_main(env, name)
+        run_dir = parent / name
         if env.is_main:
             if (run_dir / CHECKPOINT).exists():
                 raise InvalidArgument(
@@ -53,18 +62,44 @@ def prepare_run(cfg: TrainConfig, resume: str | None, env: DistEnv) -> tuple[Pat
                     "to continue it, or choose another output.run_name"
                 )
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
     return run_dir, state
 
 
+def resume_paths(path: Path) -> tuple[Path, Path]:
+    """The run directory and checkpoint that ``--resume path`` names: a run directory (its ``checkpoints/last.pt``)
+    or ``<run>/checkpoints/<name>.pt``. Anything else is refused: the run writes into its run directory, and a
+    checkpoint copied elsewhere would make that an unrelated folder."""
+    expected = "a run directory (holding config.yaml) or <run>/checkpoints/<name>.pt inside one"
+    if not path.exists():
+        raise CheckpointError(f"--resume {path} does not exist: give {expected}")
+    if path.is_dir():
+        run_dir, ckpt = path, path / CHECKPOINT
+    else:
+        folder = path.parent if path.parent.name else path.absolute().parent  # "last.pt" given inside checkpoints/
+        if folder.name != "checkpoints" or path.suffix != ".pt":
+            raise CheckpointError(f"--resume {path} is not a run's checkpoint: give {expected}")
+        run_dir, ckpt = folder.parent, path
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"--resume {path}: {run_dir} has no {CONFIG_FILE}, so it is not a run directory; "
+                              f"give {expected}")
+    return run_dir, ckpt
+
+
 def fresh_run_name(parent: Path) -> str:
-    """A UTC timestamp, with a suffix when a run of that second already exists."""
+    """Claim a new run directory under ``parent`` and return its name: the UTC timestamp, with a suffix when a
+    run of that second already has it. The claim is the directory's creation (``mkdir`` fails when it exists),
+    so two runs started in the same second, even in separate processes, never share one."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    name, n = stamp, 1
-    while (parent / name).exists():
-        n += 1
-        name = f"{stamp}-{n}"
-    return name
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        name = stamp if n == 1 else f"{stamp}-{n}"
+        try:
+            (parent / name).mkdir()
+        except FileExistsError:
+            continue
+        return name
+    raise InvalidArgument(f"{parent} already holds 9999 runs named {stamp}-N: choose an output.run_name")
 
 
 def warn_config_changes(old: dict[str, Any], new: dict[str, Any], env: DistEnv, prefix: str = "") -> None:
@@ -122,13 +157,15 @@ def publish(
     history: list[dict[str, Any]],
     elapsed_s: float,
     contract: InferenceSpec,
+    run_id: str = "",
 ) -> Path:
     """Write the best validated weights as a model artifact carrying their metrics and class names.
 
     The artifact's inference ``contract`` is how those metrics were measured
     (``val_contract``: the recipe's ``data.val_scale``, ``data.val_tile_*`` and TTA,
     the model's stride and minimum input size, the registered label shift), so
-    the server reproduces the validation numbers.
+    the server reproduces the validation numbers. ``run_id`` (``RunState.run_id``) is
+    recorded in the manifest's training section, for ``find_published``.
     """
     best_path = run_dir / BEST_WEIGHTS
     if best_path.exists():
@@ -146,6 +183,7 @@ def publish(
         "best_epoch": best_epoch,
         "train_time_s": round(elapsed_s, 1),
         "run_dir": str(run_dir),
+        **({"run_id": run_id} if run_id else {}),
         "host": f"{platform.node()} ({platform.processor() or platform.machine()}), torch {torch.__version__}",
         "config": cfg.to_dict(),
     }
@@ -155,8 +193,36 @@ def publish(
         ignore_index=data.ignore_index, training=training, metrics=metrics,
         inference=contract,
     )
-    (run_dir / "artifact.txt").write_text(f"{artifact}\n")
+    record_artifact(run_dir, artifact)
     print(f"best epoch {best_epoch}: val mIoU {metrics.get('miou')}, pixel accuracy "
           f"{metrics.get('pixel_accuracy')}\nartifact: {artifact}")
     return artifact
+
+
+def record_artifact(run_dir: Path, artifact: Path) -> None:
+    """``artifact.txt``: the version this run published."""
+    write_atomic(run_dir / ARTIFACT_RECORD, f"{artifact}\n".encode())
+
+
+def find_published(cfg: TrainConfig, run: RunState) -> Path | None:
+    """The version an earlier attempt of this run already published from the same epochs, if any.
+
+    A run killed after ``save_artifact`` but before recording it (``artifact.txt``, the ``published``
+    event) is resumed from its last checkpoint and would publish the same weights again as a new
+    version. That version's manifest records the run's ``run_id`` and ``epochs_run``; a resume that
+    trained further publishes anew.
+    """
+    model_dir = Path(cfg.output.repo) / cfg.model_name
+    if not model_dir.is_dir():
+        return None
+    for version in sorted(model_dir.iterdir(), reverse=True):
+        if not _VERSION.fullmatch(version.name) or not version.is_dir():
+            continue
+        try:
+            training = read_manifest(version).training
+        except SegsvcError:  # unreadable: not ours to judge
+            continue
+        if training.get("run_id") == run.run_id and training.get("epochs_run") == len(run.history):
+            return version
+    return None
 

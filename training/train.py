@@ -61,8 +61,10 @@ from training.report import plot_training_curve
 from training.rundir import (
     CHECKPOINT,
     append_metrics,
+    find_published,
     prepare_run,
     publish,
+    record_artifact,
     save_best,
     val_contract,
     write_metrics_file,
@@ -186,7 +188,15 @@ def _main(
 
     if not env.is_main:
         return None, reason
-    artifact = publish(cfg, spec, data, run_dir, scored, run.history, run.elapsed_s, contract)
+    # killed between publishing and recording it (artifact.txt, the event): the version is there already
+    artifact = find_published(cfg, run) if checkpoint is not None else None
+    if artifact is not None:
+        log(env, f"this run was already published after epoch {run.epoch} as {artifact} (it stopped before "
+                 "recording that): not publishing the same model again")
+        record_artifact(run_dir, artifact)
+        print(f"artifact: {artifact}")
+    else:
+        artifact = publish(cfg, spec, data, run_dir, scored, run.history, run.elapsed_s, contract, run.run_id)
     manifest = read_manifest(artifact)
     events.emit("published", path=str(artifact), name=manifest.name, version=manifest.version,
                 metrics=dict(manifest.metrics))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from segsvc.cli import main as segsvc_main
@@ -84,7 +85,12 @@ def test_runs_without_recorded_threads_assume_a_count_and_say_so(tmp_path):
     write_run(root / "membrane-unet" / "no-val", [{"epoch": 1, "elapsed_s": 120.0}])  # never validated: left out
     [curve] = collect(root, default_threads=4)
     assert curve.points[0].cpu_minutes == 8.0 and curve.points[0].source == "assumed threads"
-    assert curve.label == "membrane-unet/gpu (wall × 4 threads, assumed: torch's default here)"
+    assert curve.label == "membrane-unet/gpu (wall × 4 threads, assumed: --threads 4)"  # said torch's default
+    [curve] = collect(root)
+    here = torch.get_num_threads()
+    assert curve.points[0].cpu_minutes == 2.0 * here
+    assert curve.label == f"membrane-unet/gpu (wall × {here} thread{'s' if here != 1 else ''}, " \
+                          "assumed: torch's default here)"
     assert segsvc_main(["curves", str(root / "membrane-unet" / "gpu"), "--threads", "1"]) == 0  # one run dir
     rows = read_csv(root / "membrane-unet" / "gpu" / "curves.csv")
     assert [(r["run"], r["cpu_minutes"]) for r in rows] == [("gpu", "2.000")]
@@ -115,3 +121,13 @@ def test_a_folder_without_validated_runs_is_an_error(tmp_path, capsys):
     assert segsvc_main(["curves", str(tmp_path)]) == 2
     assert "no training run with a validated epoch under" in capsys.readouterr().err
     assert segsvc_main(["curves", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.parametrize("threads", ["-4", "0"])
+def test_threads_below_one_are_refused_in_one_line_before_anything_is_written(runs, tmp_path, capsys, threads):
+    """--threads -4 once plotted negative CPU-minutes."""
+    png = tmp_path / "out" / "curves.png"
+    assert segsvc_main(["curves", str(runs), "--out", str(png), "--threads", threads]) == 2
+    err = capsys.readouterr().err
+    assert err == f"segsvc: error: --threads must be at least 1, got {threads}\n", err
+    assert not (tmp_path / "out").exists()

@@ -44,6 +44,7 @@ def one_line_error(capsys, needle: str) -> None:
     (["--indices", "-1", "2"], "--indices START STOP needs 0 <= START < STOP, got -1 2"),
     (["--limit", "-1"], "--limit must be at least 1, got -1"),
     (["--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--samples", "-2"], "--samples must be at least 0, got -2"),  # was accepted and drew no sample rows
 ])
 def test_eval_refuses_bad_values_before_evaluating(artifact, tiny_spec, tmp_path, capsys, no_evaluation, extra,
                                                    message) -> None:
