@@ -12,7 +12,8 @@ statistics (streaming, shared memory, trace and log settings) answers
 UNIMPLEMENTED with a message saying what to use instead. ``ModelConfig`` and
 ``ModelStatistics`` give what perf_analyzer and model-analyzer read; the
 statistics are the core's (``segsvc.inference.statistics``), so they count
-every protocol and batch jobs too.
+every protocol and batch jobs too, and they count images: a request of N
+images adds N to ``success`` or ``fail``, where the protocol counts it once.
 
 Example (tritonclient, unchanged):
     >>> client = tritonclient.grpc.InferenceServerClient("localhost:50051")  # doctest: +SKIP
@@ -98,7 +99,12 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._accepting() and self._manager.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        """Ready or not, never an error that names models: the probe needs no token. An empty name is not
+        ready (as Triton answers), rather than "the one loaded model" as elsewhere."""
+
         async def work() -> pb.ModelReadyResponse:
+            if not request.name:
+                return pb.ModelReadyResponse(ready=False)
             try:
                 lm = self._manager.resolve(request.name, convert.version_of(request.version))
             except NotFound:  # unknown or unloaded model or version: not ready (Triton answers the same)
@@ -130,6 +136,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await guarded("ModelConfig", context, work, log)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context) -> pb.ModelStatisticsResponse:
+        """Every loaded version (of the named model). Unlike the protocol's per-request ``success``/``fail``,
+        each image counts as one request: a ``ModelInfer`` of N images adds N."""
+
         async def work() -> pb.ModelStatisticsResponse:
             version = convert.version_of(request.version)
             if version is not None and not request.name:

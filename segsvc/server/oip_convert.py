@@ -6,12 +6,19 @@ What segsvc serves over the protocol (``ModelMetadata`` says the same):
   ``image``  BYTES ``[N]``: encoded PNG/JPEG/TIFF/BMP/WebP images, all of one size;
   ``pixels`` UINT8 ``[N, H, W, C]`` (or ``[N, H, W]`` for grey): raw pixels, row-major.
   Either in ``inputs[0].contents`` or in ``raw_input_contents`` (what tritonclient sends).
-- outputs: ``labels`` UINT8 ``[N, H, W]`` (UINT16 above 256 classes), the default;
-  ``confidence`` UINT8 ``[N, H, W]`` (round(255 x the top softmax probability)), only when
-  requested. Always in ``raw_output_contents``, which is what tritonclient reads.
+- outputs: ``labels`` UINT8 ``[N, H, W]`` (UINT16 above 256 classes) and ``confidence``
+  UINT8 ``[N, H, W]`` (round(255 x the top softmax probability)); a request that names no
+  output gets both, as the protocol says ("all outputs specified in the model config"), one
+  that names some gets those. Always in ``raw_output_contents``, which is what tritonclient
+  reads; an output's ``binary_data`` parameter (HTTP-bridged clients) is accepted and
+  changes nothing.
 - request parameters (optional): ``tile_size`` (int), ``tile_overlap`` (double) and
   ``flip_tta`` (bool) override the model's inference contract; ``timeout`` (int,
-  microseconds, as tritonclient sends it) bounds the call like a gRPC deadline.
+  microseconds, as tritonclient sends it; 0: none) bounds the call like a gRPC deadline;
+  ``priority`` (a non-negative int, as tritonclient sends it) is accepted and ignored:
+  segsvc's two batcher lanes (``Priority``) put batch jobs below every interactive call,
+  and every protocol request is interactive.
+- model versions: ``""`` and ``"-1"`` (Triton's spelling) mean the default version.
 
 Like ``convert.py``, functions here are pure (no I/O, no event loop); every malformed
 tensor raises ``InvalidArgument`` naming the problem, before anything is decoded. The
@@ -47,8 +54,12 @@ IMAGE, PIXELS = "image", "pixels"
 LABELS, CONFIDENCE = "labels", "confidence"
 INPUTS_HELP = "'image' (BYTES [N], encoded images) or 'pixels' (UINT8 [N, H, W, C] or [N, H, W])"
 PLATFORM = "segsvc"
-EXTENSIONS = ("model_repository", "parameters")
-PARAMETERS_HELP = "tile_size (int), tile_overlap (double), flip_tta (bool), timeout (int, microseconds)"
+# Triton's names: "model_repository(unload_dependents)" as tritonclient always sends unload_dependents
+EXTENSIONS = ("model_repository", "model_repository(unload_dependents)", "model_configuration", "statistics",
+              "parameters")
+PARAMETERS_HELP = ("tile_size (int), tile_overlap (double), flip_tta (bool), timeout (int, microseconds, 0: none), "
+                   "priority (int, ignored)")
+DEFAULT_VERSION = "-1"  # like the empty string: Triton's "default version" (the newest loaded)
 DATATYPES = {np.dtype(np.uint8): "UINT8", np.dtype(np.uint16): "UINT16"}
 _VERSION = re.compile(r"[1-9][0-9]{0,17}")
 LENGTH_PREFIX_BYTES = 4  # a raw BYTES element: its length as uint32 little-endian, then its bytes
@@ -67,11 +78,12 @@ class InferCall:
 
 
 def version_of(text: str) -> int | None:
-    """A protocol version string -> the model version (``""``: the default version)."""
-    if not text:
+    """A protocol version string -> the model version (``""`` or ``"-1"``: the default version, None)."""
+    if not text or text == DEFAULT_VERSION:
         return None
     if not _VERSION.fullmatch(text):
-        raise InvalidArgument(f"model version must be a positive integer or empty (the default), got {text[:32]!r}")
+        raise InvalidArgument(f"model version must be a positive integer, or empty or -1 (the default), "
+                              f"got {text[:32]!r}")
     return int(text)
 
 
@@ -82,7 +94,8 @@ def _value(param) -> object:  # type: ignore[no-untyped-def]
 
 
 def _request_parameters(params: Mapping) -> tuple[dict, float | None]:
-    """``(InferenceOptions keyword arguments, timeout_s)`` of the request's parameters."""
+    """``(InferenceOptions keyword arguments, timeout_s)`` of the request's parameters (``timeout`` 0: None;
+    ``priority`` is checked and dropped)."""
     kwargs: dict = {}
     timeout_s = None
     for key in params:
@@ -94,9 +107,11 @@ def _request_parameters(params: Mapping) -> tuple[dict, float | None]:
             kwargs["tile_overlap"] = float(value)  # type: ignore[arg-type]
         elif key == "flip_tta" and isinstance(value, bool):
             kwargs["flip_tta"] = value
-        elif key == "timeout" and is_int and value > 0:  # type: ignore[operator]
-            timeout_s = value / 1e6  # type: ignore[operator]
-        elif key in ("tile_size", "tile_overlap", "flip_tta", "timeout"):
+        elif key == "timeout" and is_int and value >= 0:  # type: ignore[operator]
+            timeout_s = value / 1e6 if value else None  # type: ignore[operator]
+        elif key == "priority" and is_int and value >= 0:  # type: ignore[operator]
+            pass  # every protocol request runs in the interactive lane
+        elif key in ("tile_size", "tile_overlap", "flip_tta", "timeout", "priority"):
             raise InvalidArgument(f"request parameter {key!r} has the wrong type or value ({value!r}); "
                                   f"expected {PARAMETERS_HELP}")
         else:
@@ -105,16 +120,18 @@ def _request_parameters(params: Mapping) -> tuple[dict, float | None]:
 
 
 def _requested_outputs(outputs: Sequence) -> tuple[str, ...]:
+    """The outputs named, in order; none named: every output the model declares."""
     names: list[str] = []
     for out in outputs:
         if out.name not in (LABELS, CONFIDENCE):
             raise InvalidArgument(f"unknown output {out.name[:64]!r}; outputs: 'labels', 'confidence'")
         if out.name in names:
             raise InvalidArgument(f"output {out.name!r} is requested twice")
-        if out.parameters:
-            raise InvalidArgument(f"output {out.name!r}: parameters {sorted(out.parameters)[:4]} are not supported")
+        unsupported = sorted(k[:64] for k in out.parameters if k != "binary_data")  # gRPC outputs are always raw
+        if unsupported:
+            raise InvalidArgument(f"output {out.name!r}: parameters {unsupported[:4]} are not supported")
         names.append(out.name)
-    return tuple(names) or (LABELS,)
+    return tuple(names) or (LABELS, CONFIDENCE)
 
 
 def infer_call(request: pb.ModelInferRequest, max_images: int, max_pixels: int) -> InferCall:
@@ -250,7 +267,7 @@ def _raw_pixels(tensor, raw: bytes | None, max_images: int,  # type: ignore[no-u
 
 def _remedies(images: int, outputs: Sequence[str]) -> list[str]:
     """What a caller can change so that the response fits, most effective first."""
-    remedies = ["drop the 'confidence' output"] if CONFIDENCE in outputs else []
+    remedies = ["request only the 'labels' output (drop 'confidence')"] if CONFIDENCE in outputs else []
     if images > 1:
         remedies.append("send fewer images per request")
     return remedies + ["send smaller images (or tiles of them)"]
@@ -335,7 +352,10 @@ def _duration(d: Duration) -> pb.StatisticDuration:
 
 
 def model_statistics(name: str, version: int, stats: StatisticsSnapshot) -> pb.ModelStatistics:
-    """One loaded version's ``ModelStatistics`` (``segsvc.inference.statistics`` says what each figure counts)."""
+    """One loaded version's ``ModelStatistics`` (``segsvc.inference.statistics`` says what each figure counts).
+
+    Unlike the protocol, which counts ``success`` and ``fail`` per request, segsvc counts per image: a
+    ``ModelInfer`` of N images adds N (as do N ``Segment`` calls), since the core sees images, not requests."""
     return pb.ModelStatistics(
         name=name, version=str(version), last_inference=stats.last_inference_ms,
         inference_count=stats.inference_count, execution_count=stats.execution_count,

@@ -190,7 +190,7 @@ def test_png_bytes_give_segments_label_map(triton_client, client):
     assert len(np.unique(labels)) > 1  # a meaningful comparison, not all one class
     response = result.get_response()
     assert response.model_name == "tiny" and response.model_version == "2" and response.id == "r-1"
-    assert result.as_numpy("confidence") is None  # only when requested
+    assert result.as_numpy("confidence").shape == (1, 48, 64)  # no output named: every declared output
 
 
 def test_uint8_batch_with_confidence_matches_segment(triton_client, client, tiny_ref):
@@ -229,7 +229,8 @@ def test_tensors_in_contents_instead_of_raw(shared_server, client):
     with grpc.insecure_channel(shared_server.address) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         for tensor in (pixels, encoded):
-            response = stub.ModelInfer(service_pb2.ModelInferRequest(model_name="tiny", inputs=[tensor]), timeout=60)
+            response = stub.ModelInfer(service_pb2.ModelInferRequest(
+                model_name="tiny", inputs=[tensor], outputs=[{"name": "labels"}]), timeout=60)
             (out,) = response.outputs
             assert (out.name, out.datatype, list(out.shape)) == ("labels", "UINT8", [1, 24, 32])
             assert np.array_equal(np.frombuffer(response.raw_output_contents[0], np.uint8).reshape(24, 32), expected)
