@@ -145,3 +145,13 @@ def _all_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [*pod_spec.get("initContainers", ()), *pod_spec.get("containers", ())]
+
+
+def flag(args: list[str], name: str) -> str | None:
+    """The value of ``--name=value`` or ``--name value`` in a container's args."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None

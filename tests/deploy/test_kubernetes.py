@@ -20,7 +20,7 @@ from kubernetes_validate.utils import SchemaNotFoundError, ValidationError, all_
 
 from tests.deploy.conftest import ROOT
 from tests.deploy.crd_schemas import SCHEMAS
-from tests.deploy.k8s_objects import K8S, Obj, as_pod, containers, load_all, pod_specs
+from tests.deploy.k8s_objects import K8S, Obj, as_pod, containers, flag, load_all, pod_specs
 
 MIN_VERSION = (1, 31)  # the oldest Kubernetes minor release still maintained upstream when this was written
 
@@ -42,16 +42,6 @@ def _one(objects: list[Obj], kind: str, name: str = "segsvc", source: str = ".")
     found = [o.doc for o in objects if o.kind == kind and o.name == name and o.source == source]
     assert len(found) == 1, f"expected one {kind}/{name} in deploy/k8s/{source}, found {len(found)}"
     return found[0]
-
-
-def _flag(args: list[str], name: str) -> str | None:
-    """The value of ``--name=value`` or ``--name value`` in a container's args."""
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def _server(objects: list[Obj]) -> tuple[dict, dict, dict]:
@@ -119,14 +109,14 @@ def test_server_gets_a_gpu_and_whole_cpus(objects: list[Obj]) -> None:
     for kind in ("cpu", "memory"):
         assert kind in resources["requests"] and kind in resources["limits"], kind
     assert resources["requests"] == resources["limits"], "requests = limits: Guaranteed QoS"
-    assert _flag(container["args"], "--device") == "cuda"
+    assert flag(container["args"], "--device") == "cuda"
 
 
 def test_torch_threads_come_from_the_cpu_limit(objects: list[Obj]) -> None:
     _, _, container = _server(objects)
     args = container["args"]
-    assert _flag(args, "--torch-threads") == "$(SEGSVC_CPU_LIMIT)"
-    assert _flag(args, "--io-threads") == "$(SEGSVC_CPU_LIMIT)"
+    assert flag(args, "--torch-threads") == "$(SEGSVC_CPU_LIMIT)"
+    assert flag(args, "--io-threads") == "$(SEGSVC_CPU_LIMIT)"
     (env,) = [e for e in container["env"] if e["name"] == "SEGSVC_CPU_LIMIT"]
     field = env["valueFrom"]["resourceFieldRef"]
     assert field["resource"] == "limits.cpu" and field["containerName"] == container["name"]
@@ -135,7 +125,7 @@ def test_torch_threads_come_from_the_cpu_limit(objects: list[Obj]) -> None:
 
 def test_native_grpc_probes_on_the_grpc_port(objects: list[Obj]) -> None:
     _, _, container = _server(objects)
-    port = int(_flag(container["args"], "--port"))
+    port = int(flag(container["args"], "--port"))
     assert {"name": "grpc", "containerPort": port, "protocol": "TCP"} in container["ports"]
     for probe in ("startupProbe", "readinessProbe"):
         assert container[probe]["grpc"]["port"] == port, probe
@@ -147,19 +137,19 @@ def test_native_grpc_probes_on_the_grpc_port(objects: list[Obj]) -> None:
 
 def test_shutdown_fits_the_grace_period(objects: list[Obj]) -> None:
     _, pod, container = _server(objects)
-    grace_s = float(_flag(container["args"], "--grace-s"))
+    grace_s = float(flag(container["args"], "--grace-s"))
     pre_stop_s = float(container["lifecycle"]["preStop"]["exec"]["command"][1])
     assert pre_stop_s + grace_s < pod["terminationGracePeriodSeconds"], "preStop + drain must finish before SIGKILL"
 
 
 def test_connections_age_so_clients_spread(objects: list[Obj]) -> None:
     _, _, container = _server(objects)
-    assert 0 < float(_flag(container["args"], "--max-connection-age-s")) <= 600
+    assert 0 < float(flag(container["args"], "--max-connection-age-s")) <= 600
 
 
 def test_token_comes_from_a_mounted_secret_file(objects: list[Obj]) -> None:
     _, pod, container = _server(objects)
-    token_file = _flag(container["args"], "--token-file")
+    token_file = flag(container["args"], "--token-file")
     secret_volumes = {v["name"] for v in pod["volumes"] if "secret" in v}
     mounts = [m for m in container["volumeMounts"] if m["name"] in secret_volumes]
     assert any(token_file.startswith(m["mountPath"].rstrip("/") + "/") and m.get("readOnly") for m in mounts)
@@ -174,14 +164,14 @@ def test_server_pods_take_no_training_jobs(objects: list[Obj]) -> None:
         for where, pod in pod_specs(obj.doc):
             for c in containers(pod):
                 args = c.get("args", [])
-                if args[:1] == ["serve"] and _flag(args, "--state-dir") is not None:
-                    assert _flag(args, "--max-training-jobs") == "0", f"{obj} {where}: {c['name']} would train"
+                if args[:1] == ["serve"] and flag(args, "--state-dir") is not None:
+                    assert flag(args, "--max-training-jobs") == "0", f"{obj} {where}: {c['name']} would train"
 
 
 def test_metrics_are_reachable_for_scraping(objects: list[Obj]) -> None:
     deployment, _, container = _server(objects)
-    assert _flag(container["args"], "--metrics-host") == "0.0.0.0"
-    port = int(_flag(container["args"], "--metrics-port"))
+    assert flag(container["args"], "--metrics-host") == "0.0.0.0"
+    port = int(flag(container["args"], "--metrics-port"))
     assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in container["ports"]
     assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
 
@@ -281,7 +271,7 @@ def test_model_repository_pvc(objects: list[Obj]) -> None:
     assert set(pvc["spec"]["accessModes"]) <= {"ReadOnlyMany", "ReadWriteMany"}
     (volume,) = [v for v in pod["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == "segsvc-models"]
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
-    assert mount["readOnly"] and _flag(container["args"], "--model-repo") == mount["mountPath"]
+    assert mount["readOnly"] and flag(container["args"], "--model-repo") == mount["mountPath"]
 
 
 def test_hpa_scales_the_deployment_on_cpu(objects: list[Obj]) -> None:
@@ -345,8 +335,8 @@ def test_kserve_targets_the_open_inference_protocol_over_grpc(objects: list[Obj]
     assert "grpc-v2" in runtime["spec"]["protocolVersions"]
     (container,) = runtime["spec"]["containers"]
     (port,) = container["ports"]
-    assert port["name"] == "h2c" and _flag(container["args"], "--port") == str(port["containerPort"])
-    assert _flag(container["args"], "--model-repo") == "/mnt/models"
+    assert port["name"] == "h2c" and flag(container["args"], "--port") == str(port["containerPort"])
+    assert flag(container["args"], "--model-repo") == "/mnt/models"
     text = (K8S / "kserve" / "inferenceservice.yaml").read_text()
     assert "Open Inference Protocol" in text and "inference.GRPCInferenceService" in text
     from segsvc.server.oip_pb import grpc_service_pb2
@@ -370,18 +360,18 @@ def test_training_job_runs_torchrun_on_its_gpus(objects: list[Obj]) -> None:
     job = _one(objects, "Job", "segsvc-train", source="jobs")
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["torchrun"]
-    nproc = int(_flag(container["args"], "--nproc_per_node"))
+    nproc = int(flag(container["args"], "--nproc_per_node"))
     assert nproc == int(container["resources"]["limits"]["nvidia.com/gpu"])
     assert "-m" in container["args"] and container["args"][container["args"].index("-m") + 1] == "training"
-    recipe = _flag(container["args"], "--config")
+    recipe = flag(container["args"], "--config")
     assert (ROOT / recipe).is_file(), recipe
 
 
 def test_rayjob_runs_segsvc_batch_on_ray(objects: list[Obj]) -> None:
     rayjob = _one(objects, "RayJob", "segsvc-batch-ray", source="jobs")
     entrypoint = rayjob["spec"]["entrypoint"].split()
-    assert entrypoint[:2] == ["segsvc", "batch"] and _flag(entrypoint, "--engine") == "ray"
-    actors = int(_flag(entrypoint, "--actors"))
+    assert entrypoint[:2] == ["segsvc", "batch"] and flag(entrypoint, "--engine") == "ray"
+    actors = int(flag(entrypoint, "--actors"))
     (workers,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     (worker,) = workers["template"]["spec"]["containers"]
     assert actors <= workers["replicas"] * int(worker["resources"]["limits"]["nvidia.com/gpu"])

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.deploy.k8s_objects import Obj, containers, load_all, pod_specs
+from tests.deploy.k8s_objects import Obj, containers, flag, load_all, pod_specs
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 DEFAULT_HOST = "0.0.0.0"  # segsvc serve --host, when not given
@@ -24,16 +24,6 @@ TEMPLATED = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 @pytest.fixture(scope="module")
 def objects() -> list[Obj]:
     return load_all()
-
-
-def _flag(args: list[str], name: str) -> str | None:
-    """The value of ``--name=value`` or ``--name value``."""
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def serve_args(container: dict[str, Any]) -> list[str] | None:
@@ -51,7 +41,7 @@ def serve_args(container: dict[str, Any]) -> list[str] | None:
 
 
 def listens_beyond_localhost(args: list[str]) -> bool:
-    return (_flag(args, "--host") or DEFAULT_HOST) not in LOCAL_HOSTS
+    return (flag(args, "--host") or DEFAULT_HOST) not in LOCAL_HOSTS
 
 
 def _namespace(obj: Obj) -> str:
@@ -100,10 +90,10 @@ def token_problems(objects: list[Obj]) -> list[str]:
                 args = serve_args(c)
                 if args is None or not listens_beyond_localhost(args):
                     continue
-                token_file = _flag(args, "--token-file")
+                token_file = flag(args, "--token-file")
                 what = f"{obj} {where}: {c['name']}"
                 if token_file is None:
-                    problems.append(f"{what}: serves on {_flag(args, '--host') or DEFAULT_HOST} without --token-file")
+                    problems.append(f"{what}: serves on {flag(args, '--host') or DEFAULT_HOST} without --token-file")
                     continue
                 mounts = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts", ())
                           if m["name"] in secrets and m.get("readOnly")]

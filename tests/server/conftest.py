@@ -197,6 +197,16 @@ def client(shared_server):
 
 
 @pytest.fixture(scope="module")
+def triton_client(shared_server):
+    """The official tritonclient gRPC client of the shared server (Open Inference Protocol tests)."""
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(shared_server.address)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
 def tiny_ref(shared_repo) -> Predictor:
     """The in-process predictor of tiny's default (newest) version."""
     return reference(shared_repo / "tiny" / "2")

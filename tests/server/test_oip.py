@@ -37,13 +37,6 @@ ADMIN = {"authorization": "Bearer admin-tok"}
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def triton_client(shared_server):
-    client = triton.InferenceServerClient(shared_server.address)
-    yield client
-    client.close()
-
-
 def _bytes_input(*images: bytes) -> triton.InferInput:
     tensor = triton.InferInput("image", [len(images)], "BYTES")
     tensor.set_data_from_numpy(np.array(images, dtype=np.object_))

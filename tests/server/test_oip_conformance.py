@@ -23,13 +23,6 @@ ADMIN = {"authorization": "Bearer admin-tok"}
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def triton_client(shared_server):
-    client = triton.InferenceServerClient(shared_server.address)
-    yield client
-    client.close()
-
-
 def _pixels_input(batch: np.ndarray) -> triton.InferInput:
     tensor = triton.InferInput("pixels", list(batch.shape), "UINT8")
     tensor.set_data_from_numpy(batch)
