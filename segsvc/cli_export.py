@@ -1,6 +1,7 @@
 """``segsvc export MODEL[:V] --repo R --format onnx|triton``: a model version for ONNX Runtime or Triton.
 
-``onnx`` writes ``<repo>/<model>/<version>/model.onnx`` and records it in the
+``onnx`` writes ``<repo>/<model>/<version>/model.onnx`` (a re-export:
+``model-<sha>.onnx``, then the old file is removed) and records it in the
 version's manifest, but only once ONNX Runtime reproduces eager PyTorch on
 ``--checks`` random inputs (the max |Δlogit| and the label agreement are
 printed; an export that disagrees is refused and nothing is written).
@@ -29,8 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                     "DEFAULT pointer, else its newest version)")
     p.add_argument("--repo", required=True, help="model repository root (<root>/<model>/<version>/)")
     p.add_argument("--format", choices=("onnx", "triton"), default="onnx",
-                   help="onnx: model.onnx beside the weights, recorded in the manifest (default); triton: a "
-                        "Triton model repository at --out")
+                   help="onnx: model.onnx (a re-export: model-<sha>.onnx) beside the weights, recorded in the "
+                        "manifest (default); triton: a Triton model repository at --out")
     p.add_argument("--out", default=None, help="triton: the Triton model repository to write <model>/ into "
                                                "(default: <repo>-triton, beside --repo)")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,

@@ -1,9 +1,10 @@
 """Exports of model versions for other runtimes: ``segsvc export MODEL[:V] --format onnx|triton``.
 
-- ``segsvc.export.onnx``: ``<repo>/<model>/<version>/model.onnx`` beside the weights,
+- ``segsvc.export.onnx``: ``<repo>/<model>/<version>/model.onnx`` beside the weights
+  (a re-export: ``model-<sha>.onnx``, the recorded file is never overwritten),
   with dynamic batch, height and width, validated against eager PyTorch with ONNX
-  Runtime and recorded in the manifest (``exports["onnx"]``), which the
-  onnxruntime backend reads. ``UNEXPORTABLE`` there names the architectures that
+  Runtime and recorded in the manifest (``exports["onnx"]``, whose ``file`` every
+  reader, the onnxruntime backend included, takes the name from). ``UNEXPORTABLE`` there names the architectures that
   cannot be exported, and why.
 - ``segsvc.export.compare``: the check an export must pass (ONNX Runtime against
   eager PyTorch).
@@ -15,7 +16,7 @@ module holds only the defaults (no torch import), so the command line can show
 them without loading the exporter.
 """
 
-ONNX_FILE = "model.onnx"
+ONNX_FILE = "model.onnx"  # a first export's name (and Triton's); readers use the manifest's exports.onnx.file
 INPUT_NAME = "input"  # float32 [batch, C, height, width], normalised and padded
 OUTPUT_NAME = "logits"  # float32 [batch, K, height, width]
 DEFAULT_OPSET = 18  # torch.onnx's native opset in torch 2.14; ONNX Runtime >= 1.14 and Triton 23.x+ run it

@@ -1,4 +1,5 @@
-"""ONNX export of a model version: ``<repo>/<model>/<version>/model.onnx``, published only once validated.
+"""ONNX export of a model version: ``<repo>/<model>/<version>/model.onnx`` (a re-export: ``model-<sha>.onnx``),
+published only once validated; the manifest's ``exports["onnx"]["file"]`` names the current one.
 
 The exporter is ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` +
 onnxscript), chosen over the TorchScript one (``dynamo=False``) because it is the
@@ -31,6 +32,8 @@ Example:
     >>> result = export_onnx("runs/model_repository/camvid-unet/3")  # doctest: +SKIP
     >>> result.validation.agreement, result.path.name  # doctest: +SKIP
     (1.0, 'model.onnx')
+    >>> export_onnx("runs/model_repository/camvid-unet/3").path.name  # doctest: +SKIP
+    'model-3f2a9c01d4e7.onnx'
 """
 
 from __future__ import annotations
@@ -196,15 +199,45 @@ def _metadata(manifest: Manifest, stride: int, min_size: int) -> dict[str, str]:
     }
 
 
+def _recorded_file(manifest: Manifest) -> str | None:
+    """The ONNX file the manifest records, when it is a plain ``.onnx`` name in the version directory."""
+    entry = manifest.exports.get("onnx")
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or Path(name).name != name or not name.endswith(".onnx"):
+        return None
+    return name
+
+
+def export_file_name(sha256: str, manifest: Manifest) -> str:
+    """Where a new export with ``sha256`` is written: ``model.onnx`` when none is recorded, else a name
+    derived from its hash (``model-<12 hex>.onnx``), so the recorded file is never overwritten.
+
+    The same bytes as the recorded export get the recorded name again: replacing that file atomically with
+    identical bytes keeps it matching the manifest at every instant.
+    """
+    entry = manifest.exports.get("onnx")
+    if not isinstance(entry, dict) or not entry.get("file"):
+        return ONNX_FILE
+    name = f"model-{sha256[:12]}.onnx"
+    if name == entry["file"] and entry.get("sha256") != sha256:  # 48-bit prefix collision
+        name = f"model-{sha256}.onnx"
+    return name
+
+
 def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET, checks: int = DEFAULT_CHECKS,
                 tolerance: float = DEFAULT_TOLERANCE, min_agreement: float = MIN_AGREEMENT,
                 progress: Progress | None = None) -> OnnxExport:
-    """Export a version to ``model.onnx`` beside its weights, validate it, and record it in the manifest.
+    """Export a version to ONNX beside its weights, validate it, and record it in the manifest.
 
-    Writes ``model.onnx`` (temporary file + rename), then rewrites the manifest
+    Writes the file (temporary file + rename), then rewrites the manifest
     (likewise) with ``exports["onnx"] = {"file", "sha256", "opset", "torch",
-    "validation", ...}``. A refused export writes nothing: an earlier
-    ``model.onnx`` and the manifest stay as they were.
+    "validation", ...}``. A first export is ``model.onnx``; a re-export never
+    overwrites the file the manifest records but writes ``model-<12 hex of its
+    SHA-256>.onnx``, switches the manifest to it, then removes the old file, so
+    at every instant the manifest names a file that matches its SHA-256 (a crash
+    leaves at most an unrecorded file behind). A refused or failed export removes
+    only what it wrote: an earlier export and the manifest stay as they were.
+    Readers take the file name from the manifest, never ``ONNX_FILE``.
 
     Args:
         version_dir: ``<repo>/<model>/<version>``.
@@ -245,11 +278,13 @@ def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPS
     if current.weights_sha256 != manifest.weights_sha256:
         raise ArtifactError(f"{label}: its weights changed during the export; export again")
     weights_mode = (version_dir / WEIGHTS_FILE).stat().st_mode & 0o777
-    path = version_dir / ONNX_FILE
-    write_atomic(path, data, weights_mode)
     sha = hashlib.sha256(data).hexdigest()
+    previous = _recorded_file(current)
+    name = export_file_name(sha, current)
+    path = version_dir / name
+    write_atomic(path, data, weights_mode)
     entry = {
-        "file": ONNX_FILE, "sha256": sha, "opset": opset, "torch": torch.__version__, "onnx": onnx.__version__,
+        "file": name, "sha256": sha, "opset": opset, "torch": torch.__version__, "onnx": onnx.__version__,
         "exporter": "torch.onnx.export(dynamo=True)", "input": INPUT_NAME, "output": OUTPUT_NAME,
         "dynamic_axes": {str(k): v for k, v in DYNAMIC_AXES.items()}, "stride": stride, "min_input_size": min_size,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "validation": result.to_dict(),
@@ -258,14 +293,18 @@ def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPS
     try:
         write_manifest(version_dir, updated)
     except BaseException:
-        path.unlink(missing_ok=True)  # a file the manifest does not vouch for must not look published
+        if name != previous:  # the new file only: the recorded one still matches the manifest
+            path.unlink(missing_ok=True)  # a file the manifest does not vouch for must not look published
         raise
+    if previous is not None and previous != name:
+        with contextlib.suppress(OSError):  # the export is published; a leftover file is only clutter
+            (version_dir / previous).unlink()
     step("written")
     return OnnxExport(path, sha, opset, result, updated)
 
 
 def published_onnx(version_dir: str | os.PathLike[str], manifest: Manifest | None = None) -> Path | None:
-    """The version's recorded ``model.onnx``, checked against the manifest's SHA-256; None when not exported.
+    """The version's recorded ONNX file (the manifest's ``file``), checked against its SHA-256; None when not exported.
 
     Raises:
         ArtifactError: the file is recorded but missing, or its SHA-256 differs from the manifest's.

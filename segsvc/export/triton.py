@@ -13,8 +13,9 @@ out/<model>/1/model.onnx      the export validated by ``segsvc export --format o
 Triton holds one version of the model (``1``): config.pbtxt describes one class
 list, and two segsvc versions may differ in theirs. The segsvc version it came
 from is named in config.pbtxt's header and in ``segsvc.json``. The network
-takes normalised float32 NCHW inputs padded at the bottom/right to the stride
-(see ``segsvc.json``); a Triton client must crop the logits back.
+takes normalised float32 NCHW inputs padded at the bottom/right to the stride,
+with zeros or the mirrored image as the manifest's ``inference.tile_padding``
+says (see ``segsvc.json``); a Triton client must crop the logits back.
 
 The model directory is built beside the old one under a hidden temporary name
 and swapped in with two renames, so a polling tritonserver never sees a
@@ -77,13 +78,31 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+# How inputs are padded to the stride, by the manifest's ``inference.tile_padding`` (``contract.pad_to_multiple``):
+# (segsvc.json's ``padding.where``, config.pbtxt's header phrase).
+PADDING_WHERE: dict[str, tuple[str, str]] = {
+    "zero": ("bottom/right, zeros", "padded at the bottom/right with zeros (the mean colour once normalised)"),
+    "reflect": ("bottom/right, mirrored image (numpy 'reflect': the edge row/column not repeated)",
+                "padded at the bottom/right with the mirrored image (numpy 'reflect', edge not repeated)"),
+}
+
+
+def padding_where(manifest: Manifest) -> tuple[str, str]:
+    """``(segsvc.json's padding.where, config.pbtxt's phrase)`` for the manifest's ``tile_padding``."""
+    mode = manifest.inference.tile_padding
+    if mode not in PADDING_WHERE:
+        raise ArtifactError(f"{manifest.name}:{manifest.version}: unknown inference.tile_padding {mode!r}")
+    return PADDING_WHERE[mode]
+
+
 def config_pbtxt(manifest: Manifest, max_batch_size: int, stride: int, min_size: int) -> str:
     """The ``config.pbtxt`` text (protobuf text format of Triton's ``ModelConfig``).
 
     Args:
         manifest: the version's manifest (name, channels, classes).
         max_batch_size: Triton's batch limit (> 0: the batch axis is implicit in ``dims``).
-        stride: the padding multiple (stated in the header comment).
+        stride: the padding multiple (stated in the header comment, with the padding the manifest's
+            ``inference.tile_padding`` names: zeros or the mirrored image).
         min_size: the minimum padded size (likewise).
     """
     if max_batch_size < 1:
@@ -93,7 +112,7 @@ def config_pbtxt(manifest: Manifest, max_batch_size: int, stride: int, min_size:
         f"segsvc export of {manifest.name} version {manifest.version} ({manifest.spec.arch}), "
         f"weights sha256 {manifest.weights_sha256 or '-'}",
         f"input: float32 NCHW, (pixel / 255 - mean) / std with mean {list(inp.mean)} std {list(inp.std)},",
-        f"padded at the bottom/right to a multiple of {stride}"
+        f"{padding_where(manifest)[1]} to a multiple of {stride}"
         + (f" and at least {min_size} pixels" if min_size > stride else "")
         + f"; crop the logits back (see {INFO_FILE}).",
     ]
@@ -129,7 +148,7 @@ def _info(manifest: Manifest, entry: dict[str, Any], stride: int, min_size: int)
         "onnx": {k: entry.get(k) for k in ("file", "sha256", "opset", "torch", "validation")},
         "input": {**manifest.input.to_dict(), "layout": "NCHW", "dtype": "float32",
                   "normalisation": "(pixel / 255 - mean) / std"},
-        "padding": {"stride": stride, "min_input_size": min_size, "where": "bottom/right, zeros",
+        "padding": {"stride": stride, "min_input_size": min_size, "where": padding_where(manifest)[0],
                     "then": "crop the logits back to the (scaled) image size"},
         "inference": manifest.inference.to_dict(),
         "class_names": list(manifest.class_names),

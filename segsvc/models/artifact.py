@@ -30,7 +30,7 @@ import segsvc
 from segsvc.config import InferenceSpec, InputSpec, ModelSpec
 from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument, SegsvcError
 from segsvc.files import write_atomic
-from segsvc.models.registry import build_model
+from segsvc.models.registry import architecture_spec, build_model
 from segsvc.palette import Color, default_palette
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -48,6 +48,10 @@ class Manifest:
     ``inference`` is the contract serving and ``segsvc eval`` both apply
     (``segsvc.inference.contract``); ``lineage`` says where the weights came from
     (dataset hash, parent version, recipe, metrics) for retrained versions.
+    ``spec`` never holds the parameters that only initialise weights from a file
+    (``*_path``, e.g. smp's ``encoder_weights_path``): the saved weights replace
+    what they loaded, and the file is not on the server. They are dropped when a
+    manifest is made or read, so a manifest written before still loads.
     """
 
     name: str
@@ -68,6 +72,7 @@ class Manifest:
     exports: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "spec", architecture_spec(self.spec))
         k = self.spec.num_classes
         if len(self.class_names) != k:
             raise ArtifactError(f"manifest lists {len(self.class_names)} class names for {k} classes")
@@ -197,7 +202,9 @@ def save_artifact(
 
     ``inference`` is how the model was evaluated (scale, stride, tiling, TTA);
     ``None`` records the defaults (full resolution, no tiling or TTA). A stride
-    or minimum input size it leaves unset is the model's own.
+    or minimum input size it leaves unset is the model's own. ``spec`` is
+    recorded without its ``*_path`` parameters (``architecture_spec``): the
+    weights saved here already hold what such a file initialised.
 
     Example:
         >>> spec = ModelSpec("unet", num_classes=2, in_channels=1, params={"base_channels": 4, "depth": 2})
@@ -292,7 +299,11 @@ def _check_state(path: Path, expected: Mapping[str, torch.Tensor], found: Mappin
 
 
 def load_artifact(version_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
-    """Rebuild the model from its manifest and load its weights; the model is returned in eval mode."""
+    """Rebuild the model from its manifest and load its weights; the model is returned in eval mode.
+
+    The manifest's spec has no ``*_path`` parameter (``Manifest`` drops one an older artifact recorded), so
+    rebuilding never opens a file outside the version directory.
+    """
     version_dir = Path(version_dir)
     manifest = read_manifest(version_dir)
     weights = version_dir / WEIGHTS_FILE

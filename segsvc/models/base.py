@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segsvc.errors import InvalidArgument
+from segsvc.errors import InvalidArgument, ModelConfigError
 
 
 class InputShapeError(InvalidArgument):
@@ -33,6 +33,13 @@ def check_input_shape(x: torch.Tensor, in_channels: int, output_stride: int) -> 
             f"input height {h} and width {w} must be divisible by {output_stride}; pad to "
             f"({ph}, {pw}) or use segsvc.inference.predictor.pad_to_multiple"
         )
+
+
+def check_positive_int(value: object, name: str, model: str) -> int:
+    """``value`` when it is an integer >= 1 (not a bool), else a ``ModelConfigError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelConfigError(f"{model} {name} must be a positive integer (1 or more), got {value!r}")
+    return value
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int = 3, batch_norm: bool = True) -> list[nn.Module]:

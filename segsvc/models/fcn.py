@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from segsvc.models.base import SegmentationModel, conv_bn_relu
+from segsvc.errors import ModelConfigError
+from segsvc.models.base import SegmentationModel, check_positive_int, conv_bn_relu
 from segsvc.models.upsample import check_upsample, unpooling
 
 VGG16_BLOCKS = (2, 2, 3, 3, 3)
@@ -93,6 +94,15 @@ class _FCN(SegmentationModel):
     ) -> None:
         super().__init__(in_channels, num_classes)
         self.upsample = check_upsample(upsample, FCN_UPSAMPLE_MODES, model="FCN")
+        check_positive_int(base_channels, "base_channels", "FCN")
+        check_positive_int(fc_channels, "fc_channels", "FCN")
+        # fc6 keeps pool5's size only with an odd kernel (padding k // 2); an even one grows it by one cell,
+        # which the 32x upsampling turns into 32 extra pixels (or a size mismatch at the skips)
+        if check_positive_int(fc_kernel_size, "fc_kernel_size", "FCN") % 2 == 0:
+            raise ModelConfigError(f"FCN fc_kernel_size must be an odd positive integer (1, 3, 5, 7, ...), "
+                                   f"got {fc_kernel_size}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ModelConfigError(f"FCN dropout must be in [0, 1), got {dropout!r}")
         self.encoder = VGGEncoder(in_channels, base_channels, batch_norm)
         c3, c4, c5 = self.encoder.widths[2:]
         self.head = nn.Sequential(
@@ -150,7 +160,7 @@ class FCN32s(_FCN):
         in_channels: image channels C.
         base_channels: width of the first VGG block (64 in the paper); later blocks use 2x, 4x, 8x, 8x.
         fc_channels: width of fc6/fc7 as convolutions (4096 in the paper).
-        fc_kernel_size: fc6 kernel (7 in the paper).
+        fc_kernel_size: fc6 kernel, odd so pool5 keeps its size (7 in the paper).
         dropout: dropout after fc6 and fc7.
         batch_norm: add BatchNorm to the encoder (not in the paper; helps training from scratch).
         upsample: ``transpose`` (learned, initialised to bilinear: the paper, default),

@@ -7,6 +7,7 @@ lists the valid ones.
 from __future__ import annotations
 
 import inspect
+from dataclasses import replace
 from functools import partial
 from typing import Any, Callable
 
@@ -32,8 +33,32 @@ MODELS: dict[str, ModelFactory] = {
 }
 
 
+# Parameters named ``*_path`` only initialise weights from a file (smp's ``encoder_weights_path``), which the
+# artifact's own weights then replace: they are not part of the architecture, so an artifact never records them
+# and rebuilding one never opens them (the file is on the training machine, not the server). The training-request
+# check (``segsvc/jobs/trainspec.py``) treats the same suffix as "a file the trainer reads".
+INIT_PARAM_SUFFIX = "_path"
+
+
 def available_models() -> list[str]:
     return sorted(MODELS)
+
+
+def is_init_param(name: str) -> bool:
+    """Whether the model parameter ``name`` only initialises weights from a file (``*_path``)."""
+    return name.endswith(INIT_PARAM_SUFFIX)
+
+
+def architecture_spec(spec: ModelSpec) -> ModelSpec:
+    """``spec`` without the parameters that only initialise weights: what an artifact records and rebuilds.
+
+    Example:
+        >>> architecture_spec(ModelSpec("smp/Unet", 2, params={"encoder_weights_path": "/data/enc.safetensors"}))
+        ModelSpec(arch='smp/Unet', num_classes=2, in_channels=3, params={})
+    """
+    if not any(is_init_param(k) for k in spec.params):
+        return spec
+    return replace(spec, params={k: v for k, v in spec.params.items() if not is_init_param(k)})
 
 
 def _check_params(arch: str, factory: ModelFactory, params: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from segsvc.errors import ModelConfigError
-from segsvc.models.base import SegmentationModel, conv_bn_relu
+from segsvc.models.base import SegmentationModel, check_positive_int, conv_bn_relu
 
 VGG16_ENCODER = ((2, 1), (2, 2), (3, 4), (3, 8), (3, 8))  # (convs, width multiplier) per block
 
@@ -73,6 +73,7 @@ class SegNet(SegmentationModel):
         base_channels: int = 64,
     ) -> None:
         super().__init__(in_channels, num_classes)
+        check_positive_int(base_channels, "base_channels", "SegNet")
         if variant == "vgg16":
             enc, dec, out_ch = self._vgg16(in_channels, base_channels)
         elif variant == "basic":

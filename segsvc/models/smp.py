@@ -12,9 +12,10 @@ message saying how to supply such a file.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -28,6 +29,45 @@ ARCHITECTURES: tuple[str, ...] = (
     "Unet", "UnetPlusPlus", "MAnet", "Linknet", "FPN", "PSPNet",
     "DeepLabV3", "DeepLabV3Plus", "PAN", "UPerNet", "Segformer", "DPT",
 )
+
+
+# The smp architectures whose last step upsamples their decoder's output by a fixed ``upsampling`` factor, and the
+# factor that gives logits of the input's size for an ``encoder_depth``: smp accepts any depth in [3, 5] but
+# keeps its default factor, so FPN with encoder_depth=3 gave logits 4x the input and PSPNet with 5 a quarter.
+# Each with the depths smp builds it with.
+_UPSAMPLING_FOR_DEPTH: dict[str, tuple[range, Callable[[int], int]]] = {
+    "FPN": (range(3, 6), lambda depth: 2 ** (depth - 3)),  # the pyramid is merged at stride 2**(depth - 3) * 4
+    "PSPNet": (range(1, 6), lambda depth: 2**depth),  # the pyramid pooling runs on the deepest map
+}
+# Other lower bounds on encoder_depth that smp does not check itself (UnetPlusPlus at 1: a KeyError at forward).
+_MIN_ENCODER_DEPTH = {"UnetPlusPlus": 2}
+
+
+def check_encoder_depth(architecture: str, net_class: type[nn.Module], kwargs: dict[str, Any]) -> None:
+    """Refuse an ``encoder_depth`` (with ``upsampling``) whose logits would not be the input's size.
+
+    Raises:
+        ModelConfigError: naming the parameter and the values that keep the contract.
+    """
+    defaults = {name: p.default for name, p in inspect.signature(net_class).parameters.items()}
+    depth = kwargs.get("encoder_depth", defaults.get("encoder_depth"))
+    if not isinstance(depth, int) or isinstance(depth, bool):
+        return  # smp reports a malformed depth itself
+    lowest = _MIN_ENCODER_DEPTH.get(architecture)
+    if lowest is not None and depth < lowest:
+        raise ModelConfigError(f"smp {architecture} needs encoder_depth between {lowest} and 5, got {depth}")
+    if architecture not in _UPSAMPLING_FOR_DEPTH:
+        return
+    depths, rule = _UPSAMPLING_FOR_DEPTH[architecture]
+    if depth not in depths:
+        return  # smp refuses it with its own message
+    upsampling = kwargs.get("upsampling", defaults.get("upsampling"))
+    if upsampling != rule(depth):
+        valid = ", ".join(f"encoder_depth={d} with upsampling={rule(d)}" for d in depths)
+        raise ModelConfigError(
+            f"smp {architecture} with encoder_depth={depth} and upsampling={upsampling} would not give logits of "
+            f"the input's size; valid: {valid}"
+        )
 
 
 def smp_class(architecture: str) -> type[nn.Module]:
@@ -80,6 +120,7 @@ class SmpModel(nn.Module):
             )
         if architecture == "DPT":  # ViT encoders: accept any size that is a multiple of the patch
             kwargs.setdefault("dynamic_img_size", True)
+        check_encoder_depth(architecture, net_class, kwargs)
         try:
             self.net = net_class(
                 encoder_name=encoder_name,

@@ -210,3 +210,53 @@ def test_the_manifest_rewrite_is_atomic_and_keeps_its_mode(repo: Path) -> None:
     assert manifest_path.stat().st_mode & 0o777 == 0o640
     assert {k: v for k, v in after.items() if k != "exports"} == {k: v for k, v in before.items() if k != "exports"}
     assert set(after["exports"]) == {"onnx"}
+
+
+def _loads_and_matches(version_dir: Path) -> Path:
+    """The recorded export: it matches the manifest's SHA-256 and the onnxruntime backend serves it."""
+    from segsvc.inference.backends import OnnxRuntimeBackend
+
+    path = published_onnx(version_dir)
+    assert path is not None and _sha(path) == read_manifest(version_dir).exports["onnx"]["sha256"]
+    backend = OnnxRuntimeBackend.for_manifest(version_dir, read_manifest(version_dir), torch.device("cpu"))
+    assert backend.forward(torch.zeros(1, 3, 32, 48)).shape == (1, 3, 32, 48)
+    return path
+
+
+def test_a_re_export_whose_manifest_write_fails_keeps_the_earlier_export(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC on the manifest (or kill -9 just before it): the recorded file was never replaced."""
+    import segsvc.export.onnx as exporter
+
+    version_dir = publish(repo, "m", TINY["unet"])
+    export_onnx(version_dir, checks=1)
+    before = {p.name: p.read_bytes() for p in version_dir.iterdir()}
+    seen: list[Path] = []
+
+    def no_space(*args: object, **kwargs: object) -> None:
+        seen.append(_loads_and_matches(version_dir))  # the state a kill -9 here would leave
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(exporter, "write_manifest", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(version_dir, checks=1, opset=17)
+    assert seen == [version_dir / ONNX_FILE]
+    assert {p.name: p.read_bytes() for p in version_dir.iterdir()} == before  # the new file is gone too
+    assert _loads_and_matches(version_dir) == version_dir / ONNX_FILE
+
+
+def test_a_re_export_switches_to_a_new_file_and_removes_the_old_one(repo: Path) -> None:
+    version_dir = publish(repo, "m", TINY["unet"])
+    first = export_onnx(version_dir, checks=1)
+    second = export_onnx(version_dir, checks=1, opset=17)
+    assert first.path == version_dir / ONNX_FILE and first.sha256 != second.sha256
+    assert second.path == version_dir / f"model-{second.sha256[:12]}.onnx"
+    assert read_manifest(version_dir).exports["onnx"]["file"] == second.path.name
+    assert sorted(p.name for p in version_dir.iterdir()) == sorted(["manifest.json", "weights.safetensors",
+                                                                     second.path.name])
+    assert _loads_and_matches(version_dir) == second.path
+    # the same bytes again: the recorded name, still one file, still matching
+    third = export_onnx(version_dir, checks=1, opset=17)
+    assert third.path == second.path and third.sha256 == second.sha256
+    assert [p.name for p in version_dir.glob("*.onnx")] == [second.path.name]
+    assert _loads_and_matches(version_dir) == second.path

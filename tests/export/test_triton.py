@@ -127,3 +127,29 @@ def test_a_second_export_replaces_the_model_directory_but_never_a_foreign_one(re
 def test_default_out_is_beside_the_repository(tmp_path: Path) -> None:
     assert default_out(tmp_path / "model_repository") == tmp_path.resolve() / "model_repository-triton"
     assert default_out(str(tmp_path / "runs" / "repo") + "/") == tmp_path.resolve() / "runs" / "repo-triton"
+
+
+@pytest.mark.parametrize("tile_padding, says, never", [
+    ("zero", "zeros", "mirror"),
+    ("reflect", "mirrored image", "zeros"),  # contract.pad_to_multiple mirrors the image then
+])
+def test_the_stated_padding_is_the_manifests(repo: Path, tmp_path: Path, model_config_pb2: ModuleType,
+                                             tile_padding: str, says: str, never: str) -> None:
+    import json
+
+    from segsvc.config import InferenceSpec
+    from segsvc.models.artifact import save_artifact
+    from tests.export.conftest import calibrated
+
+    spec = TINY["unet"]
+    version_dir = save_artifact(calibrated(spec), repo, "m", spec=spec, class_names=list(CLASSES),
+                                inference=InferenceSpec(tile_padding=tile_padding))
+    result = export_triton(version_dir, tmp_path / "triton", checks=1)
+    info = json.loads((result.model_dir / "segsvc.json").read_text())
+    assert info["inference"].get("tile_padding", "zero") == tile_padding
+    assert info["padding"]["where"].startswith("bottom/right, ")
+    assert says in info["padding"]["where"] and never not in info["padding"]["where"]
+    text = result.config.read_text()
+    [line] = [line for line in text.splitlines() if "padded at the bottom/right" in line]
+    assert line.startswith("# ") and says in line and never not in line
+    text_format.Parse(text, model_config_pb2.ModelConfig())  # the header is still only a comment

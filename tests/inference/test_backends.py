@@ -351,3 +351,31 @@ def test_onnxruntime_threads_sleep_when_idle(repo):
     options = backend.session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.intra_op_num_threads == torch.get_num_threads()
+
+
+class _Upscaling(torch.nn.Module):
+    """A network that breaks the contract as smp FPN with encoder_depth=3 did: logits 2x the input."""
+
+    output_stride = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(x[:, :2], scale_factor=2.0, mode="nearest")
+
+
+def test_logits_of_another_size_than_the_padded_input_are_refused_not_cropped():
+    from segsvc.inference.contract import Geometry
+
+    backend = TorchBackend(_Upscaling(), Geometry(8, 8), CPU, 3)
+    with pytest.raises(ArtifactError, match=r"logits \[1, 2, 80, 96\] for an input of \[1, 3, 40, 48\]") as info:
+        backend.forward(torch.randn(1, 3, 37, 45))  # padded to 40 x 48; the top-left 37 x 45 used to come back
+    assert "/" not in str(info.value).replace("[N, C, H, W] -> [N, K, H, W]", "")  # no server path
+    with pytest.raises(ArtifactError):
+        backend.warmup(64)  # so a version with such a network fails at load, not at its first request
+
+
+def test_the_onnxruntime_backend_refuses_logits_of_another_size_too(repo, monkeypatch):
+    backend = OnnxRuntimeBackend.for_manifest(repo / "plain" / "1", read_manifest(repo / "plain" / "1"), CPU)
+    run = OnnxRuntimeBackend.run
+    monkeypatch.setattr(OnnxRuntimeBackend, "run", lambda self, padded: run(self, padded)[:, :, ::2, ::2])
+    with pytest.raises(ArtifactError, match="contract"):
+        backend.forward(torch.randn(2, 3, 37, 45))

@@ -30,10 +30,13 @@ def test_bad_values_are_config_errors() -> None:
 
 
 def test_errors_raised_inside_a_factory_are_config_errors() -> None:
-    """torch's own errors from impossible values (here a negative width) are a ModelConfigError naming the params.
+    """torch's own errors from impossible values (here a fractional depth) are a ModelConfigError naming the params.
 
-    Before, a RuntimeError escaped: a manifest with such params was an internal error to LoadModel."""
-    with pytest.raises(ModelConfigError, match=r"cannot build 'fcn8s' with params \{'base_channels': -1\}"):
+    Before, a RuntimeError escaped: a manifest with such params was an internal error to LoadModel. (A negative
+    FCN width, the example here before, is now refused by FCN itself, naming the parameter.)"""
+    with pytest.raises(ModelConfigError, match=r"cannot build 'unet' with params \{'depth': 2.5\}"):
+        build_model(ModelSpec("unet", 3, params={"depth": 2.5}))
+    with pytest.raises(ModelConfigError, match=r"FCN base_channels must be a positive integer"):
         build_model(ModelSpec("fcn8s", 3, params={"base_channels": -1}))
 
 

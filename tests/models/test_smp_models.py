@@ -85,3 +85,59 @@ def test_an_unknown_smp_architecture_names_the_valid_ones() -> None:
 
     with pytest.raises(ModelConfigError, match="unknown smp architecture 'Unet3'; valid: DPT, DeepLabV3"):
         SmpModel("Unet3", 2)
+
+
+def _trained_elsewhere(tmp_path) -> tuple[torch.nn.Module, ModelSpec, str]:
+    """An smp model whose encoder came from a local file, with weights that then moved away from it."""
+    donor = build_model(ModelSpec("smp/Unet", 2, params=ENCODER))
+    path = tmp_path / "training-host" / "enc.safetensors"
+    path.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in donor.net.encoder.state_dict().items()}, str(path))
+    spec = ModelSpec("smp/Unet", 2, params={**ENCODER, "encoder_weights_path": str(path)})
+    torch.manual_seed(3)
+    model = build_model(spec)
+    with torch.no_grad():  # "training": the saved weights differ from what the file initialised
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model.eval(), spec, str(path)
+
+
+def test_an_artifact_does_not_record_or_reopen_its_encoder_weights_file(tmp_path) -> None:
+    """The file initialised the encoder on the training host; the artifact's weights replace it, so a
+    server without the file loads the version and gets the same logits."""
+    from pathlib import Path
+
+    from segsvc.models.artifact import MANIFEST_FILE, load_artifact, read_manifest, save_artifact
+
+    model, spec, path = _trained_elsewhere(tmp_path)
+    version_dir = save_artifact(model, tmp_path / "repo", "m", spec=spec)
+    Path(path).unlink()
+    text = (version_dir / MANIFEST_FILE).read_text()
+    assert path not in text and "encoder_weights_path" not in text
+    assert read_manifest(version_dir).spec.params == ENCODER
+    loaded, _ = load_artifact(version_dir)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_an_artifact_that_recorded_an_encoder_weights_file_loads_without_it(tmp_path) -> None:
+    """Artifacts written before the path was dropped: the recorded path is ignored, never opened."""
+    import json
+
+    from segsvc.inference.repository import ModelRepository
+    from segsvc.models.artifact import MANIFEST_FILE, load_artifact, save_artifact
+
+    model, spec, path = _trained_elsewhere(tmp_path)
+    version_dir = save_artifact(model, tmp_path / "repo", "m", spec=spec)
+    manifest = version_dir / MANIFEST_FILE
+    data = json.loads(manifest.read_text())
+    data["model"]["params"]["encoder_weights_path"] = path  # as an older segsvc wrote it
+    manifest.write_text(json.dumps(data))
+    (tmp_path / "training-host" / "enc.safetensors").unlink()
+    loaded, read = load_artifact(version_dir)
+    assert "encoder_weights_path" not in read.spec.params
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    ModelRepository(tmp_path / "repo").load("m", 1)  # the server's path too

@@ -96,6 +96,21 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def check_output_shape(logits: torch.Tensor, padded: torch.Tensor) -> torch.Tensor:
+    """``logits`` when they are ``[N, K, H, W]`` with the padded input's N, H and W.
+
+    Raises:
+        ArtifactError: any other shape (no server path in the message: it may reach a client).
+    """
+    n, _, h, w = padded.shape
+    shape = tuple(logits.shape)
+    if len(shape) != 4 or shape[0] != n or shape[2:] != (h, w):
+        raise ArtifactError(f"the model broke the [N, C, H, W] -> [N, K, H, W] contract: logits {list(shape)} for "
+                            f"an input of {list(padded.shape)}; its architecture parameters are invalid, "
+                            "republish it with parameters that keep the input size")
+    return logits
+
+
 class Backend(ABC):
     """Runs one network: a normalised ``[N, C, H, W]`` float batch of any H, W -> float32 logits.
 
@@ -127,9 +142,14 @@ class Backend(ABC):
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[N, K, H, W]`` of a normalised CPU batch of any H, W (padded, run, cropped back)."""
+        """Float32 logits ``[N, K, H, W]`` of a normalised CPU batch of any H, W (padded, run, cropped back).
+
+        Raises:
+            ArtifactError: the network's output is not ``[N, K, H, W]`` of the padded input (a model built
+                with parameters that break the contract); cropping it would silently misalign the labels.
+        """
         padded, (h, w) = pad_to_multiple(batch, self.geometry.stride, self.geometry.min_size)
-        return self.run(padded)[:, :, :h, :w].float()
+        return check_output_shape(self.run(padded), padded)[:, :, :h, :w].float()
 
     def probe_input(self, size: int) -> torch.Tensor:
         """A zero ``[1, C, S, S]`` batch at least ``size`` wide, padded to the geometry (warm-up, measuring)."""

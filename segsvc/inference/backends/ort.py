@@ -1,4 +1,4 @@
-"""The ``onnxruntime`` backend: the version's exported ``model.onnx`` (``segsvc export``) run by ONNX Runtime.
+"""The ``onnxruntime`` backend: the version's ONNX export (``segsvc export``) run by ONNX Runtime.
 
 The file is the one the manifest's ``exports.onnx`` names, and its SHA-256 must
 match the recorded one, so a stale or swapped export is refused at load rather
