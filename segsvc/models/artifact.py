@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -253,12 +254,20 @@ def save_artifact(
 
 
 def read_manifest(version_dir: str | os.PathLike[str]) -> Manifest:
-    """Parse and validate ``manifest.json`` (does not touch the weights)."""
+    """Parse and validate ``manifest.json`` (does not touch the weights).
+
+    It is opened without blocking and must be a regular file: reading a FIFO of
+    that name would wait forever (its ``stat`` size is 0).
+    """
     path = Path(version_dir) / MANIFEST_FILE
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ArtifactError(f"{path} is not a regular file")
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
-        data = json.loads(path.read_text())
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ArtifactError(f"{path} does not exist: not a model version directory") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,33 @@ def test_unparseable_manifest_is_reported(saved) -> None:
     (path / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(ArtifactError, match="cannot read"):
         read_manifest(path)
+
+
+def test_a_manifest_that_is_a_fifo_or_a_folder_is_refused_without_waiting(saved) -> None:
+    """Reading a FIFO blocks until a writer comes (its stat size is 0, under the size limit): forever."""
+    _, path = saved
+    manifest = path / MANIFEST_FILE
+    manifest.unlink()
+    os.mkfifo(manifest)
+    outcome: list[BaseException] = []
+    reader = threading.Thread(target=lambda: _record_error(outcome, lambda: read_manifest(path)), daemon=True)
+    reader.start()
+    reader.join(60)
+    if reader.is_alive():  # unblock the stuck reader, then fail
+        os.close(os.open(manifest, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("read_manifest waited on a FIFO")
+    assert isinstance(outcome[0], ArtifactError) and "not a regular file" in str(outcome[0])
+    manifest.unlink()
+    manifest.mkdir()
+    with pytest.raises(ArtifactError, match="not a regular file|Is a directory"):
+        read_manifest(path)
+
+
+def _record_error(out: list[BaseException], call) -> None:  # type: ignore[no-untyped-def]
+    try:
+        call()
+    except BaseException as exc:  # noqa: BLE001  (the test inspects it)
+        out.append(exc)
 
 
 def test_repository_errors(saved, tmp_path) -> None:
