@@ -35,7 +35,9 @@ import contextlib
 import logging
 from typing import AsyncIterator, Callable, Iterator
 
-from segsvc.errors import ArtifactError, InvalidArgument, SegsvcError, UnknownModel, UnknownVersion
+from segsvc.errors import (
+    ArtifactError, FailedPrecondition, InvalidArgument, SegsvcError, UnknownModel, UnknownVersion,
+)
 from segsvc.inference.engine import resolve_device
 from segsvc.inference.loader import LoadedModel, ManagerConfig, VersionLoader
 from segsvc.inference.repository import ModelRepository, VersionEntry
@@ -156,15 +158,17 @@ class ModelManager:
         models = self._models
         if not name:
             loaded = sorted(n for n, t in models.items() if t)
-            if len(loaded) != 1:
+            if not loaded:
+                raise FailedPrecondition(self._none_loaded())
+            if len(loaded) > 1:
                 raise InvalidArgument(
-                    f"the request names no model and {len(loaded)} models are loaded; name one of {loaded}"
+                    f"the request names no model and {len(loaded)} models are loaded; name one of {_few(loaded)}"
                 )
             name = loaded[0]
         table = models.get(name)
         if not table:
             loaded = sorted(n for n, t in models.items() if t)
-            raise UnknownModel(f"model {name!r} is not loaded; loaded models: {loaded or 'none'}")
+            raise UnknownModel(f"model {name!r} is not loaded; loaded models: {_few(loaded) or 'none'}")
         v = version or self.default_version(name)
         lm = table.get(v)
         if lm is None:
@@ -173,6 +177,18 @@ class ModelManager:
                 "load it with LoadModel or omit the version"
             )
         return lm
+
+    def _none_loaded(self) -> str:
+        """Why a request that names no model has none to use: nothing is loaded; what the repository holds."""
+        try:
+            held = sorted(self.repository.list_models())
+        except (OSError, SegsvcError):  # an unreadable repository: say what is known
+            held = None
+        if held:
+            return f"no model is loaded (the model repository holds {_few(held)}): load one with LoadModel"
+        if held is None:
+            return "no model is loaded: load one with LoadModel"
+        return "no model is loaded and the model repository holds none: publish a model version, then LoadModel"
 
     def loaded(self, name: str = "") -> list[LoadedModel]:
         """Every loaded version (of model ``name`` when given), by name then version.
@@ -508,3 +524,9 @@ class ModelManager:
                 self._on_change()
             except Exception:
                 log.exception("model change hook failed")
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    """``'a', 'b' and 3 more``: names for a message, at most ``limit`` of them (a message stays short)."""
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -34,6 +34,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,10 @@ log = logging.getLogger("segsvc.jobs")
 
 KIND = "train"
 ARTIFACT_NAMES = ("training_curve.png", "metrics.jsonl", "events.jsonl", "config.yaml")
+LOG_TAIL_BYTES = 64 << 10  # how much of train.log is read for the trainer's own error line
+MAX_REASON_CHARS = 500  # a failure reason taken from the trainer is cut to this
+# ``training: error: ...`` as training/train.py prints it (torchrun may prefix a rank: ``[rank0]: ...``).
+_TRAINER_ERROR = re.compile(r"(?:\[[^\]]{1,40}\]:?\s*)?training: error:\s*(\S.*)")
 
 
 class _Stop(Exception):
@@ -296,6 +301,7 @@ class TrainingRunner(StoreRunner):
             argv = trainer_argv(spec, root, self.config, resume=resume)
             tail = EventTail(run_dir / "events.jsonl")
             run.progress["_tail"] = tail
+            log_start = await asyncio.to_thread(_size, root / "train.log")  # this attempt's output starts here
             attempts = int(run.progress.get("attempts", 0)) + 1
             await self._set_phase(run, "training", attempts=attempts)
             log.info("training job %s: starting the trainer (attempt %d%s)", run.job.id, attempts,
@@ -308,7 +314,11 @@ class TrainingRunner(StoreRunner):
                 run.progress.pop("_tail", None)
             await self._save(run)
             if code != 0 or not _has_version(candidate_repo / name):
-                reason = run.progress.get("end_reason") or f"the trainer exited with code {code}"
+                reason = run.progress.get("end_reason")
+                if not reason:  # it stopped before its events began (a bad recipe or override): its own error
+                    said = await asyncio.to_thread(trainer_error, root / "train.log", log_start)
+                    reason = (_clip(self._public(run.job, said), MAX_REASON_CHARS) if said
+                              else f"the trainer exited with code {code}")
                 raise _Stop("FAILED", f"training failed: {reason}")
         else:  # a trainer finished before a crash (or one the dead server left behind did): its events say how far
             for event in await asyncio.to_thread(EventTail(root / spec["run_dir"] / "events.jsonl").read):
@@ -424,6 +434,40 @@ def apply_event(progress: dict[str, Any], event: dict[str, Any]) -> None:
         progress.pop("end_reason", None)
     elif kind == "end" and event.get("status") != "completed":
         progress["end_reason"] = str(event.get("reason") or "the trainer reported a failure")[:500]
+
+
+def trainer_error(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -> str | None:
+    """The trainer's own last error in ``log_path`` (the text after ``training: error:``), or None.
+
+    Only the log's output from byte ``start`` on (this attempt's) is looked at, and of that at most its
+    last ``limit`` bytes: a long log is not read whole. The text is as the trainer wrote it (paths included).
+    """
+    try:
+        with open(log_path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            offset = max(start, size - limit)
+            f.seek(offset)
+            lines = f.read(limit).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    if offset > start and lines:  # the read may have begun inside a line
+        lines = lines[1:]
+    for line in reversed(lines):
+        found = _TRAINER_ERROR.fullmatch(line.strip())
+        if found:
+            return found.group(1).strip()
+    return None
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _datasets_of(spec: dict[str, Any]) -> list[dict[str, Any]]:

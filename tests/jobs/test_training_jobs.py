@@ -195,3 +195,74 @@ def test_a_server_without_the_trainer_s_dependencies_refuses_training_up_front(t
         asyncio.run(runner.submit(REQUEST, "no-trainer"))
     assert "albumentations" in looked_up
     assert store.list() == []
+
+
+# -- a trainer that fails before its events begin: the job's reason is the trainer's own error ----------------
+def _runner_with_spec(tmp_path: Path, store: JobStore, **config) -> TrainingRunner:  # type: ignore[no-untyped-def]
+    spec_file = tmp_path / "data" / "shapes.yaml"
+    spec_file.parent.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text("name: shapes\n")
+    datasets = SimpleNamespace(get=lambda name: SimpleNamespace(name=name, sha256="f" * 64, spec_path=spec_file),
+                               guard_deletes=lambda users: None)
+    manager = SimpleNamespace(repository=ModelRepository(tmp_path / "repo"))
+    return TrainingRunner(store, manager, datasets,  # type: ignore[arg-type]
+                          TrainingConfig(state_dir=tmp_path / "state", kill_grace_s=1.0, **config))
+
+
+def test_a_mistyped_override_fails_the_job_with_the_trainer_s_own_error(tmp_path, store):
+    """`--set data.crp=[64,64]`: the real trainer refuses the key before it writes any event; the job's
+    reason is its error line ("did you mean 'crop'?"), not only its exit code, and names no server path."""
+    runner = _runner_with_spec(tmp_path, store)
+    request = TrainingRequest(dataset="shapes", recipe="synthetic-quick", overrides=("data.crp=[64,64]",), epochs=1,
+                              device="cpu")
+
+    async def main() -> Job:
+        job = await runner.submit(request)
+        return await run_to_end(runner, job.id)
+
+    final = asyncio.run(main())
+    assert final.state == "FAILED"
+    assert final.error.startswith("training failed: data.crp: unknown key (did you mean 'crop'?)"), final.error
+    assert "exited with code" not in final.error
+    assert str(tmp_path) not in final.error and "/" not in final.error.split("valid keys")[0]
+    assert len(final.error) <= len("training failed: ") + training.MAX_REASON_CHARS
+
+
+def test_the_trainer_s_error_is_read_from_this_attempt_s_log_tail_scrubbed_and_clipped(tmp_path, store):
+    """A stand-in trainer (the runner's `python`) writes 200 KB of output, then an error naming the job's
+    recipe path and 1000 more characters: the reason names `<job>`, not the path, and is cut; an error line an
+    earlier attempt left in train.log is not this attempt's reason."""
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\n"  # argv: -m training --config <job>/recipe.yaml ...
+                    "head -c 200000 /dev/zero | tr '\\0' x; echo\n"
+                    "echo \"training: error: data.crp: unknown key; recipe '$4' "
+                    "$(head -c 1000 /dev/zero | tr '\\0' z)\"\n"
+                    "echo 'some trailing output'\n"
+                    "exit 2\n")
+    fake.chmod(0o755)
+    runner = _runner_with_spec(tmp_path, store, python=str(fake))
+    request = TrainingRequest(dataset="shapes", recipe="synthetic-quick", overrides=("data.crp=1",), epochs=1)
+
+    async def main() -> Job:
+        job = await runner.submit(request)
+        log = runner.job_dir(job.id) / "train.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("training: error: a stale error of an earlier attempt\n")
+        return await run_to_end(runner, job.id)
+
+    final = asyncio.run(main())
+    assert final.state == "FAILED"
+    assert final.error.startswith("training failed: data.crp: unknown key; recipe '<job>/recipe.yaml' zzz"), \
+        final.error[:200]
+    assert str(tmp_path) not in final.error and "stale" not in final.error
+    assert final.error.endswith("...") and len(final.error) <= len("training failed: ") + training.MAX_REASON_CHARS
+
+
+def test_the_trainer_s_error_line_is_looked_for_only_in_the_log_s_tail(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("training: error: long ago\n" + "x" * (training.LOG_TAIL_BYTES + 10) + "\nthe end\n")
+    assert training.trainer_error(log) is None  # beyond the tail: not read (and a cut first line is no match)
+    log.write_text("[rank0]: training: error: data.crp: unknown key\nE0101 torchrun: child failed\n")
+    assert training.trainer_error(log) == "data.crp: unknown key"
+    assert training.trainer_error(log, start=log.stat().st_size) is None
+    assert training.trainer_error(tmp_path / "missing.log") is None

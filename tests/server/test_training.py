@@ -217,6 +217,22 @@ def test_a_failing_trainer_ends_failed_with_its_reason_and_no_traceback(tmp_path
         assert "Traceback" not in message and str(tmp_path) not in message
 
 
+def test_a_mistyped_override_fails_the_job_with_the_trainer_s_own_error(tmp_path, shapes, start_server):
+    """`--set data.crp=[64,64]` is accepted (the service does not know the trainer's schema); the trainer
+    refuses it before its first event, and the job's error is the trainer's line, not only its exit code."""
+    server = start_server(tmp_path / "repo", **_config(tmp_path))
+    with server.client(timeout_s=60) as client:
+        client.upload_dataset(shapes, "shapes")
+        job = client.submit_training_job("shapes", recipe="synthetic-quick", overrides=TINY + ("data.crp=[64,64]",),
+                                         epochs=1, device="cpu")
+        assert job.wait(timeout_s=JOB_TIMEOUT_S).state == "FAILED"
+        with pytest.raises(Exception) as info:
+            job.result()
+        message = str(info.value)
+        assert "training failed: data.crp: unknown key (did you mean 'crop'?)" in message, message
+        assert "exited with code" not in message and str(tmp_path) not in message
+
+
 def test_cli_trains_on_a_server_and_jobs_commands_cover_training_jobs(tmp_path, shapes, start_server, capsys):
     from segsvc.cli import main
 
