@@ -24,17 +24,19 @@ def _client(args: argparse.Namespace, read_token: Callable[[argparse.Namespace],
 
 
 def _print_status(status) -> None:  # type: ignore[no-untyped-def]
+    """One line per job; a job that ended in error says why on the next."""
+    eta = f", eta {status.eta_s:.0f} s" if status.eta_s and not status.done_flag else ""
     if hasattr(status, "phase"):  # a training job
         miou = f", val mIoU {status.val_miou:.4f} (best {status.best_miou:.4f})" if status.val_miou else ""
-        eta = f", eta {status.eta_s:.0f} s" if status.eta_s and not status.done_flag else ""
         print(f"{status.name}  {status.state:9}  train {status.phase:10} epoch {status.epoch}/{status.epochs} "
               f"step {status.step}/{status.steps_per_epoch}  loss {status.loss:.4f}{miou}  "
               f"{status.recipe} on {status.dataset} -> {status.model}{eta}")
-        return
-    eta = f", eta {status.eta_s:.0f} s" if status.eta_s and not status.done_flag else ""
-    print(f"{status.name}  {status.state:9}  {status.processed}/{status.total} "
-          f"(done {status.done}, failed {status.failed}, skipped {status.skipped})  "
-          f"{status.model}:{status.version}  {status.images_per_s:.1f} img/s{eta}")
+    else:
+        print(f"{status.name}  {status.state:9}  {status.processed}/{status.total} "
+              f"(done {status.done}, failed {status.failed}, skipped {status.skipped})  "
+              f"{status.model}:{status.version}  {status.images_per_s:.1f} img/s{eta}")
+    if status.error:
+        print(f"  {status.state.lower()}: {status.error}")
 
 
 def _print_result(job) -> int:  # type: ignore[no-untyped-def]

@@ -60,6 +60,7 @@ class JobStatus:
     model: str
     version: int
     cancel_requested: bool
+    error: str = ""  # why a FAILED (or CANCELLED) job ended: the operation's error message
 
     @property
     def processed(self) -> int:
@@ -86,7 +87,12 @@ def _status(op: operations_pb2.Operation) -> JobStatus:
     op.metadata.Unpack(meta)
     return JobStatus(op.name, STATES.get(meta.state, "UNSPECIFIED"), op.done, meta.total, meta.done, meta.failed,
                      meta.skipped, meta.images_per_second, meta.eta_seconds, meta.model, meta.model_version,
-                     meta.cancel_requested)
+                     meta.cancel_requested, _error_of(op))
+
+
+def _error_of(op: operations_pb2.Operation) -> str:
+    """The message of a finished operation's error; "" while it runs or when it succeeded."""
+    return op.error.message if op.done and op.HasField("error") else ""
 
 
 class JobHandle:
@@ -307,6 +313,7 @@ class TrainingStatus:
     recipe: str
     attempts: int
     cancel_requested: bool
+    error: str = ""  # why a FAILED (or CANCELLED) job ended: the operation's error message
 
     @property
     def fraction(self) -> float:
@@ -359,7 +366,7 @@ def _training_status(op: operations_pb2.Operation) -> TrainingStatus:
     return TrainingStatus(op.name, STATES.get(m.state, "UNSPECIFIED"), op.done, PHASES.get(m.phase, "unspecified"),
                           m.epoch, m.epochs, m.step, m.steps_per_epoch, m.loss, m.learning_rate, m.val_miou,
                           m.best_miou, m.images_per_second, m.eta_seconds, m.elapsed_seconds, m.dataset, m.model,
-                          m.base_model, m.recipe, m.attempts, m.cancel_requested)
+                          m.base_model, m.recipe, m.attempts, m.cancel_requested, _error_of(op))
 
 
 class TrainingJobHandle(JobHandle):

@@ -1,4 +1,5 @@
-"""``jobclient.download``: what a server streams back is checked before it is written, and written atomically."""
+"""``jobclient``: what a server streams back is checked before it is written, and written atomically; a job's
+status carries why it failed."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.longrunning import operations_pb2
+from google.rpc import code_pb2, status_pb2
 
 from segsvc.errors import InvalidArgument, Unavailable
+from segsvc import cli_jobs, jobclient
 from segsvc.jobclient import download
 from segsvc.v1 import jobs_pb2 as jobs_pb
+from segsvc.v1 import training_pb2 as tpb
 
 
 def _chunk(path: str, offset: int, data: bytes, last: bool) -> jobs_pb.FileChunk:
@@ -63,3 +68,23 @@ def test_an_interrupted_download_leaves_no_half_file(tmp_path):
     with pytest.raises(Unavailable):
         download(stream(), tmp_path)
     assert _files(tmp_path) == {"done.png": b"whole"}  # no big.png, no temporary
+
+
+@pytest.mark.parametrize("metadata, status_of", [
+    (jobs_pb.JobMetadata(total=3, done=1, model="m", model_version=1), jobclient._status),
+    (tpb.TrainingJobMetadata(epochs=3, epoch=1, recipe="r", dataset="d", model="m"), jobclient._training_status),
+], ids=["batch", "training"])
+def test_a_failed_job_s_status_says_why(capsys, metadata, status_of):
+    """``segsvc jobs status`` printed FAILED and no reason; the reason reached only ``--wait`` (result())."""
+    op = operations_pb2.Operation(name="jobs/j1", done=True)
+    op.metadata.Pack(metadata)
+    op.error.CopyFrom(status_pb2.Status(code=code_pb2.ABORTED, message="training failed: data.crp: unknown key"))
+    status = status_of(op)
+    assert status.error == "training failed: data.crp: unknown key"
+    cli_jobs._print_status(status)
+    reason = f"  {status.state.lower()}: training failed: data.crp: unknown key"
+    assert capsys.readouterr().out.splitlines()[1:] == [reason]
+    running = operations_pb2.Operation(name="jobs/j2", done=False)
+    running.metadata.Pack(metadata)
+    assert status_of(running).error == ""
+
