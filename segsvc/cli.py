@@ -38,23 +38,29 @@ def _models_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no models in {args.repo}")
         return 0
-    print(f"{'MODEL':24} {'VERSIONS':16} {'ARCH':20} {'CLASSES':>7}  mIoU")
+    print(f"{'MODEL':24} {'VERSIONS':16} {'DEFAULT':>7}  {'ARCH':20} {'CLASSES':>7}  mIoU")
     for name, versions in rows.items():
         # one unreadable manifest (a half-copied version) is marked, as the server skips it; the listing goes on
         broken: dict[int, str] = {}
+        manifests = {}
         for version in versions:
             try:
-                manifest = repo.read_manifest(name, version)
+                manifests[version] = repo.read_manifest(name, version)
             except (SegsvcError, OSError) as exc:
                 broken[version] = str(exc)
-        if versions[-1] in broken:  # the columns describe the latest version
-            arch, classes, miou_s = "-", "-", "-"
+        # the columns describe the version served to requests without one, chosen as the server does:
+        # the DEFAULT pointer's when it names a readable version, else the newest readable one
+        pointer = repo.default_version(name)
+        served = pointer if pointer in manifests else max(manifests, default=None)
+        if served is None:
+            default_s, arch, classes, miou_s = "-", "-", "-", "-"
         else:
+            manifest = manifests[served]
             miou = manifest.metrics.get("miou")
-            arch, classes = manifest.spec.arch, str(manifest.spec.num_classes)
+            default_s, arch, classes = str(served), manifest.spec.arch, str(manifest.spec.num_classes)
             miou_s = f"{miou:.4f}" if isinstance(miou, (int, float)) else "-"
         vs = ",".join(str(v) for v in versions)
-        print(f"{name:24} {vs:16} {arch:20} {classes:>7}  {miou_s}")
+        print(f"{name:24} {vs:16} {default_s:>7}  {arch:20} {classes:>7}  {miou_s}")
         for version, reason in broken.items():
             print(f"  {name}:{version} is broken: {reason}")
     return 0
@@ -74,7 +80,10 @@ def _models_show(args: argparse.Namespace) -> int:
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list architectures or the models in a repository")
     msub = p.add_subparsers(dest="models_cmd", required=True)
-    pl = msub.add_parser("list", help="list registered architectures, or a repository's models with --repo")
+    pl = msub.add_parser("list", help="list registered architectures, or a repository's models with --repo",
+                         description="With --repo: each model's versions and its DEFAULT version, the one requests "
+                                     "without a version get (its DEFAULT pointer, else the newest readable version); "
+                                     "ARCH, CLASSES and mIoU describe that version.")
     pl.add_argument("--repo", default=None, help="model repository root (<root>/<model>/<version>/)")
     pl.set_defaults(func=_models_list)
     ps = msub.add_parser("show", help="print a model version's manifest")
@@ -369,8 +378,27 @@ def _serve(args: argparse.Namespace) -> int:
         training=_training_config(args),
         max_connection_age_s=args.max_connection_age_s or None,
     )
+    _warn_unknown_backend_models(config.manager.engine.model_backends, args.model_repo)
     run(config)
     return 0
+
+
+def _warn_unknown_backend_models(model_backends: Sequence[tuple[str, str]], model_repo: str) -> None:
+    """A WARNING naming the ``--backend MODEL=KIND`` models the repository does not hold (a typo is otherwise
+    silent); not an error, since such a model may be published later."""
+    import logging
+
+    from segsvc.inference.repository import ModelRepository
+
+    if not model_backends:
+        return
+    held = sorted(ModelRepository(model_repo).list_models()) if Path(model_repo).is_dir() else []
+    unknown = [name for name, _ in model_backends if name not in held]
+    if unknown:
+        logging.getLogger("segsvc.cli").warning(
+            "--backend MODEL=KIND names a model the repository %s does not hold: %s (its models: %s); the choice "
+            "applies only once such a model is published", model_repo, ", ".join(repr(n) for n in unknown),
+            ", ".join(held) or "none")
 
 
 def _backend_choices(values: Sequence[str]) -> dict:  # type: ignore[type-arg]
@@ -536,12 +564,14 @@ def _segment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from segsvc.cli_client import open_client
-    from segsvc.client import named_image_files
+    from segsvc.client import SegmentationClient, named_image_files
     from segsvc.files import write_atomic
     from segsvc.inference.codec import encode_png
     from segsvc.inference.repository import parse_model_ref
 
     model, version = parse_model_ref(args.model) if args.model else (None, None)
+    # a bad option (--tile-size -5) is named now, before the files are walked and the server is waited for
+    SegmentationClient.request_template(model=model, version=version, tile_size=args.tile_size, flip_tta=args.flip_tta)
     named = named_image_files(args.inputs, skip=args.out)  # --out may lie inside an input folder
     if not named:
         raise SegsvcError(f"no images found in {args.inputs}")
@@ -720,12 +750,21 @@ def _os_error_text(exc: OSError) -> str:
     return f"{names}: {exc.strerror or type(exc).__name__}"
 
 
+def _hint(exc: SegsvcError) -> str:
+    """What the command line adds to an error from the server (whose words speak gRPC, not flags)."""
+    from segsvc.errors import Unauthenticated
+
+    if isinstance(exc, Unauthenticated):
+        return " (pass --token-file FILE or set $SEGSVC_AUTH_TOKEN)"
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except SegsvcError as exc:
-        print(f"segsvc: error: {exc}", file=sys.stderr)
+        print(f"segsvc: error: {exc}{_hint(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file or folder named on the command line cannot be read or written
         print(f"segsvc: error: {_os_error_text(exc)}", file=sys.stderr)

@@ -2,9 +2,10 @@
 
 ``segsvc segment``, ``jobs``, ``datasets`` and ``train --server`` share the
 flags ``--server``, ``--token-file``, ``--tls``, ``--tls-ca`` and ``--timeout-s``.
-The client waits up to ``CONNECT_TIMEOUT_S`` for the server to accept a
-connection, so a command typed right after ``segsvc serve ... &`` works instead
-of failing with "connection refused". Only the light client is imported (no torch).
+The client waits up to ``CONNECT_TIMEOUT_S`` (or ``--timeout-s``, when shorter)
+for the server to accept a connection, so a command typed right after
+``segsvc serve ... &`` works instead of failing with "connection refused".
+Only the light client is imported (no torch).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def open_client(args: argparse.Namespace, read_token: TokenReader) -> "Segmentat
     client = SegmentationClient(args.server, token=read_token(args), root_certificates=root_certs, tls=args.tls,
                                 timeout_s=args.timeout_s)
     try:
-        client.wait_for_server(CONNECT_TIMEOUT_S)
+        client.wait_for_server(min(CONNECT_TIMEOUT_S, args.timeout_s))  # --timeout-s bounds the whole run
     except BaseException:
         client.close()
         raise

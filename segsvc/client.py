@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ import numpy as np
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from segsvc.config import MAX_TILE_OVERLAP, MAX_TILE_SIZE, MIN_TILE_SIZE  # dataclasses only: no torch
 from segsvc.datasets.content import archive_format, file_chunks, local_files, tar_stream
 from segsvc.errors import DatasetInvalid, InvalidArgument, InvalidImage, SegsvcError, Unavailable
 from segsvc.jobclient import (
@@ -102,6 +105,24 @@ def _as_array(image: ImageInput) -> np.ndarray:
 
     data = _read(image) if isinstance(image, (str, os.PathLike)) else image
     return decode_image(data, max_pixels=1 << 40)
+
+
+def _check_tiling_and_tta(tile_size: Any, tile_overlap: Any, flip_tta: Any) -> None:
+    """``InvalidArgument`` in the server's words (``InferenceOptions``) for an option protobuf cannot carry
+    or the server would refuse (a bare ``ValueError: Value out of range`` or ``TypeError`` otherwise)."""
+    if tile_size is not None and (
+        isinstance(tile_size, bool) or not isinstance(tile_size, numbers.Integral)
+        or (tile_size != 0 and not MIN_TILE_SIZE <= tile_size <= MAX_TILE_SIZE)
+    ):
+        raise InvalidArgument(f"tile_size must be 0 (no tiling) or from {MIN_TILE_SIZE} to {MAX_TILE_SIZE}, "
+                              f"got {tile_size!r}")
+    if tile_overlap is not None and (
+        isinstance(tile_overlap, bool) or not isinstance(tile_overlap, numbers.Real)
+        or not (math.isfinite(tile_overlap) and 0.0 <= tile_overlap <= MAX_TILE_OVERLAP)
+    ):
+        raise InvalidArgument(f"tile_overlap must be a fraction in [0, {MAX_TILE_OVERLAP}], got {tile_overlap!r}")
+    if flip_tta is not None and not isinstance(flip_tta, (bool, np.bool_)):
+        raise InvalidArgument(f"flip_tta must be True or False (None: the model's default), got {flip_tta!r}")
 
 
 def _attach_image(request: pb.SegmentRequest, image: ImageInput) -> None:
@@ -289,7 +310,9 @@ class SegmentationClient:
         ``tile_size``, ``tile_overlap`` and ``flip_tta`` left ``None`` use the model's
         defaults from its manifest; ``tile_size=0`` and ``flip_tta=False`` turn them off.
         ``tile_overlap`` needs an explicit ``tile_size`` (segsvc.v1 sends the overlap
-        with the tile size: it cannot override only the manifest's overlap).
+        with the tile size: it cannot override only the manifest's overlap). An option out of range
+        (``tile_size`` 0 or 16..16384, ``tile_overlap`` in [0, 0.75], ``flip_tta`` a bool) raises
+        ``InvalidArgument`` naming it, in the server's words.
         """
         if encoding not in ENCODINGS:
             raise InvalidArgument(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
@@ -298,16 +321,17 @@ class SegmentationClient:
                 "tile_overlap needs tile_size: segsvc.v1 sends an overlap only with an explicit tile size; "
                 "pass tile_size too (the model's tile size is in its manifest), or leave both unset for the "
                 "model's defaults")
+        _check_tiling_and_tta(tile_size, tile_overlap, flip_tta)
         options = pb.SegmentOptions(
             encoding=ENCODINGS[encoding], return_confidence=confidence, return_class_counts=class_counts,
         )
         if flip_tta is not None:
-            options.flip_tta = flip_tta
+            options.flip_tta = bool(flip_tta)
         if tile_size is not None:
             options.tiling.SetInParent()
-            options.tiling.tile_size = tile_size
+            options.tiling.tile_size = int(tile_size)
             if tile_overlap is not None:
-                options.tiling.overlap = tile_overlap
+                options.tiling.overlap = float(tile_overlap)
         return pb.SegmentRequest(request_id=request_id, model=model or "", version=version or 0, options=options)
 
     @staticmethod

@@ -5,6 +5,8 @@ deploy/Dockerfile, where no shell expands variables): with no flags it finds the
 ``segsvc serve`` process (in a container, the server itself) and reads its
 ``--host``, ``--port`` and ``--tls-cert`` from its command line, so the check
 follows the port and TLS wherever they are set. Flags override what it finds.
+When several of the user's ``segsvc serve`` processes run (none of them PID 1) it
+refuses, naming their pids and ports, rather than guess: pass ``--address`` or ``--pid``.
 
 With TLS it trusts ``--tls-ca`` (default ``$SEGSVC_TLS_CA``, else the server's
 own certificate, which suits a self-signed one) and checks the name in the
@@ -64,13 +66,13 @@ def process_command_line(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
 
 
-def find_server(proc: Path = Path("/proc")) -> list[str] | None:
-    """The ``serve`` arguments of the one ``segsvc serve`` process of this user (PID 1 first), else ``None``."""
+def server_processes(proc: Path = Path("/proc")) -> dict[int, list[str]]:
+    """``{pid: serve arguments}`` of this user's ``segsvc serve`` processes (none without ``/proc``)."""
     found: dict[int, list[str]] = {}
     try:
         pids = sorted(int(p.name) for p in proc.iterdir() if p.name.isdigit())
     except OSError:  # no /proc (not Linux)
-        return None
+        return found
     for pid in pids:
         if pid == os.getpid():
             continue
@@ -82,9 +84,29 @@ def find_server(proc: Path = Path("/proc")) -> list[str] | None:
             continue
         if args is not None:
             found[pid] = args
+    return found
+
+
+def _port_of(args: Sequence[str]) -> str:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--port", default="50051")
+    return parser.parse_known_args(list(args))[0].port
+
+
+def find_server(proc: Path = Path("/proc")) -> list[str] | None:
+    """The ``serve`` arguments of the one ``segsvc serve`` process of this user (PID 1 first), else ``None``.
+
+    Raises:
+        ValueError: several are running (none of them PID 1): which one to check is the caller's choice.
+    """
+    found = server_processes(proc)
     if 1 in found:
         return found[1]
-    return next(iter(found.values())) if len(found) == 1 else None
+    if len(found) > 1:
+        servers = ", ".join(f"pid {pid} (port {_port_of(args)})" for pid, args in sorted(found.items()))
+        raise ValueError(f"{len(found)} 'segsvc serve' processes are running: {servers}; "
+                         "pass --address HOST:PORT or --pid PID to choose one")
+    return next(iter(found.values()), None)
 
 
 def certificate_name(cert_file: str) -> str | None:
@@ -183,7 +205,8 @@ def add_health_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("health", help="check a running server's gRPC health (exit 0 when SERVING); for "
                                       "container health checks")
     p.add_argument("--address", default=None,
-                   help=f"HOST:PORT (default: from the local 'segsvc serve' command line, else {DEFAULT_ADDRESS})")
+                   help=f"HOST:PORT (default: from the local 'segsvc serve' command line, else {DEFAULT_ADDRESS}; "
+                        "with several local servers, --address or --pid is needed)")
     p.add_argument("--service", default="",
                    help="health service name (default '': the whole server; segsvc.model.NAME for one model)")
     p.add_argument("--tls", action="store_true", help="use TLS (default: when the server runs with --tls-cert)")

@@ -101,3 +101,48 @@ def test_batch_resume_keeps_the_stored_options_of_flags_left_out(repo, images, t
     one_line_error(capsys, "--resume with different settings", "'alpha': 0.3")
     assert main(["batch", "--resume", "--tile-size", "32", *common]) == 2
     one_line_error(capsys, "'tile_size': 32")
+
+
+@pytest.mark.parametrize("tile_size", ["-5", "5000000000", "8"])
+def test_an_out_of_range_tile_size_is_named_before_connecting(images, tmp_path, no_server, tile_size, capsys) -> None:
+    """Not protobuf's "ValueError: Value out of range" traceback; the server's words, before any connection."""
+    assert main(["segment", str(images), "--server", no_server, "--out", str(tmp_path / "out"),
+                 "--tile-size", tile_size]) == 2
+    one_line_error(capsys, f"tile_size must be 0 (no tiling) or from 16 to 16384, got {tile_size}")
+
+
+def test_the_connection_wait_stays_within_the_runs_deadline(images, tmp_path, monkeypatch, capsys) -> None:
+    """--timeout-s is the deadline of the whole run: a dead address must not hold it for CONNECT_TIMEOUT_S."""
+    import time
+
+    monkeypatch.setattr(segsvc.cli_client, "CONNECT_TIMEOUT_S", 30.0)
+    started = time.monotonic()
+    assert main(["segment", str(images), "--server", "127.0.0.1:1", "--out", str(tmp_path / "out"),
+                 "--timeout-s", "1", "--no-progress"]) == 2
+    elapsed = time.monotonic() - started
+    one_line_error(capsys, "no server answered at 127.0.0.1:1 within 1 s")
+    assert elapsed < 15, f"waited {elapsed:.1f} s for a run whose deadline is 1 s"
+
+
+def test_export_from_a_missing_repository_says_so(tmp_path, capsys) -> None:
+    missing = tmp_path / "nonexistent"
+    assert main(["export", "m", "--repo", str(missing), "--no-progress"]) == 2
+    one_line_error(capsys, f"model repository {missing} does not exist")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert main(["export", "m", "--repo", str(a_file), "--no-progress"]) == 2
+    one_line_error(capsys, f"model repository {a_file} is not a directory")
+
+
+def test_an_unauthenticated_call_says_how_to_pass_a_token(monkeypatch, tmp_path, capsys) -> None:
+    """The server's message speaks gRPC metadata; the command line adds its own two ways to send a token."""
+    from segsvc.errors import Unauthenticated
+
+    def refused(*args, **kwargs):  # what a server with tokens answers a client without one
+        raise Unauthenticated("missing bearer token: send metadata 'authorization: Bearer <token>'")
+
+    monkeypatch.setattr(segsvc.cli_client, "open_client", refused)
+    monkeypatch.delenv("SEGSVC_AUTH_TOKEN", raising=False)
+    assert main(["jobs", "list", "--server", "127.0.0.1:1"]) == 2
+    one_line_error(capsys, "missing bearer token: send metadata 'authorization: Bearer <token>' "
+                           "(pass --token-file FILE or set $SEGSVC_AUTH_TOKEN)")

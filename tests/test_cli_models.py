@@ -38,7 +38,8 @@ def test_models_list_shows_every_model_and_marks_a_broken_version(tmp_path, caps
     out = capsys.readouterr().out
     assert "beta" in out  # the other models are still listed
     alpha = next(line for line in out.splitlines() if line.startswith("alpha "))
-    assert "1,2" in alpha and "unet" not in alpha  # the latest version (2) is unreadable: nothing to show of it
+    # the latest version (2) is unreadable: the server skips it and serves 1, which the columns describe
+    assert alpha.split()[:3] == ["alpha", "1,2", "1"] and "unet" in alpha
     assert "alpha:2 is broken: cannot read alpha/2/manifest.json" in out
 
 
@@ -48,3 +49,26 @@ def test_models_list_of_a_missing_repository_is_an_error(tmp_path, capsys) -> No
     assert f"model repository {missing} does not exist" in capsys.readouterr().err
     assert main(["models", "list", "--repo", str(tmp_path)]) == 0  # an empty one is just empty
     assert f"no models in {tmp_path}" in capsys.readouterr().out
+
+
+def _row(out: str, name: str) -> list[str]:
+    return next(line for line in out.splitlines() if line.startswith(f"{name} ")).split()
+
+
+def test_models_list_describes_the_version_requests_get_not_the_newest(tmp_path, capsys) -> None:
+    """After a gate rejection, DEFAULT stays on v1 while a worse v2 is the newest: the listing shows v1's mIoU."""
+    from segsvc.inference.repository import ModelRepository
+
+    spec = ModelSpec("unet", 2, 1, {"base_channels": 4, "depth": 2})
+    for miou in (0.75, 0.40):
+        save_artifact(build_model(spec), tmp_path, "membrane", spec=spec, metrics={"miou": miou})
+    assert main(["models", "list", "--repo", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["MODEL", "VERSIONS", "DEFAULT", "ARCH", "CLASSES", "mIoU"]
+    assert _row(out, "membrane") == ["membrane", "1,2", "2", "unet", "2", "0.4000"]  # no pointer: the newest
+    ModelRepository(tmp_path).set_default("membrane", 1)
+    assert main(["models", "list", "--repo", str(tmp_path)]) == 0
+    assert _row(capsys.readouterr().out, "membrane") == ["membrane", "1,2", "1", "unet", "2", "0.7500"]
+    (tmp_path / "membrane" / "DEFAULT").write_text("7\n")  # a pointer to no version: the server serves the newest
+    assert main(["models", "list", "--repo", str(tmp_path)]) == 0
+    assert _row(capsys.readouterr().out, "membrane")[2:] == ["2", "unet", "2", "0.4000"]

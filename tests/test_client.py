@@ -80,3 +80,40 @@ def test_segment_many_refuses_bad_options_before_streaming():
             c.segment_many(images, model="tiny", progress=False, tile_overlap=0.5)
         with pytest.raises(InvalidArgument, match="encoding must be one of"):
             c.segment_many(images, model="tiny", progress=False, encoding="bogus")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"tile_size": -5}, "tile_size must be 0 (no tiling) or from 16 to 16384, got -5"),
+    ({"tile_size": 5_000_000_000}, "tile_size must be 0 (no tiling) or from 16 to 16384, got 5000000000"),
+    ({"tile_size": 8}, "tile_size must be 0 (no tiling) or from 16 to 16384, got 8"),
+    ({"tile_size": 64.5}, "tile_size must be 0 (no tiling) or from 16 to 16384, got 64.5"),
+    ({"tile_size": True}, "tile_size must be 0 (no tiling) or from 16 to 16384, got True"),
+    ({"tile_size": 64, "tile_overlap": 2.0}, "tile_overlap must be a fraction in [0, 0.75], got 2.0"),
+    ({"tile_size": 64, "tile_overlap": float("nan")}, "tile_overlap must be a fraction in [0, 0.75], got nan"),
+    ({"tile_size": 64, "tile_overlap": "0.5"}, "tile_overlap must be a fraction in [0, 0.75], got '0.5'"),
+    ({"flip_tta": "yes"}, "flip_tta must be True or False (None: the model's default), got 'yes'"),
+])
+def test_out_of_range_tiling_and_tta_options_are_refused_by_name(options, message):
+    """Not protobuf's bare ValueError ("Value out of range") or TypeError: the server's wording, before any call."""
+    import numpy as np
+
+    from segsvc.client import SegmentationClient
+
+    with pytest.raises(InvalidArgument) as caught:
+        SegmentationClient.build_request(np.zeros((4, 4, 3), np.uint8), model="tiny", **options)
+    assert str(caught.value) == message
+    with SegmentationClient("127.0.0.1:1", timeout_s=10) as c, pytest.raises(InvalidArgument):
+        c.segment(np.zeros((4, 4, 3), np.uint8), model="tiny", **options)
+
+
+def test_valid_tiling_and_tta_options_reach_the_request():
+    import numpy as np
+
+    from segsvc.client import SegmentationClient
+
+    image = np.zeros((4, 4, 3), np.uint8)
+    for size in (0, 16, 16384):
+        assert SegmentationClient.build_request(image, tile_size=size).options.tiling.tile_size == size
+    request = SegmentationClient.build_request(image, tile_size=32, tile_overlap=0.75, flip_tta=False)
+    assert request.options.tiling.overlap == 0.75 and request.options.HasField("flip_tta")
+    assert not request.options.flip_tta

@@ -225,8 +225,8 @@ class SegmentationServer:
         if self.manager.ready:
             await self._set_health(SERVING)
         else:
-            log.warning("no model loaded from %s: health stays NOT_SERVING until one is (LoadModel or polling)",
-                        cfg.model_repo)
+            log.warning("no model loaded from %s%s: health stays NOT_SERVING until one is (LoadModel or polling)",
+                        cfg.model_repo, "" if Path(cfg.model_repo).exists() else " (the folder does not exist)")
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish for ``grace_s``, drain, stop."""

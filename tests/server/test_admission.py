@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+import segsvc.client
 from segsvc import errors
 from segsvc.inference.admission import MIB
 from segsvc.inference.engine import InferenceOptions
@@ -14,7 +15,9 @@ from segsvc.server.config import LimitsConfig
 from tests.server.conftest import encode, make_image, publish
 
 
-def test_a_one_pixel_stride_tiling_request_is_refused_before_the_model_runs(start_server, tmp_path, gated):
+def test_a_one_pixel_stride_tiling_request_is_refused_before_the_model_runs(start_server, tmp_path, gated,
+                                                                            monkeypatch):
+    monkeypatch.setattr(segsvc.client, "_check_tiling_and_tta", lambda *options: None)  # the server's check
     publish(tmp_path, "m", seed=1)
     server = start_server(tmp_path)
     gated.gate.set()  # record every batch, hold none
