@@ -28,12 +28,7 @@ def _models_list(args: argparse.Namespace) -> int:
         for name in available_models():
             print(f"  {name}")
         return 0
-    from segsvc.errors import NotFound
-
-    if not Path(args.repo).is_dir():
-        raise NotFound(f"model repository {args.repo} does not exist" if not Path(args.repo).exists()
-                       else f"model repository {args.repo} is not a directory")
-    repo = ModelRepository(args.repo)
+    repo = ModelRepository.existing(args.repo)
     rows = repo.list_models()
     if not rows:
         print(f"no models in {args.repo}")
@@ -70,7 +65,7 @@ def _models_show(args: argparse.Namespace) -> int:
     from segsvc.inference.repository import ModelRepository, parse_model_ref
 
     name, version = parse_model_ref(args.ref)
-    repo = ModelRepository(args.repo)
+    repo = ModelRepository.existing(args.repo)
     version = repo.resolve_version(name, version)
     manifest = repo.read_manifest(name, version)
     print(json.dumps(manifest.to_dict(), indent=2))

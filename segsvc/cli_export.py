@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from segsvc.errors import InvalidArgument, NotFound
+from segsvc.errors import InvalidArgument
 from segsvc.export import DEFAULT_CHECKS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_OPSET, DEFAULT_TOLERANCE, MIN_AGREEMENT
 
 
@@ -59,9 +59,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
     if args.out is not None and args.format != "triton":
         raise InvalidArgument("--out is for --format triton; the ONNX export is written beside the weights")
-    if not Path(args.repo).is_dir():  # as `segsvc models list` says it, not "no model named ...; available: none"
-        raise NotFound(f"model repository {args.repo} does not exist" if not Path(args.repo).exists()
-                       else f"model repository {args.repo} is not a directory")
+    from segsvc.inference.repository import ModelRepository
+
+    ModelRepository.existing(args.repo)  # as `models list` says it, not "no model named ...; available: none"
 
 
 def _print_validation(validation: Any) -> None:

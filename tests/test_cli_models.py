@@ -47,6 +47,12 @@ def test_models_list_of_a_missing_repository_is_an_error(tmp_path, capsys) -> No
     missing = tmp_path / "nonexistent"
     assert main(["models", "list", "--repo", str(missing)]) == 2
     assert f"model repository {missing} does not exist" in capsys.readouterr().err
+    # show said "no model named 'm' in the repository; available: none"
+    assert main(["models", "show", "m", "--repo", str(missing)]) == 2
+    assert f"model repository {missing} does not exist" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    assert main(["models", "list", "--repo", str(tmp_path / "a-file")]) == 2
+    assert f"model repository {tmp_path / 'a-file'} is not a directory" in capsys.readouterr().err
     assert main(["models", "list", "--repo", str(tmp_path)]) == 0  # an empty one is just empty
     assert f"no models in {tmp_path}" in capsys.readouterr().out
 

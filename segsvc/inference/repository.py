@@ -39,7 +39,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segsvc.errors import ArtifactError, InvalidArgument, PathOutsideRoot, SegsvcError, UnknownModel, UnknownVersion
+from segsvc.errors import (
+    ArtifactError, InvalidArgument, NotFound, PathOutsideRoot, SegsvcError, UnknownModel, UnknownVersion,
+)
 from segsvc.files import write_atomic
 from segsvc.models.artifact import MANIFEST_FILE, Manifest, check_name, load_artifact, read_manifest
 
@@ -123,6 +125,18 @@ class ModelRepository:
         self.root = Path(root).resolve()
         self._skipped: dict[str, str] = {}
         self._skipped_lock = threading.Lock()
+
+    @classmethod
+    def existing(cls, root: str | os.PathLike[str]) -> "ModelRepository":
+        """The repository at ``root``, which must be a folder (the command line's ``--repo``).
+
+        Raises:
+            NotFound: ``root`` does not exist or is not a directory ("no model named ..." would mislead).
+        """
+        if not Path(root).is_dir():
+            raise NotFound(f"model repository {root} " + ("is not a directory" if Path(root).exists()
+                                                          else "does not exist"))
+        return cls(root)
 
     # -- paths ------------------------------------------------------------------------
     def relative(self, path: Path) -> str:
