@@ -19,6 +19,7 @@ from segsvc.config import ModelSpec
 from segsvc.errors import InvalidArgument
 from segsvc.models.artifact import load_artifact, read_manifest
 from segsvc.models.base import in_head
+from segsvc.models.registry import architecture_spec
 
 
 class IncompatibleInit(InvalidArgument):
@@ -60,10 +61,12 @@ def check_compatible(base: ModelSpec, new: ModelSpec, where: Path) -> None:
             f"model.init_from {str(where)!r} holds a {base.arch!r} model, but the recipe trains {new.arch!r}: "
             f"set model.arch={base.arch} or choose an artifact of {new.arch!r}"
         )
-    if dict(base.params) != dict(new.params):
+    # init-only params (``*_path``: an encoder file) are no part of the architecture; artifacts do not record them
+    base_params, new_params = dict(architecture_spec(base).params), dict(architecture_spec(new).params)
+    if base_params != new_params:
         raise IncompatibleInit(
-            f"model.init_from {str(where)!r} was built with params {dict(base.params)}, but the recipe "
-            f"asks for {dict(new.params)}: fine-tuning needs the same architecture parameters"
+            f"model.init_from {str(where)!r} was built with params {base_params}, but the recipe "
+            f"asks for {new_params}: fine-tuning needs the same architecture parameters"
         )
     if base.in_channels != new.in_channels:
         raise IncompatibleInit(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +28,7 @@ from segsvc.config import InferenceSpec, ModelSpec
 from segsvc.data.spec import DatasetSpec
 from segsvc.errors import InvalidArgument, ModelConfigError, SegsvcError
 from segsvc.files import write_atomic
+from segsvc.inference.repository import ModelRepository
 from segsvc.models.artifact import model_inference_spec, read_manifest, save_artifact
 from training.checkpoint import CheckpointError, RunState, load_checkpoint
 from training.config import ConfigError, TrainConfig
@@ -39,7 +39,6 @@ CHECKPOINT = "checkpoints/last.pt"
 BEST_WEIGHTS = "checkpoints/best.pt"
 CONFIG_FILE = "config.yaml"  # every run directory has one, written when it is created
 ARTIFACT_RECORD = "artifact.txt"
-_VERSION = re.compile(r"[1-9][0-9]*")  # a version directory's name
 
 
 def prepare_run(cfg: TrainConfig, resume: str | None, env: DistEnv) -> tuple[Path, dict[str, Any] | None]:
@@ -212,17 +211,17 @@ def find_published(cfg: TrainConfig, run: RunState) -> Path | None:
     version. That version's manifest records the run's ``run_id`` and ``epochs_run``; a resume that
     trained further publishes anew.
     """
-    model_dir = Path(cfg.output.repo) / cfg.model_name
-    if not model_dir.is_dir():
+    repository = ModelRepository(cfg.output.repo)
+    try:
+        versions = repository.versions(cfg.model_name)
+    except SegsvcError:  # no such model yet
         return None
-    for version in sorted(model_dir.iterdir(), reverse=True):
-        if not _VERSION.fullmatch(version.name) or not version.is_dir():
-            continue
+    for version in reversed(versions):
         try:
-            training = read_manifest(version).training
+            training = repository.read_manifest(cfg.model_name, version).training
         except SegsvcError:  # unreadable: not ours to judge
             continue
         if training.get("run_id") == run.run_id and training.get("epochs_run") == len(run.history):
-            return version
+            return repository.version_dir(cfg.model_name, version)
     return None
 

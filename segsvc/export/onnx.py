@@ -212,8 +212,9 @@ def export_file_name(sha256: str, manifest: Manifest) -> str:
     """Where a new export with ``sha256`` is written: ``model.onnx`` when none is recorded, else a name
     derived from its hash (``model-<12 hex>.onnx``), so the recorded file is never overwritten.
 
-    The same bytes as the recorded export get the recorded name again: replacing that file atomically with
-    identical bytes keeps it matching the manifest at every instant.
+    Identical bytes under a hash-derived name get that name again (replacing the file atomically with the
+    same bytes keeps it matching); a recorded ``model.onnx`` is never reused, so identical bytes move to
+    ``model-<12 hex>.onnx``.
     """
     entry = manifest.exports.get("onnx")
     if not isinstance(entry, dict) or not entry.get("file"):

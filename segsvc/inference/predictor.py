@@ -13,8 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segsvc.config import MAX_NUM_CLASSES, InferenceSpec
-from segsvc.errors import ModelConfigError
+from segsvc.config import InferenceSpec
 from segsvc.inference.argmax import class_argmax
 from segsvc.inference.backends import Backend, TorchBackend
 from segsvc.inference.contract import (  # noqa: F401  (pad_to_multiple, padded_size: re-exported)
@@ -29,9 +28,8 @@ from segsvc.models.artifact import Manifest
 
 
 def labels_dtype(num_classes: int) -> np.dtype:
-    """The smallest unsigned dtype that holds labels ``0 .. num_classes - 1`` (``ModelSpec`` caps the count)."""
-    if num_classes > MAX_NUM_CLASSES:
-        raise ModelConfigError(f"num_classes must be at most {MAX_NUM_CLASSES} (labels are uint16), got {num_classes}")
+    """The smallest unsigned dtype that holds labels ``0 .. num_classes - 1`` (``ModelSpec`` caps the count
+    at ``MAX_NUM_CLASSES``, what uint16 holds)."""
     return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
 
 

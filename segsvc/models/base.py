@@ -42,6 +42,13 @@ def check_positive_int(value: object, name: str, model: str) -> int:
     return value
 
 
+def check_dropout(value: object, model: str) -> float:
+    """``value`` when it is a probability in [0, 1) (not a bool), else a ``ModelConfigError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ModelConfigError(f"{model} dropout must be in [0, 1), got {value!r}")
+    return float(value)
+
+
 def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int = 3, batch_norm: bool = True) -> list[nn.Module]:
     """A same-padding convolution, optional BatchNorm, ReLU (bias only without BatchNorm)."""
     layers: list[nn.Module] = [

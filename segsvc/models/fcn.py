@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from segsvc.errors import ModelConfigError
-from segsvc.models.base import SegmentationModel, check_positive_int, conv_bn_relu
+from segsvc.models.base import SegmentationModel, check_dropout, check_positive_int, conv_bn_relu
 from segsvc.models.upsample import check_upsample, unpooling
 
 VGG16_BLOCKS = (2, 2, 3, 3, 3)
@@ -101,8 +101,7 @@ class _FCN(SegmentationModel):
         if check_positive_int(fc_kernel_size, "fc_kernel_size", "FCN") % 2 == 0:
             raise ModelConfigError(f"FCN fc_kernel_size must be an odd positive integer (1, 3, 5, 7, ...), "
                                    f"got {fc_kernel_size}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ModelConfigError(f"FCN dropout must be in [0, 1), got {dropout!r}")
+        check_dropout(dropout, "FCN")
         self.encoder = VGGEncoder(in_channels, base_channels, batch_norm)
         c3, c4, c5 = self.encoder.widths[2:]
         self.head = nn.Sequential(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from segsvc.errors import ModelConfigError
-from segsvc.models.base import SegmentationModel, conv_bn_relu
+from segsvc.models.base import SegmentationModel, check_dropout, check_positive_int, conv_bn_relu
 from segsvc.models.upsample import check_upsample, up_layer
 
 
@@ -78,10 +78,8 @@ class UNet(SegmentationModel):
         check_upsample(upsample, model="U-Net")
         if not 1 <= depth <= 6:
             raise ModelConfigError(f"U-Net depth must be between 1 and 6, got {depth}")
-        if isinstance(base_channels, bool) or not isinstance(base_channels, int) or base_channels < 1:
-            raise ModelConfigError(f"U-Net base_channels must be a positive integer, got {base_channels!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ModelConfigError(f"U-Net dropout must be in [0, 1), got {dropout}")
+        check_positive_int(base_channels, "base_channels", "U-Net")
+        check_dropout(dropout, "U-Net")
         self.output_stride = 2**depth
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.down = nn.ModuleList()

@@ -13,7 +13,7 @@ from segsvc.models.base import in_head
 from segsvc.models.registry import build_model
 from training.config import load_config
 from training.events import EVENTS_FILE, read_events
-from training.finetune import IncompatibleInit, init_from_artifact
+from training.finetune import IncompatibleInit, check_compatible, init_from_artifact
 from training.train import main
 
 from tests.training.conftest import TINY_SPEC
@@ -92,3 +92,13 @@ def test_a_missing_artifact_is_a_clear_error(tiny_recipe, tmp_path):
 
     with pytest.raises(ArtifactError, match="not a model version directory"):
         main(load_config(tiny_recipe, [f"model.init_from={tmp_path / 'nope'}"]))
+
+
+def test_an_encoder_file_in_the_recipe_does_not_make_its_own_artifact_incompatible(tmp_path: Path) -> None:
+    """Artifacts leave out init-only ``*_path`` params; the recipe that made one still has them (a fine-tune
+    from an smp model trained with ``encoder_weights_path`` was refused as built with other params)."""
+    recipe = ModelSpec("smp/Unet", 2, params={"encoder_name": "resnet18", "encoder_weights_path": "/data/enc.st"})
+    artifact = ModelSpec("smp/Unet", 2, params={"encoder_name": "resnet18"})
+    check_compatible(artifact, recipe, tmp_path)
+    with pytest.raises(IncompatibleInit, match="same architecture parameters"):
+        check_compatible(artifact, ModelSpec("smp/Unet", 2, params={"encoder_name": "resnet34"}), tmp_path)
