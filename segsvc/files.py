@@ -1,15 +1,34 @@
-"""Files that readers must never see half-written: a temporary sibling, fsync, then a rename.
+"""Files on the server's disk: written so no reader sees them half-written, read so no path leaves its root.
 
-A reader (the model repository's scan, a server loading a version) sees the old
-file or the new one, and a crash leaves at most a ``.tmp-*`` sibling behind.
+``write_atomic``: a temporary sibling, fsync, then a rename. A reader (the model
+repository's scan, a server loading a version) sees the old file or the new
+one, and a crash leaves at most a ``.tmp-*`` sibling behind.
+
+``open_beneath``: a file a request named, opened from its root one path
+component at a time without following symlinks. A check that resolves the path
+and finds it inside the root says nothing about the moment of the open: a
+folder on the path can be swapped for a symlink in between. Opening the
+already-resolved path this way makes such a swap fail the open instead of
+leading it out of the root.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO swapped in opens at once (then is refused below) instead of blocking the reader forever.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class PathChanged(OSError):
+    """A component of a path being opened is a symlink, or no longer a folder: refused, never followed."""
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> Path:
@@ -40,3 +59,59 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int | None = N
             os.unlink(tmp)
         raise
     return path
+
+
+def open_beneath(root: str | os.PathLike[str], rel: str | os.PathLike[str]) -> BinaryIO:
+    """Open the regular file ``root/rel`` for reading, following no symlink below ``root``.
+
+    ``rel`` is a path the caller has already resolved and confined (it names no
+    symlink), so any symlink met on the way appeared since that check: the open
+    fails rather than follow it, whichever component it replaced. ``root`` itself
+    is opened normally (it is configuration, not a request).
+
+    Args:
+        root: the folder the file must lie in.
+        rel: the file's path below ``root``: relative, without ``.``, ``..`` or empty components.
+
+    Returns:
+        The open file (binary); the caller closes it.
+
+    Raises:
+        PathChanged: a component is now a symlink, or no longer a folder (``ELOOP``, ``ENOTDIR``).
+        OSError: anything else the kernel says (missing, permissions), or the file is not a regular file.
+        ValueError: ``rel`` is absolute or has a ``.``, ``..`` or empty component.
+
+    Example:
+        >>> with open_beneath(real_root, "scans/a/001.png") as f:  # doctest: +SKIP
+        ...     data = f.read()
+    """
+    parts = str(rel).split("/")
+    if PurePosixPath(rel).is_absolute() or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{str(rel)!r} is not a plain relative path")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                child = os.open(part, _FILE_FLAGS if last else _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # Linux says ENOTDIR for a link opened as a folder
+                    raise PathChanged(exc.errno, _what_changed(part, fd)) from None
+                raise
+            os.close(fd)
+            fd = child
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.fdopen(fd, "rb")  # buffered: read(n) returns n bytes unless the file ends first
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _what_changed(part: str, dir_fd: int) -> str:
+    """Why ``part`` (in the folder ``dir_fd``) could not be opened without following a symlink, for a message."""
+    try:
+        is_link = stat.S_ISLNK(os.stat(part, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        is_link = False
+    return "a symlink appeared on its path" if is_link else "a folder on its path was replaced"

@@ -32,13 +32,14 @@ import asyncio
 import os
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 
-from segsvc.errors import DeadlineExceeded, ImageTooLarge, InvalidImage
+from segsvc.errors import DeadlineExceeded, ImageTooLarge, InvalidImage, PathOutsideRoot
+from segsvc.files import PathChanged, open_beneath
 from segsvc.inference.admission import MIB, AdmissionConfig, Hold, MemoryBudget
 from segsvc.inference.batcher import Batched, Priority
 from segsvc.inference.codec import check_pixels, decode_image, image_header, raw_image
@@ -87,36 +88,53 @@ class RawPixels:
         return raw_image(self.data, self.shape, max_pixels)
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class ImageFile:
-    """An image file on the server's disk (already confined to its root by the caller).
+    """An image file on the server's disk, below a root it must not leave, read once.
+
+    The caller resolves and confines the path (``rel`` names no symlink); the file
+    is then opened from ``root`` one component at a time without following
+    symlinks (``segsvc.files.open_beneath``), so a folder swapped for a symlink
+    after that check fails the read instead of leading it out of the root.
+    ``peek`` reads the whole file and keeps the bytes; ``load`` decodes those
+    same bytes (then lets them go), so the header the cost was checked from and
+    the pixels decoded come from one read of one file.
 
     Args:
-        path: the file.
+        root: the folder the file lies in (symlinks resolved).
+        rel: the file's resolved path below ``root`` (``/``-separated).
         name: how errors name it (the caller's relative name, never a server path).
         max_bytes: files larger than this are refused before they are read.
     """
 
-    path: Path
+    root: Path
+    rel: str
     name: str
     max_bytes: int
+    _data: bytes | None = field(default=None, init=False, repr=False)
 
     def peek(self) -> tuple[int, int] | None:
         """The size from the file's header; reads the file (at most ``max_bytes``): call it on an I/O thread."""
-        header = self._named(image_header, self._read())
+        if self._data is None:
+            self._data = self._read()
+        header = self._named(image_header, self._data)
         return header.height, header.width
 
     def load(self, max_pixels: int) -> np.ndarray:
-        return self._named(decode_image, self._read(), max_pixels)
+        """Decode the bytes ``peek`` read (or read them now); a later call reads the file again."""
+        data = self._data if self._data is not None else self._read()
+        self._data = None
+        return self._named(decode_image, data, max_pixels)
 
     def _read(self) -> bytes:
         """The file's bytes; one over ``max_bytes`` is refused before it is read."""
         try:
-            size = os.stat(self.path).st_size
-            if size <= self.max_bytes:
-                with open(self.path, "rb") as file:
-                    data = file.read(self.max_bytes + 1)
-                size = len(data)
+            with open_beneath(self.root, self.rel) as file:
+                size = os.fstat(file.fileno()).st_size
+                data = file.read(self.max_bytes + 1) if size <= self.max_bytes else b""
+                size = max(size, len(data))  # it may have grown since the fstat
+        except PathChanged as exc:
+            raise PathOutsideRoot(f"input {self.name!r} changed while it was read ({exc.strerror}): refused") from None
         except OSError as exc:
             raise InvalidImage(f"{self.name} cannot be read: {exc.strerror or type(exc).__name__}") from None
         if size > self.max_bytes:
@@ -205,8 +223,8 @@ class InferenceService:
                 version cannot answer (by raising).
 
         Raises:
-            InvalidImage, ImageTooLarge, UnknownModel, UnknownVersion, Overloaded,
-            DeadlineExceeded, Unavailable: the domain errors of each step.
+            InvalidImage, ImageTooLarge, PathOutsideRoot, UnknownModel, UnknownVersion,
+            Overloaded, DeadlineExceeded, Unavailable: the domain errors of each step.
         """
         with self.manager.lease(model, version) as lm:
             started = time.perf_counter()

@@ -43,7 +43,7 @@ from segsvc.errors import (
 from segsvc.inference.batcher import Priority
 from segsvc.inference.engine import InferenceOptions
 from segsvc.inference.service import ImageFile, InferenceService, Segmentation
-from segsvc.jobs.inputs import resolve_inputs
+from segsvc.jobs.inputs import confine, resolve_inputs
 from segsvc.jobs.outputs import JobOutputs, check_rel, checked_inputs, clean_temporaries, is_temporary
 from segsvc.jobs.runner import StoreRunner
 from segsvc.jobs.staging import StagingArea, UploadLimits
@@ -345,7 +345,7 @@ class JobRunner(StoreRunner):
     async def _run_item(self, run: _Run, outputs: JobOutputs, root: Path, item: Item) -> None:
         t0 = time.perf_counter()
         try:
-            source = ImageFile(_confined(root, item.input), item.input, self.config.max_file_bytes)
+            source = ImageFile(*_confined(root, item.input), item.input, self.config.max_file_bytes)
             seg = await self._segment(run, source)
             record = await self._service.run_io(self._write, run, outputs, item.input, seg, t0)
         except Unavailable:
@@ -432,10 +432,15 @@ class JobRunner(StoreRunner):
         self._notify(job_id)
 
 
-def _confined(root: Path, rel: str) -> Path:
-    """``root/rel``, refusing (as a failed item) a path that a symlink swapped in since submission points out."""
+def _confined(root: Path, rel: str) -> tuple[Path, str]:
+    """The real root and ``rel`` resolved below it, refusing (as a failed item) a path that a symlink
+    swapped in since submission points out.
+
+    The resolved path names no symlink, and ``ImageFile`` opens it without following
+    any, so a symlink swapped in after this check fails the read instead of leading out.
+    """
     real_root = root.resolve()
-    path = (real_root / check_rel(rel)).resolve()
-    if not path.is_relative_to(real_root):
-        raise InvalidArgument(f"{rel} now resolves outside its root; refused")
-    return path
+    real = confine(real_root, check_rel(rel), rel, what="input")
+    if real == real_root:
+        raise InvalidArgument(f"input {rel!r} now resolves to the root folder itself, not a file; refused")
+    return real_root, real.relative_to(real_root).as_posix()

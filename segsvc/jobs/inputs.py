@@ -144,7 +144,7 @@ def _expand(real_root: Path, rel: str, shown: str, budget: _Budget) -> Iterator[
     if _GLOB_CHARS.intersection(rel):
         yield from _expand_glob(real_root, rel, shown, budget)
         return
-    real = _confine(real_root, rel, shown, what="input")
+    real = confine(real_root, rel, shown, what="input")
     if real.is_dir():
         yield from _walk(real_root, real, rel, shown, _keep_images, budget)
     elif real.is_file():
@@ -182,9 +182,17 @@ def _inside(real_root: Path, real: Path) -> bool:
     return real == real_root or real.is_relative_to(real_root)
 
 
-def _confine(real_root: Path, path: str | Path, shown: str, *, what: str) -> Path:
-    """Resolve ``path`` (relative paths: below the root) through every symlink; refuse escapes."""
-    real = Path(os.path.realpath(real_root / path))
+def confine(real_root: Path, path: str | Path, shown: str, *, what: str) -> Path:
+    """Resolve ``path`` (relative paths: below the root) through every symlink; refuse escapes.
+
+    The answer holds when it is given: a reader that opens the result later opens it
+    with ``segsvc.files.open_beneath``, which refuses a symlink swapped in since.
+    """
+    try:
+        real = Path(os.path.realpath(real_root / path))
+    except OSError as exc:  # a link that vanished while it was being read (the tree changing meanwhile)
+        raise InvalidArgument(f"{what} {shown!r} changed while it was resolved: "
+                              f"{exc.strerror or type(exc).__name__}") from None
     if not _inside(real_root, real):
         raise PathOutsideRoot(f"{what} {shown!r} resolves outside the data root (a symlink leads out)")
     return real
@@ -230,7 +238,7 @@ def _walk(real_root: Path, start: Path, start_rel: str, shown: str, want: _Want,
                 continue
             rel = _join(start_rel, sub)
             if entry.is_symlink():
-                real = _confine(real_root, entry.path, rel, what=f"input {shown!r} reaches symlink")
+                real = confine(real_root, entry.path, rel, what=f"input {shown!r} reaches symlink")
             else:
                 real = Path(entry.path)
             if descend and is_dir and real not in visited:
@@ -258,7 +266,7 @@ def _expand_glob(real_root: Path, pattern: str, shown: str, budget: _Budget) -> 
     n_literal = next(i for i, p in enumerate(parts) if _GLOB_CHARS.intersection(p))
     base_rel = posixpath.join(*parts[:n_literal]) if n_literal else "."
     pat = parts[n_literal:]
-    base = _confine(real_root, base_rel, shown, what="input")
+    base = confine(real_root, base_rel, shown, what="input")
     if not base.is_dir():
         return
 

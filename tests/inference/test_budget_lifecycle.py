@@ -213,9 +213,9 @@ def test_a_job_file_is_refused_from_its_header_before_it_is_resized_and_the_erro
             engine.prepare = lambda image, options: prepared.append(image.shape) or original(image, options)
             service = InferenceService(manager, io, AdmissionConfig(max_pixels=100_000))
             with pytest.raises(ImageTooLarge) as refused:
-                await service.segment(ImageFile(files / "big.png", "big.png", 1 << 20), model="x4")
+                await service.segment(ImageFile(files, "big.png", "big.png", 1 << 20), model="x4")
             refused_prepared = list(prepared)
-            seg = await service.segment(ImageFile(files / "small.png", "small.png", 1 << 20), model="x4")
+            seg = await service.segment(ImageFile(files, "small.png", "small.png", 1 << 20), model="x4")
             return str(refused.value), refused_prepared, seg.output.labels.shape
 
     message, refused_prepared, shape = run(main())
