@@ -24,7 +24,13 @@ one ("pairs"). Everything here assumes the bytes are hostile:
   against ``max_ratio`` times the archive), and while extracting, by counting
   the bytes really produced: a zip entry may not grow past its declared size
   and a compressed tar is decompressed through a reader that stops at
-  ``max_ratio`` times the archive. A lying header gains nothing.
+  ``max_ratio`` times the archive, or at ``max_bytes`` plus ``TAR_BYTES_PER_ENTRY``
+  per entry if that is less. A lying header gains nothing.
+- A tar's metadata never costs more than a little memory: pax and GNU long-name/long-link
+  headers over ``MAX_TAR_HEADER_BYTES``, global pax headers over ``MAX_TAR_GLOBAL_HEADER_BYTES``
+  (all of them together) and
+  sparse maps are refused from their header block, before ``tarfile`` reads them, and
+  ``tarfile`` keeps no header from one entry to the next.
 - Names that ``content.is_excluded`` drops (hidden files, ``__MACOSX/``) are
   skipped, so they never reach the dataset or its hash.
 
@@ -70,6 +76,15 @@ ENTRIES_PER_FILE = 2
 # (1 is enough); a sender that interleaves a few files fits; beyond, the least recently written is closed
 # and reopened for its next chunk.
 MAX_OPEN_FILES = 16
+# A pax or GNU long-name/long-link header holds one entry's metadata (a path of at most 255 bytes here,
+# times); tarfile reads it whole into memory, so a larger one is refused from its declared size.
+MAX_TAR_HEADER_BYTES = 64 << 10
+# Global pax headers, all of them together (git archive writes one: its commit id). tarfile keeps them for the
+# rest of the archive and copies them into every later entry, so each record costs time per entry.
+MAX_TAR_GLOBAL_HEADER_BYTES = 1 << 10
+# Tar bytes an entry may take besides its file's data: its header block, a pax or long-name header for a
+# long path, the padding of its data to 512 bytes (a skipped __MACOSX companion's data too).
+TAR_BYTES_PER_ENTRY = 4 << 10
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,11 @@ class ExtractLimits:
     def expansion_cap(self, compressed: int) -> int:
         """Most bytes that ``compressed`` bytes may expand to."""
         return int(self.max_ratio * compressed) + RATIO_FLOOR_BYTES
+
+    @property
+    def max_tar_bytes(self) -> int:
+        """Most bytes a decompressed tar may hold: the files, their headers, and a margin for its end."""
+        return self.max_bytes + TAR_BYTES_PER_ENTRY * self.max_entries + RATIO_FLOOR_BYTES
 
 
 @dataclass(frozen=True)
@@ -219,8 +239,8 @@ _MAGIC = ((b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f)), (b"BZh", bz2.BZ2Fil
 class _BoundedReader(io.RawIOBase):
     """A decompressed stream that refuses to produce more than ``cap`` bytes (a bomb stops here)."""
 
-    def __init__(self, inner: BinaryIO, cap: int, ratio: float) -> None:
-        self.inner, self.cap, self.ratio, self.produced = inner, cap, ratio, 0
+    def __init__(self, inner: BinaryIO, cap: int, refusal: str) -> None:
+        self.inner, self.cap, self.refusal, self.produced = inner, cap, refusal, 0
 
     def readable(self) -> bool:
         return True
@@ -229,10 +249,44 @@ class _BoundedReader(io.RawIOBase):
         data = self.inner.read(len(buffer))
         self.produced += len(data)
         if self.produced > self.cap:
-            raise UploadError(f"the archive expands more than {self.ratio:g} times its size: refused as a "
-                              f"decompression bomb")
+            raise UploadError(self.refusal)
         buffer[: len(data)] = data
         return len(data)
+
+
+_TAR_METADATA = {tarfile.XHDTYPE: "pax header", tarfile.SOLARIS_XHDTYPE: "pax header",
+                 tarfile.XGLTYPE: "global pax header", tarfile.GNUTYPE_LONGNAME: "GNU long-name header",
+                 tarfile.GNUTYPE_LONGLINK: "GNU long-link header"}
+
+
+class _TarHeader(tarfile.TarInfo):
+    """A tar header block, judged before ``tarfile`` reads what it announces into memory."""
+
+    def _proc_member(self, tar: _TarReader) -> tarfile.TarInfo:  # tarfile's hook: one block read so far
+        kind = _TAR_METADATA.get(self.type)
+        if kind is not None:
+            size, limit, together = self.size, MAX_TAR_HEADER_BYTES, ""
+            if self.type == tarfile.XGLTYPE:
+                size, limit, together = size + tar.global_header_bytes, MAX_TAR_GLOBAL_HEADER_BYTES, ", all together"
+            if size > limit:
+                raise UploadError(f"the archive has a {kind} of {size} bytes{together}: more than {limit} bytes, "
+                                  f"the server's limit")
+            if self.type == tarfile.XGLTYPE:
+                tar.global_header_bytes = size
+        if self.type == tarfile.GNUTYPE_SPARSE:  # its map would be read block after block
+            raise UploadError(f"entry {self.name!r} is a sparse file: only files and folders are accepted")
+        return super()._proc_member(tar)
+
+    def _refuse_sparse(self, entry: tarfile.TarInfo, *args: object) -> None:
+        raise UploadError(f"entry {entry.name!r} is a sparse file: only files and folders are accepted")
+
+    # A pax header's sparse map (format 1.0: in the file's data, read whole) is refused before it is read.
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
+
+
+class _TarReader(tarfile.TarFile):
+    tarinfo = _TarHeader
+    global_header_bytes = 0
 
 
 def _tar_kind(member: tarfile.TarInfo) -> str | None:
@@ -260,10 +314,18 @@ def _extract_tar(archive: Path, dest: Path, limits: ExtractLimits) -> _Tree:
         raw.seek(0)
         opener = next((cls for prefix, cls in _MAGIC if magic.startswith(prefix)), None)
         inner: BinaryIO = opener(raw) if opener is not None else raw  # type: ignore[operator]
-        bounded = io.BufferedReader(_BoundedReader(inner, limits.expansion_cap(size), limits.max_ratio))
+        cap = min(limits.expansion_cap(size), limits.max_tar_bytes)
+        if cap == limits.max_tar_bytes:
+            refusal = (f"the archive holds more than {cap} bytes once decompressed (the server's limit: "
+                       f"{limits.max_bytes} bytes of files, {TAR_BYTES_PER_ENTRY} bytes per entry for its headers)")
+        else:
+            refusal = (f"the archive expands more than {limits.max_ratio:g} times its size: refused as a "
+                       f"decompression bomb")
+        bounded = io.BufferedReader(_BoundedReader(inner, cap, refusal))
         # Stream mode: one pass, each header judged as it is met, before its data is read.
-        with tarfile.open(fileobj=bounded, mode="r|") as tar:
-            for member in tar:
+        with _TarReader.open(fileobj=bounded, mode="r|") as tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # tarfile would keep every header it met (pax records too) until the end
                 tree.add_entry()
                 name = entry_name(member.name)
                 refused = _tar_kind(member)

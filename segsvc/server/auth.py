@@ -12,8 +12,9 @@ A token file has one token per line, ``TOKEN [SCOPE,SCOPE...]`` (no scopes:
 ``infer``); blank lines and comments (a ``#`` at the start of a line or after a
 blank; inside a token it is part of the token) are skipped. Health checks stay open
 (load balancers and Kubernetes probes carry no token), and so do the Open
-Inference Protocol's ServerLive, ServerReady and ModelReady. Unknown methods
-need a valid token too, so UNIMPLEMENTED tells an anonymous caller nothing.
+Inference Protocol's ServerLive, ServerReady and ModelReady: those exact methods,
+not every name that starts like them. Unknown methods need a valid token too, so
+UNIMPLEMENTED tells an anonymous caller nothing.
 Tokens are compared in constant time.
 
 A method's scope is checked here, before its handler runs; a handler whose
@@ -41,9 +42,11 @@ from segsvc.server.errors import abort
 
 log = logging.getLogger(__name__)
 
-# Health checks, and their Open Inference Protocol equivalents (KServe probes carry no token either).
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/inference.GRPCInferenceService/ServerLive",
-                        "/inference.GRPCInferenceService/ServerReady", "/inference.GRPCInferenceService/ModelReady")
+# Health checks, and their Open Inference Protocol equivalents (KServe probes carry no token either). Exact
+# paths: another name under these services (Health/List, ModelReadyX) is an unknown method and needs a token.
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+                          "/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
+                          "/inference.GRPCInferenceService/ModelReady"})
 SCOPES = ("infer", "jobs", "manage")
 # Most specific first; a method matching none needs "infer".
 METHOD_SCOPES: tuple[tuple[str, str], ...] = (
@@ -160,12 +163,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     Args:
         auth: the tokens and their scopes.
-        open_prefixes: method paths that need no token (health checks by default).
+        open_methods: the full method paths that need no token (the probes by default).
     """
 
-    def __init__(self, auth: AuthConfig, open_prefixes: tuple[str, ...] = OPEN_METHOD_PREFIXES) -> None:
+    def __init__(self, auth: AuthConfig, open_methods: frozenset[str] = OPEN_METHODS) -> None:
         self._auth = auth
-        self._open = open_prefixes
+        self._open = open_methods
 
     async def intercept_service(
         self,
@@ -173,7 +176,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if method.startswith(self._open):
+        if method in self._open:
             return await continuation(handler_call_details)
         token = _token_of(handler_call_details.invocation_metadata)
         scopes = self._auth.scopes_of(token) if token is not None else None

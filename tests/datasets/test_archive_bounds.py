@@ -121,6 +121,119 @@ def test_a_garbage_zip_is_refused_as_such(tmp_path):
         extract_archive(_write(tmp_path, b"PK\x05\x06" + b"\x00" * 10), "zip", tmp_path / "out", LIMITS)
 
 
+# -- tar headers ------------------------------------------------------------------------------
+@pytest.fixture
+def tar_reads(monkeypatch) -> list:
+    """The readers of the tars extracted: each one's ``produced`` is the tar bytes it let tarfile have."""
+    readers = []
+
+    class Counting(archive._BoundedReader):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            readers.append(self)
+
+    monkeypatch.setattr(archive, "_BoundedReader", Counting)
+    return readers
+
+
+def _tar_with_header(kind: str, size: int, pad: int = 0, mode: str = "w") -> bytes:
+    """A tar whose first entry comes with a ``kind`` header of about ``size`` bytes, then a file of ``pad``
+    random bytes (incompressible: the archive is then large enough for the ratio check to pass)."""
+    long = "x" * size
+    buf = io.BytesIO()
+    fmt = tarfile.GNU_FORMAT if kind.startswith("GNU") else tarfile.PAX_FORMAT
+    with tarfile.open(fileobj=buf, mode=mode, format=fmt,
+                      pax_headers={"comment": long} if kind == "global pax header" else None) as tar:
+        info = tarfile.TarInfo("images/" + long if kind == "GNU long-name header" else "images/a.png")
+        if kind == "pax header":
+            info.pax_headers = {"comment": long}
+        if kind == "GNU long-link header":
+            info.type, info.linkname = tarfile.SYMTYPE, long
+        tar.addfile(info)
+        padding = tarfile.TarInfo("images/b.png")
+        padding.size = pad
+        tar.addfile(padding, io.BytesIO(os.urandom(pad)))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["pax header", "global pax header", "GNU long-name header",
+                                  "GNU long-link header"])
+def test_a_large_tar_metadata_header_is_refused_before_tarfile_reads_it(tmp_path, tar_reads, kind):
+    """The reviewer's pax bomb, smaller: 4 MiB of header in a gzip tar that passes the ratio check."""
+    path = _write(tmp_path, _tar_with_header(kind, 4 << 20, pad=64 << 10, mode="w:gz"), "tar.gz")
+    assert (4 << 20) < ExtractLimits().expansion_cap(path.stat().st_size)
+    with pytest.raises(UploadError, match=f"{kind} of .* bytes.*: more than (65536|1024) bytes"):
+        extract_archive(path, "tar", tmp_path / "out", ExtractLimits())
+    assert tar_reads[0].produced < 256 << 10  # the header block and a buffer or two, never the header's data
+
+
+def test_tar_headers_are_not_kept_from_one_entry_to_the_next(tmp_path):
+    """Many headers each under the limit: tarfile holds one entry's at a time, not all of them."""
+    import tracemalloc
+
+    names = [f"__MACOSX/._{i}" for i in range(100)] + ["images/a.png"]  # skipped names, one 60 KiB pax each
+    tar = tar_with([(_pax_member(name, {"comment": "x" * (60 << 10)}), b"x") for name in names])
+    path = _write(tmp_path, tar, "tar")
+    tracemalloc.start()
+    try:
+        summary = extract_archive(path, "tar", tmp_path / "out", ExtractLimits(max_files=100))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert summary.files == 1
+    assert peak < len(tar) / 3, f"{peak} bytes held while reading a {len(tar)}-byte tar"
+
+
+def _pax_member(name: str, pax: dict[str, str]) -> tarfile.TarInfo:
+    info = member(name)
+    info.pax_headers = pax
+    return info
+
+
+def test_global_pax_headers_share_one_small_budget(tmp_path):
+    """tarfile keeps global headers to the end and copies them into every entry: a small budget for all."""
+    blocks = b"".join(tarfile.TarInfo.create_pax_global_header({f"k{i}": "x" * 400}) for i in range(3))
+    data = tar_with([(member("images/a.png"), b"x")])
+    path = _write(tmp_path, blocks + data, "tar")
+    with pytest.raises(UploadError, match="global pax header of 1.* bytes, all together: more than 1024 bytes"):
+        extract_archive(path, "tar", tmp_path / "out", LIMITS)
+
+
+def test_a_pax_sparse_map_is_refused_before_tarfile_reads_it(tmp_path, tar_reads):
+    """GNU sparse 1.0 keeps its map in the file's data, which tarfile reads whole: sparse files are refused."""
+    info = _pax_member("images/a.png", {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                        "GNU.sparse.realsize": "1"})
+    sparse_map = b"1000000000\n" + b"0\n" * (2 << 20)
+    path = _write(tmp_path, tar_with([(info, sparse_map)], mode="w:gz"), "tar.gz")
+    with pytest.raises(UploadError, match="sparse"):
+        extract_archive(path, "tar", tmp_path / "out", ExtractLimits(max_ratio=10_000))
+    assert tar_reads[0].produced < 256 << 10
+
+
+def test_the_tar_stream_is_bounded_by_the_dataset_limit_not_only_the_ratio(tmp_path, tar_reads):
+    """A skipped entry's data counts toward no file, yet the tar may not grow past max_bytes plus headers."""
+    limits = ExtractLimits(max_bytes=256 << 10, max_files=2, max_ratio=1000)
+    tar = tar_with([(member("__MACOSX/._big"), bytes(16 << 20)), (member("images/a.png"), b"x")], mode="w:gz")
+    path = _write(tmp_path, tar, "tar.gz")
+    assert (16 << 20) < limits.expansion_cap(len(tar))  # the ratio alone lets it through
+    with pytest.raises(UploadError, match="256 KiB|262144 bytes"):
+        extract_archive(path, "tar", tmp_path / "out", limits)
+    assert tar_reads[0].produced < 2 << 20
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_long_names_and_a_commit_id_in_a_tar_still_extract(tmp_path, fmt):
+    """What real tools write: a pax or GNU long-name header for a long path, git archive's global header."""
+    name = "images/" + "a" * 200 + ".png"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=fmt, pax_headers={"comment": "0123abcd" * 5}) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    summary = extract_archive(_write(tmp_path, buf.getvalue(), "tar.gz"), "tar", tmp_path / "out", LIMITS)
+    assert summary.files == 1 and (tmp_path / "out" / name).read_bytes() == b"hello"
+
+
 # -- pairs ------------------------------------------------------------------------------------
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))

@@ -215,3 +215,39 @@ def test_the_cli_names_a_token_file_without_tokens(tmp_path):
     path.write_text("# no tokens yet\n")
     with pytest.raises(errors.SegsvcError, match=r"token file .*tokens.txt holds no token"):
         _read_token(argparse.Namespace(token_file=str(path)))
+
+
+def test_only_the_probes_themselves_are_open_not_names_that_start_like_them(start_server, tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    from segsvc.server.auth import OPEN_METHODS
+
+    assert OPEN_METHODS == {"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+                            *(f"/inference.GRPCInferenceService/{m}" for m in ("ServerLive", "ServerReady",
+                                                                                "ModelReady"))}
+    publish(tmp_path / "repo", "m", seed=3)
+    server = start_server(tmp_path / "repo", auth=AuthConfig.parse(TOKENS))
+    with grpc.insecure_channel(server.address) as channel:
+        # No token: the probes answer, as load balancers and Kubernetes need.
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        oip = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert oip.ServerLive(service_pb2.ServerLiveRequest(), timeout=10).live
+        assert oip.ServerReady(service_pb2.ServerReadyRequest(), timeout=10).ready
+        assert oip.ModelReady(service_pb2.ModelReadyRequest(name="m"), timeout=10).ready
+        # Other names under the same services, or starting with an open one, need a token like any method.
+        for method in ("/inference.GRPCInferenceService/ModelReadyX", "/inference.GRPCInferenceService/ServerLiveAdmin",
+                       "/inference.GRPCInferenceService/ServerReady/x", "/grpc.health.v1.Health/List",
+                       "/grpc.health.v1.Health/Anything", "/grpc.health.v1.Health/CheckAll"):
+            call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as anonymous:
+                call(b"", timeout=10)
+            assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+            with pytest.raises(grpc.RpcError) as known:
+                call(b"", timeout=10, metadata=(("authorization", "Bearer infer-tok"),))
+            assert known.value.code() == grpc.StatusCode.UNIMPLEMENTED, method
