@@ -185,14 +185,11 @@ class JobRunner(StoreRunner):
             self._sweeper = None
         await super().stop()
 
-    async def delete(self, job_id: str, delete_outputs: bool = False) -> int:
-        """Forget a finished job (and its outputs when asked), and its upload if no other job uses it."""
-        job = await asyncio.to_thread(self.store.get, job_id)
-        removed = await super().delete(job_id, delete_outputs)
+    async def _deleted(self, job: Job) -> None:
+        """A deleted job's upload goes too, unless another job uses it."""
         upload_id = job.spec.get("request", {}).get("upload_id")
         if upload_id:  # a crash before this leaves the upload unreferenced: the sweep takes it
             await asyncio.to_thread(self._release_upload, upload_id)
-        return removed
 
     # -- uploads -----------------------------------------------------------------------
     def sweep_uploads(self) -> list[str]:
@@ -219,8 +216,8 @@ class JobRunner(StoreRunner):
             await asyncio.sleep(min(SWEEP_EVERY_S, self.config.upload_ttl_s))
             try:
                 await asyncio.to_thread(self.sweep_uploads)
-            except (SegsvcError, OSError) as exc:  # e.g. the store closing: try again next time
-                log.warning("sweeping uploads failed: %s", exc)
+            except Exception:  # noqa: BLE001  (a locked database, the disk: the sweeper must outlive it)
+                log.exception("sweeping uploads failed; trying again in the next round")
 
     # -- requests ---------------------------------------------------------------------
     async def submit(self, request: JobRequest, request_id: str = "") -> Job:

@@ -106,7 +106,11 @@ class StoreRunner(abc.ABC):
         if delete_outputs:
             removed = await asyncio.to_thread(remove_tree, self.files_dir(job_id))
         await asyncio.to_thread(self.store.delete, job_id)
+        await self._deleted(job)
         return removed
+
+    async def _deleted(self, job: Job) -> None:
+        """What a kind of job lets go of once one is deleted (nothing here)."""
 
     # -- scheduling -------------------------------------------------------------------
     async def _schedule(self) -> None:

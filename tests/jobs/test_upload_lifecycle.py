@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -153,6 +154,37 @@ def test_uploads_are_swept_periodically(tmp_path: Path, clock: _Clock, monkeypat
             while _exists(runner.staging, upload_id) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert not _exists(runner.staging, upload_id)
+        finally:
+            await runner.stop()
+
+    asyncio.run(main())
+    store.close()
+
+
+def test_the_sweeper_outlives_an_error_that_is_not_a_domain_error(tmp_path: Path, clock: _Clock,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A locked database (sqlite3.OperationalError) ended the sweeper for good, and silently."""
+    monkeypatch.setattr(batch, "SWEEP_EVERY_S", 0.05)
+    store = JobStore(tmp_path / "state" / "jobs.sqlite")
+
+    async def main() -> None:
+        runner = JobRunner(store, _Service(clock), _config(tmp_path, upload_ttl_s=0.05))  # type: ignore[arg-type]
+        rounds: list[int] = []
+        second_round = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def flaky_sweep() -> list[str]:
+            rounds.append(1)
+            if len(rounds) == 2:  # the first periodic round (the first is the start-up sweep)
+                raise sqlite3.OperationalError("database is locked")
+            if len(rounds) >= 3:
+                loop.call_soon_threadsafe(second_round.set)
+            return []
+
+        monkeypatch.setattr(runner, "sweep_uploads", flaky_sweep)
+        await runner.start()
+        try:
+            await asyncio.wait_for(second_round.wait(), timeout=60)  # only a dead sweeper trips this
         finally:
             await runner.stop()
 
