@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import posixpath
 import re
@@ -59,6 +60,8 @@ from segsvc.errors import (
     AlreadyExists, DatasetInvalid, FailedPrecondition, InvalidArgument, NotFound, PathOutsideRoot, SegsvcError,
     Unavailable, UploadError,
 )
+
+log = logging.getLogger("segsvc.datasets")
 
 SOURCES = ("upload", "register")
 BUSY_TIMEOUT_S = 5.0
@@ -300,7 +303,9 @@ class DatasetRegistry:
         each symlink by its own name), so registering and uploading give one
         identity. Every symlink in it must lie inside the data root. Without a
         ``name`` the dataset is named after the folder; the data root itself
-        (``.``) has no name of its own to give, so it needs one.
+        (``.``) has no name of its own to give, so it needs one. The files stay
+        writable on the server: a training job checks them again when it starts
+        (``check_unchanged``), not while it runs.
 
         Raises:
             FailedPrecondition: no data root configured. PathOutsideRoot: the
@@ -319,15 +324,57 @@ class DatasetRegistry:
             raise InvalidArgument(f"folder {path!r}: name one folder, not a pattern")
         folder = posixpath.normpath(path)
         name = check_name(name) if name else _folder_name(folder)
-        data_root = Path(self.config.data_root)
-        real = registered_folder(data_root, folder)
-        files = registered_files(real, data_root, folder, self.config.limits)
+        real, files = self._registered_walk(folder)
         work = self._new_work()
         try:
             return self._ingest(work, real, files, name=name, source="register", source_path=folder,
                                 absolute_root=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _registered_walk(self, folder: str) -> tuple[Path, list[tuple[str, Path]]]:
+        """The real path of a folder under the data root and its files: the walk ``register`` hashes."""
+        data_root = Path(self.config.data_root)  # type: ignore[arg-type]
+        real = registered_folder(data_root, folder)
+        return real, registered_files(real, data_root, folder, self.config.limits)
+
+    def check_unchanged(self, name_or_hash: str) -> Dataset:
+        """The dataset, checked again before a training job reads it (``TrainingRunner`` calls this at job start).
+
+        An uploaded dataset lives in the state folder, copied there: it only has to
+        be still registered. A dataset registered in place is walked again as
+        ``register`` walked it (``ingest.registered_files``: every symlink must
+        still resolve inside the data root, within the same file and entry limits)
+        and its files hashed again (``ingest.fingerprint``): the hash must still be
+        its identity, and its spec's root must still lie in that folder. This costs
+        what registering it cost (every file is read).
+
+        The check is as of the call: a file replaced after it (while the job
+        trains or evaluates) is not detected.
+
+        Raises:
+            NotFound: no such dataset. FailedPrecondition: a registered folder
+            changed (content, or a link now leads outside the data root), or this
+            server has no data root to find it in.
+        """
+        dataset = self.get(name_or_hash)
+        if dataset.source != "register":
+            return dataset
+        if self.config.data_root is None:
+            raise FailedPrecondition(f"dataset {dataset.name!r} was registered in place, and this server has no "
+                                     "data root (start it with --data-root)")
+        try:
+            real, files = self._registered_walk(dataset.source_path)
+            changed = fingerprint(files).sha256 != dataset.sha256
+            spec_root = load_dataset_spec(dataset.spec_path).root.resolve()
+            changed = changed or not (spec_root == real or spec_root.is_relative_to(real))
+        except (SegsvcError, OSError) as exc:  # a link leading outside, a loop, over the limits, gone, no files
+            log.warning("dataset %r (%s): %s", dataset.name, dataset.sha256[:12], exc)
+            changed = True
+        if changed:
+            raise FailedPrecondition(f"dataset {dataset.name!r} changed since it was registered (or a link now "
+                                     "leads outside the data root): register it again")
+        return dataset
 
     def open_upload(self, name: str, fmt: str, *, dataset_yaml: str = "", class_names: Sequence[str] = (),
                     sha256: str = "") -> DatasetUpload:

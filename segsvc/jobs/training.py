@@ -13,6 +13,17 @@ decides and publishes the candidate as a new version with its lineage; a
 promoted version becomes the repository's persistent default and the server
 swaps to it (``ModelManager.refresh_default``).
 
+Before its trainer starts (and again on each restart), a job checks every dataset it
+uses: still registered, and a dataset registered in place (its files in the data
+root, not copied) walked and hashed again (``DatasetRegistry.check_unchanged``): a
+link that now leads outside the data root, or other content, fails the job. A file
+replaced after that check, while the job trains or evaluates, is not detected.
+
+Artifacts are served through ``artifact_files``: each text artifact (the log,
+events, config, metrics, reports) as a scrubbed copy, line by line, with the
+server's paths replaced as in job errors (``<job>``, ``<state>``, the dataset by
+name); PNGs as they are.
+
 Cancel sends SIGTERM to the process group and SIGKILL after ``kill_grace_s``.
 A server that stops (or crashes) leaves the job RUNNING: the next start kills
 a trainer group that outlived its server (its id and start time are stored)
@@ -35,10 +46,11 @@ import json
 import logging
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -61,6 +73,9 @@ log = logging.getLogger("segsvc.jobs")
 
 KIND = "train"
 ARTIFACT_NAMES = ("training_curve.png", "metrics.jsonl", "events.jsonl", "config.yaml")
+BINARY_SUFFIXES = (".png",)  # served as they are; every other artifact is text, served scrubbed
+SERVED_DIR = ".served"  # <job>/.served/<artifact>: the scrubbed copies the API streams
+MAX_LINE_BYTES = 1 << 20  # a longer line of a served text artifact is cut
 LOG_TAIL_BYTES = 64 << 10  # how much of train.log is read for the trainer's own error line
 MAX_REASON_CHARS = 500  # a failure reason taken from the trainer is cut to this
 # ``training: error: ...`` as training/train.py prints it (torchrun may prefix a rank: ``[rank0]: ...``).
@@ -160,11 +175,23 @@ class TrainingRunner(StoreRunner):
     files_dir = job_dir
 
     def artifact_files(self, job_id: str) -> list[tuple[str, Path]]:
-        """``(relative path, path)`` of the curve, metrics, events, log, evaluation reports and gate.json."""
+        """``(relative path, path)`` of the files the API serves: the curve, metrics, events, config, log,
+        evaluation reports and gate.json.
+
+        A text artifact is served as a copy scrubbed of the server's paths (``_public``, line by line; a line
+        over ``MAX_LINE_BYTES`` is cut), written now under ``<job>/.served/``; a PNG is served as it is.
+        """
         job = self.store.get(job_id)
         if job.kind != KIND:
             raise InvalidArgument(f"job {job_id} is a {job.kind} job, not a training job")
-        root = self.job_dir(job_id)
+        scrub = self._scrubber(job)
+        served = self.job_dir(job_id) / SERVED_DIR
+        return [(rel, path if path.suffix in BINARY_SUFFIXES else _scrubbed_copy(path, served / rel, scrub))
+                for rel, path in self._artifact_sources(job)]
+
+    def _artifact_sources(self, job: Job) -> list[tuple[str, Path]]:
+        """``(relative path, path)`` of the job's artifacts as the trainer and the evaluator wrote them."""
+        root = self.job_dir(job.id)
         run_dir = root / job.spec["run_dir"]
         found = [(name, run_dir / name) for name in ARTIFACT_NAMES]
         found += [("train.log", root / "train.log"), ("gate.json", root / "gate.json")]
@@ -208,6 +235,10 @@ class TrainingRunner(StoreRunner):
         """``message`` as a client may see it: the job's datasets by name and hash, its base model by name and
         version, its folder as ``<job>``, no other path of the server's state folder or model repository (the
         trainer and the evaluator report their exceptions as they are)."""
+        return self._scrubber(job)(message)
+
+    def _scrubber(self, job: Job) -> Callable[[str], str]:
+        """What ``_public`` does to a text, with the job's paths looked up once (a served log is many lines)."""
         names: dict[str, str] = {}
         for dataset in _datasets_of(job.spec):
             if not dataset.get("spec_path"):
@@ -223,18 +254,43 @@ class TrainingRunner(StoreRunner):
         if base.get("dir"):  # the version fine-tuned from, as the trainer names it (model.init_from)
             names[str(Path(base["dir"]))] = f"<model {base.get('model')}:{base.get('version')}>"
         for folder, name in ((self.job_dir(job.id), "<job>"), (Path(self.config.state_dir), "<state>"),
-                             (Path(self.manager.repository.root), "<model repository>")):
+                             (Path(self.manager.repository.root), "<model repository>"),
+                             (Path(self.config.workdir), "<project>")):
             names.setdefault(str(folder), name)
             names.setdefault(str(folder.resolve()), name)
-        for path in sorted(names, key=len, reverse=True):
-            message = message.replace(path, names[path])
-        return message
+        order = [(path, names[path]) for path in sorted(names, key=len, reverse=True)
+                 if path.strip(os.sep)]  # never the filesystem root
+
+        def scrub(text: str) -> str:
+            for path, name in order:
+                text = text.replace(path, name)
+            return text
+
+        return scrub
 
     def _check_dataset(self, dataset: dict[str, Any]) -> None:
         """Fail the job, naming the dataset, when its spec is gone (deleted while no check held it)."""
         if not Path(dataset["spec_path"]).is_file():
-            raise _Stop("FAILED", f"dataset {dataset['name']!r} ({dataset['sha256'][:12]}) is no longer registered "
-                                  "on this server; register it again and submit a new job")
+            raise _gone(dataset)
+
+    def _check_datasets(self, spec: dict[str, Any]) -> None:
+        """Before the job's children start: every dataset it uses is still registered, and one registered in
+        place is still what was registered (``DatasetRegistry.check_unchanged`` walks and hashes it again; an
+        uploaded one only needs its spec). A change after this check is not detected."""
+        seen: set[str] = set()
+        for dataset in _datasets_of(spec):
+            if dataset["sha256"] in seen:
+                continue
+            seen.add(dataset["sha256"])
+            self._check_dataset(dataset)
+            if self.datasets is None:
+                raise _Stop("FAILED", "this server has no dataset registry to check the job's datasets in")
+            try:
+                self.datasets.check_unchanged(dataset["sha256"])
+            except NotFound:
+                raise _gone(dataset) from None
+            except SegsvcError as exc:
+                raise _Stop("FAILED", str(exc)) from None
 
     async def _set_phase(self, run: _Run, phase: str, **extra: Any) -> None:
         await self._save(run, phase=phase, **extra)
@@ -293,8 +349,8 @@ class TrainingRunner(StoreRunner):
         root = self.job_dir(run.job.id)
         candidate_repo = root / "candidate"
         name = spec["model_name"]
+        await asyncio.to_thread(self._check_datasets, spec)  # each start, before any child runs
         if not _has_version(candidate_repo / name):
-            await asyncio.to_thread(self._check_dataset, spec["dataset"])
             await asyncio.to_thread(_write_text, root / "recipe.yaml", spec["recipe_text"])
             run_dir = root / spec["run_dir"]
             resume = (run_dir / "checkpoints" / "last.pt").is_file()
@@ -405,7 +461,7 @@ class TrainingRunner(StoreRunner):
         }
         await asyncio.to_thread(_write_json, self.job_dir(run.job.id) / "gate.json",
                                 {**result, "table": gate.format_table(rows)})
-        result["artifacts"] = [rel for rel, _ in await asyncio.to_thread(self.artifact_files, run.job.id)]
+        result["artifacts"] = [rel for rel, _ in await asyncio.to_thread(self._artifact_sources, run.job)]
         log.info("training job %s: published %s:%d (%s)", run.job.id, name, version, verdict)
         return result
 
@@ -457,6 +513,38 @@ def trainer_error(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -
         if found:
             return found.group(1).strip()
     return None
+
+
+def _scrubbed_copy(source: Path, dest: Path, scrub: Callable[[str], str]) -> Path:
+    """``dest``, written now: ``source`` line by line through ``scrub`` (renamed into place: a fetch streaming
+    an earlier copy keeps reading that one)."""
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+    with open(source, "rb") as src:  # first: a job folder deleted meanwhile is not made again
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as out:
+                for line in _lines(src, MAX_LINE_BYTES):
+                    out.write(scrub(line.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _lines(f: Any, limit: int) -> Iterator[bytes]:
+    """The lines of a binary file, each read with at most ``limit`` bytes: a longer one is cut there (back to
+    its last whitespace, so no half path is left to escape the scrub) and ends ``[line cut]``."""
+    while line := f.readline(limit):
+        if len(line) == limit and not line.endswith(b"\n"):
+            while (rest := f.readline(limit)) and not rest.endswith(b"\n"):
+                pass
+            line = line[:max(line.rfind(b" "), line.rfind(b"\t")) + 1] + b"[line cut]\n"
+        yield line
+
+
+def _gone(dataset: dict[str, Any]) -> _Stop:
+    return _Stop("FAILED", f"dataset {dataset['name']!r} ({dataset['sha256'][:12]}) is no longer registered on this "
+                           "server; register it again and submit a new job")
 
 
 def _clip(text: str, limit: int) -> str:

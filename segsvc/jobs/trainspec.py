@@ -67,6 +67,9 @@ class DatasetRecord(Protocol):
 class DatasetRegistry(Protocol):
     def get(self, name_or_hash: str) -> DatasetRecord: ...
 
+    def check_unchanged(self, name_or_hash: str) -> DatasetRecord:
+        """The dataset, after checking that a folder registered in place still holds what was registered."""
+
 
 @dataclass(frozen=True)
 class TrainingConfig:

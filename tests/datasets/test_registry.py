@@ -220,3 +220,40 @@ def test_leftovers_of_a_crash_are_removed_at_start(tmp_path, data_root):
     reopened = DatasetRegistry(DatasetsConfig(tmp_path / "state", data_root=data_root))
     assert [d.sha256 for d in reopened.list()] == [kept.sha256]
     assert_nothing_left(reopened)
+
+
+CHANGED = "changed since it was registered (or a link now leads outside the data root): register it again"
+
+
+def test_a_folder_registered_in_place_is_checked_again_with_the_same_walk_and_hash(registry, data_root, tmp_path,
+                                                                                  monkeypatch):
+    """What a training job calls at its start: a registered folder must still hash to its identity, through the
+    confined walk (a file replaced by a link leading outside the data root is refused, whatever it holds)."""
+    synth(data_root / "shapes")
+    shapes = registry.register("shapes")
+    assert registry.check_unchanged("shapes") == shapes  # untouched
+    val = sorted((data_root / "shapes" / "images" / "val").glob("*.png"))
+    secret = tmp_path / "outside" / "secret.png"
+    secret.parent.mkdir()
+    shutil.copy(val[0], secret)  # the very same bytes: only the walk can tell
+    val[0].unlink()
+    os.symlink(secret, val[0])
+    with pytest.raises(errors.FailedPrecondition) as info:
+        registry.check_unchanged(shapes.sha256)
+    assert str(info.value) == f"dataset 'shapes' {CHANGED}" and str(tmp_path) not in str(info.value)
+    val[0].unlink()
+    shutil.copy(secret, val[0])
+    assert registry.check_unchanged("shapes") == shapes  # back as registered
+    write_png(val[1], np.zeros((32, 32, 3), np.uint8))  # other content, no link
+    with pytest.raises(errors.FailedPrecondition, match="changed since it was registered"):
+        registry.check_unchanged("shapes")
+    shutil.rmtree(data_root / "shapes")
+    with pytest.raises(errors.FailedPrecondition, match="changed since it was registered"):
+        registry.check_unchanged("shapes")
+    # An uploaded dataset is a copy in the state folder: it is not walked again.
+    other = upload(registry, tar_of(flat(tmp_path / "up", ["a", "b", "c"]), prefix="up/"), "tar", "up")
+    monkeypatch.setattr("segsvc.datasets.registry.registered_files",
+                        lambda *a, **k: pytest.fail("an upload was walked again"))
+    assert registry.check_unchanged("up") == other
+    with pytest.raises(errors.NotFound):
+        registry.check_unchanged("f" * 64)

@@ -140,3 +140,58 @@ def test_a_failure_naming_the_base_model_or_the_repository_reaches_the_job_witho
                                f"{repo / 'other' / '2' / 'manifest.json'} does not exist")
     assert str(tmp_path) not in text, text
     assert "model.init_from '<model m:1>'" in text and "<model repository>/other/2/manifest.json" in text, text
+
+
+# Stands in for ``python -m training``: says it ran (the job's reason), so a test sees whether the trainer started.
+RAN_TRAINER = """\
+import json, os, sys
+sets = dict(a.split("=", 1) for a in sys.argv if "=" in a)
+events = os.path.join(json.loads(sets["output.runs_dir"]), os.environ["FAKE_RUN_DIR"], "events.jsonl")
+os.makedirs(os.path.dirname(events), exist_ok=True)
+with open(events, "w") as f:
+    f.write(json.dumps({"event": "start", "epochs": 1}) + "\\n")
+    f.write(json.dumps({"event": "end", "status": "failed", "reason": "the stand-in trainer ran"}) + "\\n")
+sys.exit(1)
+"""
+
+
+def _runner_with_stand_in(tmp_path: Path, store: JobStore, registry: DatasetRegistry) -> TrainingRunner:
+    script = tmp_path / "fake-python"
+    script.write_text(f"#!{sys.executable}\n{RAN_TRAINER}")
+    script.chmod(0o755)
+    return _runner(tmp_path, store, registry, python=str(script))
+
+
+def test_a_registered_dataset_whose_file_now_links_outside_the_data_root_fails_the_job_before_training(
+        tmp_path, store, registry, monkeypatch):
+    """Registered in place (checked then), then val images replaced by links to a file outside the data root:
+    the job fails at its start, naming the dataset, and no trainer reads the outside file."""
+    runner = _runner_with_stand_in(tmp_path, store, registry)
+    job = asyncio.run(runner.submit(REQUEST))
+    monkeypatch.setenv("FAKE_RUN_DIR", job.spec["run_dir"])
+    secret = tmp_path / "outside" / "secret.png"
+    secret.parent.mkdir()
+    val = sorted((tmp_path / "data" / "shapes" / "images" / "val").glob("*.png"))
+    secret.write_bytes(val[0].read_bytes())
+    for path in val:
+        path.unlink()
+        os.symlink(secret, path)
+    final = _run_one(runner, job)
+    assert (final.state, final.error) == ("FAILED", "dataset 'shapes' changed since it was registered (or a link "
+                                                    "now leads outside the data root): register it again")
+    assert not (runner.job_dir(job.id) / "train.log").exists()  # no child ever started
+
+
+def test_a_registered_dataset_whose_content_changed_fails_the_job_and_an_unchanged_one_trains(
+        tmp_path, store, registry, monkeypatch):
+    runner = _runner_with_stand_in(tmp_path, store, registry)
+    unchanged = asyncio.run(runner.submit(REQUEST))
+    monkeypatch.setenv("FAKE_RUN_DIR", unchanged.spec["run_dir"])
+    final = _run_one(runner, unchanged)
+    assert (final.state, final.error) == ("FAILED", "training failed: the stand-in trainer ran")
+    image = next((tmp_path / "data" / "shapes" / "images" / "train").glob("*.png"))
+    image.write_bytes(image.read_bytes() + b"\0")  # still inside the data root, but not what was registered
+    runner = _runner_with_stand_in(tmp_path, store, registry)  # a runner runs in one event loop
+    changed = asyncio.run(runner.submit(TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=2)))
+    final = _run_one(runner, changed)
+    assert final.state == "FAILED" and final.error.startswith("dataset 'shapes' changed since it was registered")

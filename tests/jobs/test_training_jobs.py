@@ -27,6 +27,9 @@ class _Datasets:
             raise NotFound(f"no dataset named {name!r}")
         return SimpleNamespace(name=name, sha256="f" * 64, spec_path="/d/shapes.yaml")
 
+    def check_unchanged(self, name_or_hash: str) -> SimpleNamespace:
+        return self.get("shapes")
+
     def guard_deletes(self, users) -> None:  # type: ignore[no-untyped-def]
         pass
 
@@ -135,7 +138,8 @@ def test_a_relative_state_dir_reaches_the_trainer_as_absolute_paths(tmp_path, mo
 
     spec_file = tmp_path / "shapes.yaml"
     spec_file.write_text("name: shapes\n")
-    datasets = SimpleNamespace(get=lambda name: SimpleNamespace(name=name, sha256="f" * 64, spec_path=spec_file),
+    record = SimpleNamespace(name="shapes", sha256="f" * 64, spec_path=spec_file)
+    datasets = SimpleNamespace(get=lambda name: record, check_unchanged=lambda name: record,
                                guard_deletes=lambda users: None)
     monkeypatch.chdir(tmp_path)
     config = training_config(argparse.Namespace(state_dir="out/state", max_training_jobs=1))
@@ -202,7 +206,8 @@ def _runner_with_spec(tmp_path: Path, store: JobStore, **config) -> TrainingRunn
     spec_file = tmp_path / "data" / "shapes.yaml"
     spec_file.parent.mkdir(parents=True, exist_ok=True)
     spec_file.write_text("name: shapes\n")
-    datasets = SimpleNamespace(get=lambda name: SimpleNamespace(name=name, sha256="f" * 64, spec_path=spec_file),
+    record = SimpleNamespace(name="shapes", sha256="f" * 64, spec_path=spec_file)
+    datasets = SimpleNamespace(get=lambda name: record, check_unchanged=lambda name: record,
                                guard_deletes=lambda users: None)
     manager = SimpleNamespace(repository=ModelRepository(tmp_path / "repo"))
     return TrainingRunner(store, manager, datasets,  # type: ignore[arg-type]
