@@ -12,13 +12,26 @@ fails because of the swap.
 Versions loaded "as the latest" (at start, by the directory poller, or by
 ``load(name)`` without a version) are *automatic*: a newer automatic version
 replaces them. Versions loaded by number stay until ``unload``. Requests
-without a version use the pinned default (``set_default``, in memory), else the
-repository's persistent default (``<model>/DEFAULT``, see ``ModelRepository``),
-else the newest loaded version. The persistent default is loaded next to the
-newest version and never retired by a newer one; when the pointer moves
-(``refresh_default``, or the poller seeing the file change) the new default is
-loaded and warmed first and then switched to in one assignment, so requests
-without a version move over with none failing.
+without a version use the repository's persistent default (``<model>/DEFAULT``,
+see ``ModelRepository``), else the newest loaded version. ``set_default`` writes
+that pointer, as a training job's promotion does, so the last write wins and a
+restart keeps it; only when the repository is read-only does it pin the version
+in memory instead (logged), until the pointer moves or the server restarts. The
+persistent default is loaded next to the newest version and never retired by a
+newer one; when the pointer moves (``refresh_default``, or the poller seeing the
+file change) the new default is loaded and warmed first and then switched to in
+one assignment, so requests without a version move over with none failing. The
+pointer is always read *after* the scan whose versions it is applied to, so a
+version published after its pointer was written (a gate-rejected candidate next
+to the pinned default) is never served by default.
+
+``unload`` is remembered: the poller leaves an unloaded model, or unloaded
+versions, unloaded (a rollback by unloading the newest version stays rolled
+back) until ``load`` of that model clears the mark. The version the DEFAULT
+pointer names is unloaded only with the whole model (move the pointer first),
+so requests without a version never fall through to another version. An unload
+finishes retiring its versions even when its caller is cancelled; ``stop``
+waits for every retirement.
 
 "The latest" is the newest version that *loads*: a corrupt or half-copied
 newest version is recorded as failed (with its reason, reported by
@@ -90,6 +103,9 @@ class ModelManager:
         self._lock_users: dict[str, int] = {}
         self._holds: dict[tuple[str, int], int] = {}
         self._retiring: set[asyncio.Task] = set()
+        # explicit unloads the poller leaves alone until ``load`` of the model: whole models, and versions
+        self._unloaded_models: set[str] = set()
+        self._unloaded_versions: dict[str, set[int]] = {}
         self._poller: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -114,8 +130,10 @@ class ModelManager:
                 await self._poller
             self._poller = None
         models, self._models, self._pinned, self._stored = self._models, {}, {}, {}
-        await asyncio.gather(*(self._retire(lm) for table in models.values() for lm in table.values()))
-        if self._retiring:
+        for table in models.values():
+            for lm in table.values():
+                self._start_retiring(lm)
+        while self._retiring:  # with those of swaps and of unloads whose caller was cancelled
             await asyncio.gather(*self._retiring, return_exceptions=True)
         self._changed()
 
@@ -126,7 +144,8 @@ class ModelManager:
 
     # -- serving -------------------------------------------------------------------
     def default_version(self, name: str) -> int:
-        """The version requests without one get: pinned, else the repository's DEFAULT, else the newest."""
+        """The version requests without one get: the repository's DEFAULT (or, with a read-only repository,
+        the in-memory pin), else the newest."""
         table = self._models.get(name) or {}
         for chosen in (self._pinned.get(name), self._stored.get(name)):
             if chosen in table:
@@ -226,35 +245,54 @@ class ModelManager:
         check_name(name)
         async with self._model_lock(name):
             try:
+                self._unloaded_models.discard(name)  # loaded again: the poller follows it again
+                self._unloaded_versions.pop(name, None)
                 if version is None:
-                    await self._sync_default(name)
-                    return await self._load_newest(name, retry_unchanged=True)
-                lm = (self._models.get(name) or {}).get(version)
-                if lm is None:
-                    entries = await self.loader.scan(name)
-                    entry = next((e for e in entries if e.version == version), None)
-                    if entry is None:
-                        versions = [e.version for e in entries if not e.problem]
-                        raise UnknownVersion(f"model {name!r} has no version {version}; versions: {versions}")
-                    lm = await self._install(name, entry, auto=False)
+                    return await self._follow(name, retry_unchanged=True)
+                lm, _ = await self._load_version(name, version)
                 lm.auto = False  # asked for by number: keep it until unloaded
                 return lm
             finally:
                 self._changed()  # loaded, or a failure recorded: health and status follow
 
-    async def _load_newest(self, name: str, retry_unchanged: bool) -> LoadedModel:
-        """The newest version that loads (already loaded, or loaded now); call with the model's lock held.
+    async def _load_version(self, name: str, version: int) -> tuple[LoadedModel, bool]:
+        """``name:version``, loaded now (automatic) unless it already is; True when loaded now. Lock held."""
+        lm = (self._models.get(name) or {}).get(version)
+        if lm is not None:
+            return lm, False
+        entries = await self.loader.scan(name)
+        entry = next((e for e in entries if e.version == version), None)
+        if entry is None:
+            versions = [e.version for e in entries if not e.problem]
+            raise UnknownVersion(f"model {name!r} has no version {version}; versions: {versions}")
+        return await self._install(name, entry, auto=True), True
 
-        ``retry_unchanged=False`` skips versions that failed and whose files did not change since.
+    async def _follow(self, name: str, retry_unchanged: bool) -> LoadedModel:
+        """Scan, then follow the DEFAULT pointer and load the newest version that loads; call with the lock held.
+
+        The pointer is read after the scan: a job that pins DEFAULT and then publishes a version
+        (a gate-rejected candidate) is seen with its pointer whenever its version is seen.
         """
         entries = await self.loader.scan(name)
+        await self._sync_default(name, entries, retry_unchanged)
+        return await self._load_newest(name, entries, retry_unchanged)
+
+    async def _load_newest(self, name: str, entries: list[VersionEntry], retry_unchanged: bool) -> LoadedModel:
+        """The newest of ``entries`` that loads (already loaded, or loaded now); call with the model's lock held.
+
+        ``retry_unchanged=False`` (the poller) skips versions that failed and whose files did not change
+        since, and versions that were unloaded explicitly.
+        """
         table = self._models.get(name) or {}
+        unloaded = self._unloaded_versions.get(name, set())
         failures: list[str] = []
         chosen: LoadedModel | None = None
         for entry in reversed(entries):
             chosen = table.get(entry.version)
             if chosen is not None:
                 break
+            if not retry_unchanged and entry.version in unloaded:
+                continue
             if not retry_unchanged and self.record.unchanged(name, entry):
                 failures.append(f"version {entry.version}: {self.record.reason(name, entry.version)}")
                 continue
@@ -293,15 +331,26 @@ class ModelManager:
         self._models = {**self._models, name: {v: lm for v, lm in table.items() if lm not in old}}
         for lm in old:
             log.info("model %s: version %d replaced by %d; draining it", name, lm.version, newest)
-            task = asyncio.get_running_loop().create_task(self._retire(lm))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._start_retiring(lm)
 
-    async def _retire(self, lm: LoadedModel) -> None:
-        await lm.retire(self.config.drain_timeout_s)
+    def _start_retiring(self, lm: LoadedModel) -> asyncio.Task:
+        """Retire ``lm`` in a task of its own, tracked until done, so that no cancelled caller leaves it running."""
+        task = asyncio.get_running_loop().create_task(
+            lm.retire(self.config.drain_timeout_s), name=f"retire-{lm.name}:{lm.version}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return task
 
     async def unload(self, name: str, version: int | None = None) -> list[int]:
-        """Unload one version (or all of ``name``'s versions); returns the versions unloaded."""
+        """Unload one version (or all of ``name``'s versions); returns the versions unloaded.
+
+        The poller leaves them unloaded until ``load`` of the model. Queued requests finish first; the
+        versions are retired even when the caller is cancelled while they drain.
+
+        Raises:
+            UnknownModel, UnknownVersion: not loaded.
+            FailedPrecondition: ``version`` is the one the DEFAULT pointer names and others stay loaded.
+        """
         check_name(name)
         async with self._model_lock(name):
             table = self._models.get(name) or {}
@@ -309,38 +358,53 @@ class ModelManager:
                 raise UnknownModel(f"model {name!r} is not loaded")
             if version and version not in table:
                 raise UnknownVersion(f"model {name!r} version {version} is not loaded (loaded: {sorted(table)})")
+            if version and len(table) > 1 and version == self._stored.get(name):
+                raise FailedPrecondition(
+                    f"model {name!r} version {version} is the model's DEFAULT version: "
+                    "SetDefaultVersion to another first, or unload the whole model"
+                )
             gone = [table[version]] if version else list(table.values())
             rest = {v: lm for v, lm in table.items() if lm not in gone}
             models = dict(self._models)
             if rest:
                 models[name] = rest
+                self._unloaded_versions.setdefault(name, set()).add(version)  # type: ignore[arg-type]
             else:
                 models.pop(name, None)
+                self._unloaded_models.add(name)
+                self._unloaded_versions.pop(name, None)
             self._models = models
             if self._pinned.get(name) not in rest:
                 self._pinned.pop(name, None)
             if self._stored.get(name) not in rest:  # loading it again reads the pointer anew
                 self._stored.pop(name, None)
             self._changed()
-            await asyncio.gather(*(self._retire(lm) for lm in gone))
+            retiring = [self._start_retiring(lm) for lm in gone]
+            await asyncio.shield(asyncio.gather(*retiring))  # a cancelled caller leaves them retiring
             return sorted(lm.version for lm in gone)
 
     async def retain(self, name: str, version: int) -> None:
         """Keep ``name:version`` loaded until the matching ``release`` (a batch job's pinned version).
 
         A held version is never replaced by a newer automatic one; one that was
-        not loaded is loaded as automatic, so it goes once released and outdated.
+        not loaded is loaded as automatic, so it goes once released and outdated
+        (one that ``load`` loaded by number meanwhile stays as it is). Unlike
+        ``load``, it does not clear an ``unload`` mark: the poller still leaves the model alone.
         """
+        check_name(name)
         key = (name, version)
         self._holds[key] = self._holds.get(key, 0) + 1
         if version in (self._models.get(name) or {}):
             return
         try:
-            lm = await self.load(name, version)
+            async with self._model_lock(name):
+                try:
+                    await self._load_version(name, version)  # one loaded meanwhile (by number) stays as it is
+                finally:
+                    self._changed()
         except BaseException:
             self.release(name, version)
             raise
-        lm.auto = True
 
     def release(self, name: str, version: int) -> None:
         """End one ``retain``; an outdated automatic version with no holds left is retired."""
@@ -354,45 +418,80 @@ class ModelManager:
         if table:
             self._retire_older_auto(name, max(table))
 
-    def set_default(self, name: str, version: int | None) -> None:
-        """Pin the default version of ``name`` (a loaded version), or unpin it with ``None``/0."""
-        table = self._models.get(name) or {}
-        if not table:
-            raise UnknownModel(f"model {name!r} is not loaded")
-        if not version:
-            self._pinned.pop(name, None)
-        elif version not in table:
-            raise UnknownVersion(
-                f"model {name!r} version {version} is not loaded (loaded: {sorted(table)}); load it first"
-            )
-        else:
-            self._pinned[name] = version
-        self._changed()
+    async def set_default(self, name: str, version: int | None) -> bool:
+        """Make ``version`` (a loaded version) the default of ``name`` by writing ``<model>/DEFAULT``;
+        ``None``/0 removes the pointer (the newest loaded version is the default again).
+
+        Like a training job's promotion, which writes the same pointer, the last write wins, and a
+        restart keeps it. A repository that cannot be written (mounted read-only) gets an in-memory
+        pin instead, which lasts until the pointer moves or the server restarts. Returns True when the
+        pointer was written, False for the in-memory fallback (logged).
+        """
+        check_name(name)
+        async with self._model_lock(name):
+            table = self._models.get(name) or {}
+            if not table:
+                raise UnknownModel(f"model {name!r} is not loaded")
+            if version and version not in table:
+                raise UnknownVersion(
+                    f"model {name!r} version {version} is not loaded (loaded: {sorted(table)}); load it first"
+                )
+            try:
+                await asyncio.to_thread(self.repository.set_default, name, version or None)
+            except OSError as exc:
+                written = False
+                log.warning("model %s: cannot write the DEFAULT pointer (%s); the default is %s in memory only, "
+                            "until the pointer moves or the server restarts", name, exc.strerror or exc,
+                            f"version {version}" if version else "the pointer's or the newest")
+                if version:
+                    self._pinned[name] = version
+                else:
+                    self._pinned.pop(name, None)
+            else:
+                written = True
+                self._pinned.pop(name, None)
+                if version:
+                    self._stored[name] = version
+                else:
+                    self._stored.pop(name, None)
+                log.info("model %s: DEFAULT set to %s", name, version or "none (the newest loaded version)")
+            table = self._models.get(name) or {}
+            self._retire_older_auto(name, max(table))  # an automatic former default, outdated, goes
+            self._changed()
+            return written
 
     async def refresh_default(self, name: str) -> int:
         """Follow ``<model>/DEFAULT`` now (after a promotion wrote it); returns the default version.
 
         The version it names is loaded and warmed before requests switch to it;
         a model with no pointer and nothing loaded gets its newest version. The
-        pointer is read before any newer version loads (here, in ``load`` and in
-        ``poll_once``): a version published with a pointer to an older one is
-        never served by default, not even until the pointer is read.
+        pointer is read after the scan of the versions it applies to (here, in
+        ``load`` and in ``poll_once``): a version published with a pointer to an
+        older one is never served by default, not even until the pointer is read.
+        A model unloaded with ``unload`` stays unloaded (the pointer is read when
+        it is loaded again).
         """
         check_name(name)
         async with self._model_lock(name):
+            if name in self._unloaded_models:
+                log.info("model %s was unloaded: DEFAULT is followed when it is loaded again", name)
+                return self.default_version(name)
             try:
-                await self._sync_default(name)
+                entries = await self.loader.scan(name)
+                await self._sync_default(name, entries, retry_unchanged=True)
                 if not self._models.get(name):
-                    await self._load_newest(name, retry_unchanged=True)
+                    await self._load_newest(name, entries, retry_unchanged=True)
             finally:
                 self._changed()
         return self.default_version(name)
 
-    async def _sync_default(self, name: str) -> None:
+    async def _sync_default(self, name: str, entries: list[VersionEntry], retry_unchanged: bool) -> None:
         """Load the version the repository's DEFAULT names, then make it the stored default; call with the lock held.
 
-        A pointer to a version that is missing or does not load is logged and the
-        previous default stays in effect (requests never land on a broken version).
+        ``entries`` is a scan made *before* the pointer is read here. A pointer to a version that is
+        missing or does not load is logged and the previous default stays in effect (requests never
+        land on a broken version). ``retry_unchanged=False`` (the poller) does not build again a
+        version that failed and whose files did not change, nor one that was unloaded explicitly.
         """
         wanted = await asyncio.to_thread(self.repository.default_version, name)
         current = self._stored.get(name)
@@ -400,12 +499,16 @@ class ModelManager:
             return
         table = self._models.get(name) or {}
         if wanted is not None and wanted not in table:
-            entries = await self.loader.scan(name)
             entry = next((e for e in entries if e.version == wanted), None)
+            if entry is None:  # written after the scan, with a version newer than it saw
+                entry = next((e for e in await self.loader.scan(name) if e.version == wanted), None)
             if entry is None:
                 log.error("model %s: DEFAULT names version %d, which is not in the repository; keeping %s",
                           name, wanted, current or "the newest version")
                 return
+            if not retry_unchanged and (self.record.unchanged(name, entry)
+                                        or wanted in self._unloaded_versions.get(name, ())):
+                return  # retried when its files change / loaded again by LoadModel
             try:
                 await self._install(name, entry, auto=True)
             except Exception as exc:  # recorded by the loader
@@ -416,6 +519,7 @@ class ModelManager:
             self._stored.pop(name, None)
         else:
             self._stored[name] = wanted  # requests without a version switch here, atomically
+        self._pinned.pop(name, None)  # the pointer moved since an in-memory pin: the last write wins
         log.info("model %s: default version is now %s", name, wanted or "the newest loaded")
         table = self._models.get(name) or {}
         if table:
@@ -435,28 +539,33 @@ class ModelManager:
 
         A model is (re)considered when it has a version newer than its newest
         loaded one that never failed, or whose files changed since it failed.
+        Models and versions unloaded with ``unload`` are left unloaded.
         """
         on_disk = await asyncio.to_thread(self.repository.scan_all)
         self.record.keep_models(set(on_disk))
         loaded: list[tuple[str, int]] = []
         for name, entries in on_disk.items():
-            if self.config.models and name not in self.config.models:
+            if self.config.models and name not in self.config.models or name in self._unloaded_models:
                 continue
             table = self._models.get(name) or {}
             newest = max(table, default=0)
+            unloaded = self._unloaded_versions.get(name, set())
+            skipped = {e.version for e in entries if e.version in unloaded or self.record.unchanged(name, e)}
             if table:
                 try:
-                    moved = await asyncio.to_thread(self.repository.default_version, name) != self._stored.get(name)
+                    wanted = await asyncio.to_thread(self.repository.default_version, name)
                 except SegsvcError:
-                    moved = False
+                    wanted = self._stored.get(name)
+                moved = wanted != self._stored.get(name) and (wanted in table or wanted not in skipped)
             else:
                 moved = False
-            if not moved and all(e.version <= newest or self.record.unchanged(name, e) for e in entries):
+            if not moved and all(e.version <= newest or e.version in skipped for e in entries):
                 continue
             async with self._model_lock(name):
+                if name in self._unloaded_models:  # unloaded while this scan ran
+                    continue
                 try:
-                    await self._sync_default(name)
-                    lm = await self._load_newest(name, retry_unchanged=False)
+                    lm = await self._follow(name, retry_unchanged=False)
                 except Exception as exc:  # each version's reason is recorded and logged
                     log.error("model %s: no version loads: %s", name, exc)
                 else:
@@ -504,7 +613,8 @@ class ModelManager:
         default = self.default_version(name)
         v = pick_version(name, version or default, entries, table)
         manifest = table[v].manifest if v in table else await self.loader.read_manifest(name, v)
-        return model_status(name, v, entries, table, default, name in self._pinned, self.record, manifest)
+        pinned = name in self._pinned or name in self._stored  # by the DEFAULT pointer, not the newest
+        return model_status(name, v, entries, table, default, pinned, self.record, manifest)
 
     async def describe_all(self) -> list[ModelStatus]:
         """Status of every model on disk (even one whose versions all failed) or loaded, sorted by name."""

@@ -279,7 +279,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
 
     async def SetDefaultVersion(self, request: pb.SetDefaultVersionRequest, context) -> pb.ModelInfo:
         async def work(call: _Call) -> pb.ModelInfo:
-            self._manager.set_default(request.model, request.version or None)
+            await self._manager.set_default(request.model, request.version or None)
             status = await self._manager.describe(request.model)
             call.model, call.version = status.name, status.version
             return convert.model_info(status)

@@ -75,8 +75,8 @@ def test_manager_serves_the_pointer_polls_new_versions_without_switching_and_fol
         publish(tmp_path, "m", seed=4)
         await manager.poll_once()
         assert manager.default_version("m") == 2 and 4 in manager._models["m"]
-        manager.set_default("m", 4)  # an in-memory pin still wins
-        assert manager.default_version("m") == 4
+        await manager.set_default("m", 4)  # SetDefaultVersion writes the pointer
+        assert manager.default_version("m") == 4 and ModelRepository(tmp_path).default_version("m") == 4
 
     _with_manager(tmp_path, check)
 
@@ -127,7 +127,7 @@ def test_a_pointer_written_with_a_new_version_is_honoured_before_the_new_version
 
 
 def test_a_model_unloaded_and_loaded_again_follows_the_pointer(tmp_path):
-    """Unloading forgets the stored default with the version: loading again reads the pointer anew.
+    """Unloading forgets the stored default with the model: loading again reads the pointer anew.
 
     Before, the stale stored default (1) equalled the pointer, so the pointer was never followed again and
     the newest version (2) served by default."""
@@ -140,8 +140,11 @@ def test_a_model_unloaded_and_loaded_again_follows_the_pointer(tmp_path):
         assert await manager.unload("m") == [1, 2]
         await manager.load("m")
         assert manager.default_version("m") == 1 and sorted(manager._models["m"]) == [1, 2]
-        assert await manager.unload("m", 1) == [1]
-        assert await manager.refresh_default("m") == 1 and 1 in manager._models["m"]
+        assert await manager.unload("m", 2) == [2]
+        assert await manager.unload("m", 1) == [1]  # the default goes with the last version
+        assert await manager.refresh_default("m") == 0  # unloaded: followed when loaded again
+        await manager.load("m")
+        assert manager.default_version("m") == 1 and sorted(manager._models["m"]) == [1, 2]
 
     _with_manager(tmp_path, check)
 
@@ -156,5 +159,101 @@ def test_names_that_never_load_leave_no_lock_behind(tmp_path):
                 await manager.load(f"nothing-{i}")
         await manager.refresh_default("m")
         assert set(manager._locks) <= {"m"}
+
+    _with_manager(tmp_path, check)
+
+
+def test_a_load_racing_a_job_that_pins_the_default_then_publishes_keeps_the_pinned_default(tmp_path):
+    """LoadModel(m) read DEFAULT (absent), then a gate-rejected training job pinned DEFAULT = 1 and published
+    version 2, then LoadModel's scan found 2 and served it by default. The pointer is read after the scan now."""
+    publish(tmp_path, "m", seed=1)
+
+    async def check(manager: ModelManager) -> None:
+        scan = manager.loader.scan
+        job_ran = []
+
+        async def scan_after_the_job(name):
+            if not job_ran:  # the job's pin and publish land between the load's first step and its scan
+                job_ran.append(True)
+                ModelRepository(tmp_path).set_default("m", 1)
+                publish(tmp_path, "m", seed=2)
+            return await scan(name)
+
+        manager.loader.scan = scan_after_the_job
+        await manager.load("m")
+        assert 2 in manager._models["m"] and manager.default_version("m") == 1
+        with manager.lease("m", None) as lm:
+            assert lm.version == 1
+
+    _with_manager(tmp_path, check)
+
+
+def test_set_default_writes_the_pointer_so_a_later_promotion_wins_and_a_restart_keeps_it(tmp_path):
+    """SetDefaultVersion pinned in memory only: a training job's promotion (which writes DEFAULT) reported
+    "promoted" while requests stayed on the pinned version, and the pin was lost at restart."""
+    publish(tmp_path, "m", seed=1)
+    publish(tmp_path, "m", seed=2)
+
+    async def pin(manager: ModelManager) -> None:
+        await manager.load("m", 1)
+        await manager.set_default("m", 1)
+        assert ModelRepository(tmp_path).default_version("m") == 1 and manager.default_version("m") == 1
+
+    _with_manager(tmp_path, pin)
+
+    async def restarted(manager: ModelManager) -> None:
+        assert manager.default_version("m") == 1  # kept over a restart
+        publish(tmp_path, "m", seed=3)  # a promotion: publish, write DEFAULT, refresh
+        ModelRepository(tmp_path).set_default("m", 3)
+        assert await manager.refresh_default("m") == 3 and manager.default_version("m") == 3
+        await manager.set_default("m", 0)  # no pointer: the newest loaded version
+        assert ModelRepository(tmp_path).default_version("m") is None
+
+    _with_manager(tmp_path, restarted)
+
+
+def test_with_a_read_only_repository_set_default_pins_in_memory_and_says_so(tmp_path, monkeypatch, caplog):
+    publish(tmp_path, "m", seed=1)
+    publish(tmp_path, "m", seed=2)
+
+    def read_only(self, name, version):
+        raise OSError(30, "Read-only file system")
+
+    async def check(manager: ModelManager) -> None:
+        await manager.load("m", 1)
+        monkeypatch.setattr(ModelRepository, "set_default", read_only)
+        await manager.set_default("m", 1)
+        assert manager.default_version("m") == 1 and (await manager.describe("m")).default_pinned
+        await manager.set_default("m", 0)
+        assert manager.default_version("m") == 2
+
+    _with_manager(tmp_path, check)
+    assert "in memory only" in caplog.text
+
+
+def test_a_default_that_does_not_load_is_retried_only_when_its_files_change(tmp_path):
+    """A DEFAULT naming a broken version was built again at every poll (and logged an error each time);
+    other failed versions are retried only when their files change."""
+    publish(tmp_path, "m", seed=1)
+    v2 = publish(tmp_path, "m", seed=2)
+    ModelRepository(tmp_path).set_default("m", 2)
+    weights = (v2 / "weights.safetensors").read_bytes()
+    (v2 / "weights.safetensors").write_bytes(b"garbage")
+
+    async def check(manager: ModelManager) -> None:
+        builds: list[int] = []
+        build_engine = manager.loader._build_engine
+
+        def counted(name, version):
+            builds.append(version)
+            return build_engine(name, version)
+
+        manager.loader._build_engine = counted
+        for _ in range(3):
+            await manager.poll_once()
+        assert builds == [] and manager.default_version("m") == 1
+        (v2 / "weights.safetensors").write_bytes(weights)  # the copy completes: its files changed
+        await manager.poll_once()
+        assert builds == [2] and manager.default_version("m") == 2
 
     _with_manager(tmp_path, check)

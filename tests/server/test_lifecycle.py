@@ -173,11 +173,15 @@ def test_default_version_pinning_and_explicit_loads(start_server, tmp_path):
         assert list(info.loaded_versions) == [1, 2] and info.default_version == 2
         pinned = c.set_default_version("m", 1)
         assert pinned.default_version == 1 and pinned.default_pinned
+        assert (tmp_path / "m" / "DEFAULT").read_text() == "1\n"  # persistent, as a promotion writes it
+        with pytest.raises(errors.FailedPrecondition, match="SetDefaultVersion to another first"):
+            c.unload_model("m", 1)  # would send requests without a version to version 2
         r = c.segment(image, model="m")
         assert r.version == 1
         assert_labels_match(r.mask, reference(v1), image)
         assert c.segment(image, model="m", version=2).version == 2
         assert c.set_default_version("m", 0).default_version == 2  # unpinned: newest again
+        assert not (tmp_path / "m" / "DEFAULT").exists()
         assert_labels_match(c.segment(image, model="m").mask, reference(v2), image)
         assert c.unload_model("m", 1) == [1]
         assert list(c.get_model("m").loaded_versions) == [2]
