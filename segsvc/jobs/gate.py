@@ -8,6 +8,12 @@ its lineage (dataset hash, parent version, recipe and overrides, segsvc
 version, metrics). Whether it becomes the default is the caller's next step
 (``ModelRepository.set_default``).
 
+A decision is only as good as the default it was measured against: when
+``current_default`` (what the repository serves by default now) is no longer
+the version the job compared with, another job (or a person) moved the default
+while this one evaluated, and the caller does not promote on that stale
+comparison (``moved_verdict`` says so).
+
 Example:
     >>> rows = compare({"val": {"miou": 0.61}}, {"val": {"miou": 0.55}})
     >>> decide("gate", rows, margin=0.02, has_default=True)
@@ -21,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from segsvc.errors import AlreadyExists, ArtifactError, SegsvcError
+from segsvc.errors import AlreadyExists, ArtifactError, SegsvcError, UnknownModel
 from segsvc.inference.repository import ModelRepository
 from segsvc.models.artifact import load_artifact, read_manifest, save_artifact
 
@@ -95,6 +101,16 @@ def decide(policy: str, rows: list[Comparison], margin: float, has_default: bool
     return True, f"promoted: mIoU beats the default by more than {margin:g} on {detail}"
 
 
+def moved_verdict(compared: int, now: int) -> str:
+    """The verdict of a candidate measured against version ``compared`` (0: none) when ``now`` is the default."""
+    return (f"not promoted: the default moved from {_version_label(compared)} to {_version_label(now)} while this "
+            f"job was evaluated; compare again with a new job")
+
+
+def _version_label(version: int) -> str:
+    return f"v{version}" if version else "none"
+
+
 def format_table(rows: list[Comparison]) -> str:
     """The comparison as a text table (the CLI prints it)."""
     lines = [f"{'split':8} {'metric':20} {'candidate':>10} {'default':>10} {'delta':>9}"]
@@ -123,6 +139,22 @@ def find_published(repository: ModelRepository, name: str, job_id: str) -> int |
         except SegsvcError:
             continue
     return None
+
+
+def current_default(repository: ModelRepository, name: str, own: int | None = None) -> int:
+    """The version ``name`` is served by default from the repository: the one ``DEFAULT`` names when it is
+    complete, else the newest complete version other than ``own`` (a job's own version, published just before
+    a crash, is not the default the job compared with); 0 when there is none.
+    """
+    try:
+        versions = repository.versions(name)
+    except UnknownModel:
+        return 0
+    pinned = repository.default_version(name)
+    if pinned in versions:
+        return pinned  # type: ignore[return-value]
+    others = [v for v in versions if v != own]
+    return others[-1] if others else 0
 
 
 def publish_candidate(candidate_dir: Path, repo_root: Path, name: str, lineage: Mapping[str, Any]) -> Path:

@@ -13,6 +13,17 @@ decides and publishes the candidate as a new version with its lineage; a
 promoted version becomes the repository's persistent default and the server
 swaps to it (``ModelManager.refresh_default``).
 
+Jobs of one model publish one at a time (a lock per model name; with
+``max_training_jobs`` above 1 several may finish together): the check of the
+default, the publication and the DEFAULT write of one job never interleave
+with another's. The gate compares the candidate with the default fixed when
+the evaluation began; if that is no longer the default when the job publishes
+(another job promoted its own version meanwhile), the candidate is published
+but not promoted, and its verdict says to compare again with a new job. A job
+not promoted pins the current default in DEFAULT, only when no pointer is
+there, before its version appears, so a crash between the steps never leaves
+it served by default.
+
 Before its trainer starts (and again on each restart), a job checks every dataset it
 uses: still registered, and a dataset registered in place (its files in the data
 root, not copied) walked and hashed again (``DatasetRegistry.check_unchanged``): a
@@ -115,6 +126,11 @@ class TrainingRunner(StoreRunner):
         self.datasets = datasets
         self.config = config
         self._runs: dict[str, _Run] = {}  # type: ignore[assignment]
+        # One publish at a time per model (all jobs run in this event loop): the gate's check of the default,
+        # the publication and the DEFAULT write of one job never interleave with another's. A lock per model
+        # name trained on this server; they are few.
+        self._publish_locks: dict[str, asyncio.Lock] = {}
+        self._publishing: dict[str, str] = {}  # model name -> the job holding its publish lock
         if datasets is not None:  # a dataset a QUEUED or RUNNING job uses is not deleted
             datasets.guard_deletes(self.jobs_using)
 
@@ -429,31 +445,24 @@ class TrainingRunner(StoreRunner):
                        ) -> dict[str, Any]:
         await self._set_phase(run, "publishing")
         spec, request = run.job.spec, run.job.spec["request"]
-        name, repo = spec["model_name"], self.manager.repository
-        default_version = int(run.progress.get("default_version") or 0)
+        name = spec["model_name"]
+        compared = int(run.progress.get("default_version") or 0)
         rows = gate.compare(results["candidate"], results["default"] or None)
         promoted, verdict = gate.decide(request["promote"], rows, float(request["gate_margin"]),
                                         has_default=bool(results["default"]))
-        if run.cancel.is_set():
-            raise _Stop("CANCELLED", "cancelled before publishing")
-        lineage = {
-            "job_id": run.job.id, "dataset": {k: spec["dataset"][k] for k in ("name", "sha256")},
-            "parent": spec.get("base"), "recipe": spec["recipe_name"], "overrides": list(request["overrides"]),
-            "segsvc_version": segsvc.__version__, "metrics": results["candidate"], "gate": verdict,
-        }
-        version = await asyncio.to_thread(gate.find_published, repo, name, run.job.id)
-        if version is None:
-            if not promoted and default_version and repo.default_version(name) is None:
-                # Without a pointer the newest version is served: pin the current default first.
-                await asyncio.to_thread(repo.set_default, name, default_version)
-            path = await asyncio.to_thread(gate.publish_candidate, candidate, repo.root, name, lineage)
-            version = int(path.name)
-        if promoted:
-            await asyncio.to_thread(repo.set_default, name, version)
-            await self.manager.refresh_default(name)
+        lock = self._publish_locks.setdefault(name, asyncio.Lock())
+        if lock.locked():
+            log.info("training job %s: waiting for job %s to finish publishing %s", run.job.id,
+                     self._publishing.get(name), name)
+        async with lock:
+            self._publishing[name] = run.job.id
+            try:
+                version, promoted, verdict = await self._place(run, candidate, results, compared, promoted, verdict)
+            finally:
+                self._publishing.pop(name, None)
         result = {
             "model": name, "version": version, "promoted": promoted, "verdict": verdict,
-            "previous_default": default_version, "promote": request["promote"],
+            "previous_default": compared, "promote": request["promote"],
             "gate_margin": request["gate_margin"], "comparison": [r.to_dict() for r in rows],
             "metrics": {k: float(v) for k, v in read_manifest(candidate).metrics.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)},
@@ -464,6 +473,47 @@ class TrainingRunner(StoreRunner):
         result["artifacts"] = [rel for rel, _ in await asyncio.to_thread(self._artifact_sources, run.job)]
         log.info("training job %s: published %s:%d (%s)", run.job.id, name, version, verdict)
         return result
+
+    async def _place(self, run: _Run, candidate: Path, results: dict[str, dict[str, dict[str, float]]],
+                     compared: int, promoted: bool, verdict: str) -> tuple[int, bool, str]:
+        """Publish the candidate and move DEFAULT as decided; ``(version, promoted, verdict)``.
+
+        Called with the model's publish lock held, so no other job of this server reads or writes the
+        model's DEFAULT in between. A ``gate`` decision measured against version ``compared`` stands
+        only while that is still the default (the repository's, or the one the server serves);
+        otherwise the candidate is not promoted. Each step survives a crash before the next: a job not
+        promoted pins the current default before its version appears (without a pointer the newest
+        version is served), a version already published is found again by its lineage, and a promotion
+        is the last write.
+        """
+        if run.cancel.is_set():
+            raise _Stop("CANCELLED", "cancelled before publishing")
+        spec, request = run.job.spec, run.job.spec["request"]
+        name, repo = spec["model_name"], self.manager.repository
+
+        def look() -> tuple[int | None, int, int | None]:
+            version = gate.find_published(repo, name, run.job.id)
+            return version, gate.current_default(repo, name, own=version), repo.default_version(name)
+
+        version, now, pointer = await asyncio.to_thread(look)
+        if (promoted and request["promote"] == "gate" and now not in (compared, version)
+                and not (compared and self.manager.default_version(name) == compared)):
+            promoted, verdict = False, gate.moved_verdict(compared, now)
+        if not promoted and now and now != version and pointer != now:
+            # No pointer (or one to no complete version): the newest version, soon this one, would be served.
+            await asyncio.to_thread(repo.set_default, name, now)
+        if version is None:
+            lineage = {
+                "job_id": run.job.id, "dataset": {k: spec["dataset"][k] for k in ("name", "sha256")},
+                "parent": spec.get("base"), "recipe": spec["recipe_name"], "overrides": list(request["overrides"]),
+                "segsvc_version": segsvc.__version__, "metrics": results["candidate"], "gate": verdict,
+            }
+            path = await asyncio.to_thread(gate.publish_candidate, candidate, repo.root, name, lineage)
+            version = int(path.name)
+        if promoted:
+            await asyncio.to_thread(repo.set_default, name, version)
+            await self.manager.refresh_default(name)
+        return version, promoted, verdict
 
 
 def apply_event(progress: dict[str, Any], event: dict[str, Any]) -> None:
