@@ -341,6 +341,16 @@ class ModelManager:
         task.add_done_callback(self._retiring.discard)
         return task
 
+    def _loaded_table(self, name: str, version: int | None) -> dict[int, LoadedModel]:
+        """``name``'s loaded versions, with ``version`` (when given) among them, else the error saying which is not."""
+        table = self._models.get(name) or {}
+        if not table:
+            raise UnknownModel(f"model {name!r} is not loaded")
+        if version and version not in table:
+            raise UnknownVersion(f"model {name!r} version {version} is not loaded (loaded: {sorted(table)}); "
+                                 "load it first")
+        return table
+
     async def unload(self, name: str, version: int | None = None) -> list[int]:
         """Unload one version (or all of ``name``'s versions); returns the versions unloaded.
 
@@ -353,11 +363,7 @@ class ModelManager:
         """
         check_name(name)
         async with self._model_lock(name):
-            table = self._models.get(name) or {}
-            if not table:
-                raise UnknownModel(f"model {name!r} is not loaded")
-            if version and version not in table:
-                raise UnknownVersion(f"model {name!r} version {version} is not loaded (loaded: {sorted(table)})")
+            table = self._loaded_table(name, version)
             if version and len(table) > 1 and version == self._stored.get(name):
                 raise FailedPrecondition(
                     f"model {name!r} version {version} is the model's DEFAULT version: "
@@ -429,13 +435,7 @@ class ModelManager:
         """
         check_name(name)
         async with self._model_lock(name):
-            table = self._models.get(name) or {}
-            if not table:
-                raise UnknownModel(f"model {name!r} is not loaded")
-            if version and version not in table:
-                raise UnknownVersion(
-                    f"model {name!r} version {version} is not loaded (loaded: {sorted(table)}); load it first"
-                )
+            self._loaded_table(name, version)
             try:
                 await asyncio.to_thread(self.repository.set_default, name, version or None)
             except OSError as exc:

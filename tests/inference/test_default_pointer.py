@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
 
 import pytest
 
 from segsvc.errors import UnknownModel
-from segsvc.inference.batcher import BatchingConfig
-from segsvc.inference.engine import EngineConfig
-from segsvc.inference.manager import ManagerConfig, ModelManager
+from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import DEFAULT_FILE, ModelRepository
+from tests.inference.managers import with_manager
 from tests.server.conftest import publish
 
 
@@ -37,23 +35,8 @@ def test_a_pointer_to_a_missing_version_or_garbage_falls_back_to_the_newest(tmp_
         assert repo.resolve_version("m", None) == 1
 
 
-def _manager(root) -> ModelManager:
-    config = ManagerConfig(engine=EngineConfig(device="cpu", warmup=False),
-                           batching=BatchingConfig(max_batch_size=2, max_delay_s=0.001), poll_interval_s=0)
-    return ModelManager(ModelRepository(root), config)
 
 
-def _with_manager(root, check: Callable[[ModelManager], Awaitable[None]]) -> None:
-    """Run ``check`` against a started manager of the repository at ``root``; the manager is stopped after."""
-    async def main() -> None:
-        manager = _manager(root)
-        await manager.start()
-        try:
-            await check(manager)
-        finally:
-            await manager.stop()
-
-    asyncio.run(main())
 
 
 def test_manager_serves_the_pointer_polls_new_versions_without_switching_and_follows_a_moved_pointer(tmp_path):
@@ -78,7 +61,7 @@ def test_manager_serves_the_pointer_polls_new_versions_without_switching_and_fol
         await manager.set_default("m", 4)  # SetDefaultVersion writes the pointer
         assert manager.default_version("m") == 4 and ModelRepository(tmp_path).default_version("m") == 4
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)
 
 
 def test_without_a_pointer_nothing_changes(tmp_path):
@@ -90,7 +73,7 @@ def test_without_a_pointer_nothing_changes(tmp_path):
         await asyncio.gather(*manager._retiring)
         assert manager.default_version("m") == 2 and sorted(manager._models["m"]) == [2]
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)
 
 
 def _sample_default(manager: ModelManager, name: str, work) -> set[int]:
@@ -123,7 +106,7 @@ def test_a_pointer_written_with_a_new_version_is_honoured_before_the_new_version
         assert await _sample_default(manager, "m", manager.load("m")) == {1, 2}
         assert manager.default_version("m") == 2 and 3 in manager._models["m"]
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)
 
 
 def test_a_model_unloaded_and_loaded_again_follows_the_pointer(tmp_path):
@@ -146,7 +129,7 @@ def test_a_model_unloaded_and_loaded_again_follows_the_pointer(tmp_path):
         await manager.load("m")
         assert manager.default_version("m") == 1 and sorted(manager._models["m"]) == [1, 2]
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)
 
 
 def test_names_that_never_load_leave_no_lock_behind(tmp_path):
@@ -160,7 +143,7 @@ def test_names_that_never_load_leave_no_lock_behind(tmp_path):
         await manager.refresh_default("m")
         assert set(manager._locks) <= {"m"}
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)
 
 
 def test_a_load_racing_a_job_that_pins_the_default_then_publishes_keeps_the_pinned_default(tmp_path):
@@ -185,7 +168,7 @@ def test_a_load_racing_a_job_that_pins_the_default_then_publishes_keeps_the_pinn
         with manager.lease("m", None) as lm:
             assert lm.version == 1
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)
 
 
 def test_set_default_writes_the_pointer_so_a_later_promotion_wins_and_a_restart_keeps_it(tmp_path):
@@ -199,7 +182,7 @@ def test_set_default_writes_the_pointer_so_a_later_promotion_wins_and_a_restart_
         await manager.set_default("m", 1)
         assert ModelRepository(tmp_path).default_version("m") == 1 and manager.default_version("m") == 1
 
-    _with_manager(tmp_path, pin)
+    with_manager(tmp_path, pin)
 
     async def restarted(manager: ModelManager) -> None:
         assert manager.default_version("m") == 1  # kept over a restart
@@ -209,7 +192,7 @@ def test_set_default_writes_the_pointer_so_a_later_promotion_wins_and_a_restart_
         await manager.set_default("m", 0)  # no pointer: the newest loaded version
         assert ModelRepository(tmp_path).default_version("m") is None
 
-    _with_manager(tmp_path, restarted)
+    with_manager(tmp_path, restarted)
 
 
 def test_with_a_read_only_repository_set_default_pins_in_memory_and_says_so(tmp_path, monkeypatch, caplog):
@@ -227,7 +210,7 @@ def test_with_a_read_only_repository_set_default_pins_in_memory_and_says_so(tmp_
         await manager.set_default("m", 0)
         assert manager.default_version("m") == 2
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)
     assert "in memory only" in caplog.text
 
 
@@ -256,4 +239,4 @@ def test_a_default_that_does_not_load_is_retried_only_when_its_files_change(tmp_
         await manager.poll_once()
         assert builds == [2] and manager.default_version("m") == 2
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)

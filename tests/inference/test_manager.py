@@ -7,17 +7,10 @@ import asyncio
 import pytest
 
 from segsvc.errors import FailedPrecondition, InvalidArgument
-from segsvc.inference.batcher import BatchingConfig
-from segsvc.inference.engine import EngineConfig
-from segsvc.inference.manager import ManagerConfig, ModelManager
-from segsvc.inference.repository import ModelRepository
+from tests.inference.managers import quiet_manager
 from tests.server.conftest import publish
 
 
-def _manager(root) -> ModelManager:
-    config = ManagerConfig(engine=EngineConfig(device="cpu", warmup=False),
-                           batching=BatchingConfig(max_batch_size=2, max_delay_s=0.001), poll_interval_s=0)
-    return ModelManager(ModelRepository(root), config)
 
 
 def test_after_unloading_the_only_model_a_request_without_a_name_is_told_to_load_one(tmp_path):
@@ -27,7 +20,7 @@ def test_after_unloading_the_only_model_a_request_without_a_name_is_told_to_load
     publish(tmp_path, "synthetic-quick", seed=1)
 
     async def main() -> tuple[str, str]:
-        manager = _manager(tmp_path)
+        manager = quiet_manager(tmp_path)
         await manager.start()
         try:
             served = manager.resolve(None, None).name
@@ -49,9 +42,9 @@ def test_with_nothing_loaded_a_few_repository_models_are_named_and_an_empty_repo
         publish(tmp_path / "repo", f"m{i}", seed=i)
     with pytest.raises(FailedPrecondition, match=r"holds 'm0', 'm1', 'm2', 'm3', 'm4' and 2 more\): load one "
                                                  "with LoadModel$"):
-        _manager(tmp_path / "repo").resolve(None, None)  # not started: nothing is loaded
+        quiet_manager(tmp_path / "repo").resolve(None, None)  # not started: nothing is loaded
     with pytest.raises(FailedPrecondition, match="no model is loaded and the model repository holds none"):
-        _manager(tmp_path / "empty").resolve(None, None)
+        quiet_manager(tmp_path / "empty").resolve(None, None)
 
 
 def test_with_several_loaded_a_request_without_a_name_must_name_one(tmp_path):
@@ -59,7 +52,7 @@ def test_with_several_loaded_a_request_without_a_name_must_name_one(tmp_path):
         publish(tmp_path, name, seed=1)
 
     async def main() -> str:
-        manager = _manager(tmp_path)
+        manager = quiet_manager(tmp_path)
         await manager.start()
         try:
             with pytest.raises(InvalidArgument) as info:

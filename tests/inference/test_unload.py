@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from typing import Callable
 
 import pytest
 
 from segsvc.errors import FailedPrecondition
-from segsvc.inference.batcher import BatchingConfig
-from segsvc.inference.engine import EngineConfig
-from segsvc.inference.manager import ManagerConfig, ModelManager
+from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import ModelRepository
+from tests.inference.managers import with_manager
 from tests.server.conftest import publish
 
 
-def _with_manager(root, check: Callable[[ModelManager], Awaitable[None]]) -> None:
-    """Run ``check`` against a started manager (no poller: the test calls ``poll_once``); it is stopped after."""
-    async def main() -> None:
-        config = ManagerConfig(engine=EngineConfig(device="cpu", warmup=False),
-                               batching=BatchingConfig(max_batch_size=2, max_delay_s=0.001), poll_interval_s=0)
-        manager = ModelManager(ModelRepository(root), config)
-        await manager.start()
-        try:
-            await check(manager)
-        finally:
-            await manager.stop()
-
-    asyncio.run(main())
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -57,7 +43,7 @@ def test_an_unload_cancelled_while_draining_still_stops_the_version(tmp_path):
         await manager.stop()
         stopped.append((lm.batcher.running, lm.batcher._worker))
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)
     assert stopped == [(False, None)]  # stop() waited for the retirement the cancelled unload began
 
 
@@ -75,7 +61,7 @@ def test_the_poller_does_not_load_an_unloaded_model_again_until_it_is_loaded(tmp
         publish(tmp_path, "m", seed=4)
         assert await manager.poll_once() == [("m", 4)]
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)
 
 
 def test_unloading_the_newest_version_to_roll_back_is_not_undone_by_the_poller(tmp_path):
@@ -94,7 +80,7 @@ def test_unloading_the_newest_version_to_roll_back_is_not_undone_by_the_poller(t
         await manager.load("m", 2)  # loading it again clears the mark
         assert sorted(manager._models["m"]) == [1, 2, 3]
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)
 
 
 def test_the_version_the_default_pointer_names_is_unloaded_only_with_the_whole_model(tmp_path):
@@ -114,7 +100,7 @@ def test_the_version_the_default_pointer_names_is_unloaded_only_with_the_whole_m
         assert await manager.unload("m", 1) == [1]  # the last one: the whole model goes
         assert await manager.poll_once() == [] and "m" not in manager._models
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)
 
 
 def test_a_batch_job_retaining_a_version_loaded_by_number_does_not_make_it_automatic(tmp_path):
@@ -144,4 +130,4 @@ def test_a_batch_job_retaining_a_version_loaded_by_number_does_not_make_it_autom
         await asyncio.gather(*manager._retiring)
         assert sorted(manager._models["m"]) == [1, 2]
 
-    _with_manager(tmp_path, check)
+    with_manager(tmp_path, check)
