@@ -43,12 +43,13 @@ class FakeManager:
         return SimpleNamespace(manifest=MANIFEST)
 
 
-async def run_to_end(runner: StoreRunner, job_id: str) -> Job:
-    """Start ``runner``, wait for job ``job_id`` to finish (60 s at most), stop the runner; the job."""
+async def run_to_end(runner: StoreRunner, job_id: str, timeout_s: float = 60) -> Job:
+    """Start ``runner``, wait for job ``job_id`` to finish (``timeout_s`` at most: only a hang should reach it),
+    stop the runner; the job."""
     await runner.start()
     try:
-        job = await runner.wait(job_id, timeout_s=60)
+        job = await runner.wait(job_id, timeout_s=timeout_s)
     finally:
         await runner.stop()
-    assert job.finished, f"job still {job.state} after 60 s"
+    assert job.finished, f"job still {job.state} after {timeout_s:g} s"
     return job

@@ -223,7 +223,7 @@ def test_a_mistyped_override_fails_the_job_with_the_trainer_s_own_error(tmp_path
 
     async def main() -> Job:
         job = await runner.submit(request)
-        return await run_to_end(runner, job.id)
+        return await run_to_end(runner, job.id, timeout_s=600)  # the real trainer imports torch first: slow when busy
 
     final = asyncio.run(main())
     assert final.state == "FAILED"

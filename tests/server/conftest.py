@@ -104,7 +104,7 @@ class RunningServer:
         self.thread.start()
         self.server: SegmentationServer = self.call(self._create(config))
         try:
-            self.call(self.server.start())
+            self.call(self.server.start(), timeout=600)  # loads every model: slow on a busy host, only a hang trips it
         except BaseException:
             self.close()
             raise
