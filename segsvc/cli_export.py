@@ -59,9 +59,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InvalidArgument(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
     if args.out is not None and args.format != "triton":
         raise InvalidArgument("--out is for --format triton; the ONNX export is written beside the weights")
-    from segsvc.inference.repository import ModelRepository
-
-    ModelRepository.existing(args.repo)  # as `models list` says it, not "no model named ...; available: none"
 
 
 def _print_validation(validation: Any) -> None:
@@ -86,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     name, version = parse_model_ref(args.ref)
-    repo = ModelRepository(args.repo)
+    repo = ModelRepository.existing(args.repo)  # as `models list` says it, not "no model named ..."
     version_dir = repo.version_dir(name, version)
     version = int(version_dir.name)
     check_manifest(name, version, repo.read_manifest(name, version))

@@ -29,7 +29,7 @@ from segsvc.data.spec import DatasetSpec
 from segsvc.errors import InvalidArgument, ModelConfigError, SegsvcError
 from segsvc.files import write_atomic
 from segsvc.inference.repository import ModelRepository
-from segsvc.models.artifact import model_inference_spec, read_manifest, save_artifact
+from segsvc.models.artifact import model_inference_spec, save_artifact
 from training.checkpoint import CheckpointError, RunState, load_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.distributed import DistEnv, broadcast_from_main, log

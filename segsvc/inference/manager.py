@@ -245,27 +245,28 @@ class ModelManager:
         check_name(name)
         async with self._model_lock(name):
             try:
+                if version is None:
+                    lm = await self._follow(name, retry_unchanged=True)
+                else:
+                    lm = await self._load_version(name, version)
+                    lm.auto = False  # asked for by number: keep it until unloaded
                 self._unloaded_models.discard(name)  # loaded again: the poller follows it again
                 self._unloaded_versions.pop(name, None)
-                if version is None:
-                    return await self._follow(name, retry_unchanged=True)
-                lm, _ = await self._load_version(name, version)
-                lm.auto = False  # asked for by number: keep it until unloaded
                 return lm
             finally:
                 self._changed()  # loaded, or a failure recorded: health and status follow
 
-    async def _load_version(self, name: str, version: int) -> tuple[LoadedModel, bool]:
-        """``name:version``, loaded now (automatic) unless it already is; True when loaded now. Lock held."""
+    async def _load_version(self, name: str, version: int) -> LoadedModel:
+        """``name:version``, loaded now (automatic) unless it already is. Call with the model's lock held."""
         lm = (self._models.get(name) or {}).get(version)
         if lm is not None:
-            return lm, False
+            return lm
         entries = await self.loader.scan(name)
         entry = next((e for e in entries if e.version == version), None)
         if entry is None:
             versions = [e.version for e in entries if not e.problem]
             raise UnknownVersion(f"model {name!r} has no version {version}; versions: {versions}")
-        return await self._install(name, entry, auto=True), True
+        return await self._install(name, entry, auto=True)
 
     async def _follow(self, name: str, retry_unchanged: bool) -> LoadedModel:
         """Scan, then follow the DEFAULT pointer and load the newest version that loads; call with the lock held.
@@ -341,14 +342,14 @@ class ModelManager:
         task.add_done_callback(self._retiring.discard)
         return task
 
-    def _loaded_table(self, name: str, version: int | None) -> dict[int, LoadedModel]:
-        """``name``'s loaded versions, with ``version`` (when given) among them, else the error saying which is not."""
+    def _loaded_table(self, name: str, version: int | None, hint: str = "") -> dict[int, LoadedModel]:
+        """``name``'s loaded versions, with ``version`` (when given) among them, else the error saying which is
+        not (``hint`` appended: what to do about it)."""
         table = self._models.get(name) or {}
         if not table:
             raise UnknownModel(f"model {name!r} is not loaded")
         if version and version not in table:
-            raise UnknownVersion(f"model {name!r} version {version} is not loaded (loaded: {sorted(table)}); "
-                                 "load it first")
+            raise UnknownVersion(f"model {name!r} version {version} is not loaded (loaded: {sorted(table)}){hint}")
         return table
 
     async def unload(self, name: str, version: int | None = None) -> list[int]:
@@ -424,22 +425,20 @@ class ModelManager:
         if table:
             self._retire_older_auto(name, max(table))
 
-    async def set_default(self, name: str, version: int | None) -> bool:
+    async def set_default(self, name: str, version: int | None) -> None:
         """Make ``version`` (a loaded version) the default of ``name`` by writing ``<model>/DEFAULT``;
         ``None``/0 removes the pointer (the newest loaded version is the default again).
 
         Like a training job's promotion, which writes the same pointer, the last write wins, and a
         restart keeps it. A repository that cannot be written (mounted read-only) gets an in-memory
-        pin instead, which lasts until the pointer moves or the server restarts. Returns True when the
-        pointer was written, False for the in-memory fallback (logged).
+        pin instead (logged), which lasts until the pointer moves or the server restarts.
         """
         check_name(name)
         async with self._model_lock(name):
-            self._loaded_table(name, version)
+            self._loaded_table(name, version, hint="; load it first")
             try:
                 await asyncio.to_thread(self.repository.set_default, name, version or None)
             except OSError as exc:
-                written = False
                 log.warning("model %s: cannot write the DEFAULT pointer (%s); the default is %s in memory only, "
                             "until the pointer moves or the server restarts", name, exc.strerror or exc,
                             f"version {version}" if version else "the pointer's or the newest")
@@ -448,7 +447,6 @@ class ModelManager:
                 else:
                     self._pinned.pop(name, None)
             else:
-                written = True
                 self._pinned.pop(name, None)
                 if version:
                     self._stored[name] = version
@@ -458,7 +456,6 @@ class ModelManager:
             table = self._models.get(name) or {}
             self._retire_older_auto(name, max(table))  # an automatic former default, outdated, goes
             self._changed()
-            return written
 
     async def refresh_default(self, name: str) -> int:
         """Follow ``<model>/DEFAULT`` now (after a promotion wrote it); returns the default version.

@@ -130,7 +130,6 @@ class TrainingRunner(StoreRunner):
         # the publication and the DEFAULT write of one job never interleave with another's. A lock per model
         # name trained on this server; they are few.
         self._publish_locks: dict[str, asyncio.Lock] = {}
-        self._publishing: dict[str, str] = {}  # model name -> the job holding its publish lock
         if datasets is not None:  # a dataset a QUEUED or RUNNING job uses is not deleted
             datasets.guard_deletes(self.jobs_using)
 
@@ -365,8 +364,8 @@ class TrainingRunner(StoreRunner):
         root = self.job_dir(run.job.id)
         candidate_repo = root / "candidate"
         name = spec["model_name"]
-        await asyncio.to_thread(self._check_datasets, spec)  # each start, before any child runs
         if not _has_version(candidate_repo / name):
+            await asyncio.to_thread(self._check_datasets, spec)  # each start of the trainer, before it runs
             await asyncio.to_thread(_write_text, root / "recipe.yaml", spec["recipe_text"])
             run_dir = root / spec["run_dir"]
             resume = (run_dir / "checkpoints" / "last.pt").is_file()
@@ -452,14 +451,9 @@ class TrainingRunner(StoreRunner):
                                         has_default=bool(results["default"]))
         lock = self._publish_locks.setdefault(name, asyncio.Lock())
         if lock.locked():
-            log.info("training job %s: waiting for job %s to finish publishing %s", run.job.id,
-                     self._publishing.get(name), name)
+            log.info("training job %s: waiting for another job to finish publishing %s", run.job.id, name)
         async with lock:
-            self._publishing[name] = run.job.id
-            try:
-                version, promoted, verdict = await self._place(run, candidate, results, compared, promoted, verdict)
-            finally:
-                self._publishing.pop(name, None)
+            version, promoted, verdict = await self._place(run, candidate, results, compared, promoted, verdict)
         result = {
             "model": name, "version": version, "promoted": promoted, "verdict": verdict,
             "previous_default": compared, "promote": request["promote"],

@@ -39,14 +39,13 @@ import grpc
 
 from segsvc.errors import InvalidArgument, PermissionDenied, SegsvcError, Unauthenticated
 from segsvc.server.errors import abort
+from segsvc.server.gate import PROBE_METHODS
 
 log = logging.getLogger(__name__)
 
 # Health checks, and their Open Inference Protocol equivalents (KServe probes carry no token either). Exact
 # paths: another name under these services (Health/List, ModelReadyX) is an unknown method and needs a token.
-OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
-                          "/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
-                          "/inference.GRPCInferenceService/ModelReady"})
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch", *PROBE_METHODS})
 SCOPES = ("infer", "jobs", "manage")
 # Most specific first; a method matching none needs "infer".
 METHOD_SCOPES: tuple[tuple[str, str], ...] = (

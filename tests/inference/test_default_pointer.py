@@ -35,10 +35,6 @@ def test_a_pointer_to_a_missing_version_or_garbage_falls_back_to_the_newest(tmp_
         assert repo.resolve_version("m", None) == 1
 
 
-
-
-
-
 def test_manager_serves_the_pointer_polls_new_versions_without_switching_and_follows_a_moved_pointer(tmp_path):
     publish(tmp_path, "m", seed=1)
     publish(tmp_path, "m", seed=2)

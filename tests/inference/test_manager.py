@@ -11,8 +11,6 @@ from tests.inference.managers import quiet_manager
 from tests.server.conftest import publish
 
 
-
-
 def test_after_unloading_the_only_model_a_request_without_a_name_is_told_to_load_one(tmp_path):
     """UnloadModel of the only model, then a request with no model name: not "0 models are loaded; name one of
     []" (INVALID_ARGUMENT), but the server's state (FAILED_PRECONDITION), what the repository holds, and how to

@@ -14,8 +14,6 @@ from tests.inference.managers import with_manager
 from tests.server.conftest import publish
 
 
-
-
 async def _until(condition: Callable[[], bool]) -> None:
     """Let the loop run until ``condition`` holds (it depends on loop steps only, never on time)."""
     for _ in range(1000):

@@ -17,13 +17,12 @@ from typing import Any, Callable
 
 import pytest
 
-from segsvc.inference.batcher import BatchingConfig
-from segsvc.inference.engine import EngineConfig
-from segsvc.inference.manager import ManagerConfig, ModelManager
+from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import ModelRepository
 from segsvc.jobs import gate
 from segsvc.jobs.training import TrainingRunner, _Run
 from segsvc.jobs.trainspec import TrainingConfig
+from tests.inference.managers import quiet_manager
 from tests.server.conftest import publish
 
 WAIT_S = 60  # an upper bound for events that happen at once; never reached when the code is right
@@ -49,12 +48,6 @@ class _OnLog(logging.Handler):
             self.then()
 
 
-def _manager(root: Path) -> ModelManager:
-    config = ManagerConfig(engine=EngineConfig(device="cpu", warmup=False),
-                           batching=BatchingConfig(max_batch_size=2, max_delay_s=0.001), poll_interval_s=0.0)
-    return ModelManager(ModelRepository(root), config)
-
-
 def _runner(tmp_path: Path, manager: ModelManager) -> TrainingRunner:
     config = TrainingConfig(state_dir=tmp_path / "state")
     return TrainingRunner(_Store(), manager, None, config)  # type: ignore[arg-type]
@@ -76,7 +69,7 @@ def _pointer(root: Path) -> str:
 
 
 async def _served_after_restart(root: Path) -> int:
-    manager = _manager(root)
+    manager = quiet_manager(root)
     await manager.start()
     try:
         return manager.default_version(NAME)
@@ -115,7 +108,7 @@ def test_a_rejected_jobs_pin_never_overwrites_a_concurrent_promotion(tmp_path, m
         monkeypatch.setattr(ModelRepository, "set_default", set_default)
         waiting = _OnLog("training job jobA: waiting", lambda: loop.call_soon_threadsafe(a_waits_or_wrote.set))
         logging.getLogger("segsvc.jobs").addHandler(waiting)
-        manager = _manager(root)
+        manager = quiet_manager(root)
         await manager.start()
         try:
             runner = _runner(tmp_path, manager)
@@ -147,7 +140,7 @@ def test_a_job_is_not_promoted_over_a_default_it_was_not_compared_with(tmp_path)
     cand_a, cand_b = publish(tmp_path / "cand_a", NAME, seed=2), publish(tmp_path / "cand_b", NAME, seed=3)
 
     async def scenario() -> tuple[dict[str, Any], dict[str, Any], int]:
-        manager = _manager(root)
+        manager = quiet_manager(root)
         await manager.start()
         try:
             runner = _runner(tmp_path, manager)
@@ -176,7 +169,7 @@ def test_a_stale_job_without_a_pointer_pins_the_version_served_now(tmp_path):
     cand_b = publish(tmp_path / "cand_b", NAME, seed=3)
 
     async def scenario() -> tuple[dict[str, Any], int]:
-        manager = _manager(root)
+        manager = quiet_manager(root)
         await manager.start()
         try:
             assert manager.default_version(NAME) == 2
@@ -207,7 +200,7 @@ def test_a_job_that_published_before_a_crash_finishes_by_its_lineage(tmp_path, m
         ModelRepository(root).set_default(NAME, 3)
 
     async def scenario() -> tuple[dict[str, Any], int]:
-        manager = _manager(root)
+        manager = quiet_manager(root)
         await manager.start()
         try:
             result = await _runner(tmp_path, manager)._publish(_run("jobA", 1), cand_a, _results(0.90, 0.50))
