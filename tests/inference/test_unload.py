@@ -7,7 +7,7 @@ from typing import Callable
 
 import pytest
 
-from segsvc.errors import FailedPrecondition
+from segsvc.errors import FailedPrecondition, UnknownVersion
 from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import ModelRepository
 from tests.inference.managers import with_manager
@@ -53,6 +53,9 @@ def test_the_poller_does_not_load_an_unloaded_model_again_until_it_is_loaded(tmp
     async def check(manager: ModelManager) -> None:
         assert await manager.unload("m") == [2]
         publish(tmp_path, "m", seed=3)  # not even a new version brings it back
+        assert await manager.poll_once() == [] and "m" not in manager._models
+        with pytest.raises(UnknownVersion):  # a LoadModel that fails leaves the mark (it was cleared first)
+            await manager.load("m", 99)
         assert await manager.poll_once() == [] and "m" not in manager._models
         await manager.load("m")  # LoadModel clears the mark
         assert sorted(manager._models["m"]) == [3]
