@@ -15,8 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ import numpy as np
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from segsvc.config import MAX_TILE_OVERLAP, MAX_TILE_SIZE, MIN_TILE_SIZE  # dataclasses only: no torch
+from segsvc.config import check_request_tiling  # dataclasses only: no torch
 from segsvc.datasets.content import archive_format, file_chunks, local_files, tar_stream
 from segsvc.errors import DatasetInvalid, InvalidArgument, InvalidImage, SegsvcError, Unavailable
 from segsvc.jobclient import (
@@ -105,24 +103,6 @@ def _as_array(image: ImageInput) -> np.ndarray:
 
     data = _read(image) if isinstance(image, (str, os.PathLike)) else image
     return decode_image(data, max_pixels=1 << 40)
-
-
-def _check_tiling_and_tta(tile_size: Any, tile_overlap: Any, flip_tta: Any) -> None:
-    """``InvalidArgument`` in the server's words (``InferenceOptions``) for an option protobuf cannot carry
-    or the server would refuse (a bare ``ValueError: Value out of range`` or ``TypeError`` otherwise)."""
-    if tile_size is not None and (
-        isinstance(tile_size, bool) or not isinstance(tile_size, numbers.Integral)
-        or (tile_size != 0 and not MIN_TILE_SIZE <= tile_size <= MAX_TILE_SIZE)
-    ):
-        raise InvalidArgument(f"tile_size must be 0 (no tiling) or from {MIN_TILE_SIZE} to {MAX_TILE_SIZE}, "
-                              f"got {tile_size!r}")
-    if tile_overlap is not None and (
-        isinstance(tile_overlap, bool) or not isinstance(tile_overlap, numbers.Real)
-        or not (math.isfinite(tile_overlap) and 0.0 <= tile_overlap <= MAX_TILE_OVERLAP)
-    ):
-        raise InvalidArgument(f"tile_overlap must be a fraction in [0, {MAX_TILE_OVERLAP}], got {tile_overlap!r}")
-    if flip_tta is not None and not isinstance(flip_tta, (bool, np.bool_)):
-        raise InvalidArgument(f"flip_tta must be True or False (None: the model's default), got {flip_tta!r}")
 
 
 def _attach_image(request: pb.SegmentRequest, image: ImageInput) -> None:
@@ -321,7 +301,8 @@ class SegmentationClient:
                 "tile_overlap needs tile_size: segsvc.v1 sends an overlap only with an explicit tile size; "
                 "pass tile_size too (the model's tile size is in its manifest), or leave both unset for the "
                 "model's defaults")
-        _check_tiling_and_tta(tile_size, tile_overlap, flip_tta)
+        flip_tta = bool(flip_tta) if isinstance(flip_tta, np.bool_) else flip_tta
+        check_request_tiling(tile_size, tile_overlap, flip_tta)
         options = pb.SegmentOptions(
             encoding=ENCODINGS[encoding], return_confidence=confidence, return_class_counts=class_counts,
         )

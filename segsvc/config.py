@@ -9,11 +9,13 @@ evaluation read them from it.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from segsvc.errors import ModelConfigError
+from segsvc.errors import InvalidArgument, ModelConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,6 +159,26 @@ MAX_INFERENCE_SCALE = 8.0
 MAX_INPUT_SHIFT = 2.0  # px: a larger label offset is a misregistered data set, not annotation style
 MAX_TTA_SCALES = 4  # multi-scale TTA: at most this many passes (each doubled by flip TTA)
 INTERPOLATIONS = ("auto", "area", "linear")
+
+
+def check_request_tiling(tile_size: Any, tile_overlap: Any, flip_tta: Any) -> None:
+    """A request's tiling and flip choices (``None``: the manifest's), or ``InvalidArgument`` naming the one
+    out of range or of the wrong type. The one check for the server (``InferenceOptions``) and the client,
+    which runs it before a value reaches a protobuf field (a bare ``ValueError`` there)."""
+    if tile_size is not None and (
+        isinstance(tile_size, bool) or not isinstance(tile_size, numbers.Integral)
+        or (tile_size != 0 and not MIN_TILE_SIZE <= tile_size <= MAX_TILE_SIZE)
+    ):
+        raise InvalidArgument(f"tile_size must be 0 (no tiling) or from {MIN_TILE_SIZE} to {MAX_TILE_SIZE}, "
+                              f"got {tile_size!r}")
+    if tile_overlap is not None and (
+        isinstance(tile_overlap, bool) or not isinstance(tile_overlap, numbers.Real)
+        or not (math.isfinite(tile_overlap) and 0.0 <= tile_overlap <= MAX_TILE_OVERLAP)
+    ):
+        raise InvalidArgument(f"tile_overlap must be a fraction in [0, {MAX_TILE_OVERLAP}], got {tile_overlap!r}")
+    if flip_tta is not None and not isinstance(flip_tta, bool):
+        raise InvalidArgument(f"flip_tta must be True or False (None: the model's default), got {flip_tta!r}")
+
 
 
 BACKENDS = ("torch", "onnxruntime")  # what runs a network (segsvc.inference.backends)

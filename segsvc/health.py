@@ -87,10 +87,13 @@ def server_processes(proc: Path = Path("/proc")) -> dict[int, list[str]]:
     return found
 
 
-def _port_of(args: Sequence[str]) -> str:
+def _serve_flags(args: Sequence[str]) -> argparse.Namespace:
+    """The ``--host``, ``--port`` and ``--tls-cert`` of a ``segsvc serve`` command line (the rest ignored)."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--port", default="50051")
-    return parser.parse_known_args(list(args))[0].port
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=50051)
+    parser.add_argument("--tls-cert", default=None)
+    return parser.parse_known_args(list(args))[0]
 
 
 def find_server(proc: Path = Path("/proc")) -> list[str] | None:
@@ -103,7 +106,7 @@ def find_server(proc: Path = Path("/proc")) -> list[str] | None:
     if 1 in found:
         return found[1]
     if len(found) > 1:
-        servers = ", ".join(f"pid {pid} (port {_port_of(args)})" for pid, args in sorted(found.items()))
+        servers = ", ".join(f"pid {pid} (port {_serve_flags(args).port})" for pid, args in sorted(found.items()))
         raise ValueError(f"{len(found)} 'segsvc serve' processes are running: {servers}; "
                          "pass --address HOST:PORT or --pid PID to choose one")
     return next(iter(found.values()), None)
@@ -128,11 +131,7 @@ def certificate_name(cert_file: str) -> str | None:
 
 def target_from_serve_arguments(args: Sequence[str]) -> Target:
     """The address and TLS settings a local client needs for a server started with ``args``."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=50051)
-    parser.add_argument("--tls-cert", default=None)
-    known, _ = parser.parse_known_args(list(args))
+    known = _serve_flags(args)
     if known.port == 0:
         raise ValueError("the server was started with --port 0 (a free port): give --address")
     host = "127.0.0.1" if known.host in WILDCARD_HOSTS else known.host

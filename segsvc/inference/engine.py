@@ -29,9 +29,9 @@ from typing import Hashable
 import numpy as np
 import torch
 
-from segsvc.config import MAX_TILE_SIZE, MIN_TILE_SIZE, InferenceSpec
+from segsvc.config import InferenceSpec, check_request_tiling
 from segsvc.errors import InvalidArgument
-from segsvc.inference.admission import MAX_TILE_OVERLAP, Cost, estimate
+from segsvc.inference.admission import Cost, estimate
 from segsvc.inference.argmax import class_argmax
 from segsvc.inference.backends import PRECISIONS, EngineConfig
 from segsvc.inference.contract import Geometry, contract_logits, with_overrides
@@ -79,11 +79,7 @@ class InferenceOptions:
     class_counts: bool = False
 
     def __post_init__(self) -> None:
-        if self.tile_size is not None and self.tile_size != 0 and not MIN_TILE_SIZE <= self.tile_size <= MAX_TILE_SIZE:
-            raise InvalidArgument(f"tile_size must be 0 (no tiling) or from {MIN_TILE_SIZE} to {MAX_TILE_SIZE}, "
-                                  f"got {self.tile_size}")
-        if self.tile_overlap is not None and not 0.0 <= self.tile_overlap <= MAX_TILE_OVERLAP:
-            raise InvalidArgument(f"tile_overlap must be a fraction in [0, {MAX_TILE_OVERLAP}], got {self.tile_overlap}")
+        check_request_tiling(self.tile_size, self.tile_overlap, self.flip_tta)
 
     def resolve(self, defaults: InferenceSpec) -> InferenceSpec:
         """The contract this request runs: the manifest's, with this request's explicit choices."""

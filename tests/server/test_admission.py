@@ -17,7 +17,7 @@ from tests.server.conftest import encode, make_image, publish
 
 def test_a_one_pixel_stride_tiling_request_is_refused_before_the_model_runs(start_server, tmp_path, gated,
                                                                             monkeypatch):
-    monkeypatch.setattr(segsvc.client, "_check_tiling_and_tta", lambda *options: None)  # the server's check
+    monkeypatch.setattr(segsvc.client, "check_request_tiling", lambda *options: None)  # the server's check
     publish(tmp_path, "m", seed=1)
     server = start_server(tmp_path)
     gated.gate.set()  # record every batch, hold none

@@ -21,9 +21,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
+from segsvc.config import MIN_TILE_SIZE
 from segsvc.errors import InvalidArgument, InvalidImage
 from segsvc.inference.admission import MAX_TILE_OVERLAP
-from segsvc.inference.engine import MIN_TILE_SIZE, InferenceOptions
+from segsvc.inference.engine import InferenceOptions
 from segsvc.server import convert
 from segsvc.v1 import segmentation_pb2 as pb
 
