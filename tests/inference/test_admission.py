@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import numpy as np
 import pytest
@@ -136,11 +135,9 @@ def test_an_abandoned_tiled_batch_stops_between_passes(engine, monkeypatch):
         return original(batch)
 
     monkeypatch.setattr(engine, "forward", forward)
-    t0 = time.perf_counter()
     with pytest.raises(Cancelled, match="abandoned"):
         engine.run([prepared])
     assert len(calls) == 2, f"{len(calls)} passes ran after the request was abandoned"
-    assert time.perf_counter() - t0 < 5
 
 
 def test_a_batch_with_one_caller_left_keeps_running(engine):

@@ -13,7 +13,6 @@ import math
 import re
 import struct
 import zlib
-from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -28,7 +27,8 @@ from segsvc.inference.engine import InferenceOptions
 from segsvc.server import convert
 from segsvc.v1 import segmentation_pb2 as pb
 
-PROPERTY = settings(max_examples=200, derandomize=True, deadline=timedelta(seconds=1),
+# No wall-clock deadline: a loaded host stalls an example for seconds; the pytest timeout catches a hang.
+PROPERTY = settings(max_examples=200, derandomize=True, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 pytestmark = pytest.mark.timeout(120)
 
