@@ -410,20 +410,25 @@ def _webp_header(data: bytes) -> ImageHeader:
     if riff_size > n - 8:
         raise InvalidImage(f"WebP RIFF container declares {riff_size} bytes but only {n - 8} remain")
     end, pos = 8 + riff_size, 12
-    chunks: list[tuple[bytes, int, int]] = []  # (fourcc, data offset, size)
+    first: tuple[bytes, int, int] | None = None  # (fourcc, data offset, size); later chunks are not kept
+    count, later_image = 0, False  # whether a chunk after the first holds image data
     while pos + 8 <= end:
-        if len(chunks) == MAX_WEBP_CHUNKS:
+        if count == MAX_WEBP_CHUNKS:
             raise InvalidImage(f"WebP has more than {MAX_WEBP_CHUNKS} chunks")
         kind, size = struct.unpack_from("<4sI", data, pos)
         if size > end - pos - 8:
             raise InvalidImage(
                 f"WebP chunk {kind.decode('latin-1')} declares {size} bytes but only {end - pos - 8} remain"
             )
-        chunks.append((kind, pos + 8, size))
+        if first is None:
+            first = (kind, pos + 8, size)
+        else:
+            later_image = later_image or kind in (b"VP8 ", b"VP8L", b"ANMF")
+        count += 1
         pos += 8 + size + (size & 1)  # chunks are padded to an even size
-    if not chunks:
+    if first is None:
         raise InvalidImage(f"WebP RIFF container of {riff_size} bytes holds no chunk")
-    kind, at, size = chunks[0]
+    kind, at, size = first
     if kind == b"VP8 ":  # lossy: 3-byte frame tag, start code, 14-bit sizes (top 2 bits: scale)
         if size < 10:
             raise InvalidImage(f"WebP VP8 chunk is {size} bytes; its frame header needs 10")
@@ -441,7 +446,7 @@ def _webp_header(data: bytes) -> ImageHeader:
     if kind == b"VP8X":  # extended: flags, then 24-bit canvas width-1, height-1
         if size < 10:
             raise InvalidImage(f"WebP VP8X chunk is {size} bytes; it needs 10")
-        if not any(c[0] in (b"VP8 ", b"VP8L", b"ANMF") for c in chunks[1:]):
+        if not later_image:
             raise InvalidImage("WebP extended file has no image data (no VP8, VP8L or ANMF chunk)")
         w = int.from_bytes(data[at + 4 : at + 7], "little") + 1
         h = int.from_bytes(data[at + 7 : at + 10], "little") + 1
