@@ -8,6 +8,7 @@ the corrupt newest version is reported as FAILED and the previous one serves.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -50,29 +51,29 @@ class Load:
     """Client threads sending Segment calls until stopped, recording every outcome."""
 
     def __init__(self, address: str, image: np.ndarray, threads: int = 3) -> None:
-        self.outcomes: list[tuple[float, grpc.StatusCode, int]] = []
+        self.outcomes: list[tuple[float, grpc.StatusCode, int, int]] = []  # when, code, version, client thread
         self.labels: list[tuple[int, np.ndarray]] = []
         self._stop = threading.Event()
         self._request = pb.SegmentRequest(model="m", image=encode(image))
-        self._threads = [threading.Thread(target=self._run, args=(address,), daemon=True) for _ in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(address, i), daemon=True) for i in range(threads)]
         for t in self._threads:
             t.start()
 
-    def _run(self, address: str) -> None:
+    def _run(self, address: str, client: int) -> None:
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.SegmentationServiceStub(channel)
             while not self._stop.is_set():
                 try:
                     r = stub.Segment(self._request, timeout=10)
-                    self.outcomes.append((time.monotonic(), grpc.StatusCode.OK, r.model_version))
+                    self.outcomes.append((time.monotonic(), grpc.StatusCode.OK, r.model_version, client))
                     labels = np.frombuffer(r.labels.data, np.uint8).reshape(r.labels.height, r.labels.width)
                     self.labels.append((r.model_version, labels))
                 except grpc.RpcError as exc:
-                    self.outcomes.append((time.monotonic(), exc.code(), 0))
+                    self.outcomes.append((time.monotonic(), exc.code(), 0, client))
                     time.sleep(0.02)
 
     def count_ok_after(self, t: float) -> int:
-        return sum(1 for when, code, _ in self.outcomes if when > t and code == grpc.StatusCode.OK)
+        return sum(1 for when, code, _, _ in self.outcomes if when > t and code == grpc.StatusCode.OK)
 
     def stop(self) -> None:
         self._stop.set()
@@ -129,11 +130,19 @@ def test_corrupt_version_kill_9_and_restart_under_load(tmp_path):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    codes = {code for _, code, _ in load.outcomes}
+    codes = {code for _, code, _, _ in load.outcomes}
     assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
-    down = [code for when, code, _ in load.outcomes if code != grpc.StatusCode.OK]
-    assert all(killed_at - 1 <= when <= restarted_at + 1
-               for when, code, _ in load.outcomes if code != grpc.StatusCode.OK), "errors outside the outage"
+    down = [code for _, code, _, _ in load.outcomes if code != grpc.StatusCode.OK]
+    # Each client's outage ends with its first answer after the restart, not at the test's own readiness check:
+    # a client's channel may still be in gRPC's reconnect backoff (seconds, longer on a loaded host) by then.
+    # A client that had no answer yet when the load stopped has not recovered (the others' ten answers show
+    # the server had).
+    recovered = {client: min((when for when, code, _, c in load.outcomes if c == client and when > restarted_at
+                              and code == grpc.StatusCode.OK), default=math.inf)
+                 for client in {c for _, _, _, c in load.outcomes}}
+    outside = [(when - killed_at, code.name) for when, code, _, client in load.outcomes
+               if code != grpc.StatusCode.OK and not killed_at - 1 <= when <= recovered[client]]
+    assert not outside, f"errors outside the outage (seconds after the kill): {outside}"
     assert down, "the kill was not seen by any client: the test proved nothing"
     assert {v for v, _ in load.labels} == {1}
     assert all(np.array_equal(labels, expected_v1) for _, labels in load.labels)

@@ -42,12 +42,12 @@ def test_hot_swap_under_load_fails_no_request(start_server, tmp_path, trigger):
     for t in threads:
         t.start()
     try:
-        wait_for(lambda: len(results) >= 8, 30)
+        wait_for(lambda: len(results) >= 8)
         dirs[2] = publish(tmp_path, "swap", seed=12)  # written atomically next to version 1
         if trigger == "load_model":
             with server.client() as admin:
                 assert admin.load_model("swap").version == 2
-        wait_for(lambda: any(v == 2 for _, v, _ in results[-4:]), 30)
+        wait_for(lambda: any(v == 2 for _, v, _ in results[-4:]))
         seen_after = len(results)
         wait_for(lambda: len(results) >= seen_after + 8, 30)  # keep going on the new version
     finally:
@@ -63,7 +63,7 @@ def test_hot_swap_under_load_fails_no_request(start_server, tmp_path, trigger):
     for i, v, mask in results:
         assert_labels_match(mask, refs[v], images[i])
     # the old version drained and was retired (its batcher stopped after its last request)
-    wait_for(lambda: not old.batcher.running and old.active == 0, 10)
+    wait_for(lambda: not old.batcher.running and old.active == 0)
     with server.client() as c:
         info = c.get_model("swap")
         assert list(info.loaded_versions) == [2] and info.default_version == 2 and list(info.versions) == [1, 2]
