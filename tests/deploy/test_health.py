@@ -22,9 +22,12 @@ from tests.deploy.conftest import ROOT
 from tests.server.conftest import publish
 
 
-def _health(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "segsvc", "health", *args], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+def _health(*args: str, timeout_s: str = "60") -> subprocess.CompletedProcess:
+    """``segsvc health`` with a check deadline only a hang reaches: its default, 3 s, is time a loaded host can
+    take to answer, and the check would then fail for the wrong reason."""
+    return subprocess.run([sys.executable, "-m", "segsvc", "health", *args, "--timeout-s", timeout_s],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def test_not_serving_unknown_or_unreachable_exit_1(start_server, tmp_path: Path,
     assert out.returncode == 1 and "NOT_FOUND" in out.stderr
     port = server.server.port
     server.stop()
-    out = _health("--address", f"127.0.0.1:{port}", "--timeout-s", "1")
+    out = _health("--address", f"127.0.0.1:{port}")  # refused at once: no deadline runs out
     assert out.returncode == 1 and "UNAVAILABLE" in out.stderr
 
 
@@ -77,7 +80,7 @@ def test_tls_server_found_from_its_command_line(start_server, tmp_path: Path, re
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"127.0.0.1:{server.server.port} (TLS) '': SERVING"
     # Plaintext against the TLS port fails: the check really used TLS above.
-    assert _health("--address", f"127.0.0.1:{server.server.port}", "--timeout-s", "1").returncode == 1
+    assert _health("--address", f"127.0.0.1:{server.server.port}", timeout_s="1").returncode == 1
     assert certificate_name(str(cert)) == "segsvc.test"
 
 

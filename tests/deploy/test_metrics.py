@@ -22,7 +22,7 @@ GIB = 1 << 30
 
 def test_process_metrics_are_scraped(start_server, tmp_path: Path) -> None:
     server = start_server(tmp_path)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10).read().decode()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=60).read().decode()
     for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
                  "process_start_time_seconds", "python_info", "segsvc_loaded_models"):
         assert f"\n{name}" in body, name

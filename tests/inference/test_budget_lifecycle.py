@@ -30,6 +30,7 @@ from segsvc.models.artifact import save_artifact
 from tests.server.conftest import encode, make_image, publish, tiny_model
 
 SIZE = 256
+GATE_S = 60  # waits on the test's own gates: an open gate, or one that was entered, ends them at once
 
 
 def run(coro):  # type: ignore[no-untyped-def]
@@ -78,7 +79,7 @@ class ForwardGate:
             self.most = max(self.most, self._now)
         self.entered.set()
         try:
-            self.open.wait(30)
+            self.open.wait(GATE_S)
             return self._forward(batch)
         finally:
             with self._lock:
@@ -101,7 +102,7 @@ class SpySource:
     def load(self, max_pixels: int) -> np.ndarray:
         self.held_at_load = self.budget.used_bytes
         self.entered.set()
-        self.open.wait(30)
+        self.open.wait(GATE_S)
         return self.image.copy()
 
 
@@ -116,7 +117,8 @@ def test_a_caller_that_gives_up_keeps_its_share_until_its_forward_pass_ends(tmp_
             service = InferenceService(manager, io, one_image_budget(peak))
             gate = ForwardGate(lm.engine)
             first = asyncio.create_task(service.segment(raw(image), model="m"))
-            await asyncio.to_thread(gate.entered.wait, 30)  # its forward pass runs (and cannot be interrupted)
+            # its forward pass runs (and cannot be interrupted)
+            assert await asyncio.to_thread(gate.entered.wait, GATE_S)
             first.cancel()
             await asyncio.gather(first, return_exceptions=True)
             held_after_cancel = service.budget.used_bytes
@@ -156,7 +158,7 @@ def test_a_request_cancelled_while_its_image_decodes_keeps_its_share_until_the_d
             service = InferenceService(manager, io, one_image_budget(peak))
             slow = SpySource(image, service.budget, gated=True)
             first = asyncio.create_task(service.segment(slow, model="m"))
-            await asyncio.to_thread(slow.entered.wait, 30)  # an I/O thread decodes it
+            assert await asyncio.to_thread(slow.entered.wait, GATE_S)  # an I/O thread decodes it
             first.cancel()
             await asyncio.gather(first, return_exceptions=True)
             held_after_cancel = service.budget.used_bytes

@@ -173,14 +173,18 @@ def test_resume_after_a_crash_redoes_pending_items(setup, tmp_path) -> None:
     assert json.loads((out / "summary.json").read_text())["counts"] == resumed["counts"]
 
 
+# The writes after the sixth wait until the test kills the run: a sleep per write made the run slow, but a
+# test process stalled for a second or two (a loaded host) found it finished and could not kill it mid-run.
 KILLED_RUN = textwrap.dedent("""
-    import sys, time
+    import itertools, sys, threading
     from segsvc.jobs import offline
     write = offline.ItemWorker.write
-    def slow_write(self, *args):
-        time.sleep(0.1)  # slow enough to be killed mid-run
+    writes = itertools.count(1)
+    def held_write(self, *args):
+        if next(writes) > 6:
+            threading.Event().wait()  # until the kill
         return write(self, *args)
-    offline.ItemWorker.write = slow_write
+    offline.ItemWorker.write = held_write
     offline.run_batch([sys.argv[1]], model_repo=sys.argv[2], model="tiny", out=sys.argv[3], device="cpu",
                       batch_size=2, io_threads=2)
 """)
@@ -198,7 +202,7 @@ def test_kill_9_then_resume_gives_one_output_per_input(setup, tmp_path) -> None:
         deadline = time.monotonic() + 60
         done = 0
         while done < 4:
-            assert proc.poll() is None, "the batch finished before it could be killed"
+            assert proc.poll() is None, "the batch ended before it was killed"
             assert time.monotonic() < deadline, "the batch made no progress"
             time.sleep(0.05)
             if (out / STATE_FILE).is_file():

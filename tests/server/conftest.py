@@ -220,7 +220,7 @@ def gated(monkeypatch):
 
     def run(self, jobs):
         state.ran.append([j.size for j in jobs])
-        state.gate.wait(60)
+        state.gate.wait(300)  # the test opens it (teardown too): a batch let go early would race the test's checks
         return original(self, jobs)
 
     monkeypatch.setattr(Engine, "run", run)
@@ -239,20 +239,30 @@ def wait_for(condition, timeout_s: float = 60.0) -> None:
 
 
 QUEUED_DEADLINE_S = 5.0  # long enough to reach the queue on a loaded host; a test waits this long
+LAST_DEADLINE_S = 40.0  # the longest deadline a retry gives: a request still not queued by then is a hang
 
 
-def expire_in_queue(batcher, send: Callable[[float], object]) -> BaseException:  # type: ignore[no-untyped-def]
-    """Call ``send(QUEUED_DEADLINE_S)`` (a request with that deadline), wait until its request is queued behind the
-    held batch, and return what the call raised once its deadline passed. A deadline of a few tenths of a second
-    could pass before the request even reaches the server on a loaded host, and it would then never be queued."""
+def expire_in_queue(batcher, send: Callable[[float], object],  # type: ignore[no-untyped-def]
+                    ) -> tuple[BaseException, int]:
+    """Call ``send(deadline_s)`` (a request with that deadline), wait until its request is queued behind the held
+    batch, and return what the call raised once its deadline passed, and how many calls were made. A deadline of a
+    few tenths of a second could pass before the request even reaches the server on a loaded host, and it would
+    then never be queued; a stalled host can hold it past ``QUEUED_DEADLINE_S`` too, so a call whose deadline
+    passed before it was queued is made again with twice the deadline (the server counts those it received)."""
     depth = batcher.queue_depth
+    deadline_s, calls = QUEUED_DEADLINE_S, 0
     with ThreadPoolExecutor(1) as pool:
-        call = pool.submit(send, QUEUED_DEADLINE_S)
-        wait_for(lambda: batcher.queue_depth == depth + 1 or call.done())
-        assert batcher.queue_depth == depth + 1, "the request did not reach the queue before its deadline"
-        error = call.exception(60)
+        while True:
+            call = pool.submit(send, deadline_s)
+            calls += 1
+            wait_for(lambda call=call: batcher.queue_depth > depth or call.done(), timeout_s=deadline_s + 60)
+            if batcher.queue_depth > depth:
+                break
+            assert deadline_s < LAST_DEADLINE_S, "the request did not reach the queue before its deadline"
+            deadline_s *= 2
+        error = call.exception(deadline_s + 60)
     assert error is not None, "the call succeeded"
-    return error
+    return error, calls
 
 
 def metrics_text(server: RunningServer) -> str:

@@ -36,13 +36,13 @@ def test_serve_command_end_to_end(tmp_path):
         address = line.split("serving on ")[1].split(",")[0].strip()
         image = make_image(36, 44, seed=5)
         with SegmentationClient(address, token="cli-token") as c:
-            assert c.health() == "SERVING"
+            assert c.health(timeout_s=60) == "SERVING"  # not the default 5 s: the server has just started
             result = c.segment(image, request_id="cli-req-1")
             assert_labels_match(result.mask, reference(v1), image)
         with SegmentationClient(address) as anonymous, pytest.raises(errors.Unauthenticated):
             anonymous.segment(image)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -153,7 +154,7 @@ def test_cancel_stops_the_job_keeps_finished_outputs_and_delete_removes_it(start
         job.cancel()
         assert job.status().cancel_requested
         gated.gate.set()
-        status = job.wait(timeout_s=30)
+        status = job.wait(timeout_s=60)
         assert status.state == "CANCELLED"
         with pytest.raises(errors.Cancelled):
             job.result()
@@ -201,19 +202,35 @@ def job_id_dir(tmp_path: Path) -> str:
     return committed[0]
 
 
-def test_interactive_segment_is_answered_while_a_job_runs(start_server, tmp_path):
+def test_interactive_segment_is_answered_while_a_job_runs(start_server, tmp_path, monkeypatch):
+    from segsvc.jobs.batch import JobRunner
+
     publish(tmp_path / "repo", "tiny", seed=11)
     _image_tree(tmp_path / "data", count=40)
+    # The job's last image waits until the interactive requests are answered: on a loaded host the test could
+    # otherwise first see the job's progress when all 40 images were done, and never segment while it runs.
+    answered_all, started = threading.Event(), []
+    real_segment = JobRunner._segment
+
+    async def segment(self, run, source):  # type: ignore[no-untyped-def]
+        started.append(source)
+        if len(started) == 40:
+            while not answered_all.is_set():
+                await asyncio.sleep(0.01)
+        return await real_segment(self, run, source)
+
+    monkeypatch.setattr(JobRunner, "_segment", segment)
     server = start_server(tmp_path / "repo", jobs=_jobs(tmp_path, window=8))
     image = make_image(40, 40, seed=99)
-    with server.client(timeout_s=30) as c:
+    with server.client(timeout_s=60) as c:
         job = c.submit_job(["scans"], model="tiny")
-        wait_for(lambda: job.status().done >= 1, timeout_s=30)
+        wait_for(lambda: job.status().done >= 1)
         answered = []
         while not job.status(refresh=False).done_flag and len(answered) < 5:
             answered.append(c.segment(image, model="tiny"))
             job.status()
-        assert answered and all(r.mask.shape == (40, 40) for r in answered)
+        answered_all.set()
+        assert len(answered) == 5 and all(r.mask.shape == (40, 40) for r in answered)
         assert job.result(timeout_s=60).done == 40
 
 
@@ -229,7 +246,7 @@ def test_version_is_pinned_at_submission(start_server, tmp_path, gated):
         done = threading.Event()
         threading.Thread(target=lambda: (c.load_model("tiny"), done.set()), daemon=True).start()
         gated.gate.set()
-        assert done.wait(30)
+        assert done.wait(60)
         result = job.result(timeout_s=60)
         assert result.done == len(images)
         lines = [json.loads(x) for x in (tmp_path / "out" / job.id / "results.jsonl").read_text().splitlines()]

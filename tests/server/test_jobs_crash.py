@@ -50,7 +50,7 @@ def test_kill_9_mid_job_then_restart_resumes_with_exactly_one_output_per_input(t
                 assert time.monotonic() < deadline, "the job made no progress"
                 time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -64,7 +64,7 @@ def test_kill_9_mid_job_then_restart_resumes_with_exactly_one_output_per_input(t
             result = resumed.result()
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        proc.wait(60)
     assert final.state == "SUCCEEDED" and (result.done, result.failed, result.skipped) == (IMAGES, 0, 0)
     out = tmp_path / "out" / job.id
     labels = sorted(p.relative_to(out / "labels").as_posix() for p in (out / "labels").rglob("*") if p.is_file())

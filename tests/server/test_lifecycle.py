@@ -26,25 +26,28 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 def test_health_is_not_serving_until_a_model_is_loaded(start_server, tmp_path):
     server = start_server(tmp_path)  # empty repository
     with server.client() as c:
-        assert c.health() == "NOT_SERVING"
-        assert c.health("segsvc.v1.SegmentationService") == "NOT_SERVING"
+        # health's own 5 s deadline is the client's default: a loaded host can take longer to answer
+        assert c.health(timeout_s=60) == "NOT_SERVING"
+        assert c.health("segsvc.v1.SegmentationService", timeout_s=60) == "NOT_SERVING"
         assert c.list_models() == []
         publish(tmp_path, "late", seed=1)
         info = c.load_model("late")
         assert info.ready and info.version == 1
-        wait_for(lambda: c.health() == "SERVING")
-        assert c.health("segsvc.v1.SegmentationService") == "SERVING"
+        wait_for(lambda: c.health(timeout_s=60) == "SERVING")
+        assert c.health("segsvc.v1.SegmentationService", timeout_s=60) == "SERVING"
         assert c.unload_model("late") == [1]
-        wait_for(lambda: c.health() == "NOT_SERVING")
+        wait_for(lambda: c.health(timeout_s=60) == "NOT_SERVING")
         with pytest.raises(errors.UnknownModel):
             c.segment(make_image(8, 8), model="late")
 
 
 def test_sigterm_drain_flips_health_and_finishes_requests_in_flight(start_server, tmp_path, gated):
     publish(tmp_path, "m", seed=2)
-    server = start_server(tmp_path, grace_s=10.0)
+    # A grace only a hang outlasts (the drain ends once the request in flight does): a stalled host can take
+    # seconds between the stop and the gate's opening, and a request still running after the grace is cancelled.
+    server = start_server(tmp_path, grace_s=120.0)
     with grpc.insecure_channel(server.address) as channel:
-        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
         assert next(watch).status == SERVING
         outcome = {}
 
@@ -58,10 +61,10 @@ def test_sigterm_drain_flips_health_and_finishes_requests_in_flight(start_server
         stopping = asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop)  # what SIGTERM runs
         assert next(watch).status == NOT_SERVING
         with server.client() as c, pytest.raises(errors.Unavailable):
-            c.segment(make_image(8, 8), model="m", timeout_s=5)  # new work is refused while draining
+            c.segment(make_image(8, 8), model="m", timeout_s=60)  # new work is refused (at once) while draining
         gated.gate.set()
-        t.join(20)
-        stopping.result(20)
+        t.join(60)
+        stopping.result(60)
     assert outcome["result"].mask.shape == (24, 24)  # the request in flight finished
 
 
@@ -70,7 +73,7 @@ def test_bearer_token_auth(start_server, tmp_path):
     server = start_server(tmp_path, auth=AuthConfig.single("s3cret-token"))
     image = make_image(16, 16)
     with server.client() as anonymous:
-        assert anonymous.health() == "SERVING"  # health stays open
+        assert anonymous.health(timeout_s=60) == "SERVING"  # health stays open
         with pytest.raises(errors.Unauthenticated, match="missing bearer token"):
             anonymous.segment(image, model="m")
         with pytest.raises(errors.Unauthenticated):

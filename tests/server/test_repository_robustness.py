@@ -20,6 +20,7 @@ from segsvc.v1 import segmentation_pb2 as pb
 from tests.server.conftest import make_image, metric, metrics_text, publish, wait_for
 
 READY, FAILED = pb.VERSION_STATE_READY, pb.VERSION_STATE_FAILED
+HEALTH_S = 60  # health's deadline (the client's default is 5 s, which a loaded host can take to answer)
 
 
 def states(info: pb.ModelInfo) -> dict[int, tuple[int, str]]:
@@ -38,10 +39,10 @@ def test_lost_found_stray_symlink_and_files_in_the_root_do_not_stop_the_server(s
     (repo / "notes.txt").write_text("hello")
     server = start_server(repo)
     with server.client() as c:
-        assert c.health() == "SERVING"
+        assert c.health(timeout_s=HEALTH_S) == "SERVING"
         assert c.segment(make_image(16, 16), model="good").version == 1
         assert [m.name for m in c.list_models()] == ["good"]
-        wait_for(lambda: c.health("segsvc.model.good") == "SERVING")
+        wait_for(lambda: c.health("segsvc.model.good", timeout_s=HEALTH_S) == "SERVING")
     skipped = {s.path for s in server.manager.repository.skipped}
     assert skipped == {"lost+found", "stray", "notes.txt"}
 
@@ -66,8 +67,8 @@ def test_a_corrupt_newest_version_falls_back_at_restart_and_is_reported(start_se
         assert st[2][0] == FAILED and st[2][1].startswith("m/2/weights.safetensors is corrupt")
         assert_no_server_path(st[2][1], tmp_path)
         assert states(c.list_models()[0]) == st
-        assert c.health() == "SERVING"
-        wait_for(lambda: c.health("segsvc.model.m") == "SERVING")
+        assert c.health(timeout_s=HEALTH_S) == "SERVING"
+        wait_for(lambda: c.health("segsvc.model.m", timeout_s=HEALTH_S) == "SERVING")
     text = metrics_text(server)
     assert metric(text, "segsvc_model_version_failed", model="m", version="2") == 1
     with pytest.raises(AssertionError):
@@ -81,9 +82,9 @@ def test_a_model_with_no_version_that_loads_is_not_serving(start_server, tmp_pat
     (bad / WEIGHTS_FILE).write_bytes(b"garbage")
     server = start_server(repo)
     with server.client() as c:
-        assert c.health() == "SERVING"  # another model serves
-        wait_for(lambda: c.health("segsvc.model.bad") == "NOT_SERVING")
-        assert c.health("segsvc.model.good") == "SERVING"
+        assert c.health(timeout_s=HEALTH_S) == "SERVING"  # another model serves
+        wait_for(lambda: c.health("segsvc.model.bad", timeout_s=HEALTH_S) == "NOT_SERVING")
+        assert c.health("segsvc.model.good", timeout_s=HEALTH_S) == "SERVING"
         info = c.get_model("bad")
         assert not info.ready and info.arch == "unet"  # the manifest is readable
         assert states(info)[1][0] == FAILED
@@ -174,4 +175,4 @@ def test_a_manifest_whose_model_cannot_be_built_fails_the_same_way_on_every_path
             assert_no_server_path(str(info.value), tmp_path)
         state, reason = states(c.get_model("bad"))[1]
         assert state == FAILED and "base_channels must be a positive integer" in reason
-        assert c.health() == "SERVING"
+        assert c.health(timeout_s=HEALTH_S) == "SERVING"

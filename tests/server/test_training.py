@@ -122,17 +122,29 @@ def test_promotion_swaps_the_default_with_zero_failed_requests_under_load(tmp_pa
     publish(tmp_path / "repo", "shapes-model", seed=1, num_classes=5)
     server = start_server(tmp_path / "repo", **_config(tmp_path))
     image = encode(make_image(32, 32, seed=4))
-    seen: list[int] = []
+    seen: list[int] = []  # versions, in the order the answers came
+    sent: list[int] = []  # for each answer in ``seen``: how many requests had been sent before its own was
+    sent_when_seen: list[int] = []  # ... and how many had been sent when it came
     errors: list[BaseException] = []
     stop = threading.Event()
+    lock = threading.Lock()
+    sends = 0
 
     def load() -> None:
+        nonlocal sends
         with server.client(timeout_s=60) as c:
             while not stop.is_set():
+                with lock:
+                    before, sends = sends, sends + 1
                 try:
-                    seen.append(c.segment(image, model="shapes-model").version)
+                    version = c.segment(image, model="shapes-model").version
                 except BaseException as exc:  # noqa: BLE001 - every failure counts
                     errors.append(exc)
+                    continue
+                with lock:
+                    seen.append(version)
+                    sent.append(before)
+                    sent_when_seen.append(sends)
 
     with server.client(timeout_s=60) as client:
         client.upload_dataset(shapes, "shapes")
@@ -154,8 +166,10 @@ def test_promotion_swaps_the_default_with_zero_failed_requests_under_load(tmp_pa
                 t.join(60)
     assert errors == []
     assert seen[0] == 1 and seen[-1] == 2 and set(seen) == {1, 2}
+    # Only the requests in flight when the first answer from version 2 came may finish on the old one: every
+    # request sent after it gets version 2. (Their answers can come in any order: two threads send them.)
     first_new = seen.index(2)
-    assert all(v == 2 for v in seen[first_new + 2:])  # at most the requests in flight finish on the old one
+    assert all(v == 2 for v, before in zip(seen, sent) if before >= sent_when_seen[first_new])
 
 
 def test_fine_tune_from_a_served_version_whose_classes_differ(tmp_path, shapes, start_server):

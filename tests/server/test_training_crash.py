@@ -61,7 +61,7 @@ def test_kill_9_during_training_then_restart_stops_the_orphan_and_resumes_to_com
                 time.sleep(0.05)
         progress = _progress(tmp_path, job.id)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
