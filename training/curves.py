@@ -128,7 +128,22 @@ class RunSettings:
     recipe: str
     threads: int | None  # train.threads; None: torch's default
     world: int
-    dataset: str  # data.spec as a name ("camvid"; a spec file's stem), "" when unknown
+    dataset: str  # data.spec as a name ("camvid"; a spec file's ``name:`` or stem), "" when unknown
+
+
+def _dataset_name(spec: str) -> str:
+    """The ``name:`` of the spec file ``spec`` when it is readable, else its stem.
+
+    Registered datasets are all stored as ``<store>/<sha256>/spec.yaml``: their stems
+    would put every training-service dataset in one panel named "spec".
+    """
+    path = Path(spec)
+    try:
+        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raw = None
+    name = raw.get("name") if isinstance(raw, dict) else None
+    return str(name) if isinstance(name, (str, int)) and str(name) else path.stem
 
 
 def _run_settings(run_dir: Path) -> RunSettings:
@@ -144,7 +159,7 @@ def _run_settings(run_dir: Path) -> RunSettings:
         value = train.get("threads") if isinstance(train, dict) else None
         threads = value if isinstance(value, int) and value > 0 else None
         spec = data.get("spec") if isinstance(data, dict) else None
-        dataset = Path(spec).stem if isinstance(spec, str) else ""
+        dataset = _dataset_name(spec) if isinstance(spec, str) else ""
     starts = [e for e in _read_jsonl(run_dir / "events.jsonl") if e.get("event") == "start"]
     world = starts[-1].get("world_size") if starts else None
     return RunSettings(recipe, threads, world if isinstance(world, int) and world > 0 else 1, dataset)

@@ -131,3 +131,17 @@ def test_threads_below_one_are_refused_in_one_line_before_anything_is_written(ru
     err = capsys.readouterr().err
     assert err == f"segsvc: error: --threads must be at least 1, got {threads}\n", err
     assert not (tmp_path / "out").exists()
+
+
+def test_registered_datasets_stored_as_spec_yaml_get_a_panel_per_spec_name(tmp_path):
+    # the training service stores every dataset as <store>/<sha256>/spec.yaml: the file's stem names none of them
+    root, store = tmp_path / "runs", tmp_path / "datasets"
+    for sha, name in (("a1" * 32, "CamVid"), ("b2" * 32, "membrane")):
+        (store / sha).mkdir(parents=True)
+        (store / sha / "spec.yaml").write_text(yaml.safe_dump({"name": name, "root": "."}))
+        write_run(root / f"job-{name}" / "run", [{"epoch": 1, "cpu_minutes": 2.0, "cpu_threads": 2, "val_miou": 0.5}],
+                  dataset=str(store / sha / "spec.yaml"))
+    write_run(root / "gone" / "run", [{"epoch": 1, "cpu_minutes": 1.0, "cpu_threads": 2, "val_miou": 0.4}],
+              dataset=str(store / "deleted" / "other.yaml"))  # unreadable: the stem, as before
+    panels = by_dataset(collect(root))
+    assert {k: len(v) for k, v in panels.items()} == {"CamVid": 1, "membrane": 1, "other": 1}
