@@ -43,7 +43,7 @@ class RunState:
         best_score: best validation mIoU so far (-1 before the first validation).
         epochs_since_best: validations since the best one (early stopping).
         history: one metrics row per finished epoch (``metrics.jsonl``).
-        elapsed_s: training and validation time so far, summed over resumptions.
+        elapsed_s: wall time of the run so far (setup, epochs and their checkpoints), summed over resumptions.
         run_id: identifies the run across resumptions (a new one per fresh run); the published
             manifest records it, so a resume can tell whether it already published (``training.rundir``).
 

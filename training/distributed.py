@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 from segsvc.errors import InvalidArgument
@@ -69,3 +70,17 @@ def broadcast_from_main(env: DistEnv, value: T) -> T:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+@torch.no_grad()
+def broadcast_buffers(env: DistEnv, module: nn.Module) -> None:
+    """Overwrite ``module``'s buffers (batch-norm running statistics) with rank 0's on every rank.
+
+    DDP keeps the parameters equal, but each rank's last training forward updates its
+    own running statistics (and an EMA averages each rank's own): without this, ranks
+    would validate different models, none of them necessarily the one rank 0 publishes.
+    """
+    if not env.distributed:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)

@@ -51,7 +51,7 @@ from training.checkpoint import RunState, restore_training_state, save_checkpoin
 from training.config import LoopConfig, TrainConfig, load_config
 from training.curves import cpu_time_row
 from training.data import EvalSamples, TrainSamples, rescale_transform, sample_seed, select_indices, stack_batch
-from training.distributed import DistEnv, broadcast_from_main, log, setup_distributed
+from training.distributed import DistEnv, broadcast_buffers, broadcast_from_main, log, setup_distributed
 from training.ema import WeightAverage
 from training.events import EVENTS_FILE, EventLog, Terminated, sigterm_raises
 from training.finetune import describe_init, init_from_artifact
@@ -84,12 +84,13 @@ def main(cfg: TrainConfig, resume: str | None = None) -> Path | None:
 
     Every way out of a started run ends ``events.jsonl`` with an ``end`` line.
     """
+    clock = RunClock()  # the run's time (and its budget) starts here, setup included
     env = setup_distributed(cfg.train.device)
     try:
         with sigterm_raises():
             run_dir, checkpoint = prepare_run(cfg, resume, env)
             with EventLog(run_dir / EVENTS_FILE if env.is_main else None) as events:
-                artifact, reason = _main(cfg, env, run_dir, checkpoint, events)
+                artifact, reason = _main(cfg, env, run_dir, checkpoint, events, clock)
                 events.end("completed", reason)
                 return artifact
     finally:
@@ -98,7 +99,8 @@ def main(cfg: TrainConfig, resume: str | None = None) -> Path | None:
 
 
 def _main(
-    cfg: TrainConfig, env: DistEnv, run_dir: Path, checkpoint: dict[str, Any] | None, events: EventLog
+    cfg: TrainConfig, env: DistEnv, run_dir: Path, checkpoint: dict[str, Any] | None, events: EventLog,
+    clock: RunClock,
 ) -> tuple[Path | None, str]:
     """Build the data, model and optimiser, run the epochs, publish; returns the artifact and why it stopped."""
     loop = cfg.train
@@ -142,6 +144,7 @@ def _main(
     reason = (should_stop(loop, run.epochs_since_best, run.elapsed_s, env) or "") if run.epoch else ""
     if reason:
         log(env, f"resumed after the run had stopped ({reason}): publishing what it trained")
+    row_elapsed_s = run.elapsed_s  # the last metrics row's elapsed_s (a resumed checkpoint's)
     for epoch in range(run.epoch, run.epoch if reason else loop.epochs):
         planned = planned_epochs(cfg, run.history, run.elapsed_s, env)
         if epoch >= planned:
@@ -149,12 +152,12 @@ def _main(
             log(env, f"stopping before epoch {epoch + 1}: {reason}")
             break
         horizon.set(planned * steps_per_epoch, scheduler)
-        t0 = time.perf_counter()
         seed_epoch(loop, epoch, env, train_set, train_loader)
         stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, env, epoch, loop,
                                 amp_dtype, memory_format, events=events, ema=ema)
         row: dict[str, Any] = {"epoch": epoch + 1, **stats}
-        if should_validate(cfg, run, row, planned, time.perf_counter() - t0, env):
+        if should_validate(cfg, run, row, planned, clock.pending_s(), env):  # the time the budget will count
+            broadcast_buffers(env, scored)  # every rank scores the model rank 0 saves and publishes
             backend = TorchBackend(scored, geometry, env.device, data.channels,
                                    autocast=validation_autocast(env),
                                    channels_last=memory_format == torch.channels_last)
@@ -164,8 +167,8 @@ def _main(
             if run.record_validation(metrics.miou) and env.is_main:
                 save_best(run_dir, scored, epoch + 1, metrics, data.class_names)
         run.epoch = epoch + 1
-        epoch_s = time.perf_counter() - t0
-        run.elapsed_s += epoch_s
+        clock.add_to(run)  # since the last row: this epoch, the previous one's bookkeeping (or the setup)
+        epoch_s, row_elapsed_s = run.elapsed_s - row_elapsed_s, run.elapsed_s
         row["elapsed_s"] = round(run.elapsed_s, 2)
         row.update(cpu_time_row(run.history, epoch_s, torch.get_num_threads() * env.world_size))  # segsvc curves
         run.history.append(row)
@@ -177,6 +180,7 @@ def _main(
             append_metrics(run_dir, row)
             plot_training_curve(run.history, run_dir / "training_curve.png", title=cfg.name)
         log(env, epoch_line(row, planned))
+        clock.add_to(run)  # the budget also pays for the checkpoint, metrics line and plot just written
         if stop_reason := should_stop(loop, run.epochs_since_best, run.elapsed_s, env):
             reason = stop_reason
             log(env, f"stopping after epoch {epoch + 1}: {reason}")
@@ -185,6 +189,7 @@ def _main(
             reason = f"the time budget fits {planned} epochs" if planned < loop.epochs else ""
             break
     reason = reason or f"trained {run.epoch} of {loop.epochs} epochs"
+    clock.add_to(run)  # the manifest's train_time_s: everything up to publishing
 
     if not env.is_main:
         return None, reason
@@ -201,6 +206,29 @@ def _main(
     events.emit("published", path=str(artifact), name=manifest.name, version=manifest.version,
                 metrics=dict(manifest.metrics))
     return artifact, reason
+
+
+class RunClock:
+    """Adds the wall time since its last reading to ``RunState.elapsed_s``.
+
+    One clock from the trainer's start, read at every point that records or checks
+    the time, leaves no gap (setup, checkpoint writes, plots) out of ``elapsed_s``,
+    the time budget and ``cpu_minutes``.
+    """
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def pending_s(self) -> float:
+        """The time since the last ``add_to``, not yet in ``elapsed_s``."""
+        return time.perf_counter() - self._last
+
+    def add_to(self, run: RunState) -> float:
+        """``run.elapsed_s`` after adding the time since the last call (or since the clock was made)."""
+        now = time.perf_counter()
+        run.elapsed_s += now - self._last
+        self._last = now
+        return run.elapsed_s
 
 
 # -- one epoch ----------------------------------------------------------------------

@@ -110,6 +110,33 @@ def test_early_stopping_and_time_budget_end_the_run(tiny_recipe):
     assert read_manifest(artifact).training["epochs_run"] == 2  # lr 0: epoch 2 cannot improve on epoch 1
 
 
+def test_elapsed_time_and_cpu_minutes_count_setup_and_each_epochs_checkpoint(tiny_recipe, monkeypatch):
+    """elapsed_s (which the time budget reads) and cpu_minutes counted only training and validation: the setup
+    before the first epoch and each epoch's checkpoint, metrics line and curve plot went unbilled."""
+    import time
+
+    import training.train as train_module
+
+    pause_s = 0.3
+
+    def slow(real):
+        def wrapped(*args, **kwargs):
+            time.sleep(pause_s)
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(train_module, "load_training_data", slow(train_module.load_training_data))
+    monkeypatch.setattr(train_module, "save_checkpoint", slow(train_module.save_checkpoint))
+    artifact = main(load_config(tiny_recipe, ["train.epochs=2", "data.train_limit=8", "output.run_name=clock"]))
+    rows = [json.loads(x) for x in (run_dir_of(artifact) / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["elapsed_s"] >= pause_s  # the setup (reading the data) is in epoch 1's time
+    assert rows[1]["elapsed_s"] - rows[0]["elapsed_s"] >= pause_s  # epoch 1's checkpoint write is in epoch 2's
+    # the run's total has epoch 2's checkpoint too (train_time_s is rounded to 0.1 s)
+    assert read_manifest(artifact).training["train_time_s"] >= rows[1]["elapsed_s"] + pause_s - 0.05
+    for row in rows:  # recipe threads: 1, so CPU-minutes are the wall minutes
+        assert row["cpu_threads"] == 1 and row["cpu_minutes"] == pytest.approx(row["elapsed_s"] / 60, abs=1e-3)
+
+
 def test_a_run_the_time_budget_ends_is_validated_and_a_resume_does_not_train_past_the_stop(tiny_recipe):
     """With validation every 2 epochs the budget ended the run after epoch 1 unvalidated, and the artifact had
     no mIoU; a --resume from its checkpoint (a kill -9 while publishing) trained epochs the run never had."""
