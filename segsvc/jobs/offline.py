@@ -28,8 +28,14 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
 import json
+import logging
 import os
+import posixpath
+import re
 import sqlite3
 import time
 from collections import deque
@@ -41,17 +47,23 @@ from typing import Any, Callable, Hashable, Iterator, Sequence
 import numpy as np
 import torch
 
-from segsvc.errors import AlreadyExists, InvalidArgument, SegsvcError
+from segsvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, SegsvcError
 from segsvc.inference.backends import Backend, TorchBackend, open_backend
 from segsvc.inference.codec import DEFAULT_MAX_PIXELS, decode_image
 from segsvc.inference.engine import Engine, EngineConfig, InferenceOptions, Output, resolve_device
 from segsvc.inference.predictor import Predictor
 from segsvc.inference.repository import ModelRepository, parse_model_ref
-from segsvc.jobs.inputs import resolve_inputs
+from segsvc.jobs.inputs import InputFile, resolve_inputs
 from segsvc.jobs.outputs import JobOutputs, checked_inputs, clean_temporaries, input_name_problem
 from segsvc.jobs.store import Item, Job, JobStore
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = ".segsvc-batch.sqlite"
+# Held (flock) by the run writing the folder: a second run, --resume included, would delete the first one's
+# temporaries and write the same files. Never deleted: a run unlinking it could let a third one lock a new
+# file while a second still holds the old one.
+LOCK_FILE = ".segsvc-batch.lock"
 JOB_KIND = "batch"
 ENGINES = ("local", "ray")
 PROGRESS_EVERY_S = 2.0
@@ -60,6 +72,7 @@ PROGRESS_EVERY_S = 2.0
 # 88-90 images/s one per pass, 85-87 two per pass and 65-69 four per pass. So on CPU a batch also ends at
 # this many input pixels; GPUs batch by count.
 CPU_BATCH_PIXELS = 1 << 16
+_GLOB_CHARS = frozenset("*?[")  # what makes an input part a pattern, as in segsvc.jobs.inputs
 
 # (item index, results.jsonl record or None, failure reason or None)
 Outcome = tuple[int, "dict[str, Any] | None", "str | None"]
@@ -91,22 +104,100 @@ class BatchOptions:
             raise InvalidArgument(f"overlay alpha must be in [0, 1], got {self.alpha}")
 
 
+def _is_pattern(part: str) -> bool:
+    return bool(_GLOB_CHARS.intersection(part))
+
+
+def split_input(spec: str) -> tuple[str, tuple[str, ...]]:
+    """An input as (its literal absolute path, the pattern parts below it; () when it has none).
+
+    Only what the user typed can be a pattern: the current folder a relative input is joined to is
+    literal, whatever characters its path holds (a ``d[12]`` folder must not match ``d1``). In an
+    absolute input a part with ``*?[`` is literal when the path up to it exists, so a folder named
+    ``d[12]`` in it is that folder; the first part that does not exist starts the pattern.
+    """
+    parts = Path(spec).parts
+    if os.path.isabs(spec):
+        base, typed = parts[0], parts[1:]
+        n = 0
+        while n < len(typed) and (not _is_pattern(typed[n]) or os.path.lexists(os.path.join(base, *typed[:n + 1]))):
+            n += 1
+        return os.path.normpath(os.path.join(base, *typed[:n])), typed[n:]
+    n = next((i for i, p in enumerate(parts) if _is_pattern(p)), len(parts))
+    return os.path.normpath(os.path.join(os.getcwd(), *parts[:n])), parts[n:]
+
+
 def input_root(specs: Sequence[str]) -> Path:
     """The folder input names are relative to: the folder itself when one folder is given,
     else the common parent of the inputs (a glob counts from its literal leading folders)."""
     if not specs:
         raise InvalidArgument("no inputs given: name image files, folders or glob patterns")
-    bases = []
-    for spec in specs:
-        parts = Path(spec).parts
-        literal = next((i for i, p in enumerate(parts) if set("*?[") & set(p)), len(parts))
-        bases.append(os.path.abspath(os.path.join(*parts[:literal]) if literal else "."))
-    root = Path(os.path.commonpath(bases))
+    root = Path(os.path.commonpath([split_input(spec)[0] for spec in specs]))
     return root if root.is_dir() else root.parent
+
+
+def batch_inputs(specs: Sequence[str], max_files: int = 10_000_000) -> tuple[Path, list[InputFile]]:
+    """The root the outputs are named from, and the files ``specs`` name below it, sorted by name.
+
+    Each input goes to ``resolve_inputs`` relative to the root, so only its typed pattern parts can
+    match as patterns. An input whose literal folders below the root hold ``*?[`` cannot be written
+    that way (they would be read as a pattern): it is resolved from its own literal folder instead.
+    """
+    root = input_root(specs)
+    plain: list[str] = []
+    files: list[InputFile] = []
+    for spec in specs:
+        base, pattern = split_input(spec)
+        literal = Path(os.path.relpath(base, root)).as_posix()
+        if not _is_pattern(literal):
+            plain.append(posixpath.join(literal, *pattern))
+        else:
+            files.extend(_resolve_alone(root, spec, base, pattern, max_files))
+    if plain:
+        files.extend(resolve_inputs(root, plain, max_files=max_files))
+    unique: dict[Path, InputFile] = {}
+    for file in files:
+        unique.setdefault(file.path, file)  # one file named twice is segmented once
+    return root, sorted(unique.values(), key=lambda f: f.rel)
+
+
+def _resolve_alone(root: Path, spec: str, base: str, pattern: tuple[str, ...], max_files: int) -> list[InputFile]:
+    """``spec``'s files, resolved from its literal folder ``base`` (its parent for a file), named from ``root``."""
+    if pattern or os.path.isdir(base):
+        start, rel_spec = base, posixpath.join(".", *pattern)
+    else:  # a file: matched by its escaped name, the one way resolve_inputs takes a name holding *?[ literally
+        start, rel_spec = os.path.dirname(base), glob.escape(os.path.basename(base))
+    if not os.path.isdir(start):
+        raise InvalidArgument(f"input {spec!r} matches no image: {start} is not a folder")
+    prefix = Path(os.path.relpath(start, root)).as_posix()
+    return [InputFile(f.path, posixpath.normpath(posixpath.join(prefix, f.rel)))
+            for f in resolve_inputs(start, [rel_spec], max_files=max_files)]
+
+
+# A write failing with these is about the one item's output path (a folder where its file goes, a file
+# where its folder goes: EEXIST from mkdir, ENOTDIR; a name too long), not the disk: that input fails and
+# the run goes on. Any other OSError (ENOSPC, EROFS, EDQUOT, EACCES, EIO) would fail every item alike, so
+# it stops the run; --resume redoes it.
+ITEM_WRITE_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG})
 
 
 def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def item_write_problem(exc: BaseException, out: Path) -> str | None:
+    """Why one item's outputs could not be written, when ``exc`` is about that item alone; else None."""
+    if isinstance(exc, InvalidArgument):
+        return _reason(exc)
+    if isinstance(exc, OSError) and exc.errno in ITEM_WRITE_ERRNOS:
+        where = exc.filename2 or exc.filename  # os.replace names the destination second
+        if where is not None:  # named from the output folder: the reason is read next to it
+            where = Path(os.path.relpath(os.path.abspath(os.fsdecode(where)), os.path.abspath(out))).as_posix()
+        clash = "" if exc.errno == errno.ENAMETOOLONG else " (another input's output file or folder has that name)"
+        if where is None:
+            return f"cannot write its outputs: {exc}"
+        return f"cannot write its output {where}: {exc.strerror}{clash}"
+    return None
 
 
 class ItemWorker:
@@ -160,6 +251,17 @@ class ItemWorker:
         )
         return index, record, None
 
+    def write_or_fail(self, index: int, rel: str, image: np.ndarray | None, output: Output, ms: float) -> Outcome:
+        """``write``, with an error about this item's output path made its failure (see ``ITEM_WRITE_ERRNOS``)."""
+        try:
+            return self.write(index, rel, image, output, ms)
+        except (SegsvcError, OSError) as exc:
+            problem = item_write_problem(exc, self.outputs.root)
+            if problem is None:
+                raise
+            log.debug("input %s failed: %s", rel, problem)
+            return index, None, problem
+
     def batch_full(self, prepared: Sequence[Any]) -> bool:
         """Whether same-key items fill a batch: ``batch_size`` of them, or the pixel budget."""
         if len(prepared) >= self.batch_size:
@@ -183,11 +285,22 @@ class ItemWorker:
             for entry in group:
                 chunk.append(entry)
                 if self.batch_full([g[3] for g in chunk]) or entry is group[-1]:
-                    outputs, fwd_ms = self.predict([g[3] for g in chunk])
-                    for (index, rel, image, _, ms), output in zip(chunk, outputs):
-                        outcomes.append(self.write(index, rel, image, output, ms + fwd_ms))
+                    outcomes.extend(self._predict_and_write(chunk))
                     chunk = []
         return outcomes
+
+    def _predict_and_write(self, chunk: list[tuple[int, str, np.ndarray, Any, float]]) -> list[Outcome]:
+        """One forward pass and its writes; a pass refusing an input (a domain error) is retried per image
+        so that only the images it refuses alone fail."""
+        try:
+            outputs, fwd_ms = self.predict([g[3] for g in chunk])
+        except SegsvcError as exc:
+            if len(chunk) > 1:
+                return [o for entry in chunk for o in self._predict_and_write([entry])]
+            log.debug("input %s failed in its forward pass: %s", chunk[0][1], _reason(exc))
+            return [(chunk[0][0], None, _reason(exc))]
+        return [self.write_or_fail(index, rel, image, output, ms + fwd_ms)
+                for (index, rel, image, _, ms), output in zip(chunk, outputs)]
 
 
 def forward_streams(backend: Backend) -> int:
@@ -256,14 +369,27 @@ def run_local(worker: ItemWorker, items: Sequence[Item], root: Path, on_outcome:
                     writing.discard(fut)
                     on_outcome(fut.result())  # a failed write (disk full) stops the run: --resume redoes it
 
+        def retry_alone(group: list[tuple[Item, np.ndarray | None, Any, float]], exc: SegsvcError) -> None:
+            if len(group) == 1:
+                log.debug("input %s failed in its forward pass: %s", group[0][0].input, _reason(exc))
+                on_outcome((group[0][0].index, None, _reason(exc)))
+                return
+            for entry in group:
+                forwarding[forwarders.submit(worker.predict, [entry[2]])] = [entry]
+
         def reap_forwards(limit: int) -> None:
             """Hand finished passes to the writers; block while more than ``limit`` are in flight."""
             while True:
                 for fut in [f for f in forwarding if f.done()]:
                     group = forwarding.pop(fut)
-                    outputs, fwd_ms = fut.result()  # a failed pass stops the run: --resume redoes it
+                    try:
+                        outputs, fwd_ms = fut.result()  # any other error stops the run: --resume redoes it
+                    except SegsvcError as exc:  # the pass refused an input: find which, one image per pass
+                        retry_alone(group, exc)
+                        continue
                     for (item, image, _, ms), output in zip(group, outputs):
-                        writing.add(writers.submit(worker.write, item.index, item.input, image, output, ms + fwd_ms))
+                        writing.add(writers.submit(worker.write_or_fail, item.index, item.input, image, output,
+                                                   ms + fwd_ms))
                 if len(forwarding) <= limit:
                     break
                 wait(forwarding, return_when=FIRST_COMPLETED)
@@ -342,6 +468,48 @@ def ray_device(device: str, cluster_gpus: float, actors: int) -> str:
     return device
 
 
+# An exception line in a traceback's text: ``OSError: [Errno 28] No space left on device``, not indented, not
+# one of Ray's own (``ray.exceptions.…``, ``ray::MapWorker…``).
+_EXCEPTION_LINE = re.compile(r"^(?!ray\b)([A-Za-z_][\w.]*): (\S.*)$", re.MULTILINE)
+
+
+def ray_worker_error(exc: BaseException) -> SegsvcError:
+    """The error a Ray worker raised, as one line. Ray wraps it (``RayTaskError``, ``UserCodeException``) in
+    errors whose message is the worker's whole traceback, and the original may not survive the trip back
+    (its ``__cause__`` is not pickled): then it is read from that traceback's text."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 20:
+        chain.append(current)
+        current = getattr(current, "cause", None) or current.__cause__  # RayTaskError keeps its cause in .cause
+    for error in chain:
+        if isinstance(error, (SegsvcError, OSError)) and not type(error).__module__.startswith("ray"):
+            return SegsvcError(f"a Ray worker failed: {_first_line(_reason(error))}")
+    for error in chain:
+        match = _EXCEPTION_LINE.search(str(getattr(error, "traceback_str", "") or error))
+        if match:
+            return SegsvcError(f"a Ray worker failed: {match[1].rsplit('.', 1)[-1]}: {match[2].strip()}")
+    return SegsvcError(f"a Ray worker failed: {type(exc).__name__}: {_first_line(_reason(exc))}")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _ray_rows(ds: Any) -> Iterator[dict[str, Any]]:
+    """``ds.iter_rows()`` with a worker's error turned into one line (``ray_worker_error``)."""
+    rows = iter(ds.iter_rows())
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:  # whatever Ray raised for a worker (its types vary between versions)
+            log.debug("Ray worker error", exc_info=True)  # the full traceback, for --log-level debug
+            raise ray_worker_error(exc) from None
+        yield row
+
+
 def run_ray(worker_kwargs: dict[str, Any], items: Sequence[Item], root: Path, on_outcome: Callable[[Outcome], None],
             *, actors: int = 1) -> None:
     """The ``ray`` engine: ``map_batches`` over ``actors`` model-holding actors; outcomes come back here.
@@ -362,7 +530,7 @@ def run_ray(worker_kwargs: dict[str, Any], items: Sequence[Item], root: Path, on
             compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` is deprecated since Ray 2.51
             num_gpus=1 if device.startswith("cuda") else 0, batch_format="numpy",
         )
-        for row in ds.iter_rows():
+        for row in _ray_rows(ds):
             record = json.loads(row["record"]) if row["record"] else None
             on_outcome((int(row["index"]), record, None if record is not None else str(row["reason"])))
     finally:
@@ -382,8 +550,7 @@ def _open_job(out: Path, resume: bool, inputs: Sequence[str] | None, model_repo:
                                 "written there, or choose a new folder")
         if name is None:
             raise InvalidArgument("--model is required (NAME or NAME:VERSION)")
-        root = input_root(specs)
-        files = resolve_inputs(root, specs, max_files=10_000_000)
+        root, files = batch_inputs(specs)
         version = ModelRepository(model_repo).resolve_version(name, version)
         spec = {"root": str(root), "inputs": specs, "model": name, "version": version,
                 "options": asdict(options or BatchOptions())}
@@ -443,7 +610,7 @@ def stored_options(out: Path) -> dict[str, Any]:
 def _holds_no_batch(out: Path) -> bool:
     """Whether folder ``out`` is empty, or holds only the batch state of a run stopped while creating its job
     (a crash or ``kill -9`` before the job was committed): a new batch may then be written there."""
-    names = {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir()} - {LOCK_FILE}
     if not names:
         return True
     if STATE_FILE not in names or not names <= {STATE_FILE + suffix for suffix in ("", "-wal", "-shm", "-journal")}:
@@ -502,15 +669,41 @@ def run_batch(
     else:
         resolve_device(device)
     out_dir = Path(out)
-    store, job, root = _open_job(out_dir, resume, inputs, os.fspath(model_repo), model, options)
-    options = BatchOptions(**job.spec["options"])
+    with out_lock(out_dir, create=not resume):
+        store, job, root = _open_job(out_dir, resume, inputs, os.fspath(model_repo), model, options)
+        options = BatchOptions(**job.spec["options"])
+        try:
+            return _execute(store, job, root, out_dir, engine=engine, model_repo=os.fspath(model_repo), options=options,
+                            batch_size=batch_size, max_batch_pixels=max_batch_pixels, device=device,
+                            precision=precision, backend=backend, io_threads=io_threads, actors=actors,
+                            progress=progress)
+        finally:
+            store.close()
+
+
+@contextlib.contextmanager
+def out_lock(out: Path, *, create: bool) -> Iterator[None]:
+    """Hold ``<out>/LOCK_FILE`` for the run, or refuse the run when another one holds it.
+
+    ``create``: make ``out`` first when it does not exist (a new batch). Without it, when ``out`` is not a
+    folder, or when a new batch may not be written there (another folder named by mistake: no lock file is
+    left in it), nothing is locked and ``_open_job`` says what is wrong with ``out``.
+    """
+    if create and not out.exists():
+        out.mkdir(parents=True, exist_ok=True)
+    if not out.is_dir() or (create and not _holds_no_batch(out)):
+        yield
+        return
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        return _execute(store, job, root, out_dir, engine=engine, model_repo=os.fspath(model_repo), options=options,
-                        batch_size=batch_size, max_batch_pixels=max_batch_pixels, device=device,
-                        precision=precision, backend=backend, io_threads=io_threads, actors=actors,
-                        progress=progress)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FailedPrecondition(f"a batch is already running in {out}: wait for it to end, or stop it "
+                                     "and then --resume") from None
+        yield
     finally:
-        store.close()
+        os.close(fd)  # releases the lock
 
 
 def _execute(store: JobStore, job: Job, root: Path, out: Path, *, engine: str, model_repo: str,
