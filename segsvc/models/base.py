@@ -35,6 +35,13 @@ def check_input_shape(x: torch.Tensor, in_channels: int, output_stride: int) -> 
         )
 
 
+def check_bool(value: object, name: str, model: str) -> bool:
+    """``value`` when it is a real bool; a YAML/JSON string such as ``"false"`` is truthy and must not pass."""
+    if not isinstance(value, bool):
+        raise ModelConfigError(f"{model} {name} must be a bool (true or false), got {value!r}")
+    return value
+
+
 def check_positive_int(value: object, name: str, model: str) -> int:
     """``value`` when it is an integer >= 1 (not a bool), else a ``ModelConfigError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

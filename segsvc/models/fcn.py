@@ -9,6 +9,9 @@ fuses pool3. Score layers on the skips start at zero, as in the paper, so a
 freshly built FCN-8s predicts exactly what its coarser core predicts.
 ``upsample="bilinear"`` or ``"nearest"`` replaces every learned upsampling by
 fixed interpolation of the class scores (``segsvc.models.upsample``).
+The final upsampling is learned too by default (what the measured recipes trained);
+``learn_final_upsampler=False`` keeps it fixed at bilinear interpolation, as the paper does (section 4.2:
+"final layer deconvolutional filters are fixed to bilinear interpolation").
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from segsvc.errors import ModelConfigError
-from segsvc.models.base import SegmentationModel, check_dropout, check_positive_int, conv_bn_relu
+from segsvc.models.base import SegmentationModel, check_bool, check_dropout, check_positive_int, conv_bn_relu
 from segsvc.models.upsample import check_upsample, unpooling
 
 VGG16_BLOCKS = (2, 2, 3, 3, 3)
@@ -91,9 +94,12 @@ class _FCN(SegmentationModel):
         dropout: float = 0.5,
         batch_norm: bool = False,
         upsample: str = "transpose",
+        learn_final_upsampler: bool = True,
     ) -> None:
         super().__init__(in_channels, num_classes)
         self.upsample = check_upsample(upsample, FCN_UPSAMPLE_MODES, model="FCN")
+        check_bool(batch_norm, "batch_norm", "FCN")
+        check_bool(learn_final_upsampler, "learn_final_upsampler", "FCN")  # no effect on fixed interpolation
         check_positive_int(base_channels, "base_channels", "FCN")
         check_positive_int(fc_channels, "fc_channels", "FCN")
         # fc6 keeps pool5's size only with an odd kernel (padding k // 2); an even one grows it by one cell,
@@ -120,12 +126,13 @@ class _FCN(SegmentationModel):
             self.score_pool3 = self._zero_score(c3, num_classes)
             self.up2_pool4 = self._upsampler(num_classes, 2)
         final_factor = {0: 32, 1: 16, 2: 8}[self.skips]
-        self.up_final = self._upsampler(num_classes, final_factor)
+        # a frozen weight keeps its state-dict key, so artifacts trained either way load into either setting
+        self.up_final = self._upsampler(num_classes, final_factor, learnable=learn_final_upsampler)
 
-    def _upsampler(self, num_classes: int, factor: int) -> nn.Module:
-        """The paper's learned, bilinear-initialised transpose convolution, or fixed interpolation."""
+    def _upsampler(self, num_classes: int, factor: int, learnable: bool = True) -> nn.Module:
+        """A bilinear-initialised transpose convolution (learned unless ``learnable`` is False), or interpolation."""
         if self.upsample == "transpose":
-            return bilinear_upsampler(num_classes, factor)
+            return bilinear_upsampler(num_classes, factor, learnable)
         return unpooling(self.upsample, factor)
 
     @property
@@ -162,8 +169,11 @@ class FCN32s(_FCN):
         fc_kernel_size: fc6 kernel, odd so pool5 keeps its size (7 in the paper).
         dropout: dropout after fc6 and fc7.
         batch_norm: add BatchNorm to the encoder (not in the paper; helps training from scratch).
-        upsample: ``transpose`` (learned, initialised to bilinear: the paper, default),
+        upsample: ``transpose`` (transpose convolutions initialised to bilinear: the paper, default),
             ``bilinear`` or ``nearest`` (fixed interpolation of the scores, no weights).
+        learn_final_upsampler: with ``transpose``, learn the final upsampling too (default: what the measured
+            recipes trained); False keeps it fixed at bilinear, as the paper does. The intermediate 2x
+            upsamplings are always learned.
 
     Example:
         >>> m = FCN32s(num_classes=5, base_channels=8, fc_channels=32)

@@ -88,7 +88,8 @@ class SmpModel(nn.Module):
         architecture: an smp class name, e.g. ``"Unet"``, ``"FPN"``, ``"DeepLabV3Plus"``.
         num_classes: number of classes K.
         in_channels: image channels C.
-        encoder_name: an smp encoder name (``"resnet34"``, ``"mit_b0"``, ``"tu-..."``).
+        encoder_name: an smp encoder name (``"resnet34"``, ``"mit_b0"``, ``"tu-..."``); ``None`` (default)
+            keeps the architecture's own smp default (``resnet34`` for most, a timm ViT for DPT).
         encoder_weights: must stay ``None``: segsvc never downloads weights.
         encoder_weights_path: optional local ``.safetensors`` state dict for the encoder.
         **kwargs: passed to the smp class (``encoder_depth``, ``decoder_channels``, ...).
@@ -104,7 +105,7 @@ class SmpModel(nn.Module):
         architecture: str,
         num_classes: int,
         in_channels: int = 3,
-        encoder_name: str = "resnet34",
+        encoder_name: str | None = None,
         encoder_weights: str | None = None,
         encoder_weights_path: str | None = None,
         **kwargs: Any,
@@ -120,17 +121,20 @@ class SmpModel(nn.Module):
             )
         if architecture == "DPT":  # ViT encoders: accept any size that is a multiple of the patch
             kwargs.setdefault("dynamic_img_size", True)
+        # passed only when set: one default for every class (resnet34) broke DPT, whose decoder needs a ViT
+        if encoder_name is not None:
+            kwargs["encoder_name"] = encoder_name
         check_encoder_depth(architecture, net_class, kwargs)
         try:
             self.net = net_class(
-                encoder_name=encoder_name,
                 encoder_weights=None,
                 in_channels=in_channels,
                 classes=num_classes,
                 **kwargs,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ModelConfigError(f"cannot build smp {architecture} with encoder {encoder_name!r}: {exc}") from None
+            encoder = repr(encoder_name) if encoder_name is not None else "(smp's default)"
+            raise ModelConfigError(f"cannot build smp {architecture} with encoder {encoder}: {exc}") from None
         if encoder_weights_path is not None:
             load_encoder_weights(self.net.encoder, Path(encoder_weights_path))
         self.architecture = architecture

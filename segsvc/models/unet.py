@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from segsvc.errors import ModelConfigError
-from segsvc.models.base import SegmentationModel, check_dropout, check_positive_int, conv_bn_relu
+from segsvc.models.base import SegmentationModel, check_bool, check_dropout, check_positive_int, conv_bn_relu
 from segsvc.models.upsample import check_upsample, up_layer
 
 
@@ -76,8 +76,10 @@ class UNet(SegmentationModel):
     ) -> None:
         super().__init__(in_channels, num_classes)
         check_upsample(upsample, model="U-Net")
-        if not 1 <= depth <= 6:
+        # an int check first: True passed the range check as 1, and 2.0 reached torch as a float width
+        if not check_positive_int(depth, "depth", "U-Net") <= 6:
             raise ModelConfigError(f"U-Net depth must be between 1 and 6, got {depth}")
+        check_bool(batch_norm, "batch_norm", "U-Net")
         check_positive_int(base_channels, "base_channels", "U-Net")
         check_dropout(dropout, "U-Net")
         self.output_stride = 2**depth

@@ -2,7 +2,7 @@ import pytest
 
 from segsvc.config import ModelSpec
 from segsvc.errors import ModelConfigError
-from segsvc.models import available_models, build_model
+from segsvc.models import MODELS, available_models, build_model
 
 
 def test_unknown_name_lists_valid_names() -> None:
@@ -29,12 +29,20 @@ def test_bad_values_are_config_errors() -> None:
             build_model(ModelSpec("unet", 3, params={"base_channels": width}))
 
 
-def test_errors_raised_inside_a_factory_are_config_errors() -> None:
-    """torch's own errors from impossible values (here a fractional depth) are a ModelConfigError naming the params.
+def test_errors_raised_inside_a_factory_are_config_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's own errors from impossible values are a ModelConfigError naming the params.
 
-    Before, a RuntimeError escaped: a manifest with such params was an internal error to LoadModel. (A negative
-    FCN width, the example here before, is now refused by FCN itself, naming the parameter.)"""
-    with pytest.raises(ModelConfigError, match=r"cannot build 'unet' with params \{'depth': 2.5\}"):
+    Before, a RuntimeError escaped: a manifest with such params was an internal error to LoadModel. (A fractional
+    U-Net depth and a negative FCN width, the examples here before, are now refused by the models themselves,
+    naming the parameter; a stand-in factory raising as torch does keeps the wrapper tested.)"""
+
+    def factory(num_classes: int, in_channels: int, width: int = 1) -> None:
+        raise RuntimeError("Trying to create tensor with negative dimension")
+
+    monkeypatch.setitem(MODELS, "broken", factory)
+    with pytest.raises(ModelConfigError, match=r"cannot build 'broken' with params \{'width': -1\}"):
+        build_model(ModelSpec("broken", 3, params={"width": -1}))
+    with pytest.raises(ModelConfigError, match=r"U-Net depth must be a positive integer .*got 2.5"):
         build_model(ModelSpec("unet", 3, params={"depth": 2.5}))
     with pytest.raises(ModelConfigError, match=r"FCN base_channels must be a positive integer"):
         build_model(ModelSpec("fcn8s", 3, params={"base_channels": -1}))
