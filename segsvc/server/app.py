@@ -133,7 +133,7 @@ class SegmentationServer:
         self.metrics.watch_models(self.manager.snapshot, failed=self.manager.failed_versions)
         self.health = health.aio.HealthServicer()
         self._io = ThreadPoolExecutor(max(2, config.io_threads or cpu_count()), thread_name_prefix="segsvc-io")
-        self.gate = DrainGate()
+        self.gate = DrainGate(on_refused=self.metrics.observe_refused)
         self.service = InferenceService(self.manager, self._io, config.limits.admission)
         self.servicer = SegmentationServicer(self.service, config.limits, self.metrics)
         self.datasets = DatasetRegistry(config.datasets) if config.datasets is not None else None
@@ -178,7 +178,8 @@ class SegmentationServer:
         threads = configure_threads(cfg)
         allocator = configure_allocator()
         await self._set_health(NOT_SERVING)
-        interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(cfg.auth)] if cfg.auth else []
+        interceptors: list[grpc.aio.ServerInterceptor] = (
+            [BearerTokenInterceptor(cfg.auth, on_refused=self.metrics.observe_refused)] if cfg.auth else [])
         self._server = grpc.aio.server(interceptors=[*interceptors, self.gate], options=grpc_options(cfg))
         pb_grpc.add_SegmentationServiceServicer_to_server(self.servicer, self._server)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs, self.training), self._server)

@@ -38,7 +38,7 @@ from typing import Awaitable, Callable, Iterable
 import grpc
 
 from segsvc.errors import InvalidArgument, PermissionDenied, SegsvcError, Unauthenticated
-from segsvc.server.errors import abort
+from segsvc.server.errors import Refused, not_counted, refuse
 from segsvc.server.gate import PROBE_METHODS
 
 log = logging.getLogger(__name__)
@@ -163,9 +163,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     Args:
         auth: the tokens and their scopes.
         open_methods: the full method paths that need no token (the probes by default).
+        on_refused: counts each refused call.
     """
 
-    def __init__(self, auth: AuthConfig, open_methods: frozenset[str] = OPEN_METHODS) -> None:
+    def __init__(self, auth: AuthConfig, open_methods: frozenset[str] = OPEN_METHODS,
+                 on_refused: Refused = not_counted) -> None:
+        self._on_refused = on_refused
         self._auth = auth
         self._open = open_methods
 
@@ -183,11 +186,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if scopes is None:
             reason = "missing" if token is None else "wrong"
             return _deny(handler, Unauthenticated(f"{reason} bearer token: send metadata "
-                                                  f"'authorization: Bearer <token>'"))
+                                                  f"'authorization: Bearer <token>'"), method, self._on_refused)
         needed = required_scope(method)
         if needed not in scopes and "manage" not in scopes:
             return _deny(handler, PermissionDenied(f"this token lacks the '{needed}' scope that "
-                                                   f"{method.rsplit('/', 1)[-1][:64]} needs"))
+                                                   f"{method.rsplit('/', 1)[-1][:64]} needs"), method, self._on_refused)
         return _with_scopes(handler, scopes)
 
 
@@ -233,19 +236,23 @@ def _with_scopes(handler: grpc.RpcMethodHandler | None, scopes: frozenset[str]) 
     return make(unary, **kwargs)
 
 
-def _deny(handler: grpc.RpcMethodHandler | None, error: SegsvcError) -> grpc.RpcMethodHandler:
+def _deny(handler: grpc.RpcMethodHandler | None, error: SegsvcError, method: str,
+          on_refused: Refused) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that only aborts with ``error``'s status (and its
-    ``ErrorInfo`` and ``segsvc-error`` trailers, as every other error); it never parses the request."""
+    ``ErrorInfo`` and ``segsvc-error`` trailers, as every other error); it never parses the request.
+    It counts and logs the refusal under ``method``'s name, or 'unknown' for a method the server does not
+    serve (a client-chosen name would make the metric's label set unbounded)."""
+    label = method.rsplit("/", 1)[-1][:64] if handler is not None else "unknown"
 
-    async def refuse(_request, context: grpc.aio.ServicerContext):
-        await abort(context, error, "", "auth", log)
+    async def refused(_request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        await refuse(context, error, label, log, on_refused, logging.WARNING)
 
     streaming_in = handler is not None and handler.request_streaming
     streaming_out = handler is not None and handler.response_streaming
     if streaming_in and streaming_out:
-        return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.stream_stream_rpc_method_handler(refused)
     if streaming_in:
-        return grpc.stream_unary_rpc_method_handler(refuse)
+        return grpc.stream_unary_rpc_method_handler(refused)
     if streaming_out:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+        return grpc.unary_stream_rpc_method_handler(refused)
+    return grpc.unary_unary_rpc_method_handler(refused)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Awaitable, Callable, NoReturn, Sequence, TypeVar
 
 import grpc
@@ -106,6 +107,17 @@ def clean_text(text: str, limit: int = MAX_ID_CHARS) -> str:
     return head if len(text) <= limit else head[: limit - 3] + "..."
 
 
+def request_id_of(given: str, context: grpc.aio.ServicerContext) -> str:
+    """The caller's id (cleaned: it goes into trailers and logs), else its ``x-request-id`` metadata, else a
+    new one: every failure a caller reports can then be found in the server's log."""
+    if given:
+        return clean_text(given)
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and value:
+            return clean_text(str(value))
+    return uuid.uuid4().hex[:16]
+
+
 def status_of(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str, str]:
     """``(code, message, kind)`` for an exception; unknown exceptions get a generic INTERNAL message."""
     for cls, code in ERROR_CODES:
@@ -164,12 +176,34 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_i
     await context.abort(code, message)
 
 
+Refused = Callable[[str, str], None]
+"""Counts a call refused before any servicer ran: ``(method, status code name)``."""
+
+
+def not_counted(method: str, code: str) -> None:
+    """The default ``Refused``: count nothing (a server without metrics)."""
+
+
+async def refuse(context: grpc.aio.ServicerContext, exc: SegsvcError, method: str, logger: logging.Logger,
+                 on_refused: Refused, level: int = logging.INFO) -> NoReturn:
+    """End a call refused before any servicer ran (auth, admission) as every other error, after counting it and
+    logging one line: no servicer would, so these calls were missing from the metrics and the logs. The line
+    holds the reason and the peer, never the caller's token."""
+    request_id = request_id_of("", context)
+    code = status_of(exc)[0].name
+    on_refused(method, code)
+    logger.log(level, "%s %s: %s", method, code, exc, extra={
+        "request_id": request_id, "method": method, "model": "-", "code": code, "peer": clean_text(context.peer())})
+    await abort(context, exc, request_id, method, logger)
+
+
 async def guarded(method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]],
-                  logger: logging.Logger) -> T:
-    """``await work()``; any error ends the RPC with its status (``abort``), cancellation passes through."""
+                  logger: logging.Logger, request_id: str = "") -> T:
+    """``await work()``; any error ends the RPC with its status (``abort``, under ``request_id``), cancellation
+    passes through."""
     try:
         return await work()
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        await abort(context, exc, "", method, logger)
+        await abort(context, exc, request_id, method, logger)

@@ -10,8 +10,8 @@ The gate also parses requests: bytes that are not a valid message answer
 INVALID_ARGUMENT with a short message (gRPC itself would answer UNKNOWN with
 the parser's exception text and log a traceback). In a request stream, a bad
 message ends the stream with INVALID_ARGUMENT once the messages before it
-are answered. Both refusals go through ``server.errors.abort``, so they carry
-the same ``google.rpc.Status`` (with its ``ErrorInfo``) and ``segsvc-error``
+are answered. Both refusals go through ``server.errors.refuse`` (counted and
+logged), so they carry the same ``google.rpc.Status`` (with its ``ErrorInfo``) and ``segsvc-error``
 trailer as every other error.
 """
 
@@ -25,7 +25,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterator
 import grpc
 
 from segsvc.errors import InvalidArgument, Unavailable
-from segsvc.server.errors import abort
+from segsvc.server.errors import Refused, not_counted, refuse
 
 log = logging.getLogger("segsvc.server")
 
@@ -44,7 +44,9 @@ class DrainGate(grpc.aio.ServerInterceptor):
         probes: methods among them that always pass (readiness probes answer for themselves).
     """
 
-    def __init__(self, prefixes: tuple[str, ...] = GATED_PREFIXES, probes: tuple[str, ...] = PROBE_METHODS) -> None:
+    def __init__(self, prefixes: tuple[str, ...] = GATED_PREFIXES, probes: tuple[str, ...] = PROBE_METHODS,
+                 on_refused: Refused = not_counted) -> None:
+        self._on_refused = on_refused
         self._prefixes = prefixes
         self._probes = probes
         self.accepting = False
@@ -89,13 +91,15 @@ class DrainGate(grpc.aio.ServerInterceptor):
         streaming_in = handler.request_streaming
 
         async def admit(request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-            # through errors.abort like every other error: google.rpc.Status + ErrorInfo and segsvc-error trailers
+            # through errors.refuse: counted and logged, then the google.rpc.Status + ErrorInfo and segsvc-error
+            # trailers of every other error
             if not self.accepting:
-                await abort(context, Unavailable(REFUSED), "", method, log)
+                await refuse(context, Unavailable(REFUSED), method, log, self._on_refused)
             if streaming_in:
                 return _checked(request, method)
             if isinstance(request, _Malformed):
-                await abort(context, InvalidArgument(f"the request is not a valid {method} message"), "", method, log)
+                await refuse(context, InvalidArgument(f"the request is not a valid {method} message"), method, log,
+                             self._on_refused)
             return request
 
         if handler.response_streaming:

@@ -1,4 +1,4 @@
-"""Structured logs: one JSON object per line, with the request id when there is one.
+"""Structured logs: one JSON object per line (or a text line), with the request id when there is one.
 
 Request-scoped fields (``request_id``, ``method``, ``model``, ``version``,
 ``code``, ``ms``, ``peer``) are passed as ``extra=`` and become top-level keys.
@@ -32,13 +32,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """``<time> <level> <logger>: <message> key=value ...``: the request fields that JSON lines carry, so that
+    text logs can be traced by request id too (their values were made log-safe where they were set)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (the base class's name)
+        fields = " ".join(f"{key}={getattr(record, key)}" for key in FIELDS if hasattr(record, key))
+        line = super().formatMessage(record)
+        return f"{line} {fields}" if fields else line
+
+
 def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
     """Send segsvc's (and grpc's) logs to stderr, as JSON lines or plain text."""
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

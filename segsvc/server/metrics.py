@@ -24,10 +24,15 @@ resolved), never raw request text, so label cardinality stays bounded.
 
 from __future__ import annotations
 
+import socket
+import ssl
+import threading
+from socketserver import ThreadingMixIn
 from typing import Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector,
-                               start_http_server)
+                               make_wsgi_app)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -148,6 +153,11 @@ class ServerMetrics:
         self.request_seconds.labels(method, model).observe(total_s)
         self.observe_stages(model, queue_s, run_s)
 
+    def observe_refused(self, method: str, code: str) -> None:
+        """A call refused before any servicer ran (auth, admission): counted under model '-', no latency (it
+        did no work; zeros would drag the latency quantiles down)."""
+        self.requests.labels(method, "-", code).inc()
+
     def observe_stages(self, model: str, queue_s: float | None, run_s: float | None) -> None:
         """Where one image's time went in the batcher (a ``ModelInfer`` request observes each of its images)."""
         if queue_s is not None:
@@ -156,9 +166,11 @@ class ServerMetrics:
             self.inference_seconds.labels(model).observe(run_s)
 
     def start_http(self, host: str, port: int, certfile: str | None = None, keyfile: str | None = None) -> int:
-        """Serve ``/metrics`` on ``host:port`` (0: any free port; HTTPS with a certificate) from a daemon thread."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry,
-                                                     certfile=certfile, keyfile=keyfile)
+        """Serve ``/metrics`` (only: any other path is 404) on ``host:port`` (0: any free port; HTTPS with a
+        certificate) from a daemon thread."""
+        self._http = _metrics_server(host, port, _only_metrics(make_wsgi_app(self.registry)), certfile, keyfile)
+        self._thread = threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         return int(self._http.server_port)
 
     def stop_http(self) -> None:
@@ -166,3 +178,47 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+METRICS_PATH = "/metrics"
+
+
+def _only_metrics(app: Callable) -> Callable:
+    """``app`` at ``/metrics``, 404 elsewhere: the page is not served at every path an accidental crawler or
+    probe tries (prometheus_client's own server answers it at any path)."""
+
+    def route(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "") == METRICS_PATH:
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: metrics are served at /metrics\n"]
+
+    return route
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    """One thread per scrape, none of which keeps the process alive (as prometheus_client's server)."""
+
+    daemon_threads = True
+
+
+class _ThreadingServer6(_ThreadingServer):
+    address_family = socket.AF_INET6
+
+
+class _SilentHandler(WSGIRequestHandler):
+    """No access log on stderr: scrapes every few seconds would drown the JSON logs."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+        pass
+
+
+def _metrics_server(host: str, port: int, app: Callable, certfile: str | None, keyfile: str | None) -> WSGIServer:
+    """A bound (not yet serving) threaded WSGI server for ``app``; TLS when given a certificate and key."""
+    server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
+    httpd = make_server(host, port, app, server_class, handler_class=_SilentHandler)
+    if certfile and keyfile:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certfile, keyfile)
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    return httpd

@@ -38,7 +38,7 @@ from segsvc.inference.predictor import labels_dtype
 from segsvc.inference.service import InferenceService
 from segsvc.server import oip_convert as convert
 from segsvc.server.config import LimitsConfig
-from segsvc.server.errors import cancellation_code, guarded, status_of
+from segsvc.server.errors import cancellation_code, guarded, request_id_of, status_of
 from segsvc.server.metrics import ServerMetrics
 from segsvc.server.oip_pb import grpc_service_pb2 as pb
 from segsvc.server.oip_pb import grpc_service_pb2_grpc as pb_grpc
@@ -157,6 +157,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         model = "-"  # the loaded model's name once resolved: a bounded metrics label, never request text
         code = "OK"
+        request_id = request_id_of(request.id, context)  # for the trailers and the log line, as on segsvc.v1
 
         async def work() -> pb.ModelInferResponse:
             nonlocal model, code
@@ -178,9 +179,15 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 code = status_of(exc)[0].name
                 raise
             finally:
-                self._metrics.observe_request("ModelInfer", model, code, time.perf_counter() - started)
+                self._finish(request_id, model, code, time.perf_counter() - started)
 
-        return await guarded("ModelInfer", context, work, log)
+        return await guarded("ModelInfer", context, work, log, request_id)
+
+    def _finish(self, request_id: str, model: str, code: str, total_s: float) -> None:
+        """Count one ``ModelInfer`` call and write its log line (the same fields as a segsvc.v1 call's)."""
+        self._metrics.observe_request("ModelInfer", model, code, total_s)
+        log.info("ModelInfer %s", code, extra={"request_id": request_id, "method": "ModelInfer", "model": model,
+                                                "code": code, "ms": round(total_s * 1e3, 2)})
 
     async def _segment_all(self, call: convert.InferCall, name: str, version: int,
                            deadline: float | None) -> list:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -31,8 +30,8 @@ from segsvc.inference.service import ImageSource, InferenceService
 from segsvc.models.artifact import Manifest
 from segsvc.server import convert
 from segsvc.server.config import LimitsConfig
-from segsvc.server.errors import (REQUEST_ID_KEY, abort, cancellation_code, check_response_size, clean_text,
-                                  log_unexpected, rpc_status, status_of)
+from segsvc.server.errors import (abort, cancellation_code, check_response_size, clean_text, log_unexpected,
+                                  request_id_of, rpc_status, status_of)
 from segsvc.server.metrics import ServerMetrics
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
@@ -42,11 +41,16 @@ log = logging.getLogger("segsvc.server")
 
 @dataclass
 class _Call:
-    """What is known about one request, for its metrics and its log line."""
+    """What is known about one request, for its metrics and its log line.
+
+    ``request_id`` is the log-safe copy (logs, trailers, ErrorInfo); ``reply_id`` is the caller's id exactly
+    as sent, which the response echoes so that a caller can match it (empty: echo ``request_id``).
+    """
 
     method: str
     request_id: str
     started: float
+    reply_id: str = ""
     model: str = "-"
     version: int = 0
     queue_s: float | None = None
@@ -109,12 +113,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     @staticmethod
     def _request_id(given: str, context: grpc.aio.ServicerContext) -> str:
         """The caller's id (cleaned: it goes into trailers and logs), else a new one."""
-        if given:
-            return clean_text(given)
-        for key, value in context.invocation_metadata() or ():
-            if key == REQUEST_ID_KEY and value:
-                return clean_text(str(value))
-        return uuid.uuid4().hex[:16]
+        return request_id_of(given, context)
 
     def _finish(self, call: _Call, code: str) -> None:
         total_s = time.perf_counter() - call.started
@@ -126,9 +125,9 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         )
 
     async def _handle(self, method: str, request_id: str, context: grpc.aio.ServicerContext,
-                      work: Callable[[_Call], Awaitable]):
+                      work: Callable[[_Call], Awaitable], reply_id: str = ""):
         """Run ``work``; map its failure to a status (the one place unary RPCs fail)."""
-        call = _Call(method, request_id, time.perf_counter())
+        call = _Call(method, request_id, time.perf_counter(), reply_id)
         try:
             response = await work(call)
         except asyncio.CancelledError:
@@ -145,7 +144,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         deadline = self._deadline(context)
         return await self._handle(
             "Segment", self._request_id(request.request_id, context), context,
-            lambda call: self._segment(request, deadline, call),
+            lambda call: self._segment(request, deadline, call), reply_id=request.request_id,
         )
 
     @staticmethod
@@ -170,7 +169,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             options=options, deadline=deadline, on_lease=on_lease,
         )
         call.queue_s, call.run_s = seg.queue_s, seg.run_s
-        response = await self._service.run_io(convert.segment_response, call.request_id, seg, fmt)
+        response = await self._service.run_io(convert.segment_response, call.reply_id or call.request_id, seg,
+                                                 fmt)
         response.timings.total_ms = (time.perf_counter() - call.started) * 1e3
         check_response_size(response.ByteSize(), self._limits.max_message_bytes, _remedies(fmt, options))
         return response
@@ -199,7 +199,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         end = object()
 
         async def one(request: pb.SegmentRequest, index: int) -> None:
-            call = _Call("SegmentStream", clean_text(request.request_id) or str(index), time.perf_counter())
+            call = _Call("SegmentStream", clean_text(request.request_id) or str(index), time.perf_counter(),
+                         request.request_id)
             try:
                 response = await self._segment(request, deadline, call)
             except asyncio.CancelledError:
@@ -209,7 +210,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
                 code, message, kind = status_of(exc, call.request_id)
                 log_unexpected(log, exc, call.request_id, call.method)
                 self._finish(call, code.name)
-                response = convert.error_response(call.request_id, kind,
+                response = convert.error_response(call.reply_id or call.request_id, kind,
                                                   rpc_status(exc, code, message, call.request_id))
             else:
                 self._finish(call, "OK")
