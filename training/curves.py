@@ -132,14 +132,15 @@ class RunSettings:
 
 
 def _dataset_name(spec: str) -> str:
-    """The ``name:`` of the spec file ``spec`` when it is readable, else its stem.
+    """The ``name:`` of the spec file ``spec`` (a folder's ``dataset.yaml``) when it is readable, else its stem.
 
     Registered datasets are all stored as ``<store>/<sha256>/spec.yaml``: their stems
     would put every training-service dataset in one panel named "spec".
     """
     path = Path(spec)
+    described = path / "dataset.yaml" if path.is_dir() else path  # a folder is described by its dataset.yaml
     try:
-        raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+        raw = yaml.safe_load(described.read_text()) if described.is_file() else None
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         raw = None
     name = raw.get("name") if isinstance(raw, dict) else None

@@ -70,13 +70,22 @@ def build_scheduler(
 def planned_epochs(cfg: TrainConfig, history: list[dict[str, Any]], elapsed_s: float, env: DistEnv) -> int:
     """``train.epochs``, or with ``schedule.horizon: time`` the epochs that fit the time budget.
 
-    The estimate uses the mean time of the epochs so far (validation included);
-    before the first epoch it is ``train.epochs``. Rank 0 decides for all ranks.
+    The epochs so far plus the budget left over the mean time of an epoch (validation and
+    bookkeeping included, the one-off setup not: ``mean_epoch_s``); before the first epoch it
+    is ``train.epochs``. Rank 0 decides for all ranks.
     """
     loop = cfg.train
     if cfg.schedule.horizon != "time" or loop.max_time_min is None or not history:
         return loop.epochs
-    per_epoch_s = elapsed_s / len(history)
-    planned = min(loop.epochs, max(len(history), int(60 * loop.max_time_min / per_epoch_s)))
+    left_s = 60 * loop.max_time_min - elapsed_s
+    planned = min(loop.epochs, max(len(history), len(history) + int(left_s / mean_epoch_s(history, elapsed_s))))
     return broadcast_from_main(env, planned)
+
+
+def mean_epoch_s(history: list[dict[str, Any]], elapsed_s: float) -> float:
+    """The mean time of the epochs in ``history`` (``elapsed_s`` in all), less the set-up time the rows record
+    (``setup_s``: once per start, in the first row after it). Set-up is paid once, not every epoch: dividing it
+    among the first epochs made a run with a slow start plan a fraction of the epochs its budget fits."""
+    setup_s = sum(float(row.get("setup_s", 0.0)) for row in history)
+    return max(elapsed_s - setup_s, 1e-6) / len(history)
 

@@ -69,7 +69,7 @@ from training.rundir import (
     val_contract,
     write_metrics_file,
 )
-from training.schedule import Horizon, build_optimizer, build_scheduler, planned_epochs
+from training.schedule import Horizon, build_optimizer, build_scheduler, mean_epoch_s, planned_epochs
 
 EXIT_TERMINATED = 128 + 15  # the shell's status for a process ended by SIGTERM
 
@@ -144,6 +144,7 @@ def _main(
     reason = (should_stop(loop, run.epochs_since_best, run.elapsed_s, env) or "") if run.epoch else ""
     if reason:
         log(env, f"resumed after the run had stopped ({reason}): publishing what it trained")
+    setup_s: float | None = clock.pending_s()  # in elapsed_s, but not epoch time (planned_epochs)
     row_elapsed_s = run.elapsed_s  # the last metrics row's elapsed_s (a resumed checkpoint's)
     for epoch in range(run.epoch, run.epoch if reason else loop.epochs):
         planned = planned_epochs(cfg, run.history, run.elapsed_s, env)
@@ -156,6 +157,8 @@ def _main(
         stats = train_one_epoch(model, criterion, optimizer, scheduler, scaler, train_loader, env, epoch, loop,
                                 amp_dtype, memory_format, events=events, ema=ema)
         row: dict[str, Any] = {"epoch": epoch + 1, **stats}
+        if setup_s is not None:  # the first epoch of this start carries its set-up time
+            row["setup_s"], setup_s = round(setup_s, 3), None
         if should_validate(cfg, run, row, planned, clock.pending_s(), env):  # the time the budget will count
             broadcast_buffers(env, scored)  # every rank scores the model rank 0 saves and publishes
             backend = TorchBackend(scored, geometry, env.device, data.channels,
@@ -223,12 +226,11 @@ class RunClock:
         """The time since the last ``add_to``, not yet in ``elapsed_s``."""
         return time.perf_counter() - self._last
 
-    def add_to(self, run: RunState) -> float:
-        """``run.elapsed_s`` after adding the time since the last call (or since the clock was made)."""
+    def add_to(self, run: RunState) -> None:
+        """Add the time since the last call (or since the clock was made) to ``run.elapsed_s``."""
         now = time.perf_counter()
         run.elapsed_s += now - self._last
         self._last = now
-        return run.elapsed_s
 
 
 # -- one epoch ----------------------------------------------------------------------
@@ -565,7 +567,7 @@ def validation_row(metrics: SegmentationMetrics) -> dict[str, Any]:
 
 def epoch_event(row: dict[str, Any], planned: int, run: RunState) -> dict[str, Any]:
     """The ``epoch`` line of ``events.jsonl``; the ETA assumes the remaining epochs take the mean time so far."""
-    per_epoch_s = run.elapsed_s / len(run.history)
+    per_epoch_s = mean_epoch_s(run.history, run.elapsed_s)
     return {
         "epoch": row["epoch"], "epochs": planned, "train_loss": row["train_loss"], "lr": row["lr"],
         "images_per_s": row["images_per_s"], "val_miou": row.get("val_miou"), "best_miou": run.best_miou,

@@ -581,10 +581,12 @@ def test_under_continuous_interactive_load_the_batch_lane_gets_one_batch_per_max
         await b.stop(drain=False)
         return ran, window_s
 
-    # The bound follows the window the loop really had (a loaded host stretches 0.9 s): one batch per 0.2 s,
-    # plus one. Aging that lifted the hold-off for good would run all 20 within it.
+    # The upper bound follows the window the loop really had (a loaded host stretches 0.9 s): one batch per 0.2 s,
+    # plus one; aging that lifted the hold-off for good would run all 20 within it. The lower bound (a share of at
+    # least one batch per 0.45 s) holds unless a stall stretched the window: a stalled loop forms no batches.
     ran, window_s = run(main())
-    assert 1 <= ran <= window_s / 0.2 + 1, f"{ran} batch-lane batches ran in {window_s:.2f} s with max_wait 0.2 s"
+    assert ran <= window_s / 0.2 + 1, f"{ran} batch-lane batches ran in {window_s:.2f} s with max_wait 0.2 s"
+    assert ran >= 2 or window_s > 1.8, f"{ran} batch-lane batch(es) in {window_s:.2f} s with max_wait 0.2 s"
 
 
 # -- what metrics, owners and callers rely on ------------------------------------------------

@@ -8,7 +8,6 @@ the corrupt newest version is reported as FAILED and the previous one serves.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import signal
@@ -75,6 +74,11 @@ class Load:
     def count_ok_after(self, t: float) -> int:
         return sum(1 for when, code, _, _ in self.outcomes if when > t and code == grpc.StatusCode.OK)
 
+    def all_answered_after(self, t: float) -> bool:
+        """Whether every client thread has had an answer since ``t``."""
+        answered = {c for when, code, _, c in self.outcomes if when > t and code == grpc.StatusCode.OK}
+        return len(answered) == len(self._threads)
+
     def stop(self) -> None:
         self._stop.set()
         for t in self._threads:
@@ -117,7 +121,8 @@ def test_corrupt_version_kill_9_and_restart_under_load(tmp_path):
             proc = _serve(repo, port, log)
             wait_for(lambda: _ready(stub))
             restarted_at = time.monotonic()
-            wait_for(lambda: load.count_ok_after(restarted_at) >= 10)
+            # every client recovers (its channel out of gRPC's reconnect backoff), and ten answers come in all
+            wait_for(lambda: load.count_ok_after(restarted_at) >= 10 and load.all_answered_after(restarted_at))
             info = stub.GetModel(pb.GetModelRequest(model="m"), timeout=10)
             assert info.version == 1 and _state(stub, 2) == FAILED
             assert "m/2/" in _reason(stub, 2) and str(tmp_path) not in _reason(stub, 2)
@@ -135,10 +140,8 @@ def test_corrupt_version_kill_9_and_restart_under_load(tmp_path):
     down = [code for _, code, _, _ in load.outcomes if code != grpc.StatusCode.OK]
     # Each client's outage ends with its first answer after the restart, not at the test's own readiness check:
     # a client's channel may still be in gRPC's reconnect backoff (seconds, longer on a loaded host) by then.
-    # A client that had no answer yet when the load stopped has not recovered (the others' ten answers show
-    # the server had).
-    recovered = {client: min((when for when, code, _, c in load.outcomes if c == client and when > restarted_at
-                              and code == grpc.StatusCode.OK), default=math.inf)
+    recovered = {client: min(when for when, code, _, c in load.outcomes if c == client and when > restarted_at
+                             and code == grpc.StatusCode.OK)
                  for client in {c for _, _, _, c in load.outcomes}}
     outside = [(when - killed_at, code.name) for when, code, _, client in load.outcomes
                if code != grpc.StatusCode.OK and not killed_at - 1 <= when <= recovered[client]]

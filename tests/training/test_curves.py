@@ -143,5 +143,10 @@ def test_registered_datasets_stored_as_spec_yaml_get_a_panel_per_spec_name(tmp_p
                   dataset=str(store / sha / "spec.yaml"))
     write_run(root / "gone" / "run", [{"epoch": 1, "cpu_minutes": 1.0, "cpu_threads": 2, "val_miou": 0.4}],
               dataset=str(store / "deleted" / "other.yaml"))  # unreadable: the stem, as before
+    folder = tmp_path / "mydata"  # a folder spec: named by its dataset.yaml, as the same spec given as a file
+    folder.mkdir()
+    (folder / "dataset.yaml").write_text(yaml.safe_dump({"name": "CamVid", "root": "."}))
+    write_run(root / "folder" / "run", [{"epoch": 1, "cpu_minutes": 1.0, "cpu_threads": 2, "val_miou": 0.3}],
+              dataset=str(folder))
     panels = by_dataset(collect(root))
-    assert {k: len(v) for k, v in panels.items()} == {"CamVid": 1, "membrane": 1, "other": 1}
+    assert {k: len(v) for k, v in panels.items()} == {"CamVid": 2, "membrane": 1, "other": 1}

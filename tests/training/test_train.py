@@ -130,6 +130,7 @@ def test_elapsed_time_and_cpu_minutes_count_setup_and_each_epochs_checkpoint(tin
     artifact = main(load_config(tiny_recipe, ["train.epochs=2", "data.train_limit=8", "output.run_name=clock"]))
     rows = [json.loads(x) for x in (run_dir_of(artifact) / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["elapsed_s"] >= pause_s  # the setup (reading the data) is in epoch 1's time
+    assert rows[0]["setup_s"] >= pause_s and "setup_s" not in rows[1]  # and recorded, for planned_epochs
     assert rows[1]["elapsed_s"] - rows[0]["elapsed_s"] >= pause_s  # epoch 1's checkpoint write is in epoch 2's
     # the run's total has epoch 2's checkpoint too (train_time_s is rounded to 0.1 s)
     assert read_manifest(artifact).training["train_time_s"] >= rows[1]["elapsed_s"] + pause_s - 0.05
@@ -234,6 +235,11 @@ def test_time_horizon_fits_the_epochs_to_the_budget(tiny_recipe):
     assert planned_epochs(cfg, [{}, {}, {}], 150.0, env) == 3  # over budget: never below the epochs done
     epochs_only = load_config(tiny_recipe, ["train.max_time_min=1", "train.epochs=50"])
     assert planned_epochs(epochs_only, [{}, {}], 20.0, env) == 50
+    # Set-up (in elapsed_s since the clock counts it) is paid once: 30 s of it and one 1 s epoch leave 29 s,
+    # 29 more epochs, not the 1 that 60 s over a 31 s "mean epoch" would give.
+    assert planned_epochs(cfg, [{"setup_s": 30.0}], 31.0, env) == 30
+    # each start (a resume) records its own set-up in its first row
+    assert planned_epochs(cfg, [{"setup_s": 10.0}, {}, {"setup_s": 10.0}, {}], 24.0, env) == 40  # 4 + 36 s / 1 s
 
 
 def test_moving_the_horizon_recomputes_the_current_lr():
