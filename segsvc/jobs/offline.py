@@ -53,7 +53,7 @@ from segsvc.inference.codec import DEFAULT_MAX_PIXELS, decode_image
 from segsvc.inference.engine import Engine, EngineConfig, InferenceOptions, Output, resolve_device
 from segsvc.inference.predictor import Predictor
 from segsvc.inference.repository import ModelRepository, parse_model_ref
-from segsvc.jobs.inputs import InputFile, resolve_inputs
+from segsvc.jobs.inputs import _GLOB_CHARS, InputFile, resolve_inputs  # one definition of a pattern part
 from segsvc.jobs.outputs import JobOutputs, checked_inputs, clean_temporaries, input_name_problem
 from segsvc.jobs.store import Item, Job, JobStore
 
@@ -72,7 +72,6 @@ PROGRESS_EVERY_S = 2.0
 # 88-90 images/s one per pass, 85-87 two per pass and 65-69 four per pass. So on CPU a batch also ends at
 # this many input pixels; GPUs batch by count.
 CPU_BATCH_PIXELS = 1 << 16
-_GLOB_CHARS = frozenset("*?[")  # what makes an input part a pattern, as in segsvc.jobs.inputs
 
 # (item index, results.jsonl record or None, failure reason or None)
 Outcome = tuple[int, "dict[str, Any] | None", "str | None"]
@@ -109,22 +108,19 @@ def _is_pattern(part: str) -> bool:
 
 
 def split_input(spec: str) -> tuple[str, tuple[str, ...]]:
-    """An input as (its literal absolute path, the pattern parts below it; () when it has none).
+    """An absolute input as (its literal path, the pattern parts below it; () when it has none).
 
-    Only what the user typed can be a pattern: the current folder a relative input is joined to is
-    literal, whatever characters its path holds (a ``d[12]`` folder must not match ``d1``). In an
-    absolute input a part with ``*?[`` is literal when the path up to it exists, so a folder named
-    ``d[12]`` in it is that folder; the first part that does not exist starts the pattern.
+    A part with ``*?[`` is literal when the path up to it exists, so a folder named ``d[12]`` is that
+    folder; the first part that does not exist starts the pattern. ``_open_job`` makes every input absolute
+    first, so the current folder a relative input was typed in is literal in the same way: it exists (a
+    ``d[12]`` current folder must not match ``d1``); only what the user typed can be a pattern.
     """
     parts = Path(spec).parts
-    if os.path.isabs(spec):
-        base, typed = parts[0], parts[1:]
-        n = 0
-        while n < len(typed) and (not _is_pattern(typed[n]) or os.path.lexists(os.path.join(base, *typed[:n + 1]))):
-            n += 1
-        return os.path.normpath(os.path.join(base, *typed[:n])), typed[n:]
-    n = next((i for i, p in enumerate(parts) if _is_pattern(p)), len(parts))
-    return os.path.normpath(os.path.join(os.getcwd(), *parts[:n])), parts[n:]
+    base, typed = parts[0], parts[1:]
+    n = 0
+    while n < len(typed) and (not _is_pattern(typed[n]) or os.path.lexists(os.path.join(base, *typed[:n + 1]))):
+        n += 1
+    return os.path.normpath(os.path.join(base, *typed[:n])), typed[n:]
 
 
 def input_root(specs: Sequence[str]) -> Path:
@@ -191,11 +187,15 @@ def item_write_problem(exc: BaseException, out: Path) -> str | None:
         return _reason(exc)
     if isinstance(exc, OSError) and exc.errno in ITEM_WRITE_ERRNOS:
         where = exc.filename2 or exc.filename  # os.replace names the destination second
-        if where is not None:  # named from the output folder: the reason is read next to it
-            where = Path(os.path.relpath(os.path.abspath(os.fsdecode(where)), os.path.abspath(out))).as_posix()
-        clash = "" if exc.errno == errno.ENAMETOOLONG else " (another input's output file or folder has that name)"
-        if where is None:
+        if where is None:  # no path to tell whose it is: only the item's own output could be meant
             return f"cannot write its outputs: {exc}"
+        # Named from the output folder: the reason is read next to it.
+        where = Path(os.path.relpath(os.path.abspath(os.fsdecode(where)), os.path.abspath(out))).as_posix()
+        if len(Path(where).parts) < 2 or where.startswith("../"):
+            # out itself or a kind folder (labels/, color/...) is every input's: failing each input for it
+            # would keep them FAILED after the folder is fixed. Stop the run; --resume redoes it.
+            return None
+        clash = "" if exc.errno == errno.ENAMETOOLONG else " (another input's output file or folder has that name)"
         return f"cannot write its output {where}: {exc.strerror}{clash}"
     return None
 
@@ -290,11 +290,12 @@ class ItemWorker:
         return outcomes
 
     def _predict_and_write(self, chunk: list[tuple[int, str, np.ndarray, Any, float]]) -> list[Outcome]:
-        """One forward pass and its writes; a pass refusing an input (a domain error) is retried per image
-        so that only the images it refuses alone fail."""
+        """One forward pass and its writes; a pass refusing an input (``InvalidArgument``) is retried per image
+        so that only the images it refuses alone fail. Any other error (a broken model) would fail every image
+        alike: it stops the run, and --resume redoes it."""
         try:
             outputs, fwd_ms = self.predict([g[3] for g in chunk])
-        except SegsvcError as exc:
+        except InvalidArgument as exc:
             if len(chunk) > 1:
                 return [o for entry in chunk for o in self._predict_and_write([entry])]
             log.debug("input %s failed in its forward pass: %s", chunk[0][1], _reason(exc))
@@ -369,7 +370,7 @@ def run_local(worker: ItemWorker, items: Sequence[Item], root: Path, on_outcome:
                     writing.discard(fut)
                     on_outcome(fut.result())  # a failed write (disk full) stops the run: --resume redoes it
 
-        def retry_alone(group: list[tuple[Item, np.ndarray | None, Any, float]], exc: SegsvcError) -> None:
+        def retry_alone(group: list[tuple[Item, np.ndarray | None, Any, float]], exc: InvalidArgument) -> None:
             if len(group) == 1:
                 log.debug("input %s failed in its forward pass: %s", group[0][0].input, _reason(exc))
                 on_outcome((group[0][0].index, None, _reason(exc)))
@@ -383,8 +384,9 @@ def run_local(worker: ItemWorker, items: Sequence[Item], root: Path, on_outcome:
                 for fut in [f for f in forwarding if f.done()]:
                     group = forwarding.pop(fut)
                     try:
-                        outputs, fwd_ms = fut.result()  # any other error stops the run: --resume redoes it
-                    except SegsvcError as exc:  # the pass refused an input: find which, one image per pass
+                        # Any other error (a model broken for every image) stops the run: --resume redoes it.
+                        outputs, fwd_ms = fut.result()
+                    except InvalidArgument as exc:  # the pass refused an input: find which, one image per pass
                         retry_alone(group, exc)
                         continue
                     for (item, image, _, ms), output in zip(group, outputs):
@@ -443,7 +445,8 @@ def _import_ray() -> Any:
         import ray
         import ray.data  # noqa: F401
     except ImportError as exc:
-        raise InvalidArgument(f"--engine ray needs Ray Data ({exc}); install it with: pip install 'segsvc[ray]'") from None
+        raise InvalidArgument(f"--engine ray needs Ray Data ({exc}); "
+                              "install it with: pip install 'segsvc[ray]'") from None
     return ray
 
 
@@ -669,29 +672,29 @@ def run_batch(
     else:
         resolve_device(device)
     out_dir = Path(out)
-    with out_lock(out_dir, create=not resume):
+    # --resume locks before _open_job, whose clean_temporaries would delete a live run's files. A new run locks
+    # once _open_job has made its folder and state: a run refused before that leaves nothing behind.
+    with out_lock(out_dir) if resume else contextlib.nullcontext():
         store, job, root = _open_job(out_dir, resume, inputs, os.fspath(model_repo), model, options)
-        options = BatchOptions(**job.spec["options"])
         try:
-            return _execute(store, job, root, out_dir, engine=engine, model_repo=os.fspath(model_repo), options=options,
-                            batch_size=batch_size, max_batch_pixels=max_batch_pixels, device=device,
-                            precision=precision, backend=backend, io_threads=io_threads, actors=actors,
-                            progress=progress)
+            with contextlib.nullcontext() if resume else out_lock(out_dir):
+                return _execute(store, job, root, out_dir, engine=engine, model_repo=os.fspath(model_repo),
+                                options=BatchOptions(**job.spec["options"]), batch_size=batch_size,
+                                max_batch_pixels=max_batch_pixels, device=device, precision=precision,
+                                backend=backend, io_threads=io_threads, actors=actors, progress=progress)
         finally:
             store.close()
 
 
 @contextlib.contextmanager
-def out_lock(out: Path, *, create: bool) -> Iterator[None]:
+def out_lock(out: Path) -> Iterator[None]:
     """Hold ``<out>/LOCK_FILE`` for the run, or refuse the run when another one holds it.
 
-    ``create``: make ``out`` first when it does not exist (a new batch). Without it, when ``out`` is not a
-    folder, or when a new batch may not be written there (another folder named by mistake: no lock file is
-    left in it), nothing is locked and ``_open_job`` says what is wrong with ``out``.
+    Only a folder holding the batch state (``STATE_FILE``) is locked, and ``out`` is never created: any other
+    folder (missing, or the user's own files named by mistake) gets no lock file, and ``_open_job`` says
+    what is wrong with it.
     """
-    if create and not out.exists():
-        out.mkdir(parents=True, exist_ok=True)
-    if not out.is_dir() or (create and not _holds_no_batch(out)):
+    if not (out / STATE_FILE).is_file():
         yield
         return
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from segsvc.cli import main
+from segsvc.errors import ArtifactError
 from segsvc.jobs import offline
 from segsvc.jobs.offline import run_batch
 from tests.server.conftest import encode, make_image, publish
@@ -163,3 +164,92 @@ def test_a_new_batch_refused_by_a_folder_of_other_files_leaves_no_lock_file_ther
     (documents / "notes.txt").write_text("mine")
     assert _batch(repo, documents, str(tmp_path / "in")) == 2  # not empty: refused
     assert sorted(p.name for p in documents.iterdir()) == ["notes.txt"]
+
+
+# -- review: errors that are not one input's stop the run -----------------------------
+def test_a_model_broken_for_every_image_stops_the_run_after_one_pass(repo, tmp_path, monkeypatch, capsys) -> None:
+    for i in range(3):
+        _png(tmp_path / "in" / f"{i}.png", seed=i)
+    calls = []
+
+    def broken(self, prepared):
+        calls.append(len(prepared))
+        raise ArtifactError("the model broke the [N, C, H, W] contract")
+
+    monkeypatch.setattr(offline.ItemWorker, "predict", broken)
+    assert _batch(repo, tmp_path / "out", str(tmp_path / "in")) == 2
+    assert "broke the [N, C, H, W] contract" in capsys.readouterr().err
+    assert calls == [3]  # one pass, not one more per image
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_a_broken_model_stops_a_ray_style_batch_too(repo, tmp_path, monkeypatch) -> None:
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png", seed=1)
+    worker = offline.ItemWorker(str(repo), "tiny", 1, str(tmp_path / "out"), offline.BatchOptions(), device="cpu")
+
+    def broken(prepared):
+        raise ArtifactError("the model broke the [N, C, H, W] contract")
+
+    monkeypatch.setattr(worker, "predict", broken)
+    with pytest.raises(ArtifactError):
+        worker.process([(0, str(tmp_path / "a.png"), "a.png"), (1, str(tmp_path / "b.png"), "b.png")])
+
+
+def test_a_shared_output_folder_problem_stops_the_run_and_resume_redoes_it(repo, tmp_path, monkeypatch,
+                                                                           capsys) -> None:
+    for i in range(2):
+        _png(tmp_path / "in" / f"{i}.png", seed=i)
+    out = tmp_path / "out"
+    real = offline.ItemWorker.write
+
+    def killed(self, *args):
+        raise KeyboardInterrupt  # the run stops before any write, as a kill would
+
+    monkeypatch.setattr(offline.ItemWorker, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_batch([str(tmp_path / "in")], model_repo=repo, model="tiny", out=out, device="cpu")
+    monkeypatch.setattr(offline.ItemWorker, "write", real)
+    if (out / "labels").is_dir():
+        for p in (out / "labels").iterdir():
+            p.unlink()
+        (out / "labels").rmdir()
+    (out / "labels").write_text("a stray file where the labels folder goes")
+    capsys.readouterr()
+    assert _batch(repo, out, resume=True) == 2
+    assert "labels" in capsys.readouterr().err
+    (out / "labels").unlink()
+    assert _batch(repo, out, resume=True) == 0
+    assert json.loads((out / "summary.json").read_text())["counts"] == {"total": 2, "done": 2, "failed": 0,
+                                                                       "skipped": 0}
+
+
+# -- review: a refused run leaves nothing behind ------------------------------------
+def test_a_refused_new_batch_creates_no_out_folder(repo, tmp_path) -> None:
+    assert _batch(repo, tmp_path / "newout", str(tmp_path / "nothere")) == 2
+    assert not (tmp_path / "newout").exists()
+
+
+def test_a_refused_resume_leaves_no_lock_file_in_an_unrelated_folder(repo, tmp_path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("mine")
+    assert _batch(repo, docs, resume=True) == 2
+    assert sorted(p.name for p in docs.iterdir()) == ["notes.txt"]
+
+
+def test_a_new_batch_holds_the_lock_while_it_runs(repo, tmp_path, monkeypatch) -> None:
+    _png(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    real = offline._execute
+    tried = []
+
+    def check(store, job, root, out_dir, **kwargs):
+        with open(out_dir / offline.LOCK_FILE, "a") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        tried.append(True)
+        return real(store, job, root, out_dir, **kwargs)
+
+    monkeypatch.setattr(offline, "_execute", check)
+    assert _batch(repo, out, str(tmp_path / "in")) == 0
+    assert tried == [True]
