@@ -39,7 +39,7 @@ from segsvc.errors import InvalidArgument, NotFound, PathOutsideRoot
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
-_GLOB_CHARS = frozenset("*?[")
+GLOB_CHARS = frozenset("*?[")
 # Folder entries one request may list, over all its specs, per file it may name: room for labels, masks and
 # notes beside the images, while distinct specs cannot walk a large data root over and over.
 ENTRIES_PER_FILE = 20
@@ -141,7 +141,7 @@ class _Budget:
 
 def _expand(real_root: Path, rel: str, shown: str, budget: _Budget) -> Iterator[InputFile]:
     """Yield the files one spec names (possibly none); refuse escapes as they are met."""
-    if _GLOB_CHARS.intersection(rel):
+    if GLOB_CHARS.intersection(rel):
         yield from _expand_glob(real_root, rel, shown, budget)
         return
     real = confine(real_root, rel, shown, what="input")
@@ -263,7 +263,7 @@ def _expand_glob(real_root: Path, pattern: str, shown: str, budget: _Budget) -> 
     root without telling us.
     """
     parts = tuple(pattern.split("/"))
-    n_literal = next(i for i, p in enumerate(parts) if _GLOB_CHARS.intersection(p))
+    n_literal = next(i for i, p in enumerate(parts) if GLOB_CHARS.intersection(p))
     base_rel = posixpath.join(*parts[:n_literal]) if n_literal else "."
     pat = parts[n_literal:]
     base = confine(real_root, base_rel, shown, what="input")

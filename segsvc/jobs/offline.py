@@ -53,7 +53,7 @@ from segsvc.inference.codec import DEFAULT_MAX_PIXELS, decode_image
 from segsvc.inference.engine import Engine, EngineConfig, InferenceOptions, Output, resolve_device
 from segsvc.inference.predictor import Predictor
 from segsvc.inference.repository import ModelRepository, parse_model_ref
-from segsvc.jobs.inputs import _GLOB_CHARS, InputFile, resolve_inputs  # one definition of a pattern part
+from segsvc.jobs.inputs import GLOB_CHARS, InputFile, resolve_inputs
 from segsvc.jobs.outputs import JobOutputs, checked_inputs, clean_temporaries, input_name_problem
 from segsvc.jobs.store import Item, Job, JobStore
 
@@ -104,7 +104,7 @@ class BatchOptions:
 
 
 def _is_pattern(part: str) -> bool:
-    return bool(_GLOB_CHARS.intersection(part))
+    return bool(GLOB_CHARS.intersection(part))
 
 
 def split_input(spec: str) -> tuple[str, tuple[str, ...]]:

@@ -24,15 +24,10 @@ resolved), never raw request text, so label cardinality stays bounded.
 
 from __future__ import annotations
 
-import socket
-import ssl
-import threading
-from socketserver import ThreadingMixIn
 from typing import Callable, Iterable
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector,
-                               make_wsgi_app)
+                               make_wsgi_app, start_http_server)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -168,9 +163,10 @@ class ServerMetrics:
     def start_http(self, host: str, port: int, certfile: str | None = None, keyfile: str | None = None) -> int:
         """Serve ``/metrics`` (only: any other path is 404) on ``host:port`` (0: any free port; HTTPS with a
         certificate) from a daemon thread."""
-        self._http = _metrics_server(host, port, _only_metrics(make_wsgi_app(self.registry)), certfile, keyfile)
-        self._thread = threading.Thread(target=self._http.serve_forever, name="metrics-http", daemon=True)
-        self._thread.start()
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry,
+                                                     certfile=certfile, keyfile=keyfile)
+        # prometheus_client's server (address family, TLS, daemon threads), with its app behind the router
+        self._http.set_app(_only_metrics(make_wsgi_app(self.registry)))
         return int(self._http.server_port)
 
     def stop_http(self) -> None:
@@ -194,31 +190,3 @@ def _only_metrics(app: Callable) -> Callable:
         return [b"not found: metrics are served at /metrics\n"]
 
     return route
-
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    """One thread per scrape, none of which keeps the process alive (as prometheus_client's server)."""
-
-    daemon_threads = True
-
-
-class _ThreadingServer6(_ThreadingServer):
-    address_family = socket.AF_INET6
-
-
-class _SilentHandler(WSGIRequestHandler):
-    """No access log on stderr: scrapes every few seconds would drown the JSON logs."""
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
-        pass
-
-
-def _metrics_server(host: str, port: int, app: Callable, certfile: str | None, keyfile: str | None) -> WSGIServer:
-    """A bound (not yet serving) threaded WSGI server for ``app``; TLS when given a certificate and key."""
-    server_class = _ThreadingServer6 if ":" in host else _ThreadingServer
-    httpd = make_server(host, port, app, server_class, handler_class=_SilentHandler)
-    if certfile and keyfile:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(certfile, keyfile)
-        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    return httpd

@@ -110,11 +110,6 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         self._metrics = metrics
 
     # -- bookkeeping -------------------------------------------------------------
-    @staticmethod
-    def _request_id(given: str, context: grpc.aio.ServicerContext) -> str:
-        """The caller's id (cleaned: it goes into trailers and logs), else a new one."""
-        return request_id_of(given, context)
-
     def _finish(self, call: _Call, code: str) -> None:
         total_s = time.perf_counter() - call.started
         self._metrics.observe_request(call.method, call.model, code, total_s, call.queue_s, call.run_s)
@@ -143,7 +138,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     async def Segment(self, request: pb.SegmentRequest, context: grpc.aio.ServicerContext) -> pb.SegmentResponse:
         deadline = self._deadline(context)
         return await self._handle(
-            "Segment", self._request_id(request.request_id, context), context,
+            "Segment", request_id_of(request.request_id, context), context,
             lambda call: self._segment(request, deadline, call), reply_id=request.request_id,
         )
 
@@ -241,7 +236,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as exc:
-            await abort(context, exc, self._request_id("", context), "SegmentStream", log)
+            await abort(context, exc, request_id_of("", context), "SegmentStream", log)
         finally:
             reader.cancel()
             for task in list(tasks):
@@ -252,7 +247,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         async def work(call: _Call) -> pb.ListModelsResponse:
             return pb.ListModelsResponse(models=[convert.model_info(s) for s in await self._manager.describe_all()])
 
-        return await self._handle("ListModels", self._request_id("", context), context, work)
+        return await self._handle("ListModels", request_id_of("", context), context, work)
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
         async def work(call: _Call) -> pb.ModelInfo:
@@ -260,7 +255,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             call.model, call.version = status.name, status.version
             return convert.model_info(status)
 
-        return await self._handle("GetModel", self._request_id("", context), context, work)
+        return await self._handle("GetModel", request_id_of("", context), context, work)
 
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.ModelInfo:
         async def work(call: _Call) -> pb.ModelInfo:
@@ -268,7 +263,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             call.model, call.version = lm.name, lm.version
             return convert.model_info(await self._manager.describe(lm.name, lm.version))
 
-        return await self._handle("LoadModel", self._request_id("", context), context, work)
+        return await self._handle("LoadModel", request_id_of("", context), context, work)
 
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.UnloadModelResponse:
         async def work(call: _Call) -> pb.UnloadModelResponse:
@@ -276,7 +271,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             call.model = request.model
             return pb.UnloadModelResponse(unloaded_versions=versions)
 
-        return await self._handle("UnloadModel", self._request_id("", context), context, work)
+        return await self._handle("UnloadModel", request_id_of("", context), context, work)
 
     async def SetDefaultVersion(self, request: pb.SetDefaultVersionRequest, context) -> pb.ModelInfo:
         async def work(call: _Call) -> pb.ModelInfo:
@@ -285,4 +280,4 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             call.model, call.version = status.name, status.version
             return convert.model_info(status)
 
-        return await self._handle("SetDefaultVersion", self._request_id("", context), context, work)
+        return await self._handle("SetDefaultVersion", request_id_of("", context), context, work)
