@@ -191,9 +191,11 @@ def item_write_problem(exc: BaseException, out: Path) -> str | None:
             return f"cannot write its outputs: {exc}"
         # Named from the output folder: the reason is read next to it.
         where = Path(os.path.relpath(os.path.abspath(os.fsdecode(where)), os.path.abspath(out))).as_posix()
-        if len(Path(where).parts) < 2 or where.startswith("../"):
-            # out itself or a kind folder (labels/, color/...) is every input's: failing each input for it
-            # would keep them FAILED after the folder is fixed. Stop the run; --resume redoes it.
+        parts = Path(where).parts
+        if len(parts) < 2 or where.startswith("../") or not (out / parts[0]).is_dir():
+            # out itself or a kind folder (labels/, color/...) is every input's, also when the error names a
+            # path below a kind folder that is not a folder (labels/sub for sub/x.png): failing each input for
+            # it would keep them FAILED after the folder is fixed. Stop the run; --resume redoes it.
             return None
         clash = "" if exc.errno == errno.ENAMETOOLONG else " (another input's output file or folder has that name)"
         return f"cannot write its output {where}: {exc.strerror}{clash}"
@@ -672,40 +674,51 @@ def run_batch(
     else:
         resolve_device(device)
     out_dir = Path(out)
-    # --resume locks before _open_job, whose clean_temporaries would delete a live run's files. A new run locks
-    # once _open_job has made its folder and state: a run refused before that leaves nothing behind.
-    with out_lock(out_dir) if resume else contextlib.nullcontext():
+    # Locked before _open_job: a --resume's clean_temporaries would delete a live run's files, and two new runs
+    # could both find the folder empty and both submit a job.
+    with out_lock(out_dir, new=not resume):
         store, job, root = _open_job(out_dir, resume, inputs, os.fspath(model_repo), model, options)
         try:
-            with contextlib.nullcontext() if resume else out_lock(out_dir):
-                return _execute(store, job, root, out_dir, engine=engine, model_repo=os.fspath(model_repo),
-                                options=BatchOptions(**job.spec["options"]), batch_size=batch_size,
-                                max_batch_pixels=max_batch_pixels, device=device, precision=precision,
-                                backend=backend, io_threads=io_threads, actors=actors, progress=progress)
+            return _execute(store, job, root, out_dir, engine=engine, model_repo=os.fspath(model_repo),
+                            options=BatchOptions(**job.spec["options"]), batch_size=batch_size,
+                            max_batch_pixels=max_batch_pixels, device=device, precision=precision,
+                            backend=backend, io_threads=io_threads, actors=actors, progress=progress)
         finally:
             store.close()
 
 
 @contextlib.contextmanager
-def out_lock(out: Path) -> Iterator[None]:
+def out_lock(out: Path, *, new: bool) -> Iterator[None]:
     """Hold ``<out>/LOCK_FILE`` for the run, or refuse the run when another one holds it.
 
-    Only a folder holding the batch state (``STATE_FILE``) is locked, and ``out`` is never created: any other
-    folder (missing, or the user's own files named by mistake) gets no lock file, and ``_open_job`` says
-    what is wrong with it.
+    A ``new`` run locks a missing folder (made here) or one a new batch may use (``_holds_no_batch``); a
+    resumed one, a folder holding the batch state. Any other folder (the user's own files named by mistake)
+    gets no lock file, and ``_open_job`` says what is wrong with it. A run that leaves no batch state behind
+    (refused) removes the lock file it made, and the folder if it made that too.
     """
-    if not (out / STATE_FILE).is_file():
+    made_out = new and not out.exists()
+    if made_out:
+        out.mkdir(parents=True)
+    if not out.is_dir() or not (_holds_no_batch(out) if new else (out / STATE_FILE).is_file()):
         yield
         return
+    made_lock = not (out / LOCK_FILE).exists()
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            made_lock = made_out = False  # the holder's files
             raise FailedPrecondition(f"a batch is already running in {out}: wait for it to end, or stop it "
                                      "and then --resume") from None
         yield
     finally:
+        if not (out / STATE_FILE).exists():  # refused before it wrote anything: leave the folder as it was
+            if made_lock:
+                (out / LOCK_FILE).unlink(missing_ok=True)
+            if made_out:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
         os.close(fd)  # releases the lock
 
 

@@ -253,3 +253,35 @@ def test_a_new_batch_holds_the_lock_while_it_runs(repo, tmp_path, monkeypatch) -
     monkeypatch.setattr(offline, "_execute", check)
     assert _batch(repo, out, str(tmp_path / "in")) == 0
     assert tried == [True]
+
+
+def test_a_new_batch_holds_the_lock_before_it_creates_its_job(repo, tmp_path, monkeypatch) -> None:
+    """Two new runs into one empty folder could both find it empty and both submit a job (--resume then found
+    two): the folder is locked before the inputs are resolved and the job is created."""
+    _png(tmp_path / "in" / "a.png")
+    out = tmp_path / "out"
+    real = offline.batch_inputs
+    tried = []
+
+    def check(specs):
+        with open(out / offline.LOCK_FILE, "a") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        tried.append(True)
+        return real(specs)
+
+    monkeypatch.setattr(offline, "batch_inputs", check)
+    assert _batch(repo, out, str(tmp_path / "in")) == 0
+    assert tried == [True]
+
+
+def test_a_write_error_below_a_kind_folder_that_is_not_a_folder_is_the_runs(tmp_path) -> None:
+    """sub/x.png's labels/sub fails with ENOTDIR when labels/ is a file: every input's problem, not sub/x.png's."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "labels").write_text("not a folder")
+    error = NotADirectoryError(errno.ENOTDIR, "Not a directory", str(out / "labels" / "sub"))
+    assert offline.item_write_problem(error, out) is None
+    (out / "labels").unlink()
+    (out / "labels").mkdir()
+    (out / "labels" / "sub").write_text("another input's output")  # a clash inside a kind folder: that input's
+    assert "cannot write its output labels/sub" in offline.item_write_problem(error, out)
