@@ -15,8 +15,13 @@ zombies keep the group id alive until someone reaps them, so whatever waits for
 a group to end reaps the group's exited members that are our children
 (``reap_group``), under any init.
 
+A child is started held (``held_start.py``): it runs its command only once
+``release()`` is called, which the server does after storing the group with
+the job. A server killed in between leaves nothing running.
+
 Example:
     >>> proc = GroupProcess.spawn(["sleep", "60"], log_path=Path("/tmp/sleep.log"))  # doctest: +SKIP
+    >>> proc.release()  # after recording proc.pgid and proc.start_time  # doctest: +SKIP
     >>> await proc.terminate(grace_s=10)  # SIGTERM to the group, SIGKILL after 10 s  # doctest: +SKIP
 """
 
@@ -28,13 +33,15 @@ import logging
 import os
 import signal
 import subprocess
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 log = logging.getLogger("segsvc.jobs")
 
 POLL_S = 0.05  # how often a terminating group is checked for exit
+HELD_START = Path(__file__).with_name("held_start.py")
 
 
 def process_start_time(pid: int) -> int | None:
@@ -142,10 +149,12 @@ async def kill_stale_group(pgid: int, start_time: int | None, grace_s: float) ->
 
 @dataclass
 class GroupProcess:
-    """A child started in its own session (process group id = its pid), output to a log file."""
+    """A child started in its own session (process group id = its pid), held until ``release()``, output to a
+    log file."""
 
     popen: subprocess.Popen
     start_time: int | None
+    gate: int | None = field(default=None, repr=False)  # the pipe end that lets the child run
 
     @property
     def pgid(self) -> int:
@@ -154,11 +163,35 @@ class GroupProcess:
     @classmethod
     def spawn(cls, argv: Sequence[str], *, log_path: Path, cwd: Path | None = None,
               env: Mapping[str, str] | None = None) -> "GroupProcess":
+        """Start ``argv`` held: its group exists, but the command runs only after ``release()``."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     cwd=cwd, env=dict(env) if env is not None else None, start_new_session=True)
-        return cls(popen, process_start_time(popen.pid))
+        read_end, gate = os.pipe()  # both close-on-exec: no other child of the server holds the gate open
+        try:
+            with open(log_path, "ab") as out:
+                popen = subprocess.Popen([sys.executable, "-I", "-S", str(HELD_START), *argv], stdin=read_end,
+                                         stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                         env=dict(env) if env is not None else None, start_new_session=True)
+        except BaseException:
+            os.close(gate)
+            raise
+        finally:
+            os.close(read_end)
+        return cls(popen, process_start_time(popen.pid), gate)
+
+    def release(self) -> None:
+        """Let the command run (once its group is recorded where a restarted server finds it)."""
+        if self.gate is None:
+            raise RuntimeError("this process was already released or stopped")
+        try:
+            os.write(self.gate, b"1")
+        except BrokenPipeError:  # the child is gone already (killed): its exit code says so
+            pass
+        self._close_gate()
+
+    def _close_gate(self) -> None:
+        if self.gate is not None:
+            os.close(self.gate)
+            self.gate = None
 
     async def wait(self) -> int:
         """The exit code (negative: killed by that signal), polled so the event loop stays free.
@@ -171,6 +204,8 @@ class GroupProcess:
         return code
 
     async def terminate(self, grace_s: float) -> None:
+        """Stop the group; a child still held then never runs its command."""
+        self._close_gate()
         await terminate_group(self.pgid, grace_s, self.popen)
 
 

@@ -227,6 +227,7 @@ class TrainingRunner(StoreRunner):
                 await kill_stale_group(int(pgid), run.progress.pop("pgid_start", None), self.config.kill_grace_s)
             candidate = await self._train(run)
             evaluations = await self._evaluate(run, candidate)
+            await self._recheck_datasets(run)
             result = await self._publish(run, candidate, evaluations)
             await self._set_phase(run, "done")
             await asyncio.to_thread(self.store.finish, job.id, "SUCCEEDED", result=result)
@@ -291,7 +292,7 @@ class TrainingRunner(StoreRunner):
     def _check_datasets(self, spec: dict[str, Any]) -> None:
         """Before the job's children start: every dataset it uses is still registered, and one registered in
         place is still what was registered (``DatasetRegistry.check_unchanged`` walks and hashes it again; an
-        uploaded one only needs its spec). A change after this check is not detected."""
+        uploaded one only needs its spec). ``_recheck_datasets`` does it again before anything is published."""
         seen: set[str] = set()
         for dataset in _datasets_of(spec):
             if dataset["sha256"] in seen:
@@ -307,6 +308,15 @@ class TrainingRunner(StoreRunner):
             except SegsvcError as exc:
                 raise _Stop("FAILED", str(exc)) from None
 
+    async def _recheck_datasets(self, run: _Run) -> None:
+        """After training and evaluating, before publishing: the datasets are still what the job started on, so
+        the model and its metrics describe the data they name. A file changed while the job ran fails it and
+        nothing is published; one changed and put back in between is not seen (the hash is of the contents)."""
+        try:
+            await asyncio.to_thread(self._check_datasets, run.job.spec)
+        except _Stop as stop:
+            raise _Stop(stop.state, f"{stop}; it changed while this job ran, so nothing was published") from None
+
     async def _set_phase(self, run: _Run, phase: str, **extra: Any) -> None:
         await self._save(run, phase=phase, **extra)
 
@@ -314,10 +324,13 @@ class TrainingRunner(StoreRunner):
         """Run one child to its end, or stop it on cancel; its output goes to train.log."""
         root = self.job_dir(run.job.id)
         child = GroupProcess.spawn(argv, log_path=root / "train.log", cwd=self.config.workdir, env=self._env())
-        await self._save(run, pgid=child.pgid, pgid_start=child.start_time)
         waiter = asyncio.ensure_future(child.wait())
         cancel = asyncio.ensure_future(run.cancel.wait())
         try:
+            # Held until the group is stored: a server killed before this leaves no trainer behind, one killed
+            # after has it stopped by the next start (kill_stale_group).
+            await self._save(run, pgid=child.pgid, pgid_start=child.start_time)
+            child.release()
             while not waiter.done():
                 await asyncio.wait({waiter, cancel}, timeout=self.config.progress_interval_s,
                                    return_when=asyncio.FIRST_COMPLETED)

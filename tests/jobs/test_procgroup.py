@@ -1,4 +1,4 @@
-"""Process groups when the server is a child subreaper, as it is as PID 1 of a container without an init.
+"""Process groups when the server is a child subreaper, as it is as PID 1 of a container without an init; held starts.
 
 A trainer's workers outlive it for a moment when the group is signalled; orphaned, they are re-parented
 to the nearest subreaper, i.e. the server, and stay zombies of the group until the server reaps them.
@@ -12,6 +12,7 @@ import asyncio
 import ctypes
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from segsvc.jobs import procgroup
+from segsvc.jobs import held_start, procgroup
 from segsvc.jobs.procgroup import GroupProcess, group_alive
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -83,6 +84,7 @@ async def _start(tmp_path: Path, mode: str, spawned: list[GroupProcess]) -> tupl
     pid_file = tmp_path / "worker.pid"
     proc = GroupProcess.spawn([sys.executable, "-c", TRAINER, str(pid_file), mode], log_path=tmp_path / "log")
     spawned.append(proc)
+    proc.release()
     await _until(pid_file.exists, f"the trainer starting its worker (log: {tmp_path / 'log'})")
     return proc, int(pid_file.read_text())
 
@@ -146,9 +148,86 @@ def test_a_trainer_that_exits_leaves_no_zombie_worker(tmp_path, subreaper, spawn
     async def main() -> None:
         proc = GroupProcess.spawn([sys.executable, "-c", code], log_path=tmp_path / "log")
         spawned.append(proc)
+        proc.release()
         assert await asyncio.wait_for(proc.wait(), 60) == 3
         worker = int((tmp_path / "log").read_text())
         assert _state(worker) is None, f"worker {worker} left behind in state {_state(worker)}"
         assert not group_alive(proc.pgid) and _no_child_left_in(proc.pgid)
+
+    asyncio.run(main())
+
+
+# -- held start ------------------------------------------------------------------------
+TOUCH = "import sys; open(sys.argv[1], 'x').close()"
+
+# A server in miniature: it starts a held child, says its pid, and is killed before it can record and release it.
+STARTER = ("import os, signal, sys\n"
+           "from pathlib import Path\n"
+           "from segsvc.jobs.procgroup import GroupProcess\n"
+           "proc = GroupProcess.spawn([sys.executable, '-c', sys.argv[1], sys.argv[2]], log_path=Path(sys.argv[3]))\n"
+           "print(proc.pgid, flush=True)\n"
+           "os.kill(os.getpid(), signal.SIGKILL)\n")
+
+
+def _reap(pid: int, timeout_s: float = 60.0) -> int:
+    """The exit status of ``pid``, our child (a subreaper's orphan), once it ends; a hang fails after the bound."""
+    end = time.monotonic() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        assert time.monotonic() < end, f"process {pid} still running after {timeout_s} s"
+        time.sleep(0.02)
+
+
+def test_a_server_killed_before_it_recorded_its_trainer_leaves_none_running(tmp_path, subreaper):
+    """Between starting a trainer and storing its group with the job, a kill -9 of the server left a trainer
+    that no restart knew of. The child is held until released: with the server gone, it never runs its command."""
+    ran = tmp_path / "ran"
+    starter = subprocess.run([sys.executable, "-c", STARTER, TOUCH, str(ran), str(tmp_path / "log")],
+                             capture_output=True, text=True, timeout=120)
+    assert starter.returncode == -signal.SIGKILL, starter.stderr
+    child = int(starter.stdout)
+    assert _reap(child) == held_start.NOT_RELEASED  # orphaned to this subreaper: its status is ours to read
+    assert not ran.exists(), "the command ran although its process was never recorded"
+    assert "did not run" in (tmp_path / "log").read_text()
+
+
+def test_a_held_child_runs_its_command_once_released(tmp_path, spawned):
+    ran = tmp_path / "ran"
+
+    async def main() -> None:
+        proc = GroupProcess.spawn([sys.executable, "-c", TOUCH, str(ran)], log_path=tmp_path / "log")
+        spawned.append(proc)
+        start = proc.start_time
+        proc.release()
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        assert ran.exists() and start is not None
+
+    asyncio.run(main())
+
+
+def test_a_held_child_stopped_before_release_never_runs_its_command(tmp_path, spawned):
+    ran = tmp_path / "ran"
+
+    async def main() -> None:
+        proc = GroupProcess.spawn([sys.executable, "-c", TOUCH, str(ran)], log_path=tmp_path / "log")
+        spawned.append(proc)
+        await proc.terminate(grace_s=60)
+        assert proc.popen.returncode in (held_start.NOT_RELEASED, -signal.SIGTERM)
+        assert not ran.exists()
+        with pytest.raises(RuntimeError, match="already"):
+            proc.release()
+
+    asyncio.run(main())
+
+
+def test_a_command_that_cannot_run_says_so_in_the_log(tmp_path, spawned):
+    async def main() -> None:
+        proc = GroupProcess.spawn([str(tmp_path / "no-such-trainer")], log_path=tmp_path / "log")
+        spawned.append(proc)
+        proc.release()
+        assert await asyncio.wait_for(proc.wait(), 60) == held_start.NOT_FOUND
+        assert "cannot run" in (tmp_path / "log").read_text()
 
     asyncio.run(main())

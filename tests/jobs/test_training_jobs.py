@@ -271,3 +271,44 @@ def test_the_trainer_s_error_line_is_looked_for_only_in_the_log_s_tail(tmp_path)
     assert training.trainer_error(log) == "data.crp: unknown key"
     assert training.trainer_error(log, start=log.stat().st_size) is None
     assert training.trainer_error(tmp_path / "missing.log") is None
+
+
+def test_a_trainer_whose_group_cannot_be_stored_is_stopped_before_it_runs(tmp_path, store, monkeypatch):
+    """The trainer's group id is stored before the trainer may run. When that write fails (a full disk), the
+    job fails and the held child is stopped: it used to go on training with no record a restart could find."""
+    import sqlite3
+    import sys
+
+    ran = tmp_path / "ran"
+    started: list[training.GroupProcess] = []
+    real_spawn, real_set_progress = training.GroupProcess.spawn, store.set_progress
+
+    def spawn(argv, *, log_path, cwd=None, env=None):  # type: ignore[no-untyped-def]
+        started.append(real_spawn([sys.executable, "-c", "import sys; open(sys.argv[1], 'x').close()", str(ran)],
+                                  log_path=log_path))
+        return started[-1]
+
+    def set_progress(job_id: str, progress: dict) -> None:
+        if "pgid" in progress:
+            raise sqlite3.OperationalError("disk I/O error")
+        real_set_progress(job_id, progress)
+
+    spec_file = tmp_path / "shapes.yaml"
+    spec_file.write_text("name: shapes\n")
+    record = SimpleNamespace(name="shapes", sha256="f" * 64, spec_path=spec_file)
+    datasets = SimpleNamespace(get=lambda name: record, check_unchanged=lambda name: record,
+                               guard_deletes=lambda users: None)
+    monkeypatch.setattr(training.GroupProcess, "spawn", spawn)
+    monkeypatch.setattr(store, "set_progress", set_progress)
+    manager = SimpleNamespace(repository=ModelRepository(tmp_path / "repo"))
+    runner = TrainingRunner(store, manager, datasets, TrainingConfig(state_dir=tmp_path / "state"))  # type: ignore[arg-type]
+
+    async def main() -> Job:
+        job = await runner.submit(REQUEST)
+        return await run_to_end(runner, job.id)
+
+    final = asyncio.run(main())
+    assert final.state == "FAILED" and final.error == "internal error; see the server log"
+    [child] = started
+    child.popen.wait(timeout=60)  # stopped already; one left running would end after creating the file
+    assert not ran.exists(), "the trainer ran although its group was never stored"

@@ -162,6 +162,7 @@ def _wait_members(pgid: int, count: int) -> None:
 def test_terminate_stops_the_whole_group_including_grandchildren(tmp_path):
     async def main() -> None:
         proc = GroupProcess.spawn(SLEEPER, log_path=tmp_path / "log")
+        proc.release()
         await asyncio.to_thread(_wait_members, proc.pgid, 2)
         await proc.terminate(grace_s=60)  # ends once the group is gone; SIGKILL only after a hang's worth
         assert not group_alive(proc.pgid) and proc.popen.returncode == -signal.SIGTERM
@@ -175,6 +176,7 @@ def test_a_group_that_ignores_sigterm_gets_sigkill(tmp_path):
 
     async def main() -> None:
         proc = GroupProcess.spawn(stubborn, log_path=tmp_path / "log")
+        proc.release()
         while "ready" not in (tmp_path / "log").read_text():
             await asyncio.sleep(0.02)
         await proc.terminate(grace_s=0.3)

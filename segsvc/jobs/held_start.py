@@ -1,0 +1,37 @@
+"""Runs a command once its starter says so, or not at all: the first half of ``GroupProcess.spawn``.
+
+``python -I -S held_start.py ARGV...`` blocks on one byte from its stdin. The
+server writes it after storing the new process group with the job, so a server
+killed between starting a trainer and recording it leaves no trainer behind:
+the pipe's write end closes with the server, the read returns end of file, and
+ARGV never runs. Only ``os`` and ``sys`` are imported (``-I -S``: no site, no
+PYTHONPATH), so the wait costs a bare interpreter start; ``exec`` keeps the
+process id, hence the group id and the start time the server recorded.
+"""
+
+import os
+import sys
+
+NOT_RELEASED = 75  # EX_TEMPFAIL: the starter went away before it let the command run
+NOT_FOUND = 127  # as a shell says for a command it cannot run
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        sys.stderr.write("held_start: no command given\n")
+        return 2
+    if not os.read(0, 1):
+        sys.stderr.write("segsvc: the server stopped before it recorded this process; the command did not run\n")
+        return NOT_RELEASED
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        sys.stderr.write(f"segsvc: cannot run {argv[0]}: {exc.strerror}\n")
+    return NOT_FOUND
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
