@@ -349,8 +349,8 @@ class DatasetRegistry:
         its identity, and its spec's root must still lie in that folder. This costs
         what registering it cost (every file is read).
 
-        The check is as of the call: a file replaced after it (while the job
-        trains or evaluates) is not detected.
+        The check is as of the call: the runner calls it again after the job
+        trained and evaluated, before it publishes anything.
 
         Raises:
             NotFound: no such dataset. FailedPrecondition: a registered folder

@@ -195,3 +195,53 @@ def test_a_registered_dataset_whose_content_changed_fails_the_job_and_an_unchang
     changed = asyncio.run(runner.submit(TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=2)))
     final = _run_one(runner, changed)
     assert final.state == "FAILED" and final.error.startswith("dataset 'shapes' changed since it was registered")
+
+
+def test_a_dataset_changed_while_the_job_trained_fails_it_and_nothing_is_published(tmp_path, store, registry,
+                                                                                   monkeypatch):
+    """The datasets were checked only when the trainer started: an image replaced during training went unseen,
+    and the model was published with metrics for data it never saw. They are checked again before publishing."""
+    runner = _runner(tmp_path, store, registry)
+    job = asyncio.run(runner.submit(REQUEST))
+    published: list[str] = []
+
+    async def train(run):  # type: ignore[no-untyped-def]
+        image = next((tmp_path / "data" / "shapes" / "images" / "train").glob("*.png"))
+        image.write_bytes(image.read_bytes() + b"\0")  # someone edits the folder while the trainer reads it
+        return tmp_path / "candidate"
+
+    async def evaluate(run, candidate):  # type: ignore[no-untyped-def]
+        return {"candidate": {}, "default": {}}
+
+    async def publish(run, candidate, results):  # type: ignore[no-untyped-def]
+        published.append(run.job.id)
+        return {"verdict": "published"}
+
+    monkeypatch.setattr(runner, "_train", train)
+    monkeypatch.setattr(runner, "_evaluate", evaluate)
+    monkeypatch.setattr(runner, "_publish", publish)
+    final = _run_one(runner, job)
+    assert final.state == "FAILED", final
+    assert final.error == ("dataset 'shapes' changed since it was registered (or a link now leads outside the data "
+                           "root): register it again; it changed while this job ran, so nothing was published")
+    assert not published
+
+
+def test_a_job_whose_datasets_stayed_as_registered_is_published(tmp_path, store, registry, monkeypatch):
+    runner = _runner(tmp_path, store, registry)
+    job = asyncio.run(runner.submit(REQUEST))
+
+    async def train(run):  # type: ignore[no-untyped-def]
+        return tmp_path / "candidate"
+
+    async def evaluate(run, candidate):  # type: ignore[no-untyped-def]
+        return {"candidate": {}, "default": {}}
+
+    async def publish(run, candidate, results):  # type: ignore[no-untyped-def]
+        return {"verdict": "published"}
+
+    monkeypatch.setattr(runner, "_train", train)
+    monkeypatch.setattr(runner, "_evaluate", evaluate)
+    monkeypatch.setattr(runner, "_publish", publish)
+    final = _run_one(runner, job)
+    assert (final.state, final.result) == ("SUCCEEDED", {"verdict": "published"})
