@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from segsvc.config import InferenceSpec, InputSpec
 from segsvc.data.registration import shift_image
-from segsvc.data.transforms import preprocess
+from segsvc.data.transforms import preprocess, reseed
 from segsvc.errors import InvalidArgument
 from segsvc.inference.contract import network_input
 
@@ -102,7 +102,7 @@ class TrainSamples(Dataset):
         image = shift_image(image, self.shift)
         if self.transform is not None:
             # by position, so a sample listed twice (data.repeat) gets two different augmentations
-            self.transform.set_random_seed(sample_seed(self.seed, self.epoch, i))
+            reseed(self.transform, sample_seed(self.seed, self.epoch, i))
             out = self.transform(image=image, mask=np.asarray(mask))
             image, mask = out["image"], out["mask"]
         item = (preprocess(image, self.input_spec), torch.from_numpy(np.asarray(mask, dtype=np.int64)))

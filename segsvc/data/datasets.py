@@ -27,7 +27,7 @@ from segsvc.data.labels import LabelMapper
 from segsvc.data.layouts import Sample, index_split
 from segsvc.data.spec import DatasetSpec
 from segsvc.data.synthetic import SyntheticConfig, generate_sample
-from segsvc.data.transforms import preprocess
+from segsvc.data.transforms import preprocess, reseed
 from segsvc.errors import DatasetError
 
 Transform = Callable[..., dict[str, Any]]
@@ -81,11 +81,11 @@ class SegmentationDataset(Dataset, ABC):
         would otherwise all copy the same state and apply identical augmentations.
         """
         info = get_worker_info()
-        if info is None or not hasattr(self.transform, "set_random_seed"):
+        if info is None or not hasattr(self.transform, "set_random_state"):
             return
         key = (os.getpid(), info.seed)
         if self._seeded_for != key:
-            self.transform.set_random_seed(info.seed % 2**32)
+            reseed(self.transform, info.seed % 2**32)
             self._seeded_for = key
 
 

@@ -16,6 +16,7 @@ loss nor metrics.
 
 from __future__ import annotations
 
+import random
 from typing import Any, Callable
 
 import albumentations as A
@@ -26,7 +27,7 @@ from albumentations.augmentations.crops.transforms import BaseCrop
 from segsvc.data.preprocess import as_hwc, preprocess
 from segsvc.errors import InvalidArgument
 
-__all__ = ["PRESETS", "ClassUniformCrop", "as_hwc", "preprocess", "train_transform"]
+__all__ = ["PRESETS", "ClassUniformCrop", "as_hwc", "preprocess", "reseed", "train_transform"]
 
 
 # -- training augmentation presets ---------------------------------------------------------
@@ -188,4 +189,21 @@ def train_transform(
         raise InvalidArgument("class-uniform crops need a crop size")
     size = (int(crop_hw[0]), int(crop_hw[1])) if crop_hw is not None else None
     crop = _pad_and_crop(size, ignore_index if ignore_index is not None else 0, class_uniform)
-    return A.Compose(build(crop), seed=seed)
+    transform = A.Compose(build(crop))
+    if seed is not None:
+        reseed(transform, seed)
+    return transform
+
+
+def reseed(transform: A.Compose, seed: int) -> None:
+    """Start ``transform``'s random stream at ``seed``: one generator pair shared by all its transforms.
+
+    Not ``Compose.set_random_seed``: in albumentations 2.0 it gives every transform of
+    the pipeline a generator of its own, started from that same seed, so each one's
+    first draw is the same number. Every coin flip of a pipeline then comes up alike
+    (the ``em`` preset's two flips were always both done or both skipped: only
+    rotations, never a mirror image) and the first parameter each draws is tied to
+    the others (the ``street`` preset zoomed only unflipped crops, and took its
+    close-ups from the bottom of the image).
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))

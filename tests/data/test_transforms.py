@@ -172,3 +172,51 @@ def test_class_uniform_crops_in_a_preset_and_their_errors() -> None:
         train_transform("none", class_uniform=0.5)
     with pytest.raises(InvalidArgument, match="smaller than the crop"):
         A.Compose([ClassUniformCrop(8, 8, 1.0, 255)])(image=np.zeros((4, 4, 3), np.uint8), mask=np.zeros((4, 4), np.uint8))
+
+
+# -- independent random choices ------------------------------------------------------------
+QUADRANTS = np.kron(np.array([[0, 1], [3, 2]], np.uint8), np.ones((32, 32), np.uint8))  # 0,1,2,3 clockwise
+
+
+def orientation(mask: np.ndarray) -> tuple[int, ...]:
+    """The quadrant labels read clockwise from the top left (the majority label of each quarter): one of the
+    8 flips and turns of the square, deformations aside."""
+    h, w = mask.shape[0] // 2, mask.shape[1] // 2
+    quarters = (mask[:h, :w], mask[:h, w:], mask[h:, w:], mask[h:, :w])
+    return tuple(int(np.bincount(q.ravel()).argmax()) for q in quarters)
+
+
+def test_reseeded_em_preset_gives_all_eight_flips_and_turns() -> None:
+    """``Compose.set_random_seed`` started every transform from the same seed: its two flips were always both
+    done or both skipped, so half the orientations (every mirror image) never occurred in training."""
+    from segsvc.data.transforms import reseed
+
+    em = train_transform("em", ignore_index=255)
+    seen = set()
+    for seed in range(200):
+        reseed(em, seed)
+        seen.add(orientation(em(image=QUADRANTS * 60, mask=QUADRANTS)["mask"]))
+    assert len(seen) == 8, sorted(seen)
+
+
+def test_reseeded_street_preset_draws_scale_and_flip_independently() -> None:
+    """With one seed per transform, the scale was the flip's draw again: only unflipped crops were zoomed in."""
+    from segsvc.data.transforms import reseed
+
+    street = train_transform("street", crop_hw=(64, 64), ignore_index=255)
+    street.save_applied_params = True
+    image, mask = np.full((96, 128, 3), 120, np.uint8), np.zeros((96, 128), np.uint8)
+    zoomed_and_flipped = 0
+    for seed in range(200):
+        reseed(street, seed)
+        applied = dict(street(image=image, mask=mask)["applied_transforms"])
+        zoomed_and_flipped += "HorizontalFlip" in applied and applied["RandomScale"]["scale"] > 1.5
+    assert zoomed_and_flipped > 10  # about a quarter of 200 when independent; 0 when tied
+
+
+def test_a_seeded_preset_draws_its_choices_independently() -> None:
+    """``train_transform(seed=...)`` is reseeded the same way (``A.Compose(seed=...)`` had the same flaw)."""
+    seen = {orientation(train_transform("em", ignore_index=255, seed=seed)(image=QUADRANTS * 60,
+                                                                           mask=QUADRANTS)["mask"])
+            for seed in range(200)}
+    assert len(seen) == 8, sorted(seen)

@@ -79,3 +79,22 @@ def test_training_samples_are_shifted_before_augmentation():
     item, _ = TrainSamples(OneSample(), [0], None, spec, seed=0, shift=(-0.5, 0.25))[0]
     assert torch.equal(item, preprocess(shift_image(image, (-0.5, 0.25)), spec))
     assert not torch.equal(item, preprocess(image, spec))
+
+
+def test_training_samples_are_mirrored_as_well_as_turned():
+    """Each item is reseeded by position; with ``set_random_seed`` the ``em`` preset's flips were one coin,
+    so no training sample was ever a mirror image of its slice."""
+    from segsvc.data.transforms import train_transform
+    from tests.data.test_transforms import QUADRANTS, orientation
+
+    class Quadrants:
+        def read(self, index: int):  # type: ignore[no-untyped-def]
+            return np.repeat((QUADRANTS * 60)[..., None], 3, axis=2), QUADRANTS
+
+    samples = TrainSamples(Quadrants(), [0] * 100, train_transform("em", ignore_index=255),
+                           InputSpec(3, (0.5,) * 3, (0.25,) * 3), seed=0)
+    seen = set()
+    for epoch in range(2):
+        samples.set_epoch(epoch)
+        seen.update(orientation(samples[i][1].numpy()) for i in range(len(samples)))
+    assert len(seen) == 8, sorted(seen)
