@@ -10,9 +10,10 @@ training takes two minutes instead of five seconds. Not part of ``make test``.
 
 Python child processes the tests start (``segsvc serve`` in the crash and chaos tests, console scripts such as
 ``segsvc``) get the same thread: ``subprocess.Popen`` puts a ``sitecustomize`` that starts it first
-on every child's ``PYTHONPATH``. Each such process then holds a core of its own, so a test with a server in a
-subprocess runs on a machine with no core to spare. Ray starts half a dozen such processes, so the Ray engine
-tests are out of its reach too (``-k "not test_ray_engine"``).
+on every child's ``PYTHONPATH`` (it then runs the next ``sitecustomize`` on the path, such as the one a crash
+test's hold puts there: ``tests/holds.py``). Each such process then holds a core of its own, so a test with a
+server in a subprocess runs on a machine with no core to spare. Ray starts half a dozen such processes, so the
+Ray engine tests are out of its reach too (``-k "not test_ray_engine"``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def load(switch_s: float) -> None:
 def _load_python_children(site_dir: Path, switch_s: float) -> None:
     """Make every Python child process run ``load`` at start-up (its ``sitecustomize``), whatever ``env`` it gets."""
     (site_dir / "sitecustomize.py").write_text(
-        f"from tests.loaded import load\nload({switch_s!r})\n", encoding="utf-8")
+        f"from tests.loaded import load\nload({switch_s!r})\n"
+        "from tests.holds import run_next_sitecustomize\nrun_next_sitecustomize(__spec__)\n",  # a test's hold
+        encoding="utf-8")
     tests_root = str(Path(__file__).resolve().parents[1])
     original = subprocess.Popen.__init__
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -14,14 +15,17 @@ import pytest
 
 from segsvc.client import SegmentationClient
 from segsvc.wire import decode_png_labels
+from tests.holds import Hold
 from tests.server.conftest import encode, make_image, publish
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = 120
 
 
-def _serve(tmp_path: Path, log_name: str) -> tuple[subprocess.Popen, str]:
+def _serve(tmp_path: Path, log_name: str, hold: Hold | None = None) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    if hold is not None:
+        env = hold.env(env)
     log = open(tmp_path / log_name, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "segsvc", "serve", "--model-repo", str(tmp_path / "repo"), "--host", "127.0.0.1",
@@ -41,13 +45,17 @@ def test_kill_9_mid_job_then_restart_resumes_with_exactly_one_output_per_input(t
     for i in range(IMAGES):
         (tmp_path / "data" / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
         (tmp_path / "data" / f"d{i % 3}" / f"{i:03d}.png").write_bytes(encode(make_image(96, 128, seed=i)))
-    proc, address = _serve(tmp_path, "first.log")
+    # The server holds the job's label writes after the third, each with its temporary file written and not yet
+    # renamed (every I/O thread ends up there): 3 images are done, the others are not, until the kill.
+    hold = Hold.rename(tmp_path, glob.escape(str(tmp_path / "out")) + "/*/labels/*", after=3)
+    proc, address = _serve(tmp_path, "first.log", hold)
     try:
         with SegmentationClient(address, timeout_s=30) as c:
             job = c.submit_job(["."], model="m", color=True)
-            deadline = time.monotonic() + 60
-            while (status := job.status()).done < 3:
-                assert time.monotonic() < deadline, "the job made no progress"
+            hold.wait(proc)
+            deadline = time.monotonic() + 120
+            while (status := job.status()).done < 3:  # the three written images' DONE is not held
+                assert time.monotonic() < deadline, "the written images were not recorded"
                 time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(60)
@@ -55,6 +63,7 @@ def test_kill_9_mid_job_then_restart_resumes_with_exactly_one_output_per_input(t
         if proc.poll() is None:
             proc.kill()
     assert status.done < IMAGES - 10, "the job finished before the kill; the test would prove nothing"
+    assert [p.name for p in (tmp_path / "out").rglob("*") if ".tmp-" in p.name], "the kill left no half write"
 
     proc, address = _serve(tmp_path, "second.log")
     try:

@@ -17,14 +17,17 @@ from segsvc.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from segsvc.inference.repository import ModelRepository
 from segsvc.jobs.procgroup import group_alive
 from segsvc.jobs.store import JobStore
+from tests.holds import Hold
 from tests.server.conftest import encode, make_image
 from tests.server.test_training import JOB_TIMEOUT_S, TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _serve(tmp_path: Path, log_name: str) -> tuple[subprocess.Popen, str]:
+def _serve(tmp_path: Path, log_name: str, hold: Hold | None = None) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    if hold is not None:
+        env = hold.env(env)  # the server passes it on to its trainer
     log = open(tmp_path / log_name, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "segsvc", "serve", "--model-repo", str(tmp_path / "repo"), "--host", "127.0.0.1",
@@ -49,14 +52,23 @@ def _progress(tmp_path: Path, job_id: str) -> dict:
 def test_kill_9_during_training_then_restart_stops_the_orphan_and_resumes_to_completion(tmp_path):
     write_synthetic_dataset(tmp_path / "shapes", 48, SyntheticConfig(size_hw=(32, 32)), seed=0, val_fraction=0.25)
     epochs = 40
-    proc, address = _serve(tmp_path, "first.log")
+    # The first server's trainer holds in epoch 4, at its first step line (epoch 3 is checkpointed), until it is
+    # killed: it cannot finish before the server is killed, nor before the next server is up.
+    hold = Hold.event(tmp_path, "step", epoch=4)
+    proc, address = _serve(tmp_path, "first.log", hold)
     try:
         with SegmentationClient(address, timeout_s=60) as client:
             client.upload_dataset(tmp_path / "shapes", "shapes")
             job = client.submit_training_job("shapes", recipe="synthetic-quick", overrides=TINY, epochs=epochs,
                                              device="cpu")
+
+            def running() -> None:
+                status = job.status()
+                assert not status.done_flag, status
+
+            hold.wait(proc, timeout_s=JOB_TIMEOUT_S, check=running)
             deadline = time.monotonic() + JOB_TIMEOUT_S
-            while (status := job.status()).epoch < 3:
+            while (status := job.status()).epoch < 3:  # the server has read epoch 3's line
                 assert time.monotonic() < deadline and not status.done_flag, status
                 time.sleep(0.05)
         progress = _progress(tmp_path, job.id)
@@ -68,8 +80,8 @@ def test_kill_9_during_training_then_restart_stops_the_orphan_and_resumes_to_com
     orphan = int(progress["pgid"])
     assert status.epoch < epochs - 5, "training finished before the kill; the test would prove nothing"
     assert group_alive(orphan), "the trainer should have outlived the killed server (its own process group)"
-    # Freeze the orphan: on a loaded machine it could otherwise finish all epochs (and publish) before the
-    # next server is up, and the job would complete without a resume. Stopped, it is still there to be killed.
+    # The orphan holds already; it is also frozen, as it was before the hold: the next server stops a group that
+    # SIGTERM alone does not end.
     os.killpg(orphan, signal.SIGSTOP)
 
     proc, address = _serve(tmp_path, "second.log")

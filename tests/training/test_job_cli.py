@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from segsvc.models.artifact import read_manifest
+from tests.holds import Hold
 from training.events import EVENTS_FILE, read_events
 from training.rundir import CHECKPOINT
 
@@ -29,27 +29,21 @@ def job_args(recipe: Path, root: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "training", "--config", str(recipe), *[a for s in sets for a in ("--set", s)]]
 
 
-def wait_for(path: Path, done, proc: subprocess.Popen, timeout_s: float = 120) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        events, _ = read_events(path)
-        if any(done(e) for e in events):
-            return events
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended early with status {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail(f"no matching event in {timeout_s} s")
-
-
 @pytest.mark.timeout(300)
 def test_kill_9_then_resume_continues_from_the_last_checkpoint(tiny_recipe):
     root = tiny_recipe.parent
     run_dir = root / "job-runs" / "tiny" / "job"
-    proc = subprocess.Popen(job_args(tiny_recipe, root), cwd=REPO, env=ENV, stderr=subprocess.PIPE, text=True)
-    wait_for(run_dir / EVENTS_FILE, lambda e: e["event"] == "checkpoint", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(60)
+    # The run holds in epoch 2, at its first step line: epoch 1's checkpoint is written, epoch 2's training is
+    # what the kill loses. It stays there until killed, however slow the host (no race with the run's end).
+    hold = Hold.event(root / "hold", "step", epoch=2)
+    proc = subprocess.Popen(job_args(tiny_recipe, root), cwd=REPO, env=hold.env(ENV), stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        hold.wait(proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    assert proc.returncode == -signal.SIGKILL
     done = torch.load(run_dir / CHECKPOINT, weights_only=True)["epoch"]  # kill -9 never leaves half a file
     assert 1 <= done < 4, "the run must be killed mid-way for this test to mean anything"
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
@@ -71,9 +65,14 @@ def test_kill_9_then_resume_continues_from_the_last_checkpoint(tiny_recipe):
 def test_sigterm_cancels_with_a_terminated_end_line_and_time_budgets_apply(tiny_recipe):
     root = tiny_recipe.parent
     run_dir = root / "job-runs" / "tiny" / "job"
-    proc = subprocess.Popen(job_args(tiny_recipe, root, "train.epochs=50"), cwd=REPO, env=ENV,
+    hold = Hold.event(root / "hold", "step", epoch=1)  # SIGTERM mid-epoch, whenever it arrives
+    proc = subprocess.Popen(job_args(tiny_recipe, root, "train.epochs=50"), cwd=REPO, env=hold.env(ENV),
                             stderr=subprocess.PIPE, text=True)
-    wait_for(run_dir / EVENTS_FILE, lambda e: e["event"] == "step", proc)
+    try:
+        hold.wait(proc)
+    except BaseException:
+        proc.kill()
+        raise
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 143
     events, _ = read_events(run_dir / EVENTS_FILE)
