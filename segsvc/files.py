@@ -61,6 +61,38 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int | None = N
     return path
 
 
+def widen_to_umask(folder: str | os.PathLike[str]) -> None:
+    """Give a private temporary ``folder`` and the files in it the permissions a plain ``mkdir`` and ``open``
+    would have: what the process umask allows (0755 and 0644 under umask 022).
+
+    ``tempfile.mkdtemp`` makes a folder 0700, and writers that go through a temporary file
+    (safetensors, ``write_atomic``'s ``mkstemp``) leave 0600. A model version published
+    that way could be read only by the user who wrote it: a server or a copy running
+    as another user (a container's uid) could not load it. Call it before the folder
+    is renamed into place. The modes are read from a probe folder and file made here,
+    so no umask is changed (that is process-wide, and racy with other threads).
+    """
+    folder = Path(folder)
+    probe = folder / ".umask-probe"
+    os.mkdir(probe, 0o777)
+    try:
+        dir_mode = probe.stat().st_mode & 0o777
+    finally:
+        os.rmdir(probe)
+    os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+    try:
+        file_mode = probe.stat().st_mode & 0o777
+    finally:
+        os.unlink(probe)
+    for path in folder.iterdir():
+        info = path.lstat()
+        if stat.S_ISREG(info.st_mode):
+            os.chmod(path, file_mode)
+        elif stat.S_ISDIR(info.st_mode):
+            widen_to_umask(path)
+    os.chmod(folder, dir_mode)
+
+
 def open_beneath(root: str | os.PathLike[str], rel: str | os.PathLike[str]) -> BinaryIO:
     """Open the regular file ``root/rel`` for reading, following no symlink below ``root``.
 

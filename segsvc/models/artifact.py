@@ -30,7 +30,7 @@ from torch import nn
 import segsvc
 from segsvc.config import InferenceSpec, InputSpec, ModelSpec
 from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument, SegsvcError
-from segsvc.files import write_atomic
+from segsvc.files import widen_to_umask, write_atomic
 from segsvc.models.registry import architecture_spec, build_model
 from segsvc.palette import Color, default_palette
 
@@ -241,6 +241,7 @@ def save_artifact(
             weights_sha256=_sha256(tmp / WEIGHTS_FILE),
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        widen_to_umask(tmp)  # readable as the umask allows, not only by this user (mkdtemp: 0700)
         os.rename(tmp, final)  # atomic on one filesystem; fails if another writer won the race
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -58,6 +58,19 @@ def test_round_trip_gives_identical_logits(saved) -> None:
     assert manifest.input.mean == (0.5,) and manifest.version == 1
 
 
+@pytest.mark.parametrize("umask, folder, file", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640), (0o077, 0o700, 0o600)])
+def test_a_published_version_is_as_readable_as_the_umask_allows(tmp_path, umask, folder, file) -> None:
+    """A version folder came out 0700 with 0600 weights (mkdtemp, safetensors' temporary file) whatever the
+    umask: a server or a copy running as another user (a container's uid 10001) could not read the model."""
+    old = os.umask(umask)
+    try:
+        path = save_artifact(build_model(SPEC), tmp_path, "membrane", spec=SPEC)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [path, *path.iterdir()]}
+    assert modes == {"1": folder, MANIFEST_FILE: file, WEIGHTS_FILE: file}
+
+
 def test_versions_increase_and_are_never_overwritten(saved, tmp_path) -> None:
     model, _ = saved
     second = save_artifact(model, tmp_path, "membrane", spec=SPEC)
