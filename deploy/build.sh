@@ -6,7 +6,8 @@
 #                                            from the source tree in the current directory (a scratch
 #                                            copy: the tree itself is never written)
 #   deploy/build.sh venv VENV VARIANT        a virtualenv without pip, with torch and torchvision from
-#                                            the PyTorch index of VARIANT (cu130, cpu; none: skip them)
+#                                            the PyTorch index of VARIANT (cu130 or cpu, the VARIANTS below;
+#                                            none: skip them); any other is refused
 #   deploy/build.sh install VENV ROLE DIST   ROLE serve: deploy/requirements/serve.txt, then the wheel
 #                                            from DIST without its dependencies (no training packages);
 #                                            ROLE train: the wheel with all its dependencies and Ray
@@ -23,6 +24,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python3}
 case $PYTHON in */*) PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON") ;; esac  # steps change directory
 TORCH_INDEX=https://download.pytorch.org/whl
+VARIANTS="cu130 cpu"  # TORCH_VARIANT of deploy/Dockerfile; another needs the pinned torch on its PyTorch index
 
 die() { echo "build.sh: $*" >&2; exit 2; }
 
@@ -72,10 +74,10 @@ EOF
 cmd_venv() {
     [ $# -eq 2 ] || die "usage: build.sh venv VENV cu130|cpu|none"
     venv=$1 variant=$2
-    case $variant in
-        cu1[0-9][0-9] | cpu | none) ;;
-        *) die "unknown TORCH_VARIANT '$variant': use cu130, cpu (or another cuXYZ of the PyTorch index), none" ;;
-    esac
+    known=no
+    for v in $VARIANTS none; do [ "$variant" = "$v" ] && known=yes; done
+    [ $known = yes ] || die "unknown TORCH_VARIANT '$variant': this image builds $(echo "$VARIANTS" | sed 's/ /, /g')" \
+        "or none (no torch); another CUDA build needs an entry in VARIANTS of deploy/build.sh"
     "$PYTHON" -m venv --without-pip "$venv"
     if [ -n "${SEGSVC_BUILD_SITE:-}" ]; then
         site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

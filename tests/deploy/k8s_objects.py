@@ -1,9 +1,11 @@
 """Loading deploy/k8s: every object as kubectl would apply it, and the pod specs inside them.
 
 ``kubectl kustomize`` renders each kustomization (namespace and image overrides applied) when kubectl
-is installed; without it, the files a kustomization lists are loaded and its ``namespace`` and
-``images`` applied here (the only kustomize features deploy/k8s uses). YAML files no kustomization
-lists (autoscaling/) are loaded as they are; files that hold no Kubernetes object (helm values) are left out.
+is installed; without it, the files a kustomization lists are loaded and its ``namespace`` and the
+``images`` of its components applied here (the kustomize features deploy/k8s uses, but for the optional
+autoscaling component's patch, which the tests render with kubectl). Components (images/, autoscaling/)
+are not rendered on their own; YAML files no kustomization lists are loaded as they are; files that hold
+no Kubernetes object (helm values) are left out.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def _is_object(doc: Any) -> bool:
 
 def _kustomize_fallback(directory: Path) -> list[dict[str, Any]]:
     spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    tags = {i["name"]: i.get("newTag") for i in spec.get("images", ())}
+    images = list(spec.get("images", ()))
+    for component in spec.get("components", ()):
+        images += yaml.safe_load((directory / component / "kustomization.yaml").read_text()).get("images", ())
+    new = {i["name"]: (i.get("newName", i["name"]), i.get("newTag")) for i in images}
     docs = []
     for resource in spec.get("resources", ()):
         for doc in yaml.safe_load_all((directory / resource).read_text()):
@@ -58,9 +63,10 @@ def _kustomize_fallback(directory: Path) -> list[dict[str, Any]]:
             if spec.get("namespace") and doc["kind"] not in CLUSTER_SCOPED:
                 doc["metadata"]["namespace"] = spec["namespace"]
             for container in _all_containers(doc):
-                name = container["image"].split(":")[0]
-                if tags.get(name):
-                    container["image"] = f"{name}:{tags[name]}"
+                name, _, tag = container["image"].partition(":")
+                if name in new:
+                    new_name, new_tag = new[name]
+                    container["image"] = f"{new_name}:{new_tag or tag}"
             docs.append(doc)
     return docs
 
@@ -81,6 +87,9 @@ def load_all() -> list[Obj]:
         directory = kustomization.parent
         spec = yaml.safe_load(kustomization.read_text())
         listed.update((directory / r).resolve() for r in spec.get("resources", ()))
+        listed.update((directory / p["path"]).resolve() for p in spec.get("patches", ()) if "path" in p)
+        if spec.get("kind") == "Component":
+            continue  # rendered as part of the kustomizations that include it
         source = str(directory.relative_to(K8S)) if directory != K8S else "."
         objects += [Obj(source, d) for d in render(directory)]
     for path in sorted(K8S.rglob("*.yaml")):

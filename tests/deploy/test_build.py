@@ -161,3 +161,28 @@ def test_build_script_refuses_an_unknown_variant(tmp_path: Path) -> None:
     out = subprocess.run(["sh", str(BUILD), "venv", str(tmp_path / "v"), "cu999x"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "unknown TORCH_VARIANT" in out.stderr
+
+
+def _venv_step(tmp_path: Path, variant: str) -> subprocess.CompletedProcess:
+    """build.sh venv with a PYTHON that fails at once: a variant it accepts gets as far as creating the venv."""
+    return subprocess.run(["sh", str(BUILD), "venv", str(tmp_path / "v"), variant], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHON": "/bin/false"})
+
+
+@pytest.mark.parametrize("variant", ["cu130", "cpu", "none"])
+def test_build_script_accepts_the_variants_the_image_builds(tmp_path: Path, variant: str) -> None:
+    out = _venv_step(tmp_path, variant)
+    assert out.returncode != 0 and "unknown TORCH_VARIANT" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("variant", ["cu128", "cu126", "cu130 cpu", ""])
+def test_build_script_refuses_other_cuda_variants_saying_which_exist(tmp_path: Path, variant: str) -> None:
+    """The Dockerfile and the README name cu130 and cpu only: another cuXYZ must stop with that list, not
+    get as far as a pip failure (or, in the Dockerfile, a missing torch-cuXYZ stage)."""
+    out = _venv_step(tmp_path, variant)
+    assert out.returncode == 2, out.stderr
+    assert f"unknown TORCH_VARIANT '{variant}'" in out.stderr and "cu130, cpu" in out.stderr, out.stderr
+    for doc in (DEPLOY / "Dockerfile", DEPLOY / "README.md"):
+        text = " ".join(doc.read_text().split())
+        assert "cuXYZ" not in text, doc
+        assert re.search(r"variants (are|:) cu130 \(default\)|variants: cu130, the default, and cpu", text), doc

@@ -9,8 +9,14 @@ CPU limit, the token file, the grace budget, Service, PVC, HPA, PDB, NetworkPoli
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import shutil
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import jsonschema
 import kubernetes_validate
@@ -20,7 +26,7 @@ from kubernetes_validate.utils import SchemaNotFoundError, ValidationError, all_
 
 from tests.deploy.conftest import ROOT
 from tests.deploy.crd_schemas import SCHEMAS
-from tests.deploy.k8s_objects import K8S, Obj, as_pod, containers, flag, load_all, pod_specs
+from tests.deploy.k8s_objects import K8S, Obj, as_pod, containers, flag, load_all, pod_specs, render
 
 MIN_VERSION = (1, 31)  # the oldest Kubernetes minor release still maintained upstream when this was written
 
@@ -42,6 +48,33 @@ def _one(objects: list[Obj], kind: str, name: str = "segsvc", source: str = ".")
     found = [o.doc for o in objects if o.kind == kind and o.name == name and o.source == source]
     assert len(found) == 1, f"expected one {kind}/{name} in deploy/k8s/{source}, found {len(found)}"
     return found[0]
+
+
+README = (ROOT / "deploy" / "README.md").read_text()
+KUBECTL_WHY = "kubectl renders the kustomizations (kubectl kustomize) with their components and patches"
+
+
+def _kubectl() -> str:
+    found = shutil.which("kubectl")
+    if found is None:
+        pytest.skip(f"kubectl is not installed: {KUBECTL_WHY}")
+    return found
+
+
+def _readme_route(number: int) -> str:
+    start = README.index(f"## Route {number}:")
+    end = README.find("\n## ", start + 1)
+    return README[start:end if end > 0 else None]
+
+
+def _bash_lines(text: str) -> list[str]:
+    """The commands of the ```bash blocks of ``text``, continuation lines joined."""
+    lines: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip():
+                lines.append(" ".join(line.split()))
+    return lines
 
 
 def _server(objects: list[Obj]) -> tuple[dict, dict, dict]:
@@ -285,8 +318,33 @@ def test_hpa_scales_the_deployment_on_cpu(objects: list[Obj]) -> None:
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
 
 
-def test_queue_depth_hpa_uses_the_metric_the_adapter_serves(objects: list[Obj]) -> None:
-    hpa = _one(objects, "HorizontalPodAutoscaler", source="autoscaling/hpa-queue-depth.yaml")
+@pytest.fixture(scope="module")
+def with_queue_hpa(tmp_path_factory) -> list[dict]:
+    """The base rendered as deploy/README.md says to scale on the queue: `- autoscaling` uncommented."""
+    _kubectl()
+    copy = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S, copy)
+    kustomization = copy / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert "`- autoscaling`" in README and "\n  # - autoscaling" in text, "the component to uncomment"
+    kustomization.write_text(text.replace("\n  # - autoscaling", "\n  - autoscaling"))
+    return render(copy)
+
+
+def test_queue_depth_hpa_replaces_the_cpu_one_at_every_apply_of_the_base(with_queue_hpa: list[dict]) -> None:
+    """Applying the base again must not bring the CPU HPA back: the queue HPA is part of the base's render."""
+    hpas = [d for d in with_queue_hpa if d["kind"] == "HorizontalPodAutoscaler"]
+    assert [h["metadata"]["name"] for h in hpas] == ["segsvc"], hpas
+    (metric,) = hpas[0]["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "segsvc_queue_depth"
+    assert hpas[0]["metadata"]["namespace"] == "segsvc"
+    kubernetes_validate.validate(hpas[0], VERSIONS[-1], strict=True)
+    kinds = {d["kind"] for d in with_queue_hpa}
+    assert {"Deployment", "Service", "PersistentVolumeClaim", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
+
+
+def test_queue_depth_hpa_uses_the_metric_the_adapter_serves(with_queue_hpa: list[dict]) -> None:
+    (hpa,) = [d for d in with_queue_hpa if d["kind"] == "HorizontalPodAutoscaler"]
     (metric,) = hpa["spec"]["metrics"]
     name = metric["pods"]["metric"]["name"]
     values = yaml.safe_load((K8S / "autoscaling" / "prometheus-adapter-values.yaml").read_text())
@@ -388,6 +446,146 @@ def test_jobs_apply_by_the_labels_the_readme_gives(objects: list[Obj]) -> None:
     for obj in objects:
         if obj.source == "jobs":
             by_component.setdefault(obj.doc["metadata"]["labels"]["app.kubernetes.io/component"], []).append(obj.kind)
-    assert sorted(selectors) == sorted(by_component), (selectors, by_component)
+    assert set(selectors) == set(by_component), (selectors, by_component)
     assert by_component["storage"] == ["PersistentVolumeClaim", "PersistentVolumeClaim"]
     assert all(len(kinds) == 1 for c, kinds in by_component.items() if c != "storage"), by_component
+
+
+# -- images, models and the order of the README -----------------------------------------------------------
+def _images(doc: object) -> list[str]:
+    """Every ``image`` value anywhere in an object (custom resources' pod templates included)."""
+    if isinstance(doc, dict):
+        return [v for k, v in doc.items() if k == "image" and isinstance(v, str)] + \
+               [i for v in doc.values() for i in _images(v)]
+    if isinstance(doc, list):
+        return [i for v in doc for i in _images(v)]
+    return []
+
+
+def test_one_registry_edit_retargets_every_image(tmp_path: Path) -> None:
+    """deploy/README.md's one `kustomize edit` gives every manifest (base, jobs, KServe) the registry's images."""
+    kubectl = _kubectl()
+    match = re.search(r"\(cd deploy/k8s/images && kustomize edit set image ([^)]*)\)", README)
+    assert match, "deploy/README.md sets the images in deploy/k8s/images"
+    registry = "registry.example.com/team"
+    assignments = shlex.split(match.group(1).replace("$REGISTRY", registry))
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    if shutil.which("kustomize"):
+        subprocess.run([shutil.which("kustomize"), "edit", "set", "image", *assignments], cwd=copy / "images",
+                       check=True, capture_output=True, timeout=60)
+    else:  # what `kustomize edit set image NAME=NEW_NAME:TAG` does to the entry NAME
+        spec_path = copy / "images" / "kustomization.yaml"
+        spec = yaml.safe_load(spec_path.read_text())
+        for assignment in assignments:
+            name, new = assignment.split("=", 1)
+            new_name, new_tag = new.rsplit(":", 1)
+            (entry,) = [i for i in spec["images"] if i["name"] == name]
+            entry.update(newName=new_name, newTag=new_tag)
+        spec_path.write_text(yaml.safe_dump(spec))
+    seen: dict[str, set[str]] = {}
+    for directory in (copy, copy / "jobs", copy / "kserve"):
+        out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        images = [i for d in yaml.safe_load_all(out.stdout) if d for i in _images(d)]
+        assert images, directory
+        seen[directory.name] = set(images)
+    everywhere = set().union(*seen.values())
+    assert everywhere == {f"{registry}/segsvc:0.1.0", f"{registry}/segsvc-trainer:0.1.0"}, seen
+    assert seen["kserve"] == {f"{registry}/segsvc:0.1.0"}
+    # The trainer image the jobs need is built and pushed in the same route.
+    route = "\n".join(_bash_lines(_readme_route(2)))
+    for image in ("segsvc", "segsvc-trainer"):
+        assert f"docker push $REGISTRY/{image}:0.1.0" in route, image
+
+
+def test_no_kustomization_sets_images_of_its_own() -> None:
+    """Only the images component names images, so no kustomization can override it with an unqualified one."""
+    for path in sorted(K8S.rglob("kustomization.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        if path.parent.name == "images":
+            assert spec["kind"] == "Component"
+            continue
+        assert "images" not in spec, path
+        if spec.get("kind") != "Component":
+            assert any(Path(c).name == "images" for c in spec.get("components", ())), f"{path} lacks the images"
+
+
+def test_jobs_ask_for_the_model_the_train_job_publishes(objects: list[Obj]) -> None:
+    """The model name of the train Job's recipe (output.model_name, else the recipe's name, with the
+    Job's profile and --set overrides) is the model the batch Job and the RayJob segment with."""
+    from training.config import load_config
+
+    job = _one(objects, "Job", "segsvc-train", source="jobs")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    cfg = load_config(ROOT / flag(args, "--config"), overrides, flag(args, "--profile"))
+    assert cfg.output.repo == "/models"
+    published = cfg.model_name
+
+    batch = _one(objects, "Job", "segsvc-batch", source="jobs")
+    (batch_container,) = batch["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in batch_container["env"]}
+    assert "--model \"$MODEL\"" in batch_container["args"][0]
+    assert env["MODEL"] == published
+
+    rayjob = _one(objects, "RayJob", "segsvc-batch-ray", source="jobs")
+    assert flag(rayjob["spec"]["entrypoint"].split(), "--model") == published
+
+
+def test_models_shell_mounts_the_repository_read_write(objects: list[Obj]) -> None:
+    pod = _one(objects, "Pod", "segsvc-models-shell", source="jobs")
+    spec = pod["spec"]
+    (volume,) = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert volume["persistentVolumeClaim"] == {"claimName": "segsvc-models"}, "read-write: no readOnly"
+    (container,) = spec["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["mountPath"] == "/models" and not mount.get("readOnly")
+    _, _, server = _server(objects)
+    assert container["image"] == server["image"], "the server image: python and segsvc for DEFAULT"
+    assert spec["restartPolicy"] == "Never" and spec["activeDeadlineSeconds"] <= 4 * 3600
+
+
+def test_readme_puts_a_model_on_the_pvc_before_the_first_rollout(objects: list[Obj]) -> None:
+    """An empty PVC keeps the servers NOT_SERVING until the startup probe restarts them: the model goes first."""
+    lines = _bash_lines(_readme_route(2))
+
+    def first(pattern: str) -> int:
+        found = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+        assert found, pattern
+        return found[0]
+
+    pvc = first(r"^kubectl apply -k deploy/k8s -l app\.kubernetes\.io/component=models\b")
+    shell = first(r"^kubectl apply -k deploy/k8s/jobs -l app\.kubernetes\.io/component=models-shell\b")
+    copy = first(r"kubectl -n segsvc exec -i segsvc-models-shell -- tar -x\S* .*-C /models")
+    servers = first(r"^kubectl apply -k deploy/k8s(\s|$)(?!.*-l)")
+    rollout = first(r"^kubectl -n segsvc rollout status deploy/segsvc")
+    assert pvc < shell < copy < servers < rollout, lines
+    # The selector picks the model repository PVC alone out of the base.
+    base = [o for o in objects if o.source == "."]
+    selected = [f"{o.kind}/{o.name}" for o in base
+                if o.doc["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "models"]
+    assert selected == ["PersistentVolumeClaim/segsvc-models"], selected
+
+
+def test_readme_command_moves_the_default_version_in_the_repository(tmp_path: Path) -> None:
+    """The documented way to change a model's default for every replica: the exact command writes DEFAULT."""
+    from segsvc.inference.repository import DEFAULT_FILE
+    from segsvc.models.artifact import MANIFEST_FILE
+
+    match = re.search(r"kubectl -n segsvc exec segsvc-models-shell -- python -c \\\n\s*'([^']+)'", README)
+    assert match, "deploy/README.md gives the command that writes DEFAULT from the models pod"
+    code = match.group(1)
+    assert '"/models"' in code
+    name = re.search(r'set_default\("([^"]+)", (\d+)\)', code)
+    model, version = name.group(1), name.group(2)
+    repo = tmp_path / "models"
+    for v in ("1", version, str(int(version) + 1)):
+        (repo / model / v).mkdir(parents=True, exist_ok=True)
+        (repo / model / v / MANIFEST_FILE).write_text("{}")
+    out = subprocess.run([sys.executable, "-c", code.replace('"/models"', repr(str(repo)))], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert (repo / model / DEFAULT_FILE).read_text() == f"{version}\n"
+    assert "SetDefaultVersion" in README and "only the replica that took the call" in README
