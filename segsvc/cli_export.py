@@ -7,9 +7,11 @@ version's manifest, but only once ONNX Runtime reproduces eager PyTorch on
 printed; an export that disagrees is refused and nothing is written).
 ``triton`` writes a Triton model repository, ``--out`` (default
 ``<repo>-triton``, beside the repository), from that export, exporting first
-when the version has none. Without ``:V`` the version is the model's default
-(its ``DEFAULT`` pointer, else the newest). torch is imported only when the
-command runs, so ``segsvc --help`` stays fast.
+when the version has none, or anew (replacing it, as ``onnx`` would) when
+``--opset``, ``--checks``, ``--tolerance`` or ``--min-agreement`` is given and
+differs from what the recorded export was made with. Without ``:V`` the
+version is the model's default (its ``DEFAULT`` pointer, else the newest).
+torch is imported only when the command runs, so ``segsvc --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -36,24 +38,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                "(default: <repo>-triton, beside --repo)")
     p.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                    help=f"triton: max_batch_size of config.pbtxt (default {DEFAULT_MAX_BATCH_SIZE})")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument("--checks", type=int, default=DEFAULT_CHECKS,
+    p.add_argument("--opset", type=int, default=None,
+                   help=f"ONNX opset (default {DEFAULT_OPSET}). triton: the version's recorded export is used when "
+                        "this and --checks, --tolerance, --min-agreement are not given or match what it was made "
+                        "with; otherwise the version is exported anew with them, replacing the recorded export "
+                        "as --format onnx would")
+    p.add_argument("--checks", type=int, default=None,
                    help=f"random inputs ONNX Runtime and PyTorch are compared on (default {DEFAULT_CHECKS})")
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+    p.add_argument("--tolerance", type=float, default=None,
                    help="largest |logit difference| allowed, relative to max(1, max |logit|) "
                         f"(default {DEFAULT_TOLERANCE:g})")
-    p.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT,
+    p.add_argument("--min-agreement", type=float, default=None,
                    help=f"share of pixels whose label must agree (default {MIN_AGREEMENT:g})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.checks < 1:
+    if args.checks is not None and args.checks < 1:
         raise InvalidArgument(f"--checks must be at least 1, got {args.checks}")
-    if not args.tolerance > 0:
+    if args.tolerance is not None and not args.tolerance > 0:
         raise InvalidArgument(f"--tolerance must be positive, got {args.tolerance}")
-    if not 0 < args.min_agreement <= 1:
+    if args.min_agreement is not None and not 0 < args.min_agreement <= 1:
         raise InvalidArgument(f"--min-agreement must be in (0, 1], got {args.min_agreement}")
     if args.max_batch_size < 1:
         raise InvalidArgument(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
@@ -90,20 +96,25 @@ def run(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else default_out(args.repo)
     if args.format == "triton":
         Path(out).mkdir(parents=True, exist_ok=True)  # an impossible --out fails now, not after the export
-    bar = tqdm(total=export_steps(args.checks), desc=f"exporting {name}:{version}", unit="step",
+    # Options not given are None: --format onnx takes the defaults, --format triton reuses the recorded export
+    # unless one that was given differs from it.
+    given = {"opset": args.opset, "checks": args.checks, "tolerance": args.tolerance,
+             "min_agreement": args.min_agreement}
+    defaults = {"opset": DEFAULT_OPSET, "checks": DEFAULT_CHECKS, "tolerance": DEFAULT_TOLERANCE,
+                "min_agreement": MIN_AGREEMENT}
+    bar = tqdm(total=export_steps(args.checks or DEFAULT_CHECKS), desc=f"exporting {name}:{version}", unit="step",
                disable=not args.progress, leave=False)
 
     def progress(step: str) -> None:
         bar.set_postfix_str(step, refresh=False)
         bar.update()
 
-    options: dict[str, Any] = {"opset": args.opset, "checks": args.checks, "tolerance": args.tolerance,
-                               "min_agreement": args.min_agreement, "progress": progress}
     try:
         if args.format == "onnx":
-            result = export_onnx(version_dir, **options)
+            options = {k: defaults[k] if v is None else v for k, v in given.items()}
+            result = export_onnx(version_dir, **options, progress=progress)
         else:
-            triton = export_triton(version_dir, out, max_batch_size=args.max_batch_size, **options)
+            triton = export_triton(version_dir, out, max_batch_size=args.max_batch_size, **given, progress=progress)
     finally:
         bar.close()
     if args.format == "onnx":
@@ -113,7 +124,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  recorded it in {version_dir / 'manifest.json'} (exports.onnx)")
         return 0
     entry = repo.read_manifest(name, version).exports["onnx"]
-    how = "exported it now" if triton.exported else "used the recorded export, SHA-256 verified"
+    if not triton.exported:
+        how = "used the recorded export, SHA-256 verified"
+    elif triton.replaced is None:
+        how = f"exported it now: {triton.reason}"
+    else:
+        how = f"exported it anew, replacing the recorded export {triton.replaced}: {triton.reason}"
     print(f"wrote a Triton model repository for {name}:{version} from {version_dir / entry['file']} ({how})")
     _print_validation(entry.get("validation"))
     for path in (triton.config, triton.labels, triton.onnx):

@@ -19,7 +19,10 @@ them without loading the exporter.
 ONNX_FILE = "model.onnx"  # a first export's name (and Triton's); readers use the manifest's exports.onnx.file
 INPUT_NAME = "input"  # float32 [batch, C, height, width], normalised and padded
 OUTPUT_NAME = "logits"  # float32 [batch, K, height, width]
-DEFAULT_OPSET = 18  # torch.onnx's native opset in torch 2.14; ONNX Runtime >= 1.14 and Triton 23.x+ run it
+# torch.onnx's native opset in torch 2.14. ONNX Runtime runs opset 18 from 1.14 on, and the file says IR version 8
+# (the lowest opset 18 allows; the exporter's own 10 is refused by ONNX Runtime <= 1.16, as in Triton 23.x), so
+# ONNX Runtime >= 1.14 loads it (checked with 1.16.3), and Triton releases that bundle one of those.
+DEFAULT_OPSET = 18
 DEFAULT_CHECKS = 4  # validation inputs
 # Max |logit difference| allowed, relative to max(1, max |logit|). fp32 rounding alone reaches ~1e-3 of
 # the logit scale in deep or attention-heavy networks (smp MAnet: 1.4e-3, and there eager PyTorch in fp32

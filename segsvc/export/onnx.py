@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -47,7 +48,7 @@ import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     import onnx
 
 DYNAMIC_AXES = {0: "batch", 2: "height", 3: "width"}
+EXPORT_LOCK_FILE = ".segsvc-export.lock"  # see version_lock
 
 _ADAPTIVE_POOL = (
     "its pyramid pooling uses AdaptiveAvgPool2d to 2x2, 3x3 and 6x6 bins, which ONNX has no operator for: "
@@ -174,11 +176,64 @@ def to_onnx(model: nn.Module, in_channels: int, stride: int, min_size: int,
         if len(dims) != 4 or static or (fixed is not None and dims[1] != fixed):
             raise ExportError(f"the exporter fixed the size of {value[0].name if value else '?'} to {dims}: the "
                               "graph would only work at the traced size (batch, height, width must be dynamic)")
+    lower_ir_version(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ExportError(f"the exported graph is not valid ONNX: {one_line(exc)}") from None
     return proto
+
+
+def lower_ir_version(proto: onnx.ModelProto) -> None:
+    """Declare the lowest IR version the graph's opsets need (8 for opset 18), not the exporter's own.
+
+    torch 2.14's exporter (onnx 1.23) writes IR version 10, and ONNX Runtime <= 1.16 (the one inside
+    Triton 23.x) refuses any file above IR 9 ("Unsupported model IR version: 10, max supported IR
+    version: 9") although opset 18 needs only IR 8. What only IR 10 has goes too: the exporter's
+    ``metadata_props`` on nodes, graphs, functions, values and tensors (debugging annotations: module
+    paths, stack traces, the graph signature), so the file holds nothing its IR version does not know.
+    The model's own ``metadata_props`` (``segsvc.*``, IR 3+) stay. The caller runs the checker after.
+    """
+    import onnx
+
+    ir = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    if proto.functions:
+        ir = max(ir, 8)  # model-local functions came with IR 8
+    if ir >= proto.ir_version:
+        return
+    proto.ir_version = ir
+    if ir < 10:
+        for graph in _graphs(proto):
+            for item in (graph, *graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer):
+                del item.metadata_props[:]
+        for function in proto.functions:
+            del function.metadata_props[:]
+            for node in function.node:
+                del node.metadata_props[:]
+            for value in function.value_info:
+                del value.metadata_props[:]
+
+
+def _graphs(proto: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """The main graph and every subgraph (If/Loop/Scan bodies), in it and in local functions."""
+    import onnx
+
+    def nested(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.GraphProto]:
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for g in attr.graphs:
+                        yield from walk(g)
+
+    def walk(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+        yield graph
+        yield from nested(graph.node)
+
+    yield from walk(proto.graph)
+    for function in proto.functions:
+        yield from nested(function.node)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -238,6 +293,9 @@ def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPS
     at every instant the manifest names a file that matches its SHA-256 (a crash
     leaves at most an unrecorded file behind). A refused or failed export removes
     only what it wrote: an earlier export and the manifest stay as they were.
+    Exports of one version running at once publish one after the other
+    (``version_lock``, from reading the manifest to writing it): the later one is
+    a re-export of the earlier, so the manifest always names the file it hashed.
     Readers take the file name from the manifest, never ``ONNX_FILE``.
 
     Args:
@@ -275,33 +333,77 @@ def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPS
         raise ExportError(f"{label}: the ONNX export does not reproduce the model, so it was not written: "
                           f"{result.describe()}")
     step("validated")
-    current = read_manifest(version_dir)  # re-read: keep any change made meanwhile, except to the weights
-    if current.weights_sha256 != manifest.weights_sha256:
-        raise ArtifactError(f"{label}: its weights changed during the export; export again")
-    weights_mode = (version_dir / WEIGHTS_FILE).stat().st_mode & 0o777
-    sha = hashlib.sha256(data).hexdigest()
-    previous = _recorded_file(current)
-    name = export_file_name(sha, current)
-    path = version_dir / name
-    write_atomic(path, data, weights_mode)
-    entry = {
-        "file": name, "sha256": sha, "opset": opset, "torch": torch.__version__, "onnx": onnx.__version__,
-        "exporter": "torch.onnx.export(dynamo=True)", "input": INPUT_NAME, "output": OUTPUT_NAME,
-        "dynamic_axes": {str(k): v for k, v in DYNAMIC_AXES.items()}, "stride": stride, "min_input_size": min_size,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "validation": result.to_dict(),
-    }
-    updated = replace(current, exports={**current.exports, "onnx": entry})
-    try:
-        write_manifest(version_dir, updated)
-    except BaseException:
-        if name != previous:  # the new file only: the recorded one still matches the manifest
-            path.unlink(missing_ok=True)  # a file the manifest does not vouch for must not look published
-        raise
-    if previous is not None and previous != name:
-        with contextlib.suppress(OSError):  # the export is published; a leftover file is only clutter
-            (version_dir / previous).unlink()
+    with version_lock(version_dir):  # another export of this version publishes before or after, never between
+        current = read_manifest(version_dir)  # re-read: keep any change made meanwhile, except to the weights
+        if current.weights_sha256 != manifest.weights_sha256:
+            raise ArtifactError(f"{label}: its weights changed during the export; export again")
+        weights_mode = (version_dir / WEIGHTS_FILE).stat().st_mode & 0o777
+        sha = hashlib.sha256(data).hexdigest()
+        previous = _recorded_file(current)
+        name = export_file_name(sha, current)
+        path = version_dir / name
+        write_atomic(path, data, weights_mode)
+        entry = {
+            "file": name, "sha256": sha, "opset": opset, "torch": torch.__version__, "onnx": onnx.__version__,
+            "exporter": "torch.onnx.export(dynamo=True)", "input": INPUT_NAME, "output": OUTPUT_NAME,
+            "dynamic_axes": {str(k): v for k, v in DYNAMIC_AXES.items()}, "stride": stride,
+            "min_input_size": min_size, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "validation": result.to_dict(),
+        }
+        updated = replace(current, exports={**current.exports, "onnx": entry})
+        try:
+            write_manifest(version_dir, updated)
+        except BaseException:
+            if name != previous:  # the new file only: the recorded one still matches the manifest
+                path.unlink(missing_ok=True)  # a file the manifest does not vouch for must not look published
+            raise
+        if previous is not None and previous != name:
+            with contextlib.suppress(OSError):  # the export is published; a leftover file is only clutter
+                (version_dir / previous).unlink()
     step("written")
     return OnnxExport(path, sha, opset, result, updated)
+
+
+@contextlib.contextmanager
+def version_lock(version_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the export lock of a version: ``flock`` on ``<version>/.segsvc-export.lock``.
+
+    ``export_onnx`` holds it from reading the manifest through writing it (and removing the file it
+    superseded). Without it two exports of one version (two users, a retried CI job) could both see
+    no export, both write ``model.onnx`` and write their manifests in either order: the manifest would
+    then record the SHA-256 of the file the other one wrote, and every reader would refuse the version.
+    With it the second publishes after the first, as a re-export of it.
+
+    The lock file is removed before the lock is let go, so a version folder keeps only its own files
+    (a kill -9 leaves it behind; the next export takes it over and removes it). A waiter that was
+    queued on a removed file finds its name gone, or naming another file, and locks again; so at any
+    time at most one holder has the file the name leads to.
+    """
+    path = Path(version_dir) / EXPORT_LOCK_FILE
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except PermissionError:  # another user's lock file (0644 under umask 022): flock needs no write access
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                named = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                named = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if named is not None and (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)  # the holder before us removed it: lock the file the name leads to now
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)  # lets the lock go
 
 
 def published_onnx(version_dir: str | os.PathLike[str], manifest: Manifest | None = None) -> Path | None:

@@ -17,21 +17,39 @@ takes normalised float32 NCHW inputs padded at the bottom/right to the stride,
 with zeros or the mirrored image as the manifest's ``inference.tile_padding``
 says (see ``segsvc.json``); a Triton client must crop the logits back.
 
-The model directory is built beside the old one under a hidden temporary name
-and swapped in with two renames, so a polling tritonserver never sees a
-half-written one (between the renames the model is briefly absent).
+The model directory is built under a temporary name and swapped in with two
+renames, so a polling tritonserver never sees a half-written one (between the
+renames the model is briefly absent). The temporary folders (the new directory,
+and the old one on its way out) are kept out of ``out`` itself: tritonserver
+takes every folder of its repository for a model, dot-folders included (its
+listing drops only ``.`` and ``..``), and fails on one whose name is not its
+config's, which at start-up stops the server. They go in
+``<parent of out>/.<out's name>.segsvc-staging/`` (``tmp-<model>-XXXXXXXX``,
+``old-<model>-XXXXXXXX``), beside ``out`` on its filesystem so the renames stay
+atomic; only where that folder cannot be made or lies on another filesystem
+(``out`` a mount point) do they go inside ``out`` as ``.tmp-<model>-XXXXXXXX``
+and ``.old-<model>-XXXXXXXX``, for the length of an export. Exports into one
+``out`` run one at a time (``flock`` on the folder ``out``), and each first
+removes the temporaries of its model that a killed export left in either place:
+only folders (never a symlink or a file) whose names match those patterns for
+that model and that ``out``. Where ``flock`` is not supported (some network
+filesystems) nothing is removed, since a live export's folders would look the same.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
 import os
+import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from segsvc.errors import AlreadyExists, ArtifactError
 from segsvc.export import (
@@ -47,6 +65,9 @@ LABELS_FILE = "labels.txt"
 INFO_FILE = "segsvc.json"
 TRITON_VERSION = "1"
 PLATFORM = "onnxruntime_onnx"
+STAGING_SUFFIX = ".segsvc-staging"  # <parent>/.<out name>.segsvc-staging/: where the model directory is built
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,8 @@ class TritonExport:
         onnx: ``out/<model>/1/model.onnx``.
         labels: ``out/<model>/labels.txt``.
         exported: whether the ONNX export was made now (False: the version's recorded one was used).
+        reason: why it was made now (the version had none, or it was made with other options); None if not.
+        replaced: the recorded export's file that the new one replaced; None when none was replaced.
     """
 
     model_dir: Path
@@ -66,6 +89,8 @@ class TritonExport:
     onnx: Path
     labels: Path
     exported: bool
+    reason: str | None = None
+    replaced: str | None = None
 
 
 def default_out(repo: str | os.PathLike[str]) -> Path:
@@ -166,21 +191,24 @@ def _write_model_dir(tmp: Path, manifest: Manifest, onnx_path: Path, sha256: str
     version = tmp / TRITON_VERSION
     version.mkdir()
     shutil.copyfile(onnx_path, version / ONNX_FILE)
-    (version / ONNX_FILE).chmod(onnx_path.stat().st_mode & 0o777)  # as readable as the weights, no more
+    # As readable as the config beside it (a new file's mode: 0644 under umask 022), not as the weights: a
+    # tritonserver running as another user that can read config.pbtxt must be able to load the model too.
+    (version / ONNX_FILE).chmod((tmp / CONFIG_FILE).stat().st_mode & 0o777)
     if file_sha256(version / ONNX_FILE) != sha256:
         raise ArtifactError(f"{onnx_path} changed while it was copied; export again")
     tmp.chmod(0o755)  # mkdtemp made it 0700
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace ``final`` (a model directory written earlier, or nothing) with ``tmp``."""
+def _swap_in(tmp: Path, final: Path, scratch: Path, prefix: str) -> None:
+    """Replace ``final`` (a model directory written earlier, or nothing) with ``tmp``; the old one passes
+    through ``scratch/<prefix>old-<model>-XXXXXXXX`` on its way out."""
     if not final.exists() and not final.is_symlink():
         os.rename(tmp, final)
         return
     if final.is_symlink() or not (final / CONFIG_FILE).is_file():
         raise AlreadyExists(f"{final} exists and is not a Triton model directory (no {CONFIG_FILE}); "
                             "move it away or choose another --out")
-    old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+    old = Path(tempfile.mkdtemp(prefix=f"{prefix}old-{final.name}-", dir=scratch))
     os.rename(final, old / final.name)
     try:
         os.rename(tmp, final)
@@ -191,43 +219,159 @@ def _swap_in(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _device(path: Path) -> int:
+    return os.stat(path).st_dev
+
+
+def _staging(out: Path) -> Path | None:
+    """``<parent>/.<out's name>.segsvc-staging``, made if missing, when it is a folder (not a symlink) on
+    ``out``'s filesystem; None when there is no such place (``out`` a mount point or ``/``, a parent that
+    cannot be written)."""
+    real = out.resolve()
+    if real.parent == real:
+        return None
+    staging = real.parent / f".{real.name}{STAGING_SUFFIX}"
+    made = False
+    try:
+        try:
+            staging.mkdir()
+            made = True
+        except FileExistsError:
+            pass
+        if stat.S_ISDIR(os.lstat(staging).st_mode) and _device(staging) == _device(real):
+            return staging
+    except OSError:
+        pass
+    if made:
+        with contextlib.suppress(OSError):
+            staging.rmdir()
+    return None
+
+
+def _remove_stale(folder: Path, model: str, prefix: str) -> None:
+    """Remove the folders ``<prefix>tmp-<model>-XXXXXXXX`` and ``<prefix>old-<model>-XXXXXXXX`` (``mkdtemp``'s
+    8 characters) in ``folder``: what an export of ``model`` killed mid-way left. Symlinks and files of those
+    names are left alone (segsvc never makes them), as is every other name. Call it with the lock held."""
+    pattern = re.compile(re.escape(prefix) + r"(?:tmp|old)-" + re.escape(model) + r"-[a-z0-9_]{8}")
+    try:
+        entries = [e for e in os.scandir(folder) if pattern.fullmatch(e.name)]
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)  # refuses a symlink, and follows none below it
+                log.info("removed %s, left by an export that did not finish", entry.path)
+        except OSError as exc:
+            log.warning("cannot remove %s, left by an export that did not finish: %s", entry.path, exc)
+
+
+@contextlib.contextmanager
+def _repository_lock(out: Path) -> Iterator[bool]:
+    """Hold ``flock`` on the folder ``out`` (a lock file would sit in the Triton repository); yields whether
+    it is held (False where the filesystem does not support it)."""
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            locked = True
+        except OSError as exc:
+            log.warning("cannot lock %s (%s): exports into it at the same time are not kept apart, and what "
+                        "killed exports left there is not removed", out, exc)
+            locked = False
+        yield locked
+    finally:
+        os.close(fd)
+
+
+_VALIDATION_OPTIONS = (("checks", "checks"), ("tolerance", "tolerance"), ("min_agreement", "min agreement"))
+
+
+def why_export(manifest: Manifest, opset: int | None = None, checks: int | None = None,
+               tolerance: float | None = None, min_agreement: float | None = None) -> str | None:
+    """Why ``export_triton`` must make a new ONNX export rather than use the recorded one (None: use it).
+
+    The recorded export is used when the options were not given (None) or equal what it recorded: its
+    ``opset`` and its validation's ``checks``, ``tolerance`` and ``min_agreement``. An option that was
+    given and differs, or that the export did not record, means a new export.
+    """
+    entry = manifest.exports.get("onnx")
+    if not isinstance(entry, dict) or not entry.get("file"):
+        return "the version had no ONNX export"
+    validation = entry.get("validation")
+    validation = validation if isinstance(validation, dict) else {}
+    differ = []
+    if opset is not None and entry.get("opset") != opset:
+        differ.append(f"opset {entry.get('opset', '(not recorded)')}, not {opset}")
+    for (key, label), asked in zip(_VALIDATION_OPTIONS, (checks, tolerance, min_agreement)):
+        if asked is not None and validation.get(key) != asked:
+            differ.append(f"{label} {validation.get(key, '(not recorded)')}, not {asked:g}")
+    return f"the recorded export was made with {', '.join(differ)}" if differ else None
+
+
 def export_triton(version_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
-                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, opset: int = DEFAULT_OPSET,
-                  checks: int = DEFAULT_CHECKS, tolerance: float = DEFAULT_TOLERANCE,
-                  min_agreement: float = MIN_AGREEMENT, progress: Progress | None = None) -> TritonExport:
+                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, opset: int | None = None,
+                  checks: int | None = None, tolerance: float | None = None,
+                  min_agreement: float | None = None, progress: Progress | None = None) -> TritonExport:
     """Write ``out/<model>/`` for Triton from a version's validated ONNX export (exporting it first if needed).
+
+    The version's recorded export is used (its SHA-256 verified) unless it has none, or ``opset``,
+    ``checks``, ``tolerance`` or ``min_agreement`` was given and differs from what it recorded
+    (``why_export``): then the version is exported anew with those options (the defaults for the ones
+    not given), replacing the recorded export exactly as ``export_onnx`` does.
 
     Args:
         version_dir: ``<repo>/<model>/<version>``.
         out: the Triton model repository (created if missing); ``out/<model>`` is replaced.
         max_batch_size: Triton's ``max_batch_size``.
-        opset: used only when the version has no export yet (as ``checks``, ``tolerance``,
-            ``min_agreement`` and ``progress``).
+        opset: the ONNX opset (None: the recorded export's, else ``DEFAULT_OPSET``).
+        checks, tolerance, min_agreement: the validation (None: the recorded export's, else the defaults).
+        progress: ``export_onnx``'s, when it runs.
 
     Raises:
-        ArtifactError: the version's recorded ``model.onnx`` does not match its SHA-256.
-        ExportError: the version has no export and cannot be exported.
+        ArtifactError: the version's recorded export does not match its SHA-256.
+        ExportError: the version has to be exported and cannot be.
         AlreadyExists: ``out/<model>`` exists and is not a Triton model directory.
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
     version_dir = Path(version_dir)
     manifest = read_manifest(version_dir)
-    onnx_path = published_onnx(version_dir, manifest)
-    exported = onnx_path is None
-    if onnx_path is None:
-        result = export_onnx(version_dir, opset=opset, checks=checks, tolerance=tolerance,
-                             min_agreement=min_agreement, progress=progress)
-        onnx_path, manifest = result.path, result.manifest
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{manifest.name}-", dir=out))
-    try:
-        _write_model_dir(tmp, manifest, onnx_path, str(manifest.exports["onnx"]["sha256"]), max_batch_size)
+    with _repository_lock(out) as locked:
+        staging = _staging(out)
+        if locked:  # no other export into out runs now: any temporary of this model is a killed one's
+            _remove_stale(out, manifest.name, ".")
+            if staging is not None:
+                _remove_stale(staging, manifest.name, "")
+        reason = why_export(manifest, opset, checks, tolerance, min_agreement)
+        replaced = None
+        if reason is None:
+            onnx_path = published_onnx(version_dir, manifest)
+            assert onnx_path is not None  # why_export found a recorded export
+        else:
+            entry = manifest.exports.get("onnx")
+            replaced = str(entry["file"]) if isinstance(entry, dict) and entry.get("file") else None
+            result = export_onnx(version_dir, opset=DEFAULT_OPSET if opset is None else opset,
+                                 checks=DEFAULT_CHECKS if checks is None else checks,
+                                 tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
+                                 min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement,
+                                 progress=progress)
+            onnx_path, manifest = result.path, result.manifest
+        scratch, prefix = (staging, "") if staging is not None else (out, ".")
+        tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}tmp-{manifest.name}-", dir=scratch))
         final = out / manifest.name
-        _swap_in(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(tmp)
-        raise
-    return TritonExport(final, final / CONFIG_FILE, final / TRITON_VERSION / ONNX_FILE, final / LABELS_FILE, exported)
+        try:
+            _write_model_dir(tmp, manifest, onnx_path, str(manifest.exports["onnx"]["sha256"]), max_batch_size)
+            _swap_in(tmp, final, scratch, prefix)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp)
+            raise
+        finally:
+            if staging is not None and locked:  # empty unless a removal failed
+                with contextlib.suppress(OSError):
+                    staging.rmdir()
+    return TritonExport(final, final / CONFIG_FILE, final / TRITON_VERSION / ONNX_FILE, final / LABELS_FILE,
+                        reason is not None, reason, replaced)

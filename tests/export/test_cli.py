@@ -86,3 +86,31 @@ def test_the_command_reports_an_unexportable_architecture_in_one_line(repo: Path
         "at any other size (dynamic height and width are impossible)"
     ]
     assert not list((repo / "psp" / "1").glob("*.onnx"))
+
+
+def test_triton_says_whether_it_reused_the_recorded_export_or_made_a_new_one(
+        repo: Path, capsys: pytest.CaptureFixture) -> None:
+    v1 = publish(repo, "m", TINY["unet"])
+    triton = ["export", "m", "--repo", str(repo), "--format", "triton", "--no-progress"]
+    assert main(["export", "m", "--repo", str(repo), "--checks", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+
+    assert main([*triton, "--checks", "1"]) == 0  # matches the recorded export
+    out = capsys.readouterr().out
+    assert "used the recorded export, SHA-256 verified" in out and "exported" not in out.split("\n")[0]
+    assert read_manifest(v1).exports["onnx"]["opset"] == 18
+
+    assert main([*triton, "--opset", "17", "--checks", "1"]) == 0
+    out = capsys.readouterr().out
+    entry = read_manifest(v1).exports["onnx"]
+    assert entry["opset"] == 17
+    assert "exported it anew" in out and "opset 18" in out and "17" in out
+    assert "used the recorded export" not in out
+    assert f"from {v1 / entry['file']}" in out
+
+
+def test_the_opset_help_says_what_triton_does_with_it(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "recorded export" in help_text

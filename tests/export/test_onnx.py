@@ -260,3 +260,73 @@ def test_a_re_export_switches_to_a_new_file_and_removes_the_old_one(repo: Path) 
     assert third.path == second.path and third.sha256 == second.sha256
     assert [p.name for p in version_dir.glob("*.onnx")] == [second.path.name]
     assert _loads_and_matches(version_dir) == second.path
+
+
+def test_the_file_declares_the_lowest_ir_version_its_opsets_need(repo: Path) -> None:
+    """The exporter writes IR version 10, which ONNX Runtime <= 1.16 (Triton 23.x) refuses; opset 18 needs only 8."""
+    version_dir = publish(repo, "m", TINY["unet"])
+    result = export_onnx(version_dir, checks=1)
+    graph = onnx.load(result.path)
+    needed = onnx.helper.find_min_ir_version_for(list(graph.opset_import), ignore_unknown=True)
+    assert graph.ir_version == needed == 8
+    # nothing in it that only IR 10 has (annotations of nodes, graphs and tensors), and it still checks
+    values = [*graph.graph.input, *graph.graph.output, *graph.graph.value_info]
+    assert not any(n.metadata_props for n in graph.graph.node) and not graph.graph.metadata_props
+    assert not any(v.metadata_props for v in values) and not any(t.metadata_props for t in graph.graph.initializer)
+    assert {p.key for p in graph.metadata_props} >= {"segsvc.model", "segsvc.version"}
+    onnx.checker.check_model(graph, full_check=True)
+
+
+def test_two_first_exports_at_once_leave_a_manifest_that_matches_its_file(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A is held between writing its file and writing the manifest while B exports (another opset): whichever
+    publishes last, the manifest must name a file whose SHA-256 it records."""
+    import fcntl
+    import threading
+
+    import segsvc.export.onnx as exporter
+
+    version_dir = publish(repo, "m", TINY["unet"])
+    a_wrote_file, b_reached = threading.Event(), threading.Event()
+    real_write_manifest, real_flock = exporter.write_manifest, fcntl.flock
+
+    def held_write_manifest(*args: object, **kwargs: object) -> object:
+        if threading.current_thread().name == "A" and not a_wrote_file.is_set():
+            a_wrote_file.set()
+            assert b_reached.wait(60), "B neither finished nor waited for a lock"
+        return real_write_manifest(*args, **kwargs)
+
+    def flock(fd: int, operation: int) -> None:
+        if threading.current_thread().name == "B" and operation & fcntl.LOCK_EX:
+            b_reached.set()  # B is about to wait for A's lock
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(exporter, "write_manifest", held_write_manifest)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    results: dict[str, object] = {}
+
+    def run(name: str, opset: int) -> None:
+        try:
+            results[name] = export_onnx(version_dir, checks=1, opset=opset)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            results[name] = exc
+        finally:
+            if name == "B":
+                b_reached.set()
+
+    a = threading.Thread(target=run, args=("A", 18), name="A")
+    a.start()
+    assert a_wrote_file.wait(60) or not a.is_alive(), "A never reached its manifest write"
+    b = threading.Thread(target=run, args=("B", 17), name="B")
+    b.start()
+    a.join(60)
+    b.join(60)
+    assert not a.is_alive() and not b.is_alive()
+    assert all(not isinstance(r, BaseException) for r in results.values()), results
+    entry = read_manifest(version_dir).exports["onnx"]
+    path = published_onnx(version_dir)  # raises when the file does not match the recorded SHA-256
+    assert path is not None and _sha(path) == entry["sha256"]
+    assert entry["opset"] == 17  # B published last: it waited for A
+    assert [p.name for p in version_dir.glob("*.onnx")] == [path.name]  # A's file, superseded, was removed
+    assert not [p.name for p in version_dir.iterdir() if p.name.startswith(".")]  # no lock or temporary left
+    assert _loads_and_matches(version_dir) == path

@@ -153,3 +153,221 @@ def test_the_stated_padding_is_the_manifests(repo: Path, tmp_path: Path, model_c
     [line] = [line for line in text.splitlines() if "padded at the bottom/right" in line]
     assert line.startswith("# ") and says in line and never not in line
     text_format.Parse(text, model_config_pb2.ModelConfig())  # the header is still only a comment
+
+
+def test_the_model_file_is_as_readable_as_its_config(repo: Path, tmp_path: Path) -> None:
+    """A tritonserver running as another user must read model.onnx whenever it can read config.pbtxt."""
+    import os
+
+    version_dir = publish(repo, "m", TINY["unet"])
+    (version_dir / "weights.safetensors").chmod(0o600)  # the version's own export is then 0600 too
+    export_onnx(version_dir, checks=1)
+    assert (version_dir / "model.onnx").stat().st_mode & 0o777 == 0o600
+    umask = os.umask(0o022)
+    os.umask(umask)
+    result = export_triton(version_dir, tmp_path / "triton")
+    config_mode = result.config.stat().st_mode & 0o777
+    assert config_mode == 0o666 & ~umask  # a newly created file's mode
+    assert result.onnx.stat().st_mode & 0o777 == config_mode
+    assert result.labels.stat().st_mode & 0o777 == config_mode
+
+
+def _entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_an_export_builds_its_temporaries_outside_the_triton_repository(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tritonserver takes every folder of its repository for a model, dot-folders included."""
+    import os
+
+    import segsvc.export.triton as triton
+
+    version_dir = publish(repo, "m", TINY["unet"])
+    export_onnx(version_dir, checks=1)
+    out = tmp_path / "triton"
+    seen: list[tuple[list[str], Path, int]] = []
+    real_copy = triton.shutil.copyfile
+
+    def copy(src: object, dst: object, **kwargs: object) -> object:
+        building = Path(str(dst)).parents[1]  # <building>/1/model.onnx
+        seen.append((_entries(out), building, building.stat().st_dev))
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(triton.shutil, "copyfile", copy)
+    export_triton(version_dir, out)  # first export: nothing to replace
+    export_triton(version_dir, out)  # second: the model directory is swapped
+    assert [names for names, _, _ in seen] == [[], ["m"]]  # nothing else in out while each was being built
+    for _, building, device in seen:
+        assert out not in building.parents and building.parent.parent == out.parent
+        assert device == out.stat().st_dev  # the same filesystem: swapped in by rename
+    assert _entries(out) == ["m"] and _entries(tmp_path) == ["model_repository", "triton"]  # nor beside out
+    assert _entries(out / "m") == ["1", "config.pbtxt", "labels.txt", "segsvc.json"]
+
+
+def test_when_nothing_beside_out_shares_its_filesystem_the_export_builds_inside_it(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """out a mount point: a rename from its parent would fail, so the temporaries go in out (and go away)."""
+    import segsvc.export.triton as triton
+
+    version_dir = publish(repo, "m", TINY["unet"])
+    export_onnx(version_dir, checks=1)
+    out = tmp_path / "triton"
+    export_triton(version_dir, out)
+    real_device = triton._device
+    monkeypatch.setattr(triton, "_device", lambda path: real_device(path) + (Path(path) != out.resolve()))
+    seen: list[tuple[list[str], Path]] = []
+    real_copy = triton.shutil.copyfile
+
+    def copy(src: object, dst: object, **kwargs: object) -> object:
+        seen.append((_entries(out), Path(str(dst))))
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(triton.shutil, "copyfile", copy)
+    export_triton(version_dir, out)
+    [(names, dst)] = seen
+    building = dst.parents[1]
+    assert building.parent == out and building.name.startswith(".tmp-m-") and names == sorted(["m", building.name])
+    assert _entries(out) == ["m"] and _entries(tmp_path) == ["model_repository", "triton"]
+    assert _entries(out / "m") == ["1", "config.pbtxt", "labels.txt", "segsvc.json"]
+
+
+_KILLED_EXPORT = """
+import os, shutil, sys, time
+import segsvc.export.triton as triton
+real = shutil.copyfile
+def copy_then_hang(src, dst, **kwargs):
+    real(src, dst, **kwargs)
+    open(sys.argv[3], "w").close()  # the test kills us now
+    while True:
+        time.sleep(1)
+triton.shutil.copyfile = copy_then_hang
+triton.export_triton(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_killed_export_leaves_nothing_in_the_repository_and_the_next_one_cleans_up(
+        repo: Path, tmp_path: Path) -> None:
+    """kill -9 mid-copy (OOM killer, CI timeout): Triton must not find a half-built folder in its repository."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    version_dir = publish(repo, "m", TINY["unet"])
+    export_onnx(version_dir, checks=1)
+    out = tmp_path / "triton"
+    export_triton(version_dir, out)
+    marker = tmp_path / "copied"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_EXPORT, str(version_dir), str(out), str(marker)],
+                            cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 120  # against a hang only (it imports torch first)
+        while not marker.exists():
+            assert proc.poll() is None, "the export ended before its copy"
+            assert time.monotonic() < deadline, "the export never reached its copy"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(60)
+    assert _entries(out) == ["m"]  # what tritonserver polls holds only the model
+    assert [p for p in tmp_path.iterdir() if p.name not in ("model_repository", "triton", "copied")]  # the leftover
+
+    export_triton(version_dir, out)
+    assert _entries(out) == ["m"]
+    assert _entries(tmp_path) == ["copied", "model_repository", "triton"]  # the killed export's folder is gone
+
+
+def test_stale_temporaries_of_that_model_are_removed_and_nothing_else(repo: Path, tmp_path: Path) -> None:
+    """Leftovers of exports killed before segsvc built outside out (``.tmp-<model>-XXXXXXXX`` and
+    ``.old-<model>-XXXXXXXX`` inside out) go; other models', other names, symlinks and files stay."""
+    version_dir = publish(repo, "m", TINY["unet"])
+    export_onnx(version_dir, checks=1)
+    out = tmp_path / "triton"
+    export_triton(version_dir, out)
+    stale = [out / ".tmp-m-ab_d1234" / "1", out / ".old-m-x9z8y7w6" / "m" / "1"]
+    for folder in stale:
+        folder.mkdir(parents=True)
+        (folder.parent / "config.pbtxt").write_text('name: "m"\n')
+        (folder / "model.onnx").write_bytes(b"onnx")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    kept = {
+        ".tmp-other-ab_d1234": "dir",  # another model's
+        ".tmp-mm-ab_d1234": "dir",  # another model's
+        ".tmp-m-abc": "dir",  # not a name mkdtemp makes
+        ".tmp-m-ab_d12345": "dir",
+        ".tmp-m-ABCD1234": "dir",
+        "tmp-m-ab_d1234": "dir",
+        ".tmp-m-zzzzzzzz": "symlink",  # not a folder segsvc made: never followed, never removed
+        ".old-m-yyyyyyyy": "file",
+        "other": "dir",
+    }
+    for name, kind in kept.items():
+        if kind == "dir":
+            (out / name).mkdir()
+            (out / name / "notes.txt").write_text(name)
+        elif kind == "symlink":
+            (out / name).symlink_to(outside, target_is_directory=True)
+        else:
+            (out / name).write_text(name)
+    export_triton(version_dir, out)
+    assert _entries(out) == sorted(["m", *kept])
+    assert not (out / ".tmp-m-ab_d1234").exists() and not (out / ".old-m-x9z8y7w6").exists()
+    for name, kind in kept.items():
+        if kind == "dir":
+            assert (out / name / "notes.txt").read_text() == name
+        elif kind == "symlink":
+            assert (out / name).is_symlink()
+        else:
+            assert (out / name).read_text() == name
+    assert _entries(outside) == ["keep.txt"] and (outside / "keep.txt").read_text() == "keep"
+
+
+def test_options_that_differ_from_the_recorded_export_make_a_new_one(repo: Path, tmp_path: Path) -> None:
+    """--opset, --checks, --tolerance, --min-agreement are never silently ignored: the recorded export is reused
+    only when they were not given or match it; otherwise it is replaced, as ``--format onnx`` with them would."""
+    from segsvc.export import DEFAULT_CHECKS, DEFAULT_TOLERANCE, MIN_AGREEMENT
+
+    version_dir = publish(repo, "m", TINY["unet"])
+    export_onnx(version_dir, checks=1)
+    out = tmp_path / "triton"
+
+    def recorded() -> dict:
+        return dict(read_manifest(version_dir).exports["onnx"])
+
+    def opset_of(path: Path) -> int:
+        return next(o.version for o in onnx.load(path).opset_import if o.domain in ("", "ai.onnx"))
+
+    before = (version_dir / "manifest.json").read_bytes()
+    for options in ({}, {"opset": 18}, {"checks": 1}, {"opset": 18, "checks": 1, "tolerance": DEFAULT_TOLERANCE,
+                                                         "min_agreement": MIN_AGREEMENT}):
+        result = export_triton(version_dir, out, **options)
+        assert not result.exported, options
+        assert (version_dir / "manifest.json").read_bytes() == before
+        assert opset_of(result.onnx) == 18
+
+    result = export_triton(version_dir, out, opset=17, checks=1)
+    entry = recorded()
+    assert result.exported and entry["opset"] == 17 and entry["validation"]["checks"] == 1
+    assert entry["file"] != "model.onnx" and not (version_dir / "model.onnx").exists()  # replaced, as a re-export
+    assert opset_of(result.onnx) == 17 and _sha(result.onnx) == entry["sha256"] == _sha(version_dir / entry["file"])
+    assert "opset 18" in result.reason and "17" in result.reason
+
+    result = export_triton(version_dir, out, opset=17, checks=1)  # now it matches
+    assert not result.exported and result.reason is None and recorded() == entry
+
+    result = export_triton(version_dir, out, checks=2)  # as `--format onnx --checks 2`: the default opset
+    entry = recorded()
+    assert result.exported and "checks" in result.reason
+    assert entry["opset"] == 18 and entry["validation"]["checks"] == 2 and opset_of(result.onnx) == 18
+
+    for option, value in (("tolerance", DEFAULT_TOLERANCE / 2), ("min_agreement", 0.99)):
+        result = export_triton(version_dir, out, checks=2, **{option: value})
+        entry = recorded()
+        assert result.exported and option.replace("_", " ") in result.reason, option
+        assert entry["validation"][option] == value and entry["validation"]["checks"] == 2
+        assert _sha(result.onnx) == entry["sha256"]
+    assert DEFAULT_CHECKS != 2
