@@ -76,7 +76,7 @@ def widen_to_umask(folder: str | os.PathLike[str]) -> None:
     probe = folder / ".umask-probe"
     os.mkdir(probe, 0o777)
     try:
-        dir_mode = probe.stat().st_mode & 0o777
+        dir_mode = stat.S_IMODE(probe.stat().st_mode)  # with the setgid bit a group-shared repository passes on
     finally:
         os.rmdir(probe)
     os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o666))

@@ -4,12 +4,14 @@
 server writes it after storing the new process group with the job, so a server
 killed between starting a trainer and recording it leaves no trainer behind:
 the pipe's write end closes with the server, the read returns end of file, and
-ARGV never runs. Only ``os`` and ``sys`` are imported (``-I -S``: no site, no
-PYTHONPATH), so the wait costs a bare interpreter start; ``exec`` keeps the
-process id, hence the group id and the start time the server recorded.
+ARGV never runs. Only ``os``, ``signal`` and ``sys`` are imported (``-I -S``: no site, no
+PYTHONPATH), so the wait costs little more than a bare interpreter
+start; ``exec`` keeps the process id, hence the group id and the start time the
+server recorded.
 """
 
 import os
+import signal
 import sys
 
 NOT_RELEASED = 75  # EX_TEMPFAIL: the starter went away before it let the command run
@@ -21,11 +23,14 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("held_start: no command given\n")
         return 2
     if not os.read(0, 1):
-        sys.stderr.write("segsvc: the server stopped before it recorded this process; the command did not run\n")
+        sys.stderr.write("segsvc: the command did not run: the server stopped it, or stopped itself, before "
+                         "recording it\n")
         return NOT_RELEASED
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    for name in ("SIGPIPE", "SIGXFSZ"):  # Python ignores these; exec would keep them ignored (Popen resets them)
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:

@@ -311,11 +311,16 @@ class TrainingRunner(StoreRunner):
     async def _recheck_datasets(self, run: _Run) -> None:
         """After training and evaluating, before publishing: the datasets are still what the job started on, so
         the model and its metrics describe the data they name. A file changed while the job ran fails it and
-        nothing is published; one changed and put back in between is not seen (the hash is of the contents)."""
+        nothing is published; one changed and put back in between is not seen (the hash is of the contents).
+        Once passed it is recorded: a job restarted after that may already have published its version
+        (``_place`` finds it again), and a change made since is no longer this job's to report."""
+        if run.progress.get("datasets_rechecked"):  # passed before a restart: publishing may have begun since
+            return
         try:
             await asyncio.to_thread(self._check_datasets, run.job.spec)
         except _Stop as stop:
             raise _Stop(stop.state, f"{stop}; it changed while this job ran, so nothing was published") from None
+        await self._save(run, datasets_rechecked=True)
 
     async def _set_phase(self, run: _Run, phase: str, **extra: Any) -> None:
         await self._save(run, phase=phase, **extra)

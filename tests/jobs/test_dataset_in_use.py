@@ -245,3 +245,31 @@ def test_a_job_whose_datasets_stayed_as_registered_is_published(tmp_path, store,
     monkeypatch.setattr(runner, "_publish", publish)
     final = _run_one(runner, job)
     assert (final.state, final.result) == ("SUCCEEDED", {"verdict": "published"})
+
+
+def test_a_job_restarted_after_its_recheck_passed_goes_on_to_publish(tmp_path, store, registry, monkeypatch):
+    """The recheck passed, then the server died while publishing (the version may be in the repository, even
+    the default). A change to the folder after that is not this job's: the restarted job finishes publishing
+    (``_place`` finds its version again) instead of failing with 'nothing was published'."""
+    runner = _runner(tmp_path, store, registry)
+    job = asyncio.run(runner.submit(REQUEST))
+    store.set_progress(job.id, {"datasets_rechecked": True})  # what the first run stored before publishing
+    image = next((tmp_path / "data" / "shapes" / "images" / "train").glob("*.png"))
+    image.write_bytes(image.read_bytes() + b"\0")  # changed while the server was down
+    published: list[str] = []
+
+    async def train(run):  # type: ignore[no-untyped-def]
+        return tmp_path / "candidate"
+
+    async def evaluate(run, candidate):  # type: ignore[no-untyped-def]
+        return {"candidate": {}, "default": {}}
+
+    async def publish(run, candidate, results):  # type: ignore[no-untyped-def]
+        published.append(run.job.id)
+        return {"verdict": "published"}
+
+    monkeypatch.setattr(runner, "_train", train)
+    monkeypatch.setattr(runner, "_evaluate", evaluate)
+    monkeypatch.setattr(runner, "_publish", publish)
+    final = _run_one(runner, job)
+    assert (final.state, published) == ("SUCCEEDED", [job.id]), final

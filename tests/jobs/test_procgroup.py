@@ -213,6 +213,8 @@ def test_a_held_child_stopped_before_release_never_runs_its_command(tmp_path, sp
     async def main() -> None:
         proc = GroupProcess.spawn([sys.executable, "-c", TOUCH, str(ran)], log_path=tmp_path / "log")
         spawned.append(proc)
+        # It waits in held_start (exec has run when Popen returns): the command itself has not started.
+        assert "held_start.py" in Path(f"/proc/{proc.pgid}/cmdline").read_bytes().decode(errors="replace")
         await proc.terminate(grace_s=60)
         assert proc.popen.returncode in (held_start.NOT_RELEASED, -signal.SIGTERM)
         assert not ran.exists()
@@ -229,5 +231,20 @@ def test_a_command_that_cannot_run_says_so_in_the_log(tmp_path, spawned):
         proc.release()
         assert await asyncio.wait_for(proc.wait(), 60) == held_start.NOT_FOUND
         assert "cannot run" in (tmp_path / "log").read_text()
+
+    asyncio.run(main())
+
+
+def test_the_command_gets_the_default_signal_dispositions(tmp_path, spawned):
+    """Python ignores SIGPIPE and SIGXFSZ and exec keeps what is ignored; Popen resets them for its own child,
+    and held_start must too, or a shell-script trainer would see writes to a closed pipe fail instead of end."""
+    async def main() -> None:
+        proc = GroupProcess.spawn(["sh", "-c", "grep SigIgn /proc/self/status"], log_path=tmp_path / "log")
+        spawned.append(proc)
+        proc.release()
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        ignored = int((tmp_path / "log").read_text().split()[-1], 16)
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            assert not ignored & (1 << (sig - 1)), f"{sig.name} is ignored in the command"
 
     asyncio.run(main())

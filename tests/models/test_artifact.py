@@ -71,6 +71,16 @@ def test_a_published_version_is_as_readable_as_the_umask_allows(tmp_path, umask,
     assert modes == {"1": folder, MANIFEST_FILE: file, WEIGHTS_FILE: file}
 
 
+def test_a_published_version_keeps_the_setgid_bit_of_a_group_shared_repository(tmp_path) -> None:
+    """A plain mkdir in a setgid folder is setgid too, so files added later (an export) keep the group."""
+    import stat
+
+    (tmp_path / "membrane").mkdir()
+    os.chmod(tmp_path / "membrane", 0o2775)
+    path = save_artifact(build_model(SPEC), tmp_path, "membrane", spec=SPEC)
+    assert path.stat().st_mode & stat.S_ISGID
+
+
 def test_versions_increase_and_are_never_overwritten(saved, tmp_path) -> None:
     model, _ = saved
     second = save_artifact(model, tmp_path, "membrane", spec=SPEC)
