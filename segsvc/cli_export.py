@@ -9,7 +9,9 @@ printed; an export that disagrees is refused and nothing is written).
 ``<repo>-triton``, beside the repository), from that export, exporting first
 when the version has none, or anew (replacing it, as ``onnx`` would) when
 ``--opset``, ``--checks``, ``--tolerance`` or ``--min-agreement`` is given and
-differs from what the recorded export was made with. Without ``:V`` the
+differs from what the recorded export was made with, or its file declares a
+higher ONNX IR version than its opset needs; the options not given then keep
+the recorded export's values (else the defaults). Without ``:V`` the
 version is the model's default (its ``DEFAULT`` pointer, else the newest).
 torch is imported only when the command runs, so ``segsvc --help`` stays fast.
 """
@@ -41,8 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=None,
                    help=f"ONNX opset (default {DEFAULT_OPSET}). triton: the version's recorded export is used when "
                         "this and --checks, --tolerance, --min-agreement are not given or match what it was made "
-                        "with; otherwise the version is exported anew with them, replacing the recorded export "
-                        "as --format onnx would")
+                        "with; otherwise the version is exported anew with them (those not given: the recorded "
+                        "export's values, else the defaults), replacing the recorded export as --format onnx "
+                        "would")
     p.add_argument("--checks", type=int, default=None,
                    help=f"random inputs ONNX Runtime and PyTorch are compared on (default {DEFAULT_CHECKS})")
     p.add_argument("--tolerance", type=float, default=None,
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "triton":
         Path(out).mkdir(parents=True, exist_ok=True)  # an impossible --out fails now, not after the export
     # Options not given are None: --format onnx takes the defaults, --format triton reuses the recorded export
-    # unless one that was given differs from it.
+    # unless one that was given differs from it (and a re-export keeps the recorded values of those not given).
     given = {"opset": args.opset, "checks": args.checks, "tolerance": args.tolerance,
              "min_agreement": args.min_agreement}
     defaults = {"opset": DEFAULT_OPSET, "checks": DEFAULT_CHECKS, "tolerance": DEFAULT_TOLERANCE,

@@ -194,11 +194,7 @@ def lower_ir_version(proto: onnx.ModelProto) -> None:
     paths, stack traces, the graph signature), so the file holds nothing its IR version does not know.
     The model's own ``metadata_props`` (``segsvc.*``, IR 3+) stay. The caller runs the checker after.
     """
-    import onnx
-
-    ir = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
-    if proto.functions:
-        ir = max(ir, 8)  # model-local functions came with IR 8
+    ir = needed_ir_version(proto)
     if ir >= proto.ir_version:
         return
     proto.ir_version = ir
@@ -212,6 +208,14 @@ def lower_ir_version(proto: onnx.ModelProto) -> None:
                 del node.metadata_props[:]
             for value in function.value_info:
                 del value.metadata_props[:]
+
+
+def needed_ir_version(proto: onnx.ModelProto) -> int:
+    """The lowest IR version the graph's opsets (and model-local functions, IR 8+) need."""
+    import onnx
+
+    ir = onnx.helper.find_min_ir_version_for(list(proto.opset_import), ignore_unknown=True)
+    return max(ir, 8) if proto.functions else ir  # model-local functions came with IR 8
 
 
 def _graphs(proto: onnx.ModelProto) -> Iterator[onnx.GraphProto]:

@@ -26,19 +26,28 @@ listing drops only ``.`` and ``..``), and fails on one whose name is not its
 config's, which at start-up stops the server. They go in
 ``<parent of out>/.<out's name>.segsvc-staging/`` (``tmp-<model>-XXXXXXXX``,
 ``old-<model>-XXXXXXXX``), beside ``out`` on its filesystem so the renames stay
-atomic; only where that folder cannot be made or lies on another filesystem
-(``out`` a mount point) do they go inside ``out`` as ``.tmp-<model>-XXXXXXXX``
-and ``.old-<model>-XXXXXXXX``, for the length of an export. Exports into one
-``out`` run one at a time (``flock`` on the folder ``out``), and each first
-removes the temporaries of its model that a killed export left in either place:
-only folders (never a symlink or a file) whose names match those patterns for
-that model and that ``out``. Where ``flock`` is not supported (some network
-filesystems) nothing is removed, since a live export's folders would look the same.
+atomic. That folder is made only when a model directory is to be built, removed
+after, and used only when it is a folder of the exporting user that no one else
+can write into. Where it cannot be made or used, lies on another filesystem
+(``out`` a mount point), or a rename from it into ``out`` fails with EXDEV
+(``out`` a bind mount of a folder on the same filesystem), the temporaries go
+inside ``out`` as ``.tmp-<model>-XXXXXXXX`` and ``.old-<model>-XXXXXXXX``, for
+the length of an export. Exports into one ``out`` run one at a time (``flock``
+on the folder ``out``; the manifest is read only once it is held), and each
+first removes the temporaries of its model that a killed export left in either
+place: only folders (never a symlink or a file) whose names match those patterns
+for that model and that ``out``. Where ``flock`` fails (some network
+filesystems) nothing is removed, since a live export's folders would look the
+same. Where it succeeds without excluding other hosts (on NFS a ``flock`` may
+be local to each client), exports into one ``out`` from two hosts at once are
+not kept apart, and one may remove the other's temporaries mid-export: export
+into a shared ``out`` from one host at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -57,7 +66,9 @@ from segsvc.export import (
     OUTPUT_NAME,
 )
 from segsvc.export.compare import Progress
-from segsvc.export.onnx import export_onnx, file_sha256, geometry_of, published_onnx
+from segsvc.export.onnx import (
+    export_onnx, file_sha256, geometry_of, needed_ir_version, published_onnx, version_lock,
+)
 from segsvc.models.artifact import Manifest, read_manifest
 
 CONFIG_FILE = "config.pbtxt"
@@ -209,12 +220,13 @@ def _swap_in(tmp: Path, final: Path, scratch: Path, prefix: str) -> None:
         raise AlreadyExists(f"{final} exists and is not a Triton model directory (no {CONFIG_FILE}); "
                             "move it away or choose another --out")
     old = Path(tempfile.mkdtemp(prefix=f"{prefix}old-{final.name}-", dir=scratch))
-    os.rename(final, old / final.name)
     try:
-        os.rename(tmp, final)
-    except BaseException:
-        os.rename(old / final.name, final)
-        raise
+        os.rename(final, old / final.name)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            os.rename(old / final.name, final)
+            raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -223,22 +235,38 @@ def _device(path: Path) -> int:
     return os.stat(path).st_dev
 
 
-def _staging(out: Path) -> Path | None:
-    """``<parent>/.<out's name>.segsvc-staging``, made if missing, when it is a folder (not a symlink) on
-    ``out``'s filesystem; None when there is no such place (``out`` a mount point or ``/``, a parent that
-    cannot be written)."""
+def _staging_place(out: Path) -> Path | None:
+    """``<parent>/.<out's name>.segsvc-staging`` (None when ``out`` is ``/``); nothing is made."""
     real = out.resolve()
-    if real.parent == real:
+    return None if real.parent == real else real.parent / f".{real.name}{STAGING_SUFFIX}"
+
+
+def _own_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder (not a symlink) of this user that no one else can write into: the only
+    kind of staging folder used, or cleaned up (anyone could swap what is in another one)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _staging(out: Path) -> Path | None:
+    """The staging folder (``_staging_place``), made if missing, when it is this user's own folder
+    (``_own_folder``) on ``out``'s filesystem; None when there is no such place (``out`` a mount point or
+    ``/``, a parent that cannot be written, a folder of that name that is another user's or writable by
+    others). ``_build`` still falls back to ``out`` when a rename from it fails (``out`` a bind mount)."""
+    staging = _staging_place(out)
+    if staging is None:
         return None
-    staging = real.parent / f".{real.name}{STAGING_SUFFIX}"
     made = False
     try:
         try:
-            staging.mkdir()
+            staging.mkdir(mode=0o755)
             made = True
         except FileExistsError:
             pass
-        if stat.S_ISDIR(os.lstat(staging).st_mode) and _device(staging) == _device(real):
+        if _own_folder(staging) and _device(staging) == _device(out.resolve()):
             return staging
     except OSError:
         pass
@@ -246,6 +274,38 @@ def _staging(out: Path) -> Path | None:
         with contextlib.suppress(OSError):
             staging.rmdir()
     return None
+
+
+def _build(out: Path, staging: Path | None, manifest: Manifest, onnx_path: Path, max_batch_size: int) -> Path:
+    """Build ``<model>`` in ``staging`` and swap it in as ``out/<model>``; in ``out`` itself (as
+    ``.tmp-<model>-XXXXXXXX``) when there is no staging folder, no temporary can be made in it, or a rename
+    from it into ``out`` fails with EXDEV (``out`` a bind mount: the same ``st_dev``, another mount)."""
+    final = out / manifest.name
+    places = ([(staging, "")] if staging is not None else []) + [(out, ".")]
+    for scratch, prefix in places:
+        inside_out = scratch == out
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}tmp-{manifest.name}-", dir=scratch))
+        except OSError as exc:
+            if inside_out:
+                raise
+            log.info("cannot build in %s (%s): building inside %s", scratch, exc, out)
+            continue
+        try:
+            _write_model_dir(tmp, manifest, onnx_path, str(manifest.exports["onnx"]["sha256"]), max_batch_size)
+            _swap_in(tmp, final, scratch, prefix)
+            return final
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp)
+            if inside_out or exc.errno != errno.EXDEV:
+                raise
+            log.info("cannot rename from %s into %s (another mount): building inside %s", scratch, out, out)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp)
+            raise
+    raise AssertionError("unreachable: building inside out either returns or raises")
 
 
 def _remove_stale(folder: Path, model: str, prefix: str) -> None:
@@ -287,13 +347,46 @@ def _repository_lock(out: Path) -> Iterator[bool]:
 _VALIDATION_OPTIONS = (("checks", "checks"), ("tolerance", "tolerance"), ("min_agreement", "min agreement"))
 
 
+def _recorded_options(manifest: Manifest) -> dict[str, Any]:
+    """What the recorded export was made with: ``opset``, ``checks``, ``tolerance``, ``min_agreement`` (each
+    only when recorded, and a value those options can take)."""
+    entry = manifest.exports.get("onnx")
+    entry = entry if isinstance(entry, dict) else {}
+    validation = entry.get("validation")
+    validation = validation if isinstance(validation, dict) else {}
+    recorded = {"opset": entry.get("opset"), **{key: validation.get(key) for key, _ in _VALIDATION_OPTIONS}}
+    valid = {
+        "opset": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+        "checks": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "tolerance": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+        "min_agreement": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+    }
+    return {key: value for key, value in recorded.items() if valid[key](value)}
+
+
+def export_options(manifest: Manifest, opset: int | None = None, checks: int | None = None,
+                   tolerance: float | None = None, min_agreement: float | None = None) -> dict[str, Any]:
+    """The options ``export_triton`` exports anew with: those given, else the recorded export's, else the
+    defaults."""
+    defaults = {"opset": DEFAULT_OPSET, "checks": DEFAULT_CHECKS, "tolerance": DEFAULT_TOLERANCE,
+                "min_agreement": MIN_AGREEMENT}
+    given = {"opset": opset, "checks": checks, "tolerance": tolerance, "min_agreement": min_agreement}
+    recorded = _recorded_options(manifest)
+    return {key: given[key] if given[key] is not None else recorded.get(key, default)
+            for key, default in defaults.items()}
+
+
 def why_export(manifest: Manifest, opset: int | None = None, checks: int | None = None,
-               tolerance: float | None = None, min_agreement: float | None = None) -> str | None:
+               tolerance: float | None = None, min_agreement: float | None = None, *,
+               onnx_path: Path | None = None) -> str | None:
     """Why ``export_triton`` must make a new ONNX export rather than use the recorded one (None: use it).
 
     The recorded export is used when the options were not given (None) or equal what it recorded: its
     ``opset`` and its validation's ``checks``, ``tolerance`` and ``min_agreement``. An option that was
-    given and differs, or that the export did not record, means a new export.
+    given and differs, or that the export did not record, means a new export. With ``onnx_path`` (the
+    recorded file, verified by ``published_onnx``) so does a file that declares a higher ONNX IR version
+    than its opsets need: made before segsvc lowered it (the exporter's IR 10, which ONNX Runtime <= 1.16,
+    as in Triton 23.x, refuses).
     """
     entry = manifest.exports.get("onnx")
     if not isinstance(entry, dict) or not entry.get("file"):
@@ -306,7 +399,20 @@ def why_export(manifest: Manifest, opset: int | None = None, checks: int | None 
     for (key, label), asked in zip(_VALIDATION_OPTIONS, (checks, tolerance, min_agreement)):
         if asked is not None and validation.get(key) != asked:
             differ.append(f"{label} {validation.get(key, '(not recorded)')}, not {asked:g}")
-    return f"the recorded export was made with {', '.join(differ)}" if differ else None
+    if differ:
+        return f"the recorded export was made with {', '.join(differ)}"
+    if onnx_path is not None:
+        import onnx
+
+        try:
+            proto = onnx.load(onnx_path, load_external_data=False)
+        except Exception:  # noqa: BLE001 - not ours to judge: published_onnx verified it, onnxruntime will load it
+            return None
+        needed = needed_ir_version(proto)
+        if proto.ir_version > needed:
+            return (f"the recorded export declares ONNX IR version {proto.ir_version}, above the {needed} its "
+                    "opsets need (ONNX Runtime <= 1.16, as in Triton 23.x, refuses IR 10)")
+    return None
 
 
 def export_triton(version_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -316,9 +422,14 @@ def export_triton(version_dir: str | os.PathLike[str], out: str | os.PathLike[st
     """Write ``out/<model>/`` for Triton from a version's validated ONNX export (exporting it first if needed).
 
     The version's recorded export is used (its SHA-256 verified) unless it has none, or ``opset``,
-    ``checks``, ``tolerance`` or ``min_agreement`` was given and differs from what it recorded
-    (``why_export``): then the version is exported anew with those options (the defaults for the ones
-    not given), replacing the recorded export exactly as ``export_onnx`` does.
+    ``checks``, ``tolerance`` or ``min_agreement`` was given and differs from what it recorded, or its file
+    declares a higher IR version than its opsets need (``why_export``): then the version is exported anew
+    (``export_options``: the options given, the recorded export's for those not given, else the defaults),
+    replacing the recorded export exactly as ``export_onnx`` does.
+
+    The manifest is read once the lock on ``out`` is held (another export into ``out`` may have re-exported
+    the version meanwhile), and the recorded file is verified and copied holding the version's
+    ``version_lock`` (so no ``--format onnx`` export replaces it between); locks are taken in that order.
 
     Args:
         version_dir: ``<repo>/<model>/<version>``.
@@ -336,39 +447,41 @@ def export_triton(version_dir: str | os.PathLike[str], out: str | os.PathLike[st
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
     version_dir = Path(version_dir)
-    manifest = read_manifest(version_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    given = {"opset": opset, "checks": checks, "tolerance": tolerance, "min_agreement": min_agreement}
     with _repository_lock(out) as locked:
-        staging = _staging(out)
-        if locked:  # no other export into out runs now: any temporary of this model is a killed one's
-            _remove_stale(out, manifest.name, ".")
-            if staging is not None:
-                _remove_stale(staging, manifest.name, "")
-        reason = why_export(manifest, opset, checks, tolerance, min_agreement)
-        replaced = None
-        if reason is None:
-            onnx_path = published_onnx(version_dir, manifest)
-            assert onnx_path is not None  # why_export found a recorded export
-        else:
-            entry = manifest.exports.get("onnx")
-            replaced = str(entry["file"]) if isinstance(entry, dict) and entry.get("file") else None
-            result = export_onnx(version_dir, opset=DEFAULT_OPSET if opset is None else opset,
-                                 checks=DEFAULT_CHECKS if checks is None else checks,
-                                 tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
-                                 min_agreement=MIN_AGREEMENT if min_agreement is None else min_agreement,
-                                 progress=progress)
-            onnx_path, manifest = result.path, result.manifest
-        scratch, prefix = (staging, "") if staging is not None else (out, ".")
-        tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}tmp-{manifest.name}-", dir=scratch))
-        final = out / manifest.name
+        staging: Path | None = None  # made only once there is a model directory to build
         try:
-            _write_model_dir(tmp, manifest, onnx_path, str(manifest.exports["onnx"]["sha256"]), max_batch_size)
-            _swap_in(tmp, final, scratch, prefix)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(tmp)
-            raise
+            manifest = read_manifest(version_dir)
+            if locked:  # no other export into out runs now: any temporary of this model is a killed one's
+                _remove_stale(out, manifest.name, ".")
+                place = _staging_place(out)
+                if place is not None and _own_folder(place):
+                    _remove_stale(place, manifest.name, "")
+            replaced = None
+            with version_lock(version_dir):  # inside the out lock, never the other way round
+                manifest = read_manifest(version_dir)
+                reason = why_export(manifest, **given)
+                if reason is None:
+                    onnx_path = published_onnx(version_dir, manifest)
+                    assert onnx_path is not None  # why_export found a recorded export
+                    reason = why_export(manifest, **given, onnx_path=onnx_path)
+                if reason is None:
+                    staging = _staging(out)
+                    final = _build(out, staging, manifest, onnx_path, max_batch_size)
+            if reason is not None:  # export_onnx takes version_lock itself: not held here
+                entry = manifest.exports.get("onnx")
+                replaced = str(entry["file"]) if isinstance(entry, dict) and entry.get("file") else None
+                result = export_onnx(version_dir, **export_options(manifest, **given), progress=progress)
+                with version_lock(version_dir):
+                    manifest = read_manifest(version_dir)
+                    entry = manifest.exports.get("onnx")
+                    if not isinstance(entry, dict) or entry.get("sha256") != result.sha256:
+                        raise ArtifactError(f"{manifest.name}:{manifest.version}: exported again by another "
+                                            "export while this one ran; export again")
+                    staging = _staging(out)
+                    final = _build(out, staging, manifest, result.path, max_batch_size)
         finally:
             if staging is not None and locked:  # empty unless a removal failed
                 with contextlib.suppress(OSError):

@@ -293,7 +293,7 @@ def test_two_first_exports_at_once_leave_a_manifest_that_matches_its_file(
     def held_write_manifest(*args: object, **kwargs: object) -> object:
         if threading.current_thread().name == "A" and not a_wrote_file.is_set():
             a_wrote_file.set()
-            assert b_reached.wait(60), "B neither finished nor waited for a lock"
+            assert b_reached.wait(300), "B neither finished nor waited for a lock"
         return real_write_manifest(*args, **kwargs)
 
     def flock(fd: int, operation: int) -> None:
@@ -316,11 +316,11 @@ def test_two_first_exports_at_once_leave_a_manifest_that_matches_its_file(
 
     a = threading.Thread(target=run, args=("A", 18), name="A")
     a.start()
-    assert a_wrote_file.wait(60) or not a.is_alive(), "A never reached its manifest write"
+    assert a_wrote_file.wait(300) or not a.is_alive(), "A never reached its manifest write"
     b = threading.Thread(target=run, args=("B", 17), name="B")
     b.start()
-    a.join(60)
-    b.join(60)
+    a.join(300)  # against a hang only: each spans a whole export
+    b.join(300)
     assert not a.is_alive() and not b.is_alive()
     assert all(not isinstance(r, BaseException) for r in results.values()), results
     entry = read_manifest(version_dir).exports["onnx"]

@@ -359,15 +359,195 @@ def test_options_that_differ_from_the_recorded_export_make_a_new_one(repo: Path,
     result = export_triton(version_dir, out, opset=17, checks=1)  # now it matches
     assert not result.exported and result.reason is None and recorded() == entry
 
-    result = export_triton(version_dir, out, checks=2)  # as `--format onnx --checks 2`: the default opset
+    result = export_triton(version_dir, out, checks=2)  # the options not given: the recorded export's (opset 17)
     entry = recorded()
     assert result.exported and "checks" in result.reason
-    assert entry["opset"] == 18 and entry["validation"]["checks"] == 2 and opset_of(result.onnx) == 18
+    assert entry["opset"] == 17 and entry["validation"]["checks"] == 2 and opset_of(result.onnx) == 17
 
     for option, value in (("tolerance", DEFAULT_TOLERANCE / 2), ("min_agreement", 0.99)):
         result = export_triton(version_dir, out, checks=2, **{option: value})
         entry = recorded()
         assert result.exported and option.replace("_", " ") in result.reason, option
         assert entry["validation"][option] == value and entry["validation"]["checks"] == 2
-        assert _sha(result.onnx) == entry["sha256"]
+        assert entry["opset"] == 17 and _sha(result.onnx) == entry["sha256"]
+    assert entry["validation"]["tolerance"] == DEFAULT_TOLERANCE / 2  # kept by the min_agreement re-export
     assert DEFAULT_CHECKS != 2
+
+
+def test_a_second_export_into_out_waits_then_reads_the_manifest_the_first_left(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-exports (opset 17, replacing model.onnx) holding the out lock while B waits for it: B must read the
+    manifest only once it has the lock, and use A's new file rather than the removed one."""
+    import fcntl
+    import threading
+
+    import segsvc.export.triton as triton
+
+    version_dir = publish(repo, "m", TINY["unet"])
+    export_onnx(version_dir, checks=1)
+    out = tmp_path / "triton"
+    a_in_lock, b_waits = threading.Event(), threading.Event()
+    real_export, real_flock = triton.export_onnx, fcntl.flock
+
+    def held_export(*args: object, **kwargs: object) -> object:
+        if threading.current_thread().name == "A":
+            a_in_lock.set()  # A holds the out lock, about to re-export
+            assert b_waits.wait(300), "B neither finished nor waited for the out lock"
+        return real_export(*args, **kwargs)
+
+    def flock(fd: int, operation: int) -> None:
+        if threading.current_thread().name == "B" and operation & fcntl.LOCK_EX:
+            b_waits.set()  # B is about to wait for A's out lock
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(triton, "export_onnx", held_export)
+    monkeypatch.setattr(fcntl, "flock", flock)
+    results: dict[str, object] = {}
+
+    def run(name: str, **options: object) -> None:
+        try:
+            results[name] = export_triton(version_dir, out, **options)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            results[name] = exc
+        finally:
+            a_in_lock.set()
+            b_waits.set()
+
+    a = threading.Thread(target=run, args=("A",), kwargs={"opset": 17, "checks": 1}, name="A")
+    a.start()
+    assert a_in_lock.wait(300), "A never reached its export"
+    b = threading.Thread(target=run, args=("B",), name="B")
+    b.start()
+    a.join(300)
+    b.join(300)
+    assert not a.is_alive() and not b.is_alive()
+    assert all(not isinstance(r, BaseException) for r in results.values()), results
+    first, second = results["A"], results["B"]
+    entry = read_manifest(version_dir).exports["onnx"]
+    assert first.exported and entry["opset"] == 17 and entry["file"] != "model.onnx"
+    assert not second.exported  # A's export matches what B asked for (nothing): used, not made again
+    assert _sha(second.onnx) == entry["sha256"] == _sha(version_dir / entry["file"])
+    assert _entries(out) == ["m"] and _entries(tmp_path) == ["model_repository", "triton"]
+
+
+def test_a_recorded_export_above_the_ir_version_its_opsets_need_is_made_again(repo: Path, tmp_path: Path) -> None:
+    """A version exported before segsvc lowered the IR version (IR 10, refused by ONNX Runtime <= 1.16) must not
+    reach Triton as it is: it is exported anew, with the options it was made with."""
+    from dataclasses import replace
+
+    from segsvc.export.onnx import file_sha256
+    from segsvc.models.artifact import write_manifest
+
+    version_dir = publish(repo, "m", TINY["unet"])
+    made = export_onnx(version_dir, checks=1, opset=17)
+    graph = onnx.load(made.path)
+    graph.ir_version = 10
+    onnx.save(graph, made.path)
+    manifest = read_manifest(version_dir)
+    entry = {**manifest.exports["onnx"], "sha256": file_sha256(made.path)}
+    write_manifest(version_dir, replace(manifest, exports={**manifest.exports, "onnx": entry}))
+
+    result = export_triton(version_dir, tmp_path / "triton")
+    assert result.exported and "IR version 10" in result.reason and result.replaced == "model.onnx"
+    assert onnx.load(result.onnx).ir_version == 8
+    entry = read_manifest(version_dir).exports["onnx"]
+    assert entry["opset"] == 17 and entry["validation"]["checks"] == 1  # the recorded export's options
+    assert _sha(result.onnx) == entry["sha256"]
+    assert not export_triton(version_dir, tmp_path / "triton").exported  # and now it is reused
+
+
+def _building_places(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Where each model directory is built (the folder holding ``<tmp>/1/model.onnx``), as export_triton runs."""
+    import segsvc.export.triton as triton
+
+    seen: list[Path] = []
+    real_copy = triton.shutil.copyfile
+
+    def copy(src: object, dst: object, **kwargs: object) -> object:
+        seen.append(Path(str(dst)).parents[2])
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(triton.shutil, "copyfile", copy)
+    return seen
+
+
+def test_a_staging_folder_others_can_write_is_not_used(repo: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone else's (or a group- or world-writable) ``.<out>.segsvc-staging`` could be swapped under the export:
+    the export builds inside out instead, and leaves that folder alone."""
+    version_dir = publish(repo, "m", TINY["unet"])
+    export_onnx(version_dir, checks=1)
+    out = tmp_path / "triton"
+    out.mkdir()
+    staging = tmp_path / ".triton.segsvc-staging"
+    staging.mkdir()
+    staging.chmod(0o777)
+    (staging / "tmp-m-abcd1234").mkdir()  # looks like a killed export's, but in a folder that is not ours
+    places = _building_places(monkeypatch)
+    export_triton(version_dir, out)
+    export_triton(version_dir, out)
+    assert places == [out, out]
+    assert _entries(out) == ["m"] and _entries(staging) == ["tmp-m-abcd1234"]
+    assert staging.stat().st_mode & 0o777 == 0o777
+
+
+def test_a_staging_folder_that_cannot_be_written_is_not_used(repo: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leftover staging folder the export cannot make its temporary in (another user's): it builds inside out."""
+    import segsvc.export.triton as triton
+
+    version_dir = publish(repo, "m", TINY["unet"])
+    export_onnx(version_dir, checks=1)
+    out = tmp_path / "triton"
+    real_mkdtemp = triton.tempfile.mkdtemp
+
+    def mkdtemp(*args: object, dir: object = None, **kwargs: object) -> str:  # noqa: A002 - mkdtemp's name
+        if dir is not None and Path(str(dir)).name.endswith(".segsvc-staging"):
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkdtemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(triton.tempfile, "mkdtemp", mkdtemp)
+    places = _building_places(monkeypatch)
+    export_triton(version_dir, out)
+    assert places == [out]
+    assert _entries(out) == ["m"] and _entries(tmp_path) == ["model_repository", "triton"]
+
+
+def test_a_rename_across_mounts_from_the_staging_folder_falls_back_to_building_inside_out(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """out a bind mount of a folder on its parent's filesystem: same st_dev, yet rename() into it fails with EXDEV."""
+    import errno
+    import os
+
+    import segsvc.export.triton as triton
+
+    version_dir = publish(repo, "m", TINY["unet"])
+    export_onnx(version_dir, checks=1)
+    out = tmp_path / "triton"
+    staging = tmp_path / ".triton.segsvc-staging"
+    export_triton(version_dir, out)  # a model directory to replace
+    real_rename = os.rename
+    refused: list[str] = []
+
+    def rename(src: object, dst: object, *args: object, **kwargs: object) -> None:
+        if staging in Path(str(src)).parents or staging in Path(str(dst)).parents:
+            refused.append(str(src))
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(triton.os, "rename", rename)
+    places = _building_places(monkeypatch)
+    result = export_triton(version_dir, out, max_batch_size=2)
+    assert refused and places == [staging, out]
+    assert "max_batch_size: 2" in result.config.read_text()
+    assert _entries(out) == ["m"] and _entries(tmp_path) == ["model_repository", "triton"]
+    assert _entries(out / "m") == ["1", "config.pbtxt", "labels.txt", "segsvc.json"]
+
+
+def test_a_failed_export_leaves_nothing_beside_out(repo: Path, tmp_path: Path) -> None:
+    version_dir = publish(repo, "m", TINY["unet"])
+    made = export_onnx(version_dir, checks=1)
+    made.path.write_bytes(made.path.read_bytes() + b"x")
+    with pytest.raises(ArtifactError, match="does not match the SHA-256"):
+        export_triton(version_dir, tmp_path / "triton")
+    assert _entries(tmp_path) == ["model_repository", "triton"] and _entries(tmp_path / "triton") == []
