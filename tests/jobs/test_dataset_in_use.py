@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import pytest
 
@@ -197,18 +198,15 @@ def test_a_registered_dataset_whose_content_changed_fails_the_job_and_an_unchang
     assert final.state == "FAILED" and final.error.startswith("dataset 'shapes' changed since it was registered")
 
 
-def test_a_dataset_changed_while_the_job_trained_fails_it_and_nothing_is_published(tmp_path, store, registry,
-                                                                                   monkeypatch):
-    """The datasets were checked only when the trainer started: an image replaced during training went unseen,
-    and the model was published with metrics for data it never saw. They are checked again before publishing."""
-    runner = _runner(tmp_path, store, registry)
-    job = asyncio.run(runner.submit(REQUEST))
+def _without_trainer(runner: TrainingRunner, monkeypatch: pytest.MonkeyPatch,
+                     during_training: Callable[[], None] = lambda: None) -> list[str]:
+    """Replace the runner's train, evaluate and publish phases (``during_training`` runs in the first); the ids
+    of the jobs that reached publishing."""
     published: list[str] = []
 
     async def train(run):  # type: ignore[no-untyped-def]
-        image = next((tmp_path / "data" / "shapes" / "images" / "train").glob("*.png"))
-        image.write_bytes(image.read_bytes() + b"\0")  # someone edits the folder while the trainer reads it
-        return tmp_path / "candidate"
+        during_training()
+        return Path("candidate")
 
     async def evaluate(run, candidate):  # type: ignore[no-untyped-def]
         return {"candidate": {}, "default": {}}
@@ -220,6 +218,21 @@ def test_a_dataset_changed_while_the_job_trained_fails_it_and_nothing_is_publish
     monkeypatch.setattr(runner, "_train", train)
     monkeypatch.setattr(runner, "_evaluate", evaluate)
     monkeypatch.setattr(runner, "_publish", publish)
+    return published
+
+
+def _touch_a_training_image(tmp_path: Path) -> None:
+    image = next((tmp_path / "data" / "shapes" / "images" / "train").glob("*.png"))
+    image.write_bytes(image.read_bytes() + b"\0")  # still inside the data root, but not what was registered
+
+
+def test_a_dataset_changed_while_the_job_trained_fails_it_and_nothing_is_published(tmp_path, store, registry,
+                                                                                   monkeypatch):
+    """The datasets were checked only when the trainer started: an image replaced during training went unseen,
+    and the model was published with metrics for data it never saw. They are checked again before publishing."""
+    runner = _runner(tmp_path, store, registry)
+    job = asyncio.run(runner.submit(REQUEST))
+    published = _without_trainer(runner, monkeypatch, lambda: _touch_a_training_image(tmp_path))
     final = _run_one(runner, job)
     assert final.state == "FAILED", final
     assert final.error == ("dataset 'shapes' changed since it was registered (or a link now leads outside the data "
@@ -230,21 +243,9 @@ def test_a_dataset_changed_while_the_job_trained_fails_it_and_nothing_is_publish
 def test_a_job_whose_datasets_stayed_as_registered_is_published(tmp_path, store, registry, monkeypatch):
     runner = _runner(tmp_path, store, registry)
     job = asyncio.run(runner.submit(REQUEST))
-
-    async def train(run):  # type: ignore[no-untyped-def]
-        return tmp_path / "candidate"
-
-    async def evaluate(run, candidate):  # type: ignore[no-untyped-def]
-        return {"candidate": {}, "default": {}}
-
-    async def publish(run, candidate, results):  # type: ignore[no-untyped-def]
-        return {"verdict": "published"}
-
-    monkeypatch.setattr(runner, "_train", train)
-    monkeypatch.setattr(runner, "_evaluate", evaluate)
-    monkeypatch.setattr(runner, "_publish", publish)
+    published = _without_trainer(runner, monkeypatch)
     final = _run_one(runner, job)
-    assert (final.state, final.result) == ("SUCCEEDED", {"verdict": "published"})
+    assert (final.state, final.result, published) == ("SUCCEEDED", {"verdict": "published"}, [job.id])
 
 
 def test_a_job_restarted_after_its_recheck_passed_goes_on_to_publish(tmp_path, store, registry, monkeypatch):
@@ -254,22 +255,7 @@ def test_a_job_restarted_after_its_recheck_passed_goes_on_to_publish(tmp_path, s
     runner = _runner(tmp_path, store, registry)
     job = asyncio.run(runner.submit(REQUEST))
     store.set_progress(job.id, {"datasets_rechecked": True})  # what the first run stored before publishing
-    image = next((tmp_path / "data" / "shapes" / "images" / "train").glob("*.png"))
-    image.write_bytes(image.read_bytes() + b"\0")  # changed while the server was down
-    published: list[str] = []
-
-    async def train(run):  # type: ignore[no-untyped-def]
-        return tmp_path / "candidate"
-
-    async def evaluate(run, candidate):  # type: ignore[no-untyped-def]
-        return {"candidate": {}, "default": {}}
-
-    async def publish(run, candidate, results):  # type: ignore[no-untyped-def]
-        published.append(run.job.id)
-        return {"verdict": "published"}
-
-    monkeypatch.setattr(runner, "_train", train)
-    monkeypatch.setattr(runner, "_evaluate", evaluate)
-    monkeypatch.setattr(runner, "_publish", publish)
+    _touch_a_training_image(tmp_path)  # changed while the server was down
+    published = _without_trainer(runner, monkeypatch)
     final = _run_one(runner, job)
     assert (final.state, published) == ("SUCCEEDED", [job.id]), final
