@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from segsvc.config import InferenceSpec, InputSpec
 from segsvc.data.registration import shift_image
-from segsvc.data.transforms import preprocess, reseed
+from segsvc.data.transforms import LabelScale, preprocess, reseed
 from segsvc.errors import InvalidArgument
 from segsvc.inference.contract import network_input
 
@@ -49,10 +49,8 @@ def rescale_transform(scale: tuple[float, float]) -> A.BasicTransform | None:
         raise ValueError(f"data.scale must be 0 < lo <= hi, got {scale}")
     if lo == hi == 1.0:
         return None
-    return A.RandomScale(
-        scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR,
-        mask_interpolation=cv2.INTER_NEAREST, area_for_downscale="image", p=1.0,
-    )
+    return LabelScale(scale_limit=(lo - 1.0, hi - 1.0), interpolation=cv2.INTER_LINEAR,
+                      area_for_downscale="image", p=1.0)
 
 
 class TrainSamples(Dataset):

@@ -34,7 +34,7 @@ import numpy as np
 from segsvc.config import MAX_INPUT_SHIFT
 from segsvc.errors import DatasetError
 
-__all__ = ["dataset_offsets", "label_offset", "mean_offset", "shift_image"]
+__all__ = ["dataset_offsets", "label_offset", "mean_offset", "parabola_peak", "shift_image"]
 
 
 def shift_image(image: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
@@ -51,7 +51,7 @@ def shift_image(image: np.ndarray, shift: tuple[float, float]) -> np.ndarray:
     return out.reshape(image.shape)  # cv2 drops a single channel axis
 
 
-def _peak(c: np.ndarray) -> float:
+def parabola_peak(c: np.ndarray) -> float:
     """Sub-pixel position in [-0.5, 0.5] of the maximum of three samples at -1, 0, 1."""
     curvature = c[0] - 2 * c[1] + c[2]
     return 0.0 if curvature >= 0 else float(np.clip(0.5 * (c[0] - c[2]) / curvature, -0.5, 0.5))
@@ -73,8 +73,8 @@ def _correlation_peak(grey: np.ndarray, b: np.ndarray, radius: int) -> tuple[flo
     if iy in (0, size - 1) or ix in (0, size - 1):
         raise DatasetError(f"the labels are offset from the image by {radius} px or more; "
                            "the images and masks look misregistered")
-    return (float(iy - radius + _peak(corr[iy - 1 : iy + 2, ix])),
-            float(ix - radius + _peak(corr[iy, ix - 1 : ix + 2])))
+    return (float(iy - radius + parabola_peak(corr[iy - 1 : iy + 2, ix])),
+            float(ix - radius + parabola_peak(corr[iy, ix - 1 : ix + 2])))
 
 
 def label_offset(image: np.ndarray, mask: np.ndarray, radius: int = 2, passes: int = 4) -> tuple[float, float]:

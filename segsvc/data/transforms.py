@@ -9,9 +9,9 @@ re-exported here.
 
 ``train_transform`` builds the named augmentation presets (albumentations 2.x):
 image and mask go through the same geometric transform, masks are resampled
-with nearest-neighbour interpolation (labels are never blended) and padding of
-the mask is filled with the ignore index, so padded pixels count in neither
-loss nor metrics.
+without blending labels (``resize_labels`` for scaling, nearest neighbour
+otherwise) and padding of the mask is filled with the ignore index, so padded
+pixels count in neither loss nor metrics.
 """
 
 from __future__ import annotations
@@ -27,7 +27,71 @@ from albumentations.augmentations.crops.transforms import BaseCrop
 from segsvc.data.preprocess import as_hwc, preprocess
 from segsvc.errors import InvalidArgument
 
-__all__ = ["PRESETS", "ClassUniformCrop", "as_hwc", "preprocess", "reseed", "train_transform"]
+__all__ = ["PRESETS", "ClassUniformCrop", "LabelScale", "as_hwc", "preprocess", "reseed", "resize_labels",
+           "train_transform"]
+
+
+# -- label maps resized in register with their images ------------------------------------------
+def resize_labels(mask: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """``mask`` (``HxW`` class ids) resized to ``size`` (height, width), in register with its image.
+
+    OpenCV's ``INTER_NEAREST`` takes source pixel ``floor(i / s)`` for output pixel
+    ``i``: corner-aligned, while ``INTER_LINEAR`` and ``INTER_AREA`` resize images
+    centre-aligned. A mask resized with it sits about half an output pixel below and
+    to the right of its image at any scale that is not a whole-number enlargement
+    (a quarter pixel on average at exactly x0.5), and a network trained on it learns
+    that offset. Here an enlargement takes the source pixel under each output
+    pixel's centre (``INTER_NEAREST_EXACT``); a reduction gives each output pixel
+    the class that covers most of its area (each class's share resized with
+    ``INTER_AREA``), exact ties broken at random from ``rng`` so that no class
+    wins every boundary. Labels are never blended.
+
+    Example:
+        >>> m = np.array([[0, 0, 1, 1]] * 2, np.uint8)
+        >>> resize_labels(m, (1, 2), np.random.default_rng(0)).tolist()
+        [[0, 1]]
+    """
+    if mask.ndim == 3:
+        return np.stack([resize_labels(mask[..., c], size, rng) for c in range(mask.shape[2])], axis=2)
+    height, width = size
+    if (height, width) == mask.shape:
+        return mask
+    if height >= mask.shape[0] and width >= mask.shape[1]:
+        return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+    values = np.flatnonzero(np.bincount(mask.ravel())) if mask.dtype.kind == "u" else np.unique(mask)
+    out = np.full((height, width), values[0], mask.dtype)
+    if len(values) == 1:
+        return out
+    best = np.full((height, width), -1.0, np.float32)
+    wins = np.empty((height, width), bool)
+    # a hundredth of the share one source pixel has in an output pixel: it decides only (near) ties
+    jitter = 0.01 * height * width / mask.size
+    for value in values:
+        share = cv2.resize((mask == value).astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+        share += rng.random((height, width), dtype=np.float32) * np.float32(jitter)
+        np.greater(share, best, out=wins)
+        np.copyto(out, out.dtype.type(value), where=wins)
+        np.maximum(best, share, out=best)
+    return out
+
+
+class LabelScale(A.RandomScale):
+    """``A.RandomScale`` whose mask is resized by ``resize_labels``: in register with the image.
+
+    The image is resized as ``A.RandomScale`` does (``interpolation``, or
+    ``INTER_AREA`` when shrinking with ``area_for_downscale="image"``).
+    """
+
+    def __init__(self, scale_limit: tuple[float, float], interpolation: int = cv2.INTER_LINEAR,
+                 area_for_downscale: str | None = None, p: float = 1.0) -> None:
+        if area_for_downscale == "image_mask":
+            raise InvalidArgument("LabelScale resizes masks itself: area_for_downscale may be None or 'image'")
+        super().__init__(scale_limit=scale_limit, interpolation=interpolation,
+                         area_for_downscale=area_for_downscale, p=p)
+
+    def apply_to_mask(self, mask: np.ndarray, scale: float, **params: Any) -> np.ndarray:
+        height, width = mask.shape[:2]
+        return resize_labels(mask, (int(height * scale), int(width * scale)), self.random_generator)
 
 
 # -- training augmentation presets ---------------------------------------------------------
@@ -90,8 +154,7 @@ def _pad_and_crop(crop_hw: tuple[int, int] | None, ignore_index: int, class_unif
 def _street(crop: list[A.BasicTransform]) -> list[A.BasicTransform]:
     """Street scenes (CamVid): scale jitter 0.5-2x, pad + random crop, horizontal flip, colour jitter."""
     return [
-        A.RandomScale(scale_limit=(-0.5, 1.0), interpolation=cv2.INTER_LINEAR,
-                      mask_interpolation=cv2.INTER_NEAREST, p=1.0),
+        LabelScale(scale_limit=(-0.5, 1.0), interpolation=cv2.INTER_LINEAR, p=1.0),
         *crop,
         A.HorizontalFlip(p=0.5),
         A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=0.8),

@@ -63,7 +63,7 @@ def test_em_preset_on_grey_images() -> None:
 
 
 @pytest.mark.parametrize("preset", ["street", "em", "synthetic", "none"])
-def test_masks_use_nearest_interpolation(preset: str) -> None:
+def test_masks_are_never_blended(preset: str) -> None:
     """Labels 0/100/200 never produce in-between values such as 50 or 150."""
     transform = train_transform(preset, crop_hw=(48, 64), seed=2)
     for seed in range(6):
@@ -210,7 +210,7 @@ def test_reseeded_street_preset_draws_scale_and_flip_independently() -> None:
     for seed in range(200):
         reseed(street, seed)
         applied = dict(street(image=image, mask=mask)["applied_transforms"])
-        zoomed_and_flipped += "HorizontalFlip" in applied and applied["RandomScale"]["scale"] > 1.5
+        zoomed_and_flipped += "HorizontalFlip" in applied and applied["LabelScale"]["scale"] > 1.5
     assert zoomed_and_flipped > 10  # about a quarter of 200 when independent; 0 when tied
 
 
@@ -220,3 +220,79 @@ def test_a_seeded_preset_draws_its_choices_independently() -> None:
                                                                            mask=QUADRANTS)["mask"])
             for seed in range(200)}
     assert len(seen) == 8, sorted(seen)
+
+
+# -- label maps resized in register with their images ---------------------------------------------
+def squares(offset: int, size: int = 96) -> np.ndarray:
+    """Class 1 on a square whose edges fall at odd and even positions as ``offset`` varies."""
+    labels = np.zeros((size, size), np.uint8)
+    labels[20 + offset:61 + offset, 17 + offset:58 + offset] = 1
+    return labels
+
+
+def mean_offset(transform: A.BasicTransform) -> np.ndarray:
+    """Mean (dy, dx) of the scaled mask's class-1 centroid from the scaled image's, over 12 placements."""
+    offsets = []
+    for offset in range(12):
+        labels = squares(offset)
+        out = A.Compose([transform], seed=0)(image=labels * 200, mask=labels)
+        image, mask = out["image"].astype(float), out["mask"].astype(float)
+        ys, xs = np.mgrid[:mask.shape[0], :mask.shape[1]]
+        offsets.append([(mask * ys).sum() / mask.sum() - (image * ys).sum() / image.sum(),
+                        (mask * xs).sum() / mask.sum() - (image * xs).sum() / image.sum()])
+    return np.mean(offsets, axis=0)
+
+
+@pytest.mark.parametrize("scale", [0.5, 0.73, 1.37, 2.0])
+@pytest.mark.parametrize("area", [None, "image"])
+def test_scaled_masks_stay_in_register_with_their_images(scale: float, area: str | None) -> None:
+    """``INTER_NEAREST`` left masks about 0.5 output px below and right of their images (0.25 at x0.5)."""
+    from segsvc.data.transforms import LabelScale
+
+    shift = mean_offset(LabelScale(scale_limit=(scale - 1.0, scale - 1.0), area_for_downscale=area))
+    assert np.abs(shift).max() < 0.06, shift
+
+
+def test_the_scaling_transforms_of_the_presets_and_recipes_keep_masks_in_register() -> None:
+    from training.data import rescale_transform
+
+    street = [t for t in train_transform("street", crop_hw=(8, 8)).transforms if isinstance(t, A.RandomScale)]
+    assert len(street) == 1
+    for transform in (*street, rescale_transform((0.5, 0.5))):
+        transform.scale_limit = (-0.5, -0.5)  # the fixed x0.5 of the CamVid recipes
+        assert np.abs(mean_offset(transform)).max() < 0.06, type(transform).__name__
+
+
+def test_reduced_labels_take_the_majority_and_break_ties_at_random() -> None:
+    from segsvc.data.transforms import resize_labels
+
+    rng = np.random.default_rng(0)
+    majority = np.kron(np.array([[0, 2], [1, 3]], np.uint8), np.ones((4, 4), np.uint8))
+    majority[0, 0] = 5  # one pixel in 16 loses its block's vote
+    assert resize_labels(majority, (2, 2), rng).tolist() == [[0, 2], [1, 3]]
+    halves = np.tile(np.array([[0, 1]], np.uint8), (200, 200))  # every 2x2 block is half 0, half 1
+    out = resize_labels(halves, (100, 200), rng)
+    assert set(np.unique(out).tolist()) == {0, 1}
+    assert 0.45 < out.mean() < 0.55  # a fixed order would give one class every tie
+    again = resize_labels(halves, (100, 200), np.random.default_rng(0))
+    assert np.array_equal(resize_labels(halves, (100, 200), np.random.default_rng(0)), again)
+
+
+def test_enlarged_labels_repeat_each_pixel_exactly() -> None:
+    from segsvc.data.transforms import resize_labels
+
+    labels = np.random.default_rng(1).integers(0, 12, (15, 20), dtype=np.uint8)
+    assert np.array_equal(resize_labels(labels, (30, 40), np.random.default_rng(0)),
+                          np.kron(labels, np.ones((2, 2), np.uint8)))
+    wide = resize_labels(labels.astype(np.uint16) * 1000, (45, 60), np.random.default_rng(0))
+    assert np.array_equal(wide, np.kron(labels.astype(np.uint16) * 1000, np.ones((3, 3), np.uint16)))
+
+
+def test_a_large_reduction_still_takes_the_majority() -> None:
+    """At x1/80 one source pixel is 1/6400 of an output pixel: a tie-break of fixed size would outweigh it."""
+    from segsvc.data.transforms import resize_labels
+
+    labels = np.zeros((80, 80), np.uint8)
+    labels[:, :40] = 1
+    labels[0, 40] = 1  # class 1 holds 3201 of the 6400 pixels
+    assert [resize_labels(labels, (1, 1), np.random.default_rng(seed)).item() for seed in range(20)] == [1] * 20
