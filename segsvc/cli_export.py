@@ -103,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
     # unless one that was given differs from it (and a re-export keeps the recorded values of those not given).
     given = {"opset": args.opset, "checks": args.checks, "tolerance": args.tolerance,
              "min_agreement": args.min_agreement}
-    defaults = {"opset": DEFAULT_OPSET, "checks": DEFAULT_CHECKS, "tolerance": DEFAULT_TOLERANCE,
-                "min_agreement": MIN_AGREEMENT}
     bar = tqdm(total=export_steps(args.checks or DEFAULT_CHECKS), desc=f"exporting {name}:{version}", unit="step",
                disable=not args.progress, leave=False)
 
@@ -114,8 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.format == "onnx":
-            options = {k: defaults[k] if v is None else v for k, v in given.items()}
-            result = export_onnx(version_dir, **options, progress=progress)
+            result = export_onnx(version_dir, **{k: v for k, v in given.items() if v is not None}, progress=progress)
         else:
             triton = export_triton(version_dir, out, max_batch_size=args.max_batch_size, **given, progress=progress)
     finally:

@@ -61,10 +61,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from segsvc.errors import AlreadyExists, ArtifactError
-from segsvc.export import (
-    DEFAULT_CHECKS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_OPSET, DEFAULT_TOLERANCE, INPUT_NAME, MIN_AGREEMENT, ONNX_FILE,
-    OUTPUT_NAME,
-)
+from segsvc.export import DEFAULT_MAX_BATCH_SIZE, INPUT_NAME, ONNX_FILE, OUTPUT_NAME
+from segsvc.files import widen_to_umask
 from segsvc.export.compare import Progress
 from segsvc.export.onnx import (
     export_onnx, file_sha256, geometry_of, needed_ir_version, published_onnx, version_lock,
@@ -90,8 +88,8 @@ class TritonExport:
         config: ``out/<model>/config.pbtxt``.
         onnx: ``out/<model>/1/model.onnx``.
         labels: ``out/<model>/labels.txt``.
-        exported: whether the ONNX export was made now (False: the version's recorded one was used).
-        reason: why it was made now (the version had none, or it was made with other options); None if not.
+        reason: why the ONNX export was made now (the version had none, or it was made with other options);
+            None when the version's recorded one was used.
         replaced: the recorded export's file that the new one replaced; None when none was replaced.
     """
 
@@ -99,9 +97,13 @@ class TritonExport:
     config: Path
     onnx: Path
     labels: Path
-    exported: bool
     reason: str | None = None
     replaced: str | None = None
+
+    @property
+    def exported(self) -> bool:
+        """Whether the ONNX export was made now (False: the version's recorded one was used)."""
+        return self.reason is not None
 
 
 def default_out(repo: str | os.PathLike[str]) -> Path:
@@ -202,12 +204,11 @@ def _write_model_dir(tmp: Path, manifest: Manifest, onnx_path: Path, sha256: str
     version = tmp / TRITON_VERSION
     version.mkdir()
     shutil.copyfile(onnx_path, version / ONNX_FILE)
-    # As readable as the config beside it (a new file's mode: 0644 under umask 022), not as the weights: a
-    # tritonserver running as another user that can read config.pbtxt must be able to load the model too.
-    (version / ONNX_FILE).chmod((tmp / CONFIG_FILE).stat().st_mode & 0o777)
     if file_sha256(version / ONNX_FILE) != sha256:
         raise ArtifactError(f"{onnx_path} changed while it was copied; export again")
-    tmp.chmod(0o755)  # mkdtemp made it 0700
+    # mkdtemp made the folder 0700: the folder and every file get the modes the umask gives new ones (0755 / 0644
+    # under 022), not the weights' 0600: a tritonserver running as another user must load the model too
+    widen_to_umask(tmp)
 
 
 def _swap_in(tmp: Path, final: Path, scratch: Path, prefix: str) -> None:
@@ -366,27 +367,19 @@ def _recorded_options(manifest: Manifest) -> dict[str, Any]:
 
 def export_options(manifest: Manifest, opset: int | None = None, checks: int | None = None,
                    tolerance: float | None = None, min_agreement: float | None = None) -> dict[str, Any]:
-    """The options ``export_triton`` exports anew with: those given, else the recorded export's, else the
-    defaults."""
-    defaults = {"opset": DEFAULT_OPSET, "checks": DEFAULT_CHECKS, "tolerance": DEFAULT_TOLERANCE,
-                "min_agreement": MIN_AGREEMENT}
+    """The options ``export_triton`` exports anew with: those given, else the recorded export's (those
+    neither given nor recorded are left to ``export_onnx``'s defaults)."""
     given = {"opset": opset, "checks": checks, "tolerance": tolerance, "min_agreement": min_agreement}
-    recorded = _recorded_options(manifest)
-    return {key: given[key] if given[key] is not None else recorded.get(key, default)
-            for key, default in defaults.items()}
+    return {**_recorded_options(manifest), **{key: value for key, value in given.items() if value is not None}}
 
 
 def why_export(manifest: Manifest, opset: int | None = None, checks: int | None = None,
-               tolerance: float | None = None, min_agreement: float | None = None, *,
-               onnx_path: Path | None = None) -> str | None:
+               tolerance: float | None = None, min_agreement: float | None = None) -> str | None:
     """Why ``export_triton`` must make a new ONNX export rather than use the recorded one (None: use it).
 
     The recorded export is used when the options were not given (None) or equal what it recorded: its
     ``opset`` and its validation's ``checks``, ``tolerance`` and ``min_agreement``. An option that was
-    given and differs, or that the export did not record, means a new export. With ``onnx_path`` (the
-    recorded file, verified by ``published_onnx``) so does a file that declares a higher ONNX IR version
-    than its opsets need: made before segsvc lowered it (the exporter's IR 10, which ONNX Runtime <= 1.16,
-    as in Triton 23.x, refuses).
+    given and differs, or that the export did not record, means a new export.
     """
     entry = manifest.exports.get("onnx")
     if not isinstance(entry, dict) or not entry.get("file"):
@@ -399,19 +392,23 @@ def why_export(manifest: Manifest, opset: int | None = None, checks: int | None 
     for (key, label), asked in zip(_VALIDATION_OPTIONS, (checks, tolerance, min_agreement)):
         if asked is not None and validation.get(key) != asked:
             differ.append(f"{label} {validation.get(key, '(not recorded)')}, not {asked:g}")
-    if differ:
-        return f"the recorded export was made with {', '.join(differ)}"
-    if onnx_path is not None:
-        import onnx
+    return f"the recorded export was made with {', '.join(differ)}" if differ else None
 
-        try:
-            proto = onnx.load(onnx_path, load_external_data=False)
-        except Exception:  # noqa: BLE001 - not ours to judge: published_onnx verified it, onnxruntime will load it
-            return None
-        needed = needed_ir_version(proto)
-        if proto.ir_version > needed:
-            return (f"the recorded export declares ONNX IR version {proto.ir_version}, above the {needed} its "
-                    "opsets need (ONNX Runtime <= 1.16, as in Triton 23.x, refuses IR 10)")
+
+def ir_too_high(onnx_path: Path) -> str | None:
+    """Why the recorded file (verified by ``published_onnx``) must be exported anew: it declares a higher ONNX
+    IR version than its opsets need, as exports made before segsvc lowered it do (the exporter's IR 10, which
+    ONNX Runtime <= 1.16, as in Triton 23.x, refuses). None when it does not."""
+    import onnx
+
+    try:
+        proto = onnx.load(onnx_path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - not ours to judge: published_onnx verified it, onnxruntime will load it
+        return None
+    needed = needed_ir_version(proto)
+    if proto.ir_version > needed:
+        return (f"the recorded export declares ONNX IR version {proto.ir_version}, above the {needed} its "
+                "opsets need (ONNX Runtime <= 1.16, as in Triton 23.x, refuses IR 10)")
     return None
 
 
@@ -423,7 +420,7 @@ def export_triton(version_dir: str | os.PathLike[str], out: str | os.PathLike[st
 
     The version's recorded export is used (its SHA-256 verified) unless it has none, or ``opset``,
     ``checks``, ``tolerance`` or ``min_agreement`` was given and differs from what it recorded, or its file
-    declares a higher IR version than its opsets need (``why_export``): then the version is exported anew
+    declares a higher IR version than its opsets need (``ir_too_high``): then the version is exported anew
     (``export_options``: the options given, the recorded export's for those not given, else the defaults),
     replacing the recorded export exactly as ``export_onnx`` does.
 
@@ -466,7 +463,7 @@ def export_triton(version_dir: str | os.PathLike[str], out: str | os.PathLike[st
                 if reason is None:
                     onnx_path = published_onnx(version_dir, manifest)
                     assert onnx_path is not None  # why_export found a recorded export
-                    reason = why_export(manifest, **given, onnx_path=onnx_path)
+                    reason = ir_too_high(onnx_path)
                 if reason is None:
                     staging = _staging(out)
                     final = _build(out, staging, manifest, onnx_path, max_batch_size)
@@ -487,4 +484,4 @@ def export_triton(version_dir: str | os.PathLike[str], out: str | os.PathLike[st
                 with contextlib.suppress(OSError):
                     staging.rmdir()
     return TritonExport(final, final / CONFIG_FILE, final / TRITON_VERSION / ONNX_FILE, final / LABELS_FILE,
-                        reason is not None, reason, replaced)
+                        reason, replaced)

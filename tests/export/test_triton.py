@@ -172,6 +172,22 @@ def test_the_model_file_is_as_readable_as_its_config(repo: Path, tmp_path: Path)
     assert result.labels.stat().st_mode & 0o777 == config_mode
 
 
+def test_the_model_folders_follow_the_umask(repo: Path, tmp_path: Path) -> None:
+    """The model folder was set to 0755 whatever the umask: under 027 it let everyone list what its files hid."""
+    import os
+
+    version_dir = publish(repo, "m", TINY["unet"])
+    export_onnx(version_dir, checks=1)
+    umask = os.umask(0o027)
+    try:
+        result = export_triton(version_dir, tmp_path / "triton")
+    finally:
+        os.umask(umask)
+    assert result.model_dir.stat().st_mode & 0o777 == 0o750
+    assert result.onnx.parent.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in (result.config, result.onnx, result.labels)} == {0o640}
+
+
 def _entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
