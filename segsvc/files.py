@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import stat
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -37,18 +37,19 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int | None = N
     Args:
         path: the file to write; its folder must exist.
         data: the whole new content.
-        mode: permission bits; ``None`` keeps those of the file being replaced
-            (0644 for a new one), since a temporary file starts at 0600.
+        mode: permission bits; ``None`` keeps those of the file being replaced, and a new file
+            gets what a plain ``open`` would give it (0666 less the umask, a default ACL applied).
 
     Example:
         >>> write_atomic(tmp / "DEFAULT", b"3\\n")  # doctest: +SKIP
     """
     path = Path(path)
-    if mode is None:
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    if mode is None and path.exists():
+        mode = path.stat().st_mode & 0o777
+    fd, tmp = _temporary_file(path)
     try:
-        os.fchmod(fd, mode)
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -61,15 +62,29 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int | None = N
     return path
 
 
+def _temporary_file(path: Path) -> tuple[int, Path]:
+    """A new, empty ``.tmp-<name>-XXXXXXXX`` beside ``path``, open for writing, created as ``open`` creates files.
+
+    ``tempfile.mkstemp`` creates 0600 whatever the umask; this leaves the mode to the umask
+    (and a default ACL), as ``open`` does.
+    """
+    for _ in range(100):
+        tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(path.parent))
+
+
 def widen_to_umask(folder: str | os.PathLike[str]) -> None:
     """Give a private temporary ``folder`` and the files in it the permissions a plain ``mkdir`` and ``open``
     would have: what the process umask allows (0755 and 0644 under umask 022).
 
-    ``tempfile.mkdtemp`` makes a folder 0700, and writers that go through a temporary file
-    (safetensors, ``write_atomic``'s ``mkstemp``) leave 0600. A model version published
-    that way could be read only by the user who wrote it: a server or a copy running
-    as another user (a container's uid) could not load it. Call it before the folder
-    is renamed into place. The modes are read from a probe folder and file made here,
+    ``tempfile.mkdtemp`` makes a folder 0700, and writers that go through a private temporary
+    file (safetensors) leave 0600. A model version published that way could be read only by
+    the user who wrote it: a server or a copy running as another user (a container's uid)
+    could not load it. Call it before the folder is renamed into place. The modes are read from a probe folder and file made here,
     so no umask is changed (that is process-wide, and racy with other threads).
     """
     folder = Path(folder)
