@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from segsvc.export.onnx import export_onnx, export_steps
-    from segsvc.export.triton import default_out, export_triton
+    from segsvc.export.triton import default_out, export_options, export_triton
     from segsvc.inference.repository import ModelRepository, check_manifest, parse_model_ref
 
     _check_args(args)
@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     repo = ModelRepository.existing(args.repo)  # as `models list` says it, not "no model named ..."
     version_dir = repo.version_dir(name, version)
     version = int(version_dir.name)
-    check_manifest(name, version, repo.read_manifest(name, version))
+    manifest = repo.read_manifest(name, version)
+    check_manifest(name, version, manifest)
     out = args.out if args.out is not None else default_out(args.repo)
     if args.format == "triton":
         Path(out).mkdir(parents=True, exist_ok=True)  # an impossible --out fails now, not after the export
@@ -103,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     # unless one that was given differs from it (and a re-export keeps the recorded values of those not given).
     given = {"opset": args.opset, "checks": args.checks, "tolerance": args.tolerance,
              "min_agreement": args.min_agreement}
-    bar = tqdm(total=export_steps(args.checks or DEFAULT_CHECKS), desc=f"exporting {name}:{version}", unit="step",
+    # A Triton re-export validates with the recorded number of checks unless --checks is given.
+    checks = args.checks if args.format == "onnx" else export_options(manifest, checks=args.checks).get("checks")
+    bar = tqdm(total=export_steps(checks or DEFAULT_CHECKS), desc=f"exporting {name}:{version}", unit="step",
                disable=not args.progress, leave=False)
 
     def progress(step: str) -> None:

@@ -114,3 +114,24 @@ def test_the_opset_help_says_what_triton_does_with_it(capsys: pytest.CaptureFixt
         main(["export", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "recorded export" in help_text
+
+
+def test_the_progress_bar_counts_the_checks_a_triton_re_export_runs(
+        repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Triton re-export validates with the recorded checks (here 1), but its bar counted the default 4:
+    it closed at 5 of 8 steps."""
+    import tqdm
+
+    bars: list[tqdm.tqdm] = []
+
+    class Recorded(tqdm.tqdm):
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    publish(repo, "m", TINY["unet"])
+    assert main(["export", "m", "--repo", str(repo), "--checks", "1", "--no-progress"]) == 0
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    assert main(["export", "m", "--repo", str(repo), "--format", "triton", "--opset", "17"]) == 0
+    [bar] = bars
+    assert bar.n == bar.total == 5  # the export's four steps and its one check
