@@ -77,7 +77,9 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     Args:
         service: the protocol-free inference core.
-        limits: ``max_stream_in_flight`` bounds the images of one ``ModelInfer`` request.
+        limits: ``max_stream_in_flight`` bounds the images of one ``ModelInfer`` request, and so does the
+            batchers' ``max_queue_size`` (``--max-queue``) where it is lower: a request's images are queued at
+            once, so more than the queue holds would be refused as "queue is full" on an idle server.
         metrics: where ``ModelInfer`` requests are counted, as ``segsvc.v1`` calls are.
         accepting: False while the server starts or drains.
     """
@@ -88,7 +90,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._metrics = metrics
         self._accepting = accepting
         self._manager = service.manager
-        self._max_images = limits.max_stream_in_flight
+        self._max_images = min(limits.max_stream_in_flight, service.manager.config.batching.max_queue_size)
         self._max_bytes = limits.max_message_bytes
 
     # -- health and metadata --------------------------------------------------------
@@ -100,7 +102,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
         """Ready or not, never an error that names models: the probe needs no token. An empty name is not
-        ready (as Triton answers), rather than "the one loaded model" as elsewhere."""
+        ready (as Triton answers), rather than "the one loaded model" as on segsvc.v1; the other methods refuse
+        it (``convert.model_name``), but for ModelStatistics, where it means every model."""
 
         async def work() -> pb.ModelReadyResponse:
             if not request.name:
@@ -119,7 +122,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
         async def work() -> pb.ModelMetadataResponse:
-            lm = self._manager.resolve(request.name, convert.version_of(request.version))
+            lm = self._manager.resolve(convert.model_name(request.name), convert.version_of(request.version))
             versions = [m.version for m in self._manager.loaded(lm.name)]
             return convert.model_metadata(lm.name, versions, lm.manifest)
 
@@ -127,7 +130,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
         async def work() -> pb.ModelConfigResponse:
-            lm = self._manager.resolve(request.name, convert.version_of(request.version))
+            lm = self._manager.resolve(convert.model_name(request.name), convert.version_of(request.version))
             versions = [m.version for m in self._manager.loaded(lm.name)]
             return pb.ModelConfigResponse(config=convert.model_config(
                 lm.name, versions, lm.manifest, backend=lm.engine.backend.name, device=str(lm.engine.device),
@@ -162,10 +165,10 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def work() -> pb.ModelInferResponse:
             nonlocal model, code
             try:
+                requested = convert.model_name(request.model_name)
                 call = await self._service.run_io(convert.infer_call, request, self._max_images,
                                                   self._service.max_pixels)
-                name, version, manifest = self._service.resolve(request.model_name or None,
-                                                                convert.version_of(request.model_version))
+                name, version, manifest = self._service.resolve(requested, convert.version_of(request.model_version))
                 model = name
                 # outputs over the message limit: refused before any image is decoded
                 convert.check_outputs_size(call, labels_dtype(manifest.spec.num_classes), self._max_bytes)

@@ -4,7 +4,7 @@ What segsvc serves over the protocol (``ModelMetadata`` says the same):
 
 - inputs, exactly one per request:
   ``image``  BYTES ``[N]``: encoded PNG/JPEG/TIFF/BMP/WebP images, all of one size;
-  ``pixels`` UINT8 ``[N, H, W, C]`` (or ``[N, H, W]`` for grey): raw pixels, row-major.
+  ``pixels`` UINT8 ``[N, H, W, C]`` (C 1, 3 or 4; or ``[N, H, W]`` for grey): raw pixels, row-major.
   Either in ``inputs[0].contents`` or in ``raw_input_contents`` (what tritonclient sends).
 - outputs: ``labels`` UINT8 ``[N, H, W]`` (UINT16 above 256 classes) and ``confidence``
   UINT8 ``[N, H, W]`` (round(255 x the top softmax probability)); a request that names no
@@ -18,6 +18,8 @@ What segsvc serves over the protocol (``ModelMetadata`` says the same):
   ``priority`` (a non-negative int, as tritonclient sends it) is accepted and ignored:
   segsvc's two batcher lanes (``Priority``) put batch jobs below every interactive call,
   and every protocol request is interactive.
+- model names: required (``model_name``); an empty one is refused, except by ``ModelReady``
+  (not ready) and ``ModelStatistics`` (every model), as the protocol says.
 - model versions: ``""`` and ``"-1"`` (Triton's spelling) mean the default version.
 
 Like ``convert.py``, functions here are pure (no I/O, no event loop); every malformed
@@ -63,6 +65,7 @@ DEFAULT_VERSION = "-1"  # like the empty string: Triton's "default version" (the
 DATATYPES = {np.dtype(np.uint8): "UINT8", np.dtype(np.uint16): "UINT16"}
 _VERSION = re.compile(r"[1-9][0-9]{0,17}")
 LENGTH_PREFIX_BYTES = 4  # a raw BYTES element: its length as uint32 little-endian, then its bytes
+PIXEL_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA (alpha dropped): what codec.raw_image takes
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +78,16 @@ class InferCall:
     options: InferenceOptions
     outputs: tuple[str, ...]
     timeout_s: float | None = None
+
+
+def model_name(text: str) -> str:
+    """A request's model name, which the protocol requires: an empty one is refused, not read as "the one loaded
+    model" as on ``segsvc.v1`` (``ModelReady`` answers it not ready, ``ModelStatistics`` reads it as every model;
+    a request that worked while one model was loaded would serve whichever that is, then fail once two are)."""
+    if not text:
+        raise InvalidArgument("the request's model name is empty: every Open Inference Protocol request names its "
+                              "model (RepositoryIndex lists them)")
+    return text
 
 
 def version_of(text: str) -> int | None:
@@ -181,7 +194,7 @@ def _batch_size(tensor, ranks: tuple[int, ...], expected: str, max_images: int) 
         raise InvalidArgument(f"input {tensor.name!r} must have shape {expected} with positive sizes, got {shape[:8]}")
     if shape[0] > max_images:
         raise InvalidArgument(f"input {tensor.name!r} holds {shape[0]} images; at most {max_images} per request "
-                              "(--max-stream-in-flight): split the batch")
+                              "(--max-stream-in-flight, or --max-queue where lower): split the batch")
     return shape[0]
 
 
@@ -246,6 +259,8 @@ def _raw_pixels(tensor, raw: bytes | None, max_images: int,  # type: ignore[no-u
     n = _batch_size(tensor, (3, 4), "[N, H, W, C] or [N, H, W]", max_images)
     shape = [int(d) for d in tensor.shape]
     _check_pixels(PIXELS, shape[1], shape[2], max_pixels)  # from the shape: before any value is read
+    if len(shape) == 4 and shape[3] not in PIXEL_CHANNELS:  # else each image failed in the core, counted there
+        raise InvalidArgument(f"input 'pixels' must have 1, 3 or 4 channels (grey, RGB, RGBA), got shape {shape}")
     expected = math.prod(shape)  # Python ints: no overflow
     if raw is None:
         _only_field(tensor, "uint_contents")

@@ -62,6 +62,27 @@ def test_an_empty_model_name_is_not_ready_and_anonymous_answers_name_no_model(st
         client.close()
 
 
+def test_an_empty_model_name_is_refused_even_with_one_model_loaded(start_server, tmp_path):
+    """The protocol names the model in every request. With one model loaded, ModelReady("") answered not ready
+    while ModelMetadata, ModelConfig and ModelInfer with that empty name answered for the loaded model (and
+    failed with INVALID_ARGUMENT once a second model loaded). ModelStatistics("") still means every model."""
+    publish(tmp_path, "only", seed=1)
+    server = start_server(tmp_path)
+    client = triton.InferenceServerClient(server.address)
+    try:
+        assert not client.is_model_ready("") and client.is_model_ready("only")
+        pixels = _pixels_input(np.zeros((1, 8, 8, 3), np.uint8))
+        for call in (lambda: client.get_model_metadata(""), lambda: client.get_model_config(""),
+                     lambda: client.infer("", [pixels])):
+            with pytest.raises(InferenceServerException, match="model name is empty") as info:
+                call()
+            assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert client.infer("only", [pixels]).get_response().model_name == "only"
+        assert [s.name for s in client.get_inference_statistics("").model_stats] == ["only"]
+    finally:
+        client.close()
+
+
 # -- outputs and parameters --------------------------------------------------------------------
 def test_a_request_naming_no_output_gets_every_declared_output(triton_client, shared_server):
     image = make_image(24, 32, seed=50)
