@@ -165,11 +165,13 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def work() -> pb.ModelInferResponse:
             nonlocal model, code
             try:
-                requested = convert.model_name(request.model_name)
+                # the model first, as Triton does: a request for a model that is not served says so, whatever
+                # else is wrong with it
+                name, version, manifest = self._service.resolve(convert.model_name(request.model_name),
+                                                                convert.version_of(request.model_version))
+                model = name
                 call = await self._service.run_io(convert.infer_call, request, self._max_images,
                                                   self._service.max_pixels)
-                name, version, manifest = self._service.resolve(requested, convert.version_of(request.model_version))
-                model = name
                 # outputs over the message limit: refused before any image is decoded
                 convert.check_outputs_size(call, labels_dtype(manifest.spec.num_classes), self._max_bytes)
                 segs = await self._segment_all(call, name, version, _deadline(context, call.timeout_s))
