@@ -70,9 +70,11 @@ def add_datasets_parser(sub: argparse._SubParsersAction, read_token: TokenReader
     def handler(fn):  # type: ignore[no-untyped-def]
         def run(args: argparse.Namespace) -> int:
             from segsvc.cli_client import read_text_arg
-            from segsvc.errors import DatasetInvalid
+            from segsvc.errors import DatasetInvalid, InvalidArgument
 
             # local files are read before connecting: a missing one fails at once, not after the upload starts
+            if fn is _upload and not Path(args.path).exists():  # (nor after waiting for a server that is not up)
+                raise InvalidArgument(f"{args.path} does not exist")
             dataset_yaml = getattr(args, "dataset_yaml", None)
             args.dataset_yaml_text = read_text_arg(dataset_yaml, "--dataset-yaml") if dataset_yaml else ""
             with _client(args, read_token) as client:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Callable
 
-from segsvc.errors import SegsvcError
+from segsvc.errors import Cancelled, SegsvcError, Unavailable
 
 
 def _client(args: argparse.Namespace, read_token: Callable[[argparse.Namespace], str | None]):  # type: ignore[no-untyped-def]
@@ -26,6 +27,8 @@ def _client(args: argparse.Namespace, read_token: Callable[[argparse.Namespace],
 def _print_status(status) -> None:  # type: ignore[no-untyped-def]
     """One line per job; a job that ended in error says why on the next."""
     eta = f", eta {status.eta_s:.0f} s" if status.eta_s and not status.done_flag else ""
+    if status.cancel_requested and not status.done_flag:  # `jobs cancel` returns before the job has stopped
+        eta = ", cancel requested"
     if hasattr(status, "phase"):  # a training job
         miou = f", val mIoU {status.val_miou:.4f} (best {status.best_miou:.4f})" if status.val_miou else ""
         print(f"{status.name}  {status.state:9}  train {status.phase:10} epoch {status.epoch}/{status.epochs} "
@@ -37,6 +40,27 @@ def _print_status(status) -> None:  # type: ignore[no-untyped-def]
               f"{status.model}:{status.version}  {status.images_per_s:.1f} img/s{eta}")
     if status.error:
         print(f"  {status.state.lower()}: {status.error}")
+
+
+def follow(job, args: argparse.Namespace) -> int | None:  # type: ignore[no-untyped-def]
+    """``job.wait`` with the bar (``submit --wait``, ``wait``, ``train --wait``); None once the job is done.
+
+    The job lives on the server: a Ctrl-C stops only the waiting (exit 130), and a server that stops
+    keeps the job and resumes it when it starts again. Both say so, with the command that follows the
+    job again, so that no one submits it a second time.
+    """
+    again = f"segsvc jobs wait {job.id} --server {args.server}"
+    try:
+        job.wait(progress=args.progress)
+    except KeyboardInterrupt:
+        print(f"segsvc: stopped waiting; job {job.id} goes on on the server: `{again}` follows it again, "
+              f"`segsvc jobs cancel {job.id} --server {args.server}` stops it", file=sys.stderr)
+        return 130
+    except (Unavailable, Cancelled):  # nothing listens any more, or a stopping server cancelled the call
+        raise Unavailable(f"lost the server at {args.server} while waiting for job {job.id}; the server keeps the "
+                          f"job and resumes it when it starts again: `{again}` follows it then (submitting it "
+                          "again would start a second job)") from None
+    return None
 
 
 def _print_result(job) -> int:  # type: ignore[no-untyped-def]
@@ -72,6 +96,10 @@ def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argpa
 
     def handler(fn):  # type: ignore[no-untyped-def]
         def run(args: argparse.Namespace) -> int:
+            if getattr(args, "upload", False):  # local files are checked before connecting: a typo fails at once
+                from segsvc.jobclient import local_images
+
+                local_images(args.inputs)
             with _client(args, read_token) as client:
                 return fn(client, args)
         return run
@@ -129,8 +157,8 @@ def _submit(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped
     print(job.id, flush=True)
     if not args.wait:
         return 0
-    job.wait(progress=args.progress)
-    return _print_result(job)
+    stopped = follow(job, args)
+    return stopped if stopped is not None else _print_result(job)
 
 
 def _list(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
@@ -152,8 +180,8 @@ def _status(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped
 
 def _wait(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     job = client.job(args.job)
-    job.wait(progress=args.progress)
-    return _print_result(job)
+    stopped = follow(job, args)
+    return stopped if stopped is not None else _print_result(job)
 
 
 def _cancel(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]

@@ -53,6 +53,7 @@ def add_server_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def submit_training(args: argparse.Namespace, read_token: Callable[[argparse.Namespace], str | None]) -> int:
     from segsvc.cli_client import open_client, read_text_arg
+    from segsvc.cli_jobs import follow
 
     if args.resume or args.profile:
         raise InvalidArgument("--resume and --profile are for local training; a server job resumes by itself")
@@ -71,7 +72,9 @@ def submit_training(args: argparse.Namespace, read_token: Callable[[argparse.Nam
         print(job.id, flush=True)
         if not args.wait:
             return 0
-        job.wait(progress=args.progress)
+        stopped = follow(job, args)
+        if stopped is not None:
+            return stopped
         print_training_result(job)
     return 0
 

@@ -116,6 +116,10 @@ class Cancelled(SegsvcError):
     """The caller cancelled the request."""
 
 
+class JobFailed(SegsvcError):
+    """A batch or training job ran and failed (ABORTED: its Operation's error, ``ErrorInfo`` reason JOB_FAILED)."""
+
+
 class Unavailable(SegsvcError):
     """The service is starting, draining or shutting down (UNAVAILABLE)."""
 

@@ -114,8 +114,9 @@ class JobHandle:
 
     def _wait_step(self, step_s: float) -> None:
         """One ``WaitOperation`` of at most ``step_s`` (returns earlier when the job ends)."""
-        request = operations_pb2.WaitOperationRequest(
-            name=self.name, timeout=duration_pb2.Duration(seconds=0, nanos=int(step_s * 1e9)))
+        timeout = duration_pb2.Duration()
+        timeout.FromNanoseconds(round(step_s * 1e9))  # whole seconds and nanos below one second, as Duration says
+        request = operations_pb2.WaitOperationRequest(name=self.name, timeout=timeout)
         self._op = self._client._ops_call("WaitOperation", request, timeout_s=step_s + 30)
 
     def _waited(self, deadline: float | None) -> bool:
@@ -133,6 +134,8 @@ class JobHandle:
         if op.HasField("error"):
             if op.error.code == grpc.StatusCode.CANCELLED.value[0]:
                 raise Cancelled(op.error.message)
+            if op.error.code == grpc.StatusCode.ABORTED.value[0]:  # the job ran and failed
+                raise error_from_status(op.error.code, f"job {self.id} failed: {op.error.message}")
             raise error_from_status(op.error.code, op.error.message)
 
     def wait(self, progress: bool = False, timeout_s: float | None = None) -> JobStatus:
@@ -141,7 +144,8 @@ class JobHandle:
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         status = _status(self._op)
-        bar = tqdm(total=status.total, unit="img", desc=self.id[:8], disable=not progress)
+        # the bar starts where the job is: its rate is this wait's, not all the job's images over no time at all
+        bar = tqdm(total=status.total, initial=status.processed, unit="img", desc=self.id[:8], disable=not progress)
         try:
             while True:
                 bar.total = status.total
@@ -271,10 +275,15 @@ def upload_files(files: Sequence[Path], root: Path | None) -> Iterator[jobs_pb.U
 
 def local_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], Path | None]:
     """Image files to upload and the folder their names are relative to (one folder: that folder)."""
-    from segsvc.client import image_files
+    from segsvc.client import IMAGE_SUFFIXES, image_files
 
     given = [Path(p) for p in paths]
     files = image_files(given)
+    # a job takes the images of an upload by their suffix, as it walks a folder: another file named here would be
+    # sent and then left out without a word (the job's only file: "input '.' matches no image under the data root")
+    others = [os.fspath(p) for p in given if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        raise InvalidArgument(f"{others[0]} is not an image file: jobs take {', '.join(IMAGE_SUFFIXES)} files")
     if len(given) == 1 and given[0].is_dir():
         return files, given[0]
     names = [f.name for f in files]
@@ -383,8 +392,7 @@ class TrainingJobHandle(JobHandle):
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         status = _training_status(self._op)
-        bar = tqdm(total=1000, desc=self.id[:8], disable=not progress,
-                   bar_format="{l_bar}{bar}| {postfix}")
+        bar = tqdm(total=1000, desc=self.id[:8], disable=not progress)
         try:
             while True:
                 bar.n = round(1000 * (1.0 if status.state == "SUCCEEDED" else status.fraction))
@@ -397,7 +405,9 @@ class TrainingJobHandle(JobHandle):
                     postfix["val_mIoU"] = f"{status.val_miou:.4f}"
                 if status.eta_s and not status.done_flag:
                     postfix["eta"] = f"{status.eta_s:.0f}s"
-                bar.set_postfix(postfix, refresh=False)
+                # the text after the bar (tqdm's own postfix would begin with ", ")
+                text = ", ".join(f"{k}={v}" for k, v in postfix.items()).replace("{", "{{").replace("}", "}}")
+                bar.bar_format = "{l_bar}{bar}| " + text
                 bar.refresh()
                 if not self._waited(deadline):
                     return status

@@ -154,3 +154,11 @@ def test_an_unauthenticated_call_says_how_to_pass_a_token(monkeypatch, tmp_path,
     assert main(["jobs", "list", "--server", "127.0.0.1:1"]) == 2
     one_line_error(capsys, "missing bearer token: send metadata 'authorization: Bearer <token>' "
                            "(pass --token-file FILE or set $SEGSVC_AUTH_TOKEN)")
+
+
+def test_a_missing_dataset_folder_is_named_before_connecting(tmp_path, no_server, capsys) -> None:
+    """`segsvc datasets upload TYPO --name d` waited for the server first (30 s when none runs), then said
+    "no server answered" instead of naming the folder."""
+    missing = tmp_path / "shapes-typo"
+    assert main(["datasets", "upload", str(missing), "--name", "d", "--server", no_server]) == 2
+    one_line_error(capsys, f"{missing} does not exist")

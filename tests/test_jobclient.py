@@ -10,7 +10,7 @@ import pytest
 from google.longrunning import operations_pb2
 from google.rpc import code_pb2, status_pb2
 
-from segsvc.errors import InvalidArgument, Unavailable
+from segsvc.errors import InvalidArgument, JobFailed, Unavailable
 from segsvc import cli_jobs, jobclient
 from segsvc.jobclient import download
 from segsvc.v1 import jobs_pb2 as jobs_pb
@@ -88,3 +88,66 @@ def test_a_failed_job_s_status_says_why(capsys, metadata, status_of):
     running.metadata.Pack(metadata)
     assert status_of(running).error == ""
 
+
+
+@pytest.mark.parametrize("metadata, handle", [
+    (jobs_pb.JobMetadata(total=3, done=1, model="m", model_version=1), jobclient.JobHandle),
+    (tpb.TrainingJobMetadata(epochs=3, epoch=1, recipe="r", dataset="d", model="m"), jobclient.TrainingJobHandle),
+], ids=["batch", "training"])
+def test_a_failed_job_s_result_names_the_job_not_a_grpc_code(metadata, handle):
+    """`segsvc train --wait` of a job that failed printed "segsvc: error: ABORTED: training failed: ..."."""
+    op = operations_pb2.Operation(name="jobs/j1", done=True)
+    op.metadata.Pack(metadata)
+    op.error.CopyFrom(status_pb2.Status(code=code_pb2.ABORTED, message="training failed: data.crp: unknown key"))
+    with pytest.raises(JobFailed) as info:
+        handle(None, op).result()
+    assert str(info.value) == "job j1 failed: training failed: data.crp: unknown key"
+    assert info.value.code == grpc.StatusCode.ABORTED
+
+
+def _done(metadata) -> operations_pb2.Operation:
+    op = operations_pb2.Operation(name="jobs/j1", done=True)
+    op.metadata.Pack(metadata)
+    return op
+
+
+def test_a_training_bar_shows_its_fields_after_the_bar_without_a_leading_comma(capsys):
+    """The bar read "b970557b: 100%|██████████| , phase=done, epoch=23/23, ..." (tqdm's postfix begins with ", ")."""
+    op = _done(tpb.TrainingJobMetadata(epochs=2, epoch=2, loss=0.5, val_miou=0.25, phase=tpb.TRAINING_PHASE_DONE))
+    jobclient.TrainingJobHandle(None, op).wait(progress=True)
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.endswith("| phase=done, epoch=2/2, loss=0.5000, val_mIoU=0.2500"), last
+
+
+def test_the_bar_of_a_job_already_done_does_not_show_a_rate_of_all_its_images_at_once(capsys):
+    """`segsvc jobs status` of a finished 200-image job drew "200/200 [00:00<00:00, 3728270.22img/s ...]"."""
+    op = _done(jobs_pb.JobMetadata(total=200, done=200, model="m", model_version=1,
+                                   state=jobs_pb.JOB_STATE_SUCCEEDED))
+    jobclient.JobHandle(None, op).wait(progress=True)
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "200/200" in last and "?img/s" in last, last
+
+
+def test_a_job_whose_cancel_is_requested_says_so_while_it_stops(capsys):
+    """`segsvc jobs cancel ID` printed "RUNNING 80/200 ... eta 3 s": nothing said the cancel was taken."""
+    op = operations_pb2.Operation(name="jobs/j1", done=False)
+    op.metadata.Pack(jobs_pb.JobMetadata(total=200, done=80, model="m", model_version=1, eta_seconds=3,
+                                         state=jobs_pb.JOB_STATE_RUNNING, cancel_requested=True))
+    cli_jobs._print_status(jobclient._status(op))
+    assert capsys.readouterr().out.rstrip().endswith("img/s, cancel requested")
+
+
+def test_a_wait_step_sends_a_well_formed_duration():
+    """WaitOperation's timeout was Duration(seconds=0, nanos=step * 1e9): the default 1 s step sent nanos
+    1000000000, outside the [0, 999999999] that google.protobuf.Duration allows (a strict server refuses it)."""
+    sent: list[operations_pb2.WaitOperationRequest] = []
+
+    class Client:
+        def _ops_call(self, method, request, timeout_s=None):  # type: ignore[no-untyped-def]
+            sent.append(request)
+            return operations_pb2.Operation(name=request.name, done=True)
+
+    handle = jobclient.JobHandle(Client(), operations_pb2.Operation(name="jobs/j1"))
+    for step in (jobclient.WAIT_STEP_S, 2.5, 0.25):
+        handle._wait_step(step)
+    assert [(r.timeout.seconds, r.timeout.nanos) for r in sent] == [(1, 0), (2, 500_000_000), (0, 250_000_000)]
