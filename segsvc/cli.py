@@ -559,7 +559,7 @@ def _segment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from segsvc.cli_client import open_client
-    from segsvc.client import SegmentationClient, named_image_files
+    from segsvc.client import SegmentationClient, named_image_files, no_images
     from segsvc.files import write_atomic
     from segsvc.inference.codec import encode_png
     from segsvc.inference.repository import parse_model_ref
@@ -569,7 +569,7 @@ def _segment(args: argparse.Namespace) -> int:
     SegmentationClient.request_template(model=model, version=version, tile_size=args.tile_size, flip_tta=args.flip_tta)
     named = named_image_files(args.inputs, skip=args.out)  # --out may lie inside an input folder
     if not named:
-        raise SegsvcError(f"no images found in {args.inputs}")
+        raise no_images(args.inputs)
     files = [path for path, _ in named]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 
+def no_images(paths: Sequence[str | os.PathLike]) -> InvalidArgument:
+    """The error for inputs that hold no image file: what was looked for, and where, as the user typed it."""
+    return InvalidArgument(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(os.fspath, paths))}")
+
+
 @dataclass(frozen=True)
 class Timings:
     """Server-side timings of one request, in milliseconds."""
@@ -428,7 +433,7 @@ class SegmentationClient:
         """Upload image files (or one folder, keeping relative paths) for a job; returns the upload id."""
         files, root = local_images(paths)
         if not files:
-            raise InvalidArgument(f"no images found in {[os.fspath(p) for p in paths]}")
+            raise no_images(paths)
         try:
             response = self._jobs.UploadImages(upload_files(files, root), metadata=self._metadata)
         except grpc.RpcError as exc:

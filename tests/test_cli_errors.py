@@ -162,3 +162,17 @@ def test_a_missing_dataset_folder_is_named_before_connecting(tmp_path, no_server
     missing = tmp_path / "shapes-typo"
     assert main(["datasets", "upload", str(missing), "--name", "d", "--server", no_server]) == 2
     one_line_error(capsys, f"{missing} does not exist")
+
+
+@pytest.mark.parametrize("command", [["segment", "--out", "OUT"], ["jobs", "submit", "--upload"]])
+def test_inputs_without_images_are_named_as_typed_before_connecting(tmp_path, no_server, capsys, command) -> None:
+    """`segsvc segment a b` of folders without images said "no images found in ['a', 'b']" (a Python list), and
+    `jobs submit --upload` of an empty folder said it only after connecting."""
+    empty, notes = tmp_path / "empty", tmp_path / "notes"
+    empty.mkdir()
+    notes.mkdir()
+    (notes / "README").write_text("no image here")
+    command = [str(tmp_path / "out") if arg == "OUT" else arg for arg in command]
+    assert main([*command, str(empty), str(notes), "--server", no_server]) == 2
+    err = one_line_error(capsys, f"no images (.png, .jpg, .jpeg, .tif, .tiff, .bmp, .webp) found in {empty}, {notes}")
+    assert "[" not in err and "no server" not in err, err
