@@ -97,11 +97,9 @@ def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argpa
     def handler(fn):  # type: ignore[no-untyped-def]
         def run(args: argparse.Namespace) -> int:
             if getattr(args, "upload", False):  # local files are checked before connecting: a typo fails at once
-                from segsvc.client import no_images
                 from segsvc.jobclient import local_images
 
-                if not local_images(args.inputs)[0]:
-                    raise no_images(args.inputs)
+                local_images(args.inputs)
             with _client(args, read_token) as client:
                 return fn(client, args)
         return run

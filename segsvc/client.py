@@ -432,8 +432,6 @@ class SegmentationClient:
     def upload_images(self, paths: Sequence[str | os.PathLike]) -> str:
         """Upload image files (or one folder, keeping relative paths) for a job; returns the upload id."""
         files, root = local_images(paths)
-        if not files:
-            raise no_images(paths)
         try:
             response = self._jobs.UploadImages(upload_files(files, root), metadata=self._metadata)
         except grpc.RpcError as exc:

@@ -274,11 +274,14 @@ def upload_files(files: Sequence[Path], root: Path | None) -> Iterator[jobs_pb.U
 
 
 def local_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], Path | None]:
-    """Image files to upload and the folder their names are relative to (one folder: that folder)."""
-    from segsvc.client import IMAGE_SUFFIXES, image_files
+    """Image files to upload and the folder their names are relative to (one folder: that folder); none is an
+    error (``client.no_images``)."""
+    from segsvc.client import IMAGE_SUFFIXES, image_files, no_images
 
     given = [Path(p) for p in paths]
     files = image_files(given)
+    if not files:
+        raise no_images(paths)
     # a job takes the images of an upload by their suffix, as it walks a folder: another file named here would be
     # sent and then left out without a word (the job's only file: "input '.' matches no image under the data root")
     others = [os.fspath(p) for p in given if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
