@@ -269,20 +269,34 @@ class DynamicBatcher(Generic[T, R]):
         self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
 
     async def stop(self, drain: bool = True) -> None:
-        """Refuse new items; finish the queued ones (``drain``) or fail them with ``Unavailable``."""
+        """Refuse new items; finish the queued ones (``drain``) or fail them with ``Unavailable``.
+
+        A caller cancelled while it waits leaves the worker running until every item has its result
+        (awaited bare, the cancellation reached the worker, and those items' callers waited forever).
+        """
         self._accepting = False
-        if self._worker is None:
+        worker = self._worker
+        if worker is None:
             return
         if not drain:
             self._fail_all(Unavailable(f"{self.name} stopped before the request ran"))
         self._wakeup.set()
         try:
-            await self._worker
+            await asyncio.shield(worker)
         finally:
-            self._worker = None
-            if self._own_executor and self._executor is not None:
-                self._executor.shutdown(wait=False)
-                self._executor = None
+            if worker.done():
+                self._stopped(worker)
+            else:
+                worker.add_done_callback(lambda _done: self._stopped(worker))
+
+    def _stopped(self, worker: asyncio.Task) -> None:
+        """``worker`` has ended: forget it and shut down the executor this batcher made."""
+        if self._worker is not worker:
+            return
+        self._worker = None
+        if self._own_executor and self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
     @property
     def running(self) -> bool:

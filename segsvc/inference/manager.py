@@ -28,8 +28,11 @@ to the pinned default) is never served by default.
 ``unload`` is remembered: the poller leaves an unloaded model, or unloaded
 versions, unloaded (a rollback by unloading the newest version stays rolled
 back) until ``load`` of that model clears the mark. The version the DEFAULT
-pointer names is unloaded only with the whole model (move the pointer first),
-so requests without a version never fall through to another version. An unload
+pointer names (or the in-memory pin) is unloaded only with the whole model
+(move the pointer first), so requests without a version never fall through to
+another version. A version that ``retain`` loads again after its ``unload`` (a
+batch job pinned to it, a request that had resolved it first) serves only those
+that name it: it is never the default, and it goes when released. An unload
 finishes retiring its versions even when its caller is cancelled; ``stop``
 waits for every retirement.
 
@@ -99,6 +102,7 @@ class ModelManager:
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._pinned: dict[str, int] = {}
         self._stored: dict[str, int] = {}  # the repository's DEFAULT pointer, once that version is loaded
+        self._missing: dict[str, int] = {}  # a DEFAULT naming a version not in the repository, once reported
         self._locks: dict[str, asyncio.Lock] = {}  # per model name, while used or loaded (_model_lock)
         self._lock_users: dict[str, int] = {}
         self._holds: dict[tuple[str, int], int] = {}
@@ -150,7 +154,17 @@ class ModelManager:
         for chosen in (self._pinned.get(name), self._stored.get(name)):
             if chosen in table:
                 return chosen  # type: ignore[return-value]
-        return max(table) if table else 0
+        return self._newest(name)
+
+    def _newest(self, name: str) -> int:
+        """The newest loaded version of ``name`` that was not unloaded (one a ``retain`` loaded again after its
+        ``unload``), else the newest loaded version; 0 when none is loaded."""
+        table = self._models.get(name) or {}
+        return max((v for v in table if not self._unloaded(name, v)), default=max(table, default=0))
+
+    def _unloaded(self, name: str, version: int) -> bool:
+        """Whether ``unload`` took ``name:version`` away (the model, or that version) and no ``load`` undid it."""
+        return name in self._unloaded_models or version in self._unloaded_versions.get(name, ())
 
     @contextlib.asynccontextmanager
     async def _model_lock(self, name: str) -> AsyncIterator[None]:
@@ -360,12 +374,13 @@ class ModelManager:
 
         Raises:
             UnknownModel, UnknownVersion: not loaded.
-            FailedPrecondition: ``version`` is the one the DEFAULT pointer names and others stay loaded.
+            FailedPrecondition: ``version`` is the one the DEFAULT pointer (or the in-memory pin) names and
+                others stay loaded.
         """
         check_name(name)
         async with self._model_lock(name):
             table = self._loaded_table(name, version)
-            if version and len(table) > 1 and version == self._stored.get(name):
+            if version and len(table) > 1 and version in (self._stored.get(name), self._pinned.get(name)):
                 raise FailedPrecondition(
                     f"model {name!r} version {version} is the model's DEFAULT version: "
                     "SetDefaultVersion to another first, or unload the whole model"
@@ -414,7 +429,8 @@ class ModelManager:
             raise
 
     def release(self, name: str, version: int) -> None:
-        """End one ``retain``; an outdated automatic version with no holds left is retired."""
+        """End one ``retain``; an outdated automatic version with no holds left is retired, and so is one that
+        ``unload`` had unloaded (the retain loaded it again; the unload stays in effect)."""
         key = (name, version)
         left = self._holds.get(key, 0) - 1
         if left > 0:
@@ -422,8 +438,22 @@ class ModelManager:
             return
         self._holds.pop(key, None)
         table = self._models.get(name) or {}
-        if table:
-            self._retire_older_auto(name, max(table))
+        lm = table.get(version)
+        if lm is not None and lm.auto and self._unloaded(name, version) and version not in self._kept(name):
+            rest = {v: m for v, m in table.items() if v != version}
+            models = dict(self._models)
+            if rest:
+                models[name] = rest
+            else:
+                models.pop(name)
+                if not self._lock_users.get(name):
+                    self._locks.pop(name, None)
+            self._models = models
+            log.info("model %s: version %d was unloaded; it goes now that nothing holds it", name, version)
+            self._start_retiring(lm)
+            self._changed()
+        if self._models.get(name):
+            self._retire_older_auto(name, self._newest(name))
 
     async def set_default(self, name: str, version: int | None) -> None:
         """Make ``version`` (a loaded version) the default of ``name`` by writing ``<model>/DEFAULT``;
@@ -436,6 +466,9 @@ class ModelManager:
         check_name(name)
         async with self._model_lock(name):
             self._loaded_table(name, version, hint="; load it first")
+            held = (name, version) if version else None
+            if held:  # a batch job's release while the pointer is written must not retire the version
+                self._holds[held] = self._holds.get(held, 0) + 1
             try:
                 await asyncio.to_thread(self.repository.set_default, name, version or None)
             except OSError as exc:
@@ -453,8 +486,10 @@ class ModelManager:
                 else:
                     self._stored.pop(name, None)
                 log.info("model %s: DEFAULT set to %s", name, version or "none (the newest loaded version)")
-            table = self._models.get(name) or {}
-            self._retire_older_auto(name, max(table))  # an automatic former default, outdated, goes
+            finally:
+                if held:
+                    self.release(*held)
+            self._retire_older_auto(name, self._newest(name))  # an automatic former default, outdated, goes
             self._changed()
 
     async def refresh_default(self, name: str) -> int:
@@ -487,12 +522,14 @@ class ModelManager:
 
         ``entries`` is a scan made *before* the pointer is read here. A pointer to a version that is
         missing or does not load is logged and the previous default stays in effect (requests never
-        land on a broken version). ``retry_unchanged=False`` (the poller) does not build again a
-        version that failed and whose files did not change, nor one that was unloaded explicitly.
+        land on a broken version); a missing one is logged once, and the poller follows it when it
+        arrives. ``retry_unchanged=False`` (the poller) does not build again a version that failed and
+        whose files did not change, nor one that was unloaded explicitly.
         """
         wanted = await asyncio.to_thread(self.repository.default_version, name)
         current = self._stored.get(name)
         if wanted == current:
+            self._missing.pop(name, None)
             return
         table = self._models.get(name) or {}
         if wanted is not None and wanted not in table:
@@ -500,8 +537,10 @@ class ModelManager:
             if entry is None:  # written after the scan, with a version newer than it saw
                 entry = next((e for e in await self.loader.scan(name) if e.version == wanted), None)
             if entry is None:
-                log.error("model %s: DEFAULT names version %d, which is not in the repository; keeping %s",
-                          name, wanted, current or "the newest version")
+                if self._missing.get(name) != wanted:  # said once, not at every poll (followed when it arrives)
+                    self._missing[name] = wanted
+                    log.error("model %s: DEFAULT names version %d, which is not in the repository; keeping %s",
+                              name, wanted, current or "the newest version")
                 return
             if not retry_unchanged and (self.record.unchanged(name, entry)
                                         or wanted in self._unloaded_versions.get(name, ())):
@@ -512,15 +551,14 @@ class ModelManager:
                 log.error("model %s: the default version %d does not load (%s); keeping %s",
                           name, wanted, exc, current or "the newest version")
                 return
+        self._missing.pop(name, None)
         if wanted is None:
             self._stored.pop(name, None)
         else:
             self._stored[name] = wanted  # requests without a version switch here, atomically
         self._pinned.pop(name, None)  # the pointer moved since an in-memory pin: the last write wins
         log.info("model %s: default version is now %s", name, wanted or "the newest loaded")
-        table = self._models.get(name) or {}
-        if table:
-            self._retire_older_auto(name, max(table))
+        self._retire_older_auto(name, self._newest(name))
 
     # -- polling ---------------------------------------------------------------------
     async def _poll_loop(self) -> None:
@@ -553,7 +591,12 @@ class ModelManager:
                     wanted = await asyncio.to_thread(self.repository.default_version, name)
                 except SegsvcError:
                     wanted = self._stored.get(name)
+                if self._missing.get(name) != wanted:  # the pointer moved since a missing version was reported
+                    self._missing.pop(name, None)
                 moved = wanted != self._stored.get(name) and (wanted in table or wanted not in skipped)
+                absent = wanted not in table and all(e.version != wanted for e in entries)
+                if moved and name in self._missing and absent:
+                    moved = False  # still not in the repository, and reported already
             else:
                 moved = False
             if not moved and all(e.version <= newest or e.version in skipped for e in entries):

@@ -895,7 +895,9 @@ def test_stop_drains_by_default():
 def test_a_partial_batch_keeps_waiting_for_its_key_while_other_keys_arrive():
     async def main():
         rec = Recorder()
-        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=4, max_delay_s=0.2), key=lambda s: s[0])
+        # a delay never reached: a host that stalls the test between a1 and a2 cannot flush a1 alone
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=4, max_delay_s=DELAY_NEVER_WAITED_S),
+                           key=lambda s: s[0])
         b.start()
         with b.incoming():  # a2 is on its way
             first = b.submit("a1")
@@ -1047,3 +1049,27 @@ def test_an_interactive_batch_counts_as_running_from_the_moment_it_is_taken():
     queued_beside_it, values = run(main())
     assert queued_beside_it == 1, "the batch-lane item was taken while the interactive batch ran"
     assert values == [2, 4]
+
+
+def test_a_stop_whose_caller_is_cancelled_still_delivers_every_queued_result():
+    """A stop() cancelled while it drained (ModelManager.stop cancelled during a shutdown cancels the retirements it
+    awaits) cancelled the worker with it: the batch running and the item queued never got a result, and their
+    callers waited forever."""
+    async def main():
+        entered, gate, predict = _gated_predict()
+        b = DynamicBatcher(predict, BatchingConfig(max_batch_size=1, max_delay_s=0))
+        b.start()
+        first = b.submit(1)
+        assert await asyncio.to_thread(entered.wait, 30)
+        queued = b.submit(2)
+        stopping = asyncio.ensure_future(b.stop())
+        await asyncio.sleep(0)  # the stop now awaits the worker
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        gate.set()
+        results = await asyncio.gather(first, queued)
+        await b.stop()  # a later stop finds it ended
+        return [r.value for r in results], b._worker, b._executor
+
+    assert run(main()) == ([2, 4], None, None)

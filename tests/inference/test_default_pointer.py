@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 
 import pytest
 
-from segsvc.errors import UnknownModel
+from segsvc.errors import FailedPrecondition, UnknownModel
 from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import DEFAULT_FILE, ModelRepository
 from tests.inference.managers import with_manager
@@ -236,3 +238,85 @@ def test_a_default_that_does_not_load_is_retried_only_when_its_files_change(tmp_
         assert builds == [2] and manager.default_version("m") == 2
 
     with_manager(tmp_path, check)
+
+
+def test_with_a_read_only_repository_the_pinned_default_is_unloaded_only_with_the_whole_model(tmp_path, monkeypatch):
+    """UnloadModel of the version SetDefaultVersion had pinned in memory (the repository mounted read-only) went
+    through and sent requests without a version to the newest, where the DEFAULT pointer's version is refused."""
+    publish(tmp_path, "m", seed=1)
+    publish(tmp_path, "m", seed=2)
+
+    def read_only(self, name, version):
+        raise OSError(30, "Read-only file system")
+
+    async def check(manager: ModelManager) -> None:
+        await manager.load("m", 1)
+        monkeypatch.setattr(ModelRepository, "set_default", read_only)
+        await manager.set_default("m", 1)
+        with pytest.raises(FailedPrecondition, match="version 1 is the model's DEFAULT version"):
+            await manager.unload("m", 1)
+        assert sorted(manager._models["m"]) == [1, 2] and manager.default_version("m") == 1
+        assert await manager.unload("m") == [1, 2]  # the whole model goes
+
+    with_manager(tmp_path, check)
+
+
+def test_a_version_a_batch_job_releases_while_set_default_writes_the_pointer_stays_loaded_as_the_default(
+        tmp_path, monkeypatch):
+    """SetDefaultVersion(m, 1) while a batch job held the outdated automatic version 1: the job's release during
+    the write retired version 1, and the stored default then named a version no longer loaded. Requests without
+    a version went to 2 while DEFAULT said 1, and no poll followed the pointer again (it equalled the stored one)."""
+    publish(tmp_path, "m", seed=1)
+    publish(tmp_path, "m", seed=2)
+    writing, written = threading.Event(), threading.Event()
+    write = ModelRepository.set_default
+
+    def gated(self, name, version):
+        writing.set()
+        assert written.wait(60), "the test never opened its gate"  # a hang bound: the test opens it at once
+        write(self, name, version)
+
+    async def check(manager: ModelManager) -> None:
+        await manager.retain("m", 1)  # a batch job pinned to version 1 loads it next to the newest
+        assert manager._models["m"][1].auto
+        monkeypatch.setattr(ModelRepository, "set_default", gated)
+        setting = asyncio.ensure_future(manager.set_default("m", 1))
+        assert await asyncio.to_thread(writing.wait, 60)
+        manager.release("m", 1)  # the job ends while the pointer is written
+        written.set()
+        await setting
+        await asyncio.gather(*manager._retiring)
+        assert sorted(manager._models["m"]) == [1, 2] and manager.default_version("m") == 1
+        with manager.lease("m", None) as lm:
+            assert lm.version == 1
+        assert await manager.poll_once() == [] and manager.default_version("m") == 1
+
+    with_manager(tmp_path, check)
+
+
+def test_a_pointer_to_a_missing_version_is_reported_once_and_followed_once_the_version_arrives(tmp_path, caplog):
+    """DEFAULT naming a version that is not in the repository (a hand edit, a pointer copied before its version):
+    every poll took the model's lock, scanned the model twice and logged the same error again."""
+    publish(tmp_path, "m", seed=1)
+    (tmp_path / "m" / DEFAULT_FILE).write_text("2\n")  # version 2 is not there yet
+
+    async def check(manager: ModelManager) -> None:
+        scans: list[str] = []
+        scan = manager.loader.scan
+
+        async def counted(name):
+            scans.append(name)
+            return await scan(name)
+
+        manager.loader.scan = counted
+        for _ in range(3):
+            await manager.poll_once()
+        assert scans == [] and manager.default_version("m") == 1
+        publish(tmp_path, "m", seed=2)  # the version arrives
+        assert await manager.poll_once() == [("m", 2)]
+        assert manager.default_version("m") == 2
+
+    with caplog.at_level(logging.ERROR, logger="segsvc.inference.manager"):
+        with_manager(tmp_path, check)
+    missing = [r for r in caplog.records if "DEFAULT names version 2, which is not in the repository" in r.getMessage()]
+    assert len(missing) == 1  # said once, at the start

@@ -132,3 +132,44 @@ def test_a_batch_job_retaining_a_version_loaded_by_number_does_not_make_it_autom
         assert sorted(manager._models["m"]) == [1, 2]
 
     with_manager(tmp_path, check)
+
+
+def test_a_model_unloaded_while_a_request_that_resolved_it_was_on_its_way_does_not_stay_loaded(tmp_path):
+    """UnloadModel(m) while an Open Inference Protocol request that had resolved m:1 was still reading its tensors:
+    the request's retain loaded m:1 again, and its release left it loaded for good, served and ready although
+    unloaded (and the poller, which leaves an unloaded model alone, never took it away)."""
+    publish(tmp_path, "m", seed=1)
+
+    async def check(manager: ModelManager) -> None:
+        version = manager.resolve("m", None).version  # the request resolves its version, then reads its tensors
+        assert await manager.unload("m") == [1]  # UnloadModel meanwhile
+        await manager.retain("m", version)  # the request holds that version for all of its images
+        with manager.lease("m", version) as lm:  # and is served by it
+            assert lm.version == 1
+        manager.release("m", version)
+        await asyncio.gather(*manager._retiring)
+        assert "m" not in manager._models and not manager.ready
+        assert await manager.poll_once() == [] and "m" not in manager._models
+
+    with_manager(tmp_path, check)
+
+
+def test_a_rolled_back_version_that_a_batch_job_loads_again_is_never_the_default_and_goes_with_the_job(tmp_path):
+    """LoadModel(m, 1) and UnloadModel(m, 2) to roll back, then a batch job pinned to version 2 started: its retain
+    loaded 2 again, which as the newest became the default of every request without a version, and stayed so
+    after the job: the rollback was undone for good."""
+    publish(tmp_path, "m", seed=1)
+    publish(tmp_path, "m", seed=2)
+
+    async def check(manager: ModelManager) -> None:
+        await manager.load("m", 1)
+        assert await manager.unload("m", 2) == [2]
+        await manager.retain("m", 2)  # the job's version serves the job
+        assert sorted(manager._models["m"]) == [1, 2] and manager.default_version("m") == 1
+        with manager.lease("m", None) as lm:  # requests without a version stay rolled back
+            assert lm.version == 1
+        manager.release("m", 2)
+        await asyncio.gather(*manager._retiring)
+        assert sorted(manager._models["m"]) == [1] and manager.default_version("m") == 1
+
+    with_manager(tmp_path, check)
