@@ -170,11 +170,17 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 name, version, manifest = self._service.resolve(convert.model_name(request.model_name),
                                                                 convert.version_of(request.model_version))
                 model = name
-                call = await self._service.run_io(convert.infer_call, request, self._max_images,
-                                                  self._service.max_pixels)
-                # outputs over the message limit: refused before any image is decoded
-                convert.check_outputs_size(call, labels_dtype(manifest.spec.num_classes), self._max_bytes)
-                segs = await self._segment_all(call, name, version, _deadline(context, call.timeout_s))
+                # held from here, before the first await: a swap while the tensors convert must not retire
+                # (nor a retain then rebuild) the version this request resolved
+                await self._manager.retain(name, version)
+                try:
+                    call = await self._service.run_io(convert.infer_call, request, self._max_images,
+                                                      self._service.max_pixels)
+                    # outputs over the message limit: refused before any image is decoded
+                    convert.check_outputs_size(call, labels_dtype(manifest.spec.num_classes), self._max_bytes)
+                    segs = await self._segment_all(call, name, version, _deadline(context, call.timeout_s))
+                finally:
+                    self._manager.release(name, version)
                 return await self._service.run_io(convert.infer_response, request.id, segs, call.outputs,
                                                   self._max_bytes)
             except asyncio.CancelledError:
@@ -196,20 +202,17 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _segment_all(self, call: convert.InferCall, name: str, version: int,
                            deadline: float | None) -> list:
-        """Segment the request's images at once, all on one version (held, so no swap splits the batch)."""
-        await self._manager.retain(name, version)
+        """Segment the request's images at once, all on one version (the caller holds it, so no swap splits
+        the batch)."""
+        tasks = [asyncio.ensure_future(self._service.segment(source, model=name, version=version,
+                                                             options=call.options, deadline=deadline))
+                 for source in call.sources]
         try:
-            tasks = [asyncio.ensure_future(self._service.segment(source, model=name, version=version,
-                                                                 options=call.options, deadline=deadline))
-                     for source in call.sources]
-            try:
-                segs = await asyncio.gather(*tasks)
-            except BaseException:  # one image failed or the call was cancelled: the others stop too
-                for task in tasks:
-                    task.cancel()
-                raise
-        finally:
-            self._manager.release(name, version)
+            segs = await asyncio.gather(*tasks)
+        except BaseException:  # one image failed or the call was cancelled: the others stop too
+            for task in tasks:
+                task.cancel()
+            raise
         for seg in segs:
             self._metrics.observe_stages(name, seg.queue_s, seg.run_s)
         return segs
