@@ -85,12 +85,22 @@ def _to_rgb_or_grey(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def _high_byte(path: Path, array: np.ndarray) -> np.ndarray:
+    """uint8 samples; 16-bit ones keep their 8 most significant bits, as the server's decoder keeps them
+    (``segsvc.inference.codec.decode_image``), so training and eval see the pixels the server sees."""
+    if array.dtype == np.uint16:
+        return (array >> 8).astype(np.uint8)
+    if array.dtype != np.uint8:
+        raise InvalidImage(f"{path}: pixel type {array.dtype} is not supported; use 8- or 16-bit images")
+    return array
+
+
 def read_image(path: str | Path, channels: int | None = None) -> np.ndarray:
     """Read an image as uint8 RGB ``H x W x 3`` or grey ``H x W``.
 
     Args:
-        path: any format OpenCV decodes (PNG, JPEG, BMP, TIFF...). Deeper images
-            (16-bit TIFF) are scaled to 8 bits by OpenCV.
+        path: any format OpenCV decodes (PNG, JPEG, BMP, TIFF...). 16-bit
+            images keep their 8 most significant bits, as the server decodes them.
         channels: ``None`` keeps the file's own layout (grey stays ``H x W``);
             ``3`` always returns RGB (grey repeated); ``1`` always returns grey
             ``H x W`` (RGB converted to luminance).
@@ -106,7 +116,8 @@ def read_image(path: str | Path, channels: int | None = None) -> np.ndarray:
     if channels not in (None, 1, 3):
         raise InvalidImage(f"read_image: channels must be None, 1 or 3, got {channels!r}")
     path = Path(path)
-    image = _to_rgb_or_grey(_decode(path, read_bytes(path), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION, InvalidImage))
+    raw = _decode(path, read_bytes(path), cv2.IMREAD_UNCHANGED, InvalidImage)  # the flags the server decodes with
+    image = _to_rgb_or_grey(_high_byte(path, raw))
     if channels == 3 and image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if channels == 1 and image.ndim == 3:

@@ -5,7 +5,7 @@ Decoders trust the sizes a file declares. A 50 kB PNG can declare 100 000 x
 declares 4 GiB makes OpenCV allocate 4 GiB before it notices the bytes are not
 there. So ``decode_image`` walks the container first, in a few milliseconds
 and without copying it: every PNG chunk, the JPEG segments up to the first
-scan, the TIFF directory with its strip and tile offsets, the BMP and WebP
+scan and the number of scans, the TIFF directory with its strip and tile offsets, the BMP and WebP
 headers. A declared size the bytes cannot hold is refused, then an image over
 ``max_pixels``, then a PNG whose compressed pixels inflate past what its size
 needs (a zlib bomb that OpenCV would otherwise inflate to the end, discarding
@@ -37,7 +37,7 @@ import numpy as np
 
 from segsvc.errors import ImageTooLarge, InvalidArgument, InvalidImage
 from segsvc.inference.containers import (  # noqa: F401  (limits re-exported for callers of codec)
-    MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS, MAX_TIFF_ENTRIES, MAX_TIFF_TILE_PIXELS, MAX_WEBP_CHUNKS,
+    MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS, MAX_TIFF_ENTRIES, MAX_TIFF_TILE_PIXELS, MAX_WEBP_CHUNKS,
     PNG_INFLATE_SLACK_BYTES, ImageHeader, check_png_inflate, image_header, inspect,
 )
 from segsvc.palette import colorize, overlay  # noqa: F401  (numpy-only; re-exported for callers of codec)

@@ -2,9 +2,10 @@
 
 Decoders trust the sizes a file declares. ``inspect`` walks the container in a
 few milliseconds and without copying it (every PNG chunk, the JPEG segments up
-to the first scan, the TIFF directory with its strip and tile offsets, the BMP
-and WebP headers) and refuses a declared size the bytes cannot hold, naming it,
-and TIFF samples the codec would refuse once decoded (over 16 bits, signed, float).
+to the first scan and the number of scans, the TIFF directory with its strip and
+tile offsets, the BMP and WebP headers) and refuses a declared size the bytes
+cannot hold, naming it, and TIFF samples the codec would refuse once decoded
+(over 16 bits, signed, float).
 ``check_png_inflate`` refuses PNG pixel data that inflates past what the
 declared size needs (a zlib bomb). NumPy and the standard library only: the
 decoding itself is ``codec.decode_image``'s.
@@ -24,6 +25,10 @@ from segsvc.errors import InvalidImage
 # chunks would be 5.6 million iterations). Real files stay far below them.
 MAX_PNG_CHUNKS = 1 << 16  # libpng writes 8 KiB IDATs: 512 MiB of pixel data
 MAX_JPEG_SEGMENTS = 4096  # before the first scan; real files have a dozen
+# Each scan of a progressive JPEG is a pass over the whole image, and libjpeg runs repeated or inconsistent
+# scans with a warning: a few hundred kB of tiny scans cost minutes. Encoders write about ten; libjpeg-turbo's
+# fuzzers stop at 500 (its TJPARAM_SCANLIMIT).
+MAX_JPEG_SCANS = 500
 MAX_TIFF_ENTRIES = 4096  # tags in the first directory; real files have ~20
 MAX_WEBP_CHUNKS = 1 << 16
 # Compressed PNG pixels may inflate this far past the rows the header needs
@@ -36,7 +41,8 @@ MAX_TIFF_TILE_PIXELS = 1 << 20
 
 @dataclass(frozen=True)
 class ImageHeader:
-    """Format and size of an encoded image, read from its header alone."""
+    """Format and size of an encoded image, read from its header alone: the size it decodes to (a TIFF
+    whose Orientation tag turns it by a quarter has its stored sides swapped)."""
 
     format: str
     width: int
@@ -222,8 +228,13 @@ def _jpeg_header(data: bytes) -> ImageHeader:
                 raise InvalidImage("JPEG has a scan (SOS) before its frame header (SOF)")
             # Entropy-coded data escapes 0xff, so FFD9 after the scan starts is the real end marker;
             # without it libjpeg pads the missing rows with grey and calls that success.
-            if data.rfind(b"\xff\xd9", pos + 2 + length) < 0:
+            end = data.rfind(b"\xff\xd9", pos + 2 + length)
+            if end < 0:
                 raise InvalidImage("JPEG is truncated: no end-of-image marker (FFD9) after its first scan")
+            scans = data.count(b"\xff\xda", pos, end)  # escaped in scan data too: each one starts a scan
+            if scans > MAX_JPEG_SCANS:
+                raise InvalidImage(f"JPEG has {scans} scans, over the limit of {MAX_JPEG_SCANS}: each is a pass "
+                                   "over the whole image; send a baseline JPEG or one with fewer scans")
             return header
         pos += 2 + length
     raise InvalidImage(f"JPEG has more than {MAX_JPEG_SEGMENTS} segments before its first scan")
@@ -248,10 +259,11 @@ def _jpeg_frame(data: bytes, at: int, size: int) -> ImageHeader:
 # -- TIFF / BigTIFF -------------------------------------------------------------------
 _TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 16: "Q"}  # BYTE, SHORT, LONG, LONG8
 _TIFF_TAGS = {
-    256: "ImageWidth", 257: "ImageLength", 258: "BitsPerSample", 273: "StripOffsets", 277: "SamplesPerPixel",
-    279: "StripByteCounts", 322: "TileWidth", 323: "TileLength", 324: "TileOffsets", 325: "TileByteCounts",
-    339: "SampleFormat",
+    256: "ImageWidth", 257: "ImageLength", 258: "BitsPerSample", 273: "StripOffsets", 274: "Orientation",
+    277: "SamplesPerPixel", 279: "StripByteCounts", 322: "TileWidth", 323: "TileLength", 324: "TileOffsets",
+    325: "TileByteCounts", 339: "SampleFormat",
 }
+_TIFF_TRANSPOSED = (5, 6, 7, 8)  # Orientation values whose stored rows are the image's columns
 # What decode_image keeps: unsigned samples of at most 16 bits. OpenCV decodes deeper, signed or float samples
 # into arrays of their own type (up to 32 bytes a pixel) that would only be refused after the allocation.
 _TIFF_BITS = (1, 2, 4, 8, 16)
@@ -292,6 +304,9 @@ def _tiff_header(data: bytes) -> ImageHeader:
         at = entries + k * entry_size
         tag, kind = struct.unpack_from(endian + "HH", data, at)
         if tag in _TIFF_TAGS:
+            if tag in tags:  # libtiff reads the first one: checking another would check a size it never decodes
+                raise InvalidImage(f"TIFF directory has a second {_TIFF_TAGS[tag]} entry (at {k}); "
+                                   "a tag may appear once")
             tags[tag] = _tiff_values(data, endian, at, kind, offset_size, _TIFF_TAGS[tag])
 
     def first_value(tag: int, default: int | None = None) -> int:
@@ -315,6 +330,8 @@ def _tiff_header(data: bytes) -> ImageHeader:
         _tiff_check_blocks(n, "tile", tags.get(324), tags.get(325))
     else:
         _tiff_check_blocks(n, "strip", tags.get(273), tags.get(279))
+    if first_value(274, 1) in _TIFF_TRANSPOSED:  # OpenCV turns the image upright: its sides swap
+        return ImageHeader("tiff", height, width)
     return ImageHeader("tiff", width, height)
 
 

@@ -227,7 +227,7 @@ def _blend_tiles(
         for (i, y, x), logits in zip(chunk, out):
             total[i, :, y : y + kh, x : x + kw] += logits * window
     assert total is not None  # at least one tile always exists
-    return total / weight
+    return total.div_(weight)  # in place: admission's estimate counts one logit map here, not two
 
 
 def overlap_tile_logits(
@@ -272,11 +272,15 @@ def overlap_tile_logits(
 
 
 def hflip_tta_logits(logits_fn: LogitsFn, images: torch.Tensor, should_stop: StopFn | None = None) -> torch.Tensor:
-    """Mean of the logits of the images and of their mirror images (mirrored back)."""
+    """Mean of the logits of the images and of their mirror images (mirrored back).
+
+    At most three logit maps are alive at once, as admission's estimate counts: the plain pass, the
+    mirrored pass and its flip back, a new tensor that takes the sum in place.
+    """
     plain = logits_fn(images).float()
     _check(should_stop)
-    flipped = logits_fn(torch.flip(images, dims=[-1])).float()
-    return (plain + torch.flip(flipped, dims=[-1])) / 2
+    mean = torch.flip(logits_fn(torch.flip(images, dims=[-1])).float(), dims=[-1])
+    return mean.add_(plain).div_(2)
 
 
 def rescale(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

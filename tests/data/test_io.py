@@ -160,3 +160,18 @@ def test_write_png_rejects_unsupported_arrays(tmp_path: Path) -> None:
         write_png(tmp_path / "f.png", np.zeros((2, 2), np.float32))
     with pytest.raises(InvalidImage, match="palette PNG needs a uint8 HxW"):
         write_png(tmp_path / "p.png", np.zeros((2, 2, 3), np.uint8), palette=[(0, 0, 0)])
+
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16_bit_images_keep_their_high_byte_as_the_server_decodes_them(tmp_path: Path, ext: str,
+                                                                         channels: int) -> None:
+    """Training and ``segsvc eval`` read with ``read_image``, the server with ``codec.decode_image``: a 16-bit
+    RGB TIFF came out of OpenCV's own conversion rounded (0x12ff -> 0x13), one level off the served 0x12 in
+    most pixels, so the served labels were not the ones eval measured."""
+    rng = np.random.default_rng(1)
+    deep = rng.integers(0, 1 << 16, (9, 11, 3) if channels == 3 else (9, 11), dtype=np.uint16) | 0x80  # rounds up
+    assert cv2.imwrite(str(tmp_path / f"deep{ext}"), deep)  # OpenCV's order: BGR
+    expected = (deep >> 8).astype(np.uint8)
+    expected = expected[..., ::-1] if channels == 3 else expected
+    assert np.array_equal(read_image(tmp_path / f"deep{ext}"), expected)

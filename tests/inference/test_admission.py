@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from segsvc.errors import Cancelled, DeadlineExceeded, ImageTooLarge, InvalidArgument, Overloaded
-from segsvc.inference.admission import AdmissionConfig, MemoryBudget, estimate
+from segsvc.inference.admission import MIB, AdmissionConfig, MemoryBudget, estimate
 from segsvc.inference.contract import scaled_size
 from segsvc.inference.engine import Engine, EngineConfig, InferenceOptions
 from segsvc.inference.predictor import Predictor
@@ -193,3 +197,36 @@ def test_a_pass_over_the_pixel_limit_because_of_the_model_s_scale_says_so():
     config = AdmissionConfig(max_pixels=64_000_000)
     with pytest.raises(ImageTooLarge, match=r"2100x2100 image is 70560000 pixels once resized by 4 .*and padded"):
         config.check(_cost(2100, 2100, stride=4, scale=4.0), 2100, 2100)
+
+
+PEAK_IN_FRESH_PROCESS = """
+import resource, sys, torch
+from segsvc.inference.admission import estimate
+from segsvc.inference.tiling import make_logits_fn
+side, classes, tile, flip = 1024, 16, int(sys.argv[1]), sys.argv[2] == "flip"
+torch.set_num_threads(1)
+fn = make_logits_fn(lambda x: x[:, :1].expand(-1, classes, -1, -1) + 1.0,  # a network holding only its logits
+                    tile=(tile, tile) if tile else None, overlap=0.25, hflip=flip)
+fn(torch.rand(1, 3, 64, 64))
+x = torch.rand(1, 3, side, side)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fn(x)
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+cost = estimate(side, side, tile_size=tile, tile_overlap=0.25, flip_tta=flip, stride=1, min_size=1,
+                num_classes=classes, bytes_per_pixel=4 * classes + 12)
+print(grown, cost.peak_bytes)
+"""
+
+
+@pytest.mark.parametrize("tile, flip", [(256, "flip"), (0, "flip"), (256, "plain")])
+def test_the_estimate_covers_the_logits_a_flipped_or_tiled_image_holds_at_its_peak(tile, flip):
+    """Peak RSS of a fresh process within the estimate. glibc maps every block over 64 KiB (a 16-class logit
+    map is 64 MiB) and unmaps it when freed, so the peak is what was alive at once, the same on every run.
+    Flip TTA held four logit maps at its end (the plain pass, the mirrored one, its flip and their sum) and
+    tiles two (the sum of the tiles and its division by their weights), one more than the estimate counts."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", PEAK_IN_FRESH_PROCESS, str(tile), flip], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).parents[2], env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    grown, estimated = map(int, out.stdout.split()[-2:])
+    assert grown <= estimated, f"{grown / MIB:.0f} MiB at the peak, {estimated / MIB:.0f} MiB estimated"

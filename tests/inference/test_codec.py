@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import re
 import struct
 import subprocess
@@ -687,6 +688,11 @@ TIFF_CASES = {
                                "TIFF directory declares 18446744073709551615 entries; expected 1 to 4096"),
     "bigtiff-ifd-in-header": (_put(_tiff(GREY, big=True), 8, "<Q", 8),
                               f"TIFF directory offset 8 is outside the {len(_tiff(GREY, big=True))} bytes of data"),
+    # libtiff reads the first of two entries, the walk read the last: a 16x16 check of a 20000x20000 decode
+    "second-width": (_put(TIFF, _tiff_entry(TIFF, 284), "<HHII", 256, 4, 1, 53),
+                     "TIFF directory has a second ImageWidth entry (at 9); a tag may appear once"),
+    "second-bits-per-sample": (_put(TIFF, _tiff_entry(TIFF, 284), "<HHII", 258, 3, 1, 8),
+                               "TIFF directory has a second BitsPerSample entry (at 9); a tag may appear once"),
 }
 
 
@@ -950,3 +956,47 @@ def test_png_rows_are_up_filtered_and_round_trip():
         raw = zlib.decompress(idat)
         assert len(raw) == 36 * (1 + row_bytes)
         assert {raw[row * (1 + row_bytes)] for row in range(36)} == {2}  # filter type 2: Up
+
+
+def test_a_tiff_naming_its_size_twice_is_refused_before_the_decoder_allocates_the_first(monkeypatch):
+    """The probe's bomb: ImageWidth/ImageLength of 20000 first, then 16. libtiff took the first (OpenCV decoded
+    20000x20000, +2.3 GiB and 6 s, before the size check refused it); the walk took the last and let it through."""
+    strip = zlib.compress(bytes(20_000 * 256), 9)
+    data = _tiff(np.frombuffer(strip, np.uint8)[None, :], replace={
+        256: (4, [20_000]), 257: (4, [20_000]), 259: (3, [8]), 273: (4, [8] * 79), 278: (4, [256]),
+        279: (4, [len(strip)] * 79)})
+    for tag in (284, 262):  # PlanarConfiguration and PhotometricInterpretation entries become a second 16x16
+        data = _put(data, _tiff_entry(data, tag), "<HHII", 256 if tag == 284 else 257, 4, 1, 16)
+    _assert_cheap(_refusal_work(monkeypatch, data, "TIFF directory has a second ImageLength entry"))
+
+
+def _progressive_jpeg_with_repeated_scans(extra: int) -> bytes:
+    """A progressive 64x64 grey JPEG whose last scan is repeated ``extra`` more times. libjpeg only warns
+    (an inconsistent progression) and runs every scan: each a pass over the whole image. The probe's 130 kB
+    16-megapixel file of 2,000 scans took 2 s of CPU to decode, 20x the plain file; a 64-megapixel one, 4x that."""
+    ok, buf = cv2.imencode(".jpg", np.zeros((64, 64), np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    data = buf.tobytes()
+    scan = data[data.rindex(b"\xff\xda") : data.rindex(b"\xff\xd9")]
+    return data[:-2] + scan * extra + data[-2:]
+
+
+def test_a_progressive_jpeg_of_too_many_scans_is_refused_before_decoding(monkeypatch):
+    within = _progressive_jpeg_with_repeated_scans(400)
+    assert decode_image(within).shape == (64, 64)
+    bomb = _progressive_jpeg_with_repeated_scans(containers.MAX_JPEG_SCANS)
+    scans = bomb.count(b"\xff\xda")
+    assert scans > containers.MAX_JPEG_SCANS >= within.count(b"\xff\xda")
+    _assert_cheap(_refusal_work(monkeypatch, bomb, f"JPEG has {scans} scans, over the limit of "
+                                                   f"{containers.MAX_JPEG_SCANS}"))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_is_decoded_turned_as_its_orientation_tag_says_and_its_header_says_so(orientation):
+    """OpenCV turns a TIFF as its Orientation tag says (as Pillow's ``exif_transpose``), so 5-8 swap width and
+    height: such a scan was refused as 'TIFF header says 53x37 but it decodes to 37x53'."""
+    from PIL import Image, ImageOps
+
+    data = _tiff(RGB, replace={274: (3, [orientation])})
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert image_header(data) == codec.ImageHeader("tiff", expected.shape[1], expected.shape[0])
+    assert np.array_equal(decode_image(data), expected)
