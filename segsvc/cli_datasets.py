@@ -23,13 +23,17 @@ TokenReader = Callable[[argparse.Namespace], "str | None"]
 
 # -- serve: the registry's flags (datasets are on with --state-dir) ---------------------------
 def add_server_arguments(group: argparse._ArgumentGroup) -> None:
-    """``--max-dataset-mb``, ``--max-dataset-files``, ``--max-dataset-ratio`` in ``segsvc serve``."""
+    """``--max-dataset-mb``, ``--max-dataset-files``, ``--max-dataset-ratio``, ``--max-dataset-pixels`` in
+    ``segsvc serve``."""
     group.add_argument("--max-dataset-mb", type=float, default=2048,
                        help="largest uploaded dataset in MiB, as sent and as extracted (default 2048)")
     group.add_argument("--max-dataset-files", type=int, default=100_000,
                        help="most files in an uploaded or registered dataset (default 100000)")
     group.add_argument("--max-dataset-ratio", type=float, default=100.0,
                        help="most bytes extracted per compressed byte of an uploaded archive (default 100)")
+    group.add_argument("--max-dataset-pixels", type=int, default=64_000_000,
+                       help="largest image or mask (height x width) of an uploaded or registered dataset, read "
+                            "from its header before it is decoded (default 64000000)")
 
 
 def server_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -40,7 +44,7 @@ def server_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from segsvc.datasets.registry import DatasetsConfig
 
     limits = ExtractLimits(max_bytes=int(args.max_dataset_mb * MIB), max_files=args.max_dataset_files,
-                           max_ratio=args.max_dataset_ratio)
+                           max_ratio=args.max_dataset_ratio, max_pixels=args.max_dataset_pixels)
     return DatasetsConfig(state_dir=Path(args.state_dir), data_root=Path(args.data_root) if args.data_root else None,
                           limits=limits)
 
@@ -75,6 +79,10 @@ def add_datasets_parser(sub: argparse._SubParsersAction, read_token: TokenReader
             # local files are read before connecting: a missing one fails at once, not after the upload starts
             if fn is _upload and not Path(args.path).exists():  # (nor after waiting for a server that is not up)
                 raise InvalidArgument(f"{args.path} does not exist")
+            if fn is _upload and Path(args.path).is_dir():
+                _check_names(Path(args.path))
+            if fn is _upload and args.dataset_yaml and args.classes:
+                raise InvalidArgument("give the classes with --dataset-yaml or --classes, not both")
             dataset_yaml = getattr(args, "dataset_yaml", None)
             args.dataset_yaml_text = read_text_arg(dataset_yaml, "--dataset-yaml") if dataset_yaml else ""
             with _client(args, read_token) as client:
@@ -148,6 +156,16 @@ def _print_problems(exc) -> None:  # type: ignore[no-untyped-def]
     print(f"the dataset fails its check with {len(exc.problems)} problem(s):", file=sys.stderr)
     for kind, subject, description in exc.problems:
         print(f"  [{kind}] {subject}: {description}", file=sys.stderr)
+
+
+def _check_names(folder: Path) -> None:
+    """Refuse a folder holding a file name the server refuses, before anything is sent: the server sees the
+    names only when it extracts the upload, after its last byte."""
+    from segsvc.datasets.content import local_files
+    from segsvc.jobs.staging import check_upload_name
+
+    for rel, _ in local_files(folder):
+        check_upload_name(rel)
 
 
 def _upload(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]

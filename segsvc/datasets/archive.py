@@ -9,7 +9,8 @@ one ("pairs"). Everything here assumes the bytes are hostile:
   (``ENTRIES_PER_FILE`` per allowed file): files, folders and skipped names
   alike. A zip's entries are counted from its end records and its central
   directory's record headers *before* ``zipfile`` builds anything, so a
-  central directory of a million entries costs nothing to refuse.
+  central directory of a million entries costs nothing to refuse; nor does one
+  over ``ZIP_BYTES_PER_ENTRY`` bytes per allowed entry (huge names or extra fields).
 - A pairs upload keeps at most ``MAX_OPEN_FILES`` of its unfinished files open;
   the others are reopened (append, no symlink, same inode and size) for their
   next chunk, so a client cannot exhaust the server's file descriptors.
@@ -85,6 +86,10 @@ MAX_TAR_GLOBAL_HEADER_BYTES = 1 << 10
 # Tar bytes an entry may take besides its file's data: its header block, a pax or long-name header for a
 # long path, the padding of its data to 512 bytes (a skipped __MACOSX companion's data too).
 TAR_BYTES_PER_ENTRY = 4 << 10
+# A zip's central directory bytes per entry it may hold: a record (46 bytes), a name (at most 255 bytes once
+# normalised), extra fields (timestamps, Unix ids, zip64 sizes: tens of bytes) and a comment. zipfile reads the
+# whole directory into memory and copies each name and extra field out of it, so its size is bounded too.
+ZIP_BYTES_PER_ENTRY = 1 << 10
 
 
 @dataclass(frozen=True)
@@ -97,14 +102,17 @@ class ExtractLimits:
             times as many) of every kind: files, folders and skipped names.
         max_ratio: most bytes extracted per compressed byte, per zip entry and over
             the whole archive (beyond the first ``RATIO_FLOOR_BYTES``).
+        max_pixels: most pixels (height x width) an image or mask of the dataset may declare; checked
+            from its header before it is decoded (a small PNG can declare gigabytes of pixels).
     """
 
     max_bytes: int = 2 << 30
     max_files: int = 100_000
     max_ratio: float = 100.0
+    max_pixels: int = 64_000_000
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_files", "max_ratio"):
+        for name in ("max_bytes", "max_files", "max_ratio", "max_pixels"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"dataset limits: {name} must be positive, got {getattr(self, name)}")
 
@@ -441,6 +449,10 @@ def _zip_entry_count(archive: Path, limits: ExtractLimits) -> int:
             skip = fields[12] + fields[13] + fields[14]
             f.seek(skip, os.SEEK_CUR)
             walked += _CENTRAL.size + skip
+    if cd_size > ZIP_BYTES_PER_ENTRY * limits.max_entries:
+        raise UploadError(f"the zip archive's central directory is {cd_size} bytes: more than "
+                          f"{ZIP_BYTES_PER_ENTRY * limits.max_entries} bytes, the server's limit "
+                          f"({ZIP_BYTES_PER_ENTRY} bytes per entry, {limits.max_entries} entries)")
     return count
 
 
@@ -501,6 +513,10 @@ def extract_archive(archive: Path, fmt: str, dest: Path, limits: ExtractLimits) 
         raise
     except _ARCHIVE_ERRORS as exc:
         raise UploadError(f"not a valid {fmt} archive: {exc}") from None
+    except OSError as exc:
+        if exc.errno is not None:  # the server's disk (full, failing): not the archive's fault
+            raise
+        raise UploadError(f"not a valid {fmt} archive: {exc}") from None  # bz2's 'Invalid data stream'
     if not tree.files:
         raise UploadError(f"the {fmt} archive holds no dataset files")
     return ExtractSummary(len(tree.files), tree.total_bytes)

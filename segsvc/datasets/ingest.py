@@ -8,10 +8,12 @@ registered, in this order (cheap refusals first):
    ``dataset.yaml`` text or class names as the dataset's ``dataset.yaml``.
 2. ``load_confined``: the description (``dataset.yaml`` or the generic
    layout), whose root and every split folder and list must stay inside the
-   dataset's folder (an uploaded YAML may not point at the server's files).
+   dataset's folder (an uploaded YAML may not point at the server's files),
+   and whose split lists fit the file limit.
 3. ``fingerprint``: the content hash (``content.content_hash``).
-4. ``validate``: ``check_dataset``, every problem listed in ``DatasetInvalid``
-   with paths relative to the dataset.
+4. ``validate``: every image and mask header within the pixel limit, then
+   ``check_dataset``; every problem listed in ``DatasetInvalid`` with paths
+   relative to the dataset.
 5. ``write_training_spec``: the YAML training loads with
    ``load_dataset_spec``, with the deterministic val split when there was
    none (``split.assign_splits``).
@@ -30,17 +32,23 @@ from typing import Callable, Iterable, Sequence, TypeVar
 import yaml
 
 from segsvc.data.check import CheckReport, check_dataset
+from segsvc.data.io import IMAGE_SUFFIXES
 from segsvc.data.labels import LabelMapper
-from segsvc.data.layouts import index_split
+from segsvc.data.layouts import Fault, FolderCache, Problem, index_split
 from segsvc.data.spec import FOLDER_SPEC_NAMES, DatasetSpec, load_dataset_spec, spec_from_folder
-from segsvc.datasets.archive import ExtractLimits
+from segsvc.datasets.archive import ENTRIES_PER_FILE, ExtractLimits
 from segsvc.datasets.content import content_hash, file_digest, is_excluded
 from segsvc.datasets.split import VAL_FRACTION, assign_splits, needs_split
-from segsvc.errors import DatasetError, DatasetInvalid, InvalidArgument, NotFound, PathOutsideRoot
+from segsvc.errors import DatasetError, DatasetInvalid, InvalidArgument, InvalidImage, NotFound, PathOutsideRoot
 from segsvc.files import write_atomic
+from segsvc.inference.containers import image_header
 
 SPEC_FILE = "spec.yaml"
 MAX_MESSAGE_PROBLEMS = 5  # shown in the error message; the status details carry the rest
+# PyYAML parses a description whole, in pure Python: about 2 s and 50 MiB of memory per MiB of YAML.
+MAX_DESCRIPTION_BYTES = 4 << 20
+# A split list names one sample per line (CamVid's 'image mask' lines with absolute paths: ~90 bytes).
+LIST_BYTES_PER_SAMPLE = 256
 
 T = TypeVar("T")
 Progress = Callable[[Iterable[T], int], Iterable[T]]
@@ -90,7 +98,10 @@ def add_metadata_yaml(root: Path, name: str, dataset_yaml: str = "", class_names
     if dataset_yaml:
         (root / FOLDER_SPEC_NAMES[0]).write_text(_rooted_here(dataset_yaml))
     elif class_names:
-        spec = spec_from_folder(root)  # the generic layout's splits, as found
+        try:
+            spec = spec_from_folder(root)  # the generic layout's splits, as found
+        except DatasetError as exc:  # it names the folder: never show the server's folders
+            raise DatasetError(scrub_paths(str(exc), root)) from None
         spec = replace(spec, name=name, root=Path("."), class_names=tuple(class_names), palette=())
         _write_yaml(root / FOLDER_SPEC_NAMES[0], spec.to_dict())
 
@@ -111,13 +122,21 @@ def _inside(root: Path, path: Path) -> bool:
     return path == root or path.is_relative_to(root)
 
 
-def load_confined(root: Path, name: str) -> DatasetSpec:
+def load_confined(root: Path, name: str, limits: ExtractLimits = ExtractLimits()) -> DatasetSpec:
     """The dataset's description, named ``name``, with every path it reads confined to ``root``.
 
+    Its cost is bounded before it is read: a ``dataset.yaml`` of at most ``MAX_DESCRIPTION_BYTES``,
+    split lists and ids naming at most ``limits.max_entries`` samples in all (``check_listed``).
+
     Raises:
-        DatasetError: no usable description, a synthetic one (no files), no class names.
+        DatasetError: no usable description, a synthetic one (no files), no class names, too long a
+            description or split list.
         PathOutsideRoot: the root, a split folder or list leads outside ``root``.
     """
+    for file_name in FOLDER_SPEC_NAMES:
+        if (root / file_name).is_file() and (size := (root / file_name).stat().st_size) > MAX_DESCRIPTION_BYTES:
+            raise DatasetError(f"{file_name} is {size} bytes: more than {MAX_DESCRIPTION_BYTES} bytes, the server's "
+                               f"limit for a dataset description")
     spec = load_dataset_spec(root)
     if spec.format == "synthetic":
         raise DatasetError("a synthetic dataset is generated on the fly: there are no files to register")
@@ -132,7 +151,42 @@ def load_confined(root: Path, name: str) -> DatasetSpec:
     if not spec.class_names:
         raise DatasetError("the dataset names no classes: add a dataset.yaml with 'classes:' "
                            "(or send the class names with the upload)")
+    check_listed(spec, limits)
     return replace(spec, name=name)
+
+
+def check_listed(spec: DatasetSpec, limits: ExtractLimits) -> None:
+    """Refuse split lists and ids that name more samples than a dataset within ``limits`` can hold.
+
+    Indexing costs a sample, or a problem, per listed line whether or not its files exist: a list
+    of a million lines (8 MB) took a minute and 900 MB. A folder split costs one per file, which
+    the file limit bounds; a listed one is bounded the same way, before it is read: at most
+    ``ENTRIES_PER_FILE`` listed samples per allowed file over all splits, and at most
+    ``LIST_BYTES_PER_SAMPLE`` bytes of list file per sample (blank lines and comments included).
+    """
+    listed = 0
+    for split_name, split in spec.splits.items():
+        if split.list is not None:
+            listed += _list_entries(spec.root / split.list, split.list, limits)
+        elif split.ids is not None:
+            listed += len(split.ids)
+        if listed > limits.max_entries:
+            raise DatasetError(f"the splits list more than {limits.max_entries} samples (reached at split "
+                               f"{split_name!r}); the server's limit: {limits.max_files} files, at most "
+                               f"{ENTRIES_PER_FILE} listed samples per file")
+
+
+def _list_entries(path: Path, shown: str, limits: ExtractLimits) -> int:
+    """The samples a split list names (its lines but blank ones and comments), read a line at a time."""
+    if not path.is_file():
+        return 0  # index_split reports it
+    most = LIST_BYTES_PER_SAMPLE * limits.max_entries
+    if (size := path.stat().st_size) > most:
+        raise DatasetError(f"split list {shown!r} is {size} bytes: more than {most} bytes, the server's limit "
+                           f"({LIST_BYTES_PER_SAMPLE} bytes per sample of a dataset of at most {limits.max_files} "
+                           f"files)")
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip() and not line.lstrip().startswith(b"#"))
 
 
 def registered_folder(data_root: Path, folder: str) -> Path:
@@ -246,16 +300,66 @@ def scrub_paths(text: str, root: Path) -> str:
     return text
 
 
-def validate(spec: DatasetSpec, root: Path, progress: Progress | None = None) -> CheckReport:
-    """``check_dataset``; any problem raises ``DatasetInvalid`` listing them all (relative to ``root``)."""
+def oversized_images(spec: DatasetSpec, max_pixels: int) -> list[Problem]:
+    """The images and masks whose headers declare more than ``max_pixels`` pixels, found without decoding them.
+
+    ``check_dataset`` decodes every file whole: a PNG of a few hundred kilobytes that declares
+    30 000 x 30 000 pixels would take gigabytes, and one past OpenCV's own limit raises ``cv2.error``.
+    So every file must first pass the container check the server applies to the images it segments
+    (``inference.containers``: PNG, JPEG, TIFF, BMP or WebP, whole): OpenCV decodes other formats
+    under an image suffix (a PGM named ``x.png``) past any header check here. A file that cannot be
+    read is left to ``check_dataset``, which reports it.
+    """
+    folders = FolderCache(spec)
+    seen: set[Path] = set()
+    problems: list[Problem] = []
+    for name in spec.splits:
+        for sample in index_split(spec, name, folders).samples:
+            for path in (sample.image, sample.mask):
+                if path is None or path in seen:
+                    continue
+                seen.add(path)
+                try:
+                    header = image_header(path.read_bytes())
+                except OSError:
+                    continue
+                except InvalidImage as exc:
+                    problems.append(Problem(Fault.UNREADABLE, path, str(exc)))
+                    continue
+                if header.width * header.height > max_pixels:
+                    problems.append(Problem(Fault.UNREADABLE, path, (
+                        f"{header.width}x{header.height} = {header.width * header.height} pixels, over the "
+                        f"server's limit of {max_pixels} pixels per image (segsvc serve --max-dataset-pixels)")))
+    return problems
+
+
+def validate(spec: DatasetSpec, root: Path, progress: Progress | None = None,
+             max_pixels: int = ExtractLimits.max_pixels) -> CheckReport:
+    """``check_dataset``; any problem raises ``DatasetInvalid`` listing them all (relative to ``root``).
+
+    Images over ``max_pixels`` (``oversized_images``) are refused first, before anything is decoded; a
+    split without samples (images in a format no layout reads, or a folder too deep) is a problem too.
+    """
+    too_large = oversized_images(spec, max_pixels)
+    if too_large:
+        raise _invalid(spec, root, too_large)
     report = check_dataset(spec, progress=progress)
-    if report.ok:
-        return report
-    problems = tuple((p.fault.value, _relative(p.path, root), scrub_paths(p.detail, root)) for p in report.problems)
+    if not report.ok:
+        raise _invalid(spec, root, report.problems)
+    empty = [Problem(Fault.LAYOUT, spec.root / (spec.splits[name].images or ""),
+                     f"split {name!r} has no samples: no {'/'.join(IMAGE_SUFFIXES)} image in its folder or list")
+             for name, size in report.split_sizes.items() if size == 0]
+    if empty:
+        raise _invalid(spec, root, empty)
+    return report
+
+
+def _invalid(spec: DatasetSpec, root: Path, found: Sequence[Problem]) -> DatasetInvalid:
+    problems = tuple((p.fault.value, _relative(p.path, root), scrub_paths(p.detail, root)) for p in found)
     shown = "; ".join(f"{path}: {kind}" for kind, path, _ in problems[:MAX_MESSAGE_PROBLEMS])
     more = f"; and {len(problems) - MAX_MESSAGE_PROBLEMS} more" if len(problems) > MAX_MESSAGE_PROBLEMS else ""
-    raise DatasetInvalid(f"dataset {spec.name!r} fails its check with {len(problems)} problem(s) "
-                         f"(listed in the status details): {shown}{more}", problems)
+    return DatasetInvalid(f"dataset {spec.name!r} fails its check with {len(problems)} problem(s) "
+                          f"(listed in the status details): {shown}{more}", problems)
 
 
 def class_shares(report: CheckReport, spec: DatasetSpec) -> dict[str, float]:

@@ -88,8 +88,8 @@ class DatasetsConfig:
     Args:
         state_dir: holds ``datasets.sqlite`` and ``datasets/`` (the server's ``--state-dir``).
         data_root: folders that ``register`` accepts must lie under it (``None``: uploads only).
-        limits: bytes, files and compression ratio of an upload (``--max-dataset-mb``,
-            ``--max-dataset-files``, ``--max-dataset-ratio``).
+        limits: bytes, files, compression ratio and image size of a dataset (``--max-dataset-mb``,
+            ``--max-dataset-files``, ``--max-dataset-ratio``, ``--max-dataset-pixels``).
         val_fraction: share of samples put in ``val`` when a dataset has no val split.
     """
 
@@ -318,6 +318,8 @@ class DatasetRegistry:
                                      "--data-root)")
         if not isinstance(path, str) or not path.strip():
             raise InvalidArgument("name the dataset folder, relative to the data root")
+        if "\x00" in path:
+            raise InvalidArgument(f"folder {path!r} contains a NUL character")
         if posixpath.isabs(path) or "\\" in path:
             raise PathOutsideRoot(f"folder {path!r}: give a path relative to the data root")
         if set("*?[").intersection(path):
@@ -386,6 +388,8 @@ class DatasetRegistry:
             raise InvalidArgument("the expected sha256 must be 64 hex digits")
         if len(dataset_yaml) > 1 << 20:
             raise InvalidArgument("dataset_yaml is longer than 1 MiB")
+        if dataset_yaml and class_names:  # known from the metadata: refused before the files are sent
+            raise InvalidArgument("give the classes either in dataset_yaml or as class_names, not both")
         ingest = functools.partial(self._ingest, name=name, source="upload", source_path=fmt, absolute_root=False,
                                    expected_sha256=sha256.lower())
         return DatasetUpload(self._new_work(), name, fmt, self.config.limits, ingest, dataset_yaml=dataset_yaml,
@@ -400,7 +404,7 @@ class DatasetRegistry:
                 source_path: str, absolute_root: bool, expected_sha256: str = "") -> Dataset:
         """Validate the dataset at ``root`` and commit ``work`` as its entry (see ``ingest``)."""
         try:
-            spec = load_confined(root, name)
+            spec = load_confined(root, name, self.config.limits)
             fp = fingerprint(files)
             if expected_sha256 and fp.sha256 != expected_sha256:
                 raise UploadError(f"content hash mismatch: the files hash to {fp.sha256}, the client "
@@ -408,7 +412,7 @@ class DatasetRegistry:
             existing = self._existing(fp.sha256, name)
             if existing is not None:
                 return existing
-            report = validate(spec, root)
+            report = validate(spec, root, max_pixels=self.config.limits.max_pixels)
             training = write_training_spec(spec, work, self.config.val_fraction, absolute_root)
         except DatasetInvalid:
             raise

@@ -178,6 +178,16 @@ def test_garbage_and_empty_archives_are_refused(registry):
     refused(registry, tar_with([(member(".DS_Store"), b"x")]), "holds no dataset files")
 
 
+def test_a_corrupt_bzip2_stream_is_refused_as_such(registry, shapes):
+    """bz2 reports corrupt data as a plain OSError (not a tarfile or zipfile error): it failed as INTERNAL."""
+    import bz2
+
+    refused(registry, b"BZh91AY&SY" + bytes(range(256)) * 8, "not a valid tar archive: Invalid data stream")
+    data = bytearray(bz2.compress(tar_of(shapes)))
+    data[len(data) // 2] ^= 0xFF
+    refused(registry, bytes(data), "not a valid tar archive")
+
+
 def test_entry_names():
     assert entry_name("./images/a.png") == "images/a.png"
     assert entry_name("images/") == "images"

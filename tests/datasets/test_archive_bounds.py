@@ -22,14 +22,15 @@ LIMITS = ExtractLimits(max_bytes=64 << 20, max_files=10)  # at most 20 entries (
 
 
 def _cd_zip(entries: int, declared: int | None = None, zip64: bool = True, comment: bytes = b"",
-            prefix: bytes = b"") -> bytes:
+            prefix: bytes = b"", name_bytes: int = 0) -> bytes:
     """A zip whose central directory lists ``entries`` 1-byte files all pointing at one local header
-    (the reviewer's repro, smaller); its end record declares ``declared`` entries (default: the truth)."""
+    (the reviewer's repro, smaller); its end record declares ``declared`` entries (default: the truth);
+    each name is padded to ``name_bytes``."""
     declared = entries if declared is None else declared
     local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, 0, 0, 0, 0, 1, 0) + b"x"
     cd = bytearray()
     for i in range(entries):
-        name = b"f%x.png" % i
+        name = (b"f%x" % i).ljust(name_bytes - 4, b"x") + b".png"
         cd += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, 0, 0, 0, len(name), 0, 0, 0, 0,
                           0, 0) + name
     cd_off, cd_size = len(prefix) + len(local), len(cd)
@@ -68,6 +69,14 @@ def test_a_zip_declaring_too_many_entries_is_refused_before_zipfile_reads_them(t
 def test_a_zip_whose_end_record_understates_its_entries_is_refused_after_at_most_the_limit(tmp_path, no_zipfile):
     path = _write(tmp_path, _cd_zip(5000, declared=3))
     with pytest.raises(UploadError, match="more than 20 entries"):
+        extract_archive(path, "zip", tmp_path / "out", LIMITS)
+
+
+def test_a_zip_directory_too_large_for_its_entries_is_refused_before_zipfile_reads_it(tmp_path, no_zipfile):
+    """zipfile reads the whole central directory into memory, then a name and extra field per entry: names
+    of 64 KiB would let a 2 GiB upload of few entries cost several GiB. A record takes a few hundred bytes."""
+    path = _write(tmp_path, _cd_zip(10, name_bytes=2100))  # 10 entries (of 20 allowed), 21 KiB of directory
+    with pytest.raises(UploadError, match=r"central directory is 21460 bytes: more than 20480 bytes"):
         extract_archive(path, "zip", tmp_path / "out", LIMITS)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from segsvc import errors
 from segsvc.data.io import write_png
 from segsvc.data.layouts import index_split
 from segsvc.data.spec import load_dataset_spec
+from segsvc.datasets.archive import ExtractLimits
 from segsvc.datasets.content import hash_folder, local_files, tar_stream
 from segsvc.datasets.registry import DatasetRegistry, DatasetsConfig
 from segsvc.datasets.split import split_fraction
@@ -161,6 +164,99 @@ def test_class_names_in_the_metadata_describe_a_bare_folder(registry, tmp_path):
     assert_nothing_left(registry)
 
 
+def test_class_names_for_a_folder_without_the_layout_do_not_show_server_folders(registry, tmp_path):
+    folder = tmp_path / "pictures"
+    write_png(folder / "pics" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(errors.DatasetError, match="not a dataset folder") as info:
+        upload(registry, tar_of(folder), "tar", "pics", class_names=["bg", "fg"])
+    assert str(tmp_path) not in str(info.value) and ".work-" not in str(info.value)
+    assert_nothing_left(registry)
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A small grey PNG whose header declares ``width`` x ``height`` pixels (its pixel data is a few bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+
+
+def test_images_declaring_too_many_pixels_are_refused_before_they_are_decoded(tmp_path, monkeypatch):
+    registry = DatasetRegistry(DatasetsConfig(tmp_path / "state", limits=ExtractLimits(max_pixels=10_000)))
+    folder = flat(tmp_path / "big", ["a", "b", "c"])
+    write_png(folder / "images" / "a.png", np.zeros((200, 100, 3), np.uint8))  # 20 000 pixels: over
+    write_png(folder / "masks" / "a.png", np.zeros((200, 100), np.uint8))
+    (folder / "images" / "b.png").write_bytes(_png_declaring(40_000, 40_000))  # past OpenCV's own limit too
+    decoded = []
+    monkeypatch.setattr("segsvc.data.check.read_image", lambda path, **kw: decoded.append(path))
+    with pytest.raises(errors.DatasetInvalid, match="3 problem") as info:
+        upload(registry, tar_of(folder), "tar", "big")
+    details = {path: detail for kind, path, detail in info.value.problems if kind == "unreadable file"}
+    assert sorted(details) == ["images/a.png", "images/b.png", "masks/a.png"]
+    assert details["images/b.png"].startswith("40000x40000 = 1600000000 pixels, over the server's limit of 10000")
+    assert decoded == []  # refused from the headers
+    assert_nothing_left(registry)
+    # Another format under an image suffix: OpenCV decodes a PGM whatever the suffix, past any PNG header check.
+    (folder / "images" / "b.png").write_bytes(b"P5\n40000 40000\n255\n" + bytes(64))
+    with pytest.raises(errors.DatasetInvalid, match="3 problem") as info:
+        upload(registry, tar_of(folder), "tar", "big")
+    assert "images/b.png" in {path for _, path, _ in info.value.problems}
+    assert decoded == []
+    monkeypatch.undo()
+    (folder / "images" / "b.png").unlink()
+    (folder / "masks" / "b.png").unlink()
+    registry = DatasetRegistry(DatasetsConfig(tmp_path / "state2", limits=ExtractLimits(max_pixels=20_000)))
+    assert upload(registry, tar_of(folder), "tar", "big").files == 5  # at the limit: accepted
+
+
+def test_descriptions_and_lists_too_long_for_the_dataset_are_refused_before_they_are_read(tmp_path, monkeypatch):
+    """A split list of a million lines in an 8 MB upload took a minute and 900 MB to index (one problem per
+    line), and a dataset.yaml is parsed whole by PyYAML: both are bounded by the dataset's file limit."""
+    registry = DatasetRegistry(DatasetsConfig(tmp_path / "state", limits=ExtractLimits(max_files=10)))
+    folder = flat(tmp_path / "listed", ["a", "b"])
+    layout = {"images": "images", "masks": "masks"}
+    description = {"format": "folder", "root": ".", "classes": ["bg", "fg"],
+                   "splits": {"train": {**layout, "list": "train.txt"}, "val": {**layout, "ids": ["a"]}}}
+    (folder / "dataset.yaml").write_text(yaml.safe_dump(description))
+    monkeypatch.setattr("segsvc.datasets.registry.validate", lambda *a, **k: pytest.fail("the lists were indexed"))
+    (folder / "train.txt").write_text("# 20 stems\n" + "".join(f"s{i}\n\n" for i in range(20)))  # + val's 1 > 2 x 10
+    with pytest.raises(errors.DatasetError, match="more than 20 samples .* the server's limit: 10 files"):
+        upload(registry, tar_of(folder), "tar", "listed")
+    (folder / "train.txt").write_text("a\n" + "\n" * 30_000)  # blank lines are no samples, but bytes all the same
+    with pytest.raises(errors.DatasetError, match=r"split list 'train.txt' is 30002 bytes: more than \d+"):
+        upload(registry, tar_of(folder), "tar", "listed")
+    (folder / "train.txt").write_text("a\nb\n")
+    (folder / "dataset.yaml").write_text(yaml.safe_dump(description) + "#" * (8 << 20) + "\n")
+    with pytest.raises(errors.DatasetError, match="dataset.yaml is .* bytes: more than"):
+        upload(registry, tar_of(folder), "tar", "listed")
+    assert_nothing_left(registry)
+    monkeypatch.undo()
+    (folder / "dataset.yaml").write_text(yaml.safe_dump(description))
+    assert upload(registry, tar_of(folder), "tar", "listed").split_sizes == {"train": 2, "val": 1}
+
+
+def test_a_description_given_twice_is_refused_before_the_files_are_sent(registry):
+    text = yaml.safe_dump({"format": "folder", "root": ".", "classes": ["bg", "fg"]})
+    with pytest.raises(errors.InvalidArgument, match="either in dataset_yaml or as class_names"):
+        registry.open_upload("x", "tar", dataset_yaml=text, class_names=["bg", "fg"])
+    assert_nothing_left(registry)
+
+
+def test_a_dataset_without_samples_is_refused_not_registered(registry, tmp_path):
+    """Images in a format the layout does not read (or one folder too deep) made a split of 0 samples, and the
+    upload succeeded: a dataset nothing can train on, registered without a word."""
+    folder = tmp_path / "gifs"
+    for kind in ("images", "masks"):
+        (folder / kind).mkdir(parents=True)
+        (folder / kind / "a.gif").write_bytes(b"GIF89a")
+    flat(folder, [])  # its dataset.yaml
+    with pytest.raises(errors.DatasetInvalid, match="1 problem") as info:
+        upload(registry, tar_of(folder), "tar", "gifs")
+    [(kind, subject, detail)] = info.value.problems
+    assert (kind, subject) == ("layout", "images") and detail.startswith("split 'train' has no samples"), detail
+    assert_nothing_left(registry)
+
+
 def test_an_uploaded_yaml_cannot_point_at_server_files(registry, tmp_path):
     folder = flat(tmp_path / "evil", ["a", "b"])
     for evil in ({"root": str(tmp_path)}, {"root": "${datasets}/camvid"}, {"root": ".."},
@@ -202,6 +298,13 @@ def test_register_is_confined_to_the_data_root(registry, data_root, tmp_path):
     os.symlink(data_root / "inside" / "images" / "a.png", inside / "images" / "c.png")  # inside: fine
     write_png(inside / "masks" / "c.png", np.zeros((8, 8), np.uint8))
     assert registry.register("inside").split_sizes == {"train": 2, "val": 1}
+
+
+def test_a_nul_character_in_a_registered_path_is_refused_by_name(registry, data_root):
+    synth(data_root / "shapes")
+    with pytest.raises(errors.InvalidArgument, match="NUL character"):
+        registry.register("shapes\x00/x", name="x")
+    assert_nothing_left(registry)
 
 
 def test_register_needs_a_data_root(tmp_path):

@@ -234,3 +234,28 @@ def test_a_dataset_a_training_job_uses_is_not_deleted_until_the_job_ends(start_s
         assert c.delete_dataset("other").name == "other"
         assert c.list_datasets() == []
     assert _leftovers(tmp_path) == set()
+
+
+def test_a_file_name_the_server_refuses_is_named_before_anything_is_sent(tmp_path, monkeypatch, capsys):
+    """A folder with 'images/a (1).png' was packed and sent whole; the server refused the name only when it
+    extracted the upload (after every byte of a large dataset). The CLI checks the names first, without a server."""
+    import segsvc.cli_client
+
+    monkeypatch.setattr(segsvc.cli_client, "CONNECT_TIMEOUT_S", 0.5)
+    folder = flat(tmp_path / "local" / "copied", ["a", "b"])
+    (folder / "images" / "a (1).png").write_bytes((folder / "images" / "a.png").read_bytes())
+    assert cli_main(["datasets", "upload", str(folder), "--name", "d", "--server", "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "'images/a (1).png'" in err and "may use only letters" in err and err.count("\n") == 1, err
+
+
+def test_a_description_given_twice_is_named_by_its_flags_before_connecting(tmp_path, monkeypatch, capsys):
+    import segsvc.cli_client
+
+    monkeypatch.setattr(segsvc.cli_client, "CONNECT_TIMEOUT_S", 0.5)
+    folder = flat(tmp_path / "local" / "bare", ["a", "b"], yaml_file=False)
+    (tmp_path / "d.yaml").write_text("format: folder\nroot: .\nclasses: [bg, fg]\n")
+    assert cli_main(["datasets", "upload", str(folder), "--name", "d", "--server", "127.0.0.1:1",
+                     "--dataset-yaml", str(tmp_path / "d.yaml"), "--classes", "bg", "fg"]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset-yaml or --classes, not both" in err and err.count("\n") == 1, err
