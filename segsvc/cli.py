@@ -565,38 +565,54 @@ def _segment(args: argparse.Namespace) -> int:
     from segsvc.inference.repository import parse_model_ref
 
     model, version = parse_model_ref(args.model) if args.model else (None, None)
-    # a bad option (--tile-size -5) is named now, before the files are walked and the server is waited for
+    # a bad option (--tile-size -5, --alpha 1.5) is named now, before the files are walked and the server is waited for
     SegmentationClient.request_template(model=model, version=version, tile_size=args.tile_size, flip_tta=args.flip_tta)
+    if not 0.0 <= args.alpha <= 1.0:
+        raise InvalidArgument(f"--alpha must be in [0, 1], got {args.alpha:g}")
     named = named_image_files(args.inputs, skip=args.out)  # --out may lie inside an input folder
     if not named:
         raise no_images(args.inputs)
     files = [path for path, _ in named]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open_client(args, _read_token) as client:
-        results = client.segment_many(
-            files, model=model, version=version, tile_size=args.tile_size, flip_tta=args.flip_tta,
-            progress=args.progress, return_exceptions=True,
-        )
-    failed = 0
+    stems: list[str] = []
     used: set[str] = set()
-    for (path, name), result in zip(named, results):
+    for _, name in named:
         stem = name.with_suffix("").as_posix()  # a folder's subfolders are kept under --out
         while stem in used:
             stem += "_"
         used.add(stem)
+        stems.append(stem)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = written = 0
+
+    def write(index: int, result) -> None:  # type: ignore[no-untyped-def]
+        """One image's outputs, as its answer arrives: a run that breaks off keeps what was answered."""
+        nonlocal failed, written
+        path, stem = files[index], stems[index]
         if isinstance(result, Exception):
             failed += 1
             print(f"{path}: error: {result}", file=sys.stderr)
-            continue
+            return
         (out / stem).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out / f"{stem}_mask.png", encode_png(result.mask))
         write_atomic(out / f"{stem}_color.png", encode_png(result.colorize()))
         if args.overlay:
             write_atomic(out / f"{stem}_overlay.png", encode_png(result.overlay(path, args.alpha)))
+        written += 1
         present = [result.class_names[c] for c in sorted(set(result.mask.flat)) if c < len(result.class_names)]
         print(f"{path} -> {out / (stem + '_mask.png')} ({result.model}:{result.version}; "
               f"{result.timings.total_ms:.0f} ms; classes: {', '.join(present)})")
+
+    with open_client(args, _read_token) as client:
+        try:
+            client.segment_many(
+                files, model=model, version=version, tile_size=args.tile_size, flip_tta=args.flip_tta,
+                progress=args.progress, return_exceptions=True, on_result=write,
+            )
+        except SegsvcError:
+            if written:
+                print(f"segmented {written}/{len(files)} images into {out} before the error below", file=sys.stderr)
+            raise
     print(f"segmented {len(files) - failed}/{len(files)} images into {out}")
     return 1 if failed else 0
 

@@ -47,8 +47,13 @@ def read_text_arg(path: str, flag: str) -> str:
 
 def open_client(args: argparse.Namespace, read_token: TokenReader) -> "SegmentationClient":
     """A connected client for ``args.server`` (raises ``Unavailable`` when nothing answers)."""
-    from segsvc.client import SegmentationClient
+    import math
 
+    from segsvc.client import SegmentationClient
+    from segsvc.errors import InvalidArgument
+
+    if not 0 < args.timeout_s < math.inf:  # 0, negative or NaN: every call would fail at once, inf: gRPC's too
+        raise InvalidArgument(f"--timeout-s must be a positive number of seconds, got {args.timeout_s:g}")
     root_certs = read_file_arg(args.tls_ca, "--tls-ca") if args.tls_ca else None
     client = SegmentationClient(args.server, token=read_token(args), root_certificates=root_certs, tls=args.tls,
                                 timeout_s=args.timeout_s)

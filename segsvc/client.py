@@ -15,11 +15,14 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import os
+import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Iterator, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import grpc
 import numpy as np
@@ -28,7 +31,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from segsvc.config import check_request_tiling  # dataclasses only: no torch
 from segsvc.datasets.content import archive_format, file_chunks, local_files, tar_stream
-from segsvc.errors import DatasetInvalid, InvalidArgument, InvalidImage, SegsvcError, Unavailable
+from segsvc.errors import (DatasetInvalid, DeadlineExceeded, ImageTooLarge, InvalidArgument, InvalidImage,
+                           ResponseTooLarge, SegsvcError, Unavailable)
 from segsvc.jobclient import (
     JobHandle, JobStatus, TrainingJobHandle, TrainingStatus, handle_for, local_images, upload_files,
 )
@@ -55,6 +59,35 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 def no_images(paths: Sequence[str | os.PathLike]) -> InvalidArgument:
     """The error for inputs that hold no image file: what was looked for, and where, as the user typed it."""
     return InvalidArgument(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(os.fspath, paths))}")
+
+
+# gRPC's own refusal of a message over a size limit (grpc-core's message size filter): which end, which way, sizes
+_OVER_LIMIT = re.compile(r"\b(CLIENT|SERVER): (Sent|Received) message larger than max \((\d+) vs\. (\d+)\)")
+
+
+def _over_limit(what: str, size: int, limit: int, client_side: bool) -> SegsvcError:
+    """``ImageTooLarge`` for a request, ``ResponseTooLarge`` for a response, naming the limit and how to raise it."""
+    whose, raise_it = (("this client's limit", "raise max_message_bytes") if client_side else
+                       ("the server's limit", "raise the server's limit (segsvc serve --max-message-mb)"))
+    if what == "request":
+        return ImageTooLarge(f"the request is {size} bytes, over {whose} of {limit} bytes per message; send a "
+                             f"smaller image, or encoded (PNG, JPEG) rather than a raw array, or {raise_it}")
+    return ResponseTooLarge(f"the response is {size} bytes, over {whose} of {limit} bytes per message; ask for "
+                            f"encoding='png', leave out confidence, send a smaller image, or {raise_it}")
+
+
+def rpc_error(exc: grpc.RpcError) -> SegsvcError:
+    """``error_from_rpc``, except gRPC's own refusal of a message over a size limit (RESOURCE_EXHAUSTED with no
+    segsvc details), which it would make ``Overloaded`` ("back off and retry"): the same call always fails, so
+    it is the caller's to change, and the error says which limit (this client's or the server's)."""
+    found = _OVER_LIMIT.search((exc.details() if hasattr(exc, "details") else None) or "")
+    if found is None or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return error_from_rpc(exc)
+    side, way, size, limit = found.groups()
+    what = "request" if (side, way) in (("CLIENT", "Sent"), ("SERVER", "Received")) else "response"
+    error = _over_limit(what, int(size), int(limit), client_side=side == "CLIENT")
+    error.code = exc.code()  # type: ignore[attr-defined]
+    return error
 
 
 @dataclass(frozen=True)
@@ -99,6 +132,23 @@ class LabelMap:
     def overlay(self, image: ImageInput, alpha: float = 0.5) -> np.ndarray:
         """RGB image: ``image`` (array, bytes or path) with the class colours blended over it."""
         return overlay(_as_array(image), self.mask, self.palette, alpha)
+
+
+def _model_field(model: Any) -> str:
+    """A request's model name ("" for None: the server's only model), or ``InvalidArgument`` naming it."""
+    if model is not None and not isinstance(model, str):
+        raise InvalidArgument(f"model must be a model name (str), got {model!r}")
+    return model or ""
+
+
+def _version_field(version: Any) -> int:
+    """A request's model version (0 for None: the default version), checked before it reaches a uint32 field
+    (protobuf's bare ValueError or TypeError there)."""
+    if version is None:
+        return 0
+    if isinstance(version, bool) or not isinstance(version, numbers.Integral) or not 0 <= version < 1 << 32:
+        raise InvalidArgument(f"version must be a positive integer (None or 0: the default version), got {version!r}")
+    return int(version)
 
 
 def _as_array(image: ImageInput) -> np.ndarray:
@@ -147,11 +197,15 @@ def named_image_files(paths: Iterable[str | os.PathLike],
     masks are not inputs).
 
     Raises:
-        InvalidArgument: a path that does not exist.
+        InvalidArgument: a path that does not exist, or a folder inside ``skip`` (all its images would be
+            left out, and outputs written there read back as inputs).
     """
     skipped = Path(skip).resolve() if skip is not None else None
     out: list[tuple[Path, PurePosixPath]] = []
     for p in map(Path, paths):
+        if p.is_dir() and skipped is not None and p.resolve().is_relative_to(skipped):
+            raise InvalidArgument(f"the output folder {os.fspath(skip)} holds the input folder {p}: outputs written "
+                                  "there would be read as inputs by the next run; write them to another folder")
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
                            and not (skipped and f.resolve().is_relative_to(skipped)))
@@ -184,12 +238,25 @@ def dataset_error(exc: grpc.RpcError) -> SegsvcError:
     return error
 
 
+def _accepts_connections(address: str, timeout_s: float = 2.0) -> bool | None:
+    """Whether ``host:port`` accepts a TCP connection (None: ``address`` is not of that form)."""
+    host, sep, port = address.removeprefix("dns:///").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 class SegmentationClient:
     """A connection to a segsvc server.
 
     Args:
         address: ``host:port``.
-        token: bearer token, sent as ``authorization: Bearer <token>``.
+        token: bearer token, sent as ``authorization: Bearer <token>`` (surrounding whitespace, such as a
+            token file's newline, is left out).
         root_certificates: PEM CA bundle for TLS; with ``tls=True`` and no bundle
             the system roots are used. Without either, the channel is plaintext.
         tls: use TLS.
@@ -207,17 +274,24 @@ class SegmentationClient:
         timeout_s: float | None = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
+        if token:  # a token file's newline would make every call fail with "INTERNAL: Invalid metadata"
+            token = token.strip()
+            if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+                raise InvalidArgument("a token is printable ASCII without whitespace (as in the server's "
+                                      "--token-file); this one is not")
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        if tls or root_certificates is not None:
+        self._tls = tls or root_certificates is not None
+        if self._tls:
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(address, creds, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self.address = address
         self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_bytes
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._stub = pb_grpc.SegmentationServiceStub(self._channel)
         self._jobs = jobs_grpc.JobServiceStub(self._channel)
@@ -238,11 +312,15 @@ class SegmentationClient:
                 the server there was still starting (or draining) when it ran out.
         """
         deadline = time.monotonic() + timeout_s
+        states: list[grpc.ChannelConnectivity] = []
+        record = states.append
+        self._channel.subscribe(record)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:
-            raise Unavailable(f"no server answered at {self.address} within {timeout_s:g} s: "
-                              "is 'segsvc serve' running there?") from None
+            raise self._no_connection(timeout_s, grpc.ChannelConnectivity.TRANSIENT_FAILURE in states) from None
+        finally:
+            self._channel.unsubscribe(record)
         while True:  # a cheap call tells "starting" (UNAVAILABLE from the server's gate) from "ready"
             left = deadline - time.monotonic()
             try:
@@ -256,6 +334,23 @@ class SegmentationClient:
                                       f"{exc.details()}") from None
             time.sleep(min(STARTING_POLL_S, max(left, 0.0)))
 
+    def _no_connection(self, timeout_s: float, failed: bool) -> Unavailable:
+        """Why no connection was made: nothing listens, or something does and the handshake fails (TLS at one end).
+
+        ``failed``: the channel's connection attempts failed (rather than still running when the time ran out).
+        """
+        if not failed or not _accepts_connections(self.address):
+            return Unavailable(f"no server answered at {self.address} within {timeout_s:g} s: "
+                               "is 'segsvc serve' running there?")
+        if self._tls:
+            hint = ("a server without TLS needs a plaintext client (no tls or root_certificates; segsvc commands: "
+                    "no --tls or --tls-ca), and one with TLS a certificate this client trusts (--tls-ca)")
+        else:
+            hint = ("a server with TLS (segsvc serve --tls-cert) needs a TLS client (tls=True or root_certificates; "
+                    "segsvc commands: --tls or --tls-ca)")
+        return Unavailable(f"something listens at {self.address} but no gRPC connection was made within "
+                           f"{timeout_s:g} s; {hint}")
+
     def __enter__(self) -> "SegmentationClient":
         return self
 
@@ -267,7 +362,13 @@ class SegmentationClient:
             return method(request, timeout=timeout_s if timeout_s is not None else self.timeout_s,
                           metadata=self._metadata, **kwargs)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise rpc_error(exc) from None
+
+    def _check_request_size(self, request: pb.SegmentRequest) -> None:
+        """Refuse, before sending, a request gRPC would refuse as RESOURCE_EXHAUSTED (and end a whole stream with)."""
+        size = request.ByteSize()
+        if size > self.max_message_bytes:
+            raise _over_limit("request", size, self.max_message_bytes, client_side=True)
 
     # -- segmentation -------------------------------------------------------------------
     @staticmethod
@@ -318,18 +419,21 @@ class SegmentationClient:
             options.tiling.tile_size = int(tile_size)
             if tile_overlap is not None:
                 options.tiling.overlap = float(tile_overlap)
-        return pb.SegmentRequest(request_id=request_id, model=model or "", version=version or 0, options=options)
+        return pb.SegmentRequest(request_id=request_id, model=_model_field(model), version=_version_field(version),
+                                 options=options)
 
     @staticmethod
     def _label_map(response: pb.SegmentResponse) -> LabelMap:
         if response.HasField("error"):
             raise error_from_status(response.error.code, response.error.message, response.error.kind)
         mask = labels_from_proto(response.labels)
+        if not mask.flags.writeable:  # a raw map is a view of the response's bytes: give callers their own array
+            mask = mask.copy()
         h, w = mask.shape
         names = tuple(response.class_names)
         confidence = None
         if response.confidence:
-            confidence = np.frombuffer(response.confidence, np.uint8).reshape(h, w)
+            confidence = np.frombuffer(response.confidence, np.uint8).reshape(h, w).copy()
         counts = None
         if len(response.class_pixel_counts):
             counts = {name: int(c) for name, c in zip(names, response.class_pixel_counts)}
@@ -354,6 +458,7 @@ class SegmentationClient:
         ``flip_tta``, ``request_id``.
         """
         request = self.build_request(image, **options)
+        self._check_request_size(request)
         return self._label_map(self._call(self._stub.Segment, request, timeout_s))
 
     def segment_many(
@@ -363,12 +468,18 @@ class SegmentationClient:
         progress: bool = True,
         return_exceptions: bool = False,
         timeout_s: float | None = None,
+        on_result: Callable[[int, LabelMap | SegsvcError], None] | None = None,
         **options: Any,
     ) -> list[LabelMap | SegsvcError]:
         """Segment many images over one stream; results in input order.
 
         With ``return_exceptions`` a failed image's entry is its error; otherwise
         the first failure (in input order) is raised after the stream ends.
+        ``timeout_s`` (default: the client's) is the deadline of the whole stream.
+        ``on_result(index, result_or_error)`` is called in this thread as each
+        image's answer arrives (images that could not be sent: once the stream
+        ends), so a caller keeps what was answered before a stream that breaks
+        off (deadline, server stopped) raises its error.
         """
         from tqdm import tqdm
 
@@ -378,6 +489,7 @@ class SegmentationClient:
         template = self.request_template(**options)  # a bad option fails here, before any call
         items = list(images)
         results: list[LabelMap | SegsvcError | None] = [None] * len(items)
+        unsent: list[int] = []  # images the client could not send, in gRPC's request thread
         bar = tqdm(total=len(items), unit="img", disable=not progress, desc="segment")
 
         def requests() -> Iterator[pb.SegmentRequest]:
@@ -389,27 +501,44 @@ class SegmentationClient:
                 request.request_id = str(i)
                 try:
                     _attach_image(request, image)
+                    self._check_request_size(request)
                 except SegsvcError as exc:
                     results[i] = exc
+                    unsent.append(i)
                     bar.update(1)
                     continue
                 yield request
 
+        answered = 0
+        stream = None
+        deadline_s = timeout_s if timeout_s is not None else self.timeout_s
         try:
-            stream = self._stub.SegmentStream(
-                requests(), timeout=timeout_s if timeout_s is not None else self.timeout_s, metadata=self._metadata
-            )
+            stream = self._stub.SegmentStream(requests(), timeout=deadline_s, metadata=self._metadata)
             for response in stream:
                 index = int(response.request_id)
                 try:
                     results[index] = self._label_map(response)
                 except SegsvcError as exc:
                     results[index] = exc
+                answered += 1
                 bar.update(1)
+                if on_result is not None:
+                    on_result(index, results[index])  # type: ignore[arg-type]
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            error = rpc_error(exc)
+            if isinstance(error, DeadlineExceeded) and deadline_s is not None:
+                error.args = (f"{error}: {deadline_s:g} s, the deadline of the whole stream, passed (timeout_s; "
+                              "segsvc segment --timeout-s); give a longer one, or fewer images per call",)
+            if answered:  # say what the caller has, and that the rest has no result
+                error.args = (f"the stream broke off after {answered} of {len(items)} images: {error}",)
+            raise error from None
         finally:
             bar.close()
+            if stream is not None:
+                stream.cancel()  # no-op once it ended; else (on_result raised, Ctrl-C) the server stops too
+        if on_result is not None:
+            for i in unsent:
+                on_result(i, results[i])  # type: ignore[arg-type]
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             raise SegsvcError(f"the stream ended without results for {len(missing)} images (first: #{missing[0]})")
@@ -435,7 +564,7 @@ class SegmentationClient:
         try:
             response = self._jobs.UploadImages(upload_files(files, root), metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise rpc_error(exc) from None
         return response.upload_id
 
     def submit_job(
@@ -465,7 +594,7 @@ class SegmentationClient:
         options = self.build_request(b"", confidence=confidence, tile_size=tile_size, tile_overlap=tile_overlap,
                                      flip_tta=flip_tta).options
         request = jobs_pb.SubmitSegmentationJobRequest(
-            request_id=request_id, model=model or "", version=version or 0, options=options,
+            request_id=request_id, model=_model_field(model), version=_version_field(version), options=options,
             outputs=jobs_pb.JobOutputOptions(color=color, overlay=overlay, overlay_alpha=overlay_alpha),
         )
         if upload:
@@ -619,17 +748,20 @@ class SegmentationClient:
         return list(self._call(self._stub.ListModels, pb.ListModelsRequest()).models)
 
     def get_model(self, model: str, version: int | None = None) -> pb.ModelInfo:
-        return self._call(self._stub.GetModel, pb.GetModelRequest(model=model, version=version or 0))
+        return self._call(self._stub.GetModel, pb.GetModelRequest(model=model, version=_version_field(version)))
 
     def load_model(self, model: str, version: int | None = None, timeout_s: float | None = None) -> pb.ModelInfo:
-        return self._call(self._stub.LoadModel, pb.LoadModelRequest(model=model, version=version or 0), timeout_s)
+        request = pb.LoadModelRequest(model=model, version=_version_field(version))
+        return self._call(self._stub.LoadModel, request, timeout_s)
 
     def unload_model(self, model: str, version: int | None = None) -> list[int]:
-        response = self._call(self._stub.UnloadModel, pb.UnloadModelRequest(model=model, version=version or 0))
+        request = pb.UnloadModelRequest(model=model, version=_version_field(version))
+        response = self._call(self._stub.UnloadModel, request)
         return list(response.unloaded_versions)
 
     def set_default_version(self, model: str, version: int | None) -> pb.ModelInfo:
-        return self._call(self._stub.SetDefaultVersion, pb.SetDefaultVersionRequest(model=model, version=version or 0))
+        request = pb.SetDefaultVersionRequest(model=model, version=_version_field(version))
+        return self._call(self._stub.SetDefaultVersion, request)
 
     def health(self, service: str = "", timeout_s: float = 5.0) -> str:
         """``"SERVING"``, ``"NOT_SERVING"``, ... for the server (or one service)."""

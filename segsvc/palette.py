@@ -44,6 +44,8 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.5) 
     """Blend the palette colours of ``labels`` over ``image`` (RGB or grey) with opacity ``alpha``."""
     if not 0.0 <= alpha <= 1.0:
         raise InvalidArgument(f"overlay alpha must be in [0, 1], got {alpha}")
+    if image.dtype != np.uint8:  # blended unscaled, 16-bit pixels would come out white and [0, 1] floats black
+        raise InvalidArgument(f"overlay images must be uint8 arrays, got {image.dtype}")
     rgb = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
     rgb = rgb[:, :, :3]
     if rgb.shape[:2] != labels.shape:

@@ -117,3 +117,82 @@ def test_valid_tiling_and_tta_options_reach_the_request():
     request = SegmentationClient.build_request(image, tile_size=32, tile_overlap=0.75, flip_tta=False)
     assert request.options.tiling.overlap == 0.75 and request.options.HasField("flip_tta")
     assert not request.options.flip_tta
+
+
+def test_an_overlay_of_an_array_that_is_not_uint8_is_refused_by_name():
+    """LabelMap.overlay blended a 16-bit or float array's values unscaled: a 16-bit photo came out white and a
+    [0, 1] float image black, with no error. A path or encoded bytes of a 16-bit image still work (decoded to
+    8 bits, as the server decodes them)."""
+    import numpy as np
+
+    from segsvc.client import LabelMap, Timings
+    from segsvc.inference.codec import encode_png
+
+    result = LabelMap(mask=np.array([[0, 1], [1, 0]], np.uint8), class_names=("a", "b"),
+                      palette=np.array([[0, 0, 0], [255, 0, 0]], np.uint8), model="m", version=1, request_id="",
+                      timings=Timings(0.0, 0.0, 0.0, 1))
+    photo16 = np.full((2, 2, 3), 20000, np.uint16)
+    for image in (photo16, np.full((2, 2, 3), 0.3, np.float32)):
+        with pytest.raises(InvalidArgument, match=f"overlay images must be uint8 arrays, got {image.dtype}"):
+            result.overlay(image)
+    blended = result.overlay(encode_png(photo16[:, :, 0]), alpha=0.5)
+    assert blended.dtype == np.uint8 and blended[0, 0].tolist() == [39, 39, 39]  # 20000 >> 8 = 78, half of it
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"version": -1}, "version must be a positive integer (None or 0: the default version), got -1"),
+    ({"version": 2 ** 32}, "version must be a positive integer (None or 0: the default version), got 4294967296"),
+    ({"version": "2"}, "version must be a positive integer (None or 0: the default version), got '2'"),
+    ({"version": 1.5}, "version must be a positive integer (None or 0: the default version), got 1.5"),
+    ({"model": 7}, "model must be a model name (str), got 7"),
+])
+def test_a_bad_model_or_version_is_refused_by_name(options, message):
+    """Not protobuf's bare ValueError ("Value out of range: -1") or TypeError, before any call, in every call
+    that names a model version."""
+    import numpy as np
+
+    from segsvc.client import SegmentationClient
+
+    with pytest.raises(InvalidArgument) as caught:
+        SegmentationClient.build_request(np.zeros((4, 4, 3), np.uint8), **options)
+    assert str(caught.value) == message
+    with SegmentationClient("127.0.0.1:1", timeout_s=10) as c:  # nothing listens there: no call may be made
+        with pytest.raises(InvalidArgument, match="must be"):
+            c.segment_many([np.zeros((4, 4, 3), np.uint8)], progress=False, **options)
+        if "version" in options:
+            for call in (c.get_model, c.load_model, c.unload_model, c.set_default_version):
+                with pytest.raises(InvalidArgument, match="version must be a positive integer"):
+                    call("m", options["version"])
+            with pytest.raises(InvalidArgument, match="version must be a positive integer"):
+                c.submit_job(["a"], version=options["version"])
+
+
+@pytest.mark.parametrize("timeout_s", ["-5", "0", "nan", "inf"])
+def test_a_timeout_that_is_no_positive_number_of_seconds_is_named_before_connecting(tmp_path, monkeypatch, capsys,
+                                                                                   timeout_s):
+    """--timeout-s -5 or 0 said "no server answered ... within -5 s" (the server may well run), and nan or inf
+    reached gRPC, whose deadline then passed at once ("Deadline Exceeded") after the wait to connect."""
+    import segsvc.cli_client
+    from segsvc.cli import main
+
+    monkeypatch.setattr(segsvc.cli_client, "CONNECT_TIMEOUT_S", 0.5)  # before the fix: the wait for 127.0.0.1:1
+    _tree(tmp_path, ["in/a.png"])
+    assert main(["segment", str(tmp_path / "in"), "--server", "127.0.0.1:1", "--out", str(tmp_path / "out"),
+                 "--timeout-s", timeout_s, "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"segsvc: error: --timeout-s must be a positive number of seconds, "
+                                       f"got {float(timeout_s):g}\n")
+
+
+def test_an_output_folder_that_holds_an_input_folder_is_refused_by_name(tmp_path, capsys):
+    """`segsvc segment photos --out photos` left out every image of photos (all lie in --out) and said "no images
+    found in photos", which has them; it names the real problem, before connecting."""
+    from segsvc.cli import main
+
+    _tree(tmp_path, ["photos/a.png", "photos/sub/b.png"])
+    for out in (tmp_path / "photos", tmp_path):
+        with pytest.raises(InvalidArgument, match="the output folder .* holds the input folder"):
+            named_image_files([tmp_path / "photos"], skip=out)
+    assert main(["segment", str(tmp_path / "photos"), "--server", "127.0.0.1:1", "--out", str(tmp_path / "photos"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"the output folder {tmp_path / 'photos'} holds the input folder {tmp_path / 'photos'}" in err, err

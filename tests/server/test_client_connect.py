@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import threading
 
 import pytest
@@ -80,3 +82,49 @@ def test_cli_without_server_fails_with_a_message(monkeypatch, capsys) -> None:
     assert main(["datasets", "list", "--server", f"127.0.0.1:{port}"]) != 0
     err = capsys.readouterr().err
     assert f"no server answered at 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl absent: cannot make a test certificate")
+def test_tls_at_one_end_only_is_named_not_reported_as_no_server(start_server, shared_repo, tmp_path) -> None:
+    """A client without TLS to a TLS server, or with TLS to a plaintext one, never gets a connection: it was told
+    "no server answered ...: is 'segsvc serve' running there?" (after 30 s, from segsvc commands), though the
+    server ran. The channel never becomes ready in either case, however long the wait."""
+    from segsvc.server.config import TLSConfig
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    with_tls = start_server(shared_repo, tls=TLSConfig(cert, key))
+    plaintext = start_server(shared_repo)
+    with SegmentationClient(with_tls.address) as client, pytest.raises(Unavailable) as no_tls:
+        client.wait_for_server(2)
+    assert f"something listens at {with_tls.address}" in str(no_tls.value)
+    assert "needs a TLS client" in str(no_tls.value) and "--tls" in str(no_tls.value)
+    with SegmentationClient(plaintext.address, root_certificates=cert.read_bytes()) as client:
+        with pytest.raises(Unavailable) as tls_only_here:
+            client.wait_for_server(2)
+    assert "needs a plaintext client" in str(tls_only_here.value)
+    with SegmentationClient(with_tls.address, root_certificates=cert.read_bytes()) as client:
+        client.wait_for_server(120)  # the matching client connects
+        assert [m.name for m in client.list_models()]
+
+
+def test_a_token_read_from_a_file_with_its_newline_works(start_server, shared_repo) -> None:
+    """``token=Path("token").read_text()`` keeps the file's newline, which gRPC refuses in a header: every call
+    failed with "INTERNAL: Invalid metadata". Tokens hold no whitespace (the server's tokens file format), so
+    the ends are stripped, and a token that cannot go into a header is refused by name."""
+    from segsvc.errors import InvalidArgument
+    from segsvc.server.auth import AuthConfig
+    from tests.server.conftest import make_image
+
+    server = start_server(shared_repo, auth=AuthConfig.single("s3cret"), models=("tiny",))
+    with SegmentationClient(server.address, token="s3cret\n", timeout_s=120) as client:
+        assert client.segment(make_image(16, 16), model="tiny").mask.shape == (16, 16)
+        assert [r.mask.shape for r in client.segment_many([make_image(8, 8)], model="tiny", progress=False)] == [
+            (8, 8)]
+    for bad in ("s3 cret", "s3cr\u00e9t", "s3\x00cret"):
+        with pytest.raises(InvalidArgument, match="a token is printable ASCII without whitespace"):
+            SegmentationClient(server.address, token=bad)

@@ -182,3 +182,41 @@ def test_model_infer_response_over_the_limit_after_building_it(server, runs):
     after = _requests(server, "ModelInfer", "tiny", "INVALID_ARGUMENT"), _requests(server, "ModelInfer", "tiny", "OK")
     assert (after[0] - before[0], after[1] - before[1]) == (1, 0)
     assert _infer(server, "tiny", flat_png(128)).as_numpy("labels").shape == (1, 128, 128)
+
+
+# -- the segsvc client's own message limit, and limits that differ between client and server ----------------
+def noisy_png(size: int) -> bytes:
+    """A PNG of noise, which does not compress: about 3 * size * size bytes on the wire."""
+    return encode(np.random.default_rng(1).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def test_an_image_over_the_clients_own_limit_is_its_own_error_in_a_stream(server):
+    """gRPC refuses to send a message over the client's ``max_message_bytes`` (RESOURCE_EXHAUSTED "Sent message
+    larger than max"): that read as Overloaded ("back off and retry", which never helps) and, in segment_many,
+    ended the whole stream with every other image's result lost. It is that image's ImageTooLarge, by size."""
+    big, small = noisy_png(200), flat_png(24)
+    assert len(big) > LIMIT
+    with server.client(timeout_s=120, max_message_bytes=LIMIT) as client:
+        results = client.segment_many([small, big, small], model="tiny", progress=False, return_exceptions=True)
+        assert isinstance(results[1], errors.ImageTooLarge), results[1]
+        assert f"over this client's limit of {LIMIT} bytes per message" in str(results[1])
+        assert [r.mask.shape for r in (results[0], results[2])] == [(24, 24)] * 2
+        with pytest.raises(errors.ImageTooLarge, match="max_message_bytes"):
+            client.segment(big, model="tiny")
+
+
+def test_messages_over_the_other_ends_limit_name_that_limit_not_overloaded(server):
+    """A request over the server's limit, or a response over the client's: gRPC's own RESOURCE_EXHAUSTED, which
+    the client turned into Overloaded ("back off and retry"); the same call always fails, so it is the caller's
+    to change, and the error says which limit and how to change it."""
+    big = noisy_png(200)
+    with server.client(timeout_s=120) as client:  # the client's default limit (64 MiB) is far above the server's
+        with pytest.raises(errors.ImageTooLarge) as request_refused:
+            client.segment(big, model="tiny")
+    message = str(request_refused.value)
+    assert f"over the server's limit of {LIMIT} bytes per message" in message and "--max-message-mb" in message
+    with server.client(timeout_s=120, max_message_bytes=LIMIT // 4) as client:  # 200 x 200 labels do not fit
+        with pytest.raises(errors.ResponseTooLarge) as response_refused:
+            client.segment(flat_png(200), model="tiny")
+    assert f"over this client's limit of {LIMIT // 4} bytes per message" in str(response_refused.value)
+    assert "max_message_bytes" in str(response_refused.value)

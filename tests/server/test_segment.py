@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import cv2
@@ -264,3 +265,106 @@ def test_cli_segment_writes_masks_and_overlays(shared_server, tiny_ref, tmp_path
         over = decode_image((out / f"{name}_overlay.png").read_bytes())
         assert np.array_equal(over, overlay(image, mask, tiny_ref.manifest.palette, 0.5))
         assert (out / f"{name}_color.png").is_file()
+
+
+def test_a_label_map_is_an_ordinary_writable_array(client):
+    """``result.mask[result.mask == 2] = 0`` worked on PNG label maps and raised "assignment destination is
+    read-only" on raw ones (a view of the response's bytes); confidence likewise."""
+    image = make_image(20, 28, seed=14)
+    for encoding in ("raw", "png"):
+        result = client.segment(image, model="tiny", encoding=encoding, confidence=True)
+        assert result.mask.flags.writeable and result.confidence.flags.writeable, encoding
+        result.mask[result.mask == 2] = 0
+        assert not (result.mask == 2).any()
+
+
+def test_cli_segment_refuses_an_overlay_alpha_out_of_range_before_any_work(shared_server, tmp_path, capsys):
+    """--alpha 1.5 was noticed only when the first overlay was blended, after the whole run was segmented, with
+    that image's mask already written; it is named before connecting, and nothing is written."""
+    from segsvc.cli import main
+
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "a.png").write_bytes(encode(make_image(24, 24, seed=500)))
+    out = tmp_path / "out"
+    assert main(["segment", str(images), "--server", shared_server.address, "--out", str(out), "--overlay",
+                 "--alpha", "1.5", "--model", "tiny", "--no-progress"]) == 2
+    assert capsys.readouterr().err == "segsvc: error: --alpha must be in [0, 1], got 1.5\n"
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_segment_keeps_the_masks_it_got_when_the_stream_breaks(start_server, tmp_path, monkeypatch, capsys):
+    """The server stops after answering the first of three images: before, segment_many raised and threw away
+    the answer it had, and `segsvc segment` wrote nothing, so everything had to be segmented again. Each mask is
+    written as its answer arrives, and the error says how far the run got."""
+    from segsvc.cli import main
+    from segsvc.client import SegmentationClient
+    from segsvc.inference.engine import Engine
+    from segsvc.server.config import LimitsConfig
+    from tests.server.conftest import publish
+
+    v1 = publish(tmp_path / "repo", "m", seed=22)
+    # one image of the stream in flight at a time: the second is read only once the first answer is taken
+    server = start_server(tmp_path / "repo", limits=LimitsConfig(max_stream_in_flight=1))
+    held, answered = threading.Event(), threading.Event()
+    passes: list[int] = []
+    run, label_map = Engine.run, SegmentationClient._label_map
+
+    def first_pass_only(self, jobs):  # type: ignore[no-untyped-def]
+        passes.append(len(jobs))
+        if len(passes) > 1:
+            assert held.wait(300), "the test never released the held forward pass"
+        return run(self, jobs)
+
+    def answer(response):  # type: ignore[no-untyped-def]
+        result = label_map(response)
+        answered.set()
+        return result
+
+    monkeypatch.setattr(Engine, "run", first_pass_only)
+    monkeypatch.setattr(SegmentationClient, "_label_map", staticmethod(answer))
+    stopping = []  # what SIGTERM runs, started once the client has its first answer
+
+    def stop_after_the_first_answer() -> None:
+        answered.wait(300)
+        stopping.append(asyncio.run_coroutine_threadsafe(server.server.stop(0.0), server.loop))
+
+    stopper = threading.Thread(target=stop_after_the_first_answer)
+    stopper.start()
+    images = tmp_path / "in"
+    images.mkdir()
+    originals = {f"img{i}": make_image(24, 32, seed=600 + i) for i in range(3)}
+    for name, image in originals.items():
+        (images / f"{name}.png").write_bytes(encode(image))
+    out = tmp_path / "out"
+    try:
+        assert main(["segment", str(images), "--server", server.address, "--out", str(out),
+                     "--model", "m", "--no-progress"]) == 2
+    finally:
+        answered.set()
+        held.set()
+        stopper.join(300)
+        for stop in stopping:
+            stop.result(300)
+    err = capsys.readouterr().err
+    assert "after 1 of 3 images" in err and "Traceback" not in err, err
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["img0_color.png", "img0_mask.png"]
+    mask = cv2.imread(str(out / "img0_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert_labels_match(mask, reference(v1), originals["img0"])
+
+
+def test_a_stream_past_its_deadline_says_the_deadline_bounds_the_whole_stream(start_server, tmp_path, gated):
+    """segment_many's timeout_s (default: the client's 60 s "deadline of each call") bounds the whole stream, so a
+    long list fails with it however fast each image is; the error said only "Deadline Exceeded"."""
+    from segsvc import errors
+    from tests.server.conftest import publish
+
+    publish(tmp_path, "m", seed=23)
+    server = start_server(tmp_path)
+    try:  # every forward pass is held: the deadline passes whatever the host's load
+        with server.client(timeout_s=2) as c, pytest.raises(errors.DeadlineExceeded) as late:
+            c.segment_many([make_image(16, 16, seed=i) for i in range(2)], model="m", progress=False)
+    finally:
+        gated.gate.set()
+    assert "2 s, the deadline of the whole stream, passed (timeout_s; segsvc segment --timeout-s)" in str(late.value)
