@@ -193,16 +193,17 @@ def test_set_default_writes_the_pointer_so_a_later_promotion_wins_and_a_restart_
     with_manager(tmp_path, restarted)
 
 
+def _read_only(self, name, version):  # ModelRepository.set_default on a repository mounted read-only
+    raise OSError(30, "Read-only file system")
+
+
 def test_with_a_read_only_repository_set_default_pins_in_memory_and_says_so(tmp_path, monkeypatch, caplog):
     publish(tmp_path, "m", seed=1)
     publish(tmp_path, "m", seed=2)
 
-    def read_only(self, name, version):
-        raise OSError(30, "Read-only file system")
-
     async def check(manager: ModelManager) -> None:
         await manager.load("m", 1)
-        monkeypatch.setattr(ModelRepository, "set_default", read_only)
+        monkeypatch.setattr(ModelRepository, "set_default", _read_only)
         await manager.set_default("m", 1)
         assert manager.default_version("m") == 1 and (await manager.describe("m")).default_pinned
         await manager.set_default("m", 0)
@@ -246,12 +247,9 @@ def test_with_a_read_only_repository_the_pinned_default_is_unloaded_only_with_th
     publish(tmp_path, "m", seed=1)
     publish(tmp_path, "m", seed=2)
 
-    def read_only(self, name, version):
-        raise OSError(30, "Read-only file system")
-
     async def check(manager: ModelManager) -> None:
         await manager.load("m", 1)
-        monkeypatch.setattr(ModelRepository, "set_default", read_only)
+        monkeypatch.setattr(ModelRepository, "set_default", _read_only)
         await manager.set_default("m", 1)
         with pytest.raises(FailedPrecondition, match="version 1 is the model's DEFAULT version"):
             await manager.unload("m", 1)
