@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numbers
 import os
-import re
 import socket
 import time
 from dataclasses import dataclass
@@ -31,8 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from segsvc.config import check_request_tiling  # dataclasses only: no torch
 from segsvc.datasets.content import archive_format, file_chunks, local_files, tar_stream
-from segsvc.errors import (DatasetInvalid, DeadlineExceeded, ImageTooLarge, InvalidArgument, InvalidImage,
-                           ResponseTooLarge, SegsvcError, Unavailable)
+from segsvc.errors import DatasetInvalid, DeadlineExceeded, InvalidArgument, InvalidImage, SegsvcError, Unavailable
 from segsvc.jobclient import (
     JobHandle, JobStatus, TrainingJobHandle, TrainingStatus, handle_for, local_images, upload_files,
 )
@@ -45,7 +43,7 @@ from segsvc.v1 import jobs_pb2_grpc as jobs_grpc
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
 from segsvc.v1 import training_pb2 as tpb
 from segsvc.v1 import training_pb2_grpc as training_grpc
-from segsvc.wire import error_from_rpc, error_from_status, labels_from_proto
+from segsvc.wire import error_from_rpc, error_from_status, labels_from_proto, over_limit
 
 STARTING_POLL_S = 0.1  # how often wait_for_server asks a server that is still loading its models
 
@@ -59,35 +57,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 def no_images(paths: Sequence[str | os.PathLike]) -> InvalidArgument:
     """The error for inputs that hold no image file: what was looked for, and where, as the user typed it."""
     return InvalidArgument(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(os.fspath, paths))}")
-
-
-# gRPC's own refusal of a message over a size limit (grpc-core's message size filter): which end, which way, sizes
-_OVER_LIMIT = re.compile(r"\b(CLIENT|SERVER): (Sent|Received) message larger than max \((\d+) vs\. (\d+)\)")
-
-
-def _over_limit(what: str, size: int, limit: int, client_side: bool) -> SegsvcError:
-    """``ImageTooLarge`` for a request, ``ResponseTooLarge`` for a response, naming the limit and how to raise it."""
-    whose, raise_it = (("this client's limit", "raise max_message_bytes") if client_side else
-                       ("the server's limit", "raise the server's limit (segsvc serve --max-message-mb)"))
-    if what == "request":
-        return ImageTooLarge(f"the request is {size} bytes, over {whose} of {limit} bytes per message; send a "
-                             f"smaller image, or encoded (PNG, JPEG) rather than a raw array, or {raise_it}")
-    return ResponseTooLarge(f"the response is {size} bytes, over {whose} of {limit} bytes per message; ask for "
-                            f"encoding='png', leave out confidence, send a smaller image, or {raise_it}")
-
-
-def rpc_error(exc: grpc.RpcError) -> SegsvcError:
-    """``error_from_rpc``, except gRPC's own refusal of a message over a size limit (RESOURCE_EXHAUSTED with no
-    segsvc details), which it would make ``Overloaded`` ("back off and retry"): the same call always fails, so
-    it is the caller's to change, and the error says which limit (this client's or the server's)."""
-    found = _OVER_LIMIT.search((exc.details() if hasattr(exc, "details") else None) or "")
-    if found is None or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return error_from_rpc(exc)
-    side, way, size, limit = found.groups()
-    what = "request" if (side, way) in (("CLIENT", "Sent"), ("SERVER", "Received")) else "response"
-    error = _over_limit(what, int(size), int(limit), client_side=side == "CLIENT")
-    error.code = exc.code()  # type: ignore[attr-defined]
-    return error
 
 
 @dataclass(frozen=True)
@@ -362,13 +331,13 @@ class SegmentationClient:
             return method(request, timeout=timeout_s if timeout_s is not None else self.timeout_s,
                           metadata=self._metadata, **kwargs)
         except grpc.RpcError as exc:
-            raise rpc_error(exc) from None
+            raise error_from_rpc(exc) from None
 
     def _check_request_size(self, request: pb.SegmentRequest) -> None:
         """Refuse, before sending, a request gRPC would refuse as RESOURCE_EXHAUSTED (and end a whole stream with)."""
         size = request.ByteSize()
         if size > self.max_message_bytes:
-            raise _over_limit("request", size, self.max_message_bytes, client_side=True)
+            raise over_limit("request", size, self.max_message_bytes, client_side=True)
 
     # -- segmentation -------------------------------------------------------------------
     @staticmethod
@@ -525,7 +494,7 @@ class SegmentationClient:
                 if on_result is not None:
                     on_result(index, results[index])  # type: ignore[arg-type]
         except grpc.RpcError as exc:
-            error = rpc_error(exc)
+            error = error_from_rpc(exc)
             if isinstance(error, DeadlineExceeded) and deadline_s is not None:
                 error.args = (f"{error}: {deadline_s:g} s, the deadline of the whole stream, passed (timeout_s; "
                               "segsvc segment --timeout-s); give a longer one, or fewer images per call",)
@@ -564,7 +533,7 @@ class SegmentationClient:
         try:
             response = self._jobs.UploadImages(upload_files(files, root), metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise rpc_error(exc) from None
+            raise error_from_rpc(exc) from None
         return response.upload_id
 
     def submit_job(

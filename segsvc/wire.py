@@ -117,6 +117,35 @@ def error_info_of(trailing) -> error_details_pb2.ErrorInfo | None:  # type: igno
     return None
 
 
+# gRPC's own refusal of a message over a size limit (grpc-core's message size filter): which end, which way, sizes
+_OVER_LIMIT = re.compile(r"\b(CLIENT|SERVER): (Sent|Received) message larger than max \((\d+) vs\. (\d+)\)")
+
+
+def over_limit(what: str, size: int, limit: int, client_side: bool) -> SegsvcError:
+    """``ImageTooLarge`` for a request, ``ResponseTooLarge`` for a response, naming the limit and how to raise it."""
+    whose, raise_it = (("this client's limit", "raise max_message_bytes") if client_side else
+                       ("the server's limit", "raise the server's limit (segsvc serve --max-message-mb)"))
+    if what == "request":
+        return errors.ImageTooLarge(f"the request is {size} bytes, over {whose} of {limit} bytes per message; send "
+                                    f"a smaller image, or encoded (PNG, JPEG) rather than a raw array, or {raise_it}")
+    return errors.ResponseTooLarge(f"the response is {size} bytes, over {whose} of {limit} bytes per message; ask "
+                                   f"for encoding='png', leave out confidence, send a smaller image, or {raise_it}")
+
+
+def _size_refusal(code: grpc.StatusCode, details: str) -> SegsvcError | None:
+    """gRPC's own refusal of a message over a size limit (RESOURCE_EXHAUSTED, no segsvc details), which the
+    table would make ``Overloaded`` ("back off and retry"): the same call always fails, so it is the caller's
+    to change, and the error says which limit (this client's or the server's). None for any other status."""
+    found = _OVER_LIMIT.search(details) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else None
+    if found is None:
+        return None
+    side, way, size, limit = found.groups()
+    what = "request" if (side, way) in (("CLIENT", "Sent"), ("SERVER", "Received")) else "response"
+    error = over_limit(what, int(size), int(limit), client_side=side == "CLIENT")
+    error.code = code  # type: ignore[attr-defined]
+    return error
+
+
 def error_from_rpc(exc: grpc.RpcError) -> SegsvcError:
     """The domain error a failed call stands for: its ``ErrorInfo`` reason, else the ``segsvc-error`` trailer."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
@@ -129,6 +158,8 @@ def error_from_rpc(exc: grpc.RpcError) -> SegsvcError:
     info = error_info_of(trailing)
     if info is not None and info.reason in _ERROR_CLASSES:
         kind = info.reason
+    if not kind and (refused := _size_refusal(code, details)) is not None:
+        return refused
     return error_from_status(code, details, kind)
 
 

@@ -20,7 +20,8 @@ from segsvc.v1 import datasets_pb2 as dpb
 from segsvc.v1 import datasets_pb2_grpc as dpb_grpc
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
-from segsvc.wire import DETAILS_KEY, ERROR_CODES, ERROR_DOMAIN, error_from_rpc, error_from_status, error_reason
+from segsvc.wire import (DETAILS_KEY, ERROR_CODES, ERROR_DOMAIN, ERROR_KIND_KEY, error_from_rpc, error_from_status,
+                         error_reason)
 from tests.datasets.helpers import broken, member, tar_with
 from tests.server.conftest import encode, make_image, publish
 
@@ -187,14 +188,14 @@ def test_reasons_are_upper_snake_case_and_name_one_class_each():
 
 
 class _FakeRpcError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, trailing: tuple) -> None:
-        self._code, self._trailing = code, trailing
+    def __init__(self, code: grpc.StatusCode, trailing: tuple, details: str = "what went wrong") -> None:
+        self._code, self._trailing, self._details = code, trailing, details
 
     def code(self) -> grpc.StatusCode:
         return self._code
 
     def details(self) -> str:
-        return "what went wrong"
+        return self._details
 
     def trailing_metadata(self) -> tuple:
         return self._trailing
@@ -289,3 +290,20 @@ def test_every_kind_in_the_table_comes_back_as_itself(cls):
     exc = error_from_status(code, "what went wrong", cls.__name__)
     assert type(exc) is cls and exc.code == code
     assert type(error_from_status(code, "what went wrong", error_reason(cls.__name__))) is cls
+
+
+@pytest.mark.parametrize("details, cls, whose", [
+    ("CLIENT: Sent message larger than max (70000000 vs. 67108864)", errors.ImageTooLarge, "this client's limit"),
+    ("SERVER: Received message larger than max (70000000 vs. 67108864)", errors.ImageTooLarge, "the server's limit"),
+    ("CLIENT: Received message larger than max (70000000 vs. 67108864)", errors.ResponseTooLarge, "this client's"),
+    ("SERVER: Sent message larger than max (70000000 vs. 67108864)", errors.ResponseTooLarge, "the server's limit"),
+])
+def test_grpcs_own_message_size_refusal_is_the_callers_to_change_not_overloaded(details, cls, whose):
+    """gRPC refuses a message over either end's limit with RESOURCE_EXHAUSTED and no segsvc details: every
+    client of the wire table (segment, jobs, datasets) read it as Overloaded, 'back off and retry', which never
+    helps; a segsvc Overloaded (its trailer says so) stays Overloaded."""
+    error = error_from_rpc(_FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, (), details))
+    assert error.__class__ is cls and whose in str(error) and "70000000 bytes" in str(error)
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    queue_full = _FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, ((ERROR_KIND_KEY, "Overloaded"),), details)
+    assert error_from_rpc(queue_full).__class__ is errors.Overloaded
