@@ -30,6 +30,8 @@ MAX_JPEG_SEGMENTS = 4096  # before the first scan; real files have a dozen
 # fuzzers stop at 500 (its TJPARAM_SCANLIMIT).
 MAX_JPEG_SCANS = 500
 MAX_TIFF_ENTRIES = 4096  # tags in the first directory; real files have ~20
+# Directories after the first that are walked to tell a thumbnail or mask from a second page.
+MAX_TIFF_DIRECTORIES = 64
 MAX_WEBP_CHUNKS = 1 << 16
 # Compressed PNG pixels may inflate this far past the rows the header needs
 # (libpng discards the excess with a warning); a bomb inflates much further.
@@ -123,6 +125,8 @@ def _png_header(data: bytes) -> tuple[ImageHeader, PngPixels]:
             if index:
                 raise InvalidImage("PNG has a second IHDR chunk")
             header, raw_bytes = _png_ihdr(data, pos + 8, length)
+        elif kind == b"acTL" and length >= 4 and (frames := struct.unpack_from(">I", data, pos + 8)[0]) > 1:
+            raise InvalidImage(f"PNG is animated (APNG, {frames} frames): {_ONE_FRAME}")
         elif kind == b"IDAT":
             if idat_ended:
                 raise InvalidImage("PNG IDAT chunks are not consecutive")
@@ -259,11 +263,14 @@ def _jpeg_frame(data: bytes, at: int, size: int) -> ImageHeader:
 # -- TIFF / BigTIFF -------------------------------------------------------------------
 _TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 16: "Q"}  # BYTE, SHORT, LONG, LONG8
 _TIFF_TAGS = {
-    256: "ImageWidth", 257: "ImageLength", 258: "BitsPerSample", 273: "StripOffsets", 274: "Orientation",
+    254: "NewSubfileType", 256: "ImageWidth", 257: "ImageLength", 258: "BitsPerSample", 273: "StripOffsets", 274: "Orientation",
     277: "SamplesPerPixel", 279: "StripByteCounts", 322: "TileWidth", 323: "TileLength", 324: "TileOffsets",
     325: "TileByteCounts", 339: "SampleFormat",
 }
 _TIFF_TRANSPOSED = (5, 6, 7, 8)  # Orientation values whose stored rows are the image's columns
+_TIFF_NOT_A_PAGE = 0b101  # NewSubfileType bits: a reduced-resolution copy (thumbnail), a transparency mask
+# The decoders read the first frame of a stack, an animation or a multi-page file and drop the rest in silence.
+_ONE_FRAME = "segsvc segments one image per input; send each page or frame as an image of its own"
 # What decode_image keeps: unsigned samples of at most 16 bits. OpenCV decodes deeper, signed or float samples
 # into arrays of their own type (up to 32 bytes a pixel) that would only be refused after the allocation.
 _TIFF_BITS = (1, 2, 4, 8, 16)
@@ -330,9 +337,38 @@ def _tiff_header(data: bytes) -> ImageHeader:
         _tiff_check_blocks(n, "tile", tags.get(324), tags.get(325))
     else:
         _tiff_check_blocks(n, "strip", tags.get(273), tags.get(279))
+    count_at = entries + count * entry_size
+    (following,) = struct.unpack_from(endian + ("Q" if big else "I"), data, count_at)
+    _tiff_check_single_page(data, endian, big, following)
     if first_value(274, 1) in _TIFF_TRANSPOSED:  # OpenCV turns the image upright: its sides swap
         return ImageHeader("tiff", height, width)
     return ImageHeader("tiff", width, height)
+
+
+def _tiff_check_single_page(data: bytes, endian: str, big: bool, ifd: int) -> None:
+    """Refuse a second page: a directory after the first that is not a thumbnail or a transparency mask
+    (NewSubfileType). Walks up to ``MAX_TIFF_DIRECTORIES``; a chain that leaves the data ends the walk
+    (the decoder reads the first page either way)."""
+    offset_size, count_fmt, entry_size = (8, "Q", 20) if big else (4, "H", 12)
+    seen: set[int] = set()
+    for _ in range(MAX_TIFF_DIRECTORIES):
+        if not ifd or ifd in seen or ifd > len(data) - struct.calcsize(count_fmt):
+            return
+        seen.add(ifd)
+        (count,) = struct.unpack_from(endian + count_fmt, data, ifd)
+        entries = ifd + struct.calcsize(count_fmt)
+        if count * entry_size + offset_size > len(data) - entries:
+            return
+        kind_of = 0
+        for k in range(count):
+            at = entries + k * entry_size
+            tag, kind = struct.unpack_from(endian + "HH", data, at)
+            if tag == 254:
+                values = _tiff_values(data, endian, at, kind, offset_size, _TIFF_TAGS[tag])
+                kind_of = int(values[0]) if len(values) else 0
+        if not kind_of & _TIFF_NOT_A_PAGE:
+            raise InvalidImage(f"TIFF holds more than one page (a stack or a multi-page file): {_ONE_FRAME}")
+        (ifd,) = struct.unpack_from(endian + ("Q" if big else "I"), data, entries + count * entry_size)
 
 
 def _tiff_check_samples(bits: np.ndarray | None, formats: np.ndarray | None) -> None:
@@ -428,7 +464,7 @@ def _webp_header(data: bytes) -> ImageHeader:
         raise InvalidImage(f"WebP RIFF container declares {riff_size} bytes but only {n - 8} remain")
     end, pos = 8 + riff_size, 12
     first: tuple[bytes, int, int] | None = None  # (fourcc, data offset, size); later chunks are not kept
-    count, later_image = 0, False  # whether a chunk after the first holds image data
+    count, frames, later_image = 0, 0, False  # whether a chunk after the first holds image data
     while pos + 8 <= end:
         if count == MAX_WEBP_CHUNKS:
             raise InvalidImage(f"WebP has more than {MAX_WEBP_CHUNKS} chunks")
@@ -441,6 +477,9 @@ def _webp_header(data: bytes) -> ImageHeader:
             first = (kind, pos + 8, size)
         else:
             later_image = later_image or kind in (b"VP8 ", b"VP8L", b"ANMF")
+        frames += kind == b"ANMF"
+        if frames > 1:
+            raise InvalidImage(f"WebP is animated (more than one ANMF frame): {_ONE_FRAME}")
         count += 1
         pos += 8 + size + (size & 1)  # chunks are padded to an even size
     if first is None:

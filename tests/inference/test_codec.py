@@ -1000,3 +1000,43 @@ def test_a_tiff_is_decoded_turned_as_its_orientation_tag_says_and_its_header_say
     expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
     assert image_header(data) == codec.ImageHeader("tiff", expected.shape[1], expected.shape[0])
     assert np.array_equal(decode_image(data), expected)
+
+
+def _with_second_directory(data: bytes, subfile_type: int | None) -> bytes:
+    """A little-endian ``_tiff`` with a second directory chained after its first (a copy of it, the same strip),
+    marked with ``NewSubfileType`` ``subfile_type`` (None: no such tag, a plain second page)."""
+    (ifd,) = struct.unpack_from("<I", data, 4)
+    (count,) = struct.unpack_from("<H", data, ifd)
+    entries = data[ifd + 2 : ifd + 2 + 12 * count]
+    extra = b"" if subfile_type is None else struct.pack("<HHII", 254, 4, 1, subfile_type)
+    second = struct.pack("<H", count + bool(extra)) + extra + entries + struct.pack("<I", 0)
+    return _put(data, ifd + 2 + 12 * count, "<I", len(data)) + second
+
+
+@pytest.mark.parametrize("subfile_type", [None, 2])
+def test_a_tiff_of_more_than_one_page_is_refused_not_cut_to_its_first(subfile_type):
+    """A stack (an EM volume, a multi-page scan) was decoded as its first page and the rest dropped in silence:
+    one label map came back for thirty slices."""
+    data = _with_second_directory(_tiff(RGB), subfile_type)
+    with pytest.raises(InvalidImage, match=r"TIFF holds more than one page .*each page or frame as an image"):
+        decode_image(data)
+
+
+@pytest.mark.parametrize("subfile_type", [1, 4, 5])
+def test_a_tiff_with_a_thumbnail_or_mask_directory_is_one_image(subfile_type):
+    """A reduced-resolution copy (1) or a transparency mask (4) after the image is not a second page."""
+    assert np.array_equal(decode_image(_with_second_directory(_tiff(RGB), subfile_type)), decode_image(_tiff(RGB)))
+
+
+@pytest.mark.parametrize("fmt, match", [("PNG", r"PNG is animated \(APNG, 2 frames\)"),
+                                        ("WEBP", r"WebP is animated")])
+def test_an_animation_is_refused_not_cut_to_its_first_frame(fmt, match):
+    from PIL import Image
+
+    first, second = Image.fromarray(RGB), Image.fromarray(255 - RGB)
+    animated, still = io.BytesIO(), io.BytesIO()
+    first.save(animated, format=fmt, save_all=True, append_images=[second], lossless=True)
+    first.save(still, format=fmt, lossless=True)
+    with pytest.raises(InvalidImage, match=match):
+        decode_image(animated.getvalue())
+    assert decode_image(still.getvalue()).shape == RGB.shape
