@@ -263,9 +263,9 @@ def _jpeg_frame(data: bytes, at: int, size: int) -> ImageHeader:
 # -- TIFF / BigTIFF -------------------------------------------------------------------
 _TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 16: "Q"}  # BYTE, SHORT, LONG, LONG8
 _TIFF_TAGS = {
-    254: "NewSubfileType", 256: "ImageWidth", 257: "ImageLength", 258: "BitsPerSample", 273: "StripOffsets", 274: "Orientation",
-    277: "SamplesPerPixel", 279: "StripByteCounts", 322: "TileWidth", 323: "TileLength", 324: "TileOffsets",
-    325: "TileByteCounts", 339: "SampleFormat",
+    254: "NewSubfileType", 256: "ImageWidth", 257: "ImageLength", 258: "BitsPerSample", 273: "StripOffsets",
+    274: "Orientation", 277: "SamplesPerPixel", 279: "StripByteCounts", 322: "TileWidth", 323: "TileLength",
+    324: "TileOffsets", 325: "TileByteCounts", 339: "SampleFormat",
 }
 _TIFF_TRANSPOSED = (5, 6, 7, 8)  # Orientation values whose stored rows are the image's columns
 _TIFF_NOT_A_PAGE = 0b101  # NewSubfileType bits: a reduced-resolution copy (thumbnail), a transparency mask
@@ -337,8 +337,7 @@ def _tiff_header(data: bytes) -> ImageHeader:
         _tiff_check_blocks(n, "tile", tags.get(324), tags.get(325))
     else:
         _tiff_check_blocks(n, "strip", tags.get(273), tags.get(279))
-    count_at = entries + count * entry_size
-    (following,) = struct.unpack_from(endian + ("Q" if big else "I"), data, count_at)
+    (following,) = struct.unpack_from(endian + ("Q" if big else "I"), data, entries + count * entry_size)
     _tiff_check_single_page(data, endian, big, following)
     if first_value(274, 1) in _TIFF_TRANSPOSED:  # OpenCV turns the image upright: its sides swap
         return ImageHeader("tiff", height, width)
