@@ -198,15 +198,15 @@ def _parse_hw(text: str) -> tuple[int, int]:
 def _data_check(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from segsvc.data.check import check_dataset
     from segsvc.data.spec import load_dataset_spec
+    from segsvc.datasets.ingest import server_check
 
     spec = load_dataset_spec(args.path, num_classes=args.num_classes)
 
     def bar(items, total):  # type: ignore[no-untyped-def]
         return tqdm(items, total=total, desc=f"checking {spec.name}", unit="sample", disable=not args.progress)
 
-    report = check_dataset(spec, progress=bar)
+    report = server_check(spec, max_pixels=args.max_dataset_pixels, progress=bar)
     print(report.format())
     return 0 if report.ok else 1
 
@@ -265,6 +265,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                  "with images/ and masks/ (and optionally dataset.yaml)")  # fmt: skip
     pc.add_argument("--num-classes", type=int, default=None,
                     help="for a folder without dataset.yaml: check labels against 0..N-1")  # fmt: skip
+    pc.add_argument("--max-dataset-pixels", type=int, default=64_000_000,
+                    help="pixels per image the server accepts (segsvc serve --max-dataset-pixels; default 64 MP)")
     pc.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     pc.set_defaults(func=_data_check)
     po = dsub.add_parser("offset", help="how far a class's labels are drawn from the image structure they mark "

@@ -23,8 +23,8 @@ TokenReader = Callable[[argparse.Namespace], "str | None"]
 
 # -- serve: the registry's flags (datasets are on with --state-dir) ---------------------------
 def add_server_arguments(group: argparse._ArgumentGroup) -> None:
-    """``--max-dataset-mb``, ``--max-dataset-files``, ``--max-dataset-ratio``, ``--max-dataset-pixels`` in
-    ``segsvc serve``."""
+    """``--max-dataset-mb``, ``--max-dataset-files``, ``--max-dataset-ratio``, ``--max-dataset-pixels``,
+    ``--max-dataset-uploads``, ``--dataset-upload-idle-s`` and ``--max-datasets-disk-mb`` in ``segsvc serve``."""
     group.add_argument("--max-dataset-mb", type=float, default=2048,
                        help="largest uploaded dataset in MiB, as sent and as extracted (default 2048)")
     group.add_argument("--max-dataset-files", type=int, default=100_000,
@@ -34,6 +34,14 @@ def add_server_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--max-dataset-pixels", type=int, default=64_000_000,
                        help="largest image or mask (height x width) of an uploaded or registered dataset, read "
                             "from its header before it is decoded (default 64000000)")
+    group.add_argument("--max-dataset-uploads", type=int, default=4,
+                       help="dataset uploads received at the same time; one more is refused (default 4)")
+    group.add_argument("--dataset-upload-idle-s", type=float, default=300.0,
+                       help="longest wait for the next chunk of a dataset upload before it is dropped with its "
+                            "files (default 300)")
+    group.add_argument("--max-datasets-disk-mb", type=float, default=65536,
+                       help="most MiB the state folder's datasets may take: uploaded datasets plus the uploads in "
+                            "progress, checked before each byte is written (default 65536)")
 
 
 def server_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -46,7 +54,9 @@ def server_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     limits = ExtractLimits(max_bytes=int(args.max_dataset_mb * MIB), max_files=args.max_dataset_files,
                            max_ratio=args.max_dataset_ratio, max_pixels=args.max_dataset_pixels)
     return DatasetsConfig(state_dir=Path(args.state_dir), data_root=Path(args.data_root) if args.data_root else None,
-                          limits=limits)
+                          limits=limits, max_concurrent_uploads=args.max_dataset_uploads,
+                          upload_idle_s=args.dataset_upload_idle_s,
+                          max_disk_bytes=int(args.max_datasets_disk_mb * MIB))
 
 
 # -- segsvc datasets ... ---------------------------------------------------------------------

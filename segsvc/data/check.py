@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Callable, Collection, Iterable, Iterator, Mapping, TypeVar
 
 import numpy as np
 
@@ -179,7 +179,8 @@ def _check_synthetic(spec: DatasetSpec, progress: Progress) -> CheckReport:
     )
 
 
-def check_dataset(spec_or_path: DatasetSpec | str | Path, progress: Progress | None = None) -> CheckReport:
+def check_dataset(spec_or_path: DatasetSpec | str | Path, progress: Progress | None = None,
+                  skip: Collection[Path] = ()) -> CheckReport:
     """Check a whole dataset and report every problem (never stops at the first).
 
     Args:
@@ -187,6 +188,8 @@ def check_dataset(spec_or_path: DatasetSpec | str | Path, progress: Progress | N
             (a YAML file, a built-in name, a folder in the generic layout).
         progress: wraps the iteration over samples, called as
             ``progress(items, total)`` (the CLI passes a tqdm bar).
+        skip: files not to decode, whose samples are left out of the per-sample checks (the caller has
+            already refused them from their headers and reports that itself).
 
     Example:
         >>> report = check_dataset("synthetic")
@@ -208,6 +211,9 @@ def check_dataset(spec_or_path: DatasetSpec | str | Path, progress: Progress | N
         samples.update({(s.image, s.mask): s for s in index.samples})
     problems += orphan_problems(spec, folders)
     mapper, counts = LabelMapper(spec), Counter()
+    skipped = set(skip)
+    for key in [k for k in samples if k[0] in skipped or k[1] in skipped]:
+        del samples[key]
     for sample in progress(list(samples.values()), len(samples)):
         problems += _check_sample(sample, spec, mapper, counts)
     notes = () if spec.num_classes else ("no class list (no dataset.yaml): label values were not checked",)

@@ -34,6 +34,11 @@ one ("pairs"). Everything here assumes the bytes are hostile:
   ``tarfile`` keeps no header from one entry to the next.
 - Names that ``content.is_excluded`` drops (hidden files, ``__MACOSX/``) are
   skipped, so they never reach the dataset or its hash.
+- Two names that differ only in case (``a.png``, ``A.png``) are refused whatever
+  the server's filesystem: on a case-insensitive one the second would land on the
+  first, so a dataset's identity would depend on where the server runs.
+- Every byte written (the spooled archive, each extracted file) is first charged
+  to the caller's ``Charge`` (the registry's disk quota), which may refuse it.
 
 The caller extracts into a temporary folder and removes it on any error; this
 module only ever creates files with ``O_EXCL | O_NOFOLLOW`` inside it.
@@ -60,7 +65,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from segsvc.datasets.content import CHUNK_BYTES, is_excluded
 from segsvc.errors import InvalidArgument, UploadError
@@ -90,6 +95,13 @@ TAR_BYTES_PER_ENTRY = 4 << 10
 # normalised), extra fields (timestamps, Unix ids, zip64 sizes: tens of bytes) and a comment. zipfile reads the
 # whole directory into memory and copies each name and extra field out of it, so its size is bounded too.
 ZIP_BYTES_PER_ENTRY = 1 << 10
+
+# Called with the bytes about to be written (negative: given back) before they are; raises to refuse them.
+Charge = Callable[[int], None]
+
+
+def no_charge(size: int) -> None:
+    """No quota: every byte within the upload limits may be written."""
 
 
 @dataclass(frozen=True)
@@ -171,14 +183,24 @@ def _too_many_entries(limits: ExtractLimits, what: str) -> str:
 
 
 class _Tree:
-    """The names admitted so far: no duplicates, no file where a folder is needed (or the reverse)."""
+    """The names admitted so far: no duplicates, none differing only in case, no file where a folder is needed
+    (or the reverse). ``charge`` is told of every byte before it is written (``_copy``, ``PairsWriter``); the
+    tree of a zip's headers, which writes nothing, has none."""
 
-    def __init__(self, limits: ExtractLimits) -> None:
+    def __init__(self, limits: ExtractLimits, charge: Charge = no_charge) -> None:
         self.limits = limits
+        self.charge = charge
         self.files: set[str] = set()
         self.folders: set[str] = set()
         self.total_bytes = 0
         self.entries = 0
+        self._by_lower: dict[str, str] = {}  # name.lower() -> the name admitted
+
+    def _claim(self, name: str) -> None:
+        other = self._by_lower.setdefault(name.lower(), name)
+        if other != name:
+            raise UploadError(f"entries {name!r} and {other!r} differ only in case: a case-insensitive "
+                              f"filesystem cannot hold both; rename one")
 
     def add_entry(self) -> None:
         """Count one entry of an archive, whatever it is (file, folder, skipped): before it is looked at."""
@@ -190,6 +212,7 @@ class _Tree:
         if name in self.files:
             raise UploadError(f"entry {name!r} is both a file and a folder")
         self._add_parents(name + "/x")
+        self._claim(name)
         self.folders.add(name)
 
     def add_file(self, name: str, size: int = 0) -> None:
@@ -198,6 +221,7 @@ class _Tree:
         if name in self.folders:
             raise UploadError(f"entry {name!r} is both a file and a folder")
         self._add_parents(name)
+        self._claim(name)
         if len(self.files) + 1 > self.limits.max_files:
             raise UploadError(f"the dataset has more than {self.limits.max_files} files (the server's limit)")
         self.add_bytes(size, name)
@@ -207,6 +231,7 @@ class _Tree:
         if self.total_bytes + size > self.limits.max_bytes:
             raise UploadError(f"the dataset is larger than {self.limits.max_bytes} bytes (the server's limit; "
                               f"reached at {name!r})")
+        self.charge(size)
         self.total_bytes += size
 
     def _add_parents(self, name: str) -> None:
@@ -215,6 +240,7 @@ class _Tree:
             parent = "/".join(parts[:i])
             if parent in self.files:
                 raise UploadError(f"entry {name!r} needs a folder where file {parent!r} is")
+            self._claim(parent)
             self.folders.add(parent)
 
 
@@ -314,8 +340,8 @@ def _tar_kind(member: tarfile.TarInfo) -> str | None:
     return None
 
 
-def _extract_tar(archive: Path, dest: Path, limits: ExtractLimits) -> _Tree:
-    tree = _Tree(limits)
+def _extract_tar(archive: Path, dest: Path, limits: ExtractLimits, charge: Charge) -> _Tree:
+    tree = _Tree(limits, charge)
     size = archive.stat().st_size
     with open(archive, "rb") as raw:
         magic = raw.read(6)
@@ -456,7 +482,7 @@ def _zip_entry_count(archive: Path, limits: ExtractLimits) -> int:
     return count
 
 
-def _extract_zip(archive: Path, dest: Path, limits: ExtractLimits) -> _Tree:
+def _extract_zip(archive: Path, dest: Path, limits: ExtractLimits, charge: Charge) -> _Tree:
     _zip_entry_count(archive, limits)  # before zipfile builds a ZipInfo per entry
     with zipfile.ZipFile(archive) as zf:
         infos = zf.infolist()
@@ -484,7 +510,7 @@ def _extract_zip(archive: Path, dest: Path, limits: ExtractLimits) -> _Tree:
         if declared > limits.expansion_cap(archive.stat().st_size):
             raise UploadError(f"the archive expands more than {limits.max_ratio:g} times its size: refused as a "
                               f"decompression bomb")
-        tree = _Tree(limits)
+        tree = _Tree(limits, charge)
         for folder in sorted(headers.folders):
             tree.add_folder(folder)
         for info, name in wanted:
@@ -498,17 +524,20 @@ _ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAEr
                    NotImplementedError, RuntimeError, ValueError, gzip.BadGzipFile)
 
 
-def extract_archive(archive: Path, fmt: str, dest: Path, limits: ExtractLimits) -> ExtractSummary:
+def extract_archive(archive: Path, fmt: str, dest: Path, limits: ExtractLimits,
+                    charge: Charge = no_charge) -> ExtractSummary:
     """Extract a tar (optionally gzip/bzip2/xz) or zip archive into the empty folder ``dest``.
 
     Raises:
         UploadError: an unsafe or malformed archive, or one over the limits; the
-            caller removes ``dest``, which may hold part of the files.
+            caller removes ``dest``, which may hold part of the files. Whatever
+            ``charge`` raises (a full disk quota) passes through.
     """
     if fmt not in ("tar", "zip"):
         raise InvalidArgument(f"archive format must be tar or zip, got {fmt!r}")
+    extract = _extract_tar if fmt == "tar" else _extract_zip
     try:
-        tree = _extract_tar(archive, dest, limits) if fmt == "tar" else _extract_zip(archive, dest, limits)
+        tree = extract(archive, dest, limits, charge)
     except UploadError:
         raise
     except _ARCHIVE_ERRORS as exc:
@@ -523,15 +552,16 @@ def extract_archive(archive: Path, fmt: str, dest: Path, limits: ExtractLimits) 
 
 
 class Spool:
-    """An archive being received: appended chunk by chunk, never past ``max_bytes``."""
+    """An archive being received: appended chunk by chunk, never past ``max_bytes``, each chunk charged first."""
 
-    def __init__(self, path: Path, limits: ExtractLimits) -> None:
-        self.path, self.limits, self.size = path, limits, 0
+    def __init__(self, path: Path, limits: ExtractLimits, charge: Charge = no_charge) -> None:
+        self.path, self.limits, self.size, self.charge = path, limits, 0, charge
         self._file = open(path, "xb")
 
     def write(self, data: bytes) -> None:
         if self.size + len(data) > self.limits.max_bytes:
             raise UploadError(f"the upload is larger than {self.limits.max_bytes} bytes (the server's limit)")
+        self.charge(len(data))
         self._file.write(data)
         self.size += len(data)
 
@@ -547,9 +577,9 @@ class PairsWriter:
     through a symlink, and only if it is still the file this writer created, at the size it left it.
     """
 
-    def __init__(self, dest: Path, limits: ExtractLimits) -> None:
+    def __init__(self, dest: Path, limits: ExtractLimits, charge: Charge = no_charge) -> None:
         self.dest = dest
-        self._tree = _Tree(limits)
+        self._tree = _Tree(limits, charge)
         self._open: OrderedDict[str, BinaryIO] = OrderedDict()  # least recently written first
         self._unfinished: dict[str, tuple[int, int, int]] = {}  # name -> (st_dev, st_ino, bytes written)
         self._done: set[str] = set()

@@ -49,6 +49,9 @@ MAX_MESSAGE_PROBLEMS = 5  # shown in the error message; the status details carry
 MAX_DESCRIPTION_BYTES = 4 << 20
 # A split list names one sample per line (CamVid's 'image mask' lines with absolute paths: ~90 bytes).
 LIST_BYTES_PER_SAMPLE = 256
+# Class names a dataset may have. Masks hold uint8 or uint16 values (label maps reach 65535), but every class costs
+# a logit map per pixel in the model and a name and share in each Dataset message: ADE20K has 150, COCO-Stuff 182.
+MAX_CLASSES = 1024
 
 T = TypeVar("T")
 Progress = Callable[[Iterable[T], int], Iterable[T]]
@@ -129,8 +132,8 @@ def load_confined(root: Path, name: str, limits: ExtractLimits = ExtractLimits()
     split lists and ids naming at most ``limits.max_entries`` samples in all (``check_listed``).
 
     Raises:
-        DatasetError: no usable description, a synthetic one (no files), no class names, too long a
-            description or split list.
+        DatasetError: no usable description, a synthetic one (no files), no class names or more than
+            ``MAX_CLASSES``, too long a description or split list, an absolute split folder or list.
         PathOutsideRoot: the root, a split folder or list leads outside ``root``.
     """
     for file_name in FOLDER_SPEC_NAMES:
@@ -146,11 +149,19 @@ def load_confined(root: Path, name: str, limits: ExtractLimits = ExtractLimits()
     for split_name, split in spec.splits.items():
         for key in ("images", "masks", "list"):
             rel = getattr(split, key)
+            # An absolute one would stay where it is while the dataset moves (an upload's work folder is
+            # renamed to its hash), and its files have no name relative to the dataset to hash or split by.
+            if rel is not None and Path(rel).is_absolute():
+                raise DatasetError(f"dataset.yaml: split {split_name!r} {key} is an absolute path: give it "
+                                   f"relative to the dataset's root")
             if rel is not None and not _inside(real_root, (spec.root / rel).resolve()):
                 raise PathOutsideRoot(f"dataset.yaml: split {split_name!r} {key} {rel!r} leads outside the dataset")
     if not spec.class_names:
         raise DatasetError("the dataset names no classes: add a dataset.yaml with 'classes:' "
                            "(or send the class names with the upload)")
+    if len(spec.class_names) > MAX_CLASSES:
+        raise DatasetError(f"the dataset names {len(spec.class_names)} classes: more than {MAX_CLASSES}, the "
+                           f"server's limit")
     check_listed(spec, limits)
     return replace(spec, name=name)
 
@@ -333,24 +344,38 @@ def oversized_images(spec: DatasetSpec, max_pixels: int) -> list[Problem]:
     return problems
 
 
-def validate(spec: DatasetSpec, root: Path, progress: Progress | None = None,
-             max_pixels: int = ExtractLimits.max_pixels) -> CheckReport:
-    """``check_dataset``; any problem raises ``DatasetInvalid`` listing them all (relative to ``root``).
+def server_check(spec: DatasetSpec, max_pixels: int = ExtractLimits.max_pixels,
+                 progress: Progress | None = None) -> CheckReport:
+    """The check the server runs on every dataset it ingests, as a report: ``segsvc data check`` runs it too,
+    so a user learns before uploading what the server would refuse.
 
-    Images over ``max_pixels`` (``oversized_images``) are refused first, before anything is decoded; a
-    split without samples (images in a format no layout reads, or a folder too deep) is a problem too.
+    Every image and mask must first pass the container and pixel checks (``oversized_images``: one frame of
+    PNG, JPEG, TIFF, BMP or WebP, no APNG, multi-page TIFF or animated WebP, at most ``max_pixels`` pixels);
+    the files that fail are problems and are never decoded. ``check_dataset`` then checks the rest, so one
+    report lists every problem. When it finds nothing, a split without samples (images in a format no layout
+    reads, or a folder too deep) is a problem.
     """
-    too_large = oversized_images(spec, max_pixels)
-    if too_large:
-        raise _invalid(spec, root, too_large)
-    report = check_dataset(spec, progress=progress)
+    if spec.format == "synthetic":
+        return check_dataset(spec, progress=progress)
+    refused = oversized_images(spec, max_pixels)
+    report = check_dataset(spec, progress=progress, skip={problem.path for problem in refused})
+    if refused:
+        return replace(report, problems=tuple(refused) + report.problems,
+                       notes=report.notes + ("files refused from their headers were not decoded",))
     if not report.ok:
-        raise _invalid(spec, root, report.problems)
+        return report
     empty = [Problem(Fault.LAYOUT, spec.root / (spec.splits[name].images or ""),
                      f"split {name!r} has no samples: no {'/'.join(IMAGE_SUFFIXES)} image in its folder or list")
              for name, size in report.split_sizes.items() if size == 0]
-    if empty:
-        raise _invalid(spec, root, empty)
+    return replace(report, problems=report.problems + tuple(empty))
+
+
+def validate(spec: DatasetSpec, root: Path, progress: Progress | None = None,
+             max_pixels: int = ExtractLimits.max_pixels) -> CheckReport:
+    """``server_check``; any problem raises ``DatasetInvalid`` listing them all (relative to ``root``)."""
+    report = server_check(spec, max_pixels, progress)
+    if not report.ok:
+        raise _invalid(spec, root, report.problems)
     return report
 
 

@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -51,14 +52,14 @@ from typing import Callable, Iterable, Iterator, Sequence
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.datasets.archive import FORMATS, ExtractLimits
 from segsvc.datasets.ingest import (
-    SPEC_FILE, class_shares, fingerprint, load_confined, registered_files, registered_folder, scrub_paths, validate,
-    write_training_spec,
+    MAX_CLASSES, SPEC_FILE, class_shares, fingerprint, load_confined, registered_files, registered_folder,
+    scrub_paths, validate, write_training_spec,
 )
 from segsvc.datasets.split import VAL_FRACTION
 from segsvc.datasets.upload import DatasetUpload
 from segsvc.errors import (
-    AlreadyExists, DatasetInvalid, FailedPrecondition, InvalidArgument, NotFound, PathOutsideRoot, SegsvcError,
-    Unavailable, UploadError,
+    AlreadyExists, DatasetInvalid, FailedPrecondition, InvalidArgument, NotFound, Overloaded, PathOutsideRoot,
+    SegsvcError, Unavailable, UploadError,
 )
 
 log = logging.getLogger("segsvc.datasets")
@@ -91,16 +92,29 @@ class DatasetsConfig:
         limits: bytes, files, compression ratio and image size of a dataset (``--max-dataset-mb``,
             ``--max-dataset-files``, ``--max-dataset-ratio``, ``--max-dataset-pixels``).
         val_fraction: share of samples put in ``val`` when a dataset has no val split.
+        max_concurrent_uploads: uploads received at the same time (``--max-dataset-uploads``); one more
+            is refused (``Overloaded``) before it writes anything.
+        upload_idle_s: longest wait for the next message of an upload (``--dataset-upload-idle-s``); a
+            stalled client loses its upload, its slot and its files (the server's ``UploadDataset``).
+        max_disk_bytes: most bytes the datasets folder may hold (``--max-datasets-disk-mb``): the files of
+            uploaded datasets plus every byte of the uploads in progress (spooled archive and extracted
+            files), charged before it is written.
     """
 
     state_dir: Path
     data_root: Path | None = None
     limits: ExtractLimits = field(default_factory=ExtractLimits)
     val_fraction: float = VAL_FRACTION
+    max_concurrent_uploads: int = 4
+    upload_idle_s: float = 300.0
+    max_disk_bytes: int = 64 << 30
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise InvalidArgument(f"datasets: val_fraction must be in (0, 1), got {self.val_fraction}")
+        for name in ("max_concurrent_uploads", "upload_idle_s", "max_disk_bytes"):
+            if not getattr(self, name) > 0:
+                raise InvalidArgument(f"datasets: {name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -184,6 +198,9 @@ class DatasetRegistry:
         self.path = state.resolve() / "datasets.sqlite"
         self._lock = threading.RLock()
         self._users: tuple[DatasetUsers, ...] = ()  # who may hold a dataset (``guard_deletes``)
+        self._uploads: dict[int, int] = {}  # uploads in progress (under ``_lock``): id -> bytes charged
+        self._upload_ids = itertools.count()
+        self._stored: int | None = None  # bytes of uploaded datasets, from their rows (None: to be read)
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
@@ -286,6 +303,7 @@ class DatasetRegistry:
                     f"job(s): {shown}; cancel them or wait for them to finish, then delete it")
             with self._db() as c:
                 c.execute("DELETE FROM datasets WHERE sha256 = ?", (dataset.sha256,))
+            self._stored = None
             doomed = self.root / f"{_DELETING}{secrets.token_hex(6)}"
             try:
                 os.rename(self.root / dataset.sha256, doomed)
@@ -380,7 +398,12 @@ class DatasetRegistry:
 
     def open_upload(self, name: str, fmt: str, *, dataset_yaml: str = "", class_names: Sequence[str] = (),
                     sha256: str = "") -> DatasetUpload:
-        """Start receiving an upload (``fmt``: tar, zip or pairs); see ``DatasetUpload``."""
+        """Start receiving an upload (``fmt``: tar, zip or pairs); see ``DatasetUpload``.
+
+        Raises:
+            InvalidArgument: bad metadata (name, format, hash, too long a description, too many classes).
+            Overloaded: ``max_concurrent_uploads`` uploads are in progress, or the disk quota is used up.
+        """
         check_name(name)
         if fmt not in FORMATS:
             raise InvalidArgument(f"upload format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -390,10 +413,60 @@ class DatasetRegistry:
             raise InvalidArgument("dataset_yaml is longer than 1 MiB")
         if dataset_yaml and class_names:  # known from the metadata: refused before the files are sent
             raise InvalidArgument("give the classes either in dataset_yaml or as class_names, not both")
+        if len(class_names) > MAX_CLASSES:
+            raise InvalidArgument(f"the upload names {len(class_names)} class names: more than {MAX_CLASSES}, "
+                                  f"the server's limit")
         ingest = functools.partial(self._ingest, name=name, source="upload", source_path=fmt, absolute_root=False,
                                    expected_sha256=sha256.lower())
-        return DatasetUpload(self._new_work(), name, fmt, self.config.limits, ingest, dataset_yaml=dataset_yaml,
-                             class_names=tuple(class_names))
+        upload_id = self._take_slot()
+        work: Path | None = None
+        try:
+            work = self._new_work()
+            return DatasetUpload(work, name, fmt, self.config.limits, ingest, dataset_yaml=dataset_yaml,
+                                 class_names=tuple(class_names), charge=functools.partial(self._charge, upload_id),
+                                 release=functools.partial(self._release, upload_id))
+        except BaseException:
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+            self._release(upload_id)
+            raise
+
+    # -- what uploads may cost ------------------------------------------------------------
+    def _take_slot(self) -> int:
+        """A slot among the concurrent uploads, if one is free and the disk quota has room for a byte."""
+        with self._lock:
+            if len(self._uploads) >= self.config.max_concurrent_uploads:
+                raise Overloaded(f"{len(self._uploads)} dataset uploads are in progress, the server's limit "
+                                 f"(--max-dataset-uploads); retry when one has finished")
+            self._check_room(1)
+            upload_id = next(self._upload_ids)
+            self._uploads[upload_id] = 0
+            return upload_id
+
+    def _check_room(self, size: int) -> None:
+        """``Overloaded`` unless the datasets folder has room for ``size`` more bytes (under ``_lock``)."""
+        if self._stored is None:
+            with self._db() as c:
+                self._stored = int(c.execute("SELECT COALESCE(SUM(total_bytes), 0) FROM datasets"
+                                             " WHERE source = 'upload'").fetchone()[0])
+        in_flight = sum(self._uploads.values())
+        if self._stored + in_flight + size > self.config.max_disk_bytes:
+            raise Overloaded(
+                f"the datasets folder would hold more than {self.config.max_disk_bytes} bytes, the server's limit "
+                f"(--max-datasets-disk-mb): {self._stored} bytes of datasets and {in_flight} of uploads in "
+                f"progress; delete datasets, or retry when other uploads have finished")
+
+    def _charge(self, upload_id: int, size: int) -> None:
+        """Count ``size`` bytes an upload is about to write (negative: bytes it removed), or refuse them."""
+        with self._lock:
+            if size > 0:
+                self._check_room(size)
+            self._uploads[upload_id] = self._uploads.get(upload_id, 0) + size
+
+    def _release(self, upload_id: int) -> None:
+        """The upload ended: its slot and bytes are free (a committed dataset's bytes are counted by its row)."""
+        with self._lock:
+            self._uploads.pop(upload_id, None)
 
     def _new_work(self) -> Path:
         work = self.root / f"{_WORK}{secrets.token_hex(8)}"
@@ -428,15 +501,23 @@ class DatasetRegistry:
         return self._commit(work, dataset)
 
     def _existing(self, sha256: str, name: str) -> Dataset | None:
-        """The dataset to return for a repeat (same content, same name); ``AlreadyExists`` on a clash."""
+        """The dataset to return for a repeat (same content, same name); ``AlreadyExists`` on a clash.
+
+        Names are unique without regard to case (``Shapes`` clashes with ``shapes``), whatever the
+        filesystem: a name may become a folder or a file name on a case-insensitive one (a training run's
+        outputs, a client's download), and two that differ only in case are a typo waiting to happen.
+        """
         with self._db() as c:
             row = c.execute("SELECT * FROM datasets WHERE sha256 = ?", (sha256,)).fetchone()
-            other = c.execute("SELECT sha256 FROM datasets WHERE name = ?", (name,)).fetchone()
+            other = c.execute("SELECT sha256, name FROM datasets WHERE lower(name) = lower(?)", (name,)).fetchone()
         if row is not None:
             if row["name"] == name:
                 return self._dataset(row)
             raise AlreadyExists(f"the same content is registered as {row['name']!r} ({sha256[:12]}); "
                                 f"use that name, or delete it first")
+        if other is not None and other[1] != name:
+            raise AlreadyExists(f"name {name!r} differs only in case from dataset {other[1]!r} ({other[0][:12]}): "
+                                f"dataset names are compared without case; choose another name")
         if other is not None:
             raise AlreadyExists(f"name {name!r} belongs to dataset {other[0][:12]} with other content; "
                                 f"choose another name, or delete that dataset first")
@@ -452,6 +533,7 @@ class DatasetRegistry:
             if final.exists():  # left by a crash before its row was written
                 shutil.rmtree(final)
             os.rename(work, final)
+            self._stored = None
             try:
                 with self._db() as c:
                     c.execute(
@@ -463,6 +545,10 @@ class DatasetRegistry:
                          json.dumps(dataset.class_shares), int(dataset.split_assigned), dataset.files,
                          dataset.total_bytes, dataset.created_at),
                     )
+            except sqlite3.IntegrityError:  # another process wrote the same row since ``_existing`` looked
+                shutil.rmtree(final, ignore_errors=True)
+                raise AlreadyExists(f"dataset {dataset.name!r} ({dataset.sha256[:12]}) was added by another "
+                                    f"process at the same time; get it, or choose another name") from None
             except BaseException:
                 shutil.rmtree(final, ignore_errors=True)
                 raise

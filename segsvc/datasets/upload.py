@@ -6,6 +6,8 @@ spooled to ``archive``, the files to ``data/``) within the upload limits, and
 ``commit`` gives the dataset folder to the registry's ``ingest`` step, which
 validates it and renames the work folder into place. Any failure, and
 ``abort``, remove the work folder: a failed upload leaves nothing behind.
+Every byte is charged to the registry's disk quota before it is written, and
+the end of the upload, whichever way it ends, gives its slot back (``release``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from segsvc.datasets.archive import ExtractLimits, PairsWriter, Spool, extract_archive
+from segsvc.datasets.archive import Charge, ExtractLimits, PairsWriter, Spool, extract_archive, no_charge
 from segsvc.datasets.content import local_files
 from segsvc.datasets.ingest import add_metadata_yaml, dataset_root
 from segsvc.errors import UploadError
@@ -34,20 +36,26 @@ class DatasetUpload:
     ignored; pairs: chunks of the named file, ``last`` on its final chunk),
     then ``commit`` (extract, validate, register) or ``abort``. Limits are
     checked before each write; ``commit`` and every error remove the work
-    folder, so a failed upload leaves nothing behind.
+    folder, so a failed upload leaves nothing behind. ``charge`` is told of every byte before it is
+    written (the registry's disk quota); ``release`` is called once when the upload ends, however it
+    ends (its slot among the concurrent uploads). If this constructor raises, the caller cleans up.
     """
 
     def __init__(self, work: Path, name: str, fmt: str, limits: ExtractLimits, ingest: Ingest, *,
-                 dataset_yaml: str = "", class_names: tuple[str, ...] = ()) -> None:
+                 dataset_yaml: str = "", class_names: tuple[str, ...] = (), charge: Charge = no_charge,
+                 release: Callable[[], None] = lambda: None) -> None:
         self.name, self.format = name, fmt
         self._work, self._limits, self._ingest = work, limits, ingest
         self._yaml, self._classes = dataset_yaml, class_names
-        self._data = work / "data"
-        self._data.mkdir()
-        self._pairs = PairsWriter(self._data, limits) if fmt == "pairs" else None
-        self._spool = Spool(work / "archive", limits) if fmt != "pairs" else None
+        self._charge, self._release = charge, release
         self._closed = False
         self._lock = threading.Lock()  # abort (e.g. the caller went away) waits for a write or commit in progress
+        self._pairs: PairsWriter | None = None
+        self._spool: Spool | None = None
+        self._data = work / "data"
+        self._data.mkdir()
+        self._pairs = PairsWriter(self._data, limits, charge) if fmt == "pairs" else None
+        self._spool = Spool(work / "archive", limits, charge) if fmt != "pairs" else None
 
     def write(self, data: bytes, name: str = "", last: bool = False) -> None:
         with self._lock:
@@ -79,8 +87,9 @@ class DatasetUpload:
             else:
                 assert self._spool is not None
                 self._spool.close()
-                extract_archive(self._spool.path, self.format, self._data, self._limits)
+                extract_archive(self._spool.path, self.format, self._data, self._limits, self._charge)
                 self._spool.path.unlink()
+                self._charge(-self._spool.size)
             root = dataset_root(self._data)
             add_metadata_yaml(root, self.name, self._yaml, self._classes)
             return self._ingest(self._work, root, local_files(root))
@@ -93,9 +102,13 @@ class DatasetUpload:
             self._abort()
 
     def _abort(self) -> None:
-        self._closed = True
-        if self._pairs is not None:
-            self._pairs.close()
-        if self._spool is not None:
-            self._spool.close()
-        shutil.rmtree(self._work, ignore_errors=True)
+        was_closed, self._closed = self._closed, True
+        try:
+            if self._pairs is not None:
+                self._pairs.close()
+            if self._spool is not None:
+                self._spool.close()
+            shutil.rmtree(self._work, ignore_errors=True)
+        finally:
+            if not was_closed:
+                self._release()

@@ -4,6 +4,9 @@ Each method turns its request into arguments, runs the registry in a thread
 (hashing, extraction and ``check_dataset`` read every file) and turns the
 ``Dataset`` into its message; every failure goes through ``server.errors``,
 which adds the problem list of a ``DatasetInvalid`` to the status details.
+An upload waits at most ``DatasetsConfig.upload_idle_s`` for each message: a
+stalled client loses its upload (``Overloaded``), so it cannot hold one of the
+registry's upload slots, or its temporary files, for ever.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from google.protobuf import timestamp_pb2
 
 from segsvc.datasets.registry import Dataset, DatasetRegistry
 from segsvc.datasets.upload import DatasetUpload
-from segsvc.errors import FailedPrecondition, InvalidArgument, UploadError
+from segsvc.errors import FailedPrecondition, InvalidArgument, Overloaded, UploadError
 from segsvc.server.errors import guarded
 from segsvc.v1 import datasets_pb2 as pb
 from segsvc.v1 import datasets_pb2_grpc as pb_grpc
@@ -71,11 +74,25 @@ class DatasetServicer(pb_grpc.DatasetServiceServicer):
 
         return await self._call("RegisterDataset", context, work)
 
+    async def _messages(self, request_iterator: AsyncIterator[T]) -> AsyncIterator[T]:
+        """The messages of an upload, each within the registry's ``upload_idle_s`` of the one before."""
+        idle_s = self._registry.config.upload_idle_s
+        messages = request_iterator.__aiter__()
+        while True:
+            try:
+                message = await asyncio.wait_for(messages.__anext__(), idle_s)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise Overloaded(f"the upload sent nothing for {idle_s:g} s, the server's limit "
+                                 f"(--dataset-upload-idle-s): it was dropped; send it again") from None
+            yield message
+
     async def UploadDataset(self, request_iterator: AsyncIterator[pb.UploadDatasetRequest], context):
         async def work() -> pb.Dataset:
             upload: DatasetUpload | None = None
             try:
-                async for message in request_iterator:
+                async for message in self._messages(request_iterator):
                     if upload is None:
                         upload = await asyncio.to_thread(self._open, message)
                     elif message.HasField("chunk"):

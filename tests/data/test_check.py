@@ -81,8 +81,8 @@ def test_truncated_image(folder_dataset: Path, capsys: pytest.CaptureFixture[str
     report = check_dataset(folder_dataset)
     assert faults(report) == {Fault.UNREADABLE: ["a.png"]}
     assert report.problems[0].detail.startswith("truncated PNG")
-    code, out = run_check(folder_dataset, capsys)
-    assert code == 1 and "unreadable file (1)" in out and "truncated PNG" in out
+    code, out = run_check(folder_dataset, capsys)  # the server's header check finds it first
+    assert code == 1 and "unreadable file (1)" in out and "a.png: PNG chunk IDAT declares" in out
 
 
 def test_undecodable_mask(folder_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -191,3 +191,59 @@ def test_camvid_builtin_is_clean_by_name(camvid: DatasetSpec, capsys: pytest.Cap
     code, out = run_check("camvid", capsys)
     assert code == 0, out
     assert "samples per split: train 367, val 101" in out and "| 11->255 " in out
+
+
+# -- the server's container and pixel checks, run locally (``datasets.ingest.server_check``) ---------------
+def _pages(frames: list[np.ndarray], fmt: str) -> bytes:
+    """A multi-page TIFF or an animated PNG (APNG) of ``frames``."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    first, *rest = [Image.fromarray(f) for f in frames]
+    first.save(buf, format=fmt, save_all=True, append_images=rest)
+    return buf.getvalue()
+
+
+def _refused_by_the_server(root: Path) -> Path:
+    """A folder dataset OpenCV decodes happily (first frames) that the server refuses from the headers."""
+    folder = make_folder_dataset(root)
+    image = np.zeros((24, 32, 3), np.uint8)
+    (folder / "images" / "a.png").write_bytes(_pages([image, image], "TIFF"))  # a 2-page TIFF, whatever its name
+    mask = np.zeros((24, 32), np.uint8)
+    (folder / "masks" / "b.png").write_bytes(_pages([mask, mask], "PNG"))  # APNG, 2 frames
+    write_png(folder / "images" / "c.png", np.zeros((40, 40, 3), np.uint8))  # 1600 pixels
+    write_png(folder / "masks" / "c.png", np.zeros((40, 40), np.uint8))
+    (folder / "dataset.yaml").write_text("format: folder\nroot: .\nclasses: [a, b, c]\n")
+    return folder
+
+
+def test_the_local_check_runs_the_servers_container_and_pixel_checks(tmp_path: Path) -> None:
+    from segsvc.datasets.ingest import server_check
+    from segsvc.datasets.registry import DatasetRegistry, DatasetsConfig
+    from segsvc.datasets.archive import ExtractLimits
+    from segsvc.errors import DatasetInvalid
+    from tests.datasets.helpers import tar_of
+
+    folder = _refused_by_the_server(tmp_path / "tiny")
+    spec = load_dataset_spec(folder)
+    assert check_dataset(spec).ok  # OpenCV reads the first frame of each: the decoding check alone passes
+    report = server_check(spec, max_pixels=1000)
+    details = {p.path.relative_to(folder).as_posix(): p.detail for p in report.problems}
+    assert sorted(details) == ["images/a.png", "images/c.png", "masks/b.png", "masks/c.png"]
+    assert "more than one page" in details["images/a.png"] and "animated" in details["masks/b.png"]
+    assert details["images/c.png"].startswith("40x40 = 1600 pixels, over the server's limit of 1000")
+    assert "FAILED: 4 problem(s)" in report.format()
+    # One function: the server refuses exactly what the local check found.
+    registry = DatasetRegistry(DatasetsConfig(tmp_path / "state", limits=ExtractLimits(max_pixels=1000)))
+    upload = registry.open_upload("tiny", "tar")
+    upload.write(tar_of(folder))
+    with pytest.raises(DatasetInvalid) as info:
+        upload.commit()
+    assert {(path, detail) for _, path, detail in info.value.problems} == set(details.items())
+
+
+def test_segsvc_data_check_refuses_what_the_server_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run_check(_refused_by_the_server(tmp_path / "tiny"), capsys)
+    assert code == 1 and "more than one page" in out and "animated" in out
