@@ -11,6 +11,7 @@ import pytest
 
 import segsvc.server.app
 import segsvc.server.logs
+from segsvc.server.auth import AuthConfig
 from segsvc.cli import main
 from segsvc.config import ModelSpec
 from segsvc.models import build_model
@@ -63,3 +64,14 @@ def test_a_missing_model_repository_is_named_in_the_no_model_warning(tmp_path, s
     assert len(warnings) == 2, warnings
     assert f"no model loaded from {tmp_path / 'nonexistent'} (the folder does not exist):" in warnings[0]
     assert "does not exist" not in warnings[1]
+
+
+def test_a_server_without_tokens_warns_that_management_is_open(tmp_path, start_server, caplog) -> None:
+    """Without tokens every RPC is open, LoadModel and training included: that is allowed (a laptop, a private
+    network) but never silent."""
+    with caplog.at_level(logging.WARNING):
+        open_server = start_server(tmp_path)
+        start_server(tmp_path, auth=AuthConfig.single("s3cret", ("infer", "manage")))
+    warnings = [r.getMessage() for r in caplog.records if "no tokens configured" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "management included" in warnings[0] and warnings[0].endswith(f":{open_server.server.port}")

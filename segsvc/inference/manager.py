@@ -34,7 +34,16 @@ another version. A version that ``retain`` loads again after its ``unload`` (a
 batch job pinned to it, a request that had resolved it first) serves only those
 that name it: it is never the default, and it goes when released. An unload
 finishes retiring its versions even when its caller is cancelled; ``stop``
-waits for every retirement.
+waits for every retirement, for at most ``drain_timeout_s``: a version still
+busy then (a forward pass that does not end) is abandoned, logged and returned.
+
+A ``load`` (and the loading part of a ``retain``) runs in a task of its own,
+tracked by model, version and kind: a caller cancelled during a slow build (a
+client deadline) stops waiting, not the build, which goes on to install its
+version; a retry, or a second caller meanwhile, joins the load in flight and
+gets its result or its error (one build, never two side by side). A build that
+fails installs nothing; ``stop`` cancels the loads in flight, so none installs
+a version into a stopped manager.
 
 "The latest" is the newest version that *loads*: a corrupt or half-copied
 newest version is recorded as failed (with its reason, reported by
@@ -48,8 +57,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from typing import AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, TypeVar
 
 from segsvc.errors import (
     ArtifactError, FailedPrecondition, InvalidArgument, SegsvcError, UnknownModel, UnknownVersion,
@@ -63,6 +73,9 @@ from segsvc.models.artifact import check_name
 __all__ = ["LoadedModel", "ManagerConfig", "ModelManager", "ModelStatus", "VersionState", "VersionStatus"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+OperationKey = tuple[str, str, "int | None"]  # ("load" or "retain", model, version or None: the newest)
 
 
 class ModelManager:
@@ -106,7 +119,8 @@ class ModelManager:
         self._locks: dict[str, asyncio.Lock] = {}  # per model name, while used or loaded (_model_lock)
         self._lock_users: dict[str, int] = {}
         self._holds: dict[tuple[str, int], int] = {}
-        self._retiring: set[asyncio.Task] = set()
+        self._retiring: dict[asyncio.Task, LoadedModel] = {}  # retirements in progress, and their versions
+        self._operations: dict[OperationKey, asyncio.Task] = {}  # loads in flight, joined by their retries
         # explicit unloads the poller leaves alone until ``load`` of the model: whole models, and versions
         self._unloaded_models: set[str] = set()
         self._unloaded_versions: dict[str, set[int]] = {}
@@ -126,20 +140,37 @@ class ModelManager:
         if self.config.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll_loop(), name="model-poller")
 
-    async def stop(self) -> None:
-        """Stop polling, then retire every version (its queued requests finish first)."""
+    async def stop(self) -> list[str]:
+        """Stop polling and the loads in flight, then retire every version (its queued requests finish first).
+
+        Waits for the retirements (with those of swaps and of unloads whose caller was cancelled) for at most
+        ``drain_timeout_s``. A version still busy then, a forward pass that does not end, is abandoned: logged,
+        and returned as ``"name:version"``; its retirement goes on in its task while the loop runs.
+        """
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
+        operations = list(self._operations.values())  # a build still running is not waited for
+        for task in operations:
+            task.cancel()
+        await asyncio.gather(*operations, return_exceptions=True)
         models, self._models, self._pinned, self._stored = self._models, {}, {}, {}
         for table in models.values():
             for lm in table.values():
                 self._start_retiring(lm)
-        while self._retiring:  # with those of swaps and of unloads whose caller was cancelled
-            await asyncio.gather(*self._retiring, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout_s
+        while self._retiring and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self._retiring), timeout=left)
+        abandoned = sorted(f"{lm.name}:{lm.version}" for lm in self._retiring.values())
+        if abandoned:
+            log.error("model versions still busy after drain_timeout_s=%.1f s (a forward pass that does not end): "
+                      "%s; abandoned, the stop goes on without them", self.config.drain_timeout_s,
+                      ", ".join(abandoned))
         self._changed()
+        return abandoned
 
     @property
     def ready(self) -> bool:
@@ -257,6 +288,10 @@ class ModelManager:
                 (the message then names each version and its reason).
         """
         check_name(name)
+        return await self._joined(("load", name, version), functools.partial(self._load, name, version))
+
+    async def _load(self, name: str, version: int | None) -> LoadedModel:
+        """``load``'s work, in its own task (``_joined``)."""
         async with self._model_lock(name):
             try:
                 if version is None:
@@ -352,9 +387,36 @@ class ModelManager:
         """Retire ``lm`` in a task of its own, tracked until done, so that no cancelled caller leaves it running."""
         task = asyncio.get_running_loop().create_task(
             lm.retire(self.config.drain_timeout_s), name=f"retire-{lm.name}:{lm.version}")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[task] = lm
+        task.add_done_callback(self._retired)
         return task
+
+    def _retired(self, task: asyncio.Task) -> None:
+        lm = self._retiring.pop(task, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("model %s: retiring version %d failed", lm.name if lm else "?", lm.version if lm else 0,
+                      exc_info=exc)
+
+    def _joined(self, key: OperationKey, start: Callable[[], Coroutine[Any, Any, T]]) -> Awaitable[T]:
+        """The operation ``key`` in flight, or a new one made by ``start()``; every caller gets its result or error.
+
+        It runs in a task of its own, tracked until done: a caller cancelled (a client deadline during a slow
+        build) stops waiting, not the operation, so the build it began is neither lost nor run a second time
+        beside itself by a retry, which joins it.
+        """
+        task = self._operations.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                start(), name=f"{key[0]}-{key[1]}:{key[2] if key[2] is not None else 'newest'}")
+            self._operations[key] = task
+            task.add_done_callback(functools.partial(self._operation_done, key))
+        return asyncio.shield(task)
+
+    def _operation_done(self, key: OperationKey, task: asyncio.Task) -> None:
+        if self._operations.get(key) is task:
+            del self._operations[key]
+        if not task.cancelled():
+            task.exception()  # retrieved even when every caller left: the loader logged why a build failed
 
     def _loaded_table(self, name: str, version: int | None, hint: str = "") -> dict[int, LoadedModel]:
         """``name``'s loaded versions, with ``version`` (when given) among them, else the error saying which is
@@ -419,14 +481,23 @@ class ModelManager:
         if version in (self._models.get(name) or {}):
             return
         try:
+            await self._joined(("retain", name, version), functools.partial(self._load_retained, name, version))
+        except BaseException:
+            self.release(name, version)
+            raise
+
+    async def _load_retained(self, name: str, version: int) -> None:
+        """``retain``'s load, in its own task (``_joined``); when every caller left meanwhile, the version is
+        settled as their ``release`` would have settled it."""
+        try:
             async with self._model_lock(name):
                 try:
                     await self._load_version(name, version)  # one loaded meanwhile (by number) stays as it is
                 finally:
                     self._changed()
-        except BaseException:
-            self.release(name, version)
-            raise
+        finally:
+            if not self._holds.get((name, version)):
+                self._settle(name, version)
 
     def release(self, name: str, version: int) -> None:
         """End one ``retain``; an outdated automatic version with no holds left is retired, and so is one that
@@ -437,6 +508,10 @@ class ModelManager:
             self._holds[key] = left
             return
         self._holds.pop(key, None)
+        self._settle(name, version)
+
+    def _settle(self, name: str, version: int) -> None:
+        """``name:version`` has no holds left: retire it if ``unload`` had unloaded it, and outdated automatic ones."""
         table = self._models.get(name) or {}
         lm = table.get(version)
         if lm is not None and lm.auto and self._unloaded(name, version) and version not in self._kept(name):
@@ -526,8 +601,12 @@ class ModelManager:
         arrives. ``retry_unchanged=False`` (the poller) does not build again a version that failed and
         whose files did not change, nor one that was unloaded explicitly.
         """
-        wanted = await asyncio.to_thread(self.repository.default_version, name)
         current = self._stored.get(name)
+        try:
+            wanted = await asyncio.to_thread(self.repository.default_version, name)
+        except SegsvcError as exc:  # refused (a symlink out of the root, an oversized file): the default stays
+            log.error("model %s: %s; keeping %s", name, exc, current or "the newest version")
+            return
         if wanted == current:
             self._missing.pop(name, None)
             return

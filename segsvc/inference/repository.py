@@ -20,7 +20,9 @@ A model may name its default version in ``<root>/<model>/DEFAULT`` (the
 version number and a newline, written by ``set_default`` through a temporary
 file and a rename, so readers never see half a pointer). ``resolve_version``
 without a version, and the server, honour it; without the file the default is
-the newest complete version, as before.
+the newest complete version, as before. The pointer is read like a version's
+files: a symlink out of the root is refused (``PathOutsideRoot``), and at most
+``DEFAULT_MAX_BYTES`` are read (a bigger file is an ``ArtifactError``).
 
 Messages name paths relative to the root (``m/3/weights.safetensors``), never
 the server's absolute paths, because they reach clients.
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _VERSION_NAME = re.compile(r"[1-9][0-9]{0,17}")  # the canonical spelling: "7", never "007" or "+7"
 DEFAULT_FILE = "DEFAULT"  # <model>/DEFAULT: the persistent default version
+DEFAULT_MAX_BYTES = 64  # a version number (at most 18 digits) and whitespace; a bigger DEFAULT is refused
 
 # (entry name, size in bytes, mtime in ns) of every entry of a version directory.
 Fingerprint = tuple[tuple[str, int, int], ...]
@@ -312,22 +315,62 @@ class ModelRepository:
 
     # -- the persistent default ------------------------------------------------------------
     def default_version(self, name: str) -> int | None:
-        """The version ``<model>/DEFAULT`` names, or None (no file, or one that is not a version number).
+        """The version ``<model>/DEFAULT`` names, or None (no file, not a regular file, or one that is not a
+        version number).
 
-        The version it names may be missing or incomplete: callers check it against the scan.
+        The version it names may be missing or incomplete: callers check it against the scan. The pointer is
+        read only inside the root and at most ``DEFAULT_MAX_BYTES`` of it: a version number is a few bytes.
+
+        Raises:
+            PathOutsideRoot: ``DEFAULT`` (or the model directory) is a symlink that leads outside the root.
+            ArtifactError: ``DEFAULT`` is larger than ``DEFAULT_MAX_BYTES``.
         """
         path = self._model_dir(name) / DEFAULT_FILE
+        rel = self.relative(path)
         try:
-            text = path.read_text(encoding="ascii").strip() if path.is_file() else ""
-        except (OSError, UnicodeDecodeError) as exc:
-            log.warning("model repository: cannot read %s: %s", self.relative(path), exc)
+            data = self._read_pointer(path, rel)
+        except FileNotFoundError:  # removed meanwhile, or a dangling symlink: no pointer
+            return None
+        except OSError as exc:
+            log.warning("model repository: cannot read %s: %s", rel, exc.strerror or type(exc).__name__)
+            return None
+        try:
+            text = data.decode("ascii").strip() if data is not None else ""
+        except UnicodeDecodeError:
+            log.warning("model repository: %s is not ASCII text; ignored", rel)
             return None
         if not text:
             return None
         if not _VERSION_NAME.fullmatch(text):
-            log.warning("model repository: %s holds %r, not a version number; ignored", self.relative(path), text[:20])
+            log.warning("model repository: %s holds %r, not a version number; ignored", rel, text[:20])
             return None
         return int(text)
+
+    def _read_pointer(self, path: Path, rel: str) -> bytes | None:
+        """At most ``DEFAULT_MAX_BYTES`` of the pointer file at ``path`` (inside the root); None when there is no
+        regular file there. Opened without following a last symlink (resolved and checked first) and without
+        blocking (a FIFO), so what is checked is what is read."""
+        if not path.is_symlink() and not path.exists():
+            return None
+        if path.is_symlink():
+            if not self._inside(path):
+                log.warning("model repository: %s is a symlink that leads outside the repository root; refused", rel)
+                raise PathOutsideRoot(f"{rel} is a symlink that leads outside the repository root; refused")
+            path = path.resolve()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                log.warning("model repository: %s is not a regular file; ignored", rel)
+                return None
+            data = os.read(fd, DEFAULT_MAX_BYTES + 1)  # one byte more tells a file over the limit
+        finally:
+            os.close(fd)
+        if len(data) > DEFAULT_MAX_BYTES:
+            message = (f"{rel} is larger than {DEFAULT_MAX_BYTES} bytes: a DEFAULT pointer holds one version number; "
+                       "write it again with SetDefaultVersion (or remove it to serve the newest version)")
+            log.warning("model repository: %s", message)
+            raise ArtifactError(message)
+        return data
 
     def set_default(self, name: str, version: int | None) -> None:
         """Make ``version`` (a complete version) the persistent default of ``name``; None removes the pointer.

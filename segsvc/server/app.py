@@ -5,6 +5,10 @@ endpoint, load the models, then report SERVING. Shutdown (SIGTERM/SIGINT):
 health NOT_SERVING at once, refuse new RPCs, give the requests in flight
 ``grace_s`` seconds, drain the batchers, stop. Keep ``grace_s`` below the
 Kubernetes ``terminationGracePeriodSeconds`` (deploy/k8s uses 25 s and 30 s).
+The batchers' drain takes at most the manager's ``drain_timeout_s``: a model
+version still busy then (a forward pass that does not end) is abandoned and
+logged, and ``segsvc serve`` exits without joining its thread (the interpreter
+would wait for it at exit, for ever).
 
 Example:
     >>> server = SegmentationServer(ServerConfig(model_repo="repo", port=0, metrics_port=None))  # doctest: +SKIP
@@ -19,6 +23,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,6 +70,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Out of the drain's grace: how long the transport may still send responses whose handlers have returned.
 SEND_GRACE_S = 1.0
 MODEL_HEALTH_PREFIX = "segsvc.model."  # + model name: that model's health (see the proto's header)
+EXIT_ABANDONED = 3  # ``segsvc serve``'s exit status when its drain abandoned a forward pass still running
 
 
 def cpu_count() -> int:
@@ -148,6 +154,7 @@ class SegmentationServer:
         self._health_tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
         self._stopping = False
+        self.abandoned: list[str] = []  # "model:version" still busy when the drain gave up (``stop``)
         self.port = 0
         self.metrics_port: int | None = None
 
@@ -213,6 +220,10 @@ class SegmentationServer:
         log.info("listening on %s:%d (%s), metrics on %s, torch threads %d, allocator tuned: %s",
                  cfg.host, self.port, "TLS" if cfg.tls else "plaintext",
                  self.metrics_port if self.metrics_port is not None else "off", threads, allocator)
+        if cfg.auth is None:
+            log.warning("no tokens configured (--token-file, $SEGSVC_AUTH_TOKEN, $SEGSVC_ADMIN_TOKEN): every RPC, "
+                        "management included (LoadModel, UnloadModel, datasets, training), is open to anyone who "
+                        "can reach %s:%d", cfg.host, self.port)
         try:
             await self.manager.start()
         except BaseException:
@@ -230,7 +241,11 @@ class SegmentationServer:
                         cfg.model_repo, "" if Path(cfg.model_repo).exists() else " (the folder does not exist)")
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish for ``grace_s``, drain, stop."""
+        """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish for ``grace_s``, drain, stop.
+
+        The drain of the models' batchers takes at most ``drain_timeout_s``; the versions it abandoned (still
+        running a forward pass) are logged and left in ``abandoned``.
+        """
         if self._stopping:
             await self._stopped.wait()
             return
@@ -259,10 +274,10 @@ class SegmentationServer:
             self.jobs.store.close()
         if self.datasets is not None:
             self.datasets.close()
-        await self.manager.stop()
+        self.abandoned = await self.manager.stop()
         self.metrics.stop_http()
         self._io.shutdown(wait=False)
-        log.info("stopped")
+        log.info("stopped" + (f"; abandoned still busy: {', '.join(self.abandoned)}" if self.abandoned else ""))
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -299,6 +314,14 @@ async def serve(config: ServerConfig) -> None:
     await stop.wait()
     log.info("shutdown signal received")
     await server.stop()
+    if server.abandoned:
+        # Their forward passes run on executor threads, which the interpreter joins at exit: it would wait for
+        # them after all. Everything else is closed (jobs, datasets, metrics), so the process ends here.
+        log.error("exiting without waiting for the forward passes of %s", ", ".join(server.abandoned))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_ABANDONED)
 
 
 def run(config: ServerConfig) -> None:

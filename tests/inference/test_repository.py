@@ -345,3 +345,70 @@ def test_retain_and_release_still_pin_a_version(repo):
 def test_broken_root_symlink_loop_does_not_crash(repo):
     os.symlink("loop", repo / "loop")
     assert ModelRepository(repo).list_models() == {"good": [1]}
+
+
+# -- the DEFAULT pointer file ------------------------------------------------------------
+def test_an_oversized_default_pointer_is_a_logged_artifact_error_read_no_further_than_the_limit(repo, caplog,
+                                                                                                monkeypatch):
+    """DEFAULT was read whole (read_text): a pointer file of gigabytes, by accident or on purpose, took the server's
+    memory, at every poll. A version number is a few bytes: a bigger file is refused, naming the file and the fix."""
+    pointer = repo / "good" / "DEFAULT"
+    pointer.write_text("1" + " " * (1 << 20) + "\n")  # would even parse as version 1 once stripped
+    read_sizes: list[int] = []
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: read_sizes.append(n) or real_read(fd, n))
+    repository = ModelRepository(repo)
+    with caplog.at_level(logging.WARNING, logger="segsvc.inference.repository"):
+        with pytest.raises(ArtifactError, match=r"^good/DEFAULT is larger than 64 bytes: a DEFAULT pointer holds one "
+                                                r"version number; write it again with SetDefaultVersion"):
+            repository.default_version("good")
+    assert all(n <= 65 for n in read_sizes)  # never more than the limit (and one byte to see it is over)
+    assert any("good/DEFAULT is larger than 64 bytes" in r.getMessage() for r in caplog.records)
+    assert no_abs_path(caplog.text, repo)
+    pointer.write_text("1\n")
+    assert repository.default_version("good") == 1
+
+
+def test_a_default_pointer_symlinked_out_of_the_root_is_refused(repo, tmp_path):
+    """DEFAULT followed a symlink anywhere: a file outside the repository (another model store, /proc, a FIFO) was
+    read and, if it held a number, served as the default."""
+    outside = tmp_path / "outside"
+    outside.write_text("1\n")
+    pointer = repo / "good" / "DEFAULT"
+    pointer.symlink_to(outside)
+    repository = ModelRepository(repo)
+    with pytest.raises(PathOutsideRoot, match="^good/DEFAULT is a symlink that leads outside the repository root; "
+                                              "refused$"):
+        repository.default_version("good")
+    with pytest.raises(PathOutsideRoot):
+        repository.resolve_version("good", None)
+    pointer.unlink()  # a symlink that stays inside the root is followed, as for versions
+    (repo / "good" / "pointer.txt").write_text("1\n")
+    pointer.symlink_to(repo / "good" / "pointer.txt")
+    assert repository.default_version("good") == 1 and repository.resolve_version("good", None) == 1
+
+
+def test_a_default_pointer_that_is_a_fifo_or_a_directory_is_ignored_without_blocking(repo):
+    """Reading a FIFO blocks until a writer comes: the pointer is opened without blocking and must be a file."""
+    pointer = repo / "good" / "DEFAULT"
+    os.mkfifo(pointer)
+    assert ModelRepository(repo).default_version("good") is None
+    pointer.unlink()
+    pointer.mkdir()
+    assert ModelRepository(repo).default_version("good") is None
+
+
+def test_the_manager_serves_the_newest_version_beside_a_refused_default_pointer(repo, tmp_path, caplog):
+    """A DEFAULT the repository refuses fails neither LoadModel nor the poller: it is logged, the newest is served."""
+    publish(repo, "good", seed=12)
+    (tmp_path / "outside").write_text("1\n")
+    (repo / "good" / "DEFAULT").symlink_to(tmp_path / "outside")
+
+    async def body(manager: ModelManager):
+        await manager.load("good")
+        await manager.poll_once()
+        return manager.default_version("good"), sorted(manager._models["good"])
+
+    with caplog.at_level(logging.ERROR, logger="segsvc.inference.manager"):
+        assert run_with(repo, body) == (2, [2])
+    assert any("good/DEFAULT is a symlink that leads outside" in r.getMessage() for r in caplog.records)

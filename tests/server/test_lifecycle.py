@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import subprocess
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -17,7 +19,9 @@ from segsvc.client import SegmentationClient
 from segsvc.server.app import SEND_GRACE_S
 from segsvc.server.auth import AuthConfig
 from segsvc.server.config import TLSConfig
-from tests.server.conftest import assert_labels_match, make_image, metric, metrics_text, publish, reference, wait_for
+from tests.server.conftest import (
+    RunningServer, assert_labels_match, make_image, metric, metrics_text, publish, reference, server_config, wait_for,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -66,6 +70,37 @@ def test_sigterm_drain_flips_health_and_finishes_requests_in_flight(start_server
         t.join(60)
         stopping.result(60)
     assert outcome["result"].mask.shape == (24, 24)  # the request in flight finished
+
+
+def test_the_drain_gives_up_on_a_stuck_forward_pass_after_drain_timeout(tmp_path, gated, caplog):
+    """SIGTERM with a forward pass that never ends: the server's stop waited for it for ever (``drain_timeout_s``
+    bounded only the wait for requests to release their version, not the batch itself)."""
+    publish(tmp_path, "m", seed=2)
+    config = server_config(tmp_path)
+    server = RunningServer(replace(config, manager=replace(config.manager, drain_timeout_s=0.5)))
+    errors_seen: list[BaseException] = []
+
+    def in_flight() -> None:
+        with server.client() as c:
+            try:
+                c.segment(make_image(24, 24), model="m", timeout_s=120)
+            except errors.SegsvcError as exc:  # the stop cancels it
+                errors_seen.append(exc)
+
+    t = threading.Thread(target=in_flight)
+    try:
+        t.start()
+        wait_for(lambda: len(gated.ran) == 1)  # its forward pass runs, and will not end
+        with caplog.at_level(logging.ERROR, logger="segsvc.inference.manager"):
+            server.call(server.server.stop(0.0), timeout=120)  # only a hang reaches the timeout
+        assert server.server.abandoned == ["m:1"]
+        assert any("still busy after drain_timeout_s=0.5 s" in r.getMessage() and "m:1" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        gated.gate.set()
+        t.join(60)
+        server.close()
+    assert len(errors_seen) == 1 and not t.is_alive()
 
 
 def test_bearer_token_auth(start_server, tmp_path):
