@@ -9,9 +9,15 @@ lane, writes each item's files (temporary name, then rename) and only then
 marks the item DONE. A crash at any point therefore leaves every input either
 DONE with its files in place, or PENDING, to be redone on restart into the
 same file names: nothing lost, nothing written twice. Leftover temporaries
-are removed when a job (re)starts. Undecodable or oversized inputs, and inputs
-no output can be named after (``outputs.input_name_problem``), are FAILED with
-their reason; the job still completes.
+are removed when a job (re)starts. Undecodable or oversized inputs, inputs
+no output can be named after (``outputs.input_name_problem``) and inputs whose
+output names clash with another's (``outputs.item_write_problem``) are FAILED
+with their reason; the job still completes. A disk that refuses every write
+(full, read-only) fails the job with that reason. An item FAILED or SKIPPED
+keeps no files (a killed run may have renamed some into place), and a cancel
+or a stop waits for the writes in flight, so every file has its DONE item.
+The server holds ``<state_dir>/jobs.lock`` while it runs jobs: a second server
+on the same state folder is refused at start.
 
 An upload (``UploadImages``) lives as long as a job references it: deleting the
 last such job deletes it, and one that no job references is swept once older
@@ -30,12 +36,15 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fcntl
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable
 
 from segsvc.errors import (
     AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Overloaded, SegsvcError, Unavailable,
@@ -44,7 +53,9 @@ from segsvc.inference.batcher import Priority
 from segsvc.inference.engine import InferenceOptions
 from segsvc.inference.service import ImageFile, InferenceService, Segmentation
 from segsvc.jobs.inputs import confine, resolve_inputs
-from segsvc.jobs.outputs import JobOutputs, check_rel, checked_inputs, clean_temporaries, is_temporary
+from segsvc.jobs.outputs import (
+    JobOutputs, check_rel, checked_inputs, clean_temporaries, is_temporary, item_write_problem,
+)
 from segsvc.jobs.runner import StoreRunner
 from segsvc.jobs.staging import StagingArea, UploadLimits
 from segsvc.jobs.store import Item, Job, JobStore
@@ -53,7 +64,9 @@ log = logging.getLogger("segsvc.jobs")
 
 KIND = "segmentation"
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # back-off while the model's queue is full
+PAUSE_S = 5.0  # how long a job that met Unavailable waits before it runs again (the scheduler would re-run it at once)
 SWEEP_EVERY_S = 3600.0  # how often unreferenced uploads are looked for (more often when upload_ttl_s is shorter)
+LOCK_FILE = "jobs.lock"  # held (flock) by the server running the state folder's jobs; never deleted
 UPLOAD_REF = "$.request.upload_id"  # where a job's spec names its upload (a JSON path for the store)
 
 
@@ -169,14 +182,26 @@ class JobRunner(StoreRunner):
         self.staging = StagingArea(Path(config.state_dir) / "uploads", config.upload)
         self._runs: dict[str, _Run] = {}  # type: ignore[assignment]
         self._sweeper: asyncio.Task | None = None
+        self._state_lock: int | None = None  # the fd holding LOCK_FILE while started
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        """Clean half-finished uploads, sweep stale ones and start the scheduler (which resumes unfinished jobs)."""
-        await asyncio.to_thread(self.staging.clean_partial)
-        await asyncio.to_thread(self.sweep_uploads)
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_periodically(), name="upload-sweeper")
-        await super().start()
+        """Lock the state folder, clean half-finished uploads, sweep stale ones and start the scheduler
+        (which resumes unfinished jobs).
+
+        Raises ``FailedPrecondition`` when another server holds the state folder: both would resume the
+        same jobs, delete each other's temporaries and half-received uploads, and write the same files.
+        """
+        self._lock_state()
+        try:
+            await asyncio.to_thread(self.staging.clean_partial)
+            await asyncio.to_thread(self.sweep_uploads)
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_periodically(),
+                                                                   name="upload-sweeper")
+            await super().start()
+        except BaseException:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         if self._sweeper is not None:
@@ -184,6 +209,26 @@ class JobRunner(StoreRunner):
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
         await super().stop()
+        if self._state_lock is not None:  # the jobs have stopped writing: another server may take over
+            os.close(self._state_lock)
+            self._state_lock = None
+
+    def _lock_state(self) -> None:
+        """Hold ``flock`` on ``<state_dir>/LOCK_FILE`` until ``stop`` (a killed server's lock goes with it)."""
+        if self._state_lock is not None:
+            return
+        state = Path(self.config.state_dir)
+        fd = os.open(state / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FailedPrecondition(f"another segsvc server already runs the jobs of state folder {state}: "
+                                     "stop it first, or give this server its own --state-dir") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._state_lock = fd
 
     async def _deleted(self, job: Job) -> None:
         """A deleted job's upload goes too, unless another job uses it."""
@@ -293,8 +338,11 @@ class JobRunner(StoreRunner):
         except asyncio.CancelledError:  # server stopping: the job resumes at the next start
             log.info("job %s interrupted; it resumes when the server starts again", job.id)
             raise
-        except Unavailable as exc:
-            log.warning("job %s paused: %s", job.id, exc)
+        except Unavailable as exc:  # the model is not taking requests: run the job again after a pause
+            log.warning("job %s paused for %g s: %s", job.id, PAUSE_S, exc)
+            run = self._runs.get(job.id)
+            with contextlib.suppress(TimeoutError):  # a cancel ends the pause: the next run finalizes the job
+                await asyncio.wait_for(run.cancel.wait() if run is not None else asyncio.Event().wait(), PAUSE_S)
         except Exception as exc:
             message = str(exc) if isinstance(exc, SegsvcError) else "internal error; see the server log"
             log.error("job %s failed: %s", job.id, message, exc_info=not isinstance(exc, SegsvcError))
@@ -344,15 +392,35 @@ class JobRunner(StoreRunner):
         try:
             source = ImageFile(*_confined(root, item.input), item.input, self.config.max_file_bytes)
             seg = await self._segment(run, source)
-            record = await self._service.run_io(self._write, run, outputs, item.input, seg, t0)
         except Unavailable:
             raise
         except (InvalidArgument, Cancelled) as exc:  # this input cannot be segmented: record why
-            await asyncio.to_thread(self.store.finish_item, run.job.id, item.index, "FAILED", reason=str(exc))
+            await self._fail_item(run, outputs, item, str(exc))
         else:
-            await asyncio.to_thread(self.store.finish_item, run.job.id, item.index, "DONE", result=record)
+            await _uninterrupted(self._write_and_record(run, outputs, item, seg, t0))
         run.processed += 1
         await self._publish(run)
+
+    async def _write_and_record(self, run: _Run, outputs: JobOutputs, item: Item, seg: Segmentation,
+                                t0: float) -> None:
+        """Write the item's files, then record it DONE (or FAILED, with no files, if its outputs are refused)."""
+        try:
+            record = await self._service.run_io(self._write, run, outputs, item.input, seg, t0)
+        except (InvalidArgument, OSError) as exc:
+            problem = item_write_problem(exc, outputs.root)
+            if problem is None:  # the disk (full, read-only, gone): every image would fail alike
+                assert isinstance(exc, OSError)
+                raise _unwritable(exc) from exc
+            await self._fail_item(run, outputs, item, problem)  # a clash with another input's output name
+        else:
+            await asyncio.to_thread(self.store.finish_item, run.job.id, item.index, "DONE", result=record)
+
+    async def _fail_item(self, run: _Run, outputs: JobOutputs, item: Item, reason: str,
+                         state: str = "FAILED") -> None:
+        """Record the item FAILED (or SKIPPED) after deleting any files of it: a run killed between renaming
+        them into place and recording it DONE left them, and no file may outlive its item's record."""
+        await self._service.run_io(outputs.remove_item, item.input)
+        await asyncio.to_thread(self.store.finish_item, run.job.id, item.index, state, reason=reason)
 
     async def _segment(self, run: _Run, source: ImageFile) -> Segmentation:
         options = dataclasses.replace(run.request.options, class_counts=True)
@@ -403,21 +471,24 @@ class JobRunner(StoreRunner):
         cancelled = run.cancel.is_set()
         if cancelled:
             for item in await asyncio.to_thread(self.store.pending_items, job_id):
-                await asyncio.to_thread(self.store.finish_item, job_id, item.index, "SKIPPED", reason="cancelled")
+                await self._fail_item(run, outputs, item, "cancelled", state="SKIPPED")
         await self._publish(run, force=True)
         job = await asyncio.to_thread(self.store.get, job_id)
         items = await asyncio.to_thread(self.store.items, job_id)
         manifest = self._service.manager.resolve(run.model, run.version).manifest
         elapsed = float(job.progress.get("elapsed_s") or 0.0)
-        summary = await self._service.run_io(
-            lambda: outputs.finalize(
-                [i.result for i in items if i.state == "DONE"],
-                [{"input": i.input, "reason": i.reason} for i in items if i.state == "FAILED"],
-                class_names=manifest.class_names, palette=manifest.palette,
-                summary_fields={"job_id": job_id, "model": run.model, "version": run.version,
-                                "total": job.total, "skipped": job.skipped, "elapsed_s": elapsed},
+        try:
+            summary = await self._service.run_io(
+                lambda: outputs.finalize(
+                    [i.result for i in items if i.state == "DONE"],
+                    [{"input": i.input, "reason": i.reason} for i in items if i.state == "FAILED"],
+                    class_names=manifest.class_names, palette=manifest.palette,
+                    summary_fields={"job_id": job_id, "model": run.model, "version": run.version,
+                                    "total": job.total, "skipped": job.skipped, "elapsed_s": elapsed},
+                )
             )
-        )
+        except OSError as exc:
+            raise _unwritable(exc) from exc
         result = {"output_location": job_id, "total": job.total, "done": job.done, "failed": job.failed,
                   "skipped": job.skipped, "class_pixel_totals": summary["class_pixels"],
                   "failures": summary["failures"], "results_file": "results.jsonl",
@@ -427,6 +498,31 @@ class JobRunner(StoreRunner):
         await asyncio.to_thread(self.store.finish, job_id, state, result=result)
         log.info("job %s %s: %d done, %d failed, %d skipped", job_id, state.lower(), job.done, job.failed, job.skipped)
         self._notify(job_id)
+
+
+def _unwritable(exc: OSError) -> FailedPrecondition:
+    """The job's failure when its output folder refuses writes: the reason, not the server's paths."""
+    return FailedPrecondition(f"cannot write the job's outputs: {exc.strerror or type(exc).__name__}; "
+                              "free space under (or fix) the output root, then submit the job again")
+
+
+async def _uninterrupted(work: Awaitable[None]) -> None:
+    """Await ``work`` to its end even when the caller is cancelled meanwhile, then pass the cancel on.
+
+    An image's write runs on an I/O thread that a cancel cannot stop: a cancelled job (or a
+    stopping server) that did not wait for it would find the item PENDING, skip it, and then
+    get its files anyway. So the write and its record always finish together (a few ms).
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            with contextlib.suppress(asyncio.CancelledError):  # a second cancel (server stop after a cancel)
+                await asyncio.wait({task})
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("an image's write failed while its job was stopping: %s", task.exception())
+        raise
 
 
 def _confined(root: Path, rel: str) -> tuple[Path, str]:

@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import glob
 import json
@@ -54,7 +53,9 @@ from segsvc.inference.engine import Engine, EngineConfig, InferenceOptions, Outp
 from segsvc.inference.predictor import Predictor
 from segsvc.inference.repository import ModelRepository, parse_model_ref
 from segsvc.jobs.inputs import GLOB_CHARS, InputFile, resolve_inputs
-from segsvc.jobs.outputs import JobOutputs, checked_inputs, clean_temporaries, input_name_problem
+from segsvc.jobs.outputs import (
+    JobOutputs, checked_inputs, clean_temporaries, input_name_problem, item_write_problem,
+)
 from segsvc.jobs.store import Item, Job, JobStore
 
 log = logging.getLogger(__name__)
@@ -170,36 +171,8 @@ def _resolve_alone(root: Path, spec: str, base: str, pattern: tuple[str, ...], m
             for f in resolve_inputs(start, [rel_spec], max_files=max_files)]
 
 
-# A write failing with these is about the one item's output path (a folder where its file goes, a file
-# where its folder goes: EEXIST from mkdir, ENOTDIR; a name too long), not the disk: that input fails and
-# the run goes on. Any other OSError (ENOSPC, EROFS, EDQUOT, EACCES, EIO) would fail every item alike, so
-# it stops the run; --resume redoes it.
-ITEM_WRITE_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG})
-
-
 def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
-
-
-def item_write_problem(exc: BaseException, out: Path) -> str | None:
-    """Why one item's outputs could not be written, when ``exc`` is about that item alone; else None."""
-    if isinstance(exc, InvalidArgument):
-        return _reason(exc)
-    if isinstance(exc, OSError) and exc.errno in ITEM_WRITE_ERRNOS:
-        where = exc.filename2 or exc.filename  # os.replace names the destination second
-        if where is None:  # no path to tell whose it is: only the item's own output could be meant
-            return f"cannot write its outputs: {exc}"
-        # Named from the output folder: the reason is read next to it.
-        where = Path(os.path.relpath(os.path.abspath(os.fsdecode(where)), os.path.abspath(out))).as_posix()
-        parts = Path(where).parts
-        if len(parts) < 2 or where.startswith("../") or not (out / parts[0]).is_dir():
-            # out itself or a kind folder (labels/, color/...) is every input's, also when the error names a
-            # path below a kind folder that is not a folder (labels/sub for sub/x.png): failing each input for
-            # it would keep them FAILED after the folder is fixed. Stop the run; --resume redoes it.
-            return None
-        clash = "" if exc.errno == errno.ENAMETOOLONG else " (another input's output file or folder has that name)"
-        return f"cannot write its output {where}: {exc.strerror}{clash}"
-    return None
 
 
 class ItemWorker:
@@ -254,7 +227,7 @@ class ItemWorker:
         return index, record, None
 
     def write_or_fail(self, index: int, rel: str, image: np.ndarray | None, output: Output, ms: float) -> Outcome:
-        """``write``, with an error about this item's output path made its failure (see ``ITEM_WRITE_ERRNOS``)."""
+        """``write``, with an error about this item's output path made its failure (``outputs.ITEM_WRITE_ERRNOS``)."""
         try:
             return self.write(index, rel, image, output, ms)
         except (SegsvcError, OSError) as exc:
@@ -736,9 +709,13 @@ def _execute(store: JobStore, job: Job, root: Path, out: Path, *, engine: str, m
     bar = tqdm(total=job.total, initial=job.done + job.failed + job.skipped, unit="img", desc="segmenting",
                disable=not progress, smoothing=0.1)
 
+    outputs = JobOutputs(out)
+
     def on_outcome(outcome: Outcome) -> None:
         nonlocal last
         index, record, reason = outcome
+        if record is None:  # a killed run may have renamed this input's files into place before recording it
+            outputs.remove_item(store.item(job.id, index).input)  # looked up: failures are few, inputs many
         store.finish_item(job.id, index, "DONE" if record is not None else "FAILED", result=record, reason=reason)
         bar.update(1)
         if time.monotonic() - last >= PROGRESS_EVERY_S:

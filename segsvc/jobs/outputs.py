@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -171,6 +172,35 @@ def clean_temporaries(root: str | os.PathLike[str]) -> int:
     return removed
 
 
+# A write failing with these is about the one item's output path (a folder where its file goes, a file
+# where its folder goes: EEXIST from mkdir, ENOTDIR; a name too long), not the disk: that input fails and
+# the run goes on. Any other OSError (ENOSPC, EROFS, EDQUOT, EACCES, EIO) would fail every item alike, so
+# it stops the run; --resume redoes it (the server fails the job with the
+# reason).
+ITEM_WRITE_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG})
+
+
+def item_write_problem(exc: BaseException, out: Path) -> str | None:
+    """Why one item's outputs could not be written, when ``exc`` is about that item alone; else None."""
+    if isinstance(exc, InvalidArgument):
+        return str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno in ITEM_WRITE_ERRNOS:
+        where = exc.filename2 or exc.filename  # os.replace names the destination second
+        if where is None:  # no path to tell whose it is: only the item's own output could be meant
+            return f"cannot write its outputs: {exc}"
+        # Named from the output folder: the reason is read next to it.
+        where = Path(os.path.relpath(os.path.abspath(os.fsdecode(where)), os.path.abspath(out))).as_posix()
+        parts = Path(where).parts
+        if len(parts) < 2 or where.startswith("../") or not (out / parts[0]).is_dir():
+            # out itself or a kind folder (labels/, color/...) is every input's, also when the error names a
+            # path below a kind folder that is not a folder (labels/sub for sub/x.png): failing each input for
+            # it would keep them FAILED after the folder is fixed. Stop the run; --resume redoes it.
+            return None
+        clash = "" if exc.errno == errno.ENAMETOOLONG else " (another input's output file or folder has that name)"
+        return f"cannot write its output {where}: {exc.strerror}{clash}"
+    return None
+
+
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Pixels per class id (length ``max(num_classes, max label + 1)``)."""
     return np.bincount(labels.ravel(), minlength=num_classes).astype(np.int64)
@@ -236,6 +266,28 @@ class JobOutputs:
             files[kind] = output_relpath(rel, kind)
             atomic_write(self.root / files[kind], encode_png(array))
         return {k: files[k] for k in KINDS if k in files}
+
+    def remove_item(self, rel: str) -> int:
+        """Delete the files of input ``rel`` (every kind); returns how many there were.
+
+        Called before an input is recorded FAILED or SKIPPED: a run killed after renaming its
+        files into place, or a write that failed after its extras, leaves files that would
+        otherwise outlive the item's record. Only files go: a folder at one of these names
+        holds another input's outputs (``a.png.png/`` for ``a.png.png/b.png``).
+        """
+        if input_name_problem(rel) is not None:  # no output was ever named after it
+            return 0
+        removed = 0
+        for kind in KINDS:
+            try:
+                os.unlink(self.path(rel, kind))
+                removed += 1
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                pass
+            except PermissionError:  # what macOS raises for unlink on a folder
+                if not self.path(rel, kind).is_dir():
+                    raise
+        return removed
 
     @staticmethod
     def item_record(

@@ -409,6 +409,11 @@ class JobStore:
             raise InvalidArgument(f"limit must be a positive integer or None, got {limit!r}")
         return self._items(job_id, "PENDING", limit)
 
+    def item(self, job_id: str, index: int) -> Item:
+        """One item of a job (``NotFound`` when the job has no such item)."""
+        with self._read() as c:
+            return _to_item(self._item_row(c, job_id, index))
+
     def items(self, job_id: str, state: str | None = None) -> builtins.list[Item]:
         if state is not None:
             _check_state(state, ITEM_STATES, "item state")

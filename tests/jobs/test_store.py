@@ -454,3 +454,14 @@ def test_a_failing_precondition_refuses_the_submission(store: JobStore) -> None:
     assert store.list() == []
     job, created = store.submit("segmentation", SPEC, ["a.png"], precondition=lambda: None)
     assert created and store.get(job.id).total == 1
+
+
+def test_item_reads_one_item_and_names_a_missing_one(store: JobStore) -> None:
+    job, _ = store.submit("segmentation", {}, ["a.png", "b.png"])
+    assert store.finish_item(job.id, 1, "FAILED", reason="undecodable")
+    item = store.item(job.id, 1)
+    assert (item.index, item.input, item.state, item.reason) == (1, "b.png", "FAILED", "undecodable")
+    with pytest.raises(NotFound, match="no item 2"):
+        store.item(job.id, 2)
+    with pytest.raises(JobNotFound):
+        store.item("nope", 0)
