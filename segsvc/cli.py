@@ -545,6 +545,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-running-jobs", type=int, default=1, help="jobs run at once; others wait in order (default 1)")
     g.add_argument("--max-training-jobs", type=int, default=1,
                    help="training jobs run at once, each in its own process group (default 1; 0: training off)")
+    g.add_argument("--max-train-min", type=float, default=None,
+                   help="the longest a training job's trainer runs, in minutes; a request asking for longer is "
+                        "refused, and a budget in epochs stops there (default one week, 10080)")
     g.add_argument("--max-job-images", type=int, default=100_000, help="most images in one job (default 100000)")
     g.add_argument("--max-job-paths", type=int, default=1_000,
                    help="most input paths (folders, globs, files) one job request names (default 1000)")

@@ -95,4 +95,6 @@ def training_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     if args.state_dir is None or args.max_training_jobs == 0:
         return None
-    return TrainingConfig(state_dir=Path(args.state_dir), max_training_jobs=args.max_training_jobs)
+    minutes = getattr(args, "max_train_min", None)  # --max-train-min: segsvc serve's flag
+    limit = {} if minutes is None else {"max_time_min": minutes}
+    return TrainingConfig(state_dir=Path(args.state_dir), max_training_jobs=args.max_training_jobs, **limit)

@@ -90,7 +90,8 @@ class EventLog:
         if self._file is None:
             return
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        self._file.write(json.dumps(_finite(record), allow_nan=False) + "\n")
+        # ensure_ascii=False: paths verbatim (a job's served copy is scrubbed of the server's paths as written)
+        self._file.write(json.dumps(_finite(record), allow_nan=False, ensure_ascii=False) + "\n")
         self._file.flush()
 
     def step_due(self) -> bool:

@@ -61,7 +61,9 @@ def prepare_run(cfg: TrainConfig, resume: str | None, env: DistEnv) -> tuple[Pat
                     "to continue it, or choose another output.run_name"
                 )
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+            # Paths verbatim, each on one line (no escapes, no folding): a job's served copy is scrubbed of them
+            write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True,
+                                                               width=float("inf")).encode("utf-8"))
     return run_dir, state
 
 
@@ -111,10 +113,12 @@ def warn_config_changes(old: dict[str, Any], new: dict[str, Any], env: DistEnv, 
 
 
 def write_metrics_file(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """(Re)write ``metrics.jsonl`` from the history, so a resumed run has no duplicated epochs."""
-    with open(run_dir / "metrics.jsonl", "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
+    """(Re)write ``metrics.jsonl`` from the history, so a resumed run has no duplicated epochs.
+
+    The file is replaced whole (``write_atomic``): a trainer killed meanwhile, or a reader streaming it, never
+    sees it truncated.
+    """
+    write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history).encode())
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:

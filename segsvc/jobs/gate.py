@@ -83,7 +83,9 @@ def decide(policy: str, rows: list[Comparison], margin: float, has_default: bool
     """Whether the candidate becomes the default, and why (one line for people).
 
     Under ``gate`` it must beat the default's mIoU by more than ``margin`` on every
-    evaluated split; a model without a (comparable) default takes the candidate.
+    evaluated split; a model without a default (``has_default`` False) takes the candidate.
+    A default the candidate could not be compared with (other classes: not evaluated) is
+    not replaced: only ``always`` does that.
     """
     if policy == "never":
         return False, "not promoted: promote policy is never"
@@ -93,7 +95,8 @@ def decide(policy: str, rows: list[Comparison], margin: float, has_default: bool
         return True, "promoted: the model had no comparable default version"
     gate = [r for r in rows if r.metric == GATE_METRIC and r.default is not None]
     if not gate:
-        return True, "promoted: the default version could not be evaluated on the same data"
+        return False, ("not promoted: the candidate could not be compared with the default version (other classes, "
+                       "or no mIoU on the same data); promote ALWAYS replaces it")
     losing = [r for r in gate if not r.delta > margin]
     detail = ", ".join(f"{r.split} ({r.delta:+.4f})" for r in gate)
     if losing:

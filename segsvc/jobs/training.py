@@ -8,8 +8,9 @@ Its live metadata (epoch, step, loss, learning rate, validation mIoU, ETA)
 comes from the trainer's ``events.jsonl``, not from its output, which goes to
 ``train.log``. Then ``segsvc eval`` (the same code as the command) measures
 the candidate and the current default on the dataset's val split and, when one
-is registered as ``golden-<model>``, on that golden set; ``segsvc.jobs.gate``
-decides and publishes the candidate as a new version with its lineage; a
+is registered as ``golden-<model>``, on that golden set (a default with other
+classes is not evaluated, and under the ``gate`` policy not replaced);
+``segsvc.jobs.gate`` decides and publishes the candidate as a new version with its lineage; a
 promoted version becomes the repository's persistent default and the server
 swaps to it (``ModelManager.refresh_default``).
 
@@ -465,8 +466,9 @@ class TrainingRunner(StoreRunner):
         name = spec["model_name"]
         compared = int(run.progress.get("default_version") or 0)
         rows = gate.compare(results["candidate"], results["default"] or None)
+        # A default with other classes was not evaluated: there is a default, but nothing to compare it with.
         promoted, verdict = gate.decide(request["promote"], rows, float(request["gate_margin"]),
-                                        has_default=bool(results["default"]))
+                                        has_default=bool(compared))
         lock = self._publish_locks.setdefault(name, asyncio.Lock())
         if lock.locked():
             log.info("training job %s: waiting for another job to finish publishing %s", run.job.id, name)
@@ -493,13 +495,12 @@ class TrainingRunner(StoreRunner):
         Called with the model's publish lock held, so no other job of this server reads or writes the
         model's DEFAULT in between. A ``gate`` decision measured against version ``compared`` stands
         only while that is still the default (the repository's, or the one the server serves);
-        otherwise the candidate is not promoted. Each step survives a crash before the next: a job not
-        promoted pins the current default before its version appears (without a pointer the newest
-        version is served), a version already published is found again by its lineage, and a promotion
-        is the last write.
+        otherwise the candidate is not promoted. A cancel is honoured only until the version is published:
+        one published before a crash is finished as decided (versions are never deleted). Each step
+        survives a crash before the next: a job not promoted pins the current default before its
+        version appears (without a pointer the newest version is served), a version already published
+        is found again by its lineage, and a promotion is the last write.
         """
-        if run.cancel.is_set():
-            raise _Stop("CANCELLED", "cancelled before publishing")
         spec, request = run.job.spec, run.job.spec["request"]
         name, repo = spec["model_name"], self.manager.repository
 
@@ -508,6 +509,10 @@ class TrainingRunner(StoreRunner):
             return version, gate.current_default(repo, name, own=version), repo.default_version(name)
 
         version, now, pointer = await asyncio.to_thread(look)
+        # A cancel stops the job only while nothing is published. A version this job published before a crash
+        # is in the repository (and may be served): the job finishes with it rather than deny it.
+        if run.cancel.is_set() and version is None:
+            raise _Stop("CANCELLED", "cancelled before publishing")
         if (promoted and request["promote"] == "gate" and now not in (compared, version)
                 and not (compared and self.manager.default_version(name) == compared)):
             promoted, verdict = False, gate.moved_verdict(compared, now)

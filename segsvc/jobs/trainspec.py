@@ -18,6 +18,13 @@ override or an inline recipe cannot set them either. The service alone sets
 server's own recipes (``recipes_dir``) and in a base model's recorded
 configuration are the operator's and the service's, not the client's.
 
+What a request may cost is bounded the same way, when it is submitted: its own
+part of the recipe may not ask for more threads, data-loader workers, batch,
+repeat, crop, tile or scale than ``REQUEST_LIMITS`` allow, nor more than
+``MAX_EPOCHS`` epochs or ``MAX_TIME_MIN`` minutes (``check_request_limits``);
+and every trainer runs under the server's time limit (``TrainingConfig.max_time_min``),
+an ``epochs`` budget too.
+
 Example:
     >>> TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=2).budget_overrides()
     ['train.epochs=2', 'train.max_time_min=null']
@@ -53,8 +60,22 @@ _PATH_PARAM_SUFFIX = "_path"
 MAX_RECIPE_BYTES = 64 << 10
 MAX_OVERRIDES = 100
 MAX_EPOCHS = 100_000  # also the cap a time budget sets, so that the time is the limit
+MAX_TIME_MIN = 7 * 24 * 60.0  # a week: the longest time budget a request may give
+# The most a request's own part of a recipe (its inline recipe with its overrides applied) may ask of the
+# server, by dotted key: every item of a pair or list is checked, and a list holds at most MAX_LIST_ITEMS.
+# The trainer checks the least values and the types; the server's own recipes are the operator's.
+REQUEST_LIMITS = {
+    "train.epochs": MAX_EPOCHS, "train.max_time_min": MAX_TIME_MIN,
+    "train.threads": 64, "data.workers": 16,
+    "train.batch_size": 256, "train.val_batch_size": 256, "train.accumulate_steps": 64, "data.repeat": 100,
+    "data.crop": 4096, "data.val_tile_size": 4096,  # pixels
+    "data.scale": 4.0, "data.val_scale": 4.0, "data.val_tta_scales": 4.0,  # resize factors
+    "output.samples_in_report": 16,  # an inline recipe's (overrides may not set output.*)
+}
+MAX_LIST_ITEMS = 8
+MIN_TILE = 32  # data.val_tile_size: 0 (whole images) or at least this many pixels
 _RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]{1,2})?")
+_DEVICE = re.compile(r"auto|cpu|cuda")  # what the trainer's train.device takes
 # What `python -m training` imports that the server's own packages (deploy/requirements/serve.txt) lack.
 TRAINER_DEPENDENCIES = ("albumentations",)
 
@@ -85,6 +106,9 @@ class TrainingConfig:
         kill_grace_s: after SIGTERM (cancel, server stop), how long before SIGKILL.
         progress_interval_s: how often live metadata is written to the store.
         eval_threads: torch threads of the evaluation children (None: torch's default).
+        max_time_min: the longest a trainer runs, in minutes: a request's time budget may not exceed it, and
+            every trainer gets it as ``train.max_time_min`` when its recipe and request give none or a longer
+            one (an ``epochs`` budget too). The trainer stops after the epoch that reaches it.
     """
 
     state_dir: Path
@@ -95,6 +119,7 @@ class TrainingConfig:
     kill_grace_s: float = 10.0
     progress_interval_s: float = 0.5
     eval_threads: int | None = None
+    max_time_min: float = MAX_TIME_MIN
 
     def __post_init__(self) -> None:
         # The children run in ``workdir``, not where the server started: every folder they are told about
@@ -107,6 +132,8 @@ class TrainingConfig:
             raise InvalidArgument(f"max_training_jobs must be positive, got {self.max_training_jobs}")
         if self.kill_grace_s < 0 or self.progress_interval_s <= 0:
             raise InvalidArgument("kill_grace_s must be >= 0 and progress_interval_s > 0")
+        if not (math.isfinite(self.max_time_min) and 0 < self.max_time_min <= MAX_TIME_MIN):
+            raise InvalidArgument(f"max_time_min must be in (0, {MAX_TIME_MIN:g}] minutes, got {self.max_time_min}")
 
 
 @dataclass(frozen=True)
@@ -156,8 +183,10 @@ class TrainingRequest:
         check_client_config(self.recipe_yaml, self.overrides)
         if self.max_time_min is not None and self.epochs is not None:
             raise InvalidArgument("give one budget: max_time_min or epochs")
-        if self.max_time_min is not None and not (math.isfinite(self.max_time_min) and self.max_time_min > 0):
-            raise InvalidArgument(f"max_time_min must be a positive number, got {self.max_time_min}")
+        if self.max_time_min is not None and not (math.isfinite(self.max_time_min)
+                                                  and 0 < self.max_time_min <= MAX_TIME_MIN):
+            raise InvalidArgument(f"max_time_min must be a positive number of minutes, at most {MAX_TIME_MIN:g}, "
+                                  f"got {self.max_time_min}")
         if self.epochs is not None and not 1 <= self.epochs <= MAX_EPOCHS:
             raise InvalidArgument(f"epochs must be in 1..{MAX_EPOCHS}, got {self.epochs}")
         if not _DEVICE.fullmatch(self.device):
@@ -247,13 +276,61 @@ def _file_keys(config: dict[str, Any]) -> list[str]:
     return found
 
 
-def check_client_config(recipe_yaml: str, overrides: tuple[str, ...]) -> None:
-    """Refuse a request whose own part (inline recipe, overrides) names a file on the server.
+def _lookup(config: dict[str, Any], key: str) -> Any:
+    """The value of dotted ``key`` in nested mappings (None when a level is missing or not a mapping)."""
+    node: Any = config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _as_number(value: Any) -> float | None:
+    """A number as the trainer reads it (YAML 1.1 reads ``1e9`` as a string); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def check_request_limits(config: dict[str, Any]) -> None:
+    """Refuse a request's part of a recipe that asks more of the server than ``REQUEST_LIMITS`` allow.
+
+    A value of the wrong type is left to the trainer, whose message names the type it expects.
 
     Raises:
-        InvalidArgument: naming the first such key (not its value).
+        InvalidArgument: naming the first key over its limit and the limit.
     """
-    keys = _file_keys(_client_part(recipe_yaml, overrides))
+    for key, most in REQUEST_LIMITS.items():
+        value = _lookup(config, key)
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if len(items) > MAX_LIST_ITEMS:
+            raise InvalidArgument(f"{key}: a request may give at most {MAX_LIST_ITEMS} items, got {len(items)}")
+        for item in items:
+            number = _as_number(item)
+            if number is not None and not (math.isfinite(number) and number <= most):
+                raise InvalidArgument(f"{key}: a request may ask for at most {most:g}, got {str(item)[:40]}")
+    tile = _as_number(_lookup(config, "data.val_tile_size"))
+    if tile is not None and 0 < tile < MIN_TILE:
+        raise InvalidArgument(f"data.val_tile_size: tiles must be 0 (whole images) or at least {MIN_TILE} pixels, "
+                              f"got {tile:g}")
+
+
+def check_client_config(recipe_yaml: str, overrides: tuple[str, ...]) -> None:
+    """Refuse a request whose own part (inline recipe, overrides) names a file on the server, or asks more of
+    it than ``REQUEST_LIMITS`` allow (``check_request_limits``).
+
+    Raises:
+        InvalidArgument: naming the first such key (not its value, for a file).
+    """
+    client = _client_part(recipe_yaml, overrides)
+    check_request_limits(client)
+    keys = _file_keys(client)
     if keys:
         key = keys[0]
         hint = ("to fine-tune, give base_model: the service then sets it to that version"
@@ -308,6 +385,9 @@ def check_can_train(config: TrainingConfig) -> None:
 def resolve_submission(request: TrainingRequest, datasets: DatasetRegistry, repository: ModelRepository,
                        config: TrainingConfig) -> dict[str, Any]:
     """The job's stored spec: everything it needs, resolved now (later changes do not move it)."""
+    if request.max_time_min is not None and request.max_time_min > config.max_time_min:
+        raise InvalidArgument(f"max_time_min: this server trains for at most {config.max_time_min:g} minutes, "
+                              f"got {request.max_time_min:g}")
     dataset = _record(datasets, request.dataset)
     base = None
     base_config = None
@@ -333,7 +413,8 @@ def resolve_submission(request: TrainingRequest, datasets: DatasetRegistry, repo
 
 
 def trainer_argv(spec: dict[str, Any], root: Path, config: TrainingConfig, resume: bool) -> list[str]:
-    """``python -m training`` (or torchrun) with the recipe, the client's overrides and then the service's."""
+    """``python -m training`` (or torchrun) with the recipe, the client's overrides and then the service's
+    (the server's time limit, ``TrainingConfig.max_time_min``, unless the run already has a lower one)."""
     request = TrainingRequest.from_dict(spec["request"])
     if request.nproc_per_node > 1:
         argv = [config.python, "-m", "torch.distributed.run", "--standalone",
@@ -342,6 +423,7 @@ def trainer_argv(spec: dict[str, Any], root: Path, config: TrainingConfig, resum
         argv = [config.python, "-m", "training"]
     argv += ["--config", str(root / "recipe.yaml")]
     sets = [*request.overrides, *request.budget_overrides()]
+    sets += _time_limit(spec.get("recipe_text") or "", sets, config)
     if spec.get("base"):
         sets.append(f"model.init_from={json.dumps(spec['base']['dir'])}")
     sets += [
@@ -358,6 +440,21 @@ def trainer_argv(spec: dict[str, Any], root: Path, config: TrainingConfig, resum
     if resume:
         argv += ["--resume", str(root / spec["run_dir"])]
     return argv
+
+
+def _time_limit(recipe_text: str, sets: list[str], config: TrainingConfig) -> list[str]:
+    """``train.max_time_min`` set to the server's limit, unless the recipe with ``sets`` applied has a lower one."""
+    try:
+        data = yaml.safe_load(recipe_text) if recipe_text else {}
+        data = data if isinstance(data, dict) else {}
+        for text in sets:
+            apply_override(data, *parse_override(text))
+    except (yaml.YAMLError, SegsvcError):  # the trainer names what is wrong; the limit still applies
+        data = {}
+    budget = _as_number(_lookup(data, "train.max_time_min"))
+    if budget is not None and budget <= config.max_time_min:  # one <= 0 is the trainer's to refuse
+        return []
+    return [f"train.max_time_min={config.max_time_min!r}"]
 
 
 def eval_argv(config: TrainingConfig, model_dir: Path, spec_path: str, out: Path, device: str) -> list[str]:

@@ -15,7 +15,7 @@ import logging
 import grpc
 from google.longrunning import operations_pb2
 
-from segsvc.errors import FailedPrecondition
+from segsvc.errors import FailedPrecondition, InvalidArgument
 from segsvc.jobs.store import Job
 from segsvc.jobs.training import TrainingRequest, TrainingRunner
 from segsvc.server import convert
@@ -40,13 +40,15 @@ STATES = {"QUEUED": jobs_pb.JOB_STATE_QUEUED, "RUNNING": jobs_pb.JOB_STATE_RUNNI
 
 def training_request_from_proto(msg: tpb.SubmitTrainingJobRequest) -> TrainingRequest:
     budget = msg.WhichOneof("budget")
+    if msg.promote not in POLICIES:  # proto3 enums are open: a value this server does not know is not GATE
+        raise InvalidArgument(f"promote: unknown promote policy {msg.promote}; use GATE, ALWAYS or NEVER")
     return TrainingRequest(
         dataset=msg.dataset, recipe=msg.recipe, recipe_yaml=msg.recipe_yaml, overrides=tuple(msg.overrides),
         base_model=msg.base_model, model_name=msg.model_name,
         max_time_min=float(msg.max_time_min) if budget == "max_time_min" else None,
         epochs=int(msg.epochs) if budget == "epochs" else None,
         device=msg.device or "auto", nproc_per_node=int(msg.nproc_per_node) or 1,
-        promote=POLICIES.get(msg.promote, "gate"), gate_margin=float(msg.gate_margin),
+        promote=POLICIES[msg.promote], gate_margin=float(msg.gate_margin),
     )
 
 

@@ -92,3 +92,20 @@ def test_job_limits_flags(tmp_path) -> None:
     default = _jobs_config(build_parser().parse_args(["serve", "--model-repo", str(tmp_path),
                                                       "--state-dir", str(tmp_path / "s")]))
     assert default.max_input_specs == 1_000
+
+
+def test_training_time_limit_flag(tmp_path) -> None:
+    """``--max-train-min`` is the server's cap on a trainer's time (``TrainingConfig.max_time_min``)."""
+    from segsvc.cli import build_parser
+    from segsvc.cli_train import training_config
+    from segsvc.errors import InvalidArgument
+    from segsvc.jobs.trainspec import MAX_TIME_MIN
+
+    def config(*flags: str):  # type: ignore[no-untyped-def]
+        return training_config(build_parser().parse_args(
+            ["serve", "--model-repo", str(tmp_path), "--state-dir", str(tmp_path / "s"), *flags]))
+
+    assert config("--max-train-min", "90").max_time_min == 90
+    assert config().max_time_min == MAX_TIME_MIN
+    with pytest.raises(InvalidArgument, match="max_time_min must be in"):
+        config("--max-train-min", "0")
