@@ -130,3 +130,7 @@ class PermissionDenied(SegsvcError):
 
 class Unauthenticated(SegsvcError):
     """A required bearer token is missing or wrong."""
+
+
+class Unimplemented(SegsvcError):
+    """A method of a standard protocol that segsvc does not serve (UNIMPLEMENTED); the message says what to use."""

@@ -49,6 +49,7 @@ ERROR_CODES: tuple[tuple[type[SegsvcError], grpc.StatusCode], ...] = (
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
 )
 
 _CODE_TO_ERROR: dict[grpc.StatusCode, type[SegsvcError]] = {code: cls for cls, code in ERROR_CODES}

@@ -170,10 +170,13 @@ def _sha256(path: Path) -> str:
 
 
 def check_name(name: str) -> str:
-    """Model names become directory names: letters, digits, '-', '_' and '.' only."""
-    if not name or len(name) > 128 or name.startswith(".") or not all(c.isalnum() or c in "-_." for c in name):
+    """Model names become directory names: letters, digits, '-', '_' and '.' only, at most 128 bytes in UTF-8
+    (a file system's name limit is 255 bytes: 128 CJK characters, 384 bytes, failed there as an OSError)."""
+    if (not name or len(name.encode("utf-8", "surrogatepass")) > 128 or name.startswith(".")
+            or not all(c.isalnum() or c in "-_." for c in name)):
         raise InvalidArgument(
-            f"invalid model name {name!r}: use 1-128 letters, digits, '-', '_' or '.', not starting with '.'"
+            f"invalid model name {name!r}: use 1-128 letters, digits, '-', '_' or '.' (128 bytes in UTF-8), "
+            "not starting with '.'"
         )
     return name
 

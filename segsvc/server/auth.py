@@ -238,21 +238,17 @@ def _with_scopes(handler: grpc.RpcMethodHandler | None, scopes: frozenset[str]) 
 
 def _deny(handler: grpc.RpcMethodHandler | None, error: SegsvcError, method: str,
           on_refused: Refused) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that only aborts with ``error``'s status (and its
-    ``ErrorInfo`` and ``segsvc-error`` trailers, as every other error); it never parses the request.
+    """A handler that only aborts with ``error``'s status (and its ``ErrorInfo`` and ``segsvc-error``
+    trailers, as every other error) before reading anything: it takes the request as a stream it never
+    reads, whatever the method's own shape. (With a unary-request shape gRPC first waits for the request
+    message, so a caller that sent none, or held it back, got no refusal until its deadline, or ever.)
     It counts and logs the refusal under ``method``'s name, or 'unknown' for a method the server does not
     serve (a client-chosen name would make the metric's label set unbounded)."""
     label = method.rsplit("/", 1)[-1][:64] if handler is not None else "unknown"
 
-    async def refused(_request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def refused(_requests, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
         await refuse(context, error, label, log, on_refused, logging.WARNING)
 
-    streaming_in = handler is not None and handler.request_streaming
-    streaming_out = handler is not None and handler.response_streaming
-    if streaming_in and streaming_out:
-        return grpc.stream_stream_rpc_method_handler(refused)
-    if streaming_in:
+    if handler is not None and not handler.response_streaming:
         return grpc.stream_unary_rpc_method_handler(refused)
-    if streaming_out:
-        return grpc.unary_stream_rpc_method_handler(refused)
-    return grpc.unary_unary_rpc_method_handler(refused)
+    return grpc.stream_stream_rpc_method_handler(refused)

@@ -44,7 +44,11 @@ MAX_ID_CHARS = 128
 # client's cancellation reaches the server with that transit time still on the server's clock (6-7 ms on
 # loopback, more across a network or on a loaded host).
 DEADLINE_SLACK_S = 0.25
-MAX_MESSAGE_CHARS = 1024  # trailers have a size limit; a client-sized message must not overflow it
+MAX_MESSAGE_CHARS = 1024  # one PreconditionFailure description (inside the details' own byte budget)
+# The message's size in the grpc-message trailer, where gRPC percent-encodes every byte outside printable ASCII
+# (and '%'): 12 bytes per emoji. Cut by characters alone, echoed non-ASCII text took the trailers over the
+# client's metadata limit (8 KiB soft, 16 KiB hard) and the caller got RESOURCE_EXHAUSTED instead of the error.
+MAX_MESSAGE_BYTES = 1024
 # Clients refuse trailers over 8 KiB by default: the serialized Status (base64 on the wire) stays well below.
 MAX_DETAILS_BYTES = 4096
 _ANY_OVERHEAD_BYTES = 64  # at most what one detail's Any adds inside the Status (type URL, tags, lengths)
@@ -122,12 +126,30 @@ def status_of(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode
     """``(code, message, kind)`` for an exception; unknown exceptions get a generic INTERNAL message."""
     for cls, code in ERROR_CODES:
         if isinstance(exc, cls):
-            message = str(exc) or cls.__name__
-            if len(message) > MAX_MESSAGE_CHARS:
-                message = message[: MAX_MESSAGE_CHARS - 3] + "..."
-            return code, message, type(exc).__name__
+            return code, fit_message(str(exc) or cls.__name__), type(exc).__name__
     where = f" (request id {request_id})" if request_id else ""
     return grpc.StatusCode.INTERNAL, f"internal server error{where}; see the server log", ""
+
+
+def _wire_bytes(char: str) -> int:
+    """Bytes of one character in ``grpc-message``: printable ASCII as is, anything else percent-encoded UTF-8."""
+    if " " <= char <= "~" and char != "%":
+        return 1
+    return 3 * len(char.encode("utf-8", "replace"))
+
+
+def fit_message(message: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``message``, cut (ending in "...") to at most ``limit`` bytes as the ``grpc-message`` trailer carries it."""
+    if len(message) <= limit and message.isascii() and message.isprintable() and "%" not in message:
+        return message
+    sizes = [_wire_bytes(c) for c in message]
+    if sum(sizes) <= limit:
+        return message
+    used, end = 0, 0
+    while used + sizes[end] <= limit - 3:
+        used += sizes[end]
+        end += 1
+    return message[:end] + "..."
 
 
 def check_response_size(size: int, limit: int, remedies: Sequence[str], *, detail: str = "",
@@ -168,7 +190,9 @@ def log_unexpected(logger: logging.Logger, exc: BaseException, request_id: str, 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, request_id: str, method: str,
                 logger: logging.Logger) -> NoReturn:
-    """End the RPC with the status for ``exc`` (logging unexpected ones)."""
+    """End the RPC with the status for ``exc`` (logging unexpected ones) under ``request_id``; without one, the
+    caller's ``x-request-id`` or a new id, so that an INTERNAL answer always names an id found in the log."""
+    request_id = request_id or request_id_of("", context)
     code, message, kind = status_of(exc, request_id)
     log_unexpected(logger, exc, request_id, method)
     context.set_trailing_metadata(((ERROR_KIND_KEY, kind), (REQUEST_ID_KEY, clean_text(request_id)),
@@ -199,8 +223,8 @@ async def refuse(context: grpc.aio.ServicerContext, exc: SegsvcError, method: st
 
 async def guarded(method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]],
                   logger: logging.Logger, request_id: str = "") -> T:
-    """``await work()``; any error ends the RPC with its status (``abort``, under ``request_id``), cancellation
-    passes through."""
+    """``await work()``; any error ends the RPC with its status (``abort``, under ``request_id``: by default the
+    caller's ``x-request-id`` or a new one), cancellation passes through."""
     try:
         return await work()
     except asyncio.CancelledError:

@@ -3,11 +3,12 @@
 One interceptor in front of every service, owned by the app, replaces per-servicer
 bookkeeping: while the server is starting or draining, calls of the gated
 services get UNAVAILABLE before any handler runs; otherwise each call is counted
-until it returns, so a drain can wait for exactly the calls in flight. Health
-and reflection pass untouched (probes must work while draining).
+until it returns, so a drain can wait for exactly the calls in flight. Health,
+reflection and the readiness probes are neither refused nor counted (probes must
+work while draining).
 
-The gate also parses requests: bytes that are not a valid message answer
-INVALID_ARGUMENT with a short message (gRPC itself would answer UNKNOWN with
+The gate also parses requests, of every method it sees: bytes that are not a
+valid message answer INVALID_ARGUMENT with a short message (gRPC itself would answer UNKNOWN with
 the parser's exception text and log a traceback). In a request stream, a bad
 message ends the stream with INVALID_ARGUMENT once the messages before it
 are answered. Both refusals go through ``server.errors.refuse`` (counted and
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from typing import AsyncIterator, Awaitable, Callable, Iterator
 
@@ -81,19 +83,22 @@ class DrainGate(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(self._prefixes) or method in self._probes:
+        if handler is None:
             return handler
-        return self._wrap(handler, handler_call_details.method.rsplit("/", 1)[-1][:64])
+        gated = method.startswith(self._prefixes) and method not in self._probes
+        return self._wrap(handler, method.rsplit("/", 1)[-1][:64], gated)
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str, gated: bool) -> grpc.RpcMethodHandler:
+        """``handler`` with its requests parsed here; ``gated``: also refused while not accepting, and counted."""
         kwargs = dict(request_deserializer=_safe(handler.request_deserializer),
                       response_serializer=handler.response_serializer)
         streaming_in = handler.request_streaming
+        track = self._track if gated else contextlib.nullcontext
 
         async def admit(request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
             # through errors.refuse: counted and logged, then the google.rpc.Status + ErrorInfo and segsvc-error
             # trailers of every other error
-            if not self.accepting:
+            if gated and not self.accepting:
                 await refuse(context, Unavailable(REFUSED), method, log, self._on_refused)
             if streaming_in:
                 return _checked(request, method)
@@ -104,26 +109,49 @@ class DrainGate(grpc.aio.ServerInterceptor):
 
         if handler.response_streaming:
             inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
+            make = grpc.stream_stream_rpc_method_handler if handler.request_streaming \
+                else grpc.unary_stream_rpc_method_handler
+            if not inspect.isasyncgenfunction(inner):  # a coroutine that answers with context.write (health Watch)
+
+                async def writing(request, context: grpc.aio.ServicerContext) -> None:
+                    request = await admit(request, context)
+                    with track():
+                        async with self._answered(context, method, gated):
+                            await inner(request, context)
+
+                return make(writing, **kwargs)
 
             async def streaming(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
                 request = await admit(request, context)
-                with self._track():
-                    async for response in inner(request, context):
-                        yield response
+                with track():
+                    async with self._answered(context, method, gated):
+                        async for response in inner(request, context):
+                            yield response
 
-            make = grpc.stream_stream_rpc_method_handler if handler.request_streaming \
-                else grpc.unary_stream_rpc_method_handler
             return make(streaming, **kwargs)
         inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
         async def unary(request, context: grpc.aio.ServicerContext):
             request = await admit(request, context)
-            with self._track():
-                return await inner(request, context)
+            with track():
+                async with self._answered(context, method, gated):
+                    return await inner(request, context)
 
         make = grpc.stream_unary_rpc_method_handler if handler.request_streaming \
             else grpc.unary_unary_rpc_method_handler
         return make(unary, **kwargs)
+
+
+    @contextlib.asynccontextmanager
+    async def _answered(self, context: grpc.aio.ServicerContext, method: str, gated: bool) -> AsyncIterator[None]:
+        """segsvc's servicers answer their own errors; for the others (reflection), a bad message of a request
+        stream (``_checked``) is refused here, not reported by gRPC as UNKNOWN with its exception text."""
+        try:
+            yield
+        except InvalidArgument as exc:
+            if gated:
+                raise
+            await refuse(context, exc, method, log, self._on_refused)
 
 
 class _Malformed:

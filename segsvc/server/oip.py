@@ -33,12 +33,12 @@ from typing import AsyncIterator, Callable
 import grpc
 
 import segsvc
-from segsvc.errors import InvalidArgument, NotFound
+from segsvc.errors import InvalidArgument, NotFound, Unimplemented
 from segsvc.inference.predictor import labels_dtype
 from segsvc.inference.service import InferenceService
 from segsvc.server import oip_convert as convert
 from segsvc.server.config import LimitsConfig
-from segsvc.server.errors import cancellation_code, guarded, request_id_of, status_of
+from segsvc.server.errors import abort, cancellation_code, guarded, request_id_of, status_of
 from segsvc.server.metrics import ServerMetrics
 from segsvc.server.oip_pb import grpc_service_pb2 as pb
 from segsvc.server.oip_pb import grpc_service_pb2_grpc as pb_grpc
@@ -66,7 +66,7 @@ def _unimplemented(method: str, instead: str):  # type: ignore[no-untyped-def]
     message = _not_served(method, instead)
 
     async def refuse(self, _request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, message)
+        await abort(context, Unimplemented(message), "", method, log)
 
     refuse.__name__ = method
     return refuse
@@ -246,8 +246,8 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- the rest of the protocol ----------------------------------------------------------
     async def ModelStreamInfer(self, request_iterator, context) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            _not_served("ModelStreamInfer", "use ModelInfer, or segsvc.v1 SegmentStream"))
+        await abort(context, Unimplemented(_not_served("ModelStreamInfer", "use ModelInfer, or segsvc.v1 SegmentStream")),
+                    "", "ModelStreamInfer", log)
         yield pb.ModelStreamInferResponse()  # never reached; a streaming handler is an async generator
 
     SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus", "send tensors in the request")

@@ -404,12 +404,13 @@ def test_manifest_describing_an_unbuildable_model_is_reported(saved) -> None:
 
 
 # -- names, versions, failed writes -------------------------------------------------------------
-@pytest.mark.parametrize("name", ["m", "unet-3_camvid.v2", "A9", "x" * 128, "a."])
+@pytest.mark.parametrize("name", ["m", "unet-3_camvid.v2", "A9", "x" * 128, "a.", "模型" * 21])
 def test_valid_model_names_are_returned_unchanged(name) -> None:
     assert check_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "x" * 129, ".hidden", "..", "a/b", "a b", "naïve/", "m:1", "a\\b"])
+@pytest.mark.parametrize("name", ["", "x" * 129, ".hidden", "..", "a/b", "a b", "naïve/", "m:1", "a\\b",
+                                  "模" * 43])  # 129 bytes in UTF-8: a file system's 255-byte name limit is in bytes
 def test_invalid_model_names_are_refused(name, tmp_path) -> None:
     with pytest.raises(InvalidArgument, match="invalid model name .*: use 1-128 letters, digits"):
         check_name(name)

@@ -15,6 +15,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -291,7 +293,11 @@ def test_model_infer_is_counted_in_the_request_metrics(triton_client, shared_ser
     assert [a - b for a, b in zip(after, before)] == [1, 1, 1, 2, 2, 2]
 
 
-def test_an_expired_deadline_is_counted_as_deadline_exceeded(start_server, tmp_path, gated):
+def test_an_expired_deadline_is_counted_as_deadline_exceeded(start_server, tmp_path, gated, monkeypatch):
+    # The server sees the client's deadline as the time left when the request arrived: a host that stalls the
+    # request's delivery by more than DEADLINE_SLACK_S would make it a cancellation (the boundary itself is
+    # tests/server/test_errors.py's); here every cancellation is a deadline, so a slack that no stall reaches.
+    monkeypatch.setattr("segsvc.server.errors.DEADLINE_SLACK_S", 60.0)
     publish(tmp_path, "m", seed=7)
     server = start_server(tmp_path, batching=BatchingConfig(max_batch_size=1, max_delay_s=0))
     batcher = server.manager.resolve("m", None).batcher
@@ -351,6 +357,13 @@ def test_the_rest_of_the_protocol_is_unimplemented_with_a_hint(triton_client, sh
         with pytest.raises(grpc.RpcError) as info:
             list(stream)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED and "use ModelInfer" in info.value.details()
+    with grpc.insecure_channel(shared_server.address) as channel:  # the standard detail, as every other error
+        with pytest.raises(grpc.RpcError) as info:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).CudaSharedMemoryStatus(
+                service_pb2.CudaSharedMemoryStatusRequest(), timeout=60)
+    (detail,) = rpc_status.from_call(info.value).details
+    reason = error_details_pb2.ErrorInfo()
+    assert detail.Unpack(reason) and reason.reason == "UNIMPLEMENTED" and reason.domain == "segsvc.dev"
 
 
 # -- the model repository and scopes ----------------------------------------------------------
