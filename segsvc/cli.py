@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from segsvc.cli_client import add_max_message_flag
 from segsvc.config import BACKENDS
 from segsvc.errors import InvalidArgument, SegsvcError
 
@@ -640,6 +641,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--token-file", default=None, help="bearer token file (else $SEGSVC_AUTH_TOKEN)")
     p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
     p.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate")
+    add_max_message_flag(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_segment)
 

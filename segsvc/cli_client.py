@@ -1,7 +1,9 @@
 """The one way the command line opens a ``SegmentationClient`` from its common flags.
 
 ``segsvc segment``, ``jobs``, ``datasets`` and ``train --server`` share the
-flags ``--server``, ``--token-file``, ``--tls``, ``--tls-ca`` and ``--timeout-s``.
+flags ``--server``, ``--token-file``, ``--tls``, ``--tls-ca`` and ``--timeout-s``, and
+those that ``add_max_message_flag`` gives ``--max-message-mb`` (a server started with a
+larger ``--max-message-mb`` takes larger images than the client's default lets it send).
 The client waits up to ``CONNECT_TIMEOUT_S`` (or ``--timeout-s``, when shorter)
 for the server to accept a connection, so a command typed right after
 ``segsvc serve ... &`` works instead of failing with "connection refused".
@@ -20,6 +22,9 @@ if TYPE_CHECKING:
 
 TokenReader = Callable[[argparse.Namespace], "str | None"]
 CONNECT_TIMEOUT_S = float(os.environ.get("SEGSVC_CONNECT_TIMEOUT_S", "30"))
+MIB = 1 << 20
+DEFAULT_MAX_MESSAGE_MB = 64  # segsvc.client.DEFAULT_MAX_MESSAGE_BYTES, and the server's default
+MAX_GRPC_MESSAGE_BYTES = 1 << 31  # gRPC's limits are C ints
 
 
 def read_file_arg(path: str, flag: str) -> bytes:
@@ -45,6 +50,30 @@ def read_text_arg(path: str, flag: str) -> str:
         raise InvalidArgument(f"cannot read {flag} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+def add_max_message_flag(parser: argparse.ArgumentParser) -> None:
+    """``--max-message-mb``: the client's gRPC message limit, each way, to match a server's ``--max-message-mb``."""
+    parser.add_argument("--max-message-mb", type=float, default=DEFAULT_MAX_MESSAGE_MB,
+                        help=f"largest gRPC message each way, as the server's --max-message-mb "
+                             f"(default {DEFAULT_MAX_MESSAGE_MB:g})")
+
+
+def max_message_bytes(args: argparse.Namespace) -> int:
+    """The client's message limit from ``args.max_message_mb`` (a command without the flag: the default).
+
+    Raises:
+        InvalidArgument: not a size gRPC can take (0, negative, NaN, 2 GiB or more).
+    """
+    from segsvc.errors import InvalidArgument
+
+    mb = getattr(args, "max_message_mb", None)
+    if mb is None:
+        return DEFAULT_MAX_MESSAGE_MB * MIB
+    if not 0 < mb * MIB < MAX_GRPC_MESSAGE_BYTES:  # NaN too
+        raise InvalidArgument(f"--max-message-mb must be a positive size under {MAX_GRPC_MESSAGE_BYTES // MIB} MiB "
+                              f"(as the server's --max-message-mb), got {mb:g}")
+    return max(1, int(mb * MIB))
+
+
 def open_client(args: argparse.Namespace, read_token: TokenReader) -> "SegmentationClient":
     """A connected client for ``args.server`` (raises ``Unavailable`` when nothing answers)."""
     import math
@@ -56,7 +85,7 @@ def open_client(args: argparse.Namespace, read_token: TokenReader) -> "Segmentat
         raise InvalidArgument(f"--timeout-s must be a positive number of seconds, got {args.timeout_s:g}")
     root_certs = read_file_arg(args.tls_ca, "--tls-ca") if args.tls_ca else None
     client = SegmentationClient(args.server, token=read_token(args), root_certificates=root_certs, tls=args.tls,
-                                timeout_s=args.timeout_s)
+                                timeout_s=args.timeout_s, max_message_bytes=max_message_bytes(args))
     try:
         client.wait_for_server(min(CONNECT_TIMEOUT_S, args.timeout_s))  # --timeout-s bounds the whole run
     except BaseException:

@@ -19,6 +19,7 @@ torch is imported only when the command runs, so ``segsvc --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     if args.checks is not None and args.checks < 1:
         raise InvalidArgument(f"--checks must be at least 1, got {args.checks}")
-    if args.tolerance is not None and not args.tolerance > 0:
-        raise InvalidArgument(f"--tolerance must be positive, got {args.tolerance}")
+    if args.tolerance is not None and not 0 < args.tolerance < math.inf:  # inf: no check at all, and not JSON
+        raise InvalidArgument(f"--tolerance must be a positive finite number, got {args.tolerance}")
     if args.min_agreement is not None and not 0 < args.min_agreement <= 1:
         raise InvalidArgument(f"--min-agreement must be in (0, 1], got {args.min_agreement}")
     if args.max_batch_size < 1:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numbers
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -149,6 +150,15 @@ def _read(path: str | os.PathLike) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise InvalidArgument(f"cannot read image {os.fspath(path)!r}: {exc.strerror or exc}") from None
+
+
+def _readable_size(path: Path) -> int:
+    """The size of a local file to upload, opened to be sure it can be read; ``InvalidArgument`` naming it."""
+    try:
+        with open(path, "rb") as f:
+            return os.fstat(f.fileno()).st_size
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {os.fspath(path)}: {exc.strerror or type(exc).__name__}") from None
 
 
 def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -530,10 +540,10 @@ class SegmentationClient:
     def upload_images(self, paths: Sequence[str | os.PathLike]) -> str:
         """Upload image files (or one folder, keeping relative paths) for a job; returns the upload id."""
         files, root = local_images(paths)
-        try:
-            response = self._jobs.UploadImages(upload_files(files, root), metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        for file in files:  # a file it cannot read is named before any call
+            _readable_size(file)
+        response = self._local_upload(self._jobs.UploadImages, upload_files(files, root), lambda: None, None,
+                                      error_from_rpc)
         return response.upload_id
 
     def submit_job(
@@ -637,6 +647,47 @@ class SegmentationClient:
                 return
 
     # -- datasets -----------------------------------------------------------------------
+    def _local_upload(self, method: Callable, messages: Iterator, reading: Callable[[], Path | None],
+                      timeout_s: float | None, to_error: Callable[[grpc.RpcError], SegsvcError]):
+        """Call a client-streaming ``method`` whose ``messages`` read local files (``reading()``: the one being
+        read, where known; an ``OSError`` from ``open`` names its file itself).
+
+        A file that fails while it is read (removed, unreadable, changed size) would raise in gRPC's request
+        thread: UNKNOWN "Exception iterating requests!" with a traceback on stderr, naming nothing. Here it
+        cancels the call instead (the server keeps nothing of it) and is raised as an ``InvalidArgument``
+        naming the file.
+        """
+        failed: list[SegsvcError] = []
+        started = threading.Event()
+        calls: list[Any] = []
+
+        def guarded() -> Iterator:
+            try:
+                yield from messages
+                return
+            except OSError as exc:
+                file = exc.filename or reading()
+                failed.append(InvalidArgument(f"cannot read {os.fspath(file) if file else 'a file to upload'}: "
+                                              f"{exc.strerror or type(exc).__name__}"))
+            except SegsvcError as exc:  # tar_stream: a file changed size while it was packed
+                failed.append(exc)
+            started.wait()
+            calls[0].cancel()  # before this iterator ends: an ended stream would be a complete upload
+
+        call = method.future(guarded(), timeout=timeout_s, metadata=self._metadata)
+        calls.append(call)
+        started.set()
+        try:
+            return call.result()
+        except (grpc.RpcError, grpc.FutureCancelledError) as exc:
+            if failed:
+                raise failed[0] from None
+            if isinstance(exc, grpc.RpcError):
+                raise to_error(exc) from None
+            raise
+        finally:
+            call.cancel()  # no-op once it ended; else (Ctrl-C) the server stops too
+
     def _dataset_call(self, method: str, request, timeout_s: float | None = None):
         try:
             return getattr(self._datasets, method)(request, timeout=timeout_s, metadata=self._metadata)
@@ -673,25 +724,33 @@ class SegmentationClient:
             raise InvalidArgument(f"upload {os.fspath(path)!r} as {fmt!r}: folders go as tar or pairs, "
                                   f"archive files as tar or zip")
         files = local_files(path) if path.is_dir() else [("", path)]
-        bar = tqdm(total=sum(p.stat().st_size for _, p in files), unit="B", unit_scale=True, disable=not progress,
-                   desc=f"upload {name}")
+        total = sum(_readable_size(file) for _, file in files)  # a file it cannot read is named before any call
+        bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc=f"upload {name}")
         metadata = datasets_pb.UploadDatasetMetadata(name=name, format=UPLOAD_FORMATS[fmt], dataset_yaml=dataset_yaml,
                                                      class_names=list(class_names), sha256=sha256)
+
+        reading: list[Path] = [path]  # the file being read, for an error that names none
+
+        def packed() -> Iterator[tuple[str, Path]]:
+            for rel, file in files:
+                reading[0] = file
+                yield rel, file
 
         def messages() -> Iterator[datasets_pb.UploadDatasetRequest]:
             yield datasets_pb.UploadDatasetRequest(metadata=metadata)
             if path.is_dir() and fmt == "tar":
-                for data in tar_stream(files, on_bytes=bar.update):
+                for data in tar_stream(packed(), on_bytes=bar.update):
                     yield datasets_pb.UploadDatasetRequest(chunk=datasets_pb.DatasetChunk(data=data))
                 return
-            for rel, file in files:
+            for rel, file in packed():
                 for data, last in file_chunks(file):
                     bar.update(len(data))
                     yield datasets_pb.UploadDatasetRequest(chunk=datasets_pb.DatasetChunk(name=rel, data=data,
                                                                                            last=last))
 
         try:
-            return self._dataset_call("UploadDataset", messages(), timeout_s)
+            return self._local_upload(self._datasets.UploadDataset, messages(), lambda: reading[0], timeout_s,
+                                      dataset_error)
         finally:
             bar.close()
 

@@ -111,6 +111,15 @@ def test_an_out_of_range_tile_size_is_named_before_connecting(images, tmp_path, 
     one_line_error(capsys, f"tile_size must be 0 (no tiling) or from 16 to 16384, got {tile_size}")
 
 
+@pytest.mark.parametrize("mb", ["0", "-1", "nan", "4096"])
+def test_an_impossible_message_limit_is_named_before_connecting(images, tmp_path, no_server, mb, capsys) -> None:
+    """``segment --max-message-mb`` matches a server started with a larger ``--max-message-mb``; a size gRPC cannot
+    take is refused before any connection."""
+    assert main(["segment", str(images), "--server", no_server, "--out", str(tmp_path / "out"),
+                 "--max-message-mb", mb]) == 2
+    one_line_error(capsys, "--max-message-mb must be a positive size under 2048 MiB")
+
+
 def test_the_connection_wait_stays_within_the_runs_deadline(images, tmp_path, monkeypatch, capsys) -> None:
     """--timeout-s is the deadline of the whole run: a dead address must not hold it for CONNECT_TIMEOUT_S.
 

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segsvc.errors import ArtifactError, ExportError
+from segsvc.errors import ArtifactError, ExportError, InvalidArgument
 from segsvc.export import DEFAULT_CHECKS, DEFAULT_TOLERANCE, MIN_AGREEMENT
 from segsvc.inference.backends import EngineConfig, OnnxRuntimeBackend, TorchBackend
 from segsvc.inference.contract import Geometry
@@ -58,13 +59,16 @@ class Validation:
 
     @property
     def passed(self) -> bool:
+        # an infinite logit makes the bound infinite, and an infinite difference "within" it: never a pass
         return (not self.error and self.agreement >= self.min_agreement
+                and math.isfinite(self.max_abs_diff) and math.isfinite(self.max_abs_logit)
                 and self.max_abs_diff <= self.tolerance * max(1.0, self.max_abs_logit))
 
     def describe(self) -> str:
         if self.error:
             return f"ONNX Runtime failed: {self.error}"
-        return (f"labels agree on {self.agreement:.4%} of {self.pixels} pixels (need {self.min_agreement:.1%}), "
+        need = f"{self.min_agreement * 100:g}%"  # 0.9999: 99.99%, not a rounded 100.0%
+        return (f"labels agree on {self.agreement:.4%} of {self.pixels} pixels (need {need}), "
                 f"max |logit difference| {self.max_abs_diff:.3g} (allowed {self.tolerance:.3g} x "
                 f"max(1, max |logit| {self.max_abs_logit:.3g}))")
 
@@ -75,6 +79,21 @@ class Validation:
                 "max_abs_diff": self.max_abs_diff, "max_abs_logit": self.max_abs_logit,
                 "agreement": self.agreement, "tolerance": self.tolerance, "min_agreement": self.min_agreement,
                 "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider"}
+
+
+def check_options(checks: int, tolerance: float, min_agreement: float) -> None:
+    """Refuse validation options that would make the check vacuous or the record not JSON (``inf``, ``nan``).
+
+    Raises:
+        InvalidArgument: ``checks`` below 1, ``tolerance`` not a positive finite number, ``min_agreement``
+            not in (0, 1].
+    """
+    if not checks >= 1:
+        raise InvalidArgument(f"checks must be at least 1, got {checks!r}")
+    if not 0 < tolerance < math.inf:  # NaN too
+        raise InvalidArgument(f"tolerance must be a positive finite number, got {tolerance!r}")
+    if not 0 < min_agreement <= 1:
+        raise InvalidArgument(f"min_agreement must be in (0, 1], got {min_agreement!r}")
 
 
 def _base(stride: int, min_size: int) -> int:

@@ -58,7 +58,7 @@ from segsvc.files import write_atomic
 from segsvc.export import (
     DEFAULT_CHECKS, DEFAULT_OPSET, DEFAULT_TOLERANCE, INPUT_NAME, MIN_AGREEMENT, ONNX_FILE, OUTPUT_NAME,
 )
-from segsvc.export.compare import Progress, Validation, one_line, sample_size, validate
+from segsvc.export.compare import Progress, Validation, check_options, one_line, sample_size, validate
 from segsvc.models.artifact import WEIGHTS_FILE, Manifest, load_artifact, read_manifest, write_manifest
 from segsvc.models.registry import build_model
 
@@ -311,11 +311,13 @@ def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPS
         progress: called after each step (``export_steps(checks)`` calls in all).
 
     Raises:
+        InvalidArgument: ``checks``, ``tolerance`` or ``min_agreement`` out of range (``check_options``).
         ExportError: the architecture cannot be exported, or the export does not reproduce the model.
         ArtifactError: the version does not load, or its weights changed during the export.
     """
     import onnx
 
+    check_options(checks, tolerance, min_agreement)  # before the minutes an export takes
     step = progress or (lambda _: None)
     version_dir = Path(version_dir)
     model, manifest = load_artifact(version_dir)
