@@ -14,6 +14,7 @@ import pytest
 
 import segsvc.health
 from segsvc.cli import main
+from tests.server.conftest import reserved_port
 
 
 @pytest.fixture
@@ -24,7 +25,8 @@ def fake_servers(monkeypatch):
 
     def start(*ports: int) -> list[int]:
         for port in ports:
-            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            # lives until the teardown kills it: a sleep that ended while a loaded host ran the test would hide it
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
             children.append(child)
             cmdlines[child.pid] = ["/venv/bin/python", "/venv/bin/segsvc", "serve", "--model-repo", "/m",
                                    "--port", str(port)]
@@ -38,21 +40,26 @@ def fake_servers(monkeypatch):
 
 
 def test_several_local_servers_are_named_not_guessed(fake_servers, capsys) -> None:
-    a, b = sorted(fake_servers(50061, 50062))
-    assert main(["health", "--timeout-s", "0.5"]) == 1  # 1, not 2: Docker's HEALTHCHECK reserves 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("\n") == 1, err
-    assert err == (f"segsvc health: 2 'segsvc serve' processes are running: pid {a} (port 50061), "
-                   f"pid {b} (port 50062); pass --address HOST:PORT or --pid PID to choose one\n")
-    # choosing one works as before (nothing listens there: UNAVAILABLE, but the port is the chosen server's)
-    assert main(["health", "--pid", str(b), "--timeout-s", "0.5"]) == 1
-    assert capsys.readouterr().err.startswith("127.0.0.1:50062 (plaintext) '': ")
+    # Ports held here (bound, not listening): nothing can listen there, so each check is refused (a fixed port
+    # could be another program's on a shared machine, and it might answer).
+    with reserved_port() as (port_a, _), reserved_port() as (port_b, _):
+        ports = dict(zip(fake_servers(port_a, port_b), (port_a, port_b)))
+        (a, pa), (b, pb) = sorted(ports.items())  # listed by pid
+        assert main(["health", "--timeout-s", "0.5"]) == 1  # 1, not 2: Docker's HEALTHCHECK reserves 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("\n") == 1, err
+        assert err == (f"segsvc health: 2 'segsvc serve' processes are running: pid {a} (port {pa}), "
+                       f"pid {b} (port {pb}); pass --address HOST:PORT or --pid PID to choose one\n")
+        # choosing one works as before (nothing listens there: UNAVAILABLE, but the port is the chosen server's)
+        assert main(["health", "--pid", str(b), "--timeout-s", "0.5"]) == 1
+        assert capsys.readouterr().err.startswith(f"127.0.0.1:{pb} (plaintext) '': ")
 
 
 def test_the_one_local_server_is_found_from_its_command_line(fake_servers, capsys) -> None:
-    fake_servers(50063)
-    assert main(["health", "--timeout-s", "0.5"]) == 1
-    assert capsys.readouterr().err.startswith("127.0.0.1:50063 (plaintext) '': ")
+    with reserved_port() as (port, _):
+        fake_servers(port)
+        assert main(["health", "--timeout-s", "0.5"]) == 1
+        assert capsys.readouterr().err.startswith(f"127.0.0.1:{port} (plaintext) '': ")
 
 
 def test_pid_1_is_the_server_in_a_container_even_beside_others(monkeypatch) -> None:

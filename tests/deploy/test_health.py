@@ -66,12 +66,15 @@ def test_tls_server_found_from_its_command_line(start_server, tmp_path: Path, re
                    check=True, capture_output=True)
     server = start_server(repo, tls=TLSConfig(cert, key))
     # A process whose command line is the server's, as PID 1 is in the container.
-    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "segsvc", "serve",
+    # It lives until the test kills it (a sleep of a minute could end before a loaded host ran the check).
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", "segsvc", "serve",
                                  "--model-repo", "/models", "--port", str(server.server.port),
                                  "--tls-cert", str(cert), "--tls-key", str(key)])
     try:
-        deadline = time.monotonic() + 10
-        while b"serve" not in Path(f"/proc/{stand_in.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+        # (exec has run when Popen returns; the wait only guards that, and a hang past it fails here, not below)
+        deadline = time.monotonic() + 120
+        while b"serve" not in Path(f"/proc/{stand_in.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in never showed the server's command line"
             time.sleep(0.05)
         out = _health("--pid", str(stand_in.pid))
     finally:

@@ -13,38 +13,54 @@ import pytest
 from segsvc.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
 from segsvc.inference.batcher import Batched, BatchingConfig, DynamicBatcher, Priority
 
-# A delay the batcher must not wait for: half of it separates "flushed at once" from "waited" even on a host that
-# stalls the test for seconds, and a batcher that does wait fails after one such delay instead of hanging.
-DELAY_NEVER_WAITED_S = 60.0
+# A delay the batcher must not wait for: far beyond HANG_S, so a batcher that does wait for it fails on run()'s
+# bound, and no stall of a loaded host can reach it. No test measures how long anything took: a stalled host
+# stretches every step, and only the order of events decides an outcome.
+DELAY_NEVER_WAITED_S = 3600.0
+# The bound on every wait for an event (a gate, a batch entering predict, a whole test): it only turns a hang
+# into a failure, and no loaded host comes near it while the test passes.
+HANG_S = 120.0
 
 
 class Recorder:
-    """A predict function that doubles its inputs and records every batch it saw."""
+    """A predict function that doubles its inputs and records every batch it saw, with the ``time.monotonic()``
+    (the event loop's clock) at which it entered and left predict. With a ``gate``, every call holds until the
+    gate is set (HANG_S at most: a gate never set fails the batch instead of letting it through)."""
 
     def __init__(self, delay_s: float = 0.0, gate: threading.Event | None = None) -> None:
         self.batches: list[list] = []
+        self.spans: list[tuple[float, float]] = []
         self.delay_s = delay_s
         self.gate = gate
         self.threads: set[str] = set()
+        self.entered = threading.Event()
 
     def __call__(self, items: list) -> list:
+        entered_at = time.monotonic()
         self.threads.add(threading.current_thread().name)
+        self.entered.set()
         if self.gate is not None:
-            self.gate.wait(5)
+            assert self.gate.wait(HANG_S), f"the test never opened the gate in {HANG_S:g} s"
         if self.delay_s:
-            time.sleep(self.delay_s)
+            time.sleep(self.delay_s)  # makes the batch take some time; never decides an outcome
         self.batches.append(list(items))
+        self.spans.append((entered_at, time.monotonic()))
         return [x * 2 if isinstance(x, int) else x for x in items]
 
 
 def run(coro):
-    # Every test takes well under 2 s; the bound only turns a hang into a failure, so a loaded host cannot trip it.
-    return asyncio.run(asyncio.wait_for(coro, DELAY_NEVER_WAITED_S))
+    # The bound only turns a hang into a failure (a loaded host stretches a test, never to this).
+    return asyncio.run(asyncio.wait_for(coro, HANG_S))
 
 
 async def running(rec: Recorder) -> None:
     """Return once a batch is inside ``rec``: the worker has taken it off the queue."""
-    while not rec.threads:
+    assert await asyncio.to_thread(rec.entered.wait, HANG_S), "no batch reached predict"
+
+
+async def until(condition) -> None:
+    """Wait, stepping the event loop, until ``condition()`` holds (run()'s bound stops a hang)."""
+    while not condition():
         await asyncio.sleep(0.001)
 
 
@@ -65,17 +81,14 @@ def test_flushes_at_max_batch_size_without_waiting_for_the_delay():
         rec = Recorder()
         b = DynamicBatcher(rec, BatchingConfig(max_batch_size=4, max_delay_s=DELAY_NEVER_WAITED_S))
         b.start()
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(b.submit(i) for i in range(8)))
-        elapsed = time.perf_counter() - t0
+        results = await asyncio.gather(*(b.submit(i) for i in range(8)))  # waiting max_delay_s: run() fails
         await b.stop()
-        return rec, results, elapsed
+        return rec, results
 
-    rec, results, elapsed = run(main())
+    rec, results = run(main())
     assert [r.value for r in results] == [2 * i for i in range(8)]
     assert [len(x) for x in rec.batches] == [4, 4]
     assert all(isinstance(r, Batched) and r.batch_size == 4 for r in results)
-    assert elapsed < DELAY_NEVER_WAITED_S / 2  # full batches never wait for max_delay_s
 
 
 def test_flushes_a_partial_batch_after_max_delay():
@@ -90,16 +103,16 @@ def test_flushes_a_partial_batch_after_max_delay():
         await b.stop()
         return r, elapsed
 
-    r, elapsed = run(main())
+    r, elapsed = run(main())  # waiting for the item that never comes: run() fails
     assert r.value == 42 and r.batch_size == 1
-    assert 0.04 <= elapsed < DELAY_NEVER_WAITED_S / 2  # waited for the delay, not for the item that never came
+    assert 0.04 <= elapsed  # waited for the delay (a lower bound: a stalled host only lengthens it)
     assert 0.04 <= r.queue_s <= elapsed and 0.0 <= r.run_s <= elapsed - r.queue_s
 
 
 def test_a_lone_item_runs_at_once_when_nothing_else_is_on_its_way():
     async def main():
         rec = Recorder()
-        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=60.0))  # run() gives up after 5 s
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=DELAY_NEVER_WAITED_S))
         b.start()
         first = await b.submit(1)  # nothing announced: no other item could join, so no reason to wait
         second = await b.submit(2)
@@ -114,7 +127,7 @@ def test_a_lone_item_runs_at_once_when_nothing_else_is_on_its_way():
 def test_a_partial_batch_waits_for_announced_items_and_goes_when_the_last_one_is_in():
     async def main():
         rec = Recorder()
-        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=60.0))
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=DELAY_NEVER_WAITED_S))
         b.start()
         with b.incoming():  # item 2 is being decoded
             with b.incoming():  # so is item 3, whose decoding will fail
@@ -125,7 +138,7 @@ def test_a_partial_batch_waits_for_announced_items_and_goes_when_the_last_one_is
                 await asyncio.sleep(0)  # item 3 withdrawn, item 2 still announced: it keeps waiting
             assert not first.done() and rec.batches == []
             second = b.submit(2)
-        # the last announced item is in: the batch goes now, not after 60 s
+        # the last announced item is in: the batch goes now, not after the delay (run() fails first)
         results = await asyncio.gather(first, second)
         assert b.incoming_count == 0
         await b.stop()
@@ -139,7 +152,7 @@ def test_a_partial_batch_waits_for_announced_items_and_goes_when_the_last_one_is
 def test_a_withdrawn_announcement_releases_the_waiting_batch():
     async def main():
         rec = Recorder()
-        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=60.0))
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=DELAY_NEVER_WAITED_S))
         b.start()
         with pytest.raises(ValueError):
             with b.incoming():  # the announced item fails while it is prepared
@@ -157,7 +170,7 @@ def test_a_withdrawn_announcement_releases_the_waiting_batch():
 def test_an_item_announced_in_the_batch_lane_does_not_hold_back_an_interactive_one():
     async def main():
         rec = Recorder()
-        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=60.0, batch_holdoff_s=0))
+        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=8, max_delay_s=DELAY_NEVER_WAITED_S, batch_holdoff_s=0))
         b.start()
         with b.incoming(Priority.BATCH):  # a job's image is being decoded
             result = await b.submit(1)  # interactive: only interactive items could join its batch
@@ -292,8 +305,8 @@ def test_requests_past_their_deadline_are_failed_and_never_run():
         first = b.submit(1)
         await running(rec)
         late = b.submit(2, deadline=loop.time() + 0.05)
-        on_time = b.submit(3, deadline=loop.time() + 30)
-        await asyncio.sleep(0.1)  # the deadline of `late` passes while the worker is busy
+        on_time = b.submit(3, deadline=loop.time() + DELAY_NEVER_WAITED_S)
+        await asyncio.sleep(0.1)  # the deadline of `late` passes while the worker is held on the gate
         gate.set()
         outcomes = await asyncio.gather(first, late, on_time, return_exceptions=True)
         await b.stop()
@@ -318,9 +331,7 @@ def test_stop_drains_queued_items_and_then_refuses_new_ones():
             b.submit(9)
         return results
 
-    t0 = time.perf_counter()
-    assert run(main()) == [0, 2, 4, 6, 8]
-    assert time.perf_counter() - t0 < DELAY_NEVER_WAITED_S / 2
+    assert run(main()) == [0, 2, 4, 6, 8]  # a stop that waited for the delay would fail on run()'s bound
 
 
 def test_stop_without_drain_fails_queued_items_with_unavailable():
@@ -355,7 +366,7 @@ def test_predict_runs_off_the_event_loop():
             threads.append(threading.current_thread().name)
             answered = threading.Event()
             loop.call_soon_threadsafe(answered.set)
-            return [answered.wait(5) for _ in items]
+            return [answered.wait(HANG_S) for _ in items]  # False (after HANG_S) on the loop's thread
 
         b = DynamicBatcher(predict, BatchingConfig(max_batch_size=1, max_delay_s=0))
         b.start()
@@ -388,16 +399,14 @@ def test_pixel_budget_splits_batches_and_flushes_without_waiting():
         config = BatchingConfig(max_batch_size=8, max_delay_s=DELAY_NEVER_WAITED_S, max_batch_pixels=100)
         b = DynamicBatcher(rec, config, pixels=lambda item: item)
         b.start()
-        t0 = time.perf_counter()
+        # a full budget flushes at once: waiting for the delay would fail on run()'s bound
         results = await asyncio.gather(*(b.submit(i) for i in (60, 40, 70, 30, 50, 50)))
-        elapsed = time.perf_counter() - t0
         await b.stop()
-        return rec, results, elapsed
+        return rec, results
 
-    rec, results, elapsed = run(main())
+    rec, results = run(main())
     assert [r.value for r in results] == [120, 80, 140, 60, 100, 100]
     assert rec.batches == [[60, 40], [70, 30], [50, 50]]
-    assert elapsed < DELAY_NEVER_WAITED_S / 2  # a full budget flushes at once, never waiting for the delay
 
 
 def test_a_memory_budget_becomes_pixels_by_the_model_s_bytes_per_pixel():
@@ -467,8 +476,7 @@ def test_interactive_items_run_before_queued_batch_items():
         b = DynamicBatcher(rec, BatchingConfig(max_batch_size=2, max_delay_s=0, batch_holdoff_s=0))
         b.start()
         first = b.submit(1, priority=Priority.BATCH)
-        while not rec.threads:  # the first batch-lane batch is running (blocked on the gate)
-            await asyncio.sleep(0.001)
+        await running(rec)  # the first batch-lane batch is running (blocked on the gate)
         queued_jobs = [b.submit(i, priority=Priority.BATCH) for i in (10, 11, 12)]
         interactive = b.submit(100)
         gate.set()
@@ -489,16 +497,17 @@ def test_batch_items_wait_out_the_holdoff_after_an_interactive_batch():
         b = DynamicBatcher(rec, BatchingConfig(max_batch_size=4, max_delay_s=0, batch_holdoff_s=0.3))
         b.start()
         await b.submit(1)
-        loop = asyncio.get_running_loop()
-        submitted = loop.time()
         job = await b.submit(2, priority=Priority.BATCH)
-        waited = loop.time() - submitted
         await b.stop()
-        return waited, job
+        return rec.spans, job
 
-    waited, job = run(main())
-    assert waited >= 0.25, f"the batch-lane item ran {waited:.3f} s after an interactive batch"
-    assert job.value == 4 and job.queue_s >= 0.25
+    # Measured between the batches themselves (the end of the interactive one, the start of the job's), not from
+    # the test's submit: a host that stalls the test between the two shortens the wait the test sees, never this.
+    spans, job = run(main())
+    (_, interactive_left), (job_entered, _) = spans
+    waited = job_entered - interactive_left
+    assert job.value == 4
+    assert waited >= 0.29, f"the batch-lane item ran {waited:.3f} s after an interactive batch (hold-off 0.3 s)"
 
 
 async def _interactive_load(b: DynamicBatcher, rec: Recorder) -> tuple[asyncio.Event, asyncio.Task]:
@@ -520,10 +529,8 @@ def test_batch_items_run_after_max_wait_even_under_continuous_interactive_load()
         b = DynamicBatcher(rec, cfg)
         b.start()
         stop, client = await _interactive_load(b, rec)
-        while not rec.batches:  # interactive traffic is flowing
-            await asyncio.sleep(0.001)
-        job = b.submit(7, priority=Priority.BATCH)
-        result = await asyncio.wait_for(job, DELAY_NEVER_WAITED_S / 2)
+        await until(lambda: rec.batches)  # interactive traffic is flowing
+        result = await b.submit(7, priority=Priority.BATCH)  # a job held off for good: run() fails
         stop.set()
         await client
         await b.stop()
@@ -531,7 +538,7 @@ def test_batch_items_run_after_max_wait_even_under_continuous_interactive_load()
 
     result = run(main())
     assert result.value == 14
-    assert 0.15 <= result.queue_s < DELAY_NEVER_WAITED_S / 2  # after max_wait, not after the hold-off
+    assert 0.15 <= result.queue_s  # after max_wait (not after the hold-off: that would fail on run()'s bound)
 
 
 def test_each_lane_has_its_own_queue_bound():
@@ -540,9 +547,8 @@ def test_each_lane_has_its_own_queue_bound():
         rec = Recorder(gate=gate)
         b = DynamicBatcher(rec, BatchingConfig(max_batch_size=1, max_delay_s=0, max_queue_size=2))
         b.start()
-        running = b.submit(0)
-        while not rec.threads:
-            await asyncio.sleep(0.001)
+        running_item = b.submit(0)
+        await running(rec)
         jobs = [b.submit(i, priority=Priority.BATCH) for i in (1, 2)]
         with pytest.raises(Overloaded):
             b.submit(3, priority=Priority.BATCH)
@@ -551,7 +557,7 @@ def test_each_lane_has_its_own_queue_bound():
             b.submit(6)
         assert b.queue_depth == 4
         gate.set()
-        await asyncio.gather(running, *jobs, *interactive)
+        await asyncio.gather(running_item, *jobs, *interactive)
         await b.stop()
         return rec
 
@@ -561,32 +567,34 @@ def test_each_lane_has_its_own_queue_bound():
 
 def test_under_continuous_interactive_load_the_batch_lane_gets_one_batch_per_max_wait():
     """Aging bounds the job's share: old batch items do not lift the hold-off for good."""
+    RAN = 4
+
     async def main():
         rec = Recorder(delay_s=0.005)
         cfg = BatchingConfig(max_batch_size=1, max_delay_s=0, batch_holdoff_s=10.0, batch_max_wait_s=0.2)
         b = DynamicBatcher(rec, cfg)
         b.start()
         stop, client = await _interactive_load(b, rec)
-        while not rec.batches:
-            await asyncio.sleep(0.001)
+        await until(lambda: rec.batches)
         loop = asyncio.get_running_loop()
         started = loop.time()
         jobs = [b.submit(100 + i, priority=Priority.BATCH) for i in range(20)]
-        await asyncio.sleep(0.9)
+        # The lane's share: RAN batches run (a starved lane never gets there: run() fails). Read with the window
+        # at one instant, so a stall after it cannot add a batch to one side only.
+        await until(lambda: b.stats.batch_lane_items >= RAN)
+        ran, window_s = b.stats.batch_lane_items, loop.time() - started
         stop.set()
         await client
-        ran, window_s = b.stats.batch_lane_items, loop.time() - started
         for j in jobs:
             j.cancel()
         await b.stop(drain=False)
         return ran, window_s
 
-    # The upper bound follows the window the loop really had (a loaded host stretches 0.9 s): one batch per 0.2 s,
-    # plus one; aging that lifted the hold-off for good would run all 20 within it. The lower bound (a share of at
-    # least one batch per 0.45 s) holds unless a stall stretched the window: a stalled loop forms no batches.
+    # At most one batch per 0.2 s, plus one, in the window the loop really had (a stall only widens it): RAN
+    # batches take at least (RAN - 1) * 0.2 s. Aging that lifted the hold-off for good would run them back to back,
+    # a few ms apart, and RAN is high enough that this cannot fit under the bound.
     ran, window_s = run(main())
     assert ran <= window_s / 0.2 + 1, f"{ran} batch-lane batches ran in {window_s:.2f} s with max_wait 0.2 s"
-    assert ran >= 2 or window_s > 1.8, f"{ran} batch-lane batch(es) in {window_s:.2f} s with max_wait 0.2 s"
 
 
 # -- what metrics, owners and callers rely on ------------------------------------------------
@@ -605,11 +613,11 @@ class Held:
         self.batches.append(list(items))
         self.threads.append(threading.current_thread())
         self._entered.release()
-        assert self.release.wait(5)
+        assert self.release.wait(HANG_S), f"the test never released the batch in {HANG_S:g} s"
         return [x * 2 for x in items]
 
     async def entered(self) -> None:
-        assert await asyncio.to_thread(self._entered.acquire, True, 5), "no batch reached predict"
+        assert await asyncio.to_thread(self._entered.acquire, True, HANG_S), "no batch reached predict"
 
 
 def test_on_batch_stats_and_timings_describe_every_batch():
@@ -706,8 +714,8 @@ def test_an_item_cancelled_while_its_batch_runs_leaves_the_others_their_results(
         await held.entered()
         futures[1].cancel()  # the caller of the middle item went away
         held.release.set()
-        done = await asyncio.wait_for(asyncio.gather(futures[0], futures[2]), 30)
-        later = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in (4, 5, 6))), 30)  # the worker lives on
+        done = await asyncio.gather(futures[0], futures[2])
+        later = await asyncio.gather(*(b.submit(i) for i in (4, 5, 6)))  # the worker lives on
         await b.stop()
         return held.batches, calls, done, later, b.stats
 
@@ -755,8 +763,8 @@ def test_an_expired_item_is_counted_as_dropped_and_its_neighbours_run():
         loop = asyncio.get_running_loop()
         blocker = b.submit(0)
         await held.entered()
-        queued = [b.submit(1), b.submit(2, deadline=loop.time()), b.submit(3, deadline=loop.time() + 30),
-                  b.submit(4, deadline=loop.time())]
+        queued = [b.submit(1), b.submit(2, deadline=loop.time()),
+                  b.submit(3, deadline=loop.time() + DELAY_NEVER_WAITED_S), b.submit(4, deadline=loop.time())]
         held.release.set()
         outcomes = await asyncio.gather(blocker, *queued, return_exceptions=True)
         await b.stop()
@@ -765,7 +773,8 @@ def test_an_expired_item_is_counted_as_dropped_and_its_neighbours_run():
     batches, (blocker, one, expired, three, also_expired), stats = run(main())
     assert batches == [[0], [1, 3]]
     assert isinstance(expired, DeadlineExceeded) and isinstance(also_expired, DeadlineExceeded)
-    assert re.fullmatch(r"deadline passed after 0\.\d{3} s in the batcher queue", str(expired)), str(expired)
+    # the time it spent queued is however long the host took (a stall makes it seconds): only its form is fixed
+    assert re.fullmatch(r"deadline passed after \d+\.\d{3} s in the batcher queue", str(expired)), str(expired)
     assert (one.value, one.batch_size, three.value) == (2, 2, 6)
     assert (stats.batches, stats.items, stats.dropped) == (2, 3, 2)
 
@@ -779,7 +788,7 @@ def test_the_own_executor_is_shut_down_on_stop_and_a_given_one_is_not():
         await b.submit(1)
         await b.stop()
         own_thread = own.threads[0]
-        own_thread_ended = await asyncio.to_thread(lambda: (own_thread.join(2), not own_thread.is_alive())[1])
+        own_thread_ended = await asyncio.to_thread(lambda: (own_thread.join(HANG_S), not own_thread.is_alive())[1])
 
         given_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="given")
         given = Held()
@@ -795,7 +804,7 @@ def test_the_own_executor_is_shut_down_on_stop_and_a_given_one_is_not():
     assert own_thread_ended  # stop() shut the batcher's own executor down (b is still referenced)
     assert [t.name.split("_")[0] for t in given_threads] == ["given"]
     try:
-        assert given_executor.submit(lambda: 7).result(2) == 7  # the owner's executor still works
+        assert given_executor.submit(lambda: 7).result(HANG_S) == 7  # the owner's executor still works
     finally:
         given_executor.shutdown()
 
@@ -927,12 +936,14 @@ def test_an_interactive_item_does_not_wait_for_a_batch_lane_group_to_fill():
 
     batches, interactive = run(main())
     assert batches == [[2, 3], [1]]
-    assert all(r.queue_s < DELAY_NEVER_WAITED_S / 2 for r in interactive), [r.queue_s for r in interactive]
+    # they did not wait for the delay: that would have failed on run()'s bound
 
 
 def test_a_group_cancelled_while_it_waits_for_company_does_not_stop_the_worker():
     async def main():
-        b = DynamicBatcher(lambda xs: xs, BatchingConfig(max_batch_size=2, max_delay_s=5.0), key=lambda s: s[0])
+        # a delay never reached: a host that stalls the test before the cancel cannot flush "a1" alone first
+        b = DynamicBatcher(lambda xs: xs, BatchingConfig(max_batch_size=2, max_delay_s=DELAY_NEVER_WAITED_S),
+                           key=lambda s: s[0])
         b.start()
         with b.incoming():
             lonely = b.submit("a1")
@@ -949,7 +960,7 @@ def test_a_group_cancelled_while_it_waits_for_company_does_not_stop_the_worker()
 def test_concurrency_runs_batches_at_once_and_is_checked():
     with pytest.raises(InvalidArgument, match="concurrency"):
         BatchingConfig(concurrency=0)
-    barrier = threading.Barrier(2, timeout=30)
+    barrier = threading.Barrier(2, timeout=HANG_S)
 
     def predict(items: list) -> list:
         barrier.wait()  # only two batches running at the same time get past this
@@ -974,9 +985,8 @@ def test_a_starved_batch_item_runs_with_concurrent_batches_under_continuous_inte
         b = DynamicBatcher(rec, cfg)
         b.start()
         loads = [await _interactive_load(b, rec) for _ in range(2)]
-        while not rec.batches:
-            await asyncio.sleep(0.001)
-        result = await asyncio.wait_for(b.submit(7, priority=Priority.BATCH), DELAY_NEVER_WAITED_S / 2)
+        await until(lambda: rec.batches)
+        result = await b.submit(7, priority=Priority.BATCH)  # a job held off for good: run() fails
         for stop, client in loads:
             stop.set()
             await client
@@ -993,7 +1003,7 @@ def _gated_predict() -> tuple[threading.Event, threading.Event, object]:
 
     def predict(items: list) -> list:
         entered.set()
-        gate.wait(30)
+        assert gate.wait(HANG_S), f"the test never opened the gate in {HANG_S:g} s"
         return [x * 2 if isinstance(x, int) else x for x in items]
 
     return entered, gate, predict
@@ -1009,7 +1019,7 @@ def test_on_finish_runs_when_an_item_s_work_ends_not_when_its_caller_gives_up():
         loop = asyncio.get_running_loop()
         finished: list[str] = []
         running_item = b.submit("a", on_finish=lambda: finished.append("a"))
-        await asyncio.to_thread(entered.wait, 30)  # "a" is inside predict
+        await asyncio.to_thread(entered.wait, HANG_S)  # "a" is inside predict
         cancelled = b.submit("b", on_finish=lambda: finished.append("b"))
         expired = b.submit("c", deadline=loop.time(), on_finish=lambda: finished.append("c"))
         running_item.cancel()
@@ -1039,7 +1049,7 @@ def test_an_interactive_batch_counts_as_running_from_the_moment_it_is_taken():
         b.start()
         interactive = b.submit(1)
         job = b.submit(2, priority=Priority.BATCH)
-        await asyncio.to_thread(entered.wait, 30)  # the interactive batch is inside predict
+        await asyncio.to_thread(entered.wait, HANG_S)  # the interactive batch is inside predict
         queued_beside_it = b.queue_depth
         gate.set()
         results = await asyncio.gather(interactive, job)
@@ -1060,7 +1070,7 @@ def test_a_stop_whose_caller_is_cancelled_still_delivers_every_queued_result():
         b = DynamicBatcher(predict, BatchingConfig(max_batch_size=1, max_delay_s=0))
         b.start()
         first = b.submit(1)
-        assert await asyncio.to_thread(entered.wait, 30)
+        assert await asyncio.to_thread(entered.wait, HANG_S)
         queued = b.submit(2)
         stopping = asyncio.ensure_future(b.stop())
         await asyncio.sleep(0)  # the stop now awaits the worker

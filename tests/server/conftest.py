@@ -7,6 +7,7 @@ with the real synchronous client, exactly like a remote caller would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 import time
@@ -138,7 +139,7 @@ class RunningServer:
             self.stop()
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
+            self.thread.join(120)  # a loaded host may take seconds to end the loop thread: only a hang nears this
             self.loop.close()
 
 
@@ -192,7 +193,7 @@ def shared_server(shared_repo):
 
 @pytest.fixture(scope="module")
 def client(shared_server):
-    with shared_server.client(timeout_s=30) as c:
+    with shared_server.client(timeout_s=120) as c:  # a deadline only a hang reaches (a loaded host takes seconds)
         yield c
 
 
@@ -285,12 +286,30 @@ def metric(text: str, name: str, default: float | None = None, **labels: str) ->
 
 
 def free_port() -> int:
-    """A local TCP port nothing listens on now."""
+    """A local TCP port nothing listens on now. Another process may take it before the test binds it: prefer
+    ``port=0`` (the server picks and reports its port), or ``reserved_port`` where the port must be known first."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def reserved_port():
+    """A local TCP port held for the test: bound here but not listening, so connecting to it is refused and no
+    other process can take it (nor the test's own server: ``release()`` frees it just before the server binds it,
+    which narrows the window where another process could take it to the next line of the test).
+
+    Yields ``(port, release)``; the port is freed at the end in any case."""
+    import socket
+
+    s = socket.socket()  # no SO_REUSEADDR: another socket cannot bind the port while this one holds it
+    try:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1], s.close
+    finally:
+        s.close()
 
 
 @pytest.fixture
@@ -310,6 +329,16 @@ def held_start(start_server, monkeypatch):
         return build(self, name, version)
 
     monkeypatch.setattr(VersionLoader, "_build_engine", slow_build)
+    # The server binds port 0 and listens before it loads its models: its port is known once the load is held
+    # (a port picked here and bound later could be taken by another process in between).
+    started: list[SegmentationServer] = []
+    real_start = SegmentationServer.start
+
+    async def recording_start(self):  # type: ignore[no-untyped-def]
+        started.append(self)
+        await real_start(self)
+
+    monkeypatch.setattr(SegmentationServer, "start", recording_start)
 
     def release() -> None:
         go.set()
@@ -317,12 +346,12 @@ def held_start(start_server, monkeypatch):
             thread.join(150)
 
     def start(repo: Path) -> tuple[int, Callable[[], None]]:
-        port = free_port()
-        starter = threading.Thread(target=lambda: start_server(repo, port=port))
+        starter = threading.Thread(target=lambda: start_server(repo))
         starters.append(starter)
         starter.start()
-        assert loading.wait(60), "the server never began loading its models"
-        return port, release
+        assert loading.wait(120), "the server never began loading its models"
+        assert started[-1].port, "the server loads its models before it listens"
+        return started[-1].port, release
 
     yield start
     release()

@@ -5,35 +5,38 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
+import time
 
 import pytest
 
 from segsvc.cli import main
 from segsvc.client import SegmentationClient
 from segsvc.errors import Unavailable
-from tests.server.conftest import free_port
+from tests.server.conftest import reserved_port
 
 
 def test_wait_for_server_returns_once_a_server_listens(start_server, shared_repo) -> None:
-    port = free_port()
     outcome: list[BaseException | None] = []
     waiting = threading.Event()
+    # Held until the server binds it: connecting is refused, and no other process can take the port meanwhile.
+    with reserved_port() as (port, release_port):
 
-    def wait() -> None:
-        with SegmentationClient(f"127.0.0.1:{port}") as client:
-            waiting.set()
-            try:
-                client.wait_for_server(120)
-                client.list_models()
-                outcome.append(None)
-            except BaseException as exc:  # reported to the test thread
-                outcome.append(exc)
+        def wait() -> None:
+            with SegmentationClient(f"127.0.0.1:{port}") as client:
+                waiting.set()
+                try:
+                    client.wait_for_server(120)
+                    client.list_models()
+                    outcome.append(None)
+                except BaseException as exc:  # reported to the test thread
+                    outcome.append(exc)
 
-    thread = threading.Thread(target=wait)
-    thread.start()
-    assert waiting.wait(30)
-    start_server(shared_repo, port=port)  # starts after the client began waiting
-    thread.join(150)
+        thread = threading.Thread(target=wait)
+        thread.start()
+        assert waiting.wait(120)
+        release_port()
+        start_server(shared_repo, port=port)  # starts after the client began waiting
+        thread.join(150)
     assert outcome == [None]
 
 
@@ -68,8 +71,7 @@ def test_wait_for_server_waits_while_the_server_loads_its_models(held_start, sha
 
 
 def test_no_server_is_unavailable_with_the_address() -> None:
-    port = free_port()
-    with SegmentationClient(f"127.0.0.1:{port}") as client:
+    with reserved_port() as (port, _), SegmentationClient(f"127.0.0.1:{port}") as client:
         with pytest.raises(Unavailable, match=f"127.0.0.1:{port}.*segsvc serve"):
             client.wait_for_server(0.5)
 
@@ -78,8 +80,8 @@ def test_cli_without_server_fails_with_a_message(monkeypatch, capsys) -> None:
     import segsvc.cli_client
 
     monkeypatch.setattr(segsvc.cli_client, "CONNECT_TIMEOUT_S", 0.5)
-    port = free_port()
-    assert main(["datasets", "list", "--server", f"127.0.0.1:{port}"]) != 0
+    with reserved_port() as (port, _):  # nothing can listen there meanwhile
+        assert main(["datasets", "list", "--server", f"127.0.0.1:{port}"]) != 0
     err = capsys.readouterr().err
     assert f"no server answered at 127.0.0.1:{port}" in err and "Traceback" not in err
 
@@ -99,14 +101,13 @@ def test_tls_at_one_end_only_is_named_not_reported_as_no_server(start_server, sh
     )
     with_tls = start_server(shared_repo, tls=TLSConfig(cert, key))
     plaintext = start_server(shared_repo)
-    with SegmentationClient(with_tls.address) as client, pytest.raises(Unavailable) as no_tls:
-        client.wait_for_server(2)
-    assert f"something listens at {with_tls.address}" in str(no_tls.value)
-    assert "needs a TLS client" in str(no_tls.value) and "--tls" in str(no_tls.value)
+    with SegmentationClient(with_tls.address) as client:
+        no_tls = _refusal_once_a_handshake_failed(client)
+    assert f"something listens at {with_tls.address}" in str(no_tls)
+    assert "needs a TLS client" in str(no_tls) and "--tls" in str(no_tls)
     with SegmentationClient(plaintext.address, root_certificates=cert.read_bytes()) as client:
-        with pytest.raises(Unavailable) as tls_only_here:
-            client.wait_for_server(2)
-    assert "needs a plaintext client" in str(tls_only_here.value)
+        tls_only_here = _refusal_once_a_handshake_failed(client)
+    assert "needs a plaintext client" in str(tls_only_here)
     with SegmentationClient(with_tls.address, root_certificates=cert.read_bytes()) as client:
         client.wait_for_server(120)  # the matching client connects
         assert [m.name for m in client.list_models()]
@@ -128,3 +129,16 @@ def test_a_token_read_from_a_file_with_its_newline_works(start_server, shared_re
     for bad in ("s3 cret", "s3cr\u00e9t", "s3\x00cret"):
         with pytest.raises(InvalidArgument, match="a token is printable ASCII without whitespace"):
             SegmentationClient(server.address, token=bad)
+
+
+def _refusal_once_a_handshake_failed(client: SegmentationClient, hang_s: float = 120) -> Unavailable:
+    """What ``wait_for_server`` raises once the channel has seen a connection attempt fail. A short wait (2 s: the
+    channel never becomes ready, so every wait runs to its end) may end before a loaded host finished the first
+    handshake, and that wait rightly says only "no server answered"; the next one, on the same channel, sees the
+    failure. Waiting for it is the guard ``hang_s`` against a client that never tells the two apart."""
+    end = time.monotonic() + hang_s
+    while True:
+        with pytest.raises(Unavailable) as refused:
+            client.wait_for_server(2)
+        if "no server answered" not in str(refused.value) or time.monotonic() > end:
+            return refused.value

@@ -86,7 +86,7 @@ def test_overlay_png_is_the_palette_blended_over_the_image(shared_server, tiny_r
         request = pb.SegmentRequest(model="tiny", image=encode(image),
                                     options=pb.SegmentOptions(encoding=pb.OUTPUT_ENCODING_OVERLAY_PNG,
                                                               overlay_alpha=0.4))
-        response = stub.Segment(request, timeout=30)
+        response = stub.Segment(request, timeout=120)  # a deadline only a hang reaches
     assert response.labels.encoding == pb.OUTPUT_ENCODING_OVERLAY_PNG
     got = decode_image(response.labels.data)
     expected = overlay(image, tiny_ref.predict(image), tiny_ref.manifest.palette, 0.4)
@@ -99,7 +99,7 @@ def test_raw_uint16_encoding_on_request(shared_server, tiny_ref):
         stub = pb_grpc.SegmentationServiceStub(channel)
         response = stub.Segment(pb.SegmentRequest(
             model="tiny", image=encode(image),
-            options=pb.SegmentOptions(encoding=pb.OUTPUT_ENCODING_RAW_UINT16)), timeout=30)
+            options=pb.SegmentOptions(encoding=pb.OUTPUT_ENCODING_RAW_UINT16)), timeout=120)
     labels = np.frombuffer(response.labels.data, "<u2").reshape(20, 24)
     assert_labels_match(labels, tiny_ref, image)
 
