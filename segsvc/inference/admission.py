@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter, deque
-from dataclasses import dataclass
-from typing import AsyncIterator, Hashable
+from dataclasses import dataclass, replace
+from typing import AsyncIterator, Callable, Hashable
 
 from segsvc.config import MAX_TILE_OVERLAP  # noqa: F401  (re-exported: the per-request limit)
 from segsvc.errors import DeadlineExceeded, ImageTooLarge, InvalidArgument, Overloaded
+from segsvc.inference.batcher import Priority
 from segsvc.inference.contract import TILE_BATCH, padded_size, scaled_size
-from segsvc.inference.tiling import overlap_tile_layout, tile_starts
+from segsvc.inference.tiling import overlap_tile_layout, tile_count
 
 MIB = 1 << 20
 
@@ -60,7 +62,8 @@ class Cost:
 
 def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, flip_tta: bool, stride: int,
              min_size: int, num_classes: int, bytes_per_pixel: float, channels: int = 3,
-             scale: float = 1.0, tile_padding: str = "zero", tta_scales: tuple[float, ...] = ()) -> Cost:
+             scale: float = 1.0, tile_padding: str = "zero", tta_scales: tuple[float, ...] = (),
+             confidence: bool = False, label_bytes: int = 1) -> Cost:
     """The ``Cost`` of one ``height x width`` image with these options on this model.
 
     With ``scale != 1`` the network sees the image resized (``scaled_size``): a
@@ -72,7 +75,7 @@ def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, fl
     such estimate at the size the engine runs it: the image resized by ``scale``,
     then that size by the factor (each rounded, as the engine rounds them). Their
     passes and tiles add up, the largest pass and peak count, plus the running
-    sum of the logits.
+    sum of the logits. What the outputs add at the image's size (``_with_outputs``) comes last.
     """
     def at(size: tuple[int, int], pass_scale: float) -> Cost:
         return _one_size((height, width), size, pass_scale, tile_size=tile_size, tile_overlap=tile_overlap,
@@ -81,12 +84,28 @@ def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, fl
 
     sh, sw = scaled_size(height, width, scale)
     if not tta_scales:
-        return at((sh, sw), scale)
-    costs = [at(scaled_size(sh, sw, f), scale * f) for f in tta_scales]
-    largest = max(costs, key=lambda c: c.pixels)
-    work = sum(c.work_pixels for c in costs)
-    peak = max(c.peak_bytes for c in costs) + sh * sw * num_classes * 4 * 2  # the sum and one resized pass
-    return Cost(largest.pixels, -(-work // largest.pixels), sum(c.tiles for c in costs), int(peak), largest.scale)
+        cost = at((sh, sw), scale)
+    else:
+        costs = [at(scaled_size(sh, sw, f), scale * f) for f in tta_scales]
+        largest = max(costs, key=lambda c: c.pixels)
+        work = sum(c.work_pixels for c in costs)
+        peak = max(c.peak_bytes for c in costs) + sh * sw * num_classes * 4 * 2  # the sum and one resized pass
+        cost = Cost(largest.pixels, -(-work // largest.pixels), sum(c.tiles for c in costs), int(peak), largest.scale)
+    return _with_outputs(cost, height * width, num_classes, confidence, label_bytes)
+
+
+def _with_outputs(cost: Cost, pixels: int, num_classes: int, confidence: bool, label_bytes: int) -> Cost:
+    """``cost`` plus what ``Engine._output`` allocates beside the full-size logits that the rest does not count:
+    with ``confidence`` their softmax (a map as large as the logits, and as much again for the kernel's
+    working copy: measured) with its maximum, rounded, as uint8; labels wider than uint8 through an int32 copy.
+    With a model run at a reduced scale the logits are small until resized back, so these can double the peak.
+    """
+    per_pixel = (label_bytes - 1 + 4) if label_bytes > 1 else 0
+    if confidence:
+        per_pixel += num_classes * 4 * 2 + 4 + 4 + 1
+    if not per_pixel:
+        return cost
+    return replace(cost, peak_bytes=cost.peak_bytes + pixels * per_pixel)
 
 
 def _one_size(out: tuple[int, int], size: tuple[int, int], scale: float, *, tile_size: int, tile_overlap: float,
@@ -108,7 +127,7 @@ def _one_size(out: tuple[int, int], size: tuple[int, int], scale: float, *, tile
         return Cost(ph * pw, layout.tiles * flips, layout.tiles, int(peak), scale)
     if tile_size:
         th, tw = min(tile_size, height), min(tile_size, width)
-        tiles = len(tile_starts(height, th, tile_overlap)) * len(tile_starts(width, tw, tile_overlap))
+        tiles = tile_count(height, th, tile_overlap) * tile_count(width, tw, tile_overlap)  # never listed
         ph, pw = padded_size(th, tw, stride, min_size)
         in_flight = min(TILE_BATCH, tiles)
         accumulators = height * width * 4 * (num_classes * (flips + 1) + 1)  # logits sums, weights
@@ -174,25 +193,53 @@ class Hold:
             budget._give_back(self.nbytes)
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """One request waiting for room: its bytes, lane and arrival (``MemoryBudget``'s clock)."""
+
+    nbytes: int
+    lane: Hashable
+    since: float
+    granted: asyncio.Future
+
+
 class MemoryBudget:
-    """Requests hold their estimated bytes while served; the rest wait in arrival order, a bounded number per lane.
+    """Requests hold their estimated bytes while served; the rest wait, a bounded number per lane.
+
+    The wait line keeps the batchers' lanes: the ``background`` lane (batch jobs, ``Priority.BATCH``)
+    gives way to the others, so a client's request is not queued behind a job's window of images that
+    wait for memory (the batcher would run it first, but only once it has its memory). A background
+    request still goes first once none has been granted for ``max_wait_s`` and it waited that long
+    (``BatchingConfig.batch_max_wait_s``): a job advances under continuous interactive load. Within a
+    lane requests go in arrival order, and the one whose turn it is is never overtaken (a large request
+    is not starved by small ones).
 
     Args:
         total_bytes: the budget; a request larger than this alone never fits (``Admission.check``
             refuses it first).
         max_waiting: most requests of one lane waiting for room; more are refused with ``Overloaded``.
+        max_wait_s: longest a background request gives way while other lanes wait.
+        background: the lane that gives way.
+        clock: seconds, monotonic (``time.monotonic``).
     """
 
-    def __init__(self, total_bytes: int, max_waiting: int) -> None:
+    def __init__(self, total_bytes: int, max_waiting: int, max_wait_s: float = 1.0,
+                 background: Hashable = Priority.BATCH, clock: Callable[[], float] = time.monotonic) -> None:
         if total_bytes < 1:
             raise InvalidArgument(f"the memory budget must be positive, got {total_bytes}")
         if max_waiting < 1:
             raise InvalidArgument(f"the memory budget's wait line must hold at least one request, got {max_waiting}")
+        if not max_wait_s >= 0:
+            raise InvalidArgument(f"the memory budget's max_wait_s must be >= 0, got {max_wait_s!r}")
         self.total_bytes = total_bytes
         self.max_waiting = max_waiting
+        self.max_wait_s = max_wait_s
+        self.background = background
+        self._clock = clock
         self.used_bytes = 0
-        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+        self._lines: dict[bool, deque[_Waiter]] = {False: deque(), True: deque()}  # keyed by "background?"
         self._waiting: Counter[Hashable] = Counter()
+        self._last_background = float("-inf")
 
     @contextlib.asynccontextmanager
     async def hold(self, nbytes: int, deadline: float | None = None, lane: Hashable = None) -> AsyncIterator[None]:
@@ -204,41 +251,44 @@ class MemoryBudget:
             held.release()
 
     async def acquire(self, nbytes: int, deadline: float | None = None, lane: Hashable = None) -> Hold:
-        """Take ``nbytes`` of the budget; wait (until ``deadline``) in arrival order while it is spent.
+        """Take ``nbytes`` of the budget; wait (until ``deadline``, an event-loop time) for the lane's turn.
 
         Raises:
             Overloaded: ``max_waiting`` requests of ``lane`` already wait.
             DeadlineExceeded: the deadline passed while waiting.
         """
         nbytes = min(max(int(nbytes), 0), self.total_bytes)
-        if not self._waiters and self.used_bytes + nbytes <= self.total_bytes:
-            self.used_bytes += nbytes
+        waiter = _Waiter(nbytes, lane, self._clock(), asyncio.get_running_loop().create_future())
+        line = self._lines[lane == self.background]
+        line.append(waiter)
+        self._wake()
+        if waiter.granted.done():  # its turn, and it fits: no wait
             return Hold(self, nbytes)
         if self._waiting[lane] >= self.max_waiting:
+            line.remove(waiter)
+            waiter.granted.cancel()
+            self._wake()
             raise Overloaded(f"{self._waiting[lane]} requests are already waiting for the server's memory budget "
                              f"({self.total_bytes / MIB:.0f} MiB), the limit; retry with backoff")
         self._waiting[lane] += 1
         try:
-            await self._wait(nbytes, deadline)
+            await self._wait(waiter, line, deadline)
         finally:
             self._waiting[lane] -= 1
         return Hold(self, nbytes)
 
-    async def _wait(self, nbytes: int, deadline: float | None) -> None:
+    async def _wait(self, waiter: _Waiter, line: deque[_Waiter], deadline: float | None) -> None:
         loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        entry = (nbytes, waiter)
-        self._waiters.append(entry)
         try:
             timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            await asyncio.wait_for(asyncio.shield(waiter.granted), timeout)
         except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():  # granted meanwhile: give it back
-                self.used_bytes -= nbytes
+            if waiter.granted.done() and not waiter.granted.cancelled():  # granted meanwhile: give it back
+                self.used_bytes -= waiter.nbytes
             else:
-                waiter.cancel()
+                waiter.granted.cancel()
             with contextlib.suppress(ValueError):
-                self._waiters.remove(entry)
+                line.remove(waiter)
             self._wake()
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceeded("the deadline passed while waiting for memory to serve the image") from None
@@ -249,14 +299,29 @@ class MemoryBudget:
         self._wake()
 
     def _wake(self) -> None:
-        """Grant waiters in order while the head fits (FIFO: a large request is not starved)."""
-        while self._waiters:
-            nbytes, waiter = self._waiters[0]
-            if waiter.done():
-                self._waiters.popleft()
-                continue
-            if self.used_bytes + nbytes > self.total_bytes:
+        """Grant waiters while the one whose turn it is fits (the foreground lanes' oldest, unless the
+        background's has waited out ``max_wait_s``); it is never overtaken, so a large request is not starved."""
+        foreground, background = self._lines[False], self._lines[True]
+        while True:
+            for line in (foreground, background):
+                while line and line[0].granted.done():
+                    line.popleft()
+            now = self._clock()
+            if background and (not foreground or now >= self._starved_at(background[0])):
+                line = background
+            elif foreground:
+                line = foreground
+            else:
                 return
-            self._waiters.popleft()
-            self.used_bytes += nbytes
-            waiter.set_result(None)
+            head = line[0]
+            if self.used_bytes + head.nbytes > self.total_bytes:
+                return
+            line.popleft()
+            self.used_bytes += head.nbytes
+            if line is background:
+                self._last_background = now
+            head.granted.set_result(None)
+
+    def _starved_at(self, waiter: _Waiter) -> float:
+        """When the background ``waiter`` goes ahead of the other lanes (as ``DynamicBatcher`` does)."""
+        return max(waiter.since, self._last_background) + self.max_wait_s

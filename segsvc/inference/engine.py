@@ -187,13 +187,15 @@ class Engine:
         return options.resolve(self.predictor.inference)
 
     def cost(self, height: int, width: int, options: InferenceOptions) -> Cost:
-        """What segmenting a ``height x width`` image with ``options`` costs on this model (at its scale)."""
+        """What segmenting a ``height x width`` image with ``options`` costs on this model (at its scale),
+        the confidence map and the label dtype included."""
         p, spec = self.predictor, self.resolve(options)
         return estimate(height, width, tile_size=spec.tile_size, tile_overlap=spec.tile_overlap,
                         flip_tta=spec.flip_tta, stride=p.stride, min_size=p.min_size,
                         num_classes=self.num_classes, bytes_per_pixel=self.bytes_per_pixel,
                         channels=p.manifest.input.channels, scale=spec.scale, tile_padding=spec.tile_padding,
-                        tta_scales=spec.tta_scales)
+                        tta_scales=spec.tta_scales, confidence=options.confidence,
+                        label_bytes=self.labels_dtype.itemsize)
 
     def measure_memory(self, size: int = 128) -> float:
         """Bytes the forward pass needs per input pixel at its peak (measured once at load, by the backend)."""

@@ -185,8 +185,11 @@ class InferenceService:
         self._io = io_executor
         self.admission = admission
         self.max_pixels = admission.max_pixels
-        # Waiting for memory is waiting in a queue: bounded per lane like every batcher's (--max-queue).
-        self.budget = MemoryBudget(admission.max_inflight_mb * MIB, manager.config.batching.max_queue_size)
+        # Waiting for memory is waiting in a queue: bounded per lane like every batcher's (--max-queue),
+        # in the batchers' lanes (a job's images waiting for memory give way to interactive calls).
+        batching = manager.config.batching
+        self.budget = MemoryBudget(admission.max_inflight_mb * MIB, batching.max_queue_size,
+                                   max_wait_s=batching.batch_max_wait_s, background=Priority.BATCH)
 
     async def run_io(self, fn: Callable[..., R], *args: object) -> R:
         """Run ``fn(*args)`` on the I/O threads (encoding a response, writing a file)."""

@@ -50,14 +50,26 @@ def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
         >>> tile_starts(10, 4, 0.0)
         [0, 3, 6]
     """
-    if tile >= size:
-        return [0]
-    stride = max(1, int(tile * (1.0 - overlap)))
-    count = math.ceil((size - tile) / stride) + 1
+    count = tile_count(size, tile, overlap)
     if count == 1:
         return [0]
     # spread the tiles evenly between the first and the end-aligned last position
     return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+
+
+def tile_count(size: int, tile: int, overlap: float) -> int:
+    """``len(tile_starts(size, tile, overlap))`` without listing them: admission counts the tiles of a size read
+    from a header, on the event loop and before ``max_tiles`` refuses it, so a list of millions of offsets would
+    cost what it is there to bound.
+
+    Example:
+        >>> tile_count(10, 4, 0.0), tile_count(64_000_000, 16, 0.75)
+        (3, 15999997)
+    """
+    if tile >= size:
+        return 1
+    stride = max(1, int(tile * (1.0 - overlap)))
+    return math.ceil((size - tile) / stride) + 1
 
 
 def round_up(size: int, multiple: int, min_size: int = 1) -> int:
@@ -108,14 +120,23 @@ class OverlapTileLayout:
         context: ``(h, w)`` pixels of context above/left of a core (as many below/right,
             plus ``extra``); their logits are dropped.
         extra: ``(h, w)`` more pixels below/right so a tile is a multiple of the stride.
-        ys, xs: start rows / columns of the cores in the image.
+        size: ``(h, w)`` of the image the cores cover.
     """
 
     core: tuple[int, int]
     context: tuple[int, int]
     extra: tuple[int, int]
-    ys: list[int]
-    xs: list[int]
+    size: tuple[int, int]
+
+    @property
+    def ys(self) -> list[int]:
+        """Start rows of the cores in the image (listed where the tiles are cut, after admission)."""
+        return tile_starts(self.size[0], self.core[0], 0.0)
+
+    @property
+    def xs(self) -> list[int]:
+        """Start columns of the cores in the image."""
+        return tile_starts(self.size[1], self.core[1], 0.0)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -125,7 +146,8 @@ class OverlapTileLayout:
 
     @property
     def tiles(self) -> int:
-        return len(self.ys) * len(self.xs)
+        """How many tiles, counted without listing them (``tile_count``)."""
+        return tile_count(self.size[0], self.core[0], 0.0) * tile_count(self.size[1], self.core[1], 0.0)
 
 
 def context_size(tile: int, overlap: float) -> int:
@@ -151,7 +173,7 @@ def overlap_tile_layout(
     kh, kw = min(tile[0] - 2 * ch, height), min(tile[1] - 2 * cw, width)
     eh = round_up(kh + 2 * ch, stride, min_size) - (kh + 2 * ch)
     ew = round_up(kw + 2 * cw, stride, min_size) - (kw + 2 * cw)
-    return OverlapTileLayout((kh, kw), (ch, cw), (eh, ew), tile_starts(height, kh, 0.0), tile_starts(width, kw, 0.0))
+    return OverlapTileLayout((kh, kw), (ch, cw), (eh, ew), (height, width))
 
 
 def blend_window(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -156,3 +156,10 @@ def test_bad_arguments_are_invalid_argument_errors():
         sliding_window_logits(pointwise, torch.zeros(1, 3, 8, 8), (4, 4), overlap=1.0)
     with pytest.raises(InvalidArgument, match=r"\[N,C,H,W\]"):
         sliding_window_logits(pointwise, torch.zeros(3, 8, 8), (4, 4))
+
+
+@pytest.mark.parametrize("size, tile, overlap", [(10, 4, 0.0), (100, 32, 0.25), (33, 32, 0.5), (8, 16, 0.3),
+                                                 (1000, 16, 0.75), (997, 17, 0.6), (5, 5, 0.0)])
+def test_tile_count_is_the_number_of_tiles_listed(size, tile, overlap):
+    from segsvc.inference.tiling import tile_count
+    assert tile_count(size, tile, overlap) == len(tile_starts(size, tile, overlap))
