@@ -110,7 +110,7 @@ class InputSpec:
     std: tuple[float, ...] = IMAGENET_STD
 
     def __post_init__(self) -> None:
-        mean, std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+        mean, std = _finite_numbers(self.mean, "mean"), _finite_numbers(self.std, "std")
         if self.channels not in IMAGE_CHANNELS:
             raise ModelConfigError(
                 f"input channels must be 1 (grey) or 3 (RGB), got {self.channels!r}: segsvc decodes every image "
@@ -141,8 +141,20 @@ class InputSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> "InputSpec":
         try:
             return cls(int(data["channels"]), tuple(data["mean"]), tuple(data["std"]))
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf), JSON's 1e999
             raise ModelConfigError(f"input spec must have channels, mean and std: {exc}") from None
+
+
+def _finite_numbers(value: Any, name: str) -> tuple[float, ...]:
+    """``value`` (the input ``mean`` or ``std``) as floats: a list or tuple of finite real numbers. A NaN mean
+    made every input NaN and an infinite std every input 0; a string "123" read as three values."""
+    if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, numbers.Real)
+                                                    for v in value):
+        raise ModelConfigError(f"input {name} must be a list of numbers, got {value!r}")
+    out = tuple(float(v) for v in value)
+    if not all(math.isfinite(v) for v in out):
+        raise ModelConfigError(f"input {name} values must be finite, got {list(out)}")
+    return out
 
 
 # Limits shared by the manifest's inference defaults and per-request options.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -31,7 +32,7 @@ import segsvc
 from segsvc.config import InferenceSpec, InputSpec, ModelSpec
 from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument, SegsvcError
 from segsvc.files import widen_to_umask, write_atomic
-from segsvc.models.registry import architecture_spec, build_model
+from segsvc.models.registry import architecture_spec, build_model, plan_model
 from segsvc.palette import Color, default_palette
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -120,13 +121,13 @@ class Manifest:
             palette = tuple(_color(c) for c in data["palette"])
             return cls(
                 name=str(data["name"]),
-                version=int(data["version"]),
+                version=_integer(data["version"], "version"),
                 spec=ModelSpec.from_dict(data["model"]),
                 input=InputSpec.from_dict(data["input"]),
                 inference=InferenceSpec.from_dict(data.get("inference") or {}),
                 class_names=tuple(str(n) for n in data["class_names"]),
                 palette=palette,
-                ignore_index=None if data.get("ignore_index") is None else int(data["ignore_index"]),
+                ignore_index=None if data.get("ignore_index") is None else _integer(data["ignore_index"], "ignore_index"),
                 training=dict(data.get("training") or {}),
                 metrics=dict(data.get("metrics") or {}),
                 lineage=dict(data.get("lineage") or {}),
@@ -137,7 +138,7 @@ class Manifest:
             )
         except ArtifactError:
             raise
-        except (SegsvcError, TypeError, ValueError) as exc:
+        except (SegsvcError, TypeError, ValueError, OverflowError) as exc:
             raise ArtifactError(f"manifest is invalid: {exc}") from None
 
 
@@ -153,6 +154,15 @@ def model_inference_spec(model: nn.Module, **overrides: Any) -> InferenceSpec:
     """An ``InferenceSpec`` with the model's own stride and minimum input size (plus ``overrides``)."""
     return InferenceSpec(stride=int(getattr(model, "output_stride", 1)),
                          min_input_size=int(getattr(model, "min_input_size", 1)), **overrides)
+
+
+def _integer(value: Any, name: str) -> int:
+    """``int(value)`` for a manifest field, refusing a float that is not a whole number by name: ``1e999`` (valid
+    JSON) reads as infinity, whose ``int`` raised ``OverflowError``; ``2.5`` became 2. Other values fail in
+    ``int`` (a ``ValueError`` or ``TypeError`` that ``Manifest.from_dict`` reports)."""
+    if isinstance(value, float) and not value.is_integer():  # also inf and nan
+        raise ArtifactError(f"manifest is invalid: {name} must be an integer, got {value!r}")
+    return int(value)
 
 
 def _color(value: Any) -> Color:
@@ -276,6 +286,8 @@ def read_manifest(version_dir: str | os.PathLike[str]) -> Manifest:
         raise ArtifactError(f"{path} does not exist: not a model version directory") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"cannot read {path}: {exc}") from None
+    except RecursionError:  # brackets nested thousands deep, well under the size limit
+        raise ArtifactError(f"cannot read {path}: its JSON is nested too deeply") from None
     return Manifest.from_dict(data)
 
 
@@ -294,7 +306,85 @@ def write_manifest(version_dir: str | os.PathLike[str], manifest: Manifest) -> P
     return write_atomic(Path(version_dir) / MANIFEST_FILE, data)
 
 
-def _check_state(path: Path, expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], arch: str) -> None:
+# -- loading: every cost bounded before it is paid ---------------------------------------------------------------
+# The most state-dict elements a manifest may ask for: 4 GiB of float32, far above the models served here (smp
+# Unet/ResNet-34: 24M). A manifest's widths are otherwise unbounded (base_channels 10**6 asked torch for 36 TB; a
+# smaller absurd width was allocated and initialised, filling the server's memory).
+MAX_MODEL_PARAMETERS = 1 << 30
+# The JSON header of weights.safetensors (name, dtype, shape and offsets of each tensor: ~100 bytes a tensor, so
+# about 80k tensors). safetensors' own limit is 100 MB, whose parse and tensors cost far more than the file.
+MAX_WEIGHTS_HEADER_BYTES = 8 << 20
+# torch dtype -> safetensors' name for it (the header's "dtype").
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+# (shape, safetensors dtype) of each tensor of a state dict
+TensorPlan = Mapping[str, tuple[tuple[int, ...], str]]
+
+
+def planned_state(version_dir: Path, spec: ModelSpec) -> TensorPlan:
+    """The tensors the model ``spec`` describes, from a build on the meta device (no memory, no initialisation).
+
+    Raises:
+        ArtifactError: the spec cannot be built, or its model has more than ``MAX_MODEL_PARAMETERS`` elements.
+    """
+    try:
+        model = plan_model(spec)
+    except SegsvcError as exc:
+        raise ArtifactError(f"{version_dir}: cannot build the model its manifest describes: {exc}") from None
+    plan = {k: (tuple(t.shape), _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype))) for k, t in model.state_dict().items()}
+    count = sum(math.prod(shape) for shape, _ in plan.values())
+    if count > MAX_MODEL_PARAMETERS:
+        raise ArtifactError(f"{version_dir}: the model its manifest describes has {count:,} parameters, over the "
+                            f"limit of {MAX_MODEL_PARAMETERS:,}")
+    return plan
+
+
+def _plan_bytes(plan: TensorPlan) -> int:
+    itemsize = {v: torch.empty((), dtype=k).element_size() for k, v in _SAFETENSORS_DTYPES.items()}
+    return sum(math.prod(shape) * itemsize.get(dtype, 8) for shape, dtype in plan.values())
+
+
+def read_weights_header(path: Path) -> TensorPlan:
+    """``(shape, dtype)`` of each tensor ``path`` declares, from its header alone (at most
+    ``MAX_WEIGHTS_HEADER_BYTES``); nothing else of the file is read.
+
+    Raises:
+        ArtifactError: not a safetensors header, or one over the limit.
+    """
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if size > MAX_WEIGHTS_HEADER_BYTES:
+                raise ArtifactError(f"{path} is not a readable safetensors file: its header declares {size} bytes, "
+                                    f"over the limit of {MAX_WEIGHTS_HEADER_BYTES}")
+            raw = f.read(size) if size >= 0 else b""
+    except OSError as exc:
+        raise ArtifactError(f"{path} is not a readable safetensors file: {exc}") from None
+    try:
+        if size < 0 or len(raw) != size:
+            raise ValueError("the file ends inside its header")
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        header.pop("__metadata__", None)
+        plan = {}
+        for name, info in header.items():
+            shape = info.get("shape") if isinstance(info, dict) else None
+            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+                raise ValueError(f"tensor {name!r} has no valid shape")
+            plan[name] = (tuple(shape), str(info.get("dtype")))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ArtifactError(f"{path} is not a readable safetensors file: {exc}") from None
+    return plan
+
+
+def _check_state(path: Path, expected: TensorPlan, found: TensorPlan, arch: str) -> None:
+    """Refuse tensors the model lacks or does not have, or of another shape or dtype, naming up to three."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
@@ -302,36 +392,52 @@ def _check_state(path: Path, expected: Mapping[str, torch.Tensor], found: Mappin
             f"{path} does not hold the weights of a {arch!r} model as the manifest describes it: "
             f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
         )
-    wrong = [
-        f"{k}: file {tuple(found[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if tuple(found[k].shape) != tuple(v.shape)
-    ]
+    wrong = [f"{k}: file {found[k][0]} vs model {shape}" for k, (shape, _) in expected.items() if found[k][0] != shape]
     if wrong:
         raise ArtifactError(f"{path} has {len(wrong)} tensors of the wrong shape, e.g. {wrong[:3]}")
+    wrong = [f"{k}: file {found[k][1]} vs model {dtype}" for k, (_, dtype) in expected.items() if found[k][1] != dtype]
+    if wrong:
+        raise ArtifactError(f"{path} has {len(wrong)} tensors of the wrong dtype, e.g. {wrong[:3]}")
+
+
+def _plan_of(state: Mapping[str, torch.Tensor]) -> TensorPlan:
+    return {k: (tuple(t.shape), _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype))) for k, t in state.items()}
 
 
 def load_artifact(version_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
     """Rebuild the model from its manifest and load its weights; the model is returned in eval mode.
 
-    The manifest's spec has no ``*_path`` parameter (``Manifest`` drops one an older artifact recorded), so
-    rebuilding never opens a file outside the version directory.
+    Every cost is bounded before it is paid: the model the manifest describes is first built on the meta device
+    (nothing allocated) and refused over ``MAX_MODEL_PARAMETERS``; the weights file is refused when larger than
+    that model and its header (before its SHA-256 is read), and its header (at most ``MAX_WEIGHTS_HEADER_BYTES``)
+    must name exactly the model's tensors with their shapes and dtypes before any tensor is read. Tensors
+    holding NaN or infinity are refused. The manifest's spec has no ``*_path`` parameter (``Manifest`` drops one
+    an older artifact recorded), so rebuilding never opens a file outside the version directory.
     """
     version_dir = Path(version_dir)
     manifest = read_manifest(version_dir)
+    plan = planned_state(version_dir, manifest.spec)
     weights = version_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{weights} does not exist")
+    limit = 8 + MAX_WEIGHTS_HEADER_BYTES + _plan_bytes(plan)
+    if weights.stat().st_size > limit:
+        raise ArtifactError(f"{weights} is {weights.stat().st_size} bytes, more than the model its manifest "
+                            f"describes can hold ({limit})")
     if manifest.weights_sha256 and _sha256(weights) != manifest.weights_sha256:
         raise ArtifactError(f"{weights} is corrupt: its SHA-256 does not match the manifest")
+    _check_state(weights, plan, read_weights_header(weights), manifest.spec.arch)
     try:
         state = load_file(os.fspath(weights))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{weights} is not a readable safetensors file: {exc}") from None
+    _check_state(weights, plan, _plan_of(state), manifest.spec.arch)  # the file may have changed since its header
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ArtifactError(f"{weights} holds NaN or infinite values in {len(bad)} tensors, e.g. {bad[:3]}")
     try:
         model = build_model(manifest.spec)
     except SegsvcError as exc:
         raise ArtifactError(f"{version_dir}: cannot build the model its manifest describes: {exc}") from None
-    _check_state(weights, model.state_dict(), state, manifest.spec.arch)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), manifest

@@ -11,6 +11,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from segsvc.config import ModelSpec
@@ -18,7 +19,7 @@ from segsvc.errors import ModelConfigError
 from segsvc.models.fcn import FCN8s, FCN16s, FCN32s
 from segsvc.models.segnet import SegNet
 from segsvc.models.smp import ARCHITECTURES as SMP_ARCHITECTURES
-from segsvc.models.smp import SmpModel
+from segsvc.models.smp import SmpModel, smp_class
 from segsvc.models.unet import UNet
 
 ModelFactory = Callable[..., nn.Module]
@@ -94,3 +95,18 @@ def build_model(spec: ModelSpec) -> nn.Module:
         return factory(num_classes=spec.num_classes, in_channels=spec.in_channels, **params)
     except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a negative width reaching torch's initialisers
         raise ModelConfigError(f"cannot build {spec.arch!r} with params {params}: {exc}") from None
+
+
+def plan_model(spec: ModelSpec) -> nn.Module:
+    """``spec``'s model on the meta device: every parameter's shape and dtype, with no memory allocated and no
+    initialiser run, so what a manifest asks for can be measured before it is built.
+
+    smp (with timm) is imported first, off the meta device: tensors its modules make at import must be real.
+
+    Raises:
+        ModelConfigError: as ``build_model``.
+    """
+    if spec.arch.startswith("smp/") and spec.arch in MODELS:
+        smp_class(spec.arch.removeprefix("smp/"))
+    with torch.device("meta"):
+        return build_model(spec)

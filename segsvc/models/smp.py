@@ -70,6 +70,33 @@ def check_encoder_depth(architecture: str, net_class: type[nn.Module], kwargs: d
         )
 
 
+def check_encoder_name(encoder_name: object) -> None:
+    """Refuse an encoder that timm would fetch or read from somewhere: ``tu-hf-hub:<repo>`` (the Hugging Face
+    Hub: with no network that fails late or waits on timeouts, and it is a download even without weights) and
+    ``tu-local-dir:<folder>`` (a folder the manifest names, outside any root). ``None`` keeps smp's default.
+
+    Raises:
+        ModelConfigError: not a string, a name with a source prefix or a path, or a ``tu-`` name that is not
+            in timm's registry (an optional ``.tag`` after it, as in ``tu-resnet18.a1_in1k``).
+    """
+    if encoder_name is None:
+        return
+    if not isinstance(encoder_name, str) or not encoder_name:
+        raise ModelConfigError(f"smp encoder_name must be a non-empty string, got {encoder_name!r}")
+    if any(c in encoder_name for c in ":/\\"):
+        raise ModelConfigError(
+            f"smp encoder_name {encoder_name!r} names a Hugging Face Hub repository or a folder, which segsvc never "
+            "downloads or reads; use an smp encoder or a name of the timm registry (e.g. 'resnet34', 'tu-resnet34')"
+        )
+    if encoder_name.startswith("tu-"):
+        import timm
+
+        model_name = encoder_name[3:].split(".", 1)[0]
+        if not timm.is_model(model_name):
+            raise ModelConfigError(f"smp encoder_name {encoder_name!r}: {model_name!r} is not a model of the timm "
+                                   "registry (timm.list_models() lists them)")
+
+
 def smp_class(architecture: str) -> type[nn.Module]:
     """The smp class named ``architecture``, importing smp on first use."""
     if architecture not in ARCHITECTURES:
@@ -119,6 +146,7 @@ class SmpModel(nn.Module):
                 "(safetensors.torch.save_file(model.encoder.state_dict(), 'enc.safetensors')) and pass "
                 "params.encoder_weights_path='enc.safetensors'."
             )
+        check_encoder_name(encoder_name)
         if architecture == "DPT":  # ViT encoders: accept any size that is a multiple of the patch
             kwargs.setdefault("dynamic_img_size", True)
         # passed only when set: one default for every class (resnet34) broke DPT, whose decoder needs a ViT

@@ -1,8 +1,9 @@
 """The ``onnxruntime`` backend: the version's ONNX export (``segsvc export``) run by ONNX Runtime.
 
-The file is the one the manifest's ``exports.onnx`` names, and its SHA-256 must
-match the recorded one, so a stale or swapped export is refused at load rather
-than served. CPU runs the CPU execution provider with ``threads`` intra-op
+The file is the one the manifest's ``exports.onnx`` names, read once, and its
+SHA-256 must match the recorded one, so a stale or swapped export is refused at
+load rather than served; one larger than protobuf allows, or with external data
+files (which the SHA-256 does not cover), is refused too. CPU runs the CPU execution provider with ``threads`` intra-op
 threads; CUDA needs the CUDA provider (the ``onnxruntime-gpu`` wheel).
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -26,14 +29,6 @@ log = logging.getLogger(__name__)
 
 # Used when the peak resident memory cannot be read (no /proc): generous, so admission errs on the safe side.
 FALLBACK_BYTES_PER_PIXEL = 4096.0
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _status_kib(field: str) -> int:
@@ -55,24 +50,68 @@ def peak_rss_growth(run: Callable[[], object]) -> int | None:
         return None
 
 
-def onnx_file(version_dir: Path, manifest: Manifest) -> Path:
-    """The version's exported ONNX file, checked against the manifest's SHA-256.
+# protobuf's limit on one message: a bigger graph needs external data, which a served export may not have.
+MAX_ONNX_BYTES = 2 << 30
+
+
+def read_onnx_export(version_dir: Path, manifest: Manifest) -> tuple[str, bytes]:
+    """The file name and bytes of the version's exported ONNX graph, checked against the manifest's SHA-256.
+
+    The bytes that are hashed are the bytes ONNX Runtime gets (the file is read once: no swap between the
+    check and the load), the file's size is checked before it is read, and a graph whose tensors live in
+    external data files is refused: those files are not covered by the recorded SHA-256, and their
+    ``location`` is a path the graph names.
 
     Raises:
-        ArtifactError: no export recorded, the file is missing, or its hash differs.
+        ArtifactError: no export recorded; the file is missing, not a regular file, larger than
+            ``MAX_ONNX_BYTES``, or its hash differs; the graph has external data.
     """
     record: Any = manifest.exports.get("onnx")
     if not isinstance(record, dict) or not record.get("file") or not record.get("sha256"):
         raise ArtifactError(f"model {manifest.name} version {manifest.version} has no ONNX export; run "
                             f"`segsvc export {manifest.name}:{manifest.version} --format onnx` first")
-    path = version_dir / str(record["file"])
-    if Path(str(record["file"])).name != str(record["file"]) or not path.is_file():
-        raise ArtifactError(f"the ONNX export {record['file']!r} of {manifest.name}:{manifest.version} is missing; "
-                            f"export it again")
-    if _sha256(path) != record["sha256"]:
-        raise ArtifactError(f"{record['file']} of {manifest.name}:{manifest.version} does not match the SHA-256 its "
+    name = str(record["file"])
+    ref = f"{name!r} of {manifest.name}:{manifest.version}"
+    if Path(name).name != name or name in (".", ".."):
+        raise ArtifactError(f"the ONNX export {ref} is missing; export it again")
+    try:
+        fd = os.open(version_dir / name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ArtifactError(f"the ONNX export {ref} is missing; export it again") from None
+    except OSError as exc:
+        raise ArtifactError(f"the ONNX export {ref} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ArtifactError(f"the ONNX export {ref} is not a regular file")
+        if info.st_size > MAX_ONNX_BYTES:
+            raise ArtifactError(f"the ONNX export {ref} is {info.st_size} bytes, larger than the limit of "
+                                f"{MAX_ONNX_BYTES}")
+        data = f.read(MAX_ONNX_BYTES + 1)
+    if len(data) > MAX_ONNX_BYTES:
+        raise ArtifactError(f"the ONNX export {ref} is larger than the limit of {MAX_ONNX_BYTES} bytes")
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise ArtifactError(f"{name} of {manifest.name}:{manifest.version} does not match the SHA-256 its "
                             f"manifest records; export it again")
-    return path
+    external = external_tensors(data)
+    if external:
+        raise ArtifactError(f"the ONNX export {ref} keeps {len(external)} tensors in external data files (e.g. "
+                            f"{external[:3]}), which its SHA-256 does not cover; export it again as one file")
+    return name, data
+
+
+def external_tensors(data: bytes) -> list[str]:
+    """The names of the tensors of an ONNX graph (any subgraph included) stored in external data files."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load_model_from_string(data)
+    except DecodeError:  # not an ONNX model: ONNX Runtime says what is wrong with it
+        return []
+    return [t.name for t in _get_all_tensors(model) if uses_external_data(t)]
 
 
 def export_geometry(manifest: Manifest) -> Geometry:
@@ -110,6 +149,7 @@ class OnnxRuntimeBackend(Backend):
         device: ``cpu``, or ``cuda`` with the CUDA provider.
         channels: input channels.
         threads: intra-op threads (0: torch's thread count, which the server sets).
+        label: what messages call ``source`` (default: its file name, or "the exported graph").
 
     Example:
         >>> backend = OnnxRuntimeBackend.for_manifest(Path("repo/unet/1"), manifest, torch.device("cpu"))  # doctest: +SKIP
@@ -118,7 +158,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, source: Path | bytes, geometry: Geometry, device: torch.device, channels: int,
-                 threads: int = 0) -> None:
+                 threads: int = 0, label: str | None = None) -> None:
         import onnxruntime as ort
 
         super().__init__(geometry, device, channels)
@@ -130,7 +170,7 @@ class OnnxRuntimeBackend(Backend):
         # Idle intra-op threads sleep instead of spinning: between runs the server's own torch work (padding,
         # arg-max) would otherwise share the cores with ORT's spinning pool.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        label = source.name if isinstance(source, Path) else "the exported graph"
+        label = label or (source.name if isinstance(source, Path) else "the exported graph")
         try:
             self.session = ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
                                                 providers=providers_for(device))
@@ -147,8 +187,9 @@ class OnnxRuntimeBackend(Backend):
     def for_manifest(cls, version_dir: Path, manifest: Manifest, device: torch.device,
                      config: EngineConfig | None = None) -> "OnnxRuntimeBackend":
         """The backend of a version directory whose manifest records an ONNX export."""
-        return cls(onnx_file(version_dir, manifest), export_geometry(manifest), device,
-                   manifest.input.channels, threads=config.threads if config else 0)
+        name, data = read_onnx_export(version_dir, manifest)  # ONNX Runtime gets the bytes that were hashed
+        return cls(data, export_geometry(manifest), device, manifest.input.channels,
+                   threads=config.threads if config else 0, label=name)
 
     def run(self, padded: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(padded.detach().cpu().numpy(), dtype=np.float32)
