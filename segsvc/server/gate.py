@@ -95,6 +95,9 @@ class DrainGate(grpc.aio.ServerInterceptor):
         streaming_in = handler.request_streaming
         track = self._track if gated else contextlib.nullcontext
 
+        def answering(context: grpc.aio.ServicerContext) -> contextlib.AbstractAsyncContextManager:
+            return contextlib.nullcontext() if gated else self._answered(context, method)
+
         async def admit(request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
             # through errors.refuse: counted and logged, then the google.rpc.Status + ErrorInfo and segsvc-error
             # trailers of every other error
@@ -116,7 +119,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
                 async def writing(request, context: grpc.aio.ServicerContext) -> None:
                     request = await admit(request, context)
                     with track():
-                        async with self._answered(context, method, gated):
+                        async with answering(context):
                             await inner(request, context)
 
                 return make(writing, **kwargs)
@@ -124,7 +127,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
             async def streaming(request, context: grpc.aio.ServicerContext) -> AsyncIterator:
                 request = await admit(request, context)
                 with track():
-                    async with self._answered(context, method, gated):
+                    async with answering(context):
                         async for response in inner(request, context):
                             yield response
 
@@ -134,23 +137,20 @@ class DrainGate(grpc.aio.ServerInterceptor):
         async def unary(request, context: grpc.aio.ServicerContext):
             request = await admit(request, context)
             with track():
-                async with self._answered(context, method, gated):
+                async with answering(context):
                     return await inner(request, context)
 
         make = grpc.stream_unary_rpc_method_handler if handler.request_streaming \
             else grpc.unary_unary_rpc_method_handler
         return make(unary, **kwargs)
 
-
     @contextlib.asynccontextmanager
-    async def _answered(self, context: grpc.aio.ServicerContext, method: str, gated: bool) -> AsyncIterator[None]:
+    async def _answered(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
         """segsvc's servicers answer their own errors; for the others (reflection), a bad message of a request
         stream (``_checked``) is refused here, not reported by gRPC as UNKNOWN with its exception text."""
         try:
             yield
         except InvalidArgument as exc:
-            if gated:
-                raise
             await refuse(context, exc, method, log, self._on_refused)
 
 
