@@ -8,7 +8,6 @@ import yaml
 
 from segsvc import errors
 from segsvc.data.io import write_png
-from segsvc.datasets.archive import ExtractLimits
 from segsvc.datasets.content import local_files
 from segsvc.datasets.ingest import MAX_CLASSES
 from segsvc.datasets.registry import DatasetRegistry, DatasetsConfig

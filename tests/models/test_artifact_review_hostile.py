@@ -8,7 +8,7 @@ import socket
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from segsvc.config import InputSpec, ModelSpec
 from segsvc.errors import ArtifactError, ModelConfigError
@@ -16,6 +16,7 @@ from segsvc.inference.repository import ModelRepository
 from segsvc.models import artifact
 from segsvc.models.artifact import MANIFEST_FILE, WEIGHTS_FILE, load_artifact, read_manifest, save_artifact
 from segsvc.models.registry import build_model
+from tests.models.test_artifact import _edit_manifest, _rewrite_weights  # json.dumps writes inf/nan as Infinity/NaN
 
 SPEC = ModelSpec("unet", 3, 1, {"base_channels": 4, "depth": 2})
 
@@ -24,19 +25,6 @@ SPEC = ModelSpec("unet", 3, 1, {"base_channels": 4, "depth": 2})
 def version(tmp_path):
     torch.manual_seed(0)
     return save_artifact(build_model(SPEC), tmp_path, "membrane", spec=SPEC, input_spec=InputSpec(1, (0.5,), (0.2,)))
-
-
-def _edit_manifest(path, edit) -> None:
-    data = json.loads((path / MANIFEST_FILE).read_text())
-    edit(data)
-    (path / MANIFEST_FILE).write_text(json.dumps(data))  # allow_nan: inf and nan are written as Infinity, NaN
-
-
-def _rewrite_weights(path, edit) -> None:
-    state = load_file(path / WEIGHTS_FILE)
-    edit(state)
-    save_file(state, path / WEIGHTS_FILE)
-    _edit_manifest(path, lambda m: m.update(weights_sha256=""))
 
 
 # -- the manifest ----------------------------------------------------------------------------------------------
