@@ -258,6 +258,9 @@ class MemoryBudget:
             DeadlineExceeded: the deadline passed while waiting.
         """
         nbytes = min(max(int(nbytes), 0), self.total_bytes)
+        if not (self._lines[False] or self._lines[True]) and self.used_bytes + nbytes <= self.total_bytes:
+            self.used_bytes += nbytes  # no one waits and it fits: every request's path, with no future made
+            return Hold(self, nbytes)
         waiter = _Waiter(nbytes, lane, self._clock(), asyncio.get_running_loop().create_future())
         line = self._lines[lane == self.background]
         line.append(waiter)
