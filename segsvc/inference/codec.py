@@ -7,12 +7,20 @@ there. So ``decode_image`` walks the container first, in a few milliseconds
 and without copying it: every PNG chunk, the JPEG segments up to the first
 scan and the number of scans, the TIFF directory with its strip and tile offsets, the BMP and WebP
 headers. A declared size the bytes cannot hold is refused, then an image over
-``max_pixels``, then a PNG whose compressed pixels inflate past what its size
-needs (a zlib bomb that OpenCV would otherwise inflate to the end, discarding
-the output). Only then does OpenCV decode. Only the formats the service
-documents are accepted (PNG, JPEG, TIFF, BMP, WebP); anything else is refused
-by name. Arrays are RGB (or single-channel grey) ``H x W [x C]`` uint8, like
-everywhere else in segsvc.
+``max_pixels``. Only then does a decoder run: Pillow for PNG, OpenCV for the
+rest. Only the formats the service documents are accepted (PNG, JPEG, TIFF,
+BMP, WebP); anything else is refused by name. Arrays are RGB (or single-channel
+grey) ``H x W [x C]`` uint8, like everywhere else in segsvc.
+
+PNG goes to Pillow because its decoder stops inflating at the last row the
+header declares. libpng (OpenCV's) inflates the rest of the stream to its end,
+discarding it: a zlib bomb of 4 MiB behind a 24x24 image costs it about 8 s.
+Guarding libpng meant inflating every PNG once more beforehand, 40% of the time
+to decode a photo. Pillow gives the same arrays as OpenCV did for every colour
+type, bit depth, palette and interlacing (``tests/inference/test_png_decoder.py``);
+it does not check the IDAT chunks' CRCs, which libpng did, so they are checked here.
+One reading differs: a zlib stream that ends before the rows its header declares
+decodes them as zeros (Pillow's reading, and browsers'), where libpng refused it.
 
 Pillow's lazy ``Image.open`` is not used for these checks: it reads PNG chunks
 only up to the first IDAT and never compares BMP offsets with the data, so it
@@ -29,16 +37,18 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Sequence
 
 import cv2
 import numpy as np
+from PIL import Image, PngImagePlugin
 
 from segsvc.errors import ImageTooLarge, InvalidArgument, InvalidImage
 from segsvc.inference.containers import (  # noqa: F401  (limits re-exported for callers of codec)
     MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS, MAX_TIFF_ENTRIES, MAX_TIFF_TILE_PIXELS, MAX_WEBP_CHUNKS,
-    PNG_INFLATE_SLACK_BYTES, ImageHeader, check_png_inflate, image_header, inspect,
+    ImageHeader, check_png_crc, image_header, inspect,
 )
 from segsvc.palette import colorize, overlay  # noqa: F401  (numpy-only; re-exported for callers of codec)
 
@@ -64,9 +74,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     """Decode PNG/JPEG/TIFF/BMP/WebP bytes to RGB ``HxWx3`` or grey ``HxW`` uint8.
 
     The container is checked (``image_header``), then the size against
-    ``max_pixels``, then a PNG's compressed pixels against that size, before
-    OpenCV decodes. 16-bit images keep their 8 most significant bits; alpha is
-    dropped.
+    ``max_pixels``, before Pillow (PNG) or OpenCV (the rest) decodes. 16-bit
+    images keep their 8 most significant bits; alpha is dropped.
 
     Raises:
         InvalidImage: not a supported format, a malformed container, or the
@@ -77,7 +86,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     header, png_pixels = inspect(data)
     check_pixels(header.height, header.width, max_pixels)
     if png_pixels is not None:
-        check_png_inflate(data, png_pixels)
+        check_png_crc(data, png_pixels)
+        return _decode_png(data)
     name = header.format.upper()
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
@@ -104,6 +114,39 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         else:
             raise InvalidImage(f"{name} has {c} channels; expected 1, 3 or 4")
     return image
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    """A checked PNG's pixels as OpenCV gave them: grey ``HxW`` or RGB, the top byte of 16-bit samples.
+
+    ``PngImageFile`` is built directly: ``Image.open`` would also apply Pillow's
+    own pixel limit, which the server's ``max_pixels`` (checked already) replaces.
+    """
+    with io.BytesIO(data) as stream:
+        try:
+            img = PngImagePlugin.PngImageFile(stream)
+            img.load()
+        except Exception:  # whatever Pillow raises on bytes the walk let through, they do not decode
+            raise InvalidImage("PNG data could not be decoded (corrupt or truncated)") from None
+        return _pillow_pixels(img)
+
+
+def _pillow_pixels(img: Image.Image) -> np.ndarray:
+    """A writable uint8 array of a decoded PNG in segsvc's layout (alpha dropped, palettes expanded)."""
+    mode = img.mode
+    if mode in ("L", "RGB"):
+        return np.array(img)
+    if mode == "RGBA":
+        return np.asarray(img)[:, :, :3].copy()
+    if mode.startswith("I"):  # 16-bit grey ("I;16"; "I" in older Pillows)
+        return (np.asarray(img) >> 8).astype(np.uint8)
+    if mode == "1":  # 1-bit grey: 0 and 255, as libpng expands it
+        return np.array(img.convert("L"))
+    if mode in ("P", "PA") and "transparency" in img.info:  # converted through RGBA, as Pillow asks
+        return np.asarray(img.convert("RGBA"))[:, :, :3].copy()
+    if mode in ("P", "PA", "LA"):
+        return np.array(img.convert("RGB"))
+    raise InvalidImage(f"PNG decodes to Pillow mode {mode}, which segsvc does not read")
 
 
 def raw_image(data: bytes, shape: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
