@@ -14,7 +14,8 @@ scan never fails because of one odd entry:
 - a symlink (model directory, version directory, or a file inside a version)
   is followed only when it stays inside the root. A version that leads
   outside is *refused*: it is listed by ``scan`` with its ``problem`` and
-  never read.
+  never read. Its files are then opened beneath the root without following a
+  symlink that appeared since that check (``artifact.open_version_file``).
 
 A model may name its default version in ``<root>/<model>/DEFAULT`` (the
 version number and a newline, written by ``set_default`` through a temporary
@@ -45,11 +46,11 @@ from segsvc.errors import (
     ArtifactError, InvalidArgument, NotFound, PathOutsideRoot, SegsvcError, UnknownModel, UnknownVersion,
 )
 from segsvc.files import write_atomic
-from segsvc.models.artifact import MANIFEST_FILE, Manifest, check_name, load_artifact, read_manifest
+from segsvc.models.artifact import MANIFEST_FILE, VERSION_NAME, Manifest, check_name, load_artifact, read_manifest
 
 log = logging.getLogger(__name__)
 
-_VERSION_NAME = re.compile(r"[1-9][0-9]{0,17}")  # the canonical spelling: "7", never "007" or "+7"
+_VERSION_NAME = VERSION_NAME  # the canonical spelling: "7", never "007" or "+7"
 DEFAULT_FILE = "DEFAULT"  # <model>/DEFAULT: the persistent default version
 DEFAULT_MAX_BYTES = 64  # a version number (at most 18 digits) and whitespace; a bigger DEFAULT is refused
 
@@ -388,9 +389,27 @@ class ModelRepository:
 
     def version_dir(self, name: str, version: int | None = None) -> Path:
         """The directory of a complete version, checked to lead nowhere outside the root."""
-        path = self._model_dir(name) / str(self.resolve_version(name, version))
-        if path.is_symlink() and not self._inside(path):  # changed since the scan
-            raise PathOutsideRoot(f"{self.relative(path)} is a symlink that leads outside the repository root; refused")
+        return self.confine(self._model_dir(name) / str(self.resolve_version(name, version)))
+
+    def confine(self, path: Path) -> Path:
+        """``path``, a version directory ``<root>/<model>/<version>``, checked to lead nowhere outside the root.
+
+        Neither the model directory, the version directory nor any entry of it may be a symlink out of the
+        root (checked again for a version the scan found: it may have changed since). Every path that opens a
+        version goes through here: the server's loads (``version_dir``) and a directory given directly
+        (``segsvc eval``, ``open_version_dir``). Its files are then read with ``root=self.root``, which opens
+        them beneath the root: a symlink swapped in after this check is not followed either.
+
+        Raises:
+            PathOutsideRoot: one of them leads outside, named relative to the root.
+            ArtifactError: the version directory cannot be listed.
+        """
+        for step in (path.parent, path):
+            if step.is_symlink() and not self._inside(step):
+                raise PathOutsideRoot(
+                    f"{self.relative(step)} is a symlink that leads outside the repository root; refused")
+        if not self._inside(path):  # not below the root at all
+            raise PathOutsideRoot(f"{self.relative(path)} is not inside the repository root; refused")
         try:
             entries = list(path.iterdir())
         except OSError as exc:
@@ -406,7 +425,7 @@ class ModelRepository:
     def read_manifest(self, name: str, version: int | None = None) -> Manifest:
         path = self.version_dir(name, version)
         try:
-            return read_manifest(path)
+            return read_manifest(path, self.root)
         except SegsvcError as exc:
             raise type(exc)(self.redact(str(exc))) from None
 
@@ -423,7 +442,7 @@ class ModelRepository:
         path = self.version_dir(name, version)
         v = int(path.name)
         try:
-            model, manifest = load_artifact(path, device=device)
+            model, manifest = load_artifact(path, device=device, root=self.root)
         except SegsvcError as exc:
             raise type(exc)(self.redact(str(exc))) from None
         check_manifest(name, v, manifest)

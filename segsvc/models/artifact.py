@@ -5,23 +5,27 @@ carries everything needed to rebuild and use the model from the artifact alone:
 the architecture spec, classes, palette, ignore index, input normalisation, the
 inference contract (input scale, padding, default tiling and TTA: how the model
 was evaluated, so serving reproduces it), training summary, metrics and
-lineage. Versions are written to a temporary directory and renamed into place,
-and an existing version is never overwritten.
+lineage. Versions are written to a temporary directory, synced to disk and
+renamed into place (the rename synced too), so a crash or a power cut leaves
+the whole version or none of it; an existing version is never overwritten.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import stat
 import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -30,16 +34,22 @@ from torch import nn
 
 import segsvc
 from segsvc.config import InferenceSpec, InputSpec, ModelSpec
-from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument, SegsvcError
-from segsvc.files import widen_to_umask, write_atomic
+from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument, PathOutsideRoot, SegsvcError
+from segsvc.files import PathChanged, open_beneath, widen_to_umask, write_atomic
 from segsvc.models.registry import architecture_spec, build_model, plan_model
 from segsvc.palette import Color, default_palette
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2  # 2 added "inference" and "lineage"; a version-1 manifest reads with their defaults
 READABLE_FORMATS = (1, 2)
 MAX_MANIFEST_BYTES = 1 << 20
+# A version directory's name, as the repository reads it: "7", never "007", "+7" or "²" (``str.isdigit`` takes
+# "²", whose ``int`` raises), and at most 18 digits (a version past them would be published unseen).
+VERSION_NAME = re.compile(r"[1-9][0-9]{0,17}")
+MAX_VERSION = 10**18 - 1
 
 
 
@@ -74,6 +84,10 @@ class Manifest:
     exports: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        try:  # the name reaches logs, metrics labels and folder names: a manifest may not make up its own
+            check_name(self.name)
+        except InvalidArgument as exc:
+            raise ArtifactError(f"manifest is invalid: {exc}") from None
         object.__setattr__(self, "spec", architecture_spec(self.spec))
         k = self.spec.num_classes
         if len(self.class_names) != k:
@@ -184,16 +198,60 @@ def check_name(name: str) -> str:
     (a file system's name limit is 255 bytes: 128 CJK characters, 384 bytes, failed there as an OSError)."""
     if (not name or len(name.encode("utf-8", "surrogatepass")) > 128 or name.startswith(".")
             or not all(c.isalnum() or c in "-_." for c in name)):
+        shown = f"{name[:64]!r}..." if len(name) > 64 else repr(name)  # a manifest's name may be megabytes
         raise InvalidArgument(
-            f"invalid model name {name!r}: use 1-128 letters, digits, '-', '_' or '.' (128 bytes in UTF-8), "
+            f"invalid model name {shown}: use 1-128 letters, digits, '-', '_' or '.' (128 bytes in UTF-8), "
             "not starting with '.'"
         )
     return name
 
 
 def next_version(model_dir: Path) -> int:
-    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
-    return max(versions, default=0) + 1
+    """One more than the highest version folder under ``model_dir``, past any number a file or a dangling
+    symlink takes: that name cannot become a version (``save_artifact`` would fail on it every time)."""
+    if not model_dir.is_dir():
+        return 1
+    names = set(os.listdir(model_dir))
+    version = max((int(n) for n in names if VERSION_NAME.fullmatch(n) and (model_dir / n).is_dir()), default=0) + 1
+    while str(version) in names:
+        version += 1
+    return version
+
+
+def _fsync(path: Path, folder: bool = False) -> None:
+    """``fsync`` a file, or a folder (its entries). A folder its filesystem cannot sync (``EINVAL``) is let be."""
+    flags = os.O_RDONLY | os.O_DIRECTORY if folder else os.O_RDONLY | os.O_NOFOLLOW
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not (folder and exc.errno == errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _sync_version(folder: Path) -> None:
+    """Put a version being written on disk, its files then its folder, before it is renamed into place: a rename
+    that reaches the disk before the data would publish an empty or torn ``weights.safetensors`` after a
+    power cut."""
+    for path in folder.iterdir():
+        _fsync(path)
+    _fsync(folder, folder=True)
+
+
+def _sync_published(final: Path, created: Sequence[Path]) -> None:
+    """Put the rename that published ``final`` on disk, and the entries of the folders made for it (``created``).
+
+    The version is whole already: were this lost, a power cut would leave no version, never a torn one. So a
+    failure is logged, not raised: the version exists, and a caller told otherwise would publish it again.
+    """
+    try:
+        for folder in (final.parent, *(p.parent for p in created)):
+            _fsync(folder, folder=True)
+    except OSError as exc:
+        log.warning("model version %s/%s is published but the disk did not confirm it (%s); a power cut may "
+                    "lose it", final.parent.name, final.name, exc.strerror or type(exc).__name__)
 
 
 def save_artifact(
@@ -212,7 +270,7 @@ def save_artifact(
     inference: InferenceSpec | None = None,
     lineage: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a new model version atomically and return its directory.
+    """Write a new model version atomically and durably and return its directory.
 
     ``inference`` is how the model was evaluated (scale, stride, tiling, TTA);
     ``None`` records the defaults (full resolution, no tiling or TTA). A stride
@@ -226,12 +284,15 @@ def save_artifact(
     """
     check_name(name)
     model_dir = Path(root) / name
+    created = [p for p in (model_dir, *model_dir.parents) if not p.exists()]  # their entries are synced too
     model_dir.mkdir(parents=True, exist_ok=True)
     version = next_version(model_dir) if version is None else int(version)
     if version < 1:
         raise InvalidArgument(f"model versions are positive integers, got {version}")
+    if version > MAX_VERSION:  # its folder's name would be no version number to the repository
+        raise InvalidArgument(f"model versions have at most 18 digits, got {version}")
     final = model_dir / str(version)
-    if final.exists():
+    if os.path.lexists(final):  # a dangling symlink too: the rename would fail on it
         raise AlreadyExists(f"model {name} version {version} already exists at {final}; versions are never overwritten")
     k = spec.num_classes
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir))
@@ -255,36 +316,68 @@ def save_artifact(
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         widen_to_umask(tmp)  # readable as the umask allows, not only by this user (mkdtemp: 0700)
+        _sync_version(tmp)
         os.rename(tmp, final)  # atomic on one filesystem; fails if another writer won the race
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if final.exists():
+        if os.path.lexists(final):
             raise AlreadyExists(f"model {name} version {version} already exists at {final}") from None
         raise ArtifactError(f"cannot write model {name} version {version}: {exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _sync_published(final, created)
     return final
 
 
-def read_manifest(version_dir: str | os.PathLike[str]) -> Manifest:
+def open_version_file(path: Path, root: Path | None = None) -> BinaryIO:
+    """``path`` (a file of a version) open for reading, without blocking: a FIFO would wait forever.
+
+    With ``root`` (the resolved root of the model repository ``path`` is in), ``path`` is resolved, must
+    stay inside the root, and is opened beneath it following no symlink (``files.open_beneath``): the
+    repository checked the version before, and a symlink swapped in since fails the open instead of
+    leading it out of the root. A symlink that stays inside the root is still followed.
+
+    Raises:
+        PathOutsideRoot: ``path`` now leads outside ``root``, or a symlink appeared on its way.
+        OSError: the kernel's (missing, permissions); ``EINVAL`` for anything but a regular file.
+    """
+    if root is not None:
+        real = Path(os.path.realpath(path))
+        if real == root or not real.is_relative_to(root):
+            raise PathOutsideRoot(f"{path} leads outside the repository root; refused")
+        try:
+            return open_beneath(root, real.relative_to(root).as_posix())
+        except PathChanged as exc:
+            raise PathOutsideRoot(f"{path} changed while it was opened ({exc.strerror}); refused") from None
+    f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise OSError(errno.EINVAL, "not a regular file")
+    return f
+
+
+def read_manifest(version_dir: str | os.PathLike[str], root: Path | None = None) -> Manifest:
     """Parse and validate ``manifest.json`` (does not touch the weights).
 
     It is opened without blocking and must be a regular file: reading a FIFO of
-    that name would wait forever (its ``stat`` size is 0).
+    that name would wait forever (its ``stat`` size is 0). ``root``: the model
+    repository's, to open it confined there (``open_version_file``).
     """
     path = Path(version_dir) / MANIFEST_FILE
     try:
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ArtifactError(f"{path} is not a regular file")
+        with open_version_file(path, root) as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
         if len(raw) > MAX_MANIFEST_BYTES:
             raise ArtifactError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
         data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ArtifactError(f"{path} does not exist: not a model version directory") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            raise ArtifactError(f"{path} is not a regular file") from None
+        raise ArtifactError(f"cannot read {path}: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"cannot read {path}: {exc}") from None
     except RecursionError:  # brackets nested thousands deep, well under the size limit
         raise ArtifactError(f"cannot read {path}: its JSON is nested too deeply") from None
@@ -357,14 +450,19 @@ def read_weights_header(path: Path) -> TensorPlan:
     """
     try:
         with open(path, "rb") as f:
-            prefix = f.read(8)
-            size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-            if size > MAX_WEIGHTS_HEADER_BYTES:
-                raise ArtifactError(f"{path} is not a readable safetensors file: its header declares {size} bytes, "
-                                    f"over the limit of {MAX_WEIGHTS_HEADER_BYTES}")
-            raw = f.read(size) if size >= 0 else b""
+            return _read_header(f, path)
     except OSError as exc:
         raise ArtifactError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def _read_header(f: BinaryIO, path: Path) -> TensorPlan:
+    """``read_weights_header`` of the file ``f``, open at its start (``path`` names it in messages)."""
+    prefix = f.read(8)
+    size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if size > MAX_WEIGHTS_HEADER_BYTES:
+        raise ArtifactError(f"{path} is not a readable safetensors file: its header declares {size} bytes, "
+                            f"over the limit of {MAX_WEIGHTS_HEADER_BYTES}")
+    raw = f.read(size) if size >= 0 else b""
     try:
         if size < 0 or len(raw) != size:
             raise ValueError("the file ends inside its header")
@@ -404,7 +502,45 @@ def _plan_of(state: Mapping[str, torch.Tensor]) -> TensorPlan:
     return {k: (tuple(t.shape), _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype))) for k, t in state.items()}
 
 
-def load_artifact(version_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
+def _sha256_of(f: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fd_path(f: BinaryIO, path: Path) -> str:
+    """A name that opens the very file ``f`` is open on (Linux's ``/proc/self/fd``), for a loader that takes a
+    path: it reads the file that was checked, not whatever ``path`` names by now. ``path`` without ``/proc``."""
+    proc = f"/proc/self/fd/{f.fileno()}"
+    return proc if os.path.exists(proc) else os.fspath(path)
+
+
+def _read_weights(f: BinaryIO, weights: Path, manifest: Manifest, plan: TensorPlan) -> dict[str, torch.Tensor]:
+    """The tensors of the open weights file ``f``, once its size, SHA-256 and header are checked against
+    ``manifest`` and ``plan``, and refused with NaN or infinite values."""
+    size = os.fstat(f.fileno()).st_size
+    limit = 8 + MAX_WEIGHTS_HEADER_BYTES + _plan_bytes(plan)
+    if size > limit:
+        raise ArtifactError(f"{weights} is {size} bytes, more than the model its manifest describes can hold "
+                            f"({limit})")
+    try:
+        if manifest.weights_sha256 and _sha256_of(f) != manifest.weights_sha256:
+            raise ArtifactError(f"{weights} is corrupt: its SHA-256 does not match the manifest")
+        f.seek(0)
+        _check_state(weights, plan, _read_header(f, weights), manifest.spec.arch)
+        state = load_file(_fd_path(f, weights))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{weights} is not a readable safetensors file: {exc}") from None
+    _check_state(weights, plan, _plan_of(state), manifest.spec.arch)  # the file may have changed since its header
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ArtifactError(f"{weights} holds NaN or infinite values in {len(bad)} tensors, e.g. {bad[:3]}")
+    return state
+
+
+def load_artifact(version_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
+                  root: Path | None = None) -> tuple[nn.Module, Manifest]:
     """Rebuild the model from its manifest and load its weights; the model is returned in eval mode.
 
     Every cost is bounded before it is paid: the model the manifest describes is first built on the meta device
@@ -413,28 +549,22 @@ def load_artifact(version_dir: str | os.PathLike[str], device: str | torch.devic
     must name exactly the model's tensors with their shapes and dtypes before any tensor is read. Tensors
     holding NaN or infinity are refused. The manifest's spec has no ``*_path`` parameter (``Manifest`` drops one
     an older artifact recorded), so rebuilding never opens a file outside the version directory.
+
+    Each file is opened once, and every check and the load read that open file. ``root``: the model
+    repository's, to open them confined there (``open_version_file``).
     """
     version_dir = Path(version_dir)
-    manifest = read_manifest(version_dir)
+    manifest = read_manifest(version_dir, root)
     plan = planned_state(version_dir, manifest.spec)
     weights = version_dir / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ArtifactError(f"{weights} does not exist")
-    limit = 8 + MAX_WEIGHTS_HEADER_BYTES + _plan_bytes(plan)
-    if weights.stat().st_size > limit:
-        raise ArtifactError(f"{weights} is {weights.stat().st_size} bytes, more than the model its manifest "
-                            f"describes can hold ({limit})")
-    if manifest.weights_sha256 and _sha256(weights) != manifest.weights_sha256:
-        raise ArtifactError(f"{weights} is corrupt: its SHA-256 does not match the manifest")
-    _check_state(weights, plan, read_weights_header(weights), manifest.spec.arch)
     try:
-        state = load_file(os.fspath(weights))
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{weights} is not a readable safetensors file: {exc}") from None
-    _check_state(weights, plan, _plan_of(state), manifest.spec.arch)  # the file may have changed since its header
-    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise ArtifactError(f"{weights} holds NaN or infinite values in {len(bad)} tensors, e.g. {bad[:3]}")
+        f = open_version_file(weights, root)
+    except FileNotFoundError:
+        raise ArtifactError(f"{weights} does not exist") from None
+    except OSError as exc:
+        raise ArtifactError(f"{weights} is not a readable safetensors file: {exc.strerror}") from None
+    with f:
+        state = _read_weights(f, weights, manifest, plan)
     try:
         model = build_model(manifest.spec)
     except SegsvcError as exc:

@@ -9,6 +9,7 @@ threads; CUDA needs the CUDA provider (the ``onnxruntime-gpu`` wheel).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -23,7 +24,7 @@ import torch
 from segsvc.errors import ArtifactError, InvalidArgument
 from segsvc.inference.backends.base import Backend, EngineConfig, manifest_geometry
 from segsvc.inference.contract import Geometry
-from segsvc.models.artifact import Manifest
+from segsvc.models.artifact import Manifest, open_version_file
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +55,20 @@ def peak_rss_growth(run: Callable[[], object]) -> int | None:
 MAX_ONNX_BYTES = 2 << 30
 
 
-def read_onnx_export(version_dir: Path, manifest: Manifest) -> tuple[str, bytes]:
+def read_onnx_export(version_dir: Path, manifest: Manifest, root: Path | None = None) -> tuple[str, bytes]:
     """The file name and bytes of the version's exported ONNX graph, checked against the manifest's SHA-256.
 
     The bytes that are hashed are the bytes ONNX Runtime gets (the file is read once: no swap between the
     check and the load), the file's size is checked before it is read, and a graph whose tensors live in
     external data files is refused: those files are not covered by the recorded SHA-256, and their
-    ``location`` is a path the graph names.
+    ``location`` is a path the graph names. With ``root`` (the repository's resolved root) the file is
+    opened beneath it as the weights are (``artifact.open_version_file``): a symlink swapped in after the
+    repository checked the version fails the open instead of leading it out of the root.
 
     Raises:
         ArtifactError: no export recorded; the file is missing, not a regular file, larger than
             ``MAX_ONNX_BYTES``, or its hash differs; the graph has external data.
+        PathOutsideRoot: with ``root``, the file leads out of it.
     """
     record: Any = manifest.exports.get("onnx")
     if not isinstance(record, dict) or not record.get("file") or not record.get("sha256"):
@@ -75,12 +79,14 @@ def read_onnx_export(version_dir: Path, manifest: Manifest) -> tuple[str, bytes]
     if Path(name).name != name or name in (".", ".."):
         raise ArtifactError(f"the ONNX export {ref} is missing; export it again")
     try:
-        fd = os.open(version_dir / name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        f = open_version_file(version_dir / name, root)
     except FileNotFoundError:
         raise ArtifactError(f"the ONNX export {ref} is missing; export it again") from None
     except OSError as exc:
+        if exc.errno == errno.EINVAL:  # open_version_file's answer for anything but a regular file
+            raise ArtifactError(f"the ONNX export {ref} is not a regular file") from None
         raise ArtifactError(f"the ONNX export {ref} cannot be read ({exc.strerror or type(exc).__name__})") from None
-    with os.fdopen(fd, "rb") as f:
+    with f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise ArtifactError(f"the ONNX export {ref} is not a regular file")
@@ -185,9 +191,9 @@ class OnnxRuntimeBackend(Backend):
 
     @classmethod
     def for_manifest(cls, version_dir: Path, manifest: Manifest, device: torch.device,
-                     config: EngineConfig | None = None) -> "OnnxRuntimeBackend":
-        """The backend of a version directory whose manifest records an ONNX export."""
-        name, data = read_onnx_export(version_dir, manifest)  # ONNX Runtime gets the bytes that were hashed
+                     config: EngineConfig | None = None, root: Path | None = None) -> "OnnxRuntimeBackend":
+        """The backend of a version directory whose manifest records an ONNX export (opened beneath ``root``)."""
+        name, data = read_onnx_export(version_dir, manifest, root)  # ONNX Runtime gets the bytes that were hashed
         return cls(data, export_geometry(manifest), device, manifest.input.channels,
                    threads=config.threads if config else 0, label=name)
 
