@@ -1,7 +1,8 @@
 """``segsvc export MODEL[:V] --repo R --format onnx|triton``: a model version for ONNX Runtime or Triton.
 
 ``onnx`` writes ``<repo>/<model>/<version>/model.onnx`` (a re-export:
-``model-<sha>.onnx``, then the old file is removed) and records it in the
+``model-<sha>.onnx``; the file it supersedes is kept until the next re-export,
+for a server that read the manifest just before) and records it in the
 version's manifest, but only once ONNX Runtime reproduces eager PyTorch on
 ``--checks`` random inputs (the max |Δlogit| and the label agreement are
 printed; an export that disagrees is refused and nothing is written).
@@ -48,7 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "export's values, else the defaults), replacing the recorded export as --format onnx "
                         "would")
     p.add_argument("--checks", type=int, default=None,
-                   help=f"random inputs ONNX Runtime and PyTorch are compared on (default {DEFAULT_CHECKS})")
+                   help=f"random inputs ONNX Runtime and PyTorch are compared on (default {DEFAULT_CHECKS}; the "
+                        "first is non-square, the second square)")
     p.add_argument("--tolerance", type=float, default=None,
                    help="largest |logit difference| allowed, relative to max(1, max |logit|) "
                         f"(default {DEFAULT_TOLERANCE:g})")

@@ -123,8 +123,14 @@ _OVER_LIMIT = re.compile(r"\b(CLIENT|SERVER): (Sent|Received) message larger tha
 
 
 def over_limit(what: str, size: int, limit: int, client_side: bool) -> SegsvcError:
-    """``ImageTooLarge`` for a request, ``ResponseTooLarge`` for a response, naming the limit and how to raise it."""
-    whose, raise_it = (("this client's limit", "raise max_message_bytes") if client_side else
+    """``ImageTooLarge`` for a request, ``ResponseTooLarge`` for a response, naming the limit and how to raise it.
+
+    The hint names what the side that refused can set: a client's limit is the library's argument and the
+    command line's flag (a user of ``segsvc segment`` has no ``max_message_bytes`` to raise), the server's
+    is ``segsvc serve``'s flag.
+    """
+    whose, raise_it = (("this client's limit", "raise this client's limit (SegmentationClient(max_message_bytes=...), "
+                                               "or segsvc segment --max-message-mb)") if client_side else
                        ("the server's limit", "raise the server's limit (segsvc serve --max-message-mb)"))
     if what == "request":
         return errors.ImageTooLarge(f"the request is {size} bytes, over {whose} of {limit} bytes per message; send "
@@ -165,12 +171,21 @@ def error_from_rpc(exc: grpc.RpcError) -> SegsvcError:
 
 
 def labels_from_proto(msg: pb.LabelMap) -> np.ndarray:
-    """The ``H x W`` label array of a raw or PNG ``LabelMap``."""
+    """The ``H x W`` label array of a raw or PNG ``LabelMap``.
+
+    Raises:
+        InvalidImage: a raw map whose bytes are not ``H * W`` labels (numpy's reshape would raise ValueError),
+            or a PNG that does not decode to ``H x W``.
+    """
     h, w = int(msg.height), int(msg.width)
-    if msg.encoding == pb.OUTPUT_ENCODING_RAW_UINT8:
-        return np.frombuffer(msg.data, np.uint8).reshape(h, w)
-    if msg.encoding == pb.OUTPUT_ENCODING_RAW_UINT16:
-        return np.frombuffer(msg.data, "<u2").reshape(h, w).astype(np.uint16)
+    raw = {pb.OUTPUT_ENCODING_RAW_UINT8: np.dtype(np.uint8), pb.OUTPUT_ENCODING_RAW_UINT16: np.dtype("<u2")}
+    if msg.encoding in raw:
+        dtype = raw[msg.encoding]
+        if len(msg.data) != h * w * dtype.itemsize:
+            raise InvalidImage(f"raw label map is {len(msg.data)} bytes; a {h}x{w} map of {dtype.itemsize}-byte "
+                               f"labels, as the response says, is {h * w * dtype.itemsize}")
+        labels = np.frombuffer(msg.data, dtype).reshape(h, w)
+        return labels.astype(np.uint16) if dtype.itemsize == 2 else labels
     if msg.encoding == pb.OUTPUT_ENCODING_PNG:
         labels = decode_png_labels(msg.data)
         if labels.shape != (h, w):

@@ -69,25 +69,64 @@ def local_files(folder: str | os.PathLike[str]) -> list[tuple[str, Path]]:
     """The dataset files under a local folder as ``(relative name, path)``, sorted by name.
 
     Symlinks to files and folders are followed (a local folder may link its
-    data in); what is excluded by ``is_excluded`` is left out.
+    data in); what is excluded by ``is_excluded`` is left out. Nothing else is
+    left out in silence: the upload would go without it, and at best the
+    server's check would say that a file is missing.
+
+    Raises:
+        InvalidArgument: ``folder`` is not a folder; a folder under it cannot be listed; a folder link leads
+            into a folder it lies in (a loop, which would list every file under it once per turn until the
+            kernel's ELOOP); a link leads to nothing; a name is not UTF-8. Each is named relative to ``folder``.
     """
     root = Path(folder)
     if not root.is_dir():
         raise InvalidArgument(f"{os.fspath(folder)} is not a folder")
     out: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        rel_dir = Path(dirpath).relative_to(root).as_posix()
-        dirnames[:] = sorted(d for d in dirnames if not is_excluded(_join(rel_dir, d)))
-        for name in filenames:
-            rel = _join(rel_dir, name)
-            path = Path(dirpath) / name
-            if not is_excluded(rel) and path.is_file():
-                out.append((rel, path))
+    stack: list[tuple[Path, str, frozenset[str]]] = [(root, "", frozenset({os.path.realpath(root)}))]
+    while stack:
+        path, rel_dir, ancestors = stack.pop()
+        for entry in _listing(path, rel_dir.rstrip("/") or "."):
+            rel = rel_dir + entry.name
+            if is_excluded(rel):
+                continue
+            _check_utf8(rel)
+            if _is_dir(entry, rel):
+                real = os.path.realpath(entry.path)
+                if real in ancestors:
+                    raise InvalidArgument(f"folder link {rel!r} leads back into a folder it lies in (a loop): "
+                                          f"remove it")
+                stack.append((Path(entry.path), rel + "/", ancestors | {real}))
+            elif entry.is_file():
+                out.append((rel, Path(entry.path)))
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                raise InvalidArgument(f"{rel!r} is a link to nothing: its target does not exist")
     return sorted(out)
 
 
-def _join(rel_dir: str, name: str) -> str:
-    return name if rel_dir == "." else f"{rel_dir}/{name}"
+def _check_utf8(rel: str) -> None:
+    """A dataset's names are UTF-8 (``content_hash``, the tar headers): a Linux name that is not reaches here
+    with surrogate escapes and would fail there with UnicodeEncodeError, naming nothing."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{rel!r} is not a UTF-8 name (the bytes shown as \\udcXX): rename it") from None
+
+
+def _listing(folder: Path, shown: str) -> list[os.DirEntry[str]]:
+    """The entries of ``folder``; ``InvalidArgument`` naming it as ``shown`` when it cannot be listed."""
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read folder {shown!r} ({exc.strerror or type(exc).__name__})") from None
+
+
+def _is_dir(entry: os.DirEntry[str], rel: str) -> bool:
+    """Whether an entry is a folder, through symlinks (its ``stat`` may fail: EACCES, ELOOP)."""
+    try:
+        return entry.is_dir()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read {rel!r} ({exc.strerror or type(exc).__name__})") from None
 
 
 def hash_folder(folder: str | os.PathLike[str]) -> tuple[str, int, int]:

@@ -52,6 +52,10 @@ LIST_BYTES_PER_SAMPLE = 256
 # Class names a dataset may have. Masks hold uint8 or uint16 values (label maps reach 65535), but every class costs
 # a logit map per pixel in the model and a name and share in each Dataset message: ADE20K has 150, COCO-Stuff 182.
 MAX_CLASSES = 1024
+# Bytes of one class name in UTF-8. Names travel in every Dataset message, and a trained model's manifest holds them
+# all, JSON-escaped (up to 6 bytes per byte for a control character), under its 1 MiB limit: 1024 x 128 x 6 fits.
+# The class names of common datasets (with ADE20K's lists of synonyms) are a few dozen characters.
+MAX_CLASS_NAME_BYTES = 128
 
 T = TypeVar("T")
 Progress = Callable[[Iterable[T], int], Iterable[T]]
@@ -101,6 +105,7 @@ def add_metadata_yaml(root: Path, name: str, dataset_yaml: str = "", class_names
     if dataset_yaml:
         (root / FOLDER_SPEC_NAMES[0]).write_text(_rooted_here(dataset_yaml))
     elif class_names:
+        check_class_names(class_names)  # before they become the dataset's description
         try:
             spec = spec_from_folder(root)  # the generic layout's splits, as found
         except DatasetError as exc:  # it names the folder: never show the server's folders
@@ -132,8 +137,9 @@ def load_confined(root: Path, name: str, limits: ExtractLimits = ExtractLimits()
     split lists and ids naming at most ``limits.max_entries`` samples in all (``check_listed``).
 
     Raises:
-        DatasetError: no usable description, a synthetic one (no files), no class names or more than
-            ``MAX_CLASSES``, too long a description or split list, an absolute split folder or list.
+        DatasetError: no usable description, a synthetic one (no files), no class names, more than
+            ``MAX_CLASSES`` or one over ``MAX_CLASS_NAME_BYTES``, too long a description or split list, an
+            absolute split folder or list.
         PathOutsideRoot: the root, a split folder or list leads outside ``root``.
     """
     for file_name in FOLDER_SPEC_NAMES:
@@ -159,11 +165,24 @@ def load_confined(root: Path, name: str, limits: ExtractLimits = ExtractLimits()
     if not spec.class_names:
         raise DatasetError("the dataset names no classes: add a dataset.yaml with 'classes:' "
                            "(or send the class names with the upload)")
-    if len(spec.class_names) > MAX_CLASSES:
-        raise DatasetError(f"the dataset names {len(spec.class_names)} classes: more than {MAX_CLASSES}, the "
-                           f"server's limit")
+    check_class_names(spec.class_names)
     check_listed(spec, limits)
     return replace(spec, name=name)
+
+
+def check_class_names(names: Sequence[str]) -> None:
+    """Refuse more than ``MAX_CLASSES`` class names, or one longer than ``MAX_CLASS_NAME_BYTES`` in UTF-8.
+
+    Raises:
+        DatasetError: naming the first name too long by its index and its beginning (not the whole of it).
+    """
+    if len(names) > MAX_CLASSES:
+        raise DatasetError(f"the dataset names {len(names)} classes: more than {MAX_CLASSES}, the server's limit")
+    for index, name in enumerate(names):
+        size = len(str(name).encode("utf-8", "surrogatepass"))
+        if size > MAX_CLASS_NAME_BYTES:
+            raise DatasetError(f"class {index} ({str(name)[:24] + '...'!r}) is {size} bytes in UTF-8: more than "
+                               f"{MAX_CLASS_NAME_BYTES}, the server's limit for a class name")
 
 
 def check_listed(spec: DatasetSpec, limits: ExtractLimits) -> None:

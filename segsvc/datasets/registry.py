@@ -52,8 +52,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.datasets.archive import FORMATS, ExtractLimits
 from segsvc.datasets.ingest import (
-    MAX_CLASSES, SPEC_FILE, class_shares, fingerprint, load_confined, registered_files, registered_folder,
-    scrub_paths, validate, write_training_spec,
+    MAX_CLASSES, SPEC_FILE, check_class_names, class_shares, fingerprint, load_confined, registered_files,
+    registered_folder, scrub_paths, validate, write_training_spec,
 )
 from segsvc.datasets.split import VAL_FRACTION
 from segsvc.datasets.upload import DatasetUpload
@@ -416,6 +416,7 @@ class DatasetRegistry:
         if len(class_names) > MAX_CLASSES:
             raise InvalidArgument(f"the upload names {len(class_names)} class names: more than {MAX_CLASSES}, "
                                   f"the server's limit")
+        check_class_names(class_names)  # and each name's length, before the files are sent
         ingest = functools.partial(self._ingest, name=name, source="upload", source_path=fmt, absolute_root=False,
                                    expected_sha256=sha256.lower())
         upload_id = self._take_slot()

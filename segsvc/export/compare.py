@@ -8,7 +8,7 @@ agreement (argmax over classes) and the max |logit difference|.
 
 Example:
     >>> check_sizes(stride=32, min_size=1, checks=4)
-    [(1, 64, 64), (2, 96, 160), (3, 160, 96), (1, 128, 224)]
+    [(1, 64, 96), (2, 128, 128), (3, 160, 96), (1, 128, 224)]
 """
 
 from __future__ import annotations
@@ -105,10 +105,13 @@ def check_sizes(stride: int, min_size: int, checks: int) -> list[tuple[int, int,
     """``(N, H, W)`` of each check: padded sizes, batch 1 to 3, square and non-square.
 
     None equals the export's sample size (``sample_size``), so a size the exporter
-    fixed to the sample shows up as a failed check.
+    fixed to the sample shows up as a failed check. The first check is non-square,
+    wider than high (the sample is higher than wide), and of batch 1 (the sample's
+    is 2), so even ``checks=1`` catches an export that took one spatial size for
+    the other or fixed the batch; the second is square.
     """
     base = _base(stride, min_size)
-    pattern = ((1, 0, 0), (2, 1, 3), (3, 3, 1), (1, 2, 5))
+    pattern = ((1, 0, 1), (2, 2, 2), (3, 3, 1), (1, 2, 5))
     sizes = []
     for i in range(checks):
         n, a, b = pattern[i] if i < len(pattern) else (1 + i % 3, i % 6, (2 * i + 1) % 7)

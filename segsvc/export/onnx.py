@@ -1,5 +1,6 @@
 """ONNX export of a model version: ``<repo>/<model>/<version>/model.onnx`` (a re-export: ``model-<sha>.onnx``),
-published only once validated; the manifest's ``exports["onnx"]["file"]`` names the current one.
+published only once validated; the manifest's ``exports["onnx"]["file"]`` names the current one, and
+``exports["onnx"]["previous"]`` the one it superseded, kept for the loaders that read the manifest before.
 
 The exporter is ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` +
 onnxscript), chosen over the TorchScript one (``dynamo=False``) because it is the
@@ -258,13 +259,35 @@ def _metadata(manifest: Manifest, stride: int, min_size: int) -> dict[str, str]:
     }
 
 
-def _recorded_file(manifest: Manifest) -> str | None:
-    """The ONNX file the manifest records, when it is a plain ``.onnx`` name in the version directory."""
-    entry = manifest.exports.get("onnx")
-    name = entry.get("file") if isinstance(entry, dict) else None
+def _plain_onnx_name(name: object) -> str | None:
+    """``name`` when it is a plain ``.onnx`` file name (in the version directory, no path), else None."""
     if not isinstance(name, str) or Path(name).name != name or not name.endswith(".onnx"):
         return None
     return name
+
+
+def _recorded_file(manifest: Manifest) -> str | None:
+    """The ONNX file the manifest records, when it is a plain ``.onnx`` name in the version directory."""
+    entry = manifest.exports.get("onnx")
+    return _plain_onnx_name(entry.get("file")) if isinstance(entry, dict) else None
+
+
+def _previous_record(manifest: Manifest) -> dict[str, str] | None:
+    """``exports["onnx"]["previous"]``: the file the recorded export superseded (a plain ``.onnx`` name) and
+    its SHA-256; None when there is none (a first export, or a manifest written before segsvc kept one)."""
+    entry = manifest.exports.get("onnx")
+    previous = entry.get("previous") if isinstance(entry, dict) else None
+    if not isinstance(previous, dict) or _plain_onnx_name(previous.get("file")) is None:
+        return None
+    return {"file": str(previous["file"]), "sha256": str(previous.get("sha256", ""))}
+
+
+def _named_files(manifest: Manifest) -> dict[str, str]:
+    """The ONNX files the manifest names (the recorded one and the previous one), with the SHA-256 of each."""
+    named = {previous["file"]: previous["sha256"]} if (previous := _previous_record(manifest)) else {}
+    if (file := _recorded_file(manifest)) is not None:
+        named[file] = str(manifest.exports["onnx"].get("sha256", ""))
+    return named
 
 
 def export_file_name(sha256: str, manifest: Manifest) -> str:
@@ -272,16 +295,33 @@ def export_file_name(sha256: str, manifest: Manifest) -> str:
     derived from its hash (``model-<12 hex>.onnx``), so the recorded file is never overwritten.
 
     Identical bytes under a hash-derived name get that name again (replacing the file atomically with the
-    same bytes keeps it matching); a recorded ``model.onnx`` is never reused, so identical bytes move to
-    ``model-<12 hex>.onnx``.
+    same bytes keeps it matching, for the manifest and for one read before it); a recorded ``model.onnx`` is
+    never reused, so identical bytes move to ``model-<12 hex>.onnx``.
     """
     entry = manifest.exports.get("onnx")
     if not isinstance(entry, dict) or not entry.get("file"):
         return ONNX_FILE
     name = f"model-{sha256[:12]}.onnx"
-    if name == entry["file"] and entry.get("sha256") != sha256:  # 48-bit prefix collision
+    named = _named_files(manifest)
+    if name in named and named[name] != sha256:  # 48-bit prefix collision
         name = f"model-{sha256}.onnx"
     return name
+
+
+def _superseding(current: Manifest, name: str) -> tuple[dict[str, str] | None, str | None]:
+    """``(the new entry's "previous", the file to remove once it is published)`` for an export to ``name``.
+
+    A re-export to a new name supersedes the recorded file: that one becomes "previous" and stays on disk,
+    since a loader may have read the manifest naming it (and its SHA-256) and not yet opened it; the file
+    the recorded export had superseded is named by no manifest written since, and goes. An export to the
+    recorded name (the same bytes) supersedes nothing: "previous" stays as it was. A file the new export
+    is written to, or still names, is never removed.
+    """
+    previous, file = _previous_record(current), _recorded_file(current)
+    if file is None or file == name:
+        return previous, None
+    stale = previous["file"] if previous is not None and previous["file"] not in (name, file) else None
+    return {"file": file, "sha256": _named_files(current)[file]}, stale
 
 
 def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPSET, checks: int = DEFAULT_CHECKS,
@@ -291,11 +331,15 @@ def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPS
 
     Writes the file (temporary file + rename), then rewrites the manifest
     (likewise) with ``exports["onnx"] = {"file", "sha256", "opset", "torch",
-    "validation", ...}``. A first export is ``model.onnx``; a re-export never
-    overwrites the file the manifest records but writes ``model-<12 hex of its
-    SHA-256>.onnx``, switches the manifest to it, then removes the old file, so
-    at every instant the manifest names a file that matches its SHA-256 (a crash
-    leaves at most an unrecorded file behind). A refused or failed export removes
+    "validation", "previous", ...}``. A first export is ``model.onnx``; a
+    re-export never overwrites the file the manifest records but writes
+    ``model-<12 hex of its SHA-256>.onnx`` and switches the manifest to it, so at
+    every instant the manifest names a file that matches its SHA-256 (a crash
+    leaves at most an unrecorded file behind). The file it superseded is kept,
+    recorded as ``previous`` (``{"file", "sha256"}``): a loader that read the
+    manifest just before the switch still opens the file it names, with the
+    SHA-256 it read. The re-export after removes it (``_superseding``), so a
+    version keeps at most two exports. A refused or failed export removes
     only what it wrote: an earlier export and the manifest stay as they were.
     Exports of one version running at once publish one after the other
     (``version_lock``, from reading the manifest to writing it): the later one is
@@ -345,8 +389,9 @@ def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPS
             raise ArtifactError(f"{label}: its weights changed during the export; export again")
         weights_mode = (version_dir / WEIGHTS_FILE).stat().st_mode & 0o777
         sha = hashlib.sha256(data).hexdigest()
-        previous = _recorded_file(current)
         name = export_file_name(sha, current)
+        previous, stale = _superseding(current, name)
+        kept = _named_files(current)  # a failed publish leaves these: what named them still matches
         path = version_dir / name
         write_atomic(path, data, weights_mode)
         entry = {
@@ -355,17 +400,18 @@ def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPS
             "dynamic_axes": {str(k): v for k, v in DYNAMIC_AXES.items()}, "stride": stride,
             "min_input_size": min_size, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "validation": result.to_dict(),
+            **({"previous": previous} if previous is not None else {}),
         }
         updated = replace(current, exports={**current.exports, "onnx": entry})
         try:
             write_manifest(version_dir, updated)
         except BaseException:
-            if name != previous:  # the new file only: the recorded one still matches the manifest
+            if name not in kept:  # the new file only: the recorded ones still match what named them
                 path.unlink(missing_ok=True)  # a file the manifest does not vouch for must not look published
             raise
-        if previous is not None and previous != name:
+        if stale is not None:
             with contextlib.suppress(OSError):  # the export is published; a leftover file is only clutter
-                (version_dir / previous).unlink()
+                (version_dir / stale).unlink()
     step("written")
     return OnnxExport(path, sha, opset, result, updated)
 
@@ -374,8 +420,8 @@ def export_onnx(version_dir: str | os.PathLike[str], *, opset: int = DEFAULT_OPS
 def version_lock(version_dir: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the export lock of a version: ``flock`` on ``<version>/.segsvc-export.lock``.
 
-    ``export_onnx`` holds it from reading the manifest through writing it (and removing the file it
-    superseded). Without it two exports of one version (two users, a retried CI job) could both see
+    ``export_onnx`` holds it from reading the manifest through writing it (and removing the file two
+    exports back). Without it two exports of one version (two users, a retried CI job) could both see
     no export, both write ``model.onnx`` and write their manifests in either order: the manifest would
     then record the SHA-256 of the file the other one wrote, and every reader would refuse the version.
     With it the second publishes after the first, as a re-export of it.

@@ -245,7 +245,7 @@ def test_a_re_export_whose_manifest_write_fails_keeps_the_earlier_export(
     assert _loads_and_matches(version_dir) == version_dir / ONNX_FILE
 
 
-def test_a_re_export_switches_to_a_new_file_and_removes_the_old_one(repo: Path) -> None:
+def test_a_re_export_switches_to_a_new_file_and_keeps_the_old_one_as_previous(repo: Path) -> None:
     version_dir = publish(repo, "m", TINY["unet"])
     first = export_onnx(version_dir, checks=1)
     second = export_onnx(version_dir, checks=1, opset=17)
@@ -253,12 +253,13 @@ def test_a_re_export_switches_to_a_new_file_and_removes_the_old_one(repo: Path) 
     assert second.path == version_dir / f"model-{second.sha256[:12]}.onnx"
     assert read_manifest(version_dir).exports["onnx"]["file"] == second.path.name
     assert sorted(p.name for p in version_dir.iterdir()) == sorted(["manifest.json", "weights.safetensors",
-                                                                     second.path.name])
+                                                                     ONNX_FILE, second.path.name])
+    assert read_manifest(version_dir).exports["onnx"]["previous"] == {"file": ONNX_FILE, "sha256": first.sha256}
     assert _loads_and_matches(version_dir) == second.path
     # the same bytes again: the recorded name, still one file, still matching
     third = export_onnx(version_dir, checks=1, opset=17)
     assert third.path == second.path and third.sha256 == second.sha256
-    assert [p.name for p in version_dir.glob("*.onnx")] == [second.path.name]
+    assert sorted(p.name for p in version_dir.glob("*.onnx")) == sorted([ONNX_FILE, second.path.name])
     assert _loads_and_matches(version_dir) == second.path
 
 
@@ -327,6 +328,8 @@ def test_two_first_exports_at_once_leave_a_manifest_that_matches_its_file(
     path = published_onnx(version_dir)  # raises when the file does not match the recorded SHA-256
     assert path is not None and _sha(path) == entry["sha256"]
     assert entry["opset"] == 17  # B published last: it waited for A
-    assert [p.name for p in version_dir.glob("*.onnx")] == [path.name]  # A's file, superseded, was removed
+    # A's file, superseded, is kept for a loader that read A's manifest (tests/export/test_reexport.py)
+    assert sorted(p.name for p in version_dir.glob("*.onnx")) == sorted([ONNX_FILE, path.name])
+    assert entry["previous"]["file"] == ONNX_FILE
     assert not [p.name for p in version_dir.iterdir() if p.name.startswith(".")]  # no lock or temporary left
     assert _loads_and_matches(version_dir) == path

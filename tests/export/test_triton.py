@@ -368,7 +368,7 @@ def test_options_that_differ_from_the_recorded_export_make_a_new_one(repo: Path,
     result = export_triton(version_dir, out, opset=17, checks=1)
     entry = recorded()
     assert result.exported and entry["opset"] == 17 and entry["validation"]["checks"] == 1
-    assert entry["file"] != "model.onnx" and not (version_dir / "model.onnx").exists()  # replaced, as a re-export
+    assert entry["file"] != "model.onnx" and entry["previous"]["file"] == "model.onnx"  # replaced, as a re-export
     assert opset_of(result.onnx) == 17 and _sha(result.onnx) == entry["sha256"] == _sha(version_dir / entry["file"])
     assert "opset 18" in result.reason and "17" in result.reason
 
