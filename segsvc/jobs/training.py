@@ -12,7 +12,9 @@ is registered as ``golden-<model>``, on that golden set (a default with other
 classes is not evaluated, and under the ``gate`` policy not replaced);
 ``segsvc.jobs.gate`` decides and publishes the candidate as a new version with its lineage; a
 promoted version becomes the repository's persistent default and the server
-swaps to it (``ModelManager.refresh_default``).
+swaps to it (``ModelManager.refresh_default``). One the server cannot load is
+not promoted after all: DEFAULT goes back to the version served, and the job's
+verdict says why (``_switch_default``).
 
 Jobs of one model publish one at a time (a lock per model name; with
 ``max_training_jobs`` above 1 several may finish together): the check of the
@@ -39,7 +41,9 @@ name); PNGs as they are.
 Cancel sends SIGTERM to the process group and SIGKILL after ``kill_grace_s``.
 A server that stops (or crashes) leaves the job RUNNING: the next start kills
 a trainer group that outlived its server (its id and start time are stored)
-and restarts the trainer with ``--resume`` from its last checkpoint. Each phase
+and restarts the trainer with ``--resume`` from its last checkpoint. A trainer
+killed on its own while the server runs (``kill -9``, the OOM killer) is resumed
+the same way, at most ``MAX_TRAINER_RESTARTS`` times a job. Each phase
 is idempotent: a finished evaluation is not redone, and a version published
 just before a crash is found again by its lineage's job id.
 
@@ -59,6 +63,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +95,7 @@ SERVED_DIR = ".served"  # <job>/.served/<artifact>: the scrubbed copies the API 
 MAX_LINE_BYTES = 1 << 20  # a longer line of a served text artifact is cut
 LOG_TAIL_BYTES = 64 << 10  # how much of train.log is read for the trainer's own error line
 MAX_REASON_CHARS = 500  # a failure reason taken from the trainer is cut to this
+MAX_TRAINER_RESTARTS = 2  # a trainer killed from outside (the server alive) is resumed this often, at most
 # ``training: error: ...`` as training/train.py prints it (torchrun may prefix a rank: ``[rank0]: ...``).
 _TRAINER_ERROR = re.compile(r"(?:\[[^\]]{1,40}\]:?\s*)?training: error:\s*(\S.*)")
 
@@ -344,6 +350,9 @@ class TrainingRunner(StoreRunner):
                     await child.terminate(self.config.kill_grace_s)
                     raise _Stop("CANCELLED", f"cancelled while {what}")
                 await self._tick(run)
+            # What is left of its group (torchrun's workers, when the agent alone was killed) goes before
+            # anything else starts, a restarted trainer above all.
+            await child.terminate(self.config.kill_grace_s)
             return waiter.result()
         except BaseException:
             await asyncio.shield(child.terminate(self.config.kill_grace_s))  # server stopping: no orphan
@@ -379,42 +388,80 @@ class TrainingRunner(StoreRunner):
 
     # -- phases -------------------------------------------------------------------------
     async def _train(self, run: _Run) -> Path:
+        """Train the candidate (or find the one a trainer finished before a restart); its version folder.
+
+        A trainer killed by a signal from outside the service (``kill -9``, the kernel's OOM killer) while the
+        server lives on is started again, resuming from its last checkpoint as after a server restart, at most
+        ``MAX_TRAINER_RESTARTS`` times in the job's life (``trainer_restarts`` in its metadata). A trainer that
+        exits with an error of its own fails the job: starting it again would fail the same way.
+        """
         spec = run.job.spec
         root = self.job_dir(run.job.id)
         candidate_repo = root / "candidate"
         name = spec["model_name"]
         if not _has_version(candidate_repo / name):
-            await asyncio.to_thread(self._check_datasets, spec)  # each start of the trainer, before it runs
-            await asyncio.to_thread(_write_text, root / "recipe.yaml", spec["recipe_text"])
-            run_dir = root / spec["run_dir"]
-            resume = (run_dir / "checkpoints" / "last.pt").is_file()
-            argv = trainer_argv(spec, root, self.config, resume=resume)
-            tail = EventTail(run_dir / "events.jsonl")
-            run.progress["_tail"] = tail
-            log_start = await asyncio.to_thread(_size, root / "train.log")  # this attempt's output starts here
-            attempts = int(run.progress.get("attempts", 0)) + 1
-            await self._set_phase(run, "training", attempts=attempts)
-            log.info("training job %s: starting the trainer (attempt %d%s)", run.job.id, attempts,
-                     ", resuming from its checkpoint" if resume else "")
-            try:
-                code = await self._child(run, argv, "training")
-                for event in await asyncio.to_thread(tail.read):
-                    apply_event(run.progress, event)
-            finally:
-                run.progress.pop("_tail", None)
-            await self._save(run)
-            if code != 0 or not _has_version(candidate_repo / name):
-                reason = run.progress.get("end_reason")
-                if not reason:  # it stopped before its events began (a bad recipe or override): its own error
-                    said = await asyncio.to_thread(trainer_error, root / "train.log", log_start)
-                    reason = (_clip(self._public(run.job, said), MAX_REASON_CHARS) if said
-                              else f"the trainer exited with code {code}")
-                raise _Stop("FAILED", f"training failed: {reason}")
+            while True:
+                code, log_start = await self._run_trainer(run)
+                if code == 0 and _has_version(candidate_repo / name):
+                    break
+                if code < 0 and await self._restart_after_kill(run, -code):
+                    continue
+                raise _Stop("FAILED", f"training failed: {await self._failure_reason(run, code, log_start)}")
         else:  # a trainer finished before a crash (or one the dead server left behind did): its events say how far
             for event in await asyncio.to_thread(EventTail(root / spec["run_dir"] / "events.jsonl").read):
                 apply_event(run.progress, event)
             await self._save(run)
         return candidate_repo / name / str(max(_versions(candidate_repo / name)))
+
+    async def _run_trainer(self, run: _Run) -> tuple[int, int]:
+        """Start the trainer (resuming from its checkpoint when there is one) and wait for it; ``(exit code, where
+        this attempt's output begins in train.log)``."""
+        spec = run.job.spec
+        root = self.job_dir(run.job.id)
+        await asyncio.to_thread(self._check_datasets, spec)  # each start of the trainer, before it runs
+        await asyncio.to_thread(_write_text, root / "recipe.yaml", spec["recipe_text"])
+        run_dir = root / spec["run_dir"]
+        resume = (run_dir / "checkpoints" / "last.pt").is_file()
+        argv = trainer_argv(spec, root, self.config, resume=resume)
+        tail = EventTail(run_dir / "events.jsonl")
+        run.progress["_tail"] = tail
+        log_start = await asyncio.to_thread(_size, root / "train.log")  # this attempt's output starts here
+        attempts = int(run.progress.get("attempts", 0)) + 1
+        await self._set_phase(run, "training", attempts=attempts)
+        log.info("training job %s: starting the trainer (attempt %d%s)", run.job.id, attempts,
+                 ", resuming from its checkpoint" if resume else "")
+        try:
+            code = await self._child(run, argv, "training")
+            for event in await asyncio.to_thread(tail.read):
+                apply_event(run.progress, event)
+        finally:
+            run.progress.pop("_tail", None)
+        await self._save(run)
+        return code, log_start
+
+    async def _restart_after_kill(self, run: _Run, signum: int) -> bool:
+        """Whether a trainer killed by ``signum`` is started again (its restarts left), recorded in the metadata."""
+        if run.cancel.is_set():  # a cancel that came as it died: not started again only to be stopped
+            raise _Stop("CANCELLED", "cancelled while training")
+        death = f"killed by signal {signum} ({_signal_name(signum)})"
+        restarts = int(run.progress.get("trainer_restarts", 0))
+        if restarts >= MAX_TRAINER_RESTARTS:
+            run.progress["end_reason"] = (f"the trainer was {death} and had already been restarted {restarts} times "
+                                          "from its checkpoint; see train.log (FetchTrainingArtifacts)")
+            return False
+        await self._save(run, trainer_restarts=restarts + 1, last_trainer_death=death)
+        log.warning("training job %s: the trainer was %s; restarting it from its last checkpoint (restart %d of %d)",
+                    run.job.id, death, restarts + 1, MAX_TRAINER_RESTARTS)
+        return True
+
+    async def _failure_reason(self, run: _Run, code: int, log_start: int) -> str:
+        """Why the trainer failed: its last event's reason, else its own error line in train.log, else its code."""
+        reason = run.progress.get("end_reason")
+        if reason:
+            return str(reason)
+        said = await asyncio.to_thread(trainer_error, self.job_dir(run.job.id) / "train.log", log_start)
+        # it stopped before its events began (a bad recipe or override): its own error
+        return _clip(self._public(run.job, said), MAX_REASON_CHARS) if said else f"the trainer exited with code {code}"
 
     async def _evaluate(self, run: _Run, candidate: Path) -> dict[str, dict[str, dict[str, float]]]:
         """``{"candidate": {split: metrics}, "default": {split: metrics}}`` via ``segsvc eval`` children."""
@@ -473,7 +520,8 @@ class TrainingRunner(StoreRunner):
         if lock.locked():
             log.info("training job %s: waiting for another job to finish publishing %s", run.job.id, name)
         async with lock:
-            version, promoted, verdict = await self._place(run, candidate, results, compared, promoted, verdict)
+            version, promoted, verdict, unserved = await self._place(run, candidate, results, compared, promoted,
+                                                                     verdict)
         result = {
             "model": name, "version": version, "promoted": promoted, "verdict": verdict,
             "previous_default": compared, "promote": request["promote"],
@@ -482,6 +530,8 @@ class TrainingRunner(StoreRunner):
                         if isinstance(v, (int, float)) and not isinstance(v, bool)},
             "epochs": int(run.progress.get("epoch") or 0), "train_seconds": float(run.progress.get("elapsed_s") or 0),
         }
+        if unserved:  # promoted by the gate, yet not served: why (the verdict says it too)
+            result["serving_error"] = unserved
         await asyncio.to_thread(_write_json, self.job_dir(run.job.id) / "gate.json",
                                 {**result, "table": gate.format_table(rows)})
         result["artifacts"] = [rel for rel, _ in await asyncio.to_thread(self._artifact_sources, run.job)]
@@ -489,8 +539,9 @@ class TrainingRunner(StoreRunner):
         return result
 
     async def _place(self, run: _Run, candidate: Path, results: dict[str, dict[str, dict[str, float]]],
-                     compared: int, promoted: bool, verdict: str) -> tuple[int, bool, str]:
-        """Publish the candidate and move DEFAULT as decided; ``(version, promoted, verdict)``.
+                     compared: int, promoted: bool, verdict: str) -> tuple[int, bool, str, str | None]:
+        """Publish the candidate and move DEFAULT as decided; ``(version, promoted, verdict, unserved)``, the last
+        saying why a version the gate promoted is not served (``_switch_default``), else None.
 
         Called with the model's publish lock held, so no other job of this server reads or writes the
         model's DEFAULT in between. A ``gate`` decision measured against version ``compared`` stands
@@ -527,10 +578,58 @@ class TrainingRunner(StoreRunner):
             }
             path = await asyncio.to_thread(gate.publish_candidate, candidate, repo.root, name, lineage)
             version = int(path.name)
-        if promoted:
+        unserved = await self._switch_default(run, name, version, compared) if promoted else None
+        if unserved:
+            promoted, verdict = False, f"not promoted: the gate promoted it ({verdict}), but {unserved}"
+        return version, promoted, verdict, unserved
+
+    async def _switch_default(self, run: _Run, name: str, version: int, compared: int) -> str | None:
+        """Write DEFAULT = ``version`` and make this server serve it; None once it does, else why not.
+
+        A version that does not load here (damaged files, too little memory) or a repository that cannot be read
+        or written leaves the server on the version it served. DEFAULT is then put back to that version (else to
+        ``compared``, or removed when there is neither): a pointer naming a version that does not load would be
+        tried first by every restarted server and replica, which then serve the newest version that loads, maybe
+        one the gate turned down. The job finishes with its version published and not promoted, and says why.
+        A model unloaded on this server (``UnloadModel``) is not a failure: DEFAULT is followed when it is loaded.
+        """
+        repo, written = self.manager.repository, False
+        try:
             await asyncio.to_thread(repo.set_default, name, version)
-            await self.manager.refresh_default(name)
-        return version, promoted, verdict
+            written = True
+            served = await self.manager.refresh_default(name)
+        except Exception as exc:  # the job ends with its published version either way, never "internal error"
+            log.error("training job %s: serving %s:%d failed", run.job.id, name, version,
+                      exc_info=not isinstance(exc, (SegsvcError, OSError)))
+            reason, served = _reason(exc), self.manager.default_version(name)
+        else:
+            if served == version:
+                return None
+            reason = self.manager.record.reason(name, version)
+            if not reason and not served:  # unloaded by an operator: not ours to load; DEFAULT waits for it
+                log.info("training job %s: %s is unloaded on this server; DEFAULT names version %d", run.job.id,
+                         name, version)
+                return None
+            reason = reason or f"this server still serves version {served}"
+        said = _clip(reason, MAX_REASON_CHARS)
+        if not written:
+            return self._public(run.job, f"its DEFAULT pointer could not be written ({said})")
+        where = await self._put_default_back(run, name, version,
+                                             next((v for v in (served, compared) if v and v != version), None))
+        return self._public(run.job, f"version {version} does not load on this server ({said}), so {where}; "
+                                     "SetDefaultVersion once it loads, or train again")
+
+    async def _put_default_back(self, run: _Run, name: str, version: int, keep: int | None) -> str:
+        """DEFAULT of ``name`` moved from ``version`` (not served) back to ``keep`` (None: removed); where it is
+        now, in words."""
+        try:
+            await asyncio.to_thread(self.manager.repository.set_default, name, keep)
+        except Exception as exc:  # what the job says is the truth either way
+            log.error("training job %s: cannot put DEFAULT of %s back: %s", run.job.id, name, _reason(exc))
+            return f"DEFAULT could not be put back and still names version {version}"
+        log.error("training job %s: version %d of %s is not served; DEFAULT is %s", run.job.id, version, name,
+                  keep or "removed")
+        return f"DEFAULT is back on v{keep}" if keep else "DEFAULT was removed"
 
 
 def apply_event(progress: dict[str, Any], event: dict[str, Any]) -> None:
@@ -607,6 +706,22 @@ def _lines(f: Any, limit: int) -> Iterator[bytes]:
                 pass
             line = line[:max(line.rfind(b" "), line.rfind(b"\t")) + 1] + b"[line cut]\n"
         yield line
+
+
+def _reason(exc: Exception) -> str:
+    """What a client may read of an exception: a domain error's message, an OS error's text, else nothing."""
+    if isinstance(exc, SegsvcError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return "an internal error; see the server log"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return "unknown signal"
 
 
 def _gone(dataset: dict[str, Any]) -> _Stop:

@@ -22,8 +22,11 @@ What a request may cost is bounded the same way, when it is submitted: its own
 part of the recipe may not ask for more threads, data-loader workers, batch,
 repeat, crop, tile or scale than ``REQUEST_LIMITS`` allow, nor more than
 ``MAX_EPOCHS`` epochs or ``MAX_TIME_MIN`` minutes (``check_request_limits``);
-and every trainer runs under the server's time limit (``TrainingConfig.max_time_min``),
-an ``epochs`` budget too.
+its YAML may not grow, once its aliases are expanded, beyond ``MAX_YAML_NODES``
+values nor nest deeper than ``MAX_YAML_DEPTH`` (``check_yaml_size``); it may not
+start more trainer processes than the server has GPUs or CPUs for
+(``check_processes``); and every trainer runs under the server's time limit
+(``TrainingConfig.max_time_min``), an ``epochs`` budget too.
 
 Example:
     >>> TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=2).budget_overrides()
@@ -43,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 import yaml
 
 from segsvc.errors import FailedPrecondition, InvalidArgument, NotFound, SegsvcError
@@ -57,8 +61,15 @@ PROTECTED_KEYS = ("output", "data.spec", "model.init_from", "name")
 # Keys whose value is a file the trainer reads: never from a client (model.params.* ending in _path too).
 FILE_KEYS = ("model.init_from",)
 _PATH_PARAM_SUFFIX = "_path"
-MAX_RECIPE_BYTES = 64 << 10
+MAX_RECIPE_BYTES = 64 << 10  # an inline recipe's text; the overrides' text, all together, too
 MAX_OVERRIDES = 100
+# A client's YAML (inline recipe, override value) with its aliases expanded: a few KiB of anchors and aliases
+# (the billion-laughs pattern) would make the trainer, which copies and writes its configuration, expand them
+# to gigabytes. Plain YAML holds at most about one value a byte, so no 64 KiB recipe without aliases is refused.
+MAX_YAML_NODES = 100_000
+# How deep a client's YAML may nest: a recipe nests a few levels; hundreds exhaust the recursion of PyYAML's
+# composer and dumper (the server writes the recipe out at submission) and of the trainer.
+MAX_YAML_DEPTH = 32
 MAX_EPOCHS = 100_000  # also the cap a time budget sets, so that the time is the limit
 MAX_TIME_MIN = 7 * 24 * 60.0  # a week: the longest time budget a request may give
 # The most a request's own part of a recipe (its inline recipe with its overrides applied) may ask of the
@@ -176,10 +187,13 @@ class TrainingRequest:
             raise InvalidArgument("a training job needs a recipe (name or inline YAML) or a base model to fine-tune")
         if len(self.overrides) > MAX_OVERRIDES:
             raise InvalidArgument(f"at most {MAX_OVERRIDES} overrides")
+        if sum(len(text.encode()) for text in self.overrides) > MAX_RECIPE_BYTES:
+            raise InvalidArgument(f"the overrides are larger than {MAX_RECIPE_BYTES} bytes together")
         for text in self.overrides:
             key = check_override(text)
             if any(key == p or key.startswith(p + ".") for p in PROTECTED_KEYS):
                 raise InvalidArgument(f"override {text[:80]!r}: the service sets {key} itself")
+            check_yaml_size(text.partition("=")[2], f"override {key}")
         check_client_config(self.recipe_yaml, self.overrides)
         if self.max_time_min is not None and self.epochs is not None:
             raise InvalidArgument("give one budget: max_time_min or epochs")
@@ -238,8 +252,78 @@ def _client_part(recipe_yaml: str, overrides: tuple[str, ...]) -> dict[str, Any]
     return data
 
 
+def check_yaml_size(text: str, what: str) -> None:
+    """Refuse YAML whose aliases expand it to more than ``MAX_YAML_NODES`` values, that contains itself (an
+    alias inside its own anchor), or that nests more than ``MAX_YAML_DEPTH`` levels; ``what`` names it.
+
+    Only the node graph is built (``yaml.compose``: an alias is one more reference to its anchor's node, nothing
+    is copied), and the expanded size is counted over it, each node once. YAML that does not parse is left to
+    the parse that follows, which says what is wrong.
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return
+    except RecursionError:  # the composer recurses once per level; not an internal error
+        raise InvalidArgument(f"{what} is nested more than {MAX_YAML_DEPTH} levels deep") from None
+    if root is None:
+        return
+    size = _expanded_size(root)
+    if size is None:
+        raise InvalidArgument(f"{what} refers to itself (an alias inside its own anchor)")
+    if size > MAX_YAML_NODES:
+        raise InvalidArgument(f"{what}: its aliases expand it to more than {MAX_YAML_NODES} values; write the values "
+                              "out, or use fewer aliases")
+    if _depth(root) > MAX_YAML_DEPTH:  # walks the expanded document: after the size check, never a long walk
+        raise InvalidArgument(f"{what} is nested more than {MAX_YAML_DEPTH} levels deep")
+
+
+def _expanded_size(root: yaml.Node) -> int | None:
+    """How many nodes ``root`` holds with every alias expanded (counted up to ``MAX_YAML_NODES`` + 1), or None
+    when a node contains itself. Iterative: a deep document does not exhaust the stack here."""
+    sizes: dict[int, int] = {}
+    counting: set[int] = set()  # nodes whose children are being counted: reaching one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            counting.discard(key)
+            sizes[key] = min(MAX_YAML_NODES + 1, 1 + sum(sizes[id(child)] for child in _yaml_children(node)))
+        elif key in counting:
+            return None
+        elif key not in sizes:
+            counting.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _yaml_children(node))
+    return sizes[id(root)]
+
+
+def _depth(root: yaml.Node) -> int:
+    """How many levels ``root`` nests with its aliases expanded (a scalar: 1), up to ``MAX_YAML_DEPTH`` + 1.
+    Every path is walked (an anchor's node is as deep as the deepest alias of it): call it on a document whose
+    expanded size is bounded and that does not contain itself."""
+    deepest = 0
+    stack = [(root, 1)]
+    while stack and deepest <= MAX_YAML_DEPTH:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in _yaml_children(node))
+    return deepest
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
 def _yaml_mapping(text: str) -> dict[str, Any]:
-    """A recipe's text as a mapping; ``InvalidArgument`` if it is not YAML or not a mapping."""
+    """A recipe's text as a mapping; ``InvalidArgument`` if it is not YAML or not a mapping, or is too large
+    once its aliases are expanded or too deep (``check_yaml_size``)."""
+    check_yaml_size(text, "the recipe")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -398,8 +482,11 @@ def resolve_submission(request: TrainingRequest, datasets: DatasetRegistry, repo
         base = {"model": name, "version": version, "dir": str(base_dir)}
         base_config = dict(repository.read_manifest(name, version).training.get("config") or {}) or None
     recipe_name, raw = _recipe(request, base_config, config)
-    model_name = check_name(request.model_name or (base or {}).get("model")
-                            or (raw.get("output") or {}).get("model_name") or recipe_name)
+    model_name = check_name(request.model_name or (base or {}).get("model") or _recipe_model_name(raw)
+                            or recipe_name)
+    if request.promote == "never":
+        _check_never_servable(repository, model_name)
+    check_processes(request)
     eval_sets = {"val": dataset}
     try:
         eval_sets["golden"] = _record(datasets, GOLDEN_PREFIX + model_name)
@@ -410,6 +497,65 @@ def resolve_submission(request: TrainingRequest, datasets: DatasetRegistry, repo
         "recipe_name": recipe_name, "recipe_text": yaml.safe_dump(raw, sort_keys=False), "model_name": model_name,
         "run_dir": f"{recipe_name}/run",
     }
+
+
+def _recipe_model_name(raw: dict[str, Any]) -> str:
+    """The recipe's ``output.model_name`` ("" when it names none). An inline recipe may set ``output``: one that
+    is not a mapping, or a model name that is not text, is the client's mistake, not an internal error."""
+    output = raw.get("output")
+    if output is None:
+        return ""
+    if not isinstance(output, dict):
+        raise InvalidArgument(f"the recipe's output must be a mapping, got {type(output).__name__}")
+    name = output.get("model_name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidArgument(f"the recipe's output.model_name must be a model name, got {type(name).__name__}")
+    return name or ""
+
+
+def _check_never_servable(repository: ModelRepository, name: str) -> None:
+    """Refuse promote NEVER into a model with no version: the version the job publishes would be the model's
+    only one, which every server serves by default (a DEFAULT pointer can only name a version that exists), so
+    the policy could not be kept. Refused at submission, before hours of training, not reported after."""
+    try:
+        versions = repository.versions(name)
+    except NotFound:
+        versions = []
+    if not versions:
+        raise InvalidArgument(
+            f"promote NEVER: model {name!r} has no version yet, so the version this job publishes would be its only "
+            "one and served by default whatever the policy; submit with promote GATE or ALWAYS (the same for a first "
+            "version), or publish into a model that has a version (model_name)")
+
+
+def check_processes(request: TrainingRequest) -> None:
+    """Refuse more trainer processes (``nproc_per_node``, one torchrun worker each) than the device can use: on
+    CUDA one per visible GPU (each worker takes the GPU of its local rank), on the CPU one per CPU this server may
+    run on (each gloo worker computes with at least one). ``auto`` is CUDA when a GPU is visible, as the trainer
+    decides. The trainer inherits the server's environment, so it sees the same GPUs."""
+    wanted = request.nproc_per_node
+    if wanted <= 1:
+        return
+    gpus = 0 if request.device == "cpu" else _visible_gpus()
+    if request.device == "cuda" and not gpus:
+        raise InvalidArgument(f"nproc_per_node={wanted} on device cuda: this server sees no GPU; use device cpu")
+    limit, unit = (gpus, "visible GPUs") if gpus else (_usable_cpus(), "CPUs to run on")
+    if wanted > limit:
+        raise InvalidArgument(f"nproc_per_node: this server runs at most {limit} trainer processes on "
+                              f"{'cuda' if gpus else 'cpu'} (it has {limit} {unit}), got {wanted}")
+
+
+def _visible_gpus() -> int:
+    """CUDA devices this process sees (CUDA_VISIBLE_DEVICES applied); 0 without CUDA."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity: a container's cpuset, ``taskset``), else the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def trainer_argv(spec: dict[str, Any], root: Path, config: TrainingConfig, resume: bool) -> list[str]:
@@ -431,7 +577,7 @@ def trainer_argv(spec: dict[str, Any], root: Path, config: TrainingConfig, resum
         f"output.runs_dir={json.dumps(str(root))}",
         "output.run_name=run",
         f"output.repo={json.dumps(str(root / 'candidate'))}",
-        f"output.model_name={spec['model_name']}",
+        f"output.model_name={_yaml_text(spec['model_name'])}",
         f"train.device={request.device}",
         "train.progress=false",
     ]
@@ -440,6 +586,17 @@ def trainer_argv(spec: dict[str, Any], root: Path, config: TrainingConfig, resum
     if resume:
         argv += ["--resume", str(root / spec["run_dir"])]
     return argv
+
+
+def _yaml_text(text: str) -> str:
+    """``text`` as an override value that YAML reads back as that text: plain when it does (``shapes``), quoted
+    when YAML would read another type (a model named ``123``, ``true`` or ``null``)."""
+    try:
+        if yaml.safe_load(text) == text:
+            return text
+    except yaml.YAMLError:
+        pass
+    return json.dumps(text)
 
 
 def _time_limit(recipe_text: str, sets: list[str], config: TrainingConfig) -> list[str]:

@@ -259,10 +259,10 @@ def test_cli_trains_on_a_server_and_jobs_commands_cover_training_jobs(tmp_path, 
     common = ["--server", server.address]
     sets = [arg for text in TINY for arg in ("--set", text)]
     assert main(["train", *common, "--dataset", "shapes", "--recipe", "synthetic-quick", *sets, "--epochs", "1",
-                 "--device", "cpu", "--promote", "never", "--wait"]) == 0
+                 "--device", "cpu", "--promote", "always", "--wait"]) == 0  # never: refused on a new model
     out = capsys.readouterr()
     job_id = out.out.splitlines()[0].strip()
-    assert "published synthetic-quick:1" in out.out and "not promoted: promote policy is never" in out.out
+    assert "published synthetic-quick:1" in out.out and "promoted: promote policy is always" in out.out
     assert "candidate" in out.out and "miou" in out.out  # the comparison table
     assert "val_mIoU" in out.err  # the tqdm bar's postfix
     assert main(["jobs", "list", *common]) == 0
