@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -335,6 +336,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SegsvcError("TLS needs both --tls-cert and --tls-key")
+    _check_stop_durations(args)
     configure_logging(args.log_level, json_lines=args.log_format == "json")
     device_type = resolve_device(args.device).type
     config = ServerConfig(
@@ -358,6 +360,7 @@ def _serve(args: argparse.Namespace) -> int:
             ),
             poll_interval_s=args.poll_interval_s,
             models=tuple(args.models or ()),
+            drain_timeout_s=args.drain_timeout_s,
         ),
         limits=LimitsConfig(
             max_message_bytes=int(args.max_message_mb * MIB),
@@ -379,6 +382,29 @@ def _serve(args: argparse.Namespace) -> int:
     _warn_unknown_backend_models(config.manager.engine.model_backends, args.model_repo)
     run(config)
     return 0
+
+
+GRPC_MAX_S = (2**31 - 1) // 1000  # gRPC takes the connection age and its grace in milliseconds, a 32-bit int
+
+
+def _check_seconds(value: float, flag: str, *, positive: bool, most: float | None = None) -> None:
+    """Refuse a duration flag that is not a finite number of seconds >= 0 (> 0 with ``positive``), or over ``most``.
+
+    NaN passes ``value < 0`` and infinity every bound, so the configuration's own checks let them through;
+    they then broke the stop's deadlines, or the start (``round``, gRPC's options) with a traceback.
+    """
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise InvalidArgument(f"{flag} must be a finite number of seconds {'> 0' if positive else '>= 0'}, "
+                              f"got {value:g}")
+    if most is not None and value > most:
+        raise InvalidArgument(f"{flag} must be at most {most:.0f} s, got {value:.0f}")
+
+
+def _check_stop_durations(args: argparse.Namespace) -> None:
+    """The flags that bound the stop (``--grace-s``, ``--drain-timeout-s``) and the connections' age."""
+    _check_seconds(args.grace_s, "--grace-s", positive=False, most=GRPC_MAX_S)  # also the connections' grace
+    _check_seconds(args.drain_timeout_s, "--drain-timeout-s", positive=True)
+    _check_seconds(args.max_connection_age_s, "--max-connection-age-s", positive=False, most=GRPC_MAX_S)  # 0: never
 
 
 def _warn_unknown_backend_models(model_backends: Sequence[tuple[str, str]], model_repo: str) -> None:
@@ -522,7 +548,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "a request over it alone is refused, others wait (default 2048)")
     p.add_argument("--max-tiles", type=int, default=1024, help="most sliding-window tiles of one request (default 1024)")
     p.add_argument("--grace-s", type=float, default=25.0,
-                   help="on SIGTERM, seconds for requests in flight (default 25; below k8s' 30)")
+                   help="on SIGTERM, seconds for requests in flight (default 25); the stop then drains the "
+                        "batchers for up to --drain-timeout-s: see there how the two add up")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="after --grace-s, the longest wait for the models' batchers to finish the forward passes "
+                        "they run; a pass still running then is abandoned and the server exits with status 3. Also "
+                        "how long a version swapped out or unloaded waits for its requests (default 30). A stop "
+                        "takes at most --grace-s + --drain-timeout-s, plus about 1 s to close (and, with training "
+                        "jobs, up to 10 s for their trainers to exit): keep that below Kubernetes' "
+                        "terminationGracePeriodSeconds less the preStop sleep, or the pod is killed mid-drain")
     p.add_argument("--max-connection-age-s", type=float, default=0.0,
                    help="close each client connection (GOAWAY) after about this many seconds so clients "
                         "reconnect and spread over the replicas behind a load balancer; calls in flight get "

@@ -1,14 +1,19 @@
 """Assembling and running the server: ``segsvc serve``.
 
-Start-up order: bind the port with health NOT_SERVING, start the metrics
-endpoint, load the models, then report SERVING. Shutdown (SIGTERM/SIGINT):
-health NOT_SERVING at once, refuse new RPCs, give the requests in flight
-``grace_s`` seconds, drain the batchers, stop. Keep ``grace_s`` below the
-Kubernetes ``terminationGracePeriodSeconds`` (deploy/k8s uses 25 s and 30 s).
-The batchers' drain takes at most the manager's ``drain_timeout_s``: a model
-version still busy then (a forward pass that does not end) is abandoned and
-logged, and ``segsvc serve`` exits without joining its thread (the interpreter
-would wait for it at exit, for ever).
+Start-up order: lock the state folder (a second server on it fails here,
+before it binds a port or loads a model), start the metrics endpoint, bind
+the port with health NOT_SERVING, load the models, then report SERVING. A
+start that fails or is interrupted (SIGTERM/SIGINT while the models load)
+stops what it had started. Shutdown (SIGTERM/SIGINT): health NOT_SERVING at
+once, refuse new RPCs, give the requests in flight ``grace_s`` seconds, drain
+the batchers, stop. The batchers' drain takes at most the manager's
+``drain_timeout_s`` (``--drain-timeout-s``): a model version still busy then
+(a forward pass that does not end) is abandoned and logged, and ``segsvc
+serve`` exits without joining its thread (the interpreter would wait for it at
+exit, for ever). So a stop takes at most ``grace_s + drain_timeout_s`` (plus
+the trainers' ``kill_grace_s`` with training jobs, and about a second to
+close): keep that below Kubernetes' ``terminationGracePeriodSeconds`` less the
+preStop sleep, or the pod is killed mid-drain.
 
 Example:
     >>> server = SegmentationServer(ServerConfig(model_repo="repo", port=0, metrics_port=None))  # doctest: +SKIP
@@ -44,7 +49,7 @@ from segsvc.jobs.batch import JobRunner
 from segsvc.jobs.store import JobStore
 from segsvc.jobs.training import TrainingRunner
 from segsvc.server import oip
-from segsvc.server.auth import BearerTokenInterceptor
+from segsvc.server.auth import TokenFile, auth_interceptors
 from segsvc.server.config import ServerConfig
 from segsvc.server.datasets import DatasetServicer
 from segsvc.server.gate import DrainGate
@@ -142,14 +147,15 @@ class SegmentationServer:
         self.gate = DrainGate(on_refused=self.metrics.observe_refused)
         self.service = InferenceService(self.manager, self._io, config.limits.admission)
         self.servicer = SegmentationServicer(self.service, config.limits, self.metrics)
-        self.datasets = DatasetRegistry(config.datasets) if config.datasets is not None else None
+        # The dataset registry and the trainer open in ``start``, once the state folder is this server's.
+        self.datasets: DatasetRegistry | None = None
         self.jobs: JobRunner | None = None
         self.training: TrainingRunner | None = None
         if config.jobs is not None:
             store = JobStore(Path(config.jobs.state_dir) / "jobs.sqlite")
             self.jobs = JobRunner(store, self.service, config.jobs)
-            if config.training is not None:  # trains on the registered datasets
-                self.training = TrainingRunner(store, self.manager, self.datasets, config.training)
+        self.tokens = TokenFile.of(config.auth)  # --token-file: read again when it changes (SIGHUP: at once)
+        self._token_watch: asyncio.Task | None = None
         self._server: grpc.aio.Server | None = None
         self._health_tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
@@ -180,13 +186,52 @@ class SegmentationServer:
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
-        """Bind, start serving health/metrics, load the models, then report SERVING."""
+        """Claim the state folder, bind, start serving health/metrics, load the models, then report SERVING.
+
+        A start that fails (or is cancelled: a signal while the models load) part-way stops what it had
+        started, so no port, thread or lock outlives it.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(grace_s=0)
+            raise
+
+    def _claim_state(self) -> None:
+        """Lock the state folder, then open what lives in it (the dataset registry, the trainer).
+
+        The lock comes first: a second server on the folder fails on it before it binds a port or loads a
+        model, and before the registry opens, which removes as a crash's leftovers the work folders of
+        datasets being received, on a folder another server runs that server's uploads in progress.
+        """
         cfg = self.config
+        if self.jobs is not None:
+            self.jobs._lock_state()  # held until ``stop``; ``JobRunner.start`` finds it taken
+        if cfg.datasets is not None:
+            self.datasets = DatasetRegistry(cfg.datasets)
+        if self.jobs is not None and cfg.training is not None:  # trains on the registered datasets
+            self.training = TrainingRunner(self.jobs.store, self.manager, self.datasets, cfg.training)
+
+    def _start_metrics(self) -> None:
+        """Serve the metrics, before the gRPC port is bound: a bound gRPC server listens even unstarted, and its
+        ``stop`` leaves that port open, so nothing that can fail may come between its bind and its start."""
+        cfg = self.config
+        if cfg.metrics_port is None:
+            return
+        tls = (str(cfg.tls.cert_file), str(cfg.tls.key_file)) if cfg.metrics_tls and cfg.tls else (None, None)
+        try:
+            self.metrics_port = self.metrics.start_http(cfg.metrics_host, cfg.metrics_port, *tls)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot serve the metrics on {cfg.metrics_host}:{cfg.metrics_port}: "
+                                  f"{exc.strerror or exc}") from None
+
+    async def _start(self) -> None:
+        cfg = self.config
+        self._claim_state()
         threads = configure_threads(cfg)
         allocator = configure_allocator()
         await self._set_health(NOT_SERVING)
-        interceptors: list[grpc.aio.ServerInterceptor] = (
-            [BearerTokenInterceptor(cfg.auth, on_refused=self.metrics.observe_refused)] if cfg.auth else [])
+        interceptors = auth_interceptors(self.tokens or cfg.auth, on_refused=self.metrics.observe_refused)
         self._server = grpc.aio.server(interceptors=[*interceptors, self.gate], options=grpc_options(cfg))
         pb_grpc.add_SegmentationServiceServicer_to_server(self.servicer, self._server)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs, self.training), self._server)
@@ -203,9 +248,10 @@ class SegmentationServer:
             self._server,
         )
         address = f"{cfg.host}:{cfg.port}"
+        creds = grpc.ssl_server_credentials([cfg.tls.read()]) if cfg.tls is not None else None
+        self._start_metrics()
         try:
-            if cfg.tls is not None:
-                creds = grpc.ssl_server_credentials([cfg.tls.read()])
+            if creds is not None:
                 self.port = self._server.add_secure_port(address, creds)
             else:
                 self.port = self._server.add_insecure_port(address)
@@ -213,10 +259,9 @@ class SegmentationServer:
             raise InvalidArgument(f"cannot listen on {address}: {exc}") from None
         if not self.port:
             raise InvalidArgument(f"cannot listen on {address} (in use or not a local address)")
-        if cfg.metrics_port is not None:
-            tls = (str(cfg.tls.cert_file), str(cfg.tls.key_file)) if cfg.metrics_tls and cfg.tls else (None, None)
-            self.metrics_port = self.metrics.start_http(cfg.metrics_host, cfg.metrics_port, *tls)
         await self._server.start()
+        if self.tokens is not None:
+            self._token_watch = asyncio.get_running_loop().create_task(self.tokens.watch(), name="token-file")
         log.info("listening on %s:%d (%s), metrics on %s, torch threads %d, allocator tuned: %s",
                  cfg.host, self.port, "TLS" if cfg.tls else "plaintext",
                  self.metrics_port if self.metrics_port is not None else "off", threads, allocator)
@@ -224,11 +269,7 @@ class SegmentationServer:
             log.warning("no tokens configured (--token-file, $SEGSVC_AUTH_TOKEN, $SEGSVC_ADMIN_TOKEN): every RPC, "
                         "management included (LoadModel, UnloadModel, datasets, training), is open to anyone who "
                         "can reach %s:%d", cfg.host, self.port)
-        try:
-            await self.manager.start()
-        except BaseException:
-            await self.stop(grace_s=0)
-            raise
+        await self.manager.start()
         if self.jobs is not None:
             await self.jobs.start()  # resumes the jobs a crash or restart interrupted
         if self.training is not None:
@@ -250,6 +291,8 @@ class SegmentationServer:
             await self._stopped.wait()
             return
         self._stopping = True
+        if self._token_watch is not None:
+            self._token_watch.cancel()
         grace = self.config.grace_s if grace_s is None else grace_s
         log.info("draining: health NOT_SERVING, %.1f s grace for requests in flight", grace)
         self.gate.accepting = False  # new calls now get UNAVAILABLE
@@ -301,13 +344,35 @@ def freeze_startup_heap() -> int:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then drain and stop gracefully."""
+    """Run until SIGTERM or SIGINT, then drain and stop gracefully.
+
+    A signal while the server starts (its models load: minutes, for big ones) cancels the start, which stops
+    what it had started; the process then ends once the model build in flight, which runs on a thread, ends.
+    """
     server = SegmentationServer(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    starting = loop.create_task(server.start(), name="start")
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():  # a second signal: the stop (or the start's own clean-up) is already under way
+            return
+        stop.set()
+        if not starting.done():
+            log.info("%s received while starting: stopping what has started", sig.name)
+            starting.cancel()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
+        loop.add_signal_handler(sig, on_signal, sig)
+    if server.tokens is not None:
+        loop.add_signal_handler(signal.SIGHUP, server.tokens.reload_soon)
+    try:
+        await starting
+    except asyncio.CancelledError:
+        if not stop.is_set():  # cancelled from outside, not by a signal
+            raise
+        log.info("stopped before serving")
+        return
     log.info("%d objects alive after start-up kept out of garbage collection", freeze_startup_heap())
     print(f"segsvc: serving on {config.host}:{server.port}"
           + (f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""), flush=True)

@@ -94,7 +94,8 @@ class ServerConfig:
         auth: bearer tokens and their scopes (health stays open); ``None`` disables authentication.
         tls: certificate and key; ``None`` serves plaintext.
         grace_s: on SIGTERM, how long requests in flight may take before they are cancelled
-            (keep it below Kubernetes' terminationGracePeriodSeconds).
+            (it and the manager's ``drain_timeout_s`` added up stay below Kubernetes'
+            terminationGracePeriodSeconds less the preStop sleep).
         io_threads: threads for decoding and encoding images (0: one per CPU, at least 2).
         torch_threads: intra-op threads of the forward pass on CPU (0: one per CPU).
         jobs: batch jobs (state, data and output roots); ``None`` turns them off.

@@ -2,7 +2,9 @@
 
 One interceptor in front of every service, owned by the app, replaces per-servicer
 bookkeeping: while the server is starting or draining, calls of the gated
-services get UNAVAILABLE before any handler runs; otherwise each call is counted
+services get UNAVAILABLE before any handler runs, and before their request is
+read (a caller that holds its message back, or sends a large one, is answered at
+once: it can retry elsewhere while this replica drains); otherwise each call is counted
 until it returns, so a drain can wait for exactly the calls in flight. Health,
 reflection and the readiness probes are neither refused nor counted (probes must
 work while draining).
@@ -86,7 +88,22 @@ class DrainGate(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         gated = method.startswith(self._prefixes) and method not in self._probes
-        return self._wrap(handler, method.rsplit("/", 1)[-1][:64], gated)
+        label = method.rsplit("/", 1)[-1][:64]
+        if gated and not self.accepting:
+            return self._refusal(handler, label)
+        return self._wrap(handler, label, gated)
+
+    def _refusal(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """A handler that only answers UNAVAILABLE, before reading anything: it takes the request as a stream it
+        never reads, whatever the method's own shape (with a unary-request shape gRPC first waits for the request
+        message, so a caller that held it back got no refusal until its deadline). As ``auth._deny`` does."""
+
+        async def refused(_requests, context: grpc.aio.ServicerContext) -> None:
+            await refuse(context, Unavailable(REFUSED), method, log, self._on_refused)
+
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(refused)
+        return grpc.stream_unary_rpc_method_handler(refused)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str, gated: bool) -> grpc.RpcMethodHandler:
         """``handler`` with its requests parsed here; ``gated``: also refused while not accepting, and counted."""
@@ -100,7 +117,8 @@ class DrainGate(grpc.aio.ServerInterceptor):
 
         async def admit(request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
             # through errors.refuse: counted and logged, then the google.rpc.Status + ErrorInfo and segsvc-error
-            # trailers of every other error
+            # trailers of every other error. A call let in (``intercept_service``) whose message came after the
+            # drain began is refused here: the drain waits only for calls counted in flight.
             if gated and not self.accepting:
                 await refuse(context, Unavailable(REFUSED), method, log, self._on_refused)
             if streaming_in:

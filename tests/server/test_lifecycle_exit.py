@@ -17,7 +17,7 @@ from pathlib import Path
 from segsvc import errors
 from segsvc.client import SegmentationClient
 from segsvc.server.app import EXIT_ABANDONED
-from tests.server.conftest import free_port, make_image, publish
+from tests.server.conftest import make_image, publish
 
 ROOT = Path(__file__).resolve().parents[2]
 HANG_S = 120
@@ -35,30 +35,32 @@ def stuck(self, jobs):
     threading.Event().wait()  # never ends
 
 Engine.run = stuck
-config = server_config(Path(sys.argv[1]), port=int(sys.argv[2]), metrics_port=None)
+config = server_config(Path(sys.argv[1]), metrics_port=None)  # port 0: the serving line says which
 run(replace(config, manager=replace(config.manager, drain_timeout_s=0.5)))
 """
 
 
 def test_serve_exits_after_sigterm_with_a_stuck_forward_pass(tmp_path):
     publish(tmp_path / "repo", "m", seed=1)
-    port = free_port()
     stderr = open(tmp_path / "stderr.txt", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "repo"), str(port)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path / "repo")], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=stderr, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen: list[BaseException] = []
 
-    def request() -> None:
-        with SegmentationClient(f"127.0.0.1:{port}") as c:
+    def request(address: str) -> None:
+        with SegmentationClient(address) as c:
             try:
                 c.segment(make_image(16, 16), model="m", timeout_s=HANG_S)
             except errors.SegsvcError as exc:  # the shutdown ends it
                 seen.append(exc)
 
-    caller = threading.Thread(target=request, daemon=True)
+    caller: threading.Thread | None = None
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().startswith(b"segsvc: serving on"), (tmp_path / "stderr.txt").read_text()
+        line = proc.stdout.readline()  # "segsvc: serving on 127.0.0.1:PORT": the port it bound, not one picked before
+        assert line.startswith(b"segsvc: serving on "), (tmp_path / "stderr.txt").read_text()
+        address = line.decode().split("serving on ")[1].split(",")[0].strip()
+        caller = threading.Thread(target=request, args=(address,), daemon=True)
         caller.start()
         assert proc.stdout.readline() == b"forward pass entered\n"
         proc.send_signal(signal.SIGTERM)
@@ -71,5 +73,6 @@ def test_serve_exits_after_sigterm_with_a_stuck_forward_pass(tmp_path):
     log = (tmp_path / "stderr.txt").read_text()
     assert "still busy after drain_timeout_s=0.5 s" in log and "m:1" in log
     assert "exiting without waiting for the forward passes of m:1" in log
+    assert caller is not None
     caller.join(HANG_S)
     assert len(seen) == 1
