@@ -68,6 +68,9 @@ PAUSE_S = 5.0  # how long a job that met Unavailable waits before it runs again 
 SWEEP_EVERY_S = 3600.0  # how often unreferenced uploads are looked for (more often when upload_ttl_s is shorter)
 LOCK_FILE = "jobs.lock"  # held (flock) by the server running the state folder's jobs; never deleted
 UPLOAD_REF = "$.request.upload_id"  # where a job's spec names its upload (a JSON path for the store)
+# Items a cancel skips per store transaction: a few transactions for a 100k-item job, not one per item, and
+# the inputs of one chunk (whose files are removed first) held in memory at a time.
+SKIP_CHUNK = 10_000
 
 
 @dataclass(frozen=True)
@@ -322,7 +325,10 @@ class JobRunner(StoreRunner):
     # -- running one job -------------------------------------------------------------------
     async def _run_job(self, job: Job) -> None:
         try:
-            job = await asyncio.to_thread(self.store.start, job.id)
+            started = await self._start(job)
+            if started is None:
+                return
+            job = started
             request = JobRequest.from_dict(job.spec["request"])
             run = _Run(job, request, job.spec["model"], int(job.spec["version"]),
                        elapsed_before=float(job.progress.get("elapsed_s") or 0.0))
@@ -348,6 +354,18 @@ class JobRunner(StoreRunner):
             log.error("job %s failed: %s", job.id, message, exc_info=not isinstance(exc, SegsvcError))
             await asyncio.to_thread(self.store.finish, job.id, "FAILED", error=message)
             self._notify(job.id)
+
+    async def _start(self, job: Job) -> Job | None:
+        """``store.start``, or None when the job finished since the scheduler picked it (a cancel of the
+        QUEUED job landed in between): nothing ran, so there is no failure to log or record."""
+        try:
+            return await asyncio.to_thread(self.store.start, job.id)
+        except InvalidArgument:
+            if not (await asyncio.to_thread(self.store.get, job.id)).finished:
+                raise
+            log.info("job %s was cancelled before it started", job.id)
+            self._notify(job.id)
+            return None
 
     async def _run_items(self, run: _Run, outputs: JobOutputs, root: Path) -> None:
         pending = await asyncio.to_thread(self.store.pending_items, run.job.id)
@@ -415,12 +433,24 @@ class JobRunner(StoreRunner):
         else:
             await asyncio.to_thread(self.store.finish_item, run.job.id, item.index, "DONE", result=record)
 
-    async def _fail_item(self, run: _Run, outputs: JobOutputs, item: Item, reason: str,
-                         state: str = "FAILED") -> None:
-        """Record the item FAILED (or SKIPPED) after deleting any files of it: a run killed between renaming
-        them into place and recording it DONE left them, and no file may outlive its item's record."""
+    async def _fail_item(self, run: _Run, outputs: JobOutputs, item: Item, reason: str) -> None:
+        """Record the item FAILED after deleting any files of it: a run killed between renaming them into
+        place and recording it DONE left them, and no file may outlive its item's record."""
         await self._service.run_io(outputs.remove_item, item.input)
-        await asyncio.to_thread(self.store.finish_item, run.job.id, item.index, state, reason=reason)
+        await asyncio.to_thread(self.store.finish_item, run.job.id, item.index, "FAILED", reason=reason)
+
+    async def _skip_pending(self, run: _Run, outputs: JobOutputs) -> None:
+        """Record the items a cancel left PENDING SKIPPED, ``SKIP_CHUNK`` per store transaction.
+
+        Called once no item is in flight (``_run_items`` waited for the writes). Like
+        ``_fail_item``, each chunk's files go before its record: a run killed between renaming
+        them into place and recording DONE left some, and no file may outlive its item's record.
+        """
+        job_id = run.job.id
+        while chunk := await asyncio.to_thread(self.store.pending_items, job_id, SKIP_CHUNK):
+            await self._service.run_io(outputs.remove_items, [item.input for item in chunk])
+            if not await asyncio.to_thread(self.store.skip_pending, job_id, "cancelled", through=chunk[-1].index):
+                return  # nothing left to skip (cannot happen while this run owns the job; never loop on it)
 
     async def _segment(self, run: _Run, source: ImageFile) -> Segmentation:
         options = dataclasses.replace(run.request.options, class_counts=True)
@@ -470,8 +500,7 @@ class JobRunner(StoreRunner):
         job_id = run.job.id
         cancelled = run.cancel.is_set()
         if cancelled:
-            for item in await asyncio.to_thread(self.store.pending_items, job_id):
-                await self._fail_item(run, outputs, item, "cancelled", state="SKIPPED")
+            await self._skip_pending(run, outputs)
         await self._publish(run, force=True)
         job = await asyncio.to_thread(self.store.get, job_id)
         items = await asyncio.to_thread(self.store.items, job_id)

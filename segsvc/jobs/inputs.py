@@ -224,11 +224,9 @@ def _walk(real_root: Path, start: Path, start_rel: str, shown: str, want: _Want,
     while stack:
         folder, parts = stack.pop()
         try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            entries = _listing(folder, budget)
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             continue  # vanished or unreadable while walking: it simply contributes nothing
-        budget.spend(len(entries))
         subfolders: list[tuple[Path, tuple[str, ...]]] = []
         for entry in entries:
             sub = (*parts, entry.name)
@@ -247,6 +245,18 @@ def _walk(real_root: Path, start: Path, start_rel: str, shown: str, want: _Want,
             elif keep and not is_dir and real.is_file():
                 yield InputFile(real, rel)
         stack.extend(reversed(subfolders))  # pop in name order
+
+
+def _listing(folder: Path, budget: _Budget) -> list[os.DirEntry[str]]:
+    """The entries of ``folder`` in name order, each paid for as it is read: a folder of millions of
+    entries is refused once it passes the budget, not first read (and sorted) to its end."""
+    entries = []
+    with os.scandir(folder) as it:
+        for entry in it:
+            budget.spend(1)
+            entries.append(entry)
+    entries.sort(key=lambda e: e.name)
+    return entries
 
 
 def _join(start_rel: str, parts: tuple[str, ...]) -> str:

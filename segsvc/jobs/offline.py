@@ -2,7 +2,9 @@
 
 The job's state is a ``JobStore`` at ``<out>/.segsvc-batch.sqlite`` holding one
 job (kind ``batch``) with one item per input; the files follow the layout of
-``segsvc.jobs.outputs``. An item is marked DONE, with its ``results.jsonl``
+``segsvc.jobs.outputs``. The inputs are registered ``REGISTER_CHUNK`` per
+transaction; a run killed meanwhile is completed by the same command again (or
+``--resume``), each input once. An item is marked DONE, with its ``results.jsonl``
 record, only after its files are renamed into place, so after ``kill -9`` a
 ``--resume`` redoes at most the items that were in flight (rewriting the same
 names) and the finished folder holds exactly one output per input.
@@ -66,6 +68,11 @@ STATE_FILE = ".segsvc-batch.sqlite"
 # file while a second still holds the old one.
 LOCK_FILE = ".segsvc-batch.lock"
 JOB_KIND = "batch"
+# Inputs registered per store transaction: millions in one would grow the WAL and the page cache with the input
+# count, and a crash would lose them all. A run killed between chunks leaves the job with a prefix of its items;
+# the same command again, or --resume, finds it by REGISTRATION_KEY and registers the rest.
+REGISTER_CHUNK = 10_000
+REGISTRATION_KEY = "segsvc-batch"  # the job's request_id: the one job of its state file
 ENGINES = ("local", "ray")
 PROGRESS_EVERY_S = 2.0
 # Forward passes on CPU stop gaining from bigger batches once a batch outgrows the caches. With one
@@ -536,8 +543,8 @@ def _open_job(out: Path, resume: bool, inputs: Sequence[str] | None, model_repo:
         names, unusable = checked_inputs([f.rel for f in files])
         store = JobStore(state)
         try:
-            job, _ = store.submit(JOB_KIND, spec, names, failed=unusable)
-        except BaseException:  # the folder then holds a batch state without a job, which a new run reuses
+            job = _register(store, spec, names, unusable, out)
+        except BaseException:  # the folder then holds a batch state without a complete job: a new run reuses it
             store.close()
             raise
         return store, job, root
@@ -566,11 +573,45 @@ def _open_job(out: Path, resume: bool, inputs: Sequence[str] | None, model_repo:
         if problems:
             raise InvalidArgument(f"--resume with different settings than the batch in {out}: "
                                   f"{'; '.join(problems)}; resume with the same settings or use a new --out folder")
+        if store.missing_items(job.id):
+            job = _complete_registration(store, job, out)
     except BaseException:
         store.close()
         raise
     clean_temporaries(out)
     return store, job, Path(spec["root"])
+
+
+def _register(store: JobStore, spec: dict[str, Any], names: Sequence[str], unusable: dict[int, str],
+              out: Path) -> Job:
+    """Create the batch's job, ``REGISTER_CHUNK`` inputs per transaction, or complete the one a killed run
+    left half-registered with the same settings and inputs."""
+    try:
+        job, _ = store.submit(JOB_KIND, spec, names, failed=unusable, request_id=REGISTRATION_KEY,
+                              chunk_size=REGISTER_CHUNK)
+    except AlreadyExists:
+        raise AlreadyExists(f"output folder {out} holds a batch whose start was interrupted, with other inputs "
+                            "or settings: run the same command again, or choose a new folder") from None
+    return job
+
+
+def _complete_registration(store: JobStore, job: Job, out: Path) -> Job:
+    """Register the inputs a run killed while registering them did not (``--resume``).
+
+    The inputs are listed again from the stored specs; they must be the ones the killed run
+    listed (the store compares their hash), else the stored indices would name other files.
+    """
+    if job.request_id is None:  # only chunked registrations can be incomplete, and they carry the key
+        raise InvalidArgument(f"--resume: the batch in {out} lacks some of its inputs: delete {out} and start again")
+    _, files = batch_inputs(job.spec["inputs"])
+    names, unusable = checked_inputs([f.rel for f in files])
+    try:
+        job, _ = store.submit(JOB_KIND, job.spec, names, failed=unusable, request_id=job.request_id,
+                              chunk_size=REGISTER_CHUNK)
+    except AlreadyExists:
+        raise InvalidArgument(f"--resume: the batch in {out} was interrupted while registering its inputs, and "
+                              "the inputs changed since: delete the folder and start again") from None
+    return job
 
 
 def stored_options(out: Path) -> dict[str, Any]:
@@ -587,7 +628,8 @@ def stored_options(out: Path) -> dict[str, Any]:
 
 def _holds_no_batch(out: Path) -> bool:
     """Whether folder ``out`` is empty, or holds only the batch state of a run stopped while creating its job
-    (a crash or ``kill -9`` before the job was committed): a new batch may then be written there."""
+    (a crash or ``kill -9`` before the job, or all its inputs, were committed): a new batch may then be written
+    there (``_register`` completes a half-registered job when the inputs and settings are the same)."""
     names = {p.name for p in out.iterdir()} - {LOCK_FILE}
     if not names:
         return True
@@ -598,7 +640,8 @@ def _holds_no_batch(out: Path) -> bool:
     except (SegsvcError, sqlite3.Error):
         return False
     try:
-        return not store.list(kind=JOB_KIND, limit=1)
+        jobs = store.list(kind=JOB_KIND, limit=2)
+        return not jobs or (len(jobs) == 1 and store.missing_items(jobs[0].id) > 0)
     finally:
         store.close()
 

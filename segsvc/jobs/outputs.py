@@ -45,7 +45,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import cv2
 import numpy as np
 
-from segsvc.errors import InvalidArgument
+from segsvc.errors import FailedPrecondition, InvalidArgument
 from segsvc.inference.codec import colorize, encode_png
 from segsvc.inference.codec import overlay as blend
 
@@ -201,6 +201,15 @@ def item_write_problem(exc: BaseException, out: Path) -> str | None:
     return None
 
 
+def _undeletable(rel: str, exc: OSError) -> FailedPrecondition:
+    """Why an input's earlier files could not be deleted: the input and the reason, not the server's paths."""
+    return FailedPrecondition(
+        f"cannot delete the earlier outputs of input {rel!r}, which failed or was skipped (no file may outlive "
+        f"its input's record): {exc.strerror or type(exc).__name__}; make the output folder writable, then run "
+        "the job again (segsvc batch: --resume)"
+    )
+
+
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Pixels per class id (length ``max(num_classes, max label + 1)``)."""
     return np.bincount(labels.ravel(), minlength=num_classes).astype(np.int64)
@@ -274,6 +283,9 @@ class JobOutputs:
         files into place, or a write that failed after its extras, leaves files that would
         otherwise outlive the item's record. Only files go: a folder at one of these names
         holds another input's outputs (``a.png.png/`` for ``a.png.png/b.png``).
+
+        An output folder that refuses the deletion (read-only, permissions, I/O error) raises
+        ``FailedPrecondition`` naming the input and the reason, never the server's paths.
         """
         if input_name_problem(rel) is not None:  # no output was ever named after it
             return 0
@@ -284,10 +296,15 @@ class JobOutputs:
                 removed += 1
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 pass
-            except PermissionError:  # what macOS raises for unlink on a folder
-                if not self.path(rel, kind).is_dir():
-                    raise
+            except OSError as exc:
+                if isinstance(exc, PermissionError) and self.path(rel, kind).is_dir():
+                    continue  # what macOS raises for unlink on a folder
+                raise _undeletable(rel, exc) from exc
         return removed
+
+    def remove_items(self, rels: Iterable[str]) -> int:
+        """``remove_item`` for each of ``rels`` (one call for many inputs: one trip to an I/O thread)."""
+        return sum(self.remove_item(rel) for rel in rels)
 
     @staticmethod
     def item_record(

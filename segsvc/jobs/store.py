@@ -3,9 +3,10 @@
 A job is one SQLite row plus one row per input item; a runner resumes from
 ``unfinished()`` and ``pending_items()`` after a restart. Every method is one
 transaction in WAL mode, so a ``kill -9`` at any moment loses nothing committed
-and leaves nothing half-written: a job never exists without all its items, an
-item never becomes DONE without its job's counter moving. ``synchronous=NORMAL``
-may lose the last transactions on a *power* loss only, and saves a sync per item.
+and leaves nothing half-written: a job never exists without all its items (but
+see ``submit``'s ``chunk_size``), an item never becomes DONE without its job's
+counter moving. ``synchronous=NORMAL`` may lose the last transactions on a
+*power* loss only, and saves a sync per item.
 One connection, guarded by a lock, serves ``asyncio.to_thread`` callers and
 worker threads (SQLite serialises writers anyway); another process opening the
 file waits for the write lock (``busy_timeout``) instead of failing.
@@ -221,7 +222,8 @@ class JobStore:
     def submit(self, kind: str, spec: dict[str, Any], inputs: Sequence[str], *,
                request_id: str | None = None, job_id: str | None = None,
                failed: Mapping[int, str] | None = None,
-               precondition: Callable[[], object] | None = None) -> tuple[Job, bool]:
+               precondition: Callable[[], object] | None = None,
+               chunk_size: int | None = None) -> tuple[Job, bool]:
         """Create a QUEUED job with one PENDING item per input, or find the one already made.
 
         ``request_id`` makes a retried submission safe: the same (kind, request_id)
@@ -234,6 +236,16 @@ class JobStore:
         inserted; whatever it raises cancels the submission. It holds the write
         lock, so it cannot interleave with ``release_unreferenced``: a resource
         it checks is either still there with the job inserted, or already gone.
+
+        ``chunk_size`` bounds the items inserted per transaction (millions of inputs
+        would otherwise grow the WAL and the page cache with the input count, and a
+        crash would lose them all). The job then exists, QUEUED, before all its items
+        do: items are inserted in index order, so after a crash it holds a prefix of
+        them, ``missing_items`` says how many are not there yet, and the same call
+        again (same ``request_id``, spec and inputs) finds the job and inserts the
+        rest, neither twice nor skipping one. Only a caller that starts the job after
+        this returns (``segsvc batch``) should use it: a scheduler polling
+        ``unfinished`` could start it half-inserted.
         """
         if not isinstance(kind, str) or not kind:
             raise InvalidArgument(f"job kind must be a non-empty string, got {kind!r}")
@@ -254,36 +266,66 @@ class JobStore:
             _check_str(reason, f"the reason input {i} failed")
         _check_str(request_id, "request_id")
         _check_str(job_id, "job_id")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise InvalidArgument(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        chunk = max(len(inputs), 1) if chunk_size is None else chunk_size
         spec_json = _dumps(spec, "job spec")
-        inputs_sha256 = hashlib.sha256(json.dumps(builtins.list(inputs)).encode()).hexdigest()
+        inputs_sha256 = _inputs_sha256(inputs)
         new_id = job_id or uuid.uuid4().hex
         now = time.time()
         with self._tx() as c:
+            row = None
             if request_id is not None:
                 row = c.execute("SELECT * FROM jobs WHERE kind = ? AND request_id = ?", (kind, request_id)).fetchone()
-                if row is not None:
-                    same = row["spec"] == spec_json and row["inputs_sha256"] == inputs_sha256
-                    if not same or job_id not in (None, row["id"]):
-                        raise AlreadyExists(
-                            f"request_id {request_id!r} was already used for {kind} job {row['id']} with a "
-                            "different spec or inputs; use a new request_id to submit a different job"
-                        )
-                    return _to_job(row), False
-            if c.execute("SELECT 1 FROM jobs WHERE id = ?", (new_id,)).fetchone() is not None:
-                raise AlreadyExists(f"a job with id {new_id!r} already exists")
-            if precondition is not None:
-                precondition()
-            c.execute(
-                "INSERT INTO jobs (id, kind, state, request_id, spec, inputs_sha256, total, failed, created_at,"
-                " updated_at) VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?)",
-                (new_id, kind, request_id, spec_json, inputs_sha256, len(inputs), len(failed), now, now),
-            )
-            c.executemany(
-                "INSERT INTO items (job_id, idx, input, state, reason) VALUES (?, ?, ?, ?, ?)",
-                ((new_id, i, value, "FAILED" if i in failed else "PENDING", failed.get(i))
-                 for i, value in enumerate(inputs)),
-            )
-            return _to_job(self._job_row(c, new_id)), True
+            if row is not None:
+                same = row["spec"] == spec_json and row["inputs_sha256"] == inputs_sha256
+                if not same or job_id not in (None, row["id"]):
+                    raise AlreadyExists(
+                        f"request_id {request_id!r} was already used for {kind} job {row['id']} with a "
+                        "different spec or inputs; use a new request_id to submit a different job"
+                    )
+                new_id, created = row["id"], False
+            else:
+                if c.execute("SELECT 1 FROM jobs WHERE id = ?", (new_id,)).fetchone() is not None:
+                    raise AlreadyExists(f"a job with id {new_id!r} already exists")
+                if precondition is not None:
+                    precondition()
+                c.execute(
+                    "INSERT INTO jobs (id, kind, state, request_id, spec, inputs_sha256, total, created_at,"
+                    " updated_at) VALUES (?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?)",
+                    (new_id, kind, request_id, spec_json, inputs_sha256, len(inputs), now, now),
+                )
+                created = True
+            held = self._insert_items(c, new_id, inputs, failed, 0 if created else _held(c, new_id), chunk)
+            job = _to_job(self._job_row(c, new_id))
+        while held < len(inputs):  # chunked: one transaction per chunk
+            with self._tx() as c:
+                held = self._insert_items(c, new_id, inputs, failed, _held(c, new_id), chunk)
+                job = _to_job(self._job_row(c, new_id))
+        return job, created
+
+    @staticmethod
+    def _insert_items(c: sqlite3.Connection, job_id: str, inputs: Sequence[str], failed: Mapping[int, str],
+                      start: int, chunk: int) -> int:
+        """Insert the job's items from index ``start`` (how many it holds: a prefix, as chunks go in index
+        order), ``chunk`` at most, counting the FAILED ones; returns how many items the job now holds."""
+        stop = min(len(inputs), start + chunk)
+        if start >= stop:
+            return start
+        c.executemany(
+            "INSERT INTO items (job_id, idx, input, state, reason) VALUES (?, ?, ?, ?, ?)",
+            ((job_id, i, inputs[i], "FAILED" if i in failed else "PENDING", failed.get(i))
+             for i in range(start, stop)),
+        )
+        n_failed = sum(1 for i in range(start, stop) if i in failed)
+        if n_failed:
+            c.execute("UPDATE jobs SET failed = failed + ? WHERE id = ?", (n_failed, job_id))
+        return stop
+
+    def missing_items(self, job_id: str) -> int:
+        """How many of the job's items a chunked ``submit`` cut short by a crash has not inserted yet (0: none)."""
+        with self._read() as c:
+            return self._job_row(c, job_id)["total"] - _held(c, job_id)
 
     def get(self, job_id: str) -> Job:
         with self._read() as c:
@@ -353,16 +395,19 @@ class JobStore:
             return _to_job(self._job_row(c, job_id))
 
     def request_cancel(self, job_id: str) -> Job:
-        """Ask a job to stop. A QUEUED job is CANCELLED at once (nothing runs it yet); a RUNNING
+        """Ask a job to stop. A QUEUED job is CANCELLED at once (nothing runs it yet), its PENDING
+        items SKIPPED as a runner would skip them, so its counters add up to its total; a RUNNING
         one only gets the flag, which its runner polls between items; a finished one is unchanged."""
         with self._tx() as c:
             row = self._job_row(c, job_id)
             if row["state"] in FINISHED_STATES:
                 return _to_job(row)
             now = time.time()
-            if row["state"] == "QUEUED":
-                c.execute("UPDATE jobs SET state = 'CANCELLED', cancel_requested = 1, finished_at = ?, updated_at = ?"
-                          " WHERE id = ?", (now, now, job_id))
+            if row["state"] == "QUEUED":  # never started, so none of its items has files to delete
+                skipped = c.execute("UPDATE items SET state = 'SKIPPED', reason = 'cancelled' WHERE job_id = ?"
+                                    " AND state = 'PENDING'", (job_id,)).rowcount
+                c.execute("UPDATE jobs SET state = 'CANCELLED', cancel_requested = 1, skipped = skipped + ?,"
+                          " finished_at = ?, updated_at = ? WHERE id = ?", (skipped, now, now, job_id))
             else:
                 c.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, job_id))
             return _to_job(self._job_row(c, job_id))
@@ -453,6 +498,27 @@ class JobStore:
             c.execute(f"UPDATE jobs SET {column} = {column} + 1, updated_at = ? WHERE id = ?", (time.time(), job_id))
             return True
 
+    def skip_pending(self, job_id: str, reason: str, *, through: int | None = None) -> int:
+        """Record every PENDING item (with an index up to ``through``, when given) SKIPPED with ``reason``
+        and move the job's counter by as many: one statement, one transaction, however many items
+        (a transaction per item, as ``finish_item`` takes, would hold the writer for minutes on a
+        large job). Returns how many items were skipped."""
+        _check_str(reason, "reason", empty_ok=True)
+        if through is not None and not isinstance(through, int):
+            raise InvalidArgument(f"through must be an item index or None, got {through!r}")
+        sql = "UPDATE items SET state = 'SKIPPED', result = NULL, reason = ? WHERE job_id = ? AND state = 'PENDING'"
+        params: builtins.list[Any] = [reason, job_id]
+        if through is not None:
+            sql += " AND idx <= ?"
+            params.append(through)
+        with self._tx() as c:
+            self._job_row(c, job_id)  # raises when the job does not exist
+            skipped = c.execute(sql, params).rowcount
+            if skipped:
+                c.execute("UPDATE jobs SET skipped = skipped + ?, updated_at = ? WHERE id = ?",
+                          (skipped, time.time(), job_id))
+            return skipped
+
     def reset_item(self, job_id: str, index: int) -> None:
         """Put a finished item back to PENDING (taking it off its counter) so it runs again."""
         with self._tx() as c:
@@ -463,6 +529,23 @@ class JobStore:
             c.execute("UPDATE items SET state = 'PENDING', result = NULL, reason = NULL WHERE job_id = ? AND idx = ?",
                       (job_id, index))
             c.execute(f"UPDATE jobs SET {column} = {column} - 1, updated_at = ? WHERE id = ?", (time.time(), job_id))
+
+
+def _held(c: sqlite3.Connection, job_id: str) -> int:
+    """How many items the job holds, read off the primary key: a chunked ``submit`` inserts them in index order,
+    so they are items 0..n-1."""
+    last = c.execute("SELECT MAX(idx) FROM items WHERE job_id = ?", (job_id,)).fetchone()[0]
+    return 0 if last is None else last + 1
+
+
+def _inputs_sha256(inputs: Sequence[str]) -> str:
+    """SHA-256 of ``json.dumps(list(inputs))``, hashed piece by piece: the same digest as before, without
+    building one string as large as every input together."""
+    digest = hashlib.sha256(b"[")
+    for i, value in enumerate(inputs):
+        digest.update(((", " if i else "") + json.dumps(value)).encode())
+    digest.update(b"]")
+    return digest.hexdigest()
 
 
 def _check_state(state: object, allowed: Sequence[str], what: str) -> None:
