@@ -4,7 +4,9 @@ Made for container health checks (the exec-form ``HEALTHCHECK`` in
 deploy/Dockerfile, where no shell expands variables): with no flags it finds the
 ``segsvc serve`` process (in a container, the server itself) and reads its
 ``--host``, ``--port`` and ``--tls-cert`` from its command line, so the check
-follows the port and TLS wherever they are set. Flags override what it finds.
+follows the port and TLS wherever they are set (a relative ``--tls-cert`` is
+read from the server's working directory, as the server read it). Flags
+override what it finds.
 When several of the user's ``segsvc serve`` processes run (none of them PID 1) it
 refuses, naming their pids and ports, rather than guess: pass ``--address`` or ``--pid``.
 
@@ -96,20 +98,34 @@ def _serve_flags(args: Sequence[str]) -> argparse.Namespace:
     return parser.parse_known_args(list(args))[0]
 
 
-def find_server(proc: Path = Path("/proc")) -> list[str] | None:
-    """The ``serve`` arguments of the one ``segsvc serve`` process of this user (PID 1 first), else ``None``.
+def find_server_process(proc: Path = Path("/proc")) -> tuple[int, list[str]] | None:
+    """``(pid, serve arguments)`` of the one ``segsvc serve`` process of this user (PID 1 first), else ``None``.
 
     Raises:
         ValueError: several are running (none of them PID 1): which one to check is the caller's choice.
     """
     found = server_processes(proc)
     if 1 in found:
-        return found[1]
+        return 1, found[1]
     if len(found) > 1:
         servers = ", ".join(f"pid {pid} (port {_serve_flags(args).port})" for pid, args in sorted(found.items()))
         raise ValueError(f"{len(found)} 'segsvc serve' processes are running: {servers}; "
                          "pass --address HOST:PORT or --pid PID to choose one")
-    return next(iter(found.values()), None)
+    return next(iter(found.items()), None)
+
+
+def find_server(proc: Path = Path("/proc")) -> list[str] | None:
+    """The ``serve`` arguments of the one ``segsvc serve`` process of this user (``find_server_process``)."""
+    found = find_server_process(proc)
+    return None if found is None else found[1]
+
+
+def process_cwd(pid: int) -> Path | None:
+    """The working directory of process ``pid`` (``None`` where it cannot be read: not ours, or gone)."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
 
 
 def certificate_name(cert_file: str) -> str | None:
@@ -129,9 +145,15 @@ def certificate_name(cert_file: str) -> str | None:
     return None
 
 
-def target_from_serve_arguments(args: Sequence[str]) -> Target:
-    """The address and TLS settings a local client needs for a server started with ``args``."""
+def target_from_serve_arguments(args: Sequence[str], cwd: Path | None = None) -> Target:
+    """The address and TLS settings a local client needs for a server started with ``args``.
+
+    ``cwd``: the server's working directory, against which it resolved a relative ``--tls-cert`` (the check
+    may run in another one: ``--pid`` from a shell, ``docker compose exec -w``, a probe's own directory).
+    """
     known = _serve_flags(args)
+    if known.tls_cert is not None and cwd is not None:
+        known.tls_cert = str(cwd / known.tls_cert)  # an absolute path stays as it is
     if known.port == 0:
         raise ValueError("the server was started with --port 0 (a free port): give --address")
     host = "127.0.0.1" if known.host in WILDCARD_HOSTS else known.host
@@ -151,12 +173,13 @@ def process_server(pid: int) -> list[str]:
 
 def resolve_target(args: argparse.Namespace) -> Target:
     """Flags first, then the server's own command line (``--pid``, or the one found without ``--address``)."""
-    serve_args = None
+    serve_args, pid = None, None
     if args.pid is not None:
-        serve_args = process_server(args.pid)
+        serve_args, pid = process_server(args.pid), args.pid
     elif args.discover and args.address is None:
-        serve_args = find_server()
-    found = target_from_serve_arguments(serve_args) if serve_args is not None else Target()
+        pid, serve_args = find_server_process() or (None, None)
+    found = Target() if serve_args is None else \
+        target_from_serve_arguments(serve_args, process_cwd(pid) if pid is not None else None)
     address = args.address or found.address
     if not (args.tls or found.tls):
         return Target(address)
