@@ -1,7 +1,9 @@
 """``segsvc train --server``: a training job on a running server, from the command line.
 
 Without ``--server``, ``segsvc train --config RECIPE`` trains locally as
-before (``training/train.py``). With it, the job runs on the server: the
+before (``training/train.py``), and refuses the server job's flags rather than
+ignore them (``--epochs 1`` names ``--set train.epochs=1``); ``--no-progress``
+means ``train.progress=false`` there. With it, the job runs on the server: the
 dataset is one registered there (``segsvc datasets``), the recipe is one of the
 server's (``--recipe NAME``) or a local file sent inline (``--config FILE``),
 ``--set`` overrides apply on top, ``--from MODEL[:VERSION]`` fine-tunes a
@@ -49,6 +51,49 @@ def add_server_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
     g.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate")
     g.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each call (default 60)")
+    # which of them were given is told by their defaults: refuse_server_flags reads these
+    parser.set_defaults(server_only_flags=tuple((a.dest, a.option_strings[-1], a.default) for a in g._group_actions
+                                                if a.dest != "server"))
+
+
+# the recipe key a --server flag sets on the server; locally it is given with --set
+LOCAL_EQUIVALENTS = {"epochs": "train.epochs", "device": "train.device", "budget_min": "train.max_time_min",
+                     "dataset": "data.spec"}
+
+
+# the flags of the group that local training honours too, and the override each stands for
+LOCAL_FLAGS = {"progress": "train.progress=false"}
+
+
+def local_overrides(args: argparse.Namespace) -> list[str]:
+    """``--no-progress`` without ``--server``: ``train.progress=false`` (the flag's meaning in both places)."""
+    if getattr(args, "server", None):
+        return []
+    return [override for dest, override in LOCAL_FLAGS.items() if getattr(args, dest, True) is False]
+
+
+def refuse_server_flags(args: argparse.Namespace) -> None:
+    """Local training (no ``--server``) refuses the flags of a server job instead of ignoring them.
+
+    ``segsvc train --config R --epochs 1`` trained the recipe's epochs, and ``--device cuda`` on the CPU;
+    the message names the ``--set`` that does it locally.
+    """
+    if getattr(args, "server", None):
+        return
+    given = [(dest, option) for dest, option, default in getattr(args, "server_only_flags", ())
+             if getattr(args, dest, default) != default and dest not in LOCAL_FLAGS]
+    if not given:
+        return
+    dest, option = given[0]
+    text = f"{option} is for a job on a server (--server)"
+    if dest in LOCAL_EQUIVALENTS:
+        value = getattr(args, dest)
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        text += f"; here use --set {LOCAL_EQUIVALENTS[dest]}={shown}"
+    others = [option for _, option in given[1:]]
+    if others:
+        text += f" (as are {', '.join(others)})"
+    raise InvalidArgument(text)
 
 
 def submit_training(args: argparse.Namespace, read_token: Callable[[argparse.Namespace], str | None]) -> int:

@@ -6,7 +6,8 @@ history, training time) and the Python, NumPy and torch (CPU and CUDA) RNG
 states. Checkpoints are private to the trainer (``torch.save``); they are
 loaded with ``weights_only=True``, so every value in them is a tensor or a
 plain container (``RunState`` is stored as its fields, never pickled as an
-object). A checkpoint is written to a temporary file and renamed over the old
+object), and a file without a checkpoint's keys (``best.pt``, another program's) is refused
+(``check_checkpoint``). A checkpoint is written to a temporary file and renamed over the old
 one, so a run killed at any moment (even ``kill -9``) resumes from the last
 complete checkpoint. The *served* model is a separate safetensors artifact
 written by ``segsvc.models.artifact.save_artifact``.
@@ -152,14 +153,39 @@ def save_checkpoint(
         tmp.unlink(missing_ok=True)  # only left behind when the write was interrupted
 
 
+# what ``save_checkpoint`` always writes (``run_id`` and ``ema`` may be absent)
+CHECKPOINT_KEYS = ("best_score", "config", "elapsed_s", "epoch", "epochs_since_best", "history", "model",
+                   "optimizer", "rng", "scaler", "scheduler")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint on the CPU without running pickled code."""
+    """Read a checkpoint on the CPU without running pickled code; refuse a file the trainer did not write."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several unrelated types for corrupt files
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc}") from None
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {one_line(exc)}") from None
+    check_checkpoint(state, path)
+    return state
+
+
+def check_checkpoint(state: Any, path: Path) -> None:
+    """Refuse what ``save_checkpoint`` did not write: another program's file, a bare tensor, or ``best.pt``."""
+    where = f"{str(path)!r} is not a checkpoint of the trainer"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where} (it holds a {type(state).__name__}, not a mapping)")
+    if {"model", "epoch", "metrics"} <= set(state) and "optimizer" not in state:
+        run_dir = path.parent.parent
+        raise CheckpointError(f"{where}: {path.name} holds only the best weights: resume from {run_dir} "
+                              "(its checkpoints/last.pt)")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{where} (it lacks {', '.join(map(repr, missing))})")
+    malformed = [key for key in ("config", "model", "optimizer", "rng", "scaler", "scheduler")
+                 if not isinstance(state[key], dict)]
+    if malformed:
+        raise CheckpointError(f"{where} ({', '.join(map(repr, malformed))} not a mapping)")
 
 
 def restore_training_state(
@@ -182,8 +208,17 @@ def restore_training_state(
         if ema is not None:
             ema.load_state_dict(state["ema"])
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint does not match this model or optimiser: {exc}") from None
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    restore_rng_state(state["rng"])
+        raise CheckpointError(f"checkpoint does not match this model or optimiser: {one_line(exc)}") from None
+    try:
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint has a malformed scheduler, scaler or RNG state: {one_line(exc)}") from None
     return run
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """An exception's text on one line, cut to ``limit`` characters (torch lists every missing weight's name)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -204,6 +204,9 @@ class LossConfig:
     def __post_init__(self) -> None:
         if not self.terms:
             raise ValueError("loss.terms must list at least one term, e.g. [{name: ce}]")
+        for i, term in enumerate(self.terms):  # a negative weight would maximise its term, NaN or inf end the run
+            _require(math.isfinite(term.weight) and term.weight >= 0, f"loss.terms.{i}.weight",
+                     "a finite number >= 0", term.weight)
         _require(0.0 <= self.label_smoothing < 1.0, "loss.label_smoothing", "in [0, 1)", self.label_smoothing)
         _at_least("loss", 0, focal_gamma=self.focal_gamma)
         uses_border, border = any(term.name == "weighted_ce" for term in self.terms), self.border_weight
@@ -211,8 +214,9 @@ class LossConfig:
             raise ValueError("the weighted_ce term needs border_weight (e.g. {cell_class: 1, w0: 10, sigma: 5})")
         if border is not None and not uses_border:
             raise ValueError("border_weight is only used by a weighted_ce term: add one to terms")
-        if border is not None and (border.sigma <= 0 or border.w0 < 0 or border.max_components < 2):
-            raise ValueError("border_weight needs sigma > 0, w0 >= 0 and max_components >= 2")
+        if border is not None and not (0 < border.sigma < math.inf and 0 <= border.w0 < math.inf
+                                       and border.max_components >= 2):
+            raise ValueError("border_weight needs sigma > 0, w0 >= 0 (both finite) and max_components >= 2")
         if not 0.0 < self.ohem_keep <= 1.0:
             raise ValueError(f"ohem_keep is a fraction of the pixels in (0, 1], got {self.ohem_keep}")
 
@@ -313,6 +317,9 @@ class OutputConfig:
 
     def __post_init__(self) -> None:
         _at_least("output", 0, samples_in_report=self.samples_in_report)
+        name = self.run_name
+        if name is not None and (name in ("", ".", "..") or "/" in name or "\0" in name):
+            raise ValueError(f"output.run_name must be one folder name (no '/', not '.' or '..'), got {name!r}")
 
 
 @dataclass(frozen=True, config=_SECTION)

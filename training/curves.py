@@ -110,8 +110,12 @@ def find_runs(root: Path) -> list[Path]:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSON-lines file; a line being written (or damaged) is skipped."""
     rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
+    try:  # a file that is not UTF-8 (damaged, or another program's) keeps its readable lines
+        text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    except OSError:  # unreadable: no rows, as a run without metrics
+        text = ""
+    if text:
+        for line in text.splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
@@ -174,27 +178,54 @@ def read_run(run_dir: Path, root: Path, default_threads: int | None = None) -> R
     name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
     points = []
     for row in _read_jsonl(run_dir / METRICS_FILE):
-        miou, elapsed_s = row.get("val_miou"), row.get("elapsed_s")
-        if not isinstance(miou, (int, float)) or math.isnan(miou):
-            continue
-        wall_min = float(elapsed_s) / 60 if isinstance(elapsed_s, (int, float)) else math.nan
-        if isinstance(row.get("cpu_minutes"), (int, float)):
-            point = CurvePoint(int(row.get("epoch", 0)), wall_min, int(row.get("cpu_threads") or 0),
-                               float(row["cpu_minutes"]), "recorded", float(miou))
-        elif not math.isnan(wall_min):
-            point = CurvePoint(int(row.get("epoch", 0)), wall_min, fallback_threads, wall_min * fallback_threads,
-                               source, float(miou))
-        else:
-            continue  # neither CPU nor wall time: nothing to place it at
-        points.append(point)
+        point = _curve_point(row, fallback_threads, source)
+        if point is not None:
+            points.append(point)
     given = default_threads is not None and not settings.threads
     return RunCurve(name or run_dir.name, settings.recipe, points, settings.dataset, given)
+
+
+def _curve_point(row: dict[str, Any], fallback_threads: int, source: str) -> CurvePoint | None:
+    """A validated epoch's point, or None: no validation, or a row whose values are not what the trainer writes
+    (a null epoch, text, ``true`` for an mIoU, an mIoU outside [0, 1]: a damaged or another program's file)."""
+    miou, epoch = _real(row.get("val_miou")), row.get("epoch", 0)
+    if miou is None or not 0.0 <= miou <= 1.0 or not _count(epoch):
+        return None
+    elapsed_s = _real(row.get("elapsed_s"))
+    wall_min = elapsed_s / 60 if elapsed_s is not None else math.nan
+    cpu_minutes, threads = _real(row.get("cpu_minutes")), row.get("cpu_threads") or 0
+    if cpu_minutes is not None and _count(threads):
+        return CurvePoint(epoch, wall_min, threads, cpu_minutes, "recorded", miou)
+    if cpu_minutes is None and not math.isnan(wall_min):
+        return CurvePoint(epoch, wall_min, fallback_threads, wall_min * fallback_threads, source, miou)
+    return None  # no CPU nor wall time to place it at, or a thread count that is no count
+
+
+def _real(value: Any) -> float | None:
+    """A finite JSON number as a float (``true`` is no number here), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def collect(root: Path, default_threads: int | None = None) -> list[RunCurve]:
     """Every run under ``root`` with at least one validated epoch."""
     curves = [read_run(run_dir, root, default_threads) for run_dir in find_runs(root)]
     return [c for c in curves if c.points]
+
+
+def require_validated_runs(root: Path, default_threads: int | None = None) -> list[RunCurve]:
+    """``collect(root)``; ``NotFound`` when it finds no run with a validated epoch (``segsvc eval --curves``
+    checks this before it evaluates, not after)."""
+    curves = collect(root, default_threads)
+    if not curves:
+        raise NotFound(f"no training run with a validated epoch under {root} (looked for {METRICS_FILE} rows "
+                       "with val_miou)")
+    return curves
 
 
 def write_csv(curves: Sequence[RunCurve], path: Path) -> Path:
@@ -287,10 +318,7 @@ def write_curves(root: Path, png: Path, title: str = "", default_threads: int | 
     if png.suffix.lower() != ".png":  # else the CSV would be written and the picture refused, or take its name
         raise InvalidArgument(f"{png}: the curves picture is a PNG, its name must end in .png "
                               "(the CSV goes beside it)")
-    curves = collect(root, default_threads)
-    if not curves:
-        raise NotFound(f"no training run with a validated epoch under {root} (looked for {METRICS_FILE} rows "
-                       "with val_miou)")
+    curves = require_validated_runs(root, default_threads)
     write_csv(curves, png.with_suffix(".csv"))
     plot_curves(curves, png, title)
     return curves

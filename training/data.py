@@ -11,7 +11,7 @@ from the augmented mask, so they follow every flip, crop and deformation.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import albumentations as A
 import cv2
@@ -21,9 +21,12 @@ from torch.utils.data import Dataset
 
 from segsvc.config import InferenceSpec, InputSpec
 from segsvc.data.registration import shift_image
+from segsvc.data.spec import DatasetSpec
 from segsvc.data.transforms import LabelScale, preprocess, reseed
-from segsvc.errors import InvalidArgument
+from segsvc.errors import InvalidArgument, SegsvcError
 from segsvc.inference.contract import network_input
+
+T = TypeVar("T")
 
 
 def sample_seed(*parts: int) -> int:
@@ -40,6 +43,17 @@ def select_indices(length: int, span: tuple[int, int] | None, limit: int | None)
         raise InvalidArgument(f"a sample limit must be at least 1, got {limit}")
     indices = list(range(start, stop))
     return indices[:limit] if limit is not None else indices
+
+
+def require_labels(data: DatasetSpec, split: str, name: str, purpose: str) -> None:
+    """Refuse a split the dataset lacks (naming the ones it has) or one without masks (``masks: null``).
+
+    An unlabelled split reads as masks that are void everywhere: every metric on it is NaN and
+    every loss 0, so training or evaluating on it would report nothing, not fail.
+    """
+    labelled = data.split(split).labelled or data.format == "synthetic"  # synthetic splits draw their masks
+    if not labelled:
+        raise InvalidArgument(f"{name} {split!r} of {data.name} has no labels (masks: null): {purpose}")
 
 
 def rescale_transform(scale: tuple[float, float]) -> A.BasicTransform | None:
@@ -133,12 +147,29 @@ class EvalSamples(Dataset):
         return network_input(image, self.input_spec, self.contract), torch.from_numpy(np.asarray(mask, dtype=np.int64))
 
 
+def worker_batches(loader: Iterable[T]) -> Iterator[T]:
+    """The loader's batches; a segsvc error raised in a ``data.workers`` process keeps its own message.
+
+    torch re-raises a worker's exception in the main process with the worker's whole traceback as the message
+    ("Caught DatasetError in DataLoader worker process 0. Original Traceback ..."), which the command line
+    would print as the error; this gives the error its own message back.
+    """
+    try:
+        yield from loader
+    except SegsvcError as exc:
+        text, marker = str(exc), f"\n{type(exc).__module__}.{type(exc).__qualname__}: "
+        start = text.rfind(marker)
+        if "Original Traceback" not in text or start < 0:
+            raise
+        raise type(exc)(text[start + len(marker):].rstrip()) from None
+
+
 def stack_batch(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
     """Collate equal-size ``(image, mask[, pixel weights])`` items; a clear error when sizes differ."""
     fields = list(zip(*items))
     shapes = {tuple(x.shape) for x in fields[0]}
     if any(len({tuple(t.shape) for t in field}) > 1 for field in fields):
-        raise ValueError(
+        raise InvalidArgument(
             f"cannot batch images of different sizes {sorted(shapes)}: set a crop "
             "(data.crop) for training or train.val_batch_size=1 for evaluation"
         )

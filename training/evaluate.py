@@ -47,9 +47,11 @@ from segsvc.inference.contract import apply_contract
 from segsvc.inference.engine import Engine, EngineConfig, resolve_device
 from segsvc.inference.predictor import Predictor
 from segsvc.models.artifact import Manifest
-from training.curves import write_curves
-from training.data import select_indices
+from training.curves import require_validated_runs, write_curves
+from training.data import require_labels, select_indices
 from training.metrics import BoundaryErrors, ConfusionMatrix, SegmentationMetrics, format_table, isbi_metrics
+from training.progress import show_progress
+from training.rundir import ARTIFACT_RECORD
 from training.report import plot_eval_report
 
 
@@ -100,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
     version_dir = resolve_model_dir(Path(args.model))
     if args.curves and not Path(args.curves).is_dir():  # before the evaluation, not after it
         raise NotFound(f"--curves {args.curves} is not a directory of training runs")
+    if args.curves:
+        require_validated_runs(Path(args.curves))
     data = load_dataset_spec(args.data)
+    require_labels(data, args.split, "split", "nothing to measure (evaluate a split with masks)")
     config = EngineConfig(device=device, precision=options.precision, backend=options.backend, warmup=False)
     backend, manifest = open_version_dir(version_dir, torch.device(device), config)
     out_dir = Path(args.out) if args.out else Path("runs/eval") / f"{manifest.name}-v{manifest.version}-{args.split}"
@@ -131,13 +136,34 @@ def prepare_out_dir(out_dir: Path) -> None:
 
 
 def resolve_model_dir(path: Path) -> Path:
-    """A version directory as given, or the highest numbered version inside a model directory."""
+    """A version directory as given, or the highest numbered complete version (with its manifest) inside a
+    model directory: a version still being copied or published has no manifest yet and is passed over."""
     if (path / "manifest.json").is_file():
         return path
-    versions = sorted((int(p.name) for p in path.glob("*") if p.is_dir() and p.name.isdigit())) if path.is_dir() else []
+    numbered = [p for p in path.glob("*") if p.is_dir() and p.name.isdigit()] if path.is_dir() else []
+    versions = sorted(int(p.name) for p in numbered if (p / "manifest.json").is_file())
     if not versions:
-        raise NotFound(f"{path} is neither a model version directory (with manifest.json) nor a model directory")
+        raise NotFound(not_a_model_dir(path, [p.name for p in numbered]))
     return path / str(versions[-1])
+
+
+def not_a_model_dir(path: Path, incomplete: list[str]) -> str:
+    """Why ``--model path`` names no model, and which path to give instead when ``path`` shows one: a
+    training run's folder (its ``artifact.txt``) or a model repository (its model folders)."""
+    record = path / ARTIFACT_RECORD
+    if record.is_file():
+        try:
+            published = record.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            published = ""
+        if published:
+            return (f"{path} is a training run's folder; the model it published is {published}: "
+                    f"pass --model {published}")
+    names = sorted({m.parent.parent.name for m in path.glob("*/*/manifest.json")}) if path.is_dir() else []
+    if names:
+        return f"{path} is a model repository (models: {', '.join(names)}): pass --model {path / names[0]}"
+    why = f" (its versions {', '.join(sorted(incomplete))} have no manifest.json)" if incomplete else ""
+    return f"{path} is neither a model version directory (with manifest.json) nor a model directory{why}"
 
 
 @dataclass(frozen=True)
@@ -194,7 +220,8 @@ def evaluate_artifact(predictor: Predictor, data: DatasetSpec, options: EvalOpti
     boundary = BoundaryErrors(manifest.spec.num_classes, data.ignore_index)
     samples = []
     t0 = time.perf_counter()
-    for n, i in enumerate(tqdm(indices, desc=f"eval {data.name}/{options.split}", disable=not options.progress)):
+    bar = tqdm(indices, desc=f"eval {data.name}/{options.split}", disable=not show_progress(options.progress))
+    for n, i in enumerate(bar):
         image, mask = dataset.read(i)
         mask = torch.from_numpy(np.asarray(mask, dtype=np.int64))
         if tuple(mask.shape) != tuple(image.shape[:2]):

@@ -91,7 +91,7 @@ class EventLog:
             return
         record = {"event": event, "time": round(time.time(), 3), **fields}
         # ensure_ascii=False: paths verbatim (a job's served copy is scrubbed of the server's paths as written)
-        self._file.write(json.dumps(_finite(record), allow_nan=False, ensure_ascii=False) + "\n")
+        self._file.write(json.dumps(json_safe(record), allow_nan=False, ensure_ascii=False) + "\n")
         self._file.flush()
 
     def step_due(self) -> bool:
@@ -114,13 +114,14 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _finite(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (an absent class's NaN IoU) as None: strict JSON, ``null``."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

@@ -8,17 +8,19 @@ safetensors artifact carrying their validation metrics and class names, and
 ``artifact.txt`` names it. The artifact's ``training.run_id`` (kept in the
 checkpoint) identifies the run, so a resume after a kill between publishing and
 recording it finds that version instead of publishing the same model again
-(``find_published``).
+(``find_published``). The trainer running in a run directory holds a lock on
+its ``run.lock`` (``hold_run_dir``), so a second trainer there is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
 import torch
 import yaml
@@ -33,12 +35,14 @@ from segsvc.models.artifact import model_inference_spec, save_artifact
 from training.checkpoint import CheckpointError, RunState, load_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.distributed import DistEnv, broadcast_from_main, log
+from training.events import json_safe
 from training.metrics import SegmentationMetrics
 
 CHECKPOINT = "checkpoints/last.pt"
 BEST_WEIGHTS = "checkpoints/best.pt"
 CONFIG_FILE = "config.yaml"  # every run directory has one, written when it is created
 ARTIFACT_RECORD = "artifact.txt"
+LOCK_FILE = "run.lock"  # flocked by the trainer running in the run directory (hold_run_dir)
 
 
 def prepare_run(cfg: TrainConfig, resume: str | None, env: DistEnv) -> tuple[Path, dict[str, Any] | None]:
@@ -46,7 +50,13 @@ def prepare_run(cfg: TrainConfig, resume: str | None, env: DistEnv) -> tuple[Pat
     state = None
     if resume is not None:
         run_dir, ckpt = resume_paths(Path(resume))
-        state = load_checkpoint(ckpt)
+        if env.is_main:
+            hold_run_dir(run_dir)
+        try:
+            state = load_checkpoint(ckpt)
+        except BaseException:
+            release_run_dir(run_dir)
+            raise
         warn_config_changes(state.get("config", {}), cfg.to_dict(), env)
     else:
         parent = Path(cfg.output.runs_dir) / cfg.name
@@ -55,16 +65,77 @@ def prepare_run(cfg: TrainConfig, resume: str | None, env: DistEnv) -> tuple[Pat
         name = broadcast_from_main(env, name)
         run_dir = parent / name
         if env.is_main:
-            if (run_dir / CHECKPOINT).exists():
-                raise InvalidArgument(
-                    f"run directory {run_dir} already holds a checkpoint: pass --resume {run_dir} "
-                    "to continue it, or choose another output.run_name"
-                )
-            run_dir.mkdir(parents=True, exist_ok=True)
-            # Paths verbatim, each on one line (no escapes, no folding): a job's served copy is scrubbed of them
-            write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True,
-                                                               width=float("inf")).encode("utf-8"))
+            hold_run_dir(run_dir)
+            try:
+                start_run_dir(cfg, run_dir)
+            except BaseException:
+                release_run_dir(run_dir)
+                raise
     return run_dir, state
+
+
+def start_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse a run directory holding another run, else write the run's ``config.yaml`` into it."""
+    if (run_dir / CHECKPOINT).exists():
+        raise InvalidArgument(
+            f"run directory {run_dir} already holds a checkpoint: pass --resume {run_dir} "
+            "to continue it, or choose another output.run_name"
+        )
+    refuse_finished_run(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Paths verbatim, each on one line (no escapes, no folding): a job's served copy is scrubbed of them
+    write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True,
+                                                       width=float("inf")).encode("utf-8"))
+
+
+_HELD: dict[Path, IO[str]] = {}  # the run directories this process trains in (a resume in-process re-enters)
+
+
+def hold_run_dir(run_dir: Path) -> None:
+    """Lock ``run_dir`` (an exclusive ``flock`` on its ``run.lock``) until ``release_run_dir`` or the process's
+    end, ``kill -9`` included: another trainer in the same directory would replace this one's checkpoints
+    and rewrite its metrics. A filesystem without locks (some network mounts) trains unlocked."""
+    key = run_dir.absolute()
+    if key in _HELD:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read(32).strip()
+        handle.close()
+        raise InvalidArgument(f"run directory {run_dir} is in use by another trainer"
+                              f"{f' (pid {holder})' if holder.isdigit() else ''}: wait for it to end, or choose "
+                              "another output.run_name") from None
+    except OSError:
+        handle.close()
+        return
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _HELD[key] = handle
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Give up ``hold_run_dir``'s lock (the file stays; a lock, not the file, says the directory is in use)."""
+    handle = _HELD.pop(run_dir.absolute(), None)
+    if handle is not None:
+        handle.close()
+
+
+def refuse_finished_run(run_dir: Path) -> None:
+    """Refuse a run directory holding a run's results without its checkpoint (deleted to save space): a new run
+    there would rewrite its metrics and config. One killed before its first checkpoint has none to lose."""
+    try:
+        epochs = sum(1 for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines() if line)
+    except OSError:  # none yet
+        epochs = 0
+    if epochs or (run_dir / ARTIFACT_RECORD).exists():
+        held = f"metrics.jsonl has {epochs} epoch{'s' if epochs != 1 else ''}" if epochs else ARTIFACT_RECORD
+        raise InvalidArgument(f"run directory {run_dir} already holds a run ({held}): choose another "
+                              "output.run_name")
 
 
 def resume_paths(path: Path) -> tuple[Path, Path]:
@@ -118,12 +189,17 @@ def write_metrics_file(run_dir: Path, history: list[dict[str, Any]]) -> None:
     The file is replaced whole (``write_atomic``): a trainer killed meanwhile, or a reader streaming it, never
     sees it truncated.
     """
-    write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history).encode())
+    write_atomic(run_dir / "metrics.jsonl", "".join(metrics_line(row) for row in history).encode())
 
 
 def append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(metrics_line(row))
+
+
+def metrics_line(row: dict[str, Any]) -> str:
+    """One row of ``metrics.jsonl``: strict JSON, a NaN (an absent class's IoU) written as null."""
+    return json.dumps(json_safe(row), allow_nan=False) + "\n"
 
 
 def save_best(run_dir: Path, model: nn.Module, epoch: int, metrics: SegmentationMetrics, names: Sequence[str]) -> None:

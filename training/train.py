@@ -10,7 +10,8 @@ argument parser, ``main(cfg)`` (build the objects, then the epoch loop),
 and finally a safetensors artifact into the model repository. Under
 ``torchrun`` it trains with DistributedDataParallel (NCCL on GPU, gloo on CPU);
 only rank 0 writes files. SIGTERM stops a run cleanly: the last checkpoint
-stays valid, ``events.jsonl`` ends with ``terminated`` and the exit status is 143.
+stays valid, ``events.jsonl`` ends with ``terminated`` and the exit status is 143;
+Ctrl-C likewise, with 130. Either says which ``--resume RUN_DIR`` continues it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
+from segsvc.cli_train import local_overrides, refuse_server_flags
 from segsvc.config import InferenceSpec, ModelSpec
 from segsvc.data.datasets import build_dataset
 from segsvc.data.registration import dataset_offsets, mean_offset
@@ -50,13 +52,23 @@ from training.args import add_train_arguments
 from training.checkpoint import RunState, restore_training_state, save_checkpoint, unwrap
 from training.config import LoopConfig, TrainConfig, load_config
 from training.curves import cpu_time_row
-from training.data import EvalSamples, TrainSamples, rescale_transform, sample_seed, select_indices, stack_batch
+from training.data import (
+    EvalSamples,
+    TrainSamples,
+    require_labels,
+    rescale_transform,
+    sample_seed,
+    select_indices,
+    stack_batch,
+    worker_batches,
+)
 from training.distributed import DistEnv, broadcast_buffers, broadcast_from_main, log, setup_distributed
 from training.ema import WeightAverage
 from training.events import EVENTS_FILE, EventLog, Terminated, sigterm_raises
 from training.finetune import describe_init, init_from_artifact
 from training.losses import border_weight_function, build_loss, class_pixel_counts, median_frequency_weights
 from training.metrics import ConfusionMatrix, SegmentationMetrics
+from training.progress import show_progress
 from training.report import plot_training_curve
 from training.rundir import (
     CHECKPOINT,
@@ -65,6 +77,7 @@ from training.rundir import (
     prepare_run,
     publish,
     record_artifact,
+    release_run_dir,
     save_best,
     val_contract,
     write_metrics_file,
@@ -72,6 +85,7 @@ from training.rundir import (
 from training.schedule import Horizon, build_optimizer, build_scheduler, mean_epoch_s, planned_epochs
 
 EXIT_TERMINATED = 128 + 15  # the shell's status for a process ended by SIGTERM
+EXIT_INTERRUPTED = 128 + 2  # and by SIGINT (Ctrl-C)
 
 
 def get_args_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -86,28 +100,36 @@ def main(cfg: TrainConfig, resume: str | None = None) -> Path | None:
     """
     clock = RunClock()  # the run's time (and its budget) starts here, setup included
     env = setup_distributed(cfg.train.device)
+    run_dir: Path | None = None
     try:
         with sigterm_raises():
+            # what the recipe asks of the data and the model is refused before a run directory is made
+            data = load_training_data(cfg)
+            setup_determinism(cfg.train, env)
+            spec, model = build_checked_model(cfg, data)
             run_dir, checkpoint = prepare_run(cfg, resume, env)
             with EventLog(run_dir / EVENTS_FILE if env.is_main else None) as events:
-                artifact, reason = _main(cfg, env, run_dir, checkpoint, events, clock)
+                artifact, reason = _main(cfg, env, data, (spec, model), run_dir, checkpoint, events, clock)
                 events.end("completed", reason)
                 return artifact
+    except (KeyboardInterrupt, Terminated) as exc:
+        log(env, stopped_line(exc, run_dir))
+        raise
     finally:
+        if run_dir is not None:
+            release_run_dir(run_dir)
         if env.distributed:
             dist.destroy_process_group()
 
 
 def _main(
-    cfg: TrainConfig, env: DistEnv, run_dir: Path, checkpoint: dict[str, Any] | None, events: EventLog,
-    clock: RunClock,
+    cfg: TrainConfig, env: DistEnv, data: DatasetSpec, built: tuple[ModelSpec, nn.Module], run_dir: Path,
+    checkpoint: dict[str, Any] | None, events: EventLog, clock: RunClock,
 ) -> tuple[Path | None, str]:
-    """Build the data, model and optimiser, run the epochs, publish; returns the artifact and why it stopped."""
+    """Build the data and optimiser around the built model, run the epochs, publish; returns the artifact and
+    why it stopped."""
     loop = cfg.train
-    setup_determinism(loop, env)
-    data = load_training_data(cfg)
-    spec = ModelSpec(cfg.model.arch, data.num_classes, data.channels, dict(cfg.model.params))
-    model = build_model(spec)
+    spec, model = built
     init_report = initialise_weights(cfg, model, spec, data, resuming=checkpoint is not None, env=env)
     shift = registered_shift(cfg, data, env)
     contract = val_contract(cfg, model, shift)  # how validation runs the model: what the published manifest records
@@ -211,6 +233,16 @@ def _main(
     return artifact, reason
 
 
+def stopped_line(exc: BaseException, run_dir: Path | None) -> str:
+    """What a run stopped by Ctrl-C or SIGTERM says: how to continue it from its last checkpoint, if it has one."""
+    how = "terminated by SIGTERM" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+    if run_dir is None:
+        return f"training: {how} before the run started"
+    if (run_dir / CHECKPOINT).is_file():
+        return f"training: {how}; its last checkpoint is kept: continue with --resume {run_dir}"
+    return f"training: {how}; no epoch finished, so there is no checkpoint to resume: start the run again"
+
+
 class RunClock:
     """Adds the wall time since its last reading to ``RunState.elapsed_s``.
 
@@ -262,8 +294,8 @@ def train_one_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
     term_sums: dict[str, torch.Tensor] = {}
     images_seen = 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{loop.epochs}", unit="batch", leave=False,
-               disable=not (env.is_main and loop.progress), mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    bar = tqdm(worker_batches(loader), desc=f"epoch {epoch + 1}/{loop.epochs}", unit="batch", leave=False,
+               total=n_batches, disable=not (env.is_main and show_progress(loop.progress)), mininterval=0.5)
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     for i, (images, masks, *border) in enumerate(bar):  # border: the weight maps of loss weighted_ce
@@ -346,8 +378,9 @@ def evaluate(
         backend.model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index)
     is_main = env is None or env.is_main
-    for images, masks in tqdm(loader, desc="validate", unit="batch", leave=False,
-                              disable=not (is_main and progress) or len(loader) < 4):
+    bar = tqdm(worker_batches(loader), desc="validate", unit="batch", leave=False, total=len(loader),
+               disable=not (is_main and show_progress(progress)) or len(loader) < 4)
+    for images, masks in bar:
         sizes = [tuple(masks.shape[-2:])] * len(images)
         logits = torch.cat(contract_logits(backend.forward, list(images), sizes, contract, backend.geometry))
         cm.update(masks, class_argmax(logits).cpu())
@@ -359,9 +392,13 @@ def evaluate(
 
 
 def load_training_data(cfg: TrainConfig) -> DatasetSpec:
+    """The dataset spec, with classes, labelled training and validation splits, and the loss's classes."""
     data = load_dataset_spec(cfg.data.spec)
     if not data.class_names:
         raise InvalidArgument(f"dataset {data.name!r} names no classes: add a dataset.yaml with 'classes'")
+    require_labels(data, cfg.data.train_split, "data.train_split", "train and validate on labelled splits")
+    require_labels(data, cfg.data.val_split, "data.val_split", "train and validate on labelled splits")
+    check_loss_classes(cfg, data)
     return data
 
 
@@ -462,9 +499,17 @@ def registered_shift(cfg: TrainConfig, data: DatasetSpec, env: DistEnv) -> tuple
     return shift
 
 
-def build_datasets(cfg: TrainConfig, data: DatasetSpec, contract: InferenceSpec) -> tuple[TrainSamples, EvalSamples]:
-    """The augmented training samples and the validation samples the recipe selects, run as ``contract``."""
-    stride = manifest_geometry(contract).stride
+def build_checked_model(cfg: TrainConfig, data: DatasetSpec) -> tuple[ModelSpec, nn.Module]:
+    """The recipe's model for the dataset, its validation contract and crop checked (architecture, parameters,
+    ``data.val_*``, ``data.crop``): before the run directory, so a refused recipe leaves none behind."""
+    spec = ModelSpec(cfg.model.arch, data.num_classes, data.channels, dict(cfg.model.params))
+    model = build_model(spec)
+    check_crop(cfg, manifest_geometry(val_contract(cfg, model)).stride)
+    return spec, model
+
+
+def check_crop(cfg: TrainConfig, stride: int) -> None:
+    """``data.crop`` must be a multiple of the model's output stride; the message names the nearest that is."""
     crop = cfg.data.crop
     if crop is not None and (crop[0] % stride or crop[1] % stride):
         fix = tuple(max(stride, c // stride * stride) for c in crop)
@@ -472,6 +517,12 @@ def build_datasets(cfg: TrainConfig, data: DatasetSpec, contract: InferenceSpec)
             f"data.crop {list(crop)} is not divisible by the model's output stride {stride}; "
             f"use --set data.crop=[{fix[0]},{fix[1]}]"
         )
+
+
+def build_datasets(cfg: TrainConfig, data: DatasetSpec, contract: InferenceSpec) -> tuple[TrainSamples, EvalSamples]:
+    """The augmented training samples and the validation samples the recipe selects, run as ``contract``."""
+    check_crop(cfg, manifest_geometry(contract).stride)
+    crop = cfg.data.crop
     steps = [t for t in (rescale_transform(cfg.data.scale),) if t is not None]
     preset = train_transform(cfg.data.preset, crop=crop, ignore_index=data.ignore_index,
                              class_uniform=cfg.data.class_uniform)
@@ -523,7 +574,8 @@ def resolve_class_weights(
         return None
     if option == "median_frequency":
         masks = (train_set.base.read(i)[1] for i in train_set.indices)
-        counts = class_pixel_counts(masks, data.num_classes, progress=env.is_main and cfg.train.progress)
+        shown = env.is_main and show_progress(cfg.train.progress)
+        counts = class_pixel_counts(masks, data.num_classes, progress=shown)
         weights = median_frequency_weights(*counts)
         log(env, "median-frequency class weights: "
             + ", ".join(f"{n}={w:.3f}" for n, w in zip(data.class_names, weights.tolist())))
@@ -531,6 +583,18 @@ def resolve_class_weights(
     if len(option) != data.num_classes:
         raise InvalidArgument(f"loss.class_weights lists {len(option)} weights for {data.num_classes} classes")
     return torch.tensor(option, dtype=torch.float32)
+
+
+def check_loss_classes(cfg: TrainConfig, data: DatasetSpec) -> None:
+    """The loss's per-class settings fit the dataset's classes (a recipe written for another dataset): as many
+    ``loss.class_weights`` as classes, a ``loss.border_weight.cell_class`` among them."""
+    weights = cfg.loss.class_weights
+    if isinstance(weights, tuple) and len(weights) != data.num_classes:
+        raise InvalidArgument(f"loss.class_weights lists {len(weights)} weights for {data.num_classes} classes")
+    border = cfg.loss.border_weight
+    if border is not None and not 0 <= border.cell_class < data.num_classes:
+        raise InvalidArgument(f"loss.border_weight.cell_class {border.cell_class} is not a class of {data.name} "
+                              f"({data.num_classes} classes: 0..{data.num_classes - 1})")
 
 
 # -- per epoch --------------------------------------------------------------------------
@@ -601,8 +665,8 @@ def epoch_line(row: dict[str, Any], epochs: int) -> str:
 
 
 def check_finite(value: float, epoch: int, step: int) -> None:
-    if not math.isfinite(value):
-        raise FloatingPointError(
+    if not math.isfinite(value):  # the recipe's settings diverge: the user's to change, told in one line
+        raise InvalidArgument(
             f"training loss became {value} in epoch {epoch + 1} at batch {step + 1}; lower optim.lr, "
             "add train.grad_clip_norm, or use train.amp=bf16 instead of fp16"
         )
@@ -634,12 +698,14 @@ def run(args: argparse.Namespace) -> int:
     (``bench/bench_recipe_training.py``, membrane-unet and camvid-fcn8s).
     """
     configure_allocator()
-    cfg = load_config(args.config, args.overrides, args.profile)
+    refuse_server_flags(args)
+    cfg = load_config(args.config, [*args.overrides, *local_overrides(args)], args.profile)
     try:
         main(cfg, resume=args.resume)
-    except Terminated:
-        print("training: terminated by SIGTERM; continue with --resume RUN_DIR", file=sys.stderr)
+    except Terminated:  # main said how to continue
         return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     return 0
 
 

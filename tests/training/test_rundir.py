@@ -11,7 +11,7 @@ import torch
 
 import training.rundir as rundir
 from segsvc.models.artifact import read_manifest
-from training.checkpoint import CheckpointError
+from training.checkpoint import CheckpointError, RunState
 from training.config import load_config
 from training.distributed import DistEnv
 from training.events import read_events
@@ -63,11 +63,16 @@ def test_a_run_starting_between_another_runs_naming_and_mkdir_gets_its_own_direc
 
 # -- 3. --resume takes a run directory or a checkpoint inside one, nothing else --------------------------------
 def fake_run(run_dir: Path) -> Path:
-    """A run directory as prepare_run leaves it, with a checkpoint (the content prepare_run reads)."""
+    """A run directory as prepare_run leaves it, with a checkpoint (what prepare_run reads: every key a
+    trainer's checkpoint has, since load_checkpoint refuses other files)."""
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("name: x\n")
-    torch.save({"config": {}}, run_dir / CHECKPOINT)
+    torch.save(CHECKPOINT_SHAPE, run_dir / CHECKPOINT)
     return run_dir
+
+
+CHECKPOINT_SHAPE = {**RunState().to_dict(), "model": {}, "optimizer": {}, "scheduler": {}, "scaler": {}, "rng": {},
+                    "config": {}}
 
 
 def test_resume_accepts_a_run_directory_and_a_checkpoint_inside_it(tmp_path):
@@ -75,7 +80,7 @@ def test_resume_accepts_a_run_directory_and_a_checkpoint_inside_it(tmp_path):
     run = fake_run(tmp_path / "runs" / "r")
     assert prepare_run(cfg, str(run), ENV)[0] == run
     assert prepare_run(cfg, str(run / CHECKPOINT), ENV)[0] == run
-    torch.save({"config": {}}, run / "checkpoints" / "epoch3.pt")
+    torch.save(CHECKPOINT_SHAPE, run / "checkpoints" / "epoch3.pt")
     assert prepare_run(cfg, str(run / "checkpoints" / "epoch3.pt"), ENV)[0] == run
 
 
