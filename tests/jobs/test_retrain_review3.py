@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import inspect
 import os
 import textwrap
 from pathlib import Path
@@ -68,8 +69,9 @@ def _gate_run(job_id: str, compared: int) -> _Run:
 
 
 def _better_than_v1(tmp_path: Path, broken: Any = None) -> tuple[dict[str, Any], int]:
-    """Publish a candidate that beats v1 (the default) into a served repository; ``broken(manager)`` breaks
-    serving it. The job's result and the version the running server serves by default."""
+    """Publish a candidate that beats v1 (the default) into a served repository; ``broken(manager)`` (awaited
+    when it returns an awaitable) breaks serving it first. The job's result and the version the running server
+    serves by default."""
     root = tmp_path / "repo"
     publish(root, NAME, seed=1)
     candidate = publish(tmp_path / "cand", NAME, seed=2)
@@ -79,8 +81,8 @@ def _better_than_v1(tmp_path: Path, broken: Any = None) -> tuple[dict[str, Any],
         manager = quiet_manager(root)
         await manager.start()
         try:
-            if broken is not None:
-                broken(manager)
+            if broken is not None and inspect.isawaitable(done := broken(manager)):
+                await done
             config = TrainingConfig(state_dir=tmp_path / "state")
             runner = TrainingRunner(_Store(), manager, None, config)  # type: ignore[arg-type]
             result = await runner._publish(_gate_run("jobA", 1), candidate, results)
@@ -148,26 +150,9 @@ def test_a_promotion_that_serves_reports_nothing_more(tmp_path):
 
 def test_a_promotion_into_a_model_unloaded_on_this_server_stands(tmp_path):
     """An operator's UnloadModel is not a failure to serve: DEFAULT names the new version, loaded with the model."""
-    root = tmp_path / "repo"
-    publish(root, NAME, seed=1)
-    candidate = publish(tmp_path / "cand", NAME, seed=2)
-    results = {"candidate": {"val": {"miou": 0.9}}, "default": {"val": {"miou": 0.5}}}
-
-    async def main() -> tuple[dict[str, Any], int]:
-        manager = quiet_manager(root)
-        await manager.start()
-        try:
-            await manager.unload(NAME)
-            config = TrainingConfig(state_dir=tmp_path / "state")
-            runner = TrainingRunner(_Store(), manager, None, config)  # type: ignore[arg-type]
-            result = await runner._publish(_gate_run("jobA", 1), candidate, results)
-            return result, manager.default_version(NAME)
-        finally:
-            await manager.stop()
-
-    result, served = asyncio.run(main())
+    result, served = _better_than_v1(tmp_path, lambda manager: manager.unload(NAME))
     assert (result["version"], result["promoted"], served) == (2, True, 0), result["verdict"]
-    assert ModelRepository(root).default_version(NAME) == 2
+    assert ModelRepository(tmp_path / "repo").default_version(NAME) == 2
 
 
 # -- 2. promote NEVER on a model with no version ---------------------------------------------------------------
