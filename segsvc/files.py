@@ -1,8 +1,14 @@
 """Files on the server's disk: written so no reader sees them half-written, read so no path leaves its root.
 
-``write_atomic``: a temporary sibling, fsync, then a rename. A reader (the model
-repository's scan, a server loading a version) sees the old file or the new
-one, and a crash leaves at most a ``.tmp-*`` sibling behind.
+``write_atomic``: a temporary sibling, fsync, a rename, then a fsync of the
+folder. A reader (the model repository's scan, a server loading a version) sees
+the old file or the new one, a crash leaves at most a ``.tmp-*`` sibling behind,
+and once it returns a power cut keeps the new file (a rename is on disk only
+once its folder is synced).
+
+``fsync_path``, ``fsync_folder``, ``fsync_tree`` and ``fsync_published``: the one
+way the package puts a file, a folder's entries or a whole tree on disk, for
+every writer that publishes state by a rename.
 
 ``open_beneath``: a file a request named, opened from its root one path
 component at a time without following symlinks. A check that resolves the path
@@ -16,11 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import secrets
 import stat
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, Iterable
+
+log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in opens at once (then is refused below) instead of blocking the reader forever.
@@ -40,6 +49,10 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int | None = N
         mode: permission bits; ``None`` keeps those of the file being replaced, and a new file
             gets what a plain ``open`` would give it (0666 less the umask, a default ACL applied).
 
+    Raises:
+        OSError: the kernel's; also after the rename when the folder cannot be synced (the new file is in
+            place but maybe not on disk: writing it again is harmless).
+
     Example:
         >>> write_atomic(tmp / "DEFAULT", b"3\\n")  # doctest: +SKIP
     """
@@ -48,9 +61,9 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int | None = N
         mode = path.stat().st_mode & 0o777
     fd, tmp = _temporary_file(path)
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # first: whatever fails next, the descriptor is closed
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -59,7 +72,63 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int | None = N
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    fsync_folder(path.parent)  # the rename itself: without it a power cut may bring the old file back
     return path
+
+
+def fsync_path(path: str | os.PathLike[str], *, folder: bool = False) -> None:
+    """``fsync`` a file, or a folder (its entries: the names renamed, made or removed in it).
+
+    A file is opened without following a symlink, so what is synced is the file written; a folder is
+    followed (a Triton ``out`` may be a symlink to one). A folder its filesystem cannot sync (``EINVAL``:
+    some network and FUSE filesystems) is let be; any other failure (``EIO``) is raised: what it was to
+    put on disk may not be there.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY if folder else os.O_RDONLY | os.O_NOFOLLOW
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not (folder and exc.errno == errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(path: str | os.PathLike[str]) -> None:
+    """Put the entries of the folder ``path`` on disk: POSIX makes a rename, a new name or a removed one in
+    it durable only once the folder itself is synced (``fsync_path``)."""
+    fsync_path(path, folder=True)
+
+
+def fsync_tree(root: str | os.PathLike[str], *, files: bool = True) -> None:
+    """``fsync`` every file under the folder ``root`` (unless ``files`` is false: the caller synced them), then
+    every folder, deepest first: a tree renamed into place before it is on disk could be published empty or
+    torn by a power cut. A folder that cannot be listed is raised, not skipped."""
+    for dirpath, _, filenames in os.walk(root, topdown=False, onerror=_raise):
+        for name in filenames if files else ():
+            fsync_path(os.path.join(dirpath, name))
+        fsync_folder(dirpath)
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def fsync_published(what: str, folders: Iterable[str | os.PathLike[str]]) -> None:
+    """Sync ``folders`` after a rename published ``what`` whole (``fsync_folder``); a failure is logged, not
+    raised.
+
+    What was renamed was on disk before: were the rename lost, a power cut would leave the old state, never
+    a torn one. A caller told it failed would publish it again (a second model version, an upload the client
+    sends anew).
+    """
+    try:
+        for folder in folders:
+            fsync_folder(folder)
+    except OSError as exc:
+        log.warning("%s is published but the disk did not confirm it (%s); a power cut may lose it",
+                    what, exc.strerror or type(exc).__name__)
 
 
 def _temporary_file(path: Path) -> tuple[int, Path]:

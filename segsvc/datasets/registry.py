@@ -61,6 +61,7 @@ from segsvc.errors import (
     AlreadyExists, DatasetInvalid, FailedPrecondition, InvalidArgument, NotFound, Overloaded, PathOutsideRoot,
     SegsvcError, Unavailable, UploadError,
 )
+from segsvc.files import fsync_folder, fsync_tree
 
 log = logging.getLogger("segsvc.datasets")
 
@@ -525,7 +526,12 @@ class DatasetRegistry:
         return None
 
     def _commit(self, work: Path, dataset: Dataset) -> Dataset:
-        """Rename ``work`` to the hash folder, then write the row; a concurrent twin wins or is returned."""
+        """Rename ``work`` to the hash folder, then write the row; a concurrent twin wins or is returned.
+
+        The folder is on disk before its rename (every file and folder synced), and the rename before the
+        row: after a power cut, a row never names a folder that is missing or torn.
+        """
+        fsync_tree(work)
         with self._lock:
             existing = self._existing(dataset.sha256, dataset.name)
             if existing is not None:
@@ -536,6 +542,7 @@ class DatasetRegistry:
             os.rename(work, final)
             self._stored = None
             try:
+                fsync_folder(self.root)
                 with self._db() as c:
                     c.execute(
                         "INSERT INTO datasets (sha256, name, source, source_path, format, class_names, split_sizes,"

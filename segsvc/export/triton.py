@@ -62,7 +62,7 @@ from typing import Any, Iterator
 
 from segsvc.errors import AlreadyExists, ArtifactError
 from segsvc.export import DEFAULT_MAX_BATCH_SIZE, INPUT_NAME, ONNX_FILE, OUTPUT_NAME
-from segsvc.files import widen_to_umask
+from segsvc.files import fsync_published, fsync_tree, widen_to_umask
 from segsvc.export.compare import Progress
 from segsvc.export.onnx import (
     export_onnx, file_sha256, geometry_of, needed_ir_version, published_onnx, version_lock,
@@ -209,33 +209,9 @@ def _write_model_dir(tmp: Path, manifest: Manifest, onnx_path: Path, sha256: str
     # mkdtemp made the folder 0700: the folder and every file get the modes the umask gives new ones (0755 / 0644
     # under 022), not the weights' 0600: a tritonserver running as another user must load the model too
     widen_to_umask(tmp)
-    _sync_tree(tmp)  # on disk before it is renamed into out: after a power cut, the old model or the whole new one
-
-
-def _fsync(path: Path, folder: bool = False) -> None:
-    """``fsync`` a file, or a folder (its entries: ``out`` may be a symlink to one). A folder that cannot be
-    synced (a filesystem without it) is let be: its files are on disk, and an export that was swapped in is not
-    to be reported as failed."""
-    flags = os.O_RDONLY | os.O_DIRECTORY if folder else os.O_RDONLY | os.O_NOFOLLOW
-    try:
-        fd = os.open(path, flags | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        if not folder:
-            raise
-
-
-def _sync_tree(root: Path) -> None:
-    """``fsync`` every file under ``root``, then every folder, deepest first (``write_atomic``'s fsync before
-    its rename, for a whole model directory: a rename that reaches the disk before the files would leave an
-    empty config.pbtxt or a truncated model.onnx for tritonserver to load after a crash)."""
-    for dirpath, _, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath), folder=True)
+    # Every file, then every folder, on disk before it is renamed into out: after a power cut, the old model or
+    # the whole new one, never an empty config.pbtxt or a truncated model.onnx for tritonserver to load.
+    fsync_tree(tmp)
 
 
 def _swap_in(tmp: Path, final: Path, scratch: Path, prefix: str) -> None:
@@ -322,7 +298,7 @@ def _build(out: Path, staging: Path | None, manifest: Manifest, onnx_path: Path,
         try:
             _write_model_dir(tmp, manifest, onnx_path, str(manifest.exports["onnx"]["sha256"]), max_batch_size)
             _swap_in(tmp, final, scratch, prefix)
-            _fsync(out, folder=True)  # the rename itself
+            fsync_published(f"Triton model {final}", [out])  # the rename itself
             return final
         except OSError as exc:
             with contextlib.suppress(OSError):

@@ -45,7 +45,7 @@ from torch import nn
 from segsvc.errors import (
     ArtifactError, InvalidArgument, NotFound, PathOutsideRoot, SegsvcError, UnknownModel, UnknownVersion,
 )
-from segsvc.files import write_atomic
+from segsvc.files import fsync_folder, write_atomic
 from segsvc.models.artifact import MANIFEST_FILE, VERSION_NAME, Manifest, check_name, load_artifact, read_manifest
 
 log = logging.getLogger(__name__)
@@ -377,12 +377,17 @@ class ModelRepository:
         """Make ``version`` (a complete version) the persistent default of ``name``; None removes the pointer.
 
         Written to a temporary file in the model directory and renamed over ``DEFAULT``,
-        so a reader sees the old or the new pointer, never a partial one.
+        so a reader sees the old or the new pointer, never a partial one. The model directory
+        is synced after the rename or the removal: a power cut must not bring back the old default.
         """
         model_dir = self._model_dir(name)
         path = model_dir / DEFAULT_FILE
         if version is None:
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink()
+            except FileNotFoundError:  # no pointer: nothing changed, nothing to sync
+                return
+            fsync_folder(model_dir)
             return
         self.resolve_version(name, version)  # must exist and be complete
         write_atomic(path, f"{int(version)}\n".encode("ascii"))

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segsvc.errors import InvalidArgument, NotFound, UploadError
+from segsvc.files import fsync_published, fsync_tree
 
 _ID = re.compile(r"[0-9a-f]{32}")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -302,9 +303,12 @@ class StagedUpload:
             shown = ", ".join(repr(n) for n in incomplete[:5]) + (" ..." if len(incomplete) > 5 else "")
             raise UploadError(f"cannot commit: {len(incomplete)} file(s) lack their last chunk: {shown}")
         (self._folder / _INCOMING).rmdir()  # also stamps the folder's mtime: the commit time
+        # Its files were synced as each completed; their renames into place, and the folders made for them, are
+        # synced here: a power cut must not leave a committed upload that lacks files.
+        fsync_tree(self._folder, files=False)
         os.rename(self._folder, self._area.root / self.upload_id)
-        _fsync_dir(self._area.root)
         self._closed = "committed"
+        fsync_published(f"upload {self.upload_id}", [self._area.root])
         files = tuple(
             UploadedFile(name, s.received, s.hasher.hexdigest())
             for name, s in sorted(self._files.items())
@@ -330,14 +334,5 @@ def _write_at(path: Path, offset: int, data: bytes, *, sync: bool) -> None:
         os.ftruncate(fd, offset)
         if sync:
             os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (POSIX needs the directory synced too)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)

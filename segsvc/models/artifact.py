@@ -35,7 +35,7 @@ from torch import nn
 import segsvc
 from segsvc.config import InferenceSpec, InputSpec, ModelSpec
 from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument, PathOutsideRoot, SegsvcError
-from segsvc.files import PathChanged, open_beneath, widen_to_umask, write_atomic
+from segsvc.files import PathChanged, fsync_published, fsync_tree, open_beneath, widen_to_umask, write_atomic
 from segsvc.models.registry import architecture_spec, build_model, plan_model
 from segsvc.palette import Color, default_palette
 
@@ -218,40 +218,14 @@ def next_version(model_dir: Path) -> int:
     return version
 
 
-def _fsync(path: Path, folder: bool = False) -> None:
-    """``fsync`` a file, or a folder (its entries). A folder its filesystem cannot sync (``EINVAL``) is let be."""
-    flags = os.O_RDONLY | os.O_DIRECTORY if folder else os.O_RDONLY | os.O_NOFOLLOW
-    fd = os.open(path, flags | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if not (folder and exc.errno == errno.EINVAL):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _sync_version(folder: Path) -> None:
-    """Put a version being written on disk, its files then its folder, before it is renamed into place: a rename
-    that reaches the disk before the data would publish an empty or torn ``weights.safetensors`` after a
-    power cut."""
-    for path in folder.iterdir():
-        _fsync(path)
-    _fsync(folder, folder=True)
-
-
 def _sync_published(final: Path, created: Sequence[Path]) -> None:
     """Put the rename that published ``final`` on disk, and the entries of the folders made for it (``created``).
 
     The version is whole already: were this lost, a power cut would leave no version, never a torn one. So a
-    failure is logged, not raised: the version exists, and a caller told otherwise would publish it again.
+    failure is logged, not raised (``fsync_published``): the version exists, and a caller told otherwise would
+    publish it again.
     """
-    try:
-        for folder in (final.parent, *(p.parent for p in created)):
-            _fsync(folder, folder=True)
-    except OSError as exc:
-        log.warning("model version %s/%s is published but the disk did not confirm it (%s); a power cut may "
-                    "lose it", final.parent.name, final.name, exc.strerror or type(exc).__name__)
+    fsync_published(f"model version {final.parent.name}/{final.name}", (final.parent, *(p.parent for p in created)))
 
 
 def save_artifact(
@@ -316,7 +290,7 @@ def save_artifact(
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         widen_to_umask(tmp)  # readable as the umask allows, not only by this user (mkdtemp: 0700)
-        _sync_version(tmp)
+        fsync_tree(tmp)  # files then folder before the rename: else a power cut may publish a torn version
         os.rename(tmp, final)  # atomic on one filesystem; fails if another writer won the race
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
