@@ -23,9 +23,9 @@ with another's. The gate compares the candidate with the default fixed when
 the evaluation began; if that is no longer the default when the job publishes
 (another job promoted its own version meanwhile), the candidate is published
 but not promoted, and its verdict says to compare again with a new job. A job
-not promoted pins the current default in DEFAULT, only when no pointer is
-there, before its version appears, so a crash between the steps never leaves
-it served by default.
+pins the current default in DEFAULT, only when no pointer is there, before its
+version appears, so neither a crash between the steps nor a promotion whose
+DEFAULT write fails leaves it served by default while it says "not promoted".
 
 Before its trainer starts (and again on each restart), a job checks every dataset it
 uses: still registered, and a dataset registered in place (its files in the data
@@ -43,7 +43,10 @@ A server that stops (or crashes) leaves the job RUNNING: the next start kills
 a trainer group that outlived its server (its id and start time are stored)
 and restarts the trainer with ``--resume`` from its last checkpoint. A trainer
 killed on its own while the server runs (``kill -9``, the OOM killer) is resumed
-the same way, at most ``MAX_TRAINER_RESTARTS`` times a job. Each phase
+the same way, at most ``MAX_TRAINER_RESTARTS`` times a job; an evaluation child
+killed so runs again from the start (it has no checkpoint), at most
+``MAX_EVAL_RESTARTS`` times a job. A cancel already asked for when a child is
+about to start (a job resumed after a restart) starts none. Each phase
 is idempotent: a finished evaluation is not redone, and a version published
 just before a crash is found again by its lineage's job id.
 
@@ -96,6 +99,7 @@ MAX_LINE_BYTES = 1 << 20  # a longer line of a served text artifact is cut
 LOG_TAIL_BYTES = 64 << 10  # how much of train.log is read for the trainer's own error line
 MAX_REASON_CHARS = 500  # a failure reason taken from the trainer is cut to this
 MAX_TRAINER_RESTARTS = 2  # a trainer killed from outside (the server alive) is resumed this often, at most
+MAX_EVAL_RESTARTS = 2  # evaluation children killed from outside (the server alive) are run again this often a job
 # ``training: error: ...`` as training/train.py prints it (torchrun may prefix a rank: ``[rank0]: ...``).
 _TRAINER_ERROR = re.compile(r"(?:\[[^\]]{1,40}\]:?\s*)?training: error:\s*(\S.*)")
 
@@ -106,6 +110,26 @@ class _Stop(Exception):
     def __init__(self, state: str, message: str) -> None:
         super().__init__(message)
         self.state = state
+
+
+@dataclass(frozen=True)
+class _Rerun:
+    """How a kind of child killed from outside (``kill -9``, the OOM killer; the server alive) is started again.
+
+    Its restarts are counted in the job's metadata as ``<key>_restarts`` (at most ``limit`` in the job's life)
+    and its last death is ``last_<key>_death``.
+    """
+
+    key: str
+    limit: int
+    who: str  # the child, in words
+    doing: str  # what the job does while it runs (a cancel then says "cancelled while ...")
+    how: str  # how it starts again
+
+
+_TRAINER = _Rerun("trainer", MAX_TRAINER_RESTARTS, "the trainer", "training", "from its checkpoint")
+# An evaluation has no checkpoint: it simply runs again.
+_EVALUATOR = _Rerun("eval", MAX_EVAL_RESTARTS, "an evaluation", "evaluating", "from the start")
 
 
 @dataclass
@@ -226,7 +250,11 @@ class TrainingRunner(StoreRunner):
     # -- one job ---------------------------------------------------------------------------
     async def _run_job(self, job: Job) -> None:
         try:
-            job = await asyncio.to_thread(self.store.start, job.id)
+            started = await self._start(job)
+            if started is None:
+                self._notify(job.id)
+                return
+            job = started
             run = _Run(job, progress=dict(job.progress))
             await self._register(job.id, run)
             pgid = run.progress.pop("pgid", None)
@@ -253,6 +281,17 @@ class TrainingRunner(StoreRunner):
             with contextlib.suppress(SegsvcError):
                 await asyncio.to_thread(self.store.finish, job.id, "FAILED", error=message)
         self._notify(job.id)
+
+    async def _start(self, job: Job) -> Job | None:
+        """``store.start``, or None when the job finished since the scheduler picked it (a cancel of the QUEUED
+        job landed in between): nothing ran, so there is no failure to log or record (as in the batch runner)."""
+        try:
+            return await asyncio.to_thread(self.store.start, job.id)
+        except InvalidArgument:
+            if not (await asyncio.to_thread(self.store.get, job.id)).finished:
+                raise
+            log.info("training job %s was cancelled before it started", job.id)
+            return None
 
     def _public(self, job: Job, message: str) -> str:
         """``message`` as a client may see it: the job's datasets by name and hash, its base model by name and
@@ -333,7 +372,12 @@ class TrainingRunner(StoreRunner):
         await self._save(run, phase=phase, **extra)
 
     async def _child(self, run: _Run, argv: list[str], what: str) -> int:
-        """Run one child to its end, or stop it on cancel; its output goes to train.log."""
+        """Run one child to its end, or stop it on cancel; its output goes to train.log.
+
+        A cancel already asked for (a job resumed after a restart) starts no child, and one that lands while its
+        group is being stored stops it still held: its command never runs.
+        """
+        _check_cancel(run, what)
         root = self.job_dir(run.job.id)
         child = GroupProcess.spawn(argv, log_path=root / "train.log", cwd=self.config.workdir, env=self._env())
         waiter = asyncio.ensure_future(child.wait())
@@ -342,6 +386,7 @@ class TrainingRunner(StoreRunner):
             # Held until the group is stored: a server killed before this leaves no trainer behind, one killed
             # after has it stopped by the next start (kill_stale_group).
             await self._save(run, pgid=child.pgid, pgid_start=child.start_time)
+            _check_cancel(run, what)
             child.release()
             while not waiter.done():
                 await asyncio.wait({waiter, cancel}, timeout=self.config.progress_interval_s,
@@ -404,8 +449,11 @@ class TrainingRunner(StoreRunner):
                 code, log_start = await self._run_trainer(run)
                 if code == 0 and _has_version(candidate_repo / name):
                     break
-                if code < 0 and await self._restart_after_kill(run, -code):
-                    continue
+                if code < 0:
+                    refused = await self._restart_after_kill(run, -code, _TRAINER)
+                    if refused is None:
+                        continue
+                    run.progress["end_reason"] = f"{refused}; see train.log (FetchTrainingArtifacts)"
                 raise _Stop("FAILED", f"training failed: {await self._failure_reason(run, code, log_start)}")
         else:  # a trainer finished before a crash (or one the dead server left behind did): its events say how far
             for event in await asyncio.to_thread(EventTail(root / spec["run_dir"] / "events.jsonl").read):
@@ -416,6 +464,7 @@ class TrainingRunner(StoreRunner):
     async def _run_trainer(self, run: _Run) -> tuple[int, int]:
         """Start the trainer (resuming from its checkpoint when there is one) and wait for it; ``(exit code, where
         this attempt's output begins in train.log)``."""
+        _check_cancel(run, "training")  # before anything of a new attempt: its count, its dataset checks
         spec = run.job.spec
         root = self.job_dir(run.job.id)
         await asyncio.to_thread(self._check_datasets, spec)  # each start of the trainer, before it runs
@@ -439,20 +488,19 @@ class TrainingRunner(StoreRunner):
         await self._save(run)
         return code, log_start
 
-    async def _restart_after_kill(self, run: _Run, signum: int) -> bool:
-        """Whether a trainer killed by ``signum`` is started again (its restarts left), recorded in the metadata."""
+    async def _restart_after_kill(self, run: _Run, signum: int, child: _Rerun) -> str | None:
+        """None when a ``child`` killed by ``signum`` is started again (its restarts left), recorded in the
+        metadata; else why it is not."""
         if run.cancel.is_set():  # a cancel that came as it died: not started again only to be stopped
-            raise _Stop("CANCELLED", "cancelled while training")
+            raise _Stop("CANCELLED", f"cancelled while {child.doing}")
         death = f"killed by signal {signum} ({_signal_name(signum)})"
-        restarts = int(run.progress.get("trainer_restarts", 0))
-        if restarts >= MAX_TRAINER_RESTARTS:
-            run.progress["end_reason"] = (f"the trainer was {death} and had already been restarted {restarts} times "
-                                          "from its checkpoint; see train.log (FetchTrainingArtifacts)")
-            return False
-        await self._save(run, trainer_restarts=restarts + 1, last_trainer_death=death)
-        log.warning("training job %s: the trainer was %s; restarting it from its last checkpoint (restart %d of %d)",
-                    run.job.id, death, restarts + 1, MAX_TRAINER_RESTARTS)
-        return True
+        restarts = int(run.progress.get(f"{child.key}_restarts", 0))
+        if restarts >= child.limit:
+            return f"{child.who} was {death} and had already been restarted {restarts} times {child.how}"
+        await self._save(run, **{f"{child.key}_restarts": restarts + 1, f"last_{child.key}_death": death})
+        log.warning("training job %s: %s was %s; restarting it %s (restart %d of %d)", run.job.id, child.who,
+                    death, child.how, restarts + 1, child.limit)
+        return None
 
     async def _failure_reason(self, run: _Run, code: int, log_start: int) -> str:
         """Why the trainer failed: its last event's reason, else its own error line in train.log, else its code."""
@@ -488,13 +536,28 @@ class TrainingRunner(StoreRunner):
                 if not (out / "metrics.json").is_file():
                     await asyncio.to_thread(self._check_dataset, dataset)
                     argv = eval_argv(self.config, model_dir, dataset["spec_path"], out, spec["request"]["device"])
-                    code = await self._child(run, argv, f"evaluating the {who}")
-                    if code != 0 or not (out / "metrics.json").is_file():
-                        raise _Stop("FAILED", f"evaluating the {who} on {split} failed (exit code {code}); "
-                                              "see train.log (FetchTrainingArtifacts)")
+                    await self._run_eval(run, argv, out, who, split)
                 results[who][split] = gate.read_eval_metrics(out)
         await self._save(run)
         return results
+
+    async def _run_eval(self, run: _Run, argv: list[str], out: Path, who: str, split: str) -> None:
+        """Run one evaluation child until it writes ``out/metrics.json``.
+
+        One killed by a signal from outside the service while the server lives on runs again from the start, as a
+        killed trainer is resumed (``_restart_after_kill``, at most ``MAX_EVAL_RESTARTS`` times in the job's life,
+        ``eval_restarts`` in its metadata); one that exits with an error of its own fails the job.
+        """
+        while True:
+            code = await self._child(run, argv, f"evaluating the {who}")
+            if code == 0 and (out / "metrics.json").is_file():
+                return
+            refused = await self._restart_after_kill(run, -code, _EVALUATOR) if code < 0 else None
+            if code < 0 and refused is None:
+                continue
+            why = f": {refused}" if refused else f" (exit code {code})"
+            raise _Stop("FAILED", f"evaluating the {who} on {split} failed{why}; "
+                                  "see train.log (FetchTrainingArtifacts)")
 
     def _current_default(self, name: str) -> int:
         """The version served by default now (0: the model does not exist yet)."""
@@ -548,7 +611,7 @@ class TrainingRunner(StoreRunner):
         only while that is still the default (the repository's, or the one the server serves);
         otherwise the candidate is not promoted. A cancel is honoured only until the version is published:
         one published before a crash is finished as decided (versions are never deleted). Each step
-        survives a crash before the next: a job not promoted pins the current default before its
+        survives a crash or a failed write before the next: a job pins the current default before its
         version appears (without a pointer the newest version is served), a version already published
         is found again by its lineage, and a promotion is the last write.
         """
@@ -567,9 +630,11 @@ class TrainingRunner(StoreRunner):
         if (promoted and request["promote"] == "gate" and now not in (compared, version)
                 and not (compared and self.manager.default_version(name) == compared)):
             promoted, verdict = False, gate.moved_verdict(compared, now)
-        if not promoted and now and now != version and pointer != now:
-            # No pointer (or one to no complete version): the newest version, soon this one, would be served.
-            await asyncio.to_thread(repo.set_default, name, now)
+        if now and now != version and pointer != now and (not promoted or version is None):
+            # No pointer (or one to no complete version): the newest version, soon this one, would be served. A
+            # promoted job pins it too, before its version appears: its own DEFAULT write may fail after that,
+            # and the job then says "not promoted" while the version served is still the one pinned here.
+            await self._pin(run, name, now)
         if version is None:
             lineage = {
                 "job_id": run.job.id, "dataset": {k: spec["dataset"][k] for k in ("name", "sha256")},
@@ -582,6 +647,16 @@ class TrainingRunner(StoreRunner):
         if unserved:
             promoted, verdict = False, f"not promoted: the gate promoted it ({verdict}), but {unserved}"
         return version, promoted, verdict, unserved
+
+    async def _pin(self, run: _Run, name: str, version: int) -> None:
+        """Write DEFAULT = ``version``, the default served now, before the job's own version appears; a write that
+        fails (a full or read-only disk) fails the job with nothing published: its version would be the newest,
+        served by default whatever the gate decided."""
+        try:
+            await asyncio.to_thread(self.manager.repository.set_default, name, version)
+        except OSError as exc:
+            raise _Stop("FAILED", f"the DEFAULT pointer of {name} could not be written ({_reason(exc)}), so nothing "
+                                  "was published; train again once the model repository can be written") from None
 
     async def _switch_default(self, run: _Run, name: str, version: int, compared: int) -> str | None:
         """Write DEFAULT = ``version`` and make this server serve it; None once it does, else why not.
@@ -613,11 +688,31 @@ class TrainingRunner(StoreRunner):
             reason = reason or f"this server still serves version {served}"
         said = _clip(reason, MAX_REASON_CHARS)
         if not written:
-            return self._public(run.job, f"its DEFAULT pointer could not be written ({said})")
+            return await self._unwritten(run, name, version, said)
         where = await self._put_default_back(run, name, version,
                                              next((v for v in (served, compared) if v and v != version), None))
         return self._public(run.job, f"version {version} does not load on this server ({said}), so {where}; "
                                      "SetDefaultVersion once it loads, or train again")
+
+    async def _unwritten(self, run: _Run, name: str, version: int, said: str) -> str | None:
+        """After DEFAULT = ``version`` failed to be written: None when ``version`` is the default all the same and
+        this server now serves it, else why it is not promoted.
+
+        With no pointer there to write over (a job pins the default before its version appears, so mostly a
+        model with no other version) the newest version, this one, is the default of every server that starts:
+        this one follows it too, and the job does not say "not promoted" about a version served by default.
+        """
+        try:
+            default = await asyncio.to_thread(gate.current_default, self.manager.repository, name)
+            served = await self.manager.refresh_default(name) if default == version else 0
+        except Exception as exc:  # the job ends with its published version either way
+            log.error("training job %s: cannot follow the default of %s: %s", run.job.id, name, _reason(exc))
+            served = 0
+        if served == version:
+            log.warning("training job %s: DEFAULT of %s could not be written (%s); version %d is served as its "
+                        "newest version", run.job.id, name, said, version)
+            return None
+        return self._public(run.job, f"its DEFAULT pointer could not be written ({said})")
 
     async def _put_default_back(self, run: _Run, name: str, version: int, keep: int | None) -> str:
         """DEFAULT of ``name`` moved from ``version`` (not served) back to ``keep`` (None: removed); where it is
@@ -715,6 +810,12 @@ def _reason(exc: Exception) -> str:
     if isinstance(exc, OSError):
         return exc.strerror or type(exc).__name__
     return "an internal error; see the server log"
+
+
+def _check_cancel(run: _Run, what: str) -> None:
+    """Stop the job here when it was asked to stop: before a child starts, not once it runs."""
+    if run.cancel.is_set():
+        raise _Stop("CANCELLED", f"cancelled while {what}")
 
 
 def _signal_name(signum: int) -> str:
