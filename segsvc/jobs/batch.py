@@ -44,7 +44,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable
+from typing import Any, AsyncIterator, Awaitable
 
 from segsvc.errors import (
     AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Overloaded, SegsvcError, Unavailable,
@@ -52,6 +52,7 @@ from segsvc.errors import (
 from segsvc.inference.batcher import Priority
 from segsvc.inference.engine import InferenceOptions
 from segsvc.inference.service import ImageFile, InferenceService, Segmentation
+from segsvc.jobs import store as job_store
 from segsvc.jobs.inputs import confine, resolve_inputs
 from segsvc.jobs.outputs import (
     JobOutputs, check_rel, checked_inputs, clean_temporaries, is_temporary, item_write_problem,
@@ -367,8 +368,17 @@ class JobRunner(StoreRunner):
             self._notify(job.id)
             return None
 
+    async def _pending(self, job_id: str) -> AsyncIterator[Item]:
+        """The job's PENDING items in index order, read ``store.ITEM_PAGE`` per query: a job of a million
+        items holds a page and its window, not the job. A page starts after the last index of the one
+        before, so items finished meanwhile are not read again; a restart reads the ones still PENDING."""
+        after = -1
+        while page := await asyncio.to_thread(self.store.pending_items, job_id, job_store.ITEM_PAGE, after=after):
+            for item in page:
+                yield item
+            after = page[-1].index
+
     async def _run_items(self, run: _Run, outputs: JobOutputs, root: Path) -> None:
-        pending = await asyncio.to_thread(self.store.pending_items, run.job.id)
         slots = asyncio.Semaphore(self.config.window)
         tasks: set[asyncio.Task] = set()
         errors: list[BaseException] = []  # what items that ended raised (Unavailable, a failed write, a bug)
@@ -383,15 +393,16 @@ class JobRunner(StoreRunner):
                     stop.cancel()  # wakes the loops below, which then stop starting items
 
         try:
-            for item in pending:
-                acquire = asyncio.get_running_loop().create_task(slots.acquire())
-                await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if run.cancel.is_set() or errors:
-                    acquire.cancel()
-                    break
-                task = asyncio.get_running_loop().create_task(self._run_item(run, outputs, root, item))
-                tasks.add(task)
-                task.add_done_callback(ended)
+            async with contextlib.aclosing(self._pending(run.job.id)) as pending:
+                async for item in pending:
+                    acquire = asyncio.get_running_loop().create_task(slots.acquire())
+                    await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    if run.cancel.is_set() or errors:
+                        acquire.cancel()
+                        break
+                    task = asyncio.get_running_loop().create_task(self._run_item(run, outputs, root, item))
+                    tasks.add(task)
+                    task.add_done_callback(ended)
             while tasks and not run.cancel.is_set() and not errors:
                 await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -503,14 +514,15 @@ class JobRunner(StoreRunner):
             await self._skip_pending(run, outputs)
         await self._publish(run, force=True)
         job = await asyncio.to_thread(self.store.get, job_id)
-        items = await asyncio.to_thread(self.store.items, job_id)
         manifest = self._service.manager.resolve(run.model, run.version).manifest
         elapsed = float(job.progress.get("elapsed_s") or 0.0)
+        # Read from the store a page at a time as results.jsonl is written, on the I/O thread.
+        done = (i.result for i in self.store.iter_items(job_id, "DONE") if i.result is not None)
+        failed = ({"input": i.input, "reason": i.reason} for i in self.store.iter_items(job_id, "FAILED"))
         try:
             summary = await self._service.run_io(
                 lambda: outputs.finalize(
-                    [i.result for i in items if i.state == "DONE"],
-                    [{"input": i.input, "reason": i.reason} for i in items if i.state == "FAILED"],
+                    done, failed,
                     class_names=manifest.class_names, palette=manifest.palette,
                     summary_fields={"job_id": job_id, "model": run.model, "version": run.version,
                                     "total": job.total, "skipped": job.skipped, "elapsed_s": elapsed},

@@ -14,7 +14,9 @@ building a million-entry list. Each spec is a walk of its own, so the number of
 specs is bounded too (``max_specs``, checked before anything is listed), a spec
 naming a path already expanded (``.``, ``./``, the root's absolute path) is not
 walked again, and all the walks of one request together list at most
-``ENTRIES_PER_FILE`` folder entries per file ``max_files`` allows.
+``ENTRIES_PER_FILE`` folder entries per file ``max_files`` allows. Only the
+entries a walk keeps or descends into are held, so memory follows the files
+named and the folders still to walk, not the entries listed.
 
 Error messages name paths as the client wrote them or relative to the root,
 never the root's absolute location on the server.
@@ -224,16 +226,12 @@ def _walk(real_root: Path, start: Path, start_rel: str, shown: str, want: _Want,
     while stack:
         folder, parts = stack.pop()
         try:
-            entries = _listing(folder, budget)
+            entries = _listing(folder, parts, want, budget)
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             continue  # vanished or unreadable while walking: it simply contributes nothing
         subfolders: list[tuple[Path, tuple[str, ...]]] = []
-        for entry in entries:
+        for entry, is_dir, descend, keep in entries:
             sub = (*parts, entry.name)
-            is_dir = entry.is_dir()  # follows symlinks: a link is judged as what it points to
-            descend, keep = want(sub, is_dir)
-            if not (descend or keep):
-                continue
             rel = _join(start_rel, sub)
             if entry.is_symlink():
                 real = confine(real_root, entry.path, rel, what=f"input {shown!r} reaches symlink")
@@ -247,16 +245,25 @@ def _walk(real_root: Path, start: Path, start_rel: str, shown: str, want: _Want,
         stack.extend(reversed(subfolders))  # pop in name order
 
 
-def _listing(folder: Path, budget: _Budget) -> list[os.DirEntry[str]]:
-    """The entries of ``folder`` in name order, each paid for as it is read: a folder of millions of
-    entries is refused once it passes the budget, not first read (and sorted) to its end."""
-    entries = []
+def _listing(folder: Path, parts: tuple[str, ...], want: _Want,
+             budget: _Budget) -> list[tuple[os.DirEntry[str], bool, bool, bool]]:
+    """The entries of ``folder`` (at ``parts`` below the walk's start) that ``want`` descends into or keeps,
+    in name order, as (entry, is a folder, descend, keep).
+
+    Each entry is paid for as it is read: a folder of millions of entries is refused once it passes
+    the budget, not first read (and sorted) to its end. Only the wanted ones are held: the notes
+    and masks beside the images cost budget, not memory.
+    """
+    wanted = []
     with os.scandir(folder) as it:
         for entry in it:
             budget.spend(1)
-            entries.append(entry)
-    entries.sort(key=lambda e: e.name)
-    return entries
+            is_dir = entry.is_dir()  # follows symlinks: a link is judged as what it points to
+            descend, keep = want((*parts, entry.name), is_dir)
+            if descend or keep:
+                wanted.append((entry, is_dir, descend, keep))
+    wanted.sort(key=lambda w: w[0].name)
+    return wanted
 
 
 def _join(start_rel: str, parts: tuple[str, ...]) -> str:
@@ -280,28 +287,39 @@ def _expand_glob(real_root: Path, pattern: str, shown: str, budget: _Budget) -> 
     if not base.is_dir():
         return
 
+    def want(sub: tuple[str, ...], is_dir: bool) -> tuple[bool, bool]:
+        if is_dir:
+            return _glob_match(pat, sub, whole=False), False
+        return False, _glob_match(pat, sub, whole=True)
+
+    yield from _walk(real_root, base, base_rel, shown, want, budget)
+
+
+def _glob_match(pat: tuple[str, ...], path: tuple[str, ...], *, whole: bool) -> bool:
+    """Whether ``path`` matches the pattern parts ``pat`` (``whole``), or, a folder, can be the start of a match
+    with pattern left for its contents.
+
+    Memoised per call, over (pattern part, path part): at most ``len(pat) * len(path)`` pairs, so a pattern of
+    many ``**`` stays polynomial. A cache shared by every call would keep an entry per entry walked, growing with
+    the tree, and save nothing: the walk asks about each path once.
+    """
+
     @functools.cache
-    def full(pi: int, si: int, path: tuple[str, ...]) -> bool:
+    def full(pi: int, si: int) -> bool:
         if pi == len(pat):
             return si == len(path)
         if pat[pi] == "**":
-            return full(pi + 1, si, path) or (si < len(path) and full(pi, si + 1, path))
-        return si < len(path) and fnmatchcase(path[si], pat[pi]) and full(pi + 1, si + 1, path)
+            return full(pi + 1, si) or (si < len(path) and full(pi, si + 1))
+        return si < len(path) and fnmatchcase(path[si], pat[pi]) and full(pi + 1, si + 1)
 
     @functools.cache
-    def prefix(pi: int, si: int, path: tuple[str, ...]) -> bool:
-        """Can ``path`` (a folder) be the start of a match, with pattern left for its contents?"""
+    def prefix(pi: int, si: int) -> bool:
         if si == len(path):
             return pi < len(pat)
         if pi == len(pat):
             return False
         if pat[pi] == "**":
-            return prefix(pi + 1, si, path) or prefix(pi, si + 1, path)
-        return fnmatchcase(path[si], pat[pi]) and prefix(pi + 1, si + 1, path)
+            return prefix(pi + 1, si) or prefix(pi, si + 1)
+        return fnmatchcase(path[si], pat[pi]) and prefix(pi + 1, si + 1)
 
-    def want(sub: tuple[str, ...], is_dir: bool) -> tuple[bool, bool]:
-        if is_dir:
-            return prefix(0, 0, sub), False
-        return False, full(0, 0, sub)
-
-    yield from _walk(real_root, base, base_rel, shown, want, budget)
+    return full(0, 0) if whole else prefix(0, 0)

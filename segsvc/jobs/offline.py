@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import itertools
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -72,8 +73,14 @@ JOB_KIND = "batch"
 # count, and a crash would lose them all. A run killed between chunks leaves the job with a prefix of its items;
 # the same command again, or --resume, finds it by REGISTRATION_KEY and registers the rest.
 REGISTER_CHUNK = 10_000
+# The most inputs one batch takes. Listing holds every name before registration (``batch_inputs``): about
+# 0.6 KB each, 0.8 KB at the listing's peak (measured with tracemalloc over 20,000 names), so up to ~8 GB here.
+MAX_INPUTS = 10_000_000
 REGISTRATION_KEY = "segsvc-batch"  # the job's request_id: the one job of its state file
 ENGINES = ("local", "ray")
+# Items per Ray dataset: the driver builds the rows of one page at a time, not of every input. Each page starts
+# its actors again: a model load per actor per RAY_PAGE images.
+RAY_PAGE = 100_000
 PROGRESS_EVERY_S = 2.0
 # Forward passes on CPU stop gaining from bigger batches once a batch outgrows the caches. With one
 # single-threaded pass per core (forward_streams), bench/bench_batch.py's 256x256 images on 2 cores ran at
@@ -140,29 +147,43 @@ def input_root(specs: Sequence[str]) -> Path:
     return root if root.is_dir() else root.parent
 
 
-def batch_inputs(specs: Sequence[str], max_files: int = 10_000_000) -> tuple[Path, list[InputFile]]:
+def batch_inputs(specs: Sequence[str], max_files: int = MAX_INPUTS) -> tuple[Path, list[InputFile]]:
     """The root the outputs are named from, and the files ``specs`` name below it, sorted by name.
 
     Each input goes to ``resolve_inputs`` relative to the root, so only its typed pattern parts can
     match as patterns. An input whose literal folders below the root hold ``*?[`` cannot be written
     that way (they would be read as a pattern): it is resolved from its own literal folder instead.
+
+    Every name is held in memory before registration: registration is idempotent in the sorted
+    order, and an input named twice is found by its resolved path, which both need them all (a
+    walk yields depth-first, not sorted). The bound is ``max_files`` over all ``specs`` together:
+    each listing stops as it passes ``max_files`` files (or ``inputs.ENTRIES_PER_FILE`` folder
+    entries per file), and their union is refused as it passes ``max_files`` too, so at most about
+    twice ``max_files`` names are held (``MAX_INPUTS``: the memory each costs).
     """
     root = input_root(specs)
     plain: list[str] = []
-    files: list[InputFile] = []
+    unique: dict[Path, InputFile] = {}
     for spec in specs:
         base, pattern = split_input(spec)
         literal = Path(os.path.relpath(base, root)).as_posix()
         if not _is_pattern(literal):
             plain.append(posixpath.join(literal, *pattern))
         else:
-            files.extend(_resolve_alone(root, spec, base, pattern, max_files))
+            _add_inputs(unique, _resolve_alone(root, spec, base, pattern, max_files), max_files)
     if plain:
-        files.extend(resolve_inputs(root, plain, max_files=max_files))
-    unique: dict[Path, InputFile] = {}
-    for file in files:
-        unique.setdefault(file.path, file)  # one file named twice is segmented once
+        _add_inputs(unique, resolve_inputs(root, plain, max_files=max_files), max_files)
     return root, sorted(unique.values(), key=lambda f: f.rel)
+
+
+def _add_inputs(unique: dict[Path, InputFile], files: Iterable[InputFile], max_files: int) -> None:
+    """Add ``files`` to ``unique`` by resolved path (one file named twice is segmented once, under its first
+    name); refuse once ``unique`` holds more than ``max_files``."""
+    for file in files:
+        unique.setdefault(file.path, file)
+    if len(unique) > max_files:
+        raise InvalidArgument(f"inputs name more than {max_files} files (counted {len(unique)} before stopping): "
+                              "split the batch or narrow the inputs")
 
 
 def _resolve_alone(root: Path, spec: str, base: str, pattern: tuple[str, ...], max_files: int) -> list[InputFile]:
@@ -312,14 +333,16 @@ def single_threaded_torch(enabled: bool) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def run_local(worker: ItemWorker, items: Sequence[Item], root: Path, on_outcome: Callable[[Outcome], None],
+def run_local(worker: ItemWorker, items: Iterable[Item], root: Path, on_outcome: Callable[[Outcome], None],
               *, io_threads: int = 0) -> None:
     """The ``local`` engine: decode threads -> batched forward passes -> write threads.
 
     On CPU, ``forward_streams`` passes run at once, each on one torch thread
     (torch's thread count is set to 1 for the run and restored after). Every
     stage is bounded (decodes in flight, images held for batching, passes and
-    writes in flight), so memory does not grow with the number of inputs.
+    writes in flight), so memory does not grow with the number of inputs;
+    ``items`` is read as the decoders need more (``JobStore.iter_items``: a page
+    of the store at a time).
     Outcomes are delivered on this thread, so the caller's store needs no
     locking discipline.
     """
@@ -495,7 +518,14 @@ def _ray_rows(ds: Any) -> Iterator[dict[str, Any]]:
         yield row
 
 
-def run_ray(worker_kwargs: dict[str, Any], items: Sequence[Item], root: Path, on_outcome: Callable[[Outcome], None],
+def _pages(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    """``items`` in lists of ``size`` (the last may be shorter), read as each is asked for."""
+    it = iter(items)
+    while page := list(itertools.islice(it, size)):
+        yield page
+
+
+def run_ray(worker_kwargs: dict[str, Any], items: Iterable[Item], root: Path, on_outcome: Callable[[Outcome], None],
             *, actors: int = 1) -> None:
     """The ``ray`` engine: ``map_batches`` over ``actors`` model-holding actors; outcomes come back here.
 
@@ -509,18 +539,33 @@ def run_ray(worker_kwargs: dict[str, Any], items: Sequence[Item], root: Path, on
         device = ray_device(worker_kwargs["device"], ray.cluster_resources().get("GPU", 0), actors)
         kwargs = {**worker_kwargs, "device": device}
         ray.data.DataContext.get_current().enable_progress_bars = False
-        rows = [{"index": it.index, "path": str(root / it.input), "rel": it.input} for it in items]
-        ds = ray.data.from_items(rows).map_batches(
-            RayItemWorker, fn_constructor_kwargs=kwargs, batch_size=worker_kwargs["batch_size"],
-            compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` is deprecated since Ray 2.51
-            num_gpus=1 if device.startswith("cuda") else 0, batch_format="numpy",
-        )
-        for row in _ray_rows(ds):
-            record = json.loads(row["record"]) if row["record"] else None
-            on_outcome((int(row["index"]), record, None if record is not None else str(row["reason"])))
+        for page in _pages(items, RAY_PAGE):
+            rows = [{"index": it.index, "path": str(root / it.input), "rel": it.input} for it in page]
+            ds = ray.data.from_items(rows).map_batches(
+                RayItemWorker, fn_constructor_kwargs=kwargs, batch_size=worker_kwargs["batch_size"],
+                compute=ray.data.ActorPoolStrategy(size=actors),  # `concurrency=` is deprecated since Ray 2.51
+                num_gpus=1 if device.startswith("cuda") else 0, batch_format="numpy",
+            )
+            for row in _ray_rows(ds):
+                record = json.loads(row["record"]) if row["record"] else None
+                on_outcome((int(row["index"]), record, None if record is not None else str(row["reason"])))
     finally:
         if started:
             ray.shutdown()
+
+
+def _runnable(store: JobStore, job_id: str, on_outcome: Callable[[Outcome], None]) -> Iterator[Item]:
+    """The job's PENDING items in index order, read a page at a time (``JobStore.iter_items``), so a run of a
+    million inputs holds a page of them, not all; resumed after a crash, it reads the ones still PENDING.
+
+    Inputs no output can be named after are failed on the way: a job an older segsvc created holds them PENDING.
+    """
+    for item in store.iter_items(job_id, "PENDING"):
+        problem = input_name_problem(item.input)
+        if problem is None:
+            yield item
+        else:
+            on_outcome((item.index, None, problem))
 
 
 def _open_job(out: Path, resume: bool, inputs: Sequence[str] | None, model_repo: str, model: str | None,
@@ -746,7 +791,6 @@ def _execute(store: JobStore, job: Job, root: Path, out: Path, *, engine: str, m
     spec = job.spec
     if not job.finished:
         job = store.start(job.id)
-    items = store.pending_items(job.id)
     prior_s = float(job.progress.get("elapsed_s", 0.0))
     t0 = last = time.monotonic()
     bar = tqdm(total=job.total, initial=job.done + job.failed + job.skipped, unit="img", desc="segmenting",
@@ -765,31 +809,26 @@ def _execute(store: JobStore, job: Job, root: Path, out: Path, *, engine: str, m
             last = time.monotonic()
             store.set_progress(job.id, {"elapsed_s": prior_s + last - t0, "images_per_s": bar.format_dict["rate"]})
 
-    # Inputs no output can be named after fail here too: a job an older segsvc created holds them PENDING.
-    runnable = []
-    for item in items:
-        problem = input_name_problem(item.input)
-        if problem is None:
-            runnable.append(item)
-        else:
-            on_outcome((item.index, None, problem))
-    items = runnable
+    items = _runnable(store, job.id, on_outcome)
+    first = next(items, None)  # none left: no model to load
     worker_kwargs = dict(model_repo=model_repo, model=spec["model"], version=spec["version"], out=str(out),
                          options=options, device=device, precision=precision, batch_size=batch_size,
                          max_batch_pixels=max_batch_pixels, backend=backend)
     try:
-        if items and engine == "local":
-            run_local(ItemWorker(**worker_kwargs), items, root, on_outcome, io_threads=io_threads)
-        elif items:
-            run_ray(worker_kwargs, items, root, on_outcome, actors=actors)
+        if first is not None and engine == "local":
+            run_local(ItemWorker(**worker_kwargs), itertools.chain([first], items), root, on_outcome,
+                      io_threads=io_threads)
+        elif first is not None:
+            run_ray(worker_kwargs, itertools.chain([first], items), root, on_outcome, actors=actors)
     finally:
         bar.close()
     elapsed_s = prior_s + time.monotonic() - t0
     store.set_progress(job.id, {"elapsed_s": elapsed_s})
     job = store.get(job.id)
     manifest = ModelRepository(model_repo).read_manifest(spec["model"], spec["version"])
-    records = [it.result for it in store.items(job.id, "DONE") if it.result is not None]
-    failures = [{"input": it.input, "reason": it.reason} for it in store.items(job.id, "FAILED")]
+    # Read a page at a time as results.jsonl is written: a million records are never held at once.
+    records = (it.result for it in store.iter_items(job.id, "DONE") if it.result is not None)
+    failures = ({"input": it.input, "reason": it.reason} for it in store.iter_items(job.id, "FAILED"))
     summary = JobOutputs(out).finalize(
         records, failures, class_names=manifest.class_names, palette=manifest.palette,
         summary_fields={"job_id": job.id, "model": spec["model"], "version": spec["version"], "total": job.total,

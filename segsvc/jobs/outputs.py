@@ -21,8 +21,12 @@ output's temporary) fails alone, with that reason, when its job is created
 Every file is written under a temporary name in its own folder
 (``.<name>.tmp-<hex>``) and renamed into place with ``os.replace``, so a reader
 (or a resumed job after ``kill -9``) sees either no file or a complete one;
-``clean_temporaries`` removes what a killed writer left behind. Files are not
-fsynced: the guarantee is against crashed processes, not power loss.
+``clean_temporaries`` removes what a killed writer left behind. Item files are
+not fsynced: the guarantee is against crashed processes, not power loss.
+``results.jsonl`` is written one line at a time as the records are read (a job
+of a million images holds neither its records nor the file in memory), and
+fsynced before its rename: one sync per job, so a power loss cannot leave the
+job's index renamed into place but empty.
 
 Example:
     >>> import numpy as np, tempfile
@@ -40,7 +44,7 @@ import re
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -145,13 +149,23 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that no reader ever sees a partial file."""
+def atomic_write(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Write ``data`` to ``path`` so that no reader ever sees a partial file.
+
+    ``data`` is the bytes, or pieces of them written as they come (a file too large to
+    build in memory: ``results.jsonl``); such a file is fsynced before its rename.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                for piece in data:
+                    f.write(piece)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -351,17 +365,24 @@ class JobOutputs:
     ) -> dict[str, Any]:
         """Write ``results.jsonl``, ``summary.json`` and ``class_shares.png``; returns the summary.
 
+        ``records`` are written to ``results.jsonl`` one line at a time, sorted by input: a
+        sequence (held in memory already) is sorted here; any other iterable must come in that
+        order, as a job's DONE items read from its store a page at a time do (jobs register
+        their inputs sorted), and is never held whole. ``failures`` are held: the summary
+        lists them.
+
         ``summary_fields`` recognises ``job_id``, ``model``, ``version``, ``total``
         (default: done + failed + skipped), ``skipped`` (default 0), ``elapsed_s``
         and ``created`` (default: now, UTC); any other key is copied into the summary.
         """
-        # Records may come back from a store with their keys re-ordered: restore the documented order.
-        rows = sorted(({**{k: r[k] for k in RECORD_KEYS if k in r}, **r} for r in records), key=lambda r: r["input"])
+        if isinstance(records, Sequence):
+            records = sorted(records, key=lambda r: r["input"])
         fails = sorted(({"input": f["input"], "reason": f.get("reason")} for f in failures), key=lambda f: f["input"])
+        pixels = {name: 0 for name in class_names}
+        done = self._write_results(records, pixels)
         fields = dict(summary_fields)
-        pixels = self._class_pixels(rows, class_names)
         total_pixels = sum(pixels.values())
-        done, failed, skipped = len(rows), len(fails), int(fields.pop("skipped", 0) or 0)
+        failed, skipped = len(fails), int(fields.pop("skipped", 0) or 0)
         elapsed_s = fields.pop("elapsed_s", None)
         summary: dict[str, Any] = {
             "job_id": fields.pop("job_id", None),
@@ -377,20 +398,27 @@ class JobOutputs:
             "created": fields.pop("created", None) or datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **fields,
         }
-        lines = "".join(json.dumps(r, sort_keys=False) + "\n" for r in rows)
-        atomic_write(self.root / RESULTS_FILE, lines.encode())
         atomic_write(self.root / SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
         atomic_write(self.root / CHART_FILE, class_shares_chart(pixels, class_names, palette))
         return summary
 
-    @staticmethod
-    def _class_pixels(rows: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> dict[str, int]:
-        """Pixel totals of every class (zeros included), in class order, then any unknown names."""
-        pixels = {name: 0 for name in class_names}
-        for row in rows:
-            for name, n in row["class_counts"].items():
-                pixels[name] = pixels.get(name, 0) + int(n)
-        return pixels
+    def _write_results(self, records: Iterable[Mapping[str, Any]], pixels: dict[str, int]) -> int:
+        """Write ``results.jsonl`` a line per record as they come (temporary, fsync, rename), adding each
+        record's class counts to ``pixels`` (class order, then any unknown names); returns how many."""
+        written = 0
+
+        def lines() -> Iterator[bytes]:
+            nonlocal written
+            for record in records:
+                # Records may come back from a store with their keys re-ordered: restore the documented order.
+                row = {**{k: record[k] for k in RECORD_KEYS if k in record}, **record}
+                for name, n in row["class_counts"].items():
+                    pixels[name] = pixels.get(name, 0) + int(n)
+                written += 1
+                yield (json.dumps(row, sort_keys=False) + "\n").encode()
+
+        atomic_write(self.root / RESULTS_FILE, lines())
+        return written
 
 
 def class_shares_chart(

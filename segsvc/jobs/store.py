@@ -1,7 +1,9 @@
 """Durable store of long-running jobs: batch segmentation now, training later.
 
 A job is one SQLite row plus one row per input item; a runner resumes from
-``unfinished()`` and ``pending_items()`` after a restart. Every method is one
+``unfinished()`` and ``pending_items()`` after a restart, reading the items a
+page at a time (``iter_items``, ``ITEM_PAGE``) so a job of millions of items is
+never held whole. Every method is one
 transaction in WAL mode, so a ``kill -9`` at any moment loses nothing committed
 and leaves nothing half-written: a job never exists without all its items (but
 see ``submit``'s ``chunk_size``), an item never becomes DONE without its job's
@@ -46,6 +48,9 @@ FINISHED_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 ITEM_STATES = ("PENDING", "DONE", "FAILED", "SKIPPED")
 
 SCHEMA_VERSION = 1
+# Items read per query by ``iter_items`` (and by runners paging ``pending_items``): a job of millions of items
+# is held a page at a time, never whole.
+ITEM_PAGE = 1_000
 BUSY_TIMEOUT_S = 5.0
 # A finished item's state -> the job counter it feeds.
 _COUNTERS = {"DONE": "done", "FAILED": "failed", "SKIPPED": "skipped"}
@@ -449,10 +454,28 @@ class JobStore:
             return True
 
     # -- items ------------------------------------------------------------------
-    def pending_items(self, job_id: str, limit: int | None = None) -> builtins.list[Item]:
+    def pending_items(self, job_id: str, limit: int | None = None, *, after: int = -1) -> builtins.list[Item]:
+        """The job's PENDING items with an index above ``after``, in index order, ``limit`` at most (None: all).
+
+        A runner pages with ``limit`` and the last index it got as ``after``: an item it
+        finished meanwhile is not read again, and one still PENDING is never skipped.
+        """
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise InvalidArgument(f"limit must be a positive integer or None, got {limit!r}")
-        return self._items(job_id, "PENDING", limit)
+        return self._items(job_id, "PENDING", limit, after)
+
+    def iter_items(self, job_id: str, state: str | None = None) -> Iterator[Item]:
+        """The job's items (in ``state``, when given) in index order, read ``ITEM_PAGE`` per query.
+
+        Memory holds one page however many items the job has (``items`` holds them all). Each
+        page is its own read, after the last index of the one before, so no item comes twice.
+        """
+        if state is not None:
+            _check_state(state, ITEM_STATES, "item state")
+        after = -1
+        while page := self._items(job_id, state, ITEM_PAGE, after):
+            yield from page
+            after = page[-1].index
 
     def item(self, job_id: str, index: int) -> Item:
         """One item of a job (``NotFound`` when the job has no such item)."""
@@ -464,8 +487,10 @@ class JobStore:
             _check_state(state, ITEM_STATES, "item state")
         return self._items(job_id, state, None)
 
-    def _items(self, job_id: str, state: str | None, limit: int | None) -> builtins.list[Item]:
-        sql, params = "SELECT * FROM items WHERE job_id = ?", [job_id]
+    def _items(self, job_id: str, state: str | None, limit: int | None, after: int = -1) -> builtins.list[Item]:
+        if not isinstance(after, int):
+            raise InvalidArgument(f"after must be an item index, got {after!r}")
+        sql, params = "SELECT * FROM items WHERE job_id = ? AND idx > ?", [job_id, after]
         if state is not None:
             sql += " AND state = ?"
             params.append(state)
