@@ -198,15 +198,14 @@ def _parse_hw(text: str) -> tuple[int, int]:
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from segsvc.data.spec import load_dataset_spec
     from segsvc.datasets.ingest import server_check
+    from segsvc.progress import progress_bar
 
     spec = load_dataset_spec(args.path, num_classes=args.num_classes)
 
     def bar(items, total):  # type: ignore[no-untyped-def]
-        return tqdm(items, total=total, desc=f"checking {spec.name}", unit="sample", disable=not args.progress)
+        return progress_bar(args.progress, items, total=total, desc=f"checking {spec.name}", unit="sample")
 
     report = server_check(spec, max_pixels=args.max_dataset_pixels, progress=bar)
     print(report.format())
@@ -217,11 +216,10 @@ REGISTER_HINT_PX = 0.2  # a mean label offset worth registering (the ISBI membra
 
 
 def _data_offset(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from segsvc.data.datasets import build_dataset
     from segsvc.data.registration import dataset_offsets, mean_offset
     from segsvc.data.spec import load_dataset_spec
+    from segsvc.progress import progress_bar
 
     spec = load_dataset_spec(args.path)
     if args.class_name not in spec.class_names:
@@ -230,8 +228,8 @@ def _data_offset(args: argparse.Namespace) -> int:
     names = getattr(base, "names", None) or [str(i) for i in range(len(base))]
 
     def bar(items):  # type: ignore[no-untyped-def]
-        return tqdm(items, total=len(base), desc=f"measuring {spec.name}/{args.split}", unit="image",
-                    disable=not args.progress)
+        return progress_bar(args.progress, items, total=len(base), desc=f"measuring {spec.name}/{args.split}",
+                            unit="image")
 
     offsets = dataset_offsets(base.read, range(len(base)), spec.class_names.index(args.class_name), bar)
     for name, (dy, dx) in zip(names, offsets):
@@ -245,14 +243,13 @@ def _data_offset(args: argparse.Namespace) -> int:
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from segsvc.data.synthetic import SyntheticConfig, write_synthetic_dataset
+    from segsvc.progress import progress_bar
 
     config = SyntheticConfig(size_hw=args.size)
     yaml_path = write_synthetic_dataset(
         args.out_dir, args.count, config, seed=args.seed, val_fraction=args.val_fraction,
-        progress=lambda r: tqdm(r, desc="writing", unit="sample", disable=not args.progress),
+        progress=lambda r: progress_bar(args.progress, r, desc="writing", unit="sample"),
     )  # fmt: skip
     print(f"wrote {args.count} samples ({config.size_hw[0]}x{config.size_hw[1]}) to {args.out_dir}")
     print(f"dataset description: {yaml_path}")

@@ -26,6 +26,7 @@ from typing import Any
 
 from segsvc.errors import InvalidArgument
 from segsvc.export import DEFAULT_CHECKS, DEFAULT_MAX_BATCH_SIZE, DEFAULT_OPSET, DEFAULT_TOLERANCE, MIN_AGREEMENT
+from segsvc.progress import progress_bar
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -87,8 +88,6 @@ def _print_validation(validation: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``segsvc export``; returns the exit status (errors raise ``SegsvcError``)."""
-    from tqdm import tqdm
-
     from segsvc.export.onnx import export_onnx, export_steps
     from segsvc.export.triton import default_out, export_options, export_triton
     from segsvc.inference.repository import ModelRepository, check_manifest, parse_model_ref
@@ -109,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
              "min_agreement": args.min_agreement}
     # A Triton re-export validates with the recorded number of checks unless --checks is given.
     checks = args.checks if args.format == "onnx" else export_options(manifest, checks=args.checks).get("checks")
-    bar = tqdm(total=export_steps(checks or DEFAULT_CHECKS), desc=f"exporting {name}:{version}", unit="step",
-               disable=not args.progress, leave=False)
+    bar = progress_bar(args.progress, total=export_steps(checks or DEFAULT_CHECKS),
+                       desc=f"exporting {name}:{version}", unit="step", leave=False)
 
     def progress(step: str) -> None:
         bar.set_postfix_str(step, refresh=False)

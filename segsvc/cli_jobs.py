@@ -4,8 +4,9 @@
 or, with ``--upload``, over local files; ``list``, ``status``, ``wait``,
 ``cancel``, ``delete`` and ``fetch`` act on jobs by id, training jobs
 (``segsvc train --server``) included. ``wait`` (and ``submit --wait``) shows a
-tqdm bar fed by the operation's metadata. Only the light client is imported
-(no torch).
+tqdm bar fed by the operation's metadata on a terminal, and in a log a plain
+line per milestone (``segsvc.progress.JobBar``). Only the light client is
+imported (no torch).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from typing import Callable
 
 from segsvc.errors import Cancelled, SegsvcError, Unavailable
+from segsvc.progress import show_progress
 
 
 def _client(args: argparse.Namespace, read_token: Callable[[argparse.Namespace], str | None]):  # type: ignore[no-untyped-def]
@@ -142,6 +144,7 @@ def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argpa
     pf = jsub.add_parser("fetch", parents=[common], help="download a job's outputs (a training job's artifacts)")
     pf.add_argument("job", help="job id or jobs/<id>")
     pf.add_argument("--out", required=True, help="local folder for the files")
+    pf.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     pf.set_defaults(func=handler(_fetch))
 
 
@@ -173,7 +176,7 @@ def _list(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
 
 def _status(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     job = client.job(args.job)
-    job.wait(progress=True, timeout_s=0)  # one frame of the progress bar
+    job.wait(progress=show_progress(True), timeout_s=0)  # one frame of the bar on a terminal; a log has the line
     _print_status(job.status(refresh=False))
     return 0
 
@@ -198,7 +201,7 @@ def _delete(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped
 
 
 def _fetch(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    files = client.job(args.job).fetch(args.out, progress=True)
+    files = client.job(args.job).fetch(args.out, progress=args.progress)
     if not files:
         raise SegsvcError(f"job {args.job} has no output files yet")
     print(f"fetched {len(files)} files into {args.out}")

@@ -8,9 +8,9 @@ dataset is one registered there (``segsvc datasets``), the recipe is one of the
 server's (``--recipe NAME``) or a local file sent inline (``--config FILE``),
 ``--set`` overrides apply on top, ``--from MODEL[:VERSION]`` fine-tunes a
 served model. ``--wait`` follows it with a tqdm bar (epoch, loss, validation
-mIoU in the postfix) and prints the gate's verdict and comparison table. Only
-the light client is imported (no torch). ``training_config`` builds the
-server's side (``segsvc serve --max-training-jobs``).
+mIoU in the postfix; in a log, that text once per epoch) and prints the gate's
+verdict and comparison table. Only the light client is imported (no torch).
+``training_config`` builds the server's side (``segsvc serve --max-training-jobs``).
 """
 
 from __future__ import annotations

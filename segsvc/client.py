@@ -2,7 +2,7 @@
 
 ``SegmentationClient.segment`` sends one image (a path, encoded bytes or a
 uint8 array) and returns a ``LabelMap``; ``segment_many`` sends many over one
-``SegmentStream`` with a progress bar and returns the results in input order.
+``SegmentStream`` with a progress bar (on a terminal) and returns the results in input order.
 Failures come back as the server's domain errors (``InvalidImage``,
 ``ImageTooLarge``, ``UnknownModel``, ``Overloaded``, ...), not as ``RpcError``.
 
@@ -36,6 +36,7 @@ from segsvc.jobclient import (
     JobHandle, JobStatus, TrainingJobHandle, TrainingStatus, handle_for, local_images, upload_files,
 )
 from segsvc.palette import colorize, overlay
+from segsvc.progress import progress_bar
 from segsvc.v1 import segmentation_pb2 as pb
 from segsvc.v1 import datasets_pb2 as datasets_pb
 from segsvc.v1 import datasets_pb2_grpc as datasets_grpc
@@ -460,8 +461,6 @@ class SegmentationClient:
         ends), so a caller keeps what was answered before a stream that breaks
         off (deadline, server stopped) raises its error.
         """
-        from tqdm import tqdm
-
         if "request_id" in options:
             raise InvalidArgument("segment_many numbers its requests itself (their request_id is the image's "
                                   "index): request_id is not one of its options")
@@ -469,7 +468,7 @@ class SegmentationClient:
         items = list(images)
         results: list[LabelMap | SegsvcError | None] = [None] * len(items)
         unsent: list[int] = []  # images the client could not send, in gRPC's request thread
-        bar = tqdm(total=len(items), unit="img", disable=not progress, desc="segment")
+        bar = progress_bar(progress, total=len(items), unit="img", desc="segment")
 
         def requests() -> Iterator[pb.SegmentRequest]:
             for i, image in enumerate(items):
@@ -716,8 +715,6 @@ class SegmentationClient:
         file before it answers. Raises ``DatasetInvalid`` (``.problems``: every
         problem found) when the dataset fails its check.
         """
-        from tqdm import tqdm
-
         path = Path(path)
         fmt = format or ("tar" if path.is_dir() else archive_format(path))
         if fmt not in UPLOAD_FORMATS or (path.is_dir() and fmt == "zip") or (not path.is_dir() and fmt == "pairs"):
@@ -725,7 +722,7 @@ class SegmentationClient:
                                   f"archive files as tar or zip")
         files = local_files(path) if path.is_dir() else [("", path)]
         total = sum(_readable_size(file) for _, file in files)  # a file it cannot read is named before any call
-        bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc=f"upload {name}")
+        bar = progress_bar(progress, total=total, unit="B", unit_scale=True, desc=f"upload {name}")
         metadata = datasets_pb.UploadDatasetMetadata(name=name, format=UPLOAD_FORMATS[fmt], dataset_yaml=dataset_yaml,
                                                      class_names=list(class_names), sha256=sha256)
 

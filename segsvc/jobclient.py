@@ -2,8 +2,9 @@
 
 ``SegmentationClient.submit_job`` returns a ``JobHandle``; ``wait(progress=True)``
 follows the operation with ``WaitOperation`` and shows a tqdm bar fed by the
-operation's ``JobMetadata``; ``result()`` returns the ``JobResult`` or raises
-the job's error as a domain error. ``submit_training_job`` returns a
+operation's ``JobMetadata`` (on a terminal; in a log, a plain line per
+milestone); ``result()`` returns the ``JobResult`` or raises the job's error as
+a domain error. ``submit_training_job`` returns a
 ``TrainingJobHandle``: the same calls, with a bar over epochs that shows the
 loss and validation mIoU, a ``TrainingResult`` (the gate's verdict and its
 comparison table) and ``fetch`` of the run's artifacts. ``handle_for`` picks
@@ -32,6 +33,7 @@ from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 
 from segsvc.errors import Cancelled, InvalidArgument, SegsvcError
+from segsvc.progress import JobBar, progress_bar
 from segsvc.v1 import jobs_pb2 as jobs_pb
 from segsvc.v1 import training_pb2 as tpb
 from segsvc.wire import error_from_rpc, error_from_status
@@ -139,25 +141,27 @@ class JobHandle:
             raise error_from_status(op.error.code, op.error.message)
 
     def wait(self, progress: bool = False, timeout_s: float | None = None) -> JobStatus:
-        """Block until the job is done (or ``timeout_s`` passes); a tqdm bar shows its metadata."""
-        from tqdm import tqdm
+        """Block until the job is done (or ``timeout_s`` passes); a tqdm bar shows its metadata.
 
+        The bar draws on a terminal; in a log, a line per state and per tenth of the images (``JobBar``).
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         status = _status(self._op)
         # the bar starts where the job is: its rate is this wait's, not all the job's images over no time at all
-        bar = tqdm(total=status.total, initial=status.processed, unit="img", desc=self.id[:8], disable=not progress)
+        shown = JobBar(progress, total=status.total, initial=status.processed, unit="img", desc=self.id[:8])
+        bar = shown.bar
         try:
             while True:
                 bar.total = status.total
                 bar.n = status.processed
                 bar.set_postfix(state=status.state.lower(), failed=status.failed,
                                 rate=f"{status.images_per_s:.1f}/s", refresh=False)
-                bar.refresh()
+                shown.show((status.state, 10 * status.processed // status.total if status.total else 0))
                 if not self._waited(deadline):
                     return status
                 status = _status(self._op)
         finally:
-            bar.close()
+            shown.close()
 
     def result(self, timeout_s: float | None = None) -> JobResult:
         """Wait for the job and return its result; a failed or cancelled job raises its error."""
@@ -198,13 +202,11 @@ def download(stream: Iterable[jobs_pb.FileChunk], dest: str | os.PathLike, progr
     file before the current one ended, or an offset other than the bytes
     received so far is refused with ``InvalidArgument``.
     """
-    from tqdm import tqdm
-
     root = Path(dest).resolve()
     written: list[Path] = []
     current: _Incoming | None = None
     try:
-        for chunk in tqdm(stream, unit="chunk", desc="fetch", disable=not progress):
+        for chunk in progress_bar(progress, stream, unit="chunk", desc="fetch"):
             if current is None:
                 current = _Incoming(_local_path(root, chunk.path), chunk.path)
             current.write(chunk)
@@ -390,12 +392,14 @@ class TrainingJobHandle(JobHandle):
         return _training_status(self._op)
 
     def wait(self, progress: bool = False, timeout_s: float | None = None) -> TrainingStatus:  # type: ignore[override]
-        """Block until the job is done (or ``timeout_s`` passes); the bar shows epochs, loss and val mIoU."""
-        from tqdm import tqdm
+        """Block until the job is done (or ``timeout_s`` passes); the bar shows epochs, loss and val mIoU.
 
+        The bar draws on a terminal; in a log, a line per state, phase and epoch (``JobBar``).
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         status = _training_status(self._op)
-        bar = tqdm(total=1000, desc=self.id[:8], disable=not progress)
+        shown = JobBar(progress, total=1000, desc=self.id[:8])
+        bar = shown.bar
         try:
             while True:
                 bar.n = round(1000 * (1.0 if status.state == "SUCCEEDED" else status.fraction))
@@ -411,12 +415,12 @@ class TrainingJobHandle(JobHandle):
                 # the text after the bar (tqdm's own postfix would begin with ", ")
                 text = ", ".join(f"{k}={v}" for k, v in postfix.items()).replace("{", "{{").replace("}", "}}")
                 bar.bar_format = "{l_bar}{bar}| " + text
-                bar.refresh()
+                shown.show((status.state, status.phase, status.epoch))
                 if not self._waited(deadline):
                     return status
                 status = _training_status(self._op)
         finally:
-            bar.close()
+            shown.close()
 
     def result(self, timeout_s: float | None = None) -> TrainingResult:  # type: ignore[override]
         """Wait for the job and return the gate's result; a failed or cancelled job raises its error."""

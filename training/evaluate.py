@@ -47,10 +47,10 @@ from segsvc.inference.contract import apply_contract
 from segsvc.inference.engine import Engine, EngineConfig, resolve_device
 from segsvc.inference.predictor import Predictor
 from segsvc.models.artifact import Manifest
+from segsvc.progress import show_progress
 from training.curves import require_validated_runs, write_curves
 from training.data import require_labels, select_indices
 from training.metrics import BoundaryErrors, ConfusionMatrix, SegmentationMetrics, format_table, isbi_metrics
-from training.progress import show_progress
 from training.rundir import ARTIFACT_RECORD
 from training.report import plot_eval_report
 

@@ -48,6 +48,7 @@ from segsvc.inference.backends import amp_dtype as autocast_dtype
 from segsvc.inference.contract import contract_logits
 from segsvc.models.artifact import read_manifest
 from segsvc.models.registry import build_model
+from segsvc.progress import show_progress
 from training.args import add_train_arguments
 from training.checkpoint import RunState, restore_training_state, save_checkpoint, unwrap
 from training.config import LoopConfig, TrainConfig, load_config
@@ -68,7 +69,6 @@ from training.events import EVENTS_FILE, EventLog, Terminated, sigterm_raises
 from training.finetune import describe_init, init_from_artifact
 from training.losses import border_weight_function, build_loss, class_pixel_counts, median_frequency_weights
 from training.metrics import ConfusionMatrix, SegmentationMetrics
-from training.progress import show_progress
 from training.report import plot_training_curve
 from training.rundir import (
     CHECKPOINT,

@@ -36,7 +36,7 @@ def test_eval_writes_no_bar_into_a_log(tiny_recipe, tiny_spec, tmp_path, capsys)
 
 
 def test_a_terminal_still_gets_the_bar(monkeypatch):
-    from training.progress import show_progress
+    from segsvc.progress import show_progress
 
     terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
@@ -46,7 +46,7 @@ def test_a_terminal_still_gets_the_bar(monkeypatch):
 
 
 def test_no_stderr_at_all_is_not_a_terminal(monkeypatch):
-    from training.progress import show_progress
+    from segsvc.progress import show_progress
 
     monkeypatch.setattr("sys.stderr", None)  # pythonw, or a daemon started without one
     assert show_progress(True) is False
