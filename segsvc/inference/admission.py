@@ -281,10 +281,12 @@ class MemoryBudget:
         return Hold(self, nbytes)
 
     async def _wait(self, waiter: _Waiter, line: deque[_Waiter], deadline: float | None) -> None:
-        loop = asyncio.get_running_loop()
+        """Wait for the grant until ``deadline``. ``asyncio.timeout_at``, not ``wait_for``: in Python 3.11
+        ``wait_for`` returns a grant that arrives in the same loop iteration as the caller's cancel, and the
+        cancelled request went on to decode and queue (gh-86296, fixed in 3.12)."""
         try:
-            timeout = None if deadline is None else max(deadline - loop.time(), 0.0)
-            await asyncio.wait_for(asyncio.shield(waiter.granted), timeout)
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(waiter.granted)
         except BaseException as exc:
             if waiter.granted.done() and not waiter.granted.cancelled():  # granted meanwhile: give it back
                 self.used_bytes -= waiter.nbytes

@@ -13,7 +13,8 @@ one result, or the batch's exception, to every future. Items are grouped by a
 key (for images: the padded size and the options), so a batch never mixes
 inputs that cannot be stacked. The queue is bounded: a full queue refuses new
 items with ``Overloaded`` instead of letting latency grow without limit.
-Cancelled items and items whose deadline passed are dropped before they run; a
+Cancelled items and items whose deadline passed are dropped before they run (also
+from a batch already taken, up to the moment its thread starts ``predict``); a
 batch already running is not interrupted, so ``submit`` takes an ``on_finish``
 hook called when an item's work has really ended (its batch ran, or it left the
 queue unrun): the caller's memory stays accounted for until then.
@@ -190,6 +191,8 @@ class _Pending(Generic[T]):
 
 @dataclass
 class _Stats:
+    """Batches run, items they ran, and items ``dropped``: left unrun (cancelled, expired, failed by a stop)."""
+
     batches: int = 0
     items: int = 0
     dropped: int = 0
@@ -456,7 +459,8 @@ class DynamicBatcher(Generic[T, R]):
             self._size -= 1
             self._lane_size[pending.priority] -= 1
             pending.queued = False
-            if pending.future.done():
+            if pending.future.done():  # cancelled in this iteration: its done callback has not run yet
+                self.stats.dropped += 1
                 self._finished(pending)
                 continue
             if pending.deadline is not None and now >= pending.deadline:
@@ -519,10 +523,15 @@ class DynamicBatcher(Generic[T, R]):
                 task.add_done_callback(self._running.discard)
 
     async def _sleep_until(self, when: float) -> None:
-        """Wait for a new item, a stop, or loop time ``when``, whichever comes first."""
+        """Wait for a new item, a stop, or loop time ``when``, whichever comes first.
+
+        ``asyncio.timeout_at``, not ``wait_for``: in Python 3.11 ``wait_for`` drops a cancel that arrives in
+        the loop iteration its wait ends, and the worker then outlived ``asyncio.run``'s final cancel.
+        """
         self._wakeup.clear()
         try:
-            await asyncio.wait_for(self._wakeup.wait(), max(0.0, when - asyncio.get_running_loop().time()))
+            async with asyncio.timeout_at(when):
+                await self._wakeup.wait()
         except TimeoutError:
             pass
 
@@ -547,37 +556,62 @@ class DynamicBatcher(Generic[T, R]):
         started = loop.time()
         interactive = batch[0].priority == Priority.INTERACTIVE
         try:
-            results = await loop.run_in_executor(self._executor, self._predict, [p.item for p in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"{self.name}: predict returned {len(results)} results for a batch of {len(batch)}")
-        except Exception as exc:  # delivered to every caller of the batch
-            run_s = loop.time() - started
-            log.debug("%s: batch of %d failed: %r", self.name, len(batch), exc)
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-        else:
-            run_s = loop.time() - started
-            for p, value in zip(batch, results):
-                if p.future.done():
-                    continue
-                if isinstance(value, BaseException):
-                    p.future.set_exception(value)
-                else:
-                    p.future.set_result(Batched(value, started - p.enqueued_at, run_s, len(batch)))
-        self.stats.batches += 1
-        self.stats.items += len(batch)
+            ran, outcome = await loop.run_in_executor(self._executor, self._predict_wanted, batch)
+        except Exception as exc:  # the executor refused it (shut down): delivered to every caller of the batch
+            ran, outcome = batch, exc
+        run_s = loop.time() - started
+        self.stats.dropped += len(batch) - len(ran)
+        if ran:
+            self._deliver(ran, outcome, started, run_s)
+            self.stats.batches += 1
+            self.stats.items += len(ran)
         if interactive:
             self._interactive_running -= 1
             self._last_interactive_end = loop.time()
             self._wakeup.set()  # a batch-lane batch held back while this ran may start after the hold-off
         else:
-            self.stats.batch_lane_items += len(batch)
-        if self._on_batch is not None:
+            self.stats.batch_lane_items += len(ran)
+        if ran and self._on_batch is not None:
             try:
-                self._on_batch(len(batch), run_s)
+                self._on_batch(len(ran), run_s)
             except Exception:  # a metrics hook must never break serving
                 log.exception("%s: on_batch hook failed", self.name)
+
+    def _predict_wanted(self, batch: list[_Pending[T]]) -> tuple[list[_Pending[T]], Sequence[R] | Exception]:
+        """On the batch thread: ``predict`` of the items whose callers still wait, and those items.
+
+        A caller may leave after ``_take`` and before the thread gets here (it was busy or still starting):
+        its item is left out, and a batch nobody waits for runs no forward pass at all. A future read off
+        the loop may look pending a moment after it finished (a finished future never reverts), so a wrong
+        read only runs an item, as before. ``predict``'s exception is returned, to fail the items that ran.
+        """
+        wanted = [p for p in batch if not p.future.done()]
+        if not wanted:
+            return wanted, []
+        try:
+            results = self._predict([p.item for p in wanted])
+            if len(results) != len(wanted):
+                raise RuntimeError(f"{self.name}: predict returned {len(results)} results for a batch of {len(wanted)}")
+        except Exception as exc:
+            return wanted, exc
+        return wanted, results
+
+    def _deliver(self, ran: list[_Pending[T]], outcome: Sequence[R] | Exception, started: float,
+                 run_s: float) -> None:
+        """Give each item of a batch that ran its result, or the batch's exception."""
+        if isinstance(outcome, Exception):
+            log.debug("%s: batch of %d failed: %r", self.name, len(ran), outcome)
+            for p in ran:
+                if not p.future.done():
+                    p.future.set_exception(outcome)
+            return
+        for p, value in zip(ran, outcome):
+            if p.future.done():
+                continue
+            if isinstance(value, BaseException):
+                p.future.set_exception(value)
+            else:
+                p.future.set_result(Batched(value, started - p.enqueued_at, run_s, len(ran)))
 
     def _fail_all(self, exc: Exception) -> None:
         groups, self._groups, self._size = self._groups, {}, 0
@@ -585,6 +619,7 @@ class DynamicBatcher(Generic[T, R]):
         for group in groups.values():
             for p in group:
                 p.queued = False
+                self.stats.dropped += 1
                 if not p.future.done():
                     p.future.set_exception(exc)
                 self._finished(p)

@@ -321,11 +321,15 @@ def _release_after(work: asyncio.Future, held: Hold) -> None:
 
 
 async def _wait(future: asyncio.Future, deadline: float | None) -> Batched[Output]:
-    """Await the batch result; at the deadline the item leaves the queue (if it has not run)."""
+    """Await the batch result; at the deadline the item leaves the queue (if it has not run).
+
+    ``asyncio.timeout_at``, not ``wait_for``: in Python 3.11 ``wait_for`` returns a result that arrives in the
+    same loop iteration as the caller's cancel, and the cancelled call went on (gh-86296, fixed in 3.12).
+    """
     if deadline is None:
         return await future
-    remaining = deadline - asyncio.get_running_loop().time()
     try:
-        return await asyncio.wait_for(future, max(remaining, 0.0))
+        async with asyncio.timeout_at(deadline):
+            return await future
     except TimeoutError:
         raise DeadlineExceeded("the deadline passed before the image was segmented") from None
