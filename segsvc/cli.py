@@ -334,6 +334,7 @@ def _serve(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         raise SegsvcError("TLS needs both --tls-cert and --tls-key")
     _check_stop_durations(args)
+    _check_message_mb(args.max_message_mb)
     configure_logging(args.log_level, json_lines=args.log_format == "json")
     device_type = resolve_device(args.device).type
     config = ServerConfig(
@@ -365,6 +366,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_stream_in_flight=args.max_stream_in_flight,
             max_inflight_mb=args.max_inflight_mb,
             max_tiles=args.max_tiles,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
         ),
         auth=_server_auth(args),
         tls=TLSConfig(args.tls_cert, args.tls_key) if args.tls_cert else None,
@@ -381,27 +383,27 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-GRPC_MAX_S = (2**31 - 1) // 1000  # gRPC takes the connection age and its grace in milliseconds, a 32-bit int
+def _check_message_mb(value: float) -> None:
+    """``--max-message-mb``: at least a byte, and under 2 GiB (gRPC's message limits are a 32-bit int).
 
-
-def _check_seconds(value: float, flag: str, *, positive: bool, most: float | None = None) -> None:
-    """Refuse a duration flag that is not a finite number of seconds >= 0 (> 0 with ``positive``), or over ``most``.
-
-    NaN passes ``value < 0`` and infinity every bound, so the configuration's own checks let them through;
-    they then broke the stop's deadlines, or the start (``round``, gRPC's options) with a traceback.
+    ``int()`` of NaN or infinity times a MiB raised ValueError or OverflowError, and 2048 an OverflowError at the
+    start: tracebacks instead of the flag's name.
     """
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise InvalidArgument(f"{flag} must be a finite number of seconds {'> 0' if positive else '>= 0'}, "
-                              f"got {value:g}")
-    if most is not None and value > most:
-        raise InvalidArgument(f"{flag} must be at most {most:.0f} s, got {value:.0f}")
+    from segsvc.server.config import GRPC_MAX_INT, MIB
+
+    if not math.isfinite(value) or not 1 <= value * MIB <= GRPC_MAX_INT:
+        raise InvalidArgument(f"--max-message-mb must be more than 0 and less than 2048 (gRPC's limit: 2 GiB less a "
+                              f"byte), got {value:g}")
 
 
 def _check_stop_durations(args: argparse.Namespace) -> None:
-    """The flags that bound the stop (``--grace-s``, ``--drain-timeout-s``) and the connections' age."""
-    _check_seconds(args.grace_s, "--grace-s", positive=False, most=GRPC_MAX_S)  # also the connections' grace
-    _check_seconds(args.drain_timeout_s, "--drain-timeout-s", positive=True)
-    _check_seconds(args.max_connection_age_s, "--max-connection-age-s", positive=False, most=GRPC_MAX_S)  # 0: never
+    """The flags that bound the stop (``--grace-s``, ``--drain-timeout-s``) and the connections' age, refused by
+    their names (the configuration's own checks name its fields)."""
+    from segsvc.server.config import GRPC_MAX_S, check_seconds
+
+    check_seconds("--grace-s", args.grace_s, positive=False, most=GRPC_MAX_S)  # also the connections' grace
+    check_seconds("--drain-timeout-s", args.drain_timeout_s, positive=True, most=math.inf)
+    check_seconds("--max-connection-age-s", args.max_connection_age_s, positive=False, most=GRPC_MAX_S)  # 0: never
 
 
 def _warn_unknown_backend_models(model_backends: Sequence[tuple[str, str]], model_repo: str) -> None:
@@ -544,6 +546,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="memory budget of the images being served, from each model's measured bytes per pixel; "
                         "a request over it alone is refused, others wait (default 2048)")
     p.add_argument("--max-tiles", type=int, default=1024, help="most sliding-window tiles of one request (default 1024)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=32,
+                   help="calls in progress at once (health, reflection and readiness probes aside); one more gets "
+                        "RESOURCE_EXHAUSTED before its request is read; a SegmentStream takes one place per image "
+                        "it holds. Each place holds up to --max-message-mb before the memory budget admits its "
+                        "image: size the container for --max-inflight-mb plus this "
+                        "times --max-message-mb (default 32: 32 x 64 MiB = the default --max-inflight-mb)")
     p.add_argument("--grace-s", type=float, default=25.0,
                    help="on SIGTERM, seconds for requests in flight (default 25); the stop then drains the "
                         "batchers for up to --drain-timeout-s: see there how the two add up")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -51,10 +52,12 @@ class ManagerConfig:
     drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.poll_interval_s < 0:
-            raise InvalidArgument(f"poll_interval_s must be >= 0, got {self.poll_interval_s}")
-        if self.drain_timeout_s <= 0:
-            raise InvalidArgument(f"drain_timeout_s must be positive, got {self.drain_timeout_s}")
+        # NaN passes ``< 0`` and infinity every lower bound; both break the waits built from them (a drain for ever).
+        for name, positive in (("poll_interval_s", False), ("drain_timeout_s", True)):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise InvalidArgument(f"{name} must be a finite number of seconds {'> 0' if positive else '>= 0'}, "
+                                      f"got {value!r}")
         for name in self.models:
             check_name(name)
 

@@ -24,13 +24,16 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import inspect
 import logging
 import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
 
 import cv2
 import grpc
@@ -40,7 +43,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from segsvc.datasets.registry import DatasetRegistry
-from segsvc.errors import InvalidArgument
+from segsvc.errors import InvalidArgument, Overloaded
 from segsvc.inference.allocator import configure_allocator
 from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import ModelRepository
@@ -52,7 +55,8 @@ from segsvc.server import oip
 from segsvc.server.auth import TokenFile, auth_interceptors
 from segsvc.server.config import ServerConfig
 from segsvc.server.datasets import DatasetServicer
-from segsvc.server.gate import DrainGate
+from segsvc.server.errors import Refused, not_counted, refuse
+from segsvc.server.gate import GATED_PREFIXES, PROBE_METHODS, DrainGate
 from segsvc.server.jobs import JobServicer, OperationsServicer
 from segsvc.server.metrics import ServerMetrics
 from segsvc.server.servicer import SegmentationServicer
@@ -124,6 +128,167 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
+class CallLimit(grpc.aio.ServerInterceptor):
+    """At most ``limit`` gated calls at once; one more is refused with RESOURCE_EXHAUSTED before its request is read.
+
+    A call holds its request message (up to ``--max-message-mb``) from the moment gRPC reads it until it
+    returns, also while it waits for the memory budget (``MemoryBudget``), and nothing bounded how many calls
+    did: a burst of large images took the process past its container's memory limit. So the request of a call
+    is read only once it has a place: a unary request is read here, after the count (gRPC would read it before
+    any handler ran). A call that streams both ways (``SegmentStream``) holds each message it has read until it
+    answers it: every message beyond the first takes one more place, which the stream waits for (back-pressure,
+    never a refusal), and gives back with its answer (``_StreamPlaces``).
+
+    gRPC's own ``maximum_concurrent_rpcs`` would not do: it counts and refuses every method alike (grpcio 1.81:
+    a health check past it gets RESOURCE_EXHAUSTED), so a busy pod would fail its probes, be taken out of the
+    Service and restarted. Here health, reflection and the probes are neither counted nor refused (the gate's
+    ``GATED_PREFIXES`` and ``PROBE_METHODS``): a full server still answers them.
+
+    Args:
+        limit: most gated calls in progress (``--max-concurrent-rpcs``).
+        on_refused: counts each refused call.
+    """
+
+    def __init__(self, limit: int, on_refused: Refused = not_counted) -> None:
+        self.limit = limit
+        self._on_refused = on_refused
+        self._active = 0
+        self._room = asyncio.Event()  # set when a place is given back
+
+    @property
+    def in_flight(self) -> int:
+        """Places taken: gated calls in progress, and the images their streams hold beyond the first."""
+        return self._active
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(GATED_PREFIXES) or method in PROBE_METHODS:
+            return handler
+        return self._limited(handler, method.rsplit("/", 1)[-1][:64])
+
+    @contextlib.asynccontextmanager
+    async def _place(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+        """Count the call for the block, or refuse it when ``limit`` calls are in progress."""
+        if self._active >= self.limit:
+            await refuse(context, Overloaded(f"the server is at its limit of {self.limit} calls in progress "
+                                             f"(--max-concurrent-rpcs; a SegmentStream counts each image it "
+                                             f"holds); retry with backoff"), method, log, self._on_refused)
+        self._active += 1
+        try:
+            yield
+        finally:
+            self.give_back()
+
+    async def take(self) -> None:
+        """Take one more place, waiting for one to be given back (a stream's next message)."""
+        while self._active >= self.limit:
+            self._room.clear()
+            await self._room.wait()
+        self._active += 1
+
+    def give_back(self, places: int = 1) -> None:
+        self._active -= places
+        self._room.set()
+
+    def _limited(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """``handler`` counted, with its request taken as a stream (read here for a unary request, once counted)."""
+        kwargs = dict(request_deserializer=handler.request_deserializer,
+                      response_serializer=handler.response_serializer)
+        one = not handler.request_streaming
+
+        async def request_of(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> object:
+            if not one:
+                return requests
+            async for request in requests:
+                return request
+            await refuse(context, InvalidArgument(f"the {method} call ended before its request message"), method,
+                         log, self._on_refused)
+
+        if handler.response_streaming:
+            inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+            async def streaming(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
+                async with self._place(context, method):
+                    places = _StreamPlaces(self) if handler.request_streaming else None
+                    try:
+                        request = places.read(requests) if places is not None else await request_of(requests, context)
+                        responses = inner(request, context)
+                        if inspect.isawaitable(responses):  # a handler that writes with context.write()
+                            await responses
+                            return
+                        async for response in responses:
+                            yield response
+                            if places is not None:
+                                places.answered()
+                    finally:
+                        if places is not None:
+                            places.close()
+
+            return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
+        inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+        async def unary(requests: AsyncIterator, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+            async with self._place(context, method):
+                response = inner(await request_of(requests, context), context)
+                return await response if inspect.isawaitable(response) else response
+
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+
+
+class _StreamPlaces:
+    """The places of one call that streams both ways: one per message read and not yet answered, the call's own
+    counting as the first (``CallLimit``). Each response answers one message, as ``SegmentStream``'s do."""
+
+    def __init__(self, limit: CallLimit) -> None:
+        self._limit = limit
+        self._extra = 0  # places taken beyond the call's own
+        self._read = 0
+        self._answered = 0
+        self._reading = False
+        self._closed = False
+
+    async def read(self, requests: AsyncIterator) -> AsyncIterator:
+        """``requests``, each read only once a place covers it."""
+        iterator = requests.__aiter__()
+        while True:
+            if self._read - self._answered >= 1 + self._extra:  # every place holds a message: one more first
+                await self._limit.take()
+                if self._closed:  # the call ended while this waited: nothing would give the place back
+                    self._limit.give_back()
+                    return
+                self._extra += 1
+            self._reading = True
+            try:
+                request = await iterator.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                self._reading = False
+            self._read += 1
+            yield request
+
+    def answered(self) -> None:
+        """One message answered: give back the places no message (or read in progress) needs any more."""
+        self._answered += 1
+        needed = max(1, self._read - self._answered + self._reading)
+        if 1 + self._extra > needed:
+            surplus = 1 + self._extra - needed
+            self._extra -= surplus
+            self._limit.give_back(surplus)
+
+    def close(self) -> None:
+        """The call ends: every place beyond its own goes back."""
+        self._closed = True
+        extra, self._extra = self._extra, 0
+        if extra:
+            self._limit.give_back(extra)
+
+
 class SegmentationServer:
     """The gRPC server, its models, health, reflection and metrics.
 
@@ -145,6 +310,7 @@ class SegmentationServer:
         self.health = health.aio.HealthServicer()
         self._io = ThreadPoolExecutor(max(2, config.io_threads or cpu_count()), thread_name_prefix="segsvc-io")
         self.gate = DrainGate(on_refused=self.metrics.observe_refused)
+        self.calls = CallLimit(config.limits.max_concurrent_rpcs, on_refused=self.metrics.observe_refused)
         self.service = InferenceService(self.manager, self._io, config.limits.admission)
         self.servicer = SegmentationServicer(self.service, config.limits, self.metrics)
         # The dataset registry and the trainer open in ``start``, once the state folder is this server's.
@@ -232,7 +398,8 @@ class SegmentationServer:
         allocator = configure_allocator()
         await self._set_health(NOT_SERVING)
         interceptors = auth_interceptors(self.tokens or cfg.auth, on_refused=self.metrics.observe_refused)
-        self._server = grpc.aio.server(interceptors=[*interceptors, self.gate], options=grpc_options(cfg))
+        # The call limit before the gate: the gate's handlers read a unary request before they run.
+        self._server = grpc.aio.server(interceptors=[*interceptors, self.calls, self.gate], options=grpc_options(cfg))
         pb_grpc.add_SegmentationServiceServicer_to_server(self.servicer, self._server)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs, self.training), self._server)
         operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.jobs, self.training),

@@ -7,6 +7,8 @@ Each component gets its own slice: the model manager gets ``ManagerConfig``
 
 from __future__ import annotations
 
+import math
+import numbers
 import ssl
 
 from dataclasses import dataclass, field
@@ -22,6 +24,29 @@ from segsvc.jobs.trainspec import TrainingConfig
 from segsvc.server.auth import AuthConfig
 
 MIB = 1 << 20
+GRPC_MAX_INT = 2**31 - 1  # gRPC's integer options (the message limits) are 32-bit
+GRPC_MAX_S = GRPC_MAX_INT // 1000  # it takes the connection age and its grace in milliseconds
+
+
+def check_count(name: str, value: object, most: int | None = None) -> None:
+    """Refuse a count or size that is not a whole number >= 1, or over ``most``: NaN and 2.5 passed ``< 1``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidArgument(f"{name} must be a positive whole number, got {value!r}")
+    if most is not None and value > most:
+        raise InvalidArgument(f"{name} must be at most {most}, got {value}")
+
+
+def check_seconds(name: str, value: float, *, positive: bool, most: float) -> None:
+    """Refuse a duration that is not a finite number of seconds >= 0 (> 0 with ``positive``), or over ``most``.
+
+    NaN passes ``value < 0`` and infinity every lower bound: they broke the stop's deadlines, or the start
+    (``round``, gRPC's options) with a traceback.
+    """
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise InvalidArgument(f"{name} must be a finite number of seconds {'> 0' if positive else '>= 0'}, "
+                              f"got {value!r}")
+    if value > most:
+        raise InvalidArgument(f"{name} must be at most {most:.0f} s, got {value:.0f}")
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,11 @@ class LimitsConfig:
             and image); a request over it alone is refused, others wait for room.
         max_tiles: most sliding-window tiles of one request.
         max_work_pixels: most pixels one request pushes through the network (tiles x flips).
+        max_concurrent_rpcs: calls in progress at once (health, reflection and the readiness probes aside);
+            one more is refused with RESOURCE_EXHAUSTED before its request is read. A call holds one request
+            message before the memory budget admits it; a ``SegmentStream`` takes one more place for each
+            image it holds beyond the first (it waits for one). So this times ``max_message_bytes`` bounds
+            what requests hold before admission: the default, 32 x 64 MiB, is the default ``max_inflight_mb``.
     """
 
     max_message_bytes: int = 64 * MIB
@@ -45,12 +75,13 @@ class LimitsConfig:
     max_inflight_mb: int = 2048
     max_tiles: int = 1024
     max_work_pixels: int = 256_000_000
+    max_concurrent_rpcs: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("max_message_bytes", "max_pixels", "max_stream_in_flight", "max_inflight_mb", "max_tiles",
-                     "max_work_pixels"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
+        check_count("max_message_bytes", self.max_message_bytes, most=GRPC_MAX_INT)
+        for name in ("max_pixels", "max_stream_in_flight", "max_inflight_mb", "max_tiles", "max_work_pixels",
+                     "max_concurrent_rpcs"):
+            check_count(name, getattr(self, name))
 
     @property
     def admission(self) -> AdmissionConfig:
@@ -135,13 +166,12 @@ class ServerConfig:
             raise InvalidArgument(f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"metrics port must be in 0..65535, got {self.metrics_port}")
-        if self.grace_s < 0:
-            raise InvalidArgument(f"grace_s must be >= 0, got {self.grace_s}")
+        check_seconds("grace_s", self.grace_s, positive=False, most=GRPC_MAX_S)  # also the connections' grace
         if self.metrics_tls and self.tls is None:
             raise InvalidArgument("metrics over TLS need the server's certificate and key (--tls-cert, --tls-key)")
         if self.training is not None and self.jobs is None:
             raise InvalidArgument("training jobs need the job store: give --state-dir")
         if self.io_threads < 0 or self.torch_threads < 0:
             raise InvalidArgument("io_threads and torch_threads must be >= 0")
-        if self.max_connection_age_s is not None and self.max_connection_age_s <= 0:
-            raise InvalidArgument(f"max_connection_age_s must be > 0 (None: never), got {self.max_connection_age_s}")
+        if self.max_connection_age_s is not None:  # None: never
+            check_seconds("max_connection_age_s", self.max_connection_age_s, positive=True, most=GRPC_MAX_S)

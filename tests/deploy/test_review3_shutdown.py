@@ -169,19 +169,27 @@ def _mib(quantity: str) -> float:
     return float(number) * units[unit] if unit else float(number) / 2 ** 20
 
 
+def _server_memory_mib(args: list[str]) -> float:
+    """The most memory ``segsvc serve`` with ``args`` may take: the process itself, the images being served
+    (--max-inflight-mb), and the requests its calls hold before they are admitted to that budget: one message
+    each (--max-message-mb), at most --max-concurrent-rpcs calls at once."""
+    parsed = _parse(args)
+    return BASELINE_MIB + parsed.max_inflight_mb + parsed.max_concurrent_rpcs * parsed.max_message_mb
+
+
 def test_memory_limit_holds_the_servers_image_budget(objects: list[Obj]) -> None:
-    """--max-inflight-mb bounds the memory of the images being served; the container's limit must hold that
-    budget on top of the process itself, or the budget's worst case is an OOM kill instead of a wait."""
+    """--max-inflight-mb bounds the memory of the images being served, --max-concurrent-rpcs x --max-message-mb
+    the requests waiting for it; the container's limit must hold both on top of the process itself, or the
+    budget's worst case (a burst of large images) is an OOM kill instead of a wait or a RESOURCE_EXHAUSTED."""
     checked = 0
     for what, _, container in _serve_containers(objects):  # the Deployment's container, the KServe runtime's
         memory = container["resources"]["limits"]["memory"]
-        budget = _parse(container["args"]).max_inflight_mb
-        assert _mib(memory) >= budget + BASELINE_MIB, (what, memory, budget)
+        assert _mib(memory) >= _server_memory_mib(container["args"]), (what, memory)
         checked += 1
     runtimes = {o.name: o.doc["spec"]["containers"][0] for o in objects if o.kind == "ServingRuntime"}
     for obj in [o for o in objects if o.kind == "InferenceService"]:  # KServe puts the model's resources on it
         model = obj.doc["spec"]["predictor"]["model"]
         memory = model["resources"]["limits"]["memory"]
-        assert _mib(memory) >= _parse(runtimes[model["runtime"]]["args"]).max_inflight_mb + BASELINE_MIB, memory
+        assert _mib(memory) >= _server_memory_mib(runtimes[model["runtime"]]["args"]), memory
         checked += 1
     assert checked >= 3, "the Deployment, the KServe runtime and its InferenceService"

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-import segsvc.server.app
-import segsvc.server.logs
 from segsvc import errors
 from segsvc.cli import main
 from segsvc.datasets.registry import _WORK, DatasetsConfig
@@ -35,22 +33,6 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "NO_ALBUMENTATIONS_UPDATE": "1", "
 
 
 # -- the stop's time budget: --grace-s + --drain-timeout-s ------------------------------------------
-@pytest.fixture
-def serve_config(monkeypatch, tmp_path):
-    """``serve_config(*flags)``: the exit status of ``segsvc serve`` and the ServerConfig it would run (or None)."""
-    configs: list = []
-    monkeypatch.setattr(segsvc.server.app, "run", configs.append)
-    monkeypatch.setattr(segsvc.server.logs, "configure_logging", lambda *a, **k: None)
-
-    def build(*flags: str):
-        configs.clear()
-        status = main(["serve", "--model-repo", str(tmp_path / "repo"), "--device", "cpu", "--metrics-port", "-1",
-                       *flags])
-        return status, (configs[0] if configs else None)
-
-    return build
-
-
 def test_drain_timeout_flag_reaches_the_manager(serve_config) -> None:
     status, config = serve_config("--grace-s", "20", "--drain-timeout-s", "5")
     assert status == 0
