@@ -344,15 +344,15 @@ def test_stop_without_drain_fails_queued_items_with_unavailable():
         await running(rec)
         queued = b.submit(2)
         stopping = asyncio.ensure_future(b.stop(drain=False))
-        while not queued.done():  # stop fails the queued item at once, while the first is still held
-            await asyncio.sleep(0.001)
+        await asyncio.gather(queued, return_exceptions=True)  # failed at once, while the first is still held
         gate.set()
         await stopping
-        return first.result().value, queued.exception()
+        return first.result().value, queued.exception(), rec.batches, b.stats
 
-    value, exc = run(main())
-    assert value == 2
+    value, exc, batches, stats = run(main())
+    assert (value, batches) == (2, [[1]])
     assert isinstance(exc, Unavailable)
+    assert (stats.batches, stats.items, stats.dropped) == (1, 1, 1)  # the failed item counts as dropped
 
 
 def test_predict_runs_off_the_event_loop():

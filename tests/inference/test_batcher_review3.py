@@ -17,7 +17,7 @@ from segsvc.inference.engine import EngineConfig
 from segsvc.inference.manager import ManagerConfig, ModelManager
 from segsvc.inference.repository import ModelRepository
 from segsvc.inference.service import InferenceService, RawPixels
-from tests.inference.test_batcher import DELAY_NEVER_WAITED_S, HANG_S, Recorder, run, running, until
+from tests.inference.test_batcher import DELAY_NEVER_WAITED_S, HANG_S, Recorder, run, until
 from tests.server.conftest import make_image, publish
 
 STEPS = 50  # event-loop iterations that a task with nothing to wait for surely ends in (it needs one or two)
@@ -100,26 +100,6 @@ def test_an_item_cancelled_as_the_worker_takes_its_group_is_counted_as_dropped()
     batches, depth, finished, stats = run(main())
     assert (batches, depth, finished) == ([], 0, 1)
     assert (stats.batches, stats.items, stats.dropped) == (0, 0, 1)
-
-
-def test_items_a_stop_without_drain_fails_are_counted_as_dropped():
-    async def main():
-        gate = threading.Event()
-        rec = Recorder(gate=gate)
-        b = DynamicBatcher(rec, BatchingConfig(max_batch_size=1, max_delay_s=0))
-        b.start()
-        first = b.submit(1)
-        await running(rec)
-        queued = b.submit(2)
-        stopping = asyncio.ensure_future(b.stop(drain=False))
-        await asyncio.gather(queued, return_exceptions=True)  # failed at once, while the first is held
-        gate.set()
-        await stopping
-        return first.result().value, rec.batches, b.stats
-
-    value, batches, stats = run(main())
-    assert (value, batches) == (2, [[1]])
-    assert (stats.batches, stats.items, stats.dropped) == (1, 1, 1)
 
 
 def test_a_predict_that_returns_no_list_fails_its_batch_and_the_worker_lives_on():

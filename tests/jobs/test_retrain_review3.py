@@ -28,6 +28,7 @@ from segsvc.jobs.trainspec import TrainingConfig, TrainingRequest, resolve_submi
 from segsvc.models.artifact import WEIGHTS_FILE
 from segsvc.overrides import parse_override
 from tests.inference.managers import quiet_manager
+from tests.jobs.test_training_gate_races import _served_after_restart
 from tests.server.conftest import publish
 
 NAME = "m"
@@ -68,14 +69,11 @@ def _gate_run(job_id: str, compared: int) -> _Run:
     return _Run(SimpleNamespace(id=job_id, kind="train", spec=spec), progress={"default_version": compared})
 
 
-def _better_than_v1(tmp_path: Path, broken: Any = None) -> tuple[dict[str, Any], int]:
-    """Publish a candidate that beats v1 (the default) into a served repository; ``broken(manager)`` (awaited
-    when it returns an awaitable) breaks serving it first. The job's result and the version the running server
-    serves by default."""
-    root = tmp_path / "repo"
-    publish(root, NAME, seed=1)
-    candidate = publish(tmp_path / "cand", NAME, seed=2)
-    results = {"candidate": {"val": {"miou": 0.9}}, "default": {"val": {"miou": 0.5}}}
+def _publish_served(root: Path, state: Path, candidate: Path, results: dict[str, Any], compared: int,
+                    broken: Any = None) -> tuple[dict[str, Any], int]:
+    """A gate job that compared with ``compared`` publishes ``candidate`` into ``root``, served by a running
+    manager; ``broken(manager)`` (awaited when it returns an awaitable) breaks serving first. The job's result
+    and the version the running server serves by default."""
 
     async def main() -> tuple[dict[str, Any], int]:
         manager = quiet_manager(root)
@@ -83,9 +81,8 @@ def _better_than_v1(tmp_path: Path, broken: Any = None) -> tuple[dict[str, Any],
         try:
             if broken is not None and inspect.isawaitable(done := broken(manager)):
                 await done
-            config = TrainingConfig(state_dir=tmp_path / "state")
-            runner = TrainingRunner(_Store(), manager, None, config)  # type: ignore[arg-type]
-            result = await runner._publish(_gate_run("jobA", 1), candidate, results)
+            runner = TrainingRunner(_Store(), manager, None, TrainingConfig(state_dir=state))  # type: ignore[arg-type]
+            result = await runner._publish(_gate_run("jobA", compared), candidate, results)
             return result, manager.default_version(NAME)
         finally:
             await manager.stop()
@@ -93,13 +90,13 @@ def _better_than_v1(tmp_path: Path, broken: Any = None) -> tuple[dict[str, Any],
     return asyncio.run(main())
 
 
-async def _served_after_restart(root: Path) -> int:
-    manager = quiet_manager(root)
-    await manager.start()
-    try:
-        return manager.default_version(NAME)
-    finally:
-        await manager.stop()
+def _better_than_v1(tmp_path: Path, broken: Any = None) -> tuple[dict[str, Any], int]:
+    """Publish a candidate that beats v1 (the default) into a served repository (``_publish_served``)."""
+    root = tmp_path / "repo"
+    publish(root, NAME, seed=1)
+    candidate = publish(tmp_path / "cand", NAME, seed=2)
+    results = {"candidate": {"val": {"miou": 0.9}}, "default": {"val": {"miou": 0.5}}}
+    return _publish_served(root, tmp_path / "state", candidate, results, 1, broken)
 
 
 def test_a_promoted_version_that_does_not_load_is_reported_and_default_stays_on_the_served_one(tmp_path,

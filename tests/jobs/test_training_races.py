@@ -24,33 +24,12 @@ from segsvc.jobs.training import TrainingRunner, _Run, _Stop
 from segsvc.jobs.trainspec import TrainingConfig, TrainingRequest
 from tests.inference.managers import quiet_manager
 from tests.jobs.conftest import run_to_end
+from tests.jobs.test_retrain_review3 import _Datasets, _gate_run, _publish_served, _Store
+from tests.jobs.test_training_gate_races import _served_after_restart
 from tests.server.conftest import publish
 
 NAME = "m"
 WAIT_S = 60  # an upper bound for what happens at once; only a hang reaches it
-
-
-class _Store:
-    """What ``_evaluate`` and ``_publish`` use of the job store: progress writes, kept to be looked at."""
-
-    def __init__(self) -> None:
-        self.progress: dict[str, Any] = {}
-
-    def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
-        self.progress = dict(progress)
-
-
-class _Datasets:
-    def __init__(self, spec_path: Path) -> None:
-        self.spec_path = spec_path
-
-    def get(self, query: str) -> SimpleNamespace:
-        return SimpleNamespace(name="shapes", sha256="ab" * 32, spec_path=str(self.spec_path))
-
-    check_unchanged = get
-
-    def guard_deletes(self, users) -> None:  # type: ignore[no-untyped-def]
-        pass
 
 
 def _spec(spec_path: Path) -> dict[str, Any]:
@@ -223,21 +202,6 @@ def test_a_cancel_of_a_job_resumed_after_a_restart_starts_no_child(tmp_path, pha
 
 
 # -- 4. a promotion whose DEFAULT cannot be written --------------------------------------------------------------
-def _gate_run(job_id: str, compared: int) -> _Run:
-    spec = {"model_name": NAME, "dataset": {"name": "d", "sha256": "0" * 64}, "recipe_name": "r", "base": None,
-            "run_dir": "run", "request": {"promote": "gate", "gate_margin": 0.0, "overrides": []}}
-    return _Run(SimpleNamespace(id=job_id, kind="train", spec=spec), progress={"default_version": compared})
-
-
-async def _served_after_restart(root: Path) -> int:
-    manager = quiet_manager(root)
-    await manager.start()
-    try:
-        return manager.default_version(NAME)
-    finally:
-        await manager.stop()
-
-
 def test_a_promotion_whose_default_cannot_be_written_leaves_the_old_default_served(tmp_path, monkeypatch):
     """No DEFAULT pointer, v1 served; the candidate beats it but writing DEFAULT = v2 fails (a full disk). The job
     said "not promoted" while, with no pointer, v2 was the newest version: served by every server that started."""
@@ -252,19 +216,8 @@ def test_a_promotion_whose_default_cannot_be_written_leaves_the_old_default_serv
             raise OSError(errno.ENOSPC, "No space left on device")
         real_set_default(repo, name, version)
 
-    async def main() -> tuple[dict[str, Any], int]:
-        manager = quiet_manager(root)
-        await manager.start()
-        try:
-            runner = TrainingRunner(_Store(), manager, None,  # type: ignore[arg-type]
-                                    TrainingConfig(state_dir=tmp_path / "state"))
-            result = await runner._publish(_gate_run("jobA", 1), candidate, results)
-            return result, manager.default_version(NAME)
-        finally:
-            await manager.stop()
-
     monkeypatch.setattr(ModelRepository, "set_default", set_default)
-    result, served = asyncio.run(main())
+    result, served = _publish_served(root, tmp_path / "state", candidate, results, 1)
     monkeypatch.undo()
     assert (result["version"], result["promoted"], served) == (2, False, 1), result["verdict"]
     assert "could not be written" in result["verdict"] and "No space left" in result["verdict"]
@@ -283,19 +236,8 @@ def test_a_first_version_whose_default_cannot_be_written_is_served_and_said_prom
     def set_default(repo: ModelRepository, name: str, version: int | None) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    async def main() -> tuple[dict[str, Any], int]:
-        manager = quiet_manager(root)
-        await manager.start()
-        try:
-            runner = TrainingRunner(_Store(), manager, None,  # type: ignore[arg-type]
-                                    TrainingConfig(state_dir=tmp_path / "state"))
-            result = await runner._publish(_gate_run("jobA", 0), candidate, results)
-            return result, manager.default_version(NAME)
-        finally:
-            await manager.stop()
-
     monkeypatch.setattr(ModelRepository, "set_default", set_default)
-    result, served = asyncio.run(main())
+    result, served = _publish_served(root, tmp_path / "state", candidate, results, 0)
     monkeypatch.undo()
     assert (result["version"], result["promoted"], served) == (1, True, 1), result["verdict"]
     assert ModelRepository(root).default_version(NAME) is None
