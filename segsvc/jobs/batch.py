@@ -356,18 +356,6 @@ class JobRunner(StoreRunner):
             await asyncio.to_thread(self.store.finish, job.id, "FAILED", error=message)
             self._notify(job.id)
 
-    async def _start(self, job: Job) -> Job | None:
-        """``store.start``, or None when the job finished since the scheduler picked it (a cancel of the
-        QUEUED job landed in between): nothing ran, so there is no failure to log or record."""
-        try:
-            return await asyncio.to_thread(self.store.start, job.id)
-        except InvalidArgument:
-            if not (await asyncio.to_thread(self.store.get, job.id)).finished:
-                raise
-            log.info("job %s was cancelled before it started", job.id)
-            self._notify(job.id)
-            return None
-
     async def _pending(self, job_id: str) -> AsyncIterator[Item]:
         """The job's PENDING items in index order, read ``store.ITEM_PAGE`` per query: a job of a million
         items holds a page and its window, not the job. A page starts after the last index of the one

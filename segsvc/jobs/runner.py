@@ -13,12 +13,15 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import logging
 import shutil
 from pathlib import Path
 from typing import Protocol
 
-from segsvc.errors import FailedPrecondition
+from segsvc.errors import FailedPrecondition, InvalidArgument
 from segsvc.jobs.store import Job, JobStore
+
+log = logging.getLogger("segsvc.jobs")
 
 
 class RunningJob(Protocol):
@@ -148,6 +151,18 @@ class StoreRunner(abc.ABC):
         event = self._finished.get(job_id)
         if event is not None:
             event.set()
+
+    async def _start(self, job: Job) -> Job | None:
+        """``store.start``, or None when the job finished since the scheduler picked it (a cancel of the QUEUED
+        job landed in between): nothing ran, so there is no failure to log or record; its waiters are told."""
+        try:
+            return await asyncio.to_thread(self.store.start, job.id)
+        except InvalidArgument:
+            if not (await asyncio.to_thread(self.store.get, job.id)).finished:
+                raise
+            log.info("%s job %s was cancelled before it started", self.kind, job.id)
+            self._notify(job.id)
+            return None
 
 
 def remove_tree(root: Path) -> int:

@@ -252,7 +252,6 @@ class TrainingRunner(StoreRunner):
         try:
             started = await self._start(job)
             if started is None:
-                self._notify(job.id)
                 return
             job = started
             run = _Run(job, progress=dict(job.progress))
@@ -281,17 +280,6 @@ class TrainingRunner(StoreRunner):
             with contextlib.suppress(SegsvcError):
                 await asyncio.to_thread(self.store.finish, job.id, "FAILED", error=message)
         self._notify(job.id)
-
-    async def _start(self, job: Job) -> Job | None:
-        """``store.start``, or None when the job finished since the scheduler picked it (a cancel of the QUEUED
-        job landed in between): nothing ran, so there is no failure to log or record (as in the batch runner)."""
-        try:
-            return await asyncio.to_thread(self.store.start, job.id)
-        except InvalidArgument:
-            if not (await asyncio.to_thread(self.store.get, job.id)).finished:
-                raise
-            log.info("training job %s was cancelled before it started", job.id)
-            return None
 
     def _public(self, job: Job, message: str) -> str:
         """``message`` as a client may see it: the job's datasets by name and hash, its base model by name and
