@@ -102,6 +102,7 @@ def _png_header(data: bytes) -> tuple[ImageHeader, PngPixels]:
     header: ImageHeader | None = None
     idat: list[tuple[int, int]] = []
     idat_ended = False
+    profiles = 0
     for index in range(MAX_PNG_CHUNKS):
         if pos + 12 > n:
             raise InvalidImage(f"PNG is truncated: no IEND chunk in its {n} bytes")
@@ -118,6 +119,10 @@ def _png_header(data: bytes) -> tuple[ImageHeader, PngPixels]:
             if index:
                 raise InvalidImage("PNG has a second IHDR chunk")
             header = _png_ihdr(data, pos + 8, length)
+        elif kind == b"iCCP":
+            if profiles:  # Pillow inflates each (up to 1 MiB): 2 MB of them cost it 2 GB of inflating
+                raise InvalidImage("PNG has a second iCCP chunk (colour profile); the format allows one")
+            profiles += 1
         elif kind == b"acTL" and length >= 4 and (frames := struct.unpack_from(">I", data, pos + 8)[0]) > 1:
             raise InvalidImage(f"PNG is animated (APNG, {frames} frames): {_ONE_FRAME}")
         elif kind == b"IDAT":

@@ -258,7 +258,10 @@ def _listing(folder: Path, parts: tuple[str, ...], want: _Want,
     with os.scandir(folder) as it:
         for entry in it:
             budget.spend(1)
-            is_dir = entry.is_dir()  # follows symlinks: a link is judged as what it points to
+            try:
+                is_dir = entry.is_dir()  # follows symlinks: a link is judged as what it points to
+            except OSError:  # a link to what this server may not search: the walk judges that entry alone
+                is_dir = False  # (not the folder's other entries, which a raise here would all have hidden)
             descend, keep = want((*parts, entry.name), is_dir)
             if descend or keep:
                 wanted.append((entry, is_dir, descend, keep))

@@ -115,3 +115,13 @@ def test_16_bit_grey_keeps_its_top_byte():
             + _chunk(b"IEND", b""))
     assert decode_image(data).tolist() == [[0x00, 0x00, 0x01, 0xFF, 0x80]]
     assert codec._decode_png(data).dtype == np.uint8
+
+
+def test_a_second_colour_profile_is_refused_before_pillow_inflates_it():
+    """Pillow inflates every iCCP chunk, each up to 1 MiB: 2,000 of 1 kB (a 2 MB file) cost 2 GB of inflating,
+    and the walk allows 65,536 chunks. The format allows one profile; libpng refused a second one too."""
+    icc = _chunk(b"iCCP", b"p\0\0" + zlib.compress(bytes(1 << 20), 9))
+    pixels = _chunk(b"IDAT", zlib.compress(bytes(9 * 8))) + _chunk(b"IEND", b"")
+    assert decode_image(PNG_SIGNATURE + _ihdr(8, 8) + icc + pixels).shape == (8, 8)  # one profile is fine
+    _refused(PNG_SIGNATURE + _ihdr(8, 8) + icc * 2 + pixels,
+             "PNG has a second iCCP chunk (colour profile); the format allows one")

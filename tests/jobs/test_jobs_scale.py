@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import tracemalloc
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -235,3 +236,42 @@ def test_listing_a_folder_holds_only_the_entries_it_keeps(tmp_path: Path) -> Non
         peaks.append(_peak(lambda: files.extend(resolve_inputs(folder, ["."]))))
         assert [f.rel for f in files] == ["scan.png"]
     assert peaks[1] - peaks[0] < 4_000 * 16, peaks  # under 16 bytes per further entry listed: none is held
+
+
+def test_an_entry_that_cannot_be_judged_does_not_hide_its_folder(tmp_path, monkeypatch) -> None:
+    """A link whose target this server may not search made ``DirEntry.is_dir`` raise EACCES inside the folder's
+    listing, and the whole folder was skipped as unreadable: ``a.png`` and ``b.png`` went missing from the
+    batch without a word. Now that entry alone is judged by the walk (here, refused: it cannot be read)."""
+    from segsvc.jobs import inputs
+
+    root = tmp_path / "root"
+    (root / "in").mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        (root / "in" / name).write_bytes(b"x")
+    real_scandir = os.scandir
+
+    class Unsearchable:
+        def __init__(self, entry: os.DirEntry) -> None:
+            self._entry, self.name, self.path = entry, entry.name, entry.path
+
+        def is_dir(self) -> bool:
+            if self.name == "c.png":
+                raise PermissionError(13, "Permission denied")
+            return self._entry.is_dir()
+
+        def __getattr__(self, name: str):
+            return getattr(self._entry, name)
+
+    class Listing:
+        def __init__(self, path) -> None:
+            self._it = real_scandir(path)
+
+        def __enter__(self):
+            return (Unsearchable(e) for e in self._it)
+
+        def __exit__(self, *exc) -> None:
+            self._it.close()
+
+    monkeypatch.setattr(inputs.os, "scandir", Listing)
+    found = [f.rel for f in inputs.resolve_inputs(root, ["in"])]
+    assert found == ["in/a.png", "in/b.png", "in/c.png"]
