@@ -136,8 +136,9 @@ class CallLimit(grpc.aio.ServerInterceptor):
     did: a burst of large images took the process past its container's memory limit. So the request of a call
     is read only once it has a place: a unary request is read here, after the count (gRPC would read it before
     any handler ran). A call that streams both ways (``SegmentStream``) holds each message it has read until it
-    answers it: every message beyond the first takes one more place, which the stream waits for (back-pressure,
-    never a refusal), and gives back with its answer (``_StreamPlaces``).
+    answers it: each message takes a place before it is read, which the stream waits for (back-pressure, never
+    a refusal), and gives back with its answer; the call itself takes none (``_StreamPlaces``). While the server
+    drains, calls pass to the drain gate, which refuses them with UNAVAILABLE (retry elsewhere).
 
     gRPC's own ``maximum_concurrent_rpcs`` would not do: it counts and refuses every method alike (grpcio 1.81:
     a health check past it gets RESOURCE_EXHAUSTED), so a busy pod would fail its probes, be taken out of the
@@ -149,15 +150,17 @@ class CallLimit(grpc.aio.ServerInterceptor):
         on_refused: counts each refused call.
     """
 
-    def __init__(self, limit: int, on_refused: Refused = not_counted) -> None:
+    def __init__(self, limit: int, on_refused: Refused = not_counted,
+                 accepting: Callable[[], bool] = lambda: True) -> None:
         self.limit = limit
         self._on_refused = on_refused
+        self._accepting = accepting  # while the server drains, the drain gate refuses: UNAVAILABLE, not this
         self._active = 0
         self._room = asyncio.Event()  # set when a place is given back
 
     @property
     def in_flight(self) -> int:
-        """Places taken: gated calls in progress, and the images their streams hold beyond the first."""
+        """Places taken: unary and server-streaming calls in progress, and the images streams hold or read."""
         return self._active
 
     async def intercept_service(
@@ -167,7 +170,8 @@ class CallLimit(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(GATED_PREFIXES) or method in PROBE_METHODS:
+        if (handler is None or not method.startswith(GATED_PREFIXES) or method in PROBE_METHODS
+                or not self._accepting()):
             return handler
         return self._limited(handler, method.rsplit("/", 1)[-1][:64])
 
@@ -213,8 +217,8 @@ class CallLimit(grpc.aio.ServerInterceptor):
             inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
             async def streaming(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
-                async with self._place(context, method):
-                    places = _StreamPlaces(self) if handler.request_streaming else None
+                places = _StreamPlaces(self) if handler.request_streaming else None  # per message, not per call
+                async with self._place(context, method) if places is None else contextlib.nullcontext():
                     try:
                         request = places.read(requests) if places is not None else await request_of(requests, context)
                         responses = inner(request, context)
@@ -241,52 +245,52 @@ class CallLimit(grpc.aio.ServerInterceptor):
 
 
 class _StreamPlaces:
-    """The places of one call that streams both ways: one per message read and not yet answered, the call's own
-    counting as the first (``CallLimit``). Each response answers one message, as ``SegmentStream``'s do."""
+    """The places of one call that streams both ways: one for each message it has read and not yet answered,
+    and one for the message it waits to read (taken before the read: a message is never held uncounted). The call
+    itself holds none, so a stream waiting for a place holds only what it still has to answer, which its answers
+    give back: streams that fill the limit go on as their images are answered. Each response answers one
+    message, as ``SegmentStream``'s do."""
 
     def __init__(self, limit: CallLimit) -> None:
         self._limit = limit
-        self._extra = 0  # places taken beyond the call's own
-        self._read = 0
-        self._answered = 0
-        self._reading = False
+        self._held = 0  # places taken: messages read and not answered, and the one being read
         self._closed = False
 
     async def read(self, requests: AsyncIterator) -> AsyncIterator:
         """``requests``, each read only once a place covers it."""
         iterator = requests.__aiter__()
         while True:
-            if self._read - self._answered >= 1 + self._extra:  # every place holds a message: one more first
-                await self._limit.take()
-                if self._closed:  # the call ended while this waited: nothing would give the place back
-                    self._limit.give_back()
-                    return
-                self._extra += 1
-            self._reading = True
+            await self._limit.take()
+            if self._closed:  # the call ended while this waited: nothing would give the place back
+                self._limit.give_back()
+                return
+            self._held += 1
             try:
                 request = await iterator.__anext__()
-            except StopAsyncIteration:
+            except StopAsyncIteration:  # the end of the stream: no message holds this place
+                if not self._closed:  # (close() gave back every place already)
+                    self._release(1)
                 return
-            finally:
-                self._reading = False
-            self._read += 1
+            except BaseException:
+                if not self._closed:
+                    self._release(1)
+                raise
             yield request
 
     def answered(self) -> None:
-        """One message answered: give back the places no message (or read in progress) needs any more."""
-        self._answered += 1
-        needed = max(1, self._read - self._answered + self._reading)
-        if 1 + self._extra > needed:
-            surplus = 1 + self._extra - needed
-            self._extra -= surplus
-            self._limit.give_back(surplus)
+        """One message answered: its place goes back."""
+        if self._held:
+            self._release(1)
 
     def close(self) -> None:
-        """The call ends: every place beyond its own goes back."""
+        """The call ends: every place it holds goes back."""
         self._closed = True
-        extra, self._extra = self._extra, 0
-        if extra:
-            self._limit.give_back(extra)
+        if self._held:
+            self._release(self._held)
+
+    def _release(self, places: int) -> None:
+        self._held -= places
+        self._limit.give_back(places)
 
 
 class SegmentationServer:
@@ -310,7 +314,8 @@ class SegmentationServer:
         self.health = health.aio.HealthServicer()
         self._io = ThreadPoolExecutor(max(2, config.io_threads or cpu_count()), thread_name_prefix="segsvc-io")
         self.gate = DrainGate(on_refused=self.metrics.observe_refused)
-        self.calls = CallLimit(config.limits.max_concurrent_rpcs, on_refused=self.metrics.observe_refused)
+        self.calls = CallLimit(config.limits.max_concurrent_rpcs, on_refused=self.metrics.observe_refused,
+                               accepting=lambda: self.gate.accepting)
         self.service = InferenceService(self.manager, self._io, config.limits.admission)
         self.servicer = SegmentationServicer(self.service, config.limits, self.metrics)
         # The dataset registry and the trainer open in ``start``, once the state folder is this server's.

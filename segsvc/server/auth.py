@@ -271,18 +271,18 @@ class TokenFile:
         """Look at the file every ``interval_s`` seconds, or at once after ``reload_soon``, until cancelled. It
         never raises: a failure leaves the tokens in use."""
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval_s)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: wait_for may drop a cancel in 3.11
+                async with asyncio.timeout(interval_s):
+                    await self._wake.wait()
             force = self._wake.is_set()
             self._wake.clear()
             try:
                 taken = await asyncio.to_thread(self._look, force)
+                if taken is not None:
+                    self._on_reload(taken)
             except Exception:  # a bug here must not end the rotation, nor the server
                 log.exception("token file %s: could not be checked; keeping the %d token(s) in use", self.path,
                               len(self._current.tokens))
-                continue
-            if taken is not None:
-                self._on_reload(taken)
 
     def _look(self, force: bool) -> bool | None:
         """Read the file if ``force`` or it changed: whether its tokens were taken; None: it was not read."""

@@ -269,3 +269,32 @@ def test_while_draining_a_caller_without_a_token_still_reads_unauthenticated(dra
     with pytest.raises(grpc.RpcError) as info:
         call(b"", timeout=TIMEOUT_S)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_failing_reload_callback_does_not_end_the_watch(tmp_path):
+    """``watch`` "never raises", but an exception from its ``on_reload`` callback ended it: the file was then
+    never read again, so a later rotation was ignored until a restart."""
+    from segsvc.server.auth import TokenFile
+
+    path = tmp_path / "tokens.txt"
+    path.write_text("old-tok jobs\n")
+
+    async def main() -> bool:
+        calls: asyncio.Queue[bool] = asyncio.Queue()
+
+        def on_reload(taken: bool) -> None:
+            calls.put_nowait(taken)
+            if calls.qsize() == 1:
+                raise RuntimeError("a metrics hook broke")
+
+        tokens = TokenFile.of(AuthConfig.from_file(path), on_reload=on_reload)
+        watch = asyncio.create_task(tokens.watch(interval_s=0.05))
+        try:
+            await asyncio.wait_for(calls.get(), TIMEOUT_S)  # the first look; its callback raised
+            tokens.reload_soon()
+            await asyncio.wait_for(calls.get(), TIMEOUT_S)  # read again: the watch lives on
+            return not watch.done()
+        finally:
+            watch.cancel()
+
+    assert asyncio.run(main())

@@ -120,3 +120,52 @@ def test_a_streams_images_waiting_for_the_budget_take_places_too(start_server, t
         t.join(HANG_S)
     assert [r.mask.shape for r in results] == [(24, 24)] * 3  # the third image was read once a place was free
     wait_for(lambda: server.server.calls.in_flight == 0)
+
+
+def test_streams_that_fill_the_limit_go_on_as_their_images_are_answered(start_server, tmp_path):
+    """Two streams at a limit of two. Each stream's call held a place of its own and, its first image read,
+    waited for a second place for its next image; answering the first gave nothing back (the call's own place
+    still covered the stream), so both waited for ever (or the second stream was refused). Now a stream holds
+    a place per image it holds or reads, and its answers give them back."""
+    publish(tmp_path, "m", seed=2)
+    server = start_server(tmp_path, limits=LimitsConfig(max_concurrent_rpcs=2))
+    results: list[list] = [[], []]
+    errors_seen: list[BaseException] = []
+    both_open = threading.Barrier(2)
+
+    def stream(i: int) -> None:
+        try:
+            with server.client(timeout_s=HANG_S) as c:
+                both_open.wait(HANG_S)
+                results[i].extend(c.segment_many([make_image(24, 24, seed=j) for j in range(3)], model="m",
+                                                 progress=False))
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors_seen.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * HANG_S)
+    assert not errors_seen and [len(r) for r in results] == [3, 3], errors_seen
+    wait_for(lambda: server.server.calls.in_flight == 0)
+
+
+def test_a_draining_server_answers_unavailable_even_at_its_limit():
+    """The limit came before the drain gate: a draining server at its limit said RESOURCE_EXHAUSTED ("retry
+    with backoff") where the gate says UNAVAILABLE ("retry elsewhere")."""
+    import asyncio
+
+    from segsvc.server.app import CallLimit
+
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    call = type("Details", (), {"method": "/segsvc.v1.SegmentationService/Segment", "invocation_metadata": ()})()
+
+    async def continuation(_details):
+        return handler
+
+    async def main(accepting: bool):
+        return await CallLimit(1, accepting=lambda: accepting).intercept_service(continuation, call)
+
+    assert asyncio.run(main(False)) is handler  # passed on untouched: the gate refuses it
+    assert asyncio.run(main(True)) is not handler  # counted
