@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
 from segsvc.errors import InvalidArgument, ModelConfigError
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity: a container's cpuset, ``taskset``), else the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -637,7 +637,8 @@ def _register(store: JobStore, spec: dict[str, Any], names: Sequence[str], unusa
                               chunk_size=REGISTER_CHUNK)
     except AlreadyExists:
         raise AlreadyExists(f"output folder {out} holds a batch whose start was interrupted, with other inputs "
-                            "or settings: run the same command again, or choose a new folder") from None
+                            "or settings (or the model's default version moved since): run it again with "
+                            "--resume, which keeps the settings it started with, or choose a new folder") from None
     return job
 
 

@@ -49,6 +49,7 @@ from typing import Any, Protocol
 import torch
 import yaml
 
+from segsvc.config import usable_cpus
 from segsvc.errors import FailedPrecondition, InvalidArgument, NotFound, SegsvcError
 from segsvc.inference.repository import ModelRepository, parse_model_ref
 from segsvc.jobs.gate import POLICIES
@@ -189,11 +190,15 @@ class TrainingRequest:
             raise InvalidArgument(f"at most {MAX_OVERRIDES} overrides")
         if sum(len(text.encode()) for text in self.overrides) > MAX_RECIPE_BYTES:
             raise InvalidArgument(f"the overrides are larger than {MAX_RECIPE_BYTES} bytes together")
+        values = 0
         for text in self.overrides:
             key = check_override(text)
             if any(key == p or key.startswith(p + ".") for p in PROTECTED_KEYS):
                 raise InvalidArgument(f"override {text[:80]!r}: the service sets {key} itself")
-            check_yaml_size(text.partition("=")[2], f"override {key}")
+            values += check_yaml_size(text.partition("=")[2], f"override {key}")
+        if values > MAX_YAML_NODES:  # the trainer expands them all into one configuration
+            raise InvalidArgument(f"the overrides' aliases expand them to more than {MAX_YAML_NODES} values "
+                                  "together; write the values out, or use fewer aliases")
         check_client_config(self.recipe_yaml, self.overrides)
         if self.max_time_min is not None and self.epochs is not None:
             raise InvalidArgument("give one budget: max_time_min or epochs")
@@ -252,9 +257,10 @@ def _client_part(recipe_yaml: str, overrides: tuple[str, ...]) -> dict[str, Any]
     return data
 
 
-def check_yaml_size(text: str, what: str) -> None:
+def check_yaml_size(text: str, what: str) -> int:
     """Refuse YAML whose aliases expand it to more than ``MAX_YAML_NODES`` values, that contains itself (an
-    alias inside its own anchor), or that nests more than ``MAX_YAML_DEPTH`` levels; ``what`` names it.
+    alias inside its own anchor), or that nests more than ``MAX_YAML_DEPTH`` levels; ``what`` names it. Returns
+    its expanded size in values (0 for YAML that does not parse or is empty).
 
     Only the node graph is built (``yaml.compose``: an alias is one more reference to its anchor's node, nothing
     is copied), and the expanded size is counted over it, each node once. YAML that does not parse is left to
@@ -263,11 +269,11 @@ def check_yaml_size(text: str, what: str) -> None:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        return
+        return 0
     except RecursionError:  # the composer recurses once per level; not an internal error
         raise InvalidArgument(f"{what} is nested more than {MAX_YAML_DEPTH} levels deep") from None
     if root is None:
-        return
+        return 0
     size = _expanded_size(root)
     if size is None:
         raise InvalidArgument(f"{what} refers to itself (an alias inside its own anchor)")
@@ -276,6 +282,7 @@ def check_yaml_size(text: str, what: str) -> None:
                               "out, or use fewer aliases")
     if _depth(root) > MAX_YAML_DEPTH:  # walks the expanded document: after the size check, never a long walk
         raise InvalidArgument(f"{what} is nested more than {MAX_YAML_DEPTH} levels deep")
+    return size
 
 
 def _expanded_size(root: yaml.Node) -> int | None:
@@ -539,7 +546,7 @@ def check_processes(request: TrainingRequest) -> None:
     gpus = 0 if request.device == "cpu" else _visible_gpus()
     if request.device == "cuda" and not gpus:
         raise InvalidArgument(f"nproc_per_node={wanted} on device cuda: this server sees no GPU; use device cpu")
-    limit, unit = (gpus, "visible GPUs") if gpus else (_usable_cpus(), "CPUs to run on")
+    limit, unit = (gpus, "visible GPUs") if gpus else (usable_cpus(), "CPUs to run on")
     if wanted > limit:
         raise InvalidArgument(f"nproc_per_node: this server runs at most {limit} trainer processes on "
                               f"{'cuda' if gpus else 'cpu'} (it has {limit} {unit}), got {wanted}")
@@ -548,14 +555,6 @@ def check_processes(request: TrainingRequest) -> None:
 def _visible_gpus() -> int:
     """CUDA devices this process sees (CUDA_VISIBLE_DEVICES applied); 0 without CUDA."""
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def _usable_cpus() -> int:
-    """CPUs this process may run on (its affinity: a container's cpuset, ``taskset``), else the host's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def trainer_argv(spec: dict[str, Any], root: Path, config: TrainingConfig, resume: bool) -> list[str]:

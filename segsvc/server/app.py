@@ -42,6 +42,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from segsvc.config import usable_cpus
 from segsvc.datasets.registry import DatasetRegistry
 from segsvc.errors import InvalidArgument, Overloaded
 from segsvc.inference.allocator import configure_allocator
@@ -82,20 +83,13 @@ MODEL_HEALTH_PREFIX = "segsvc.model."  # + model name: that model's health (see 
 EXIT_ABANDONED = 3  # ``segsvc serve``'s exit status when its drain abandoned a forward pass still running
 
 
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def configure_threads(config: ServerConfig) -> int:
     """Torch intra-op threads = CPUs (or the flag), one inter-op thread, OpenCV single-threaded.
 
     Parallelism across requests comes from the I/O pool and the batcher; letting
     OpenCV and torch each spawn a thread per core on top would oversubscribe the CPUs.
     """
-    threads = config.torch_threads or cpu_count()
+    threads = config.torch_threads or usable_cpus()
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
@@ -312,7 +306,7 @@ class SegmentationServer:
         )
         self.metrics.watch_models(self.manager.snapshot, failed=self.manager.failed_versions)
         self.health = health.aio.HealthServicer()
-        self._io = ThreadPoolExecutor(max(2, config.io_threads or cpu_count()), thread_name_prefix="segsvc-io")
+        self._io = ThreadPoolExecutor(max(2, config.io_threads or usable_cpus()), thread_name_prefix="segsvc-io")
         self.gate = DrainGate(on_refused=self.metrics.observe_refused)
         self.calls = CallLimit(config.limits.max_concurrent_rpcs, on_refused=self.metrics.observe_refused,
                                accepting=lambda: self.gate.accepting)

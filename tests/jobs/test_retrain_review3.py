@@ -345,3 +345,13 @@ def test_a_trainer_that_fails_by_itself_is_not_restarted(tmp_path):
     outcome, progress, starts = _train_with(tmp_path, deaths=-1)
     assert isinstance(outcome, _Stop) and "exited with code 3" in str(outcome)
     assert starts == ["fresh"] and "trainer_restarts" not in progress
+
+
+def test_overrides_whose_aliases_expand_beyond_the_limit_together_are_refused():
+    """Each override was checked on its own: 20 of about 9,000 values each (a few hundred bytes apiece, far
+    within the byte limit) reached the trainer as 180,000 values, over the 100,000 one recipe may have."""
+    flow = "[&a [lol, lol, lol, lol, lol, lol, lol, lol, lol], " + ", ".join(
+        f"&{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]" for i in range(3)) + "]"
+    assert TrainingRequest(dataset="d", recipe="r", overrides=(f"extra.x0={flow}",))  # one alone is fine
+    with pytest.raises(InvalidArgument, match="together"):
+        TrainingRequest(dataset="d", recipe="r", overrides=tuple(f"extra.x{i}={flow}" for i in range(20)))
