@@ -7,7 +7,6 @@ Memory is counted with tracemalloc (numpy's buffers and Python's bytes are trace
 
 from __future__ import annotations
 
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -20,20 +19,11 @@ from segsvc.inference.service import Segmentation
 from segsvc.models.artifact import Manifest
 from segsvc.server import oip_convert
 from segsvc.server.convert import OutputFormat, segment_response
+from tests.inference.test_core_review_costs import traced_peak
 
 SIDE = 1024  # a label map of 1 MiB: far above every fixed overhead of the two responses
 SLACK_BYTES = 64 * 1024  # the messages' other fields (class names, palette, timings, names)
 NO_LIMIT = 1 << 40
-
-
-def traced_peak(fn):  # type: ignore[no-untyped-def]
-    """``fn()``'s result and the most Python memory it held at once."""
-    tracemalloc.start()
-    try:
-        result = fn()
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def _segmentation(seed: int, classes: int = 3) -> Segmentation:
