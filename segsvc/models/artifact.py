@@ -415,22 +415,13 @@ def _plan_bytes(plan: TensorPlan) -> int:
     return sum(math.prod(shape) * itemsize.get(dtype, 8) for shape, dtype in plan.values())
 
 
-def read_weights_header(path: Path) -> TensorPlan:
-    """``(shape, dtype)`` of each tensor ``path`` declares, from its header alone (at most
-    ``MAX_WEIGHTS_HEADER_BYTES``); nothing else of the file is read.
+def _read_header(f: BinaryIO, path: Path) -> TensorPlan:
+    """``(shape, dtype)`` of each tensor the safetensors file ``f`` (open at its start) declares, from its header
+    alone (at most ``MAX_WEIGHTS_HEADER_BYTES``); ``path`` names it in messages.
 
     Raises:
         ArtifactError: not a safetensors header, or one over the limit.
     """
-    try:
-        with open(path, "rb") as f:
-            return _read_header(f, path)
-    except OSError as exc:
-        raise ArtifactError(f"{path} is not a readable safetensors file: {exc}") from None
-
-
-def _read_header(f: BinaryIO, path: Path) -> TensorPlan:
-    """``read_weights_header`` of the file ``f``, open at its start (``path`` names it in messages)."""
     prefix = f.read(8)
     size = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
     if size > MAX_WEIGHTS_HEADER_BYTES:

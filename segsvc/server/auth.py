@@ -48,7 +48,7 @@ from typing import Awaitable, Callable, Iterable
 import grpc
 
 from segsvc.errors import InvalidArgument, PermissionDenied, SegsvcError, Unauthenticated
-from segsvc.server.errors import Refused, not_counted, refuse
+from segsvc.server.errors import Refused, not_counted, refusing_handler
 from segsvc.server.gate import PROBE_METHODS
 
 log = logging.getLogger(__name__)
@@ -419,17 +419,9 @@ def _with_scopes(handler: grpc.RpcMethodHandler | None,
 
 def _deny(handler: grpc.RpcMethodHandler | None, error: SegsvcError, method: str,
           on_refused: Refused) -> grpc.RpcMethodHandler:
-    """A handler that only aborts with ``error``'s status (and its ``ErrorInfo`` and ``segsvc-error``
-    trailers, as every other error) before reading anything: it takes the request as a stream it never
-    reads, whatever the method's own shape. (With a unary-request shape gRPC first waits for the request
-    message, so a caller that sent none, or held it back, got no refusal until its deadline, or ever.)
-    It counts and logs the refusal under ``method``'s name, or 'unknown' for a method the server does not
-    serve (a client-chosen name would make the metric's label set unbounded)."""
+    """A handler that only aborts with ``error``'s status before reading anything (``refusing_handler``). It
+    counts and logs the refusal under ``method``'s name, or 'unknown' for a method the server does not serve (a
+    client-chosen name would make the metric's label set unbounded)."""
     label = method.rsplit("/", 1)[-1][:64] if handler is not None else "unknown"
-
-    async def refused(_requests, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-        await refuse(context, error, label, log, on_refused, logging.WARNING)
-
-    if handler is not None and not handler.response_streaming:
-        return grpc.stream_unary_rpc_method_handler(refused)
-    return grpc.stream_stream_rpc_method_handler(refused)
+    return refusing_handler(handler is None or handler.response_streaming, error, label, log, on_refused,
+                            logging.WARNING)

@@ -221,6 +221,21 @@ async def refuse(context: grpc.aio.ServicerContext, exc: SegsvcError, method: st
     await abort(context, exc, request_id, method, logger)
 
 
+def refusing_handler(response_streaming: bool, exc: SegsvcError, method: str, logger: logging.Logger,
+                     on_refused: Refused, level: int = logging.INFO) -> grpc.RpcMethodHandler:
+    """A handler that only ends the call with ``refuse(exc)``, before reading anything: it takes the request as a
+    stream it never reads, whatever the method's own shape. (With a unary-request shape gRPC first waits for the
+    request message, so a caller that sent none, or held it back, got no refusal until its deadline, or ever.)
+    The auth interceptor's and the drain gate's refusals."""
+
+    async def refused(_requests, context: grpc.aio.ServicerContext) -> None:  # type: ignore[no-untyped-def]
+        await refuse(context, exc, method, logger, on_refused, level)
+
+    if response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refused)
+    return grpc.stream_unary_rpc_method_handler(refused)
+
+
 async def guarded(method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]],
                   logger: logging.Logger, request_id: str = "") -> T:
     """``await work()``; any error ends the RPC with its status (``abort``, under ``request_id``: by default the

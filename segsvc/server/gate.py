@@ -29,7 +29,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterator
 import grpc
 
 from segsvc.errors import InvalidArgument, Unavailable
-from segsvc.server.errors import Refused, not_counted, refuse
+from segsvc.server.errors import Refused, not_counted, refuse, refusing_handler
 
 log = logging.getLogger("segsvc.server")
 
@@ -90,20 +90,10 @@ class DrainGate(grpc.aio.ServerInterceptor):
         gated = method.startswith(self._prefixes) and method not in self._probes
         label = method.rsplit("/", 1)[-1][:64]
         if gated and not self.accepting:
-            return self._refusal(handler, label)
+            # answered before the request is read, as the auth interceptor's refusals (refusing_handler)
+            return refusing_handler(handler.response_streaming, Unavailable(REFUSED), label, log,
+                                    self._on_refused)
         return self._wrap(handler, label, gated)
-
-    def _refusal(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        """A handler that only answers UNAVAILABLE, before reading anything: it takes the request as a stream it
-        never reads, whatever the method's own shape (with a unary-request shape gRPC first waits for the request
-        message, so a caller that held it back got no refusal until its deadline). As ``auth._deny`` does."""
-
-        async def refused(_requests, context: grpc.aio.ServicerContext) -> None:
-            await refuse(context, Unavailable(REFUSED), method, log, self._on_refused)
-
-        if handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(refused)
-        return grpc.stream_unary_rpc_method_handler(refused)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str, gated: bool) -> grpc.RpcMethodHandler:
         """``handler`` with its requests parsed here; ``gated``: also refused while not accepting, and counted."""
