@@ -708,6 +708,9 @@ def _batch(args: argparse.Namespace) -> int:
     counts = summary["counts"]
     for failure in summary["failures"]:
         print(f"{failure['input']}: error: {failure['reason']}", file=sys.stderr)
+    if summary.get("failures_truncated"):
+        print(f"... and {counts['failed'] - len(summary['failures'])} more failed inputs: all are listed in "
+              f"{Path(args.out) / summary['failures_file']}", file=sys.stderr)
     rate = summary["images_per_s"]
     print(f"segmented {counts['done']}/{counts['total']} images ({counts['failed']} failed) with "
           f"{summary['model']}:{summary['version']} into {args.out}" + (f" at {rate:.1f} images/s" if rate else ""))

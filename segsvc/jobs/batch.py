@@ -12,7 +12,8 @@ same file names: nothing lost, nothing written twice. Leftover temporaries
 are removed when a job (re)starts. Undecodable or oversized inputs, inputs
 no output can be named after (``outputs.input_name_problem``) and inputs whose
 output names clash with another's (``outputs.item_write_problem``) are FAILED
-with their reason; the job still completes. A disk that refuses every write
+with their reason; the job still completes, and lists them in ``failures.jsonl`` (its result and summary
+hold only the first ``outputs.FAILURES_SHOWN``). A disk that refuses every write
 (full, read-only) fails the job with that reason. An item FAILED or SKIPPED
 keeps no files (a killed run may have renamed some into place), and a cancel
 or a stop waits for the writes in flight, so every file has its DONE item.
@@ -55,7 +56,8 @@ from segsvc.inference.service import ImageFile, InferenceService, Segmentation
 from segsvc.jobs import store as job_store
 from segsvc.jobs.inputs import confine, resolve_inputs
 from segsvc.jobs.outputs import (
-    JobOutputs, check_rel, checked_inputs, clean_temporaries, is_temporary, item_write_problem,
+    RESULTS_FILE, SUMMARY_FILE, JobOutputs, check_rel, checked_inputs, clean_temporaries, is_temporary,
+    item_write_problem,
 )
 from segsvc.jobs.runner import StoreRunner
 from segsvc.jobs.staging import StagingArea, UploadLimits
@@ -504,7 +506,8 @@ class JobRunner(StoreRunner):
         job = await asyncio.to_thread(self.store.get, job_id)
         manifest = self._service.manager.resolve(run.model, run.version).manifest
         elapsed = float(job.progress.get("elapsed_s") or 0.0)
-        # Read from the store a page at a time as results.jsonl is written, on the I/O thread.
+        # Read from the store a page at a time as results.jsonl and failures.jsonl are written, on the I/O thread;
+        # the summary and the result keep the first failures (outputs.FAILURES_SHOWN), job.failed counts them all.
         done = (i.result for i in self.store.iter_items(job_id, "DONE") if i.result is not None)
         failed = ({"input": i.input, "reason": i.reason} for i in self.store.iter_items(job_id, "FAILED"))
         try:
@@ -520,8 +523,9 @@ class JobRunner(StoreRunner):
             raise _unwritable(exc) from exc
         result = {"output_location": job_id, "total": job.total, "done": job.done, "failed": job.failed,
                   "skipped": job.skipped, "class_pixel_totals": summary["class_pixels"],
-                  "failures": summary["failures"], "results_file": "results.jsonl",
-                  "summary_file": "summary.json", "elapsed_seconds": elapsed,
+                  "failures": summary["failures"], "failures_truncated": summary["failures_truncated"],
+                  "failures_file": summary["failures_file"], "results_file": RESULTS_FILE,
+                  "summary_file": SUMMARY_FILE, "elapsed_seconds": elapsed,
                   "images_per_second": summary["images_per_s"] or 0.0}
         state = "CANCELLED" if cancelled else "SUCCEEDED"
         await asyncio.to_thread(self.store.finish, job_id, state, result=result)

@@ -721,7 +721,9 @@ def run_batch(
     (``options=None`` on a new batch means the defaults).
     A failed input (undecodable, unreadable, or a file name no output can be named
     after: see ``outputs.input_name_problem``) does not stop the run; it is listed
-    in the summary's ``failures``. Interrupt it at any point and call again with
+    in ``failures.jsonl`` (the summary's ``failures`` holds the first ``outputs.FAILURES_SHOWN``
+    by input, ``failures_truncated`` says whether there are more, ``counts.failed`` counts
+    them all). Interrupt it at any point and call again with
     ``resume=True`` to finish.
     """
     if engine not in ENGINES:

@@ -8,7 +8,8 @@ for the offline runners)::
     overlay/<rel>.png       optional: palette colours blended over the image
     confidence/<rel>.png    optional: max softmax probability as uint8 (round(255 p))
     results.jsonl           one record per image, sorted by input
-    summary.json            counts, per-class pixel totals and shares, failures, throughput
+    failures.jsonl          one {"input", "reason"} line per failed input, sorted by input
+    summary.json            counts, per-class pixel totals and shares, the first failures, throughput
     class_shares.png        horizontal bar chart of the class pixel shares
 
 ``<rel>`` is the input's path relative to the job's input root with ``.png``
@@ -26,7 +27,11 @@ not fsynced: the guarantee is against crashed processes, not power loss.
 ``results.jsonl`` is written one line at a time as the records are read (a job
 of a million images holds neither its records nor the file in memory), and
 fsynced before its rename: one sync per job, so a power loss cannot leave the
-job's index renamed into place but empty.
+job's index renamed into place but empty. ``failures.jsonl`` is written the same
+way, and ``summary.json`` lists only the first ``FAILURES_SHOWN`` failures by input
+(with ``failures_truncated`` when there are more; ``counts.failed`` is exact): a
+job whose million inputs all fail keeps its summary, its stored result and its
+``GetOperation`` response small.
 
 Example:
     >>> import numpy as np, tempfile
@@ -37,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import errno
 import json
 import os
@@ -55,6 +61,9 @@ from segsvc.inference.codec import overlay as blend
 
 KINDS = ("labels", "color", "overlay", "confidence")
 RESULTS_FILE = "results.jsonl"
+FAILURES_FILE = "failures.jsonl"
+# Failures listed in summary.json (and a job's result): the first by input; failures.jsonl lists them all.
+FAILURES_SHOWN = 100
 SUMMARY_FILE = "summary.json"
 CHART_FILE = "class_shares.png"
 CHART_MAX_CLASSES = 40  # more bars than this are unreadable; the rest are summed into one bar
@@ -362,27 +371,36 @@ class JobOutputs:
         class_names: Sequence[str],
         palette: Sequence[Sequence[int]] | np.ndarray,
         summary_fields: Mapping[str, Any],
+        failures_shown: int | None = None,
     ) -> dict[str, Any]:
-        """Write ``results.jsonl``, ``summary.json`` and ``class_shares.png``; returns the summary.
+        """Write ``results.jsonl``, ``failures.jsonl``, ``summary.json`` and ``class_shares.png``; returns the
+        summary.
 
         ``records`` are written to ``results.jsonl`` one line at a time, sorted by input: a
         sequence (held in memory already) is sorted here; any other iterable must come in that
         order, as a job's DONE items read from its store a page at a time do (jobs register
-        their inputs sorted), and is never held whole. ``failures`` are held: the summary
-        lists them.
+        their inputs sorted), and is never held whole. ``failures`` go to ``failures.jsonl``
+        the same way; the summary lists the first ``failures_shown`` of them by input
+        (default ``FAILURES_SHOWN``), sets ``failures_truncated`` when there were more, and
+        counts them all in ``counts.failed``.
 
         ``summary_fields`` recognises ``job_id``, ``model``, ``version``, ``total``
         (default: done + failed + skipped), ``skipped`` (default 0), ``elapsed_s``
         and ``created`` (default: now, UTC); any other key is copied into the summary.
         """
+        shown = FAILURES_SHOWN if failures_shown is None else failures_shown
+        if not isinstance(shown, int) or shown < 0:
+            raise InvalidArgument(f"failures_shown must be an integer >= 0, got {shown!r}")
         if isinstance(records, Sequence):
             records = sorted(records, key=lambda r: r["input"])
-        fails = sorted(({"input": f["input"], "reason": f.get("reason")} for f in failures), key=lambda f: f["input"])
+        if isinstance(failures, Sequence):
+            failures = sorted(failures, key=lambda f: f["input"])
         pixels = {name: 0 for name in class_names}
         done = self._write_results(records, pixels)
+        failed, first_failures = self._write_failures(failures, shown)
         fields = dict(summary_fields)
         total_pixels = sum(pixels.values())
-        failed, skipped = len(fails), int(fields.pop("skipped", 0) or 0)
+        skipped = int(fields.pop("skipped", 0) or 0)
         elapsed_s = fields.pop("elapsed_s", None)
         summary: dict[str, Any] = {
             "job_id": fields.pop("job_id", None),
@@ -392,7 +410,9 @@ class JobOutputs:
                        "done": done, "failed": failed, "skipped": skipped},
             "class_pixels": pixels,
             "class_shares": {k: (round(v / total_pixels, 6) if total_pixels else 0.0) for k, v in pixels.items()},
-            "failures": fails,
+            "failures": first_failures,
+            "failures_truncated": failed > len(first_failures),
+            "failures_file": FAILURES_FILE,
             "elapsed_s": None if elapsed_s is None else round(float(elapsed_s), 3),
             "images_per_s": round(done / elapsed_s, 3) if elapsed_s else None,
             "created": fields.pop("created", None) or datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -419,6 +439,35 @@ class JobOutputs:
 
         atomic_write(self.root / RESULTS_FILE, lines())
         return written
+
+    def _write_failures(self, failures: Iterable[Mapping[str, Any]], shown: int) -> tuple[int, list[dict[str, Any]]]:
+        """Write ``failures.jsonl`` a line per failure as they come (temporary, fsync, rename); returns how many
+        there were and the first ``shown`` of them by input (the only ones held)."""
+        written = 0
+        first: list[dict[str, Any]] = []
+
+        def lines() -> Iterator[bytes]:
+            nonlocal written
+            for failure in failures:
+                row = {"input": failure["input"], "reason": failure.get("reason")}
+                written += 1
+                _keep_first(first, row, shown)
+                yield (json.dumps(row) + "\n").encode()
+
+        atomic_write(self.root / FAILURES_FILE, lines())
+        return written, first
+
+
+def _failure_key(failure: Mapping[str, Any]) -> tuple[str, str]:
+    return failure["input"], failure["reason"] or ""
+
+
+def _keep_first(first: list[dict[str, Any]], failure: dict[str, Any], shown: int) -> None:
+    """Add ``failure`` to ``first`` (sorted by input) when it is among the first ``shown`` seen so far by input."""
+    if shown == 0 or (len(first) == shown and _failure_key(failure) >= _failure_key(first[-1])):
+        return
+    bisect.insort(first, failure, key=_failure_key)
+    del first[shown:]
 
 
 def class_shares_chart(

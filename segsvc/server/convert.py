@@ -178,7 +178,7 @@ def model_info(status: ModelStatus) -> pb.ModelInfo:
 
 # -- jobs and long-running operations ------------------------------------------------
 JOB_NAME_PREFIX = "jobs/"
-MAX_FAILURES_IN_RESPONSE = 1000  # summary.json lists them all
+MAX_FAILURES_IN_RESPONSE = 1000  # older stored results; new ones hold outputs.FAILURES_SHOWN (failures.jsonl: all)
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _JOB_STATES = {
     "QUEUED": jobs_pb.JOB_STATE_QUEUED, "RUNNING": jobs_pb.JOB_STATE_RUNNING,
@@ -242,6 +242,8 @@ def job_result(result: dict) -> jobs_pb.SegmentationJobResult:
                   for f in failures[:MAX_FAILURES_IN_RESPONSE]],
         results_file=result["results_file"], summary_file=result["summary_file"],
         elapsed_seconds=float(result["elapsed_seconds"]), images_per_second=float(result["images_per_second"]),
+        failures_truncated=bool(result.get("failures_truncated")) or len(failures) > MAX_FAILURES_IN_RESPONSE,
+        failures_file=result.get("failures_file", ""),
     )
 
 

@@ -1,4 +1,4 @@
-"""The batch output layout: names, atomic writes, results.jsonl, summary.json and the chart."""
+"""The batch output layout: names, atomic writes, results.jsonl, failures.jsonl, summary.json and the chart."""
 
 from __future__ import annotations
 
@@ -135,6 +135,8 @@ def test_finalize_writes_sorted_results_summary_and_chart(tmp_path: Path) -> Non
     assert summary["class_pixels"] == {"sky": 10, "road": 30, "car": 0}
     assert summary["class_shares"] == {"sky": 0.25, "road": 0.75, "car": 0.0}
     assert summary["failures"] == [{"input": "bad.jpg", "reason": "corrupt"}]
+    assert summary["failures_truncated"] is False and summary["failures_file"] == "failures.jsonl"
+    assert (tmp_path / "failures.jsonl").read_text() == '{"input": "bad.jpg", "reason": "corrupt"}\n'
     assert summary["elapsed_s"] == 2.0 and summary["images_per_s"] == 1.0 and summary["note"] == "x"
     assert summary["created"].startswith("20")
     chart = (tmp_path / "class_shares.png").read_bytes()
@@ -143,7 +145,7 @@ def test_finalize_writes_sorted_results_summary_and_chart(tmp_path: Path) -> Non
     assert picture is not None and picture.shape[0] > 50 and picture.shape[1] > 200
     road_red = (picture[:, :, 2] > 200) & (picture[:, :, 1] < 40) & (picture[:, :, 0] < 40)
     assert road_red.sum() > 500  # the road bar is drawn in its palette colour
-    assert all_files(tmp_path) == ["class_shares.png", "results.jsonl", "summary.json"]
+    assert all_files(tmp_path) == ["class_shares.png", "failures.jsonl", "results.jsonl", "summary.json"]
 
 
 def test_importing_outputs_does_not_load_matplotlib() -> None:
