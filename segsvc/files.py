@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import secrets
@@ -144,6 +145,14 @@ def _temporary_file(path: Path) -> tuple[int, Path]:
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no unused temporary name", str(path.parent))
+
+
+def sha256_hex(source: str | os.PathLike[str] | BinaryIO) -> str:
+    """The hex SHA-256 of a file: a path, or a binary file object read from where it stands to its end."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    return hashlib.file_digest(source, "sha256").hexdigest()
 
 
 def widen_to_umask(folder: str | os.PathLike[str]) -> None:

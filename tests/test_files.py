@@ -1,13 +1,14 @@
-"""segsvc.files.write_atomic: the modes of what it writes, and what it leaves behind."""
+"""segsvc.files: write_atomic (the modes of what it writes, and what it leaves behind) and sha256_hex."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-from segsvc.files import write_atomic
+from segsvc.files import sha256_hex, write_atomic
 
 
 def _written_under(umask: int, path: Path, data: bytes, mode: int | None = None) -> int:
@@ -62,3 +63,15 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         write_atomic(path, b"2\n")
     assert path.read_bytes() == b"1\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["DEFAULT"]
+
+
+def test_sha256_hex_of_a_path_and_of_an_open_file_from_where_it_stands(tmp_path) -> None:
+    """One helper for the weights' and the exports' checksums (three copies before): a path is hashed whole,
+    an open file from its position (the loader hashes the file it has open, after nothing was read)."""
+    data = os.urandom(3 << 20) + b"tail"  # over one read chunk
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(data)
+    assert sha256_hex(path) == sha256_hex(str(path)) == hashlib.sha256(data).hexdigest()
+    with open(path, "rb") as f:
+        f.seek(5)
+        assert sha256_hex(f) == hashlib.sha256(data[5:]).hexdigest()

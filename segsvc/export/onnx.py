@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from segsvc.errors import ArtifactError, ExportError
-from segsvc.files import write_atomic
+from segsvc.files import sha256_hex, write_atomic
 from segsvc.export import (
     DEFAULT_CHECKS, DEFAULT_OPSET, DEFAULT_TOLERANCE, INPUT_NAME, MIN_AGREEMENT, ONNX_FILE, OUTPUT_NAME,
 )
@@ -239,14 +239,6 @@ def _graphs(proto: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
     yield from walk(proto.graph)
     for function in proto.functions:
         yield from nested(function.node)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _metadata(manifest: Manifest, stride: int, min_size: int) -> dict[str, str]:
@@ -475,7 +467,7 @@ def published_onnx(version_dir: str | os.PathLike[str], manifest: Manifest | Non
     if Path(name).name != name or not path.is_file():
         raise ArtifactError(f"{manifest.name}:{manifest.version}: the manifest records the ONNX export {name!r}, "
                             f"which is not a file in the version directory; {hint}")
-    if file_sha256(path) != entry.get("sha256"):
+    if sha256_hex(path) != entry.get("sha256"):
         raise ArtifactError(f"{manifest.name}:{manifest.version}: {name} does not match the SHA-256 its manifest "
                             f"records (changed after the export?); {hint}")
     return path

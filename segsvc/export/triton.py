@@ -62,10 +62,10 @@ from typing import Any, Iterator
 
 from segsvc.errors import AlreadyExists, ArtifactError
 from segsvc.export import DEFAULT_MAX_BATCH_SIZE, INPUT_NAME, ONNX_FILE, OUTPUT_NAME
-from segsvc.files import fsync_published, fsync_tree, widen_to_umask
+from segsvc.files import fsync_published, fsync_tree, sha256_hex, widen_to_umask
 from segsvc.export.compare import Progress
 from segsvc.export.onnx import (
-    export_onnx, file_sha256, geometry_of, needed_ir_version, published_onnx, version_lock,
+    export_onnx, geometry_of, needed_ir_version, published_onnx, version_lock,
 )
 from segsvc.models.artifact import Manifest, read_manifest
 
@@ -204,7 +204,7 @@ def _write_model_dir(tmp: Path, manifest: Manifest, onnx_path: Path, sha256: str
     version = tmp / TRITON_VERSION
     version.mkdir()
     shutil.copyfile(onnx_path, version / ONNX_FILE)
-    if file_sha256(version / ONNX_FILE) != sha256:
+    if sha256_hex(version / ONNX_FILE) != sha256:
         raise ArtifactError(f"{onnx_path} changed while it was copied; export again")
     # mkdtemp made the folder 0700: the folder and every file get the modes the umask gives new ones (0755 / 0644
     # under 022), not the weights' 0600: a tritonserver running as another user must load the model too

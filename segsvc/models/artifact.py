@@ -13,7 +13,6 @@ the whole version or none of it; an existing version is never overwritten.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -35,7 +34,8 @@ from torch import nn
 import segsvc
 from segsvc.config import InferenceSpec, InputSpec, ModelSpec
 from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument, PathOutsideRoot, SegsvcError
-from segsvc.files import PathChanged, fsync_published, fsync_tree, open_beneath, widen_to_umask, write_atomic
+from segsvc.files import (PathChanged, fsync_published, fsync_tree, open_beneath, sha256_hex, widen_to_umask,
+                          write_atomic)
 from segsvc.models.registry import architecture_spec, build_model, plan_model
 from segsvc.palette import Color, default_palette
 
@@ -185,14 +185,6 @@ def _color(value: Any) -> Color:
     return (value[0], value[1], value[2])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_name(name: str) -> str:
     """Model names become directory names: letters, digits, '-', '_' and '.' only, at most 128 bytes in UTF-8
     (a file system's name limit is 255 bytes: 128 CJK characters, 384 bytes, failed there as an OSError)."""
@@ -286,7 +278,7 @@ def save_artifact(
             inference=with_model_geometry(inference or InferenceSpec(), model),
             lineage=dict(lineage or {}),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            weights_sha256=_sha256(tmp / WEIGHTS_FILE),
+            weights_sha256=sha256_hex(tmp / WEIGHTS_FILE),
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         widen_to_umask(tmp)  # readable as the umask allows, not only by this user (mkdtemp: 0700)
@@ -467,13 +459,6 @@ def _plan_of(state: Mapping[str, torch.Tensor]) -> TensorPlan:
     return {k: (tuple(t.shape), _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype))) for k, t in state.items()}
 
 
-def _sha256_of(f: BinaryIO) -> str:
-    digest = hashlib.sha256()
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fd_path(f: BinaryIO, path: Path) -> str:
     """A name that opens the very file ``f`` is open on (Linux's ``/proc/self/fd``), for a loader that takes a
     path: it reads the file that was checked, not whatever ``path`` names by now. ``path`` without ``/proc``."""
@@ -490,7 +475,7 @@ def _read_weights(f: BinaryIO, weights: Path, manifest: Manifest, plan: TensorPl
         raise ArtifactError(f"{weights} is {size} bytes, more than the model its manifest describes can hold "
                             f"({limit})")
     try:
-        if manifest.weights_sha256 and _sha256_of(f) != manifest.weights_sha256:
+        if manifest.weights_sha256 and sha256_hex(f) != manifest.weights_sha256:
             raise ArtifactError(f"{weights} is corrupt: its SHA-256 does not match the manifest")
         f.seek(0)
         _check_state(weights, plan, _read_header(f, weights), manifest.spec.arch)

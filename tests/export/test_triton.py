@@ -195,8 +195,6 @@ def _entries(folder: Path) -> list[str]:
 def test_an_export_builds_its_temporaries_outside_the_triton_repository(
         repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """tritonserver takes every folder of its repository for a model, dot-folders included."""
-    import os
-
     import segsvc.export.triton as triton
 
     version_dir = publish(repo, "m", TINY["unet"])
@@ -451,7 +449,7 @@ def test_a_recorded_export_above_the_ir_version_its_opsets_need_is_made_again(re
     reach Triton as it is: it is exported anew, with the options it was made with."""
     from dataclasses import replace
 
-    from segsvc.export.onnx import file_sha256
+    from segsvc.files import sha256_hex
     from segsvc.models.artifact import write_manifest
 
     version_dir = publish(repo, "m", TINY["unet"])
@@ -460,7 +458,7 @@ def test_a_recorded_export_above_the_ir_version_its_opsets_need_is_made_again(re
     graph.ir_version = 10
     onnx.save(graph, made.path)
     manifest = read_manifest(version_dir)
-    entry = {**manifest.exports["onnx"], "sha256": file_sha256(made.path)}
+    entry = {**manifest.exports["onnx"], "sha256": sha256_hex(made.path)}
     write_manifest(version_dir, replace(manifest, exports={**manifest.exports, "onnx": entry}))
 
     result = export_triton(version_dir, tmp_path / "triton")
