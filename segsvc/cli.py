@@ -84,7 +84,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--repo", default=None, help="model repository root (<root>/<model>/<version>/)")
     pl.set_defaults(func=_models_list)
     ps = msub.add_parser("show", help="print a model version's manifest")
-    ps.add_argument("ref", help="NAME or NAME:VERSION (default: the latest version)")
+    ps.add_argument("ref", help="NAME or NAME:VERSION (default: the version DEFAULT names, else the newest)")
     ps.add_argument("--repo", required=True, help="model repository root")
     ps.set_defaults(func=_models_show)
 
@@ -130,7 +130,8 @@ def _float_list(text: str) -> tuple[float, ...]:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model artifact on a labelled dataset split")
     p.add_argument("--model", required=True,
-                   help="a model version directory <repo>/<name>/<version> (or <repo>/<name> for the latest)")
+                   help="a model version directory <repo>/<name>/<version>, or <repo>/<name> for its default version "
+                        "(the one <name>/DEFAULT names, else the newest)")
     p.add_argument("--data", required=True, help="dataset spec: built-in name (camvid, membrane, synthetic) or YAML")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     p.add_argument("--out", default=None, help="output folder (default: runs/eval/<model>-v<version>-<split>)")
@@ -723,7 +724,9 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="image files, folders (walked recursively) or glob patterns; optional with --resume")
     p.add_argument("--model-repo", required=True, help="repository root: <root>/<model>/<version>/")
-    p.add_argument("--model", default=None, help="NAME or NAME:VERSION (default latest; with --resume: the stored one)")
+    p.add_argument("--model", default=None,
+                   help="NAME or NAME:VERSION (default: the version DEFAULT names, else the newest; "
+                        "with --resume: the stored one)")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --resume)")
     p.add_argument("--engine", default="local", choices=("local", "ray"),
                    help="local: one process, pipelined (default); ray: Ray Data actors (pip install 'segsvc[ray]')")

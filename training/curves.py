@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ import torch
 import yaml
 
 from segsvc.errors import InvalidArgument, NotFound
+from segsvc.files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 FIGSIZE_IN = (9.0, 5.5)
@@ -155,8 +157,8 @@ def _run_settings(run_dir: Path) -> RunSettings:
     """The recipe name, ``train.threads``, world size and dataset of a run."""
     recipe, threads, dataset = run_dir.parent.name, None, ""
     try:
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # damaged, or another program's: the folder's name
         config = None
     if isinstance(config, dict):
         recipe = str(config.get("name") or recipe)
@@ -229,18 +231,17 @@ def require_validated_runs(root: Path, default_threads: int | None = None) -> li
 
 
 def write_csv(curves: Sequence[RunCurve], path: Path) -> Path:
-    """One row per plotted point (``CSV_COLUMNS``), written under a temporary name and renamed."""
+    """One row per plotted point (``CSV_COLUMNS``), written under a temporary name and renamed
+    (``write_atomic``: a name of its own, never a file of the user's beside it)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(CSV_COLUMNS)
+    for curve in curves:
+        for p in curve.points:
+            writer.writerow([curve.name, curve.recipe, curve.dataset, p.epoch, _num(p.wall_minutes), p.cpu_threads,
+                             _num(p.cpu_minutes), p.source, round(p.val_miou, 6)])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_COLUMNS)
-        for curve in curves:
-            for p in curve.points:
-                writer.writerow([curve.name, curve.recipe, curve.dataset, p.epoch, _num(p.wall_minutes), p.cpu_threads,
-                                 _num(p.cpu_minutes), p.source, round(p.val_miou, 6)])
-    tmp.replace(path)
-    return path
+    return write_atomic(path, text.getvalue().encode("utf-8"))
 
 
 def _num(x: float) -> str:
@@ -297,12 +298,13 @@ def plot_curves(curves: Sequence[RunCurve], path: Path, title: str = "") -> Path
             ax.set_title(dataset, fontsize="medium")
     axes[0][0].set_ylabel("validation mIoU")
     fig.suptitle(title or "validation mIoU against compute")
+    picture = io.BytesIO()
+    try:
+        fig.savefig(picture, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=DPI)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return write_atomic(path, picture.getvalue())
 
 
 def write_curves(root: Path, png: Path, title: str = "", default_threads: int | None = None) -> list[RunCurve]:

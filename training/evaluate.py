@@ -18,7 +18,10 @@ IoU and, for two classes, the ISBI 2012 challenge's own pixel error
 (``isbi_pixel_error``: 1 - F-score of the non-membrane pixels).
 ``--tta-scales`` tries multi-scale TTA; ``--curves DIR`` also writes the
 learning curves of every training run under ``DIR`` (``training.curves``)
-beside the report, so the model is seen against the other recipes.
+beside the report, so the model is seen against the other recipes (without it, the curves an earlier
+evaluation left in ``--out`` are removed). ``--model <repo>/<name>`` evaluates the version the server
+serves for the name: the one ``<name>/DEFAULT`` names, else the newest. A split that counts no pixel (its
+masks all void) is refused: every figure would be NaN.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from tqdm import tqdm
 from segsvc.config import InferenceSpec
 from segsvc.data.datasets import build_dataset
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
-from segsvc.errors import InvalidArgument, ModelConfigError, NotFound
+from segsvc.errors import InvalidArgument, ModelConfigError, NotFound, SegsvcError
 from segsvc.files import write_atomic
 from segsvc.inference.allocator import configure_allocator
 from segsvc.inference.argmax import class_argmax
@@ -46,11 +49,13 @@ from segsvc.inference.backends import open_version_dir
 from segsvc.inference.contract import apply_contract
 from segsvc.inference.engine import Engine, EngineConfig, resolve_device
 from segsvc.inference.predictor import Predictor
+from segsvc.inference.repository import DEFAULT_FILE, ModelRepository
 from segsvc.models.artifact import Manifest
 from segsvc.progress import show_progress
 from training.curves import require_validated_runs, write_curves
 from training.data import require_labels, select_indices
-from training.metrics import BoundaryErrors, ConfusionMatrix, SegmentationMetrics, format_table, isbi_metrics
+from training.metrics import (BoundaryErrors, ConfusionMatrix, SegmentationMetrics, format_table, isbi_metrics,
+                              require_counted)
 from training.rundir import ARTIFACT_RECORD
 from training.report import plot_eval_report
 
@@ -109,8 +114,14 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(device=device, precision=options.precision, backend=options.backend, warmup=False)
     backend, manifest = open_version_dir(version_dir, torch.device(device), config)
     out_dir = Path(args.out) if args.out else Path("runs/eval") / f"{manifest.name}-v{manifest.version}-{args.split}"
+    made = not out_dir.exists()
     prepare_out_dir(out_dir)  # before the evaluation, not after it
-    result = evaluate_artifact(Predictor(backend, manifest), data, options)
+    try:
+        result = evaluate_artifact(Predictor(backend, manifest), data, options)
+    except BaseException:
+        if made:  # the folder made for this evaluation's files is not left behind, empty
+            remove_if_empty(out_dir)
+        raise
     table = format_table(result.metrics, list(manifest.class_names), isbi=True)
     print(f"{manifest.name} v{manifest.version} on {data.name}/{args.split} ({result.images} images, "
           f"{result.seconds:.1f} s) {describe_contract(result.contract, options)}\n{table}\n"
@@ -118,10 +129,29 @@ def run(args: argparse.Namespace) -> int:
     write_outputs(out_dir, manifest, data, options, result)
     print(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'report.png'}")
     if args.curves:
-        curves = write_curves(Path(args.curves), out_dir / "curves.png",
+        curves = write_curves(Path(args.curves), out_dir / CURVES_PICTURE,
                               f"validation mIoU of the runs under {args.curves}")
-        print(f"wrote {out_dir / 'curves.png'} ({len(curves)} runs)")
+        print(f"wrote {out_dir / CURVES_PICTURE} ({len(curves)} runs)")
+    else:  # an earlier evaluation's curves in this folder would be taken for this one's
+        remove_stale_curves(out_dir)
     return 0
+
+
+CURVES_PICTURE = "curves.png"  # with --curves; its CSV goes beside it (training.curves.write_curves)
+
+
+def remove_stale_curves(out_dir: Path) -> None:
+    """Remove the curves picture and CSV an earlier ``segsvc eval --curves`` left in ``out_dir``."""
+    picture = out_dir / CURVES_PICTURE
+    for path in (picture, picture.with_suffix(".csv")):
+        path.unlink(missing_ok=True)
+
+
+def remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (another program's files), or already gone
+        pass
 
 
 def prepare_out_dir(out_dir: Path) -> None:
@@ -136,15 +166,29 @@ def prepare_out_dir(out_dir: Path) -> None:
 
 
 def resolve_model_dir(path: Path) -> Path:
-    """A version directory as given, or the highest numbered complete version (with its manifest) inside a
-    model directory: a version still being copied or published has no manifest yet and is passed over."""
+    """A version directory as given, or a model directory's default version, the one the server serves for
+    the model's name: the complete version its ``DEFAULT`` names, else the highest numbered complete version
+    (with its manifest; a version still being copied or published has none yet and is passed over)."""
     if (path / "manifest.json").is_file():
         return path
     numbered = [p for p in path.glob("*") if p.is_dir() and p.name.isdigit()] if path.is_dir() else []
     versions = sorted(int(p.name) for p in numbered if (p / "manifest.json").is_file())
     if not versions:
         raise NotFound(not_a_model_dir(path, [p.name for p in numbered]))
-    return path / str(versions[-1])
+    pinned = default_version(path)
+    return path / str(pinned if pinned in versions else versions[-1])
+
+
+def default_version(model_dir: Path) -> int | None:
+    """The version ``model_dir/DEFAULT`` names (``ModelRepository.default_version``), None without one; a
+    pointer the repository refuses (a symlink out of it, an oversized file) is ignored with a warning."""
+    model_dir = model_dir.absolute()
+    try:
+        return ModelRepository(model_dir.parent).default_version(model_dir.name)
+    except SegsvcError as exc:
+        print(f"warning: {model_dir / DEFAULT_FILE} ignored ({exc}): evaluating the newest version",
+              file=sys.stderr)
+        return None
 
 
 def not_a_model_dir(path: Path, incomplete: list[str]) -> str:
@@ -232,7 +276,8 @@ def evaluate_artifact(predictor: Predictor, data: DatasetSpec, options: EvalOpti
         boundary.update(mask, pred)
         if n in wanted:
             samples.append((image, mask.numpy(), pred.numpy()))
-    return EvalResult(cm.compute(), cm.mat.tolist(), len(indices), time.perf_counter() - t0, samples, contract,
+    metrics = require_counted(cm.compute(), f"split {options.split!r} of {data.name}", data.ignore_index)
+    return EvalResult(metrics, cm.mat.tolist(), len(indices), time.perf_counter() - t0, samples, contract,
                       boundary.to_dict())
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from segsvc.errors import InvalidArgument
+
 
 @dataclass(frozen=True)
 class SegmentationMetrics:
@@ -154,6 +156,29 @@ def metrics_from_confusion(mat: torch.Tensor) -> SegmentationMetrics:
         dice=dice.tolist(),
         pixels=int(total),
     )
+
+
+def require_counted(metrics: SegmentationMetrics, where: str, ignore_index: int | None) -> SegmentationMetrics:
+    """``metrics`` when they counted a pixel; else ``InvalidArgument`` naming ``where`` (a split) and why.
+
+    A split whose masks are all void (or hold only values that are no class) counts nothing: every figure
+    is NaN, which ``segsvc eval`` would print as a result and the trainer would rank as a validation.
+
+    Example:
+        >>> require_counted(metrics_from_confusion(torch.tensor([[1]])), "split 'val' of d", 255).pixels
+        1
+    """
+    if metrics.pixels > 0:
+        return metrics
+    raise nothing_counted(where, ignore_index, len(metrics.iou))
+
+
+def nothing_counted(where: str, ignore_index: int | None, num_classes: int) -> InvalidArgument:
+    """The error of a split that counted no pixel (``require_counted``)."""
+    void = f"void (ignore_index {ignore_index})" if ignore_index is not None else "void"
+    return InvalidArgument(f"{where} counted no pixel: every mask pixel is {void} or no class index "
+                           f"(0..{num_classes - 1}), so there is nothing to measure: check its masks "
+                           "(segsvc data check) or choose a labelled split")
 
 
 class BoundaryErrors:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 import yaml
@@ -36,7 +37,7 @@ from training.checkpoint import CheckpointError, RunState, load_checkpoint
 from training.config import ConfigError, TrainConfig
 from training.distributed import DistEnv, broadcast_from_main, log
 from training.events import json_safe
-from training.metrics import SegmentationMetrics
+from training.metrics import SegmentationMetrics, nothing_counted
 
 CHECKPOINT = "checkpoints/last.pt"
 BEST_WEIGHTS = "checkpoints/best.pt"
@@ -88,41 +89,58 @@ def start_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
                                                        width=float("inf")).encode("utf-8"))
 
 
-_HELD: dict[Path, IO[str]] = {}  # the run directories this process trains in (a resume in-process re-enters)
+_HELD: dict[Path, int] = {}  # run directory -> descriptor holding its lock (a resume in-process re-enters)
 
 
 def hold_run_dir(run_dir: Path) -> None:
     """Lock ``run_dir`` (an exclusive ``flock`` on its ``run.lock``) until ``release_run_dir`` or the process's
     end, ``kill -9`` included: another trainer in the same directory would replace this one's checkpoints
-    and rewrite its metrics. A filesystem without locks (some network mounts) trains unlocked."""
+    and rewrite its metrics. A filesystem without locks (some network mounts) trains unlocked.
+
+    The lock belongs to the open file, which ``fork`` shares with the child: a forked DataLoader worker
+    would hold it after the trainer's ``kill -9`` until it noticed (seconds later), refusing a restart.
+    Forked children close their copy at once (``_close_held_in_child``); ``O_CLOEXEC`` covers ``exec``.
+    """
     key = run_dir.absolute()
     if key in _HELD:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read(32).strip()
-        handle.close()
+        holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+        os.close(fd)
         raise InvalidArgument(f"run directory {run_dir} is in use by another trainer"
                               f"{f' (pid {holder})' if holder.isdigit() else ''}: wait for it to end, or choose "
                               "another output.run_name") from None
     except OSError:
-        handle.close()
+        os.close(fd)
         return
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
-    _HELD[key] = handle
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    _HELD[key] = fd
 
 
 def release_run_dir(run_dir: Path) -> None:
     """Give up ``hold_run_dir``'s lock (the file stays; a lock, not the file, says the directory is in use)."""
-    handle = _HELD.pop(run_dir.absolute(), None)
-    if handle is not None:
-        handle.close()
+    fd = _HELD.pop(run_dir.absolute(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _close_held_in_child() -> None:
+    """In a forked child: close the inherited lock descriptors (never ``LOCK_UN``, which would free the
+    parent's lock too), so the lock ends with the trainer, not with its last DataLoader worker."""
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def refuse_finished_run(run_dir: Path) -> None:
@@ -251,7 +269,8 @@ def publish(
         best = torch.load(best_path, map_location="cpu", weights_only=True)
         model.load_state_dict(best["model"])
         metrics, best_epoch = dict(best["metrics"]), int(best["epoch"])
-    else:  # validation never ran: publish the last weights without metrics
+    else:  # validation never ran: publish the last weights without metrics (it ran and measured nothing: refused)
+        refuse_unmeasured_run(cfg, data, history)
         metrics, best_epoch = {}, len(history)
     model = model.to("cpu", memory_format=torch.contiguous_format)
     metrics.update(split=cfg.data.val_split, epoch=best_epoch, val_scale=cfg.data.val_scale)
@@ -276,6 +295,18 @@ def publish(
     print(f"best epoch {best_epoch}: val mIoU {metrics.get('miou')}, pixel accuracy "
           f"{metrics.get('pixel_accuracy')}\nartifact: {artifact}")
     return artifact
+
+
+def refuse_unmeasured_run(cfg: TrainConfig, data: DatasetSpec, history: Sequence[dict[str, Any]]) -> None:
+    """Refuse to publish a run whose every validation counted no pixel (its masks all void: mIoU NaN).
+
+    No epoch was the best of such a run, so ``best.pt`` was never written; its last weights would be
+    published as the "best epoch" without metrics, as if validation had never run.
+    """
+    scores = [row["val_miou"] for row in history if "val_miou" in row]
+    if scores and not any(isinstance(s, (int, float)) and math.isfinite(s) for s in scores):
+        raise nothing_counted(f"data.val_split {cfg.data.val_split!r} of {data.name}", data.ignore_index,
+                              data.num_classes)
 
 
 def record_artifact(run_dir: Path, artifact: Path) -> None:

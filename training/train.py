@@ -68,7 +68,7 @@ from training.ema import WeightAverage
 from training.events import EVENTS_FILE, EventLog, Terminated, sigterm_raises
 from training.finetune import describe_init, init_from_artifact
 from training.losses import border_weight_function, build_loss, class_pixel_counts, median_frequency_weights
-from training.metrics import ConfusionMatrix, SegmentationMetrics
+from training.metrics import ConfusionMatrix, SegmentationMetrics, require_counted
 from training.report import plot_training_curve
 from training.rundir import (
     CHECKPOINT,
@@ -188,6 +188,9 @@ def _main(
                                    channels_last=memory_format == torch.channels_last)
             metrics = evaluate(backend, val_loader, data.num_classes, data.ignore_index, loop.progress, env,
                                contract)
+            # Every rank holds the same summed counts: an all-void split stops them all at the first validation.
+            metrics = require_counted(metrics, f"data.val_split {cfg.data.val_split!r} of {data.name}",
+                                      data.ignore_index)
             row.update(validation_row(metrics))
             if run.record_validation(metrics.miou) and env.is_main:
                 save_best(run_dir, scored, epoch + 1, metrics, data.class_names)
