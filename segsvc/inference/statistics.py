@@ -32,6 +32,8 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class BatchStatistics:
 
 @dataclass(frozen=True)
 class StatisticsSnapshot:
-    """A consistent copy of a version's statistics (``VersionStatistics.snapshot``)."""
+    """A consistent copy of a version's statistics (``VersionStatistics.snapshot``); ``batches`` is read-only,
+    as the version's own record shares it."""
 
     last_inference_ms: int = 0
     inference_count: int = 0
@@ -66,7 +69,7 @@ class StatisticsSnapshot:
     compute_input: Duration = Duration()
     compute_infer: Duration = Duration()
     compute_output: Duration = Duration()
-    batches: dict[int, BatchStatistics] = field(default_factory=dict)
+    batches: Mapping[int, BatchStatistics] = field(default_factory=lambda: MappingProxyType({}))
 
 
 class VersionStatistics:
@@ -101,8 +104,8 @@ class VersionStatistics:
         with self._lock:
             s = self._snap
             old = s.batches.get(batch_size, BatchStatistics())
-            batches = {**s.batches, batch_size: BatchStatistics(old.compute_infer.plus(infer_s),
-                                                                old.compute_output.plus(output_s))}
+            batches = MappingProxyType({**s.batches, batch_size: BatchStatistics(old.compute_infer.plus(infer_s),
+                                                                                 old.compute_output.plus(output_s))})
             self._snap = replace(s, execution_count=s.execution_count + 1, batches=batches)
 
     def snapshot(self) -> StatisticsSnapshot:

@@ -13,29 +13,115 @@ Exposed on ``--metrics-port`` at ``/metrics``:
 - ``segsvc_model_version_failed{model, version}`` 1 per version whose last load failed (corrupt,
   incomplete, mismatched manifest, symlink out of the repository); the reason is in
   ``GetModel``'s ``version_status`` and the log, never in a label;
+- ``segsvc_calls_in_flight`` places the call limit has given (calls in progress, images streams hold) and
+  ``segsvc_calls_limit`` (``--max-concurrent-rpcs``), once ``watch_calls`` is called;
+- ``segsvc_queue_dropped_total{model}`` images that left a batch queue without running (cancelled, past
+  their deadline, failed by a stop), over every version of the model, once ``watch_dropped`` is called;
 - ``process_*`` (CPU seconds, resident memory, open file descriptors, start time) and ``python_info``;
 - on CUDA, per device the process computes on: ``segsvc_gpu_memory_allocated_bytes`` and
   ``segsvc_gpu_memory_reserved_bytes`` (torch's caching allocator), ``segsvc_gpu_memory_used_bytes``
   and ``segsvc_gpu_memory_total_bytes`` (the whole device), ``segsvc_gpu_utilization_ratio`` (NVML).
 
 The ``model`` label is a loaded model's name (``"-"`` before a model is
-resolved), never raw request text, so label cardinality stays bounded.
+resolved), never raw request text, so label cardinality stays bounded. A
+source read at scrape time that fails (a CUDA error) is left out of that scrape
+and logged: it does not fail the whole page, whose other metrics and ``up`` stay.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import logging
+import threading
+from collections import defaultdict
+from typing import Callable, Iterable, Protocol
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector,
                                make_wsgi_app, start_http_server)
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+log = logging.getLogger("segsvc.server")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 Snapshot = Callable[[], list[tuple[str, int, int, bool]]]
 FailedSnapshot = Callable[[], list[tuple[str, int, str]]]  # (model, version, reason)
+
+
+class DropCount(Protocol):
+    """What ``watch_dropped`` reads of a batcher: its ``stats`` (``DynamicBatcher.stats``)."""
+
+    dropped: int
+
+
+DroppedSnapshot = Callable[[], Iterable[tuple[str, DropCount]]]  # (model, its batcher's stats) per loaded version
+
+
+class _Guarded(Collector):
+    """``inner``'s metrics, or none while it fails: prometheus_client fails the whole scrape on one collector's
+    error, so a CUDA error in the GPU gauges took every metric (and ``up``) with it. The first failure is
+    logged; the next success says the source is back."""
+
+    def __init__(self, inner: Collector, what: str) -> None:
+        self._inner = inner
+        self._what = what
+        self._failing = False
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            families = list(self._inner.collect())
+        except Exception:
+            if not self._failing:
+                log.warning("metrics: the %s are left out of the scrape while reading them fails", self._what,
+                            exc_info=True)
+            self._failing = True
+            return []
+        if self._failing:
+            log.info("metrics: the %s are back in the scrape", self._what)
+            self._failing = False
+        return families
+
+
+class _CallsCollector(Collector):
+    """The call limit's places in use, and its size, read at scrape time."""
+
+    def __init__(self, in_flight: Callable[[], int], limit: int) -> None:
+        self._in_flight = in_flight
+        self._limit = limit
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily("segsvc_calls_in_flight", "Places the call limit has given: calls in progress "
+                                "and the images SegmentStream calls hold", value=self._in_flight())
+        yield GaugeMetricFamily("segsvc_calls_limit", "Most places at once (--max-concurrent-rpcs); one more call "
+                                "is refused with RESOURCE_EXHAUSTED", value=self._limit)
+
+
+class _DroppedCollector(Collector):
+    """Images the batchers dropped, per model, summed over every version seen loaded.
+
+    A version's batcher counts on after it is unloaded (a forced stop fails its queue then), and a reload
+    starts a new batcher from zero: the stats of every batcher seen at a scrape are kept (a few integers per
+    version ever loaded), so the total never goes down and a stop's drops are counted at the next scrape.
+    """
+
+    def __init__(self, source: DroppedSnapshot) -> None:
+        self._source = source
+        self._seen: dict[int, tuple[str, DropCount]] = {}  # id(stats) -> (model, stats); kept, so ids stay unique
+        self._lock = threading.Lock()  # scrapes run on the HTTP server's threads, possibly at once
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        with self._lock:
+            for model, stats in self._source():
+                self._seen.setdefault(id(stats), (model, stats))
+            totals: dict[str, int] = defaultdict(int)
+            for model, stats in self._seen.values():
+                totals[model] += stats.dropped
+        family = CounterMetricFamily("segsvc_queue_dropped", "Images that left a batch queue without running: "
+                                     "cancelled, past their deadline, or failed by a stop", labels=["model"])
+        for model in sorted(totals):
+            family.add_metric([model], totals[model])
+        yield family
 
 
 class _ModelsCollector(Collector):
@@ -121,7 +207,8 @@ class ServerMetrics:
         r = self.registry
         self.requests = Counter("segsvc_requests", "RPCs by method, model and status code",
                                 ["method", "model", "code"], registry=r)
-        self.request_seconds = Histogram("segsvc_request_seconds", "Server-side latency of an RPC (per image)",
+        self.request_seconds = Histogram("segsvc_request_seconds",
+                                         "Server-side latency of an RPC (of each image, in a SegmentStream)",
                                          ["method", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_seconds = Histogram("segsvc_queue_seconds", "Time an image waited in the batch queue",
                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
@@ -131,9 +218,28 @@ class ServerMetrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
-        r.register(_CudaCollector())
+        r.register(_Guarded(_CudaCollector(), "GPU gauges"))
+        self._watched: dict[str, Collector] = {}
         self._http = None
         self._thread = None
+
+    def _watch(self, key: str, collector: Collector, what: str) -> None:
+        """Register ``collector`` (fault-isolated), replacing the one an earlier ``watch_*`` of ``key`` made:
+        two would export each family twice, which Prometheus rejects."""
+        old = self._watched.pop(key, None)
+        if old is not None:
+            self.registry.unregister(old)
+        self._watched[key] = guarded = _Guarded(collector, what)
+        self.registry.register(guarded)
+
+    def watch_calls(self, in_flight: Callable[[], int], limit: int) -> None:
+        """Report ``in_flight()`` (``CallLimit.in_flight``) and ``limit`` at every scrape."""
+        self._watch("calls", _CallsCollector(in_flight, limit), "call-limit gauges")
+
+    def watch_dropped(self, source: DroppedSnapshot) -> None:
+        """Report the images dropped unrun by each model's batchers: ``source()`` gives ``(model, stats)`` of
+        every loaded version (``DynamicBatcher.stats``), read at every scrape."""
+        self._watch("dropped", _DroppedCollector(source), "dropped-image counts")
 
     def watch_models(self, snapshot: Snapshot, failed: FailedSnapshot | None = None) -> None:
         """Report queue depths and loaded versions from ``snapshot()``, failed versions from ``failed()``, at every scrape."""

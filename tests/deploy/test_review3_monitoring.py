@@ -153,3 +153,48 @@ def test_latency_alert_threshold_is_a_bucket_bound() -> None:
     for name, expr in _latency_queries(_alert_exprs()).items():
         threshold = float(re.search(r">\s*([0-9.]+)\s*$", expr.strip()).group(1))
         assert threshold in LATENCY_BUCKETS, (name, threshold)
+
+
+def _rpc_names() -> tuple[set[str], set[str]]:
+    """(the methods counted on every outcome, every method the server serves): SegmentationService's and
+    ModelInfer go through the servicers' bookkeeping; the others are counted only when an interceptor refuses
+    them (auth, drain gate, call limit)."""
+    from google.longrunning import operations_pb2
+
+    from segsvc.server.oip_pb import grpc_service_pb2
+    from segsvc.v1 import datasets_pb2, jobs_pb2, segmentation_pb2, training_pb2
+
+    every = set()
+    for module in (segmentation_pb2, jobs_pb2, datasets_pb2, training_pb2, operations_pb2, grpc_service_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            every |= set(service.methods_by_name)
+    counted = set(segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].methods_by_name)
+    return counted | {"ModelInfer"}, every
+
+
+def test_the_fully_counted_methods_are_counted_by_their_servicers() -> None:
+    counted, _ = _rpc_names()
+    servicer = (ROOT / "segsvc" / "server" / "servicer.py").read_text()
+    for method in counted - {"ModelInfer", "SegmentStream"}:
+        assert f'_handle("{method}"' in servicer or f'"{method}", request_id_of' in servicer, method
+    assert '_Call("SegmentStream"' in servicer
+    assert 'observe_request("ModelInfer"' in (ROOT / "segsvc" / "server" / "oip.py").read_text()
+
+
+@pytest.mark.parametrize("source", ["alerts", "dashboard"])
+def test_error_ratio_is_over_the_methods_counted_on_every_outcome(source: str) -> None:
+    """Job, dataset, training and operations calls (and the Open Inference Protocol's other methods) reach
+    segsvc_requests_total only when refused: in an error ratio over every method, a drain's refused
+    GetOperation polls counted as server-side errors whose successes were nowhere, so the ratio was too high."""
+    counted, every = _rpc_names()
+    exprs = _alert_exprs() if source == "alerts" else _dashboard_exprs()
+    ratios = {name: expr for name, expr in exprs.items() if expr.count("segsvc_requests_total") >= 2 and "/" in expr}
+    assert ratios, f"the {source} have an error ratio"
+    for name, expr in ratios.items():
+        for metric, matchers in _selectors(expr):
+            if metric != "segsvc_requests_total":
+                continue
+            op, value = matchers.get("method", ("=~", ".*"))
+            assert op == "=~", (name, op)
+            selected = {m for m in every if re.fullmatch(value, m)}
+            assert selected == counted, f"{name}: {sorted(selected ^ counted)}"
