@@ -163,12 +163,14 @@ class SyntheticDataset(SegmentationDataset):
         self.seed = split_spec.seed
         self.config = SyntheticConfig.from_spec(spec)
         self.names = [f"{split}-{i:06d}" for i in range(split_spec.count)]
+        # wide enough for the ignore index that padding writes (uint8 would saturate 300 to 255, a non-label)
+        self.label_dtype = LabelMapper(spec).dtype
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image, labels = generate_sample(self.seed, index, self.config)
         if self.spec.channels == 1:
             image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-        return image, labels
+        return image, labels.astype(self.label_dtype, copy=False)
 
 
 DATASETS: dict[str, type[SegmentationDataset]] = {

@@ -68,7 +68,11 @@ def _decode(path: Path, data: bytes, flags: int, error: type[Exception]) -> np.n
     problem = truncation_problem(data)
     if problem is not None:
         raise error(f"{path}: {problem}")
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    try:
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as exc:  # e.g. a header declaring more than OpenCV's pixel limit (CV_IO_MAX_IMAGE_PIXELS)
+        reason = (exc.err or str(exc)).strip().splitlines()[-1]
+        raise error(f"{path}: OpenCV cannot decode it (failed check: {reason})") from None
     if array is None or array.size == 0:
         raise error(f"{path}: not a decodable image ({len(data)} bytes, starts with {data[:8]!r})")
     return array
@@ -131,6 +135,13 @@ def _is_palette_png(data: bytes) -> bool:
     return data.startswith(_PNG_SIGNATURE) and len(data) > 25 and data[25] == _PNG_PALETTE_COLOUR_TYPE
 
 
+def _png_grey_bits(data: bytes) -> int | None:
+    """The bit depth of a greyscale PNG (colour type 0 or 4), from its IHDR; ``None`` for anything else."""
+    if not data.startswith(_PNG_SIGNATURE) or len(data) <= 25 or data[25] not in (0, 4):
+        return None
+    return data[24]
+
+
 def _read_palette_indices(path: Path, data: bytes) -> np.ndarray:
     """Palette-index PNG -> its indices (OpenCV would expand them to colours)."""
     from PIL import Image  # Pillow ships with torchvision; only VOC-style masks need it
@@ -142,7 +153,7 @@ def _read_palette_indices(path: Path, data: bytes) -> np.ndarray:
             return np.array(im, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DatasetError(f"{path}: palette mask is larger than Pillow's decoding limit ({exc})") from None
-    except OSError as exc:
+    except (OSError, SyntaxError, ValueError) as exc:  # Pillow says "broken PNG file" with a SyntaxError
         raise DatasetError(f"{path}: cannot decode palette PNG ({exc})") from None
 
 
@@ -175,6 +186,8 @@ def read_label_file(path: str | Path, encoding: str = "auto") -> np.ndarray:
     if encoding != "rgb" and _is_palette_png(data) and truncation_problem(data) is None:
         return _read_palette_indices(path, data)
     raw = _decode(path, data, cv2.IMREAD_UNCHANGED, DatasetError)
+    if raw.dtype not in (np.uint8, np.uint16):
+        raise DatasetError(f"{path}: mask pixels must be 8- or 16-bit integers, got {raw.dtype}")
     if raw.ndim == 3 and raw.shape[2] == 4:
         raw = raw[:, :, :3]
     if raw.ndim == 3 and raw.shape[2] == 1:
@@ -187,8 +200,9 @@ def read_label_file(path: str | Path, encoding: str = "auto") -> np.ndarray:
             raise DatasetError(f"{path}: mask is a colour image but the dataset's masks are single-channel ids")
         return cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
     raw = raw[:, :, 0].copy() if raw.ndim == 3 else raw
-    if raw.dtype not in (np.uint8, np.uint16):
-        raise DatasetError(f"{path}: mask pixels must be 8- or 16-bit integers, got {raw.dtype}")
+    bits = _png_grey_bits(data)
+    if bits in (1, 2, 4):  # libpng scales 1/2/4-bit samples to 0..255 (1 -> 255): the ids are the stored samples
+        raw = raw // (255 // ((1 << bits) - 1))
     return raw
 
 

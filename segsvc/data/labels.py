@@ -77,22 +77,21 @@ class LabelMapper:
                 valid = np.ones(size, dtype=bool)
             fill = self.ignore_index if self.ignore_index is not None else 0
             mapped = np.where(valid, mapped, fill)
-            if mapped.max(initial=0) > np.iinfo(self.dtype).max:
-                raise DatasetError(f"labels up to {mapped.max()} do not fit the label type {self.dtype.__name__}")
-            self._tables[size] = (mapped.astype(self.dtype), valid)
+            # without a class list every value is kept: a 16-bit mask keeps its 16-bit values
+            dtype = np.promote_types(self.dtype, np.uint16) if not self.check_classes and size > 256 else self.dtype
+            if mapped.max(initial=0) > np.iinfo(dtype).max:
+                raise DatasetError(f"labels up to {mapped.max()} do not fit the label type {np.dtype(dtype).name}")
+            self._tables[size] = (mapped.astype(dtype), valid)
         return self._tables[size]
 
     def apply(self, raw: np.ndarray, path: Path | str = "<mask>") -> MappedMask:
-        """Map a mask as read by ``read_label_file`` (ids H x W or RGB H x W x 3)."""
-        unknown_colours: list[RawValue] = []
-        colour_miss = np.zeros(raw.shape[:2], dtype=bool)
+        """Map a mask as read by ``read_label_file`` (ids H x W or RGB H x W x 3).
+
+        ``label_map`` maps the values of id masks; a colour mask's palette gives the class ids themselves
+        (colour ``i`` is class ``i``, ``ignore_color`` the ignore index), which ``label_map`` does not remap.
+        """
         if raw.ndim == 3:
-            if not self.colour_table:
-                raise DatasetError(f"{path}: mask is an RGB colour image but the dataset has no palette")
-            ids, known = colors_to_ids(raw, self.colour_table)
-            colour_miss = ~known
-            unknown_colours = list(unique_colors(raw[colour_miss]))
-            raw = ids
+            return self._apply_colours(raw, path)
         if raw.dtype not in (np.uint8, np.uint16):
             if raw.min(initial=0) < 0 or raw.max(initial=0) > 65535:
                 raise DatasetError(f"{path}: mask values must be within 0..65535")
@@ -100,14 +99,19 @@ class LabelMapper:
         table, valid = self._table(256 if raw.dtype == np.uint8 else 65536)
         labels = table[raw]
         bad = ~valid[raw]
-        unknown_ids = [int(v) for v in np.unique(raw[bad & ~colour_miss])] if bad.any() else []
-        if colour_miss.any():
-            labels[colour_miss] = self.ignore_index if self.ignore_index is not None else 0
-        return MappedMask(
-            labels=labels,
-            unknown=tuple(unknown_colours) + tuple(unknown_ids),
-            unknown_pixels=int(np.count_nonzero(bad | colour_miss)),
-        )
+        unknown = tuple(int(v) for v in np.unique(raw[bad])) if bad.any() else ()
+        return MappedMask(labels=labels, unknown=unknown, unknown_pixels=int(np.count_nonzero(bad)))
+
+    def _apply_colours(self, raw: np.ndarray, path: Path | str) -> MappedMask:
+        if not self.colour_table:
+            raise DatasetError(f"{path}: mask is an RGB colour image but the dataset has no palette")
+        ids, known = colors_to_ids(raw, self.colour_table)
+        labels = ids.astype(self.dtype)
+        if known.all():
+            return MappedMask(labels=labels, unknown=(), unknown_pixels=0)
+        labels[~known] = self.ignore_index if self.ignore_index is not None else 0
+        return MappedMask(labels=labels, unknown=tuple(unique_colors(raw[~known])),
+                          unknown_pixels=int(np.count_nonzero(~known)))
 
     def describe(self, unknown: tuple[RawValue, ...], limit: int = 8) -> str:
         """``"values 12, 40"`` / ``"colours (1, 2, 3)"`` for error messages."""

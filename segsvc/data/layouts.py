@@ -71,13 +71,24 @@ class SplitIndex:
     problems: tuple[Problem, ...]
 
 
-def natural_key(text: str) -> list[int | str]:
-    """Sort ``2.png`` before ``10.png`` (ISBI slices are numbered without padding)."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+def natural_key(text: str) -> tuple[list[int | str], str]:
+    """Sort ``2.png`` before ``10.png`` (ISBI slices are numbered without padding).
+
+    ``re.split`` puts the digit runs at the odd positions, so only those become numbers (``"²".isdigit()``
+    is true but ``int("²")`` fails); names equal as numbers (``a1``, ``a01``) are ordered by the text itself,
+    so the order never depends on the order the names came in.
+    """
+    parts = re.split(r"(\d+)", text)
+    return [int(t) if i % 2 else t for i, t in enumerate(parts)], text
+
+
+def _file_name(token: str) -> str:
+    """The file name at the end of a listed path, written on any machine (``/a/b.png``, ``C:\\a\\b.png``)."""
+    return token.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def _strip_image_suffix(token: str) -> str:
-    name = Path(token).name
+    name = _file_name(token)
     return Path(name).stem if Path(name).suffix.lower() in IMAGE_SUFFIXES else name
 
 
@@ -106,6 +117,7 @@ class _Folder:
     rel: str
     by_stem: dict[str, Path]
     ambiguous: dict[str, list[Path]]
+    error: str = ""  # why the folder could not be listed (then it holds nothing)
 
     def holds(self, name: str) -> bool:
         """Whether the folder holds the dataset file ``name`` (an excluded name it never holds)."""
@@ -115,15 +127,17 @@ class _Folder:
     def scan(cls, path: Path, rel: str, strip_suffix: str = "") -> "_Folder":
         by_stem: dict[str, Path] = {}
         ambiguous: dict[str, list[Path]] = {}
-        if path.is_dir():
-            for f in sorted(path.iterdir()):
-                if f.suffix.lower() not in IMAGE_SUFFIXES or is_excluded(_join(rel, f.name)) or not f.is_file():
-                    continue
-                stem = f.stem[: -len(strip_suffix)] if strip_suffix and f.stem.endswith(strip_suffix) else f.stem
-                if stem in by_stem:
-                    ambiguous.setdefault(stem, [by_stem[stem]]).append(f)
-                else:
-                    by_stem[stem] = f
+        try:
+            files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES
+                           and not is_excluded(_join(rel, f.name)) and f.is_file()) if path.is_dir() else []
+        except OSError as exc:  # a folder without read permission: a problem to list, not a traceback
+            return cls(path, rel, {}, {}, f"cannot list the folder ({exc.strerror or type(exc).__name__})")
+        for f in files:
+            stem = f.stem[: -len(strip_suffix)] if strip_suffix and f.stem.endswith(strip_suffix) else f.stem
+            if stem in by_stem:
+                ambiguous.setdefault(stem, [by_stem[stem]]).append(f)
+            else:
+                by_stem[stem] = f
         return cls(path, rel, by_stem, ambiguous)
 
 
@@ -197,6 +211,9 @@ def index_split(spec: DatasetSpec, name: str, folders: FolderCache | None = None
     folders = folders or FolderCache(spec)
     images = folders.folder(split.images, is_mask=False)
     masks = folders.folder(split.masks, is_mask=True) if split.masks is not None else None
+    unlisted = [Problem(Fault.LAYOUT, f.path, f"split {name!r}: {f.error}") for f in (images, masks) if f and f.error]
+    if unlisted:
+        return SplitIndex(name, split.labelled, (), tuple(problems + unlisted))
     samples: list[Sample] = []
     for tokens in _entries(spec, split, images, masks):
         sample, problem = _pair(spec, split, tokens, images, masks)
@@ -204,6 +221,8 @@ def index_split(spec: DatasetSpec, name: str, folders: FolderCache | None = None
             problems.append(problem)
         if sample is not None:
             samples.append(sample)
+    samples, repeats = _listed_once(name, split, samples)
+    problems += repeats
     for folder in (images, masks):
         for stem, paths in (folder.ambiguous if folder else {}).items():
             others = ", ".join(p.name for p in paths[1:])
@@ -211,14 +230,38 @@ def index_split(spec: DatasetSpec, name: str, folders: FolderCache | None = None
     return SplitIndex(name, split.labelled, tuple(samples), tuple(problems))
 
 
+def _listed_once(name: str, split: SplitSpec, samples: list[Sample]) -> tuple[list[Sample], list[Problem]]:
+    """The samples whose image and mask no earlier sample of the split uses, and a problem for each other one.
+
+    An image listed twice would weigh twice in training and in the metrics; a mask listed with two
+    images (``a.png m.png`` and ``b.png m.png``) labels one of them with the other's labels.
+    """
+    where = f"list {split.list}" if split.list is not None else "ids"
+    images: set[Path] = set()
+    masks: dict[Path, Path] = {}
+    kept, problems = [], []
+    for sample in samples:
+        if sample.image in images:
+            problems.append(Problem(Fault.LAYOUT, sample.image, f"split {name!r}: {where} names this image twice"))
+        elif sample.mask is not None and sample.mask in masks:
+            problems.append(Problem(Fault.LAYOUT, sample.mask, f"split {name!r}: {where} pairs this mask with "
+                                                               f"{masks[sample.mask].name} and {sample.image.name}"))
+        else:
+            images.add(sample.image)
+            if sample.mask is not None:
+                masks[sample.mask] = sample.image
+            kept.append(sample)
+    return kept, problems
+
+
 def _pair(
     spec: DatasetSpec, split: SplitSpec, tokens: list[str], images: _Folder, masks: _Folder | None
 ) -> tuple[Sample | None, Problem | None]:
     """One list entry -> a complete sample, or the problem that stops it."""
     if len(tokens) == 2:
-        image = images.path / Path(tokens[0]).name
-        mask = masks.path / Path(tokens[1]).name if masks else None
-        stem = Path(tokens[0]).stem
+        image = images.path / _file_name(tokens[0])
+        mask = masks.path / _file_name(tokens[1]) if masks else None
+        stem = image.stem
         image_ok = images.holds(image.name)
         mask_ok = mask is None or (masks is not None and masks.holds(mask.name))
     elif len(tokens) == 1:
@@ -253,8 +296,8 @@ def orphan_problems(spec: DatasetSpec, folders: FolderCache | None = None) -> li
     problems = []
     for images_rel, masks_rel in sorted(pairs):
         images, masks = folders.folder(images_rel, False), folders.folder(masks_rel, True)
-        if not images.path.is_dir() or not masks.path.is_dir():
-            continue
+        if not images.path.is_dir() or not masks.path.is_dir() or images.error or masks.error:
+            continue  # index_split reports them
         if not allow_unlabelled:
             for stem in sorted(set(images.by_stem) - set(masks.by_stem), key=natural_key):
                 problems.append(Problem(Fault.IMAGE_WITHOUT_MASK, images.by_stem[stem], f"no mask in {masks.path}"))

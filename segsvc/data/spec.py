@@ -17,7 +17,7 @@ YAML schema (every key but ``format`` and ``root`` is optional)::
     ignore_color: [0, 0, 0]   # RGB masks: this colour means ignore_index
     label_map: {11: 255}      # raw mask value -> class id (or ignore_index), via a lookup table
     unknown_labels: error     # error | ignore: what reading does with values outside the classes
-    mean: [0.485, 0.456, 0.406]   # normalisation (default: ImageNet for RGB, 0.5/0.25 for grey)
+    mean: [0.485, 0.456, 0.406]   # normalisation, both or neither (default: ImageNet for RGB, 0.5/0.25 for grey)
     std: [0.229, 0.224, 0.225]
     splits:                   # per split; keys left out take the format's defaults
       train: {images: train, masks: trainannot, list: train.txt}
@@ -42,14 +42,12 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError
 
 from segsvc.config import InputSpec
-from segsvc.data.io import MASK_ENCODINGS
+from segsvc.data.spec_values import value_problems
 from segsvc.datasets.content import is_excluded
 from segsvc.palette import default_palette
 from segsvc.errors import DatasetError, NotFound
 from segsvc.validation import explain, fixed_length
 
-FORMATS = ("folder", "camvid", "membrane", "voc", "synthetic")
-UNKNOWN_LABEL_POLICIES = ("error", "ignore")
 DATASETS_ENV = "SEGSVC_DATASETS"
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 FOLDER_SPEC_NAMES = ("dataset.yaml", "dataset.yml")
@@ -156,7 +154,7 @@ class DatasetSpec:
     source: Path | None = None
 
     def __post_init__(self) -> None:
-        problems = _value_problems(vars(self))
+        problems = value_problems(vars(self))
         if problems:
             raise DatasetError(f"{self.source or self.name}: " + "; ".join(problems))
         palette = self.palette or default_palette(len(self.class_names))
@@ -210,36 +208,6 @@ class DatasetSpec:
         if self.mean is not None and self.std is not None:
             out["mean"], out["std"] = list(self.mean), list(self.std)
         return out
-
-
-def _value_problems(fields: Mapping[str, Any]) -> list[str]:
-    """Every problem with the values of ``DatasetSpec`` fields (by name), in the order of the fields."""
-    names, ignore, label_map = tuple(fields["class_names"]), fields["ignore_index"], fields["label_map"]
-    problems = []
-    if fields["format"] not in FORMATS:
-        problems.append(f"unknown dataset format {fields['format']!r}; valid: {', '.join(FORMATS)}")
-    if fields["channels"] not in (1, 3):
-        problems.append(f"channels must be 1 or 3, got {fields['channels']!r}")
-    if len(set(names)) != len(names):
-        problems.append(f"class names must be unique, got {list(names)}")
-    palette = fields["palette"] or default_palette(len(names))
-    if len(palette) != len(names):
-        problems.append(f"palette has {len(palette)} colours for {len(names)} classes")
-    if ignore is not None and (not isinstance(ignore, int) or ignore < len(names)):
-        problems.append(f"ignore_index must be an int outside the class ids, got {ignore!r}")
-    valid_targets = set(range(len(names))) | ({ignore} if ignore is not None else set())
-    for raw, target in label_map.items():
-        if not isinstance(raw, int) or not isinstance(target, int) or raw < 0:
-            problems.append(f"label_map entries must be int: int, got {raw!r}: {target!r}")
-        elif names and target not in valid_targets:
-            problems.append(f"label_map sends {raw} to {target}: neither a class nor ignore_index")
-    if fields["unknown_labels"] not in UNKNOWN_LABEL_POLICIES:
-        problems.append(f"unknown_labels must be 'error' or 'ignore', got {fields['unknown_labels']!r}")
-    if not fields["splits"]:
-        problems.append("the dataset defines no splits")
-    if fields["options"].get("mask_encoding", "auto") not in MASK_ENCODINGS:
-        problems.append(f"options.mask_encoding must be one of {', '.join(MASK_ENCODINGS)}")
-    return problems
 
 
 def resolve_root(root: str, base: Path) -> Path:
@@ -340,9 +308,14 @@ def spec_from_dict(data: Mapping[str, Any], base: Path, source: Path | None = No
         source=source,
     )
     if raw.root is None and raw.format != "synthetic":  # listed with the value problems, if any
-        problems = ["'root' (the dataset folder) is required", *_value_problems(fields)]
+        problems = ["'root' (the dataset folder) is required", *value_problems(fields)]
         raise DatasetError(f"{where}: " + "; ".join(problems))
-    return DatasetSpec(**fields)
+    spec = DatasetSpec(**fields)
+    if spec.format == "synthetic":  # its options are the generator's: checked now, not when a dataset is built
+        from segsvc.data.synthetic import SyntheticConfig  # synthetic.py builds its specs with this module
+
+        SyntheticConfig.from_spec(spec)
+    return spec
 
 
 def builtin_specs() -> list[str]:
@@ -350,16 +323,45 @@ def builtin_specs() -> list[str]:
     return sorted(p.stem for p in SPECS_DIR.glob("*.yaml"))
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently,
+    so a second ``train:`` split or ``label_map:`` would replace the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _load_yaml(path: Path) -> DatasetSpec:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read dataset spec ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: dataset spec is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
-        raise DatasetError(f"{path}: invalid YAML: {exc}") from None
+        raise DatasetError(f"{path}: invalid YAML: {_yaml_problem(exc)}") from None
     return spec_from_dict(data, base=path.parent, source=path)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message in one line: the problem and where (``line 2, column 9``)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
 
 
 def spec_from_folder(folder: Path, num_classes: int | None = None) -> DatasetSpec:
@@ -381,7 +383,9 @@ def spec_from_folder(folder: Path, num_classes: int | None = None) -> DatasetSpe
         raise DatasetError(
             f"{folder}: not a dataset folder: it needs {FOLDER_SPEC_NAMES[0]} or images/ and masks/ subfolders"
         )
-    subdirs = sorted(p.name for p in images.iterdir() if not is_excluded(f"images/{p.name}") and p.is_dir())
+    # a split folder on either side names a split, so masks/val without images/val is a missing folder, not unread
+    subdirs = sorted({p.name for top in (images, masks) for p in top.iterdir()
+                      if not is_excluded(f"{top.name}/{p.name}") and p.is_dir()})
     lists = sorted(p for p in (folder / "splits").glob("*.txt") if not is_excluded(f"splits/{p.name}"))
     if subdirs:
         splits = {s: SplitSpec(images=f"images/{s}", masks=f"masks/{s}") for s in subdirs}

@@ -31,6 +31,8 @@ from segsvc.errors import AlreadyExists, DatasetError
 BACKGROUND = "background"
 SHAPES = ("circle", "rectangle", "triangle", "ring")
 MIN_CONTRAST = 80.0  # Euclidean RGB distance between a shape's colour and what it covers
+MAX_SIDE = 4096  # pixels on a side: a sample's float textures take 12 bytes per pixel each
+MAX_SHAPES = 64  # shapes per image: each costs a full-size texture
 
 
 @dataclass(frozen=True)
@@ -62,15 +64,19 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         h, w = self.size_hw
-        if min(h, w) < 32:
-            raise DatasetError(f"synthetic images need at least 32x32 pixels, got {h}x{w}")
+        if min(h, w) < 32 or max(h, w) > MAX_SIDE:
+            raise DatasetError(f"synthetic images need at least 32x32 pixels and at most {MAX_SIDE} on a side, "
+                               f"got {h}x{w}")
         unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown or not self.shapes or len(set(self.shapes)) != len(self.shapes):
             raise DatasetError(f"synthetic shapes must be distinct names from {SHAPES}, got {self.shapes}")
-        if not 1 <= self.min_shapes <= self.max_shapes:
-            raise DatasetError(f"need 1 <= min_shapes <= max_shapes, got {self.min_shapes}, {self.max_shapes}")
-        if self.pixel_noise < 0:
-            raise DatasetError(f"pixel_noise must be non-negative, got {self.pixel_noise}")
+        if not 1 <= self.min_shapes <= self.max_shapes <= MAX_SHAPES:
+            raise DatasetError(f"need 1 <= min_shapes <= max_shapes <= {MAX_SHAPES}, got {self.min_shapes}, "
+                               f"{self.max_shapes}")
+        if not 0 <= self.pixel_noise < float("inf"):
+            raise DatasetError(f"pixel_noise must be a non-negative number, got {self.pixel_noise}")
+        if not 0 <= self.shape_texture < float("inf"):
+            raise DatasetError(f"shape_texture must be a non-negative number, got {self.shape_texture}")
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -81,18 +87,36 @@ class SyntheticConfig:
         """Classes come from the spec's class names; size and counts from its options."""
         if not spec.class_names or spec.class_names[0] != BACKGROUND:
             raise DatasetError(f"{spec.source or spec.name}: synthetic class 0 must be {BACKGROUND!r}")
+        where = spec.source or spec.name
         options: Mapping[str, Any] = spec.options
         size = options.get("size", cls.size_hw)
-        if not isinstance(size, (list, tuple)) or len(size) != 2:
-            raise DatasetError(f"{spec.source or spec.name}: options.size must be [height, width], got {size!r}")
-        return cls(
-            size_hw=(int(size[0]), int(size[1])),
-            shapes=tuple(spec.class_names[1:]),
-            min_shapes=int(options.get("min_shapes", cls.min_shapes)),
-            max_shapes=int(options.get("max_shapes", cls.max_shapes)),
-            pixel_noise=float(options.get("pixel_noise", cls.pixel_noise)),
-            shape_texture=float(options.get("shape_texture", cls.shape_texture)),
-        )
+        if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(v) for v in size):
+            raise DatasetError(f"{where}: options.size must be [height, width] integers, got {size!r}")
+        try:
+            return cls(
+                size_hw=(int(size[0]), int(size[1])),
+                shapes=tuple(spec.class_names[1:]),
+                min_shapes=_option(options, "min_shapes", cls.min_shapes),
+                max_shapes=_option(options, "max_shapes", cls.max_shapes),
+                pixel_noise=_option(options, "pixel_noise", cls.pixel_noise),
+                shape_texture=_option(options, "shape_texture", cls.shape_texture),
+            )
+        except DatasetError as exc:
+            raise DatasetError(f"{where}: {exc}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _option(options: Mapping[str, Any], key: str, default: Any) -> Any:
+    """``options[key]``, of ``default``'s type (an int where an int is meant, any real number for a float)."""
+    value = options.get(key, default)
+    if isinstance(default, int) and not _is_int(value):
+        raise DatasetError(f"options.{key} must be an integer, got {value!r}")
+    if isinstance(default, float) and not (_is_int(value) or isinstance(value, float)):
+        raise DatasetError(f"options.{key} must be a number, got {value!r}")
+    return value
 
 
 # -- textures: each returns a float32 H x W x 3 image around ``base``; ``strength`` scales the variation --

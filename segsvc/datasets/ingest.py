@@ -35,7 +35,7 @@ from segsvc.data.check import CheckReport, check_dataset
 from segsvc.data.io import IMAGE_SUFFIXES
 from segsvc.data.labels import LabelMapper
 from segsvc.data.layouts import Fault, FolderCache, Problem, index_split
-from segsvc.data.spec import FOLDER_SPEC_NAMES, DatasetSpec, load_dataset_spec, spec_from_folder
+from segsvc.data.spec import FOLDER_SPEC_NAMES, DatasetSpec, UniqueKeyLoader, load_dataset_spec, spec_from_folder
 from segsvc.datasets.archive import ENTRIES_PER_FILE, ExtractLimits
 from segsvc.datasets.content import content_hash, file_digest, is_excluded
 from segsvc.datasets.split import VAL_FRACTION, assign_splits, needs_split
@@ -117,7 +117,7 @@ def add_metadata_yaml(root: Path, name: str, dataset_yaml: str = "", class_names
 def _rooted_here(dataset_yaml: str) -> str:
     """The metadata's ``dataset.yaml`` text with ``root: .`` (unchanged when it says so already)."""
     try:
-        data = yaml.safe_load(dataset_yaml)
+        data = yaml.load(dataset_yaml, Loader=UniqueKeyLoader)  # a key given twice is refused, not dropped
     except yaml.YAMLError as exc:
         raise DatasetError(f"the metadata's dataset.yaml is not valid YAML: {exc}") from None
     if not isinstance(data, dict) or data.get("root", ".") == ".":
@@ -414,7 +414,7 @@ def class_shares(report: CheckReport, spec: DatasetSpec) -> dict[str, float]:
         value = mapper.colour_table.get(raw) if isinstance(raw, tuple) else raw
         if value is None:
             continue
-        cls = mapper.label_map.get(value, value)
+        cls = value if isinstance(raw, tuple) else mapper.label_map.get(value, value)  # a colour names its class
         if 0 <= cls < spec.num_classes:
             counts[cls] += n
     total = sum(counts)

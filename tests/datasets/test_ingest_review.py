@@ -1,0 +1,41 @@
+"""What ingest reads of an upload's description and masks, as ``segsvc.data`` reads a spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from segsvc import errors
+from segsvc.data.check import CheckReport
+from segsvc.data.spec import spec_from_dict
+from segsvc.datasets.ingest import class_shares
+from tests.datasets.helpers import assert_nothing_left, flat, tar_of
+from tests.datasets.test_registry import data_root, registry, upload  # noqa: F401  (fixtures)
+
+TWICE = """format: folder
+root: /somewhere/on/the/uploaders/machine
+classes: [bg, fg]
+splits:
+  train: {images: images, masks: masks}
+  train: {images: nowhere, masks: nowhere}
+"""
+
+
+def test_a_metadata_yaml_with_a_key_given_twice_is_refused_not_rewritten_without_it(registry, tmp_path):  # noqa: F811
+    """Its ``root`` is rewritten to ``.``: PyYAML's safe_load kept the second ``train`` silently, and the
+    rewritten text no longer showed the key twice to the spec's own check."""
+    folder = flat(tmp_path / "bare", ["a", "b", "c"], yaml_file=False)
+    with pytest.raises(errors.DatasetError, match="not valid YAML.*train"):
+        upload(registry, tar_of(folder), "tar", "twice", dataset_yaml=TWICE)
+    assert_nothing_left(registry)
+
+
+def test_class_shares_of_colour_masks_ignore_the_label_map() -> None:
+    """A colour names its class; ``label_map`` is for id masks (``LabelMapper`` applies it so)."""
+    spec = spec_from_dict({"format": "folder", "root": ".", "classes": ["membrane", "cell"],
+                           "palette": [[0, 0, 0], [200, 0, 0]], "ignore_color": [255, 255, 255],
+                           "label_map": {255: 1, 0: 1, 1: 0}}, base=Path("."))
+    report = CheckReport("d", None, {"train": 1}, 2, (),
+                         raw_label_pixels={(0, 0, 0): 3, (200, 0, 0): 1, (255, 255, 255): 4})
+    assert class_shares(report, spec) == {"membrane": 0.75, "cell": 0.25}
