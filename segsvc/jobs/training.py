@@ -24,7 +24,8 @@ the evaluation began; if that is no longer the default when the job publishes
 (another job promoted its own version meanwhile), the candidate is published
 but not promoted, and its verdict says to compare again with a new job. A job
 pins the current default in DEFAULT, only when no pointer is there, before its
-version appears, so neither a crash between the steps nor a promotion whose
+version appears (resumed with its version published already, before promoting
+it), so neither a crash between the steps nor a promotion whose
 DEFAULT write fails leaves it served by default while it says "not promoted".
 
 Before its trainer starts (and again on each restart), a job checks every dataset it
@@ -43,8 +44,12 @@ A server that stops (or crashes) leaves the job RUNNING: the next start kills
 a trainer group that outlived its server (its id and start time are stored)
 and restarts the trainer with ``--resume`` from its last checkpoint. A trainer
 killed on its own while the server runs (``kill -9``, the OOM killer) is resumed
-the same way, at most ``MAX_TRAINER_RESTARTS`` times a job; an evaluation child
-killed so runs again from the start (it has no checkpoint), at most
+the same way, at most ``MAX_TRAINER_RESTARTS`` times a job (``trainer_restarts``
+in its metadata). Under torchrun that is the agent or any one of its workers: a
+worker killed by a signal makes the agent exit 1, and torchrun's report of its
+root cause in ``train.log`` names the worker and the signal (``worker_death``);
+a worker that fails by itself fails the job as a lone trainer does. An
+evaluation child killed so runs again from the start (it has no checkpoint), at most
 ``MAX_EVAL_RESTARTS`` times a job. A cancel already asked for when a child is
 about to start (a job resumed after a restart) starts none. Each phase
 is idempotent: a finished evaluation is not redone, and a version published
@@ -102,6 +107,10 @@ MAX_TRAINER_RESTARTS = 2  # a trainer killed from outside (the server alive) is 
 MAX_EVAL_RESTARTS = 2  # evaluation children killed from outside (the server alive) are run again this often a job
 # ``training: error: ...`` as training/train.py prints it (torchrun may prefix a rank: ``[rank0]: ...``).
 _TRAINER_ERROR = re.compile(r"(?:\[[^\]]{1,40}\]:?\s*)?training: error:\s*(\S.*)")
+# torchrun's report of a failed run (``ChildFailedError``): the worker that failed first, and how.
+_ROOT_CAUSE = "Root Cause (first observed failure):"
+_CAUSE_RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank")
+_CAUSE_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid")
 
 
 class _Stop(Exception):
@@ -425,8 +434,10 @@ class TrainingRunner(StoreRunner):
 
         A trainer killed by a signal from outside the service (``kill -9``, the kernel's OOM killer) while the
         server lives on is started again, resuming from its last checkpoint as after a server restart, at most
-        ``MAX_TRAINER_RESTARTS`` times in the job's life (``trainer_restarts`` in its metadata). A trainer that
-        exits with an error of its own fails the job: starting it again would fail the same way.
+        ``MAX_TRAINER_RESTARTS`` times in the job's life (``trainer_restarts`` in its metadata). Under torchrun a
+        worker killed so counts the same (``_trainer_death``): the OOM killer picks the process that holds the
+        memory, a worker rather than the agent. A trainer that exits with an error of its own fails the job:
+        starting it again would fail the same way.
         """
         spec = run.job.spec
         root = self.job_dir(run.job.id)
@@ -437,8 +448,9 @@ class TrainingRunner(StoreRunner):
                 code, log_start = await self._run_trainer(run)
                 if code == 0 and _has_version(candidate_repo / name):
                     break
-                if code < 0:
-                    refused = await self._restart_after_kill(run, -code, _TRAINER)
+                death = await self._trainer_death(run, code, log_start)
+                if death is not None:
+                    refused = await self._restart_after_kill(run, death, _TRAINER)
                     if refused is None:
                         continue
                     run.progress["end_reason"] = f"{refused}; see train.log (FetchTrainingArtifacts)"
@@ -476,18 +488,31 @@ class TrainingRunner(StoreRunner):
         await self._save(run)
         return code, log_start
 
-    async def _restart_after_kill(self, run: _Run, signum: int, child: _Rerun) -> str | None:
-        """None when a ``child`` killed by ``signum`` is started again (its restarts left), recorded in the
-        metadata; else why it is not."""
+    async def _trainer_death(self, run: _Run, code: int, log_start: int) -> str | None:
+        """How the trainer that exited with ``code`` was killed from outside, in words, or None when it was not:
+        the process the server started killed by a signal, or under torchrun (an agent that exits 1) a worker
+        killed by one, as torchrun's report in this attempt's part of train.log says."""
+        if code < 0:
+            return f"{_TRAINER.who} was {_killed(-code)}"
+        if code == 0 or int(run.job.spec["request"].get("nproc_per_node") or 1) <= 1:
+            return None
+        found = await asyncio.to_thread(worker_death, self.job_dir(run.job.id) / "train.log", log_start)
+        if found is None:
+            return None
+        rank, signum = found
+        return f"{_TRAINER.who}'s torchrun worker of rank {rank} was {_killed(signum)}"
+
+    async def _restart_after_kill(self, run: _Run, death: str, child: _Rerun) -> str | None:
+        """None when a ``child`` killed from outside (``death``: who was killed and how, in words) is started
+        again (its restarts left), recorded in the metadata; else why it is not."""
         if run.cancel.is_set():  # a cancel that came as it died: not started again only to be stopped
             raise _Stop("CANCELLED", f"cancelled while {child.doing}")
-        death = f"killed by signal {signum} ({_signal_name(signum)})"
         restarts = int(run.progress.get(f"{child.key}_restarts", 0))
         if restarts >= child.limit:
-            return f"{child.who} was {death} and had already been restarted {restarts} times {child.how}"
+            return f"{death} and had already been restarted {restarts} times {child.how}"
         await self._save(run, **{f"{child.key}_restarts": restarts + 1, f"last_{child.key}_death": death})
-        log.warning("training job %s: %s was %s; restarting it %s (restart %d of %d)", run.job.id, child.who,
-                    death, child.how, restarts + 1, child.limit)
+        log.warning("training job %s: %s; restarting it %s (restart %d of %d)", run.job.id, death, child.how,
+                    restarts + 1, child.limit)
         return None
 
     async def _failure_reason(self, run: _Run, code: int, log_start: int) -> str:
@@ -540,10 +565,13 @@ class TrainingRunner(StoreRunner):
             code = await self._child(run, argv, f"evaluating the {who}")
             if code == 0 and (out / "metrics.json").is_file():
                 return
-            refused = await self._restart_after_kill(run, -code, _EVALUATOR) if code < 0 else None
-            if code < 0 and refused is None:
-                continue
-            why = f": {refused}" if refused else f" (exit code {code})"
+            refused = None
+            if code < 0:
+                refused = await self._restart_after_kill(run, f"{_EVALUATOR.who} was {_killed(-code)}", _EVALUATOR)
+                if refused is None:
+                    continue
+            why = (f": {refused}" if refused else f" (exit code {code})" if code
+                   else " (it exited without writing its metrics)")
             raise _Stop("FAILED", f"evaluating the {who} on {split} failed{why}; "
                                   "see train.log (FetchTrainingArtifacts)")
 
@@ -618,11 +646,18 @@ class TrainingRunner(StoreRunner):
         if (promoted and request["promote"] == "gate" and now not in (compared, version)
                 and not (compared and self.manager.default_version(name) == compared)):
             promoted, verdict = False, gate.moved_verdict(compared, now)
-        if now and now != version and pointer != now and (not promoted or version is None):
+        if now and now != version and pointer != now:
             # No pointer (or one to no complete version): the newest version, soon this one, would be served. A
             # promoted job pins it too, before its version appears: its own DEFAULT write may fail after that,
-            # and the job then says "not promoted" while the version served is still the one pinned here.
-            await self._pin(run, name, now)
+            # and the job then says "not promoted" while the version served is still the one pinned here. So
+            # does a job resumed with its version already published (by a server from before this pin).
+            failed = await self._pin(run, name, now)
+            if failed and version is None:
+                raise _Stop("FAILED", f"the DEFAULT pointer of {name} could not be written ({failed}), so nothing "
+                                      "was published; train again once the model repository can be written")
+            if failed and not promoted:  # published before the crash: the newest, served with no pointer
+                verdict = (f"{verdict}; but DEFAULT could not be pinned to v{now} ({failed}), so version {version}, "
+                           "the newest, is served by default until one is set (SetDefaultVersion)")
         if version is None:
             lineage = {
                 "job_id": run.job.id, "dataset": {k: spec["dataset"][k] for k in ("name", "sha256")},
@@ -636,15 +671,17 @@ class TrainingRunner(StoreRunner):
             promoted, verdict = False, f"not promoted: the gate promoted it ({verdict}), but {unserved}"
         return version, promoted, verdict, unserved
 
-    async def _pin(self, run: _Run, name: str, version: int) -> None:
-        """Write DEFAULT = ``version``, the default served now, before the job's own version appears; a write that
-        fails (a full or read-only disk) fails the job with nothing published: its version would be the newest,
-        served by default whatever the gate decided."""
+    async def _pin(self, run: _Run, name: str, version: int) -> str | None:
+        """Write DEFAULT = ``version``, the default served now, before the job's own version appears (or before a
+        version published before a crash is promoted); None once written, else why not (a full or read-only
+        disk). Without the pin the job's version is the newest, served by default whatever the gate decided: one
+        not published yet is then not published (``_place``)."""
         try:
             await asyncio.to_thread(self.manager.repository.set_default, name, version)
         except OSError as exc:
-            raise _Stop("FAILED", f"the DEFAULT pointer of {name} could not be written ({_reason(exc)}), so nothing "
-                                  "was published; train again once the model repository can be written") from None
+            log.error("training job %s: cannot pin DEFAULT of %s to %d: %s", run.job.id, name, version, _reason(exc))
+            return _reason(exc)
+        return None
 
     async def _switch_default(self, run: _Run, name: str, version: int, compared: int) -> str | None:
         """Write DEFAULT = ``version`` and make this server serve it; None once it does, else why not.
@@ -665,6 +702,9 @@ class TrainingRunner(StoreRunner):
             log.error("training job %s: serving %s:%d failed", run.job.id, name, version,
                       exc_info=not isinstance(exc, (SegsvcError, OSError)))
             reason, served = _reason(exc), self.manager.default_version(name)
+            if written and served == version:  # it raised once the server had switched: DEFAULT and server agree
+                log.warning("training job %s: %s:%d is served by default all the same", run.job.id, name, version)
+                return None
         else:
             if served == version:
                 return None
@@ -687,16 +727,22 @@ class TrainingRunner(StoreRunner):
         this server now serves it, else why it is not promoted.
 
         With no pointer there to write over (a job pins the default before its version appears, so mostly a
-        model with no other version) the newest version, this one, is the default of every server that starts:
-        this one follows it too, and the job does not say "not promoted" about a version served by default.
+        model with no other version, or a repository where the pin failed too) the newest version, this one, is
+        the default of every server that starts: this one loads and serves it too (its poller would, later), and
+        the job does not say "not promoted" about a version served by default. Otherwise this server follows the
+        pointer there is (the job's pin), so it does not serve the version the job says is not promoted.
         """
+        default = None
         try:
             default = await asyncio.to_thread(gate.current_default, self.manager.repository, name)
-            served = await self.manager.refresh_default(name) if default == version else 0
+            served = await self.manager.refresh_default(name)
+            if default == version and served not in (version, 0):  # 0: unloaded here; loaded with its newest
+                await self.manager.load(name)
+                served = self.manager.default_version(name)
         except Exception as exc:  # the job ends with its published version either way
             log.error("training job %s: cannot follow the default of %s: %s", run.job.id, name, _reason(exc))
-            served = 0
-        if served == version:
+            served = self.manager.default_version(name)
+        if served == version and default == version:
             log.warning("training job %s: DEFAULT of %s could not be written (%s); version %d is served as its "
                         "newest version", run.job.id, name, said, version)
             return None
@@ -747,6 +793,39 @@ def trainer_error(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -
     Only the log's output from byte ``start`` on (this attempt's) is looked at, and of that at most its
     last ``limit`` bytes: a long log is not read whole. The text is as the trainer wrote it (paths included).
     """
+    for line in reversed(_log_tail(log_path, start, limit)):
+        found = _TRAINER_ERROR.fullmatch(line.strip())
+        if found:
+            return found.group(1).strip()
+    return None
+
+
+def worker_death(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -> tuple[int, int] | None:
+    """``(rank, signal)`` of the torchrun worker whose death by a signal ended the run, as torchrun's report of its
+    root cause (``ChildFailedError``) in ``log_path`` from byte ``start`` on says; None when the run's first
+    failure was no such death (a worker's own error), or there is no report (the agent itself was killed).
+    """
+    lines = _log_tail(log_path, start, limit)
+    heads = [i for i, line in enumerate(lines) if line.strip() == _ROOT_CAUSE]
+    if not heads:
+        return None
+    rank = code = None
+    for line in lines[heads[-1] + 1:]:
+        text = line.strip()
+        if text.startswith("==="):  # the report's end
+            break
+        if rank is None and (found := _CAUSE_RANK.match(text)):
+            rank = int(found.group(1))
+        elif code is None and (found := _CAUSE_EXIT.match(text)):
+            code = int(found.group(1))
+    if rank is None or code is None or code >= 0:
+        return None
+    return rank, -code
+
+
+def _log_tail(log_path: Path, start: int, limit: int) -> list[str]:
+    """The lines of ``log_path`` from byte ``start`` on, at most its last ``limit`` bytes of them (a first line
+    the read began inside of left out); none when it cannot be read."""
     try:
         with open(log_path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
@@ -754,14 +833,10 @@ def trainer_error(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -
             f.seek(offset)
             lines = f.read(limit).decode("utf-8", "replace").splitlines()
     except OSError:
-        return None
+        return []
     if offset > start and lines:  # the read may have begun inside a line
         lines = lines[1:]
-    for line in reversed(lines):
-        found = _TRAINER_ERROR.fullmatch(line.strip())
-        if found:
-            return found.group(1).strip()
-    return None
+    return lines
 
 
 def _scrubbed_copy(source: Path, dest: Path, scrub: Callable[[str], str]) -> Path:
@@ -804,6 +879,10 @@ def _check_cancel(run: _Run, what: str) -> None:
     """Stop the job here when it was asked to stop: before a child starts, not once it runs."""
     if run.cancel.is_set():
         raise _Stop("CANCELLED", f"cancelled while {what}")
+
+
+def _killed(signum: int) -> str:
+    return f"killed by signal {signum} ({_signal_name(signum)})"
 
 
 def _signal_name(signum: int) -> str:

@@ -72,7 +72,8 @@ def training_metadata(job: Job) -> tpb.TrainingJobMetadata:
         attempts=int(_num(p, "attempts")), create_time=convert._timestamp(job.created_at),
         start_time=convert._timestamp(job.started_at), update_time=convert._timestamp(job.updated_at),
         end_time=convert._timestamp(job.finished_at), request_id=job.request_id or "",
-        cancel_requested=job.cancel_requested,
+        cancel_requested=job.cancel_requested, trainer_restarts=int(_num(p, "trainer_restarts")),
+        eval_restarts=int(_num(p, "eval_restarts")),
     )
 
 
