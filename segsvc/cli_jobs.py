@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Callable
 
-from segsvc.errors import Cancelled, SegsvcError, Unavailable
+from segsvc.errors import Cancelled, DeadlineExceeded, SegsvcError, Unavailable
 from segsvc.progress import show_progress
 
 
@@ -58,11 +58,16 @@ def follow(job, args: argparse.Namespace) -> int | None:  # type: ignore[no-unty
         print(f"segsvc: stopped waiting; job {job.id} goes on on the server: `{again}` follows it again, "
               f"`segsvc jobs cancel {job.id} --server {args.server}` stops it", file=sys.stderr)
         return 130
-    except (Unavailable, Cancelled):  # nothing listens any more, or a stopping server cancelled the call
+    except (Unavailable, Cancelled, DeadlineExceeded):
+        # nothing listens any more, a stopping server cancelled the call, or a hung server (or a network that
+        # dropped without a reset) let the call's deadline pass
         raise Unavailable(f"lost the server at {args.server} while waiting for job {job.id}; the server keeps the "
                           f"job and resumes it when it starts again: `{again}` follows it then (submitting it "
                           "again would start a second job)") from None
     return None
+
+
+SHOWN_FAILURES = 20  # printed by jobs wait/status; the job's failures file lists every one
 
 
 def _print_result(job) -> int:  # type: ignore[no-untyped-def]
@@ -78,7 +83,10 @@ def _print_result(job) -> int:  # type: ignore[no-untyped-def]
         "job": job.name, "output_location": result.output_location, "done": result.done, "failed": result.failed,
         "skipped": result.skipped, "images_per_s": round(result.images_per_s, 2),
         "class_pixel_totals": result.class_pixel_totals,
-        "failures": [{"input": i, "reason": r} for i, r in result.failures[:20]],
+        "failures": [{"input": i, "reason": r} for i, r in result.failures[:SHOWN_FAILURES]],
+        **({"failures_not_shown": result.failed - min(len(result.failures), SHOWN_FAILURES)}
+           if result.failed > min(len(result.failures), SHOWN_FAILURES) else {}),
+        **({"failures_file": f"{result.output_location}/{result.failures_file}"} if result.failures_file else {}),
     }, indent=2))
     return 1 if result.failed else 0
 
@@ -90,7 +98,8 @@ def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argpa
     common.add_argument("--token-file", default=None, help="bearer token file (else $SEGSVC_AUTH_TOKEN)")
     common.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
     common.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate")
-    common.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each call (default 60)")
+    common.add_argument("--timeout-s", type=float, default=60.0,
+                        help="deadline of each call; for fetch, the longest the server may send nothing (default 60)")
 
     p = sub.add_parser("jobs", help="batch segmentation and training jobs on a server: submit, list, status, wait, "
                                     "cancel, ...")
@@ -200,9 +209,25 @@ def _delete(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped
     return 0
 
 
+def _not_done(job):  # type: ignore[no-untyped-def]
+    """The status of a job that has not ended, as ``client.job`` read it; None once it ended (or for a handle that
+    is not a ``JobHandle``, which has none)."""
+    from segsvc.jobclient import JobHandle
+
+    if not isinstance(job, JobHandle):
+        return None
+    status = job.status(refresh=False)
+    return None if status.done_flag else status
+
+
 def _fetch(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    files = client.job(args.job).fetch(args.out, progress=args.progress)
+    job = client.job(args.job)
+    running = _not_done(job)  # as the fetch begins: a job still running has written only some of its files
+    files = job.fetch(args.out, progress=args.progress)
     if not files:
-        raise SegsvcError(f"job {args.job} has no output files yet")
+        raise SegsvcError(f"job {args.job} has no output files" + (" yet" if running else ""))
     print(f"fetched {len(files)} files into {args.out}")
+    if running:
+        print(f"segsvc: job {job.id} was {running.state} when the fetch began: these are the files it had written "
+              "by then; fetch again once it ends for all of them", file=sys.stderr)
     return 0

@@ -635,7 +635,7 @@ class SegmentationClient:
 
     def list_jobs(self, filter: str = "", page_size: int = 50) -> Iterator[JobStatus | TrainingStatus]:
         """Every job (oldest first), fetched page by page; ``filter`` e.g. ``"state=RUNNING"``."""
-        token = ""
+        token, seen = "", set()
         while True:
             response = self._ops_call("ListOperations", operations_pb2.ListOperationsRequest(
                 name="jobs", filter=filter, page_size=page_size, page_token=token))
@@ -644,6 +644,10 @@ class SegmentationClient:
             token = response.next_page_token
             if not token:
                 return
+            if token in seen:  # a server that hands back a page token again would be listed for ever
+                raise SegsvcError(f"the server sent the page token {token[:40]!r} twice while listing jobs: "
+                                  "stopped there (the jobs above were listed)")
+            seen.add(token)
 
     # -- datasets -----------------------------------------------------------------------
     def _local_upload(self, method: Callable, messages: Iterator, reading: Callable[[], Path | None],

@@ -1,4 +1,4 @@
-"""Client side of batch and training jobs: handles on long-running operations, uploads and downloads.
+"""Client side of batch and training jobs: handles on long-running operations, uploads (downloads: ``segsvc.downloads``).
 
 ``SegmentationClient.submit_job`` returns a ``JobHandle``; ``wait(progress=True)``
 follows the operation with ``WaitOperation`` and shows a tqdm bar fed by the
@@ -32,11 +32,12 @@ import grpc
 from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 
-from segsvc.errors import Cancelled, InvalidArgument, SegsvcError
-from segsvc.progress import JobBar, progress_bar
+from segsvc.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from segsvc.downloads import download
+from segsvc.progress import JobBar
 from segsvc.v1 import jobs_pb2 as jobs_pb
 from segsvc.v1 import training_pb2 as tpb
-from segsvc.wire import error_from_rpc, error_from_status
+from segsvc.wire import error_from_status
 
 if TYPE_CHECKING:
     from segsvc.client import SegmentationClient
@@ -82,6 +83,8 @@ class JobResult:
     failures: tuple[tuple[str, str], ...]
     elapsed_s: float
     images_per_s: float
+    failures_truncated: bool = False  # more failed than ``failures`` lists: ``failures_file`` lists them all
+    failures_file: str = ""  # in the output folder (FetchJobOutputs), one JSON line per failed input
 
 
 def _status(op: operations_pb2.Operation) -> JobStatus:
@@ -122,20 +125,28 @@ class JobHandle:
         self._op = self._client._ops_call("WaitOperation", request, timeout_s=step_s + 30)
 
     def _waited(self, deadline: float | None) -> bool:
-        """Wait one step for the job; False (without waiting) once it is done or ``deadline`` has passed."""
+        """Wait one step for the job; False (without waiting) once it is done or ``deadline`` has passed.
+
+        A step lasts its length even when the server answers earlier with a job still running (WaitOperation
+        may, and a proxy or another implementation does): else the next call would follow at once, a loop of
+        calls for as long as the job runs.
+        """
         if self._op.done:
             return False
-        step = WAIT_STEP_S if deadline is None else min(WAIT_STEP_S, deadline - time.monotonic())
+        started = time.monotonic()
+        step = WAIT_STEP_S if deadline is None else min(WAIT_STEP_S, deadline - started)
         if step <= 0:
             return False
         self._wait_step(step)
+        if not self._op.done:
+            time.sleep(max(0.0, started + step - time.monotonic()))
         return True
 
     def _error(self) -> None:
         op = self._op
         if op.HasField("error"):
             if op.error.code == grpc.StatusCode.CANCELLED.value[0]:
-                raise Cancelled(op.error.message)
+                raise Cancelled(f"job {self.id}: {op.error.message}")  # the server's words do not name it
             if op.error.code == grpc.StatusCode.ABORTED.value[0]:  # the job ran and failed
                 raise error_from_status(op.error.code, f"job {self.id} failed: {op.error.message}")
             raise error_from_status(op.error.code, op.error.message)
@@ -169,13 +180,13 @@ class JobHandle:
             self.wait(timeout_s=timeout_s)
         op = self._op
         if not op.done:
-            raise SegsvcError(f"job {self.id} is not done after {timeout_s} s")
+            raise DeadlineExceeded(f"job {self.id} is not done after {timeout_s:g} s")
         self._error()
         res = jobs_pb.SegmentationJobResult()
         op.response.Unpack(res)
         return JobResult(res.output_location, res.total, res.done, res.failed, res.skipped,
                          dict(res.class_pixel_totals), tuple((f.input, f.reason) for f in res.failures),
-                         res.elapsed_seconds, res.images_per_second)
+                         res.elapsed_seconds, res.images_per_second, res.failures_truncated, res.failures_file)
 
     def cancel(self) -> None:
         self._client._ops_call("CancelOperation", operations_pb2.CancelOperationRequest(name=self.name))
@@ -186,75 +197,18 @@ class JobHandle:
         response = self._client._job_call("DeleteJob", jobs_pb.DeleteJobRequest(name=self.name, delete_outputs=outputs))
         return int(response.deleted_files)
 
-    def fetch(self, dest: str | os.PathLike, progress: bool = False) -> list[Path]:
-        """Download every output file into ``dest`` (same relative layout); returns the paths written."""
+    def fetch(self, dest: str | os.PathLike, progress: bool = False,
+              idle_timeout_s: float | None = None) -> list[Path]:
+        """Download every output file into ``dest`` (same relative layout); returns the paths written.
+
+        A server that sends nothing for ``idle_timeout_s`` (default: the client's ``timeout_s``) ends the
+        download with ``DeadlineExceeded``; the whole download has no deadline (``download``).
+        """
         stream = self._client._job_stream("FetchJobOutputs", jobs_pb.FetchJobOutputsRequest(name=self.name))
-        return download(stream, dest, progress)
+        return download(stream, dest, progress, self._idle_limit(idle_timeout_s))
 
-
-def download(stream: Iterable[jobs_pb.FileChunk], dest: str | os.PathLike, progress: bool = False) -> list[Path]:
-    """Write a stream of ``FileChunk`` under ``dest``; returns the paths written.
-
-    Each file is written under a temporary name beside it and renamed once its
-    last chunk arrived, so an interrupted download leaves no half file under a
-    final name (its temporary is removed). The server's names and offsets are
-    checked: a path outside ``dest`` (or ``dest`` itself), a chunk of another
-    file before the current one ended, or an offset other than the bytes
-    received so far is refused with ``InvalidArgument``.
-    """
-    root = Path(dest).resolve()
-    written: list[Path] = []
-    current: _Incoming | None = None
-    try:
-        for chunk in progress_bar(progress, stream, unit="chunk", desc="fetch"):
-            if current is None:
-                current = _Incoming(_local_path(root, chunk.path), chunk.path)
-            current.write(chunk)
-            if chunk.last:
-                written.append(current.finish())
-                current = None
-        if current is not None:
-            raise InvalidArgument(f"the stream ended in the middle of {current.name!r}")
-    except grpc.RpcError as exc:
-        raise error_from_rpc(exc) from None
-    finally:
-        if current is not None:
-            current.discard()
-    return written
-
-
-def _local_path(root: Path, name: str) -> Path:
-    """Where a file the server names goes under ``root``: inside it, never ``root`` itself."""
-    path = (root / name).resolve()
-    if path == root or not path.is_relative_to(root):
-        raise InvalidArgument(f"the server sent a file outside the folder: {name!r}")
-    return path
-
-
-class _Incoming:
-    """One file being downloaded: its chunks in order, into a temporary renamed at the end."""
-
-    def __init__(self, path: Path, name: str) -> None:
-        self.path, self.name, self.size = path, name, 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.temp = path.with_name(f".{path.name}.part-{os.urandom(6).hex()}")
-        self.file = open(self.temp, "xb")
-
-    def write(self, chunk: jobs_pb.FileChunk) -> None:
-        if chunk.path != self.name or chunk.offset != self.size:
-            raise InvalidArgument(f"the server sent {chunk.path!r} at offset {chunk.offset} while {self.name!r} "
-                                  f"was at {self.size} bytes")
-        self.file.write(chunk.data)
-        self.size += len(chunk.data)
-
-    def finish(self) -> Path:
-        self.file.close()
-        os.replace(self.temp, self.path)
-        return self.path
-
-    def discard(self) -> None:
-        self.file.close()
-        self.temp.unlink(missing_ok=True)
+    def _idle_limit(self, idle_timeout_s: float | None) -> float | None:
+        return self._client.timeout_s if idle_timeout_s is None else idle_timeout_s
 
 
 def upload_files(files: Sequence[Path], root: Path | None) -> Iterator[jobs_pb.UploadImagesRequest]:
@@ -328,6 +282,8 @@ class TrainingStatus:
     attempts: int
     cancel_requested: bool
     error: str = ""  # why a FAILED (or CANCELLED) job ended: the operation's error message
+    trainer_restarts: int = 0  # the trainer was killed from outside and resumed from its checkpoint this often
+    eval_restarts: int = 0  # an evaluation killed so was run again this often
 
     @property
     def fraction(self) -> float:
@@ -380,7 +336,8 @@ def _training_status(op: operations_pb2.Operation) -> TrainingStatus:
     return TrainingStatus(op.name, STATES.get(m.state, "UNSPECIFIED"), op.done, PHASES.get(m.phase, "unspecified"),
                           m.epoch, m.epochs, m.step, m.steps_per_epoch, m.loss, m.learning_rate, m.val_miou,
                           m.best_miou, m.images_per_second, m.eta_seconds, m.elapsed_seconds, m.dataset, m.model,
-                          m.base_model, m.recipe, m.attempts, m.cancel_requested, _error_of(op))
+                          m.base_model, m.recipe, m.attempts, m.cancel_requested, _error_of(op),
+                          m.trainer_restarts, m.eval_restarts)
 
 
 class TrainingJobHandle(JobHandle):
@@ -427,7 +384,7 @@ class TrainingJobHandle(JobHandle):
         if not self._op.done:
             self.wait(timeout_s=timeout_s)
         if not self._op.done:
-            raise SegsvcError(f"job {self.id} is not done after {timeout_s} s")
+            raise DeadlineExceeded(f"job {self.id} is not done after {timeout_s:g} s")
         self._error()
         r = tpb.TrainingJobResponse()
         self._op.response.Unpack(r)
@@ -437,11 +394,13 @@ class TrainingJobHandle(JobHandle):
                               POLICY_NAMES.get(r.promote, "gate"), r.gate_margin, rows, dict(r.metrics), r.epochs,
                               r.train_seconds, tuple(r.artifacts))
 
-    def fetch(self, dest: str | os.PathLike, progress: bool = False) -> list[Path]:
-        """Download the training curve, metrics, events, log, evaluation reports and gate.json into ``dest``."""
+    def fetch(self, dest: str | os.PathLike, progress: bool = False,
+              idle_timeout_s: float | None = None) -> list[Path]:
+        """Download the training curve, metrics, events, log, evaluation reports and gate.json into ``dest``
+        (``idle_timeout_s`` as in ``JobHandle.fetch``)."""
         stream = self._client._training_stream("FetchTrainingArtifacts",
                                                tpb.FetchTrainingArtifactsRequest(name=self.name))
-        return download(stream, dest, progress)
+        return download(stream, dest, progress, self._idle_limit(idle_timeout_s))
 
 
 def handle_for(client: "SegmentationClient", op: operations_pb2.Operation) -> JobHandle:

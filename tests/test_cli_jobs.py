@@ -156,3 +156,52 @@ def test_a_wait_cut_by_the_server_says_the_job_is_kept(error):
     with pytest.raises(Unavailable, match=r"^lost the server at host:1 while waiting for job j1; .*"
                                           r"`segsvc jobs wait j1 --server host:1` follows it then"):
         cli_jobs.follow(Job(), args)
+
+
+@pytest.fixture
+def half_done_job(start_server, tmp_path, monkeypatch):  # noqa: F811
+    """A real server with a batch job that wrote the outputs of its first image and holds its second (one image
+    a batch) until the end of the test."""
+    from segsvc.inference.batcher import BatchingConfig
+    from segsvc.inference.engine import Engine
+
+    gate, runs = threading.Event(), []
+    original = Engine.run
+
+    def run(self, jobs):  # type: ignore[no-untyped-def]
+        runs.append(len(jobs))
+        if len(runs) > 1:
+            gate.wait(300)
+        return original(self, jobs)
+
+    monkeypatch.setattr(Engine, "run", run)
+    publish(tmp_path / "repo", "tiny", seed=11)
+    (tmp_path / "data" / "scans").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "data" / "scans" / f"{i}.png").write_bytes(encode_png(make_image(16, 16, seed=i)))
+    server = start_server(tmp_path / "repo", batching=BatchingConfig(max_batch_size=1, max_delay_s=0.005,
+                                                                     max_queue_size=64),
+                          jobs=JobsConfig(state_dir=tmp_path / "state", output_root=tmp_path / "out",
+                                          data_root=tmp_path / "data"))
+    with server.client(timeout_s=60) as client:
+        job = client.submit_job(["scans"], model="tiny")
+        out = tmp_path / "out" / job.id
+        wait_for(lambda: len(runs) >= 2 and any(p.is_file() and not p.name.startswith(".") for p in out.rglob("*")),
+                 300)
+    try:
+        yield server, job.id
+    finally:
+        gate.set()
+
+
+def test_a_fetch_of_a_running_job_says_its_files_are_only_those_written_so_far(half_done_job, tmp_path, capsys):
+    """`segsvc jobs fetch` of a running job printed "fetched 1 files into out" like a finished one: the folder
+    looked complete, without the rest of the label maps, results.jsonl or summary.json."""
+    server, job_id = half_done_job
+    out = tmp_path / "fetched"
+    assert main(["jobs", "fetch", job_id, "--out", str(out), "--server", server.address, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("fetched ") and "Traceback" not in captured.err, captured
+    assert captured.err == (f"segsvc: job {job_id} was RUNNING when the fetch began: these are the files it had "
+                            "written by then; fetch again once it ends for all of them\n"), captured.err
+    assert not (out / "summary.json").exists()
