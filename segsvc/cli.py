@@ -558,7 +558,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "batchers for up to --drain-timeout-s: see there how the two add up")
     p.add_argument("--drain-timeout-s", type=float, default=30.0,
                    help="after --grace-s, the longest wait for the models' batchers to finish the forward passes "
-                        "they run; a pass still running then is abandoned and the server exits with status 3. Also "
+                        "they run; work still running on a thread then (a forward pass, a model build) is abandoned and "
+                        "the server exits with status 3. Also "
                         "how long a version swapped out or unloaded waits for its requests (default 30). A stop "
                         "takes at most --grace-s + --drain-timeout-s, plus about 1 s to close (and, with training "
                         "jobs, up to 10 s for their trainers to exit): keep that below Kubernetes' "

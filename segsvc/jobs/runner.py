@@ -66,8 +66,8 @@ class StoreRunner(abc.ABC):
         """Stop scheduling and abandon running jobs: they resume at the next start."""
         if self._scheduler is not None:
             self._scheduler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler
+            # gather, not suppress(CancelledError): a cancel of the caller's own (a stop cut short) goes on up
+            await asyncio.gather(self._scheduler, return_exceptions=True)
             self._scheduler = None
         tasks = list(self._tasks.values())
         for task in tasks:

@@ -4,16 +4,22 @@ Start-up order: lock the state folder (a second server on it fails here,
 before it binds a port or loads a model), start the metrics endpoint, bind
 the port with health NOT_SERVING, load the models, then report SERVING. A
 start that fails or is interrupted (SIGTERM/SIGINT while the models load)
-stops what it had started. Shutdown (SIGTERM/SIGINT): health NOT_SERVING at
-once, refuse new RPCs, give the requests in flight ``grace_s`` seconds, drain
-the batchers, stop. The batchers' drain takes at most the manager's
-``drain_timeout_s`` (``--drain-timeout-s``): a model version still busy then
-(a forward pass that does not end) is abandoned and logged, and ``segsvc
-serve`` exits without joining its thread (the interpreter would wait for it at
-exit, for ever). So a stop takes at most ``grace_s + drain_timeout_s`` (plus
-the trainers' ``kill_grace_s`` with training jobs, and about a second to
-close): keep that below Kubernetes' ``terminationGracePeriodSeconds`` less the
-preStop sleep, or the pod is killed mid-drain.
+logs why and stops what it had started; a failed start's error is what
+``segsvc serve`` reports (status 2), also when a signal came meanwhile.
+Shutdown (SIGTERM/SIGINT; a second one is logged and changes nothing): health
+NOT_SERVING at once, refuse new RPCs, give the requests in flight ``grace_s``
+seconds, drain the batchers, stop. The batchers' drain takes at most the
+manager's ``drain_timeout_s`` (``--drain-timeout-s``): a model version still
+busy then (a forward pass that does not end) is abandoned and logged. So a
+stop takes at most ``grace_s + drain_timeout_s`` from the signal (plus the
+trainers' ``kill_grace_s`` with training jobs, and about a second to close):
+keep that below Kubernetes' ``terminationGracePeriodSeconds`` less the
+preStop sleep, or the pod is killed mid-drain. Work still running on a thread
+then (that forward pass, a model build that hangs: threads cannot be
+cancelled) is logged and ``segsvc serve`` exits at once with status 3
+(``EXIT_ABANDONED``), those threads with it: the interpreter would wait for
+them at exit, for ever. Otherwise it exits 0. SIGHUP reads the token file
+again (``--token-file``), or is logged and ignored without one.
 
 Example:
     >>> server = SegmentationServer(ServerConfig(model_repo="repo", port=0, metrics_port=None))  # doctest: +SKIP
@@ -25,13 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import gc
 import inspect
 import logging
 import os
 import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -44,7 +53,7 @@ from grpc_reflection.v1alpha import reflection
 
 from segsvc.config import usable_cpus
 from segsvc.datasets.registry import DatasetRegistry
-from segsvc.errors import InvalidArgument, Overloaded
+from segsvc.errors import InvalidArgument, Overloaded, SegsvcError
 from segsvc.inference.allocator import configure_allocator
 from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import ModelRepository
@@ -80,7 +89,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Out of the drain's grace: how long the transport may still send responses whose handlers have returned.
 SEND_GRACE_S = 1.0
 MODEL_HEALTH_PREFIX = "segsvc.model."  # + model name: that model's health (see the proto's header)
-EXIT_ABANDONED = 3  # ``segsvc serve``'s exit status when its drain abandoned a forward pass still running
+EXIT_ABANDONED = 3  # ``segsvc serve``'s exit status when its stop abandoned work still running on a thread
+CLOSE_S = 1.0  # what a stop past its budget still gives work on threads to end (a file write, a SQLite commit)
 
 
 def configure_threads(config: ServerConfig) -> int:
@@ -287,6 +297,50 @@ class _StreamPlaces:
         self._limit.give_back(places)
 
 
+def work_name(fn: Callable[..., object]) -> str:
+    """The name of the function ``fn`` runs, through ``functools.partial`` and ``asyncio.to_thread``'s wrapper."""
+    while isinstance(fn, functools.partial):
+        if isinstance(getattr(fn.func, "__self__", None), contextvars.Context) and fn.args:
+            fn = fn.args[0]  # to_thread's partial(context.run, function, ...)
+        else:
+            fn = fn.func
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+class WatchedExecutor(ThreadPoolExecutor):
+    """A thread pool that knows which work it has not finished.
+
+    The interpreter joins a pool's threads at exit, for as long as their work runs: a model build that hangs (on
+    ``asyncio.to_thread``) kept ``segsvc serve`` alive after SIGTERM, for ever. ``serve`` waits for that work until
+    its stop's deadline (``wait_idle``), then exits without it.
+    """
+
+    def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "") -> None:
+        super().__init__(max_workers, thread_name_prefix)
+        self._work: dict[Future, str] = {}
+        self._guard = threading.Lock()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:  # type: ignore[no-untyped-def]
+        future = super().submit(fn, *args, **kwargs)
+        with self._guard:
+            self._work[future] = work_name(fn)
+        future.add_done_callback(self._ended)  # at once when already done
+        return future
+
+    def _ended(self, future: Future) -> None:
+        with self._guard:
+            self._work.pop(future, None)
+
+    async def wait_idle(self, timeout_s: float) -> list[str]:
+        """Wait up to ``timeout_s`` for the work submitted so far to end; the names of the work still unfinished."""
+        with self._guard:
+            futures = list(self._work)
+        if futures:
+            await asyncio.wait([asyncio.wrap_future(f) for f in futures], timeout=max(timeout_s, 0.0))
+        with self._guard:
+            return sorted(name for future, name in self._work.items() if future in futures)
+
+
 class SegmentationServer:
     """The gRPC server, its models, health, reflection and metrics.
 
@@ -306,11 +360,13 @@ class SegmentationServer:
         )
         self.metrics.watch_models(self.manager.snapshot, failed=self.manager.failed_versions)
         self.health = health.aio.HealthServicer()
-        self._io = ThreadPoolExecutor(max(2, config.io_threads or usable_cpus()), thread_name_prefix="segsvc-io")
+        self.io = WatchedExecutor(max(2, config.io_threads or usable_cpus()), thread_name_prefix="segsvc-io")
         self.gate = DrainGate(on_refused=self.metrics.observe_refused)
         self.calls = CallLimit(config.limits.max_concurrent_rpcs, on_refused=self.metrics.observe_refused,
                                accepting=lambda: self.gate.accepting)
-        self.service = InferenceService(self.manager, self._io, config.limits.admission)
+        self.metrics.watch_calls(lambda: self.calls.in_flight, self.calls.limit)
+        self.metrics.watch_dropped(lambda: [(lm.name, lm.batcher.stats) for lm in self.manager.loaded()])
+        self.service = InferenceService(self.manager, self.io, config.limits.admission)
         self.servicer = SegmentationServicer(self.service, config.limits, self.metrics)
         # The dataset registry and the trainer open in ``start``, once the state folder is this server's.
         self.datasets: DatasetRegistry | None = None
@@ -321,6 +377,7 @@ class SegmentationServer:
             self.jobs = JobRunner(store, self.service, config.jobs)
         self.tokens = TokenFile.of(config.auth)  # --token-file: read again when it changes (SIGHUP: at once)
         self._token_watch: asyncio.Task | None = None
+        self._start_steps: asyncio.Task | None = None  # ``_start`` while it runs: what ``interrupt_start`` cancels
         self._server: grpc.aio.Server | None = None
         self._health_tasks: set[asyncio.Task] = set()
         self._stopped = asyncio.Event()
@@ -353,14 +410,35 @@ class SegmentationServer:
     async def start(self) -> None:
         """Claim the state folder, bind, start serving health/metrics, load the models, then report SERVING.
 
-        A start that fails (or is cancelled: a signal while the models load) part-way stops what it had
-        started, so no port, thread or lock outlives it.
+        A start that fails (or is interrupted: ``interrupt_start``, a signal while the models load) part-way
+        logs why, then stops what it had started, so no port or lock outlives it; its error is then raised, also
+        when that clean-up failed too (which is logged). Only the steps are interrupted, never that clean-up.
         """
+        steps = asyncio.get_running_loop().create_task(self._start(), name="start-steps")
+        self._start_steps = steps
         try:
-            await self._start()
-        except BaseException:
-            await self.stop(grace_s=0)
+            await steps  # cancelling ``start`` cancels the steps too
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                log.info("start interrupted: stopping what had started")
+            else:
+                log.error("start failed: %s; stopping what had started", _reason(exc))
+            try:
+                await self.stop(grace_s=0)
+            except Exception:  # the start's error is what the caller must see
+                log.exception("stopping what the failed start had started failed too")
             raise
+        finally:
+            self._start_steps = None
+
+    def interrupt_start(self) -> bool:
+        """Cancel the start's steps (SIGTERM while the models load); ``start`` then stops what had started and
+        raises ``CancelledError``. False when no step runs: not starting, or a failed start already stopping what
+        it had started, whose clean-up goes on and whose error stands."""
+        steps = self._start_steps
+        if steps is None or steps.done():
+            return False
+        return steps.cancel()
 
     def _claim_state(self) -> None:
         """Lock the state folder, then open what lives in it (the dataset registry, the trainer).
@@ -451,43 +529,61 @@ class SegmentationServer:
         """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish for ``grace_s``, drain, stop.
 
         The drain of the models' batchers takes at most ``drain_timeout_s``; the versions it abandoned (still
-        running a forward pass) are logged and left in ``abandoned``.
+        running a forward pass) are logged and left in ``abandoned``. A step that fails is logged and the next
+        ones still run (the state folder's lock is released, the models drained); the first failure is raised
+        once the stop has ended.
         """
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
+        steps = self._start_steps
+        if steps is not None and not steps.done():  # a stop while starting: the start's steps end first
+            steps.cancel()  # ``start`` then comes here too, and waits for this stop
+            await asyncio.gather(steps, return_exceptions=True)
         if self._token_watch is not None:
             self._token_watch.cancel()
         grace = self.config.grace_s if grace_s is None else grace_s
-        log.info("draining: health NOT_SERVING, %.1f s grace for requests in flight", grace)
+        if self.gate.accepting:  # else a start that did not end stops what it had started (it said why)
+            log.info("draining: health NOT_SERVING, %.1f s grace for requests in flight", grace)
         self.gate.accepting = False  # new calls now get UNAVAILABLE
-        await self.health.enter_graceful_shutdown()
-        if self._server is not None:
-            # Requests in flight get up to `grace` seconds; then the transport stops (open health
-            # watches and anything still running are cancelled). A handler that has returned may still
-            # be sending its response: the transport gets SEND_GRACE_S more (out of the grace) for that.
-            deadline = asyncio.get_running_loop().time() + grace
-            try:
-                if self.gate.in_flight:
-                    await asyncio.wait_for(self.gate.wait_idle(), grace)
-            except TimeoutError:
-                log.warning("%d requests still in flight after %.1f s of grace; cancelling them",
-                            self.gate.in_flight, grace)
-            left = deadline - asyncio.get_running_loop().time()
-            await self._server.stop(min(SEND_GRACE_S, max(left, 0.0)))
+        failures: list[Exception] = []
+        await _step("health", self.health.enter_graceful_shutdown, failures)
+        await _step("the gRPC server", lambda: self._stop_transport(grace), failures)
         if self.training is not None:  # trainers get SIGTERM; their jobs resume at the next start
-            await self.training.stop()
-        if self.jobs is not None:  # running jobs stop here and resume at the next start
-            await self.jobs.stop()
-            self.jobs.store.close()
+            await _step("the training jobs", self.training.stop, failures)
+        if self.jobs is not None:  # running jobs stop here and resume at the next start; the state lock goes
+            await _step("the jobs", self.jobs.stop, failures)
+            await _step("the job store", self.jobs.store.close, failures)
         if self.datasets is not None:
-            self.datasets.close()
-        self.abandoned = await self.manager.stop()
-        self.metrics.stop_http()
-        self._io.shutdown(wait=False)
-        log.info("stopped" + (f"; abandoned still busy: {', '.join(self.abandoned)}" if self.abandoned else ""))
+            await _step("the dataset registry", self.datasets.close, failures)
+        await _step("the models", self._stop_models, failures)
+        await _step("the metrics endpoint", self.metrics.stop_http, failures)
+        self.io.shutdown(wait=False)
+        log.info("stopped" + (f"; abandoned still busy: {', '.join(self.abandoned)}" if self.abandoned else "")
+                 + (f"; {len(failures)} step(s) failed" if failures else ""))
         self._stopped.set()
+        if failures:
+            raise failures[0]
+
+    async def _stop_transport(self, grace: float) -> None:
+        """Requests in flight get up to ``grace`` seconds; then the transport stops (open health watches and
+        anything still running are cancelled). A handler that has returned may still be sending its response:
+        the transport gets SEND_GRACE_S more (out of the grace) for that."""
+        if self._server is None:
+            return
+        deadline = asyncio.get_running_loop().time() + grace
+        try:
+            if self.gate.in_flight:
+                await asyncio.wait_for(self.gate.wait_idle(), grace)
+        except TimeoutError:
+            log.warning("%d requests still in flight after %.1f s of grace; cancelling them",
+                        self.gate.in_flight, grace)
+        left = deadline - asyncio.get_running_loop().time()
+        await self._server.stop(min(SEND_GRACE_S, max(left, 0.0)))
+
+    async def _stop_models(self) -> None:
+        self.abandoned = await self.manager.stop()
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -509,52 +605,108 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+async def _step(what: str, work: Callable[[], object], failures: list[Exception]) -> None:
+    """Run one step of a stop (awaited if it returns an awaitable); a failure is logged and kept in ``failures``."""
+    try:
+        result = work()
+        if inspect.isawaitable(result):
+            await result
+    except Exception as exc:  # the next steps must still run: the lock, the models, the ports
+        log.exception("stopping %s failed; the stop goes on", what)
+        failures.append(exc)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line naming what failed: a domain error's message, else the exception's type and message."""
+    text = str(exc) if isinstance(exc, SegsvcError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+async def _exit_if_busy(server: SegmentationServer, threads: WatchedExecutor, deadline: float) -> None:
+    """End the process now (``EXIT_ABANDONED``) if work still runs on a thread the interpreter would join at exit.
+
+    That work (a forward pass the drain abandoned, a model build or file access that does not end) gets until
+    ``deadline``, the stop's budget, and at least ``CLOSE_S``. The process then ends with it: its threads too.
+    """
+    loop = asyncio.get_running_loop()
+    left = max(deadline - loop.time(), CLOSE_S)
+    busy = sorted({name for names in await asyncio.gather(threads.wait_idle(left), server.io.wait_idle(left))
+                   for name in names})
+    parts = [f"the forward passes of {', '.join(server.abandoned)}"] if server.abandoned else []
+    parts += [f"the threads still running {', '.join(busy)}"] if busy else []
+    if not parts:
+        return
+    log.error("exiting without waiting for %s", " and ".join(parts))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_ABANDONED)
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then drain and stop gracefully.
 
-    A signal while the server starts (its models load: minutes, for big ones) cancels the start, which stops
-    what it had started; the process then ends once the model build in flight, which runs on a thread, ends.
+    A signal while the server starts (its models load: minutes, for big ones) interrupts the start, which stops
+    what it had started; a start that fails keeps its error (raised here), signals or not. A second signal is
+    logged and changes nothing. SIGHUP reads the token file again, or is logged and ignored without one.
+
+    The stop has a budget from the first signal: ``grace_s + drain_timeout_s``. Work still running on a thread
+    then (a forward pass, a model build that hangs: a thread cannot be cancelled) is logged and the process exits
+    at once with ``EXIT_ABANDONED``, its threads with it: the interpreter would otherwise wait for them for ever.
     """
-    server = SegmentationServer(config)
     loop = asyncio.get_running_loop()
+    threads = WatchedExecutor(thread_name_prefix="segsvc-thread")  # asyncio.to_thread's: builds, scans, files
+    loop.set_default_executor(threads)
+    server = SegmentationServer(config)
+    budget_s = config.grace_s + config.manager.drain_timeout_s
     stop = asyncio.Event()
+    deadline = loop.time() + budget_s  # set again at the first signal
     starting = loop.create_task(server.start(), name="start")
 
     def on_signal(sig: signal.Signals) -> None:
-        if stop.is_set():  # a second signal: the stop (or the start's own clean-up) is already under way
+        nonlocal deadline
+        if stop.is_set():
+            log.warning("%s received again: already stopping; the process ends within %.1f s of the first signal "
+                        "(grace + drain timeout)", sig.name, budget_s)
             return
         stop.set()
-        if not starting.done():
+        deadline = loop.time() + budget_s
+        if server.interrupt_start():
             log.info("%s received while starting: stopping what has started", sig.name)
-            starting.cancel()
+        elif not starting.done():
+            log.info("%s received while a failed start stops what it had started", sig.name)
+
+    def on_hangup() -> None:
+        if server.tokens is None:
+            log.info("SIGHUP received: no token file to read again (--token-file); ignored")
+            return
+        log.info("SIGHUP received: reading the token file again")
+        server.tokens.reload_soon()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    if server.tokens is not None:
-        loop.add_signal_handler(signal.SIGHUP, server.tokens.reload_soon)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)  # its default action ends the process
     try:
         await starting
     except asyncio.CancelledError:
         if not stop.is_set():  # cancelled from outside, not by a signal
             raise
         log.info("stopped before serving")
+        await _exit_if_busy(server, threads, deadline)
         return
+    except BaseException:
+        await _exit_if_busy(server, threads, deadline if stop.is_set() else loop.time() + budget_s)
+        raise
     log.info("%d objects alive after start-up kept out of garbage collection", freeze_startup_heap())
     print(f"segsvc: serving on {config.host}:{server.port}"
           + (f", metrics on :{server.metrics_port}" if server.metrics_port is not None else ""), flush=True)
     await stop.wait()
     log.info("shutdown signal received")
-    await server.stop()
-    if server.abandoned:
-        # Their forward passes run on executor threads, which the interpreter joins at exit: it would wait for
-        # them after all. Everything else is closed (jobs, datasets, metrics), so the process ends here.
-        log.error("exiting without waiting for the forward passes of %s", ", ".join(server.abandoned))
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(EXIT_ABANDONED)
+    try:
+        await server.stop()  # a step that failed was logged: its error is raised after the check below
+    finally:
+        await _exit_if_busy(server, threads, deadline)
 
 
 def run(config: ServerConfig) -> None:
     asyncio.run(serve(config))
-

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import fcntl
 import logging
+import os
 import shutil
 import subprocess
 import threading
@@ -16,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from segsvc import errors
 from segsvc.client import SegmentationClient
+from segsvc.jobs.batch import LOCK_FILE, JobsConfig
+from segsvc.jobs.trainspec import TrainingConfig
 from segsvc.server.app import SEND_GRACE_S
 from segsvc.server.auth import AuthConfig
 from segsvc.server.config import TLSConfig
@@ -101,6 +106,70 @@ def test_the_drain_gives_up_on_a_stuck_forward_pass_after_drain_timeout(tmp_path
         t.join(60)
         server.close()
     assert len(errors_seen) == 1 and not t.is_alive()
+
+
+def test_a_stop_step_that_fails_does_not_skip_the_steps_after_it(tmp_path, monkeypatch):
+    """A step of the stop that raised (here the trainers' stop) ended the stop there: the state folder's lock stayed
+    held (a server started next on it failed), the models were never drained, and a second ``stop`` (as
+    ``wait_stopped``) waited for ever. Every step now runs; the first failure is raised at the end."""
+    publish(tmp_path / "repo", "m", seed=2)
+    state = tmp_path / "state"
+    jobs = JobsConfig(state_dir=state, output_root=tmp_path / "out")
+    server = RunningServer(server_config(tmp_path / "repo", jobs=jobs, training=TrainingConfig(state_dir=state)))
+    try:
+        async def broken() -> None:
+            raise RuntimeError("the trainer did not stop")
+
+        monkeypatch.setattr(server.server.training, "stop", broken)
+        with pytest.raises(RuntimeError, match="the trainer did not stop"):
+            server.call(server.server.stop(0.0), timeout=120)  # only a hang reaches the timeouts
+        fd = os.open(state / LOCK_FILE, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released: the next server may take the folder
+        finally:
+            os.close(fd)
+        assert server.manager.loaded() == []
+        server.call(server.server.wait_stopped(), timeout=120)
+    finally:
+        server.close()
+
+
+def test_a_stop_while_the_server_starts_ends_the_start_first(tmp_path, monkeypatch):
+    """``stop`` during ``start`` ran its steps beside the start's: the start then went on over a stopped server
+    (it set health SERVING and opened the drain gate, with the jobs stopped and the port closed)."""
+    from segsvc.jobs.batch import JobRunner
+
+    publish(tmp_path / "repo", "m", seed=2)
+    entered, release = threading.Event(), threading.Event()
+    original = JobRunner.start
+
+    async def held(self) -> None:
+        entered.set()
+        await asyncio.to_thread(release.wait, 120)  # only a hang reaches the timeout
+        await original(self)
+
+    monkeypatch.setattr(JobRunner, "start", held)
+    jobs = JobsConfig(state_dir=tmp_path / "state", output_root=tmp_path / "out")
+    config = server_config(tmp_path / "repo", jobs=jobs)
+    server = RunningServer.__new__(RunningServer)  # its loop, without its blocking start
+    server.loop = asyncio.new_event_loop()
+    server.thread = threading.Thread(target=server.loop.run_forever, daemon=True)
+    server.thread.start()
+    try:
+        server.server = server.call(RunningServer._create(config))
+        starting = asyncio.run_coroutine_threadsafe(server.server.start(), server.loop)
+        assert entered.wait(120)
+        stopping = asyncio.run_coroutine_threadsafe(server.server.stop(0.0), server.loop)
+        release.set()
+        stopping.result(120)
+        with pytest.raises(concurrent.futures.CancelledError):  # the start was interrupted
+            starting.result(120)
+        assert not server.server.gate.accepting
+        assert server.call(server.server.health.Check(health_pb2.HealthCheckRequest(service=""), None)).status \
+            == NOT_SERVING
+    finally:
+        release.set()
+        server.close()
 
 
 def test_bearer_token_auth(start_server, tmp_path):

@@ -116,13 +116,11 @@ def test_dropped_images_count_per_model_through_unload_and_reload() -> None:
     assert asyncio.run(scenario()) == [0, 1, 2, 3]
 
 
-def test_wiring_reads_a_real_server(start_server, tmp_path) -> None:
-    """The two lines app.py needs, run against a real server's objects, exported on its /metrics."""
+def test_a_real_server_exports_its_call_limit_and_its_drops(start_server, tmp_path) -> None:
+    """``SegmentationServer`` wires the call limit and the batchers' drops into its /metrics."""
     publish(tmp_path, "tiny", seed=1)
     running = start_server(tmp_path)
     server = running.server
-    server.metrics.watch_calls(lambda: server.calls.in_flight, server.calls.limit)
-    server.metrics.watch_dropped(lambda: [(lm.name, lm.batcher.stats) for lm in server.manager.loaded()])
     with grpc.insecure_channel(running.address) as channel:
         pb_grpc.SegmentationServiceStub(channel).Segment(
             pb.SegmentRequest(model="tiny", image=encode(make_image(16, 16))), timeout=TIMEOUT_S)
