@@ -87,8 +87,9 @@ class LabelMapper:
     def apply(self, raw: np.ndarray, path: Path | str = "<mask>") -> MappedMask:
         """Map a mask as read by ``read_label_file`` (ids H x W or RGB H x W x 3).
 
-        ``label_map`` maps the values of id masks; a colour mask's palette gives the class ids themselves
-        (colour ``i`` is class ``i``, ``ignore_color`` the ignore index), which ``label_map`` does not remap.
+        A colour mask's palette gives class ids (colour ``i`` is class ``i``), which ``label_map`` then maps as it
+        maps an id mask's values (``{11: 255}`` ignores a palette's void class); ``ignore_color``'s pixels are the
+        ignore index, which ``label_map`` does not remap (``{255: 1}`` is for id masks' 255).
         """
         if raw.ndim == 3:
             return self._apply_colours(raw, path)
@@ -106,10 +107,13 @@ class LabelMapper:
         if not self.colour_table:
             raise DatasetError(f"{path}: mask is an RGB colour image but the dataset has no palette")
         ids, known = colors_to_ids(raw, self.colour_table)
-        labels = ids.astype(self.dtype)
+        fill = self.ignore_index if self.ignore_index is not None else 0
+        classes = known if self.ignore_index is None else known & (ids != self.ignore_index)
+        table, _ = self._table(256 if self.num_classes <= 256 else 65536)  # palette ids are class ids
+        labels = np.full(ids.shape, fill, dtype=table.dtype)  # the ignore colour, and colours of no class
+        labels[classes] = table[ids[classes]]
         if known.all():
             return MappedMask(labels=labels, unknown=(), unknown_pixels=0)
-        labels[~known] = self.ignore_index if self.ignore_index is not None else 0
         return MappedMask(labels=labels, unknown=tuple(unique_colors(raw[~known])),
                           unknown_pixels=int(np.count_nonzero(~known)))
 

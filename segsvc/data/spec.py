@@ -383,9 +383,12 @@ def spec_from_folder(folder: Path, num_classes: int | None = None) -> DatasetSpe
         raise DatasetError(
             f"{folder}: not a dataset folder: it needs {FOLDER_SPEC_NAMES[0]} or images/ and masks/ subfolders"
         )
-    # a split folder on either side names a split, so masks/val without images/val is a missing folder, not unread
-    subdirs = sorted({p.name for top in (images, masks) for p in top.iterdir()
-                      if not is_excluded(f"{top.name}/{p.name}") and p.is_dir()})
+    # Split folders are images/'s. With them, a split folder only masks/ has (masks/val without images/val) names
+    # a split too, reported as a missing folder rather than left unread; without them, folders in masks/ (a
+    # preview/ beside flat masks) name no split.
+    subdirs = _split_folders(images)
+    if subdirs:
+        subdirs = sorted({*subdirs, *_split_folders(masks)})
     lists = sorted(p for p in (folder / "splits").glob("*.txt") if not is_excluded(f"splits/{p.name}"))
     if subdirs:
         splits = {s: SplitSpec(images=f"images/{s}", masks=f"masks/{s}") for s in subdirs}
@@ -395,6 +398,11 @@ def spec_from_folder(folder: Path, num_classes: int | None = None) -> DatasetSpe
         splits = {"all": SplitSpec(images="images", masks="masks")}
     classes = tuple(f"class_{i}" for i in range(num_classes)) if num_classes else ()
     return DatasetSpec(name=folder.name, format="folder", root=folder, class_names=classes, splits=splits)
+
+
+def _split_folders(top: Path) -> list[str]:
+    """The visible subfolders of ``top`` (``images/`` or ``masks/``), by name."""
+    return sorted(p.name for p in top.iterdir() if not is_excluded(f"{top.name}/{p.name}") and p.is_dir())
 
 
 def load_dataset_spec(path_or_name: str | Path, num_classes: int | None = None) -> DatasetSpec:

@@ -38,7 +38,8 @@ def value_problems(fields: Mapping[str, Any]) -> list[str]:
         problems.append(f"ignore_index must be an int outside the class ids, got {ignore!r}")
     elif ignore is not None and ignore > MAX_LABEL:
         problems.append(f"ignore_index must be at most {MAX_LABEL} (masks hold 16-bit values), got {ignore!r}")
-    problems += _colour_problems(palette, fields["ignore_color"], names)
+    if fields["options"].get("mask_encoding", "auto") != "ids":  # id masks: the palette only draws the classes
+        problems += _colour_problems(palette, fields["ignore_color"], names)
     valid_targets = set(range(len(names))) | ({ignore} if ignore is not None else set())
     for raw, target in label_map.items():
         if not isinstance(raw, int) or not isinstance(target, int) or not 0 <= raw <= MAX_LABEL or target < 0:

@@ -414,7 +414,9 @@ def class_shares(report: CheckReport, spec: DatasetSpec) -> dict[str, float]:
         value = mapper.colour_table.get(raw) if isinstance(raw, tuple) else raw
         if value is None:
             continue
-        cls = value if isinstance(raw, tuple) else mapper.label_map.get(value, value)  # a colour names its class
+        if isinstance(raw, tuple) and value == spec.ignore_index:
+            continue  # the ignore colour: label_map does not remap it (LabelMapper)
+        cls = mapper.label_map.get(value, value)
         if 0 <= cls < spec.num_classes:
             counts[cls] += n
     total = sum(counts)

@@ -27,14 +27,25 @@ def test_without_a_class_list_16bit_values_are_kept() -> None:
     assert out.unknown == () and out.labels.tolist() == [[0, 300, 65535]]
 
 
-def test_label_map_does_not_remap_the_classes_a_palette_gives() -> None:
-    # label_map {255: 1} is for id masks: the ignore colour's pixels (ignore_index 255) became class 1
+def test_label_map_does_not_remap_the_ignore_colour() -> None:
+    # label_map {255: 1} is for id masks: the ignore colour's pixels (ignore_index 255) became class 1. The
+    # palette's classes still go through label_map (``{11: 255}`` ignores a palette's void class).
     spec = spec_from_dict({"format": "folder", "root": ".", "classes": ["membrane", "cell"],
                            "palette": [[0, 0, 0], [200, 0, 0]], "ignore_color": [255, 255, 255],
                            "label_map": {255: 1, 0: 1, 1: 0}}, base=Path("."))
     mapper = LabelMapper(spec)
     colours = np.array([[[255, 255, 255], [0, 0, 0], [200, 0, 0], [9, 9, 9]]], np.uint8)
     out = mapper.apply(colours)
-    assert out.labels.tolist() == [[255, 0, 1, 255]]
+    assert out.labels.tolist() == [[255, 1, 0, 255]]
     assert out.unknown == ((9, 9, 9),) and out.unknown_pixels == 1
     assert mapper.apply(np.array([[255, 0, 1]], np.uint8)).labels.tolist() == [[1, 1, 0]]  # id masks still mapped
+
+
+def test_label_map_still_maps_a_palettes_void_class_to_the_ignore_index() -> None:
+    """A palette with a void class and ``label_map: {2: 255}`` (as CamVid's ids use ``{11: 255}``) trained the
+    void colour as class 2 once label_map stopped applying to colour masks."""
+    spec = spec_from_dict({"format": "folder", "root": ".", "classes": ["sky", "road", "void"],
+                           "palette": [[0, 0, 255], [255, 0, 0], [0, 0, 0]], "ignore_index": 255,
+                           "label_map": {2: 255}}, base=Path("."))
+    colours = np.array([[[0, 0, 255], [255, 0, 0], [0, 0, 0]]], np.uint8)
+    assert LabelMapper(spec).apply(colours).labels.tolist() == [[0, 1, 255]]

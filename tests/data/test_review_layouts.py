@@ -60,6 +60,21 @@ def test_a_mask_split_folder_without_its_image_folder_is_reported(tmp_path: Path
         ("layout", "images/val")]
 
 
+@pytest.mark.parametrize("lists", [False, True])
+def test_a_folder_inside_flat_masks_names_no_split(tmp_path: Path, lists: bool) -> None:
+    """Flat images/ and masks/ with a folder of other files in masks/ (a preview/) loaded as the flat split (or
+    the splits/*.txt lists); counting masks/' folders as split folders made 'preview' the only split."""
+    for folder in ("images", "masks", "masks/preview"):
+        for stem in ("a", "b"):
+            write_png(tmp_path / folder / f"{stem}.png", np.zeros((4, 4), np.uint8))
+    if lists:
+        (tmp_path / "splits").mkdir()
+        (tmp_path / "splits" / "train.txt").write_text("a\nb\n")
+    spec = load_dataset_spec(tmp_path)
+    assert list(spec.splits) == (["train"] if lists else ["all"])
+    assert check_dataset(spec).ok
+
+
 @pytest.mark.parametrize("lines", [
     "C:\\CamVid\\images\\a.png C:\\CamVid\\masks\\a.png\nC:\\CamVid\\images\\b.png C:\\CamVid\\masks\\b.png\n",
     "D:\\data\\a.png\nb\n",

@@ -54,6 +54,13 @@ def test_an_ignore_colour_that_is_a_class_colour_is_refused(tmp_path: Path) -> N
     assert LabelMapper(spec).apply(mask).labels.tolist() == [[0, 255]]
 
 
+def test_id_masks_may_draw_classes_in_one_colour(tmp_path: Path) -> None:
+    """With ``mask_encoding: ids`` the palette only draws the classes: colours shared (or the ignore colour a
+    class's) mislabel nothing, and such specs, registered before the colour checks, must still load."""
+    _load(tmp_path, "palette: [[1, 2, 3], [1, 2, 3]]\nignore_index: 255\nignore_color: [1, 2, 3]\n"
+                    "options: {mask_encoding: ids}\n")
+
+
 def test_invalid_yaml_is_named_in_one_line(tmp_path: Path) -> None:
     path = tmp_path / "spec.yaml"
     path.write_text("name: x\nformat: [folder\n")

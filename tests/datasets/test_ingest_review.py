@@ -31,11 +31,12 @@ def test_a_metadata_yaml_with_a_key_given_twice_is_refused_not_rewritten_without
     assert_nothing_left(registry)
 
 
-def test_class_shares_of_colour_masks_ignore_the_label_map() -> None:
-    """A colour names its class; ``label_map`` is for id masks (``LabelMapper`` applies it so)."""
+def test_class_shares_of_colour_masks_leave_the_ignore_colour_out_of_the_label_map() -> None:
+    """As ``LabelMapper`` reads colour masks: the palette's classes go through ``label_map``, the ignore colour
+    does not (its ``{255: 1}`` made the ignored pixels a class)."""
     spec = spec_from_dict({"format": "folder", "root": ".", "classes": ["membrane", "cell"],
                            "palette": [[0, 0, 0], [200, 0, 0]], "ignore_color": [255, 255, 255],
                            "label_map": {255: 1, 0: 1, 1: 0}}, base=Path("."))
     report = CheckReport("d", None, {"train": 1}, 2, (),
                          raw_label_pixels={(0, 0, 0): 3, (200, 0, 0): 1, (255, 255, 255): 4})
-    assert class_shares(report, spec) == {"membrane": 0.75, "cell": 0.25}
+    assert class_shares(report, spec) == {"membrane": 0.25, "cell": 0.75}
