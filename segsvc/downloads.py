@@ -3,11 +3,14 @@
 Each file is written under a temporary name beside its final one, fsynced and renamed; the folders it
 changed are synced before ``download`` returns. A name the server sends is confined to the folder
 (symlinks included), a file sent twice is refused, and what a killed download left is removed by the
-next. A server that goes quiet for ``idle_timeout_s`` ends the download with ``DeadlineExceeded``.
+next. A server that goes quiet for ``idle_timeout_s`` after its first chunk ends the download with
+``DeadlineExceeded``.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import re
 import threading
@@ -41,8 +44,9 @@ def download(stream: Iterable[jobs_pb.FileChunk], dest: str | os.PathLike, progr
 
     A download that ends early cancels the stream (a gRPC call), so the server
     stops sending. ``idle_timeout_s``: a server that sends nothing for that long
-    (hung, or a network that dropped without a reset) ends it with
-    ``DeadlineExceeded``; None waits as long as the stream lasts.
+    once its first chunk came (hung, or a network that dropped without a reset)
+    ends it with ``DeadlineExceeded``; None waits as long as the stream lasts. The
+    first chunk is not timed: the server lists the job's outputs before it.
     """
     root = _resolved(Path(dest), f"the folder {os.fspath(dest)!r}")
     written: list[Path] = []
@@ -129,6 +133,7 @@ class _Incoming:
         self.path, self.name, self.size = path, name, 0
         self.temp = path.with_name(f"{_temp_prefix(path.name)}{os.urandom(6).hex()}")
         self.file = open(self.temp, "xb")
+        fcntl.flock(self.file, fcntl.LOCK_EX)  # in use: another download's clean-up leaves it (``_Leftovers``)
 
     def write(self, chunk: jobs_pb.FileChunk) -> None:
         if chunk.path != self.name or chunk.offset != self.size:
@@ -150,14 +155,17 @@ class _Incoming:
 
 
 def _temp_prefix(name: str) -> str:
-    """``.<name>.part-``, of a bounded part of the name: one near the 255-byte limit has no room for more."""
-    return f".{name[:32]}.part-"
+    """``.<name>.<hash>.part-``: a bounded part of the name (one near the 255-byte limit has no room for more)
+    and a hash of all of it, so names alike in their first 32 characters have temporaries of their own."""
+    return f".{name[:32]}.{hashlib.sha256(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}.part-"
 
 
 class _Leftovers:
     """The temporaries that killed downloads left in the folders this one writes: a fetch run again replaces
     their files, and nothing else would ever remove them. Each folder is listed once, when this download
-    first finishes a file in it (its own temporary is renamed by then)."""
+    first finishes a file in it (its own temporary is renamed by then). A temporary another download still
+    writes (into the same folder at the same time) is locked by it and left alone; a killed one's lock went
+    with its process."""
 
     def __init__(self) -> None:
         self._found: dict[Path, dict[str, list[Path]]] = {}
@@ -173,8 +181,20 @@ class _Leftovers:
                         and entry.is_file(follow_symlinks=False):
                     self._found[folder].setdefault(prefix + sep, []).append(Path(entry.path))
         for path in self._found[folder].pop(_temp_prefix(done.path.name), ()):
-            if path not in keep:
+            if path not in keep and not _in_use(path):
                 path.unlink(missing_ok=True)
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a live download holds ``path``, its temporary (``_Incoming`` locks it while it writes)."""
+    try:
+        with open(path, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # gone meanwhile, or unreadable: nothing to remove, or nothing this download can tell
+        return False
+    return False
 
 
 class _Watchdog:
@@ -192,10 +212,13 @@ class _Watchdog:
             self._thread.start()
 
     def chunks(self) -> Iterator[jobs_pb.FileChunk]:
-        """The stream's chunks, each wait for the next one timed."""
+        """The stream's chunks, each wait for the next one timed but the first: before it the server lists the
+        job's output folder, which for a job of millions of files on slow storage can take minutes."""
         chunks = iter(self._stream)
+        first = True
         while True:
-            self._waiting_since = time.monotonic()
+            self._waiting_since = None if first else time.monotonic()
+            first = False
             try:
                 chunk = next(chunks)
             except StopIteration:

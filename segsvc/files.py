@@ -148,7 +148,8 @@ def _temporary_file(path: Path) -> tuple[int, Path]:
 
 
 def sha256_hex(source: str | os.PathLike[str] | BinaryIO) -> str:
-    """The hex SHA-256 of a file: a path, or a binary file object read from where it stands to its end."""
+    """The hex SHA-256 of a file: a path, or a file opened in binary mode on disk, read from where it stands to
+    its end (``hashlib.file_digest`` hashes an in-memory ``BytesIO`` whole, wherever it stands)."""
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()

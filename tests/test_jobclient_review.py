@@ -22,6 +22,7 @@ from google.rpc import code_pb2, status_pb2
 
 from segsvc import cli_jobs, jobclient
 from segsvc.client import SegmentationClient
+from segsvc.downloads import _Incoming, _temp_prefix, _Watchdog
 from segsvc.errors import Cancelled, DeadlineExceeded, InvalidArgument, SegsvcError, Unavailable
 from segsvc.jobclient import JobHandle, download
 from segsvc.v1 import jobs_pb2 as jobs_pb
@@ -86,16 +87,53 @@ def test_a_fetch_run_again_removes_what_a_killed_one_left(tmp_path):
     fetch run again replaced the file and kept the temporary beside it forever. Files the server sends, even named
     like a temporary, are kept."""
     (tmp_path / "sub").mkdir()
-    stale = [tmp_path / ".a.png.part-0123456789ab", tmp_path / "sub" / ".c.png.part-abcdefabcdef"]
+    stale = [tmp_path / f"{_temp_prefix('a.png')}0123456789ab",
+             tmp_path / "sub" / f"{_temp_prefix('c.png')}abcdefabcdef"]
     for path in stale:
         path.write_bytes(b"half")
-    other = tmp_path / ".b.png.part-0123456789ab"  # of a file this fetch does not send: not its to judge
+    other = tmp_path / f"{_temp_prefix('b.png')}0123456789ab"  # of a file this fetch does not send: not its
     other.write_bytes(b"half")
     served = ".d.png.part-0123456789ab"
     stream = [_chunk(served, 0, b"D", True), _chunk("a.png", 0, b"A", True), _chunk("sub/c.png", 0, b"C", True),
               _chunk("d.png", 0, b"d", True)]
     download(stream, tmp_path)
     assert _files(tmp_path) == {"a.png": b"A", "sub/c.png": b"C", "d.png": b"d", served: b"D", other.name: b"half"}
+
+
+def test_a_fetch_leaves_the_temporaries_another_fetch_still_writes(tmp_path):
+    """Two fetches into one folder (a retry started in a second terminal): the one that finished a file removed
+    the other's open temporary of it, whose rename then failed; and every name alike in its first 32 characters
+    shared one temporary prefix, so finishing one file removed the others' temporaries too."""
+    names = ["frontcamera_2026-11-25T10-00-00_000001.png", "frontcamera_2026-11-25T10-00-00_000002.png"]
+    other = [_Incoming(tmp_path / name, name) for name in names]  # the other fetch, still writing both
+    try:
+        download([_chunk(name, 0, b"mine", True) for name in names], tmp_path)
+        for incoming in other:
+            incoming.write(_chunk(incoming.name, 0, b"theirs", True))
+            incoming.finish()  # its temporary is still there to rename
+    finally:
+        for incoming in other:
+            incoming.file.close()
+    assert _files(tmp_path) == {name: b"theirs" for name in names}
+
+
+def test_the_wait_for_the_first_chunk_is_not_timed():
+    """Before its first chunk the server lists the job's outputs (minutes for millions of files on slow storage):
+    the idle limit cut every fetch of such a job at that point, and every retry again."""
+    seen: list[float | None] = []
+    chunks = [_chunk("a.png", 0, b"A", True), _chunk("b.png", 0, b"B", True)]
+
+    class Stream(_Call):
+        def __next__(self) -> jobs_pb.FileChunk:
+            seen.append(dog._waiting_since)
+            return super().__next__()
+
+    dog = _Watchdog(Stream(chunks, stall=False), 600.0)
+    try:
+        assert [c.path for c in dog.chunks()] == ["a.png", "b.png"]
+    finally:
+        dog.stop()
+    assert seen[0] is None and all(since is not None for since in seen[1:]), seen
 
 
 # -- names a server may send ----------------------------------------------------------------------------------

@@ -67,7 +67,10 @@ class StoreRunner(abc.ABC):
         if self._scheduler is not None:
             self._scheduler.cancel()
             # gather, not suppress(CancelledError): a cancel of the caller's own (a stop cut short) goes on up
-            await asyncio.gather(self._scheduler, return_exceptions=True)
+            [ended] = await asyncio.gather(self._scheduler, return_exceptions=True)
+            if isinstance(ended, Exception):  # it had crashed (its store failing): gather took the error, say it
+                log.error("the %s scheduler had stopped on an error: %s", self.kind, ended,
+                          exc_info=(type(ended), ended, ended.__traceback__))
             self._scheduler = None
         tasks = list(self._tasks.values())
         for task in tasks:
