@@ -358,9 +358,10 @@ def write_outputs(
         "confusion_matrix": {"rows": "ground truth", "columns": "prediction", "classes": names,
                              "counts": result.confusion},
     }
-    write_atomic(out_dir / "metrics.json", (json.dumps(payload, indent=2) + "\n").encode())
     title = (f"{manifest.name} v{manifest.version} on {data.name}/{options.split} "
              f"at scale {result.contract.scale}: mIoU "
              f"{100 * result.metrics.miou:.2f}, pixel acc {100 * result.metrics.pixel_accuracy:.2f}")
     plot_eval_report(out_dir / "report.png", title=title, class_names=names, iou=result.metrics.iou,
                      samples=result.samples, palette=manifest.palette, ignore_index=data.ignore_index)
+    # Last: a training job takes an evaluation with metrics.json for finished, so a kill before it is run again.
+    write_atomic(out_dir / "metrics.json", (json.dumps(payload, indent=2) + "\n").encode())

@@ -43,17 +43,27 @@ Cancel sends SIGTERM to the process group and SIGKILL after ``kill_grace_s``.
 A server that stops (or crashes) leaves the job RUNNING: the next start kills
 a trainer group that outlived its server (its id and start time are stored)
 and restarts the trainer with ``--resume`` from its last checkpoint. A trainer
-killed on its own while the server runs (``kill -9``, the OOM killer) is resumed
-the same way, at most ``MAX_TRAINER_RESTARTS`` times a job (``trainer_restarts``
-in its metadata). Under torchrun that is the agent or any one of its workers: a
-worker killed by a signal makes the agent exit 1, and torchrun's report of its
-root cause in ``train.log`` names the worker and the signal (``worker_death``);
-a worker that fails by itself fails the job as a lone trainer does. An
-evaluation child killed so runs again from the start (it has no checkpoint), at most
-``MAX_EVAL_RESTARTS`` times a job. A cancel already asked for when a child is
-about to start (a job resumed after a restart) starts none. Each phase
-is idempotent: a finished evaluation is not redone, and a version published
-just before a crash is found again by its lineage's job id.
+killed on its own while the server runs (``kill -9``, the OOM killer, an
+operator's ``kill``, a container runtime's SIGTERM) is resumed the same way, at
+most ``MAX_TRAINER_RESTARTS`` times a job (``trainer_restarts`` in its
+metadata). One rule says what such a death is, for every child
+(``signal_death``): killed by SIGTERM, SIGINT, SIGHUP or SIGKILL, with no
+handler (a negative exit code) or with 128 + it (the trainer's handler exits
+143 on SIGTERM, ``segsvc eval`` 130 on SIGINT); a crash of its own (SIGSEGV,
+SIGABRT) is not one. Under torchrun that is the
+agent or any one of its workers (``torchrun_death``): an agent stopped by a
+signal it handles says so and exits 1, a worker's death makes the agent exit 1
+and torchrun's report of its root cause in ``train.log`` names the worker and
+its exit code (``worker_death``); a worker that fails by itself fails the job
+as a lone trainer does. A trainer that fails without its own error line says
+its exit code and the last words of its output (``last_words``), on one line
+with no server path. An evaluation child killed so runs again from the start
+(it has no checkpoint), at most ``MAX_EVAL_RESTARTS`` times a job. A cancel
+already asked for when a child is about to start (a job resumed after a
+restart) starts none; one that lands as a phase's last child finishes names
+that phase (``_Cancel``). Each phase is idempotent: a finished evaluation (its
+``metrics.json``, which ``segsvc eval`` writes last) is not redone, and a
+version published just before a crash is found again by its lineage's job id.
 
 Example:
     >>> runner = TrainingRunner(store, manager, datasets, TrainingConfig(state_dir))  # doctest: +SKIP
@@ -111,6 +121,17 @@ _TRAINER_ERROR = re.compile(r"(?:\[[^\]]{1,40}\]:?\s*)?training: error:\s*(\S.*)
 _ROOT_CAUSE = "Root Cause (first observed failure):"
 _CAUSE_RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank")
 _CAUSE_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid")
+# torchrun's agent killed by a signal it handles (SIGTERM, SIGINT, SIGHUP): it stops its workers and exits 1, its last
+# line this exception (``torch.distributed.elastic.multiprocessing.api.SignalException``).
+_AGENT_SIGNAL = re.compile(r"(?:\S+\.)?SignalException: Process \d+ got signal: (?:Signals\.)?(\w+)")
+# The signals that end a process from outside: an operator's ``kill``, a container runtime's stop, the OOM killer,
+# a hang-up. Killed by one, a child exits with its negative (no handler) or, when a handler stops it cleanly (the
+# trainer's 143 on SIGTERM, ``segsvc eval``'s 130 on SIGINT) or a shell or launcher reports it, 128 + it.
+_OUTSIDE_SIGNALS = frozenset(int(s) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGKILL, signal.SIGTERM))
+# What a job is doing, by phase, as a cancel names it ("cancelled while training", "cancelled before publishing").
+_DOING = {"training": "while training", "evaluating": "while evaluating", "publishing": "before publishing"}
+# Characters a path taken from a child's output may not follow (inside a URL or a word it is no path).
+_PATH = re.compile(r"(?<![\w<>.~:/-])/[^\s'\"(),;:]+")
 
 
 class _Stop(Exception):
@@ -141,10 +162,29 @@ _TRAINER = _Rerun("trainer", MAX_TRAINER_RESTARTS, "the trainer", "training", "f
 _EVALUATOR = _Rerun("eval", MAX_EVAL_RESTARTS, "an evaluation", "evaluating", "from the start")
 
 
+class _Cancel(asyncio.Event):
+    """A job's cancel flag, which keeps what the job was doing when it was set (``seen``).
+
+    The job keeps ``doing`` current: ``(phase, words)``, as in ``("evaluating", "while evaluating the default")``.
+    A cancel that lands as a child finishes is acted on at the job's next check, maybe in its next phase: the job
+    then says the phase it was in (``_cancelled``), not the one it had moved on to.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.doing: tuple[str, str] = ("", "")
+        self.seen: tuple[str, str] | None = None
+
+    def set(self) -> None:
+        if not self.is_set():
+            self.seen = self.doing
+        super().set()
+
+
 @dataclass
 class _Run:
     job: Job
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel: asyncio.Event = field(default_factory=_Cancel)
     progress: dict[str, Any] = field(default_factory=dict)
     published_at: float = 0.0
 
@@ -264,6 +304,8 @@ class TrainingRunner(StoreRunner):
                 return
             job = started
             run = _Run(job, progress=dict(job.progress))
+            phase = str(run.progress.get("phase") or "")
+            _doing(run, phase, _DOING.get(phase, ""))  # a cancel asked for while the server was down lands here
             await self._register(job.id, run)
             pgid = run.progress.pop("pgid", None)
             if pgid:  # a trainer started by a server that crashed may still be running: stop it first
@@ -366,6 +408,7 @@ class TrainingRunner(StoreRunner):
         await self._save(run, datasets_rechecked=True)
 
     async def _set_phase(self, run: _Run, phase: str, **extra: Any) -> None:
+        _doing(run, phase, _DOING.get(phase, f"while {phase}"))
         await self._save(run, phase=phase, **extra)
 
     async def _child(self, run: _Run, argv: list[str], what: str) -> int:
@@ -374,7 +417,8 @@ class TrainingRunner(StoreRunner):
         A cancel already asked for (a job resumed after a restart) starts no child, and one that lands while its
         group is being stored stops it still held: its command never runs.
         """
-        _check_cancel(run, what)
+        _doing(run, str(run.progress.get("phase") or ""), f"while {what}")
+        _check_cancel(run, f"while {what}")
         root = self.job_dir(run.job.id)
         child = GroupProcess.spawn(argv, log_path=root / "train.log", cwd=self.config.workdir, env=self._env())
         waiter = asyncio.ensure_future(child.wait())
@@ -383,14 +427,14 @@ class TrainingRunner(StoreRunner):
             # Held until the group is stored: a server killed before this leaves no trainer behind, one killed
             # after has it stopped by the next start (kill_stale_group).
             await self._save(run, pgid=child.pgid, pgid_start=child.start_time)
-            _check_cancel(run, what)
+            _check_cancel(run, f"while {what}")
             child.release()
             while not waiter.done():
                 await asyncio.wait({waiter, cancel}, timeout=self.config.progress_interval_s,
                                    return_when=asyncio.FIRST_COMPLETED)
                 if cancel.done() and not waiter.done():
                     await child.terminate(self.config.kill_grace_s)
-                    raise _Stop("CANCELLED", f"cancelled while {what}")
+                    raise _cancelled(run, f"while {what}")
                 await self._tick(run)
             # What is left of its group (torchrun's workers, when the agent alone was killed) goes before
             # anything else starts, a restarted trainer above all.
@@ -432,12 +476,12 @@ class TrainingRunner(StoreRunner):
     async def _train(self, run: _Run) -> Path:
         """Train the candidate (or find the one a trainer finished before a restart); its version folder.
 
-        A trainer killed by a signal from outside the service (``kill -9``, the kernel's OOM killer) while the
-        server lives on is started again, resuming from its last checkpoint as after a server restart, at most
-        ``MAX_TRAINER_RESTARTS`` times in the job's life (``trainer_restarts`` in its metadata). Under torchrun a
-        worker killed so counts the same (``_trainer_death``): the OOM killer picks the process that holds the
-        memory, a worker rather than the agent. A trainer that exits with an error of its own fails the job:
-        starting it again would fail the same way.
+        A trainer killed by a signal from outside the service (``kill -9``, the kernel's OOM killer, an operator's
+        SIGTERM: ``signal_death``) while the server lives on is started again, resuming from its last checkpoint
+        as after a server restart, at most ``MAX_TRAINER_RESTARTS`` times in the job's life (``trainer_restarts``
+        in its metadata). Under torchrun its agent or a worker killed so counts the same (``_trainer_death``): the
+        OOM killer picks the process that holds the memory, a worker rather than the agent. A trainer that exits
+        with an error of its own fails the job: starting it again would fail the same way.
         """
         spec = run.job.spec
         root = self.job_dir(run.job.id)
@@ -464,7 +508,7 @@ class TrainingRunner(StoreRunner):
     async def _run_trainer(self, run: _Run) -> tuple[int, int]:
         """Start the trainer (resuming from its checkpoint when there is one) and wait for it; ``(exit code, where
         this attempt's output begins in train.log)``."""
-        _check_cancel(run, "training")  # before anything of a new attempt: its count, its dataset checks
+        _check_cancel(run, "while training")  # before anything of a new attempt: its count, its dataset checks
         spec = run.job.spec
         root = self.job_dir(run.job.id)
         await asyncio.to_thread(self._check_datasets, spec)  # each start of the trainer, before it runs
@@ -476,6 +520,7 @@ class TrainingRunner(StoreRunner):
         run.progress["_tail"] = tail
         log_start = await asyncio.to_thread(_size, root / "train.log")  # this attempt's output starts here
         attempts = int(run.progress.get("attempts", 0)) + 1
+        run.progress.pop("end_reason", None)  # an earlier attempt's ("terminated") is not why this one fails
         await self._set_phase(run, "training", attempts=attempts)
         log.info("training job %s: starting the trainer (attempt %d%s)", run.job.id, attempts,
                  ", resuming from its checkpoint" if resume else "")
@@ -490,23 +535,21 @@ class TrainingRunner(StoreRunner):
 
     async def _trainer_death(self, run: _Run, code: int, log_start: int) -> str | None:
         """How the trainer that exited with ``code`` was killed from outside, in words, or None when it was not:
-        the process the server started killed by a signal, or under torchrun (an agent that exits 1) a worker
-        killed by one, as torchrun's report in this attempt's part of train.log says."""
-        if code < 0:
-            return f"{_TRAINER.who} was {_killed(-code)}"
+        the process the server started killed by a signal (``signal_death``: the trainer stopped by SIGTERM exits
+        143), or under torchrun (an agent that exits 1) the agent stopped by a signal it handles, or a worker
+        killed by one, as this attempt's part of train.log says (``torchrun_death``)."""
+        signum = signal_death(code)
+        if signum is not None:
+            return f"{_TRAINER.who} was {_killed(signum)}"
         if code == 0 or int(run.job.spec["request"].get("nproc_per_node") or 1) <= 1:
             return None
-        found = await asyncio.to_thread(worker_death, self.job_dir(run.job.id) / "train.log", log_start)
-        if found is None:
-            return None
-        rank, signum = found
-        return f"{_TRAINER.who}'s torchrun worker of rank {rank} was {_killed(signum)}"
+        return await asyncio.to_thread(torchrun_death, self.job_dir(run.job.id) / "train.log", log_start)
 
     async def _restart_after_kill(self, run: _Run, death: str, child: _Rerun) -> str | None:
         """None when a ``child`` killed from outside (``death``: who was killed and how, in words) is started
         again (its restarts left), recorded in the metadata; else why it is not."""
         if run.cancel.is_set():  # a cancel that came as it died: not started again only to be stopped
-            raise _Stop("CANCELLED", f"cancelled while {child.doing}")
+            raise _cancelled(run, f"while {child.doing}")
         restarts = int(run.progress.get(f"{child.key}_restarts", 0))
         if restarts >= child.limit:
             return f"{death} and had already been restarted {restarts} times {child.how}"
@@ -516,13 +559,25 @@ class TrainingRunner(StoreRunner):
         return None
 
     async def _failure_reason(self, run: _Run, code: int, log_start: int) -> str:
-        """Why the trainer failed: its last event's reason, else its own error line in train.log, else its code."""
+        """Why the trainer failed: its last event's reason, else its own error line in train.log, else its code
+        and the last words of its output (``last_words``: torchrun's agent that failed before any worker ran, as
+        when its rendezvous port is taken, says why only there), scrubbed of the server's paths."""
         reason = run.progress.get("end_reason")
         if reason:
             return str(reason)
-        said = await asyncio.to_thread(trainer_error, self.job_dir(run.job.id) / "train.log", log_start)
-        # it stopped before its events began (a bad recipe or override): its own error
-        return _clip(self._public(run.job, said), MAX_REASON_CHARS) if said else f"the trainer exited with code {code}"
+        log_path = self.job_dir(run.job.id) / "train.log"
+        said = await asyncio.to_thread(trainer_error, log_path, log_start)
+        if said:  # it stopped before its events began (a bad recipe or override): its own error
+            return _clip(self._public(run.job, said), MAX_REASON_CHARS)
+        last = await asyncio.to_thread(last_words, log_path, log_start)
+        return f"the trainer exited with code {code}" + (f": {self._one_line(run.job, last)}" if last else "")
+
+    def _one_line(self, job: Job, text: str) -> str:
+        """A child's own words as a client may read them: the job's paths named (``_public``), any other absolute
+        path cut to its last part, on one line, clipped."""
+        text = _PATH.sub(lambda m: "..." + m.group(0)[m.group(0).rstrip("/").rfind("/"):],
+                         self._public(job, " ".join(text.split())))
+        return _clip(text, MAX_REASON_CHARS)
 
     async def _evaluate(self, run: _Run, candidate: Path) -> dict[str, dict[str, dict[str, float]]]:
         """``{"candidate": {split: metrics}, "default": {split: metrics}}`` via ``segsvc eval`` children."""
@@ -555,19 +610,20 @@ class TrainingRunner(StoreRunner):
         return results
 
     async def _run_eval(self, run: _Run, argv: list[str], out: Path, who: str, split: str) -> None:
-        """Run one evaluation child until it writes ``out/metrics.json``.
+        """Run one evaluation child until it writes ``out/metrics.json`` (its last file).
 
-        One killed by a signal from outside the service while the server lives on runs again from the start, as a
-        killed trainer is resumed (``_restart_after_kill``, at most ``MAX_EVAL_RESTARTS`` times in the job's life,
-        ``eval_restarts`` in its metadata); one that exits with an error of its own fails the job.
+        One killed by a signal from outside the service while the server lives on (``signal_death``, the trainer's
+        rule) runs again from the start, as a killed trainer is resumed (``_restart_after_kill``, at most
+        ``MAX_EVAL_RESTARTS`` times in the job's life, ``eval_restarts`` in its metadata); one that exits with an
+        error of its own fails the job.
         """
         while True:
             code = await self._child(run, argv, f"evaluating the {who}")
             if code == 0 and (out / "metrics.json").is_file():
                 return
-            refused = None
-            if code < 0:
-                refused = await self._restart_after_kill(run, f"{_EVALUATOR.who} was {_killed(-code)}", _EVALUATOR)
+            refused, signum = None, signal_death(code)
+            if signum is not None:
+                refused = await self._restart_after_kill(run, f"{_EVALUATOR.who} was {_killed(signum)}", _EVALUATOR)
                 if refused is None:
                     continue
             why = (f": {refused}" if refused else f" (exit code {code})" if code
@@ -642,7 +698,7 @@ class TrainingRunner(StoreRunner):
         # A cancel stops the job only while nothing is published. A version this job published before a crash
         # is in the repository (and may be served): the job finishes with it rather than deny it.
         if run.cancel.is_set() and version is None:
-            raise _Stop("CANCELLED", "cancelled before publishing")
+            raise _cancelled(run, "before publishing")
         if (promoted and request["promote"] == "gate" and now not in (compared, version)
                 and not (compared and self.manager.default_version(name) == compared)):
             promoted, verdict = False, gate.moved_verdict(compared, now)
@@ -658,6 +714,8 @@ class TrainingRunner(StoreRunner):
             if failed and not promoted:  # published before the crash: the newest, served with no pointer
                 verdict = (f"{verdict}; but DEFAULT could not be pinned to v{now} ({failed}), so version {version}, "
                            "the newest, is served by default until one is set (SetDefaultVersion)")
+            elif not failed and version is not None and not promoted:  # this server may serve it as the newest
+                await self._follow_pin(run, name)
         if version is None:
             lineage = {
                 "job_id": run.job.id, "dataset": {k: spec["dataset"][k] for k in ("name", "sha256")},
@@ -670,6 +728,15 @@ class TrainingRunner(StoreRunner):
         if unserved:
             promoted, verdict = False, f"not promoted: the gate promoted it ({verdict}), but {unserved}"
         return version, promoted, verdict, unserved
+
+    async def _follow_pin(self, run: _Run, name: str) -> None:
+        """Make this server serve the DEFAULT just pinned, not the job's version it took for the newest: else it
+        serves the version the job says is not promoted until its next poll. A failure is logged; the poll
+        follows the pointer later."""
+        try:
+            await self.manager.refresh_default(name)
+        except Exception as exc:
+            log.error("training job %s: cannot follow the default of %s: %s", run.job.id, name, _reason(exc))
 
     async def _pin(self, run: _Run, name: str, version: int) -> str | None:
         """Write DEFAULT = ``version``, the default served now, before the job's own version appears (or before a
@@ -800,12 +867,70 @@ def trainer_error(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -
     return None
 
 
-def worker_death(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -> tuple[int, int] | None:
-    """``(rank, signal)`` of the torchrun worker whose death by a signal ended the run, as torchrun's report of its
-    root cause (``ChildFailedError``) in ``log_path`` from byte ``start`` on says; None when the run's first
-    failure was no such death (a worker's own error), or there is no report (the agent itself was killed).
+def signal_death(code: int) -> int | None:
+    """The signal a child that exited with ``code`` was killed by from outside, or None when it ended by itself.
+
+    One rule for the trainer, torchrun's workers and the evaluations: killed by one of ``_OUTSIDE_SIGNALS``, with no
+    handler (a negative code) or through one that a handler or a launcher turned into 128 + it (the trainer exits
+    143 on SIGTERM, ``segsvc eval`` 130 on SIGINT; torchrun reports its worker's code as it is). A crash of the
+    child's own (SIGSEGV, SIGABRT: a CUDA assert, the NCCL watchdog) is no outside death: running it again would
+    crash the same way.
     """
+    signum = -code if code < 0 else code - 128
+    return signum if signum in _OUTSIDE_SIGNALS else None
+
+
+def worker_death(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -> tuple[int, int] | None:
+    """``(rank, signal)`` of the torchrun worker whose death by a signal (``signal_death``) ended the run, as
+    torchrun's report of its root cause (``ChildFailedError``) in ``log_path`` from byte ``start`` on says; None
+    when the run's first failure was no such death (a worker's own error), or there is no report (the agent itself
+    was killed).
+    """
+    cause = _root_cause(_log_tail(log_path, start, limit))
+    if cause is None:
+        return None
+    signum = signal_death(cause[1])
+    return None if signum is None else (cause[0], signum)
+
+
+def torchrun_death(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -> str | None:
+    """How torchrun's run, whose output from byte ``start`` of ``log_path`` on is this attempt's, was killed from
+    outside, in words: its agent stopped by a signal it handles (it stops its workers, says so and exits 1), or a
+    worker killed by one (``worker_death``); None when it was not."""
     lines = _log_tail(log_path, start, limit)
+    for line in reversed(lines):
+        found = _AGENT_SIGNAL.fullmatch(line.strip())
+        if found:
+            name = found.group(1)
+            try:
+                signum = int(name) if name.isdigit() else int(signal.Signals[name])
+            except KeyError:
+                continue
+            return f"{_TRAINER.who}'s torchrun agent was {_killed(signum)}"
+    cause = _root_cause(lines)
+    signum = signal_death(cause[1]) if cause else None
+    if cause is None or signum is None:
+        return None
+    return f"{_TRAINER.who}'s torchrun worker of rank {cause[0]} was {_killed(signum)}"
+
+
+def last_words(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -> str | None:
+    """What a child that failed without saying why in its own terms last printed, from byte ``start`` of
+    ``log_path`` on: the first failure of torchrun's report (a worker's rank and exit code), else its last line
+    with words in it (a traceback's exception); None when it printed nothing. As written (paths included)."""
+    lines = _log_tail(log_path, start, limit)
+    cause = _root_cause(lines)
+    if cause is not None:
+        return f"its torchrun worker of rank {cause[0]} exited with code {cause[1]}"
+    for line in reversed(lines):
+        if any(c.isalnum() for c in line):  # not a separator, nor a traceback's carets
+            return line.strip()
+    return None
+
+
+def _root_cause(lines: list[str]) -> tuple[int, int] | None:
+    """``(rank, exit code)`` of the first failure in torchrun's last report of a failed run (``ChildFailedError``)
+    in ``lines``, or None when there is none."""
     heads = [i for i, line in enumerate(lines) if line.strip() == _ROOT_CAUSE]
     if not heads:
         return None
@@ -818,9 +943,7 @@ def worker_death(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) ->
             rank = int(found.group(1))
         elif code is None and (found := _CAUSE_EXIT.match(text)):
             code = int(found.group(1))
-    if rank is None or code is None or code >= 0:
-        return None
-    return rank, -code
+    return None if rank is None or code is None else (rank, code)
 
 
 def _log_tail(log_path: Path, start: int, limit: int) -> list[str]:
@@ -875,10 +998,25 @@ def _reason(exc: Exception) -> str:
     return "an internal error; see the server log"
 
 
-def _check_cancel(run: _Run, what: str) -> None:
+def _check_cancel(run: _Run, words: str) -> None:
     """Stop the job here when it was asked to stop: before a child starts, not once it runs."""
     if run.cancel.is_set():
-        raise _Stop("CANCELLED", f"cancelled while {what}")
+        raise _cancelled(run, words)
+
+
+def _cancelled(run: _Run, words: str) -> _Stop:
+    """The stop of a job whose cancel is acted on now, while it does ``words`` (``"while training"``) in its current
+    phase; a cancel that landed in an earlier phase (as that phase's last child finished) names that phase."""
+    seen = getattr(run.cancel, "seen", None)
+    if seen and seen[0] in _DOING and seen[0] != run.progress.get("phase"):
+        words = seen[1]
+    return _Stop("CANCELLED", f"cancelled {words}")
+
+
+def _doing(run: _Run, phase: str, words: str) -> None:
+    """Record what the job does now (``words``, in ``phase``) for a cancel that lands meanwhile (``_Cancel``)."""
+    if isinstance(run.cancel, _Cancel):
+        run.cancel.doing = (phase, words)
 
 
 def _killed(signum: int) -> str:

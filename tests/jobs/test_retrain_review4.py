@@ -133,7 +133,8 @@ def test_the_worker_death_is_read_from_torchruns_root_cause_in_this_attempts_log
     with open(log, "a") as f:
         f.write(_root_cause(rank=0, exitcode=1))
     assert training.worker_death(log, start=len(earlier)) is None  # a worker's own failure: no signal
-    log.write_text("[rank1]: exitcode  : -9 (pid: 12)\n")  # the worker's own output is not the agent's report
+    # the workers' own output, prefixed with their rank by torchrun, is not the agent's report even when it reads so
+    log.write_text("".join(f"[rank1]: {line}\n" for line in _root_cause(rank=1, exitcode=-9).splitlines()))
     assert training.worker_death(log) is None
 
 
@@ -278,6 +279,14 @@ def test_a_resumed_job_the_gate_turned_down_whose_pin_fails_says_its_version_is_
     assert verdict.startswith("not promoted: mIoU does not beat") and "No space left on device" in verdict, verdict
     assert "version 2, the newest, is served by default" in verdict, verdict
     assert asyncio.run(_served_after_restart(tmp_path / "repo")) == 2
+
+
+def test_a_resumed_job_the_gate_turned_down_moves_this_server_off_its_version_once_pinned(tmp_path):
+    """Its v2, published before the crash with no pointer, was what the restarted server served as the newest: the
+    pin to v1 was written, but this server went on serving v2, which the job says is not promoted, until a poll."""
+    result, served = _resumed_promotion(tmp_path, served_before=2, candidate_miou=0.4)
+    assert (result["version"], result["promoted"]) == (2, False), result["verdict"]
+    assert served == 1 and ModelRepository(tmp_path / "repo").default_version(NAME) == 1
 
 
 def test_a_refresh_that_raises_after_serving_the_newest_version_with_no_pointer_says_promoted(tmp_path):
