@@ -64,7 +64,8 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _models_show(args: argparse.Namespace) -> int:
-    from segsvc.inference.repository import ModelRepository, parse_model_ref
+    from segsvc.inference.repository import ModelRepository
+    from segsvc.model_names import parse_model_ref
 
     name, version = parse_model_ref(args.ref)
     repo = ModelRepository.existing(args.repo)
@@ -609,7 +610,7 @@ def _segment(args: argparse.Namespace) -> int:
     from segsvc.client import SegmentationClient, named_image_files, no_images
     from segsvc.files import write_atomic
     from segsvc.inference.codec import encode_png
-    from segsvc.inference.repository import parse_model_ref
+    from segsvc.model_names import parse_model_ref
 
     model, version = parse_model_ref(args.model) if args.model else (None, None)
     # a bad option (--tile-size -5, --alpha 1.5) is named now, before the files are walked and the server is waited for

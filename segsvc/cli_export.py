@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``segsvc export``; returns the exit status (errors raise ``SegsvcError``)."""
     from segsvc.export.onnx import export_onnx, export_steps
     from segsvc.export.triton import default_out, export_options, export_triton
-    from segsvc.inference.repository import ModelRepository, check_manifest, parse_model_ref
+    from segsvc.inference.repository import ModelRepository, check_manifest
+    from segsvc.model_names import parse_model_ref
 
     _check_args(args)
     name, version = parse_model_ref(args.ref)

@@ -158,7 +158,7 @@ def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argpa
 
 
 def _submit(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    from segsvc.inference.repository import parse_model_ref
+    from segsvc.model_names import parse_model_ref
 
     model, version = parse_model_ref(args.model) if args.model else (None, None)
     job = client.submit_job(

@@ -63,6 +63,40 @@ def test_the_client_loads_no_torch_opencv_or_albumentations() -> None:
     assert out.stdout.strip() == "[]", f"import segsvc.client loaded {out.stdout.strip()}"
 
 
+_SUBMIT = """
+import sys
+import segsvc.cli, segsvc.cli_jobs
+
+class Client:
+    def submit_job(self, inputs, **kw):
+        print(kw["model"], kw["version"])
+        return type("Job", (), {"id": "j1"})()
+
+args = segsvc.cli.build_parser().parse_args(["jobs", "submit", "a.png", "--model", "membrane:3"])
+segsvc.cli_jobs._submit(Client(), args)
+print([m for m in ("torch", "segsvc.inference", "segsvc.models") if m in sys.modules])
+"""
+
+
+def test_jobs_submit_parses_its_model_reference_without_torch() -> None:
+    """``segsvc jobs submit --model NAME:V`` is a client command: checking NAME:V must not import torch (seconds,
+    and a client install may have none); it imported ``segsvc.inference.repository`` for ``parse_model_ref``."""
+    out = subprocess.run([sys.executable, "-c", _SUBMIT], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.splitlines() == ["membrane 3", "j1", "[]"], out.stdout
+
+
+def test_segment_refuses_a_bad_model_reference_without_torch(tmp_path: Path) -> None:
+    """``segsvc segment --model m:07`` is refused in one line before any server is asked, and without torch."""
+    code = ("import sys, segsvc.cli\n"
+            f"code = segsvc.cli.main(['segment', {str(tmp_path / 'a.png')!r}, '--out', {str(tmp_path / 'o')!r},"
+            " '--model', 'm:07'])\n"
+            "print(code, [m for m in ('torch', 'segsvc.models') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "2 []", out.stdout
+    assert out.stderr.strip().splitlines() == [
+        "segsvc: error: model reference 'm:07': the version after ':' must be a positive integer"], out.stderr
+
+
 def test_protocol_free_core_has_no_protocol_code() -> None:
     """The inference service and the job runner are shared by every front end: no grpc, no messages."""
     core = [ROOT / "segsvc" / "inference" / "service.py", *sorted((ROOT / "segsvc" / "jobs").glob("*.py"))]

@@ -100,12 +100,20 @@ def hold_run_dir(run_dir: Path) -> None:
     The lock belongs to the open file, which ``fork`` shares with the child: a forked DataLoader worker
     would hold it after the trainer's ``kill -9`` until it noticed (seconds later), refusing a restart.
     Forked children close their copy at once (``_close_held_in_child``); ``O_CLOEXEC`` covers ``exec``.
+    A folder that cannot be made or whose ``run.lock`` cannot be opened (read-only, not ours) is an
+    ``InvalidArgument`` naming it: the trainer could write nothing there.
     """
     key = run_dir.absolute()
     if key in _HELD:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _not_writable("run directory", run_dir, "cannot make it", exc) from None
+    try:
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise _not_writable("run directory", run_dir, f"cannot open its {LOCK_FILE}", exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -120,6 +128,11 @@ def hold_run_dir(run_dir: Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     _HELD[key] = fd
+
+
+def _not_writable(kind: str, folder: Path, what: str, exc: OSError) -> InvalidArgument:
+    """One line for a folder the trainer cannot write in: the folder, what failed and the OS's reason."""
+    return InvalidArgument(f"{kind} {folder} is not writable: {what} ({exc.strerror or exc})")
 
 
 def release_run_dir(run_dir: Path) -> None:
@@ -181,13 +194,18 @@ def fresh_run_name(parent: Path) -> str:
     run of that second already has it. The claim is the directory's creation (``mkdir`` fails when it exists),
     so two runs started in the same second, even in separate processes, never share one."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _not_writable("runs folder", parent, "cannot make it", exc) from None
     for n in range(1, 10_000):
         name = stamp if n == 1 else f"{stamp}-{n}"
         try:
             (parent / name).mkdir()
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise _not_writable("runs folder", parent, f"cannot make the run directory {name} in it", exc) from None
         return name
     raise InvalidArgument(f"{parent} already holds 9999 runs named {stamp}-N: choose an output.run_name")
 

@@ -46,7 +46,8 @@ from segsvc.errors import (
     ArtifactError, InvalidArgument, NotFound, PathOutsideRoot, SegsvcError, UnknownModel, UnknownVersion,
 )
 from segsvc.files import fsync_folder, write_atomic
-from segsvc.models.artifact import MANIFEST_FILE, VERSION_NAME, Manifest, check_name, load_artifact, read_manifest
+from segsvc.model_names import VERSION_NAME, check_name, parse_model_ref  # noqa: F401  (parse_model_ref: its old name)
+from segsvc.models.artifact import MANIFEST_FILE, Manifest, load_artifact, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +57,6 @@ DEFAULT_MAX_BYTES = 64  # a version number (at most 18 digits) and whitespace; a
 
 # (entry name, size in bytes, mtime in ns) of every entry of a version directory.
 Fingerprint = tuple[tuple[str, int, int], ...]
-
-
-def parse_model_ref(ref: str) -> tuple[str, int | None]:
-    """``"name"`` -> (name, None); ``"name:3"`` -> (name, 3). The version is spelt as version directories are:
-    ASCII digits without leading zeros (``str.isdigit`` would take ``"²"`` and ``"٣"``)."""
-    name, sep, version = ref.partition(":")
-    if not sep:
-        return check_name(name), None
-    if not _VERSION_NAME.fullmatch(version):
-        raise InvalidArgument(f"model reference {ref!r}: the version after ':' must be a positive integer")
-    return check_name(name), int(version)
 
 
 def _odd_entry(name: str, mode: int) -> str:

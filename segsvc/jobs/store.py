@@ -52,6 +52,9 @@ SCHEMA_VERSION = 1
 # is held a page at a time, never whole.
 ITEM_PAGE = 1_000
 BUSY_TIMEOUT_S = 5.0
+# An item's failure reason is an exception's message (a decoder's, the OS's): stored on one line, cut to this
+# many characters, since it goes on to failures.jsonl, summary.json and GetOperation.
+MAX_REASON_CHARS = 500
 # A finished item's state -> the job counter it feeds.
 _COUNTERS = {"DONE": "done", "FAILED": "failed", "SKIPPED": "skipped"}
 
@@ -269,6 +272,7 @@ class JobStore:
             if not isinstance(i, int) or not 0 <= i < len(inputs):
                 raise InvalidArgument(f"failed input index {i!r} is not one of 0..{len(inputs) - 1}")
             _check_str(reason, f"the reason input {i} failed")
+        failed = {i: _bounded_reason(reason) for i, reason in failed.items()}
         _check_str(request_id, "request_id")
         _check_str(job_id, "job_id")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
@@ -510,6 +514,7 @@ class JobStore:
         if not isinstance(index, int):
             raise InvalidArgument(f"item index must be an integer, got {type(index).__name__}")
         _check_str(reason, "reason", empty_ok=True)
+        reason = None if reason is None else _bounded_reason(reason)
         result_json = None if result is None else _dumps(result, "item result")
         with self._tx() as c:
             cur = c.execute(
@@ -529,6 +534,7 @@ class JobStore:
         (a transaction per item, as ``finish_item`` takes, would hold the writer for minutes on a
         large job). Returns how many items were skipped."""
         _check_str(reason, "reason", empty_ok=True)
+        reason = _bounded_reason(reason)
         if through is not None and not isinstance(through, int):
             raise InvalidArgument(f"through must be an item index or None, got {through!r}")
         sql = "UPDATE items SET state = 'SKIPPED', result = NULL, reason = ? WHERE job_id = ? AND state = 'PENDING'"
@@ -582,6 +588,12 @@ def _check_str(value: object, what: str, empty_ok: bool = False) -> None:
     """Optional string arguments. Ids must not be empty; messages may be (``str(KeyError())`` is '')."""
     if value is not None and (not isinstance(value, str) or not (value or empty_ok)):
         raise InvalidArgument(f"{what} must be a {'' if empty_ok else 'non-empty '}string or None, got {value!r}")
+
+
+def _bounded_reason(reason: str) -> str:
+    """A failure reason as stored: its lines joined by one space, cut to ``MAX_REASON_CHARS`` (ending "...")."""
+    line = " ".join(part.strip() for part in reason.splitlines() if part.strip())
+    return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3].rstrip() + "..."
 
 
 def _dumps(value: object, what: str) -> str:

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import stat
 import tempfile
@@ -36,6 +35,7 @@ from segsvc.config import InferenceSpec, InputSpec, ModelSpec
 from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument, PathOutsideRoot, SegsvcError
 from segsvc.files import (PathChanged, fsync_published, fsync_tree, open_beneath, sha256_hex, widen_to_umask,
                           write_atomic)
+from segsvc.model_names import VERSION_NAME, check_name  # noqa: F401  (here too under their old names)
 from segsvc.models.registry import architecture_spec, build_model, plan_model
 from segsvc.palette import Color, default_palette
 
@@ -46,9 +46,6 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 2  # 2 added "inference" and "lineage"; a version-1 manifest reads with their defaults
 READABLE_FORMATS = (1, 2)
 MAX_MANIFEST_BYTES = 1 << 20
-# A version directory's name, as the repository reads it: "7", never "007", "+7" or "²" (``str.isdigit`` takes
-# "²", whose ``int`` raises), and at most 18 digits (a version past them would be published unseen).
-VERSION_NAME = re.compile(r"[1-9][0-9]{0,17}")
 MAX_VERSION = 10**18 - 1
 
 
@@ -183,19 +180,6 @@ def _color(value: Any) -> Color:
     if not isinstance(value, Sequence) or len(value) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in value):
         raise ArtifactError(f"palette colours must be [r, g, b] with 0..255 integers, got {value!r}")
     return (value[0], value[1], value[2])
-
-
-def check_name(name: str) -> str:
-    """Model names become directory names: letters, digits, '-', '_' and '.' only, at most 128 bytes in UTF-8
-    (a file system's name limit is 255 bytes: 128 CJK characters, 384 bytes, failed there as an OSError)."""
-    if (not name or len(name.encode("utf-8", "surrogatepass")) > 128 or name.startswith(".")
-            or not all(c.isalnum() or c in "-_." for c in name)):
-        shown = f"{name[:64]!r}..." if len(name) > 64 else repr(name)  # a manifest's name may be megabytes
-        raise InvalidArgument(
-            f"invalid model name {shown}: use 1-128 letters, digits, '-', '_' or '.' (128 bytes in UTF-8), "
-            "not starting with '.'"
-        )
-    return name
 
 
 def next_version(model_dir: Path) -> int:

@@ -1,0 +1,101 @@
+"""An input's failure reason is one line of at most ``store.MAX_REASON_CHARS`` characters.
+
+Reasons are exception messages (a decoder's, the OS's), stored as they came: a message of megabytes, or one
+spanning lines, went whole into the job store, ``failures.jsonl``, ``summary.json`` and ``GetOperation``. The
+store, which every reason passes through, now makes each one line and cuts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from segsvc.errors import InvalidImage
+from segsvc.inference.service import ImageFile, Segmentation
+from segsvc.jobs.batch import JobRequest, JobRunner
+from segsvc.jobs.store import MAX_REASON_CHARS, Job, JobStore
+from segsvc.server import convert
+from segsvc.v1 import jobs_pb2 as jobs_pb
+from tests.jobs.conftest import run_to_end
+from tests.jobs.test_batch_runner import _config, _images, _Service, clock  # noqa: F401  (clock: a fixture)
+
+LONG = "libpng error: IDAT: invalid distance too far back\n" + "\n".join(f"  at chunk {i}: " + "x" * 90
+                                                                        for i in range(200))
+
+
+def _bounded(reason: str | None) -> str:
+    assert reason is not None
+    assert len(reason) <= MAX_REASON_CHARS and "\n" not in reason and "\r" not in reason, reason[:200]
+    return reason
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    s = JobStore(tmp_path / "jobs.sqlite")
+    yield s
+    s.close()
+
+
+def test_a_long_reason_is_stored_as_one_cut_line(store: JobStore) -> None:
+    job, _ = store.submit("segmentation", {}, ["a.png", "b.png"])
+    store.finish_item(job.id, 0, "FAILED", reason=LONG)
+    store.finish_item(job.id, 1, "FAILED", reason="PNG data could not be decoded")
+    long, short = store.items(job.id)
+    reason = _bounded(long.reason)
+    assert reason.startswith("libpng error: IDAT: invalid distance too far back at chunk 0: xxx")
+    assert reason.endswith("...") and len(reason) == MAX_REASON_CHARS
+    assert short.reason == "PNG data could not be decoded"  # a short one-line reason is kept as it is
+
+
+def test_reasons_given_at_submit_and_to_skipped_items_are_bounded_too(store: JobStore) -> None:
+    job, _ = store.submit("segmentation", {}, ["a.png", "b.png", "c.png"], failed={0: LONG, 1: "a\r\nb"})
+    assert store.skip_pending(job.id, "cancelled:\n" + "y" * 10_000) == 1
+    first, second, third = store.items(job.id)
+    assert _bounded(first.reason).startswith("libpng error")
+    assert second.reason == "a b"
+    assert _bounded(third.reason).startswith("cancelled: yyy")
+    assert store.get(job.id).failed == 2 and store.get(job.id).skipped == 1
+
+
+def test_an_empty_reason_stays_empty(store: JobStore) -> None:
+    job, _ = store.submit("segmentation", {}, ["a.png"])
+    store.finish_item(job.id, 0, "FAILED", reason="")  # str(KeyError()) is ''
+    assert store.item(job.id, 0).reason == ""
+
+
+class _Undecodable(_Service):
+    """Every input fails with a long, many-line decoder message."""
+
+    async def segment(self, source: ImageFile, **_: object) -> Segmentation:
+        raise InvalidImage(f"{source.name}: {LONG}")
+
+
+def test_a_jobs_failures_file_summary_and_operation_carry_the_bounded_reason(tmp_path: Path,
+                                                                             clock: Any) -> None:  # noqa: F811
+    _images(tmp_path / "data", ["a.png", "b.png"])
+    store = JobStore(tmp_path / "state" / "jobs.sqlite")
+
+    async def main() -> Job:
+        runner = JobRunner(store, _Undecodable(clock), _config(tmp_path))  # type: ignore[arg-type]
+        job = await runner.submit(JobRequest(model="m", paths=(".",)))
+        return await run_to_end(runner, job.id)
+
+    try:
+        job = asyncio.run(main())
+    finally:
+        store.close()
+    assert (job.state, job.failed) == ("SUCCEEDED", 2), job.error
+    out = tmp_path / "out" / job.id
+    lines = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [row["input"] for row in lines] == ["a.png", "b.png"]
+    for row in lines:
+        assert _bounded(row["reason"]).startswith(f"{row['input']}: libpng error: IDAT")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [_bounded(f["reason"]) for f in summary["failures"]] == [row["reason"] for row in lines]
+    response = jobs_pb.SegmentationJobResult()
+    assert convert.operation(job).response.Unpack(response)  # what GetOperation sends
+    assert [_bounded(f.reason) for f in response.failures] == [row["reason"] for row in lines]
