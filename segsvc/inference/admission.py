@@ -241,6 +241,12 @@ class MemoryBudget:
         self._waiting: Counter[Hashable] = Counter()
         self._last_background = float("-inf")
 
+    def waiting(self) -> dict[Hashable, int]:
+        """Requests waiting for room now, per lane (lanes none waits in are left out). They are in no batch
+        queue yet: the metrics export them beside the queue depths (``segsvc_memory_waiting``), read at scrape
+        time from another thread (one copy of a dict of integers)."""
+        return {lane: count for lane, count in dict(self._waiting).items() if count}
+
     @contextlib.asynccontextmanager
     async def hold(self, nbytes: int, deadline: float | None = None, lane: Hashable = None) -> AsyncIterator[None]:
         """Hold ``nbytes`` of the budget for the block (``acquire``, then ``release`` on leaving)."""

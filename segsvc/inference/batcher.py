@@ -190,7 +190,7 @@ class _Pending(Generic[T]):
 
 
 @dataclass
-class _Stats:
+class BatcherStats:
     """Batches run, items they ran, and items ``dropped``: left unrun (cancelled, expired, failed by a stop)."""
 
     batches: int = 0
@@ -257,7 +257,7 @@ class DynamicBatcher(Generic[T, R]):
         self._running: set[asyncio.Task] = set()
         self._interactive_running = 0
         self._accepting = False
-        self.stats = _Stats()
+        self.stats = BatcherStats()
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:

@@ -64,6 +64,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator,
 from segsvc.errors import (
     ArtifactError, FailedPrecondition, InvalidArgument, SegsvcError, UnknownModel, UnknownVersion,
 )
+from segsvc.inference.batcher import BatcherStats
 from segsvc.inference.engine import resolve_device
 from segsvc.inference.loader import LoadedModel, ManagerConfig, VersionLoader
 from segsvc.inference.repository import ModelRepository, VersionEntry
@@ -703,6 +704,10 @@ class ModelManager:
             for v, lm in list(table.items()):
                 rows.append((name, v, lm.batcher.queue_depth, v == default))
         return rows
+
+    def batcher_stats(self) -> list[tuple[str, BatcherStats]]:
+        """``(model, its batcher's stats)`` per loaded version; safe from any thread (copies, as ``snapshot``)."""
+        return [(name, lm.batcher.stats) for name, table in list(self._models.items()) for lm in list(table.values())]
 
     def failed_versions(self) -> list[tuple[str, int, str]]:
         """``(model, version, reason)`` of every version whose last load failed; safe from any thread."""

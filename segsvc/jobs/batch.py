@@ -18,7 +18,9 @@ hold only the first ``outputs.FAILURES_SHOWN``). A disk that refuses every write
 keeps no files (a killed run may have renamed some into place), and a cancel
 or a stop waits for the writes in flight, so every file has its DONE item.
 The server holds ``<state_dir>/jobs.lock`` while it runs jobs: a second server
-on the same state folder is refused at start.
+on the same state folder is refused at start. The server ``claim``s the folder
+(the lock, then the store) and calls ``release_state`` last, once everything it
+keeps there is closed; a runner used alone locks in ``start``, unlocks in ``stop``.
 
 An upload (``UploadImages``) lives as long as a job references it: deleting the
 last such job deletes it, and one that no job references is swept once older
@@ -45,7 +47,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from segsvc.errors import (
     AlreadyExists, Cancelled, FailedPrecondition, InvalidArgument, NotFound, Overloaded, SegsvcError, Unavailable,
@@ -70,6 +72,7 @@ RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # back-off while the model's queue is full
 PAUSE_S = 5.0  # how long a job that met Unavailable waits before it runs again (the scheduler would re-run it at once)
 SWEEP_EVERY_S = 3600.0  # how often unreferenced uploads are looked for (more often when upload_ttl_s is shorter)
 LOCK_FILE = "jobs.lock"  # held (flock) by the server running the state folder's jobs; never deleted
+STORE_FILE = "jobs.sqlite"  # the job store of a claimed state folder (``JobRunner.claim``)
 UPLOAD_REF = "$.request.upload_id"  # where a job's spec names its upload (a JSON path for the store)
 # Items a cancel skips per store transaction: a few transactions for a 100k-item job, not one per item, and
 # the inputs of one chunk (whose files are removed first) held in memory at a time.
@@ -172,6 +175,23 @@ class _Run:
     published: float = 0.0
 
 
+def _lock_state_dir(state: Path) -> int:
+    """A descriptor holding ``flock`` on ``state/LOCK_FILE`` (the folder made if missing), or
+    ``FailedPrecondition`` when another server holds it."""
+    state.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FailedPrecondition(f"another segsvc server already runs the jobs of state folder {state}: "
+                                 "stop it first, or give this server its own --state-dir") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class JobRunner(StoreRunner):
     """Accepts, schedules, runs, cancels and deletes segmentation jobs.
 
@@ -179,16 +199,44 @@ class JobRunner(StoreRunner):
         store: the durable job state.
         service: the inference core (jobs use its batch lane).
         config: roots and limits.
+        on_image: called with ``(model, queue_s, run_s)`` of each image segmented (the server's metrics,
+            ``ServerMetrics.observe_job_image``); may be set after construction (``claim``).
     """
 
-    def __init__(self, store: JobStore, service: InferenceService, config: JobsConfig) -> None:
+    def __init__(self, store: JobStore, service: InferenceService, config: JobsConfig,
+                 on_image: Callable[[str, float, float], None] | None = None) -> None:
         super().__init__(store, KIND, config.max_running_jobs)
         self.config = config
         self._service = service
+        self.on_image = on_image
         self.staging = StagingArea(Path(config.state_dir) / "uploads", config.upload)
         self._runs: dict[str, _Run] = {}  # type: ignore[assignment]
         self._sweeper: asyncio.Task | None = None
-        self._state_lock: int | None = None  # the fd holding LOCK_FILE while started
+        self._state_lock: int | None = None  # the fd holding LOCK_FILE while started (or claimed)
+        self._claimed = False  # the lock was taken before ``start`` (``claim``): ``stop`` keeps it
+
+    @classmethod
+    def claim(cls, service: InferenceService, config: JobsConfig) -> JobRunner:
+        """Lock ``config.state_dir``, then open its job store: a runner holding the folder until ``release_state``.
+
+        The lock comes first: on a folder another server runs this raises ``FailedPrecondition`` before the
+        database is opened (created, its schema checked). The runner's ``stop`` keeps the lock: the owner
+        releases it once it has closed the store and whatever else it keeps in the folder.
+        """
+        state = Path(config.state_dir)
+        fd = _lock_state_dir(state)
+        try:
+            store = JobStore(state / STORE_FILE)
+            try:
+                runner = cls(store, service, config)
+            except BaseException:
+                store.close()
+                raise
+        except BaseException:
+            os.close(fd)
+            raise
+        runner._state_lock, runner._claimed = fd, True
+        return runner
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -215,26 +263,23 @@ class JobRunner(StoreRunner):
             await asyncio.gather(self._sweeper, return_exceptions=True)
             self._sweeper = None
         await super().stop()
-        if self._state_lock is not None:  # the jobs have stopped writing: another server may take over
+        if not self._claimed:  # the jobs have stopped writing: another server may take over
+            self.release_state()
+
+    def release_state(self) -> None:
+        """Release the state folder's lock: another server may take it over. Nothing when not held.
+
+        ``stop`` does it when ``start`` took the lock; a ``claim``ed runner's owner calls it last.
+        """
+        if self._state_lock is not None:
             os.close(self._state_lock)
             self._state_lock = None
+        self._claimed = False
 
     def _lock_state(self) -> None:
         """Hold ``flock`` on ``<state_dir>/LOCK_FILE`` until ``stop`` (a killed server's lock goes with it)."""
-        if self._state_lock is not None:
-            return
-        state = Path(self.config.state_dir)
-        fd = os.open(state / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FailedPrecondition(f"another segsvc server already runs the jobs of state folder {state}: "
-                                     "stop it first, or give this server its own --state-dir") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        self._state_lock = fd
+        if self._state_lock is None:
+            self._state_lock = _lock_state_dir(Path(self.config.state_dir))
 
     async def _deleted(self, job: Job) -> None:
         """A deleted job's upload goes too, unless another job uses it."""
@@ -457,8 +502,11 @@ class JobRunner(StoreRunner):
         options = dataclasses.replace(run.request.options, class_counts=True)
         for delay in (*RETRY_S, None):
             try:
-                return await self._service.segment(source, model=run.model, version=run.version,
-                                                   options=options, priority=Priority.BATCH)
+                seg = await self._service.segment(source, model=run.model, version=run.version,
+                                                  options=options, priority=Priority.BATCH)
+                if self.on_image is not None:
+                    self.on_image(seg.model, seg.queue_s, seg.run_s)
+                return seg
             except Overloaded:
                 if delay is None:
                     raise Unavailable(f"model {run.model}:{run.version} stays overloaded") from None

@@ -59,11 +59,11 @@ from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import ModelRepository
 from segsvc.inference.service import InferenceService
 from segsvc.jobs.batch import JobRunner
-from segsvc.jobs.store import JobStore
 from segsvc.jobs.training import TrainingRunner
 from segsvc.server import oip
 from segsvc.server.auth import TokenFile, auth_interceptors
 from segsvc.server.config import ServerConfig
+from segsvc.server.counting import CallCounter
 from segsvc.server.datasets import DatasetServicer
 from segsvc.server.errors import Refused, not_counted, refuse
 from segsvc.server.gate import GATED_PREFIXES, PROBE_METHODS, DrainGate
@@ -365,16 +365,15 @@ class SegmentationServer:
         self.calls = CallLimit(config.limits.max_concurrent_rpcs, on_refused=self.metrics.observe_refused,
                                accepting=lambda: self.gate.accepting)
         self.metrics.watch_calls(lambda: self.calls.in_flight, self.calls.limit)
-        self.metrics.watch_dropped(lambda: [(lm.name, lm.batcher.stats) for lm in self.manager.loaded()])
+        self.metrics.watch_dropped(self.manager.batcher_stats)  # read on the metrics endpoint's threads
         self.service = InferenceService(self.manager, self.io, config.limits.admission)
+        self.metrics.watch_memory(self.service.budget.waiting)
         self.servicer = SegmentationServicer(self.service, config.limits, self.metrics)
-        # The dataset registry and the trainer open in ``start``, once the state folder is this server's.
+        # The job store, the dataset registry and the trainer open in ``start``, once the state folder is this
+        # server's (``_claim_state``).
         self.datasets: DatasetRegistry | None = None
         self.jobs: JobRunner | None = None
         self.training: TrainingRunner | None = None
-        if config.jobs is not None:
-            store = JobStore(Path(config.jobs.state_dir) / "jobs.sqlite")
-            self.jobs = JobRunner(store, self.service, config.jobs)
         self.tokens = TokenFile.of(config.auth)  # --token-file: read again when it changes (SIGHUP: at once)
         self._token_watch: asyncio.Task | None = None
         self._start_steps: asyncio.Task | None = None  # ``_start`` while it runs: what ``interrupt_start`` cancels
@@ -441,15 +440,17 @@ class SegmentationServer:
         return steps.cancel()
 
     def _claim_state(self) -> None:
-        """Lock the state folder, then open what lives in it (the dataset registry, the trainer).
+        """Lock the state folder, then open what lives in it (the job store, the dataset registry, the trainer).
 
         The lock comes first: a second server on the folder fails on it before it binds a port or loads a
-        model, and before the registry opens, which removes as a crash's leftovers the work folders of
-        datasets being received, on a folder another server runs that server's uploads in progress.
+        model, before it opens (creates, checks) the job store, and before the registry opens, which removes
+        as a crash's leftovers the work folders of datasets being received, on a folder another server runs
+        that server's uploads in progress. ``stop`` releases it last.
         """
         cfg = self.config
-        if self.jobs is not None:
-            self.jobs._lock_state()  # held until ``stop``; ``JobRunner.start`` finds it taken
+        if cfg.jobs is not None:
+            self.jobs = JobRunner.claim(self.service, cfg.jobs)  # the lock, then the store
+            self.jobs.on_image = self.metrics.observe_job_image
         if cfg.datasets is not None:
             self.datasets = DatasetRegistry(cfg.datasets)
         if self.jobs is not None and cfg.training is not None:  # trains on the registered datasets
@@ -476,7 +477,10 @@ class SegmentationServer:
         await self._set_health(NOT_SERVING)
         interceptors = auth_interceptors(self.tokens or cfg.auth, on_refused=self.metrics.observe_refused)
         # The call limit before the gate: the gate's handlers read a unary request before they run.
-        self._server = grpc.aio.server(interceptors=[*interceptors, self.calls, self.gate], options=grpc_options(cfg))
+        # The counter last: it sees only calls that reached a handler (refusals are counted where they are made).
+        counter = CallCounter(self.metrics)
+        self._server = grpc.aio.server(interceptors=[*interceptors, self.calls, self.gate, counter],
+                                       options=grpc_options(cfg))
         pb_grpc.add_SegmentationServiceServicer_to_server(self.servicer, self._server)
         jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs, self.training), self._server)
         operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.jobs, self.training),
@@ -529,9 +533,10 @@ class SegmentationServer:
         """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish for ``grace_s``, drain, stop.
 
         The drain of the models' batchers takes at most ``drain_timeout_s``; the versions it abandoned (still
-        running a forward pass) are logged and left in ``abandoned``. A step that fails is logged and the next
-        ones still run (the state folder's lock is released, the models drained); the first failure is raised
-        once the stop has ended.
+        running a forward pass) are logged and left in ``abandoned``. The state folder's lock is released last,
+        once the job store and the registry are closed and the models drained. A step that fails is logged and the
+        next ones still run (the lock is released, the models drained); the first failure is raised once the stop
+        has ended.
         """
         if self._stopping:
             await self._stopped.wait()
@@ -552,13 +557,15 @@ class SegmentationServer:
         await _step("the gRPC server", lambda: self._stop_transport(grace), failures)
         if self.training is not None:  # trainers get SIGTERM; their jobs resume at the next start
             await _step("the training jobs", self.training.stop, failures)
-        if self.jobs is not None:  # running jobs stop here and resume at the next start; the state lock goes
+        if self.jobs is not None:  # running jobs stop here and resume at the next start
             await _step("the jobs", self.jobs.stop, failures)
             await _step("the job store", self.jobs.store.close, failures)
         if self.datasets is not None:
             await _step("the dataset registry", self.datasets.close, failures)
         await _step("the models", self._stop_models, failures)
         await _step("the metrics endpoint", self.metrics.stop_http, failures)
+        if self.jobs is not None:  # last, once nothing of the folder is open: a server waiting for it may start
+            await _step("the state folder's lock", self.jobs.release_state, failures)
         self.io.shutdown(wait=False)
         log.info("stopped" + (f"; abandoned still busy: {', '.join(self.abandoned)}" if self.abandoned else "")
                  + (f"; {len(failures)} step(s) failed" if failures else ""))
@@ -673,8 +680,8 @@ async def serve(config: ServerConfig) -> None:
         deadline = loop.time() + budget_s
         if server.interrupt_start():
             log.info("%s received while starting: stopping what has started", sig.name)
-        elif not starting.done():
-            log.info("%s received while a failed start stops what it had started", sig.name)
+        elif not starting.done():  # its steps ended (done, or failed and stopping what had started)
+            log.info("%s received as the start ends: stopping once it has", sig.name)
 
     def on_hangup() -> None:
         if server.tokens is None:

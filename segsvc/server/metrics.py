@@ -2,13 +2,22 @@
 
 Exposed on ``--metrics-port`` at ``/metrics``:
 
-- ``segsvc_requests_total{method, model, code}`` requests by status code: the ``segsvc.v1`` methods
-  and the Open Inference Protocol's ``ModelInfer``;
-- ``segsvc_request_seconds{method, model}`` total server-side latency;
-- ``segsvc_queue_seconds{model}`` time waiting in the batch queue, per image;
-- ``segsvc_inference_seconds{model}`` time of the batch that held the request;
-- ``segsvc_batch_size{model}`` images per batch;
-- ``segsvc_queue_depth{model, version}`` requests waiting now;
+- ``segsvc_requests_total{method, model, code}`` every call of the ``segsvc.v1`` services, the long-running
+  operations and the Open Inference Protocol, once, by the status code it ended with: the segmentation
+  service's and ``ModelInfer`` counted by their servicers (with the model that served them), the others by
+  ``counting.CallCounter`` (model ``"-"``), and those an interceptor refused (auth, call limit, drain) by
+  ``observe_refused``. Health, reflection and the readiness probes (``ServerLive``, ``ServerReady``,
+  ``ModelReady``) are not counted;
+- ``segsvc_request_seconds{method, model}`` total server-side latency (of each image, in a SegmentStream);
+- ``segsvc_queue_seconds{model, lane}`` time waiting in the batch queue, per image, and
+  ``segsvc_inference_seconds{model, lane}`` run time of the batch that held it: ``lane="interactive"``
+  for Segment, SegmentStream and ModelInfer, ``lane="batch"`` for batch jobs' images, which give way to
+  the interactive ones in the queue (a long wait there is by design: filter the lane for client latency);
+- ``segsvc_batch_size{model}`` images per batch (both lanes: they share batches);
+- ``segsvc_queue_depth{model, version}`` images waiting now in a model's batch queue;
+- ``segsvc_memory_waiting{lane}`` requests waiting now for the server's memory budget (``--max-inflight-mb``,
+  ``MemoryBudget``), before any batch queue: they are in no ``segsvc_queue_depth``, so a backlog (or a
+  queue-depth autoscaler) sums both; 0 until ``watch_memory`` gives the budget;
 - ``segsvc_loaded_models`` loaded model versions, and ``segsvc_model_loaded{model, version, default}``;
 - ``segsvc_model_version_failed{model, version}`` 1 per version whose last load failed (corrupt,
   incomplete, mismatched manifest, symlink out of the repository); the reason is in
@@ -33,12 +42,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Hashable, Iterable, Mapping, Protocol
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector,
                                make_wsgi_app, start_http_server)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from segsvc.inference.batcher import Priority
 
 log = logging.getLogger("segsvc.server")
 
@@ -56,6 +67,8 @@ class DropCount(Protocol):
 
 
 DroppedSnapshot = Callable[[], Iterable[tuple[str, DropCount]]]  # (model, its batcher's stats) per loaded version
+WaitingSnapshot = Callable[[], Mapping[Hashable, int]]  # lane (``Priority``) -> requests waiting: MemoryBudget.waiting
+INTERACTIVE, BATCH = "interactive", "batch"  # the ``lane`` label's values
 
 
 class _Guarded(Collector):
@@ -121,6 +134,23 @@ class _DroppedCollector(Collector):
                                      "cancelled, past their deadline, or failed by a stop", labels=["model"])
         for model in sorted(totals):
             family.add_metric([model], totals[model])
+        yield family
+
+
+class _MemoryCollector(Collector):
+    """Requests waiting for the server's memory budget, per lane, read at scrape time (both lanes always)."""
+
+    def __init__(self, waiting: WaitingSnapshot) -> None:
+        self._waiting = waiting
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        counts = {INTERACTIVE: 0, BATCH: 0}
+        for lane, count in self._waiting().items():
+            counts[BATCH if lane == Priority.BATCH else INTERACTIVE] += count
+        family = GaugeMetricFamily("segsvc_memory_waiting", "Requests waiting for the server's memory budget "
+                                   "(--max-inflight-mb), not yet in a batch queue", labels=["lane"])
+        for lane, count in counts.items():
+            family.add_metric([lane], count)
         yield family
 
 
@@ -210,16 +240,19 @@ class ServerMetrics:
         self.request_seconds = Histogram("segsvc_request_seconds",
                                          "Server-side latency of an RPC (of each image, in a SegmentStream)",
                                          ["method", "model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_seconds = Histogram("segsvc_queue_seconds", "Time an image waited in the batch queue",
-                                       ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.inference_seconds = Histogram("segsvc_inference_seconds", "Run time of the batch that held an image",
-                                           ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("segsvc_queue_seconds", "Time an image waited in the batch queue, "
+                                       "by lane (interactive calls, batch jobs)", ["model", "lane"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_seconds = Histogram("segsvc_inference_seconds", "Run time of the batch that held an image, "
+                                           "by lane (interactive calls, batch jobs)", ["model", "lane"],
+                                           buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("segsvc_batch_size", "Images per batch", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         r.register(_Guarded(_CudaCollector(), "GPU gauges"))
         self._watched: dict[str, Collector] = {}
+        self.watch_memory(dict)  # nothing waits until a budget is watched (the page always has the family)
         self._http = None
         self._thread = None
 
@@ -241,6 +274,11 @@ class ServerMetrics:
         every loaded version (``DynamicBatcher.stats``), read at every scrape."""
         self._watch("dropped", _DroppedCollector(source), "dropped-image counts")
 
+    def watch_memory(self, waiting: WaitingSnapshot) -> None:
+        """Report the requests waiting for the memory budget: ``waiting()`` (``MemoryBudget.waiting``) gives them
+        per lane, read at every scrape."""
+        self._watch("memory", _MemoryCollector(waiting), "memory-budget gauge")
+
     def watch_models(self, snapshot: Snapshot, failed: FailedSnapshot | None = None) -> None:
         """Report queue depths and loaded versions from ``snapshot()``, failed versions from ``failed()``, at every scrape."""
         self.registry.register(_ModelsCollector(snapshot, failed))
@@ -259,12 +297,17 @@ class ServerMetrics:
         did no work; zeros would drag the latency quantiles down)."""
         self.requests.labels(method, "-", code).inc()
 
-    def observe_stages(self, model: str, queue_s: float | None, run_s: float | None) -> None:
+    def observe_stages(self, model: str, queue_s: float | None, run_s: float | None,
+                       lane: str = INTERACTIVE) -> None:
         """Where one image's time went in the batcher (a ``ModelInfer`` request observes each of its images)."""
         if queue_s is not None:
-            self.queue_seconds.labels(model).observe(queue_s)
+            self.queue_seconds.labels(model, lane).observe(queue_s)
         if run_s is not None:
-            self.inference_seconds.labels(model).observe(run_s)
+            self.inference_seconds.labels(model, lane).observe(run_s)
+
+    def observe_job_image(self, model: str, queue_s: float, run_s: float) -> None:
+        """One batch job's image, segmented (``JobRunner``'s ``on_image``): its stages in the batch lane."""
+        self.observe_stages(model, queue_s, run_s, BATCH)
 
     def start_http(self, host: str, port: int, certfile: str | None = None, keyfile: str | None = None) -> int:
         """Serve ``/metrics`` (only: any other path is 404) on ``host:port`` (0: any free port; HTTPS with a

@@ -159,28 +159,29 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         started = time.perf_counter()
         model = "-"  # the loaded model's name once resolved: a bounded metrics label, never request text
+        version = 0  # the version resolved (0 before), in the log line as Segment's
         code = "OK"
         request_id = request_id_of(request.id, context)  # for the trailers and the log line, as on segsvc.v1
 
         async def work() -> pb.ModelInferResponse:
-            nonlocal model, code
+            nonlocal model, version, code
             try:
                 # the model first, as Triton does: a request for a model that is not served says so, whatever
                 # else is wrong with it
-                name, version, manifest = self._service.resolve(convert.model_name(request.model_name),
+                name, resolved, manifest = self._service.resolve(convert.model_name(request.model_name),
                                                                 convert.version_of(request.model_version))
-                model = name
+                model, version = name, resolved
                 # held from here, before the first await: a swap while the tensors convert must not retire
                 # (nor a retain then rebuild) the version this request resolved
-                await self._manager.retain(name, version)
+                await self._manager.retain(name, resolved)
                 try:
                     call = await self._service.run_io(convert.infer_call, request, self._max_images,
                                                       self._service.max_pixels)
                     # outputs over the message limit: refused before any image is decoded
                     convert.check_outputs_size(call, labels_dtype(manifest.spec.num_classes), self._max_bytes)
-                    segs = await self._segment_all(call, name, version, _deadline(context, call.timeout_s))
+                    segs = await self._segment_all(call, name, resolved, _deadline(context, call.timeout_s))
                 finally:
-                    self._manager.release(name, version)
+                    self._manager.release(name, resolved)
                 return await self._service.run_io(convert.infer_response, request.id, segs, call.outputs,
                                                   self._max_bytes)
             except asyncio.CancelledError:
@@ -190,15 +191,16 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 code = status_of(exc)[0].name
                 raise
             finally:
-                self._finish(request_id, model, code, time.perf_counter() - started)
+                self._finish(request_id, model, version, code, time.perf_counter() - started)
 
         return await guarded("ModelInfer", context, work, log, request_id)
 
-    def _finish(self, request_id: str, model: str, code: str, total_s: float) -> None:
-        """Count one ``ModelInfer`` call and write its log line (the same fields as a segsvc.v1 call's)."""
+    def _finish(self, request_id: str, model: str, version: int, code: str, total_s: float) -> None:
+        """Count one ``ModelInfer`` call and write its log line (the same fields as a segsvc.v1 call's: the
+        version is 0 when the request failed before one was resolved)."""
         self._metrics.observe_request("ModelInfer", model, code, total_s)
         log.info("ModelInfer %s", code, extra={"request_id": request_id, "method": "ModelInfer", "model": model,
-                                                "code": code, "ms": round(total_s * 1e3, 2)})
+                                                "version": version, "code": code, "ms": round(total_s * 1e3, 2)})
 
     async def _segment_all(self, call: convert.InferCall, name: str, version: int,
                            deadline: float | None) -> list:

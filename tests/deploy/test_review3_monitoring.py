@@ -155,38 +155,55 @@ def test_latency_alert_threshold_is_a_bucket_bound() -> None:
         assert threshold in LATENCY_BUCKETS, (name, threshold)
 
 
-def _rpc_names() -> tuple[set[str], set[str]]:
-    """(the methods counted on every outcome, every method the server serves): SegmentationService's and
-    ModelInfer go through the servicers' bookkeeping; the others are counted only when an interceptor refuses
-    them (auth, drain gate, call limit)."""
+def _rpc_paths() -> dict[str, str]:
+    """{method path: method name} of every method the server serves on its gated services."""
     from google.longrunning import operations_pb2
 
     from segsvc.server.oip_pb import grpc_service_pb2
     from segsvc.v1 import datasets_pb2, jobs_pb2, segmentation_pb2, training_pb2
 
-    every = set()
+    every = {}
     for module in (segmentation_pb2, jobs_pb2, datasets_pb2, training_pb2, operations_pb2, grpc_service_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
-            every |= set(service.methods_by_name)
-    counted = set(segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].methods_by_name)
-    return counted | {"ModelInfer"}, every
+            every |= {f"/{service.full_name}/{name}": name for name in service.methods_by_name}
+    return every
 
 
-def test_the_fully_counted_methods_are_counted_by_their_servicers() -> None:
-    counted, _ = _rpc_names()
+def _counted_by_servicers() -> set[str]:
+    """The methods whose servicers count them (with the model that served them)."""
+    from segsvc.v1 import segmentation_pb2
+
+    return set(segmentation_pb2.DESCRIPTOR.services_by_name["SegmentationService"].methods_by_name) | {"ModelInfer"}
+
+
+def test_the_self_counting_methods_are_counted_by_their_servicers() -> None:
     servicer = (ROOT / "segsvc" / "server" / "servicer.py").read_text()
-    for method in counted - {"ModelInfer", "SegmentStream"}:
+    for method in _counted_by_servicers() - {"ModelInfer", "SegmentStream"}:
         assert f'_handle("{method}"' in servicer or f'"{method}", request_id_of' in servicer, method
     assert '_Call("SegmentStream"' in servicer
     assert 'observe_request("ModelInfer"' in (ROOT / "segsvc" / "server" / "oip.py").read_text()
 
 
+def test_every_method_is_counted_once() -> None:
+    """Each served method is counted by its servicer or by the server's CallCounter, never both, never
+    neither; only the readiness probes are left out (like gRPC health). Jobs, datasets, training,
+    operations and most Open Inference Protocol methods were counted only when refused."""
+    from segsvc.server.counting import counted_label
+    from segsvc.server.gate import PROBE_METHODS
+
+    by_servicers = _counted_by_servicers()
+    for path, name in _rpc_paths().items():
+        counters = (name in by_servicers) + (counted_label(path) is not None)
+        assert counters == (0 if path in PROBE_METHODS else 1), path
+        assert counted_label(path) in (None, name), path
+
+
 @pytest.mark.parametrize("source", ["alerts", "dashboard"])
-def test_error_ratio_is_over_the_methods_counted_on_every_outcome(source: str) -> None:
-    """Job, dataset, training and operations calls (and the Open Inference Protocol's other methods) reach
-    segsvc_requests_total only when refused: in an error ratio over every method, a drain's refused
-    GetOperation polls counted as server-side errors whose successes were nowhere, so the ratio was too high."""
-    counted, every = _rpc_names()
+def test_error_ratio_is_over_every_method(source: str) -> None:
+    """Every method is counted on every outcome now: an error ratio over some methods only would miss a
+    failing job, dataset or training service (the filter was there because those were counted only when
+    refused)."""
+    every = set(_rpc_paths().values())
     exprs = _alert_exprs() if source == "alerts" else _dashboard_exprs()
     ratios = {name: expr for name, expr in exprs.items() if expr.count("segsvc_requests_total") >= 2 and "/" in expr}
     assert ratios, f"the {source} have an error ratio"
@@ -197,4 +214,18 @@ def test_error_ratio_is_over_the_methods_counted_on_every_outcome(source: str) -
             op, value = matchers.get("method", ("=~", ".*"))
             assert op == "=~", (name, op)
             selected = {m for m in every if re.fullmatch(value, m)}
-            assert selected == counted, f"{name}: {sorted(selected ^ counted)}"
+            assert selected == every, f"{name}: {sorted(every - selected)}"
+
+
+def test_the_memory_wait_line_is_watched_beside_the_queues() -> None:
+    """Requests waiting for the memory budget are in no batch queue (segsvc_queue_depth): an alert and the
+    queue-depth panel watch segsvc_memory_waiting, the alert on the interactive lane only (a job's images
+    wait there by design)."""
+    alerts = {name: expr for name, expr in _alert_exprs().items() if "segsvc_memory_waiting" in expr}
+    assert alerts
+    for name, expr in alerts.items():
+        for metric, matchers in _selectors(expr):
+            if metric == "segsvc_memory_waiting":
+                assert matchers.get("lane") == ("=", "interactive"), name
+    panels = [name for name, expr in _dashboard_exprs().items() if "segsvc_memory_waiting" in expr]
+    assert any(name.startswith("Queue depth #") for name in panels), panels

@@ -9,12 +9,14 @@ half-received uploads.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
 
 from segsvc.errors import FailedPrecondition
-from segsvc.jobs.batch import JobRunner, JobsConfig
+from segsvc.jobs.batch import LOCK_FILE, JobRunner, JobsConfig
 from segsvc.jobs.store import JobStore
 from tests.jobs.test_batch_runner import _Clock, _Service
 
@@ -45,3 +47,64 @@ def test_a_second_runner_on_the_same_state_dir_is_refused_until_the_first_stops(
         second.store.close()
 
     asyncio.run(main())
+
+
+def _held(state: Path) -> bool:
+    """Whether another server's ``flock`` on the folder would be refused now."""
+    fd = os.open(state / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_a_claimed_state_dir_stays_locked_after_stop_until_released(tmp_path: Path) -> None:
+    """The server's runner released the lock in its ``stop``, before the server closed the job store and the rest
+    of the folder: a server waiting for the folder started beside them. A claimed runner keeps the lock until
+    ``release_state``; a runner that took it in its own ``start`` still releases it in ``stop``."""
+    config = JobsConfig(state_dir=tmp_path / "state", output_root=tmp_path / "out", data_root=tmp_path / "data")
+    (tmp_path / "data").mkdir()
+
+    async def main() -> None:
+        runner = JobRunner.claim(_Service(_Clock()), config)  # type: ignore[arg-type]
+        assert _held(config.state_dir)
+        await runner.start()
+        await runner.stop()
+        assert _held(config.state_dir)  # the store is still open
+        runner.store.close()
+        runner.release_state()
+        assert not _held(config.state_dir)
+        alone = _runner(tmp_path)
+        await alone.start()
+        assert _held(config.state_dir)
+        await alone.stop()
+        assert not _held(config.state_dir)
+        alone.store.close()
+
+    asyncio.run(main())
+
+
+def test_a_claim_refused_the_state_dir_opens_no_job_store(tmp_path: Path) -> None:
+    """The lock comes before the store: a server refused the folder never opens (creates, checks) its database."""
+    config = JobsConfig(state_dir=tmp_path / "state", output_root=tmp_path / "out")
+    first = JobRunner.claim(_Service(_Clock()), config)  # type: ignore[arg-type]
+    try:
+        opened: list[str] = []
+        original = JobStore.__init__
+
+        def spy(self: JobStore, path: str | os.PathLike[str]) -> None:
+            opened.append(os.fspath(path))
+            original(self, path)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(JobStore, "__init__", spy)
+            with pytest.raises(FailedPrecondition, match="already runs the jobs of state folder"):
+                JobRunner.claim(_Service(_Clock()), config)  # type: ignore[arg-type]
+        assert opened == []
+    finally:
+        first.store.close()
+        first.release_state()
+    assert not _held(config.state_dir)

@@ -77,13 +77,16 @@ def test_metrics_port_serves_only_metrics(served):
 
 @pytest.fixture
 def text_formatter():  # type: ignore[no-untyped-def]
-    """The formatter ``--log-format text`` installs (the root logger's handlers are put back afterwards)."""
+    """The formatter ``--log-format text`` installs (the root logger's handlers and warnings are put back
+    afterwards: left captured, a later ``configure_logging`` kept this test's pytest recorder as the warnings'
+    sink, and test_metrics_review's warnings test saw none)."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
         configure_logging("INFO", json_lines=False)
         yield root.handlers[0].formatter
     finally:
+        logging.captureWarnings(False)
         root.handlers[:] = handlers
         root.setLevel(level)
 

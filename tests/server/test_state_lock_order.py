@@ -1,0 +1,84 @@
+"""The state folder's lock covers everything the server keeps in that folder, from start to stop.
+
+A server waiting to take the folder over starts once the lock goes: it opens the same SQLite files and
+resumes the jobs. So the lock is taken before the job store opens, and released after the job store,
+the dataset registry and the models are closed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+from segsvc import errors
+from segsvc.datasets.registry import DatasetsConfig
+from segsvc.jobs.batch import LOCK_FILE, JobsConfig
+from tests.server.conftest import RunningServer, publish, server_config
+
+
+def _held(state: Path) -> bool:
+    """Whether another server may not take the folder now: ``flock`` on a descriptor of our own, as it would."""
+    fd = os.open(state / LOCK_FILE, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also releases it when we got it
+    return False
+
+
+def test_the_state_lock_is_released_after_the_store_the_registry_and_the_models(tmp_path, monkeypatch):
+    """``JobRunner.stop`` released the lock, and the stop then still closed the job store, the dataset registry
+    (both in the folder) and drained the models: a server started in that window resumed the jobs beside them."""
+    publish(tmp_path / "repo", "m", seed=2)
+    state = tmp_path / "state"
+    config = server_config(tmp_path / "repo", jobs=JobsConfig(state_dir=state, output_root=tmp_path / "out"),
+                           datasets=DatasetsConfig(state_dir=state))
+    server = RunningServer(config)
+    seen: dict[str, bool] = {}
+    try:
+        app = server.server
+        assert app.jobs is not None and app.datasets is not None
+        close_store, close_registry, stop_models = app.jobs.store.close, app.datasets.close, app.manager.stop
+
+        def store_closing() -> None:
+            seen["the job store"] = _held(state)
+            close_store()
+
+        def registry_closing() -> None:
+            seen["the dataset registry"] = _held(state)
+            close_registry()
+
+        async def models_stopping() -> list[str]:
+            seen["the models"] = _held(state)
+            return await stop_models()
+
+        monkeypatch.setattr(app.jobs.store, "close", store_closing)
+        monkeypatch.setattr(app.datasets, "close", registry_closing)
+        monkeypatch.setattr(app.manager, "stop", models_stopping)
+        server.call(app.stop(0.0), timeout=120)  # only a hang reaches the timeout
+        assert seen == {"the job store": True, "the dataset registry": True, "the models": True}
+        assert not _held(state)  # and released at the end: the next server may take the folder
+    finally:
+        server.close()
+
+
+def test_a_server_refused_the_state_folder_never_opened_its_job_store(tmp_path):
+    """The job store was opened (its file created, its schema created or checked) when the server object was
+    made, before ``start`` met the lock: a second server on a folder another one runs touched its database."""
+    publish(tmp_path / "repo", "m", seed=2)
+    state = tmp_path / "state"
+    state.mkdir()
+    holder = os.open(state / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)  # another server runs it
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        config = server_config(tmp_path / "repo", jobs=JobsConfig(state_dir=state, output_root=tmp_path / "out"))
+        with pytest.raises(errors.FailedPrecondition, match="already runs the jobs of state folder"):
+            RunningServer(config)
+        assert sorted(p.name for p in state.iterdir()) == [LOCK_FILE]  # no jobs.sqlite, -wal, -shm, uploads/
+    finally:
+        os.close(holder)
