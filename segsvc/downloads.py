@@ -3,8 +3,8 @@
 Each file is written under a temporary name beside its final one, fsynced and renamed; the folders it
 changed are synced before ``download`` returns. A name the server sends is confined to the folder
 (symlinks included), a file sent twice is refused, and what a killed download left is removed by the
-next. A server that goes quiet for ``idle_timeout_s`` after its first chunk ends the download with
-``DeadlineExceeded``.
+next. A server that goes quiet for ``idle_timeout_s`` (ten times that before its first chunk) ends the
+download with ``DeadlineExceeded``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from segsvc.v1 import jobs_pb2 as jobs_pb
 from segsvc.wire import error_from_rpc
 
 _TEMP_SUFFIX = re.compile(r"[0-9a-f]{12}")  # of a download's temporary: .<name>.part-<12 hex>
+# The first chunk may wait this many idle limits: the server lists the job's outputs before it sends one (minutes
+# for millions of files on slow storage), yet a connection that died before then must not hang the fetch for ever.
+FIRST_WAIT_FACTOR = 10
 
 
 def download(stream: Iterable[jobs_pb.FileChunk], dest: str | os.PathLike, progress: bool = False,
@@ -44,9 +47,10 @@ def download(stream: Iterable[jobs_pb.FileChunk], dest: str | os.PathLike, progr
 
     A download that ends early cancels the stream (a gRPC call), so the server
     stops sending. ``idle_timeout_s``: a server that sends nothing for that long
-    once its first chunk came (hung, or a network that dropped without a reset)
-    ends it with ``DeadlineExceeded``; None waits as long as the stream lasts. The
-    first chunk is not timed: the server lists the job's outputs before it.
+    (hung, or a network that dropped without a reset) ends it with
+    ``DeadlineExceeded``; None waits as long as the stream lasts. The first chunk
+    may take ``FIRST_WAIT_FACTOR`` times that: the server lists the job's outputs
+    before it.
     """
     root = _resolved(Path(dest), f"the folder {os.fspath(dest)!r}")
     written: list[Path] = []
@@ -77,9 +81,9 @@ def download(stream: Iterable[jobs_pb.FileChunk], dest: str | os.PathLike, progr
             fsync_folder(folder)
         ended = True
     except grpc.RpcError as exc:
-        if watchdog.fired:
+        if watchdog.fired is not None:
             where = f" while {current.name!r} was at {current.size} bytes" if current is not None else ""
-            raise DeadlineExceeded(f"the server sent nothing for {idle_timeout_s:g} s{where}; {len(written)} whole "
+            raise DeadlineExceeded(f"the server sent nothing for {watchdog.fired:g} s{where}; {len(written)} whole "
                                    "files are in: fetch again for the rest") from None
         raise error_from_rpc(exc) from None
     finally:
@@ -133,7 +137,10 @@ class _Incoming:
         self.path, self.name, self.size = path, name, 0
         self.temp = path.with_name(f"{_temp_prefix(path.name)}{os.urandom(6).hex()}")
         self.file = open(self.temp, "xb")
-        fcntl.flock(self.file, fcntl.LOCK_EX)  # in use: another download's clean-up leaves it (``_Leftovers``)
+        try:  # in use: another download's clean-up leaves it (``_Leftovers``)
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (NFS without lockd): the download goes on unguarded
+            pass
 
     def write(self, chunk: jobs_pb.FileChunk) -> None:
         if chunk.path != self.name or chunk.offset != self.size:
@@ -145,8 +152,10 @@ class _Incoming:
     def finish(self) -> Path:
         self.file.flush()
         os.fsync(self.file.fileno())  # before the rename: else a power cut may leave the final name empty
-        self.file.close()
-        os.replace(self.temp, self.path)
+        try:
+            os.replace(self.temp, self.path)  # still locked: closed first, another clean-up could remove it
+        finally:
+            self.file.close()
         return self.path
 
     def discard(self) -> None:
@@ -186,25 +195,29 @@ class _Leftovers:
 
 
 def _in_use(path: Path) -> bool:
-    """Whether a live download holds ``path``, its temporary (``_Incoming`` locks it while it writes)."""
+    """Whether ``path``, a temporary, may be a live download's (``_Incoming`` locks it while it writes): only one
+    this download could open and lock is known to be a killed one's."""
     try:
         with open(path, "rb") as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # shared: on NFS a read-only descriptor may take it
+    except FileNotFoundError:
+        return False  # gone meanwhile: nothing to remove
+    except OSError:  # locked, unreadable (another user's), or no locks here (NFS): it may be a live one's
         return True
-    except OSError:  # gone meanwhile, or unreadable: nothing to remove, or nothing this download can tell
-        return False
     return False
 
 
 class _Watchdog:
-    """Cancels a server stream (a gRPC call) that sends nothing for ``idle_s``; the time the caller spends on a
-    chunk (writing it) is not counted. Off when ``idle_s`` is None or the stream cannot be cancelled."""
+    """Cancels a server stream (a gRPC call) that sends nothing for ``idle_s`` (``FIRST_WAIT_FACTOR`` times that
+    for its first chunk: the server lists the job's outputs before it); the time the caller spends on a chunk
+    (writing it) is not counted. Off when ``idle_s`` is None or the stream cannot be cancelled. ``fired`` is the
+    limit that ended the stream, if one did."""
 
     def __init__(self, stream: Iterable[jobs_pb.FileChunk], idle_s: float | None) -> None:
         self._stream, self._idle_s = stream, idle_s
-        self.fired = False
+        self.fired: float | None = None
         self._waiting_since: float | None = None
+        self._limit_s = (idle_s or 0.0) * FIRST_WAIT_FACTOR
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         if idle_s is not None and callable(getattr(stream, "cancel", None)):
@@ -212,31 +225,29 @@ class _Watchdog:
             self._thread.start()
 
     def chunks(self) -> Iterator[jobs_pb.FileChunk]:
-        """The stream's chunks, each wait for the next one timed but the first: before it the server lists the
-        job's output folder, which for a job of millions of files on slow storage can take minutes."""
+        """The stream's chunks, each wait for the next one timed."""
         chunks = iter(self._stream)
-        first = True
         while True:
-            self._waiting_since = None if first else time.monotonic()
-            first = False
+            self._waiting_since = time.monotonic()
             try:
                 chunk = next(chunks)
             except StopIteration:
                 return
             finally:
                 self._waiting_since = None
+            self._limit_s = self._idle_s or 0.0  # the first chunk came
             yield chunk
 
     def _watch(self) -> None:
         assert self._idle_s is not None
         while True:
-            since = self._waiting_since
-            left = self._idle_s if since is None else since + self._idle_s - time.monotonic()
+            since, limit = self._waiting_since, self._limit_s
+            left = self._idle_s if since is None else since + limit - time.monotonic()
             if self._stopped.wait(max(left, 0.0)):
                 return
-            since = self._waiting_since
-            if since is not None and time.monotonic() - since >= self._idle_s:
-                self.fired = True
+            since, limit = self._waiting_since, self._limit_s
+            if since is not None and time.monotonic() - since >= limit:
+                self.fired = limit
                 self._stream.cancel()  # type: ignore[attr-defined]  # the wait raises CANCELLED
                 return
 

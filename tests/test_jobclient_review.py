@@ -9,6 +9,7 @@ is paced.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import threading
@@ -20,9 +21,9 @@ import pytest
 from google.longrunning import operations_pb2
 from google.rpc import code_pb2, status_pb2
 
-from segsvc import cli_jobs, jobclient
+from segsvc import cli_jobs, downloads, jobclient
 from segsvc.client import SegmentationClient
-from segsvc.downloads import _Incoming, _temp_prefix, _Watchdog
+from segsvc.downloads import FIRST_WAIT_FACTOR, _Incoming, _temp_prefix, _Watchdog
 from segsvc.errors import Cancelled, DeadlineExceeded, InvalidArgument, SegsvcError, Unavailable
 from segsvc.jobclient import JobHandle, download
 from segsvc.v1 import jobs_pb2 as jobs_pb
@@ -117,23 +118,32 @@ def test_a_fetch_leaves_the_temporaries_another_fetch_still_writes(tmp_path):
     assert _files(tmp_path) == {name: b"theirs" for name in names}
 
 
-def test_the_wait_for_the_first_chunk_is_not_timed():
+def test_the_wait_for_the_first_chunk_has_a_longer_limit():
     """Before its first chunk the server lists the job's outputs (minutes for millions of files on slow storage):
-    the idle limit cut every fetch of such a job at that point, and every retry again."""
-    seen: list[float | None] = []
+    the idle limit cut every fetch of such a job at that point, and every retry again. Waiting for it without any
+    limit instead hung a fetch whose connection died before then, for ever."""
+    seen: list[tuple[float | None, float]] = []
     chunks = [_chunk("a.png", 0, b"A", True), _chunk("b.png", 0, b"B", True)]
 
     class Stream(_Call):
         def __next__(self) -> jobs_pb.FileChunk:
-            seen.append(dog._waiting_since)
+            seen.append((dog._waiting_since, dog._limit_s))
             return super().__next__()
 
-    dog = _Watchdog(Stream(chunks, stall=False), 600.0)
+    dog = _Watchdog(Stream(chunks, stall=False), 60.0)
     try:
         assert [c.path for c in dog.chunks()] == ["a.png", "b.png"]
     finally:
         dog.stop()
-    assert seen[0] is None and all(since is not None for since in seen[1:]), seen
+    assert all(since is not None for since, _ in seen), seen  # every wait is timed
+    assert [limit for _, limit in seen] == [60.0 * FIRST_WAIT_FACTOR, 60.0, 60.0]
+
+
+def test_a_server_silent_before_its_first_chunk_ends_the_fetch_at_the_longer_limit(tmp_path):
+    call = _Call([])  # it sends nothing at all
+    outcome = _in_thread(lambda: download(call, tmp_path / "dest", idle_timeout_s=0.02))
+    assert outcome and isinstance(outcome[0], DeadlineExceeded), outcome
+    assert str(outcome[0]).startswith(f"the server sent nothing for {0.02 * FIRST_WAIT_FACTOR:g} s; 0 whole files")
 
 
 # -- names a server may send ----------------------------------------------------------------------------------
@@ -427,3 +437,47 @@ def test_listing_jobs_stops_when_the_server_repeats_a_page_token():
         for status in client.list_jobs():
             listed.append(status.name)
     assert calls == ["", "p2"] and listed == ["jobs/j1", "jobs/j1"]
+
+
+def test_a_temporary_stays_locked_until_it_is_renamed(tmp_path, monkeypatch):
+    """Closed before its rename, a finished temporary was unlocked for a moment: another fetch's clean-up could
+    remove it there, and the rename failed with a raw FileNotFoundError."""
+    locked_at_rename = []
+    real_replace = os.replace
+
+    def replace(src, dst):  # type: ignore[no-untyped-def]
+        locked_at_rename.append(downloads._in_use(Path(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(downloads.os, "replace", replace)
+    download([_chunk("a.png", 0, b"A", True)], tmp_path)
+    assert locked_at_rename == [True] and _files(tmp_path) == {"a.png": b"A"}
+
+
+def test_a_folder_without_locks_still_downloads_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """A file system without locks (NFS with no lockd: ENOLCK) failed the whole fetch at its first file, leaving
+    that file's temporary behind."""
+    def flock(fd, operation):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(downloads.fcntl, "flock", flock)
+    download([_chunk("a.png", 0, b"A", True), _chunk("b.png", 0, b"B", True)], tmp_path)
+    assert _files(tmp_path) == {"a.png": b"A", "b.png": b"B"}
+
+
+def test_a_temporary_that_cannot_be_judged_is_left(tmp_path, monkeypatch):
+    """Another user's temporary (unreadable), or one on a file system where the probe's lock fails, may be a live
+    download's: it was taken for a killed one's and removed."""
+    other = tmp_path / f"{_temp_prefix('a.png')}0123456789ab"
+    other.write_bytes(b"half")
+    real_open = open
+
+    def unreadable(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(path) == other:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", unreadable)
+    download([_chunk("a.png", 0, b"A", True)], tmp_path)
+    monkeypatch.undo()
+    assert other.exists()

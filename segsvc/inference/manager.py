@@ -706,7 +706,8 @@ class ModelManager:
         return rows
 
     def batcher_stats(self) -> list[tuple[str, BatcherStats]]:
-        """``(model, its batcher's stats)`` per loaded version; safe from any thread (copies, as ``snapshot``)."""
+        """``(model, its batcher's live stats)`` per loaded version; safe from any thread (the tables are copied,
+        as in ``snapshot``; the stats are the batchers' own, which the drop counter follows by identity)."""
         return [(name, lm.batcher.stats) for name, table in list(self._models.items()) for lm in list(table.values())]
 
     def failed_versions(self) -> list[tuple[str, int, str]]:

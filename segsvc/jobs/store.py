@@ -514,7 +514,7 @@ class JobStore:
         if not isinstance(index, int):
             raise InvalidArgument(f"item index must be an integer, got {type(index).__name__}")
         _check_str(reason, "reason", empty_ok=True)
-        reason = None if reason is None else _bounded_reason(reason)
+        reason = _bounded_reason(reason)
         result_json = None if result is None else _dumps(result, "item result")
         with self._tx() as c:
             cur = c.execute(
@@ -590,8 +590,11 @@ def _check_str(value: object, what: str, empty_ok: bool = False) -> None:
         raise InvalidArgument(f"{what} must be a {'' if empty_ok else 'non-empty '}string or None, got {value!r}")
 
 
-def _bounded_reason(reason: str) -> str:
-    """A failure reason as stored: its lines joined by one space, cut to ``MAX_REASON_CHARS`` (ending "...")."""
+def _bounded_reason(reason: str | None) -> str | None:
+    """A failure reason as stored: its lines joined by one space, cut to ``MAX_REASON_CHARS`` (ending "...");
+    None (no reason given) stays None."""
+    if reason is None:
+        return None
     line = " ".join(part.strip() for part in reason.splitlines() if part.strip())
     return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3].rstrip() + "..."
 

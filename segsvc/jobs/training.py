@@ -130,8 +130,8 @@ _AGENT_SIGNAL = re.compile(r"(?:\S+\.)?SignalException: Process \d+ got signal: 
 _OUTSIDE_SIGNALS = frozenset(int(s) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGKILL, signal.SIGTERM))
 # What a job is doing, by phase, as a cancel names it ("cancelled while training", "cancelled before publishing").
 _DOING = {"training": "while training", "evaluating": "while evaluating", "publishing": "before publishing"}
-# Characters a path taken from a child's output may not follow (inside a URL or a word it is no path).
-_PATH = re.compile(r"(?<![\w<>.~:/-])/[^\s'\"(),;:]+")
+# An absolute path in a child's output: not inside a word or a relative path (after ":" too: PYTHONPATH=/a:/b).
+_PATH = re.compile(r"(?<![\w<>.~/-])/[^\s'\"(),;:]+")
 
 
 class _Stop(Exception):
@@ -202,6 +202,9 @@ class TrainingRunner(StoreRunner):
     def __init__(self, store: JobStore, manager: ModelManager, datasets: DatasetRegistry | None,
                  config: TrainingConfig) -> None:
         super().__init__(store, KIND, config.max_training_jobs)
+        # Set as the server begins to stop (``begin_stop``): a child that dies meanwhile (the service manager's
+        # SIGTERM reached the whole group) is no outside death; its job resumes at the next start.
+        self.stopping = False
         self.manager = manager
         self.datasets = datasets
         self.config = config
@@ -545,11 +548,27 @@ class TrainingRunner(StoreRunner):
             return None
         return await asyncio.to_thread(torchrun_death, self.job_dir(run.job.id) / "train.log", log_start)
 
+    def begin_stop(self) -> None:
+        """The server is stopping (``stop`` comes after its drain): no child that dies from now on is restarted
+        or counted; its job waits for ``stop``, stays RUNNING and resumes at the next start."""
+        self.stopping = True
+
+    async def stop(self) -> None:
+        self.begin_stop()
+        await super().stop()
+
     async def _restart_after_kill(self, run: _Run, death: str, child: _Rerun) -> str | None:
         """None when a ``child`` killed from outside (``death``: who was killed and how, in words) is started
-        again (its restarts left), recorded in the metadata; else why it is not."""
+        again (its restarts left), recorded in the metadata; else why it is not.
+
+        While the server stops, the signal was most likely the stop's own (systemd and supervisord signal the
+        whole group): the job then waits, uncounted, for ``stop`` to end it; it resumes at the next start.
+        """
         if run.cancel.is_set():  # a cancel that came as it died: not started again only to be stopped
             raise _cancelled(run, f"while {child.doing}")
+        if self.stopping:
+            log.info("training job %s: %s while the server stops; it resumes at the next start", run.job.id, death)
+            await asyncio.Event().wait()  # until ``stop`` cancels this job's task
         restarts = int(run.progress.get(f"{child.key}_restarts", 0))
         if restarts >= child.limit:
             return f"{death} and had already been restarted {restarts} times {child.how}"
@@ -898,14 +917,12 @@ def torchrun_death(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) 
     outside, in words: its agent stopped by a signal it handles (it stops its workers, says so and exits 1), or a
     worker killed by one (``worker_death``); None when it was not."""
     lines = _log_tail(log_path, start, limit)
-    for line in reversed(lines):
-        found = _AGENT_SIGNAL.fullmatch(line.strip())
-        if found:
-            name = found.group(1)
-            try:
-                signum = int(name) if name.isdigit() else int(signal.Signals[name])
-            except KeyError:
-                continue
+    last = next((line.strip() for line in reversed(lines) if any(c.isalnum() for c in line)), "")
+    found = _AGENT_SIGNAL.fullmatch(last)  # its very last words: a line the trainer printed earlier is no report
+    if found:
+        name = found.group(1)
+        signum = int(name) if name.isdigit() else int(getattr(signal.Signals, name, 0))
+        if signum in _OUTSIDE_SIGNALS:
             return f"{_TRAINER.who}'s torchrun agent was {_killed(signum)}"
     cause = _root_cause(lines)
     signum = signal_death(cause[1]) if cause else None

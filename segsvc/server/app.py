@@ -552,24 +552,28 @@ class SegmentationServer:
         if self.gate.accepting:  # else a start that did not end stops what it had started (it said why)
             log.info("draining: health NOT_SERVING, %.1f s grace for requests in flight", grace)
         self.gate.accepting = False  # new calls now get UNAVAILABLE
+        if self.training is not None:  # a trainer the stop's signal reached too is not restarted meanwhile
+            self.training.begin_stop()
         failures: list[Exception] = []
-        await _step("health", self.health.enter_graceful_shutdown, failures)
-        await _step("the gRPC server", lambda: self._stop_transport(grace), failures)
-        if self.training is not None:  # trainers get SIGTERM; their jobs resume at the next start
-            await _step("the training jobs", self.training.stop, failures)
-        if self.jobs is not None:  # running jobs stop here and resume at the next start
-            await _step("the jobs", self.jobs.stop, failures)
-            await _step("the job store", self.jobs.store.close, failures)
-        if self.datasets is not None:
-            await _step("the dataset registry", self.datasets.close, failures)
-        await _step("the models", self._stop_models, failures)
-        await _step("the metrics endpoint", self.metrics.stop_http, failures)
-        if self.jobs is not None:  # last, once nothing of the folder is open: a server waiting for it may start
-            await _step("the state folder's lock", self.jobs.release_state, failures)
-        self.io.shutdown(wait=False)
+        try:
+            await _step("health", self.health.enter_graceful_shutdown, failures)
+            await _step("the gRPC server", lambda: self._stop_transport(grace), failures)
+            if self.training is not None:  # trainers get SIGTERM; their jobs resume at the next start
+                await _step("the training jobs", self.training.stop, failures)
+            if self.jobs is not None:  # running jobs stop here and resume at the next start
+                await _step("the jobs", self.jobs.stop, failures)
+                await _step("the job store", self.jobs.store.close, failures)
+            if self.datasets is not None:
+                await _step("the dataset registry", self.datasets.close, failures)
+            await _step("the models", self._stop_models, failures)
+            await _step("the metrics endpoint", self.metrics.stop_http, failures)
+        finally:  # last, once nothing of the folder is open (a server waiting for it may start), or the stop cut short
+            if self.jobs is not None:
+                await _step("the state folder's lock", self.jobs.release_state, failures)
+            self.io.shutdown(wait=False)
+            self._stopped.set()  # also cut short: a later stop or wait_stopped must not wait for ever
         log.info("stopped" + (f"; abandoned still busy: {', '.join(self.abandoned)}" if self.abandoned else "")
                  + (f"; {len(failures)} step(s) failed" if failures else ""))
-        self._stopped.set()
         if failures:
             raise failures[0]
 

@@ -235,7 +235,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
             reader.result()  # surface a failure of the request stream itself
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as exc:
+        except Exception as exc:  # the stream failed as a call (its images are counted one by one): count that too
+            self._metrics.observe_refused("SegmentStream", status_of(exc, "")[0].name)
             await abort(context, exc, request_id_of("", context), "SegmentStream", log)
         finally:
             reader.cancel()

@@ -360,6 +360,21 @@ def test_queue_depth_hpa_uses_the_metric_the_adapter_serves(with_queue_hpa: list
     assert metrics.registry.get_sample_value(name, {"model": "m", "version": "1"}) == 3
 
 
+def test_the_queue_depth_metric_counts_the_requests_waiting_for_memory() -> None:
+    """With --max-inflight-mb the binding limit, requests pile up in the memory budget, in no batch queue: the HPA
+    saw a queue depth near 0 and never scaled out while clients got RESOURCE_EXHAUSTED."""
+    values = yaml.safe_load((K8S / "autoscaling" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = [r for r in values["rules"]["custom"] if r["name"]["as"] == "segsvc_queue_depth"]
+    query = " ".join(rule["metricsQuery"].split())
+    assert 'segsvc_memory_waiting{lane="interactive",<<.LabelMatchers>>}' in query, query
+    assert query.count("by (<<.GroupBy>>)") == 3, query  # every term per pod, a pod without the line kept
+    from segsvc.server.metrics import ServerMetrics  # the server exports that metric, per lane
+
+    metrics = ServerMetrics()
+    metrics.watch_memory(lambda: {"interactive": 5})
+    assert metrics.registry.get_sample_value("segsvc_memory_waiting", {"lane": "interactive"}) == 5
+
+
 def test_pdb_keeps_a_server_up(objects: list[Obj]) -> None:
     deployment, _, _ = _server(objects)
     pdb = _one(objects, "PodDisruptionBudget")

@@ -67,6 +67,14 @@ def test_an_empty_reason_stays_empty(store: JobStore) -> None:
     assert store.item(job.id, 0).reason == ""
 
 
+def test_no_reason_stays_none_where_the_store_takes_one(store: JobStore) -> None:
+    """The store's checks let a reason be None (stored as NULL); bounding it raised AttributeError instead."""
+    job, _ = store.submit("segmentation", {}, ["a.png", "b.png", "c.png"], failed={0: None})  # type: ignore[dict-item]
+    store.finish_item(job.id, 1, "FAILED", reason=None)
+    assert store.skip_pending(job.id, None) == 1  # type: ignore[arg-type]
+    assert [item.reason for item in store.items(job.id)] == [None, None, None]
+
+
 class _Undecodable(_Service):
     """Every input fails with a long, many-line decoder message."""
 

@@ -141,6 +141,10 @@ with open("evals.txt", "a") as f:
 left = Path("signals.txt").read_text().split()
 if left:
     Path("signals.txt").write_text(" ".join(left[1:]))
+    # as ``segsvc eval`` starts: SIGINT raises KeyboardInterrupt, SIGTERM kills. A shell without job control starts
+    # background commands (a suite run with `nohup ... &`) with SIGINT ignored, which every child inherits.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         os.kill(os.getpid(), getattr(signal, left[0]))
     except KeyboardInterrupt:
@@ -374,3 +378,44 @@ def test_a_cancel_that_lands_as_a_phases_last_child_finishes_names_that_phase(tm
         store.close()
     assert ended == [0] * child
     assert (final.state, final.error) == ("CANCELLED", said)
+
+
+# -- from a read-only review ------------------------------------------------------------------------------------
+def test_a_child_killed_while_the_server_stops_is_neither_restarted_nor_counted(tmp_path):
+    """systemd and supervisord signal the service's whole group: the trainer exits 143 during the server's drain,
+    was restarted as an outside death, and each restart of the service used up one of the job's two."""
+    config = TrainingConfig(state_dir=tmp_path / "state", workdir=tmp_path, kill_grace_s=5)
+    runner = TrainingRunner(_Store(), SimpleNamespace(repository=ModelRepository(tmp_path / "repo")), None,
+                            config)  # type: ignore[arg-type]
+    run = _Run(SimpleNamespace(id="job1", kind="train", spec={}))
+
+    async def main() -> bool:
+        runner.begin_stop()
+        task = asyncio.ensure_future(runner._restart_after_kill(run, "the trainer was killed by SIGTERM",
+                                                                training._TRAINER))
+        for _ in range(20):  # loop turns, not time: it has no I/O to wait for before it would save
+            await asyncio.sleep(0)
+        parked = not task.done()
+        task.cancel()  # what the runner's stop does to the job's task
+        await asyncio.gather(task, return_exceptions=True)
+        return parked
+
+    assert asyncio.run(main()) is True
+    assert "trainer_restarts" not in run.progress and "last_trainer_death" not in run.progress
+
+
+@pytest.mark.parametrize("tail", [
+    "SignalException: Process 1 got signal: 15\nTraceback (most recent call last):\nValueError: bad recipe\n",
+    "torch.distributed.elastic.multiprocessing.api.SignalException: Process 7 got signal: 11\n",
+], ids=["printed-by-the-trainer-earlier", "not-an-outside-signal"])
+def test_torchruns_agent_signal_is_its_last_words_and_an_outside_one(tmp_path, tail):
+    """A line the trainer itself printed earlier, or a signal of its own crash, read as the agent killed from
+    outside: the run was restarted."""
+    log = tmp_path / "train.log"
+    log.write_text(tail)
+    assert training.torchrun_death(log) is None
+
+
+def test_server_paths_after_a_colon_are_cut_too():
+    found = [m.group(0) for m in training._PATH.finditer("PYTHONPATH=/a:/srv/venv/lib, see file:///srv/x")]
+    assert found == ["/a", "/srv/venv/lib", "///srv/x"]

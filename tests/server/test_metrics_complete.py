@@ -86,6 +86,19 @@ def test_management_calls_are_counted_on_success_and_on_failure(served):
     assert "no-such-model" not in text  # the label is the method's, never request text
 
 
+def test_a_segment_stream_that_fails_as_a_call_is_counted(served):
+    """SegmentStream counts each image; a stream that failed as a whole (a message that does not parse) was in no
+    count at all, its images none and the call's own outcome left to nobody."""
+    server, channel = served
+    good = pb.SegmentRequest(model="tiny", image=encode(make_image(8, 8))).SerializeToString()
+    stream = channel.stream_stream("/segsvc.v1.SegmentationService/SegmentStream", request_serializer=None,
+                                   response_deserializer=None)
+    before = _count(metrics_text(server), "SegmentStream", model="-")
+    with pytest.raises(grpc.RpcError) as info:
+        list(stream(iter([good, b"\xff\xff\xff"]), timeout=TIMEOUT_S))
+    _counted(server, "SegmentStream", before + 1, model="-", code=info.value.code().name)
+
+
 def test_streaming_calls_are_counted_when_they_end(served):
     """A response stream (FetchJobOutputs) and a request stream (datasets are off: UploadDataset fails at once)."""
     server, channel = served

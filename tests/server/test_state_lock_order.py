@@ -67,6 +67,41 @@ def test_the_state_lock_is_released_after_the_store_the_registry_and_the_models(
         server.close()
 
 
+def test_a_stop_cut_short_while_the_models_drain_still_releases_the_lock(tmp_path, monkeypatch):
+    """The lock goes last, after the models' drain (up to --drain-timeout-s): a stop cancelled there (an embedding
+    program's timeout) kept the folder locked in this process for good."""
+    import asyncio
+
+    publish(tmp_path / "repo", "m", seed=2)
+    state = tmp_path / "state"
+    server = RunningServer(server_config(tmp_path / "repo", jobs=JobsConfig(state_dir=state,
+                                                                              output_root=tmp_path / "out")))
+    try:
+        app = server.server
+        draining: list[asyncio.Event] = []
+
+        async def models_stuck() -> list[str]:
+            draining[0].set()
+            await asyncio.Event().wait()  # a drain that does not end before the caller gives up
+            return []
+
+        monkeypatch.setattr(app.manager, "stop", models_stuck)
+
+        async def stop_cut_short() -> None:
+            draining.append(asyncio.Event())
+            stopping = asyncio.ensure_future(app.stop(0.0))
+            await draining[0].wait()
+            assert _held(state)  # the store and the registry are closed; the models still drain
+            stopping.cancel()
+            await asyncio.gather(stopping, return_exceptions=True)
+
+        server.call(stop_cut_short(), timeout=120)
+        assert not _held(state)
+    finally:
+        monkeypatch.undo()
+        server.close()
+
+
 def test_a_server_refused_the_state_folder_never_opened_its_job_store(tmp_path):
     """The job store was opened (its file created, its schema created or checked) when the server object was
     made, before ``start`` met the lock: a second server on a folder another one runs touched its database."""
