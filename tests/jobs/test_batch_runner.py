@@ -81,6 +81,21 @@ def _config(tmp_path: Path, **overrides: object) -> JobsConfig:
                       **overrides)  # type: ignore[arg-type]
 
 
+def _run_one_job(tmp_path: Path, service: object, **overrides: object) -> Job:
+    """One job over every image under ``tmp_path/data``, run to its end by a runner on ``service``; the job."""
+    store = JobStore(tmp_path / "state" / "jobs.sqlite")
+
+    async def main() -> Job:
+        runner = JobRunner(store, service, _config(tmp_path, **overrides))  # type: ignore[arg-type]
+        job = await runner.submit(JobRequest(model="m", paths=(".",)))
+        return await run_to_end(runner, job.id)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        store.close()
+
+
 # -- FetchJobOutputs lists every output, only real temporaries are left out ---------------------------
 def test_output_files_keep_inputs_whose_name_contains_tmp(tmp_path: Path, clock: _Clock) -> None:
     _images(tmp_path / "data", ["scan.tmp-1.png", "plain.png"])

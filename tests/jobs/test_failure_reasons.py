@@ -7,7 +7,6 @@ store, which every reason passes through, now makes each one line and cuts it.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,10 @@ import pytest
 
 from segsvc.errors import InvalidImage
 from segsvc.inference.service import ImageFile, Segmentation
-from segsvc.jobs.batch import JobRequest, JobRunner
-from segsvc.jobs.store import MAX_REASON_CHARS, Job, JobStore
+from segsvc.jobs.store import MAX_REASON_CHARS, JobStore
 from segsvc.server import convert
 from segsvc.v1 import jobs_pb2 as jobs_pb
-from tests.jobs.conftest import run_to_end
-from tests.jobs.test_batch_runner import _config, _images, _Service, clock  # noqa: F401  (clock: a fixture)
+from tests.jobs.test_batch_runner import _images, _run_one_job, _Service, clock  # noqa: F401  (clock: a fixture)
 
 LONG = "libpng error: IDAT: invalid distance too far back\n" + "\n".join(f"  at chunk {i}: " + "x" * 90
                                                                         for i in range(200))
@@ -85,17 +82,7 @@ class _Undecodable(_Service):
 def test_a_jobs_failures_file_summary_and_operation_carry_the_bounded_reason(tmp_path: Path,
                                                                              clock: Any) -> None:  # noqa: F811
     _images(tmp_path / "data", ["a.png", "b.png"])
-    store = JobStore(tmp_path / "state" / "jobs.sqlite")
-
-    async def main() -> Job:
-        runner = JobRunner(store, _Undecodable(clock), _config(tmp_path))  # type: ignore[arg-type]
-        job = await runner.submit(JobRequest(model="m", paths=(".",)))
-        return await run_to_end(runner, job.id)
-
-    try:
-        job = asyncio.run(main())
-    finally:
-        store.close()
+    job = _run_one_job(tmp_path, _Undecodable(clock))
     assert (job.state, job.failed) == ("SUCCEEDED", 2), job.error
     out = tmp_path / "out" / job.id
     lines = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]

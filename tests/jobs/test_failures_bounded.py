@@ -25,7 +25,8 @@ from segsvc.jobs.store import Job, JobStore
 from segsvc.server import convert
 from segsvc.v1 import jobs_pb2 as jobs_pb
 from tests.jobs.conftest import run_to_end
-from tests.jobs.test_batch_runner import _config, _images, _Service, clock  # noqa: F401  (clock: a fixture)
+from tests.jobs.test_batch_runner import (_config, _images, _run_one_job, _Service,  # noqa: F401
+                                         clock)  # clock: a fixture
 from tests.server.conftest import encode, make_image, publish
 
 NAMES = ["sky", "road", "car"]
@@ -112,17 +113,7 @@ def test_the_job_runner_keeps_the_first_failures_and_their_exact_count(tmp_path:
     monkeypatch.setattr(outputs, "FAILURES_SHOWN", SHOWN, raising=False)
     _images(tmp_path / "data", GOOD)
     _broken(tmp_path / "data", BROKEN)
-    store = JobStore(tmp_path / "state" / "jobs.sqlite")
-
-    async def main() -> Job:
-        runner = JobRunner(store, _Service(clock), _config(tmp_path, window=2))  # type: ignore[arg-type]
-        job = await runner.submit(JobRequest(model="m", paths=(".",)))
-        return await run_to_end(runner, job.id)
-
-    try:
-        job = asyncio.run(main())
-    finally:
-        store.close()
+    job = _run_one_job(tmp_path, _Service(clock), window=2)
     assert (job.state, job.done, job.failed) == ("SUCCEEDED", len(GOOD), len(BROKEN)), job.error
     assert job.result is not None
     assert [f["input"] for f in job.result["failures"]] == BROKEN[:SHOWN]

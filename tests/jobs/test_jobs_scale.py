@@ -6,7 +6,6 @@ Each test counts what is held (rows a store query returns, peak Python allocatio
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import tracemalloc
@@ -18,13 +17,11 @@ import pytest
 from segsvc.errors import InvalidArgument
 from segsvc.jobs import offline
 from segsvc.jobs import store as store_module
-from segsvc.jobs.batch import JobRequest, JobRunner
 from segsvc.jobs.inputs import resolve_inputs
 from segsvc.jobs.offline import ItemWorker, batch_inputs, run_batch
 from segsvc.jobs.outputs import JobOutputs
 from segsvc.jobs.store import JobStore
-from tests.jobs.conftest import run_to_end
-from tests.jobs.test_batch_runner import _config, _images, _Service, clock  # noqa: F401  (clock: a fixture)
+from tests.jobs.test_batch_runner import _images, _run_one_job, _Service, clock  # noqa: F401  (clock: a fixture)
 from tests.server.conftest import encode, make_image, publish
 
 PAGE = 2
@@ -114,17 +111,7 @@ def test_the_job_runner_reads_its_items_a_page_at_a_time(tmp_path: Path, clock: 
     _images(tmp_path / "data", names)
     (tmp_path / "data" / "8-broken.png").write_bytes(b"not a PNG")
     fetched = _rows_per_query(monkeypatch)
-    store = JobStore(tmp_path / "state" / "jobs.sqlite")
-
-    async def main() -> Any:
-        runner = JobRunner(store, _Service(clock), _config(tmp_path, window=2))  # type: ignore[arg-type]
-        job = await runner.submit(JobRequest(model="m", paths=(".",)))
-        return await run_to_end(runner, job.id)
-
-    try:
-        job = asyncio.run(main())
-    finally:
-        store.close()
+    job = _run_one_job(tmp_path, _Service(clock), window=2)
     assert (job.state, job.done, job.failed) == ("SUCCEEDED", 7, 1), job.error
     out = tmp_path / "out" / job.id
     assert [r["input"] for r in _results(out)] == names

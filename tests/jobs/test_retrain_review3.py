@@ -295,22 +295,24 @@ version.mkdir(parents=True)
 '''
 
 
-def _train_with(tmp_path: Path, deaths: int) -> tuple[Path | _Stop, dict[str, Any], list[str]]:
-    """``_train`` of one job whose trainer dies ``deaths`` times before it finishes (-1: it fails by itself);
-    what it returned (or the ``_Stop`` it raised), the stored metadata and how each start began."""
+def _train_with(tmp_path: Path, deaths: int, trainer: str = FAKE_TRAINER, nproc: int = 1,
+                kill_grace_s: float = 5) -> tuple[Path | _Stop, dict[str, Any], list[str]]:
+    """``_train`` of one job whose trainer (the stand-in ``trainer``'s source, on ``nproc`` torchrun processes
+    when more than 1) dies ``deaths`` times before it finishes (-1: it fails by itself); what it returned (or the
+    ``_Stop`` it raised), the stored metadata and how each start began."""
     workdir = tmp_path / "work"
     (workdir / "training").mkdir(parents=True)
     (workdir / "training" / "__init__.py").write_text("")
-    (workdir / "training" / "__main__.py").write_text(FAKE_TRAINER)
+    (workdir / "training" / "__main__.py").write_text(trainer)
     (workdir / "deaths.txt").write_text(str(deaths))
     spec_path = tmp_path / "shapes.yaml"
     spec_path.write_text("root: .\n")
-    request = TrainingRequest(dataset="shapes", recipe="r", epochs=1, device="cpu")
+    request = TrainingRequest(dataset="shapes", recipe="r", epochs=1, device="cpu", nproc_per_node=nproc)
     dataset = {"name": "shapes", "sha256": "ab" * 32, "spec_path": str(spec_path)}
     spec = {"request": request.to_dict(), "dataset": dataset, "eval_sets": {"val": dataset}, "base": None,
             "recipe_name": "r", "recipe_text": "name: r\n", "model_name": NAME, "run_dir": "r/run"}
     store = _Store()
-    config = TrainingConfig(state_dir=tmp_path / "state", workdir=workdir, kill_grace_s=5)
+    config = TrainingConfig(state_dir=tmp_path / "state", workdir=workdir, kill_grace_s=kill_grace_s)
     manager = SimpleNamespace(repository=ModelRepository(tmp_path / "repo"))
     runner = TrainingRunner(store, manager, _Datasets(spec_path), config)  # type: ignore[arg-type]
 

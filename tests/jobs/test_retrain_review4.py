@@ -20,10 +20,10 @@ from segsvc.inference.manager import ModelManager
 from segsvc.inference.repository import ModelRepository
 from segsvc.jobs import gate, training
 from segsvc.jobs.training import TrainingRunner, _Run, _Stop
-from segsvc.jobs.trainspec import TrainingConfig, TrainingRequest
+from segsvc.jobs.trainspec import TrainingConfig
 from segsvc.server.training import training_metadata
 from tests.inference.managers import quiet_manager
-from tests.jobs.test_retrain_review3 import _Datasets, _gate_run, _publish_served, _Store
+from tests.jobs.test_retrain_review3 import _gate_run, _publish_served, _Store, _train_with
 from tests.jobs.test_training_gate_races import _served_after_restart
 from tests.server.conftest import publish
 
@@ -70,30 +70,7 @@ done.touch()
 def _train_under_torchrun(tmp_path: Path, deaths: int) -> tuple[Path | _Stop, dict[str, Any], list[str]]:
     """``_train`` of one job on 2 torchrun processes whose rank 1 dies ``deaths`` times before it finishes (-1: it
     fails by itself); what it returned (or the ``_Stop`` it raised), the stored metadata and how each start began."""
-    workdir = tmp_path / "work"
-    (workdir / "training").mkdir(parents=True)
-    (workdir / "training" / "__init__.py").write_text("")
-    (workdir / "training" / "__main__.py").write_text(FAKE_WORKER)
-    (workdir / "deaths.txt").write_text(str(deaths))
-    spec_path = tmp_path / "shapes.yaml"
-    spec_path.write_text("root: .\n")
-    request = TrainingRequest(dataset="shapes", recipe="r", epochs=1, device="cpu", nproc_per_node=2)
-    dataset = {"name": "shapes", "sha256": "ab" * 32, "spec_path": str(spec_path)}
-    spec = {"request": request.to_dict(), "dataset": dataset, "eval_sets": {"val": dataset}, "base": None,
-            "recipe_name": "r", "recipe_text": "name: r\n", "model_name": NAME, "run_dir": "r/run"}
-    store = _Store()
-    config = TrainingConfig(state_dir=tmp_path / "state", workdir=workdir, kill_grace_s=30)
-    manager = SimpleNamespace(repository=ModelRepository(tmp_path / "repo"))
-    runner = TrainingRunner(store, manager, _Datasets(spec_path), config)  # type: ignore[arg-type]
-
-    async def main() -> Path | _Stop:
-        try:
-            return await runner._train(_Run(SimpleNamespace(id="job1", kind="train", spec=spec)))
-        except _Stop as stop:
-            return stop
-
-    outcome = asyncio.run(main())
-    return outcome, store.progress, (workdir / "starts.txt").read_text().split()
+    return _train_with(tmp_path, deaths, trainer=FAKE_WORKER, nproc=2, kill_grace_s=30)
 
 
 def test_a_torchrun_worker_killed_on_its_own_resumes_from_the_checkpoint_like_a_killed_trainer(tmp_path):

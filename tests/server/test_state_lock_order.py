@@ -9,26 +9,14 @@ from __future__ import annotations
 
 import fcntl
 import os
-from pathlib import Path
 
 import pytest
 
 from segsvc import errors
 from segsvc.datasets.registry import DatasetsConfig
 from segsvc.jobs.batch import LOCK_FILE, JobsConfig
+from tests.jobs.test_batch_state_lock import _held
 from tests.server.conftest import RunningServer, publish, server_config
-
-
-def _held(state: Path) -> bool:
-    """Whether another server may not take the folder now: ``flock`` on a descriptor of our own, as it would."""
-    fd = os.open(state / LOCK_FILE, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also releases it when we got it
-    return False
 
 
 def test_the_state_lock_is_released_after_the_store_the_registry_and_the_models(tmp_path, monkeypatch):
