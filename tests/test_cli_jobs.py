@@ -17,7 +17,7 @@ import segsvc.cli_client
 from segsvc import cli_jobs
 from segsvc.cli import main
 from segsvc.client import SegmentationClient
-from segsvc.errors import Cancelled, Unavailable
+from segsvc.errors import Cancelled, DeadlineExceeded, Unavailable
 from segsvc.inference.codec import encode_png
 from segsvc.jobclient import JobHandle
 from segsvc.jobs.batch import JobsConfig
@@ -141,10 +141,13 @@ def test_a_server_stopped_during_a_wait_is_not_reported_as_a_cancelled_job(tmp_p
         proc.wait(60)
 
 
-@pytest.mark.parametrize("error", [Cancelled("CANCELLED"), Unavailable("failed to connect to all addresses")])
+@pytest.mark.parametrize("error", [DeadlineExceeded("Deadline Exceeded"), Cancelled("CANCELLED"),
+                                   Unavailable("failed to connect to all addresses")],
+                         ids=["server-hangs", "server-stops", "server-gone"])
 def test_a_wait_cut_by_the_server_says_the_job_is_kept(error):
-    """The two ways a stopping server ends a wait (it cancels the call in flight, or nothing answers the next)
-    read the same: the job is kept, and how to follow it again. A cancelled call used to print "CANCELLED"."""
+    """The ways a server ends a wait (a stopping one cancels the call in flight, or nothing answers the next; a
+    hung one, or a network that dropped without a reset, lets the call's deadline pass) read the same: the job is
+    kept, and how to follow it again. A cancelled call printed "CANCELLED", a hung server "Deadline Exceeded"."""
 
     class Job:
         id = "j1"

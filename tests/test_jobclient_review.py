@@ -8,7 +8,6 @@ is paced.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -24,7 +23,7 @@ from google.rpc import code_pb2, status_pb2
 from segsvc import cli_jobs, downloads, jobclient
 from segsvc.client import SegmentationClient
 from segsvc.downloads import FIRST_WAIT_FACTOR, _Incoming, _temp_prefix, _Watchdog
-from segsvc.errors import Cancelled, DeadlineExceeded, InvalidArgument, SegsvcError, Unavailable
+from segsvc.errors import Cancelled, DeadlineExceeded, InvalidArgument, SegsvcError
 from segsvc.jobclient import JobHandle, download
 from segsvc.v1 import jobs_pb2 as jobs_pb
 from segsvc.v1 import training_pb2 as tpb
@@ -378,25 +377,6 @@ def test_a_result_whose_deadline_passes_raises_deadline_exceeded():
     deadline from any other failure (errors.DeadlineExceeded says "the caller's deadline passed")."""
     with pytest.raises(DeadlineExceeded, match=r"^job j1 is not done after 0 s$"):
         _running(_EarlyServer()).result(timeout_s=0)
-
-
-@pytest.mark.parametrize("error", [DeadlineExceeded("Deadline Exceeded"), Cancelled("CANCELLED"),
-                                   Unavailable("failed to connect to all addresses")],
-                         ids=["server-hangs", "server-stops", "server-gone"])
-def test_a_server_that_stops_answering_a_wait_reads_as_a_lost_server(error):
-    """A server that hung (or a network that dropped without a reset) ended `segsvc jobs wait` after its call's
-    deadline with "segsvc: error: Deadline Exceeded": gRPC's words, and nothing said the job goes on."""
-
-    class Job:
-        id = "j1"
-
-        def wait(self, progress: bool) -> None:
-            raise error
-
-    args = argparse.Namespace(server="host:1", progress=False)
-    with pytest.raises(Unavailable, match=r"^lost the server at host:1 while waiting for job j1; .*"
-                                          r"`segsvc jobs wait j1 --server host:1` follows it then"):
-        cli_jobs.follow(Job(), args)
 
 
 # -- what a finished job's operation carries ------------------------------------------------------------------

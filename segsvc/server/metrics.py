@@ -293,8 +293,8 @@ class ServerMetrics:
         self.observe_stages(model, queue_s, run_s)
 
     def observe_refused(self, method: str, code: str) -> None:
-        """A call refused before any servicer ran (auth, admission): counted under model '-', no latency (it
-        did no work; zeros would drag the latency quantiles down)."""
+        """A call refused before any servicer ran (auth, admission), or a SegmentStream that failed as a whole (its
+        images count one by one): counted under model '-', no latency (zeros would drag the quantiles down)."""
         self.requests.labels(method, "-", code).inc()
 
     def observe_stages(self, model: str, queue_s: float | None, run_s: float | None,

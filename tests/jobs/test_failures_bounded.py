@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tracemalloc
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,6 +26,7 @@ from segsvc.v1 import jobs_pb2 as jobs_pb
 from tests.jobs.conftest import run_to_end
 from tests.jobs.test_batch_runner import (_config, _images, _run_one_job, _Service,  # noqa: F401
                                          clock)  # clock: a fixture
+from tests.jobs.test_jobs_scale import _peak
 from tests.server.conftest import encode, make_image, publish
 
 NAMES = ["sky", "road", "car"]
@@ -77,15 +77,6 @@ def test_finalize_shows_the_first_failures_by_input_whatever_order_they_come_in(
     assert [f["input"] for f in listed["failures"]] == ["a.png", "c.png", "k.png", "m.png", "z.png"]
     assert listed["failures_truncated"] is False
     assert _failures_file(tmp_path / "list") == listed["failures"]  # a sequence is sorted, like records
-
-
-def _peak(work: Callable[[], object]) -> int:
-    tracemalloc.start()
-    try:
-        work()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def test_finalize_holds_no_failure_it_does_not_show(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from segsvc.errors import InvalidArgument
 from segsvc.inference.repository import ModelRepository
 from segsvc.models import build_model
 from segsvc.models.artifact import save_artifact
+from tests.training.test_review3_eval import eval_args, one_line
 from training.curves import write_curves
 from training.metrics import ConfusionMatrix
 from training.train import cli
@@ -56,16 +57,6 @@ def artifact(tmp_path_factory) -> Path:
     spec = ModelSpec("unet", 2, 3, {"base_channels": 4, "depth": 2})
     return save_artifact(build_model(spec), tmp_path_factory.mktemp("repo"), "voidval", spec=spec,
                          class_names=CLASSES)
-
-
-def eval_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["eval", "--model", str(model), "--data", str(data), "--out", str(out), "--no-progress",
-            "--device", "cpu", "--samples", "0", *extra]
-
-
-def one_line(err: str, prefix: str, needle: str) -> None:
-    assert "Traceback" not in err and err.startswith(prefix) and err.count("\n") == 1, err
-    assert needle in err, err
 
 
 def test_eval_of_a_split_whose_masks_are_all_void_is_refused(artifact, void_val, tmp_path, capsys):
