@@ -55,6 +55,9 @@ BUSY_TIMEOUT_S = 5.0
 # An item's failure reason is an exception's message (a decoder's, the OS's): stored on one line, cut to this
 # many characters, since it goes on to failures.jsonl, summary.json and GetOperation.
 MAX_REASON_CHARS = 500
+# A job's error may list several problems (a dataset check's report), one per line: its lines are kept, and the
+# whole is cut to this many characters, since GetOperation and every listing of the job carry it.
+MAX_ERROR_CHARS = 4_000
 # A finished item's state -> the job counter it feeds.
 _COUNTERS = {"DONE": "done", "FAILED": "failed", "SKIPPED": "skipped"}
 
@@ -399,7 +402,7 @@ class JobStore:
             now = time.time()
             c.execute(
                 "UPDATE jobs SET state = ?, error = ?, result = ?, finished_at = ?, updated_at = ? WHERE id = ?",
-                (state, error, result_json, now, now, job_id),
+                (state, _bounded_error(error), result_json, now, now, job_id),
             )
             return _to_job(self._job_row(c, job_id))
 
@@ -597,6 +600,13 @@ def _bounded_reason(reason: str | None) -> str | None:
         return None
     line = " ".join(part.strip() for part in reason.splitlines() if part.strip())
     return line if len(line) <= MAX_REASON_CHARS else line[: MAX_REASON_CHARS - 3].rstrip() + "..."
+
+
+def _bounded_error(error: str | None) -> str | None:
+    """A job's error as stored: its lines kept, the whole cut to ``MAX_ERROR_CHARS`` (ending "...")."""
+    if error is None or len(error) <= MAX_ERROR_CHARS:
+        return error
+    return error[: MAX_ERROR_CHARS - 3].rstrip() + "..."
 
 
 def _dumps(value: object, what: str) -> str:

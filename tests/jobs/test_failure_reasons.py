@@ -15,7 +15,7 @@ import pytest
 
 from segsvc.errors import InvalidImage
 from segsvc.inference.service import ImageFile, Segmentation
-from segsvc.jobs.store import MAX_REASON_CHARS, JobStore
+from segsvc.jobs.store import MAX_ERROR_CHARS, MAX_REASON_CHARS, JobStore
 from segsvc.server import convert
 from segsvc.v1 import jobs_pb2 as jobs_pb
 from tests.jobs.test_batch_runner import _images, _run_one_job, _Service, clock  # noqa: F401  (clock: a fixture)
@@ -70,6 +70,19 @@ def test_no_reason_stays_none_where_the_store_takes_one(store: JobStore) -> None
     store.finish_item(job.id, 1, "FAILED", reason=None)
     assert store.skip_pending(job.id, None) == 1  # type: ignore[arg-type]
     assert [item.reason for item in store.items(job.id)] == [None, None, None]
+
+
+def test_a_jobs_error_keeps_its_lines_and_is_cut_to_the_bound(store: JobStore) -> None:
+    """A job's error went into the store whole, however long: every listing and GetOperation carried it."""
+    report = "the dataset has 3 problems:\n" + "\n".join(f"masks/{i:06d}.png: value 7 is no class" for i in range(500))
+    long_job, _ = store.submit("segmentation", {}, ["a.png"])
+    short_job, _ = store.submit("segmentation", {}, ["b.png"])
+    store.finish(long_job.id, "FAILED", error=report)
+    store.finish(short_job.id, "FAILED", error="line one\nline two")
+    error = store.get(long_job.id).error
+    assert error is not None and len(error) == MAX_ERROR_CHARS and error.endswith("...")
+    assert error.startswith("the dataset has 3 problems:\nmasks/000000.png: value 7 is no class\n")
+    assert store.get(short_job.id).error == "line one\nline two"  # a short error is kept as it is, lines and all
 
 
 class _Undecodable(_Service):
