@@ -1,9 +1,10 @@
 """Hardening figures, measured in one run (not part of the test suite).
 
-1. Memory per megapixel per model: the estimate the server admits requests by
-   (``Engine.measure_memory``, at load) against the peak RSS growth of one
-   forward pass at 1024x1024 (VmRSS sampled during the pass) in a fresh process. The ratio
-   estimate / measured should be >= 1 (the estimate errs on the safe side).
+1. Memory per megapixel per model and backend (torch, onnxruntime on the version's
+   ONNX export): the estimate the server admits requests by (``Engine.measure_memory``,
+   at load) against the peak RSS growth of one forward pass at 1024x1024 (VmRSS sampled
+   during the pass) in a fresh process. The ratio estimate / measured should be >= 1
+   (the estimate errs on the safe side).
 2. Time to refuse hostile requests over gRPC (the probe's findings): the worst
    and median of ``--repeats`` sends each, against a real ``segsvc serve``.
 
@@ -49,7 +50,7 @@ def rss():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
 torch.set_num_threads(2)
-config = EngineConfig(device="cpu", warmup=False)
+config = EngineConfig(device="cpu", backend=sys.argv[2], warmup=False)
 engine = Engine(Predictor(*open_version_dir(Path(sys.argv[1]), torch.device("cpu"), config)), config)  # as served
 estimate = engine.measure_memory()
 engine.forward(torch.zeros(1, 3, 64, 64))  # kernels warm at a small size
@@ -68,21 +69,24 @@ def memory_per_megapixel(work: Path) -> None:
     import torch
 
     from segsvc.config import ModelSpec
+    from segsvc.export.onnx import export_onnx
     from segsvc.models.artifact import save_artifact
     from segsvc.models.registry import build_model
 
-    print("model            estimate MiB/MP   measured MiB/MP   estimate/measured")
+    print("model            backend       estimate MiB/MP   measured MiB/MP   estimate/measured")
     for name, (arch, params) in MODELS.items():
         spec = ModelSpec(arch, 12, params=params)
         torch.manual_seed(0)
         version_dir = save_artifact(build_model(spec).eval(), work / "repo", name, spec=spec,
                                     class_names=[f"c{i}" for i in range(12)])
-        out = subprocess.run([sys.executable, "-c", MEASURE, str(version_dir)], capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        est, meas = r["estimate"] * 1e6 / (1 << 20), r["measured"] * 1e6 / (1 << 20)
-        ratio = est / meas if meas > 0 else float("inf")
-        print(f"{name:16} {est:12.0f}      {meas:12.0f}        {ratio:6.2f}")
+        export_onnx(version_dir, checks=1)
+        for backend in ("torch", "onnxruntime"):
+            out = subprocess.run([sys.executable, "-c", MEASURE, str(version_dir), backend], capture_output=True,
+                                 text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            est, meas = r["estimate"] * 1e6 / (1 << 20), r["measured"] * 1e6 / (1 << 20)
+            ratio = est / meas if meas > 0 else float("inf")
+            print(f"{name:16} {backend:12} {est:12.0f}      {meas:12.0f}        {ratio:6.2f}")
 
 
 def _hostile(image_png: bytes) -> dict[str, bytes]:

@@ -314,6 +314,23 @@ def test_a_loaded_version_has_its_memory_measured(repo, backend):
     assert lm.engine.bytes_per_pixel > 1.0  # measured (1.0 is the floor; 0 admitted any size before)
 
 
+def test_an_onnx_versions_memory_does_not_depend_on_earlier_traffic(repo):
+    """The onnxruntime backend measured the growth of the process's resident memory over one pass: after
+    traffic the allocator reuses freed memory, nothing grows, and a version loaded then (a reload, a new
+    version found by the poll) measured the floor of 1 byte per pixel, so admission let any image in."""
+    version_dir = repo / "plain" / "1"
+    manifest = read_manifest(version_dir)
+    first = OnnxRuntimeBackend.for_manifest(version_dir, manifest, CPU)
+    before = first.measure_memory()
+    for side in (1024, 1536, 1024):  # traffic: large passes whose memory is freed and kept by the allocator
+        first.forward(first.probe_input(side))
+    again = [OnnxRuntimeBackend.for_manifest(version_dir, manifest, CPU).measure_memory() for _ in range(3)]
+    assert again == [before] * 3
+    # the same order as the torch backend's count of the same network's layer outputs
+    eager = TorchBackend.for_manifest(*load_artifact(version_dir), CPU).measure_memory()
+    assert eager / 2 <= before <= eager * 4, (before, eager)
+
+
 def test_training_validation_runs_the_same_backend(repo):
     """The trainer's evaluate() takes a backend: same padding and crop as serving."""
     from torch.utils.data import DataLoader, TensorDataset

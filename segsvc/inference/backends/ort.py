@@ -16,7 +16,7 @@ import os
 import stat
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,27 +28,57 @@ from segsvc.models.artifact import Manifest, open_version_file
 
 log = logging.getLogger(__name__)
 
-# Used when the peak resident memory cannot be read (no /proc): generous, so admission errs on the safe side.
+# Used when the graph's live tensors cannot be counted: generous, so admission errs on the safe side.
 FALLBACK_BYTES_PER_PIXEL = 4096.0
+# ONNX Runtime's memory beyond the node outputs alive at once: its CPU arena grows in powers of two, the
+# kernels' own buffers (checked against the peak RSS of real passes by ``bench/bench_hardening.py``).
+ORT_WORKSPACE_FACTOR = 2.5
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"/proc/self/status has no {field}")
+def peak_live_tensors(data: bytes, probe: np.ndarray) -> int | None:
+    """The most bytes of node outputs alive at once when the graph ``data`` runs on ``probe``: each output
+    counted from the node that makes it until its last reader has run (the graph's outputs to the end).
 
+    The tensors' sizes come from ONNX Runtime, which runs a copy of the graph that returns every node output
+    (unoptimised, so each output exists). Like the torch backend's layer-output count, this depends on the
+    graph and the input alone: the process's resident memory, which an earlier measurement used, does not
+    grow when the allocator reuses memory earlier traffic freed, and a version loaded after traffic then
+    measured the floor of 1 byte per pixel. ``None`` for a graph this cannot run (subgraphs are not followed).
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import shape_inference
 
-def peak_rss_growth(run: Callable[[], object]) -> int | None:
-    """Bytes the process's peak resident set grew by during ``run()``; ``None`` where Linux's
-    ``/proc/self/clear_refs`` (which resets the peak) is not available."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _status_kib("VmRSS")
-        run()
-        return max(_status_kib("VmHWM") - before, 0) * 1024
-    except OSError:
+        model = onnx.load_model_from_string(data)
+        typed = shape_inference.infer_shapes(model).graph
+        known = {v.name: v for v in [*typed.value_info, *typed.output]}
+        nodes = list(model.graph.node)
+        finals = {o.name for o in model.graph.output}
+        made = [name for node in nodes for name in node.output if name]
+        for name in made:
+            if name not in finals:
+                if name not in known:
+                    return None
+                model.graph.output.append(known[name])
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        values = session.run(None, {session.get_inputs()[0].name: probe})
+    except Exception:  # onnx and onnxruntime raise their own exception types
+        log.warning("cannot count the live tensors of the exported graph", exc_info=True)
         return None
+    size = {out.name: int(np.asarray(value).nbytes) for out, value in zip(session.get_outputs(), values)}
+    last_read = {name: i for i, node in enumerate(nodes) for name in node.input}
+    now = peak = 0
+    for i, node in enumerate(nodes):
+        now += sum(size[name] for name in node.output if name)
+        peak = max(peak, now)
+        now -= sum(size[name] for name in set(node.input)
+                   if name in size and name not in finals and last_read[name] == i)
+    return peak
 
 
 # protobuf's limit on one message: a bigger graph needs external data, which a served export may not have.
@@ -188,6 +218,9 @@ class OnnxRuntimeBackend(Backend):
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.threads = options.intra_op_num_threads
+        # The graph, until ``measure_memory`` has counted its tensors (the loader does so once, at load).
+        self._graph: Path | bytes | None = source
+        self._bytes_per_pixel: float | None = None
 
     @classmethod
     def for_manifest(cls, version_dir: Path, manifest: Manifest, device: torch.device,
@@ -203,10 +236,16 @@ class OnnxRuntimeBackend(Backend):
         return torch.from_numpy(logits)
 
     def measure_memory(self, size: int = 128) -> float:
-        """The growth of the process's peak resident memory over one pass, per input pixel
-        (ONNX Runtime's arena is outside torch's view); a generous constant where it cannot be read."""
-        x = self.probe_input(size)
-        grown = peak_rss_growth(lambda: self.forward(x))
-        if grown is None:
-            return FALLBACK_BYTES_PER_PIXEL
-        return max(grown / (x.shape[-2] * x.shape[-1]), 1.0)
+        """Bytes per input pixel of one pass: the node outputs alive at once (``peak_live_tensors``) times
+        ``ORT_WORKSPACE_FACTOR``; a generous constant for a graph whose tensors cannot be counted.
+
+        Counted once, at the first call: the graph's bytes are then let go, and later calls return that count.
+        """
+        if self._bytes_per_pixel is None:
+            x = self.probe_input(size)
+            graph, self._graph = self._graph, None
+            data = graph.read_bytes() if isinstance(graph, Path) else graph
+            live = peak_live_tensors(data, x.numpy()) if data is not None else None
+            self._bytes_per_pixel = (FALLBACK_BYTES_PER_PIXEL if live is None
+                                     else max(live * ORT_WORKSPACE_FACTOR / (x.shape[-2] * x.shape[-1]), 1.0))
+        return self._bytes_per_pixel
