@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Callable
 
@@ -220,10 +221,27 @@ def _not_done(job):  # type: ignore[no-untyped-def]
     return None if status.done_flag else status
 
 
+def _fetch_again(job_id: str, args: argparse.Namespace) -> str:
+    """The command line of this fetch, connection flags included, for the user to run again."""
+    flags = [f"--server {shlex.quote(args.server)}", f"--out {shlex.quote(str(args.out))}"]
+    flags += ["--tls"] if args.tls else []
+    flags += [f"--{name.replace('_', '-')} {shlex.quote(value)}"
+              for name in ("tls_ca", "token_file") if (value := getattr(args, name))]
+    return f"segsvc jobs fetch {job_id} {' '.join(flags)}"
+
+
 def _fetch(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from segsvc.downloads import StreamLost
+
     job = client.job(args.job)
     running = _not_done(job)  # as the fetch begins: a job still running has written only some of its files
-    files = job.fetch(args.out, progress=args.progress)
+    try:
+        files = job.fetch(args.out, progress=args.progress)
+    except StreamLost as lost:  # the server died ("Stream removed (Socket closed)") or a stopping one cancelled it
+        written = lost.written
+        raise Unavailable(f"lost the server at {args.server} while fetching job {job.id}; {written} whole "
+                          f"{'file is' if written == 1 else 'files are'} in {args.out}: run "
+                          f"`{_fetch_again(job.id, args)}` again when the server is back to fetch the rest") from None
     if not files:
         raise SegsvcError(f"job {args.job} has no output files" + (" yet" if running else ""))
     print(f"fetched {len(files)} files into {args.out}")

@@ -4,7 +4,8 @@ Each file is written under a temporary name beside its final one, fsynced and re
 changed are synced before ``download`` returns. A name the server sends is confined to the folder
 (symlinks included), a file sent twice is refused, and what a killed download left is removed by the
 next. A server that goes quiet for ``idle_timeout_s`` (ten times that before its first chunk) ends the
-download with ``DeadlineExceeded``.
+download with ``DeadlineExceeded``; a stream the server broke (it died, or stopped) with ``StreamLost``, which
+says how many whole files are in.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Iterable, Iterator
 
 import grpc
 
-from segsvc.errors import DeadlineExceeded, InvalidArgument
+from segsvc.errors import Cancelled, DeadlineExceeded, InvalidArgument, Unavailable
 from segsvc.files import fsync_folder
 from segsvc.progress import progress_bar
 from segsvc.v1 import jobs_pb2 as jobs_pb
@@ -30,6 +31,15 @@ _TEMP_SUFFIX = re.compile(r"[0-9a-f]{12}")  # of a download's temporary: .<name>
 # The first chunk may wait this many idle limits: the server lists the job's outputs before it sends one (minutes
 # for millions of files on slow storage), yet a connection that died before then must not hang the fetch for ever.
 FIRST_WAIT_FACTOR = 10
+
+
+class StreamLost(Unavailable):
+    """The server broke the stream (it died: "Stream removed", or a stopping one cancelled it) after ``written``
+    whole files were in; the file in progress was removed, so fetching again gets the rest."""
+
+    def __init__(self, message: str, written: int) -> None:
+        super().__init__(message)
+        self.written = written
 
 
 def download(stream: Iterable[jobs_pb.FileChunk], dest: str | os.PathLike, progress: bool = False,
@@ -85,7 +95,10 @@ def download(stream: Iterable[jobs_pb.FileChunk], dest: str | os.PathLike, progr
             where = f" while {current.name!r} was at {current.size} bytes" if current is not None else ""
             raise DeadlineExceeded(f"the server sent nothing for {watchdog.fired:g} s{where}; {len(written)} whole "
                                    "files are in: fetch again for the rest") from None
-        raise error_from_rpc(exc) from None
+        error = error_from_rpc(exc)
+        if isinstance(error, (Unavailable, Cancelled)):
+            raise StreamLost(str(error), len(written)) from None
+        raise error from None
     finally:
         watchdog.stop()
         if not ended and callable(getattr(stream, "cancel", None)):

@@ -184,20 +184,52 @@ def _inside(real_root: Path, real: Path) -> bool:
     return real == real_root or real.is_relative_to(real_root)
 
 
-def confine(real_root: Path, path: str | Path, shown: str, *, what: str) -> Path:
+def confine(real_root: Path, path: str | Path, shown: str, *, what: str, symlink: str | None = None) -> Path:
     """Resolve ``path`` (relative paths: below the root) through every symlink; refuse escapes.
 
-    The answer holds when it is given: a reader that opens the result later opens it
-    with ``segsvc.files.open_beneath``, which refuses a symlink swapped in since.
+    ``what`` and ``shown`` name the input in messages ("input", its spec); ``symlink`` names ``path`` when it is a
+    symlink a walk reached, below the input. The answer holds when it is given: a reader that opens the result
+    later opens it with ``segsvc.files.open_beneath``, which refuses a symlink swapped in since.
     """
+    subject = f"{what} {shown!r}" + (f" reaches the symlink {symlink!r}, which" if symlink is not None else "")
     try:
         real = Path(os.path.realpath(real_root / path))
     except OSError as exc:  # a link that vanished while it was being read (the tree changing meanwhile)
-        raise InvalidArgument(f"{what} {shown!r} changed while it was resolved: "
+        raise InvalidArgument(f"{subject} changed while it was resolved: "
                               f"{exc.strerror or type(exc).__name__}") from None
     if not _inside(real_root, real):
-        raise PathOutsideRoot(f"{what} {shown!r} resolves outside the data root (a symlink leads out)")
+        raise PathOutsideRoot(_leads_out(real_root, path, shown, what=what, symlink=symlink))
     return real
+
+
+def _leads_out(real_root: Path, path: str | Path, shown: str, *, what: str, symlink: str | None) -> str:
+    """The refusal of an input that resolves outside the root, naming the symlink that leads out: ``symlink``
+    (the one a walk reached), else the first on ``path``."""
+    link = symlink if symlink is not None else _first_link_out(real_root, path)
+    if link is None:  # the tree changed meanwhile: no link on the path leads out any more
+        return f"{what} {shown!r} leads outside the data root through a symlink"
+    if link == shown and symlink is None:
+        return f"{what} {shown!r} is a symlink that leads outside the data root"
+    return f"{what} {shown!r} reaches the symlink {link!r}, which leads outside the data root"
+
+
+def _first_link_out(real_root: Path, path: str | Path) -> str | None:
+    """The first leading part of ``path`` (below the root) that is a symlink resolving outside the root, as a
+    POSIX path relative to it; None if there is none (now)."""
+    given = Path(path)
+    if given.is_absolute():
+        if not given.is_relative_to(real_root):
+            return None
+        given = given.relative_to(real_root)
+    parts = [part for part in given.parts if part != "."]
+    for n in range(1, len(parts) + 1):
+        prefix = real_root.joinpath(*parts[:n])
+        try:
+            if os.path.islink(prefix) and not _inside(real_root, Path(os.path.realpath(prefix))):
+                return posixpath.join(*parts[:n])
+        except OSError:
+            return None
+    return None
 
 
 def _keep_images(parts: tuple[str, ...], is_dir: bool) -> tuple[bool, bool]:
@@ -234,7 +266,7 @@ def _walk(real_root: Path, start: Path, start_rel: str, shown: str, want: _Want,
             sub = (*parts, entry.name)
             rel = _join(start_rel, sub)
             if entry.is_symlink():
-                real = confine(real_root, entry.path, rel, what=f"input {shown!r} reaches symlink")
+                real = confine(real_root, entry.path, shown, what="input", symlink=rel)
             else:
                 real = Path(entry.path)
             if descend and is_dir and real not in visited:
