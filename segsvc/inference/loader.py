@@ -7,6 +7,15 @@ fingerprint (see ``status.LoadRecord``).
 
 ``ManagerConfig`` (what is loaded and how) lives here too, next to the code it
 configures; ``segsvc.inference.manager`` re-exports it.
+
+Each ``LoadedModel`` remembers the identity of the files it was built from
+(``Files``: device, inode, size, mtime and ctime of each entry of its version
+directory, taken before they are read). A load of a version already loaded
+asks ``VersionLoader.unchanged``: the manifest is read and checked again, and
+the files compared by identity, not hashed again: a file overwritten in place
+changes its mtime and ctime, one renamed over it its inode, and a ``touch``
+that puts the old mtime back still changes the ctime. Only a version that
+changed is built again (its SHA-256s checked as at its first load).
 """
 
 from __future__ import annotations
@@ -14,23 +23,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from segsvc.errors import InvalidArgument, PathOutsideRoot, SegsvcError
+from segsvc.errors import ArtifactError, InvalidArgument, PathOutsideRoot, SegsvcError
 from segsvc.inference.backends import open_backend
 from segsvc.inference.batcher import BatchingConfig, DynamicBatcher
 from segsvc.inference.engine import Engine, EngineConfig
 from segsvc.inference.predictor import Predictor
-from segsvc.inference.repository import ModelRepository, VersionEntry
+from segsvc.inference.repository import ModelRepository, VersionEntry, check_manifest
 from segsvc.inference.statistics import VersionStatistics
 from segsvc.inference.status import LoadRecord
 from segsvc.models.artifact import Manifest, check_name
 
 log = logging.getLogger("segsvc.inference.manager")  # load/unload lines keep the logger they always had
+
+# (entry name, st_dev, st_ino, size in bytes, mtime in ns, ctime in ns) of every entry of a version directory
+Files = tuple[tuple[str, int, int, int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -66,7 +79,7 @@ class LoadedModel:
     """One model version in memory: manifest, engine, batcher, what it has served, and the leases held on it."""
 
     def __init__(self, name: str, version: int, engine: Engine, batcher: DynamicBatcher, auto: bool,
-                 stats: VersionStatistics | None = None) -> None:
+                 stats: VersionStatistics | None = None, files: Files = ()) -> None:
         self.name = name
         self.version = version
         self.engine = engine
@@ -74,6 +87,7 @@ class LoadedModel:
         self.batcher = batcher
         self.auto = auto
         self.stats = stats or VersionStatistics()
+        self.files = files  # what it was built from, taken before reading them (``VersionLoader.unchanged``)
         self.loaded_at = time.time()
         self.active = 0
         self._idle = asyncio.Event()
@@ -146,7 +160,7 @@ class VersionLoader:
             if entry.problem:
                 raise PathOutsideRoot(entry.problem)
             with self.record.loading(name, v):
-                engine = await asyncio.to_thread(self._build_engine, name, v)
+                files, engine = await asyncio.to_thread(self._build_identified, name, v)
         except Exception as exc:
             text = str(exc) if isinstance(exc, SegsvcError) else f"{type(exc).__name__}: {exc}"
             reason = self.repository.redact(text)
@@ -164,7 +178,7 @@ class VersionLoader:
             name=f"{name}:{v}",
             on_batch=self._batch_hook(name, v),
         )
-        lm = LoadedModel(name, v, engine, batcher, auto=auto, stats=stats)
+        lm = LoadedModel(name, v, engine, batcher, auto=auto, stats=stats, files=files)
         batcher.start()
         self.record.loaded(name, v)
         log.info(
@@ -182,6 +196,44 @@ class VersionLoader:
             return await asyncio.to_thread(self.repository.read_manifest, name, version)
         except (SegsvcError, OSError):
             return None
+
+    async def unchanged(self, lm: LoadedModel) -> bool:
+        """Whether ``lm``'s version on disk is still what it was built from: its manifest, read and checked as a
+        load reads it, is the same, and so is every file's identity (``Files``). False too when the version no
+        longer reads: building it again then fails as a first load would, and records why."""
+        def same() -> bool:
+            files = self._files(lm.name, lm.version)
+            manifest = self.repository.read_manifest(lm.name, lm.version)
+            check_manifest(lm.name, lm.version, manifest)
+            return files == lm.files and manifest == lm.manifest
+
+        try:
+            return await asyncio.to_thread(same)
+        except (SegsvcError, OSError):
+            return False
+
+    def _files(self, name: str, version: int) -> Files:
+        """The identity of every entry of the version's directory (a symlink inside the root: its target's)."""
+        path = self.repository.version_dir(name, version)
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as exc:
+            raise ArtifactError(f"{self.repository.relative(path)} cannot be read "
+                                f"({exc.strerror or type(exc).__name__})") from None
+        out = []
+        for entry in names:
+            try:
+                st = os.stat(path / entry)
+            except OSError:  # deleted since listdir, or a dangling symlink: the build says what is wrong
+                out.append((entry, -1, -1, -1, -1, -1))
+                continue
+            out.append((entry, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(out)
+
+    def _build_identified(self, name: str, version: int) -> tuple[Files, Engine]:
+        # identified before the files are read: one changed during the build differs at the next load, and loads again
+        files = self._files(name, version)
+        return files, self._build_engine(name, version)
 
     def _build_engine(self, name: str, version: int) -> Engine:
         backend, manifest = open_backend(self.repository, name, version, self.device, self.engine_config)

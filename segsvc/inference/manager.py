@@ -45,6 +45,17 @@ gets its result or its error (one build, never two side by side). A build that
 fails installs nothing; ``stop`` cancels the loads in flight, so none installs
 a version into a stopped manager.
 
+A ``load`` of a version already loaded is a reload, as in Triton: the
+version's manifest is read and checked again and its files compared with
+those it was built from (``VersionLoader.unchanged``; no hashing when nothing
+changed, and the loaded instance stays). A version whose files changed (an
+export written again, new weights) is built beside the loaded one and swapped
+in like a new version: one assignment, then the old instance retires as a
+replaced version does. A build that fails leaves the old instance serving, is
+recorded like any failed load, and is raised to the caller. ``load(name)``
+reloads every version of the model that is loaded (and on disk), besides
+loading its newest; ``retain`` and the poller never reload.
+
 "The latest" is the newest version that *loads*: a corrupt or half-copied
 newest version is recorded as failed (with its reason, reported by
 ``describe``, ``failed_versions`` and ``model_health``) and the next older one
@@ -296,9 +307,9 @@ class ModelManager:
         async with self._model_lock(name):
             try:
                 if version is None:
-                    lm = await self._follow(name, retry_unchanged=True)
+                    lm = await self._follow(name, retry_unchanged=True, reload=True)
                 else:
-                    lm = await self._load_version(name, version)
+                    lm = await self._load_version(name, version, reload=True)
                     lm.auto = False  # asked for by number: keep it until unloaded
                 self._unloaded_models.discard(name)  # loaded again: the poller follows it again
                 self._unloaded_versions.pop(name, None)
@@ -306,27 +317,47 @@ class ModelManager:
             finally:
                 self._changed()  # loaded, or a failure recorded: health and status follow
 
-    async def _load_version(self, name: str, version: int) -> LoadedModel:
-        """``name:version``, loaded now (automatic) unless it already is. Call with the model's lock held."""
+    async def _load_version(self, name: str, version: int, reload: bool = False) -> LoadedModel:
+        """``name:version``, loaded now (automatic) unless it already is; with ``reload``, a loaded one is
+        loaded again if its files changed (``_reload``). Call with the model's lock held."""
         lm = (self._models.get(name) or {}).get(version)
-        if lm is not None:
+        if lm is not None and not reload:
             return lm
         entries = await self.loader.scan(name)
         entry = next((e for e in entries if e.version == version), None)
-        if entry is None:
+        if entry is None:  # a loaded one whose files are gone keeps serving; the caller learns why it was not reloaded
             versions = [e.version for e in entries if not e.problem]
             raise UnknownVersion(f"model {name!r} has no version {version}; versions: {versions}")
+        if lm is not None:
+            return await self._reload(name, entry, lm)
         return await self._install(name, entry, auto=True)
 
-    async def _follow(self, name: str, retry_unchanged: bool) -> LoadedModel:
+    async def _follow(self, name: str, retry_unchanged: bool, reload: bool = False) -> LoadedModel:
         """Scan, then follow the DEFAULT pointer and load the newest version that loads; call with the lock held.
 
         The pointer is read after the scan: a job that pins DEFAULT and then publishes a version
-        (a gate-rejected candidate) is seen with its pointer whenever its version is seen.
+        (a gate-rejected candidate) is seen with its pointer whenever its version is seen. With ``reload``
+        (``load``), the versions that were loaded already and are still are then loaded again where their files
+        changed, newest first; the first that fails is raised once every one was tried (each keeps serving).
         """
         entries = await self.loader.scan(name)
+        before = self._models.get(name) or {}
         await self._sync_default(name, entries, retry_unchanged)
-        return await self._load_newest(name, entries, retry_unchanged)
+        chosen = await self._load_newest(name, entries, retry_unchanged)
+        if not reload:
+            return chosen
+        failure: Exception | None = None
+        for entry in reversed(entries):
+            old = before.get(entry.version)
+            if old is None or (self._models.get(name) or {}).get(entry.version) is not old:
+                continue  # not loaded before this call, or gone or replaced since
+            try:
+                await self._reload(name, entry, old)
+            except Exception as exc:  # recorded and logged; the old instance serves on
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return (self._models.get(name) or {}).get(chosen.version, chosen)
 
     async def _load_newest(self, name: str, entries: list[VersionEntry], retry_unchanged: bool) -> LoadedModel:
         """The newest of ``entries`` that loads (already loaded, or loaded now); call with the model's lock held.
@@ -369,6 +400,30 @@ class ModelManager:
         """Build one version and put it in the table (a failure is recorded by the loader and re-raised)."""
         lm = await self.loader.build(name, entry, auto)
         self._models = {**self._models, name: {**(self._models.get(name) or {}), entry.version: lm}}
+        return lm
+
+    async def _reload(self, name: str, entry: VersionEntry, old: LoadedModel) -> LoadedModel:
+        """``old`` loaded again from ``entry`` when its files changed since it was built, else ``old`` itself.
+
+        The new instance is built beside ``old`` and swapped in with one assignment; ``old`` retires as a
+        replaced version does (requests holding it finish on it, its queue drains). A build that fails
+        installs nothing: ``old`` serves on and the error (recorded by the loader) is raised. Call with the
+        model's lock held.
+        """
+        if await self.loader.unchanged(old):
+            return old
+        log.info("model %s: version %d changed on disk; loading it again", name, entry.version)
+        try:
+            lm = await self.loader.build(name, entry, old.auto)
+        except Exception:
+            log.warning("model %s: version %d was not loaded again; the instance loaded before serves on",
+                        name, entry.version)
+            raise
+        table = self._models.get(name) or {}
+        self._models = {**self._models, name: {**table, entry.version: lm}}
+        if table.get(entry.version) is old:  # else it went during the build (released after an unload)
+            log.info("model %s: version %d loaded again; draining the instance it replaces", name, entry.version)
+            self._start_retiring(old)
         return lm
 
     def _retire_older_auto(self, name: str, newest: int) -> None:
