@@ -9,6 +9,13 @@ Masks come in three encodings, all returned as an ``H x W`` array of ids:
 single-channel class-id PNGs (CamVid, ISBI), palette-index PNGs (Pascal VOC:
 the pixel values *are* the ids, the palette only colours them) and RGB colour
 PNGs, which are mapped back to ids through a palette.
+
+Images and masks are returned upright, as image viewers show them: the EXIF
+orientation of a JPEG (APP1 Exif), a PNG (eXIf) or a WebP (EXIF chunk) is
+applied after decoding (``segsvc.data.orientation``), and
+OpenCV's TIFF decoder applies a TIFF's Orientation tag itself. The server's
+decoder (``segsvc.inference.codec.decode_image``) reads the orientation with
+the same function, so a phone photo, its annotation and what serving sees line up.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Mapping, Sequence
 import cv2
 import numpy as np
 
+from segsvc.data.orientation import apply_orientation, exif_orientation
 from segsvc.errors import DatasetError, InvalidImage, NotFound
 
 RGB = tuple[int, int, int]
@@ -31,7 +39,6 @@ _PNG_PALETTE_COLOUR_TYPE = 3
 _JPEG_SOI, _JPEG_SOS, _JPEG_EOI = b"\xff\xd8", b"\xff\xda", b"\xff\xd9"
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
 
 def read_bytes(path: str | Path) -> bytes:
     """Return the file's bytes, raising ``NotFound`` (missing) or ``InvalidImage`` (empty)."""
@@ -75,7 +82,8 @@ def _decode(path: Path, data: bytes, flags: int, error: type[Exception]) -> np.n
         raise error(f"{path}: OpenCV cannot decode it (failed check: {reason})") from None
     if array is None or array.size == 0:
         raise error(f"{path}: not a decodable image ({len(data)} bytes, starts with {data[:8]!r})")
-    return array
+    # IMREAD_UNCHANGED keeps depth and alpha but skips EXIF (OpenCV turns TIFFs in their decoder): turned here.
+    return apply_orientation(array, exif_orientation(data))
 
 
 def _to_rgb_or_grey(array: np.ndarray) -> np.ndarray:
@@ -104,7 +112,8 @@ def read_image(path: str | Path, channels: int | None = None) -> np.ndarray:
 
     Args:
         path: any format OpenCV decodes (PNG, JPEG, BMP, TIFF...). 16-bit
-            images keep their 8 most significant bits, as the server decodes them.
+            images keep their 8 most significant bits, and an EXIF orientation
+            turns them upright, as the server decodes them.
         channels: ``None`` keeps the file's own layout (grey stays ``H x W``);
             ``3`` always returns RGB (grey repeated); ``1`` always returns grey
             ``H x W`` (RGB converted to luminance).
@@ -143,27 +152,30 @@ def _png_grey_bits(data: bytes) -> int | None:
 
 
 def _read_palette_indices(path: Path, data: bytes) -> np.ndarray:
-    """Palette-index PNG -> its indices (OpenCV would expand them to colours)."""
+    """Palette-index PNG -> its indices (OpenCV would expand them to colours), upright as ``_decode`` turns them."""
     from PIL import Image  # Pillow ships with torchvision; only VOC-style masks need it
 
     try:
         with Image.open(_io.BytesIO(data)) as im:
             if im.mode != "P":
                 raise DatasetError(f"{path}: palette PNG decoded as mode {im.mode}, expected P")
-            return np.array(im, dtype=np.uint8)
+            indices = np.array(im, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DatasetError(f"{path}: palette mask is larger than Pillow's decoding limit ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow says "broken PNG file" with a SyntaxError
         raise DatasetError(f"{path}: cannot decode palette PNG ({exc})") from None
+    return apply_orientation(indices, exif_orientation(data))
 
 
 MASK_ENCODINGS = ("auto", "ids", "rgb")
 
 
 def read_label_file(path: str | Path, encoding: str = "auto") -> np.ndarray:
-    """Read a mask file as stored: ``H x W`` ids (uint8/uint16) or ``H x W x 3`` RGB colours.
+    """Read a mask file's labels: ``H x W`` ids (uint8/uint16) or ``H x W x 3`` RGB colours.
 
-    Palette-index PNGs return their indices. Readers that know the dataset's
+    Palette-index PNGs return their indices. A mask whose file declares an EXIF
+    orientation is turned upright like an image (``read_image``), so it lines up
+    with the image as viewers show both. Readers that know the dataset's
     palette map RGB colours with ``colors_to_ids``.
 
     Args:

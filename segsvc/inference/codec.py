@@ -12,6 +12,12 @@ rest. Only the formats the service documents are accepted (PNG, JPEG, TIFF,
 BMP, WebP); anything else is refused by name. Arrays are RGB (or single-channel
 grey) ``H x W [x C]`` uint8, like everywhere else in segsvc.
 
+Images come out upright, as viewers show them, so a label map lines up with the
+photo its user sees: OpenCV's TIFF decoder applies a TIFF's Orientation tag, and
+the EXIF orientation of a JPEG, PNG or WebP (which ``IMREAD_UNCHANGED`` and Pillow
+leave as stored) is applied here after decoding, with the function training's
+reader uses (``segsvc.data.io``). The header check reports the upright size.
+
 PNG goes to Pillow because its decoder stops inflating at the last row the
 header declares. libpng (OpenCV's) inflates the rest of the stream to its end,
 discarding it: a zlib bomb of 4 MiB behind a 24x24 image costs it about 8 s.
@@ -30,7 +36,7 @@ Example:
     >>> import numpy as np
     >>> png = encode_png(np.zeros((4, 6, 3), np.uint8))
     >>> image_header(png)
-    ImageHeader(format='png', width=6, height=4)
+    ImageHeader(format='png', width=6, height=4, orientation=1)
     >>> decode_image(png, max_pixels=100).shape
     (4, 6, 3)
 """
@@ -45,6 +51,7 @@ import cv2
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from segsvc.data.orientation import apply_orientation
 from segsvc.errors import ImageTooLarge, InvalidArgument, InvalidImage
 from segsvc.inference.containers import (  # noqa: F401  (limits re-exported for callers of codec)
     MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS, MAX_PNG_CHUNKS, MAX_TIFF_ENTRIES, MAX_TIFF_TILE_PIXELS, MAX_WEBP_CHUNKS,
@@ -75,7 +82,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
     The container is checked (``image_header``), then the size against
     ``max_pixels``, before Pillow (PNG) or OpenCV (the rest) decodes. 16-bit
-    images keep their 8 most significant bits; alpha is dropped.
+    images keep their 8 most significant bits; alpha is dropped. The image is
+    turned upright as its EXIF orientation (TIFF: Orientation tag) says.
 
     Raises:
         InvalidImage: not a supported format, a malformed container, or the
@@ -87,7 +95,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     check_pixels(header.height, header.width, max_pixels)
     if png_pixels is not None:
         check_png_crc(data, png_pixels)
-        return _decode_png(data)
+        return apply_orientation(_decode_png(data), header.orientation)
     name = header.format.upper()
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
@@ -95,6 +103,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         image = None
     if image is None or image.size == 0:
         raise InvalidImage(f"{name} data could not be decoded (corrupt or truncated)")
+    if header.format != "tiff":  # OpenCV's TIFF decoder has turned it already
+        image = apply_orientation(image, header.orientation)
     if image.shape[0] != header.height or image.shape[1] != header.width:
         raise InvalidImage(
             f"{name} header says {header.width}x{header.height} but it decodes to {image.shape[1]}x{image.shape[0]}"

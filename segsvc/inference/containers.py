@@ -7,8 +7,11 @@ tile offsets, the BMP and WebP headers) and refuses a declared size the bytes
 cannot hold, naming it, and TIFF samples the codec would refuse once decoded
 (over 16 bits, signed, float).
 ``check_png_crc`` checks the CRCs of a PNG's pixel chunks, which its decoder
-does not. NumPy and the standard library only: the decoding itself is
-``codec.decode_image``'s.
+does not. The sizes reported are the upright image's, the one viewers show and
+``codec.decode_image`` returns: a TIFF's Orientation tag, or the EXIF
+orientation of a JPEG, PNG or WebP (read by ``segsvc.data.orientation.exif_orientation``,
+which training's reader shares), swaps width and height when it turns the image
+by a quarter. No decoding here: that is ``codec.decode_image``'s.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from segsvc.data.orientation import TRANSPOSED_ORIENTATIONS, exif_orientation
 from segsvc.errors import InvalidImage
 
 # Walking a container is a Python loop; these bound it (64 MiB of 12-byte PNG
@@ -40,12 +44,16 @@ MAX_TIFF_TILE_PIXELS = 1 << 20
 
 @dataclass(frozen=True)
 class ImageHeader:
-    """Format and size of an encoded image, read from its header alone: the size it decodes to (a TIFF
-    whose Orientation tag turns it by a quarter has its stored sides swapped)."""
+    """Format and size of an encoded image, read from its header alone: the size it decodes to, upright.
+
+    ``orientation`` is the EXIF orientation the file declares (1 to 8; 1 when none): 5 to 8 turn the image
+    by a quarter, so ``width`` and ``height`` are its stored sides swapped.
+    """
 
     format: str
     width: int
     height: int
+    orientation: int = 1
 
 
 @dataclass(frozen=True)
@@ -74,21 +82,29 @@ def inspect(data: bytes) -> tuple[ImageHeader, PngPixels | None]:
     head = data[:16]
     try:
         if head.startswith(_PNG_SIGNATURE):
-            return _png_header(data)
+            header, pixels = _png_header(data)
+            return _upright(header, exif_orientation(data)), pixels
         if head.startswith(b"\xff\xd8"):
-            return _jpeg_header(data), None
+            return _upright(_jpeg_header(data), exif_orientation(data)), None
         if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
             return _tiff_header(data), None
         if head.startswith(b"BM"):
             return _bmp_header(data), None
         if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-            return _webp_header(data), None
+            return _upright(_webp_header(data), exif_orientation(data)), None
     except (struct.error, IndexError):  # a field read past the end that no explicit check caught
         raise InvalidImage("image header is truncated or corrupt") from None
     raise InvalidImage(
         f"unsupported or undecodable image data (starts with {head[:8].hex()}); "
         "send PNG, JPEG, TIFF, BMP or WebP bytes, or a raw tensor"
     )
+
+
+def _upright(stored: ImageHeader, orientation: int) -> ImageHeader:
+    """The header of the image turned as ``orientation`` says (a stored size, checked, comes in)."""
+    if orientation in TRANSPOSED_ORIENTATIONS:
+        return ImageHeader(stored.format, stored.height, stored.width, orientation)
+    return ImageHeader(stored.format, stored.width, stored.height, orientation)
 
 
 # -- PNG ------------------------------------------------------------------------------
@@ -245,7 +261,6 @@ _TIFF_TAGS = {
     274: "Orientation", 277: "SamplesPerPixel", 279: "StripByteCounts", 322: "TileWidth", 323: "TileLength",
     324: "TileOffsets", 325: "TileByteCounts", 339: "SampleFormat",
 }
-_TIFF_TRANSPOSED = (5, 6, 7, 8)  # Orientation values whose stored rows are the image's columns
 _TIFF_NOT_A_PAGE = 0b101  # NewSubfileType bits: a reduced-resolution copy (thumbnail), a transparency mask
 # The decoders read the first frame of a stack, an animation or a multi-page file and drop the rest in silence.
 _ONE_FRAME = "segsvc segments one image per input; send each page or frame as an image of its own"
@@ -317,9 +332,8 @@ def _tiff_header(data: bytes) -> ImageHeader:
         _tiff_check_blocks(n, "strip", tags.get(273), tags.get(279))
     (following,) = struct.unpack_from(endian + ("Q" if big else "I"), data, entries + count * entry_size)
     _tiff_check_single_page(data, endian, big, following)
-    if first_value(274, 1) in _TIFF_TRANSPOSED:  # OpenCV turns the image upright: its sides swap
-        return ImageHeader("tiff", height, width)
-    return ImageHeader("tiff", width, height)
+    orientation = first_value(274, 1)  # OpenCV's TIFF decoder turns the image upright itself
+    return _upright(ImageHeader("tiff", width, height), orientation if 1 <= orientation <= 8 else 1)
 
 
 def _tiff_check_single_page(data: bytes, endian: str, big: bool, ifd: int) -> None:

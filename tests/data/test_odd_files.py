@@ -27,21 +27,22 @@ def _dataset(root: Path) -> Path:
     return root
 
 
-def test_exif_orientation_is_ignored_like_the_mask(tmp_path: Path) -> None:
-    """Stored pixels are read as they are (as the serving codec does), so image and mask agree."""
+def test_exif_orientation_turns_the_image_upright_like_its_mask(tmp_path: Path) -> None:
+    """An image is read as viewers show it (as the serving codec decodes it), so it lines up with the mask
+    drawn on it (tests/data/test_exif_orientation_io.py covers every orientation)."""
     root = _dataset(tmp_path / "ds")
     pixels = np.zeros((32, 32, 3), np.uint8)
-    pixels[:8, :] = 255  # bright top rows as stored
+    pixels[:8, :] = 255  # bright top rows as stored: the right-hand columns once turned
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
     Image.fromarray(pixels).save(root / "images" / "a.jpg", exif=exif.tobytes(), quality=100)
     mask = np.zeros((32, 32), np.uint8)
-    mask[:8, :] = 1
+    mask[:, -8:] = 1  # drawn on the upright image
     Image.fromarray(mask).save(root / "masks" / "a.png")
     image = read_image(root / "images" / "a.jpg")
-    bright_rows = np.flatnonzero(image.mean(axis=(1, 2)) > 128)
-    mask_rows = np.flatnonzero(read_label_file(root / "masks" / "a.png").any(axis=1))
-    assert list(bright_rows) == list(mask_rows) == list(range(8))
+    bright_columns = np.flatnonzero(image.mean(axis=(0, 2)) > 128)
+    mask_columns = np.flatnonzero(read_label_file(root / "masks" / "a.png").any(axis=0))
+    assert list(bright_columns) == list(mask_columns) == list(range(24, 32))
     # the colour behaviour of IMREAD_ANYCOLOR is kept: a grey image stays H x W
     Image.fromarray(mask * 200).save(root / "images" / "g.jpg", exif=exif.tobytes())
     assert read_image(root / "images" / "g.jpg").shape == (32, 32)

@@ -996,7 +996,7 @@ def test_a_tiff_is_decoded_turned_as_its_orientation_tag_says_and_its_header_say
 
     data = _tiff(RGB, replace={274: (3, [orientation])})
     expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
-    assert image_header(data) == codec.ImageHeader("tiff", expected.shape[1], expected.shape[0])
+    assert image_header(data) == codec.ImageHeader("tiff", expected.shape[1], expected.shape[0], orientation)
     assert np.array_equal(decode_image(data), expected)
 
 
