@@ -89,7 +89,7 @@ def _print_validation(validation: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``segsvc export``; returns the exit status (errors raise ``SegsvcError``)."""
     from segsvc.export.onnx import export_onnx, export_steps
-    from segsvc.export.triton import default_out, export_options, export_triton
+    from segsvc.export.triton import check_out, default_out, export_options, export_triton
     from segsvc.inference.repository import ModelRepository, check_manifest
     from segsvc.model_names import parse_model_ref
 
@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     check_manifest(name, version, manifest)
     out = args.out if args.out is not None else default_out(args.repo)
     if args.format == "triton":
+        check_out(out, args.repo)  # a Triton model folder inside a segsvc model's folder confuses both servers
         Path(out).mkdir(parents=True, exist_ok=True)  # an impossible --out fails now, not after the export
     # Options not given are None: --format onnx takes the defaults, --format triton reuses the recorded export
     # unless one that was given differs from it (and a re-export keeps the recorded values of those not given).

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from segsvc.errors import AlreadyExists, ArtifactError
+from segsvc.errors import AlreadyExists, ArtifactError, InvalidArgument
 from segsvc.export import DEFAULT_MAX_BATCH_SIZE, INPUT_NAME, ONNX_FILE, OUTPUT_NAME
 from segsvc.files import fsync_published, fsync_tree, sha256_hex, widen_to_umask
 from segsvc.export.compare import Progress
@@ -110,6 +110,20 @@ def default_out(repo: str | os.PathLike[str]) -> Path:
     """``<repo>-triton``: beside the segsvc repository, never inside it (its scan would see a model)."""
     repo = Path(repo).resolve()
     return repo.parent / f"{repo.name or 'model_repository'}-triton"
+
+
+def check_out(out: str | os.PathLike[str], repo: str | os.PathLike[str]) -> None:
+    """Refuse a Triton repository ``out`` that is the segsvc repository ``repo`` or inside it (symlinks resolved):
+    segsvc's scan would find the Triton files in a model's folder, and tritonserver given ``out`` would read
+    that model's version folders as models.
+
+    Raises:
+        InvalidArgument: ``out`` is ``repo`` or inside it.
+    """
+    real_out, real_repo = Path(out).resolve(), Path(repo).resolve()
+    if real_out == real_repo or real_repo in real_out.parents:
+        raise InvalidArgument(f"--out {out} is inside the segsvc model repository {repo}: write the Triton "
+                              f"repository outside it (default: {default_out(repo)})")
 
 
 def _one_line(text: str) -> str:
@@ -444,11 +458,13 @@ def export_triton(version_dir: str | os.PathLike[str], out: str | os.PathLike[st
         ArtifactError: the version's recorded export does not match its SHA-256.
         ExportError: the version has to be exported and cannot be.
         AlreadyExists: ``out/<model>`` exists and is not a Triton model directory.
+        InvalidArgument: ``out`` is inside the segsvc repository that holds ``version_dir`` (``check_out``).
     """
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
     version_dir = Path(version_dir)
     out = Path(out)
+    check_out(out, version_dir.resolve().parent.parent)  # before anything is made in it
     out.mkdir(parents=True, exist_ok=True)
     given = {"opset": opset, "checks": checks, "tolerance": tolerance, "min_agreement": min_agreement}
     with _repository_lock(out) as locked:

@@ -46,6 +46,10 @@ class Cost:
         tiles: sliding-window tiles (1 without tiling), summed over the TTA scales.
         peak_bytes: estimated peak memory of the request.
         scale: how the largest pass resizes the image (the manifest's scale, times a TTA factor).
+        tiled: the request runs sliding-window tiles (a ``tile_size``), even a single one.
+        full_size_bytes: the part of ``peak_bytes`` that tiling cannot shrink, the least any tile size
+            needs: the image and its outputs, and the per-class logit sums and weights a tiled run
+            accumulates at full size (for an untiled request, what a tiled run of it would hold).
     """
 
     pixels: int
@@ -53,6 +57,8 @@ class Cost:
     tiles: int
     peak_bytes: int
     scale: float = 1.0
+    tiled: bool = False
+    full_size_bytes: int = 0
 
     @property
     def work_pixels(self) -> int:
@@ -89,8 +95,11 @@ def estimate(height: int, width: int, *, tile_size: int, tile_overlap: float, fl
         costs = [at(scaled_size(sh, sw, f), scale * f) for f in tta_scales]
         largest = max(costs, key=lambda c: c.pixels)
         work = sum(c.work_pixels for c in costs)
-        peak = max(c.peak_bytes for c in costs) + sh * sw * num_classes * 4 * 2  # the sum and one resized pass
-        cost = Cost(largest.pixels, -(-work // largest.pixels), sum(c.tiles for c in costs), int(peak), largest.scale)
+        running = sh * sw * num_classes * 4 * 2  # the sum and one resized pass
+        peak = max(c.peak_bytes for c in costs) + running
+        full = max(c.full_size_bytes for c in costs) + running
+        cost = Cost(largest.pixels, -(-work // largest.pixels), sum(c.tiles for c in costs), int(peak), largest.scale,
+                    largest.tiled, int(full))
     return _with_outputs(cost, height * width, num_classes, confidence, label_bytes)
 
 
@@ -105,7 +114,8 @@ def _with_outputs(cost: Cost, pixels: int, num_classes: int, confidence: bool, l
         per_pixel += num_classes * 4 * 2 + 4 + 4 + 1
     if not per_pixel:
         return cost
-    return replace(cost, peak_bytes=cost.peak_bytes + pixels * per_pixel)
+    return replace(cost, peak_bytes=cost.peak_bytes + pixels * per_pixel,
+                   full_size_bytes=cost.full_size_bytes + pixels * per_pixel)
 
 
 def _one_size(out: tuple[int, int], size: tuple[int, int], scale: float, *, tile_size: int, tile_overlap: float,
@@ -117,25 +127,25 @@ def _one_size(out: tuple[int, int], size: tuple[int, int], scale: float, *, tile
     image_bytes = height * width * (channels * 4 + 1)  # float32 input tensor + uint8 labels
     if (height, width) != (out_h, out_w):  # logits resized back, the original image and its labels
         image_bytes += out_h * out_w * (num_classes * 4 + channels + 1)
+    accumulators = height * width * 4 * (num_classes * (flips + 1) + 1)  # tiled: logits sums, weights
     if tile_size and tile_padding == "reflect":
         layout = overlap_tile_layout(height, width, (tile_size, tile_size), tile_overlap, stride, min_size)
         ph, pw = layout.input_size
         in_flight = min(TILE_BATCH, layout.tiles)
         mirrored = (height + ph) * (width + pw) * channels * 4  # the image with its mirrored border
-        accumulators = height * width * 4 * (num_classes * (flips + 1) + 1)
-        peak = bytes_per_pixel * ph * pw * in_flight + accumulators + image_bytes + mirrored
-        return Cost(ph * pw, layout.tiles * flips, layout.tiles, int(peak), scale)
+        full = accumulators + image_bytes + mirrored
+        peak = bytes_per_pixel * ph * pw * in_flight + full
+        return Cost(ph * pw, layout.tiles * flips, layout.tiles, int(peak), scale, True, int(full))
     if tile_size:
         th, tw = min(tile_size, height), min(tile_size, width)
         tiles = tile_count(height, th, tile_overlap) * tile_count(width, tw, tile_overlap)  # never listed
         ph, pw = padded_size(th, tw, stride, min_size)
         in_flight = min(TILE_BATCH, tiles)
-        accumulators = height * width * 4 * (num_classes * (flips + 1) + 1)  # logits sums, weights
         peak = bytes_per_pixel * ph * pw * in_flight + accumulators + image_bytes
-        return Cost(ph * pw, tiles * flips, tiles, int(peak), scale)
+        return Cost(ph * pw, tiles * flips, tiles, int(peak), scale, True, accumulators + image_bytes)
     ph, pw = padded_size(height, width, stride, min_size)
     peak = bytes_per_pixel * ph * pw + ph * pw * 4 * num_classes * flips + image_bytes
-    return Cost(ph * pw, flips, 1, int(peak), scale)
+    return Cost(ph * pw, flips, 1, int(peak), scale, False, accumulators + image_bytes)
 
 
 @dataclass(frozen=True)
@@ -175,9 +185,20 @@ class AdmissionConfig:
         if cost.work_pixels > self.max_work_pixels:
             raise ImageTooLarge(f"this request runs {cost.passes} passes of {cost.pixels} pixels, over the limit of "
                                 f"{self.max_work_pixels} pixels; use fewer tiles, no flip TTA or a smaller image")
-        if cost.peak_bytes > self.max_inflight_mb * MIB:
-            raise ImageTooLarge(f"the {width}x{height} image needs about {cost.peak_bytes / MIB:.0f} MiB, over the "
-                                f"server's budget of {self.max_inflight_mb} MiB; downscale it or use tiling")
+        budget = self.max_inflight_mb * MIB
+        if cost.peak_bytes > budget:
+            over = (f"the {width}x{height} image needs about {cost.peak_bytes / MIB:.0f} MiB, over the server's "
+                    f"budget of {self.max_inflight_mb} MiB")
+            full = (f"its full-size accumulators (image, outputs, per-class logit sums and weights) alone need "
+                    f"about {cost.full_size_bytes / MIB:.0f} MiB")
+            if cost.full_size_bytes < budget:
+                remedy = "use smaller tiles or downscale it" if cost.tiled else "downscale it or use tiling"
+                raise ImageTooLarge(f"{over}; {remedy}")
+            if cost.tiled:
+                raise ImageTooLarge(f"{over}, even tiled: {full}, whatever the tile size; downscale it or raise "
+                                    "the server's --max-inflight-mb")
+            raise ImageTooLarge(f"{over}, and tiling would not help: {full}; downscale it or raise the server's "
+                                "--max-inflight-mb")
 
 
 class Hold:

@@ -4,7 +4,10 @@ What segsvc serves over the protocol (``ModelMetadata`` says the same):
 
 - inputs, exactly one per request:
   ``image``  BYTES ``[N]``: encoded PNG/JPEG/TIFF/BMP/WebP images, all of one size;
-  ``pixels`` UINT8 ``[N, H, W, C]`` (C 1, 3 or 4; or ``[N, H, W]`` for grey): raw pixels, row-major.
+  ``pixels`` UINT8 ``[N, H, W, C]`` (C 1, 3 or 4: grey, RGB, RGBA; always 4-D, so a forgotten batch
+  dimension is refused rather than read as N grey images): raw pixels, row-major. ``ModelMetadata``
+  declares ``[-1, -1, -1, C]`` with the model's own channel count (what perf_analyzer generates); the
+  other counts are converted as ``Segment`` converts them.
   Either in ``inputs[0].contents`` or in ``raw_input_contents`` (what tritonclient sends).
 - outputs: ``labels`` UINT8 ``[N, H, W]`` (UINT16 above 256 classes) and ``confidence``
   UINT8 ``[N, H, W]`` (round(255 x the top softmax probability)); a request that names no
@@ -17,7 +20,8 @@ What segsvc serves over the protocol (``ModelMetadata`` says the same):
   microseconds, as tritonclient sends it; 0: none) bounds the call like a gRPC deadline;
   ``priority`` (a non-negative int, as tritonclient sends it) is accepted and ignored:
   segsvc's two batcher lanes (``Priority``) put batch jobs below every interactive call,
-  and every protocol request is interactive.
+  and every protocol request is interactive. Sequence batching's ``sequence_id``,
+  ``sequence_start`` and ``sequence_end`` are refused: every request stands alone.
 - model names: required (``model_name``); an empty one is refused, except by ``ModelReady``
   (not ready) and ``ModelStatistics`` (every model), as the protocol says.
 - model versions: ``""`` and ``"-1"`` (Triton's spelling) mean the default version.
@@ -54,11 +58,12 @@ from segsvc.server.oip_pb import model_config_pb2 as mc
 
 IMAGE, PIXELS = "image", "pixels"
 LABELS, CONFIDENCE = "labels", "confidence"
-INPUTS_HELP = "'image' (BYTES [N], encoded images) or 'pixels' (UINT8 [N, H, W, C] or [N, H, W])"
+INPUTS_HELP = "'image' (BYTES [N], encoded images) or 'pixels' (UINT8 [N, H, W, C])"
 PLATFORM = "segsvc"
 # Triton's names: "model_repository(unload_dependents)" as tritonclient always sends unload_dependents
 EXTENSIONS = ("model_repository", "model_repository(unload_dependents)", "model_configuration", "statistics",
               "parameters")
+SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")  # what tritonclient sends for sequence_id
 PARAMETERS_HELP = ("tile_size (int), tile_overlap (double), flip_tta (bool), timeout (int, microseconds, 0: none), "
                    "priority (int, ignored)")
 DEFAULT_VERSION = "-1"  # like the empty string: Triton's "default version" (the newest loaded)
@@ -111,6 +116,11 @@ def _request_parameters(params: Mapping) -> tuple[dict, float | None]:
     ``priority`` is checked and dropped)."""
     kwargs: dict = {}
     timeout_s = None
+    sequence = [key for key in SEQUENCE_PARAMETERS if key in params]
+    if sequence:  # tritonclient sends all three once sequence_id is set: name the one the caller chose
+        raise InvalidArgument(f"request parameter {sequence[0]!r} is not supported: segsvc has no sequence "
+                              "batching (every request stands alone); leave sequence_id, sequence_start and "
+                              "sequence_end unset")
     for key in params:
         value = _value(params[key])
         is_int = isinstance(value, int) and not isinstance(value, bool)
@@ -256,10 +266,14 @@ def _raw_pixels(tensor, raw: bytes | None, max_images: int,  # type: ignore[no-u
     if tensor.datatype != "UINT8":
         raise InvalidArgument(f"input 'pixels' must be UINT8, got {tensor.datatype[:16]!r}; "
                               "send encoded images as input 'image' (BYTES)")
-    n = _batch_size(tensor, (3, 4), "[N, H, W, C] or [N, H, W]", max_images)
     shape = [int(d) for d in tensor.shape]
+    if len(shape) == 3 and all(d > 0 for d in shape):  # 3-D is ambiguous: never guessed
+        hint = (f"add the batch dimension: [1, {shape[0]}, {shape[1]}, {shape[2]}]" if shape[2] in PIXEL_CHANNELS
+                else f"for grey images add the channel dimension: [{shape[0]}, {shape[1]}, {shape[2]}, 1]")
+        raise InvalidArgument(f"input 'pixels' must have shape [N, H, W, C], got {shape}; {hint}")
+    n = _batch_size(tensor, (4,), "[N, H, W, C]", max_images)
     _check_pixels(PIXELS, shape[1], shape[2], max_pixels)  # from the shape: before any value is read
-    if len(shape) == 4 and shape[3] not in PIXEL_CHANNELS:  # else each image failed in the core, counted there
+    if shape[3] not in PIXEL_CHANNELS:  # else each image failed in the core, counted there
         raise InvalidArgument(f"input 'pixels' must have 1, 3 or 4 channels (grey, RGB, RGBA), got shape {shape}")
     expected = math.prod(shape)  # Python ints: no overflow
     if raw is None:

@@ -205,7 +205,7 @@ def test_uint8_batch_with_confidence_matches_segment(triton_client, client, tiny
 
 def test_grey_pixels_and_many_classes(triton_client, client):
     grey = make_image(32, 40, seed=14, channels=1)
-    labels = triton_client.infer("grey", [_pixels_input(grey[None])]).as_numpy("labels")
+    labels = triton_client.infer("grey", [_pixels_input(grey[None, :, :, None])]).as_numpy("labels")
     assert np.array_equal(labels[0], client.segment(grey, model="grey").mask)
     image = make_image(32, 40, seed=15)
     wide = triton_client.infer("wide", [_pixels_input(image[None])]).as_numpy("labels")
@@ -339,7 +339,7 @@ def test_pixels_over_the_limit_are_refused_from_the_shape_before_any_value_is_re
     typed.contents.uint_contents.extend([256] * (2 * 64 * 64 * 3))  # converted, these would be refused as > 255
     raw = service_pb2.ModelInferRequest(
         model_name="tiny", raw_input_contents=[b"\0" * 100],  # far too few bytes for the shape
-        inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 64, 64])])
+        inputs=[service_pb2.ModelInferRequest.InferInputTensor(name="pixels", datatype="UINT8", shape=[1, 64, 64, 1])])
     with grpc.insecure_channel(server.address) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         for request in (service_pb2.ModelInferRequest(model_name="tiny", inputs=[typed]), raw):
@@ -391,10 +391,10 @@ def test_repository_index_load_and_unload_need_the_manage_scope(start_server, tm
         client.unload_model("grey", headers=ADMIN)
         assert not client.is_model_ready("grey")
         _refused("NOT_FOUND", "'grey'", lambda: client.infer(
-            "grey", [_pixels_input(np.zeros((1, 8, 8), np.uint8))], headers=INFER))
+            "grey", [_pixels_input(np.zeros((1, 8, 8, 1), np.uint8))], headers=INFER))
         client.load_model("grey", headers=ADMIN)
         assert client.is_model_ready("grey")
-        labels = client.infer("grey", [_pixels_input(make_image(16, 16, seed=21, channels=1)[None])],
+        labels = client.infer("grey", [_pixels_input(make_image(16, 16, seed=21, channels=1)[None, :, :, None])],
                               headers=INFER).as_numpy("labels")
         assert labels.shape == (1, 16, 16)
         _refused("NOT_FOUND", "'nope'", lambda: client.load_model("nope", headers=ADMIN))
