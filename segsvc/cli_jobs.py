@@ -43,6 +43,8 @@ def _print_status(status) -> None:  # type: ignore[no-untyped-def]
               f"{status.model}:{status.version}  {status.images_per_s:.1f} img/s{eta}")
     if status.error:
         print(f"  {status.state.lower()}: {status.error}")
+    if getattr(status, "paused_reason", "") and not status.done_flag:
+        print(f"  paused: {status.paused_reason}")
 
 
 def follow(job, args: argparse.Namespace) -> int | None:  # type: ignore[no-untyped-def]

@@ -64,6 +64,7 @@ class JobStatus:
     version: int
     cancel_requested: bool
     error: str = ""  # why a FAILED (or CANCELLED) job ended: the operation's error message
+    paused_reason: str = ""  # why a running job waits (its output volume full, its model not taking requests)
 
     @property
     def processed(self) -> int:
@@ -92,7 +93,7 @@ def _status(op: operations_pb2.Operation) -> JobStatus:
     op.metadata.Unpack(meta)
     return JobStatus(op.name, STATES.get(meta.state, "UNSPECIFIED"), op.done, meta.total, meta.done, meta.failed,
                      meta.skipped, meta.images_per_second, meta.eta_seconds, meta.model, meta.model_version,
-                     meta.cancel_requested, _error_of(op))
+                     meta.cancel_requested, _error_of(op), meta.paused_reason)
 
 
 def _error_of(op: operations_pb2.Operation) -> str:
@@ -165,9 +166,9 @@ class JobHandle:
             while True:
                 bar.total = status.total
                 bar.n = status.processed
-                bar.set_postfix(state=status.state.lower(), failed=status.failed,
-                                rate=f"{status.images_per_s:.1f}/s", refresh=False)
-                shown.show((status.state, 10 * status.processed // status.total if status.total else 0))
+                state = "paused" if status.paused_reason and not status.done_flag else status.state.lower()
+                bar.set_postfix(state=state, failed=status.failed, rate=f"{status.images_per_s:.1f}/s", refresh=False)
+                shown.show((state, 10 * status.processed // status.total if status.total else 0))
                 if not self._waited(deadline):
                     return status
                 status = _status(self._op)

@@ -137,6 +137,25 @@ def test_a_job_whose_cancel_is_requested_says_so_while_it_stops(capsys):
     assert capsys.readouterr().out.rstrip().endswith("img/s, cancel requested")
 
 
+def test_a_paused_job_says_why_in_its_status_and_its_bar(capsys):
+    """A job paused on a full output volume showed RUNNING with nothing moving: JobMetadata.paused_reason
+    reached neither ``segsvc jobs status`` nor the bar of ``jobs wait``."""
+    reason = "no space left on the output volume; the job continues when space is freed"
+    paused = operations_pb2.Operation(name="jobs/j1", done=False)
+    paused.metadata.Pack(jobs_pb.JobMetadata(total=200, done=80, model="m", model_version=1, paused_reason=reason,
+                                             state=jobs_pb.JOB_STATE_RUNNING))
+    status = jobclient._status(paused)
+    assert status.paused_reason == reason
+    cli_jobs._print_status(status)
+    assert capsys.readouterr().out.splitlines()[1:] == [f"  paused: {reason}"]
+    done = _done(jobs_pb.JobMetadata(total=200, done=200, model="m", model_version=1, paused_reason=reason,
+                                     state=jobs_pb.JOB_STATE_SUCCEEDED))
+    jobclient.JobHandle(None, paused).wait(progress=True, timeout_s=0)
+    assert "state=paused" in capsys.readouterr().err
+    jobclient.JobHandle(None, done).wait(progress=True)
+    assert "state=succeeded" in capsys.readouterr().err  # a finished job is never shown paused
+
+
 def test_a_wait_step_sends_a_well_formed_duration():
     """WaitOperation's timeout was Duration(seconds=0, nanos=step * 1e9): the default 1 s step sent nanos
     1000000000, outside the [0, 999999999] that google.protobuf.Duration allows (a strict server refuses it)."""

@@ -13,8 +13,11 @@ are removed when a job (re)starts. Undecodable or oversized inputs, inputs
 no output can be named after (``outputs.input_name_problem``) and inputs whose
 output names clash with another's (``outputs.item_write_problem``) are FAILED
 with their reason; the job still completes, and lists them in ``failures.jsonl`` (its result and summary
-hold only the first ``outputs.FAILURES_SHOWN``). A disk that refuses every write
-(full, read-only) fails the job with that reason. An item FAILED or SKIPPED
+hold only the first ``outputs.FAILURES_SHOWN``). A full output volume (ENOSPC, EDQUOT) pauses the job: the
+item stays PENDING, the job tries again after ``SPACE_PAUSE_S`` (growing while the volume stays full) and
+its progress says why (``paused_reason``) until an item goes through; a cancel ends the pause at once, a
+restart resumes the job like any other. A disk that refuses writes otherwise (read-only, permissions, I/O
+errors) fails the job with that reason. An item FAILED or SKIPPED
 keeps no files (a killed run may have renamed some into place), and a cancel
 or a stop waits for the writes in flight, so every file has its DONE item.
 The server holds ``<state_dir>/jobs.lock`` while it runs jobs: a second server
@@ -41,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
@@ -70,6 +74,11 @@ log = logging.getLogger("segsvc.jobs")
 KIND = "segmentation"
 RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # back-off while the model's queue is full
 PAUSE_S = 5.0  # how long a job that met Unavailable waits before it runs again (the scheduler would re-run it at once)
+# A job whose output volume is full waits the first, then twice as long each time in a row, at most the second:
+# a volume freed soon is noticed soon, one left full for hours costs a retry a minute.
+SPACE_PAUSE_S = (5.0, 60.0)
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # a write refused for lack of space (or quota)
+NO_SPACE_REASON = "no space left on the output volume; the job continues when space is freed"
 SWEEP_EVERY_S = 3600.0  # how often unreferenced uploads are looked for (more often when upload_ttl_s is shorter)
 LOCK_FILE = "jobs.lock"  # held (flock) by the server running the state folder's jobs; never deleted
 STORE_FILE = "jobs.sqlite"  # the job store of a claimed state folder (``JobRunner.claim``)
@@ -173,6 +182,19 @@ class _Run:
     started: float = field(default_factory=lambda: time.monotonic())  # looked up per call: tests substitute it
     processed: int = 0
     published: float = 0.0
+    paused_reason: str | None = None  # why the job is paused (published with its progress), until an item goes through
+
+
+@dataclass
+class _Pause:
+    """The pauses in a row of one job (its runs end at each; this outlives them): why, and how many so far."""
+
+    reason: str
+    count: int = 0
+
+
+class _NoSpace(Unavailable):
+    """The output volume is full (ENOSPC) or the quota is spent (EDQUOT): the job pauses, its items stay PENDING."""
 
 
 def _lock_state_dir(state: Path) -> int:
@@ -213,6 +235,7 @@ class JobRunner(StoreRunner):
         self._runs: dict[str, _Run] = {}  # type: ignore[assignment]
         self._sweeper: asyncio.Task | None = None
         self._state_lock: int | None = None  # the fd holding LOCK_FILE while started (or claimed)
+        self._pauses: dict[str, _Pause] = {}  # jobs paused in a row, until one of their items goes through
         self._claimed = False  # the lock was taken before ``start`` (``claim``): ``stop`` keeps it
 
     @classmethod
@@ -379,7 +402,8 @@ class JobRunner(StoreRunner):
             job = started
             request = JobRequest.from_dict(job.spec["request"])
             run = _Run(job, request, job.spec["model"], int(job.spec["version"]),
-                       elapsed_before=float(job.progress.get("elapsed_s") or 0.0))
+                       elapsed_before=float(job.progress.get("elapsed_s") or 0.0),
+                       paused_reason=job.progress.get("paused_reason"))  # shown until an item goes through
             await self._register(job.id, run)
             outputs = JobOutputs(self.output_dir(job.id))
             await asyncio.to_thread(clean_temporaries, outputs.root)
@@ -392,16 +416,52 @@ class JobRunner(StoreRunner):
         except asyncio.CancelledError:  # server stopping: the job resumes at the next start
             log.info("job %s interrupted; it resumes when the server starts again", job.id)
             raise
-        except Unavailable as exc:  # the model is not taking requests: run the job again after a pause
-            log.warning("job %s paused for %g s: %s", job.id, PAUSE_S, exc)
-            run = self._runs.get(job.id)
-            with contextlib.suppress(TimeoutError):  # a cancel ends the pause: the next run finalizes the job
-                await asyncio.wait_for(run.cancel.wait() if run is not None else asyncio.Event().wait(), PAUSE_S)
+        except Unavailable as exc:  # the model is not taking requests, the output volume is full: pause
+            await self._pause(job.id, exc)
         except Exception as exc:
+            self._pauses.pop(job.id, None)
             message = str(exc) if isinstance(exc, SegsvcError) else "internal error; see the server log"
             log.error("job %s failed: %s", job.id, message, exc_info=not isinstance(exc, SegsvcError))
             await asyncio.to_thread(self.store.finish, job.id, "FAILED", error=message)
             self._notify(job.id)
+
+    async def _pause(self, job_id: str, exc: Unavailable) -> None:
+        """Say why the job is paused (its progress' ``paused_reason``), then wait before the scheduler runs it
+        again (it would at once); a cancel ends the wait, and the next run finalizes the job.
+
+        The job's run ends at each pause, and its PENDING items are taken up by the next run: the
+        mechanism of a restart. ``Unavailable`` waits ``PAUSE_S``; ``_NoSpace`` waits ``SPACE_PAUSE_S[0]``,
+        twice that each pause in a row, at most ``SPACE_PAUSE_S[1]``. One warning per pause in a row: a
+        volume left full overnight logs once, not a retry a minute.
+        """
+        no_space = isinstance(exc, _NoSpace)
+        reason = NO_SPACE_REASON if no_space else f"{exc}; the job continues when the model takes requests again"
+        pause = self._pauses.get(job_id)
+        if pause is None or pause.reason != reason:
+            pause = self._pauses[job_id] = _Pause(reason)
+        first_s, most_s = SPACE_PAUSE_S
+        pause_s = min(first_s * 2 ** min(pause.count, 32), most_s) if no_space else PAUSE_S
+        if pause.count == 0:
+            log.warning("job %s paused: %s (%s); trying again in %g s%s", job_id, reason, exc.__cause__ or exc,
+                        pause_s, f", then at most every {most_s:g} s" if no_space else "")
+        else:
+            log.debug("job %s still paused (%d in a row); trying again in %g s", job_id, pause.count + 1, pause_s)
+        pause.count += 1
+        run = self._runs.get(job_id)
+        if run is not None:
+            run.paused_reason = reason
+            await self._publish(run, force=True)
+        await _pause_for(run.cancel if run is not None else asyncio.Event(), pause_s)
+
+    async def _resumed(self, run: _Run) -> None:
+        """An item went through after a pause: clear ``paused_reason`` (published at once) and the pause count."""
+        if run.paused_reason is None:
+            return
+        pauses = self._pauses.pop(run.job.id, None)
+        log.info("job %s runs again after %d pause(s): %s", run.job.id, pauses.count if pauses else 0,
+                 run.paused_reason)
+        run.paused_reason = None
+        await self._publish(run, force=True)
 
     async def _pending(self, job_id: str) -> AsyncIterator[Item]:
         """The job's PENDING items in index order, read ``store.ITEM_PAGE`` per query: a job of a million
@@ -445,8 +505,8 @@ class JobRunner(StoreRunner):
             for task in list(tasks):  # cancel: queued images leave the batcher; written ones stay DONE
                 task.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
-        # An item that raised is still PENDING: raise, so the job is paused (Unavailable) or FAILED, never
-        # SUCCEEDED with that item neither done nor failed.
+        # An item that raised is still PENDING: raise, so the job is paused (Unavailable, a full volume) or FAILED,
+        # never SUCCEEDED with that item neither done nor failed.
         for result in [*errors, *results]:
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 raise result
@@ -463,17 +523,25 @@ class JobRunner(StoreRunner):
         else:
             await _uninterrupted(self._write_and_record(run, outputs, item, seg, t0))
         run.processed += 1
+        await self._resumed(run)
         await self._publish(run)
 
     async def _write_and_record(self, run: _Run, outputs: JobOutputs, item: Item, seg: Segmentation,
                                 t0: float) -> None:
-        """Write the item's files, then record it DONE (or FAILED, with no files, if its outputs are refused)."""
+        """Write the item's files, then record it DONE (or FAILED, with no files, if its outputs are refused).
+
+        A full output volume leaves the item PENDING without its files (the extras written before the
+        refused one go: their space is the volume's) and raises ``_NoSpace``, which pauses the job.
+        """
         try:
             record = await self._service.run_io(self._write, run, outputs, item.input, seg, t0)
         except (InvalidArgument, OSError) as exc:
             problem = item_write_problem(exc, outputs.root)
             if problem is None:  # the disk (full, read-only, gone): every image would fail alike
                 assert isinstance(exc, OSError)
+                if exc.errno in NO_SPACE_ERRNOS:
+                    await self._service.run_io(outputs.remove_item, item.input)
+                    raise _NoSpace(f"cannot write the job's outputs: {exc.strerror or 'no space'}") from exc
                 raise _unwritable(exc) from exc
             await self._fail_item(run, outputs, item, problem)  # a clash with another input's output name
         else:
@@ -543,6 +611,8 @@ class JobRunner(StoreRunner):
         left = job.total - job.done - job.failed - job.skipped
         progress = {"images_per_s": round(rate, 3), "eta_s": round(left / rate, 1) if rate > 0 else None,
                     "elapsed_s": round(run.elapsed_before + now - run.started, 3)}
+        if run.paused_reason is not None:  # no estimate while paused: it depends on when the pause ends
+            progress.update(eta_s=None, paused_reason=run.paused_reason)
         await asyncio.to_thread(self.store.set_progress, run.job.id, progress)
 
     async def _finalize(self, run: _Run, outputs: JobOutputs) -> None:
@@ -550,6 +620,7 @@ class JobRunner(StoreRunner):
         cancelled = run.cancel.is_set()
         if cancelled:
             await self._skip_pending(run, outputs)
+            run.paused_reason = None  # a cancel during a pause: the job ends, whatever it waited for
         await self._publish(run, force=True)
         job = await asyncio.to_thread(self.store.get, job_id)
         manifest = self._service.manager.resolve(run.model, run.version).manifest
@@ -568,7 +639,18 @@ class JobRunner(StoreRunner):
                 )
             )
         except OSError as exc:
-            raise _unwritable(exc) from exc
+            if exc.errno not in NO_SPACE_ERRNOS:
+                raise _unwritable(exc) from exc
+            if not cancelled:  # every item is DONE or FAILED: the run after the pause writes these files again
+                raise _NoSpace(f"cannot write the job's results: {exc.strerror or 'no space'}") from exc
+            # Cancelled on a full volume (typically during a pause): the job stops as asked, without the files
+            # (the operation of a cancelled job carries no result); its items' outputs are kept.
+            await asyncio.to_thread(self.store.finish, job_id, "CANCELLED")
+            self._pauses.pop(job_id, None)
+            log.warning("job %s cancelled: %d done, %d failed, %d skipped; %s and %s not written: %s", job_id,
+                        job.done, job.failed, job.skipped, RESULTS_FILE, SUMMARY_FILE, exc.strerror)
+            self._notify(job_id)
+            return
         result = {"output_location": job_id, "total": job.total, "done": job.done, "failed": job.failed,
                   "skipped": job.skipped, "class_pixel_totals": summary["class_pixels"],
                   "failures": summary["failures"], "failures_truncated": summary["failures_truncated"],
@@ -577,14 +659,22 @@ class JobRunner(StoreRunner):
                   "images_per_second": summary["images_per_s"] or 0.0}
         state = "CANCELLED" if cancelled else "SUCCEEDED"
         await asyncio.to_thread(self.store.finish, job_id, state, result=result)
+        self._pauses.pop(job_id, None)
         log.info("job %s %s: %d done, %d failed, %d skipped", job_id, state.lower(), job.done, job.failed, job.skipped)
         self._notify(job_id)
 
 
 def _unwritable(exc: OSError) -> FailedPrecondition:
-    """The job's failure when its output folder refuses writes: the reason, not the server's paths."""
+    """The job's failure when its output folder refuses writes (not for lack of space, which pauses the job):
+    the reason, not the server's paths."""
     return FailedPrecondition(f"cannot write the job's outputs: {exc.strerror or type(exc).__name__}; "
-                              "free space under (or fix) the output root, then submit the job again")
+                              "make the output root writable, then submit the job again")
+
+
+async def _pause_for(cancel: asyncio.Event, pause_s: float) -> None:
+    """Wait ``pause_s``, or until ``cancel`` is set (tests substitute it to drive a pause by events)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(cancel.wait(), pause_s)
 
 
 async def _uninterrupted(work: Awaitable[None]) -> None:

@@ -198,8 +198,8 @@ def clean_temporaries(root: str | os.PathLike[str]) -> int:
 # A write failing with these is about the one item's output path (a folder where its file goes, a file
 # where its folder goes: EEXIST from mkdir, ENOTDIR; a name too long), not the disk: that input fails and
 # the run goes on. Any other OSError (ENOSPC, EROFS, EDQUOT, EACCES, EIO) would fail every item alike, so
-# it stops the run; --resume redoes it (the server fails the job with the
-# reason).
+# it stops the run; --resume redoes it (the server pauses a job on ENOSPC and EDQUOT until space is freed,
+# and fails it with the reason on the others).
 ITEM_WRITE_ERRNOS = frozenset({errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG})
 
 

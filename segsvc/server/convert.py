@@ -229,6 +229,8 @@ def job_metadata(job: Job) -> jobs_pb.JobMetadata:
         start_time=_timestamp(job.started_at), update_time=_timestamp(job.updated_at),
         end_time=_timestamp(job.finished_at), request_id=job.request_id or "",
         cancel_requested=job.cancel_requested,
+        # a finished job is no longer paused, whatever its last progress said
+        paused_reason="" if job.finished else str(progress.get("paused_reason") or ""),
     )
 
 

@@ -1,5 +1,5 @@
-"""A server job whose outputs cannot be written: one input's clash fails that input; a full disk fails the job
-with the reason (not "internal error")."""
+"""A server job whose outputs cannot be written: one input's clash fails that input; a read-only or failing disk
+fails the job with the reason (not "internal error"). A full one pauses it: test_batch_disk_full.py."""
 
 from __future__ import annotations
 
@@ -47,32 +47,33 @@ def test_two_inputs_clashing_on_an_output_name_fail_one_input_not_the_job(tmp_pa
     assert {f for f in files if f.startswith("color/")} == {f"color/{rel}.png" for rel in done}
 
 
-def test_a_full_output_disk_fails_the_job_with_the_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_read_only_output_disk_fails_the_job_with_the_reason(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     _images(tmp_path / "data", ["a.png", "b.png"])
 
-    def full(path: Path, data: bytes) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    def read_only(path: Path, data: bytes) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(outputs_module, "atomic_write", full)
+    monkeypatch.setattr(outputs_module, "atomic_write", read_only)
     final, items, files = _run(tmp_path)
     assert final.state == "FAILED"
-    assert final.error is not None and "No space left on device" in final.error, final.error
+    assert final.error is not None and "Read-only file system" in final.error, final.error
     assert str(tmp_path) not in final.error  # the server's folders are not the client's business
     assert files == set() and final.done == 0
 
 
-def test_a_disk_full_at_the_summary_fails_the_job_with_the_reason(tmp_path: Path,
+def test_an_io_error_at_the_summary_fails_the_job_with_the_reason(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     _images(tmp_path / "data", ["a.png"])
     write = outputs_module.atomic_write
 
-    def full_at_the_summary(path: Path, data: bytes) -> None:
+    def failing_at_the_summary(path: Path, data: bytes) -> None:
         if path.name == outputs_module.RESULTS_FILE:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise OSError(errno.EIO, "Input/output error", str(path))
         write(path, data)
 
-    monkeypatch.setattr(outputs_module, "atomic_write", full_at_the_summary)
+    monkeypatch.setattr(outputs_module, "atomic_write", failing_at_the_summary)
     final, _, files = _run(tmp_path)
     assert final.state == "FAILED"
-    assert final.error is not None and "No space left on device" in final.error, final.error
+    assert final.error is not None and "Input/output error" in final.error, final.error
     assert str(tmp_path) not in final.error
