@@ -160,7 +160,9 @@ class VersionLoader:
             if entry.problem:
                 raise PathOutsideRoot(entry.problem)
             with self.record.loading(name, v):
-                files, engine = await asyncio.to_thread(self._build_identified, name, v)
+                # identified before the files are read: one changed during the build differs at the next load
+                files = await asyncio.to_thread(self._files, name, v)
+                engine = await asyncio.to_thread(self._build_engine, name, v)
         except Exception as exc:
             text = str(exc) if isinstance(exc, SegsvcError) else f"{type(exc).__name__}: {exc}"
             reason = self.repository.redact(text)
@@ -229,11 +231,6 @@ class VersionLoader:
                 continue
             out.append((entry, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
         return tuple(out)
-
-    def _build_identified(self, name: str, version: int) -> tuple[Files, Engine]:
-        # identified before the files are read: one changed during the build differs at the next load, and loads again
-        files = self._files(name, version)
-        return files, self._build_engine(name, version)
 
     def _build_engine(self, name: str, version: int) -> Engine:
         backend, manifest = open_backend(self.repository, name, version, self.device, self.engine_config)
