@@ -34,7 +34,8 @@ def _print_status(status) -> None:  # type: ignore[no-untyped-def]
         eta = ", cancel requested"
     if hasattr(status, "phase"):  # a training job
         miou = f", val mIoU {status.val_miou:.4f} (best {status.best_miou:.4f})" if status.val_miou else ""
-        print(f"{status.name}  {status.state:9}  train {status.phase:10} epoch {status.epoch}/{status.epochs} "
+        epochs = status.epochs or "?"  # a time budget's trainer announces its epochs once it has timed one
+        print(f"{status.name}  {status.state:9}  train {status.phase:10} epoch {status.epoch}/{epochs} "
               f"step {status.step}/{status.steps_per_epoch}  loss {status.loss:.4f}{miou}  "
               f"{status.recipe} on {status.dataset} -> {status.model}{eta}")
     else:

@@ -156,6 +156,14 @@ def test_a_paused_job_says_why_in_its_status_and_its_bar(capsys):
     assert "state=succeeded" in capsys.readouterr().err  # a finished job is never shown paused
 
 
+def test_a_time_budget_job_s_status_shows_unknown_epochs_until_the_trainer_knows(capsys):
+    """A time-budget trainer announces no epoch count before it has timed an epoch: the status read "epoch 0/0"."""
+    op = operations_pb2.Operation(name="jobs/j1", done=False)
+    op.metadata.Pack(tpb.TrainingJobMetadata(epochs=0, epoch=0, recipe="r", dataset="d", model="m"))
+    cli_jobs._print_status(jobclient._training_status(op))
+    assert " epoch 0/? " in capsys.readouterr().out
+
+
 def test_a_wait_step_sends_a_well_formed_duration():
     """WaitOperation's timeout was Duration(seconds=0, nanos=step * 1e9): the default 1 s step sent nanos
     1000000000, outside the [0, 999999999] that google.protobuf.Duration allows (a strict server refuses it)."""

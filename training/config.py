@@ -150,6 +150,9 @@ class DataConfig:
         _require(0.0 < lo <= hi and math.isfinite(hi), "data.scale", "[lo, hi] with 0 < lo <= hi", self.scale)
         _at_least("data", 0, workers=self.workers)
         _at_least("data", 1, repeat=self.repeat)
+        for key, limit in (("train_limit", self.train_limit), ("val_limit", self.val_limit)):
+            # a negative one would slice from the end ([:-1] drops the last sample); 0 would keep none
+            _require(limit is None or limit >= 1, f"data.{key}", ">= 1 or null", limit)
         if not 0.0 <= self.class_uniform <= 1.0:
             raise ValueError(f"data.class_uniform is a fraction of the crops in [0, 1], got {self.class_uniform}")
         if self.class_uniform and self.crop is None:

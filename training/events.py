@@ -36,6 +36,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any, Iterator
 
+from segsvc.errors import SegsvcError
+
 EVENTS_FILE = "events.jsonl"
 STEP_INTERVAL_S = 2.0
 
@@ -111,6 +113,8 @@ def failure_reason(exc: BaseException) -> str:
     if isinstance(exc, Terminated):
         return "terminated"
     text = str(exc)
+    if isinstance(exc, SegsvcError) and text:  # a domain error's message is written for the user: no class name
+        return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -40,7 +40,7 @@ from segsvc.data.datasets import build_dataset
 from segsvc.data.registration import dataset_offsets, mean_offset
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.data.transforms import train_transform
-from segsvc.errors import DatasetError, InvalidArgument
+from segsvc.errors import DatasetError, InvalidArgument, SegsvcError
 from segsvc.inference.allocator import configure_allocator
 from segsvc.inference.argmax import class_argmax
 from segsvc.inference.backends import Backend, TorchBackend, manifest_geometry
@@ -90,7 +90,13 @@ EXIT_INTERRUPTED = 128 + 2  # and by SIGINT (Ctrl-C)
 
 def get_args_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
-    return add_train_arguments(parser)
+    parser = add_train_arguments(parser)
+    parser.add_argument(
+        "--check", action="store_true",
+        help="check the recipe against its dataset and this machine (what a run refuses before it starts: keys, "
+             "values, splits, model, device), then exit without training; the server runs it at submission",
+    )
+    return parser
 
 
 def main(cfg: TrainConfig, resume: str | None = None) -> Path | None:
@@ -157,10 +163,10 @@ def _main(
     if env.is_main:
         write_metrics_file(run_dir, run.history)
     log(env, describe_run(cfg, model, data, train_set, val_set, env, run_dir, amp_dtype, memory_format))
-    events.emit("start", run_dir=str(run_dir), epochs=loop.epochs, steps_per_epoch=steps_per_epoch,
-                train_samples=len(train_set), val_samples=len(val_set), start_epoch=run.epoch,
-                recipe=cfg.name, arch=cfg.model.arch, classes=list(data.class_names), device=str(env.device),
-                world_size=env.world_size, init_from=init_report)
+    events.emit("start", run_dir=str(run_dir), epochs=announced_epochs(cfg, run, env),
+                steps_per_epoch=steps_per_epoch, train_samples=len(train_set), val_samples=len(val_set),
+                start_epoch=run.epoch, recipe=cfg.name, arch=cfg.model.arch, classes=list(data.class_names),
+                device=str(env.device), world_size=env.world_size, init_from=init_report)
 
     # A checkpoint written after the run's stop (then killed while publishing) trains no further when resumed.
     reason = (should_stop(loop, run.epochs_since_best, run.elapsed_s, env) or "") if run.epoch else ""
@@ -234,6 +240,17 @@ def _main(
     events.emit("published", path=str(artifact), name=manifest.name, version=manifest.version,
                 metrics=dict(manifest.metrics))
     return artifact, reason
+
+
+def check_recipe(cfg: TrainConfig) -> None:
+    """Refuse what ``main`` would refuse before its run directory, with the same code, and train nothing: the
+    recipe's keys and values (``load_config``, done by the caller), the device (``setup_distributed``), the
+    dataset's classes and splits (``load_training_data``), the model's architecture and parameters, built on the
+    CPU, and its crop (``build_checked_model``). The server runs it (``python -m training --check``) when a job is
+    submitted, so a request the trainer would refuse is refused then, not when the job's trainer starts.
+    """
+    setup_distributed(cfg.train.device)  # one process: no process group is joined
+    build_checked_model(cfg, load_training_data(cfg))
 
 
 def stopped_line(exc: BaseException, run_dir: Path | None) -> str:
@@ -632,6 +649,15 @@ def validation_row(metrics: SegmentationMetrics) -> dict[str, Any]:
             "val_iou": metrics.iou}
 
 
+def announced_epochs(cfg: TrainConfig, run: RunState, env: DistEnv) -> int | None:
+    """The epochs the ``start`` event announces: those the ``epoch`` events will say (``planned_epochs``), or None
+    while a time budget has timed no epoch yet. ``train.epochs`` is then only the budget's cap (a service job's
+    time budget sets it to 100000), no number of epochs the run will train; a resumed run has timed some."""
+    if cfg.schedule.horizon == "time" and cfg.train.max_time_min is not None and not run.history:
+        return None
+    return planned_epochs(cfg, run.history, run.elapsed_s, env)
+
+
 def epoch_event(row: dict[str, Any], planned: int, run: RunState) -> dict[str, Any]:
     """The ``epoch`` line of ``events.jsonl``; the ETA assumes the remaining epochs take the mean time so far."""
     per_epoch_s = mean_epoch_s(run.history, run.elapsed_s)
@@ -703,6 +729,10 @@ def run(args: argparse.Namespace) -> int:
     configure_allocator()
     refuse_server_flags(args)
     cfg = load_config(args.config, [*args.overrides, *local_overrides(args)], args.profile)
+    if getattr(args, "check", False):
+        check_recipe(cfg)
+        print("training: the recipe is valid")
+        return 0
     try:
         main(cfg, resume=args.resume)
     except Terminated:  # main said how to continue
@@ -713,8 +743,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    from segsvc.errors import SegsvcError
-
     args = get_args_parser().parse_args(argv)
     try:
         return run(args)

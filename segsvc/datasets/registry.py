@@ -250,6 +250,9 @@ class DatasetRegistry:
     def get(self, name_or_hash: str) -> Dataset:
         """A dataset by name, content hash, or a unique prefix of the hash (at least 8 hex digits).
 
+        Names are matched exactly: one that differs only in case from a registered name is not found, and the
+        error suggests that name (``did you mean 'small'?``).
+
         Raises:
             NotFound: no such dataset. InvalidArgument: an ambiguous hash prefix.
         """
@@ -264,8 +267,13 @@ class DatasetRegistry:
                 if len(rows) > 1:
                     raise InvalidArgument(f"hash prefix {key!r} matches several datasets; give more digits")
                 row = rows[0] if rows else None
+            # Names are identifiers, unique without regard to case (``_existing``): another case is not resolved
+            # silently, but the one name it could mean is suggested.
+            near = None if row is not None else c.execute(
+                "SELECT name FROM datasets WHERE lower(name) = lower(?) LIMIT 1", (key,)).fetchone()
         if row is None:
-            raise NotFound(f"no dataset named {key[:80]!r} (nor with that hash)")
+            hint = f"; did you mean {near[0]!r}?" if near is not None else ""
+            raise NotFound(f"no dataset named {key[:80]!r} (nor with that hash){hint}")
         return self._dataset(row)
 
     def list(self) -> list[Dataset]:

@@ -8,6 +8,13 @@ ARGV never runs. Only ``os``, ``signal`` and ``sys`` are imported (``-I -S``: no
 PYTHONPATH), so the wait costs little more than a bare interpreter
 start; ``exec`` keeps the process id, hence the group id and the start time the
 server recorded.
+
+``held_start.py --parent-death-signal=SIG:PID ARGV...`` also asks Linux to send
+SIG to the command when its starter, PID, dies (``PR_SET_PDEATHSIG``, kept across
+``exec``): a server killed with ``kill -9`` then leaves no such child running
+until its next start. The kernel sends it when the starter's *thread* that
+started the child ends, so start such a child from a thread that lives as long
+as the server (its event loop's). Elsewhere than Linux the option does nothing.
 """
 
 import os
@@ -16,9 +23,28 @@ import sys
 
 NOT_RELEASED = 75  # EX_TEMPFAIL: the starter went away before it let the command run
 NOT_FOUND = 127  # as a shell says for a command it cannot run
+PARENT_DEATH_OPTION = "--parent-death-signal="
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(signum: int, parent: int) -> None:
+    """Have ``signum`` sent to this process when ``parent`` dies; sent now when it is gone already."""
+    try:
+        import ctypes  # only for this option: the plain held start stays a bare interpreter
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):  # no prctl (not Linux)
+        return
+    if os.getppid() != parent:  # it died before the request: the kernel will never send it
+        os.kill(os.getpid(), signum)
 
 
 def main(argv: list[str]) -> int:
+    if argv and argv[0].startswith(PARENT_DEATH_OPTION):
+        signum, _, parent = argv.pop(0)[len(PARENT_DEATH_OPTION):].partition(":")
+        die_with_parent(int(signum), int(parent))
     if not argv:
         sys.stderr.write("held_start: no command given\n")
         return 2

@@ -17,7 +17,11 @@ a group to end reaps the group's exited members that are our children
 
 A child is started held (``held_start.py``): it runs its command only once
 ``release()`` is called, which the server does after storing the group with
-the job. A server killed in between leaves nothing running.
+the job. A server killed in between leaves nothing running. A child started with
+``parent_death_signal`` gets that signal when the server dies (``kill -9``
+included; Linux's ``PR_SET_PDEATHSIG``): one with nothing to resume (an
+evaluation, run again from its start) does not run on unwatched until the next
+start. Only the group's leader gets it; its own children are its to stop.
 
 Example:
     >>> proc = GroupProcess.spawn(["sleep", "60"], log_path=Path("/tmp/sleep.log"))  # doctest: +SKIP
@@ -162,13 +166,20 @@ class GroupProcess:
 
     @classmethod
     def spawn(cls, argv: Sequence[str], *, log_path: Path, cwd: Path | None = None,
-              env: Mapping[str, str] | None = None) -> "GroupProcess":
-        """Start ``argv`` held: its group exists, but the command runs only after ``release()``."""
+              env: Mapping[str, str] | None = None, parent_death_signal: int | None = None) -> "GroupProcess":
+        """Start ``argv`` held: its group exists, but the command runs only after ``release()``.
+
+        ``parent_death_signal``: sent to the command when this process dies (``held_start.py``); call this from a
+        thread that lives as long as the process (the event loop's), as the kernel sends it when that thread ends.
+        """
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        held = [sys.executable, "-I", "-S", str(HELD_START)]
+        if parent_death_signal is not None:
+            held.append(f"--parent-death-signal={int(parent_death_signal)}:{os.getpid()}")
         read_end, gate = os.pipe()  # both close-on-exec: no other child of the server holds the gate open
         try:
             with open(log_path, "ab") as out:
-                popen = subprocess.Popen([sys.executable, "-I", "-S", str(HELD_START), *argv], stdin=read_end,
+                popen = subprocess.Popen([*held, *argv], stdin=read_end,
                                          stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                          env=dict(env) if env is not None else None, start_new_session=True)
         except BaseException:

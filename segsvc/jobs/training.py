@@ -99,7 +99,8 @@ from segsvc.jobs.procgroup import EventTail, GroupProcess, kill_stale_group
 from segsvc.jobs.runner import StoreRunner
 from segsvc.jobs.store import Job, JobStore
 from segsvc.jobs.trainspec import (
-    DatasetRegistry, TrainingConfig, TrainingRequest, check_can_train, eval_argv, resolve_submission, trainer_argv,
+    MAX_RECIPE_CHECKS, TRAINER_ERROR, DatasetRegistry, TrainingConfig, TrainingRequest, check_can_train, check_recipe,
+    eval_argv, resolve_submission, trainer_argv,
 )
 
 __all__ = ["KIND", "TrainingConfig", "TrainingRequest", "TrainingRunner"]
@@ -115,8 +116,7 @@ LOG_TAIL_BYTES = 64 << 10  # how much of train.log is read for the trainer's own
 MAX_REASON_CHARS = 500  # a failure reason taken from the trainer is cut to this
 MAX_TRAINER_RESTARTS = 2  # a trainer killed from outside (the server alive) is resumed this often, at most
 MAX_EVAL_RESTARTS = 2  # evaluation children killed from outside (the server alive) are run again this often a job
-# ``training: error: ...`` as training/train.py prints it (torchrun may prefix a rank: ``[rank0]: ...``).
-_TRAINER_ERROR = re.compile(r"(?:\[[^\]]{1,40}\]:?\s*)?training: error:\s*(\S.*)")
+_TRAINER_ERROR = TRAINER_ERROR  # ``training: error: ...``, as the trainer prints it
 # torchrun's report of a failed run (``ChildFailedError``): the worker that failed first, and how.
 _ROOT_CAUSE = "Root Cause (first observed failure):"
 _CAUSE_RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank")
@@ -213,6 +213,7 @@ class TrainingRunner(StoreRunner):
         # the publication and the DEFAULT write of one job never interleave with another's. A lock per model
         # name trained on this server; they are few.
         self._publish_locks: dict[str, asyncio.Lock] = {}
+        self._checks = asyncio.Semaphore(MAX_RECIPE_CHECKS)  # trainers' recipe checks at once (``submit``)
         if datasets is not None:  # a dataset a QUEUED or RUNNING job uses is not deleted
             datasets.guard_deletes(self.jobs_using)
 
@@ -250,6 +251,10 @@ class TrainingRunner(StoreRunner):
         check_can_train(self.config)  # else the job would be accepted and its trainer die on import
         spec = await asyncio.to_thread(resolve_submission, request, self.datasets, self.manager.repository,
                                        self.config)
+        if self.config.check_recipes:  # what the trainer would refuse is refused now, by the trainer's own code
+            async with self._checks:
+                await asyncio.to_thread(check_recipe, spec, self.config, self._env(),
+                                        lambda text, folder: self._spec_scrubber(spec, folder)(text))
         try:
             job, created = await asyncio.to_thread(self.store.submit, KIND, spec, [],
                                                    request_id=request_id or None)
@@ -343,8 +348,12 @@ class TrainingRunner(StoreRunner):
 
     def _scrubber(self, job: Job) -> Callable[[str], str]:
         """What ``_public`` does to a text, with the job's paths looked up once (a served log is many lines)."""
+        return self._spec_scrubber(job.spec, self.job_dir(job.id))
+
+    def _spec_scrubber(self, spec: dict[str, Any], job_dir: Path) -> Callable[[str], str]:
+        """``_scrubber`` of a job's ``spec`` whose folder is ``job_dir`` (a submission's check has only a spec)."""
         names: dict[str, str] = {}
-        for dataset in _datasets_of(job.spec):
+        for dataset in _datasets_of(spec):
             if not dataset.get("spec_path"):
                 continue
             label = f"dataset {dataset.get('name')!r} ({str(dataset.get('sha256'))[:12]})"
@@ -354,10 +363,10 @@ class TrainingRunner(StoreRunner):
             root = _spec_root(spec_path)
             if root is not None:
                 names[str(root)] = f"<{label}>"
-        base = job.spec.get("base") or {}
+        base = spec.get("base") or {}
         if base.get("dir"):  # the version fine-tuned from, as the trainer names it (model.init_from)
             names[str(Path(base["dir"]))] = f"<model {base.get('model')}:{base.get('version')}>"
-        for folder, name in ((self.job_dir(job.id), "<job>"), (Path(self.config.state_dir), "<state>"),
+        for folder, name in ((job_dir, "<job>"), (Path(self.config.state_dir), "<state>"),
                              (Path(self.manager.repository.root), "<model repository>"),
                              (Path(self.config.workdir), "<project>")):
             names.setdefault(str(folder), name)
@@ -414,16 +423,18 @@ class TrainingRunner(StoreRunner):
         _doing(run, phase, _DOING.get(phase, f"while {phase}"))
         await self._save(run, phase=phase, **extra)
 
-    async def _child(self, run: _Run, argv: list[str], what: str) -> int:
+    async def _child(self, run: _Run, argv: list[str], what: str, parent_death_signal: int | None = None) -> int:
         """Run one child to its end, or stop it on cancel; its output goes to train.log.
 
         A cancel already asked for (a job resumed after a restart) starts no child, and one that lands while its
-        group is being stored stops it still held: its command never runs.
+        group is being stored stops it still held: its command never runs. ``parent_death_signal`` is sent to the
+        child if the server dies (``GroupProcess.spawn``; started here, in the event loop's thread).
         """
         _doing(run, str(run.progress.get("phase") or ""), f"while {what}")
         _check_cancel(run, f"while {what}")
         root = self.job_dir(run.job.id)
-        child = GroupProcess.spawn(argv, log_path=root / "train.log", cwd=self.config.workdir, env=self._env())
+        child = GroupProcess.spawn(argv, log_path=root / "train.log", cwd=self.config.workdir, env=self._env(),
+                                   parent_death_signal=parent_death_signal)
         waiter = asyncio.ensure_future(child.wait())
         cancel = asyncio.ensure_future(run.cancel.wait())
         try:
@@ -637,7 +648,8 @@ class TrainingRunner(StoreRunner):
         error of its own fails the job.
         """
         while True:
-            code = await self._child(run, argv, f"evaluating the {who}")
+            # With no checkpoint to resume, an evaluation outliving a killed server is wasted: it stops with it.
+            code = await self._child(run, argv, f"evaluating the {who}", parent_death_signal=signal.SIGTERM)
             if code == 0 and (out / "metrics.json").is_file():
                 return
             refused, signum = None, signal_death(code)

@@ -9,6 +9,15 @@ directory to fine-tune from, and the target model. ``trainer_argv`` and
 service controls (``output.*``, ``data.spec``, ``model.init_from``) are set by
 the service last and refused in the client's overrides.
 
+Whatever the trainer refuses from the recipe alone is refused at submission,
+by the trainer's own code: ``check_recipe`` runs ``python -m training --check``
+with the job's exact command line (``check_argv``), which checks every key and
+value, the dataset's classes and splits, the device, and builds the model on the
+CPU (its architecture, parameters and crop), then exits without training. The
+service never imports the trainer, so the rules have one copy; the price is a
+child process per submission (the trainer's imports and one model build: a few
+seconds, at most ``MAX_RECIPE_CHECKS`` at once).
+
 A client never names a file on the server: ``FILE_KEYS`` (``model.init_from``
 and every ``model.params.*_path``, e.g. smp's ``encoder_weights_path``) are
 checked on the configuration the client's part produces, its inline recipe with
@@ -41,16 +50,19 @@ import json
 import math
 import os
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import yaml
 
 from segsvc.config import usable_cpus
-from segsvc.errors import FailedPrecondition, InvalidArgument, NotFound, SegsvcError
+from segsvc.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SegsvcError
 from segsvc.inference.repository import ModelRepository, parse_model_ref
 from segsvc.jobs.gate import POLICIES
 from segsvc.models.artifact import check_name
@@ -64,6 +76,7 @@ FILE_KEYS = ("model.init_from",)
 _PATH_PARAM_SUFFIX = "_path"
 MAX_RECIPE_BYTES = 64 << 10  # an inline recipe's text; the overrides' text, all together, too
 MAX_OVERRIDES = 100
+MAX_REASON_CHARS = 500  # a message of the trainer's check is cut to this
 # A client's YAML (inline recipe, override value) with its aliases expanded: a few KiB of anchors and aliases
 # (the billion-laughs pattern) would make the trainer, which copies and writes its configuration, expand them
 # to gigabytes. Plain YAML holds at most about one value a byte, so no 64 KiB recipe without aliases is refused.
@@ -90,6 +103,10 @@ _RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _DEVICE = re.compile(r"auto|cpu|cuda")  # what the trainer's train.device takes
 # What `python -m training` imports that the server's own packages (deploy/requirements/serve.txt) lack.
 TRAINER_DEPENDENCIES = ("albumentations",)
+# ``training: error: ...`` as training/train.py prints it (torchrun may prefix a rank: ``[rank0]: ...``).
+TRAINER_ERROR = re.compile(r"(?:\[[^\]]{1,40}\]:?\s*)?training: error:\s*(\S.*)")
+RECIPE_CHECK_TIMEOUT_S = 300.0  # python -m training --check: imports and one model build, on a busy server too
+MAX_RECIPE_CHECKS = 2  # checks running at once (each is a trainer's imports: about 1 GB while it runs)
 
 
 class DatasetRecord(Protocol):
@@ -121,6 +138,8 @@ class TrainingConfig:
         max_time_min: the longest a trainer runs, in minutes: a request's time budget may not exceed it, and
             every trainer gets it as ``train.max_time_min`` when its recipe and request give none or a longer
             one (an ``epochs`` budget too). The trainer stops after the epoch that reaches it.
+        check_recipes: run the trainer's check (``check_recipe``) on every submission. Off only where the
+            trainer and the datasets are stand-ins (tests): a bad recipe then fails when its trainer starts.
     """
 
     state_dir: Path
@@ -132,6 +151,7 @@ class TrainingConfig:
     progress_interval_s: float = 0.5
     eval_threads: int | None = None
     max_time_min: float = MAX_TIME_MIN
+    check_recipes: bool = True
 
     def __post_init__(self) -> None:
         # The children run in ``workdir``, not where the server started: every folder they are told about
@@ -566,7 +586,22 @@ def trainer_argv(spec: dict[str, Any], root: Path, config: TrainingConfig, resum
                 f"--nproc_per_node={request.nproc_per_node}", "-m", "training"]
     else:
         argv = [config.python, "-m", "training"]
-    argv += ["--config", str(root / "recipe.yaml")]
+    argv += _trainer_args(spec, root, config)
+    if resume:
+        argv += ["--resume", str(root / spec["run_dir"])]
+    return argv
+
+
+def check_argv(spec: dict[str, Any], root: Path, config: TrainingConfig) -> list[str]:
+    """``python -m training --check`` with the job's recipe (``<root>/recipe.yaml``) and every ``--set`` its trainer
+    gets: one process, also for a torchrun job (``check_processes`` checks how many it may start)."""
+    return [config.python, "-m", "training", *_trainer_args(spec, root, config), "--check"]
+
+
+def _trainer_args(spec: dict[str, Any], root: Path, config: TrainingConfig) -> list[str]:
+    """``--config`` and the ``--set`` overrides of the job's trainer: the client's, then the service's."""
+    request = TrainingRequest.from_dict(spec["request"])
+    argv = ["--config", str(root / "recipe.yaml")]
     sets = [*request.overrides, *request.budget_overrides()]
     sets += _time_limit(spec.get("recipe_text") or "", sets, config)
     if spec.get("base"):
@@ -582,9 +617,48 @@ def trainer_argv(spec: dict[str, Any], root: Path, config: TrainingConfig, resum
     ]
     for text in sets:
         argv += ["--set", text]
-    if resume:
-        argv += ["--resume", str(root / spec["run_dir"])]
     return argv
+
+
+def check_recipe(spec: dict[str, Any], config: TrainingConfig, env: dict[str, str],
+                 public: Callable[[str, Path], str]) -> None:
+    """Refuse a job whose trainer would refuse its recipe: run ``python -m training --check`` (``check_argv``) in a
+    scratch folder under ``<state_dir>/training``, removed after.
+
+    ``public(message, folder)`` makes the trainer's message one a client may read (the scratch folder and the
+    server's other paths named, not shown).
+
+    Raises:
+        InvalidArgument: the trainer's own message (``training: error: ...``).
+        DeadlineExceeded: the check ran longer than ``RECIPE_CHECK_TIMEOUT_S``.
+        FailedPrecondition: the check failed without saying why in its own terms (it could not start, or crashed).
+    """
+    parent = Path(config.state_dir) / "training"
+    parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=".check-", dir=parent))
+    try:
+        (root / "recipe.yaml").write_text(spec["recipe_text"], encoding="utf-8")
+        try:
+            done = subprocess.run(check_argv(spec, root, config), cwd=config.workdir, env=env,
+                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=RECIPE_CHECK_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise DeadlineExceeded(f"the trainer's check of the recipe took more than {RECIPE_CHECK_TIMEOUT_S:g} s; "
+                                   "the server is busy: submit again later") from None
+        except OSError as exc:
+            raise FailedPrecondition(f"this server cannot start its trainer ({config.python}): "
+                                     f"{exc.strerror or 'cannot run it'}") from None
+        if done.returncode == 0:
+            return
+        lines = done.stderr.decode("utf-8", "replace").splitlines()
+        said = next((m.group(1).strip() for line in reversed(lines) if (m := TRAINER_ERROR.fullmatch(line.strip()))),
+                    None)
+        if said is not None:
+            raise InvalidArgument(public(said, root)[:MAX_REASON_CHARS])
+        last = next((line.strip() for line in reversed(lines) if any(c.isalnum() for c in line)), "")
+        raise FailedPrecondition(public(f"the trainer's check of the recipe failed (exit code {done.returncode})"
+                                        + (f": {last}" if last else ""), root)[:MAX_REASON_CHARS])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _yaml_text(text: str) -> str:

@@ -66,7 +66,8 @@ def store(tmp_path: Path):
 def _runner(tmp_path: Path, store: JobStore, registry: DatasetRegistry, **config) -> TrainingRunner:
     manager = SimpleNamespace(repository=ModelRepository(tmp_path / "repo"))
     return TrainingRunner(store, manager, registry,  # type: ignore[arg-type]
-                          TrainingConfig(state_dir=tmp_path / "state", kill_grace_s=1.0, **config))
+                          TrainingConfig(state_dir=tmp_path / "state", kill_grace_s=1.0,
+                                         check_recipes=False, **config))
 
 
 def _run_one(runner: TrainingRunner, job: Job) -> Job:

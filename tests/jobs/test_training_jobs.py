@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -43,7 +44,8 @@ def store(tmp_path: Path):
 
 def _runner(tmp_path: Path, store: JobStore) -> TrainingRunner:
     manager = SimpleNamespace(repository=ModelRepository(tmp_path / "repo"))
-    return TrainingRunner(store, manager, _Datasets(), TrainingConfig(state_dir=tmp_path / "state"))  # type: ignore[arg-type]
+    config = TrainingConfig(state_dir=tmp_path / "state", check_recipes=False)  # stand-in datasets: no check
+    return TrainingRunner(store, manager, _Datasets(), config)  # type: ignore[arg-type]
 
 
 def _both_miss_the_first_lookup(monkeypatch: pytest.MonkeyPatch, store: JobStore) -> None:
@@ -143,9 +145,10 @@ def test_a_relative_state_dir_reaches_the_trainer_as_absolute_paths(tmp_path, mo
                                guard_deletes=lambda users: None)
     monkeypatch.chdir(tmp_path)
     config = training_config(argparse.Namespace(state_dir="out/state", max_training_jobs=1))
+    config = dataclasses.replace(config, check_recipes=False)  # a stand-in dataset: no check at submission
     spawned: list[tuple[list[str], Path]] = []
 
-    def spawn(argv, *, log_path, cwd=None, env=None):  # type: ignore[no-untyped-def]
+    def spawn(argv, *, log_path, cwd=None, env=None, parent_death_signal=None):  # type: ignore[no-untyped-def]
         spawned.append((list(argv), Path(cwd)))
         raise SegsvcError("the test stops here")
 
@@ -211,7 +214,8 @@ def _runner_with_spec(tmp_path: Path, store: JobStore, **config) -> TrainingRunn
                                guard_deletes=lambda users: None)
     manager = SimpleNamespace(repository=ModelRepository(tmp_path / "repo"))
     return TrainingRunner(store, manager, datasets,  # type: ignore[arg-type]
-                          TrainingConfig(state_dir=tmp_path / "state", kill_grace_s=1.0, **config))
+                          TrainingConfig(state_dir=tmp_path / "state", kill_grace_s=1.0,
+                                         check_recipes=False, **config))
 
 
 def test_a_mistyped_override_fails_the_job_with_the_trainer_s_own_error(tmp_path, store):
@@ -283,7 +287,7 @@ def test_a_trainer_whose_group_cannot_be_stored_is_stopped_before_it_runs(tmp_pa
     started: list[training.GroupProcess] = []
     real_spawn, real_set_progress = training.GroupProcess.spawn, store.set_progress
 
-    def spawn(argv, *, log_path, cwd=None, env=None):  # type: ignore[no-untyped-def]
+    def spawn(argv, *, log_path, cwd=None, env=None, parent_death_signal=None):  # type: ignore[no-untyped-def]
         started.append(real_spawn([sys.executable, "-c", "import sys; open(sys.argv[1], 'x').close()", str(ran)],
                                   log_path=log_path))
         return started[-1]
@@ -301,7 +305,8 @@ def test_a_trainer_whose_group_cannot_be_stored_is_stopped_before_it_runs(tmp_pa
     monkeypatch.setattr(training.GroupProcess, "spawn", spawn)
     monkeypatch.setattr(store, "set_progress", set_progress)
     manager = SimpleNamespace(repository=ModelRepository(tmp_path / "repo"))
-    runner = TrainingRunner(store, manager, datasets, TrainingConfig(state_dir=tmp_path / "state"))  # type: ignore[arg-type]
+    config = TrainingConfig(state_dir=tmp_path / "state", check_recipes=False)  # stand-in datasets: no check
+    runner = TrainingRunner(store, manager, datasets, config)  # type: ignore[arg-type]
 
     async def main() -> Job:
         job = await runner.submit(REQUEST)

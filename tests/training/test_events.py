@@ -122,3 +122,18 @@ def test_sigterm_stops_cleanly_and_the_run_resumes(tiny_recipe, monkeypatch):
     starts = [e for e in events if e["event"] == "start"]
     assert [s["start_epoch"] for s in starts] == [0, 1] and events[-1]["status"] == "completed"
     assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2, 3]
+
+
+def test_a_domain_error_ends_the_run_with_its_message_and_no_class_name(tmp_path):
+    """A refusal raised during a run (an index range that does not fit the split) ended the events with
+    "InvalidArgument: index range ...", and the job's error showed the class name to the client."""
+    from segsvc.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument):
+        with EventLog(tmp_path / EVENTS_FILE):
+            raise InvalidArgument("index range [0, 100000) does not fit a split of 8 samples")
+    with pytest.raises(ZeroDivisionError):
+        with EventLog(tmp_path / "other" / EVENTS_FILE):
+            raise ZeroDivisionError("division by zero")
+    assert events_of(tmp_path)[-1]["reason"] == "index range [0, 100000) does not fit a split of 8 samples"
+    assert events_of(tmp_path / "other")[-1]["reason"] == "ZeroDivisionError: division by zero"  # a bug keeps it
