@@ -331,6 +331,25 @@ def test_an_onnx_versions_memory_does_not_depend_on_earlier_traffic(repo):
     assert eager / 2 <= before <= eager * 4, (before, eager)
 
 
+def test_an_onnx_graph_whose_shapes_are_known_is_counted_without_running_it(repo, monkeypatch):
+    """The count ran a second ONNX Runtime session with every node output returned: for FCN-8s (537 MB of
+    weights) four copies of the weights at once, 1.5 GB over the load's own peak and 7 s. Shape inference on
+    the graph without its weights gives the same sizes; a session runs only where a shape stays unknown."""
+    import segsvc.inference.backends.ort as ort_backend
+
+    data = ort_backend.read_onnx_export(repo / "plain" / "1", read_manifest(repo / "plain" / "1"))[1]
+    probe = np.zeros((1, 3, 64, 64), np.float32)
+    light = ort_backend._light(__import__("onnx").load_model_from_string(data), probe.shape)
+    assert ort_backend._inferred_sizes(light) == ort_backend._run_sizes(data, light, probe)  # the same sizes
+    counted = ort_backend.peak_live_tensors(data, probe)
+
+    def no_session(*_args):  # type: ignore[no-untyped-def]
+        raise AssertionError("a session was run for a graph whose shapes shape inference knows")
+
+    monkeypatch.setattr(ort_backend, "_run_sizes", no_session)
+    assert ort_backend.peak_live_tensors(data, probe) == counted > 0
+
+
 def test_training_validation_runs_the_same_backend(repo):
     """The trainer's evaluate() takes a backend: same padding and crop as serving."""
     from torch.utils.data import DataLoader, TensorDataset

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import math
 import os
 import stat
 from dataclasses import replace
@@ -39,46 +40,99 @@ def peak_live_tensors(data: bytes, probe: np.ndarray) -> int | None:
     """The most bytes of node outputs alive at once when the graph ``data`` runs on ``probe``: each output
     counted from the node that makes it until its last reader has run (the graph's outputs to the end).
 
-    The tensors' sizes come from ONNX Runtime, which runs a copy of the graph that returns every node output
-    (unoptimised, so each output exists). Like the torch backend's layer-output count, this depends on the
-    graph and the input alone: the process's resident memory, which an earlier measurement used, does not
-    grow when the allocator reuses memory earlier traffic freed, and a version loaded after traffic then
-    measured the floor of 1 byte per pixel. ``None`` for a graph this cannot run (subgraphs are not followed).
+    Like the torch backend's layer-output count, this depends on the graph and the input alone: the
+    process's resident memory, which an earlier measurement used, does not grow when the allocator reuses
+    memory earlier traffic freed, and a version loaded after traffic then measured the floor of 1 byte per
+    pixel. The sizes come from ONNX shape inference on the graph without its weights (``_light``: a few
+    milliseconds, no copy of the weights kept); where it leaves a shape unknown (a size computed at run time,
+    as SegNet's max-unpooling export does), from ONNX Runtime running a copy that returns every node output
+    (``_run_sizes``). ``None`` for a graph neither can size (subgraphs are not followed).
     """
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(data)
+        light = _light(model, probe.shape)
+        del model  # the weights: the sizes below need the graph alone
+        sizes = _inferred_sizes(light)
+        if sizes is None:
+            sizes = _run_sizes(data, light, probe)
+    except Exception:  # onnx and onnxruntime raise their own exception types
+        log.warning("cannot count the live tensors of the exported graph", exc_info=True)
+        return None
+    nodes = list(light.graph.node)
+    finals = {o.name for o in light.graph.output}
+    last_read = {name: i for i, node in enumerate(nodes) for name in node.input}
+    now = peak = 0
+    for i, node in enumerate(nodes):
+        now += sum(sizes[name] for name in node.output if name)
+        peak = max(peak, now)
+        now -= sum(sizes[name] for name in set(node.input)
+                   if name in sizes and name not in finals and last_read[name] == i)
+    return peak
+
+
+# Weights of at most this many elements stay values in ``_light``'s graph: shape constants (a Reshape's target,
+# a Resize's scales) that shape inference reads; larger ones become inputs of their shape.
+_CONSTANT_ELEMENTS = 1024
+
+
+def _light(model: Any, input_shape: tuple[int, ...]) -> Any:
+    """``model``'s graph with its input fixed to ``input_shape`` and its weights reduced to their shapes."""
+    from onnx import helper
+
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    inputs = [helper.make_tensor_value_info(i.name, i.type.tensor_type.elem_type, list(input_shape))
+              for i in graph.input if i.name not in weights]
+    constants = [t for t in graph.initializer if math.prod(t.dims) <= _CONSTANT_ELEMENTS]
+    inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+               for t in graph.initializer if math.prod(t.dims) > _CONSTANT_ELEMENTS]
+    light = helper.make_graph(list(graph.node), graph.name, inputs, list(graph.output), constants)
+    return helper.make_model(light, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+def _inferred_sizes(light: Any) -> dict[str, int] | None:
+    """Bytes of each node output by ONNX shape inference (with data propagation); None if one stays unknown."""
+    from onnx import helper, shape_inference
+
+    inferred = shape_inference.infer_shapes(light, data_prop=True).graph
+    known = {v.name: v.type.tensor_type for v in [*inferred.value_info, *inferred.output]}
+    sizes = {}
+    for name in (name for node in light.graph.node for name in node.output if name):
+        tensor = known.get(name)
+        if tensor is None or not tensor.HasField("shape") or not all(d.HasField("dim_value") for d in tensor.shape.dim):
+            return None
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type)).itemsize
+        sizes[name] = math.prod(d.dim_value for d in tensor.shape.dim) * itemsize
+    return sizes
+
+
+def _run_sizes(data: bytes, light: Any, probe: np.ndarray) -> dict[str, int]:
+    """Bytes of each node output, from ONNX Runtime running the graph ``data`` on ``probe`` with every node
+    output returned (typed by ``light``'s shape inference; unoptimised, so each exists)."""
     import onnx
     import onnxruntime as ort
     from onnx import shape_inference
 
-    try:
-        model = onnx.load_model_from_string(data)
-        typed = shape_inference.infer_shapes(model).graph
-        known = {v.name: v for v in [*typed.value_info, *typed.output]}
-        nodes = list(model.graph.node)
-        finals = {o.name for o in model.graph.output}
-        made = [name for node in nodes for name in node.output if name]
-        for name in made:
-            if name not in finals:
-                if name not in known:
-                    return None
-                model.graph.output.append(known[name])
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.intra_op_num_threads = 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        values = session.run(None, {session.get_inputs()[0].name: probe})
-    except Exception:  # onnx and onnxruntime raise their own exception types
-        log.warning("cannot count the live tensors of the exported graph", exc_info=True)
-        return None
-    size = {out.name: int(np.asarray(value).nbytes) for out, value in zip(session.get_outputs(), values)}
-    last_read = {name: i for i, node in enumerate(nodes) for name in node.input}
-    now = peak = 0
-    for i, node in enumerate(nodes):
-        now += sum(size[name] for name in node.output if name)
-        peak = max(peak, now)
-        now -= sum(size[name] for name in set(node.input)
-                   if name in size and name not in finals and last_read[name] == i)
-    return peak
+    typed = shape_inference.infer_shapes(light).graph
+    known = {v.name: v for v in [*typed.value_info, *typed.output]}
+    model = onnx.load_model_from_string(data)
+    finals = {o.name for o in model.graph.output}
+    for name in (name for node in model.graph.node for name in node.output if name):
+        if name not in finals:
+            model.graph.output.append(known[name])
+    graph = model.SerializeToString()
+    del model  # one copy of the weights at a time, besides ``data``
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    del graph
+    values = session.run(None, {session.get_inputs()[0].name: probe})
+    return {out.name: int(np.asarray(value).nbytes) for out, value in zip(session.get_outputs(), values)}
 
 
 # protobuf's limit on one message: a bigger graph needs external data, which a served export may not have.
