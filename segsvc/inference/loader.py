@@ -152,8 +152,12 @@ class VersionLoader:
         self.record.seen(name, entries)
         return entries
 
-    async def build(self, name: str, entry: VersionEntry, auto: bool) -> LoadedModel:
-        """Load ``entry`` with its batcher started; on failure record the reason (relative paths) and re-raise."""
+    async def build(self, name: str, entry: VersionEntry, auto: bool,
+                    stats: VersionStatistics | None = None) -> LoadedModel:
+        """Load ``entry`` with its batcher started; on failure record the reason (relative paths) and re-raise.
+
+        ``stats``: what the version has served so far (a reload of changed files goes on counting), else none.
+        """
         v = entry.version
         started = time.perf_counter()
         try:
@@ -171,7 +175,7 @@ class VersionLoader:
                           name, v, reason)
             raise
         batching = self.batching.for_model(engine.bytes_per_pixel)
-        stats = VersionStatistics()
+        stats = stats if stats is not None else VersionStatistics()
         batcher = DynamicBatcher(
             _counted(engine, stats),
             batching,

@@ -51,10 +51,16 @@ those it was built from (``VersionLoader.unchanged``; no hashing when nothing
 changed, and the loaded instance stays). A version whose files changed (an
 export written again, new weights) is built beside the loaded one and swapped
 in like a new version: one assignment, then the old instance retires as a
-replaced version does. A build that fails leaves the old instance serving, is
-recorded like any failed load, and is raised to the caller. ``load(name)``
-reloads every version of the model that is loaded (and on disk), besides
-loading its newest; ``retain`` and the poller never reload.
+replaced version does, and the new one goes on with its statistics (it is the
+same version). A build that fails leaves the old instance serving and is
+recorded: the version stays READY, with the failure as its reason, and is not
+a failed version (``failed_versions``, the metric) while it serves.
+``load(name)`` reloads every version of the model that was loaded (and is on
+disk), besides loading its newest; it raises only when the version it
+resolves to fails, and the failure of another is logged. Either way the call
+has done its work (the ``unload`` marks cleared, a numbered version kept until
+unloaded) once its version is in place, before any reload. ``retain`` and the
+poller never reload.
 
 "The latest" is the newest version that *loads*: a corrupt or half-copied
 newest version is recorded as failed (with its reason, reported by
@@ -306,58 +312,74 @@ class ModelManager:
         """``load``'s work, in its own task (``_joined``)."""
         async with self._model_lock(name):
             try:
+                before = self._models.get(name) or {}
                 if version is None:
-                    lm = await self._follow(name, retry_unchanged=True, reload=True)
+                    lm = await self._follow(name, retry_unchanged=True)
                 else:
-                    lm = await self._load_version(name, version, reload=True)
+                    lm = await self._load_version(name, version)
                     lm.auto = False  # asked for by number: keep it until unloaded
+                # its version is in place (loaded before, or now): whatever a reload below does, the model is loaded
                 self._unloaded_models.discard(name)  # loaded again: the poller follows it again
                 self._unloaded_versions.pop(name, None)
-                return lm
+                return await self._reload_loaded(name, before, lm, only=version is not None)
             finally:
                 self._changed()  # loaded, or a failure recorded: health and status follow
 
-    async def _load_version(self, name: str, version: int, reload: bool = False) -> LoadedModel:
-        """``name:version``, loaded now (automatic) unless it already is; with ``reload``, a loaded one is
-        loaded again if its files changed (``_reload``). Call with the model's lock held."""
+    async def _load_version(self, name: str, version: int) -> LoadedModel:
+        """``name:version``, loaded now (automatic) unless it already is. Call with the model's lock held."""
         lm = (self._models.get(name) or {}).get(version)
-        if lm is not None and not reload:
+        if lm is not None:
             return lm
         entries = await self.loader.scan(name)
         entry = next((e for e in entries if e.version == version), None)
-        if entry is None:  # a loaded one whose files are gone keeps serving; the caller learns why it was not reloaded
+        if entry is None:
             versions = [e.version for e in entries if not e.problem]
             raise UnknownVersion(f"model {name!r} has no version {version}; versions: {versions}")
-        if lm is not None:
-            return await self._reload(name, entry, lm)
         return await self._install(name, entry, auto=True)
 
-    async def _follow(self, name: str, retry_unchanged: bool, reload: bool = False) -> LoadedModel:
+    async def _follow(self, name: str, retry_unchanged: bool) -> LoadedModel:
         """Scan, then follow the DEFAULT pointer and load the newest version that loads; call with the lock held.
 
         The pointer is read after the scan: a job that pins DEFAULT and then publishes a version
-        (a gate-rejected candidate) is seen with its pointer whenever its version is seen. With ``reload``
-        (``load``), the versions that were loaded already and are still are then loaded again where their files
-        changed, newest first; the first that fails is raised once every one was tried (each keeps serving).
+        (a gate-rejected candidate) is seen with its pointer whenever its version is seen.
         """
         entries = await self.loader.scan(name)
-        before = self._models.get(name) or {}
         await self._sync_default(name, entries, retry_unchanged)
-        chosen = await self._load_newest(name, entries, retry_unchanged)
-        if not reload:
-            return chosen
+        return await self._load_newest(name, entries, retry_unchanged)
+
+    async def _reload_loaded(self, name: str, before: dict[int, LoadedModel], lm: LoadedModel,
+                             only: bool) -> LoadedModel:
+        """``load``'s reload: the versions of ``before`` (loaded when the call began) still in place, loaded again
+        where their files changed (``_reload``), newest first; with ``only``, ``lm``'s version alone. Returns that
+        version's instance (``lm``, or the one that replaced it). Call with the model's lock held.
+
+        Raises:
+            UnknownVersion: ``lm``'s version, named, was loaded and is no longer on disk (it serves on).
+            the error of ``lm``'s version's build (the instance loaded before serves on). Another version's failure
+                is logged and recorded, not raised: the caller did not ask for it, and it serves on too.
+        """
+        version = lm.version
+        if not before or (only and version not in before):
+            return lm  # nothing was loaded before the call: nothing to load again
+        entries = await self.loader.scan(name)
+        if only and version in before and all(e.version != version for e in entries):
+            versions = [e.version for e in entries if not e.problem]
+            raise UnknownVersion(f"model {name!r} has no version {version}; versions: {versions}")
         failure: Exception | None = None
         for entry in reversed(entries):
             old = before.get(entry.version)
-            if old is None or (self._models.get(name) or {}).get(entry.version) is not old:
-                continue  # not loaded before this call, or gone or replaced since
+            if old is None or (only and entry.version != version):
+                continue  # not loaded before this call (built just now, or not at all)
+            if (self._models.get(name) or {}).get(entry.version) is not old:
+                continue  # gone or replaced since
             try:
                 await self._reload(name, entry, old)
-            except Exception as exc:  # recorded and logged; the old instance serves on
-                failure = failure or exc
+            except Exception as exc:  # recorded by the loader and logged by _reload; the old instance serves on
+                if entry.version == version:
+                    failure = exc
         if failure is not None:
             raise failure
-        return (self._models.get(name) or {}).get(chosen.version, chosen)
+        return (self._models.get(name) or {}).get(version, lm)
 
     async def _load_newest(self, name: str, entries: list[VersionEntry], retry_unchanged: bool) -> LoadedModel:
         """The newest of ``entries`` that loads (already loaded, or loaded now); call with the model's lock held.
@@ -406,18 +428,18 @@ class ModelManager:
         """``old`` loaded again from ``entry`` when its files changed since it was built, else ``old`` itself.
 
         The new instance is built beside ``old`` and swapped in with one assignment; ``old`` retires as a
-        replaced version does (requests holding it finish on it, its queue drains). A build that fails
-        installs nothing: ``old`` serves on and the error (recorded by the loader) is raised. Call with the
-        model's lock held.
+        replaced version does (requests holding it finish on it, its queue drains); the new one keeps ``old``'s
+        statistics. A build that fails installs nothing: ``old`` serves on and the error (recorded by the loader:
+        the READY version's reason) is raised. Call with the model's lock held.
         """
         if await self.loader.unchanged(old):
             return old
         log.info("model %s: version %d changed on disk; loading it again", name, entry.version)
         try:
-            lm = await self.loader.build(name, entry, old.auto)
+            lm = await self.loader.build(name, entry, old.auto, stats=old.stats)  # the same version
         except Exception:
-            log.warning("model %s: version %d was not loaded again; the instance loaded before serves on",
-                        name, entry.version)
+            log.warning("model %s: version %d was not loaded again; the instance loaded before serves on "
+                        "(GetModel shows why)", name, entry.version)
             raise
         table = self._models.get(name) or {}
         self._models = {**self._models, name: {**table, entry.version: lm}}
@@ -766,8 +788,11 @@ class ModelManager:
         return [(name, lm.batcher.stats) for name, table in list(self._models.items()) for lm in list(table.values())]
 
     def failed_versions(self) -> list[tuple[str, int, str]]:
-        """``(model, version, reason)`` of every version whose last load failed; safe from any thread."""
-        return self.record.rows()
+        """``(model, version, reason)`` of every version whose last load failed and that does not serve; safe from
+        any thread. A version whose reload failed serves on from the instance loaded before: it is READY, with the
+        failure as its reason (``describe``), and is listed here once it no longer serves (unloaded, replaced)."""
+        models = self._models
+        return [(name, v, reason) for name, v, reason in self.record.rows() if v not in models.get(name, {})]
 
     def model_health(self) -> dict[str, bool]:
         """Every model a load was attempted for -> whether some version of it is loaded now.

@@ -15,8 +15,9 @@ a ``ModelInfer`` call with N images counts N. Per image:
 
 Every image of a batch reports its batch's ``compute_infer`` and
 ``compute_output``, as Triton's backends do. Each successful batch counts one
-execution, under its size. The figures live as long as the loaded version:
-a reload starts from zero.
+execution, under its size. The figures live as long as the loaded version: an
+unload and a load start from zero; a reload of changed files (LoadModel of a
+loaded version) keeps them.
 
 Example:
     >>> stats = VersionStatistics()

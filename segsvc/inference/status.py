@@ -22,18 +22,23 @@ if TYPE_CHECKING:
     from segsvc.inference.loader import LoadedModel
 
 
+# the reason of a READY version whose reload failed, before the failure's own
+SERVES_ON = "its files changed and did not load again; the instance loaded before serves on: "
+
+
 class VersionState(str, enum.Enum):
     """Where one version of a model stands on this server."""
 
     AVAILABLE = "AVAILABLE"  # in the repository, not loaded (never tried, unloaded, or replaced)
     LOADING = "LOADING"  # being loaded now
-    READY = "READY"  # loaded and accepting requests
+    READY = "READY"  # loaded and accepting requests (a ``reason``: its files changed and did not load again)
     FAILED = "FAILED"  # its last load failed, or it is refused (see ``reason``)
 
 
 @dataclass(frozen=True)
 class VersionStatus:
-    """One version's state; ``reason`` says why it FAILED (paths relative to the repository root)."""
+    """One version's state; ``reason`` says why it FAILED, or why a READY version's files did not load again
+    (the instance loaded before serves on); paths relative to the repository root."""
 
     version: int
     state: VersionState
@@ -147,8 +152,9 @@ class LoadRecord:
         loading = {k[1] for k in self._loading if k[0] == name}
         out = []
         for v in sorted(set(problems) | set(ready) | loading | set(failed)):
-            if v in ready:
-                out.append(VersionStatus(v, VersionState.READY if ready[v] else VersionState.AVAILABLE))
+            if v in ready:  # a failure recorded for it is a reload's: it serves on from what loaded before
+                reason = f"{SERVES_ON}{failed[v].reason}" if v in failed else ""
+                out.append(VersionStatus(v, VersionState.READY if ready[v] else VersionState.AVAILABLE, reason))
             elif v in loading:
                 out.append(VersionStatus(v, VersionState.LOADING))
             elif problems.get(v):

@@ -19,8 +19,9 @@ Exposed on ``--metrics-port`` at ``/metrics``:
   ``MemoryBudget``), before any batch queue: they are in no ``segsvc_queue_depth``, so a backlog (or a
   queue-depth autoscaler) sums both; 0 until ``watch_memory`` gives the budget;
 - ``segsvc_loaded_models`` loaded model versions, and ``segsvc_model_loaded{model, version, default}``;
-- ``segsvc_model_version_failed{model, version}`` 1 per version whose last load failed (corrupt,
-  incomplete, mismatched manifest, symlink out of the repository); the reason is in
+- ``segsvc_model_version_failed{model, version}`` 1 per version whose last load failed and that is not serving
+  (corrupt, incomplete, mismatched manifest, symlink out of the repository; a version whose reload failed serves
+  on and shows the reason on its READY status); the reason is in
   ``GetModel``'s ``version_status`` and the log, never in a label;
 - ``segsvc_calls_in_flight`` places the call limit has given (calls in progress, images streams hold) and
   ``segsvc_calls_limit`` (``--max-concurrent-rpcs``), once ``watch_calls`` is called;
@@ -175,7 +176,8 @@ class _ModelsCollector(Collector):
         yield GaugeMetricFamily("segsvc_loaded_models", "Number of loaded model versions", value=len(rows))
         if self._failed is not None:
             failed = GaugeMetricFamily("segsvc_model_version_failed",
-                                       "1 per model version whose last load failed (see GetModel for the reason)",
+                                       "1 per model version whose last load failed and that is not serving (see GetModel "
+                                       "for the reason)",
                                        labels=["model", "version"])
             for name, version, _reason in self._failed():
                 failed.add_metric([name, str(version)], 1)

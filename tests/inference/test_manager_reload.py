@@ -29,6 +29,7 @@ from segsvc.inference.engine import EngineConfig, InferenceOptions
 from segsvc.inference.loader import VersionLoader
 from segsvc.inference.manager import ManagerConfig, ModelManager
 from segsvc.inference.repository import ModelRepository
+from segsvc.inference.status import SERVES_ON, ModelStatus
 from segsvc.models.artifact import MANIFEST_FILE, WEIGHTS_FILE
 from tests.server.conftest import make_image, publish
 
@@ -118,6 +119,10 @@ async def _segment(manager: ModelManager) -> tuple[int, ...]:
     return tuple(np.asarray(result.value.labels).shape)
 
 
+def _states(status: ModelStatus) -> list[tuple[int, str, str]]:
+    return [(s.version, s.state.value, s.reason) for s in status.version_status]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_load_of_a_version_whose_file_was_overwritten_fails_and_the_old_instance_serves_on(tmp_path, backend,
                                                                                             builds):
@@ -134,7 +139,12 @@ def test_a_load_of_a_version_whose_file_was_overwritten_fails_and_the_old_instan
             assert str(caught.value) == str(fresh)  # what a first load of the same files says
         assert manager.resolve("m", None) is old and manager.loaded("m") == [old]
         assert await _segment(manager) == (16, 16)  # the old instance still serves
-        assert ("m", 1) in {(name, v) for name, v, _ in manager.failed_versions()}  # and the failure is reported
+        # it serves, so it is no failed version (no alert): READY, with the failure as its reason
+        assert manager.failed_versions() == []
+        assert _states(await manager.describe("m")) == [(1, "READY", SERVES_ON + str(fresh))]
+        await manager.unload("m")  # once it no longer serves, its files are what a load would use: FAILED
+        assert manager.failed_versions() == [("m", 1, str(fresh))]
+        assert _states(await manager.describe("m")) == [(1, "FAILED", str(fresh))]
 
     _served(tmp_path, backend, check)
     assert builds[1] == 2 + 2  # the first load, two reloads that failed, the fresh manager's load
@@ -192,3 +202,49 @@ def test_a_load_of_an_unchanged_version_keeps_its_instance_and_builds_nothing(tm
 
     _served(tmp_path, backend, check)
     assert builds[1] == 1
+
+
+def test_a_load_of_the_model_is_not_failed_by_an_older_version_it_did_not_name(tmp_path, builds):
+    """Review: versions 1-3, 1 loaded by number, 3 unloaded, 1's weights damaged on disk. ``load("m")`` (OIP's
+    load_model, LoadModel without a version, a training job after publishing) raised about m/1 and left the unload
+    mark on 3, so requests without a version went to 1 and the poller ignored 3."""
+    for v in (1, 2, 3):
+        publish(tmp_path, "m", seed=v, version=v)
+
+    async def check(manager: ModelManager) -> None:
+        one = await manager.load("m", 1)
+        await manager.unload("m", 3)
+        assert manager.default_version("m") == 1
+        (tmp_path / "m" / "1" / WEIGHTS_FILE).write_bytes(b"garbage\n")
+        three = await manager.load("m")  # 1 fails to load again: logged and shown, not raised
+        assert three.version == 3 and [lm.version for lm in manager.loaded("m")] == [1, 3]
+        assert manager.default_version("m") == 3 and not manager._unloaded_versions  # the unload mark is gone
+        assert manager.resolve("m", 1) is one and one.batcher.running  # 1 serves on from what loaded before
+        assert manager.failed_versions() == []
+        (v1, state, reason), _, v3 = _states(await manager.describe("m"))
+        assert (v1, state) == (1, "READY") and reason.startswith(SERVES_ON) and "m/1/weights.safetensors" in reason
+        assert v3 == (3, "READY", "")
+        with pytest.raises(ArtifactError, match="m/1/weights.safetensors"):  # named, it is raised
+            await manager.load("m", 1)
+        assert manager.resolve("m", 1) is one and manager.default_version("m") == 3
+
+    _served(tmp_path, "torch", check)
+    assert builds == Counter({1: 3, 3: 2})  # 1: its load, two reloads that failed; 3: at start, then load("m")
+
+
+@pytest.mark.parametrize("version", [None, 1])
+def test_a_reload_keeps_the_version_s_statistics(tmp_path, version):
+    folder, _ = _version(tmp_path, "onnxruntime")
+
+    async def check(manager: ModelManager) -> None:
+        old = manager.resolve("m", 1)
+        await _segment(manager)
+        counted = old.stats.snapshot()
+        assert counted.execution_count == 1
+        _export(folder, (3.0, 2.0, 1.0), "model-b.onnx")
+        new = await manager.load("m", version)
+        assert new is not old and new.stats.snapshot() == counted  # the same version: its counts go on
+        await _segment(manager)
+        assert new.stats.snapshot().execution_count == 2
+
+    _served(tmp_path, "onnxruntime", check)
