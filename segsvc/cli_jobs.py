@@ -72,6 +72,7 @@ def follow(job, args: argparse.Namespace) -> int | None:  # type: ignore[no-unty
 
 
 SHOWN_FAILURES = 20  # printed by jobs wait/status; the job's failures file lists every one
+TIMEOUT_S = 60.0  # --timeout-s by default: each call's deadline, and how long a fetch waits for the server to send
 
 
 def _print_result(job) -> int:  # type: ignore[no-untyped-def]
@@ -102,7 +103,7 @@ def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argpa
     common.add_argument("--token-file", default=None, help="bearer token file (else $SEGSVC_AUTH_TOKEN)")
     common.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
     common.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate")
-    common.add_argument("--timeout-s", type=float, default=60.0,
+    common.add_argument("--timeout-s", type=float, default=TIMEOUT_S,
                         help="deadline of each call; for fetch, the longest the server may send nothing (default 60)")
 
     p = sub.add_parser("jobs", help="batch segmentation and training jobs on a server: submit, list, status, wait, "
@@ -230,6 +231,8 @@ def _fetch_again(job_id: str, args: argparse.Namespace) -> str:
     flags += ["--tls"] if args.tls else []
     flags += [f"--{name.replace('_', '-')} {shlex.quote(value)}"
               for name in ("tls_ca", "token_file") if (value := getattr(args, name))]
+    timeout_s = getattr(args, "timeout_s", TIMEOUT_S)
+    flags += [f"--timeout-s {timeout_s:g}"] if timeout_s != TIMEOUT_S else []
     return f"segsvc jobs fetch {job_id} {' '.join(flags)}"
 
 
@@ -241,10 +244,12 @@ def _fetch(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-
     try:
         files = job.fetch(args.out, progress=args.progress)
     except StreamLost as lost:  # the server died ("Stream removed (Socket closed)") or a stopping one cancelled it
+        # ``written`` counts this fetch's files only, and a new fetch downloads every file again (replacing them)
         written = lost.written
-        raise Unavailable(f"lost the server at {args.server} while fetching job {job.id}; {written} whole "
-                          f"{'file is' if written == 1 else 'files are'} in {args.out}: run "
-                          f"`{_fetch_again(job.id, args)}` again when the server is back to fetch the rest") from None
+        raise Unavailable(f"lost the server at {args.server} while fetching job {job.id}; {written} "
+                          f"{'file' if written == 1 else 'files'} written into {args.out} before it went: run "
+                          f"`{_fetch_again(job.id, args)}` again when it is back (it fetches every file "
+                          "again)") from None
     if not files:
         raise SegsvcError(f"job {args.job} has no output files" + (" yet" if running else ""))
     print(f"fetched {len(files)} files into {args.out}")

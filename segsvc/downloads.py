@@ -5,7 +5,8 @@ changed are synced before ``download`` returns. A name the server sends is confi
 (symlinks included), a file sent twice is refused, and what a killed download left is removed by the
 next. A server that goes quiet for ``idle_timeout_s`` (ten times that before its first chunk) ends the
 download with ``DeadlineExceeded``; a stream the server broke (it died, or stopped) with ``StreamLost``, which
-says how many whole files are in.
+says how many whole files this download wrote. A download run again fetches every file again, replacing those
+there (which are whole: a file is renamed into place only once all of it is in).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ FIRST_WAIT_FACTOR = 10
 
 class StreamLost(Unavailable):
     """The server broke the stream (it died: "Stream removed", or a stopping one cancelled it) after ``written``
-    whole files were in; the file in progress was removed, so fetching again gets the rest."""
+    whole files were written by this download; the file in progress was removed. A new download fetches every
+    file again."""
 
     def __init__(self, message: str, written: int) -> None:
         super().__init__(message)
@@ -94,7 +96,7 @@ def download(stream: Iterable[jobs_pb.FileChunk], dest: str | os.PathLike, progr
         if watchdog.fired is not None:
             where = f" while {current.name!r} was at {current.size} bytes" if current is not None else ""
             raise DeadlineExceeded(f"the server sent nothing for {watchdog.fired:g} s{where}; {len(written)} whole "
-                                   "files are in: fetch again for the rest") from None
+                                   "files written: fetch again (it fetches every file again)") from None
         error = error_from_rpc(exc)
         if isinstance(error, (Unavailable, Cancelled)):
             raise StreamLost(str(error), len(written)) from None

@@ -2,7 +2,9 @@
 
 It printed gRPC's own "segsvc: error: Stream removed (Socket closed)" (a server killed with kill -9): nothing said
 that the files already written are whole, nor that running the same fetch again completes it, as `jobs wait` says
-for a lost server.
+for a lost server. The count is this fetch's files (not those the folder held before), and the fetch run again
+downloads every file again (it does not skip those there), so the message says so rather than "the rest"; the
+command to run again keeps the user's --timeout-s.
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ def finished_job(start_server, tmp_path):  # noqa: F811
     return server, job.id
 
 
-def test_a_server_lost_mid_fetch_says_how_many_files_are_in_and_how_to_fetch_the_rest(finished_job, tmp_path,
-                                                                                      monkeypatch, capsys):
+def test_a_server_lost_mid_fetch_says_how_many_files_it_wrote_and_how_to_fetch_again(finished_job, tmp_path,
+                                                                                     monkeypatch, capsys):
     """The server sends two whole files, then stops (the stream is cut while it was sending) once the client has
     written them: deterministic, no timing."""
     server, job_id = finished_job
@@ -71,12 +73,13 @@ def test_a_server_lost_mid_fetch_says_how_many_files_are_in_and_how_to_fetch_the
     out = tmp_path / "fetched"
     out.mkdir()
     (out / "kept.txt").write_text("there before the fetch")  # not counted: this fetch did not write it
-    code = main(["jobs", "fetch", job_id, "--server", server.address, "--out", str(out), "--no-progress"])
+    code = main(["jobs", "fetch", job_id, "--server", server.address, "--out", str(out), "--no-progress",
+                 "--timeout-s", "300"])
     err = _one_line(capsys)
     assert code == 2, err  # as `jobs wait` for a lost server
-    assert err == (f"segsvc: error: lost the server at {server.address} while fetching job {job_id}; 2 whole files "
-                   f"are in {out}: run `segsvc jobs fetch {job_id} --server {server.address} --out {out}` again "
-                   "when the server is back to fetch the rest\n"), err
+    assert err == (f"segsvc: error: lost the server at {server.address} while fetching job {job_id}; 2 files "
+                   f"written into {out} before it went: run `segsvc jobs fetch {job_id} --server {server.address} "
+                   f"--out {out} --timeout-s 300` again when it is back (it fetches every file again)\n"), err
     assert sorted(p for p in out.rglob("*") if p.is_file() and p.name != "kept.txt") == sorted(finished)
     assert not [p for p in out.rglob(".*") if ".part-" in p.name]  # the file in progress was removed
 
@@ -128,12 +131,12 @@ class _Client:
 ], ids=["server-killed", "server-stops"])
 def test_each_way_of_losing_the_server_mid_fetch_reads_the_same(tmp_path, code, details):
     args = argparse.Namespace(job="j1", server="host:1", out=str(tmp_path / "my out"), progress=False, tls=True,
-                              tls_ca="ca.pem", token_file=None)
+                              tls_ca="ca.pem", token_file=None, timeout_s=cli_jobs.TIMEOUT_S)
     with pytest.raises(Unavailable) as info:
         cli_jobs._fetch(_Client(_Job(_Cut(code, details))), args)
-    assert str(info.value) == (f"lost the server at host:1 while fetching job j1; 1 whole file is in {args.out}: run "
-                               f"`segsvc jobs fetch j1 --server host:1 --out '{args.out}' --tls --tls-ca ca.pem` "
-                               "again when the server is back to fetch the rest")
+    assert str(info.value) == (f"lost the server at host:1 while fetching job j1; 1 file written into {args.out} "
+                               f"before it went: run `segsvc jobs fetch j1 --server host:1 --out '{args.out}' --tls "
+                               "--tls-ca ca.pem` again when it is back (it fetches every file again)")
     assert details not in str(info.value)
     assert (tmp_path / "my out" / "labels" / "0.png").read_bytes() == b"whole"
     assert not (tmp_path / "my out" / "labels" / "1.png").exists()
@@ -144,3 +147,21 @@ def test_a_fetch_refused_for_another_reason_keeps_its_own_message(tmp_path):
                               tls_ca=None, token_file=None)
     with pytest.raises(NotFound, match="^job j1 has no outputs$"):
         cli_jobs._fetch(_Client(_Job(_Cut(grpc.StatusCode.NOT_FOUND, "job j1 has no outputs"))), args)
+
+
+def test_a_second_fetch_into_a_folder_with_files_counts_its_own_and_does_fetch_every_file_again(tmp_path):
+    """The folder holds two files of a first fetch; the second is cut after one file: it says 1 (its own), and
+    the file it wrote is the server's again (rewritten, not skipped), as "it fetches every file again" says."""
+    out = tmp_path / "out"
+    (out / "labels").mkdir(parents=True)
+    (out / "labels" / "0.png").write_bytes(b"old")
+    (out / "labels" / "1.png").write_bytes(b"old")
+    args = argparse.Namespace(job="j1", server="host:1", out=str(out), progress=False, tls=False, tls_ca=None,
+                              token_file=None, timeout_s=2.5)
+    with pytest.raises(Unavailable) as info:
+        cli_jobs._fetch(_Client(_Job(_Cut(grpc.StatusCode.UNAVAILABLE, "Socket closed"))), args)
+    assert str(info.value) == (f"lost the server at host:1 while fetching job j1; 1 file written into {out} before "
+                               f"it went: run `segsvc jobs fetch j1 --server host:1 --out {out} --timeout-s 2.5` "
+                               "again when it is back (it fetches every file again)")
+    assert (out / "labels" / "0.png").read_bytes() == b"whole"  # fetched again over the first fetch's copy
+    assert (out / "labels" / "1.png").read_bytes() == b"old"  # the cut came before its last chunk: kept as it was

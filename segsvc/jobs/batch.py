@@ -15,7 +15,8 @@ output names clash with another's (``outputs.item_write_problem``) are FAILED
 with their reason; the job still completes, and lists them in ``failures.jsonl`` (its result and summary
 hold only the first ``outputs.FAILURES_SHOWN``). A full output volume (ENOSPC, EDQUOT) pauses the job: the
 item stays PENDING, the job tries again after ``SPACE_PAUSE_S`` (growing while the volume stays full) and
-its progress says why (``paused_reason``) until an item goes through; a cancel ends the pause at once, a
+its progress says why (``paused_reason``, when the store can take it: a full volume may hold the store too;
+the pause happens either way) until an item goes through; a cancel ends the pause at once, a
 restart resumes the job like any other. A disk that refuses writes otherwise (read-only, permissions, I/O
 errors) fails the job with that reason. An item FAILED or SKIPPED
 keeps no files (a killed run may have renamed some into place), and a cancel
@@ -48,6 +49,7 @@ import errno
 import fcntl
 import logging
 import os
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +67,7 @@ from segsvc.jobs.outputs import (
     RESULTS_FILE, SUMMARY_FILE, JobOutputs, check_rel, checked_inputs, clean_temporaries, is_temporary,
     item_write_problem,
 )
+from segsvc.jobs import runner as job_runner
 from segsvc.jobs.runner import StoreRunner
 from segsvc.jobs.staging import StagingArea, UploadLimits
 from segsvc.jobs.store import Item, Job, JobStore
@@ -76,7 +79,7 @@ RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # back-off while the model's queue is full
 PAUSE_S = 5.0  # how long a job that met Unavailable waits before it runs again (the scheduler would re-run it at once)
 # A job whose output volume is full waits the first, then twice as long each time in a row, at most the second:
 # a volume freed soon is noticed soon, one left full for hours costs a retry a minute.
-SPACE_PAUSE_S = (5.0, 60.0)
+SPACE_PAUSE_S = job_runner.BACK_OFF_S
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # a write refused for lack of space (or quota)
 NO_SPACE_REASON = "no space left on the output volume; the job continues when space is freed"
 SWEEP_EVERY_S = 3600.0  # how often unreferenced uploads are looked for (more often when upload_ttl_s is shorter)
@@ -185,14 +188,6 @@ class _Run:
     paused_reason: str | None = None  # why the job is paused (published with its progress), until an item goes through
 
 
-@dataclass
-class _Pause:
-    """The pauses in a row of one job (its runs end at each; this outlives them): why, and how many so far."""
-
-    reason: str
-    count: int = 0
-
-
 class _NoSpace(Unavailable):
     """The output volume is full (ENOSPC) or the quota is spent (EDQUOT): the job pauses, its items stay PENDING."""
 
@@ -235,7 +230,6 @@ class JobRunner(StoreRunner):
         self._runs: dict[str, _Run] = {}  # type: ignore[assignment]
         self._sweeper: asyncio.Task | None = None
         self._state_lock: int | None = None  # the fd holding LOCK_FILE while started (or claimed)
-        self._pauses: dict[str, _Pause] = {}  # jobs paused in a row, until one of their items goes through
         self._claimed = False  # the lock was taken before ``start`` (``claim``): ``stop`` keeps it
 
     @classmethod
@@ -419,15 +413,19 @@ class JobRunner(StoreRunner):
         except Unavailable as exc:  # the model is not taking requests, the output volume is full: pause
             await self._pause(job.id, exc)
         except Exception as exc:
-            self._pauses.pop(job.id, None)
             message = str(exc) if isinstance(exc, SegsvcError) else "internal error; see the server log"
-            log.error("job %s failed: %s", job.id, message, exc_info=not isinstance(exc, SegsvcError))
+            # Recorded before it is logged: a store refusing it too raises, and the runner logs both once per
+            # row of such runs (``StoreRunner._run_guarded``), not once per retry.
             await asyncio.to_thread(self.store.finish, job.id, "FAILED", error=message)
+            self._pauses.pop(job.id, None)
+            log.error("job %s failed: %s", job.id, message, exc_info=not isinstance(exc, SegsvcError))
             self._notify(job.id)
 
     async def _pause(self, job_id: str, exc: Unavailable) -> None:
         """Say why the job is paused (its progress' ``paused_reason``), then wait before the scheduler runs it
-        again (it would at once); a cancel ends the wait, and the next run finalizes the job.
+        again (it would at once); a cancel ends the wait, and the next run finalizes the job. The wait happens
+        even when the store refuses the progress ("database or disk is full": the state folder is on the full
+        volume, as ``<state-dir>/outputs`` is by default).
 
         The job's run ends at each pause, and its PENDING items are taken up by the next run: the
         mechanism of a restart. ``Unavailable`` waits ``PAUSE_S``; ``_NoSpace`` waits ``SPACE_PAUSE_S[0]``,
@@ -436,22 +434,19 @@ class JobRunner(StoreRunner):
         """
         no_space = isinstance(exc, _NoSpace)
         reason = NO_SPACE_REASON if no_space else f"{exc}; the job continues when the model takes requests again"
-        pause = self._pauses.get(job_id)
-        if pause is None or pause.reason != reason:
-            pause = self._pauses[job_id] = _Pause(reason)
-        first_s, most_s = SPACE_PAUSE_S
-        pause_s = min(first_s * 2 ** min(pause.count, 32), most_s) if no_space else PAUSE_S
-        if pause.count == 0:
+        first_s, most_s = SPACE_PAUSE_S if no_space else (PAUSE_S, PAUSE_S)
+        first, pause_s = self._next_pause(job_id, reason, first_s, most_s)
+        if first:
             log.warning("job %s paused: %s (%s); trying again in %g s%s", job_id, reason, exc.__cause__ or exc,
                         pause_s, f", then at most every {most_s:g} s" if no_space else "")
         else:
-            log.debug("job %s still paused (%d in a row); trying again in %g s", job_id, pause.count + 1, pause_s)
-        pause.count += 1
+            log.debug("job %s still paused (%d in a row); trying again in %g s", job_id,
+                      self._pauses[job_id].count, pause_s)
         run = self._runs.get(job_id)
         if run is not None:
             run.paused_reason = reason
-            await self._publish(run, force=True)
-        await _pause_for(run.cancel if run is not None else asyncio.Event(), pause_s)
+            await self._publish_if_possible(run, first)
+        await job_runner.pause_for(run.cancel if run is not None else asyncio.Event(), pause_s)
 
     async def _resumed(self, run: _Run) -> None:
         """An item went through after a pause: clear ``paused_reason`` (published at once) and the pause count."""
@@ -615,13 +610,22 @@ class JobRunner(StoreRunner):
             progress.update(eta_s=None, paused_reason=run.paused_reason)
         await asyncio.to_thread(self.store.set_progress, run.job.id, progress)
 
+    async def _publish_if_possible(self, run: _Run, say: bool) -> None:
+        """``_publish(run, force=True)``, best effort: a store that refuses it (its volume full: "database or
+        disk is full") is logged, a warning when ``say`` (once per row of pauses), else a debug line."""
+        try:
+            await self._publish(run, force=True)
+        except (sqlite3.Error, OSError) as exc:
+            (log.warning if say else log.debug)("job %s: its progress could not be stored: %s", run.job.id, exc)
+
     async def _finalize(self, run: _Run, outputs: JobOutputs) -> None:
         job_id = run.job.id
         cancelled = run.cancel.is_set()
         if cancelled:
             await self._skip_pending(run, outputs)
             run.paused_reason = None  # a cancel during a pause: the job ends, whatever it waited for
-        await self._publish(run, force=True)
+        # Best effort: the outcome below is what matters (its elapsed time is then the last one stored).
+        await self._publish_if_possible(run, True)
         job = await asyncio.to_thread(self.store.get, job_id)
         manifest = self._service.manager.resolve(run.model, run.version).manifest
         elapsed = float(job.progress.get("elapsed_s") or 0.0)
@@ -669,12 +673,6 @@ def _unwritable(exc: OSError) -> FailedPrecondition:
     the reason, not the server's paths."""
     return FailedPrecondition(f"cannot write the job's outputs: {exc.strerror or type(exc).__name__}; "
                               "make the output root writable, then submit the job again")
-
-
-async def _pause_for(cancel: asyncio.Event, pause_s: float) -> None:
-    """Wait ``pause_s``, or until ``cancel`` is set (tests substitute it to drive a pause by events)."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(cancel.wait(), pause_s)
 
 
 async def _uninterrupted(work: Awaitable[None]) -> None:

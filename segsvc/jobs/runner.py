@@ -5,7 +5,12 @@ A subclass names its store ``kind``, how many of its jobs run at once
 (``_run_job``, which registers its run with ``_register`` right after
 ``store.start``, records the outcome in the store and calls ``_notify``).
 Unfinished jobs, including those a crash interrupted, are picked up in
-submission order whenever a slot is free.
+submission order whenever a slot is free. A run that raises (its store failing:
+"database or disk is full"; a bug) leaves its job unfinished, and the scheduler
+would pick it again at once, for ever: its slot waits first, ``BACK_OFF_S[0]``,
+twice that each failed run in a row, at most ``BACK_OFF_S[1]`` (the batch
+runner's pause on a full volume grows alike, through ``_next_pause``), with one
+error logged per row of failures, not one per try. A cancel ends that wait at once.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +28,19 @@ from segsvc.errors import FailedPrecondition, InvalidArgument
 from segsvc.jobs.store import Job, JobStore
 
 log = logging.getLogger("segsvc.jobs")
+
+# A job waits the first before it runs again, then twice as long each time in a row, at most the second: a
+# trouble gone soon is noticed soon, one lasting for hours costs a try a minute.
+BACK_OFF_S = (5.0, 60.0)
+_FAILED_RUN = "its run failed"  # the reason of a row of runs that raised (``_Pause.reason``)
+
+
+@dataclass
+class _Pause:
+    """The pauses in a row of one job (its runs end at each; this outlives them): why, and how many so far."""
+
+    reason: str
+    count: int = 0
 
 
 class RunningJob(Protocol):
@@ -48,6 +67,8 @@ class StoreRunner(abc.ABC):
         self._finished: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task | None = None
+        self._pauses: dict[str, _Pause] = {}  # jobs pausing in a row (``_next_pause``), until a run gets on
+        self._backing_off: dict[str, asyncio.Event] = {}  # jobs waiting after a failed run: a cancel sets it
 
     @abc.abstractmethod
     def files_dir(self, job_id: str) -> Path:
@@ -89,6 +110,9 @@ class StoreRunner(abc.ABC):
             run.cancel.set()
         elif job.finished:
             self._notify(job_id)
+        backing_off = self._backing_off.get(job_id)
+        if backing_off is not None:  # waiting after a failed run (its run's own cancel may predate the wait)
+            backing_off.set()
         return job
 
     async def wait(self, job_id: str, timeout_s: float) -> Job:
@@ -112,6 +136,7 @@ class StoreRunner(abc.ABC):
         if delete_outputs:
             removed = await asyncio.to_thread(remove_tree, self.files_dir(job_id))
         await asyncio.to_thread(self.store.delete, job_id)
+        self._pauses.pop(job_id, None)
         await self._deleted(job)
         return removed
 
@@ -127,10 +152,47 @@ class StoreRunner(abc.ABC):
                 job = next((j for j in waiting if j.id not in self._tasks), None)
                 if job is None:
                     break
-                task = asyncio.get_running_loop().create_task(self._run_job(job), name=f"{self.kind}-{job.id}")
+                task = asyncio.get_running_loop().create_task(self._run_guarded(job), name=f"{self.kind}-{job.id}")
                 self._tasks[job.id] = task
                 task.add_done_callback(lambda _t, jid=job.id: self._job_ended(jid))
             await self._wake.wait()
+
+    async def _run_guarded(self, job: Job) -> None:
+        """``_run_job``, then, if it raised, ``BACK_OFF_S`` before the job can be picked again (it holds its slot).
+
+        A run records its own outcome; one that raised could not (the store refusing writes: a full volume), so
+        its job is still unfinished and would be re-run at once, for ever. A cancel ends the wait at once.
+        """
+        try:
+            await self._run_job(job)
+        except Exception as exc:  # noqa: BLE001  (whatever it is, the job must not spin)
+            cancel = self._backing_off[job.id] = asyncio.Event()
+            try:
+                first, pause_s = self._next_pause(job.id, _FAILED_RUN, *BACK_OFF_S)
+                if first:
+                    log.error("%s job %s: its run failed and the job stays unfinished; trying again in %g s, then "
+                              "at most every %g s while it fails: %s", self.kind, job.id, pause_s, BACK_OFF_S[1],
+                              exc, exc_info=(type(exc), exc, exc.__traceback__))
+                else:
+                    log.debug("%s job %s failed again (%s); trying again in %g s", self.kind, job.id, exc, pause_s)
+                await pause_for(cancel, pause_s)
+            finally:
+                self._backing_off.pop(job.id, None)
+        else:
+            pause = self._pauses.get(job.id)
+            if pause is not None and pause.reason == _FAILED_RUN:  # a run ended as it should: the row is over
+                del self._pauses[job.id]
+
+    def _next_pause(self, job_id: str, reason: str, first_s: float, most_s: float) -> tuple[bool, float]:
+        """Count one more pause of the job for ``reason``: whether it starts a row (another reason, or none
+        before, starts one), and how long it lasts: ``first_s``, twice that each pause in a row, at most ``most_s``.
+        The runner drops the row (``_pauses``) once the job gets on."""
+        pause = self._pauses.get(job_id)
+        if pause is None or pause.reason != reason:
+            pause = self._pauses[job_id] = _Pause(reason)
+        pause_s = min(first_s * 2 ** min(pause.count, 32), most_s)
+        pause.count += 1
+        return pause.count == 1, pause_s
 
     async def _register(self, job_id: str, run: RunningJob) -> None:
         """Make ``run`` the job's running instance, so ``cancel`` signals it, and pick up a cancel already asked for.
@@ -166,6 +228,12 @@ class StoreRunner(abc.ABC):
             log.info("%s job %s was cancelled before it started", self.kind, job.id)
             self._notify(job.id)
             return None
+
+
+async def pause_for(cancel: asyncio.Event, pause_s: float) -> None:
+    """Wait ``pause_s``, or until ``cancel`` is set (tests substitute it to drive a pause by events)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(cancel.wait(), pause_s)
 
 
 def remove_tree(root: Path) -> int:

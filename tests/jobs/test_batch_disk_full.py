@@ -4,7 +4,7 @@ It used to fail as a whole ("cannot write the job's outputs: No space left on de
 again"): the images already segmented got no results.jsonl or summary and a new job redid them all. Now
 the refused item stays PENDING, the job waits (5 s doubling to 60 s while the volume stays full) with
 ``paused_reason`` in its progress, a cancel ends the wait, and a restart resumes it. Other write errors
-(a read-only volume) still fail the job. Pauses are driven by events through ``batch._pause_for``.
+(a read-only volume) still fail the job. Pauses are driven by events through ``runner.pause_for``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import pytest
 
 from segsvc.jobs import batch
 from segsvc.jobs import outputs as outputs_module
+from segsvc.jobs import runner as job_runner
 from segsvc.jobs.batch import JobRequest, JobRunner, JobsConfig
 from segsvc.jobs.store import Job, JobStore
 from segsvc.server import convert
@@ -50,7 +51,7 @@ class _Disk:
 
 
 class _Pauses:
-    """Stands in for ``batch._pause_for``: records each pause's length and the job as the pause began, sets
+    """Stands in for ``runner.pause_for``: records each pause's length and the job as the pause began, sets
     ``paused``; then returns at once, waits for the cancel (``hold``: a stop cancels it), or runs the real
     pause (``real``). The event is made inside the test's loop (``arm``)."""
 
@@ -60,7 +61,7 @@ class _Pauses:
         self.asked: list[float] = []
         self.seen: list[Job] = []
         self.paused = asyncio.Event()
-        self.real_pause = getattr(batch, "_pause_for", None)
+        self.real_pause = job_runner.pause_for
 
     def arm(self, job_id: str) -> asyncio.Event:
         self.job_id, self.paused = job_id, asyncio.Event()
@@ -86,7 +87,7 @@ def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disk: _Disk, **pause
     monkeypatch.setattr(outputs_module, "atomic_write", disk)
     store = JobStore(tmp_path / "state" / "jobs.sqlite")
     fake = _Pauses(store, **pauses)
-    monkeypatch.setattr(batch, "_pause_for", fake, raising=False)
+    monkeypatch.setattr(job_runner, "pause_for", fake)
     return store, fake
 
 
