@@ -25,15 +25,20 @@ from tests.holds import Hold
 from tests.server.conftest import gated, make_image, publish, start_server, wait_for  # noqa: F401  (fixtures)
 
 
-@pytest.fixture
-def held_job(start_server, tmp_path, gated):  # noqa: F811
-    """A real server with a batch job that stays RUNNING (its first image held in the model) until the end."""
+def scans_server(start_server, tmp_path):  # type: ignore[no-untyped-def]  # noqa: F811
+    """A real in-process server publishing ``tiny``, with jobs over ``data/`` holding ``scans/`` (three images)."""
     publish(tmp_path / "repo", "tiny", seed=11)
     (tmp_path / "data" / "scans").mkdir(parents=True)
     for i in range(3):
         (tmp_path / "data" / "scans" / f"{i}.png").write_bytes(encode_png(make_image(16, 16, seed=i)))
-    server = start_server(tmp_path / "repo", jobs=JobsConfig(state_dir=tmp_path / "state",
-                                                             output_root=tmp_path / "out", data_root=tmp_path / "data"))
+    return start_server(tmp_path / "repo", jobs=JobsConfig(state_dir=tmp_path / "state",
+                                                           output_root=tmp_path / "out", data_root=tmp_path / "data"))
+
+
+@pytest.fixture
+def held_job(start_server, tmp_path, gated):  # noqa: F811
+    """A real server with a batch job that stays RUNNING (its first image held in the model) until the end."""
+    server = scans_server(start_server, tmp_path)
     with server.client(timeout_s=60) as client:
         job = client.submit_job(["scans"], model="tiny")
         wait_for(lambda: len(gated.ran) >= 1, 300)

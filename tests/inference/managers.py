@@ -17,10 +17,12 @@ def quiet_manager(root) -> ModelManager:  # type: ignore[no-untyped-def]
     return ModelManager(ModelRepository(root), config)
 
 
-def with_manager(root, check: Callable[[ModelManager], Awaitable[None]]) -> None:  # type: ignore[no-untyped-def]
-    """Run ``check`` against a started ``quiet_manager`` of the repository at ``root``; it is stopped after."""
+def with_manager(root, check: Callable[[ModelManager], Awaitable[None]],  # type: ignore[no-untyped-def]
+                 make: Callable[..., ModelManager] | None = None) -> None:
+    """Run ``check`` against a started manager of the repository at ``root`` (``make(root)``, by default
+    ``quiet_manager``); it is stopped after."""
     async def main() -> None:
-        manager = quiet_manager(root)
+        manager = (make or quiet_manager)(root)
         await manager.start()
         try:
             await check(manager)

@@ -31,6 +31,7 @@ from segsvc.inference.manager import ManagerConfig, ModelManager
 from segsvc.inference.repository import ModelRepository
 from segsvc.inference.status import SERVES_ON, ModelStatus
 from segsvc.models.artifact import MANIFEST_FILE, WEIGHTS_FILE
+from tests.inference.managers import with_manager
 from tests.server.conftest import make_image, publish
 
 BACKENDS = ("torch", "onnxruntime")
@@ -44,15 +45,7 @@ def _manager(root: Path, backend: str) -> ModelManager:
 
 
 def _served(root: Path, backend: str, check: Callable[[ModelManager], Awaitable[None]]) -> None:
-    async def main() -> None:
-        manager = _manager(root, backend)
-        await manager.start()
-        try:
-            await check(manager)
-        finally:
-            await manager.stop()
-
-    asyncio.run(main())
+    with_manager(root, check, make=lambda r: _manager(r, backend))
 
 
 def _export(version_dir: Path, weights: tuple[float, float, float], file: str) -> Path:

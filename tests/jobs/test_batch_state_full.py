@@ -113,6 +113,19 @@ def _service(segmented: list[str]) -> _Service:
     return _Service(_Clock(), hold=count)
 
 
+async def _run_on_a_full_volume(runner: "_Counted", volume: "_Volume",
+                                submitted: Callable[[str], None] = lambda _id: None) -> tuple[Job, int]:
+    """Submit a job over the images, fill the volume, run the job to its end: its final state and how many runs."""
+    job = await runner.submit(JobRequest(model="m", paths=(".",)))
+    submitted(job.id)
+    volume.full = True
+    await runner.start()
+    try:
+        return await runner.wait(job.id, timeout_s=60), runner.runs
+    finally:
+        await runner.stop()
+
+
 def test_a_full_volume_that_holds_the_store_pauses_the_job_with_growing_waits_then_it_finishes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     _images(tmp_path / "data", NAMES)
@@ -128,18 +141,9 @@ def test_a_full_volume_that_holds_the_store_pauses_the_job_with_growing_waits_th
     caplog.set_level(logging.INFO, logger="segsvc.jobs")
     segmented: list[str] = []
 
-    async def main() -> tuple[Job, int]:
-        runner = _Counted(store, _service(segmented), _config(tmp_path), volume=volume)  # type: ignore[arg-type]
-        job = await runner.submit(JobRequest(model="m", paths=(".",)))
-        volume.full = True
-        await runner.start()
-        try:
-            return await runner.wait(job.id, timeout_s=60), runner.runs
-        finally:
-            await runner.stop()
-
+    runner = _Counted(store, _service(segmented), _config(tmp_path), volume=volume)  # type: ignore[arg-type]
     try:
-        final, runs = asyncio.run(main())
+        final, runs = asyncio.run(_run_on_a_full_volume(runner, volume))
     finally:
         store.close()
     # before: 40 runs without a pause (the volume freed by the test), 40 images segmented for nothing
@@ -173,19 +177,12 @@ def test_a_cancel_on_a_full_volume_backs_off_until_its_outcome_can_be_stored(
     _patch(monkeypatch, pauses)
     caplog.set_level(logging.INFO, logger="segsvc.jobs")
 
-    async def main() -> tuple[Job, int]:
+    def submitted(job_id_: str) -> None:
         nonlocal job_id
-        job = await runner.submit(JobRequest(model="m", paths=(".",)))
-        job_id = job.id
-        volume.full = True
-        await runner.start()
-        try:
-            return await runner.wait(job.id, timeout_s=60), runner.runs
-        finally:
-            await runner.stop()
+        job_id = job_id_
 
     try:
-        final, runs = asyncio.run(main())
+        final, runs = asyncio.run(_run_on_a_full_volume(runner, volume, submitted))
     finally:
         store.close()
     # the pause (5 s), then the cancelled outcome refused 3 times: 3 growing waits, nothing more segmented
