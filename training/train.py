@@ -23,7 +23,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import albumentations as A
 import numpy as np
@@ -47,7 +47,7 @@ from segsvc.inference.backends import Backend, TorchBackend, manifest_geometry
 from segsvc.inference.backends import amp_dtype as autocast_dtype
 from segsvc.inference.contract import contract_logits
 from segsvc.models.artifact import read_manifest
-from segsvc.models.registry import build_model
+from segsvc.models.registry import build_model, plan_model
 from segsvc.progress import show_progress
 from training.args import add_train_arguments
 from training.checkpoint import RunState, restore_training_state, save_checkpoint, unwrap
@@ -244,13 +244,67 @@ def _main(
 
 def check_recipe(cfg: TrainConfig) -> None:
     """Refuse what ``main`` would refuse before its run directory, with the same code, and train nothing: the
-    recipe's keys and values (``load_config``, done by the caller), the device (``setup_distributed``), the
-    dataset's classes and splits (``load_training_data``), the model's architecture and parameters, built on the
-    CPU, and its crop (``build_checked_model``). The server runs it (``python -m training --check``) when a job is
-    submitted, so a request the trainer would refuse is refused then, not when the job's trainer starts.
+    recipe's keys and values (``load_config``, done by the caller), the device (``check_device``), the dataset's
+    classes and splits (``load_training_data``), the model's architecture, parameters and crop
+    (``build_checked_model``) and its size (``check_model_fits``). The server runs it (``python -m training
+    --check``) when a job is submitted, so a request the trainer would refuse is refused then, not when the job's
+    trainer starts.
+
+    It runs beside the server's models, under a memory limit (``RLIMIT_AS``, set by the server): it touches no
+    GPU, and the model is planned on the meta device (shapes only: no weights allocated, no initialiser run).
     """
-    setup_distributed(cfg.train.device)  # one process: no process group is joined
-    build_checked_model(cfg, load_training_data(cfg))
+    check_device(cfg.train.device)
+    data = load_training_data(cfg)
+    try:
+        spec, model = build_checked_model(cfg, data, build=plan_model)
+        check_model_fits(spec, model)
+    except MemoryError:  # past the limit all the same (a factory that allocates real tensors on the meta device)
+        raise InvalidArgument(f"the model ({cfg.model.arch}) is too large to build within the check's memory "
+                              f"limit{_gib_text(address_space_limit())}") from None
+
+
+def check_device(device: str) -> None:
+    """``setup_distributed``'s refusal of the recipe's device, without what it does next: selecting a CUDA device
+    creates a CUDA context, some hundreds of MiB on the server's serving GPU for every check."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument("train.device=cuda but no CUDA device is available; use train.device=cpu")
+
+
+def check_model_fits(spec: ModelSpec, model: nn.Module) -> None:
+    """Refuse a model (planned on the meta device) whose weights would not fit in what this process's memory limit
+    leaves: the trainer builds it on the CPU first. Nothing is refused without a limit (a check run by hand)."""
+    limit = address_space_limit()
+    if limit is None:
+        return
+    tensors = [*model.parameters(), *model.buffers()]
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    if address_space_used() + weights > limit:
+        count = sum(p.numel() for p in model.parameters())
+        raise InvalidArgument(f"the model ({spec.arch}, {count:,} parameters, {weights / 2**30:.1f} GiB of weights) "
+                              f"is too large to build within the check's memory limit{_gib_text(limit)}")
+
+
+def address_space_limit() -> int | None:
+    """This process's address-space limit in bytes (``RLIMIT_AS``), or None when it has none."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def address_space_used() -> int:
+    """This process's address space in bytes (``VmSize``; 0 where ``/proc`` does not say)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) << 10 for line in f if line.startswith("VmSize:")), 0)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _gib_text(limit: int | None) -> str:
+    return f" of {limit / 2**30:g} GiB" if limit is not None else ""
 
 
 def stopped_line(exc: BaseException, run_dir: Path | None) -> str:
@@ -519,11 +573,13 @@ def registered_shift(cfg: TrainConfig, data: DatasetSpec, env: DistEnv) -> tuple
     return shift
 
 
-def build_checked_model(cfg: TrainConfig, data: DatasetSpec) -> tuple[ModelSpec, nn.Module]:
+def build_checked_model(cfg: TrainConfig, data: DatasetSpec,
+                        build: Callable[[ModelSpec], nn.Module] = build_model) -> tuple[ModelSpec, nn.Module]:
     """The recipe's model for the dataset, its validation contract and crop checked (architecture, parameters,
-    ``data.val_*``, ``data.crop``): before the run directory, so a refused recipe leaves none behind."""
+    ``data.val_*``, ``data.crop``): before the run directory, so a refused recipe leaves none behind. ``build``:
+    ``plan_model`` for the check (``check_recipe``), which needs only the model's shapes."""
     spec = ModelSpec(cfg.model.arch, data.num_classes, data.channels, dict(cfg.model.params))
-    model = build_model(spec)
+    model = build(spec)
     check_crop(cfg, manifest_geometry(val_contract(cfg, model)).stride)
     return spec, model
 

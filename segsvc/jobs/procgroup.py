@@ -23,6 +23,13 @@ included; Linux's ``PR_SET_PDEATHSIG``): one with nothing to resume (an
 evaluation, run again from its start) does not run on unwatched until the next
 start. Only the group's leader gets it; its own children are its to stop.
 
+A short check that the server waits on for its answer (``run_bounded``) runs in
+a session of its own too, under a hard address-space limit (``RLIMIT_AS``, set
+by a small launcher before the command's own code runs) and with SIGKILL as its
+parent-death signal; whoever awaits it and is cancelled (a client's deadline, a
+timeout) kills its group and waits for it to exit before going on, so such a
+check never outlives the request that asked for it.
+
 Example:
     >>> proc = GroupProcess.spawn(["sleep", "60"], log_path=Path("/tmp/sleep.log"))  # doctest: +SKIP
     >>> proc.release()  # after recording proc.pgid and proc.start_time  # doctest: +SKIP
@@ -46,6 +53,29 @@ log = logging.getLogger("segsvc.jobs")
 
 POLL_S = 0.05  # how often a terminating group is checked for exit
 HELD_START = Path(__file__).with_name("held_start.py")
+NOT_RUN = 127  # ``run_bounded``'s launcher could not run the command (as a shell says)
+# ``run_bounded``'s launcher (``python -I -S -c``: nothing but the standard library, a bare interpreter's start):
+# the address-space limit, SIGKILL when the starter dies (Linux ``PR_SET_PDEATHSIG``; elsewhere none), then the
+# command, in the same process (the limit and the group carry over ``exec``).
+_BOUNDED_START = """
+import os, resource, signal, sys
+limit, parent, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+if limit > 0:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+    import ctypes
+    if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+except (OSError, AttributeError):
+    pass
+for name in ("SIGPIPE", "SIGXFSZ"):
+    signal.signal(getattr(signal, name), signal.SIG_DFL)
+try:
+    os.execvp(argv[0], argv)
+except OSError as exc:
+    sys.stderr.write(f"segsvc: cannot run the command: {exc.strerror}\\n")
+sys.exit(%d)
+""" % NOT_RUN
 
 
 def process_start_time(pid: int) -> int | None:
@@ -218,6 +248,49 @@ class GroupProcess:
         """Stop the group; a child still held then never runs its command."""
         self._close_gate()
         await terminate_group(self.pgid, grace_s, self.popen)
+
+
+async def run_bounded(argv: Sequence[str], *, output: Path, cwd: Path | None = None,
+                      env: Mapping[str, str] | None = None, max_address_space: int | None = None) -> int:
+    """Run ``argv`` to its end in a session of its own, its stdout and stderr appended to ``output``; its exit code
+    (negative: killed by that signal; ``NOT_RUN``: it could not be started, the reason in ``output``).
+
+    ``max_address_space`` (bytes) is a hard limit on the command's virtual memory (``RLIMIT_AS``): past it an
+    allocation fails in the command, whatever the host has free. Cancelling the caller (a client's deadline, an
+    ``asyncio.timeout``) kills the group with SIGKILL and waits for the command's exit before the cancel goes on:
+    nothing is left running, and no thread is held while it runs (an asyncio subprocess). Call it from the event
+    loop's thread (the parent-death signal is sent when the thread that started the child ends).
+    """
+    launcher = [sys.executable, "-I", "-S", "-c", _BOUNDED_START, str(max_address_space or 0), str(os.getpid())]
+    with open(output, "ab") as out:
+        proc = await asyncio.create_subprocess_exec(*launcher, *argv, stdin=subprocess.DEVNULL, stdout=out,
+                                                    stderr=subprocess.STDOUT, cwd=cwd,
+                                                    env=dict(env) if env is not None else None,
+                                                    start_new_session=True)
+    try:
+        return await proc.wait()
+    finally:
+        if proc.returncode is None:  # cancelled: not reaped yet, so its id is still its group's
+            _signal_group(proc.pid, signal.SIGKILL)  # the whole group at once: nothing it started runs on
+            await _uninterrupted(proc.wait())
+            await _uninterrupted(_wait_group_gone(proc.pid, 10.0))  # and the members it started, if any
+
+
+async def _uninterrupted(awaitable: Any) -> Any:
+    """Await ``awaitable`` to its end even if the caller is cancelled meanwhile; then the cancel goes on."""
+    task = asyncio.ensure_future(awaitable)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+            break
+        except asyncio.CancelledError:
+            if task.cancelled():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 class EventTail:

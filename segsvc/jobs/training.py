@@ -252,9 +252,8 @@ class TrainingRunner(StoreRunner):
         spec = await asyncio.to_thread(resolve_submission, request, self.datasets, self.manager.repository,
                                        self.config)
         if self.config.check_recipes:  # what the trainer would refuse is refused now, by the trainer's own code
-            async with self._checks:
-                await asyncio.to_thread(check_recipe, spec, self.config, self._env(),
-                                        lambda text, folder: self._spec_scrubber(spec, folder)(text))
+            await check_recipe(spec, self.config, self._env(),
+                               lambda text, folder: self._spec_scrubber(spec, folder)(text), self._checks)
         try:
             job, created = await asyncio.to_thread(self.store.submit, KIND, spec, [],
                                                    request_id=request_id or None)

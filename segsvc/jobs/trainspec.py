@@ -12,11 +12,13 @@ the service last and refused in the client's overrides.
 Whatever the trainer refuses from the recipe alone is refused at submission,
 by the trainer's own code: ``check_recipe`` runs ``python -m training --check``
 with the job's exact command line (``check_argv``), which checks every key and
-value, the dataset's classes and splits, the device, and builds the model on the
-CPU (its architecture, parameters and crop), then exits without training. The
-service never imports the trainer, so the rules have one copy; the price is a
-child process per submission (the trainer's imports and one model build: a few
-seconds, at most ``MAX_RECIPE_CHECKS`` at once).
+value, the dataset's classes and splits, the device (without creating a CUDA
+context), and plans the model on the meta device (its architecture, parameters,
+crop and size), then exits without training. The service never imports the
+trainer, so the rules have one copy; the price is a child process per
+submission (the trainer's imports: a few seconds, at most ``MAX_RECIPE_CHECKS``
+at once, each under a hard memory limit, and killed when its submission is
+cancelled).
 
 A client never names a file on the server: ``FILE_KEYS`` (``model.init_from``
 and every ``model.params.*_path``, e.g. smp's ``encoder_weights_path``) are
@@ -44,14 +46,15 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -65,8 +68,11 @@ from segsvc.config import usable_cpus
 from segsvc.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SegsvcError
 from segsvc.inference.repository import ModelRepository, parse_model_ref
 from segsvc.jobs.gate import POLICIES
+from segsvc.jobs.procgroup import NOT_RUN, run_bounded
 from segsvc.models.artifact import check_name
 from segsvc.overrides import apply_override, parse_override
+
+log = logging.getLogger("segsvc.jobs")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 GOLDEN_PREFIX = "golden-"  # a dataset registered as golden-<model> is that model's frozen golden set
@@ -105,8 +111,22 @@ _DEVICE = re.compile(r"auto|cpu|cuda")  # what the trainer's train.device takes
 TRAINER_DEPENDENCIES = ("albumentations",)
 # ``training: error: ...`` as training/train.py prints it (torchrun may prefix a rank: ``[rank0]: ...``).
 TRAINER_ERROR = re.compile(r"(?:\[[^\]]{1,40}\]:?\s*)?training: error:\s*(\S.*)")
-RECIPE_CHECK_TIMEOUT_S = 300.0  # python -m training --check: imports and one model build, on a busy server too
-MAX_RECIPE_CHECKS = 2  # checks running at once (each is a trainer's imports: about 1 GB while it runs)
+# python -m training --check: the trainer's imports and a model built on the meta device take about 5 s (twice
+# that with two at once on a loaded host). The wait for a slot and the check get 45 s in all: under the client's
+# default deadline of 60 s, so such a client hears "busy, submit again later" rather than its own deadline.
+RECIPE_CHECK_TIMEOUT_S = 45.0
+MAX_RECIPE_CHECKS = 2  # checks running at once (each is a trainer's imports: about 1 GB resident while it runs)
+# The check's hard address-space limit (RLIMIT_AS). Importing the trainer (torch with its CUDA libraries mapped,
+# albumentations) reserves about 4 GiB of address space, of which under 1 GiB is resident; the model is planned
+# on the meta device, so a normal check peaks there whatever its size. A recipe whose model would not fit in
+# what is left is refused by the trainer (``training/train.py::check_model_fits``); whatever else would
+# allocate past it fails in the check, never on the host.
+RECIPE_CHECK_MEMORY_GIB = 8
+# The check's environment: one compute thread (it computes almost nothing), and CUDA counted by NVML, which
+# creates no CUDA context on the server's GPU (and needs none of the address space the CUDA driver reserves).
+RECIPE_CHECK_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+CHECK_OUTPUT_TAIL_BYTES = 64 << 10  # what is read of the check's output for its message
+_NOT_RUN_LINE = "segsvc: cannot run the command:"  # ``run_bounded``'s launcher, when exec fails
 
 
 class DatasetRecord(Protocol):
@@ -620,42 +640,57 @@ def _trainer_args(spec: dict[str, Any], root: Path, config: TrainingConfig) -> l
     return argv
 
 
-def check_recipe(spec: dict[str, Any], config: TrainingConfig, env: dict[str, str],
-                 public: Callable[[str, Path], str]) -> None:
+async def check_recipe(spec: dict[str, Any], config: TrainingConfig, env: dict[str, str],
+                       public: Callable[[str, Path], str], slots: asyncio.Semaphore) -> None:
     """Refuse a job whose trainer would refuse its recipe: run ``python -m training --check`` (``check_argv``) in a
-    scratch folder under ``<state_dir>/training``, removed after.
+    scratch folder under ``<state_dir>/training``, removed after, once one of ``slots`` is free.
 
-    ``public(message, folder)`` makes the trainer's message one a client may read (the scratch folder and the
-    server's other paths named, not shown).
+    The check runs as an asyncio subprocess in a session of its own (``run_bounded``), under
+    ``RECIPE_CHECK_MEMORY_GIB`` of address space; the wait for a slot and the check together take at most
+    ``RECIPE_CHECK_TIMEOUT_S``. A cancelled submission (the client's deadline) or a timeout kills the check's
+    group and waits for it to exit before its slot is given back and its folder removed. ``public(message,
+    folder)`` makes the trainer's message one a client may read (the scratch folder and the server's other
+    paths named, not shown).
 
     Raises:
-        InvalidArgument: the trainer's own message (``training: error: ...``).
-        DeadlineExceeded: the check ran longer than ``RECIPE_CHECK_TIMEOUT_S``.
+        InvalidArgument: the trainer's own message (``training: error: ...``), a model too large for the
+            check's memory limit included.
+        DeadlineExceeded: the wait and the check took longer than ``RECIPE_CHECK_TIMEOUT_S``.
         FailedPrecondition: the check failed without saying why in its own terms (it could not start, or crashed).
     """
+    try:
+        async with asyncio.timeout(RECIPE_CHECK_TIMEOUT_S), slots:
+            await _run_check(spec, config, env, public)
+    except TimeoutError:
+        raise DeadlineExceeded(f"the trainer's check of the recipe took more than {RECIPE_CHECK_TIMEOUT_S:g} s; "
+                               "the server is busy: submit again later") from None
+
+
+async def _run_check(spec: dict[str, Any], config: TrainingConfig, env: dict[str, str],
+                     public: Callable[[str, Path], str]) -> None:
     parent = Path(config.state_dir) / "training"
     parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix=".check-", dir=parent))
     try:
         (root / "recipe.yaml").write_text(spec["recipe_text"], encoding="utf-8")
-        try:
-            done = subprocess.run(check_argv(spec, root, config), cwd=config.workdir, env=env,
-                                  stdin=subprocess.DEVNULL, capture_output=True, timeout=RECIPE_CHECK_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise DeadlineExceeded(f"the trainer's check of the recipe took more than {RECIPE_CHECK_TIMEOUT_S:g} s; "
-                                   "the server is busy: submit again later") from None
-        except OSError as exc:
-            raise FailedPrecondition(f"this server cannot start its trainer ({config.python}): "
-                                     f"{exc.strerror or 'cannot run it'}") from None
-        if done.returncode == 0:
+        output = root / "check.log"
+        code = await run_bounded(check_argv(spec, root, config), output=output, cwd=config.workdir,
+                                 env={**env, **RECIPE_CHECK_ENV}, max_address_space=RECIPE_CHECK_MEMORY_GIB << 30)
+        if code == 0:
             return
-        lines = done.stderr.decode("utf-8", "replace").splitlines()
+        with open(output, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - CHECK_OUTPUT_TAIL_BYTES))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        if code == NOT_RUN and lines and lines[-1].startswith(_NOT_RUN_LINE):
+            log.warning("the recipe check cannot start the trainer %s: %s", config.python, lines[-1])
+            raise FailedPrecondition("this server cannot start its trainer (its configured Python): "
+                                     f"{lines[-1][len(_NOT_RUN_LINE):].strip() or 'cannot run it'}")
         said = next((m.group(1).strip() for line in reversed(lines) if (m := TRAINER_ERROR.fullmatch(line.strip()))),
                     None)
         if said is not None:
             raise InvalidArgument(public(said, root)[:MAX_REASON_CHARS])
         last = next((line.strip() for line in reversed(lines) if any(c.isalnum() for c in line)), "")
-        raise FailedPrecondition(public(f"the trainer's check of the recipe failed (exit code {done.returncode})"
+        raise FailedPrecondition(public(f"the trainer's check of the recipe failed (exit code {code})"
                                         + (f": {last}" if last else ""), root)[:MAX_REASON_CHARS])
     finally:
         shutil.rmtree(root, ignore_errors=True)
