@@ -10,12 +10,14 @@ the refused item stays PENDING, the job waits (5 s doubling to 60 s while the vo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
 import os
 from collections import Counter
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
 
@@ -163,6 +165,20 @@ def test_a_full_volume_at_the_summary_pauses_then_writes_it(tmp_path: Path, monk
     assert _results(tmp_path, final.id) == ["a.png"]
 
 
+@contextlib.asynccontextmanager
+async def _paused_job(store: JobStore, tmp_path: Path, pauses: _Pauses) -> AsyncIterator[tuple[JobRunner, Job]]:
+    """A runner with a job over the images, once the job has paused; the runner stops on leaving."""
+    runner = JobRunner(store, _Service(_Clock()), _config(tmp_path))  # type: ignore[arg-type]
+    job = await runner.submit(JobRequest(model="m", paths=(".",)))
+    paused = pauses.arm(job.id)
+    await runner.start()
+    try:
+        await asyncio.wait_for(paused.wait(), 60)
+        yield runner, job
+    finally:
+        await runner.stop()
+
+
 def test_a_cancel_ends_the_pause_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batch, "SPACE_PAUSE_S", (600.0, 600.0), raising=False)  # only the cancel can end it
     _images(tmp_path / "data", NAMES)
@@ -170,16 +186,9 @@ def test_a_cancel_ends_the_pause_at_once(tmp_path: Path, monkeypatch: pytest.Mon
     store, pauses = _setup(tmp_path, monkeypatch, disk, real=True)
 
     async def main() -> Job:
-        runner = JobRunner(store, _Service(_Clock()), _config(tmp_path))  # type: ignore[arg-type]
-        job = await runner.submit(JobRequest(model="m", paths=(".",)))
-        paused = pauses.arm(job.id)
-        await runner.start()
-        try:
-            await asyncio.wait_for(paused.wait(), 60)
+        async with _paused_job(store, tmp_path, pauses) as (runner, job):
             await runner.cancel(job.id)
             return await runner.wait(job.id, timeout_s=60)  # a 600 s pause: only the cancel ends it in time
-        finally:
-            await runner.stop()
 
     try:
         final = asyncio.run(main())
@@ -198,14 +207,8 @@ def test_a_restart_during_the_pause_resumes_the_job_without_redoing_an_image(
     store, pauses = _setup(tmp_path, monkeypatch, disk, hold=True)
 
     async def first_server() -> Job:
-        runner = JobRunner(store, _Service(_Clock()), _config(tmp_path))  # type: ignore[arg-type]
-        job = await runner.submit(JobRequest(model="m", paths=(".",)))
-        paused = pauses.arm(job.id)
-        await runner.start()
-        try:
-            await asyncio.wait_for(paused.wait(), 60)
-        finally:
-            await runner.stop()  # the server stops during the pause
+        async with _paused_job(store, tmp_path, pauses) as (_, job):
+            pass  # the server stops during the pause
         return store.get(job.id)
 
     async def second_server(job_id: str) -> Job:

@@ -16,13 +16,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from segsvc.data.synthetic import SyntheticConfig, write_synthetic_dataset
 from segsvc.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from segsvc.inference.repository import ModelRepository
 from segsvc.jobs import procgroup, trainspec
 from segsvc.jobs.store import JobStore
 from segsvc.jobs.training import TrainingConfig, TrainingRequest, TrainingRunner
 from segsvc.jobs.trainspec import MAX_RECIPE_CHECKS, PROJECT_ROOT
+from tests.jobs.test_retrain_qa_submit import shapes, store  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc are Linux's")
 
@@ -34,20 +34,6 @@ echo "$$ $!" > {fifo}
 wait
 """
 REQUEST = TrainingRequest(dataset="shapes", recipe="synthetic-quick", device="cpu", epochs=1)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("data") / "shapes"
-    write_synthetic_dataset(folder, 8, SyntheticConfig(size_hw=(32, 32)), seed=0, val_fraction=0.25)
-    return folder / "dataset.yaml"
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    s = JobStore(tmp_path / "jobs.sqlite")
-    yield s
-    s.close()
 
 
 def _runner(tmp_path: Path, store: JobStore, spec_path: Path, python: str = sys.executable) -> TrainingRunner:
@@ -85,6 +71,13 @@ def _running(pid: int) -> bool:
     return stat[stat.rfind(")") + 2:].split()[0] != "Z"
 
 
+def _nothing_left(pids: list[int], runner: TrainingRunner, tmp_path: Path, store: JobStore) -> None:
+    """No check process outlived its submission, every slot is back, no scratch folder or job is left."""
+    assert [pid for pid in pids if _running(pid)] == []
+    assert runner._checks._value == MAX_RECIPE_CHECKS
+    assert _scratch(tmp_path) == [] and store.list() == []
+
+
 def _scratch(tmp_path: Path) -> list[str]:
     return sorted(p.name for p in (tmp_path / "state" / "training").iterdir())
 
@@ -108,9 +101,7 @@ def test_cancelled_submissions_leave_no_check_running_and_give_their_slots_back(
         return pids
 
     pids = asyncio.run(scenario())
-    assert [pid for pid in pids if _running(pid)] == []
-    assert runner._checks._value == MAX_RECIPE_CHECKS
-    assert _scratch(tmp_path) == [] and store.list() == []
+    _nothing_left(pids, runner, tmp_path, store)
 
 
 def test_a_check_past_its_time_is_killed_and_the_submission_told_to_try_later(tmp_path, store, shapes, monkeypatch):
@@ -126,9 +117,7 @@ def test_a_check_past_its_time_is_killed_and_the_submission_told_to_try_later(tm
         return pids
 
     pids = asyncio.run(scenario())
-    assert [pid for pid in pids if _running(pid)] == []
-    assert runner._checks._value == MAX_RECIPE_CHECKS
-    assert _scratch(tmp_path) == [] and store.list() == []
+    _nothing_left(pids, runner, tmp_path, store)
 
 
 def test_the_check_runs_under_a_hard_address_space_limit(tmp_path):
