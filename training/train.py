@@ -574,12 +574,13 @@ def registered_shift(cfg: TrainConfig, data: DatasetSpec, env: DistEnv) -> tuple
 
 
 def build_checked_model(cfg: TrainConfig, data: DatasetSpec,
-                        build: Callable[[ModelSpec], nn.Module] = build_model) -> tuple[ModelSpec, nn.Module]:
+                        build: Callable[[ModelSpec], nn.Module] | None = None) -> tuple[ModelSpec, nn.Module]:
     """The recipe's model for the dataset, its validation contract and crop checked (architecture, parameters,
     ``data.val_*``, ``data.crop``): before the run directory, so a refused recipe leaves none behind. ``build``:
-    ``plan_model`` for the check (``check_recipe``), which needs only the model's shapes."""
+    ``build_model`` (looked up when called), or ``plan_model`` for the check (``check_recipe``), which needs
+    only the model's shapes."""
     spec = ModelSpec(cfg.model.arch, data.num_classes, data.channels, dict(cfg.model.params))
-    model = build(spec)
+    model = (build or build_model)(spec)
     check_crop(cfg, manifest_geometry(val_contract(cfg, model)).stride)
     return spec, model
 
