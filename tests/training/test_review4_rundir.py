@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from training.config import load_config
-from training.rundir import CHECKPOINT, hold_run_dir, release_run_dir
+from training.rundir import CHECKPOINT, LOCK_FILE, hold_run_dir, release_run_dir
 from training.train import main
 
 DEADLINE_S = 300.0  # generous: a loaded 2-core machine; the waits end on an event, not on this
@@ -65,15 +65,35 @@ def wait_for(condition, what: str, trainer: subprocess.Popen) -> None:  # type: 
         time.sleep(0.01)
 
 
-def stop_with_stopped_workers(trainer: subprocess.Popen) -> list[int]:
-    """Freeze the trainer at a moment it has DataLoader workers, and freeze those workers; their pids."""
+def holds(pid: int, path: Path) -> bool:
+    """Whether process ``pid`` has ``path`` open."""
+    try:
+        fds = list((Path("/proc") / str(pid) / "fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def stop_with_stopped_workers(trainer: subprocess.Popen, run_dir: Path) -> list[int]:
+    """Freeze the trainer at a moment it has DataLoader workers, and freeze those workers; their pids.
+
+    Only workers past their start count: one frozen in the instant between its fork and the fork hook that
+    closes its copy of run.lock (a window no real kill leaves open for more than microseconds, which a loaded
+    machine let this test hit) is let go and the freeze tried again.
+    """
     while True:
         os.kill(trainer.pid, signal.SIGSTOP)  # no worker starts or ends while it is stopped
         workers = children(trainer.pid)
         for pid in workers:
             os.kill(pid, signal.SIGSTOP)
         stopped = [pid for pid in workers if state(pid) in ("T", "t")]
-        if stopped:
+        if stopped and not any(holds(pid, run_dir / LOCK_FILE) for pid in stopped):
             return stopped
         for pid in workers:
             os.kill(pid, signal.SIGCONT)
@@ -91,7 +111,7 @@ def test_a_trainer_killed_with_live_dataloader_workers_can_be_resumed_at_once(ti
     try:
         wait_for(lambda: any(e["event"] == "checkpoint" for e in events(run_dir)), "checkpoint", trainer)
         wait_for(lambda: bool(children(trainer.pid)), "DataLoader worker", trainer)
-        workers = stop_with_stopped_workers(trainer)
+        workers = stop_with_stopped_workers(trainer, run_dir)
         trainer.kill()  # kill -9: no clean-up of its own
         trainer.wait()
         assert all(state(pid) in ("T", "t") for pid in workers)  # its workers outlive it, as they do for seconds
