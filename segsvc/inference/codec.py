@@ -16,7 +16,7 @@ Images come out upright, as viewers show them, so a label map lines up with the
 photo its user sees: OpenCV's TIFF decoder applies a TIFF's Orientation tag, and
 the EXIF orientation of a JPEG, PNG or WebP (which ``IMREAD_UNCHANGED`` and Pillow
 leave as stored) is applied here after decoding, with the function training's
-reader uses (``segsvc.data.io``). The header check reports the upright size.
+reader uses (``segsvc.data.orientation``). The header check reports the upright size.
 
 PNG goes to Pillow because its decoder stops inflating at the last row the
 header declares. libpng (OpenCV's) inflates the rest of the stream to its end,
