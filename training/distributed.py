@@ -39,17 +39,24 @@ class DistEnv:
         return self.rank == 0
 
 
-def setup_distributed(device: str) -> DistEnv:
-    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1) and pick the device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def resolve_device(device: str) -> str:
+    """``cpu`` or ``cuda`` for the recipe's ``train.device`` (``auto``: CUDA when there is a device), refusing one
+    this machine lacks. Selects nothing: selecting a CUDA device creates a CUDA context (``setup_distributed``)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
         raise InvalidArgument(f"train.device must be auto, cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidArgument("train.device=cuda but no CUDA device is available; use train.device=cpu")
+    return device
+
+
+def setup_distributed(device: str) -> DistEnv:
+    """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1) and pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device)
     dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
     if device == "cuda":
         torch.cuda.set_device(dev)

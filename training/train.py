@@ -63,7 +63,7 @@ from training.data import (
     stack_batch,
     worker_batches,
 )
-from training.distributed import DistEnv, broadcast_buffers, broadcast_from_main, log, setup_distributed
+from training.distributed import DistEnv, broadcast_buffers, broadcast_from_main, log, resolve_device, setup_distributed
 from training.ema import WeightAverage
 from training.events import EVENTS_FILE, EventLog, Terminated, sigterm_raises
 from training.finetune import describe_init, init_from_artifact
@@ -244,7 +244,7 @@ def _main(
 
 def check_recipe(cfg: TrainConfig) -> None:
     """Refuse what ``main`` would refuse before its run directory, with the same code, and train nothing: the
-    recipe's keys and values (``load_config``, done by the caller), the device (``check_device``), the dataset's
+    recipe's keys and values (``load_config``, done by the caller), the device (``resolve_device``), the dataset's
     classes and splits (``load_training_data``), the model's architecture, parameters and crop
     (``build_checked_model``) and its size (``check_model_fits``). The server runs it (``python -m training
     --check``) when a job is submitted, so a request the trainer would refuse is refused then, not when the job's
@@ -253,7 +253,7 @@ def check_recipe(cfg: TrainConfig) -> None:
     It runs beside the server's models, under a memory limit (``RLIMIT_AS``, set by the server): it touches no
     GPU, and the model is planned on the meta device (shapes only: no weights allocated, no initialiser run).
     """
-    check_device(cfg.train.device)
+    resolve_device(cfg.train.device)  # refused as the trainer would, with no CUDA context created
     data = load_training_data(cfg)
     try:
         spec, model = build_checked_model(cfg, data, build=plan_model)
@@ -261,13 +261,6 @@ def check_recipe(cfg: TrainConfig) -> None:
     except MemoryError:  # past the limit all the same (a factory that allocates real tensors on the meta device)
         raise InvalidArgument(f"the model ({cfg.model.arch}) is too large to build within the check's memory "
                               f"limit{_gib_text(address_space_limit())}") from None
-
-
-def check_device(device: str) -> None:
-    """``setup_distributed``'s refusal of the recipe's device, without what it does next: selecting a CUDA device
-    creates a CUDA context, some hundreds of MiB on the server's serving GPU for every check."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgument("train.device=cuda but no CUDA device is available; use train.device=cpu")
 
 
 def check_model_fits(spec: ModelSpec, model: nn.Module) -> None:
