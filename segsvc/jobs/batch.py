@@ -417,7 +417,6 @@ class JobRunner(StoreRunner):
             # Recorded before it is logged: a store refusing it too raises, and the runner logs both once per
             # row of such runs (``StoreRunner._run_guarded``), not once per retry.
             await asyncio.to_thread(self.store.finish, job.id, "FAILED", error=message)
-            self._pauses.pop(job.id, None)
             log.error("job %s failed: %s", job.id, message, exc_info=not isinstance(exc, SegsvcError))
             self._notify(job.id)
 
@@ -435,25 +434,23 @@ class JobRunner(StoreRunner):
         no_space = isinstance(exc, _NoSpace)
         reason = NO_SPACE_REASON if no_space else f"{exc}; the job continues when the model takes requests again"
         first_s, most_s = SPACE_PAUSE_S if no_space else (PAUSE_S, PAUSE_S)
-        first, pause_s = self._next_pause(job_id, reason, first_s, most_s)
-        if first:
+        count, pause_s = self._next_pause(job_id, reason, first_s, most_s)
+        if count == 1:
             log.warning("job %s paused: %s (%s); trying again in %g s%s", job_id, reason, exc.__cause__ or exc,
                         pause_s, f", then at most every {most_s:g} s" if no_space else "")
         else:
-            log.debug("job %s still paused (%d in a row); trying again in %g s", job_id,
-                      self._pauses[job_id].count, pause_s)
+            log.debug("job %s still paused (%d in a row); trying again in %g s", job_id, count, pause_s)
         run = self._runs.get(job_id)
         if run is not None:
             run.paused_reason = reason
-            await self._publish_if_possible(run, first)
+            await self._publish_if_possible(run, count == 1)
         await job_runner.pause_for(run.cancel if run is not None else asyncio.Event(), pause_s)
 
     async def _resumed(self, run: _Run) -> None:
         """An item went through after a pause: clear ``paused_reason`` (published at once) and the pause count."""
         if run.paused_reason is None:
             return
-        pauses = self._pauses.pop(run.job.id, None)
-        log.info("job %s runs again after %d pause(s): %s", run.job.id, pauses.count if pauses else 0,
+        log.info("job %s runs again after %d pause(s): %s", run.job.id, self._end_pauses(run.job.id),
                  run.paused_reason)
         run.paused_reason = None
         await self._publish(run, force=True)
@@ -650,7 +647,6 @@ class JobRunner(StoreRunner):
             # Cancelled on a full volume (typically during a pause): the job stops as asked, without the files
             # (the operation of a cancelled job carries no result); its items' outputs are kept.
             await asyncio.to_thread(self.store.finish, job_id, "CANCELLED")
-            self._pauses.pop(job_id, None)
             log.warning("job %s cancelled: %d done, %d failed, %d skipped; %s and %s not written: %s", job_id,
                         job.done, job.failed, job.skipped, RESULTS_FILE, SUMMARY_FILE, exc.strerror)
             self._notify(job_id)
@@ -663,7 +659,6 @@ class JobRunner(StoreRunner):
                   "images_per_second": summary["images_per_s"] or 0.0}
         state = "CANCELLED" if cancelled else "SUCCEEDED"
         await asyncio.to_thread(self.store.finish, job_id, state, result=result)
-        self._pauses.pop(job_id, None)
         log.info("job %s %s: %d done, %d failed, %d skipped", job_id, state.lower(), job.done, job.failed, job.skipped)
         self._notify(job_id)
 

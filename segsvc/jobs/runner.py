@@ -136,7 +136,7 @@ class StoreRunner(abc.ABC):
         if delete_outputs:
             removed = await asyncio.to_thread(remove_tree, self.files_dir(job_id))
         await asyncio.to_thread(self.store.delete, job_id)
-        self._pauses.pop(job_id, None)
+        self._pauses.pop(job_id, None)  # a job deleted before it finished (finished ones are dropped by _notify)
         await self._deleted(job)
         return removed
 
@@ -168,8 +168,8 @@ class StoreRunner(abc.ABC):
         except Exception as exc:  # noqa: BLE001  (whatever it is, the job must not spin)
             cancel = self._backing_off[job.id] = asyncio.Event()
             try:
-                first, pause_s = self._next_pause(job.id, _FAILED_RUN, *BACK_OFF_S)
-                if first:
+                count, pause_s = self._next_pause(job.id, _FAILED_RUN, *BACK_OFF_S)
+                if count == 1:
                     log.error("%s job %s: its run failed and the job stays unfinished; trying again in %g s, then "
                               "at most every %g s while it fails: %s", self.kind, job.id, pause_s, BACK_OFF_S[1],
                               exc, exc_info=(type(exc), exc, exc.__traceback__))
@@ -183,16 +183,21 @@ class StoreRunner(abc.ABC):
             if pause is not None and pause.reason == _FAILED_RUN:  # a run ended as it should: the row is over
                 del self._pauses[job.id]
 
-    def _next_pause(self, job_id: str, reason: str, first_s: float, most_s: float) -> tuple[bool, float]:
-        """Count one more pause of the job for ``reason``: whether it starts a row (another reason, or none
+    def _next_pause(self, job_id: str, reason: str, first_s: float, most_s: float) -> tuple[int, float]:
+        """Count one more pause of the job for ``reason``: its place in the row (1: another reason, or none
         before, starts one), and how long it lasts: ``first_s``, twice that each pause in a row, at most ``most_s``.
-        The runner drops the row (``_pauses``) once the job gets on."""
+        The row ends when the job gets on (``_end_pauses``) or finishes (``_notify``)."""
         pause = self._pauses.get(job_id)
         if pause is None or pause.reason != reason:
             pause = self._pauses[job_id] = _Pause(reason)
         pause_s = min(first_s * 2 ** min(pause.count, 32), most_s)
         pause.count += 1
-        return pause.count == 1, pause_s
+        return pause.count, pause_s
+
+    def _end_pauses(self, job_id: str) -> int:
+        """The job got on: its row of pauses is over; how many it had."""
+        pause = self._pauses.pop(job_id, None)
+        return pause.count if pause is not None else 0
 
     async def _register(self, job_id: str, run: RunningJob) -> None:
         """Make ``run`` the job's running instance, so ``cancel`` signals it, and pick up a cancel already asked for.
@@ -213,6 +218,8 @@ class StoreRunner(abc.ABC):
         self._wake.set()
 
     def _notify(self, job_id: str) -> None:
+        """The job has finished: its waiters are told, and its row of pauses (``_next_pause``) is over."""
+        self._pauses.pop(job_id, None)
         event = self._finished.get(job_id)
         if event is not None:
             event.set()
