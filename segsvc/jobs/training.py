@@ -99,8 +99,9 @@ from segsvc.jobs.procgroup import EventTail, GroupProcess, kill_stale_group
 from segsvc.jobs.runner import StoreRunner
 from segsvc.jobs.store import Job, JobStore
 from segsvc.jobs.trainspec import (
-    MAX_RECIPE_CHECKS, TRAINER_ERROR, DatasetRegistry, TrainingConfig, TrainingRequest, check_can_train, check_recipe,
-    eval_argv, resolve_submission, trainer_argv,
+    LOG_TAIL_BYTES, MAX_REASON_CHARS, MAX_RECIPE_CHECKS, DatasetRegistry, TrainingConfig, TrainingRequest,
+    _root_cause, check_can_train, check_recipe, eval_argv, last_words, log_tail, resolve_submission, trainer_argv,
+    trainer_error,
 )
 
 __all__ = ["KIND", "TrainingConfig", "TrainingRequest", "TrainingRunner"]
@@ -112,15 +113,8 @@ ARTIFACT_NAMES = ("training_curve.png", "metrics.jsonl", "events.jsonl", "config
 BINARY_SUFFIXES = (".png",)  # served as they are; every other artifact is text, served scrubbed
 SERVED_DIR = ".served"  # <job>/.served/<artifact>: the scrubbed copies the API streams
 MAX_LINE_BYTES = 1 << 20  # a longer line of a served text artifact is cut
-LOG_TAIL_BYTES = 64 << 10  # how much of train.log is read for the trainer's own error line
-MAX_REASON_CHARS = 500  # a failure reason taken from the trainer is cut to this
 MAX_TRAINER_RESTARTS = 2  # a trainer killed from outside (the server alive) is resumed this often, at most
 MAX_EVAL_RESTARTS = 2  # evaluation children killed from outside (the server alive) are run again this often a job
-_TRAINER_ERROR = TRAINER_ERROR  # ``training: error: ...``, as the trainer prints it
-# torchrun's report of a failed run (``ChildFailedError``): the worker that failed first, and how.
-_ROOT_CAUSE = "Root Cause (first observed failure):"
-_CAUSE_RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank")
-_CAUSE_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid")
 # torchrun's agent killed by a signal it handles (SIGTERM, SIGINT, SIGHUP): it stops its workers and exits 1, its last
 # line this exception (``torch.distributed.elastic.multiprocessing.api.SignalException``).
 _AGENT_SIGNAL = re.compile(r"(?:\S+\.)?SignalException: Process \d+ got signal: (?:Signals\.)?(\w+)")
@@ -884,19 +878,6 @@ def apply_event(progress: dict[str, Any], event: dict[str, Any]) -> None:
         progress["end_reason"] = str(event.get("reason") or "the trainer reported a failure")[:500]
 
 
-def trainer_error(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -> str | None:
-    """The trainer's own last error in ``log_path`` (the text after ``training: error:``), or None.
-
-    Only the log's output from byte ``start`` on (this attempt's) is looked at, and of that at most its
-    last ``limit`` bytes: a long log is not read whole. The text is as the trainer wrote it (paths included).
-    """
-    for line in reversed(_log_tail(log_path, start, limit)):
-        found = _TRAINER_ERROR.fullmatch(line.strip())
-        if found:
-            return found.group(1).strip()
-    return None
-
-
 def signal_death(code: int) -> int | None:
     """The signal a child that exited with ``code`` was killed by from outside, or None when it ended by itself.
 
@@ -916,7 +897,7 @@ def worker_death(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) ->
     when the run's first failure was no such death (a worker's own error), or there is no report (the agent itself
     was killed).
     """
-    cause = _root_cause(_log_tail(log_path, start, limit))
+    cause = _root_cause(log_tail(log_path, start, limit))
     if cause is None:
         return None
     signum = signal_death(cause[1])
@@ -927,7 +908,7 @@ def torchrun_death(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) 
     """How torchrun's run, whose output from byte ``start`` of ``log_path`` on is this attempt's, was killed from
     outside, in words: its agent stopped by a signal it handles (it stops its workers, says so and exits 1), or a
     worker killed by one (``worker_death``); None when it was not."""
-    lines = _log_tail(log_path, start, limit)
+    lines = log_tail(log_path, start, limit)
     last = next((line.strip() for line in reversed(lines) if any(c.isalnum() for c in line)), "")
     found = _AGENT_SIGNAL.fullmatch(last)  # its very last words: a line the trainer printed earlier is no report
     if found:
@@ -940,54 +921,6 @@ def torchrun_death(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) 
     if cause is None or signum is None:
         return None
     return f"{_TRAINER.who}'s torchrun worker of rank {cause[0]} was {_killed(signum)}"
-
-
-def last_words(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -> str | None:
-    """What a child that failed without saying why in its own terms last printed, from byte ``start`` of
-    ``log_path`` on: the first failure of torchrun's report (a worker's rank and exit code), else its last line
-    with words in it (a traceback's exception); None when it printed nothing. As written (paths included)."""
-    lines = _log_tail(log_path, start, limit)
-    cause = _root_cause(lines)
-    if cause is not None:
-        return f"its torchrun worker of rank {cause[0]} exited with code {cause[1]}"
-    for line in reversed(lines):
-        if any(c.isalnum() for c in line):  # not a separator, nor a traceback's carets
-            return line.strip()
-    return None
-
-
-def _root_cause(lines: list[str]) -> tuple[int, int] | None:
-    """``(rank, exit code)`` of the first failure in torchrun's last report of a failed run (``ChildFailedError``)
-    in ``lines``, or None when there is none."""
-    heads = [i for i, line in enumerate(lines) if line.strip() == _ROOT_CAUSE]
-    if not heads:
-        return None
-    rank = code = None
-    for line in lines[heads[-1] + 1:]:
-        text = line.strip()
-        if text.startswith("==="):  # the report's end
-            break
-        if rank is None and (found := _CAUSE_RANK.match(text)):
-            rank = int(found.group(1))
-        elif code is None and (found := _CAUSE_EXIT.match(text)):
-            code = int(found.group(1))
-    return None if rank is None or code is None else (rank, code)
-
-
-def _log_tail(log_path: Path, start: int, limit: int) -> list[str]:
-    """The lines of ``log_path`` from byte ``start`` on, at most its last ``limit`` bytes of them (a first line
-    the read began inside of left out); none when it cannot be read."""
-    try:
-        with open(log_path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            offset = max(start, size - limit)
-            f.seek(offset)
-            lines = f.read(limit).decode("utf-8", "replace").splitlines()
-    except OSError:
-        return []
-    if offset > start and lines:  # the read may have begun inside a line
-        lines = lines[1:]
-    return lines
 
 
 def _scrubbed_copy(source: Path, dest: Path, scrub: Callable[[str], str]) -> Path:

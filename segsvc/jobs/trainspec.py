@@ -82,7 +82,7 @@ FILE_KEYS = ("model.init_from",)
 _PATH_PARAM_SUFFIX = "_path"
 MAX_RECIPE_BYTES = 64 << 10  # an inline recipe's text; the overrides' text, all together, too
 MAX_OVERRIDES = 100
-MAX_REASON_CHARS = 500  # a message of the trainer's check is cut to this
+MAX_REASON_CHARS = 500  # a failure reason taken from the trainer (or its check) is cut to this
 # A client's YAML (inline recipe, override value) with its aliases expanded: a few KiB of anchors and aliases
 # (the billion-laughs pattern) would make the trainer, which copies and writes its configuration, expand them
 # to gigabytes. Plain YAML holds at most about one value a byte, so no 64 KiB recipe without aliases is refused.
@@ -111,6 +111,10 @@ _DEVICE = re.compile(r"auto|cpu|cuda")  # what the trainer's train.device takes
 TRAINER_DEPENDENCIES = ("albumentations",)
 # ``training: error: ...`` as training/train.py prints it (torchrun may prefix a rank: ``[rank0]: ...``).
 TRAINER_ERROR = re.compile(r"(?:\[[^\]]{1,40}\]:?\s*)?training: error:\s*(\S.*)")
+# torchrun's report of a failed run (``ChildFailedError``): the worker that failed first, and how.
+_ROOT_CAUSE = "Root Cause (first observed failure):"
+_CAUSE_RANK = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank")
+_CAUSE_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)\s*\(pid")
 # python -m training --check: the trainer's imports and a model built on the meta device take about 5 s (twice
 # that with two at once on a loaded host). The wait for a slot and the check get 45 s in all: under the client's
 # default deadline of 60 s, so such a client hears "busy, submit again later" rather than its own deadline.
@@ -125,7 +129,7 @@ RECIPE_CHECK_MEMORY_GIB = 8
 # The check's environment: one compute thread (it computes almost nothing), and CUDA counted by NVML, which
 # creates no CUDA context on the server's GPU (and needs none of the address space the CUDA driver reserves).
 RECIPE_CHECK_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
-CHECK_OUTPUT_TAIL_BYTES = 64 << 10  # what is read of the check's output for its message
+LOG_TAIL_BYTES = 64 << 10  # how much of a trainer's log (or its check's output) is read for its last words
 _NOT_RUN_LINE = "segsvc: cannot run the command:"  # ``run_bounded``'s launcher, when exec fails
 
 
@@ -668,32 +672,97 @@ async def check_recipe(spec: dict[str, Any], config: TrainingConfig, env: dict[s
 
 async def _run_check(spec: dict[str, Any], config: TrainingConfig, env: dict[str, str],
                      public: Callable[[str, Path], str]) -> None:
-    parent = Path(config.state_dir) / "training"
-    parent.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix=".check-", dir=parent))
+    root = await asyncio.to_thread(_check_folder, Path(config.state_dir) / "training", spec["recipe_text"])
     try:
-        (root / "recipe.yaml").write_text(spec["recipe_text"], encoding="utf-8")
         output = root / "check.log"
         code = await run_bounded(check_argv(spec, root, config), output=output, cwd=config.workdir,
                                  env={**env, **RECIPE_CHECK_ENV}, max_address_space=RECIPE_CHECK_MEMORY_GIB << 30)
         if code == 0:
             return
-        with open(output, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - CHECK_OUTPUT_TAIL_BYTES))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-        if code == NOT_RUN and lines and lines[-1].startswith(_NOT_RUN_LINE):
-            log.warning("the recipe check cannot start the trainer %s: %s", config.python, lines[-1])
+        said, last = await asyncio.to_thread(lambda: (trainer_error(output), last_words(output)))
+        if code == NOT_RUN and last and last.startswith(_NOT_RUN_LINE):
+            log.warning("the recipe check cannot start the trainer %s: %s", config.python, last)
             raise FailedPrecondition("this server cannot start its trainer (its configured Python): "
-                                     f"{lines[-1][len(_NOT_RUN_LINE):].strip() or 'cannot run it'}")
-        said = next((m.group(1).strip() for line in reversed(lines) if (m := TRAINER_ERROR.fullmatch(line.strip()))),
-                    None)
+                                     f"{last[len(_NOT_RUN_LINE):].strip() or 'cannot run it'}")
         if said is not None:
             raise InvalidArgument(public(said, root)[:MAX_REASON_CHARS])
-        last = next((line.strip() for line in reversed(lines) if any(c.isalnum() for c in line)), "")
         raise FailedPrecondition(public(f"the trainer's check of the recipe failed (exit code {code})"
                                         + (f": {last}" if last else ""), root)[:MAX_REASON_CHARS])
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _check_folder(parent: Path, recipe_text: str) -> Path:
+    """A new scratch folder under ``parent`` (made if need be) for one check, its ``recipe.yaml`` written."""
+    parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix=".check-", dir=parent))
+    try:
+        (root / "recipe.yaml").write_text(recipe_text, encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return root
+
+
+def trainer_error(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -> str | None:
+    """The trainer's own last error in ``log_path`` (the text after ``training: error:``), or None.
+
+    Only the log's output from byte ``start`` on (this attempt's) is looked at, and of that at most its
+    last ``limit`` bytes: a long log is not read whole. The text is as the trainer wrote it (paths included).
+    """
+    for line in reversed(log_tail(log_path, start, limit)):
+        found = TRAINER_ERROR.fullmatch(line.strip())
+        if found:
+            return found.group(1).strip()
+    return None
+
+
+def last_words(log_path: Path, start: int = 0, limit: int = LOG_TAIL_BYTES) -> str | None:
+    """What a child that failed without saying why in its own terms last printed, from byte ``start`` of
+    ``log_path`` on: the first failure of torchrun's report (a worker's rank and exit code), else its last line
+    with words in it (a traceback's exception); None when it printed nothing. As written (paths included)."""
+    lines = log_tail(log_path, start, limit)
+    cause = _root_cause(lines)
+    if cause is not None:
+        return f"its torchrun worker of rank {cause[0]} exited with code {cause[1]}"
+    for line in reversed(lines):
+        if any(c.isalnum() for c in line):  # not a separator, nor a traceback's carets
+            return line.strip()
+    return None
+
+
+def _root_cause(lines: list[str]) -> tuple[int, int] | None:
+    """``(rank, exit code)`` of the first failure in torchrun's last report of a failed run (``ChildFailedError``)
+    in ``lines``, or None when there is none."""
+    heads = [i for i, line in enumerate(lines) if line.strip() == _ROOT_CAUSE]
+    if not heads:
+        return None
+    rank = code = None
+    for line in lines[heads[-1] + 1:]:
+        text = line.strip()
+        if text.startswith("==="):  # the report's end
+            break
+        if rank is None and (found := _CAUSE_RANK.match(text)):
+            rank = int(found.group(1))
+        elif code is None and (found := _CAUSE_EXIT.match(text)):
+            code = int(found.group(1))
+    return None if rank is None or code is None else (rank, code)
+
+
+def log_tail(log_path: Path, start: int, limit: int) -> list[str]:
+    """The lines of ``log_path`` from byte ``start`` on, at most its last ``limit`` bytes of them (a first line
+    the read began inside of left out); none when it cannot be read."""
+    try:
+        with open(log_path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            offset = max(start, size - limit)
+            f.seek(offset)
+            lines = f.read(limit).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    if offset > start and lines:  # the read may have begun inside a line
+        lines = lines[1:]
+    return lines
 
 
 def _yaml_text(text: str) -> str:
