@@ -15,6 +15,11 @@ SIG to the command when its starter, PID, dies (``PR_SET_PDEATHSIG``, kept acros
 until its next start. The kernel sends it when the starter's *thread* that
 started the child ends, so start such a child from a thread that lives as long
 as the server (its event loop's). Elsewhere than Linux the option does nothing.
+
+``--address-space=BYTES`` sets a hard limit on the command's virtual memory
+(``RLIMIT_AS``, kept across ``exec``), and ``--unheld`` runs the command at once,
+without waiting for the byte: together, ``procgroup.run_bounded``'s start of a
+short check.
 """
 
 import os
@@ -24,6 +29,9 @@ import sys
 NOT_RELEASED = 75  # EX_TEMPFAIL: the starter went away before it let the command run
 NOT_FOUND = 127  # as a shell says for a command it cannot run
 PARENT_DEATH_OPTION = "--parent-death-signal="
+ADDRESS_SPACE_OPTION = "--address-space="
+UNHELD_OPTION = "--unheld"
+CANNOT_RUN = "segsvc: cannot run the command"  # how the line starts when exec fails: the command, ": ", why
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -41,14 +49,31 @@ def die_with_parent(signum: int, parent: int) -> None:
         os.kill(os.getpid(), signum)
 
 
+def limit_address_space(limit: int) -> None:
+    """A hard limit of ``limit`` bytes on this process's virtual memory, and so on the command's."""
+    import resource  # only for this option, like ctypes above
+
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def main(argv: list[str]) -> int:
-    if argv and argv[0].startswith(PARENT_DEATH_OPTION):
-        signum, _, parent = argv.pop(0)[len(PARENT_DEATH_OPTION):].partition(":")
-        die_with_parent(int(signum), int(parent))
+    held = True
+    while argv and argv[0].startswith("--"):
+        option = argv.pop(0)
+        if option.startswith(PARENT_DEATH_OPTION):
+            signum, _, parent = option[len(PARENT_DEATH_OPTION):].partition(":")
+            die_with_parent(int(signum), int(parent))
+        elif option.startswith(ADDRESS_SPACE_OPTION):
+            limit_address_space(int(option[len(ADDRESS_SPACE_OPTION):]))
+        elif option == UNHELD_OPTION:
+            held = False
+        else:
+            sys.stderr.write(f"held_start: unknown option {option}\n")
+            return 2
     if not argv:
         sys.stderr.write("held_start: no command given\n")
         return 2
-    if not os.read(0, 1):
+    if held and not os.read(0, 1):
         sys.stderr.write("segsvc: the command did not run: the server stopped it, or stopped itself, before "
                          "recording it\n")
         return NOT_RELEASED
@@ -60,7 +85,7 @@ def main(argv: list[str]) -> int:
     try:
         os.execvp(argv[0], argv)
     except OSError as exc:
-        sys.stderr.write(f"segsvc: cannot run {argv[0]}: {exc.strerror}\n")
+        sys.stderr.write(f"{CANNOT_RUN} {argv[0]}: {exc.strerror}\n")
     return NOT_FOUND
 
 

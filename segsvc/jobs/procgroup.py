@@ -49,33 +49,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from segsvc.jobs import held_start
+
 log = logging.getLogger("segsvc.jobs")
 
 POLL_S = 0.05  # how often a terminating group is checked for exit
 HELD_START = Path(__file__).with_name("held_start.py")
-NOT_RUN = 127  # ``run_bounded``'s launcher could not run the command (as a shell says)
-# ``run_bounded``'s launcher (``python -I -S -c``: nothing but the standard library, a bare interpreter's start):
-# the address-space limit, SIGKILL when the starter dies (Linux ``PR_SET_PDEATHSIG``; elsewhere none), then the
-# command, in the same process (the limit and the group carry over ``exec``).
-_BOUNDED_START = """
-import os, resource, signal, sys
-limit, parent, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-if limit > 0:
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-try:
-    import ctypes
-    if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGKILL)
-except (OSError, AttributeError):
-    pass
-for name in ("SIGPIPE", "SIGXFSZ"):
-    signal.signal(getattr(signal, name), signal.SIG_DFL)
-try:
-    os.execvp(argv[0], argv)
-except OSError as exc:
-    sys.stderr.write(f"segsvc: cannot run the command: {exc.strerror}\\n")
-sys.exit(%d)
-""" % NOT_RUN
 
 
 def process_start_time(pid: int) -> int | None:
@@ -205,7 +184,7 @@ class GroupProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         held = [sys.executable, "-I", "-S", str(HELD_START)]
         if parent_death_signal is not None:
-            held.append(f"--parent-death-signal={int(parent_death_signal)}:{os.getpid()}")
+            held.append(f"{held_start.PARENT_DEATH_OPTION}{int(parent_death_signal)}:{os.getpid()}")
         read_end, gate = os.pipe()  # both close-on-exec: no other child of the server holds the gate open
         try:
             with open(log_path, "ab") as out:
@@ -253,7 +232,8 @@ class GroupProcess:
 async def run_bounded(argv: Sequence[str], *, output: Path, cwd: Path | None = None,
                       env: Mapping[str, str] | None = None, max_address_space: int | None = None) -> int:
     """Run ``argv`` to its end in a session of its own, its stdout and stderr appended to ``output``; its exit code
-    (negative: killed by that signal; ``NOT_RUN``: it could not be started, the reason in ``output``).
+    (negative: killed by that signal; ``held_start.NOT_FOUND``: it could not be started, the reason in ``output``
+    on a line that starts ``held_start.CANNOT_RUN``).
 
     ``max_address_space`` (bytes) is a hard limit on the command's virtual memory (``RLIMIT_AS``): past it an
     allocation fails in the command, whatever the host has free. Cancelling the caller (a client's deadline, an
@@ -261,7 +241,10 @@ async def run_bounded(argv: Sequence[str], *, output: Path, cwd: Path | None = N
     nothing is left running, and no thread is held while it runs (an asyncio subprocess). Call it from the event
     loop's thread (the parent-death signal is sent when the thread that started the child ends).
     """
-    launcher = [sys.executable, "-I", "-S", "-c", _BOUNDED_START, str(max_address_space or 0), str(os.getpid())]
+    launcher = [sys.executable, "-I", "-S", str(HELD_START), held_start.UNHELD_OPTION,
+                f"{held_start.PARENT_DEATH_OPTION}{int(signal.SIGKILL)}:{os.getpid()}"]
+    if max_address_space:
+        launcher.append(f"{held_start.ADDRESS_SPACE_OPTION}{max_address_space}")
     with open(output, "ab") as out:
         proc = await asyncio.create_subprocess_exec(*launcher, *argv, stdin=subprocess.DEVNULL, stdout=out,
                                                     stderr=subprocess.STDOUT, cwd=cwd,

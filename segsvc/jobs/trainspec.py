@@ -68,7 +68,8 @@ from segsvc.config import usable_cpus
 from segsvc.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SegsvcError
 from segsvc.inference.repository import ModelRepository, parse_model_ref
 from segsvc.jobs.gate import POLICIES
-from segsvc.jobs.procgroup import NOT_RUN, run_bounded
+from segsvc.jobs.held_start import CANNOT_RUN, NOT_FOUND
+from segsvc.jobs.procgroup import run_bounded
 from segsvc.models.artifact import check_name
 from segsvc.overrides import apply_override, parse_override
 
@@ -130,7 +131,6 @@ RECIPE_CHECK_MEMORY_GIB = 8
 # creates no CUDA context on the server's GPU (and needs none of the address space the CUDA driver reserves).
 RECIPE_CHECK_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
 LOG_TAIL_BYTES = 64 << 10  # how much of a trainer's log (or its check's output) is read for its last words
-_NOT_RUN_LINE = "segsvc: cannot run the command:"  # ``run_bounded``'s launcher, when exec fails
 
 
 class DatasetRecord(Protocol):
@@ -680,10 +680,10 @@ async def _run_check(spec: dict[str, Any], config: TrainingConfig, env: dict[str
         if code == 0:
             return
         said, last = await asyncio.to_thread(lambda: (trainer_error(output), last_words(output)))
-        if code == NOT_RUN and last and last.startswith(_NOT_RUN_LINE):
+        if code == NOT_FOUND and last and last.startswith(CANNOT_RUN):
             log.warning("the recipe check cannot start the trainer %s: %s", config.python, last)
             raise FailedPrecondition("this server cannot start its trainer (its configured Python): "
-                                     f"{last[len(_NOT_RUN_LINE):].strip() or 'cannot run it'}")
+                                     f"{last.rpartition(': ')[2].strip() or 'cannot run it'}")
         if said is not None:
             raise InvalidArgument(public(said, root)[:MAX_REASON_CHARS])
         raise FailedPrecondition(public(f"the trainer's check of the recipe failed (exit code {code})"

@@ -250,3 +250,21 @@ def test_the_command_gets_the_default_signal_dispositions(tmp_path, spawned):
             assert not ignored & (1 << (sig - 1)), f"{sig.name} is ignored in the command"
 
     asyncio.run(main())
+
+
+def test_held_start_refuses_an_option_it_does_not_know(tmp_path):
+    """A misspelt option must not be taken for the command (run_bounded passes its limits as options)."""
+    done = subprocess.run([sys.executable, "-I", "-S", str(procgroup.HELD_START), "--unheld", "--adress-space=1",
+                           "true"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "unknown option --adress-space=1" in done.stderr
+
+
+def test_a_bounded_command_runs_unheld_under_its_limit(tmp_path):
+    """run_bounded starts through held_start: at once (no byte to wait for) and with RLIMIT_AS set."""
+    probe = "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0])"
+    out = tmp_path / "out.log"
+    code = asyncio.run(procgroup.run_bounded([sys.executable, "-c", probe], output=out,
+                                             max_address_space=3 << 30))
+    assert code == 0
+    assert out.read_text().split() == [str(3 << 30)]
