@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from segsvc.cli_train import local_overrides, refuse_server_flags
 from segsvc.config import InferenceSpec, ModelSpec
-from segsvc.data.datasets import build_dataset
+from segsvc.data.datasets import SegmentationDataset, build_dataset
 from segsvc.data.registration import dataset_offsets, mean_offset
 from segsvc.data.spec import DatasetSpec, load_dataset_spec
 from segsvc.data.transforms import train_transform
@@ -245,7 +245,8 @@ def _main(
 def check_recipe(cfg: TrainConfig) -> None:
     """Refuse what ``main`` would refuse before its run directory, with the same code, and train nothing: the
     recipe's keys and values (``load_config``, done by the caller), the device (``resolve_device``), the dataset's
-    classes and splits (``load_training_data``), the model's architecture, parameters and crop
+    classes and splits (``load_training_data``), the samples selected in them (``select_samples``: the folders are
+    listed, no image is read), the augmentation (``train_augmentation``), the model's architecture, parameters and crop
     (``build_checked_model``) and its size (``check_model_fits``). The server runs it (``python -m training
     --check``) when a job is submitted, so a request the trainer would refuse is refused then, not when the job's
     trainer starts.
@@ -255,6 +256,8 @@ def check_recipe(cfg: TrainConfig) -> None:
     """
     resolve_device(cfg.train.device)  # refused as the trainer would, with no CUDA context created
     data = load_training_data(cfg)
+    train_augmentation(cfg, data)
+    select_samples(cfg, data)
     try:
         spec, model = build_checked_model(cfg, data, build=plan_model)
         check_model_fits(spec, model)
@@ -592,22 +595,39 @@ def check_crop(cfg: TrainConfig, stride: int) -> None:
 def build_datasets(cfg: TrainConfig, data: DatasetSpec, contract: InferenceSpec) -> tuple[TrainSamples, EvalSamples]:
     """The augmented training samples and the validation samples the recipe selects, run as ``contract``."""
     check_crop(cfg, manifest_geometry(contract).stride)
-    crop = cfg.data.crop
-    steps = [t for t in (rescale_transform(cfg.data.scale),) if t is not None]
-    preset = train_transform(cfg.data.preset, crop=crop, ignore_index=data.ignore_index,
-                             class_uniform=cfg.data.class_uniform)
-    transform = A.Compose([*steps, preset]) if steps else preset
-    base_train = build_dataset(data, cfg.data.train_split)
-    base_val = build_dataset(data, cfg.data.val_split)
-    if cfg.data.repeat < 1:
-        raise InvalidArgument(f"data.repeat must be at least 1, got {cfg.data.repeat}")
-    train_idx = select_indices(len(base_train), cfg.data.train_indices, cfg.data.train_limit) * cfg.data.repeat
-    val_idx = select_indices(len(base_val), cfg.data.val_indices, cfg.data.val_limit)
+    transform = train_augmentation(cfg, data)
+    base_train, train_idx, base_val, val_idx = select_samples(cfg, data)
     return (
         TrainSamples(base_train, train_idx, transform, data.input_spec(), cfg.train.seed,
                      pixel_weights=border_weight_function(cfg.loss), shift=contract.shift),
         EvalSamples(base_val, val_idx, data.input_spec(), contract),
     )
+
+
+def train_augmentation(cfg: TrainConfig, data: DatasetSpec) -> A.BasicTransform:
+    """The recipe's augmentation of a training sample: its rescaling, then its preset (crop included)."""
+    steps = [t for t in (rescale_transform(cfg.data.scale),) if t is not None]
+    preset = train_transform(cfg.data.preset, crop=cfg.data.crop, ignore_index=data.ignore_index,
+                             class_uniform=cfg.data.class_uniform)
+    return A.Compose([*steps, preset]) if steps else preset
+
+
+def select_samples(cfg: TrainConfig, data: DatasetSpec) -> tuple[SegmentationDataset, list[int],
+                                                                  SegmentationDataset, list[int]]:
+    """The training and validation splits and the positions the recipe selects in each (``data.*_indices``,
+    ``*_limit``, ``repeat``); a selection that does not fit its split is refused, naming its key."""
+    if cfg.data.repeat < 1:
+        raise InvalidArgument(f"data.repeat must be at least 1, got {cfg.data.repeat}")
+    selected = []
+    for which, span, limit in (("train", cfg.data.train_indices, cfg.data.train_limit),
+                               ("val", cfg.data.val_indices, cfg.data.val_limit)):
+        base = build_dataset(data, getattr(cfg.data, f"{which}_split"))
+        try:
+            selected.append((base, select_indices(len(base), span, limit)))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"data.{which}_indices / data.{which}_limit: {exc}") from None
+    (base_train, train_idx), (base_val, val_idx) = selected
+    return base_train, train_idx * cfg.data.repeat, base_val, val_idx
 
 
 def build_loaders(

@@ -1,6 +1,7 @@
 """A training request the trainer would refuse from its recipe alone is refused at submission, by the trainer's own
 check (``python -m training --check``), with the trainer's message and no exception class name: unknown keys, values
-out of range, an architecture or parameters that do not build, a device this server lacks, a sample limit of 0."""
+out of range, an architecture or parameters that do not build, a device this server lacks, a sample limit of 0,
+an index range its split cannot hold, an unknown augmentation preset."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ REFUSED = [
     (("model.params.depth=40",), "auto", "U-Net depth must be between 1 and 6, got 40"),
     (("optim.lr=-1",), "auto", "optim.lr must be >= 0, got -1.0"),
     (("data.train_limit=0",), "auto", "data.train_limit must be >= 1 or null, got 0"),
+    # what the folders and the augmentation refuse: 6 training and 2 validation samples
+    (("data.train_indices=[0,100]",), "auto",
+     "data.train_indices / data.train_limit: index range [0, 100) does not fit a split of 6 samples"),
+    (("data.val_indices=[1,3]",), "auto",
+     "data.val_indices / data.val_limit: index range [1, 3) does not fit a split of 2 samples"),
+    (("data.preset=streets",), "auto", "unknown augmentation preset 'streets'; valid: "),
     pytest.param((), "cuda", "train.device=cuda but no CUDA device is available; use train.device=cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")),
 ]
