@@ -273,6 +273,27 @@ def test_cli_tunes_the_allocator_before_the_forward_threads_start(setup, tmp_pat
     assert calls == ["allocator", "run_batch"]
 
 
+def test_cli_torch_threads_sets_the_forward_streams(setup, tmp_path, monkeypatch) -> None:
+    """``segsvc batch --torch-threads 1`` runs one forward stream (one per torch thread on CPU), leaving the
+    machine's other CPUs alone; 0 is refused, not taken as the default."""
+    import torch
+
+    import segsvc.jobs.offline as offline
+
+    streams: list[int] = []
+    real = offline.forward_streams
+    monkeypatch.setattr(offline, "forward_streams", lambda backend: streams.append(real(backend)) or streams[-1])
+    before = torch.get_num_threads()
+    try:
+        args = ["batch", str(setup["inputs"]), "--model", "tiny", "--model-repo", str(setup["repo"]),
+                "--device", "cpu", "--no-progress"]
+        main([*args, "--out", str(tmp_path / "out"), "--torch-threads", "1"])
+        assert streams == [1]
+        assert main([*args, "--out", str(tmp_path / "out0"), "--torch-threads", "0"]) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 class _closing:
     def __init__(self, out: Path) -> None:
         self.store = JobStore(out / STATE_FILE)
