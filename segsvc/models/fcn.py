@@ -21,6 +21,7 @@ from torch import nn
 
 from segsvc.errors import ModelConfigError
 from segsvc.models.base import SegmentationModel, check_bool, check_dropout, check_positive_int, conv_bn_relu
+from segsvc.models.pooling import MaxPool2x2
 from segsvc.models.upsample import check_upsample, unpooling
 
 VGG16_BLOCKS = (2, 2, 3, 3, 3)
@@ -65,7 +66,7 @@ class VGGEncoder(nn.Module):
             for _ in range(n_convs):
                 layers += conv_bn_relu(ch, width, 3, batch_norm)
                 ch = width
-            layers.append(nn.MaxPool2d(2, 2))
+            layers.append(MaxPool2x2())
             blocks.append(nn.Sequential(*layers))
         self.blocks = nn.ModuleList(blocks)
         self.widths = widths

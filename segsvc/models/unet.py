@@ -20,6 +20,7 @@ from torch import nn
 
 from segsvc.errors import ModelConfigError
 from segsvc.models.base import SegmentationModel, check_bool, check_dropout, check_positive_int, conv_bn_relu
+from segsvc.models.pooling import MaxPool2x2
 from segsvc.models.upsample import check_upsample, up_layer
 
 
@@ -90,7 +91,7 @@ class UNet(SegmentationModel):
             self.down.append(double_conv(ch, width, batch_norm))
             ch = width
         self.upsample = upsample
-        self.pool = nn.MaxPool2d(2, 2, return_indices=upsample == "max_unpool")
+        self.pool = MaxPool2x2(return_indices=upsample == "max_unpool")
         self.bottleneck = nn.Sequential(
             double_conv(widths[-2], widths[-1], batch_norm),
             nn.Dropout2d(dropout) if dropout > 0 else nn.Identity(),
