@@ -694,9 +694,9 @@ def _batch(args: argparse.Namespace) -> int:
     from segsvc.jobs.offline import BatchOptions, run_batch, stored_options
 
     configure_allocator()  # before the forward threads allocate, as segsvc serve does
-    if args.torch_threads is not None:
-        if args.torch_threads < 1:
-            raise InvalidArgument(f"--torch-threads must be at least 1, got {args.torch_threads}")
+    if args.torch_threads < 0:
+        raise InvalidArgument(f"--torch-threads must be >= 0 (0: one per CPU), got {args.torch_threads}")
+    if args.torch_threads:
         import torch
 
         torch.set_num_threads(args.torch_threads)  # the local engine runs one forward stream per thread on CPU
@@ -757,9 +757,9 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
                    help="what runs the network (default: the manifest's inference.backend, normally torch)")
     p.add_argument("--io-threads", type=int, default=0, help="local engine: decode and write threads each "
                                                              "(default: up to 4)")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="local engine: torch CPU threads, one concurrent forward pass each on CPU (default: one "
-                        "per CPU); leave the rest of a shared machine's CPUs to others")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="local engine: torch CPU threads, one concurrent forward pass each on CPU (0, the default: "
+                        "one per CPU, as segsvc serve); leave the rest of a shared machine's CPUs to others")
     p.add_argument("--actors", type=int, default=1, help="ray engine: model-holding actors (default 1; one GPU each "
                                                           "on CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

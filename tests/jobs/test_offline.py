@@ -275,7 +275,7 @@ def test_cli_tunes_the_allocator_before_the_forward_threads_start(setup, tmp_pat
 
 def test_cli_torch_threads_sets_the_forward_streams(setup, tmp_path, monkeypatch) -> None:
     """``segsvc batch --torch-threads 1`` runs one forward stream (one per torch thread on CPU), leaving the
-    machine's other CPUs alone; 0 is refused, not taken as the default."""
+    machine's other CPUs alone; 0 is the default (one per CPU, as for segsvc serve), below 0 is refused."""
     import torch
 
     import segsvc.jobs.offline as offline
@@ -289,7 +289,7 @@ def test_cli_torch_threads_sets_the_forward_streams(setup, tmp_path, monkeypatch
                 "--device", "cpu", "--no-progress"]
         main([*args, "--out", str(tmp_path / "out"), "--torch-threads", "1"])
         assert streams == [1]
-        assert main([*args, "--out", str(tmp_path / "out0"), "--torch-threads", "0"]) == 2
+        assert main([*args, "--out", str(tmp_path / "out-1"), "--torch-threads", "-1"]) == 2
     finally:
         torch.set_num_threads(before)
 
