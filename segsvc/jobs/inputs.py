@@ -91,7 +91,7 @@ def resolve_inputs(
                               "or a glob pattern instead, or split the job")
     real_root = _real_root(root)
     budget = _Budget(ENTRIES_PER_FILE * max_files)
-    found: dict[str, InputFile] = {}  # keyed by resolved path: the first rel wins
+    found: dict[Path, InputFile] = {}  # keyed by resolved path: see add_unique for the name kept
     expanded: set[str] = set()  # normalised specs already walked
     for spec in specs:
         rel, shown = _relative_spec(real_root, root, spec)
@@ -101,10 +101,7 @@ def resolve_inputs(
         matched = False
         for file in _expand(real_root, rel, shown, budget):
             matched = True
-            key = str(file.path)
-            if key in found:
-                continue
-            found[key] = file
+            add_unique(found, file, real_root)
             if len(found) > max_files:
                 raise InvalidArgument(
                     f"inputs name more than {max_files} files (counted {len(found)} "
@@ -113,6 +110,24 @@ def resolve_inputs(
         if not matched:
             raise InvalidArgument(f"input {shown!r} matches no image under the data root")
     return sorted(found.values(), key=lambda f: f.rel)
+
+
+def add_unique(found: dict[Path, InputFile], file: InputFile, real_root: Path) -> None:
+    """Add ``file`` to ``found`` (keyed by its resolved path), or pick the name it keeps if it is there already.
+
+    A file named more than once (a symlink to it, two specs) is read once, under one name: its own, the one
+    that is its resolved path below ``real_root``, when that is among its names, else the first met. Keeping
+    the first in name order let ``0link.png -> 1.png`` take the name of ``1.png``, which then appeared nowhere
+    in the outputs. Every caller that merges listings goes through here, so one rule names them all.
+    """
+    kept = found.get(file.path)
+    if kept is None or (not is_own_name(kept, real_root) and is_own_name(file, real_root)):
+        found[file.path] = file
+
+
+def is_own_name(file: InputFile, real_root: Path) -> bool:
+    """Whether ``file`` is named by its resolved path below ``real_root``, not through a symlink."""
+    return file.path == real_root / file.rel
 
 
 def _real_root(root: str | os.PathLike[str]) -> Path:
@@ -245,36 +260,52 @@ _Want = Callable[[tuple[str, ...], bool], tuple[bool, bool]]
 
 def _walk(real_root: Path, start: Path, start_rel: str, shown: str, want: _Want,
           budget: _Budget) -> Iterator[InputFile]:
-    """Walk ``start`` depth-first in name order, yielding the files ``want`` keeps.
+    """Walk ``start`` depth-first in name order, yielding the files ``want`` keeps (unsorted: see below).
 
     Symlinks are never followed blindly: each one the walk would descend into
     or keep is resolved and must stay inside the root, else the whole request
     is refused. Symlinked folders inside the root are followed once each (a
-    link back to an ancestor cannot loop). Symlinks the walk would ignore
-    anyway, e.g. a ``notes.txt`` link in a folder spec, are not judged.
+    link back to an ancestor cannot loop), and only after every folder reached
+    without one: a folder is then named by its own path when the walk reaches
+    it that way too (``0scans -> scans`` does not take the names of the files
+    in ``scans``). Symlinks the walk would ignore anyway, e.g. a ``notes.txt``
+    link in a folder spec, are not judged.
     """
     visited = {start}
     stack: list[tuple[Path, tuple[str, ...]]] = [(start, ())]
-    while stack:
-        folder, parts = stack.pop()
+    linked: list[tuple[Path, tuple[str, ...]]] = []  # folders reached through a symlink: walked last
+    while stack or linked:
+        if stack:
+            folder, parts = stack.pop()
+        else:
+            folder, parts = linked.pop()
+            if folder in visited:  # walked by its own path meanwhile, or through another link
+                continue
+            visited.add(folder)
         try:
             entries = _listing(folder, parts, want, budget)
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             continue  # vanished or unreadable while walking: it simply contributes nothing
         subfolders: list[tuple[Path, tuple[str, ...]]] = []
+        links: list[tuple[Path, tuple[str, ...]]] = []
         for entry, is_dir, descend, keep in entries:
             sub = (*parts, entry.name)
             rel = _join(start_rel, sub)
-            if entry.is_symlink():
+            is_link = entry.is_symlink()
+            if is_link:
                 real = confine(real_root, entry.path, shown, what="input", symlink=rel)
             else:
                 real = Path(entry.path)
             if descend and is_dir and real not in visited:
-                visited.add(real)
-                subfolders.append((real, sub))
+                if is_link:
+                    links.append((real, sub))
+                else:
+                    visited.add(real)
+                    subfolders.append((real, sub))
             elif keep and not is_dir and real.is_file():
                 yield InputFile(real, rel)
         stack.extend(reversed(subfolders))  # pop in name order
+        linked.extend(reversed(links))
 
 
 def _listing(folder: Path, parts: tuple[str, ...], want: _Want,

@@ -55,7 +55,7 @@ from segsvc.inference.codec import DEFAULT_MAX_PIXELS, decode_image
 from segsvc.inference.engine import Engine, EngineConfig, InferenceOptions, Output, resolve_device
 from segsvc.inference.predictor import Predictor
 from segsvc.inference.repository import ModelRepository, parse_model_ref
-from segsvc.jobs.inputs import GLOB_CHARS, InputFile, resolve_inputs
+from segsvc.jobs.inputs import GLOB_CHARS, InputFile, add_unique, resolve_inputs
 from segsvc.jobs.outputs import (
     JobOutputs, checked_inputs, clean_temporaries, input_name_problem, item_write_problem,
 )
@@ -156,13 +156,15 @@ def batch_inputs(specs: Sequence[str], max_files: int = MAX_INPUTS) -> tuple[Pat
     that way (they would be read as a pattern): it is resolved from its own literal folder instead.
 
     Every name is held in memory before registration: registration is idempotent in the sorted
-    order, and an input named twice is found by its resolved path, which both need them all (a
+    order, and an input named twice is found by its resolved path (``inputs.add_unique`` picks the
+    name it keeps: its own, not a symlink's, when both are named), which both need them all (a
     walk yields depth-first, not sorted). The bound is ``max_files`` over all ``specs`` together:
     each listing stops as it passes ``max_files`` files (or ``inputs.ENTRIES_PER_FILE`` folder
     entries per file), and their union is refused as it passes ``max_files`` too, so at most about
     twice ``max_files`` names are held (``MAX_INPUTS``: the memory each costs).
     """
     root = input_root(specs)
+    real_root = Path(os.path.realpath(root))
     plain: list[str] = []
     unique: dict[Path, InputFile] = {}
     for spec in specs:
@@ -171,17 +173,17 @@ def batch_inputs(specs: Sequence[str], max_files: int = MAX_INPUTS) -> tuple[Pat
         if not _is_pattern(literal):
             plain.append(posixpath.join(literal, *pattern))
         else:
-            _add_inputs(unique, _resolve_alone(root, spec, base, pattern, max_files), max_files)
+            _add_inputs(unique, _resolve_alone(root, spec, base, pattern, max_files), real_root, max_files)
     if plain:
-        _add_inputs(unique, resolve_inputs(root, plain, max_files=max_files), max_files)
+        _add_inputs(unique, resolve_inputs(root, plain, max_files=max_files), real_root, max_files)
     return root, sorted(unique.values(), key=lambda f: f.rel)
 
 
-def _add_inputs(unique: dict[Path, InputFile], files: Iterable[InputFile], max_files: int) -> None:
-    """Add ``files`` to ``unique`` by resolved path (one file named twice is segmented once, under its first
-    name); refuse once ``unique`` holds more than ``max_files``."""
+def _add_inputs(unique: dict[Path, InputFile], files: Iterable[InputFile], real_root: Path, max_files: int) -> None:
+    """Add ``files`` to ``unique`` by resolved path (one file named twice is segmented once, under the name
+    ``inputs.add_unique`` keeps); refuse once ``unique`` holds more than ``max_files``."""
     for file in files:
-        unique.setdefault(file.path, file)
+        add_unique(unique, file, real_root)
     if len(unique) > max_files:
         raise InvalidArgument(f"inputs name more than {max_files} files (counted {len(unique)} before stopping): "
                               "split the batch or narrow the inputs")

@@ -76,12 +76,15 @@ def test_single_file_of_any_suffix(tree: tuple[Path, Path]) -> None:
     assert _rels(resolve_inputs(root, ["./scans//a/../a/001.png"])) == ["scans/a/001.png"]
 
 
-def test_duplicates_count_once_and_keep_the_first_rel(tree: tuple[Path, Path]) -> None:
+def test_duplicates_count_once_and_keep_the_file_s_own_name(tree: tuple[Path, Path]) -> None:
+    """Its own name over a symlink's, even one named first (test_inputs_links.py: the other cases)."""
     root, _ = tree
     os.symlink(root / "other" / "x.png", root / "alias.png")
     files = resolve_inputs(root, ["alias.png", "other", "other/x.png", "**/x.png"])
-    assert _rels(files) == ["alias.png", "other/y.bmp"]
+    assert _rels(files) == ["other/x.png", "other/y.bmp"]
     assert files[0].path == (root / "other" / "x.png").resolve()
+    assert _rels(resolve_inputs(root, ["alias.png", "scans/a/001.png", "./scans/a/001.png"])) == [
+        "alias.png", "scans/a/001.png"]
 
 
 @pytest.mark.timeout(60)  # a symlink loop that is followed would never end (a slow host may take seconds)
