@@ -48,6 +48,8 @@ class CheckReport:
         problems: every problem found, in file order within each kind.
         raw_label_pixels: pixel count per raw mask value (or RGB colour), before remapping.
         notes: things worth knowing that are not problems (e.g. labels not checked).
+        channels: what the images are read as, 1 (grey) or 3 (RGB): the spec's, derived from the images'
+            headers for a folder without a ``dataset.yaml``; a model trained on the dataset takes as many.
     """
 
     dataset: str
@@ -58,6 +60,7 @@ class CheckReport:
     raw_label_pixels: Mapping[RawValue, int] = field(default_factory=dict)
     label_map: Mapping[int, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    channels: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -75,6 +78,8 @@ class CheckReport:
         where = f"at {self.root}" if self.root is not None else "(generated, no files)"
         lines = [f"dataset {self.dataset} {where}", f"samples per split: {splits}",
                  f"files checked: {self.files_checked}"]  # fmt: skip
+        if self.channels is not None:
+            lines.append(f"channels: {self.channels} ({'grey' if self.channels == 1 else 'RGB'})")
         if self.raw_label_pixels:
             lines.append(f"raw label values (% of mask pixels): {self._label_summary()}")
         lines += [f"note: {n}" for n in self.notes]
@@ -176,6 +181,7 @@ def _check_synthetic(spec: DatasetSpec, progress: Progress) -> CheckReport:
         files_checked=0,
         problems=tuple(problems),
         raw_label_pixels=dict(counts),
+        channels=spec.channels,
     )
 
 
@@ -226,4 +232,5 @@ def check_dataset(spec_or_path: DatasetSpec | str | Path, progress: Progress | N
         raw_label_pixels=dict(counts),
         label_map=dict(spec.label_map),
         notes=notes,
+        channels=spec.channels,
     )

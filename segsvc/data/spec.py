@@ -42,6 +42,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError
 
 from segsvc.config import InputSpec
+from segsvc.data.channels import folder_channels
 from segsvc.data.spec_values import value_problems
 from segsvc.datasets.content import is_excluded
 from segsvc.palette import default_palette
@@ -371,7 +372,10 @@ def spec_from_folder(folder: Path, num_classes: int | None = None) -> DatasetSpe
     subfolders (``images/train``, ``masks/train``), from ``splits/*.txt`` stem
     lists, or the whole folder is one split named ``all``. Without a YAML the
     class names are unknown: ``num_classes`` names them ``class_0...``, or the
-    spec has none (enough to check pairing and readability, not to train). Hidden
+    spec has none (enough to check pairing and readability, not to train). The
+    channels are the images' own, from their headers (``channels.folder_channels``:
+    grey 1, colour 3; a folder mixing both is refused), not the default 3 that made
+    grey slices an RGB dataset. Hidden
     subfolders and lists (``images/.ipynb_checkpoints``, ``splits/._train.txt``) are
     no part of a dataset (``content.is_excluded``) and name no split.
     """
@@ -397,7 +401,9 @@ def spec_from_folder(folder: Path, num_classes: int | None = None) -> DatasetSpe
     else:
         splits = {"all": SplitSpec(images="images", masks="masks")}
     classes = tuple(f"class_{i}" for i in range(num_classes)) if num_classes else ()
-    return DatasetSpec(name=folder.name, format="folder", root=folder, class_names=classes, splits=splits)
+    channels = folder_channels(folder, (split.images for split in splits.values() if split.images is not None))
+    return DatasetSpec(name=folder.name, format="folder", root=folder, class_names=classes, splits=splits,
+                       channels=channels)
 
 
 def _split_folders(top: Path) -> list[str]:

@@ -88,7 +88,7 @@ def dataset_root(folder: Path) -> Path:
     return folder
 
 
-def add_metadata_yaml(root: Path, name: str, dataset_yaml: str = "", class_names: Sequence[str] = ()) -> None:
+def add_metadata_yaml(root: Path, dataset_yaml: str = "", class_names: Sequence[str] = ()) -> None:
     """Store the upload metadata's ``dataset.yaml`` text, or a ``dataset.yaml`` naming ``class_names``.
 
     The file becomes part of the dataset (and of its hash), so the same files
@@ -96,6 +96,12 @@ def add_metadata_yaml(root: Path, name: str, dataset_yaml: str = "", class_names
     ``root`` in the metadata's text becomes ``.``: it says where the files were on
     the uploader's machine, and on the server the upload itself is the root (so
     a built-in spec such as ``segsvc/data/specs/membrane.yaml`` can be sent as is).
+
+    The one written from ``class_names`` describes the files alone: the layout's
+    splits, the images' own channels (grey slices are not RGB) and the classes.
+    It names no dataset: ``name`` is the registry's, which ``load_confined`` gives
+    the spec, and written into a hashed file it made the same files and classes a
+    new dataset under every name they were uploaded as.
     """
     existing = next((n for n in FOLDER_SPEC_NAMES if (root / n).is_file()), None)
     if dataset_yaml and class_names:
@@ -110,8 +116,9 @@ def add_metadata_yaml(root: Path, name: str, dataset_yaml: str = "", class_names
             spec = spec_from_folder(root)  # the generic layout's splits, as found
         except DatasetError as exc:  # it names the folder: never show the server's folders
             raise DatasetError(scrub_paths(str(exc), root)) from None
-        spec = replace(spec, name=name, root=Path("."), class_names=tuple(class_names), palette=())
-        _write_yaml(root / FOLDER_SPEC_NAMES[0], spec.to_dict())
+        description = replace(spec, root=Path("."), class_names=tuple(class_names), palette=()).to_dict()
+        del description["name"]  # the registered name is no part of the content (see above)
+        _write_yaml(root / FOLDER_SPEC_NAMES[0], description)
 
 
 def _rooted_here(dataset_yaml: str) -> str:

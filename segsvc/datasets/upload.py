@@ -91,7 +91,7 @@ class DatasetUpload:
                 self._spool.path.unlink()
                 self._charge(-self._spool.size)
             root = dataset_root(self._data)
-            add_metadata_yaml(root, self.name, self._yaml, self._classes)
+            add_metadata_yaml(root, self._yaml, self._classes)
             return self._ingest(self._work, root, local_files(root))
         finally:
             self._abort()

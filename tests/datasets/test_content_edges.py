@@ -67,7 +67,7 @@ def test_a_dangling_link_is_named_not_skipped(tmp_path: Path) -> None:
 
 def _metadata_upload(root: Path, names: list[str]) -> None:
     flat(root, ["a", "b"], yaml_file=False)
-    add_metadata_yaml(root, "d", class_names=names)
+    add_metadata_yaml(root, class_names=names)
 
 
 def test_a_class_name_over_the_byte_limit_is_refused_from_the_metadata(tmp_path: Path) -> None:
