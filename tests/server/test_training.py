@@ -223,15 +223,16 @@ def test_a_failing_trainer_ends_failed_with_its_reason_and_no_traceback(tmp_path
     server = start_server(tmp_path / "repo", **_config(tmp_path))
     with server.client(timeout_s=60) as client:
         client.upload_dataset(shapes, "shapes")
-        # an index range the recipe check cannot judge (it reads no dataset): the trainer refuses it as it starts
+        # a class to register the labels by that the recipe check does not judge (it reads no image): the trainer
+        # refuses it as it starts
         job = client.submit_training_job("shapes", recipe="synthetic-quick",
-                                         overrides=TINY + ("data.train_indices=[0,100000]",), epochs=1, device="cpu")
+                                         overrides=TINY + ("data.register=nosuch",), epochs=1, device="cpu")
         final = job.wait(timeout_s=JOB_TIMEOUT_S)
         assert final.state == "FAILED"
         with pytest.raises(Exception) as info:
             job.result()
         message = str(info.value)
-        assert "training failed:" in message and "index range [0, 100000) does not fit" in message, message
+        assert "training failed:" in message and "data.register names class 'nosuch'" in message, message
         assert "Traceback" not in message and str(tmp_path) not in message and "InvalidArgument" not in message
 
 
