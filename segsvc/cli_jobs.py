@@ -112,10 +112,15 @@ def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argpa
 
     def handler(fn):  # type: ignore[no-untyped-def]
         def run(args: argparse.Namespace) -> int:
-            if getattr(args, "upload", False):  # local files are checked before connecting: a typo fails at once
+            # local paths are checked before connecting: a typo fails at once, whether a server runs or not
+            if getattr(args, "upload", False):
                 from segsvc.jobclient import local_images
 
                 local_images(args.inputs)
+            if getattr(args, "out", None) is not None:  # jobs fetch
+                from segsvc.jobclient import check_fetch_folder
+
+                check_fetch_folder(args.out, f"--out {args.out}")
             with _client(args, read_token) as client:
                 return fn(client, args)
         return run
@@ -215,11 +220,11 @@ def _delete(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped
 
 
 def _not_done(job):  # type: ignore[no-untyped-def]
-    """The status of a job that has not ended, as ``client.job`` read it; None once it ended (or for a handle that
-    is not a ``JobHandle``, which has none)."""
-    from segsvc.jobclient import JobHandle
+    """The status of a training job that has not ended, as ``client.job`` read it; None once it ended, and for a
+    batch job (the server refuses to fetch one before it ends: a fetch that succeeds got all of its files)."""
+    from segsvc.jobclient import TrainingJobHandle
 
-    if not isinstance(job, JobHandle):
+    if not isinstance(job, TrainingJobHandle):
         return None
     status = job.status(refresh=False)
     return None if status.done_flag else status
@@ -240,7 +245,7 @@ def _fetch(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-
     from segsvc.downloads import StreamLost
 
     job = client.job(args.job)
-    running = _not_done(job)  # as the fetch begins: a job still running has written only some of its files
+    running = _not_done(job)  # as the fetch begins: a training job still running has written only some files
     try:
         files = job.fetch(args.out, progress=args.progress)
     except StreamLost as lost:  # the server died ("Stream removed (Socket closed)") or a stopping one cancelled it

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 import socket
@@ -31,9 +32,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from segsvc.config import check_request_tiling  # dataclasses only: no torch
 from segsvc.datasets.content import archive_format, file_chunks, local_files, tar_stream
-from segsvc.errors import DatasetInvalid, DeadlineExceeded, InvalidArgument, InvalidImage, SegsvcError, Unavailable
+from segsvc.errors import (
+    DatasetInvalid, DeadlineExceeded, FailedPrecondition, InvalidArgument, InvalidImage, NotFound, SegsvcError,
+    Unavailable,
+)
 from segsvc.jobclient import (
-    JobHandle, JobStatus, TrainingJobHandle, TrainingStatus, handle_for, local_images, upload_files,
+    JobHandle, JobStatus, TrainingJobHandle, TrainingStatus, handle_for, local_images, path_list, upload_files,
 )
 from segsvc.palette import colorize, overlay
 from segsvc.progress import progress_bar
@@ -46,6 +50,8 @@ from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
 from segsvc.v1 import training_pb2 as tpb
 from segsvc.v1 import training_pb2_grpc as training_grpc
 from segsvc.wire import error_from_rpc, error_from_status, labels_from_proto, over_limit
+
+log = logging.getLogger("segsvc.client")
 
 STARTING_POLL_S = 0.1  # how often wait_for_server asks a server that is still loading its models
 
@@ -112,6 +118,24 @@ def _model_field(model: Any) -> str:
     return model or ""
 
 
+def _text_field(value: Any, what: str) -> str:
+    """A request's string field, or ``InvalidArgument`` naming it (protobuf's bare TypeError, "bad argument type
+    for built-in operation", names neither the argument nor the value)."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a str, got {value!r}")
+    return value
+
+
+def _text_list(values: Any, what: str) -> list[str]:
+    """A request's repeated string field, each item checked as by ``_text_field``; a ``str`` itself is refused
+    (as a list it would be its characters, one per item)."""
+    if isinstance(values, str):
+        raise InvalidArgument(f"{what} is a list of str, got one str {values!r}: pass [{values!r}] for one")
+    if not isinstance(values, Iterable):
+        raise InvalidArgument(f"{what} is a list of str, got {type(values).__name__}")
+    return [_text_field(v, f"each of {what}") for v in values]
+
+
 def _version_field(version: Any) -> int:
     """A request's model version (0 for None: the default version), checked before it reaches a uint32 field
     (protobuf's bare ValueError or TypeError there)."""
@@ -120,6 +144,25 @@ def _version_field(version: Any) -> int:
     if isinstance(version, bool) or not isinstance(version, numbers.Integral) or not 0 <= version < 1 << 32:
         raise InvalidArgument(f"version must be a positive integer (None or 0: the default version), got {version!r}")
     return int(version)
+
+
+def _image_list(images: Any) -> list:
+    """The images of ``segment_many`` as a list; ``InvalidArgument`` for one image given alone.
+
+    Taken as a list, one image is many wrong ones: a path's characters ("cannot read image 's'"), the ints of
+    encoded bytes, the rows of an ``H x W x C`` array (each sent as a ``W x C`` grey image, answered without a
+    word). A stack of images (an ``N x H x W x C`` array) is taken image by image.
+    """
+    if isinstance(images, np.ndarray) and images.ndim <= 3:
+        raise InvalidArgument(f"segment_many takes a list of images, got one array of shape {images.shape}: pass "
+                              "[image], or call segment() for one image (a stack of grey images: list(stack))")
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)):
+        shown = repr(os.fspath(images)) if isinstance(images, (str, os.PathLike)) else f"{len(images)} bytes"
+        raise InvalidArgument(f"segment_many takes a list of images, got one {type(images).__name__} ({shown}): "
+                              "pass [image], or call segment() for one image")
+    if not isinstance(images, Iterable):
+        raise InvalidArgument(f"segment_many takes a list of images, got {type(images).__name__}")
+    return list(images)
 
 
 def _as_array(image: ImageInput) -> np.ndarray:
@@ -162,12 +205,13 @@ def _readable_size(path: Path) -> int:
         raise InvalidArgument(f"cannot read {os.fspath(path)}: {exc.strerror or type(exc).__name__}") from None
 
 
-def image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand folders, recursively, to the image files they hold (sorted); keep files as given."""
+def image_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand folders, recursively, to the image files they hold (sorted); keep files as given (``paths``: one
+    path or a list)."""
     return [path for path, _ in named_image_files(paths)]
 
 
-def named_image_files(paths: Iterable[str | os.PathLike],
+def named_image_files(paths: str | os.PathLike | Iterable[str | os.PathLike],
                       skip: str | os.PathLike | None = None) -> list[tuple[Path, PurePosixPath]]:
     """``image_files`` with each file's name: its path under the folder named, or its own name.
 
@@ -182,7 +226,7 @@ def named_image_files(paths: Iterable[str | os.PathLike],
     """
     skipped = Path(skip).resolve() if skip is not None else None
     out: list[tuple[Path, PurePosixPath]] = []
-    for p in map(Path, paths):
+    for p in map(Path, path_list(paths, "paths")):
         if p.is_dir() and skipped is not None and p.resolve().is_relative_to(skipped):
             raise InvalidArgument(f"the output folder {os.fspath(skip)} holds the input folder {p}: outputs written "
                                   "there would be read as inputs by the next run; write them to another folder")
@@ -200,9 +244,9 @@ def named_image_files(paths: Iterable[str | os.PathLike],
 UPLOAD_FORMATS = {"tar": datasets_pb.UPLOAD_FORMAT_TAR, "zip": datasets_pb.UPLOAD_FORMAT_ZIP,
                   "pairs": datasets_pb.UPLOAD_FORMAT_PAIRS}
 DATASET_SOURCES = {datasets_pb.DATASET_SOURCE_REGISTERED: "register", datasets_pb.DATASET_SOURCE_UPLOADED: "upload"}
-def dataset_error(exc: grpc.RpcError) -> SegsvcError:
+def dataset_error(exc: grpc.RpcError, call: str = "") -> SegsvcError:
     """``error_from_rpc``, plus the problem list a ``DatasetInvalid`` carries in its status details."""
-    error = error_from_rpc(exc)
+    error = error_from_rpc(exc, call)
     if isinstance(error, DatasetInvalid):
         from google.rpc import error_details_pb2
         from grpc_status import rpc_status
@@ -228,6 +272,18 @@ def _accepts_connections(address: str, timeout_s: float = 2.0) -> bool | None:
     except OSError:
         return False
     return True
+
+
+def _broken_stream(exc: grpc.RpcError, answered: int, total: int, deadline_s: float | None) -> SegsvcError:
+    """The error of a ``SegmentStream`` that ended before every image had its answer: what was answered, and
+    for a deadline, which one passed and what to change."""
+    error = error_from_rpc(exc, "SegmentStream")
+    if isinstance(error, DeadlineExceeded) and deadline_s is not None:
+        error.args = (f"{error}: {deadline_s:g} s, the deadline of the whole stream, passed (timeout_s; "
+                      "segsvc segment --timeout-s); give a longer one, or fewer images per call",)
+    if answered:  # say what the caller has, and that the rest has no result
+        error.args = (f"the stream broke off after {answered} of {total} images: {error}",)
+    return error
 
 
 class SegmentationClient:
@@ -279,9 +335,21 @@ class SegmentationClient:
         self._datasets = datasets_grpc.DatasetServiceStub(self._channel)
         self._training = training_grpc.TrainingServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._closed = False
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
+
+    def _check_open(self) -> None:
+        """``FailedPrecondition`` for a call on a closed client (grpc's own words: "ValueError: Cannot invoke RPC
+        on closed channel!", from deep inside the call)."""
+        if self._closed:
+            raise self._closed_error()
+
+    def _closed_error(self) -> FailedPrecondition:
+        return FailedPrecondition(f"this client of {self.address} is closed (close(), or the end of its with "
+                                  "block): make a new SegmentationClient for more calls")
 
     def wait_for_server(self, timeout_s: float) -> None:
         """Block until a server listens and takes calls (one just started may not listen yet, and
@@ -291,6 +359,7 @@ class SegmentationClient:
             Unavailable: nothing accepted a connection at ``address`` within ``timeout_s``, or
                 the server there was still starting (or draining) when it ran out.
         """
+        self._check_open()
         deadline = time.monotonic() + timeout_s
         states: list[grpc.ChannelConnectivity] = []
         record = states.append
@@ -337,12 +406,18 @@ class SegmentationClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _call(self, method, request, timeout_s: float | None = None, **kwargs):
+    def _call(self, stub, method: str, request, timeout_s: float | None = None):  # type: ignore[no-untyped-def]
+        """``stub.method(request)`` with this client's deadline and token; a failure as its domain error."""
+        self._check_open()
         try:
-            return method(request, timeout=timeout_s if timeout_s is not None else self.timeout_s,
-                          metadata=self._metadata, **kwargs)
+            return getattr(stub, method)(request, timeout=timeout_s if timeout_s is not None else self.timeout_s,
+                                         metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, method) from None
+        except ValueError:  # closed by another thread since the check: grpc's "Cannot invoke RPC on closed channel!"
+            if self._closed:
+                raise self._closed_error() from None
+            raise
 
     def _check_request_size(self, request: pb.SegmentRequest) -> None:
         """Refuse, before sending, a request gRPC would refuse as RESOURCE_EXHAUSTED (and end a whole stream with)."""
@@ -439,7 +514,7 @@ class SegmentationClient:
         """
         request = self.build_request(image, **options)
         self._check_request_size(request)
-        return self._label_map(self._call(self._stub.Segment, request, timeout_s))
+        return self._label_map(self._call(self._stub, "Segment", request, timeout_s))
 
     def segment_many(
         self,
@@ -465,7 +540,8 @@ class SegmentationClient:
             raise InvalidArgument("segment_many numbers its requests itself (their request_id is the image's "
                                   "index): request_id is not one of its options")
         template = self.request_template(**options)  # a bad option fails here, before any call
-        items = list(images)
+        items = _image_list(images)
+        self._check_open()
         results: list[LabelMap | SegsvcError | None] = [None] * len(items)
         unsent: list[int] = []  # images the client could not send, in gRPC's request thread
         bar = progress_bar(progress, total=len(items), unit="img", desc="segment")
@@ -503,13 +579,12 @@ class SegmentationClient:
                 if on_result is not None:
                     on_result(index, results[index])  # type: ignore[arg-type]
         except grpc.RpcError as exc:
-            error = error_from_rpc(exc)
-            if isinstance(error, DeadlineExceeded) and deadline_s is not None:
-                error.args = (f"{error}: {deadline_s:g} s, the deadline of the whole stream, passed (timeout_s; "
-                              "segsvc segment --timeout-s); give a longer one, or fewer images per call",)
-            if answered:  # say what the caller has, and that the rest has no result
-                error.args = (f"the stream broke off after {answered} of {len(items)} images: {error}",)
-            raise error from None
+            if not items or any(r is None for r in results):
+                raise _broken_stream(exc, answered, len(items), deadline_s) from None
+            # every image has its answer (a server that ended the call with an error after its last response,
+            # a deadline that passed as the stream closed): the error takes nothing from the caller
+            log.info("SegmentStream ended with an error after every image was answered; results kept: %s",
+                     error_from_rpc(exc, "SegmentStream"))
         finally:
             bar.close()
             if stream is not None:
@@ -528,16 +603,18 @@ class SegmentationClient:
 
     # -- batch jobs ---------------------------------------------------------------------
     def _ops_call(self, method: str, request, timeout_s: float | None = None):
-        return self._call(getattr(self._ops, method), request, timeout_s)
+        return self._call(self._ops, method, request, timeout_s)
 
     def _job_call(self, method: str, request, timeout_s: float | None = None):
-        return self._call(getattr(self._jobs, method), request, timeout_s)
+        return self._call(self._jobs, method, request, timeout_s)
 
     def _job_stream(self, method: str, request) -> Iterator:
+        self._check_open()
         return getattr(self._jobs, method)(request, metadata=self._metadata)
 
-    def upload_images(self, paths: Sequence[str | os.PathLike]) -> str:
-        """Upload image files (or one folder, keeping relative paths) for a job; returns the upload id."""
+    def upload_images(self, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+        """Upload image files (or one folder, keeping relative paths; one path or a list) for a job; returns the
+        upload id."""
         files, root = local_images(paths)
         for file in files:  # a file it cannot read is named before any call
             _readable_size(file)
@@ -547,9 +624,9 @@ class SegmentationClient:
 
     def submit_job(
         self,
-        inputs: Sequence[str] = (),
+        inputs: str | os.PathLike | Sequence[str | os.PathLike] = (),
         *,
-        upload: Sequence[str | os.PathLike] | None = None,
+        upload: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         model: str | None = None,
         version: int | None = None,
         request_id: str = "",
@@ -563,10 +640,12 @@ class SegmentationClient:
     ) -> JobHandle:
         """Start a batch job over server paths (``inputs``, relative to its data root) or local files (``upload``).
 
-        The model version is pinned at submission; ``request_id`` makes a retry
-        return the same job. Returns at once with a handle: ``.wait(progress=True)``,
+        Each is one path or a list of them. The model version is pinned at submission; ``request_id`` makes a
+        retry return the same job. Returns at once with a handle: ``.wait(progress=True)``,
         ``.result()``, ``.cancel()``, ``.fetch(dest)``.
         """
+        inputs = [os.fspath(p) for p in path_list(inputs, "inputs")]
+        upload = path_list(upload, "upload") if upload is not None else None
         if bool(inputs) == bool(upload):
             raise InvalidArgument("give server paths (inputs) or local files to upload (upload), not both")
         options = self.build_request(b"", confidence=confidence, tile_size=tile_size, tile_overlap=tile_overlap,
@@ -583,11 +662,13 @@ class SegmentationClient:
 
     def job(self, name: str) -> JobHandle:
         """A handle on an existing job (``jobs/<id>`` or the id): a ``TrainingJobHandle`` for training jobs."""
+        name = _text_field(name, "job name")
         name = name if name.startswith("jobs/") else f"jobs/{name}"
         return handle_for(self, self._ops_call("GetOperation", operations_pb2.GetOperationRequest(name=name)))
 
     # -- training jobs ------------------------------------------------------------------
     def _training_stream(self, method: str, request) -> Iterator:
+        self._check_open()
         return getattr(self._training, method)(request, metadata=self._metadata)
 
     def submit_training_job(
@@ -596,7 +677,7 @@ class SegmentationClient:
         *,
         recipe: str = "",
         recipe_yaml: str = "",
-        overrides: Sequence[str] = (),
+        overrides: str | Sequence[str] = (),
         base_model: str = "",
         model_name: str = "",
         max_time_min: float | None = None,
@@ -623,15 +704,17 @@ class SegmentationClient:
         if max_time_min is not None and epochs is not None:
             raise InvalidArgument("give one budget: max_time_min or epochs")
         request = tpb.SubmitTrainingJobRequest(
-            request_id=request_id, dataset=dataset, recipe=recipe, recipe_yaml=recipe_yaml, overrides=list(overrides),
-            base_model=base_model, model_name=model_name, device=device, nproc_per_node=nproc_per_node,
+            request_id=request_id, dataset=_text_field(dataset, "dataset"), recipe=recipe, recipe_yaml=recipe_yaml,
+            overrides=_text_list([overrides] if isinstance(overrides, str) else overrides, "overrides"),
+            base_model=_text_field(base_model, "base_model"), model_name=_text_field(model_name, "model_name"),
+            device=device, nproc_per_node=nproc_per_node,
             promote=policies[promote], gate_margin=gate_margin,
         )
         if max_time_min is not None:
             request.max_time_min = max_time_min
         elif epochs is not None:
             request.epochs = epochs
-        return TrainingJobHandle(self, self._call(self._training.SubmitTrainingJob, request))
+        return TrainingJobHandle(self, self._call(self._training, "SubmitTrainingJob", request))
 
     def list_jobs(self, filter: str = "", page_size: int = 50) -> Iterator[JobStatus | TrainingStatus]:
         """Every job (oldest first), fetched page by page; ``filter`` e.g. ``"state=RUNNING"``."""
@@ -660,6 +743,7 @@ class SegmentationClient:
         cancels the call instead (the server keeps nothing of it) and is raised as an ``InvalidArgument``
         naming the file.
         """
+        self._check_open()
         failed: list[SegsvcError] = []
         started = threading.Event()
         calls: list[Any] = []
@@ -692,10 +776,11 @@ class SegmentationClient:
             call.cancel()  # no-op once it ended; else (Ctrl-C) the server stops too
 
     def _dataset_call(self, method: str, request, timeout_s: float | None = None):
+        self._check_open()
         try:
             return getattr(self._datasets, method)(request, timeout=timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise dataset_error(exc) from None
+            raise dataset_error(exc, method) from None
 
     def upload_dataset(
         self,
@@ -719,6 +804,7 @@ class SegmentationClient:
         file before it answers. Raises ``DatasetInvalid`` (``.problems``: every
         problem found) when the dataset fails its check.
         """
+        name, class_names = _text_field(name, "name"), _text_list(class_names, "class_names")
         path = Path(path)
         fmt = format or ("tar" if path.is_dir() else archive_format(path))
         if fmt not in UPLOAD_FORMATS or (path.is_dir() and fmt == "zip") or (not path.is_dir() and fmt == "pairs"):
@@ -728,7 +814,7 @@ class SegmentationClient:
         total = sum(_readable_size(file) for _, file in files)  # a file it cannot read is named before any call
         bar = progress_bar(progress, total=total, unit="B", unit_scale=True, desc=f"upload {name}")
         metadata = datasets_pb.UploadDatasetMetadata(name=name, format=UPLOAD_FORMATS[fmt], dataset_yaml=dataset_yaml,
-                                                     class_names=list(class_names), sha256=sha256)
+                                                     class_names=class_names, sha256=sha256)
 
         reading: list[Path] = [path]  # the file being read, for an error that names none
 
@@ -755,49 +841,64 @@ class SegmentationClient:
         finally:
             bar.close()
 
-    def register_dataset(self, path: str, name: str = "", timeout_s: float | None = None) -> datasets_pb.Dataset:
+    def register_dataset(self, path: str | os.PathLike, name: str = "",
+                         timeout_s: float | None = None) -> datasets_pb.Dataset:
         """Register a folder under the server's ``--data-root`` (relative to it) as a dataset."""
-        return self._dataset_call("RegisterDataset", datasets_pb.RegisterDatasetRequest(path=path, name=name),
-                                  timeout_s)
+        path = os.fspath(path) if isinstance(path, os.PathLike) else _text_field(path, "path")
+        request = datasets_pb.RegisterDatasetRequest(path=path, name=_text_field(name, "name"))
+        return self._dataset_call("RegisterDataset", request, timeout_s)
 
     def list_datasets(self) -> list[datasets_pb.Dataset]:
         return list(self._dataset_call("ListDatasets", datasets_pb.ListDatasetsRequest(), self.timeout_s).datasets)
 
     def get_dataset(self, name: str) -> datasets_pb.Dataset:
         """A dataset by name, content hash or a unique hash prefix."""
-        return self._dataset_call("GetDataset", datasets_pb.GetDatasetRequest(name=name), self.timeout_s)
+        request = datasets_pb.GetDatasetRequest(name=_text_field(name, "name"))
+        return self._dataset_call("GetDataset", request, self.timeout_s)
 
     def delete_dataset(self, name: str) -> datasets_pb.Dataset:
         """Forget a dataset (its uploaded files go too); returns what it was."""
-        request = datasets_pb.DeleteDatasetRequest(name=name)
+        request = datasets_pb.DeleteDatasetRequest(name=_text_field(name, "name"))
         return self._dataset_call("DeleteDataset", request, self.timeout_s).dataset
 
     # -- models and health --------------------------------------------------------------
     def list_models(self) -> list[pb.ModelInfo]:
-        return list(self._call(self._stub.ListModels, pb.ListModelsRequest()).models)
+        return list(self._call(self._stub, "ListModels", pb.ListModelsRequest()).models)
 
     def get_model(self, model: str, version: int | None = None) -> pb.ModelInfo:
-        return self._call(self._stub.GetModel, pb.GetModelRequest(model=model, version=_version_field(version)))
+        request = pb.GetModelRequest(model=_model_field(model), version=_version_field(version))
+        return self._call(self._stub, "GetModel", request)
 
     def load_model(self, model: str, version: int | None = None, timeout_s: float | None = None) -> pb.ModelInfo:
-        request = pb.LoadModelRequest(model=model, version=_version_field(version))
-        return self._call(self._stub.LoadModel, request, timeout_s)
+        request = pb.LoadModelRequest(model=_model_field(model), version=_version_field(version))
+        return self._call(self._stub, "LoadModel", request, timeout_s)
 
     def unload_model(self, model: str, version: int | None = None) -> list[int]:
-        request = pb.UnloadModelRequest(model=model, version=_version_field(version))
-        response = self._call(self._stub.UnloadModel, request)
+        request = pb.UnloadModelRequest(model=_model_field(model), version=_version_field(version))
+        response = self._call(self._stub, "UnloadModel", request)
         return list(response.unloaded_versions)
 
     def set_default_version(self, model: str, version: int | None) -> pb.ModelInfo:
-        request = pb.SetDefaultVersionRequest(model=model, version=_version_field(version))
-        return self._call(self._stub.SetDefaultVersion, request)
+        request = pb.SetDefaultVersionRequest(model=_model_field(model), version=_version_field(version))
+        return self._call(self._stub, "SetDefaultVersion", request)
 
     def health(self, service: str = "", timeout_s: float = 5.0) -> str:
-        """``"SERVING"``, ``"NOT_SERVING"``, ... for the server (or one service)."""
+        """``"SERVING"``, ``"NOT_SERVING"``, ... for the server (or one service).
+
+        The health protocol answers NOT_FOUND, with no message, for a service it has no status for: raised as
+        ``NotFound`` naming the service.
+        """
+        request = health_pb2.HealthCheckRequest(service=_text_field(service, "service"))
+        self._check_open()
         try:
-            response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+            response = self._health.Check(request, timeout=timeout_s)
         except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+            if exc.code() == grpc.StatusCode.NOT_FOUND and not exc.details():
+                error = NotFound(f"no health status for service {service!r}: the server has one for '' (itself), "
+                                 "its gRPC services and segsvc.model.<name> (each model)")
+                error.code = grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]  # as error_from_status sets it
+                raise error from None
+            raise error_from_rpc(exc, "Check") from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def wait_until_serving(self, timeout_s: float = 60.0, poll_s: float = 0.2) -> None:

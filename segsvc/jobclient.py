@@ -205,11 +205,51 @@ class JobHandle:
         A server that sends nothing for ``idle_timeout_s`` (default: the client's ``timeout_s``) ends the
         download with ``DeadlineExceeded``; the whole download has no deadline (``download``).
         """
+        check_fetch_folder(dest)
         stream = self._client._job_stream("FetchJobOutputs", jobs_pb.FetchJobOutputsRequest(name=self.name))
         return download(stream, dest, progress, self._idle_limit(idle_timeout_s))
 
     def _idle_limit(self, idle_timeout_s: float | None) -> float | None:
         return self._client.timeout_s if idle_timeout_s is None else idle_timeout_s
+
+
+def check_fetch_folder(dest: str | os.PathLike, named: str = "") -> None:
+    """Refuse, before any call, a fetch into a path that cannot be a folder: a file, or a path below one.
+
+    Else the download fails on its first file's temporary (``NotADirectoryError`` naming
+    ``.class_shares.png.<hex>.part-...``, a name the user never gave). ``named``: how the user gave ``dest``
+    (``--out out.png``); by default the path itself.
+    """
+    path = Path(dest)
+    named = named or os.fspath(dest)
+    for folder in (path, *path.parents):
+        if not folder.exists():  # made by the download
+            continue
+        if folder.is_dir():
+            return
+        if folder == path:
+            raise InvalidArgument(f"{named} is a file, not a folder: fetch into a folder (it is made if missing)")
+        raise InvalidArgument(f"{named} is below {os.fspath(folder)}, which is a file, not a folder: fetch into a "
+                              "folder (it is made if missing)")
+
+
+def path_list(paths: str | os.PathLike | Iterable[str | os.PathLike], what: str) -> list[str | os.PathLike]:
+    """``paths`` as a list, where a single ``str`` or ``os.PathLike`` is one path.
+
+    A ``str`` is itself iterable: taken as a list, ``"shapes/images"`` would be 13 paths of one character each
+    ("input 's' matches no image"). ``what`` names the argument in the ``InvalidArgument`` for anything else
+    (bytes, a number, a list holding one).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        return [paths]
+    if isinstance(paths, (bytes, bytearray, memoryview)) or not isinstance(paths, Iterable):
+        raise InvalidArgument(f"{what} is a path or a list of paths (str or os.PathLike), got "
+                              f"{type(paths).__name__}")
+    items = list(paths)
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise InvalidArgument(f"{what} holds {item!r}: paths are str or os.PathLike, not {type(item).__name__}")
+    return items
 
 
 def upload_files(files: Sequence[Path], root: Path | None) -> Iterator[jobs_pb.UploadImagesRequest]:
@@ -230,15 +270,16 @@ def upload_files(files: Sequence[Path], root: Path | None) -> Iterator[jobs_pb.U
                     break
 
 
-def local_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], Path | None]:
-    """Image files to upload and the folder their names are relative to (one folder: that folder); none is an
-    error (``client.no_images``)."""
+def local_images(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[list[Path], Path | None]:
+    """Image files to upload (``paths``: one path or a list) and the folder their names are relative to (one
+    folder: that folder); none is an error (``client.no_images``)."""
     from segsvc.client import IMAGE_SUFFIXES, image_files, no_images
 
-    given = [Path(p) for p in paths]
+    typed = path_list(paths, "the files to upload")
+    given = [Path(p) for p in typed]
     files = image_files(given)
     if not files:
-        raise no_images(paths)
+        raise no_images(typed)
     # a job takes the images of an upload by their suffix, as it walks a folder: another file named here would be
     # sent and then left out without a word (the job's only file: "input '.' matches no image under the data root")
     others = [os.fspath(p) for p in given if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
@@ -399,6 +440,7 @@ class TrainingJobHandle(JobHandle):
               idle_timeout_s: float | None = None) -> list[Path]:
         """Download the training curve, metrics, events, log, evaluation reports and gate.json into ``dest``
         (``idle_timeout_s`` as in ``JobHandle.fetch``)."""
+        check_fetch_folder(dest)
         stream = self._client._training_stream("FetchTrainingArtifacts",
                                                tpb.FetchTrainingArtifactsRequest(name=self.name))
         return download(stream, dest, progress, self._idle_limit(idle_timeout_s))

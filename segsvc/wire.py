@@ -153,10 +153,23 @@ def _size_refusal(code: grpc.StatusCode, details: str) -> SegsvcError | None:
     return error
 
 
-def error_from_rpc(exc: grpc.RpcError) -> SegsvcError:
-    """The domain error a failed call stands for: its ``ErrorInfo`` reason, else the ``segsvc-error`` trailer."""
+def no_details(code: grpc.StatusCode, call: str = "") -> str:
+    """The message of a status that came with none: its code, and the call when known.
+
+    Never ``str(exc)``: the repr of grpc's ``_InactiveRpcError`` (``<_InactiveRpcError of RPC that terminated
+    with: status = ... debug_error_string = ...>``) names the transport, not the problem.
+    """
+    return f"{call or 'the call'} ended with status {code.name} and no message"
+
+
+def error_from_rpc(exc: grpc.RpcError, call: str = "") -> SegsvcError:
+    """The domain error a failed call stands for: its ``ErrorInfo`` reason, else the ``segsvc-error`` trailer.
+
+    ``call`` names the call (``GetOperation``) in the message of a status that has none (``no_details``).
+    """
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    code = code_of(code) if isinstance(code, (int, grpc.StatusCode)) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or no_details(code, call)
     kind = ""
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     for key, value in trailing or ():

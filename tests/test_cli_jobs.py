@@ -202,14 +202,17 @@ def half_done_job(start_server, tmp_path, monkeypatch):  # noqa: F811
         gate.set()
 
 
-def test_a_fetch_of_a_running_job_says_its_files_are_only_those_written_so_far(half_done_job, tmp_path, capsys):
+def test_a_fetch_of_a_running_job_is_refused_in_one_line_saying_what_to_do(half_done_job, tmp_path, capsys):
     """`segsvc jobs fetch` of a running job printed "fetched 1 files into out" like a finished one: the folder
-    looked complete, without the rest of the label maps, results.jsonl or summary.json."""
+    looked complete, without the rest of the label maps, results.jsonl or summary.json. The server now refuses
+    (FetchJobOutputs streams a finished job's files), and the command says so in one line, writing nothing."""
     server, job_id = half_done_job
+    with server.client(timeout_s=60) as client:  # its first image's files are in place: recorded DONE just after
+        wait_for(lambda: client.job(job_id).status().done == 1, 300)
     out = tmp_path / "fetched"
-    assert main(["jobs", "fetch", job_id, "--out", str(out), "--server", server.address, "--no-progress"]) == 0
-    captured = capsys.readouterr()
-    assert captured.out.startswith("fetched ") and "Traceback" not in captured.err, captured
-    assert captured.err == (f"segsvc: job {job_id} was RUNNING when the fetch began: these are the files it had "
-                            "written by then; fetch again once it ends for all of them\n"), captured.err
-    assert not (out / "summary.json").exists()
+    assert main(["jobs", "fetch", job_id, "--out", str(out), "--server", server.address, "--no-progress"]) == 2
+    err = _one_line(capsys)
+    assert err == (f"segsvc: error: job {job_id} is RUNNING (1 of 3 images done): its outputs are fetched once it "
+                   f"has finished; wait for it (`segsvc jobs wait {job_id}`, WaitOperation) and fetch again, or "
+                   f"cancel it (`segsvc jobs cancel {job_id}`) to fetch the outputs written so far\n"), err
+    assert not out.exists()

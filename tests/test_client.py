@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
+import grpc
 import pytest
 
 from segsvc.client import image_files, named_image_files
@@ -196,3 +197,221 @@ def test_an_output_folder_that_holds_an_input_folder_is_refused_by_name(tmp_path
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"the output folder {tmp_path / 'photos'} holds the input folder {tmp_path / 'photos'}" in err, err
+
+
+# -- one path given alone, names of the wrong type, a closed client, a fetch into a file -------------------------
+def _offline_client():  # type: ignore[no-untyped-def]
+    """A client of an address where nothing listens: a test that reaches the network fails there."""
+    from segsvc.client import SegmentationClient
+
+    return SegmentationClient("127.0.0.1:1", timeout_s=10)
+
+
+def test_a_job_over_one_server_path_given_as_a_str_names_that_path():
+    """client.submit_job("shapes/images/val") sent one path per character ("input 's' matches no image under
+    the data root"); a str or a path object is one input, a list holds several."""
+    from pathlib import PurePosixPath
+
+    from google.longrunning import operations_pb2
+
+    sent = []
+    with _offline_client() as c:
+        def job_call(method, request, timeout_s=None):  # type: ignore[no-untyped-def]
+            sent.append(list(request.inputs.paths.paths))
+            return operations_pb2.Operation(name="jobs/j1")
+
+        c._job_call = job_call  # type: ignore[method-assign]
+        c.submit_job("shapes/images/val")
+        c.submit_job(PurePosixPath("shapes/images"))
+        c.submit_job(["a", PurePosixPath("b/c")])
+        with pytest.raises(InvalidArgument, match=r"^inputs holds 3: paths are str or os.PathLike, not int$"):
+            c.submit_job(["a", 3])
+    assert sent == [["shapes/images/val"], ["shapes/images"], ["a", "b/c"]]
+
+
+def test_local_files_given_as_one_str_are_that_path(tmp_path):
+    """local_images("folder") (client.upload_images, submit_job(upload=...)) and image_files("folder") walked
+    a path per character of the name: "f does not exist"."""
+    _tree(tmp_path, ["scans/a.png", "scans/b/c.png"])
+    files, root = local_images(str(tmp_path / "scans"))
+    assert (files, root) == ([tmp_path / "scans/a.png", tmp_path / "scans/b/c.png"], tmp_path / "scans")
+    assert local_images(tmp_path / "scans") == (files, root)
+    assert image_files(str(tmp_path / "scans")) == files
+    assert named_image_files(tmp_path / "scans/a.png") == [(tmp_path / "scans/a.png", PurePosixPath("a.png"))]
+    with pytest.raises(InvalidArgument, match="the files to upload is a path or a list of paths"):
+        local_images(b"scans")
+
+
+@pytest.mark.parametrize("make", [lambda np: "street.png", lambda np: Path("street.png"),
+                                  lambda np: b"\x89PNG\r\n\x1a\n", lambda np: np.zeros((4, 5), np.uint8),
+                                  lambda np: np.zeros((4, 5, 3), np.uint8)],
+                         ids=["str", "path", "bytes", "array-2d", "array-3d"])
+def test_segment_many_refuses_one_image_given_alone(make):
+    """segment_many("street.png") sent an image per character ("cannot read image 's'"), and one H x W x 3
+    array went row by row, each row answered as a W x 3 grey image without a word. Refused before any call."""
+    import numpy as np
+
+    image = make(np)
+    with _offline_client() as c:
+        with pytest.raises(InvalidArgument, match=r"^segment_many takes a list of images, got one .*: pass \[image\], "
+                                                  r"or call segment\(\) for one image"):
+            c.segment_many(image, progress=False)
+
+
+@pytest.mark.parametrize("method", ["get_model", "load_model", "unload_model", "set_default_version"])
+def test_every_call_that_names_a_model_refuses_a_name_that_is_not_a_str(method):
+    """c.get_model(5) raised protobuf's "TypeError: bad argument type for built-in operation"; segment() already
+    named the argument. Before any call."""
+    with _offline_client() as c:
+        with pytest.raises(InvalidArgument) as caught:
+            getattr(c, method)(5, 1)
+    assert str(caught.value) == "model must be a model name (str), got 5"
+
+
+def test_names_of_training_jobs_datasets_and_jobs_that_are_not_str_are_refused_by_name(tmp_path):
+    with _offline_client() as c:
+        for call, message in ((lambda: c.submit_training_job("d", base_model=3), "base_model must be a str, got 3"),
+                              (lambda: c.submit_training_job(7), "dataset must be a str, got 7"),
+                              (lambda: c.get_dataset(1), "name must be a str, got 1"),
+                              (lambda: c.job(42), "job name must be a str, got 42"),
+                              (lambda: c.upload_dataset(tmp_path, "d", class_names="bg,cat"),
+                               "class_names is a list of str, got one str 'bg,cat'")):
+            with pytest.raises(InvalidArgument, match=f"^{message}"):
+                call()
+
+
+def test_a_call_on_a_closed_client_says_the_client_is_closed(tmp_path):
+    """Every call raised grpc's "ValueError: Cannot invoke RPC on closed channel!"."""
+    import numpy as np
+    from google.longrunning import operations_pb2
+
+    from segsvc.errors import FailedPrecondition
+    from segsvc.jobclient import JobHandle
+
+    _tree(tmp_path, ["in/a.png"])
+    c = _offline_client()
+    job = JobHandle(c, operations_pb2.Operation(name="jobs/j1"))
+    c.close()
+    calls = {
+        "list_models": lambda: c.list_models(),
+        "get_model": lambda: c.get_model("m"),
+        "segment": lambda: c.segment(np.zeros((4, 4, 3), np.uint8)),
+        "segment_many": lambda: c.segment_many([np.zeros((4, 4, 3), np.uint8)], progress=False),
+        "health": lambda: c.health(),
+        "wait_for_server": lambda: c.wait_for_server(1.0),
+        "job": lambda: c.job("j1"),
+        "list_jobs": lambda: list(c.list_jobs()),
+        "job.status": lambda: job.status(),
+        "job.fetch": lambda: job.fetch(tmp_path / "fetched"),
+        "upload_images": lambda: c.upload_images(tmp_path / "in"),
+        "list_datasets": lambda: c.list_datasets(),
+        "upload_dataset": lambda: c.upload_dataset(tmp_path / "in", "d", class_names=["a", "b"]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(FailedPrecondition) as caught:
+            call()
+        assert str(caught.value).startswith("this client of 127.0.0.1:1 is closed"), (name, caught.value)
+
+
+def test_a_fetch_into_a_file_names_the_destination_before_any_call(tmp_path):
+    """job.fetch("/an/existing/file") raised NotADirectoryError naming an internal temporary
+    (".class_shares.png.f1850dba.part-..."), after the call had begun."""
+    from google.longrunning import operations_pb2
+
+    from segsvc.jobclient import JobHandle, TrainingJobHandle
+
+    (tmp_path / "out.png").write_bytes(b"x")
+    with _offline_client() as c:
+        for handle in (JobHandle, TrainingJobHandle):
+            job = handle(c, operations_pb2.Operation(name="jobs/j1"))
+            with pytest.raises(InvalidArgument) as caught:
+                job.fetch(tmp_path / "out.png")
+            assert str(caught.value) == (f"{tmp_path / 'out.png'} is a file, not a folder: fetch into a folder "
+                                         "(it is made if missing)")
+            with pytest.raises(InvalidArgument, match=f"^{tmp_path / 'out.png' / 'sub'} is below "
+                                                      f"{tmp_path / 'out.png'}, which is a file, not a folder"):
+                job.fetch(tmp_path / "out.png" / "sub")
+
+
+def test_jobs_fetch_out_a_file_is_refused_in_the_flag_s_words_before_connecting(tmp_path, capsys):
+    from segsvc.cli import main
+
+    (tmp_path / "out.png").write_bytes(b"x")
+    assert main(["jobs", "fetch", "j1", "--out", str(tmp_path / "out.png"), "--server", "127.0.0.1:1",
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"segsvc: error: --out {tmp_path / 'out.png'} is a file, not a folder: fetch "
+                                       "into a folder (it is made if missing)\n")
+
+
+class _StatusError(grpc.RpcError):
+    """A call's end as grpc raises it, with ``str()`` the repr grpc gives (``_InactiveRpcError``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple:
+        return ()
+
+    def __str__(self) -> str:
+        return (f"<_InactiveRpcError of RPC that terminated with:\n\tstatus = {self._code}\n\tdetails = "
+                f"\"{self._details}\"\n\tdebug_error_string = \"UNKNOWN:Error received from peer\">")
+
+
+class _Stream:
+    """A SegmentStream that answers the first ``answer`` requests (labels 2x2 of zeros), then ends with ``end``."""
+
+    def __init__(self, requests, answer: int, end: grpc.RpcError) -> None:  # type: ignore[no-untyped-def]
+        self._requests, self._answer, self._end = requests, answer, end
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        from segsvc.v1 import segmentation_pb2 as pb
+
+        for i, request in enumerate(self._requests):
+            if i == self._answer:
+                break
+            yield pb.SegmentResponse(request_id=request.request_id, class_names=["a"], palette=b"\0\0\0",
+                                     labels=pb.LabelMap(encoding=pb.OUTPUT_ENCODING_RAW_UINT8, height=2, width=2,
+                                                        data=b"\0" * 4))
+        raise self._end
+
+    def cancel(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("answered", [3, 2])
+def test_segment_many_keeps_its_results_when_the_stream_breaks_off_after_every_answer(answered):
+    """A stream that ended with DEADLINE_EXCEEDED after the last image's answer raised it, and every result the
+    call had was thrown away. Missing answers still raise, saying how many came."""
+    import numpy as np
+
+    from segsvc.errors import DeadlineExceeded
+
+    with _offline_client() as c:
+        c._stub = type("Stub", (), {"SegmentStream": lambda self, requests, **kw: _Stream(
+            requests, answered, _StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))})()
+        images = [np.zeros((2, 2, 3), np.uint8)] * 3
+        if answered == 3:
+            results = c.segment_many(images, progress=False)
+            assert [r.mask.tolist() for r in results] == [[[0, 0], [0, 0]]] * 3
+        else:
+            with pytest.raises(DeadlineExceeded, match="^the stream broke off after 2 of 3 images: Deadline Exceeded"):
+                c.segment_many(images, progress=False)
+
+
+def test_a_status_without_a_message_is_named_by_its_code_and_call_never_by_grpc_s_repr():
+    """error_from_rpc fell back to str(exc): "NotFound: <_InactiveRpcError of RPC that terminated with: status =
+    StatusCode.NOT_FOUND details = "" debug_error_string = ...>"."""
+    from segsvc.errors import NotFound
+    from segsvc.wire import error_from_rpc
+
+    error = error_from_rpc(_StatusError(grpc.StatusCode.NOT_FOUND), "GetOperation")
+    assert isinstance(error, NotFound)
+    assert str(error) == "GetOperation ended with status NOT_FOUND and no message"
+    assert str(error_from_rpc(_StatusError(grpc.StatusCode.INTERNAL))) == (
+        "INTERNAL: the call ended with status INTERNAL and no message")

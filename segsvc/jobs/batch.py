@@ -343,6 +343,8 @@ class JobRunner(StoreRunner):
                 return existing
         name, version, _ = self._service.resolve(request.model or None, request.version or None)
         root = self._input_root(request)
+        if request.upload_id and (refused := await asyncio.to_thread(self.staging.no_images, request.upload_id)):
+            raise refused  # else "input '.' matches no image under the data root", naming neither upload nor files
         files = await asyncio.to_thread(
             resolve_inputs, root, request.paths or ["."], max_files=self.config.max_inputs,
             max_specs=self.config.max_input_specs,

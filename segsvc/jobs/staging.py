@@ -39,6 +39,7 @@ from pathlib import Path
 
 from segsvc.errors import InvalidArgument, NotFound, UploadError
 from segsvc.files import fsync_published, fsync_tree
+from segsvc.jobs.inputs import IMAGE_SUFFIXES
 
 _ID = re.compile(r"[0-9a-f]{32}")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -119,6 +120,23 @@ class StagingArea:
         if not folder.is_dir():
             raise NotFound(f"upload {upload_id!r} does not exist (never committed, or deleted)")
         return folder
+
+    def no_images(self, upload_id: str) -> UploadError | None:
+        """The refusal of a job over a committed upload that holds no image file, naming what it holds; None when
+        it holds one.
+
+        ``write`` refuses other files now, but an upload committed before it did (or written beside this class)
+        may hold only notes; a job over it would be refused as "input '.' matches no image under the data
+        root", which names neither the upload nor its files.
+        """
+        folder = self.path(upload_id)
+        names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        if any(n.lower().endswith(IMAGE_SUFFIXES) for n in names):
+            return None
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        held = f"it holds {len(names)} {'file' if len(names) == 1 else 'files'}: {shown}" if names else "it is empty"
+        return UploadError(f"upload {upload_id} holds no image files ({held}): a job reads the "
+                           f"{', '.join(IMAGE_SUFFIXES)} files of an upload; upload images")
 
     def delete(self, upload_id: str) -> None:
         """Remove a committed upload: renamed away first, so ``path`` never sees it half-gone."""
@@ -283,6 +301,10 @@ class StagedUpload:
         for i in range(1, len(parents) + 1):
             if "/".join(parents[:i]) in self._files:
                 raise UploadError(f"file name {name!r} puts a folder where file {'/'.join(parents[:i])!r} is")
+        if not name.lower().endswith(IMAGE_SUFFIXES):
+            # a job reads an upload as a folder, by suffix: another file would be kept, then left out unread
+            raise UploadError(f"upload file {name!r} is not an image file: a job reads only the "
+                              f"{', '.join(IMAGE_SUFFIXES)} files of an upload (by name); upload images only")
         if offset != 0:
             raise UploadError(f"chunk for {name!r} at offset {offset}, expected 0")
         if len(self._files) + 1 > self._limits.max_files:

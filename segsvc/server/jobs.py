@@ -109,7 +109,11 @@ class JobServicer(_Adapter, jobs_grpc.JobServiceServicer):
         try:
             job_id = convert.job_id_of(request.name)
             runner = await self._runner_of(job_id, "FetchJobOutputs")
-            lister = runner.artifact_files if isinstance(runner, TrainingRunner) else runner.output_files
+            if isinstance(runner, TrainingRunner):  # a training run's curve and log are meant to be read as it runs
+                lister = runner.artifact_files
+            else:
+                check_finished(await asyncio.to_thread(runner.store.get, job_id))
+                lister = runner.output_files
             files = await asyncio.to_thread(lister, job_id)
             async for chunk in convert.file_chunks(files):
                 yield chunk
@@ -194,6 +198,25 @@ def check_access(job: Job, method: str) -> None:
     if job.kind == TRAIN_KIND and not caller_may(TRAINING_SCOPE):
         raise PermissionDenied(f"job {job.id} is a training job: {method} on training jobs needs a token with "
                                f"the '{TRAINING_SCOPE}' scope")
+
+
+def check_finished(job: Job) -> None:
+    """FAILED_PRECONDITION for a batch job that has not finished (queued, running or paused).
+
+    ``FetchJobOutputs`` streams "every output file of a finished job": a job still at work has written only
+    some label maps and none of ``results.jsonl`` or ``summary.json``, and a stream of those, answered OK, reads
+    as the whole. A finished job's files are served whatever its end (a cancelled or failed one keeps the
+    outputs of the images it did); the message says how far the job is and what to do.
+    """
+    if job.finished:
+        return
+    paused = job.progress.get("paused_reason")
+    done = job.done + job.failed + job.skipped
+    raise FailedPrecondition(
+        f"job {job.id} is {job.state} ({done} of {job.total} images done)"
+        + (f" and paused ({paused})" if paused else "")
+        + f": its outputs are fetched once it has finished; wait for it (`segsvc jobs wait {job.id}`, WaitOperation) "
+        f"and fetch again, or cancel it (`segsvc jobs cancel {job.id}`) to fetch the outputs written so far")
 
 
 def parse_filter(text: str) -> tuple[str | None, list[str] | None]:

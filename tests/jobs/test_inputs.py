@@ -568,3 +568,34 @@ def test_staging_area_is_usable_from_several_threads(tmp_path: Path) -> None:
         t.join()
     assert errors == [] and len(set(ids)) == 8
     assert all(len(list(area.path(i).iterdir())) == 1 for i in ids)
+
+
+def test_an_upload_takes_image_files_only_and_names_any_other(tmp_path: Path) -> None:
+    """UploadImages took x.txt, which no job reads (a job takes an upload's files by suffix, as in a folder)."""
+    area = StagingArea(tmp_path)
+    up = area.open()
+    up.write("scans/A.PNG", 0, b"x", last=True)  # suffixes as a job reads them: any case
+    for name in ("notes.txt", "scans/labels.json", "png", "a.png.bak"):
+        with pytest.raises(UploadError) as info:
+            up.write(name, 0, b"x", last=True)
+        assert str(info.value) == (f"upload file {name!r} is not an image file: a job reads only the .png, .jpg, "
+                                   ".jpeg, .tif, .tiff, .bmp, .webp files of an upload (by name); upload images only")
+    assert [f.name for f in up.commit().files] == ["scans/A.PNG"]
+    assert area.no_images(up.upload_id) is None
+
+
+def test_a_job_over_an_upload_without_images_names_the_upload_and_what_it_holds(tmp_path: Path) -> None:
+    """Such an upload (committed before uploads were checked) was refused as "input '.' matches no image under
+    the data root"."""
+    area = StagingArea(tmp_path)
+    for upload_id, names, held in (
+            ("ab" * 16, ["x.txt"], "it holds 1 file: x.txt"),
+            ("cd" * 16, [f"n{i}.txt" for i in range(7)],
+             "it holds 7 files: n0.txt, n1.txt, n2.txt, n3.txt, n4.txt, ..."),
+            ("ef" * 16, [], "it is empty")):
+        (tmp_path / upload_id).mkdir()
+        for name in names:
+            (tmp_path / upload_id / name).write_text("notes")
+        error = area.no_images(upload_id)
+        assert isinstance(error, UploadError)
+        assert str(error).startswith(f"upload {upload_id} holds no image files ({held}): a job reads the .png"), error

@@ -142,3 +142,16 @@ def _refusal_once_a_handshake_failed(client: SegmentationClient, hang_s: float =
             client.wait_for_server(2)
         if "no server answered" not in str(refused.value) or time.monotonic() > end:
             return refused.value
+
+
+def test_health_of_a_service_the_server_does_not_know_names_it_not_grpc_s_repr(client) -> None:
+    """It raised NotFound("<_InactiveRpcError of RPC that terminated with: status = StatusCode.NOT_FOUND details =
+    "" debug_error_string = ...>"): the health service answers an unknown service with no message."""
+    from segsvc.errors import NotFound
+
+    assert client.health("", timeout_s=60) == "SERVING"
+    with pytest.raises(NotFound) as caught:
+        client.health("bogus", timeout_s=60)
+    message = str(caught.value)
+    assert message.startswith("no health status for service 'bogus': "), message
+    assert "_InactiveRpcError" not in message and "debug_error_string" not in message

@@ -327,3 +327,78 @@ def test_malformed_operations_input_is_invalid_argument_not_internal(job_server,
             assert ops.WaitOperation(operations_pb2.WaitOperationRequest(name=job.name, timeout=timeout),
                                      timeout=30).done
     assert "failed unexpectedly" not in caplog.text
+
+
+# -- FetchJobOutputs streams a finished job's files only; an upload holds images only ----------------------------
+def test_outputs_of_a_job_that_has_not_finished_are_refused_and_a_finished_one_s_are_served(start_server, tmp_path,
+                                                                                           gated):
+    """FetchJobOutputs of a RUNNING job streamed the files written so far (of a QUEUED one: none), answered OK,
+    though it streams "every output file of a finished job". A cancelled job's outputs are served, as before."""
+    publish(tmp_path / "repo", "tiny", seed=11)
+    _image_tree(tmp_path / "data", count=3)
+    server = start_server(tmp_path / "repo", jobs=_jobs(tmp_path, max_running_jobs=1))
+    with server.client(timeout_s=60) as c:
+        running = c.submit_job(["scans"], model="tiny")
+        wait_for(lambda: len(gated.ran) >= 1, 300)  # its images are in the model, held there: none is done
+        queued = c.submit_job(["scans"], model="tiny")
+        for job, state in ((running, "RUNNING"), (queued, "QUEUED")):
+            with pytest.raises(errors.FailedPrecondition) as caught:
+                job.fetch(tmp_path / "early")
+            assert str(caught.value) == (
+                f"job {job.id} is {state} (0 of 3 images done): its outputs are fetched once it has finished; wait "
+                f"for it (`segsvc jobs wait {job.id}`, WaitOperation) and fetch again, or cancel it "
+                f"(`segsvc jobs cancel {job.id}`) to fetch the outputs written so far")
+        assert not (tmp_path / "early").exists()
+        running.cancel()
+        gated.gate.set()
+        assert running.wait(timeout_s=300).state == "CANCELLED"
+        fetched = running.fetch(tmp_path / "cancelled")
+        assert "summary.json" in {p.relative_to(tmp_path / "cancelled").as_posix() for p in fetched}
+        assert queued.wait(timeout_s=300).state == "SUCCEEDED"
+        names = {p.relative_to(tmp_path / "done").as_posix() for p in queued.fetch(tmp_path / "done")}
+        assert {"summary.json", "results.jsonl", "labels/scans/img0.png.png"} <= names
+
+
+def test_a_paused_job_s_refusal_says_why_it_waits():
+    from segsvc.jobs.store import Job
+    from segsvc.server.jobs import check_finished
+
+    reason = "no space left on the output volume; the job continues when space is freed"
+    job = Job(id="j1", kind="segmentation", state="RUNNING", request_id=None, spec={}, total=200, done=30, failed=1,
+              skipped=1, created_at=0.0, updated_at=0.0, started_at=0.0, finished_at=None, cancel_requested=False,
+              error=None, result=None, progress={"paused_reason": reason}, seq=1)
+    with pytest.raises(errors.FailedPrecondition, match=r"^job j1 is RUNNING \(32 of 200 images done\) and paused "
+                                                        rf"\({reason}\): its outputs are fetched once it has finished"):
+        check_finished(job)
+    for state in ("SUCCEEDED", "FAILED", "CANCELLED"):
+        check_finished(Job(**{**job.__dict__, "state": state}))
+
+
+def test_an_upload_of_a_file_that_is_no_image_is_refused_by_name(start_server, tmp_path):
+    """UploadImages took x.txt; a job over that upload then failed with "input '.' matches no image under the data
+    root", naming neither the upload nor its file. A raw gRPC client (ours sends image files only)."""
+    from segsvc.v1 import jobs_pb2, jobs_pb2_grpc
+
+    publish(tmp_path / "repo", "tiny", seed=11)
+    server = start_server(tmp_path / "repo", jobs=JobsConfig(state_dir=tmp_path / "state",
+                                                            output_root=tmp_path / "out"))
+    upload_id = "ab" * 16  # an upload that holds no image, committed before uploads were checked
+    (tmp_path / "state" / "uploads" / upload_id).mkdir(parents=True)
+    (tmp_path / "state" / "uploads" / upload_id / "x.txt").write_text("notes")
+    with grpc.insecure_channel(server.address) as channel:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.UploadImages(iter([jobs_pb2.UploadImagesRequest(name="a.png", data=encode(make_image(8, 8)),
+                                                                 last=True),
+                                    jobs_pb2.UploadImagesRequest(name="x.txt", data=b"notes", last=True)]), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("upload file 'x.txt' is not an image file: a job reads only the .png"), \
+            info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SubmitSegmentationJob(jobs_pb2.SubmitSegmentationJobRequest(
+                model="tiny", inputs=jobs_pb2.JobInputs(upload_id=upload_id)), timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith(f"upload {upload_id} holds no image files (it holds 1 file: x.txt): "), \
+            info.value.details()
+    # the refused upload left nothing behind
+    assert sorted(p.name for p in (tmp_path / "state" / "uploads").iterdir()) == [upload_id]
