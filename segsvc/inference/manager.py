@@ -62,6 +62,17 @@ has done its work (the ``unload`` marks cleared, a numbered version kept until
 unloaded) once its version is in place, before any reload. ``retain`` and the
 poller never reload.
 
+With polling on, a loaded version whose folder left the repository (or whose
+model's folder did) is unloaded by the poll, as in Triton's poll mode, once a
+fresh scan under the model's lock confirms it (with polling off it serves on
+until ``unload``). The newest version left on disk is loaded first, as the poll
+would load it next, so the model is not left without a version meanwhile. The
+removed version retires as an unloaded one does (requests on it finish first);
+one a batch job holds serves that job until released, never the default.
+Requests without a version then go where a DEFAULT naming a missing version
+sends them (the newest loaded version). Unlike ``unload`` it leaves no mark: the
+folder back, the next poll loads it again.
+
 "The latest" is the newest version that *loads*: a corrupt or half-copied
 newest version is recorded as failed (with its reason, reported by
 ``describe``, ``failed_versions`` and ``model_health``) and the next older one
@@ -74,6 +85,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, TypeVar
@@ -93,6 +105,8 @@ __all__ = ["LoadedModel", "ManagerConfig", "ModelManager", "ModelStatus", "Versi
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# the reason of a READY version whose folder left the repository while a batch job held it
+REMOVED_HELD = "its folder left the repository; it serves only the batch jobs holding it, and goes when they end"
 OperationKey = tuple[str, str, "int | None"]  # ("load" or "retain", model, version or None: the newest)
 
 
@@ -142,6 +156,9 @@ class ModelManager:
         # explicit unloads the poller leaves alone until ``load`` of the model: whole models, and versions
         self._unloaded_models: set[str] = set()
         self._unloaded_versions: dict[str, set[int]] = {}
+        # versions whose folder left the repository, kept only while a batch job holds them (``_settle``)
+        self._removed: dict[str, set[int]] = {}
+        self._root_gone = False  # the repository root was not a directory at the last poll (logged once)
         self._poller: asyncio.Task | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -207,9 +224,11 @@ class ModelManager:
 
     def _newest(self, name: str) -> int:
         """The newest loaded version of ``name`` that was not unloaded (one a ``retain`` loaded again after its
-        ``unload``), else the newest loaded version; 0 when none is loaded."""
-        table = self._models.get(name) or {}
-        return max((v for v in table if not self._unloaded(name, v)), default=max(table, default=0))
+        ``unload``), else the newest loaded version; 0 when none is loaded. A version whose folder left the
+        repository (kept for the batch jobs holding it) is never one."""
+        removed = self._removed.get(name, ())
+        serving = [v for v in self._models.get(name) or {} if v not in removed]
+        return max((v for v in serving if not self._unloaded(name, v)), default=max(serving, default=0))
 
     def _unloaded(self, name: str, version: int) -> bool:
         """Whether ``unload`` took ``name:version`` away (the model, or that version) and no ``load`` undid it."""
@@ -252,6 +271,9 @@ class ModelManager:
             loaded = sorted(n for n, t in models.items() if t)
             raise UnknownModel(f"model {name!r} is not loaded; loaded models: {_few(loaded) or 'none'}")
         v = version or self.default_version(name)
+        if not v:  # only versions that left the repository, kept for the batch jobs holding them
+            raise UnknownModel(f"model {name!r} is not loaded: its versions {sorted(table)} left the repository "
+                               "and serve only the batch jobs holding them")
         lm = table.get(v)
         if lm is None:
             raise UnknownVersion(
@@ -354,7 +376,8 @@ class ModelManager:
         version's instance (``lm``, or the one that replaced it). Call with the model's lock held.
 
         Raises:
-            UnknownVersion: ``lm``'s version, named, was loaded and is no longer on disk (it serves on).
+            UnknownVersion: ``lm``'s version, named, was loaded and is no longer on disk (it serves on until the
+                poller, when on, unloads it: ``poll_once``; or ``unload`` does).
             the error of ``lm``'s version's build (the instance loaded before serves on). Another version's failure
                 is logged and recorded, not raised: the caller did not ask for it, and it serves on too.
         """
@@ -536,6 +559,7 @@ class ModelManager:
                 self._unloaded_models.add(name)
                 self._unloaded_versions.pop(name, None)
             self._models = models
+            self._forget_removed(name, set(table) - set(rest))
             if self._pinned.get(name) not in rest:
                 self._pinned.pop(name, None)
             if self._stored.get(name) not in rest:  # loading it again reads the pointer anew
@@ -589,10 +613,13 @@ class ModelManager:
         self._settle(name, version)
 
     def _settle(self, name: str, version: int) -> None:
-        """``name:version`` has no holds left: retire it if ``unload`` had unloaded it, and outdated automatic ones."""
+        """``name:version`` has no holds left: retire it if ``unload`` had unloaded it or its folder left the
+        repository (``poll_once``), and outdated automatic ones."""
         table = self._models.get(name) or {}
         lm = table.get(version)
-        if lm is not None and lm.auto and self._unloaded(name, version) and version not in self._kept(name):
+        removed = version in self._removed.get(name, ())  # its folder left the repository (``_drop_removed``)
+        gone = removed or lm is not None and lm.auto and self._unloaded(name, version)
+        if lm is not None and gone and version not in self._kept(name):
             rest = {v: m for v, m in table.items() if v != version}
             models = dict(self._models)
             if rest:
@@ -602,7 +629,9 @@ class ModelManager:
                 if not self._lock_users.get(name):
                     self._locks.pop(name, None)
             self._models = models
-            log.info("model %s: version %d was unloaded; it goes now that nothing holds it", name, version)
+            self._forget_removed(name, {version})
+            log.info("model %s: version %d %s; it goes now that nothing holds it", name, version,
+                     "left the repository" if removed else "was unloaded")
             self._start_retiring(lm)
             self._changed()
         if self._models.get(name):
@@ -619,6 +648,9 @@ class ModelManager:
         check_name(name)
         async with self._model_lock(name):
             self._loaded_table(name, version, hint="; load it first")
+            if version in self._removed.get(name, ()):
+                raise UnknownVersion(f"model {name!r} version {version} left the repository; it serves only the "
+                                     "batch jobs holding it until they release it")
             held = (name, version) if version else None
             if held:  # a batch job's release while the pointer is written must not retire the version
                 self._holds[held] = self._holds.get(held, 0) + 1
@@ -689,9 +721,10 @@ class ModelManager:
             self._missing.pop(name, None)
             return
         table = self._models.get(name) or {}
-        if wanted is not None and wanted not in table:
-            entry = next((e for e in entries if e.version == wanted), None)
-            if entry is None:  # written after the scan, with a version newer than it saw
+        removed = wanted in self._removed.get(name, ())  # its folder left; kept for the batch jobs holding it
+        if wanted is not None and (wanted not in table or removed):
+            entry = None if removed else next((e for e in entries if e.version == wanted), None)
+            if entry is None and not removed:  # written after the scan, with a version newer than it saw
                 entry = next((e for e in await self.loader.scan(name) if e.version == wanted), None)
             if entry is None:
                 if self._missing.get(name) != wanted:  # said once, not at every poll (followed when it arrives)
@@ -727,19 +760,33 @@ class ModelManager:
                 log.exception("model repository scan failed")
 
     async def poll_once(self) -> list[tuple[str, int]]:
-        """Load new versions (and new models); returns the versions loaded.
+        """Load new versions (and new models), unload versions whose folder left; returns the versions loaded.
 
         A model is (re)considered when it has a version newer than its newest
         loaded one that never failed, or whose files changed since it failed.
-        Models and versions unloaded with ``unload`` are left unloaded.
+        Models and versions unloaded with ``unload`` are left unloaded. A loaded
+        version no longer in the repository is unloaded (``_drop_removed``),
+        unless the repository root itself is gone (an unmounted volume).
         """
         on_disk = await asyncio.to_thread(self.repository.scan_all)
         self.record.keep_models(set(on_disk))
         loaded: list[tuple[str, int]] = []
+        if await asyncio.to_thread(self.repository.root.is_dir):
+            self._root_gone = False
+            for name, table in list(self._models.items()):
+                present = {e.version for e in on_disk.get(name, ())}
+                self._forget_removed(name, present)  # back in the repository: it serves as before
+                if any(v not in present and v not in self._removed.get(name, ()) for v in table):
+                    loaded += await self._drop_removed(name)
+        elif not self._root_gone and self._models:
+            self._root_gone = True
+            log.warning("the model repository %s is not a directory (unmounted?); the loaded versions serve on "
+                        "until it is back", self.repository.root)
         for name, entries in on_disk.items():
             if self.config.models and name not in self.config.models or name in self._unloaded_models:
                 continue
-            table = self._models.get(name) or {}
+            removed = self._removed.get(name, ())
+            table = {v: lm for v, lm in (self._models.get(name) or {}).items() if v not in removed}
             newest = max(table, default=0)
             unloaded = self._unloaded_versions.get(name, set())
             skipped = {e.version for e in entries if e.version in unloaded or self.record.unchanged(name, e)}
@@ -771,6 +818,80 @@ class ModelManager:
                 finally:
                     self._changed()
         return loaded
+
+    def _follows(self, name: str) -> bool:
+        """Whether the poller loads versions of ``name`` (configured, and not unloaded with ``unload``)."""
+        return not (self.config.models and name not in self.config.models) and name not in self._unloaded_models
+
+    async def _drop_removed(self, name: str) -> list[tuple[str, int]]:
+        """Unload ``name``'s loaded versions that a fresh scan, under the model's lock, no longer finds; returns
+        the version loaded in their place, if any.
+
+        The newest version on disk is loaded first (as the poll would load it next), so requests without a
+        version never find the model unloaded meanwhile. A version a batch job holds stays for it, never the
+        default, until released (``_settle``). The default is then what a DEFAULT naming a missing version
+        gives (``_sync_default``): the pointer's version if it loads, else the newest loaded one. No
+        ``unload`` mark is left: a version whose folder comes back is loaded again by the poll.
+        """
+        async with self._model_lock(name):
+            try:
+                entries = await self.loader.scan(name)
+            except UnknownModel:  # the model's folder left the repository
+                entries = []
+            except (SegsvcError, OSError) as exc:  # unreadable for now: not a removal
+                log.warning("model %s: cannot scan it (%s); its loaded versions serve on", name, exc)
+                return []
+            present = {e.version for e in entries} | self._removed.get(name, set())  # those: dropped already
+            before = self._models.get(name) or {}
+            if all(v in present for v in before):
+                return []  # a transient (a folder renamed into place), or unloaded meanwhile
+            try:
+                if entries and self._follows(name):
+                    await self._load_newest(name, entries, retry_unchanged=False)
+            except Exception as exc:  # each version's reason is recorded and logged
+                log.error("model %s: no version loads: %s", name, exc)
+            table = self._models.get(name) or {}
+            gone = sorted(v for v in table if v not in present)
+            held = {v for v in gone if self._holds.get((name, v))}
+            for v in gone:
+                log.warning("model %s: version %d left the repository; unloading it%s", name, v,
+                            " once the batch jobs holding it release it" if v in held else "")
+            if held:
+                self._removed[name] = self._removed.get(name, set()) | held
+            rest = {v: lm for v, lm in table.items() if v not in gone or v in held}
+            models = dict(self._models)
+            if rest:
+                models[name] = rest
+            else:
+                models.pop(name, None)
+            self._models = models
+            for v in set(gone) - held:
+                self._start_retiring(table[v])
+            if self._pinned.get(name) in gone:
+                self._pinned.pop(name, None)
+            stored = self._stored.get(name) in gone
+            if stored:
+                self._stored.pop(name, None)
+            self._changed()
+            if stored and self._follows(name):
+                try:  # a DEFAULT still naming the removed version is reported once; the newest serves
+                    await self._sync_default(name, entries, retry_unchanged=False)
+                except SegsvcError as exc:  # the model's folder went meanwhile: the newest loaded serves
+                    log.warning("model %s: cannot follow DEFAULT (%s); the newest loaded version serves", name, exc)
+                finally:
+                    self._changed()
+            now = self._models.get(name) or {}
+            return [(name, v) for v in sorted(now) if v not in before]
+
+    def _forget_removed(self, name: str, versions: set[int]) -> None:
+        """``versions`` of ``name`` are no longer marked as left the repository (back, unloaded, or gone)."""
+        removed = self._removed.get(name)
+        if removed and removed & versions:
+            if removed - versions:
+                self._removed[name] = removed - versions
+            else:
+                del self._removed[name]
+            self._retire_older_auto(name, self._newest(name))
 
     # -- reporting ---------------------------------------------------------------------
     def snapshot(self) -> list[tuple[str, int, int, bool]]:
@@ -815,11 +936,17 @@ class ModelManager:
 
     async def _status(self, name: str, version: int | None, entries: list[VersionEntry]) -> ModelStatus:
         table = self._models.get(name) or {}
-        default = self.default_version(name)
-        v = pick_version(name, version or default, entries, table)
+        default = self.default_version(name)  # 0: only versions that left the repository are loaded
+        v = pick_version(name, version or default or (0 if entries else max(table, default=0)), entries, table)
         manifest = table[v].manifest if v in table else await self.loader.read_manifest(name, v)
         pinned = name in self._pinned or name in self._stored  # by the DEFAULT pointer, not the newest
-        return model_status(name, v, entries, table, default, pinned, self.record, manifest)
+        status = model_status(name, v, entries, table, default, pinned, self.record, manifest)
+        removed = self._removed.get(name, ())
+        if not removed:
+            return status
+        return dataclasses.replace(status, version_status=tuple(
+            dataclasses.replace(s, reason=REMOVED_HELD) if s.version in removed and s.version in table else s
+            for s in status.version_status))
 
     async def describe_all(self) -> list[ModelStatus]:
         """Status of every model on disk (even one whose versions all failed) or loaded, sorted by name."""
