@@ -1,4 +1,4 @@
-"""The README's client examples run as written against a real server (a tiny model stands in for camvid-unet)."""
+"""The README's client examples run as written against a real server (a tiny model stands in for make demo's)."""
 
 from __future__ import annotations
 
@@ -22,16 +22,18 @@ def _python_block_after(heading: str) -> str:
 
 
 def test_the_python_client_snippet_runs_as_written(tmp_path, start_server, monkeypatch) -> None:
-    publish(tmp_path / "repo", "camvid-unet", seed=1)
+    publish(tmp_path / "repo", "synthetic-quick", seed=1)
     server = start_server(tmp_path / "repo")
-    (tmp_path / "street.png").write_bytes(encode_png(make_image(40, 48, seed=2)))
+    (tmp_path / "out" / "demo" / "inputs").mkdir(parents=True)
+    (tmp_path / "out" / "demo" / "inputs" / "synthetic_00.png").write_bytes(encode_png(make_image(40, 48, seed=2)))
     monkeypatch.chdir(tmp_path)
     code = _python_block_after("### segsvc client").replace("localhost:50051", server.address)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)  # NameError if it uses a name it never defines
     result = scope["result"]
     assert result.mask.shape == (40, 48)
-    assert result.overlay("street.png").shape == (40, 48, 3) and result.overlay("street.png").dtype == np.uint8
+    overlay = result.overlay(scope["image"])
+    assert overlay.shape == (40, 48, 3) and overlay.dtype == np.uint8
 
 
 def test_a_missing_token_tells_the_command_line_user_how_to_send_one(tmp_path, start_server, monkeypatch,
