@@ -24,15 +24,26 @@ one assignment, so requests without a version move over with none failing. The
 pointer is always read *after* the scan whose versions it is applied to, so a
 version published after its pointer was written (a gate-rejected candidate next
 to the pinned default) is never served by default.
+A pointer that cannot be followed leaves the default in effect: a DEFAULT file
+that names no version (empty or truncated, as a non-atomic ``echo 1 > DEFAULT``
+is mid-write; garbled; unreadable) is not "no pointer", which would switch
+requests to the newest version and undo a rollback; nor is one naming a version
+that is missing, does not load or was unloaded. Each is logged once, not at
+every poll, and followed once it can be (at start, with no default yet, the
+newest version that loads serves meanwhile).
 
 ``unload`` is remembered: the poller leaves an unloaded model, or unloaded
 versions, unloaded (a rollback by unloading the newest version stays rolled
 back) until ``load`` of that model clears the mark. The version the DEFAULT
 pointer names (or the in-memory pin) is unloaded only with the whole model
 (move the pointer first), so requests without a version never fall through to
-another version. A version that ``retain`` loads again after its ``unload`` (a
-batch job pinned to it, a request that had resolved it first) serves only those
-that name it: it is never the default, and it goes when released. An unload
+another version. A version a batch job holds (``retain``) is not unloaded at
+all, as the job would fail half done: ``unload`` refuses, saying how many jobs
+hold it (an Open Inference Protocol request's hold, ``request=True``, does not
+count: requests in flight finish, as on a leased version). A version that
+``retain`` loads again after its ``unload`` (a request that had resolved it
+first, a batch job started after it) serves only those that name it: it is
+never the default, and it goes when released. An unload
 finishes retiring its versions even when its caller is cancelled; ``stop``
 waits for every retirement, for at most ``drain_timeout_s``: a version still
 busy then (a forward pass that does not end) is abandoned, logged and returned.
@@ -147,10 +158,12 @@ class ModelManager:
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._pinned: dict[str, int] = {}
         self._stored: dict[str, int] = {}  # the repository's DEFAULT pointer, once that version is loaded
-        self._missing: dict[str, int] = {}  # a DEFAULT naming a version not in the repository, once reported
+        # the DEFAULT problem last reported per model (``_say_once``): said once, not at every poll
+        self._pointer_said: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # per model name, while used or loaded (_model_lock)
         self._lock_users: dict[str, int] = {}
         self._holds: dict[tuple[str, int], int] = {}
+        self._job_holds: dict[tuple[str, int], int] = {}  # those of ``_holds`` that batch jobs took (``unload``)
         self._retiring: dict[asyncio.Task, LoadedModel] = {}  # retirements in progress, and their versions
         self._operations: dict[OperationKey, asyncio.Task] = {}  # loads in flight, joined by their retries
         # explicit unloads the poller leaves alone until ``load`` of the model: whole models, and versions
@@ -538,7 +551,7 @@ class ModelManager:
         Raises:
             UnknownModel, UnknownVersion: not loaded.
             FailedPrecondition: ``version`` is the one the DEFAULT pointer (or the in-memory pin) names and
-                others stay loaded.
+                others stay loaded; or a batch job holds a version it would unload (``_refuse_job_holds``).
         """
         check_name(name)
         async with self._model_lock(name):
@@ -548,6 +561,7 @@ class ModelManager:
                     f"model {name!r} version {version} is the model's DEFAULT version: "
                     "SetDefaultVersion to another first, or unload the whole model"
                 )
+            self._refuse_job_holds(name, [version] if version else sorted(table))
             gone = [table[version]] if version else list(table.values())
             rest = {v: lm for v, lm in table.items() if lm not in gone}
             models = dict(self._models)
@@ -569,8 +583,26 @@ class ModelManager:
             await asyncio.shield(asyncio.gather(*retiring))  # a cancelled caller leaves them retiring
             return sorted(lm.version for lm in gone)
 
-    async def retain(self, name: str, version: int) -> None:
-        """Keep ``name:version`` loaded until the matching ``release`` (a batch job's pinned version).
+    def _refuse_job_holds(self, name: str, versions: list[int]) -> None:
+        """Refuse to unload ``versions`` of ``name`` while batch jobs hold any of them: the job would fail
+        half done ("model is not loaded") for good, as a dataset is not deleted under a training job.
+
+        Raises:
+            FailedPrecondition: naming each held version and how many jobs hold it (the manager does not know
+                their ids), and what to do.
+        """
+        held = [(v, n) for v in versions if (n := self._job_holds.get((name, v), 0))]
+        if not held:
+            return
+        uses = " and ".join(f"version {v} {'is ' if i == 0 else ''}in use by {n} batch job{'s' if n > 1 else ''}"
+                            for i, (v, n) in enumerate(held))
+        raise FailedPrecondition(
+            f"model {name!r} {uses}: cancel them (`segsvc jobs cancel JOB_ID`; `segsvc jobs list` shows them) "
+            "or wait for them to finish, then unload")
+
+    async def retain(self, name: str, version: int, *, request: bool = False) -> None:
+        """Keep ``name:version`` loaded until the matching ``release`` (a batch job's pinned version, or with
+        ``request`` one request's: ``unload`` refuses while a batch job holds a version, not a request).
 
         A held version is never replaced by a newer automatic one; one that was
         not loaded is loaded as automatic, so it goes once released and outdated
@@ -580,12 +612,14 @@ class ModelManager:
         check_name(name)
         key = (name, version)
         self._holds[key] = self._holds.get(key, 0) + 1
+        if not request:
+            self._job_holds[key] = self._job_holds.get(key, 0) + 1
         if version in (self._models.get(name) or {}):
             return
         try:
             await self._joined(("retain", name, version), functools.partial(self._load_retained, name, version))
         except BaseException:
-            self.release(name, version)
+            self.release(name, version, request=request)
             raise
 
     async def _load_retained(self, name: str, version: int) -> None:
@@ -601,10 +635,17 @@ class ModelManager:
             if not self._holds.get((name, version)):
                 self._settle(name, version)
 
-    def release(self, name: str, version: int) -> None:
-        """End one ``retain``; an outdated automatic version with no holds left is retired, and so is one that
-        ``unload`` had unloaded (the retain loaded it again; the unload stays in effect)."""
+    def release(self, name: str, version: int, *, request: bool = False) -> None:
+        """End one ``retain`` (``request`` as given to it); an outdated automatic version with no holds left is
+        retired, and so is one that ``unload`` had unloaded (the retain loaded it again; the unload stays in
+        effect)."""
         key = (name, version)
+        if not request:
+            jobs = self._job_holds.get(key, 0) - 1
+            if jobs > 0:
+                self._job_holds[key] = jobs
+            else:
+                self._job_holds.pop(key, None)
         left = self._holds.get(key, 0) - 1
         if left > 0:
             self._holds[key] = left
@@ -705,20 +746,23 @@ class ModelManager:
     async def _sync_default(self, name: str, entries: list[VersionEntry], retry_unchanged: bool) -> None:
         """Load the version the repository's DEFAULT names, then make it the stored default; call with the lock held.
 
-        ``entries`` is a scan made *before* the pointer is read here. A pointer to a version that is
-        missing or does not load is logged and the previous default stays in effect (requests never
-        land on a broken version); a missing one is logged once, and the poller follows it when it
-        arrives. ``retry_unchanged=False`` (the poller) does not build again a version that failed and
-        whose files did not change, nor one that was unloaded explicitly.
+        ``entries`` is a scan made *before* the pointer is read here. A pointer that cannot be followed
+        (a file that names no version: empty, half written, garbled; refused; a version that is missing,
+        does not load or was unloaded) leaves the previous default in effect, so requests never land on a
+        broken version nor on the newest one by accident (a rollback stays); it is logged once
+        (``_say_once``), and the poller follows the pointer once it can. With no default yet (at start) the
+        newest version that loads serves meanwhile. ``retry_unchanged=False`` (the poller) does not build
+        again a version that failed and whose files did not change, nor one that was unloaded explicitly.
         """
         current = self._stored.get(name)
+        keeping = current or "the newest version"
         try:
-            wanted = await asyncio.to_thread(self.repository.default_version, name)
-        except SegsvcError as exc:  # refused (a symlink out of the root, an oversized file): the default stays
-            log.error("model %s: %s; keeping %s", name, exc, current or "the newest version")
+            wanted = await asyncio.to_thread(self.repository.read_default, name)
+        except SegsvcError as exc:  # names no version, or refused (a symlink out of the root, an oversized file)
+            self._say_once(name, _unreadable(exc), "model %s: %s; keeping %s", name, exc, keeping)
             return
         if wanted == current:
-            self._missing.pop(name, None)
+            self._pointer_said.pop(name, None)
             return
         table = self._models.get(name) or {}
         removed = wanted in self._removed.get(name, ())  # its folder left; kept for the batch jobs holding it
@@ -726,22 +770,26 @@ class ModelManager:
             entry = None if removed else next((e for e in entries if e.version == wanted), None)
             if entry is None and not removed:  # written after the scan, with a version newer than it saw
                 entry = next((e for e in await self.loader.scan(name) if e.version == wanted), None)
-            if entry is None:
-                if self._missing.get(name) != wanted:  # said once, not at every poll (followed when it arrives)
-                    self._missing[name] = wanted
-                    log.error("model %s: DEFAULT names version %d, which is not in the repository; keeping %s",
-                              name, wanted, current or "the newest version")
+            if entry is None:  # followed when it arrives
+                self._say_once(name, _missing(wanted), "model %s: DEFAULT names version %d, which is not in the "
+                               "repository; keeping %s", name, wanted, keeping)
                 return
-            if not retry_unchanged and (self.record.unchanged(name, entry)
-                                        or wanted in self._unloaded_versions.get(name, ())):
-                return  # retried when its files change / loaded again by LoadModel
+            if not retry_unchanged and wanted in self._unloaded_versions.get(name, ()):  # until LoadModel
+                self._say_once(name, _skipped(wanted), "model %s: DEFAULT names version %d, which was unloaded "
+                               "with UnloadModel; keeping %s (LoadModel loads it again)", name, wanted, keeping)
+                return
+            if not retry_unchanged and self.record.unchanged(name, entry):  # retried when its files change
+                self._say_once(name, _skipped(wanted), "model %s: the default version %d does not load (%s); "
+                               "keeping %s", name, wanted, self.record.reason(name, wanted), keeping)
+                return
             try:
                 await self._install(name, entry, auto=True)
-            except Exception as exc:  # recorded by the loader
+            except Exception as exc:  # recorded by the loader; a new attempt, so said again
+                self._pointer_said[name] = _skipped(wanted)
                 log.error("model %s: the default version %d does not load (%s); keeping %s",
-                          name, wanted, exc, current or "the newest version")
+                          name, wanted, exc, keeping)
                 return
-        self._missing.pop(name, None)
+        self._pointer_said.pop(name, None)
         if wanted is None:
             self._stored.pop(name, None)
         else:
@@ -749,6 +797,36 @@ class ModelManager:
         self._pinned.pop(name, None)  # the pointer moved since an in-memory pin: the last write wins
         log.info("model %s: default version is now %s", name, wanted or "the newest loaded")
         self._retire_older_auto(name, self._newest(name))
+
+    def _say_once(self, name: str, problem: str, message: str, *args: object) -> None:
+        """Log ``message`` (an ERROR) about ``name``'s DEFAULT unless ``problem`` (``_unreadable``, ``_missing``,
+        ``_skipped``) is the one said last: a pointer that cannot be followed is read at every poll, and the
+        same line every two seconds buries the log. The mark goes when the pointer is followed or names the
+        default in effect again, so the same problem coming back later is said again."""
+        if self._pointer_said.get(name) == problem:
+            return
+        self._pointer_said[name] = problem
+        log.error(message, *args)
+
+    async def _pointer_moved(self, name: str, entries: list[VersionEntry], table: dict[int, LoadedModel],
+                             skipped: set[int]) -> bool:
+        """Whether the poll must follow ``name``'s DEFAULT (``_sync_default``, which takes the model's lock and
+        may scan again): it names another version than the default in effect, or cannot be followed for a
+        reason not said yet. One said already (``_say_once``: no version in the file, a version missing,
+        failed unchanged or unloaded) is left alone until the pointer or the version changes."""
+        said = self._pointer_said.get(name)
+        try:
+            wanted = await asyncio.to_thread(self.repository.read_default, name)
+        except SegsvcError as exc:
+            return said != _unreadable(exc)
+        if wanted == self._stored.get(name):
+            self._pointer_said.pop(name, None)  # back to the default in effect: a later problem is said again
+            return False
+        if wanted is None or wanted in table:
+            return True
+        if all(e.version != wanted for e in entries):
+            return said != _missing(wanted)
+        return wanted not in skipped or said != _skipped(wanted)
 
     # -- polling ---------------------------------------------------------------------
     async def _poll_loop(self) -> None:
@@ -790,19 +868,7 @@ class ModelManager:
             newest = max(table, default=0)
             unloaded = self._unloaded_versions.get(name, set())
             skipped = {e.version for e in entries if e.version in unloaded or self.record.unchanged(name, e)}
-            if table:
-                try:
-                    wanted = await asyncio.to_thread(self.repository.default_version, name)
-                except SegsvcError:
-                    wanted = self._stored.get(name)
-                if self._missing.get(name) != wanted:  # the pointer moved since a missing version was reported
-                    self._missing.pop(name, None)
-                moved = wanted != self._stored.get(name) and (wanted in table or wanted not in skipped)
-                absent = wanted not in table and all(e.version != wanted for e in entries)
-                if moved and name in self._missing and absent:
-                    moved = False  # still not in the repository, and reported already
-            else:
-                moved = False
+            moved = bool(table) and await self._pointer_moved(name, entries, table, skipped)
             if not moved and all(e.version <= newest or e.version in skipped for e in entries):
                 continue
             async with self._model_lock(name):
@@ -966,6 +1032,21 @@ class ModelManager:
                 self._on_change()
             except Exception:
                 log.exception("model change hook failed")
+
+
+def _unreadable(exc: Exception) -> str:
+    """``_say_once``'s mark for a DEFAULT file that names no version, or is refused (its content is in ``exc``)."""
+    return f"unreadable: {exc}"
+
+
+def _missing(version: int) -> str:
+    """``_say_once``'s mark for a DEFAULT naming ``version``, which is not in the repository."""
+    return f"missing: {version}"
+
+
+def _skipped(version: int) -> str:
+    """``_say_once``'s mark for a DEFAULT naming ``version``, which failed (files unchanged since) or was unloaded."""
+    return f"skipped: {version}"
 
 
 def _few(names: list[str], limit: int = 5) -> str:

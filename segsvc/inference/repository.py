@@ -21,8 +21,11 @@ A model may name its default version in ``<root>/<model>/DEFAULT`` (the
 version number and a newline, written by ``set_default`` through a temporary
 file and a rename, so readers never see half a pointer). ``resolve_version``
 without a version, and the server, honour it; without the file the default is
-the newest complete version, as before. The pointer is read like a version's
-files: a symlink out of the root is refused (``PathOutsideRoot``), and at most
+the newest complete version, as before. A file there that names no version
+(empty, truncated, garbled) is not "no pointer" to the server (``read_default``
+raises; it keeps its current default); one-off readers ignore it, logged
+(``default_version``). The pointer is read like a version's files: a symlink
+out of the root is refused (``PathOutsideRoot``), and at most
 ``DEFAULT_MAX_BYTES`` are read (a bigger file is an ``ArtifactError``).
 
 Messages name paths relative to the root (``m/3/weights.safetensors``), never
@@ -31,6 +34,7 @@ the server's absolute paths, because they reach clients.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -306,41 +310,73 @@ class ModelRepository:
 
     # -- the persistent default ------------------------------------------------------------
     def default_version(self, name: str) -> int | None:
-        """The version ``<model>/DEFAULT`` names, or None (no file, not a regular file, or one that is not a
-        version number).
+        """The version ``<model>/DEFAULT`` names, or None: no file, or one that names no version (empty, not a
+        version number, not ASCII, not a regular file, unreadable; logged at each call).
 
-        The version it names may be missing or incomplete: callers check it against the scan. The pointer is
-        read only inside the root and at most ``DEFAULT_MAX_BYTES`` of it: a version number is a few bytes.
+        For one-off readers (the command line, ``resolve_version``, a promotion's gate), which then use the newest
+        version. The server's poll uses ``read_default``: to it, a file that names no version is not "no pointer".
+        The version named may be missing or incomplete: callers check it against the scan. The pointer is read
+        only inside the root and at most ``DEFAULT_MAX_BYTES`` of it: a version number is a few bytes.
 
         Raises:
             PathOutsideRoot: ``DEFAULT`` (or the model directory) is a symlink that leads outside the root.
             ArtifactError: ``DEFAULT`` is larger than ``DEFAULT_MAX_BYTES``.
         """
+        version, problem = self._pointer(name)
+        if problem:
+            log.warning("model repository: %s; ignored", problem)
+        return version
+
+    def read_default(self, name: str) -> int | None:
+        """The version ``<model>/DEFAULT`` names; None only when there is no ``DEFAULT`` file.
+
+        A ``DEFAULT`` that is there but names no version is an error, not "no pointer": an empty or truncated file
+        is what a non-atomic ``echo 1 > DEFAULT`` looks like half written, and a server reading it as "no pointer"
+        switched traffic to the newest version, undoing a rollback. The server keeps its current default instead
+        and says so once (``ModelManager``), so nothing is logged here.
+
+        Raises:
+            ArtifactError: ``DEFAULT`` names no version (empty, not a version number, not ASCII, not a regular
+                file, unreadable), or is larger than ``DEFAULT_MAX_BYTES``.
+            PathOutsideRoot: ``DEFAULT`` (or the model directory) is a symlink that leads outside the root.
+        """
+        version, problem = self._pointer(name)
+        if problem:
+            raise ArtifactError(f"{problem} (write it with SetDefaultVersion, or to a temporary file renamed over "
+                                "it, so that no reader sees it half written)")
+        return version
+
+    def _pointer(self, name: str) -> tuple[int | None, str]:
+        """``(version, "")`` from ``<model>/DEFAULT``; ``(None, "")`` when there is no such file; ``(None, why)``
+        for a file there that names no version (the text says what it holds, for the log)."""
         path = self._model_dir(name) / DEFAULT_FILE
         rel = self.relative(path)
         try:
             data = self._read_pointer(path, rel)
         except FileNotFoundError:  # removed meanwhile, or a dangling symlink: no pointer
-            return None
+            return None, ""
         except OSError as exc:
-            log.warning("model repository: cannot read %s: %s", rel, exc.strerror or type(exc).__name__)
-            return None
+            return None, f"cannot read {rel}: {exc.strerror or type(exc).__name__}"
+        if data is None:
+            return None, ""
         try:
-            text = data.decode("ascii").strip() if data is not None else ""
+            text = data.decode("ascii").strip()
         except UnicodeDecodeError:
-            log.warning("model repository: %s is not ASCII text; ignored", rel)
-            return None
+            return None, f"{rel} is not ASCII text"
         if not text:
-            return None
+            return None, f"{rel} is empty"
         if not _VERSION_NAME.fullmatch(text):
-            log.warning("model repository: %s holds %r, not a version number; ignored", rel, text[:20])
-            return None
-        return int(text)
+            return None, f"{rel} holds {text[:20]!r}, not a version number"
+        return int(text), ""
 
     def _read_pointer(self, path: Path, rel: str) -> bytes | None:
-        """At most ``DEFAULT_MAX_BYTES`` of the pointer file at ``path`` (inside the root); None when there is no
-        regular file there. Opened without following a last symlink (resolved and checked first) and without
-        blocking (a FIFO), so what is checked is what is read."""
+        """At most ``DEFAULT_MAX_BYTES`` of the pointer file at ``path`` (inside the root); None when there is
+        nothing there. Opened without following a last symlink (resolved and checked first) and without
+        blocking (a FIFO), so what is checked is what is read.
+
+        Raises:
+            OSError: unreadable, or not a regular file (a FIFO, a directory: ``EINVAL``).
+        """
         if not path.is_symlink() and not path.exists():
             return None
         if path.is_symlink():
@@ -351,8 +387,7 @@ class ModelRepository:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                log.warning("model repository: %s is not a regular file; ignored", rel)
-                return None
+                raise OSError(errno.EINVAL, "not a regular file")
             data = os.read(fd, DEFAULT_MAX_BYTES + 1)  # one byte more tells a file over the limit
         finally:
             os.close(fd)
