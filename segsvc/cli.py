@@ -542,17 +542,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-mb", type=float, default=64, help="largest gRPC message each way (default 64)")
     p.add_argument("--max-pixels", type=int, default=64_000_000,
                    help="largest image in pixels, checked from the header before decoding (default 64 MP)")
-    p.add_argument("--max-stream-in-flight", type=int, default=32,
-                   help="images of one SegmentStream processed at once (default 32)")
+    p.add_argument("--max-stream-in-flight", type=int, default=16,
+                   help="images of one SegmentStream processed at once (default 16: half the default "
+                        "--max-concurrent-rpcs, so one stream cannot take every place)")
     p.add_argument("--max-inflight-mb", type=int, default=2048,
                    help="memory budget of the images being served, from each model's measured bytes per pixel; "
                         "a request over it alone is refused, others wait (default 2048)")
     p.add_argument("--max-tiles", type=int, default=1024, help="most sliding-window tiles of one request (default 1024)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=32,
                    help="calls in progress at once (health, reflection and readiness probes aside); one more gets "
-                        "RESOURCE_EXHAUSTED before its request is read; a SegmentStream takes one place per image "
-                        "it holds. Each place holds up to --max-message-mb before the memory budget admits its "
-                        "image: size the container for --max-inflight-mb plus this "
+                        "RESOURCE_EXHAUSTED before its request is read; a SegmentStream counts as one call, plus one "
+                        "for each image beyond the first it holds (for which it waits). Each place holds up to "
+                        "--max-message-mb before the memory budget admits its image: size the container for "
+                        "--max-inflight-mb plus this "
                         "times --max-message-mb (default 32: 32 x 64 MiB = the default --max-inflight-mb)")
     p.add_argument("--grace-s", type=float, default=25.0,
                    help="on SIGTERM, seconds for requests in flight (default 25); the stop then drains the "

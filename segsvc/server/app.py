@@ -91,6 +91,7 @@ SEND_GRACE_S = 1.0
 MODEL_HEALTH_PREFIX = "segsvc.model."  # + model name: that model's health (see the proto's header)
 EXIT_ABANDONED = 3  # ``segsvc serve``'s exit status when its stop abandoned work still running on a thread
 CLOSE_S = 1.0  # what a stop past its budget still gives work on threads to end (a file write, a SQLite commit)
+WRITE_FAILED_WAIT_S = 5.0  # how long a failed response write waits for gRPC to cancel its call (write_response)
 
 
 def configure_threads(config: ServerConfig) -> int:
@@ -139,9 +140,10 @@ class CallLimit(grpc.aio.ServerInterceptor):
     returns, also while it waits for the memory budget (``MemoryBudget``), and nothing bounded how many calls
     did: a burst of large images took the process past its container's memory limit. So the request of a call
     is read only once it has a place: a unary request is read here, after the count (gRPC would read it before
-    any handler ran). A call that streams both ways (``SegmentStream``) holds each message it has read until it
-    answers it: each message takes a place before it is read, which the stream waits for (back-pressure, never
-    a refusal), and gives back with its answer; the call itself takes none (``_StreamPlaces``). While the server
+    any handler ran). A call that streams both ways (``SegmentStream``) takes its place as any call does (refused
+    at once at the limit, as gRPC's own limit counts an open RPC), which covers one message; each message it
+    reads while earlier ones are unanswered takes one more place first, which the stream waits for
+    (back-pressure, never a refusal), and gives it back with an answer (``_StreamPlaces``). While the server
     drains, calls pass to the drain gate, which refuses them with UNAVAILABLE (retry elsewhere).
 
     gRPC's own ``maximum_concurrent_rpcs`` would not do: it counts and refuses every method alike (grpcio 1.81:
@@ -164,7 +166,7 @@ class CallLimit(grpc.aio.ServerInterceptor):
 
     @property
     def in_flight(self) -> int:
-        """Places taken: unary and server-streaming calls in progress, and the images streams hold or read."""
+        """Places taken: calls in progress, and the images streams hold or read beyond their first."""
         return self._active
 
     async def intercept_service(
@@ -184,23 +186,34 @@ class CallLimit(grpc.aio.ServerInterceptor):
         """Count the call for the block, or refuse it when ``limit`` calls are in progress."""
         if self._active >= self.limit:
             await refuse(context, Overloaded(f"the server is at its limit of {self.limit} calls in progress "
-                                             f"(--max-concurrent-rpcs; a SegmentStream counts each image it "
-                                             f"holds); retry with backoff"), method, log, self._on_refused)
+                                             f"(--max-concurrent-rpcs; a SegmentStream counts as one call, plus one "
+                                             f"for each image beyond the first it holds); retry with backoff"),
+                         method, log, self._on_refused)
         self._active += 1
         try:
             yield
         finally:
             self.give_back()
 
-    async def take(self) -> None:
-        """Take one more place, waiting for one to be given back (a stream's next message)."""
+    async def take(self, wanted: Callable[[], bool] = lambda: True) -> bool:
+        """Take one more place (a stream's next message), waiting for one to be given back; False, with none
+        taken, once ``wanted()`` is false (the stream's own answers covered the message meanwhile: ``wake``)."""
         while self._active >= self.limit:
+            if not wanted():
+                return False
             self._room.clear()
             await self._room.wait()
+        if not wanted():
+            return False
         self._active += 1
+        return True
 
     def give_back(self, places: int = 1) -> None:
         self._active -= places
+        self._room.set()
+
+    def wake(self) -> None:
+        """Make the calls waiting in ``take`` check again whether they still want a place."""
         self._room.set()
 
     def _limited(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
@@ -220,19 +233,22 @@ class CallLimit(grpc.aio.ServerInterceptor):
         if handler.response_streaming:
             inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
-            async def streaming(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
-                places = _StreamPlaces(self) if handler.request_streaming else None  # per message, not per call
-                async with self._place(context, method) if places is None else contextlib.nullcontext():
+            async def streaming(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> None:
+                async with self._place(context, method):  # the call's own place: refused at once at the limit
+                    places = _StreamPlaces(self) if handler.request_streaming else None  # images beyond the first
                     try:
                         request = places.read(requests) if places is not None else await request_of(requests, context)
                         responses = inner(request, context)
                         if inspect.isawaitable(responses):  # a handler that writes with context.write()
                             await responses
                             return
-                        async for response in responses:
-                            yield response
-                            if places is not None:
-                                places.answered()
+                        async with contextlib.aclosing(responses):  # a failed write ends the handler's work too
+                            async for response in responses:
+                                await write_response(context, response)
+                                if places is not None:
+                                    places.answered()
+                        if context.time_remaining() == 0:  # gone: gRPC cancels it (its status would fail to send)
+                            await asyncio.sleep(WRITE_FAILED_WAIT_S)
                     finally:
                         if places is not None:
                             places.close()
@@ -249,52 +265,94 @@ class CallLimit(grpc.aio.ServerInterceptor):
 
 
 class _StreamPlaces:
-    """The places of one call that streams both ways: one for each message it has read and not yet answered,
-    and one for the message it waits to read (taken before the read: a message is never held uncounted). The call
-    itself holds none, so a stream waiting for a place holds only what it still has to answer, which its answers
-    give back: streams that fill the limit go on as their images are answered. Each response answers one
-    message, as ``SegmentStream``'s do."""
+    """The places of one call that streams both ways beyond the call's own, which covers one message.
+
+    A stream counts as one call, plus one for each image beyond the first it holds: it holds
+    ``max(1, unanswered + reading)`` places, ``reading`` being 1 while it reads (or waits to read) a message. An
+    idle stream (everything answered) reads its next message, or the end of the stream, on its own place, so it
+    never waits to end. A message read while earlier ones are unanswered takes one more place before it is read
+    (a message is never held uncounted), which the stream waits for (back-pressure); each answer gives one back,
+    never the call's own place (``CallLimit._place`` gives that back when the call ends). Each response answers
+    one message, as ``SegmentStream``'s do.
+    """
 
     def __init__(self, limit: CallLimit) -> None:
         self._limit = limit
-        self._held = 0  # places taken: messages read and not answered, and the one being read
+        self._extra = 0  # places taken beyond the call's own
+        self._unanswered = 0  # messages read and not yet answered
+        self._reading = 0  # 1 while a message is being read or waits for its place
         self._closed = False
+
+    def _wanted(self) -> int:
+        """Places beyond the call's own that what the stream holds and reads needs."""
+        return max(0, self._unanswered + self._reading - 1)
+
+    def _short(self) -> bool:
+        return not self._closed and self._extra < self._wanted()
 
     async def read(self, requests: AsyncIterator) -> AsyncIterator:
         """``requests``, each read only once a place covers it."""
         iterator = requests.__aiter__()
         while True:
-            await self._limit.take()
-            if self._closed:  # the call ended while this waited: nothing would give the place back
-                self._limit.give_back()
+            self._reading = 1
+            while self._short():
+                if await self._limit.take(self._short):
+                    self._extra += 1
+            if self._closed:  # the call ended while this waited: close() gave back every place it held
                 return
-            self._held += 1
             try:
                 request = await iterator.__anext__()
-            except StopAsyncIteration:  # the end of the stream: no message holds this place
-                if not self._closed:  # (close() gave back every place already)
-                    self._release(1)
-                return
-            except BaseException:
-                if not self._closed:
-                    self._release(1)
+            except BaseException as exc:  # the end of the stream, or its failure: no message holds the read's place
+                self._reading = 0
+                self._settle()
+                if isinstance(exc, StopAsyncIteration):
+                    return
                 raise
+            self._reading, self._unanswered = 0, self._unanswered + 1  # the same places: the read is now held
             yield request
 
     def answered(self) -> None:
-        """One message answered: its place goes back."""
-        if self._held:
-            self._release(1)
+        """One message answered: a place beyond the call's own goes back, if it holds one."""
+        if self._unanswered:
+            self._unanswered -= 1
+            self._settle()
 
     def close(self) -> None:
-        """The call ends: every place it holds goes back."""
+        """The call ends: every place it took beyond the call's own goes back."""
         self._closed = True
-        if self._held:
-            self._release(self._held)
+        self._unanswered = self._reading = 0
+        self._settle()
 
-    def _release(self, places: int) -> None:
-        self._held -= places
-        self._limit.give_back(places)
+    def _settle(self) -> None:
+        """Give back the places beyond what the stream still needs; a read of this stream that waits for a place
+        it no longer needs (an answer came meanwhile) goes on."""
+        excess = self._extra - self._wanted()
+        if excess > 0:
+            self._extra -= excess
+            self._limit.give_back(excess)
+        else:
+            self._limit.wake()
+
+
+async def write_response(context: grpc.aio.ServicerContext, response: object) -> None:
+    """Send one response of a streaming call, written here rather than by gRPC so that a call gone meanwhile
+    ends quietly.
+
+    A client's cancel or deadline ends the call in gRPC's core, which then fails the write in flight
+    (``ExecuteBatchError``, a ``grpc.aio.InternalError``) and, separately, tells grpc.aio that the client has
+    gone, which cancels the handler. When the failed write came first, grpc.aio logged it at ERROR with a
+    traceback ("ExecuteBatchError raised in core by servicer method"): about one call in 300 of a cancel storm.
+    So a failed write waits here for that cancellation (grpc.aio then logs the call at DEBUG, "RPC cancelled");
+    a write that fails for another reason, which no cancellation follows, is raised after ``WRITE_FAILED_WAIT_S``
+    and logged by grpc.aio as before. (A stream whose responses end after its deadline waits likewise, as the
+    status gRPC would send would fail; one cancelled by its client while idle reads an end of stream that
+    grpc.aio does not tell from the client's own, so its status send can still race the cancellation.)
+    """
+    try:
+        await context.write(response)
+    except grpc.aio.InternalError:
+        await asyncio.sleep(WRITE_FAILED_WAIT_S)  # the cancellation of this task, if it comes, ends this wait
+        raise
 
 
 def work_name(fn: Callable[..., object]) -> str:

@@ -57,7 +57,8 @@ class LimitsConfig:
         max_message_bytes: largest gRPC message accepted or sent (each way).
         max_pixels: largest image (height x width), checked from the header before decoding.
         max_stream_in_flight: images of one ``SegmentStream`` processed at the same time;
-            the stream stops reading while this many are pending (back-pressure).
+            the stream stops reading while this many are pending (back-pressure). The default, 16, is half
+            the default ``max_concurrent_rpcs``: one stream's images cannot take every place of the server.
         max_inflight_mb: memory budget of the images being served (estimated per model
             and image); a request over it alone is refused, others wait for room.
         max_tiles: most sliding-window tiles of one request.
@@ -71,7 +72,7 @@ class LimitsConfig:
 
     max_message_bytes: int = 64 * MIB
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_stream_in_flight: int = 32
+    max_stream_in_flight: int = 16
     max_inflight_mb: int = 2048
     max_tiles: int = 1024
     max_work_pixels: int = 256_000_000

@@ -21,6 +21,7 @@ from segsvc.server.config import MIB, LimitsConfig
 from segsvc.server.oip_pb import grpc_service_pb2 as oip_pb
 from segsvc.server.oip_pb import grpc_service_pb2_grpc as oip_grpc
 from segsvc.v1 import segmentation_pb2 as pb
+from segsvc.v1 import segmentation_pb2_grpc as pb_grpc
 from tests.server.conftest import encode, make_image, metric, metrics_text, publish, wait_for
 
 HANG_S = 120  # only a hang reaches it
@@ -123,31 +124,42 @@ def test_a_streams_images_waiting_for_the_budget_take_places_too(start_server, t
 
 
 def test_streams_that_fill_the_limit_go_on_as_their_images_are_answered(start_server, tmp_path):
-    """Two streams at a limit of two. Each stream's call held a place of its own and, its first image read,
-    waited for a second place for its next image; answering the first gave nothing back (the call's own place
-    still covered the stream), so both waited for ever (or the second stream was refused). Now a stream holds
-    a place per image it holds or reads, and its answers give them back."""
+    """Two streams open at a limit of two, then each sends three images. Each stream's call held a place of its
+    own and, its first image read, waited for a second place for its next image; answering the first gave
+    nothing back, so both waited for ever. Now the call's own place covers its first image, and a read that
+    waits for a place goes on once the stream's own answers cover it (``test_stream_places.py``). Both streams
+    are open before either sends: a stream that already holds two images fills the limit, and a stream opened
+    then is refused (RESOURCE_EXHAUSTED), as a unary call would be."""
     publish(tmp_path, "m", seed=2)
     server = start_server(tmp_path, limits=LimitsConfig(max_concurrent_rpcs=2))
-    results: list[list] = [[], []]
-    errors_seen: list[BaseException] = []
-    both_open = threading.Barrier(2)
+    both_open = threading.Event()
+    answers: list[list] = [[], []]
+    codes: list = [None, None]
 
-    def stream(i: int) -> None:
+    def requests(i: int):  # type: ignore[no-untyped-def]
+        both_open.wait(HANG_S)
+        for j in range(3):
+            yield pb.SegmentRequest(request_id=f"{i}-{j}", model="m", image=encode(make_image(24, 24, seed=j)))
+
+    def stream(i: int, stub: pb_grpc.SegmentationServiceStub) -> None:
+        call = stub.SegmentStream(requests(i), timeout=HANG_S)
         try:
-            with server.client(timeout_s=HANG_S) as c:
-                both_open.wait(HANG_S)
-                results[i].extend(c.segment_many([make_image(24, 24, seed=j) for j in range(3)], model="m",
-                                                 progress=False))
-        except BaseException as exc:  # noqa: BLE001 (reported below)
-            errors_seen.append(exc)
+            answers[i].extend(r.request_id for r in call if not r.HasField("error"))
+        except grpc.RpcError:
+            pass
+        codes[i] = call.code()
 
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(2 * HANG_S)
-    assert not errors_seen and [len(r) for r in results] == [3, 3], errors_seen
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.SegmentationServiceStub(channel)
+        threads = [threading.Thread(target=stream, args=(i, stub)) for i in range(2)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: server.server.calls.in_flight == 2)  # both streams admitted, each on its own place
+        both_open.set()
+        for t in threads:
+            t.join(2 * HANG_S)
+    assert codes == [grpc.StatusCode.OK] * 2
+    assert [sorted(a) for a in answers] == [[f"{i}-{j}" for j in range(3)] for i in range(2)]
     wait_for(lambda: server.server.calls.in_flight == 0)
 
 
