@@ -10,6 +10,7 @@ import pytest
 from segsvc.client import image_files, named_image_files
 from segsvc.errors import InvalidArgument
 from segsvc.jobclient import local_images
+from tests.rpc_errors import StatusError
 
 
 def _tree(root: Path, names: list[str]) -> None:
@@ -343,26 +344,6 @@ def test_jobs_fetch_out_a_file_is_refused_in_the_flag_s_words_before_connecting(
                                        "into a folder (it is made if missing)\n")
 
 
-class _StatusError(grpc.RpcError):
-    """A call's end as grpc raises it, with ``str()`` the repr grpc gives (``_InactiveRpcError``)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str = "") -> None:
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> tuple:
-        return ()
-
-    def __str__(self) -> str:
-        return (f"<_InactiveRpcError of RPC that terminated with:\n\tstatus = {self._code}\n\tdetails = "
-                f"\"{self._details}\"\n\tdebug_error_string = \"UNKNOWN:Error received from peer\">")
-
-
 class _Stream:
     """A SegmentStream that answers the first ``answer`` requests (labels 2x2 of zeros), then ends with ``end``."""
 
@@ -394,7 +375,7 @@ def test_segment_many_keeps_its_results_when_the_stream_breaks_off_after_every_a
 
     with _offline_client() as c:
         c._stub = type("Stub", (), {"SegmentStream": lambda self, requests, **kw: _Stream(
-            requests, answered, _StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))})()
+            requests, answered, StatusError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))})()
         images = [np.zeros((2, 2, 3), np.uint8)] * 3
         if answered == 3:
             results = c.segment_many(images, progress=False)
@@ -410,8 +391,8 @@ def test_a_status_without_a_message_is_named_by_its_code_and_call_never_by_grpc_
     from segsvc.errors import NotFound
     from segsvc.wire import error_from_rpc
 
-    error = error_from_rpc(_StatusError(grpc.StatusCode.NOT_FOUND), "GetOperation")
+    error = error_from_rpc(StatusError(grpc.StatusCode.NOT_FOUND), "GetOperation")
     assert isinstance(error, NotFound)
     assert str(error) == "GetOperation ended with status NOT_FOUND and no message"
-    assert str(error_from_rpc(_StatusError(grpc.StatusCode.INTERNAL))) == (
+    assert str(error_from_rpc(StatusError(grpc.StatusCode.INTERNAL))) == (
         "INTERNAL: the call ended with status INTERNAL and no message")

@@ -27,6 +27,7 @@ from segsvc.errors import Cancelled, DeadlineExceeded, InvalidArgument, SegsvcEr
 from segsvc.jobclient import JobHandle, download
 from segsvc.v1 import jobs_pb2 as jobs_pb
 from segsvc.v1 import training_pb2 as tpb
+from tests.rpc_errors import StatusError
 
 
 def _chunk(path: str, offset: int, data: bytes, last: bool) -> jobs_pb.FileChunk:
@@ -220,25 +221,11 @@ class _Call:
         if not self.stall:
             raise StopIteration
         self.cancelled.wait()
-        raise _Status(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
+        raise StatusError(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
 
     def cancel(self) -> bool:
         self.cancelled.set()
         return True
-
-
-class _Status(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> tuple:
-        return ()
 
 
 def test_a_download_refused_half_way_cancels_the_stream(tmp_path):
