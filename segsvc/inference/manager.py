@@ -600,9 +600,9 @@ class ModelManager:
             f"model {name!r} {uses}: cancel them (`segsvc jobs cancel JOB_ID`; `segsvc jobs list` shows them) "
             "or wait for them to finish, then unload")
 
-    async def retain(self, name: str, version: int, *, request: bool = False) -> None:
-        """Keep ``name:version`` loaded until the matching ``release`` (a batch job's pinned version, or with
-        ``request`` one request's: ``unload`` refuses while a batch job holds a version, not a request).
+    async def retain(self, name: str, version: int, *, job: bool = False) -> None:
+        """Keep ``name:version`` loaded until the matching ``release``: one request's version, or with ``job`` a
+        batch job's pinned one (``unload`` refuses while a batch job holds a version, not while a request does).
 
         A held version is never replaced by a newer automatic one; one that was
         not loaded is loaded as automatic, so it goes once released and outdated
@@ -612,14 +612,14 @@ class ModelManager:
         check_name(name)
         key = (name, version)
         self._holds[key] = self._holds.get(key, 0) + 1
-        if not request:
+        if job:
             self._job_holds[key] = self._job_holds.get(key, 0) + 1
         if version in (self._models.get(name) or {}):
             return
         try:
             await self._joined(("retain", name, version), functools.partial(self._load_retained, name, version))
         except BaseException:
-            self.release(name, version, request=request)
+            self.release(name, version, job=job)
             raise
 
     async def _load_retained(self, name: str, version: int) -> None:
@@ -635,12 +635,12 @@ class ModelManager:
             if not self._holds.get((name, version)):
                 self._settle(name, version)
 
-    def release(self, name: str, version: int, *, request: bool = False) -> None:
-        """End one ``retain`` (``request`` as given to it); an outdated automatic version with no holds left is
+    def release(self, name: str, version: int, *, job: bool = False) -> None:
+        """End one ``retain`` (``job`` as given to it); an outdated automatic version with no holds left is
         retired, and so is one that ``unload`` had unloaded (the retain loaded it again; the unload stays in
         effect)."""
         key = (name, version)
-        if not request:
+        if job:
             jobs = self._job_holds.get(key, 0) - 1
             if jobs > 0:
                 self._job_holds[key] = jobs

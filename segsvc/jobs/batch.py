@@ -403,12 +403,12 @@ class JobRunner(StoreRunner):
             await self._register(job.id, run)
             outputs = JobOutputs(self.output_dir(job.id))
             await asyncio.to_thread(clean_temporaries, outputs.root)
-            await self._service.manager.retain(run.model, run.version)  # no swap retires it mid-job
+            await self._service.manager.retain(run.model, run.version, job=True)  # no swap retires it mid-job
             try:
                 await self._run_items(run, outputs, self._input_root(request))
                 await self._finalize(run, outputs)
             finally:
-                self._service.manager.release(run.model, run.version)
+                self._service.manager.release(run.model, run.version, job=True)
         except asyncio.CancelledError:  # server stopping: the job resumes at the next start
             log.info("job %s interrupted; it resumes when the server starts again", job.id)
             raise

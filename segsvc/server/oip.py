@@ -174,7 +174,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 # held from here, before the first await: a swap while the tensors convert must not retire
                 # (nor a retain then rebuild) the version this request resolved; a request's hold, which an
                 # unload lets finish (it refuses only while batch jobs hold the version)
-                await self._manager.retain(name, resolved, request=True)
+                await self._manager.retain(name, resolved)
                 try:
                     call = await self._service.run_io(convert.infer_call, request, self._max_images,
                                                       self._service.max_pixels)
@@ -182,7 +182,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     convert.check_outputs_size(call, labels_dtype(manifest.spec.num_classes), self._max_bytes)
                     segs = await self._segment_all(call, name, resolved, _deadline(context, call.timeout_s))
                 finally:
-                    self._manager.release(name, resolved, request=True)
+                    self._manager.release(name, resolved)
                 return await self._service.run_io(convert.infer_response, request.id, segs, call.outputs,
                                                   self._max_bytes)
             except asyncio.CancelledError:

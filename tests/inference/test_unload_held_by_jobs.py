@@ -3,7 +3,7 @@
 An operator's QA: UnloadModel succeeded while a batch job used the model (the whole model, or just the job's pinned
 version), and the job then failed for good ("FAILED 164/600 ... model 'other' is not loaded"). Like ``datasets
 delete`` under a training job, the unload is refused, saying how many jobs hold which version and what to do. A
-batch job holds its version with ``retain``; an Open Inference Protocol request's hold (``request=True``) does not
+batch job holds its version with ``retain``; an Open Inference Protocol request's hold (plain ``retain``; a batch job's is ``job=True``) does not
 refuse an unload: requests in flight finish, as on any unloaded version.
 """
 
@@ -29,8 +29,8 @@ def test_unloading_a_model_a_batch_job_holds_is_refused_until_the_job_releases_i
     _two_versions(tmp_path)
 
     async def check(manager: ModelManager) -> None:
-        await manager.retain("m", 2)  # two batch jobs pinned to m:2
-        await manager.retain("m", 2)
+        await manager.retain("m", 2, job=True)  # two batch jobs pinned to m:2
+        await manager.retain("m", 2, job=True)
         with pytest.raises(FailedPrecondition, match=r"^model 'm' version 2 is in use by 2 batch jobs: cancel them "
                                                      r"\(`segsvc jobs cancel JOB_ID`.*\) or wait for them to finish, "
                                                      r"then unload$"):
@@ -38,10 +38,10 @@ def test_unloading_a_model_a_batch_job_holds_is_refused_until_the_job_releases_i
         assert sorted(manager._models["m"]) == [2] and "m" not in manager._unloaded_models
         with manager.lease("m", 2) as lm:  # the jobs go on
             assert lm.version == 2
-        manager.release("m", 2)
+        manager.release("m", 2, job=True)
         with pytest.raises(FailedPrecondition, match="version 2 is in use by 1 batch job: "):
             await manager.unload("m")
-        manager.release("m", 2)
+        manager.release("m", 2, job=True)
         assert await manager.unload("m") == [2]
         assert "m" not in manager._models
 
@@ -54,18 +54,18 @@ def test_unloading_the_version_a_batch_job_holds_is_refused_and_other_versions_g
 
     async def check(manager: ModelManager) -> None:
         await manager.load("m", 1)  # by number: it stays next to 2
-        await manager.retain("m", 1)
+        await manager.retain("m", 1, job=True)
         with pytest.raises(FailedPrecondition, match="^model 'm' version 1 is in use by 1 batch job: cancel"):
             await manager.unload("m", 1)
         assert sorted(manager._models["m"]) == [1, 2]
         assert 1 not in manager._unloaded_versions.get("m", ())
-        await manager.retain("m", 2)
+        await manager.retain("m", 2, job=True)
         with pytest.raises(FailedPrecondition, match="^model 'm' version 1 is in use by 1 batch job and version 2 "
                                                      "in use by 1 batch job: cancel"):
             await manager.unload("m")
-        manager.release("m", 2)
+        manager.release("m", 2, job=True)
         assert await manager.unload("m", 2) == [2]  # a version no job holds goes
-        manager.release("m", 1)
+        manager.release("m", 1, job=True)
         assert await manager.unload("m", 1) == [1]
         await asyncio.gather(*manager._retiring)
         assert "m" not in manager._models
@@ -79,12 +79,30 @@ def test_a_requests_hold_does_not_refuse_an_unload(tmp_path):
     _two_versions(tmp_path)
 
     async def check(manager: ModelManager) -> None:
-        await manager.retain("m", 2, request=True)
+        await manager.retain("m", 2)
         assert await manager.unload("m") == [2]
-        await manager.retain("m", 2, request=True)  # a request that resolved it before the unload
-        manager.release("m", 2, request=True)
-        manager.release("m", 2, request=True)
+        await manager.retain("m", 2)  # a request that resolved it before the unload
+        manager.release("m", 2)
+        manager.release("m", 2)
         await asyncio.gather(*manager._retiring)
         assert "m" not in manager._models and manager._holds == {} and manager._job_holds == {}
+
+    with_manager(tmp_path, check)
+
+
+def test_setting_the_default_keeps_a_batch_jobs_hold(tmp_path):
+    """SetDefaultVersion holds the version while it writes the pointer; its release took a batch job's hold
+    with it, and the unload under the running job then went through (a reviewer's find)."""
+    _two_versions(tmp_path)
+
+    async def check(manager: ModelManager) -> None:
+        await manager.load("m", 1)
+        await manager.retain("m", 1, job=True)
+        await manager.set_default("m", 1)
+        await manager.set_default("m", 2)
+        with pytest.raises(FailedPrecondition, match="version 1 is in use by 1 batch job: "):
+            await manager.unload("m", 1)
+        manager.release("m", 1, job=True)
+        assert await manager.unload("m", 1) == [1]
 
     with_manager(tmp_path, check)

@@ -18,14 +18,14 @@ pytestmark = pytest.mark.timeout(300)
 
 
 async def _release(manager, name: str, version: int) -> None:  # type: ignore[no-untyped-def]
-    manager.release(name, version)  # on the server's loop, as a batch job's end is
+    manager.release(name, version, job=True)  # on the server's loop, as a batch job's end is
 
 
 def test_both_unload_calls_are_refused_while_a_batch_job_holds_the_model(start_server, tmp_path):
     repo = tmp_path / "repo"
     publish(repo, "tiny", seed=1)
     server = start_server(repo)
-    server.call(server.manager.retain("tiny", 1))  # a batch job pinned to tiny:1
+    server.call(server.manager.retain("tiny", 1, job=True))  # a batch job pinned to tiny:1
     triton_client = triton.InferenceServerClient(server.address)
     try:
         with server.client() as client:
