@@ -214,5 +214,5 @@ def test_a_fetch_of_a_running_job_is_refused_in_one_line_saying_what_to_do(half_
     err = _one_line(capsys)
     assert err == (f"segsvc: error: job {job_id} is RUNNING (1 of 3 images done): its outputs are fetched once it "
                    f"has finished; wait for it (`segsvc jobs wait {job_id}`, WaitOperation) and fetch again, or "
-                   f"cancel it (`segsvc jobs cancel {job_id}`) to fetch the outputs written so far\n"), err
+                   f"cancel it (`segsvc jobs cancel {job_id}`) and wait for it to end, to fetch the outputs written so far\n"), err
     assert not out.exists()

@@ -215,8 +215,11 @@ def check_finished(job: Job) -> None:
     raise FailedPrecondition(
         f"job {job.id} is {job.state} ({done} of {job.total} images done)"
         + (f" and paused ({paused})" if paused else "")
+        + (", cancelling" if job.cancel_requested else "")
         + f": its outputs are fetched once it has finished; wait for it (`segsvc jobs wait {job.id}`, WaitOperation) "
-        f"and fetch again, or cancel it (`segsvc jobs cancel {job.id}`) to fetch the outputs written so far")
+        + ("and fetch again" if job.cancel_requested else
+           f"and fetch again, or cancel it (`segsvc jobs cancel {job.id}`) and wait for it to end, to fetch the "
+           "outputs written so far"))
 
 
 def parse_filter(text: str) -> tuple[str | None, list[str] | None]:

@@ -347,9 +347,12 @@ def test_outputs_of_a_job_that_has_not_finished_are_refused_and_a_finished_one_s
             assert str(caught.value) == (
                 f"job {job.id} is {state} (0 of 3 images done): its outputs are fetched once it has finished; wait "
                 f"for it (`segsvc jobs wait {job.id}`, WaitOperation) and fetch again, or cancel it "
-                f"(`segsvc jobs cancel {job.id}`) to fetch the outputs written so far")
+                f"(`segsvc jobs cancel {job.id}`) and wait for it to end, to fetch the outputs written so far")
         assert not (tmp_path / "early").exists()
-        running.cancel()
+        running.cancel()  # the cancel is asynchronous: until the runner stops, the job is RUNNING and says so
+        with pytest.raises(errors.FailedPrecondition, match=rf"^job {running.id} is RUNNING \(0 of 3 images done\), "
+                                                            rf"cancelling: .* and fetch again$"):
+            running.fetch(tmp_path / "early")
         gated.gate.set()
         assert running.wait(timeout_s=300).state == "CANCELLED"
         fetched = running.fetch(tmp_path / "cancelled")
