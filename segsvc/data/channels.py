@@ -60,8 +60,9 @@ def folder_channels(root: Path, image_folders: Iterable[str]) -> int:
             continue  # an unreadable folder: the check reports it
         for path in paths:
             name = f"{rel}/{path.name}"
-            if path.suffix.lower() not in IMAGE_SUFFIXES or is_excluded(name) or not path.is_file():
-                continue
+            if (path.suffix.lower() not in IMAGE_SUFFIXES or is_excluded(name) or path.is_symlink()
+                    or not path.is_file()):
+                continue  # a symlink is not followed: where it leads is the registry's to confine or refuse
             channels = image_channels(path)
             if channels is not None:
                 first.setdefault(channels, name)

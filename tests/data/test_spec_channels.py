@@ -123,3 +123,11 @@ def test_data_check_reports_the_channels(tmp_path: Path, capsys: pytest.CaptureF
     _image(folder / "images" / "1.png", np.zeros((16, 16, 3), np.uint8))
     with pytest.raises(DatasetError, match="mix grey and colour"):
         check_dataset(folder)
+
+
+def test_a_symlinked_image_is_not_opened_to_count_channels(tmp_path: Path) -> None:
+    """Its header would be read wherever it leads, outside the dataset too, before the registry confines it."""
+    root = _grey_folder(tmp_path / "em")
+    outside = _image(tmp_path / "colour.png", np.zeros((16, 16, 3), np.uint8))
+    (root / "images" / "3.png").symlink_to(outside)
+    assert spec_from_folder(root).channels == 1  # a mix, grey beside colour, if the link were followed
