@@ -214,8 +214,17 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
         async def read_all() -> None:
             try:
                 index = 0
-                async for request in request_iterator:
-                    await slots.acquire()  # back-pressure: stop reading while the window is full
+                requests = aiter(request_iterator)
+                while True:
+                    await slots.acquire()  # back-pressure: no read while the window is full (it holds the images)
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:  # the end of the stream: no image takes the slot
+                        slots.release()
+                        break
+                    except BaseException:
+                        slots.release()
+                        raise
                     task = asyncio.get_running_loop().create_task(one(request, index))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)

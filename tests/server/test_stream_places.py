@@ -166,6 +166,26 @@ def test_a_stream_waits_for_a_place_for_its_second_image_where_a_new_call_is_ref
     wait_for(lambda: server.server.calls.in_flight == 0)
 
 
+def test_a_stream_holds_no_more_places_than_its_window(start_server, tmp_path, held):
+    """With --max-stream-in-flight 2 a stream holds at most 2 places: it read its next image before waiting for
+    a window slot, so it held window + 1, and two default streams (2 x 17) could fill the default limit of 32."""
+    publish(tmp_path, "m", seed=2)
+    server = start_server(tmp_path, limits=LimitsConfig(max_concurrent_rpcs=8, max_stream_in_flight=2))
+    with grpc.insecure_channel(server.address) as channel:
+        busy = OpenStream(channel, "m")
+        for seed in range(4):
+            busy.send(HELD, seed=seed)
+        wait_for(lambda: len(held.ran) >= 1 and server.server.calls.in_flight >= 2)
+        # Its window is full (the model holds its images): a third read would take a third place. That it never
+        # comes can only be watched for a while; a slow host can only make the old behaviour pass, never the new fail.
+        with pytest.raises(AssertionError, match="not reached"):
+            wait_for(lambda: server.server.calls.in_flight > 2, timeout_s=3.0)
+        held.gate.set()
+        code, answers = busy.finish()
+        assert code == grpc.StatusCode.OK and len(answers) == 4
+    wait_for(lambda: server.server.calls.in_flight == 0)
+
+
 def test_a_streams_places_are_one_plus_its_images_beyond_the_first() -> None:
     """Held places = max(1, unanswered + 1 while a read is pending), step by step; answers never give back the
     call's own place, and an answer that covers a waiting read lets it go on without another place."""
