@@ -25,7 +25,7 @@ from segsvc.errors import NotFound, Unavailable
 from segsvc.v1 import jobs_pb2 as jobs_pb
 from tests.server.conftest import start_server  # noqa: F401  (fixture)
 from tests.test_cli_jobs import _one_line, scans_server
-from tests.test_jobclient_review import _Status  # what a gRPC stream raises when the connection goes
+from tests.rpc_errors import StatusError  # what a gRPC stream raises when the connection goes
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_a_server_lost_mid_fetch_says_how_many_files_it_wrote_and_how_to_fetch_a
     assert not [p for p in out.rglob(".*") if ".part-" in p.name]  # the file in progress was removed
 
 
-def _stream(cut: _Status):  # type: ignore[no-untyped-def]
+def _stream(cut: StatusError):  # type: ignore[no-untyped-def]
     """One whole file, the first chunk of a second, then the cut."""
     yield jobs_pb.FileChunk(path="labels/0.png", offset=0, data=b"whole", last=True)
     yield jobs_pb.FileChunk(path="labels/1.png", offset=0, data=b"half", last=False)
@@ -88,7 +88,7 @@ def _stream(cut: _Status):  # type: ignore[no-untyped-def]
 class _Job:
     id = "j1"
 
-    def __init__(self, cut: _Status) -> None:
+    def __init__(self, cut: StatusError) -> None:
         self.cut = cut
 
     def fetch(self, dest: str, progress: bool) -> list[Path]:  # the real download over a stream that is cut
@@ -111,7 +111,7 @@ def test_each_way_of_losing_the_server_mid_fetch_reads_the_same(tmp_path, code, 
     args = argparse.Namespace(job="j1", server="host:1", out=str(tmp_path / "my out"), progress=False, tls=True,
                               tls_ca="ca.pem", token_file=None, timeout_s=cli_jobs.TIMEOUT_S)
     with pytest.raises(Unavailable) as info:
-        cli_jobs._fetch(_Client(_Job(_Status(code, details))), args)
+        cli_jobs._fetch(_Client(_Job(StatusError(code, details))), args)
     assert str(info.value) == (f"lost the server at host:1 while fetching job j1; 1 file written into {args.out} "
                                f"before it went: run `segsvc jobs fetch j1 --server host:1 --out '{args.out}' --tls "
                                "--tls-ca ca.pem` again when it is back (it fetches every file again)")
@@ -124,7 +124,7 @@ def test_a_fetch_refused_for_another_reason_keeps_its_own_message(tmp_path):
     args = argparse.Namespace(job="j1", server="host:1", out=str(tmp_path), progress=False, tls=False,
                               tls_ca=None, token_file=None)
     with pytest.raises(NotFound, match="^job j1 has no outputs$"):
-        cli_jobs._fetch(_Client(_Job(_Status(grpc.StatusCode.NOT_FOUND, "job j1 has no outputs"))), args)
+        cli_jobs._fetch(_Client(_Job(StatusError(grpc.StatusCode.NOT_FOUND, "job j1 has no outputs"))), args)
 
 
 def test_a_second_fetch_into_a_folder_with_files_counts_its_own_and_does_fetch_every_file_again(tmp_path):
@@ -137,7 +137,7 @@ def test_a_second_fetch_into_a_folder_with_files_counts_its_own_and_does_fetch_e
     args = argparse.Namespace(job="j1", server="host:1", out=str(out), progress=False, tls=False, tls_ca=None,
                               token_file=None, timeout_s=2.5)
     with pytest.raises(Unavailable) as info:
-        cli_jobs._fetch(_Client(_Job(_Status(grpc.StatusCode.UNAVAILABLE, "Socket closed"))), args)
+        cli_jobs._fetch(_Client(_Job(StatusError(grpc.StatusCode.UNAVAILABLE, "Socket closed"))), args)
     assert str(info.value) == (f"lost the server at host:1 while fetching job j1; 1 file written into {out} before "
                                f"it went: run `segsvc jobs fetch j1 --server host:1 --out {out} --timeout-s 2.5` "
                                "again when it is back (it fetches every file again)")

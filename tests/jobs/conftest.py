@@ -33,10 +33,10 @@ MANIFEST = SimpleNamespace(class_names=["bg", "fg"], palette=[(0, 0, 0), (255, 2
 class FakeManager:
     """What ``JobRunner`` uses of the model manager: every version is there and stays."""
 
-    async def retain(self, name: str, version: int) -> None:
+    async def retain(self, name: str, version: int, *, job: bool = False) -> None:
         pass
 
-    def release(self, name: str, version: int) -> None:
+    def release(self, name: str, version: int, *, job: bool = False) -> None:
         pass
 
     def resolve(self, name: str, version: int) -> SimpleNamespace:
