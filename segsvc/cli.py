@@ -13,9 +13,11 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
-from segsvc.cli_client import add_max_message_flag
+from segsvc.cli_client import add_max_message_flag, connection_flags
+from segsvc.cli_values import (fraction, mebibytes, non_negative_float, non_negative_int, number, port,
+                               positive_float, positive_int, tile_size, whole_number)
 from segsvc.config import BACKENDS
 from segsvc.errors import InvalidArgument, SegsvcError
 
@@ -75,8 +77,43 @@ def _models_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_state(info) -> str:  # type: ignore[no-untyped-def]
+    """``m: loaded versions 1,2; default 2 (pinned)``: a model's loaded versions and default, from its ModelInfo."""
+    loaded = ",".join(str(v) for v in info.loaded_versions) or "none"
+    how = " (pinned)" if info.default_pinned else " (the newest loaded)"
+    default = f"{info.default_version}{how}" if info.default_version else "none"
+    return f"{info.name}: loaded versions {loaded}; default {default}"
+
+
+def _models_manage(args: argparse.Namespace) -> int:
+    """``segsvc models load|unload|default REF --server ADDR``: LoadModel, UnloadModel, SetDefaultVersion (the
+    manage scope), then one line with the model's loaded versions and default."""
+    from segsvc.cli_client import open_client
+    from segsvc.errors import NotFound
+    from segsvc.model_names import parse_model_ref
+
+    name, version = parse_model_ref(args.ref)
+    if args.models_cmd == "default" and version is None:
+        raise InvalidArgument(f"segsvc models default needs NAME:VERSION (a loaded version), got {args.ref!r}")
+    with open_client(args, _read_token) as client:
+        if args.models_cmd == "load":
+            info = client.load_model(name, version)
+            print(f"loaded {name}:{info.version}; {_model_state(info)}")
+        elif args.models_cmd == "default":
+            print(f"default of {name} set to {version}; {_model_state(client.set_default_version(name, version))}")
+        else:
+            unloaded = client.unload_model(name, version)
+            try:
+                state = _model_state(client.get_model(name))
+            except NotFound:  # no version of it is loaded any more
+                state = f"{name}: loaded versions none"
+            print(f"unloaded {name}:{','.join(str(v) for v in unloaded) or 'nothing'}; {state}")
+    return 0
+
+
 def _add_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list architectures or the models in a repository")
+    p = sub.add_parser("models", help="list architectures or the models in a repository; load, unload a model or "
+                                      "set its default version on a running server")
     msub = p.add_subparsers(dest="models_cmd", required=True)
     pl = msub.add_parser("list", help="list registered architectures, or a repository's models with --repo",
                          description="With --repo: each model's versions and its DEFAULT version, the one requests "
@@ -88,6 +125,20 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     ps.add_argument("ref", help="NAME or NAME:VERSION (default: the version DEFAULT names, else the newest)")
     ps.add_argument("--repo", required=True, help="model repository root")
     ps.set_defaults(func=_models_show)
+    common = connection_flags("deadline of the call, a load's warm-up pass included",
+                              token_help="bearer token file with the manage scope (else $SEGSVC_AUTH_TOKEN)")
+    for name, ref_help, text in (
+        ("load", "NAME or NAME:VERSION (default: the newest in the repository)",
+         "load a model version on a running server (LoadModel); it stays loaded until unloaded"),
+        ("unload", "NAME (every loaded version) or NAME:VERSION",
+         "unload a model version, or the whole model, on a running server (UnloadModel)"),
+        ("default", "NAME:VERSION, a loaded version",
+         "make a loaded version the default of requests that name none (SetDefaultVersion; written to the "
+         "repository's DEFAULT pointer)"),
+    ):
+        pm = msub.add_parser(name, parents=[common], help=text)
+        pm.add_argument("ref", metavar="NAME[:VERSION]" if name != "default" else "NAME:VERSION", help=ref_help)
+        pm.set_defaults(func=_models_manage)
 
 
 # -- train / eval: the training package, imported only when these commands run -----
@@ -121,11 +172,33 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _float_list(text: str) -> tuple[float, ...]:
-    """``0.75,1,1.25`` as floats (the factors are checked by ``InferenceSpec``)."""
+    """``0.75,1,1.25`` as positive, distinct factors, at most ``MAX_TTA_SCALES`` of them; ``InferenceSpec``
+    checks each factor times the inference scale, which is not known here."""
+    from segsvc.config import MAX_TTA_SCALES
+
     try:
-        return tuple(float(p) for p in text.split(","))
+        factors = tuple(float(p) for p in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas such as 0.75,1,1.25, got {text!r}")
+    if not all(math.isfinite(f) and f > 0 for f in factors) or len(set(factors)) != len(factors):
+        raise argparse.ArgumentTypeError(f"expected distinct factors > 0 such as 0.75,1,1.25, got {text}")
+    if len(factors) > MAX_TTA_SCALES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_TTA_SCALES} factors, got {len(factors)}: {text}")
+    return factors
+
+
+def _inference_scale(text: str) -> float:
+    """``--scale``: a resize factor in ``(0, MAX_INFERENCE_SCALE]``, as a manifest's inference scale."""
+    from segsvc.config import MAX_INFERENCE_SCALE
+
+    return number(0.0, strict=True, most=MAX_INFERENCE_SCALE)(text)
+
+
+def _tile_overlap(text: str) -> float:
+    """``--overlap``: a fraction of the tile in ``[0, MAX_TILE_OVERLAP]``, as a manifest's tile overlap."""
+    from segsvc.config import MAX_TILE_OVERLAP
+
+    return number(0.0, most=MAX_TILE_OVERLAP)(text)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -136,12 +209,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset spec: built-in name (camvid, membrane, synthetic) or YAML")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     p.add_argument("--out", default=None, help="output folder (default: runs/eval/<model>-v<version>-<split>)")
-    p.add_argument("--scale", type=float, default=None,
+    p.add_argument("--scale", type=_inference_scale, default=None,
                    help="resize images by this factor for inference (default: the model's inference scale "
                         "from its manifest); metrics still use the full-size labels")
-    p.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"), default=None,
+    p.add_argument("--tile", type=tile_size, nargs=2, metavar=("H", "W"), default=None,
                    help="sliding-window inference with tiles of H x W pixels; 0 0: off (default: the model's)")
-    p.add_argument("--overlap", type=float, default=None,
+    p.add_argument("--overlap", type=_tile_overlap, default=None,
                    help="sliding-window overlap fraction (default: the model's, 0.25 unless its manifest says)")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="horizontal-flip test-time augmentation (default: the model's, usually off)")
@@ -294,7 +367,6 @@ def _read_token(args: argparse.Namespace) -> str | None:
     The file is read as the server reads it (``token_entries``), so one
     tokens file serves both.
     """
-    import os
     from pathlib import Path
 
     from segsvc.server.auth import token_entries
@@ -308,18 +380,28 @@ def _read_token(args: argparse.Namespace) -> str | None:
         if not entries:
             raise SegsvcError(f"token file {args.token_file} holds no token")
         return entries[0][0]
-    return os.environ.get("SEGSVC_AUTH_TOKEN") or None
+    return _env_token("SEGSVC_AUTH_TOKEN")
+
+
+def _env_token(var: str) -> str | None:
+    """The token in environment variable ``var`` (unset or empty: None), refused by the variable's name when it is
+    not one (``AuthConfig`` would say "a token must be non-empty ...", naming nothing); the value is not shown."""
+    import os
+
+    token = os.environ.get(var) or None
+    if token is not None and any(c.isspace() for c in token):
+        raise InvalidArgument(f"${var} must be one token with no whitespace (its value holds whitespace); unset "
+                              "it for no token")
+    return token
 
 
 def _server_auth(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     """The server's tokens and scopes: --token-file, else $SEGSVC_AUTH_TOKEN (infer) / $SEGSVC_ADMIN_TOKEN (manage)."""
-    import os
-
     from segsvc.server.auth import AuthConfig
 
     if args.token_file:
         return AuthConfig.from_file(args.token_file)
-    tokens = [(os.environ.get(var), scope) for var, scope in
+    tokens = [(_env_token(var), scope) for var, scope in
               (("SEGSVC_AUTH_TOKEN", "infer"), ("SEGSVC_ADMIN_TOKEN", "manage"))]
     given = tuple((t, frozenset({scope})) for t, scope in tokens if t)
     return AuthConfig(given) if given else None
@@ -337,13 +419,14 @@ def _serve(args: argparse.Namespace) -> int:
         raise SegsvcError("TLS needs both --tls-cert and --tls-key")
     _check_stop_durations(args)
     _check_message_mb(args.max_message_mb)
+    _check_place_counts(args)
     configure_logging(args.log_level, json_lines=args.log_format == "json")
     device_type = resolve_device(args.device).type
     config = ServerConfig(
         model_repo=args.model_repo,
         host=args.host,
         port=args.port,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_port=None if args.metrics_port == -1 else args.metrics_port,
         metrics_host=args.metrics_host,
         metrics_tls=args.metrics_tls,
         manager=ManagerConfig(
@@ -383,6 +466,23 @@ def _serve(args: argparse.Namespace) -> int:
     _warn_unknown_backend_models(config.manager.engine.model_backends, args.model_repo)
     run(config)
     return 0
+
+
+def _train_minutes(text: str) -> float:
+    """``--max-train-min``: minutes in ``(0, MAX_TIME_MIN]`` (a week), as ``TrainingConfig`` takes them; the bound is
+    read only when the flag is given (its module is slow to import)."""
+    from segsvc.jobs.trainspec import MAX_TIME_MIN
+
+    return number(0.0, strict=True, most=MAX_TIME_MIN)(text)
+
+
+def _check_place_counts(args: argparse.Namespace) -> None:
+    """``--max-stream-in-flight`` and ``--max-concurrent-rpcs``, refused by their names (``LimitsConfig`` names its
+    fields). Checked here rather than by an argparse type only because their definitions are being edited."""
+    for flag in ("--max-stream-in-flight", "--max-concurrent-rpcs"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value < 1:
+            raise InvalidArgument(f"{flag} must be a whole number >= 1, got {value}")
 
 
 def _check_message_mb(value: float) -> None:
@@ -453,6 +553,11 @@ def _jobs_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
             raise InvalidArgument("--data-root and --output-root need --state-dir (where jobs keep their state)")
         return None
     state = Path(args.state_dir)
+    _check_writable_folder(state, "--state-dir")
+    if args.output_root:  # the default, <state-dir>/outputs, is as writable as the state folder
+        _check_writable_folder(Path(args.output_root), "--output-root")
+    if args.data_root:
+        _check_data_root(Path(args.data_root))
     return JobsConfig(
         state_dir=state,
         output_root=Path(args.output_root) if args.output_root else state / "outputs",
@@ -464,6 +569,45 @@ def _jobs_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
                             max_total_bytes=int(args.max_upload_mb * (1 << 20))),
         upload_ttl_s=args.upload_ttl_hours * 3600.0,
     )
+
+
+def _check_writable_folder(path: Path, flag: str) -> None:
+    """A folder the server writes (``--state-dir``, ``--output-root``), refused at the start by its flag when it
+    cannot be: a file, or a folder (or, for one not there yet, its nearest existing parent) where nothing can be
+    created (read-only, /proc, no permission). One not there yet is left to be created where it is today (the
+    state folder at the start, the output root by the first job): only a probe entry is made and removed.
+
+    Without this, every job failed later ("cannot write the job's outputs: No such file or directory").
+    """
+    import os
+    import tempfile
+
+    if path.exists():
+        if not path.is_dir():
+            raise InvalidArgument(f"{flag} {path} is not a folder")
+        probe_dir = path
+    else:
+        probe_dir = next((p for p in Path(os.path.abspath(path)).parents if p.exists()), Path("/"))
+        if not probe_dir.is_dir():
+            raise InvalidArgument(f"{flag} {path} cannot be created: {probe_dir} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".segsvc-probe-", dir=probe_dir))
+    except OSError as exc:
+        where = "" if probe_dir == path else f" cannot be created: {probe_dir}"
+        raise InvalidArgument(f"{flag} {path}{where} is not writable ({exc.strerror or type(exc).__name__})") from None
+
+
+def _check_data_root(path: Path) -> None:
+    """``--data-root``: a folder the server can list, refused at the start by the flag when it is not (every job
+    over server paths, every dataset registration failed later: "the data root does not exist")."""
+    import os
+
+    if not path.exists():
+        raise InvalidArgument(f"--data-root {path} does not exist")
+    if not path.is_dir():
+        raise InvalidArgument(f"--data-root {path} is not a folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise InvalidArgument(f"--data-root {path} is not readable")
 
 
 def _training_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -501,11 +645,14 @@ def _batch_bytes(value: str, device_type: str) -> int | None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from segsvc.server.logs import LEVELS
+
     p = sub.add_parser("serve", help="serve a model repository over gRPC (Segment, SegmentStream, models, health)")
     p.add_argument("--model-repo", required=True, help="repository root: <root>/<model>/<version>/")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
-    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus port; -1 disables (default 9090)")
+    p.add_argument("--port", type=port, default=50051, help="gRPC port; 0 picks a free one (default 50051)")
+    p.add_argument("--metrics-port", type=whole_number(-1, 65535), default=9090,
+                   help="Prometheus port; 0 picks a free one, -1 disables (default 9090)")
     p.add_argument("--metrics-host", default="127.0.0.1",
                    help="metrics address (default 127.0.0.1: the endpoint has no auth; 0.0.0.0 to expose it)")
     p.add_argument("--metrics-tls", action="store_true", help="serve the metrics over HTTPS with --tls-cert/--tls-key")
@@ -519,14 +666,14 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "serves the version's `segsvc export --format onnx` file")
     p.add_argument("--compile", action="store_true", help="torch.compile the eager models (CUDA only)")
     p.add_argument("--models", nargs="+", default=None, metavar="NAME", help="serve only these models")
-    p.add_argument("--max-batch-size", type=int, default=8, help="images per batch (default 8)")
-    p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill while other requests are still being decoded; a lone "
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="images per batch (default 8)")
+    p.add_argument("--max-delay-ms", type=non_negative_float, default=5.0, help="longest wait for a batch to fill while other requests are still being decoded; a lone "
                         "request never waits (default 5)")
-    p.add_argument("--concurrent-batches", type=int, default=1,
+    p.add_argument("--concurrent-batches", type=positive_int, default=1,
                    help="batches of one model that run at once (default 1). For throughput on CPU (batch jobs), "
                         "N with --torch-threads = CPUs/N: small models run ~1.4x faster as single-threaded "
                         "passes side by side, each request a little slower")
-    p.add_argument("--max-queue", type=int, default=256,
+    p.add_argument("--max-queue", type=positive_int, default=256,
                    help="requests waiting per model version, and per lane for the memory budget, "
                         "before RESOURCE_EXHAUSTED (default 256)")
     p.add_argument("--max-batch-mb", default="auto",
@@ -537,18 +684,19 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="most input pixels in one batch; 0: no limit; auto (default): 64 MP on CUDA, "
                         "no limit on CPU (where --max-batch-mb bounds batches)")
     p.add_argument("--no-batching", action="store_true", help="one image per forward pass")
-    p.add_argument("--poll-interval-s", type=float, default=5.0,
+    p.add_argument("--poll-interval-s", type=non_negative_float, default=5.0,
                    help="seconds between repository scans for new versions; 0 disables (default 5)")
     p.add_argument("--max-message-mb", type=float, default=64, help="largest gRPC message each way (default 64)")
-    p.add_argument("--max-pixels", type=int, default=64_000_000,
+    p.add_argument("--max-pixels", type=positive_int, default=64_000_000,
                    help="largest image in pixels, checked from the header before decoding (default 64 MP)")
     p.add_argument("--max-stream-in-flight", type=int, default=16,
                    help="images of one SegmentStream processed at once (default 16: half the default "
                         "--max-concurrent-rpcs, so one stream cannot take every place)")
-    p.add_argument("--max-inflight-mb", type=int, default=2048,
+    p.add_argument("--max-inflight-mb", type=positive_int, default=2048,
                    help="memory budget of the images being served, from each model's measured bytes per pixel; "
                         "a request over it alone is refused, others wait (default 2048)")
-    p.add_argument("--max-tiles", type=int, default=1024, help="most sliding-window tiles of one request (default 1024)")
+    p.add_argument("--max-tiles", type=positive_int, default=1024,
+                   help="most sliding-window tiles of one request (default 1024)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=32,
                    help="calls in progress at once (health, reflection and readiness probes aside); one more gets "
                         "RESOURCE_EXHAUSTED before its request is read; a SegmentStream counts as one call, plus one "
@@ -577,9 +725,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "health checks stay open")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", default=None, help="PEM private key")
-    p.add_argument("--io-threads", type=int, default=0, help="decode/encode threads (default: one per CPU)")
-    p.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (default: one per CPU)")
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING... (default INFO)")
+    p.add_argument("--io-threads", type=non_negative_int, default=0,
+                   help="decode/encode threads (default 0: one per CPU)")
+    p.add_argument("--torch-threads", type=non_negative_int, default=0,
+                   help="torch CPU threads (default 0: one per CPU)")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS,
+                   help=f"{', '.join(LEVELS)}, in any case (default INFO)")
     p.add_argument("--log-format", default="json", choices=("json", "text"), help="log lines (default json)")
     g = p.add_argument_group("batch jobs (on with --state-dir)")
     g.add_argument("--state-dir", default=None,
@@ -587,18 +738,21 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data-root", default=None,
                    help="server-side job inputs and registered datasets must lie under this folder")
     g.add_argument("--output-root", default=None, help="job outputs go to <root>/<job-id>/ (default <state-dir>/outputs)")
-    g.add_argument("--max-running-jobs", type=int, default=1, help="jobs run at once; others wait in order (default 1)")
-    g.add_argument("--max-training-jobs", type=int, default=1,
-                   help="training jobs run at once, each in its own process group (default 1; 0: training off)")
-    g.add_argument("--max-train-min", type=float, default=None,
+    g.add_argument("--max-running-jobs", type=positive_int, default=1,
+                   help="jobs run at once; others wait in order (default 1)")
+    g.add_argument("--max-training-jobs", type=non_negative_int, default=1,
+                   help="training jobs run at once, each in its own process group (default 1); 0 turns training "
+                        "jobs off: the server then refuses them, batch jobs and datasets stay on")
+    g.add_argument("--max-train-min", type=_train_minutes, default=None,
                    help="the longest a training job's trainer runs, in minutes; a request asking for longer is "
                         "refused, and a budget in epochs stops there (default one week, 10080)")
-    g.add_argument("--max-job-images", type=int, default=100_000, help="most images in one job (default 100000)")
-    g.add_argument("--max-job-paths", type=int, default=1_000,
+    g.add_argument("--max-job-images", type=positive_int, default=100_000,
+                   help="most images in one job (default 100000)")
+    g.add_argument("--max-job-paths", type=positive_int, default=1_000,
                    help="most input paths (folders, globs, files) one job request names (default 1000)")
-    g.add_argument("--max-upload-mb", type=float, default=2048, help="largest upload in MiB (default 2048)")
-    g.add_argument("--max-upload-file-mb", type=float, default=64, help="largest uploaded file in MiB (default 64)")
-    g.add_argument("--upload-ttl-hours", type=float, default=24,
+    g.add_argument("--max-upload-mb", type=mebibytes, default=2048, help="largest upload in MiB (default 2048)")
+    g.add_argument("--max-upload-file-mb", type=mebibytes, default=64, help="largest uploaded file in MiB (default 64)")
+    g.add_argument("--upload-ttl-hours", type=positive_float, default=24,
                    help="delete an upload that no job uses this many hours after it was committed (default 24); "
                         "deleting a job deletes its upload as soon as no other job uses it")
     _add_datasets_server_arguments(g)
@@ -609,30 +763,24 @@ def _segment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from segsvc.cli_client import open_client
+    from segsvc.cli_segment import claim_outputs, output_stems
     from segsvc.client import SegmentationClient, named_image_files, no_images
     from segsvc.files import write_atomic
     from segsvc.inference.codec import encode_png
     from segsvc.model_names import parse_model_ref
 
     model, version = parse_model_ref(args.model) if args.model else (None, None)
-    # a bad option (--tile-size -5, --alpha 1.5) is named now, before the files are walked and the server is waited for
+    # a bad option (a model name, --alpha 1.5) is named now, before the files are walked and the server is waited for
     SegmentationClient.request_template(model=model, version=version, tile_size=args.tile_size, flip_tta=args.flip_tta)
     if not 0.0 <= args.alpha <= 1.0:
         raise InvalidArgument(f"--alpha must be in [0, 1], got {args.alpha:g}")
     named = named_image_files(args.inputs, skip=args.out)  # --out may lie inside an input folder
     if not named:
         raise no_images(args.inputs)
-    files = [path for path, _ in named]
-    stems: list[str] = []
-    used: set[str] = set()
-    for _, name in named:
-        stem = name.with_suffix("").as_posix()  # a folder's subfolders are kept under --out
-        while stem in used:
-            stem += "_"
-        used.add(stem)
-        stems.append(stem)
+    files, stems = output_stems(named)  # a folder's subfolders are kept under --out
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    claim_outputs(out, files, stems)  # no output of another input is overwritten, in this run or a later one
     failed = written = 0
 
     def write(index: int, result) -> None:  # type: ignore[no-untyped-def]
@@ -673,11 +821,13 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="image files or folders of images (walked recursively)")
     p.add_argument("--server", default="localhost:50051", help="HOST:PORT (default localhost:50051)")
     p.add_argument("--out", required=True,
-                   help="output folder for <name>_mask.png, _color.png, _overlay.png (a folder's subfolders kept)")
+                   help="output folder for <name>_mask.png, _color.png, _overlay.png (a folder's subfolders kept; "
+                        "<name> keeps its suffix when another input has the same stem); a run that would overwrite "
+                        "another input's outputs is refused before anything is sent")
     p.add_argument("--overlay", action="store_true", help="also write the colours blended over the image")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--model", default=None, help="NAME or NAME:VERSION (default: the server's only model)")
-    p.add_argument("--tile-size", type=int, default=None,
+    p.add_argument("--tile-size", type=tile_size, default=None,
                    help="sliding-window tile side in pixels; 0: off (default: the model's, usually off)")
     p.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="horizontal-flip test-time augmentation (default: the model's, usually off)")
@@ -745,25 +895,26 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--color", action="store_true", default=None, help="also write color/<input>.png")
     p.add_argument("--overlay", action="store_true", default=None,
                    help="also write overlay/<input>.png (colours over the image)")
-    p.add_argument("--alpha", type=float, default=None, help="overlay opacity (default 0.5)")
+    p.add_argument("--alpha", type=fraction, default=None, help="overlay opacity (default 0.5)")
     p.add_argument("--confidence", action="store_true", default=None,
                    help="also write confidence/<input>.png (uint8 max softmax)")
-    p.add_argument("--tile-size", type=int, default=None, help="sliding-window tile side in pixels (default off)")
+    p.add_argument("--tile-size", type=tile_size, default=None,
+                   help="sliding-window tile side in pixels; 0: off (default off)")
     p.add_argument("--flip-tta", action="store_true", default=None, help="horizontal-flip test-time augmentation")
-    p.add_argument("--batch-size", type=int, default=8, help="most images per forward pass (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="most images per forward pass (default 8)")
     p.add_argument("--max-batch-pixels", default="auto",
                    help="a forward pass also ends at this many input pixels: auto (65536 on CPU, no limit on "
                         "GPU), 0 for no limit, or an integer")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="what runs the network (default: the manifest's inference.backend, normally torch)")
-    p.add_argument("--io-threads", type=int, default=0, help="local engine: decode and write threads each "
-                                                             "(default: up to 4)")
+    p.add_argument("--io-threads", type=non_negative_int, default=0,
+                   help="local engine: decode and write threads each (default 0: up to 4)")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="local engine: torch CPU threads, one concurrent forward pass each on CPU (0, the default: "
                         "one per CPU, as segsvc serve); leave the rest of a shared machine's CPUs to others")
-    p.add_argument("--actors", type=int, default=1, help="ray engine: model-holding actors (default 1; one GPU each "
-                                                          "on CUDA)")
+    p.add_argument("--actors", type=positive_int, default=1,
+                   help="ray engine: model-holding actors (default 1; one GPU each on CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_batch)
 
@@ -810,8 +961,18 @@ _ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, exit 2, as the commands' own are (``segsvc serve: error: argument
+    --max-queue: must be a whole number >= 1, got 0``): the usage it printed first ran to 40 lines for ``serve``,
+    above the line that says what is wrong. Its sub-commands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = "" if message.startswith("argument ") else f" (see {self.prog} --help)"
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segsvc", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="segsvc", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _ADDERS:
         add(sub)

@@ -74,6 +74,19 @@ def max_message_bytes(args: argparse.Namespace) -> int:
     return max(1, int(mb * MIB))
 
 
+def connection_flags(timeout_help: str, timeout_s: float = 60.0,
+                     token_help: str = "bearer token file (else $SEGSVC_AUTH_TOKEN)") -> argparse.ArgumentParser:
+    """A parent parser (``parents=[...]``) with the flags ``open_client`` reads: ``--server``, ``--token-file``,
+    ``--tls``, ``--tls-ca`` and ``--timeout-s`` (``timeout_help`` says what it bounds in the command)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default="localhost:50051", help="HOST:PORT (default localhost:50051)")
+    common.add_argument("--token-file", default=None, help=token_help)
+    common.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    common.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate")
+    common.add_argument("--timeout-s", type=float, default=timeout_s, help=f"{timeout_help} (default {timeout_s:g})")
+    return common
+
+
 def open_client(args: argparse.Namespace, read_token: TokenReader) -> "SegmentationClient":
     """A connected client for ``args.server`` (raises ``Unavailable`` when nothing answers)."""
     import math

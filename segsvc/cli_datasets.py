@@ -17,6 +17,8 @@ from datetime import timezone
 from pathlib import Path
 from typing import Callable
 
+from segsvc.cli_values import mebibytes, number, positive_float, positive_int
+
 MIB = 1 << 20
 TokenReader = Callable[[argparse.Namespace], "str | None"]
 
@@ -25,21 +27,21 @@ TokenReader = Callable[[argparse.Namespace], "str | None"]
 def add_server_arguments(group: argparse._ArgumentGroup) -> None:
     """``--max-dataset-mb``, ``--max-dataset-files``, ``--max-dataset-ratio``, ``--max-dataset-pixels``,
     ``--max-dataset-uploads``, ``--dataset-upload-idle-s`` and ``--max-datasets-disk-mb`` in ``segsvc serve``."""
-    group.add_argument("--max-dataset-mb", type=float, default=2048,
+    group.add_argument("--max-dataset-mb", type=mebibytes, default=2048,
                        help="largest uploaded dataset in MiB, as sent and as extracted (default 2048)")
-    group.add_argument("--max-dataset-files", type=int, default=100_000,
+    group.add_argument("--max-dataset-files", type=positive_int, default=100_000,
                        help="most files in an uploaded or registered dataset (default 100000)")
-    group.add_argument("--max-dataset-ratio", type=float, default=100.0,
+    group.add_argument("--max-dataset-ratio", type=number(0.0, strict=True), default=100.0,
                        help="most bytes extracted per compressed byte of an uploaded archive (default 100)")
-    group.add_argument("--max-dataset-pixels", type=int, default=64_000_000,
+    group.add_argument("--max-dataset-pixels", type=positive_int, default=64_000_000,
                        help="largest image or mask (height x width) of an uploaded or registered dataset, read "
                             "from its header before it is decoded (default 64000000)")
-    group.add_argument("--max-dataset-uploads", type=int, default=4,
+    group.add_argument("--max-dataset-uploads", type=positive_int, default=4,
                        help="dataset uploads received at the same time; one more is refused (default 4)")
-    group.add_argument("--dataset-upload-idle-s", type=float, default=300.0,
+    group.add_argument("--dataset-upload-idle-s", type=positive_float, default=300.0,
                        help="longest wait for the next chunk of a dataset upload before it is dropped with its "
                             "files (default 300)")
-    group.add_argument("--max-datasets-disk-mb", type=float, default=65536,
+    group.add_argument("--max-datasets-disk-mb", type=mebibytes, default=65536,
                        help="most MiB the state folder's datasets may take: uploaded datasets plus the uploads in "
                             "progress, checked before each byte is written (default 65536)")
 

@@ -17,6 +17,7 @@ import shlex
 import sys
 from typing import Callable
 
+from segsvc.cli_values import tile_size
 from segsvc.errors import Cancelled, DeadlineExceeded, SegsvcError, Unavailable
 from segsvc.progress import show_progress
 
@@ -98,13 +99,9 @@ def _print_result(job) -> int:  # type: ignore[no-untyped-def]
 
 def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argparse.Namespace], str | None]) -> None:
     """Add ``segsvc jobs ...``; ``read_token`` reads ``--token-file`` / ``$SEGSVC_AUTH_TOKEN``."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default="localhost:50051", help="HOST:PORT (default localhost:50051)")
-    common.add_argument("--token-file", default=None, help="bearer token file (else $SEGSVC_AUTH_TOKEN)")
-    common.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
-    common.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate")
-    common.add_argument("--timeout-s", type=float, default=TIMEOUT_S,
-                        help="deadline of each call; for fetch, the longest the server may send nothing (default 60)")
+    from segsvc.cli_client import connection_flags
+
+    common = connection_flags("deadline of each call; for fetch, the longest the server may send nothing", TIMEOUT_S)
 
     p = sub.add_parser("jobs", help="batch segmentation and training jobs on a server: submit, list, status, wait, "
                                     "cancel, ...")
@@ -134,7 +131,7 @@ def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argpa
     ps.add_argument("--overlay", action="store_true", help="also write overlays")
     ps.add_argument("--color", action="store_true", help="also write colour masks")
     ps.add_argument("--confidence", action="store_true", help="also write confidence PNGs")
-    ps.add_argument("--tile-size", type=int, default=None,
+    ps.add_argument("--tile-size", type=tile_size, default=None,
                     help="sliding-window tile side; 0: off (default: the model's, usually off)")
     ps.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                     help="horizontal-flip test-time augmentation (default: the model's, usually off)")

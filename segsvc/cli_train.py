@@ -19,7 +19,25 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
+from segsvc.cli_values import fraction, number, whole_number
 from segsvc.errors import InvalidArgument
+
+MAX_NPROC_PER_NODE = 64  # TrainingRequest's bound on nproc_per_node
+
+
+def _budget_minutes(text: str) -> float:
+    """``--budget-min``: minutes in ``(0, MAX_TIME_MIN]``, as ``TrainingRequest`` takes them; the bound is read
+    only when the flag is given (its module is slow to import)."""
+    from segsvc.jobs.trainspec import MAX_TIME_MIN
+
+    return number(0.0, strict=True, most=MAX_TIME_MIN)(text)
+
+
+def _epochs(text: str) -> int:
+    """``--epochs``: ``1..MAX_EPOCHS``, as ``TrainingRequest`` takes them."""
+    from segsvc.jobs.trainspec import MAX_EPOCHS
+
+    return whole_number(1, MAX_EPOCHS)(text)
 
 
 def add_server_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,13 +55,15 @@ def add_server_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fine-tune a served model (default version unless given); classes may differ")
     g.add_argument("--model-name", default="", help="model to publish into (default: base model or recipe's)")
     budget = g.add_mutually_exclusive_group()
-    budget.add_argument("--budget-min", type=float, default=None, help="wall-clock budget in minutes")
-    budget.add_argument("--epochs", type=int, default=None, help="train exactly this many epochs")
+    budget.add_argument("--budget-min", type=_budget_minutes, default=None,
+                        help="wall-clock budget in minutes (at most a week, 10080, or the server's --max-train-min)")
+    budget.add_argument("--epochs", type=_epochs, default=None, help="train exactly this many epochs")
     g.add_argument("--device", default="auto", help="auto (the server's GPU when it has one), cpu or cuda")
-    g.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs); >1 runs torchrun (default 1)")
+    g.add_argument("--nproc-per-node", type=whole_number(1, MAX_NPROC_PER_NODE), default=1, help="processes (GPUs); >1 runs torchrun (default 1)")
     g.add_argument("--promote", default="gate", choices=("gate", "always", "never"),
                    help="make it the default: when it beats the current default (gate, default), always, never")
-    g.add_argument("--gate-margin", type=float, default=0.0, help="mIoU margin over the default (default 0)")
+    g.add_argument("--gate-margin", type=fraction, default=0.0,
+                   help="mIoU margin over the default, in [0, 1] (default 0)")
     g.add_argument("--request-id", default="", help="idempotency key: resubmitting returns the same job")
     g.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -105,10 +105,13 @@ def test_batch_resume_keeps_the_stored_options_of_flags_left_out(repo, images, t
 
 @pytest.mark.parametrize("tile_size", ["-5", "5000000000", "8"])
 def test_an_out_of_range_tile_size_is_named_before_connecting(images, tmp_path, no_server, tile_size, capsys) -> None:
-    """Not protobuf's "ValueError: Value out of range" traceback; the server's words, before any connection."""
-    assert main(["segment", str(images), "--server", no_server, "--out", str(tmp_path / "out"),
-                 "--tile-size", tile_size]) == 2
-    one_line_error(capsys, f"tile_size must be 0 (no tiling) or from 16 to 16384, got {tile_size}")
+    """Not protobuf's "ValueError: Value out of range" traceback; named by the flag, before any connection."""
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", str(images), "--server", no_server, "--out", str(tmp_path / "out"), "--tile-size", tile_size])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f"segsvc segment: error: argument --tile-size: must be 0 (no tiling) or a whole number of pixels "
+                   f"from 16 to 16384, got {tile_size}\n")
 
 
 @pytest.mark.parametrize("mb", ["0", "-1", "nan", "4096"])
@@ -185,3 +188,151 @@ def test_inputs_without_images_are_named_as_typed_before_connecting(tmp_path, no
     assert main([*command, str(empty), str(notes), "--server", no_server]) == 2
     err = one_line_error(capsys, f"no images (.png, .jpg, .jpeg, .tif, .tiff, .bmp, .webp) found in {empty}, {notes}")
     assert "[" not in err and "no server" not in err, err
+
+
+# -- flags refused by their names, as typed (not the configuration's fields, in its units) -----------------------
+@pytest.fixture
+def serve(monkeypatch, tmp_path):
+    """``serve(*flags)``: ``segsvc serve``'s exit status (argparse's too) and the ServerConfig it would run."""
+    import segsvc.server.app
+    import segsvc.server.logs
+
+    configs: list = []
+    monkeypatch.setattr(segsvc.server.app, "run", configs.append)
+    monkeypatch.setattr(segsvc.server.logs, "configure_logging", lambda *a, **k: None)
+
+    def run(*flags: str):
+        try:
+            status = main(["serve", "--model-repo", str(tmp_path / "repo"), "--port", "0", "--metrics-port", "-1",
+                           "--device", "cpu", "--state-dir", str(tmp_path / "state"), *flags])
+        except SystemExit as exc:  # argparse's refusal
+            status = exc.code
+        return status, (configs[-1] if configs else None)
+
+    return run
+
+
+def flag_error(capsys, flag: str, value: str) -> str:
+    """The one line naming ``flag`` and ``value`` as typed (argparse's ``argument --flag: ...`` or the command's)."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "usage:" not in err, err
+    assert f"{flag}" in err and f"got {value}" in err, err
+    return err
+
+
+SERVE_FLAGS = [
+    ("--max-delay-ms", "-1"), ("--max-delay-ms", "nan"), ("--concurrent-batches", "0"), ("--max-queue", "0"),
+    ("--max-batch-size", "0"), ("--poll-interval-s", "-1"), ("--max-pixels", "0"), ("--max-inflight-mb", "0"),
+    ("--max-tiles", "0"), ("--max-stream-in-flight", "0"), ("--max-concurrent-rpcs", "0"), ("--io-threads", "-1"),
+    ("--torch-threads", "-1"), ("--port", "-1"), ("--port", "70000"), ("--metrics-port", "-2"),
+    ("--metrics-port", "70000"), ("--max-running-jobs", "0"), ("--max-training-jobs", "-1"),
+    ("--max-train-min", "0"), ("--max-train-min", "nan"), ("--max-job-images", "0"), ("--max-job-paths", "-1"),
+    ("--max-upload-mb", "0"), ("--max-upload-mb", "inf"), ("--max-upload-file-mb", "-3"),
+    ("--upload-ttl-hours", "-1"), ("--max-dataset-mb", "0"), ("--max-dataset-files", "0"),
+    ("--max-dataset-ratio", "0"), ("--max-dataset-ratio", "nan"), ("--max-dataset-pixels", "0"),
+    ("--max-dataset-uploads", "0"), ("--dataset-upload-idle-s", "0"), ("--max-datasets-disk-mb", "-1"),
+    ("--max-datasets-disk-mb", "nan"),
+]
+
+
+@pytest.mark.parametrize("flag, value", SERVE_FLAGS)
+def test_serve_names_a_bad_flag_and_its_value_as_typed(serve, capsys, flag, value) -> None:
+    """``--max-delay-ms -1`` said "max_delay_s must be >= 0, got -0.001", ``--metrics-port -2`` turned the metrics
+    off, ``--max-upload-mb inf`` failed with an OverflowError's traceback, ``--max-dataset-ratio nan`` was taken."""
+    status, config = serve(flag, value)
+    assert status == 2 and config is None
+    flag_error(capsys, flag, value)
+
+
+def test_zero_training_jobs_and_metrics_port_minus_one_do_what_the_help_says(serve, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "0 turns training jobs off" in help_text and "-1 disables" in help_text
+    status, config = serve("--metrics-port", "-1", "--max-training-jobs", "0")
+    assert status == 0 and config.metrics_port is None and config.training is None and config.jobs is not None
+
+
+def test_an_unknown_log_level_is_one_line_naming_the_flag_and_the_levels(serve, capsys) -> None:
+    """``--log-level FOO`` ended in a 17-line traceback (``ValueError: Unknown level: 'FOO'``), exit 1."""
+    for level in ("FOO", "10", "warn"):
+        status, config = serve("--log-level", level)
+        err = capsys.readouterr().err
+        assert status == 2 and config is None and err.count("\n") == 1, err
+        assert "--log-level" in err and "DEBUG" in err and "CRITICAL" in err and "Traceback" not in err
+    assert serve("--log-level", "debug")[0] == 0  # any case, as before
+
+
+def test_configure_logging_refuses_an_unknown_level_with_a_domain_error() -> None:
+    from segsvc.errors import InvalidArgument
+    from segsvc.server.logs import configure_logging
+
+    with pytest.raises(InvalidArgument, match="log level must be one of DEBUG, INFO"):
+        configure_logging("FOO")
+
+
+@pytest.mark.parametrize("var", ["SEGSVC_AUTH_TOKEN", "SEGSVC_ADMIN_TOKEN"])
+def test_a_token_variable_with_whitespace_is_named(serve, monkeypatch, capsys, var) -> None:
+    monkeypatch.setenv(var, "two words")
+    status, config = serve()
+    err = capsys.readouterr().err
+    assert status == 2 and config is None and err.count("\n") == 1, err
+    assert f"${var} must be one token" in err and "two words" not in err  # the secret is not shown
+
+
+CLIENT_FLAGS = [
+    (["segment", "IMAGES", "--out", "OUT"], "--tile-size", "-1"),
+    (["jobs", "submit", "x"], "--tile-size", "8"),
+    (["batch", "IMAGES", "--model-repo", "REPO", "--out", "OUT"], "--tile-size", "-5"),
+    (["batch", "IMAGES", "--model-repo", "REPO", "--out", "OUT"], "--batch-size", "0"),
+    (["batch", "IMAGES", "--model-repo", "REPO", "--out", "OUT"], "--io-threads", "-1"),
+    (["batch", "IMAGES", "--model-repo", "REPO", "--out", "OUT"], "--actors", "0"),
+    (["batch", "IMAGES", "--model-repo", "REPO", "--out", "OUT"], "--alpha", "2"),
+    (["train", "--dataset", "d", "--recipe", "r"], "--budget-min", "0"),
+    (["train", "--dataset", "d", "--recipe", "r"], "--epochs", "0"),
+    (["train", "--dataset", "d", "--recipe", "r"], "--nproc-per-node", "0"),
+    (["train", "--dataset", "d", "--recipe", "r"], "--gate-margin", "nan"),
+    (["eval", "--model", "REPO/tiny", "--data", "synthetic"], "--scale", "0"),
+    (["eval", "--model", "REPO/tiny", "--data", "synthetic"], "--tile", "8"),
+    (["eval", "--model", "REPO/tiny", "--data", "synthetic"], "--overlap", "1.5"),
+    (["eval", "--model", "REPO/tiny", "--data", "synthetic"], "--tta-scales", "0"),
+]
+
+
+@pytest.mark.parametrize("command, flag, value", CLIENT_FLAGS,
+                         ids=[f"{c[0]}{f}={v}" for c, f, v in CLIENT_FLAGS])
+def test_other_commands_name_a_bad_flag_and_its_value_as_typed(command, flag, value, repo, images, tmp_path,
+                                                               no_server, capsys) -> None:
+    """``--tile-size -1`` said "tile_size must be ...", ``--batch-size 0`` "batch_size and actors must be
+    positive", ``--scale 0`` "inference scale must be ..."; ``train --server --epochs 0`` and ``jobs submit
+    --tile-size 8`` were sent to the server first."""
+    paths = {"IMAGES": str(images), "OUT": str(tmp_path / "out"), "REPO": str(repo)}
+    argv = [paths.get(a, a.replace("REPO", str(repo))) for a in command]
+    server = ["--server", no_server] if command[0] in ("segment", "jobs", "train") else []
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, *server, flag, *(value, value)[:2 if flag == "--tile" else 1]])
+    assert exc.value.code == 2
+    flag_error(capsys, flag, value)
+
+
+# -- job folders that cannot work are refused at the start, by their flags ------------------------------------
+def test_job_folders_that_cannot_work_are_refused_at_the_start(serve, tmp_path, not_a_folder, capsys) -> None:
+    """A missing --data-root or an --output-root under a file was taken; every job then failed ("the data root
+    does not exist", "cannot write the job's outputs: No such file or directory")."""
+    for flags, needle in (
+        (["--data-root", str(tmp_path / "missing")], f"--data-root {tmp_path / 'missing'} does not exist"),
+        (["--data-root", str(not_a_folder.parent)], "--data-root"),
+        (["--output-root", str(not_a_folder)], f"--output-root {not_a_folder} cannot be created"),
+        (["--output-root", str(not_a_folder.parent)], "is not a folder"),
+        (["--output-root", "/proc/segsvc-outputs"], "--output-root /proc/segsvc-outputs cannot be created"),
+        (["--state-dir", str(not_a_folder.parent)], f"--state-dir {not_a_folder.parent} is not a folder"),
+    ):
+        status, config = serve(*flags)
+        err = capsys.readouterr().err
+        assert status == 2 and config is None and err.count("\n") == 1 and needle in err, (flags, err)
+    # an output root not there yet is created by the first job, as before: only what cannot work is refused
+    data = tmp_path / "data"
+    data.mkdir()
+    status, config = serve("--data-root", str(data), "--output-root", str(tmp_path / "new" / "outputs"))
+    assert status == 0 and config.jobs.output_root == tmp_path / "new" / "outputs"
+    assert not (tmp_path / "new").exists() and list(tmp_path.glob("**/.segsvc-probe-*")) == []

@@ -4,6 +4,7 @@ from segsvc.cli import main
 from segsvc.config import ModelSpec
 from segsvc.models import build_model
 from segsvc.models.artifact import save_artifact
+from tests.server.conftest import start_server  # noqa: F401  (a real server on 127.0.0.1:0)
 
 
 def test_models_list_without_repo_lists_architectures(capsys) -> None:
@@ -78,3 +79,34 @@ def test_models_list_describes_the_version_requests_get_not_the_newest(tmp_path,
     (tmp_path / "membrane" / "DEFAULT").write_text("7\n")  # a pointer to no version: the server serves the newest
     assert main(["models", "list", "--repo", str(tmp_path)]) == 0
     assert _row(capsys.readouterr().out, "membrane")[2:] == ["2", "unet", "2", "0.4000"]
+
+
+def test_models_load_unload_and_default_on_a_running_server(tmp_path, start_server, capsys) -> None:
+    """After a retrain unloaded the older versions, pinning one needed Python: the CLI has LoadModel,
+    UnloadModel and SetDefaultVersion, each printing the model's loaded versions and default."""
+    from tests.server.conftest import publish
+
+    for seed in (1, 2):
+        publish(tmp_path / "repo", "m", seed=seed)
+    server = start_server(tmp_path / "repo", models=("m",))
+    address = ["--server", server.address]
+    assert main(["models", "load", "m:1", *address]) == 0  # the server loaded the newest only
+    assert capsys.readouterr().out == "loaded m:1; m: loaded versions 1,2; default 2 (the newest loaded)\n"
+    assert main(["models", "default", "m:1", *address]) == 0
+    assert capsys.readouterr().out == "default of m set to 1; m: loaded versions 1,2; default 1 (pinned)\n"
+    assert (tmp_path / "repo" / "m" / "DEFAULT").read_text().strip() == "1"
+    assert main(["models", "unload", "m:2", *address]) == 0
+    assert capsys.readouterr().out == "unloaded m:2; m: loaded versions 1; default 1 (pinned)\n"
+    assert main(["models", "unload", "m", *address]) == 0
+    assert capsys.readouterr().out == "unloaded m:1; m: loaded versions none; default none\n"
+
+
+def test_models_default_needs_a_version_and_the_manage_commands_name_a_missing_server(tmp_path, monkeypatch,
+                                                                                     capsys) -> None:
+    import segsvc.cli_client
+
+    monkeypatch.setattr(segsvc.cli_client, "CONNECT_TIMEOUT_S", 0.5)
+    assert main(["models", "default", "m", "--server", "127.0.0.1:1"]) == 2
+    assert "segsvc models default needs NAME:VERSION" in capsys.readouterr().err
+    assert main(["models", "load", "m:1", "--server", "127.0.0.1:1"]) == 2
+    assert "no server answered at 127.0.0.1:1" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def test_training_time_limit_flag(tmp_path) -> None:
     from segsvc.cli import build_parser
     from segsvc.cli_train import training_config
     from segsvc.errors import InvalidArgument
-    from segsvc.jobs.trainspec import MAX_TIME_MIN
+    from segsvc.jobs.trainspec import MAX_TIME_MIN, TrainingConfig
 
     def config(*flags: str):  # type: ignore[no-untyped-def]
         return training_config(build_parser().parse_args(
@@ -107,5 +107,7 @@ def test_training_time_limit_flag(tmp_path) -> None:
 
     assert config("--max-train-min", "90").max_time_min == 90
     assert config().max_time_min == MAX_TIME_MIN
-    with pytest.raises(InvalidArgument, match="max_time_min must be in"):
+    with pytest.raises(SystemExit):  # refused by the flag's name while parsing (tests/test_cli_errors.py)
         config("--max-train-min", "0")
+    with pytest.raises(InvalidArgument, match="max_time_min must be in"):  # the configuration's own check stays
+        TrainingConfig(state_dir=tmp_path, max_time_min=0)

@@ -217,9 +217,9 @@ def test_cli_segment_renames_each_output_into_place(shared_server, tmp_path, ren
     out = tmp_path / "out"
     assert main(["segment", str(images), "--server", shared_server.address, "--out", str(out),
                  "--overlay", "--model", "tiny", "--no-progress"]) == 0
-    written = sorted(p.name for p in out.iterdir())
+    written = sorted(p.name for p in out.glob("*.png"))
     assert written == sorted(f"img{i}_{kind}.png" for i in range(2) for kind in ("mask", "color", "overlay"))
-    assert sorted(dst.name for _, dst in renames if dst.parent == out) == written
+    assert sorted(dst.name for _, dst in renames if dst.parent == out and dst.suffix == ".png") == written
     assert all(src.parent == out and src.name.startswith(".tmp-") for src, dst in renames if dst.parent == out)
 
 
@@ -348,7 +348,7 @@ def test_cli_segment_keeps_the_masks_it_got_when_the_stream_breaks(start_server,
             stop.result(300)
     err = capsys.readouterr().err
     assert "after 1 of 3 images" in err and "Traceback" not in err, err
-    written = sorted(p.name for p in out.iterdir())
+    written = sorted(p.name for p in out.glob("*.png"))
     assert written == ["img0_color.png", "img0_mask.png"]
     mask = cv2.imread(str(out / "img0_mask.png"), cv2.IMREAD_UNCHANGED)
     assert_labels_match(mask, reference(v1), originals["img0"])
