@@ -55,3 +55,27 @@ def renames(monkeypatch) -> list[tuple[Path, Path]]:
 
     monkeypatch.setattr(os, "replace", replace)
     return made
+
+
+@pytest.fixture
+def serve_config(monkeypatch, tmp_path):
+    """``serve_config(*flags)``: the exit status of ``segsvc serve`` (argparse's too) and the ServerConfig it would
+    run (or None)."""
+    import segsvc.server.app
+    import segsvc.server.logs
+    from segsvc.cli import main
+
+    configs: list = []
+    monkeypatch.setattr(segsvc.server.app, "run", configs.append)
+    monkeypatch.setattr(segsvc.server.logs, "configure_logging", lambda *a, **k: None)
+
+    def build(*flags: str):
+        configs.clear()
+        try:
+            status = main(["serve", "--model-repo", str(tmp_path / "repo"), "--device", "cpu", "--metrics-port", "-1",
+                           *flags])
+        except SystemExit as exc:  # argparse's refusal of a flag
+            status = exc.code
+        return status, (configs[0] if configs else None)
+
+    return build

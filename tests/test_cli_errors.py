@@ -192,24 +192,9 @@ def test_inputs_without_images_are_named_as_typed_before_connecting(tmp_path, no
 
 # -- flags refused by their names, as typed (not the configuration's fields, in its units) -----------------------
 @pytest.fixture
-def serve(monkeypatch, tmp_path):
+def serve(serve_config, tmp_path):
     """``serve(*flags)``: ``segsvc serve``'s exit status (argparse's too) and the ServerConfig it would run."""
-    import segsvc.server.app
-    import segsvc.server.logs
-
-    configs: list = []
-    monkeypatch.setattr(segsvc.server.app, "run", configs.append)
-    monkeypatch.setattr(segsvc.server.logs, "configure_logging", lambda *a, **k: None)
-
-    def run(*flags: str):
-        try:
-            status = main(["serve", "--model-repo", str(tmp_path / "repo"), "--port", "0", "--metrics-port", "-1",
-                           "--device", "cpu", "--state-dir", str(tmp_path / "state"), *flags])
-        except SystemExit as exc:  # argparse's refusal
-            status = exc.code
-        return status, (configs[-1] if configs else None)
-
-    return run
+    return lambda *flags: serve_config("--port", "0", "--state-dir", str(tmp_path / "state"), *flags)
 
 
 def flag_error(capsys, flag: str, value: str) -> str:

@@ -24,8 +24,6 @@ import pytest
 import torch
 
 import segsvc.server.app
-import segsvc.server.logs
-from segsvc.cli import main
 from segsvc.client import SegmentationClient
 from segsvc.config import ModelSpec
 from segsvc.inference.batcher import BatchingConfig
@@ -360,17 +358,3 @@ def held_start(start_server, monkeypatch):
     release()
 
 
-@pytest.fixture
-def serve_config(monkeypatch, tmp_path):
-    """``serve_config(*flags)``: the exit status of ``segsvc serve`` and the ServerConfig it would run (or None)."""
-    configs: list = []
-    monkeypatch.setattr(segsvc.server.app, "run", configs.append)
-    monkeypatch.setattr(segsvc.server.logs, "configure_logging", lambda *a, **k: None)
-
-    def build(*flags: str):
-        configs.clear()
-        status = main(["serve", "--model-repo", str(tmp_path / "repo"), "--device", "cpu", "--metrics-port", "-1",
-                       *flags])
-        return status, (configs[0] if configs else None)
-
-    return build
