@@ -18,7 +18,7 @@ from typing import Callable, NoReturn, Sequence
 from segsvc.cli_client import add_max_message_flag, connection_flags
 from segsvc.cli_values import (fraction, mebibytes, non_negative_float, non_negative_int, number, port,
                                positive_float, positive_int, tile_size, whole_number)
-from segsvc.config import BACKENDS
+from segsvc.config import BACKENDS, LOG_LEVELS
 from segsvc.errors import InvalidArgument, SegsvcError
 
 
@@ -645,8 +645,6 @@ def _batch_bytes(value: str, device_type: str) -> int | None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from segsvc.server.logs import LEVELS
-
     p = sub.add_parser("serve", help="serve a model repository over gRPC (Segment, SegmentStream, models, health)")
     p.add_argument("--model-repo", required=True, help="repository root: <root>/<model>/<version>/")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
@@ -729,8 +727,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="decode/encode threads (default 0: one per CPU)")
     p.add_argument("--torch-threads", type=non_negative_int, default=0,
                    help="torch CPU threads (default 0: one per CPU)")
-    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS,
-                   help=f"{', '.join(LEVELS)}, in any case (default INFO)")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                   help=f"{', '.join(LOG_LEVELS)}, in any case (default INFO)")
     p.add_argument("--log-format", default="json", choices=("json", "text"), help="log lines (default json)")
     g = p.add_argument_group("batch jobs (on with --state-dir)")
     g.add_argument("--state-dir", default=None,

@@ -15,10 +15,10 @@ import sys
 import time
 from typing import Any
 
+from segsvc.config import LOG_LEVELS
 from segsvc.errors import InvalidArgument
 
 FIELDS = ("request_id", "method", "model", "version", "code", "ms", "peer", "batch_size")
-LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # segsvc serve --log-level, in any case
 
 
 class JsonFormatter(logging.Formatter):
@@ -93,11 +93,11 @@ def configure_logging(level: str = "INFO", json_lines: bool = True) -> None:
     """Send segsvc's (and grpc's) logs, and Python's warnings, to stderr, as JSON lines or plain text.
 
     Raises:
-        InvalidArgument: ``level`` is not one of ``LEVELS`` (``logging`` raised a bare ``ValueError``), checked
+        InvalidArgument: ``level`` is not one of ``LOG_LEVELS`` (``logging`` raised a bare ``ValueError``), checked
             before any handler changes.
     """
-    if not isinstance(level, str) or level.upper() not in LEVELS:
-        raise InvalidArgument(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
+    if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
+        raise InvalidArgument(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:
         handler.setFormatter(JsonFormatter())
