@@ -73,8 +73,12 @@ def test_eval_with_multiscale_tta_records_the_scales_and_refuses_bad_ones(artifa
     assert "scales 0.5, 1 (flag)]" in capsys.readouterr().out
     assert multi["metrics"]["pixels"] == plain["metrics"]["pixels"] == 2 * 48 * 48
     args = ["eval", "--model", str(artifact), "--data", str(tiny_spec), "--no-progress", "--out", str(tmp_path)]
-    assert segsvc_main([*args, "--tta-scales", "0,1"]) == 2
-    assert "tta_scales factor 0.0 times scale 1.0 must be in (0, 8.0]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse's, by the flag: a factor must be > 0
+        segsvc_main([*args, "--tta-scales", "0,1"])
+    assert refused.value.code == 2
+    assert "argument --tta-scales: expected distinct factors > 0 such as 0.75,1,1.25, got 0,1" in capsys.readouterr().err
+    assert segsvc_main([*args, "--tta-scales", "9,1"]) == 2  # the contract's: the factor times the model's scale
+    assert "tta_scales factor 9.0 times scale 1.0 must be in (0, 8.0]" in capsys.readouterr().err
 
 
 def test_eval_writes_the_learning_curves_of_the_runs_beside_its_report(artifact, tiny_spec, tmp_path, capsys):
@@ -121,8 +125,10 @@ def test_eval_refuses_tiles_the_server_cannot_run(artifact, tiny_spec, tmp_path,
     args = ["eval", "--model", str(artifact), "--data", str(tiny_spec), "--no-progress", "--out", str(tmp_path)]
     assert segsvc_main([*args, "--tile", "32", "48"]) == 2
     assert "tiles are square, as the server's tile_size is: use --tile 32 32" in capsys.readouterr().err
-    assert segsvc_main([*args, "--tile", "32", "32", "--overlap", "0.9"]) == 2
-    assert "tile_overlap must be in [0, 0.75]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse's, by the flag
+        segsvc_main([*args, "--tile", "32", "32", "--overlap", "0.9"])
+    assert refused.value.code == 2
+    assert "argument --overlap: must be a finite number in [0, 0.75], got 0.9" in capsys.readouterr().err
 
 
 def test_eval_tunes_the_allocator_before_anything_else(tune_first) -> None:
