@@ -5,8 +5,9 @@ An input's outputs are ``<stem>_mask.png`` (``_color.png``, ``_overlay.png``) un
 its name (its path under the folder given, or its own name) without the suffix; when another input of the run
 has the same stem (``x.jpg`` and ``x.png``), or its stem is another input's whole name, it keeps its suffix
 (``x.jpg_mask.png``, ``x.png_mask.png``), whatever order the inputs come in. Inputs whose whole names are the
-same (``a/x.png`` and ``b/x.png``, given as files) are refused: nothing would tell their outputs apart; the same
-file given twice is segmented once.
+same (``dayA/img.png`` and ``dayB/img.png``, from two folders or given as files) get the name of the folder they
+were found in, or their own folder's, in front (``dayA/img_mask.png``); if that is the same too, they are refused.
+The same file given twice is segmented once.
 
 Names still depend on the run (``x.png`` alone writes ``x_mask.png``), so ``--out`` keeps a record,
 ``RECORD``, of the input each stem's outputs were written for. A run whose outputs would replace files of
@@ -42,16 +43,25 @@ def output_stems(named: Sequence[tuple[Path, PurePosixPath]]) -> tuple[list[Path
         seen[real] = name
         files.append(path)
         names.append(name)
+    repeated = Counter(name.as_posix() for name in names)
+    names = [_with_folder(path, name) if repeated[name.as_posix()] > 1 else name for path, name in zip(files, names)]
     by_name: dict[str, Path] = {}
     for path, name in zip(files, names):
         other = by_name.setdefault(name.as_posix(), path)
         if other != path:
             raise InvalidArgument(f"{other} and {path} have the same name, {name}: their outputs would replace "
-                                  "each other; segment them into different --out folders, or give their folders")
+                                  "each other; segment them into different --out folders")
     stems = [name.with_suffix("").as_posix() for name in names]
     shared = Counter(stems)
     return files, [stem if shared[stem] == 1 and stem not in by_name else name.as_posix()
                    for stem, name in zip(stems, names)]
+
+
+def _with_folder(path: Path, name: PurePosixPath) -> PurePosixPath:
+    """``name`` with the name of the folder it was found in (or the file's own folder) in front: two folders given
+    in one run that hold files of the same name (``dayA/img001.png``, ``dayB/img001.png``) keep them apart."""
+    parts = path.resolve().parts
+    return PurePosixPath(parts[-len(name.parts) - 1]) / name if len(parts) > len(name.parts) else name
 
 
 def _read_record(out: Path) -> dict[str, str]:

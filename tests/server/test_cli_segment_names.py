@@ -30,16 +30,22 @@ def test_a_shared_stem_keeps_its_suffix_in_every_order() -> None:
     assert stems == ["x.png", "x.jpg", "x.png.jpg"]
 
 
-def test_the_same_file_twice_is_one_input_and_two_files_of_one_name_are_refused(tmp_path) -> None:
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    for folder in ("a", "b"):
-        (tmp_path / folder / "x.png").write_bytes(b"")
-    a, b = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"
-    files, stems = output_stems([(a, PurePosixPath("x.png")), (a, PurePosixPath("x.png"))])
-    assert files == [a] and stems == ["x"]
-    with pytest.raises(InvalidArgument, match="have the same name, x.png"):
-        output_stems([(a, PurePosixPath("x.png")), (b, PurePosixPath("x.png"))])
+def test_the_same_file_twice_is_one_input_and_two_files_of_one_name_get_their_folders_names(tmp_path) -> None:
+    """``segsvc segment dayA dayB`` with an img001.png in each was refused (a reviewer's find): one run over
+    several folders is ordinary use. Their outputs now go under the folders' names; only names that are the same
+    with their folders too are refused."""
+    for folder in ("dayA", "dayB", "x/same", "y/same"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "img.png").write_bytes(b"")
+    a, b = tmp_path / "dayA" / "img.png", tmp_path / "dayB" / "img.png"
+    files, stems = output_stems([(a, PurePosixPath("img.png")), (a, PurePosixPath("img.png"))])
+    assert files == [a] and stems == ["img"]
+    files, stems = output_stems([(a, PurePosixPath("img.png")), (b, PurePosixPath("img.png")),
+                                 (tmp_path / "dayA" / "other.png", PurePosixPath("other.png"))])
+    assert stems == ["dayA/img", "dayB/img", "other"]
+    with pytest.raises(InvalidArgument, match="have the same name, same/img.png"):
+        output_stems([(tmp_path / "x" / "same" / "img.png", PurePosixPath("img.png")),
+                      (tmp_path / "y" / "same" / "img.png", PurePosixPath("img.png"))])
 
 
 def test_segment_names_are_stable_per_input_and_a_run_never_overwrites_another_inputs_outputs(
