@@ -76,7 +76,7 @@ def mebibytes(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value * MIB >= 1):
+    if not (math.isfinite(value * MIB) and value * MIB >= 1):  # 1e308 MiB is finite, its bytes are not
         raise argparse.ArgumentTypeError(f"must be a finite number of MiB > 0 (at least one byte), got {text}")
     return value
 

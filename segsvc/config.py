@@ -203,7 +203,8 @@ def check_request_tiling(tile_size: Any, tile_overlap: Any, flip_tta: Any) -> No
 
 
 BACKENDS = ("torch", "onnxruntime")  # what runs a network (segsvc.inference.backends)
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # segsvc serve --log-level, in any case
+# segsvc serve --log-level, in any case: the names Python's logging takes (WARN and FATAL are its aliases)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET")
 TILE_PADDINGS = ("zero", "reflect")  # what a network sees beyond the image border (segsvc.inference.tiling)
 
 

@@ -212,7 +212,7 @@ SERVE_FLAGS = [
     ("--torch-threads", "-1"), ("--port", "-1"), ("--port", "70000"), ("--metrics-port", "-2"),
     ("--metrics-port", "70000"), ("--max-running-jobs", "0"), ("--max-training-jobs", "-1"),
     ("--max-train-min", "0"), ("--max-train-min", "nan"), ("--max-job-images", "0"), ("--max-job-paths", "-1"),
-    ("--max-upload-mb", "0"), ("--max-upload-mb", "inf"), ("--max-upload-file-mb", "-3"),
+    ("--max-upload-mb", "0"), ("--max-upload-mb", "inf"), ("--max-upload-mb", "1e308"), ("--max-upload-file-mb", "-3"),
     ("--upload-ttl-hours", "-1"), ("--max-dataset-mb", "0"), ("--max-dataset-files", "0"),
     ("--max-dataset-ratio", "0"), ("--max-dataset-ratio", "nan"), ("--max-dataset-pixels", "0"),
     ("--max-dataset-uploads", "0"), ("--dataset-upload-idle-s", "0"), ("--max-datasets-disk-mb", "-1"),
@@ -240,12 +240,13 @@ def test_zero_training_jobs_and_metrics_port_minus_one_do_what_the_help_says(ser
 
 def test_an_unknown_log_level_is_one_line_naming_the_flag_and_the_levels(serve, capsys) -> None:
     """``--log-level FOO`` ended in a 17-line traceback (``ValueError: Unknown level: 'FOO'``), exit 1."""
-    for level in ("FOO", "10", "warn"):
+    for level in ("FOO", "10", "verbose"):
         status, config = serve("--log-level", level)
         err = capsys.readouterr().err
         assert status == 2 and config is None and err.count("\n") == 1, err
         assert "--log-level" in err and "DEBUG" in err and "CRITICAL" in err and "Traceback" not in err
-    assert serve("--log-level", "debug")[0] == 0  # any case, as before
+    for level in ("debug", "warn", "FATAL", "notset"):  # any case and logging's aliases, as before (a reviewer)
+        assert serve("--log-level", level)[0] == 0, level
 
 
 def test_configure_logging_refuses_an_unknown_level_with_a_domain_error() -> None:
