@@ -50,6 +50,7 @@ def folder_channels(root: Path, image_folders: Iterable[str]) -> int:
         DatasetError: grey and colour images side by side, naming one of each (relative to ``root``).
     """
     first: dict[int, str] = {}
+    real_root = root.resolve()
     for rel in sorted(set(image_folders)):
         folder = root / rel
         if not folder.is_dir():
@@ -60,9 +61,9 @@ def folder_channels(root: Path, image_folders: Iterable[str]) -> int:
             continue  # an unreadable folder: the check reports it
         for path in paths:
             name = f"{rel}/{path.name}"
-            if (path.suffix.lower() not in IMAGE_SUFFIXES or is_excluded(name) or path.is_symlink()
-                    or not path.is_file()):
-                continue  # a symlink is not followed: where it leads is the registry's to confine or refuse
+            if (path.suffix.lower() not in IMAGE_SUFFIXES or is_excluded(name) or not path.is_file()
+                    or (path.is_symlink() and not path.resolve().is_relative_to(real_root))):
+                continue  # a symlink out of the dataset is not followed: the registry confines or refuses it
             channels = image_channels(path)
             if channels is not None:
                 first.setdefault(channels, name)

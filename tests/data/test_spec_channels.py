@@ -131,3 +131,13 @@ def test_a_symlinked_image_is_not_opened_to_count_channels(tmp_path: Path) -> No
     outside = _image(tmp_path / "colour.png", np.zeros((16, 16, 3), np.uint8))
     (root / "images" / "3.png").symlink_to(outside)
     assert spec_from_folder(root).channels == 1  # a mix, grey beside colour, if the link were followed
+
+
+def test_a_folder_of_links_to_grey_images_inside_the_dataset_is_grey(tmp_path: Path) -> None:
+    """Links that stay inside the dataset are its images (the registry accepts them): skipping every link left
+    such a folder with nothing to count, described as RGB again (a reviewer's find)."""
+    root = _grey_folder(tmp_path / "em", images="store")
+    (root / "images").mkdir()
+    for stem in ("0", "1", "2"):
+        (root / "images" / f"{stem}.png").symlink_to(root / "store" / f"{stem}.png")
+    assert spec_from_folder(root).channels == 1
