@@ -37,9 +37,9 @@ versions, unloaded (a rollback by unloading the newest version stays rolled
 back) until ``load`` of that model clears the mark. The version the DEFAULT
 pointer names (or the in-memory pin) is unloaded only with the whole model
 (move the pointer first), so requests without a version never fall through to
-another version. A version a batch job holds (``retain``) is not unloaded at
-all, as the job would fail half done: ``unload`` refuses, saying how many jobs
-hold it (an Open Inference Protocol request's hold, ``request=True``, does not
+another version. A version a batch job holds (``retain(..., job=True)``) is not
+unloaded at all, as the job would fail half done: ``unload`` refuses, saying how
+many jobs hold it (any other hold, an Open Inference Protocol request's, does not
 count: requests in flight finish, as on a leased version). A version that
 ``retain`` loads again after its ``unload`` (a request that had resolved it
 first, a batch job started after it) serves only those that name it: it is
