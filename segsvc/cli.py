@@ -419,7 +419,6 @@ def _serve(args: argparse.Namespace) -> int:
         raise SegsvcError("TLS needs both --tls-cert and --tls-key")
     _check_stop_durations(args)
     _check_message_mb(args.max_message_mb)
-    _check_place_counts(args)
     configure_logging(args.log_level, json_lines=args.log_format == "json")
     device_type = resolve_device(args.device).type
     config = ServerConfig(
@@ -474,15 +473,6 @@ def _train_minutes(text: str) -> float:
     from segsvc.jobs.trainspec import MAX_TIME_MIN
 
     return number(0.0, strict=True, most=MAX_TIME_MIN)(text)
-
-
-def _check_place_counts(args: argparse.Namespace) -> None:
-    """``--max-stream-in-flight`` and ``--max-concurrent-rpcs``, refused by their names (``LimitsConfig`` names its
-    fields). Checked here rather than by an argparse type only because their definitions are being edited."""
-    for flag in ("--max-stream-in-flight", "--max-concurrent-rpcs"):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value < 1:
-            raise InvalidArgument(f"{flag} must be a whole number >= 1, got {value}")
 
 
 def _check_message_mb(value: float) -> None:
@@ -687,7 +677,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message-mb", type=float, default=64, help="largest gRPC message each way (default 64)")
     p.add_argument("--max-pixels", type=positive_int, default=64_000_000,
                    help="largest image in pixels, checked from the header before decoding (default 64 MP)")
-    p.add_argument("--max-stream-in-flight", type=int, default=16,
+    p.add_argument("--max-stream-in-flight", type=positive_int, default=16,
                    help="images of one SegmentStream processed at once (default 16: half the default "
                         "--max-concurrent-rpcs, so one stream cannot take every place)")
     p.add_argument("--max-inflight-mb", type=positive_int, default=2048,
@@ -695,7 +685,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                         "a request over it alone is refused, others wait (default 2048)")
     p.add_argument("--max-tiles", type=positive_int, default=1024,
                    help="most sliding-window tiles of one request (default 1024)")
-    p.add_argument("--max-concurrent-rpcs", type=int, default=32,
+    p.add_argument("--max-concurrent-rpcs", type=positive_int, default=32,
                    help="calls in progress at once (health, reflection and readiness probes aside); one more gets "
                         "RESOURCE_EXHAUSTED before its request is read; a SegmentStream counts as one call, plus one "
                         "for each image beyond the first it holds (for which it waits). Each place holds up to "

@@ -95,7 +95,7 @@ def test_the_limit_flag_reaches_the_server(serve_config, capsys) -> None:
     assert status == 0 and config.limits.max_concurrent_rpcs == LimitsConfig().max_concurrent_rpcs
     status, config = serve_config("--max-concurrent-rpcs", "0")
     assert status == 2 and config is None
-    assert "--max-concurrent-rpcs must be a whole number >= 1, got 0" in capsys.readouterr().err
+    assert "--max-concurrent-rpcs: must be a whole number >= 1, got 0" in capsys.readouterr().err
 
 
 def test_a_streams_images_waiting_for_the_budget_take_places_too(start_server, tmp_path, gated):
