@@ -199,6 +199,14 @@ def test_a_streams_places_are_one_plus_its_images_beyond_the_first() -> None:
             while (item := await requests.get()) is not None:
                 yield item
 
+        taking = asyncio.Event()  # set as a read asks the limit for a place
+        take = calls.take
+
+        async def watched_take(wanted):  # type: ignore[no-untyped-def]
+            taking.set()
+            return await take(wanted)
+
+        calls.take = watched_take  # type: ignore[method-assign]
         async with calls._place(None, "SegmentStream"):  # type: ignore[arg-type]  # the call's own place
             places = _StreamPlaces(calls)
             reader = places.read(source())
@@ -207,9 +215,11 @@ def test_a_streams_places_are_one_plus_its_images_beyond_the_first() -> None:
                 await requests.put(item)
                 assert await reader.__anext__() == item
                 seen.append(calls.in_flight)  # 1 held (on the call's place), then 2, then 3
+            taking.clear()
             fourth = asyncio.ensure_future(reader.__anext__())  # a read past 3 unanswered: the limit, it waits
             await requests.put(3)
-            for _ in range(10):  # let it run up to its wait
+            await taking.wait()  # the read has started and asked for a place
+            for _ in range(10):  # let it run on, were it not to wait
                 await asyncio.sleep(0)
             assert not fourth.done() and requests.qsize() == 1  # waiting for a place, its message not read
             places.answered()  # 2 unanswered + the read: covered by the 3 places held
