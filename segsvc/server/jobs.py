@@ -211,9 +211,9 @@ def check_finished(job: Job) -> None:
     if job.finished:
         return
     paused = job.progress.get("paused_reason")
-    done = job.done + job.failed + job.skipped
+    skipped = f", {job.skipped} skipped" if job.skipped else ""  # a cancel skips the rest: skipped is not done
     raise FailedPrecondition(
-        f"job {job.id} is {job.state} ({done} of {job.total} images done)"
+        f"job {job.id} is {job.state} ({job.done + job.failed} of {job.total} images done{skipped})"
         + (f" and paused ({paused})" if paused else "")
         + (", cancelling" if job.cancel_requested else "")
         + f": its outputs are fetched once it has finished; wait for it (`segsvc jobs wait {job.id}`, WaitOperation) "

@@ -350,7 +350,7 @@ def test_outputs_of_a_job_that_has_not_finished_are_refused_and_a_finished_one_s
                 f"(`segsvc jobs cancel {job.id}`) and wait for it to end, to fetch the outputs written so far")
         assert not (tmp_path / "early").exists()
         running.cancel()  # the cancel is asynchronous: until the runner stops, the job is RUNNING and says so
-        with pytest.raises(errors.FailedPrecondition, match=rf"^job {running.id} is RUNNING \(\d of 3 images done\), "
+        with pytest.raises(errors.FailedPrecondition, match=rf"^job {running.id} is RUNNING \(0 of 3 images done(, \d skipped)?\), "
                                                             rf"cancelling: .* and fetch again$"):
             running.fetch(tmp_path / "early")
         gated.gate.set()
@@ -370,11 +370,25 @@ def test_a_paused_job_s_refusal_says_why_it_waits():
     job = Job(id="j1", kind="segmentation", state="RUNNING", request_id=None, spec={}, total=200, done=30, failed=1,
               skipped=1, created_at=0.0, updated_at=0.0, started_at=0.0, finished_at=None, cancel_requested=False,
               error=None, result=None, progress={"paused_reason": reason}, seq=1)
-    with pytest.raises(errors.FailedPrecondition, match=r"^job j1 is RUNNING \(32 of 200 images done\) and paused "
+    with pytest.raises(errors.FailedPrecondition, match=r"^job j1 is RUNNING \(31 of 200 images done, 1 skipped\) and paused "
                                                         rf"\({reason}\): its outputs are fetched once it has finished"):
         check_finished(job)
     for state in ("SUCCEEDED", "FAILED", "CANCELLED"):
         check_finished(Job(**{**job.__dict__, "state": state}))
+
+
+def test_a_cancelling_job_s_refusal_does_not_count_skipped_images_as_done():
+    """A cancel skips the images not yet run at once; the refusal said "3 of 3 images done" for a job that had run
+    one of them."""
+    from segsvc.jobs.store import Job
+    from segsvc.server.jobs import check_finished
+
+    job = Job(id="j2", kind="segmentation", state="RUNNING", request_id=None, spec={}, total=3, done=1, failed=0,
+              skipped=2, created_at=0.0, updated_at=0.0, started_at=0.0, finished_at=None, cancel_requested=True,
+              error=None, result=None, progress={}, seq=1)
+    with pytest.raises(errors.FailedPrecondition, match=r"^job j2 is RUNNING \(1 of 3 images done, 2 skipped\), "
+                                                        r"cancelling: "):
+        check_finished(job)
 
 
 def test_an_upload_of_a_file_that_is_no_image_is_refused_by_name(start_server, tmp_path):
