@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from segsvc.errors import InvalidArgument, SegsvcError
+
 if TYPE_CHECKING:
     from segsvc.client import SegmentationClient
 
@@ -105,3 +107,33 @@ def open_client(args: argparse.Namespace, read_token: TokenReader) -> "Segmentat
         client.close()
         raise
     return client
+
+
+def read_token(args: argparse.Namespace) -> str | None:
+    """A client's bearer token: the first token of --token-file, else $SEGSVC_AUTH_TOKEN.
+
+    The file is read as the server reads it (``token_entries``), so one
+    tokens file serves both.
+    """
+    from segsvc.server.auth import token_entries
+
+    if args.token_file:
+        try:
+            text = Path(args.token_file).read_text()
+        except OSError as exc:
+            raise SegsvcError(f"cannot read the token file: {exc}") from None
+        entries = token_entries(text)
+        if not entries:
+            raise SegsvcError(f"token file {args.token_file} holds no token")
+        return entries[0][0]
+    return env_token("SEGSVC_AUTH_TOKEN")
+
+
+def env_token(var: str) -> str | None:
+    """The token in environment variable ``var`` (unset or empty: None), refused by the variable's name when it is
+    not one (``AuthConfig`` would say "a token must be non-empty ...", naming nothing); the value is not shown."""
+    token = os.environ.get(var) or None
+    if token is not None and any(c.isspace() for c in token):
+        raise InvalidArgument(f"${var} must be one token with no whitespace (its value holds whitespace); unset "
+                              "it for no token")
+    return token

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from segsvc import errors
-from segsvc.cli import _read_token
+from segsvc.cli_client import read_token as _read_token
 from segsvc.server.auth import AuthConfig, required_scope
 from segsvc.server.config import ServerConfig
 from tests.server.conftest import encode, make_image, publish

@@ -55,7 +55,7 @@ def test_serve_command_end_to_end(tmp_path):
 
 
 def test_max_batch_pixels_flag() -> None:
-    from segsvc.cli import CUDA_BATCH_PIXELS, _batch_pixels
+    from segsvc.cli_serve import CUDA_BATCH_PIXELS, batch_pixels as _batch_pixels
     from segsvc.errors import InvalidArgument
 
     assert _batch_pixels("auto", "cpu") is None  # on CPU the memory budget bounds batches
@@ -69,7 +69,7 @@ def test_max_batch_pixels_flag() -> None:
 
 
 def test_max_batch_mb_flag() -> None:
-    from segsvc.cli import CPU_BATCH_MB, _batch_bytes
+    from segsvc.cli_serve import CPU_BATCH_MB, _batch_bytes
     from segsvc.errors import InvalidArgument
 
     assert _batch_bytes("auto", "cpu") == CPU_BATCH_MB << 20
@@ -83,7 +83,8 @@ def test_max_batch_mb_flag() -> None:
 
 
 def test_job_limits_flags(tmp_path) -> None:
-    from segsvc.cli import _jobs_config, build_parser
+    from segsvc.cli import build_parser
+    from segsvc.cli_serve import _jobs_config
 
     args = build_parser().parse_args(["serve", "--model-repo", str(tmp_path), "--state-dir", str(tmp_path / "s"),
                                       "--max-job-images", "50", "--max-job-paths", "7"])
