@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from segsvc.cli_client import add_max_message_flag, connection_flags, read_token
+from segsvc.cli_client import add_max_message_flag, connection_flags
 from segsvc.cli_serve import add_serve_parser
 from segsvc.cli_values import fraction, non_negative_int, number, positive_int, tile_size
 from segsvc.config import BACKENDS
@@ -95,7 +95,7 @@ def _models_manage(args: argparse.Namespace) -> int:
     name, version = parse_model_ref(args.ref)
     if args.models_cmd == "default" and version is None:
         raise InvalidArgument(f"segsvc models default needs NAME:VERSION (a loaded version), got {args.ref!r}")
-    with open_client(args, read_token) as client:
+    with open_client(args) as client:
         if args.models_cmd == "load":
             info = client.load_model(name, version)
             print(f"loaded {name}:{info.version}; {_model_state(info)}")
@@ -146,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.server:  # a training job on a server (segsvc/cli_train.py): no torch here
         from segsvc.cli_train import submit_training
 
-        return submit_training(args, read_token)
+        return submit_training(args)
     if not args.config:
         raise InvalidArgument("segsvc train needs --config RECIPE (or --server HOST:PORT --dataset NAME)")
     from training.train import run
@@ -403,7 +403,7 @@ def _segment(args: argparse.Namespace) -> int:
         print(f"{path} -> {out / (stem + '_mask.png')} ({result.model}:{result.version}; "
               f"{result.timings.total_ms:.0f} ms; classes: {', '.join(present)})")
 
-    with open_client(args, read_token) as client:
+    with open_client(args) as client:
         try:
             client.segment_many(
                 files, model=model, version=version, tile_size=args.tile_size, flip_tta=args.flip_tta,
@@ -525,13 +525,13 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
 def _add_jobs(sub: argparse._SubParsersAction) -> None:
     from segsvc.cli_jobs import add_jobs_parser
 
-    add_jobs_parser(sub, read_token)
+    add_jobs_parser(sub)
 
 
 def _add_datasets(sub: argparse._SubParsersAction) -> None:
     from segsvc.cli_datasets import add_datasets_parser
 
-    add_datasets_parser(sub, read_token)
+    add_datasets_parser(sub)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from segsvc.errors import InvalidArgument, SegsvcError
 
 if TYPE_CHECKING:
     from segsvc.client import SegmentationClient
 
-TokenReader = Callable[[argparse.Namespace], "str | None"]
 CONNECT_TIMEOUT_S = float(os.environ.get("SEGSVC_CONNECT_TIMEOUT_S", "30"))
 MIB = 1 << 20
 DEFAULT_MAX_MESSAGE_MB = 64  # segsvc.client.DEFAULT_MAX_MESSAGE_BYTES, and the server's default
@@ -89,7 +88,7 @@ def connection_flags(timeout_help: str, timeout_s: float = 60.0,
     return common
 
 
-def open_client(args: argparse.Namespace, read_token: TokenReader) -> "SegmentationClient":
+def open_client(args: argparse.Namespace) -> "SegmentationClient":
     """A connected client for ``args.server`` (raises ``Unavailable`` when nothing answers)."""
     import math
 

@@ -15,12 +15,10 @@ import json
 import sys
 from datetime import timezone
 from pathlib import Path
-from typing import Callable
 
 from segsvc.cli_values import mebibytes, number, positive_float, positive_int
 
 MIB = 1 << 20
-TokenReader = Callable[[argparse.Namespace], "str | None"]
 
 
 # -- serve: the registry's flags (datasets are on with --state-dir) ---------------------------
@@ -62,14 +60,14 @@ def server_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 # -- segsvc datasets ... ---------------------------------------------------------------------
-def _client(args: argparse.Namespace, read_token: TokenReader):  # type: ignore[no-untyped-def]
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from segsvc.cli_client import open_client
 
-    return open_client(args, read_token)
+    return open_client(args)
 
 
-def add_datasets_parser(sub: argparse._SubParsersAction, read_token: TokenReader) -> None:
-    """Add ``segsvc datasets ...``; ``read_token`` reads ``--token-file`` / ``$SEGSVC_AUTH_TOKEN``."""
+def add_datasets_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``segsvc datasets ...``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--server", default="localhost:50051", help="HOST:PORT (default localhost:50051)")
     common.add_argument("--token-file", default=None, help="bearer token file with the manage scope "
@@ -97,7 +95,7 @@ def add_datasets_parser(sub: argparse._SubParsersAction, read_token: TokenReader
                 raise InvalidArgument("give the classes with --dataset-yaml or --classes, not both")
             dataset_yaml = getattr(args, "dataset_yaml", None)
             args.dataset_yaml_text = read_text_arg(dataset_yaml, "--dataset-yaml") if dataset_yaml else ""
-            with _client(args, read_token) as client:
+            with _client(args) as client:
                 try:
                     return fn(client, args)
                 except DatasetInvalid as exc:

@@ -15,17 +15,16 @@ import argparse
 import json
 import shlex
 import sys
-from typing import Callable
 
 from segsvc.cli_values import tile_size
 from segsvc.errors import Cancelled, DeadlineExceeded, SegsvcError, Unavailable
 from segsvc.progress import show_progress
 
 
-def _client(args: argparse.Namespace, read_token: Callable[[argparse.Namespace], str | None]):  # type: ignore[no-untyped-def]
+def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from segsvc.cli_client import open_client
 
-    return open_client(args, read_token)
+    return open_client(args)
 
 
 def _print_status(status) -> None:  # type: ignore[no-untyped-def]
@@ -97,8 +96,8 @@ def _print_result(job) -> int:  # type: ignore[no-untyped-def]
     return 1 if result.failed else 0
 
 
-def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argparse.Namespace], str | None]) -> None:
-    """Add ``segsvc jobs ...``; ``read_token`` reads ``--token-file`` / ``$SEGSVC_AUTH_TOKEN``."""
+def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``segsvc jobs ...``."""
     from segsvc.cli_client import connection_flags
 
     common = connection_flags("deadline of each call; for fetch, the longest the server may send nothing", TIMEOUT_S)
@@ -118,7 +117,7 @@ def add_jobs_parser(sub: argparse._SubParsersAction, read_token: Callable[[argpa
                 from segsvc.jobclient import check_fetch_folder
 
                 check_fetch_folder(args.out, f"--out {args.out}")
-            with _client(args, read_token) as client:
+            with _client(args) as client:
                 return fn(client, args)
         return run
 

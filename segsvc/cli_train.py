@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
 
 from segsvc.cli_values import fraction, number, whole_number
 from segsvc.errors import InvalidArgument
@@ -116,7 +115,7 @@ def refuse_server_flags(args: argparse.Namespace) -> None:
     raise InvalidArgument(text)
 
 
-def submit_training(args: argparse.Namespace, read_token: Callable[[argparse.Namespace], str | None]) -> int:
+def submit_training(args: argparse.Namespace) -> int:
     from segsvc.cli_client import open_client, read_text_arg
     from segsvc.cli_jobs import follow
 
@@ -127,7 +126,7 @@ def submit_training(args: argparse.Namespace, read_token: Callable[[argparse.Nam
     if args.config and args.recipe:
         raise InvalidArgument("give --recipe NAME (the server's) or --config FILE (sent inline), not both")
     recipe_yaml = read_text_arg(args.config, "--config") if args.config else ""
-    with open_client(args, read_token) as client:
+    with open_client(args) as client:
         job = client.submit_training_job(
             args.dataset, recipe=args.recipe, recipe_yaml=recipe_yaml, overrides=args.overrides,
             base_model=args.base_model, model_name=args.model_name, max_time_min=args.budget_min,

@@ -267,7 +267,7 @@ def test_jobs_fetch_takes_no_progress(tmp_path: Path, monkeypatch: pytest.Monkey
         def job(self, name: str) -> Handle:
             return Handle()
 
-    monkeypatch.setattr(cli_jobs, "_client", lambda args, read_token: Client())
+    monkeypatch.setattr(cli_jobs, "_client", lambda args: Client())
     assert main(["jobs", "fetch", "j1", "--out", str(tmp_path), "--no-progress"]) == 0
     assert main(["jobs", "fetch", "j1", "--out", str(tmp_path)]) == 0
     assert asked == [False, True]
