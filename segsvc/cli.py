@@ -374,8 +374,6 @@ def _segment(args: argparse.Namespace) -> int:
     model, version = parse_model_ref(args.model) if args.model else (None, None)
     # a bad option (a model name, --alpha 1.5) is named now, before the files are walked and the server is waited for
     SegmentationClient.request_template(model=model, version=version, tile_size=args.tile_size, flip_tta=args.flip_tta)
-    if not 0.0 <= args.alpha <= 1.0:
-        raise InvalidArgument(f"--alpha must be in [0, 1], got {args.alpha:g}")
     named = named_image_files(args.inputs, skip=args.out)  # --out may lie inside an input folder
     if not named:
         raise no_images(args.inputs)
@@ -418,25 +416,21 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("segment", help="segment images through a running server; writes PNG masks (+ overlays)")
+    p = sub.add_parser("segment", help="segment images through a running server; writes PNG masks (+ overlays)",
+                       parents=[connection_flags("deadline of the whole run", 300.0)])
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR",
                    help="image files or folders of images (walked recursively)")
-    p.add_argument("--server", default="localhost:50051", help="HOST:PORT (default localhost:50051)")
     p.add_argument("--out", required=True,
                    help="output folder for <name>_mask.png, _color.png, _overlay.png (a folder's subfolders kept; "
                         "<name> keeps its suffix when another input has the same stem); a run that would overwrite "
                         "another input's outputs is refused before anything is sent")
     p.add_argument("--overlay", action="store_true", help="also write the colours blended over the image")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+    p.add_argument("--alpha", type=fraction, default=0.5, help="overlay opacity (default 0.5)")
     p.add_argument("--model", default=None, help="NAME or NAME:VERSION (default: the server's only model)")
     p.add_argument("--tile-size", type=tile_size, default=None,
                    help="sliding-window tile side in pixels; 0: off (default: the model's, usually off)")
     p.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="horizontal-flip test-time augmentation (default: the model's, usually off)")
-    p.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the whole run (default 300)")
-    p.add_argument("--token-file", default=None, help="bearer token file (else $SEGSVC_AUTH_TOKEN)")
-    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
-    p.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate")
     add_max_message_flag(p)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_segment)

@@ -68,14 +68,10 @@ def _client(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 def add_datasets_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``segsvc datasets ...``."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default="localhost:50051", help="HOST:PORT (default localhost:50051)")
-    common.add_argument("--token-file", default=None, help="bearer token file with the manage scope "
-                                                           "(else $SEGSVC_AUTH_TOKEN)")
-    common.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
-    common.add_argument("--tls-ca", default=None, help="PEM CA bundle that signed the server's certificate")
-    common.add_argument("--timeout-s", type=float, default=60.0,
-                        help="deadline of list/show/delete (uploads and registrations have none)")
+    from segsvc.cli_client import connection_flags
+
+    common = connection_flags("deadline of list/show/delete (uploads and registrations have none)",
+                              token_help="bearer token file with the manage scope (else $SEGSVC_AUTH_TOKEN)")
     common.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("datasets", help="datasets on a server: upload, register, list, show, delete")

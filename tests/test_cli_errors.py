@@ -274,6 +274,7 @@ CLIENT_FLAGS = [
     (["batch", "IMAGES", "--model-repo", "REPO", "--out", "OUT"], "--io-threads", "-1"),
     (["batch", "IMAGES", "--model-repo", "REPO", "--out", "OUT"], "--actors", "0"),
     (["batch", "IMAGES", "--model-repo", "REPO", "--out", "OUT"], "--alpha", "2"),
+    (["segment", "IMAGES", "--out", "OUT"], "--alpha", "1.5"),
     (["train", "--dataset", "d", "--recipe", "r"], "--budget-min", "0"),
     (["train", "--dataset", "d", "--recipe", "r"], "--epochs", "0"),
     (["train", "--dataset", "d", "--recipe", "r"], "--nproc-per-node", "0"),

@@ -287,9 +287,11 @@ def test_cli_segment_refuses_an_overlay_alpha_out_of_range_before_any_work(share
     images.mkdir()
     (images / "a.png").write_bytes(encode(make_image(24, 24, seed=500)))
     out = tmp_path / "out"
-    assert main(["segment", str(images), "--server", shared_server.address, "--out", str(out), "--overlay",
-                 "--alpha", "1.5", "--model", "tiny", "--no-progress"]) == 2
-    assert capsys.readouterr().err == "segsvc: error: --alpha must be in [0, 1], got 1.5\n"
+    with pytest.raises(SystemExit) as exited:
+        main(["segment", str(images), "--server", shared_server.address, "--out", str(out), "--overlay",
+              "--alpha", "1.5", "--model", "tiny", "--no-progress"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "segsvc segment: error: argument --alpha: must be a finite number in [0, 1], got 1.5\n"
     assert not out.exists() or not any(out.iterdir())
 
 
