@@ -10,6 +10,10 @@ once its folder is synced).
 way the package puts a file, a folder's entries or a whole tree on disk, for
 every writer that publishes state by a rename.
 
+``check_path_length``: a path a request names, refused by its length before the
+filesystem is asked about it (which raises "File name too long", an internal
+error to the client, rather than a refusal naming the path).
+
 ``open_beneath``: a file a request named, opened from its root one path
 component at a time without following symlinks. A check that resolves the path
 and finds it inside the root says nothing about the moment of the open: a
@@ -30,11 +34,36 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterable
 
+from segsvc.errors import InvalidArgument
+
 log = logging.getLogger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in opens at once (then is refused below) instead of blocking the reader forever.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+NAME_MAX = 255  # bytes in one path component (Linux, and most filesystems elsewhere)
+PATH_MAX = 4096  # bytes in a whole path, its terminating NUL included (Linux)
+
+
+def check_path_length(root: str | os.PathLike[str], path: str, what: str) -> None:
+    """Refuse ``path`` (relative to ``root``) with a component over ``NAME_MAX`` bytes, or longer than the OS takes
+    under ``root``; ``what`` names it in the message ("input", "folder"), with the path's beginning.
+
+    Raises:
+        InvalidArgument: naming the path, which component, or how long it is against how long it may be.
+    """
+    shown = repr(path if len(path) <= 60 else path[:60] + "...")
+    for part in PurePosixPath(path).parts:
+        if (size := len(os.fsencode(part))) > NAME_MAX:
+            named = repr(part if len(part) <= 24 else part[:24] + "...")
+            raise InvalidArgument(f"{what} {shown} has a name of {size} bytes ({named}): more than {NAME_MAX}, the "
+                                  f"longest file or folder name")
+    most = PATH_MAX - 1 - len(os.fsencode(os.path.abspath(root))) - 1  # the root and the "/" after it
+    if (size := len(os.fsencode(path))) > most:
+        raise InvalidArgument(f"{what} {shown} is {size} bytes long: more than {most}, the longest path the server "
+                              f"can open under its root")
 
 
 class PathChanged(OSError):

@@ -342,16 +342,30 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def parse_spec_yaml(text: str, what: str) -> Any:
+    """A dataset description's YAML text as data (``UniqueKeyLoader``); ``what`` begins each refusal.
+
+    Raises:
+        DatasetError: ``<what>: invalid YAML: <problem> at line L, column C``, or nesting deeper than PyYAML's
+            recursion reaches (5,000 ``[`` in a row were an internal error: a RecursionError).
+    """
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{what}: invalid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:  # the composer recurses once per level of nesting
+        raise DatasetError(f"{what}: invalid YAML: nested too deeply (a dataset description needs a few "
+                           f"levels)") from None
+
+
 def _load_yaml(path: Path) -> DatasetSpec:
     try:
-        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        text = path.read_text()
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read dataset spec ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: dataset spec is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except yaml.YAMLError as exc:
-        raise DatasetError(f"{path}: invalid YAML: {_yaml_problem(exc)}") from None
-    return spec_from_dict(data, base=path.parent, source=path)
+    return spec_from_dict(parse_spec_yaml(text, str(path)), base=path.parent, source=path)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

@@ -35,12 +35,12 @@ from segsvc.data.check import CheckReport, check_dataset
 from segsvc.data.io import IMAGE_SUFFIXES
 from segsvc.data.labels import LabelMapper
 from segsvc.data.layouts import Fault, FolderCache, Problem, index_split
-from segsvc.data.spec import FOLDER_SPEC_NAMES, DatasetSpec, UniqueKeyLoader, load_dataset_spec, spec_from_folder
+from segsvc.data.spec import FOLDER_SPEC_NAMES, DatasetSpec, load_dataset_spec, parse_spec_yaml, spec_from_folder
 from segsvc.datasets.archive import ENTRIES_PER_FILE, ExtractLimits
 from segsvc.datasets.content import content_hash, file_digest, is_excluded
 from segsvc.datasets.split import VAL_FRACTION, assign_splits, needs_split
 from segsvc.errors import DatasetError, DatasetInvalid, InvalidArgument, InvalidImage, NotFound, PathOutsideRoot
-from segsvc.files import write_atomic
+from segsvc.files import check_path_length, write_atomic
 from segsvc.inference.containers import image_header
 
 SPEC_FILE = "spec.yaml"
@@ -123,10 +123,7 @@ def add_metadata_yaml(root: Path, dataset_yaml: str = "", class_names: Sequence[
 
 def _rooted_here(dataset_yaml: str) -> str:
     """The metadata's ``dataset.yaml`` text with ``root: .`` (unchanged when it says so already)."""
-    try:
-        data = yaml.load(dataset_yaml, Loader=UniqueKeyLoader)  # a key given twice is refused, not dropped
-    except yaml.YAMLError as exc:
-        raise DatasetError(f"the metadata's dataset.yaml is not valid YAML: {exc}") from None
+    data = parse_spec_yaml(dataset_yaml, "the metadata's dataset.yaml")  # a key given twice is refused, not dropped
     if not isinstance(data, dict) or data.get("root", ".") == ".":
         return dataset_yaml
     data["root"] = "."
@@ -237,6 +234,7 @@ def registered_folder(data_root: Path, folder: str) -> Path:
     real_root = data_root.resolve()
     if not real_root.is_dir():
         raise NotFound("the data root is not a folder (check the server configuration)")
+    check_path_length(real_root, folder, "folder")
     real = Path(os.path.realpath(real_root / folder))
     if not _inside(real_root, real):
         raise PathOutsideRoot(f"folder {folder!r} leads outside the data root")

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from segsvc.errors import InvalidArgument, NotFound, PathOutsideRoot
+from segsvc.files import check_path_length
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -95,6 +96,7 @@ def resolve_inputs(
     expanded: set[str] = set()  # normalised specs already walked
     for spec in specs:
         rel, shown = _relative_spec(real_root, root, spec)
+        check_path_length(real_root, rel, "input")
         if rel in expanded:  # the same path again: it names nothing new
             continue
         expanded.add(rel)

@@ -599,3 +599,15 @@ def test_a_job_over_an_upload_without_images_names_the_upload_and_what_it_holds(
         error = area.no_images(upload_id)
         assert isinstance(error, UploadError)
         assert str(error).startswith(f"upload {upload_id} holds no image files ({held}): a job reads the .png"), error
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("b" * 300, r"has a name of 300 bytes \('bbbb"),
+    ("x/" * 2100, r"is 4199 bytes long: more than \d+, the longest path"),
+])
+def test_a_path_too_long_for_the_filesystem_is_refused_by_name(tmp_path: Path, spec: str, problem: str) -> None:
+    """A 300-byte name or a 4 KB path reached the filesystem, whose 'File name too long' (OSError) became an
+    internal error for the client; it is refused as the input it is, before the filesystem is asked."""
+    with pytest.raises(InvalidArgument, match=rf"^input '{spec[:8]}.*' {problem}") as refused:
+        resolve_inputs(tmp_path, [spec])
+    assert str(tmp_path) not in str(refused.value)
