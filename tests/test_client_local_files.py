@@ -140,11 +140,11 @@ def test_the_command_line_client_takes_a_message_limit_for_a_server_configured_a
     ("raise max_message_bytes", which no flag could) even when the server takes it. ``--max-message-mb`` (read by
     ``open_client``) raises the client's limit each way, and the image reaches the server."""
     big = b"\x89PNG-not-really" + bytes(DEFAULT_MAX_MESSAGE_BYTES)  # over the default; the server says it is no image
-    with open_client(_args(server=server.address), lambda a: None) as client:
+    with open_client(_args(server=server.address)) as client:
         assert client.max_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
         with pytest.raises(errors.ImageTooLarge, match="over this client's limit"):
             client.segment(big)
-    with open_client(_args("--max-message-mb", "72", server=server.address), lambda a: None) as client:
+    with open_client(_args("--max-message-mb", "72", server=server.address)) as client:
         assert client.max_message_bytes == 72 * MIB
         with pytest.raises(errors.SegsvcError) as info:
             client.segment(big)
@@ -158,4 +158,4 @@ def test_a_message_limit_that_is_no_positive_size_is_named_before_connecting(mon
     monkeypatch.setattr(segsvc.cli_client, "CONNECT_TIMEOUT_S", 0.5)  # were it to wait for 127.0.0.1:1
     with pytest.raises(errors.InvalidArgument, match=f"--max-message-mb must be a positive size under 2048 MiB "
                                                      rf"\(as the server's --max-message-mb\), got {float(value):g}"):
-        open_client(_args("--max-message-mb", value, server="127.0.0.1:1"), lambda a: None)
+        open_client(_args("--max-message-mb", value, server="127.0.0.1:1"))
