@@ -182,6 +182,7 @@ def _jobs_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         upload=UploadLimits(max_file_bytes=int(args.max_upload_file_mb * (1 << 20)),
                             max_total_bytes=int(args.max_upload_mb * (1 << 20))),
         upload_ttl_s=args.upload_ttl_hours * 3600.0,
+        max_uploads_disk_bytes=int(args.max_uploads_disk_mb * (1 << 20)),
     )
 
 
@@ -357,5 +358,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--upload-ttl-hours", type=positive_float, default=24,
                    help="delete an upload that no job uses this many hours after it was committed (default 24); "
                         "deleting a job deletes its upload as soon as no other job uses it")
+    g.add_argument("--max-uploads-disk-mb", type=mebibytes, default=8192,
+                   help="most MiB all uploads together may take in <state-dir>/uploads: committed uploads plus "
+                        "those in progress, checked before each chunk is written; beyond it an upload is refused "
+                        "(RESOURCE_EXHAUSTED) until jobs are deleted or unused uploads expire. The state folder "
+                        "also holds the job database, which must not run out of room (default 8192: four "
+                        "uploads of the default --max-upload-mb)")
     add_server_arguments(g)
     p.set_defaults(func=_serve)

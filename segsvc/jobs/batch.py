@@ -31,7 +31,10 @@ last such job deletes it, and one that no job references is swept once older
 than ``upload_ttl_s`` (a client that died before submitting), at start-up and
 every ``SWEEP_EVERY_S``. Checking references and renaming the upload away is
 one store transaction, and submission re-checks the upload inside its own, so
-an upload is never deleted under a job.
+an upload is never deleted under a job. All uploads together are bounded by
+``max_uploads_disk_bytes`` (committed ones plus those in progress, charged
+before each chunk is written), so clients cannot fill the state folder that
+also holds the job database.
 
 Example:
     >>> runner = JobRunner(JobStore(state / "jobs.sqlite"), service, JobsConfig(state, outputs))  # doctest: +SKIP
@@ -69,7 +72,7 @@ from segsvc.jobs.outputs import (
 )
 from segsvc.jobs import runner as job_runner
 from segsvc.jobs.runner import StoreRunner
-from segsvc.jobs.staging import StagingArea, UploadLimits
+from segsvc.jobs.staging import MAX_DISK_BYTES as UPLOADS_DISK_BYTES, StagingArea, UploadLimits
 from segsvc.jobs.store import Item, Job, JobStore
 
 log = logging.getLogger("segsvc.jobs")
@@ -109,6 +112,10 @@ class JobsConfig:
         upload: limits of ``UploadImages``.
         progress_interval_s: how often live progress is written to the store.
         upload_ttl_s: an upload no job references is deleted this long after its commit.
+        max_uploads_disk_bytes: most bytes ``<state_dir>/uploads`` may hold (``--max-uploads-disk-mb``): the
+            committed uploads plus the uploads in progress, each chunk charged before it is written; one that
+            would pass it is refused (``Overloaded``). ``upload`` bounds one upload, this all of them: the state
+            folder also holds the job database.
     """
 
     state_dir: Path
@@ -122,9 +129,11 @@ class JobsConfig:
     upload: UploadLimits = field(default_factory=UploadLimits)
     progress_interval_s: float = 0.5
     upload_ttl_s: float = 24 * 3600.0
+    max_uploads_disk_bytes: int = UPLOADS_DISK_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("max_running_jobs", "max_inputs", "max_input_specs", "max_file_bytes", "window"):
+        for name in ("max_running_jobs", "max_inputs", "max_input_specs", "max_file_bytes", "window",
+                     "max_uploads_disk_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"jobs: {name} must be positive, got {getattr(self, name)}")
         if not self.upload_ttl_s > 0:  # also refuses NaN
@@ -226,7 +235,8 @@ class JobRunner(StoreRunner):
         self.config = config
         self._service = service
         self.on_image = on_image
-        self.staging = StagingArea(Path(config.state_dir) / "uploads", config.upload)
+        self.staging = StagingArea(Path(config.state_dir) / "uploads", config.upload,
+                                   max_disk_bytes=config.max_uploads_disk_bytes)
         self._runs: dict[str, _Run] = {}  # type: ignore[assignment]
         self._sweeper: asyncio.Task | None = None
         self._state_lock: int | None = None  # the fd holding LOCK_FILE while started (or claimed)

@@ -18,6 +18,15 @@ reader sees either nothing or the whole thing; so is deleting (``<id>`` to
 whatever was left in between. Who deletes a committed upload, and when, is the
 owner's business (the batch runner: when no job references it any more).
 
+The whole folder has a budget (``max_disk_bytes``, the server's
+``--max-uploads-disk-mb``), besides each upload's ``UploadLimits``: the bytes of
+the committed uploads (until their files are removed) plus every byte the uploads
+in progress have written. Each chunk is charged before it is written and refused
+with ``Overloaded`` when it would pass the budget; an aborted upload's bytes are
+freed, a committed one's when it is purged. The committed bytes are counted from
+the disk (by ``clean_partial`` at start-up, else before the first upload), so a
+restart counts what earlier runs left.
+
 Example:
     >>> area = StagingArea("/srv/staging")  # doctest: +SKIP
     >>> up = area.open()  # doctest: +SKIP
@@ -34,10 +43,11 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segsvc.errors import InvalidArgument, NotFound, UploadError
+from segsvc.errors import InvalidArgument, NotFound, Overloaded, UploadError
 from segsvc.files import fsync_published, fsync_tree
 from segsvc.jobs.inputs import IMAGE_SUFFIXES
 
@@ -49,6 +59,9 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _COMPONENT = re.compile(r"[A-Za-z0-9_+@=,][A-Za-z0-9_+@=,. -]*(?<! )")
 _MAX_NAME_BYTES = 255
 _PARTIAL, _DELETING, _INCOMING = ".partial", ".deleting", ".incoming"
+# What the folder holds at most by default (``--max-uploads-disk-mb``): four uploads of the default largest size
+# (``UploadLimits.max_total_bytes``, ``--max-upload-mb``).
+MAX_DISK_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -92,27 +105,90 @@ class UploadSummary:
 class StagingArea:
     """Owns the staging root: opens, finds, deletes and cleans uploads.
 
-    Safe to call from several threads without a lock: ids are random, and
-    every state change is a single ``mkdir`` or ``rename`` that the file
-    system performs atomically.
+    Safe to call from several threads: ids are random, every state change is
+    a single ``mkdir`` or ``rename`` that the file system performs atomically,
+    and the byte counts of the disk budget are kept under a lock.
 
     Args:
         root: folder holding the uploads; created if missing.
         limits: applied to every upload opened here.
+        max_disk_bytes: most bytes the folder may hold: committed uploads plus the uploads in progress
+            (``--max-uploads-disk-mb``); a chunk that would pass it is refused with ``Overloaded``.
     """
 
-    def __init__(self, root: str | os.PathLike[str], limits: UploadLimits = UploadLimits()) -> None:
+    def __init__(self, root: str | os.PathLike[str], limits: UploadLimits = UploadLimits(),
+                 max_disk_bytes: int = MAX_DISK_BYTES) -> None:
+        if not isinstance(max_disk_bytes, int) or max_disk_bytes < 1:
+            raise InvalidArgument(f"StagingArea.max_disk_bytes must be at least 1, got {max_disk_bytes!r}")
         Path(root).mkdir(parents=True, exist_ok=True)
         self.root = Path(root).resolve(strict=True)
         self.limits = limits
+        self.max_disk_bytes = max_disk_bytes
+        self._lock = threading.Lock()
+        # Bytes of the committed uploads, by id, until ``purge`` has removed their files (None: to be counted
+        # from the disk); bytes written so far by the uploads in progress, by id. Both under ``_lock``.
+        self._committed: dict[str, int] | None = None
+        self._in_progress: dict[str, int] = {}
 
     def open(self) -> StagedUpload:
-        """Start a new upload in ``<root>/<id>.partial/``."""
+        """Start a new upload in ``<root>/<id>.partial/``.
+
+        Raises ``Overloaded`` when the folder's budget (``max_disk_bytes``) has no byte left.
+        """
         upload_id = secrets.token_hex(16)
-        folder = self.root / (upload_id + _PARTIAL)
-        folder.mkdir()
-        (folder / _INCOMING).mkdir()
+        with self._lock:
+            self._check_room(1)
+            self._in_progress[upload_id] = 0
+        try:
+            folder = self.root / (upload_id + _PARTIAL)
+            folder.mkdir()
+            (folder / _INCOMING).mkdir()
+        except BaseException:
+            shutil.rmtree(self.root / (upload_id + _PARTIAL), ignore_errors=True)
+            self._release(upload_id)
+            raise
         return StagedUpload(self, upload_id, folder)
+
+    # -- the folder's disk budget --------------------------------------------------------------
+    def bytes_held(self) -> tuple[int, int]:
+        """``(committed, in_progress)``: the bytes counted against ``max_disk_bytes``."""
+        with self._lock:
+            return sum(self._committed_bytes().values()), sum(self._in_progress.values())
+
+    def _committed_bytes(self) -> dict[str, int]:
+        """The committed (or detached, not yet purged) uploads' bytes by id, counted from the disk once (under
+        ``_lock``)."""
+        if self._committed is None:
+            counted: dict[str, int] = {}
+            for entry in self.root.iterdir():
+                upload_id = entry.name.removesuffix(_DELETING)
+                if _ID.fullmatch(upload_id) and entry.is_dir() and not entry.is_symlink():
+                    counted[upload_id] = counted.get(upload_id, 0) + _tree_bytes(entry)
+            self._committed = counted
+        return self._committed
+
+    def _check_room(self, size: int) -> None:
+        """``Overloaded`` unless the folder has room for ``size`` more bytes (under ``_lock``)."""
+        committed = sum(self._committed_bytes().values())
+        in_flight = sum(self._in_progress.values())
+        if committed + in_flight + size > self.max_disk_bytes:
+            raise Overloaded(
+                f"the uploads folder would hold more than {self.max_disk_bytes} bytes, the server's limit "
+                f"(--max-uploads-disk-mb): {committed} bytes of committed uploads and {in_flight} of uploads in "
+                f"progress; delete jobs you are done with (an upload is deleted with the last job that uses it), "
+                f"or retry later: an upload that no job uses is deleted --upload-ttl-hours after its commit")
+
+    def _charge(self, upload_id: str, size: int) -> None:
+        """Count ``size`` bytes an upload in progress is about to write (negative: a refund), or refuse them."""
+        with self._lock:
+            if size > 0:
+                self._check_room(size)
+            self._in_progress[upload_id] = self._in_progress.get(upload_id, 0) + size
+
+    def _release(self, upload_id: str) -> None:
+        """An upload in progress ended without a commit: its bytes are free."""
+        with self._lock:
+            self._in_progress.pop(upload_id, None)
 
     def path(self, upload_id: str) -> Path:
         """The folder of a committed upload; ``NotFound`` while it is partial or after delete."""
@@ -157,8 +233,14 @@ class StagingArea:
             raise NotFound(f"upload {upload_id!r} does not exist (never committed, or deleted)") from None
 
     def purge(self, upload_id: str) -> None:
-        """The second half of ``delete``: remove the files of a detached upload (none left: nothing to do)."""
+        """The second half of ``delete``: remove the files of a detached upload (none left: nothing to do).
+
+        Its bytes stay counted against ``max_disk_bytes`` until its files are gone.
+        """
         shutil.rmtree(self.root / (_check_id(upload_id) + _DELETING), ignore_errors=True)
+        with self._lock:
+            if self._committed is not None and not (self.root / upload_id).exists():
+                self._committed.pop(upload_id, None)
 
     def committed_before(self, cutoff: float) -> list[str]:
         """Ids of the committed uploads whose commit time (the folder's mtime) is before ``cutoff``.
@@ -182,14 +264,31 @@ class StagingArea:
         """Remove uploads left unfinished by a crash; returns how many folders went.
 
         Call at start-up, before any ``open``: it cannot tell a leftover from an
-        upload in progress.
+        upload in progress. Then counts the committed uploads' bytes from the disk (``max_disk_bytes``).
         """
         removed = 0
         for entry in self.root.iterdir():
             if entry.name.endswith((_PARTIAL, _DELETING)) and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
                 removed += 1
+        with self._lock:
+            self._committed = None
+            self._committed_bytes()
         return removed
+
+
+def _tree_bytes(folder: Path) -> int:
+    """The sizes of the regular files under ``folder`` (links not followed; files gone meanwhile skipped)."""
+    total = 0
+    for parent, _dirs, names in os.walk(folder):
+        for name in names:
+            try:
+                info = os.lstat(os.path.join(parent, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_size
+    return total
 
 
 def _check_id(upload_id: str) -> str:
@@ -260,6 +359,8 @@ class StagedUpload:
             UploadError: unsafe name, a name reused, a chunk out of order or
                 after the last one, a limit that this chunk would pass, a
                 malformed or mismatching ``sha256``; nothing is written then.
+            Overloaded: the chunk would take the staging folder past its
+                budget (``StagingArea.max_disk_bytes``); nothing is written.
         """
         if self._closed:
             raise UploadError(f"upload {self.upload_id} is already {self._closed}")
@@ -282,7 +383,14 @@ class StagedUpload:
                 raise UploadError(f"sha256 for {name!r} is not 64 hex digits")
             if hasher.hexdigest() != sha256.lower():
                 raise UploadError(f"hash mismatch for {name!r}: the received bytes differ from the client's")
-        _write_at(state.tmp, state.received, data, sync=last)
+        if data:  # charged against the folder's budget before a byte is written; refused: Overloaded
+            self._area._charge(self.upload_id, len(data))
+        try:
+            _write_at(state.tmp, state.received, data, sync=last)
+        except BaseException:
+            if data:  # nothing counts as written (the next write at this offset cuts any tail)
+                self._area._charge(self.upload_id, -len(data))
+            raise
         state.hasher = hasher
         state.received += len(data)
         self._total_bytes += len(data)
@@ -328,8 +436,12 @@ class StagedUpload:
         # Its files were synced as each completed; their renames into place, and the folders made for them, are
         # synced here: a power cut must not leave a committed upload that lacks files.
         fsync_tree(self._folder, files=False)
-        os.rename(self._folder, self._area.root / self.upload_id)
-        self._closed = "committed"
+        area = self._area
+        with area._lock:  # the bytes move from "in progress" to "committed" with the rename, never counted twice
+            os.rename(self._folder, area.root / self.upload_id)
+            self._closed = "committed"
+            area._in_progress.pop(self.upload_id, None)
+            area._committed_bytes()[self.upload_id] = self._total_bytes
         fsync_published(f"upload {self.upload_id}", [self._area.root])
         files = tuple(
             UploadedFile(name, s.received, s.hasher.hexdigest())
@@ -343,6 +455,7 @@ class StagedUpload:
             return
         self._closed = "aborted"
         shutil.rmtree(self._folder, ignore_errors=True)
+        self._area._release(self.upload_id)
 
 
 def _write_at(path: Path, offset: int, data: bytes, *, sync: bool) -> None:
