@@ -17,7 +17,8 @@ from typing import Callable, NoReturn, Sequence
 
 from segsvc.cli_client import add_max_message_flag, connection_flags
 from segsvc.cli_serve import add_serve_parser
-from segsvc.cli_values import fraction, non_negative_int, number, positive_int, tile_size
+from segsvc.cli_values import (check_overlap_flags, fraction, non_negative_int, number, positive_int, tile_overlap,
+                               tile_size)
 from segsvc.config import BACKENDS
 from segsvc.errors import InvalidArgument, SegsvcError
 
@@ -194,13 +195,6 @@ def _inference_scale(text: str) -> float:
     return number(0.0, strict=True, most=MAX_INFERENCE_SCALE)(text)
 
 
-def _tile_overlap(text: str) -> float:
-    """``--overlap``: a fraction of the tile in ``[0, MAX_TILE_OVERLAP]``, as a manifest's tile overlap."""
-    from segsvc.config import MAX_TILE_OVERLAP
-
-    return number(0.0, most=MAX_TILE_OVERLAP)(text)
-
-
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model artifact on a labelled dataset split")
     p.add_argument("--model", required=True,
@@ -214,7 +208,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                         "from its manifest); metrics still use the full-size labels")
     p.add_argument("--tile", type=tile_size, nargs=2, metavar=("H", "W"), default=None,
                    help="sliding-window inference with tiles of H x W pixels; 0 0: off (default: the model's)")
-    p.add_argument("--overlap", type=_tile_overlap, default=None,
+    p.add_argument("--overlap", type=tile_overlap, default=None,
                    help="sliding-window overlap fraction (default: the model's, 0.25 unless its manifest says)")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
                    help="horizontal-flip test-time augmentation (default: the model's, usually off)")
@@ -373,7 +367,9 @@ def _segment(args: argparse.Namespace) -> int:
 
     model, version = parse_model_ref(args.model) if args.model else (None, None)
     # a bad option (a model name, --alpha 1.5) is named now, before the files are walked and the server is waited for
-    SegmentationClient.request_template(model=model, version=version, tile_size=args.tile_size, flip_tta=args.flip_tta)
+    check_overlap_flags(args.tile_size, args.overlap)
+    SegmentationClient.request_template(model=model, version=version, tile_size=args.tile_size,
+                                        tile_overlap=args.overlap, flip_tta=args.flip_tta)
     named = named_image_files(args.inputs, skip=args.out)  # --out may lie inside an input folder
     if not named:
         raise no_images(args.inputs)
@@ -404,7 +400,8 @@ def _segment(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         try:
             client.segment_many(
-                files, model=model, version=version, tile_size=args.tile_size, flip_tta=args.flip_tta,
+                files, model=model, version=version, tile_size=args.tile_size, tile_overlap=args.overlap,
+                flip_tta=args.flip_tta,
                 progress=args.progress, return_exceptions=True, on_result=write,
             )
         except SegsvcError:
@@ -429,6 +426,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="NAME or NAME:VERSION (default: the server's only model)")
     p.add_argument("--tile-size", type=tile_size, default=None,
                    help="sliding-window tile side in pixels; 0: off (default: the model's, usually off)")
+    p.add_argument("--overlap", type=tile_overlap, default=None,
+                   help="sliding-window overlap, a fraction of the tile; needs --tile-size (default: the model's, "
+                        "0.25 unless its manifest says)")
     p.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="horizontal-flip test-time augmentation (default: the model's, usually off)")
     add_max_message_flag(p)

@@ -16,7 +16,7 @@ import json
 import shlex
 import sys
 
-from segsvc.cli_values import tile_size
+from segsvc.cli_values import check_overlap_flags, tile_overlap, tile_size
 from segsvc.errors import Cancelled, DeadlineExceeded, SegsvcError, Unavailable
 from segsvc.progress import show_progress
 
@@ -109,6 +109,8 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
     def handler(fn):  # type: ignore[no-untyped-def]
         def run(args: argparse.Namespace) -> int:
             # local paths are checked before connecting: a typo fails at once, whether a server runs or not
+            if getattr(args, "jobs_cmd", None) == "submit":
+                check_overlap_flags(args.tile_size, args.overlap)
             if getattr(args, "upload", False):
                 from segsvc.jobclient import local_images
 
@@ -132,6 +134,9 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
     ps.add_argument("--confidence", action="store_true", help="also write confidence PNGs")
     ps.add_argument("--tile-size", type=tile_size, default=None,
                     help="sliding-window tile side; 0: off (default: the model's, usually off)")
+    ps.add_argument("--overlap", type=tile_overlap, default=None,
+                    help="sliding-window overlap, a fraction of the tile; needs --tile-size (default: the model's, "
+                         "0.25 unless its manifest says)")
     ps.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, default=None,
                     help="horizontal-flip test-time augmentation (default: the model's, usually off)")
     ps.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
@@ -170,7 +175,7 @@ def _submit(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped
     job = client.submit_job(
         () if args.upload else args.inputs, upload=args.inputs if args.upload else None, model=model,
         version=version, request_id=args.request_id, overlay=args.overlay, color=args.color,
-        confidence=args.confidence, tile_size=args.tile_size, flip_tta=args.flip_tta,
+        confidence=args.confidence, tile_size=args.tile_size, tile_overlap=args.overlap, flip_tta=args.flip_tta,
     )
     print(job.id, flush=True)
     if not args.wait:

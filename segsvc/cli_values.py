@@ -93,3 +93,21 @@ def tile_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be 0 (no tiling) or a whole number of pixels from {MIN_TILE_SIZE} "
                                          f"to {MAX_TILE_SIZE}, got {text}")
     return value
+
+
+def tile_overlap(text: str) -> float:
+    """``--overlap``: a fraction of the tile in ``[0, MAX_TILE_OVERLAP]``, as a manifest's tile overlap."""
+    from segsvc.config import MAX_TILE_OVERLAP
+
+    return number(0.0, most=MAX_TILE_OVERLAP)(text)
+
+
+def check_overlap_flags(tile_size: int | None, overlap: float | None) -> None:
+    """``--overlap`` with ``--tile-size``: a request sends an overlap only with an explicit tile size (the client's
+    ``tile_overlap needs tile_size`` names its Python parameter, not the flag)."""
+    from segsvc.errors import InvalidArgument
+
+    if overlap is not None and tile_size is None:
+        raise InvalidArgument("--overlap needs --tile-size: an overlap is sent only with an explicit tile size (the "
+                              "model's is in its manifest: segsvc models show)")
+

@@ -216,3 +216,27 @@ def test_a_fetch_of_a_running_job_is_refused_in_one_line_saying_what_to_do(half_
                    f"has finished; wait for it (`segsvc jobs wait {job_id}`, WaitOperation) and fetch again, or "
                    f"cancel it (`segsvc jobs cancel {job_id}`) and wait for it to end, to fetch the outputs written so far\n"), err
     assert not out.exists()
+
+
+def test_jobs_submit_sends_the_tile_overlap(monkeypatch, capsys):
+    """`jobs submit` had --tile-size but no --overlap, though the server's too-many-tiles refusal says "use larger
+    tiles or less overlap"; the overlap reaches the request's tiling options."""
+    sent: list[dict] = []
+
+    class Client:
+        def __enter__(self) -> "Client":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def submit_job(self, paths, **options):  # type: ignore[no-untyped-def]
+            sent.append(options)
+            return argparse.Namespace(id="j1")
+
+    monkeypatch.setattr(cli_jobs, "_client", lambda args: Client())
+    assert main(["jobs", "submit", "scans", "--tile-size", "256", "--overlap", "0.5"]) == 0
+    assert capsys.readouterr().out == "j1\n"
+    assert sent[0]["tile_size"] == 256 and sent[0]["tile_overlap"] == 0.5
+    request = SegmentationClient.request_template(tile_size=256, tile_overlap=sent[0]["tile_overlap"])
+    assert request.options.tiling.overlap == 0.5

@@ -370,3 +370,26 @@ def test_a_stream_past_its_deadline_says_the_deadline_bounds_the_whole_stream(st
     finally:
         gated.gate.set()
     assert "2 s, the deadline of the whole stream, passed (timeout_s; segsvc segment --timeout-s)" in str(late.value)
+
+
+def test_cli_segment_and_jobs_submit_send_the_tile_overlap(start_server, tmp_path, capsys):
+    """The server's refusal of too many tiles says "use larger tiles or less overlap", yet segment and jobs submit
+    had no --overlap (a satellite user's find). At --max-tiles 4, a 64x64 image in 32-pixel tiles is 4 tiles with
+    no overlap and 9 with half a tile: the server counts the overlap the flag sends."""
+    from segsvc.cli import main
+    from segsvc.server.config import LimitsConfig
+    from tests.server.conftest import publish
+
+    publish(tmp_path / "repo", "tiny", seed=7)
+    server = start_server(tmp_path / "repo", limits=LimitsConfig(max_tiles=4))
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    image.write_bytes(encode(make_image(64, 64, seed=501)))
+    common = ["segment", str(image), "--server", server.address, "--model", "tiny", "--tile-size", "32",
+              "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "flat"), "--overlap", "0"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "half"), "--overlap", "0.5"]) == 1
+    assert "needs 9 tiles, over the limit of 4" in capsys.readouterr().err
+    assert main(["jobs", "submit", "x.png", "--server", server.address, "--overlap", "0.5"]) == 2
+    assert capsys.readouterr().err.startswith("segsvc: error: --overlap needs --tile-size")
