@@ -30,6 +30,17 @@ import numpy as np
 from segsvc.data.orientation import apply_orientation, exif_orientation
 from segsvc.errors import DatasetError, InvalidImage, NotFound
 
+
+def quiet_decoders() -> None:
+    """Keep OpenCV's and libtiff's warnings about a file off stderr: a 4-band TIFF printed ``[ WARN:0@0.646] global
+    grfmt_tiff.cpp:123 TIFF_Warning TIFFReadDirectory: Sum of Photometric ...`` once per file, in serving, batch
+    jobs and training alike. What matters about a file its reader refuses, or the README documents; OpenCV's
+    errors still show."""
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+quiet_decoders()
+
 RGB = tuple[int, int, int]
 Palette = Sequence[RGB] | Mapping[RGB, int]
 

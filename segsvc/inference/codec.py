@@ -51,6 +51,7 @@ import cv2
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from segsvc.data.io import quiet_decoders
 from segsvc.data.orientation import apply_orientation
 from segsvc.errors import ImageTooLarge, InvalidArgument, InvalidImage
 from segsvc.inference.containers import (  # noqa: F401  (limits re-exported for callers of codec)
@@ -58,6 +59,8 @@ from segsvc.inference.containers import (  # noqa: F401  (limits re-exported for
     ImageHeader, check_png_crc, image_header, inspect,
 )
 from segsvc.palette import colorize, overlay  # noqa: F401  (numpy-only; re-exported for callers of codec)
+
+quiet_decoders()  # this module decodes what clients send
 
 DEFAULT_MAX_PIXELS = 64_000_000
 # zlib level 1, every row filtered "Up" (minus the row above) instead of libpng's adaptive choice,

@@ -1038,3 +1038,18 @@ def test_an_animation_is_refused_not_cut_to_its_first_frame(fmt, match):
     with pytest.raises(InvalidImage, match=match):
         decode_image(animated.getvalue())
     assert decode_image(still.getvalue()).shape == RGB.shape
+
+
+def test_a_four_band_tiff_decodes_without_opencv_s_warning_on_stderr(tmp_path) -> None:
+    """A 4-band TIFF (RGB + NIR, or colour + alpha) printed libtiff's "TIFF_Warning TIFFReadDirectory: Sum of
+    Photometric type-related color channels ..." to stderr, once per file, in serving and batch jobs. In a fresh
+    process, as the server and ``segsvc batch`` import the codec."""
+    ok, tiff = cv2.imencode(".tif", np.random.default_rng(0).integers(0, 256, (16, 16, 4), dtype=np.uint8))
+    assert ok
+    (tmp_path / "four.tif").write_bytes(tiff.tobytes())
+    script = ("import sys; from segsvc.inference.codec import decode_image; "
+              "print(decode_image(open(sys.argv[1], 'rb').read()).shape)")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path / "four.tif")], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "(16, 16, 3)", run.stderr
+    assert run.stderr == ""
