@@ -321,7 +321,10 @@ def describe_contract(contract: InferenceSpec, options: EvalOptions) -> str:
     src = contract_sources(options)
     tiles = (f"tiles {contract.tile_size} overlap {contract.tile_overlap} ({src['tile_size']})"
              if contract.tile_size else f"no tiling ({src['tile_size']})")
-    padding = ", mirrored borders (manifest)" if contract.tile_padding == "reflect" else ""
+    # ``tile_padding: reflect`` without tiles still mirrors the padding to the stride and minimum size
+    # (``contract_logits``): said as that, not as the overlap tiles' mirrored borders
+    padding = ("" if contract.tile_padding != "reflect" else ", mirrored borders (manifest)" if contract.tile_size
+               else ", mirrored padding to the stride (manifest)")
     scales = (f"scales {', '.join(f'{f:g}' for f in contract.tta_scales)}" if contract.tta_scales
               else "no multi-scale TTA")
     shift = (f", inputs shifted by ({contract.shift[0]:+.2f}, {contract.shift[1]:+.2f}) px (manifest)"

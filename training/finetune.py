@@ -17,7 +17,7 @@ from torch import nn
 
 from segsvc.config import ModelSpec
 from segsvc.errors import InvalidArgument
-from segsvc.models.artifact import load_artifact, read_manifest
+from segsvc.models.artifact import Manifest, load_artifact, read_manifest
 from segsvc.models.base import in_head
 from segsvc.models.registry import architecture_spec
 
@@ -34,8 +34,7 @@ def init_from_artifact(model: nn.Module, spec: ModelSpec, class_names: Sequence[
         ArtifactError: the directory is not a readable model version.
     """
     version_dir = Path(version_dir)
-    manifest = read_manifest(version_dir)
-    check_compatible(manifest.spec, spec, version_dir)
+    manifest = check_init_from(spec, version_dir)
     base, _ = load_artifact(version_dir)
     same_classes = tuple(manifest.class_names) == tuple(class_names)
     prefixes = tuple(model.head_prefixes)
@@ -52,6 +51,21 @@ def init_from_artifact(model: nn.Module, spec: ModelSpec, class_names: Sequence[
         "head_prefixes": list(prefixes),
         "artifact_classes": list(manifest.class_names),
     }
+
+
+def check_init_from(spec: ModelSpec, version_dir: str | Path) -> Manifest:
+    """Refuse an artifact that cannot initialise a model built from ``spec``, reading only its manifest (not its
+    weights); returns the manifest. ``init_from_artifact`` runs it before loading, ``python -m training --check``
+    (``training.train.check_recipe``) on its own.
+
+    Raises:
+        IncompatibleInit: another architecture, other parameters or other input channels.
+        ArtifactError: the directory holds no readable manifest.
+    """
+    version_dir = Path(version_dir)
+    manifest = read_manifest(version_dir)
+    check_compatible(manifest.spec, spec, version_dir)
+    return manifest
 
 
 def check_compatible(base: ModelSpec, new: ModelSpec, where: Path) -> None:

@@ -310,9 +310,17 @@ def publish(
         inference=contract,
     )
     record_artifact(run_dir, artifact)
-    print(f"best epoch {best_epoch}: val mIoU {metrics.get('miou')}, pixel accuracy "
-          f"{metrics.get('pixel_accuracy')}\nartifact: {artifact}")
+    print(f"{best_line(best_epoch, metrics)}\nartifact: {artifact}")
     return artifact
+
+
+def best_line(best_epoch: int, metrics: dict[str, Any]) -> str:
+    """The closing line: the published epoch's validation in percent, as the epoch lines and ``segsvc eval``
+    say it."""
+    miou, accuracy = metrics.get("miou"), metrics.get("pixel_accuracy")
+    if miou is None or accuracy is None:
+        return f"best epoch {best_epoch}: not validated"
+    return f"best epoch {best_epoch}: val mIoU {100 * miou:.2f}, pixel accuracy {100 * accuracy:.2f}"
 
 
 def refuse_unmeasured_run(cfg: TrainConfig, data: DatasetSpec, history: Sequence[dict[str, Any]]) -> None:

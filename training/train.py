@@ -66,7 +66,7 @@ from training.data import (
 from training.distributed import DistEnv, broadcast_buffers, broadcast_from_main, log, resolve_device, setup_distributed
 from training.ema import WeightAverage
 from training.events import EVENTS_FILE, EventLog, Terminated, sigterm_raises
-from training.finetune import describe_init, init_from_artifact
+from training.finetune import check_init_from, describe_init, init_from_artifact
 from training.losses import border_weight_function, build_loss, class_pixel_counts, median_frequency_weights
 from training.metrics import ConfusionMatrix, SegmentationMetrics, require_counted
 from training.report import plot_training_curve
@@ -247,9 +247,10 @@ def check_recipe(cfg: TrainConfig) -> None:
     recipe's keys and values (``load_config``, done by the caller), the device (``resolve_device``), the dataset's
     classes and splits (``load_training_data``), the samples selected in them (``select_samples``: the folders are
     listed, no image is read), the augmentation (``train_augmentation``), the model's architecture, parameters and crop
-    (``build_checked_model``) and its size (``check_model_fits``). The server runs it (``python -m training
-    --check``) when a job is submitted, so a request the trainer would refuse is refused then, not when the job's
-    trainer starts.
+    (``build_checked_model``), its size (``check_model_fits``) and the artifact it fine-tunes from
+    (``model.init_from``, the server's ``base_model``: ``check_init_from`` reads its manifest, not its weights). The
+    server runs it (``python -m training --check``) when a job is submitted, so a request the trainer would refuse is
+    refused then, not when the job's trainer starts.
 
     It runs beside the server's models, under a memory limit (``RLIMIT_AS``, set by the server): it touches no
     GPU, and the model is planned on the meta device (shapes only: no weights allocated, no initialiser run).
@@ -264,6 +265,8 @@ def check_recipe(cfg: TrainConfig) -> None:
     except MemoryError:  # past the limit all the same (a factory that allocates real tensors on the meta device)
         raise InvalidArgument(f"the model ({cfg.model.arch}) is too large to build within the check's memory "
                               f"limit{_gib_text(address_space_limit())}") from None
+    if cfg.model.init_from is not None:  # the trainer's own refusal (``initialise_weights``), its manifest only
+        check_init_from(spec, cfg.model.init_from)
 
 
 def check_model_fits(spec: ModelSpec, model: nn.Module) -> None:
