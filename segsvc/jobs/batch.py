@@ -17,8 +17,10 @@ hold only the first ``outputs.FAILURES_SHOWN``). A full output volume (ENOSPC, E
 item stays PENDING, the job tries again after ``SPACE_PAUSE_S`` (growing while the volume stays full) and
 its progress says why (``paused_reason``, when the store can take it: a full volume may hold the store too;
 the pause happens either way) until an item goes through; a cancel ends the pause at once, a
-restart resumes the job like any other. A disk that refuses writes otherwise (read-only, permissions, I/O
-errors) fails the job with that reason. An item FAILED or SKIPPED
+restart resumes the job like any other (one warning per row of pauses: the writes in flight that the pause
+cancels, refused too, are not each reported). A disk that refuses writes otherwise (read-only, permissions, I/O
+errors) fails the job with that reason, after writing, when the folder takes them, the records a cancelled job
+gets (``results.jsonl``, ``failures.jsonl``, ``summary.json`` saying it failed and why). An item FAILED or SKIPPED
 keeps no files (a killed run may have renamed some into place), and a cancel
 or a stop waits for the writes in flight, so every file has its DONE item.
 The server holds ``<state_dir>/jobs.lock`` while it runs jobs: a second server
@@ -67,7 +69,7 @@ from segsvc.inference.service import ImageFile, InferenceService, Segmentation
 from segsvc.jobs import store as job_store
 from segsvc.jobs.inputs import confine, resolve_inputs
 from segsvc.jobs.outputs import (
-    RESULTS_FILE, SUMMARY_FILE, JobOutputs, check_rel, checked_inputs, clean_temporaries, is_temporary,
+    FAILURES_FILE, RESULTS_FILE, SUMMARY_FILE, JobOutputs, check_rel, checked_inputs, clean_temporaries, is_temporary,
     item_write_problem,
 )
 from segsvc.jobs import runner as job_runner
@@ -195,6 +197,7 @@ class _Run:
     processed: int = 0
     published: float = 0.0
     paused_reason: str | None = None  # why the job is paused (published with its progress), until an item goes through
+    halted: bool = False  # an item raised (a full volume, a refused write...): the run ends for it, not for a stop
 
 
 class _NoSpace(Unavailable):
@@ -415,8 +418,14 @@ class JobRunner(StoreRunner):
             await asyncio.to_thread(clean_temporaries, outputs.root)
             await self._service.manager.retain(run.model, run.version, job=True)  # no swap retires it mid-job
             try:
-                await self._run_items(run, outputs, self._input_root(request))
-                await self._finalize(run, outputs)
+                try:
+                    await self._run_items(run, outputs, self._input_root(request))
+                except Unavailable:
+                    raise
+                except Exception as exc:  # the job fails: first the records of what it did, as a cancel writes
+                    await self._write_failed_records(run, outputs, _failure_message(exc))
+                    raise
+                await self._finalize(run, outputs)  # failing, it failed writing these records: not tried again
             finally:
                 self._service.manager.release(run.model, run.version, job=True)
         except asyncio.CancelledError:  # server stopping: the job resumes at the next start
@@ -425,7 +434,7 @@ class JobRunner(StoreRunner):
         except Unavailable as exc:  # the model is not taking requests, the output volume is full: pause
             await self._pause(job.id, exc)
         except Exception as exc:
-            message = str(exc) if isinstance(exc, SegsvcError) else "internal error; see the server log"
+            message = _failure_message(exc)
             # Recorded before it is logged: a store refusing it too raises, and the runner logs both once per
             # row of such runs (``StoreRunner._run_guarded``), not once per retry.
             await asyncio.to_thread(self.store.finish, job.id, "FAILED", error=message)
@@ -488,6 +497,7 @@ class JobRunner(StoreRunner):
             slots.release()
             if not task.cancelled() and task.exception() is not None:
                 errors.append(task.exception())  # type: ignore[arg-type]
+                run.halted = True  # the writes still in flight are cancelled for it (``_late_write_error``)
                 if not stop.done():
                     stop.cancel()  # wakes the loops below, which then stop starting items
 
@@ -525,7 +535,8 @@ class JobRunner(StoreRunner):
         except (InvalidArgument, Cancelled) as exc:  # this input cannot be segmented: record why
             await self._fail_item(run, outputs, item, str(exc))
         else:
-            await _uninterrupted(self._write_and_record(run, outputs, item, seg, t0))
+            await _uninterrupted(self._write_and_record(run, outputs, item, seg, t0),
+                                 lambda exc: _late_write_error(run, exc))
         run.processed += 1
         await self._resumed(run)
         await self._publish(run)
@@ -627,6 +638,42 @@ class JobRunner(StoreRunner):
         except (sqlite3.Error, OSError) as exc:
             (log.warning if say else log.debug)("job %s: its progress could not be stored: %s", run.job.id, exc)
 
+    async def _write_records(self, run: _Run, outputs: JobOutputs,
+                             **fields: Any) -> tuple[Job, dict[str, Any], float]:
+        """Write the job's ``results.jsonl``, ``failures.jsonl``, ``summary.json`` and chart from its store
+        (``fields`` added to the summary); the job as read, the summary and the job's elapsed time."""
+        job_id = run.job.id
+        job = await asyncio.to_thread(self.store.get, job_id)
+        manifest = self._service.manager.resolve(run.model, run.version).manifest
+        elapsed = float(job.progress.get("elapsed_s") or 0.0)
+        # Read from the store a page at a time as results.jsonl and failures.jsonl are written, on the I/O thread;
+        # the summary and the result keep the first failures (outputs.FAILURES_SHOWN), job.failed counts them all.
+        done = (i.result for i in self.store.iter_items(job_id, "DONE") if i.result is not None)
+        failed = ({"input": i.input, "reason": i.reason} for i in self.store.iter_items(job_id, "FAILED"))
+        summary = await self._service.run_io(
+            lambda: outputs.finalize(
+                done, failed,
+                class_names=manifest.class_names, palette=manifest.palette,
+                summary_fields={"job_id": job_id, "model": run.model, "version": run.version,
+                                "total": job.total, "skipped": job.skipped, "elapsed_s": elapsed, **fields},
+            )
+        )
+        return job, summary, elapsed
+
+    async def _write_failed_records(self, run: _Run, outputs: JobOutputs, error: str) -> None:
+        """Best effort, before a failing job is recorded FAILED: the records a cancelled job gets (the images it
+        did, those that failed; the inputs still to do are in neither), the summary with ``state`` FAILED and the
+        job's ``error``, so a fetch of the failed job says which inputs were done. An output folder refusing them
+        too (or any other trouble) is logged: the job fails with its own error all the same."""
+        run.paused_reason = None  # the job ends, whatever it waited for
+        try:
+            await self._publish_if_possible(run, False)  # the elapsed time in the summary
+            await self._write_records(run, outputs, state="FAILED", error=error)
+        except Exception as exc:  # noqa: BLE001  (whatever it is, the job's own failure is what is recorded)
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            log.warning("job %s: failing, its %s, %s and %s could not be written either: %s", run.job.id,
+                        RESULTS_FILE, FAILURES_FILE, SUMMARY_FILE, reason)
+
     async def _finalize(self, run: _Run, outputs: JobOutputs) -> None:
         job_id = run.job.id
         cancelled = run.cancel.is_set()
@@ -635,22 +682,8 @@ class JobRunner(StoreRunner):
             run.paused_reason = None  # a cancel during a pause: the job ends, whatever it waited for
         # Best effort: the outcome below is what matters (its elapsed time is then the last one stored).
         await self._publish_if_possible(run, True)
-        job = await asyncio.to_thread(self.store.get, job_id)
-        manifest = self._service.manager.resolve(run.model, run.version).manifest
-        elapsed = float(job.progress.get("elapsed_s") or 0.0)
-        # Read from the store a page at a time as results.jsonl and failures.jsonl are written, on the I/O thread;
-        # the summary and the result keep the first failures (outputs.FAILURES_SHOWN), job.failed counts them all.
-        done = (i.result for i in self.store.iter_items(job_id, "DONE") if i.result is not None)
-        failed = ({"input": i.input, "reason": i.reason} for i in self.store.iter_items(job_id, "FAILED"))
         try:
-            summary = await self._service.run_io(
-                lambda: outputs.finalize(
-                    done, failed,
-                    class_names=manifest.class_names, palette=manifest.palette,
-                    summary_fields={"job_id": job_id, "model": run.model, "version": run.version,
-                                    "total": job.total, "skipped": job.skipped, "elapsed_s": elapsed},
-                )
-            )
+            job, summary, elapsed = await self._write_records(run, outputs)
         except OSError as exc:
             if exc.errno not in NO_SPACE_ERRNOS:
                 raise _unwritable(exc) from exc
@@ -658,6 +691,7 @@ class JobRunner(StoreRunner):
                 raise _NoSpace(f"cannot write the job's results: {exc.strerror or 'no space'}") from exc
             # Cancelled on a full volume (typically during a pause): the job stops as asked, without the files
             # (the operation of a cancelled job carries no result); its items' outputs are kept.
+            job = await asyncio.to_thread(self.store.get, job_id)
             await asyncio.to_thread(self.store.finish, job_id, "CANCELLED")
             log.warning("job %s cancelled: %d done, %d failed, %d skipped; %s and %s not written: %s", job_id,
                         job.done, job.failed, job.skipped, RESULTS_FILE, SUMMARY_FILE, exc.strerror)
@@ -675,6 +709,28 @@ class JobRunner(StoreRunner):
         self._notify(job_id)
 
 
+def _failure_message(exc: BaseException) -> str:
+    """A failed job's error: a ``SegsvcError``'s own message (it names no server path), else a pointer to the log."""
+    return str(exc) if isinstance(exc, SegsvcError) else "internal error; see the server log"
+
+
+def _late_write_error(run: _Run, exc: BaseException) -> None:
+    """Log the error of an image's write that ended after its run was told to end (``_uninterrupted``).
+
+    The image stays to do (PENDING: skipped by a cancel, redone by the next run). A full volume is not worth a
+    warning: the job pauses (its one warning per row of pauses says so) or ends anyway, and a warning per image
+    in flight, at every retry of a pause, repeated the pause's warning as if the job were stopping. Nor is an error
+    of a run that ends for another image's error: that one pauses or fails the job, and is logged as such.
+    """
+    if isinstance(exc, _NoSpace):
+        log.debug("job %s: an image's write was refused for lack of space as the job's run ended: %s", run.job.id, exc)
+    elif run.halted and not run.cancel.is_set():
+        log.debug("job %s: an image's write failed as the job's run ended for another image's error: %s",
+                  run.job.id, exc)
+    else:
+        log.warning("job %s: an image's write failed while the job was stopping: %s", run.job.id, exc)
+
+
 def _unwritable(exc: OSError) -> FailedPrecondition:
     """The job's failure when its output folder refuses writes (not for lack of space, which pauses the job):
     the reason, not the server's paths."""
@@ -682,8 +738,9 @@ def _unwritable(exc: OSError) -> FailedPrecondition:
                               "make the output root writable, then submit the job again")
 
 
-async def _uninterrupted(work: Awaitable[None]) -> None:
-    """Await ``work`` to its end even when the caller is cancelled meanwhile, then pass the cancel on.
+async def _uninterrupted(work: Awaitable[None], late_error: Callable[[BaseException], None]) -> None:
+    """Await ``work`` to its end even when the caller is cancelled meanwhile, then pass the cancel on
+    (``late_error`` gets what ``work`` raised then, which the cancel replaces).
 
     An image's write runs on an I/O thread that a cancel cannot stop: a cancelled job (or a
     stopping server) that did not wait for it would find the item PENDING, skip it, and then
@@ -697,7 +754,7 @@ async def _uninterrupted(work: Awaitable[None]) -> None:
             with contextlib.suppress(asyncio.CancelledError):  # a second cancel (server stop after a cancel)
                 await asyncio.wait({task})
         if not task.cancelled() and task.exception() is not None:
-            log.warning("an image's write failed while its job was stopping: %s", task.exception())
+            late_error(task.exception())  # type: ignore[arg-type]
         raise
 
 
