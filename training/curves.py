@@ -40,8 +40,9 @@ from segsvc.files import write_atomic
 METRICS_FILE = "metrics.jsonl"
 FIGSIZE_IN = (9.0, 5.5)
 DPI = 100  # the picture is FIGSIZE_IN * DPI pixels: 900 x 550 (taller with long legends)
-LEGEND_INSIDE = 6  # runs per panel whose legend fits inside it; more go under it, one row each
+LEGEND_INSIDE = 6  # runs per panel whose legend (under the panel) fits the base picture; more add a row each
 LEGEND_ROW_IN = 0.16
+LEGEND_DROP_IN = 0.3  # from a panel's bottom edge to the top of its legend: clears the tick labels
 CSV_COLUMNS = ("run", "recipe", "dataset", "epoch", "wall_minutes", "cpu_threads", "cpu_minutes", "cpu_minutes_source",
                "val_miou")
 
@@ -270,34 +271,14 @@ def line_styles(count: int) -> list[tuple[Any, str]]:
     return [(colours[i % len(colours)], dashes[(i // len(colours)) % len(dashes)]) for i in range(count)]
 
 
+X_LABEL = "CPU-minutes (wall minutes × CPU threads)"
+
+
 def plot_curves(curves: Sequence[RunCurve], path: Path, title: str = "") -> Path:
     """Validation mIoU against CPU-minutes, one panel per dataset, one line per run (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = by_dataset(curves) or {"": []}
-    longest = max(len(group) for group in panels.values())
-    # the legends go under the panels: the picture grows by one legend row per run beyond LEGEND_INSIDE
-    extra_in = LEGEND_ROW_IN * longest if longest > LEGEND_INSIDE else 0.0
-    fig, axes = plt.subplots(1, len(panels), figsize=(FIGSIZE_IN[0], FIGSIZE_IN[1] + extra_in), squeeze=False,
-                             layout="constrained")
-    for ax, (dataset, group) in zip(axes[0], panels.items()):
-        for curve, (colour, dash) in zip(group, line_styles(len(group))):
-            ax.plot([p.cpu_minutes for p in curve.points], [p.val_miou for p in curve.points], marker="o", ms=3,
-                    color=colour, linestyle=dash, label=curve.label)
-        ax.set_xlabel("CPU-minutes (wall minutes × CPU threads)")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        if group and longest <= LEGEND_INSIDE:
-            ax.legend(fontsize="small", loc="lower right")
-        elif group:
-            ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.12), frameon=False)
-        if len(panels) > 1:
-            ax.set_title(dataset, fontsize="medium")
-    axes[0][0].set_ylabel("validation mIoU")
-    fig.suptitle(title or "validation mIoU against compute")
+    fig = curves_figure(curves, title)
     picture = io.BytesIO()
     try:
         fig.savefig(picture, format="png", dpi=DPI)
@@ -305,6 +286,43 @@ def plot_curves(curves: Sequence[RunCurve], path: Path, title: str = "") -> Path
         plt.close(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_atomic(path, picture.getvalue())
+
+
+def curves_figure(curves: Sequence[RunCurve], title: str = "") -> Any:
+    """The figure of ``plot_curves`` (the caller closes it).
+
+    The panels share one x label (the figure's, under them) and every panel's legend sits
+    under its panel, outside the data area, so it hides no point; constrained layout keeps
+    tick labels, legends and labels apart.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import ScaledTranslation
+
+    panels = by_dataset(curves) or {"": []}
+    longest = max(len(group) for group in panels.values())
+    # the picture grows by one legend row per run beyond LEGEND_INSIDE
+    extra_in = LEGEND_ROW_IN * longest if longest > LEGEND_INSIDE else 0.0
+    fig, axes = plt.subplots(1, len(panels), figsize=(FIGSIZE_IN[0], FIGSIZE_IN[1] + extra_in), squeeze=False,
+                             layout="constrained")
+    for ax, (dataset, group) in zip(axes[0], panels.items()):
+        for curve, (colour, dash) in zip(group, line_styles(len(group))):
+            ax.plot([p.cpu_minutes for p in curve.points], [p.val_miou for p in curve.points], marker="o", ms=3,
+                    color=colour, linestyle=dash, label=curve.label)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        if group:  # under the panel and its tick labels: a legend inside it hid the low points of early runs
+            under_ticks = ax.transAxes + ScaledTranslation(0, -LEGEND_DROP_IN, fig.dpi_scale_trans)
+            ax.legend(fontsize="small" if longest <= LEGEND_INSIDE else "x-small", loc="upper center",
+                      bbox_to_anchor=(0.5, 0.0), bbox_transform=under_ticks, borderaxespad=0.0, frameon=False)
+        if len(panels) > 1:
+            ax.set_title(dataset, fontsize="medium")
+    axes[0][0].set_ylabel("validation mIoU")
+    fig.supxlabel(X_LABEL)  # one for all panels: one per panel ran into its neighbours
+    fig.suptitle(title or "validation mIoU against compute")
+    return fig
 
 
 def write_curves(root: Path, png: Path, title: str = "", default_threads: int | None = None) -> list[RunCurve]:

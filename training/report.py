@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from segsvc.files import write_atomic  # noqa: E402
@@ -83,22 +84,55 @@ def plot_eval_report(
     palette: Sequence[Sequence[int]],
     ignore_index: int | None,
 ) -> Path:
-    """Per-class IoU bars on top, then one row per sample: image | ground truth | prediction overlay."""
-    rows = 1 + len(samples)
-    fig = plt.figure(figsize=(12, 3.2 * rows))
-    grid = fig.add_gridspec(rows, 3)
+    """Per-class IoU bars on top, the class colours, then one row per sample: image | ground truth | prediction."""
+    fig = eval_report_figure(title=title, class_names=class_names, iou=iou, samples=samples, palette=palette,
+                             ignore_index=ignore_index)
+    return _save(fig, path, dpi=80)
+
+
+LEGEND_COLUMNS = 6  # class colour entries per legend row
+LEGEND_ROW_IN = 0.28
+
+
+def eval_report_figure(
+    *,
+    title: str,
+    class_names: Sequence[str],
+    iou: Sequence[float],
+    samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    palette: Sequence[Sequence[int]],
+    ignore_index: int | None,
+) -> Any:
+    """The figure of ``plot_eval_report`` (the caller closes it).
+
+    The bars and their labels are in percent, as the title's mIoU. The legend under the bars names
+    every class in its palette colour: a class with IoU 0 has no visible bar, yet the ground truth
+    overlays paint it.
+    """
+    colors = [tuple(np.asarray(c, dtype=float) / 255.0) for c in palette]
+    handles = [Patch(facecolor=colour, edgecolor="black", label=name) for name, colour in zip(class_names, colors)]
+    if ignore_index is not None:
+        handles.append(Patch(facecolor="black", edgecolor="black", label="ignored (ground truth)"))
+    legend_rows = max(1, math.ceil(len(handles) / LEGEND_COLUMNS))
+    legend_in = 0.35 + LEGEND_ROW_IN * legend_rows  # the legend's title and rows
+    heights = [3.2, legend_in] + [3.2] * len(samples)
+    fig = plt.figure(figsize=(12, sum(heights)), layout="constrained")
+    grid = fig.add_gridspec(len(heights), 3, height_ratios=heights)
     ax = fig.add_subplot(grid[0, :])
-    values = [0.0 if math.isnan(v) else v for v in iou]
-    colors = [np.asarray(c) / 255.0 for c in palette]
-    bars = ax.bar(range(len(values)), values, color=colors, edgecolor="black")
+    values = [0.0 if math.isnan(v) else 100 * v for v in iou]
+    bars = ax.bar(range(len(values)), values, color=colors[: len(values)], edgecolor="black")
     for bar, v in zip(bars, iou):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.01,
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 1,
                 "n/a" if math.isnan(v) else f"{100 * v:.1f}", ha="center", fontsize=8)
     ax.set_xticks(range(len(values)), list(class_names), rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("IoU")
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("IoU (%)")
     ax.set_title(title)
-    for r, (image, target, pred) in enumerate(samples, start=1):
+    key = fig.add_subplot(grid[1, :])
+    key.axis("off")
+    key.legend(handles=handles, loc="center", ncols=min(len(handles), LEGEND_COLUMNS), fontsize=9,
+               title="class colours (bars, ground truth and prediction overlays)", title_fontsize=9, frameon=False)
+    for r, (image, target, pred) in enumerate(samples, start=2):
         shown = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
         cmap = "gray" if shown.ndim == 2 else None
         panels = [
@@ -111,8 +145,7 @@ def plot_eval_report(
             a.imshow(picture, cmap=cmap)
             a.set_title(name, fontsize=9)
             a.axis("off")
-    fig.tight_layout()
-    return _save(fig, path, dpi=80)
+    return fig
 
 
 def _save(fig: Any, path: Path, dpi: int) -> Path:
