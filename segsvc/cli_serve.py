@@ -79,6 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_inflight_mb=args.max_inflight_mb,
             max_tiles=args.max_tiles,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
+            stream_idle_s=args.stream_idle_s,
         ),
         auth=_server_auth(args),
         tls=TLSConfig(args.tls_cert, args.tls_key) if args.tls_cert else None,
@@ -306,7 +307,16 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                         "for each image beyond the first it holds (for which it waits). Each place holds up to "
                         "--max-message-mb before the memory budget admits its image: size the container for "
                         "--max-inflight-mb plus this "
-                        "times --max-message-mb (default 32: 32 x 64 MiB = the default --max-inflight-mb)")
+                        "times --max-message-mb (default 32: 32 x 64 MiB = the default --max-inflight-mb). "
+                        "Management calls (load, unload, set default, datasets, training) may take 4 places "
+                        "more, which inference never takes, so a full server can still be managed")
+    p.add_argument("--stream-idle-s", type=non_negative_float, default=60.0,
+                   help="end a SegmentStream that has every image answered and sends nothing for this many "
+                        "seconds (a unary call that sends no request likewise) with RESOURCE_EXHAUSTED, giving "
+                        "its --max-concurrent-rpcs place back; a stream waiting for answers is never ended. The "
+                        "wait includes a message's transfer: raise it for clients on slow links sending large "
+                        "images (default 60; 0: never, and open streams that send nothing can then hold every "
+                        "place)")
     p.add_argument("--grace-s", type=float, default=25.0,
                    help="on SIGTERM, seconds for requests in flight (default 25); the stop then drains the "
                         "batchers for up to --drain-timeout-s: see there how the two add up")

@@ -61,7 +61,7 @@ from segsvc.inference.service import InferenceService
 from segsvc.jobs.batch import JobRunner
 from segsvc.jobs.training import TrainingRunner
 from segsvc.server import oip
-from segsvc.server.auth import TokenFile, auth_interceptors
+from segsvc.server.auth import TokenFile, auth_interceptors, required_scope
 from segsvc.server.config import ServerConfig
 from segsvc.server.counting import CallCounter
 from segsvc.server.datasets import DatasetServicer
@@ -92,6 +92,10 @@ MODEL_HEALTH_PREFIX = "segsvc.model."  # + model name: that model's health (see 
 EXIT_ABANDONED = 3  # ``segsvc serve``'s exit status when its stop abandoned work still running on a thread
 CLOSE_S = 1.0  # what a stop past its budget still gives work on threads to end (a file write, a SQLite commit)
 WRITE_FAILED_WAIT_S = 5.0  # how long a failed response write waits for gRPC to cancel its call (write_response)
+# Places beyond --max-concurrent-rpcs that only the calls needing the ``manage`` scope (``auth.METHOD_SCOPES``)
+# may take, so that an operator can still unload or roll back a model while inference fills the limit. Each
+# holds at most one request message, as any place does: requests hold at most limit + MANAGE_RESERVE messages.
+MANAGE_RESERVE = 4
 
 
 def configure_threads(config: ServerConfig) -> int:
@@ -146,19 +150,33 @@ class CallLimit(grpc.aio.ServerInterceptor):
     (back-pressure, never a refusal), and gives it back with an answer (``_StreamPlaces``). While the server
     drains, calls pass to the drain gate, which refuses them with UNAVAILABLE (retry elsewhere).
 
+    A place is not held for nothing: a stream that has every message answered and receives no next one (or a
+    unary call that has not sent its request) for ``idle_s`` (``--stream-idle-s``) is ended with
+    RESOURCE_EXHAUSTED and its place given back. Open streams that sent nothing filled the limit for as long as
+    their client wished, and every other call was refused meanwhile. A stream that waits for answers is never
+    ended by it. And the calls that need the ``manage`` scope (``auth.required_scope``: LoadModel, UnloadModel,
+    SetDefaultVersion, the repository's load and unload, datasets, training) may also take ``MANAGE_RESERVE``
+    places beyond ``limit``, which no other call can: an operator can unload or roll back a model on a server
+    that inference keeps full. So at most ``limit + MANAGE_RESERVE`` places are taken (``in_flight``), each
+    holding at most one request message, and inference calls at most ``limit``.
+
     gRPC's own ``maximum_concurrent_rpcs`` would not do: it counts and refuses every method alike (grpcio 1.81:
     a health check past it gets RESOURCE_EXHAUSTED), so a busy pod would fail its probes, be taken out of the
     Service and restarted. Here health, reflection and the probes are neither counted nor refused (the gate's
     ``GATED_PREFIXES`` and ``PROBE_METHODS``): a full server still answers them.
 
     Args:
-        limit: most gated calls in progress (``--max-concurrent-rpcs``).
+        limit: most gated calls in progress (``--max-concurrent-rpcs``), management's reserve aside.
         on_refused: counts each refused call.
+        accepting: whether the server accepts calls (false while it drains: the drain gate refuses them).
+        idle_s: how long a place may wait for a request message with nothing unanswered (``--stream-idle-s``);
+            0: for ever.
     """
 
     def __init__(self, limit: int, on_refused: Refused = not_counted,
-                 accepting: Callable[[], bool] = lambda: True) -> None:
+                 accepting: Callable[[], bool] = lambda: True, idle_s: float = 0.0) -> None:
         self.limit = limit
+        self.idle_s = idle_s
         self._on_refused = on_refused
         self._accepting = accepting  # while the server drains, the drain gate refuses: UNAVAILABLE, not this
         self._active = 0
@@ -166,7 +184,8 @@ class CallLimit(grpc.aio.ServerInterceptor):
 
     @property
     def in_flight(self) -> int:
-        """Places taken: calls in progress, and the images streams hold or read beyond their first."""
+        """Places taken: calls in progress, and the images streams hold or read beyond their first (at most
+        ``limit + MANAGE_RESERVE``: management calls may go past ``limit``)."""
         return self._active
 
     async def intercept_service(
@@ -179,13 +198,17 @@ class CallLimit(grpc.aio.ServerInterceptor):
         if (handler is None or not method.startswith(GATED_PREFIXES) or method in PROBE_METHODS
                 or not self._accepting()):
             return handler
-        return self._limited(handler, method.rsplit("/", 1)[-1][:64])
+        return self._limited(handler, method.rsplit("/", 1)[-1][:64], manage=required_scope(method) == "manage")
 
     @contextlib.asynccontextmanager
-    async def _place(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
-        """Count the call for the block, or refuse it when ``limit`` calls are in progress."""
-        if self._active >= self.limit:
-            await refuse(context, Overloaded(f"the server is at its limit of {self.limit} calls in progress "
+    async def _place(self, context: grpc.aio.ServicerContext, method: str,
+                     manage: bool = False) -> AsyncIterator[None]:
+        """Count the call for the block, or refuse it when ``limit`` calls are in progress (``limit`` and the
+        reserve, for a ``manage`` call)."""
+        if self._active >= self.limit + (MANAGE_RESERVE if manage else 0):
+            reserve = (f" and the {MANAGE_RESERVE} more kept for management calls (LoadModel, UnloadModel, ...)"
+                       if manage else "")
+            await refuse(context, Overloaded(f"the server is at its limit of {self.limit} calls in progress{reserve} "
                                              f"(--max-concurrent-rpcs; a SegmentStream counts as one call, plus one "
                                              f"for each image beyond the first it holds); retry with backoff"),
                          method, log, self._on_refused)
@@ -197,7 +220,8 @@ class CallLimit(grpc.aio.ServerInterceptor):
 
     async def take(self, wanted: Callable[[], bool] = lambda: True) -> bool:
         """Take one more place (a stream's next message), waiting for one to be given back; False, with none
-        taken, once ``wanted()`` is false (the stream's own answers covered the message meanwhile: ``wake``)."""
+        taken, once ``wanted()`` is false (the stream's own answers covered the message meanwhile: ``wake``).
+        Never one of management's reserve."""
         while self._active >= self.limit:
             if not wanted():
                 return False
@@ -216,7 +240,20 @@ class CallLimit(grpc.aio.ServerInterceptor):
         """Make the calls waiting in ``take`` check again whether they still want a place."""
         self._room.set()
 
-    def _limited(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def idle_ended(self, method: str) -> Overloaded:
+        """The error that ends a call whose place waited ``idle_s`` for a request message with nothing unanswered.
+
+        RESOURCE_EXHAUSTED, as the dataset upload's idle limit (--dataset-upload-idle-s): what ran out is the
+        server's allowance for a place held unused, not the caller's deadline (DEADLINE_EXCEEDED, which the client
+        reports as its own timeout_s passing)."""
+        log.info("%s sent no request message for %g s with nothing unanswered (--stream-idle-s): ended to free "
+                 "its place", method, self.idle_s, extra={"method": method, "code": "RESOURCE_EXHAUSTED"})
+        return Overloaded(f"the {method} call sent no request message for {self.idle_s:g} s with nothing "
+                          f"unanswered, the server's limit (--stream-idle-s): it was ended to free its place for "
+                          f"other calls; open a new call when there is a request to send, and send each request "
+                          f"as soon as it is ready")
+
+    def _limited(self, handler: grpc.RpcMethodHandler, method: str, manage: bool = False) -> grpc.RpcMethodHandler:
         """``handler`` counted, with its request taken as a stream (read here for a unary request, once counted)."""
         kwargs = dict(request_deserializer=handler.request_deserializer,
                       response_serializer=handler.response_serializer)
@@ -225,8 +262,12 @@ class CallLimit(grpc.aio.ServerInterceptor):
         async def request_of(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> object:
             if not one:
                 return requests
-            async for request in requests:
-                return request
+            try:  # a place waits for its request message at most idle_s (gRPC's clients send it with the call)
+                async with asyncio.timeout(self.idle_s or None):
+                    async for request in requests:
+                        return request
+            except TimeoutError:
+                await refuse(context, self.idle_ended(method), method, log, self._on_refused)
             await refuse(context, InvalidArgument(f"the {method} call ended before its request message"), method,
                          log, self._on_refused)
 
@@ -234,8 +275,9 @@ class CallLimit(grpc.aio.ServerInterceptor):
             inner = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
             async def streaming(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> None:
-                async with self._place(context, method):  # the call's own place: refused at once at the limit
-                    places = _StreamPlaces(self) if handler.request_streaming else None  # images beyond the first
+                async with self._place(context, method, manage):  # the call's own place: refused at once at the limit
+                    # images beyond the first; an idle stream is ended after idle_s
+                    places = _StreamPlaces(self, method) if handler.request_streaming else None
                     try:
                         request = places.read(requests) if places is not None else await request_of(requests, context)
                         responses = inner(request, context)
@@ -257,7 +299,7 @@ class CallLimit(grpc.aio.ServerInterceptor):
         inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
         async def unary(requests: AsyncIterator, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-            async with self._place(context, method):
+            async with self._place(context, method, manage):
                 response = inner(await request_of(requests, context), context)
                 return await response if inspect.isawaitable(response) else response
 
@@ -274,14 +316,21 @@ class _StreamPlaces:
     (a message is never held uncounted), which the stream waits for (back-pressure); each answer gives one back,
     never the call's own place (``CallLimit._place`` gives that back when the call ends). Each response answers
     one message, as ``SegmentStream``'s do.
+
+    A read that has nothing unanswered, from its start or from the answer that leaves nothing unanswered, waits
+    at most the limit's ``idle_s`` for its message (its transfer included): then the read fails with
+    ``CallLimit.idle_ended``, which ends the call (the servicer counts and sends it) and so gives its place back.
+    While anything is unanswered no timer runs.
     """
 
-    def __init__(self, limit: CallLimit) -> None:
+    def __init__(self, limit: CallLimit, method: str = "SegmentStream") -> None:
         self._limit = limit
+        self._method = method
         self._extra = 0  # places taken beyond the call's own
         self._unanswered = 0  # messages read and not yet answered
         self._reading = 0  # 1 while a message is being read or waits for its place
         self._closed = False
+        self._idle: asyncio.Timeout | None = None  # the pending read's idle timer (armed once nothing is unanswered)
 
     def _wanted(self) -> int:
         """Places beyond the call's own that what the stream holds and reads needs."""
@@ -291,7 +340,7 @@ class _StreamPlaces:
         return not self._closed and self._extra < self._wanted()
 
     async def read(self, requests: AsyncIterator) -> AsyncIterator:
-        """``requests``, each read only once a place covers it."""
+        """``requests``, each read only once a place covers it; a read left idle for ``idle_s`` fails."""
         iterator = requests.__aiter__()
         while True:
             self._reading = 1
@@ -300,27 +349,42 @@ class _StreamPlaces:
                     self._extra += 1
             if self._closed:  # the call ended while this waited: close() gave back every place it held
                 return
+            idle = asyncio.timeout(None)  # armed by _arm while nothing is unanswered
             try:
-                request = await iterator.__anext__()
+                async with idle:
+                    self._idle = idle
+                    self._arm()
+                    request = await iterator.__anext__()
             except BaseException as exc:  # the end of the stream, or its failure: no message holds the read's place
-                self._reading = 0
+                self._idle, self._reading = None, 0
                 self._settle()
                 if isinstance(exc, StopAsyncIteration):
                     return
+                if isinstance(exc, TimeoutError) and idle.expired():
+                    raise self._limit.idle_ended(self._method) from None
                 raise
+            self._idle = None
             self._reading, self._unanswered = 0, self._unanswered + 1  # the same places: the read is now held
             yield request
+
+    def _arm(self) -> None:
+        """Start the pending read's idle timer once nothing is unanswered (it then runs until the message)."""
+        if (self._idle is not None and not self._unanswered and self._limit.idle_s
+                and self._idle.when() is None):
+            self._idle.reschedule(asyncio.get_running_loop().time() + self._limit.idle_s)
 
     def answered(self) -> None:
         """One message answered: a place beyond the call's own goes back, if it holds one."""
         if self._unanswered:
             self._unanswered -= 1
             self._settle()
+            self._arm()
 
     def close(self) -> None:
         """The call ends: every place it took beyond the call's own goes back."""
         self._closed = True
         self._unanswered = self._reading = 0
+        self._idle = None
         self._settle()
 
     def _settle(self) -> None:
@@ -421,7 +485,7 @@ class SegmentationServer:
         self.io = WatchedExecutor(max(2, config.io_threads or usable_cpus()), thread_name_prefix="segsvc-io")
         self.gate = DrainGate(on_refused=self.metrics.observe_refused)
         self.calls = CallLimit(config.limits.max_concurrent_rpcs, on_refused=self.metrics.observe_refused,
-                               accepting=lambda: self.gate.accepting)
+                               accepting=lambda: self.gate.accepting, idle_s=config.limits.stream_idle_s)
         self.metrics.watch_calls(lambda: self.calls.in_flight, self.calls.limit)
         self.metrics.watch_dropped(self.manager.batcher_stats)  # read on the metrics endpoint's threads
         self.service = InferenceService(self.manager, self.io, config.limits.admission)

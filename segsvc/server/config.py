@@ -68,6 +68,13 @@ class LimitsConfig:
             message before the memory budget admits it; a ``SegmentStream`` takes one more place for each
             image it holds beyond the first (it waits for one). So this times ``max_message_bytes`` bounds
             what requests hold before admission: the default, 32 x 64 MiB, is the default ``max_inflight_mb``.
+            Management calls (the ``manage`` scope) may take ``app.MANAGE_RESERVE`` (4) places beyond it, which
+            inference never takes, so an operator can unload or roll back a model on a full server.
+        stream_idle_s: how long a ``SegmentStream`` with every image answered may wait for its next message (its
+            transfer included), and a unary call for its request message, before the server ends it with
+            RESOURCE_EXHAUSTED and gives its place back (``--stream-idle-s``); a stream waiting for answers is never
+            ended by it. Without it, open streams that sent nothing held every place for as long as their client
+            wished. 0: wait for ever (the old behaviour: a client can then fill the limit).
     """
 
     max_message_bytes: int = 64 * MIB
@@ -77,12 +84,14 @@ class LimitsConfig:
     max_tiles: int = 1024
     max_work_pixels: int = 256_000_000
     max_concurrent_rpcs: int = 32
+    stream_idle_s: float = 60.0
 
     def __post_init__(self) -> None:
         check_count("max_message_bytes", self.max_message_bytes, most=GRPC_MAX_INT)
         for name in ("max_pixels", "max_stream_in_flight", "max_inflight_mb", "max_tiles", "max_work_pixels",
                      "max_concurrent_rpcs"):
             check_count(name, getattr(self, name))
+        check_seconds("stream_idle_s", self.stream_idle_s, positive=False, most=math.inf)  # 0: for ever
 
     @property
     def admission(self) -> AdmissionConfig:

@@ -108,7 +108,8 @@ class _CallsCollector(Collector):
         yield GaugeMetricFamily("segsvc_calls_in_flight", "Places the call limit has given: calls in progress "
                                 "and the images SegmentStream calls hold", value=self._in_flight())
         yield GaugeMetricFamily("segsvc_calls_limit", "Most places at once (--max-concurrent-rpcs); one more call "
-                                "is refused with RESOURCE_EXHAUSTED", value=self._limit)
+                                "is refused with RESOURCE_EXHAUSTED, but for management calls, which have 4 more "
+                                "places of their own", value=self._limit)
 
 
 class _DroppedCollector(Collector):
