@@ -462,6 +462,7 @@ def _batch(args: argparse.Namespace) -> int:
         max_batch_pixels=-1 if args.max_batch_pixels == "auto" else batch_pixels(args.max_batch_pixels, "cpu"),
         device=args.device, backend=args.backend,
         io_threads=args.io_threads, actors=args.actors, progress=args.progress,
+        max_inflight_mb=None if args.max_inflight_mb == "auto" else args.max_inflight_mb,
     )  # fmt: skip
     counts = summary["counts"]
     for failure in summary["failures"]:
@@ -482,8 +483,9 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
                    help="image files, folders (walked recursively) or glob patterns; optional with --resume")
     p.add_argument("--model-repo", required=True, help="repository root: <root>/<model>/<version>/")
     p.add_argument("--model", default=None,
-                   help="NAME or NAME:VERSION (default: the version DEFAULT names, else the newest; "
-                        "with --resume: the stored one)")
+                   help="NAME or NAME:VERSION (default: the repository's only model, refused at once when it "
+                        "holds several; VERSION by default: the one DEFAULT names, else the newest; with --resume: "
+                        "the stored one)")
     p.add_argument("--out", required=True, help="output folder (must be empty unless --resume)")
     p.add_argument("--engine", default="local", choices=("local", "ray"),
                    help="local: one process, pipelined (default); ray: Ray Data actors (pip install 'segsvc[ray]')")
@@ -502,6 +504,14 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-pixels", default="auto",
                    help="a forward pass also ends at this many input pixels: auto (65536 on CPU, no limit on "
                         "GPU), 0 for no limit, or an integer")
+    p.add_argument("--max-inflight-mb", type=lambda text: text if text == "auto" else positive_int(text),
+                   default="auto", metavar="MB|auto",
+                   help="memory budget of the forward passes in flight, estimated per image from the model's "
+                        "measured bytes per pixel as segsvc serve does: an image over it alone (after tiling, "
+                        "with --tile-size) fails with the reason in failures.jsonl and the run goes on; passes "
+                        "run at once as far as it holds. auto (the default): half the memory available when the "
+                        "run starts (RAM, within a container's limit and ulimit -v; on CUDA the GPU's free "
+                        "memory; with --engine ray on CPU, shared by the --actors)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="what runs the network (default: the manifest's inference.backend, normally torch)")

@@ -38,20 +38,22 @@ import logging
 import os
 import posixpath
 import re
+import resource
 import sqlite3
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from segsvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, SegsvcError
+from segsvc.errors import AlreadyExists, FailedPrecondition, ImageTooLarge, InvalidArgument, SegsvcError
+from segsvc.inference.admission import MIB, AdmissionConfig, Cost
 from segsvc.inference.backends import Backend, TorchBackend, open_backend
-from segsvc.inference.codec import DEFAULT_MAX_PIXELS, decode_image
+from segsvc.inference.codec import DEFAULT_MAX_PIXELS, check_pixels, decode_image, image_header
 from segsvc.inference.engine import Engine, EngineConfig, InferenceOptions, Output, resolve_device
 from segsvc.inference.predictor import Predictor
 from segsvc.inference.repository import ModelRepository, parse_model_ref
@@ -88,6 +90,19 @@ PROGRESS_EVERY_S = 2.0
 # 88-90 images/s one per pass, 85-87 two per pass and 65-69 four per pass. So on CPU a batch also ends at
 # this many input pixels; GPUs batch by count.
 CPU_BATCH_PIXELS = 1 << 16
+# --max-inflight-mb auto: this share of the memory available where the passes run when the run starts
+# (``available_memory``); the rest is left to the decoded images waiting for a pass, the writes and the process.
+AUTO_MEMORY_SHARE = 0.5
+# --max-inflight-mb auto where the memory available cannot be read: the server's default budget.
+FALLBACK_INFLIGHT_MB = AdmissionConfig.max_inflight_mb
+# Tile sides suggested to an image over the budget untiled (the largest that fits is named).
+SUGGESTED_TILES = (2048, 1024, 512, 256, 128)
+# A cgroup v1 memory limit this large is no limit (the kernel's "unlimited" is 2^63 rounded down to a page).
+_NO_CGROUP_LIMIT = 1 << 62
+# An error of a forward pass that says memory ran out: torch's CPU allocator ("DefaultCPUAllocator: can't
+# allocate memory"), CUDA's ("CUDA out of memory"), ONNX Runtime's ("Failed to allocate memory").
+_OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|failed to allocate memory",
+                            re.IGNORECASE)
 
 # (item index, results.jsonl record or None, failure reason or None)
 Outcome = tuple[int, "dict[str, Any] | None", "str | None"]
@@ -206,20 +221,132 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def load_failure(exc: BaseException) -> bool:
+    """Whether reading, decoding or preparing one input failed for that input (unreadable, undecodable, too
+    large, or memory ran out): it fails alone and the run goes on."""
+    return isinstance(exc, (SegsvcError, OSError)) or out_of_memory(exc)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says that memory ran out (Python's ``MemoryError``, torch's ``OutOfMemoryError`` or an
+    allocator's ``RuntimeError``): one image's failure, not a broken model."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", MemoryError)
+    if isinstance(exc, (MemoryError, oom)):
+        return True
+    return isinstance(exc, Exception) and not isinstance(exc, SegsvcError) and bool(_OUT_OF_MEMORY.search(str(exc)))
+
+
+def _read_int(path: str | Path, prefix: str = "") -> int | None:
+    """The integer in file ``path`` (with ``prefix``: the first number on its line starting so), else None."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if prefix:
+        text = next((line[len(prefix):] for line in text.splitlines() if line.startswith(prefix)), "")
+    match = re.match(r"\s*(\d+)", text)
+    return int(match[1]) if match else None
+
+
+def _cgroup_room(proc: Path, cgroup_fs: Path) -> int | None:
+    """Bytes the process's memory cgroup (a container's limit) lets it allocate still: the least room
+    (limit less usage) of its cgroup and the ones above it, v2 or v1; None without a limit."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    folders: list[tuple[Path, str, str]] = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: the unified hierarchy
+            mount, files = cgroup_fs, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            mount, files = cgroup_fs / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        parts = Path(path.strip() or "/").parts[1:]
+        # Inside a container the cgroup named here is mounted as the root: both places are read.
+        folders += [(mount.joinpath(*parts[:n]), *files) for n in range(len(parts), -1, -1)]
+    rooms = []
+    for folder, limit_file, usage_file in folders:
+        limit, usage = _read_int(folder / limit_file), _read_int(folder / usage_file)
+        if limit is not None and usage is not None and limit < _NO_CGROUP_LIMIT:
+            rooms.append(max(limit - usage, 0))
+    return min(rooms) if rooms else None
+
+
+def _address_space_room(proc: Path) -> int | None:
+    """Bytes of address space the process may map still under its limit (``ulimit -v``); None without one."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    size_kb = _read_int(proc / "self" / "status", "VmSize:")
+    return None if size_kb is None else max(soft - size_kb * 1024, 0)
+
+
+def available_memory(device: torch.device, proc: Path = Path("/proc"),
+                     cgroup_fs: Path = Path("/sys/fs/cgroup")) -> tuple[int, str] | None:
+    """Bytes that the forward passes on ``device`` may take now, and what bounds them (for messages);
+    None when that cannot be read.
+
+    On CUDA, the device's free memory. On CPU, the host's ``MemAvailable``, or less when the process's
+    cgroup (a container's memory limit) or its address-space limit (``ulimit -v``) leaves less.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free), f"free on {device}"
+    kb = _read_int(proc / "meminfo", "MemAvailable:")
+    bounds = [(kb * 1024 if kb is not None else None, "available"),
+              (_cgroup_room(proc, cgroup_fs), "left under the memory cgroup's limit"),
+              (_address_space_room(proc), "left under the address-space limit (ulimit -v)")]
+    known = [(room, what) for room, what in bounds if room is not None]
+    return min(known) if known else None
+
+
+def inflight_budget(max_inflight_mb: int | None, device: torch.device, share: int = 1) -> tuple[int, str]:
+    """The memory budget, in bytes, of the forward passes in flight, and how it was set (for messages).
+
+    ``max_inflight_mb`` None is ``auto``: ``AUTO_MEMORY_SHARE`` of ``available_memory``, divided by ``share``
+    (Ray actors sharing one machine's memory); ``FALLBACK_INFLIGHT_MB`` where that cannot be read.
+    """
+    if max_inflight_mb is not None:
+        return max_inflight_mb * MIB, f"--max-inflight-mb {max_inflight_mb}"
+    found = available_memory(device)
+    if found is None:
+        return FALLBACK_INFLIGHT_MB * MIB, f"--max-inflight-mb auto: {FALLBACK_INFLIGHT_MB} MiB, the memory " \
+                                          "available being unknown"
+    room, what = found
+    per = f", divided among {share} actors" if share > 1 else ""
+    return (max(int(room * AUTO_MEMORY_SHARE) // share, MIB),
+            f"--max-inflight-mb auto: {AUTO_MEMORY_SHARE:.0%} of the {room / MIB:.0f} MiB {what}{per}")
+
+
 class ItemWorker:
     """One loaded model version and what each input goes through; shared by both engines.
 
     ``load`` runs on I/O threads, ``predict`` on the one thread that owns the
     model, ``write`` on I/O threads again; ``process`` chains them for a Ray actor.
+
+    Memory is bounded as the server's admission bounds it: each image's peak is estimated from the model's
+    measured bytes per pixel (``Engine.cost``, the server's ``admission.estimate``) against
+    ``max_inflight_bytes`` (``inflight_budget``: ``max_inflight_mb``, or with None a share of the memory
+    available, divided by ``memory_share``). ``load`` refuses an image over it alone (``check_memory``) before
+    decoding it; a pass ends before a further image would take it over (``batch_full``), and the local engine
+    starts no pass that would take the passes in flight over it.
     """
 
     def __init__(self, model_repo: str, model: str, version: int, out: str, options: BatchOptions,
                  device: str = "cpu", precision: str = "auto", batch_size: int = 8,
-                 max_batch_pixels: int | None = -1, backend: str | None = None) -> None:
+                 max_batch_pixels: int | None = -1, backend: str | None = None,
+                 max_inflight_mb: int | None = None, memory_share: int = 1) -> None:
         config = EngineConfig(device=device, precision=precision, warmup=False, backend=backend)
         torch_device = resolve_device(device)
         net, manifest = open_backend(ModelRepository(model_repo), model, version, torch_device, config)
         self.engine = Engine(Predictor(net, manifest), config)
+        self.engine.measure_memory()  # bytes per pixel, for the images' memory estimates (as the server loads)
+        self.max_inflight_bytes, self.budget_source = inflight_budget(max_inflight_mb, torch_device, memory_share)
+        log.info("memory budget of the forward passes: %d MiB (%s); %.0f bytes per pixel",
+                 self.max_inflight_bytes // MIB, self.budget_source, self.engine.bytes_per_pixel)
         if max_batch_pixels == -1:  # by device
             max_batch_pixels = CPU_BATCH_PIXELS if torch_device.type == "cpu" else None
         self.max_batch_pixels = max_batch_pixels
@@ -231,11 +358,55 @@ class ItemWorker:
                                           confidence=options.confidence, class_counts=True)
 
     def load(self, path: str | Path) -> tuple[np.ndarray, Any, float]:
-        """Read, decode and preprocess one file: (image, prepared item, milliseconds)."""
+        """Read, decode and preprocess one file: (image, prepared item, milliseconds).
+
+        Raises:
+            ImageTooLarge: over the pixel limit, or its memory estimate alone is over the budget (checked
+                from its header before decoding, then from the decoded image).
+        """
         t0 = time.perf_counter()
-        image = decode_image(Path(path).read_bytes(), DEFAULT_MAX_PIXELS)
+        data = Path(path).read_bytes()
+        header = image_header(data)
+        check_pixels(header.height, header.width, DEFAULT_MAX_PIXELS)
+        self.check_memory(self.engine.cost(header.height, header.width, self.inference), header.height, header.width)
+        image = decode_image(data, DEFAULT_MAX_PIXELS)
+        del data
         prepared = self.engine.prepare(image, self.inference)
+        self.check_memory(prepared.cost, *image.shape[:2])  # as decoded (turned upright: EXIF orientation)
         return image, prepared, (time.perf_counter() - t0) * 1e3
+
+    def check_memory(self, cost: Cost, height: int, width: int) -> None:
+        """Refuse an image whose estimated peak memory alone is over the budget, saying what to change:
+        the tile size (one that fits is named) or the budget; the server's ``AdmissionConfig.check`` in
+        this command's words."""
+        budget = self.max_inflight_bytes
+        if cost.peak_bytes <= budget:
+            return
+        over = (f"the {width}x{height} image needs about {cost.peak_bytes / MIB:.0f} MiB"
+                f"{' untiled' if not cost.tiled else ''}, over this batch's memory budget of {budget / MIB:.0f} "
+                f"MiB ({self.budget_source})")
+        again = "in a new batch (--resume does not retry failed inputs)"
+        if cost.full_size_bytes >= budget:
+            raise ImageTooLarge(
+                f"{over}, even tiled: its full-size accumulators (image, outputs, per-class logit sums and "
+                f"weights) alone need about {cost.full_size_bytes / MIB:.0f} MiB, whatever the tile size; "
+                f"downscale it, or raise --max-inflight-mb on a machine with that memory, {again}")
+        fits = self.fitting_tile(height, width, cost)
+        tile = f"--tile-size {fits[0]} (about {fits[1] / MIB:.0f} MiB)" if fits else "a smaller --tile-size"
+        how = f"use smaller tiles: {tile}" if cost.tiled else f"tile it with {tile}"
+        raise ImageTooLarge(f"{over}; {how}, raise --max-inflight-mb or downscale it, {again}")
+
+    def fitting_tile(self, height: int, width: int, cost: Cost) -> tuple[int, int] | None:
+        """The largest ``SUGGESTED_TILES`` side (smaller than the tiles ``cost`` has) whose estimate fits the
+        budget, with that estimate; None when none does."""
+        current = self.engine.resolve(self.inference).tile_size if cost.tiled else None
+        for side in SUGGESTED_TILES:
+            if current and side >= current:
+                continue
+            peak = self.engine.cost(height, width, replace(self.inference, tile_size=side)).peak_bytes
+            if peak <= self.max_inflight_bytes:
+                return side, peak
+        return None
 
     def predict(self, prepared: list[Any]) -> tuple[list[Output], float]:
         """Outputs of same-key items, and the forward pass's milliseconds per item."""
@@ -269,11 +440,32 @@ class ItemWorker:
             return index, None, problem
 
     def batch_full(self, prepared: Sequence[Any]) -> bool:
-        """Whether same-key items fill a batch: ``batch_size`` of them, or the pixel budget."""
+        """Whether same-key items fill a batch: ``batch_size`` of them, the pixel budget, or one more like them
+        would take the pass's estimated memory over the budget."""
         if len(prepared) >= self.batch_size:
             return True
         budget = self.max_batch_pixels
-        return budget is not None and sum(p.pixels for p in prepared) >= budget
+        if budget is not None and sum(p.pixels for p in prepared) >= budget:
+            return True
+        peaks = [p.cost.peak_bytes for p in prepared]
+        return bool(peaks) and sum(peaks) + max(peaks) > self.max_inflight_bytes
+
+    def pass_failure(self, exc: Exception, prepared: Sequence[Any]) -> str | None:
+        """The reason a forward pass of ``prepared`` failed, when it is theirs (None: the run's error, such as a
+        model broken for every image, which stops the run). A pass refusing an input (``InvalidArgument``), and
+        one that ran out of memory, are theirs: retried one image per pass, they fail only the images that
+        fail alone."""
+        if isinstance(exc, InvalidArgument):
+            return _reason(exc)
+        if out_of_memory(exc):
+            peak = sum(p.cost.peak_bytes for p in prepared)
+            first = _first_line(_reason(exc))
+            return (f"its forward pass ran out of memory ({type(exc).__name__}: {first}) although its estimate, "
+                    f"about {peak / MIB:.0f} MiB, was within this batch's memory budget of "
+                    f"{self.max_inflight_bytes / MIB:.0f} MiB ({self.budget_source}): other programs may have "
+                    "taken the memory; segment it in a new batch (--resume does not retry failed inputs) with a "
+                    "smaller --max-inflight-mb or a --tile-size")
+        return None
 
     def process(self, rows: Sequence[tuple[int, str, str]]) -> list[Outcome]:
         """(index, path, rel) rows -> outcomes, sequentially: one Ray actor's batch."""
@@ -282,7 +474,9 @@ class ItemWorker:
         for index, path, rel in rows:
             try:
                 image, prepared, ms = self.load(path)
-            except (SegsvcError, OSError) as exc:
+            except Exception as exc:
+                if not load_failure(exc):
+                    raise
                 outcomes.append((index, None, _reason(exc)))
                 continue
             groups.setdefault(prepared.key, []).append((index, rel, image, prepared, ms))
@@ -296,16 +490,19 @@ class ItemWorker:
         return outcomes
 
     def _predict_and_write(self, chunk: list[tuple[int, str, np.ndarray, Any, float]]) -> list[Outcome]:
-        """One forward pass and its writes; a pass refusing an input (``InvalidArgument``) is retried per image
-        so that only the images it refuses alone fail. Any other error (a broken model) would fail every image
-        alike: it stops the run, and --resume redoes it."""
+        """One forward pass and its writes; a pass failing for its inputs (``pass_failure``: refused, out of
+        memory) is retried per image so that only the images that fail alone fail. Any other error (a broken
+        model) would fail every image alike: it stops the run, and --resume redoes it."""
         try:
             outputs, fwd_ms = self.predict([g[3] for g in chunk])
-        except InvalidArgument as exc:
+        except Exception as exc:
+            reason = self.pass_failure(exc, [g[3] for g in chunk])
+            if reason is None:
+                raise
             if len(chunk) > 1:
                 return [o for entry in chunk for o in self._predict_and_write([entry])]
-            log.debug("input %s failed in its forward pass: %s", chunk[0][1], _reason(exc))
-            return [(chunk[0][0], None, _reason(exc))]
+            log.debug("input %s failed in its forward pass: %s", chunk[0][1], reason)
+            return [(chunk[0][0], None, reason)]
         return [self.write_or_fail(index, rel, image, output, ms + fwd_ms)
                 for (index, rel, image, _, ms), output in zip(chunk, outputs)]
 
@@ -341,7 +538,9 @@ def run_local(worker: ItemWorker, items: Iterable[Item], root: Path, on_outcome:
     """The ``local`` engine: decode threads -> batched forward passes -> write threads.
 
     On CPU, ``forward_streams`` passes run at once, each on one torch thread
-    (torch's thread count is set to 1 for the run and restored after). Every
+    (torch's thread count is set to 1 for the run and restored after), as many
+    as the memory budget holds (``ItemWorker``: their estimates together stay
+    within ``max_inflight_bytes``). Every
     stage is bounded (decodes in flight, images held for batching, passes and
     writes in flight), so memory does not grow with the number of inputs;
     ``items`` is read as the decoders need more (``JobStore.iter_items``: a page
@@ -358,6 +557,7 @@ def run_local(worker: ItemWorker, items: Iterable[Item], root: Path, on_outcome:
     decoding: deque[tuple[Item, Future]] = deque()
     groups: dict[Hashable, list[tuple[Item, np.ndarray | None, Any, float]]] = {}
     forwarding: dict[Future, list[tuple[Item, np.ndarray | None, Any, float]]] = {}
+    waiting: deque[list[tuple[Item, np.ndarray | None, Any, float]]] = deque()  # passes to start (start_passes)
     writing: set[Future] = set()
 
     with (
@@ -378,37 +578,50 @@ def run_local(worker: ItemWorker, items: Iterable[Item], root: Path, on_outcome:
                     writing.discard(fut)
                     on_outcome(fut.result())  # a failed write (disk full) stops the run: --resume redoes it
 
-        def retry_alone(group: list[tuple[Item, np.ndarray | None, Any, float]], exc: InvalidArgument) -> None:
-            if len(group) == 1:
-                log.debug("input %s failed in its forward pass: %s", group[0][0].input, _reason(exc))
-                on_outcome((group[0][0].index, None, _reason(exc)))
-                return
-            for entry in group:
-                forwarding[forwarders.submit(worker.predict, [entry[2]])] = [entry]
+        def pass_bytes(group: list[tuple[Item, np.ndarray | None, Any, float]]) -> int:
+            return sum(g[2].cost.peak_bytes for g in group)
+
+        def start_passes() -> None:
+            """Start the waiting passes, in order, while at most ``streams`` are in flight (one queued behind
+            the running ones keeps every stream busy) and the memory budget has room: a pass starts when it
+            and the passes in flight stay within ``worker.max_inflight_bytes``, or alone."""
+            while waiting and len(forwarding) <= streams:
+                if forwarding and sum(map(pass_bytes, forwarding.values())) + pass_bytes(waiting[0]) > \
+                        worker.max_inflight_bytes:
+                    return
+                group = waiting.popleft()
+                forwarding[forwarders.submit(worker.predict, [g[2] for g in group])] = group
 
         def reap_forwards(limit: int) -> None:
-            """Hand finished passes to the writers; block while more than ``limit`` are in flight."""
+            """Hand finished passes to the writers and start waiting ones; block while any waits or more
+            than ``limit`` are in flight."""
             while True:
                 for fut in [f for f in forwarding if f.done()]:
                     group = forwarding.pop(fut)
                     try:
-                        # Any other error (a model broken for every image) stops the run: --resume redoes it.
                         outputs, fwd_ms = fut.result()
-                    except InvalidArgument as exc:  # the pass refused an input: find which, one image per pass
-                        retry_alone(group, exc)
+                    except Exception as exc:
+                        reason = worker.pass_failure(exc, [g[2] for g in group])
+                        if reason is None:  # a model broken for every image stops the run: --resume redoes it
+                            raise
+                        if len(group) > 1:  # refused or out of memory: find which, one image per pass
+                            waiting.extend([entry] for entry in group)
+                        else:
+                            log.debug("input %s failed in its forward pass: %s", group[0][0].input, reason)
+                            on_outcome((group[0][0].index, None, reason))
                         continue
                     for (item, image, _, ms), output in zip(group, outputs):
                         writing.add(writers.submit(worker.write_or_fail, item.index, item.input, image, output,
                                                    ms + fwd_ms))
-                if len(forwarding) <= limit:
+                start_passes()
+                if not waiting and len(forwarding) <= limit:
                     break
                 wait(forwarding, return_when=FIRST_COMPLETED)
             reap_writes(max_writing)
 
         def forward(key: Hashable) -> None:
-            group = groups.pop(key)
-            forwarding[forwarders.submit(worker.predict, [g[2] for g in group])] = group
-            reap_forwards(streams)  # one pass queued behind the running ones keeps every stream busy
+            waiting.append(groups.pop(key))
+            reap_forwards(streams)
 
         refill()
         while decoding:
@@ -416,7 +629,9 @@ def run_local(worker: ItemWorker, items: Iterable[Item], root: Path, on_outcome:
             refill()
             try:
                 image, prepared, ms = fut.result()
-            except (SegsvcError, OSError) as exc:
+            except Exception as exc:
+                if not load_failure(exc):
+                    raise
                 on_outcome((item.index, None, _reason(exc)))
                 continue
             group = groups.setdefault(prepared.key, [])
@@ -540,7 +755,8 @@ def run_ray(worker_kwargs: dict[str, Any], items: Iterable[Item], root: Path, on
         ray.init(include_dashboard=False, log_to_driver=False)
     try:
         device = ray_device(worker_kwargs["device"], ray.cluster_resources().get("GPU", 0), actors)
-        kwargs = {**worker_kwargs, "device": device}
+        # --max-inflight-mb auto on CPU: the actors may share one machine's memory (on CUDA each has its GPU)
+        kwargs = {**worker_kwargs, "device": device, "memory_share": 1 if device.startswith("cuda") else actors}
         ray.data.DataContext.get_current().enable_progress_bars = False
         for page in _pages(items, RAY_PAGE):
             rows = [{"index": it.index, "path": str(root / it.input), "rel": it.input} for it in page]
@@ -571,6 +787,22 @@ def _runnable(store: JobStore, job_id: str, on_outcome: Callable[[Outcome], None
             on_outcome((item.index, None, problem))
 
 
+def only_model(model_repo: str | os.PathLike[str]) -> str:
+    """The model a new batch that names none runs: the repository's only model (with at least one complete
+    version); refused, naming them, when it holds several, and when it holds none."""
+    models = sorted(ModelRepository(model_repo).list_models())
+    if len(models) == 1:
+        return models[0]
+    if not models:
+        if not Path(model_repo).is_dir():
+            raise InvalidArgument(f"model repository {model_repo} is not a folder: pass --model-repo of one")
+        raise InvalidArgument(f"the model repository {model_repo} holds no model with a complete version: "
+                              "publish one there, or pass --model-repo of another repository")
+    shown = ", ".join(models[:10]) + (f" and {len(models) - 10} more" if len(models) > 10 else "")
+    raise InvalidArgument(f"the model repository {model_repo} holds {len(models)} models ({shown}): "
+                          "name one with --model NAME or NAME:VERSION")
+
+
 def _open_job(out: Path, resume: bool, inputs: Sequence[str] | None, model_repo: str, model: str | None,
               options: BatchOptions | None) -> tuple[JobStore, Job, Path]:
     """Create the job (fresh, empty ``out``) or reopen it (``resume``), refusing mismatched settings."""
@@ -582,7 +814,7 @@ def _open_job(out: Path, resume: bool, inputs: Sequence[str] | None, model_repo:
             raise AlreadyExists(f"output folder {out} is not empty: pass --resume to continue the batch "
                                 "written there, or choose a new folder")
         if name is None:
-            raise InvalidArgument("--model is required (NAME or NAME:VERSION)")
+            name = only_model(model_repo)
         root, files = batch_inputs(specs)
         version = ModelRepository(model_repo).resolve_version(name, version)
         spec = {"root": str(root), "inputs": specs, "model": name, "version": version,
@@ -712,6 +944,7 @@ def run_batch(
     io_threads: int = 0,
     actors: int = 1,
     progress: bool = False,
+    max_inflight_mb: int | None = None,
 ) -> dict[str, Any]:
     """Segment ``inputs`` into ``out`` and return the summary (also written to ``out/summary.json``).
 
@@ -719,6 +952,10 @@ def run_batch(
     is set, ends once it holds that many input pixels (-1: ``CPU_BATCH_PIXELS`` on CPU, no
     pixel limit on GPU; None: no pixel limit). ``backend`` picks what runs the network
     (``torch``, ``onnxruntime``; default: the manifest's).
+    ``max_inflight_mb`` is the memory budget of the forward passes in flight (``ItemWorker``; None: ``auto``,
+    ``AUTO_MEMORY_SHARE`` of the memory available, see ``inflight_budget``): an image whose estimate alone
+    is over it fails with the reason, the others run as many at once as it holds.
+    ``model`` None on a new batch is the repository's only model (refused when it holds several).
     ``inputs``, ``model`` and ``options`` may be omitted with ``resume``: the stored ones are used
     (``options=None`` on a new batch means the defaults).
     A failed input (undecodable, unreadable, or a file name no output can be named
@@ -734,6 +971,8 @@ def run_batch(
         raise InvalidArgument("batch_size and actors must be positive and io_threads >= 0")
     if max_batch_pixels is not None and max_batch_pixels != -1 and max_batch_pixels < 1:
         raise InvalidArgument(f"max_batch_pixels must be positive, -1 (by device) or None, got {max_batch_pixels}")
+    if max_inflight_mb is not None and max_inflight_mb < 1:
+        raise InvalidArgument(f"max_inflight_mb must be positive or None (auto), got {max_inflight_mb}")
     # Fail before creating anything: Ray missing, or a local device that is not there. Ray's GPUs are the
     # cluster's, which may not be this machine's: run_ray checks them once connected (Ray would wait forever).
     if engine == "ray":
@@ -749,7 +988,8 @@ def run_batch(
             return _execute(store, job, root, out_dir, engine=engine, model_repo=os.fspath(model_repo),
                             options=BatchOptions(**job.spec["options"]), batch_size=batch_size,
                             max_batch_pixels=max_batch_pixels, device=device, precision=precision,
-                            backend=backend, io_threads=io_threads, actors=actors, progress=progress)
+                            backend=backend, io_threads=io_threads, actors=actors, progress=progress,
+                            max_inflight_mb=max_inflight_mb)
         finally:
             store.close()
 
@@ -791,7 +1031,8 @@ def out_lock(out: Path, *, new: bool) -> Iterator[None]:
 
 def _execute(store: JobStore, job: Job, root: Path, out: Path, *, engine: str, model_repo: str,
              options: BatchOptions, batch_size: int, max_batch_pixels: int | None, device: str, precision: str,
-             backend: str | None, io_threads: int, actors: int, progress: bool) -> dict[str, Any]:
+             backend: str | None, io_threads: int, actors: int, progress: bool,
+             max_inflight_mb: int | None = None) -> dict[str, Any]:
     spec = job.spec
     if not job.finished:
         job = store.start(job.id)
@@ -817,7 +1058,7 @@ def _execute(store: JobStore, job: Job, root: Path, out: Path, *, engine: str, m
     first = next(items, None)  # none left: no model to load
     worker_kwargs = dict(model_repo=model_repo, model=spec["model"], version=spec["version"], out=str(out),
                          options=options, device=device, precision=precision, batch_size=batch_size,
-                         max_batch_pixels=max_batch_pixels, backend=backend)
+                         max_batch_pixels=max_batch_pixels, backend=backend, max_inflight_mb=max_inflight_mb)
     try:
         if first is not None and engine == "local":
             run_local(ItemWorker(**worker_kwargs), itertools.chain([first], items), root, on_outcome,
