@@ -312,11 +312,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                         "more, which inference never takes, so a full server can still be managed")
     p.add_argument("--stream-idle-s", type=non_negative_float, default=60.0,
                    help="end a SegmentStream that has every image answered and sends nothing for this many "
-                        "seconds (a unary call that sends no request likewise) with RESOURCE_EXHAUSTED, giving "
-                        "its --max-concurrent-rpcs place back; a stream waiting for answers is never ended. The "
-                        "wait includes a message's transfer: raise it for clients on slow links sending large "
-                        "images (default 60; 0: never, and open streams that send nothing can then hold every "
-                        "place)")
+                        "seconds (a unary call that sends no request, and an upload that sends no next chunk, "
+                        "likewise) with RESOURCE_EXHAUSTED, giving its --max-concurrent-rpcs place back; a stream "
+                        "waiting for answers is never ended. The wait includes a message's transfer: raise it for "
+                        "clients on slow links sending large images (default 60; 0: never, and open streams that "
+                        "send nothing can then hold every place)")
     p.add_argument("--grace-s", type=float, default=25.0,
                    help="on SIGTERM, seconds for requests in flight (default 25); the stop then drains the "
                         "batchers for up to --drain-timeout-s: see there how the two add up")

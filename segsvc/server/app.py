@@ -150,8 +150,9 @@ class CallLimit(grpc.aio.ServerInterceptor):
     (back-pressure, never a refusal), and gives it back with an answer (``_StreamPlaces``). While the server
     drains, calls pass to the drain gate, which refuses them with UNAVAILABLE (retry elsewhere).
 
-    A place is not held for nothing: a stream that has every message answered and receives no next one (or a
-    unary call that has not sent its request) for ``idle_s`` (``--stream-idle-s``) is ended with
+    A place is not held for nothing: a stream that has every message answered and receives no next one (a
+    unary call that has not sent its request, an upload that sends no next chunk) for ``idle_s``
+    (``--stream-idle-s``) is ended with
     RESOURCE_EXHAUSTED and its place given back. Open streams that sent nothing filled the limit for as long as
     their client wished, and every other call was refused meanwhile. A stream that waits for answers is never
     ended by it. And the calls that need the ``manage`` scope (``auth.required_scope``: LoadModel, UnloadModel,
@@ -253,6 +254,20 @@ class CallLimit(grpc.aio.ServerInterceptor):
                           f"other calls; open a new call when there is a request to send, and send each request "
                           f"as soon as it is ready")
 
+    async def _within_idle(self, requests: AsyncIterator, method: str) -> AsyncIterator:
+        """``requests``, each read within ``idle_s`` of the one before, else ``idle_ended`` is raised (the servicer
+        sends it): an upload that sent nothing held its place for as long as its client wished."""
+        messages = requests.__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_s):
+                    message = await messages.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise self.idle_ended(method) from None
+            yield message
+
     def _limited(self, handler: grpc.RpcMethodHandler, method: str, manage: bool = False) -> grpc.RpcMethodHandler:
         """``handler`` counted, with its request taken as a stream (read here for a unary request, once counted)."""
         kwargs = dict(request_deserializer=handler.request_deserializer,
@@ -260,8 +275,8 @@ class CallLimit(grpc.aio.ServerInterceptor):
         one = not handler.request_streaming
 
         async def request_of(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> object:
-            if not one:
-                return requests
+            if not one:  # an upload (UploadImages, UploadDataset): each message within idle_s of the one before
+                return self._within_idle(requests, method) if self.idle_s else requests
             try:  # a place waits for its request message at most idle_s (gRPC's clients send it with the call)
                 async with asyncio.timeout(self.idle_s or None):
                     async for request in requests:

@@ -225,3 +225,35 @@ def test_segment_many_sends_its_images_in_time(start_server, tmp_path):
     with server.client(timeout_s=DEADLINE_S) as c:
         results = c.segment_many([make_image(*FREE, seed=i) for i in range(12)], model="m", progress=False)
     assert [r.mask.shape for r in results] == [FREE] * 12
+
+
+def test_an_upload_that_stops_sending_is_ended_too(start_server, tmp_path):
+    """UploadImages (a jobs token suffices) took a place and could keep it by sending one chunk and then nothing,
+    the same attack with uploads (a reviewer's find after the streams were bounded). Each message must come within
+    --stream-idle-s of the one before: the upload is ended RESOURCE_EXHAUSTED, aborted, and its place comes back."""
+    from segsvc.jobs.batch import JobsConfig
+    from segsvc.v1 import jobs_pb2
+
+    publish(tmp_path / "repo", "m", seed=2)
+    jobs = JobsConfig(state_dir=tmp_path / "state", output_root=tmp_path / "out")
+    server = start_server(tmp_path / "repo", jobs=jobs, limits=LimitsConfig(max_concurrent_rpcs=2,
+                                                                            stream_idle_s=IDLE_S))
+    chunks: queue.Queue = queue.Queue()
+
+    def sent() -> Iterator[jobs_pb2.UploadImagesRequest]:
+        while (chunk := chunks.get()) is not None:
+            yield chunk
+
+    with grpc.insecure_channel(server.address) as channel:
+        upload = channel.stream_unary("/segsvc.v1.JobService/UploadImages",
+                                      request_serializer=jobs_pb2.UploadImagesRequest.SerializeToString,
+                                      response_deserializer=jobs_pb2.UploadImagesResponse.FromString)
+        call = upload.future(sent(), timeout=DEADLINE_S)
+        chunks.put(jobs_pb2.UploadImagesRequest(name="a.png", data=encode(make_image(16, 16))[:20]))
+        with pytest.raises(grpc.RpcError) as ended:
+            call.result()
+        chunks.put(None)
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ended.value.details()
+    assert IDLE_ENDED in ended.value.details() and "UploadImages call" in ended.value.details()
+    wait_for(lambda: server.server.calls.in_flight == 0)
+    wait_for(lambda: server.server.jobs.staging.bytes_held() == (0, 0))  # aborted: nothing kept
