@@ -172,9 +172,11 @@ def _mib(quantity: str) -> float:
 def _server_memory_mib(args: list[str]) -> float:
     """The most memory ``segsvc serve`` with ``args`` may take: the process itself, the images being served
     (--max-inflight-mb), and the requests its calls hold before they are admitted to that budget: one message
-    each (--max-message-mb), at most --max-concurrent-rpcs calls at once."""
+    each (--max-message-mb), at most --max-concurrent-rpcs calls at once and MANAGE_RESERVE management calls."""
+    from segsvc.server.app import MANAGE_RESERVE
+
     parsed = _parse(args)
-    return BASELINE_MIB + parsed.max_inflight_mb + parsed.max_concurrent_rpcs * parsed.max_message_mb
+    return BASELINE_MIB + parsed.max_inflight_mb + (parsed.max_concurrent_rpcs + MANAGE_RESERVE) * parsed.max_message_mb
 
 
 def test_memory_limit_holds_the_servers_image_budget(objects: list[Obj]) -> None:
