@@ -43,7 +43,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-NAME_MAX = 255  # bytes in one path component (Linux, and most filesystems elsewhere)
+NAME_MAX = 255  # bytes in one path component: ext4, XFS, btrfs, APFS, NTFS (in UTF-16 units)
 PATH_MAX = 4096  # bytes in a whole path, its terminating NUL included (Linux)
 
 

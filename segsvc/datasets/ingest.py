@@ -164,6 +164,8 @@ def load_confined(root: Path, name: str, limits: ExtractLimits = ExtractLimits()
             if rel is not None and Path(rel).is_absolute():
                 raise DatasetError(f"dataset.yaml: split {split_name!r} {key} is an absolute path: give it "
                                    f"relative to the dataset's root")
+            if rel is not None:  # before the filesystem is asked ('File name too long' was an internal error)
+                check_path_length(real_root, str(rel), f"dataset.yaml: split {split_name!r} {key}")
             if rel is not None and not _inside(real_root, (spec.root / rel).resolve()):
                 raise PathOutsideRoot(f"dataset.yaml: split {split_name!r} {key} {rel!r} leads outside the dataset")
     if not spec.class_names:

@@ -56,6 +56,7 @@ import cv2
 import numpy as np
 
 from segsvc.errors import FailedPrecondition, InvalidArgument
+from segsvc.files import NAME_MAX
 from segsvc.inference.codec import colorize, encode_png
 from segsvc.inference.codec import overlay as blend
 
@@ -89,8 +90,6 @@ def check_rel(rel: str) -> str:
     return rel
 
 
-# Bytes in one file name on the usual filesystems (ext4, XFS, btrfs, APFS, NTFS in UTF-16 units).
-NAME_MAX = 255
 # What the name of an output's temporary adds to its input's file name: ".<name>.png.tmp-<12 hex>".
 _NAME_OVERHEAD = len(".") + len(".png") + len(".tmp-") + 12
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from segsvc.errors import InvalidArgument, NotFound, Overloaded, UploadError
-from segsvc.files import fsync_published, fsync_tree
+from segsvc.files import NAME_MAX, fsync_published, fsync_tree
 from segsvc.jobs.inputs import IMAGE_SUFFIXES
 
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -57,7 +57,6 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 # leading dot (so no '.', '..' or hidden names, and no clash with '.incoming')
 # or dash, no trailing space. Anything else is refused rather than escaped.
 _COMPONENT = re.compile(r"[A-Za-z0-9_+@=,][A-Za-z0-9_+@=,. -]*(?<! )")
-_MAX_NAME_BYTES = 255
 _PARTIAL, _DELETING, _INCOMING = ".partial", ".deleting", ".incoming"
 # What the folder holds at most by default (``--max-uploads-disk-mb``): four uploads of the default largest size
 # (``UploadLimits.max_total_bytes``, ``--max-upload-mb``).
@@ -302,8 +301,8 @@ def check_upload_name(name: str) -> str:
     """Return ``name`` if it is a safe relative POSIX path, else raise ``UploadError`` saying why."""
     if not isinstance(name, str) or not name:
         raise UploadError("upload file name is empty")
-    if len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES:
-        raise UploadError(f"upload file name {name[:40]!r}... is longer than {_MAX_NAME_BYTES} bytes")
+    if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX:
+        raise UploadError(f"upload file name {name[:40]!r}... is longer than {NAME_MAX} bytes")
     if "\x00" in name:
         raise UploadError(f"upload file name {name!r} contains a NUL character")
     if "\\" in name:

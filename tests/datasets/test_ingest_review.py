@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from segsvc import errors
 from segsvc.data.check import CheckReport
@@ -64,3 +65,15 @@ def test_a_registered_folder_path_too_long_for_the_filesystem_is_refused_by_name
         registry.register("b" * 300, name="long")
     with pytest.raises(errors.InvalidArgument, match=r"^folder 'x/x/.*' is 4199 bytes long"):
         registry.register("x/" * 2100, name="longer")
+
+
+@pytest.mark.parametrize("images, problem", [("i" * 300, "has a name of 300 bytes"),
+                                             ("d/" * 2100 + "images", r"is 4206 bytes long")])
+def test_a_split_path_too_long_for_the_filesystem_is_refused_by_name(registry, data_root, images, problem):  # noqa: F811
+    """A dataset.yaml's split folder of a 300-byte name or 4 KB reached the filesystem ('File name too long', an
+    internal error for the client), past the check of the registered folder's own path (a reviewer's find)."""
+    folder = flat(data_root / "long", ["a", "b"], yaml_file=False)
+    (folder / "dataset.yaml").write_text(yaml.safe_dump({"format": "folder", "root": ".", "classes": ["bg", "fg"],
+                                                         "splits": {"train": {"images": images, "masks": "masks"}}}))
+    with pytest.raises(errors.InvalidArgument, match=rf"^dataset.yaml: split 'train' images '.*' {problem}"):
+        registry.register("long")
