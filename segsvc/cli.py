@@ -509,9 +509,9 @@ def _add_batch(sub: argparse._SubParsersAction) -> None:
                    help="memory budget of the forward passes in flight, estimated per image from the model's "
                         "measured bytes per pixel as segsvc serve does: an image over it alone (after tiling, "
                         "with --tile-size) fails with the reason in failures.jsonl and the run goes on; passes "
-                        "run at once as far as it holds. auto (the default): half the memory available when the "
-                        "run starts (RAM, within a container's limit and ulimit -v; on CUDA the GPU's free "
-                        "memory; with --engine ray on CPU, shared by the --actors)")
+                        "run at once as far as it holds. auto (the default): 75% of the memory available when the "
+                        "run starts (RAM, within a container's limit, at most what ulimit -v leaves; on CUDA the "
+                        "GPU's free memory; with --engine ray on CPU, shared by the --actors)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="what runs the network (default: the manifest's inference.backend, normally torch)")

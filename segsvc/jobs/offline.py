@@ -92,7 +92,9 @@ PROGRESS_EVERY_S = 2.0
 CPU_BATCH_PIXELS = 1 << 16
 # --max-inflight-mb auto: this share of the memory available where the passes run when the run starts
 # (``available_memory``); the rest is left to the decoded images waiting for a pass, the writes and the process.
-AUTO_MEMORY_SHARE = 0.5
+# The estimates it is held against are high already: a 2000x2000 image estimated at 2157 MiB for the synthetic
+# model took 1632 MiB, and at half, an image that had run was refused on a machine that could run it.
+AUTO_MEMORY_SHARE = 0.75
 # --max-inflight-mb auto where the memory available cannot be read: the server's default budget.
 FALLBACK_INFLIGHT_MB = AdmissionConfig.max_inflight_mb
 # Tile sides suggested to an image over the budget untiled (the largest that fits is named).
@@ -259,19 +261,24 @@ def _cgroup_room(proc: Path, cgroup_fs: Path) -> int | None:
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if controllers == "":  # v2: the unified hierarchy
-            mount, files = cgroup_fs, ("memory.max", "memory.current")
+            mount, files = cgroup_fs, ("memory.max", "memory.current", "inactive_file ")
         elif "memory" in controllers.split(","):
-            mount, files = cgroup_fs / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            mount, files = cgroup_fs / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                  "total_inactive_file ")
         else:
             continue
         parts = Path(path.strip() or "/").parts[1:]
         # Inside a container the cgroup named here is mounted as the root: both places are read.
         folders += [(mount.joinpath(*parts[:n]), *files) for n in range(len(parts), -1, -1)]
     rooms = []
-    for folder, limit_file, usage_file in folders:
+    for folder, limit_file, usage_file, cache_line in folders:
         limit, usage = _read_int(folder / limit_file), _read_int(folder / usage_file)
         if limit is not None and usage is not None and limit < _NO_CGROUP_LIMIT:
-            rooms.append(max(limit - usage, 0))
+            # The usage counts the page cache the kernel reclaims when the limit nears (the images this run
+            # and earlier ones read): as MemAvailable does, it is left out (a container that had read 7 GiB of
+            # images had 200 MiB of room by usage alone, and every image of the next batch failed).
+            reclaimable = _read_int(folder / "memory.stat", cache_line) or 0
+            rooms.append(max(limit - max(usage - reclaimable, 0), 0))
     return min(rooms) if rooms else None
 
 
@@ -290,15 +297,15 @@ def available_memory(device: torch.device, proc: Path = Path("/proc"),
     None when that cannot be read.
 
     On CUDA, the device's free memory. On CPU, the host's ``MemAvailable``, or less when the process's
-    cgroup (a container's memory limit) or its address-space limit (``ulimit -v``) leaves less.
+    cgroup (a container's memory limit, its reclaimable page cache counted as room) leaves less. The
+    address-space limit (``ulimit -v``) is ``_address_space_room``'s: it bounds this process alone.
     """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free), f"free on {device}"
     kb = _read_int(proc / "meminfo", "MemAvailable:")
     bounds = [(kb * 1024 if kb is not None else None, "available"),
-              (_cgroup_room(proc, cgroup_fs), "left under the memory cgroup's limit"),
-              (_address_space_room(proc), "left under the address-space limit (ulimit -v)")]
+              (_cgroup_room(proc, cgroup_fs), "left under the memory cgroup's limit")]
     known = [(room, what) for room, what in bounds if room is not None]
     return min(known) if known else None
 
@@ -307,18 +314,26 @@ def inflight_budget(max_inflight_mb: int | None, device: torch.device, share: in
     """The memory budget, in bytes, of the forward passes in flight, and how it was set (for messages).
 
     ``max_inflight_mb`` None is ``auto``: ``AUTO_MEMORY_SHARE`` of ``available_memory``, divided by ``share``
-    (Ray actors sharing one machine's memory); ``FALLBACK_INFLIGHT_MB`` where that cannot be read.
+    (Ray actors sharing one machine's memory); ``FALLBACK_INFLIGHT_MB`` where that cannot be read; on the CPU at
+    most the room under this process's address-space limit (``ulimit -v``), whole: it is this process's own, and
+    most of what the process has mapped at the start is reserved, not used (3.5 GiB of VmSize, so half of the
+    rest refused a 2000x2000 image that ran under ``ulimit -v 6000000``).
     """
     if max_inflight_mb is not None:
         return max_inflight_mb * MIB, f"--max-inflight-mb {max_inflight_mb}"
     found = available_memory(device)
-    if found is None:
-        return FALLBACK_INFLIGHT_MB * MIB, f"--max-inflight-mb auto: {FALLBACK_INFLIGHT_MB} MiB, the memory " \
-                                          "available being unknown"
-    room, what = found
+    space = _address_space_room(Path("/proc")) if device.type == "cpu" else None
     per = f", divided among {share} actors" if share > 1 else ""
-    return (max(int(room * AUTO_MEMORY_SHARE) // share, MIB),
-            f"--max-inflight-mb auto: {AUTO_MEMORY_SHARE:.0%} of the {room / MIB:.0f} MiB {what}{per}")
+    if found is not None and (space is None or int(found[0] * AUTO_MEMORY_SHARE) <= space):
+        room, what = found
+        return (max(int(room * AUTO_MEMORY_SHARE) // share, MIB),
+                f"--max-inflight-mb auto: {AUTO_MEMORY_SHARE:.0%} of the {room / MIB:.0f} MiB {what}{per}")
+    if space is not None:
+        return (max(space // share, MIB),
+                f"--max-inflight-mb auto: the {space / MIB:.0f} MiB left under the address-space limit "
+                f"(ulimit -v){per}")
+    return FALLBACK_INFLIGHT_MB * MIB, f"--max-inflight-mb auto: {FALLBACK_INFLIGHT_MB} MiB, the memory " \
+                                      "available being unknown"
 
 
 class ItemWorker:

@@ -107,16 +107,17 @@ def test_an_image_over_the_budget_fails_with_its_reason_and_the_run_completes(re
     assert [f["input"] for f in _failures(out)] == ["big.jpg"]
 
 
-def test_by_default_the_budget_is_half_the_memory_available(repo, tmp_path, monkeypatch, passes) -> None:
-    """No flag: with 40 MiB available (faked), the 400x400 image (about 23 MiB for this model, untiled) is over
-    the 20 MiB budget and fails before its pass; the small ones are segmented, and the run completes."""
-    monkeypatch.setattr(offline, "available_memory", lambda device: (40 * MIB, "available"), raising=False)
+def test_by_default_the_budget_is_a_share_of_the_memory_available(repo, tmp_path, monkeypatch, passes) -> None:
+    """No flag: with 28 MiB available (faked), the 400x400 image (about 23 MiB for this model, untiled) is over
+    the 21 MiB budget and fails before its pass; the small ones are segmented, and the run completes."""
+    monkeypatch.setattr(offline, "available_memory", lambda device: (28 * MIB, "available"), raising=False)
+    monkeypatch.setattr(offline, "_address_space_room", lambda proc: None)
     inputs, out = _inputs(tmp_path / "in", small=3), tmp_path / "out"
     summary = run_batch([str(inputs)], model_repo=repo, model="tiny", out=out, device="cpu")
     assert summary["counts"] == {"total": 4, "done": 3, "failed": 1, "skipped": 0}
     [failure] = _failures(out)
     assert failure["input"] == "big.jpg"
-    assert "over this batch's memory budget of 20 MiB (--max-inflight-mb auto: 50% of the 40 MiB available)" \
+    assert "over this batch's memory budget of 21 MiB (--max-inflight-mb auto: 75% of the 28 MiB available)" \
         in failure["reason"]
     assert all(size != (400, 400) for sizes in passes for size in sizes)
 
@@ -350,7 +351,7 @@ def _fake_system(root: Path, meminfo_kb: int, cgroup: str, files: dict[str, str]
     return proc, fs
 
 
-def test_available_memory_is_the_least_of_ram_the_cgroup_and_ulimit(tmp_path, monkeypatch) -> None:
+def test_available_memory_is_the_least_of_ram_and_the_cgroup(tmp_path, monkeypatch) -> None:
     import resource
 
     import torch
@@ -367,9 +368,20 @@ def test_available_memory_is_the_least_of_ram_the_cgroup_and_ulimit(tmp_path, mo
                             {"memory/job/memory.limit_in_bytes": "9223372036854771712\n",
                              "memory/job/memory.usage_in_bytes": "100\n"})
     assert offline.available_memory(cpu, proc, fs) == (8 << 30, "available")
-    # ulimit -v 4 GiB with 1 GiB mapped: 3 GiB
+    # the page cache a container's usage counts is room: the kernel reclaims it (v2 inactive_file, v1 total_)
+    proc, fs = _fake_system(tmp_path / "cache2", 40 << 20, "0::/job\n",
+                            {"job/memory.max": f"{8 << 30}\n", "job/memory.current": f"{7 << 30}\n",
+                             "job/memory.stat": f"active_file 5\ninactive_file {6 << 30}\ninactive_file_x 9\n"})
+    assert offline.available_memory(cpu, proc, fs) == (7 << 30, "left under the memory cgroup's limit")
+    proc, fs = _fake_system(tmp_path / "cache1", 40 << 20, "4:memory:/job\n",
+                            {"memory/job/memory.limit_in_bytes": f"{8 << 30}\n",
+                             "memory/job/memory.usage_in_bytes": f"{7 << 30}\n",
+                             "memory/job/memory.stat": f"inactive_file 1\ntotal_inactive_file {6 << 30}\n"})
+    assert offline.available_memory(cpu, proc, fs) == (7 << 30, "left under the memory cgroup's limit")
+    # ulimit -v 4 GiB with 1 GiB mapped: 3 GiB, this process's own room (inflight_budget takes it whole)
     monkeypatch.setattr(offline.resource, "getrlimit", lambda which: (4 << 30, resource.RLIM_INFINITY))
-    assert offline.available_memory(cpu, proc, fs) == (3 << 30, "left under the address-space limit (ulimit -v)")
+    assert offline.available_memory(cpu, proc, fs) == (7 << 30, "left under the memory cgroup's limit")
+    assert offline._address_space_room(proc) == 3 << 30
     # nothing readable
     monkeypatch.setattr(offline.resource, "getrlimit", lambda which: (resource.RLIM_INFINITY,) * 2)
     assert offline.available_memory(cpu, tmp_path / "none", tmp_path / "none") is None
@@ -380,12 +392,21 @@ def test_the_auto_budget_is_a_share_of_the_memory_available(monkeypatch) -> None
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(offline, "available_memory", lambda device: (8 << 30, "available"))
+    monkeypatch.setattr(offline, "_address_space_room", lambda proc: None)
     budget, how = offline.inflight_budget(None, cpu)
     assert budget == int((8 << 30) * offline.AUTO_MEMORY_SHARE) and "auto" in how and "8192 MiB available" in how
     assert offline.inflight_budget(None, cpu, share=4)[0] == budget // 4  # Ray actors sharing the machine
     assert offline.inflight_budget(300, cpu) == (300 * MIB, "--max-inflight-mb 300")
     monkeypatch.setattr(offline, "available_memory", lambda device: None)
     assert offline.inflight_budget(None, cpu)[0] == offline.FALLBACK_INFLIGHT_MB * MIB == 2048 * MIB
+    # under ulimit -v, the room left is the bound when it is less than the share: whole, not a share of it (3.5 GiB
+    # mapped at the start is mostly reserved; half of the rest refused an image that ran)
+    monkeypatch.setattr(offline, "available_memory", lambda device: (8 << 30, "available"))
+    monkeypatch.setattr(offline, "_address_space_room", lambda proc: 4262 * MIB)
+    assert offline.inflight_budget(None, cpu) == (4262 * MIB, "--max-inflight-mb auto: the 4262 MiB left under the "
+                                                              "address-space limit (ulimit -v)")
+    monkeypatch.setattr(offline, "_address_space_room", lambda proc: 7 << 30)
+    assert offline.inflight_budget(None, cpu)[0] == int((8 << 30) * offline.AUTO_MEMORY_SHARE)
 
 
 def test_the_cli_flag(repo, tmp_path, monkeypatch, capsys) -> None:
