@@ -106,19 +106,10 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
                                     "cancel, ...")
     jsub = p.add_subparsers(dest="jobs_cmd", required=True)
 
-    def handler(fn):  # type: ignore[no-untyped-def]
+    def handler(fn, check=None):  # type: ignore[no-untyped-def]
         def run(args: argparse.Namespace) -> int:
-            # local paths are checked before connecting: a typo fails at once, whether a server runs or not
-            if getattr(args, "jobs_cmd", None) == "submit":
-                check_overlap_flags(args.tile_size, args.overlap)
-            if getattr(args, "upload", False):
-                from segsvc.jobclient import local_images
-
-                local_images(args.inputs)
-            if getattr(args, "out", None) is not None:  # jobs fetch
-                from segsvc.jobclient import check_fetch_folder
-
-                check_fetch_folder(args.out, f"--out {args.out}")
+            if check is not None:  # before connecting: a typo fails at once, whether a server runs or not
+                check(args)
             with _client(args) as client:
                 return fn(client, args)
         return run
@@ -141,7 +132,7 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
                     help="horizontal-flip test-time augmentation (default: the model's, usually off)")
     ps.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
     ps.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    ps.set_defaults(func=handler(_submit))
+    ps.set_defaults(func=handler(_submit, _check_submit))
 
     pl = jsub.add_parser("list", parents=[common], help="list jobs, oldest first")
     pl.add_argument("--filter", default="", help="e.g. 'state=RUNNING' or 'done=false'")
@@ -165,7 +156,23 @@ def add_jobs_parser(sub: argparse._SubParsersAction) -> None:
     pf.add_argument("job", help="job id or jobs/<id>")
     pf.add_argument("--out", required=True, help="local folder for the files")
     pf.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    pf.set_defaults(func=handler(_fetch))
+    pf.set_defaults(func=handler(_fetch, _check_fetch))
+
+
+def _check_submit(args: argparse.Namespace) -> None:
+    """What ``jobs submit`` can refuse before connecting: --overlap without --tile-size, local files with --upload."""
+    check_overlap_flags(args.tile_size, args.overlap)
+    if args.upload:
+        from segsvc.jobclient import local_images
+
+        local_images(args.inputs)
+
+
+def _check_fetch(args: argparse.Namespace) -> None:
+    """``jobs fetch``'s --out is a folder it can write, checked before connecting."""
+    from segsvc.jobclient import check_fetch_folder
+
+    check_fetch_folder(args.out, f"--out {args.out}")
 
 
 def _submit(client, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
