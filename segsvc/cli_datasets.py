@@ -70,7 +70,7 @@ def add_datasets_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``segsvc datasets ...``."""
     from segsvc.cli_client import connection_flags
 
-    common = connection_flags("deadline of list/show/delete (uploads and registrations have none)",
+    common = connection_flags("deadline of list/show/delete; uploads and registrations have none",
                               token_help="bearer token file with the manage scope (else $SEGSVC_AUTH_TOKEN)")
     common.add_argument("--json", action="store_true", help="print JSON")
 
