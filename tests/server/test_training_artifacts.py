@@ -26,7 +26,7 @@ from segsvc.jobs.training import TrainingRunner
 from segsvc.jobs.trainspec import PROJECT_ROOT, TrainingConfig, TrainingRequest
 from segsvc.server.convert import FILE_CHUNK_BYTES, file_chunks
 from tests.datasets.helpers import synth
-from tests.server.conftest import publish
+from tests.server.conftest import TINY, publish
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 64
 
@@ -80,8 +80,11 @@ def test_fetched_training_artifacts_hold_no_server_path_and_keep_their_content(t
     runner = TrainingRunner(store, manager, registry,  # type: ignore[arg-type]
                             TrainingConfig(state_dir=tmp_path / "state"))
     try:
+        # the base's architecture parameters (the tiny U-Net's), which a fine-tune must keep: the submission's
+        # check refuses others, as the trainer does at its start
+        same_body = tuple(f"model.params.{key}={value}" for key, value in TINY.items())
         job = asyncio.run(runner.submit(TrainingRequest(dataset="shapes", recipe="synthetic-quick", epochs=1,
-                                                        base_model="base3:1")))
+                                                        base_model="base3:1", overrides=same_body)))
         root = runner.job_dir(job.id)
         _write_artifacts(root, root / job.spec["run_dir"], base_dir, job.spec["dataset"]["spec_path"],
                          data / "shapes")
