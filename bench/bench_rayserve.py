@@ -60,7 +60,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 from ray import serve  # noqa: E402
 
-from segsvc.cli import CPU_BATCH_MB  # noqa: E402  (segsvc serve's --max-batch-mb auto on CPU)
+from segsvc.cli_serve import CPU_BATCH_MB  # noqa: E402  (segsvc serve's --max-batch-mb auto on CPU)
 from segsvc.config import InferenceSpec, ModelSpec  # noqa: E402
 from segsvc.inference.backends import EngineConfig, open_version_dir  # noqa: E402
 from segsvc.inference.batcher import BatchingConfig  # noqa: E402

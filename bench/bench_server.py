@@ -90,7 +90,7 @@ from segsvc.inference.batcher import BatchingConfig  # noqa: E402
 from segsvc.inference.engine import InferenceOptions  # noqa: E402
 from segsvc.inference.manager import ManagerConfig, ModelManager  # noqa: E402
 from segsvc.inference.repository import ModelRepository  # noqa: E402
-from segsvc.cli import CPU_BATCH_MB  # noqa: E402
+from segsvc.cli_serve import CPU_BATCH_MB  # noqa: E402
 from segsvc.models.artifact import save_artifact  # noqa: E402
 from segsvc.models.registry import build_model  # noqa: E402
 from segsvc.inference.allocator import configure_allocator  # noqa: E402
