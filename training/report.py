@@ -74,6 +74,10 @@ def overlay(image: np.ndarray, labels_rgb: np.ndarray, alpha: float = 0.5) -> np
     return (rgb.astype(np.float32) * (1 - alpha) + labels_rgb.astype(np.float32) * alpha).astype(np.uint8)
 
 
+LEGEND_COLUMNS = 6  # class colour entries per legend row
+LEGEND_ROW_IN = 0.28
+
+
 def plot_eval_report(
     path: Path,
     *,
@@ -84,26 +88,7 @@ def plot_eval_report(
     palette: Sequence[Sequence[int]],
     ignore_index: int | None,
 ) -> Path:
-    """Per-class IoU bars on top, the class colours, then one row per sample: image | ground truth | prediction."""
-    fig = eval_report_figure(title=title, class_names=class_names, iou=iou, samples=samples, palette=palette,
-                             ignore_index=ignore_index)
-    return _save(fig, path, dpi=80)
-
-
-LEGEND_COLUMNS = 6  # class colour entries per legend row
-LEGEND_ROW_IN = 0.28
-
-
-def eval_report_figure(
-    *,
-    title: str,
-    class_names: Sequence[str],
-    iou: Sequence[float],
-    samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-    palette: Sequence[Sequence[int]],
-    ignore_index: int | None,
-) -> Any:
-    """The figure of ``plot_eval_report`` (the caller closes it).
+    """Per-class IoU bars on top, the class colours, then one row per sample: image | ground truth | prediction.
 
     The bars and their labels are in percent, as the title's mIoU. The legend under the bars names
     every class in its palette colour: a class with IoU 0 has no visible bar, yet the ground truth
@@ -145,7 +130,7 @@ def eval_report_figure(
             a.imshow(picture, cmap=cmap)
             a.set_title(name, fontsize=9)
             a.axis("off")
-    return fig
+    return _save(fig, path, dpi=80)
 
 
 def _save(fig: Any, path: Path, dpi: int) -> Path:
