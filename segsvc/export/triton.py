@@ -147,6 +147,27 @@ def padding_where(manifest: Manifest) -> tuple[str, str]:
     return PADDING_WHERE[mode]
 
 
+def contract_steps(manifest: Manifest) -> list[str]:
+    """What segsvc does around the network when it serves this version (its manifest's inference contract),
+    which a client of the exported graph has to do itself to get segsvc's labels: a CamVid FCN-8s served at
+    scale 0.5 with flip averaging agreed with a client that only padded and normalised on 95% of the pixels."""
+    spec = manifest.inference
+    steps = []
+    if any(spec.shift):
+        steps.append(f"translate the image by (dy, dx) = ({spec.shift[0]:+.2f}, {spec.shift[1]:+.2f}) px, "
+                     f"bilinear, mirrored border")
+    if spec.scale != 1.0:
+        steps.append(f"resize the image by {spec.scale:g} ({spec.interpolation} interpolation) and the logits back")
+    if spec.tta_scales:
+        steps.append(f"average the softmax over scales {', '.join(f'{f:g}' for f in spec.tta_scales)} of that")
+    if spec.tile_size:
+        steps.append(f"run it in {spec.tile_size} px tiles overlapping by {spec.tile_overlap:g} of a tile, "
+                     f"blending their logits")
+    if spec.flip_tta:
+        steps.append("average with the horizontally flipped image's (flipped back)")
+    return steps
+
+
 def config_pbtxt(manifest: Manifest, max_batch_size: int, stride: int, min_size: int) -> str:
     """The ``config.pbtxt`` text (protobuf text format of Triton's ``ModelConfig``).
 
@@ -168,6 +189,10 @@ def config_pbtxt(manifest: Manifest, max_batch_size: int, stride: int, min_size:
         + (f" and at least {min_size} pixels" if min_size > stride else "")
         + f"; crop the logits back (see {INFO_FILE}).",
     ]
+    steps = contract_steps(manifest)
+    header.append("segsvc serves it with these steps around the network too (" + INFO_FILE + "'s inference): "
+                  + "; ".join(steps) + "." if steps else
+                  "segsvc serves it with nothing else around the network: the labels are the logits' arg-max.")
     lines = [f"# {_one_line(h)}" for h in header]
     lines += [
         f'name: "{manifest.name}"',
