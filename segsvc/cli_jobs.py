@@ -35,8 +35,9 @@ def _print_status(status) -> None:  # type: ignore[no-untyped-def]
     if hasattr(status, "phase"):  # a training job
         miou = f", val mIoU {status.val_miou:.4f} (best {status.best_miou:.4f})" if status.val_miou else ""
         epochs = status.epochs or "?"  # a time budget's trainer announces its epochs once it has timed one
-        print(f"{status.name}  {status.state:9}  train {status.phase:10} epoch {status.epoch}/{epochs} "
-              f"step {status.step}/{status.steps_per_epoch}  loss {status.loss:.4f}{miou}  "
+        progress = (f" epoch {status.epoch}/{epochs} step {status.step}/{status.steps_per_epoch}  "
+                    f"loss {status.loss:.4f}{miou}" if status.started else "")  # none before its first step
+        print(f"{status.name}  {status.state:9}  train {status.shown_phase:10}{progress}  "
               f"{status.recipe} on {status.dataset} -> {status.model}{eta}")
     else:
         print(f"{status.name}  {status.state:9}  {status.processed}/{status.total} "

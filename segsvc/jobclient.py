@@ -328,6 +328,17 @@ class TrainingStatus:
     eval_restarts: int = 0  # an evaluation killed so was run again this often
 
     @property
+    def shown_phase(self) -> str:
+        """The phase as a person reads it: the server's phase is ``done`` for every end, and a cancelled or failed
+        job read "train done" (its progress, "phase=done", just before the error)."""
+        return self.state.lower() if self.done_flag and self.state in ("CANCELLED", "FAILED") else self.phase
+
+    @property
+    def started(self) -> bool:
+        """Whether the trainer has reported a step: before it, epoch, step and loss are only the message's zeros."""
+        return self.epoch > 0 or self.step > 0
+
+    @property
     def fraction(self) -> float:
         """Share of the planned steps done (0..1)."""
         if self.epochs <= 0:
@@ -404,7 +415,7 @@ class TrainingJobHandle(JobHandle):
                 bar.n = round(1000 * (1.0 if status.state == "SUCCEEDED" else status.fraction))
                 # before its first epoch a time-budgeted run cannot know how many epochs fit
                 planned = status.epochs if status.epoch else "?"
-                postfix = {"phase": status.phase, "epoch": f"{status.epoch}/{planned}"}
+                postfix = {"phase": status.shown_phase, "epoch": f"{status.epoch}/{planned}"}
                 if status.loss:
                     postfix["loss"] = f"{status.loss:.4f}"
                 if status.val_miou:

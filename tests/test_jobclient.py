@@ -159,9 +159,30 @@ def test_a_paused_job_says_why_in_its_status_and_its_bar(capsys):
 def test_a_time_budget_job_s_status_shows_unknown_epochs_until_the_trainer_knows(capsys):
     """A time-budget trainer announces no epoch count before it has timed an epoch: the status read "epoch 0/0"."""
     op = operations_pb2.Operation(name="jobs/j1", done=False)
-    op.metadata.Pack(tpb.TrainingJobMetadata(epochs=0, epoch=0, recipe="r", dataset="d", model="m"))
+    op.metadata.Pack(tpb.TrainingJobMetadata(epochs=0, epoch=1, step=3, recipe="r", dataset="d", model="m"))
     cli_jobs._print_status(jobclient._training_status(op))
-    assert " epoch 0/? " in capsys.readouterr().out
+    assert " epoch 1/? " in capsys.readouterr().out
+
+
+def test_a_queued_training_job_shows_no_progress_and_an_ended_one_its_end(capsys):
+    """`jobs list` showed a queued job as "train queued  epoch 0/? step 0/0  loss 0.0000" (a loss before any
+    step), a cancelled one as "CANCELLED  train done", and a failed job's bar said phase=done before its error."""
+    queued = operations_pb2.Operation(name="jobs/q", done=False)
+    queued.metadata.Pack(tpb.TrainingJobMetadata(state=jobs_pb.JOB_STATE_QUEUED, phase=tpb.TRAINING_PHASE_QUEUED,
+                                                 recipe="r", dataset="d", model="m"))
+    cli_jobs._print_status(jobclient._training_status(queued))
+    line = capsys.readouterr().out
+    assert "train queued" in line and "epoch" not in line and "loss" not in line, line
+    for state in (jobs_pb.JOB_STATE_CANCELLED, jobs_pb.JOB_STATE_FAILED):
+        ended = operations_pb2.Operation(name="jobs/e", done=True)
+        ended.metadata.Pack(tpb.TrainingJobMetadata(state=state, phase=tpb.TRAINING_PHASE_DONE, epoch=2, epochs=5,
+                                                    step=4, steps_per_epoch=9, loss=0.5, recipe="r", dataset="d",
+                                                    model="m"))
+        status = jobclient._training_status(ended)
+        cli_jobs._print_status(status)
+        name = status.state.lower()
+        out = capsys.readouterr().out
+        assert f" {status.state} " in out and f" train {name} " in out and status.shown_phase == name, out
 
 
 def test_a_wait_step_sends_a_well_formed_duration():
