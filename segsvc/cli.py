@@ -95,7 +95,7 @@ def _models_manage(args: argparse.Namespace) -> int:
 
     name, version = parse_model_ref(args.ref)
     if args.models_cmd == "default" and version is None:
-        raise InvalidArgument(f"segsvc models default needs NAME:VERSION (a loaded version), got {args.ref!r}")
+        raise InvalidArgument(f"segsvc models default needs NAME:VERSION, got {args.ref!r}")
     with open_client(args) as client:
         if args.models_cmd == "load":
             info = client.load_model(name, version)
@@ -133,9 +133,9 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
          "load a model version on a running server (LoadModel); it stays loaded until unloaded"),
         ("unload", "NAME (every loaded version) or NAME:VERSION",
          "unload a model version, or the whole model, on a running server (UnloadModel)"),
-        ("default", "NAME:VERSION, a loaded version",
-         "make a loaded version the default of requests that name none (SetDefaultVersion; written to the "
-         "repository's DEFAULT pointer)"),
+        ("default", "NAME:VERSION, loaded first if it is not",
+         "make a version the default of requests that name none (SetDefaultVersion: it is loaded first if need "
+         "be, and written to the repository's DEFAULT pointer; the outgoing default stays loaded for a rollback)"),
     ):
         pm = msub.add_parser(name, parents=[common], help=text)
         pm.add_argument("ref", metavar="NAME[:VERSION]" if name != "default" else "NAME:VERSION", help=ref_help)

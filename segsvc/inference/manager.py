@@ -158,6 +158,10 @@ class ModelManager:
         self._models: dict[str, dict[int, LoadedModel]] = {}
         self._pinned: dict[str, int] = {}
         self._stored: dict[str, int] = {}  # the repository's DEFAULT pointer, once that version is loaded
+        # the default last seen (``_track_default``) and the one before it, kept loaded for pinned clients and an
+        # instant rollback until the default moves again (or it is unloaded, or its folder leaves the repository)
+        self._current: dict[str, int] = {}
+        self._previous: dict[str, int] = {}
         # the DEFAULT problem last reported per model (``_say_once``): said once, not at every poll
         self._pointer_said: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}  # per model name, while used or loaded (_model_lock)
@@ -205,6 +209,7 @@ class ModelManager:
             task.cancel()
         await asyncio.gather(*operations, return_exceptions=True)
         models, self._models, self._pinned, self._stored = self._models, {}, {}, {}
+        self._current, self._previous = {}, {}
         for table in models.values():
             for lm in table.values():
                 self._start_retiring(lm)
@@ -264,8 +269,27 @@ class ModelManager:
                     self._locks.pop(name, None)
 
     def _kept(self, name: str) -> set[int | None]:
-        """Versions that a newer automatic version never retires: the pinned and the stored default."""
-        return {self._pinned.get(name), self._stored.get(name)}
+        """Versions that a newer automatic version never retires: the pinned and the stored default, and the
+        previous default (``_track_default``)."""
+        return {self._pinned.get(name), self._stored.get(name), self._previous.get(name)}
+
+    def _track_default(self, name: str) -> None:
+        """Note ``name``'s default now; when it moved (a promotion, SetDefaultVersion, DEFAULT edited or removed,
+        a newer version with no pointer), the outgoing one becomes the previous default, kept loaded (``_kept``)
+        for the clients that name its version and for an instant rollback, until the default moves again. One
+        that was unloaded or left the repository is not kept."""
+        table = self._models.get(name) or {}
+        now = self.default_version(name) if table else 0
+        before = self._current.get(name)
+        if not now:
+            self._current.pop(name, None)
+        else:
+            self._current[name] = now
+        if before and now and before != now and before in table and not self._unloaded(name, before) \
+                and before not in self._removed.get(name, ()):
+            self._previous[name] = before
+        if self._previous.get(name) not in table or self._previous.get(name) == now:
+            self._previous.pop(name, None)
 
     def resolve(self, name: str | None, version: int | None) -> LoadedModel:
         """The loaded version serving ``name`` (any single loaded model when ``name`` is empty)."""
@@ -485,6 +509,7 @@ class ModelManager:
         return lm
 
     def _retire_older_auto(self, name: str, newest: int) -> None:
+        self._track_default(name)
         table = self._models.get(name) or {}
         old = [
             lm for v, lm in table.items()
@@ -578,6 +603,7 @@ class ModelManager:
                 self._pinned.pop(name, None)
             if self._stored.get(name) not in rest:  # loading it again reads the pointer anew
                 self._stored.pop(name, None)
+            self._track_default(name)  # an unloaded previous default is not kept (a retain loading it again)
             self._changed()
             retiring = [self._start_retiring(lm) for lm in gone]
             await asyncio.shield(asyncio.gather(*retiring))  # a cancelled caller leaves them retiring
@@ -679,44 +705,72 @@ class ModelManager:
             self._retire_older_auto(name, self._newest(name))
 
     async def set_default(self, name: str, version: int | None) -> None:
-        """Make ``version`` (a loaded version) the default of ``name`` by writing ``<model>/DEFAULT``;
-        ``None``/0 removes the pointer (the newest loaded version is the default again).
+        """Make ``version`` the default of ``name`` by writing ``<model>/DEFAULT``; ``None``/0 removes the pointer
+        (the newest loaded version is the default again).
 
-        Like a training job's promotion, which writes the same pointer, the last write wins, and a
-        restart keeps it. A repository that cannot be written (mounted read-only) gets an in-memory
-        pin instead (logged), which lasts until the pointer moves or the server restarts.
+        A version that is not loaded is loaded and warmed first (in a task of its own, as ``retain`` loads, so a
+        caller cancelled during the build does not waste it), as the poller does for a DEFAULT written by hand;
+        one that does not load is refused with its reason and the default is left as it was. The model must be
+        loaded, and a version unloaded with ``unload`` stays unloaded until ``load`` (it is refused, as the poller
+        leaves a DEFAULT naming it alone). The outgoing default stays loaded as the previous one
+        (``_track_default``). Like a training job's promotion, which writes the same pointer, the last write wins,
+        and a restart keeps it. A repository that cannot be written (mounted read-only) gets an in-memory pin
+        instead (logged), which lasts until the pointer moves or the server restarts.
+
+        Raises:
+            UnknownModel: ``name`` has no loaded version.
+            UnknownVersion: ``version`` is not in the repository, or left it.
+            FailedPrecondition: ``version`` was unloaded with ``unload``.
+            ArtifactError, PathOutsideRoot: ``version`` does not load (the reason is in the message).
         """
         check_name(name)
-        async with self._model_lock(name):
-            self._loaded_table(name, version, hint="; load it first")
-            if version in self._removed.get(name, ()):
-                raise UnknownVersion(f"model {name!r} version {version} left the repository; it serves only the "
-                                     "batch jobs holding it until they release it")
-            held = (name, version) if version else None
-            if held:  # a batch job's release while the pointer is written must not retire the version
-                self._holds[held] = self._holds.get(held, 0) + 1
-            try:
-                await asyncio.to_thread(self.repository.set_default, name, version or None)
-            except OSError as exc:
-                log.warning("model %s: cannot write the DEFAULT pointer (%s); the default is %s in memory only, "
-                            "until the pointer moves or the server restarts", name, exc.strerror or exc,
-                            f"version {version}" if version else "the pointer's or the newest")
-                if version:
-                    self._pinned[name] = version
-                else:
-                    self._pinned.pop(name, None)
+        if not version:
+            async with self._model_lock(name):
+                self._loaded_table(name, None)
+                await self._write_default(name, None)
+            return
+        self._check_default(name, version)
+        await self.retain(name, version)  # loaded and warmed when it is not: the same as the file does
+        try:
+            async with self._model_lock(name):
+                self._check_default(name, version)  # unloaded or removed while it loaded
+                await self._write_default(name, version)
+        finally:
+            self.release(name, version)  # the default now: kept; else an outdated automatic one goes
+
+    def _check_default(self, name: str, version: int) -> None:
+        """Refuse ``set_default(name, version)`` for a model not loaded, or a version that left the repository
+        (kept for the batch jobs holding it) or was unloaded with ``unload``."""
+        table = self._loaded_table(name, None)
+        if version in self._removed.get(name, ()):
+            raise UnknownVersion(f"model {name!r} version {version} left the repository; it serves only the "
+                                 "batch jobs holding it until they release it")
+        if version not in table and self._unloaded(name, version):
+            raise FailedPrecondition(f"model {name!r} version {version} was unloaded with UnloadModel; load it "
+                                     "with LoadModel first")
+
+    async def _write_default(self, name: str, version: int | None) -> None:
+        """``set_default``'s switch, with the model's lock held and ``version`` (when given) loaded and held."""
+        self._loaded_table(name, version, hint="; load it first")
+        try:
+            await asyncio.to_thread(self.repository.set_default, name, version or None)
+        except OSError as exc:
+            log.warning("model %s: cannot write the DEFAULT pointer (%s); the default is %s in memory only, "
+                        "until the pointer moves or the server restarts", name, exc.strerror or exc,
+                        f"version {version}" if version else "the pointer's or the newest")
+            if version:
+                self._pinned[name] = version
             else:
                 self._pinned.pop(name, None)
-                if version:
-                    self._stored[name] = version
-                else:
-                    self._stored.pop(name, None)
-                log.info("model %s: DEFAULT set to %s", name, version or "none (the newest loaded version)")
-            finally:
-                if held:
-                    self.release(*held)
-            self._retire_older_auto(name, self._newest(name))  # an automatic former default, outdated, goes
-            self._changed()
+        else:
+            self._pinned.pop(name, None)
+            if version:
+                self._stored[name] = version
+            else:
+                self._stored.pop(name, None)
+            log.info("model %s: DEFAULT set to %s", name, version or "none (the newest loaded version)")
+        self._retire_older_auto(name, self._newest(name))  # the former previous default, automatic and outdated, goes
+        self._changed()
 
     async def refresh_default(self, name: str) -> int:
         """Follow ``<model>/DEFAULT`` now (after a promotion wrote it); returns the default version.
@@ -938,6 +992,8 @@ class ModelManager:
             stored = self._stored.get(name) in gone
             if stored:
                 self._stored.pop(name, None)
+            if self._previous.get(name) in gone:
+                self._previous.pop(name, None)
             self._changed()
             if stored and self._follows(name):
                 try:  # a DEFAULT still naming the removed version is reported once; the newest serves

@@ -51,7 +51,7 @@ def test_manager_serves_the_pointer_polls_new_versions_without_switching_and_fol
         ModelRepository(tmp_path).set_default("m", 3)
         assert await manager.refresh_default("m") == 3
         await asyncio.gather(*manager._retiring)
-        assert sorted(manager._models["m"]) == [3]  # old automatic versions go once not default
+        assert sorted(manager._models["m"]) == [1, 3]  # 1, the outgoing default, stays; 2 (automatic, older) goes
         ModelRepository(tmp_path).set_default("m", 2)  # e.g. a rollback written by hand
         publish(tmp_path, "m", seed=4)
         await manager.poll_once()
@@ -69,7 +69,7 @@ def test_without_a_pointer_nothing_changes(tmp_path):
         publish(tmp_path, "m", seed=2)
         await manager.poll_once()
         await asyncio.gather(*manager._retiring)
-        assert manager.default_version("m") == 2 and sorted(manager._models["m"]) == [2]
+        assert manager.default_version("m") == 2 and sorted(manager._models["m"]) == [1, 2]  # 1: the previous default
 
     with_manager(tmp_path, check)
 

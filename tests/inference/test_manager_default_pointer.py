@@ -80,7 +80,7 @@ def test_no_default_file_still_follows_the_newest(tmp_path):
         pointer.unlink()  # no file: the newest
         await manager.poll_once()
         await asyncio.gather(*manager._retiring)
-        assert manager.default_version("m") == 2 and sorted(manager._models["m"]) == [2]
+        assert manager.default_version("m") == 2 and sorted(manager._models["m"]) == [1, 2]  # 1: the previous default
 
     with_manager(tmp_path, check)
 

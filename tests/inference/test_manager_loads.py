@@ -95,8 +95,9 @@ def test_the_result_of_a_cancelled_load_is_kept_for_the_retry(tmp_path, monkeypa
             await first
         gate.open()  # the build finishes with no caller waiting for it
         lm = await manager.load("m")  # the retry
-        assert gate.builds[2] == 1 and lm.version == 2 and manager._models["m"] == {2: lm}
-        assert manager.default_version("m") == 2  # the cancelled load went through: version 1 was retired
+        assert gate.builds[2] == 1 and lm.version == 2 and manager._models["m"][2] is lm
+        assert manager.default_version("m") == 2  # the cancelled load went through: version 2 is the default
+        assert sorted(manager._models["m"]) == [1, 2]  # and 1, the outgoing default, stays as the previous one
 
     with_manager(tmp_path, check)
 

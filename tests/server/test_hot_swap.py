@@ -63,11 +63,12 @@ def test_hot_swap_under_load_fails_no_request(start_server, tmp_path, trigger):
     refs = {v: reference(d) for v, d in dirs.items()}
     for i, v, mask in results:
         assert_labels_match(mask, refs[v], images[i])
-    # the old version drained and was retired (its batcher stopped after its last request)
-    wait_for(lambda: not old.batcher.running and old.active == 0)
+    # the old version drained and stays loaded as the previous default (clients naming version 1, a rollback)
+    wait_for(lambda: old.active == 0)
+    assert old.batcher.running and server.manager.resolve("swap", 1) is old
     with server.client() as c:
         info = c.get_model("swap")
-        assert list(info.loaded_versions) == [2] and info.default_version == 2 and list(info.versions) == [1, 2]
+        assert list(info.loaded_versions) == [1, 2] and info.default_version == 2 and list(info.versions) == [1, 2]
 
 def test_a_broken_new_version_is_skipped_and_the_old_one_keeps_serving(start_server, tmp_path):
     publish(tmp_path, "m", seed=13)
