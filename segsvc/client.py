@@ -31,7 +31,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from segsvc.config import check_request_tiling  # dataclasses only: no torch
-from segsvc.datasets.content import archive_format, file_chunks, local_files, tar_stream
+from segsvc.datasets.content import archive_format, file_chunks, folder_tar_names, local_files, tar_stream
 from segsvc.errors import (
     DatasetInvalid, DeadlineExceeded, FailedPrecondition, InvalidArgument, InvalidImage, NotFound, SegsvcError,
     Unavailable,
@@ -811,6 +811,8 @@ class SegmentationClient:
             raise InvalidArgument(f"upload {os.fspath(path)!r} as {fmt!r}: folders go as tar or pairs, "
                                   f"archive files as tar or zip")
         files = local_files(path) if path.is_dir() else [("", path)]
+        if path.is_dir() and fmt == "tar":
+            files = folder_tar_names(files)  # rooted at the folder even when its only entry is a folder
         total = sum(_readable_size(file) for _, file in files)  # a file it cannot read is named before any call
         bar = progress_bar(progress, total=total, unit="B", unit_scale=True, desc=f"upload {name}")
         metadata = datasets_pb.UploadDatasetMetadata(name=name, format=UPLOAD_FORMATS[fmt], dataset_yaml=dataset_yaml,

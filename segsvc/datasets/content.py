@@ -10,7 +10,8 @@ zip and a file-by-file upload of the same files have the same hash, and the
 client can compute it without the server.
 
 ``tar_stream`` packs a local folder as an uncompressed tar on the fly, one
-chunk at a time (memory stays at one chunk whatever the file sizes).
+chunk at a time (memory stays at one chunk whatever the file sizes), with the
+names ``folder_tar_names`` gives its files.
 
 Example:
     >>> import tempfile, pathlib
@@ -27,7 +28,7 @@ import hashlib
 import os
 import tarfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from segsvc.errors import InvalidArgument
 
@@ -133,6 +134,27 @@ def hash_folder(folder: str | os.PathLike[str]) -> tuple[str, int, int]:
     """``(content hash, files, bytes)`` of a local folder."""
     entries = [(rel, *file_digest(path)) for rel, path in local_files(folder)]
     return content_hash(entries), len(entries), sum(size for _, size, _ in entries)
+
+
+# The folder a folder's tar stream wraps its files in when the folder's only entry is a folder (``folder_tar_names``).
+FOLDER_TAR_WRAPPER = "dataset"
+
+
+def folder_tar_names(files: Sequence[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """A local folder's files (``local_files``) as its upload's tar stream names them.
+
+    The server takes an uploaded tar whose only top-level entry is a folder for
+    an archive of that folder (``shapes.tar`` holding ``shapes/...``) and roots
+    the dataset inside it. A folder's tar stream is rooted at the folder itself,
+    so when the folder's only entry is a folder (``mem/`` holding only ``train/``)
+    its files go under one more folder, which the server takes off again: the
+    dataset's files, and so its content hash, are the folder's, as they are
+    for every other folder (whose stream is sent unchanged).
+    """
+    tops = {rel.split("/", 1)[0] for rel, _ in files}
+    if len(tops) == 1 and all("/" in rel for rel, _ in files):
+        return [(f"{FOLDER_TAR_WRAPPER}/{rel}", path) for rel, path in files]
+    return list(files)
 
 
 def tar_stream(

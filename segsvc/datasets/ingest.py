@@ -3,7 +3,7 @@
 The steps ``DatasetRegistry`` runs for every new dataset, uploaded or
 registered, in this order (cheap refusals first):
 
-1. ``dataset_root`` (uploads only): an archive of ``shapes/`` holds the
+1. ``dataset_root`` (archive uploads only): an archive of ``shapes/`` holds the
    dataset in its only folder; ``add_metadata_yaml`` stores the metadata's
    ``dataset.yaml`` text or class names as the dataset's ``dataset.yaml``.
 2. ``load_confined``: the description (``dataset.yaml`` or the generic
@@ -81,7 +81,11 @@ class TrainingSpec:
 
 
 def dataset_root(folder: Path) -> Path:
-    """``folder``, or its only subfolder when it holds nothing else (an archive of ``shapes/``)."""
+    """An extracted archive's ``folder``, or its only subfolder when it holds nothing else (an archive of ``shapes/``).
+
+    Archives only: files sent one by one (pairs) are named relative to the dataset's root already, and a
+    folder's tar stream wraps the files of a folder holding only a folder (``content.folder_tar_names``).
+    """
     entries = [e for e in folder.iterdir() if not is_excluded(e.name)]
     if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
         return entries[0]

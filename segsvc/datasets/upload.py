@@ -90,7 +90,9 @@ class DatasetUpload:
                 extract_archive(self._spool.path, self.format, self._data, self._limits, self._charge)
                 self._spool.path.unlink()
                 self._charge(-self._spool.size)
-            root = dataset_root(self._data)
+            # An archive of one folder holds the dataset in it; files sent one by one name their paths
+            # relative to the dataset's root (a folder whose only entry is a folder included).
+            root = self._data if self._pairs is not None else dataset_root(self._data)
             add_metadata_yaml(root, self._yaml, self._classes)
             return self._ingest(self._work, root, local_files(root))
         finally:
