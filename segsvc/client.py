@@ -39,6 +39,7 @@ from segsvc.errors import (
 from segsvc.jobclient import (
     JobHandle, JobStatus, TrainingJobHandle, TrainingStatus, handle_for, local_images, path_list, upload_files,
 )
+from segsvc.model_names import parse_model_ref
 from segsvc.palette import colorize, overlay
 from segsvc.progress import progress_bar
 from segsvc.v1 import segmentation_pb2 as pb
@@ -144,6 +145,23 @@ def _version_field(version: Any) -> int:
     if isinstance(version, bool) or not isinstance(version, numbers.Integral) or not 0 <= version < 1 << 32:
         raise InvalidArgument(f"version must be a positive integer (None or 0: the default version), got {version!r}")
     return int(version)
+
+
+def _model_fields(model: Any, version: Any) -> dict[str, Any]:
+    """A request's ``model`` and ``version`` fields, ``InvalidArgument`` naming what is wrong.
+
+    ``model`` may carry its version as the command line's ``--model`` does: ``"NAME:VERSION"``
+    (``parse_model_ref``; a model name cannot hold ':'). A ``version`` given too must be the same one.
+    """
+    name, version = _model_field(model), _version_field(version)
+    if ":" not in name:
+        return {"model": name, "version": version}
+    name, named = parse_model_ref(name)
+    named = _version_field(named)
+    if version and version != named:
+        raise InvalidArgument(f"model {model!r} names version {named}, and version={version} another: give the "
+                              f"version once")
+    return {"model": name, "version": named}
 
 
 def _image_list(images: Any) -> list:
@@ -474,7 +492,7 @@ class SegmentationClient:
             options.tiling.tile_size = int(tile_size)
             if tile_overlap is not None:
                 options.tiling.overlap = float(tile_overlap)
-        return pb.SegmentRequest(request_id=request_id, model=_model_field(model), version=_version_field(version),
+        return pb.SegmentRequest(request_id=request_id, **_model_fields(model, version),
                                  options=options)
 
     @staticmethod
@@ -651,7 +669,7 @@ class SegmentationClient:
         options = self.build_request(b"", confidence=confidence, tile_size=tile_size, tile_overlap=tile_overlap,
                                      flip_tta=flip_tta).options
         request = jobs_pb.SubmitSegmentationJobRequest(
-            request_id=request_id, model=_model_field(model), version=_version_field(version), options=options,
+            request_id=request_id, **_model_fields(model, version), options=options,
             outputs=jobs_pb.JobOutputOptions(color=color, overlay=overlay, overlay_alpha=overlay_alpha),
         )
         if upload:
@@ -868,20 +886,20 @@ class SegmentationClient:
         return list(self._call(self._stub, "ListModels", pb.ListModelsRequest()).models)
 
     def get_model(self, model: str, version: int | None = None) -> pb.ModelInfo:
-        request = pb.GetModelRequest(model=_model_field(model), version=_version_field(version))
+        request = pb.GetModelRequest(**_model_fields(model, version))
         return self._call(self._stub, "GetModel", request)
 
     def load_model(self, model: str, version: int | None = None, timeout_s: float | None = None) -> pb.ModelInfo:
-        request = pb.LoadModelRequest(model=_model_field(model), version=_version_field(version))
+        request = pb.LoadModelRequest(**_model_fields(model, version))
         return self._call(self._stub, "LoadModel", request, timeout_s)
 
     def unload_model(self, model: str, version: int | None = None) -> list[int]:
-        request = pb.UnloadModelRequest(model=_model_field(model), version=_version_field(version))
+        request = pb.UnloadModelRequest(**_model_fields(model, version))
         response = self._call(self._stub, "UnloadModel", request)
         return list(response.unloaded_versions)
 
     def set_default_version(self, model: str, version: int | None) -> pb.ModelInfo:
-        request = pb.SetDefaultVersionRequest(model=_model_field(model), version=_version_field(version))
+        request = pb.SetDefaultVersionRequest(**_model_fields(model, version))
         return self._call(self._stub, "SetDefaultVersion", request)
 
     def health(self, service: str = "", timeout_s: float = 5.0) -> str:

@@ -692,7 +692,8 @@ class TrainingRunner(StoreRunner):
         if unserved:  # promoted by the gate, yet not served: why (the verdict says it too)
             result["serving_error"] = unserved
         await asyncio.to_thread(_write_json, self.job_dir(run.job.id) / "gate.json",
-                                {**result, "table": gate.format_table(rows)})
+                                {**result, "comparison": [_gate_json_row(r) for r in rows],
+                                 "table": gate.format_table(rows)})
         result["artifacts"] = [rel for rel, _ in await asyncio.to_thread(self._artifact_sources, run.job)]
         log.info("training job %s: published %s:%d (%s)", run.job.id, name, version, verdict)
         return result
@@ -1043,6 +1044,12 @@ def _has_version(model_dir: Path) -> bool:
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text.encode())
+
+
+def _gate_json_row(row: gate.Comparison) -> dict[str, Any]:
+    """One comparison as gate.json says it: ``delta`` is null, not 0, when there was no default to compare with
+    (as the table's '-'); the job's result keeps the proto's 0 (``MetricComparison.delta`` is a plain double)."""
+    return {**row.to_dict(), "delta": None if row.default is None else row.delta}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
