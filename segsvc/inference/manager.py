@@ -733,7 +733,9 @@ class ModelManager:
         await self.retain(name, version)  # loaded and warmed when it is not: the same as the file does
         try:
             async with self._model_lock(name):
-                self._check_default(name, version)  # unloaded or removed while it loaded
+                if name in self._unloaded_models:  # unloaded while it loaded: the retain loaded it again
+                    raise UnknownModel(f"model {name!r} is not loaded (unloaded with UnloadModel); load it first")
+                self._check_default(name, version)  # the version unloaded or removed while it loaded
                 await self._write_default(name, version)
         finally:
             self.release(name, version)  # the default now: kept; else an outdated automatic one goes

@@ -98,3 +98,31 @@ def test_set_default_right_after_a_promotion_rolls_back_and_keeps_both(tmp_path)
         assert manager.default_version("m") == 1 and await _settled(manager) == [1, 3]
 
     with_manager(tmp_path, check)
+
+
+def test_a_whole_model_unloaded_while_the_version_loads_stays_unloaded(tmp_path):
+    """UnloadModel of the model queued before SetDefaultVersion's load of an unloaded version (both waiting for
+    the model, a poll's build holding it): the unload ran, then the load put the version back, and the check
+    after it (the version now in the table) let it through: the unloaded model served again, with DEFAULT
+    written (a reviewer's find). The unload stands and nothing is written."""
+    publish(tmp_path, "m", seed=1)
+    publish(tmp_path, "m", seed=2)
+
+    async def check(manager: ModelManager) -> None:
+        assert sorted(manager._models["m"]) == [2]
+        lock = manager._locks.setdefault("m", asyncio.Lock())
+        await lock.acquire()  # a slow build holds the model
+        unload = asyncio.create_task(manager.unload("m"))
+        while not lock._waiters:  # type: ignore[attr-defined]  # the unload waits first
+            await asyncio.sleep(0)
+        set_default = asyncio.create_task(manager.set_default("m", 1))
+        while len(lock._waiters) < 2:  # type: ignore[attr-defined]  # then the load of version 1
+            await asyncio.sleep(0)
+        lock.release()
+        assert await unload == [2]
+        with pytest.raises(UnknownModel, match="not loaded"):
+            await set_default
+        await asyncio.gather(*manager._retiring)
+        assert not manager._models.get("m") and ModelRepository(tmp_path).default_version("m") is None
+
+    with_manager(tmp_path, check)
