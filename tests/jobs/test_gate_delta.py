@@ -21,15 +21,8 @@ from segsvc.jobs.training import TrainingRunner, _Run
 from segsvc.jobs.trainspec import TrainingConfig, TrainingRequest
 from segsvc.server.training import training_response
 from tests.inference.managers import quiet_manager
+from tests.jobs.test_training_gate_classes import DATASET, NAME, _Store
 from tests.server.conftest import publish
-
-NAME = "m"
-DATASET = {"name": "shapes", "sha256": "f" * 64, "spec_path": "/nonexistent/shapes.yaml"}
-
-
-class _Store:
-    def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
-        pass
 
 
 def _publish(tmp_path: Path, default_miou: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
