@@ -63,5 +63,7 @@ def test_a_swap_while_the_tensors_convert_does_not_take_the_resolved_version_awa
     labels = result.as_numpy("labels")
     assert labels.shape == (1, 24, 32)
     assert_labels_match(np.asarray(labels[0]), ref, image)  # served by version 1, as it says
-    # once the request let go, version 1 went: version 2 alone is loaded
+    # once the request let go and the poll saw its folder gone, version 1 went (as the previous default it was
+    # kept while on disk): version 2 alone is loaded
+    server.call(server.manager.poll_once())
     wait_for(lambda: [lm.version for lm in server.manager.loaded("m")] == [2])
