@@ -276,16 +276,9 @@ X_LABEL = "CPU-minutes (wall minutes × CPU threads)"
 
 def plot_curves(curves: Sequence[RunCurve], path: Path, title: str = "") -> Path:
     """Validation mIoU against CPU-minutes, one panel per dataset, one line per run (matplotlib, Agg backend)."""
-    import matplotlib.pyplot as plt
+    from training.report import save_figure  # matplotlib only when a picture is drawn
 
-    fig = curves_figure(curves, title)
-    picture = io.BytesIO()
-    try:
-        fig.savefig(picture, format="png", dpi=DPI)
-    finally:
-        plt.close(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(path, picture.getvalue())
+    return save_figure(curves_figure(curves, title), path, dpi=DPI)
 
 
 def curves_figure(curves: Sequence[RunCurve], title: str = "") -> Any:

@@ -26,7 +26,7 @@ from segsvc.files import write_atomic  # noqa: E402
 
 def plot_training_curve(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Train loss (left) and validation mIoU / pixel accuracy (right) against epochs."""
-    return _save(training_curve_figure(history, title), path, dpi=100)
+    return save_figure(training_curve_figure(history, title), path, dpi=100)
 
 
 def training_curve_figure(history: Sequence[dict[str, Any]], title: str = "") -> Any:
@@ -130,10 +130,10 @@ def plot_eval_report(
             a.imshow(picture, cmap=cmap)
             a.set_title(name, fontsize=9)
             a.axis("off")
-    return _save(fig, path, dpi=80)
+    return save_figure(fig, path, dpi=80)
 
 
-def _save(fig: Any, path: Path, dpi: int) -> Path:
+def save_figure(fig: Any, path: Path, dpi: int) -> Path:
     """Render ``fig`` as PNG and put it at ``path`` in one rename; the figure is closed either way."""
     buffer = io.BytesIO()
     try:

@@ -111,3 +111,16 @@ def tune_first(monkeypatch: pytest.MonkeyPatch):
         return AllocatorTuned
 
     return patch
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures the code under test closes, kept open for the test to measure (``plt.close`` is
+    intercepted); all are closed at the end."""
+    import matplotlib.pyplot as plt
+
+    figures: list = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    yield figures
+    real_close("all")

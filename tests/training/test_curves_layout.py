@@ -13,7 +13,6 @@ from itertools import combinations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
@@ -39,23 +38,17 @@ MANY_RUNS = [run(f"camvid-fpn/r{i:02d}", "camvid", [(1.0 + i, 0.02 * i)]) for i 
 
 
 @pytest.fixture
-def drawn(monkeypatch, tmp_path):
-    """The figure ``plot_curves`` saved, drawn (kept open: ``plt.close`` is intercepted), and its renderer."""
-    figures = []
-    real_close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+def drawn(saved_figures, tmp_path):
+    """The figure ``plot_curves`` saved, drawn (kept open: ``saved_figures``), and its renderer."""
 
     def draw(runs):
         plot_curves(runs, tmp_path / "curves.png")
-        [fig] = figures
-        figures.clear()
+        [fig] = saved_figures
+        saved_figures.clear()
         fig.canvas.draw()
         return fig, fig.canvas.get_renderer()
 
-    yield draw
-    for fig in figures:
-        real_close(fig)
-    real_close("all")
+    return draw
 
 
 def visible_texts(fig, text: str) -> list[Text]:

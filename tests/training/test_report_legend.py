@@ -11,7 +11,6 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
@@ -33,23 +32,19 @@ def sample(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @pytest.fixture
-def report(monkeypatch, tmp_path):
-    """Draws a report with ``samples`` sample rows; returns the figure it saved (``plt.close`` is intercepted)."""
-    figures = []
-    real_close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+def report(saved_figures, tmp_path):
+    """Draws a report with ``samples`` sample rows; returns the figure it saved (kept open: ``saved_figures``)."""
 
     def draw(samples):
         path = plot_eval_report(tmp_path / "report.png", title="camvid-unet v1 on camvid/val: mIoU 24.56",
                                 class_names=NAMES, iou=IOU, samples=samples, palette=PALETTE, ignore_index=255)
         assert path.read_bytes().startswith(b"\x89PNG")
-        [fig] = figures
-        figures.clear()
+        [fig] = saved_figures
+        saved_figures.clear()
         fig.canvas.draw()
         return fig
 
-    yield draw
-    real_close("all")
+    return draw
 
 
 def legend_colours(fig) -> dict[str, tuple[float, float, float]]:
